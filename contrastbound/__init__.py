@@ -1,0 +1,19 @@
+"""contrastbound: fused InfoNCE at very large negative counts, and the surrogate-gap bounds of
+Bao, Nagano & Nozawa (ICML 2022)."""
+
+from __future__ import annotations
+
+from . import _backend
+from ._backend import backend_info
+from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
+from .functional import InfoNCE, bank_cross_entropy, info_nce, info_nce_lse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfoNCE",
+    "backend_info",
+    "bank_cross_entropy",
+    "info_nce",
+    "info_nce_lse",
+]

@@ -1,0 +1,67 @@
+"""Loads the compiled extension, or records why the pure-PyTorch fallback serves instead."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_load_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (registers the contrastbound:: ops)
+except ImportError as exc:  # pragma: no cover - exercised only where the build failed
+    _load_error = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "contrastbound: the compiled extension contrastbound._C could not be loaded "
+        f"({_load_error}); falling back to the pure-PyTorch implementation, which materialises the logits. "
+        "Rebuild with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+EXTENSION_LOADED = _load_error is None
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    if not EXTENSION_LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("contrastbound::info_nce_fwd", dispatch_key)
+
+
+HAS_CPU_KERNEL = _has_kernel("CPU")
+HAS_CUDA_KERNEL = _has_kernel("CUDA")
+
+
+def kernel_serves(device: torch.device) -> bool:
+    """True where a compiled kernel serves tensors on ``device``; else the fallback does."""
+    if device.type == "cpu":
+        return HAS_CPU_KERNEL
+    if device.type == "cuda":
+        return HAS_CUDA_KERNEL
+    return False
+
+
+def backend_info() -> dict[str, str]:
+    """Which backend serves CPU and CUDA tensors, and why.
+
+    Returns a dict with keys ``"cpu"`` and ``"cuda"`` (each ``"kernel"`` or ``"reference"``), ``"cpu_reason"``,
+    ``"cuda_reason"`` and ``"torch"`` (the torch version the library runs on).
+    """
+    if not EXTENSION_LOADED:
+        why = f"extension not loaded ({_load_error}); the pure-PyTorch reference serves"
+        return {"cpu": "reference", "cuda": "reference", "cpu_reason": why, "cuda_reason": why, "torch": torch.__version__}
+    cpu_reason = "compiled C++ kernel (contrastbound._C)" if HAS_CPU_KERNEL else "extension has no CPU kernel"
+    if HAS_CUDA_KERNEL:
+        cuda_reason = "compiled CUDA kernel (contrastbound._C)"
+    else:
+        cuda_reason = (
+            "the extension was built without CUDA kernels (CPU-only torch or no nvcc at build time; "
+            "rebuild with FORCE_CUDA=1); CUDA tensors use the pure-PyTorch reference"
+        )
+    return {
+        "cpu": "kernel" if HAS_CPU_KERNEL else "reference",
+        "cuda": "kernel" if HAS_CUDA_KERNEL else "reference",
+        "cpu_reason": cpu_reason,
+        "cuda_reason": cuda_reason,
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,66 @@
+"""Fake (meta) kernels and autograd for the ops that csrc/ registers as contrastbound::*.
+
+The forward op returns the per-anchor loss, the per-anchor log-sum-exp (saved for backward) and, when asked,
+the softmax-weighted sum of the normalised negatives that the anchors' gradient needs (accumulated online in
+forward, as flash-attention accumulates its output), so that backward recomputes tiles only for the
+negatives' gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _backend.EXTENSION_LOADED:
+
+    @torch.library.register_fake("contrastbound::info_nce_fwd")
+    def _info_nce_fwd_fake(anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term):
+        B, d = anchors.shape
+        acc = _acc_dtype(anchors.dtype)
+        loss = anchors.new_empty((B,), dtype=acc)
+        lse = anchors.new_empty((B,), dtype=acc)
+        term = anchors.new_empty((B, d) if save_anchor_term else (0,), dtype=acc)
+        return loss, lse, term
+
+    @torch.library.register_fake("contrastbound::info_nce_bwd")
+    def _info_nce_bwd_fake(
+        grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
+        include_positive, output_mask,
+    ):
+        def out(x, needed):
+            return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+        return out(anchors, output_mask[0]), out(positives, output_mask[1]), out(negatives, output_mask[2])
+
+    def _setup_context(ctx, inputs, output):
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs
+        _, lse, term = output
+        ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term)
+        ctx.scale = scale
+        ctx.normalize = normalize
+        ctx.include_positive = include_positive
+        ctx.mark_non_differentiable(lse, term)
+
+    def _backward(ctx, grad_loss, grad_lse, grad_term):
+        anchors, positives, negatives, negative_indices, lse, term = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+        if not any(mask):
+            return None, None, None, None, None, None, None, None
+        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
+            grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
+            ctx.scale, ctx.normalize, ctx.include_positive, mask,
+        )
+        return (
+            ga if mask[0] else None,
+            gp if mask[1] else None,
+            gn if mask[2] else None,
+            None, None, None, None, None,
+        )
+
+    torch.library.register_autograd("contrastbound::info_nce_fwd", _backward, setup_context=_setup_context)

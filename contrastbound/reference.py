@@ -1,0 +1,126 @@
+"""Pure-PyTorch reference implementations.
+
+They materialise the full (B, 1 + K) logits, so they are only for small problems: they are the oracle
+that the kernels are tested against and the fallback when the compiled extension is missing.
+Half-precision inputs are computed in float32 (or in ``compute_dtype`` when given).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12  # the eps of torch.nn.functional.normalize, which the kernels reproduce
+
+
+def _compute_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def info_nce_reference(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    negative_indices: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
+    normalize: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """InfoNCE with materialised logits; same contract as :func:`contrastbound.info_nce`.
+
+    loss_i = logsumexp(s a_i.p_i, s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i with s = 1 / temperature;
+    with ``negatives=None`` the logits are s A P^T and anchor i's target is column i.
+    """
+    dt = _compute_dtype(anchors.dtype, compute_dtype)
+    a = anchors.to(dt)
+    p = positives.to(dt)
+    if normalize:
+        a = F.normalize(a, dim=-1, eps=_EPS)
+        p = F.normalize(p, dim=-1, eps=_EPS)
+    scale = 1.0 / temperature
+    if negatives is None:
+        logits = (a @ p.transpose(0, 1)) * scale
+        loss = torch.logsumexp(logits, dim=1) - logits.diagonal()
+    else:
+        n = negatives.to(dt)
+        if normalize:
+            n = F.normalize(n, dim=-1, eps=_EPS)
+        if negative_indices is not None:
+            n = n[negative_indices]  # (B, K, d)
+        pos = (a * p).sum(-1, keepdim=True) * scale
+        if n.dim() == 2:
+            neg = (a @ n.transpose(0, 1)) * scale
+        else:
+            neg = torch.einsum("bd,bkd->bk", a, n) * scale
+        logits = torch.cat([pos, neg], dim=1)
+        loss = torch.logsumexp(logits, dim=1) - pos.squeeze(1)
+    return _reduce(loss, reduction).to(anchors.dtype)
+
+
+def bank_cross_entropy_reference(
+    anchors: torch.Tensor,
+    bank: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    normalize: bool = False,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the logits s A bank^T against target rows ``targets`` (materialised)."""
+    dt = _compute_dtype(anchors.dtype, compute_dtype)
+    a = anchors.to(dt)
+    n = bank.to(dt)
+    if normalize:
+        a = F.normalize(a, dim=-1, eps=_EPS)
+        n = F.normalize(n, dim=-1, eps=_EPS)
+    logits = (a @ n.transpose(0, 1)) / temperature
+    loss = F.cross_entropy(logits, targets, reduction="none")
+    return _reduce(loss, reduction).to(anchors.dtype)
+
+
+def info_nce_core_reference(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_indices: torch.Tensor | None,
+    scale: float,
+    normalize: bool,
+    include_positive: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered op's contract in plain PyTorch: per-anchor (loss, lse) in the accumulation dtype.
+
+    lse_i = log( [include_positive] e^{l_i0} + sum_k e^{l_ik} ), loss_i = lse_i - l_i0, with
+    l_i0 = s a_i.p_i and l_ik = s a_i.n_ik. Used as the fallback when the extension is not built.
+    """
+    dt = _compute_dtype(anchors.dtype, None)
+    a = anchors.to(dt)
+    p = positives.to(dt)
+    n = negatives.to(dt)
+    if normalize:
+        a = F.normalize(a, dim=-1, eps=_EPS)
+        p = F.normalize(p, dim=-1, eps=_EPS)
+        n = F.normalize(n, dim=-1, eps=_EPS)
+    if negative_indices is not None:
+        n = n[negative_indices]
+    pos = (a * p).sum(-1) * scale
+    if n.dim() == 2:
+        neg = (a @ n.transpose(0, 1)) * scale
+    else:
+        neg = torch.einsum("bd,bkd->bk", a, n) * scale
+    if include_positive:
+        neg = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    lse = torch.logsumexp(neg, dim=1)
+    return lse - pos, lse

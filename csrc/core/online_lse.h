@@ -1,0 +1,132 @@
+// Online log-sum-exp and L2-normalisation primitives shared by every InfoNCE mode.
+//
+// Torch-free and header-only, so the C++ tests (csrc/tests) check them against a direct computation, and
+// the CPU kernel (csrc/cpu) and any other backend use the same arithmetic.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace contrastbound {
+
+// F.normalize's eps: x / max(||x||, eps).
+constexpr double kNormEps = 1e-12;
+
+// Running state of log(sum_j exp(l_j)) = max + log(sum), sum taken relative to max.
+template <typename acc_t>
+struct LseState {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+};
+
+// Factor that rescales a sum taken relative to old_max to one relative to new_max (0 for an empty state).
+template <typename acc_t>
+inline acc_t rescale_factor(acc_t old_max, acc_t new_max) {
+  return old_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(old_max - new_max);
+}
+
+// Folds logits[0, n) into st. Writes exp(logit - new max) into exps (which may alias logits) and returns the
+// factor by which accumulations made before this call (weighted sums of rows) must be rescaled.
+template <typename acc_t>
+inline acc_t online_update(LseState<acc_t>& st, const acc_t* logits, int64_t n, acc_t* exps) {
+  acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, logits[j]);
+  const acc_t new_max = std::max(st.max, tile_max);
+  if (new_max == -std::numeric_limits<acc_t>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) exps[j] = 0;
+    return acc_t(1);
+  }
+  const acc_t alpha = rescale_factor(st.max, new_max);
+  acc_t s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = std::exp(logits[j] - new_max);
+    exps[j] = e;
+    s += e;
+  }
+  st.sum = st.sum * alpha + s;
+  st.max = new_max;
+  return alpha;
+}
+
+// Merges b into a. fa and fb receive the factors that rescale a's and b's weighted sums to the merged state.
+template <typename acc_t>
+inline void merge(LseState<acc_t>& a, const LseState<acc_t>& b, acc_t& fa, acc_t& fb) {
+  const acc_t m = std::max(a.max, b.max);
+  if (m == -std::numeric_limits<acc_t>::infinity()) {
+    fa = fb = acc_t(0);
+    return;
+  }
+  fa = rescale_factor(a.max, m);
+  fb = rescale_factor(b.max, m);
+  a.sum = a.sum * fa + b.sum * fb;
+  a.max = m;
+}
+
+template <typename acc_t>
+inline acc_t finalize(const LseState<acc_t>& st) {
+  return st.max + std::log(st.sum);
+}
+
+// How a row x enters the logits: x_hat = inv * x. For the gradient,
+// d/dx = inv * g - (x_hat . g) * proj * x, with proj = inv^2 where ||x|| >= eps (the normalisation's
+// Jacobian) and 0 where F.normalize clamps the norm (or normalize=false: inv = 1, proj = 0).
+template <typename acc_t>
+struct RowScale {
+  acc_t inv = 1;
+  acc_t proj = 0;
+};
+
+template <typename acc_t>
+inline RowScale<acc_t> row_scale(acc_t sum_of_squares, bool normalize) {
+  RowScale<acc_t> r;
+  if (!normalize) return r;
+  const acc_t norm = std::sqrt(sum_of_squares);
+  if (norm >= acc_t(kNormEps)) {
+    r.inv = acc_t(1) / norm;
+    r.proj = r.inv * r.inv;
+  } else {
+    r.inv = acc_t(1) / acc_t(kNormEps);
+    r.proj = 0;
+  }
+  return r;
+}
+
+// Dot product of an accumulation-type row with a row of any type, accumulated in acc_t with eight
+// independent partial sums (so the compiler can vectorise it without reassociating one sum).
+template <typename acc_t, typename in_t>
+inline acc_t dot(const acc_t* a, const in_t* b, int64_t d) {
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int u = 0; u < 8; ++u) p[u] += a[j + u] * static_cast<acc_t>(b[j + u]);
+  }
+  for (; j < d; ++j) p[0] += a[j] * static_cast<acc_t>(b[j]);
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+template <typename acc_t, typename in_t>
+inline acc_t sum_of_squares(const in_t* x, int64_t d) {
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const acc_t v = static_cast<acc_t>(x[j + u]);
+      p[u] += v * v;
+    }
+  }
+  for (; j < d; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    p[0] += v * v;
+  }
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// y += alpha * x
+template <typename acc_t, typename in_t>
+inline void axpy(acc_t* y, acc_t alpha, const in_t* x, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) y[j] += alpha * static_cast<acc_t>(x[j]);
+}
+
+}  // namespace contrastbound

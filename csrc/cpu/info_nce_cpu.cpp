@@ -1,0 +1,602 @@
+// CPU kernel of the fused InfoNCE family: one core for the three ways negatives are given.
+//
+//   shared   negatives (K, d), one bank for every anchor: logit tiles (anchor block x bank tile) by GEMM;
+//   per-anchor negatives (B, K, d): each anchor's rows by dot products;
+//   indexed  negatives (M, d) + negative_indices (B, K): each anchor's rows gathered by index.
+//
+// Forward keeps a running max and sum per anchor (online log-sum-exp, csrc/core/online_lse.h), never the
+// (B, K) logits, and saves the per-anchor log-sum-exp. When the anchors need a gradient it also accumulates
+// V_i = sum_k softmax_ik * n_hat_k online (rescaled whenever the running max moves), the only term of the
+// anchors' gradient that involves the negatives, so backward recomputes tiles only for the negatives'
+// gradient. L2 normalisation is fused: row norms (O(B + K)) scale the logits, and backward applies the
+// normalisation's Jacobian; no normalised copy of a bank is made.
+//
+// Parallel over (anchor block, K chunk) units; partial states of the chunks are merged in a fixed order, and
+// every gradient row is written by exactly one unit, so there are no races and no atomics.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../core/online_lse.h"
+#include "../info_nce_checks.h"
+
+namespace contrastbound {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kAnchorBlock = 256;  // anchor rows per GEMM tile (shared mode)
+constexpr int64_t kBankTile = 512;     // bank rows per GEMM tile (shared mode)
+constexpr int64_t kRowTile = 256;      // logits per online update (per-anchor and indexed modes)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class Mode { Shared, PerAnchor, Indexed };
+
+Mode mode_of(const Tensor& negatives, const c10::optional<Tensor>& indices) {
+  if (indices.has_value() && indices->defined()) return Mode::Indexed;
+  return negatives.dim() == 3 ? Mode::PerAnchor : Mode::Shared;
+}
+
+// Features prepared once per call, in the accumulation type: anchors normalised and scaled by s (so a logit
+// is a plain dot product), positives normalised, and the row scales of anchors and positives.
+template <typename acc_t>
+struct Prepared {
+  Tensor anchors_s;   // (B, d) s * a_hat
+  Tensor positives;   // (B, d) p_hat
+  std::vector<RowScale<acc_t>> anchor_scale, positive_scale;
+  std::vector<acc_t> pos_logit;  // (B) s * a_hat . p_hat
+};
+
+template <typename scalar_t, typename acc_t>
+Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double scale, bool normalize) {
+  const int64_t B = anchors.size(0), d = anchors.size(1);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  Prepared<acc_t> pr;
+  pr.anchors_s = at::empty({B, d}, anchors.options().dtype(acc_type));
+  pr.anchors_s.copy_(anchors);
+  pr.positives = at::empty({B, d}, anchors.options().dtype(acc_type));
+  pr.positives.copy_(positives);
+  pr.anchor_scale.resize(B);
+  pr.positive_scale.resize(B);
+  pr.pos_logit.resize(B);
+  acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  acc_t* p = pr.positives.template data_ptr<acc_t>();
+  const acc_t s = static_cast<acc_t>(scale);
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      acc_t* ai = a + i * d;
+      acc_t* pi = p + i * d;
+      const auto ra = row_scale<acc_t>(sum_of_squares<acc_t>(ai, d), normalize);
+      const auto rp = row_scale<acc_t>(sum_of_squares<acc_t>(pi, d), normalize);
+      pr.anchor_scale[i] = ra;
+      pr.positive_scale[i] = rp;
+      for (int64_t j = 0; j < d; ++j) {
+        ai[j] *= ra.inv * s;
+        pi[j] *= rp.inv;
+      }
+      pr.pos_logit[i] = dot(ai, pi, d);
+    }
+  });
+  return pr;
+}
+
+// Row scales of the rows of a (R, d) matrix with unit inner stride (a shared or indexed bank).
+template <typename scalar_t, typename acc_t>
+void bank_scales(const Tensor& bank, bool normalize, std::vector<acc_t>& inv, std::vector<acc_t>& proj) {
+  const int64_t R = bank.size(0), d = bank.size(1), stride = bank.stride(0);
+  inv.assign(R, acc_t(1));
+  proj.assign(R, acc_t(0));
+  if (!normalize) return;
+  const scalar_t* n = bank.template data_ptr<scalar_t>();
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto rs = row_scale<acc_t>(sum_of_squares<acc_t>(n + r * stride, d), normalize);
+      inv[r] = rs.inv;
+      proj[r] = rs.proj;
+    }
+  });
+}
+
+// Negatives with a unit inner stride (a copy only for layouts such as a transposed bank).
+Tensor unit_inner_stride(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// How many K chunks each anchor block is split into: enough units to feed every thread, and no more partial
+// states than needed.
+int64_t num_chunks(int64_t K, int64_t anchor_blocks, int64_t min_chunk) {
+  if (K == 0) return 0;
+  const int64_t want = ceil_div(4 * at::get_num_threads(), anchor_blocks);
+  return std::max<int64_t>(1, std::min(want, ceil_div(K, min_chunk)));
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct Partials {
+  int64_t chunks = 0, B = 0, d = 0;
+  std::vector<LseState<acc_t>> state;  // (chunks, B)
+  Tensor weighted;                     // (chunks, B, d) or undefined
+  acc_t* weighted_ptr(int64_t c, int64_t i) { return weighted.template data_ptr<acc_t>() + (c * B + i) * d; }
+};
+
+// Shared bank: units (anchor block, K chunk); logits of a block against a bank tile by one GEMM, the online
+// update by vectorised ATen ops on the tile, the weighted sum of bank rows by a second GEMM.
+template <typename scalar_t, typename acc_t>
+void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::vector<acc_t>& inv, bool normalize,
+                    Partials<acc_t>& parts) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
+  const int64_t blocks = ceil_div(B, kAnchorBlock);
+  const int64_t chunks = parts.chunks;
+  const int64_t chunk_len = ceil_div(ceil_div(K, chunks), kBankTile) * kBankTile;
+  const bool save = parts.weighted.defined();
+  const auto acc_opts = pr.anchors_s.options();
+  const bool direct = std::is_same<scalar_t, acc_t>::value && bank.stride(1) == 1;
+  const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
+
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
+    Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
+    Tensor tile_buf = direct ? Tensor() : at::empty({kBankTile, d}, acc_opts);
+    Tensor row_max = at::empty({kAnchorBlock}, acc_opts), new_max = at::empty({kAnchorBlock}, acc_opts);
+    Tensor alpha = at::empty({kAnchorBlock}, acc_opts), row_sum = at::empty({kAnchorBlock}, acc_opts);
+    Tensor m_t = at::empty({kAnchorBlock}, acc_opts), s_t = at::empty({kAnchorBlock}, acc_opts);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t blk = u / chunks, c = u % chunks;
+      const int64_t i0 = blk * kAnchorBlock, bb = std::min(kAnchorBlock, B - i0);
+      const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
+      const Tensor a_blk = pr.anchors_s.narrow(0, i0, bb);
+      Tensor m = m_t.narrow(0, 0, bb), s = s_t.narrow(0, 0, bb);
+      m.fill_(-std::numeric_limits<acc_t>::infinity());
+      s.zero_();
+      Tensor w;
+      if (save) w = parts.weighted.select(0, c).narrow(0, i0, bb);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBankTile) {
+        const int64_t tk = std::min(kBankTile, k_end - k0);
+        Tensor tile;
+        if (direct) {
+          tile = bank.narrow(0, k0, tk);
+        } else {
+          tile = tile_buf.narrow(0, 0, tk);
+          tile.copy_(bank.narrow(0, k0, tk));
+        }
+        Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
+        at::mm_out(l, a_blk, tile.t());
+        const Tensor inv_tile = inv_t.narrow(0, k0, tk);
+        if (normalize) l.mul_(inv_tile);
+        Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
+        at::amax_out(rmax, l, {1});
+        at::maximum_out(nmax, m, rmax);
+        at::sub_out(al, m, nmax).exp_();  // exp(-inf) = 0 for the empty state
+        l.sub_(nmax.unsqueeze(1)).exp_();
+        Tensor rsum = row_sum.narrow(0, 0, bb);
+        at::sum_out(rsum, l, {1});
+        s.mul_(al).add_(rsum);
+        m.copy_(nmax);
+        if (save) {
+          if (normalize) l.mul_(inv_tile);
+          w.mul_(al.unsqueeze(1));
+          w.addmm_(l, tile);
+        }
+      }
+      const acc_t* mp = m.template data_ptr<acc_t>();
+      const acc_t* sp = s.template data_ptr<acc_t>();
+      for (int64_t r = 0; r < bb; ++r) parts.state[c * B + i0 + r] = LseState<acc_t>{mp[r], sp[r]};
+    }
+  });
+}
+
+// Per-anchor and indexed negatives: units (anchor, K chunk); each logit is a dot product with the row.
+template <typename scalar_t, typename acc_t, typename RowFn>
+void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, Partials<acc_t>& parts) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
+  const int64_t chunks = parts.chunks;
+  const int64_t chunk_len = ceil_div(K, chunks);
+  const bool save = parts.weighted.defined();
+  const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  at::parallel_for(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t> logit(kRowTile), inv(kRowTile);
+    std::vector<const scalar_t*> rows(kRowTile);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u / chunks, c = u % chunks;
+      const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
+      const acc_t* ai = a + i * d;
+      LseState<acc_t> st;
+      acc_t* w = save ? parts.weighted_ptr(c, i) : nullptr;
+      if (save) std::fill(w, w + d, acc_t(0));
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowTile) {
+        const int64_t tk = std::min(kRowTile, k_end - k0);
+        for (int64_t t = 0; t < tk; ++t) {
+          acc_t row_inv;
+          rows[t] = row_of(i, k0 + t, row_inv);
+          inv[t] = row_inv;
+          logit[t] = dot(ai, rows[t], d) * row_inv;
+        }
+        const acc_t al = online_update(st, logit.data(), tk, logit.data());
+        if (save) {
+          if (al != acc_t(1)) {
+            for (int64_t j = 0; j < d; ++j) w[j] *= al;
+          }
+          for (int64_t t = 0; t < tk; ++t) axpy(w, logit[t] * inv[t], rows[t], d);
+        }
+      }
+      parts.state[c * B + i] = st;
+    }
+  });
+}
+
+struct ForwardOut {
+  Tensor loss, lse, anchor_term;
+};
+
+// Merges the chunks' partial states in a fixed order, adds the positive, and finishes loss, lse and V.
+template <typename acc_t>
+ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, bool include_positive, bool save) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
+  const auto opts = pr.anchors_s.options();
+  ForwardOut out;
+  out.loss = at::empty({B}, opts);
+  out.lse = at::empty({B}, opts);
+  out.anchor_term = save ? at::zeros({B, d}, opts) : at::empty({0}, opts);
+  acc_t* loss = out.loss.template data_ptr<acc_t>();
+  acc_t* lse = out.lse.template data_ptr<acc_t>();
+  acc_t* v = save ? out.anchor_term.template data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      LseState<acc_t> st;
+      if (include_positive) st = LseState<acc_t>{pr.pos_logit[i], acc_t(1)};
+      acc_t* vi = save ? v + i * d : nullptr;
+      for (int64_t c = 0; c < parts.chunks; ++c) {
+        acc_t fa, fb;
+        merge(st, parts.state[c * B + i], fa, fb);
+        if (save) {
+          const acc_t* wc = parts.weighted_ptr(c, i);
+          for (int64_t j = 0; j < d; ++j) vi[j] = vi[j] * fa + wc[j] * fb;
+        }
+      }
+      lse[i] = finalize(st);
+      loss[i] = lse[i] - pr.pos_logit[i];
+      if (save) {
+        const acc_t inv_sum = acc_t(1) / st.sum;
+        for (int64_t j = 0; j < d; ++j) vi[j] *= inv_sum;
+      }
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, const c10::optional<Tensor>& indices,
+                        bool normalize, bool include_positive, bool save) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
+  const Mode mode = mode_of(negatives_in, indices);
+  const Tensor negatives = unit_inner_stride(negatives_in);
+  Partials<acc_t> parts;
+  parts.B = B;
+  parts.d = d;
+  if (mode == Mode::Shared) {
+    const int64_t K = negatives.size(0);
+    parts.chunks = num_chunks(K, ceil_div(B, kAnchorBlock), kBankTile);
+    parts.state.resize(parts.chunks * B);
+    if (save && parts.chunks > 0) parts.weighted = at::zeros({parts.chunks, B, d}, pr.anchors_s.options());
+    std::vector<acc_t> inv, proj;
+    bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
+    if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, parts);
+  } else {
+    const int64_t K = mode == Mode::Indexed ? indices->size(1) : negatives.size(1);
+    parts.chunks = num_chunks(K, B, kRowTile);
+    parts.state.resize(parts.chunks * B);
+    if (save && parts.chunks > 0) parts.weighted = at::empty({parts.chunks, B, d}, pr.anchors_s.options());
+    const scalar_t* n = negatives.template data_ptr<scalar_t>();
+    if (mode == Mode::PerAnchor) {
+      const int64_t sb = negatives.stride(0), sk = negatives.stride(1);
+      auto row_of = [&](int64_t i, int64_t k, acc_t& inv) {
+        const scalar_t* r = n + i * sb + k * sk;
+        inv = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize).inv;
+        return r;
+      };
+      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, parts);
+    } else {
+      std::vector<acc_t> inv, proj;
+      bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
+      const Tensor idx = indices->contiguous();
+      const int64_t* ix = idx.template data_ptr<int64_t>();
+      const int64_t sm = negatives.stride(0);
+      auto row_of = [&](int64_t i, int64_t k, acc_t& row_inv) {
+        const int64_t m = ix[i * K + k];
+        row_inv = inv[m];
+        return n + m * sm;
+      };
+      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, parts);
+    }
+  }
+  return finish_forward(pr, parts, include_positive, save);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------------
+
+// Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
+// recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) and c = sum_i W l accumulate.
+template <typename scalar_t, typename acc_t>
+void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, const acc_t* g, const acc_t* lse,
+                     Tensor& grad_bank) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
+  const auto acc_opts = pr.anchors_s.options();
+  std::vector<acc_t> inv, proj;
+  bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
+  const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
+  const Tensor proj_t = at::from_blob(proj.data(), {K}, acc_opts);
+  const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts);
+  const Tensor lse_t = at::from_blob(const_cast<acc_t*>(lse), {B}, acc_opts);
+  const bool direct = std::is_same<scalar_t, acc_t>::value && bank.stride(1) == 1;
+  const int64_t tiles = ceil_div(K, kBankTile);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
+    Tensor weights = at::empty({kAnchorBlock * kBankTile}, acc_opts);
+    Tensor tile_buf = direct ? Tensor() : at::empty({kBankTile, d}, acc_opts);
+    Tensor grad_buf = at::empty({kBankTile, d}, acc_opts);
+    Tensor c_buf = at::empty({kBankTile}, acc_opts), col_sum = at::empty({kBankTile}, acc_opts);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kBankTile, tk = std::min(kBankTile, K - k0);
+      Tensor tile;
+      if (direct) {
+        tile = bank.narrow(0, k0, tk);
+      } else {
+        tile = tile_buf.narrow(0, 0, tk);
+        tile.copy_(bank.narrow(0, k0, tk));
+      }
+      const Tensor inv_tile = inv_t.narrow(0, k0, tk);
+      Tensor grad = grad_buf.narrow(0, 0, tk);
+      Tensor c = c_buf.narrow(0, 0, tk), cs = col_sum.narrow(0, 0, tk);
+      grad.zero_();
+      c.zero_();
+      for (int64_t i0 = 0; i0 < B; i0 += kAnchorBlock) {
+        const int64_t bb = std::min(kAnchorBlock, B - i0);
+        const Tensor a_blk = pr.anchors_s.narrow(0, i0, bb);
+        Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
+        Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
+        at::mm_out(l, a_blk, tile.t());
+        if (normalize) l.mul_(inv_tile);
+        at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
+        grad.addmm_(w.t(), a_blk);  // dL/dn_hat = sum_i W_ik s a_hat_i
+        if (normalize) {
+          l.mul_(w);
+          at::sum_out(cs, l, {0});
+          c.add_(cs);  // c_k = n_hat_k . dL/dn_hat_k
+        }
+      }
+      // dL/dn = inv * G - c * proj * n
+      if (normalize) {
+        grad.mul_(inv_tile.unsqueeze(1));
+        grad.sub_(tile * (c * proj_t.narrow(0, k0, tk)).unsqueeze(1));
+      }
+      grad_bank.narrow(0, k0, tk).copy_(grad);
+    }
+  });
+}
+
+// Per-anchor negatives: every (anchor, row) pair is its own gradient row; units (anchor, K chunk).
+template <typename scalar_t, typename acc_t>
+void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool normalize, const acc_t* g,
+                         const acc_t* lse, Tensor& grad_neg) {
+  const int64_t B = neg.size(0), K = neg.size(1), d = neg.size(2);
+  if (K == 0) return;
+  const int64_t sb = neg.stride(0), sk = neg.stride(1);
+  const scalar_t* n = neg.template data_ptr<scalar_t>();
+  scalar_t* gn = grad_neg.template data_ptr<scalar_t>();  // contiguous (B, K, d)
+  const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  const int64_t chunks = num_chunks(K, B, kRowTile), chunk_len = ceil_div(K, chunks);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t i = u / chunks, c = u % chunks;
+      const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
+      const acc_t* ai = a + i * d;
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        const scalar_t* r = n + i * sb + k * sk;
+        const auto rs = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize);
+        const acc_t l = dot(ai, r, d) * rs.inv;
+        const acc_t w = g[i] * std::exp(l - lse[i]);
+        const acc_t cw = w * l * rs.proj;
+        scalar_t* out = gn + (i * K + k) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          out[j] = static_cast<scalar_t>(w * rs.inv * ai[j] - cw * static_cast<acc_t>(r[j]));
+        }
+      }
+    }
+  });
+}
+
+// Indexed bank: rows are split into ranges, one per unit; each unit scans all (anchor, k) pairs in order and
+// accumulates the pairs that hit its rows, so the order of accumulation of a row never depends on threads.
+template <typename scalar_t, typename acc_t>
+void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tensor& indices_in, bool normalize,
+                      const acc_t* g, const acc_t* lse, Tensor& grad_bank) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), M = bank.size(0);
+  const Tensor idx = indices_in.contiguous();
+  const int64_t K = idx.size(1);
+  const int64_t* ix = idx.template data_ptr<int64_t>();
+  std::vector<acc_t> inv, proj;
+  bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
+  // Accumulate in the output itself when it has the accumulation type, else in a buffer.
+  const bool in_place = std::is_same<scalar_t, acc_t>::value;
+  Tensor acc = in_place ? grad_bank : at::zeros({M, d}, pr.anchors_s.options());
+  if (in_place) acc.zero_();
+  std::vector<acc_t> c(M, acc_t(0));
+  acc_t* G = acc.template data_ptr<acc_t>();
+  const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  const scalar_t* n = bank.template data_ptr<scalar_t>();
+  const int64_t sm = bank.stride(0);
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(M, 2 * at::get_num_threads()));
+  const int64_t range_len = ceil_div(M, ranges);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t lo = r * range_len, hi = std::min(M, lo + range_len);
+      for (int64_t i = 0; i < B; ++i) {
+        const acc_t* ai = a + i * d;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t m = ix[i * K + k];
+          if (m < lo || m >= hi) continue;
+          const acc_t l = dot(ai, n + m * sm, d) * inv[m];
+          const acc_t w = g[i] * std::exp(l - lse[i]);
+          axpy(G + m * d, w, ai, d);
+          c[m] += w * l;
+        }
+      }
+      for (int64_t m = lo; m < hi; ++m) {
+        acc_t* gm = G + m * d;
+        const scalar_t* row = n + m * sm;
+        const acc_t cp = c[m] * proj[m];
+        for (int64_t j = 0; j < d; ++j) gm[j] = inv[m] * gm[j] - cp * static_cast<acc_t>(row[j]);
+      }
+    }
+  });
+  if (!in_place) grad_bank.copy_(acc);
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+                                                 const c10::optional<Tensor>& indices, double scale, bool normalize,
+                                                 bool include_positive, bool save) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
+  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save);
+  return {out.loss, out.lse, out.anchor_term};
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, const Tensor& anchors,
+                                                  const Tensor& positives, const Tensor& negatives_in,
+                                                  const c10::optional<Tensor>& indices, const Tensor& lse_in,
+                                                  const Tensor& anchor_term_in, double scale, bool normalize,
+                                                  bool include_positive, std::array<bool, 3> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = anchors.size(0), d = anchors.size(1);
+  const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const Tensor grad_loss = grad_loss_in.to(acc_type).contiguous();
+  const Tensor lse = lse_in.to(acc_type).contiguous();
+  const acc_t* g = grad_loss.template data_ptr<acc_t>();
+  const acc_t* lse_p = lse.template data_ptr<acc_t>();
+  const acc_t s = static_cast<acc_t>(scale);
+  const Mode mode = mode_of(negatives_in, indices);
+  const Tensor negatives = unit_inner_stride(negatives_in);
+
+  Tensor grad_a = mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
+  Tensor grad_p = mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
+  Tensor grad_n = mask[2] ? at::empty(negatives_in.sizes(), negatives_in.options()) : at::empty({0}, negatives_in.options());
+
+  if (mask[0] || mask[1]) {
+    Tensor term = anchor_term_in;
+    if (mask[0] && term.numel() != B * d) {
+      // Forward did not save V (the anchors did not need a gradient then): one more forward pass.
+      term = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, true).anchor_term;
+    }
+    if (mask[0]) term = term.to(acc_type).contiguous();
+    const acc_t* v = mask[0] ? term.template data_ptr<acc_t>() : nullptr;
+    const acc_t* as = pr.anchors_s.template data_ptr<acc_t>();
+    const acc_t* ph = pr.positives.template data_ptr<acc_t>();
+    const Tensor a_in = anchors.to(acc_type).contiguous();
+    const Tensor p_in = positives.to(acc_type).contiguous();
+    const acc_t* a_raw = a_in.template data_ptr<acc_t>();
+    const acc_t* p_raw = p_in.template data_ptr<acc_t>();
+    scalar_t* ga = mask[0] ? grad_a.template data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = mask[1] ? grad_p.template data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> buf(d);
+      for (int64_t i = b0; i < b1; ++i) {
+        const acc_t w0 = include_positive ? std::exp(pr.pos_logit[i] - lse_p[i]) : acc_t(0);
+        const acc_t coef = g[i] * s * (w0 - acc_t(1));  // d loss / d(a_hat . p_hat) * s
+        const auto& ra = pr.anchor_scale[i];
+        const auto& rp = pr.positive_scale[i];
+        if (ga) {
+          // G = g s [(w0 - 1) p_hat + V]; dA = inv G - (a_hat . G) proj a
+          acc_t ahat_dot_g = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            buf[j] = coef * ph[i * d + j] + g[i] * s * v[i * d + j];
+            ahat_dot_g += as[i * d + j] * buf[j];
+          }
+          ahat_dot_g /= s;  // as = s a_hat
+          for (int64_t j = 0; j < d; ++j) {
+            ga[i * d + j] = static_cast<scalar_t>(ra.inv * buf[j] - ahat_dot_g * ra.proj * a_raw[i * d + j]);
+          }
+        }
+        if (gp) {
+          // G = g s (w0 - 1) a_hat; dP = inv G - (p_hat . G) proj p
+          const acc_t phat_dot_g = coef * pr.pos_logit[i] / s;
+          for (int64_t j = 0; j < d; ++j) {
+            const acc_t gj = coef * as[i * d + j] / s;
+            gp[i * d + j] = static_cast<scalar_t>(rp.inv * gj - phat_dot_g * rp.proj * p_raw[i * d + j]);
+          }
+        }
+      }
+    });
+  }
+
+  if (mask[2]) {
+    if (mode == Mode::Shared) {
+      if (negatives.size(0) > 0) backward_shared<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
+    } else if (mode == Mode::PerAnchor) {
+      backward_per_anchor<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
+    } else {
+      backward_indexed<scalar_t, acc_t>(pr, negatives, *indices, normalize, g, lse_p, grad_n);
+    }
+  }
+  return {grad_a, grad_p, grad_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const Tensor& positives,
+                                                    const Tensor& negatives, const c10::optional<Tensor>& indices,
+                                                    double scale, bool normalize, bool include_positive,
+                                                    bool save_anchor_term) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::NoGradGuard no_grad;
+  std::tuple<Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_fwd_cpu", [&] {
+    // Detached views: the ATen calls inside the kernel (some on worker threads, where the guards above do not
+    // apply) must not see tensors that require grad.
+    out = forward_typed<scalar_t>(anchors.detach(), positives.detach(), negatives.detach(), indices, scale, normalize,
+                                  include_positive, save_anchor_term);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, const Tensor& anchors,
+                                                    const Tensor& positives, const Tensor& negatives,
+                                                    const c10::optional<Tensor>& indices, const Tensor& lse,
+                                                    const Tensor& anchor_term, double scale, bool normalize,
+                                                    bool include_positive, std::array<bool, 3> output_mask) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors.size(0),
+              "info_nce_bwd: grad_loss must have shape (B,) = (", anchors.size(0), ",), got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == anchors.size(0),
+              "info_nce_bwd: lse must have shape (B,) = (", anchors.size(0), ",), got ", lse.sizes());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::NoGradGuard no_grad;
+  std::tuple<Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
+    out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
+                                   indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
+                                   output_mask);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastbound, CPU, m) {
+  m.impl("info_nce_fwd", &info_nce_fwd_cpu);
+  m.impl("info_nce_bwd", &info_nce_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace contrastbound

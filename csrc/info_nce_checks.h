@@ -1,0 +1,49 @@
+// Argument checks shared by the CPU and CUDA implementations of the registered ops. The Python API checks
+// the same things first with friendlier messages; these guard direct calls of torch.ops.contrastbound.*.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace contrastbound {
+
+inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
+                                  const c10::optional<at::Tensor>& indices, double scale) {
+  TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(anchors.scalar_type()), "anchors must be a floating tensor, got ",
+                   anchors.scalar_type());
+  TORCH_CHECK_VALUE(positives.sizes() == anchors.sizes(), "positives must have the shape of anchors ",
+                    anchors.sizes(), ", got ", positives.sizes());
+  TORCH_CHECK_TYPE(positives.scalar_type() == anchors.scalar_type() &&
+                       negatives.scalar_type() == anchors.scalar_type(),
+                   "anchors, positives and negatives must share a dtype, got ", anchors.scalar_type(), ", ",
+                   positives.scalar_type(), ", ", negatives.scalar_type());
+  TORCH_CHECK_VALUE(positives.device() == anchors.device() && negatives.device() == anchors.device(),
+                    "anchors, positives and negatives must be on one device");
+  const int64_t B = anchors.size(0), d = anchors.size(1);
+  const bool indexed = indices.has_value() && indices->defined();
+  if (indexed) {
+    const auto& idx = *indices;
+    TORCH_CHECK_VALUE(negatives.dim() == 2 && negatives.size(1) == d,
+                      "negatives must have shape (M, d) with d = ", d, " when negative_indices is given, got ",
+                      negatives.sizes());
+    TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "negative_indices must be int64, got ", idx.scalar_type());
+    TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == B, "negative_indices must have shape (B, K) with B = ", B,
+                      ", got ", idx.sizes());
+    TORCH_CHECK_VALUE(idx.device() == anchors.device(), "negative_indices must be on the device of anchors");
+    if (idx.numel() > 0) {
+      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      TORCH_CHECK_INDEX(lo >= 0 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
+                        negatives.size(0), "), got values in [", lo, ", ", hi, "]");
+    }
+  } else if (negatives.dim() == 3) {
+    TORCH_CHECK_VALUE(negatives.size(0) == B && negatives.size(2) == d, "negatives must have shape (B, K, d) = (",
+                      B, ", K, ", d, "), got ", negatives.sizes());
+  } else {
+    TORCH_CHECK_VALUE(negatives.dim() == 2 && negatives.size(1) == d, "negatives must have shape (K, d) with d = ",
+                      d, ", got ", negatives.sizes());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale (1 / temperature) must be positive and finite, got ",
+                    scale);
+}
+
+}  // namespace contrastbound

@@ -1,0 +1,26 @@
+// Schemas of the contrastbound:: ops and the Python module entry point. The implementations are registered
+// per backend (csrc/cpu/*.cpp; csrc/cuda/*_glue.cpp in CUDA builds); fake kernels and autograd are registered
+// from Python (contrastbound/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty module: importing contrastbound._C loads the library, which registers the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "contrastbound compiled ops (see torch.ops.contrastbound)", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(contrastbound, m) {
+  // Per-anchor loss, per-anchor log-sum-exp (both in float32, float64 for float64 inputs) and, when
+  // save_anchor_term, V = sum_k softmax_k n_hat_k (B, d), else an empty tensor.
+  m.def(
+      "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
+      "bool normalize, bool include_positive, bool save_anchor_term) -> (Tensor, Tensor, Tensor)");
+  // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
+  m.def(
+      "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
+      "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,68 @@
+"""Builds contrastbound._C against the torch that is installed (use `pip install --no-build-isolation`).
+
+Environment:
+  FORCE_CUDA=1       build the CUDA kernels too, even on a machine without a GPU (needs nvcc and a CUDA torch)
+  FORCE_ONLY_CPU=1   never build CUDA kernels
+  MAX_JOBS=N         parallel compile jobs (default: min(cores, 4), so nvcc does not exhaust memory)
+  TORCH_CUDA_ARCH_LIST="8.0;9.0a"  GPU architectures (honoured by torch's build helpers)
+  CONTRASTBOUND_DEBUG=1            -O0 -g
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> tuple[bool, str]:
+    if os.environ.get("FORCE_ONLY_CPU", "0") == "1":
+        return False, "FORCE_ONLY_CPU=1"
+    has_nvcc = CUDA_HOME is not None and (
+        os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
+    )
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if torch.version.cuda is None:
+            raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch; this torch is CPU-only")
+        return True, "FORCE_CUDA=1"
+    # Decided from the torch build and the compiler, never from torch.cuda.is_available(): a build machine
+    # without a GPU must still build the CUDA kernels for a CUDA torch.
+    if torch.version.cuda is not None and has_nvcc:
+        return True, "CUDA torch and nvcc found"
+    return False, "CPU-only torch" if torch.version.cuda is None else "nvcc not found"
+
+
+def _extension():
+    use_cuda, why = _want_cuda()
+    print(f"contrastbound: building {'CPU + CUDA' if use_cuda else 'CPU'} extension ({why})")
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
+    debug = os.environ.get("CONTRASTBOUND_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # The language standard is the one torch asks for (C++17 up to torch 2.9, C++20 from 2.10); the code is C++17.
+    cxx = ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", *opt]
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_glue.cpp"))
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "contrastbound._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DCONTRASTBOUND_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs,
+        )
+    return CppExtension("contrastbound._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["contrastbound", "contrastbound.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
