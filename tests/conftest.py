@@ -1,0 +1,78 @@
+"""Shared test configuration: devices, dtypes and per-dtype tolerances stated once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_float32_matmul_precision("highest")
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+# Largest allowed error, relative to the largest magnitude of the float64 reference (loss or gradient).
+# Half inputs are computed with float32 accumulation; their tolerance is the rounding of the half output.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+MODES = ["shared", "per_anchor", "indexed", "in_batch"]
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """max |actual - expected| <= tol * max(1, max |expected|), computed in float64."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def make_inputs(
+    mode: str,
+    B: int,
+    K: int,
+    d: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    M: int | None = None,
+    seed: int = 0,
+    requires_grad: bool = True,
+):
+    """(anchors, positives, negatives, negative_indices) for one mode, leaves that require grad.
+
+    Positives are correlated with their anchors so that the positive logit matters.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, d, generator=g, dtype=torch.float64)
+    p = a + 0.5 * torch.randn(B, d, generator=g, dtype=torch.float64)
+    idx = None
+    if mode == "shared":
+        n = torch.randn(K, d, generator=g, dtype=torch.float64)
+    elif mode == "per_anchor":
+        n = torch.randn(B, K, d, generator=g, dtype=torch.float64)
+    elif mode == "indexed":
+        M = M if M is not None else max(1, K // 3 + 2)
+        n = torch.randn(M, d, generator=g, dtype=torch.float64)
+        idx = torch.randint(0, M, (B, K), generator=g).to(device)
+    elif mode == "in_batch":
+        n = None
+    else:
+        raise ValueError(mode)
+
+    def leaf(x):
+        if x is None:
+            return None
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    return leaf(a), leaf(p), leaf(n), idx

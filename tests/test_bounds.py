@@ -1,0 +1,415 @@
+"""contrastbound.bounds against exact arithmetic, the authors' formulas, THEORY.md's reference values and limits."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from itertools import combinations
+
+import mpmath
+import numpy as np
+import pytest
+
+from contrastbound import bounds as B
+
+REL = 1e-9  # the accuracy target of the issue (relative; absolute in log space where values underflow)
+
+
+def rel_err(got, ref):
+    got, ref = np.asarray(got, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-300)))
+
+
+def scaled_err(got, ref):
+    """Error on the natural scale of a loss or a log-constant: relative above 1, absolute below (zero crossings)."""
+    got, ref = np.asarray(got, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0)))
+
+
+def log_err(got, ref):
+    """Error of a log-probability: relative where |ref| >= 1, absolute (= relative error of the probability) below."""
+    got, ref = np.asarray(got, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Oracles: the authors' scripts (github.com/nzw0301/gap-contrastive-and-supervised-losses, scripts/), restated
+# ----------------------------------------------------------------------------------------------------------
+
+
+def authors_coupon(k, c):
+    ret = []
+    for _k in k:
+        p = np.zeros(c + 1)
+        p[0] = 1
+        for _ in range(_k):
+            for i in range(c, -1, -1):
+                p[i] = p[i] * i / c + p[i - 1] * (c - i + 1) / c
+                if i == 0:
+                    p[0] = 0
+        ret.append(p[c])
+    return np.array(ret)
+
+
+def authors_binom_sum(k, c, f):
+    return np.array(
+        [np.sum([math.comb(_k, m) * (1 / c) ** m * (1 - 1 / c) ** (_k - m) * f(m, _k) for m in range(_k + 1)]) for _k in k]
+    )
+
+
+def fraction_coupon_uniform(n, C):
+    """Exact inclusion-exclusion for a uniform prior in rationals."""
+    return sum((-1) ** j * math.comb(C, j) * Fraction(C - j, C) ** n for j in range(C + 1))
+
+
+def fraction_coupon(n, pi):
+    """Exact inclusion-exclusion over subsets in rationals: P(all classes seen in n draws)."""
+    C = len(pi)
+    s = Fraction(0)
+    for r in range(C + 1):
+        for S in combinations(range(C), r):
+            s += (-1) ** r * (1 - sum(pi[i] for i in S)) ** n
+    return s
+
+
+def mp_coupon_uniform(n, C):
+    """Inclusion-exclusion with enough digits to survive the cancellation (terms up to 2^C, result >= C!/C^C)."""
+    with mpmath.workdps(int(0.9 * C) + 40):
+        s = mpmath.mpf(0)
+        for j in range(C + 1):
+            t = mpmath.binomial(C, j) * (mpmath.mpf(C - j) / C) ** n
+            s += t if j % 2 == 0 else -t
+        return float(mpmath.log(s))
+
+
+def mp_binom_expect_integral(K, p, c, a=1.0):
+    """E log(a + c m), m ~ Bin(K, p), from log(1 + y) = int_0^inf e^{-t}(1 - e^{-yt})/t dt (no sum over m)."""
+    with mpmath.workdps(30):
+        p, c, a = mpmath.mpf(p), mpmath.mpf(c) / a, mpmath.mpf(a)
+        f = lambda t: mpmath.exp(-t) / t * -mpmath.expm1(K * mpmath.log1p(-p * -mpmath.expm1(-c * t)))  # noqa: E731
+        pts = [0] + [mpmath.mpf(10) ** e for e in range(-12, 3)] + [mpmath.inf]
+        return float(mpmath.log(a) + mpmath.quad(f, pts))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference values (THEORY.md, C = 10, K = 32, b = 1, uniform) and the authors' formulas
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_reference_values():
+    assert abs(B.delta_upper(32, 10) - -0.2955891488) < 1e-9
+    assert abs(B.delta_lower(32, 10) - -2.0922557881) < 1e-9
+    assert abs(B.min_contrastive_loss(32, 10) - 2.0753361154) < 1e-9
+    assert abs(B.collision_term(32, 10) - 1.3424887705) < 1e-9
+    assert abs(B.coupon_collector_probability(33, 10, log=True) - -0.3304881534) < 1e-9
+    # and independently of the quoted digits
+    assert rel_err(B.delta_upper(32, 10), math.log(10 * math.cosh(1) ** 2 / 32)) < 1e-14
+    assert rel_err(B.coupon_collector_probability(33, 10), float(fraction_coupon(33, [Fraction(1, 10)] * 10))) < 1e-12
+
+
+@pytest.mark.parametrize("C", [10, 50, 100])
+def test_equal_to_authors_formulas(C):
+    k = np.arange(1, 151)
+    b = 1.0
+    cosh2 = np.cosh(b**2) ** 2
+    pi = np.ones(C) / C
+    ub = np.log(pi.max() * C**2 * cosh2 / k)
+    lb = -np.sum(pi * np.log(pi)) + np.log(k) - 2 * np.log(1 + k) - 2 * np.log(np.cosh(b**2))
+    assert scaled_err(B.delta_upper(k, C, form="paper"), ub) < 1e-12
+    assert scaled_err(B.delta_upper(k, C), ub) < 1e-12
+    assert scaled_err(B.delta_lower(k, C), lb) < 1e-12
+    nce = authors_binom_sum(k, C, lambda m, K: np.log(1 + m + (K - m) * np.exp(-2 * b**2)))
+    col = authors_binom_sum(k, C, lambda m, K: np.log(1 + m))
+    assert rel_err(B.min_contrastive_loss(k, C), nce) < 1e-12
+    assert rel_err(B.collision_term(k, C), col) < 1e-12
+    assert rel_err(B.min_supervised_loss(C), np.log(1 + (C - 1) * np.exp(-2 * b**2))) < 1e-14
+    tau = 1 - (1 - 1 / C) ** k
+    assert rel_err(B.collision_probability(k, C), tau) < 1e-12
+    v = authors_coupon(k + 1, C)
+    defined = v > 1e-250
+    assert rel_err(B.coupon_collector_probability(k + 1, C)[defined], v[defined]) < 1e-11
+    # the earlier bounds, fed the authors' R_cont* as they do
+    # (1 - tau is taken as (1 - 1/C)^K: the script's 1 - (1 - (1 - 1/C)^K) loses ~log10(1/(1-tau)) digits)
+    harmonic = lambda c: np.log(c) + 0.577  # noqa: E731
+    one_minus_tau = (1 - 1 / C) ** k
+    with np.errstate(divide="ignore"):
+        ar = 1 / (one_minus_tau * v) * (nce - col)
+        ns = (2 * nce - col) / v
+    ash = 2 * np.maximum(1, 2 * (C - 1) * harmonic(C - 1) / k) / one_minus_tau * (nce - col)
+    big = k >= C
+    assert rel_err(B.arora(nce, k, C)[big], ar[big]) < 1e-11
+    assert rel_err(B.nozawa_sato(nce, k, C)[big], ns[big]) < 1e-11
+    assert np.all(np.isnan(B.arora(nce, k, C)[~big])) and np.all(np.isnan(B.nozawa_sato(nce, k, C)[~big]))
+    assert rel_err(B.ash(nce, k, C, harmonic="authors"), ash) < 1e-12
+
+
+def test_harmonic_numbers():
+    assert B.harmonic_number(9) == pytest.approx(float(sum(Fraction(1, i) for i in range(1, 10))), rel=1e-15)
+    assert abs(B.harmonic_number(9) - 2.829) < 1e-3 and abs(B.harmonic_number(9, "authors") - 2.774) < 1e-3
+    for n in (100_000, 100_001, 10**7):
+        with mpmath.workdps(30):
+            ref = float(mpmath.harmonic(n))
+        assert rel_err(B.harmonic_number(n), ref) < 1e-14
+    # exact H makes Ash's coefficient larger than with log(n) + 0.577
+    assert B.ash(3.0, 5, 10) > B.ash(3.0, 5, 10, harmonic="authors")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coupon collector
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 12])
+def test_coupon_uniform_exact_rationals(C):
+    ns = np.arange(0, 8 * C + 20)
+    got = B.coupon_collector_probability(ns, C)
+    ref = np.array([float(fraction_coupon_uniform(int(n), C)) for n in ns])
+    if C <= 5:  # the subset form agrees with the binomial form
+        assert all(fraction_coupon(int(n), [Fraction(1, C)] * C) == fraction_coupon_uniform(int(n), C) for n in ns[:12])
+    assert np.all(got[ns < C] == 0.0)
+    assert rel_err(got[ns >= C], ref[ns >= C]) < 1e-12
+
+
+@pytest.mark.parametrize("weights", [[1, 2], [1, 1, 3], [2, 3, 5, 7], [1, 1, 1, 2, 9], [1, 2, 3, 4, 5, 30]])
+def test_coupon_general_prior_exact_rationals(weights):
+    pi = [Fraction(w, sum(weights)) for w in weights]
+    C = len(pi)
+    ns = sorted({C, C + 1, C + 2, 2 * C + 1, 5 * C, 20 * C, 200, 1000, 5000})
+    got = B.coupon_collector_probability(ns, prior=[float(x) for x in pi], log=True)
+    ref = [math.log(fraction_coupon(n, pi)) for n in ns]
+    assert log_err(got, ref) < 1e-11
+
+
+@pytest.mark.parametrize("C", [40, 150, 400])
+def test_coupon_uniform_mpmath(C):
+    ns = sorted({C, C + 1, C + 3, int(1.5 * C), 2 * C, int(C * math.log(C)), 4 * C, 8 * C, 20 * C})
+    got = B.coupon_collector_probability(ns, C, log=True)
+    assert log_err(got, [mp_coupon_uniform(n, C) for n in ns]) < 1e-11
+
+
+@pytest.mark.parametrize("C", [10, 3029, 10_000])
+def test_coupon_closed_forms_large_C(C):
+    # upsilon_C = C!/C^C, upsilon_{C+1} = C! S(C+1, C)/C^{C+1}, S(C+2, C) = binom(C+2, 3)(3C+1)/4
+    base = math.lgamma(C + 1) - C * math.log(C)
+    ref = [base, base + math.log(math.comb(C + 1, 2) / C), base + math.log(math.comb(C + 2, 3) * (3 * C + 1) / 4 / C**2)]
+    assert log_err(B.coupon_collector_probability([C, C + 1, C + 2], C, log=True), ref) < 1e-12
+    assert B.coupon_collector_probability(C - 1, C) == 0.0
+    # far right tail: log upsilon = log(1 - C(1-1/C)^n + ...) to double precision, n up to 10^7
+    n = 10**7 if C > 10 else 2000
+    x = C * (1 - 1 / C) ** n
+    assert abs(B.coupon_collector_probability(n, C, log=True) - math.log1p(-x)) < 1e-15
+
+
+def test_coupon_methods_agree_where_both_apply():
+    # the saddle-point Cauchy integral against the inclusion-exclusion region, and Bonferroni for a general prior
+    for C in (300, 10_000):
+        n = np.array([int(C * math.log(C / 4.0)), int(C * math.log(C / 2.0)), int(C * math.log(C))], dtype=np.int64)
+        ie, _ = B._log_coupon_ie_uniform(n, C)
+        cauchy = B._log_coupon_cauchy(n, B._resolve_prior(C, None))
+        assert log_err(cauchy, ie) < 1e-10
+    p = B._resolve_prior(None, np.arange(1, 51) / np.arange(1, 51).sum())
+    n = np.array([20000, 40000], dtype=np.int64)
+    assert log_err(B._log_coupon_cauchy(n, p), B._log_coupon(n, p)) < 1e-10
+
+
+@pytest.mark.parametrize("C", [10, 37])
+def test_coupon_expected_collection_time(C):
+    # sum_{n >= 0} P(not all collected after n draws) = C H_C
+    ns = np.arange(0, 60 * C)
+    tail = -np.expm1(B.coupon_collector_probability(ns, C, log=True))
+    assert tail[-1] < 1e-17
+    assert rel_err(math.fsum(tail), C * B.harmonic_number(C)) < 1e-11
+
+
+def test_coupon_monotone_and_curve_shape():
+    for kw in (dict(num_classes=3029), dict(prior=np.r_[np.full(20, 0.01), np.full(40, 0.02)])):
+        lv = B.coupon_collector_probability(np.arange(1, 40_000, 7), **kw, log=True)
+        lv = lv[np.isfinite(lv)]
+        assert lv.size > 5000 and np.all(np.diff(lv) >= -1e-13)
+        assert np.all(lv <= 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tau and the binomial expectations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_collision_probability_exact_and_stable():
+    for C, K in [(2, 1), (3, 4), (7, 10), (10, 33)]:
+        ref = 1 - (1 - Fraction(1, C)) ** K
+        assert rel_err(B.collision_probability(K, C), float(ref)) < 1e-14
+    pi = [Fraction(1, 6), Fraction(1, 3), Fraction(1, 2)]
+    for K in range(0, 12):
+        ref = sum(p * (1 - (1 - p) ** K) for p in pi)
+        assert abs(B.collision_probability(K, prior=[float(x) for x in pi]) - float(ref)) <= 1e-15 * max(1, float(ref))
+    # log(1 - tau) where the power underflows
+    assert rel_err(B.collision_probability(10**7, 100, log=True), 10**7 * math.log1p(-0.01)) < 1e-14
+    with mpmath.workdps(40):
+        ref = float(mpmath.log(0.3 * (1 - mpmath.mpf(0.3)) ** 10**6 + 0.7 * (1 - mpmath.mpf(0.7)) ** 10**6))
+    assert rel_err(B.collision_probability(10**6, prior=[0.3, 0.7], log=True), ref) < 1e-12
+    t = B.collision_probability(np.arange(0, 500), 50)
+    assert t[0] == 0.0 and np.all(np.diff(t) > 0) and t[-1] < 1
+
+
+@pytest.mark.parametrize("weights", [None, [1, 2, 3], [1, 1, 5, 5]])
+def test_binomial_expectations_exact_small(weights):
+    if weights is None:
+        pi, kw = [Fraction(1, 4)] * 4, dict(num_classes=4)
+    else:
+        pi = [Fraction(w, sum(weights)) for w in weights]
+        kw = dict(prior=[float(x) for x in pi])
+    b = 0.7
+    e = math.exp(-2 * b * b)
+    for K in (0, 1, 2, 5, 17, 40):
+        col = sum(float(p * math.comb(K, m) * p**m * (1 - p) ** (K - m)) * math.log1p(m) for p in pi for m in range(K + 1))
+        mcl = sum(
+            float(p * math.comb(K, m) * p**m * (1 - p) ** (K - m)) * math.log1p(m + (K - m) * e)
+            for p in pi
+            for m in range(K + 1)
+        )
+        assert abs(B.collision_term(K, **kw) - col) <= 1e-13 * max(col, 1e-300) + 1e-300
+        assert abs(B.min_contrastive_loss(K, **kw, norm_bound=b) - mcl) <= 1e-13 * max(mcl, 1e-300) + 1e-300
+
+
+@pytest.mark.parametrize("K,C", [(1, 10_000), (3029, 3029), (10**5, 3029), (10**6, 10), (10**7, 10_000), (10**7, 2)])
+def test_binomial_expectations_large_against_integral(K, C):
+    assert rel_err(B.collision_term(K, C), mp_binom_expect_integral(K, 1 / C, 1.0)) < REL
+    e = math.exp(-2.0)
+    # log(1 + m + (K - m) e) = log(a + (1 - e) m) with a = 1 + K e
+    ref = mp_binom_expect_integral(K, 1 / C, 1 - e, a=1 + K * e)
+    assert rel_err(B.min_contrastive_loss(K, C), ref) < REL
+
+
+def test_binomial_expectations_monotone():
+    k = np.arange(0, 20_000, 3)
+    for kw in (dict(num_classes=3029), dict(prior=[0.1, 0.2, 0.7])):
+        assert np.all(np.diff(B.collision_term(k, **kw)) > 0)
+        assert np.all(np.diff(B.min_contrastive_loss(k, **kw)) > 0)
+    # collisions: E log(1 + m) <= log(1 + K/C) (Jensen) and >= 0
+    col = B.collision_term(k, 3029)
+    assert np.all(col <= np.log1p(k / 3029) + 1e-15) and col[0] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Delta_U, Delta_L: forms, limits, monotonicity
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_delta_upper_forms_and_limits():
+    k = np.array([1, 2, 10, 1000, 10**7])
+    for b in (0.1, 1.0, 3.0, 30.0):  # 30: cosh(900) overflows a naive evaluation
+        lc = b * b + math.log1p(math.exp(-2 * b * b)) - math.log(2)
+        du = B.delta_upper(k, 50, norm_bound=b)
+        assert np.all(np.isfinite(du)) and np.all(np.diff(du) < 0)
+        # Delta_U + log K is the constant log(C cosh(b^2)^2): the K -> infinity limit is exact at every K
+        assert rel_err(du + np.log(k), math.log(50) + 2 * lc) < 1e-14
+    pi = np.array([0.5, 0.3, 0.15, 0.05])
+    paper = B.delta_upper(7, prior=pi, form="paper")
+    assert rel_err(paper, math.log(0.5 * 16 * math.cosh(1) ** 2 / 7)) < 1e-14
+    alt = math.log(math.cosh(1) ** 2 / (0.05 * 7))
+    assert rel_err(B.delta_upper(7, prior=pi), min(paper, alt)) < 1e-14
+    pi2 = np.array([0.9, 0.1])  # here the paper's form is the smaller one
+    assert B.delta_upper(3, prior=pi2) == pytest.approx(B.delta_upper(3, prior=pi2, form="paper"), rel=1e-14)
+    # a uniform prior given as a vector is the uniform prior
+    assert B.delta_upper(5, prior=np.full(8, 1 / 8)) == pytest.approx(B.delta_upper(5, 8), rel=1e-14)
+
+
+def test_delta_lower_forms():
+    k = np.arange(1, 300)
+    C = 10
+    proved = B.delta_lower(k, C, form="proved")
+    assert rel_err(proved, -np.log1p(k / C) - 2 * np.log(np.cosh(1.0))) < 1e-13
+    assert np.all(proved <= B.delta_lower(k, C) + 1e-12)  # C >= 3: the proved constant is the looser one
+    pi = np.array([0.05, 0.1, 0.15, 0.2, 0.5])
+    for K in (1, 2, 3, 9, 10, 11, 50, 10**6):
+        ref = -2 * math.log(math.cosh(0.5**2)) - sum(p * math.log(max(1 + K * p, K * pi.max())) for p in pi)
+        assert rel_err(B.delta_lower(K, prior=pi, norm_bound=0.5, form="proved"), ref) < 1e-13
+        H = -float(np.sum(pi * np.log(pi)))
+        ref = H + math.log(K) - 2 * math.log1p(K) - 2 * math.log(math.cosh(0.25))
+        assert rel_err(B.delta_lower(K, prior=pi, norm_bound=0.5), ref) < 1e-13
+    # Delta_L + log K -> log C - 2 log cosh(b^2) ... from below, and Delta_L decreases like -log K
+    dl = B.delta_lower(np.array([10, 10**3, 10**7]), C)
+    assert np.all(np.diff(dl) < 0)
+
+
+def test_interval_and_min_losses():
+    lo, hi = B.supervised_loss_interval(2.0, 32, 10)
+    assert lo == pytest.approx(2.0 + B.delta_lower(32, 10)) and hi == pytest.approx(2.0 + B.delta_upper(32, 10))
+    lo, hi = B.supervised_loss_interval(np.array([1.0, 2.0, 3.0]), np.array([1, 2, 4]), prior=[0.2, 0.8], norm_bound=2.0)
+    assert lo.shape == hi.shape == (3,) and np.all(lo < hi)
+    assert B.min_supervised_loss(10, 0.5) == pytest.approx(math.log(1 + 9 * math.exp(-0.5)), rel=1e-15)
+    # the minima of the paper's synthetic figure: R_cont* + Delta_U >= R_supv* (the upper bound is consistent)
+    k = np.arange(1, 200)
+    assert np.all(B.min_contrastive_loss(k, 50) + B.delta_upper(k, 50) >= B.min_supervised_loss(50) - 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Earlier bounds: where defined, priors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_earlier_bounds_domain_and_prior():
+    k = np.arange(1, 30)
+    ar, ns, ash = B.arora(3.0, k, 10), B.nozawa_sato(3.0, k, 10), B.ash(3.0, k, 10)
+    assert np.all(np.isnan(ar[k < 10])) and np.all(np.isfinite(ar[k >= 10]))
+    assert np.all(np.isnan(ns[k < 10])) and np.all(np.isfinite(ns[k >= 10]))
+    assert np.all(np.isfinite(ash))
+    for fn in (B.arora, B.nozawa_sato, B.ash):
+        with pytest.raises(ValueError, match="prior"):
+            fn(3.0, 12, prior=[0.2, 0.8])
+        assert fn(3.0, 12, prior=[0.5, 0.5]) == pytest.approx(fn(3.0, 12, 2), rel=1e-14)
+    assert math.isnan(B.ash(1.0, 3, 1))
+    assert isinstance(B.arora(3.0, 12, 10), float) and B.arora([3.0, 4.0], 12, 10).shape == (2,)
+    # huge K: 1 / (1 - tau) overflows to inf rather than raising or returning garbage
+    assert B.arora(20.0, 10**5, 10) == math.inf
+    assert B.nozawa_sato(20.0, 10**5, 10) == pytest.approx(40.0 - B.collision_term(10**5, 10), rel=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes and validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_scalar_and_array_outputs():
+    assert isinstance(B.delta_upper(3, 10), float)
+    assert isinstance(B.collision_term(np.int64(3), 10), float)
+    assert B.delta_upper(np.array([[1, 2], [3, 4]]), 10).shape == (2, 2)
+    assert B.coupon_collector_probability(np.array([[10, 11], [12, 13]]), 10).shape == (2, 2)
+    assert B.collision_term(np.array([1.0, 2.0]), 10).shape == (2,)  # integer-valued floats are fine
+    assert B.collision_term(np.array([], dtype=np.int64), 10).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: B.delta_upper(-1, 10), ValueError, "K"),
+        (lambda: B.delta_upper(0, 10), ValueError, "K"),
+        (lambda: B.collision_term(-1, 10), ValueError, "K"),
+        (lambda: B.collision_term(2.5, 10), ValueError, "K"),
+        (lambda: B.collision_term(True, 10), TypeError, "K"),
+        (lambda: B.collision_term("3", 10), TypeError, "K"),
+        (lambda: B.coupon_collector_probability(-2, 10), ValueError, "draws"),
+        (lambda: B.delta_upper(3), ValueError, "num_classes"),
+        (lambda: B.delta_upper(3, 10, [0.5, 0.5]), ValueError, "exactly one"),
+        (lambda: B.delta_upper(3, 0), ValueError, "num_classes"),
+        (lambda: B.delta_upper(3, 2.0), TypeError, "num_classes"),
+        (lambda: B.delta_upper(3, prior=[0.5, 0.6]), ValueError, "sum to 1"),
+        (lambda: B.delta_upper(3, prior=[1.5, -0.5]), ValueError, "non-negative"),
+        (lambda: B.delta_upper(3, prior=[1.0, 0.0]), ValueError, "prior"),
+        (lambda: B.delta_upper(3, prior=[[0.5, 0.5]]), ValueError, "prior"),
+        (lambda: B.delta_upper(3, prior=[0.5, float("nan")]), ValueError, "prior"),
+        (lambda: B.delta_upper(3, 10, norm_bound=0.0), ValueError, "norm_bound"),
+        (lambda: B.delta_upper(3, 10, norm_bound=-1.0), ValueError, "norm_bound"),
+        (lambda: B.delta_upper(3, 10, norm_bound=float("inf")), ValueError, "norm_bound"),
+        (lambda: B.delta_upper(3, 10, norm_bound="1"), TypeError, "norm_bound"),
+        (lambda: B.delta_upper(3, 10, form="proved"), ValueError, "form"),
+        (lambda: B.delta_lower(3, 10, form="best"), ValueError, "form"),
+        (lambda: B.ash(1.0, 3, 10, harmonic="approx"), ValueError, "harmonic"),
+        (lambda: B.arora(1.0, 0, 10), ValueError, "K"),
+        (lambda: B.arora("x", 3, 10), TypeError, "contrastive_loss"),
+        (lambda: B.min_supervised_loss(0), ValueError, "num_classes"),
+    ],
+)
+def test_validation(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,81 @@
+"""Bad input raises a clear ValueError / TypeError / IndexError that names the argument; nothing crashes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import contrastbound as cb
+
+
+def _ok(B=4, K=6, d=3, M=5):
+    a = torch.randn(B, d)
+    p = torch.randn(B, d)
+    bank = torch.randn(K, d)
+    idx_bank = torch.randn(M, d)
+    idx = torch.randint(0, M, (B, K))
+    return a, p, bank, idx_bank, idx
+
+
+a, p, bank, idx_bank, idx = _ok()
+
+CASES = [
+    # (description, call, exception, text the message must contain)
+    ("anchors rank", lambda: cb.info_nce(a[0], p, bank), ValueError, "anchors"),
+    ("anchors not a tensor", lambda: cb.info_nce([[1.0]], p, bank), TypeError, "anchors"),
+    ("positives rank", lambda: cb.info_nce(a, p[None], bank), ValueError, "positives"),
+    ("mismatched B", lambda: cb.info_nce(a, p[:3], bank), ValueError, "positives"),
+    ("mismatched d in positives", lambda: cb.info_nce(a, torch.randn(4, 5), bank), ValueError, "positives"),
+    ("mismatched d in bank", lambda: cb.info_nce(a, p, torch.randn(6, 4)), ValueError, "negatives"),
+    ("negatives rank 4", lambda: cb.info_nce(a, p, torch.randn(4, 6, 3, 1)), ValueError, "negatives"),
+    ("per-anchor B mismatch", lambda: cb.info_nce(a, p, torch.randn(3, 6, 3)), ValueError, "negatives"),
+    ("integer anchors", lambda: cb.info_nce(a.long(), p.long(), bank.long()), TypeError, "anchors"),
+    ("integer negatives", lambda: cb.info_nce(a, p, bank.long()), TypeError, "negatives"),
+    ("mixed dtypes", lambda: cb.info_nce(a, p.double(), bank), TypeError, "positives"),
+    ("device mismatch", lambda: cb.info_nce(a, p.to("meta"), bank), ValueError, "device"),
+    ("indices out of range", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx + 5), IndexError, "negative_indices"),
+    ("negative indices", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx - 6), IndexError, "negative_indices"),
+    ("float indices", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx.float()), TypeError, "negative_indices"),
+    ("indices wrong rows", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx[:2]), ValueError, "negative_indices"),
+    ("indices wrong rank", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx[0]), ValueError, "negative_indices"),
+    ("indices not a tensor", lambda: cb.info_nce(a, p, idx_bank, negative_indices=[[0]]), TypeError, "negative_indices"),
+    ("indices with 3-d bank", lambda: cb.info_nce(a, p, torch.randn(4, 6, 3), negative_indices=idx), ValueError, "negatives"),
+    ("indices without bank", lambda: cb.info_nce(a, p, None, negative_indices=idx), ValueError, "negative_indices"),
+    ("indices on another device", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx.to("meta")), ValueError, "negative_indices"),
+    ("temperature zero", lambda: cb.info_nce(a, p, bank, temperature=0.0), ValueError, "temperature"),
+    ("temperature negative", lambda: cb.info_nce(a, p, bank, temperature=-1.0), ValueError, "temperature"),
+    ("temperature nan", lambda: cb.info_nce(a, p, bank, temperature=math.nan), ValueError, "temperature"),
+    ("temperature inf", lambda: cb.info_nce(a, p, bank, temperature=math.inf), ValueError, "temperature"),
+    ("temperature string", lambda: cb.info_nce(a, p, bank, temperature="0.1"), TypeError, "temperature"),
+    ("temperature tensor with grad", lambda: cb.info_nce(a, p, bank, temperature=torch.tensor(0.1, requires_grad=True)), TypeError, "temperature"),
+    ("unknown reduction", lambda: cb.info_nce(a, p, bank, reduction="avg"), ValueError, "reduction"),
+    ("normalize not bool", lambda: cb.info_nce(a, p, bank, normalize="yes"), TypeError, "normalize"),
+    ("module temperature", lambda: cb.InfoNCE(temperature=0), ValueError, "temperature"),
+    ("module reduction", lambda: cb.InfoNCE(reduction="max"), ValueError, "reduction"),
+    ("bank_cross_entropy targets range", lambda: cb.bank_cross_entropy(a, bank, torch.tensor([0, 1, 2, 6])), IndexError, "targets"),
+    ("bank_cross_entropy targets dtype", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(4)), TypeError, "targets"),
+    ("bank_cross_entropy targets shape", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(3, dtype=torch.long)), ValueError, "targets"),
+    ("bank_cross_entropy empty bank", lambda: cb.bank_cross_entropy(a, bank[:0], torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
+    ("bank_cross_entropy bank d", lambda: cb.bank_cross_entropy(a, torch.randn(6, 2), torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
+]
+
+
+@pytest.mark.parametrize("description,call,exc,text", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(description, call, exc, text):
+    with pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value), f"{description}: message {info.value!s} does not name {text!r}"
+
+
+def test_registered_op_checks_indices_itself():
+    # A direct call of the op with bad indices must raise, not read out of bounds.
+    from contrastbound import _backend
+
+    if not _backend.EXTENSION_LOADED:
+        pytest.skip("compiled extension not loaded")
+    with pytest.raises(IndexError, match="negative_indices"):
+        torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx + 100, 1.0, True, True, False)
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.contrastbound.info_nce_fwd(a, p, bank, None, -1.0, True, True, False)

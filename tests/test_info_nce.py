@@ -1,0 +1,245 @@
+"""The fused InfoNCE kernel against the float64 reference: values and gradients in every mode and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import contrastbound as cb
+from contrastbound import _backend
+from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference
+
+from conftest import DEVICES, DTYPES, MODES, TOL, assert_close_scaled, make_inputs
+
+
+def _run(fn, a, p, n, idx, **kw):
+    """Loss and the gradients of (a, p, n) for a random upstream gradient (so reduction='none' is covered)."""
+    loss = fn(a, p, n, negative_indices=idx, **kw)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype) + 0.5
+    leaves = [x for x in (a, p, n) if x is not None]
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss, grads
+
+
+def _reference_in_float64(a, p, n, idx, **kw):
+    cast = [None if x is None else x.detach().to(torch.float64).requires_grad_(True) for x in (a, p, n)]
+    loss, grads = _run(info_nce_reference, *cast, idx, **kw)
+    return loss, grads
+
+
+def _check_against_reference(a, p, n, idx, dtype, **kw):
+    loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
+    ref_loss, ref_grads = _reference_in_float64(a, p, n, idx, **kw)
+    assert loss.dtype == dtype
+    assert_close_scaled(loss, ref_loss, TOL[dtype], "loss")
+    for name, g, r in zip("apn", grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_close_scaled(g, r, TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(device, dtype, mode, normalize, reduction):
+    # K = 1037 crosses the kernel's bank tiles (512) and row tiles (256) with a remainder; d = 19 is odd.
+    a, p, n, idx = make_inputs(mode, B=37, K=1037, d=19, dtype=dtype, device=device)
+    _check_against_reference(a, p, n, idx, dtype, temperature=0.2, normalize=normalize, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("temperature", [0.01, 0.07, 1.0, 10.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_temperature_range(dtype, temperature, mode):
+    a, p, n, idx = make_inputs(mode, B=13, K=700, d=8, dtype=dtype, seed=3)
+    _check_against_reference(a, p, n, idx, dtype, temperature=temperature, normalize=True, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", ["shared", "in_batch"])
+def test_several_anchor_blocks(mode):
+    # B = 300 > 256 anchors per GEMM block.
+    a, p, n, idx = make_inputs(mode, B=300, K=1500, d=16, dtype=torch.float64, seed=4)
+    _check_against_reference(a, p, n, idx, torch.float64, temperature=0.1)
+
+
+def test_low_temperature_large_logits_stay_finite():
+    # Unnormalised features at temperature 0.01: logits in the thousands; the online max keeps exp in range.
+    a, p, n, idx = make_inputs("shared", B=9, K=2000, d=32, dtype=torch.float32, seed=5)
+    loss = cb.info_nce(a, p, n, temperature=0.01, normalize=False)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(x.grad).all() for x in (a, p, n))
+    ref = info_nce_reference(*(x.detach().double() for x in (a, p, n)), temperature=0.01, normalize=False)
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_and_expanded_inputs(mode):
+    B, K, d = 11, 600, 10
+    g = torch.Generator().manual_seed(7)
+    a_leaf = torch.randn(B, 2 * d, generator=g, dtype=torch.float64, requires_grad=True)
+    a = a_leaf[:, ::2]  # inner stride 2
+    p_leaf = torch.randn(d, B, generator=g, dtype=torch.float64, requires_grad=True)
+    p = p_leaf.t()  # transposed
+    idx = None
+    if mode == "shared":
+        n_leaf = torch.randn(d, K, generator=g, dtype=torch.float64, requires_grad=True)
+        n = n_leaf.t()  # a transposed bank
+    elif mode == "per_anchor":
+        n_leaf = torch.randn(1, K, d, generator=g, dtype=torch.float64, requires_grad=True)
+        n = n_leaf.expand(B, K, d)  # stride 0 over anchors
+    elif mode == "indexed":
+        n_leaf = torch.randn(1, d, generator=g, dtype=torch.float64, requires_grad=True)
+        n = n_leaf.expand(40, d)  # stride-0 bank
+        idx = torch.randint(0, 40, (B, 2 * K), generator=g)[:, ::2]  # non-contiguous indices
+    else:
+        n_leaf, n = None, None
+    leaves = [x for x in (a_leaf, p_leaf, n_leaf) if x is not None]
+    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3)
+    grads = torch.autograd.grad(loss, leaves)
+    ref = info_nce_reference(a, p, n, negative_indices=idx, temperature=0.3)
+    ref_grads = torch.autograd.grad(ref, leaves)
+    assert_close_scaled(loss, ref, 1e-9, "loss")
+    for x, y in zip(grads, ref_grads):
+        assert_close_scaled(x, y, 1e-9, "grad")
+
+
+def test_repeated_indices_count_twice():
+    a, p, n, _ = make_inputs("indexed", B=4, K=3, d=5, dtype=torch.float64, M=6)
+    idx = torch.tensor([[0, 0, 1], [2, 2, 2], [5, 4, 5], [3, 3, 0]])
+    loss = cb.info_nce(a, p, n, negative_indices=idx, reduction="none")
+    materialised = cb.info_nce(a, p, n.detach()[idx], reduction="none")
+    assert_close_scaled(loss, materialised, 1e-12, "loss")
+    (gn,) = torch.autograd.grad(loss.sum(), [n])
+    ref = info_nce_reference(a, p, n, negative_indices=idx, reduction="sum")
+    (rn,) = torch.autograd.grad(ref, [n])
+    assert_close_scaled(gn, rn, 1e-12, "bank grad")
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed"])
+def test_zero_negatives_give_zero_loss(mode):
+    a, p, n, idx = make_inputs(mode, B=5, K=0, d=4, dtype=torch.float64)
+    if mode == "indexed":
+        idx = torch.empty(5, 0, dtype=torch.long)
+    loss = cb.info_nce(a, p, n, negative_indices=idx, reduction="none")
+    assert torch.equal(loss, torch.zeros(5, dtype=torch.float64))
+    grads = torch.autograd.grad(loss.sum(), [a, p, n])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_sizes(mode):
+    for B, K, d in [(1, 1, 1), (1, 3, 1), (2, 1, 3)]:
+        a, p, n, idx = make_inputs(mode, B=B, K=K, d=d, dtype=torch.float64, seed=B + K + d)
+        _check_against_reference(a, p, n, idx, torch.float64, temperature=0.5)
+
+
+def test_zero_vectors_follow_f_normalize():
+    a, p, n, _ = make_inputs("shared", B=3, K=4, d=3, dtype=torch.float64)
+    with torch.no_grad():
+        a[0] = 0.0
+        n[2] = 0.0
+    _check_against_reference(a, p, n, None, torch.float64, temperature=0.5)
+
+
+def test_thread_count_changes_only_rounding():
+    a, p, n, _ = make_inputs("shared", B=40, K=5000, d=24, dtype=torch.float32, seed=9)
+    old = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            loss, grads = _run(cb.info_nce, a, p, n, None, temperature=0.1, reduction="none")
+            out.append((loss, grads))
+    finally:
+        torch.set_num_threads(old)
+    assert_close_scaled(out[0][0], out[1][0], 1e-5, "loss")
+    for x, y in zip(out[0][1], out[1][1]):
+        assert_close_scaled(x, y, 1e-5, "grad")
+
+
+def test_detached_bank_and_frozen_anchors():
+    a, p, n, _ = make_inputs("shared", B=9, K=800, d=12, dtype=torch.float64, seed=11)
+    ref_grads = torch.autograd.grad(info_nce_reference(a, p, n, temperature=0.2), [a, p, n])
+    # A detached MoCo queue: only anchors and positives get gradients.
+    loss = cb.info_nce(a, p, n.detach(), temperature=0.2)
+    ga, gp = torch.autograd.grad(loss, [a, p])
+    assert_close_scaled(ga, ref_grads[0], 1e-9, "grad a")
+    assert_close_scaled(gp, ref_grads[1], 1e-9, "grad p")
+    # Anchors that need no gradient: forward saves no anchor term; the bank gradient is still right.
+    loss = cb.info_nce(a.detach(), p, n, temperature=0.2)
+    gp, gn = torch.autograd.grad(loss, [p, n])
+    assert_close_scaled(gn, ref_grads[2], 1e-9, "grad n")
+
+
+def test_anchor_term_recomputed_when_forward_did_not_save_it():
+    # Call the registered backward directly with an empty anchor term: it must recompute V itself.
+    a, p, n, _ = make_inputs("shared", B=6, K=700, d=5, dtype=torch.float64, requires_grad=False)
+    if not _backend.kernel_serves(a.device):
+        pytest.skip("extension not built")
+    ops = torch.ops.contrastbound
+    loss, lse, term = ops.info_nce_fwd(a, p, n, None, 3.0, True, True, True)
+    _, _, empty = ops.info_nce_fwd(a, p, n, None, 3.0, True, True, False)
+    assert empty.numel() == 0
+    g = torch.ones(6, dtype=torch.float64)
+    full = ops.info_nce_bwd(g, a, p, n, None, lse, term, 3.0, True, True, [True, True, True])
+    recomputed = ops.info_nce_bwd(g, a, p, n, None, lse, empty, 3.0, True, True, [True, True, True])
+    for x, y in zip(full, recomputed):
+        assert_close_scaled(x, y, 1e-12, "grad")
+
+
+def test_module_matches_function():
+    a, p, n, _ = make_inputs("shared", B=5, K=30, d=6, dtype=torch.float64)
+    module = cb.InfoNCE(temperature=0.3, normalize=False, reduction="sum")
+    assert "temperature=0.3" in repr(module)
+    assert torch.equal(module(a, p, n), cb.info_nce(a, p, n, temperature=0.3, normalize=False, reduction="sum"))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bank_cross_entropy_matches_reference(normalize):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(23, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1100, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 1100, (23,), generator=g)
+    loss = cb.bank_cross_entropy(a, w, t, temperature=0.5, normalize=normalize)
+    ref = bank_cross_entropy_reference(a, w, t, temperature=0.5, normalize=normalize)
+    assert_close_scaled(loss, ref, 1e-10, "loss")
+    for x, y in zip(torch.autograd.grad(loss, [a, w]), torch.autograd.grad(ref, [a, w])):
+        assert_close_scaled(x, y, 1e-10, "grad")
+
+
+def test_info_nce_lse_combines_disjoint_sets():
+    a, p, n, idx = make_inputs("indexed", B=8, K=90, d=6, dtype=torch.float64, M=40)
+    _, full = cb.info_nce_lse(a, p, n, negative_indices=idx, temperature=0.4)
+    _, first = cb.info_nce_lse(a, p, n, negative_indices=idx[:, :50], temperature=0.4)
+    _, rest = cb.info_nce_lse(a, p, n, negative_indices=idx[:, 50:], temperature=0.4, include_positive=False)
+    assert_close_scaled(torch.logaddexp(first, rest), full, 1e-12, "lse")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Property test over shapes and values
+# ----------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(MODES),
+    B=st.integers(1, 12),
+    K=st.integers(0, 700),
+    d=st.integers(1, 9),
+    temperature=st.floats(0.01, 10.0),
+    normalize=st.booleans(),
+    scale=st.floats(1e-3, 30.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(mode, B, K, d, temperature, normalize, scale, seed):
+    if mode == "in_batch":
+        K = 0
+    a, p, n, idx = make_inputs(mode, B=B, K=K, d=d, dtype=torch.float64, seed=seed, requires_grad=False)
+    a, p = (a * scale).requires_grad_(True), (p * scale).requires_grad_(True)
+    n = None if n is None else (n * scale).requires_grad_(True)
+    _check_against_reference(a, p, n, idx, torch.float64, temperature=temperature, normalize=normalize)

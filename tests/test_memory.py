@@ -1,0 +1,51 @@
+"""Peak memory of the fused loss: O(B + K + tile), never the (B, K) logits. Measured in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from contrastbound import _backend
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    import contrastbound as cb
+
+    B, K, d = 256, 2 ** 22, 64
+    torch.manual_seed(0)
+    a = torch.randn(B, d, requires_grad=True)
+    p = torch.randn(B, d, requires_grad=True)
+    bank = torch.randn(K, d, requires_grad=True)
+    # Room for the bank's gradient: allocate and free a bank-sized buffer before the baseline.
+    buf = torch.empty(K, d).fill_(1.0)
+    del buf
+
+    def rss_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    base = rss_mib()
+    loss = cb.info_nce(a, p, bank, temperature=0.1, normalize=True)
+    loss.backward()
+    peak = rss_mib()
+    print(json.dumps({"base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
+                      "logits_mib": B * K * 4 / 2 ** 20, "loss": loss.item(),
+                      "bank_grad_finite": bool(torch.isfinite(bank.grad).all())}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
+def test_peak_memory_is_a_small_fraction_of_the_logits():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["bank_grad_finite"]
+    # The logits alone would take B*K*4 bytes = 4 GiB; the fused loss may use at most a tenth of that.
+    assert r["extra_mib"] < r["logits_mib"] / 10, r

@@ -1,0 +1,109 @@
+"""Autograd and registration: float64 gradcheck, torch.library.opcheck, torch.compile of a training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrastbound as cb
+from contrastbound import _backend
+
+from conftest import DEVICES, MODES, make_inputs
+
+needs_kernel = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(device, mode, normalize):
+    a, p, n, idx = make_inputs(mode, B=3, K=5, d=4, dtype=torch.float64, device=device, M=3)
+    leaves = tuple(x for x in (a, p, n) if x is not None)
+
+    def f(*xs):
+        a_, p_ = xs[0], xs[1]
+        n_ = xs[2] if len(xs) > 2 else None
+        return cb.info_nce(a_, p_, n_, negative_indices=idx, temperature=0.7, normalize=normalize, reduction="none")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _op_samples(device):
+    """Argument tuples for info_nce_fwd covering every mode, with and without the saved anchor term."""
+    out = []
+    for mode in MODES:
+        for save in (True, False):
+            a, p, n, idx = make_inputs(mode, B=4, K=7, d=3, dtype=torch.float32, device=device, M=5)
+            include_positive = mode != "in_batch"
+            if n is None:
+                n = p
+            out.append((a, p, n, idx, 2.5, True, include_positive, save))
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_forward(device):
+    for args in _op_samples(device):
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd.default, args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward(device):
+    for a, p, n, idx, scale, normalize, include_positive, _ in _op_samples(device):
+        with torch.no_grad():
+            _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, idx, scale, normalize, include_positive, True)
+        g = torch.rand(a.shape[0], device=device)
+        args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, [True, True, True])
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
+        args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, [False, True, False])
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
+
+
+def _train_step_losses(compiled: bool, steps: int = 3):
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    x = torch.randn(24, 12)
+    x_pos = x + 0.1 * torch.randn(24, 12)
+    bank = torch.randn(700, 16)
+
+    def step(x, x_pos, bank):
+        opt.zero_grad(set_to_none=True)
+        loss = cb.info_nce(encoder(x), encoder(x_pos), bank, temperature=0.2)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    fn = torch.compile(step, fullgraph=False) if compiled else step
+    return torch.stack([fn(x, x_pos, bank) for _ in range(steps)])
+
+
+@needs_kernel
+def test_torch_compile_training_step():
+    torch._dynamo.reset()
+    eager = _train_step_losses(False)
+    compiled = _train_step_losses(True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_torch_compile_fullgraph_loss_and_backward():
+    torch._dynamo.reset()
+    a, p, n, _ = make_inputs("shared", B=16, K=600, d=8, dtype=torch.float32)
+
+    def f(a, p, n):
+        loss = cb.info_nce(a, p, n, temperature=0.1)
+        return loss, torch.autograd.grad(loss, [a, p, n])
+
+    def g(a, p, n):
+        return cb.info_nce(a, p, n, temperature=0.1)
+
+    compiled = torch.compile(g, fullgraph=True)
+    loss_c = compiled(a, p, n)
+    grads_c = torch.autograd.grad(loss_c, [a, p, n])
+    loss_e, grads_e = f(a, p, n)
+    torch.testing.assert_close(loss_c, loss_e)
+    for x, y in zip(grads_c, grads_e):
+        torch.testing.assert_close(x, y)
