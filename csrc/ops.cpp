@@ -1,8 +1,10 @@
 // Schemas of the contrastbound:: ops and the Python module entry point. The implementations are registered
 // per backend (csrc/cpu/*.cpp; csrc/cuda/*_glue.cpp in CUDA builds); fake kernels and autograd are registered
 // from Python (contrastbound/_ops.py).
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef CONTRASTBOUND_NO_PYTHON  // the C++ tests link the ops without Python
+#include <Python.h>
 
 // An empty module: importing contrastbound._C loads the library, which registers the ops.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -11,6 +13,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   };
   return PyModule_Create(&module_def);
 }
+#endif
 
 TORCH_LIBRARY(contrastbound, m) {
   // Per-anchor loss, per-anchor log-sum-exp (both in float32, float64 for float64 inputs) and, when

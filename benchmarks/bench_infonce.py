@@ -1,0 +1,224 @@
+"""Forward+backward time and peak memory of the fused InfoNCE against naive PyTorch, over K.
+
+Every (method, K) runs in a fresh subprocess: peak resident memory (ru_maxrss) is read against a baseline taken
+after the inputs exist and a bank-sized buffer has been allocated and freed (room for the bank's gradient), so
+"extra" is what the loss itself needs beyond its inputs and their gradients. The GEMM rate of torch.mm on the
+same (B, d) x (d, K) shape is measured in the same run; the effective rate is 6*B*K*d / (forward+backward time).
+
+    python benchmarks/bench_infonce.py                 # K = 2^12 ... 2^22, B = 256, d = 128, float32, 2 threads
+    python benchmarks/bench_infonce.py --quick         # K = 2^12 ... 2^16
+Writes benchmarks/results/bench_infonce.csv (and .json) unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    "fused": "contrastbound.info_nce, bank needs grad",
+    "fused_detached": "contrastbound.info_nce, detached bank (MoCo queue)",
+    "naive": "materialised logits + F.cross_entropy, bank needs grad",
+    "naive_detached": "materialised logits + F.cross_entropy, detached bank",
+    "compiled_naive": "torch.compile(naive), bank needs grad (compile time apart)",
+}
+
+
+def _naive(a, p, n, temperature=0.1):
+    import torch
+    import torch.nn.functional as F
+
+    a = F.normalize(a, dim=1)
+    p = F.normalize(p, dim=1)
+    n = F.normalize(n, dim=1)
+    logits = torch.cat([(a * p).sum(1, keepdim=True), a @ n.t()], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long))
+
+
+def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    def rss_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    a = torch.randn(B, d, requires_grad=True)
+    p = torch.randn(B, d, requires_grad=True)
+    bank = torch.randn(K, d, requires_grad=not method.endswith("detached"))
+    buf = torch.empty(K, d).fill_(1.0)
+    del buf
+    # Initialise BLAS and the thread pool before the baseline, so their buffers are not counted as extra.
+    torch.mm(torch.randn(64, 64), torch.randn(64, 64)).sum().item()
+    if method == "gemm":
+        out = torch.empty(B, K)
+        torch.mm(a.detach(), bank.detach().t(), out=out)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a.detach(), bank.detach().t(), out=out)
+            times.append(time.perf_counter() - t0)
+        return {"time_s": statistics.median(times), "gflops": 2 * B * K * d / statistics.median(times) / 1e9}
+
+    if method.startswith("fused"):
+        import contrastbound as cb
+
+        def step():
+            loss = cb.info_nce(a, p, bank, temperature=0.1)
+            loss.backward()
+            return loss
+    else:
+        fn = _naive
+        if method == "compiled_naive":
+            fn = torch.compile(_naive)
+
+        def step():
+            loss = fn(a, p, bank)
+            loss.backward()
+            return loss
+
+    base = rss_mib()
+    t0 = time.perf_counter()
+    loss = step()  # warm-up (and compilation)
+    warmup = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        a.grad = p.grad = bank.grad = None
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    peak = rss_mib()
+    t = statistics.median(times)
+    return {
+        "time_s": t,
+        "warmup_s": warmup,
+        "extra_mib": peak - base,
+        "loss": float(loss),
+        "effective_gflops": 6 * B * K * d / t / 1e9,
+    }
+
+
+def _estimate_extra_mib(method: str, B: int, K: int) -> float:
+    logits = B * K * 4 / 2**20
+    return {"naive": 4.5, "naive_detached": 3.5, "compiled_naive": 2.5}.get(method, 0.05) * logits
+
+
+def _available_mib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _machine(threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="K = 2^12 ... 2^16, 2 repeats")
+    parser.add_argument("--min-log2k", type=int, default=12)
+    parser.add_argument("--max-log2k", type=int, default=22)
+    parser.add_argument("-B", type=int, default=256)
+    parser.add_argument("-d", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(["gemm", *METHODS]))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_infonce"))
+    parser.add_argument("--worker", nargs=6, metavar=("METHOD", "B", "K", "D", "REPS", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        m, B, K, d, reps, threads = args.worker
+        print(json.dumps(_worker(m, int(B), int(K), int(d), int(reps), int(threads))))
+        return 0
+    if args.quick:
+        args.max_log2k, args.reps = min(args.max_log2k, 16), 2
+    methods = args.methods.split(",")
+    rows = []
+    header = f"{'K':>9} {'method':>15} {'time s':>8} {'extra MiB':>10} {'eff GF/s':>9} {'of GEMM':>8} {'note':}"
+    print(f"B = {args.B}, d = {args.d}, float32, {args.threads} threads; each row a fresh process")
+    print(header)
+    for log2k in range(args.min_log2k, args.max_log2k + 1):
+        K = 2**log2k
+        gemm_rate = None
+        for m in methods:
+            row = {"K": K, "B": args.B, "d": args.d, "method": m, "threads": args.threads}
+            est = _estimate_extra_mib(m, args.B, K) + K * args.d * 4 * 3 / 2**20
+            if est > 0.7 * _available_mib():
+                row["note"] = f"not run: needs about {est / 1024:.1f} GiB, {_available_mib() / 1024:.1f} GiB available"
+            else:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", m, str(args.B), str(K), str(args.d),
+                       str(args.reps), str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row["note"] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                else:
+                    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    if m == "gemm":
+                        gemm_rate = row["gflops"]
+                    elif gemm_rate:
+                        row["fraction_of_gemm"] = row["effective_gflops"] / gemm_rate
+            rows.append(row)
+            eff = row.get("effective_gflops", row.get("gflops"))
+            print(
+                f"{K:>9} {m:>15} {row.get('time_s', float('nan')):>8.3f} {row.get('extra_mib', float('nan')):>10.1f} "
+                f"{eff if eff is not None else float('nan'):>9.1f} {row.get('fraction_of_gemm', float('nan')):>8.2f} "
+                f"{row.get('note', '')}",
+                flush=True,
+            )
+    # Headline ratios at each K where both ran.
+    by = {(r["K"], r["method"]): r for r in rows}
+    print("\nspeed-up of fused over the others (time ratio) and memory ratio (extra MiB fused / other)")
+    for K in sorted({r["K"] for r in rows}):
+        f = by.get((K, "fused"))
+        if not f or "time_s" not in f:
+            continue
+        parts = []
+        for other in ("naive", "compiled_naive"):
+            o = by.get((K, other))
+            if o and "time_s" in o:
+                parts.append(f"vs {other}: {o['time_s'] / f['time_s']:.2f}x time, memory {f['extra_mib'] / max(o['extra_mib'], 1e-9):.3f}")
+        fd, nd = by.get((K, "fused_detached")), by.get((K, "naive_detached"))
+        if fd and nd and "time_s" in fd and "time_s" in nd:
+            parts.append(f"detached: {nd['time_s'] / fd['time_s']:.2f}x")
+        print(f"K = 2^{K.bit_length() - 1}: " + "; ".join(parts))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "effective_gflops", "gflops",
+            "fraction_of_gemm", "loss", "note"]
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": _machine(args.threads), "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    print(f"\nwrote {args.out}.csv and {args.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

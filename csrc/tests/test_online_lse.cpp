@@ -1,0 +1,179 @@
+// C++ tests run by ctest: the online log-sum-exp primitives against a direct computation, and the registered
+// CPU kernel (called through the dispatcher) against logits materialised with ATen.
+//
+//   test_online_lse primitives | kernel
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/online_lse.h"
+
+namespace {
+
+int failures = 0;
+
+void expect_close(double got, double want, double tol, const std::string& what) {
+  const double err = std::abs(got - want);
+  if (!(err <= tol * std::max(1.0, std::abs(want)))) {
+    std::printf("FAIL %s: got %.17g want %.17g (err %.3g)\n", what.c_str(), got, want, err);
+    ++failures;
+  }
+}
+
+double direct_lse(const std::vector<double>& x) {
+  double m = -INFINITY;
+  for (double v : x) m = std::max(m, v);
+  double s = 0;
+  for (double v : x) s += std::exp(v - m);
+  return m + std::log(s);
+}
+
+template <typename acc_t>
+void check_online_update(std::mt19937_64& rng, double spread, double tol) {
+  std::normal_distribution<double> normal(0.0, spread);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 3000);
+    const int tile = 1 + static_cast<int>(rng() % 700);
+    std::vector<double> x(n);
+    std::vector<double> weight(n);
+    for (int i = 0; i < n; ++i) {  // values exactly representable in acc_t: only accumulation error remains
+      x[i] = static_cast<double>(static_cast<acc_t>(normal(rng)));
+      weight[i] = static_cast<double>(static_cast<acc_t>(normal(rng)));
+    }
+    // Online over tiles, with a weighted sum rescaled like the kernel's anchor term.
+    contrastbound::LseState<acc_t> st;
+    acc_t weighted = 0;
+    std::vector<acc_t> buf(tile);
+    for (int t0 = 0; t0 < n; t0 += tile) {
+      const int tk = std::min(tile, n - t0);
+      for (int j = 0; j < tk; ++j) buf[j] = static_cast<acc_t>(x[t0 + j]);
+      const acc_t alpha = contrastbound::online_update(st, buf.data(), tk, buf.data());
+      weighted *= alpha;
+      for (int j = 0; j < tk; ++j) weighted += buf[j] * static_cast<acc_t>(weight[t0 + j]);
+    }
+    const double lse = direct_lse(x);
+    expect_close(contrastbound::finalize(st), lse, tol, "online_update lse");
+    double want_weighted = 0, magnitude = 0;  // the weighted sum may cancel: scale the tolerance by sum |terms|
+    for (int i = 0; i < n; ++i) {
+      want_weighted += std::exp(x[i] - lse) * weight[i];
+      magnitude += std::exp(x[i] - lse) * std::abs(weight[i]);
+    }
+    const double wtol = tol * 10 * std::max(1.0, magnitude) / std::max(1.0, std::abs(want_weighted));
+    expect_close(weighted / st.sum, want_weighted, wtol, "online weighted mean");
+
+    // Split into chunks, reduce each, merge in order: the kernel's parallel path.
+    const int chunks = 1 + static_cast<int>(rng() % 9);
+    contrastbound::LseState<acc_t> merged;
+    acc_t merged_weighted = 0;
+    for (int c = 0; c < chunks; ++c) {
+      const int b = static_cast<int>(static_cast<long>(n) * c / chunks);
+      const int e = static_cast<int>(static_cast<long>(n) * (c + 1) / chunks);
+      contrastbound::LseState<acc_t> part;
+      acc_t part_weighted = 0;
+      for (int i = b; i < e; ++i) {
+        acc_t v = static_cast<acc_t>(x[i]);
+        const acc_t alpha = contrastbound::online_update(part, &v, 1, &v);
+        part_weighted = part_weighted * alpha + v * static_cast<acc_t>(weight[i]);
+      }
+      acc_t fa, fb;
+      contrastbound::merge(merged, part, fa, fb);
+      merged_weighted = merged_weighted * fa + part_weighted * fb;
+    }
+    expect_close(contrastbound::finalize(merged), lse, tol, "merged lse");
+    expect_close(merged_weighted / merged.sum, want_weighted, wtol, "merged weighted mean");
+  }
+}
+
+void check_primitives() {
+  std::mt19937_64 rng(1234);
+  check_online_update<double>(rng, 1.0, 1e-12);
+  check_online_update<double>(rng, 300.0, 1e-12);  // logits of temperature 0.01 and beyond
+  check_online_update<float>(rng, 1.0, 2e-5);
+  check_online_update<float>(rng, 100.0, 2e-6);
+
+  // Empty state: merging two empty states and finishing gives -inf; an update from empty has factor 0.
+  contrastbound::LseState<double> a, b;
+  double fa, fb;
+  contrastbound::merge(a, b, fa, fb);
+  if (!(std::isinf(contrastbound::finalize(a)) && contrastbound::finalize(a) < 0)) {
+    std::printf("FAIL empty merge is not -inf\n");
+    ++failures;
+  }
+  double v = 3.0;
+  expect_close(contrastbound::online_update(a, &v, 1, &v), 0.0, 0.0, "factor from empty state");
+
+  // row_scale reproduces F.normalize: 1/||x|| above eps, 1/eps (and no projection) below.
+  auto r = contrastbound::row_scale<double>(4.0, true);
+  expect_close(r.inv, 0.5, 1e-15, "row_scale inv");
+  expect_close(r.proj, 0.25, 1e-15, "row_scale proj");
+  r = contrastbound::row_scale<double>(0.0, true);
+  expect_close(r.inv, 1e12, 1e-15, "row_scale eps");
+  expect_close(r.proj, 0.0, 0.0, "row_scale eps proj");
+  r = contrastbound::row_scale<double>(9.0, false);
+  expect_close(r.inv, 1.0, 0.0, "row_scale off");
+
+  // dot with 8 partial sums equals the plain sum for lengths around the unroll.
+  for (int d = 1; d < 40; ++d) {
+    std::vector<double> x(d), y(d);
+    double want = 0;
+    for (int j = 0; j < d; ++j) {
+      x[j] = std::sin(j + 1.0);
+      y[j] = std::cos(2.0 * j);
+      want += x[j] * y[j];
+    }
+    expect_close(contrastbound::dot(x.data(), y.data(), d), want, 1e-14, "dot d=" + std::to_string(d));
+  }
+}
+
+void check_kernel() {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("contrastbound::info_nce_fwd", "")
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                      const at::Tensor&,
+                                                                      const std::optional<at::Tensor>&, double, bool,
+                                                                      bool, bool)>();
+  at::manual_seed(7);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  for (int64_t K : {0, 1, 511, 512, 513, 3001}) {
+    for (bool normalize : {false, true}) {
+      const int64_t B = 37, d = 19;
+      const double scale = 1.0 / 0.07;
+      at::Tensor a = at::randn({B, d}, opts), p = at::randn({B, d}, opts), n = at::randn({K, d}, opts);
+      auto [loss, lse, term] = op.call(a, p, n, std::nullopt, scale, normalize, true, true);
+      at::Tensor an = a, pn = p, nn = n;
+      if (normalize) {
+        an = a / a.norm(2, 1, true);
+        pn = p / p.norm(2, 1, true);
+        nn = n / n.norm(2, 1, true).clamp_min(1e-12);
+      }
+      const at::Tensor pos = (an * pn).sum(1, true) * scale;
+      const at::Tensor logits = at::cat({pos, at::mm(an, nn.t()) * scale}, 1);
+      const at::Tensor want_lse = at::logsumexp(logits, {1});
+      const at::Tensor want_term = at::mm(at::softmax(logits, 1).narrow(1, 1, K), nn);
+      const std::string tag = "K=" + std::to_string(K) + (normalize ? " normalized" : "");
+      expect_close((lse - want_lse).abs().max().item<double>(), 0.0, 1e-11, "kernel lse " + tag);
+      expect_close((loss - (want_lse - pos.squeeze(1))).abs().max().item<double>(), 0.0, 1e-11, "kernel loss " + tag);
+      expect_close((term - want_term).abs().max().item<double>(), 0.0, 1e-11, "kernel anchor term " + tag);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string which = argc > 1 ? argv[1] : "all";
+  if (which == "primitives" || which == "all") check_primitives();
+  if (which == "kernel" || which == "all") check_kernel();
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all %s checks passed\n", which.c_str());
+  return 0;
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the C++ core with CMake against the venv's libtorch, runs the C++ tests with ctest, and (where nvcc is
+# on the PATH) compiles every CUDA source for sm_80 and sm_90a. Fails if any step fails or no test ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+PREFIX=$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+GEN=()
+command -v ninja >/dev/null && GEN=(-G Ninja)
+cmake -S . -B cmake-build "${GEN[@]}" -DCMAKE_PREFIX_PATH="$PREFIX" -Wno-dev >cmake-build.log 2>&1 || { cat cmake-build.log; exit 1; }
+grep -E "contrastbound:" cmake-build.log || true
+cmake --build cmake-build -j "${MAX_JOBS:-2}"
+ctest --test-dir cmake-build --output-on-failure --no-tests=error
+if command -v nvcc >/dev/null; then
+  ls cmake-build/CMakeFiles/contrastbound_cuda_compile_check.dir/csrc/cuda/*.o 2>/dev/null \
+    | sed 's/^/nvcc compiled: /' || echo "nvcc found, but there are no CUDA sources to compile"
+fi
