@@ -6,14 +6,17 @@ from __future__ import annotations
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
-from .functional import InfoNCE, bank_cross_entropy, info_nce, info_nce_lse
+from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse
+from .queue import NegativeQueue
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InfoNCE",
+    "NegativeQueue",
     "backend_info",
     "bank_cross_entropy",
+    "clip_loss",
     "info_nce",
     "info_nce_lse",
 ]

@@ -6,6 +6,7 @@ import math
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend
 
@@ -31,29 +32,29 @@ def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: 
     return x
 
 
-def _check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}: all inputs must share a device")
-    if x.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}: dtypes must match")
 
 
-def _check_temperature(temperature: object) -> float:
+def _check_temperature(temperature: object) -> float | torch.Tensor:
+    """A positive finite float, or the 0-d/1-element tensor itself when it requires grad (learnable)."""
+    learnable = None
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a positive finite scalar, got a tensor of shape {tuple(temperature.shape)}")
-        if temperature.requires_grad:
-            raise TypeError(
-                "temperature must be a Python number or a tensor that does not require grad "
-                "(a learnable temperature is not supported yet)"
+        if temperature.numel() != 1 or not temperature.is_floating_point():
+            raise ValueError(
+                "temperature must be a positive finite scalar: a number or a floating tensor with one element, "
+                f"got a {temperature.dtype} tensor of shape {tuple(temperature.shape)}"
             )
-        temperature = float(temperature.item())
+        if temperature.requires_grad:
+            learnable = temperature.reshape(())
+        temperature = float(temperature.detach().item())
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a positive finite number, got {type(temperature).__name__}")
+        raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
     t = float(temperature)
     if not math.isfinite(t) or t <= 0.0:
         raise ValueError(f"temperature must be a positive finite number, got {t}")
-    return t
+    return learnable if learnable is not None else t
 
 
 def _check_reduction(reduction: object) -> str:
@@ -104,25 +105,52 @@ def _fused(
     positives: torch.Tensor,
     negatives: torch.Tensor,
     negative_indices: torch.Tensor | None,
-    scale: float,
+    temperature: float | torch.Tensor,
     normalize: bool,
     include_positive: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    learnable = isinstance(temperature, torch.Tensor)
+    t = float(temperature.detach()) if learnable else temperature
     if _backend.kernel_serves(anchors.device):
-        save_anchor_term = bool(torch.is_grad_enabled() and anchors.requires_grad)
-        loss, lse, _ = torch.ops.contrastbound.info_nce_fwd(
-            anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term
+        grad = torch.is_grad_enabled()
+        save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
+        loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
+            anchors, positives, negatives, negative_indices, 1.0 / t, normalize, include_positive, save_anchor_term
         )
+        if learnable and grad:
+            loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
         return loss, lse
     from .reference import info_nce_core_reference
 
+    scale = 1.0 / temperature
     return info_nce_core_reference(anchors, positives, negatives, negative_indices, scale, normalize, include_positive)
+
+
+def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive):
+    """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss.
+
+    With s = 1/t every logit is l = s x, so d loss_i / d s = (E_i - l_i0) / s, where E_i = sum_j w_ij l_ij is the
+    softmax-weighted logit: w_i0 l_i0 for the positive plus s a_hat_i . V_i for the negatives, V_i being the
+    softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged.
+    """
+    with torch.no_grad():
+        scale = 1.0 / float(temperature.detach())
+        a = anchors.detach().to(loss.dtype)
+        if normalize:
+            a = F.normalize(a, dim=-1, eps=1e-12)
+        l0 = lse - loss
+        e = scale * (a * term).sum(-1)
+        if include_positive:
+            e = e + torch.exp(l0 - lse) * l0
+        dloss_dscale = (e - l0) / scale
+    s = 1.0 / temperature.to(loss.dtype)
+    return loss + (s - s.detach()) * dloss_dscale
 
 
 def _check_features(anchors: object, positives: object) -> tuple[torch.Tensor, torch.Tensor]:
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     positives = _check_tensor("positives", positives, 2, "(B, d)")
-    _check_same("positives", positives, "anchors", anchors)
+    _check_device("positives", positives, "anchors", anchors)
     if positives.shape != anchors.shape:
         raise ValueError(
             f"positives must have the shape of anchors (B, d) = {tuple(anchors.shape)}, got {tuple(positives.shape)}"
@@ -142,7 +170,7 @@ def _check_negatives(
         negatives = _check_tensor("negatives", negatives, 2, "(M, d) when negative_indices is given")
     else:
         negatives = _check_tensor("negatives", negatives, (2, 3), "(K, d) or (B, K, d)")
-    _check_same("negatives", negatives, "anchors", anchors)
+    _check_device("negatives", negatives, "anchors", anchors)
     if negatives.shape[-1] != d:
         raise ValueError(f"negatives must have feature size d = {d} in its last dimension, got shape {tuple(negatives.shape)}")
     if negatives.dim() == 3 and negatives.shape[0] != B:
@@ -158,6 +186,18 @@ def _check_negatives(
             "negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M", anchors.device
         )
     return negatives, negative_indices
+
+
+def _common_dtypes(big: torch.Tensor, *small: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, result dtype) for mixed inputs, as under autocast (bf16 activations, a float32 queue).
+
+    The kernel runs in the dtype of the largest tensor (the bank), so that it is never copied; the small (B, d)
+    tensors are cast to it (the cast is differentiable). The result has the promoted dtype of all inputs.
+    """
+    result = big.dtype
+    for x in small:
+        result = torch.promote_types(result, x.dtype)
+    return big.dtype, result
 
 
 def info_nce(
@@ -185,13 +225,16 @@ def info_nce(
               ``negatives[negative_indices[i]]`` (repeats count as repeated negatives; no (B, K, d) copy);
             * None: in-batch, anchor i's negatives are the other anchors' positives (logits s A P^T, target i).
         negative_indices: (B, K) int64 rows of ``negatives``, see above.
-        temperature: positive finite number.
+        temperature: positive finite number, or a scalar tensor; one that requires grad is learnable and gets
+            its exact gradient.
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
             no normalised copy of the bank is made).
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
 
     Returns:
-        The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32).
+        The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
+        dtypes (e.g. bfloat16 activations under autocast with a float32 queue) are allowed: the kernel runs in
+        the dtype of the negatives, so the bank is never copied, and the loss has the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
     anchors, positives = _check_features(anchors, positives)
@@ -200,10 +243,14 @@ def info_nce(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     if negatives is None:
-        loss, _ = _fused(anchors, positives, positives, None, 1.0 / t, normalize, False)
+        compute, result = _common_dtypes(anchors, positives)
+        a, p = anchors.to(compute), positives.to(compute)
+        loss, _ = _fused(a, p, p, None, t, normalize, False)
     else:
-        loss, _ = _fused(anchors, positives, negatives, negative_indices, 1.0 / t, normalize, True)
-    return _reduce(loss, reduction, anchors.dtype)
+        compute, result = _common_dtypes(negatives, anchors, positives)
+        a, p = anchors.to(compute), positives.to(compute)
+        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True)
+    return _reduce(loss, reduction, result)
 
 
 def info_nce_lse(
@@ -231,7 +278,11 @@ def info_nce_lse(
     include_positive = _check_bool("include_positive", include_positive)
     if negatives is None:
         negatives, include_positive = positives, False
-    loss, lse = _fused(anchors, positives, negatives, negative_indices, 1.0 / t, normalize, include_positive)
+    compute, _ = _common_dtypes(negatives, anchors, positives)
+    a, p = anchors.to(compute), positives.to(compute)
+    if negatives is positives:
+        negatives = p
+    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive)
     return loss, lse.detach()
 
 
@@ -257,7 +308,7 @@ def bank_cross_entropy(
     """
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     bank = _check_tensor("bank", bank, 2, "(C, d)")
-    _check_same("bank", bank, "anchors", anchors)
+    _check_device("bank", bank, "anchors", anchors)
     if bank.shape[1] != anchors.shape[1]:
         raise ValueError(f"bank must have feature size d = {anchors.shape[1]}, got shape {tuple(bank.shape)}")
     if bank.shape[0] == 0:
@@ -267,18 +318,80 @@ def bank_cross_entropy(
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
-    loss, _ = _fused(anchors, bank[targets], bank, None, 1.0 / t, normalize, False)
-    return _reduce(loss, reduction, anchors.dtype)
+    compute, result = _common_dtypes(bank, anchors)
+    loss, _ = _fused(anchors.to(compute), bank[targets], bank, None, t, normalize, False)
+    return _reduce(loss, reduction, result)
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    max_logit_scale: float = 100.0,
+) -> torch.Tensor:
+    r"""CLIP's symmetric contrastive loss without the N x N logits.
+
+    ``loss = (info_nce(img, txt) + info_nce(txt, img)) / 2`` with in-batch negatives and temperature
+    ``1 / logit_scale``: pair i is the positive, the other N - 1 texts (images) are the negatives.
+
+    Args:
+        image_features, text_features: (N, d), row i of each is a matching pair.
+        logit_scale: the multiplier of the cosine similarities (CLIP passes ``log_scale.exp()``), a positive number
+            or a scalar tensor that receives a gradient. As in CLIP and open_clip it is clamped to at most
+            ``max_logit_scale`` (100); once the clamp binds, no gradient flows to it.
+        normalize: L2-normalise the features first (CLIP does).
+        reduction: "mean", "sum" or "none" (per pair, the average of the two directions, shape (N,)).
+    """
+    scale = logit_scale
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"logit_scale must be a positive scalar, got a {scale.dtype} tensor of shape {tuple(scale.shape)}")
+        value = float(scale.detach())
+    elif isinstance(scale, Real) and not isinstance(scale, bool):
+        value = float(scale)
+    else:
+        raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"logit_scale must be positive and finite, got {value}")
+    if isinstance(scale, torch.Tensor):
+        temperature = 1.0 / scale.reshape(()).clamp(max=max_logit_scale)
+        temperature = temperature if temperature.requires_grad else float(temperature)
+    else:
+        temperature = 1.0 / min(value, max_logit_scale)
+    reduction = _check_reduction(reduction)
+    i2t = info_nce(image_features, text_features, temperature=temperature, normalize=normalize, reduction="none")
+    t2i = info_nce(text_features, image_features, temperature=temperature, normalize=normalize, reduction="none")
+    loss = 0.5 * (i2t + t2i)
+    return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 
 
 class InfoNCE(torch.nn.Module):
-    """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``."""
+    """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
 
-    def __init__(self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean") -> None:
+    With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
+    (``log_temperature``) so that it stays positive under any optimiser step.
+    """
+
+    def __init__(
+        self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean", learn_temperature: bool = False
+    ) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        t = _check_temperature(temperature)
+        t = float(t.detach()) if isinstance(t, torch.Tensor) else t
+        self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
+        if self.learn_temperature:
+            self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(t)))
+        else:
+            self._temperature = t
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
+
+    @property
+    def temperature(self) -> float | torch.Tensor:
+        return self.log_temperature.exp() if self.learn_temperature else self._temperature
 
     def forward(
         self,
@@ -298,4 +411,8 @@ class InfoNCE(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+        t = float(self.temperature)
+        return (
+            f"temperature={t:g}, normalize={self.normalize}, reduction={self.reduction!r}, "
+            f"learn_temperature={self.learn_temperature}"
+        )

@@ -243,3 +243,76 @@ def test_property_matches_reference(mode, B, K, d, temperature, normalize, scale
     a, p = (a * scale).requires_grad_(True), (p * scale).requires_grad_(True)
     n = None if n is None else (n * scale).requires_grad_(True)
     _check_against_reference(a, p, n, idx, torch.float64, temperature=temperature, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learnable temperature, mixed dtypes, autocast
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_learnable_temperature_gradcheck(mode, normalize):
+    a, p, n, idx = make_inputs(mode, B=3, K=5, d=4, dtype=torch.float64, M=4)
+    t = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    leaves = tuple(x for x in (a, p, n) if x is not None) + (t,)
+
+    def f(*xs):
+        n_ = xs[2] if len(xs) == 4 else None
+        return cb.info_nce(xs[0], xs[1], n_, negative_indices=idx, temperature=xs[-1], normalize=normalize,
+                           reduction="none")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learnable_temperature_matches_reference(mode):
+    a, p, n, idx = make_inputs(mode, B=21, K=900, d=7, dtype=torch.float32, seed=12)
+    t = torch.tensor(0.05, requires_grad=True)
+    t_ref = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=t)
+    (gt,) = torch.autograd.grad(loss, [t])
+    cast = [None if x is None else x.detach().double() for x in (a, p, n)]
+    ref = info_nce_reference(*cast, negative_indices=idx, temperature=t_ref)
+    (rt,) = torch.autograd.grad(ref, [t_ref])
+    assert_close_scaled(loss, ref, 1e-5, "loss")
+    assert_close_scaled(gt, rt, 1e-4, "temperature grad")
+
+
+def test_infonce_module_learns_its_temperature():
+    module = cb.InfoNCE(temperature=0.2, learn_temperature=True)
+    assert [name for name, _ in module.named_parameters()] == ["log_temperature"]
+    a, p, n, _ = make_inputs("shared", B=8, K=50, d=4, dtype=torch.float32)
+    module(a, p, n).backward()
+    assert module.log_temperature.grad is not None and torch.isfinite(module.log_temperature.grad)
+    assert abs(float(module.temperature) - 0.2) < 1e-6
+
+
+def test_mixed_dtypes_compute_in_the_bank_dtype():
+    a, p, n, _ = make_inputs("shared", B=9, K=300, d=8, dtype=torch.float32, seed=13)
+    a16 = a.detach().bfloat16().requires_grad_(True)
+    loss = cb.info_nce(a16, p, n)
+    assert loss.dtype == torch.float32
+    ref = cb.info_nce(a16.detach().float(), p, n)
+    assert_close_scaled(loss, ref, 1e-6, "loss")
+    (ga,) = torch.autograd.grad(loss, [a16])
+    assert ga.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_matches_float32(dtype):
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(16, 32)
+    x, x_pos = torch.randn(24, 16), torch.randn(24, 16)
+    queue = torch.randn(2000, 32)
+    ref = cb.info_nce(encoder(x), encoder(x_pos), queue, temperature=0.05)
+    with torch.autocast("cpu", dtype=dtype):
+        za, zp = encoder(x), encoder(x_pos)
+        assert za.dtype == dtype
+        loss = cb.info_nce(za, zp, queue, temperature=0.05)
+        loss_half_bank = cb.info_nce(za, zp, queue.to(dtype), temperature=0.05)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(loss_half_bank)
+    assert all(torch.isfinite(w.grad).all() for w in encoder.parameters())
+    assert abs(loss.item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))
+    assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))

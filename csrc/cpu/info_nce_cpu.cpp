@@ -108,6 +108,19 @@ void bank_scales(const Tensor& bank, bool normalize, std::vector<acc_t>& inv, st
 // Negatives with a unit inner stride (a copy only for layouts such as a transposed bank).
 Tensor unit_inner_stride(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
+// Rows [k0, k0 + tk) of a (K, d) bank as the accumulation type, normalised when asked: a view of the bank
+// itself when no conversion is needed, else a copy into buf (a tile, never the bank). Normalising the tile's
+// rows once is cheaper than scaling the columns of every logit tile computed from it.
+template <typename scalar_t, typename acc_t>
+Tensor load_bank_tile(const Tensor& bank, int64_t k0, int64_t tk, const Tensor& inv, bool normalize, Tensor& buf) {
+  const Tensor rows = bank.narrow(0, k0, tk);
+  if (!normalize && std::is_same<scalar_t, acc_t>::value && bank.stride(1) == 1) return rows;
+  Tensor tile = buf.narrow(0, 0, tk);
+  tile.copy_(rows);
+  if (normalize) tile.mul_(inv.narrow(0, k0, tk).unsqueeze(1));
+  return tile;
+}
+
 // How many K chunks each anchor block is split into: enough units to feed every thread, and no more partial
 // states than needed.
 int64_t num_chunks(int64_t K, int64_t anchor_blocks, int64_t min_chunk) {
@@ -139,12 +152,11 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   const int64_t chunk_len = ceil_div(ceil_div(K, chunks), kBankTile) * kBankTile;
   const bool save = parts.weighted.defined();
   const auto acc_opts = pr.anchors_s.options();
-  const bool direct = std::is_same<scalar_t, acc_t>::value && bank.stride(1) == 1;
   const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
 
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
-    Tensor tile_buf = direct ? Tensor() : at::empty({kBankTile, d}, acc_opts);
+    Tensor tile_buf = at::empty({kBankTile, d}, acc_opts);
     Tensor row_max = at::empty({kAnchorBlock}, acc_opts), new_max = at::empty({kAnchorBlock}, acc_opts);
     Tensor alpha = at::empty({kAnchorBlock}, acc_opts), row_sum = at::empty({kAnchorBlock}, acc_opts);
     Tensor m_t = at::empty({kAnchorBlock}, acc_opts), s_t = at::empty({kAnchorBlock}, acc_opts);
@@ -160,17 +172,9 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
       if (save) w = parts.weighted.select(0, c).narrow(0, i0, bb);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kBankTile) {
         const int64_t tk = std::min(kBankTile, k_end - k0);
-        Tensor tile;
-        if (direct) {
-          tile = bank.narrow(0, k0, tk);
-        } else {
-          tile = tile_buf.narrow(0, 0, tk);
-          tile.copy_(bank.narrow(0, k0, tk));
-        }
+        const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
-        const Tensor inv_tile = inv_t.narrow(0, k0, tk);
-        if (normalize) l.mul_(inv_tile);
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
         at::maximum_out(nmax, m, rmax);
@@ -181,7 +185,6 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         s.mul_(al).add_(rsum);
         m.copy_(nmax);
         if (save) {
-          if (normalize) l.mul_(inv_tile);
           w.mul_(al.unsqueeze(1));
           w.addmm_(l, tile);
         }
@@ -334,27 +337,23 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   std::vector<acc_t> inv, proj;
   bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
   const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
-  const Tensor proj_t = at::from_blob(proj.data(), {K}, acc_opts);
   const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts);
   const Tensor lse_t = at::from_blob(const_cast<acc_t*>(lse), {B}, acc_opts);
-  const bool direct = std::is_same<scalar_t, acc_t>::value && bank.stride(1) == 1;
+  // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
+  // 1, or 0 where F.normalize clamped the norm.
+  std::vector<acc_t> q(K);
+  for (int64_t k = 0; k < K; ++k) q[k] = proj[k] / (inv[k] * inv[k]);
+  const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
   const int64_t tiles = ceil_div(K, kBankTile);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
     Tensor weights = at::empty({kAnchorBlock * kBankTile}, acc_opts);
-    Tensor tile_buf = direct ? Tensor() : at::empty({kBankTile, d}, acc_opts);
+    Tensor tile_buf = at::empty({kBankTile, d}, acc_opts);
     Tensor grad_buf = at::empty({kBankTile, d}, acc_opts);
     Tensor c_buf = at::empty({kBankTile}, acc_opts), col_sum = at::empty({kBankTile}, acc_opts);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kBankTile, tk = std::min(kBankTile, K - k0);
-      Tensor tile;
-      if (direct) {
-        tile = bank.narrow(0, k0, tk);
-      } else {
-        tile = tile_buf.narrow(0, 0, tk);
-        tile.copy_(bank.narrow(0, k0, tk));
-      }
-      const Tensor inv_tile = inv_t.narrow(0, k0, tk);
+      const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
       Tensor grad = grad_buf.narrow(0, 0, tk);
       Tensor c = c_buf.narrow(0, 0, tk), cs = col_sum.narrow(0, 0, tk);
       grad.zero_();
@@ -365,7 +364,6 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
-        if (normalize) l.mul_(inv_tile);
         at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
         grad.addmm_(w.t(), a_blk);  // dL/dn_hat = sum_i W_ik s a_hat_i
         if (normalize) {
@@ -374,10 +372,10 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
           c.add_(cs);  // c_k = n_hat_k . dL/dn_hat_k
         }
       }
-      // dL/dn = inv * G - c * proj * n
+      // dL/dn = inv * (G - c * q * n_hat) (the tile holds n_hat)
       if (normalize) {
-        grad.mul_(inv_tile.unsqueeze(1));
-        grad.sub_(tile * (c * proj_t.narrow(0, k0, tk)).unsqueeze(1));
+        grad.sub_(tile * (c * q_t.narrow(0, k0, tk)).unsqueeze(1));
+        grad.mul_(inv_t.narrow(0, k0, tk).unsqueeze(1));
       }
       grad_bank.narrow(0, k0, tk).copy_(grad);
     }

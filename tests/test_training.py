@@ -1,0 +1,91 @@
+"""Training-loop pieces: clip_loss, NegativeQueue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastbound as cb
+
+from conftest import assert_close_scaled
+
+
+def _clip_reference(img, txt, logit_scale):
+    img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    logits = logit_scale.clamp(max=100) * img @ txt.t()
+    target = torch.arange(len(img))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+@pytest.mark.parametrize("scale", [1.0, 14.3, 250.0])
+def test_clip_loss_matches_open_clip_formula(scale):
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(33, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(33, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    s_ref = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    loss = cb.clip_loss(img, txt, s)
+    ref = _clip_reference(img, txt, s_ref)
+    assert_close_scaled(loss, ref, 1e-10, "loss")
+    grads = torch.autograd.grad(loss, [img, txt, s])
+    ref_grads = torch.autograd.grad(ref, [img, txt, s_ref])
+    for x, y in zip(grads, ref_grads):
+        assert_close_scaled(x, y, 1e-9, "grad")
+    if scale > 100:
+        assert grads[2] == 0  # the clamp binds
+
+
+def test_clip_loss_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda i, t, s: cb.clip_loss(i, t, s, reduction="none"), (img, txt, s))
+
+
+def test_clip_loss_bad_scale():
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="logit_scale"):
+        cb.clip_loss(x, x, 0.0)
+    with pytest.raises(TypeError, match="logit_scale"):
+        cb.clip_loss(x, x, "10")
+    with pytest.raises(ValueError, match="logit_scale"):
+        cb.clip_loss(x, x, torch.ones(2))
+
+
+def test_queue_wraps_around_and_keeps_the_newest():
+    q = cb.NegativeQueue(5, 2)
+    assert len(q) == 0 and q.negatives().shape == (0, 2)
+    q.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
+    assert len(q) == 3 and q.negatives()[:, 0].tolist() == [1, 2, 3]
+    q.enqueue(torch.tensor([[4.0, 4], [5, 5], [6, 6]]))
+    assert len(q) == 5 and sorted(q.negatives()[:, 0].tolist()) == [2, 3, 4, 5, 6]
+    q.enqueue(torch.arange(14.0).reshape(7, 2))  # more keys than the queue holds: the last 5 stay
+    assert sorted(q.negatives()[:, 0].tolist()) == [4, 6, 8, 10, 12]
+
+
+def test_queue_detaches_casts_and_saves_state():
+    q = cb.NegativeQueue(4, 3, dtype=torch.float64)
+    k = torch.randn(2, 3, requires_grad=True)
+    q.enqueue(k)
+    assert q.negatives().dtype == torch.float64 and not q.negatives().requires_grad
+    state = q.state_dict()
+    q2 = cb.NegativeQueue(4, 3, dtype=torch.float64)
+    q2.load_state_dict(state)
+    assert len(q2) == 2 and torch.equal(q2.negatives(), q.negatives())
+    a = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    cb.info_nce(a, a.detach() + 0.1, q.negatives()).backward()
+    assert a.grad is not None
+
+
+def test_queue_bad_input():
+    with pytest.raises(ValueError, match="size"):
+        cb.NegativeQueue(0, 3)
+    with pytest.raises(ValueError, match="dim"):
+        cb.NegativeQueue(3, -1)
+    q = cb.NegativeQueue(3, 2)
+    with pytest.raises(ValueError, match="keys"):
+        q.enqueue(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="keys"):
+        q.enqueue(torch.ones(2, 2, dtype=torch.long))
