@@ -1,7 +1,9 @@
 // Online log-sum-exp and L2-normalisation primitives shared by every InfoNCE mode.
 //
 // Torch-free and header-only, so the C++ tests (csrc/tests) check them against a direct computation, and
-// the CPU kernel (csrc/cpu) and any other backend use the same arithmetic.
+// the CPU kernel (csrc/cpu) and the CUDA kernels (csrc/cuda) use the same arithmetic. Under nvcc the scalar
+// primitives (LseState, rescale_factor, merge, finalize, row_scale) are __host__ __device__; host builds see
+// exactly the code they saw before (CB_HOST_DEVICE expands to nothing, neg_infinity to numeric_limits).
 #pragma once
 
 #include <algorithm>
@@ -9,7 +11,30 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__CUDACC__)
+#define CB_HOST_DEVICE __host__ __device__
+#else
+#define CB_HOST_DEVICE
+#endif
+
 namespace contrastbound {
+
+// -infinity in acc_t. Device code cannot call the constexpr host function numeric_limits::infinity() unless
+// nvcc runs with --expt-relaxed-constexpr, so device code takes it from the compiler builtin.
+template <typename acc_t>
+CB_HOST_DEVICE inline acc_t neg_infinity() {
+#if defined(__CUDA_ARCH__)
+  return -static_cast<acc_t>(__builtin_huge_valf());
+#else
+  return -std::numeric_limits<acc_t>::infinity();
+#endif
+}
+
+// std::max(a, b) (returns a unless a < b), usable in device code without relaxed constexpr.
+template <typename acc_t>
+CB_HOST_DEVICE inline acc_t max_of(acc_t a, acc_t b) {
+  return (a < b) ? b : a;
+}
 
 // F.normalize's eps: x / max(||x||, eps).
 constexpr double kNormEps = 1e-12;
@@ -17,14 +42,14 @@ constexpr double kNormEps = 1e-12;
 // Running state of log(sum_j exp(l_j)) = max + log(sum), sum taken relative to max.
 template <typename acc_t>
 struct LseState {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t max = neg_infinity<acc_t>();
   acc_t sum = 0;
 };
 
 // Factor that rescales a sum taken relative to old_max to one relative to new_max (0 for an empty state).
 template <typename acc_t>
-inline acc_t rescale_factor(acc_t old_max, acc_t new_max) {
-  return old_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(old_max - new_max);
+CB_HOST_DEVICE inline acc_t rescale_factor(acc_t old_max, acc_t new_max) {
+  return old_max == neg_infinity<acc_t>() ? acc_t(0) : std::exp(old_max - new_max);
 }
 
 // Folds logits[0, n) into st. Writes exp(logit - new max) into exps (which may alias logits) and returns the
@@ -52,9 +77,9 @@ inline acc_t online_update(LseState<acc_t>& st, const acc_t* logits, int64_t n, 
 
 // Merges b into a. fa and fb receive the factors that rescale a's and b's weighted sums to the merged state.
 template <typename acc_t>
-inline void merge(LseState<acc_t>& a, const LseState<acc_t>& b, acc_t& fa, acc_t& fb) {
-  const acc_t m = std::max(a.max, b.max);
-  if (m == -std::numeric_limits<acc_t>::infinity()) {
+CB_HOST_DEVICE inline void merge(LseState<acc_t>& a, const LseState<acc_t>& b, acc_t& fa, acc_t& fb) {
+  const acc_t m = max_of(a.max, b.max);
+  if (m == neg_infinity<acc_t>()) {
     fa = fb = acc_t(0);
     return;
   }
@@ -65,7 +90,7 @@ inline void merge(LseState<acc_t>& a, const LseState<acc_t>& b, acc_t& fa, acc_t
 }
 
 template <typename acc_t>
-inline acc_t finalize(const LseState<acc_t>& st) {
+CB_HOST_DEVICE inline acc_t finalize(const LseState<acc_t>& st) {
   return st.max + std::log(st.sum);
 }
 
@@ -79,7 +104,7 @@ struct RowScale {
 };
 
 template <typename acc_t>
-inline RowScale<acc_t> row_scale(acc_t sum_of_squares, bool normalize) {
+CB_HOST_DEVICE inline RowScale<acc_t> row_scale(acc_t sum_of_squares, bool normalize) {
   RowScale<acc_t> r;
   if (!normalize) return r;
   const acc_t norm = std::sqrt(sum_of_squares);

@@ -1,0 +1,253 @@
+"""GPU benchmark of the fused InfoNCE kernel: bf16, d = 256, B = 8192, K = 2^14 ... 2^22.
+
+For each K, two problems: a shared bank (K, d) and in-batch (B = K, negatives = the positives). Measured with
+CUDA events (median of a few runs): forward, forward+backward and their difference (backward); peak extra
+memory from torch.cuda.max_memory_allocated beyond what the inputs already use; the bf16 torch.matmul rate of
+the same (B, d) x (d, K) GEMM in the same run (K capped at 2^17 columns, where the rate has saturated, so the
+output fits); naive PyTorch (materialised logits, F.cross_entropy) where its logits fit; and, where they
+import, Inf-CL (inf_cl, in-batch only) and Cut Cross-Entropy (cut_cross_entropy, with the bank as the
+classifier: the same GEMMs, not the same loss when the positive is not a bank row).
+
+Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here).
+
+    python benchmarks/bench_gpu.py [--quick] [--csv out.csv] [--budget SECONDS]
+
+Without a GPU it prints "no GPU" and exits with status 0 (so it can be smoke-tested anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FIELDS = [
+    "problem", "impl", "B", "K", "d", "dtype", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
+    "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "note",
+]
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` runs after one warm-up, timed with CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _peak_extra_gib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _matmul_tflops(B: int, K: int, d: int, dtype, repeats: int) -> float:
+    cols = min(K, 2**17)
+    a = torch.randn(B, d, device="cuda", dtype=dtype)
+    b = torch.randn(cols, d, device="cuda", dtype=dtype)
+    ms = _timed(lambda: torch.matmul(a, b.t()), repeats)
+    return 2 * B * cols * d / (ms * 1e-3) / 1e12
+
+
+def _naive(a, p, n, temperature):
+    an, pn = F.normalize(a.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    if n is None:
+        logits = an @ pn.t() / temperature
+        target = torch.arange(a.shape[0], device=a.device)
+    else:
+        nn_ = F.normalize(n.float(), dim=-1)
+        logits = torch.cat([(an * pn).sum(-1, keepdim=True), an @ nn_.t()], dim=1) / temperature
+        target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
+    return F.cross_entropy(logits, target)
+
+
+def _peers():
+    out = {}
+    try:
+        from inf_cl import cal_inf_loss  # type: ignore
+
+        out["inf_cl"] = cal_inf_loss
+    except Exception as exc:  # noqa: BLE001 - optional peer
+        out["inf_cl_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        from cut_cross_entropy import linear_cross_entropy  # type: ignore
+
+        out["cce"] = linear_cross_entropy
+    except Exception as exc:  # noqa: BLE001 - optional peer
+        out["cce_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _measure(loss_fn, leaves, repeats, flop):
+    """fwd, bwd, fwd+bwd ms, effective TFLOP/s and peak extra memory of one implementation."""
+
+    def fwd_train():  # forward as in training (inputs require grad, so it saves what backward needs)
+        return loss_fn()
+
+    def both():
+        for x in leaves:
+            x.grad = None
+        loss_fn().backward()
+
+    fwd_ms = _timed(fwd_train, repeats)
+    both_ms = _timed(both, repeats)
+    for x in leaves:
+        x.grad = None
+    peak = _peak_extra_gib(both)
+    for x in leaves:
+        x.grad = None
+    return fwd_ms, both_ms - fwd_ms, both_ms, flop / (both_ms * 1e-3) / 1e12, peak
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="K = 2^14, 2^16, 2^18 only and fewer repeats")
+    ap.add_argument("--B", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--kmin", type=int, default=14, help="log2 of the smallest K")
+    ap.add_argument("--kmax", type=int, default=22, help="log2 of the largest K")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.07)
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds; later configurations are skipped")
+    ap.add_argument("--csv", default="bench_gpu.csv")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_gpu: no GPU (torch.cuda.is_available() is False): nothing measured.")
+        return 0
+
+    import contrastbound as cb
+    from contrastbound import _backend
+
+    info = _backend.backend_info()
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}, contrastbound CUDA backend: "
+          f"{info['cuda']} ({info['cuda_reason']})")
+    if info["cuda"] != "kernel":
+        print("bench_gpu: WARNING: the fused CUDA kernel is not built; 'fused' below is the pure-PyTorch fallback")
+
+    dtype = torch.bfloat16
+    B, d, t = args.B, args.d, args.temperature
+    ks = [14, 16, 18] if args.quick else list(range(args.kmin, args.kmax + 1))
+    repeats = 2 if args.quick else args.repeats
+    peers = {} if args.no_peers else _peers()
+    for key in ("inf_cl_error", "cce_error"):
+        if key in peers:
+            print(f"peer not available: {key[:-6]}: {peers[key]}")
+
+    rows = []
+    started = time.time()
+    total_mem = torch.cuda.get_device_properties(0).total_memory
+    for logk in ks:
+        K = 2**logk
+        for problem in ("shared", "in_batch"):
+            if problem == "in_batch" and K > 2**17:
+                continue  # B = K anchors: 2^17 x 256 bf16 in-batch is already far past the usual batch
+            b = K if problem == "in_batch" else B
+            base = dict(problem=problem, B=b, K=K, d=d, dtype="bf16")
+            if time.time() - started > args.budget:
+                rows.append(dict(base, impl="fused", note="skipped: time budget"))
+                continue
+            torch.manual_seed(logk)
+            a = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
+            p = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
+            n = None if problem == "in_batch" else torch.randn(K, d, device="cuda", dtype=dtype, requires_grad=True)
+            leaves = [x for x in (a, p, n) if x is not None]
+            flop = 6 * b * K * d
+            mm = _matmul_tflops(b, K, d, dtype, repeats)
+            # One timed call first: if it is slow, one repeat is all there is time for.
+            reps = repeats
+            t0 = time.time()
+            cb.info_nce(a, p, n, temperature=t).backward()
+            torch.cuda.synchronize()
+            if time.time() - t0 > 5.0:
+                reps = 1
+            fused = lambda: cb.info_nce(a, p, n, temperature=t)  # noqa: E731
+            fwd_ms, bwd_ms, both_ms, tf, peak = _measure(fused, leaves, reps, flop)
+            fused_row = dict(base, impl="fused", fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms, tflops=tf,
+                             matmul_tflops=mm, pct_of_matmul=100 * tf / mm, peak_extra_gib=peak, note="")
+            rows.append(fused_row)
+
+            if not args.no_naive:
+                need = b * (K + 1) * 4 * 3 + b * K * 2  # fp32 logits, softmax, grad; bf16 matmul output
+                if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
+                    rows.append(dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB"))
+                else:
+                    try:
+                        r = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
+                        rows.append(dict(base, impl="naive", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
+                                         matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
+                                         note=""))
+                        fused_row["speedup_vs_naive"] = r[2] / both_ms
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append(dict(base, impl="naive", note="out of memory"))
+                    torch.cuda.empty_cache()
+
+            if "inf_cl" in peers and problem == "in_batch":
+                try:
+                    fn = peers["inf_cl"]
+                    loss_fn = lambda: fn(F.normalize(a, dim=-1), F.normalize(p, dim=-1), scale=1.0 / t)  # noqa: E731
+                    r = _measure(lambda: loss_fn().mean(), leaves, reps, flop)
+                    rows.append(dict(base, impl="inf_cl", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
+                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4], note=""))
+                except Exception as exc:  # noqa: BLE001 - optional peer
+                    rows.append(dict(base, impl="inf_cl", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+            if "cce" in peers:
+                try:
+                    fn = peers["cce"]
+                    classifier = p if n is None else n
+                    labels = (torch.arange(b, device="cuda") if n is None
+                              else torch.randint(0, K, (b,), device="cuda"))
+                    loss_fn = lambda: fn(F.normalize(a, dim=-1) / t, F.normalize(classifier, dim=-1), labels)  # noqa: E731
+                    r = _measure(loss_fn, leaves, reps, flop)
+                    rows.append(dict(base, impl="cut_cross_entropy", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2],
+                                     tflops=r[3], matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm,
+                                     peak_extra_gib=r[4], note="bank as classifier (same GEMMs)"))
+                except Exception as exc:  # noqa: BLE001 - optional peer
+                    rows.append(dict(base, impl="cut_cross_entropy", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+            del a, p, n, leaves
+            torch.cuda.empty_cache()
+
+    def fmt(v):
+        if v is None or v == "":
+            return "-"
+        return f"{v:.3g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+    cols = ["problem", "impl", "B", "K", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
+            "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "note"]
+    widths = [9, 18, 7, 8, 9, 9, 10, 7, 8, 7, 8, 9, 0]
+    print(" ".join(c[:w].ljust(w) if w else c for c, w in zip(cols, widths)))
+    for r in rows:
+        print(" ".join(fmt(r.get(c, "")).ljust(w) if w else fmt(r.get(c, "")) for c, w in zip(cols, widths)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1022 @@
+// CUDA kernels of the fused InfoNCE family. Torch-free (see info_nce_cuda.cuh); the glue registers them.
+//
+// STATUS: these kernels compile with nvcc for sm_80 and sm_90a but have NOT run on a GPU yet. They are
+// written to be obviously correct rather than fast: plain SIMT float32/float64 FMA (no tensor cores, so
+// float32 inputs are always computed in full float32 whatever torch's allow_tf32 says), with the structure of
+// the CPU kernel (csrc/cpu/info_nce_cpu.cpp), which is their oracle in tests/test_cuda.py.
+//
+// Layout of the work (acc_t = float, or double for float64 inputs; BA = BK = 64 for float, 32 for double;
+// kThreads = 256 threads as a 16 x 16 grid, each owning BA/16 x BK/16 outputs of a tile):
+//
+//   prepare          one block per anchor: row norms, s * a_hat and p_hat (B x d, acc_t, in the workspace),
+//                    the positive logit. bank_scales: one warp per bank row: 1/||n|| and the Jacobian factor.
+//   forward_shared   one block per (anchor block of BA rows, K chunk). For each bank tile of BK rows it forms
+//                    the BA x BK logits in registers by a shared-memory tiled GEMM over d (steps of kBD),
+//                    folds them into a running (max, sum) per anchor (online log-sum-exp) and, if V is wanted,
+//                    rescales the chunk's partial V (in global memory, owned by this block) and adds
+//                    P x N_hat_tile. Logits never leave shared memory.
+//   forward_rows     per-anchor and indexed negatives: one block per (anchor, K chunk); a warp per negative
+//                    row computes its dot product, warp 0 folds a tile of kRowTile logits, all threads update
+//                    the partial V (thread j owns feature j).
+//   forward_merge    one block per anchor: merges the chunks' partial states in chunk order (fixed), adds the
+//                    positive, writes loss, lse and V.
+//   anchor_grads     one block per anchor: the anchors' and positives' gradients from lse and V (no tile work).
+//   backward_bank    shared bank: one block per bank tile (BK rows), optionally split over anchor ranges.
+//                    For each anchor block it recomputes the logit tile, W = g exp(l - lse), and adds W^T (s A_hat)
+//                    into the tile's gradient accumulator (global scratch owned by the block). Each row is then
+//                    finished by one warp (normalisation Jacobian, cast). Splits write separate partials that a
+//                    second kernel sums in split order. Deterministic: no atomics, fixed summation orders.
+//   backward_rows    per-anchor negatives: one warp per (anchor, k) row, which is its own gradient row.
+//   backward_indexed one warp per bank row, over that row's run in the stably sorted indices (fixed order).
+//
+// All index arithmetic is int64; every kernel loops over its units with a grid stride, so grids are capped.
+
+#include "info_nce_cuda.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../core/online_lse.h"
+
+namespace contrastbound {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads of every block-per-unit kernel
+constexpr int kWarps = kThreads / 32;
+constexpr int kBD = 16;       // feature step of the logit GEMM
+constexpr int kRowTile = 64;  // logits per online update in forward_rows
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxGrid = int64_t(1) << 30;  // grid-stride loops cover the rest
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// std::min for device code (std::min is a constexpr host function; nvcc runs without relaxed constexpr in CI).
+__host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return b < a ? b : a; }
+
+// Tile sizes: float 64 x 64 (43 KB of static shared memory), double 32 x 32 (25 KB).
+template <typename acc_t>
+struct Tile {
+  static constexpr int BA = 64;
+};
+template <>
+struct Tile<double> {
+  static constexpr int BA = 32;
+};
+inline int tile_rows(DType t) { return t == DType::Float64 ? 32 : 64; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Conversions and reductions
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t from_acc(acc_t x) {
+  return static_cast<scalar_t>(x);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over the block (every thread gets the result); `smem` holds one value per warp. Fixed order.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* smem) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  acc_t r = 0;
+  for (int w = 0; w < warps; ++w) r += smem[w];
+  __syncthreads();  // smem may be reused right after
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Workspace: pointers into one buffer, carved identically by the size query and the launch.
+// ---------------------------------------------------------------------------------------------------------
+
+struct Carver {
+  char* base;
+  size_t used = 0;
+  explicit Carver(void* b) : base(static_cast<char*>(b)) {}
+  template <typename T>
+  T* take(int64_t n) {
+    used = (used + 255) / 256 * 256;
+    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += static_cast<size_t>(n) * sizeof(T);
+    return p;
+  }
+};
+
+template <typename acc_t>
+struct Prepared {
+  acc_t* as = nullptr;  // (B, d) s * a_hat
+  acc_t* ph = nullptr;  // (B, d) p_hat
+  acc_t *a_inv = nullptr, *a_proj = nullptr, *p_inv = nullptr, *p_proj = nullptr;  // (B,)
+  acc_t* pos = nullptr;                                                            // (B,) s a_hat . p_hat
+  acc_t *n_inv = nullptr, *n_proj = nullptr;                                       // (rows,) bank rows
+};
+
+template <typename acc_t>
+Prepared<acc_t> carve_prepared(Carver& c, const Problem& p) {
+  Prepared<acc_t> pr;
+  pr.as = c.take<acc_t>(p.B * p.d);
+  pr.ph = c.take<acc_t>(p.B * p.d);
+  pr.a_inv = c.take<acc_t>(p.B);
+  pr.a_proj = c.take<acc_t>(p.B);
+  pr.p_inv = c.take<acc_t>(p.B);
+  pr.p_proj = c.take<acc_t>(p.B);
+  pr.pos = c.take<acc_t>(p.B);
+  if (p.mode != Mode::PerAnchor) {
+    pr.n_inv = c.take<acc_t>(p.rows);
+    pr.n_proj = c.take<acc_t>(p.rows);
+  }
+  return pr;
+}
+
+// How the K negatives of an anchor (block) are split into chunks whose partial states forward_merge merges.
+struct ForwardPlan {
+  int64_t units_per_chunk_row = 0;  // anchor blocks (Shared) or anchors (rows modes)
+  int64_t chunks = 0, chunk_len = 0;
+};
+
+ForwardPlan plan_forward(const Problem& p, int num_sms) {
+  ForwardPlan f;
+  const int64_t target = 4 * std::max(1, num_sms);
+  const int64_t step = p.mode == Mode::Shared ? tile_rows(p.dtype) : kRowTile;
+  f.units_per_chunk_row = p.mode == Mode::Shared ? ceil_div(p.B, tile_rows(p.dtype)) : p.B;
+  if (p.K == 0 || p.B == 0) return f;
+  const int64_t want = ceil_div(target, std::max<int64_t>(1, f.units_per_chunk_row));
+  f.chunks = std::max<int64_t>(1, std::min(want, ceil_div(p.K, step)));
+  f.chunk_len = ceil_div(ceil_div(p.K, f.chunks), step) * step;
+  f.chunks = ceil_div(p.K, f.chunk_len);  // no empty chunk
+  return f;
+}
+
+template <typename acc_t>
+struct ForwardWork {
+  Prepared<acc_t> pr;
+  acc_t *part_max = nullptr, *part_sum = nullptr;  // (chunks, B)
+  acc_t* part_w = nullptr;                         // (chunks, B, d) when V is wanted
+};
+
+template <typename acc_t>
+ForwardWork<acc_t> carve_forward(Carver& c, const Problem& p, const ForwardPlan& f, bool save) {
+  ForwardWork<acc_t> w;
+  w.pr = carve_prepared<acc_t>(c, p);
+  w.part_max = c.take<acc_t>(f.chunks * p.B);
+  w.part_sum = c.take<acc_t>(f.chunks * p.B);
+  if (save) w.part_w = c.take<acc_t>(f.chunks * p.B * p.d);
+  return w;
+}
+
+// Backward of a shared bank: tiles of BK rows, each anchor range (split) a separate partial.
+struct BankPlan {
+  int64_t tiles = 0, splits = 0, blocks_per_split = 0, grid_x = 0;
+  bool direct = true;  // splits == 1: each block finishes its tiles itself, scratch per block
+};
+
+BankPlan plan_bank(const Problem& p, int num_sms) {
+  BankPlan b;
+  const int64_t BK = tile_rows(p.dtype);
+  b.tiles = ceil_div(p.K, BK);
+  if (b.tiles == 0) return b;
+  const int64_t target = 4 * std::max(1, num_sms);
+  const int64_t anchor_blocks = std::max<int64_t>(1, ceil_div(p.B, BK));
+  b.splits = std::max<int64_t>(1, std::min(ceil_div(target, b.tiles), anchor_blocks));
+  b.blocks_per_split = ceil_div(anchor_blocks, b.splits);
+  b.splits = ceil_div(anchor_blocks, b.blocks_per_split);
+  b.direct = b.splits == 1;
+  // Direct: a persistent grid, scratch O(grid * BK * d) whatever K is. Split: one block per (tile, split);
+  // only chosen when tiles < target, so the scratch splits * tiles * BK * d is bounded as well.
+  b.grid_x = b.direct ? std::min<int64_t>(b.tiles, 8 * std::max(1, num_sms)) : b.tiles;
+  return b;
+}
+
+int64_t indexed_warps(const Problem& p, int num_sms) {
+  return std::min<int64_t>(ceil_div(std::max<int64_t>(p.rows, 1), kWarps), 8 * std::max(1, num_sms)) * kWarps;
+}
+
+template <typename acc_t>
+struct BackwardWork {
+  Prepared<acc_t> pr;
+  acc_t* grad_scratch = nullptr;
+};
+
+template <typename acc_t>
+BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms) {
+  BackwardWork<acc_t> w;
+  w.pr = carve_prepared<acc_t>(c, p);
+  if (a.grad_negatives != nullptr) {
+    if (p.mode == Mode::Shared) {
+      const BankPlan b = plan_bank(p, num_sms);
+      const int64_t BK = tile_rows(p.dtype);
+      const int64_t slots = b.direct ? b.grid_x : b.splits * b.tiles;
+      w.grad_scratch = c.take<acc_t>(slots * BK * p.d);
+    } else if (p.mode == Mode::Indexed) {
+      w.grad_scratch = c.take<acc_t>(indexed_warps(p, num_sms) * p.d);
+    }
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Preparation
+// ---------------------------------------------------------------------------------------------------------
+
+// One block per anchor: row scales of a_i and p_i, s * a_hat_i and p_hat_i in acc_t, the positive logit.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, const Prepared<acc_t> pr) {
+  __shared__ acc_t red[kWarps];
+  const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
+  const scalar_t* q = static_cast<const scalar_t*>(p.positives);
+  const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
+  const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
+  const acc_t s = static_cast<acc_t>(p.scale);
+  for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
+    acc_t ssa = 0, ssp = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]);
+      const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]);
+      ssa += x * x;
+      ssp += y * y;
+    }
+    ssa = block_sum(ssa, red);
+    ssp = block_sum(ssp, red);
+    const RowScale<acc_t> ra = row_scale<acc_t>(ssa, p.normalize);
+    const RowScale<acc_t> rp = row_scale<acc_t>(ssp, p.normalize);
+    acc_t dot = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]) * (ra.inv * s);
+      const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]) * rp.inv;
+      pr.as[i * d + j] = x;
+      pr.ph[i * d + j] = y;
+      dot += x * y;
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0) {
+      pr.a_inv[i] = ra.inv;
+      pr.a_proj[i] = ra.proj;
+      pr.p_inv[i] = rp.inv;
+      pr.p_proj[i] = rp.proj;
+      pr.pos[i] = dot;
+    }
+  }
+}
+
+// One warp per row of a (rows, d) bank: 1/||n|| and the Jacobian factor (1 and 0 without normalisation).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bank_scales_kernel(const Problem p, const Prepared<acc_t> pr) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < p.rows; r += warps) {
+    acc_t ss = 0;
+    if (p.normalize) {
+      for (int64_t j = lane; j < p.d; j += 32) {
+        const acc_t x = to_acc<acc_t>(n[r * s0 + j * s1]);
+        ss += x * x;
+      }
+      ss = warp_sum(ss);
+    }
+    const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
+    if (lane == 0) {
+      pr.n_inv[r] = rs.inv;
+      pr.n_proj[r] = rs.proj;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Logit tile: acc[a][b] = (s a_hat_{i0 + ty + 16a}) . n_{k0 + tx + 16b} (raw bank row, not yet scaled), by a
+// shared-memory tiled GEMM over d. Rows past B and bank rows past k_end contribute zeros.
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int BA>
+__device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, int64_t i0, int64_t k0, int64_t k_end,
+                                           acc_t (*a_s)[BA + 1], acc_t (*n_s)[BA + 1],
+                                           acc_t (&acc)[BA / 16][BA / 16]) {
+  constexpr int R = BA / 16;
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+#pragma unroll
+  for (int a = 0; a < R; ++a)
+#pragma unroll
+    for (int b = 0; b < R; ++b) acc[a][b] = 0;
+  for (int64_t j0 = 0; j0 < d; j0 += kBD) {
+    __syncthreads();  // the previous step's readers of a_s / n_s are done
+    for (int e = tid; e < BA * kBD; e += kThreads) {
+      const int r = e / kBD, c = e % kBD;
+      const int64_t i = i0 + r, j = j0 + c;
+      a_s[c][r] = (i < p.B && j < d) ? as[i * d + j] : acc_t(0);
+      const int64_t k = k0 + r;
+      n_s[c][r] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kBD; ++jj) {
+      acc_t af[R], nf[R];
+#pragma unroll
+      for (int a = 0; a < R; ++a) af[a] = a_s[jj][ty + 16 * a];
+#pragma unroll
+      for (int b = 0; b < R; ++b) nf[b] = n_s[jj][tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int b = 0; b < R; ++b) acc[a][b] += af[a] * nf[b];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_shared_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
+  constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
+  __shared__ acc_t a_s[kBD][BA + 1];
+  __shared__ acc_t n_s[kBD][BA + 1];
+  __shared__ acc_t l_s[BA][BK + 1];  // logits, then softmax numerators times 1/||n_k||
+  __shared__ acc_t v_s[BK][BK + 1];  // bank rows x feature chunk, for V
+  __shared__ acc_t row_max[BA], row_sum[BA], row_alpha[BA], col_inv[BK];
+
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, lane = tid % 32, warp = tid / 32;
+  const bool save = w.part_w != nullptr;
+  const acc_t ninf = neg_infinity<acc_t>();
+  const int64_t units = f.units_per_chunk_row * f.chunks;
+
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t blk = u / f.chunks, c = u % f.chunks;
+    const int64_t i0 = blk * BA;
+    const int64_t k_begin = min64(K, c * f.chunk_len), k_end = min64(K, k_begin + f.chunk_len);
+    if (tid < BA) {
+      row_max[tid] = ninf;
+      row_sum[tid] = 0;
+    }
+    acc_t* wpart = save ? w.part_w + c * B * d : nullptr;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+      if (tid < BK) col_inv[tid] = (k0 + tid < k_end) ? w.pr.n_inv[k0 + tid] : acc_t(1);
+      __syncthreads();
+      acc_t acc[R][R];
+      logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, i0, k0, k_end, a_s, n_s, acc);
+#pragma unroll
+      for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int b = 0; b < R; ++b) {
+          const int col = tx + 16 * b;
+          l_s[ty + 16 * a][col] = (k0 + col < k_end) ? acc[a][b] * col_inv[col] : ninf;
+        }
+      __syncthreads();
+      // Online log-sum-exp: one warp per anchor row of the tile.
+      for (int r = warp; r < BA; r += kWarps) {
+        acc_t m = ninf;
+        for (int col = lane; col < BK; col += 32) m = max_of(m, l_s[r][col]);
+        m = warp_max(m);
+        const acc_t old = row_max[r];
+        const acc_t nm = max_of(old, m);
+        acc_t alpha = 1, sum = 0;
+        if (nm == ninf) {
+          for (int col = lane; col < BK; col += 32) l_s[r][col] = 0;
+        } else {
+          alpha = rescale_factor(old, nm);
+          for (int col = lane; col < BK; col += 32) {
+            const acc_t e = std::exp(l_s[r][col] - nm);
+            sum += e;
+            l_s[r][col] = e * col_inv[col];  // V sums n_hat = n / ||n||
+          }
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = nm;
+          row_alpha[r] = alpha;
+        }
+      }
+      __syncthreads();
+      if (save) {
+        // V_part[i, j0:j0+BK] = alpha_i V_part[i, ...] + sum_k P[i, k] n[k, j0:j0+BK]
+        for (int64_t j0 = 0; j0 < d; j0 += BK) {
+          for (int e = tid; e < BK * BK; e += kThreads) {
+            const int kk = e / BK, cc = e % BK;
+            const int64_t k = k0 + kk, j = j0 + cc;
+            v_s[kk][cc] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) : acc_t(0);
+          }
+          __syncthreads();
+          acc_t out[R][R];
+#pragma unroll
+          for (int a = 0; a < R; ++a)
+#pragma unroll
+            for (int b = 0; b < R; ++b) out[a][b] = 0;
+          for (int kk = 0; kk < BK; ++kk) {
+            acc_t pf[R], vf[R];
+#pragma unroll
+            for (int a = 0; a < R; ++a) pf[a] = l_s[ty + 16 * a][kk];
+#pragma unroll
+            for (int b = 0; b < R; ++b) vf[b] = v_s[kk][tx + 16 * b];
+#pragma unroll
+            for (int a = 0; a < R; ++a)
+#pragma unroll
+              for (int b = 0; b < R; ++b) out[a][b] += pf[a] * vf[b];
+          }
+#pragma unroll
+          for (int a = 0; a < R; ++a) {
+            const int r = ty + 16 * a;
+            const int64_t i = i0 + r;
+            if (i >= B) continue;
+#pragma unroll
+            for (int b = 0; b < R; ++b) {
+              const int64_t j = j0 + tx + 16 * b;
+              if (j >= d) continue;
+              acc_t* dst = wpart + i * d + j;
+              // The first tile of the chunk initialises (the scratch is uninitialised memory).
+              *dst = (k0 == k_begin ? acc_t(0) : *dst * row_alpha[r]) + out[a][b];
+            }
+          }
+          __syncthreads();  // before v_s is reloaded
+        }
+      }
+      __syncthreads();  // l_s, col_inv and the row state are reused by the next tile
+    }
+    if (tid < BA && i0 + tid < B) {
+      w.part_max[c * B + i0 + tid] = row_max[tid];
+      w.part_sum[c * B + i0 + tid] = row_sum[tid];
+    }
+    __syncthreads();  // before the next unit resets the row state
+  }
+}
+
+// Per-anchor (PerAnchor) and gathered (Indexed) negatives: one block per (anchor, chunk).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_rows_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
+  __shared__ acc_t t_l[kRowTile], t_inv[kRowTile];
+  __shared__ int64_t t_off[kRowTile];
+  __shared__ acc_t st_max, st_sum, st_alpha;
+
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], s2 = p.negatives_stride[2];
+  const int64_t sj = p.mode == Mode::PerAnchor ? s2 : s1;  // feature stride
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool save = w.part_w != nullptr;
+  const acc_t ninf = neg_infinity<acc_t>();
+  const int64_t units = B * f.chunks;
+
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t i = u / f.chunks, c = u % f.chunks;
+    const int64_t k_begin = min64(K, c * f.chunk_len), k_end = min64(K, k_begin + f.chunk_len);
+    const acc_t* ai = w.pr.as + i * d;
+    acc_t* wi = save ? w.part_w + (c * B + i) * d : nullptr;
+    if (tid == 0) {
+      st_max = ninf;
+      st_sum = 0;
+    }
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowTile) {
+      const int tk = static_cast<int>(min64(kRowTile, k_end - k0));
+      for (int t = warp; t < tk; t += kWarps) {  // warp-uniform
+        const int64_t k = k0 + t;
+        int64_t off, m = 0;
+        if (p.mode == Mode::PerAnchor) {
+          off = i * s0 + k * s1;
+        } else {
+          m = p.indices[i * p.indices_stride[0] + k * p.indices_stride[1]];
+          off = m * s0;
+        }
+        acc_t dot = 0, ss = 0;
+        for (int64_t j = lane; j < d; j += 32) {
+          const acc_t x = to_acc<acc_t>(n[off + j * sj]);
+          dot += ai[j] * x;
+          ss += x * x;
+        }
+        dot = warp_sum(dot);
+        acc_t inv;
+        if (p.mode == Mode::PerAnchor) {
+          inv = row_scale<acc_t>(warp_sum(ss), p.normalize).inv;
+        } else {
+          inv = w.pr.n_inv[m];
+        }
+        if (lane == 0) {
+          t_l[t] = dot * inv;
+          t_inv[t] = inv;
+          t_off[t] = off;
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        acc_t mx = ninf;
+        for (int t = lane; t < tk; t += 32) mx = max_of(mx, t_l[t]);
+        mx = warp_max(mx);
+        const acc_t old = st_max;
+        const acc_t nm = max_of(old, mx);
+        acc_t alpha = 1, sum = 0;
+        if (nm == ninf) {
+          for (int t = lane; t < tk; t += 32) t_l[t] = 0;
+        } else {
+          alpha = rescale_factor(old, nm);
+          for (int t = lane; t < tk; t += 32) {
+            const acc_t e = std::exp(t_l[t] - nm);
+            sum += e;
+            t_l[t] = e * t_inv[t];
+          }
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          st_sum = st_sum * alpha + sum;
+          st_max = nm;
+          st_alpha = alpha;
+        }
+      }
+      __syncthreads();
+      if (save) {
+        const acc_t alpha = st_alpha;
+        for (int64_t j = tid; j < d; j += kThreads) {  // thread j owns feature j of the partial V
+          acc_t v = (k0 == k_begin) ? acc_t(0) : wi[j] * alpha;
+          for (int t = 0; t < tk; ++t) v += t_l[t] * to_acc<acc_t>(n[t_off[t] + j * sj]);
+          wi[j] = v;
+        }
+      }
+      __syncthreads();
+    }
+    if (tid == 0) {
+      w.part_max[c * B + i] = st_max;
+      w.part_sum[c * B + i] = st_sum;
+    }
+    __syncthreads();
+  }
+}
+
+// One block per anchor: merge the chunk states in chunk order, add the positive, finish loss, lse and V.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_merge_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f, acc_t* loss, acc_t* lse,
+                         acc_t* v) {
+  const int64_t B = p.B, d = p.d;
+  for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
+    LseState<acc_t> st;
+    if (p.include_positive) {
+      st.max = w.pr.pos[i];
+      st.sum = 1;
+    }
+    acc_t* vi = v != nullptr ? v + i * d : nullptr;
+    if (vi != nullptr)
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] = 0;
+    for (int64_t c = 0; c < f.chunks; ++c) {
+      LseState<acc_t> b;
+      b.max = w.part_max[c * B + i];
+      b.sum = w.part_sum[c * B + i];
+      acc_t fa, fb;
+      merge(st, b, fa, fb);  // every thread computes the same state
+      if (vi != nullptr) {
+        const acc_t* wc = w.part_w + (c * B + i) * d;
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] = vi[j] * fa + wc[j] * fb;
+      }
+    }
+    if (threadIdx.x == 0) {
+      lse[i] = finalize(st);
+      loss[i] = lse[i] - w.pr.pos[i];
+    }
+    if (vi != nullptr) {
+      const acc_t inv_sum = acc_t(1) / st.sum;
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] *= inv_sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+
+// One block per anchor: gradients of anchors and positives (only lse, V and the positive logit are needed).
+//   G_a = g s [(w0 - 1) p_hat + V],  dA = inv_a G_a - (a_hat . G_a) proj_a a
+//   G_p = g s (w0 - 1) a_hat,         dP = inv_p G_p - (p_hat . G_p) proj_p p,   w0 = [incl] e^{l_0 - lse}
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    anchor_grads_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse, const acc_t* v,
+                        scalar_t* ga, scalar_t* gp) {
+  __shared__ acc_t red[kWarps];
+  const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
+  const scalar_t* q = static_cast<const scalar_t*>(p.positives);
+  const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
+  const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
+  const acc_t s = static_cast<acc_t>(p.scale);
+  for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
+    const acc_t gi = g[i];
+    const acc_t w0 = p.include_positive ? std::exp(pr.pos[i] - lse[i]) : acc_t(0);
+    const acc_t coef = gi * s * (w0 - acc_t(1));
+    const acc_t* asi = pr.as + i * d;
+    const acc_t* phi = pr.ph + i * d;
+    if (ga != nullptr) {
+      const acc_t* vi = v + i * d;
+      acc_t part = 0;
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) part += asi[j] * (coef * phi[j] + gi * s * vi[j]);
+      const acc_t ahat_dot_g = block_sum(part, red) / s;  // as = s a_hat
+      const acc_t inv = pr.a_inv[i], cp = ahat_dot_g * pr.a_proj[i];
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t gj = coef * phi[j] + gi * s * vi[j];
+        ga[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(a[i * as0 + j * as1]));
+      }
+    }
+    if (gp != nullptr) {
+      const acc_t phat_dot_g = coef * pr.pos[i] / s;
+      const acc_t inv = pr.p_inv[i], cp = phat_dot_g * pr.p_proj[i];
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t gj = coef * asi[j] / s;
+        gp[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(q[i * ps0 + j * ps1]));
+      }
+    }
+  }
+}
+
+// Finishes one bank row from its accumulated G = dL/dn_hat (summed over `splits` partials `stride` apart, in
+// split order): dL/dn = inv G - (n_hat . G) proj n. Called by a whole warp; lane owns features lane + 32 t.
+template <typename scalar_t, typename acc_t>
+__device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, const scalar_t* n, int64_t sj,
+                                int64_t d, acc_t inv, acc_t proj, scalar_t* out) {
+  const int lane = threadIdx.x % 32;
+  acc_t dot = 0;
+  for (int64_t j = lane; j < d; j += 32) {
+    acc_t gs = 0;
+    for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
+    dot += gs * to_acc<acc_t>(n[j * sj]);
+  }
+  const acc_t cp = warp_sum(dot) * inv * proj;  // n_hat . G = inv (n . G)
+  for (int64_t j = lane; j < d; j += 32) {
+    acc_t gs = 0;
+    for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
+    out[j] = from_acc<scalar_t>(inv * gs - cp * to_acc<acc_t>(n[j * sj]));
+  }
+}
+
+// Shared bank. Grid (grid_x, splits). Direct (one split): block x owns bank tiles x, x + grid_x, ... and a
+// scratch slot of BK x d; it finishes each tile itself. Split: block (t, y) accumulates tile t over split y's
+// anchor blocks into partial slot (y, t); finish_bank_kernel sums the splits.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_bank_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
+                         acc_t* scratch, const BankPlan bp, scalar_t* grad) {
+  constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
+  __shared__ acc_t a_s[kBD][BA + 1];
+  __shared__ acc_t n_s[kBD][BA + 1];
+  __shared__ acc_t w_s[BA][BK + 1];   // W = g exp(l - lse) of the anchor block x bank tile
+  __shared__ acc_t a2_s[BA][BK + 1];  // anchors x feature chunk
+  __shared__ acc_t col_inv[BK];
+
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, warp = tid / 32;
+  const int64_t anchor_blocks = ceil_div(B, BA);
+  const int64_t y = blockIdx.y;
+  const int64_t ab_begin = min64(anchor_blocks, y * bp.blocks_per_split);
+  const int64_t ab_end = min64(anchor_blocks, ab_begin + bp.blocks_per_split);
+
+  for (int64_t t = blockIdx.x; t < bp.tiles; t += gridDim.x) {
+    const int64_t k0 = t * BK, k_end = min64(K, k0 + BK);
+    acc_t* G = bp.direct ? scratch + int64_t(blockIdx.x) * BK * d : scratch + (y * bp.tiles + t) * BK * d;
+    if (tid < BK) col_inv[tid] = (k0 + tid < k_end) ? pr.n_inv[k0 + tid] : acc_t(1);
+    // An empty split (possible only when B == 0) still leaves a zero partial behind.
+    if (ab_begin == ab_end)
+      for (int64_t e = tid; e < int64_t(BK) * d; e += kThreads) G[e] = 0;
+    __syncthreads();
+    for (int64_t ab = ab_begin; ab < ab_end; ++ab) {
+      const int64_t i0 = ab * BA;
+      acc_t acc[R][R];
+      logit_tile<scalar_t, acc_t, BA>(p, pr.as, i0, k0, k_end, a_s, n_s, acc);
+#pragma unroll
+      for (int a = 0; a < R; ++a) {
+        const int r = ty + 16 * a;
+        const int64_t i = i0 + r;
+#pragma unroll
+        for (int b = 0; b < R; ++b) {
+          const int col = tx + 16 * b;
+          w_s[r][col] = (i < B && k0 + col < k_end) ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
+        }
+      }
+      __syncthreads();
+      // G[k, j0:j0+BK] (+)= sum_i W[i, k] (s a_hat_i)[j0:j0+BK]   (dL/dn_hat_k)
+      for (int64_t j0 = 0; j0 < d; j0 += BK) {
+        for (int e = tid; e < BA * BK; e += kThreads) {
+          const int r = e / BK, cc = e % BK;
+          const int64_t i = i0 + r, j = j0 + cc;
+          a2_s[r][cc] = (i < B && j < d) ? pr.as[i * d + j] : acc_t(0);
+        }
+        __syncthreads();
+        acc_t out[R][R];
+#pragma unroll
+        for (int a = 0; a < R; ++a)
+#pragma unroll
+          for (int b = 0; b < R; ++b) out[a][b] = 0;
+        for (int r = 0; r < BA; ++r) {
+          acc_t wf[R], af[R];
+#pragma unroll
+          for (int a = 0; a < R; ++a) wf[a] = w_s[r][ty + 16 * a];
+#pragma unroll
+          for (int b = 0; b < R; ++b) af[b] = a2_s[r][tx + 16 * b];
+#pragma unroll
+          for (int a = 0; a < R; ++a)
+#pragma unroll
+            for (int b = 0; b < R; ++b) out[a][b] += wf[a] * af[b];
+        }
+#pragma unroll
+        for (int a = 0; a < R; ++a) {
+          const int kk = ty + 16 * a;  // every row of the slot, also past k_end (zeros there)
+#pragma unroll
+          for (int b = 0; b < R; ++b) {
+            const int64_t j = j0 + tx + 16 * b;
+            if (j >= d) continue;
+            acc_t* dst = G + int64_t(kk) * d + j;
+            *dst = (ab == ab_begin ? acc_t(0) : *dst) + out[a][b];
+          }
+        }
+        __syncthreads();  // before a2_s is reloaded / w_s is rewritten
+      }
+    }
+    if (bp.direct) {
+      __syncthreads();  // G written by all threads of the block (global memory, visible after the barrier)
+      for (int r = warp; r < BK; r += kWarps) {
+        const int64_t k = k0 + r;
+        if (k >= k_end) continue;
+        finish_bank_row<scalar_t, acc_t>(G + int64_t(r) * d, 0, 1, bank + k * s0, s1, d, pr.n_inv[k], pr.n_proj[k],
+                                         grad + k * d);
+      }
+    }
+    __syncthreads();  // G and col_inv are reused by the next tile
+  }
+}
+
+// Split path: one warp per bank row sums the partials (split order) and finishes the row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    finish_bank_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* scratch, const BankPlan bp,
+                       scalar_t* grad) {
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], d = p.d;
+  const int64_t BK = Tile<acc_t>::BA;
+  const int64_t stride = bp.tiles * BK * d;  // between splits: slot (y, t) row r is (y * tiles * BK + k) * d
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t k = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; k < p.K; k += warps) {
+    finish_bank_row<scalar_t, acc_t>(scratch + k * d, stride, bp.splits, bank + k * s0, s1, d, pr.n_inv[k],
+                                     pr.n_proj[k], grad + k * d);
+  }
+}
+
+// Per-anchor negatives: one warp per (i, k); that row's gradient is
+//   dL/dn_ik = w inv s a_hat_i - w l proj n_ik,  w = g_i e^{l - lse_i}.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_rows_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse, scalar_t* grad) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], s2 = p.negatives_stride[2];
+  const int64_t K = p.K, d = p.d, pairs = p.B * p.K;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t q = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; q < pairs; q += warps) {
+    const int64_t i = q / K, k = q % K;
+    const scalar_t* row = n + i * s0 + k * s1;
+    const acc_t* ai = pr.as + i * d;
+    acc_t dot = 0, ss = 0;
+    for (int64_t j = lane; j < d; j += 32) {
+      const acc_t x = to_acc<acc_t>(row[j * s2]);
+      dot += ai[j] * x;
+      ss += x * x;
+    }
+    dot = warp_sum(dot);
+    ss = warp_sum(ss);
+    const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
+    const acc_t l = dot * rs.inv;
+    const acc_t wgt = g[i] * std::exp(l - lse[i]);
+    const acc_t cw = wgt * l * rs.proj;
+    scalar_t* out = grad + q * d;
+    for (int64_t j = lane; j < d; j += 32) {
+      out[j] = from_acc<scalar_t>(wgt * rs.inv * ai[j] - cw * to_acc<acc_t>(row[j * s2]));
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t lower_bound(const int64_t* x, int64_t n, int64_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (x[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Indexed bank: one warp per bank row m over its run [lo, hi) of the stably sorted indices, so the pairs that
+// hit m are summed in increasing flat order (i * K + k): deterministic, no atomics. Scratch: d per warp.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_indexed_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
+                            const int64_t* sorted_rows, const int64_t* sorted_pairs, acc_t* scratch,
+                            scalar_t* grad) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t K = p.K, d = p.d, pairs = p.B * p.K;
+  const int lane = threadIdx.x % 32;
+  const int64_t warp_id = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  acc_t* G = scratch + warp_id * d;
+  for (int64_t m = warp_id; m < p.rows; m += warps) {
+    const scalar_t* row = n + m * s0;
+    scalar_t* out = grad + m * d;
+    const int64_t lo = lower_bound(sorted_rows, pairs, m), hi = lower_bound(sorted_rows, pairs, m + 1);
+    if (lo == hi) {
+      for (int64_t j = lane; j < d; j += 32) out[j] = from_acc<scalar_t>(acc_t(0));
+      continue;
+    }
+    const acc_t inv = pr.n_inv[m];
+    for (int64_t e = lo; e < hi; ++e) {
+      const int64_t i = sorted_pairs[e] / K;
+      const acc_t* ai = pr.as + i * d;
+      acc_t dot = 0;
+      for (int64_t j = lane; j < d; j += 32) dot += ai[j] * to_acc<acc_t>(row[j * s1]);
+      const acc_t l = warp_sum(dot) * inv;
+      const acc_t wgt = g[i] * std::exp(l - lse[i]);
+      for (int64_t j = lane; j < d; j += 32) G[j] = (e == lo ? acc_t(0) : G[j]) + wgt * ai[j];
+    }
+    finish_bank_row<scalar_t, acc_t>(G, 0, 1, row, s1, d, inv, pr.n_proj[m], out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------------------
+
+dim3 grid_for(int64_t units) { return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(units, kMaxGrid)))); }
+
+template <typename scalar_t, typename acc_t>
+void launch_prepare(const Problem& p, const Prepared<acc_t>& pr, cudaStream_t stream) {
+  if (p.B > 0) prepare_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(p, pr);
+  if (p.mode != Mode::PerAnchor && p.rows > 0) {
+    bank_scales_kernel<scalar_t, acc_t><<<grid_for(ceil_div(p.rows, kWarps)), kThreads, 0, stream>>>(p, pr);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t forward_typed(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms,
+                          cudaStream_t stream) {
+  const ForwardPlan f = plan_forward(p, num_sms);
+  const bool save = out.anchor_term != nullptr;
+  Carver carver(workspace);
+  const ForwardWork<acc_t> w = carve_forward<acc_t>(carver, p, f, save);
+  launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
+  if (f.chunks > 0) {
+    if (p.mode == Mode::Shared) {
+      forward_shared_kernel<scalar_t, acc_t>
+          <<<grid_for(f.units_per_chunk_row * f.chunks), kThreads, 0, stream>>>(p, w, f);
+    } else {
+      forward_rows_kernel<scalar_t, acc_t><<<grid_for(p.B * f.chunks), kThreads, 0, stream>>>(p, w, f);
+    }
+  }
+  if (p.B > 0) {
+    forward_merge_kernel<acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+        p, w, f, static_cast<acc_t*>(out.loss), static_cast<acc_t*>(out.lse), static_cast<acc_t*>(out.anchor_term));
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* workspace, int num_sms,
+                           cudaStream_t stream) {
+  Carver carver(workspace);
+  const BackwardWork<acc_t> w = carve_backward<acc_t>(carver, p, a, num_sms);
+  const acc_t* g = static_cast<const acc_t*>(a.grad_loss);
+  const acc_t* lse = static_cast<const acc_t*>(a.lse);
+  launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
+  if ((a.grad_anchors != nullptr || a.grad_positives != nullptr) && p.B > 0) {
+    anchor_grads_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+        p, w.pr, g, lse, static_cast<const acc_t*>(a.anchor_term), static_cast<scalar_t*>(a.grad_anchors),
+        static_cast<scalar_t*>(a.grad_positives));
+  }
+  if (a.grad_negatives != nullptr) {
+    scalar_t* gn = static_cast<scalar_t*>(a.grad_negatives);
+    if (p.mode == Mode::Shared) {
+      const BankPlan bp = plan_bank(p, num_sms);
+      if (bp.tiles > 0) {
+        const dim3 grid(static_cast<unsigned>(bp.grid_x), static_cast<unsigned>(bp.splits));
+        backward_bank_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(p, w.pr, g, lse, w.grad_scratch, bp, gn);
+        if (!bp.direct) {
+          finish_bank_kernel<scalar_t, acc_t>
+              <<<grid_for(ceil_div(p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, w.grad_scratch, bp, gn);
+        }
+      }
+    } else if (p.mode == Mode::PerAnchor) {
+      if (p.B * p.K > 0) {
+        backward_rows_kernel<scalar_t, acc_t>
+            <<<grid_for(ceil_div(p.B * p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, g, lse, gn);
+      }
+    } else if (p.rows > 0) {
+      backward_indexed_kernel<scalar_t, acc_t><<<grid_for(indexed_warps(p, num_sms) / kWarps), kThreads, 0, stream>>>(
+          p, w.pr, g, lse, a.sorted_rows, a.sorted_pairs, w.grad_scratch, gn);
+    }
+  }
+  return cudaGetLastError();
+}
+
+template <typename F>
+cudaError_t dispatch(DType t, const F& f) {
+  switch (t) {
+    case DType::Float32:
+      return f(float(), float());
+    case DType::Float64:
+      return f(double(), double());
+    case DType::Float16:
+      return f(__half(), float());
+    case DType::BFloat16:
+      return f(__nv_bfloat16(), float());
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term, int num_sms) {
+  Carver c(nullptr);
+  const ForwardPlan f = plan_forward(p, num_sms);
+  if (p.dtype == DType::Float64) {
+    carve_forward<double>(c, p, f, save_anchor_term);
+  } else {
+    carve_forward<float>(c, p, f, save_anchor_term);
+  }
+  return c.used;
+}
+
+size_t info_nce_backward_workspace_bytes(const Problem& p, const BackwardArgs& a, int num_sms) {
+  Carver c(nullptr);
+  if (p.dtype == DType::Float64) {
+    carve_backward<double>(c, p, a, num_sms);
+  } else {
+    carve_backward<float>(c, p, a, num_sms);
+  }
+  return c.used;
+}
+
+cudaError_t info_nce_forward(const Problem& p, const ForwardOutputs& out, void* workspace, size_t workspace_bytes,
+                             int num_sms, cudaStream_t stream) {
+  if (workspace_bytes < info_nce_forward_workspace_bytes(p, out.anchor_term != nullptr, num_sms)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch(p.dtype, [&](auto s, auto acc) {
+    return forward_typed<decltype(s), decltype(acc)>(p, out, workspace, num_sms, stream);
+  });
+}
+
+cudaError_t info_nce_backward(const Problem& p, const BackwardArgs& a, void* workspace, size_t workspace_bytes,
+                              int num_sms, cudaStream_t stream) {
+  if (workspace_bytes < info_nce_backward_workspace_bytes(p, a, num_sms)) return cudaErrorInvalidValue;
+  if (a.grad_anchors != nullptr && a.anchor_term == nullptr) return cudaErrorInvalidValue;
+  if (a.grad_negatives != nullptr && p.mode == Mode::Indexed && p.B * p.K > 0 &&
+      (a.sorted_rows == nullptr || a.sorted_pairs == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch(p.dtype, [&](auto s, auto acc) {
+    return backward_typed<decltype(s), decltype(acc)>(p, a, workspace, num_sms, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace contrastbound

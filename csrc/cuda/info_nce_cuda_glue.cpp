@@ -1,0 +1,200 @@
+// Torch glue of the CUDA kernels (compiled only in CUDA builds; setup.py adds csrc/cuda/*_glue.cpp then):
+// argument checks, device guard, torch's current stream, outputs and workspace from torch's caching
+// allocator, and the CUDA implementations of the contrastbound:: ops.
+//
+// STATUS: written against the torch C++ API but NOT compiled or run here (no CUDA torch on the machine where
+// it was written). scripts/gpu_check.sh builds and tests it on a GPU machine.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "../info_nce_checks.h"
+#include "info_nce_cuda.cuh"
+
+namespace contrastbound {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kDouble:
+      return DType::Float64;
+    case at::kHalf:
+      return DType::Float16;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "contrastbound CUDA kernels support float16, bfloat16, float32 and float64, got ", t);
+  }
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool has_indices(const c10::optional<Tensor>& indices) { return indices.has_value() && indices->defined(); }
+
+void check_cuda(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+                const c10::optional<Tensor>& indices) {
+  TORCH_CHECK_VALUE(anchors.is_cuda() && positives.is_cuda() && negatives.is_cuda(),
+                    "contrastbound CUDA kernels: anchors, positives and negatives must be CUDA tensors");
+  if (has_indices(indices)) {
+    TORCH_CHECK_VALUE(indices->is_cuda() && indices->device() == anchors.device(),
+                      "negative_indices must be on the device of anchors (", anchors.device(), ")");
+  }
+}
+
+// The problem as the torch-free launchers see it: raw pointers and element strides (no copies; expanded and
+// transposed inputs are read through their strides).
+Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
+                     const c10::optional<Tensor>& indices, double scale, bool normalize, bool include_positive) {
+  Problem p;
+  p.dtype = dtype_of(anchors.scalar_type());
+  p.B = anchors.size(0);
+  p.d = anchors.size(1);
+  p.anchors = anchors.data_ptr();
+  p.anchors_stride[0] = anchors.stride(0);
+  p.anchors_stride[1] = anchors.stride(1);
+  p.positives = positives.data_ptr();
+  p.positives_stride[0] = positives.stride(0);
+  p.positives_stride[1] = positives.stride(1);
+  p.negatives = negatives.data_ptr();
+  for (int64_t k = 0; k < negatives.dim() && k < 3; ++k) p.negatives_stride[k] = negatives.stride(k);
+  if (has_indices(indices)) {
+    p.mode = Mode::Indexed;
+    p.K = indices->size(1);
+    p.rows = negatives.size(0);
+    p.indices = indices->data_ptr<int64_t>();
+    p.indices_stride[0] = indices->stride(0);
+    p.indices_stride[1] = indices->stride(1);
+  } else if (negatives.dim() == 3) {
+    p.mode = Mode::PerAnchor;
+    p.K = negatives.size(1);
+    p.rows = 0;
+  } else {
+    p.mode = Mode::Shared;
+    p.K = negatives.size(0);
+    p.rows = p.K;
+  }
+  p.scale = scale;
+  p.normalize = normalize;
+  p.include_positive = include_positive;
+  return p;
+}
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+}
+
+// loss, lse (B,) and V (B, d) or (0,), in the accumulation type.
+std::tuple<Tensor, Tensor, Tensor> forward_on_stream(const Problem& p, const Tensor& anchors, bool save) {
+  const auto acc_opts = anchors.options().dtype(acc_type_of(anchors.scalar_type()));
+  Tensor loss = at::empty({p.B}, acc_opts);
+  Tensor lse = at::empty({p.B}, acc_opts);
+  Tensor term = save ? at::empty({p.B, p.d}, acc_opts) : at::empty({0}, acc_opts);
+  ForwardOutputs out;
+  out.loss = loss.data_ptr();
+  out.lse = lse.data_ptr();
+  out.anchor_term = save ? term.data_ptr() : nullptr;
+  const int sms = num_sms();
+  const size_t bytes = info_nce_forward_workspace_bytes(p, save, sms);
+  // Freed when this function returns, while the kernels may still be queued: safe, because torch's caching
+  // allocator hands the block out again only in stream order (it was allocated on the current stream).
+  Tensor ws = workspace(bytes, anchors);
+  C10_CUDA_CHECK(info_nce_forward(p, out, ws.data_ptr(), bytes, sms, at::cuda::getCurrentCUDAStream().stream()));
+  return {loss, lse, term};
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, const Tensor& positives,
+                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
+                                                     double scale, bool normalize, bool include_positive,
+                                                     bool save_anchor_term) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+  check_cuda(anchors, positives, negatives, indices);
+  const c10::cuda::CUDAGuard device_guard(anchors.device());
+  at::NoGradGuard no_grad;
+  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive);
+  return forward_on_stream(p, anchors, save_anchor_term);
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, const Tensor& anchors,
+                                                     const Tensor& positives, const Tensor& negatives,
+                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
+                                                     const Tensor& anchor_term, double scale, bool normalize,
+                                                     bool include_positive, std::array<bool, 3> output_mask) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+  check_cuda(anchors, positives, negatives, indices);
+  const int64_t B = anchors.size(0), d = anchors.size(1);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
+                    B, ",), got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "info_nce_bwd: lse must have shape (B,) = (", B, ",), got ",
+                    lse.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == anchors.device() && lse.device() == anchors.device() &&
+                        anchor_term.device() == anchors.device(),
+                    "info_nce_bwd: grad_loss, lse and anchor_term must be on the device of anchors (",
+                    anchors.device(), ")");
+  const c10::cuda::CUDAGuard device_guard(anchors.device());
+  at::NoGradGuard no_grad;
+  const auto acc = acc_type_of(anchors.scalar_type());
+  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive);
+
+  Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
+  Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
+  Tensor grad_n = output_mask[2] ? at::empty(negatives.sizes(), negatives.options()) : at::empty({0}, negatives.options());
+
+  const Tensor g = grad_loss.to(acc).contiguous();
+  const Tensor lse_c = lse.to(acc).contiguous();
+  Tensor term;
+  if (output_mask[0]) {
+    if (anchor_term.numel() == B * d) {
+      term = anchor_term.to(acc).contiguous();
+    } else {
+      // Forward did not save V (the anchors did not need a gradient then): one more forward pass.
+      term = std::get<2>(forward_on_stream(p, anchors, true));
+    }
+  }
+  Tensor sorted_rows, sorted_pairs;
+  if (output_mask[2] && p.mode == Mode::Indexed && p.B * p.K > 0) {
+    // Stable sort of the flattened (B, K) indices: each bank row's pairs form one run, in flat order.
+    std::tie(sorted_rows, sorted_pairs) = at::sort(indices->reshape({-1}), /*stable=*/true, /*dim=*/0, false);
+    sorted_rows = sorted_rows.contiguous();
+    sorted_pairs = sorted_pairs.contiguous();
+  }
+
+  BackwardArgs a;
+  a.grad_loss = g.data_ptr();
+  a.lse = lse_c.data_ptr();
+  a.anchor_term = term.defined() ? term.data_ptr() : nullptr;
+  a.grad_anchors = output_mask[0] ? grad_a.data_ptr() : nullptr;
+  a.grad_positives = output_mask[1] ? grad_p.data_ptr() : nullptr;
+  a.grad_negatives = output_mask[2] && grad_n.numel() > 0 ? grad_n.data_ptr() : nullptr;
+  if (sorted_rows.defined()) {
+    a.sorted_rows = sorted_rows.data_ptr<int64_t>();
+    a.sorted_pairs = sorted_pairs.data_ptr<int64_t>();
+  }
+  const int sms = num_sms();
+  const size_t bytes = info_nce_backward_workspace_bytes(p, a, sms);
+  Tensor ws = workspace(bytes, anchors);
+  C10_CUDA_CHECK(info_nce_backward(p, a, ws.data_ptr(), bytes, sms, at::cuda::getCurrentCUDAStream().stream()));
+  return {grad_a, grad_p, grad_n};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastbound, CUDA, m) {
+  m.impl("info_nce_fwd", &info_nce_fwd_cuda);
+  m.impl("info_nce_bwd", &info_nce_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace contrastbound

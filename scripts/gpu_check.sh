@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One prepared check for a GPU machine without network (e.g. one H200), in under 8 minutes:
+#   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
+#   2. runs the CUDA tests (tests/test_cuda.py, marked `cuda`),
+#   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
+# and writes gpu_check.log, pytest_cuda.xml and bench_gpu.csv into OUTDIR.
+#
+#   scripts/gpu_check.sh OUTDIR [--quick]
+#
+# Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
+# python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470).
+# Without a GPU it logs "NO GPU" and exits 0 after the environment report (so it can be smoke-tested anywhere).
+# Exit status: 0 when everything that ran passed; 1 build failed; 2 tests failed; 3 benchmark failed.
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [--quick]" >&2
+  exit 64
+fi
+OUT=$1
+QUICK=${2:-}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-470}
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+step() { echo; echo "=== [$(($(date +%s) - START)) s] $*"; }
+
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+  PY=.venv/bin/python
+else
+  PY=python3
+fi
+
+step "environment"
+echo "repo: $(pwd)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')  python: $PY"
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torch CUDA", torch.version.cuda, "| cuda available", torch.cuda.is_available())' || { echo "no usable torch"; exit 1; }
+command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo
+  echo "NO GPU: torch.cuda.is_available() is False here; nothing built, tested or measured."
+  "$PY" benchmarks/bench_gpu.py --csv "$OUT/bench_gpu.csv" || true
+  exit 0
+fi
+
+step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a}, MAX_JOBS=${MAX_JOBS:-16})"
+if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" \
+  timeout 260 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"
+  echo "BUILD FAILED (full log: $OUT/build.log)"
+  exit 1
+fi
+grep -E "contrastbound:|warning" "$OUT/build.log" | head -40
+"$PY" -c 'import contrastbound, json; print(json.dumps(contrastbound.backend_info(), indent=1))'
+
+step "CUDA tests"
+TEST_RC=0
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  T=$(( $(left) - 150 ))
+  [ "$T" -gt 240 ] && T=240
+  [ "$T" -lt 60 ] && T=60
+  timeout "$T" "$PY" -m pytest tests/test_cuda.py -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
+    || TEST_RC=$?
+  [ "$TEST_RC" -eq 124 ] && echo "TESTS TIMED OUT after ${T} s"
+else
+  echo "pytest is not installed here: running no tests"
+  TEST_RC=5
+fi
+
+step "GPU benchmark"
+BENCH_RC=0
+B=$(( $(left) - 20 ))
+if [ "$B" -lt 30 ]; then
+  echo "no time left for the benchmark"
+  BENCH_RC=124
+else
+  timeout "$B" "$PY" benchmarks/bench_gpu.py $QUICK --budget $((B - 60 > 20 ? B - 60 : 20)) --csv "$OUT/bench_gpu.csv" \
+    || BENCH_RC=$?
+fi
+
+step "summary"
+echo "tests exit status: $TEST_RC   benchmark exit status: $BENCH_RC   total: $(($(date +%s) - START)) s"
+echo "files: $(ls "$OUT" | tr '\n' ' ')"
+[ "$TEST_RC" -ne 0 ] && exit 2
+[ "$BENCH_RC" -ne 0 ] && exit 3
+exit 0

@@ -1,0 +1,330 @@
+"""The CUDA kernels against the CPU kernel and the float64 reference (skipped without a GPU).
+
+Every test here is marked ``cuda``; conftest.py skips them where torch.cuda.is_available() is False. They are
+the first run of the CUDA path on hardware: scripts/gpu_check.sh runs them after building the extension.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrastbound as cb
+from contrastbound import _backend
+from contrastbound.reference import info_nce_reference
+
+from conftest import DTYPES, MODES, TOL, assert_close_scaled, make_inputs
+
+pytestmark = pytest.mark.cuda
+
+CUDA = "cuda"
+
+
+def _run(fn, a, p, n, idx, **kw):
+    """Loss and gradients of (a, p, n) for a fixed random upstream gradient (so reduction='none' is covered)."""
+    loss = fn(a, p, n, negative_indices=idx, **kw)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype) + 0.5
+    leaves = [x for x in (a, p, n) if x is not None]
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss, grads
+
+
+def _leaves_on(device, dtype, *xs):
+    return [None if x is None else x.detach().to(device=device, dtype=dtype).requires_grad_(True) for x in xs]
+
+
+def _compare(a, p, n, idx, dtype, check_cpu=True, **kw):
+    """CUDA kernel vs the float64 reference (TOL[dtype]) and vs the CPU kernel in the same dtype."""
+    loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
+    assert loss.device.type == "cuda" and loss.dtype == dtype
+    idx_cpu = None if idx is None else idx.cpu()
+    ref_loss, ref_grads = _run(info_nce_reference, *_leaves_on("cpu", torch.float64, a, p, n), idx_cpu, **kw)
+    assert_close_scaled(loss, ref_loss, TOL[dtype], "loss vs reference")
+    for name, g, r in zip("apn", grads, ref_grads):
+        assert g.dtype == dtype and g.device.type == "cuda" and g.shape == r.shape
+        assert_close_scaled(g, r, TOL[dtype], f"grad {name} vs reference")
+    if check_cpu:
+        cpu_loss, cpu_grads = _run(cb.info_nce, *_leaves_on("cpu", dtype, a, p, n), idx_cpu, **kw)
+        assert_close_scaled(loss, cpu_loss, 2 * TOL[dtype], "loss vs CPU kernel")
+        for name, g, r in zip("apn", grads, cpu_grads):
+            assert_close_scaled(g, r, 2 * TOL[dtype], f"grad {name} vs CPU kernel")
+
+
+def test_cuda_kernel_is_registered():
+    # On a GPU machine the extension must have been built with FORCE_CUDA=1 (else the reference serves).
+    assert _backend.HAS_CUDA_KERNEL, _backend.backend_info()
+    assert _backend.backend_info()["cuda"] == "kernel"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("B,K,d", [(37, 1037, 19), (130, 300, 257)])
+def test_matches_cpu_and_reference(dtype, mode, normalize, B, K, d):
+    # 1037 and 300 are multiples of no tile (64, 32); B = 130 crosses anchor blocks; d = 257 crosses feature chunks.
+    a, p, n, idx = make_inputs(mode, B=B, K=K, d=d, dtype=dtype, device=CUDA)
+    _compare(a, p, n, idx, dtype, temperature=0.2, normalize=normalize, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("d", [1000, 1024])
+def test_wide_features(dtype, mode, d):
+    a, p, n, idx = make_inputs(mode, B=70, K=150, d=d, dtype=dtype, device=CUDA, seed=2)
+    _compare(a, p, n, idx, dtype, temperature=0.1, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_sizes(mode):
+    for B, K, d in [(1, 1, 1), (1, 3, 1), (2, 1, 3), (3, 65, 2)]:
+        a, p, n, idx = make_inputs(mode, B=B, K=K, d=d, dtype=torch.float64, device=CUDA, seed=B + K + d)
+        _compare(a, p, n, idx, torch.float64, temperature=0.5)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed"])
+def test_zero_negatives_give_zero_loss(mode):
+    a, p, n, idx = make_inputs(mode, B=5, K=0, d=4, dtype=torch.float32, device=CUDA)
+    if mode == "indexed":
+        idx = torch.empty(5, 0, dtype=torch.long, device=CUDA)
+    loss = cb.info_nce(a, p, n, negative_indices=idx, reduction="none")
+    assert torch.equal(loss.cpu(), torch.zeros(5))
+    grads = torch.autograd.grad(loss.sum(), [a, p, n])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize(
+    "B,K,d",
+    [
+        (200, 40_000, 33),  # bank backward: more tiles than the grid, each block finishes its own tiles
+        (1000, 100, 24),  # bank backward: few tiles, anchors split, partials summed by a second kernel
+        (8, 70_000, 16),  # forward: one anchor block, hundreds of K chunks merged
+    ],
+)
+def test_grid_shapes_shared(B, K, d):
+    a, p, n, idx = make_inputs("shared", B=B, K=K, d=d, dtype=torch.float32, device=CUDA, seed=K)
+    _compare(a, p, n, idx, torch.float32, check_cpu=False, temperature=0.1)
+
+
+def test_many_chunks_rows_modes():
+    for mode in ("per_anchor", "indexed"):
+        a, p, n, idx = make_inputs(mode, B=3, K=20_000, d=12, dtype=torch.float32, device=CUDA, seed=6)
+        _compare(a, p, n, idx, torch.float32, check_cpu=False, temperature=0.1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_and_expanded_inputs(mode):
+    B, K, d = 11, 600, 10
+    g = torch.Generator().manual_seed(7)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(CUDA).requires_grad_(True)
+
+    a_leaf = leaf(B, 2 * d)
+    a = a_leaf[:, ::2]  # inner stride 2
+    p_leaf = leaf(d, B)
+    p = p_leaf.t()  # transposed
+    idx = None
+    if mode == "shared":
+        n_leaf = leaf(d, K)
+        n = n_leaf.t()  # a transposed bank
+    elif mode == "per_anchor":
+        n_leaf = leaf(1, K, d)
+        n = n_leaf.expand(B, K, d)  # stride 0 over anchors
+    elif mode == "indexed":
+        n_leaf = leaf(1, d)
+        n = n_leaf.expand(40, d)  # stride-0 bank
+        idx = torch.randint(0, 40, (B, 2 * K), generator=g).to(CUDA)[:, ::2]  # non-contiguous indices
+    else:
+        n_leaf, n = None, None
+    leaves = [x for x in (a_leaf, p_leaf, n_leaf) if x is not None]
+    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3)
+    grads = torch.autograd.grad(loss, leaves)
+    cpu_leaves = [x.detach().cpu().requires_grad_(True) for x in leaves]
+    views = {
+        "a": cpu_leaves[0][:, ::2],
+        "p": cpu_leaves[1].t(),
+    }
+    n_cpu = None
+    if mode == "shared":
+        n_cpu = cpu_leaves[2].t()
+    elif mode == "per_anchor":
+        n_cpu = cpu_leaves[2].expand(B, K, d)
+    elif mode == "indexed":
+        n_cpu = cpu_leaves[2].expand(40, d)
+    ref = info_nce_reference(
+        views["a"], views["p"], n_cpu, negative_indices=None if idx is None else idx.cpu(), temperature=0.3
+    )
+    ref_grads = torch.autograd.grad(ref, cpu_leaves)
+    assert_close_scaled(loss, ref, 1e-9, "loss")
+    for x, y in zip(grads, ref_grads):
+        assert_close_scaled(x, y, 1e-9, "grad")
+
+
+def test_repeated_indices_and_determinism():
+    a, p, n, _ = make_inputs("indexed", B=64, K=500, d=40, dtype=torch.float32, device=CUDA, M=7)
+    idx = torch.randint(0, 7, (64, 500), generator=torch.Generator().manual_seed(3)).to(CUDA)  # heavy repeats
+    _compare(a, p, n, idx, torch.float32, temperature=0.2)
+    # No atomics anywhere: two runs give bitwise identical gradients.
+    first = _run(cb.info_nce, a, p, n, idx, temperature=0.2)
+    second = _run(cb.info_nce, a, p, n, idx, temperature=0.2)
+    for x, y in zip(first[1], second[1]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "in_batch"])
+def test_deterministic(mode):
+    a, p, n, idx = make_inputs(mode, B=300, K=3000 if mode == "shared" else 200, d=48, dtype=torch.float32, device=CUDA)
+    first = _run(cb.info_nce, a, p, n, idx, temperature=0.1)
+    second = _run(cb.info_nce, a, p, n, idx, temperature=0.1)
+    assert torch.equal(first[0], second[0])
+    for x, y in zip(first[1], second[1]):
+        assert torch.equal(x, y)
+
+
+def test_low_temperature_large_logits_stay_finite():
+    a, p, n, _ = make_inputs("shared", B=9, K=2000, d=32, dtype=torch.float32, device=CUDA, seed=5)
+    _compare(a, p, n, None, torch.float32, temperature=0.01, normalize=False)
+
+
+def test_zero_vectors_follow_f_normalize():
+    a, p, n, _ = make_inputs("shared", B=3, K=4, d=3, dtype=torch.float64, device=CUDA)
+    with torch.no_grad():
+        a[0] = 0.0
+        n[2] = 0.0
+    _compare(a, p, n, None, torch.float64, temperature=0.5)
+
+
+def test_detached_bank_and_frozen_anchors():
+    a, p, n, _ = make_inputs("shared", B=9, K=800, d=12, dtype=torch.float64, device=CUDA, seed=11)
+    ref_grads = torch.autograd.grad(info_nce_reference(a, p, n, temperature=0.2), [a, p, n])
+    loss = cb.info_nce(a, p, n.detach(), temperature=0.2)
+    ga, gp = torch.autograd.grad(loss, [a, p])
+    assert_close_scaled(ga, ref_grads[0], 1e-9, "grad a")
+    assert_close_scaled(gp, ref_grads[1], 1e-9, "grad p")
+    loss = cb.info_nce(a.detach(), p, n, temperature=0.2)
+    gp, gn = torch.autograd.grad(loss, [p, n])
+    assert_close_scaled(gp, ref_grads[1], 1e-9, "grad p")
+    assert_close_scaled(gn, ref_grads[2], 1e-9, "grad n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anchor_term_recomputed_when_forward_did_not_save_it(mode):
+    a, p, n, idx = make_inputs(mode, B=6, K=700, d=5, dtype=torch.float64, device=CUDA, requires_grad=False)
+    include_positive = mode != "in_batch"
+    n = p if n is None else n
+    ops = torch.ops.contrastbound
+    _, lse, term = ops.info_nce_fwd(a, p, n, idx, 3.0, True, include_positive, True)
+    _, _, empty = ops.info_nce_fwd(a, p, n, idx, 3.0, True, include_positive, False)
+    assert empty.numel() == 0 and term.shape == (6, 5)
+    g = torch.ones(6, dtype=torch.float64, device=CUDA)
+    full = ops.info_nce_bwd(g, a, p, n, idx, lse, term, 3.0, True, include_positive, [True, True, True])
+    again = ops.info_nce_bwd(g, a, p, n, idx, lse, empty, 3.0, True, include_positive, [True, True, True])
+    for x, y in zip(full, again):
+        assert_close_scaled(x, y, 1e-12, "grad")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(mode, normalize):
+    a, p, n, idx = make_inputs(mode, B=3, K=5, d=4, dtype=torch.float64, device=CUDA, M=3)
+    leaves = tuple(x for x in (a, p, n) if x is not None)
+
+    def f(*xs):
+        n_ = xs[2] if len(xs) > 2 else None
+        return cb.info_nce(xs[0], xs[1], n_, negative_indices=idx, temperature=0.7, normalize=normalize, reduction="none")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _op_samples():
+    out = []
+    for mode in MODES:
+        for save in (True, False):
+            for dtype in (torch.float32, torch.bfloat16):
+                a, p, n, idx = make_inputs(mode, B=4, K=70, d=3, dtype=dtype, device=CUDA, M=5)
+                include_positive = mode != "in_batch"
+                out.append((a, p, p if n is None else n, idx, 2.5, True, include_positive, save))
+    return out
+
+
+def test_opcheck_forward():
+    for args in _op_samples():
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd.default, args)
+
+
+def test_opcheck_backward():
+    for a, p, n, idx, scale, normalize, include_positive, _ in _op_samples():
+        with torch.no_grad():
+            _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, idx, scale, normalize, include_positive, True)
+        g = torch.rand(a.shape[0], device=CUDA)
+        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+            args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask)
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
+
+
+def _train_step_losses(compiled: bool, steps: int = 3):
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).to(CUDA)
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    x = torch.randn(24, 12, device=CUDA)
+    x_pos = x + 0.1 * torch.randn(24, 12, device=CUDA)
+    bank = torch.randn(700, 16, device=CUDA)
+
+    def step(x, x_pos, bank):
+        opt.zero_grad(set_to_none=True)
+        loss = cb.info_nce(encoder(x), encoder(x_pos), bank, temperature=0.2)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    fn = torch.compile(step, fullgraph=False) if compiled else step
+    return torch.stack([fn(x, x_pos, bank) for _ in range(steps)])
+
+
+def test_torch_compile_training_step():
+    torch._dynamo.reset()
+    eager = _train_step_losses(False)
+    compiled = _train_step_losses(True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    a, p, n, _ = make_inputs("shared", B=16, K=600, d=8, dtype=torch.float32, device=CUDA)
+    compiled = torch.compile(lambda a, p, n: cb.info_nce(a, p, n, temperature=0.1), fullgraph=True)
+    loss_c = compiled(a, p, n)
+    grads_c = torch.autograd.grad(loss_c, [a, p, n])
+    loss_e = cb.info_nce(a, p, n, temperature=0.1)
+    grads_e = torch.autograd.grad(loss_e, [a, p, n])
+    torch.testing.assert_close(loss_c, loss_e)
+    for x, y in zip(grads_c, grads_e):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_default_stream(mode):
+    # The inputs are written on a side stream after a long sleep there; a kernel launched on the legacy default
+    # stream instead of torch's current stream would read them before they exist.
+    a0, p0, n0, idx = make_inputs(mode, B=50, K=900, d=40, dtype=torch.float32, device=CUDA, requires_grad=False)
+    ref_loss, ref_grads = _run(cb.info_nce, *_leaves_on(CUDA, torch.float32, a0, p0, n0), idx, temperature=0.2)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~0.05 s of spinning on the side stream
+        a, p, n = (None if x is None else (x * 1.0).requires_grad_(True) for x in (a0, p0, n0))
+        loss, grads = _run(cb.info_nce, a, p, n, idx, temperature=0.2)
+        # Results on the side stream; copy them out there too before synchronising.
+        out = [loss.detach().clone()] + [g.detach().clone() for g in grads]
+    side.synchronize()
+    assert torch.equal(out[0], ref_loss)
+    for x, y in zip(out[1:], ref_grads):
+        assert torch.equal(x, y)
+
+
+def test_other_device_index_uses_its_own_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    a, p, n, _ = make_inputs("shared", B=9, K=300, d=8, dtype=torch.float32, device="cuda:1")
+    _compare(a, p, n, None, torch.float32, temperature=0.2)
