@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
-from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse
+from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse, nt_xent
 from .queue import NegativeQueue
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ __all__ = [
     "clip_loss",
     "info_nce",
     "info_nce_lse",
+    "nt_xent",
 ]

@@ -20,7 +20,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if _backend.EXTENSION_LOADED:
 
     @torch.library.register_fake("contrastbound::info_nce_fwd")
-    def _info_nce_fwd_fake(anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term):
+    def _info_nce_fwd_fake(
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
+        exclude_self=False,
+    ):
         B, d = anchors.shape
         acc = _acc_dtype(anchors.dtype)
         loss = anchors.new_empty((B,), dtype=acc)
@@ -31,7 +34,7 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_bwd")
     def _info_nce_bwd_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask,
+        include_positive, output_mask, exclude_self=False,
     ):
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -39,7 +42,8 @@ if _backend.EXTENSION_LOADED:
         return out(anchors, output_mask[0]), out(positives, output_mask[1]), out(negatives, output_mask[2])
 
     def _setup_context(ctx, inputs, output):
-        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
+        ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
         _, lse, term = output
         ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term)
         ctx.scale = scale
@@ -51,16 +55,16 @@ if _backend.EXTENSION_LOADED:
         anchors, positives, negatives, negative_indices, lse, term = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
-            ctx.scale, ctx.normalize, ctx.include_positive, mask,
+            ctx.scale, ctx.normalize, ctx.include_positive, mask, ctx.exclude_self,
         )
         return (
             ga if mask[0] else None,
             gp if mask[1] else None,
             gn if mask[2] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
     torch.library.register_autograd("contrastbound::info_nce_fwd", _backward, setup_context=_setup_context)

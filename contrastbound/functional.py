@@ -108,6 +108,7 @@ def _fused(
     temperature: float | torch.Tensor,
     normalize: bool,
     include_positive: bool,
+    exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     learnable = isinstance(temperature, torch.Tensor)
     t = float(temperature.detach()) if learnable else temperature
@@ -115,7 +116,8 @@ def _fused(
         grad = torch.is_grad_enabled()
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
-            anchors, positives, negatives, negative_indices, 1.0 / t, normalize, include_positive, save_anchor_term
+            anchors, positives, negatives, negative_indices, 1.0 / t, normalize, include_positive, save_anchor_term,
+            exclude_self,
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
@@ -123,7 +125,9 @@ def _fused(
     from .reference import info_nce_core_reference
 
     scale = 1.0 / temperature
-    return info_nce_core_reference(anchors, positives, negatives, negative_indices, scale, normalize, include_positive)
+    return info_nce_core_reference(
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
+    )
 
 
 def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive):
@@ -147,13 +151,16 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
     return loss + (s - s.detach()) * dloss_dscale
 
 
-def _check_features(anchors: object, positives: object) -> tuple[torch.Tensor, torch.Tensor]:
-    anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
-    positives = _check_tensor("positives", positives, 2, "(B, d)")
-    _check_device("positives", positives, "anchors", anchors)
+def _check_features(
+    anchors: object, positives: object, names: tuple[str, str] = ("anchors", "positives")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second = names
+    anchors = _check_tensor(first, anchors, 2, "(B, d)")
+    positives = _check_tensor(second, positives, 2, "(B, d)")
+    _check_device(second, positives, first, anchors)
     if positives.shape != anchors.shape:
         raise ValueError(
-            f"positives must have the shape of anchors (B, d) = {tuple(anchors.shape)}, got {tuple(positives.shape)}"
+            f"{second} must have the shape of {first} (B, d) = {tuple(anchors.shape)}, got {tuple(positives.shape)}"
         )
     return anchors, positives
 
@@ -323,6 +330,37 @@ def bank_cross_entropy(
     return _reduce(loss, reduction, result)
 
 
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float | torch.Tensor = 0.5,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""SimCLR's NT-Xent loss over 2N views without the 2N x 2N similarity matrix.
+
+    The views are ``z = cat(z1, z2)``; view i's positive is its pair (i + N mod 2N) and its negatives are the
+    other 2N - 2 views (itself excluded):
+    ``loss_i = -log( e^{s z_i.z_pair(i)} / sum_{j != i} e^{s z_i.z_j} )``, averaged over all 2N views.
+
+    Args:
+        z1, z2: (N, d), row i of each is a view of sample i.
+        temperature: positive number or scalar tensor (learnable when it requires grad).
+        normalize: L2-normalise first (SimCLR uses cosine similarity).
+        reduction: "mean", "sum" or "none" (shape (2N,): the N views of z1, then those of z2).
+    """
+    z1, z2 = _check_features(z1, z2, ("z1", "z2"))
+    t = _check_temperature(temperature)
+    normalize = _check_bool("normalize", normalize)
+    reduction = _check_reduction(reduction)
+    compute, result = _common_dtypes(z1, z2)
+    views = torch.cat([z1.to(compute), z2.to(compute)])
+    partners = torch.cat([z2.to(compute), z1.to(compute)])
+    loss, _ = _fused(views, partners, views, None, t, normalize, False, exclude_self=True)
+    return _reduce(loss, reduction, result)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -362,6 +400,7 @@ def clip_loss(
     else:
         temperature = 1.0 / min(value, max_logit_scale)
     reduction = _check_reduction(reduction)
+    _check_features(image_features, text_features, ("image_features", "text_features"))
     i2t = info_nce(image_features, text_features, temperature=temperature, normalize=normalize, reduction="none")
     t2i = info_nce(text_features, image_features, temperature=temperature, normalize=normalize, reduction="none")
     loss = 0.5 * (i2t + t2i)

@@ -69,6 +69,28 @@ def info_nce_reference(
     return _reduce(loss, reduction).to(anchors.dtype)
 
 
+def nt_xent_reference(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float | torch.Tensor = 0.5,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """SimCLR's NT-Xent with the (2N, 2N) similarity matrix, the diagonal masked."""
+    dt = _compute_dtype(z1.dtype, compute_dtype)
+    z = torch.cat([z1, z2]).to(dt)
+    if normalize:
+        z = F.normalize(z, dim=-1, eps=_EPS)
+    n = z1.shape[0]
+    sim = (z @ z.t()) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    loss = F.cross_entropy(sim, target, reduction="none")
+    return _reduce(loss, reduction).to(z1.dtype)
+
+
 def bank_cross_entropy_reference(
     anchors: torch.Tensor,
     bank: torch.Tensor,
@@ -99,6 +121,7 @@ def info_nce_core_reference(
     scale: float,
     normalize: bool,
     include_positive: bool,
+    exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The registered op's contract in plain PyTorch: per-anchor (loss, lse) in the accumulation dtype.
 
@@ -120,6 +143,9 @@ def info_nce_core_reference(
         neg = (a @ n.transpose(0, 1)) * scale
     else:
         neg = torch.einsum("bd,bkd->bk", a, n) * scale
+    if exclude_self:  # bank row i is anchor i: not its own negative
+        eye = torch.eye(neg.shape[0], neg.shape[1], dtype=torch.bool, device=neg.device)
+        neg = neg.masked_fill(eye, float("-inf"))
     if include_positive:
         neg = torch.cat([pos.unsqueeze(1), neg], dim=1)
     lse = torch.logsumexp(neg, dim=1)

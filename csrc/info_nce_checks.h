@@ -7,7 +7,8 @@
 namespace contrastbound {
 
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
-                                  const c10::optional<at::Tensor>& indices, double scale) {
+                                  const c10::optional<at::Tensor>& indices, double scale,
+                                  bool exclude_self = false) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(anchors.scalar_type()), "anchors must be a floating tensor, got ",
                    anchors.scalar_type());
@@ -42,6 +43,8 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
     TORCH_CHECK_VALUE(negatives.dim() == 2 && negatives.size(1) == d, "negatives must have shape (K, d) with d = ",
                       d, ", got ", negatives.sizes());
   }
+  TORCH_CHECK_VALUE(!exclude_self || (!indexed && negatives.dim() == 2),
+                    "exclude_self needs a shared bank (K, d) whose row i is anchor i");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale (1 / temperature) must be positive and finite, got ",
                     scale);
 }

@@ -17,13 +17,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(contrastbound, m) {
   // Per-anchor loss, per-anchor log-sum-exp (both in float32, float64 for float64 inputs) and, when
-  // save_anchor_term, V = sum_k softmax_k n_hat_k (B, d), else an empty tensor.
+  // save_anchor_term, V = sum_k softmax_k n_hat_k (B, d), else an empty tensor. exclude_self (shared bank
+  // only) leaves bank row i out of anchor i's sum: SimCLR's NT-Xent, where the anchors are the bank.
   m.def(
       "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
-      "bool normalize, bool include_positive, bool save_anchor_term) -> (Tensor, Tensor, Tensor)");
+      "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
   // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
-      "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask) -> "
-      "(Tensor, Tensor, Tensor)");
+      "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
+      "bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
 }

@@ -328,3 +328,20 @@ def test_other_device_index_uses_its_own_device():
         pytest.skip("needs two GPUs")
     a, p, n, _ = make_inputs("shared", B=9, K=300, d=8, dtype=torch.float32, device="cuda:1")
     _compare(a, p, n, None, torch.float32, temperature=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [3, 100])
+def test_nt_xent_cuda_matches_reference(dtype, N):
+    from contrastbound.reference import nt_xent_reference
+
+    g = torch.Generator().manual_seed(N)
+    z1 = torch.randn(N, 33, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.3 * torch.randn(N, 33, generator=g, dtype=torch.float64)
+    c1, c2 = _leaves_on(CUDA, dtype, z1, z2)
+    loss = cb.nt_xent(c1, c2, 0.1, reduction="none")
+    r1, r2 = _leaves_on("cpu", torch.float64, c1, c2)
+    ref = nt_xent_reference(r1, r2, 0.1, reduction="none")
+    assert_close_scaled(loss, ref, TOL[dtype], "loss")
+    for x, y in zip(torch.autograd.grad(loss.sum(), [c1, c2]), torch.autograd.grad(ref.sum(), [r1, r2])):
+        assert_close_scaled(x, y, TOL[dtype], "grad")

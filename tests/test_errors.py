@@ -54,6 +54,9 @@ CASES = [
     ("normalize not bool", lambda: cb.info_nce(a, p, bank, normalize="yes"), TypeError, "normalize"),
     ("module temperature", lambda: cb.InfoNCE(temperature=0), ValueError, "temperature"),
     ("module reduction", lambda: cb.InfoNCE(reduction="max"), ValueError, "reduction"),
+    ("nt_xent shape mismatch", lambda: cb.nt_xent(a, p[:2]), ValueError, "z2"),
+    ("clip_loss shape mismatch", lambda: cb.clip_loss(a, p[:2], 10.0), ValueError, "text_features"),
+    ("nt_xent temperature", lambda: cb.nt_xent(a, p, 0.0), ValueError, "temperature"),
     ("bank_cross_entropy targets range", lambda: cb.bank_cross_entropy(a, bank, torch.tensor([0, 1, 2, 6])), IndexError, "targets"),
     ("bank_cross_entropy targets dtype", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(4)), TypeError, "targets"),
     ("bank_cross_entropy targets shape", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(3, dtype=torch.long)), ValueError, "targets"),
@@ -77,5 +80,7 @@ def test_registered_op_checks_indices_itself():
         pytest.skip("compiled extension not loaded")
     with pytest.raises(IndexError, match="negative_indices"):
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx + 100, 1.0, True, True, False)
+    with pytest.raises(ValueError, match="exclude_self"):
+        torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx, 1.0, True, True, False, True)
     with pytest.raises(ValueError, match="scale"):
         torch.ops.contrastbound.info_nce_fwd(a, p, bank, None, -1.0, True, True, False)

@@ -38,6 +38,9 @@ def _op_samples(device):
             if n is None:
                 n = p
             out.append((a, p, n, idx, 2.5, True, include_positive, save))
+    # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
+    z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
+    out.append((z, zp, z, None, 2.0, True, False, True, True))
     return out
 
 
@@ -51,14 +54,17 @@ def test_opcheck_forward(device):
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
-    for a, p, n, idx, scale, normalize, include_positive, _ in _op_samples(device):
+    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
+        exclude = rest[0] if rest else False
         with torch.no_grad():
-            _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, idx, scale, normalize, include_positive, True)
+            _, lse, term = torch.ops.contrastbound.info_nce_fwd(
+                a, p, n, idx, scale, normalize, include_positive, True, exclude
+            )
         g = torch.rand(a.shape[0], device=device)
-        args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, [True, True, True])
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
-        args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, [False, True, False])
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
+        for mask in ([True, True, True], [False, True, False]):
+            args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
+                    exclude)
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
 
 
 def _train_step_losses(compiled: bool, steps: int = 3):

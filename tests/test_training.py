@@ -89,3 +89,34 @@ def test_queue_bad_input():
         q.enqueue(torch.randn(2, 5))
     with pytest.raises(TypeError, match="keys"):
         q.enqueue(torch.ones(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1, 7, 300])  # 2N = 600 crosses the kernel's anchor blocks and bank tiles
+@pytest.mark.parametrize("temperature", [0.01, 0.5])
+def test_nt_xent_matches_reference(dtype, N, temperature):
+    from contrastbound.reference import nt_xent_reference
+
+    from conftest import TOL
+
+    g = torch.Generator().manual_seed(N)
+    z1 = torch.randn(N, 9, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    z2 = (z1.detach().double() + 0.3 * torch.randn(N, 9, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    loss = cb.nt_xent(z1, z2, temperature, reduction="none")
+    r1, r2 = (x.detach().double().requires_grad_(True) for x in (z1, z2))
+    ref = nt_xent_reference(r1, r2, temperature, reduction="none")
+    assert loss.shape == (2 * N,) and loss.dtype == dtype
+    assert_close_scaled(loss, ref, TOL[dtype], "loss")
+    up = torch.rand(2 * N, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(loss, [z1, z2], up.to(dtype))
+    ref_grads = torch.autograd.grad(ref, [r1, r2], up)
+    for x, y in zip(grads, ref_grads):
+        assert_close_scaled(x, y, TOL[dtype], "grad")
+
+
+def test_nt_xent_gradcheck_with_learnable_temperature():
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, t: cb.nt_xent(a, b, t, reduction="none"), (z1, z2, t))

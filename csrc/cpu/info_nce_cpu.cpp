@@ -141,11 +141,21 @@ struct Partials {
   acc_t* weighted_ptr(int64_t c, int64_t i) { return weighted.template data_ptr<acc_t>() + (c * B + i) * d; }
 };
 
+// Sets entry (i, i) of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value: with
+// exclude_self the anchors are the bank, and bank row i is not a negative of anchor i.
+template <typename acc_t>
+void mask_self(Tensor& tile, int64_t i0, int64_t k0, acc_t value) {
+  const int64_t rows = tile.size(0), cols = tile.size(1), ld = tile.stride(0);
+  acc_t* t = tile.template data_ptr<acc_t>();
+  const int64_t lo = std::max(i0, k0), hi = std::min(i0 + rows, k0 + cols);
+  for (int64_t k = lo; k < hi; ++k) t[(k - i0) * ld + (k - k0)] = value;
+}
+
 // Shared bank: units (anchor block, K chunk); logits of a block against a bank tile by one GEMM, the online
 // update by vectorised ATen ops on the tile, the weighted sum of bank rows by a second GEMM.
 template <typename scalar_t, typename acc_t>
 void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::vector<acc_t>& inv, bool normalize,
-                    Partials<acc_t>& parts) {
+                    bool exclude_self, Partials<acc_t>& parts) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
   const int64_t blocks = ceil_div(B, kAnchorBlock);
   const int64_t chunks = parts.chunks;
@@ -175,9 +185,12 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
+        if (exclude_self) mask_self<acc_t>(l, i0, k0, -std::numeric_limits<acc_t>::infinity());
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
         at::maximum_out(nmax, m, rmax);
+        // A row whose logits so far were all excluded keeps max = lowest (not -inf, which would give NaN below).
+        if (exclude_self) nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
         at::sub_out(al, m, nmax).exp_();  // exp(-inf) = 0 for the empty state
         l.sub_(nmax.unsqueeze(1)).exp_();
         Tensor rsum = row_sum.narrow(0, 0, bb);
@@ -277,7 +290,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
 
 template <typename scalar_t, typename acc_t>
 ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, const c10::optional<Tensor>& indices,
-                        bool normalize, bool include_positive, bool save) {
+                        bool normalize, bool include_positive, bool save, bool exclude_self) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
   const Mode mode = mode_of(negatives_in, indices);
   const Tensor negatives = unit_inner_stride(negatives_in);
@@ -291,7 +304,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     if (save && parts.chunks > 0) parts.weighted = at::zeros({parts.chunks, B, d}, pr.anchors_s.options());
     std::vector<acc_t> inv, proj;
     bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
-    if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, parts);
+    if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, exclude_self, parts);
   } else {
     const int64_t K = mode == Mode::Indexed ? indices->size(1) : negatives.size(1);
     parts.chunks = num_chunks(K, B, kRowTile);
@@ -330,8 +343,8 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
 // Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
 // recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) and c = sum_i W l accumulate.
 template <typename scalar_t, typename acc_t>
-void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, const acc_t* g, const acc_t* lse,
-                     Tensor& grad_bank) {
+void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, bool exclude_self, const acc_t* g,
+                     const acc_t* lse, Tensor& grad_bank) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
   const auto acc_opts = pr.anchors_s.options();
   std::vector<acc_t> inv, proj;
@@ -365,6 +378,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
         at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
+        if (exclude_self) mask_self<acc_t>(w, i0, k0, acc_t(0));
         grad.addmm_(w.t(), a_blk);  // dL/dn_hat = sum_i W_ik s a_hat_i
         if (normalize) {
           l.mul_(w);
@@ -463,10 +477,10 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                                                  const c10::optional<Tensor>& indices, double scale, bool normalize,
-                                                 bool include_positive, bool save) {
+                                                 bool include_positive, bool save, bool exclude_self) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
-  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save);
+  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save, exclude_self);
   return {out.loss, out.lse, out.anchor_term};
 }
 
@@ -475,7 +489,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
                                                   const Tensor& positives, const Tensor& negatives_in,
                                                   const c10::optional<Tensor>& indices, const Tensor& lse_in,
                                                   const Tensor& anchor_term_in, double scale, bool normalize,
-                                                  bool include_positive, std::array<bool, 3> mask) {
+                                                  bool include_positive, std::array<bool, 3> mask,
+                                                  bool exclude_self) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = anchors.size(0), d = anchors.size(1);
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
@@ -496,7 +511,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
     Tensor term = anchor_term_in;
     if (mask[0] && term.numel() != B * d) {
       // Forward did not save V (the anchors did not need a gradient then): one more forward pass.
-      term = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, true).anchor_term;
+      term = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, true, exclude_self)
+                 .anchor_term;
     }
     if (mask[0]) term = term.to(acc_type).contiguous();
     const acc_t* v = mask[0] ? term.template data_ptr<acc_t>() : nullptr;
@@ -541,7 +557,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
 
   if (mask[2]) {
     if (mode == Mode::Shared) {
-      if (negatives.size(0) > 0) backward_shared<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
+      if (negatives.size(0) > 0) {
+        backward_shared<scalar_t, acc_t>(pr, negatives, normalize, exclude_self, g, lse_p, grad_n);
+      }
     } else if (mode == Mode::PerAnchor) {
       backward_per_anchor<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
     } else {
@@ -554,8 +572,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const Tensor& positives,
                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                     double scale, bool normalize, bool include_positive,
-                                                    bool save_anchor_term) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+                                                    bool save_anchor_term, bool exclude_self) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   std::tuple<Tensor, Tensor, Tensor> out;
@@ -563,7 +581,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
     // Detached views: the ATen calls inside the kernel (some on worker threads, where the guards above do not
     // apply) must not see tensors that require grad.
     out = forward_typed<scalar_t>(anchors.detach(), positives.detach(), negatives.detach(), indices, scale, normalize,
-                                  include_positive, save_anchor_term);
+                                  include_positive, save_anchor_term, exclude_self);
   });
   return out;
 }
@@ -572,8 +590,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const Tensor& positives, const Tensor& negatives,
                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
                                                     const Tensor& anchor_term, double scale, bool normalize,
-                                                    bool include_positive, std::array<bool, 3> output_mask) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+                                                    bool include_positive, std::array<bool, 3> output_mask,
+                                                    bool exclude_self) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors.size(0),
               "info_nce_bwd: grad_loss must have shape (B,) = (", anchors.size(0), ",), got ", grad_loss.sizes());
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == anchors.size(0),
@@ -584,7 +603,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
     out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
                                    indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
-                                   output_mask);
+                                   output_mask, exclude_self);
   });
   return out;
 }

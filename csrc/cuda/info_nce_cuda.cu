@@ -404,7 +404,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          l_s[ty + 16 * a][col] = (k0 + col < k_end) ? acc[a][b] * col_inv[col] : ninf;
+          const bool self = p.exclude_self && i0 + ty + 16 * a == k0 + col;
+          l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] * col_inv[col] : ninf;
         }
       __syncthreads();
       // Online log-sum-exp: one warp per anchor row of the tile.
@@ -729,7 +730,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          w_s[r][col] = (i < B && k0 + col < k_end) ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
+          const bool keep = i < B && k0 + col < k_end && !(p.exclude_self && i == k0 + col);
+          w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
         }
       }
       __syncthreads();

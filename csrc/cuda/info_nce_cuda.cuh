@@ -54,6 +54,7 @@ struct Problem {
   double scale = 1.0;  // s = 1 / temperature
   bool normalize = true;
   bool include_positive = true;
+  bool exclude_self = false;  // Shared only: bank row i is not a negative of anchor i (NT-Xent)
 };
 
 // Forward outputs, all contiguous, in the accumulation type (float64 for Float64 inputs, else float32).

@@ -55,7 +55,8 @@ void check_cuda(const Tensor& anchors, const Tensor& positives, const Tensor& ne
 // The problem as the torch-free launchers see it: raw pointers and element strides (no copies; expanded and
 // transposed inputs are read through their strides).
 Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
-                     const c10::optional<Tensor>& indices, double scale, bool normalize, bool include_positive) {
+                     const c10::optional<Tensor>& indices, double scale, bool normalize, bool include_positive,
+                     bool exclude_self) {
   Problem p;
   p.dtype = dtype_of(anchors.scalar_type());
   p.B = anchors.size(0);
@@ -87,6 +88,7 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   p.scale = scale;
   p.normalize = normalize;
   p.include_positive = include_positive;
+  p.exclude_self = exclude_self;
   return p;
 }
 
@@ -118,12 +120,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_stream(const Problem& p, const Ten
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, const Tensor& positives,
                                                      const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                      double scale, bool normalize, bool include_positive,
-                                                     bool save_anchor_term) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+                                                     bool save_anchor_term, bool exclude_self) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
-  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive);
+  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive, exclude_self);
   return forward_on_stream(p, anchors, save_anchor_term);
 }
 
@@ -131,8 +133,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
                                                      const Tensor& positives, const Tensor& negatives,
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, double scale, bool normalize,
-                                                     bool include_positive, std::array<bool, 3> output_mask) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale);
+                                                     bool include_positive, std::array<bool, 3> output_mask,
+                                                     bool exclude_self) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
@@ -146,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
-  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive);
+  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive, exclude_self);
 
   Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
