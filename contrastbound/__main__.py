@@ -1,44 +1,66 @@
-"""Command line: `contrastbound <command>` or `python -m contrastbound <command>`."""
+"""Command line: `contrastbound <command> ...` or `python -m contrastbound <command> ...`.
+
+Commands:
+  reproduce   reproduce the claims of Bao, Nagano & Nozawa (ICML 2022) with plots and a report (the main job)
+  bench       large-K scaling benchmark of the fused loss beside naive PyTorch and peer libraries
+  demo        train a few steps with the fused loss and print loss and timing
+  info        which backend serves CPU and CUDA tensors, and why
+
+`contrastbound <command> --help` shows each command's options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
+# Commands implemented in their own modules, each with main(argv) -> int and its own options.
+_MODULE_COMMANDS = {
+    "reproduce": ("contrastbound.reproduce", "reproduce the paper's claims with plots and a report (main job)"),
+    "bench": ("contrastbound.benchsuite", "large-K scaling benchmark beside naive PyTorch and peers"),
+}
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+
+def _cmd_demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="contrastbound demo", description="a few training steps, fused vs naive")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--queue", type=int, default=2**17, help="number of negatives K in the bank")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     from .demo import run_demo
 
     run_demo(steps=args.steps, batch=args.batch, queue=args.queue, dim=args.dim, seed=args.seed)
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _cmd_info(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="contrastbound info", description="backend_info() as JSON").parse_args(argv)
     from ._backend import backend_info
 
     print(json.dumps(backend_info(), indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contrastbound", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a few steps with the fused loss and print loss and timing")
-    demo.add_argument("--steps", type=int, default=12)
-    demo.add_argument("--batch", type=int, default=256)
-    demo.add_argument("--queue", type=int, default=2**17, help="number of negatives K in the queue")
-    demo.add_argument("--dim", type=int, default=128)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
-    info = sub.add_parser("info", help="which backend serves CPU and CUDA tensors, and why")
-    info.set_defaults(func=_cmd_info)
-    return parser
+_LOCAL_COMMANDS = {"demo": _cmd_demo, "info": _cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in _LOCAL_COMMANDS:
+        return _LOCAL_COMMANDS[command](rest)
+    if command in _MODULE_COMMANDS:
+        module = importlib.import_module(_MODULE_COMMANDS[command][0])
+        return int(module.main(rest) or 0)
+    print(f"contrastbound: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
