@@ -8,10 +8,26 @@ from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
 from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse, nt_xent
 from .queue import NegativeQueue
+from . import bounds
+from .empirical import (
+    class_means,
+    contrastive_loss_curve,
+    contrastive_loss_estimate,
+    format_gap_report,
+    gap_report,
+    mean_classifier_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "bounds",
+    "class_means",
+    "contrastive_loss_curve",
+    "contrastive_loss_estimate",
+    "format_gap_report",
+    "gap_report",
+    "mean_classifier_loss",
     "InfoNCE",
     "NegativeQueue",
     "backend_info",

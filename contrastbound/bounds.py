@@ -1,0 +1,710 @@
+r"""Closed-form terms of the surrogate-gap sandwich (Bao, Nagano & Nozawa, ICML 2022) and the earlier bounds.
+
+For every number of negatives K >= 1 the mean-classifier supervised loss is sandwiched by the contrastive loss::
+
+    R_cont + Delta_L  <=  R_supv  <=  R_cont + Delta_U
+
+Everything here is float64 numpy. ``K`` (or ``draws``) may be a Python/numpy integer or an integer array of any
+shape; the result is a Python float for a scalar and an array of the same shape otherwise. The class prior is given
+either as ``num_classes=C`` (uniform) or as ``prior=`` a probability vector (exactly one of the two).
+
+Stable algorithms (docs/BOUNDS.md has the derivations):
+
+* ``log(1 - tau_K)`` as a log-sum-exp over the distinct prior values; tau itself as a sum of positive terms.
+* Binomial expectations ``E_{m ~ Bin(K, p)} g(m)`` summed over a window ``Kp +- (12 sd + 30)`` whose weights come
+  from the exact pmf ratio recurrence in log space and are normalised over the window (tail mass < e^-70).
+* The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
+  saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
+  Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
+  inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12), and for a general prior
+  the first Bonferroni term where ``sum_c (1 - pi_c)^n <= 1e-6``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "delta_upper",
+    "delta_lower",
+    "supervised_loss_interval",
+    "collision_probability",
+    "coupon_collector_probability",
+    "collision_term",
+    "min_contrastive_loss",
+    "min_supervised_loss",
+    "arora",
+    "nozawa_sato",
+    "ash",
+    "harmonic_number",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_EULER_GAMMA = 0.57721566490153286061
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    """log(sum(exp(a))) along ``axis`` with the max shifted out (-inf where every entry is -inf)."""
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(a - m), axis=axis)) + np.squeeze(m, axis=axis)
+_CHUNK = 1 << 21  # elements per vectorised block (keeps temporaries ~ tens of MB)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """A resolved class prior: distinct values and their multiplicities (a uniform prior is one group)."""
+
+    num_classes: int
+    values: np.ndarray  # (G,) distinct pi values
+    counts: np.ndarray  # (G,) how many classes have that value (float64)
+    uniform: bool
+
+    @property
+    def pi_max(self) -> float:
+        return float(self.values.max())
+
+    @property
+    def pi_min(self) -> float:
+        return float(self.values.min())
+
+    @property
+    def entropy(self) -> float:
+        if self.uniform:
+            return math.log(self.num_classes)
+        return float(-np.sum(self.counts * self.values * np.log(self.values)))
+
+
+def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
+    if (num_classes is None) == (prior is None):
+        raise ValueError(
+            "pass exactly one of num_classes (uniform prior over C classes) and prior (a probability vector), "
+            f"got num_classes={num_classes!r} and prior={'None' if prior is None else 'an array'}"
+        )
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, Integral):
+            raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes}")
+        C = int(num_classes)
+        return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
+    try:
+        pi = np.asarray(prior, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"prior must be a 1-d array of class probabilities, got {type(prior).__name__}") from exc
+    if pi.ndim != 1 or pi.size == 0:
+        raise ValueError(f"prior must be a non-empty 1-d array of class probabilities, got shape {pi.shape}")
+    if not np.all(np.isfinite(pi)):
+        raise ValueError("prior must contain finite probabilities")
+    if np.any(pi < 0):
+        raise ValueError(f"prior must be non-negative, got min {pi.min()}")
+    if np.any(pi == 0):
+        raise ValueError(
+            "prior must be positive: a class with zero probability has no mean (drop it and pass the rest)"
+        )
+    total = float(pi.sum())
+    if abs(total - 1.0) > 1e-9:
+        raise ValueError(f"prior must sum to 1 (within 1e-9), got sum {total!r}")
+    pi = pi / total
+    C = pi.size
+    if pi.max() <= pi.min() * (1.0 + 1e-12):
+        return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
+    values, counts = np.unique(pi, return_counts=True)
+    return _Prior(C, values, counts.astype(np.float64), False)
+
+
+def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
+    """K as an int64 array (and whether it was a scalar); integer-valued floats are accepted."""
+    if isinstance(K, bool):
+        raise TypeError(f"{name} must be an integer or an integer array, got bool")
+    arr = np.asarray(K)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ValueError(f"{name} must be integer-valued, got non-integer values")
+        if arr.size and np.abs(arr).max() > 2.0**53:
+            raise ValueError(f"{name} is too large to be represented exactly")
+    out = arr.astype(np.int64)
+    if out.size and out.min() < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {out.min()}")
+    return out, arr.ndim == 0
+
+
+def _as_loss(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number or array, got bool")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real number or array, got {type(value).__name__}") from exc
+    return arr
+
+
+def _check_norm_bound(norm_bound: Any) -> float:
+    if isinstance(norm_bound, bool) or not isinstance(norm_bound, Real):
+        raise TypeError(f"norm_bound must be a positive finite number, got {type(norm_bound).__name__}")
+    b = float(norm_bound)
+    if not math.isfinite(b) or b <= 0.0:
+        raise ValueError(f"norm_bound must be a positive finite number, got {b}")
+    return b
+
+
+def _check_form(form: Any, allowed: tuple[str, ...]) -> str:
+    if form not in allowed:
+        raise ValueError(f"form must be one of {allowed}, got {form!r}")
+    return form
+
+
+def _out(values: np.ndarray, scalar: bool) -> Any:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.reshape(())) if scalar else values
+
+
+def _log_cosh(x: float) -> float:
+    """log cosh(x) without overflow: |x| + log1p(e^{-2|x|}) - log 2."""
+    x = abs(x)
+    return x + math.log1p(math.exp(-2.0 * x)) - math.log(2.0)
+
+
+def _require_uniform(fn: str, p: _Prior) -> None:
+    if not p.uniform:
+        raise ValueError(
+            f"{fn}: prior must be uniform: this earlier bound is a uniform-prior formula and plugging a non-uniform "
+            "prior into it is not a valid bound (pass num_classes=C, or a uniform prior)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sandwich constants
+# ----------------------------------------------------------------------------------------------------------
+
+
+def delta_upper(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0, form: str = "best") -> Any:
+    r"""Delta_U: ``R_supv <= R_cont + Delta_U`` for every K >= 1.
+
+    ``form="paper"``: the paper's ``log(pi_max C^2 cosh(b^2)^2 / K)``.
+    ``form="best"`` (default): ``log(cosh(b^2)^2 / K) + min(log(pi_max C^2), -log pi_min)``; both terms of the
+    min are valid constants for any prior, and for a uniform prior both equal log C (the paper's value).
+
+    Args:
+        K: number of negatives, integer >= 1 (scalar or array).
+        num_classes / prior: the class prior, exactly one of them.
+        norm_bound: b with ``||f(x)|| <= b`` (for L2-normalised features at temperature t, b = t^{-1/2}).
+        form: "best" or "paper".
+    """
+    k, scalar = _as_counts("K", K, 1)
+    p = _resolve_prior(num_classes, prior)
+    b = _check_norm_bound(norm_bound)
+    form = _check_form(form, ("best", "paper"))
+    C = p.num_classes
+    if p.uniform:
+        head = math.log(C)
+    elif form == "paper":
+        head = math.log(p.pi_max) + 2.0 * math.log(C)
+    else:
+        head = min(math.log(p.pi_max) + 2.0 * math.log(C), -math.log(p.pi_min))
+    return _out(head + 2.0 * _log_cosh(b * b) - np.log(k.astype(np.float64)), scalar)
+
+
+def delta_lower(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0, form: str = "paper") -> Any:
+    r"""Delta_L: ``R_cont + Delta_L <= R_supv`` for every K >= 1.
+
+    ``form="paper"`` (default): the paper's ``H(pi) + log K - 2 log(1 + K) - 2 log cosh(b^2)`` (H in nats). It is
+    proved for a uniform prior and held in every exact check for other priors, but is not proved for them.
+    ``form="proved"``: ``-2 log cosh(b^2) - sum_c pi_c log max(1 + K pi_c, K pi_max)``, proved for any prior
+    (uniform: ``-log(1 + K/C) - 2 log cosh(b^2)``); looser than the paper's.
+    """
+    k, scalar = _as_counts("K", K, 1)
+    p = _resolve_prior(num_classes, prior)
+    b = _check_norm_bound(norm_bound)
+    form = _check_form(form, ("paper", "proved"))
+    kf = k.astype(np.float64)
+    lc = 2.0 * _log_cosh(b * b)
+    if form == "paper":
+        return _out(p.entropy + np.log(kf) - 2.0 * np.log1p(kf) - lc, scalar)
+    if p.uniform:
+        return _out(-np.log1p(kf / p.num_classes) - lc, scalar)
+    # sum_c pi_c log max(1 + K pi_c, K pi_max): classes with pi_c < pi_max - 1/K take the constant log(K pi_max);
+    # the others (those close to pi_max) are summed directly.
+    order = np.argsort(p.values)
+    vals, cnts = p.values[order], p.counts[order]
+    mass_below = np.concatenate([[0.0], np.cumsum(cnts * vals)])
+    flat = kf.reshape(-1)
+    cut = np.searchsorted(vals, p.pi_max - 1.0 / flat, side="left")
+    acc = mass_below[cut] * np.log(flat * p.pi_max)
+    active = vals.size - cut  # how many classes are compared through 1 + K pi_c, per K
+    by_width = np.argsort(active, kind="stable")
+    start = 0
+    while start < flat.size:
+        rows = by_width[start : start + max(1, (1 << 18) // max(1, int(active[by_width[start]])))]
+        W = int(active[rows].max())
+        j = cut[rows][:, None] + np.arange(W)[None, :]
+        inside = j < vals.size
+        jc = np.minimum(j, vals.size - 1)
+        kk = flat[rows][:, None]
+        v = vals[jc]
+        term = np.where(inside, cnts[jc] * v * np.log(np.maximum(1.0 + kk * v, kk * p.pi_max)), 0.0)
+        acc[rows] += term.sum(1)
+        start += rows.size
+    return _out(-acc.reshape(kf.shape) - lc, scalar)
+
+
+def supervised_loss_interval(
+    contrastive_loss: Any,
+    K: Any,
+    num_classes: int | None = None,
+    prior: Any = None,
+    norm_bound: float = 1.0,
+    upper_form: str = "best",
+    lower_form: str = "paper",
+) -> tuple[Any, Any]:
+    """The interval ``(R_cont + Delta_L, R_cont + Delta_U)`` that contains R_supv (broadcast over loss and K)."""
+    r = _as_loss("contrastive_loss", contrastive_loss)
+    lo = delta_lower(K, num_classes, prior, norm_bound, form=lower_form)
+    hi = delta_upper(K, num_classes, prior, norm_bound, form=upper_form)
+    lo_v, hi_v = r + np.asarray(lo), r + np.asarray(hi)
+    if lo_v.ndim == 0:
+        return float(lo_v), float(hi_v)
+    return lo_v, hi_v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collision probability tau_K
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rows(n: int, G: int):
+    """Row blocks so that a (rows, G) temporary stays around a million elements."""
+    step = max(1, (1 << 20) // max(1, G))
+    for s in range(0, n, step):
+        yield slice(s, min(n, s + step))
+
+
+def _log_one_minus_tau(k: np.ndarray, p: _Prior) -> np.ndarray:
+    kf = k.astype(np.float64).reshape(-1, 1)
+    out = np.empty(kf.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l1p = np.log1p(-p.values)  # -inf for a single class
+        logw = np.log(p.counts * p.values)
+        for sl in _rows(kf.shape[0], p.values.size):
+            terms = logw[None, :] + np.where(kf[sl] == 0, 0.0, kf[sl] * l1p[None, :])
+            out[sl] = _logsumexp(terms, axis=1)
+    return out.reshape(k.shape)
+
+
+def collision_probability(K: Any, num_classes: int | None = None, prior: Any = None, *, log: bool = False) -> Any:
+    r"""tau_K: probability that the anchor's class is among K i.i.d. negatives.
+
+    Uniform: ``1 - (1 - 1/C)^K``; general prior: ``sum_c pi_c (1 - (1 - pi_c)^K)``. With ``log=True`` returns
+    ``log(1 - tau_K)`` (which the direct power underflows for large K).
+    """
+    k, scalar = _as_counts("K", K, 0)
+    p = _resolve_prior(num_classes, prior)
+    if log:
+        return _out(_log_one_minus_tau(k, p), scalar)
+    kf = k.astype(np.float64).reshape(-1, 1)
+    tau = np.empty(kf.shape[0])
+    weights = p.counts * p.values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l1p = np.log1p(-p.values)
+        for sl in _rows(kf.shape[0], p.values.size):
+            # 1 - tau = sum_c pi_c (1 - pi_c)^K; where it is <= 1/2, tau = 1 - (1 - tau) loses nothing
+            kb = kf[sl]
+            # (clamped at e^-700: denormal exponentials are slow, and such terms are far below rounding)
+            rest = np.exp(np.maximum(np.where(kb == 0, 0.0, kb * l1p[None, :]), -700.0)) @ weights
+            tau[sl] = 1.0 - rest
+            small = rest > 0.5
+            if np.any(small):  # small tau: a sum of positive terms -expm1(K log1p(-pi_c)), no cancellation
+                tau[sl][small] = -np.expm1(np.where(kb[small] == 0, 0.0, kb[small] * l1p[None, :])) @ weights
+    return _out(tau.reshape(k.shape), scalar)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Coupon collector upsilon_n
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stirlerr(n: np.ndarray) -> np.ndarray:
+    """log n! - [(n + 1/2) log n - n + log(2 pi)/2], accurate also for huge n (no cancellation)."""
+    n = np.asarray(n, dtype=np.float64)
+    out = np.empty_like(n)
+    small = n < 15
+    ns = n[small]
+    out[small] = np.array([math.lgamma(v + 1.0) for v in ns]) - (ns + 0.5) * np.log(ns) + ns - 0.5 * _LOG_2PI
+    nl = n[~small]
+    n2 = 1.0 / (nl * nl)
+    out[~small] = (1.0 / 12 - n2 * (1.0 / 360 - n2 * (1.0 / 1260 - n2 * (1.0 / 1680 - n2 / 1188)))) / nl
+    return out
+
+
+def _expm1_complex(w: np.ndarray) -> np.ndarray:
+    """e^w - 1 for complex w without cancellation near w = 0."""
+    a, b = w.real, w.imag
+    em = np.expm1(a)
+    s = np.sin(0.5 * b)
+    re = em * np.cos(b) - 2.0 * s * s
+    im = np.exp(a) * np.sin(b)
+    return re + 1j * im
+
+
+def _mu(x: np.ndarray) -> np.ndarray:
+    """Mean of the zero-truncated Poisson(x): x / (1 - e^{-x}) (1 at x = 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x > 1e-300, x / -np.expm1(-np.maximum(x, 1e-300)), 1.0 + 0.5 * x)
+
+
+def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
+    """r with sum_c mu(pi_c r) = n (n > C); Newton on a convex increasing function from the right."""
+    n = n.astype(np.float64)
+    if p.uniform:
+        rho = n / p.num_classes
+        x = np.where(rho < 2.0, 2.0 * (rho - 1.0), rho)
+        for _ in range(60):
+            mu = _mu(x)
+            em = -np.expm1(-x)
+            dmu = (em - x * np.exp(-x)) / (em * em)
+            step = (mu - rho) / dmu
+            x = np.maximum(x - step, 0.5 * x)
+            if np.all(np.abs(step) <= 1e-14 * x):
+                break
+        return x * p.num_classes
+    r = n.copy()  # mu(x) >= x so the root is <= n
+    vals, cnts = p.values[None, :], p.counts[None, :]
+    for _ in range(200):
+        x = r[:, None] * vals
+        mu = _mu(x)
+        em = -np.expm1(-x)
+        dmu = (em - x * np.exp(-x)) / (em * em)
+        f = (cnts * mu).sum(1) - n
+        df = (cnts * vals * dmu).sum(1)
+        step = f / df
+        r = np.maximum(r - step, 0.5 * r)
+        if np.all(np.abs(step) <= 1e-13 * r):
+            break
+    return r
+
+
+def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
+    """log upsilon_n for n > C by the trapezoid rule on the saddle-point circle."""
+    out = np.empty(n.shape, dtype=np.float64)
+    if n.size == 0:
+        return out
+    nf = n.astype(np.float64)
+    r = _saddle_radius(n, p)
+    x = r[:, None] * p.values[None, :]  # (N, G)
+    mu = _mu(x)
+    var = (p.counts[None, :] * mu * (1.0 + x - mu)).sum(1)
+    # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
+    M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
+    # log of the integrand's modulus at theta = 0, with log n! by Stirling so nothing large cancels:
+    # log n! - n log r + sum_c log(e^{x_c} - 1) = stirlerr(n) + log(2 pi n)/2 + n (u - log1p(u)) - n u + r - n
+    #   ... with sum_c log(e^{x_c} - 1) = r + sum_c log(1 - e^{-x_c}) and u = r/n - 1.
+    u = r / nf - 1.0
+    log_base = (
+        _stirlerr(nf)
+        + 0.5 * (_LOG_2PI + np.log(nf))
+        + nf * (u - np.log1p(u))
+        + (p.counts[None, :] * np.log(-np.expm1(-x))).sum(1)
+    )
+    log_e0 = x + np.log(-np.expm1(-x))  # (N, G): log(e^x - 1) without overflow, subtracted below
+    # Only the arc where the integrand can matter is summed: |e^w - 1| <= e^{x cos(theta)} + 1 bounds the modulus
+    # by a function decreasing on [0, pi]; beyond the angle where that bound falls under e^-60 (relative to
+    # theta = 0) the points are dropped (their total is < e^-60 * sd relative to the result).
+    def bound(theta: np.ndarray) -> np.ndarray:
+        return (p.counts[None, :] * (np.logaddexp(x * np.cos(theta)[:, None], 0.0) - log_e0)).sum(1)
+
+    lo_t, hi_t = np.zeros(n.size), np.full(n.size, np.pi)
+    cut = bound(hi_t) > -60.0  # the whole circle is needed
+    for _ in range(40):
+        mid = 0.5 * (lo_t + hi_t)
+        above = bound(mid) > -60.0
+        lo_t = np.where(above, mid, lo_t)
+        hi_t = np.where(above, hi_t, mid)
+    theta_star = np.where(cut, np.pi, hi_t)
+    half_full = M // 2
+    half = np.minimum(half_full, np.ceil(theta_star * M / (2.0 * np.pi)).astype(np.int64) + 1)
+    G = p.values.size
+    per_point = max(1, G)
+    budget = max(1, (1 << 16) // per_point)  # points per block: small enough to stay in cache
+    start = 0
+    N = n.size
+    while start < N:
+        # take rows while the number of points stays within the budget
+        cum = np.cumsum(half[start:] + 1)
+        stop = start + max(1, int(np.searchsorted(cum, budget, side="right")))
+        rows = np.arange(start, stop)
+        cnt = half[rows] + 1
+        rid = np.repeat(rows, cnt)
+        offs = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+        j = np.arange(rid.size) - np.repeat(offs, cnt)
+        Mr = M[rid]
+        theta = (2.0 * np.pi) * j / Mr
+        e = np.exp(1j * theta)
+        logsum = np.zeros(rid.size, dtype=np.complex128)
+        for g in range(G):
+            w = x[rid, g] * e
+            right = w.real >= 0.0
+            lg = np.empty_like(w)
+            # log(e^w - 1) = w + log(1 - e^{-w}) on the right half-plane (no overflow), directly on the left
+            lg[right] = w[right] + np.log(-_expm1_complex(-w[right]))
+            lg[~right] = np.log(_expm1_complex(w[~right]))
+            logsum += p.counts[g] * (lg - log_e0[rid, g])
+        phase = (2.0 * np.pi) * (np.mod(n[rid] * j, Mr) / Mr)  # n theta mod 2 pi, exactly
+        term = np.exp(logsum.real) * np.cos(logsum.imag - phase)
+        weight = np.where((j == 0) | (2 * j == Mr), 1.0, 2.0)
+        S = np.bincount(rid - start, weights=weight * term, minlength=rows.size) / M[rows]
+        out[rows] = log_base[rows] + np.log(S)
+        start = stop
+    return out
+
+
+def _log_coupon_ie_uniform(n: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """log upsilon_n by inclusion-exclusion sum_j (-1)^j binom(C, j) (1 - j/C)^n, and the condition number
+    sum_j |term_j| / |sum| (used only where C (1 - 1/C)^n <= 5, so the terms fall like 5^j / j!)."""
+    J = min(C, 48)
+    j = np.arange(J + 1, dtype=np.float64)
+    # log binom(C, j) as a short cumulative sum: gammaln(C + 1) would carry an absolute error ~ C log C * eps
+    lbin = np.concatenate([[0.0], np.cumsum(np.log((C - j[:-1]) / (j[:-1] + 1.0)))])
+    with np.errstate(divide="ignore"):
+        l1p = np.log1p(-j / C)
+    out = np.empty(n.shape, dtype=np.float64)
+    cond = np.empty(n.shape, dtype=np.float64)
+    nf = n.astype(np.float64)
+    step = max(1, _CHUNK // (J + 1))
+    sign = np.where(j % 2 == 0, 1.0, -1.0)
+    for s in range(0, n.size, step):
+        t = np.exp(lbin[None, :] + nf[s : s + step, None] * l1p[None, :])
+        rest = (sign[None, 1:] * t[:, 1:]).sum(1)  # upsilon - 1, so log1p keeps log upsilon accurate near 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[s : s + step] = np.log1p(rest)
+            cond[s : s + step] = t.sum(1) / np.abs(1.0 + rest)
+    return out, cond
+
+
+def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
+    """log upsilon_n, elementwise over an int64 array n >= 0."""
+    flat = n.reshape(-1)
+    out = np.full(flat.shape, -np.inf)
+    C = p.num_classes
+    if C == 1:
+        out[flat >= 1] = 0.0
+        return out.reshape(n.shape)
+    # n == C: C! prod_c pi_c (every draw a different class)
+    at = flat == C
+    out[at] = math.lgamma(C + 1.0) + float(np.sum(p.counts * np.log(p.values)))
+    above = np.nonzero(flat > C)[0]
+    if above.size:
+        na = flat[above]
+        res = np.empty(na.size)
+        if p.uniform:
+            log_x = math.log(C) + na * math.log1p(-1.0 / C)
+            easy = log_x <= math.log(5.0)
+            ie, cond = _log_coupon_ie_uniform(na[easy], C)
+            good = np.isfinite(ie) & (cond <= 1e3)  # else the cancellation would cost more than ~1e-12
+            res[easy] = ie
+            easy[np.nonzero(easy)[0][~good]] = False
+        else:
+            # sum_c (1 - pi_c)^n; where it is <= 1e-6 the first Bonferroni term is exact to < 1e-12.
+            log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
+            easy = log_s <= math.log(1e-6)
+            res[easy] = np.log1p(-np.exp(log_s[easy]))
+        hard = ~easy
+        if np.any(hard):
+            # the Cauchy integral on unique n only (curves often repeat nothing, but arrays may)
+            uniq, inv = np.unique(na[hard], return_inverse=True)
+            res[hard] = _log_coupon_cauchy(uniq, p)[inv]
+        out[above] = res
+    return out.reshape(n.shape)
+
+
+def coupon_collector_probability(draws: Any, num_classes: int | None = None, prior: Any = None, *, log: bool = False) -> Any:
+    r"""upsilon_n: probability that n i.i.d. draws from the prior cover all C classes (the bounds use n = K + 1).
+
+    Exact for every n (0 for n < C, C! prod pi_c at n = C); relative error ~1e-12 for C up to 10^4 and n up to
+    10^7. ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
+    """
+    n, scalar = _as_counts("draws", draws, 0)
+    p = _resolve_prior(num_classes, prior)
+    lv = _log_coupon(n, p)
+    return _out(lv if log else np.exp(lv), scalar)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Binomial expectations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _binom_expect(k: np.ndarray, prob: float, g) -> np.ndarray:
+    """E_{m ~ Bin(K, prob)} g(m, K) for every K in the int64 array k (any shape).
+
+    The sum runs over m in Kp +- (10 sd + 25) (the rest has mass < e^-48, by the Chernoff bound); the weights
+    come from the pmf ratio recurrence pmf(m+1)/pmf(m) = (K-m)/(m+1) * p/(1-p) in log space and are normalised
+    over the window, so no binomial coefficient (nor its overflow or rounding) is ever formed.
+    """
+    flat = k.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float64)
+    if flat.size == 0:
+        return out.reshape(k.shape)
+    if prob >= 1.0:
+        kf = flat.astype(np.float64)
+        return g(kf, kf).reshape(k.shape)
+    lpq = math.log(prob) - math.log1p(-prob)
+    mean = flat * prob
+    sd = np.sqrt(flat * prob * (1.0 - prob))
+    lo = np.maximum(0, np.floor(mean - 10.0 * sd - 25.0)).astype(np.int64)
+    hi = np.minimum(flat, np.ceil(mean + 10.0 * sd + 25.0)).astype(np.int64)
+    mode = np.clip(np.floor((flat + 1) * prob).astype(np.int64), lo, hi)
+    width = hi - lo + 1
+    order = np.argsort(width, kind="stable")
+    ws = width[order]
+    log1p_table = np.log1p(np.arange(int(hi.max()) + 1, dtype=np.float64))
+    budget = 1 << 17  # block size that stays in cache
+    start = 0
+    while start < order.size:
+        # widths ascend along `order`: take rows while rows * (widest row) fits the budget
+        rem = ws[start : start + budget]
+        rows_n = max(1, int(np.searchsorted(np.arange(1, rem.size + 1) * rem, budget, side="right")))
+        idx = order[start : start + rows_n]
+        W = int(ws[start + rows_n - 1])
+        kk = flat[idx][:, None]
+        m = lo[idx][:, None] + np.arange(W)[None, :]
+        inside = m < hi[idx][:, None]
+        mc = np.minimum(m, hi[idx][:, None])
+        with np.errstate(divide="ignore"):
+            inc = np.where(inside, np.log((kk - mc).astype(np.float64)) - log1p_table[mc] + lpq, -np.inf)
+        logw = np.empty((idx.size, W))
+        logw[:, 0] = 0.0
+        np.cumsum(inc[:, :-1], axis=1, out=logw[:, 1:])
+        logw -= np.take_along_axis(logw, (mode[idx] - lo[idx])[:, None], axis=1)
+        w = np.exp(logw)
+        vals = g(mc.astype(np.float64), kk.astype(np.float64)) if g is not _LOG1P else log1p_table[mc]
+        out[idx] = np.einsum("ij,ij->i", w, vals) / w.sum(1)
+        start += idx.size
+    return out.reshape(k.shape)
+
+
+def _LOG1P(m, kk):  # noqa: N802  (a marker: g(m) = log(1 + m), served from a table)
+    return np.log1p(m)
+
+
+def _mixed_expect(k: np.ndarray, p: _Prior, g) -> np.ndarray:
+    """sum_c pi_c E_{m ~ Bin(K, pi_c)} g(m, K): the anchor's class c ~ pi, m of its K negatives share it."""
+    acc = np.zeros(k.shape, dtype=np.float64)
+    for v, c in zip(p.values, p.counts):
+        acc += (c * v) * _binom_expect(k, float(v), g)
+    return acc
+
+
+def collision_term(K: Any, num_classes: int | None = None, prior: Any = None) -> Any:
+    r"""``E_{m ~ Bin(K, 1/C)} log(1 + m)``; general prior: ``sum_c pi_c E_{m ~ Bin(K, pi_c)} log(1 + m)``."""
+    k, scalar = _as_counts("K", K, 0)
+    p = _resolve_prior(num_classes, prior)
+    return _out(_mixed_expect(k, p, _LOG1P), scalar)
+
+
+def min_contrastive_loss(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0) -> Any:
+    r"""R_cont* = ``E_m log(1 + m + (K - m) e^{-2 b^2})``, m the number of same-class negatives.
+
+    A lower bound of R_cont for every representation with ``||f|| <= b`` (the paper's synthetic curve).
+    """
+    k, scalar = _as_counts("K", K, 0)
+    p = _resolve_prior(num_classes, prior)
+    b = _check_norm_bound(norm_bound)
+    e = math.exp(-2.0 * b * b)
+    return _out(_mixed_expect(k, p, lambda m, kk: np.log1p(m + (kk - m) * e)), scalar)
+
+
+def min_supervised_loss(num_classes: int, norm_bound: float = 1.0) -> float:
+    r"""R_supv* = ``log(1 + (C - 1) e^{-2 b^2})``: a lower bound of the mean-classifier loss for ``||f|| <= b``."""
+    p = _resolve_prior(num_classes, None)
+    b = _check_norm_bound(norm_bound)
+    return math.log1p((p.num_classes - 1) * math.exp(-2.0 * b * b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The earlier bounds (uniform prior)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def harmonic_number(n: int, harmonic: str = "exact") -> float:
+    """H_n = 1 + 1/2 + ... + 1/n (``"exact"``), or the authors' ``log(n) + 0.577`` (``"authors"``)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if harmonic == "exact":
+        if n == 0:
+            return 0.0
+        if n <= 100_000:
+            return math.fsum(1.0 / np.arange(1, n + 1))
+        # Euler-Maclaurin; the next term is below 1/(252 n^6) < 1e-32
+        return math.log(n) + _EULER_GAMMA + 1.0 / (2 * n) - 1.0 / (12 * n**2) + 1.0 / (120 * n**4)
+    if harmonic == "authors":
+        return math.log(n) + 0.577 if n > 0 else -math.inf
+    raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
+
+
+def _earlier_setup(fn: str, contrastive_loss: Any, K: Any, num_classes: Any, prior: Any):
+    k, k_scalar = _as_counts("K", K, 1)
+    r = _as_loss("contrastive_loss", contrastive_loss)
+    p = _resolve_prior(num_classes, prior)
+    _require_uniform(fn, p)
+    r_b, k_b = np.broadcast_arrays(r, k)
+    scalar = r_b.ndim == 0
+    return r_b.astype(np.float64), k_b.astype(np.int64), p, scalar
+
+
+def arora(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: Any = None) -> Any:
+    r"""Arora et al. (2019) as the paper evaluates it: ``(R_cont - col) / ((1 - tau_K) upsilon_{K+1})``.
+
+    Uniform prior only; NaN for K < C (where the authors do not define it).
+    """
+    r, k, p, scalar = _earlier_setup("arora", contrastive_loss, K, num_classes, prior)
+    C = p.num_classes
+    col = _mixed_expect(k, p, _LOG1P)
+    log_den = _log_one_minus_tau(k, p) + _log_coupon(k + 1, p)
+    with np.errstate(over="ignore", invalid="ignore"):  # 1/(1 - tau) overflows to inf for very large K: the bound is vacuous there
+        val = (r - col) * np.exp(-log_den)
+    return _out(np.where(k >= C, val, np.nan), scalar)
+
+
+def nozawa_sato(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: Any = None) -> Any:
+    r"""Nozawa & Sato (2021) as the paper evaluates it: ``(2 R_cont - col) / upsilon_{K+1}``.
+
+    Uniform prior only; NaN for K < C.
+    """
+    r, k, p, scalar = _earlier_setup("nozawa_sato", contrastive_loss, K, num_classes, prior)
+    C = p.num_classes
+    col = _mixed_expect(k, p, _LOG1P)
+    with np.errstate(over="ignore", invalid="ignore"):  # upsilon = 0 for K < C (masked to NaN below)
+        val = (2.0 * r - col) * np.exp(-_log_coupon(k + 1, p))
+    return _out(np.where(k >= C, val, np.nan), scalar)
+
+
+def ash(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: Any = None, harmonic: str = "exact") -> Any:
+    r"""Ash et al. (2022) as the paper evaluates it: ``2 max(1, 2 (C-1) H_{C-1} / K) / (1 - tau_K) (R_cont - col)``.
+
+    Uniform prior only; defined for every K >= 1 (NaN for C = 1, where 1 - tau_K = 0). ``harmonic="exact"``
+    (default) uses the exact harmonic number, ``"authors"`` the authors' ``log(n) + 0.577``.
+    """
+    r, k, p, scalar = _earlier_setup("ash", contrastive_loss, K, num_classes, prior)
+    if harmonic not in ("exact", "authors"):
+        raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
+    C = p.num_classes
+    if C == 1:
+        return _out(np.full(k.shape, np.nan), scalar)
+    H = harmonic_number(C - 1, harmonic)
+    col = _mixed_expect(k, p, _LOG1P)
+    with np.errstate(over="ignore"):
+        coef = 2.0 * np.maximum(1.0, 2.0 * (C - 1) * H / k) * np.exp(-_log_one_minus_tau(k, p))
+    return _out(coef * (r - col), scalar)

@@ -1,0 +1,413 @@
+r"""Empirical losses of the surrogate-gap sandwich, computed on the library's fused kernels.
+
+Conventions (the paper's setting, kept consistent across every function here):
+
+* ``normalize=True`` (default) means the representation is ``f(x) = features / ||features||``: class means are
+  means of the normalised features, the mean classifier scores normalised features against those means (the means
+  themselves are not re-normalised), and the contrastive estimators normalise anchors, positives and negatives.
+  With ``normalize=False`` the features are used as given.
+* Scores are ``f(x).f(x') / temperature``; the paper uses temperature 1. The sandwich then holds with
+  ``b^2 = max ||f||^2 / temperature`` (``1 / temperature`` for normalised features).
+* The contrastive loss follows the theorem, not the authors' training estimator: each anchor's positive is drawn
+  from its own class of the given set (the anchor itself included, so the estimate targets R_cont of the empirical
+  distribution) and its K negatives are drawn i.i.d. with replacement from the whole set (collisions included).
+  Negatives reach the kernel as ``negative_indices`` rows into the feature matrix: no (B, K, d) copy is made.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import bounds as _bounds
+from .functional import bank_cross_entropy, info_nce, info_nce_lse
+
+__all__ = [
+    "class_means",
+    "mean_classifier_loss",
+    "contrastive_loss_estimate",
+    "contrastive_loss_curve",
+    "gap_report",
+    "format_gap_report",
+]
+
+_EPS = 1e-12  # the eps of torch.nn.functional.normalize, which the kernels use too
+_GATHER_BUDGET = 1 << 25  # B * K * d per fused call: bounds the pure-PyTorch fallback's (B, K, d) gather (128 MB fp32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_features(name: str, features: Any) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, d), got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, d), got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {features.dtype}")
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row")
+    return features
+
+
+def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be an int64 tensor of shape (N,), got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor of shape (N,), got dtype {labels.dtype}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"{name} must have shape (N,) = ({features.shape[0]},), got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {features.device}")
+    labels = labels.to(torch.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise ValueError(f"{name} must be non-negative class indices, got min {lo}")
+    if num_classes is None:
+        num_classes = hi + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    elif hi >= num_classes:
+        raise ValueError(f"{name} must lie in [0, num_classes) = [0, {num_classes}), got max {hi}")
+    return labels, num_classes
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _prepare(features: torch.Tensor, normalize: bool) -> torch.Tensor:
+    return F.normalize(features, dim=-1, eps=_EPS) if normalize else features
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mean classifier
+# ----------------------------------------------------------------------------------------------------------
+
+
+def class_means(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, normalize: bool = True
+) -> torch.Tensor:
+    r"""Class means ``mu_c = mean_{i: y_i = c} f(x_i)``, shape (C, d), in the dtype of ``features``.
+
+    Args:
+        features: (N, d) features.
+        labels: (N,) integer classes in [0, C).
+        num_classes: C (default: ``labels.max() + 1``). Every class must have at least one sample.
+        normalize: average L2-normalised features (the paper's mean classifier) instead of the raw ones.
+    Accumulated in float64 (float32 on devices without float64 would still be at least float32).
+    """
+    features = _check_features("features", features)
+    labels, C = _check_labels("labels", labels, features, num_classes)
+    counts = torch.bincount(labels, minlength=C)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
+        raise ValueError(f"labels: every class needs at least one sample to have a mean; empty classes include {missing}")
+    acc_dtype = torch.float64 if features.device.type == "cpu" or features.dtype == torch.float64 else torch.float32
+    f = _prepare(features.to(acc_dtype), normalize)
+    sums = torch.zeros(C, f.shape[1], dtype=acc_dtype, device=f.device).index_add_(0, labels, f)
+    return (sums / counts.to(acc_dtype)[:, None]).to(features.dtype)
+
+
+def mean_classifier_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    means: torch.Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    *,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""R_supv: softmax cross-entropy of ``f(x_i) . mu_c / temperature`` over the C classes against ``y_i``.
+
+    Runs on :func:`contrastbound.bank_cross_entropy` with bank = ``means`` (the (N, C) logits are never formed,
+    so C may be 10^5). ``normalize=True`` scores L2-normalised features against the means as given (means of
+    normalised features from :func:`class_means`), the paper's R_supv.
+
+    Args:
+        features: (N, d); labels: (N,) in [0, C); means: (C, d).
+        reduction: "mean", "sum" or "none" (per-sample (N,)).
+    """
+    features = _check_features("features", features)
+    if not isinstance(means, torch.Tensor) or means.dim() != 2:
+        raise TypeError("means must be a (C, d) tensor (see class_means)")
+    labels, _ = _check_labels("labels", labels, features, means.shape[0])
+    f = _prepare(features, normalize).to(means.dtype)
+    return bank_cross_entropy(f, means, labels, temperature=temperature, normalize=False, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Contrastive loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """Draws anchors, positives (same class) and negatives (whole set, with replacement) in anchor chunks.
+
+    Both estimators use it with the same draw order, so the curve at K equals the estimate at K for one seed.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_anchors: int | None, generator: torch.Generator | None):
+        self.N = features.shape[0]
+        self.device = features.device
+        self.generator = generator
+        order = torch.argsort(labels, stable=True)
+        C = int(labels.max()) + 1
+        counts = torch.bincount(labels, minlength=C)
+        self.order, self.counts = order, counts
+        self.starts = torch.cumsum(counts, 0) - counts
+        self.labels = labels
+        self.index_budget = max(1 << 12, _GATHER_BUDGET // max(1, features.shape[1]))
+        if num_anchors is None:
+            self.anchors = torch.arange(self.N, device=self.device)
+        else:
+            self.anchors = torch.randint(self.N, (num_anchors,), device=self.device, generator=generator)
+
+    def chunks(self, K: int):
+        per = max(1, self.index_budget // max(1, K))
+        for s in range(0, self.anchors.numel(), per):
+            a = self.anchors[s : s + per]
+            y = self.labels[a]
+            u = torch.rand(a.numel(), dtype=torch.float64, device=self.device, generator=self.generator)
+            n_c = self.counts[y]
+            off = torch.minimum((u * n_c.to(torch.float64)).to(torch.int64), n_c - 1)
+            pos = self.order[self.starts[y] + off]
+            neg = torch.randint(self.N, (a.numel(), K), device=self.device, generator=self.generator)
+            yield a, pos, neg
+
+
+def _setup(features, labels, temperature, num_anchors, normalize):
+    features = _check_features("features", features)
+    labels, _ = _check_labels("labels", labels, features)
+    t = _check_positive("temperature", temperature)
+    if num_anchors is not None:
+        num_anchors = _check_count("num_anchors", num_anchors, 1)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    return features, labels, t, num_anchors
+
+
+def contrastive_loss_estimate(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    K: int,
+    *,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    num_anchors: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Monte Carlo estimate of the theorem's R_cont with K negatives (a differentiable 0-d tensor).
+
+    Each anchor (every row, or ``num_anchors`` rows drawn with replacement) gets a positive drawn uniformly from its
+    own class and K negatives drawn i.i.d. uniformly from all rows, and contributes
+    ``-log(e^{s a.p} / (e^{s a.p} + sum_k e^{s a.n_k}))``, s = 1/temperature, through :func:`contrastbound.info_nce`
+    with ``negative_indices`` (no (B, K, d) copy). The standard error is roughly sd(loss_i) / sqrt(B).
+    """
+    features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    K = _check_count("K", K, 0)
+    sampler = _Sampler(features, labels, num_anchors, generator)
+    total = features.new_zeros((), dtype=torch.float64 if features.dtype == torch.float64 else torch.float32)
+    for a, pos, neg in sampler.chunks(K):
+        if K == 0:
+            continue
+        loss = info_nce(
+            features[a], features[pos], features, negative_indices=neg, temperature=t, normalize=normalize, reduction="sum"
+        )
+        total = total + loss.to(total.dtype)
+    return total / sampler.anchors.numel()
+
+
+def contrastive_loss_curve(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] | np.ndarray,
+    *,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    num_anchors: int | None = None,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
+    r"""R_cont at every K in ``ks`` from ONE pass over max(ks) negatives per anchor; float64 array like ``ks``.
+
+    The loss at K uses the first K negatives of each anchor: the index columns are processed in slices
+    [k_{j-1}, k_j) by :func:`contrastbound.info_nce_lse` (positive left out), and the per-anchor log-sum-exp is
+    carried across slices with :func:`torch.logaddexp`, starting from the first slice's (which includes the
+    positive). With the same generator state the value at K equals :func:`contrastive_loss_estimate` at K.
+    """
+    features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    ks_arr = np.asarray(ks)
+    if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0:
+        raise ValueError(f"ks must be a non-empty 1-d sequence of ints, got {ks!r}")
+    if ks_arr.min() < 0:
+        raise ValueError(f"ks must be non-negative, got min {ks_arr.min()}")
+    uniq = np.unique(ks_arr)
+    kmax = int(uniq[-1])
+    sampler = _Sampler(features, labels, num_anchors, generator)
+    sums = np.zeros(uniq.size)
+    for a, pos, neg in sampler.chunks(kmax):
+        fa, fp = features[a], features[pos]
+        loss0 = lse0 = running = None
+        prev = 0
+        with torch.no_grad():
+            for i, k in enumerate(uniq.tolist()):
+                if k == 0:
+                    continue
+                cols = neg[:, prev:k]
+                if loss0 is None:
+                    loss0, lse0 = info_nce_lse(
+                        fa, fp, features, negative_indices=cols.contiguous(), temperature=t, normalize=normalize,
+                        include_positive=True,
+                    )
+                    running = lse0
+                elif k > prev:
+                    _, lse = info_nce_lse(
+                        fa, fp, features, negative_indices=cols.contiguous(), temperature=t, normalize=normalize,
+                        include_positive=False,
+                    )
+                    running = torch.logaddexp(running, lse)
+                prev = k
+                # loss at k = loss at the first slice + (lse_k - lse_first); the positive logit cancels
+                sums[i] += float((loss0.double() + (running.double() - lse0.double())).sum())
+    values = sums / sampler.anchors.numel()
+    return values[np.searchsorted(uniq, ks_arr)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gap_report(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] | np.ndarray,
+    *,
+    test_features: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    prior: str | Sequence[float] | np.ndarray = "empirical",
+    num_anchors: int | None = None,
+    generator: torch.Generator | None = None,
+    harmonic: str = "exact",
+) -> list[dict[str, Any]]:
+    r"""For each K: R_cont, R_supv, Delta_L, Delta_U, the interval, whether R_supv is inside, and earlier bounds.
+
+    R_cont is estimated on (``features``, ``labels``) by :func:`contrastive_loss_curve` (one pass); the means come
+    from the same set and R_supv is evaluated on the test set when given (else on the same set). The constants use
+    ``b = max ||f|| / sqrt(temperature)`` (``1 / sqrt(temperature)`` with ``normalize=True``) and the prior
+    ``"empirical"`` (class frequencies of ``labels``; exactly uniform frequencies count as uniform), ``"uniform"``,
+    or a probability vector. The earlier bounds (Arora et al., Nozawa & Sato, Ash et al.) are uniform-prior
+    formulas: they are NaN for a non-uniform prior and where they are undefined (K < C for the first two).
+
+    Returns:
+        A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_supv, delta_lower,
+        delta_upper, lower, upper, inside, arora, nozawa_sato, ash, num_classes, norm_bound``; print it with
+        :func:`format_gap_report`.
+    """
+    features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    C = int(labels.max()) + 1
+    ks_arr = np.asarray(ks)
+    if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0 or ks_arr.min() < 1:
+        raise ValueError(f"ks must be a non-empty 1-d sequence of ints >= 1, got {ks!r}")
+    if (test_features is None) != (test_labels is None):
+        raise ValueError("pass both test_features and test_labels, or neither")
+    means = class_means(features, labels, C, normalize=normalize)
+    if test_features is not None:
+        test_features = _check_features("test_features", test_features)
+        test_labels, _ = _check_labels("test_labels", test_labels, test_features, C)
+        sup_f, sup_y = test_features, test_labels
+    else:
+        sup_f, sup_y = features, labels
+    with torch.no_grad():
+        r_supv = float(mean_classifier_loss(sup_f, sup_y, means, t, normalize=normalize).double())
+        if normalize:
+            b2 = 1.0 / t
+        else:
+            norms = [features.double().norm(dim=1).max()]
+            if test_features is not None:
+                norms.append(test_features.double().norm(dim=1).max())
+            b2 = float(max(norms)) ** 2 / t
+    b = math.sqrt(max(b2, 1e-300))
+    r_cont = contrastive_loss_curve(
+        features, labels, ks_arr, temperature=t, normalize=normalize, num_anchors=num_anchors, generator=generator
+    )
+    if isinstance(prior, str):
+        if prior == "uniform":
+            pr = dict(num_classes=C)
+        elif prior == "empirical":
+            freq = torch.bincount(labels, minlength=C).double().cpu().numpy()
+            pr = dict(num_classes=C) if np.all(freq == freq[0]) else dict(prior=freq / freq.sum())
+        else:
+            raise ValueError(f"prior must be 'empirical', 'uniform' or a probability vector, got {prior!r}")
+    else:
+        pr = dict(prior=np.asarray(prior, dtype=np.float64))
+    d_lo = np.atleast_1d(_bounds.delta_lower(ks_arr, norm_bound=b, **pr))
+    d_hi = np.atleast_1d(_bounds.delta_upper(ks_arr, norm_bound=b, **pr))
+    uniform = "num_classes" in pr or _bounds._resolve_prior(None, pr["prior"]).uniform
+    if uniform:
+        ar = _bounds.arora(r_cont, ks_arr, num_classes=C)
+        ns = _bounds.nozawa_sato(r_cont, ks_arr, num_classes=C)
+        ah = _bounds.ash(r_cont, ks_arr, num_classes=C, harmonic=harmonic)
+    else:
+        ar = ns = ah = np.full(ks_arr.shape, np.nan)
+    rows = []
+    for i, k in enumerate(ks_arr.tolist()):
+        lo, hi = r_cont[i] + d_lo[i], r_cont[i] + d_hi[i]
+        rows.append(
+            dict(
+                K=int(k), R_cont=float(r_cont[i]), R_supv=r_supv, delta_lower=float(d_lo[i]), delta_upper=float(d_hi[i]),
+                lower=float(lo), upper=float(hi), inside=bool(lo <= r_supv <= hi), arora=float(ar[i]),
+                nozawa_sato=float(ns[i]), ash=float(ah[i]), num_classes=C, norm_bound=b,
+            )
+        )
+    return rows
+
+
+_COLUMNS = (
+    ("K", "K", "{:d}"),
+    ("R_cont", "R_cont", "{:.4f}"),
+    ("R_supv", "R_supv", "{:.4f}"),
+    ("delta_lower", "Delta_L", "{:.4f}"),
+    ("delta_upper", "Delta_U", "{:.4f}"),
+    ("lower", "lower", "{:.4f}"),
+    ("upper", "upper", "{:.4f}"),
+    ("inside", "inside", "{}"),
+    ("arora", "Arora", "{:.4g}"),
+    ("nozawa_sato", "Nozawa-Sato", "{:.4g}"),
+    ("ash", "Ash", "{:.4g}"),
+)
+
+
+def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
+    """Render :func:`gap_report` rows as a plain-text table (NaN shows as "-")."""
+    header = [title for _, title, _ in _COLUMNS]
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in _COLUMNS:
+            v = row[key]
+            cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
+    if rows:
+        out.append(f"C = {rows[0]['num_classes']}, b = {rows[0]['norm_bound']:.4g}; R_supv inside [lower, upper] for every K: "
+                   f"{all(r['inside'] for r in rows)}")
+    return "\n".join(out)

@@ -1,0 +1,170 @@
+"""The empirical estimators (on the fused kernels) against exact losses of the empirical distribution."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import contrastbound  # noqa: F401
+
+from contrastbound import bounds as B
+from contrastbound.empirical import (
+    class_means,
+    contrastive_loss_curve,
+    contrastive_loss_estimate,
+    format_gap_report,
+    gap_report,
+    mean_classifier_loss,
+)
+from contrastbound.testing import DiscreteProblem, exact_contrastive_loss, exact_supervised_loss
+
+
+def blobs(n_per_class=(3, 4, 2), d=3, seed=0, dtype=torch.float64, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    C = len(n_per_class)
+    centers = torch.randn(C, d, generator=g, dtype=dtype) * 2
+    y = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(n_per_class)])
+    x = centers[y] + spread * torch.randn(y.numel(), d, generator=g, dtype=dtype)
+    return x, y
+
+
+def hoeffding_margin(n: int, value_range: float, delta: float = 1e-6) -> float:
+    """|mean - E| <= range * sqrt(log(2/delta) / (2n)) with probability >= 1 - delta (bounded losses)."""
+    return value_range * math.sqrt(math.log(2 / delta) / (2 * n))
+
+
+def test_class_means():
+    x, y = blobs()
+    for normalize in (True, False):
+        f = F.normalize(x, dim=1) if normalize else x
+        ref = torch.stack([f[y == c].mean(0) for c in range(3)])
+        torch.testing.assert_close(class_means(x, y, normalize=normalize), ref, rtol=1e-12, atol=1e-12)
+    assert class_means(x.float(), y).dtype == torch.float32
+    assert class_means(x, y, num_classes=3).shape == (3, 3)
+    with pytest.raises(ValueError, match="labels"):
+        class_means(x, y, num_classes=5)  # classes 3 and 4 are empty
+    with pytest.raises(ValueError, match="labels"):
+        class_means(x, y, num_classes=2)
+    with pytest.raises(ValueError, match="labels"):
+        class_means(x, y[:-1])
+    with pytest.raises(TypeError, match="features"):
+        class_means(x.numpy(), y)
+
+
+def test_mean_classifier_loss_is_exact_r_supv():
+    x, y = blobs()
+    # features as given: the empirical distribution's R_supv exactly
+    means = class_means(x, y, normalize=False)
+    got = mean_classifier_loss(x, y, means, normalize=False)
+    ref = exact_supervised_loss(DiscreteProblem.from_samples(x.numpy(), y.numpy()))
+    assert abs(float(got) - ref) < 1e-10
+    # normalised features against means of normalised features, at a temperature
+    f = F.normalize(x, dim=1)
+    means = class_means(x, y)
+    for t in (1.0, 0.3):
+        got = mean_classifier_loss(x, y, means, temperature=t, reduction="none")
+        ref = F.cross_entropy(f @ means.T / t, y, reduction="none")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_mean_classifier_loss_many_classes():
+    g = torch.Generator().manual_seed(1)
+    C, d = 3000, 16
+    y = torch.arange(C).repeat(2)
+    x = torch.randn(y.numel(), d, generator=g)
+    means = class_means(x, y)
+    got = mean_classifier_loss(x, y, means)
+    ref = F.cross_entropy(F.normalize(x, dim=1) @ means.T, y)
+    assert abs(float(got) - float(ref)) < 1e-4 * float(ref)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_contrastive_loss_estimate_is_unbiased(normalize):
+    x, y = blobs(spread=0.5)
+    f = F.normalize(x, dim=1) if normalize else x
+    problem = DiscreteProblem.from_samples(f.numpy(), y.numpy())
+    b2 = problem.norm_bound**2
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    for K in (1, 3):
+        est = float(contrastive_loss_estimate(x, y, K, normalize=normalize, num_anchors=n, generator=g))
+        exact = exact_contrastive_loss(problem, K)
+        # each anchor's loss lies in [log(1 + K e^{-2b^2}), log(1 + K e^{2b^2})]
+        value_range = math.log1p(K * math.exp(2 * b2)) - math.log1p(K * math.exp(-2 * b2))
+        assert abs(est - exact) < hoeffding_margin(n, value_range)
+
+
+def test_contrastive_loss_estimate_is_differentiable_and_validates():
+    x, y = blobs(dtype=torch.float32)
+    x.requires_grad_(True)
+    loss = contrastive_loss_estimate(x, y, 4, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert float(contrastive_loss_estimate(x.detach(), y, 0)) == 0.0
+    with pytest.raises(ValueError, match="K"):
+        contrastive_loss_estimate(x.detach(), y, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        contrastive_loss_estimate(x.detach(), y, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="num_anchors"):
+        contrastive_loss_estimate(x.detach(), y, 2, num_anchors=0)
+    with pytest.raises(ValueError, match="labels"):
+        contrastive_loss_estimate(x.detach(), y[:3], 2)
+
+
+def test_curve_equals_estimates_and_is_monotone():
+    x, y = blobs((20, 30, 25, 5), d=8, seed=3)
+    ks = [64, 1, 8, 8, 2, 0, 200]
+    curve = contrastive_loss_curve(x, y, ks, generator=torch.Generator().manual_seed(7))
+    assert curve.shape == (7,) and curve[5] == 0.0 and curve[2] == curve[3]
+    order = np.argsort(ks)
+    # adding negatives can only increase every anchor's loss: the curve is exactly non-decreasing
+    assert np.all(np.diff(curve[order]) >= 0)
+    for K in (1, 8, 200):
+        est = contrastive_loss_estimate(x, y, K, generator=torch.Generator().manual_seed(7))
+        one = contrastive_loss_curve(x, y, [K], generator=torch.Generator().manual_seed(7))
+        assert abs(float(est) - one[0]) < 1e-10
+    # the curve's value at K uses the first K of the max(ks) negatives: same distribution as a direct estimate
+    g = torch.Generator().manual_seed(11)
+    direct = np.array([float(contrastive_loss_estimate(x, y, k, num_anchors=20_000, generator=g)) for k in (8, 64)])
+    curve = contrastive_loss_curve(x, y, [8, 64], num_anchors=20_000, generator=g)
+    assert np.all(np.abs(direct - curve) < 2 * hoeffding_margin(20_000, math.log1p(64 * math.exp(2)) - math.log1p(8 * math.exp(-2))))
+    with pytest.raises(ValueError, match="ks"):
+        contrastive_loss_curve(x, y, [1.5])
+    with pytest.raises(ValueError, match="ks"):
+        contrastive_loss_curve(x, y, [-1, 2])
+
+
+def test_gap_report_sandwich_holds():
+    x, y = blobs((40, 40, 40, 40, 40), d=6, seed=5, dtype=torch.float32)
+    xt, yt = blobs((10, 10, 10, 10, 10), d=6, seed=5, dtype=torch.float32)
+    ks = [1, 4, 16, 64, 256]
+    rows = gap_report(x, y, ks, generator=torch.Generator().manual_seed(0), num_anchors=4000)
+    assert [r["K"] for r in rows] == ks
+    for r in rows:
+        assert r["lower"] == pytest.approx(r["R_cont"] + B.delta_lower(r["K"], 5))
+        assert r["upper"] == pytest.approx(r["R_cont"] + B.delta_upper(r["K"], 5))
+        assert r["inside"], r
+        assert r["norm_bound"] == 1.0 and r["num_classes"] == 5
+    assert math.isnan(rows[0]["arora"]) and not math.isnan(rows[-1]["arora"]) and rows[-1]["nozawa_sato"] > rows[-1]["R_supv"]
+    table = format_gap_report(rows)
+    assert "Delta_U" in table and "Nozawa-Sato" in table and len(table.splitlines()) == len(ks) + 3
+    # a test set, raw features (b from the data) and a skewed empirical prior (earlier bounds: NaN)
+    y2 = y.clone()
+    y2[:10] = 1  # the first 40 rows are class 0: move 10 of them to class 1
+    rows = gap_report(x, y2, [2, 8], test_features=xt, test_labels=yt, normalize=False, temperature=2.0)
+    b = max(float(x.double().norm(dim=1).max()), float(xt.double().norm(dim=1).max())) / math.sqrt(2.0)
+    assert rows[0]["norm_bound"] == pytest.approx(b, rel=1e-6)
+    assert all(math.isnan(r["ash"]) for r in rows)
+    means = class_means(x, y2, normalize=False)
+    assert rows[0]["R_supv"] == pytest.approx(float(mean_classifier_loss(xt, yt, means, 2.0, normalize=False)), rel=1e-6)
+    with pytest.raises(ValueError, match="test_labels"):
+        gap_report(x, y, [2], test_features=xt)
+    with pytest.raises(ValueError, match="prior"):
+        gap_report(x, y, [2], prior="skewed")

@@ -1,0 +1,192 @@
+"""The sandwich R_cont + Delta_L <= R_supv <= R_cont + Delta_U on exact small problems, and Monte Carlo at larger K.
+
+The strategies reach tiny b and collapsed classes, where the slack on each side tends to log((K+1)/K): so these
+tests fail if Delta_U is lowered or Delta_L raised by log((K+1)/K) + 0.01 (test_perturbed_bounds_are_caught
+checks exactly that with hypothesis.find).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import strategies as st
+
+from contrastbound import bounds as B
+from contrastbound.testing import (
+    DiscreteProblem,
+    discrete_problems,
+    exact_contrastive_loss,
+    exact_supervised_loss,
+    priors,
+)
+
+TOL = 1e-9  # float64 evaluation of the exact losses (sums of <= 12376 terms)
+# Each generated problem is checked at every K = 1..6, so 700 examples are 4200 exact (problem, K) checks.
+FAST = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+SOME = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+
+KS = np.arange(1, 7)
+
+
+def gap(problem: DiscreteProblem, K: int) -> tuple[float, float, float]:
+    r_cont = exact_contrastive_loss(problem, K)
+    r_supv = exact_supervised_loss(problem)
+    return r_cont, r_supv, r_supv - r_cont
+
+
+def curves(problem: DiscreteProblem) -> tuple[np.ndarray, float, np.ndarray]:
+    """Exact R_cont at K = 1..6, R_supv, and the gap R_supv - R_cont at each K."""
+    r_cont = np.array([exact_contrastive_loss(problem, int(K)) for K in KS])
+    r_supv = exact_supervised_loss(problem)
+    return r_cont, r_supv, r_supv - r_cont
+
+
+@FAST
+@given(discrete_problems(prior=priors(2, 4, uniform=True), max_points=3))
+def test_exact_sandwich_uniform_prior(problem):
+    C, b = problem.num_classes, problem.norm_bound
+    r_cont, r_supv, g = curves(problem)
+    assert np.all(g <= B.delta_upper(KS, C, norm_bound=b) + TOL)
+    assert np.all(g >= B.delta_lower(KS, C, norm_bound=b) - TOL)
+    assert np.all(g >= B.delta_lower(KS, C, norm_bound=b, form="proved") - TOL)
+    # the smallest values are lower bounds
+    assert np.all(r_cont >= B.min_contrastive_loss(KS, C, norm_bound=b) - TOL)
+    assert r_supv >= B.min_supervised_loss(C, norm_bound=b) - TOL
+    # the earlier bounds are upper bounds of R_supv wherever they are defined
+    for value in (B.arora(r_cont, KS, C), B.nozawa_sato(r_cont, KS, C), B.ash(r_cont, KS, C)):
+        defined = ~np.isnan(value)
+        assert np.all(r_supv <= value[defined] + TOL)
+
+
+@FAST
+@given(discrete_problems(prior=priors(2, 4), max_points=3))
+def test_exact_sandwich_any_prior(problem):
+    pi, b = problem.prior, problem.norm_bound
+    r_cont, r_supv, g = curves(problem)
+    assert np.all(g <= B.delta_upper(KS, prior=pi, norm_bound=b) + TOL)  # "best" = min of two valid constants
+    assert np.all(g <= B.delta_upper(KS, prior=pi, norm_bound=b, form="paper") + TOL)
+    assert np.all(g >= B.delta_lower(KS, prior=pi, norm_bound=b, form="proved") - TOL)
+    assert np.all(g >= B.delta_lower(KS, prior=pi, norm_bound=b) - TOL)  # the paper's: not proved for skewed priors
+    assert np.all(r_cont >= B.min_contrastive_loss(KS, prior=pi, norm_bound=b) - TOL)
+
+
+@SOME
+@given(discrete_problems(max_classes=3, max_points=2, collapse=("class", "antipodal")), st.integers(1, 5))
+def test_exact_losses_against_brute_force(problem, K):
+    # R_cont by sampling every ordered K-tuple of negatives (product form), not multisets
+    X, q = problem.support
+    from itertools import product
+
+    if X.shape[0] ** K > 4000:
+        K = 2
+    total = 0.0
+    for c, (x, w) in enumerate(zip(problem.points, problem.weights)):
+        for a, wa in zip(x, w):
+            for pos, wp in zip(x, w):
+                for tup in product(range(X.shape[0]), repeat=K):
+                    s = sum(math.exp(a @ X[j]) for j in tup)
+                    prob = math.prod(q[j] for j in tup)
+                    total += problem.prior[c] * wa * wp * prob * math.log1p(s / math.exp(a @ pos))
+    assert abs(exact_contrastive_loss(problem, K) - total) < 1e-10 * max(1.0, total)
+    # R_supv directly from its definition
+    mu = problem.means
+    ref = sum(
+        problem.prior[c] * wi * (math.log(sum(math.exp(xi @ m) for m in mu)) - xi @ mu[c])
+        for c, (x, w) in enumerate(zip(problem.points, problem.weights))
+        for xi, wi in zip(x, w)
+    )
+    assert abs(exact_supervised_loss(problem) - ref) < 1e-12 * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_slack_tends_to_log_k_plus_one_over_k(K):
+    # b -> 0: R_cont -> log(1 + K), R_supv -> log C, so each side's slack -> log((K+1)/K) from above
+    b = 1e-3
+    for pi in (np.full(3, 1 / 3), np.array([0.5, 0.25, 0.25])):
+        x = [np.array([[b, 0.0]]), np.array([[-b, 0.0]]), np.array([[0.0, b]])]
+        problem = DiscreteProblem(pi, tuple(x), tuple(np.ones(1) for _ in x), b)
+        _, _, g = gap(problem, K)
+        slack_hi = B.delta_upper(K, prior=pi, norm_bound=b) - g
+        slack_lo = g - B.delta_lower(K, prior=pi, norm_bound=b)
+        target = math.log((K + 1) / K)
+        # a skewed prior adds log C - H(pi) to the lower slack and min(log(pi_max C), -log(pi_min C)) to the upper
+        extra_lo = math.log(3) + float(np.sum(pi * np.log(pi)))
+        extra_hi = min(math.log(pi.max() * 3), -math.log(pi.min() * 3))
+        # THEORY.md's small-b expansion: slack >= log(1 + 1/K) - 1/(2(K+1)^2), and -> log(1 + 1/K) as b -> 0
+        assert target - 1e-5 <= slack_lo - extra_lo < target + 1e-4
+        assert target - 1e-5 <= slack_hi - extra_hi < target + 1e-4
+
+
+def test_perturbed_bounds_are_caught():
+    """A Delta_U lowered (or Delta_L raised) by log((K+1)/K) + 0.01 is violated by some generated problem."""
+    strategy = st.tuples(discrete_problems(max_classes=3, max_points=2), st.integers(1, 4))
+    # no shrinking: any witness will do, and the search alone takes a second or two
+    cfg = settings(max_examples=3000, deadline=None, database=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+
+    def violates_upper(case):
+        problem, K = case
+        shift = math.log((K + 1) / K) + 0.01
+        return gap(problem, K)[2] > B.delta_upper(K, prior=problem.prior, norm_bound=problem.norm_bound) - shift
+
+    def violates_lower(case):
+        problem, K = case
+        shift = math.log((K + 1) / K) + 0.01
+        return gap(problem, K)[2] < B.delta_lower(K, prior=problem.prior, norm_bound=problem.norm_bound) + shift
+
+    for cond in (violates_upper, violates_lower):
+        problem, K = find(strategy, cond, settings=cfg)
+        assert problem.norm_bound < 0.5  # the witness is a small-b problem, as the theory says
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Monte Carlo at larger K
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mc_contrastive_loss(problem: DiscreteProblem, K: int, n: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Plain i.i.d. Monte Carlo of R_cont: (mean, standard error)."""
+    X, q = problem.support
+    offsets = np.cumsum([0] + [len(w) for w in problem.weights])
+    c = rng.choice(problem.num_classes, size=n, p=problem.prior)
+    a = np.empty(n, dtype=np.int64)
+    p = np.empty(n, dtype=np.int64)
+    for cls in range(problem.num_classes):
+        sel = c == cls
+        w = problem.weights[cls]
+        a[sel] = offsets[cls] + rng.choice(len(w), size=sel.sum(), p=w)
+        p[sel] = offsets[cls] + rng.choice(len(w), size=sel.sum(), p=w)
+    neg = rng.choice(len(q), size=(n, K), p=q)
+    scores = X @ X.T
+    pos = scores[a, p]
+    negs = scores[a[:, None], neg]
+    m = np.maximum(pos, negs.max(1))
+    loss = np.log(np.exp(pos - m) + np.exp(negs - m[:, None]).sum(1)) + m - pos
+    return float(loss.mean()), float(loss.std(ddof=1) / math.sqrt(n))
+
+
+Z = 5.0  # margin in standard errors: a correct bound fails a check with probability < 6e-7 (seeds are fixed)
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(discrete_problems(min_classes=3, max_classes=6, max_points=4, max_dim=4), st.sampled_from([32, 128, 512]), st.integers(0, 2**32 - 1))
+def test_monte_carlo_sandwich_large_k(problem, K, seed):
+    r_cont, se = mc_contrastive_loss(problem, K, 4000, np.random.default_rng(seed))
+    g = exact_supervised_loss(problem) - r_cont
+    pi, b = problem.prior, problem.norm_bound
+    assert g <= B.delta_upper(K, prior=pi, norm_bound=b) + Z * se + 1e-12
+    assert g >= B.delta_lower(K, prior=pi, norm_bound=b, form="proved") - Z * se - 1e-12
+    assert g >= B.delta_lower(K, prior=pi, norm_bound=b) - Z * se - 1e-12
+
+
+def test_monte_carlo_harness_matches_exact():
+    # the Monte Carlo estimator above is itself unbiased: it matches the exact loss at small K
+    rng = np.random.default_rng(0)
+    x = (np.array([[0.8, 0.1], [0.2, 0.9]]), np.array([[-0.7, 0.3]]), np.array([[0.1, -0.95], [0.5, 0.5]]))
+    w = (np.array([0.3, 0.7]), np.ones(1), np.array([0.5, 0.5]))
+    problem = DiscreteProblem(np.array([0.2, 0.3, 0.5]), x, w, 1.0)
+    for K in (1, 3, 5):
+        est, se = mc_contrastive_loss(problem, K, 40_000, rng)
+        assert abs(est - exact_contrastive_loss(problem, K)) < Z * se
