@@ -216,6 +216,7 @@ def info_nce(
     temperature: float = 0.1,
     normalize: bool = True,
     reduction: str = "mean",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Fused InfoNCE loss that never materialises the (B, K) logits.
 
@@ -237,6 +238,9 @@ def info_nce(
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
             no normalised copy of the bank is made).
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
+        process_group: a torch.distributed group (or ``torch.distributed.group.WORLD``) over which a shared bank is
+            sharded: ``negatives`` is then this rank's shard (K_r, d) and the loss is this rank's anchors against
+            the whole bank (see :func:`contrastbound.distributed.info_nce_sharded`).
 
     Returns:
         The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
@@ -244,6 +248,13 @@ def info_nce(
         the dtype of the negatives, so the bank is never copied, and the loss has the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
+    if process_group is not None:
+        if negatives is None or negative_indices is not None:
+            raise ValueError("process_group needs negatives as this rank's shard (K_r, d) of a shared bank, no indices")
+        from .distributed import info_nce_sharded
+
+        return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
+                                normalize=normalize, reduction=reduction)
     anchors, positives = _check_features(anchors, positives)
     negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
     t = _check_temperature(temperature)

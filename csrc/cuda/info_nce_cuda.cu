@@ -617,7 +617,7 @@ __global__ void __launch_bounds__(kThreads)
       loss[i] = lse[i] - w.pr.pos[i];
     }
     if (vi != nullptr) {
-      const acc_t inv_sum = acc_t(1) / st.sum;
+      const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] *= inv_sum;
     }
   }

@@ -1,0 +1,122 @@
+"""torch.distributed with gloo on CPU: 2 and 3 processes against the single-process result."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import contrastbound as cb
+from contrastbound.distributed import all_gather_with_grad
+
+from conftest import assert_close_scaled
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+D = 6
+ANCHORS_PER_RANK = {2: [5, 3], 3: [4, 1, 6]}  # batch sizes differ across ranks
+SHARDS = {2: [700, 333], 3: [0, 517, 612]}  # shard sizes differ; one rank may hold none
+
+
+def _global_data():
+    g = torch.Generator().manual_seed(0)
+    B = 20
+    a = torch.randn(B, D, generator=g, dtype=torch.float64)
+    p = a + 0.4 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    bank = torch.randn(2000, D, generator=g, dtype=torch.float64)
+    return a, p, bank
+
+
+def _slices(sizes, rank):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        a, p, bank = _global_data()
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        shard_rows = _slices(SHARDS[world], rank)
+        K = sum(SHARDS[world])
+        a_r = a[rows].clone().requires_grad_(True)
+        p_r = p[rows].clone().requires_grad_(True)
+        shard = bank[:K][shard_rows].clone().requires_grad_(True)
+        # shard strategy
+        loss = cb.info_nce(a_r, p_r, shard, temperature=0.2, process_group=dist.group.WORLD)
+        loss.backward()
+        # gather strategy: in-batch negatives over the global batch
+        z = a[rows].clone().requires_grad_(True)
+        zp = p[rows].clone().requires_grad_(True)
+        zp_all = all_gather_with_grad(zp)
+        start = sum(ANCHORS_PER_RANK[world][:rank])
+        logits_loss = cb.info_nce(z, zp_all[start : start + z.shape[0]], zp_all, temperature=0.3)
+        logits_loss.backward()
+        torch.save(
+            {"loss": loss.detach(), "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
+             "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_bank_and_gather_match_single_process(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_worker, args=(world, init_file, tmp), nprocs=world, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+    a, p, bank = _global_data()
+    K = sum(SHARDS[world])
+    bank_full = bank[:K].clone().requires_grad_(True)
+    shard_grad_total = torch.zeros_like(bank_full)
+    zp_full = p.clone().requires_grad_(True)
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        a_r = a[rows].clone().requires_grad_(True)
+        p_r = p[rows].clone().requires_grad_(True)
+        loss = cb.info_nce(a_r, p_r, bank_full, temperature=0.2)
+        ga, gp, gn = torch.autograd.grad(loss, [a_r, p_r, bank_full])
+        shard_grad_total += gn
+        res = results[rank]
+        assert_close_scaled(res["loss"], loss, 1e-10, f"rank {rank} loss")
+        assert_close_scaled(res["ga"], ga, 1e-10, f"rank {rank} anchors grad")
+        assert_close_scaled(res["gp"], gp, 1e-10, f"rank {rank} positives grad")
+        # gather strategy: rank r's loss uses the global positives as negatives
+        n_all = sum(ANCHORS_PER_RANK[world])
+        total_rows = slice(0, n_all)
+        z = a[rows].clone().requires_grad_(True)
+        gl = cb.info_nce(z, zp_full[rows], zp_full[total_rows], temperature=0.3)
+        (gz,) = torch.autograd.grad(gl, [z], retain_graph=True)
+        gl.backward()
+        assert_close_scaled(res["gather_loss"], gl, 1e-10, f"rank {rank} gather loss")
+        assert_close_scaled(res["gz"], gz, 1e-10, f"rank {rank} gather anchors grad")
+    for rank in range(world):
+        shard_rows = _slices(SHARDS[world], rank)
+        assert_close_scaled(results[rank]["gn"], shard_grad_total[shard_rows], 1e-10, f"rank {rank} shard grad")
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        # the gathered positives' gradient is the sum over ranks' losses
+        assert_close_scaled(results[rank]["gzp"], zp_full.grad[rows], 1e-10, f"rank {rank} gathered grad")
+
+
+def test_needs_initialised_process_group():
+    x = torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="init"):
+        all_gather_with_grad(x)
+    with pytest.raises(ValueError, match="process_group"):
+        cb.info_nce(x, x, None, process_group=object())
