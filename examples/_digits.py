@@ -1,0 +1,56 @@
+"""Shared pieces of the examples: the scikit-learn digits, augmentations, an MLP encoder, an evaluation."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+import torch.nn.functional as F
+
+import contrastbound as cb
+
+
+def load_digits_tensors(seed: int = 0):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit("these examples need scikit-learn: pip install scikit-learn") from exc
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    split = int(0.8 * len(x))
+    return (x[:split], y[:split]), (x[split:], y[split:])
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random shift of the 8x8 image by up to one pixel, pixel dropout and noise."""
+    imgs = x.view(-1, 1, 8, 8)
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator))
+    imgs = torch.roll(imgs, shifts=(dy, dx), dims=(2, 3))
+    keep = (torch.rand(imgs.shape, generator=generator) > 0.1).float()
+    noise = 0.05 * torch.randn(imgs.shape, generator=generator)
+    return (imgs * keep + noise).view(x.shape[0], -1)
+
+
+def encoder(dim: int = 32) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, dim)
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, train, test) -> dict:
+    """Mean-classifier accuracy and supervised loss of the (normalised) features on the test split."""
+    f_train = F.normalize(model(train[0]), dim=1)
+    f_test = F.normalize(model(test[0]), dim=1)
+    means = cb.class_means(f_train, train[1], num_classes=10)
+    acc = ((f_test @ means.t()).argmax(1) == test[1]).float().mean().item()
+    loss = cb.mean_classifier_loss(f_test, test[1], means).item()
+    return {"test_accuracy": acc, "test_supervised_loss": loss}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
