@@ -1,0 +1,121 @@
+"""nt_xent and clip_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time and memory.
+
+Each (loss, method, N) runs in a fresh subprocess; peak resident memory (ru_maxrss) is read against a baseline
+taken after the inputs exist. Plain PyTorch is skipped where its matrix would not fit.
+
+    python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
+    python benchmarks/bench_training.py --max-log2n 13        # quicker
+Writes benchmarks/results/bench_training.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _plain_nt_xent(z1, z2, t):
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.t()) / t
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, target)
+
+
+def _plain_clip(img, txt, scale):
+    import torch
+    import torch.nn.functional as F
+
+    img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    logits = scale * img @ txt.t()
+    target = torch.arange(len(img))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    import contrastbound as cb
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x1 = torch.randn(N, d, requires_grad=True)
+    x2 = torch.randn(N, d, requires_grad=True)
+    torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # initialise BLAS before the baseline
+    if loss_name == "nt_xent":
+        fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
+    else:
+        fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    times = []
+    for _ in range(reps + 1):
+        x1.grad = x2.grad = None
+        t0 = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"time_s": statistics.median(times[1:]), "extra_mib": peak - base, "loss_value": float(loss)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--min-log2n", type=int, default=10)
+    parser.add_argument("--max-log2n", type=int, default=16)
+    parser.add_argument("-d", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_training"))
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, method, N, d, reps, threads = args.worker
+        print(json.dumps(_worker(name, method, int(N), int(d), int(reps), int(threads))))
+        return 0
+    rows = []
+    print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
+    print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'matrix MiB':>10}  note")
+    for log2n in range(args.min_log2n, args.max_log2n + 1):
+        N = 2**log2n
+        for name in ("nt_xent", "clip_loss"):
+            side = 2 * N if name == "nt_xent" else N
+            matrix_mib = side * side * 4 / 2**20
+            for method in ("fused", "plain"):
+                row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
+                if method == "plain" and matrix_mib * 4 > 16 * 1024:
+                    row["note"] = f"not run: the {side} x {side} matrix and its gradients need ~{matrix_mib * 4 / 1024:.0f} GiB"
+                else:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(N), str(args.d),
+                           str(args.reps if N < 2**15 else 1), str(args.threads)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode:
+                        row["note"] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
+                    else:
+                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                rows.append(row)
+                print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
+                      f"{row.get('extra_mib', float('nan')):>10.1f} {matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["loss", "N", "d", "method", "time_s", "extra_mib", "matrix_mib", "loss_value", "note"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.out}.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
