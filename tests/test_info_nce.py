@@ -66,6 +66,13 @@ def test_several_anchor_blocks(mode):
     _check_against_reference(a, p, n, idx, torch.float64, temperature=0.1)
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed"])
+def test_few_anchors_many_negatives_split_into_chunks(mode):
+    # B = 2 with K = 3000: the kernel splits K into several chunks per anchor and merges their partial states.
+    a, p, n, idx = make_inputs(mode, B=2, K=3000, d=11, dtype=torch.float64, seed=8, M=500)
+    _check_against_reference(a, p, n, idx, torch.float64, temperature=0.05)
+
+
 def test_low_temperature_large_logits_stay_finite():
     # Unnormalised features at temperature 0.01: logits in the thousands; the online max keeps exp in range.
     a, p, n, idx = make_inputs("shared", B=9, K=2000, d=32, dtype=torch.float32, seed=5)
