@@ -4,9 +4,10 @@
 setup:
 	bash scripts/setup.sh
 
+# C++ tests and the nvcc compile check first, then pytest, whose summary closes the output.
 test: setup
-	.venv/bin/python -m pytest -q
 	bash scripts/cpp_tests.sh
+	.venv/bin/python -m pytest -q
 
 test-python:
 	.venv/bin/python -m pytest -q
