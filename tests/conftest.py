@@ -76,3 +76,13 @@ def make_inputs(
         return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
     return leaf(a), leaf(p), leaf(n), idx
+
+
+def loss_and_grads(fn, a, p, n, idx, **kw):
+    """Loss and the gradients of (a, p, n) for a fixed random upstream gradient (so reduction='none' is covered)."""
+    loss = fn(a, p, n, negative_indices=idx, **kw)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype) + 0.5
+    leaves = [x for x in (a, p, n) if x is not None]
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss, grads

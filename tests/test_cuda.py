@@ -13,21 +13,11 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import info_nce_reference
 
-from conftest import DTYPES, MODES, TOL, assert_close_scaled, make_inputs
+from conftest import DTYPES, MODES, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs
 
 pytestmark = pytest.mark.cuda
 
 CUDA = "cuda"
-
-
-def _run(fn, a, p, n, idx, **kw):
-    """Loss and gradients of (a, p, n) for a fixed random upstream gradient (so reduction='none' is covered)."""
-    loss = fn(a, p, n, negative_indices=idx, **kw)
-    g = torch.Generator().manual_seed(1)
-    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype) + 0.5
-    leaves = [x for x in (a, p, n) if x is not None]
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    return loss, grads
 
 
 def _leaves_on(device, dtype, *xs):

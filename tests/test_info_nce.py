@@ -11,17 +11,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference
 
-from conftest import DEVICES, DTYPES, MODES, TOL, assert_close_scaled, make_inputs
-
-
-def _run(fn, a, p, n, idx, **kw):
-    """Loss and the gradients of (a, p, n) for a random upstream gradient (so reduction='none' is covered)."""
-    loss = fn(a, p, n, negative_indices=idx, **kw)
-    g = torch.Generator().manual_seed(1)
-    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype) + 0.5
-    leaves = [x for x in (a, p, n) if x is not None]
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    return loss, grads
+from conftest import DEVICES, DTYPES, MODES, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs
 
 
 def _reference_in_float64(a, p, n, idx, **kw):
