@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -113,3 +115,33 @@ def test_torch_compile_fullgraph_loss_and_backward():
     torch.testing.assert_close(loss_c, loss_e)
     for x, y in zip(grads_c, grads_e):
         torch.testing.assert_close(x, y)
+
+
+@needs_kernel
+def test_torch_compile_fullgraph_encoder_and_loss():
+    # fullgraph=True for encoder + fused loss; backward and the optimizer step stay eager (torch's optimizers
+    # break the graph on purpose, so a whole step cannot be one graph).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    enc_eager = copy.deepcopy(enc)
+    x = torch.randn(24, 12)
+    xp = x + 0.1 * torch.randn(24, 12)
+    bank = torch.randn(700, 16)
+
+    @torch.compile(fullgraph=True)
+    def compiled(x, xp, bank):
+        return cb.info_nce(enc(x), enc(xp), bank, temperature=0.2)
+
+    losses = []
+    for model, fn in ((enc, compiled), (enc_eager, lambda x, xp, b: cb.info_nce(enc_eager(x), enc_eager(xp), b, temperature=0.2))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = fn(x, xp, bank)
+            loss.backward()
+            opt.step()
+            run.append(loss.detach())
+        losses.append(torch.stack(run))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
