@@ -71,6 +71,18 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor, group)
 
 
+def gather_with_local_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The concatenation over ranks with this rank's rows first (differentiable, all_gather_with_grad convention).
+
+    Row i of the result is row i of ``tensor``, so losses that find an anchor's positive or itself at row i of the
+    bank (in-batch InfoNCE, NT-Xent) work unchanged on the global batch.
+    """
+    everything = all_gather_with_grad(tensor, group)
+    start = _offset(tensor.shape[0], group, tensor.device)
+    end = start + tensor.shape[0]
+    return torch.cat([everything[start:end], everything[:start], everything[end:]])
+
+
 class _ShardedNegativeLse(torch.autograd.Function):
     """lse_i = log sum over the whole (sharded) bank of e^{s a_hat_i . n_hat_k}, for the gathered anchors.
 

@@ -348,6 +348,7 @@ def nt_xent(
     *,
     normalize: bool = True,
     reduction: str = "mean",
+    process_group=None,
 ) -> torch.Tensor:
     r"""SimCLR's NT-Xent loss over 2N views without the 2N x 2N similarity matrix.
 
@@ -360,6 +361,9 @@ def nt_xent(
         temperature: positive number or scalar tensor (learnable when it requires grad).
         normalize: L2-normalise first (SimCLR uses cosine similarity).
         reduction: "mean", "sum" or "none" (shape (2N,): the N views of z1, then those of z2).
+        process_group: a torch.distributed group: every rank's views are negatives of every other rank's (the
+            global batch); this rank's loss is over its own 2N_r views, and gradients follow the
+            all_gather_with_grad convention (each rank's features get the sum over ranks' losses).
     """
     z1, z2 = _check_features(z1, z2, ("z1", "z2"))
     t = _check_temperature(temperature)
@@ -368,7 +372,12 @@ def nt_xent(
     compute, result = _common_dtypes(z1, z2)
     views = torch.cat([z1.to(compute), z2.to(compute)])
     partners = torch.cat([z2.to(compute), z1.to(compute)])
-    loss, _ = _fused(views, partners, views, None, t, normalize, False, exclude_self=True)
+    bank = views
+    if process_group is not None:
+        from .distributed import gather_with_local_first
+
+        bank = gather_with_local_first(views, process_group)  # row i is still view i: exclude_self holds
+    loss, _ = _fused(views, partners, bank, None, t, normalize, False, exclude_self=True)
     return _reduce(loss, reduction, result)
 
 
@@ -380,6 +389,7 @@ def clip_loss(
     normalize: bool = True,
     reduction: str = "mean",
     max_logit_scale: float = 100.0,
+    process_group=None,
 ) -> torch.Tensor:
     r"""CLIP's symmetric contrastive loss without the N x N logits.
 
@@ -393,6 +403,8 @@ def clip_loss(
             ``max_logit_scale`` (100); once the clamp binds, no gradient flows to it.
         normalize: L2-normalise the features first (CLIP does).
         reduction: "mean", "sum" or "none" (per pair, the average of the two directions, shape (N,)).
+        process_group: a torch.distributed group: each rank's pairs are scored against the texts (images) of all
+            ranks; this rank's loss is over its own pairs (all_gather_with_grad convention for gradients).
     """
     scale = logit_scale
     if isinstance(scale, torch.Tensor):
@@ -412,8 +424,20 @@ def clip_loss(
         temperature = 1.0 / min(value, max_logit_scale)
     reduction = _check_reduction(reduction)
     _check_features(image_features, text_features, ("image_features", "text_features"))
-    i2t = info_nce(image_features, text_features, temperature=temperature, normalize=normalize, reduction="none")
-    t2i = info_nce(text_features, image_features, temperature=temperature, normalize=normalize, reduction="none")
+    if process_group is None:
+        i2t = info_nce(image_features, text_features, temperature=temperature, normalize=normalize, reduction="none")
+        t2i = info_nce(text_features, image_features, temperature=temperature, normalize=normalize, reduction="none")
+    else:
+        from .distributed import gather_with_local_first
+
+        normalize = _check_bool("normalize", normalize)
+        compute, _ = _common_dtypes(image_features, text_features)
+        img, txt = image_features.to(compute), text_features.to(compute)
+        # Local pairs first in the gathered banks: row i of each bank is pair i's positive.
+        txt_all = gather_with_local_first(txt, process_group)
+        img_all = gather_with_local_first(img, process_group)
+        i2t, _ = _fused(img, txt, txt_all, None, temperature, normalize, False)
+        t2i, _ = _fused(txt, img, img_all, None, temperature, normalize, False)
     loss = 0.5 * (i2t + t2i)
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 

@@ -59,9 +59,21 @@ def _worker(rank, world, init_file, out_dir):
         start = sum(ANCHORS_PER_RANK[world][:rank])
         logits_loss = cb.info_nce(z, zp_all[start : start + z.shape[0]], zp_all, temperature=0.3)
         logits_loss.backward()
+        # nt_xent and clip_loss over the global batch
+        v1 = a[rows].clone().requires_grad_(True)
+        v2 = p[rows].clone().requires_grad_(True)
+        nt = cb.nt_xent(v1, v2, 0.3, process_group=dist.group.WORLD)
+        nt.backward()
+        i1 = a[rows].clone().requires_grad_(True)
+        t1 = p[rows].clone().requires_grad_(True)
+        scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+        cl = cb.clip_loss(i1, t1, scale, process_group=dist.group.WORLD)
+        cl.backward()
         torch.save(
             {"loss": loss.detach(), "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
-             "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad},
+             "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
+             "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
+             "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -106,6 +118,34 @@ def test_sharded_bank_and_gather_match_single_process(world):
         gl.backward()
         assert_close_scaled(res["gather_loss"], gl, 1e-10, f"rank {rank} gather loss")
         assert_close_scaled(res["gz"], gz, 1e-10, f"rank {rank} gather anchors grad")
+    # nt_xent / clip_loss: rank r's loss is the global loss restricted to its own views / pairs; features get
+    # the gradient of the sum of all ranks' losses; the logit scale gets this rank's own loss gradient.
+    n_all = sum(ANCHORS_PER_RANK[world])
+    v1, v2 = a[:n_all].clone().requires_grad_(True), p[:n_all].clone().requires_grad_(True)
+    per_view = cb.nt_xent(v1, v2, 0.3, reduction="none")
+    i1, t1 = a[:n_all].clone().requires_grad_(True), p[:n_all].clone().requires_grad_(True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    per_pair = cb.clip_loss(i1, t1, scale, reduction="none")
+    nt_total, clip_total = 0.0, 0.0
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        idx = torch.arange(n_all)[rows]
+        nt_r = torch.cat([per_view[idx], per_view[n_all + idx]]).mean()
+        clip_r = per_pair[idx].mean()
+        assert_close_scaled(results[rank]["nt"], nt_r, 1e-10, f"rank {rank} nt_xent")
+        assert_close_scaled(results[rank]["clip"], clip_r, 1e-10, f"rank {rank} clip_loss")
+        (gs,) = torch.autograd.grad(clip_r, [scale], retain_graph=True)
+        assert_close_scaled(results[rank]["gscale"], gs, 1e-10, f"rank {rank} logit_scale grad")
+        nt_total, clip_total = nt_total + nt_r, clip_total + clip_r
+    g1, g2 = torch.autograd.grad(nt_total, [v1, v2])
+    gi, gt = torch.autograd.grad(clip_total, [i1, t1])
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        assert_close_scaled(results[rank]["gv1"], g1[rows], 1e-10, f"rank {rank} nt_xent z1 grad")
+        assert_close_scaled(results[rank]["gv2"], g2[rows], 1e-10, f"rank {rank} nt_xent z2 grad")
+        assert_close_scaled(results[rank]["gi"], gi[rows], 1e-10, f"rank {rank} clip image grad")
+        assert_close_scaled(results[rank]["gt"], gt[rows], 1e-10, f"rank {rank} clip text grad")
+
     for rank in range(world):
         shard_rows = _slices(SHARDS[world], rank)
         assert_close_scaled(results[rank]["gn"], shard_grad_total[shard_rows], 1e-10, f"rank {rank} shard grad")
