@@ -1,5 +1,5 @@
-# One entry point: set-up, test, demo (the main job), bench.
-.PHONY: setup test test-python test-cpp demo bench bench-quick clean
+# One entry point: set-up, test, reproduce (the main job), demo, bench.
+.PHONY: setup test test-python test-cpp reproduce reproduce-quick demo bench bench-quick clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,13 @@ test-python:
 
 test-cpp:
 	bash scripts/cpp_tests.sh
+
+# The main job: reproduce the paper's claims (figures, CSVs, report) into ./contrastbound-results.
+reproduce: setup
+	.venv/bin/python -m contrastbound reproduce
+
+reproduce-quick: setup
+	.venv/bin/python -m contrastbound reproduce --quick
 
 demo: setup
 	.venv/bin/python -m contrastbound demo
