@@ -1,5 +1,5 @@
 # One entry point: set-up, test, reproduce (the main job), demo, bench.
-.PHONY: setup test test-python test-cpp reproduce reproduce-quick demo bench bench-quick clean
+.PHONY: setup test test-python test-cpp reproduce reproduce-quick demo bench bench-quick bench-scaling bench-scaling-quick clean
 
 setup:
 	bash scripts/setup.sh
@@ -30,6 +30,13 @@ bench: setup
 
 bench-quick: setup
 	.venv/bin/python benchmarks/bench_infonce.py --quick
+
+# The scaling suite beside naive PyTorch and the peers that import (see benchmarks/results/README.md).
+bench-scaling: setup
+	.venv/bin/python -m contrastbound bench
+
+bench-scaling-quick: setup
+	.venv/bin/python -m contrastbound bench --quick
 
 clean:
 	rm -rf build cmake-build cmake-build.log contrastbound/_C*.so *.egg-info

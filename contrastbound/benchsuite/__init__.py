@@ -1,0 +1,227 @@
+"""`contrastbound bench`: how time and memory grow with the number of negatives K, for the fused loss and for
+what a user would otherwise write or install, measured on this machine.
+
+For every mode (shared bank, per-anchor, indexed, in-batch, bank cross-entropy), B, d, dtype, device and K it
+measures forward, backward and forward+backward median times after warm-up and the peak extra memory (on CPU each
+configuration in a fresh process), the GEMM rate of the logits shape in the same run, and each method's effective
+FLOP/s and fraction of that rate. It prints a table while it runs, then the log-log slope of time against K per
+method (the fused loss must be linear: 0.9..1.1 from 2^14 up) and the headline ratios, and writes CSV, JSON (with
+the machine) and log-log plots. Methods that cannot run somewhere are reported with the reason.
+
+    contrastbound bench --quick                       # under two minutes on 2 cores
+    contrastbound bench                               # K = 2^10 .. 2^22 on CPU (2^24 on GPU), every mode
+    contrastbound bench --modes shared --ks 2^16,2^20 --methods fused,naive,lightly
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .harness import Config, count_pairs, probe, run_sweep
+from .methods import METHODS, MODE_SETTINGS, MODES, Method
+from .report import (format_headline, format_row, format_slopes, format_table, headline, machine_info, plot,
+                     slopes, write_csv, write_json, HEADER)
+
+__all__ = ["main", "run_sweep", "Config", "Method", "METHODS", "MODES"]
+
+QUICK_KS = [2**12, 2**14, 2**16]
+
+
+def _parse_ks(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        out.append(2 ** int(part[2:]) if part.startswith("2^") else int(part))
+    return sorted(set(out))
+
+
+def _csv_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    p = argparse.ArgumentParser(prog="contrastbound bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"mode shared, K = 2^12, 2^14, 2^16, 2 repeats, 20 s time bound (unless given)")
+    p.add_argument("--modes", type=_csv_list, default=None, help=f"comma list of {','.join(MODES)} (default all)")
+    p.add_argument("--methods", type=_csv_list, default=None,
+                   help="comma list of method names (default all; gemm is always measured); see --list-methods")
+    p.add_argument("--ks", type=_parse_ks, default=None, help="explicit K values, e.g. 2^10,2^14,65536")
+    p.add_argument("--k-min", type=int, default=10, help="log2 of the smallest K (default 10)")
+    p.add_argument("--k-max", type=int, default=None, help="log2 of the largest K (default 22 on CPU, 24 on GPU)")
+    p.add_argument("--k-step", type=int, default=1, help="step of log2 K (default 1)")
+    p.add_argument("-B", "--batch", type=lambda s: [int(v) for v in _csv_list(s)], default=[256],
+                   help="anchors per batch, comma list (default 256; in-batch mode uses N = K instead)")
+    p.add_argument("-d", "--dim", type=lambda s: [int(v) for v in _csv_list(s)], default=[128],
+                   help="feature size, comma list (default 128)")
+    p.add_argument("--dtype", type=_csv_list, default=["float32"], help="comma list: float32,bfloat16,float16,float64")
+    p.add_argument("--device", type=_csv_list, default=None, help="comma list: cpu,cuda (default cpu, and cuda "
+                   "when available)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per worker")
+    p.add_argument("--reps", type=int, default=3, help="timed repeats (median), fewer when over the time bound")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps (compilation happens here)")
+    p.add_argument("--time-bound", type=float, default=120.0,
+                   help="seconds per configuration: a method whose step is estimated to overrun is not run")
+    p.add_argument("--mem-fraction", type=float, default=0.7,
+                   help="run only when inputs + estimated extra fit in this fraction of the available memory")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--bank-grad", action="store_true", help="negatives need a gradient (default: a detached queue)")
+    p.add_argument("--chunk", type=int, default=8192, help="chunk size of the chunked-ckpt method")
+    p.add_argument("--slope-from", type=int, default=14, help="log2 K from which slopes are fitted (default 14)")
+    p.add_argument("--out", default="contrastbound-results/bench", help="output folder (default %(default)s)")
+    p.add_argument("--prefix", default="scaling", help="file name prefix of the CSV, JSON and plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (no fresh process per configuration, no memory, no estimates)")
+    p.add_argument("--list-methods", action="store_true", help="print the methods and their settings, then exit")
+    return p
+
+
+def _list_methods(device: str) -> str:
+    lines = []
+    for m in METHODS.values():
+        why = m.unavailable(device)
+        lines.append(f"{m.name:<17} {m.kind:<8} {m.note}" + (f"  [{why}]" if why else ""))
+        for mode, setting in m.settings.items():
+            lines.append(f"{'':<17}   {mode:<10} {setting}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """tqdm when installed (rows printed above the bar), plain prints otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def update(self, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"{row['mode']} K={row['K']} {row['method']}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if args.list_methods:
+        print(_list_methods(devices[-1]))
+        return 0
+    modes = args.modes or (["shared"] if args.quick else list(MODES))
+    for mode in modes:
+        if mode not in MODES:
+            print(f"contrastbound bench: unknown mode {mode!r}; modes are {', '.join(MODES)}", file=sys.stderr)
+            return 2
+    names = args.methods or list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        print(f"contrastbound bench: unknown method(s) {unknown}; see --list-methods", file=sys.stderr)
+        return 2
+    methods = [METHODS[n] for n in dict.fromkeys(["gemm", *names])]
+    if args.quick:
+        args.reps = min(args.reps, 2)
+        if args.time_bound == build_parser().get_default("time_bound"):
+            args.time_bound = 20.0
+
+    configs = []
+    for device in devices:
+        if args.ks:
+            ks = args.ks
+        elif args.quick:
+            ks = QUICK_KS
+        else:
+            k_max = args.k_max if args.k_max is not None else (24 if device.startswith("cuda") else 22)
+            ks = [2**e for e in range(args.k_min, k_max + 1, args.k_step)]
+        for mode in modes:
+            for dtype in args.dtype:
+                for B in args.batch if mode != "in-batch" else [0]:
+                    for d in args.dim:
+                        for K in ks:
+                            configs.append(Config(
+                                mode=mode, K=K, B=B or 1, d=d, dtype=dtype, device=device, threads=args.threads,
+                                reps=args.reps, warmup=args.warmup, temperature=args.temperature,
+                                bank_grad=args.bank_grad, chunk=args.chunk, time_bound=args.time_bound))
+
+    machine = machine_info(args.threads)
+    print(f"contrastbound bench: {len(configs)} configurations on {', '.join(devices)}; CPU {machine['cpu']}, "
+          f"{args.threads} threads, torch {machine['torch']}" + (f", GPU {machine['gpu']}" if machine["gpu"] else ""))
+    print("each configuration in a fresh process; time = median over repeats after warm-up; extra MiB = peak "
+          "beyond inputs" if not args.in_process else "in-process: no memory measurement")
+    reasons = {}
+    for device in devices:
+        reasons.update(probe(methods, modes, device))
+    for mode in modes:
+        print(f"\n{mode}: {MODE_SETTINGS[mode]}")
+        for m in methods:
+            if m.setting(mode) and m.kind != "gemm":
+                why = m.unavailable(devices[0]) or reasons.get((m.name, mode))
+                print(f"  {m.name:<17} {m.setting(mode)}" + (f"   [cannot run: {why}]" if why else ""))
+    print()
+
+    total = count_pairs(methods, configs)
+    progress = _Progress(total, enabled=not args.no_progress)
+    progress.write(HEADER)
+
+    def on_row(row: dict) -> None:
+        progress.write(format_row(row))
+        progress.update(row)
+
+    t0 = time.perf_counter()
+    rows = run_sweep(methods, configs, isolate=not args.in_process, mem_fraction=args.mem_fraction, on_row=on_row,
+                     probe_reasons=reasons)
+    progress.close()
+    wall = time.perf_counter() - t0
+
+    fits = slopes(rows, args.slope_from)
+    heads = headline(rows)
+    print(f"\nlog-log slope of forward+backward time against K (from K = 2^{args.slope_from})")
+    print(format_slopes(fits))
+    print("\nfused vs each method at the largest K where both ran (speed-up = other time / fused time; "
+          "fused<= : at how many common K the fused op was at least as fast; mem<= : used at most as much memory)")
+    print(format_headline(heads))
+
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, args.prefix)
+    write_csv(rows, base + ".csv")
+    payload = {"command": "contrastbound bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "wall_s": wall, "machine": machine, "options": {k: v for k, v in vars(args).items()},
+               "rows": rows, "slopes": fits, "headline": heads}
+    write_json(payload, base + ".json")
+    written = [base + ".csv", base + ".json"]
+    if not args.no_plots:
+        written += plot(rows, base)
+    print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(written))
+    failed_fused = [f for f in fits if f.get("check") == "FAIL"]
+    if failed_fused:
+        print("warning: the fused loss is not linear in K here: "
+              + "; ".join(f"{f['group']} slope {f['slope']:.2f}" for f in failed_fused))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    """The plain table of ``rows`` (as printed while running)."""
+    return format_table(rows)

@@ -1,0 +1,246 @@
+"""Output of the scaling benchmark: the terminal table, slope fits, headline ratios, CSV, JSON and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from collections import defaultdict
+
+from .harness import fit_slope
+from .methods import CLIP_SETTING, NTXENT_SETTING
+
+CSV_FIELDS = [
+    "device", "mode", "setting", "method", "kind", "dtype", "B", "d", "K", "threads", "bank_grad", "status",
+    "fwd_s", "bwd_s", "fwdbwd_s", "warmup_s", "compile_s", "reps", "extra_mib", "flops", "eff_gflops",
+    "fwd_gflops", "gemm_gflops", "frac_gemm", "loss", "note", "reason",
+]
+
+HEADER = (f"{'mode':<10} {'method':<16} {'K':>9} {'B':>6} {'d':>4} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
+          f"{'extra MiB':>10} {'GFLOP/s':>8} {'of GEMM':>7}  note")
+
+
+def _num(v, fmt: str, width: int) -> str:
+    return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) \
+        else f"{'-':>{width}}"
+
+
+def format_row(r: dict) -> str:
+    ms = lambda k: r[k] * 1e3 if isinstance(r.get(k), (int, float)) else None  # noqa: E731
+    rate = r.get("eff_gflops", r.get("gemm_gflops") if r.get("kind") == "gemm" else None)
+    note = r.get("reason") or r.get("note") or ""
+    if r.get("compile_s") is not None:
+        note = (f"compile {r['compile_s']:.1f} s; " + note).strip("; ")
+    return (f"{r['mode']:<10} {r['method']:<16} {r['K']:>9} {r['B']:>6} {r['d']:>4} {_num(ms('fwd_s'), '.2f', 9)} "
+            f"{_num(ms('bwd_s'), '.2f', 9)} {_num(ms('fwdbwd_s'), '.2f', 9)} {_num(r.get('extra_mib'), '.1f', 10)} "
+            f"{_num(rate, '.1f', 8)} {_num(r.get('frac_gemm'), '.2f', 7)}  {note}")
+
+
+def format_table(rows: list[dict]) -> str:
+    return "\n".join([HEADER] + [format_row(r) for r in rows])
+
+
+def _group_key(r: dict) -> tuple:
+    return (r["device"], r["mode"], r["dtype"], r["B"] if r["mode"] != "in-batch" else 0, r["d"])
+
+
+def _group_name(key: tuple) -> str:
+    device, mode, dtype, B, d = key
+    return f"{mode} {dtype} {device} d={d}" + ("" if mode == "in-batch" else f" B={B}")
+
+
+def _fused_for(setting: str) -> str:
+    return {NTXENT_SETTING: "fused-ntxent", CLIP_SETTING: "fused-clip"}.get(setting, "fused")
+
+
+def slopes(rows: list[dict], from_log2k: int = 14) -> list[dict]:
+    """Per (group, method): the log-log slope of forward+backward time against K, over K >= 2^from_log2k
+    (all measured K when fewer than two are that large). Fused rows are checked against 0.9..1.1 (2 in-batch,
+    where N = K)."""
+    by = defaultdict(list)
+    for r in rows:
+        if r.get("status") == "ok" and r.get("fwdbwd_s"):
+            by[(_group_key(r), r["method"])].append(r)
+    out = []
+    for (g, m), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        rs = sorted(rs, key=lambda r: r["K"])
+        big = [r for r in rs if r["K"] >= 2**from_log2k]
+        use = big if len(big) >= 2 else rs
+        s = fit_slope([r["K"] for r in use], [r["fwdbwd_s"] for r in use])
+        entry = {"group": _group_name(g), "method": m, "slope": s, "k_from": use[0]["K"], "k_to": use[-1]["K"],
+                 "points": len(use), "kind": rs[0]["kind"]}
+        if rs[0]["kind"] == "fused" and s is not None:
+            expect = 2.0 if g[1] == "in-batch" else 1.0
+            entry["expected"] = expect
+            entry["check"] = "ok" if abs(s - expect) <= 0.1 * expect and len(big) >= 2 else (
+                "too few points from 2^%d" % from_log2k if len(big) < 2 else "FAIL")
+        out.append(entry)
+    return out
+
+
+def format_slopes(fits: list[dict]) -> str:
+    lines = [f"{'group':<34} {'method':<16} {'slope':>6}  over K"]
+    for f in fits:
+        s = "-" if f["slope"] is None else f"{f['slope']:.2f}"
+        check = f"  expected {f['expected']:.0f}: {f['check']}" if "check" in f else ""
+        lines.append(f"{f['group']:<34} {f['method']:<16} {s:>6}  {f['k_from']}..{f['k_to']} "
+                     f"({f['points']} points){check}")
+    return "\n".join(lines)
+
+
+def headline(rows: list[dict]) -> list[dict]:
+    """For every method beside the fused op of its setting: the largest K where both ran, the time ratio
+    (other / fused: the fused speed-up) and the memory of both there; plus the largest K each ran at all, and at
+    how many of the shared K the fused op was at least as fast / used at most as much memory."""
+    ok = defaultdict(dict)
+    for r in rows:
+        if r.get("status") == "ok" and r["kind"] not in ("gemm",):
+            ok[(_group_key(r), r["method"])][r["K"]] = r
+    out = []
+    for (g, m), by_k in sorted(ok.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        any_row = next(iter(by_k.values()))
+        if any_row["kind"] == "fused":
+            continue
+        fused = ok.get((g, _fused_for(any_row["setting"])), {})
+        common = sorted(set(fused) & set(by_k))
+        e = {"group": _group_name(g), "method": m, "setting": any_row["setting"], "fused": _fused_for(any_row["setting"]),
+             "max_k_method": max(by_k), "max_k_fused": max(fused) if fused else None}
+        if common:
+            k = common[-1]
+            f, o = fused[k], by_k[k]
+            e.update(k=k, fused_s=f["fwdbwd_s"], other_s=o["fwdbwd_s"], speedup=o["fwdbwd_s"] / f["fwdbwd_s"],
+                     fused_mib=f.get("extra_mib"), other_mib=o.get("extra_mib"))
+            e["faster_at"] = sum(fused[q]["fwdbwd_s"] <= by_k[q]["fwdbwd_s"] for q in common)
+            e["less_mem_at"] = sum((fused[q].get("extra_mib") or 0) <= (by_k[q].get("extra_mib") or 0) for q in common)
+            e["common"] = len(common)
+        out.append(e)
+    return out
+
+
+def format_headline(entries: list[dict]) -> str:
+    lines = [f"{'group':<34} {'vs method':<16} {'at K':>9} {'fused s':>9} {'other s':>9} {'speed-up':>8} "
+             f"{'fused MiB':>10} {'other MiB':>10} {'fused<=':>8} {'mem<=':>6} {'max K other/fused':>18}"]
+    for e in entries:
+        if "k" not in e:
+            lines.append(f"{e['group']:<34} {e['method']:<16} {'-':>9}  no K where both ran "
+                         f"(max K {e['method']}: {e['max_k_method']}, fused: {e['max_k_fused']})")
+            continue
+        lines.append(
+            f"{e['group']:<34} {e['method']:<16} {e['k']:>9} {e['fused_s']:>9.3f} {e['other_s']:>9.3f} "
+            f"{e['speedup']:>7.2f}x {_num(e['fused_mib'], '.1f', 10)} {_num(e['other_mib'], '.1f', 10)} "
+            f"{e['faster_at']:>3}/{e['common']:<4} {e['less_mem_at']:>2}/{e['common']:<3} "
+            f"{e['max_k_method']:>9}/{e['max_k_fused']}")
+    return "\n".join(lines)
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "gpu": None}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    try:
+        from .. import backend_info
+
+        info["contrastbound_backends"] = backend_info()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    from importlib import metadata
+
+    peers = {}
+    for dist in ("info-nce-pytorch", "lightly", "pytorch-metric-learning", "open-clip-torch", "cut-cross-entropy",
+                 "liger-kernel", "inf-cl", "triton"):
+        try:
+            peers[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            peers[dist] = None
+    info["peers"] = peers
+    return info
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_json(payload: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+
+def plot(rows: list[dict], out_prefix: str) -> list[str]:
+    """Three log-log PNGs per group: f+b time, extra memory and effective FLOP/s (with the GEMM rate) over K."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("status") == "ok":
+            groups[_group_key(r)][r["method"]].append(r)
+    written = []
+    for g, methods in groups.items():
+        device, mode, dtype, B, d = g
+        tag = f"{mode}_{dtype}_{device.replace(':', '')}_d{d}" + ("" if mode == "in-batch" else f"_B{B}")
+        xlabel = "N = K (pairs in the batch)" if mode == "in-batch" else "K (negatives per anchor)"
+        specs = [
+            ("time", "forward+backward time (s)", lambda r: r.get("fwdbwd_s"), False),
+            ("memory", "peak extra memory (MiB, floored at 1)", lambda r: max(r["extra_mib"], 1.0)
+             if r.get("extra_mib") is not None else None, False),
+            ("flops", "effective GFLOP/s (model FLOPs / f+b time)", lambda r: r.get("eff_gflops"), True),
+        ]
+        for name, ylabel, value, with_gemm in specs:
+            fig, ax = plt.subplots(figsize=(7.5, 5))
+            drawn = 0
+            for m, rs in sorted(methods.items()):
+                rs = sorted(rs, key=lambda r: r["K"])
+                if rs[0]["kind"] == "gemm":
+                    if with_gemm:
+                        ax.plot([r["K"] for r in rs], [r["gemm_gflops"] for r in rs], "k--", lw=2,
+                                label="GEMM (torch.mm, same shape)")
+                    continue
+                pts = [(r["K"], value(r)) for r in rs if value(r) is not None and value(r) > 0]
+                if pts:
+                    style = "-o" if rs[0]["kind"] == "fused" else ("-s" if rs[0]["kind"] == "peer" else "-^")
+                    ax.plot(*zip(*pts), style, ms=4, lw=2.2 if rs[0]["kind"] == "fused" else 1.2, label=m)
+                    drawn += 1
+            if not drawn:
+                plt.close(fig)
+                continue
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{_group_name(g)}: {name}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            path = f"{out_prefix}_{tag}_{name}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written

@@ -1,0 +1,178 @@
+"""The scaling-benchmark harness: table, reasons, memory measurement and the command end to end.
+
+No timing assertions: costs come from a fake clock that the fake methods advance by known amounts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from contrastbound.__main__ import main as cli_main
+from contrastbound.benchsuite import harness, report
+from contrastbound.benchsuite.harness import Config, run_isolated, run_sweep
+from contrastbound.benchsuite.methods import METHODS, Method
+
+SETTING = "fake setting"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def fake_method(name: str, kind: str, clock: FakeClock, us_per_k: float) -> Method:
+    """Forward costs K * us_per_k microseconds on the fake clock, backward twice that."""
+
+    def build(cfg, x):
+        def step():
+            clock.advance(cfg.K * us_per_k * 1e-6)
+            w = torch.ones((), requires_grad=True)
+            loss = w * 2.0
+            loss.register_hook(lambda g: clock.advance(2 * cfg.K * us_per_k * 1e-6))
+            return loss
+
+        return step
+
+    return Method(name, build, {"shared": SETTING}, kind=kind)
+
+
+def raising_method(name: str = "broken") -> Method:
+    def build(cfg, x):
+        def step():
+            raise RuntimeError("boom: this method always fails")
+
+        return step
+
+    return Method(name, build, {"shared": SETTING}, kind="peer")
+
+
+def _alloc_build(cfg, x):
+    def step():
+        buf = torch.ones(200 * 2**18)  # 200 MiB of float32, touched
+        return buf[:1].sum() * 0 + x["anchors"].sum()
+
+    return step
+
+
+# A module-level method so that the fresh worker process can import it.
+ALLOC = Method("alloc-200mib", _alloc_build, {"shared": "allocates a 200 MiB tensor"}, kind="test")
+ALLOC.ref = f"{__name__}:ALLOC"
+
+KS = [2**10, 2**12, 2**14]
+
+
+def _configs(**kw):
+    return [Config(mode="shared", K=k, B=4, d=8, reps=3, warmup=1, **kw) for k in KS]
+
+
+def test_fake_costs_give_the_right_table():
+    clock = FakeClock()
+    methods = [fake_method("fused", "fused", clock, 1.0), fake_method("slow", "peer", clock, 4.0)]
+    rows = run_sweep(methods, _configs(), isolate=False, clock=clock)
+    assert len(rows) == 2 * len(KS)
+    for r in rows:
+        us = 1.0 if r["method"] == "fused" else 4.0
+        assert r["status"] == "ok"
+        assert r["setting"] == SETTING
+        assert r["fwd_s"] == pytest.approx(r["K"] * us * 1e-6)
+        assert r["bwd_s"] == pytest.approx(2 * r["K"] * us * 1e-6)
+        assert r["fwdbwd_s"] == pytest.approx(3 * r["K"] * us * 1e-6)
+        assert r["reps"] == 3
+        fwd, bwd = harness.model_flops(Config(mode="shared", K=r["K"], B=4, d=8), SETTING)
+        assert r["eff_gflops"] == pytest.approx((fwd + bwd) / r["fwdbwd_s"] / 1e9)
+    table = report.format_table(rows)
+    assert table.splitlines()[0] == report.HEADER
+    line = next(ln for ln in table.splitlines() if " slow " in ln and f" {2**12} " in ln)
+    assert f"{4 * 2**12 * 1e-3:.2f}" in line  # forward 16.38 ms
+    assert f"{12 * 2**12 * 1e-3:.2f}" in line  # forward+backward 49.15 ms
+    fits = {f["method"]: f for f in report.slopes(rows, from_log2k=10)}
+    assert fits["fused"]["slope"] == pytest.approx(1.0)
+    assert fits["fused"]["check"] == "ok"
+    assert fits["slow"]["slope"] == pytest.approx(1.0)
+    (head,) = report.headline(rows)
+    assert head["method"] == "slow" and head["k"] == 2**14
+    assert head["speedup"] == pytest.approx(4.0)
+    assert head["faster_at"] == head["common"] == 3
+    assert "4.00x" in report.format_headline([head])
+
+
+def test_a_method_that_raises_is_reported_with_its_reason():
+    clock = FakeClock()
+    rows = run_sweep([fake_method("fused", "fused", clock, 1.0), raising_method()], _configs(), isolate=False,
+                     clock=clock)
+    broken = [r for r in rows if r["method"] == "broken"]
+    assert len(broken) == len(KS)  # reported at every K, never dropped
+    assert broken[0]["status"] == "failed" and "boom" in broken[0]["reason"]
+    for r in broken[1:]:
+        assert r["status"] == "skipped" and "boom" in r["reason"] and f"K={KS[0]}" in r["reason"]
+    assert all(r["status"] == "ok" for r in rows if r["method"] == "fused")
+    assert "boom" in report.format_table(rows)
+    entry = next(e for e in report.headline(rows) if e["method"] == "broken") if any(
+        e["method"] == "broken" for e in report.headline(rows)) else None
+    assert entry is None  # no K where it ran: it has no headline ratio
+
+
+def test_unavailable_and_gpu_only_methods_have_reasons():
+    missing = Method("ghost", lambda c, x: None, {"shared": SETTING}, kind="peer", requires=("no_such_module_xyz",))
+    rows = run_sweep([missing, METHODS["liger"]], _configs() + [Config(mode="bank-ce", K=64, B=4, d=8)],
+                     isolate=False)
+    reasons = {(r["method"], r["K"]): r for r in rows}
+    assert all(reasons[("ghost", k)]["reason"] == "not installed (no_such_module_xyz)" for k in KS)
+    assert reasons[("liger", 64)]["status"] == "skipped" and "GPU only" in reasons[("liger", 64)]["reason"]
+    probed = harness.probe([raising_method()], ["shared"], "cpu")
+    assert "boom" in probed[("broken", "shared")]
+
+
+def test_out_of_memory_by_estimate_is_reported():
+    big = Config(mode="shared", K=2**40, B=256, d=128)
+    why = harness.plan_row(METHODS["naive"], big, None, None, mem_fraction=0.7)
+    assert why is not None and why.startswith("out of memory by estimate")
+
+
+def test_subprocess_memory_sees_a_200_mib_allocation():
+    row = run_isolated(ALLOC, Config(mode="shared", K=16, B=4, d=8, reps=1, warmup=1), timeout=120)
+    assert row["status"] == "ok", row
+    assert 180.0 <= row["extra_mib"] <= 260.0
+
+
+def test_chunked_and_naive_match_the_fused_loss():
+    import contrastbound as cb
+    from contrastbound.benchsuite.methods import chunked_loss, naive_loss
+
+    for mode in ("shared", "per-anchor", "indexed", "in-batch", "bank-ce"):
+        cfg = Config(mode=mode, K=37, B=5, d=8)
+        x = harness.make_inputs(cfg)
+        fused = METHODS["fused"].build(cfg, x)()
+        args = {k: x.get(k) for k in ("anchors", "positives", "negatives", "negative_indices", "targets")}
+        t = 1.0 if mode == "bank-ce" else cfg.temperature
+        torch.testing.assert_close(naive_loss(mode, t, **args), fused, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked_loss(mode, t, 8, **args), fused, rtol=1e-5, atol=1e-5)
+    assert cb is not None
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli_main(["bench", "--quick", "--ks", "256,1024", "-B", "8", "-d", "16", "--methods", "fused,naive",
+                   "--reps", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert report.HEADER in text and "log-log slope" in text
+    with open(out / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["K"]) for r in rows} == {(m, k) for m in ("gemm", "fused", "naive") for k in ("256", "1024")}
+    assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
+    payload = json.loads((out / "scaling.json").read_text())
+    assert {"cpu", "threads", "torch", "gpu"} <= set(payload["machine"])
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert [p.rsplit("_", 1)[1] for p in pngs] == ["flops.png", "memory.png", "time.png"]
