@@ -77,7 +77,7 @@ def test_registered_op_checks_indices_itself():
     from contrastbound import _backend
 
     if not _backend.EXTENSION_LOADED:
-        pytest.skip("compiled extension not loaded")
+        pytest.skip("compiled extension not available")
     with pytest.raises(IndexError, match="negative_indices"):
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx + 100, 1.0, True, True, False)
     with pytest.raises(ValueError, match="exclude_self"):
