@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -114,29 +113,15 @@ def _estimate_extra_mib(method: str, B: int, K: int) -> float:
 
 
 def _available_mib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("inf")
+    from contrastbound.benchsuite.harness import available_mib
+
+    return available_mib("cpu")
 
 
 def _machine(threads: int) -> dict:
-    import torch
+    from contrastbound.benchsuite.report import machine_info
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, "python": platform.python_version()}
+    return machine_info(threads)
 
 
 def main() -> int:
