@@ -69,15 +69,15 @@ def _matmul_tflops(B: int, K: int, d: int, dtype, repeats: int) -> float:
 
 
 def _naive(a, p, n, temperature):
-    an, pn = F.normalize(a.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    """What a user writes: bf16 normalisation and logits (tensor-core matmul), cross-entropy over float32 logits."""
+    an, pn = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
     if n is None:
-        logits = an @ pn.t() / temperature
+        logits = an @ pn.t()
         target = torch.arange(a.shape[0], device=a.device)
     else:
-        nn_ = F.normalize(n.float(), dim=-1)
-        logits = torch.cat([(an * pn).sum(-1, keepdim=True), an @ nn_.t()], dim=1) / temperature
+        logits = torch.cat([(an * pn).sum(-1, keepdim=True), an @ F.normalize(n, dim=-1).t()], dim=1)
         target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits.float() / temperature, target)
 
 
 def _peers():
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             rows.append(fused_row)
 
             if not args.no_naive:
-                need = b * (K + 1) * 4 * 3 + b * K * 2  # fp32 logits, softmax, grad; bf16 matmul output
+                need = b * (K + 1) * (4 * 3 + 2 * 3)  # fp32 logits, softmax, grad; bf16 logits, cat, grad
                 if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
                     rows.append(dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB"))
                 else:
@@ -203,13 +203,30 @@ def main(argv=None) -> int:
                         rows.append(dict(base, impl="naive", note="out of memory"))
                     torch.cuda.empty_cache()
 
-            if "inf_cl" in peers and problem == "in_batch":
+            if logk == ks[0] and info["cuda"] == "kernel":
+                # The same kernels without tensor cores (SIMT float32 FMA), at the smallest K only.
+                os.environ["CONTRASTBOUND_TENSOR_CORES"] = "0"
+                try:
+                    r = _measure(fused, leaves, 1, flop)
+                    rows.append(dict(base, impl="fused_simt", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
+                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
+                                     note="CONTRASTBOUND_TENSOR_CORES=0"))
+                finally:
+                    del os.environ["CONTRASTBOUND_TENSOR_CORES"]
+
+            if "inf_cl" in peers:
                 try:
                     fn = peers["inf_cl"]
-                    loss_fn = lambda: fn(F.normalize(a, dim=-1), F.normalize(p, dim=-1), scale=1.0 / t)  # noqa: E731
+                    scale = torch.tensor(1.0 / t, device="cuda")
+                    # In-batch: Inf-CL's own problem. Shared bank: keys = [positives; bank], labels = arange(B),
+                    # so each anchor also sees the other anchors' positives (B more negatives; same GEMMs).
+                    keys = (lambda: F.normalize(p, dim=-1)) if n is None else (
+                        lambda: F.normalize(torch.cat([p, n]), dim=-1))
+                    loss_fn = lambda: fn(F.normalize(a, dim=-1), keys(), scale=scale, head_dim=d)  # noqa: E731
                     r = _measure(lambda: loss_fn().mean(), leaves, reps, flop)
                     rows.append(dict(base, impl="inf_cl", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4], note=""))
+                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
+                                     note="" if n is None else "keys = [positives; bank]"))
                 except Exception as exc:  # noqa: BLE001 - optional peer
                     rows.append(dict(base, impl="inf_cl", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             if "cce" in peers:

@@ -8,7 +8,10 @@
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
-# python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470).
+# python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470),
+# TEST_S (seconds for the tests, default 200), TESTS (pytest selection, default tests/test_cuda.py),
+# BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
+# in .whl/ are installed into a temporary folder first (the GPU machine has no network).
 # Without a GPU it logs "NO GPU" and exits 0 after the environment report (so it can be smoke-tested anywhere).
 # Exit status: 0 when everything that ran passed; 1 build failed; 2 tests failed; 3 benchmark failed.
 set -uo pipefail
@@ -51,6 +54,12 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 0
 fi
 
+if ls .whl/*.whl >/dev/null 2>&1; then
+  step "peer wheels from .whl/"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/cb_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/cb_site${PYTHONPATH:+:$PYTHONPATH} || echo "peer wheels not installed"
+fi
+
 step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a}, MAX_JOBS=${MAX_JOBS:-16})"
 if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" \
   timeout 260 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
@@ -64,11 +73,13 @@ grep -E "contrastbound:|warning" "$OUT/build.log" | head -40
 step "CUDA tests"
 TEST_RC=0
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  T=$(( $(left) - 150 ))
-  [ "$T" -gt 240 ] && T=240
-  [ "$T" -lt 60 ] && T=60
-  timeout "$T" "$PY" -m pytest tests/test_cuda.py -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-    || TEST_RC=$?
+  T=${TEST_S:-200}
+  [ "$T" -gt $(( $(left) - 30 )) ] && T=$(( $(left) - 30 ))
+  [ "$T" -lt 30 ] && T=30
+  PER_TEST=""
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
+  timeout "$T" "$PY" -m pytest ${TESTS:-tests/test_cuda.py} -q -m cuda -p no:cacheprovider $PER_TEST -rfE --tb=short \
+    --durations=10 --junitxml="$OUT/pytest_cuda.xml" || TEST_RC=$?
   [ "$TEST_RC" -eq 124 ] && echo "TESTS TIMED OUT after ${T} s"
 else
   echo "pytest is not installed here: running no tests"
@@ -82,7 +93,8 @@ if [ "$B" -lt 30 ]; then
   echo "no time left for the benchmark"
   BENCH_RC=124
 else
-  timeout "$B" "$PY" benchmarks/bench_gpu.py $QUICK --budget $((B - 60 > 20 ? B - 60 : 20)) --csv "$OUT/bench_gpu.csv" \
+  timeout "$B" "$PY" benchmarks/bench_gpu.py $QUICK ${BENCH_ARGS:-} --budget $((B - 60 > 20 ? B - 60 : 20)) \
+    --csv "$OUT/bench_gpu.csv" \
     || BENCH_RC=$?
 fi
 

@@ -335,3 +335,144 @@ def test_nt_xent_cuda_matches_reference(dtype, N):
     assert_close_scaled(loss, ref, TOL[dtype], "loss")
     for x, y in zip(torch.autograd.grad(loss.sum(), [c1, c2]), torch.autograd.grad(ref.sum(), [r1, r2])):
         assert_close_scaled(x, y, TOL[dtype], "grad")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor-core path (shared bank, float16 / bfloat16, float32 as TF32 when allowed; d <= 256). The same
+# problems also run through the SIMT kernels (CONTRASTBOUND_TENSOR_CORES=0) and the float64 reference.
+# ---------------------------------------------------------------------------------------------------------
+
+# Relative Frobenius error ||out - ref|| / ||ref|| allowed against the float64 reference on the same (rounded)
+# inputs: the coefficients of the second product are rounded to the input type (bf16 ~ 4e-3, fp16 ~ 5e-4), and
+# TF32 rounds the operands of the score product (~5e-4 relative per score, times the logit scale).
+TC_REL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1.5e-2}
+
+
+def _rel_err(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(x).all()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _run_path(tensor_cores: bool, monkeypatch, fn, *args, **kw):
+    monkeypatch.setenv("CONTRASTBOUND_TENSOR_CORES", "1" if tensor_cores else "0")
+    try:
+        return _run(fn, *args, **kw)
+    finally:
+        monkeypatch.delenv("CONTRASTBOUND_TENSOR_CORES")
+
+
+def _compare_tc(monkeypatch, a, p, n, dtype, **kw):
+    loss, grads = _run_path(True, monkeypatch, cb.info_nce, a, p, n, None, **kw)
+    ref_loss, ref_grads = _run(info_nce_reference, *_leaves_on(CUDA, torch.float64, a, p, n), None, **kw)
+    simt_loss, simt_grads = _run_path(False, monkeypatch, cb.info_nce, a, p, n, None, **kw)
+    tol = TC_REL[dtype]
+    errs = {"loss": _rel_err(loss, ref_loss)}
+    errs.update({f"grad {k}": _rel_err(g, r) for k, g, r in zip("apn", grads, ref_grads)})
+    assert all(e <= tol for e in errs.values()), f"tensor cores vs float64 reference: {errs} (tol {tol})"
+    simt = {"loss": _rel_err(simt_loss, ref_loss)}
+    simt.update({f"grad {k}": _rel_err(g, r) for k, g, r in zip("apn", simt_grads, ref_grads)})
+    assert all(e <= tol for e in simt.values()), f"SIMT vs float64 reference: {simt}"
+    for g, x in zip(grads, (a, p, n)):
+        assert g.dtype == dtype and g.shape == x.shape
+    return errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(
+    "B,K,d",
+    [
+        (37, 1037, 19),  # d not a multiple of 8: scalar loads, zero padding to 32
+        (130, 300, 256),  # widest tensor-core width, 16-byte loads
+        (1, 1, 1),
+        (64, 64, 16),  # exactly one tile
+        (300, 5000, 77),
+        (8, 70_000, 64),  # one anchor block, many K chunks merged; anchor term split over K
+        (1000, 100, 24),  # few bank tiles: bank gradient split over anchors, partials summed
+        (17_000, 200, 16),  # many anchor blocks: the anchor term is finished in the kernel
+        (50, 20_000, 40),  # many bank tiles: bank gradient rows are finished in the kernel
+    ],
+)
+def test_tensor_cores_match_reference_and_simt(monkeypatch, dtype, normalize, B, K, d):
+    a, p, n, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, device=CUDA, seed=B + K + d)
+    _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.2, normalize=normalize, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tensor_cores_low_temperature_and_in_batch(monkeypatch, dtype):
+    a, p, n, _ = make_inputs("shared", B=200, K=3000, d=128, dtype=dtype, device=CUDA, seed=4)
+    _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.01, reduction="mean")
+    # In-batch (the positives are the bank) and NT-Xent (exclude_self) take the shared-bank kernels too.
+    a, p, _, _ = make_inputs("in_batch", B=333, K=333, d=96, dtype=dtype, device=CUDA, seed=5)
+    _compare_tc(monkeypatch, a, p, None, dtype, temperature=0.1)
+    from contrastbound.reference import nt_xent_reference
+
+    z1, z2 = _leaves_on(CUDA, dtype, torch.randn(257, 64, dtype=torch.float64), torch.randn(257, 64, dtype=torch.float64))
+    loss = cb.nt_xent(z1, z2, 0.1, reduction="none")
+    r1, r2 = _leaves_on(CUDA, torch.float64, z1, z2)
+    ref = nt_xent_reference(r1, r2, 0.1, reduction="none")
+    assert _rel_err(loss, ref) <= TC_REL[dtype]
+    for x, y in zip(torch.autograd.grad(loss.sum(), [z1, z2]), torch.autograd.grad(ref.sum(), [r1, r2])):
+        assert _rel_err(x, y) <= TC_REL[dtype]
+
+
+def test_tensor_cores_non_contiguous_bf16(monkeypatch):
+    B, K, d = 70, 900, 48
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(B, 2 * d, generator=g).to(CUDA, torch.bfloat16)[:, 1::2].requires_grad_(True)  # stride 2
+    p = torch.randn(d, B, generator=g).to(CUDA, torch.bfloat16).t().requires_grad_(True)  # transposed
+    n = torch.randn(K, d + 1, generator=g).to(CUDA, torch.bfloat16)[:, 1:].requires_grad_(True)  # misaligned rows
+    _compare_tc(monkeypatch, a, p, n, torch.bfloat16, temperature=0.2)
+
+
+def test_tf32_follows_torch_matmul_setting(monkeypatch):
+    a, p, n, _ = make_inputs("shared", B=100, K=1500, d=64, dtype=torch.float32, device=CUDA, seed=8)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = _run(cb.info_nce, a, p, n, None, temperature=0.5)
+        simt = _run_path(False, monkeypatch, cb.info_nce, a, p, n, None, temperature=0.5)
+        # Without TF32 float32 never takes the tensor cores: bitwise the SIMT result.
+        assert torch.equal(exact[0], simt[0]) and all(torch.equal(x, y) for x, y in zip(exact[1], simt[1]))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        errs = _compare_tc(monkeypatch, a, p, n, torch.float32, temperature=0.5)
+        tf32 = _run(cb.info_nce, a, p, n, None, temperature=0.5)
+        # TF32 rounding shows in the results: the setting was followed.
+        assert not all(torch.equal(x, y) for x, y in zip(tf32[1], exact[1])), errs
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_tensor_cores_deterministic_and_on_side_stream():
+    a, p, n, _ = make_inputs("shared", B=700, K=9000, d=256, dtype=torch.bfloat16, device=CUDA, seed=12)
+    first = _run(cb.info_nce, a, p, n, None, temperature=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        a2, p2, n2 = ((x.detach() * 1.0).requires_grad_(True) for x in (a, p, n))
+        second = _run(cb.info_nce, a2, p2, n2, None, temperature=0.1)
+        second = (second[0].detach().clone(), [x.detach().clone() for x in second[1]])
+    side.synchronize()
+    assert torch.equal(first[0], second[0])
+    for x, y in zip(first[1], second[1]):
+        assert torch.equal(x, y)
+
+
+def test_tensor_cores_extra_memory_is_o_b_plus_k():
+    B, K, d = 1024, 2**20, 256
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    a = torch.randn(B, d, device=CUDA, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    p = torch.randn(B, d, device=CUDA, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    n = torch.randn(K, d, device=CUDA, dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = cb.info_nce(a, p, n, temperature=0.1)
+    loss.backward()
+    torch.cuda.synchronize()
+    grads = sum(x.grad.numel() * x.grad.element_size() for x in (a, p, n))
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    logits_bf16 = B * K * 2
+    assert extra <= 0.05 * logits_bf16, f"extra {extra / 2**20:.1f} MiB vs bf16 logits {logits_bf16 / 2**20:.0f} MiB"

@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/online_lse.h"
 
@@ -236,12 +237,16 @@ struct BackwardWork {
   acc_t* grad_scratch = nullptr;
 };
 
+float* carve_backward_tc(Carver& c, const Problem& p, int num_sms);  // tensor-core bank grads, further down
+
 template <typename acc_t>
-BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms) {
+BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms, bool tc) {
   BackwardWork<acc_t> w;
   w.pr = carve_prepared<acc_t>(c, p);
   if (a.grad_negatives != nullptr) {
-    if (p.mode == Mode::Shared) {
+    if (p.mode == Mode::Shared && tc) {
+      w.grad_scratch = reinterpret_cast<acc_t*>(carve_backward_tc(c, p, num_sms));  // acc_t is float here
+    } else if (p.mode == Mode::Shared) {
       const BankPlan b = plan_bank(p, num_sms);
       const int64_t BK = tile_rows(p.dtype);
       const int64_t slots = b.direct ? b.grid_x : b.splits * b.tiles;
@@ -885,6 +890,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Tensor cores (shared bank; float16 / bfloat16, float32 as TF32 when allowed): info_nce_tc.cuh
+// ---------------------------------------------------------------------------------------------------------
+
+#include "info_nce_tc.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------
 
@@ -898,9 +909,176 @@ void launch_prepare(const Problem& p, const Prepared<acc_t>& pr, cudaStream_t st
   }
 }
 
+template <typename T>
+struct TcType : std::false_type {};
+template <>
+struct TcType<__half> : std::true_type {};
+template <>
+struct TcType<__nv_bfloat16> : std::true_type {};
+template <>
+struct TcType<float> : std::true_type {};
+
+int device_attribute(cudaDeviceAttr attr) {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
+    cudaGetLastError();  // not sticky; report "unsupported" and let the SIMT kernels run
+    return 0;
+  }
+  return v;
+}
+
+// Whether the tensor-core kernels serve this problem (else the SIMT kernels above).
+bool use_tc(const Problem& p) {
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.d > kTcMaxD) return false;
+  if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) return false;
+  const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total : tc_smem<__half>(p.d, true).total;
+  return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+// X blocks x Y splits of tc_rows_kernel: enough blocks for two per multiprocessor.
+struct TcPlan {
+  int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
+};
+
+TcPlan plan_tc_rows(int64_t xrows, int64_t yrows, int num_sms) {
+  TcPlan t;
+  t.xblocks = ceil_div(xrows, kTcRows);
+  const int64_t ytiles = ceil_div(yrows, kTcCols);
+  if (t.xblocks == 0 || ytiles == 0) return t;
+  const int64_t target = 2 * std::max(1, num_sms);
+  t.splits = std::max<int64_t>(1, std::min(ceil_div(target, t.xblocks), ytiles));
+  t.tiles_per_split = ceil_div(ytiles, t.splits);
+  t.splits = ceil_div(ytiles, t.tiles_per_split);  // no empty split
+  return t;
+}
+
+template <typename T>
+TcOperand<T> tc_operand(const void* ptr, const int64_t* stride, int64_t rows, int64_t d) {
+  TcOperand<T> o;
+  o.ptr = static_cast<const T*>(ptr);
+  o.s0 = stride[0];
+  o.s1 = stride[1];
+  o.rows = rows;
+  constexpr int64_t E = 16 / sizeof(T);
+  o.vec = o.s1 == 1 && (o.s0 % E == 0 || rows <= 1) && d % E == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  return o;
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+struct TcForwardWork {
+  ForwardWork<float> w;
+  float* v_partial = nullptr;  // (splits, B, d) when the anchor term is split over K
+};
+
+TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
+  TcForwardWork t;
+  t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
+  const TcPlan vp = plan_tc_rows(p.B, p.K, num_sms);
+  if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
+  return t;
+}
+
+float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
+  const TcPlan bp = plan_tc_rows(p.K, p.B, num_sms);
+  return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
+}
+
+template <typename T>
+cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsArgs args, const TcPlan& plan,
+                           int64_t d, cudaStream_t stream) {
+  args.d = d;
+  args.splits = plan.splits;
+  args.tiles_per_split = plan.tiles_per_split;
+  args.xblocks = plan.xblocks;
+  if (plan.xblocks == 0) return cudaSuccess;
+  const TcSmem sm = tc_smem<T>(d, /*with_p=*/true);
+  cudaError_t e = allow_smem(tc_rows_kernel<T>, sm.total);
+  if (e != cudaSuccess) return e;
+  tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  if (plan.splits > 1) {
+    tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms, cudaStream_t stream) {
+  const ForwardPlan f = plan_forward(p, num_sms);
+  const bool save = out.anchor_term != nullptr;
+  Carver carver(workspace);
+  const TcForwardWork t = carve_forward_tc(carver, p, f, save, num_sms);
+  launch_prepare<T, float>(p, t.w.pr, stream);
+  const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
+  const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
+  if (f.chunks > 0) {
+    TcLseArgs la;
+    la.d = p.d;
+    la.K = p.K;
+    la.B = p.B;
+    la.chunk_len = f.chunk_len;
+    la.chunks = f.chunks;
+    la.xblocks = ceil_div(p.B, kTcRows);
+    la.scale = static_cast<float>(p.scale);
+    la.exclude_self = p.exclude_self;
+    la.x_inv = t.w.pr.a_inv;
+    la.y_inv = t.w.pr.n_inv;
+    la.part_max = t.w.part_max;
+    la.part_sum = t.w.part_sum;
+    const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false);
+    cudaError_t e = allow_smem(tc_lse_kernel<T>, sm.total);
+    if (e != cudaSuccess) return e;
+    tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+  }
+  float* lse = static_cast<float*>(out.lse);
+  if (p.B > 0) {
+    forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(p, t.w, f, static_cast<float*>(out.loss), lse,
+                                                                         nullptr);
+  }
+  if (save && p.B > 0) {
+    TcRowsArgs ra;
+    ra.scale = static_cast<float>(p.scale);
+    ra.exclude_self = p.exclude_self;
+    ra.lse_on_x = true;
+    ra.x_inv = t.w.pr.a_inv;
+    ra.y_inv = t.w.pr.n_inv;
+    ra.lse = lse;
+    ra.partial = t.v_partial;
+    ra.out_v = static_cast<float*>(out.anchor_term);
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p.B, p.K, num_sms), p.d, stream);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const float* g, const float* lse,
+                          float* scratch, T* grad, int num_sms, cudaStream_t stream) {
+  const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
+  const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
+  TcRowsArgs ra;
+  ra.scale = static_cast<float>(p.scale);
+  ra.exclude_self = p.exclude_self;
+  ra.lse_on_x = false;
+  ra.x_inv = pr.n_inv;
+  ra.x_proj = pr.n_proj;
+  ra.y_inv = pr.a_inv;
+  ra.lse = lse;
+  ra.g = g;
+  ra.partial = scratch;
+  ra.out_grad = grad;
+  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p.K, p.B, num_sms), p.d, stream);
+}
+
 template <typename scalar_t, typename acc_t>
 cudaError_t forward_typed(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms,
                           cudaStream_t stream) {
+  if constexpr (TcType<scalar_t>::value) {
+    if (use_tc(p)) return forward_tc<scalar_t>(p, out, workspace, num_sms, stream);
+  }
   const ForwardPlan f = plan_forward(p, num_sms);
   const bool save = out.anchor_term != nullptr;
   Carver carver(workspace);
@@ -924,8 +1102,9 @@ cudaError_t forward_typed(const Problem& p, const ForwardOutputs& out, void* wor
 template <typename scalar_t, typename acc_t>
 cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* workspace, int num_sms,
                            cudaStream_t stream) {
+  const bool tc = TcType<scalar_t>::value && use_tc(p);
   Carver carver(workspace);
-  const BackwardWork<acc_t> w = carve_backward<acc_t>(carver, p, a, num_sms);
+  const BackwardWork<acc_t> w = carve_backward<acc_t>(carver, p, a, num_sms, tc);
   const acc_t* g = static_cast<const acc_t*>(a.grad_loss);
   const acc_t* lse = static_cast<const acc_t*>(a.lse);
   launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
@@ -936,7 +1115,12 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
   }
   if (a.grad_negatives != nullptr) {
     scalar_t* gn = static_cast<scalar_t*>(a.grad_negatives);
-    if (p.mode == Mode::Shared) {
+    if (p.mode == Mode::Shared && tc) {
+      if constexpr (TcType<scalar_t>::value) {
+        const cudaError_t e = bank_grads_tc<scalar_t>(p, w.pr, g, lse, w.grad_scratch, gn, num_sms, stream);
+        if (e != cudaSuccess) return e;
+      }
+    } else if (p.mode == Mode::Shared) {
       const BankPlan bp = plan_bank(p, num_sms);
       if (bp.tiles > 0) {
         const dim3 grid(static_cast<unsigned>(bp.grid_x), static_cast<unsigned>(bp.splits));
@@ -981,6 +1165,8 @@ size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term,
   const ForwardPlan f = plan_forward(p, num_sms);
   if (p.dtype == DType::Float64) {
     carve_forward<double>(c, p, f, save_anchor_term);
+  } else if (use_tc(p)) {
+    carve_forward_tc(c, p, f, save_anchor_term, num_sms);
   } else {
     carve_forward<float>(c, p, f, save_anchor_term);
   }
@@ -990,9 +1176,9 @@ size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term,
 size_t info_nce_backward_workspace_bytes(const Problem& p, const BackwardArgs& a, int num_sms) {
   Carver c(nullptr);
   if (p.dtype == DType::Float64) {
-    carve_backward<double>(c, p, a, num_sms);
+    carve_backward<double>(c, p, a, num_sms, false);
   } else {
-    carve_backward<float>(c, p, a, num_sms);
+    carve_backward<float>(c, p, a, num_sms, use_tc(p));
   }
   return c.used;
 }

@@ -55,6 +55,11 @@ struct Problem {
   bool normalize = true;
   bool include_positive = true;
   bool exclude_self = false;  // Shared only: bank row i is not a negative of anchor i (NT-Xent)
+
+  // Tensor cores (Shared mode, d <= 256, compute capability >= 8.0): float16/bfloat16 always unless
+  // tensor_cores is false; float32 as TF32 only when tf32 is true (torch.backends.cuda.matmul.allow_tf32).
+  bool tensor_cores = true;
+  bool tf32 = false;
 };
 
 // Forward outputs, all contiguous, in the accumulation type (float64 for Float64 inputs, else float32).

@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "../info_nce_checks.h"
@@ -89,6 +91,11 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   p.normalize = normalize;
   p.include_positive = include_positive;
   p.exclude_self = exclude_self;
+  // CONTRASTBOUND_TENSOR_CORES=0 forces the SIMT kernels (tests compare both paths); float32 follows torch's
+  // TF32 setting for matrix products.
+  const char* tc = std::getenv("CONTRASTBOUND_TENSOR_CORES");
+  p.tensor_cores = tc == nullptr || std::string(tc) != "0";
+  p.tf32 = at::globalContext().allowTF32CuBLAS();
   return p;
 }
 
