@@ -203,6 +203,22 @@ def main(argv=None) -> int:
                         rows.append(dict(base, impl="naive", note="out of memory"))
                     torch.cuda.empty_cache()
 
+            if info["cuda"] == "kernel":
+                # The tensor-core kernels with the other Y-tile pipeline (CONTRASTBOUND_TC_STAGES).
+                stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
+                old_stages = os.environ.get("CONTRASTBOUND_TC_STAGES")
+                os.environ["CONTRASTBOUND_TC_STAGES"] = stages
+                try:
+                    r = _measure(fused, leaves, reps, flop)
+                    rows.append(dict(base, impl=f"fused_{stages}stage", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2],
+                                     tflops=r[3], matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm,
+                                     peak_extra_gib=r[4], note=f"CONTRASTBOUND_TC_STAGES={stages}"))
+                finally:
+                    if old_stages is None:
+                        del os.environ["CONTRASTBOUND_TC_STAGES"]
+                    else:
+                        os.environ["CONTRASTBOUND_TC_STAGES"] = old_stages
+
             if logk == ks[0] and info["cuda"] == "kernel":
                 # The same kernels without tensor cores (SIMT float32 FMA), at the smallest K only.
                 os.environ["CONTRASTBOUND_TENSOR_CORES"] = "0"

@@ -294,13 +294,18 @@ def info_nce_lse(
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     include_positive = _check_bool("include_positive", include_positive)
+    exclude_self = False
     if negatives is None:
-        negatives, include_positive = positives, False
+        # In-batch: anchor i's denominator is every positive. Kernels see the bank = positives with the diagonal
+        # taken out of the bank (exclude_self) and counted once as the positive (include_positive): the same sum,
+        # but the dominant term e^{l_ii} is then computed once, in float32, rather than inside the bank's tiles
+        # (where float16/bfloat16 coefficients and a second rounding of l_ii would cancel against the positive).
+        negatives, include_positive, exclude_self = positives, True, True
     compute, _ = _common_dtypes(negatives, anchors, positives)
     a, p = anchors.to(compute), positives.to(compute)
     if negatives is positives:
         negatives = p
-    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive)
+    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self)
     return loss, lse.detach()
 
 

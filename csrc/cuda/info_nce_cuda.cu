@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../core/online_lse.h"
@@ -149,6 +150,7 @@ struct Prepared {
   acc_t *a_inv = nullptr, *a_proj = nullptr, *p_inv = nullptr, *p_proj = nullptr;  // (B,)
   acc_t* pos = nullptr;                                                            // (B,) s a_hat . p_hat
   acc_t *n_inv = nullptr, *n_proj = nullptr;                                       // (rows,) bank rows
+  acc_t* tc_bound = nullptr;  // one value: the float16 tensor-core coefficient bound (info_nce_tc.cuh)
 };
 
 template <typename acc_t>
@@ -165,6 +167,7 @@ Prepared<acc_t> carve_prepared(Carver& c, const Problem& p) {
     pr.n_inv = c.take<acc_t>(p.rows);
     pr.n_proj = c.take<acc_t>(p.rows);
   }
+  pr.tc_bound = c.take<acc_t>(1);
   return pr;
 }
 
@@ -936,6 +939,19 @@ bool use_tc(const Problem& p) {
   return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
+// Y-tile stages (1: copy, then compute; 2: the next tile's copy overlaps the current tile's work; more shared
+// memory, so fewer blocks per multiprocessor). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits.
+template <typename T>
+int tc_stages(int64_t d, bool with_p) {
+  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
+  const int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
+  if (want == 2 && tc_smem<T>(d, with_p, 2).total >
+                       static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    return 1;
+  }
+  return want;
+}
+
 // X blocks x Y splits of tc_rows_kernel: enough blocks for two per multiprocessor.
 struct TcPlan {
   int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
@@ -988,17 +1004,26 @@ float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
 }
 
+// bound_w: the Y rows' weights of the float16 coefficient bound (nullptr: 1), times bound_wscale.
 template <typename T>
 cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsArgs args, const TcPlan& plan,
-                           int64_t d, cudaStream_t stream) {
+                           int64_t d, float* bound_slot, const float* bound_w, float bound_wscale,
+                           cudaStream_t stream) {
   args.d = d;
   args.splits = plan.splits;
   args.tiles_per_split = plan.tiles_per_split;
   args.xblocks = plan.xblocks;
   if (plan.xblocks == 0) return cudaSuccess;
-  const TcSmem sm = tc_smem<T>(d, /*with_p=*/true);
+  const TcSmem sm = tc_smem<T>(d, /*with_p=*/true, tc_stages<T>(d, true));
   cudaError_t e = allow_smem(tc_rows_kernel<T>, sm.total);
   if (e != cudaSuccess) return e;
+  if (std::is_same<T, __half>::value && Y.rows > 0) {
+    e = cudaMemsetAsync(bound_slot, 0, sizeof(float), stream);
+    if (e != cudaSuccess) return e;
+    tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(Y.rows, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+        args.y_inv, bound_w, bound_wscale, Y.rows, bound_slot);
+    args.coef_bound = bound_slot;
+  }
   tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
   if (plan.splits > 1) {
     tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
@@ -1029,7 +1054,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     la.y_inv = t.w.pr.n_inv;
     la.part_max = t.w.part_max;
     la.part_sum = t.w.part_sum;
-    const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false);
+    const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false, tc_stages<T>(p.d, false));
     cudaError_t e = allow_smem(tc_lse_kernel<T>, sm.total);
     if (e != cudaSuccess) return e;
     tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
@@ -1049,7 +1074,8 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     ra.lse = lse;
     ra.partial = t.v_partial;
     ra.out_v = static_cast<float*>(out.anchor_term);
-    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p.B, p.K, num_sms), p.d, stream);
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p.B, p.K, num_sms), p.d, t.w.pr.tc_bound, nullptr, 1.f,
+                             stream);
   }
   return cudaGetLastError();
 }
@@ -1070,7 +1096,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   ra.g = g;
   ra.partial = scratch;
   ra.out_grad = grad;
-  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p.K, p.B, num_sms), p.d, stream);
+  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p.K, p.B, num_sms), p.d, pr.tc_bound, g, ra.scale, stream);
 }
 
 template <typename scalar_t, typename acc_t>

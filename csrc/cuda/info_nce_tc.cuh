@@ -31,6 +31,7 @@ constexpr int kTcCols = 64;     // Y rows per tile
 constexpr int kTcMaxD = 256;    // widest padded feature dimension held in shared memory
 constexpr int kTcThreads = 256;  // 8 warps
 constexpr int kTcLds = kTcCols + 4;  // leading dimension of the float32 score tile
+constexpr int kTcDefaultStages = 1;  // Y-tile stages unless CONTRASTBOUND_TC_STAGES says otherwise
 
 template <typename T>
 struct TcTraits;
@@ -68,14 +69,16 @@ __device__ __forceinline__ void tc_round(Frag&, T) {}
 // Shared-memory plan of the tiles (byte offsets, 128-byte aligned).
 struct TcSmem {
   int dpad = 0, ld = 0, ldp = 0, lde = 0;
-  size_t x = 0, y = 0, s = 0, p = 0, cols = 0, total = 0;
+  int stages = 1;  // 2: the next Y tile is copied (cp.async) while the current one is used
+  size_t x = 0, y = 0, y1 = 0, s = 0, p = 0, cols = 0, total = 0;
 };
 
 inline size_t tc_align(size_t v) { return (v + 127) / 128 * 128; }
 
 template <typename T>
-TcSmem tc_smem(int64_t d, bool with_p) {
+TcSmem tc_smem(int64_t d, bool with_p, int stages = 1) {
   TcSmem m;
+  m.stages = stages == 2 ? 2 : 1;
   m.dpad = static_cast<int>((d + 15) / 16 * 16);
   m.ld = m.dpad + TcTraits<T>::PAD;
   m.ldp = kTcCols + TcTraits<T>::PAD;
@@ -85,6 +88,11 @@ TcSmem tc_smem(int64_t d, bool with_p) {
   o = tc_align(o + sizeof(T) * kTcRows * m.ld);
   m.y = o;
   o = tc_align(o + sizeof(T) * kTcCols * m.ld);
+  m.y1 = m.y;
+  if (m.stages == 2) {
+    m.y1 = o;
+    o = tc_align(o + sizeof(T) * kTcCols * m.ld);
+  }
   // The float32 output tile of tc_rows_kernel reuses the X and Y tiles once the loop is over.
   o = std::max(o, tc_align(sizeof(float) * kTcRows * m.lde));
   m.s = o;
@@ -111,18 +119,20 @@ __device__ __forceinline__ T tc_zero() {
   return from_acc<T, float>(0.f);
 }
 
-// dst[r][j] = src row (row0 + r), feature j, for r < kTcRows (kTcCols) and j < dpad; zero past the rows and d.
+// Issues dst[r][j] = src row (row0 + r), feature j, for r < ROWS and j < dpad; zero past the rows and d. The
+// 16-byte path copies asynchronously (cp.async; complete after tc_commit + tc_wait), the scalar path at once.
 template <typename T, int ROWS>
-__device__ __forceinline__ void tc_load(T* dst, int ld, const TcOperand<T>& src, int64_t row0, int64_t d, int dpad) {
+__device__ __forceinline__ void tc_issue(T* dst, int ld, const TcOperand<T>& src, int64_t row0, int64_t d, int dpad) {
   if (src.vec) {
     constexpr int E = 16 / sizeof(T);
     const int cpr = dpad / E;
     for (int c = threadIdx.x; c < ROWS * cpr; c += kTcThreads) {
       const int r = c / cpr, j = (c % cpr) * E;
       const int64_t row = row0 + r;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row < src.rows && j < d) v = *reinterpret_cast<const uint4*>(src.ptr + row * src.s0 + j);
-      *reinterpret_cast<uint4*>(dst + r * ld + j) = v;
+      const bool ok = row < src.rows && j < d;
+      const T* g = ok ? src.ptr + row * src.s0 + j : src.ptr;  // not read when ok is false (source size 0)
+      const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + j));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 16 : 0));
     }
   } else {
     for (int e = threadIdx.x; e < ROWS * dpad; e += kTcThreads) {
@@ -131,6 +141,39 @@ __device__ __forceinline__ void tc_load(T* dst, int ld, const TcOperand<T>& src,
       dst[r * ld + j] = (row < src.rows && j < d) ? src.ptr[row * src.s0 + j * src.s1] : tc_zero<T>();
     }
   }
+}
+
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void tc_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Tile `it` of a walk over Y: with two stages, tile it + 1 is issued before tile it is waited for. Called by
+// every thread after the barrier that ends the use of the buffer it refills.
+template <typename T>
+__device__ __forceinline__ T* tc_next_y(unsigned char* raw, const TcSmem& m, const TcOperand<T>& Y, int64_t y0,
+                                       int64_t y_end, int it, int64_t d) {
+  T* cur = reinterpret_cast<T*>(raw + ((m.stages == 2 && (it & 1)) ? m.y1 : m.y));
+  if (m.stages == 2) {
+    if (it == 0) {  // prologue: the first tile
+      tc_issue<T, kTcCols>(cur, m.ld, Y, y0, d, m.dpad);
+      tc_commit();
+    }
+    if (y0 + kTcCols < y_end) {
+      T* nxt = reinterpret_cast<T*>(raw + ((it & 1) ? m.y : m.y1));
+      tc_issue<T, kTcCols>(nxt, m.ld, Y, y0 + kTcCols, d, m.dpad);
+      tc_commit();
+      tc_wait<1>();
+    } else {
+      tc_wait<0>();
+    }
+  } else {
+    tc_issue<T, kTcCols>(cur, m.ld, Y, y0, d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
+  }
+  return cur;
 }
 
 // S (kTcRows x kTcCols, float32, leading dimension kTcLds) = X_s Y_s^T over the padded features.
@@ -187,7 +230,6 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char tc_raw[];
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
-  T* ys = reinterpret_cast<T*>(tc_raw + m.y);
   float* S = reinterpret_cast<float*>(tc_raw + m.s);
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
   const int tid = threadIdx.x, r = tid >> 2, q = tid & 3;
@@ -197,12 +239,15 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     const int64_t i0 = xb * kTcRows, i = i0 + r;
     const int64_t k_begin = c * a.chunk_len, k_end = min64(a.K, k_begin + a.chunk_len);
     __syncthreads();  // the previous unit's tiles are no longer read
-    tc_load<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
+    tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
     const float xinv = i < a.B ? a.x_inv[i] * a.scale : 0.f;
     float mx = -INFINITY, sm = 0.f;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols) {
-      __syncthreads();  // S and the Y tile of the previous step are consumed
-      tc_load<T, kTcCols>(ys, m.ld, Y, k0, a.d, m.dpad);
+    int it = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
+      __syncthreads();  // S, yinv and the Y buffer about to be refilled are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
       if (tid < kTcCols) yinv[tid] = k0 + tid < k_end ? a.y_inv[k0 + tid] : 0.f;
       __syncthreads();
       tc_scores<T>(xs, ys, m.ld, m.dpad, S);
@@ -254,6 +299,10 @@ struct TcRowsArgs {
   float* partial = nullptr;      // (splits, X rows, d) when splits > 1
   float* out_v = nullptr;        // anchor term: (B, d) float32
   void* out_grad = nullptr;      // bank grads: (K, d) input dtype
+  // float16 only: an upper bound of every coefficient (max over Y of its factor; e^{l - lse} <= 1). The
+  // coefficients are scaled by a power of two that puts this bound at 2^14, so that small ones stay normal
+  // float16 numbers instead of flushing to zero, and the sums are scaled back in float32.
+  const float* coef_bound = nullptr;
 };
 
 // O_x = sum_y c(x, y) Y_y over all Y tiles of split `split`, then finished (one split) or stored as a partial.
@@ -265,7 +314,6 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
   using Tr = TcTraits<T>;
   extern __shared__ __align__(128) unsigned char tc_raw[];
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
-  T* ys = reinterpret_cast<T*>(tc_raw + m.y);
   float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
   float* S = reinterpret_cast<float*>(tc_raw + m.s);
   T* P = reinterpret_cast<T*>(tc_raw + m.p);
@@ -281,19 +329,31 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     const int64_t x0 = xb * kTcRows, x = x0 + r;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
     __syncthreads();  // the previous unit's output tile is no longer read
-    tc_load<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
+    tc_issue<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
     const bool x_ok = x < X.rows;
     const float xinv = x_ok ? a.x_inv[x] * a.scale : 0.f;
+    float cscale = 1.f;
+    if (a.coef_bound != nullptr) {
+      const float bound = *a.coef_bound;
+      if (bound > 0.f && bound < INFINITY) {
+        int e = 0;
+        frexpf(16384.f / bound, &e);  // 16384 / bound = f 2^e, f in [0.5, 1)
+        cscale = ldexpf(1.f, e - 1);   // <= 16384 / bound
+      }
+    }
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
     wmma::fragment<wmma::accumulator, 16, 16, Tr::KS, float> acc[2][4];
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
 #pragma unroll
       for (int t = 0; t < 4; ++t) wmma::fill_fragment(acc[i2][t], 0.f);
+    const int64_t y_end = min64(Y.rows, t_end * kTcCols);
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kTcCols;
-      __syncthreads();  // S, P and the Y tile of the previous step are consumed
-      tc_load<T, kTcCols>(ys, m.ld, Y, y0, a.d, m.dpad);
+      __syncthreads();  // S, P, the column arrays and the Y buffer about to be refilled are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
       if (tid < kTcCols) {
         const int64_t y = y0 + tid;
         const bool ok = y < Y.rows;
@@ -312,7 +372,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
         float c = 0.f;
         if (keep) {
           const float l = S[r * kTcLds + col] * xinv * yinv[col];
-          c = (a.lse_on_x ? __expf(l - xlse) : yg[col] * __expf(l - ylse[col])) * yinv[col];
+          c = (a.lse_on_x ? __expf(l - xlse) : yg[col] * __expf(l - ylse[col])) * (yinv[col] * cscale);
         }
         P[r * m.ldp + col] = from_acc<T, float>(c);
       }
@@ -340,12 +400,17 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
       }
     }
     __syncthreads();  // every warp is done with xs and ys, which E overwrites
+    const float unscale = 1.f / cscale;  // a power of two: exact
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const int cf = cg + 4 * t;
         if (16 * cf < m.dpad) {
+          if (cscale != 1.f) {
+#pragma unroll
+            for (int z = 0; z < acc[i2][t].num_elements; ++z) acc[i2][t].x[z] *= unscale;
+          }
           wmma::store_matrix_sync(E + (32 * rp + 16 * i2) * m.lde + 16 * cf, acc[i2][t], m.lde,
                                   wmma::mem_row_major);
         }
@@ -396,4 +461,17 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
                                 a.x_proj[x], static_cast<T*>(a.out_grad) + x * a.d);
     }
   }
+}
+
+// coef_bound for float16: max over n of w[n] * inv[n] (w = 1 when null), non-negative, by an atomic max on the
+// float's bits (order-independent, so deterministic). *out must be zero before the launch.
+__global__ void __launch_bounds__(kTcThreads)
+    tc_bound_kernel(const float* inv, const float* w, float wscale, int64_t n, float* out) {
+  float v = 0.f;
+  for (int64_t i = int64_t(blockIdx.x) * kTcThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kTcThreads) {
+    const float x = inv[i] * (w != nullptr ? fabsf(w[i]) * wscale : 1.f);
+    v = fmaxf(v, x);  // NaN is dropped here; a NaN coefficient would show in the result anyway
+  }
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned int*>(out), __float_as_uint(v));
 }
