@@ -219,6 +219,17 @@ def main(argv=None) -> int:
                     else:
                         os.environ["CONTRASTBOUND_TC_STAGES"] = old_stages
 
+            if logk in ks[:2] and info["cuda"] == "kernel":
+                # The WMMA tensor-core kernels (CONTRASTBOUND_TC_MMA=0), at the two smallest K only.
+                os.environ["CONTRASTBOUND_TC_MMA"] = "0"
+                try:
+                    r = _measure(fused, leaves, reps, flop)
+                    rows.append(dict(base, impl="fused_wmma", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
+                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
+                                     note="CONTRASTBOUND_TC_MMA=0"))
+                finally:
+                    del os.environ["CONTRASTBOUND_TC_MMA"]
+
             if logk == ks[0] and info["cuda"] == "kernel":
                 # The same kernels without tensor cores (SIMT float32 FMA), at the smallest K only.
                 os.environ["CONTRASTBOUND_TENSOR_CORES"] = "0"

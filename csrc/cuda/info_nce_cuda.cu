@@ -952,6 +952,13 @@ int tc_stages(int64_t d, bool with_p) {
   return want;
 }
 
+// float16/bfloat16: mma.sync + ldmatrix kernels (mma_*_kernel) unless CONTRASTBOUND_TC_MMA=0 asks for the WMMA
+// ones (tc_*_kernel, which float32/TF32 always uses).
+inline bool tc_use_mma() {
+  const char* env = std::getenv("CONTRASTBOUND_TC_MMA");
+  return env == nullptr || env[0] != '0';
+}
+
 // X blocks x Y splits of tc_rows_kernel: enough blocks for two per multiprocessor.
 struct TcPlan {
   int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
@@ -1015,7 +1022,13 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   args.xblocks = plan.xblocks;
   if (plan.xblocks == 0) return cudaSuccess;
   const TcSmem sm = tc_smem<T>(d, /*with_p=*/true, tc_stages<T>(d, true));
-  cudaError_t e = allow_smem(tc_rows_kernel<T>, sm.total);
+  bool mma = false;
+  cudaError_t e = cudaSuccess;
+  if constexpr (!std::is_same<T, float>::value) {
+    mma = tc_use_mma();
+    if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
+  }
+  if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
   if (e != cudaSuccess) return e;
   if (std::is_same<T, __half>::value && Y.rows > 0) {
     e = cudaMemsetAsync(bound_slot, 0, sizeof(float), stream);
@@ -1024,7 +1037,10 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
         args.y_inv, bound_w, bound_wscale, Y.rows, bound_slot);
     args.coef_bound = bound_slot;
   }
-  tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (mma) mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  }
+  if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
   if (plan.splits > 1) {
     tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
   }
@@ -1055,9 +1071,21 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     la.part_max = t.w.part_max;
     la.part_sum = t.w.part_sum;
     const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false, tc_stages<T>(p.d, false));
-    cudaError_t e = allow_smem(tc_lse_kernel<T>, sm.total);
-    if (e != cudaSuccess) return e;
-    tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+    bool mma = false;
+    cudaError_t e = cudaSuccess;
+    if constexpr (!std::is_same<T, float>::value) {
+      mma = tc_use_mma();
+      if (mma) {
+        e = allow_smem(mma_lse_kernel<T>, sm.total);
+        if (e != cudaSuccess) return e;
+        mma_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+      }
+    }
+    if (!mma) {
+      e = allow_smem(tc_lse_kernel<T>, sm.total);
+      if (e != cudaSuccess) return e;
+      tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+    }
   }
   float* lse = static_cast<float*>(out.lse);
   if (p.B > 0) {

@@ -124,15 +124,26 @@ __device__ __forceinline__ T tc_zero() {
 template <typename T, int ROWS>
 __device__ __forceinline__ void tc_issue(T* dst, int ld, const TcOperand<T>& src, int64_t row0, int64_t d, int dpad) {
   if (src.vec) {
+    // Chunk c = threadIdx.x + kTcThreads i is (row c / cpr, chunk c % cpr): walked incrementally (no division
+    // in the loop), 32-bit shared offsets, 64-bit global offsets.
     constexpr int E = 16 / sizeof(T);
-    const int cpr = dpad / E;
-    for (int c = threadIdx.x; c < ROWS * cpr; c += kTcThreads) {
-      const int r = c / cpr, j = (c % cpr) * E;
-      const int64_t row = row0 + r;
-      const bool ok = row < src.rows && j < d;
-      const T* g = ok ? src.ptr + row * src.s0 + j : src.ptr;  // not read when ok is false (source size 0)
-      const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(dst + r * ld + j));
+    const int cpr = dpad / E, dch = static_cast<int>(d / E);
+    const int q = kTcThreads / cpr, rem = kTcThreads % cpr;
+    const int64_t rows_left = src.rows - row0;
+    const T* base = src.ptr + row0 * src.s0;
+    const unsigned dst0 = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    int r = threadIdx.x / cpr, jc = threadIdx.x % cpr;
+    while (r < ROWS) {
+      const bool ok = r < rows_left && jc < dch;
+      const T* g = ok ? base + r * src.s0 + jc * E : src.ptr;  // not read when ok is false (source size 0)
+      const unsigned sa = dst0 + static_cast<unsigned>((r * ld + jc * E) * static_cast<int>(sizeof(T)));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 16 : 0));
+      r += q;
+      jc += rem;
+      if (jc >= cpr) {
+        jc -= cpr;
+        ++r;
+      }
     }
   } else {
     for (int e = threadIdx.x; e < ROWS * dpad; e += kTcThreads) {
@@ -474,4 +485,364 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   v = warp_max(v);
   if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned int*>(out), __float_as_uint(v));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// float16 / bfloat16 with mma.sync m16n8k16 and ldmatrix (sm_80+): the same tiles and plans as above, but the
+// fragments are loaded with ldmatrix from 32-bit shared addresses and the score tile stays in registers (the
+// accumulator layout of mma.sync is fixed by the PTX ISA), so the scores are never written to shared memory
+// and the coefficients go to shared memory once, in the input type, as the A operand of the second product.
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
+//   A (16 x 16, row):  a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B (16 x 8, col):   b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   C (16 x 8, f32):   c0, c1 (g, 2t..2t+1)  c2, c3 (g+8, 2t..2t+1)
+// ---------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                                        unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                                 unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+template <>
+__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+// Scores of this warp's 16 x 32 part of the tile (rows 16 (warp / 2), columns 32 (warp % 2)): c[j] is the n8
+// tile j. xa / ya: this lane's ldmatrix row addresses (shared, bytes) at feature 0; `bytes_k` = 2 dpad.
+template <typename T>
+__device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+#pragma unroll 4
+  for (int k = 0; k < dpad; k += 16) {
+    const unsigned off = static_cast<unsigned>(k) * 2u;
+    unsigned a0, a1, a2, a3, b0, b1, b2, b3, b4, b5, b6, b7;
+    ldsm_x4(xa + off, a0, a1, a2, a3);
+    ldsm_x4(ya0 + off, b0, b1, b2, b3);  // n8 tiles 0, 1
+    ldsm_x4(ya1 + off, b4, b5, b6, b7);  // n8 tiles 2, 3
+    mma16816<T>(c[0], a0, a1, a2, a3, b0, b1);
+    mma16816<T>(c[1], a0, a1, a2, a3, b2, b3);
+    mma16816<T>(c[2], a0, a1, a2, a3, b4, b5);
+    mma16816<T>(c[3], a0, a1, a2, a3, b6, b7);
+  }
+}
+
+// This lane's ldmatrix row addresses for the score product: X rows (A operand) and Y rows (B operand, two x4
+// loads covering n8 tiles 0-1 and 2-3 of the warp's 32 columns).
+struct MmaLanes {
+  int wr, wc, g, t;
+  int xrow, xk, yrow, yk;
+  __device__ __forceinline__ MmaLanes() {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    wr = warp >> 1;
+    wc = warp & 1;
+    g = lane >> 2;
+    t = lane & 3;
+    xrow = 16 * wr + (lane & 7) + ((lane >> 3) & 1) * 8;
+    xk = (lane >> 4) * 8;
+    yrow = 32 * wc + (lane & 7) + (lane >> 4) * 8;
+    yk = ((lane >> 3) & 1) * 8;
+  }
+};
+
+// Running (max, sum) merge for the lanes of a quad, then the two warps of a row block through `scratch`
+// (2 x kTcRows floats); the warp with wc == 0 ends with the row's state in lanes t == 0.
+__device__ __forceinline__ void mma_lse_reduce(float& m, float& s, int wc, int row, int t, float* scratch) {
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    const float om = __shfl_xor_sync(kFullMask, m, o), os = __shfl_xor_sync(kFullMask, s, o);
+    tc_lse_merge(m, s, om, os);
+  }
+  if (wc == 1 && t == 0) {
+    scratch[row] = m;
+    scratch[kTcRows + row] = s;
+  }
+  __syncthreads();
+  if (wc == 0 && t == 0) tc_lse_merge(m, s, scratch[row], scratch[kTcRows + row]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    mma_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char tc_raw[];
+  T* xs = reinterpret_cast<T*>(tc_raw + m.x);
+  float* scratch = reinterpret_cast<float*>(tc_raw + m.s);
+  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
+  const MmaLanes L;
+  const unsigned xa = smem_u32(xs + L.xrow * m.ld + L.xk);
+  const int64_t units = a.xblocks * a.chunks;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t xb = u % a.xblocks, c = u / a.xblocks;
+    const int64_t i0 = xb * kTcRows;
+    const int64_t k_begin = c * a.chunk_len, k_end = min64(a.K, k_begin + a.chunk_len);
+    __syncthreads();  // the previous unit's tiles and scratch are no longer read
+    tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
+    int64_t row_i[2];
+    float xinv[2], mx[2], sm[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
+      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * a.scale : 0.f;
+      mx[h] = -INFINITY;
+      sm[h] = 0.f;
+    }
+    int it = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
+      __syncthreads();  // yinv and the Y buffer about to be refilled are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
+      if (threadIdx.x < kTcCols) yinv[threadIdx.x] = k0 + threadIdx.x < k_end ? a.y_inv[k0 + threadIdx.x] : 0.f;
+      __syncthreads();
+      float sc[4][4];
+      mma_scores<T>(xa, smem_u32(ys + L.yrow * m.ld + L.yk), smem_u32(ys + (L.yrow + 16) * m.ld + L.yk), m.dpad, sc);
+      const int lim = static_cast<int>(min64(kTcCols, k_end - k0));  // valid columns of this tile
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t dself = row_i[h] - k0;  // column of the anchor's own row (exclude_self), if in this tile
+        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        float v[8];
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
+            const bool keep = col < lim && col != selfc;
+            const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
+            v[2 * j + e] = keep ? l : -INFINITY;
+            tmax = fmaxf(tmax, v[2 * j + e]);
+          }
+        if (tmax != -INFINITY) {
+          float ts = 0.f;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) ts += __expf(v[q] - tmax);
+          tc_lse_merge(mx[h], sm[h], tmax, ts);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * L.wr + L.g + 8 * h;
+      mma_lse_reduce(mx[h], sm[h], L.wc, row, L.t, scratch);
+      if (L.wc == 0 && L.t == 0 && row_i[h] < a.B) {
+        a.part_max[c * a.B + row_i[h]] = mx[h];
+        a.part_sum[c * a.B + row_i[h]] = sm[h];
+      }
+      __syncthreads();  // scratch is reused for h = 1
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char tc_raw[];
+  T* xs = reinterpret_cast<T*>(tc_raw + m.x);
+  float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
+  T* P = reinterpret_cast<T*>(tc_raw + m.p);
+  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
+  float* ylse = yinv + kTcCols;
+  float* yg = ylse + kTcCols;
+  const MmaLanes L;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rp = warp & 1, cg = warp >> 1;  // output: rows 32 rp .. +31, 16-column groups cg + 4 q
+  const unsigned xa = smem_u32(xs + L.xrow * m.ld + L.xk);
+  // Second product: A = P rows (32 rp + 16 i2 ..), B = Y tile rows (k) x features (n), transposed loads.
+  const unsigned pa = smem_u32(P + (32 * rp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ldp + (lane >> 4) * 8);
+  const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
+  const int64_t ytiles = (Y.rows + kTcCols - 1) / kTcCols;
+  const int64_t units = a.xblocks * a.splits;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t xb = u % a.xblocks, split = u / a.xblocks;
+    const int64_t x0 = xb * kTcRows;
+    const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
+    __syncthreads();  // the previous unit's output tile is no longer read
+    tc_issue<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
+    int64_t row_x[2];
+    float xinv[2], xlse[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_x[h] = x0 + 16 * L.wr + L.g + 8 * h;
+      const bool ok = row_x[h] < X.rows;
+      xinv[h] = ok ? a.x_inv[row_x[h]] * a.scale : 0.f;
+      xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
+    }
+    float cscale = 1.f;
+    if (a.coef_bound != nullptr) {
+      const float bound = *a.coef_bound;
+      if (bound > 0.f && bound < INFINITY) {
+        int e = 0;
+        frexpf(16384.f / bound, &e);
+        cscale = ldexpf(1.f, e - 1);
+      }
+    }
+    float acc[2][4][2][4];
+#pragma unroll
+    for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i2][q][h][e] = 0.f;
+    const int64_t y_end = min64(Y.rows, t_end * kTcCols);
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t y0 = tile * kTcCols;
+      __syncthreads();  // P, the column arrays and the Y buffer about to be refilled are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
+      if (threadIdx.x < kTcCols) {
+        const int64_t y = y0 + threadIdx.x;
+        const bool ok = y < Y.rows;
+        yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
+        ylse[threadIdx.x] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
+        yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * a.scale : 0.f;
+      }
+      __syncthreads();
+      float sc[4][4];
+      mma_scores<T>(xa, smem_u32(ys + L.yrow * m.ld + L.yk), smem_u32(ys + (L.yrow + 16) * m.ld + L.yk), m.dpad, sc);
+      // Coefficients of this lane's 2 x 8 scores, packed in pairs into P (the A operand of the next product).
+      const int lim = static_cast<int>(min64(kTcCols, Y.rows - y0));  // valid columns of this tile
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * L.wr + L.g + 8 * h;
+        const int hlim = row_x[h] < X.rows ? lim : 0;
+        const int64_t dself = row_x[h] - y0;
+        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float cf[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
+            const bool keep = col < hlim && col != selfc;
+            float cv = 0.f;
+            if (keep) {
+              const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
+              cv = (a.lse_on_x ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) * (yinv[col] * cscale);
+            }
+            cf[e] = cv;
+          }
+          *reinterpret_cast<unsigned*>(P + row * m.ldp + 32 * L.wc + 8 * j + 2 * L.t) = pack2<T>(cf[0], cf[1]);
+        }
+      }
+      __syncthreads();
+      // O (32 rows x 16-column groups of this warp) += P (32 x 64) Y (64 x 16 per group).
+#pragma unroll
+      for (int k = 0; k < kTcCols; k += 16) {
+        unsigned pa0[4], pa1[4];
+        ldsm_x4(pa + static_cast<unsigned>(k) * 2u, pa0[0], pa0[1], pa0[2], pa0[3]);
+        ldsm_x4(pa + static_cast<unsigned>(16 * m.ldp + k) * 2u, pa1[0], pa1[1], pa1[2], pa1[3]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int cf = cg + 4 * q;
+          if (16 * cf < m.dpad) {
+            unsigned b0, b1, b2, b3;  // b0, b1: n8 tile 16 cf; b2, b3: n8 tile 16 cf + 8
+            ldsm_x4_trans(smem_u32(ys + (k + yt_row) * m.ld + 16 * cf + yt_col), b0, b1, b2, b3);
+            mma16816<T>(acc[0][q][0], pa0[0], pa0[1], pa0[2], pa0[3], b0, b1);
+            mma16816<T>(acc[0][q][1], pa0[0], pa0[1], pa0[2], pa0[3], b2, b3);
+            mma16816<T>(acc[1][q][0], pa1[0], pa1[1], pa1[2], pa1[3], b0, b1);
+            mma16816<T>(acc[1][q][1], pa1[0], pa1[1], pa1[2], pa1[3], b2, b3);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with xs and ys, which E overwrites
+    const float unscale = 1.f / cscale;  // a power of two: exact
+#pragma unroll
+    for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int cf = cg + 4 * q;
+        if (16 * cf < m.dpad) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int col = 16 * cf + 8 * h + 2 * L.t;
+            const int r0 = 32 * rp + 16 * i2 + L.g;
+            *reinterpret_cast<float2*>(E + r0 * m.lde + col) =
+                make_float2(acc[i2][q][h][0] * unscale, acc[i2][q][h][1] * unscale);
+            *reinterpret_cast<float2*>(E + (r0 + 8) * m.lde + col) =
+                make_float2(acc[i2][q][h][2] * unscale, acc[i2][q][h][3] * unscale);
+          }
+        }
+      }
+    __syncthreads();
+    const int64_t nrows = min64(kTcRows, X.rows - x0);
+    if (a.splits > 1) {
+      float* dst = a.partial + (split * X.rows + x0) * a.d;
+      for (int64_t e = threadIdx.x; e < nrows * a.d; e += kTcThreads) {
+        const int64_t rr = e / a.d, j = e % a.d;
+        dst[rr * a.d + j] = E[rr * m.lde + j];
+      }
+    } else if (a.lse_on_x) {
+      float* dst = a.out_v + x0 * a.d;
+      for (int64_t e = threadIdx.x; e < nrows * a.d; e += kTcThreads) {
+        const int64_t rr = e / a.d, j = e % a.d;
+        dst[rr * a.d + j] = E[rr * m.lde + j];
+      }
+    } else {
+      T* grad = static_cast<T*>(a.out_grad);
+      for (int64_t rr = warp; rr < nrows; rr += kTcThreads / 32) {
+        const int64_t k = x0 + rr;
+        finish_bank_row<T, float>(E + rr * m.lde, 0, 1, X.ptr + k * X.s0, X.s1, a.d, a.x_inv[k], a.x_proj[k],
+                                  grad + k * a.d);
+      }
+    }
+  }
+#else
+  __trap();
+#endif
 }

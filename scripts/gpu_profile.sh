@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the CUDA extension on a GPU machine and profiles the tensor-core kernels with Nsight Compute:
+#   scripts/gpu_profile.sh OUTDIR        (writes build.log, ncu.txt and the built extension into OUTDIR)
+set -uo pipefail
+OUT=$1
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+START=$(date +%s)
+if ! ls contrastbound/_C*.so >/dev/null 2>&1 || [ -n "${REBUILD:-}" ]; then
+  FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" timeout 200 "$PY" setup.py build_ext --inplace \
+    >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+echo "build done at $(($(date +%s) - START)) s"
+cp contrastbound/_C*.so "$OUT/" 2>/dev/null
+timeout 150 ncu --clock-control none -k regex:"tc_(lse|rows)_kernel" -c 3 --section SpeedOfLight --section Occupancy \
+  --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+  "$PY" benchmarks/profile_tc.py ${PROFILE_ARGS:-} >"$OUT/ncu.txt" 2>&1
+echo "ncu exit $? at $(($(date +%s) - START)) s"
+grep -E "tc_(lse|rows)_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|Block Limit|Warp Cycles Per Issued|Stall|Issue Slots Busy|Executed Ipc|L1/TEX Hit|L2 Hit|Pipe|Bank" "$OUT/ncu.txt" | head -150
