@@ -11,8 +11,7 @@
 //   lse_i = log([include_positive] e^{l_i0} + sum_k e^{l_ik}),  loss_i = lse_i - l_i0,
 //   V_i = sum_k softmax_ik n_hat_ik (softmax over the full denominator; the anchors' gradient needs it).
 //
-// STATUS: compiled with nvcc in this repository's CI, but NOT yet run on a GPU. tests/test_cuda.py and
-// scripts/gpu_check.sh are the first things to run on hardware.
+// STATUS: compiled with nvcc (sm_80, sm_90a) in CI; run and tested on one H200 (scripts/gpu_check.sh).
 #pragma once
 
 #include <cuda_runtime.h>
