@@ -372,6 +372,16 @@ def _rel_err(x, ref):
     return ((x - ref).norm() / max(ref.norm().item(), floor)).item()
 
 
+# mma: mma.sync + ldmatrix kernels (the default); wmma: the WMMA kernels (CONTRASTBOUND_TC_MMA=0);
+# mma_1pass: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1; opt-in until these tests have passed on a GPU).
+TC_IMPLS = ["mma", "wmma", "mma_1pass"]
+
+
+def _set_tc_impl(monkeypatch, impl):
+    monkeypatch.setenv("CONTRASTBOUND_TC_MMA", "0" if impl == "wmma" else "1")
+    monkeypatch.setenv("CONTRASTBOUND_TC_FUSED_FWD", "1" if impl == "mma_1pass" else "0")
+
+
 def _run_path(tensor_cores: bool, monkeypatch, fn, *args, **kw):
     monkeypatch.setenv("CONTRASTBOUND_TENSOR_CORES", "1" if tensor_cores else "0")
     try:
@@ -412,18 +422,17 @@ def _compare_tc(monkeypatch, a, p, n, dtype, **kw):
         (50, 20_000, 40),  # many bank tiles: bank gradient rows are finished in the kernel
     ],
 )
-@pytest.mark.parametrize("impl", ["mma", "wmma"])
+@pytest.mark.parametrize("impl", TC_IMPLS)
 def test_tensor_cores_match_reference_and_simt(monkeypatch, impl, dtype, normalize, B, K, d):
-    # mma: mma.sync + ldmatrix kernels (the default); wmma: the WMMA kernels (CONTRASTBOUND_TC_MMA=0).
-    monkeypatch.setenv("CONTRASTBOUND_TC_MMA", "1" if impl == "mma" else "0")
+    _set_tc_impl(monkeypatch, impl)
     a, p, n, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, device=CUDA, seed=B + K + d)
     _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.2, normalize=normalize, reduction="none")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("impl", ["mma", "wmma"])
+@pytest.mark.parametrize("impl", TC_IMPLS)
 def test_tensor_cores_low_temperature_and_in_batch(monkeypatch, impl, dtype):
-    monkeypatch.setenv("CONTRASTBOUND_TC_MMA", "1" if impl == "mma" else "0")
+    _set_tc_impl(monkeypatch, impl)
     a, p, n, _ = make_inputs("shared", B=200, K=3000, d=128, dtype=dtype, device=CUDA, seed=4)
     _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.01, reduction="mean")
     # In-batch (the positives are the bank) and NT-Xent (exclude_self) take the shared-bank kernels too.
@@ -468,8 +477,10 @@ def test_tf32_follows_torch_matmul_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("stages", ["1", "2"])
-def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages):
+@pytest.mark.parametrize("impl", ["mma", "mma_1pass"])
+def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages, impl):
     monkeypatch.setenv("CONTRASTBOUND_TC_STAGES", stages)
+    _set_tc_impl(monkeypatch, impl)
     a, p, n, _ = make_inputs("shared", B=700, K=9000, d=256, dtype=torch.bfloat16, device=CUDA, seed=12)
     first = _run(cb.info_nce, a, p, n, None, temperature=0.1)
     side = torch.cuda.Stream()

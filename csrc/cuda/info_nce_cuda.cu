@@ -960,6 +960,13 @@ inline bool tc_use_mma() {
   return env == nullptr || env[0] != '0';
 }
 
+// One-pass forward (mma_fwd_kernel) for float16/bfloat16 when the anchors' term is wanted:
+// CONTRASTBOUND_TC_FUSED_FWD=1 (off by default: not yet run on a GPU).
+inline bool tc_fused_fwd(const Problem& p, bool save) {
+  const char* env = std::getenv("CONTRASTBOUND_TC_FUSED_FWD");
+  return save && p.dtype != DType::Float32 && tc_use_mma() && env != nullptr && env[0] == '1';
+}
+
 // X blocks x Y splits of tc_rows_kernel: enough blocks for two per multiprocessor.
 struct TcPlan {
   int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
@@ -1001,6 +1008,10 @@ struct TcForwardWork {
 
 TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
   TcForwardWork t;
+  if (tc_fused_fwd(p, save)) {  // per-chunk V partials, merged by forward_merge_kernel
+    t.w = carve_forward<float>(c, p, f, /*save=*/true);
+    return t;
+  }
   t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
   const TcPlan vp = plan_tc_rows(p.B, p.K, num_sms);
   if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
@@ -1057,6 +1068,44 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   launch_prepare<T, float>(p, t.w.pr, stream);
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_fused_fwd(p, save)) {
+      if (f.chunks > 0) {
+        TcLseArgs la;
+        la.d = p.d;
+        la.K = p.K;
+        la.B = p.B;
+        la.chunk_len = f.chunk_len;
+        la.chunks = f.chunks;
+        la.xblocks = ceil_div(p.B, kTcRows);
+        la.scale = static_cast<float>(p.scale);
+        la.exclude_self = p.exclude_self;
+        la.x_inv = t.w.pr.a_inv;
+        la.y_inv = t.w.pr.n_inv;
+        la.part_max = t.w.part_max;
+        la.part_sum = t.w.part_sum;
+        const float* bound = nullptr;
+        if (std::is_same<T, __half>::value) {
+          cudaError_t e = cudaMemsetAsync(t.w.pr.tc_bound, 0, sizeof(float), stream);
+          if (e != cudaSuccess) return e;
+          tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(p.K, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+              t.w.pr.n_inv, nullptr, 1.f, p.K, t.w.pr.tc_bound);
+          bound = t.w.pr.tc_bound;
+        }
+        const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/true, tc_stages<T>(p.d, true));
+        const cudaError_t e = allow_smem(mma_fwd_kernel<T>, sm.total);
+        if (e != cudaSuccess) return e;
+        mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, t.w.part_w,
+                                                                                              bound, sm);
+      }
+      if (p.B > 0) {
+        forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(
+            p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
+            static_cast<float*>(out.anchor_term));
+      }
+      return cudaGetLastError();
+    }
+  }
   if (f.chunks > 0) {
     TcLseArgs la;
     la.d = p.d;

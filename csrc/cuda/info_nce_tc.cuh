@@ -846,3 +846,201 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   __trap();
 #endif
 }
+
+// One-pass forward (float16 / bfloat16, mma.sync): the log-sum-exp state and the anchors' term of one K chunk in
+// a single walk over the bank, as flash attention does: per tile, the row maxima of the scores are exchanged
+// through shared memory, the running V accumulators (float32 registers) are rescaled by e^{m_old - m_new}, the
+// weights e^{l - m_new} inv_n go to shared memory in the input type and V += W N by tensor cores. Writes the
+// chunk's (max, sum, unnormalised V) partials that forward_merge_kernel merges, as for the SIMT forward.
+// 4BKd flop instead of the 2BKd + 4BKd of tc_lse + tc_rows. Chosen by CONTRASTBOUND_TC_FUSED_FWD=1.
+// STATUS: compiled (sm_80, sm_90a) but not yet run on a GPU: off by default until tests/test_cuda.py passes.
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    mma_fwd_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, float* part_w,
+                   const float* coef_bound, const TcSmem m) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char tc_raw[];
+  T* xs = reinterpret_cast<T*>(tc_raw + m.x);
+  float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
+  T* P = reinterpret_cast<T*>(tc_raw + m.p);
+  float* xmax = reinterpret_cast<float*>(tc_raw + m.s);  // [2][kTcRows]: tile row maxima of the two column halves
+  float* xsum = xmax + 2 * kTcRows;                      // [2][kTcRows]: tile row sums
+  float* run_m = xsum + 2 * kTcRows;                     // [kTcRows]: running max
+  float* run_s = run_m + kTcRows;                        // [kTcRows]: running sum
+  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
+  const MmaLanes L;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rp = warp & 1, cg = warp >> 1;
+  const unsigned xa = smem_u32(xs + L.xrow * m.ld + L.xk);
+  const unsigned pa = smem_u32(P + (32 * rp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ldp + (lane >> 4) * 8);
+  const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
+  float cscale = 1.f;
+  if (coef_bound != nullptr) {
+    const float bound = *coef_bound;
+    if (bound > 0.f && bound < INFINITY) {
+      int e = 0;
+      frexpf(16384.f / bound, &e);
+      cscale = ldexpf(1.f, e - 1);
+    }
+  }
+  const int64_t units = a.xblocks * a.chunks;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t xb = u % a.xblocks, c = u / a.xblocks;
+    const int64_t i0 = xb * kTcRows;
+    const int64_t k_begin = c * a.chunk_len, k_end = min64(a.K, k_begin + a.chunk_len);
+    __syncthreads();  // the previous unit's output tile and row states are no longer read
+    tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
+    if (threadIdx.x < kTcRows) {
+      run_m[threadIdx.x] = -INFINITY;
+      run_s[threadIdx.x] = 0.f;
+    }
+    int64_t row_i[2];
+    float xinv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
+      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * a.scale : 0.f;
+    }
+    float acc[2][4][2][4];
+#pragma unroll
+    for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i2][q][h][e] = 0.f;
+    int it = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
+      __syncthreads();  // (A) P, yinv, the row exchanges and the Y buffer about to be refilled are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
+      if (threadIdx.x < kTcCols) yinv[threadIdx.x] = k0 + threadIdx.x < k_end ? a.y_inv[k0 + threadIdx.x] : 0.f;
+      __syncthreads();  // (B)
+      float sc[4][4];
+      mma_scores<T>(xa, smem_u32(ys + L.yrow * m.ld + L.yk), smem_u32(ys + (L.yrow + 16) * m.ld + L.yk), m.dpad, sc);
+      const int lim = static_cast<int>(min64(kTcCols, k_end - k0));
+      float v[2][8];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t dself = row_i[h] - k0;
+        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        float tm = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
+            const bool keep = col < lim && col != selfc;
+            v[h][2 * j + e] = keep ? sc[j][2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
+            tm = fmaxf(tm, v[h][2 * j + e]);
+          }
+        tm = fmaxf(tm, __shfl_xor_sync(kFullMask, tm, 1));
+        tm = fmaxf(tm, __shfl_xor_sync(kFullMask, tm, 2));
+        if (L.t == 0) xmax[L.wc * kTcRows + 16 * L.wr + L.g + 8 * h] = tm;
+      }
+      __syncthreads();  // (C) tile row maxima complete; run_m still holds the previous maxima
+      // Weights of this lane's scores against the new running max, and the tile's row sums.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * L.wr + L.g + 8 * h;
+        const float mnew = fmaxf(run_m[row], fmaxf(xmax[row], xmax[kTcRows + row]));
+        float ps = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float w[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
+            const float x = v[h][2 * j + e];
+            const float ex = x == -INFINITY ? 0.f : __expf(x - mnew);
+            ps += ex;
+            w[e] = ex * (yinv[col] * cscale);
+          }
+          *reinterpret_cast<unsigned*>(P + row * m.ldp + 32 * L.wc + 8 * j + 2 * L.t) = pack2<T>(w[0], w[1]);
+        }
+        ps += __shfl_xor_sync(kFullMask, ps, 1);
+        ps += __shfl_xor_sync(kFullMask, ps, 2);
+        if (L.t == 0) xsum[L.wc * kTcRows + row] = ps;
+      }
+      // Rescale this warp's V rows to the new running max (read before (D); run_m changes only after it).
+#pragma unroll
+      for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int row = 32 * rp + 16 * i2 + L.g + 8 * hh;
+          const float mold = run_m[row];
+          const float mnew = fmaxf(mold, fmaxf(xmax[row], xmax[kTcRows + row]));
+          const float alpha = mold == -INFINITY ? 0.f : __expf(mold - mnew);
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              acc[i2][q][h][2 * hh] *= alpha;
+              acc[i2][q][h][2 * hh + 1] *= alpha;
+            }
+        }
+      __syncthreads();  // (D) P and the tile row sums complete; every read of the old run_m is done
+      if (threadIdx.x < kTcRows) {
+        const int row = threadIdx.x;
+        const float mold = run_m[row];
+        const float mnew = fmaxf(mold, fmaxf(xmax[row], xmax[kTcRows + row]));
+        const float alpha = mold == -INFINITY ? 0.f : __expf(mold - mnew);
+        run_s[row] = run_s[row] * alpha + xsum[row] + xsum[kTcRows + row];
+        run_m[row] = mnew;
+      }
+#pragma unroll
+      for (int k = 0; k < kTcCols; k += 16) {
+        unsigned pa0[4], pa1[4];
+        ldsm_x4(pa + static_cast<unsigned>(k) * 2u, pa0[0], pa0[1], pa0[2], pa0[3]);
+        ldsm_x4(pa + static_cast<unsigned>(16 * m.ldp + k) * 2u, pa1[0], pa1[1], pa1[2], pa1[3]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int cf = cg + 4 * q;
+          if (16 * cf < m.dpad) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_trans(smem_u32(ys + (k + yt_row) * m.ld + 16 * cf + yt_col), b0, b1, b2, b3);
+            mma16816<T>(acc[0][q][0], pa0[0], pa0[1], pa0[2], pa0[3], b0, b1);
+            mma16816<T>(acc[0][q][1], pa0[0], pa0[1], pa0[2], pa0[3], b2, b3);
+            mma16816<T>(acc[1][q][0], pa1[0], pa1[1], pa1[2], pa1[3], b0, b1);
+            mma16816<T>(acc[1][q][1], pa1[0], pa1[1], pa1[2], pa1[3], b2, b3);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with xs and ys, which E overwrites; run_m / run_s are final
+    const float unscale = 1.f / cscale;
+#pragma unroll
+    for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int cf = cg + 4 * q;
+        if (16 * cf < m.dpad) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int col = 16 * cf + 8 * h + 2 * L.t;
+            const int r0 = 32 * rp + 16 * i2 + L.g;
+            *reinterpret_cast<float2*>(E + r0 * m.lde + col) =
+                make_float2(acc[i2][q][h][0] * unscale, acc[i2][q][h][1] * unscale);
+            *reinterpret_cast<float2*>(E + (r0 + 8) * m.lde + col) =
+                make_float2(acc[i2][q][h][2] * unscale, acc[i2][q][h][3] * unscale);
+          }
+        }
+      }
+    __syncthreads();
+    const int64_t nrows = min64(kTcRows, a.B - i0);
+    if (threadIdx.x < nrows) {
+      a.part_max[c * a.B + i0 + threadIdx.x] = run_m[threadIdx.x];
+      a.part_sum[c * a.B + i0 + threadIdx.x] = run_s[threadIdx.x];
+    }
+    float* dst = part_w + (c * a.B + i0) * a.d;
+    for (int64_t e = threadIdx.x; e < nrows * a.d; e += kTcThreads) {
+      const int64_t rr = e / a.d, j = e % a.d;
+      dst[rr * a.d + j] = E[rr * m.lde + j];
+    }
+  }
+#else
+  __trap();
+#endif
+}
