@@ -11,7 +11,9 @@
 # python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470),
 # TEST_S (seconds for the tests, default 200), TESTS (pytest selection, default tests/test_cuda.py),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
-# in .whl/ are installed into a temporary folder first (the GPU machine has no network).
+# in .whl/ are installed into a temporary folder first (the GPU machine has no network). Fetch them beforehand on
+# a machine with network (pure-Python wheels; Triton comes with the GPU machine's torch):
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl inf-cl==1.2.1 cut-cross-entropy==25.1.1
 # Without a GPU it logs "NO GPU" and exits 0 after the environment report (so it can be smoke-tested anywhere).
 # Exit status: 0 when everything that ran passed; 1 build failed; 2 tests failed; 3 benchmark failed.
 set -uo pipefail
