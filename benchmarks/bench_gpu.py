@@ -206,56 +206,35 @@ def main(argv=None) -> int:
                         rows.append(dict(base, impl="naive", note="out of memory"))
                     torch.cuda.empty_cache()
 
-            if info["cuda"] == "kernel" and args.one_pass:
-                # The one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1, opt-in).
-                os.environ["CONTRASTBOUND_TC_FUSED_FWD"] = "1"
+            def variant(impl, env, value, variant_reps, catch=False):
+                """The fused loss again with one of the kernels' environment switches set (restored after)."""
+                old = os.environ.get(env)
+                os.environ[env] = value
                 try:
-                    r = _measure(fused, leaves, reps, flop)
-                    rows.append(dict(base, impl="fused_1pass", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
+                    r = _measure(fused, leaves, variant_reps, flop)
+                    rows.append(dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
                                      matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                     note="CONTRASTBOUND_TC_FUSED_FWD=1"))
-                except Exception as exc:  # noqa: BLE001 - an opt-in variant not yet run everywhere
-                    rows.append(dict(base, impl="fused_1pass", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                                     note=f"{env}={value}"))
+                except Exception as exc:  # noqa: BLE001 - only for opt-in variants not yet run everywhere
+                    if not catch:
+                        raise
+                    rows.append(dict(base, impl=impl, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
                 finally:
-                    del os.environ["CONTRASTBOUND_TC_FUSED_FWD"]
-
-            if info["cuda"] == "kernel" and logk in ks[:2]:
-                # The tensor-core kernels with the other Y-tile pipeline (CONTRASTBOUND_TC_STAGES).
-                stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
-                old_stages = os.environ.get("CONTRASTBOUND_TC_STAGES")
-                os.environ["CONTRASTBOUND_TC_STAGES"] = stages
-                try:
-                    r = _measure(fused, leaves, reps, flop)
-                    rows.append(dict(base, impl=f"fused_{stages}stage", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2],
-                                     tflops=r[3], matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm,
-                                     peak_extra_gib=r[4], note=f"CONTRASTBOUND_TC_STAGES={stages}"))
-                finally:
-                    if old_stages is None:
-                        del os.environ["CONTRASTBOUND_TC_STAGES"]
+                    if old is None:
+                        del os.environ[env]
                     else:
-                        os.environ["CONTRASTBOUND_TC_STAGES"] = old_stages
+                        os.environ[env] = old
 
-            if logk in ks[:2] and info["cuda"] == "kernel":
-                # The WMMA tensor-core kernels (CONTRASTBOUND_TC_MMA=0), at the two smallest K only.
-                os.environ["CONTRASTBOUND_TC_MMA"] = "0"
-                try:
-                    r = _measure(fused, leaves, reps, flop)
-                    rows.append(dict(base, impl="fused_wmma", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                     note="CONTRASTBOUND_TC_MMA=0"))
-                finally:
-                    del os.environ["CONTRASTBOUND_TC_MMA"]
-
-            if logk == ks[0] and info["cuda"] == "kernel":
-                # The same kernels without tensor cores (SIMT float32 FMA), at the smallest K only.
-                os.environ["CONTRASTBOUND_TENSOR_CORES"] = "0"
-                try:
-                    r = _measure(fused, leaves, 1, flop)
-                    rows.append(dict(base, impl="fused_simt", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                     matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                     note="CONTRASTBOUND_TENSOR_CORES=0"))
-                finally:
-                    del os.environ["CONTRASTBOUND_TENSOR_CORES"]
+            if info["cuda"] == "kernel":
+                if args.one_pass:  # the opt-in one-pass forward
+                    variant("fused_1pass", "CONTRASTBOUND_TC_FUSED_FWD", "1", reps, catch=True)
+                if logk in ks[:2]:
+                    # The other Y-tile pipeline, and the WMMA tensor-core kernels, at the two smallest K.
+                    stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
+                    variant(f"fused_{stages}stage", "CONTRASTBOUND_TC_STAGES", stages, reps)
+                    variant("fused_wmma", "CONTRASTBOUND_TC_MMA", "0", reps)
+                if logk == ks[0]:  # the same kernels without tensor cores (SIMT float32 FMA)
+                    variant("fused_simt", "CONTRASTBOUND_TENSOR_CORES", "0", 1)
 
             if "inf_cl" in peers:
                 try:

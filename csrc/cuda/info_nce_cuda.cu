@@ -1059,6 +1059,24 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   return cudaGetLastError();
 }
 
+// Arguments of the lse / one-pass forward kernels: anchors as X, one K chunk of the bank as Y.
+TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<float>& w) {
+  TcLseArgs la;
+  la.d = p.d;
+  la.K = p.K;
+  la.B = p.B;
+  la.chunk_len = f.chunk_len;
+  la.chunks = f.chunks;
+  la.xblocks = ceil_div(p.B, kTcRows);
+  la.scale = static_cast<float>(p.scale);
+  la.exclude_self = p.exclude_self;
+  la.x_inv = w.pr.a_inv;
+  la.y_inv = w.pr.n_inv;
+  la.part_max = w.part_max;
+  la.part_sum = w.part_sum;
+  return la;
+}
+
 template <typename T>
 cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms, cudaStream_t stream) {
   const ForwardPlan f = plan_forward(p, num_sms);
@@ -1071,19 +1089,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   if constexpr (!std::is_same<T, float>::value) {
     if (tc_fused_fwd(p, save)) {
       if (f.chunks > 0) {
-        TcLseArgs la;
-        la.d = p.d;
-        la.K = p.K;
-        la.B = p.B;
-        la.chunk_len = f.chunk_len;
-        la.chunks = f.chunks;
-        la.xblocks = ceil_div(p.B, kTcRows);
-        la.scale = static_cast<float>(p.scale);
-        la.exclude_self = p.exclude_self;
-        la.x_inv = t.w.pr.a_inv;
-        la.y_inv = t.w.pr.n_inv;
-        la.part_max = t.w.part_max;
-        la.part_sum = t.w.part_sum;
+        const TcLseArgs la = tc_lse_args(p, f, t.w);
         const float* bound = nullptr;
         if (std::is_same<T, __half>::value) {
           cudaError_t e = cudaMemsetAsync(t.w.pr.tc_bound, 0, sizeof(float), stream);
@@ -1107,19 +1113,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     }
   }
   if (f.chunks > 0) {
-    TcLseArgs la;
-    la.d = p.d;
-    la.K = p.K;
-    la.B = p.B;
-    la.chunk_len = f.chunk_len;
-    la.chunks = f.chunks;
-    la.xblocks = ceil_div(p.B, kTcRows);
-    la.scale = static_cast<float>(p.scale);
-    la.exclude_self = p.exclude_self;
-    la.x_inv = t.w.pr.a_inv;
-    la.y_inv = t.w.pr.n_inv;
-    la.part_max = t.w.part_max;
-    la.part_sum = t.w.part_sum;
+    const TcLseArgs la = tc_lse_args(p, f, t.w);
     const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false, tc_stages<T>(p.d, false));
     bool mma = false;
     cudaError_t e = cudaSuccess;
