@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "../core/online_lse.h"
+#include "tc_plan.h"
 
 namespace contrastbound {
 namespace cuda {
@@ -941,12 +942,12 @@ bool use_tc(const Problem& p) {
 }
 
 // Y-tile stages (1: copy, then compute; 2: the next tile's copy overlaps the current tile's work; more shared
-// memory, so fewer blocks per multiprocessor). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits.
+// memory). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits.
 template <typename T>
-int tc_stages(int64_t d, bool with_p) {
+int tc_stages(int64_t d, bool with_p, bool score_tile) {
   const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
   const int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
-  if (want == 2 && tc_smem<T>(d, with_p, 2).total >
+  if (want == 2 && tc_smem<T>(d, with_p, 2, score_tile).total >
                        static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
     return 1;
   }
@@ -967,21 +968,97 @@ inline bool tc_fused_fwd(const Problem& p, bool save) {
   return save && p.dtype != DType::Float32 && tc_use_mma() && env != nullptr && env[0] == '1';
 }
 
-// X blocks x Y splits of tc_rows_kernel: enough blocks for two per multiprocessor.
+// Whether the mma.sync kernels (rather than the WMMA ones) serve element type T.
+template <typename T>
+bool tc_mma() {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    return tc_use_mma();
+  }
+}
+
+// Shared-memory plan of the kernel that serves (T, d): with_p for the kernels with a second product (rows,
+// one-pass forward); the WMMA kernels also hold the float32 score tile.
+template <typename T>
+TcSmem tc_kernel_smem(int64_t d, bool with_p) {
+  const bool score_tile = !tc_mma<T>();
+  return tc_smem<T>(d, with_p, tc_stages<T>(d, with_p, score_tile), score_tile);
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Units of `kernel` resident at once: blocks per multiprocessor (registers, shared memory) x multiprocessors.
+// 2 per multiprocessor (the kernels' launch bound) if the occupancy query fails.
+template <typename Kernel>
+int64_t tc_slots(Kernel kernel, size_t smem, int num_sms) {
+  int per_sm = 0;
+  if (allow_smem(kernel, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, smem) != cudaSuccess) {
+    cudaGetLastError();  // not sticky
+    per_sm = 2;
+  }
+  return static_cast<int64_t>(std::max(1, per_sm)) * std::max(1, num_sms);
+}
+
+// The kernel that serves the rows pass (anchor term, bank gradients) of T, and its residency.
+template <typename T>
+int64_t tc_rows_slots(int64_t d, int num_sms) {
+  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_mma<T>()) return tc_slots(mma_rows_kernel<T>, sm.total, num_sms);
+  }
+  return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
+}
+
+// The kernel that serves the forward's walk over the bank (lse only, or one pass with the anchor term).
+template <typename T>
+int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
+    if (tc_mma<T>()) return tc_slots(mma_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+  }
+  return tc_slots(tc_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+}
+
+// f(T()) for the tensor-core element type of p.
+template <typename F>
+auto tc_typed(DType t, const F& f) {
+  if (t == DType::Float16) return f(__half());
+  if (t == DType::BFloat16) return f(__nv_bfloat16());
+  return f(float());
+}
+
+// X blocks x Y splits of a rows pass (tc_plan.h: the split count whose waves waste least).
 struct TcPlan {
   int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
 };
 
-TcPlan plan_tc_rows(int64_t xrows, int64_t yrows, int num_sms) {
+TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms) {
   TcPlan t;
   t.xblocks = ceil_div(xrows, kTcRows);
   const int64_t ytiles = ceil_div(yrows, kTcCols);
   if (t.xblocks == 0 || ytiles == 0) return t;
-  const int64_t target = 2 * std::max(1, num_sms);
-  t.splits = std::max<int64_t>(1, std::min(ceil_div(target, t.xblocks), ytiles));
-  t.tiles_per_split = ceil_div(ytiles, t.splits);
-  t.splits = ceil_div(ytiles, t.tiles_per_split);  // no empty split
+  const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_rows_slots<decltype(x)>(p.d, num_sms); });
+  const TcSplit s = plan_tc_split(t.xblocks, ytiles, slots);
+  t.splits = s.splits;
+  t.tiles_per_split = s.tiles_per_split;
   return t;
+}
+
+// The forward's K chunks on the tensor-core path: the same split rule over (anchor blocks, bank tiles).
+ForwardPlan plan_forward_tc(const Problem& p, bool save, int num_sms) {
+  ForwardPlan f;
+  f.units_per_chunk_row = ceil_div(p.B, kTcRows);
+  if (p.K == 0 || p.B == 0) return f;
+  const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_lse_slots<decltype(x)>(p, save, num_sms); });
+  const TcSplit s = plan_tc_split(f.units_per_chunk_row, ceil_div(p.K, kTcCols), slots);
+  f.chunk_len = s.tiles_per_split * kTcCols;
+  f.chunks = s.splits;
+  return f;
 }
 
 template <typename T>
@@ -996,11 +1073,6 @@ TcOperand<T> tc_operand(const void* ptr, const int64_t* stride, int64_t rows, in
   return o;
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 struct TcForwardWork {
   ForwardWork<float> w;
   float* v_partial = nullptr;  // (splits, B, d) when the anchor term is split over K
@@ -1013,13 +1085,13 @@ TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f
     return t;
   }
   t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
-  const TcPlan vp = plan_tc_rows(p.B, p.K, num_sms);
+  const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms);
   if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
   return t;
 }
 
 float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
-  const TcPlan bp = plan_tc_rows(p.K, p.B, num_sms);
+  const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms);
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
 }
 
@@ -1033,11 +1105,10 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   args.tiles_per_split = plan.tiles_per_split;
   args.xblocks = plan.xblocks;
   if (plan.xblocks == 0) return cudaSuccess;
-  const TcSmem sm = tc_smem<T>(d, /*with_p=*/true, tc_stages<T>(d, true));
-  bool mma = false;
+  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+  const bool mma = tc_mma<T>();
   cudaError_t e = cudaSuccess;
   if constexpr (!std::is_same<T, float>::value) {
-    mma = tc_use_mma();
     if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
   }
   if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
@@ -1079,8 +1150,8 @@ TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<
 
 template <typename T>
 cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms, cudaStream_t stream) {
-  const ForwardPlan f = plan_forward(p, num_sms);
   const bool save = out.anchor_term != nullptr;
+  const ForwardPlan f = plan_forward_tc(p, save, num_sms);
   Carver carver(workspace);
   const TcForwardWork t = carve_forward_tc(carver, p, f, save, num_sms);
   launch_prepare<T, float>(p, t.w.pr, stream);
@@ -1098,7 +1169,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
               t.w.pr.n_inv, nullptr, 1.f, p.K, t.w.pr.tc_bound);
           bound = t.w.pr.tc_bound;
         }
-        const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/true, tc_stages<T>(p.d, true));
+        const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
         const cudaError_t e = allow_smem(mma_fwd_kernel<T>, sm.total);
         if (e != cudaSuccess) return e;
         mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, t.w.part_w,
@@ -1114,11 +1185,10 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   }
   if (f.chunks > 0) {
     const TcLseArgs la = tc_lse_args(p, f, t.w);
-    const TcSmem sm = tc_smem<T>(p.d, /*with_p=*/false, tc_stages<T>(p.d, false));
-    bool mma = false;
+    const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/false);
+    const bool mma = tc_mma<T>();
     cudaError_t e = cudaSuccess;
     if constexpr (!std::is_same<T, float>::value) {
-      mma = tc_use_mma();
       if (mma) {
         e = allow_smem(mma_lse_kernel<T>, sm.total);
         if (e != cudaSuccess) return e;
@@ -1146,7 +1216,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     ra.lse = lse;
     ra.partial = t.v_partial;
     ra.out_v = static_cast<float*>(out.anchor_term);
-    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p.B, p.K, num_sms), p.d, t.w.pr.tc_bound, nullptr, 1.f,
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms), p.d, t.w.pr.tc_bound, nullptr, 1.f,
                              stream);
   }
   return cudaGetLastError();
@@ -1168,7 +1238,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   ra.g = g;
   ra.partial = scratch;
   ra.out_grad = grad;
-  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p.K, p.B, num_sms), p.d, pr.tc_bound, g, ra.scale, stream);
+  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p, p.K, p.B, num_sms), p.d, pr.tc_bound, g, ra.scale, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -1260,13 +1330,12 @@ cudaError_t dispatch(DType t, const F& f) {
 
 size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term, int num_sms) {
   Carver c(nullptr);
-  const ForwardPlan f = plan_forward(p, num_sms);
   if (p.dtype == DType::Float64) {
-    carve_forward<double>(c, p, f, save_anchor_term);
+    carve_forward<double>(c, p, plan_forward(p, num_sms), save_anchor_term);
   } else if (use_tc(p)) {
-    carve_forward_tc(c, p, f, save_anchor_term, num_sms);
+    carve_forward_tc(c, p, plan_forward_tc(p, save_anchor_term, num_sms), save_anchor_term, num_sms);
   } else {
-    carve_forward<float>(c, p, f, save_anchor_term);
+    carve_forward<float>(c, p, plan_forward(p, num_sms), save_anchor_term);
   }
   return c.used;
 }

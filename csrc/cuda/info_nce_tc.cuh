@@ -75,8 +75,13 @@ struct TcSmem {
 
 inline size_t tc_align(size_t v) { return (v + 127) / 128 * 128; }
 
+// score_tile: the WMMA kernels' float32 score tile S (kTcRows x kTcLds); the mma.sync kernels keep their scores
+// in registers and use that region only as a small scratch (kTcScratch floats), which lets two blocks with two
+// Y stages share a multiprocessor.
+constexpr int kTcScratch = 6 * kTcRows;
+
 template <typename T>
-TcSmem tc_smem(int64_t d, bool with_p, int stages = 1) {
+TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true) {
   TcSmem m;
   m.stages = stages == 2 ? 2 : 1;
   m.dpad = static_cast<int>((d + 15) / 16 * 16);
@@ -96,7 +101,7 @@ TcSmem tc_smem(int64_t d, bool with_p, int stages = 1) {
   // The float32 output tile of tc_rows_kernel reuses the X and Y tiles once the loop is over.
   o = std::max(o, tc_align(sizeof(float) * kTcRows * m.lde));
   m.s = o;
-  o = tc_align(o + sizeof(float) * kTcRows * kTcLds);
+  o = tc_align(o + sizeof(float) * (score_tile ? kTcRows * kTcLds : kTcScratch));
   m.p = o;
   if (with_p) o = tc_align(o + sizeof(T) * kTcRows * m.ldp);
   m.cols = o;
