@@ -206,35 +206,40 @@ def main(argv=None) -> int:
                         rows.append(dict(base, impl="naive", note="out of memory"))
                     torch.cuda.empty_cache()
 
-            def variant(impl, env, value, variant_reps, catch=False):
-                """The fused loss again with one of the kernels' environment switches set (restored after)."""
-                old = os.environ.get(env)
-                os.environ[env] = value
+            def variant(impl, env, variant_reps, catch=False):
+                """The fused loss again with some of the kernels' environment switches set (restored after)."""
+                old = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                note = " ".join(f"{k}={v}" for k, v in env.items())
                 try:
                     r = _measure(fused, leaves, variant_reps, flop)
                     rows.append(dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
                                      matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                     note=f"{env}={value}"))
+                                     note=note))
                 except Exception as exc:  # noqa: BLE001 - only for opt-in variants not yet run everywhere
                     if not catch:
                         raise
-                    rows.append(dict(base, impl=impl, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                    rows.append(dict(base, impl=impl, note=f"{note} failed: {type(exc).__name__}: {exc}"[:200]))
                 finally:
-                    if old is None:
-                        del os.environ[env]
-                    else:
-                        os.environ[env] = old
+                    for k, v in old.items():
+                        if v is None:
+                            del os.environ[k]
+                        else:
+                            os.environ[k] = v
 
             if info["cuda"] == "kernel":
-                if args.one_pass:  # the opt-in one-pass forward
-                    variant("fused_1pass", "CONTRASTBOUND_TC_FUSED_FWD", "1", reps, catch=True)
+                # The other Y-tile pipeline at every K (a candidate default), the opt-in one-pass forward with
+                # either pipeline, then the WMMA kernels and the SIMT kernels (no tensor cores) at small K.
+                stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
+                variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
+                if args.one_pass:
+                    variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps, catch=True)
+                    variant(f"fused_1pass_{stages}stage",
+                            {"CONTRASTBOUND_TC_FUSED_FWD": "1", "CONTRASTBOUND_TC_STAGES": stages}, reps, catch=True)
                 if logk in ks[:2]:
-                    # The other Y-tile pipeline, and the WMMA tensor-core kernels, at the two smallest K.
-                    stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
-                    variant(f"fused_{stages}stage", "CONTRASTBOUND_TC_STAGES", stages, reps)
-                    variant("fused_wmma", "CONTRASTBOUND_TC_MMA", "0", reps)
-                if logk == ks[0]:  # the same kernels without tensor cores (SIMT float32 FMA)
-                    variant("fused_simt", "CONTRASTBOUND_TENSOR_CORES", "0", 1)
+                    variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
+                if logk == ks[0]:
+                    variant("fused_simt", {"CONTRASTBOUND_TENSOR_CORES": "0"}, 1)
 
             if "inf_cl" in peers:
                 try:
