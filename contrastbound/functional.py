@@ -75,9 +75,16 @@ def _check_indices(
     if tuple(indices.shape) != shape:
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
     if indices.numel() > 0:
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= bound:
-            raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
+        if torch.compiler.is_compiling():
+            # Reading the values back would break the graph: the same check as an op in the graph instead (on
+            # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
+            torch._assert_async(
+                ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
+            )
+        else:
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= bound:
+                raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
     return indices.to(torch.int64)
 
 
@@ -149,6 +156,40 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
         dloss_dscale = (e - l0) / scale
     s = 1.0 / temperature.to(loss.dtype)
     return loss + (s - s.detach()) * dloss_dscale
+
+
+class _BankRowsAsPositives(torch.autograd.Function):
+    """The fused op with anchor i's positive taken from the bank: positives = bank[rows].
+
+    Through autograd, ``bank[rows]`` would hand the bank a second dense (C, d) gradient (its backward scatters
+    into zeros) for the engine to add to the op's: at C = 2^22, d = 128 in float32 that is 2 GiB on top of the
+    gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
+    place instead. Same kernels, same values.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, bank, rows, scale, normalize, save_anchor_term):
+        loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
+            anchors, bank.index_select(0, rows), bank, None, scale, normalize, False, save_anchor_term, False
+        )
+        ctx.save_for_backward(anchors, bank, rows, lse, term)
+        ctx.scale, ctx.normalize = scale, normalize
+        ctx.mark_non_differentiable(lse, term)
+        return loss, lse, term
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_term):
+        anchors, bank, rows, lse, term = ctx.saved_tensors
+        need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (need_a or need_bank):
+            return None, None, None, None, None, None
+        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
+            grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, ctx.scale,
+            ctx.normalize, False, [need_a, need_bank, need_bank], False,
+        )
+        if need_bank:
+            gn.index_add_(0, rows, gp)  # gn is the op's own new tensor
+        return (ga if need_a else None), (gn if need_bank else None), None, None, None, None
 
 
 def _check_features(
@@ -342,7 +383,18 @@ def bank_cross_entropy(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
-    loss, _ = _fused(anchors.to(compute), bank[targets], bank, None, t, normalize, False)
+    anchors = anchors.to(compute)
+    if _backend.kernel_serves(anchors.device):
+        learnable = isinstance(t, torch.Tensor)
+        grad = torch.is_grad_enabled()
+        save = bool(grad and (anchors.requires_grad or learnable))
+        loss, lse, term = _BankRowsAsPositives.apply(
+            anchors, bank, targets, 1.0 / (float(t.detach()) if learnable else t), normalize, save
+        )
+        if learnable and grad:
+            loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, False)
+    else:
+        loss, _ = _fused(anchors, bank[targets], bank, None, t, normalize, False)
     return _reduce(loss, reduction, result)
 
 

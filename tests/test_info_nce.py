@@ -209,6 +209,36 @@ def test_bank_cross_entropy_matches_reference(normalize):
         assert_close_scaled(x, y, 1e-10, "grad")
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_bank_cross_entropy_gradcheck_repeated_targets(normalize, learnable):
+    # Several anchors share a target row (its gradient sums their positive terms and its bank term).
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([2, 2, 0, 6, 2])
+    temp = torch.tensor(0.7, dtype=torch.float64, requires_grad=learnable)
+    leaves = (a, w, temp) if learnable else (a, w)
+
+    def f(*xs):
+        return cb.bank_cross_entropy(xs[0], xs[1], t, temperature=xs[2] if learnable else 0.7,
+                                     normalize=normalize, reduction="none")
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["anchors", "bank"])
+def test_bank_cross_entropy_gradient_of_one_input(which):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=which == "anchors")
+    w = torch.randn(300, 6, generator=g, dtype=torch.float64, requires_grad=which == "bank")
+    t = torch.randint(0, 300, (9,), generator=g)
+    leaf = a if which == "anchors" else w
+    (got,) = torch.autograd.grad(cb.bank_cross_entropy(a, w, t, temperature=0.3), [leaf])
+    (want,) = torch.autograd.grad(bank_cross_entropy_reference(a, w, t, temperature=0.3), [leaf])
+    assert_close_scaled(got, want, 1e-10, f"grad of {which}")
+
+
 def test_info_nce_lse_combines_disjoint_sets():
     a, p, n, idx = make_inputs("indexed", B=8, K=90, d=6, dtype=torch.float64, M=40)
     _, full = cb.info_nce_lse(a, p, n, negative_indices=idx, temperature=0.4)

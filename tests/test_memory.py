@@ -49,3 +49,40 @@ def test_peak_memory_is_a_small_fraction_of_the_logits():
     assert r["bank_grad_finite"]
     # The logits alone would take B*K*4 bytes = 4 GiB; the fused loss may use at most a tenth of that.
     assert r["extra_mib"] < r["logits_mib"] / 10, r
+
+
+BANK_CE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import contrastbound as cb
+
+    B, C, d = 256, 2 ** 21, 64
+    torch.manual_seed(0)
+    a = torch.randn(B, d, requires_grad=True)
+    w = torch.randn(C, d, requires_grad=True)
+    t = torch.randint(0, C, (B,))
+
+    def hwm_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024.0
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = hwm_mib()
+    cb.bank_cross_entropy(a, w, t).backward()
+    print(json.dumps({"extra_mib": hwm_mib() - base, "grad_mib": w.grad.numel() * 4 / 2 ** 20}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
+def test_bank_cross_entropy_memory_is_one_bank_gradient():
+    # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d) plus tiles. Letting
+    # autograd differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
+    out = subprocess.run([sys.executable, "-c", BANK_CE_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["extra_mib"] < 1.25 * r["grad_mib"], r

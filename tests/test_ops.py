@@ -118,6 +118,42 @@ def test_torch_compile_fullgraph_loss_and_backward():
 
 
 @needs_kernel
+def test_torch_compile_fullgraph_bank_cross_entropy():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(12, 8, generator=g, requires_grad=True)
+    w = torch.randn(500, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 500, (12,), generator=g)
+    compiled = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t, temperature=0.5), fullgraph=True)
+    loss_c = compiled(a, w, t)
+    grads_c = torch.autograd.grad(loss_c, [a, w])
+    loss_e = cb.bank_cross_entropy(a, w, t, temperature=0.5)
+    grads_e = torch.autograd.grad(loss_e, [a, w])
+    torch.testing.assert_close(loss_c, loss_e)
+    for x, y in zip(grads_c, grads_e):
+        torch.testing.assert_close(x, y)
+
+
+@needs_kernel
+def test_torch_compile_fullgraph_indexed_and_index_check():
+    # The index range check is an op in the graph under torch.compile (no read-back, no graph break).
+    torch._dynamo.reset()
+    a, p, n, idx = make_inputs("indexed", B=6, K=40, d=5, dtype=torch.float32, M=30)
+    compiled = torch.compile(lambda a, p, n, i: cb.info_nce(a, p, n, negative_indices=i, temperature=0.3),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(a, p, n, idx), cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3))
+    bad = idx.clone()
+    bad[2, 7] = 30
+    with pytest.raises(RuntimeError, match=r"negative_indices must lie in \[0, M\)"):
+        compiled(a, p, n, bad)
+    w = torch.randn(9, 5)
+    ce = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t), fullgraph=True)
+    ce(a, w, torch.tensor([0, 1, 2, 3, 4, 8]))
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)"):
+        ce(a, w, torch.tensor([0, 1, -1, 3, 4, 8]))
+
+
+@needs_kernel
 def test_torch_compile_fullgraph_encoder_and_loss():
     # fullgraph=True for encoder + fused loss; backward and the optimizer step stay eager (torch's optimizers
     # break the graph on purpose, so a whole step cannot be one graph).
