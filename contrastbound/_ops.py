@@ -1,4 +1,5 @@
-"""Fake (meta) kernels and autograd for the ops that csrc/ registers as contrastbound::*.
+"""Fake (meta) kernels and autograd for the ops that csrc/ registers as contrastbound::*, and the two ops that
+take the logit scale as a tensor.
 
 The forward op returns the per-anchor loss, the per-anchor log-sum-exp (saved for backward) and, when asked,
 the softmax-weighted sum of the normalised negatives that the anchors' gradient needs (accumulated online in
@@ -7,6 +8,8 @@ negatives' gradient.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -68,3 +71,92 @@ if _backend.EXTENSION_LOADED:
         )
 
     torch.library.register_autograd("contrastbound::info_nce_fwd", _backward, setup_context=_setup_context)
+
+    # The same ops with the logit scale as a 0-d tensor (a learnable or tensor temperature). Reading the tensor's
+    # value happens inside the op, at run time: torch.compile traces them as opaque ops with the fake kernels
+    # above, so a temperature that changes every step neither breaks the graph nor re-specialises it. The value
+    # is read with .item() (a device synchronisation on CUDA, as before).
+    @torch.library.custom_op("contrastbound::info_nce_fwd_scaled", mutates_args=())
+    def info_nce_fwd_scaled(
+        anchors: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_indices: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        normalize: bool,
+        include_positive: bool,
+        save_anchor_term: bool,
+        exclude_self: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ops.contrastbound.info_nce_fwd(
+            anchors, positives, negatives, negative_indices, float(scale.item()), normalize, include_positive,
+            save_anchor_term, exclude_self,
+        )
+
+    @torch.library.custom_op("contrastbound::info_nce_bwd_scaled", mutates_args=())
+    def info_nce_bwd_scaled(
+        grad_loss: torch.Tensor,
+        anchors: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_indices: Optional[torch.Tensor],
+        lse: torch.Tensor,
+        anchor_term: torch.Tensor,
+        scale: torch.Tensor,
+        normalize: bool,
+        include_positive: bool,
+        output_mask: list[bool],
+        exclude_self: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.ops.contrastbound.info_nce_bwd(
+            grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, float(scale.item()),
+            normalize, include_positive, output_mask, exclude_self,
+        )
+
+    @info_nce_fwd_scaled.register_fake
+    def _info_nce_fwd_scaled_fake(
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
+        exclude_self,
+    ):
+        return _info_nce_fwd_fake(
+            anchors, positives, negatives, negative_indices, 1.0, normalize, include_positive, save_anchor_term,
+            exclude_self,
+        )
+
+    @info_nce_bwd_scaled.register_fake
+    def _info_nce_bwd_scaled_fake(
+        grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
+        include_positive, output_mask, exclude_self,
+    ):
+        return _info_nce_bwd_fake(
+            grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, 1.0, normalize,
+            include_positive, output_mask, exclude_self,
+        )
+
+    def _setup_context_scaled(ctx, inputs, output):
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _, exclude_self = inputs
+        _, lse, term = output
+        ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term, scale)
+        ctx.normalize = normalize
+        ctx.include_positive = include_positive
+        ctx.exclude_self = exclude_self
+        ctx.mark_non_differentiable(lse, term)
+
+    def _backward_scaled(ctx, grad_loss, grad_lse, grad_term):
+        # The scale's own gradient is attached by functional._with_temperature_grad (from lse and the saved V).
+        anchors, positives, negatives, negative_indices, lse, term, scale = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+        if not any(mask):
+            return None, None, None, None, None, None, None, None, None
+        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd_scaled(
+            grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term, scale,
+            ctx.normalize, ctx.include_positive, mask, ctx.exclude_self,
+        )
+        return (
+            ga if mask[0] else None,
+            gp if mask[1] else None,
+            gn if mask[2] else None,
+            None, None, None, None, None, None,
+        )
+
+    info_nce_fwd_scaled.register_autograd(_backward_scaled, setup_context=_setup_context_scaled)

@@ -163,7 +163,9 @@ def info_nce_sharded(
         raise ValueError(f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
     t = _check_temperature(temperature)
     if isinstance(t, torch.Tensor):
-        raise ValueError("temperature must be a number with process_group (a learnable temperature is not supported)")
+        if t.requires_grad:
+            raise ValueError("temperature must be a number with process_group (a learnable temperature is not supported)")
+        t = float(t)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)

@@ -37,24 +37,39 @@ def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) 
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}: all inputs must share a device")
 
 
+def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x as a 0-d tensor after checking it holds one positive finite value.
+
+    Eager: the value is read and a ValueError names it. Under torch.compile the check is an op in the graph
+    (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the graph).
+    """
+    if x.numel() != 1 or not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a positive finite scalar: a number or a floating tensor with one element, "
+            f"got a {x.dtype} tensor of shape {tuple(x.shape)}"
+        )
+    x = x.reshape(())
+    if torch.compiler.is_compiling():
+        v = x.detach()
+        torch._assert_async(torch.isfinite(v) & (v > 0), f"{name} must be a positive finite number")
+    else:
+        v = float(x.detach().item())
+        if not math.isfinite(v) or v <= 0.0:
+            raise ValueError(f"{name} must be a positive finite number, got {v}")
+    return x
+
+
 def _check_temperature(temperature: object) -> float | torch.Tensor:
-    """A positive finite float, or the 0-d/1-element tensor itself when it requires grad (learnable)."""
-    learnable = None
+    """A positive finite float, or, for a tensor (learnable or not), the 0-d tensor itself: its value then goes
+    to the kernels as a tensor (the *_scaled ops), never through Python."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or not temperature.is_floating_point():
-            raise ValueError(
-                "temperature must be a positive finite scalar: a number or a floating tensor with one element, "
-                f"got a {temperature.dtype} tensor of shape {tuple(temperature.shape)}"
-            )
-        if temperature.requires_grad:
-            learnable = temperature.reshape(())
-        temperature = float(temperature.detach().item())
+        return _check_positive_scalar_tensor("temperature", temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
     t = float(temperature)
     if not math.isfinite(t) or t <= 0.0:
         raise ValueError(f"temperature must be a positive finite number, got {t}")
-    return learnable if learnable is not None else t
+    return t
 
 
 def _check_reduction(reduction: object) -> str:
@@ -117,14 +132,13 @@ def _fused(
     include_positive: bool,
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    learnable = isinstance(temperature, torch.Tensor)
-    t = float(temperature.detach()) if learnable else temperature
     if _backend.kernel_serves(anchors.device):
         grad = torch.is_grad_enabled()
+        learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
-        loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
-            anchors, positives, negatives, negative_indices, 1.0 / t, normalize, include_positive, save_anchor_term,
-            exclude_self,
+        loss, lse, term = _fwd_op(
+            anchors, positives, negatives, negative_indices, _scale_of(temperature), normalize, include_positive,
+            save_anchor_term, exclude_self,
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
@@ -137,6 +151,31 @@ def _fused(
     )
 
 
+def _scale_of(temperature: float | torch.Tensor) -> float | torch.Tensor:
+    """1 / temperature: a float, or a detached float64 0-d tensor for a tensor temperature."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature.detach().to(torch.float64)
+    return 1.0 / temperature
+
+
+def _fwd_op(anchors, positives, negatives, negative_indices, scale, *flags):
+    """The forward op: info_nce_fwd for a float scale, info_nce_fwd_scaled for a tensor one."""
+    if isinstance(scale, torch.Tensor):
+        return torch.ops.contrastbound.info_nce_fwd_scaled(anchors, positives, negatives, negative_indices, scale, *flags)
+    return torch.ops.contrastbound.info_nce_fwd(anchors, positives, negatives, negative_indices, scale, *flags)
+
+
+def _bwd_op(grad_loss, anchors, positives, negatives, negative_indices, lse, term, scale, *flags):
+    """The backward op for a float or a tensor scale (see _fwd_op)."""
+    if isinstance(scale, torch.Tensor):
+        return torch.ops.contrastbound.info_nce_bwd_scaled(
+            grad_loss, anchors, positives, negatives, negative_indices, lse, term, scale, *flags
+        )
+    return torch.ops.contrastbound.info_nce_bwd(
+        grad_loss, anchors, positives, negatives, negative_indices, lse, term, scale, *flags
+    )
+
+
 def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive):
     """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss.
 
@@ -145,7 +184,7 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
     softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged.
     """
     with torch.no_grad():
-        scale = 1.0 / float(temperature.detach())
+        scale = 1.0 / temperature.detach().to(loss.dtype)
         a = anchors.detach().to(loss.dtype)
         if normalize:
             a = F.normalize(a, dim=-1, eps=1e-12)
@@ -169,22 +208,26 @@ class _BankRowsAsPositives(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, bank, rows, scale, normalize, save_anchor_term):
-        loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
+        # scale: a float, or a detached 0-d tensor (see _scale_of).
+        loss, lse, term = _fwd_op(
             anchors, bank.index_select(0, rows), bank, None, scale, normalize, False, save_anchor_term, False
         )
-        ctx.save_for_backward(anchors, bank, rows, lse, term)
-        ctx.scale, ctx.normalize = scale, normalize
+        tensor_scale = isinstance(scale, torch.Tensor)
+        ctx.save_for_backward(anchors, bank, rows, lse, term, *((scale,) if tensor_scale else ()))
+        ctx.scale = None if tensor_scale else scale
+        ctx.normalize = normalize
         ctx.mark_non_differentiable(lse, term)
         return loss, lse, term
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_term):
-        anchors, bank, rows, lse, term = ctx.saved_tensors
+        anchors, bank, rows, lse, term, *tensor_scale = ctx.saved_tensors
         need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_a or need_bank):
             return None, None, None, None, None, None
-        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
-            grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, ctx.scale,
+        scale = tensor_scale[0] if tensor_scale else ctx.scale
+        ga, gp, gn = _bwd_op(
+            grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, scale,
             ctx.normalize, False, [need_a, need_bank, need_bank], False,
         )
         if need_bank:
@@ -385,12 +428,10 @@ def bank_cross_entropy(
     compute, result = _common_dtypes(bank, anchors)
     anchors = anchors.to(compute)
     if _backend.kernel_serves(anchors.device):
-        learnable = isinstance(t, torch.Tensor)
+        learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
-        loss, lse, term = _BankRowsAsPositives.apply(
-            anchors, bank, targets, 1.0 / (float(t.detach()) if learnable else t), normalize, save
-        )
+        loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t), normalize, save)
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, False)
     else:
@@ -465,20 +506,15 @@ def clip_loss(
     """
     scale = logit_scale
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or not scale.is_floating_point():
-            raise ValueError(f"logit_scale must be a positive scalar, got a {scale.dtype} tensor of shape {tuple(scale.shape)}")
-        value = float(scale.detach())
+        scale = _check_positive_scalar_tensor("logit_scale", scale)
+        temperature = 1.0 / scale.clamp(max=max_logit_scale)  # stays a tensor: no read-back
     elif isinstance(scale, Real) and not isinstance(scale, bool):
         value = float(scale)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"logit_scale must be positive and finite, got {value}")
+        temperature = 1.0 / min(value, max_logit_scale)
     else:
         raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"logit_scale must be positive and finite, got {value}")
-    if isinstance(scale, torch.Tensor):
-        temperature = 1.0 / scale.reshape(()).clamp(max=max_logit_scale)
-        temperature = temperature if temperature.requires_grad else float(temperature)
-    else:
-        temperature = 1.0 / min(value, max_logit_scale)
     reduction = _check_reduction(reduction)
     _check_features(image_features, text_features, ("image_features", "text_features"))
     if process_group is None:

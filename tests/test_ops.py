@@ -69,6 +69,24 @@ def test_opcheck_backward(device):
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
 
 
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_scaled_ops(device):
+    # The ops that take the logit scale as a tensor (learnable / tensor temperatures).
+    for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device):
+        exclude = rest[0] if rest else False
+        s = torch.tensor(scale, dtype=torch.float64, device=device)
+        args = (a, p, n, idx, s, normalize, include_positive, save, exclude)
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
+        with torch.no_grad():
+            _, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize, include_positive,
+                                                                        True, exclude)
+        g = torch.rand(a.shape[0], device=device)
+        args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
+                [True, True, True], exclude)
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, args)
+
+
 def _train_step_losses(compiled: bool, steps: int = 3):
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
@@ -151,6 +169,52 @@ def test_torch_compile_fullgraph_indexed_and_index_check():
     ce(a, w, torch.tensor([0, 1, 2, 3, 4, 8]))
     with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)"):
         ce(a, w, torch.tensor([0, 1, -1, 3, 4, 8]))
+
+
+@needs_kernel
+def test_torch_compile_learnable_temperature_compiles_once():
+    # A temperature (CLIP's logit scale) that an optimiser changes every step must neither break the graph nor
+    # re-specialise it: one compiled graph for all steps, and the same losses and gradients as eager.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    img0, txt0 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    a0, p0, n0 = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g), torch.randn(300, 8, generator=g)
+
+    def loss_fn(img, txt, log_scale, a, p, n, log_t):
+        return cb.clip_loss(img, txt, log_scale.exp()) + cb.info_nce(a, p, n, temperature=log_t.exp())
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    runs = []
+    for fn in (compiled, loss_fn):
+        leaves = [x.clone().requires_grad_(True) for x in (img0, txt0, torch.tensor(2.0), a0, p0, n0,
+                                                            torch.tensor(-1.5))]
+        opt = torch.optim.SGD(leaves, lr=0.5)
+        run = []
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            loss = fn(*leaves)
+            loss.backward()
+            run.append((loss.detach(), [x.grad.clone() for x in leaves]))
+            opt.step()
+        runs.append(run)
+    assert counter.frame_count == 1
+    for (lc, gc), (le, ge) in zip(*runs):
+        torch.testing.assert_close(lc, le)
+        for x, y in zip(gc, ge):
+            torch.testing.assert_close(x, y)
+
+
+@needs_kernel
+def test_torch_compile_temperature_check_in_graph():
+    torch._dynamo.reset()
+    a, p, n, _ = make_inputs("shared", B=4, K=30, d=3, dtype=torch.float32)
+    compiled = torch.compile(lambda t: cb.info_nce(a, p, n, temperature=t), fullgraph=True)
+    compiled(torch.tensor(0.5))
+    with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
+        compiled(torch.tensor(-0.5))
 
 
 @needs_kernel
