@@ -49,16 +49,7 @@ namespace contrastbound {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // threads of every block-per-unit kernel
-constexpr int kWarps = kThreads / 32;
-constexpr int kBD = 16;       // feature step of the logit GEMM
-constexpr int kRowTile = 64;  // logits per online update in forward_rows
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int64_t kMaxGrid = int64_t(1) << 30;  // grid-stride loops cover the rest
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-// std::min for device code (std::min is a constexpr host function; nvcc runs without relaxed constexpr in CI).
-__host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return b < a ? b : a; }
+#include "device_common.cuh"  // constants, conversions, warp reductions, finish_bank_row
 
 // Tile sizes: float 64 x 64 (43 KB of static shared memory), double 32 x 32 (25 KB).
 template <typename acc_t>
@@ -74,46 +65,6 @@ inline int tile_rows(DType t) { return t == DType::Float64 ? 32 : 64; }
 // ---------------------------------------------------------------------------------------------------------
 // Conversions and reductions
 // ---------------------------------------------------------------------------------------------------------
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t x) {
-  return static_cast<acc_t>(x);
-}
-template <>
-__device__ __forceinline__ float to_acc<float, __half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t from_acc(acc_t x) {
-  return static_cast<scalar_t>(x);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_max(acc_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = max_of(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
 
 // Sum over the block (every thread gets the result); `smem` holds one value per warp. Fixed order.
 template <typename acc_t>
@@ -675,26 +626,6 @@ __global__ void __launch_bounds__(kThreads)
         gp[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(q[i * ps0 + j * ps1]));
       }
     }
-  }
-}
-
-// Finishes one bank row from its accumulated G = dL/dn_hat (summed over `splits` partials `stride` apart, in
-// split order): dL/dn = inv G - (n_hat . G) proj n. Called by a whole warp; lane owns features lane + 32 t.
-template <typename scalar_t, typename acc_t>
-__device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, const scalar_t* n, int64_t sj,
-                                int64_t d, acc_t inv, acc_t proj, scalar_t* out) {
-  const int lane = threadIdx.x % 32;
-  acc_t dot = 0;
-  for (int64_t j = lane; j < d; j += 32) {
-    acc_t gs = 0;
-    for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
-    dot += gs * to_acc<acc_t>(n[j * sj]);
-  }
-  const acc_t cp = warp_sum(dot) * inv * proj;  // n_hat . G = inv (n . G)
-  for (int64_t j = lane; j < d; j += 32) {
-    acc_t gs = 0;
-    for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
-    out[j] = from_acc<scalar_t>(inv * gs - cp * to_acc<acc_t>(n[j * sj]));
   }
 }
 

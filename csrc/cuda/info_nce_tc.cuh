@@ -24,7 +24,11 @@
 // per-split partials (bounded by a few hundred rows x d per multiprocessor).
 #pragma once
 
+#ifndef CONTRASTBOUND_EMULATE
 #include <mma.h>
+#endif
+
+#include "tc_ptx.cuh"
 
 constexpr int kTcRows = 64;     // X rows per block
 constexpr int kTcCols = 64;     // Y rows per tile
@@ -50,6 +54,7 @@ struct TcTraits<__nv_bfloat16> {
   static constexpr int PAD = 8;
   static constexpr int MIN_BLOCKS = 2;
 };
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 template <>
 struct TcTraits<float> {
   using frag_t = nvcuda::wmma::precision::tf32;
@@ -65,6 +70,8 @@ __device__ __forceinline__ void tc_round(Frag& f, float) {
 }
 template <typename Frag, typename T>
 __device__ __forceinline__ void tc_round(Frag&, T) {}
+
+#endif  // CONTRASTBOUND_EMULATE
 
 // Shared-memory plan of the tiles (byte offsets, 128-byte aligned).
 struct TcSmem {
@@ -136,13 +143,13 @@ __device__ __forceinline__ void tc_issue(T* dst, int ld, const TcOperand<T>& src
     const int q = kTcThreads / cpr, rem = kTcThreads % cpr;
     const int64_t rows_left = src.rows - row0;
     const T* base = src.ptr + row0 * src.s0;
-    const unsigned dst0 = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    const unsigned dst0 = smem_u32(dst);
     int r = threadIdx.x / cpr, jc = threadIdx.x % cpr;
     while (r < ROWS) {
       const bool ok = r < rows_left && jc < dch;
       const T* g = ok ? base + r * src.s0 + jc * E : src.ptr;  // not read when ok is false (source size 0)
       const unsigned sa = dst0 + static_cast<unsigned>((r * ld + jc * E) * static_cast<int>(sizeof(T)));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(ok ? 16 : 0));
+      cp_async16(sa, g, ok ? 16 : 0);
       r += q;
       jc += rem;
       if (jc >= cpr) {
@@ -157,12 +164,6 @@ __device__ __forceinline__ void tc_issue(T* dst, int ld, const TcOperand<T>& src
       dst[r * ld + j] = (row < src.rows && j < d) ? src.ptr[row * src.s0 + j * src.s1] : tc_zero<T>();
     }
   }
-}
-
-__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void tc_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Tile `it` of a walk over Y: with two stages, tile it + 1 is issued before tile it is waited for. Called by
@@ -192,6 +193,7 @@ __device__ __forceinline__ T* tc_next_y(unsigned char* raw, const TcSmem& m, con
   return cur;
 }
 
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // S (kTcRows x kTcCols, float32, leading dimension kTcLds) = X_s Y_s^T over the padded features.
 // Warps as 4 x 2: warp w owns rows 16 (w / 2) .. +15 and columns 32 (w % 2) .. +31.
 template <typename T>
@@ -221,6 +223,8 @@ __device__ __forceinline__ void tc_scores(const T* xs, const T* ys, int ld, int 
   }
 }
 
+#endif  // CONTRASTBOUND_EMULATE
+
 // Running (max, sum) of exponentials; -inf max means empty.
 __device__ __forceinline__ void tc_lse_merge(float& m, float& s, float om, float os) {
   const float nm = fmaxf(m, om);
@@ -239,12 +243,13 @@ struct TcLseArgs {
   float* part_sum = nullptr;
 };
 
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // One block per (anchor block, K chunk), grid-stride over those units.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
     tc_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char tc_raw[];
+  unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* S = reinterpret_cast<float*>(tc_raw + m.s);
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
@@ -301,6 +306,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
+#endif  // CONTRASTBOUND_EMULATE
+
 struct TcRowsArgs {
   int64_t d = 0;
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;
@@ -321,6 +328,7 @@ struct TcRowsArgs {
   const float* coef_bound = nullptr;
 };
 
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // O_x = sum_y c(x, y) Y_y over all Y tiles of split `split`, then finished (one split) or stored as a partial.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
@@ -328,7 +336,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using Tr = TcTraits<T>;
-  extern __shared__ __align__(128) unsigned char tc_raw[];
+  unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
   float* S = reinterpret_cast<float*>(tc_raw + m.s);
@@ -459,6 +467,8 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
 #endif
 }
 
+#endif  // CONTRASTBOUND_EMULATE
+
 // Several splits: sums the partials in split order and finishes each row (one warp per row).
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T> X, const TcRowsArgs a) {
@@ -479,6 +489,7 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
   }
 }
 
+#ifndef CONTRASTBOUND_EMULATE  // atomics (the emulated test computes the bound on the host)
 // coef_bound for float16: max over n of w[n] * inv[n] (w = 1 when null), non-negative, by an atomic max on the
 // float's bits (order-independent, so deterministic). *out must be zero before the launch.
 __global__ void __launch_bounds__(kTcThreads)
@@ -492,6 +503,8 @@ __global__ void __launch_bounds__(kTcThreads)
   if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned int*>(out), __float_as_uint(v));
 }
 
+#endif  // CONTRASTBOUND_EMULATE
+
 // ---------------------------------------------------------------------------------------------------------
 // float16 / bfloat16 with mma.sync m16n8k16 and ldmatrix (sm_80+): the same tiles and plans as above, but the
 // fragments are loaded with ldmatrix from 32-bit shared addresses and the score tile stays in registers (the
@@ -502,46 +515,6 @@ __global__ void __launch_bounds__(kTcThreads)
 //   B (16 x 8, col):   b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
 //   C (16 x 8, f32):   c0, c1 (g, 2t..2t+1)  c2, c3 (g+8, 2t..2t+1)
 // ---------------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
-                                                        unsigned a3, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                                 unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 template <typename T>
 __device__ __forceinline__ unsigned pack2(float lo, float hi);
@@ -616,7 +589,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char tc_raw[];
+  unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* scratch = reinterpret_cast<float*>(tc_raw + m.s);
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
@@ -693,7 +666,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char tc_raw[];
+  unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
   T* P = reinterpret_cast<T*>(tc_raw + m.p);
@@ -864,7 +837,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     mma_fwd_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, float* part_w,
                    const float* coef_bound, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char tc_raw[];
+  unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* E = reinterpret_cast<float*>(tc_raw);  // output tile, after the loop (aliases xs and ys)
   T* P = reinterpret_cast<T*>(tc_raw + m.p);
