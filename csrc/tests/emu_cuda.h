@@ -1,0 +1,353 @@
+// A small CPU emulation of what the mma.sync tensor-core kernels (csrc/cuda/info_nce_tc.cuh) use from CUDA, so
+// that a C++ test can run them on a machine without a GPU (test_mma_emu.cpp).
+//
+// Every CUDA thread is a fiber (ucontext) on one OS thread; a block's fibers run round-robin, each until it
+// reaches a barrier. __syncthreads is a block barrier; the warp-collective operations (__shfl_xor_sync,
+// ldmatrix, mma.sync) exchange their operands through a per-warp buffer and a warp barrier, and each lane then
+// computes its own result exactly as the PTX ISA lays the fragments out. cp.async copies are deferred until the
+// tc_wait that must complete them, so a missing wait reads stale shared memory; shared memory starts as NaN
+// bytes (0xff), so a read of a never-written element shows up as NaN. What this cannot show: timing, memory-model
+// races the round-robin order hides, bank conflicts, register pressure, speed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define CONTRASTBOUND_EMULATE 1
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+struct Copy {
+  unsigned dst;
+  const void* src;
+  int bytes;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  Dim3 tid;
+  bool done = false;
+  bool at_block_barrier = false;  // waiting for the rest of the block
+  uint64_t barrier_gen = 0;
+  unsigned phase = 0;  // warp collectives so far (selects the exchange buffer)
+  std::vector<Copy> open;
+  std::vector<std::vector<Copy>> groups;
+};
+
+constexpr int kSlot = 32;  // bytes per lane in a warp exchange
+
+struct State {
+  Dim3 grid, block, bid;
+  std::vector<Fiber> fibers;
+  Fiber* cur = nullptr;
+  ucontext_t sched;
+  std::vector<unsigned char> smem_store;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  int bar_count = 0;
+  uint64_t bar_gen = 0;
+  int warp_count[32] = {};
+  uint64_t warp_gen[32] = {};
+  std::vector<unsigned char> xbuf;  // [warp][2][32 lanes][kSlot]
+  std::function<void()> body;
+  uint64_t progress = 0;
+};
+
+inline State g;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emu: %s (block %u, thread %u)\n", what, g.bid.x, g.cur ? g.cur->tid.x : 0u);
+  std::abort();
+}
+
+inline void yield() { swapcontext(&g.cur->ctx, &g.sched); }
+
+inline void block_barrier() {
+  const uint64_t gen = g.bar_gen;
+  ++g.progress;
+  if (++g.bar_count == static_cast<int>(g.block.x)) {
+    g.bar_count = 0;
+    ++g.bar_gen;
+    return;
+  }
+  g.cur->at_block_barrier = true;
+  g.cur->barrier_gen = gen;
+  while (g.bar_gen == gen) yield();
+  g.cur->at_block_barrier = false;
+}
+
+inline void warp_barrier(int warp) {
+  const uint64_t gen = g.warp_gen[warp];
+  ++g.progress;
+  if (++g.warp_count[warp] == 32) {
+    g.warp_count[warp] = 0;
+    ++g.warp_gen[warp];
+    return;
+  }
+  while (g.warp_gen[warp] == gen) yield();
+}
+
+inline int lane() { return static_cast<int>(g.cur->tid.x % 32); }
+
+// Writes this lane's value into the warp's exchange buffer and waits for the whole warp; returns the buffer
+// (lane l's value at l * kSlot). Two buffers alternate: a lane can only overwrite buffer b two collectives
+// later, after every lane has passed the barrier of the collective in between, i.e. has read b.
+template <typename V>
+const unsigned char* exchange(const V& v) {
+  static_assert(sizeof(V) <= kSlot, "exchange slot too small");
+  const int w = static_cast<int>(g.cur->tid.x / 32);
+  unsigned char* base = &g.xbuf[(static_cast<size_t>(w) * 2 + (g.cur->phase & 1)) * 32 * kSlot];
+  std::memcpy(base + lane() * kSlot, &v, sizeof(V));
+  ++g.cur->phase;
+  warp_barrier(w);
+  return base;
+}
+
+template <typename V>
+V slot(const unsigned char* base, int l) {
+  V v;
+  std::memcpy(&v, base + l * kSlot, sizeof(V));
+  return v;
+}
+
+inline void fiber_main() {
+  g.body();
+  g.cur->done = true;
+  ++g.progress;
+}
+
+// Runs `body` (one kernel call) as a grid of `grid` blocks of `threads` threads with `smem_bytes` of dynamic
+// shared memory. Aborts with a message on a deadlock (a barrier some threads never reach).
+inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::function<void()> body) {
+  if (threads % 32 != 0 || threads > 1024) fail("threads must be a multiple of 32, at most 1024");
+  g.grid = {grid, 1, 1};
+  g.block = {threads, 1, 1};
+  g.body = std::move(body);
+  g.fibers.resize(threads);
+  g.xbuf.assign(static_cast<size_t>(threads / 32) * 2 * 32 * kSlot, 0);
+  g.smem_store.assign(smem_bytes + 256, 0);
+  g.smem = g.smem_store.data() + (128 - reinterpret_cast<uintptr_t>(g.smem_store.data()) % 128);
+  g.smem_bytes = smem_bytes;
+  for (unsigned b = 0; b < grid; ++b) {
+    g.bid = {b, 0, 0};
+    std::memset(g.smem, 0xff, smem_bytes);  // NaN in every float type
+    g.bar_count = 0;
+    for (int w = 0; w < 32; ++w) g.warp_count[w] = 0;
+    for (unsigned t = 0; t < threads; ++t) {
+      Fiber& f = g.fibers[t];
+      if (f.stack.empty()) f.stack.resize(256 * 1024);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = &g.sched;
+      makecontext(&f.ctx, fiber_main, 0);
+      f.tid = {t, 0, 0};
+      f.done = false;
+      f.phase = 0;
+      f.open.clear();
+      f.groups.clear();
+    }
+    // One warp at a time runs until all its threads wait at a block barrier (or are done), then the next: a
+    // missing __syncthreads between a write by one warp and a read by another then reads stale data. The warp
+    // order alternates between passes (first warp 0, then warp 7 first, ...), so both orders of each pair occur.
+    unsigned alive = threads;
+    const unsigned warps = threads / 32;
+    int idle_passes = 0;
+    for (uint64_t pass = 0; alive > 0; ++pass) {
+      const uint64_t before = g.progress;
+      for (unsigned wi = 0; wi < warps; ++wi) {
+        const unsigned w = (pass & 1) ? warps - 1 - wi : wi;
+        for (bool ran = true; ran;) {
+          ran = false;
+          const uint64_t inner = g.progress;
+          for (unsigned l = 0; l < 32; ++l) {
+            Fiber& f = g.fibers[w * 32 + ((pass & 2) ? 31 - l : l)];
+            if (f.done || (f.at_block_barrier && f.barrier_gen == g.bar_gen)) continue;
+            g.cur = &f;
+            swapcontext(&g.sched, &f.ctx);
+            ran = true;
+            if (f.done) --alive;
+          }
+          if (g.progress == inner) break;  // only waiting lanes (e.g. a warp collective some lanes skip)
+        }
+      }
+      g.cur = nullptr;
+      idle_passes = g.progress == before ? idle_passes + 1 : 0;
+      if (idle_passes > 2) fail("deadlock: a barrier that not every thread of the block reaches");
+    }
+  }
+}
+
+}  // namespace emu
+
+// ---- the CUDA names the kernels use ------------------------------------------------------------------------
+
+#define threadIdx (emu::g.cur->tid)
+#define blockIdx (emu::g.bid)
+#define gridDim (emu::g.grid)
+#define blockDim (emu::g.block)
+
+inline void __syncthreads() { emu::block_barrier(); }
+
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int mask) {
+  const unsigned char* ex = emu::exchange(v);
+  return emu::slot<V>(ex, emu::lane() ^ mask);
+}
+
+inline float __expf(float x) { return std::exp(x); }
+
+// ---- tc_ptx.cuh, emulated ----------------------------------------------------------------------------------
+
+inline unsigned char* tc_dynamic_smem() { return emu::g.smem; }
+
+inline unsigned smem_u32(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < emu::g.smem || c > emu::g.smem + emu::g.smem_bytes) emu::fail("smem_u32 of a pointer outside shared memory");
+  return static_cast<unsigned>(c - emu::g.smem);
+}
+
+inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
+  if (dst % 16 != 0 || dst + 16 > emu::g.smem_bytes) emu::fail("cp.async destination misaligned or out of bounds");
+  if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async source size must be 0 or 16 here");
+  if (src_bytes == 16 && reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("cp.async source misaligned");
+  emu::g.cur->open.push_back({dst, src, src_bytes});
+}
+
+inline void tc_commit() {
+  emu::g.cur->groups.push_back(std::move(emu::g.cur->open));
+  emu::g.cur->open.clear();
+}
+
+template <int N>
+void tc_wait() {
+  auto& groups = emu::g.cur->groups;
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const emu::Copy& c : groups.front()) {
+      std::memset(emu::g.smem + c.dst, 0, 16);
+      if (c.bytes) std::memcpy(emu::g.smem + c.dst, c.src, c.bytes);
+    }
+    groups.erase(groups.begin());
+  }
+}
+
+namespace emu {
+
+inline uint16_t smem16(unsigned addr) {
+  if (addr + 2 > g.smem_bytes) fail("ldmatrix read out of shared memory");
+  uint16_t v;
+  std::memcpy(&v, g.smem + addr, 2);
+  return v;
+}
+
+// ldmatrix .x4: lanes 8i .. 8i + 7 give the row addresses of 8 x 8 matrix i; lane l receives, in register i,
+// elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i, or with .trans those of its transpose.
+inline void ldsm(unsigned addr, unsigned (&r)[4], bool trans) {
+  if (addr % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+  const unsigned char* ex = exchange(addr);
+  const int l = lane(), gq = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e0, e1;
+    if (!trans) {
+      const unsigned row = slot<unsigned>(ex, 8 * i + gq);
+      e0 = smem16(row + 2 * (2 * t));
+      e1 = smem16(row + 2 * (2 * t + 1));
+    } else {
+      e0 = smem16(slot<unsigned>(ex, 8 * i + 2 * t) + 2 * gq);
+      e1 = smem16(slot<unsigned>(ex, 8 * i + 2 * t + 1) + 2 * gq);
+    }
+    r[i] = static_cast<unsigned>(e0) | (static_cast<unsigned>(e1) << 16);
+  }
+}
+
+template <typename T>
+float b16_to_float(uint16_t bits);
+template <>
+inline float b16_to_float<__nv_bfloat16>(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <>
+inline float b16_to_float<__half>(uint16_t bits) {
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+template <typename T>
+float lo(unsigned r) {
+  return b16_to_float<T>(static_cast<uint16_t>(r & 0xffffu));
+}
+template <typename T>
+float hi(unsigned r) {
+  return b16_to_float<T>(static_cast<uint16_t>(r >> 16));
+}
+
+struct MmaIn {
+  unsigned a[4], b[2];
+};
+
+}  // namespace emu
+
+inline void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  unsigned r[4];
+  emu::ldsm(addr, r, false);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+
+inline void ldsm_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+  unsigned r[4];
+  emu::ldsm(addr, r, true);
+  r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+
+// mma.m16n8k16.row.col, float32 accumulators (g = lane / 4, t = lane % 4):
+//   A: a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B: b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   C: c0, c1 (g, 2t..2t+1)  c2, c3 (g+8, 2t..2t+1)
+template <typename T>
+void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  using emu::hi;
+  using emu::lo;
+  const emu::MmaIn in{{a0, a1, a2, a3}, {b0, b1}};
+  const unsigned char* ex = emu::exchange(in);
+  const int l = emu::lane(), g = l / 4, t = l % 4;
+  float arow[2][16], bcol[2][16];  // rows g, g + 8 of A; columns 2t, 2t + 1 of B
+  for (int q = 0; q < 4; ++q) {
+    const emu::MmaIn va = emu::slot<emu::MmaIn>(ex, 4 * g + q);  // lanes holding row g / g + 8, column pair q
+    arow[0][2 * q] = lo<T>(va.a[0]), arow[0][2 * q + 1] = hi<T>(va.a[0]);
+    arow[1][2 * q] = lo<T>(va.a[1]), arow[1][2 * q + 1] = hi<T>(va.a[1]);
+    arow[0][2 * q + 8] = lo<T>(va.a[2]), arow[0][2 * q + 9] = hi<T>(va.a[2]);
+    arow[1][2 * q + 8] = lo<T>(va.a[3]), arow[1][2 * q + 9] = hi<T>(va.a[3]);
+    for (int e = 0; e < 2; ++e) {  // column n = 2t + e is held by lanes 4n .. 4n + 3
+      const emu::MmaIn vb = emu::slot<emu::MmaIn>(ex, 4 * (2 * t + e) + q);
+      bcol[e][2 * q] = lo<T>(vb.b[0]), bcol[e][2 * q + 1] = hi<T>(vb.b[0]);
+      bcol[e][2 * q + 8] = lo<T>(vb.b[1]), bcol[e][2 * q + 9] = hi<T>(vb.b[1]);
+    }
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 2; ++e) {
+      float s = 0.f;
+      for (int k = 0; k < 16; ++k) s += arow[h][k] * bcol[e][k];
+      c[2 * h + e] += s;
+    }
+}

@@ -1,0 +1,357 @@
+// C++ test run by ctest where the CUDA headers are found (no GPU needed): the mma.sync tensor-core kernels of
+// csrc/cuda/info_nce_tc.cuh compiled for the CPU against emu_cuda.h (one fiber per CUDA thread; ldmatrix,
+// mma.sync, cp.async and warp shuffles emulated as the PTX ISA defines them) and compared with float64
+// computations of the same quantities from the same rounded inputs.
+//
+// What it checks: fragment layouts and lane addressing, tile and split bookkeeping, padding of d, masks at the
+// edges of K and B, exclude_self, the float16 coefficient scaling, one and two Y stages (cp.async waits), the
+// grid-stride loops, the scalar (strided) copy path, and the finishing of bank rows. The same kernels passed on an
+// H200 (mma_lse_kernel, mma_rows_kernel), which also checks the emulation; mma_fwd_kernel (the one-pass forward)
+// has not run on a GPU yet. Not checked: speed, races hidden by the fibers' fixed order, register pressure.
+//
+//   test_mma_emu [quick]
+#include "emu_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/online_lse.h"
+
+namespace contrastbound {
+namespace cuda {
+namespace {
+#include "cuda/device_common.cuh"
+#include "cuda/info_nce_tc.cuh"
+}  // namespace
+}  // namespace cuda
+}  // namespace contrastbound
+
+using namespace contrastbound::cuda;
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+template <typename T>
+T to_t(float x);
+template <>
+__nv_bfloat16 to_t<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__half to_t<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <typename T>
+float from_t(T x);
+template <>
+float from_t<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+float from_t<__half>(__half x) {
+  return __half2float(x);
+}
+
+// A (rows, d) matrix in type T, stored with row stride s0 and feature stride s1 (s1 = 2: every other element, so
+// the kernels take the scalar copy path). `f(i, j)` is its value in float64 (after rounding to T).
+template <typename T>
+struct Mat {
+  int64_t rows = 0, d = 0, s0 = 0, s1 = 1;
+  std::vector<T> data;
+  double f(int64_t i, int64_t j) const { return from_t<T>(data[i * s0 + j * s1]); }
+  TcOperand<T> operand() const {
+    TcOperand<T> o;
+    o.ptr = data.data();
+    o.s0 = s0;
+    o.s1 = s1;
+    o.rows = rows;
+    constexpr int64_t E = 16 / sizeof(T);
+    o.vec = s1 == 1 && (s0 % E == 0 || rows <= 1) && d % E == 0 && reinterpret_cast<uintptr_t>(o.ptr) % 16 == 0;
+    return o;
+  }
+};
+
+template <typename T>
+Mat<T> random_mat(std::mt19937_64& rng, int64_t rows, int64_t d, bool strided, double spread) {
+  Mat<T> m;
+  m.rows = rows;
+  m.d = d;
+  m.s1 = strided ? 2 : 1;
+  m.s0 = strided ? 2 * d + 3 : d;
+  m.data.assign(std::max<int64_t>(1, rows * m.s0 + 8), to_t<T>(0.f));
+  std::normal_distribution<double> nd(0.0, spread);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < d; ++j) m.data[i * m.s0 + j * m.s1] = to_t<T>(static_cast<float>(nd(rng)));
+  return m;
+}
+
+template <typename T>
+std::vector<float> inv_norms(const Mat<T>& m) {
+  std::vector<float> inv(m.rows);
+  for (int64_t i = 0; i < m.rows; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < m.d; ++j) s += m.f(i, j) * m.f(i, j);
+    inv[i] = static_cast<float>(1.0 / std::max(std::sqrt(s), 1e-12));
+  }
+  return inv;
+}
+
+template <typename T>
+double dot(const Mat<T>& x, int64_t i, const Mat<T>& y, int64_t k) {
+  double s = 0;
+  for (int64_t j = 0; j < x.d; ++j) s += x.f(i, j) * y.f(k, j);
+  return s;
+}
+
+void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+// ||got - want|| / max(||want||, 1e-3 sqrt(n)): relative Frobenius error, except where the reference is itself at
+// rounding level (d = 1 with normalisation: a bank row's gradient vanishes exactly), as in tests/test_cuda.py.
+double rel_err(const std::vector<double>& got, const std::vector<double>& want) {
+  const double floor = 1e-3 * std::sqrt(static_cast<double>(std::max<size_t>(1, want.size())));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), floor);
+}
+
+struct Case {
+  int64_t B, K, d;
+  bool exclude_self, strided;
+  int stages;
+  int64_t chunks;   // lse / one-pass: K chunks; rows: Y splits
+  unsigned grid;    // blocks launched (fewer than units: the grid-stride loops)
+  float scale;
+  std::string name() const {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "B=%lld K=%lld d=%lld excl=%d strided=%d stages=%d chunks=%lld grid=%u",
+                  (long long)B, (long long)K, (long long)d, exclude_self, strided, stages, (long long)chunks, grid);
+    return buf;
+  }
+};
+
+// The logits l(i, k) = s a_i.n_k inv_a inv_n in float64, -inf where excluded.
+template <typename T>
+std::vector<double> logits(const Mat<T>& A, const Mat<T>& N, const std::vector<float>& ai, const std::vector<float>& ni,
+                           const Case& c) {
+  std::vector<double> l(A.rows * N.rows);
+  for (int64_t i = 0; i < A.rows; ++i)
+    for (int64_t k = 0; k < N.rows; ++k) {
+      l[i * N.rows + k] = (c.exclude_self && i == k) ? -INFINITY : c.scale * dot(A, i, N, k) * ai[i] * ni[k];
+    }
+  return l;
+}
+
+std::pair<double, double> lse_range(const std::vector<double>& l, int64_t K, int64_t i, int64_t k0, int64_t k1) {
+  double m = -INFINITY;
+  for (int64_t k = k0; k < k1; ++k) m = std::max(m, l[i * K + k]);
+  double s = 0;
+  if (m != -INFINITY)
+    for (int64_t k = k0; k < k1; ++k) s += std::exp(l[i * K + k] - m);
+  return {m, s};
+}
+
+// float16: the coefficient bound the host side computes with tc_bound_kernel (max of inv x |w| scale).
+template <typename T>
+std::vector<float> coef_bound(const std::vector<float>& inv, const std::vector<float>* w, float wscale) {
+  if (!std::is_same<T, __half>::value) return {};
+  float b = 0;
+  for (size_t i = 0; i < inv.size(); ++i) b = std::max(b, inv[i] * (w ? std::fabs((*w)[i]) * wscale : 1.f));
+  return {b};
+}
+
+template <typename T>
+void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
+  const Mat<T> A = random_mat<T>(rng, c.B, c.d, c.strided, 1.0);
+  const Mat<T> N = random_mat<T>(rng, c.K, c.d, c.strided, 1.0);
+  const std::vector<float> ai = inv_norms(A), ni = inv_norms(N);
+  const std::vector<double> l = logits(A, N, ai, ni, c);
+  const int64_t tiles = (c.K + kTcCols - 1) / kTcCols;
+  TcLseArgs a;
+  a.d = c.d;
+  a.K = c.K;
+  a.B = c.B;
+  a.chunk_len = (tiles + c.chunks - 1) / c.chunks * kTcCols;
+  a.chunks = (c.K + a.chunk_len - 1) / a.chunk_len;
+  a.xblocks = (c.B + kTcRows - 1) / kTcRows;
+  a.scale = c.scale;
+  a.exclude_self = c.exclude_self;
+  // The kernels take inverse norms divided out of the scale here as in the library: l = s x.y inv_x inv_y.
+  a.x_inv = ai.data();
+  a.y_inv = ni.data();
+  std::vector<float> pmax(a.chunks * c.B, NAN), psum(a.chunks * c.B, NAN), pw(a.chunks * c.B * c.d, NAN);
+  a.part_max = pmax.data();
+  a.part_sum = psum.data();
+  const TcOperand<T> X = A.operand(), Y = N.operand();
+
+  for (int kernel = 0; kernel < 2; ++kernel) {  // 0: mma_lse_kernel, 1: mma_fwd_kernel (one pass)
+    std::fill(pmax.begin(), pmax.end(), NAN);
+    std::fill(psum.begin(), psum.end(), NAN);
+    const TcSmem m = tc_smem<T>(c.d, /*with_p=*/kernel == 1, c.stages, /*score_tile=*/false);
+    const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
+    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(a.xblocks * a.chunks));
+    if (kernel == 0) {
+      emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+    } else {
+      emu::launch(grid, kTcThreads, m.total,
+                  [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
+    }
+    const char* kname = kernel == 0 ? "mma_lse_kernel" : "mma_fwd_kernel";
+    double worst = 0;
+    std::vector<double> gw, ww;
+    for (int64_t ch = 0; ch < a.chunks; ++ch) {
+      const int64_t k0 = ch * a.chunk_len, k1 = std::min(c.K, k0 + a.chunk_len);
+      for (int64_t i = 0; i < c.B; ++i) {
+        const auto [rm, rs] = lse_range(l, c.K, i, k0, k1);
+        const double gm = pmax[ch * c.B + i], gs = psum[ch * c.B + i];
+        if (rm == -INFINITY) {  // nothing in this chunk for anchor i (exclude_self with a one-column chunk)
+          if (!(gm == -INFINITY && gs == 0)) worst = INFINITY;
+          continue;
+        }
+        const double got = gm + std::log(gs), want = rm + std::log(rs);
+        worst = std::max(worst, std::fabs(got - want) / std::max(1.0, std::fabs(want)));
+        if (kernel == 1) {  // V partial relative to the kernel's own max: sum_k e^{l - gm} inv_k n_k
+          for (int64_t j = 0; j < c.d; ++j) {
+            double v = 0;
+            for (int64_t k = k0; k < k1; ++k) v += std::exp(l[i * c.K + k] - gm) * ni[k] * N.f(k, j);
+            ww.push_back(v);
+            gw.push_back(pw[(ch * c.B + i) * c.d + j]);
+          }
+        }
+      }
+    }
+    expect(worst <= 1e-4, std::string(kname) + " lse partials, " + c.name() + " (rel err " + std::to_string(worst) + ")");
+    if (kernel == 1) {
+      const double e = rel_err(gw, ww);
+      expect(e <= tol, std::string(kname) + " V partials, " + c.name() + " (rel err " + std::to_string(e) + ")");
+    }
+  }
+}
+
+template <typename T>
+void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
+  const Mat<T> A = random_mat<T>(rng, c.B, c.d, c.strided, 1.0);
+  const Mat<T> N = random_mat<T>(rng, c.K, c.d, c.strided, 1.0);
+  const std::vector<float> ai = inv_norms(A), ni = inv_norms(N);
+  const std::vector<double> l = logits(A, N, ai, ni, c);
+  std::vector<float> lse(c.B), gl(c.B), proj(c.K);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int64_t i = 0; i < c.B; ++i) {
+    const auto [m, s] = lse_range(l, c.K, i, 0, c.K);
+    lse[i] = static_cast<float>(m + std::log(s));
+    gl[i] = static_cast<float>(u(rng));
+  }
+  for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
+
+  for (int pass = 0; pass < 2; ++pass) {  // 0: anchor term (X = anchors), 1: bank gradients (X = bank)
+    const bool bank = pass == 1;
+    const Mat<T>& Xm = bank ? N : A;
+    const Mat<T>& Ym = bank ? A : N;
+    const int64_t xrows = Xm.rows, yrows = Ym.rows;
+    const int64_t ytiles = (yrows + kTcCols - 1) / kTcCols;
+    TcRowsArgs r;
+    r.d = c.d;
+    r.xblocks = (xrows + kTcRows - 1) / kTcRows;
+    r.tiles_per_split = (ytiles + c.chunks - 1) / c.chunks;
+    r.splits = (ytiles + r.tiles_per_split - 1) / r.tiles_per_split;
+    r.scale = c.scale;
+    r.exclude_self = c.exclude_self;
+    r.lse_on_x = !bank;
+    r.x_inv = bank ? ni.data() : ai.data();
+    r.x_proj = bank ? proj.data() : nullptr;
+    r.y_inv = bank ? ai.data() : ni.data();
+    r.lse = lse.data();
+    r.g = bank ? gl.data() : nullptr;
+    std::vector<float> partial(r.splits * xrows * c.d, NAN), out_v(xrows * c.d, NAN);
+    std::vector<T> out_grad(xrows * c.d, to_t<T>(NAN));
+    r.partial = partial.data();
+    r.out_v = out_v.data();
+    r.out_grad = out_grad.data();
+    const std::vector<float> bound = bank ? coef_bound<T>(ai, &gl, c.scale) : coef_bound<T>(ni, nullptr, 1.f);
+    r.coef_bound = bound.empty() ? nullptr : bound.data();
+    const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false);
+    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(r.xblocks * r.splits));
+    const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
+    emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T>(X, Y, r, m); });
+    // G_x = sum_y c(x, y) y_raw: anchor term c = e^{l - lse_x} inv_y; bank c = g_y s e^{l - lse_y} inv_y.
+    std::vector<double> got, want;
+    for (int64_t x = 0; x < xrows; ++x) {
+      std::vector<double> G(c.d, 0.0);
+      for (int64_t y = 0; y < yrows; ++y) {
+        const double lv = bank ? l[y * c.K + x] : l[x * c.K + y];
+        if (lv == -INFINITY) continue;
+        const double coef = bank ? gl[y] * c.scale * std::exp(lv - lse[y]) * ai[y] : std::exp(lv - lse[x]) * ni[y];
+        for (int64_t j = 0; j < c.d; ++j) G[j] += coef * Ym.f(y, j);
+      }
+      if (r.splits > 1) {  // the kernel's partials, summed here in split order
+        for (int64_t j = 0; j < c.d; ++j) {
+          double s = 0;
+          for (int64_t sp = 0; sp < r.splits; ++sp) s += partial[(sp * xrows + x) * c.d + j];
+          got.push_back(s);
+          want.push_back(G[j]);
+        }
+      } else if (!bank) {
+        for (int64_t j = 0; j < c.d; ++j) {
+          got.push_back(out_v[x * c.d + j]);
+          want.push_back(G[j]);
+        }
+      } else {  // finished row: inv G - (n . G) inv proj n
+        double nd = 0;
+        for (int64_t j = 0; j < c.d; ++j) nd += G[j] * N.f(x, j);
+        for (int64_t j = 0; j < c.d; ++j) {
+          got.push_back(from_t<T>(out_grad[x * c.d + j]));
+          want.push_back(ni[x] * G[j] - nd * ni[x] * proj[x] * N.f(x, j));
+        }
+      }
+    }
+    const double e = rel_err(got, want);
+    expect(e <= tol, std::string("mma_rows_kernel ") + (bank ? "bank gradients" : "anchor term") + " (splits " +
+                         std::to_string(r.splits) + "), " + c.name() + " (rel err " + std::to_string(e) + ")");
+  }
+}
+
+template <typename T>
+void run_all(bool quick, double tol, const char* tname) {
+  std::mt19937_64 rng(12345);
+  std::vector<Case> cases = {
+      // B, K, d, excl, strided, stages, chunks, grid, scale
+      {70, 200, 64, false, false, 1, 2, 1000, 5.0f},    // edges of B and K, two chunks / splits
+      {37, 130, 19, false, true, 1, 1, 1000, 2.0f},     // d = 19: scalar copies, zero padding to 32
+      {130, 130, 40, true, false, 2, 3, 2, 4.0f},       // exclude_self, two stages, grid-stride (2 blocks)
+      {1, 1, 1, false, false, 1, 1, 1000, 1.0f},        // one anchor, one row, d = 1
+      {64, 64, 16, false, false, 2, 1, 1000, 10.0f},    // exactly one tile, direct finishing
+      {20, 300, 256, false, false, 1, 5, 3, 14.0f},     // d = 256 (widest), many chunks, grid-stride
+  };
+  if (!quick) cases.push_back({150, 700, 128, true, false, 2, 2, 1000, 1.0f / 0.07f});
+  for (const Case& c : cases) {
+    run_lse_and_fwd<T>(c, rng, tol);
+    run_rows<T>(c, rng, tol);
+  }
+  std::printf("%s: %zu cases run\n", tname, cases.size());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  // Coefficients of the second product are rounded to the input type: bf16 ~ 2^-9 relative each, fp16 ~ 2^-12.
+  run_all<__nv_bfloat16>(quick, 1.5e-2, "bfloat16");
+  run_all<__half>(quick, 4e-3, "float16");
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
