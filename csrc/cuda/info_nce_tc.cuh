@@ -831,7 +831,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // weights e^{l - m_new} inv_n go to shared memory in the input type and V += W N by tensor cores. Writes the
 // chunk's (max, sum, unnormalised V) partials that forward_merge_kernel merges, as for the SIMT forward.
 // 4BKd flop instead of the 2BKd + 4BKd of tc_lse + tc_rows. Chosen by CONTRASTBOUND_TC_FUSED_FWD=1.
-// STATUS: compiled (sm_80, sm_90a) but not yet run on a GPU: off by default until tests/test_cuda.py passes.
+// STATUS: compiled (sm_80, sm_90a) and passes the CPU emulation (csrc/tests/test_mma_emu.cpp), but not yet run
+// on a GPU: off by default until tests/test_cuda.py passes there and bench_gpu.py shows it faster.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_fwd_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, float* part_w,
