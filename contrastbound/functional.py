@@ -97,7 +97,7 @@ def _check_indices(
                 ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
             )
         else:
-            lo, hi = int(indices.min()), int(indices.max())
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())  # one read-back
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
     return indices.to(torch.int64)

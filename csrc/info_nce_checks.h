@@ -32,7 +32,9 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
                       ", got ", idx.sizes());
     TORCH_CHECK_VALUE(idx.device() == anchors.device(), "negative_indices must be on the device of anchors");
     if (idx.numel() > 0) {
-      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      const auto range = at::aminmax(idx);  // one read-back of both ends (a device synchronisation on CUDA)
+      const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
+      const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
       TORCH_CHECK_INDEX(lo >= 0 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
                         negatives.size(0), "), got values in [", lo, ", ", hi, "]");
     }
