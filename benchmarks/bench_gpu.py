@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--one-pass", action="store_true",
-                    help="also time the opt-in one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1)")
+                    help="also time the opt-in kernels: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1) and the "
+                         "flash-layout kernels (CONTRASTBOUND_TC_FLASH=1)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -180,10 +181,15 @@ def main(argv=None) -> int:
             # One timed call first: if it is slow, one repeat is all there is time for.
             reps = repeats
             t0 = time.time()
-            cb.info_nce(a, p, n, temperature=t).backward()
+            ref_loss = cb.info_nce(a, p, n, temperature=t)
+            ref_loss.backward()
             torch.cuda.synchronize()
             if time.time() - t0 > 5.0:
                 reps = 1
+            # The default kernels' result, against which each variant below is checked before it is timed.
+            ref = [ref_loss.detach().float()] + [x.grad.detach().float().clone() for x in leaves]
+            for x in leaves:
+                x.grad = None
             fused = lambda: cb.info_nce(a, p, n, temperature=t)  # noqa: E731
             fwd_ms, bwd_ms, both_ms, tf, peak = _measure(fused, leaves, reps, flop)
             fused_row = dict(base, impl="fused", fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms, tflops=tf,
@@ -212,6 +218,16 @@ def main(argv=None) -> int:
                 os.environ.update(env)
                 note = " ".join(f"{k}={v}" for k, v in env.items())
                 try:
+                    # Same result as the default kernels first (bf16: gradients agree to ~1e-2 relative).
+                    loss = fused()
+                    loss.backward()
+                    got = [loss.detach().float()] + [x.grad.detach().float() for x in leaves]
+                    for x in leaves:
+                        x.grad = None
+                    err = max(((g - r).norm() / r.norm().clamp_min(1e-6)).item() for g, r in zip(got, ref))
+                    if not err <= 5e-2:
+                        rows.append(dict(base, impl=impl, note=f"{note} WRONG RESULT: rel err {err:.3g} vs default"))
+                        return
                     r = _measure(fused, leaves, variant_reps, flop)
                     rows.append(dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
                                      matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
@@ -236,6 +252,10 @@ def main(argv=None) -> int:
                     variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps, catch=True)
                     variant(f"fused_1pass_{stages}stage",
                             {"CONTRASTBOUND_TC_FUSED_FWD": "1", "CONTRASTBOUND_TC_STAGES": stages}, reps, catch=True)
+                    # Flash layout: two Y stages by default (one block per multiprocessor), one for comparison.
+                    variant("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"}, reps, catch=True)
+                    variant("fused_flash_1stage", {"CONTRASTBOUND_TC_FLASH": "1", "CONTRASTBOUND_TC_STAGES": "1"},
+                            reps, catch=True)
                 if logk in ks[:2]:
                     variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                 if logk == ks[0]:

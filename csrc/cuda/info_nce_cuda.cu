@@ -830,6 +830,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------
 
 #include "info_nce_tc.cuh"
+#include "info_nce_flash.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
 // Launchers
@@ -945,10 +946,57 @@ int64_t tc_rows_slots(int64_t d, int num_sms) {
   return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
 }
 
+// Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
+// yet run on a GPU). They take both rows passes and, when the anchors' term is wanted, a one-pass forward.
+template <typename T>
+bool tc_flash() {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
+    return tc_use_mma() && env != nullptr && env[0] == '1';
+  }
+}
+
+// Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
+template <typename T>
+TcSmem fl_kernel_smem(int64_t d) {
+  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
+  int stages = (env != nullptr && env[0] == '1') ? 1 : 2;
+  if (stages == 2 &&
+      fl_smem<T>(d, 2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    stages = 1;
+  }
+  return fl_smem<T>(d, stages);
+}
+
+template <typename T, FlashMode MODE>
+int64_t fl_slots(int64_t d, int num_sms) {
+  const TcSmem sm = fl_kernel_smem<T>(d);
+  return sm.dpad <= 128 ? tc_slots(flash_kernel<T, MODE, 16>, sm.total, num_sms)
+                        : tc_slots(flash_kernel<T, MODE, 32>, sm.total, num_sms);
+}
+
+template <typename T, FlashMode MODE>
+cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
+  const TcSmem sm = fl_kernel_smem<T>(f.d);
+  const dim3 grid = grid_for(f.xblocks * f.splits);
+  cudaError_t e = cudaSuccess;
+  if (sm.dpad <= 128) {
+    e = allow_smem(flash_kernel<T, MODE, 16>, sm.total);
+    if (e == cudaSuccess) flash_kernel<T, MODE, 16><<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
+  } else {
+    e = allow_smem(flash_kernel<T, MODE, 32>, sm.total);
+    if (e == cudaSuccess) flash_kernel<T, MODE, 32><<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
+  }
+  return e;
+}
+
 // The kernel that serves the forward's walk over the bank (lse only, or one pass with the anchor term).
 template <typename T>
 int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
   if constexpr (!std::is_same<T, float>::value) {
+    if (save && tc_flash<T>()) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
     if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
     if (tc_mma<T>()) return tc_slots(mma_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
   }
@@ -968,12 +1016,27 @@ struct TcPlan {
   int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
 };
 
-TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms) {
+// Whether the flash-layout kernels serve p (float16/bfloat16 with CONTRASTBOUND_TC_FLASH=1).
+bool tc_flash_for(const Problem& p) {
+  return tc_typed(p.dtype, [](auto x) { return tc_flash<decltype(x)>(); });
+}
+
+// bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
+TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
   TcPlan t;
-  t.xblocks = ceil_div(xrows, kTcRows);
+  t.xblocks = ceil_div(xrows, tc_flash_for(p) ? kFlRows : kTcRows);
   const int64_t ytiles = ceil_div(yrows, kTcCols);
   if (t.xblocks == 0 || ytiles == 0) return t;
-  const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_rows_slots<decltype(x)>(p.d, num_sms); });
+  const int64_t slots = tc_typed(p.dtype, [&](auto x) -> int64_t {
+    using T = decltype(x);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (tc_flash<T>()) {
+        return bank_pass ? fl_slots<T, FlashMode::BankGrads>(p.d, num_sms)
+                         : fl_slots<T, FlashMode::AnchorTerm>(p.d, num_sms);
+      }
+    }
+    return tc_rows_slots<T>(p.d, num_sms);
+  });
   const TcSplit s = plan_tc_split(t.xblocks, ytiles, slots);
   t.splits = s.splits;
   t.tiles_per_split = s.tiles_per_split;
@@ -983,7 +1046,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms)
 // The forward's K chunks on the tensor-core path: the same split rule over (anchor blocks, bank tiles).
 ForwardPlan plan_forward_tc(const Problem& p, bool save, int num_sms) {
   ForwardPlan f;
-  f.units_per_chunk_row = ceil_div(p.B, kTcRows);
+  f.units_per_chunk_row = ceil_div(p.B, (save && tc_flash_for(p)) ? kFlRows : kTcRows);
   if (p.K == 0 || p.B == 0) return f;
   const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_lse_slots<decltype(x)>(p, save, num_sms); });
   const TcSplit s = plan_tc_split(f.units_per_chunk_row, ceil_div(p.K, kTcCols), slots);
@@ -1011,18 +1074,18 @@ struct TcForwardWork {
 
 TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
   TcForwardWork t;
-  if (tc_fused_fwd(p, save)) {  // per-chunk V partials, merged by forward_merge_kernel
+  if (save && (tc_fused_fwd(p, save) || tc_flash_for(p))) {  // per-chunk V partials, merged by forward_merge
     t.w = carve_forward<float>(c, p, f, /*save=*/true);
     return t;
   }
   t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
-  const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms);
+  const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms, /*bank_pass=*/false);
   if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
   return t;
 }
 
 float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
-  const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms);
+  const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms, /*bank_pass=*/true);
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
 }
 
@@ -1036,14 +1099,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   args.tiles_per_split = plan.tiles_per_split;
   args.xblocks = plan.xblocks;
   if (plan.xblocks == 0) return cudaSuccess;
-  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
-  const bool mma = tc_mma<T>();
   cudaError_t e = cudaSuccess;
-  if constexpr (!std::is_same<T, float>::value) {
-    if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
-  }
-  if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
-  if (e != cudaSuccess) return e;
   if (std::is_same<T, __half>::value && Y.rows > 0) {
     e = cudaMemsetAsync(bound_slot, 0, sizeof(float), stream);
     if (e != cudaSuccess) return e;
@@ -1051,10 +1107,46 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
         args.y_inv, bound_w, bound_wscale, Y.rows, bound_slot);
     args.coef_bound = bound_slot;
   }
+  bool launched = false;
   if constexpr (!std::is_same<T, float>::value) {
-    if (mma) mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+    if (tc_flash<T>()) {
+      FlArgs f;
+      f.d = d;
+      f.splits = plan.splits;
+      f.tiles_per_split = plan.tiles_per_split;
+      f.xblocks = plan.xblocks;
+      f.scale = args.scale;
+      f.exclude_self = args.exclude_self;
+      f.x_inv = args.x_inv;
+      f.x_proj = args.x_proj;
+      f.y_inv = args.y_inv;
+      f.lse = args.lse;
+      f.g = args.g;
+      f.coef_bound = args.coef_bound;
+      f.partial = args.partial;
+      f.out_v = args.out_v;
+      f.out_grad = args.out_grad;
+      e = args.lse_on_x ? launch_flash<T, FlashMode::AnchorTerm>(X, Y, f, stream)
+                        : launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
+      if (e != cudaSuccess) return e;
+      launched = true;
+    }
   }
-  if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  if (!launched) {
+    const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+    const bool mma = tc_mma<T>();
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
+    }
+    if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
+    if (e != cudaSuccess) return e;
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma) {
+        mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+      }
+    }
+    if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  }
   if (plan.splits > 1) {
     tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
   }
@@ -1089,6 +1181,39 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   if constexpr (!std::is_same<T, float>::value) {
+    if (save && tc_flash<T>()) {  // one pass: (max, sum, V) partials per K chunk, merged below
+      if (f.chunks > 0) {
+        const float* bound = nullptr;
+        if (std::is_same<T, __half>::value) {
+          cudaError_t e = cudaMemsetAsync(t.w.pr.tc_bound, 0, sizeof(float), stream);
+          if (e != cudaSuccess) return e;
+          tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(p.K, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+              t.w.pr.n_inv, nullptr, 1.f, p.K, t.w.pr.tc_bound);
+          bound = t.w.pr.tc_bound;
+        }
+        FlArgs fa;
+        fa.d = p.d;
+        fa.splits = f.chunks;
+        fa.tiles_per_split = f.chunk_len / kFlCols;
+        fa.xblocks = ceil_div(p.B, kFlRows);
+        fa.scale = static_cast<float>(p.scale);
+        fa.exclude_self = p.exclude_self;
+        fa.x_inv = t.w.pr.a_inv;
+        fa.y_inv = t.w.pr.n_inv;
+        fa.coef_bound = bound;
+        fa.partial = t.w.part_w;
+        fa.part_max = t.w.part_max;
+        fa.part_sum = t.w.part_sum;
+        const cudaError_t e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
+        if (e != cudaSuccess) return e;
+      }
+      if (p.B > 0) {
+        forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(
+            p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
+            static_cast<float*>(out.anchor_term));
+      }
+      return cudaGetLastError();
+    }
     if (tc_fused_fwd(p, save)) {
       if (f.chunks > 0) {
         const TcLseArgs la = tc_lse_args(p, f, t.w);
@@ -1147,7 +1272,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     ra.lse = lse;
     ra.partial = t.v_partial;
     ra.out_v = static_cast<float*>(out.anchor_term);
-    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms), p.d, t.w.pr.tc_bound, nullptr, 1.f,
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms, false), p.d, t.w.pr.tc_bound, nullptr, 1.f,
                              stream);
   }
   return cudaGetLastError();
@@ -1169,7 +1294,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   ra.g = g;
   ra.partial = scratch;
   ra.out_grad = grad;
-  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p, p.K, p.B, num_sms), p.d, pr.tc_bound, g, ra.scale, stream);
+  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p, p.K, p.B, num_sms, true), p.d, pr.tc_bound, g, ra.scale, stream);
 }
 
 template <typename scalar_t, typename acc_t>

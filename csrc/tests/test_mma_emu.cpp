@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/online_lse.h"
@@ -26,6 +27,7 @@ namespace cuda {
 namespace {
 #include "cuda/device_common.cuh"
 #include "cuda/info_nce_tc.cuh"
+#include "cuda/info_nce_flash.cuh"
 }  // namespace
 }  // namespace cuda
 }  // namespace contrastbound
@@ -199,19 +201,44 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
   a.part_sum = psum.data();
   const TcOperand<T> X = A.operand(), Y = N.operand();
 
-  for (int kernel = 0; kernel < 2; ++kernel) {  // 0: mma_lse_kernel, 1: mma_fwd_kernel (one pass)
+  // 0: mma_lse_kernel, 1: mma_fwd_kernel (one pass), 2: flash_kernel<Forward> (one pass, 128-row blocks)
+  for (int kernel = 0; kernel < 3; ++kernel) {
     std::fill(pmax.begin(), pmax.end(), NAN);
     std::fill(psum.begin(), psum.end(), NAN);
-    const TcSmem m = tc_smem<T>(c.d, /*with_p=*/kernel == 1, c.stages, /*score_tile=*/false);
+    std::fill(pw.begin(), pw.end(), NAN);
     const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
-    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(a.xblocks * a.chunks));
-    if (kernel == 0) {
-      emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+    if (kernel < 2) {
+      const TcSmem m = tc_smem<T>(c.d, /*with_p=*/kernel == 1, c.stages, /*score_tile=*/false);
+      const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(a.xblocks * a.chunks));
+      if (kernel == 0) {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+      } else {
+        emu::launch(grid, kTcThreads, m.total,
+                    [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
+      }
     } else {
-      emu::launch(grid, kTcThreads, m.total,
-                  [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
+      FlArgs f;
+      f.d = c.d;
+      f.splits = a.chunks;
+      f.tiles_per_split = a.chunk_len / kFlCols;
+      f.xblocks = (c.B + kFlRows - 1) / kFlRows;
+      f.scale = c.scale;
+      f.exclude_self = c.exclude_self;
+      f.x_inv = ai.data();
+      f.y_inv = ni.data();
+      f.coef_bound = bound.empty() ? nullptr : bound.data();
+      f.partial = pw.data();
+      f.part_max = pmax.data();
+      f.part_sum = psum.data();
+      const TcSmem m = fl_smem<T>(c.d, c.stages);
+      const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(f.xblocks * f.splits));
+      if (m.dpad <= 128) {
+        emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 16>(X, Y, f, m); });
+      } else {
+        emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 32>(X, Y, f, m); });
+      }
     }
-    const char* kname = kernel == 0 ? "mma_lse_kernel" : "mma_fwd_kernel";
+    const char* kname = kernel == 0 ? "mma_lse_kernel" : kernel == 1 ? "mma_fwd_kernel" : "flash_kernel<Forward>";
     double worst = 0;
     std::vector<double> gw, ww;
     for (int64_t ch = 0; ch < a.chunks; ++ch) {
@@ -225,7 +252,7 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
         }
         const double got = gm + std::log(gs), want = rm + std::log(rs);
         worst = std::max(worst, std::fabs(got - want) / std::max(1.0, std::fabs(want)));
-        if (kernel == 1) {  // V partial relative to the kernel's own max: sum_k e^{l - gm} inv_k n_k
+        if (kernel >= 1) {  // V partial relative to the kernel's own max: sum_k e^{l - gm} inv_k n_k
           for (int64_t j = 0; j < c.d; ++j) {
             double v = 0;
             for (int64_t k = k0; k < k1; ++k) v += std::exp(l[i * c.K + k] - gm) * ni[k] * N.f(k, j);
@@ -236,7 +263,7 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     expect(worst <= 1e-4, std::string(kname) + " lse partials, " + c.name() + " (rel err " + std::to_string(worst) + ")");
-    if (kernel == 1) {
+    if (kernel >= 1) {
       const double e = rel_err(gw, ww);
       expect(e <= tol, std::string(kname) + " V partials, " + c.name() + " (rel err " + std::to_string(e) + ")");
     }
@@ -258,15 +285,16 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
   }
   for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
 
-  for (int pass = 0; pass < 2; ++pass) {  // 0: anchor term (X = anchors), 1: bank gradients (X = bank)
-    const bool bank = pass == 1;
+  for (int pass = 0; pass < 4; ++pass) {  // anchor term (X = anchors), bank gradients (X = bank); mma, flash
+    const bool bank = pass % 2 == 1, flash = pass >= 2;
+    const int64_t xrows_block = flash ? kFlRows : kTcRows;
     const Mat<T>& Xm = bank ? N : A;
     const Mat<T>& Ym = bank ? A : N;
     const int64_t xrows = Xm.rows, yrows = Ym.rows;
     const int64_t ytiles = (yrows + kTcCols - 1) / kTcCols;
     TcRowsArgs r;
     r.d = c.d;
-    r.xblocks = (xrows + kTcRows - 1) / kTcRows;
+    r.xblocks = (xrows + xrows_block - 1) / xrows_block;
     r.tiles_per_split = (ytiles + c.chunks - 1) / c.chunks;
     r.splits = (ytiles + r.tiles_per_split - 1) / r.tiles_per_split;
     r.scale = c.scale;
@@ -284,10 +312,43 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     r.out_grad = out_grad.data();
     const std::vector<float> bound = bank ? coef_bound<T>(ai, &gl, c.scale) : coef_bound<T>(ni, nullptr, 1.f);
     r.coef_bound = bound.empty() ? nullptr : bound.data();
-    const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false);
     const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(r.xblocks * r.splits));
     const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
-    emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T>(X, Y, r, m); });
+    if (!flash) {
+      const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false);
+      emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T>(X, Y, r, m); });
+    } else {
+      FlArgs f;
+      f.d = c.d;
+      f.splits = r.splits;
+      f.tiles_per_split = r.tiles_per_split;
+      f.xblocks = r.xblocks;
+      f.scale = r.scale;
+      f.exclude_self = r.exclude_self;
+      f.x_inv = r.x_inv;
+      f.x_proj = r.x_proj;
+      f.y_inv = r.y_inv;
+      f.lse = r.lse;
+      f.g = r.g;
+      f.coef_bound = r.coef_bound;
+      f.partial = r.partial;
+      f.out_v = r.out_v;
+      f.out_grad = r.out_grad;
+      const TcSmem m = fl_smem<T>(c.d, c.stages);
+      auto run = [&](auto mode, auto nt) {
+        emu::launch(grid, kTcThreads, m.total,
+                    [&] { flash_kernel<T, decltype(mode)::value, decltype(nt)::value>(X, Y, f, m); });
+      };
+      using AT = std::integral_constant<FlashMode, FlashMode::AnchorTerm>;
+      using BG = std::integral_constant<FlashMode, FlashMode::BankGrads>;
+      using N16 = std::integral_constant<int, 16>;
+      using N32 = std::integral_constant<int, 32>;
+      if (m.dpad <= 128) {
+        bank ? run(BG(), N16()) : run(AT(), N16());
+      } else {
+        bank ? run(BG(), N32()) : run(AT(), N32());
+      }
+    }
     // G_x = sum_y c(x, y) y_raw: anchor term c = e^{l - lse_x} inv_y; bank c = g_y s e^{l - lse_y} inv_y.
     std::vector<double> got, want;
     for (int64_t x = 0; x < xrows; ++x) {
@@ -320,7 +381,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     const double e = rel_err(got, want);
-    expect(e <= tol, std::string("mma_rows_kernel ") + (bank ? "bank gradients" : "anchor term") + " (splits " +
+    expect(e <= tol, std::string(flash ? "flash_kernel " : "mma_rows_kernel ") + (bank ? "bank gradients" : "anchor term") + " (splits " +
                          std::to_string(r.splits) + "), " + c.name() + " (rel err " + std::to_string(e) + ")");
   }
 }

@@ -1,0 +1,292 @@
+// Tensor-core kernels with register-resident coefficients ("flash" layout), float16 / bfloat16, sm_80+. Included by
+// info_nce_cuda.cu after info_nce_tc.cuh, inside its anonymous namespace; torch-free.
+//
+// The mma.sync kernels of info_nce_tc.cuh arrange the warps differently for the two products (4 x 2 over the
+// 64 x 64 score tile, 2 x 4 over the 64 x d output), so the coefficients go through shared memory with two
+// barriers per tile. Here, as in flash attention, a warp owns 16 X rows for both products: the score tile's
+// float32 accumulators (16 x 64 per warp) become, after the coefficient and a cast, the A operand of the second
+// product in registers (the m16n8k16 C layout of two n8 tiles is the A layout of one k16 slice), the output
+// rows (16 x d, float32) stay in registers, and row reductions are quad shuffles. A block is 8 warps = 128 X rows,
+// so each Y tile copied into shared memory serves twice as many rows; one barrier pair per tile guards the Y
+// buffer. Modes:
+//   AnchorTerm  X = anchors, Y = bank:    c = e^{l - lse_x} inv_y                 O_x = V_x
+//   BankGrads   X = bank,    Y = anchors: c = g_y s e^{l - lse_y} inv_y           O_x = dL/dn_hat_x, finished
+//   Forward     X = anchors, Y = one K chunk: the running (max, sum) and V of the chunk in one walk (online
+//               rescaling by e^{m_old - m_new}), written as the partials forward_merge_kernel merges.
+// Splits of Y (rows passes) write float32 partials that tc_finish_kernel sums in split order, as for
+// mma_rows_kernel. NT: n8 tiles of the widest output row held (16: d <= 128, 32: d <= 256).
+//
+// STATUS: passes the CPU emulation (csrc/tests/test_mma_emu.cpp); not yet run on a GPU, so opt-in
+// (CONTRASTBOUND_TC_FLASH=1) until tests/test_cuda.py passes there and bench_gpu.py shows it faster.
+#pragma once
+
+constexpr int kFlRows = 128;  // X rows per block: 8 warps x 16
+constexpr int kFlCols = 64;   // Y rows per tile
+
+enum class FlashMode { AnchorTerm, BankGrads, Forward };
+
+struct FlArgs {
+  int64_t d = 0;
+  int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward: splits = K chunks
+  float scale = 1.f;
+  bool exclude_self = false;
+  const float* x_inv = nullptr;   // (X rows,)
+  const float* x_proj = nullptr;  // BankGrads: Jacobian factor of the bank rows
+  const float* y_inv = nullptr;   // (Y rows,)
+  const float* lse = nullptr;     // AnchorTerm: by X row; BankGrads: by Y row
+  const float* g = nullptr;       // BankGrads: (Y rows,)
+  const float* coef_bound = nullptr;  // float16: see TcRowsArgs::coef_bound
+  float* partial = nullptr;       // (splits, X rows, d): rows passes with splits > 1; Forward: V partials
+  float* out_v = nullptr;         // AnchorTerm, one split: (X rows, d)
+  void* out_grad = nullptr;       // BankGrads, one split: (X rows, d) in the input type
+  float* part_max = nullptr;      // Forward: (chunks, X rows)
+  float* part_sum = nullptr;
+};
+
+// Shared memory: the X tile (128 rows), one or two Y tiles and the column arrays (no output staging: the
+// epilogue writes from registers). A TcSmem so that tc_next_y serves it.
+template <typename T>
+TcSmem fl_smem(int64_t d, int stages) {
+  TcSmem m;
+  m.stages = stages == 2 ? 2 : 1;
+  m.dpad = static_cast<int>((d + 15) / 16 * 16);
+  m.ld = m.dpad + TcTraits<T>::PAD;
+  size_t o = 0;
+  m.x = o;
+  o = tc_align(o + sizeof(T) * kFlRows * m.ld);
+  m.y = o;
+  o = tc_align(o + sizeof(T) * kFlCols * m.ld);
+  m.y1 = m.y;
+  if (m.stages == 2) {
+    m.y1 = o;
+    o = tc_align(o + sizeof(T) * kFlCols * m.ld);
+  }
+  m.s = m.p = m.cols = o;
+  o = tc_align(o + sizeof(float) * 3 * kFlCols);
+  m.total = o;
+  return m;
+}
+
+__device__ __forceinline__ float fl_quad_sum(float v) {
+  v += __shfl_xor_sync(kFullMask, v, 1);
+  return v + __shfl_xor_sync(kFullMask, v, 2);
+}
+__device__ __forceinline__ float fl_quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+
+template <typename T, FlashMode MODE, int NT>
+__global__ void __launch_bounds__(kTcThreads, 1)
+    flash_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  unsigned char* const tc_raw = tc_dynamic_smem();
+  T* xs = reinterpret_cast<T*>(tc_raw + m.x);
+  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
+  float* ylse = yinv + kFlCols;
+  float* yg = ylse + kFlCols;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  // ldmatrix row addresses (PTX fragment layouts as in info_nce_tc.cuh): A = the warp's 16 X rows; B of the
+  // score product = Y rows 16 q + yrow (n8 tiles 2q, 2q + 1); B of the second product (.trans) = Y rows
+  // 16 kk + yt_row, features 16 cf + yt_col (n8 tiles 2cf, 2cf + 1 of the output).
+  const unsigned xa = smem_u32(xs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ld + (lane >> 4) * 8);
+  const int yrow = (lane & 7) + (lane >> 4) * 8, yk = ((lane >> 3) & 1) * 8;
+  const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
+  float cscale = 1.f;
+  if (a.coef_bound != nullptr) {
+    const float bound = *a.coef_bound;
+    if (bound > 0.f && bound < INFINITY) {
+      int e = 0;
+      frexpf(16384.f / bound, &e);
+      cscale = ldexpf(1.f, e - 1);
+    }
+  }
+  const float unscale = 1.f / cscale;  // a power of two: exact
+  const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
+  const int64_t units = a.xblocks * a.splits;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t xb = u % a.xblocks, split = u / a.xblocks;
+    const int64_t x0 = xb * kFlRows;
+    const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
+    __syncthreads();  // the previous unit's X tile and Y buffers are no longer read
+    tc_issue<T, kFlRows>(xs, m.ld, X, x0, a.d, m.dpad);
+    tc_commit();
+    tc_wait<0>();
+    int64_t row[2];
+    float xinv[2], xlse[2], run_m[2], run_s[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row[h] = x0 + 16 * warp + g + 8 * h;
+      const bool ok = row[h] < X.rows;
+      xinv[h] = ok ? a.x_inv[row[h]] * a.scale : 0.f;
+      xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
+      run_m[h] = -INFINITY;
+      run_s[h] = 0.f;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    const int64_t y_end = min64(Y.rows, t_end * kFlCols);
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t y0 = tile * kFlCols;
+      __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
+      const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
+      if (threadIdx.x < kFlCols) {
+        const int64_t y = y0 + threadIdx.x;
+        const bool ok = y < Y.rows;
+        yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
+        ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
+        yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * a.scale : 0.f;
+      }
+      __syncthreads();
+      // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).
+      float sc[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[j][e] = 0.f;
+      unsigned ya[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) ya[q] = smem_u32(ys + (16 * q + yrow) * m.ld + yk);
+#pragma unroll 2
+      for (int k = 0; k < m.dpad; k += 16) {
+        const unsigned off = static_cast<unsigned>(k) * 2u;
+        unsigned a0, a1, a2, a3;
+        ldsm_x4(xa + off, a0, a1, a2, a3);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          unsigned b0, b1, b2, b3;
+          ldsm_x4(ya[q] + off, b0, b1, b2, b3);
+          mma16816<T>(sc[2 * q], a0, a1, a2, a3, b0, b1);
+          mma16816<T>(sc[2 * q + 1], a0, a1, a2, a3, b2, b3);
+        }
+      }
+      // Coefficients in place of the scores (masked ones 0).
+      const int lim = static_cast<int>(min64(kFlCols, Y.rows - y0));  // valid columns of this tile
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int hlim = row[h] < X.rows ? lim : 0;
+        const int64_t dself = row[h] - y0;
+        const int selfc = (a.exclude_self && dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+        if (MODE == FlashMode::Forward) {
+          float tmax = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * t + e;
+              const bool keep = col < hlim && col != selfc;
+              const float l = keep ? sc[j][2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
+              sc[j][2 * h + e] = l;
+              tmax = fmaxf(tmax, l);
+            }
+          tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
+          const float mnew = fmaxf(run_m[h], tmax);
+          const float alpha = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
+          run_m[h] = mnew;
+          run_s[h] *= alpha;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            acc[j][2 * h] *= alpha;
+            acc[j][2 * h + 1] *= alpha;
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * t + e;
+              const float l = sc[j][2 * h + e];
+              const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
+              run_s[h] += p;  // this lane's part; the quad's parts are added at the end
+              sc[j][2 * h + e] = p * (yinv[col] * cscale);
+            }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * t + e;
+              const bool keep = col < hlim && col != selfc;
+              float c = 0.f;
+              if (keep) {
+                const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
+                c = (MODE == FlashMode::AnchorTerm ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
+                    (yinv[col] * cscale);
+              }
+              sc[j][2 * h + e] = c;
+            }
+        }
+      }
+      // O (16 rows x d) += C (16 x 64) Y (64 x d): the coefficients of n8 tiles 2kk, 2kk + 1 are the A
+      // fragment of k16 slice kk.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const unsigned p0 = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]), p1 = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        const unsigned p2 = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        const unsigned p3 = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        const unsigned yb = smem_u32(ys + (16 * kk + yt_row) * m.ld + yt_col);
+#pragma unroll
+        for (int cf = 0; cf < NT / 2; ++cf) {
+          if (16 * cf < m.dpad) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_trans(yb + static_cast<unsigned>(16 * cf) * 2u, b0, b1, b2, b3);
+            mma16816<T>(acc[2 * cf], p0, p1, p2, p3, b0, b1);
+            mma16816<T>(acc[2 * cf + 1], p0, p1, p2, p3, b2, b3);
+          }
+        }
+      }
+    }
+    // Epilogue from registers: lane (g, t) holds, for rows g and g + 8, features 8 j + 2t, 8 j + 2t + 1.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = row[h];
+      const bool ok = r < X.rows;
+      if (MODE == FlashMode::Forward) {
+        const float s = fl_quad_sum(run_s[h]);
+        if (ok && t == 0) {
+          a.part_max[split * X.rows + r] = run_m[h];
+          a.part_sum[split * X.rows + r] = s;
+        }
+      }
+      if (MODE == FlashMode::BankGrads && a.splits == 1) {
+        // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n read in its own type, as finish_bank_row).
+        const T* n = X.ptr + (ok ? r : 0) * X.s0;
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            if (ok && col < a.d) dot += acc[j][2 * h + e] * unscale * to_acc<float>(n[col * X.s1]);
+          }
+        dot = fl_quad_sum(dot);
+        if (ok) {
+          const float inv = a.x_inv[r], cp = dot * inv * a.x_proj[r];
+          T* out = static_cast<T*>(a.out_grad) + r * a.d;
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = 8 * j + 2 * t + e;
+              if (col < a.d) out[col] = from_acc<T>(inv * (acc[j][2 * h + e] * unscale) - cp * to_acc<float>(n[col * X.s1]));
+            }
+        }
+      } else if (ok) {
+        float* dst = (MODE == FlashMode::AnchorTerm && a.splits == 1) ? a.out_v + r * a.d
+                                                                      : a.partial + (split * X.rows + r) * a.d;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            if (col < a.d) dst[col] = acc[j][2 * h + e] * unscale;
+          }
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
