@@ -395,6 +395,7 @@ void run_all(bool quick, double tol, const char* tname) {
       {37, 130, 19, false, true, 1, 1, 1000, 2.0f},     // d = 19: scalar copies, zero padding to 32
       {130, 130, 40, true, false, 2, 3, 2, 4.0f},       // exclude_self, two stages, grid-stride (2 blocks)
       {1, 1, 1, false, false, 1, 1, 1000, 1.0f},        // one anchor, one row, d = 1
+      {65, 65, 8, true, false, 1, 2, 1000, 3.0f},       // exclude_self: chunk 2 is column 64 only, empty for row 64
       {64, 64, 16, false, false, 2, 1, 1000, 10.0f},    // exactly one tile, direct finishing
       {20, 300, 256, false, false, 1, 5, 3, 14.0f},     // d = 256 (widest), many chunks, grid-stride
   };
