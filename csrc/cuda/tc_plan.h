@@ -18,7 +18,7 @@ namespace cuda {
 // Per-unit cost besides its Y tiles, in tiles: the X tile's copy and the epilogue (a 64 x d float32 partial
 // written or a row block finished), each about one Y tile's copy.
 constexpr int64_t kTcUnitOverheadTiles = 2;
-constexpr int64_t kTcMaxUnitsPerSlot = 8;
+constexpr int64_t kTcMaxUnitsPerSlot = 4;
 
 struct TcSplit {
   int64_t splits = 1;           // Y ranges per X block (>= 1, none empty)
@@ -36,7 +36,7 @@ inline int64_t tc_split_cost(int64_t xblocks, int64_t ytiles, int64_t slots, int
 
 // xblocks X blocks, ytiles Y tiles, slots units resident at once (>= 1). Splits are searched while the units
 // stay within kTcMaxUnitsPerSlot waves (more splits mean more float32 partial rows: at most that many waves'
-// worth, 8 x 264 x 64 rows x d floats = 138 MB at d = 256 on an H200, and only when X is small).
+// worth, 4 x 264 x 64 rows x d floats = 69 MB at d = 256 on an H200, and only when X is small).
 inline TcSplit plan_tc_split(int64_t xblocks, int64_t ytiles, int64_t slots) {
   TcSplit t;
   if (xblocks <= 0 || ytiles <= 0) return t;
