@@ -25,6 +25,9 @@ class NegativeQueue(torch.nn.Module):
     Pitfalls: enqueue the keys of a batch *after* computing its loss; otherwise each anchor's own key (its
     positive) is also among its negatives. Keys must be detached (the queue detaches them anyway) and, as in MoCo,
     come from a slowly moving (momentum) encoder so that old keys stay comparable with new queries.
+
+    The write position and fill level are kept as Python ints beside their buffers (which ``state_dict`` saves),
+    so ``enqueue``, ``negatives`` and ``len`` never read a device tensor back: no synchronisation with a GPU.
     """
 
     queue: torch.Tensor
@@ -43,9 +46,15 @@ class NegativeQueue(torch.nn.Module):
         self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+        self._ptr = 0  # host copies of the two buffers
+        self._filled = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ptr, self._filled = int(self.ptr), int(self.filled)  # one read-back, at load time
 
     def __len__(self) -> int:
-        return int(self.filled)
+        return self._filled
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -61,17 +70,19 @@ class NegativeQueue(torch.nn.Module):
             return
         if n >= self.size:
             keys, n = keys[-self.size :], self.size
-        start = int(self.ptr)
+        start = self._ptr
         first = min(n, self.size - start)
         self.queue[start : start + first] = keys[:first]
         if first < n:
             self.queue[: n - first] = keys[first:]
-        self.ptr.fill_((start + n) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + n))
+        self._ptr = (start + n) % self.size
+        self._filled = min(self.size, self._filled + n)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
 
     def negatives(self) -> torch.Tensor:
         """The keys in the queue, (len(self), dim): a view, no copy. Order does not matter to InfoNCE."""
-        return self.queue if int(self.filled) == self.size else self.queue[: int(self.filled)]
+        return self.queue if self._filled == self.size else self.queue[: self._filled]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={int(self.filled)}"
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._filled}"

@@ -79,6 +79,39 @@ def test_queue_detaches_casts_and_saves_state():
     assert a.grad is not None
 
 
+def test_queue_state_round_trip_keeps_the_write_position():
+    # After load_state_dict the next keys go where the saved queue would have put them (wrap-around included).
+    q = cb.NegativeQueue(5, 1)
+    q.enqueue(torch.arange(7.0).reshape(7, 1))  # keeps 2..6 in slots 0..4, next write at slot 0
+    q2 = cb.NegativeQueue(5, 1)
+    q2.load_state_dict(q.state_dict())
+    for x in (q, q2):
+        x.enqueue(torch.tensor([[10.0], [11.0]]))
+    assert len(q2) == 5 and torch.equal(q2.negatives(), q.negatives())
+    assert sorted(q2.negatives()[:, 0].tolist()) == [4, 5, 6, 10, 11]
+    assert int(q2.ptr) == int(q.ptr) == 2 and int(q2.filled) == 5
+
+
+def test_queue_reads_nothing_back_from_its_buffers():
+    # enqueue / negatives / len use host copies: the buffers are only written (no device read-back on a GPU).
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.ones(3, 2))
+
+    class NoRead(torch.Tensor):
+        def __int__(self):
+            raise AssertionError("buffer read back")
+
+        __index__ = __int__
+
+        def item(self):
+            raise AssertionError("buffer read back")
+
+    q.ptr = q.ptr.as_subclass(NoRead)
+    q.filled = q.filled.as_subclass(NoRead)
+    q.enqueue(torch.zeros(2, 2))
+    assert len(q) == 4 and q.negatives().shape == (4, 2)
+
+
 def test_queue_bad_input():
     with pytest.raises(ValueError, match="size"):
         cb.NegativeQueue(0, 3)
