@@ -40,7 +40,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "../core/online_lse.h"
 #include "tc_plan.h"
@@ -924,16 +926,38 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 }
 
 // Units of `kernel` resident at once: blocks per multiprocessor (registers, shared memory) x multiprocessors.
-// 2 per multiprocessor (the kernels' launch bound) if the occupancy query fails.
+// 2 per multiprocessor (the kernels' launch bound) if the occupancy query fails. The answer depends only on
+// (kernel, shared memory, device), so it is asked once per such triple (every forward and backward plans
+// several passes, the workspace size and the launch alike).
 template <typename Kernel>
 int64_t tc_slots(Kernel kernel, size_t smem, int num_sms) {
+  struct Entry {
+    const void* kernel;
+    size_t smem;
+    int device, per_sm;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) cudaGetLastError();
+  const void* key = reinterpret_cast<const void*>(kernel);
   int per_sm = 0;
-  if (allow_smem(kernel, smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, smem) != cudaSuccess) {
-    cudaGetLastError();  // not sticky
-    per_sm = 2;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache)
+      if (e.kernel == key && e.smem == smem && e.device == device) per_sm = e.per_sm;
   }
-  return static_cast<int64_t>(std::max(1, per_sm)) * std::max(1, num_sms);
+  if (per_sm == 0) {
+    if (allow_smem(kernel, smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, smem) != cudaSuccess) {
+      cudaGetLastError();  // not sticky
+      per_sm = 2;
+    }
+    per_sm = std::max(1, per_sm);
+    const std::lock_guard<std::mutex> lock(mutex);
+    cache.push_back({key, smem, device, per_sm});
+  }
+  return static_cast<int64_t>(per_sm) * std::max(1, num_sms);
 }
 
 // The kernel that serves the rows pass (anchor term, bank gradients) of T, and its residency.
@@ -1089,6 +1113,21 @@ float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
 }
 
+// float16 only: *slot = max over the n rows of inv[i] |w[i]| wscale (w null: 1), the bound behind the coefficient
+// scaling of the tensor-core kernels. Returns slot for float16 (and n > 0), nullptr otherwise.
+template <typename T>
+cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, float wscale, int64_t n,
+                              cudaStream_t stream, const float** bound) {
+  *bound = nullptr;
+  if (!std::is_same<T, __half>::value || n == 0) return cudaSuccess;
+  const cudaError_t e = cudaMemsetAsync(slot, 0, sizeof(float), stream);
+  if (e != cudaSuccess) return e;
+  tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(n, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+      inv, w, wscale, n, slot);
+  *bound = slot;
+  return cudaSuccess;
+}
+
 // bound_w: the Y rows' weights of the float16 coefficient bound (nullptr: 1), times bound_wscale.
 template <typename T>
 cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsArgs args, const TcPlan& plan,
@@ -1099,14 +1138,10 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   args.tiles_per_split = plan.tiles_per_split;
   args.xblocks = plan.xblocks;
   if (plan.xblocks == 0) return cudaSuccess;
-  cudaError_t e = cudaSuccess;
-  if (std::is_same<T, __half>::value && Y.rows > 0) {
-    e = cudaMemsetAsync(bound_slot, 0, sizeof(float), stream);
-    if (e != cudaSuccess) return e;
-    tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(Y.rows, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
-        args.y_inv, bound_w, bound_wscale, Y.rows, bound_slot);
-    args.coef_bound = bound_slot;
-  }
+  const float* bound = nullptr;
+  cudaError_t e = launch_coef_bound<T>(bound_slot, args.y_inv, bound_w, bound_wscale, Y.rows, stream, &bound);
+  if (e != cudaSuccess) return e;
+  if (bound != nullptr) args.coef_bound = bound;
   bool launched = false;
   if constexpr (!std::is_same<T, float>::value) {
     if (tc_flash<T>()) {
@@ -1181,55 +1216,37 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   if constexpr (!std::is_same<T, float>::value) {
-    if (save && tc_flash<T>()) {  // one pass: (max, sum, V) partials per K chunk, merged below
+    if (save && (tc_flash<T>() || tc_fused_fwd(p, save))) {
+      // One pass over the bank: (max, sum, V) partials per K chunk, merged with the positive below.
       if (f.chunks > 0) {
         const float* bound = nullptr;
-        if (std::is_same<T, __half>::value) {
-          cudaError_t e = cudaMemsetAsync(t.w.pr.tc_bound, 0, sizeof(float), stream);
-          if (e != cudaSuccess) return e;
-          tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(p.K, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
-              t.w.pr.n_inv, nullptr, 1.f, p.K, t.w.pr.tc_bound);
-          bound = t.w.pr.tc_bound;
-        }
-        FlArgs fa;
-        fa.d = p.d;
-        fa.splits = f.chunks;
-        fa.tiles_per_split = f.chunk_len / kFlCols;
-        fa.xblocks = ceil_div(p.B, kFlRows);
-        fa.scale = static_cast<float>(p.scale);
-        fa.exclude_self = p.exclude_self;
-        fa.x_inv = t.w.pr.a_inv;
-        fa.y_inv = t.w.pr.n_inv;
-        fa.coef_bound = bound;
-        fa.partial = t.w.part_w;
-        fa.part_max = t.w.part_max;
-        fa.part_sum = t.w.part_sum;
-        const cudaError_t e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
+        cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, 1.f, p.K, stream, &bound);
         if (e != cudaSuccess) return e;
-      }
-      if (p.B > 0) {
-        forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(
-            p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
-            static_cast<float*>(out.anchor_term));
-      }
-      return cudaGetLastError();
-    }
-    if (tc_fused_fwd(p, save)) {
-      if (f.chunks > 0) {
-        const TcLseArgs la = tc_lse_args(p, f, t.w);
-        const float* bound = nullptr;
-        if (std::is_same<T, __half>::value) {
-          cudaError_t e = cudaMemsetAsync(t.w.pr.tc_bound, 0, sizeof(float), stream);
-          if (e != cudaSuccess) return e;
-          tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(p.K, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
-              t.w.pr.n_inv, nullptr, 1.f, p.K, t.w.pr.tc_bound);
-          bound = t.w.pr.tc_bound;
+        if (tc_flash<T>()) {
+          FlArgs fa;
+          fa.d = p.d;
+          fa.splits = f.chunks;
+          fa.tiles_per_split = f.chunk_len / kFlCols;
+          fa.xblocks = ceil_div(p.B, kFlRows);
+          fa.scale = static_cast<float>(p.scale);
+          fa.exclude_self = p.exclude_self;
+          fa.x_inv = t.w.pr.a_inv;
+          fa.y_inv = t.w.pr.n_inv;
+          fa.coef_bound = bound;
+          fa.partial = t.w.part_w;
+          fa.part_max = t.w.part_max;
+          fa.part_sum = t.w.part_sum;
+          e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
+        } else {
+          const TcLseArgs la = tc_lse_args(p, f, t.w);
+          const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
+          e = allow_smem(mma_fwd_kernel<T>, sm.total);
+          if (e == cudaSuccess) {
+            mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(
+                A, N, la, t.w.part_w, bound, sm);
+          }
         }
-        const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
-        const cudaError_t e = allow_smem(mma_fwd_kernel<T>, sm.total);
         if (e != cudaSuccess) return e;
-        mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, t.w.part_w,
-                                                                                              bound, sm);
       }
       if (p.B > 0) {
         forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(

@@ -92,15 +92,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const unsigned xa = smem_u32(xs + (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ld + (lane >> 4) * 8);
   const int yrow = (lane & 7) + (lane >> 4) * 8, yk = ((lane >> 3) & 1) * 8;
   const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
-  float cscale = 1.f;
-  if (a.coef_bound != nullptr) {
-    const float bound = *a.coef_bound;
-    if (bound > 0.f && bound < INFINITY) {
-      int e = 0;
-      frexpf(16384.f / bound, &e);
-      cscale = ldexpf(1.f, e - 1);
-    }
-  }
+  const float cscale = tc_coef_scale(a.coef_bound);
   const float unscale = 1.f / cscale;  // a power of two: exact
   const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
   const int64_t units = a.xblocks * a.splits;

@@ -233,6 +233,17 @@ __device__ __forceinline__ void tc_lse_merge(float& m, float& s, float om, float
   m = nm;
 }
 
+// float16 coefficient scaling: the power of two that puts `bound` (an upper bound of every coefficient, from
+// tc_bound_kernel) at or below 2^14, so that small coefficients stay normal float16 numbers; 1 without a bound.
+__device__ __forceinline__ float tc_coef_scale(const float* bound_ptr) {
+  if (bound_ptr == nullptr) return 1.f;
+  const float bound = *bound_ptr;
+  if (!(bound > 0.f && bound < INFINITY)) return 1.f;
+  int e = 0;
+  frexpf(16384.f / bound, &e);  // 16384 / bound = f 2^e, f in [0.5, 1)
+  return ldexpf(1.f, e - 1);    // <= 16384 / bound
+}
+
 struct TcLseArgs {
   int64_t d = 0, K = 0, B = 0, chunk_len = 0, chunks = 0, xblocks = 0;
   float scale = 1.f;
@@ -358,15 +369,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     tc_wait<0>();
     const bool x_ok = x < X.rows;
     const float xinv = x_ok ? a.x_inv[x] * a.scale : 0.f;
-    float cscale = 1.f;
-    if (a.coef_bound != nullptr) {
-      const float bound = *a.coef_bound;
-      if (bound > 0.f && bound < INFINITY) {
-        int e = 0;
-        frexpf(16384.f / bound, &e);  // 16384 / bound = f 2^e, f in [0.5, 1)
-        cscale = ldexpf(1.f, e - 1);   // <= 16384 / bound
-      }
-    }
+    const float cscale = tc_coef_scale(a.coef_bound);
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
     wmma::fragment<wmma::accumulator, 16, 16, Tr::KS, float> acc[2][4];
 #pragma unroll
@@ -662,6 +665,29 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
+// The second product's accumulators of this warp (rows 32 rp .., 16-column groups cg + 4 q) times `unscale`
+// into the float32 output tile E (kTcRows x m.lde) in shared memory.
+__device__ __forceinline__ void mma_store_rows(float* E, const TcSmem& m, const float (&acc)[2][4][2][4], int rp,
+                                               int cg, const MmaLanes& L, float unscale) {
+#pragma unroll
+  for (int i2 = 0; i2 < 2; ++i2)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int cf = cg + 4 * q;
+      if (16 * cf < m.dpad) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 16 * cf + 8 * h + 2 * L.t;
+          const int r0 = 32 * rp + 16 * i2 + L.g;
+          *reinterpret_cast<float2*>(E + r0 * m.lde + col) =
+              make_float2(acc[i2][q][h][0] * unscale, acc[i2][q][h][1] * unscale);
+          *reinterpret_cast<float2*>(E + (r0 + 8) * m.lde + col) =
+              make_float2(acc[i2][q][h][2] * unscale, acc[i2][q][h][3] * unscale);
+        }
+      }
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
@@ -699,15 +725,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       xinv[h] = ok ? a.x_inv[row_x[h]] * a.scale : 0.f;
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
     }
-    float cscale = 1.f;
-    if (a.coef_bound != nullptr) {
-      const float bound = *a.coef_bound;
-      if (bound > 0.f && bound < INFINITY) {
-        int e = 0;
-        frexpf(16384.f / bound, &e);
-        cscale = ldexpf(1.f, e - 1);
-      }
-    }
+    const float cscale = tc_coef_scale(a.coef_bound);
     float acc[2][4][2][4];
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
@@ -780,23 +798,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     }
     __syncthreads();  // every warp is done with xs and ys, which E overwrites
     const float unscale = 1.f / cscale;  // a power of two: exact
-#pragma unroll
-    for (int i2 = 0; i2 < 2; ++i2)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int cf = cg + 4 * q;
-        if (16 * cf < m.dpad) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int col = 16 * cf + 8 * h + 2 * L.t;
-            const int r0 = 32 * rp + 16 * i2 + L.g;
-            *reinterpret_cast<float2*>(E + r0 * m.lde + col) =
-                make_float2(acc[i2][q][h][0] * unscale, acc[i2][q][h][1] * unscale);
-            *reinterpret_cast<float2*>(E + (r0 + 8) * m.lde + col) =
-                make_float2(acc[i2][q][h][2] * unscale, acc[i2][q][h][3] * unscale);
-          }
-        }
-      }
+    mma_store_rows(E, m, acc, rp, cg, L, unscale);
     __syncthreads();
     const int64_t nrows = min64(kTcRows, X.rows - x0);
     if (a.splits > 1) {
@@ -853,15 +855,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const unsigned xa = smem_u32(xs + L.xrow * m.ld + L.xk);
   const unsigned pa = smem_u32(P + (32 * rp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ldp + (lane >> 4) * 8);
   const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
-  float cscale = 1.f;
-  if (coef_bound != nullptr) {
-    const float bound = *coef_bound;
-    if (bound > 0.f && bound < INFINITY) {
-      int e = 0;
-      frexpf(16384.f / bound, &e);
-      cscale = ldexpf(1.f, e - 1);
-    }
-  }
+  const float cscale = tc_coef_scale(coef_bound);
   const int64_t units = a.xblocks * a.chunks;
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const int64_t xb = u % a.xblocks, c = u / a.xblocks;
@@ -990,23 +984,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     }
     __syncthreads();  // every warp is done with xs and ys, which E overwrites; run_m / run_s are final
     const float unscale = 1.f / cscale;
-#pragma unroll
-    for (int i2 = 0; i2 < 2; ++i2)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int cf = cg + 4 * q;
-        if (16 * cf < m.dpad) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int col = 16 * cf + 8 * h + 2 * L.t;
-            const int r0 = 32 * rp + 16 * i2 + L.g;
-            *reinterpret_cast<float2*>(E + r0 * m.lde + col) =
-                make_float2(acc[i2][q][h][0] * unscale, acc[i2][q][h][1] * unscale);
-            *reinterpret_cast<float2*>(E + (r0 + 8) * m.lde + col) =
-                make_float2(acc[i2][q][h][2] * unscale, acc[i2][q][h][3] * unscale);
-          }
-        }
-      }
+    mma_store_rows(E, m, acc, rp, cg, L, unscale);
     __syncthreads();
     const int64_t nrows = min64(kTcRows, a.B - i0);
     if (threadIdx.x < nrows) {
