@@ -1,5 +1,4 @@
-"""Fake (meta) kernels and autograd for the ops that csrc/ registers as contrastbound::*, and the two ops that
-take the logit scale as a tensor.
+"""Fake (meta) kernels and autograd for the ops that csrc/ registers as contrastbound::*.
 
 The forward op returns the per-anchor loss, the per-anchor log-sum-exp (saved for backward) and, when asked,
 the softmax-weighted sum of the normalised negatives that the anchors' gradient needs (accumulated online in
@@ -8,8 +7,6 @@ negatives' gradient.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -72,61 +69,24 @@ if _backend.EXTENSION_LOADED:
 
     torch.library.register_autograd("contrastbound::info_nce_fwd", _backward, setup_context=_setup_context)
 
-    # The same ops with the logit scale as a 0-d tensor (a learnable or tensor temperature). Reading the tensor's
-    # value happens inside the op, at run time: torch.compile traces them as opaque ops with the fake kernels
-    # above, so a temperature that changes every step neither breaks the graph nor re-specialises it. The value
-    # is read with .item() (a device synchronisation on CUDA, as before).
-    @torch.library.custom_op("contrastbound::info_nce_fwd_scaled", mutates_args=())
-    def info_nce_fwd_scaled(
-        anchors: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        negative_indices: Optional[torch.Tensor],
-        scale: torch.Tensor,
-        normalize: bool,
-        include_positive: bool,
-        save_anchor_term: bool,
-        exclude_self: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.ops.contrastbound.info_nce_fwd(
-            anchors, positives, negatives, negative_indices, float(scale.item()), normalize, include_positive,
-            save_anchor_term, exclude_self,
-        )
-
-    @torch.library.custom_op("contrastbound::info_nce_bwd_scaled", mutates_args=())
-    def info_nce_bwd_scaled(
-        grad_loss: torch.Tensor,
-        anchors: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        negative_indices: Optional[torch.Tensor],
-        lse: torch.Tensor,
-        anchor_term: torch.Tensor,
-        scale: torch.Tensor,
-        normalize: bool,
-        include_positive: bool,
-        output_mask: list[bool],
-        exclude_self: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.ops.contrastbound.info_nce_bwd(
-            grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, float(scale.item()),
-            normalize, include_positive, output_mask, exclude_self,
-        )
-
-    @info_nce_fwd_scaled.register_fake
+    # The same ops with the logit scale as a tensor with one element (a learnable or tensor temperature),
+    # registered in csrc/ops.cpp. Its value is read at run time, inside the op: torch.compile traces them as
+    # opaque ops with these fake kernels, so a temperature that changes every step neither breaks the graph nor
+    # re-specialises it, and on a GPU the kernels read it from device memory (no synchronisation per step).
+    @torch.library.register_fake("contrastbound::info_nce_fwd_scaled")
     def _info_nce_fwd_scaled_fake(
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
-        exclude_self,
+        exclude_self=False,
     ):
         return _info_nce_fwd_fake(
             anchors, positives, negatives, negative_indices, 1.0, normalize, include_positive, save_anchor_term,
             exclude_self,
         )
 
-    @info_nce_bwd_scaled.register_fake
+    @torch.library.register_fake("contrastbound::info_nce_bwd_scaled")
     def _info_nce_bwd_scaled_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self,
+        include_positive, output_mask, exclude_self=False,
     ):
         return _info_nce_bwd_fake(
             grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, 1.0, normalize,
@@ -134,7 +94,8 @@ if _backend.EXTENSION_LOADED:
         )
 
     def _setup_context_scaled(ctx, inputs, output):
-        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _, exclude_self = inputs
+        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
+        exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
         _, lse, term = output
         ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term, scale)
         ctx.normalize = normalize
@@ -159,4 +120,6 @@ if _backend.EXTENSION_LOADED:
             None, None, None, None, None, None,
         )
 
-    info_nce_fwd_scaled.register_autograd(_backward_scaled, setup_context=_setup_context_scaled)
+    torch.library.register_autograd(
+        "contrastbound::info_nce_fwd_scaled", _backward_scaled, setup_context=_setup_context_scaled
+    )

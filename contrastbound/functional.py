@@ -38,10 +38,14 @@ def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) 
 
 
 def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
-    """x as a 0-d tensor after checking it holds one positive finite value.
+    """x as a 0-d tensor after checking it holds one floating value, and, on the CPU, that the value is positive
+    and finite.
 
-    Eager: the value is read and a ValueError names it. Under torch.compile the check is an op in the graph
-    (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the graph).
+    CPU, eager: the value is read and a ValueError names it. CPU under torch.compile: the check is an op in the
+    graph (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the
+    graph). On a GPU the value is not read at all (a read-back would synchronise the device every step): the
+    kernels, and the fallback through _poison_bad_scale, turn a value that is not positive and finite into a NaN
+    loss.
     """
     if x.numel() != 1 or not x.is_floating_point():
         raise ValueError(
@@ -49,6 +53,8 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
             f"got a {x.dtype} tensor of shape {tuple(x.shape)}"
         )
     x = x.reshape(())
+    if x.device.type != "cpu":
+        return x
     if torch.compiler.is_compiling():
         v = x.detach()
         torch._assert_async(torch.isfinite(v) & (v > 0), f"{name} must be a positive finite number")
@@ -145,10 +151,17 @@ def _fused(
         return loss, lse
     from .reference import info_nce_core_reference
 
-    scale = 1.0 / temperature
+    scale = _poison_bad_scale(1.0 / temperature) if isinstance(temperature, torch.Tensor) else 1.0 / temperature
     return info_nce_core_reference(
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
     )
+
+
+def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
+    """NaN where the scale is not positive and finite: the fallback's equivalent of the kernels' read_scale for a
+    GPU temperature, whose value is never read on the host (see _check_positive_scalar_tensor)."""
+    ok = torch.isfinite(scale) & (scale > 0)
+    return torch.where(ok, scale, torch.full_like(scale, float("nan")))
 
 
 def _scale_of(temperature: float | torch.Tensor) -> float | torch.Tensor:

@@ -7,8 +7,7 @@
 namespace contrastbound {
 
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
-                                  const c10::optional<at::Tensor>& indices, double scale,
-                                  bool exclude_self = false) {
+                                  const c10::optional<at::Tensor>& indices, bool exclude_self) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(anchors.scalar_type()), "anchors must be a floating tensor, got ",
                    anchors.scalar_type());
@@ -47,8 +46,26 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
   }
   TORCH_CHECK_VALUE(!exclude_self || (!indexed && negatives.dim() == 2),
                     "exclude_self needs a shared bank (K, d) whose row i is anchor i");
+}
+
+inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale (1 / temperature) must be positive and finite, got ",
                     scale);
+}
+
+// The scale of the *_scaled ops: a floating tensor with one element (any device).
+inline void check_scale_tensor(const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),
+                    "scale (1 / temperature) must be a floating tensor with one element, got a ", scale.scalar_type(),
+                    " tensor of shape ", scale.sizes());
+}
+
+// Its value read on the host (CPU kernels; a device synchronisation if the tensor lives on a GPU) and checked.
+inline double scale_value(const at::Tensor& scale) {
+  check_scale_tensor(scale);
+  const double s = scale.item<double>();
+  check_scale(s);
+  return s;
 }
 
 }  // namespace contrastbound

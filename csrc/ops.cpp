@@ -27,4 +27,15 @@ TORCH_LIBRARY(contrastbound, m) {
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
       "bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
+  // The same with the scale as a tensor with one element (a learnable temperature): its value is read at run
+  // time, by the kernels themselves for a CUDA tensor (no host read-back; a value that is not positive and
+  // finite gives NaN there), on the host otherwise (checked: an error names it).
+  m.def(
+      "info_nce_fwd_scaled(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
+      "Tensor scale, bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "info_nce_bwd_scaled(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, "
+      "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
+      "bool include_positive, bool[3] output_mask, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
 }

@@ -514,3 +514,49 @@ def test_tensor_cores_extra_memory_is_o_b_plus_k():
     extra = torch.cuda.max_memory_allocated() - base - grads
     logits_bf16 = B * K * 2
     assert extra <= 0.05 * logits_bf16, f"extra {extra / 2**20:.1f} MiB vs bf16 logits {logits_bf16 / 2**20:.0f} MiB"
+
+
+# A tensor temperature on the GPU is read by the kernels from device memory (never on the host).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("t_device", [CUDA, "cpu"])
+def test_gpu_tensor_temperature_matches_cpu(mode, dtype, t_device):
+    # t_device: where the GPU run's temperature lives (a CPU one is read on the host for free).
+    a, p, n, idx = make_inputs(mode, B=37, K=301, d=40, dtype=dtype, M=50)
+    outs = {}
+    for device in ("cpu", CUDA):
+        t = torch.tensor(0.07, dtype=torch.float32, device=t_device if device == CUDA else "cpu", requires_grad=True)
+        xs = _leaves_on(device, dtype, a, p, n)
+        leaves = [x for x in xs if x is not None] + [t]
+        loss = cb.info_nce(xs[0], xs[1], xs[2], negative_indices=None if idx is None else idx.to(device),
+                           temperature=t, reduction="none")
+        upstream = torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype, device=device)
+        outs[device] = [loss] + list(torch.autograd.grad(loss, leaves, upstream))
+    tol = 2 * TOL[dtype]
+    for name, x, y in zip(["loss", "a", "p", "n", "temperature"], outs[CUDA], outs["cpu"]):
+        assert_close_scaled(x.cpu().double(), y.double(), tol, f"{name}: GPU vs CPU kernel")
+
+
+def test_gpu_tensor_temperature_does_not_synchronise():
+    # torch's sync debug mode raises on any host read-back (item(), .cpu(), nonzero, ...) of torch's own calls.
+    a, p, n, _ = make_inputs("shared", B=64, K=1000, d=32, dtype=torch.bfloat16, device=CUDA)
+    t = torch.tensor(0.1, device=CUDA, requires_grad=True)
+    scale = torch.tensor(20.0, device=CUDA, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = cb.info_nce(a, p, n, temperature=t) + cb.clip_loss(a, p, logit_scale=scale)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item() and t.grad is not None and scale.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("value", [-0.5, 0.0, float("nan"), float("inf")])
+def test_bad_gpu_tensor_temperature_gives_nan(value, dtype):
+    # Not read on the host, so no ValueError (a CPU tensor or a number gets one): the loss is NaN instead of a
+    # finite number from a negative or infinite scale.
+    a, p, n, _ = make_inputs("shared", B=8, K=100, d=16, dtype=dtype, device=CUDA)
+    loss = cb.info_nce(a, p, n, temperature=torch.tensor(value, device=CUDA), reduction="none")
+    assert torch.isnan(loss).all(), loss

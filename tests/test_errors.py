@@ -86,3 +86,43 @@ def test_registered_op_checks_indices_itself():
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx, 1.0, True, True, False, True)
     with pytest.raises(ValueError, match="scale"):
         torch.ops.contrastbound.info_nce_fwd(a, p, bank, None, -1.0, True, True, False)
+
+
+@pytest.mark.parametrize(
+    "scale,text",
+    [
+        (torch.tensor(-1.0), "positive and finite"),
+        (torch.tensor(float("nan")), "positive and finite"),
+        (torch.ones(2), "one element"),
+        (torch.tensor(3), "floating tensor"),
+    ],
+    ids=["negative", "nan", "two elements", "integer"],
+)
+def test_registered_scaled_ops_check_a_host_scale(scale, text):
+    # The *_scaled ops read a CPU scale tensor on the host and check it like the float ops' scale.
+    from contrastbound import _backend
+
+    if not _backend.EXTENSION_LOADED:
+        pytest.skip("compiled extension not available")
+    with pytest.raises(ValueError, match=text):
+        torch.ops.contrastbound.info_nce_fwd_scaled(a, p, bank, None, scale, True, True, False)
+    lse = torch.zeros(a.shape[0])
+    with pytest.raises(ValueError, match=text):
+        torch.ops.contrastbound.info_nce_bwd_scaled(
+            torch.ones(a.shape[0]), a, p, bank, None, lse, torch.empty(0), scale, True, True, [False, True, True]
+        )
+
+
+@pytest.mark.parametrize("value", [-0.5, 0.0, float("nan"), float("inf")])
+def test_fallback_turns_an_unread_bad_temperature_into_nan(monkeypatch, value):
+    # A GPU temperature is never read on the host; the kernels (read_scale) and the pure-PyTorch fallback both
+    # give NaN for a value that is not positive and finite. The fallback's half, on the CPU.
+    from contrastbound import _backend, functional
+
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    loss, _ = functional._fused(a, p, bank, None, torch.tensor(value), True, True)
+    assert torch.isnan(loss).all()
+    good, _ = functional._fused(a, p, bank, None, torch.tensor(0.5), True, True)
+    ref, _ = functional._fused(a, p, bank, None, 0.5, True, True)
+    assert torch.isfinite(good).all()
+    torch.testing.assert_close(good, ref)

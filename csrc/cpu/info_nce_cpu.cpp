@@ -573,7 +573,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                     double scale, bool normalize, bool include_positive,
                                                     bool save_anchor_term, bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_scale(scale);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   std::tuple<Tensor, Tensor, Tensor> out;
@@ -592,7 +593,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const Tensor& anchor_term, double scale, bool normalize,
                                                     bool include_positive, std::array<bool, 3> output_mask,
                                                     bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_scale(scale);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors.size(0),
               "info_nce_bwd: grad_loss must have shape (B,) = (", anchors.size(0), ",), got ", grad_loss.sizes());
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == anchors.size(0),
@@ -608,11 +610,33 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   return out;
 }
 
+// The *_scaled ops: the scale as a tensor, read here (free for a CPU tensor).
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cpu(const Tensor& anchors, const Tensor& positives,
+                                                           const Tensor& negatives,
+                                                           const c10::optional<Tensor>& indices, const Tensor& scale,
+                                                           bool normalize, bool include_positive,
+                                                           bool save_anchor_term, bool exclude_self) {
+  return info_nce_fwd_cpu(anchors, positives, negatives, indices, scale_value(scale), normalize, include_positive,
+                          save_anchor_term, exclude_self);
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_loss, const Tensor& anchors,
+                                                           const Tensor& positives, const Tensor& negatives,
+                                                           const c10::optional<Tensor>& indices, const Tensor& lse,
+                                                           const Tensor& anchor_term, const Tensor& scale,
+                                                           bool normalize, bool include_positive,
+                                                           std::array<bool, 3> output_mask, bool exclude_self) {
+  return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
+                          normalize, include_positive, output_mask, exclude_self);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastbound, CPU, m) {
   m.impl("info_nce_fwd", &info_nce_fwd_cpu);
   m.impl("info_nce_bwd", &info_nce_bwd_cpu);
+  m.impl("info_nce_fwd_scaled", &info_nce_fwd_scaled_cpu);
+  m.impl("info_nce_bwd_scaled", &info_nce_bwd_scaled_cpu);
 }
 
 }  // namespace cpu

@@ -15,6 +15,15 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 // std::min for device code (std::min is a constexpr host function; nvcc runs without relaxed constexpr in CI).
 __host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return b < a ? b : a; }
 
+// The logit scale s = 1 / temperature, read from device memory: a tensor temperature reaches the kernels
+// without a host read-back (no device synchronisation per step). A value that is not positive and finite
+// gives NaN, so that a bad temperature shows as a NaN loss rather than a finite wrong one.
+template <typename acc_t>
+__device__ __forceinline__ acc_t read_scale(const acc_t* s) {
+  const acc_t v = *s;
+  return (v > acc_t(0) && v < acc_t(INFINITY)) ? v : acc_t(NAN);
+}
+
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);

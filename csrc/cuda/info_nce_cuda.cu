@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, cons
   const scalar_t* q = static_cast<const scalar_t*>(p.positives);
   const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
   const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
-  const acc_t s = static_cast<acc_t>(p.scale);
+  const acc_t s = read_scale(static_cast<const acc_t*>(p.scale));
   for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
     acc_t ssa = 0, ssp = 0;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
@@ -602,7 +602,7 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* q = static_cast<const scalar_t*>(p.positives);
   const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
   const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
-  const acc_t s = static_cast<acc_t>(p.scale);
+  const acc_t s = read_scale(static_cast<const acc_t*>(p.scale));
   for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
     const acc_t gi = g[i];
     const acc_t w0 = p.include_positive ? std::exp(pr.pos[i] - lse[i]) : acc_t(0);
@@ -1113,10 +1113,10 @@ float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
 }
 
-// float16 only: *slot = max over the n rows of inv[i] |w[i]| wscale (w null: 1), the bound behind the coefficient
+// float16 only: *slot = max over the n rows of inv[i] |w[i]| *wscale (w null: 1), the bound behind the coefficient
 // scaling of the tensor-core kernels. Returns slot for float16 (and n > 0), nullptr otherwise.
 template <typename T>
-cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, float wscale, int64_t n,
+cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, const float* wscale, int64_t n,
                               cudaStream_t stream, const float** bound) {
   *bound = nullptr;
   if (!std::is_same<T, __half>::value || n == 0) return cudaSuccess;
@@ -1128,10 +1128,10 @@ cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, flo
   return cudaSuccess;
 }
 
-// bound_w: the Y rows' weights of the float16 coefficient bound (nullptr: 1), times bound_wscale.
+// bound_w: the Y rows' weights of the float16 coefficient bound (nullptr: 1), times *bound_wscale.
 template <typename T>
 cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsArgs args, const TcPlan& plan,
-                           int64_t d, float* bound_slot, const float* bound_w, float bound_wscale,
+                           int64_t d, float* bound_slot, const float* bound_w, const float* bound_wscale,
                            cudaStream_t stream) {
   args.d = d;
   args.splits = plan.splits;
@@ -1197,7 +1197,7 @@ TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<
   la.chunk_len = f.chunk_len;
   la.chunks = f.chunks;
   la.xblocks = ceil_div(p.B, kTcRows);
-  la.scale = static_cast<float>(p.scale);
+  la.scale = static_cast<const float*>(p.scale);
   la.exclude_self = p.exclude_self;
   la.x_inv = w.pr.a_inv;
   la.y_inv = w.pr.n_inv;
@@ -1220,7 +1220,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
       // One pass over the bank: (max, sum, V) partials per K chunk, merged with the positive below.
       if (f.chunks > 0) {
         const float* bound = nullptr;
-        cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, 1.f, p.K, stream, &bound);
+        cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, nullptr, p.K, stream, &bound);
         if (e != cudaSuccess) return e;
         if (tc_flash<T>()) {
           FlArgs fa;
@@ -1228,7 +1228,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
           fa.splits = f.chunks;
           fa.tiles_per_split = f.chunk_len / kFlCols;
           fa.xblocks = ceil_div(p.B, kFlRows);
-          fa.scale = static_cast<float>(p.scale);
+          fa.scale = static_cast<const float*>(p.scale);
           fa.exclude_self = p.exclude_self;
           fa.x_inv = t.w.pr.a_inv;
           fa.y_inv = t.w.pr.n_inv;
@@ -1281,7 +1281,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   }
   if (save && p.B > 0) {
     TcRowsArgs ra;
-    ra.scale = static_cast<float>(p.scale);
+    ra.scale = static_cast<const float*>(p.scale);
     ra.exclude_self = p.exclude_self;
     ra.lse_on_x = true;
     ra.x_inv = t.w.pr.a_inv;
@@ -1289,7 +1289,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     ra.lse = lse;
     ra.partial = t.v_partial;
     ra.out_v = static_cast<float*>(out.anchor_term);
-    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms, false), p.d, t.w.pr.tc_bound, nullptr, 1.f,
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms, false), p.d, t.w.pr.tc_bound, nullptr, nullptr,
                              stream);
   }
   return cudaGetLastError();
@@ -1301,7 +1301,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   TcRowsArgs ra;
-  ra.scale = static_cast<float>(p.scale);
+  ra.scale = static_cast<const float*>(p.scale);
   ra.exclude_self = p.exclude_self;
   ra.lse_on_x = false;
   ra.x_inv = pr.n_inv;

@@ -50,7 +50,9 @@ struct Problem {
   const int64_t* indices = nullptr;  // Indexed only: (B, K)
   int64_t indices_stride[2] = {0, 0};
 
-  double scale = 1.0;  // s = 1 / temperature
+  // s = 1 / temperature: one value of the accumulation type (float64 for Float64 inputs, else float32) in
+  // device memory, read by the kernels (read_scale), so that a tensor temperature needs no host read-back.
+  const void* scale = nullptr;
   bool normalize = true;
   bool include_positive = true;
   bool exclude_self = false;  // Shared only: bank row i is not a negative of anchor i (NT-Xent)

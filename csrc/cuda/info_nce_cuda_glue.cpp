@@ -2,8 +2,9 @@
 // argument checks, device guard, torch's current stream, outputs and workspace from torch's caching
 // allocator, and the CUDA implementations of the contrastbound:: ops.
 //
-// STATUS: built and tested against torch 2.11 (CUDA 13.0) on an H200 by scripts/gpu_check.sh; CI machines have
-// no CUDA torch and do not compile this file.
+// STATUS: an earlier version (the scale passed as a double) was built and tested against torch 2.11 (CUDA 13.0)
+// on an H200 by scripts/gpu_check.sh; the current one is compiled in CI only against the CPU torch's headers with
+// stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built against a CUDA torch.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -54,11 +55,27 @@ void check_cuda(const Tensor& anchors, const Tensor& positives, const Tensor& ne
   }
 }
 
+// The scale as the kernels read it: one value of the accumulation type on the anchors' device (a fill kernel;
+// call under the device guard). A float scale is checked here.
+Tensor device_scale(double scale, const Tensor& anchors) {
+  check_scale(scale);
+  return at::full({}, scale, anchors.options().dtype(acc_type_of(anchors.scalar_type())));
+}
+
+// A tensor scale: a CPU one is read on the host (free); a CUDA one stays on the device, unread (no
+// synchronisation), and the kernels turn a value that is not positive and finite into NaN (read_scale).
+Tensor device_scale(const Tensor& scale, const Tensor& anchors) {
+  check_scale_tensor(scale);
+  if (!scale.is_cuda()) return device_scale(scale.item<double>(), anchors);
+  return scale.reshape({}).to(anchors.device(), acc_type_of(anchors.scalar_type())).contiguous();
+}
+
 // The problem as the torch-free launchers see it: raw pointers and element strides (no copies; expanded and
-// transposed inputs are read through their strides).
+// transposed inputs are read through their strides). scale: from device_scale, alive until the kernels are
+// queued (the caching allocator reuses its block only in stream order).
 Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
-                     const c10::optional<Tensor>& indices, double scale, bool normalize, bool include_positive,
-                     bool exclude_self) {
+                     const c10::optional<Tensor>& indices, const Tensor& scale, bool normalize,
+                     bool include_positive, bool exclude_self) {
   Problem p;
   p.dtype = dtype_of(anchors.scalar_type());
   p.B = anchors.size(0);
@@ -87,7 +104,7 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
     p.K = negatives.size(0);
     p.rows = p.K;
   }
-  p.scale = scale;
+  p.scale = scale.data_ptr();
   p.normalize = normalize;
   p.include_positive = include_positive;
   p.exclude_self = exclude_self;
@@ -124,25 +141,29 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_stream(const Problem& p, const Ten
   return {loss, lse, term};
 }
 
-std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, const Tensor& positives,
+// Scale: a double (info_nce_fwd) or a tensor (info_nce_fwd_scaled), see device_scale.
+template <typename Scale>
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, const Tensor& positives,
                                                      const Tensor& negatives, const c10::optional<Tensor>& indices,
-                                                     double scale, bool normalize, bool include_positive,
+                                                     const Scale& scale, bool normalize, bool include_positive,
                                                      bool save_anchor_term, bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
-  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive, exclude_self);
+  const Tensor s = device_scale(scale, anchors);
+  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self);
   return forward_on_stream(p, anchors, save_anchor_term);
 }
 
-std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, const Tensor& anchors,
+template <typename Scale>
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, const Tensor& anchors,
                                                      const Tensor& positives, const Tensor& negatives,
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
-                                                     const Tensor& anchor_term, double scale, bool normalize,
+                                                     const Tensor& anchor_term, const Scale& scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
                                                      bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, scale, exclude_self);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
@@ -156,7 +177,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
-  const Problem p = make_problem(anchors, positives, negatives, indices, scale, normalize, include_positive, exclude_self);
+  const Tensor s = device_scale(scale, anchors);
+  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self);
 
   Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
@@ -199,11 +221,52 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
   return {grad_a, grad_p, grad_n};
 }
 
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, const Tensor& positives,
+                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
+                                                     double scale, bool normalize, bool include_positive,
+                                                     bool save_anchor_term, bool exclude_self) {
+  return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
+                           save_anchor_term, exclude_self);
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cuda(const Tensor& anchors, const Tensor& positives,
+                                                            const Tensor& negatives,
+                                                            const c10::optional<Tensor>& indices,
+                                                            const Tensor& scale, bool normalize,
+                                                            bool include_positive, bool save_anchor_term,
+                                                            bool exclude_self) {
+  return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
+                           save_anchor_term, exclude_self);
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, const Tensor& anchors,
+                                                     const Tensor& positives, const Tensor& negatives,
+                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
+                                                     const Tensor& anchor_term, double scale, bool normalize,
+                                                     bool include_positive, std::array<bool, 3> output_mask,
+                                                     bool exclude_self) {
+  return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
+                           include_positive, output_mask, exclude_self);
+}
+
+std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_loss, const Tensor& anchors,
+                                                            const Tensor& positives, const Tensor& negatives,
+                                                            const c10::optional<Tensor>& indices,
+                                                            const Tensor& lse, const Tensor& anchor_term,
+                                                            const Tensor& scale, bool normalize,
+                                                            bool include_positive, std::array<bool, 3> output_mask,
+                                                            bool exclude_self) {
+  return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
+                           include_positive, output_mask, exclude_self);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastbound, CUDA, m) {
   m.impl("info_nce_fwd", &info_nce_fwd_cuda);
   m.impl("info_nce_bwd", &info_nce_bwd_cuda);
+  m.impl("info_nce_fwd_scaled", &info_nce_fwd_scaled_cuda);
+  m.impl("info_nce_bwd_scaled", &info_nce_bwd_scaled_cuda);
 }
 
 }  // namespace cuda

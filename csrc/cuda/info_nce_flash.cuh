@@ -28,7 +28,7 @@ enum class FlashMode { AnchorTerm, BankGrads, Forward };
 struct FlArgs {
   int64_t d = 0;
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward: splits = K chunks
-  float scale = 1.f;
+  const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   const float* x_inv = nullptr;   // (X rows,)
   const float* x_proj = nullptr;  // BankGrads: Jacobian factor of the bank rows
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
       const bool ok = row[h] < X.rows;
-      xinv[h] = ok ? a.x_inv[row[h]] * a.scale : 0.f;
+      xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         const bool ok = y < Y.rows;
         yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
         ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-        yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * a.scale : 0.f;
+        yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
       }
       __syncthreads();
       // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).

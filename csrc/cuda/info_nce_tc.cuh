@@ -246,7 +246,7 @@ __device__ __forceinline__ float tc_coef_scale(const float* bound_ptr) {
 
 struct TcLseArgs {
   int64_t d = 0, K = 0, B = 0, chunk_len = 0, chunks = 0, xblocks = 0;
-  float scale = 1.f;
+  const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   const float* x_inv = nullptr;  // (B,) anchors
   const float* y_inv = nullptr;  // (K,) bank rows
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
     tc_commit();
     tc_wait<0>();
-    const float xinv = i < a.B ? a.x_inv[i] * a.scale : 0.f;
+    const float xinv = i < a.B ? a.x_inv[i] * read_scale(a.scale) : 0.f;
     float mx = -INFINITY, sm = 0.f;
     int it = 0;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 struct TcRowsArgs {
   int64_t d = 0;
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;
-  float scale = 1.f;
+  const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   bool lse_on_x = true;          // anchor term (lse indexed by X row) or bank grads (by Y row)
   const float* x_inv = nullptr;  // (X rows,)
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     tc_commit();
     tc_wait<0>();
     const bool x_ok = x < X.rows;
-    const float xinv = x_ok ? a.x_inv[x] * a.scale : 0.f;
+    const float xinv = x_ok ? a.x_inv[x] * read_scale(a.scale) : 0.f;
     const float cscale = tc_coef_scale(a.coef_bound);
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
     wmma::fragment<wmma::accumulator, 16, 16, Tr::KS, float> acc[2][4];
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
         const bool ok = y < Y.rows;
         yinv[tid] = ok ? a.y_inv[y] : 0.f;
         ylse[tid] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
-        yg[tid] = (ok && !a.lse_on_x) ? a.g[y] * a.scale : 0.f;
+        yg[tid] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
       }
       __syncthreads();
       tc_scores<T>(xs, ys, m.ld, m.dpad, S);
@@ -496,10 +496,10 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
 // coef_bound for float16: max over n of w[n] * inv[n] (w = 1 when null), non-negative, by an atomic max on the
 // float's bits (order-independent, so deterministic). *out must be zero before the launch.
 __global__ void __launch_bounds__(kTcThreads)
-    tc_bound_kernel(const float* inv, const float* w, float wscale, int64_t n, float* out) {
+    tc_bound_kernel(const float* inv, const float* w, const float* wscale, int64_t n, float* out) {
   float v = 0.f;
   for (int64_t i = int64_t(blockIdx.x) * kTcThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kTcThreads) {
-    const float x = inv[i] * (w != nullptr ? fabsf(w[i]) * wscale : 1.f);
+    const float x = inv[i] * (w != nullptr ? fabsf(w[i]) * read_scale(wscale) : 1.f);
     v = fmaxf(v, x);  // NaN is dropped here; a NaN coefficient would show in the result anyway
   }
   v = warp_max(v);
@@ -612,7 +612,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
-      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * a.scale : 0.f;
+      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
       mx[h] = -INFINITY;
       sm[h] = 0.f;
     }
@@ -722,7 +722,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int h = 0; h < 2; ++h) {
       row_x[h] = x0 + 16 * L.wr + L.g + 8 * h;
       const bool ok = row_x[h] < X.rows;
-      xinv[h] = ok ? a.x_inv[row_x[h]] * a.scale : 0.f;
+      xinv[h] = ok ? a.x_inv[row_x[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
     }
     const float cscale = tc_coef_scale(a.coef_bound);
@@ -745,7 +745,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         const bool ok = y < Y.rows;
         yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
         ylse[threadIdx.x] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
-        yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * a.scale : 0.f;
+        yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
       }
       __syncthreads();
       float sc[4][4];
@@ -874,7 +874,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
-      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * a.scale : 0.f;
+      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
     }
     float acc[2][4][2][4];
 #pragma unroll

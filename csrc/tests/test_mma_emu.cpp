@@ -191,7 +191,7 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
   a.chunk_len = (tiles + c.chunks - 1) / c.chunks * kTcCols;
   a.chunks = (c.K + a.chunk_len - 1) / a.chunk_len;
   a.xblocks = (c.B + kTcRows - 1) / kTcRows;
-  a.scale = c.scale;
+  a.scale = &c.scale;  // device memory in the library; host memory here
   a.exclude_self = c.exclude_self;
   // The kernels take inverse norms divided out of the scale here as in the library: l = s x.y inv_x inv_y.
   a.x_inv = ai.data();
@@ -222,7 +222,7 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
       f.splits = a.chunks;
       f.tiles_per_split = a.chunk_len / kFlCols;
       f.xblocks = (c.B + kFlRows - 1) / kFlRows;
-      f.scale = c.scale;
+      f.scale = &c.scale;
       f.exclude_self = c.exclude_self;
       f.x_inv = ai.data();
       f.y_inv = ni.data();
@@ -297,7 +297,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     r.xblocks = (xrows + xrows_block - 1) / xrows_block;
     r.tiles_per_split = (ytiles + c.chunks - 1) / c.chunks;
     r.splits = (ytiles + r.tiles_per_split - 1) / r.tiles_per_split;
-    r.scale = c.scale;
+    r.scale = &c.scale;
     r.exclude_self = c.exclude_self;
     r.lse_on_x = !bank;
     r.x_inv = bank ? ni.data() : ai.data();

@@ -1,0 +1,7 @@
+// Stub for the glue compile check (CMakeLists.txt): the CUDA toolkit on CI ships compiler and runtime headers only,
+// and a CPU torch lacks a generated c10/cuda header. Only the names that torch's CUDA headers mention, as opaque
+// types; nothing here is linked or run.
+#pragma once
+typedef struct cusparseContext* cusparseHandle_t;
+typedef int cusparseStatus_t;
+inline const char* cusparseGetErrorString(cusparseStatus_t) { return ""; }
