@@ -128,6 +128,44 @@ def test_zero_negatives_give_zero_loss(mode):
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch(mode, dtype, device):
+    # B = 0 (an empty last batch, a rank without rows): an empty per-anchor loss, sum 0 and mean NaN as
+    # F.cross_entropy gives, and zero / empty gradients.
+    K = 0 if mode == "in_batch" else 70
+    a, p, n, idx = make_inputs(mode, B=0, K=K, d=5, dtype=dtype, device=device, M=9)
+    if mode == "indexed":
+        idx = torch.empty(0, 70, dtype=torch.long, device=device)
+    loss = cb.info_nce(a, p, n, negative_indices=idx, reduction="none")
+    assert loss.shape == (0,) and loss.dtype == dtype
+    assert cb.info_nce(a, p, n, negative_indices=idx, reduction="sum").item() == 0
+    assert torch.isnan(cb.info_nce(a, p, n, negative_indices=idx, reduction="mean"))
+    leaves = [x for x in (a, p, n) if x is not None]
+    grads = torch.autograd.grad(cb.info_nce(a, p, n, negative_indices=idx, reduction="sum"), leaves)
+    for g, x in zip(grads, leaves):
+        assert g.shape == x.shape and torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_family(device):
+    z = torch.randn(0, 6, device=device, requires_grad=True)
+    w = torch.randn(0, 6, device=device, requires_grad=True)
+    bank = torch.randn(40, 6, device=device, requires_grad=True)
+    targets = torch.empty(0, dtype=torch.long, device=device)
+    losses = {
+        "nt_xent": cb.nt_xent(z, w, 0.5, reduction="sum"),
+        "clip_loss": cb.clip_loss(z, w, 10.0, reduction="sum"),
+        "bank_cross_entropy": cb.bank_cross_entropy(z, bank, targets, reduction="sum"),
+        "info_nce_lse": cb.info_nce_lse(z, w, bank)[0].sum(),
+    }
+    for name, loss in losses.items():
+        assert loss.item() == 0, name
+        grads = torch.autograd.grad(loss, [z, w, bank], allow_unused=True)
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), name
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_tiny_sizes(mode):
     for B, K, d in [(1, 1, 1), (1, 3, 1), (2, 1, 3)]:

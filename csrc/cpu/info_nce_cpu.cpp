@@ -124,7 +124,7 @@ Tensor load_bank_tile(const Tensor& bank, int64_t k0, int64_t tk, const Tensor& 
 // How many K chunks each anchor block is split into: enough units to feed every thread, and no more partial
 // states than needed.
 int64_t num_chunks(int64_t K, int64_t anchor_blocks, int64_t min_chunk) {
-  if (K == 0) return 0;
+  if (K == 0 || anchor_blocks == 0) return 0;  // no negatives, or no anchors (B = 0)
   const int64_t want = ceil_div(4 * at::get_num_threads(), anchor_blocks);
   return std::max<int64_t>(1, std::min(want, ceil_div(K, min_chunk)));
 }
@@ -401,7 +401,7 @@ template <typename scalar_t, typename acc_t>
 void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool normalize, const acc_t* g,
                          const acc_t* lse, Tensor& grad_neg) {
   const int64_t B = neg.size(0), K = neg.size(1), d = neg.size(2);
-  if (K == 0) return;
+  if (K == 0 || B == 0) return;
   const int64_t sb = neg.stride(0), sk = neg.stride(1);
   const scalar_t* n = neg.template data_ptr<scalar_t>();
   scalar_t* gn = grad_neg.template data_ptr<scalar_t>();  // contiguous (B, K, d)
