@@ -17,6 +17,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def refuse_double_backward() -> None:
+    """Raises where a backward of the fused loss runs with create_graph=True.
+
+    The kernels give first-order gradients only; without this, a second differentiation (a Hessian, a gradient
+    penalty, MAML's outer step) would silently treat the gradient as a constant and return wrong numbers.
+    (torch.compile traces backward with grad mode off, so compiled training is unaffected.)
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "contrastbound: double backward is not supported (the fused InfoNCE kernels give first-order gradients "
+            "only): a backward of the loss ran with create_graph=True, e.g. for a Hessian, a gradient penalty or "
+            "MAML; use contrastbound.reference.info_nce_reference there"
+        )
+
+
 if _backend.EXTENSION_LOADED:
 
     @torch.library.register_fake("contrastbound::info_nce_fwd")
@@ -52,6 +67,7 @@ if _backend.EXTENSION_LOADED:
         ctx.mark_non_differentiable(lse, term)
 
     def _backward(ctx, grad_loss, grad_lse, grad_term):
+        refuse_double_backward()
         anchors, positives, negatives, negative_indices, lse, term = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
@@ -105,6 +121,7 @@ if _backend.EXTENSION_LOADED:
 
     def _backward_scaled(ctx, grad_loss, grad_lse, grad_term):
         # The scale's own gradient is attached by functional._with_temperature_grad (from lse and the saved V).
+        refuse_double_backward()
         anchors, positives, negatives, negative_indices, lse, term, scale = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):

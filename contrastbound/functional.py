@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
@@ -206,8 +206,23 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
         if include_positive:
             e = e + torch.exp(l0 - lse) * l0
         dloss_dscale = (e - l0) / scale
-    s = 1.0 / temperature.to(loss.dtype)
-    return loss + (s - s.detach()) * dloss_dscale
+    return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(loss.dtype), dloss_dscale)
+
+
+class _AttachScaleGrad(torch.autograd.Function):
+    """loss unchanged; backward hands the scale sum(grad * dloss/dscale), and refuses a second differentiation
+    (dloss/dscale is computed without a graph: a Hessian through it would be silently wrong)."""
+
+    @staticmethod
+    def forward(ctx, loss, scale, dloss_dscale):
+        ctx.save_for_backward(dloss_dscale)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _ops.refuse_double_backward()
+        (dloss_dscale,) = ctx.saved_tensors
+        return grad, (grad * dloss_dscale).sum(), None
 
 
 class _BankRowsAsPositives(torch.autograd.Function):
@@ -234,6 +249,7 @@ class _BankRowsAsPositives(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_term):
+        _ops.refuse_double_backward()
         anchors, bank, rows, lse, term, *tensor_scale = ctx.saved_tensors
         need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_a or need_bank):

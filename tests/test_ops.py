@@ -245,3 +245,33 @@ def test_torch_compile_fullgraph_encoder_and_loss():
             run.append(loss.detach())
         losses.append(torch.stack(run))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["shared", "indexed", "in_batch", "temperature_only", "bank_cross_entropy", "clip"])
+def test_double_backward_raises_instead_of_wrong_numbers(device, case):
+    # The kernels give first-order gradients only. Before, a Hessian came back all zeros and a gradient penalty
+    # through a layer came back wrong, with no error.
+    a, p, n, idx = make_inputs("indexed" if case == "indexed" else "shared", B=5, K=9, d=4, dtype=torch.float64,
+                               device=device)
+    t = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+    if case == "shared":
+        loss, wrt = cb.info_nce(a, p, n, temperature=0.3), [a]
+    elif case == "indexed":
+        loss, wrt = cb.info_nce(a, p, n, negative_indices=idx, temperature=t), [n, t]
+    elif case == "in_batch":
+        loss, wrt = cb.info_nce(a, p, temperature=0.3), [p]
+    elif case == "temperature_only":
+        loss, wrt = cb.info_nce(a.detach(), p.detach(), n.detach(), temperature=t), [t]
+    elif case == "bank_cross_entropy":
+        targets = torch.tensor([0, 3, 3, 8, 1], device=device)
+        loss, wrt = cb.bank_cross_entropy(a, n, targets, temperature=0.3), [n]
+    else:
+        scale = torch.tensor(5.0, dtype=torch.float64, device=device, requires_grad=True)
+        loss, wrt = cb.clip_loss(a, p, scale), [a, scale]
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(loss, wrt, create_graph=True)
+    # First-order gradients are unaffected.
+    grads = torch.autograd.grad(loss, wrt)
+    assert all(torch.isfinite(g).all() for g in grads)
