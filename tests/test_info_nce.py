@@ -381,3 +381,34 @@ def test_autocast_matches_float32(dtype):
     assert all(torch.isfinite(w.grad).all() for w in encoder.parameters())
     assert abs(loss.item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))
     assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row", [0, 1500, 4095])
+@pytest.mark.parametrize("route", ["shared", "lse_without_positive", "bank_cross_entropy", "in_batch", "nt_xent", "clip"])
+def test_nan_input_gives_nan_loss(device, row, route):
+    # A NaN in a bank row must make every loss that sums over that row NaN (as torch's logsumexp / cross_entropy),
+    # wherever the row falls among the kernel's K chunks. Before, a NaN partial state merged into an empty one was
+    # dropped: finite wrong losses (bank cross-entropy) or -inf (in-batch).
+    g = torch.Generator().manual_seed(row)
+    bank = torch.randn(4096, 8, generator=g).to(device)
+    a = torch.randn(6, 8, generator=g).to(device)
+    p = torch.randn(6, 8, generator=g).to(device)
+    if route in ("in_batch", "nt_xent", "clip"):
+        z = torch.randn(4096, 8, generator=g).to(device)
+        z[row, 3] = float("nan")
+        if route == "in_batch":
+            loss = cb.info_nce(z, z.flip(0), reduction="none")
+        elif route == "nt_xent":
+            loss = cb.nt_xent(z, z.flip(0), 0.5, reduction="none")
+        else:
+            loss = cb.clip_loss(z, z.flip(0), 10.0, reduction="none")
+    else:
+        bank[row, 5] = float("nan")
+        if route == "shared":
+            loss = cb.info_nce(a, p, bank, reduction="none")
+        elif route == "lse_without_positive":
+            loss = cb.info_nce_lse(a, p, bank, include_positive=False)[1]
+        else:
+            loss = cb.bank_cross_entropy(a, bank, torch.tensor([1, 2, 3, 4, 5, 6], device=device), reduction="none")
+    assert torch.isnan(loss).all(), loss

@@ -30,10 +30,12 @@ CB_HOST_DEVICE inline acc_t neg_infinity() {
 #endif
 }
 
-// std::max(a, b) (returns a unless a < b), usable in device code without relaxed constexpr.
+// The larger of a and b, NaN if either is NaN (as torch.maximum), usable in device code without relaxed
+// constexpr. std::max / fmax would drop a NaN: a NaN logit or partial state would then vanish from the sum
+// (a finite wrong loss) instead of making it NaN.
 template <typename acc_t>
 CB_HOST_DEVICE inline acc_t max_of(acc_t a, acc_t b) {
-  return (a < b) ? b : a;
+  return (a < b || b != b) ? b : a;
 }
 
 // F.normalize's eps: x / max(||x||, eps).
@@ -57,8 +59,8 @@ CB_HOST_DEVICE inline acc_t rescale_factor(acc_t old_max, acc_t new_max) {
 template <typename acc_t>
 inline acc_t online_update(LseState<acc_t>& st, const acc_t* logits, int64_t n, acc_t* exps) {
   acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, logits[j]);
-  const acc_t new_max = std::max(st.max, tile_max);
+  for (int64_t j = 0; j < n; ++j) tile_max = max_of(tile_max, logits[j]);
+  const acc_t new_max = max_of(st.max, tile_max);
   if (new_max == -std::numeric_limits<acc_t>::infinity()) {
     for (int64_t j = 0; j < n; ++j) exps[j] = 0;
     return acc_t(1);

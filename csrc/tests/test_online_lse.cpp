@@ -108,6 +108,44 @@ void check_primitives() {
   double v = 3.0;
   expect_close(contrastbound::online_update(a, &v, 1, &v), 0.0, 0.0, "factor from empty state");
 
+  // NaN propagates (as torch's logsumexp): a NaN logit, a NaN-only tile, or a NaN partial state merged into an
+  // empty one must give a NaN lse, never drop out of the sum.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto expect_nan = [](double x, const char* what) {
+    if (!std::isnan(x)) {
+      std::printf("FAIL %s: %g is not NaN\n", what, x);
+      ++failures;
+    }
+  };
+  {
+    contrastbound::LseState<double> st;
+    double l[3] = {1.0, nan, 2.0};
+    contrastbound::online_update(st, l, 3, l);
+    expect_nan(contrastbound::finalize(st), "NaN logit inside a tile");
+    double more[2] = {5.0, 6.0};
+    contrastbound::online_update(st, more, 2, more);
+    expect_nan(contrastbound::finalize(st), "NaN state after a later tile");
+  }
+  {
+    contrastbound::LseState<double> st;
+    double l[2] = {nan, nan};
+    contrastbound::online_update(st, l, 2, l);
+    expect_nan(contrastbound::finalize(st), "NaN-only tile from the empty state");
+  }
+  for (int order = 0; order < 2; ++order) {
+    contrastbound::LseState<double> empty, poisoned{nan, 1.0};
+    double f1, f2;
+    if (order == 0) {
+      contrastbound::merge(empty, poisoned, f1, f2);
+      expect_nan(contrastbound::finalize(empty), "NaN state merged into an empty one");
+    } else {
+      contrastbound::merge(poisoned, empty, f1, f2);
+      expect_nan(contrastbound::finalize(poisoned), "empty state merged into a NaN one");
+    }
+  }
+  expect_nan(contrastbound::max_of(nan, 1.0), "max_of(NaN, 1)");
+  expect_nan(contrastbound::max_of(1.0, nan), "max_of(1, NaN)");
+
   // row_scale reproduces F.normalize: 1/||x|| above eps, 1/eps (and no projection) below.
   auto r = contrastbound::row_scale<double>(4.0, true);
   expect_close(r.inv, 0.5, 1e-15, "row_scale inv");
