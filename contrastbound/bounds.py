@@ -11,8 +11,8 @@ either as ``num_classes=C`` (uniform) or as ``prior=`` a probability vector (exa
 Stable algorithms (docs/BOUNDS.md has the derivations):
 
 * ``log(1 - tau_K)`` as a log-sum-exp over the distinct prior values; tau itself as a sum of positive terms.
-* Binomial expectations ``E_{m ~ Bin(K, p)} g(m)`` summed over a window ``Kp +- (12 sd + 30)`` whose weights come
-  from the exact pmf ratio recurrence in log space and are normalised over the window (tail mass < e^-70).
+* Binomial expectations ``E_{m ~ Bin(K, p)} g(m)`` summed over a window ``Kp +- (10 sd + 25)`` whose weights come
+  from the exact pmf ratio recurrence in log space and are normalised over the window (tail mass < e^-48).
 * The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
   saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
   Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating

@@ -109,7 +109,7 @@ def class_means(
         labels: (N,) integer classes in [0, C).
         num_classes: C (default: ``labels.max() + 1``). Every class must have at least one sample.
         normalize: average L2-normalised features (the paper's mean classifier) instead of the raw ones.
-    Accumulated in float64 (float32 on devices without float64 would still be at least float32).
+    Accumulated in float64 on the CPU and for float64 features, in float32 for lower-precision features on a GPU.
     """
     features = _check_features("features", features)
     labels, C = _check_labels("labels", labels, features, num_classes)

@@ -376,7 +376,9 @@ def info_nce(
     if negatives is None:
         compute, result = _common_dtypes(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
-        loss, _ = _fused(a, p, p, None, t, normalize, False)
+        # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
+        # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
+        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
@@ -558,8 +560,8 @@ def clip_loss(
         # Local pairs first in the gathered banks: row i of each bank is pair i's positive.
         txt_all = gather_with_local_first(txt, process_group)
         img_all = gather_with_local_first(img, process_group)
-        i2t, _ = _fused(img, txt, txt_all, None, temperature, normalize, False)
-        t2i, _ = _fused(txt, img, img_all, None, temperature, normalize, False)
+        i2t, _ = _fused(img, txt, txt_all, None, temperature, normalize, True, exclude_self=True)
+        t2i, _ = _fused(txt, img, img_all, None, temperature, normalize, True, exclude_self=True)
     loss = 0.5 * (i2t + t2i)
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 
