@@ -73,7 +73,9 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0.0:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float from a config or module
+    # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
+    if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
     return t
 
@@ -541,7 +543,7 @@ def clip_loss(
         temperature = 1.0 / scale.clamp(max=max_logit_scale)  # stays a tensor: no read-back
     elif isinstance(scale, Real) and not isinstance(scale, bool):
         value = float(scale)
-        if not math.isfinite(value) or value <= 0:
+        if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
             raise ValueError(f"logit_scale must be positive and finite, got {value}")
         temperature = 1.0 / min(value, max_logit_scale)
     else:
@@ -609,7 +611,8 @@ class InfoNCE(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        t = float(self.temperature)
+        t = self.temperature
+        t = float(t.detach()) if isinstance(t, torch.Tensor) else t
         return (
             f"temperature={t:g}, normalize={self.normalize}, reduction={self.reduction!r}, "
             f"learn_temperature={self.learn_temperature}"

@@ -275,3 +275,36 @@ def test_double_backward_raises_instead_of_wrong_numbers(device, case):
     # First-order gradients are unaffected.
     grads = torch.autograd.grad(loss, wrt)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+class _Cfg:
+    temperature = 0.07
+    logit_scale = 20.0
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "case", ["default", "config attribute", "module", "nt_xent", "clip config attribute"]
+)
+def test_torch_compile_dynamic_with_float_temperature(case):
+    # dynamic=True traces a float that is not a literal in the compiled frame as a symbol; the checks must not
+    # call math.isfinite on it (that failed with "torch.* op returned non-Tensor").
+    torch._dynamo.reset()
+    a, p, n, _ = make_inputs("shared", B=8, K=600, d=16, dtype=torch.float32)
+    crit = cb.InfoNCE(temperature=0.07)
+    fns = {
+        "default": lambda a, p, n: cb.info_nce(a, p, n),
+        "config attribute": lambda a, p, n: cb.info_nce(a, p, n, temperature=_Cfg.temperature),
+        "module": lambda a, p, n: crit(a, p, n),
+        "nt_xent": lambda a, p, n: cb.nt_xent(a, p),
+        "clip config attribute": lambda a, p, n: cb.clip_loss(a, p, _Cfg.logit_scale),
+    }
+    fn = fns[case]
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    loss_c = compiled(a, p, n)
+    grads_c = torch.autograd.grad(loss_c, [a, p])
+    loss_e = fn(a, p, n)
+    grads_e = torch.autograd.grad(loss_e, [a, p])
+    torch.testing.assert_close(loss_c, loss_e)
+    for x, y in zip(grads_c, grads_e):
+        torch.testing.assert_close(x, y)
