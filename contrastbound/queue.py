@@ -28,6 +28,8 @@ class NegativeQueue(torch.nn.Module):
 
     The write position and fill level are kept as Python ints beside their buffers (which ``state_dict`` saves),
     so ``enqueue``, ``negatives`` and ``len`` never read a device tensor back: no synchronisation with a GPU.
+    Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
+    being traced with those ints as constants, which would recompile the step at every new write position.
     """
 
     queue: torch.Tensor
@@ -53,9 +55,11 @@ class NegativeQueue(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ptr, self._filled = int(self.ptr), int(self.filled)  # one read-back, at load time
 
+    @torch.compiler.disable  # likewise (an int attribute of a module is a constant to torch.compile)
     def __len__(self) -> int:
         return self._filled
 
+    @torch.compiler.disable  # host-int bookkeeping: traced, each new position would be a recompilation
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Appends keys (n, dim), overwriting the oldest once full; keeps only the last ``size`` if n > size."""
@@ -80,6 +84,7 @@ class NegativeQueue(torch.nn.Module):
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
 
+    @torch.compiler.disable  # likewise (the fill level decides the view's length)
     def negatives(self) -> torch.Tensor:
         """The keys in the queue, (len(self), dim): a view, no copy. Order does not matter to InfoNCE."""
         return self.queue if self._filled == self.size else self.queue[: self._filled]

@@ -112,6 +112,34 @@ def test_queue_reads_nothing_back_from_its_buffers():
     assert len(q) == 4 and q.negatives().shape == (4, 2)
 
 
+def test_queue_in_a_compiled_step_does_not_recompile_per_position():
+    # Traced, the host ints were constants: one recompilation per write position until the limit (8), then eager.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    q = cb.NegativeQueue(64, 8)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(a, k):
+        loss = cb.info_nce(a, k, q.negatives() if len(q) else None)
+        q.enqueue(k)
+        return loss
+
+    compiled = torch.compile(step, backend=count)
+    eager_q = cb.NegativeQueue(64, 8)
+    for _ in range(30):  # 16 steps to fill, then wrap-around
+        a, k = torch.randn(4, 8), torch.randn(4, 8)
+        loss = compiled(a, k)
+        ref = cb.info_nce(a, k, eager_q.negatives() if len(eager_q) else None)
+        eager_q.enqueue(k)
+        torch.testing.assert_close(loss, ref)
+    assert len(graphs) <= 3, f"{len(graphs)} graphs compiled"
+    assert torch.equal(q.queue, eager_q.queue) and len(q) == 64
+
+
 def test_queue_bad_input():
     with pytest.raises(ValueError, match="size"):
         cb.NegativeQueue(0, 3)
