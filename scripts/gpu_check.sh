@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine without network (e.g. one H200), in under 8 minutes:
 #   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
-#   2. runs the CUDA tests (tests/test_cuda.py, marked `cuda`),
+#   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
 # and writes gpu_check.log, pytest_cuda.xml and bench_gpu.csv into OUTDIR.
 #
@@ -9,7 +9,7 @@
 #
 # Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
 # python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470),
-# TEST_S (seconds for the tests, default 200), TESTS (pytest selection, default tests/test_cuda.py),
+# TEST_S (seconds for the tests, default 200), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network). Fetch them beforehand on
 # a machine with network (pure-Python wheels; Triton comes with the GPU machine's torch):
@@ -80,7 +80,7 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   [ "$T" -lt 30 ] && T=30
   PER_TEST=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
-  timeout "$T" "$PY" -m pytest ${TESTS:-tests/test_cuda.py} -q -m cuda -p no:cacheprovider $PER_TEST -rfE --tb=short \
+  timeout "$T" "$PY" -m pytest ${TESTS:-tests} -q -m cuda -p no:cacheprovider $PER_TEST -rfE --tb=short \
     --durations=10 --junitxml="$OUT/pytest_cuda.xml" || TEST_RC=$?
   [ "$TEST_RC" -eq 124 ] && echo "TESTS TIMED OUT after ${T} s"
 else
