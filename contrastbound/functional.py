@@ -87,7 +87,14 @@ def _check_reduction(reduction: object) -> str:
 
 
 def _check_indices(
-    name: str, indices: object, shape: tuple[int, ...], shape_doc: str, bound: int, bound_doc: str, device: torch.device
+    name: str,
+    indices: object,
+    shape: tuple[int, ...],
+    shape_doc: str,
+    bound: int,
+    bound_doc: str,
+    device: torch.device,
+    check_range: bool = True,
 ) -> torch.Tensor:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be an int64 tensor of shape {shape_doc}, got {type(indices).__name__}")
@@ -97,7 +104,7 @@ def _check_indices(
         raise ValueError(f"{name} is on {indices.device} but the features are on {device}")
     if tuple(indices.shape) != shape:
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
-    if indices.numel() > 0:
+    if indices.numel() > 0 and check_range:
         if torch.compiler.is_compiling():
             # Reading the values back would break the graph: the same check as an op in the graph instead (on
             # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
@@ -304,8 +311,11 @@ def _check_negatives(
                 raise TypeError(f"negative_indices must be an int64 tensor of shape (B, K), got {type(negative_indices).__name__}")
             raise ValueError(f"negative_indices must have shape (B, K) with B = {B}, got {shape}")
         K = negative_indices.shape[1]
+        # The compiled op checks the range itself (IndexError, one read-back): checking here as well would read
+        # the indices back twice (two device synchronisations per call on a GPU).
         negative_indices = _check_indices(
-            "negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M", anchors.device
+            "negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M", anchors.device,
+            check_range=not _backend.kernel_serves(anchors.device),
         )
     return negatives, negative_indices
 

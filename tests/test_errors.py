@@ -126,3 +126,20 @@ def test_fallback_turns_an_unread_bad_temperature_into_nan(monkeypatch, value):
     ref, _ = functional._fused(a, p, bank, None, 0.5, True, True)
     assert torch.isfinite(good).all()
     torch.testing.assert_close(good, ref)
+
+
+def test_indices_read_back_once_where_the_op_checks_them(monkeypatch):
+    # Where a compiled kernel serves the device, the op checks negative_indices itself: the Python layer must not
+    # read them back as well (a second device synchronisation per call on a GPU). Bad indices still raise.
+    from contrastbound import _backend
+
+    if not _backend.kernel_serves(a.device):
+        pytest.skip("compiled extension not available")
+
+    def no_python_read(*args, **kwargs):
+        raise AssertionError("negative_indices read back in Python")
+
+    monkeypatch.setattr(torch, "aminmax", no_python_read)
+    cb.info_nce(a, p, idx_bank, negative_indices=idx)
+    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\)"):
+        cb.info_nce(a, p, idx_bank, negative_indices=idx + 5)
