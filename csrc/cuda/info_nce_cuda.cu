@@ -1425,6 +1425,7 @@ size_t info_nce_backward_workspace_bytes(const Problem& p, const BackwardArgs& a
 
 cudaError_t info_nce_forward(const Problem& p, const ForwardOutputs& out, void* workspace, size_t workspace_bytes,
                              int num_sms, cudaStream_t stream) {
+  if (p.scale == nullptr) return cudaErrorInvalidValue;  // the kernels read it
   if (workspace_bytes < info_nce_forward_workspace_bytes(p, out.anchor_term != nullptr, num_sms)) {
     return cudaErrorInvalidValue;
   }
@@ -1435,6 +1436,7 @@ cudaError_t info_nce_forward(const Problem& p, const ForwardOutputs& out, void* 
 
 cudaError_t info_nce_backward(const Problem& p, const BackwardArgs& a, void* workspace, size_t workspace_bytes,
                               int num_sms, cudaStream_t stream) {
+  if (p.scale == nullptr) return cudaErrorInvalidValue;
   if (workspace_bytes < info_nce_backward_workspace_bytes(p, a, num_sms)) return cudaErrorInvalidValue;
   if (a.grad_anchors != nullptr && a.anchor_term == nullptr) return cudaErrorInvalidValue;
   if (a.grad_negatives != nullptr && p.mode == Mode::Indexed && p.B * p.K > 0 &&

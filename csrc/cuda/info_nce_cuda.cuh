@@ -11,7 +11,9 @@
 //   lse_i = log([include_positive] e^{l_i0} + sum_k e^{l_ik}),  loss_i = lse_i - l_i0,
 //   V_i = sum_k softmax_ik n_hat_ik (softmax over the full denominator; the anchors' gradient needs it).
 //
-// STATUS: compiled with nvcc (sm_80, sm_90a) in CI; run and tested on one H200 (scripts/gpu_check.sh).
+// STATUS: compiled with nvcc (sm_80, sm_90a) in CI; an earlier version ran and passed its tests on one H200
+// (scripts/gpu_check.sh). Since then (not yet run on hardware): the scale read from device memory, the wave-aware
+// work split, the one-pass and flash tensor-core kernels (the last two off by default).
 #pragma once
 
 #include <cuda_runtime.h>
