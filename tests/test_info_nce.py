@@ -412,3 +412,21 @@ def test_nan_input_gives_nan_loss(device, row, route):
         else:
             loss = cb.bank_cross_entropy(a, bank, torch.tensor([1, 2, 3, 4, 5, 6], device=device), reduction="none")
     assert torch.isnan(loss).all(), loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("K,row", [(65, 64), (65, 0), (2, 1)])
+def test_nan_bank_row_in_a_partial_tile_gives_nan(device, dtype, K, row):
+    # Half precision takes the tensor-core kernels on a GPU: a NaN row alone in the last, partly filled tile was
+    # dropped there (fmaxf in the tile maximum), giving a finite loss.
+    g = torch.Generator().manual_seed(K + row)
+    bank = torch.randn(K, 16, generator=g).to(device, dtype)
+    bank[row, 3] = float("nan")
+    a = torch.randn(4, 16, generator=g).to(device, dtype)
+    loss = cb.info_nce_lse(a, a, bank, include_positive=False)[1]
+    assert torch.isnan(loss).all(), loss
+    z = torch.randn(K, 16, generator=g).to(device, dtype)
+    z[row, 3] = float("nan")
+    in_batch = cb.info_nce(z, z.flip(0), reduction="none")
+    assert torch.isnan(in_batch).all(), in_batch

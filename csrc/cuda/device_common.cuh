@@ -50,6 +50,19 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x)
   return __float2bfloat16_rn(x);
 }
 
+// max(a, b), NaN if either is NaN (max_of's semantics): one instruction (max.NaN.f32) on sm_80 and newer. fmaxf
+// would drop a NaN logit from a tile maximum, and a tile whose kept logits are all NaN would then be skipped as
+// empty: a finite loss from NaN inputs.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  return max_of(a, b);
+#endif
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll

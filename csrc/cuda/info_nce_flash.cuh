@@ -72,8 +72,8 @@ __device__ __forceinline__ float fl_quad_sum(float v) {
   return v + __shfl_xor_sync(kFullMask, v, 2);
 }
 __device__ __forceinline__ float fl_quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
-  return fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
+  v = fmax_nan(v, __shfl_xor_sync(kFullMask, v, 1));
+  return fmax_nan(v, __shfl_xor_sync(kFullMask, v, 2));
 }
 
 template <typename T, FlashMode MODE, int NT>
@@ -172,10 +172,10 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               const bool keep = col < hlim && col != selfc;
               const float l = keep ? sc[j][2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
               sc[j][2 * h + e] = l;
-              tmax = fmaxf(tmax, l);
+              tmax = fmax_nan(tmax, l);
             }
           tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
-          const float mnew = fmaxf(run_m[h], tmax);
+          const float mnew = fmax_nan(run_m[h], tmax);
           const float alpha = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
           run_m[h] = mnew;
           run_s[h] *= alpha;

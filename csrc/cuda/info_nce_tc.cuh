@@ -227,7 +227,7 @@ __device__ __forceinline__ void tc_scores(const T* xs, const T* ys, int ld, int 
 
 // Running (max, sum) of exponentials; -inf max means empty.
 __device__ __forceinline__ void tc_lse_merge(float& m, float& s, float om, float os) {
-  const float nm = fmaxf(m, om);
+  const float nm = fmax_nan(m, om);
   if (nm == -INFINITY) return;
   s = (m == -INFINITY ? 0.f : s * __expf(m - nm)) + (om == -INFINITY ? 0.f : os * __expf(om - nm));
   m = nm;
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         const int64_t k = k0 + col;
         const bool keep = k < k_end && !(a.exclude_self && k == i);
         v[t] = keep ? S[r * kTcLds + col] * xinv * yinv[col] : -INFINITY;
-        tmax = fmaxf(tmax, v[t]);
+        tmax = fmax_nan(tmax, v[t]);
       }
       if (tmax != -INFINITY) {
         float ts = 0.f;
@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
             const bool keep = col < lim && col != selfc;
             const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
             v[2 * j + e] = keep ? l : -INFINITY;
-            tmax = fmaxf(tmax, v[2 * j + e]);
+            tmax = fmax_nan(tmax, v[2 * j + e]);
           }
         if (tmax != -INFINITY) {
           float ts = 0.f;
@@ -907,10 +907,10 @@ __global__ void __launch_bounds__(kTcThreads, 2)
             const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
             const bool keep = col < lim && col != selfc;
             v[h][2 * j + e] = keep ? sc[j][2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
-            tm = fmaxf(tm, v[h][2 * j + e]);
+            tm = fmax_nan(tm, v[h][2 * j + e]);
           }
-        tm = fmaxf(tm, __shfl_xor_sync(kFullMask, tm, 1));
-        tm = fmaxf(tm, __shfl_xor_sync(kFullMask, tm, 2));
+        tm = fmax_nan(tm, __shfl_xor_sync(kFullMask, tm, 1));
+        tm = fmax_nan(tm, __shfl_xor_sync(kFullMask, tm, 2));
         if (L.t == 0) xmax[L.wc * kTcRows + 16 * L.wr + L.g + 8 * h] = tm;
       }
       __syncthreads();  // (C) tile row maxima complete; run_m still holds the previous maxima
@@ -918,7 +918,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = 16 * L.wr + L.g + 8 * h;
-        const float mnew = fmaxf(run_m[row], fmaxf(xmax[row], xmax[kTcRows + row]));
+        const float mnew = fmax_nan(run_m[row], fmax_nan(xmax[row], xmax[kTcRows + row]));
         float ps = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -944,7 +944,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         for (int hh = 0; hh < 2; ++hh) {
           const int row = 32 * rp + 16 * i2 + L.g + 8 * hh;
           const float mold = run_m[row];
-          const float mnew = fmaxf(mold, fmaxf(xmax[row], xmax[kTcRows + row]));
+          const float mnew = fmax_nan(mold, fmax_nan(xmax[row], xmax[kTcRows + row]));
           const float alpha = mold == -INFINITY ? 0.f : __expf(mold - mnew);
 #pragma unroll
           for (int q = 0; q < 4; ++q)
@@ -958,7 +958,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       if (threadIdx.x < kTcRows) {
         const int row = threadIdx.x;
         const float mold = run_m[row];
-        const float mnew = fmaxf(mold, fmaxf(xmax[row], xmax[kTcRows + row]));
+        const float mnew = fmax_nan(mold, fmax_nan(xmax[row], xmax[kTcRows + row]));
         const float alpha = mold == -INFINITY ? 0.f : __expf(mold - mnew);
         run_s[row] = run_s[row] * alpha + xsum[row] + xsum[kTcRows + row];
         run_m[row] = mnew;

@@ -386,6 +386,84 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
   }
 }
 
+// A NaN in one bank row must make the lse of every anchor that sums over it NaN, in each forward kernel, wherever
+// the row falls in its tile: with fmaxf, a thread whose kept columns of the last, partly filled tile were all NaN
+// took the tile as empty and the NaN never reached the sum (a finite loss). Rows: the first, the middle of a full
+// tile, and the only row of a one-row tail tile; also exclude_self with two rows (in-batch, B = K = 2).
+template <typename T>
+void run_nan_forward(std::mt19937_64& rng, int64_t B, int64_t K, int64_t nan_row, bool exclude_self, int64_t chunks) {
+  const int64_t d = 16;
+  const Mat<T> A = random_mat<T>(rng, B, d, false, 1.0);
+  Mat<T> N = random_mat<T>(rng, K, d, false, 1.0);
+  N.data[nan_row * N.s0 + 3] = to_t<T>(NAN);
+  const std::vector<float> ai = inv_norms(A), ni = inv_norms(N);  // ni[nan_row] is NaN, as the library's
+  const float scale = 2.0f;
+  TcLseArgs a;
+  a.d = d;
+  a.K = K;
+  a.B = B;
+  const int64_t tiles = (K + kTcCols - 1) / kTcCols;
+  a.chunk_len = (tiles + chunks - 1) / chunks * kTcCols;
+  a.chunks = (K + a.chunk_len - 1) / a.chunk_len;
+  a.xblocks = (B + kTcRows - 1) / kTcRows;
+  a.scale = &scale;
+  a.exclude_self = exclude_self;
+  a.x_inv = ai.data();
+  a.y_inv = ni.data();
+  std::vector<float> pmax(a.chunks * B), psum(a.chunks * B), pw(a.chunks * B * d);
+  a.part_max = pmax.data();
+  a.part_sum = psum.data();
+  const TcOperand<T> X = A.operand(), Y = N.operand();
+  const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
+  for (int kernel = 0; kernel < 3; ++kernel) {
+    std::fill(pmax.begin(), pmax.end(), 0.f);
+    std::fill(psum.begin(), psum.end(), 1.f);
+    if (kernel < 2) {
+      const TcSmem m = tc_smem<T>(d, /*with_p=*/kernel == 1, 1, /*score_tile=*/false);
+      const unsigned grid = static_cast<unsigned>(a.xblocks * a.chunks);
+      if (kernel == 0) {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+      } else {
+        emu::launch(grid, kTcThreads, m.total,
+                    [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
+      }
+    } else {
+      FlArgs f;
+      f.d = d;
+      f.splits = a.chunks;
+      f.tiles_per_split = a.chunk_len / kFlCols;
+      f.xblocks = (B + kFlRows - 1) / kFlRows;
+      f.scale = &scale;
+      f.exclude_self = exclude_self;
+      f.x_inv = ai.data();
+      f.y_inv = ni.data();
+      f.coef_bound = bound.empty() ? nullptr : bound.data();
+      f.partial = pw.data();
+      f.part_max = pmax.data();
+      f.part_sum = psum.data();
+      const TcSmem m = fl_smem<T>(d, 1);
+      emu::launch(static_cast<unsigned>(f.xblocks * f.splits), kTcThreads, m.total,
+                  [&] { flash_kernel<T, FlashMode::Forward, 16>(X, Y, f, m); });
+    }
+    // The chunks merged as forward_merge_kernel does (online_lse.h merge).
+    int64_t finite = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      if (exclude_self && i == nan_row) continue;  // that anchor does not sum over the NaN row
+      contrastbound::LseState<double> st;
+      for (int64_t ch = 0; ch < a.chunks; ++ch) {
+        contrastbound::LseState<double> part{pmax[ch * B + i], psum[ch * B + i]};
+        double fa, fb;
+        contrastbound::merge(st, part, fa, fb);
+      }
+      if (!std::isnan(contrastbound::finalize(st))) ++finite;
+    }
+    const char* kname = kernel == 0 ? "mma_lse_kernel" : kernel == 1 ? "mma_fwd_kernel" : "flash_kernel<Forward>";
+    expect(finite == 0, std::string(kname) + " NaN bank row " + std::to_string(nan_row) + " of K=" +
+                            std::to_string(K) + (exclude_self ? " (exclude_self)" : "") + ": " +
+                            std::to_string(finite) + " anchors with a finite lse");
+  }
+}
+
 template <typename T>
 void run_all(bool quick, double tol, const char* tname) {
   std::mt19937_64 rng(12345);
@@ -404,6 +482,11 @@ void run_all(bool quick, double tol, const char* tname) {
     run_lse_and_fwd<T>(c, rng, tol);
     run_rows<T>(c, rng, tol);
   }
+  run_nan_forward<T>(rng, 4, 65, 64, false, 1);   // the only row of the tail tile
+  run_nan_forward<T>(rng, 4, 65, 0, false, 1);    // the first row
+  run_nan_forward<T>(rng, 70, 200, 130, false, 2);  // second chunk, middle of a tile
+  run_nan_forward<T>(rng, 2, 2, 1, true, 1);       // in-batch, B = K = 2
+
   std::printf("%s: %zu cases run\n", tname, cases.size());
 }
 
