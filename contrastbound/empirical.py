@@ -116,7 +116,10 @@ def class_means(
     counts = torch.bincount(labels, minlength=C)
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
-        raise ValueError(f"labels: every class needs at least one sample to have a mean; empty classes include {missing}")
+        raise ValueError(
+            f"labels: every class needs at least one sample to have a mean; empty classes include {missing} "
+            "(labels are class indices 0..C-1: remap other ids with torch.unique(labels, return_inverse=True)[1])"
+        )
     acc_dtype = torch.float64 if features.device.type == "cpu" or features.dtype == torch.float64 else torch.float32
     f = _prepare(features.to(acc_dtype), normalize)
     sums = torch.zeros(C, f.shape[1], dtype=acc_dtype, device=f.device).index_add_(0, labels, f)
@@ -158,7 +161,8 @@ def mean_classifier_loss(
 class _Sampler:
     """Draws anchors, positives (same class) and negatives (whole set, with replacement) in anchor chunks.
 
-    Both estimators use it with the same draw order, so the curve at K equals the estimate at K for one seed.
+    Both estimators use it with the same draw order, so for one seed the curve at its largest K equals the estimate
+    at that K (smaller K: the first K columns of the same draws).
     """
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_anchors: int | None, generator: torch.Generator | None):
@@ -247,7 +251,9 @@ def contrastive_loss_curve(
     The loss at K uses the first K negatives of each anchor: the index columns are processed in slices
     [k_{j-1}, k_j) by :func:`contrastbound.info_nce_lse` (positive left out), and the per-anchor log-sum-exp is
     carried across slices with :func:`torch.logaddexp`, starting from the first slice's (which includes the
-    positive). With the same generator state the value at K equals :func:`contrastive_loss_estimate` at K.
+    positive). With the same generator state the value at max(ks) equals :func:`contrastive_loss_estimate` at that
+    K; at a smaller K the curve uses the first K columns of the same draws, so it agrees with the estimate in
+    distribution, not draw for draw.
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
     ks_arr = np.asarray(ks)

@@ -359,6 +359,9 @@ def test_earlier_bounds_domain_and_prior():
             fn(3.0, 12, prior=[0.2, 0.8])
         assert fn(3.0, 12, prior=[0.5, 0.5]) == pytest.approx(fn(3.0, 12, 2), rel=1e-14)
     assert math.isnan(B.ash(1.0, 3, 1))
+    # C = 1: 1 - tau_K = 0, so Arora et al. is undefined whatever R_cont is (was +inf, NaN or -inf by its sign)
+    for r in (2.0, math.log(4.0), 1.0):
+        assert math.isnan(B.arora(r, 5, 1))
     assert isinstance(B.arora(3.0, 12, 10), float) and B.arora([3.0, 4.0], 12, 10).shape == (2,)
     # huge K: 1 / (1 - tau) overflows to inf rather than raising or returning garbage
     assert B.arora(20.0, 10**5, 10) == math.inf
@@ -368,6 +371,19 @@ def test_earlier_bounds_domain_and_prior():
 # ----------------------------------------------------------------------------------------------------------
 # Shapes and validation
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_float32_prior_is_accepted_and_renormalised():
+    # A float32 probability vector sums to 1 only within its own rounding (~C eps32 >> 1e-9).
+    counts = np.array([3, 1, 2, 1], dtype=np.float32)
+    p32 = counts / np.float32(7)
+    assert abs(float(p32.astype(np.float64).sum()) - 1.0) > 1e-9  # the case that was rejected
+    exact = counts.astype(np.float64) / 7
+    assert B.delta_upper(16, prior=p32) == pytest.approx(B.delta_upper(16, prior=exact), rel=1e-6)
+    with pytest.raises(ValueError, match="sum to 1"):
+        B.delta_upper(16, prior=np.array([0.3, 0.3, 0.3], dtype=np.float32))
+    with pytest.raises(ValueError, match="sum to 1"):
+        B.delta_upper(16, prior=[0.5, 0.5 + 1e-8])  # float64: still 1e-9
 
 
 def test_scalar_and_array_outputs():
