@@ -16,8 +16,10 @@ Stable algorithms (docs/BOUNDS.md has the derivations):
 * The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
   saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
   Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
-  inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12), and for a general prior
-  the first Bonferroni term where ``sum_c (1 - pi_c)^n <= 1e-6``.
+  inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12); for a general prior the
+  first Bonferroni term where ``s = sum_c (1 - pi_c)^n <= 1e-6``, and where ``s <= 5`` inclusion-exclusion over the
+  multisets of prior groups whose terms can matter (pruned by ``prod_{c in S} (1 - pi_c)^n``, at most 4096 terms),
+  accumulating ``1 - upsilon_n`` directly.
 """
 
 from __future__ import annotations
@@ -497,6 +499,85 @@ def _log_coupon_ie_uniform(n: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarra
     return out, cond
 
 
+def _ie_general_terms(p: _Prior, n_lo: int, n_hi: int, max_terms: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The inclusion-exclusion terms of 1 - upsilon_n = sum_{S != {}} (-1)^{|S|+1} (1 - pi(S))^n that matter for
+    every n in [n_lo, n_hi]: (log multiplicity, pi(S), sign) per kept multiset of prior groups, or None if more
+    than max_terms would be needed.
+
+    A subset's term is at most prod_{c in S} (1 - pi_c)^n, so its multiplicity times that product at n_lo bounds
+    it; a branch is dropped once that bound times e^{(what the remaining groups could add)} falls below 1e-22 of
+    max_c (1 - pi_c)^{n_hi} (a lower bound of 1 - upsilon_n over the range).
+    """
+    order = np.argsort(p.values)  # small classes (large (1 - pi)^n) first
+    vals, cnts = p.values[order], p.counts[order].astype(np.int64)
+    l1p = np.log1p(-vals)
+    a_lo = np.log(cnts) + n_lo * l1p  # log of each group's share of sum_c (1 - pi_c)^n at n_lo
+    floor = math.log(1e-22) + n_hi * float(l1p[0])
+    # what the groups from g on can multiply a bound by: prod (1 + (1 - pi)^n)^count <= e^{sum count (1 - pi)^n}
+    rest = np.concatenate([np.cumsum(np.exp(a_lo)[::-1])[::-1], [0.0]])
+    keep = [g for g in range(vals.size) if a_lo[g] + rest[g] > floor]
+    if len(keep) > 256:  # too many classes matter (and the recursion below would run too deep)
+        return None
+    terms: list[tuple[float, float, float]] = []
+
+    def visit(i: int, lmult: float, lbound: float, pis: float, size: int) -> bool:
+        if i == len(keep):
+            if size > 0:
+                terms.append((lmult, pis, 1.0 if size % 2 == 1 else -1.0))
+            return len(terms) <= max_terms
+        g = keep[i]
+        c = int(cnts[g])
+        lb, lm = 0.0, 0.0
+        for j in range(0, c + 1):
+            if j > 0:
+                lm += math.log((c - j + 1) / j)
+                lb = lm + j * n_lo * float(l1p[g])
+                if lb + lbound + rest[g + 1] <= floor or pis + j * float(vals[g]) >= 1.0 + 1e-12:
+                    break
+            if not visit(i + 1, lmult + lm, lbound + (lb if j > 0 else 0.0), pis + j * float(vals[g]), size + j):
+                return False
+        return True
+
+    if not visit(0, 0.0, 0.0, 0.0, 0):
+        return None
+    if not terms:
+        return None
+    t = np.array(terms)
+    return t[:, 0], t[:, 1], t[:, 2]
+
+
+def _log_coupon_ie_general(n: np.ndarray, p: _Prior) -> tuple[np.ndarray, np.ndarray]:
+    """log upsilon_n for a non-uniform prior by inclusion-exclusion over the classes that can be missed,
+    1 - upsilon_n accumulated directly (so log1p keeps log upsilon_n accurate near 0), for sorted n; returns
+    (log upsilon, ok) where ok is False where the terms were too many or cancel too much (sum |t| > 1e3 |sum|)."""
+    out = np.full(n.shape, np.nan)
+    ok = np.zeros(n.shape, dtype=bool)
+    start = 0
+    while start < n.size:
+        n_lo = int(n[start])
+        stop = int(np.searchsorted(n, 2 * n_lo, side="right"))  # n within a factor 2: one set of terms
+        stop = max(stop, start + 1)
+        n_hi = int(n[stop - 1])
+        found = _ie_general_terms(p, n_lo, n_hi)
+        if found is not None:
+            lmult, pis, sign = found
+            with np.errstate(divide="ignore"):
+                l1p = np.log1p(-np.minimum(pis, 1.0))
+            step = max(1, _CHUNK // lmult.size)
+            for s0 in range(start, stop, step):
+                s1 = min(stop, s0 + step)
+                nb = n[s0:s1].astype(np.float64)
+                t = np.exp(lmult[None, :] + nb[:, None] * l1p[None, :])  # (N, T); -inf -> 0 where pi(S) = 1
+                miss = (sign[None, :] * t).sum(1)  # 1 - upsilon_n
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cond = t.sum(1) / np.abs(miss)
+                    res = np.log1p(-miss)
+                out[s0:s1] = res
+                ok[s0:s1] = np.isfinite(res) & (cond <= 1e3) & (miss < 1.0)
+        start = stop
+    return out, ok
+
+
 def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
     """log upsilon_n, elementwise over an int64 array n >= 0."""
     flat = n.reshape(-1)
@@ -524,6 +605,15 @@ def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
             log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
             easy = log_s <= math.log(1e-6)
             res[easy] = np.log1p(-np.exp(log_s[easy]))
+            # Where upsilon_n is still close to 1 (sum <= 5), inclusion-exclusion over the classes that can be missed
+            # gives 1 - upsilon_n to ~1e-15 relative; the Cauchy integral's ~1e-10 absolute error in log upsilon
+            # would be a large relative error of it there. Few classes must matter (else: the Cauchy integral).
+            mid = np.nonzero(~easy & (log_s <= math.log(5.0)))[0]
+            if mid.size:
+                srt = mid[np.argsort(na[mid], kind="stable")]
+                ie, good = _log_coupon_ie_general(na[srt], p)
+                res[srt[good]] = ie[good]
+                easy[srt[good]] = True
         hard = ~easy
         if np.any(hard):
             # the Cauchy integral on unique n only (curves often repeat nothing, but arrays may)
@@ -537,9 +627,8 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
     r"""upsilon_n: probability that n i.i.d. draws from the prior cover all C classes (the bounds use n = K + 1).
 
     Exact for every n (0 for n < C, C! prod pi_c at n = C); relative error ~1e-12 for C up to 10^4 and n up to
-    10^7. For a non-uniform prior in the range where upsilon_n is close to 1 (sum_c (1 - pi_c)^n above 1e-6) the
-    Cauchy integral's ~1e-10 absolute error in log upsilon_n is a larger relative error of 1 - upsilon_n (up to
-    ~1e-6 relative measured against exact inclusion-exclusion for a three-class prior with one class of 1e-5). ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
+    10^7; where upsilon_n is close to 1, log upsilon_n keeps that relative accuracy (inclusion-exclusion over the
+    classes that can be missed; the Cauchy integral only where too many of them matter). ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
     """
     n, scalar = _as_counts("draws", draws, 0)
     p = _resolve_prior(num_classes, prior)

@@ -180,6 +180,35 @@ def test_coupon_general_prior_exact_rationals(weights):
     assert log_err(got, ref) < 1e-11
 
 
+def mp_coupon_general_log(n, pi):
+    """log upsilon_n by inclusion-exclusion over all subsets in 60-digit arithmetic (small C only)."""
+    with mpmath.workdps(60):
+        pm = [mpmath.mpf(x) for x in pi]
+        miss = mpmath.mpf(0)
+        for k in range(1, len(pm) + 1):
+            for S in combinations(range(len(pm)), k):
+                miss += (-1) ** (k + 1) * (1 - sum(pm[c] for c in S)) ** n
+        return float(mpmath.log1p(-miss))
+
+
+@pytest.mark.parametrize(
+    "pi,ns",
+    [
+        ([0.6, 0.39999, 1e-5], [10**5, 3 * 10**5, 1_100_000, 2 * 10**6]),
+        ([0.5, 0.499999, 1e-6], [10**6, 9 * 10**6]),
+        ([1e-3, 2e-3, 0.497, 0.5], [1000, 5000, 20000, 30000]),
+        ([0.2, 0.3, 0.5], [5, 20, 60, 100, 200]),
+    ],
+)
+def test_coupon_general_prior_relative_accuracy_near_one(pi, ns):
+    # Where upsilon_n is close to 1, log upsilon_n is small: its *relative* error is what the bounds see. The
+    # Cauchy integral alone had ~1e-10 absolute error there (1e-6 relative at pi = (0.6, 0.39999, 1e-5)).
+    pi = np.array(pi) / sum(pi)
+    got = B.coupon_collector_probability(ns, prior=pi, log=True)
+    ref = [mp_coupon_general_log(n, list(pi)) for n in ns]
+    assert rel_err(got, ref) < 1e-12
+
+
 @pytest.mark.parametrize("C", [40, 150, 400])
 def test_coupon_uniform_mpmath(C):
     ns = sorted({C, C + 1, C + 3, int(1.5 * C), 2 * C, int(C * math.log(C)), 4 * C, 8 * C, 20 * C})
