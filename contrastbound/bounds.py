@@ -16,10 +16,10 @@ Stable algorithms (docs/BOUNDS.md has the derivations):
 * The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
   saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
   Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
-  inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12); for a general prior the
-  first Bonferroni term where ``s = sum_c (1 - pi_c)^n <= 1e-6``, and where ``s <= 5`` inclusion-exclusion over the
-  multisets of prior groups whose terms can matter (pruned by ``prod_{c in S} (1 - pi_c)^n``, at most 4096 terms),
-  accumulating ``1 - upsilon_n`` directly.
+  inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12); for a general prior,
+  where ``s = sum_c (1 - pi_c)^n <= 5``, inclusion-exclusion over the multisets of prior groups whose terms can
+  matter (pruned by ``prod_{c in S} (1 - pi_c)^n``, at most 4096 terms), accumulating ``1 - upsilon_n`` directly,
+  and where that needs too many terms the first Bonferroni term if ``s <= 1e-6``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
     total = float(pi.sum())
     # A float32 (or half) vector cannot sum to 1 within 1e-9: its own rounding is ~C eps. Renormalised below.
     eps = np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
-    tol = max(1e-9, 4.0 * pi.size * float(eps))
+    tol = max(1e-9, 4.0 * (1.0 + math.log2(pi.size)) * float(eps))  # entries' rounding plus a pairwise sum
     if abs(total - 1.0) > tol:
         raise ValueError(f"prior must sum to 1 (within {tol:.3g}), got sum {total!r}")
     pi = pi / total
@@ -603,17 +603,20 @@ def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
         else:
             # sum_c (1 - pi_c)^n; where it is <= 1e-6 the first Bonferroni term is exact to < 1e-12.
             log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
-            easy = log_s <= math.log(1e-6)
-            res[easy] = np.log1p(-np.exp(log_s[easy]))
-            # Where upsilon_n is still close to 1 (sum <= 5), inclusion-exclusion over the classes that can be missed
-            # gives 1 - upsilon_n to ~1e-15 relative; the Cauchy integral's ~1e-10 absolute error in log upsilon
-            # would be a large relative error of it there. Few classes must matter (else: the Cauchy integral).
-            mid = np.nonzero(~easy & (log_s <= math.log(5.0)))[0]
+            # Where upsilon_n is close to 1 (sum <= 5), inclusion-exclusion over the classes that can be missed gives
+            # 1 - upsilon_n to ~1e-15 relative, where it needs few terms; the Cauchy integral's ~1e-10 absolute error
+            # in log upsilon would be a large relative error of it there.
+            easy = np.zeros(na.shape, dtype=bool)
+            mid = np.nonzero(log_s <= math.log(5.0))[0]
             if mid.size:
                 srt = mid[np.argsort(na[mid], kind="stable")]
                 ie, good = _log_coupon_ie_general(na[srt], p)
                 res[srt[good]] = ie[good]
                 easy[srt[good]] = True
+            # Else, where the sum is <= 1e-6, its first Bonferroni term (relative error of log upsilon ~ sum / 2).
+            bonf = ~easy & (log_s <= math.log(1e-6))
+            res[bonf] = np.log1p(-np.exp(log_s[bonf]))
+            easy |= bonf
         hard = ~easy
         if np.any(hard):
             # the Cauchy integral on unique n only (curves often repeat nothing, but arrays may)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _ops
 from .functional import _check_bool, _check_features, _check_reduction, _check_temperature, _check_tensor, _reduce
 
 
@@ -117,6 +117,7 @@ class _ShardedNegativeLse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse):
+        _ops.refuse_double_backward()
         anchors_all, shard, lse, term = ctx.saved_tensors
         grad_lse = grad_lse.contiguous().clone()
         dist.all_reduce(grad_lse, op=dist.ReduceOp.SUM, group=ctx.group)

@@ -152,8 +152,8 @@ def _fused(
         learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _fwd_op(
-            anchors, positives, negatives, negative_indices, _scale_of(temperature), normalize, include_positive,
-            save_anchor_term, exclude_self,
+            anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
+            include_positive, save_anchor_term, exclude_self,
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
@@ -173,10 +173,12 @@ def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scale, torch.full_like(scale, float("nan")))
 
 
-def _scale_of(temperature: float | torch.Tensor) -> float | torch.Tensor:
-    """1 / temperature: a float, or a detached float64 0-d tensor for a tensor temperature."""
+def _scale_of(temperature: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+    """1 / temperature: a float, or a detached float64 0-d tensor for a tensor temperature. For CPU features a
+    GPU temperature comes to the CPU (a read-back): the dispatcher would otherwise pick the GPU kernel."""
     if isinstance(temperature, torch.Tensor):
-        return 1.0 / temperature.detach().to(torch.float64)
+        scale = 1.0 / temperature.detach().to(torch.float64)
+        return scale.cpu() if device.type == "cpu" and scale.device.type != "cpu" else scale
     return 1.0 / temperature
 
 
@@ -205,6 +207,8 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
     softmax-weighted logit: w_i0 l_i0 for the positive plus s a_hat_i . V_i for the negatives, V_i being the
     softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged.
     """
+    if loss.device.type == "cpu" and temperature.device.type != "cpu":
+        temperature = temperature.cpu()  # differentiable; a GPU 0-d tensor cannot meet CPU features in an op
     with torch.no_grad():
         scale = 1.0 / temperature.detach().to(loss.dtype)
         a = anchors.detach().to(loss.dtype)
@@ -474,7 +478,7 @@ def bank_cross_entropy(
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
-        loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t), normalize, save)
+        loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t, bank.device), normalize, save)
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, False)
     else:
@@ -550,6 +554,8 @@ def clip_loss(
     scale = logit_scale
     if isinstance(scale, torch.Tensor):
         scale = _check_positive_scalar_tensor("logit_scale", scale)
+        if scale.device.type != "cpu":
+            scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
         temperature = 1.0 / scale.clamp(max=max_logit_scale)  # stays a tensor: no read-back
     elif isinstance(scale, Real) and not isinstance(scale, bool):
         value = float(scale)
@@ -590,7 +596,9 @@ class InfoNCE(torch.nn.Module):
     ) -> None:
         super().__init__()
         t = _check_temperature(temperature)
-        t = float(t.detach()) if isinstance(t, torch.Tensor) else t
+        t = float(t.detach()) if isinstance(t, torch.Tensor) else t  # read once, at construction
+        if not (0.0 < t < math.inf):
+            raise ValueError(f"temperature must be a positive finite number, got {t}")
         self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
         if self.learn_temperature:
             self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(t)))

@@ -198,6 +198,8 @@ def mp_coupon_general_log(n, pi):
         ([0.5, 0.499999, 1e-6], [10**6, 9 * 10**6]),
         ([1e-3, 2e-3, 0.497, 0.5], [1000, 5000, 20000, 30000]),
         ([0.2, 0.3, 0.5], [5, 20, 60, 100, 200]),
+        ([0.01, 0.01, 0.01, 0.97], [400, 1581]),  # sum_c (1 - pi_c)^n just below 1e-6 at n = 1581
+        ([0.1] * 5 + [0.25] * 2, [40, 152]),
     ],
 )
 def test_coupon_general_prior_relative_accuracy_near_one(pi, ns):
@@ -413,6 +415,8 @@ def test_float32_prior_is_accepted_and_renormalised():
         B.delta_upper(16, prior=np.array([0.3, 0.3, 0.3], dtype=np.float32))
     with pytest.raises(ValueError, match="sum to 1"):
         B.delta_upper(16, prior=[0.5, 0.5 + 1e-8])  # float64: still 1e-9
+    with pytest.raises(ValueError, match="sum to 1"):  # not a license for any float32 vector
+        B.delta_upper(16, prior=np.full(10**5, 0.96e-5, dtype=np.float32))
 
 
 def test_scalar_and_array_outputs():

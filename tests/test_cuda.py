@@ -533,8 +533,24 @@ def test_gpu_tensor_temperature_matches_cpu(mode, dtype, t_device):
         upstream = torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype, device=device)
         outs[device] = [loss] + list(torch.autograd.grad(loss, leaves, upstream))
     tol = 2 * TOL[dtype]
-    for name, x, y in zip(["loss", "a", "p", "n", "temperature"], outs[CUDA], outs["cpu"]):
+    names = ["loss"] + [name for name, x in zip("apn", (a, p, n)) if x is not None] + ["temperature"]
+    for name, x, y in zip(names, outs[CUDA], outs["cpu"]):
         assert_close_scaled(x.cpu().double(), y.double(), tol, f"{name}: GPU vs CPU kernel")
+
+
+@pytest.mark.parametrize("mode", ["shared", "in_batch"])
+def test_cpu_features_with_a_gpu_temperature(mode):
+    # The scaled op dispatches on every tensor argument: a GPU scale must not send CPU features to the GPU kernel.
+    a, p, n, _ = make_inputs(mode, B=9, K=40, d=6, dtype=torch.float64)
+    grads = {}
+    for t_device in ("cpu", CUDA):
+        t = torch.tensor(0.2, dtype=torch.float64, device=t_device, requires_grad=True)
+        loss = cb.info_nce(a, p, n, temperature=t)
+        leaves = [x for x in (a, p, n) if x is not None] + [t]
+        grads[t_device] = [loss] + list(torch.autograd.grad(loss, leaves))
+    for x, y in zip(grads[CUDA], grads["cpu"]):
+        assert x.device.type == "cpu" or x.dim() == 0
+        assert_close_scaled(x.cpu(), y, 1e-12, "CPU features, GPU temperature")
 
 
 def test_gpu_tensor_temperature_does_not_synchronise():
@@ -559,4 +575,12 @@ def test_bad_gpu_tensor_temperature_gives_nan(value, dtype):
     # finite number from a negative or infinite scale.
     a, p, n, _ = make_inputs("shared", B=8, K=100, d=16, dtype=dtype, device=CUDA)
     loss = cb.info_nce(a, p, n, temperature=torch.tensor(value, device=CUDA), reduction="none")
+    assert torch.isnan(loss).all(), loss
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0.0])
+def test_bad_gpu_logit_scale_gives_nan(value):
+    # Unread on the GPU: +inf must not be clamped to max_logit_scale (a finite loss), as a CPU value raises.
+    a, p, _, _ = make_inputs("in_batch", B=8, K=0, d=16, dtype=torch.float32, device=CUDA)
+    loss = cb.clip_loss(a, p, torch.tensor(value, device=CUDA), reduction="none")
     assert torch.isnan(loss).all(), loss
