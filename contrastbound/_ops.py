@@ -49,7 +49,7 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_bwd")
     def _info_nce_bwd_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self=False,
+        include_positive, output_mask, exclude_self=False, check_indices=True,
     ):
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -74,7 +74,7 @@ if _backend.EXTENSION_LOADED:
             return None, None, None, None, None, None, None, None, None
         ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
-            ctx.scale, ctx.normalize, ctx.include_positive, mask, ctx.exclude_self,
+            ctx.scale, ctx.normalize, ctx.include_positive, mask, ctx.exclude_self, False,  # forward checked them
         )
         return (
             ga if mask[0] else None,
@@ -102,7 +102,7 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_bwd_scaled")
     def _info_nce_bwd_scaled_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self=False,
+        include_positive, output_mask, exclude_self=False, check_indices=True,
     ):
         return _info_nce_bwd_fake(
             grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, 1.0, normalize,
@@ -128,7 +128,7 @@ if _backend.EXTENSION_LOADED:
             return None, None, None, None, None, None, None, None, None
         ga, gp, gn = torch.ops.contrastbound.info_nce_bwd_scaled(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term, scale,
-            ctx.normalize, ctx.include_positive, mask, ctx.exclude_self,
+            ctx.normalize, ctx.include_positive, mask, ctx.exclude_self, False,  # forward checked the indices
         )
         return (
             ga if mask[0] else None,

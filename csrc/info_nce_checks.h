@@ -7,7 +7,8 @@
 namespace contrastbound {
 
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
-                                  const c10::optional<at::Tensor>& indices, bool exclude_self) {
+                                  const c10::optional<at::Tensor>& indices, bool exclude_self,
+                                  bool check_index_range = true) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(anchors.scalar_type()), "anchors must be a floating tensor, got ",
                    anchors.scalar_type());
@@ -30,7 +31,7 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
     TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == B, "negative_indices must have shape (B, K) with B = ", B,
                       ", got ", idx.sizes());
     TORCH_CHECK_VALUE(idx.device() == anchors.device(), "negative_indices must be on the device of anchors");
-    if (idx.numel() > 0) {
+    if (check_index_range && idx.numel() > 0) {
       const auto range = at::aminmax(idx);  // one read-back of both ends (a device synchronisation on CUDA)
       const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
       const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();

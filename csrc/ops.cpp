@@ -23,10 +23,12 @@ TORCH_LIBRARY(contrastbound, m) {
       "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
       "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
   // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
+  // check_indices=False skips the range check of negative_indices (a device read-back): for the autograd
+  // backward, whose forward checked the same saved tensor.
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
-      "bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
+      "bool exclude_self=False, bool check_indices=True) -> (Tensor, Tensor, Tensor)");
   // The same with the scale as a tensor with one element (a learnable temperature): its value is read at run
   // time, by the kernels themselves for a CUDA tensor (no host read-back; a value that is not positive and
   // finite gives NaN there), on the host otherwise (checked: an error names it).
@@ -37,5 +39,6 @@ TORCH_LIBRARY(contrastbound, m) {
   m.def(
       "info_nce_bwd_scaled(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, "
       "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
-      "bool include_positive, bool[3] output_mask, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
+      "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True) "
+      "-> (Tensor, Tensor, Tensor)");
 }

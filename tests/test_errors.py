@@ -143,3 +143,24 @@ def test_indices_read_back_once_where_the_op_checks_them(monkeypatch):
     cb.info_nce(a, p, idx_bank, negative_indices=idx)
     with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\)"):
         cb.info_nce(a, p, idx_bank, negative_indices=idx + 5)
+
+
+def test_indices_read_back_once_per_training_step():
+    # Forward's op checks negative_indices; the autograd backward passes check_indices=False (the same saved tensor,
+    # version-checked by autograd), so a step reads them back once (was twice: two syncs per step on a GPU).
+    from contrastbound import _backend
+
+    if not _backend.kernel_serves(a.device):
+        pytest.skip("compiled extension not available")
+    aa, bank = a.clone().requires_grad_(True), idx_bank.clone().requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cb.info_nce(aa, p, bank, negative_indices=idx).backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::aminmax")
+    assert calls == 1, calls
+    # A direct call of the backward op still checks by default.
+    with torch.no_grad():
+        _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx, 1.0, True, True, True)
+    with pytest.raises(IndexError, match="negative_indices"):
+        torch.ops.contrastbound.info_nce_bwd(
+            torch.ones(a.shape[0]), a, p, idx_bank, idx + 100, lse, term, 1.0, True, True, [True, True, True]
+        )

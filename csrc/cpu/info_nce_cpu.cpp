@@ -592,8 +592,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
                                                     const Tensor& anchor_term, double scale, bool normalize,
                                                     bool include_positive, std::array<bool, 3> output_mask,
-                                                    bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+                                                    bool exclude_self, bool check_indices) {
+  // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since).
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, check_indices);
   check_scale(scale);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors.size(0),
               "info_nce_bwd: grad_loss must have shape (B,) = (", anchors.size(0), ",), got ", grad_loss.sizes());
@@ -625,9 +626,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                                                            const c10::optional<Tensor>& indices, const Tensor& lse,
                                                            const Tensor& anchor_term, const Tensor& scale,
                                                            bool normalize, bool include_positive,
-                                                           std::array<bool, 3> output_mask, bool exclude_self) {
+                                                           std::array<bool, 3> output_mask, bool exclude_self,
+                                                           bool check_indices) {
   return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
-                          normalize, include_positive, output_mask, exclude_self);
+                          normalize, include_positive, output_mask, exclude_self, check_indices);
 }
 
 }  // namespace

@@ -162,8 +162,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, const Scale& scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
-                                                     bool exclude_self) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+                                                     bool exclude_self, bool check_indices) {
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, check_indices);
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
@@ -244,9 +244,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, double scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
-                                                     bool exclude_self) {
+                                                     bool exclude_self, bool check_indices) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self);
+                           include_positive, output_mask, exclude_self, check_indices);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -255,9 +255,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_l
                                                             const Tensor& lse, const Tensor& anchor_term,
                                                             const Tensor& scale, bool normalize,
                                                             bool include_positive, std::array<bool, 3> output_mask,
-                                                            bool exclude_self) {
+                                                            bool exclude_self, bool check_indices) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self);
+                           include_positive, output_mask, exclude_self, check_indices);
 }
 
 }  // namespace
