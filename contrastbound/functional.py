@@ -43,9 +43,9 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
 
     CPU, eager: the value is read and a ValueError names it. CPU under torch.compile: the check is an op in the
     graph (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the
-    graph). On a GPU the value is not read at all (a read-back would synchronise the device every step): the
+    graph). On a GPU the value is not read here (a read-back would synchronise the device every step): the
     kernels, and the fallback through _poison_bad_scale, turn a value that is not positive and finite into a NaN
-    loss.
+    loss. (With CPU features a GPU temperature is copied to the CPU later, see _scale_of.)
     """
     if x.numel() != 1 or not x.is_floating_point():
         raise ValueError(
@@ -160,7 +160,11 @@ def _fused(
         return loss, lse
     from .reference import info_nce_core_reference
 
-    scale = _poison_bad_scale(1.0 / temperature) if isinstance(temperature, torch.Tensor) else 1.0 / temperature
+    scale = 1.0 / temperature
+    if isinstance(scale, torch.Tensor):
+        if anchors.device.type == "cpu" and scale.device.type != "cpu":
+            scale = scale.cpu()  # differentiable; a GPU 0-d tensor cannot meet CPU features in an op
+        scale = _poison_bad_scale(scale)
     return info_nce_core_reference(
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
     )

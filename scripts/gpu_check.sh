@@ -80,7 +80,15 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   [ "$T" -lt 30 ] && T=30
   PER_TEST=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
-  timeout "$T" "$PY" -m pytest ${TESTS:-tests} -q -m cuda --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short \
+  # Test modules that need a package this machine may lack (no network to install it) are left out, by name.
+  IGNORE=()
+  "$PY" -c 'import hypothesis' 2>/dev/null \
+    || { echo "hypothesis missing: not collecting tests/test_info_nce.py, tests/test_sandwich.py"; \
+         IGNORE+=(--ignore=tests/test_info_nce.py --ignore=tests/test_sandwich.py); }
+  "$PY" -c 'import mpmath' 2>/dev/null \
+    || { echo "mpmath missing: not collecting tests/test_bounds.py, tests/test_reproduce.py"; \
+         IGNORE+=(--ignore=tests/test_bounds.py --ignore=tests/test_reproduce.py); }
+  timeout "$T" "$PY" -m pytest ${TESTS:-tests} ${IGNORE[@]+"${IGNORE[@]}"} -q -m cuda --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short \
     --durations=10 --junitxml="$OUT/pytest_cuda.xml" || TEST_RC=$?
   [ "$TEST_RC" -eq 124 ] && echo "TESTS TIMED OUT after ${T} s"
 else

@@ -584,3 +584,12 @@ def test_bad_gpu_logit_scale_gives_nan(value):
     a, p, _, _ = make_inputs("in_batch", B=8, K=0, d=16, dtype=torch.float32, device=CUDA)
     loss = cb.clip_loss(a, p, torch.tensor(value, device=CUDA), reduction="none")
     assert torch.isnan(loss).all(), loss
+
+
+def test_infonce_module_checks_a_gpu_temperature_at_construction():
+    # A fixed tensor temperature is read once, when the module is built: a bad GPU value is a ValueError there.
+    with pytest.raises(ValueError, match="temperature"):
+        cb.InfoNCE(temperature=torch.tensor(float("inf"), device=CUDA))
+    with pytest.raises(ValueError, match="temperature"):
+        cb.InfoNCE(temperature=torch.tensor(-0.1, device=CUDA))
+    assert cb.InfoNCE(temperature=torch.tensor(0.2, device=CUDA)).temperature == pytest.approx(0.2)
