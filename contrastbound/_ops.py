@@ -56,25 +56,32 @@ if _backend.EXTENSION_LOADED:
 
         return out(anchors, output_mask[0]), out(positives, output_mask[1]), out(negatives, output_mask[2])
 
+    # Autograd, shared by info_nce_fwd (scale a float, kept on ctx) and info_nce_fwd_scaled (scale a tensor,
+    # saved with the inputs; its own gradient is attached by functional._with_temperature_grad from lse and V).
     def _setup_context(ctx, inputs, output):
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
         ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
         _, lse, term = output
-        ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term)
-        ctx.scale = scale
+        tensor_scale = isinstance(scale, torch.Tensor)
+        ctx.save_for_backward(
+            anchors, positives, negatives, negative_indices, lse, term, *((scale,) if tensor_scale else ())
+        )
+        ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize
         ctx.include_positive = include_positive
         ctx.mark_non_differentiable(lse, term)
 
     def _backward(ctx, grad_loss, grad_lse, grad_term):
         refuse_double_backward()
-        anchors, positives, negatives, negative_indices, lse, term = ctx.saved_tensors
+        anchors, positives, negatives, negative_indices, lse, term, *tensor_scale = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
             return None, None, None, None, None, None, None, None, None
-        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
+        op = torch.ops.contrastbound.info_nce_bwd_scaled if tensor_scale else torch.ops.contrastbound.info_nce_bwd
+        ga, gp, gn = op(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
-            ctx.scale, ctx.normalize, ctx.include_positive, mask, ctx.exclude_self, False,  # forward checked them
+            tensor_scale[0] if tensor_scale else ctx.scale, ctx.normalize, ctx.include_positive, mask,
+            ctx.exclude_self, False,  # check_indices: forward checked the same saved tensor
         )
         return (
             ga if mask[0] else None,
@@ -82,61 +89,12 @@ if _backend.EXTENSION_LOADED:
             gn if mask[2] else None,
             None, None, None, None, None, None,
         )
-
-    torch.library.register_autograd("contrastbound::info_nce_fwd", _backward, setup_context=_setup_context)
 
     # The same ops with the logit scale as a tensor with one element (a learnable or tensor temperature),
     # registered in csrc/ops.cpp. Its value is read at run time, inside the op: torch.compile traces them as
-    # opaque ops with these fake kernels, so a temperature that changes every step neither breaks the graph nor
+    # opaque ops with the same fake kernels, so a temperature that changes every step neither breaks the graph nor
     # re-specialises it, and on a GPU the kernels read it from device memory (no synchronisation per step).
-    @torch.library.register_fake("contrastbound::info_nce_fwd_scaled")
-    def _info_nce_fwd_scaled_fake(
-        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
-        exclude_self=False,
-    ):
-        return _info_nce_fwd_fake(
-            anchors, positives, negatives, negative_indices, 1.0, normalize, include_positive, save_anchor_term,
-            exclude_self,
-        )
-
-    @torch.library.register_fake("contrastbound::info_nce_bwd_scaled")
-    def _info_nce_bwd_scaled_fake(
-        grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self=False, check_indices=True,
-    ):
-        return _info_nce_bwd_fake(
-            grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, 1.0, normalize,
-            include_positive, output_mask, exclude_self,
-        )
-
-    def _setup_context_scaled(ctx, inputs, output):
-        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
-        exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
-        _, lse, term = output
-        ctx.save_for_backward(anchors, positives, negatives, negative_indices, lse, term, scale)
-        ctx.normalize = normalize
-        ctx.include_positive = include_positive
-        ctx.exclude_self = exclude_self
-        ctx.mark_non_differentiable(lse, term)
-
-    def _backward_scaled(ctx, grad_loss, grad_lse, grad_term):
-        # The scale's own gradient is attached by functional._with_temperature_grad (from lse and the saved V).
-        refuse_double_backward()
-        anchors, positives, negatives, negative_indices, lse, term, scale = ctx.saved_tensors
-        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
-        if not any(mask):
-            return None, None, None, None, None, None, None, None, None
-        ga, gp, gn = torch.ops.contrastbound.info_nce_bwd_scaled(
-            grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term, scale,
-            ctx.normalize, ctx.include_positive, mask, ctx.exclude_self, False,  # forward checked the indices
-        )
-        return (
-            ga if mask[0] else None,
-            gp if mask[1] else None,
-            gn if mask[2] else None,
-            None, None, None, None, None, None,
-        )
-
-    torch.library.register_autograd(
-        "contrastbound::info_nce_fwd_scaled", _backward_scaled, setup_context=_setup_context_scaled
-    )
+    torch.library.register_fake("contrastbound::info_nce_fwd_scaled")(_info_nce_fwd_fake)
+    torch.library.register_fake("contrastbound::info_nce_bwd_scaled")(_info_nce_bwd_fake)
+    for _name in ("contrastbound::info_nce_fwd", "contrastbound::info_nce_fwd_scaled"):
+        torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
