@@ -177,6 +177,44 @@ std::vector<float> coef_bound(const std::vector<float>& inv, const std::vector<f
   return {b};
 }
 
+// Runs forward kernel `kernel` (0: mma_lse_kernel, 1: mma_fwd_kernel, 2: flash_kernel<Forward>) on the partials
+// named in `a` (and `pw`, the V partials of the one-pass kernels), with at most `grid_cap` blocks.
+template <typename T>
+void launch_forward(int kernel, const TcOperand<T>& X, const TcOperand<T>& Y, const TcLseArgs& a, int stages,
+                    unsigned grid_cap, const std::vector<float>& bound, std::vector<float>& pw) {
+  const float* b = bound.empty() ? nullptr : bound.data();
+  if (kernel < 2) {
+    const TcSmem m = tc_smem<T>(a.d, /*with_p=*/kernel == 1, stages, /*score_tile=*/false);
+    const unsigned grid = std::min<unsigned>(grid_cap, static_cast<unsigned>(a.xblocks * a.chunks));
+    if (kernel == 0) {
+      emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+    } else {
+      emu::launch(grid, kTcThreads, m.total, [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), b, m); });
+    }
+    return;
+  }
+  FlArgs f;
+  f.d = a.d;
+  f.splits = a.chunks;
+  f.tiles_per_split = a.chunk_len / kFlCols;
+  f.xblocks = (a.B + kFlRows - 1) / kFlRows;
+  f.scale = a.scale;
+  f.exclude_self = a.exclude_self;
+  f.x_inv = a.x_inv;
+  f.y_inv = a.y_inv;
+  f.coef_bound = b;
+  f.partial = pw.data();
+  f.part_max = a.part_max;
+  f.part_sum = a.part_sum;
+  const TcSmem m = fl_smem<T>(a.d, stages);
+  const unsigned grid = std::min<unsigned>(grid_cap, static_cast<unsigned>(f.xblocks * f.splits));
+  if (m.dpad <= 128) {
+    emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 16>(X, Y, f, m); });
+  } else {
+    emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 32>(X, Y, f, m); });
+  }
+}
+
 template <typename T>
 void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
   const Mat<T> A = random_mat<T>(rng, c.B, c.d, c.strided, 1.0);
@@ -206,38 +244,7 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
     std::fill(pmax.begin(), pmax.end(), NAN);
     std::fill(psum.begin(), psum.end(), NAN);
     std::fill(pw.begin(), pw.end(), NAN);
-    const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
-    if (kernel < 2) {
-      const TcSmem m = tc_smem<T>(c.d, /*with_p=*/kernel == 1, c.stages, /*score_tile=*/false);
-      const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(a.xblocks * a.chunks));
-      if (kernel == 0) {
-        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
-      } else {
-        emu::launch(grid, kTcThreads, m.total,
-                    [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
-      }
-    } else {
-      FlArgs f;
-      f.d = c.d;
-      f.splits = a.chunks;
-      f.tiles_per_split = a.chunk_len / kFlCols;
-      f.xblocks = (c.B + kFlRows - 1) / kFlRows;
-      f.scale = &c.scale;
-      f.exclude_self = c.exclude_self;
-      f.x_inv = ai.data();
-      f.y_inv = ni.data();
-      f.coef_bound = bound.empty() ? nullptr : bound.data();
-      f.partial = pw.data();
-      f.part_max = pmax.data();
-      f.part_sum = psum.data();
-      const TcSmem m = fl_smem<T>(c.d, c.stages);
-      const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(f.xblocks * f.splits));
-      if (m.dpad <= 128) {
-        emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 16>(X, Y, f, m); });
-      } else {
-        emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, FlashMode::Forward, 32>(X, Y, f, m); });
-      }
-    }
+    launch_forward<T>(kernel, X, Y, a, c.stages, c.grid, coef_bound<T>(ni, nullptr, 1.f), pw);
     const char* kname = kernel == 0 ? "mma_lse_kernel" : kernel == 1 ? "mma_fwd_kernel" : "flash_kernel<Forward>";
     double worst = 0;
     std::vector<double> gw, ww;
@@ -418,33 +425,7 @@ void run_nan_forward(std::mt19937_64& rng, int64_t B, int64_t K, int64_t nan_row
   for (int kernel = 0; kernel < 3; ++kernel) {
     std::fill(pmax.begin(), pmax.end(), 0.f);
     std::fill(psum.begin(), psum.end(), 1.f);
-    if (kernel < 2) {
-      const TcSmem m = tc_smem<T>(d, /*with_p=*/kernel == 1, 1, /*score_tile=*/false);
-      const unsigned grid = static_cast<unsigned>(a.xblocks * a.chunks);
-      if (kernel == 0) {
-        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
-      } else {
-        emu::launch(grid, kTcThreads, m.total,
-                    [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), bound.empty() ? nullptr : bound.data(), m); });
-      }
-    } else {
-      FlArgs f;
-      f.d = d;
-      f.splits = a.chunks;
-      f.tiles_per_split = a.chunk_len / kFlCols;
-      f.xblocks = (B + kFlRows - 1) / kFlRows;
-      f.scale = &scale;
-      f.exclude_self = exclude_self;
-      f.x_inv = ai.data();
-      f.y_inv = ni.data();
-      f.coef_bound = bound.empty() ? nullptr : bound.data();
-      f.partial = pw.data();
-      f.part_max = pmax.data();
-      f.part_sum = psum.data();
-      const TcSmem m = fl_smem<T>(d, 1);
-      emu::launch(static_cast<unsigned>(f.xblocks * f.splits), kTcThreads, m.total,
-                  [&] { flash_kernel<T, FlashMode::Forward, 16>(X, Y, f, m); });
-    }
+    launch_forward<T>(kernel, X, Y, a, /*stages=*/1, /*grid_cap=*/~0u, bound, pw);
     // The chunks merged as forward_merge_kernel does (online_lse.h merge).
     int64_t finite = 0;
     for (int64_t i = 0; i < B; ++i) {
