@@ -451,6 +451,34 @@ def test_tensor_cores_low_temperature_and_in_batch(monkeypatch, impl, dtype):
         assert _rel_err(x, y) <= TC_REL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("impl", TC_IMPLS)
+def test_tensor_cores_zero_rows(monkeypatch, impl, dtype):
+    """A zero anchor row and a zero bank row (a zero-initialised queue, padding). Their inverse norm is 1e12
+    (F.normalize's eps); in float16 it used to set the coefficient scale, which rounded every other coefficient
+    to 0: a zero anchor term (anchors' gradient) and zero bank gradients. The zero rows' own gradients (1e12 G,
+    past float16's range, as in torch) are left out of the comparison."""
+    _set_tc_impl(monkeypatch, impl)
+    B, K, za, zn = 70, 1000, 5, 130
+    a, p, n, _ = make_inputs("shared", B=B, K=K, d=64, dtype=dtype, device=CUDA, seed=21)
+    with torch.no_grad():
+        a[za] = 0.0
+        n[zn] = 0.0
+    loss, (ga, gp, gn) = _run(cb.info_nce, a, p, n, None, temperature=0.07, reduction="none")
+    ref_loss, (ra, rp, rn) = _run(
+        info_nce_reference, *_leaves_on(CUDA, torch.float64, a, p, n), None, temperature=0.07, reduction="none"
+    )
+    keep_a, keep_n = torch.arange(B, device=CUDA) != za, torch.arange(K, device=CUDA) != zn
+    tol = TC_REL[dtype]
+    errs = {
+        "loss": _rel_err(loss, ref_loss),
+        "grad a": _rel_err(ga[keep_a], ra[keep_a]),
+        "grad p": _rel_err(gp, rp),
+        "grad n": _rel_err(gn[keep_n], rn[keep_n]),
+    }
+    assert all(e <= tol for e in errs.values()), f"{errs} (tol {tol})"
+
+
 def test_tensor_cores_non_contiguous_bf16(monkeypatch):
     B, K, d = 70, 900, 48
     g = torch.Generator().manual_seed(9)

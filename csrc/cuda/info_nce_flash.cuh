@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               const float l = sc[j][2 * h + e];
               const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
               run_s[h] += p;  // this lane's part; the quad's parts are added at the end
-              sc[j][2 * h + e] = p * (yinv[col] * cscale);
+              sc[j][2 * h + e] = p * tc_coef_inv<T>(yinv[col], cscale);
             }
         } else {
 #pragma unroll
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               if (keep) {
                 const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
                 c = (MODE == FlashMode::AnchorTerm ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
-                    (yinv[col] * cscale);
+                    tc_coef_inv<T>(yinv[col], cscale);
               }
               sc[j][2 * h + e] = c;
             }

@@ -28,6 +28,8 @@
 #include <mma.h>
 #endif
 
+#include <type_traits>
+
 #include "tc_ptx.cuh"
 
 constexpr int kTcRows = 64;     // X rows per block
@@ -244,6 +246,29 @@ __device__ __forceinline__ float tc_coef_scale(const float* bound_ptr) {
   return ldexpf(1.f, e - 1);    // <= 16384 / bound
 }
 
+// float16 only: a row whose inverse norm is above kHalfZeroRowInv is all zero (a nonzero float16 vector has a norm
+// of at least 2^-24, an inverse norm of at most 2^24; F.normalize's eps gives a zero row 1e12). Its coefficient only
+// ever multiplies zeros, so it is left out of the bound (else one zero row, with inv = 1e12, would scale every
+// other coefficient below float16's smallest number: a zero anchor term / bank gradient) and set to 0 (inv x
+// cscale could overflow float16, and inf x 0 is NaN). bfloat16 and TF32 coefficients are not scaled.
+constexpr float kHalfZeroRowInv = 1e9f;
+
+template <typename T>
+__host__ __device__ __forceinline__ bool tc_zero_row(float inv) {
+  return std::is_same<T, __half>::value && inv > kHalfZeroRowInv;
+}
+
+// The inverse-norm factor of a Y row's coefficients (see tc_zero_row).
+template <typename T>
+__device__ __forceinline__ float tc_coef_inv(float inv, float cscale) {
+  return tc_zero_row<T>(inv) ? 0.f : inv * cscale;
+}
+
+// One row's term of the float16 coefficient bound: inv |w| s (w: the row's weight, 1 when there is none).
+__host__ __device__ __forceinline__ float tc_bound_term(float inv, float w_abs_s) {
+  return tc_zero_row<__half>(inv) ? 0.f : inv * w_abs_s;
+}
+
 struct TcLseArgs {
   int64_t d = 0, K = 0, B = 0, chunk_len = 0, chunks = 0, xblocks = 0;
   const float* scale = nullptr;  // s, in device memory (read_scale)
@@ -399,7 +424,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
         float c = 0.f;
         if (keep) {
           const float l = S[r * kTcLds + col] * xinv * yinv[col];
-          c = (a.lse_on_x ? __expf(l - xlse) : yg[col] * __expf(l - ylse[col])) * (yinv[col] * cscale);
+          c = (a.lse_on_x ? __expf(l - xlse) : yg[col] * __expf(l - ylse[col])) * tc_coef_inv<T>(yinv[col], cscale);
         }
         P[r * m.ldp + col] = from_acc<T, float>(c);
       }
@@ -499,7 +524,7 @@ __global__ void __launch_bounds__(kTcThreads)
     tc_bound_kernel(const float* inv, const float* w, const float* wscale, int64_t n, float* out) {
   float v = 0.f;
   for (int64_t i = int64_t(blockIdx.x) * kTcThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kTcThreads) {
-    const float x = inv[i] * (w != nullptr ? fabsf(w[i]) * read_scale(wscale) : 1.f);
+    const float x = tc_bound_term(inv[i], w != nullptr ? fabsf(w[i]) * read_scale(wscale) : 1.f);
     v = fmaxf(v, x);  // NaN is dropped here; a NaN coefficient would show in the result anyway
   }
   v = warp_max(v);
@@ -768,7 +793,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
             float cv = 0.f;
             if (keep) {
               const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
-              cv = (a.lse_on_x ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) * (yinv[col] * cscale);
+              cv = (a.lse_on_x ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
+                   tc_coef_inv<T>(yinv[col], cscale);
             }
             cf[e] = cv;
           }
@@ -929,7 +955,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
             const float x = v[h][2 * j + e];
             const float ex = x == -INFINITY ? 0.f : __expf(x - mnew);
             ps += ex;
-            w[e] = ex * (yinv[col] * cscale);
+            w[e] = ex * tc_coef_inv<T>(yinv[col], cscale);
           }
           *reinterpret_cast<unsigned*>(P + row * m.ldp + 32 * L.wc + 8 * j + 2 * L.t) = pack2<T>(w[0], w[1]);
         }
