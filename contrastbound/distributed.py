@@ -17,7 +17,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _backend, _ops
-from .functional import _check_bool, _check_features, _check_reduction, _check_temperature, _check_tensor, _reduce
+from .functional import (
+    _check_bool,
+    _check_features,
+    _check_reduction,
+    _check_temperature,
+    _check_tensor,
+    _forward_ad,
+    _reduce,
+    _to_bank_dtype,
+)
 
 
 def _world(group) -> tuple[int, int]:
@@ -169,9 +178,13 @@ def info_nce_sharded(
         t = float(t)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
+    if _forward_ad(anchors, positives, negatives):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported with process_group"
+        )
     result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
-    a = anchors.to(negatives.dtype)
-    p = positives.to(negatives.dtype)
+    a = _to_bank_dtype(anchors, negatives.dtype, normalize)
+    p = _to_bank_dtype(positives, negatives.dtype, normalize)
     scale = 1.0 / t
     a_all = all_gather_with_grad(a, process_group)
     lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group)

@@ -6,6 +6,7 @@ import math
 from numbers import Real
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import _backend, _ops
@@ -147,7 +148,7 @@ def _fused(
     include_positive: bool,
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.kernel_serves(anchors.device):
+    if _backend.kernel_serves(anchors.device) and not _forward_ad(anchors, positives, negatives, temperature):
         grad = torch.is_grad_enabled()
         learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
@@ -165,9 +166,23 @@ def _fused(
         if anchors.device.type == "cpu" and scale.device.type != "cpu":
             scale = scale.cpu()  # differentiable; a GPU 0-d tensor cannot meet CPU features in an op
         scale = _poison_bad_scale(scale)
-    return info_nce_core_reference(
-        anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
-    )
+    # The reference in the inputs' dtype, as the kernels (float32 accumulation for half inputs): autocast would
+    # run its logits' matmul in bfloat16/float16.
+    with torch.autocast(anchors.device.type, enabled=False):
+        return info_nce_core_reference(
+            anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
+        )
+
+
+def _forward_ad(*xs: object) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) carries a tangent on one of xs.
+
+    The compiled ops have no forward-mode formula, and torch.library's autograd wrapper runs them below autograd
+    when no input requires grad, which drops the tangents silently (a derivative of 0); such calls take the
+    reference instead (correct derivatives, materialised logits)."""
+    if fwAD._current_level < 0:
+        return False
+    return any(isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None for x in xs)
 
 
 def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -329,15 +344,40 @@ def _check_negatives(
 
 
 def _common_dtypes(big: torch.Tensor, *small: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(compute dtype, result dtype) for mixed inputs, as under autocast (bf16 activations, a float32 queue).
+    """(compute dtype, result dtype) for mixed inputs with a bank, as under autocast (bf16 activations, a float32
+    queue).
 
-    The kernel runs in the dtype of the largest tensor (the bank), so that it is never copied; the small (B, d)
-    tensors are cast to it (the cast is differentiable). The result has the promoted dtype of all inputs.
+    The kernel runs in the dtype of the bank, so that it is never copied; the small (B, d) tensors are cast to it
+    (the cast is differentiable, and may round down: float32 features against a bfloat16 bank run in bfloat16).
+    The result has the promoted dtype of all inputs. Without a bank (in-batch, NT-Xent, CLIP) every input is
+    small: see _promoted.
     """
     result = big.dtype
     for x in small:
         result = torch.promote_types(result, x.dtype)
     return big.dtype, result
+
+
+def _to_bank_dtype(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    """x (B, d) cast to the bank's dtype. Where that rounds down (float32 features, a float16 bank) and the rows are
+    normalised anyway, they are normalised first, in x's dtype: a row with entries past float16's range (65504)
+    would otherwise become inf (a NaN loss), one below 6e-8 zero. Differentiable; the kernel's own normalisation
+    of a unit row changes it only by rounding."""
+    if x.dtype == dtype:
+        return x
+    if normalize and torch.promote_types(x.dtype, dtype) != dtype:
+        x = F.normalize(x, dim=-1, eps=1e-12)
+    return x.to(dtype)
+
+
+def _promoted(*xs: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, result dtype) when every input is (B, d)-sized (in-batch, NT-Xent, CLIP): no copy is worth
+    avoiding, so they run in their promoted dtype, as torch's ops would (nothing rounded down; float32 features
+    above float16's range do not overflow), and the in-batch entry points agree on the same inputs."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype, dtype
 
 
 def info_nce(
@@ -378,7 +418,9 @@ def info_nce(
     Returns:
         The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
         dtypes (e.g. bfloat16 activations under autocast with a float32 queue) are allowed: the kernel runs in
-        the dtype of the negatives, so the bank is never copied, and the loss has the promoted dtype.
+        the dtype of the negatives, so the bank is never copied, and the loss has the promoted dtype (float32
+        features against a bfloat16/float16 bank therefore run in the bank's precision; with ``normalize`` they
+        are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
     if process_group is not None:
@@ -394,14 +436,14 @@ def info_nce(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     if negatives is None:
-        compute, result = _common_dtypes(anchors, positives)
+        compute, result = _promoted(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
         # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
         # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
         loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
-        a, p = anchors.to(compute), positives.to(compute)
+        a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
         loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True)
     return _reduce(loss, reduction, result)
 
@@ -435,9 +477,12 @@ def info_nce_lse(
         # taken out of the bank (exclude_self) and counted once as the positive (include_positive): the same sum,
         # but the dominant term e^{l_ii} is then computed once, in float32, rather than inside the bank's tiles
         # (where float16/bfloat16 coefficients and a second rounding of l_ii would cancel against the positive).
-        negatives, include_positive, exclude_self = positives, True, True
-    compute, _ = _common_dtypes(negatives, anchors, positives)
-    a, p = anchors.to(compute), positives.to(compute)
+        # With include_positive=False the diagonal is simply left out: the log-sum-exp over j != i.
+        negatives, exclude_self = positives, True
+        compute, _ = _promoted(anchors, positives)
+    else:
+        compute, _ = _common_dtypes(negatives, anchors, positives)
+    a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is positives:
         negatives = p
     loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self)
@@ -477,8 +522,8 @@ def bank_cross_entropy(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
-    anchors = anchors.to(compute)
-    if _backend.kernel_serves(anchors.device):
+    anchors = _to_bank_dtype(anchors, compute, normalize)
+    if _backend.kernel_serves(anchors.device) and not _forward_ad(anchors, bank, t):
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
@@ -518,7 +563,7 @@ def nt_xent(
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
-    compute, result = _common_dtypes(z1, z2)
+    compute, result = _promoted(z1, z2)
     views = torch.cat([z1.to(compute), z2.to(compute)])
     partners = torch.cat([z2.to(compute), z1.to(compute)])
     bank = views
@@ -577,7 +622,7 @@ def clip_loss(
         from .distributed import gather_with_local_first
 
         normalize = _check_bool("normalize", normalize)
-        compute, _ = _common_dtypes(image_features, text_features)
+        compute, _ = _promoted(image_features, text_features)
         img, txt = image_features.to(compute), text_features.to(compute)
         # Local pairs first in the gathered banks: row i of each bank is pair i's positive.
         txt_all = gather_with_local_first(txt, process_group)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import contrastbound as cb
 from contrastbound import _backend
-from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference
+from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference, nt_xent_reference
 
 from conftest import DEVICES, DTYPES, MODES, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs
 
@@ -285,6 +289,65 @@ def test_info_nce_lse_combines_disjoint_sets():
     assert_close_scaled(torch.logaddexp(first, rest), full, 1e-12, "lse")
 
 
+def test_info_nce_lse_in_batch_without_the_positive():
+    a, p, _, _ = make_inputs("in_batch", B=7, K=0, d=5, dtype=torch.float64, requires_grad=False)
+    _, lse = cb.info_nce_lse(a, p, temperature=0.3, include_positive=False)
+    logits = F.normalize(a, dim=1) @ F.normalize(p, dim=1).T / 0.3
+    want = logits.masked_fill(torch.eye(7, dtype=torch.bool), -math.inf).logsumexp(1)  # j != i
+    assert_close_scaled(lse, want, 1e-12, "lse over j != i")
+    _, with_pos = cb.info_nce_lse(a, p, temperature=0.3)
+    assert_close_scaled(with_pos, logits.logsumexp(1), 1e-12, "lse over all j")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward-mode AD (the ops have no forward formula: the reference serves such calls)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_mode_ad_matches_reference(mode):
+    a, p, n, idx = make_inputs(mode, B=5, K=40, d=4, dtype=torch.float64, M=30, requires_grad=False)
+    g = torch.Generator().manual_seed(3)
+    leaves = [x for x in (a, p, n) if x is not None]
+    tangents = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in leaves]
+
+    def loss_of(fn):
+        def f(*xs):
+            n_ = xs[2] if len(xs) == 3 else None
+            return fn(xs[0], xs[1], n_, negative_indices=idx, temperature=0.3, reduction="none")
+
+        return f
+
+    _, got = torch.func.jvp(loss_of(cb.info_nce), tuple(leaves), tuple(tangents))
+    _, want = torch.func.jvp(loss_of(info_nce_reference), tuple(leaves), tuple(tangents))
+    assert got.abs().max() > 0.1  # a dropped tangent gave 0
+    assert_close_scaled(got, want, 1e-10, "jvp")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(a, tangents[0])
+        out = cb.info_nce(dual, p, n, negative_indices=idx, temperature=0.3, reduction="sum")
+        tangent = fwAD.unpack_dual(out).tangent
+    _, want_a = torch.func.jvp(lambda x: info_nce_reference(x, p, n, negative_indices=idx, temperature=0.3,
+                                                            reduction="sum"), (a,), (tangents[0],))
+    assert tangent is not None
+    assert_close_scaled(tangent, want_a, 1e-10, "forward_ad")
+
+
+def test_forward_mode_ad_temperature_and_bank_cross_entropy():
+    a, p, n, _ = make_inputs("shared", B=6, K=30, d=4, dtype=torch.float64, requires_grad=False)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64)
+    _, got = torch.func.jvp(lambda x: cb.info_nce(a, p, n, temperature=x), (t,), (one,))
+    _, want = torch.func.jvp(lambda x: info_nce_reference(a, p, n, temperature=x), (t,), (one,))
+    assert abs(float(got)) > 0.1
+    assert_close_scaled(got, want, 1e-10, "d loss / d temperature")
+    targets = torch.tensor([0, 3, 3, 29, 7, 1])
+    v = torch.randn(n.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, got = torch.func.jvp(lambda w: cb.bank_cross_entropy(a, w, targets, temperature=0.3), (n,), (v,))
+    _, want = torch.func.jvp(lambda w: bank_cross_entropy_reference(a, w, targets, temperature=0.3), (n,), (v,))
+    assert abs(float(got)) > 1e-3
+    assert_close_scaled(got, want, 1e-10, "bank cross-entropy jvp")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Property test over shapes and values
 # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +425,44 @@ def test_mixed_dtypes_compute_in_the_bank_dtype():
     assert_close_scaled(loss, ref, 1e-6, "loss")
     (ga,) = torch.autograd.grad(loss, [a16])
     assert ga.dtype == torch.bfloat16
+
+
+def test_mixed_dtypes_float32_features_beyond_a_float16_bank_range():
+    # Rows normalised before the cast down to the bank's float16: entries past 65504 would otherwise become inf.
+    a, p, n, _ = make_inputs("shared", B=6, K=200, d=8, dtype=torch.float32, seed=14, requires_grad=False)
+    a, p = (a * 1e6).requires_grad_(True), (p * 1e6).requires_grad_(True)
+    loss = cb.info_nce(a, p, n.half(), temperature=0.2)
+    ref = info_nce_reference(a.detach().double(), p.detach().double(), n.half().double(), temperature=0.2)
+    assert loss.dtype == torch.float32
+    assert_close_scaled(loss, ref, 2e-3, "loss")
+    ga, gp = torch.autograd.grad(loss, [a, p])
+    assert torch.isfinite(ga).all() and torch.isfinite(gp).all()
+
+
+def test_in_batch_mixed_dtypes_promote():
+    # No bank: every input is (B, d), so nothing is rounded down and the in-batch entry points agree.
+    a, p, _, _ = make_inputs("in_batch", B=9, K=0, d=8, dtype=torch.float32, seed=15, requires_grad=False)
+    a16, p32 = a.half(), p * 1e5  # p past float16's range: a cast of p to a16's dtype would overflow
+    ref = info_nce_reference(a16.double(), p32.double(), temperature=0.2, reduction="none")
+    loss = cb.info_nce(a16, p32, temperature=0.2, reduction="none")
+    lse_loss, _ = cb.info_nce_lse(a16, p32, temperature=0.2)
+    assert loss.dtype == torch.float32
+    assert_close_scaled(loss, ref, 1e-5, "info_nce")
+    assert_close_scaled(lse_loss, ref, 1e-5, "info_nce_lse")
+    z = cb.nt_xent(a16, p32, 0.2, reduction="none")
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert_close_scaled(z, nt_xent_reference(a16.double(), p32.double(), 0.2, reduction="none"), 1e-5, "nt_xent")
+
+
+def test_fallback_ignores_autocast(monkeypatch):
+    # The reference serving as the fallback keeps the inputs' dtype (float32 here) under autocast, as the kernels.
+    a, p, n, _ = make_inputs("shared", B=16, K=500, d=32, dtype=torch.float32, seed=16, requires_grad=False)
+    kernel = cb.info_nce(a, p, n, temperature=0.05, reduction="none")
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fallback = cb.info_nce(a, p, n, temperature=0.05, reduction="none")
+    assert fallback.dtype == torch.float32
+    assert_close_scaled(fallback, kernel, 1e-5, "fallback under autocast")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
