@@ -531,3 +531,22 @@ def test_nan_bank_row_in_a_partial_tile_gives_nan(device, dtype, K, row):
     z[row, 3] = float("nan")
     in_batch = cb.info_nce(z, z.flip(0), reduction="none")
     assert torch.isnan(in_batch).all(), in_batch
+
+
+@pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
+def test_backward_does_not_copy_a_strided_bank_it_does_not_read():
+    # A (K, d) bank with a non-unit feature stride (a transposed buffer) is copied only where the backward reads
+    # it: with a detached bank and a saved V, the anchors' and positives' gradients need O(B d) work.
+    B, K, d = 8, 3000, 16
+    a, p, _, _ = make_inputs("shared", B=B, K=0, d=d, dtype=torch.float32, seed=17)
+    bank = torch.randn(d, K).t()  # strides (1, K)
+    loss = cb.info_nce(a, p, bank)
+
+    def bank_copies(fn):
+        with torch.profiler.profile(record_shapes=True) as prof:
+            fn()
+        return [e for e in prof.events() if e.name in ("aten::clone", "aten::contiguous") and [K, d] in e.input_shapes]
+
+    assert bank_copies(lambda: loss.backward()) == []
+    bank.requires_grad_(True)
+    assert bank_copies(lambda: cb.info_nce(a, p, bank).backward()) != []  # the check sees a copy where one is made

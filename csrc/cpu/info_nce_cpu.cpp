@@ -501,7 +501,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   const acc_t* lse_p = lse.template data_ptr<acc_t>();
   const acc_t s = static_cast<acc_t>(scale);
   const Mode mode = mode_of(negatives_in, indices);
-  const Tensor negatives = unit_inner_stride(negatives_in);
+  // A bank with a non-unit feature stride is copied only where it is read (V recomputed, or its gradient): the
+  // anchors' and positives' gradients alone need O(B d) work.
+  const bool reads_negatives = mask[2] || (mask[0] && anchor_term_in.numel() != B * d);
+  const Tensor negatives = reads_negatives ? unit_inner_stride(negatives_in) : negatives_in;
 
   Tensor grad_a = mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
