@@ -132,8 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--one-pass", action="store_true",
-                    help="also time the opt-in kernels: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1) and the "
-                         "flash-layout kernels (CONTRASTBOUND_TC_FLASH=1)")
+                    help="also time the opt-in kernels: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1), the "
+                         "flash-layout kernels (CONTRASTBOUND_TC_FLASH=1) and, on compute capability 9.0, their "
+                         "warpgroup-MMA versions (CONTRASTBOUND_TC_WGMMA=1)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -256,6 +257,10 @@ def main(argv=None) -> int:
                     variant("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"}, reps, catch=True)
                     variant("fused_flash_1stage", {"CONTRASTBOUND_TC_FLASH": "1", "CONTRASTBOUND_TC_STAGES": "1"},
                             reps, catch=True)
+                    if torch.cuda.get_device_capability() == (9, 0):
+                        variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps, catch=True)
+                        variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
+                                reps, catch=True)
                 if logk in ks[:2]:
                     variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                 if logk == ks[0]:

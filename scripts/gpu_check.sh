@@ -8,7 +8,8 @@
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
-# python3), ARCH (TORCH_CUDA_ARCH_LIST, default 9.0a), MAX_JOBS (default 16), BUDGET_S (default 470),
+# python3), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
+# sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 470),
 # TEST_S (seconds for the tests, default 200), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network). Fetch them beforehand on
@@ -62,8 +63,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/cb_site${PYTHONPATH:+:$PYTHONPATH} || echo "peer wheels not installed"
 fi
 
-step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${ARCH:-9.0a}, MAX_JOBS=${MAX_JOBS:-16})"
-if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" \
+ARCH=${ARCH:-$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))' 2>/dev/null || echo 9.0a)}
+step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=${MAX_JOBS:-16})"
+if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="$ARCH" \
   timeout 260 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"
   echo "BUILD FAILED (full log: $OUT/build.log)"

@@ -374,14 +374,20 @@ def _rel_err(x, ref):
 
 # mma: mma.sync + ldmatrix kernels (the default); wmma: the WMMA kernels (CONTRASTBOUND_TC_MMA=0);
 # mma_1pass: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1); flash: the register-coefficient kernels with
-# 128-row blocks (CONTRASTBOUND_TC_FLASH=1). The last two are opt-in until these tests have passed on a GPU.
-TC_IMPLS = ["mma", "wmma", "mma_1pass", "flash"]
+# 128-row blocks (CONTRASTBOUND_TC_FLASH=1); wgmma: their sm_90a warpgroup-MMA versions (CONTRASTBOUND_TC_WGMMA=1).
+# The last three are opt-in until these tests have passed on a GPU.
+TC_IMPLS = ["mma", "wmma", "mma_1pass", "flash", "wgmma"]
 
 
 def _set_tc_impl(monkeypatch, impl):
+    # wgmma: the sm_90a warpgroup-MMA versions of the flash kernels (CONTRASTBOUND_TC_WGMMA=1); the op raises if the
+    # build has no sm_90a code, so a build without 9.0a fails here rather than testing the other kernels.
+    if impl == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernels need compute capability 9.0")
     monkeypatch.setenv("CONTRASTBOUND_TC_MMA", "0" if impl == "wmma" else "1")
     monkeypatch.setenv("CONTRASTBOUND_TC_FUSED_FWD", "1" if impl == "mma_1pass" else "0")
     monkeypatch.setenv("CONTRASTBOUND_TC_FLASH", "1" if impl == "flash" else "0")
+    monkeypatch.setenv("CONTRASTBOUND_TC_WGMMA", "1" if impl == "wgmma" else "0")
 
 
 def _run_path(tensor_cores: bool, monkeypatch, fn, *args, **kw):
@@ -507,7 +513,7 @@ def test_tf32_follows_torch_matmul_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("stages", ["1", "2"])
-@pytest.mark.parametrize("impl", ["mma", "mma_1pass", "flash"])
+@pytest.mark.parametrize("impl", ["mma", "mma_1pass", "flash", "wgmma"])
 def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages, impl):
     monkeypatch.setenv("CONTRASTBOUND_TC_STAGES", stages)
     _set_tc_impl(monkeypatch, impl)

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -833,6 +834,7 @@ __global__ void __launch_bounds__(kThreads)
 
 #include "info_nce_tc.cuh"
 #include "info_nce_flash.cuh"
+#include "info_nce_wgmma.cuh"
 
 // ---------------------------------------------------------------------------------------------------------
 // Launchers
@@ -970,50 +972,103 @@ int64_t tc_rows_slots(int64_t d, int num_sms) {
   return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
 }
 
+// Writes 1 where this build carries sm_90a code for the running device (the wgmma kernels' body), else 0.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// Whether the wgmma kernels (info_nce_wgmma.cuh) can run on the current device: compute capability 9.0 and a
+// build with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a; a plain 9.0 build would reach their __trap()).
+// Asked once per device (one tiny launch and a synchronous 4-byte copy), and only when they are asked for.
+bool device_runs_sm90a() {
+  static std::mutex mutex;
+  static std::vector<std::pair<int, bool>> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& e : cache)
+    if (e.first == device) return e.second;
+  bool ok = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+            device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+  if (ok) {
+    int* flag = nullptr;
+    int host = 0;
+    ok = cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+    if (ok) {
+      sm90a_probe_kernel<<<1, 1>>>(flag);
+      ok = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && host == 1;
+      cudaFree(flag);
+    }
+    cudaGetLastError();  // a failed probe (no kernel image) means no: not an error of the caller's work
+  }
+  cache.emplace_back(device, ok);
+  return ok;
+}
+
+// Warpgroup-MMA kernels for float16/bfloat16 on sm_90a: CONTRASTBOUND_TC_WGMMA=1 (off by default: emulation-
+// tested, not yet run on a GPU). They replace the flash-layout kernels one for one (same work split, arguments
+// and outputs), so everything below that plans for the flash kernels serves them too.
+inline bool tc_wgmma() {
+  const char* env = std::getenv("CONTRASTBOUND_TC_WGMMA");
+  return env != nullptr && env[0] == '1' && tc_use_mma() && device_runs_sm90a();
+}
+
 // Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
-// yet run on a GPU). They take both rows passes and, when the anchors' term is wanted, a one-pass forward.
+// yet run on a GPU), or their wgmma versions (tc_wgmma). They take both rows passes and, when the anchors' term is
+// wanted, a one-pass forward.
 template <typename T>
 bool tc_flash() {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
     const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
-    return tc_use_mma() && env != nullptr && env[0] == '1';
+    return tc_use_mma() && ((env != nullptr && env[0] == '1') || tc_wgmma());
   }
 }
 
 // Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
+// (wgmma: the same, with the wgmma kernels' unpadded core-matrix layout.)
 template <typename T>
 TcSmem fl_kernel_smem(int64_t d) {
+  const bool wg = tc_wgmma();
+  const auto plan = [&](int stages) { return wg ? wg_smem<T>(d, stages) : fl_smem<T>(d, stages); };
   const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
   int stages = (env != nullptr && env[0] == '1') ? 1 : 2;
-  if (stages == 2 &&
-      fl_smem<T>(d, 2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+  if (stages == 2 && plan(2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
     stages = 1;
   }
-  return fl_smem<T>(d, stages);
+  return plan(stages);
+}
+
+// f(kernel) for the flash-layout kernel (or its wgmma version) of (T, MODE) whose NT fits dpad.
+template <typename T, FlashMode MODE, typename F>
+auto fl_with_kernel(int dpad, const F& f) {
+  if (tc_wgmma()) return dpad <= 128 ? f(wgmma_kernel<T, MODE, 16>) : f(wgmma_kernel<T, MODE, 32>);
+  return dpad <= 128 ? f(flash_kernel<T, MODE, 16>) : f(flash_kernel<T, MODE, 32>);
 }
 
 template <typename T, FlashMode MODE>
 int64_t fl_slots(int64_t d, int num_sms) {
   const TcSmem sm = fl_kernel_smem<T>(d);
-  return sm.dpad <= 128 ? tc_slots(flash_kernel<T, MODE, 16>, sm.total, num_sms)
-                        : tc_slots(flash_kernel<T, MODE, 32>, sm.total, num_sms);
+  return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) { return tc_slots(kernel, sm.total, num_sms); });
 }
 
 template <typename T, FlashMode MODE>
 cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
   const TcSmem sm = fl_kernel_smem<T>(f.d);
   const dim3 grid = grid_for(f.xblocks * f.splits);
-  cudaError_t e = cudaSuccess;
-  if (sm.dpad <= 128) {
-    e = allow_smem(flash_kernel<T, MODE, 16>, sm.total);
-    if (e == cudaSuccess) flash_kernel<T, MODE, 16><<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
-  } else {
-    e = allow_smem(flash_kernel<T, MODE, 32>, sm.total);
-    if (e == cudaSuccess) flash_kernel<T, MODE, 32><<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
-  }
-  return e;
+  return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
+    const cudaError_t e = allow_smem(kernel, sm.total);
+    if (e == cudaSuccess) kernel<<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
+    return e;
+  });
 }
 
 // The kernel that serves the forward's walk over the bank (lse only, or one pass with the anchor term).
@@ -1400,6 +1455,8 @@ cudaError_t dispatch(DType t, const F& f) {
 }
 
 }  // namespace
+
+bool wgmma_available() { return device_runs_sm90a(); }
 
 size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term, int num_sms) {
   Carver c(nullptr);

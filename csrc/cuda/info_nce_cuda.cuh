@@ -88,6 +88,11 @@ struct BackwardArgs {
   const int64_t* sorted_pairs = nullptr;  // (B * K,)
 };
 
+// Whether the experimental warpgroup-MMA kernels (CONTRASTBOUND_TC_WGMMA=1) can run on the current device:
+// compute capability 9.0 and a build carrying sm_90a code. The first call per device runs a one-thread probe
+// kernel and synchronises.
+bool wgmma_available();
+
 // Bytes of scratch memory that info_nce_forward / info_nce_backward need (pass at least that many, any
 // alignment of 256 bytes). num_sms: multiprocessors of the device (sizes the grids and the scratch).
 size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term, int num_sms);

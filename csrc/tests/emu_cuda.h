@@ -236,6 +236,12 @@ inline void tc_commit() {
   emu::g.cur->open.clear();
 }
 
+namespace emu {
+// Optional observer of the shared-memory writes the emulation performs for the current thread (cp.async data,
+// applied at its wait): emu_wgmma.h uses it to check the generic-to-async proxy fence before wgmma reads.
+inline void (*smem_write_hook)(unsigned addr, unsigned bytes) = nullptr;
+}  // namespace emu
+
 template <int N>
 void tc_wait() {
   auto& groups = emu::g.cur->groups;
@@ -243,6 +249,7 @@ void tc_wait() {
     for (const emu::Copy& c : groups.front()) {
       std::memset(emu::g.smem + c.dst, 0, 16);
       if (c.bytes) std::memcpy(emu::g.smem + c.dst, c.src, c.bytes);
+      if (emu::smem_write_hook) emu::smem_write_hook(c.dst, 16);
     }
     groups.erase(groups.begin());
   }

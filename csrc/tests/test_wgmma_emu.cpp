@@ -1,0 +1,319 @@
+// C++ test (no GPU needed) of the experimental sm_90a warpgroup-MMA kernels of csrc/cuda/info_nce_wgmma.cuh,
+// compiled for the CPU against emu_cuda.h + emu_wgmma.h (one fiber per CUDA thread; wgmma descriptors, canonical
+// shared-memory layouts, register fragments, commit / wait groups and the async-proxy fence emulated from the PTX
+// ISA text) and compared with float64 computations of the same quantities from the same rounded inputs, in the
+// cases of test_mma_emu.cpp's flash checks; each result is also compared with flash_kernel's (same arguments, same
+// output structure). Then the mutation checks: the kernel run with deliberate bugs (WgMutation), each in a child
+// process, must fail a check or an emulation assertion, which shows the emulation can catch them.
+//
+//   g++ -std=c++17 -O2 -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Icsrc -I/usr/local/cuda/include
+//       csrc/tests/test_wgmma_emu.cpp -o /tmp/wgemu && /tmp/wgemu [quick | values | mutations | mutation=K]
+#include "emu_cuda.h"
+#include "emu_wgmma.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/online_lse.h"
+
+namespace contrastbound {
+namespace cuda {
+namespace {
+#include "cuda/device_common.cuh"
+#include "cuda/info_nce_tc.cuh"
+#include "cuda/info_nce_flash.cuh"
+#include "cuda/info_nce_wgmma.cuh"
+}  // namespace
+}  // namespace cuda
+}  // namespace contrastbound
+
+using namespace contrastbound::cuda;
+
+namespace {
+
+#include "emu_test_common.h"
+
+// ---- the wgmma kernels ----
+
+template <typename T, FlashMode MODE>
+void launch_both(bool wgmma, const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, int stages, unsigned grid) {
+  if (wgmma) {
+    const TcSmem m = wg_smem<T>(f.d, stages);
+    if (m.dpad <= 128) {
+      emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, 16>(X, Y, f, m); });
+    } else {
+      emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, 32>(X, Y, f, m); });
+    }
+  } else {
+    const TcSmem m = fl_smem<T>(f.d, stages);
+    if (m.dpad <= 128) {
+      emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, MODE, 16>(X, Y, f, m); });
+    } else {
+      emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, MODE, 32>(X, Y, f, m); });
+    }
+  }
+}
+
+double rel_diff(const std::vector<double>& a, const std::vector<double>& b) { return rel_err(a, b); }
+
+// Anchor term (X = anchors) and bank gradients (X = bank): float64 reference, and flash_kernel's result.
+template <typename T>
+void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
+  const Mat<T> A = with_zero_row(random_mat<T>(rng, c.B, c.d, c.strided, 1.0), c.zero_a);
+  const Mat<T> N = with_zero_row(random_mat<T>(rng, c.K, c.d, c.strided, 1.0), c.zero_n);
+  const std::vector<float> ai = inv_norms(A), ni = inv_norms(N);
+  const std::vector<double> l = logits(A, N, ai, ni, c);
+  std::vector<float> lse(c.B), gl(c.B), proj(c.K);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int64_t i = 0; i < c.B; ++i) {
+    const auto [m, s] = lse_range(l, c.K, i, 0, c.K);
+    lse[i] = static_cast<float>(m + std::log(s));
+    gl[i] = static_cast<float>(u(rng));
+  }
+  for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
+  for (int bank = 0; bank < 2; ++bank) {
+    const Mat<T>& Xm = bank ? N : A;
+    const Mat<T>& Ym = bank ? A : N;
+    const int64_t xrows = Xm.rows, yrows = Ym.rows;
+    const int64_t ytiles = (yrows + kFlCols - 1) / kFlCols;
+    FlArgs f;
+    f.d = c.d;
+    f.xblocks = (xrows + kFlRows - 1) / kFlRows;
+    f.tiles_per_split = (ytiles + c.chunks - 1) / c.chunks;
+    f.splits = (ytiles + f.tiles_per_split - 1) / f.tiles_per_split;
+    f.scale = &c.scale;
+    f.exclude_self = c.exclude_self;
+    f.x_inv = bank ? ni.data() : ai.data();
+    f.x_proj = bank ? proj.data() : nullptr;
+    f.y_inv = bank ? ai.data() : ni.data();
+    f.lse = lse.data();
+    f.g = bank ? gl.data() : nullptr;
+    const std::vector<float> bound = bank ? coef_bound<T>(ai, &gl, c.scale) : coef_bound<T>(ni, nullptr, 1.f);
+    f.coef_bound = bound.empty() ? nullptr : bound.data();
+    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(f.xblocks * f.splits));
+    const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
+    std::vector<double> outs[2];  // 0: wgmma_kernel, 1: flash_kernel
+    for (int k = 0; k < 2; ++k) {
+      std::vector<float> partial(f.splits * xrows * c.d, NAN), out_v(xrows * c.d, NAN);
+      std::vector<T> out_grad(xrows * c.d, to_t<T>(NAN));
+      f.partial = partial.data();
+      f.out_v = out_v.data();
+      f.out_grad = out_grad.data();
+      if (bank) {
+        launch_both<T, FlashMode::BankGrads>(k == 0, X, Y, f, c.stages, grid);
+      } else {
+        launch_both<T, FlashMode::AnchorTerm>(k == 0, X, Y, f, c.stages, grid);
+      }
+      for (int64_t x = 0; x < xrows; ++x)
+        for (int64_t j = 0; j < c.d; ++j) {
+          if (f.splits > 1) {
+            double s = 0;
+            for (int64_t sp = 0; sp < f.splits; ++sp) s += partial[(sp * xrows + x) * c.d + j];
+            outs[k].push_back(s);
+          } else {
+            outs[k].push_back(bank ? from_t<T>(out_grad[x * c.d + j]) : out_v[x * c.d + j]);
+          }
+        }
+    }
+    std::vector<double> want;
+    for (int64_t x = 0; x < xrows; ++x) {
+      std::vector<double> G(c.d, 0.0);
+      for (int64_t y = 0; y < yrows; ++y) {
+        const double lv = bank ? l[y * c.K + x] : l[x * c.K + y];
+        if (lv == -INFINITY) continue;
+        const double coef = bank ? gl[y] * c.scale * std::exp(lv - lse[y]) * ai[y] : std::exp(lv - lse[x]) * ni[y];
+        for (int64_t j = 0; j < c.d; ++j) G[j] += coef * Ym.f(y, j);
+      }
+      if (!bank || f.splits > 1) {
+        for (int64_t j = 0; j < c.d; ++j) want.push_back(G[j]);
+      } else {
+        double nd = 0;
+        for (int64_t j = 0; j < c.d; ++j) nd += G[j] * N.f(x, j);
+        for (int64_t j = 0; j < c.d; ++j) want.push_back(ni[x] * G[j] - nd * ni[x] * proj[x] * N.f(x, j));
+      }
+    }
+    const double e = rel_err(outs[0], want), ef = rel_diff(outs[0], outs[1]);
+    const std::string what = std::string(bank ? "bank gradients" : "anchor term") + " (splits " +
+                             std::to_string(f.splits) + "), " + c.name();
+    expect(e <= tol, "wgmma_kernel " + what + " vs float64 (rel err " + std::to_string(e) + ")");
+    expect(ef <= tol, "wgmma_kernel " + what + " vs flash_kernel (rel diff " + std::to_string(ef) + ")");
+  }
+}
+
+// Forward: the chunk partials (max, sum, V relative to the kernel's max) against float64 and flash_kernel.
+template <typename T>
+void run_forward(const Case& c, std::mt19937_64& rng, double tol) {
+  const Mat<T> A = with_zero_row(random_mat<T>(rng, c.B, c.d, c.strided, 1.0), c.zero_a);
+  const Mat<T> N = with_zero_row(random_mat<T>(rng, c.K, c.d, c.strided, 1.0), c.zero_n);
+  const std::vector<float> ai = inv_norms(A), ni = inv_norms(N);
+  const std::vector<double> l = logits(A, N, ai, ni, c);
+  const int64_t tiles = (c.K + kFlCols - 1) / kFlCols;
+  FlArgs f;
+  f.d = c.d;
+  f.tiles_per_split = (tiles + c.chunks - 1) / c.chunks;
+  f.splits = (tiles + f.tiles_per_split - 1) / f.tiles_per_split;
+  f.xblocks = (c.B + kFlRows - 1) / kFlRows;
+  f.scale = &c.scale;
+  f.exclude_self = c.exclude_self;
+  f.x_inv = ai.data();
+  f.y_inv = ni.data();
+  const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
+  f.coef_bound = bound.empty() ? nullptr : bound.data();
+  const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(f.xblocks * f.splits));
+  const TcOperand<T> X = A.operand(), Y = N.operand();
+  const int64_t chunk_len = f.tiles_per_split * kFlCols;
+  std::vector<double> lse_got[2], v_got[2], v_want;
+  double worst = 0;
+  for (int k = 0; k < 2; ++k) {
+    std::vector<float> pmax(f.splits * c.B, NAN), psum(f.splits * c.B, NAN), pw(f.splits * c.B * c.d, NAN);
+    f.part_max = pmax.data();
+    f.part_sum = psum.data();
+    f.partial = pw.data();
+    launch_both<T, FlashMode::Forward>(k == 0, X, Y, f, c.stages, grid);
+    for (int64_t ch = 0; ch < f.splits; ++ch) {
+      const int64_t k0 = ch * chunk_len, k1 = std::min(c.K, k0 + chunk_len);
+      for (int64_t i = 0; i < c.B; ++i) {
+        const auto [rm, rs] = lse_range(l, c.K, i, k0, k1);
+        const double gm = pmax[ch * c.B + i], gs = psum[ch * c.B + i];
+        if (rm == -INFINITY) {
+          if (k == 0 && !(gm == -INFINITY && gs == 0)) worst = INFINITY;
+          continue;
+        }
+        const double got = gm + std::log(gs), want = rm + std::log(rs);
+        lse_got[k].push_back(got);
+        if (k == 0) worst = std::max(worst, std::fabs(got - want) / std::max(1.0, std::fabs(want)));
+        for (int64_t j = 0; j < c.d; ++j) {
+          v_got[k].push_back(pw[(ch * c.B + i) * c.d + j]);
+          if (k == 0) {
+            double v = 0;
+            for (int64_t kk = k0; kk < k1; ++kk) v += std::exp(l[i * c.K + kk] - gm) * ni[kk] * N.f(kk, j);
+            v_want.push_back(v);
+          }
+        }
+      }
+    }
+  }
+  expect(worst <= 1e-4, "wgmma_kernel<Forward> lse partials, " + c.name() + " (rel err " + std::to_string(worst) + ")");
+  const double e = rel_err(v_got[0], v_want), ef = rel_diff(v_got[0], v_got[1]);
+  expect(e <= tol, "wgmma_kernel<Forward> V partials, " + c.name() + " vs float64 (rel err " + std::to_string(e) + ")");
+  expect(ef <= tol, "wgmma_kernel<Forward> V partials, " + c.name() + " vs flash_kernel (rel diff " + std::to_string(ef) + ")");
+}
+
+std::vector<Case> value_cases(bool quick) {
+  std::vector<Case> cases = {
+      // B, K, d, excl, strided, stages, chunks (splits), grid, scale
+      {70, 200, 64, false, false, 1, 2, 1000, 5.0f},     // edges of B and K (one warpgroup idle), two splits
+      {37, 130, 19, false, true, 1, 1, 1000, 2.0f},      // d = 19: scalar copies, zero padding to 32 (N = 32)
+      {130, 130, 40, true, false, 2, 3, 2, 4.0f},        // exclude_self, two stages, grid-stride; dpad 48 (N = 48)
+      {1, 1, 1, false, false, 1, 1, 1000, 1.0f},         // one anchor, one row, d = 1 (N = 16)
+      {65, 65, 8, true, false, 1, 2, 1000, 3.0f},        // exclude_self, split 2 is one column
+      {64, 64, 16, false, false, 2, 1, 1000, 10.0f},     // exactly one tile, direct finishing
+      {200, 150, 80, false, false, 2, 1, 1000, 6.0f},    // two X blocks, dpad 80 = 64 + 16 (two O chunks)
+      {20, 300, 256, false, false, 1, 5, 3, 14.0f},      // d = 256 (four O chunks), many splits, grid-stride
+      {70, 200, 64, false, false, 1, 2, 1000, 1.0f / 0.07f, 5, 130},  // zero rows: see test_mma_emu.cpp
+      {130, 130, 40, true, false, 2, 3, 2, 4.0f, 7, 100},
+  };
+  if (!quick) {
+    cases.push_back({150, 700, 128, true, false, 2, 2, 1000, 1.0f / 0.07f});
+    cases.push_back({140, 260, 200, false, true, 2, 1, 1000, 8.0f});  // dpad 208 = 3 x 64 + 16, strided
+  }
+  return cases;
+}
+
+template <typename T>
+void run_values(bool quick, double tol, const char* tname) {
+  std::mt19937_64 rng(2024);
+  const std::vector<Case> cases = value_cases(quick);
+  for (const Case& c : cases) {
+    run_rows<T>(c, rng, tol);
+    run_forward<T>(c, rng, tol);
+  }
+  std::printf("%s: %zu cases run\n", tname, cases.size());
+}
+
+const char* mutation_name(int k) {
+  static const char* names[] = {"none", "LBO/SBO swapped in the X descriptor", "LBO/SBO swapped in the K-major Y descriptor",
+                                "LBO/SBO swapped in the N-major Y descriptor", "no imm-trans-b in the second product",
+                                "A fragment registers 1 and 2 swapped", "no wait_group before reading the scores",
+                                "no wait_group after the second product", "no fence.proxy.async after the copies",
+                                "no wgmma.fence before the score product", "both warpgroups on X rows 0-63"};
+  return names[k];
+}
+
+// The value checks of a small set of cases with mutation k: two X blocks (both warpgroups busy), several tiles per
+// split, one and two stages, the scalar copy path, both types, all three modes.
+void run_mutation_cases(int k) {
+  wg_mutation = k;
+  std::mt19937_64 rng(7);
+  run_rows<__nv_bfloat16>({130, 200, 40, false, false, 1, 1, 1000, 4.0f}, rng, 1.5e-2);
+  run_forward<__half>({130, 200, 40, true, false, 2, 1, 1000, 4.0f}, rng, 4e-3);
+  run_rows<__half>({70, 150, 80, false, true, 2, 1, 1000, 4.0f}, rng, 4e-3);
+  wg_mutation = kWgMutNone;
+}
+
+// Runs run_mutation_cases(k) in a child process; true if the child failed (a
+// check or an emulation assertion). `why`: the first line that says why.
+bool mutation_caught(int k, std::string& why) {
+  int fds[2];
+  if (pipe(fds) != 0) return false;
+  std::fflush(stdout);  // or the child inherits (and writes into the pipe) what the parent has buffered
+  std::fflush(stderr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    run_mutation_cases(k);
+    std::fflush(stdout);
+    _exit(failures == 0 ? 0 : 1);
+  }
+  close(fds[1]);
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  size_t p = out.find("emu:");
+  if (p == std::string::npos) p = out.find("FAIL");
+  why = p == std::string::npos ? std::string("(no message)") : out.substr(p, out.find('\n', p) - p);
+  return failed;
+}
+
+void run_mutations() {
+  std::string why;
+  expect(!mutation_caught(kWgMutNone, why), std::string("unmutated kernel in the mutation harness: ") + why);
+  for (int k = 1; k < kWgMutCount; ++k) {
+    const bool caught = mutation_caught(k, why);
+    std::printf("mutation %-45s %s: %s\n", mutation_name(k), caught ? "caught" : "NOT CAUGHT", why.c_str());
+    expect(caught, std::string("mutation not caught: ") + mutation_name(k));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool quick = mode == "quick";
+  if (mode.empty() || mode == "quick" || mode == "values") {
+    run_values<__nv_bfloat16>(quick, 1.5e-2, "bfloat16");
+    run_values<__half>(quick, 4e-3, "float16");
+  }
+  if (mode.rfind("mutation=", 0) == 0) {  // one mutation in this process (to debug what catches it)
+    run_mutation_cases(std::atoi(mode.c_str() + 9));
+  } else if (mode != "values") {
+    run_mutations();
+  }
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
