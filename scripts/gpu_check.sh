@@ -3,7 +3,8 @@
 #   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
-# and writes gpu_check.log, pytest_cuda.xml and bench_gpu.csv into OUTDIR.
+# and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers)
+# and bench_gpu_opt_in.csv (the opt-in kernels against the default) into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -82,17 +83,30 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   [ "$T" -lt 30 ] && T=30
   PER_TEST=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
-  # Test modules that need a package this machine may lack (no network to install it) are left out, by name.
+  # Test modules that need a package this machine may lack (no network to install it) are left out, by name
+  # (test_info_nce.py imports hypothesis optionally: only its property test needs it).
   IGNORE=()
   "$PY" -c 'import hypothesis' 2>/dev/null \
-    || { echo "hypothesis missing: not collecting tests/test_info_nce.py, tests/test_sandwich.py"; \
-         IGNORE+=(--ignore=tests/test_info_nce.py --ignore=tests/test_sandwich.py); }
+    || { echo "hypothesis missing: not collecting tests/test_sandwich.py"; IGNORE+=(--ignore=tests/test_sandwich.py); }
   "$PY" -c 'import mpmath' 2>/dev/null \
     || { echo "mpmath missing: not collecting tests/test_bounds.py, tests/test_reproduce.py"; \
          IGNORE+=(--ignore=tests/test_bounds.py --ignore=tests/test_reproduce.py); }
-  timeout "$T" "$PY" -m pytest ${TESTS:-tests} ${IGNORE[@]+"${IGNORE[@]}"} -q -m cuda --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short \
-    --durations=10 --junitxml="$OUT/pytest_cuda.xml" || TEST_RC=$?
-  [ "$TEST_RC" -eq 124 ] && echo "TESTS TIMED OUT after ${T} s"
+  # Three processes: the default kernels first, then the opt-in ones (one-pass, flash, wgmma: never run on a GPU
+  # before), whose failure could poison the CUDA context of every later test in the same process. SIGINT on
+  # timeout, so that pytest still prints its summary and writes the XML.
+  run_tests() {  # NAME SECONDS -k EXPR
+    local rc=0
+    timeout -s INT -k 20 "$2" "$PY" -m pytest ${TESTS:-tests} ${IGNORE[@]+"${IGNORE[@]}"} -q -m cuda -k "$3" \
+      --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
+      --junitxml="$OUT/pytest_cuda_$1.xml" || rc=$?
+    [ "$rc" -eq 124 ] && echo "TESTS ($1) TIMED OUT after $2 s"
+    [ "$rc" -eq 5 ] && rc=0  # none selected (e.g. wgmma off compute capability 9.0)
+    [ "$rc" -ne 0 ] && TEST_RC=$rc
+    return 0
+  }
+  run_tests default $(( T * 5 / 10 )) "not mma_1pass and not flash and not wgmma"
+  run_tests flash_1pass $(( T * 3 / 10 )) "mma_1pass or flash"
+  run_tests wgmma $(( T * 2 / 10 )) "wgmma"
 else
   echo "pytest is not installed here: running no tests"
   TEST_RC=5
@@ -105,12 +119,20 @@ if [ "$B" -lt 30 ]; then
   echo "no time left for the benchmark"
   BENCH_RC=124
 else
-  # The opt-in kernels (one-pass forward, flash layout) are timed too; bench_gpu.py first checks each against the
-  # default kernels' loss and gradients and reports "WRONG RESULT" instead of a time when they disagree.
-  ONE_PASS="--one-pass"
-  timeout "$B" "$PY" benchmarks/bench_gpu.py $QUICK $ONE_PASS ${BENCH_ARGS:-} --budget $((B - 60 > 20 ? B - 60 : 20)) \
-    --csv "$OUT/bench_gpu.csv" \
-    || BENCH_RC=$?
+  # Two processes (rows are written as they are measured): the default kernels, naive, peers and the safe
+  # variants; then the opt-in kernels (one-pass forward, flash layout, wgmma), each first checked against the
+  # default kernels' loss and gradients ("WRONG RESULT" instead of a time when they disagree), in a process of
+  # their own so that one poisoning the CUDA context cannot cost the main table.
+  B1=$(( B * 6 / 10 ))
+  timeout -s INT -k 20 "$B1" "$PY" benchmarks/bench_gpu.py $QUICK ${BENCH_ARGS:-} \
+    --budget $((B1 - 40 > 20 ? B1 - 40 : 20)) --csv "$OUT/bench_gpu.csv" || BENCH_RC=$?
+  B2=$(( $(left) - 15 ))
+  if [ "$B2" -ge 30 ]; then
+    timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only ${BENCH_ARGS:-} \
+      --budget $((B2 - 40 > 20 ? B2 - 40 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" || true
+  else
+    echo "no time left for the opt-in kernels' benchmark"
+  fi
 fi
 
 step "summary"
