@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,16 @@ from contrastbound import _backend
 from conftest import DEVICES, MODES, make_inputs
 
 needs_kernel = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
+
+
+def test_cpu_kernel_is_loaded():
+    """Most tests compare cb.info_nce with the reference; without the compiled extension cb.info_nce *is* the
+    reference and they would pass comparing it with itself. CONTRASTBOUND_TEST_FALLBACK=1 runs the suite on the
+    fallback on purpose."""
+    if os.environ.get("CONTRASTBOUND_TEST_FALLBACK") == "1":
+        pytest.skip("CONTRASTBOUND_TEST_FALLBACK=1: testing the pure-PyTorch fallback")
+    info = cb.backend_info()
+    assert info["cpu"] == "kernel", f"the CPU kernel is not serving: {info}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

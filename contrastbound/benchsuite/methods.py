@@ -366,7 +366,11 @@ def _inf_cl(cfg, x: dict) -> Step:
     from inf_cl import cal_inf_loss
 
     a, p = x["anchors"], x["positives"]
-    return lambda: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(p, dim=-1), scale=1.0 / cfg.temperature).mean()
+    # As benchmarks/bench_gpu.py calls it on the H200: the scale as a device tensor, and head_dim = d (Inf-CL's
+    # default, 256, reshapes q to (B, -1, 256) and fails for any other width).
+    scale = torch.tensor(1.0 / cfg.temperature, device=a.device)
+    d = a.shape[-1]
+    return lambda: cal_inf_loss(F.normalize(a, dim=-1), F.normalize(p, dim=-1), scale=scale, head_dim=d).mean()
 
 
 def _pml_extra_bytes(cfg) -> float:
