@@ -416,13 +416,18 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
     M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
     # log of the integrand's modulus at theta = 0, with log n! by Stirling so nothing large cancels:
-    # log n! - n log r + sum_c log(e^{x_c} - 1) = stirlerr(n) + log(2 pi n)/2 + n (u - log1p(u)) - n u + r - n
-    #   ... with sum_c log(e^{x_c} - 1) = r + sum_c log(1 - e^{-x_c}) and u = r/n - 1.
+    # log n! - n log r + sum_c log(e^{x_c} - 1) = stirlerr(n) + log(2 pi n)/2 + n (log n - log r) + r - n
+    #   ... with sum_c log(e^{x_c} - 1) = r + sum_c log(1 - e^{-x_c}). Near r = n, r - n + n (log n - log r) =
+    #   n (u - log1p(u)) with u = r/n - 1 (no cancellation); far from it (n ~ C, r << n) log1p(u) of u ~ -1 would
+    #   lose n eps of absolute accuracy, so the logs are taken directly there.
     u = r / nf - 1.0
+    near = np.abs(u) < 0.5
+    with np.errstate(invalid="ignore"):
+        mid = np.where(near, nf * (u - np.log1p(u)), r - nf + nf * (np.log(nf) - np.log(r)))
     log_base = (
         _stirlerr(nf)
         + 0.5 * (_LOG_2PI + np.log(nf))
-        + nf * (u - np.log1p(u))
+        + mid
         + (p.counts[None, :] * np.log(-np.expm1(-x))).sum(1)
     )
     log_e0 = x + np.log(-np.expm1(-x))  # (N, G): log(e^x - 1) without overflow, subtracted below
@@ -571,7 +576,10 @@ def _log_coupon_ie_general(n: np.ndarray, p: _Prior) -> tuple[np.ndarray, np.nda
                 t = np.exp(lmult[None, :] + nb[:, None] * l1p[None, :])  # (N, T); -inf -> 0 where pi(S) = 1
                 miss = (sign[None, :] * t).sum(1)  # 1 - upsilon_n
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    cond = t.sum(1) / np.abs(miss)
+                    # Accepted only where both miss and upsilon = 1 - miss are well determined by the sum: a tiny
+                    # upsilon (a skewed prior, few draws) is the rounding noise of 1 - miss and goes to the Cauchy
+                    # integral instead.
+                    cond = t.sum(1) / np.minimum(np.abs(miss), np.abs(1.0 - miss))
                     res = np.log1p(-miss)
                 out[s0:s1] = res
                 ok[s0:s1] = np.isfinite(res) & (cond <= 1e3) & (miss < 1.0)

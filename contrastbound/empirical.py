@@ -362,7 +362,13 @@ def gap_report(
         else:
             raise ValueError(f"prior must be 'empirical', 'uniform' or a probability vector, got {prior!r}")
     else:
-        pr = dict(prior=np.asarray(prior, dtype=np.float64))
+        pv = np.asarray(prior, dtype=np.float64)
+        if pv.shape != (C,):
+            raise ValueError(f"prior must be a probability vector of length C = {C} (the classes of labels), "
+                             f"got shape {pv.shape}")
+        pr = dict(prior=pv)
+    if harmonic not in ("exact", "authors"):
+        raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
     d_lo = np.atleast_1d(_bounds.delta_lower(ks_arr, norm_bound=b, **pr))
     d_hi = np.atleast_1d(_bounds.delta_upper(ks_arr, norm_bound=b, **pr))
     uniform = "num_classes" in pr or _bounds._resolve_prior(None, pr["prior"]).uniform

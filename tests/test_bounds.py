@@ -462,3 +462,28 @@ def test_scalar_and_array_outputs():
 def test_validation(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_coupon_general_prior_tiny_probability():
+    # A skewed prior and few draws: upsilon ~ 1e-19 is the rounding noise of 1 - (1 - upsilon) in the inclusion-
+    # exclusion sum (it returned 2^-53, 500x too big); such n must go to the Cauchy integral.
+    for weights, ns in (([1e-10, 1e-10, 1.0, 1.0], (10, 30)), ([1.0, 1.0, 1.0, 1e-14], (5, 10))):
+        w = np.array(weights)
+        pi = w / w.sum()
+        exact_pi = [Fraction(float(x)) for x in pi]
+        total = sum(exact_pi)
+        exact_pi = [x / total for x in exact_pi]  # the library renormalises the float prior the same way
+        for n in ns:
+            got = B.coupon_collector_probability(n, prior=pi)
+            want = float(fraction_coupon(n, exact_pi))
+            assert rel_err(got, want) < 1e-9, (weights, n, got, want)
+
+
+def test_coupon_log_accurate_near_n_equal_c():
+    # log upsilon_{C+1} = log(C! S(C+1, C) / C^(C+1)) with S(C+1, C) = C (C+1) / 2, for large C: the Cauchy
+    # integral's base term lost ~n eps absolute there (9.5e-8 at C = 1e5).
+    for C in (10_000, 100_000):
+        with mpmath.workdps(40):
+            want = mpmath.loggamma(C + 1) + mpmath.log(mpmath.mpf(C) * (C + 1) / 2) - (C + 1) * mpmath.log(C)
+        got = B.coupon_collector_probability(C + 1, C, log=True)
+        assert abs(got - float(want)) < 1e-9, (C, got, float(want))

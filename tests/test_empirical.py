@@ -168,3 +168,12 @@ def test_gap_report_sandwich_holds():
         gap_report(x, y, [2], test_features=xt)
     with pytest.raises(ValueError, match="prior"):
         gap_report(x, y, [2], prior="skewed")
+
+
+def test_gap_report_checks_prior_length_and_harmonic():
+    x, y = blobs((20, 20, 20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prior must be a probability vector of length C = 5"):
+        gap_report(x, y, [4], prior=[0.5, 0.5], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="harmonic"):
+        gap_report(x, y, [4], prior=[0.1, 0.2, 0.3, 0.2, 0.2], harmonic="bogus",
+                   generator=torch.Generator().manual_seed(0))
