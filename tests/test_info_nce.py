@@ -28,14 +28,14 @@ def _reference_in_float64(a, p, n, idx, **kw):
     return loss, grads
 
 
-def _check_against_reference(a, p, n, idx, dtype, **kw):
+def _check_against_reference(a, p, n, idx, dtype, floor=1.0, **kw):
     loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
     ref_loss, ref_grads = _reference_in_float64(a, p, n, idx, **kw)
     assert loss.dtype == dtype
-    assert_close_scaled(loss, ref_loss, TOL[dtype], "loss")
+    assert_close_scaled(loss, ref_loss, TOL[dtype], "loss", floor)
     for name, g, r in zip("apn", grads, ref_grads):
         assert g.dtype == dtype and g.shape == r.shape
-        assert_close_scaled(g, r, TOL[dtype], f"grad {name}")
+        assert_close_scaled(g, r, TOL[dtype], f"grad {name}", floor)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -46,7 +46,10 @@ def _check_against_reference(a, p, n, idx, dtype, **kw):
 def test_matches_reference(device, dtype, mode, normalize, reduction):
     # K = 1037 crosses the kernel's bank tiles (512) and row tiles (256) with a remainder; d = 19 is odd.
     a, p, n, idx = make_inputs(mode, B=37, K=1037, d=19, dtype=dtype, device=device)
-    _check_against_reference(a, p, n, idx, dtype, temperature=0.2, normalize=normalize, reduction=reduction)
+    # Relative to the largest magnitude on CPU (a zero gradient of the mean fails); the CUDA tensor-core gradients
+    # (bf16 coefficients, ~1e-2 relative) are held to that standard by test_cuda.py's norm-relative checks.
+    floor = 0.0 if device == "cpu" else 1.0
+    _check_against_reference(a, p, n, idx, dtype, floor, temperature=0.2, normalize=normalize, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
