@@ -637,7 +637,8 @@ class InfoNCE(torch.nn.Module):
     """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
 
     With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
-    (``log_temperature``) so that it stays positive under any optimiser step.
+    (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
+    at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
     """
 
     def __init__(
@@ -645,6 +646,13 @@ class InfoNCE(torch.nn.Module):
     ) -> None:
         super().__init__()
         t = _check_temperature(temperature)
+        if isinstance(t, torch.Tensor) and t.requires_grad and not learn_temperature:
+            # Read once here, the tensor would never receive a gradient: a parameter silently frozen.
+            raise ValueError(
+                "InfoNCE reads temperature once, at construction, so a tensor that requires grad would never be "
+                "learned: pass learn_temperature=True (the module then learns log_temperature from this value), or "
+                "call contrastbound.info_nce(..., temperature=<your parameter>)"
+            )
         t = float(t.detach()) if isinstance(t, torch.Tensor) else t  # read once, at construction
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")

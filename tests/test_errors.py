@@ -164,3 +164,12 @@ def test_indices_read_back_once_per_training_step():
         torch.ops.contrastbound.info_nce_bwd(
             torch.ones(a.shape[0]), a, p, idx_bank, idx + 100, lse, term, 1.0, True, True, [True, True, True]
         )
+
+
+def test_infonce_module_refuses_a_temperature_it_would_freeze():
+    t = torch.nn.Parameter(torch.tensor(0.1))
+    with pytest.raises(ValueError, match="learn_temperature=True"):
+        cb.InfoNCE(temperature=t)
+    module = cb.InfoNCE(temperature=t, learn_temperature=True)  # starts from its value, learns log_temperature
+    assert abs(float(module.temperature) - 0.1) < 1e-6
+    assert abs(float(cb.InfoNCE(temperature=torch.tensor(0.2)).temperature) - 0.2) < 1e-6  # a plain tensor: read
