@@ -463,8 +463,8 @@ def info_nce_lse(
     ``lse_i = log([include_positive] e^{s a_i.p_i} + sum_k e^{s a_i.n_ik})`` and ``loss_i = lse_i - s a_i.p_i``.
     With ``include_positive=False`` the positive is left out of the sum, so log-sum-exps over disjoint sets of
     negatives can be combined with :func:`torch.logaddexp` (how :func:`contrastive_loss_curve` reads a whole
-    curve over K from one pass). Differentiable like :func:`info_nce` through ``loss``; ``lse`` carries no
-    gradient.
+    curve over K from one pass). Both are differentiable: ``lse`` has the values the kernel computed and the
+    gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it).
     """
     anchors, positives = _check_features(anchors, positives)
     negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
@@ -486,7 +486,16 @@ def info_nce_lse(
     if negatives is positives:
         negatives = p
     loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self)
-    return loss, lse.detach()
+    lse = lse.detach()
+    if loss.requires_grad:
+        # d lse = d loss + d l_0 (loss = lse - l_0); the values stay the kernel's lse exactly.
+        acc = loss.dtype
+        ah, ph = a.to(acc), p.to(acc)
+        if normalize:
+            ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
+        pos = (ah * ph).sum(-1) / t
+        lse = lse + (loss - loss.detach()) + (pos - pos.detach())
+    return loss, lse
 
 
 def bank_cross_entropy(

@@ -565,3 +565,21 @@ def test_backward_does_not_copy_a_strided_bank_it_does_not_read():
     assert bank_copies(lambda: loss.backward()) == []
     bank.requires_grad_(True)
     assert bank_copies(lambda: cb.info_nce(a, p, bank).backward()) != []  # the check sees a copy where one is made
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_info_nce_lse_gradient(mode):
+    # lse keeps the kernel's values and has the gradient of the log-sum-exp, so losses assembled from combined
+    # lse's (torch.logaddexp over disjoint sets) train every part of them.
+    a, p, n, idx = make_inputs(mode, B=4, K=9, d=5, dtype=torch.float64, M=7)
+    t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    leaves = tuple(x for x in (a, p, n, t) if x is not None)
+
+    def lse_of(*xs):
+        n_ = xs[2] if len(xs) == 4 else None
+        return cb.info_nce_lse(xs[0], xs[1], n_, negative_indices=idx, temperature=xs[-1], include_positive=False)[1]
+
+    assert torch.autograd.gradcheck(lse_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    with torch.no_grad():
+        _, plain = cb.info_nce_lse(a, p, n, negative_indices=idx, temperature=0.4, include_positive=False)
+    assert torch.equal(lse_of(*leaves).detach(), plain)
