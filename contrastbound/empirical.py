@@ -17,6 +17,7 @@ Conventions (the paper's setting, kept consistent across every function here):
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,7 +86,9 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value.detach())  # a one-element tensor (numpy scalars are Real below)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 

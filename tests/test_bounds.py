@@ -487,3 +487,13 @@ def test_coupon_log_accurate_near_n_equal_c():
             want = mpmath.loggamma(C + 1) + mpmath.log(mpmath.mpf(C) * (C + 1) / 2) - (C + 1) * mpmath.log(C)
         got = B.coupon_collector_probability(C + 1, C, log=True)
         assert abs(got - float(want)) < 1e-9, (C, got, float(want))
+
+
+def test_input_checks_name_the_argument():
+    with pytest.raises(ValueError, match="K is too large"):
+        B.delta_upper(np.uint64(2**64 - 1), 10)  # was cast to int64 and reported as "got -1"
+    torch = pytest.importorskip("torch")
+    loss = torch.tensor(2.5, requires_grad=True) * 1.0  # a differentiable estimate
+    assert B.arora(loss, 20, num_classes=10) == B.arora(2.5, 20, num_classes=10)
+    lo, hi = B.supervised_loss_interval(loss, 20, num_classes=10)
+    assert (lo, hi) == B.supervised_loss_interval(2.5, 20, num_classes=10)

@@ -177,3 +177,13 @@ def test_gap_report_checks_prior_length_and_harmonic():
     with pytest.raises(ValueError, match="harmonic"):
         gap_report(x, y, [4], prior=[0.1, 0.2, 0.3, 0.2, 0.2], harmonic="bogus",
                    generator=torch.Generator().manual_seed(0))
+
+
+def test_temperature_accepts_numpy_and_tensor_scalars():
+    x, y = blobs((20, 20, 20), d=4, seed=7, dtype=torch.float32)
+    want = contrastive_loss_estimate(x, y, 8, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    for t in (np.float32(0.5), torch.tensor(0.5)):
+        got = contrastive_loss_estimate(x, y, 8, temperature=t, generator=torch.Generator().manual_seed(0))
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        contrastive_loss_estimate(x, y, 8, temperature=np.float32(-1.0))
