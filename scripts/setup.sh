@@ -14,5 +14,15 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 python -m pip install -q setuptools wheel ninja pybind11 numpy pytest hypothesis mpmath expecttest \
   matplotlib tqdm scikit-learn
-python -m pip install -q --no-build-isolation --no-deps -e .
+# The extension is rebuilt only when a source is newer than it, or it does not serve (SETUP_REBUILD=1 forces):
+# every make target runs this script, and a rebuild costs minutes on two cores.
+so=$(ls contrastbound/_C*.so 2>/dev/null | head -n 1 || true)
+if [ "${SETUP_REBUILD:-0}" != "1" ] && [ -n "$so" ] \
+  && [ -z "$(find csrc setup.py CMakeLists.txt -type f -newer "$so" -print -quit)" ] \
+  && python -c "import sys, contrastbound; sys.exit(0 if contrastbound.backend_info()['cpu'] == 'kernel' else 1)" \
+    >/dev/null 2>&1; then
+  echo "contrastbound: extension $so is up to date, not rebuilt (SETUP_REBUILD=1 forces a rebuild)"
+else
+  python -m pip install -q --no-build-isolation --no-deps -e .
+fi
 python -c "import contrastbound, json; print('contrastbound backends:', json.dumps(contrastbound.backend_info()))"
