@@ -245,8 +245,15 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     # digits without scikit-learn: a clear error naming the optional dependency, exit status 1
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     monkeypatch.setitem(sys.modules, "sklearn", None)
-    assert main(["digits", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 1
+    assert main(["compare-bounds", "digits", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 1
     assert "scikit-learn" in capsys.readouterr().err
+    # ... and the other experiments and the report are still written
+    assert os.path.exists(tmp_path / "compare_bounds.csv") and os.path.exists(tmp_path / "report.md")
+    assert "digits (failed)" in (tmp_path / "report.md").read_text()
+    for bad in (["--seed", "-1"], ["--out", ""], ["--out", str(tmp_path / "report.md")]):
+        with pytest.raises(SystemExit) as exc:
+            main(["toy", "--tiny", *bad])
+        assert exc.value.code == 2
 
 
 def test_cli_dispatch(tmp_path):

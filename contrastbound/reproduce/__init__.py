@@ -62,12 +62,22 @@ def run(
     os.makedirs(out, exist_ok=True)
     sections: list[Section] = []
     walls: dict[str, float] = {}
+    failed: dict[str, str] = {}
     t_all = time.perf_counter()
     for e in experiments:
         t0 = time.perf_counter()
         log(f"[reproduce] {e} ...")
-        with deterministic(seed):
-            sec = _runner(e)(settings, out, seed=seed, device=dev, show_progress=show_progress)
+        try:
+            with deterministic(seed):
+                sec = _runner(e)(settings, out, seed=seed, device=dev, show_progress=show_progress)
+        except Exception as exc:  # noqa: BLE001 - one experiment's failure must not cost the others or the report
+            walls[e] = time.perf_counter() - t0
+            failed[e] = f"{type(exc).__name__}: {exc}"
+            log(f"[reproduce] {e}: FAILED after {walls[e]:.1f} s: {failed[e]}")
+            sec = Section(e, f"{e} (failed)")
+            sec.text(f"This experiment failed: {failed[e]}. Its claims are not evaluated.")
+            sections.append(sec)
+            continue
         walls[e] = time.perf_counter() - t0
         sec.text(f"Wall time of this experiment: {walls[e]:.1f} s.")
         sections.append(sec)
@@ -97,7 +107,7 @@ def run(
     with open(os.path.join(out, "report.html"), "w") as fh:
         fh.write(render_html("contrastbound reproduce: report", pre, sections))
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
-    return dict(out=out, sections=sections, wall_s=walls, total_s=total)
+    return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS)}")
     preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
     experiments = list(dict.fromkeys(args.experiments)) or list(EXPERIMENTS)
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be an integer in [0, 2^63), got {args.seed}")
+    if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
+        parser.error(f"--out must name a folder, got {args.out!r}")
     try:
-        run(experiments, args.out, make_settings(preset), args.device, args.seed, show_progress=not args.no_progress)
-    except RuntimeError as exc:
+        res = run(experiments, args.out, make_settings(preset), args.device, args.seed,
+                  show_progress=not args.no_progress)
+    except (RuntimeError, OSError, ImportError) as exc:
         print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
+        return 1
+    for e, msg in res["failed"].items():
+        print(f"contrastbound reproduce: error: {e} failed ({msg}); the other experiments and the report were "
+              "written", file=sys.stderr)
+    if res["failed"]:
         return 1
     return 0
 
