@@ -99,6 +99,9 @@ def test_fake_costs_give_the_right_table():
     fits = {f["method"]: f for f in report.slopes(rows, from_log2k=10)}
     assert fits["fused"]["slope"] == pytest.approx(1.0)
     assert fits["fused"]["check"] == "ok"
+    # two K from 2^from_log2k on: a slope, but no verdict (fixed costs weigh as much as K there)
+    two = {f["method"]: f for f in report.slopes(rows, from_log2k=12)}
+    assert two["fused"]["points"] == 2 and two["fused"]["check"].startswith("too few points")
     assert fits["slow"]["slope"] == pytest.approx(1.0)
     (head,) = report.headline(rows)
     assert head["method"] == "slow" and head["k"] == 2**14
@@ -176,3 +179,15 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert {"cpu", "threads", "torch", "gpu"} <= set(payload["machine"])
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert [p.rsplit("_", 1)[1] for p in pngs] == ["flops.png", "memory.png", "time.png"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--k-step", "0"], ["--ks", "0"], ["--dtype", "float8"], ["--device", "tpu"], ["--out", ""]],
+    ids=["k-step", "ks", "dtype", "device", "out"],
+)
+def test_bench_bad_arguments_fail_before_measuring(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", *argv])
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err

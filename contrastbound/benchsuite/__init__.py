@@ -126,7 +126,21 @@ class _Progress:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    # Bad arguments end here, before any measurement (not as failed rows with exit status 0, or after the sweep).
+    if args.k_step < 1:
+        parser.error(f"--k-step must be >= 1, got {args.k_step}")
+    if args.ks is not None and min(args.ks, default=1) < 1:
+        parser.error(f"--ks must be positive, got {args.ks}")
+    bad = [x for x in args.dtype if x not in ("float32", "bfloat16", "float16", "float64")]
+    if bad:
+        parser.error(f"--dtype: unknown {bad}; choose from float32, bfloat16, float16, float64")
+    bad = [x for x in (args.device or []) if x not in ("cpu", "cuda")]
+    if bad:
+        parser.error(f"--device: unknown {bad}; choose from cpu, cuda")
+    if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
+        parser.error(f"--out must name a folder, got {args.out!r}")
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.list_methods:
         print(_list_methods(devices[-1]))
