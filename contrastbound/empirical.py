@@ -172,6 +172,7 @@ class _Sampler:
         self.N = features.shape[0]
         self.device = features.device
         self.generator = generator
+        self._rng = generator.device if generator is not None else self.device  # where the draws are made
         order = torch.argsort(labels, stable=True)
         C = int(labels.max()) + 1
         counts = torch.bincount(labels, minlength=C)
@@ -182,18 +183,19 @@ class _Sampler:
         if num_anchors is None:
             self.anchors = torch.arange(self.N, device=self.device)
         else:
-            self.anchors = torch.randint(self.N, (num_anchors,), device=self.device, generator=generator)
+            self.anchors = torch.randint(self.N, (num_anchors,), device=self._rng, generator=generator).to(self.device)
 
     def chunks(self, K: int):
         per = max(1, self.index_budget // max(1, K))
         for s in range(0, self.anchors.numel(), per):
             a = self.anchors[s : s + per]
             y = self.labels[a]
-            u = torch.rand(a.numel(), dtype=torch.float64, device=self.device, generator=self.generator)
+            # Drawn where the generator lives (a CPU generator with CUDA features: the same draws as on the CPU).
+            u = torch.rand(a.numel(), dtype=torch.float64, device=self._rng, generator=self.generator).to(self.device)
             n_c = self.counts[y]
             off = torch.minimum((u * n_c.to(torch.float64)).to(torch.int64), n_c - 1)
             pos = self.order[self.starts[y] + off]
-            neg = torch.randint(self.N, (a.numel(), K), device=self.device, generator=self.generator)
+            neg = torch.randint(self.N, (a.numel(), K), device=self._rng, generator=self.generator).to(self.device)
             yield a, pos, neg
 
 

@@ -631,3 +631,17 @@ def test_infonce_module_checks_a_gpu_temperature_at_construction():
     with pytest.raises(ValueError, match="temperature"):
         cb.InfoNCE(temperature=torch.tensor(-0.1, device=CUDA))
     assert cb.InfoNCE(temperature=torch.tensor(0.2, device=CUDA)).temperature == pytest.approx(0.2)
+
+
+def test_empirical_estimates_with_a_cpu_generator_match_the_cpu():
+    # CUDA features with a CPU generator (as reproduce --device cuda passes): the draws are made on the CPU, so the
+    # estimate equals the CPU one (it raised: a CPU generator cannot draw on a CUDA device).
+    from contrastbound.empirical import contrastive_loss_curve, contrastive_loss_estimate
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(120, 6, generator=g), torch.arange(120) % 4
+    cpu = contrastive_loss_estimate(x, y, 16, generator=torch.Generator().manual_seed(0))
+    gpu = contrastive_loss_estimate(x.to(CUDA), y.to(CUDA), 16, generator=torch.Generator().manual_seed(0))
+    assert float(gpu) == pytest.approx(float(cpu), rel=1e-5)
+    curve = contrastive_loss_curve(x.to(CUDA), y.to(CUDA), [4, 16], generator=torch.Generator().manual_seed(0))
+    assert float(curve[-1]) == pytest.approx(float(cpu), rel=1e-5)
