@@ -25,11 +25,12 @@ reproduce-quick: setup
 demo: setup
 	.venv/bin/python -m contrastbound demo
 
+# Into contrastbound-results/ (not the tracked benchmarks/results/, the data behind README's table).
 bench: setup
-	.venv/bin/python benchmarks/bench_infonce.py
+	.venv/bin/python benchmarks/bench_infonce.py --out contrastbound-results/bench_infonce
 
 bench-quick: setup
-	.venv/bin/python benchmarks/bench_infonce.py --quick
+	.venv/bin/python benchmarks/bench_infonce.py --quick --out contrastbound-results/bench_infonce_quick
 
 # The scaling suite beside naive PyTorch and the peers that import (see benchmarks/results/README.md).
 bench-scaling: setup

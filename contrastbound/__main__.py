@@ -31,6 +31,11 @@ def _cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("steps", "batch", "queue", "dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     from .demo import run_demo
 
     run_demo(steps=args.steps, batch=args.batch, queue=args.queue, dim=args.dim, seed=args.seed)
