@@ -262,3 +262,13 @@ def test_cli_dispatch(tmp_path):
     assert cli(["reproduce", "compare-bounds", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
     assert os.path.exists(tmp_path / "compare_bounds.csv") and os.path.exists(tmp_path / "report.html")
     assert not os.path.exists(tmp_path / "toy.csv")
+
+
+def test_report_names_files_of_an_earlier_run(tmp_path):
+    old = tmp_path / "toy.csv"
+    old.write_text("from an earlier run\n")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    run(["compare-bounds"], str(tmp_path), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+    report = (tmp_path / "report.md").read_text()
+    assert "from an earlier run, not part of this report: toy.csv" in report
+    assert "compare_bounds.csv" not in report.split("not part of this report")[1].splitlines()[0]

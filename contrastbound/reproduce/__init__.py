@@ -60,6 +60,7 @@ def run(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
     os.makedirs(out, exist_ok=True)
+    started = time.time()
     sections: list[Section] = []
     walls: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -101,6 +102,16 @@ def run(
         f"{torch.__version__}; {torch.get_num_threads()} torch threads; Python {platform.python_version()} on "
         f"{platform.machine()}; backend {backend}. Total wall time {total:.1f} s.",
     ]
+    # Files an earlier run left in this folder (not rewritten now): named, so that they are not read as this run's.
+    stale = sorted(
+        f for f in os.listdir(out)
+        if os.path.isfile(os.path.join(out, f)) and f not in ("report.md", "report.html")
+        and os.path.getmtime(os.path.join(out, f)) < started - 1.0
+    )
+    if stale:
+        pre.append(f"Files in this folder from an earlier run, not part of this report: {', '.join(stale)}.")
+        log(f"[reproduce] note: {len(stale)} file(s) in {out} are from an earlier run and not in this report: "
+            f"{', '.join(stale[:8])}{' ...' if len(stale) > 8 else ''}")
     md = render_markdown("contrastbound reproduce: report", pre, sections)
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(md)
