@@ -52,6 +52,14 @@ def _worker(rank, world, init_file, out_dir):
         # shard strategy
         loss = cb.info_nce(a_r, p_r, shard, temperature=0.2, process_group=dist.group.WORLD)
         loss.backward()
+        # forward-mode AD is refused (before any collective, on every rank alike)
+        refused = False
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(a_r.detach(), torch.ones_like(a_r))
+            try:
+                cb.info_nce(dual, p_r.detach(), shard.detach(), temperature=0.2, process_group=dist.group.WORLD)
+            except NotImplementedError:
+                refused = True
         # gather strategy: in-batch negatives over the global batch
         z = a[rows].clone().requires_grad_(True)
         zp = p[rows].clone().requires_grad_(True)
@@ -70,7 +78,7 @@ def _worker(rank, world, init_file, out_dir):
         cl = cb.clip_loss(i1, t1, scale, process_group=dist.group.WORLD)
         cl.backward()
         torch.save(
-            {"loss": loss.detach(), "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
+            {"loss": loss.detach(), "refused_forward_ad": refused, "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
              "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
              "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad},
@@ -92,6 +100,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
         init_file = os.path.join(tmp, "init")
         mp.spawn(_worker, args=(world, init_file, tmp), nprocs=world, join=True)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    assert all(r["refused_forward_ad"] for r in results)
 
     a, p, bank = _global_data()
     K = sum(SHARDS[world])
