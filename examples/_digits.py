@@ -10,6 +10,17 @@ import torch.nn.functional as F
 import contrastbound as cb
 
 
+def check_args(parser, args, positive=("steps", "batch", "dim", "log_every")) -> None:
+    """argparse errors (exit 2) for sizes below 1 and a seed outside [0, 2^63), instead of a traceback later."""
+    for name in positive:
+        if hasattr(args, name) and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if hasattr(args, "temperature") and not args.temperature > 0:
+        parser.error(f"--temperature must be positive, got {args.temperature}")
+
+
 def load_digits_tensors(seed: int = 0):
     try:
         from sklearn.datasets import load_digits

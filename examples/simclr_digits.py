@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import contrastbound as cb  # noqa: E402
-from _digits import augment, encoder, evaluate, load_digits_tensors, peak_rss_mib  # noqa: E402
+from _digits import augment, check_args, encoder, evaluate, load_digits_tensors, peak_rss_mib  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
+    check_args(parser, args, ("steps", "batch", "dim", "log_every", "queue"))
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
