@@ -495,8 +495,10 @@ def test_autocast_matches_float32(dtype):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(loss_half_bank)
     assert all(torch.isfinite(w.grad).all() for w in encoder.parameters())
-    assert abs(loss.item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))
-    assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * 5 * max(1.0, abs(ref.item()))
+    # The features are rounded to `dtype` by autocast (the bank too in loss_half_bank): measured errors 5e-3 / 2.1e-2
+    # (bf16) and 8e-4 / 2.2e-3 (fp16) on a loss of 10.4, within TOL relative.
+    assert abs(loss.item() - ref.item()) <= TOL[dtype] * abs(ref.item())
+    assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * abs(ref.item())
 
 
 @pytest.mark.parametrize("device", DEVICES)
