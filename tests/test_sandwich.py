@@ -167,7 +167,7 @@ def mc_contrastive_loss(problem: DiscreteProblem, K: int, n: int, rng: np.random
     return float(loss.mean()), float(loss.std(ddof=1) / math.sqrt(n))
 
 
-Z = 5.0  # margin in standard errors: a correct bound fails a check with probability < 6e-7 (seeds are fixed)
+Z = 5.0  # margin in standard errors: a correct bound fails a check with probability < 6e-7 (hypothesis draws the seeds)
 
 
 @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
