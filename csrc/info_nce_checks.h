@@ -32,7 +32,12 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
                       ", got ", idx.sizes());
     TORCH_CHECK_VALUE(idx.device() == anchors.device(), "negative_indices must be on the device of anchors");
     if (check_index_range && idx.numel() > 0) {
-      const auto range = at::aminmax(idx);  // one read-back of both ends (a device synchronisation on CUDA)
+      // Over the distinct elements only: an expanded dimension (stride 0) is narrowed to one entry, since aminmax
+      // would first copy an expanded (B, K) tensor to B x K.
+      at::Tensor distinct = idx;
+      for (int64_t dim = 0; dim < distinct.dim(); ++dim)
+        if (distinct.stride(dim) == 0 && distinct.size(dim) > 1) distinct = distinct.narrow(dim, 0, 1);
+      const auto range = at::aminmax(distinct);  // one read-back of both ends (a device synchronisation on CUDA)
       const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
       const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
       TORCH_CHECK_INDEX(lo >= 0 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",

@@ -585,3 +585,21 @@ def test_info_nce_lse_gradient(mode):
     with torch.no_grad():
         _, plain = cb.info_nce_lse(a, p, n, negative_indices=idx, temperature=0.4, include_positive=False)
     assert torch.equal(lse_of(*leaves).detach(), plain)
+
+
+@pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
+def test_expanded_negative_indices_are_read_in_place():
+    # One set of indices for every anchor, expanded (stride 0): the same results as the materialised (B, K)
+    # indices, and the kernel reads them through their strides (no B x K copy).
+    B, K, M = 6, 5000, 300
+    a, p, n, _ = make_inputs("indexed", B=B, K=0, d=7, dtype=torch.float64, M=M, seed=18)
+    row = torch.randint(0, M, (1, K), generator=torch.Generator().manual_seed(5))
+    expanded, full = row.expand(B, K), row.expand(B, K).contiguous()
+    want = _run(cb.info_nce, a, p, n, full, temperature=0.3, reduction="none")
+    with torch.profiler.profile(record_shapes=True) as prof:
+        got = _run(cb.info_nce, a, p, n, expanded, temperature=0.3, reduction="none")
+    assert_close_scaled(got[0], want[0], 1e-12, "loss", 0.0)
+    for name, x, y in zip("apn", got[1], want[1]):
+        assert_close_scaled(x, y, 1e-12, f"grad {name}", 0.0)
+    copies = [e for e in prof.events() if e.name in ("aten::clone", "aten::contiguous") and [B, K] in e.input_shapes]
+    assert copies == []

@@ -322,11 +322,12 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     } else {
       std::vector<acc_t> inv, proj;
       bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
-      const Tensor idx = indices->contiguous();
-      const int64_t* ix = idx.template data_ptr<int64_t>();
+      // Read through the strides: expanded indices (one row for every anchor, stride 0) are not copied to B x K.
+      const int64_t* ix = indices->template data_ptr<int64_t>();
+      const int64_t is0 = indices->stride(0), is1 = indices->stride(1);
       const int64_t sm = negatives.stride(0);
       auto row_of = [&](int64_t i, int64_t k, acc_t& row_inv) {
-        const int64_t m = ix[i * K + k];
+        const int64_t m = ix[i * is0 + k * is1];
         row_inv = inv[m];
         return n + m * sm;
       };
@@ -433,9 +434,9 @@ template <typename scalar_t, typename acc_t>
 void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tensor& indices_in, bool normalize,
                       const acc_t* g, const acc_t* lse, Tensor& grad_bank) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), M = bank.size(0);
-  const Tensor idx = indices_in.contiguous();
-  const int64_t K = idx.size(1);
-  const int64_t* ix = idx.template data_ptr<int64_t>();
+  const int64_t K = indices_in.size(1);
+  const int64_t* ix = indices_in.template data_ptr<int64_t>();  // through the strides, as in forward
+  const int64_t is0 = indices_in.stride(0), is1 = indices_in.stride(1);
   std::vector<acc_t> inv, proj;
   bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
   // Accumulate in the output itself when it has the accumulation type, else in a buffer.
@@ -455,7 +456,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
       for (int64_t i = 0; i < B; ++i) {
         const acc_t* ai = a + i * d;
         for (int64_t k = 0; k < K; ++k) {
-          const int64_t m = ix[i * K + k];
+          const int64_t m = ix[i * is0 + k * is1];
           if (m < lo || m >= hi) continue;
           const acc_t l = dot(ai, n + m * sm, d) * inv[m];
           const acc_t w = g[i] * std::exp(l - lse[i]);
