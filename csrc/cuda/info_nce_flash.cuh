@@ -76,6 +76,64 @@ __device__ __forceinline__ float fl_quad_max(float v) {
   return fmax_nan(v, __shfl_xor_sync(kFullMask, v, 2));
 }
 
+// The epilogue of flash_kernel and wgmma_kernel, from registers: acc[4 j + 2 h + e] (NT n8 tiles x 4) is row g + 8 h
+// of the warp's 16, feature 8 j + 2 t + e (the mma.sync C layout and wgmma's per-warp D layout alike). Writes the
+// Forward partial (max, sum), the finished bank rows (BankGrads, one split), V (AnchorTerm, one split) or the
+// float32 partials.
+template <typename T, FlashMode MODE, int NT>
+__device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&row)[2], const float (&run_m)[2],
+                                            const float (&run_s)[2], int64_t split, float unscale, int t,
+                                            const TcOperand<T>& X, const FlArgs& a) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = row[h];
+    const bool ok = r < X.rows;
+    if (MODE == FlashMode::Forward) {
+      const float s = fl_quad_sum(run_s[h]);
+      if (ok && t == 0) {
+        a.part_max[split * X.rows + r] = run_m[h];
+        a.part_sum[split * X.rows + r] = s;
+      }
+    }
+    if (MODE == FlashMode::BankGrads && a.splits == 1) {
+      // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n read in its own type, as finish_bank_row).
+      const T* n = X.ptr + (ok ? r : 0) * X.s0;
+      float dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + 2 * t + e;
+          if (ok && col < a.d) dot += acc[4 * j + 2 * h + e] * unscale * to_acc<float>(n[col * X.s1]);
+        }
+      dot = fl_quad_sum(dot);
+      if (ok) {
+        const float inv = a.x_inv[r], cp = dot * inv * a.x_proj[r];
+        T* out = static_cast<T*>(a.out_grad) + r * a.d;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            if (col < a.d) {
+              out[col] = from_acc<T>(inv * (acc[4 * j + 2 * h + e] * unscale) - cp * to_acc<float>(n[col * X.s1]));
+            }
+          }
+      }
+    } else if (ok) {
+      float* dst = (MODE == FlashMode::AnchorTerm && a.splits == 1) ? a.out_v + r * a.d
+                                                                    : a.partial + (split * X.rows + r) * a.d;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + 2 * t + e;
+          if (col < a.d) dst[col] = acc[4 * j + 2 * h + e] * unscale;
+        }
+    }
+  }
+}
+
 template <typename T, FlashMode MODE, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1)
     flash_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
@@ -230,53 +288,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         }
       }
     }
-    // Epilogue from registers: lane (g, t) holds, for rows g and g + 8, features 8 j + 2t, 8 j + 2t + 1.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = row[h];
-      const bool ok = r < X.rows;
-      if (MODE == FlashMode::Forward) {
-        const float s = fl_quad_sum(run_s[h]);
-        if (ok && t == 0) {
-          a.part_max[split * X.rows + r] = run_m[h];
-          a.part_sum[split * X.rows + r] = s;
-        }
-      }
-      if (MODE == FlashMode::BankGrads && a.splits == 1) {
-        // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n read in its own type, as finish_bank_row).
-        const T* n = X.ptr + (ok ? r : 0) * X.s0;
-        float dot = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            if (ok && col < a.d) dot += acc[j][2 * h + e] * unscale * to_acc<float>(n[col * X.s1]);
-          }
-        dot = fl_quad_sum(dot);
-        if (ok) {
-          const float inv = a.x_inv[r], cp = dot * inv * a.x_proj[r];
-          T* out = static_cast<T*>(a.out_grad) + r * a.d;
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              if (col < a.d) out[col] = from_acc<T>(inv * (acc[j][2 * h + e] * unscale) - cp * to_acc<float>(n[col * X.s1]));
-            }
-        }
-      } else if (ok) {
-        float* dst = (MODE == FlashMode::AnchorTerm && a.splits == 1) ? a.out_v + r * a.d
-                                                                      : a.partial + (split * X.rows + r) * a.d;
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            if (col < a.d) dst[col] = acc[j][2 * h + e] * unscale;
-          }
-      }
-    }
+    fl_epilogue<T, MODE, NT>(&acc[0][0], row, run_m, run_s, split, unscale, t, X, a);
   }
 #else
   __trap();
