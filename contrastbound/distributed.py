@@ -23,7 +23,7 @@ from .functional import (
     _check_reduction,
     _check_temperature,
     _check_tensor,
-    _forward_ad,
+    _needs_reference,
     _reduce,
     _to_bank_dtype,
 )
@@ -178,9 +178,10 @@ def info_nce_sharded(
         t = float(t)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
-    if _forward_ad(anchors, positives, negatives):
+    if _needs_reference(anchors, positives, negatives):
         raise NotImplementedError(
-            "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported with process_group"
+            "forward-mode AD (torch.autograd.forward_ad) and torch.func transforms that differentiate (grad, vjp, "
+            "jacrev, jvp, jacfwd) are not supported with process_group"
         )
     result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
     a = _to_bank_dtype(anchors, negatives.dtype, normalize)

@@ -112,7 +112,8 @@ def _check_indices(
             torch._assert_async(
                 ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
             )
-        else:
+        elif not torch._C._functorch.is_functorch_wrapped_tensor(indices):
+            # (per-sample values under vmap cannot be read back: the compiled op or torch's indexing checks them)
             lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())  # one read-back
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
@@ -148,7 +149,7 @@ def _fused(
     include_positive: bool,
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.kernel_serves(anchors.device) and not _forward_ad(anchors, positives, negatives, temperature):
+    if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature):
         grad = torch.is_grad_enabled()
         learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
@@ -178,11 +179,28 @@ def _forward_ad(*xs: object) -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) carries a tangent on one of xs.
 
     The compiled ops have no forward-mode formula, and torch.library's autograd wrapper runs them below autograd
-    when no input requires grad, which drops the tangents silently (a derivative of 0); such calls take the
-    reference instead (correct derivatives, materialised logits)."""
+    when no input requires grad, which drops the tangents silently (a derivative of 0)."""
     if fwAD._current_level < 0:
         return False
     return any(isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None for x in xs)
+
+
+def _func_differentiates() -> bool:
+    """Whether a torch.func transform that differentiates (grad, vjp, jacrev, hessian, jvp) is active.
+
+    torch.library's autograd wrapper of an op defined in C++ is an autograd.Function without setup_context, which
+    those transforms refuse (RuntimeError). vmap alone is served by torch's per-sample fallback over the ops."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace the interpreter stack (nor the transforms over these ops)
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
+    differentiating = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return bool(stack) and any(level.key() in differentiating for level in stack)
+
+
+def _needs_reference(*xs: object) -> bool:
+    """Whether the call must take the reference (correct derivatives, materialised logits) instead of the ops:
+    a forward-mode tangent on one of xs, or a differentiating torch.func transform."""
+    return _forward_ad(*xs) or _func_differentiates()
 
 
 def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -338,7 +356,7 @@ def _check_negatives(
         # the indices back twice (two device synchronisations per call on a GPU).
         negative_indices = _check_indices(
             "negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M", anchors.device,
-            check_range=not _backend.kernel_serves(anchors.device),
+            check_range=not _backend.kernel_serves(anchors.device) or _needs_reference(anchors, negatives),
         )
     return negatives, negative_indices
 
@@ -532,7 +550,7 @@ def bank_cross_entropy(
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
     anchors = _to_bank_dtype(anchors, compute, normalize)
-    if _backend.kernel_serves(anchors.device) and not _forward_ad(anchors, bank, t):
+    if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t):
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))

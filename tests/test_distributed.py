@@ -60,6 +60,13 @@ def _worker(rank, world, init_file, out_dir):
                 cb.info_nce(dual, p_r.detach(), shard.detach(), temperature=0.2, process_group=dist.group.WORLD)
             except NotImplementedError:
                 refused = True
+        try:  # and so are the differentiating torch.func transforms
+            torch.func.grad(lambda x: cb.info_nce(x, p_r.detach(), shard.detach(), process_group=dist.group.WORLD))(
+                a_r.detach()
+            )
+            refused = False
+        except NotImplementedError:
+            pass
         # gather strategy: in-batch negatives over the global batch
         z = a[rows].clone().requires_grad_(True)
         zp = p[rows].clone().requires_grad_(True)

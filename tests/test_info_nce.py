@@ -356,6 +356,76 @@ def test_forward_mode_ad_temperature_and_bank_cross_entropy():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# torch.func transforms that differentiate (torch.library refuses them for ops defined in C++: the reference serves)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_func_grad_vjp_jacrev_match_autograd(mode):
+    a, p, n, idx = make_inputs(mode, B=5, K=40, d=4, dtype=torch.float64, M=30, requires_grad=False)
+
+    def loss(x, reduction="mean"):
+        return cb.info_nce(x, p, n, negative_indices=idx, temperature=0.3, reduction=reduction)
+
+    x = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(loss(x), x)  # the compiled ops' backward
+    assert want.abs().max() > 1e-2
+    assert_close_scaled(torch.func.grad(loss)(a), want, 1e-12, "torch.func.grad")
+    value, vjp_fn = torch.func.vjp(loss, a)
+    assert_close_scaled(value, loss(a), 1e-12, "torch.func.vjp value")
+    assert_close_scaled(vjp_fn(torch.ones((), dtype=torch.float64))[0], want, 1e-12, "torch.func.vjp")
+    assert_close_scaled(torch.func.jacrev(loss)(a), want, 1e-12, "torch.func.jacrev")
+    if mode == "in_batch":
+        return
+    # per-sample gradients (vmap over grad): loss_i depends on a_i alone, so they are the rows of the summed loss's
+    # gradient
+    (want_rows,) = torch.autograd.grad(loss(x, "sum"), x)
+    batched = [p] + ([n] if mode == "per_anchor" else []) + ([idx] if mode == "indexed" else [])
+
+    def loss_i(row, p_i, *rest):
+        n_i = rest[0][None] if mode == "per_anchor" else n
+        idx_i = rest[0][None] if mode == "indexed" else None
+        return cb.info_nce(row[None], p_i[None], n_i, negative_indices=idx_i, temperature=0.3)
+
+    rows = torch.func.vmap(torch.func.grad(loss_i))(a, *batched)
+    assert_close_scaled(rows, want_rows, 1e-12, "per-sample gradients")
+
+
+def test_torch_func_out_of_range_indices_raise():
+    a, p, n, idx = make_inputs("indexed", B=4, K=2, d=3, dtype=torch.float64, M=6, requires_grad=False)
+    bad = idx.clone()
+    bad[3, 1] = 6  # M = 6
+    per_sample = torch.func.grad(lambda r, p_i, i: cb.info_nce(r[None], p_i[None], n, negative_indices=i[None]))
+    for fn in (torch.func.vmap(per_sample), torch.func.vmap(lambda r, p_i, i: cb.info_nce(
+            r[None], p_i[None], n, negative_indices=i[None]))):
+        with pytest.raises(IndexError):
+            fn(a, p, bad)
+    with pytest.raises(IndexError, match="negative_indices"):
+        torch.func.grad(lambda x: cb.info_nce(x, p, n, negative_indices=bad))(a)
+
+
+def test_torch_func_hessian_and_other_losses():
+    a, p, n, _ = make_inputs("shared", B=4, K=9, d=3, dtype=torch.float64, requires_grad=False)
+    hess = torch.func.hessian(lambda x: cb.info_nce(x, p, n, temperature=0.5))(a)
+    want = torch.autograd.functional.hessian(lambda x: info_nce_reference(x, p, n, temperature=0.5), a)
+    assert hess.abs().max() > 1e-2
+    assert_close_scaled(hess, want, 1e-10, "torch.func.hessian")
+    t = torch.tensor(0.3, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 8, 1])
+    for name, fn in {
+        "bank_cross_entropy": lambda w: cb.bank_cross_entropy(a, w, targets, temperature=0.3),
+        "nt_xent": lambda w: cb.nt_xent(a, w[:4], temperature=0.3),
+        "clip_loss": lambda w: cb.clip_loss(a, w[:4], 1 / 0.3),
+        "info_nce_lse": lambda w: cb.info_nce_lse(a, p, w, temperature=0.3)[1].sum(),
+        "temperature": lambda w: cb.info_nce(a, p, n, temperature=t * (w.sum() / w.sum().detach())),
+    }.items():
+        w = n.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(fn(w), w)
+        assert want.abs().max() > 1e-3, name
+        assert_close_scaled(torch.func.grad(fn)(n), want, 1e-12, f"torch.func.grad of {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Property test over shapes and values
 # ----------------------------------------------------------------------------------------------------------
 
