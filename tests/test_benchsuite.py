@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,3 +193,23 @@ def test_bench_bad_arguments_fail_before_measuring(argv, capsys):
         cli_main(["bench", *argv])
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_bench_infonce_script_memory_excludes_gradients_and_counts_flops(tmp_path):
+    """benchmarks/bench_infonce.py end to end at a small size: the fused loss's extra memory beyond its inputs'
+    gradients is far below the bank gradient it excludes, and a detached bank is credited 4 B K d flop, not 6."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_infonce.py")
+    K, B, d = 2**17, 16, 64  # bank gradient 32 MiB: above glibc's mmap threshold, so it shows in the peak
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, script, "--min-log2k", "17", "--max-log2k", "17", "-B", str(B), "-d", str(d),
+                           "--reps", "1", "--threads", "1", "--methods", "fused,fused_detached", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader(open(str(out) + ".csv"))}
+    grads = {m: float(rows[m]["grads_mib"]) for m in rows}
+    assert grads["fused"] == pytest.approx((2 * B * d + K * d) * 4 / 2**20)
+    assert grads["fused_detached"] == pytest.approx(2 * B * d * 4 / 2**20)
+    for m, flop in (("fused", 6), ("fused_detached", 4)):
+        r = rows[m]
+        assert float(r["effective_gflops"]) * float(r["time_s"]) == pytest.approx(flop * B * K * d / 1e9)
+        assert abs(float(r["extra_mib"])) < 0.5 * grads["fused"], r  # not the 32 MiB bank gradient

@@ -4,11 +4,13 @@ Timing: after ``warmup`` steps, each repeat times the forward (the call that ret
 (``loss.backward()``) separately; forward+backward is their sum; the table reports medians. On CUDA every timer
 read is preceded by a synchronise.
 
-Peak memory on CPU: each configuration runs in a fresh process. The baseline is ``ru_maxrss`` read after the
-inputs exist, a bank-sized buffer has been allocated and freed (room for the bank's gradient) and BLAS and the
-thread pool are initialised, and after the method was built (a peer's own queue is an input); the extra is the
-process's ``ru_maxrss`` at the end minus that baseline. So it covers warm-up too, and for compiled methods the
-compiler's own peak. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocated memory at the baseline.
+Peak memory on CPU: each configuration runs in a fresh process. The baseline is the resident memory once the
+inputs exist, BLAS and the thread pool are initialised and the method was built (a peer's own queue is an input);
+the peak (Linux VmHWM) is reset to it there (``_reset_rss_peak``; elsewhere ``ru_maxrss``, where a bank-sized
+buffer allocated and freed before the baseline leaves room for the bank's gradient). The extra is the peak at the
+end minus that baseline: it covers warm-up too, for compiled methods the compiler's own peak, and the inputs'
+gradients (with ``--bank-grad`` the (K, d) bank gradient). On CUDA it is ``torch.cuda.max_memory_allocated``
+minus the allocated memory at the baseline, likewise with the gradients.
 """
 
 from __future__ import annotations
