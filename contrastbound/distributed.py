@@ -4,7 +4,9 @@ Two strategies:
 
 * gather: :func:`all_gather_with_grad` concatenates a tensor over ranks; its backward gives each rank the sum over
   ranks of the gradients with respect to its slice, so every rank can use the global batch as in-batch negatives
-  and DDP's averaging yields the gradient of the mean loss.
+  (``info_nce(anchors, positives, None, process_group=group)``, ``nt_xent``, ``clip_loss``) and DDP's averaging
+  yields the gradient of the mean of the ranks' losses: the global mean loss's when the batches are equal (with
+  uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r).
 * shard: :func:`info_nce_sharded` (also ``info_nce(..., process_group=group)``) where each rank holds a shard of
   a bank too large for one device. Rank r's loss is its own anchors against the whole bank; ranks exchange
   anchors and per-anchor log-sum-exp partials (O(B d + B) per rank), never the bank.
@@ -23,7 +25,7 @@ from .functional import (
     _check_reduction,
     _check_temperature,
     _check_tensor,
-    _needs_reference,
+    _check_group,
     _reduce,
     _to_bank_dtype,
 )
@@ -33,29 +35,51 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_gather_varying(tensor: torch.Tensor, group=None) -> tuple[torch.Tensor, list[int]]:
-    """Concatenation over ranks of tensors whose first dimension may differ, and the sizes."""
+_DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                                               torch.bool, torch.complex64, torch.complex128))}
+
+
+def _exchange_sizes(tensor: torch.Tensor, group, name: str) -> list[int]:
+    """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype.
+
+    A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
+    rank raises the same ValueError, naming the argument and each rank's shape and dtype."""
+    if tensor.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), got a 0-d tensor")
     world, _ = _world(group)
-    n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
+    tail = tuple(tensor.shape[1:])
+    meta = torch.tensor([tensor.shape[0], tensor.dim(), _DTYPE_CODES.get(tensor.dtype, -1),
+                         tail[0] if tail else 0, tensor[:1].numel()], device=tensor.device, dtype=torch.long)
+    metas = [torch.zeros_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas = [[int(v) for v in m] for m in metas]
+    if any(m[1:] != metas[0][1:] for m in metas) or metas[0][2] < 0:
+        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+        seen = "; ".join(f"rank {r}: {m[1]}-d, {m[3] if m[1] > 1 else '-'} x ... ({m[4]} elements a row), "
+                         f"{names.get(m[2], 'an unsupported dtype')}" for r, m in enumerate(metas))
+        raise ValueError(f"{name} must have the same shape past the first dimension and the same dtype on every rank "
+                         f"(one of {', '.join(names.values())}), got {seen}")
+    return [m[0] for m in metas]
+
+
+def _all_gather_sized(tensor: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenation over ranks of tensors whose first dimensions are ``sizes``."""
     largest = max(sizes)
     padded = tensor
     if tensor.shape[0] < largest:
         pad = tensor.new_zeros((largest - tensor.shape[0], *tensor.shape[1:]))
         padded = torch.cat([tensor, pad])
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sizes
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, group):
-        out, sizes = _all_gather_varying(tensor, group)
+    def forward(ctx, tensor, group, sizes):
         ctx.group, ctx.sizes = group, sizes
-        return out
+        return _all_gather_sized(tensor, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -64,7 +88,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         _, rank = _world(ctx.group)
         start = sum(ctx.sizes[:rank])
-        return grad[start : start + ctx.sizes[rank]], None
+        return grad[start : start + ctx.sizes[rank]], None, None
+
+
+def _check_gather_input(tensor: object, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
 
 
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -72,12 +103,10 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
     Backward gives this rank the sum over ranks of the gradients with respect to its slice (naive GatherLayer
     implementations return only the local gradient, which is wrong when every rank's loss uses every slice).
+    The ranks must agree on the shape past the first dimension and on the dtype (ValueError on every rank).
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("all_gather_with_grad needs torch.distributed to be initialised (init_process_group)")
-    return _AllGatherWithGrad.apply(tensor, group)
+    _check_gather_input(tensor, "all_gather_with_grad")
+    return _AllGatherWithGrad.apply(tensor, group, _exchange_sizes(tensor, group, "tensor"))
 
 
 def gather_with_local_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
@@ -86,8 +115,10 @@ def gather_with_local_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
     Row i of the result is row i of ``tensor``, so losses that find an anchor's positive or itself at row i of the
     bank (in-batch InfoNCE, NT-Xent) work unchanged on the global batch.
     """
-    everything = all_gather_with_grad(tensor, group)
-    start = _offset(tensor.shape[0], group, tensor.device)
+    _check_gather_input(tensor, "gather_with_local_first")
+    sizes = _exchange_sizes(tensor, group, "tensor")
+    everything = _AllGatherWithGrad.apply(tensor, group, sizes)
+    start = sum(sizes[: _world(group)[1]])
     end = start + tensor.shape[0]
     return torch.cat([everything[start:end], everything[:start], everything[end:]])
 
@@ -119,7 +150,7 @@ class _ShardedNegativeLse(torch.autograd.Function):
         lse = torch.logsumexp(torch.stack(parts), dim=0)
         if term is not None:
             # This shard's share of V_i = sum_k softmax_ik n_hat_k, relative to the whole bank's lse.
-            term = term * torch.exp(lse_part - lse).unsqueeze(1)
+            term = term * _share(lse_part, lse).unsqueeze(1)
         ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0))
         ctx.scale, ctx.normalize, ctx.group = scale, normalize, group
         return lse
@@ -133,13 +164,34 @@ class _ShardedNegativeLse(torch.autograd.Function):
         mask = [bool(ctx.needs_input_grad[0]), False, bool(ctx.needs_input_grad[1])]
         if not any(mask):
             return None, None, None, None, None
-        if not _backend.kernel_serves(anchors_all.device):  # pragma: no cover
-            raise RuntimeError("the sharded backward needs the compiled extension")
+        if not _backend.kernel_serves(anchors_all.device):
+            ga, gn = _reference_backward(grad_lse, anchors_all, shard, lse, ctx.scale, ctx.normalize, mask)
+            return ga, gn, None, None, None
         ga, _, gn = torch.ops.contrastbound.info_nce_bwd(
             grad_lse, anchors_all, torch.zeros_like(anchors_all), shard, None, lse, term, ctx.scale, ctx.normalize,
             False, mask,
         )
         return (ga if mask[0] else None), (gn if mask[2] else None), None, None, None
+
+
+def _share(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """d lse / d lse_part = e^(lse_part - lse): this shard's share of each anchor's softmax mass; 0 where the whole
+    bank is empty (lse = -inf: e^(-inf - -inf) would be NaN)."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lse_part - lse))
+
+
+def _reference_backward(grad_lse, anchors_all, shard, lse, scale, normalize, mask):
+    """The sharded backward without the extension: this shard's partial log-sum-exp recomputed by the reference
+    (materialised logits) and differentiated, weighted by the shard's share."""
+    from .reference import info_nce_core_reference
+
+    with torch.enable_grad():
+        a = anchors_all.detach().requires_grad_(mask[0])
+        n = shard.detach().requires_grad_(mask[2])
+        _, lse_part = info_nce_core_reference(a, torch.zeros_like(a), n, None, scale, normalize, False)
+        wanted = [x for x, m in ((a, mask[0]), (n, mask[2])) if m]
+        grads = iter(torch.autograd.grad(lse_part, wanted, grad_lse * _share(lse_part.detach(), lse)))
+    return (next(grads) if mask[0] else None), (next(grads) if mask[2] else None)
 
 
 def info_nce_sharded(
@@ -163,10 +215,10 @@ def info_nce_sharded(
 
     Returns rank r's loss over its own anchors against the concatenated bank: equal to the single-process
     ``info_nce(anchors, positives, cat(all shards))``. Gradients: anchors and positives get those of this local
-    loss; a shard gets the sum over ranks of each rank's loss gradient with respect to it.
+    loss; a shard gets the sum over ranks of each rank's loss gradient with respect to it (W times the gradient
+    of the mean of the ranks' losses: right under DDP's averaging, to be scaled by 1 / W for a shard that nothing
+    averages).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("info_nce with process_group needs torch.distributed to be initialised")
     anchors, positives = _check_features(anchors, positives)
     negatives = _check_tensor("negatives", negatives, 2, "(K_r, d): this rank's shard of a shared bank")
     if negatives.shape[1] != anchors.shape[1]:
@@ -178,18 +230,15 @@ def info_nce_sharded(
         t = float(t)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
-    if _needs_reference(anchors, positives, negatives):
-        raise NotImplementedError(
-            "forward-mode AD (torch.autograd.forward_ad) and torch.func transforms that differentiate (grad, vjp, "
-            "jacrev, jvp, jacfwd) are not supported with process_group"
-        )
+    _check_group("info_nce", anchors, positives, negatives)
     result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
     a = _to_bank_dtype(anchors, negatives.dtype, normalize)
     p = _to_bank_dtype(positives, negatives.dtype, normalize)
     scale = 1.0 / t
-    a_all = all_gather_with_grad(a, process_group)
+    sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)")
+    a_all = _AllGatherWithGrad.apply(a, process_group, sizes)
     lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group)
-    start = _offset(a.shape[0], process_group, a.device)
+    start = sum(sizes[: _world(process_group)[1]])
     lse_neg = lse_neg_all[start : start + a.shape[0]]
     acc = lse_neg.dtype
     a_hat, p_hat = a.to(acc), p.to(acc)
@@ -198,12 +247,3 @@ def info_nce_sharded(
     pos = scale * (a_hat * p_hat).sum(-1)
     loss = torch.logaddexp(pos, lse_neg) - pos
     return _reduce(loss, reduction, result)
-
-
-def _offset(local_rows: int, group, device) -> int:
-    """Where this rank's rows start in a concatenation over ranks."""
-    world, rank = _world(group)
-    n = torch.tensor([local_rows], device=device, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    return int(sum(int(s) for s in sizes[:rank]))

@@ -203,6 +203,18 @@ def _needs_reference(*xs: object) -> bool:
     return _forward_ad(*xs) or _func_differentiates()
 
 
+def _check_group(function: str, *xs: object) -> None:
+    """torch.distributed must be up for process_group; the gathers over ranks are autograd.Functions with neither
+    a forward formula nor setup_context, so no forward-mode AD or torch.func transform that differentiates."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(f"{function} with process_group needs torch.distributed to be initialised (init_process_group)")
+    if _needs_reference(*xs):
+        raise NotImplementedError(
+            "forward-mode AD (torch.autograd.forward_ad) and torch.func transforms that differentiate (grad, vjp, "
+            "jacrev, jvp, jacfwd) are not supported with process_group"
+        )
+
+
 def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
     """NaN where the scale is not positive and finite: the fallback's equivalent of the kernels' read_scale for a
     GPU temperature, whose value is never read on the host (see _check_positive_scalar_tensor)."""
@@ -429,9 +441,12 @@ def info_nce(
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
             no normalised copy of the bank is made).
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
-        process_group: a torch.distributed group (or ``torch.distributed.group.WORLD``) over which a shared bank is
-            sharded: ``negatives`` is then this rank's shard (K_r, d) and the loss is this rank's anchors against
-            the whole bank (see :func:`contrastbound.distributed.info_nce_sharded`).
+        process_group: a torch.distributed group (or ``torch.distributed.group.WORLD``). With ``negatives`` (K_r, d),
+            a shared bank sharded over the ranks: the loss is this rank's anchors against the whole bank (see
+            :func:`contrastbound.distributed.info_nce_sharded`). With ``negatives=None``, in-batch over the global
+            batch: anchor i's negatives are every rank's positives except its own (gathered, B_total x d); the loss
+            is over this rank's anchors, and gradients follow the all_gather_with_grad convention (each rank's
+            positives get the sum over ranks' losses).
 
     Returns:
         The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
@@ -441,9 +456,27 @@ def info_nce(
         are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
+    if process_group is not None and negatives is None:
+        if negative_indices is not None:
+            raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
+        anchors, positives = _check_features(anchors, positives)
+        t = _check_temperature(temperature)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        _check_group("info_nce", anchors, positives, t)
+        from .distributed import gather_with_local_first
+
+        compute, result = _promoted(anchors, positives)
+        a, p = anchors.to(compute), positives.to(compute)
+        bank = gather_with_local_first(p, process_group)  # row i is still positive i: exclude_self holds
+        loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
+        return _reduce(loss, reduction, result)
     if process_group is not None:
-        if negatives is None or negative_indices is not None:
-            raise ValueError("process_group needs negatives as this rank's shard (K_r, d) of a shared bank, no indices")
+        if negative_indices is not None:
+            raise ValueError(
+                "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
+                "negatives over the global batch), not negative_indices"
+            )
         from .distributed import info_nce_sharded
 
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
@@ -597,6 +630,7 @@ def nt_xent(
     if process_group is not None:
         from .distributed import gather_with_local_first
 
+        _check_group("nt_xent", z1, z2, t)
         bank = gather_with_local_first(views, process_group)  # row i is still view i: exclude_self holds
     loss, _ = _fused(views, partners, bank, None, t, normalize, False, exclude_self=True)
     return _reduce(loss, reduction, result)
@@ -642,20 +676,12 @@ def clip_loss(
         raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
     reduction = _check_reduction(reduction)
     _check_features(image_features, text_features, ("image_features", "text_features"))
-    if process_group is None:
-        i2t = info_nce(image_features, text_features, temperature=temperature, normalize=normalize, reduction="none")
-        t2i = info_nce(text_features, image_features, temperature=temperature, normalize=normalize, reduction="none")
-    else:
-        from .distributed import gather_with_local_first
-
-        normalize = _check_bool("normalize", normalize)
-        compute, _ = _promoted(image_features, text_features)
-        img, txt = image_features.to(compute), text_features.to(compute)
-        # Local pairs first in the gathered banks: row i of each bank is pair i's positive.
-        txt_all = gather_with_local_first(txt, process_group)
-        img_all = gather_with_local_first(img, process_group)
-        i2t, _ = _fused(img, txt, txt_all, None, temperature, normalize, True, exclude_self=True)
-        t2i, _ = _fused(txt, img, img_all, None, temperature, normalize, True, exclude_self=True)
+    if process_group is not None:
+        _check_group("clip_loss", image_features, text_features, temperature)
+    # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
+    kw = dict(temperature=temperature, normalize=normalize, reduction="none", process_group=process_group)
+    i2t = info_nce(image_features, text_features, **kw)
+    t2i = info_nce(text_features, image_features, **kw)
     loss = 0.5 * (i2t + t2i)
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 

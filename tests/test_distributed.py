@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import torch.nn.functional as F
+
 import contrastbound as cb
+from contrastbound import _backend
 from contrastbound.distributed import all_gather_with_grad
 
 from conftest import assert_close_scaled
@@ -67,7 +70,41 @@ def _worker(rank, world, init_file, out_dir):
             refused = False
         except NotImplementedError:
             pass
-        # gather strategy: in-batch negatives over the global batch
+        # in-batch over the global batch: every rank's positives but anchor i's own are its negatives
+        ib_a = a[rows].clone().requires_grad_(True)
+        ib_p = p[rows].clone().requires_grad_(True)
+        ib = cb.info_nce(ib_a, ib_p, None, temperature=0.3, process_group=dist.group.WORLD)
+        ib.backward()
+        # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
+        e_a = a[rows].clone().requires_grad_(True)
+        empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
+        empty.backward()
+        # without the compiled kernel (the reference recomputes the shard's partial log-sum-exp in backward)
+        fb = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
+        _backend.HAS_CPU_KERNEL = False
+        try:
+            fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
+            fb_loss.backward()
+        finally:
+            _backend.HAS_CPU_KERNEL = True
+        # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
+        mismatch = []
+        for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32)):
+            try:
+                all_gather_with_grad(x)
+            except ValueError as exc:
+                mismatch.append(str(exc))
+        # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
+        model = torch.nn.Linear(2, 2)
+        model.queue = cb.NegativeQueue(4, 2)
+        if rank == 0:
+            model.queue.enqueue(torch.ones(3, 2))
+        torch.nn.parallel.DistributedDataParallel(model)
+        queue_state = (len(model.queue), tuple(model.queue.negatives().shape))
+        model.queue.enqueue(torch.zeros(1, 2))  # at slot 3 on every rank
+        queue_state += (model.queue.queue.sum().item(), len(model.queue))
+        # gather strategy: all_gather_with_grad's gathered positives as a shared bank (each anchor's positive is
+        # then in its denominator twice: once as the positive, once as a bank row)
         z = a[rows].clone().requires_grad_(True)
         zp = p[rows].clone().requires_grad_(True)
         zp_all = all_gather_with_grad(zp)
@@ -88,7 +125,10 @@ def _worker(rank, world, init_file, out_dir):
             {"loss": loss.detach(), "refused_forward_ad": refused, "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
              "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
              "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
-             "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad},
+             "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
+             "ib": ib.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
+             "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
+             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -125,6 +165,12 @@ def test_sharded_bank_and_gather_match_single_process(world):
         assert_close_scaled(res["loss"], loss, 1e-10, f"rank {rank} loss")
         assert_close_scaled(res["ga"], ga, 1e-10, f"rank {rank} anchors grad")
         assert_close_scaled(res["gp"], gp, 1e-10, f"rank {rank} positives grad")
+        for got, want, what in zip([res["fb_loss"], *res["fb_grads"]], [loss, ga, gp],
+                                   ["loss", "anchors grad", "positives grad"]):
+            assert_close_scaled(got, want, 1e-10, f"rank {rank} without the kernel: {what}")
+        assert res["queue_state"] == (3, (3, 2), 6.0, 4)
+        assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
+        assert len(res["mismatch"]) == 2 and all("same shape past the first dimension" in m for m in res["mismatch"])
         # gather strategy: rank r's loss uses the global positives as negatives
         n_all = sum(ANCHORS_PER_RANK[world])
         total_rows = slice(0, n_all)
@@ -134,6 +180,22 @@ def test_sharded_bank_and_gather_match_single_process(world):
         gl.backward()
         assert_close_scaled(res["gather_loss"], gl, 1e-10, f"rank {rank} gather loss")
         assert_close_scaled(res["gz"], gz, 1e-10, f"rank {rank} gather anchors grad")
+    # in-batch over the global batch, from the logits: rank r's loss is cross-entropy over its own rows of
+    # s A P^T (target i); the features get the gradient of the sum of all ranks' losses
+    n_all = sum(ANCHORS_PER_RANK[world])
+    ib_a, ib_p = a[:n_all].clone().requires_grad_(True), p[:n_all].clone().requires_grad_(True)
+    logits = F.normalize(ib_a, dim=1) @ F.normalize(ib_p, dim=1).T / 0.3
+    per_anchor = F.cross_entropy(logits, torch.arange(n_all), reduction="none")
+    ib_total = 0.0
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        assert_close_scaled(results[rank]["ib"], per_anchor[rows].mean(), 1e-10, f"rank {rank} global in-batch loss")
+        ib_total = ib_total + per_anchor[rows].mean()
+    g_ib_a, g_ib_p = torch.autograd.grad(ib_total, [ib_a, ib_p])
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        assert_close_scaled(results[rank]["g_ib_a"], g_ib_a[rows], 1e-10, f"rank {rank} global in-batch anchors grad")
+        assert_close_scaled(results[rank]["g_ib_p"], g_ib_p[rows], 1e-10, f"rank {rank} global in-batch positives grad")
     # nt_xent / clip_loss: rank r's loss is the global loss restricted to its own views / pairs; features get
     # the gradient of the sum of all ranks' losses; the logit scale gets this rank's own loss gradient.
     n_all = sum(ANCHORS_PER_RANK[world])
@@ -165,6 +227,8 @@ def test_sharded_bank_and_gather_match_single_process(world):
     for rank in range(world):
         shard_rows = _slices(SHARDS[world], rank)
         assert_close_scaled(results[rank]["gn"], shard_grad_total[shard_rows], 1e-10, f"rank {rank} shard grad")
+        assert_close_scaled(results[rank]["fb_grads"][2], shard_grad_total[shard_rows], 1e-10,
+                            f"rank {rank} shard grad without the kernel")
         rows = _slices(ANCHORS_PER_RANK[world], rank)
         # the gathered positives' gradient is the sum over ranks' losses
         assert_close_scaled(results[rank]["gzp"], zp_full.grad[rows], 1e-10, f"rank {rank} gathered grad")
@@ -174,5 +238,13 @@ def test_needs_initialised_process_group():
     x = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="init"):
         all_gather_with_grad(x)
-    with pytest.raises(ValueError, match="process_group"):
-        cb.info_nce(x, x, None, process_group=object())
+    for name, call in [
+        ("info_nce", lambda: cb.info_nce(x, x, None, process_group=object())),  # in-batch over the global batch
+        ("info_nce", lambda: cb.info_nce(x, x, x, process_group=object())),  # sharded bank
+        ("nt_xent", lambda: cb.nt_xent(x, x, process_group=object())),
+        ("clip_loss", lambda: cb.clip_loss(x, x, 10.0, process_group=object())),
+    ]:
+        with pytest.raises(RuntimeError, match=f"{name} with process_group needs torch.distributed to be initialised"):
+            call()
+    with pytest.raises(ValueError, match="negative_indices"):
+        cb.info_nce(x, x, x, negative_indices=torch.zeros(3, 1, dtype=torch.long), process_group=object())
