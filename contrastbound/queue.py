@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -22,12 +24,15 @@ class NegativeQueue(torch.nn.Module):
             loss.backward(); opt.step()
             queue.enqueue(k)
 
-    Pitfalls: enqueue the keys of a batch *after* computing its loss; otherwise each anchor's own key (its
-    positive) is also among its negatives. Keys must be detached (the queue detaches them anyway) and, as in MoCo,
+    Pitfalls: enqueue the keys of a batch *after* its backward (as above); enqueued before its loss, each anchor's
+    own key (its positive) is also among its negatives, and enqueued between loss and backward, the in-place write
+    into the bank the loss saved makes backward raise. Keys must be detached (the queue detaches them anyway) and, as in MoCo,
     come from a slowly moving (momentum) encoder so that old keys stay comparable with new queries.
 
     The write position and fill level are kept as Python ints beside their buffers (which ``state_dict`` saves),
-    so ``enqueue``, ``negatives`` and ``len`` never read a device tensor back: no synchronisation with a GPU.
+    so ``enqueue``, ``negatives`` and ``len`` do not read a device tensor back: no synchronisation with a GPU. The
+    ints are re-read (once) when something else wrote the buffers: ``load_state_dict``, DDP's broadcast of
+    rank 0's buffers, ``module.to``, a user's ``fill_``.
     Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
@@ -38,26 +43,34 @@ class NegativeQueue(torch.nn.Module):
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        size, dim = _positive_int("size", size), _positive_int("dim", dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
         self.size, self.dim = size, dim
         self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._ptr = 0  # host copies of the two buffers
         self._filled = 0
+        self._seen = self._stamp()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._ptr, self._filled = int(self.ptr), int(self.filled)  # one read-back, at load time
+    def _stamp(self) -> tuple[int, ...]:
+        """Which tensors the buffers are and how often they were written in place (no device read)."""
+        return (self.ptr.data_ptr(), self.ptr._version, self.filled.data_ptr(), self.filled._version)
+
+    def _host(self) -> tuple[int, int]:
+        """The write position and fill level; read back from the buffers only if something else wrote them."""
+        if self._stamp() != self._seen:
+            self._ptr, self._filled = int(self.ptr), int(self.filled)
+            if not (0 <= self._ptr < self.size and 0 <= self._filled <= self.size):
+                raise ValueError(f"the queue's buffers hold ptr = {self._ptr}, filled = {self._filled}: not a state "
+                                 f"of a queue of size {self.size}")
+            self._seen = self._stamp()
+        return self._ptr, self._filled
 
     @torch.compiler.disable  # likewise (an int attribute of a module is a constant to torch.compile)
     def __len__(self) -> int:
-        return self._filled
+        return self._host()[1]
 
     @torch.compiler.disable  # host-int bookkeeping: traced, each new position would be a recompilation
     @torch.no_grad()
@@ -74,20 +87,35 @@ class NegativeQueue(torch.nn.Module):
             return
         if n >= self.size:
             keys, n = keys[-self.size :], self.size
-        start = self._ptr
+        if keys.untyped_storage().data_ptr() == self.queue.untyped_storage().data_ptr():
+            keys = keys.clone()  # rows of the queue itself (e.g. negatives()): the writes below would overlap them
+        start, filled = self._host()
         first = min(n, self.size - start)
         self.queue[start : start + first] = keys[:first]
         if first < n:
             self.queue[: n - first] = keys[first:]
         self._ptr = (start + n) % self.size
-        self._filled = min(self.size, self._filled + n)
+        self._filled = min(self.size, filled + n)
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
+        self._seen = self._stamp()
 
     @torch.compiler.disable  # likewise (the fill level decides the view's length)
     def negatives(self) -> torch.Tensor:
         """The keys in the queue, (len(self), dim): a view, no copy. Order does not matter to InfoNCE."""
-        return self.queue if self._filled == self.size else self.queue[: self._filled]
+        filled = self._host()[1]
+        return self.queue if filled == self.size else self.queue[:filled]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._filled}"
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._host()[1]}"
+
+
+def _positive_int(name: str, value: object) -> int:
+    """value as an int (Python or numpy integers, 0-d integer tensors: operator.index), checked >= 1."""
+    try:
+        n = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,26 @@ def test_queue_reads_nothing_back_from_its_buffers():
     assert len(q) == 4 and q.negatives().shape == (4, 2)
 
 
+def test_queue_follows_writes_it_did_not_make():
+    # DDP's buffer broadcast, a user's fill_ or module.to write the buffers: the host ints follow (one read-back)
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.ones(3, 2))
+    q.ptr.fill_(1)
+    q.filled.fill_(1)
+    assert len(q) == 1 and q.negatives().shape == (1, 2)
+    q.enqueue(torch.full((2, 2), 5.0))  # at slots 1 and 2
+    assert len(q) == 3 and q.queue[:, 0].tolist() == [1, 5, 5, 0]
+    q.filled.fill_(9)
+    with pytest.raises(ValueError, match="filled = 9"):
+        len(q)
+    q.filled.fill_(3)
+    q.to(torch.float64)
+    assert len(q) == 3
+    # rows of the queue itself enqueued again (overlapping writes are cloned first)
+    q.enqueue(q.negatives()[:2])
+    assert q.queue[:, 0].tolist() == [5, 5, 5, 1]
+
+
 def test_queue_in_a_compiled_step_does_not_recompile_per_position():
     # Traced, the host ints were constants: one recompilation per write position until the limit (8), then eager.
     torch._dynamo.reset()
@@ -145,6 +166,11 @@ def test_queue_bad_input():
         cb.NegativeQueue(0, 3)
     with pytest.raises(ValueError, match="dim"):
         cb.NegativeQueue(3, -1)
+    with pytest.raises(ValueError, match="size"):
+        cb.NegativeQueue(True, 3)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        cb.NegativeQueue(3, 2, dtype="float32")
+    assert cb.NegativeQueue(np.int64(3), np.int32(2)).queue.shape == (3, 2)  # numpy integers are integers
     q = cb.NegativeQueue(3, 2)
     with pytest.raises(ValueError, match="keys"):
         q.enqueue(torch.randn(2, 5))
