@@ -13,8 +13,8 @@ if ! ls contrastbound/_C*.so >/dev/null 2>&1 || [ -n "${REBUILD:-}" ]; then
 fi
 echo "build done at $(($(date +%s) - START)) s"
 cp contrastbound/_C*.so "$OUT/" 2>/dev/null
-timeout 150 ncu --clock-control none -k regex:"tc_(lse|rows)_kernel" -c 3 --section SpeedOfLight --section Occupancy \
+timeout 150 ncu --clock-control none -k regex:"(tc|mma)_(lse|rows|fwd)_kernel|flash_kernel|wgmma_kernel" -c 3 --section SpeedOfLight --section Occupancy \
   --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
   "$PY" benchmarks/profile_tc.py ${PROFILE_ARGS:-} >"$OUT/ncu.txt" 2>&1
 echo "ncu exit $? at $(($(date +%s) - START)) s"
-grep -E "tc_(lse|rows)_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|Block Limit|Warp Cycles Per Issued|Stall|Issue Slots Busy|Executed Ipc|L1/TEX Hit|L2 Hit|Pipe|Bank" "$OUT/ncu.txt" | head -150
+grep -E "(tc|mma)_(lse|rows|fwd)_kernel|flash_kernel|wgmma_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|Block Limit|Warp Cycles Per Issued|Stall|Issue Slots Busy|Executed Ipc|L1/TEX Hit|L2 Hit|Pipe|Bank" "$OUT/ncu.txt" | head -150
