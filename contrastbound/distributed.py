@@ -14,6 +14,8 @@ Two strategies:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str) -> list[int]:
     world, _ = _world(group)
     tail = tuple(tensor.shape[1:])
     meta = torch.tensor([tensor.shape[0], tensor.dim(), _DTYPE_CODES.get(tensor.dtype, -1),
-                         tail[0] if tail else 0, tensor[:1].numel()], device=tensor.device, dtype=torch.long)
+                         tail[0] if tail else 0, math.prod(tail)], device=tensor.device, dtype=torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]

@@ -94,6 +94,8 @@ def _worker(rank, world, init_file, out_dir):
                 all_gather_with_grad(x)
             except ValueError as exc:
                 mismatch.append(str(exc))
+        # a rank without rows (the end of an uneven epoch) still gathers the others'
+        rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
         # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
         model = torch.nn.Linear(2, 2)
         model.queue = cb.NegativeQueue(4, 2)
@@ -128,6 +130,7 @@ def _worker(rank, world, init_file, out_dir):
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
+             "rows_gathered": rows_gathered,
              "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -169,6 +172,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
                                    ["loss", "anchors grad", "positives grad"]):
             assert_close_scaled(got, want, 1e-10, f"rank {rank} without the kernel: {what}")
         assert res["queue_state"] == (3, (3, 2), 6.0, 4)
+        assert res["rows_gathered"] == (2 * (world - 1), 3)
         assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
         assert len(res["mismatch"]) == 2 and all("same shape past the first dimension" in m for m in res["mismatch"])
         # gather strategy: rank r's loss uses the global positives as negatives
