@@ -193,12 +193,16 @@ def test_nt_xent_matches_reference(dtype, N, temperature):
     r1, r2 = (x.detach().double().requires_grad_(True) for x in (z1, z2))
     ref = nt_xent_reference(r1, r2, temperature, reduction="none")
     assert loss.shape == (2 * N,) and loss.dtype == dtype
-    assert_close_scaled(loss, ref, TOL[dtype], "loss")
+    # Logits of magnitude 1 / temperature cancel: at 0.01 the losses are ~1e-11, and N = 1 (no negatives) gives
+    # a loss and gradients of exactly 0 up to that rounding.
+    scale = 1 / temperature
+    assert_close_scaled(loss, ref, TOL[dtype], "loss", floor=scale)
     up = torch.rand(2 * N, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(loss, [z1, z2], up.to(dtype))
     ref_grads = torch.autograd.grad(ref, [r1, r2], up)
     for x, y in zip(grads, ref_grads):
-        assert_close_scaled(x, y, TOL[dtype], "grad")
+        # (at temperature 0.01 the softmax is one-hot to ~1e-13: gradients ~1e-11 of terms ~ s cancelled)
+        assert_close_scaled(x, y, TOL[dtype], "grad", floor=scale if N == 1 or temperature < 0.05 else 0.0)
 
 
 def test_nt_xent_gradcheck_with_learnable_temperature():
