@@ -60,7 +60,7 @@ def _check_features(name: str, features: Any) -> torch.Tensor:
 def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be an int64 tensor of shape (N,), got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor of shape (N,), got dtype {labels.dtype}")
     if labels.shape != (features.shape[0],):
         raise ValueError(f"{name} must have shape (N,) = ({features.shape[0]},), got {tuple(labels.shape)}")
@@ -72,11 +72,16 @@ def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: i
         raise ValueError(f"{name} must be non-negative class indices, got min {lo}")
     if num_classes is None:
         num_classes = hi + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     elif hi >= num_classes:
         raise ValueError(f"{name} must lie in [0, num_classes) = [0, {num_classes}), got max {hi}")
-    return labels, num_classes
+    return labels, int(num_classes)
+
+
+def _check_bool_arg(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -114,6 +119,7 @@ def class_means(
         normalize: average L2-normalised features (the paper's mean classifier) instead of the raw ones.
     Accumulated in float64 on the CPU and for float64 features, in float32 for lower-precision features on a GPU.
     """
+    _check_bool_arg("normalize", normalize)
     features = _check_features("features", features)
     labels, C = _check_labels("labels", labels, features, num_classes)
     counts = torch.bincount(labels, minlength=C)
@@ -151,6 +157,10 @@ def mean_classifier_loss(
     features = _check_features("features", features)
     if not isinstance(means, torch.Tensor) or means.dim() != 2:
         raise TypeError("means must be a (C, d) tensor (see class_means)")
+    if means.shape[1] != features.shape[1]:
+        raise ValueError(f"means must have shape (C, d) with d = {features.shape[1]} (the features'), got "
+                         f"{tuple(means.shape)}")
+    _check_bool_arg("normalize", normalize)
     labels, _ = _check_labels("labels", labels, features, means.shape[0])
     f = _prepare(features, normalize).to(means.dtype)
     return bank_cross_entropy(f, means, labels, temperature=temperature, normalize=False, reduction=reduction)
@@ -171,11 +181,13 @@ class _Sampler:
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_anchors: int | None, generator: torch.Generator | None):
         self.N = features.shape[0]
         self.device = features.device
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self._rng = generator.device if generator is not None else self.device  # where the draws are made
+        labels = torch.unique(labels, return_inverse=True)[1]  # ids 0..G-1: memory O(N) whatever the largest id
         order = torch.argsort(labels, stable=True)
-        C = int(labels.max()) + 1
-        counts = torch.bincount(labels, minlength=C)
+        counts = torch.bincount(labels)
         self.order, self.counts = order, counts
         self.starts = torch.cumsum(counts, 0) - counts
         self.labels = labels
@@ -205,8 +217,7 @@ def _setup(features, labels, temperature, num_anchors, normalize):
     t = _check_positive("temperature", temperature)
     if num_anchors is not None:
         num_anchors = _check_count("num_anchors", num_anchors, 1)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _check_bool_arg("normalize", normalize)
     return features, labels, t, num_anchors
 
 
@@ -230,14 +241,16 @@ def contrastive_loss_estimate(
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
     K = _check_count("K", K, 0)
     sampler = _Sampler(features, labels, num_anchors, generator)
-    total = features.new_zeros((), dtype=torch.float64 if features.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    if K == 0:  # no negatives: every loss is 0 (differentiable, as info_nce's)
+        return (features.to(acc) * 0).sum()
+    total = features.new_zeros((), dtype=acc)
     for a, pos, neg in sampler.chunks(K):
-        if K == 0:
-            continue
+        # per-anchor losses summed in float32 or better: a float16 sum of ~1e5 losses overflows
         loss = info_nce(
-            features[a], features[pos], features, negative_indices=neg, temperature=t, normalize=normalize, reduction="sum"
+            features[a], features[pos], features, negative_indices=neg, temperature=t, normalize=normalize, reduction="none"
         )
-        total = total + loss.to(total.dtype)
+        total = total + loss.to(acc).sum()
     return total / sampler.anchors.numel()
 
 
@@ -325,6 +338,10 @@ def gap_report(
     ``"empirical"`` (class frequencies of ``labels``; exactly uniform frequencies count as uniform), ``"uniform"``,
     or a probability vector. The earlier bounds (Arora et al., Nozawa & Sato, Ash et al.) are uniform-prior
     formulas: they are NaN for a non-uniform prior and where they are undefined (K < C for the first two).
+    The theorem holds for one distribution: on the same set (no test set) R_supv lies inside up to the Monte Carlo
+    error of R_cont; with a test set ``inside`` compares the test set's R_supv with the training set's interval,
+    which no theorem guarantees (a shifted test distribution can fall outside). Half-precision features are
+    widened to float32 for the means and R_supv.
 
     Returns:
         A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_supv, delta_lower,
@@ -338,13 +355,19 @@ def gap_report(
         raise ValueError(f"ks must be a non-empty 1-d sequence of ints >= 1, got {ks!r}")
     if (test_features is None) != (test_labels is None):
         raise ValueError("pass both test_features and test_labels, or neither")
-    means = class_means(features, labels, C, normalize=normalize)
+    # R_supv from float32 (or better) means and scores: half-precision means shift it by ~1e-3 (2e-2 at large b),
+    # enough to move it across a bound
+    widen = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731
+    means = class_means(widen(features), labels, C, normalize=normalize)
     if test_features is not None:
         test_features = _check_features("test_features", test_features)
         test_labels, _ = _check_labels("test_labels", test_labels, test_features, C)
-        sup_f, sup_y = test_features, test_labels
+        if test_features.shape[1] != features.shape[1]:
+            raise ValueError(f"test_features must have feature size d = {features.shape[1]}, got shape "
+                             f"{tuple(test_features.shape)}")
+        sup_f, sup_y = widen(test_features), test_labels
     else:
-        sup_f, sup_y = features, labels
+        sup_f, sup_y = widen(features), labels
     with torch.no_grad():
         r_supv = float(mean_classifier_loss(sup_f, sup_y, means, t, normalize=normalize).double())
         if normalize:
