@@ -32,6 +32,15 @@ def refuse_double_backward() -> None:
         )
 
 
+def _same_device(anchors: torch.Tensor, **tensors) -> None:
+    """A meta tensor among real ones sends the call to the fake kernels, which would return uninitialised real
+    tensors: every tensor argument must be on the device of anchors (the scale of the *_scaled ops may be on any)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != anchors.device:
+            raise ValueError(f"{name} is on {t.device} but anchors are on {anchors.device}: the contrastbound ops need "
+                             "every tensor on one device")
+
+
 if _backend.EXTENSION_LOADED:
 
     @torch.library.register_fake("contrastbound::info_nce_fwd")
@@ -39,6 +48,9 @@ if _backend.EXTENSION_LOADED:
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
         exclude_self=False,
     ):
+        _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices)
+        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
+            raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
         B, d = anchors.shape
         acc = _acc_dtype(anchors.dtype)
         loss = anchors.new_empty((B,), dtype=acc)
@@ -51,6 +63,11 @@ if _backend.EXTENSION_LOADED:
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
         include_positive, output_mask, exclude_self=False, check_indices=True,
     ):
+        _same_device(anchors, grad_loss=grad_loss, positives=positives, negatives=negatives,
+                     negative_indices=negative_indices, lse=lse, anchor_term=anchor_term)
+        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
+            raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
+
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
 
@@ -63,6 +80,13 @@ if _backend.EXTENSION_LOADED:
         ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
         _, lse, term = output
         tensor_scale = isinstance(scale, torch.Tensor)
+        if tensor_scale and scale.requires_grad:
+            # Its gradient needs lse, V and the anchors' logits (functional._with_temperature_grad): silently None
+            # here would freeze a learnable temperature.
+            raise ValueError(
+                "info_nce_fwd_scaled does not differentiate scale: pass a learnable temperature to "
+                "contrastbound.info_nce / info_nce_lse (which attach its exact gradient), or detach scale"
+            )
         ctx.save_for_backward(
             anchors, positives, negatives, negative_indices, lse, term, *((scale,) if tensor_scale else ())
         )

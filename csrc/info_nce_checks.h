@@ -59,6 +59,25 @@ inline void check_scale(double scale) {
                     scale);
 }
 
+// The backward op's own inputs: grad_loss and lse (B,), anchor_term empty (forward did not save V) or (B, d),
+// all on the device of anchors. A V of another shape would be read as if it were (B, d).
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& anchor_term,
+                                  const at::Tensor& anchors) {
+  const int64_t B = anchors.size(0), d = anchors.size(1);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
+                    B, ",), got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "info_nce_bwd: lse must have shape (B,) = (", B, ",), got ",
+                    lse.sizes());
+  TORCH_CHECK_VALUE(anchor_term.numel() == 0 || (anchor_term.dim() == 2 && anchor_term.size(0) == B &&
+                                                 anchor_term.size(1) == d),
+                    "info_nce_bwd: anchor_term must be empty or have shape (B, d) = (", B, ", ", d, "), got ",
+                    anchor_term.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == anchors.device() && lse.device() == anchors.device() &&
+                        anchor_term.device() == anchors.device(),
+                    "info_nce_bwd: grad_loss, lse and anchor_term must be on the device of anchors (",
+                    anchors.device(), ")");
+}
+
 // The scale of the *_scaled ops: a floating tensor with one element (any device).
 inline void check_scale_tensor(const at::Tensor& scale) {
   TORCH_CHECK_VALUE(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),

@@ -88,6 +88,29 @@ def test_registered_op_checks_indices_itself():
         torch.ops.contrastbound.info_nce_fwd(a, p, bank, None, -1.0, True, True, False)
 
 
+def test_registered_ops_check_every_tensor_argument():
+    # A meta tensor among CPU ones reached the fake kernels (uninitialised results); a V of another shape was read
+    # as (B, d); a scale that requires grad got no gradient, silently.
+    from contrastbound import _backend
+
+    if not _backend.EXTENSION_LOADED:
+        pytest.skip("compiled extension not available")
+    fwd, bwd = torch.ops.contrastbound.info_nce_fwd, torch.ops.contrastbound.info_nce_bwd
+    with pytest.raises(ValueError, match="negative_indices is on meta"):
+        fwd(a, p, idx_bank, idx.to("meta"), 1.0, True, True, False)
+    g, lse = torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="grad_loss is on meta"):
+        bwd(g.to("meta"), a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True])
+    with pytest.raises(ValueError, match=r"anchor_term must be empty or have shape \(B, d\) = \(4, 3\), got \[3, 4\]"):
+        bwd(g, a, p, bank, None, lse, torch.zeros(3, 4), 1.0, True, True, [True, True, True])
+    with pytest.raises(ValueError, match=r"lse must have shape \(B,\)"):
+        bwd(g, a, p, bank, None, lse[:2], torch.empty(0), 1.0, True, True, [True, True, True])
+    s = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match="does not differentiate scale"):
+        torch.ops.contrastbound.info_nce_fwd_scaled(a.requires_grad_(), p, bank, None, s, True, True, True)
+    a.requires_grad_(False)
+
+
 @pytest.mark.parametrize(
     "scale,text",
     [

@@ -185,6 +185,79 @@ def test_tiny_sizes(mode):
         _check_against_reference(a, p, n, idx, torch.float64, floor, temperature=0.5)
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
+def test_results_do_not_depend_on_the_thread_count(mode):
+    # The kernel's units follow the sizes, not the threads: the same bits with 1 and 2 threads (K spans chunks).
+    a, p, n, idx = make_inputs(mode, B=37, K=3000, d=19, dtype=torch.float32, M=2000)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            loss, grads = _run(cb.info_nce, a, p, n, idx, temperature=0.1, reduction="none")
+            out.append((loss, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+
+
+def test_inference_mode_with_worker_threads():
+    # OpenMP workers did not inherit inference mode: in-place updates of the caller's inference tensors raised.
+    a, p, n, _ = make_inputs("shared", B=300, K=2000, d=8, dtype=torch.float32, requires_grad=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            loss, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, None, 10.0, True, True, True)
+            grads = torch.ops.contrastbound.info_nce_bwd(torch.ones(300), a, p, n, None, lse, term, 10.0, True, True,
+                                                         [True, True, True])
+    finally:
+        torch.set_num_threads(threads)
+    want = cb.info_nce(a, p, n, temperature=0.1, reduction="none")
+    assert_close_scaled(loss, want, TOL[torch.float32], "loss under inference_mode")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_unused_bank_rows_get_zero_gradient_even_if_not_finite(normalize):
+    # No index picks row 3 (inf) or row 4 (NaN): their gradient is 0, as autograd's, not 0 * inf = NaN (which
+    # clip_grad_norm_ would spread to every parameter).
+    a, p, _, _ = make_inputs("shared", B=5, K=1, d=4, dtype=torch.float64, requires_grad=False)
+    bank = torch.randn(6, 4, dtype=torch.float64)
+    bank[3] = float("inf")
+    bank[4, 1] = float("nan")
+    bank.requires_grad_(True)
+    idx = torch.tensor([[0, 1, 2], [5, 5, 0], [1, 2, 5], [0, 0, 0], [2, 1, 0]])
+    loss = cb.info_nce(a, p, bank, negative_indices=idx, temperature=0.5, normalize=normalize)
+    (g,) = torch.autograd.grad(loss, bank)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert torch.equal(g[3:5], torch.zeros(2, 4, dtype=torch.float64))
+    ref = bank.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(info_nce_reference(a, p, ref, negative_indices=idx, temperature=0.5,
+                                                     normalize=normalize), ref)
+    assert_close_scaled(g[[0, 1, 2, 5]], want[[0, 1, 2, 5]], TOL[torch.float64], "used rows")
+
+
+def test_weighted_sum_accurate_at_large_k():
+    # V = sum_k softmax_k n_hat_k over 2^20 indexed negatives in float32: summed by tiles, its error stays near
+    # one rounding. Four distinct rows make every term alike, the worst case of a running sum (row by row it was
+    # 2.9e-3 off here).
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(4, 2, generator=g)
+    a, p = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    idx = torch.randint(0, 4, (1, 2**20), generator=g).expand(4, -1)
+    _, _, term = torch.ops.contrastbound.info_nce_fwd(a, p, bank, idx, 3.0, True, True, True)
+    _, _, want = torch.ops.contrastbound.info_nce_fwd(a.double(), p.double(), bank.double(), idx, 3.0, True, True, True)
+    a64, bank64 = F.normalize(a.double(), dim=1), F.normalize(bank.double(), dim=1)
+    counts = torch.bincount(idx[0], minlength=4).double()  # the float64 oracle from the 4 rows' multiplicities
+    pos = 3.0 * (a64 * F.normalize(p.double(), dim=1)).sum(1, keepdim=True)
+    e = torch.exp(torch.cat([pos, 3.0 * a64 @ bank64.T], 1))
+    oracle = (e[:, 1:] * counts) @ bank64 / (e[:, :1] + (e[:, 1:] * counts).sum(1, keepdim=True))
+    assert (term.double() - oracle).abs().max() < 2e-5, (term.double() - oracle).abs().max()
+    assert_close_scaled(want, oracle, 1e-12, "float64 V")
+
+
 def test_zero_vectors_follow_f_normalize():
     a, p, n, _ = make_inputs("shared", B=3, K=4, d=3, dtype=torch.float64)
     with torch.no_grad():

@@ -172,14 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, check_indices);
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
-                    B, ",), got ", grad_loss.sizes());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B, "info_nce_bwd: lse must have shape (B,) = (", B, ",), got ",
-                    lse.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == anchors.device() && lse.device() == anchors.device() &&
-                        anchor_term.device() == anchors.device(),
-                    "info_nce_bwd: grad_loss, lse and anchor_term must be on the device of anchors (",
-                    anchors.device(), ")");
+  check_backward_inputs(grad_loss, lse, anchor_term, anchors);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
