@@ -190,6 +190,27 @@ def test_deterministic(mode):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_unused_bank_rows_get_zero_gradient_even_if_infinite(dtype, normalize):
+    # No index picks row 3 (inf): its gradient is 0, not 0 * inf = NaN (finish_bank_row skips the Jacobian term
+    # where proj = 0); the used rows match the CPU kernel.
+    g = torch.Generator().manual_seed(4)
+    a, p = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    bank = torch.randn(6, 4, generator=g)
+    bank[3] = float("inf")
+    idx = torch.tensor([[0, 1, 2], [5, 5, 0], [1, 2, 5], [0, 0, 0], [2, 1, 0]])
+    grads = []
+    for device in ("cpu", CUDA):
+        w = bank.to(device, dtype).requires_grad_(True)
+        loss = cb.info_nce(a.to(device, dtype), p.to(device, dtype), w, negative_indices=idx.to(device),
+                           temperature=0.5, normalize=normalize)
+        grads.append(torch.autograd.grad(loss, w)[0].float().cpu())
+    cpu, gpu = grads
+    assert torch.isfinite(gpu).all() and torch.equal(gpu[3], torch.zeros(4))
+    assert_close_scaled(gpu[[0, 1, 2, 5]], cpu[[0, 1, 2, 5]], TOL[dtype], "used rows")
+
+
 def test_low_temperature_large_logits_stay_finite():
     a, p, n, _ = make_inputs("shared", B=9, K=2000, d=32, dtype=torch.float32, device=CUDA, seed=5)
     _compare(a, p, n, None, torch.float32, temperature=0.01, normalize=False)

@@ -89,7 +89,10 @@ __device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, 
     for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
     dot += gs * to_acc<acc_t>(n[j * sj]);
   }
-  const acc_t cp = warp_sum(dot) * inv * proj;  // n_hat . G = inv (n . G)
+  // n_hat . G = inv (n . G). proj = 0 (normalize=false, or a norm F.normalize clamps): no Jacobian term, so a
+  // row no anchor used (G = 0) keeps gradient 0 even where it is not finite (0 * inf = NaN in dot).
+  const acc_t total = warp_sum(dot);
+  const acc_t cp = proj != acc_t(0) ? total * inv * proj : acc_t(0);
   for (int64_t j = lane; j < d; j += 32) {
     acc_t gs = 0;
     for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
