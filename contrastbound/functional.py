@@ -689,15 +689,24 @@ def clip_loss(
 class InfoNCE(torch.nn.Module):
     """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
 
+    ``process_group`` is passed to every call (a sharded bank, or in-batch over the global batch; see
+    :func:`info_nce`).
+
     With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
     (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
     at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
     """
 
     def __init__(
-        self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean", learn_temperature: bool = False
+        self,
+        temperature: float = 0.1,
+        normalize: bool = True,
+        reduction: str = "mean",
+        learn_temperature: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
+        self.process_group = process_group
         t = _check_temperature(temperature)
         if isinstance(t, torch.Tensor) and t.requires_grad and not learn_temperature:
             # Read once here, the tensor would never receive a gradient: a parameter silently frozen.
@@ -736,6 +745,7 @@ class InfoNCE(torch.nn.Module):
             temperature=self.temperature,
             normalize=self.normalize,
             reduction=self.reduction,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

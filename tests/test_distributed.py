@@ -75,6 +75,7 @@ def _worker(rank, world, init_file, out_dir):
         ib_p = p[rows].clone().requires_grad_(True)
         ib = cb.info_nce(ib_a, ib_p, None, temperature=0.3, process_group=dist.group.WORLD)
         ib.backward()
+        module = cb.InfoNCE(temperature=0.3, process_group=dist.group.WORLD)(a[rows], p[rows])  # the same loss
         # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
         e_a = a[rows].clone().requires_grad_(True)
         empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
@@ -128,7 +129,7 @@ def _worker(rank, world, init_file, out_dir):
              "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
              "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
-             "ib": ib.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
+             "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
              "rows_gathered": rows_gathered,
              "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb]},
@@ -194,6 +195,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
     for rank in range(world):
         rows = _slices(ANCHORS_PER_RANK[world], rank)
         assert_close_scaled(results[rank]["ib"], per_anchor[rows].mean(), 1e-10, f"rank {rank} global in-batch loss")
+        assert_close_scaled(results[rank]["ib_module"], per_anchor[rows].mean(), 1e-10, f"rank {rank} InfoNCE module")
         ib_total = ib_total + per_anchor[rows].mean()
     g_ib_a, g_ib_p = torch.autograd.grad(ib_total, [ib_a, ib_p])
     for rank in range(world):
