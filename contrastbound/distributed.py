@@ -50,16 +50,20 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str) -> list[int]:
     if tensor.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), got a 0-d tensor")
     world, _ = _world(group)
-    tail = tuple(tensor.shape[1:])
-    meta = torch.tensor([tensor.shape[0], tensor.dim(), _DTYPE_CODES.get(tensor.dtype, -1),
-                         tail[0] if tail else 0, math.prod(tail)], device=tensor.device, dtype=torch.long)
+    tail = list(tensor.shape[1:])
+    # rows, dtype, ndim, elements a row, then the row shape (its first 6 dimensions; the element count covers
+    # the rest): one fixed-length vector, so the exchange itself cannot mismatch
+    row_shape = (tail + [0] * 6)[:6]
+    meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail), *row_shape],
+                        device=tensor.device, dtype=torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]
-    if any(m[1:] != metas[0][1:] for m in metas) or metas[0][2] < 0:
+    if any(m[1:] != metas[0][1:] for m in metas) or metas[0][1] < 0:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
-        seen = "; ".join(f"rank {r}: {m[1]}-d, {m[3] if m[1] > 1 else '-'} x ... ({m[4]} elements a row), "
-                         f"{names.get(m[2], 'an unsupported dtype')}" for r, m in enumerate(metas))
+        seen = "; ".join(f"rank {r}: rows of shape {tuple(m[4:4 + min(m[2] - 1, 6)])}"
+                         f"{' + ...' if m[2] > 7 else ''}, {names.get(m[1], 'an unsupported dtype')}"
+                         for r, m in enumerate(metas))
         raise ValueError(f"{name} must have the same shape past the first dimension and the same dtype on every rank "
                          f"(one of {', '.join(names.values())}), got {seen}")
     return [m[0] for m in metas]
@@ -111,14 +115,15 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor, group, _exchange_sizes(tensor, group, "tensor"))
 
 
-def gather_with_local_first(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "tensor") -> torch.Tensor:
     """The concatenation over ranks with this rank's rows first (differentiable, all_gather_with_grad convention).
 
     Row i of the result is row i of ``tensor``, so losses that find an anchor's positive or itself at row i of the
-    bank (in-batch InfoNCE, NT-Xent) work unchanged on the global batch.
+    bank (in-batch InfoNCE, NT-Xent) work unchanged on the global batch. ``name`` is the argument that errors
+    name.
     """
     _check_gather_input(tensor, "gather_with_local_first")
-    sizes = _exchange_sizes(tensor, group, "tensor")
+    sizes = _exchange_sizes(tensor, group, name)
     everything = _AllGatherWithGrad.apply(tensor, group, sizes)
     start = sum(sizes[: _world(group)[1]])
     end = start + tensor.shape[0]
@@ -145,7 +150,8 @@ class _ShardedNegativeLse(torch.autograd.Function):
         else:  # pragma: no cover - fallback without the extension
             from .reference import info_nce_core_reference
 
-            _, lse_part = info_nce_core_reference(anchors_all, zeros, shard, None, scale, normalize, False)
+            with torch.autocast(anchors_all.device.type, enabled=False):  # the inputs' dtype, as the kernels
+                _, lse_part = info_nce_core_reference(anchors_all, zeros, shard, None, scale, normalize, False)
             term = None
         parts = [torch.empty_like(lse_part) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, lse_part.contiguous(), group=group)
@@ -187,7 +193,7 @@ def _reference_backward(grad_lse, anchors_all, shard, lse, scale, normalize, mas
     (materialised logits) and differentiated, weighted by the shard's share."""
     from .reference import info_nce_core_reference
 
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(anchors_all.device.type, enabled=False):
         a = anchors_all.detach().requires_grad_(mask[0])
         n = shard.detach().requires_grad_(mask[2])
         _, lse_part = info_nce_core_reference(a, torch.zeros_like(a), n, None, scale, normalize, False)

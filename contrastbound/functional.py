@@ -149,9 +149,10 @@ def _fused(
     include_positive: bool,
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature):
+    learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    if (_backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature)
+            and not (learnable and _func_active())):
         grad = torch.is_grad_enabled()
-        learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _fwd_op(
             anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
@@ -183,6 +184,14 @@ def _forward_ad(*xs: object) -> bool:
     if fwAD._current_level < 0:
         return False
     return any(isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None for x in xs)
+
+
+def _func_active() -> bool:
+    """Whether any torch.func transform (vmap included) is active: the Python autograd.Functions here
+    (_BankRowsAsPositives, _AttachScaleGrad) have no setup_context, which every transform requires."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
 
 
 def _func_differentiates() -> bool:
@@ -468,7 +477,7 @@ def info_nce(
 
         compute, result = _promoted(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
-        bank = gather_with_local_first(p, process_group)  # row i is still positive i: exclude_self holds
+        bank = gather_with_local_first(p, process_group, name="positives")  # row i is still positive i
         loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
         return _reduce(loss, reduction, result)
     if process_group is not None:
@@ -583,7 +592,7 @@ def bank_cross_entropy(
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
     anchors = _to_bank_dtype(anchors, compute, normalize)
-    if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t):
+    if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t) and not _func_active():
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
@@ -591,7 +600,7 @@ def bank_cross_entropy(
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, False)
     else:
-        loss, _ = _fused(anchors, bank[targets], bank, None, t, normalize, False)
+        loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, False)  # (see reference)
     return _reduce(loss, reduction, result)
 
 
@@ -631,7 +640,7 @@ def nt_xent(
         from .distributed import gather_with_local_first
 
         _check_group("nt_xent", z1, z2, t)
-        bank = gather_with_local_first(views, process_group)  # row i is still view i: exclude_self holds
+        bank = gather_with_local_first(views, process_group, name="z1, z2")  # row i is still view i
     loss, _ = _fused(views, partners, bank, None, t, normalize, False, exclude_self=True)
     return _reduce(loss, reduction, result)
 

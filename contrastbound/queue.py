@@ -31,8 +31,12 @@ class NegativeQueue(torch.nn.Module):
 
     The write position and fill level are kept as Python ints beside their buffers (which ``state_dict`` saves),
     so ``enqueue``, ``negatives`` and ``len`` do not read a device tensor back: no synchronisation with a GPU. The
-    ints are re-read (once) when something else wrote the buffers: ``load_state_dict``, DDP's broadcast of
-    rank 0's buffers, ``module.to``, a user's ``fill_``.
+    ints are re-read (once) when a write went through the buffers' version counters: ``load_state_dict``,
+    ``module.to``, in-place ops such as ``q.filled.fill_(n)``, DDP's broadcast of rank 0's buffers when it wraps
+    the model. Writes that bypass them are not seen (a collective such as ``dist.broadcast`` or DDP's
+    per-step ``broadcast_buffers``, ``.data``, a numpy view, buffers made under ``torch.inference_mode``): after
+    such a write call :meth:`resync`, or keep every rank's queue identical (gather the keys of all ranks before
+    enqueueing, as MoCo does), so that no write changes the ints.
     Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
@@ -55,8 +59,18 @@ class NegativeQueue(torch.nn.Module):
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple[int, ...]:
-        """Which tensors the buffers are and how often they were written in place (no device read)."""
+        """Which tensors the buffers are and how often they were written in place (no device read). Inference
+        tensors have no version counter: only their identity."""
+        if self.ptr.is_inference() or self.filled.is_inference():
+            return (self.ptr.data_ptr(), self.filled.data_ptr())
         return (self.ptr.data_ptr(), self.ptr._version, self.filled.data_ptr(), self.filled._version)
+
+    @torch.compiler.disable
+    def resync(self) -> None:
+        """Re-reads the write position and fill level from the buffers (one read-back), after a write that
+        bypassed their version counters (see the class docstring)."""
+        self._seen = None
+        self._host()
 
     def _host(self) -> tuple[int, int]:
         """The write position and fill level; read back from the buffers only if something else wrote them."""

@@ -137,7 +137,9 @@ def info_nce_core_reference(
         p = F.normalize(p, dim=-1, eps=_EPS)
         n = F.normalize(n, dim=-1, eps=_EPS)
     if negative_indices is not None:
-        n = n[negative_indices]
+        # index_select, not n[idx]: a negative index raises instead of counting from the end (under vmap the
+        # callers cannot check the per-sample values first)
+        n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
     pos = (a * p).sum(-1) * scale
     if n.dim() == 2:
         neg = (a @ n.transpose(0, 1)) * scale

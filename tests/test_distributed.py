@@ -82,19 +82,29 @@ def _worker(rank, world, init_file, out_dir):
         empty.backward()
         # without the compiled kernel (the reference recomputes the shard's partial log-sum-exp in backward)
         fb = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
+        f32 = [x.detach().float() for x in fb]
+        kernel32 = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
         _backend.HAS_CPU_KERNEL = False
         try:
             fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
             fb_loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps float32, as the kernel
+                fb_autocast = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
         finally:
             _backend.HAS_CPU_KERNEL = True
+        fb_autocast_error = float((fb_autocast - kernel32).abs())
         # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
         mismatch = []
-        for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32)):
+        for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32),
+                  torch.zeros(2, 2, 3, 4) if rank == 0 else torch.zeros(2, 2, 4, 3)):  # same element count
             try:
                 all_gather_with_grad(x)
             except ValueError as exc:
                 mismatch.append(str(exc))
+        try:
+            cb.info_nce(torch.zeros(2, 3 + rank), torch.zeros(2, 3 + rank), None, process_group=dist.group.WORLD)
+        except ValueError as exc:
+            mismatch.append(str(exc))
         # a rank without rows (the end of an uneven epoch) still gathers the others'
         rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
         # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
@@ -132,7 +142,7 @@ def _worker(rank, world, init_file, out_dir):
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
              "rows_gathered": rows_gathered,
-             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb]},
+             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -173,9 +183,11 @@ def test_sharded_bank_and_gather_match_single_process(world):
                                    ["loss", "anchors grad", "positives grad"]):
             assert_close_scaled(got, want, 1e-10, f"rank {rank} without the kernel: {what}")
         assert res["queue_state"] == (3, (3, 2), 6.0, 4)
+        assert res["fb_autocast_error"] < 1e-4, res["fb_autocast_error"]  # bfloat16 logits were 7.5e-2 off
         assert res["rows_gathered"] == (2 * (world - 1), 3)
         assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
-        assert len(res["mismatch"]) == 2 and all("same shape past the first dimension" in m for m in res["mismatch"])
+        assert len(res["mismatch"]) == 4 and all("same shape past the first dimension" in m for m in res["mismatch"])
+        assert res["mismatch"][3].startswith("positives must have"), res["mismatch"][3]
         # gather strategy: rank r's loss uses the global positives as negatives
         n_all = sum(ANCHORS_PER_RANK[world])
         total_rows = slice(0, n_all)

@@ -128,9 +128,23 @@ def test_queue_follows_writes_it_did_not_make():
     q.filled.fill_(3)
     q.to(torch.float64)
     assert len(q) == 3
+    # writes that bypass the version counters are seen after resync()
+    q.filled.data.fill_(2)
+    q.resync()
+    assert len(q) == 2
+    q.filled.fill_(3)
     # rows of the queue itself enqueued again (overlapping writes are cloned first)
     q.enqueue(q.negatives()[:2])
     assert q.queue[:, 0].tolist() == [5, 5, 5, 1]
+
+
+def test_queue_under_inference_mode():
+    # inference tensors have no version counter: a queue made and used there works as before
+    with torch.inference_mode():
+        q = cb.NegativeQueue(4, 2)
+        q.enqueue(torch.ones(3, 2))
+        q.enqueue(torch.zeros(2, 2))
+        assert len(q) == 4 and q.negatives().shape == (4, 2) and int(q.ptr) == 1
 
 
 def test_queue_in_a_compiled_step_does_not_recompile_per_position():
@@ -193,16 +207,16 @@ def test_nt_xent_matches_reference(dtype, N, temperature):
     r1, r2 = (x.detach().double().requires_grad_(True) for x in (z1, z2))
     ref = nt_xent_reference(r1, r2, temperature, reduction="none")
     assert loss.shape == (2 * N,) and loss.dtype == dtype
-    # Logits of magnitude 1 / temperature cancel: at 0.01 the losses are ~1e-11, and N = 1 (no negatives) gives
-    # a loss and gradients of exactly 0 up to that rounding.
-    scale = 1 / temperature
-    assert_close_scaled(loss, ref, TOL[dtype], "loss", floor=scale)
+    # Logits of magnitude 1 / temperature cancel: N = 1 (no negatives) gives a loss and gradients of exactly 0 up
+    # to that rounding, and N = 7 at temperature 0.01 losses of ~1e-11; elsewhere relative (at N = 300 the
+    # largest loss is ~8).
+    floor = 1 / temperature if N == 1 or (N <= 7 and temperature < 0.05) else 0.0
+    assert_close_scaled(loss, ref, TOL[dtype], "loss", floor=floor)
     up = torch.rand(2 * N, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(loss, [z1, z2], up.to(dtype))
     ref_grads = torch.autograd.grad(ref, [r1, r2], up)
     for x, y in zip(grads, ref_grads):
-        # (at temperature 0.01 the softmax is one-hot to ~1e-13: gradients ~1e-11 of terms ~ s cancelled)
-        assert_close_scaled(x, y, TOL[dtype], "grad", floor=scale if N == 1 or temperature < 0.05 else 0.0)
+        assert_close_scaled(x, y, TOL[dtype], "grad", floor=floor)
 
 
 def test_nt_xent_gradcheck_with_learnable_temperature():

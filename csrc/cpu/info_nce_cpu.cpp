@@ -139,12 +139,14 @@ Tensor load_bank_tile(const Tensor& bank, int64_t k0, int64_t tk, const Tensor& 
 }
 
 // How many K chunks each anchor block is split into: enough units to feed up to kParallelUnits / 4 threads
-// evenly, and no more partial states than needed. From the sizes alone: the chunks fix the order in which a
-// row's terms are summed, so a thread-count dependence would change the rounding with the machine.
-int64_t num_chunks(int64_t K, int64_t anchor_blocks, int64_t min_chunk) {
+// evenly, no more partial states than needed, and partial V (chunks x B x d) at most max(4 B d, K d / 16), a
+// small part of the bank. From the sizes alone: the chunks fix the order in which a row's terms are summed, so a
+// thread-count dependence would change the rounding with the machine.
+int64_t num_chunks(int64_t K, int64_t B, int64_t anchor_blocks, int64_t min_chunk) {
   if (K == 0 || anchor_blocks == 0) return 0;  // no negatives, or no anchors (B = 0)
   const int64_t want = ceil_div(kParallelUnits, anchor_blocks);
-  return std::max<int64_t>(1, std::min(want, ceil_div(K, min_chunk)));
+  const int64_t memory_cap = std::max<int64_t>(4, K / (16 * B));
+  return std::max<int64_t>(1, std::min({want, memory_cap, ceil_div(K, min_chunk)}));
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
   parts.d = d;
   if (mode == Mode::Shared) {
     const int64_t K = negatives.size(0);
-    parts.chunks = num_chunks(K, ceil_div(B, kAnchorBlock), kBankTile);
+    parts.chunks = num_chunks(K, B, ceil_div(B, kAnchorBlock), kBankTile);
     parts.state.resize(parts.chunks * B);
     if (save && parts.chunks > 0) parts.weighted = at::zeros({parts.chunks, B, d}, pr.anchors_s.options());
     std::vector<acc_t> inv, proj;
@@ -326,7 +328,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, exclude_self, parts);
   } else {
     const int64_t K = mode == Mode::Indexed ? indices->size(1) : negatives.size(1);
-    parts.chunks = num_chunks(K, B, kRowTile);
+    parts.chunks = num_chunks(K, B, B, kRowTile);
     parts.state.resize(parts.chunks * B);
     if (save && parts.chunks > 0) parts.weighted = at::empty({parts.chunks, B, d}, pr.anchors_s.options());
     const scalar_t* n = negatives.template data_ptr<scalar_t>();
@@ -426,7 +428,7 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
   const scalar_t* n = neg.template data_ptr<scalar_t>();
   scalar_t* gn = grad_neg.template data_ptr<scalar_t>();  // contiguous (B, K, d)
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
-  const int64_t chunks = num_chunks(K, B, kRowTile), chunk_len = ceil_div(K, chunks);
+  const int64_t chunks = num_chunks(K, B, B, kRowTile), chunk_len = ceil_div(K, chunks);
   parallel_for_tls(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t i = u / chunks, c = u % chunks;
