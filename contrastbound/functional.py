@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from numbers import Real
 
@@ -734,6 +735,12 @@ class InfoNCE(torch.nn.Module):
             self._temperature = t
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
+
+    def __deepcopy__(self, memo):
+        # A process group can be neither copied nor pickled: a copy (an EMA / teacher model) shares it.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     @property
     def temperature(self) -> float | torch.Tensor:

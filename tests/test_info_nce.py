@@ -592,6 +592,20 @@ def test_learnable_temperature_matches_reference(mode):
     assert_close_scaled(gt, rt, 1e-4, "temperature grad")
 
 
+def test_infonce_module_deepcopy_shares_its_process_group():
+    # EMA / teacher copies deep-copy the model: a process group cannot be copied (nor pickled), so the copy shares
+    # it; the learnable temperature is copied. (A lock stands in for a group: it cannot be copied either.)
+    import copy
+    import threading
+
+    group = threading.Lock()
+    module = cb.InfoNCE(temperature=0.2, learn_temperature=True, process_group=group)
+    twin = copy.deepcopy(module)
+    assert twin.process_group is group
+    assert twin.log_temperature is not module.log_temperature
+    assert torch.equal(twin.log_temperature.detach(), module.log_temperature.detach())
+
+
 def test_infonce_module_learns_its_temperature():
     module = cb.InfoNCE(temperature=0.2, learn_temperature=True)
     assert [name for name, _ in module.named_parameters()] == ["log_temperature"]
