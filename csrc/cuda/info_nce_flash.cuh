@@ -48,19 +48,7 @@ struct FlArgs {
 template <typename T>
 TcSmem fl_smem(int64_t d, int stages) {
   TcSmem m;
-  m.stages = stages == 2 ? 2 : 1;
-  m.dpad = static_cast<int>((d + 15) / 16 * 16);
-  m.ld = m.dpad + TcTraits<T>::PAD;
-  size_t o = 0;
-  m.x = o;
-  o = tc_align(o + sizeof(T) * kFlRows * m.ld);
-  m.y = o;
-  o = tc_align(o + sizeof(T) * kFlCols * m.ld);
-  m.y1 = m.y;
-  if (m.stages == 2) {
-    m.y1 = o;
-    o = tc_align(o + sizeof(T) * kFlCols * m.ld);
-  }
+  size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, TcTraits<T>::PAD);
   m.s = m.p = m.cols = o;
   o = tc_align(o + sizeof(float) * 3 * kFlCols);
   m.total = o;

@@ -89,24 +89,32 @@ inline size_t tc_align(size_t v) { return (v + 127) / 128 * 128; }
 // Y stages share a multiprocessor.
 constexpr int kTcScratch = 6 * kTcRows;
 
+// The operand tiles every tensor-core kernel starts its shared memory with: the X tile (x_rows rows), then one or
+// two Y tiles (y_rows rows), each row dpad + pad elements of T (dpad: d rounded up to 16). Sets stages, dpad, ld
+// (dpad + pad; left 0 for pad = 0, the wgmma layout, which has no row stride), x, y and y1; returns the end offset.
+template <typename T>
+size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows, int pad) {
+  m.stages = stages == 2 ? 2 : 1;
+  m.dpad = static_cast<int>((d + 15) / 16 * 16);
+  const size_t row = sizeof(T) * static_cast<size_t>(m.dpad + pad);
+  m.ld = pad != 0 ? m.dpad + pad : 0;
+  m.x = 0;
+  m.y = tc_align(row * x_rows);
+  m.y1 = m.y;
+  size_t o = tc_align(m.y + row * y_rows);
+  if (m.stages == 2) {
+    m.y1 = o;
+    o = tc_align(o + row * y_rows);
+  }
+  return o;
+}
+
 template <typename T>
 TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true) {
   TcSmem m;
-  m.stages = stages == 2 ? 2 : 1;
-  m.dpad = static_cast<int>((d + 15) / 16 * 16);
-  m.ld = m.dpad + TcTraits<T>::PAD;
+  size_t o = tc_operand_tiles<T>(m, d, stages, kTcRows, kTcCols, TcTraits<T>::PAD);
   m.ldp = kTcCols + TcTraits<T>::PAD;
   m.lde = m.dpad + 4;
-  size_t o = 0;
-  m.x = o;
-  o = tc_align(o + sizeof(T) * kTcRows * m.ld);
-  m.y = o;
-  o = tc_align(o + sizeof(T) * kTcCols * m.ld);
-  m.y1 = m.y;
-  if (m.stages == 2) {
-    m.y1 = o;
-    o = tc_align(o + sizeof(T) * kTcCols * m.ld);
-  }
   // The float32 output tile of tc_rows_kernel reuses the X and Y tiles once the loop is over.
   o = std::max(o, tc_align(sizeof(float) * kTcRows * m.lde));
   m.s = o;

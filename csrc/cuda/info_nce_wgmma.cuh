@@ -222,19 +222,7 @@ __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsign
 template <typename T>
 TcSmem wg_smem(int64_t d, int stages) {
   TcSmem m;
-  m.stages = stages == 2 ? 2 : 1;
-  m.dpad = static_cast<int>((d + 15) / 16 * 16);
-  m.ld = 0;
-  size_t o = 0;
-  m.x = o;
-  o = tc_align(o + sizeof(T) * kFlRows * m.dpad);
-  m.y = o;
-  o = tc_align(o + sizeof(T) * kFlCols * m.dpad);
-  m.y1 = m.y;
-  if (m.stages == 2) {
-    m.y1 = o;
-    o = tc_align(o + sizeof(T) * kFlCols * m.dpad);
-  }
+  size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, 0);
   m.s = m.p = m.cols = o;
   o = tc_align(o + sizeof(float) * 3 * kFlCols);
   m.total = o;
