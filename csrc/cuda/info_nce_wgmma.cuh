@@ -68,7 +68,9 @@
 //
 // STATUS: EXPERIMENTAL. Passes the CPU emulation (csrc/tests/test_wgmma_emu.cpp, csrc/tests/emu_wgmma.h) and
 // compiles for sm_90a with HGMMA in the SASS; never run on a GPU. The emulation implements the PTX text above;
-// if the hardware reads the layout differently the emulation cannot tell.
+// if the hardware reads the layout differently the emulation cannot tell. ptxas keeps the wgmma instructions
+// asynchronous (scripts/cpp_tests.sh fails on its C7515 "serialized" note); it still adds a warpgroup.arrive
+// before each instruction of a product whose shape depends on d at run time (C7519; wg_o_chunk and the k loop).
 //
 // Launching (launch_flash / fl_slots via fl_with_kernel): only on compute capability 9.0 with code built for
 // sm_90a (the body traps elsewhere); grid = grid_for(f.xblocks * f.splits), block = kTcThreads (256), dynamic
@@ -386,16 +388,15 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         const int64_t dself = row[h] - y0;
         const int selfc = (a.exclude_self && dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
         if (MODE == FlashMode::Forward) {
+          // Masked columns are left out by branches, not as -inf logits: computing them as -inf in the score
+          // registers made ptxas serialize every wgmma of the kernel (C7515).
           float tmax = -INFINITY;
 #pragma unroll
           for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc;
-              const float l = keep ? sc[4 * j + 2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
-              sc[4 * j + 2 * h + e] = l;
-              tmax = fmax_nan(tmax, l);
+              if (col < hlim && col != selfc) tmax = fmax_nan(tmax, sc[4 * j + 2 * h + e] * xinv[h] * yinv[col]);
             }
           tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
           const float mnew = fmax_nan(run_m[h], tmax);
@@ -412,10 +413,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int col = 8 * j + 2 * t + e;
-              const float l = sc[4 * j + 2 * h + e];
-              const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
-              run_s[h] += p;  // this lane's part; the quad's parts are added at the end
-              sc[4 * j + 2 * h + e] = p * tc_coef_inv<T>(yinv[col], cscale);
+              float c = 0.f;
+              if (col < hlim && col != selfc) {
+                const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
+                const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
+                run_s[h] += p;  // this lane's part; the quad's parts are added at the end
+                c = p * tc_coef_inv<T>(yinv[col], cscale);
+              }
+              sc[4 * j + 2 * h + e] = c;
             }
         } else {
 #pragma unroll
