@@ -6,6 +6,10 @@ the first run of the CUDA path on hardware: scripts/gpu_check.sh runs them after
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -558,6 +562,36 @@ def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages, impl
     assert torch.equal(first[0], second[0])
     for x, y in zip(first[1], second[1]):
         assert torch.equal(x, y)
+
+
+# The first use of the wgmma kernels probes the device (a launch and a copy); when that first use is inside a
+# CUDA graph capture the probe must not invalidate the capture. A fresh process, so the probe has not run yet.
+_GRAPH_FIRST_CALL = """
+import torch, contrastbound as cb
+g = torch.Generator(device="cuda").manual_seed(0)
+a, p = (torch.randn(130, 96, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+n = torch.randn(1000, 96, device="cuda", dtype=torch.bfloat16, generator=g)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out = cb.info_nce(a, p, n, temperature=0.1, reduction="none")
+graph.replay()
+torch.cuda.synchronize()
+eager = cb.info_nce(a, p, n, temperature=0.1, reduction="none")
+assert torch.equal(out, eager), (out - eager).abs().max().item()
+print("graph ok")
+"""
+
+
+@pytest.mark.parametrize("impl", ["mma", "wgmma"])
+def test_first_call_inside_cuda_graph_capture(impl):
+    if impl == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernels need compute capability 9.0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CONTRASTBOUND_TC_WGMMA="1" if impl == "wgmma" else "0",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _GRAPH_FIRST_CALL], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "graph ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_tensor_cores_extra_memory_is_o_b_plus_k():

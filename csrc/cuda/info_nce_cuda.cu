@@ -972,18 +972,23 @@ int64_t tc_rows_slots(int64_t d, int num_sms) {
   return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
 }
 
-// Writes 1 where this build carries sm_90a code for the running device (the wgmma kernels' body), else 0.
-__global__ void sm90a_probe_kernel(int* out) {
+// Set to 1 by sm90a_probe_kernel where this build carries sm_90a code for the running device (the wgmma kernels'
+// body), else 0.
+__device__ int sm90a_probe_flag;
+__global__ void sm90a_probe_kernel() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  *out = 1;
+  sm90a_probe_flag = 1;
 #else
-  *out = 0;
+  sm90a_probe_flag = 0;
 #endif
 }
 
 // Whether the wgmma kernels (info_nce_wgmma.cuh) can run on the current device: compute capability 9.0 and a
 // build with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a; a plain 9.0 build would reach their __trap()).
-// Asked once per device (one tiny launch and a synchronous 4-byte copy), and only when they are asked for.
+// Asked once per device (one tiny launch and a 4-byte copy on a stream of its own, no allocation), and only when
+// they are asked for. The probe may first run while the caller captures a CUDA graph: this thread's capture mode
+// is relaxed for it (its synchronous copy would otherwise invalidate the capture) and its stream does not
+// synchronise with the capturing one.
 bool device_runs_sm90a() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
@@ -998,14 +1003,19 @@ bool device_runs_sm90a() {
   bool ok = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
             device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
   if (ok) {
-    int* flag = nullptr;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    cudaStream_t stream = nullptr;
     int host = 0;
-    ok = cudaMalloc(&flag, sizeof(int)) == cudaSuccess;
+    ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
     if (ok) {
-      sm90a_probe_kernel<<<1, 1>>>(flag);
-      ok = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && host == 1;
-      cudaFree(flag);
+      sm90a_probe_kernel<<<1, 1, 0, stream>>>();
+      ok = cudaMemcpyFromSymbolAsync(&host, sm90a_probe_flag, sizeof(int), 0, cudaMemcpyDeviceToHost, stream) ==
+               cudaSuccess &&
+           cudaStreamSynchronize(stream) == cudaSuccess && host == 1;
+      cudaStreamDestroy(stream);
     }
+    cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
     cudaGetLastError();  // a failed probe (no kernel image) means no: not an error of the caller's work
   }
   cache.emplace_back(device, ok);
