@@ -24,7 +24,8 @@ TORCH_LIBRARY(contrastbound, m) {
       "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
   // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
   // check_indices=False skips the range check of negative_indices (a device read-back): for the autograd
-  // backward, whose forward checked the same saved tensor.
+  // backward, whose forward checked the same saved tensor. Out-of-range rows are then left out of the bank's
+  // gradient; the check runs anyway where V must be recomputed (an empty anchor_term with anchors' gradient).
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "

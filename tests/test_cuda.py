@@ -257,6 +257,21 @@ def test_anchor_term_recomputed_when_forward_did_not_save_it(mode):
         assert_close_scaled(x, y, 1e-12, "grad")
 
 
+def test_backward_op_checks_indices_it_would_read():
+    # check_indices=False (the autograd backward's flag) must not let a recomputation of V read the rows that
+    # out-of-range indices name; the bank's gradient skips them (every row's run is looked up within [0, M)).
+    a, p, n, idx = make_inputs("indexed", B=6, K=70, d=5, dtype=torch.float32, device=CUDA, requires_grad=False)
+    ops = torch.ops.contrastbound
+    _, lse, term = ops.info_nce_fwd(a, p, n, idx, 3.0, True, True, True)
+    g = torch.ones(6, device=CUDA)
+    with pytest.raises(IndexError, match="negative_indices"):
+        ops.info_nce_bwd(g, a, p, n, idx + 10**6, lse, term.new_empty((0,)), 3.0, True, True, [True, True, True],
+                         False, False)
+    ga, gp, gn = ops.info_nce_bwd(g, a, p, n, idx + 10**6, lse, term, 3.0, True, True, [True, True, True],
+                                  False, False)
+    assert torch.equal(gn, torch.zeros_like(gn)) and torch.isfinite(ga).all()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_gradcheck_float64(mode, normalize):

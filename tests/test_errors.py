@@ -187,6 +187,21 @@ def test_indices_read_back_once_per_training_step():
         torch.ops.contrastbound.info_nce_bwd(
             torch.ones(a.shape[0]), a, p, idx_bank, idx + 100, lse, term, 1.0, True, True, [True, True, True]
         )
+    # check_indices=False skips it only where nothing reads the rows the indices name: with no anchor term to
+    # reuse, V is recomputed from them, so the range is checked anyway (it read out of bounds: a crash).
+    empty = term.new_empty((0,))
+    for bad in (idx + 100, idx - 100):
+        with pytest.raises(IndexError, match="negative_indices"):
+            torch.ops.contrastbound.info_nce_bwd(
+                torch.ones(a.shape[0]), a, p, idx_bank, bad, lse, empty, 1.0, True, True, [True, True, True],
+                False, False,
+            )
+    # Without that recomputation, out-of-range entries are left out of the bank's gradient (never read).
+    ga, gp, gn = torch.ops.contrastbound.info_nce_bwd(
+        torch.ones(a.shape[0]), a, p, idx_bank, idx + 10**12, lse, term, 1.0, True, True, [True, True, True],
+        False, False,
+    )
+    assert torch.equal(gn, torch.zeros_like(gn)) and torch.isfinite(ga).all()
 
 
 def test_infonce_module_refuses_a_temperature_it_would_freeze():

@@ -627,8 +627,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const Tensor& anchor_term, double scale, bool normalize,
                                                     bool include_positive, std::array<bool, 3> output_mask,
                                                     bool exclude_self, bool check_indices) {
-  // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since).
-  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, check_indices);
+  // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since). Still
+  // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
+                        check_indices || (output_mask[0] && anchor_term.numel() == 0));
   check_scale(scale);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors);
   at::AutoDispatchBelowADInplaceOrView guard;
