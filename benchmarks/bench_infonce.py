@@ -24,6 +24,9 @@ import subprocess
 import sys
 import time
 
+# Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 METHODS = {
     "fused": "contrastbound.info_nce, bank needs grad",
     "fused_detached": "contrastbound.info_nce, detached bank (MoCo queue)",

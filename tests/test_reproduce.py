@@ -147,6 +147,9 @@ def _f(x: str) -> float:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    # The main job's optional dependencies (the `repro` extra): digits needs scikit-learn, the figures matplotlib.
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
     out = str(tmp_path_factory.mktemp("reproduce"))
     assert main(["--tiny", "--no-progress", "--out", out, "--seed", "3"]) == 0
     return out
