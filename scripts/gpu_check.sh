@@ -64,6 +64,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/cb_site${PYTHONPATH:+:$PYTHONPATH} || echo "peer wheels not installed"
 fi
 
+# torch guesses CUDA_HOME from the nvcc on the PATH (its parent folder); where that nvcc is a wrapper script outside
+# the toolkit (e.g. /usr/local/bin/nvcc), the glue's host compile then misses cuda_runtime_api.h. nvcc itself says
+# where its toolkit is (TOP in a dry run).
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  TOP=$(cd /tmp && echo > cb_probe.cu && nvcc -dryrun -c cb_probe.cu 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  [ -n "$TOP" ] && [ -f "$TOP/include/cuda_runtime_api.h" ] && export CUDA_HOME=$(cd "$TOP" && pwd)
+  echo "CUDA_HOME=${CUDA_HOME:-unset} (from nvcc)"
+fi
+
 ARCH=${ARCH:-$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))' 2>/dev/null || echo 9.0a)}
 step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=${MAX_JOBS:-16})"
 if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="$ARCH" \
