@@ -51,7 +51,9 @@ def _extension():
     kwargs = dict(extra_link_args=["-fopenmp"])
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_glue.cpp"))
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        # -compress-all: the per-dtype parts' cubins are compressed in the fat binary too (uncompressed they
+        # doubled the library's size when the kernels were split over three files).
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xfatbin", "-compress-all"]
         return CUDAExtension(
             "contrastbound._C",
             sources,

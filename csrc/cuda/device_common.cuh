@@ -1,4 +1,4 @@
-// Device helpers shared by the SIMT kernels (info_nce_cuda.cu) and the tensor-core kernels (info_nce_tc.cuh):
+// Device helpers shared by the SIMT kernels (info_nce_cuda_impl.cuh) and the tensor-core kernels (info_nce_tc.cuh):
 // launch constants, conversions to and from the accumulation type, warp reductions and the last step of a bank
 // row's gradient. A fragment included inside namespace contrastbound::cuda::{anonymous} (also by the C++ test
 // that emulates the tensor-core kernels on the CPU); needs online_lse.h (max_of) and the CUDA half types.

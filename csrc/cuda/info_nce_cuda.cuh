@@ -1,4 +1,5 @@
-// Host interface of the CUDA kernels of the fused InfoNCE family (csrc/cuda/info_nce_cuda.cu).
+// Host interface of the CUDA kernels of the fused InfoNCE family (csrc/cuda/info_nce_cuda.cu, which routes each
+// problem to the part of its dtype, info_nce_cuda_{f32_f64,f16,bf16}.cu).
 //
 // Torch-free on purpose: CI compiles the .cu with plain nvcc (sm_80, sm_90a) on machines without a CUDA
 // torch. Tensors cross this boundary as raw pointers with int64 sizes and element strides; the torch glue

@@ -1,5 +1,5 @@
 // Tensor-core kernels with register-resident coefficients ("flash" layout), float16 / bfloat16, sm_80+. Included by
-// info_nce_cuda.cu after info_nce_tc.cuh, inside its anonymous namespace; torch-free.
+// info_nce_cuda_impl.cuh after info_nce_tc.cuh, inside its anonymous namespace; torch-free.
 //
 // The mma.sync kernels of info_nce_tc.cuh arrange the warps differently for the two products (4 x 2 over the
 // 64 x 64 score tile, 2 x 4 over the 64 x d output), so the coefficients go through shared memory with two

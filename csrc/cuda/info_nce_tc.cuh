@@ -1,10 +1,10 @@
-// Tensor-core tiles of the shared-bank mode (included by info_nce_cuda.cu inside its anonymous namespace;
+// Tensor-core tiles of the shared-bank mode (included by info_nce_cuda_impl.cuh inside its anonymous namespace;
 // torch-free like the rest of csrc/cuda).
 //
 // float16 / bfloat16 inputs use WMMA m16n16k16 with float32 accumulation; float32 inputs use WMMA tf32
 // m16n16k8 only when the caller allows TF32 (torch.backends.cuda.matmul.allow_tf32), else the SIMT kernels.
 // Requires compute capability >= 8.0 and a feature width d <= kTcMaxD (d is zero-padded to a multiple of 16);
-// anything else takes the SIMT kernels of info_nce_cuda.cu.
+// anything else takes the SIMT kernels of info_nce_cuda_impl.cuh.
 //
 // One core serves three kernels. A block owns kTcRows "X" rows (held in shared memory for its whole life) and
 // walks over tiles of kTcCols "Y" rows; for each tile it forms the raw score tile S = X Y^T (kTcRows x kTcCols,

@@ -1,6 +1,6 @@
 // Experimental Hopper (sm_90a) version of the flash-layout kernels (info_nce_flash.cuh) with warpgroup MMA
 // (wgmma.mma_async). Included after info_nce_flash.cuh (FlashMode, FlArgs, kFlRows, kFlCols, fl_quad_*), inside
-// the same anonymous namespace; torch-free. Opt-in (CONTRASTBOUND_TC_WGMMA=1): launch_flash in info_nce_cuda.cu
+// the same anonymous namespace; torch-free. Opt-in (CONTRASTBOUND_TC_WGMMA=1): launch_flash in info_nce_cuda_impl.cuh
 // runs these in place of flash_kernel where device_runs_sm90a() (see "Launching" below).
 //
 // Same arguments, work split and outputs as flash_kernel<T, MODE, NT>: a block of 256 threads owns kFlRows = 128

@@ -1,0 +1,1443 @@
+// CUDA kernels of the fused InfoNCE family and their dispatch. Torch-free (see info_nce_cuda.cuh); the glue
+// registers them. Included by one translation unit per element type (info_nce_cuda_{f32_f64,f16,bf16}.cu, each
+// defining CB_TC_ELEMENT and its entry points with CB_DEFINE_PART), so that nvcc compiles the three sets of
+// kernels in parallel; info_nce_cuda.cu routes each problem to its part by dtype.
+//
+// STATUS: run on one H200 (torch 2.11, CUDA 13.0): tests/test_cuda.py passes (208 tests) against the CPU kernel
+// and the float64 reference. The kernels below are plain SIMT float32/float64 FMA with the structure of the CPU
+// kernel (csrc/cpu/info_nce_cpu.cpp); they serve float64, float32 without TF32, the per-anchor and indexed
+// modes, and d > 256. The shared bank (and in-batch) in float16/bfloat16, and float32 when TF32 is allowed, take
+// the tensor-core kernels of info_nce_tc.cuh (mma.sync / WMMA), dispatched near the end of this file.
+//
+// Layout of the work (acc_t = float, or double for float64 inputs; BA = BK = 64 for float, 32 for double;
+// kThreads = 256 threads as a 16 x 16 grid, each owning BA/16 x BK/16 outputs of a tile):
+//
+//   prepare          one block per anchor: row norms, s * a_hat and p_hat (B x d, acc_t, in the workspace),
+//                    the positive logit. bank_scales: one warp per bank row: 1/||n|| and the Jacobian factor.
+//   forward_shared   one block per (anchor block of BA rows, K chunk). For each bank tile of BK rows it forms
+//                    the BA x BK logits in registers by a shared-memory tiled GEMM over d (steps of kBD),
+//                    folds them into a running (max, sum) per anchor (online log-sum-exp) and, if V is wanted,
+//                    rescales the chunk's partial V (in global memory, owned by this block) and adds
+//                    P x N_hat_tile. Logits never leave shared memory.
+//   forward_rows     per-anchor and indexed negatives: one block per (anchor, K chunk); a warp per negative
+//                    row computes its dot product, warp 0 folds a tile of kRowTile logits, all threads update
+//                    the partial V (thread j owns feature j).
+//   forward_merge    one block per anchor: merges the chunks' partial states in chunk order (fixed), adds the
+//                    positive, writes loss, lse and V.
+//   anchor_grads     one block per anchor: the anchors' and positives' gradients from lse and V (no tile work).
+//   backward_bank    shared bank: one block per bank tile (BK rows), optionally split over anchor ranges.
+//                    For each anchor block it recomputes the logit tile, W = g exp(l - lse), and adds W^T (s A_hat)
+//                    into the tile's gradient accumulator (global scratch owned by the block). Each row is then
+//                    finished by one warp (normalisation Jacobian, cast). Splits write separate partials that a
+//                    second kernel sums in split order. Deterministic: no atomics, fixed summation orders.
+//   backward_rows    per-anchor negatives: one warp per (anchor, k) row, which is its own gradient row.
+//   backward_indexed one warp per bank row, over that row's run in the stably sorted indices (fixed order).
+//
+// All index arithmetic is int64; every kernel loops over its units with a grid stride, so grids are capped.
+
+#pragma once
+
+#ifndef CB_TC_ELEMENT
+#error "define CB_TC_ELEMENT (the tensor-core element type of this part) before including info_nce_cuda_impl.cuh"
+#endif
+
+#include "info_nce_cuda_parts.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <type_traits>
+#include <vector>
+
+#include "../core/online_lse.h"
+#include "tc_plan.h"
+
+namespace contrastbound {
+namespace cuda {
+namespace {
+
+#include "device_common.cuh"  // constants, conversions, warp reductions, finish_bank_row
+
+// Tile sizes: float 64 x 64 (43 KB of static shared memory), double 32 x 32 (25 KB).
+template <typename acc_t>
+struct Tile {
+  static constexpr int BA = 64;
+};
+template <>
+struct Tile<double> {
+  static constexpr int BA = 32;
+};
+inline int tile_rows(DType t) { return t == DType::Float64 ? 32 : 64; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Conversions and reductions
+// ---------------------------------------------------------------------------------------------------------
+
+// Sum over the block (every thread gets the result); `smem` holds one value per warp. Fixed order.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* smem) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  acc_t r = 0;
+  for (int w = 0; w < warps; ++w) r += smem[w];
+  __syncthreads();  // smem may be reused right after
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Workspace: pointers into one buffer, carved identically by the size query and the launch.
+// ---------------------------------------------------------------------------------------------------------
+
+struct Carver {
+  char* base;
+  size_t used = 0;
+  explicit Carver(void* b) : base(static_cast<char*>(b)) {}
+  template <typename T>
+  T* take(int64_t n) {
+    used = (used + 255) / 256 * 256;
+    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += static_cast<size_t>(n) * sizeof(T);
+    return p;
+  }
+};
+
+template <typename acc_t>
+struct Prepared {
+  acc_t* as = nullptr;  // (B, d) s * a_hat
+  acc_t* ph = nullptr;  // (B, d) p_hat
+  acc_t *a_inv = nullptr, *a_proj = nullptr, *p_inv = nullptr, *p_proj = nullptr;  // (B,)
+  acc_t* pos = nullptr;                                                            // (B,) s a_hat . p_hat
+  acc_t *n_inv = nullptr, *n_proj = nullptr;                                       // (rows,) bank rows
+  acc_t* tc_bound = nullptr;  // one value: the float16 tensor-core coefficient bound (info_nce_tc.cuh)
+};
+
+template <typename acc_t>
+Prepared<acc_t> carve_prepared(Carver& c, const Problem& p) {
+  Prepared<acc_t> pr;
+  pr.as = c.take<acc_t>(p.B * p.d);
+  pr.ph = c.take<acc_t>(p.B * p.d);
+  pr.a_inv = c.take<acc_t>(p.B);
+  pr.a_proj = c.take<acc_t>(p.B);
+  pr.p_inv = c.take<acc_t>(p.B);
+  pr.p_proj = c.take<acc_t>(p.B);
+  pr.pos = c.take<acc_t>(p.B);
+  if (p.mode != Mode::PerAnchor) {
+    pr.n_inv = c.take<acc_t>(p.rows);
+    pr.n_proj = c.take<acc_t>(p.rows);
+  }
+  pr.tc_bound = c.take<acc_t>(1);
+  return pr;
+}
+
+// How the K negatives of an anchor (block) are split into chunks whose partial states forward_merge merges.
+struct ForwardPlan {
+  int64_t units_per_chunk_row = 0;  // anchor blocks (Shared) or anchors (rows modes)
+  int64_t chunks = 0, chunk_len = 0;
+};
+
+ForwardPlan plan_forward(const Problem& p, int num_sms) {
+  ForwardPlan f;
+  const int64_t target = 4 * std::max(1, num_sms);
+  const int64_t step = p.mode == Mode::Shared ? tile_rows(p.dtype) : kRowTile;
+  f.units_per_chunk_row = p.mode == Mode::Shared ? ceil_div(p.B, tile_rows(p.dtype)) : p.B;
+  if (p.K == 0 || p.B == 0) return f;
+  const int64_t want = ceil_div(target, std::max<int64_t>(1, f.units_per_chunk_row));
+  f.chunks = std::max<int64_t>(1, std::min(want, ceil_div(p.K, step)));
+  f.chunk_len = ceil_div(ceil_div(p.K, f.chunks), step) * step;
+  f.chunks = ceil_div(p.K, f.chunk_len);  // no empty chunk
+  return f;
+}
+
+template <typename acc_t>
+struct ForwardWork {
+  Prepared<acc_t> pr;
+  acc_t *part_max = nullptr, *part_sum = nullptr;  // (chunks, B)
+  acc_t* part_w = nullptr;                         // (chunks, B, d) when V is wanted
+};
+
+template <typename acc_t>
+ForwardWork<acc_t> carve_forward(Carver& c, const Problem& p, const ForwardPlan& f, bool save) {
+  ForwardWork<acc_t> w;
+  w.pr = carve_prepared<acc_t>(c, p);
+  w.part_max = c.take<acc_t>(f.chunks * p.B);
+  w.part_sum = c.take<acc_t>(f.chunks * p.B);
+  if (save) w.part_w = c.take<acc_t>(f.chunks * p.B * p.d);
+  return w;
+}
+
+// Backward of a shared bank: tiles of BK rows, each anchor range (split) a separate partial.
+struct BankPlan {
+  int64_t tiles = 0, splits = 0, blocks_per_split = 0, grid_x = 0;
+  bool direct = true;  // splits == 1: each block finishes its tiles itself, scratch per block
+};
+
+BankPlan plan_bank(const Problem& p, int num_sms) {
+  BankPlan b;
+  const int64_t BK = tile_rows(p.dtype);
+  b.tiles = ceil_div(p.K, BK);
+  if (b.tiles == 0) return b;
+  const int64_t target = 4 * std::max(1, num_sms);
+  const int64_t anchor_blocks = std::max<int64_t>(1, ceil_div(p.B, BK));
+  b.splits = std::max<int64_t>(1, std::min(ceil_div(target, b.tiles), anchor_blocks));
+  b.blocks_per_split = ceil_div(anchor_blocks, b.splits);
+  b.splits = ceil_div(anchor_blocks, b.blocks_per_split);
+  b.direct = b.splits == 1;
+  // Direct: a persistent grid, scratch O(grid * BK * d) whatever K is. Split: one block per (tile, split);
+  // only chosen when tiles < target, so the scratch splits * tiles * BK * d is bounded as well.
+  b.grid_x = b.direct ? std::min<int64_t>(b.tiles, 8 * std::max(1, num_sms)) : b.tiles;
+  return b;
+}
+
+int64_t indexed_warps(const Problem& p, int num_sms) {
+  return std::min<int64_t>(ceil_div(std::max<int64_t>(p.rows, 1), kWarps), 8 * std::max(1, num_sms)) * kWarps;
+}
+
+template <typename acc_t>
+struct BackwardWork {
+  Prepared<acc_t> pr;
+  acc_t* grad_scratch = nullptr;
+};
+
+float* carve_backward_tc(Carver& c, const Problem& p, int num_sms);  // tensor-core bank grads, further down
+
+template <typename acc_t>
+BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms, bool tc) {
+  BackwardWork<acc_t> w;
+  w.pr = carve_prepared<acc_t>(c, p);
+  if (a.grad_negatives != nullptr) {
+    if (p.mode == Mode::Shared && tc) {
+      w.grad_scratch = reinterpret_cast<acc_t*>(carve_backward_tc(c, p, num_sms));  // acc_t is float here
+    } else if (p.mode == Mode::Shared) {
+      const BankPlan b = plan_bank(p, num_sms);
+      const int64_t BK = tile_rows(p.dtype);
+      const int64_t slots = b.direct ? b.grid_x : b.splits * b.tiles;
+      w.grad_scratch = c.take<acc_t>(slots * BK * p.d);
+    } else if (p.mode == Mode::Indexed) {
+      w.grad_scratch = c.take<acc_t>(indexed_warps(p, num_sms) * p.d);
+    }
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Preparation
+// ---------------------------------------------------------------------------------------------------------
+
+// One block per anchor: row scales of a_i and p_i, s * a_hat_i and p_hat_i in acc_t, the positive logit.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, const Prepared<acc_t> pr) {
+  __shared__ acc_t red[kWarps];
+  const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
+  const scalar_t* q = static_cast<const scalar_t*>(p.positives);
+  const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
+  const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
+  const acc_t s = read_scale(static_cast<const acc_t*>(p.scale));
+  for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
+    acc_t ssa = 0, ssp = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]);
+      const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]);
+      ssa += x * x;
+      ssp += y * y;
+    }
+    ssa = block_sum(ssa, red);
+    ssp = block_sum(ssp, red);
+    const RowScale<acc_t> ra = row_scale<acc_t>(ssa, p.normalize);
+    const RowScale<acc_t> rp = row_scale<acc_t>(ssp, p.normalize);
+    acc_t dot = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]) * (ra.inv * s);
+      const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]) * rp.inv;
+      pr.as[i * d + j] = x;
+      pr.ph[i * d + j] = y;
+      dot += x * y;
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0) {
+      pr.a_inv[i] = ra.inv;
+      pr.a_proj[i] = ra.proj;
+      pr.p_inv[i] = rp.inv;
+      pr.p_proj[i] = rp.proj;
+      pr.pos[i] = dot;
+    }
+  }
+}
+
+// One warp per row of a (rows, d) bank: 1/||n|| and the Jacobian factor (1 and 0 without normalisation).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bank_scales_kernel(const Problem p, const Prepared<acc_t> pr) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < p.rows; r += warps) {
+    acc_t ss = 0;
+    if (p.normalize) {
+      for (int64_t j = lane; j < p.d; j += 32) {
+        const acc_t x = to_acc<acc_t>(n[r * s0 + j * s1]);
+        ss += x * x;
+      }
+      ss = warp_sum(ss);
+    }
+    const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
+    if (lane == 0) {
+      pr.n_inv[r] = rs.inv;
+      pr.n_proj[r] = rs.proj;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Logit tile: acc[a][b] = (s a_hat_{i0 + ty + 16a}) . n_{k0 + tx + 16b} (raw bank row, not yet scaled), by a
+// shared-memory tiled GEMM over d. Rows past B and bank rows past k_end contribute zeros.
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int BA>
+__device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, int64_t i0, int64_t k0, int64_t k_end,
+                                           acc_t (*a_s)[BA + 1], acc_t (*n_s)[BA + 1],
+                                           acc_t (&acc)[BA / 16][BA / 16]) {
+  constexpr int R = BA / 16;
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+#pragma unroll
+  for (int a = 0; a < R; ++a)
+#pragma unroll
+    for (int b = 0; b < R; ++b) acc[a][b] = 0;
+  for (int64_t j0 = 0; j0 < d; j0 += kBD) {
+    __syncthreads();  // the previous step's readers of a_s / n_s are done
+    for (int e = tid; e < BA * kBD; e += kThreads) {
+      const int r = e / kBD, c = e % kBD;
+      const int64_t i = i0 + r, j = j0 + c;
+      a_s[c][r] = (i < p.B && j < d) ? as[i * d + j] : acc_t(0);
+      const int64_t k = k0 + r;
+      n_s[c][r] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kBD; ++jj) {
+      acc_t af[R], nf[R];
+#pragma unroll
+      for (int a = 0; a < R; ++a) af[a] = a_s[jj][ty + 16 * a];
+#pragma unroll
+      for (int b = 0; b < R; ++b) nf[b] = n_s[jj][tx + 16 * b];
+#pragma unroll
+      for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int b = 0; b < R; ++b) acc[a][b] += af[a] * nf[b];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_shared_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
+  constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
+  __shared__ acc_t a_s[kBD][BA + 1];
+  __shared__ acc_t n_s[kBD][BA + 1];
+  __shared__ acc_t l_s[BA][BK + 1];  // logits, then softmax numerators times 1/||n_k||
+  __shared__ acc_t v_s[BK][BK + 1];  // bank rows x feature chunk, for V
+  __shared__ acc_t row_max[BA], row_sum[BA], row_alpha[BA], col_inv[BK];
+
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, lane = tid % 32, warp = tid / 32;
+  const bool save = w.part_w != nullptr;
+  const acc_t ninf = neg_infinity<acc_t>();
+  const int64_t units = f.units_per_chunk_row * f.chunks;
+
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t blk = u / f.chunks, c = u % f.chunks;
+    const int64_t i0 = blk * BA;
+    const int64_t k_begin = min64(K, c * f.chunk_len), k_end = min64(K, k_begin + f.chunk_len);
+    if (tid < BA) {
+      row_max[tid] = ninf;
+      row_sum[tid] = 0;
+    }
+    acc_t* wpart = save ? w.part_w + c * B * d : nullptr;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+      if (tid < BK) col_inv[tid] = (k0 + tid < k_end) ? w.pr.n_inv[k0 + tid] : acc_t(1);
+      __syncthreads();
+      acc_t acc[R][R];
+      logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, i0, k0, k_end, a_s, n_s, acc);
+#pragma unroll
+      for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int b = 0; b < R; ++b) {
+          const int col = tx + 16 * b;
+          const bool self = p.exclude_self && i0 + ty + 16 * a == k0 + col;
+          l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] * col_inv[col] : ninf;
+        }
+      __syncthreads();
+      // Online log-sum-exp: one warp per anchor row of the tile.
+      for (int r = warp; r < BA; r += kWarps) {
+        acc_t m = ninf;
+        for (int col = lane; col < BK; col += 32) m = max_of(m, l_s[r][col]);
+        m = warp_max(m);
+        const acc_t old = row_max[r];
+        const acc_t nm = max_of(old, m);
+        acc_t alpha = 1, sum = 0;
+        if (nm == ninf) {
+          for (int col = lane; col < BK; col += 32) l_s[r][col] = 0;
+        } else {
+          alpha = rescale_factor(old, nm);
+          for (int col = lane; col < BK; col += 32) {
+            const acc_t e = std::exp(l_s[r][col] - nm);
+            sum += e;
+            l_s[r][col] = e * col_inv[col];  // V sums n_hat = n / ||n||
+          }
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = nm;
+          row_alpha[r] = alpha;
+        }
+      }
+      __syncthreads();
+      if (save) {
+        // V_part[i, j0:j0+BK] = alpha_i V_part[i, ...] + sum_k P[i, k] n[k, j0:j0+BK]
+        for (int64_t j0 = 0; j0 < d; j0 += BK) {
+          for (int e = tid; e < BK * BK; e += kThreads) {
+            const int kk = e / BK, cc = e % BK;
+            const int64_t k = k0 + kk, j = j0 + cc;
+            v_s[kk][cc] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) : acc_t(0);
+          }
+          __syncthreads();
+          acc_t out[R][R];
+#pragma unroll
+          for (int a = 0; a < R; ++a)
+#pragma unroll
+            for (int b = 0; b < R; ++b) out[a][b] = 0;
+          for (int kk = 0; kk < BK; ++kk) {
+            acc_t pf[R], vf[R];
+#pragma unroll
+            for (int a = 0; a < R; ++a) pf[a] = l_s[ty + 16 * a][kk];
+#pragma unroll
+            for (int b = 0; b < R; ++b) vf[b] = v_s[kk][tx + 16 * b];
+#pragma unroll
+            for (int a = 0; a < R; ++a)
+#pragma unroll
+              for (int b = 0; b < R; ++b) out[a][b] += pf[a] * vf[b];
+          }
+#pragma unroll
+          for (int a = 0; a < R; ++a) {
+            const int r = ty + 16 * a;
+            const int64_t i = i0 + r;
+            if (i >= B) continue;
+#pragma unroll
+            for (int b = 0; b < R; ++b) {
+              const int64_t j = j0 + tx + 16 * b;
+              if (j >= d) continue;
+              acc_t* dst = wpart + i * d + j;
+              // The first tile of the chunk initialises (the scratch is uninitialised memory).
+              *dst = (k0 == k_begin ? acc_t(0) : *dst * row_alpha[r]) + out[a][b];
+            }
+          }
+          __syncthreads();  // before v_s is reloaded
+        }
+      }
+      __syncthreads();  // l_s, col_inv and the row state are reused by the next tile
+    }
+    if (tid < BA && i0 + tid < B) {
+      w.part_max[c * B + i0 + tid] = row_max[tid];
+      w.part_sum[c * B + i0 + tid] = row_sum[tid];
+    }
+    __syncthreads();  // before the next unit resets the row state
+  }
+}
+
+// Per-anchor (PerAnchor) and gathered (Indexed) negatives: one block per (anchor, chunk).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_rows_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
+  __shared__ acc_t t_l[kRowTile], t_inv[kRowTile];
+  __shared__ int64_t t_off[kRowTile];
+  __shared__ acc_t st_max, st_sum, st_alpha;
+
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], s2 = p.negatives_stride[2];
+  const int64_t sj = p.mode == Mode::PerAnchor ? s2 : s1;  // feature stride
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool save = w.part_w != nullptr;
+  const acc_t ninf = neg_infinity<acc_t>();
+  const int64_t units = B * f.chunks;
+
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t i = u / f.chunks, c = u % f.chunks;
+    const int64_t k_begin = min64(K, c * f.chunk_len), k_end = min64(K, k_begin + f.chunk_len);
+    const acc_t* ai = w.pr.as + i * d;
+    acc_t* wi = save ? w.part_w + (c * B + i) * d : nullptr;
+    if (tid == 0) {
+      st_max = ninf;
+      st_sum = 0;
+    }
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowTile) {
+      const int tk = static_cast<int>(min64(kRowTile, k_end - k0));
+      for (int t = warp; t < tk; t += kWarps) {  // warp-uniform
+        const int64_t k = k0 + t;
+        int64_t off, m = 0;
+        if (p.mode == Mode::PerAnchor) {
+          off = i * s0 + k * s1;
+        } else {
+          m = p.indices[i * p.indices_stride[0] + k * p.indices_stride[1]];
+          off = m * s0;
+        }
+        acc_t dot = 0, ss = 0;
+        for (int64_t j = lane; j < d; j += 32) {
+          const acc_t x = to_acc<acc_t>(n[off + j * sj]);
+          dot += ai[j] * x;
+          ss += x * x;
+        }
+        dot = warp_sum(dot);
+        acc_t inv;
+        if (p.mode == Mode::PerAnchor) {
+          inv = row_scale<acc_t>(warp_sum(ss), p.normalize).inv;
+        } else {
+          inv = w.pr.n_inv[m];
+        }
+        if (lane == 0) {
+          t_l[t] = dot * inv;
+          t_inv[t] = inv;
+          t_off[t] = off;
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        acc_t mx = ninf;
+        for (int t = lane; t < tk; t += 32) mx = max_of(mx, t_l[t]);
+        mx = warp_max(mx);
+        const acc_t old = st_max;
+        const acc_t nm = max_of(old, mx);
+        acc_t alpha = 1, sum = 0;
+        if (nm == ninf) {
+          for (int t = lane; t < tk; t += 32) t_l[t] = 0;
+        } else {
+          alpha = rescale_factor(old, nm);
+          for (int t = lane; t < tk; t += 32) {
+            const acc_t e = std::exp(t_l[t] - nm);
+            sum += e;
+            t_l[t] = e * t_inv[t];
+          }
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          st_sum = st_sum * alpha + sum;
+          st_max = nm;
+          st_alpha = alpha;
+        }
+      }
+      __syncthreads();
+      if (save) {
+        const acc_t alpha = st_alpha;
+        for (int64_t j = tid; j < d; j += kThreads) {  // thread j owns feature j of the partial V
+          acc_t v = (k0 == k_begin) ? acc_t(0) : wi[j] * alpha;
+          for (int t = 0; t < tk; ++t) v += t_l[t] * to_acc<acc_t>(n[t_off[t] + j * sj]);
+          wi[j] = v;
+        }
+      }
+      __syncthreads();
+    }
+    if (tid == 0) {
+      w.part_max[c * B + i] = st_max;
+      w.part_sum[c * B + i] = st_sum;
+    }
+    __syncthreads();
+  }
+}
+
+// One block per anchor: merge the chunk states in chunk order, add the positive, finish loss, lse and V.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_merge_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f, acc_t* loss, acc_t* lse,
+                         acc_t* v) {
+  const int64_t B = p.B, d = p.d;
+  for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
+    LseState<acc_t> st;
+    if (p.include_positive) {
+      st.max = w.pr.pos[i];
+      st.sum = 1;
+    }
+    acc_t* vi = v != nullptr ? v + i * d : nullptr;
+    if (vi != nullptr)
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] = 0;
+    for (int64_t c = 0; c < f.chunks; ++c) {
+      LseState<acc_t> b;
+      b.max = w.part_max[c * B + i];
+      b.sum = w.part_sum[c * B + i];
+      acc_t fa, fb;
+      merge(st, b, fa, fb);  // every thread computes the same state
+      if (vi != nullptr) {
+        const acc_t* wc = w.part_w + (c * B + i) * d;
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] = vi[j] * fa + wc[j] * fb;
+      }
+    }
+    if (threadIdx.x == 0) {
+      lse[i] = finalize(st);
+      loss[i] = lse[i] - w.pr.pos[i];
+    }
+    if (vi != nullptr) {
+      const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] *= inv_sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+
+// One block per anchor: gradients of anchors and positives (only lse, V and the positive logit are needed).
+//   G_a = g s [(w0 - 1) p_hat + V],  dA = inv_a G_a - (a_hat . G_a) proj_a a
+//   G_p = g s (w0 - 1) a_hat,         dP = inv_p G_p - (p_hat . G_p) proj_p p,   w0 = [incl] e^{l_0 - lse}
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    anchor_grads_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse, const acc_t* v,
+                        scalar_t* ga, scalar_t* gp) {
+  __shared__ acc_t red[kWarps];
+  const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
+  const scalar_t* q = static_cast<const scalar_t*>(p.positives);
+  const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
+  const int64_t ps0 = p.positives_stride[0], ps1 = p.positives_stride[1];
+  const acc_t s = read_scale(static_cast<const acc_t*>(p.scale));
+  for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
+    const acc_t gi = g[i];
+    const acc_t w0 = p.include_positive ? std::exp(pr.pos[i] - lse[i]) : acc_t(0);
+    const acc_t coef = gi * s * (w0 - acc_t(1));
+    const acc_t* asi = pr.as + i * d;
+    const acc_t* phi = pr.ph + i * d;
+    if (ga != nullptr) {
+      const acc_t* vi = v + i * d;
+      acc_t part = 0;
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) part += asi[j] * (coef * phi[j] + gi * s * vi[j]);
+      const acc_t ahat_dot_g = block_sum(part, red) / s;  // as = s a_hat
+      const acc_t inv = pr.a_inv[i], cp = ahat_dot_g * pr.a_proj[i];
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t gj = coef * phi[j] + gi * s * vi[j];
+        ga[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(a[i * as0 + j * as1]));
+      }
+    }
+    if (gp != nullptr) {
+      const acc_t phat_dot_g = coef * pr.pos[i] / s;
+      const acc_t inv = pr.p_inv[i], cp = phat_dot_g * pr.p_proj[i];
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t gj = coef * asi[j] / s;
+        gp[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(q[i * ps0 + j * ps1]));
+      }
+    }
+  }
+}
+
+// Shared bank. Grid (grid_x, splits). Direct (one split): block x owns bank tiles x, x + grid_x, ... and a
+// scratch slot of BK x d; it finishes each tile itself. Split: block (t, y) accumulates tile t over split y's
+// anchor blocks into partial slot (y, t); finish_bank_kernel sums the splits.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_bank_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
+                         acc_t* scratch, const BankPlan bp, scalar_t* grad) {
+  constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
+  __shared__ acc_t a_s[kBD][BA + 1];
+  __shared__ acc_t n_s[kBD][BA + 1];
+  __shared__ acc_t w_s[BA][BK + 1];   // W = g exp(l - lse) of the anchor block x bank tile
+  __shared__ acc_t a2_s[BA][BK + 1];  // anchors x feature chunk
+  __shared__ acc_t col_inv[BK];
+
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t B = p.B, K = p.K, d = p.d;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, warp = tid / 32;
+  const int64_t anchor_blocks = ceil_div(B, BA);
+  const int64_t y = blockIdx.y;
+  const int64_t ab_begin = min64(anchor_blocks, y * bp.blocks_per_split);
+  const int64_t ab_end = min64(anchor_blocks, ab_begin + bp.blocks_per_split);
+
+  for (int64_t t = blockIdx.x; t < bp.tiles; t += gridDim.x) {
+    const int64_t k0 = t * BK, k_end = min64(K, k0 + BK);
+    acc_t* G = bp.direct ? scratch + int64_t(blockIdx.x) * BK * d : scratch + (y * bp.tiles + t) * BK * d;
+    if (tid < BK) col_inv[tid] = (k0 + tid < k_end) ? pr.n_inv[k0 + tid] : acc_t(1);
+    // An empty split (possible only when B == 0) still leaves a zero partial behind.
+    if (ab_begin == ab_end)
+      for (int64_t e = tid; e < int64_t(BK) * d; e += kThreads) G[e] = 0;
+    __syncthreads();
+    for (int64_t ab = ab_begin; ab < ab_end; ++ab) {
+      const int64_t i0 = ab * BA;
+      acc_t acc[R][R];
+      logit_tile<scalar_t, acc_t, BA>(p, pr.as, i0, k0, k_end, a_s, n_s, acc);
+#pragma unroll
+      for (int a = 0; a < R; ++a) {
+        const int r = ty + 16 * a;
+        const int64_t i = i0 + r;
+#pragma unroll
+        for (int b = 0; b < R; ++b) {
+          const int col = tx + 16 * b;
+          const bool keep = i < B && k0 + col < k_end && !(p.exclude_self && i == k0 + col);
+          w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
+        }
+      }
+      __syncthreads();
+      // G[k, j0:j0+BK] (+)= sum_i W[i, k] (s a_hat_i)[j0:j0+BK]   (dL/dn_hat_k)
+      for (int64_t j0 = 0; j0 < d; j0 += BK) {
+        for (int e = tid; e < BA * BK; e += kThreads) {
+          const int r = e / BK, cc = e % BK;
+          const int64_t i = i0 + r, j = j0 + cc;
+          a2_s[r][cc] = (i < B && j < d) ? pr.as[i * d + j] : acc_t(0);
+        }
+        __syncthreads();
+        acc_t out[R][R];
+#pragma unroll
+        for (int a = 0; a < R; ++a)
+#pragma unroll
+          for (int b = 0; b < R; ++b) out[a][b] = 0;
+        for (int r = 0; r < BA; ++r) {
+          acc_t wf[R], af[R];
+#pragma unroll
+          for (int a = 0; a < R; ++a) wf[a] = w_s[r][ty + 16 * a];
+#pragma unroll
+          for (int b = 0; b < R; ++b) af[b] = a2_s[r][tx + 16 * b];
+#pragma unroll
+          for (int a = 0; a < R; ++a)
+#pragma unroll
+            for (int b = 0; b < R; ++b) out[a][b] += wf[a] * af[b];
+        }
+#pragma unroll
+        for (int a = 0; a < R; ++a) {
+          const int kk = ty + 16 * a;  // every row of the slot, also past k_end (zeros there)
+#pragma unroll
+          for (int b = 0; b < R; ++b) {
+            const int64_t j = j0 + tx + 16 * b;
+            if (j >= d) continue;
+            acc_t* dst = G + int64_t(kk) * d + j;
+            *dst = (ab == ab_begin ? acc_t(0) : *dst) + out[a][b];
+          }
+        }
+        __syncthreads();  // before a2_s is reloaded / w_s is rewritten
+      }
+    }
+    if (bp.direct) {
+      __syncthreads();  // G written by all threads of the block (global memory, visible after the barrier)
+      for (int r = warp; r < BK; r += kWarps) {
+        const int64_t k = k0 + r;
+        if (k >= k_end) continue;
+        finish_bank_row<scalar_t, acc_t>(G + int64_t(r) * d, 0, 1, bank + k * s0, s1, d, pr.n_inv[k], pr.n_proj[k],
+                                         grad + k * d);
+      }
+    }
+    __syncthreads();  // G and col_inv are reused by the next tile
+  }
+}
+
+// Split path: one warp per bank row sums the partials (split order) and finishes the row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    finish_bank_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* scratch, const BankPlan bp,
+                       scalar_t* grad) {
+  const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], d = p.d;
+  const int64_t BK = Tile<acc_t>::BA;
+  const int64_t stride = bp.tiles * BK * d;  // between splits: slot (y, t) row r is (y * tiles * BK + k) * d
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t k = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; k < p.K; k += warps) {
+    finish_bank_row<scalar_t, acc_t>(scratch + k * d, stride, bp.splits, bank + k * s0, s1, d, pr.n_inv[k],
+                                     pr.n_proj[k], grad + k * d);
+  }
+}
+
+// Per-anchor negatives: one warp per (i, k); that row's gradient is
+//   dL/dn_ik = w inv s a_hat_i - w l proj n_ik,  w = g_i e^{l - lse_i}.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_rows_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse, scalar_t* grad) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], s2 = p.negatives_stride[2];
+  const int64_t K = p.K, d = p.d, pairs = p.B * p.K;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t q = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; q < pairs; q += warps) {
+    const int64_t i = q / K, k = q % K;
+    const scalar_t* row = n + i * s0 + k * s1;
+    const acc_t* ai = pr.as + i * d;
+    acc_t dot = 0, ss = 0;
+    for (int64_t j = lane; j < d; j += 32) {
+      const acc_t x = to_acc<acc_t>(row[j * s2]);
+      dot += ai[j] * x;
+      ss += x * x;
+    }
+    dot = warp_sum(dot);
+    ss = warp_sum(ss);
+    const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
+    const acc_t l = dot * rs.inv;
+    const acc_t wgt = g[i] * std::exp(l - lse[i]);
+    const acc_t cw = wgt * l * rs.proj;
+    scalar_t* out = grad + q * d;
+    for (int64_t j = lane; j < d; j += 32) {
+      out[j] = from_acc<scalar_t>(wgt * rs.inv * ai[j] - cw * to_acc<acc_t>(row[j * s2]));
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t lower_bound(const int64_t* x, int64_t n, int64_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (x[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Indexed bank: one warp per bank row m over its run [lo, hi) of the stably sorted indices, so the pairs that
+// hit m are summed in increasing flat order (i * K + k): deterministic, no atomics. Scratch: d per warp.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_indexed_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
+                            const int64_t* sorted_rows, const int64_t* sorted_pairs, acc_t* scratch,
+                            scalar_t* grad) {
+  const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
+  const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
+  const int64_t K = p.K, d = p.d, pairs = p.B * p.K;
+  const int lane = threadIdx.x % 32;
+  const int64_t warp_id = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  acc_t* G = scratch + warp_id * d;
+  for (int64_t m = warp_id; m < p.rows; m += warps) {
+    const scalar_t* row = n + m * s0;
+    scalar_t* out = grad + m * d;
+    const int64_t lo = lower_bound(sorted_rows, pairs, m), hi = lower_bound(sorted_rows, pairs, m + 1);
+    if (lo == hi) {
+      for (int64_t j = lane; j < d; j += 32) out[j] = from_acc<scalar_t>(acc_t(0));
+      continue;
+    }
+    const acc_t inv = pr.n_inv[m];
+    for (int64_t e = lo; e < hi; ++e) {
+      const int64_t i = sorted_pairs[e] / K;
+      const acc_t* ai = pr.as + i * d;
+      acc_t dot = 0;
+      for (int64_t j = lane; j < d; j += 32) dot += ai[j] * to_acc<acc_t>(row[j * s1]);
+      const acc_t l = warp_sum(dot) * inv;
+      const acc_t wgt = g[i] * std::exp(l - lse[i]);
+      for (int64_t j = lane; j < d; j += 32) G[j] = (e == lo ? acc_t(0) : G[j]) + wgt * ai[j];
+    }
+    finish_bank_row<scalar_t, acc_t>(G, 0, 1, row, s1, d, inv, pr.n_proj[m], out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor cores (shared bank; float16 / bfloat16, float32 as TF32 when allowed): info_nce_tc.cuh
+// ---------------------------------------------------------------------------------------------------------
+
+#include "info_nce_tc.cuh"
+#include "info_nce_flash.cuh"
+#include "info_nce_wgmma.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------------------
+
+dim3 grid_for(int64_t units) { return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(units, kMaxGrid)))); }
+
+template <typename scalar_t, typename acc_t>
+void launch_prepare(const Problem& p, const Prepared<acc_t>& pr, cudaStream_t stream) {
+  if (p.B > 0) prepare_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(p, pr);
+  if (p.mode != Mode::PerAnchor && p.rows > 0) {
+    bank_scales_kernel<scalar_t, acc_t><<<grid_for(ceil_div(p.rows, kWarps)), kThreads, 0, stream>>>(p, pr);
+  }
+}
+
+template <typename T>
+struct TcType : std::false_type {};
+template <>
+struct TcType<__half> : std::true_type {};
+template <>
+struct TcType<__nv_bfloat16> : std::true_type {};
+template <>
+struct TcType<float> : std::true_type {};
+
+// Whether the tensor-core kernels serve this problem (else the SIMT kernels above).
+bool use_tc(const Problem& p) {
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.d > kTcMaxD) return false;
+  if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) return false;
+  const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total : tc_smem<__half>(p.d, true).total;
+  return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+// Y-tile stages (1: copy, then compute; 2: the next tile's copy overlaps the current tile's work; more shared
+// memory). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits.
+template <typename T>
+int tc_stages(int64_t d, bool with_p, bool score_tile) {
+  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
+  const int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
+  if (want == 2 && tc_smem<T>(d, with_p, 2, score_tile).total >
+                       static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    return 1;
+  }
+  return want;
+}
+
+// float16/bfloat16: mma.sync + ldmatrix kernels (mma_*_kernel) unless CONTRASTBOUND_TC_MMA=0 asks for the WMMA
+// ones (tc_*_kernel, which float32/TF32 always uses).
+inline bool tc_use_mma() {
+  const char* env = std::getenv("CONTRASTBOUND_TC_MMA");
+  return env == nullptr || env[0] != '0';
+}
+
+// One-pass forward (mma_fwd_kernel) for float16/bfloat16 when the anchors' term is wanted:
+// CONTRASTBOUND_TC_FUSED_FWD=1 (off by default: not yet run on a GPU).
+inline bool tc_fused_fwd(const Problem& p, bool save) {
+  const char* env = std::getenv("CONTRASTBOUND_TC_FUSED_FWD");
+  return save && p.dtype != DType::Float32 && tc_use_mma() && env != nullptr && env[0] == '1';
+}
+
+// Whether the mma.sync kernels (rather than the WMMA ones) serve element type T.
+template <typename T>
+bool tc_mma() {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    return tc_use_mma();
+  }
+}
+
+// Shared-memory plan of the kernel that serves (T, d): with_p for the kernels with a second product (rows,
+// one-pass forward); the WMMA kernels also hold the float32 score tile.
+template <typename T>
+TcSmem tc_kernel_smem(int64_t d, bool with_p) {
+  const bool score_tile = !tc_mma<T>();
+  return tc_smem<T>(d, with_p, tc_stages<T>(d, with_p, score_tile), score_tile);
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Units of `kernel` resident at once: blocks per multiprocessor (registers, shared memory) x multiprocessors.
+// 2 per multiprocessor (the kernels' launch bound) if the occupancy query fails. The answer depends only on
+// (kernel, shared memory, device), so it is asked once per such triple (every forward and backward plans
+// several passes, the workspace size and the launch alike).
+template <typename Kernel>
+int64_t tc_slots(Kernel kernel, size_t smem, int num_sms) {
+  struct Entry {
+    const void* kernel;
+    size_t smem;
+    int device, per_sm;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) cudaGetLastError();
+  const void* key = reinterpret_cast<const void*>(kernel);
+  int per_sm = 0;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache)
+      if (e.kernel == key && e.smem == smem && e.device == device) per_sm = e.per_sm;
+  }
+  if (per_sm == 0) {
+    if (allow_smem(kernel, smem) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, smem) != cudaSuccess) {
+      cudaGetLastError();  // not sticky
+      per_sm = 2;
+    }
+    per_sm = std::max(1, per_sm);
+    const std::lock_guard<std::mutex> lock(mutex);
+    cache.push_back({key, smem, device, per_sm});
+  }
+  return static_cast<int64_t>(per_sm) * std::max(1, num_sms);
+}
+
+// The kernel that serves the rows pass (anchor term, bank gradients) of T, and its residency.
+template <typename T>
+int64_t tc_rows_slots(int64_t d, int num_sms) {
+  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_mma<T>()) return tc_slots(mma_rows_kernel<T>, sm.total, num_sms);
+  }
+  return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
+}
+
+// Warpgroup-MMA kernels for float16/bfloat16 on sm_90a: CONTRASTBOUND_TC_WGMMA=1 (off by default: emulation-
+// tested, not yet run on a GPU). They replace the flash-layout kernels one for one (same work split, arguments
+// and outputs), so everything below that plans for the flash kernels serves them too.
+inline bool tc_wgmma() {
+  const char* env = std::getenv("CONTRASTBOUND_TC_WGMMA");
+  return env != nullptr && env[0] == '1' && tc_use_mma() && device_runs_sm90a();
+}
+
+// Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
+// yet run on a GPU), or their wgmma versions (tc_wgmma). They take both rows passes and, when the anchors' term is
+// wanted, a one-pass forward.
+template <typename T>
+bool tc_flash() {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
+    return tc_use_mma() && ((env != nullptr && env[0] == '1') || tc_wgmma());
+  }
+}
+
+// Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
+// (wgmma: the same, with the wgmma kernels' unpadded core-matrix layout.)
+template <typename T>
+TcSmem fl_kernel_smem(int64_t d) {
+  const bool wg = tc_wgmma();
+  const auto plan = [&](int stages) { return wg ? wg_smem<T>(d, stages) : fl_smem<T>(d, stages); };
+  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
+  int stages = (env != nullptr && env[0] == '1') ? 1 : 2;
+  if (stages == 2 && plan(2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    stages = 1;
+  }
+  return plan(stages);
+}
+
+// f(kernel) for the flash-layout kernel (or its wgmma version) of (T, MODE) whose NT fits dpad.
+template <typename T, FlashMode MODE, typename F>
+auto fl_with_kernel(int dpad, const F& f) {
+  if (tc_wgmma()) return dpad <= 128 ? f(wgmma_kernel<T, MODE, 16>) : f(wgmma_kernel<T, MODE, 32>);
+  return dpad <= 128 ? f(flash_kernel<T, MODE, 16>) : f(flash_kernel<T, MODE, 32>);
+}
+
+template <typename T, FlashMode MODE>
+int64_t fl_slots(int64_t d, int num_sms) {
+  const TcSmem sm = fl_kernel_smem<T>(d);
+  return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) { return tc_slots(kernel, sm.total, num_sms); });
+}
+
+template <typename T, FlashMode MODE>
+cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
+  const TcSmem sm = fl_kernel_smem<T>(f.d);
+  const dim3 grid = grid_for(f.xblocks * f.splits);
+  return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
+    const cudaError_t e = allow_smem(kernel, sm.total);
+    if (e == cudaSuccess) kernel<<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
+    return e;
+  });
+}
+
+// The kernel that serves the forward's walk over the bank (lse only, or one pass with the anchor term).
+template <typename T>
+int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (save && tc_flash<T>()) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
+    if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
+    if (tc_mma<T>()) return tc_slots(mma_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+  }
+  return tc_slots(tc_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+}
+
+// f(T()) for the tensor-core element type of p: CB_TC_ELEMENT, the one this translation unit serves (its
+// problems have that dtype; float for the float32 / float64 part, whose float64 problems never reach this).
+// Naming only that type keeps the other types' kernels out of this translation unit.
+template <typename F>
+auto tc_typed(DType, const F& f) {
+  return f(CB_TC_ELEMENT());
+}
+
+// X blocks x Y splits of a rows pass (tc_plan.h: the split count whose waves waste least).
+struct TcPlan {
+  int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
+};
+
+// Whether the flash-layout kernels serve p (float16/bfloat16 with CONTRASTBOUND_TC_FLASH=1).
+bool tc_flash_for(const Problem& p) {
+  return tc_typed(p.dtype, [](auto x) { return tc_flash<decltype(x)>(); });
+}
+
+// bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
+TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
+  TcPlan t;
+  t.xblocks = ceil_div(xrows, tc_flash_for(p) ? kFlRows : kTcRows);
+  const int64_t ytiles = ceil_div(yrows, kTcCols);
+  if (t.xblocks == 0 || ytiles == 0) return t;
+  const int64_t slots = tc_typed(p.dtype, [&](auto x) -> int64_t {
+    using T = decltype(x);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (tc_flash<T>()) {
+        return bank_pass ? fl_slots<T, FlashMode::BankGrads>(p.d, num_sms)
+                         : fl_slots<T, FlashMode::AnchorTerm>(p.d, num_sms);
+      }
+    }
+    return tc_rows_slots<T>(p.d, num_sms);
+  });
+  const TcSplit s = plan_tc_split(t.xblocks, ytiles, slots);
+  t.splits = s.splits;
+  t.tiles_per_split = s.tiles_per_split;
+  return t;
+}
+
+// The forward's K chunks on the tensor-core path: the same split rule over (anchor blocks, bank tiles).
+ForwardPlan plan_forward_tc(const Problem& p, bool save, int num_sms) {
+  ForwardPlan f;
+  f.units_per_chunk_row = ceil_div(p.B, (save && tc_flash_for(p)) ? kFlRows : kTcRows);
+  if (p.K == 0 || p.B == 0) return f;
+  const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_lse_slots<decltype(x)>(p, save, num_sms); });
+  const TcSplit s = plan_tc_split(f.units_per_chunk_row, ceil_div(p.K, kTcCols), slots);
+  f.chunk_len = s.tiles_per_split * kTcCols;
+  f.chunks = s.splits;
+  return f;
+}
+
+template <typename T>
+TcOperand<T> tc_operand(const void* ptr, const int64_t* stride, int64_t rows, int64_t d) {
+  TcOperand<T> o;
+  o.ptr = static_cast<const T*>(ptr);
+  o.s0 = stride[0];
+  o.s1 = stride[1];
+  o.rows = rows;
+  constexpr int64_t E = 16 / sizeof(T);
+  o.vec = o.s1 == 1 && (o.s0 % E == 0 || rows <= 1) && d % E == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  return o;
+}
+
+struct TcForwardWork {
+  ForwardWork<float> w;
+  float* v_partial = nullptr;  // (splits, B, d) when the anchor term is split over K
+};
+
+TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
+  TcForwardWork t;
+  if (save && (tc_fused_fwd(p, save) || tc_flash_for(p))) {  // per-chunk V partials, merged by forward_merge
+    t.w = carve_forward<float>(c, p, f, /*save=*/true);
+    return t;
+  }
+  t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
+  const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms, /*bank_pass=*/false);
+  if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
+  return t;
+}
+
+float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
+  const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms, /*bank_pass=*/true);
+  return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
+}
+
+// float16 only: *slot = max over the n rows of inv[i] |w[i]| *wscale (w null: 1), the bound behind the coefficient
+// scaling of the tensor-core kernels. Returns slot for float16 (and n > 0), nullptr otherwise.
+template <typename T>
+cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, const float* wscale, int64_t n,
+                              cudaStream_t stream, const float** bound) {
+  *bound = nullptr;
+  if (!std::is_same<T, __half>::value || n == 0) return cudaSuccess;
+  const cudaError_t e = cudaMemsetAsync(slot, 0, sizeof(float), stream);
+  if (e != cudaSuccess) return e;
+  tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(n, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+      inv, w, wscale, n, slot);
+  *bound = slot;
+  return cudaSuccess;
+}
+
+// bound_w: the Y rows' weights of the float16 coefficient bound (nullptr: 1), times *bound_wscale.
+template <typename T>
+cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsArgs args, const TcPlan& plan,
+                           int64_t d, float* bound_slot, const float* bound_w, const float* bound_wscale,
+                           cudaStream_t stream) {
+  args.d = d;
+  args.splits = plan.splits;
+  args.tiles_per_split = plan.tiles_per_split;
+  args.xblocks = plan.xblocks;
+  if (plan.xblocks == 0) return cudaSuccess;
+  const float* bound = nullptr;
+  cudaError_t e = launch_coef_bound<T>(bound_slot, args.y_inv, bound_w, bound_wscale, Y.rows, stream, &bound);
+  if (e != cudaSuccess) return e;
+  if (bound != nullptr) args.coef_bound = bound;
+  bool launched = false;
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_flash<T>()) {
+      FlArgs f;
+      f.d = d;
+      f.splits = plan.splits;
+      f.tiles_per_split = plan.tiles_per_split;
+      f.xblocks = plan.xblocks;
+      f.scale = args.scale;
+      f.exclude_self = args.exclude_self;
+      f.x_inv = args.x_inv;
+      f.x_proj = args.x_proj;
+      f.y_inv = args.y_inv;
+      f.lse = args.lse;
+      f.g = args.g;
+      f.coef_bound = args.coef_bound;
+      f.partial = args.partial;
+      f.out_v = args.out_v;
+      f.out_grad = args.out_grad;
+      e = args.lse_on_x ? launch_flash<T, FlashMode::AnchorTerm>(X, Y, f, stream)
+                        : launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
+      if (e != cudaSuccess) return e;
+      launched = true;
+    }
+  }
+  if (!launched) {
+    const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+    const bool mma = tc_mma<T>();
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
+    }
+    if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
+    if (e != cudaSuccess) return e;
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma) {
+        mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+      }
+    }
+    if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+  }
+  if (plan.splits > 1) {
+    tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
+  }
+  return cudaGetLastError();
+}
+
+// Arguments of the lse / one-pass forward kernels: anchors as X, one K chunk of the bank as Y.
+TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<float>& w) {
+  TcLseArgs la;
+  la.d = p.d;
+  la.K = p.K;
+  la.B = p.B;
+  la.chunk_len = f.chunk_len;
+  la.chunks = f.chunks;
+  la.xblocks = ceil_div(p.B, kTcRows);
+  la.scale = static_cast<const float*>(p.scale);
+  la.exclude_self = p.exclude_self;
+  la.x_inv = w.pr.a_inv;
+  la.y_inv = w.pr.n_inv;
+  la.part_max = w.part_max;
+  la.part_sum = w.part_sum;
+  return la;
+}
+
+template <typename T>
+cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms, cudaStream_t stream) {
+  const bool save = out.anchor_term != nullptr;
+  const ForwardPlan f = plan_forward_tc(p, save, num_sms);
+  Carver carver(workspace);
+  const TcForwardWork t = carve_forward_tc(carver, p, f, save, num_sms);
+  launch_prepare<T, float>(p, t.w.pr, stream);
+  const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
+  const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (save && (tc_flash<T>() || tc_fused_fwd(p, save))) {
+      // One pass over the bank: (max, sum, V) partials per K chunk, merged with the positive below.
+      if (f.chunks > 0) {
+        const float* bound = nullptr;
+        cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, nullptr, p.K, stream, &bound);
+        if (e != cudaSuccess) return e;
+        if (tc_flash<T>()) {
+          FlArgs fa;
+          fa.d = p.d;
+          fa.splits = f.chunks;
+          fa.tiles_per_split = f.chunk_len / kFlCols;
+          fa.xblocks = ceil_div(p.B, kFlRows);
+          fa.scale = static_cast<const float*>(p.scale);
+          fa.exclude_self = p.exclude_self;
+          fa.x_inv = t.w.pr.a_inv;
+          fa.y_inv = t.w.pr.n_inv;
+          fa.coef_bound = bound;
+          fa.partial = t.w.part_w;
+          fa.part_max = t.w.part_max;
+          fa.part_sum = t.w.part_sum;
+          e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
+        } else {
+          const TcLseArgs la = tc_lse_args(p, f, t.w);
+          const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
+          e = allow_smem(mma_fwd_kernel<T>, sm.total);
+          if (e == cudaSuccess) {
+            mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(
+                A, N, la, t.w.part_w, bound, sm);
+          }
+        }
+        if (e != cudaSuccess) return e;
+      }
+      if (p.B > 0) {
+        forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(
+            p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
+            static_cast<float*>(out.anchor_term));
+      }
+      return cudaGetLastError();
+    }
+  }
+  if (f.chunks > 0) {
+    const TcLseArgs la = tc_lse_args(p, f, t.w);
+    const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/false);
+    const bool mma = tc_mma<T>();
+    cudaError_t e = cudaSuccess;
+    if constexpr (!std::is_same<T, float>::value) {
+      if (mma) {
+        e = allow_smem(mma_lse_kernel<T>, sm.total);
+        if (e != cudaSuccess) return e;
+        mma_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+      }
+    }
+    if (!mma) {
+      e = allow_smem(tc_lse_kernel<T>, sm.total);
+      if (e != cudaSuccess) return e;
+      tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+    }
+  }
+  float* lse = static_cast<float*>(out.lse);
+  if (p.B > 0) {
+    forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(p, t.w, f, static_cast<float*>(out.loss), lse,
+                                                                         nullptr);
+  }
+  if (save && p.B > 0) {
+    TcRowsArgs ra;
+    ra.scale = static_cast<const float*>(p.scale);
+    ra.exclude_self = p.exclude_self;
+    ra.lse_on_x = true;
+    ra.x_inv = t.w.pr.a_inv;
+    ra.y_inv = t.w.pr.n_inv;
+    ra.lse = lse;
+    ra.partial = t.v_partial;
+    ra.out_v = static_cast<float*>(out.anchor_term);
+    return launch_tc_rows<T>(A, N, ra, plan_tc_rows(p, p.B, p.K, num_sms, false), p.d, t.w.pr.tc_bound, nullptr, nullptr,
+                             stream);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const float* g, const float* lse,
+                          float* scratch, T* grad, int num_sms, cudaStream_t stream) {
+  const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
+  const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
+  TcRowsArgs ra;
+  ra.scale = static_cast<const float*>(p.scale);
+  ra.exclude_self = p.exclude_self;
+  ra.lse_on_x = false;
+  ra.x_inv = pr.n_inv;
+  ra.x_proj = pr.n_proj;
+  ra.y_inv = pr.a_inv;
+  ra.lse = lse;
+  ra.g = g;
+  ra.partial = scratch;
+  ra.out_grad = grad;
+  return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p, p.K, p.B, num_sms, true), p.d, pr.tc_bound, g, ra.scale, stream);
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t forward_typed(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms,
+                          cudaStream_t stream) {
+  if constexpr (TcType<scalar_t>::value) {
+    if (use_tc(p)) return forward_tc<scalar_t>(p, out, workspace, num_sms, stream);
+  }
+  const ForwardPlan f = plan_forward(p, num_sms);
+  const bool save = out.anchor_term != nullptr;
+  Carver carver(workspace);
+  const ForwardWork<acc_t> w = carve_forward<acc_t>(carver, p, f, save);
+  launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
+  if (f.chunks > 0) {
+    if (p.mode == Mode::Shared) {
+      forward_shared_kernel<scalar_t, acc_t>
+          <<<grid_for(f.units_per_chunk_row * f.chunks), kThreads, 0, stream>>>(p, w, f);
+    } else {
+      forward_rows_kernel<scalar_t, acc_t><<<grid_for(p.B * f.chunks), kThreads, 0, stream>>>(p, w, f);
+    }
+  }
+  if (p.B > 0) {
+    forward_merge_kernel<acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+        p, w, f, static_cast<acc_t*>(out.loss), static_cast<acc_t*>(out.lse), static_cast<acc_t*>(out.anchor_term));
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* workspace, int num_sms,
+                           cudaStream_t stream) {
+  const bool tc = TcType<scalar_t>::value && use_tc(p);
+  Carver carver(workspace);
+  const BackwardWork<acc_t> w = carve_backward<acc_t>(carver, p, a, num_sms, tc);
+  const acc_t* g = static_cast<const acc_t*>(a.grad_loss);
+  const acc_t* lse = static_cast<const acc_t*>(a.lse);
+  launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
+  if ((a.grad_anchors != nullptr || a.grad_positives != nullptr) && p.B > 0) {
+    anchor_grads_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+        p, w.pr, g, lse, static_cast<const acc_t*>(a.anchor_term), static_cast<scalar_t*>(a.grad_anchors),
+        static_cast<scalar_t*>(a.grad_positives));
+  }
+  if (a.grad_negatives != nullptr) {
+    scalar_t* gn = static_cast<scalar_t*>(a.grad_negatives);
+    if (p.mode == Mode::Shared && tc) {
+      if constexpr (TcType<scalar_t>::value) {
+        const cudaError_t e = bank_grads_tc<scalar_t>(p, w.pr, g, lse, w.grad_scratch, gn, num_sms, stream);
+        if (e != cudaSuccess) return e;
+      }
+    } else if (p.mode == Mode::Shared) {
+      const BankPlan bp = plan_bank(p, num_sms);
+      if (bp.tiles > 0) {
+        const dim3 grid(static_cast<unsigned>(bp.grid_x), static_cast<unsigned>(bp.splits));
+        backward_bank_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(p, w.pr, g, lse, w.grad_scratch, bp, gn);
+        if (!bp.direct) {
+          finish_bank_kernel<scalar_t, acc_t>
+              <<<grid_for(ceil_div(p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, w.grad_scratch, bp, gn);
+        }
+      }
+    } else if (p.mode == Mode::PerAnchor) {
+      if (p.B * p.K > 0) {
+        backward_rows_kernel<scalar_t, acc_t>
+            <<<grid_for(ceil_div(p.B * p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, g, lse, gn);
+      }
+    } else if (p.rows > 0) {
+      backward_indexed_kernel<scalar_t, acc_t><<<grid_for(indexed_warps(p, num_sms) / kWarps), kThreads, 0, stream>>>(
+          p, w.pr, g, lse, a.sorted_rows, a.sorted_pairs, w.grad_scratch, gn);
+    }
+  }
+  return cudaGetLastError();
+}
+
+// The entry points of this translation unit's element types (info_nce_cuda_parts.cuh).
+template <typename scalar_t, typename acc_t>
+size_t forward_workspace_bytes_typed(const Problem& p, bool save_anchor_term, int num_sms) {
+  Carver c(nullptr);
+  if constexpr (TcType<scalar_t>::value) {
+    if (use_tc(p)) {
+      carve_forward_tc(c, p, plan_forward_tc(p, save_anchor_term, num_sms), save_anchor_term, num_sms);
+      return c.used;
+    }
+  }
+  carve_forward<acc_t>(c, p, plan_forward(p, num_sms), save_anchor_term);
+  return c.used;
+}
+
+template <typename scalar_t, typename acc_t>
+size_t backward_workspace_bytes_typed(const Problem& p, const BackwardArgs& a, int num_sms) {
+  Carver c(nullptr);
+  carve_backward<acc_t>(c, p, a, num_sms, TcType<scalar_t>::value && use_tc(p));
+  return c.used;
+}
+
+}  // namespace
+
+// Defines the entry points of element type SCALAR (accumulating in ACC) declared in info_nce_cuda_parts.cuh.
+#define CB_DEFINE_PART(NAME, SCALAR, ACC)                                                                         \
+  size_t forward_workspace_bytes_##NAME(const Problem& p, bool save_anchor_term, int num_sms) {                  \
+    return forward_workspace_bytes_typed<SCALAR, ACC>(p, save_anchor_term, num_sms);                             \
+  }                                                                                                              \
+  size_t backward_workspace_bytes_##NAME(const Problem& p, const BackwardArgs& a, int num_sms) {                 \
+    return backward_workspace_bytes_typed<SCALAR, ACC>(p, a, num_sms);                                           \
+  }                                                                                                              \
+  cudaError_t forward_##NAME(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms,          \
+                             cudaStream_t stream) {                                                              \
+    return forward_typed<SCALAR, ACC>(p, out, workspace, num_sms, stream);                                       \
+  }                                                                                                              \
+  cudaError_t backward_##NAME(const Problem& p, const BackwardArgs& a, void* workspace, int num_sms,             \
+                              cudaStream_t stream) {                                                             \
+    return backward_typed<SCALAR, ACC>(p, a, workspace, num_sms, stream);                                        \
+  }
+
+}  // namespace cuda
+}  // namespace contrastbound
