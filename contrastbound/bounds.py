@@ -11,8 +11,9 @@ either as ``num_classes=C`` (uniform) or as ``prior=`` a probability vector (exa
 Stable algorithms (docs/BOUNDS.md has the derivations):
 
 * ``log(1 - tau_K)`` as a log-sum-exp over the distinct prior values; tau itself as a sum of positive terms.
-* Binomial expectations ``E_{m ~ Bin(K, p)} g(m)`` summed over a window ``Kp +- (10 sd + 25)`` whose weights come
-  from the exact pmf ratio recurrence in log space and are normalised over the window (tail mass < e^-48).
+* Binomial expectations ``E_{m ~ Bin(K, p)} g(m)`` summed over a window ``Kp +- (10 sd + 25)`` whose weights are
+  running products of the exact pmf ratios outwards from the mode, normalised over the window (tail mass < e^-48);
+  all (distinct prior value, K) pairs in one vectorised pass.
 * The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
   saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
   Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
@@ -453,8 +454,9 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     half_full = M // 2
     half = np.minimum(half_full, np.ceil(theta_star * M / (2.0 * np.pi)).astype(np.int64) + 1)
     G = p.values.size
-    per_point = max(1, G)
-    budget = max(1, (1 << 16) // per_point)  # points per block: small enough to stay in cache
+    # points per block: the loop below runs over the G groups with (points,) temporaries, so a block of 2^14 points
+    # stays in cache whatever G is (and makes the per-group numpy calls long enough to amortise their overhead)
+    budget = 1 << 14
     start = 0
     N = n.size
     while start < N:
@@ -530,9 +532,17 @@ def _ie_general_terms(p: _Prior, n_lo: int, n_hi: int, max_terms: int = 4096) ->
     if len(keep) > 256:  # too many classes matter (and the recursion below would run too deep)
         return None
     terms: list[tuple[float, float, float]] = []
+    # reach[i]: the largest log bound a single class of the groups keep[i:] can add (the j = 1 test below, with the
+    # rest); once lbound + reach[i] is below the floor (with a margin for rounding) every later group stops at j = 0,
+    # so the branch is a leaf: the same terms, without walking the remaining groups one call at a time.
+    reach = [-math.inf] * (len(keep) + 1)
+    for i in range(len(keep) - 1, -1, -1):
+        g = keep[i]
+        reach[i] = max(reach[i + 1], math.log(float(cnts[g])) + n_lo * float(l1p[g]) + float(rest[g + 1]))
+    margin = 1e-9 * (abs(floor) + 1.0)
 
     def visit(i: int, lmult: float, lbound: float, pis: float, size: int) -> bool:
-        if i == len(keep):
+        if i == len(keep) or lbound + reach[i] <= floor - margin:
             if size > 0:
                 terms.append((lmult, pis, 1.0 if size % 2 == 1 else -1.0))
             return len(terms) <= max_terms
@@ -660,65 +670,150 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _binom_expect(k: np.ndarray, prob: float, g) -> np.ndarray:
-    """E_{m ~ Bin(K, prob)} g(m, K) for every K in the int64 array k (any shape).
-
-    The sum runs over m in Kp +- (10 sd + 25) (the rest has mass < e^-48, by the Chernoff bound); the weights
-    come from the pmf ratio recurrence pmf(m+1)/pmf(m) = (K-m)/(m+1) * p/(1-p) in log space and are normalised
-    over the window, so no binomial coefficient (nor its overflow or rounding) is ever formed.
-    """
-    flat = k.reshape(-1)
-    out = np.empty(flat.shape, dtype=np.float64)
-    if flat.size == 0:
-        return out.reshape(k.shape)
-    if prob >= 1.0:
-        kf = flat.astype(np.float64)
-        return g(kf, kf).reshape(k.shape)
-    lpq = math.log(prob) - math.log1p(-prob)
-    mean = flat * prob
-    sd = np.sqrt(flat * prob * (1.0 - prob))
-    lo = np.maximum(0, np.floor(mean - 10.0 * sd - 25.0)).astype(np.int64)
-    hi = np.minimum(flat, np.ceil(mean + 10.0 * sd + 25.0)).astype(np.int64)
-    mode = np.clip(np.floor((flat + 1) * prob).astype(np.int64), lo, hi)
-    width = hi - lo + 1
-    order = np.argsort(width, kind="stable")
-    ws = width[order]
-    log1p_table = np.log1p(np.arange(int(hi.max()) + 1, dtype=np.float64))
-    budget = 1 << 17  # block size that stays in cache
-    start = 0
-    while start < order.size:
-        # widths ascend along `order`: take rows while rows * (widest row) fits the budget
-        rem = ws[start : start + budget]
-        rows_n = max(1, int(np.searchsorted(np.arange(1, rem.size + 1) * rem, budget, side="right")))
-        idx = order[start : start + rows_n]
-        W = int(ws[start + rows_n - 1])
-        kk = flat[idx][:, None]
-        m = lo[idx][:, None] + np.arange(W)[None, :]
-        inside = m < hi[idx][:, None]
-        mc = np.minimum(m, hi[idx][:, None])
-        with np.errstate(divide="ignore"):
-            inc = np.where(inside, np.log((kk - mc).astype(np.float64)) - log1p_table[mc] + lpq, -np.inf)
-        logw = np.empty((idx.size, W))
-        logw[:, 0] = 0.0
-        np.cumsum(inc[:, :-1], axis=1, out=logw[:, 1:])
-        logw -= np.take_along_axis(logw, (mode[idx] - lo[idx])[:, None], axis=1)
-        w = np.exp(logw)
-        vals = g(mc.astype(np.float64), kk.astype(np.float64)) if g is not _LOG1P else log1p_table[mc]
-        out[idx] = np.einsum("ij,ij->i", w, vals) / w.sum(1)
-        start += idx.size
-    return out.reshape(k.shape)
-
-
-def _LOG1P(m, kk):  # noqa: N802  (a marker: g(m) = log(1 + m), served from a table)
+def _LOG1P(m, kk):  # noqa: N802  (a marker: g(m) = log(1 + m), served from a table of log(m + 1))
     return np.log1p(m)
 
 
+_BLOCK = 1 << 16  # window points per vectorised block (a few (points,) float64 temporaries, reused)
+
+
+def _one_side(kf, start, ratio, steps, base, sign, g, table, g_mode, sum_w, sum_wg) -> None:
+    """sum_w[j] = sum_{i < steps_j} w_i and sum_wg[j] = sum_i w_i (g(m_i) - g_mode_j) for one side of every window:
+    w_i = prod_{t <= i} (K - s - t) / (s + 1 + t) * ratio (the pmf of Bin(K, p) relative to s, walking up from
+    s = start; ratio = p/q) and m_i = base + sign (i + 1).
+
+    Sides are sorted by length and processed in blocks of similar length (padding <= ~25%, given weight 0). A block
+    is a (steps, sides) array. Its running product is a Python loop over steps (numpy's accumulate along axis 0 is
+    slow), in two levels to keep the steps few: the W steps are cut into segments of L ~ sqrt(W), stored step-major
+    (row j * nseg + c holds step c * L + j), so step j of every segment is one contiguous vector: L products inside
+    all segments at once, then the segments' running totals chained (nseg products of one vector) and multiplied in.
+    """
+    order = np.argsort(steps, kind="stable")
+    order = order[steps[order] > 0]
+    ws = steps[order]
+    size = 0
+    a = 0
+    while a < ws.size:
+        cap = int(1.25 * int(ws[a])) + 8  # rows of similar length: the block pads them to at most cap
+        b = min(int(np.searchsorted(ws, cap, side="right")), a + max(1, _BLOCK // cap))
+        rows = order[a:b]
+        R = rows.size
+        W = int(ws[b - 1])
+        L = W if R >= 3072 or W <= 16 else math.isqrt(W)  # segment length: all W steps when a step is a long vector
+        nseg = -(-W // L)
+        Wp = nseg * L
+        if Wp * R > size:
+            size = max(Wp * R, _BLOCK + (_BLOCK >> 1))
+            buf_r, buf_d, buf_m = np.empty(size), np.empty(size), np.empty(size, dtype=np.int64)
+        r = buf_r[: Wp * R].reshape(Wp, R)
+        d = buf_d[: Wp * R].reshape(Wp, R)
+        step_i = (np.arange(L)[:, None] + L * np.arange(nseg)[None, :]).reshape(-1)  # step held by each row
+        i = step_i.astype(np.float64)[:, None]
+        s = start[rows]
+        # r = pmf(s + i + 1) / pmf(s + i) of Bin(K, p_side) = (K - s - i) / (s + i + 1) * p_side / q_side (<= 1)
+        np.subtract((kf[rows] - s)[None, :], i, out=r)
+        np.add((s + 1.0)[None, :], i, out=d)
+        r /= d
+        r *= ratio[rows][None, :]
+        st = steps[rows]
+        short = np.nonzero(st < Wp)[0]
+        r[(st[short] % L) * nseg + st[short] // L, short] = 0.0  # the step past the window: later weights are 0
+        A = r.reshape(L, nseg, R)
+        for j in range(1, L):
+            np.multiply(A[j], A[j - 1], out=A[j])
+        if nseg > 1:
+            tot = A[L - 1]  # (nseg, R): each segment's own product; chained into a running prefix
+            pre = np.empty_like(tot)
+            pre[0] = 1.0
+            for c in range(1, nseg):
+                np.multiply(pre[c - 1], tot[c - 1], out=pre[c])
+            A *= pre[None, :, :]
+        if table is not None:
+            m = buf_m[: Wp * R].reshape(Wp, R)
+            np.add(base[rows][None, :], (sign * (step_i + 1))[:, None], out=m)
+            np.take(table, m, out=d, mode="clip")  # (past the window, where w = 0, any finite value will do)
+        else:
+            # m of each step, held inside the window where the weight is 0 (so g stays finite)
+            np.minimum(i + 1.0, st.astype(np.float64)[None, :], out=d)
+            d *= sign
+            d += base[rows].astype(np.float64)[None, :]
+            if g is _LOG1P:
+                d += 1.0
+                np.log(d, out=d)
+            else:
+                d[...] = g(d, kf[rows][None, :])
+        d -= g_mode[rows][None, :]
+        sum_w[rows] = r.sum(0)
+        sum_wg[rows] = np.einsum("ij,ij->j", r, d)
+        a = b
+
+
+def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
+    """E_{m ~ Bin(K, p)} g(m, K) for every pair of the int64 array k and the probabilities prob (broadcast).
+
+    The sum runs over m in Kp +- (10 sd + 25) (the rest has mass < e^-48: each side < e^-50 by Bennett's
+    inequality). The weights are pmf(m) / pmf(mode), built outwards from the mode by the exact pmf ratio recurrence
+    pmf(m+1)/pmf(m) = (K-m)/(m+1) * p/(1-p) as a running product (every ratio is <= 1 going outwards, so it never
+    overflows; one rounding per step), and normalised over the window, so no binomial coefficient (nor its overflow
+    or rounding) is ever formed. The mean is taken as g(mode) + sum_m w_m (g(m) - g(mode)) / sum_m w_m, so the
+    rounding of the sums only touches the correction to g(mode). All pairs go through one vectorised pass
+    (_one_side, once above the modes and once below them, as Bin(K, 1 - p) above K - mode).
+    """
+    k, prob = np.broadcast_arrays(np.asarray(k), np.asarray(prob, dtype=np.float64))
+    shape = k.shape
+    flat = k.reshape(-1).astype(np.int64)
+    pr = prob.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float64)
+    full = pr >= 1.0
+    if np.any(full):
+        kf = flat[full].astype(np.float64)
+        out[full] = g(kf, kf)
+    part = np.nonzero(~full)[0]
+    if part.size == 0:
+        return out.reshape(shape)
+    kk = flat[part]
+    p = pr[part]
+    q = 1.0 - p
+    kf = kk.astype(np.float64)
+    mean = kf * p
+    sd = np.sqrt(kf * p * q)
+    lo = np.maximum(0, np.floor(mean - 10.0 * sd - 25.0)).astype(np.int64)
+    hi = np.minimum(kk, np.ceil(mean + 10.0 * sd + 25.0)).astype(np.int64)
+    mode = np.clip(np.floor((kf + 1.0) * p).astype(np.int64), lo, hi)
+    up, down = hi - mode, mode - lo
+    # g(mode); for log(1 + m) a table of log(m + 1) where it is smaller than the points it serves
+    table = None
+    if g is _LOG1P:
+        top = int(hi.max()) + 1
+        if top <= max(4096, int(up.sum() + down.sum()) // 2):
+            table = np.log(np.arange(1, top + 1, dtype=np.float64))
+            g_mode = table[mode]
+        else:
+            g_mode = np.log(mode + 1.0)
+    else:
+        g_mode = np.broadcast_to(np.asarray(g(mode.astype(np.float64), kf), dtype=np.float64), kf.shape)
+    w_up, wg_up, w_dn, wg_dn = (np.zeros(kf.size) for _ in range(4))
+    modef = mode.astype(np.float64)
+    with np.errstate(over="ignore"):  # q/p of a (denormal) tiny p; used only where its side has steps: p >= 1/(K+1)
+        odds, inv_odds = p / q, q / p
+    _one_side(kf, modef, odds, up, mode, 1, g, table, g_mode, w_up, wg_up)
+    _one_side(kf, kf - modef, inv_odds, down, mode, -1, g, table, g_mode, w_dn, wg_dn)
+    out[part] = g_mode + (wg_up + wg_dn) / (1.0 + w_up + w_dn)
+    return out.reshape(shape)
+
+
 def _mixed_expect(k: np.ndarray, p: _Prior, g) -> np.ndarray:
-    """sum_c pi_c E_{m ~ Bin(K, pi_c)} g(m, K): the anchor's class c ~ pi, m of its K negatives share it."""
-    acc = np.zeros(k.shape, dtype=np.float64)
-    for v, c in zip(p.values, p.counts):
-        acc += (c * v) * _binom_expect(k, float(v), g)
-    return acc
+    """sum_c pi_c E_{m ~ Bin(K, pi_c)} g(m, K): the anchor's class c ~ pi, m of its K negatives share it.
+
+    All (distinct prior value, distinct K) pairs in one vectorised pass (in chunks of about 2^18 pairs)."""
+    flat = k.reshape(-1)
+    uk, inv = np.unique(flat, return_inverse=True)
+    res = np.empty(uk.size)
+    weights = p.counts * p.values
+    step = max(1, (1 << 18) // p.values.size)
+    for s0 in range(0, uk.size, step):
+        res[s0 : s0 + step] = weights @ _binom_expect(uk[None, s0 : s0 + step], p.values[:, None], g)
+    return res[inv.reshape(-1)].reshape(k.shape)
 
 
 def collision_term(K: Any, num_classes: int | None = None, prior: Any = None) -> Any:

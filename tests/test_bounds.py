@@ -302,6 +302,35 @@ def test_binomial_expectations_exact_small(weights):
         assert abs(B.min_contrastive_loss(K, **kw, norm_bound=b) - mcl) <= 1e-13 * max(mcl, 1e-300) + 1e-300
 
 
+def mp_mixed_expect_sum(K, pi, g):
+    """sum_c pi_c E_{m ~ Bin(K, pi_c)} g(m, K) as the exact sum over the whole support, at 30 digits."""
+    with mpmath.workdps(30):
+        gm = [g(m, K) for m in range(K + 1)]
+        total = mpmath.mpf(0)
+        for p in pi:
+            p = mpmath.mpf(float(p))
+            odds, pmf, acc = p / (1 - p), (1 - p) ** K, mpmath.mpf(0)
+            for m in range(K + 1):
+                acc += pmf * gm[m]
+                pmf *= odds * (K - m) / (m + 1)
+            total += p * acc
+        return float(total)
+
+
+def test_binomial_expectations_long_windows_exact():
+    """Windows of hundreds of points per side (the running product's two-level scan, blocks of sides of different
+    lengths, the log table and the direct-log paths, a general g) against the exact sum over the whole support."""
+    prior = [0.5, 0.3, 0.15, 0.05]
+    e = mpmath.exp(-2 * mpmath.mpf(0.7) ** 2)
+    Ks = [1, 2, 37, 1000, 10_001]
+    col = np.array([mp_mixed_expect_sum(K, prior, lambda m, K: mpmath.log(m + 1)) for K in Ks])
+    mcl = np.array([mp_mixed_expect_sum(K, prior, lambda m, K: mpmath.log(1 + m + (K - m) * e)) for K in Ks[:4]])
+    assert rel_err(B.collision_term(np.array(Ks), prior=prior), col) < 1e-14  # few points: log(1 + m) directly
+    many = np.concatenate([Ks, np.arange(9_000, 10_000)])  # many points: log(1 + m) from a table
+    assert rel_err(B.collision_term(many, prior=prior)[: len(Ks)], col) < 1e-14
+    assert rel_err(B.min_contrastive_loss(np.array(Ks[:4]), prior=prior, norm_bound=0.7), mcl) < 1e-14
+
+
 @pytest.mark.parametrize("K,C", [(1, 10_000), (3029, 3029), (10**5, 3029), (10**6, 10), (10**7, 10_000), (10**7, 2)])
 def test_binomial_expectations_large_against_integral(K, C):
     assert rel_err(B.collision_term(K, C), mp_binom_expect_integral(K, 1 / C, 1.0)) < REL
