@@ -115,7 +115,12 @@ def _check_indices(
             )
         elif not torch._C._functorch.is_functorch_wrapped_tensor(indices):
             # (per-sample values under vmap cannot be read back: the compiled op or torch's indexing checks them)
+            # Plain indices inside a torch.func transform: before torch 2.10 the transform wrapped the results of
+            # ops on them too, which cannot be read back ("Cannot access data pointer"), so the transforms are off
+            # for the read-back (as torch does to print a tensor).
+            guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
             lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())  # one read-back
+            del guard
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
     return indices.to(torch.int64)

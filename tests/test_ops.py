@@ -14,6 +14,8 @@ from contrastbound import _backend
 from conftest import DEVICES, MODES, make_inputs
 
 needs_kernel = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
+# Inductor keeps torch._assert_async in a compiled graph from torch 2.9 on; before, it drops it (README, Limits).
+_KEEPS_GRAPH_ASSERTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
 
 
 def test_cpu_kernel_is_loaded():
@@ -179,8 +181,9 @@ def test_torch_compile_fullgraph_indexed_and_index_check():
     w = torch.randn(9, 5)
     ce = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t), fullgraph=True)
     ce(a, w, torch.tensor([0, 1, 2, 3, 4, 8]))
-    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)"):
-        ce(a, w, torch.tensor([0, 1, -1, 3, 4, 8]))
+    if _KEEPS_GRAPH_ASSERTS:
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)"):
+            ce(a, w, torch.tensor([0, 1, -1, 3, 4, 8]))
 
 
 @needs_kernel
@@ -225,8 +228,12 @@ def test_torch_compile_temperature_check_in_graph():
     a, p, n, _ = make_inputs("shared", B=4, K=30, d=3, dtype=torch.float32)
     compiled = torch.compile(lambda t: cb.info_nce(a, p, n, temperature=t), fullgraph=True)
     compiled(torch.tensor(0.5))
-    with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
-        compiled(torch.tensor(-0.5))
+    if _KEEPS_GRAPH_ASSERTS:
+        with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
+            compiled(torch.tensor(-0.5))
+    else:  # the graph's assert is dropped; the op still refuses the scale
+        with pytest.raises(ValueError, match="scale .1 / temperature. must be positive and finite"):
+            compiled(torch.tensor(-0.5))
 
 
 @needs_kernel
