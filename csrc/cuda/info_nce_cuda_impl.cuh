@@ -982,14 +982,17 @@ inline bool tc_wgmma() {
 
 // Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
 // yet run on a GPU), or their wgmma versions (tc_wgmma). They take both rows passes and, when the anchors' term is
-// wanted, a one-pass forward.
+// wanted, a one-pass forward. Only where their one-stage plan for d fits the device's shared memory (it does
+// not at d > 240 on 99 KiB parts such as sm_86 / sm_89): else the mma.sync kernels serve.
 template <typename T>
-bool tc_flash() {
+bool tc_flash(int64_t d) {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
     const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
-    return tc_use_mma() && ((env != nullptr && env[0] == '1') || tc_wgmma());
+    if (!tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
+    const size_t need = tc_wgmma() ? wg_smem<T>(d, 1).total : fl_smem<T>(d, 1).total;
+    return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   }
 }
 
@@ -1035,7 +1038,7 @@ cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlA
 template <typename T>
 int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
   if constexpr (!std::is_same<T, float>::value) {
-    if (save && tc_flash<T>()) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
+    if (save && tc_flash<T>(p.d)) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
     if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
     if (tc_mma<T>()) return tc_slots(mma_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
   }
@@ -1057,7 +1060,7 @@ struct TcPlan {
 
 // Whether the flash-layout kernels serve p (float16/bfloat16 with CONTRASTBOUND_TC_FLASH=1).
 bool tc_flash_for(const Problem& p) {
-  return tc_typed(p.dtype, [](auto x) { return tc_flash<decltype(x)>(); });
+  return tc_typed(p.dtype, [&](auto x) { return tc_flash<decltype(x)>(p.d); });
 }
 
 // bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
@@ -1069,7 +1072,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
   const int64_t slots = tc_typed(p.dtype, [&](auto x) -> int64_t {
     using T = decltype(x);
     if constexpr (!std::is_same<T, float>::value) {
-      if (tc_flash<T>()) {
+      if (tc_flash<T>(p.d)) {
         return bank_pass ? fl_slots<T, FlashMode::BankGrads>(p.d, num_sms)
                          : fl_slots<T, FlashMode::AnchorTerm>(p.d, num_sms);
       }
@@ -1159,7 +1162,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   if (bound != nullptr) args.coef_bound = bound;
   bool launched = false;
   if constexpr (!std::is_same<T, float>::value) {
-    if (tc_flash<T>()) {
+    if (tc_flash<T>(d)) {
       FlArgs f;
       f.d = d;
       f.splits = plan.splits;
@@ -1231,13 +1234,13 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   if constexpr (!std::is_same<T, float>::value) {
-    if (save && (tc_flash<T>() || tc_fused_fwd(p, save))) {
+    if (save && (tc_flash<T>(p.d) || tc_fused_fwd(p, save))) {
       // One pass over the bank: (max, sum, V) partials per K chunk, merged with the positive below.
       if (f.chunks > 0) {
         const float* bound = nullptr;
         cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, nullptr, p.K, stream, &bound);
         if (e != cudaSuccess) return e;
-        if (tc_flash<T>()) {
+        if (tc_flash<T>(p.d)) {
           FlArgs fa;
           fa.d = p.d;
           fa.splits = f.chunks;
