@@ -43,6 +43,22 @@ constexpr int64_t kParallelUnits = 64;  // units a call is split into (at least)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Gathered rows (indexed mode) are random reads of the bank: a row is requested this many rows before its dot
+// product, so that its cache misses overlap the work on the rows in between instead of stalling each one.
+constexpr int64_t kPrefetchAhead = 16;
+constexpr int64_t kHitBlock = 4096;  // indices scanned per batch of prefetched work (indexed backward)
+
+// Asks for the cache lines of `bytes` bytes from p (a hint: no fault, no effect on results).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // at::parallel_for with the caller's thread-local state (inference mode, grad mode, dispatch keys) installed in
 // every worker: OpenMP workers do not inherit it, and an in-place ATen op there on a tensor the caller made
 // under torch.inference_mode() would raise.
@@ -229,9 +245,11 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   });
 }
 
-// Per-anchor and indexed negatives: units (anchor, K chunk); each logit is a dot product with the row.
-template <typename scalar_t, typename acc_t, typename RowFn>
-void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, Partials<acc_t>& parts) {
+// Per-anchor and indexed negatives: units (anchor, K chunk); each logit is a dot product with the row. ahead(i, k)
+// gives the address of row k of anchor i to prefetch, or nullptr where the hardware's stream prefetch suffices.
+template <typename scalar_t, typename acc_t, typename RowFn, typename AheadFn>
+void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, const AheadFn& ahead,
+                  Partials<acc_t>& parts) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
   const int64_t chunks = parts.chunks;
   const int64_t chunk_len = ceil_div(K, chunks);
@@ -250,6 +268,10 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, Par
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowTile) {
         const int64_t tk = std::min(kRowTile, k_end - k0);
         for (int64_t t = 0; t < tk; ++t) {
+          if (k0 + t + kPrefetchAhead < k_end) {
+            const scalar_t* next = ahead(i, k0 + t + kPrefetchAhead);
+            if (next != nullptr) prefetch_bytes(next, d * static_cast<int64_t>(sizeof(scalar_t)));
+          }
           acc_t row_inv;
           rows[t] = row_of(i, k0 + t, row_inv);
           inv[t] = row_inv;
@@ -339,7 +361,8 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
         inv = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize).inv;
         return r;
       };
-      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, parts);
+      auto no_prefetch = [](int64_t, int64_t) -> const scalar_t* { return nullptr; };
+      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, no_prefetch, parts);
     } else {
       std::vector<acc_t> inv, proj;
       bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
@@ -352,7 +375,8 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
         row_inv = inv[m];
         return n + m * sm;
       };
-      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, parts);
+      auto ahead = [&](int64_t i, int64_t k) -> const scalar_t* { return n + ix[i * is0 + k * is1] * sm; };
+      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, ahead, parts);
     }
   }
   return finish_forward(pr, parts, include_positive, save);
@@ -477,18 +501,32 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(M, 2 * at::get_num_threads()));
   const int64_t range_len = ceil_div(M, ranges);
   parallel_for_tls(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> hits;  // the range's indices among kHitBlock of an anchor's, in k order
+    hits.reserve(static_cast<size_t>(std::min(K, kHitBlock)));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t lo = r * range_len, hi = std::min(M, lo + range_len);
       for (int64_t i = 0; i < B; ++i) {
         const acc_t* ai = a + i * d;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t m = ix[i * is0 + k * is1];
-          if (m < lo || m >= hi) continue;
-          const acc_t l = dot(ai, n + m * sm, d) * inv[m];
-          const acc_t w = g[i] * std::exp(l - lse[i]);
-          axpy(G + m * d, w, ai, d);
-          c[m] += w * l;
-          used[m] = 1;
+        for (int64_t kb = 0; kb < K; kb += kHitBlock) {
+          hits.clear();
+          for (int64_t k = kb, ke = std::min(K, kb + kHitBlock); k < ke; ++k) {
+            const int64_t m = ix[i * is0 + k * is1];
+            if (m >= lo && m < hi) hits.push_back(m);
+          }
+          const int64_t nh = static_cast<int64_t>(hits.size());
+          for (int64_t h = 0; h < nh; ++h) {
+            if (h + kPrefetchAhead < nh) {  // the bank row read and the gradient row updated, both at random
+              const int64_t mp = hits[h + kPrefetchAhead];
+              prefetch_bytes(n + mp * sm, d * static_cast<int64_t>(sizeof(scalar_t)));
+              prefetch_bytes(G + mp * d, d * static_cast<int64_t>(sizeof(acc_t)));
+            }
+            const int64_t m = hits[h];
+            const acc_t l = dot(ai, n + m * sm, d) * inv[m];
+            const acc_t w = g[i] * std::exp(l - lse[i]);
+            axpy(G + m * d, w, ai, d);
+            c[m] += w * l;
+            used[m] = 1;
+          }
         }
       }
       if (normalize) {  // the normalisation's Jacobian; a row no index used keeps its gradient 0 (an infinite
