@@ -1013,7 +1013,7 @@ TcSmem fl_kernel_smem(int64_t d) {
 // f(kernel) for the flash-layout kernel (or its wgmma version) of (T, MODE) whose NT fits dpad.
 template <typename T, FlashMode MODE, typename F>
 auto fl_with_kernel(int dpad, const F& f) {
-  if (tc_wgmma()) return dpad <= 128 ? f(wgmma_kernel<T, MODE, 16>) : f(wgmma_kernel<T, MODE, 32>);
+  if (tc_wgmma()) return wg_with_nt(dpad, [&](auto nt) { return f(wgmma_kernel<T, MODE, decltype(nt)::value>); });
   return dpad <= 128 ? f(flash_kernel<T, MODE, 16>) : f(flash_kernel<T, MODE, 32>);
 }
 

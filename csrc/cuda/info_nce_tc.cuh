@@ -90,12 +90,13 @@ inline size_t tc_align(size_t v) { return (v + 127) / 128 * 128; }
 constexpr int kTcScratch = 6 * kTcRows;
 
 // The operand tiles every tensor-core kernel starts its shared memory with: the X tile (x_rows rows), then one or
-// two Y tiles (y_rows rows), each row dpad + pad elements of T (dpad: d rounded up to 16). Sets stages, dpad, ld
-// (dpad + pad; left 0 for pad = 0, the wgmma layout, which has no row stride), x, y and y1; returns the end offset.
+// two Y tiles (y_rows rows), each row dpad + pad elements of T (dpad: d rounded up to a multiple of dround, 16
+// or, for the wgmma kernels, 64). Sets stages, dpad, ld (dpad + pad; left 0 for pad = 0, the wgmma layout, which
+// has no row stride), x, y and y1; returns the end offset.
 template <typename T>
-size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows, int pad) {
+size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows, int pad, int dround = 16) {
   m.stages = stages == 2 ? 2 : 1;
-  m.dpad = static_cast<int>((d + 15) / 16 * 16);
+  m.dpad = static_cast<int>((d + dround - 1) / dround * dround);
   const size_t row = sizeof(T) * static_cast<size_t>(m.dpad + pad);
   m.ld = pad != 0 ? m.dpad + pad : 0;
   m.x = 0;

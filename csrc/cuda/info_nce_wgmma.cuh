@@ -3,15 +3,16 @@
 // the same anonymous namespace; torch-free. Opt-in (CONTRASTBOUND_TC_WGMMA=1): launch_flash in info_nce_cuda_impl.cuh
 // runs these in place of flash_kernel where device_runs_sm90a() (see "Launching" below).
 //
-// Same arguments, work split and outputs as flash_kernel<T, MODE, NT>: a block of 256 threads owns kFlRows = 128
+// Same arguments, work split and outputs as flash_kernel<T, MODE, NT> (NT here: dpad / 8 with dpad = d rounded up
+// to 64, so 8, 16, 24 or 32; every product below has a shape fixed at compile time): a block of 256 threads owns kFlRows = 128
 // X rows and walks the 64-row Y tiles of its split; the two warpgroups (warps 0-3, 4-7) own X rows 0-63 and 64-127
 // of the block. Per Y tile and warpgroup:
 //   S (64 x 64, f32 registers) = X_wg Y^T    wgmma m64n64k16, A and B from shared memory (descriptors, K-major),
 //                                            dpad / 16 instructions, the first with scale-d = 0 (S = A B);
 //   C = coefficient(S) in place (identical code to flash_kernel), cast to T and packed as the A fragments;
-//   O (64 x dpad, f32 registers) += C Y     wgmma m64nNk16 with A from registers and B = the same Y tile read as
-//                                            an N-major operand (imm-trans-b = 1), N = 64 per 64 features plus
-//                                            one N = 16 / 32 / 48 instruction for the rest of dpad.
+//   O (64 x dpad, f32 registers) += C Y     wgmma m64n64k16 with A from registers and B = the same Y tile read
+//                                            as an N-major operand (imm-trans-b = 1), one per 64 features and
+//                                            k16 slice (dpad / 16 instructions).
 // Each product is fenced (wgmma.fence), committed and waited for (wait_group 0) before its registers are used;
 // the O product is waited for before the barrier that lets the Y buffer be refilled.
 //
@@ -69,14 +70,15 @@
 // STATUS: EXPERIMENTAL. Passes the CPU emulation (csrc/tests/test_wgmma_emu.cpp, csrc/tests/emu_wgmma.h) and
 // compiles for sm_90a with HGMMA in the SASS; never run on a GPU. The emulation implements the PTX text above;
 // if the hardware reads the layout differently the emulation cannot tell. ptxas keeps the wgmma instructions
-// asynchronous (scripts/cpp_tests.sh fails on its C7515 "serialized" note); it still adds a warpgroup.arrive
-// before each instruction of a product whose shape depends on d at run time (C7519; wg_o_chunk and the k loop).
+// asynchronous (scripts/cpp_tests.sh fails on its C7515 "serialized" note) and, with the loops' trip counts
+// fixed by NT, adds no warpgroup.arrive of its own (its C7519 note, counted there; with a run-time d it added one
+// before each wgmma of the score loop and of an N = 16 / 32 / 48 / 64 branch for the last chunk).
 //
 // Launching (launch_flash / fl_slots via fl_with_kernel): only on compute capability 9.0 with code built for
 // sm_90a (the body traps elsewhere); grid = grid_for(f.xblocks * f.splits), block = kTcThreads (256), dynamic
 // shared memory = wg_smem<T>(d, stages).total (stages 2 unless it exceeds the opt-in limit), after
-// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, total); NT = 16 for dpad <= 128,
-// else 32, exactly as launch_flash does for flash_kernel. FlArgs are filled exactly as for flash_kernel.
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, total); NT = dpad / 8 (wg_with_nt),
+// where flash_kernel takes 16 for dpad <= 128, else 32. FlArgs are filled exactly as for flash_kernel.
 #pragma once
 
 // Deliberately broken variants, selected at run time by the emulation test only (csrc/tests/test_wgmma_emu.cpp
@@ -123,6 +125,7 @@ __device__ __forceinline__ void wg_st_smem(T* p, T v) {
 template <typename T>
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d);
 // D (m64nN, f32; d[0 .. N/2)) = A B + (scale_d ? D : 0), A from registers, B from shared memory (TB = imm-trans-b).
+// Only N = 64 is defined: the output is always whole 64-feature chunks (dpad a multiple of 64).
 template <typename T, int N, int TB>
 struct WgmmaRs;
 
@@ -139,45 +142,6 @@ struct WgmmaRs;
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "l"(da), "l"(db), "r"(scale_d));                                                                       \
   }
-
-#define CB_WGMMA_RS_N16(T, TS)                                                                                   \
-  template <int TB>                                                                                              \
-  struct WgmmaRs<T, 16, TB> {                                                                                    \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {     \
-      asm volatile(                                                                                              \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                                        \
-          "wgmma.mma_async.sync.aligned.m64n16k16.f32." TS "." TS " {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, %14;\n}\n" \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                         \
-    }                                                                                                           \
-  };
-
-#define CB_WGMMA_RS_N32(T, TS)                                                                                   \
-  template <int TB>                                                                                              \
-  struct WgmmaRs<T, 32, TB> {                                                                                    \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {     \
-      asm volatile(                                                                                              \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                        \
-          "wgmma.mma_async.sync.aligned.m64n32k16.f32." TS "." TS " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n" \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                         \
-    }                                                                                                           \
-  };
-
-#define CB_WGMMA_RS_N48(T, TS)                                                                                   \
-  template <int TB>                                                                                              \
-  struct WgmmaRs<T, 48, TB> {                                                                                    \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {     \
-      asm volatile(                                                                                              \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %29, 0;\n"                                                        \
-          "wgmma.mma_async.sync.aligned.m64n48k16.f32." TS "." TS " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, {%24, %25, %26, %27}, %28, p, 1, 1, %30;\n}\n" \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-            "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]) \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                         \
-    }                                                                                                           \
-  };
 
 #define CB_WGMMA_RS_N64(T, TS)                                                                                   \
   template <int TB>                                                                                              \
@@ -196,9 +160,6 @@ struct WgmmaRs;
 
 #define CB_WGMMA_ALL(T, TS) \
   CB_WGMMA_SS_N64(T, TS)    \
-  CB_WGMMA_RS_N16(T, TS)    \
-  CB_WGMMA_RS_N32(T, TS)    \
-  CB_WGMMA_RS_N48(T, TS)    \
   CB_WGMMA_RS_N64(T, TS)
 
 CB_WGMMA_ALL(__nv_bfloat16, "bf16")
@@ -206,9 +167,6 @@ CB_WGMMA_ALL(__half, "f16")
 
 #undef CB_WGMMA_ALL
 #undef CB_WGMMA_SS_N64
-#undef CB_WGMMA_RS_N16
-#undef CB_WGMMA_RS_N32
-#undef CB_WGMMA_RS_N48
 #undef CB_WGMMA_RS_N64
 
 #endif  // CONTRASTBOUND_EMULATE
@@ -220,11 +178,12 @@ __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsign
 }
 
 // Shared memory: the X tile (kFlRows rows), one or two Y tiles (kFlCols rows), each dpad features in the layout
-// above (no padding: the layout is conflict-free without it), and the column arrays. ld is unused (0).
+// above (no padding: the layout is conflict-free without it), and the column arrays. ld is unused (0). dpad is d
+// rounded up to 64 (zero features past d), so that the kernel for dpad has products of one fixed shape.
 template <typename T>
 TcSmem wg_smem(int64_t d, int stages) {
   TcSmem m;
-  size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, 0);
+  size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, 0, 64);
   m.s = m.p = m.cols = o;
   o = tc_align(o + sizeof(float) * 3 * kFlCols);
   m.total = o;
@@ -263,25 +222,25 @@ __device__ __forceinline__ void wg_issue(T* dst, const TcOperand<T>& src, int64_
 // tc_next_y for the wgmma layout: tile `it` of the walk (two stages: tile it + 1 issued first), complete and
 // fenced for the async proxy by this thread. Called by every thread after the barrier that ends the use of the
 // buffer it refills; a barrier must follow before the tile is read.
-template <typename T>
+template <typename T, int DPAD>
 __device__ __forceinline__ T* wg_next_y(unsigned char* raw, const TcSmem& m, const TcOperand<T>& Y, int64_t y0,
                                        int64_t y_end, int it, int64_t d) {
   T* cur = reinterpret_cast<T*>(raw + ((m.stages == 2 && (it & 1)) ? m.y1 : m.y));
   if (m.stages == 2) {
     if (it == 0) {
-      wg_issue<T, kFlCols>(cur, Y, y0, d, m.dpad);
+      wg_issue<T, kFlCols>(cur, Y, y0, d, DPAD);
       tc_commit();
     }
     if (y0 + kFlCols < y_end) {
       T* nxt = reinterpret_cast<T*>(raw + ((it & 1) ? m.y : m.y1));
-      wg_issue<T, kFlCols>(nxt, Y, y0 + kFlCols, d, m.dpad);
+      wg_issue<T, kFlCols>(nxt, Y, y0 + kFlCols, d, DPAD);
       tc_commit();
       tc_wait<1>();
     } else {
       tc_wait<0>();
     }
   } else {
-    wg_issue<T, kFlCols>(cur, Y, y0, d, m.dpad);
+    wg_issue<T, kFlCols>(cur, Y, y0, d, DPAD);
     tc_commit();
     tc_wait<0>();
   }
@@ -289,25 +248,24 @@ __device__ __forceinline__ T* wg_next_y(unsigned char* raw, const TcSmem& m, con
   return cur;
 }
 
-// O[0 .. 32) (one 64-feature chunk, or its first rem / 2 registers) += A B, B N-major from descriptor db.
-template <typename T, int TB>
-__device__ __forceinline__ void wg_o_chunk(float* o, const unsigned (&a)[4], uint64_t db, int rem) {
-  if (rem >= 64) {
-    WgmmaRs<T, 64, TB>::run(o, a, db, 1);
-  } else if (rem == 48) {
-    WgmmaRs<T, 48, TB>::run(o, a, db, 1);
-  } else if (rem == 32) {
-    WgmmaRs<T, 32, TB>::run(o, a, db, 1);
-  } else if (rem == 16) {
-    WgmmaRs<T, 16, TB>::run(o, a, db, 1);
-  }
+// f(std::integral_constant<int, NT>) for the wgmma kernel of a plan's dpad (64, 128, 192 or 256): NT = dpad / 8
+// n8 tiles per output row, so that every loop over features has a trip count fixed at compile time (with a
+// run-time count ptxas adds a warpgroup.arrive before each wgmma of the loop, note C7519).
+template <typename F>
+auto wg_with_nt(int dpad, const F& f) {
+  if (dpad <= 64) return f(std::integral_constant<int, 8>{});
+  if (dpad <= 128) return f(std::integral_constant<int, 16>{});
+  if (dpad <= 192) return f(std::integral_constant<int, 24>{});
+  return f(std::integral_constant<int, 32>{});
 }
 
 template <typename T, FlashMode MODE, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1)
     wgmma_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
 #if defined(CONTRASTBOUND_EMULATE) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
-  static_assert(NT == 16 || NT == 32, "NT: n8 tiles of the widest output row (d <= 128 or d <= 256)");
+  static_assert(NT % 8 == 0 && NT >= 8 && NT <= 32, "NT = dpad / 8: whole 64-feature chunks, d <= 256");
+  constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it)
+  constexpr int kKsteps = kDpad / 16;  // k16 slices of the score product
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
   constexpr unsigned kCore = 128;                // bytes of one 8 x 8 core matrix (the 8-row step)
   constexpr unsigned kXk = 16u * kFlRows;        // X: bytes between feature chunks (8 features)
@@ -321,7 +279,6 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const int wg = warp >> 2;  // warpgroup: X rows 64 wg .. 64 wg + 63 of the block; warp = 4 wg + (warp & 3)
   const unsigned xa = smem_u32(xs) + (wg_mut(kWgMutRowOffset) ? 0u : static_cast<unsigned>(wg) * 8u * kCore);
   const uint64_t xdesc = wg_mut(kWgMutSwapX) ? wg_desc(xa, kCore, kXk) : wg_desc(xa, kXk, kCore);
-  const int ksteps = m.dpad / 16;
   const float cscale = tc_coef_scale(a.coef_bound);
   const float unscale = 1.f / cscale;  // a power of two: exact
   const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
@@ -331,7 +288,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
     __syncthreads();  // the previous unit's X tile and Y buffers are no longer read (its wgmma all waited for)
-    wg_issue<T, kFlRows>(xs, X, x0, a.d, m.dpad);
+    wg_issue<T, kFlRows>(xs, X, x0, a.d, kDpad);
     tc_commit();
     tc_wait<0>();
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
@@ -355,7 +312,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kFlCols;
       __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
-      const T* ys = wg_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
+      const T* ys = wg_next_y<T, kDpad>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
       if (threadIdx.x < kFlCols) {
         const int64_t y = y0 + threadIdx.x;
         const bool ok = y < Y.rows;
@@ -370,8 +327,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
       if (!wg_mut(kWgMutNoWgFence)) wg_fence();
-#pragma unroll 4
-      for (int k = 0; k < ksteps; ++k) {
+#pragma unroll
+      for (int k = 0; k < kKsteps; ++k) {
         const unsigned xk = static_cast<unsigned>(k) * 2u * kXk, yk = static_cast<unsigned>(k) * 2u * kYk;
         const uint64_t db = wg_mut(kWgMutSwapYK) ? wg_desc(ya + yk, kCore, kYk) : wg_desc(ya + yk, kYk, kCore);
         wgmma_ss_n64<T>(sc, xdesc + (xk >> 4), db, k > 0 ? 1 : 0);  // the start address field: + bytes / 16
@@ -464,9 +421,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
           const unsigned yb = ya + static_cast<unsigned>(c) * 8u * kYk + static_cast<unsigned>(kk) * 2u * kCore;
           const uint64_t db = wg_mut(kWgMutSwapYN) ? wg_desc(yb, kYk, kCore) : wg_desc(yb, kCore, kYk);
           if (wg_mut(kWgMutNoTrans)) {
-            wg_o_chunk<T, 0>(acc + 32 * c, pa[kk], db, m.dpad - 64 * c);
+            WgmmaRs<T, 64, 0>::run(acc + 32 * c, pa[kk], db, 1);
           } else {
-            wg_o_chunk<T, 1>(acc + 32 * c, pa[kk], db, m.dpad - 64 * c);
+            WgmmaRs<T, 64, 1>::run(acc + 32 * c, pa[kk], db, 1);
           }
         }
       }

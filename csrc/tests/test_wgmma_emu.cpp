@@ -48,11 +48,10 @@ template <typename T, FlashMode MODE>
 void launch_both(bool wgmma, const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, int stages, unsigned grid) {
   if (wgmma) {
     const TcSmem m = wg_smem<T>(f.d, stages);
-    if (m.dpad <= 128) {
-      emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, 16>(X, Y, f, m); });
-    } else {
-      emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, 32>(X, Y, f, m); });
-    }
+    wg_with_nt(m.dpad, [&](auto nt) {
+      emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, decltype(nt)::value>(X, Y, f, m); });
+      return 0;
+    });
   } else {
     const TcSmem m = fl_smem<T>(f.d, stages);
     if (m.dpad <= 128) {
@@ -212,19 +211,20 @@ std::vector<Case> value_cases(bool quick) {
   std::vector<Case> cases = {
       // B, K, d, excl, strided, stages, chunks (splits), grid, scale
       {70, 200, 64, false, false, 1, 2, 1000, 5.0f},     // edges of B and K (one warpgroup idle), two splits
-      {37, 130, 19, false, true, 1, 1, 1000, 2.0f},      // d = 19: scalar copies, zero padding to 32 (N = 32)
-      {130, 130, 40, true, false, 2, 3, 2, 4.0f},        // exclude_self, two stages, grid-stride; dpad 48 (N = 48)
-      {1, 1, 1, false, false, 1, 1, 1000, 1.0f},         // one anchor, one row, d = 1 (N = 16)
+      {37, 130, 19, false, true, 1, 1, 1000, 2.0f},      // d = 19: scalar copies, zero padding to dpad 64
+      {130, 130, 40, true, false, 2, 3, 2, 4.0f},        // exclude_self, two stages, grid-stride; d 40 in dpad 64
+      {1, 1, 1, false, false, 1, 1, 1000, 1.0f},         // one anchor, one row, d = 1
       {65, 65, 8, true, false, 1, 2, 1000, 3.0f},        // exclude_self, split 2 is one column
       {64, 64, 16, false, false, 2, 1, 1000, 10.0f},     // exactly one tile, direct finishing
-      {200, 150, 80, false, false, 2, 1, 1000, 6.0f},    // two X blocks, dpad 80 = 64 + 16 (two O chunks)
+      {200, 150, 80, false, false, 2, 1, 1000, 6.0f},    // two X blocks, d 80 in dpad 128 (two O chunks)
       {20, 300, 256, false, false, 1, 5, 3, 14.0f},      // d = 256 (four O chunks), many splits, grid-stride
+      {90, 150, 136, false, false, 1, 2, 1000, 7.0f},    // d 136 in dpad 192 (NT = 24: three O chunks)
       {70, 200, 64, false, false, 1, 2, 1000, 1.0f / 0.07f, 5, 130},  // zero rows: see test_mma_emu.cpp
       {130, 130, 40, true, false, 2, 3, 2, 4.0f, 7, 100},
   };
   if (!quick) {
     cases.push_back({150, 700, 128, true, false, 2, 2, 1000, 1.0f / 0.07f});
-    cases.push_back({140, 260, 200, false, true, 2, 1, 1000, 8.0f});  // dpad 208 = 3 x 64 + 16, strided
+    cases.push_back({140, 260, 200, false, true, 2, 1, 1000, 8.0f});  // d 200 in dpad 256, strided
   }
   return cases;
 }
