@@ -471,6 +471,7 @@ def _compare_tc(monkeypatch, a, p, n, dtype, **kw):
         (1000, 100, 24),  # few bank tiles: bank gradient split over anchors, partials summed
         (17_000, 200, 16),  # many anchor blocks: the anchor term is finished in the kernel
         (50, 20_000, 40),  # many bank tiles: bank gradient rows are finished in the kernel
+        (90, 1500, 150),  # d in 129..192: flash NT = 32, wgmma NT = 24 (features padded to 192)
     ],
 )
 @pytest.mark.parametrize("impl", TC_IMPLS)
