@@ -202,6 +202,60 @@ def test_results_do_not_depend_on_the_thread_count(mode):
         assert torch.equal(x, y)
 
 
+# The indexed forward's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
+# for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G" sets R rows per block and G anchors
+# per group, so that small inputs cross many blocks, groups and row tiles (1037 = 4 x 256 + 13 indices per anchor).
+INDEXED_WALKS = ["rows", "blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:1000:2"]
+
+
+@pytest.mark.parametrize("walk", INDEXED_WALKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_indexed_walks_match_reference(monkeypatch, walk, dtype):
+    monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+    a, p, n, idx = make_inputs("indexed", B=37, K=1037, d=19, dtype=dtype, M=301, seed=11)
+    _check_against_reference(a, p, n, idx, dtype, temperature=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("walk", ["blocked:7:3", "blocked:1:1"])
+def test_indexed_blocked_walk_gradcheck_and_threads(monkeypatch, walk):
+    monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+    a, p, n, idx = make_inputs("indexed", B=5, K=40, d=6, dtype=torch.float64, M=13, seed=12)
+    assert torch.autograd.gradcheck(
+        lambda a, p, n: cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3, reduction="none"), (a, p, n)
+    )
+    a, p, n, idx = make_inputs("indexed", B=37, K=3000, d=19, dtype=torch.float32, M=2000, seed=13)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            loss, grads = _run(cb.info_nce, a, p, n, idx, temperature=0.1, reduction="none")
+            out.append((loss, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+
+
+def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
+    # 5000 rows x 128 float32 = 2.4 MiB: past the 2 MiB threshold, 10 blocks of 512 rows, 6000 indices per anchor.
+    a, p, n, idx = make_inputs("indexed", B=9, K=6000, d=128, dtype=torch.float32, M=5000, seed=14)
+    out = {}
+    for walk in (None, "blocked", "rows"):
+        if walk is None:
+            monkeypatch.delenv("CONTRASTBOUND_CPU_INDEXED", raising=False)
+        else:
+            monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+        loss, grads = _run(cb.info_nce, a, p, n, idx, temperature=0.1, reduction="none")
+        out[walk] = (loss, *grads)
+    assert all(torch.equal(x, y) for x, y in zip(out[None], out["blocked"]))
+    # The two walks sum in different orders: not the same bits, the same values to float32 rounding.
+    assert not all(torch.equal(x, y) for x, y in zip(out["blocked"], out["rows"]))
+    for x, y in zip(out["blocked"], out["rows"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    _check_against_reference(a, p, n, idx, torch.float32, temperature=0.1, reduction="none")
+
+
 def test_inference_mode_with_worker_threads():
     # OpenMP workers did not inherit inference mode: in-place updates of the caller's inference tensors raised.
     a, p, n, _ = make_inputs("shared", B=300, K=2000, d=8, dtype=torch.float32, requires_grad=False)

@@ -23,7 +23,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../core/online_lse.h"
@@ -165,6 +168,42 @@ int64_t num_chunks(int64_t K, int64_t B, int64_t anchor_blocks, int64_t min_chun
   return std::max<int64_t>(1, std::min({want, memory_cap, ceil_div(K, min_chunk)}));
 }
 
+// The blocked walk of an indexed bank (forward_indexed_blocked): bank blocks of ~kGatherBlockBytes (a part of L2),
+// anchor groups whose listed indices take at most kGatherEntries entries per unit. Used where the bank exceeds
+// kGatherMinBankBytes (the row-by-row walk then misses the caches on every row) and a unit's indices outnumber
+// the blocks. From the sizes only, as num_chunks: the walk fixes the order of summation.
+// CONTRASTBOUND_CPU_INDEXED=rows | blocked[:R[:G]] forces a walk (tests: R rows per block, G anchors per group).
+constexpr int64_t kGatherBlockBytes = 256 * 1024;
+constexpr int64_t kGatherEntries = int64_t(1) << 21;
+constexpr int64_t kGatherMinBankBytes = int64_t(2) << 20;
+
+struct BlockedPlan {
+  bool use = false;
+  int64_t block_rows = 1, blocks = 0, group = 1;
+};
+
+BlockedPlan blocked_plan(int64_t M, int64_t row_bytes, int64_t B, int64_t K, int64_t chunks) {
+  BlockedPlan p;
+  if (M == 0 || B == 0 || K == 0 || chunks == 0) return p;
+  const int64_t chunk_len = ceil_div(K, chunks);
+  p.block_rows = std::max<int64_t>(1, kGatherBlockBytes / std::max<int64_t>(1, row_bytes));
+  p.group = std::max<int64_t>(1, std::min({B, kGatherEntries / chunk_len, ceil_div(B * chunks, 16)}));
+  p.use = M * row_bytes > kGatherMinBankBytes && ceil_div(M, p.block_rows) <= chunk_len;
+  if (const char* env = std::getenv("CONTRASTBOUND_CPU_INDEXED")) {
+    const std::string v(env);
+    if (v == "rows") p.use = false;
+    if (v.rfind("blocked", 0) == 0) {
+      p.use = true;
+      long long r = 0, g = 0;
+      const int got = std::sscanf(v.c_str(), "blocked:%lld:%lld", &r, &g);
+      if (got >= 1 && r > 0) p.block_rows = r;
+      if (got >= 2 && g > 0) p.group = std::min<int64_t>(B, g);
+    }
+  }
+  p.blocks = ceil_div(M, p.block_rows);
+  return p;
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------------
@@ -245,6 +284,26 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   });
 }
 
+// Scratch of one tile of up to kRowTile negatives of one anchor: the caller fills rows, inv and logit (the dot
+// products, scaled); fold adds the tile to the anchor's running state and, when w is given, to its running V.
+template <typename scalar_t, typename acc_t>
+struct RowTile {
+  std::vector<acc_t> logit, inv, tile_sum;
+  std::vector<const scalar_t*> rows;
+  RowTile(int64_t d, bool save) : logit(kRowTile), inv(kRowTile), tile_sum(save ? d : 0), rows(kRowTile) {}
+
+  void fold(int64_t tk, int64_t d, LseState<acc_t>& st, acc_t* w) {
+    const acc_t al = online_update(st, logit.data(), tk, logit.data());
+    if (w != nullptr) {
+      // A tile's rows are summed apart, then added to the running V: rounding error grows with K / kRowTile +
+      // kRowTile rather than with K (float32, |V| ~ 0.8 at K = 2^20: error 2.9e-3 -> 2.2e-6).
+      std::fill(tile_sum.begin(), tile_sum.end(), acc_t(0));
+      for (int64_t t = 0; t < tk; ++t) axpy(tile_sum.data(), logit[t] * inv[t], rows[t], d);
+      for (int64_t j = 0; j < d; ++j) w[j] = w[j] * al + tile_sum[j];
+    }
+  }
+};
+
 // Per-anchor and indexed negatives: units (anchor, K chunk); each logit is a dot product with the row. ahead(i, k)
 // gives the address of row k of anchor i to prefetch, or nullptr where the hardware's stream prefetch suffices.
 template <typename scalar_t, typename acc_t, typename RowFn, typename AheadFn>
@@ -256,8 +315,7 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, con
   const bool save = parts.weighted.defined();
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
   parallel_for_tls(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<acc_t> logit(kRowTile), inv(kRowTile), tile_sum(save ? d : 0);
-    std::vector<const scalar_t*> rows(kRowTile);
+    RowTile<scalar_t, acc_t> tile(d, save);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t i = u / chunks, c = u % chunks;
       const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
@@ -273,20 +331,84 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, con
             if (next != nullptr) prefetch_bytes(next, d * static_cast<int64_t>(sizeof(scalar_t)));
           }
           acc_t row_inv;
-          rows[t] = row_of(i, k0 + t, row_inv);
-          inv[t] = row_inv;
-          logit[t] = dot(ai, rows[t], d) * row_inv;
+          tile.rows[t] = row_of(i, k0 + t, row_inv);
+          tile.inv[t] = row_inv;
+          tile.logit[t] = dot(ai, tile.rows[t], d) * row_inv;
         }
-        const acc_t al = online_update(st, logit.data(), tk, logit.data());
-        if (save) {
-          // A tile's rows are summed apart, then added to the running V: rounding error grows with K / kRowTile +
-          // kRowTile rather than with K (float32, |V| ~ 0.8 at K = 2^20: error 2.9e-3 -> 2.2e-6).
-          std::fill(tile_sum.begin(), tile_sum.end(), acc_t(0));
-          for (int64_t t = 0; t < tk; ++t) axpy(tile_sum.data(), logit[t] * inv[t], rows[t], d);
-          for (int64_t j = 0; j < d; ++j) w[j] = w[j] * al + tile_sum[j];
-        }
+        tile.fold(tk, d, st, w);
       }
       parts.state[c * B + i] = st;
+    }
+  });
+}
+
+// Indexed negatives on a bank larger than the caches (blocked_gather): units (anchor group, K chunk). A unit
+// sorts its anchors' indices by bank block (a counting sort per anchor that keeps k order within a block) and
+// walks the bank block by block, so a block's rows are read once from memory, in address order, and then from
+// cache by every anchor of the group that uses them; the random reads of the row-by-row walk (a cache miss and
+// often a TLB miss per row) become a near-sequential sweep. Same states as forward_rows (per chunk and anchor);
+// a row's terms are summed in (block, k) order instead of k order.
+template <typename scalar_t, typename acc_t>
+void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank, const std::vector<acc_t>& inv,
+                             const int64_t* ix, int64_t is0, int64_t is1, int64_t K, const BlockedPlan& plan,
+                             Partials<acc_t>& parts) {
+  const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), sm = bank.stride(0);
+  const int64_t chunks = parts.chunks, chunk_len = ceil_div(K, chunks);
+  const int64_t groups = ceil_div(B, plan.group);
+  const bool save = parts.weighted.defined();
+  const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  const scalar_t* n = bank.template data_ptr<scalar_t>();
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(scalar_t));
+  parallel_for_tls(0, groups * chunks, 1, [&](int64_t u0, int64_t u1) {
+    RowTile<scalar_t, acc_t> tile(d, save);
+    std::vector<int64_t> end;   // (anchor of the group, block): one past the block's last entry in hit
+    std::vector<int64_t> hit;   // (anchor of the group): its chunk's bank rows, by block, k order within a block
+    std::vector<LseState<acc_t>> st;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t g = u / chunks, c = u % chunks;
+      const int64_t i0 = g * plan.group, gn = std::min(plan.group, B - i0);
+      const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
+      const int64_t len = k_end - k_begin, nb = plan.blocks;
+      end.assign(static_cast<size_t>(gn * nb), 0);
+      hit.resize(static_cast<size_t>(gn * len));
+      st.assign(static_cast<size_t>(gn), LseState<acc_t>{});
+      for (int64_t j = 0; j < gn; ++j) {
+        const int64_t* row_ix = ix + (i0 + j) * is0;
+        int64_t* e = end.data() + j * nb;
+        int64_t* h = hit.data() + j * len;
+        for (int64_t k = k_begin; k < k_end; ++k) ++e[row_ix[k * is1] / plan.block_rows];
+        int64_t run = 0;  // e[b] = where block b starts, then one past its end once filled
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t count = e[b];
+          e[b] = run;
+          run += count;
+        }
+        for (int64_t k = k_begin; k < k_end; ++k) {
+          const int64_t m = row_ix[k * is1];
+          h[e[m / plan.block_rows]++] = m;
+        }
+        if (save) std::fill(parts.weighted_ptr(c, i0 + j), parts.weighted_ptr(c, i0 + j) + d, acc_t(0));
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t j = 0; j < gn; ++j) {
+          const int64_t* h = hit.data() + j * len;
+          const int64_t lo = b == 0 ? 0 : end[j * nb + b - 1], hi = end[j * nb + b];
+          const acc_t* ai = a + (i0 + j) * d;
+          acc_t* w = save ? parts.weighted_ptr(c, i0 + j) : nullptr;
+          for (int64_t t0 = lo; t0 < hi; t0 += kRowTile) {
+            const int64_t tk = std::min(kRowTile, hi - t0);
+            for (int64_t t = 0; t < tk; ++t) {
+              if (t0 + t + kPrefetchAhead < hi) prefetch_bytes(n + h[t0 + t + kPrefetchAhead] * sm, row_bytes);
+              const int64_t m = h[t0 + t];
+              tile.rows[t] = n + m * sm;
+              tile.inv[t] = inv[m];
+              tile.logit[t] = dot(ai, tile.rows[t], d) * inv[m];
+            }
+            tile.fold(tk, d, st[j], w);
+          }
+        }
+      }
+      for (int64_t j = 0; j < gn; ++j) parts.state[c * B + i0 + j] = st[j];
     }
   });
 }
@@ -376,7 +498,13 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
         return n + m * sm;
       };
       auto ahead = [&](int64_t i, int64_t k) -> const scalar_t* { return n + ix[i * is0 + k * is1] * sm; };
-      if (parts.chunks > 0) forward_rows<scalar_t, acc_t>(pr, K, row_of, ahead, parts);
+      const BlockedPlan plan =
+          blocked_plan(negatives.size(0), d * static_cast<int64_t>(sizeof(scalar_t)), B, K, parts.chunks);
+      if (parts.chunks > 0 && plan.use) {
+        forward_indexed_blocked<scalar_t, acc_t>(pr, negatives, inv, ix, is0, is1, K, plan, parts);
+      } else if (parts.chunks > 0) {
+        forward_rows<scalar_t, acc_t>(pr, K, row_of, ahead, parts);
+      }
     }
   }
   return finish_forward(pr, parts, include_positive, save);
