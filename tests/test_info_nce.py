@@ -256,6 +256,24 @@ def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
     _check_against_reference(a, p, n, idx, torch.float32, temperature=0.1, reduction="none")
 
 
+@pytest.mark.parametrize("walk", ["blocked", "blocked:7", "blocked:7:3", "blocked:1:1"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_indexed_bank_gradient_same_bits_in_both_walks(monkeypatch, walk, normalize):
+    # The blocked backward keeps each bank row's terms in (anchor, k) order: given the same lse, the row walk's bits.
+    a, p, n, idx = make_inputs("indexed", B=37, K=1037, d=19, dtype=torch.float32, M=301, seed=15)
+    a, p, n = a.detach(), p.detach(), n.detach()
+    _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, idx, 10.0, normalize, True, True)
+    grad = torch.rand(37, dtype=torch.float32)
+    out = []
+    for w in ("rows", walk):
+        monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", w)
+        out.append(torch.ops.contrastbound.info_nce_bwd(grad, a, p, n, idx, lse, term, 10.0, normalize, True,
+                                                        [True, True, True]))
+    assert out[1][2].abs().sum() > 0
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+
+
 def test_inference_mode_with_worker_threads():
     # OpenMP workers did not inherit inference mode: in-place updates of the caller's inference tensors raised.
     a, p, n, _ = make_inputs("shared", B=300, K=2000, d=8, dtype=torch.float32, requires_grad=False)

@@ -628,32 +628,83 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   const int64_t sm = bank.stride(0);
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(M, 2 * at::get_num_threads()));
   const int64_t range_len = ceil_div(M, ranges);
+  // Blocked as the forward (a gradient row is updated next to its bank row): per anchor group, the range's hits
+  // sorted by block, anchors in order within a block and k order within an anchor, so each row still adds its
+  // terms in (anchor, k) order: the same bits as the row-by-row walk.
+  BlockedPlan plan = blocked_plan(M, d * static_cast<int64_t>(sizeof(scalar_t) + sizeof(acc_t)), B, K, 1);
+  if (std::getenv("CONTRASTBOUND_CPU_INDEXED") == nullptr) {  // parallel over ranges: the largest group
+    plan.group = std::max<int64_t>(1, std::min(B, kGatherEntries / std::max<int64_t>(K, 1)));
+  }
+  const auto add_pair = [&](int64_t i, int64_t m) {
+    const acc_t* ai = a + i * d;
+    const acc_t l = dot(ai, n + m * sm, d) * inv[m];
+    const acc_t w = g[i] * std::exp(l - lse[i]);
+    axpy(G + m * d, w, ai, d);
+    c[m] += w * l;
+    used[m] = 1;
+  };
+  const auto prefetch_pair = [&](int64_t m) {  // the bank row read and the gradient row updated
+    prefetch_bytes(n + m * sm, d * static_cast<int64_t>(sizeof(scalar_t)));
+    prefetch_bytes(G + m * d, d * static_cast<int64_t>(sizeof(acc_t)));
+  };
   parallel_for_tls(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> hits;  // the range's indices among kHitBlock of an anchor's, in k order
-    hits.reserve(static_cast<size_t>(std::min(K, kHitBlock)));
+    std::vector<int64_t> hits;  // row walk: the range's indices among kHitBlock of an anchor's, in k order
+    std::vector<int64_t> found, fstart, sorted, end;  // blocked walk: the group's hits in (anchor, k) order
+                                                      // (anchor j's from fstart[j]), then by block
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t lo = r * range_len, hi = std::min(M, lo + range_len);
-      for (int64_t i = 0; i < B; ++i) {
-        const acc_t* ai = a + i * d;
-        for (int64_t kb = 0; kb < K; kb += kHitBlock) {
-          hits.clear();
-          for (int64_t k = kb, ke = std::min(K, kb + kHitBlock); k < ke; ++k) {
-            const int64_t m = ix[i * is0 + k * is1];
-            if (m >= lo && m < hi) hits.push_back(m);
-          }
-          const int64_t nh = static_cast<int64_t>(hits.size());
-          for (int64_t h = 0; h < nh; ++h) {
-            if (h + kPrefetchAhead < nh) {  // the bank row read and the gradient row updated, both at random
-              const int64_t mp = hits[h + kPrefetchAhead];
-              prefetch_bytes(n + mp * sm, d * static_cast<int64_t>(sizeof(scalar_t)));
-              prefetch_bytes(G + mp * d, d * static_cast<int64_t>(sizeof(acc_t)));
+      if (plan.use) {
+        const int64_t nb = ceil_div(hi - lo, plan.block_rows);
+        for (int64_t i0 = 0; i0 < B; i0 += plan.group) {
+          const int64_t gn = std::min(plan.group, B - i0);
+          found.clear();
+          fstart.assign(static_cast<size_t>(gn + 1), 0);
+          end.assign(static_cast<size_t>(gn * nb), 0);  // (block, anchor of the group), block-major
+          for (int64_t j = 0; j < gn; ++j) {
+            fstart[j] = static_cast<int64_t>(found.size());
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t m = ix[(i0 + j) * is0 + k * is1];
+              if (m < lo || m >= hi) continue;
+              found.push_back(m);
+              ++end[((m - lo) / plan.block_rows) * gn + j];
             }
-            const int64_t m = hits[h];
-            const acc_t l = dot(ai, n + m * sm, d) * inv[m];
-            const acc_t w = g[i] * std::exp(l - lse[i]);
-            axpy(G + m * d, w, ai, d);
-            c[m] += w * l;
-            used[m] = 1;
+          }
+          fstart[gn] = static_cast<int64_t>(found.size());
+          int64_t run = 0;  // end[x] = where segment x starts, then one past its end once filled
+          for (auto& e : end) {
+            const int64_t count = e;
+            e = run;
+            run += count;
+          }
+          sorted.resize(found.size());
+          for (int64_t j = 0, q = 0; j < gn; ++j) {  // found holds the anchors' hits one anchor after another
+            for (; q < fstart[j + 1]; ++q) {
+              const int64_t m = found[q];
+              sorted[end[((m - lo) / plan.block_rows) * gn + j]++] = m;
+            }
+          }
+          const int64_t total = static_cast<int64_t>(sorted.size());
+          for (int64_t x = 0, q = 0; x < nb * gn; ++x) {
+            const int64_t i = i0 + x % gn;
+            for (; q < end[x]; ++q) {
+              if (q + kPrefetchAhead < total) prefetch_pair(sorted[q + kPrefetchAhead]);
+              add_pair(i, sorted[q]);
+            }
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < B; ++i) {
+          for (int64_t kb = 0; kb < K; kb += kHitBlock) {
+            hits.clear();
+            for (int64_t k = kb, ke = std::min(K, kb + kHitBlock); k < ke; ++k) {
+              const int64_t m = ix[i * is0 + k * is1];
+              if (m >= lo && m < hi) hits.push_back(m);
+            }
+            const int64_t nh = static_cast<int64_t>(hits.size());
+            for (int64_t h = 0; h < nh; ++h) {
+              if (h + kPrefetchAhead < nh) prefetch_pair(hits[h + kPrefetchAhead]);
+              add_pair(i, hits[h]);
+            }
           }
         }
       }
