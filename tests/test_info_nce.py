@@ -202,10 +202,12 @@ def test_results_do_not_depend_on_the_thread_count(mode):
         assert torch.equal(x, y)
 
 
-# The indexed forward's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
-# for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G" sets R rows per block and G anchors
-# per group, so that small inputs cross many blocks, groups and row tiles (1037 = 4 x 256 + 13 indices per anchor).
-INDEXED_WALKS = ["rows", "blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:1000:2"]
+# The indexed mode's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
+# for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G:E" sets R rows per block, G anchors
+# per group and E indices listed at once (fewer than a chunk's: windows of k), so that small inputs cross many
+# blocks, groups, windows and row tiles (1037 = 4 x 256 + 13 indices per anchor).
+INDEXED_WALKS = ["rows", "blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:1000:2", "blocked:7:1:50",
+                 "blocked:7:3:50"]
 
 
 @pytest.mark.parametrize("walk", INDEXED_WALKS)
@@ -216,7 +218,7 @@ def test_indexed_walks_match_reference(monkeypatch, walk, dtype):
     _check_against_reference(a, p, n, idx, dtype, temperature=0.1, reduction="none")
 
 
-@pytest.mark.parametrize("walk", ["blocked:7:3", "blocked:1:1"])
+@pytest.mark.parametrize("walk", ["blocked:7:3", "blocked:1:1", "blocked:3:2:7"])
 def test_indexed_blocked_walk_gradcheck_and_threads(monkeypatch, walk):
     monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
     a, p, n, idx = make_inputs("indexed", B=5, K=40, d=6, dtype=torch.float64, M=13, seed=12)
@@ -256,7 +258,7 @@ def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
     _check_against_reference(a, p, n, idx, torch.float32, temperature=0.1, reduction="none")
 
 
-@pytest.mark.parametrize("walk", ["blocked", "blocked:7", "blocked:7:3", "blocked:1:1"])
+@pytest.mark.parametrize("walk", ["blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:7:1:50"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_indexed_bank_gradient_same_bits_in_both_walks(monkeypatch, walk, normalize):
     # The blocked backward keeps each bank row's terms in (anchor, k) order: given the same lse, the row walk's bits.

@@ -172,7 +172,8 @@ int64_t num_chunks(int64_t K, int64_t B, int64_t anchor_blocks, int64_t min_chun
 // anchor groups whose listed indices take at most kGatherEntries entries per unit. Used where the bank exceeds
 // kGatherMinBankBytes (the row-by-row walk then misses the caches on every row) and a unit's indices outnumber
 // the blocks. From the sizes only, as num_chunks: the walk fixes the order of summation.
-// CONTRASTBOUND_CPU_INDEXED=rows | blocked[:R[:G]] forces a walk (tests: R rows per block, G anchors per group).
+// CONTRASTBOUND_CPU_INDEXED=rows | blocked[:R[:G[:E]]] forces a walk (tests: R rows per block, G anchors per
+// group, E indices listed at once).
 constexpr int64_t kGatherBlockBytes = 256 * 1024;
 constexpr int64_t kGatherEntries = int64_t(1) << 21;
 constexpr int64_t kGatherMinBankBytes = int64_t(2) << 20;
@@ -180,6 +181,8 @@ constexpr int64_t kGatherMinBankBytes = int64_t(2) << 20;
 struct BlockedPlan {
   bool use = false;
   int64_t block_rows = 1, blocks = 0, group = 1;
+  int64_t entries = kGatherEntries;  // indices listed at once by a unit (a group of one walks longer chunks by
+                                     // windows of this many)
 };
 
 BlockedPlan blocked_plan(int64_t M, int64_t row_bytes, int64_t B, int64_t K, int64_t chunks) {
@@ -188,16 +191,17 @@ BlockedPlan blocked_plan(int64_t M, int64_t row_bytes, int64_t B, int64_t K, int
   const int64_t chunk_len = ceil_div(K, chunks);
   p.block_rows = std::max<int64_t>(1, kGatherBlockBytes / std::max<int64_t>(1, row_bytes));
   p.group = std::max<int64_t>(1, std::min({B, kGatherEntries / chunk_len, ceil_div(B * chunks, 16)}));
-  p.use = M * row_bytes > kGatherMinBankBytes && ceil_div(M, p.block_rows) <= chunk_len;
+  p.use = M * row_bytes > kGatherMinBankBytes && ceil_div(M, p.block_rows) <= std::min(chunk_len, kGatherEntries);
   if (const char* env = std::getenv("CONTRASTBOUND_CPU_INDEXED")) {
     const std::string v(env);
     if (v == "rows") p.use = false;
     if (v.rfind("blocked", 0) == 0) {
       p.use = true;
-      long long r = 0, g = 0;
-      const int got = std::sscanf(v.c_str(), "blocked:%lld:%lld", &r, &g);
+      long long r = 0, g = 0, e = 0;
+      const int got = std::sscanf(v.c_str(), "blocked:%lld:%lld:%lld", &r, &g, &e);
       if (got >= 1 && r > 0) p.block_rows = r;
       if (got >= 2 && g > 0) p.group = std::min<int64_t>(B, g);
+      if (got >= 3 && e > 0) p.entries = e;
     }
   }
   p.blocks = ceil_div(M, p.block_rows);
@@ -369,42 +373,51 @@ void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank, cons
       const int64_t i0 = g * plan.group, gn = std::min(plan.group, B - i0);
       const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
       const int64_t len = k_end - k_begin, nb = plan.blocks;
-      end.assign(static_cast<size_t>(gn * nb), 0);
-      hit.resize(static_cast<size_t>(gn * len));
+      // The chunk at once where the group's lists fit plan.entries (always for a group of several anchors), else
+      // by windows of k: memory per unit stays O(entries + blocks), whatever K.
+      const int64_t win = gn * len <= plan.entries ? len : std::max<int64_t>(1, plan.entries / gn);
       st.assign(static_cast<size_t>(gn), LseState<acc_t>{});
-      for (int64_t j = 0; j < gn; ++j) {
-        const int64_t* row_ix = ix + (i0 + j) * is0;
-        int64_t* e = end.data() + j * nb;
-        int64_t* h = hit.data() + j * len;
-        for (int64_t k = k_begin; k < k_end; ++k) ++e[row_ix[k * is1] / plan.block_rows];
-        int64_t run = 0;  // e[b] = where block b starts, then one past its end once filled
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t count = e[b];
-          e[b] = run;
-          run += count;
-        }
-        for (int64_t k = k_begin; k < k_end; ++k) {
-          const int64_t m = row_ix[k * is1];
-          h[e[m / plan.block_rows]++] = m;
-        }
-        if (save) std::fill(parts.weighted_ptr(c, i0 + j), parts.weighted_ptr(c, i0 + j) + d, acc_t(0));
+      for (int64_t j = 0; save && j < gn; ++j) {
+        acc_t* w = parts.weighted_ptr(c, i0 + j);
+        std::fill(w, w + d, acc_t(0));
       }
-      for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t w0 = k_begin; w0 < k_end; w0 += win) {
+        const int64_t w1 = std::min(k_end, w0 + win), wl = w1 - w0;
+        end.assign(static_cast<size_t>(gn * nb), 0);
+        hit.resize(static_cast<size_t>(gn * wl));
         for (int64_t j = 0; j < gn; ++j) {
-          const int64_t* h = hit.data() + j * len;
-          const int64_t lo = b == 0 ? 0 : end[j * nb + b - 1], hi = end[j * nb + b];
-          const acc_t* ai = a + (i0 + j) * d;
-          acc_t* w = save ? parts.weighted_ptr(c, i0 + j) : nullptr;
-          for (int64_t t0 = lo; t0 < hi; t0 += kRowTile) {
-            const int64_t tk = std::min(kRowTile, hi - t0);
-            for (int64_t t = 0; t < tk; ++t) {
-              if (t0 + t + kPrefetchAhead < hi) prefetch_bytes(n + h[t0 + t + kPrefetchAhead] * sm, row_bytes);
-              const int64_t m = h[t0 + t];
-              tile.rows[t] = n + m * sm;
-              tile.inv[t] = inv[m];
-              tile.logit[t] = dot(ai, tile.rows[t], d) * inv[m];
+          const int64_t* row_ix = ix + (i0 + j) * is0;
+          int64_t* e = end.data() + j * nb;
+          int64_t* h = hit.data() + j * wl;
+          for (int64_t k = w0; k < w1; ++k) ++e[row_ix[k * is1] / plan.block_rows];
+          int64_t run = 0;  // e[b] = where block b starts, then one past its end once filled
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t count = e[b];
+            e[b] = run;
+            run += count;
+          }
+          for (int64_t k = w0; k < w1; ++k) {
+            const int64_t m = row_ix[k * is1];
+            h[e[m / plan.block_rows]++] = m;
+          }
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          for (int64_t j = 0; j < gn; ++j) {
+            const int64_t* h = hit.data() + j * wl;
+            const int64_t lo = b == 0 ? 0 : end[j * nb + b - 1], hi = end[j * nb + b];
+            const acc_t* ai = a + (i0 + j) * d;
+            acc_t* w = save ? parts.weighted_ptr(c, i0 + j) : nullptr;
+            for (int64_t t0 = lo; t0 < hi; t0 += kRowTile) {
+              const int64_t tk = std::min(kRowTile, hi - t0);
+              for (int64_t t = 0; t < tk; ++t) {
+                if (t0 + t + kPrefetchAhead < hi) prefetch_bytes(n + h[t0 + t + kPrefetchAhead] * sm, row_bytes);
+                const int64_t m = h[t0 + t];
+                tile.rows[t] = n + m * sm;
+                tile.inv[t] = inv[m];
+                tile.logit[t] = dot(ai, tile.rows[t], d) * inv[m];
+              }
+              tile.fold(tk, d, st[j], w);
             }
-            tile.fold(tk, d, st[j], w);
           }
         }
       }
@@ -657,38 +670,44 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
         const int64_t nb = ceil_div(hi - lo, plan.block_rows);
         for (int64_t i0 = 0; i0 < B; i0 += plan.group) {
           const int64_t gn = std::min(plan.group, B - i0);
-          found.clear();
-          fstart.assign(static_cast<size_t>(gn + 1), 0);
-          end.assign(static_cast<size_t>(gn * nb), 0);  // (block, anchor of the group), block-major
-          for (int64_t j = 0; j < gn; ++j) {
-            fstart[j] = static_cast<int64_t>(found.size());
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t m = ix[(i0 + j) * is0 + k * is1];
-              if (m < lo || m >= hi) continue;
-              found.push_back(m);
-              ++end[((m - lo) / plan.block_rows) * gn + j];
+          // A group of one anchor takes its indices by windows of plan.entries (bounded memory; its rows' order
+          // stays k order); a larger group lists them all (it exists only where they fit plan.entries).
+          const int64_t win = gn == 1 ? std::max<int64_t>(1, std::min(K, plan.entries)) : K;
+          for (int64_t w0 = 0; w0 < K; w0 += win) {
+            const int64_t w1 = std::min(K, w0 + win);
+            found.clear();
+            fstart.assign(static_cast<size_t>(gn + 1), 0);
+            end.assign(static_cast<size_t>(gn * nb), 0);  // (block, anchor of the group), block-major
+            for (int64_t j = 0; j < gn; ++j) {
+              fstart[j] = static_cast<int64_t>(found.size());
+              for (int64_t k = w0; k < w1; ++k) {
+                const int64_t m = ix[(i0 + j) * is0 + k * is1];
+                if (m < lo || m >= hi) continue;
+                found.push_back(m);
+                ++end[((m - lo) / plan.block_rows) * gn + j];
+              }
             }
-          }
-          fstart[gn] = static_cast<int64_t>(found.size());
-          int64_t run = 0;  // end[x] = where segment x starts, then one past its end once filled
-          for (auto& e : end) {
-            const int64_t count = e;
-            e = run;
-            run += count;
-          }
-          sorted.resize(found.size());
-          for (int64_t j = 0, q = 0; j < gn; ++j) {  // found holds the anchors' hits one anchor after another
-            for (; q < fstart[j + 1]; ++q) {
-              const int64_t m = found[q];
-              sorted[end[((m - lo) / plan.block_rows) * gn + j]++] = m;
+            fstart[gn] = static_cast<int64_t>(found.size());
+            int64_t run = 0;  // end[x] = where segment x starts, then one past its end once filled
+            for (auto& e : end) {
+              const int64_t count = e;
+              e = run;
+              run += count;
             }
-          }
-          const int64_t total = static_cast<int64_t>(sorted.size());
-          for (int64_t x = 0, q = 0; x < nb * gn; ++x) {
-            const int64_t i = i0 + x % gn;
-            for (; q < end[x]; ++q) {
-              if (q + kPrefetchAhead < total) prefetch_pair(sorted[q + kPrefetchAhead]);
-              add_pair(i, sorted[q]);
+            sorted.resize(found.size());
+            for (int64_t j = 0, q = 0; j < gn; ++j) {  // found holds the anchors' hits one anchor after another
+              for (; q < fstart[j + 1]; ++q) {
+                const int64_t m = found[q];
+                sorted[end[((m - lo) / plan.block_rows) * gn + j]++] = m;
+              }
+            }
+            const int64_t total = static_cast<int64_t>(sorted.size());
+            for (int64_t x = 0, q = 0; x < nb * gn; ++x) {
+              const int64_t i = i0 + x % gn;
+              for (; q < end[x]; ++q) {
+                if (q + kPrefetchAhead < total) prefetch_pair(sorted[q + kPrefetchAhead]);
+                add_pair(i, sorted[q]);
+              }
             }
           }
         }
