@@ -185,10 +185,7 @@ def test_tiny_sizes(mode):
         _check_against_reference(a, p, n, idx, torch.float64, floor, temperature=0.5)
 
 
-@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
-def test_results_do_not_depend_on_the_thread_count(mode):
-    # The kernel's units follow the sizes, not the threads: the same bits with 1 and 2 threads (K spans chunks).
-    a, p, n, idx = make_inputs(mode, B=37, K=3000, d=19, dtype=torch.float32, M=2000)
+def _assert_same_bits_with_1_and_2_threads(a, p, n, idx):
     threads = torch.get_num_threads()
     out = []
     try:
@@ -200,6 +197,13 @@ def test_results_do_not_depend_on_the_thread_count(mode):
         torch.set_num_threads(threads)
     for x, y in zip(*out):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
+def test_results_do_not_depend_on_the_thread_count(mode):
+    # The kernel's units follow the sizes, not the threads: the same bits with 1 and 2 threads (K spans chunks).
+    a, p, n, idx = make_inputs(mode, B=37, K=3000, d=19, dtype=torch.float32, M=2000)
+    _assert_same_bits_with_1_and_2_threads(a, p, n, idx)
 
 
 # The indexed mode's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
@@ -226,17 +230,7 @@ def test_indexed_blocked_walk_gradcheck_and_threads(monkeypatch, walk):
         lambda a, p, n: cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3, reduction="none"), (a, p, n)
     )
     a, p, n, idx = make_inputs("indexed", B=37, K=3000, d=19, dtype=torch.float32, M=2000, seed=13)
-    threads = torch.get_num_threads()
-    out = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            loss, grads = _run(cb.info_nce, a, p, n, idx, temperature=0.1, reduction="none")
-            out.append((loss, *grads))
-    finally:
-        torch.set_num_threads(threads)
-    for x, y in zip(*out):
-        assert torch.equal(x, y)
+    _assert_same_bits_with_1_and_2_threads(a, p, n, idx)
 
 
 def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
