@@ -396,8 +396,9 @@ def test_nt_xent_cuda_matches_reference(dtype, N):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tensor-core path (shared bank, float16 / bfloat16, float32 as TF32 when allowed; d <= 256). The same
-# problems also run through the SIMT kernels (CONTRASTBOUND_TENSOR_CORES=0) and the float64 reference.
+# Tensor-core path (shared bank; float16 / bfloat16 for d up to 848 where shared memory allows, float32 as TF32 when
+# allowed for d <= 256). The same problems also run through the SIMT kernels (CONTRASTBOUND_TENSOR_CORES=0) and the
+# float64 reference.
 # ---------------------------------------------------------------------------------------------------------
 
 # Relative Frobenius error ||out - ref|| / ||ref|| allowed against the float64 reference on the same (rounded)
@@ -483,6 +484,39 @@ def test_tensor_cores_match_reference_and_simt(monkeypatch, impl, dtype, normali
         # exactly 0, which any finite output matches. Rows of norm ~1 give logits of a few units.
         a, p, n = ((x.detach() * d**-0.5).requires_grad_(True) for x in (a, p, n))
     _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.2, normalize=normalize, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize(
+    "B,K,d",
+    [
+        (70, 1100, 300),  # two feature slices of the rows passes, the second 44 wide
+        (130, 5000, 520),  # three slices, the last 8 wide; several anchor blocks, bank gradients finished in-kernel
+        (33, 700, 768),  # CLIP ViT-L/14's width: three full slices
+        (1000, 100, 848),  # widest that fits an H100 / H200; few bank tiles: split bank gradients (n . G partials)
+        (20, 300, 1024),  # wider than any part's shared memory allows: the SIMT kernels, the same answer
+    ],
+)
+def test_tensor_cores_wide_features(monkeypatch, dtype, normalize, B, K, d):
+    """d > 256: the mma.sync kernels (the one-pass, flash-layout and wgmma kernels hold whole rows in registers
+    and leave these widths to them; the WMMA ones to the SIMT kernels) split each rows pass into slices of 256
+    features, every slice recomputing the scores over all d."""
+    _set_tc_impl(monkeypatch, "mma")
+    a, p, n, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, device=CUDA, seed=B + K + d)
+    if not normalize:
+        a, p, n = ((x.detach() * d**-0.5).requires_grad_(True) for x in (a, p, n))
+    _compare_tc(monkeypatch, a, p, n, dtype, temperature=0.2, normalize=normalize, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("impl", TC_IMPLS)
+def test_tensor_cores_wide_features_in_batch(monkeypatch, impl, dtype):
+    """In-batch (exclude_self) at d = 384, with each kernel choice asked for: the opt-in kernels hand that width to
+    the mma.sync ones, the WMMA ones to the SIMT kernels."""
+    _set_tc_impl(monkeypatch, impl)
+    a, p, _, _ = make_inputs("in_batch", B=300, K=300, d=384, dtype=dtype, device=CUDA, seed=6)
+    _compare_tc(monkeypatch, a, p, None, dtype, temperature=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

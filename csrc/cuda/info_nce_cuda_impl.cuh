@@ -868,12 +868,21 @@ struct TcType<__nv_bfloat16> : std::true_type {};
 template <>
 struct TcType<float> : std::true_type {};
 
-// Whether the tensor-core kernels serve this problem (else the SIMT kernels above).
+inline bool tc_use_mma();
+
+// Whether the tensor-core kernels serve this problem (else the SIMT kernels above). d <= kTcMaxD on every
+// tensor-core kernel; wider rows (float16/bfloat16) on the mma.sync ones, which split the rows pass into slices
+// of features, as far as one X tile and one Y tile of whole rows fit in shared memory: d <= 848 on an H100 /
+// H200 (227 KiB), d <= 592 on an A100 (163 KiB), d <= 336 on 99 KiB parts such as sm_86.
 bool use_tc(const Problem& p) {
-  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.d > kTcMaxD) return false;
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
+  const bool wide = p.d > kTcMaxD;
+  if (wide && (p.dtype == DType::Float32 || !tc_use_mma())) return false;
   if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) return false;
-  const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total : tc_smem<__half>(p.d, true).total;
+  const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total
+                      : wide ? tc_smem<__half>(p.d, true, 1, /*score_tile=*/false).total
+                             : tc_smem<__half>(p.d, true).total;
   return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
@@ -901,7 +910,7 @@ inline bool tc_use_mma() {
 // CONTRASTBOUND_TC_FUSED_FWD=1 (off by default: not yet run on a GPU).
 inline bool tc_fused_fwd(const Problem& p, bool save) {
   const char* env = std::getenv("CONTRASTBOUND_TC_FUSED_FWD");
-  return save && p.dtype != DType::Float32 && tc_use_mma() && env != nullptr && env[0] == '1';
+  return save && p.dtype != DType::Float32 && p.d <= kTcMaxD && tc_use_mma() && env != nullptr && env[0] == '1';
 }
 
 // Whether the mma.sync kernels (rather than the WMMA ones) serve element type T.
@@ -990,7 +999,7 @@ bool tc_flash(int64_t d) {
     return false;
   } else {
     const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
-    if (!tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
+    if (d > kTcMaxD || !tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
     const size_t need = tc_wgmma() ? wg_smem<T>(d, 1).total : fl_smem<T>(d, 1).total;
     return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   }
@@ -1053,9 +1062,10 @@ auto tc_typed(DType, const F& f) {
   return f(CB_TC_ELEMENT());
 }
 
-// X blocks x Y splits of a rows pass (tc_plan.h: the split count whose waves waste least).
+// X blocks x feature slices x Y splits of a rows pass (tc_plan.h: the split count whose waves waste least).
 struct TcPlan {
-  int64_t xblocks = 0, splits = 1, tiles_per_split = 0;
+  int64_t xblocks = 0, slices = 1, splits = 1, tiles_per_split = 0;
+  bool mma = false;  // mma_rows_kernel serves (n_hat . G from the logits: TcRowsArgs::partial_proj)
 };
 
 // Whether the flash-layout kernels serve p (float16/bfloat16 with CONTRASTBOUND_TC_FLASH=1).
@@ -1066,7 +1076,10 @@ bool tc_flash_for(const Problem& p) {
 // bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
 TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
   TcPlan t;
-  t.xblocks = ceil_div(xrows, tc_flash_for(p) ? kFlRows : kTcRows);
+  const bool flash = tc_flash_for(p);
+  t.xblocks = ceil_div(xrows, flash ? kFlRows : kTcRows);
+  t.mma = !flash && tc_typed(p.dtype, [](auto x) { return tc_mma<decltype(x)>(); });
+  t.slices = t.mma ? ceil_div(p.d, kTcSliceD) : 1;
   const int64_t ytiles = ceil_div(yrows, kTcCols);
   if (t.xblocks == 0 || ytiles == 0) return t;
   const int64_t slots = tc_typed(p.dtype, [&](auto x) -> int64_t {
@@ -1079,7 +1092,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
     }
     return tc_rows_slots<T>(p.d, num_sms);
   });
-  const TcSplit s = plan_tc_split(t.xblocks, ytiles, slots);
+  const TcSplit s = plan_tc_split(t.xblocks * t.slices, ytiles, slots);
   t.splits = s.splits;
   t.tiles_per_split = s.tiles_per_split;
   return t;
@@ -1126,9 +1139,11 @@ TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f
   return t;
 }
 
+// The bank pass's float32 partials (splits, K, d), followed for the mma.sync kernel by its (splits, K) partial
+// sums of n_hat . G (TcRowsArgs::partial_proj); nullptr with one split.
 float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
   const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms, /*bank_pass=*/true);
-  return bp.splits > 1 ? c.take<float>(bp.splits * p.K * p.d) : nullptr;
+  return bp.splits > 1 ? c.take<float>(bp.splits * p.K * (p.d + (bp.mma ? 1 : 0))) : nullptr;
 }
 
 // float16 only: *slot = max over the n rows of inv[i] |w[i]| *wscale (w null: 1), the bound behind the coefficient
@@ -1155,6 +1170,8 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   args.splits = plan.splits;
   args.tiles_per_split = plan.tiles_per_split;
   args.xblocks = plan.xblocks;
+  args.slices = plan.slices;
+  if (plan.mma && !args.lse_on_x && plan.splits > 1) args.partial_proj = args.partial + plan.splits * X.rows * d;
   if (plan.xblocks == 0) return cudaSuccess;
   const float* bound = nullptr;
   cudaError_t e = launch_coef_bound<T>(bound_slot, args.y_inv, bound_w, bound_wscale, Y.rows, stream, &bound);
@@ -1195,7 +1212,8 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
     if (e != cudaSuccess) return e;
     if constexpr (!std::is_same<T, float>::value) {
       if (mma) {
-        mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+        mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits * plan.slices), kTcThreads, sm.total, stream>>>(
+            X, Y, args, sm);
       }
     }
     if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);

@@ -3,8 +3,9 @@
 //
 // float16 / bfloat16 inputs use WMMA m16n16k16 with float32 accumulation; float32 inputs use WMMA tf32
 // m16n16k8 only when the caller allows TF32 (torch.backends.cuda.matmul.allow_tf32), else the SIMT kernels.
-// Requires compute capability >= 8.0 and a feature width d <= kTcMaxD (d is zero-padded to a multiple of 16);
-// anything else takes the SIMT kernels of info_nce_cuda_impl.cuh.
+// Requires compute capability >= 8.0 and a feature width d <= kTcMaxD (d is zero-padded to a multiple of 16), or
+// for the mma.sync kernels below any d whose X and Y tiles fit in shared memory (their rows passes then work in
+// slices of kTcSliceD features: use_tc in info_nce_cuda_impl.cuh); anything else takes the SIMT kernels.
 //
 // One core serves three kernels. A block owns kTcRows "X" rows (held in shared memory for its whole life) and
 // walks over tiles of kTcCols "Y" rows; for each tile it forms the raw score tile S = X Y^T (kTcRows x kTcCols,
@@ -34,7 +35,8 @@
 
 constexpr int kTcRows = 64;     // X rows per block
 constexpr int kTcCols = 64;     // Y rows per tile
-constexpr int kTcMaxD = 256;    // widest padded feature dimension held in shared memory
+constexpr int kTcMaxD = 256;    // widest padded feature dimension of the kernels that hold whole rows in registers
+constexpr int kTcSliceD = 256;  // mma_rows_kernel: output features per block (wider rows are split into slices)
 constexpr int kTcThreads = 256;  // 8 warps
 constexpr int kTcLds = kTcCols + 4;  // leading dimension of the float32 score tile
 constexpr int kTcDefaultStages = 1;  // Y-tile stages unless CONTRASTBOUND_TC_STAGES says otherwise
@@ -115,8 +117,9 @@ TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, stages, kTcRows, kTcCols, TcTraits<T>::PAD);
   m.ldp = kTcCols + TcTraits<T>::PAD;
-  m.lde = m.dpad + 4;
-  // The float32 output tile of tc_rows_kernel reuses the X and Y tiles once the loop is over.
+  m.lde = std::min(m.dpad, kTcSliceD) + 4;
+  // The float32 output tile of the rows kernels (one slice of features) reuses the X and Y tiles once the loop
+  // is over.
   o = std::max(o, tc_align(sizeof(float) * kTcRows * m.lde));
   m.s = o;
   o = tc_align(o + sizeof(float) * (score_tile ? kTcRows * kTcLds : kTcScratch));
@@ -356,6 +359,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 struct TcRowsArgs {
   int64_t d = 0;
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;
+  // mma_rows_kernel: slices of kTcSliceD features (ceil(d / kTcSliceD)); a unit is (X block, split, slice) and
+  // recomputes the scores over all d, so wide rows cost (slices + 1) / 2 times the work of one pass.
+  int64_t slices = 1;
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   bool lse_on_x = true;          // anchor term (lse indexed by X row) or bank grads (by Y row)
@@ -365,6 +371,11 @@ struct TcRowsArgs {
   const float* lse = nullptr;    // (B,)
   const float* g = nullptr;      // (B,) bank grads only
   float* partial = nullptr;      // (splits, X rows, d) when splits > 1
+  // mma_rows_kernel bank grads with splits > 1: (splits, X rows) partial sums of n . G (n: the raw bank row),
+  // formed from the scores as sum_y c(x, y) (n . y) with the coefficients c as rounded for the product, so that
+  // they match G's own n . G to float32 rounding; a slice of features could not get it from its part of G.
+  // nullptr: tc_finish_kernel takes n . G from the summed G (the WMMA and flash-layout kernels).
+  float* partial_proj = nullptr;
   float* out_v = nullptr;        // anchor term: (B, d) float32
   void* out_grad = nullptr;      // bank grads: (K, d) input dtype
   // float16 only: an upper bound of every coefficient (max over Y of its factor; e^{l - lse} <= 1). The
@@ -519,6 +530,11 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
         for (int64_t s = 0; s < a.splits; ++s) v += a.partial[s * stride + x * a.d + j];
         a.out_v[x * a.d + j] = v;
       }
+    } else if (a.partial_proj != nullptr) {
+      float c = 0.f;
+      for (int64_t s = 0; s < a.splits; ++s) c += a.partial_proj[s * X.rows + x];
+      finish_bank_cols<T, float>(a.partial + x * a.d, stride, a.splits, X.ptr + x * X.s0, X.s1, a.d, a.x_inv[x],
+                                 bank_row_cp(c * a.x_inv[x], a.x_proj[x]), static_cast<T*>(a.out_grad) + x * a.d);
     } else {
       finish_bank_row<T, float>(a.partial + x * a.d, stride, a.splits, X.ptr + x * X.s0, X.s1, a.d, a.x_inv[x],
                                 a.x_proj[x], static_cast<T*>(a.out_grad) + x * a.d);
@@ -564,6 +580,18 @@ template <>
 __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
+}
+
+// v rounded to T (to nearest even, as pack2 rounds), back as a float.
+template <typename T>
+__device__ __forceinline__ float round_to(float v);
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+template <>
+__device__ __forceinline__ float round_to<__half>(float v) {
+  return __half2float(__float2half_rn(v));
 }
 
 // Scores of this warp's 16 x 32 part of the tile (rows 16 (warp / 2), columns 32 (warp % 2)): c[j] is the n8
@@ -699,16 +727,16 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
-// The second product's accumulators of this warp (rows 32 rp .., 16-column groups cg + 4 q) times `unscale`
-// into the float32 output tile E (kTcRows x m.lde) in shared memory.
+// The second product's accumulators of this warp (rows 32 rp .., 16-column groups cg + 4 q of a slice `wpad`
+// features wide) times `unscale` into the float32 output tile E (kTcRows x m.lde) in shared memory.
 __device__ __forceinline__ void mma_store_rows(float* E, const TcSmem& m, const float (&acc)[2][4][2][4], int rp,
-                                               int cg, const MmaLanes& L, float unscale) {
+                                               int cg, int wpad, const MmaLanes& L, float unscale) {
 #pragma unroll
   for (int i2 = 0; i2 < 2; ++i2)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int cf = cg + 4 * q;
-      if (16 * cf < m.dpad) {
+      if (16 * cf < wpad) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int col = 16 * cf + 8 * h + 2 * L.t;
@@ -739,14 +767,20 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   const unsigned xa = smem_u32(xs + L.xrow * m.ld + L.xk);
   // Second product: A = P rows (32 rp + 16 i2 ..), B = Y tile rows (k) x features (n), transposed loads.
   const unsigned pa = smem_u32(P + (32 * rp + (lane & 7) + ((lane >> 3) & 1) * 8) * m.ldp + (lane >> 4) * 8);
-  const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (lane >> 4) * 8;
+  float* rowc = reinterpret_cast<float*>(tc_raw + m.s);  // bank grads: n . G per X row (2 x kTcRows halves)
   const int64_t ytiles = (Y.rows + kTcCols - 1) / kTcCols;
-  const int64_t units = a.xblocks * a.splits;
+  const int64_t units = a.xblocks * a.splits * a.slices;
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
-    const int64_t xb = u % a.xblocks, split = u / a.xblocks;
+    const int64_t xb = u % a.xblocks, split = (u / a.xblocks) % a.splits, slice = u / (a.xblocks * a.splits);
     const int64_t x0 = xb * kTcRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
-    __syncthreads();  // the previous unit's output tile is no longer read
+    // This unit's output features: col0 .. col0 + wpad of the padded rows (col0 < d: slices = ceil(d / 256)).
+    const int col0 = kTcSliceD * static_cast<int>(slice);
+    const int wpad = m.dpad - col0 < kTcSliceD ? m.dpad - col0 : kTcSliceD;
+    // This lane's transposed-load address in a Y tile, in bytes from the tile's start, at k = 0 and group cf = 0.
+    const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = col0 + (lane >> 4) * 8;
+    const unsigned yt_lane = static_cast<unsigned>(yt_row * m.ld + yt_col) * 2u;
+    __syncthreads();  // the previous unit's output tile and rowc are no longer read
     tc_issue<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
     tc_commit();
     tc_wait<0>();
@@ -760,6 +794,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
     }
     const float cscale = tc_coef_scale(a.coef_bound);
+    if (threadIdx.x < 2 * kTcRows) rowc[threadIdx.x] = 0.f;  // read and written after the tile loop's barriers
     float acc[2][4][2][4];
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
@@ -774,6 +809,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       const int64_t y0 = tile * kTcCols;
       __syncthreads();  // P, the column arrays and the Y buffer about to be refilled are consumed
       const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
+      const unsigned ys_u32 = smem_u32(ys);
       if (threadIdx.x < kTcCols) {
         const int64_t y = y0 + threadIdx.x;
         const bool ok = y < Y.rows;
@@ -792,6 +828,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         const int hlim = row_x[h] < X.rows ? lim : 0;
         const int64_t dself = row_x[h] - y0;
         const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        float ng = 0.f;  // bank grads: this lane's part of n_x . G_x = sum_y c(x, y) (n_x . y) (times cscale)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float cf[2];
@@ -804,10 +841,17 @@ __global__ void __launch_bounds__(kTcThreads, 2)
               const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
               cv = (a.lse_on_x ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
                    tc_coef_inv<T>(yinv[col], cscale);
+              cv = round_to<T>(cv);  // as the product will see it (exact: pack2 below rounds it again)
+              ng += cv * sc[j][2 * h + e];
             }
             cf[e] = cv;
           }
           *reinterpret_cast<unsigned*>(P + row * m.ldp + 32 * L.wc + 8 * j + 2 * L.t) = pack2<T>(cf[0], cf[1]);
+        }
+        if (!a.lse_on_x) {  // summed per tile in a fixed order: the quad, then rowc (one owner per entry)
+          ng += __shfl_xor_sync(kFullMask, ng, 1);
+          ng += __shfl_xor_sync(kFullMask, ng, 2);
+          if (L.t == 0) rowc[L.wc * kTcRows + row] += ng;
         }
       }
       __syncthreads();
@@ -820,9 +864,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int cf = cg + 4 * q;
-          if (16 * cf < m.dpad) {
+          if (16 * cf < wpad) {
             unsigned b0, b1, b2, b3;  // b0, b1: n8 tile 16 cf; b2, b3: n8 tile 16 cf + 8
-            ldsm_x4_trans(smem_u32(ys + (k + yt_row) * m.ld + 16 * cf + yt_col), b0, b1, b2, b3);
+            ldsm_x4_trans(ys_u32 + yt_lane + static_cast<unsigned>(k * m.ld + 16 * cf) * 2u, b0, b1, b2, b3);
             mma16816<T>(acc[0][q][0], pa0[0], pa0[1], pa0[2], pa0[3], b0, b1);
             mma16816<T>(acc[0][q][1], pa0[0], pa0[1], pa0[2], pa0[3], b2, b3);
             mma16816<T>(acc[1][q][0], pa1[0], pa1[1], pa1[2], pa1[3], b0, b1);
@@ -833,27 +877,33 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     }
     __syncthreads();  // every warp is done with xs and ys, which E overwrites
     const float unscale = 1.f / cscale;  // a power of two: exact
-    mma_store_rows(E, m, acc, rp, cg, L, unscale);
+    mma_store_rows(E, m, acc, rp, cg, wpad, L, unscale);
     __syncthreads();
+    // Bank grads: n_x . G_x = (rowc[x] + rowc[64 + x]) unscale; n_hat_x . G_x = inv_x (n_x . G_x).
     const int64_t nrows = min64(kTcRows, X.rows - x0);
+    const int64_t wd = min64(kTcSliceD, a.d - col0);  // features of this slice
     if (a.splits > 1) {
-      float* dst = a.partial + (split * X.rows + x0) * a.d;
-      for (int64_t e = threadIdx.x; e < nrows * a.d; e += kTcThreads) {
-        const int64_t rr = e / a.d, j = e % a.d;
+      float* dst = a.partial + (split * X.rows + x0) * a.d + col0;
+      for (int64_t e = threadIdx.x; e < nrows * wd; e += kTcThreads) {
+        const int64_t rr = e / wd, j = e % wd;
         dst[rr * a.d + j] = E[rr * m.lde + j];
       }
+      if (!a.lse_on_x && slice == 0 && threadIdx.x < nrows) {
+        a.partial_proj[split * X.rows + x0 + threadIdx.x] = (rowc[threadIdx.x] + rowc[kTcRows + threadIdx.x]) * unscale;
+      }
     } else if (a.lse_on_x) {
-      float* dst = a.out_v + x0 * a.d;
-      for (int64_t e = threadIdx.x; e < nrows * a.d; e += kTcThreads) {
-        const int64_t rr = e / a.d, j = e % a.d;
+      float* dst = a.out_v + x0 * a.d + col0;
+      for (int64_t e = threadIdx.x; e < nrows * wd; e += kTcThreads) {
+        const int64_t rr = e / wd, j = e % wd;
         dst[rr * a.d + j] = E[rr * m.lde + j];
       }
     } else {
       T* grad = static_cast<T*>(a.out_grad);
       for (int64_t rr = warp; rr < nrows; rr += kTcThreads / 32) {
         const int64_t k = x0 + rr;
-        finish_bank_row<T, float>(E + rr * m.lde, 0, 1, X.ptr + k * X.s0, X.s1, a.d, a.x_inv[k], a.x_proj[k],
-                                  grad + k * a.d);
+        const float c = (rowc[rr] + rowc[kTcRows + rr]) * unscale * a.x_inv[k];
+        finish_bank_cols<T, float>(E + rr * m.lde, 0, 1, X.ptr + k * X.s0 + col0 * X.s1, X.s1, wd, a.x_inv[k],
+                                   bank_row_cp(c, a.x_proj[k]), grad + k * a.d + col0);
       }
     }
   }
@@ -1019,7 +1069,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     }
     __syncthreads();  // every warp is done with xs and ys, which E overwrites; run_m / run_s are final
     const float unscale = 1.f / cscale;
-    mma_store_rows(E, m, acc, rp, cg, L, unscale);
+    mma_store_rows(E, m, acc, rp, cg, m.dpad, L, unscale);
     __syncthreads();
     const int64_t nrows = min64(kTcRows, a.B - i0);
     if (threadIdx.x < nrows) {

@@ -3,11 +3,12 @@
 // mma.sync, cp.async and warp shuffles emulated as the PTX ISA defines them) and compared with float64
 // computations of the same quantities from the same rounded inputs.
 //
-// What it checks: fragment layouts and lane addressing, tile and split bookkeeping, padding of d, masks at the
-// edges of K and B, exclude_self, the float16 coefficient scaling, one and two Y stages (cp.async waits), the
-// grid-stride loops, the scalar (strided) copy path, and the finishing of bank rows. The same kernels passed on an
-// H200 (mma_lse_kernel, mma_rows_kernel), which also checks the emulation; mma_fwd_kernel (the one-pass forward)
-// has not run on a GPU yet. Not checked: speed, races hidden by the fibers' fixed order, register pressure.
+// What it checks: fragment layouts and lane addressing, tile, split and feature-slice bookkeeping (d > 256), the
+// bank rows' n . G formed from the scores, padding of d, masks at the edges of K and B, exclude_self, the float16
+// coefficient scaling, one and two Y stages (cp.async waits), the grid-stride loops, the scalar (strided) copy
+// path, and the finishing of bank rows. Earlier versions of mma_lse_kernel and mma_rows_kernel passed on an H200,
+// which also checks the emulation; the feature slices and mma_fwd_kernel (the one-pass forward) have not run on a
+// GPU yet. Not checked: speed, races hidden by the fibers' fixed order, register pressure.
 //
 //   test_mma_emu [quick]
 #include "emu_cuda.h"
@@ -100,8 +101,9 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
   a.part_sum = psum.data();
   const TcOperand<T> X = A.operand(), Y = N.operand();
 
-  // 0: mma_lse_kernel, 1: mma_fwd_kernel (one pass), 2: flash_kernel<Forward> (one pass, 128-row blocks)
-  for (int kernel = 0; kernel < 3; ++kernel) {
+  // 0: mma_lse_kernel, 1: mma_fwd_kernel (one pass), 2: flash_kernel<Forward> (one pass, 128-row blocks); the
+  // one-pass kernels hold whole rows in registers: d <= kTcMaxD only.
+  for (int kernel = 0; kernel < (c.d <= kTcMaxD ? 3 : 1); ++kernel) {
     std::fill(pmax.begin(), pmax.end(), NAN);
     std::fill(psum.begin(), psum.end(), NAN);
     std::fill(pw.begin(), pw.end(), NAN);
@@ -153,7 +155,8 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
   }
   for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
 
-  for (int pass = 0; pass < 4; ++pass) {  // anchor term (X = anchors), bank gradients (X = bank); mma, flash
+  // anchor term (X = anchors), bank gradients (X = bank); mma, flash (d <= kTcMaxD: whole rows in registers)
+  for (int pass = 0; pass < (c.d <= kTcMaxD ? 4 : 2); ++pass) {
     const bool bank = pass % 2 == 1, flash = pass >= 2;
     const int64_t xrows_block = flash ? kFlRows : kTcRows;
     const Mat<T>& Xm = bank ? N : A;
@@ -165,6 +168,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     r.xblocks = (xrows + xrows_block - 1) / xrows_block;
     r.tiles_per_split = (ytiles + c.chunks - 1) / c.chunks;
     r.splits = (ytiles + r.tiles_per_split - 1) / r.tiles_per_split;
+    r.slices = flash ? 1 : (c.d + kTcSliceD - 1) / kTcSliceD;
     r.scale = &c.scale;
     r.exclude_self = c.exclude_self;
     r.lse_on_x = !bank;
@@ -173,14 +177,15 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     r.y_inv = bank ? ai.data() : ni.data();
     r.lse = lse.data();
     r.g = bank ? gl.data() : nullptr;
-    std::vector<float> partial(r.splits * xrows * c.d, NAN), out_v(xrows * c.d, NAN);
+    std::vector<float> partial(r.splits * xrows * c.d, NAN), out_v(xrows * c.d, NAN), pproj(r.splits * xrows, NAN);
     std::vector<T> out_grad(xrows * c.d, to_t<T>(NAN));
     r.partial = partial.data();
+    if (!flash && bank && r.splits > 1) r.partial_proj = pproj.data();  // mma_rows_kernel: n_hat . G from logits
     r.out_v = out_v.data();
     r.out_grad = out_grad.data();
     const std::vector<float> bound = bank ? coef_bound<T>(ai, &gl, c.scale) : coef_bound<T>(ni, nullptr, 1.f);
     r.coef_bound = bound.empty() ? nullptr : bound.data();
-    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(r.xblocks * r.splits));
+    const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(r.xblocks * r.splits * r.slices));
     const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
     if (!flash) {
       const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false);
@@ -218,7 +223,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     // G_x = sum_y c(x, y) y_raw: anchor term c = e^{l - lse_x} inv_y; bank c = g_y s e^{l - lse_y} inv_y.
-    std::vector<double> got, want;
+    std::vector<double> got, want, got_proj, want_proj;
     for (int64_t x = 0; x < xrows; ++x) {
       std::vector<double> G(c.d, 0.0);
       for (int64_t y = 0; y < yrows; ++y) {
@@ -233,6 +238,13 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
           for (int64_t sp = 0; sp < r.splits; ++sp) s += partial[(sp * xrows + x) * c.d + j];
           got.push_back(s);
           want.push_back(G[j]);
+        }
+        if (r.partial_proj != nullptr) {  // n . G
+          double s = 0, nd = 0;
+          for (int64_t sp = 0; sp < r.splits; ++sp) s += pproj[sp * xrows + x];
+          for (int64_t j = 0; j < c.d; ++j) nd += G[j] * N.f(x, j);
+          got_proj.push_back(s);
+          want_proj.push_back(nd);
         }
       } else if (!bank) {
         for (int64_t j = 0; j < c.d; ++j) {
@@ -249,8 +261,14 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     const double e = rel_err(got, want);
-    expect(e <= tol, std::string(flash ? "flash_kernel " : "mma_rows_kernel ") + (bank ? "bank gradients" : "anchor term") + " (splits " +
-                         std::to_string(r.splits) + "), " + c.name() + " (rel err " + std::to_string(e) + ")");
+    const std::string what = std::string(flash ? "flash_kernel " : "mma_rows_kernel ") +
+                             (bank ? "bank gradients" : "anchor term") + " (splits " + std::to_string(r.splits) +
+                             ", slices " + std::to_string(r.slices) + "), " + c.name();
+    expect(e <= tol, what + " (rel err " + std::to_string(e) + ")");
+    if (r.partial_proj != nullptr) {  // formed from the scores, with the coefficients rounded as for G
+      const double ep = rel_err(got_proj, want_proj);
+      expect(ep <= tol, what + ": n . G partials (rel err " + std::to_string(ep) + ")");
+    }
   }
 }
 
@@ -317,7 +335,11 @@ void run_all(bool quick, double tol, const char* tname) {
       {1, 1, 1, false, false, 1, 1, 1000, 1.0f},        // one anchor, one row, d = 1
       {65, 65, 8, true, false, 1, 2, 1000, 3.0f},       // exclude_self: chunk 2 is column 64 only, empty for row 64
       {64, 64, 16, false, false, 2, 1, 1000, 10.0f},    // exactly one tile, direct finishing
-      {20, 300, 256, false, false, 1, 5, 3, 14.0f},     // d = 256 (widest), many chunks, grid-stride
+      {20, 300, 256, false, false, 1, 5, 3, 14.0f},     // d = 256 (one slice), many chunks, grid-stride
+      // d > 256: the rows passes in slices of 256 features (the last one 44 and 8 wide), one and several splits;
+      // the one-pass and flash-layout kernels do not take these widths.
+      {40, 150, 300, false, false, 1, 1, 1000, 5.0f},
+      {70, 130, 520, true, true, 2, 2, 3, 1.0f / 0.07f, 5, 100},
       // A zero anchor row and a zero bank row (a zero-initialised queue, padding): their inverse norm 1e12 must
       // not set the float16 coefficient scale (every other coefficient would round to 0). Two or more splits, so
       // the zero bank row's own gradient (1e12 G, past float16's range, as in torch) is compared unfinished.
