@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; later configurations are skipped")
     ap.add_argument("--csv", default="bench_gpu.csv")
+    ap.add_argument("--problems", default="shared,in_batch", help="comma-separated: shared, in_batch")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--one-pass", action="store_true",
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     total_mem = torch.cuda.get_device_properties(0).total_memory
     for logk in ks:
         K = 2**logk
-        for problem in ("shared", "in_batch"):
+        for problem in [x for x in ("shared", "in_batch") if x in args.problems.split(",")]:
             if problem == "in_batch" and K > 2**17:
                 continue  # B = K anchors: 2^17 x 256 bf16 in-batch is already far past the usual batch
             b = K if problem == "in_batch" else B

@@ -3,8 +3,8 @@
 #   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
-# and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers)
-# and bench_gpu_opt_in.csv (the opt-in kernels against the default) into OUTDIR.
+# and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers),
+# bench_gpu_opt_in.csv (the opt-in kernels against the default) and bench_gpu_wide.csv (d = 768) into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -135,12 +135,21 @@ else
   B1=$(( B * 6 / 10 ))
   timeout -s INT -k 20 "$B1" "$PY" benchmarks/bench_gpu.py $QUICK ${BENCH_ARGS:-} \
     --budget $((B1 - 40 > 20 ? B1 - 40 : 20)) --csv "$OUT/bench_gpu.csv" || BENCH_RC=$?
-  B2=$(( $(left) - 15 ))
+  B2=$(( $(left) - 15 - 60 ))
   if [ "$B2" -ge 30 ]; then
     timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only ${BENCH_ARGS:-} \
       --budget $((B2 - 40 > 20 ? B2 - 40 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" || true
   else
     echo "no time left for the opt-in kernels' benchmark"
+  fi
+  # Wide rows (d = 768, CLIP ViT-L's width): the sliced mma.sync rows passes against naive and the SIMT kernels
+  # (fused_simt), which served every d > 256 before.
+  B3=$(( $(left) - 10 ))
+  if [ "$B3" -ge 30 ]; then
+    timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 768 --kmin 16 --kmax 16 --repeats 2 --no-peers \
+      --problems shared --budget $((B3 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
+  else
+    echo "no time left for the wide-row benchmark"
   fi
 fi
 
