@@ -289,6 +289,8 @@ def main(argv=None) -> int:
                             variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps, catch=True)
                             variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
                                     reps, catch=True)
+                    if d > 256 and not args.opt_in_only:  # wide rows copied in chunks (automatic past 848)
+                        variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
                     if logk in ks[:2] and not args.opt_in_only:
                         variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                     if logk == ks[0] and not args.opt_in_only:

@@ -142,8 +142,8 @@ else
   else
     echo "no time left for the opt-in kernels' benchmark"
   fi
-  # Wide rows (d = 768, CLIP ViT-L's width): the sliced mma.sync rows passes against naive and the SIMT kernels
-  # (fused_simt), which served every d > 256 before.
+  # Wide rows (d = 768, CLIP ViT-L's width): the sliced mma.sync rows passes (whole rows; fused_chunked: copied in
+  # chunks of 256 features) against naive and the SIMT kernels (fused_simt), which served every d > 256 before.
   B3=$(( $(left) - 10 ))
   if [ "$B3" -ge 30 ]; then
     timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 768 --kmin 16 --kmax 16 --repeats 2 --no-peers \

@@ -396,9 +396,8 @@ def test_nt_xent_cuda_matches_reference(dtype, N):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tensor-core path (shared bank; float16 / bfloat16 for d up to 848 where shared memory allows, float32 as TF32 when
-# allowed for d <= 256). The same problems also run through the SIMT kernels (CONTRASTBOUND_TENSOR_CORES=0) and the
-# float64 reference.
+# Tensor-core path (shared bank; float16 / bfloat16 for d <= 2048, float32 as TF32 when allowed for d <= 256). The
+# same problems also run through the SIMT kernels (CONTRASTBOUND_TENSOR_CORES=0) and the float64 reference.
 # ---------------------------------------------------------------------------------------------------------
 
 # Relative Frobenius error ||out - ref|| / ||ref|| allowed against the float64 reference on the same (rounded)
@@ -494,15 +493,20 @@ def test_tensor_cores_match_reference_and_simt(monkeypatch, impl, dtype, normali
         (70, 1100, 300),  # two feature slices of the rows passes, the second 44 wide
         (130, 5000, 520),  # three slices, the last 8 wide; several anchor blocks, bank gradients finished in-kernel
         (33, 700, 768),  # CLIP ViT-L/14's width: three full slices
-        (1000, 100, 848),  # widest that fits an H100 / H200; few bank tiles: split bank gradients (n . G partials)
-        (20, 300, 1024),  # wider than any part's shared memory allows: the SIMT kernels, the same answer
+        (1000, 100, 848),  # widest whole rows on an H100 / H200; few bank tiles: split bank gradients (n . G partials)
+        (20, 300, 1024),  # too wide for whole-row tiles on any part: copied in chunks of 256 features
+        (50, 700, 2000),  # eight slices and chunks, the last 208 wide
+        (17, 200, 2100),  # past kTcMaxWideD: the SIMT kernels, the same answer
     ],
 )
-def test_tensor_cores_wide_features(monkeypatch, dtype, normalize, B, K, d):
+@pytest.mark.parametrize("chunked", [False, True], ids=["auto", "chunked"])
+def test_tensor_cores_wide_features(monkeypatch, chunked, dtype, normalize, B, K, d):
     """d > 256: the mma.sync kernels (the one-pass, flash-layout and wgmma kernels hold whole rows in registers
     and leave these widths to them; the WMMA ones to the SIMT kernels) split each rows pass into slices of 256
-    features, every slice recomputing the scores over all d."""
+    features, every slice recomputing the scores over all d; rows too wide for whole tiles in shared memory (or
+    any d > 256 with CONTRASTBOUND_TC_CHUNKED=1) are copied in chunks of 256 features."""
     _set_tc_impl(monkeypatch, "mma")
+    monkeypatch.setenv("CONTRASTBOUND_TC_CHUNKED", "1" if chunked else "0")
     a, p, n, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, device=CUDA, seed=B + K + d)
     if not normalize:
         a, p, n = ((x.detach() * d**-0.5).requires_grad_(True) for x in (a, p, n))

@@ -870,18 +870,34 @@ struct TcType<float> : std::true_type {};
 
 inline bool tc_use_mma();
 
+// Widest rows the tensor cores take (float16/bfloat16, mma.sync kernels). Each rows pass costs (slices + 1) / 2
+// times its one-slice flop (slices = ceil(d / 256)): 4.5x at d = 2048, where the tensor cores' rate (~6x the SIMT
+// kernels' in the H200 figures, README) still wins by a modelled ~1.5x; not measured.
+constexpr int64_t kTcMaxWideD = 2048;
+
+// Rows too wide for whole X and Y tiles in the shared memory of this device (or CONTRASTBOUND_TC_CHUNKED=1 and
+// d > kTcMaxD): the mma.sync kernels copy them in chunks of kTcSliceD features (mma_chunked_scores).
+inline bool tc_chunked(int64_t d) {
+  if (d <= kTcMaxD) return false;
+  const char* env = std::getenv("CONTRASTBOUND_TC_CHUNKED");
+  if (env != nullptr && env[0] == '1') return true;
+  return tc_smem<__half>(d, true, 1, /*score_tile=*/false).total >
+         static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
 // Whether the tensor-core kernels serve this problem (else the SIMT kernels above). d <= kTcMaxD on every
-// tensor-core kernel; wider rows (float16/bfloat16) on the mma.sync ones, which split the rows pass into slices
-// of features, as far as one X tile and one Y tile of whole rows fit in shared memory: d <= 848 on an H100 /
-// H200 (227 KiB), d <= 592 on an A100 (163 KiB), d <= 336 on 99 KiB parts such as sm_86.
+// tensor-core kernel; wider rows, up to kTcMaxWideD (float16/bfloat16), on the mma.sync ones, which split each
+// rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
+// (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
 bool use_tc(const Problem& p) {
   if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
   const bool wide = p.d > kTcMaxD;
-  if (wide && (p.dtype == DType::Float32 || !tc_use_mma())) return false;
+  if (wide && (p.dtype == DType::Float32 || !tc_use_mma() || p.d > kTcMaxWideD)) return false;
   if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) return false;
+  const int chunk = tc_chunked(p.d) ? kTcSliceD : 0;
   const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total
-                      : wide ? tc_smem<__half>(p.d, true, 1, /*score_tile=*/false).total
+                      : wide ? tc_smem<__half>(p.d, true, 1, /*score_tile=*/false, chunk).total
                              : tc_smem<__half>(p.d, true).total;
   return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
@@ -928,6 +944,7 @@ bool tc_mma() {
 template <typename T>
 TcSmem tc_kernel_smem(int64_t d, bool with_p) {
   const bool score_tile = !tc_mma<T>();
+  if (!score_tile && tc_chunked(d)) return tc_smem<T>(d, with_p, 1, false, kTcSliceD);
   return tc_smem<T>(d, with_p, tc_stages<T>(d, with_p, score_tile), score_tile);
 }
 
@@ -976,7 +993,10 @@ template <typename T>
 int64_t tc_rows_slots(int64_t d, int num_sms) {
   const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
   if constexpr (!std::is_same<T, float>::value) {
-    if (tc_mma<T>()) return tc_slots(mma_rows_kernel<T>, sm.total, num_sms);
+    if (tc_mma<T>()) {
+      return sm.chunk > 0 ? tc_slots(mma_rows_kernel<T, true>, sm.total, num_sms)
+                          : tc_slots(mma_rows_kernel<T>, sm.total, num_sms);
+    }
   }
   return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
 }
@@ -1049,7 +1069,11 @@ int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
   if constexpr (!std::is_same<T, float>::value) {
     if (save && tc_flash<T>(p.d)) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
     if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
-    if (tc_mma<T>()) return tc_slots(mma_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+    if (tc_mma<T>()) {
+      const TcSmem sm = tc_kernel_smem<T>(p.d, false);
+      return sm.chunk > 0 ? tc_slots(mma_lse_kernel<T, true>, sm.total, num_sms)
+                          : tc_slots(mma_lse_kernel<T>, sm.total, num_sms);
+    }
   }
   return tc_slots(tc_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
 }
@@ -1205,18 +1229,17 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   if (!launched) {
     const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
     const bool mma = tc_mma<T>();
+    const dim3 grid = grid_for(plan.xblocks * plan.splits * plan.slices);
     if constexpr (!std::is_same<T, float>::value) {
-      if (mma) e = allow_smem(mma_rows_kernel<T>, sm.total);
+      if (mma) {
+        const auto kernel = sm.chunk > 0 ? mma_rows_kernel<T, true> : mma_rows_kernel<T>;
+        e = allow_smem(kernel, sm.total);
+        if (e == cudaSuccess) kernel<<<grid, kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+      }
     }
     if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
     if (e != cudaSuccess) return e;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (mma) {
-        mma_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits * plan.slices), kTcThreads, sm.total, stream>>>(
-            X, Y, args, sm);
-      }
-    }
-    if (!mma) tc_rows_kernel<T><<<grid_for(plan.xblocks * plan.splits), kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+    if (!mma) tc_rows_kernel<T><<<grid, kTcThreads, sm.total, stream>>>(X, Y, args, sm);  // slices = 1
   }
   if (plan.splits > 1) {
     tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
@@ -1299,9 +1322,10 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     cudaError_t e = cudaSuccess;
     if constexpr (!std::is_same<T, float>::value) {
       if (mma) {
-        e = allow_smem(mma_lse_kernel<T>, sm.total);
+        const auto kernel = sm.chunk > 0 ? mma_lse_kernel<T, true> : mma_lse_kernel<T>;
+        e = allow_smem(kernel, sm.total);
         if (e != cudaSuccess) return e;
-        mma_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+        kernel<<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
       }
     }
     if (!mma) {

@@ -80,6 +80,9 @@ __device__ __forceinline__ void tc_round(Frag&, T) {}
 // Shared-memory plan of the tiles (byte offsets, 128-byte aligned).
 struct TcSmem {
   int dpad = 0, ld = 0, ldp = 0, lde = 0;
+  // mma.sync kernels, rows too wide for whole X and Y tiles: the tiles hold `chunk` features at a time (0: whole
+  // rows). See mma_chunked_scores.
+  int chunk = 0;
   int stages = 1;  // 2: the next Y tile is copied (cp.async) while the current one is used
   size_t x = 0, y = 0, y1 = 0, s = 0, p = 0, cols = 0, total = 0;
 };
@@ -93,14 +96,17 @@ constexpr int kTcScratch = 6 * kTcRows;
 
 // The operand tiles every tensor-core kernel starts its shared memory with: the X tile (x_rows rows), then one or
 // two Y tiles (y_rows rows), each row dpad + pad elements of T (dpad: d rounded up to a multiple of dround, 16
-// or, for the wgmma kernels, 64). Sets stages, dpad, ld (dpad + pad; left 0 for pad = 0, the wgmma layout, which
-// has no row stride), x, y and y1; returns the end offset.
+// or, for the wgmma kernels, 64), or chunk + pad with chunk > 0. Sets stages, dpad, chunk, ld (row width + pad;
+// left 0 for pad = 0, the wgmma layout, which has no row stride), x, y and y1; returns the end offset.
 template <typename T>
-size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows, int pad, int dround = 16) {
+size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows, int pad, int dround = 16,
+                        int chunk = 0) {
   m.stages = stages == 2 ? 2 : 1;
   m.dpad = static_cast<int>((d + dround - 1) / dround * dround);
-  const size_t row = sizeof(T) * static_cast<size_t>(m.dpad + pad);
-  m.ld = pad != 0 ? m.dpad + pad : 0;
+  m.chunk = chunk;
+  const int width = chunk > 0 ? chunk : m.dpad;
+  const size_t row = sizeof(T) * static_cast<size_t>(width + pad);
+  m.ld = pad != 0 ? width + pad : 0;
   m.x = 0;
   m.y = tc_align(row * x_rows);
   m.y1 = m.y;
@@ -112,10 +118,11 @@ size_t tc_operand_tiles(TcSmem& m, int64_t d, int stages, int x_rows, int y_rows
   return o;
 }
 
+// chunk > 0 (mma.sync kernels only, one stage): tiles of `chunk` features (TcSmem::chunk).
 template <typename T>
-TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true) {
+TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true, int chunk = 0) {
   TcSmem m;
-  size_t o = tc_operand_tiles<T>(m, d, stages, kTcRows, kTcCols, TcTraits<T>::PAD);
+  size_t o = tc_operand_tiles<T>(m, d, chunk > 0 ? 1 : stages, kTcRows, kTcCols, TcTraits<T>::PAD, 16, chunk);
   m.ldp = kTcCols + TcTraits<T>::PAD;
   m.lde = std::min(m.dpad, kTcSliceD) + 4;
   // The float32 output tile of the rows kernels (one slice of features) reuses the X and Y tiles once the loop
@@ -597,11 +604,7 @@ __device__ __forceinline__ float round_to<__half>(float v) {
 // Scores of this warp's 16 x 32 part of the tile (rows 16 (warp / 2), columns 32 (warp % 2)): c[j] is the n8
 // tile j. xa / ya: this lane's ldmatrix row addresses (shared, bytes) at feature 0; `bytes_k` = 2 dpad.
 template <typename T>
-__device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+__device__ __forceinline__ void mma_scores_add(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
 #pragma unroll 4
   for (int k = 0; k < dpad; k += 16) {
     const unsigned off = static_cast<unsigned>(k) * 2u;
@@ -613,6 +616,48 @@ __device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned y
     mma16816<T>(c[1], a0, a1, a2, a3, b2, b3);
     mma16816<T>(c[2], a0, a1, a2, a3, b4, b5);
     mma16816<T>(c[3], a0, a1, a2, a3, b6, b7);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+  mma_scores_add<T>(xa, ya0, ya1, dpad, c);
+}
+
+// Chunk mode (m.chunk > 0: rows too wide for whole X and Y tiles in shared memory): sc = the scores of X rows
+// x0.. and Y rows y0.. summed over chunks of m.chunk features, each chunk of both copied into the X and Y tiles in
+// turn (so X is read again for every Y tile, mostly from L2), in the order last + 1, ..., last (cyclic): chunk
+// `last` is left in the Y tile for the caller. Called by every thread after a barrier that frees both tiles;
+// returns after a barrier, with the tiles ready to read. xa, ya0, ya1: the lane addresses of mma_scores.
+template <typename T>
+__device__ __forceinline__ void mma_chunked_scores(unsigned char* raw, const TcSmem& m, const TcOperand<T>& X,
+                                                   int64_t x0, const TcOperand<T>& Y, int64_t y0, int64_t d, int last,
+                                                   unsigned xa, unsigned ya0, unsigned ya1, float (&sc)[4][4]) {
+  T* xs = reinterpret_cast<T*>(raw + m.x);
+  T* ys = reinterpret_cast<T*>(raw + m.y);
+  const int chunks = (m.dpad + m.chunk - 1) / m.chunk;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sc[j][e] = 0.f;
+  for (int i = 0; i < chunks; ++i) {
+    const int c0 = ((last + 1 + i) % chunks) * m.chunk;
+    const int cpad = m.dpad - c0 < m.chunk ? m.dpad - c0 : m.chunk;  // padded features of this chunk
+    const int64_t cd = min64(d - c0, cpad);                            // its real features (> 0)
+    if (i > 0) __syncthreads();  // the previous chunk is consumed
+    TcOperand<T> xc = X, yc = Y;
+    xc.ptr += c0 * X.s1;
+    yc.ptr += c0 * Y.s1;
+    tc_issue<T, kTcRows>(xs, m.ld, xc, x0, cd, cpad);
+    tc_issue<T, kTcCols>(ys, m.ld, yc, y0, cd, cpad);
+    tc_commit();
+    tc_wait<0>();
+    __syncthreads();
+    mma_scores_add<T>(xa, ya0, ya1, cpad, sc);
   }
 }
 
@@ -650,7 +695,8 @@ __device__ __forceinline__ void mma_lse_reduce(float& m, float& s, int wc, int r
   if (wc == 0 && t == 0) tc_lse_merge(m, s, scratch[row], scratch[kTcRows + row]);
 }
 
-template <typename T>
+// CHUNKED: m.chunk > 0 (mma_chunked_scores); a separate instance, so that the whole-row one keeps its registers.
+template <typename T, bool CHUNKED = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -666,9 +712,11 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     const int64_t i0 = xb * kTcRows;
     const int64_t k_begin = c * a.chunk_len, k_end = min64(a.K, k_begin + a.chunk_len);
     __syncthreads();  // the previous unit's tiles and scratch are no longer read
-    tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
-    tc_commit();
-    tc_wait<0>();
+    if constexpr (!CHUNKED) {  // whole rows: the X tile stays for the unit (chunk mode copies it per Y tile)
+      tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
+      tc_commit();
+      tc_wait<0>();
+    }
     int64_t row_i[2];
     float xinv[2], mx[2], sm[2];
 #pragma unroll
@@ -681,11 +729,17 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     int it = 0;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
       __syncthreads();  // yinv and the Y buffer about to be refilled are consumed
-      const T* ys = tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
+      const T* ys = CHUNKED ? reinterpret_cast<const T*>(tc_raw + m.y) : tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
       if (threadIdx.x < kTcCols) yinv[threadIdx.x] = k0 + threadIdx.x < k_end ? a.y_inv[k0 + threadIdx.x] : 0.f;
-      __syncthreads();
+      const unsigned ya0 = smem_u32(ys + L.yrow * m.ld + L.yk), ya1 = smem_u32(ys + (L.yrow + 16) * m.ld + L.yk);
       float sc[4][4];
-      mma_scores<T>(xa, smem_u32(ys + L.yrow * m.ld + L.yk), smem_u32(ys + (L.yrow + 16) * m.ld + L.yk), m.dpad, sc);
+      if constexpr (CHUNKED) {
+        // Rows of the chunk past k_end are zero-filled by the copy and masked below, as in the whole-row path.
+        mma_chunked_scores<T>(tc_raw, m, X, i0, Y, k0, a.d, (m.dpad + m.chunk - 1) / m.chunk - 1, xa, ya0, ya1, sc);
+      } else {
+        __syncthreads();
+        mma_scores<T>(xa, ya0, ya1, m.dpad, sc);
+      }
       const int lim = static_cast<int>(min64(kTcCols, k_end - k0));  // valid columns of this tile
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -750,7 +804,8 @@ __device__ __forceinline__ void mma_store_rows(float* E, const TcSmem& m, const 
     }
 }
 
-template <typename T>
+// CHUNKED: m.chunk == kTcSliceD > 0 (mma_chunked_scores), as for mma_lse_kernel.
+template <typename T, bool CHUNKED = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -777,13 +832,16 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     // This unit's output features: col0 .. col0 + wpad of the padded rows (col0 < d: slices = ceil(d / 256)).
     const int col0 = kTcSliceD * static_cast<int>(slice);
     const int wpad = m.dpad - col0 < kTcSliceD ? m.dpad - col0 : kTcSliceD;
-    // This lane's transposed-load address in a Y tile, in bytes from the tile's start, at k = 0 and group cf = 0.
-    const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = col0 + (lane >> 4) * 8;
+    // This lane's transposed-load address in a Y tile, in bytes from the tile's start, at k = 0 and group cf = 0
+    // (chunk mode: the tile holds just this slice's features, the last chunk copied).
+    const int yt_row = (lane & 7) + ((lane >> 3) & 1) * 8, yt_col = (CHUNKED ? 0 : col0) + (lane >> 4) * 8;
     const unsigned yt_lane = static_cast<unsigned>(yt_row * m.ld + yt_col) * 2u;
     __syncthreads();  // the previous unit's output tile and rowc are no longer read
-    tc_issue<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
-    tc_commit();
-    tc_wait<0>();
+    if constexpr (!CHUNKED) {  // whole rows: the X tile stays for the unit (chunk mode copies it per Y tile)
+      tc_issue<T, kTcRows>(xs, m.ld, X, x0, a.d, m.dpad);
+      tc_commit();
+      tc_wait<0>();
+    }
     int64_t row_x[2];
     float xinv[2], xlse[2];
 #pragma unroll
@@ -808,7 +866,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kTcCols;
       __syncthreads();  // P, the column arrays and the Y buffer about to be refilled are consumed
-      const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
+      const T* ys = CHUNKED ? reinterpret_cast<const T*>(tc_raw + m.y)
+                            : tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
       const unsigned ys_u32 = smem_u32(ys);
       if (threadIdx.x < kTcCols) {
         const int64_t y = y0 + threadIdx.x;
@@ -817,9 +876,14 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         ylse[threadIdx.x] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
         yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
       }
-      __syncthreads();
+      const unsigned ya0 = smem_u32(ys + L.yrow * m.ld + L.yk), ya1 = smem_u32(ys + (L.yrow + 16) * m.ld + L.yk);
       float sc[4][4];
-      mma_scores<T>(xa, smem_u32(ys + L.yrow * m.ld + L.yk), smem_u32(ys + (L.yrow + 16) * m.ld + L.yk), m.dpad, sc);
+      if constexpr (CHUNKED) {  // this slice's chunk last: it stays in the Y tile for the second product
+        mma_chunked_scores<T>(tc_raw, m, X, x0, Y, y0, a.d, static_cast<int>(slice), xa, ya0, ya1, sc);
+      } else {
+        __syncthreads();
+        mma_scores<T>(xa, ya0, ya1, m.dpad, sc);
+      }
       // Coefficients of this lane's 2 x 8 scores, packed in pairs into P (the A operand of the next product).
       const int lim = static_cast<int>(min64(kTcCols, Y.rows - y0));  // valid columns of this tile
 #pragma unroll

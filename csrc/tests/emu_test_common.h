@@ -107,11 +107,12 @@ struct Case {
   unsigned grid;    // blocks launched (fewer than units: the grid-stride loops)
   float scale;
   int64_t zero_a = -1, zero_n = -1;  // an anchor row / a bank row set to zero (-1: none)
+  int chunk = 0;  // mma.sync kernels: features per copied tile (TcSmem::chunk; 0: whole rows)
   std::string name() const {
     char buf[200];
-    std::snprintf(buf, sizeof buf, "B=%lld K=%lld d=%lld excl=%d strided=%d stages=%d chunks=%lld grid=%u%s",
+    std::snprintf(buf, sizeof buf, "B=%lld K=%lld d=%lld excl=%d strided=%d stages=%d chunks=%lld grid=%u%s%s",
                   (long long)B, (long long)K, (long long)d, exclude_self, strided, stages, (long long)chunks, grid,
-                  zero_a >= 0 || zero_n >= 0 ? " zero rows" : "");
+                  zero_a >= 0 || zero_n >= 0 ? " zero rows" : "", chunk > 0 ? " tile chunks" : "");
     return buf;
   }
 };

@@ -40,16 +40,21 @@ namespace {
 #include "emu_test_common.h"
 
 // Runs forward kernel `kernel` (0: mma_lse_kernel, 1: mma_fwd_kernel, 2: flash_kernel<Forward>) on the partials
-// named in `a` (and `pw`, the V partials of the one-pass kernels), with at most `grid_cap` blocks.
+// named in `a` (and `pw`, the V partials of the one-pass kernels), with at most `grid_cap` blocks. chunk: the
+// features per copied tile of mma_lse_kernel (0: whole rows).
 template <typename T>
 void launch_forward(int kernel, const TcOperand<T>& X, const TcOperand<T>& Y, const TcLseArgs& a, int stages,
-                    unsigned grid_cap, const std::vector<float>& bound, std::vector<float>& pw) {
+                    unsigned grid_cap, const std::vector<float>& bound, std::vector<float>& pw, int chunk = 0) {
   const float* b = bound.empty() ? nullptr : bound.data();
   if (kernel < 2) {
-    const TcSmem m = tc_smem<T>(a.d, /*with_p=*/kernel == 1, stages, /*score_tile=*/false);
+    const TcSmem m = tc_smem<T>(a.d, /*with_p=*/kernel == 1, stages, /*score_tile=*/false, kernel == 0 ? chunk : 0);
     const unsigned grid = std::min<unsigned>(grid_cap, static_cast<unsigned>(a.xblocks * a.chunks));
     if (kernel == 0) {
-      emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+      if (chunk > 0) {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T, true>(X, Y, a, m); });
+      } else {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_lse_kernel<T>(X, Y, a, m); });
+      }
     } else {
       emu::launch(grid, kTcThreads, m.total, [&] { mma_fwd_kernel<T>(X, Y, a, pw.data(), b, m); });
     }
@@ -107,8 +112,9 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
     std::fill(pmax.begin(), pmax.end(), NAN);
     std::fill(psum.begin(), psum.end(), NAN);
     std::fill(pw.begin(), pw.end(), NAN);
-    launch_forward<T>(kernel, X, Y, a, c.stages, c.grid, coef_bound<T>(ni, nullptr, 1.f), pw);
-    const char* kname = kernel == 0 ? "mma_lse_kernel" : kernel == 1 ? "mma_fwd_kernel" : "flash_kernel<Forward>";
+    launch_forward<T>(kernel, X, Y, a, c.stages, c.grid, coef_bound<T>(ni, nullptr, 1.f), pw, c.chunk);
+    const char* kname = kernel == 0 ? (c.chunk > 0 ? "mma_lse_kernel (chunks)" : "mma_lse_kernel")
+                        : kernel == 1 ? "mma_fwd_kernel" : "flash_kernel<Forward>";
     double worst = 0;
     std::vector<double> gw, ww;
     for (int64_t ch = 0; ch < a.chunks; ++ch) {
@@ -188,8 +194,12 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(r.xblocks * r.splits * r.slices));
     const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
     if (!flash) {
-      const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false);
-      emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T>(X, Y, r, m); });
+      const TcSmem m = tc_smem<T>(c.d, /*with_p=*/true, c.stages, /*score_tile=*/false, c.chunk);
+      if (c.chunk > 0) {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T, true>(X, Y, r, m); });
+      } else {
+        emu::launch(grid, kTcThreads, m.total, [&] { mma_rows_kernel<T>(X, Y, r, m); });
+      }
     } else {
       FlArgs f;
       f.d = c.d;
@@ -261,7 +271,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     const double e = rel_err(got, want);
-    const std::string what = std::string(flash ? "flash_kernel " : "mma_rows_kernel ") +
+    const std::string what = std::string(flash ? "flash_kernel " : c.chunk > 0 ? "mma_rows_kernel (chunks) " : "mma_rows_kernel ") +
                              (bank ? "bank gradients" : "anchor term") + " (splits " + std::to_string(r.splits) +
                              ", slices " + std::to_string(r.slices) + "), " + c.name();
     expect(e <= tol, what + " (rel err " + std::to_string(e) + ")");
@@ -340,6 +350,11 @@ void run_all(bool quick, double tol, const char* tname) {
       // the one-pass and flash-layout kernels do not take these widths.
       {40, 150, 300, false, false, 1, 1, 1000, 5.0f},
       {70, 130, 520, true, true, 2, 2, 3, 1.0f / 0.07f, 5, 100},
+      // The same widths, and d = 1100 (five chunks, the last 76 wide), with tiles of 256 features copied in turn
+      // (chunk mode: rows too wide for whole tiles in shared memory).
+      {40, 150, 300, false, false, 1, 1, 1000, 5.0f, -1, -1, 256},
+      {70, 130, 520, true, true, 1, 2, 3, 1.0f / 0.07f, 5, 100, 256},
+      {33, 100, 1100, false, false, 1, 3, 1000, 3.0f, -1, -1, 256},
       // A zero anchor row and a zero bank row (a zero-initialised queue, padding): their inverse norm 1e12 must
       // not set the float16 coefficient scale (every other coefficient would round to 0). Two or more splits, so
       // the zero bank row's own gradient (1e12 G, past float16's range, as in torch) is compared unfinished.
