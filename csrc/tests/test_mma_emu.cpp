@@ -350,11 +350,13 @@ void run_all(bool quick, double tol, const char* tname) {
       // the one-pass and flash-layout kernels do not take these widths.
       {40, 150, 300, false, false, 1, 1, 1000, 5.0f},
       {70, 130, 520, true, true, 2, 2, 3, 1.0f / 0.07f, 5, 100},
+      {66, 100, 776, false, false, 2, 2, 1000, 4.0f},  // d % 8 = 0, contiguous: 16-byte copies (cp.async), 2 stages
       // The same widths, and d = 1100 (five chunks, the last 76 wide), with tiles of 256 features copied in turn
       // (chunk mode: rows too wide for whole tiles in shared memory).
       {40, 150, 300, false, false, 1, 1, 1000, 5.0f, -1, -1, 256},
       {70, 130, 520, true, true, 1, 2, 3, 1.0f / 0.07f, 5, 100, 256},
       {33, 100, 1100, false, false, 1, 3, 1000, 3.0f, -1, -1, 256},
+      {66, 100, 776, false, false, 1, 2, 1000, 4.0f, -1, -1, 256},
       // A zero anchor row and a zero bank row (a zero-initialised queue, padding): their inverse norm 1e12 must
       // not set the float16 coefficient scale (every other coefficient would round to 0). Two or more splits, so
       // the zero bank row's own gradient (1e12 G, past float16's range, as in torch) is compared unfinished.
