@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                     # The other Y-tile pipeline at every K (a candidate default), the opt-in one-pass forward with
                     # either pipeline, then the WMMA kernels and the SIMT kernels (no tensor cores) at small K.
                     stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
-                    if not args.opt_in_only:
+                    if not args.opt_in_only and d <= 256:  # wide rows: whole-row tiles vs chunks instead (below)
                         variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
                     if args.one_pass:
                         variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps, catch=True)
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                                     reps, catch=True)
                     if d > 256 and not args.opt_in_only:  # wide rows copied in chunks (automatic past 848)
                         variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
-                    if logk in ks[:2] and not args.opt_in_only:
+                    if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
                         variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                     if logk == ks[0] and not args.opt_in_only:
                         variant("fused_simt", {"CONTRASTBOUND_TENSOR_CORES": "0"}, 1)

@@ -135,7 +135,11 @@ else
   B1=$(( B * 6 / 10 ))
   timeout -s INT -k 20 "$B1" "$PY" benchmarks/bench_gpu.py $QUICK ${BENCH_ARGS:-} \
     --budget $((B1 - 40 > 20 ? B1 - 40 : 20)) --csv "$OUT/bench_gpu.csv" || BENCH_RC=$?
-  B2=$(( $(left) - 15 - 60 ))
+  # The opt-in kernels come first (they decide the defaults); 45 s are kept for the wide-row run below only
+  # where at least 120 s are left.
+  WIDE=0
+  [ "$(left)" -ge 120 ] && WIDE=45
+  B2=$(( $(left) - 15 - WIDE ))
   if [ "$B2" -ge 30 ]; then
     timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only ${BENCH_ARGS:-} \
       --budget $((B2 - 40 > 20 ? B2 - 40 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" || true
@@ -145,7 +149,7 @@ else
   # Wide rows (d = 768, CLIP ViT-L's width): the sliced mma.sync rows passes (whole rows; fused_chunked: copied in
   # chunks of 256 features) against naive and the SIMT kernels (fused_simt), which served every d > 256 before.
   B3=$(( $(left) - 10 ))
-  if [ "$B3" -ge 30 ]; then
+  if [ "$WIDE" -gt 0 ] && [ "$B3" -ge 30 ]; then
     timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 768 --kmin 16 --kmax 16 --repeats 2 --no-peers \
       --problems shared --budget $((B3 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
   else
