@@ -289,7 +289,10 @@ def main(argv=None) -> int:
                             variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps, catch=True)
                             variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
                                     reps, catch=True)
-                    if d > 256 and not args.opt_in_only:  # wide rows copied in chunks (automatic past 848)
+                    if d > 256 and not args.opt_in_only:
+                        # Wide rows: one Y stage (the default picks two where they keep the blocks per
+                        # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
+                        variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1"}, reps)
                         variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
                     if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
                         variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)

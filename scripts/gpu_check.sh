@@ -4,7 +4,7 @@
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
 # and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers),
-# bench_gpu_opt_in.csv (the opt-in kernels against the default) and bench_gpu_wide.csv (d = 768) into OUTDIR.
+# bench_gpu_opt_in.csv (the opt-in kernels against the default) and bench_gpu_wide.csv (d = 512) into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -146,11 +146,12 @@ else
   else
     echo "no time left for the opt-in kernels' benchmark"
   fi
-  # Wide rows (d = 768, CLIP ViT-L's width): the sliced mma.sync rows passes (whole rows; fused_chunked: copied in
-  # chunks of 256 features) against naive and the SIMT kernels (fused_simt), which served every d > 256 before.
+  # Wide rows (d = 512, CLIP ViT-B's width): the sliced mma.sync rows passes (whole rows with two Y stages, the
+  # default there; fused_1stage; fused_chunked: copied in chunks of 256 features) against naive and the SIMT
+  # kernels (fused_simt), which served every d > 256 before.
   B3=$(( $(left) - 10 ))
   if [ "$WIDE" -gt 0 ] && [ "$B3" -ge 30 ]; then
-    timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 768 --kmin 16 --kmax 16 --repeats 2 --no-peers \
+    timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 512 --kmin 16 --kmax 16 --repeats 2 --no-peers \
       --problems shared --budget $((B3 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
   else
     echo "no time left for the wide-row benchmark"

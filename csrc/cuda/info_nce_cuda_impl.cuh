@@ -903,15 +903,22 @@ bool use_tc(const Problem& p) {
 }
 
 // Y-tile stages (1: copy, then compute; 2: the next tile's copy overlaps the current tile's work; more shared
-// memory). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits.
+// memory). CONTRASTBOUND_TC_STAGES=1|2 chooses; 2 only where it fits. Default: kTcDefaultStages (one: on the
+// H200 two stages were slower where they cost a block per multiprocessor), except for whole rows wider than
+// kTcMaxD, whose one-stage tiles already leave a single block per multiprocessor from d ~ 400 on an H100 /
+// H200: there two stages where they fit and keep as many blocks (shared memory per multiprocessor / per block,
+// 1 KiB reserved per block), so the copy of the next Y tile overlaps the work on this one (d <= 560 there).
 template <typename T>
 int tc_stages(int64_t d, bool with_p, bool score_tile) {
   const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
-  const int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
-  if (want == 2 && tc_smem<T>(d, with_p, 2, score_tile).total >
-                       static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
-    return 1;
+  int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
+  const size_t optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  if ((env == nullptr || (env[0] != '1' && env[0] != '2')) && !score_tile && d > kTcMaxD) {
+    const size_t per_sm = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
+    const size_t one = tc_smem<T>(d, with_p, 1, score_tile).total, two = tc_smem<T>(d, with_p, 2, score_tile).total;
+    if (two <= optin && per_sm / (two + 1024) >= per_sm / (one + 1024)) want = 2;
   }
+  if (want == 2 && tc_smem<T>(d, with_p, 2, score_tile).total > optin) return 1;
   return want;
 }
 
