@@ -876,7 +876,7 @@ inline bool tc_use_mma();
 constexpr int64_t kTcMaxWideD = 2048;
 
 // Rows too wide for whole X and Y tiles in the shared memory of this device (or CONTRASTBOUND_TC_CHUNKED=1 and
-// d > kTcMaxD): the mma.sync kernels copy them in chunks of kTcSliceD features (mma_chunked_scores).
+// d > kTcMaxD): the mma.sync kernels copy them in chunks of kTcSliceD features (mma_tile_scores).
 inline bool tc_chunked(int64_t d) {
   if (d <= kTcMaxD) return false;
   const char* env = std::getenv("CONTRASTBOUND_TC_CHUNKED");
@@ -911,15 +911,17 @@ bool use_tc(const Problem& p) {
 template <typename T>
 int tc_stages(int64_t d, bool with_p, bool score_tile) {
   const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
-  int want = (env != nullptr && env[0] == '1') ? 1 : (env != nullptr && env[0] == '2') ? 2 : kTcDefaultStages;
+  const int forced = (env != nullptr && (env[0] == '1' || env[0] == '2')) ? env[0] - '0' : 0;
   const size_t optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-  if ((env == nullptr || (env[0] != '1' && env[0] != '2')) && !score_tile && d > kTcMaxD) {
+  const size_t two = tc_smem<T>(d, with_p, 2, score_tile).total;
+  if (two > optin) return 1;
+  if (forced != 0) return forced;
+  if (!score_tile && d > kTcMaxD) {
     const size_t per_sm = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
-    const size_t one = tc_smem<T>(d, with_p, 1, score_tile).total, two = tc_smem<T>(d, with_p, 2, score_tile).total;
-    if (two <= optin && per_sm / (two + 1024) >= per_sm / (one + 1024)) want = 2;
+    const size_t one = tc_smem<T>(d, with_p, 1, score_tile).total;
+    if (per_sm / (two + 1024) >= per_sm / (one + 1024)) return 2;
   }
-  if (want == 2 && tc_smem<T>(d, with_p, 2, score_tile).total > optin) return 1;
-  return want;
+  return kTcDefaultStages;
 }
 
 // float16/bfloat16: mma.sync + ldmatrix kernels (mma_*_kernel) unless CONTRASTBOUND_TC_MMA=0 asks for the WMMA

@@ -81,7 +81,7 @@ __device__ __forceinline__ void tc_round(Frag&, T) {}
 struct TcSmem {
   int dpad = 0, ld = 0, ldp = 0, lde = 0;
   // mma.sync kernels, rows too wide for whole X and Y tiles: the tiles hold `chunk` features at a time (0: whole
-  // rows). See mma_chunked_scores.
+  // rows). See mma_tile_scores.
   int chunk = 0;
   int stages = 1;  // 2: the next Y tile is copied (cp.async) while the current one is used
   size_t x = 0, y = 0, y1 = 0, s = 0, p = 0, cols = 0, total = 0;
@@ -619,47 +619,19 @@ __device__ __forceinline__ void mma_scores_add(unsigned xa, unsigned ya0, unsign
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
+__device__ __forceinline__ void mma_zero(float (&c)[4][4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_scores(unsigned xa, unsigned ya0, unsigned ya1, int dpad, float (&c)[4][4]) {
+  mma_zero(c);
   mma_scores_add<T>(xa, ya0, ya1, dpad, c);
 }
 
-// Chunk mode (m.chunk > 0: rows too wide for whole X and Y tiles in shared memory): sc = the scores of X rows
-// x0.. and Y rows y0.. summed over chunks of m.chunk features, each chunk of both copied into the X and Y tiles in
-// turn (so X is read again for every Y tile, mostly from L2), in the order last + 1, ..., last (cyclic): chunk
-// `last` is left in the Y tile for the caller. Called by every thread after a barrier that frees both tiles;
-// returns after a barrier, with the tiles ready to read. xa, ya0, ya1: the lane addresses of mma_scores.
-template <typename T>
-__device__ __forceinline__ void mma_chunked_scores(unsigned char* raw, const TcSmem& m, const TcOperand<T>& X,
-                                                   int64_t x0, const TcOperand<T>& Y, int64_t y0, int64_t d, int last,
-                                                   unsigned xa, unsigned ya0, unsigned ya1, float (&sc)[4][4]) {
-  T* xs = reinterpret_cast<T*>(raw + m.x);
-  T* ys = reinterpret_cast<T*>(raw + m.y);
-  const int chunks = (m.dpad + m.chunk - 1) / m.chunk;
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) sc[j][e] = 0.f;
-  for (int i = 0; i < chunks; ++i) {
-    const int c0 = ((last + 1 + i) % chunks) * m.chunk;
-    const int cpad = m.dpad - c0 < m.chunk ? m.dpad - c0 : m.chunk;  // padded features of this chunk
-    const int64_t cd = min64(d - c0, cpad);                            // its real features (> 0)
-    if (i > 0) __syncthreads();  // the previous chunk is consumed
-    TcOperand<T> xc = X, yc = Y;
-    xc.ptr += c0 * X.s1;
-    yc.ptr += c0 * Y.s1;
-    tc_issue<T, kTcRows>(xs, m.ld, xc, x0, cd, cpad);
-    tc_issue<T, kTcCols>(ys, m.ld, yc, y0, cd, cpad);
-    tc_commit();
-    tc_wait<0>();
-    __syncthreads();
-    mma_scores_add<T>(xa, ya0, ya1, cpad, sc);
-  }
-}
 
 // This lane's ldmatrix row addresses for the score product: X rows (A operand) and Y rows (B operand, two x4
 // loads covering n8 tiles 0-1 and 2-3 of the warp's 32 columns).
@@ -679,6 +651,43 @@ struct MmaLanes {
   }
 };
 
+// sc = the scores of X rows x0.. and Y rows y0.. for this warp (mma_scores' layout), the Y tile at ys. Called by
+// every thread after the barrier that frees the tiles (and after the caller's writes that the barrier below must
+// publish); returns after a barrier. Whole rows (CHUNKED false): the X tile is the unit's and ys already holds the
+// Y tile. Chunk mode (m.chunk > 0: rows too wide for whole X and Y tiles in shared memory): chunks of m.chunk
+// features of both are copied into the X and Y tiles in turn (so X is read again for every Y tile, mostly from
+// L2) and their scores summed, in the order last + 1, ..., last (cyclic): chunk `last` is left in the Y tile.
+template <typename T, bool CHUNKED>
+__device__ __forceinline__ void mma_tile_scores(unsigned char* raw, const TcSmem& m, const TcOperand<T>& X, int64_t x0,
+                                                const TcOperand<T>& Y, int64_t y0, int64_t d, int last, unsigned xa,
+                                                const T* ys, const MmaLanes& L, float (&sc)[4][4]) {
+  const unsigned ya0 = smem_u32(ys + L.yrow * m.ld + L.yk), ya1 = smem_u32(ys + (L.yrow + 16) * m.ld + L.yk);
+  if constexpr (!CHUNKED) {
+    __syncthreads();
+    mma_scores<T>(xa, ya0, ya1, m.dpad, sc);
+  } else {
+    T* xs = reinterpret_cast<T*>(raw + m.x);
+    T* yt = reinterpret_cast<T*>(raw + m.y);
+    const int chunks = (m.dpad + m.chunk - 1) / m.chunk;
+    mma_zero(sc);
+    for (int i = 0; i < chunks; ++i) {
+      const int c0 = ((last + 1 + i) % chunks) * m.chunk;
+      const int cpad = m.dpad - c0 < m.chunk ? m.dpad - c0 : m.chunk;  // padded features of this chunk
+      const int64_t cd = min64(d - c0, cpad);                            // its real features (> 0)
+      if (i > 0) __syncthreads();  // the previous chunk is consumed
+      TcOperand<T> xc = X, yc = Y;
+      xc.ptr += c0 * X.s1;
+      yc.ptr += c0 * Y.s1;
+      tc_issue<T, kTcRows>(xs, m.ld, xc, x0, cd, cpad);
+      tc_issue<T, kTcCols>(yt, m.ld, yc, y0, cd, cpad);
+      tc_commit();
+      tc_wait<0>();
+      __syncthreads();
+      mma_scores_add<T>(xa, ya0, ya1, cpad, sc);
+    }
+  }
+}
+
 // Running (max, sum) merge for the lanes of a quad, then the two warps of a row block through `scratch`
 // (2 x kTcRows floats); the warp with wc == 0 ends with the row's state in lanes t == 0.
 __device__ __forceinline__ void mma_lse_reduce(float& m, float& s, int wc, int row, int t, float* scratch) {
@@ -695,7 +704,7 @@ __device__ __forceinline__ void mma_lse_reduce(float& m, float& s, int wc, int r
   if (wc == 0 && t == 0) tc_lse_merge(m, s, scratch[row], scratch[kTcRows + row]);
 }
 
-// CHUNKED: m.chunk > 0 (mma_chunked_scores); a separate instance, so that the whole-row one keeps its registers.
+// CHUNKED: m.chunk > 0 (mma_tile_scores); a separate instance, so that the whole-row one keeps its registers.
 template <typename T, bool CHUNKED = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
@@ -731,15 +740,10 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       __syncthreads();  // yinv and the Y buffer about to be refilled are consumed
       const T* ys = CHUNKED ? reinterpret_cast<const T*>(tc_raw + m.y) : tc_next_y<T>(tc_raw, m, Y, k0, k_end, it, a.d);
       if (threadIdx.x < kTcCols) yinv[threadIdx.x] = k0 + threadIdx.x < k_end ? a.y_inv[k0 + threadIdx.x] : 0.f;
-      const unsigned ya0 = smem_u32(ys + L.yrow * m.ld + L.yk), ya1 = smem_u32(ys + (L.yrow + 16) * m.ld + L.yk);
+      // (Chunks: natural order; rows past k_end are copied too, and masked below, as in the whole-row path.)
       float sc[4][4];
-      if constexpr (CHUNKED) {
-        // Rows of the chunk past k_end are zero-filled by the copy and masked below, as in the whole-row path.
-        mma_chunked_scores<T>(tc_raw, m, X, i0, Y, k0, a.d, (m.dpad + m.chunk - 1) / m.chunk - 1, xa, ya0, ya1, sc);
-      } else {
-        __syncthreads();
-        mma_scores<T>(xa, ya0, ya1, m.dpad, sc);
-      }
+      mma_tile_scores<T, CHUNKED>(tc_raw, m, X, i0, Y, k0, a.d, CHUNKED ? (m.dpad + m.chunk - 1) / m.chunk - 1 : 0,
+                                  xa, ys, L, sc);
       const int lim = static_cast<int>(min64(kTcCols, k_end - k0));  // valid columns of this tile
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -804,7 +808,7 @@ __device__ __forceinline__ void mma_store_rows(float* E, const TcSmem& m, const 
     }
 }
 
-// CHUNKED: m.chunk == kTcSliceD > 0 (mma_chunked_scores), as for mma_lse_kernel.
+// CHUNKED: m.chunk == kTcSliceD > 0 (mma_tile_scores), as for mma_lse_kernel.
 template <typename T, bool CHUNKED = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
@@ -876,14 +880,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         ylse[threadIdx.x] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
         yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
       }
-      const unsigned ya0 = smem_u32(ys + L.yrow * m.ld + L.yk), ya1 = smem_u32(ys + (L.yrow + 16) * m.ld + L.yk);
-      float sc[4][4];
-      if constexpr (CHUNKED) {  // this slice's chunk last: it stays in the Y tile for the second product
-        mma_chunked_scores<T>(tc_raw, m, X, x0, Y, y0, a.d, static_cast<int>(slice), xa, ya0, ya1, sc);
-      } else {
-        __syncthreads();
-        mma_scores<T>(xa, ya0, ya1, m.dpad, sc);
-      }
+      float sc[4][4];  // (chunks: this slice's last, so that it stays in the Y tile for the second product)
+      mma_tile_scores<T, CHUNKED>(tc_raw, m, X, x0, Y, y0, a.d, static_cast<int>(slice), xa, ys, L, sc);
       // Coefficients of this lane's 2 x 8 scores, packed in pairs into P (the A operand of the next product).
       const int lim = static_cast<int>(min64(kTcCols, Y.rows - y0));  // valid columns of this tile
 #pragma unroll
