@@ -326,6 +326,45 @@ def test_weighted_sum_accurate_at_large_k():
     assert_close_scaled(want, oracle, 1e-12, "float64 V")
 
 
+@pytest.mark.parametrize("mode", ["shared", "indexed"])
+def test_bank_gradient_stays_tangent_with_many_hits_per_row(mode):
+    # With normalize, the loss sees a bank row only through n_hat, so its gradient is orthogonal to n_hat. A row
+    # hit 2^14 times (indexed) or by 2^16 anchors (shared) accumulates that many terms; forming n_hat . G from a
+    # sum of w l kept apart from G left both sums' rounding in the radial part: 2.4e-3 of the gradient's norm
+    # (indexed, K = 1e6) where torch's float32 autograd leaves 1.2e-6. Bound: 2e-5, ~170 float32 roundings.
+    g = torch.Generator().manual_seed(0)
+    B, M, d = (1, 64, 2) if mode == "indexed" else (2**16, 64, 2)
+    idx = torch.randint(0, M, (B, 2**20), generator=g) if mode == "indexed" else None
+    a = torch.randn(B, d, generator=g)
+    p = a + 0.3 * torch.randn(B, d, generator=g)
+    bank = torch.randn(M, d, generator=g, requires_grad=True)
+    loss = cb.info_nce(a, p, bank, negative_indices=idx, temperature=0.01, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, bank)
+    radial = (grad.double() * F.normalize(bank.detach().double(), dim=1)).sum(1).abs().max()
+    assert radial <= 2e-5 * grad.double().norm(), (radial / grad.double().norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["shared", "in_batch"])
+def test_row_whose_norm_overflows_gets_zero_gradient(mode):
+    # A row of norm ~6e19: its float32 sum of squares overflows, so normalisation maps it to 0 (as F.normalize
+    # does) and its gradient is 0, not NaN (0 / 0 in the Jacobian's factor before).
+    g = torch.Generator().manual_seed(0)
+    a, p, bank = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    big = p if mode == "in_batch" else bank
+    with torch.no_grad():
+        big[1] *= 3e19
+    x = big.clone().requires_grad_(True)
+    args = (a, x) if mode == "in_batch" else (a, p, x)
+    loss = cb.info_nce(*args, temperature=0.1)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref = big.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(info_nce_reference(*args[:-1], ref, temperature=0.1), ref)
+    assert torch.isfinite(grad).all() and torch.equal(grad[1], torch.zeros(4))
+    assert torch.equal(want[1], torch.zeros(4))
+    assert_close_scaled(loss, info_nce_reference(*args[:-1], big, temperature=0.1), TOL[torch.float32], "loss")
+    assert_close_scaled(grad, want, TOL[torch.float32], "gradient")
+
+
 def test_zero_vectors_follow_f_normalize():
     a, p, n, _ = make_inputs("shared", B=3, K=4, d=3, dtype=torch.float64)
     with torch.no_grad():

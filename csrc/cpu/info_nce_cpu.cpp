@@ -528,7 +528,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
 // ------------------------------------------------------------------------------------------------------
 
 // Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
-// recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) and c = sum_i W l accumulate.
+// recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) accumulates.
 template <typename scalar_t, typename acc_t>
 void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, bool exclude_self, const acc_t* g,
                      const acc_t* lse, Tensor& grad_bank) {
@@ -542,7 +542,8 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
   // 1, or 0 where F.normalize clamped the norm.
   std::vector<acc_t> q(K);
-  for (int64_t k = 0; k < K; ++k) q[k] = proj[k] / (inv[k] * inv[k]);
+  // (inv = 0 where the float32 sum of squares overflowed: that row's gradient is 0, as F.normalize's.)
+  for (int64_t k = 0; k < K; ++k) q[k] = inv[k] > acc_t(0) ? proj[k] / (inv[k] * inv[k]) : acc_t(0);
   const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
   const int64_t tiles = ceil_div(K, kBankTile);
   parallel_for_tls(0, tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -550,14 +551,13 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
     Tensor weights = at::empty({kAnchorBlock * kBankTile}, acc_opts);
     Tensor tile_buf = at::empty({kBankTile, d}, acc_opts);
     Tensor grad_buf = at::empty({kBankTile, d}, acc_opts);
-    Tensor c_buf = at::empty({kBankTile}, acc_opts), col_sum = at::empty({kBankTile}, acc_opts);
+    Tensor c_buf = at::empty({kBankTile}, acc_opts);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kBankTile, tk = std::min(kBankTile, K - k0);
       const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
       Tensor grad = grad_buf.narrow(0, 0, tk);
-      Tensor c = c_buf.narrow(0, 0, tk), cs = col_sum.narrow(0, 0, tk);
+      Tensor c = c_buf.narrow(0, 0, tk);
       grad.zero_();
-      c.zero_();
       for (int64_t i0 = 0; i0 < B; i0 += kAnchorBlock) {
         const int64_t bb = std::min(kAnchorBlock, B - i0);
         const Tensor a_blk = pr.anchors_s.narrow(0, i0, bb);
@@ -567,14 +567,12 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
         if (exclude_self) mask_self<acc_t>(w, i0, k0, acc_t(0));
         grad.addmm_(w.t(), a_blk);  // dL/dn_hat = sum_i W_ik s a_hat_i
-        if (normalize) {
-          l.mul_(w);
-          at::sum_out(cs, l, {0});
-          c.add_(cs);  // c_k = n_hat_k . dL/dn_hat_k
-        }
       }
-      // dL/dn = inv * (G - c * q * n_hat) (the tile holds n_hat)
+      // dL/dn = inv * (G - c * q * n_hat) (the tile holds n_hat), c_k = n_hat_k . G_k from the accumulated G, as
+      // F.normalize's backward forms it (a sum of W l kept apart from G would leave both rounding errors in the
+      // radial part, whose true value is 0)
       if (normalize) {
+        at::sum_out(c, tile * grad, {1});
         grad.sub_(tile * (c * q_t.narrow(0, k0, tk)).unsqueeze(1));
         grad.mul_(inv_t.narrow(0, k0, tk).unsqueeze(1));
       }
@@ -633,7 +631,6 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   const bool in_place = std::is_same<scalar_t, acc_t>::value;
   Tensor acc = in_place ? grad_bank : at::zeros({M, d}, pr.anchors_s.options());
   if (in_place) acc.zero_();
-  std::vector<acc_t> c(M, acc_t(0));
   std::vector<uint8_t> used(M, 0);
   acc_t* G = acc.template data_ptr<acc_t>();
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
@@ -653,7 +650,6 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
     const acc_t l = dot(ai, n + m * sm, d) * inv[m];
     const acc_t w = g[i] * std::exp(l - lse[i]);
     axpy(G + m * d, w, ai, d);
-    c[m] += w * l;
     used[m] = 1;
   };
   const auto prefetch_pair = [&](int64_t m) {  // the bank row read and the gradient row updated
@@ -732,7 +728,9 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
           if (!used[m]) continue;
           acc_t* gm = G + m * d;
           const scalar_t* row = n + m * sm;
-          const acc_t cp = c[m] * proj[m];
+          // n_hat . G from the accumulated G, as F.normalize's backward forms it: a sum of w l kept apart from G
+          // would leave their two rounding errors in the radial part (true value 0), growing with the row's hits.
+          const acc_t cp = proj[m] != acc_t(0) ? dot(gm, row, d) * inv[m] * proj[m] : acc_t(0);
           for (int64_t j = 0; j < d; ++j) gm[j] = inv[m] * gm[j] - cp * static_cast<acc_t>(row[j]);
         }
       }
