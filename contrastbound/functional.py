@@ -639,16 +639,44 @@ def nt_xent(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     compute, result = _promoted(z1, z2)
-    views = torch.cat([z1.to(compute), z2.to(compute)])
-    partners = torch.cat([z2.to(compute), z1.to(compute)])
-    bank = views
+    z1, z2 = z1.to(compute), z2.to(compute)
+    bank1, bank2 = z1, z2
     if process_group is not None:
         from .distributed import gather_with_local_first
 
         _check_group("nt_xent", z1, z2, t)
-        bank = gather_with_local_first(views, process_group, name="z1, z2")  # row i is still view i
-    loss, _ = _fused(views, partners, bank, None, t, normalize, False, exclude_self=True)
+        bank1 = gather_with_local_first(z1, process_group, name="z1")  # row i is still view i
+        bank2 = gather_with_local_first(z2, process_group, name="z2")
+    # View i's sum splits into its pair's side (every view of the other side: in-batch, the pair out of the bank
+    # and counted once as the positive) and its own side (every other view there). One call over all 2N views
+    # would hold the positive inside the bank and subtract it again: when it dominates (a trained model, a low
+    # temperature) the loss and the positive's gradient were left as differences of rounded values (bfloat16
+    # gradients off by more than their size). Here the positive's term is computed once, and the own side
+    # enters as softplus(lse_own - lse_pair), whose gradient adds to the pair side's without cancelling.
+    loss = torch.cat([
+        _nt_xent_half(z1, z2, bank1, bank2, t, normalize),
+        _nt_xent_half(z2, z1, bank2, bank1, t, normalize),
+    ])
     return _reduce(loss, reduction, result)
+
+
+def _nt_xent_half(
+    z: torch.Tensor, pair: torch.Tensor, own_bank: torch.Tensor, pair_bank: torch.Tensor, t, normalize: bool
+) -> torch.Tensor:
+    """NT-Xent loss of the views z (N, d), their pairs `pair`, over the views of their own side `own_bank` and the
+    pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair."""
+    loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
+    # The own side without a positive: zero positives give a logit of 0 (normalised or not), so the op's loss is
+    # this side's log-sum-exp itself, differentiable through the op.
+    lse_own, _ = _fused(z, torch.zeros_like(z), own_bank, None, t, normalize, False, exclude_self=True)
+    # lse_pair = loss_pair + the positive's logit: as info_nce_lse, the kernel's value with that gradient.
+    acc = loss_pair.dtype
+    zh, ph = z.to(acc), pair.to(acc)
+    if normalize:
+        zh, ph = F.normalize(zh, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
+    pos = (zh * ph).sum(-1) / t
+    lse_pair = lse_pair.detach() + (loss_pair - loss_pair.detach()) + (pos - pos.detach())
+    return loss_pair + F.softplus(lse_own - lse_pair)
 
 
 def clip_loss(

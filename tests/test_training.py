@@ -225,3 +225,40 @@ def test_nt_xent_gradcheck_with_learnable_temperature():
     z2 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, t: cb.nt_xent(a, b, t, reduction="none"), (z1, z2, t))
+
+
+def test_nt_xent_confident_pairs_keep_the_positive_term_exact():
+    # A trained model: each view's pair dominates its sum (T = 0.05, pairs at distance ~0.2 of unit-scale rows).
+    # With the pair's logit inside the bank and subtracted again, the bfloat16 gradient was the difference of two
+    # rounded vectors of size s |a|: norm-relative error 2.1 against float64 (torch's own bfloat16 autograd 0.40),
+    # the float32 loss 7.1e-2 (median relative; torch 3.0e-3), and a loss of z against itself came out negative.
+    # Now: loss 1.1e-3 / 1.6e-3, gradients 4.2e-3 / 8.2e-3 (float32 / bfloat16).
+    from contrastbound.reference import nt_xent_reference
+
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.2 * torch.randn(256, 64, generator=g, dtype=torch.float64)
+    r1, r2 = (x.clone().requires_grad_(True) for x in (z1, z2))
+    ref = nt_xent_reference(r1, r2, 0.05, reduction="none")
+    want = torch.autograd.grad(ref.sum(), [r1, r2])
+    for dtype, loss_tol, grad_tol in [(torch.float32, 1e-2, 2e-2), (torch.bfloat16, 2e-2, 5e-2)]:
+        x1, x2 = (x.to(dtype).requires_grad_(True) for x in (z1, z2))
+        loss = cb.nt_xent(x1, x2, 0.05, reduction="none")
+        # the float64 loss of the rounded inputs: bfloat16's rounding of z moves the losses (~1e-5) themselves
+        ref_d = nt_xent_reference(x1.detach().double(), x2.detach().double(), 0.05, reduction="none")
+        rel = ((loss.double() - ref_d).abs() / ref_d).median()
+        assert rel <= loss_tol, (dtype, rel.item())
+        got = torch.autograd.grad(loss.sum(), [x1, x2])
+        for x, y in zip(got, want):
+            err = ((x.double() - y).norm() / y.norm()).item()
+            assert err <= grad_tol, (dtype, err)
+    z = torch.randn(4, 8, generator=g)
+    assert (cb.nt_xent(z, z, 0.01, reduction="none") >= 0).all()
+
+
+def test_nt_xent_single_pair_has_finite_zero_gradient():
+    # N = 1: a view's own side is empty (log-sum-exp -inf), its pair side holds only the positive.
+    z1, z2 = (torch.randn(1, 5, requires_grad=True) for _ in range(2))
+    loss = cb.nt_xent(z1, z2, 0.1)
+    g1, g2 = torch.autograd.grad(loss, [z1, z2])
+    assert loss.item() == 0.0 and torch.equal(g1, torch.zeros_like(g1)) and torch.equal(g2, torch.zeros_like(g2))

@@ -96,6 +96,14 @@ CB_HOST_DEVICE inline acc_t finalize(const LseState<acc_t>& st) {
   return st.max + std::log(st.sum);
 }
 
+// lse - x for a logit x of the sum (the positive), as (max - x) + log(sum): where x is the largest logit (a
+// confident positive) that is log(sum) exactly, as in torch's log_softmax, where finalize(st) - x would leave
+// the rounding of lse (eps |lse|) in a loss that may be far smaller.
+template <typename acc_t>
+CB_HOST_DEVICE inline acc_t finalize_minus(const LseState<acc_t>& st, acc_t x) {
+  return (st.max - x) + std::log(st.sum);
+}
+
 // How a row x enters the logits: x_hat = inv * x. For the gradient,
 // d/dx = inv * g - (x_hat . g) * proj * x, with proj = inv^2 where ||x|| >= eps (the normalisation's
 // Jacobian) and 0 where F.normalize clamps the norm (or normalize=false: inv = 1, proj = 0).

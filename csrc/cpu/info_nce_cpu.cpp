@@ -456,7 +456,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
         }
       }
       lse[i] = finalize(st);
-      loss[i] = lse[i] - pr.pos_logit[i];
+      loss[i] = finalize_minus(st, pr.pos_logit[i]);
       if (save) {
         const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
         for (int64_t j = 0; j < d; ++j) vi[j] *= inv_sum;

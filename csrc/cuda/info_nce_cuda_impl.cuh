@@ -587,7 +587,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (threadIdx.x == 0) {
       lse[i] = finalize(st);
-      loss[i] = lse[i] - w.pr.pos[i];
+      loss[i] = finalize_minus(st, w.pr.pos[i]);
     }
     if (vi != nullptr) {
       const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0

@@ -97,6 +97,25 @@ void check_primitives() {
   check_online_update<float>(rng, 1.0, 2e-5);
   check_online_update<float>(rng, 100.0, 2e-6);
 
+  // lse - x for a dominant logit x = 80 (temperature 0.01) and one other at x - 14: the loss is log1p(e^-14)
+  // ~ 8.3e-7. (max - x) + log(sum) is exact to float32 rounding of log(sum); finalize(st) - x would round lse
+  // ~ 80 first (spacing 7.6e-6: nothing of the loss left).
+  {
+    contrastbound::LseState<float> st{80.0f, 1.0f};
+    float other = 80.0f - 14.0f;
+    contrastbound::online_update(st, &other, 1, &other);
+    const double want = std::log1p(std::exp(-14.0));
+    const double got = contrastbound::finalize_minus(st, 80.0f);
+    if (!(std::abs(got - want) <= 0.2 * want)) {  // float32 1 + 8.3e-7 keeps ~7 of its 24 bits of the fraction
+      std::printf("FAIL finalize_minus: got %.6g want %.6g\n", got, want);
+      ++failures;
+    }
+    if (contrastbound::finalize_minus(contrastbound::LseState<float>{80.0f, 1.0f}, 80.0f) != 0.0f) {
+      std::printf("FAIL finalize_minus of the positive alone is not 0\n");
+      ++failures;
+    }
+  }
+
   // Empty state: merging two empty states and finishing gives -inf; an update from empty has factor 0.
   contrastbound::LseState<double> a, b;
   double fa, fb;
