@@ -103,7 +103,10 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
         C = int(num_classes)
         return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
     try:
-        given = np.asarray(prior.detach().cpu() if hasattr(prior, "detach") else prior)  # a torch tensor too
+        if hasattr(prior, "detach"):  # a torch tensor: widened first (numpy has no bfloat16)
+            prior = prior.detach().cpu()
+            prior = prior.double() if prior.is_floating_point() else prior
+        given = np.asarray(prior)
         pi = given.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"prior must be a 1-d array of class probabilities, got {type(prior).__name__}") from exc
@@ -748,6 +751,12 @@ def _one_side(kf, start, ratio, steps, base, sign, g, table, g_mode, sum_w, sum_
         a = b
 
 
+# Beyond this standard deviation of Bin(K, p) (a window of ~1.3M points per pair, memory ~ sqrt(K): 48 GiB at
+# K = 2^62) the expectation is taken under the normal law instead, by Gauss-Hermite quadrature (_binom_expect).
+_NORMAL_MIN_SD = 2.0**16
+_GH_X, _GH_W = np.polynomial.hermite.hermgauss(24)
+
+
 def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     """E_{m ~ Bin(K, p)} g(m, K) for every pair of the int64 array k and the probabilities prob (broadcast).
 
@@ -758,6 +767,10 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     or rounding) is ever formed. The mean is taken as g(mode) + sum_m w_m (g(m) - g(mode)) / sum_m w_m, so the
     rounding of the sums only touches the correction to g(mode). All pairs go through one vectorised pass
     (_one_side, once above the modes and once below them, as Bin(K, 1 - p) above K - mode).
+    Where sd > _NORMAL_MIN_SD (so Kp and K(1-p) both exceed sd^2 > 4e9) the law is taken as normal: for the smooth
+    g here (log-type in m) the binomial's skewness moves the mean by ~g'''(Kp) K p q / 6 ~ 1 / (3 (Kp)^2) < 3e-20,
+    and 24 Gauss-Hermite nodes (within +- 6.9 sd, inside [0, K]) integrate g, nearly linear over that window, to
+    float64 rounding.
     """
     k, prob = np.broadcast_arrays(np.asarray(k), np.asarray(prob, dtype=np.float64))
     shape = k.shape
@@ -777,6 +790,14 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     kf = kk.astype(np.float64)
     mean = kf * p
     sd = np.sqrt(kf * p * q)
+    big = sd > _NORMAL_MIN_SD
+    if np.any(big):
+        nodes = mean[big, None] + math.sqrt(2.0) * sd[big, None] * _GH_X[None, :]
+        out[part[big]] = (g(nodes, kf[big, None]) @ _GH_W) / math.sqrt(math.pi)
+        small = ~big
+        part, kk, p, q, kf, mean, sd = (x[small] for x in (part, kk, p, q, kf, mean, sd))
+        if part.size == 0:
+            return out.reshape(shape)
     lo = np.maximum(0, np.floor(mean - 10.0 * sd - 25.0)).astype(np.int64)
     hi = np.minimum(kk, np.ceil(mean + 10.0 * sd + 25.0)).astype(np.int64)
     mode = np.clip(np.floor((kf + 1.0) * p).astype(np.int64), lo, hi)

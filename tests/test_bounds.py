@@ -8,6 +8,7 @@ from itertools import combinations
 
 import mpmath
 import numpy as np
+import torch
 import pytest
 
 from contrastbound import bounds as B
@@ -446,6 +447,10 @@ def test_float32_prior_is_accepted_and_renormalised():
         B.delta_upper(16, prior=[0.5, 0.5 + 1e-8])  # float64: still 1e-9
     with pytest.raises(ValueError, match="sum to 1"):  # not a license for any float32 vector
         B.delta_upper(16, prior=np.full(10**5, 0.96e-5, dtype=np.float32))
+    # torch tensors of any float dtype, bfloat16 included (numpy has none: it was refused as "not an array")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        t = torch.tensor([0.25, 0.75], dtype=dtype)
+        assert B.delta_upper(16, prior=t) == B.delta_upper(16, prior=t.double().numpy())
 
 
 def test_scalar_and_array_outputs():
@@ -526,3 +531,23 @@ def test_input_checks_name_the_argument():
     assert B.arora(loss, 20, num_classes=10) == B.arora(2.5, 20, num_classes=10)
     lo, hi = B.supervised_loss_interval(loss, 20, num_classes=10)
     assert (lo, hi) == B.supervised_loss_interval(2.5, 20, num_classes=10)
+
+
+def test_binomial_expectations_at_huge_k_take_the_normal_law(monkeypatch):
+    # K = 2^62: the exact sum's window (~sqrt(K) points) needed 48 GiB. Past sd = 2^16 the normal law serves; its
+    # error, the skewness term g''' K p q (q - p) / 6 ~ 1 / (3 (Kp)^2), is far below float64 there. Oracle: the
+    # delta method, log(1 + mu) - sigma^2 / (2 (1 + mu)^2), whose next terms are O(1 / mu^2).
+    for K in (2**40, 2**62):
+        mu, var = K / 10, K * 0.1 * 0.9
+        assert B.collision_term(K, num_classes=10) == pytest.approx(math.log1p(mu) - var / (2 * (1 + mu) ** 2), rel=1e-15)
+        assert math.isfinite(B.min_contrastive_loss(K, num_classes=10))
+    # Against the exact sum where both run: with the threshold lowered to sd = 100, K = 1e6..1e7, p = 0.1 (sd 300 ..
+    # 950) the skewness term predicts ~2e-12 .. 2e-14 relative.
+    ks = np.array([10**6, 3 * 10**6, 10**7])
+    e = math.exp(-2.0)
+    for g, p, tol in ((B._LOG1P, 0.1, 5e-12), (lambda m, kk: np.log1p(m + (kk - m) * e), 0.3, 1e-13)):
+        exact = B._binom_expect(ks, p, g)
+        monkeypatch.setattr(B, "_NORMAL_MIN_SD", 100.0)
+        normal = B._binom_expect(ks, p, g)
+        monkeypatch.undo()
+        assert np.all(np.abs(normal - exact) <= tol * exact), np.abs(normal - exact) / exact
