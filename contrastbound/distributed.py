@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import _backend, _ops
 from .functional import (
+    _autocast_off,
     _check_bool,
     _check_features,
     _check_reduction,
@@ -150,7 +151,7 @@ class _ShardedNegativeLse(torch.autograd.Function):
         else:  # pragma: no cover - fallback without the extension
             from .reference import info_nce_core_reference
 
-            with torch.autocast(anchors_all.device.type, enabled=False):  # the inputs' dtype, as the kernels
+            with _autocast_off(anchors_all.device.type):  # the inputs' dtype, as the kernels
                 _, lse_part = info_nce_core_reference(anchors_all, zeros, shard, None, scale, normalize, False)
             term = None
         parts = [torch.empty_like(lse_part) for _ in range(dist.get_world_size(group))]

@@ -122,6 +122,12 @@ def class_means(
     _check_bool_arg("normalize", normalize)
     features = _check_features("features", features)
     labels, C = _check_labels("labels", labels, features, num_classes)
+    if C > labels.numel():  # some class is empty for sure: say so before bincount allocates C counts
+        raise ValueError(
+            f"labels: every class needs at least one sample to have a mean; C = {C} classes (the largest label + 1 "
+            f"unless num_classes is given) but only N = {labels.numel()} samples (labels are class indices 0..C-1: "
+            "remap other ids with torch.unique(labels, return_inverse=True)[1])"
+        )
     counts = torch.bincount(labels, minlength=C)
     if bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
@@ -155,8 +161,16 @@ def mean_classifier_loss(
         reduction: "mean", "sum" or "none" (per-sample (N,)).
     """
     features = _check_features("features", features)
-    if not isinstance(means, torch.Tensor) or means.dim() != 2:
-        raise TypeError("means must be a (C, d) tensor (see class_means)")
+    if not isinstance(means, torch.Tensor):
+        raise TypeError(f"means must be a (C, d) tensor (see class_means), got {type(means).__name__}")
+    if means.dim() != 2:
+        raise ValueError(f"means must have shape (C, d) (see class_means), got shape {tuple(means.shape)}")
+    if not means.is_floating_point():
+        raise TypeError(f"means must be a floating tensor, got dtype {means.dtype}")
+    if means.device != features.device:
+        raise ValueError(f"means is on {means.device} but the features are on {features.device}")
+    if means.shape[0] == 0:
+        raise ValueError("means must have at least one row (class)")
     if means.shape[1] != features.shape[1]:
         raise ValueError(f"means must have shape (C, d) with d = {features.shape[1]} (the features'), got "
                          f"{tuple(means.shape)}")
@@ -211,10 +225,15 @@ class _Sampler:
             yield a, pos, neg
 
 
-def _setup(features, labels, temperature, num_anchors, normalize):
+def _setup(features, labels, temperature, num_anchors, normalize, differentiable=False):
     features = _check_features("features", features)
     labels, _ = _check_labels("labels", labels, features)
-    t = _check_positive("temperature", temperature)
+    if differentiable and isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        from .functional import _check_temperature
+
+        t = _check_temperature(temperature)  # a learnable temperature stays a tensor: the estimate's gradient reaches it
+    else:
+        t = _check_positive("temperature", temperature)
     if num_anchors is not None:
         num_anchors = _check_count("num_anchors", num_anchors, 1)
     _check_bool_arg("normalize", normalize)
@@ -238,7 +257,7 @@ def contrastive_loss_estimate(
     ``-log(e^{s a.p} / (e^{s a.p} + sum_k e^{s a.n_k}))``, s = 1/temperature, through :func:`contrastbound.info_nce`
     with ``negative_indices`` (no (B, K, d) copy). The standard error is roughly sd(loss_i) / sqrt(B).
     """
-    features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize, differentiable=True)
     K = _check_count("K", K, 0)
     sampler = _Sampler(features, labels, num_anchors, generator)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
@@ -349,6 +368,9 @@ def gap_report(
         :func:`format_gap_report`.
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    for name, x in (("features", features), ("test_features", test_features)):
+        if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite: it holds NaN or inf entries")
     C = int(labels.max()) + 1
     ks_arr = np.asarray(ks)
     if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0 or ks_arr.min() < 1:

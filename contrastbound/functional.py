@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 from numbers import Real
 
 import torch
@@ -79,6 +81,8 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
+    if not (1.0 / t < math.inf):  # a subnormal temperature: the scale 1 / t overflows
+        raise ValueError(f"temperature must be at least {1.0 / sys.float_info.max:.3g} (1 / temperature finite), got {t}")
     return t
 
 
@@ -113,7 +117,7 @@ def _check_indices(
             torch._assert_async(
                 ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
             )
-        elif not torch._C._functorch.is_functorch_wrapped_tensor(indices):
+        elif indices.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(indices):
             # (per-sample values under vmap cannot be read back: the compiled op or torch's indexing checks them)
             # Plain indices inside a torch.func transform: before torch 2.10 the transform wrapped the results of
             # ops on them too, which cannot be read back ("Cannot access data pointer"), so the transforms are off
@@ -130,6 +134,21 @@ def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), or nothing where that device has no autocast (meta tensors:
+    torch.autocast("meta") raises)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _gradient_only(x: torch.Tensor) -> torch.Tensor:
+    """0 with the gradient of x: x - x.detach(), but 0 where x is infinite (an empty sum's log-sum-exp is -inf,
+    and -inf - -inf would make a value and gradient that are NaN)."""
+    return torch.where(torch.isinf(x.detach()), 0.0, x - x.detach())
 
 
 def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +195,7 @@ def _fused(
         scale = _poison_bad_scale(scale)
     # The reference in the inputs' dtype, as the kernels (float32 accumulation for half inputs): autocast would
     # run its logits' matmul in bfloat16/float16.
-    with torch.autocast(anchors.device.type, enabled=False):
+    with _autocast_off(anchors.device.type):
         return info_nce_core_reference(
             anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
         )
@@ -241,6 +260,8 @@ def _scale_of(temperature: float | torch.Tensor, device: torch.device) -> float 
     """1 / temperature: a float, or a detached float64 0-d tensor for a tensor temperature. For CPU features a
     GPU temperature comes to the CPU (a read-back): the dispatcher would otherwise pick the GPU kernel."""
     if isinstance(temperature, torch.Tensor):
+        if temperature.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"temperature is a meta tensor (no value) but the features are on {device}")
         scale = 1.0 / temperature.detach().to(torch.float64)
         return scale.cpu() if device.type == "cpu" and scale.device.type != "cpu" else scale
     return 1.0 / temperature
@@ -560,7 +581,7 @@ def info_nce_lse(
         if normalize:
             ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
         pos = (ah * ph).sum(-1) / t
-        lse = lse + (loss - loss.detach()) + (pos - pos.detach())
+        lse = lse + _gradient_only(loss) + _gradient_only(pos)
     return loss, lse
 
 
@@ -675,7 +696,7 @@ def _nt_xent_half(
     if normalize:
         zh, ph = F.normalize(zh, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
     pos = (zh * ph).sum(-1) / t
-    lse_pair = lse_pair.detach() + (loss_pair - loss_pair.detach()) + (pos - pos.detach())
+    lse_pair = lse_pair.detach() + _gradient_only(loss_pair) + _gradient_only(pos)
     return loss_pair + F.softplus(lse_own - lse_pair)
 
 
@@ -704,6 +725,10 @@ def clip_loss(
         process_group: a torch.distributed group: each rank's pairs are scored against the texts (images) of all
             ranks; this rank's loss is over its own pairs (all_gather_with_grad convention for gradients).
     """
+    if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
+        raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
+    if not (0.0 < float(max_logit_scale) < math.inf):
+        raise ValueError(f"max_logit_scale must be positive and finite, got {float(max_logit_scale)}")
     scale = logit_scale
     if isinstance(scale, torch.Tensor):
         scale = _check_positive_scalar_tensor("logit_scale", scale)

@@ -195,6 +195,19 @@ def test_temperature_accepts_numpy_and_tensor_scalars():
         contrastive_loss_estimate(x, y, 8, temperature=np.float32(-1.0))
 
 
+def test_contrastive_loss_estimate_differentiates_a_learnable_temperature():
+    # A temperature that requires grad was read as a float (detached: it would never learn); its gradient now
+    # matches a central difference of the estimate over the same draws (float64: ~1e-9 of the slope).
+    x, y = blobs((20, 20, 20), d=4, seed=7)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    est = contrastive_loss_estimate(x, y, 8, temperature=t, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(est, t)
+    h = 1e-5
+    up, down = (float(contrastive_loss_estimate(x, y, 8, temperature=0.5 + e, generator=torch.Generator().manual_seed(0)))
+                for e in (h, -h))
+    assert float(grad) == pytest.approx((up - down) / (2 * h), rel=1e-6)
+
+
 def test_gap_report_norm_bound_and_verdicts():
     x, y = blobs((30, 30, 30), d=4, seed=8, dtype=torch.float32)
     rows = gap_report(x, y, [4, 64], temperature=0.5, generator=torch.Generator().manual_seed(0))
@@ -254,6 +267,23 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
         mean_classifier_loss(x, y, class_means(x, y), normalize="no")
     with pytest.raises(TypeError, match="generator"):
         contrastive_loss_estimate(x, y, 4, generator=5)
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    for norm in (True, False):  # was a NaN report (normalize) or an error naming norm_bound, which no one passed
+        with pytest.raises(ValueError, match="features must be finite"):
+            gap_report(bad, y, [2], normalize=norm)
+    with pytest.raises(ValueError, match="test_features must be finite"):
+        gap_report(x, y, [2], test_features=bad, test_labels=y)
+    sparse = y.clone()
+    sparse[0] = 10**12  # C = 10^12 + 1 > N: refused before 8 TB of counts are allocated
+    with pytest.raises(ValueError, match="torch.unique"):
+        class_means(x, sparse)
+    m = class_means(x, y)
+    for bad, exc, text in [(m.long(), TypeError, "means must be a floating"), (m.to("meta"), ValueError, "means is on"),
+                           (m[:0], ValueError, "means must have at least one"), (m[None], ValueError, "means must have shape"),
+                           (m.tolist(), TypeError, "means must be a")]:
+        with pytest.raises(exc, match=text):
+            mean_classifier_loss(x, y, bad)
     with pytest.raises(ValueError, match="means must have shape"):
         mean_classifier_loss(x, y, class_means(x, y)[:, :2])
     with pytest.raises(ValueError, match="test_features must have feature size"):

@@ -48,6 +48,12 @@ CASES = [
     ("temperature nan", lambda: cb.info_nce(a, p, bank, temperature=math.nan), ValueError, "temperature"),
     ("temperature inf", lambda: cb.info_nce(a, p, bank, temperature=math.inf), ValueError, "temperature"),
     ("temperature string", lambda: cb.info_nce(a, p, bank, temperature="0.1"), TypeError, "temperature"),
+    ("temperature subnormal", lambda: cb.info_nce(a, p, bank, temperature=1e-310), ValueError, "temperature"),
+    ("clip_loss max_logit_scale zero", lambda: cb.clip_loss(a, p, 10.0, max_logit_scale=0.0), ValueError, "max_logit_scale"),
+    ("clip_loss max_logit_scale nan", lambda: cb.clip_loss(a, p, 10.0, max_logit_scale=math.nan), ValueError, "max_logit_scale"),
+    ("clip_loss max_logit_scale negative, tensor scale",
+     lambda: cb.clip_loss(a, p, torch.tensor(10.0), max_logit_scale=-1.0), ValueError, "max_logit_scale"),
+    ("clip_loss max_logit_scale None", lambda: cb.clip_loss(a, p, 10.0, max_logit_scale=None), TypeError, "max_logit_scale"),
     ("temperature tensor of two", lambda: cb.info_nce(a, p, bank, temperature=torch.ones(2)), ValueError, "temperature"),
     ("temperature tensor negative", lambda: cb.info_nce(a, p, bank, temperature=torch.tensor(-0.5, requires_grad=True)), ValueError, "temperature"),
     ("unknown reduction", lambda: cb.info_nce(a, p, bank, reduction="avg"), ValueError, "reduction"),
@@ -211,3 +217,18 @@ def test_infonce_module_refuses_a_temperature_it_would_freeze():
     module = cb.InfoNCE(temperature=t, learn_temperature=True)  # starts from its value, learns log_temperature
     assert abs(float(module.temperature) - 0.1) < 1e-6
     assert abs(float(cb.InfoNCE(temperature=torch.tensor(0.2)).temperature) - 0.2) < 1e-6  # a plain tensor: read
+
+
+def test_meta_tensors_give_meta_results_as_torch_does():
+    # Shape inference on meta tensors, as F.cross_entropy allows: no values to read, so no range checks; it raised
+    # "unsupported scalarType" (autocast on meta) or "Cannot copy out of meta tensor" before.
+    m = lambda *shape: torch.randn(*shape, device="meta")  # noqa: E731
+    idx = torch.zeros(4, 2, dtype=torch.long, device="meta")
+    for loss in (cb.info_nce(m(4, 3), m(4, 3), m(5, 3)), cb.info_nce(m(4, 3), m(4, 3), m(5, 3), negative_indices=idx),
+                 cb.info_nce(m(4, 3), m(4, 3)), cb.nt_xent(m(4, 3), m(4, 3)), cb.clip_loss(m(4, 3), m(4, 3), 10.0),
+                 cb.bank_cross_entropy(m(4, 3), m(5, 3), idx[:, 0])):
+        assert loss.device.type == "meta" and loss.shape == ()
+    per = cb.info_nce(m(4, 3), m(4, 3), m(4, 6, 3), reduction="none")
+    assert per.device.type == "meta" and per.shape == (4,)
+    with pytest.raises(ValueError, match="temperature"):
+        cb.info_nce(a, p, bank, temperature=torch.tensor(0.5, device="meta"))

@@ -477,6 +477,21 @@ def test_info_nce_lse_combines_disjoint_sets():
     assert_close_scaled(torch.logaddexp(first, rest), full, 1e-12, "lse")
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
+def test_info_nce_lse_of_an_empty_set_is_minus_inf_with_grad(mode):
+    # K = 0 (in-batch: B = 1) without the positive: the log-sum-exp of nothing, -inf as torch.logsumexp gives, also
+    # when a gradient is recorded (it was NaN there: -inf - -inf), so logaddexp with another set leaves that set.
+    B = 1 if mode == "in_batch" else 4
+    a, p, n, idx = make_inputs(mode, B=B, K=0, d=3, dtype=torch.float64, M=5)
+    _, empty = cb.info_nce_lse(a, p, n, negative_indices=idx, include_positive=False)
+    assert torch.equal(empty, torch.full((B,), -math.inf, dtype=torch.float64))
+    bank = torch.randn(6, 3, dtype=torch.float64)
+    _, full = cb.info_nce_lse(a, p, bank)
+    (got,) = torch.autograd.grad(torch.logaddexp(full, empty).sum(), a, retain_graph=True)
+    (want,) = torch.autograd.grad(full.sum(), a)
+    assert_close_scaled(got, want, 1e-12, "gradient")
+
+
 def test_info_nce_lse_in_batch_without_the_positive():
     a, p, _, _ = make_inputs("in_batch", B=7, K=0, d=5, dtype=torch.float64, requires_grad=False)
     _, lse = cb.info_nce_lse(a, p, temperature=0.3, include_positive=False)
