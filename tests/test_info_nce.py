@@ -440,6 +440,57 @@ def test_bank_cross_entropy_matches_reference(normalize):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
+def test_bank_cross_entropy_target_rows_formula(normalize):
+    # The float32 recomputation of half-precision target rows (functional._target_rows_gradient), run in float64
+    # against autograd through the reference: repeated targets, a zero row (F.normalize's clamped norm) among them,
+    # and chunks of one row.
+    from contrastbound.functional import _target_rows_gradient
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    w[3] = 0.0
+    t = torch.tensor([2, 3, 2, 0, 6, 2, 3, 3, 5])
+    up = torch.rand(9, generator=g, dtype=torch.float64)
+    ref_w = w.clone().requires_grad_(True)
+    ref = bank_cross_entropy_reference(a, ref_w, t, temperature=0.3, normalize=normalize, reduction="none")
+    (want,) = torch.autograd.grad(ref, ref_w, up)
+    lse = (F.normalize(a, dim=1) @ F.normalize(w, dim=1).T if normalize else a @ w.T).div(0.3).logsumexp(1)
+    for budget in (1 << 22, 9):
+        rows, got = _target_rows_gradient(a, w, t, lse, up, 1 / 0.3, normalize, budget=budget)
+        assert torch.equal(rows, torch.tensor([0, 2, 3, 5, 6]))
+        assert_close_scaled(got, want[rows], 1e-12, "target rows")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bank_cross_entropy_confident_half_precision_bank_gradient(normalize):
+    # A confident classifier (each anchor near its class row, T = 0.05 or 1 with rows x3): a target row's gradient
+    # g s (w - 1) a_hat nearly vanishes. Formed as a bank part and a positive part, each rounded to bfloat16, it
+    # was noise of size s |a|: 2.2 of the bank gradient's norm (normalize, T = 0.05; torch's bfloat16 autograd:
+    # 0.54). Recomputed in float32 for the target rows: 3.8e-3, the rounding of the result.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 32, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 100, (64,), generator=g)
+    x = 3 * w[t] + torch.randn(64, 32, generator=g, dtype=torch.float64)
+    temperature = 0.05 if normalize else 1.0
+    xb, wb = x.bfloat16().requires_grad_(True), w.bfloat16().requires_grad_(True)
+    loss = cb.bank_cross_entropy(xb, wb, t, temperature=temperature, normalize=normalize, reduction="sum")
+    (got,) = torch.autograd.grad(loss, wb)
+    ref_w = wb.detach().double().requires_grad_(True)  # the float64 gradient at the rounded inputs
+    ref = bank_cross_entropy_reference(xb.detach().double(), ref_w, t, temperature=temperature, normalize=normalize,
+                                       reduction="sum")
+    (want,) = torch.autograd.grad(ref, ref_w)
+    # torch's float32 autograd on the same rounded inputs: at T = 1 with rows x3 the true gradient is ~1e-8 per
+    # row, below float32's resolution of the logits (~1e2 eps): it is off by 0.81 itself there (the old path: 3e5).
+    w32 = wb.detach().float().requires_grad_(True)
+    ref32 = bank_cross_entropy_reference(xb.detach().float(), w32, t, temperature=temperature, normalize=normalize,
+                                         reduction="sum")
+    (want32,) = torch.autograd.grad(ref32, w32)
+    err, err32 = (((x.double() - want).norm() / want.norm()).item() for x in (got, want32))
+    assert err <= max(2e-2, 2 * err32), (err, err32)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("learnable", [False, True])
 def test_bank_cross_entropy_gradcheck_repeated_targets(normalize, learnable):
     # Several anchors share a target row (its gradient sums their positive terms and its bank term).

@@ -149,12 +149,16 @@ def test_torch_compile_fullgraph_loss_and_backward():
 
 
 @needs_kernel
-def test_torch_compile_fullgraph_bank_cross_entropy():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_compile_fullgraph_bank_cross_entropy(dtype):
+    # bfloat16: the target rows' float32 gradient (functional._target_rows_gradient) takes its static-shape form in
+    # a graph (sorted targets, repeats given the first one's row); repeated targets here.
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(5)
-    a = torch.randn(12, 8, generator=g, requires_grad=True)
-    w = torch.randn(500, 8, generator=g, requires_grad=True)
+    a = torch.randn(12, 8, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(500, 8, generator=g).to(dtype).requires_grad_(True)
     t = torch.randint(0, 500, (12,), generator=g)
+    t[5] = t[9] = t[2]
     compiled = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t, temperature=0.5), fullgraph=True)
     loss_c = compiled(a, w, t)
     grads_c = torch.autograd.grad(loss_c, [a, w])
