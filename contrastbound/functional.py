@@ -117,13 +117,16 @@ def _check_indices(
             torch._assert_async(
                 ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
             )
-        elif indices.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(indices):
-            # (per-sample values under vmap cannot be read back: the compiled op or torch's indexing checks them)
-            # Plain indices inside a torch.func transform: before torch 2.10 the transform wrapped the results of
-            # ops on them too, which cannot be read back ("Cannot access data pointer"), so the transforms are off
-            # for the read-back (as torch does to print a tensor).
+        elif indices.device.type != "meta":
+            # Per-sample indices under vmap (a functorch wrapper) are checked as the whole batch of them, the tensor
+            # underneath. Plain indices inside a torch.func transform: before torch 2.10 the transform wrapped the
+            # results of ops on them too, which cannot be read back ("Cannot access data pointer"), so the
+            # transforms are off for the read-back (as torch does to print a tensor).
+            values = indices
+            while torch._C._functorch.is_functorch_wrapped_tensor(values):
+                values = torch._C._functorch.get_unwrapped(values)
             guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
-            lo, hi = (int(v) for v in torch.stack(torch.aminmax(indices)).tolist())  # one read-back
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(values)).tolist())  # one read-back
             del guard
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
