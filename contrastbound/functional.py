@@ -373,7 +373,8 @@ class _BankRowsAsPositives(torch.autograd.Function):
 
 
 def _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, normalize, budget=1 << 22):
-    """(the distinct target rows T, the loss's gradient for them in float32), for half-precision banks.
+    """(target rows T, the loss's gradient for them in float32), for half-precision banks: T the distinct targets
+    (CPU, eager) or all B of them, sorted (a GPU or a graph; repeats carry equal rows).
 
     A target row's gradient from anchor i is g_i s (w_it - 1) a_hat_i: the op forms it as a bank part
     g s w a_hat and a positive part -g s a_hat, each rounded to the input type before they are added, which leaves
@@ -382,9 +383,10 @@ def _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, normalize,
     anchor's term for the rows of T is formed with the coefficient g (w - [t_i = c]) in float32 (B x |T| logits,
     in chunks of `budget`), through the normalisation's Jacobian, and rounded once."""
     acc = lse.dtype
-    if torch.compiler.is_compiling():
-        # No data-dependent sizes in a graph: every anchor's target, sorted; repeats computed again, then given the
-        # first one's result, so that index_copy_ writes the same bits for all of them (in any order).
+    if torch.compiler.is_compiling() or rows.device.type != "cpu":
+        # No data-dependent sizes in a graph (nor a device read-back on a GPU, which torch.unique's size would be):
+        # every anchor's target, sorted; repeats computed again, then given the first one's result, so that
+        # index_copy_ writes the same bits for all of them (in any order).
         targets = torch.sort(rows).values
         first = torch.ones_like(targets, dtype=torch.bool)
         first[1:] = targets[1:] != targets[:-1]

@@ -440,7 +440,7 @@ def test_bank_cross_entropy_matches_reference(normalize):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_bank_cross_entropy_target_rows_formula(normalize):
+def test_bank_cross_entropy_target_rows_formula(monkeypatch, normalize):
     # The float32 recomputation of half-precision target rows (functional._target_rows_gradient), run in float64
     # against autograd through the reference: repeated targets, a zero row (F.normalize's clamped norm) among them,
     # and chunks of one row.
@@ -460,6 +460,14 @@ def test_bank_cross_entropy_target_rows_formula(normalize):
         rows, got = _target_rows_gradient(a, w, t, lse, up, 1 / 0.3, normalize, budget=budget)
         assert torch.equal(rows, torch.tensor([0, 2, 3, 5, 6]))
         assert_close_scaled(got, want[rows], 1e-12, "target rows")
+    # The form taken on a GPU and in a graph: all B targets sorted, repeats with the first one's row, bit for bit.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    rows, got = _target_rows_gradient(a, w, t, lse, up, 1 / 0.3, normalize, budget=4)
+    assert torch.equal(rows, torch.sort(t).values)
+    assert_close_scaled(got, want[rows], 1e-12, "target rows, static form")
+    for r in rows.unique():
+        same = got[rows == r]
+        assert torch.equal(same, same[:1].expand_as(same))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
