@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_bounds.csv"))
     args = ap.parse_args()
+    for name, value in (("--classes", args.classes), ("--kmax", args.kmax), ("--repeat", args.repeat)):
+        if value < 1:
+            ap.error(f"{name} must be >= 1, got {value}")
     C, k = args.classes, np.arange(1, args.kmax + 1)
     r_cont = B.min_contrastive_loss(k, C)  # a realistic R_cont curve for the earlier bounds
     skewed = np.linspace(1.0, 3.0, C)
@@ -65,7 +68,7 @@ def main() -> None:
         s = best_of(fn, args.repeat)
         rows.append(dict(term=name, prior=prior, classes=C, kmax=args.kmax, seconds=f"{s:.4f}", us_per_k=f"{1e6 * s / k.size:.3f}"))
         print(f"{name:<36}{prior:<9}{s:>9.4f}{1e6 * s / k.size:>9.3f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

@@ -152,6 +152,12 @@ def main() -> int:
     if args.quick:
         args.max_log2k, args.reps = min(args.max_log2k, 16), 2
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in ("gemm", *METHODS)]
+    if unknown:  # (an unknown name was measured as naive PyTorch under that name)
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(['gemm', *METHODS])}")
+    for name in ("B", "d", "threads", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"-{name if len(name) == 1 else '-' + name} must be >= 1, got {getattr(args, name)}")
     rows = []
     header = f"{'K':>9} {'method':>15} {'time s':>8} {'extra MiB':>10} {'eff GF/s':>9} {'of GEMM':>8} {'note':}"
     print(f"B = {args.B}, d = {args.d}, float32, {args.threads} threads; each row a fresh process")
@@ -202,7 +208,7 @@ def main() -> int:
         if fd and nd and "time_s" in fd and "time_s" in nd:
             parts.append(f"detached: {nd['time_s'] / fd['time_s']:.2f}x")
         print(f"K = 2^{K.bit_length() - 1}: " + "; ".join(parts))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "grads_mib", "effective_gflops", "gflops",
             "fraction_of_gemm", "loss", "note"]
     with open(args.out + ".csv", "w", newline="") as f:

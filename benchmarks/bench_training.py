@@ -84,6 +84,11 @@ def main() -> int:
         name, method, N, d, reps, threads = args.worker
         print(json.dumps(_worker(name, method, int(N), int(d), int(reps), int(threads))))
         return 0
+    for name, value in (("-d", args.d), ("--reps", args.reps), ("--threads", args.threads)):
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+    if not 0 <= args.min_log2n <= args.max_log2n:
+        parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
     print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'matrix MiB':>10}  note")
@@ -107,7 +112,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["loss", "N", "d", "method", "time_s", "extra_mib", "matrix_mib", "loss_value", "note"],
                            extrasaction="ignore")

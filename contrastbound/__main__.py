@@ -36,9 +36,21 @@ def _cmd_demo(argv: list[str]) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer in [0, 2^63), got {args.seed}")
+    from .benchsuite.harness import available_mib
     from .demo import run_demo
 
-    run_demo(steps=args.steps, batch=args.batch, queue=args.queue, dim=args.dim, seed=args.seed)
+    # The bank (K x dim floats) must fit; naive PyTorch's logits (batch x K, their softmax and gradient, a
+    # normalised copy of the bank) are skipped where they would take more than half of the free memory.
+    avail = available_mib("cpu")
+    bank_mib = args.queue * args.dim * 4 / 2**20
+    if bank_mib > 0.7 * avail:
+        parser.error(f"--queue {args.queue} x --dim {args.dim}: the bank alone takes {bank_mib:.0f} MiB, more than "
+                     f"70 % of the {avail:.0f} MiB free")
+    naive_mib = (4 * args.batch * (args.queue + 1) * 4 + 2 * bank_mib * 2**20) / 2**20
+    run_naive = naive_mib <= 0.5 * avail
+    if not run_naive:
+        print(f"naive PyTorch skipped: its logits would take ~{naive_mib:.0f} MiB of the {avail:.0f} MiB free")
+    run_demo(steps=args.steps, batch=args.batch, queue=args.queue, dim=args.dim, seed=args.seed, naive=run_naive)
     return 0
 
 

@@ -35,6 +35,10 @@ from .functional import (
 
 
 def _world(group) -> tuple[int, int]:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        # (torch's own calls fail on such an object with an AttributeError from its internals)
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None, "
+                        f"got {type(group).__name__}")
     return dist.get_world_size(group), dist.get_rank(group)
 
 

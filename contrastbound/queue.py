@@ -32,8 +32,9 @@ class NegativeQueue(torch.nn.Module):
     The write position and fill level are kept as Python ints beside their buffers (which ``state_dict`` saves),
     so ``enqueue``, ``negatives`` and ``len`` do not read a device tensor back: no synchronisation with a GPU. The
     ints are re-read (once) when a write went through the buffers' version counters: ``load_state_dict``,
-    ``module.to``, in-place ops such as ``q.filled.fill_(n)``, DDP's broadcast of rank 0's buffers when it wraps
-    the model. Writes that bypass them are not seen (a collective such as ``dist.broadcast`` or DDP's
+    ``module.to``, in-place ops such as ``q.ptr.fill_(n); q.filled.fill_(n)``, DDP's broadcast of rank 0's buffers
+    when it wraps the model; a pair that enqueue cannot reach (until the queue is full the write position equals
+    the fill level) raises ValueError, a state_dict with one is refused whole, and :meth:`clear` empties the queue. Writes that bypass them are not seen (a collective such as ``dist.broadcast`` or DDP's
     per-step ``broadcast_buffers``, ``.data``, a numpy view, buffers made under ``torch.inference_mode``): after
     such a write call :meth:`resync`, or keep every rank's queue identical (gather the keys of all ranks before
     enqueueing, as MoCo does), so that no write changes the ints.
@@ -75,12 +76,43 @@ class NegativeQueue(torch.nn.Module):
     def _host(self) -> tuple[int, int]:
         """The write position and fill level; read back from the buffers only if something else wrote them."""
         if self._stamp() != self._seen:
-            self._ptr, self._filled = int(self.ptr), int(self.filled)
-            if not (0 <= self._ptr < self.size and 0 <= self._filled <= self.size):
-                raise ValueError(f"the queue's buffers hold ptr = {self._ptr}, filled = {self._filled}: not a state "
-                                 f"of a queue of size {self.size}")
+            ptr, filled = int(self.ptr), int(self.filled)
+            problem = _bad_state(ptr, filled, self.size)
+            if problem:
+                raise ValueError(f"the queue's buffers hold ptr = {ptr}, filled = {filled}: {problem} (clear() "
+                                 "empties the queue)")
+            self._ptr, self._filled = ptr, filled
             self._seen = self._stamp()
         return self._ptr, self._filled
+
+    @torch.compiler.disable
+    def clear(self) -> None:
+        """Empties the queue (write position and fill level 0; the stored keys stay but are no longer served)."""
+        self.ptr.fill_(0)
+        self.filled.fill_(0)
+        self._ptr = self._filled = 0
+        self._seen = self._stamp()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # All or nothing: torch copies the buffers that fit before it reports one that does not, which would leave
+        # a queue whose fill level counts keys that were never loaded.
+        keys = {name: state_dict.get(prefix + name) for name in ("queue", "ptr", "filled")}
+        problem = None
+        if keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
+            problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
+        elif keys["ptr"] is not None and keys["filled"] is not None:
+            if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
+                problem = "ptr and filled must hold one value each"
+            else:
+                ptr, filled = int(keys["ptr"]), int(keys["filled"])
+                bad = _bad_state(ptr, filled, self.size)
+                problem = f"ptr = {ptr}, filled = {filled}: {bad}" if bad else None
+        if problem:
+            error_msgs.append(f"NegativeQueue ({prefix or 'top level'}): {problem}; nothing was loaded")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.compiler.disable  # likewise (an int attribute of a module is a constant to torch.compile)
     def __len__(self) -> int:
@@ -122,6 +154,15 @@ class NegativeQueue(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._host()[1]}"
+
+
+def _bad_state(ptr: int, filled: int, size: int) -> str | None:
+    """Why (ptr, filled) is not a state that enqueue can reach in a queue of `size` rows, or None."""
+    if not (0 <= ptr < size and 0 <= filled <= size):
+        return f"not a state of a queue of size {size}"
+    if filled < size and ptr != filled:
+        return "until the queue is full the write position equals the fill level (else stale rows would be served)"
+    return None
 
 
 def _positive_int(name: str, value: object) -> int:

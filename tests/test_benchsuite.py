@@ -185,11 +185,17 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert [p.rsplit("_", 1)[1] for p in pngs] == expected
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [["--k-step", "0"], ["--ks", "0"], ["--dtype", "float8"], ["--device", "tpu"], ["--out", ""]],
-    ids=["k-step", "ks", "dtype", "device", "out"],
-)
+_BAD_BENCH_ARGS = [
+    ["--k-step", "0"], ["--ks", "0"], ["--dtype", "float8"], ["--device", "tpu"], ["--out", ""],
+    # (these ran as failed rows with exit status 0, ran with other values, or crashed after the sweep)
+    ["-B", "0"], ["-B", "-3"], ["-d", "0"], ["--threads", "0"], ["--reps", "0"], ["--warmup", "-5"],
+    ["--chunk", "0"], ["--k-min", "-2"], ["--k-max", "4", "--k-min", "8"], ["--dtype", ""], ["--temperature", "0"],
+    ["--temperature", "nan"], ["--time-bound", "-1"], ["--mem-fraction", "0"], ["--prefix", "sub/x"],
+    ["--out", "/proc/contrastbound-x"],
+] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+
+
+@pytest.mark.parametrize("argv", _BAD_BENCH_ARGS, ids=[" ".join(a) for a in _BAD_BENCH_ARGS])
 def test_bench_bad_arguments_fail_before_measuring(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", *argv])
@@ -215,3 +221,25 @@ def test_bench_infonce_script_memory_excludes_gradients_and_counts_flops(tmp_pat
         r = rows[m]
         assert float(r["effective_gflops"]) * float(r["time_s"]) == pytest.approx(flop * B * K * d / 1e9)
         assert abs(float(r["extra_mib"])) < 0.5 * grads["fused"], r  # not the 32 MiB bank gradient
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("bench_infonce.py", ["--methods", "fused,fuse"]),  # a typo was measured as naive PyTorch under its name
+    ("bench_infonce.py", ["-B", "0"]),
+    ("bench_bounds.py", ["--repeat", "0"]),  # a traceback (min of nothing) after the work
+    ("bench_bounds.py", ["--kmax", "0"]),
+    ("bench_training.py", ["--reps", "0"]),
+])
+def test_benchmark_scripts_refuse_bad_arguments(script, argv):
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
+    proc = subprocess.run([sys.executable, path, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and argv[0] in proc.stderr, (proc.returncode, proc.stderr[-500:])
+
+
+def test_benchmark_script_writes_to_a_bare_file_name(tmp_path):
+    # --out without a folder part: os.makedirs('') raised FileNotFoundError after every measurement
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_bounds.py")
+    proc = subprocess.run([sys.executable, path, "--kmax", "20", "--classes", "3", "--repeat", "1", "--out", "bb.csv"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert (tmp_path / "bb.csv").exists()

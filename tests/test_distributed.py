@@ -266,3 +266,21 @@ def test_needs_initialised_process_group():
             call()
     with pytest.raises(ValueError, match="negative_indices"):
         cb.info_nce(x, x, x, negative_indices=torch.zeros(3, 1, dtype=torch.long), process_group=object())
+
+
+def test_a_process_group_that_is_not_one_is_named(tmp_path):
+    # With torch.distributed up, a string or a bool as the group reached torch's internals: AttributeError "'str'
+    # object has no attribute 'size'". One process (gloo, world size 1).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(3, 2)
+        for call in (lambda: cb.info_nce(x, x, None, process_group="WORLD"),
+                     lambda: cb.info_nce(x, x, x, process_group=True),
+                     lambda: cb.nt_xent(x, x, process_group=1),
+                     lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD"),
+                     lambda: all_gather_with_grad(x, group="bad")):
+            with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+                call()
+        assert torch.equal(all_gather_with_grad(x, group=dist.group.WORLD), x)  # a real group still works
+    finally:
+        dist.destroy_process_group()

@@ -257,6 +257,11 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["toy", "--tiny", *bad])
         assert exc.value.code == 2
+    # a folder that cannot be written is refused before any experiment runs (it failed only when one wrote)
+    monkeypatch.setattr("contrastbound.reproduce.run", lambda *a, **k: pytest.fail("an experiment ran"))
+    capsys.readouterr()
+    assert main(["toy", "--tiny", "--no-progress", "--out", "/proc/contrastbound-x"]) == 1
+    assert "--out" in capsys.readouterr().err
 
 
 def test_cli_dispatch(tmp_path):
@@ -275,3 +280,20 @@ def test_report_names_files_of_an_earlier_run(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "from an earlier run, not part of this report: toy.csv" in report
     assert "compare_bounds.csv" not in report.split("not part of this report")[1].splitlines()[0]
+
+
+def test_demo_command_runs_and_guards_memory(monkeypatch, capsys):
+    from contrastbound.__main__ import main as cli
+
+    assert cli(["demo", "--steps", "3", "--batch", "8", "--queue", "64", "--dim", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "median step time fused" in out and "nan" not in out
+    # Naive PyTorch's logits beyond half the free memory: skipped (it ran first and failed, or was OOM-killed)
+    monkeypatch.setattr("contrastbound.benchsuite.harness.available_mib", lambda device: 1.0)
+    assert cli(["demo", "--steps", "2", "--batch", "256", "--queue", "1024", "--dim", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "naive PyTorch skipped" in out and "median step time fused" in out
+    # A bank that cannot fit at all: an argument error naming --queue, before any allocation
+    with pytest.raises(SystemExit) as exc:
+        cli(["demo", "--queue", str(10**12)])
+    assert exc.value.code == 2 and "--queue" in capsys.readouterr().err

@@ -129,13 +129,45 @@ def test_queue_follows_writes_it_did_not_make():
     q.to(torch.float64)
     assert len(q) == 3
     # writes that bypass the version counters are seen after resync()
+    q.ptr.data.fill_(2)
     q.filled.data.fill_(2)
     q.resync()
     assert len(q) == 2
+    q.ptr.fill_(3)
     q.filled.fill_(3)
     # rows of the queue itself enqueued again (overlapping writes are cloned first)
     q.enqueue(q.negatives()[:2])
     assert q.queue[:, 0].tolist() == [5, 5, 5, 1]
+
+
+def test_queue_refuses_a_fill_level_apart_from_its_write_position():
+    # Until full, keys sit in rows [0, filled) and the next goes to row filled: "clearing" by filled.fill_(0) alone
+    # served the stale row 0 after the next write (enqueue wrote at ptr = 3). Refused now, also from a state_dict,
+    # and clear() does it right.
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.tensor([[1.0], [2.0], [3.0]]))
+    q.filled.fill_(0)
+    with pytest.raises(ValueError, match="write position equals the fill level"):
+        q.enqueue(torch.tensor([[9.0]]))
+    q.clear()
+    q.enqueue(torch.tensor([[9.0]]))
+    assert q.negatives().tolist() == [[9.0]]
+    state = q.state_dict()
+    state["ptr"] = torch.tensor(3)
+    with pytest.raises(RuntimeError, match="write position equals the fill level"):
+        cb.NegativeQueue(4, 1).load_state_dict(state)
+
+
+def test_queue_load_state_dict_is_all_or_nothing():
+    # A queue of another size: torch copied the buffers that fit (ptr = filled = 3) before reporting the one that
+    # did not, leaving three zero rows counted as keys for a caller that caught the error.
+    other = cb.NegativeQueue(5, 3)
+    other.enqueue(torch.randn(3, 3))
+    q = cb.NegativeQueue(4, 3)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            q.load_state_dict(other.state_dict(), strict=strict)
+        assert len(q) == 0 and int(q.ptr) == 0 and int(q.filled) == 0
 
 
 def test_queue_under_inference_mode():

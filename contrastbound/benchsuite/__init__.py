@@ -16,8 +16,10 @@ the machine) and log-log plots. Methods that cannot run somewhere are reported w
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 import time
 
 from .harness import Config, count_pairs, probe, run_sweep
@@ -139,8 +141,35 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in (args.device or []) if x not in ("cpu", "cuda")]
     if bad:
         parser.error(f"--device: unknown {bad}; choose from cpu, cuda")
+    if not args.dtype:
+        parser.error("--dtype: give at least one of float32, bfloat16, float16, float64")
+    for name, values in (("-B/--batch", args.batch), ("-d/--dim", args.dim)):
+        if not values or min(values) < 1:
+            parser.error(f"{name} must be positive integers, got {values}")
+    for name, value, low in (("--threads", args.threads, 1), ("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
+                             ("--chunk", args.chunk, 1), ("--k-min", args.k_min, 0)):
+        if value < low:
+            parser.error(f"{name} must be >= {low}, got {value}")
+    if args.k_max is not None and args.k_max < args.k_min:
+        parser.error(f"--k-max must be >= --k-min = {args.k_min}, got {args.k_max}")
+    if not (0.0 < args.temperature < math.inf):
+        parser.error(f"--temperature must be positive and finite, got {args.temperature}")
+    if not (0.0 < args.time_bound < math.inf):
+        parser.error(f"--time-bound must be positive and finite, got {args.time_bound}")
+    if not (0.0 < args.mem_fraction <= 1.0):
+        parser.error(f"--mem-fraction must lie in (0, 1], got {args.mem_fraction}")
+    if "cuda" in (args.device or []) and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch")
+    if not args.prefix or os.sep in args.prefix:
+        parser.error(f"--prefix must be a file name without a folder, got {args.prefix!r}")
     if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
         parser.error(f"--out must name a folder, got {args.out!r}")
+    try:  # before the sweep, not after it: the results would be lost
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {args.out!r} is not a folder that can be written: {exc}")
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if args.list_methods:
         print(_list_methods(devices[-1]))

@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -144,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
         parser.error(f"--out must name a folder, got {args.out!r}")
+    try:  # before the experiments, not when the first one writes (after minutes of work)
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as exc:
+        print(f"contrastbound reproduce: error: --out {args.out!r} is not a folder that can be written: {exc}",
+              file=sys.stderr)
+        return 1
     try:
         res = run(experiments, args.out, make_settings(preset), args.device, args.seed,
                   show_progress=not args.no_progress)
