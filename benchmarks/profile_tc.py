@@ -21,6 +21,11 @@ def main() -> int:
     ap.add_argument("--K", type=int, default=65536)
     ap.add_argument("--d", type=int, default=256)
     args = ap.parse_args()
+    if min(args.B, args.K, args.d) < 1:
+        ap.error(f"--B, --K and --d must be >= 1, got {args.B}, {args.K}, {args.d}")
+    if not torch.cuda.is_available():
+        print("profile_tc.py: no CUDA device is available to this torch: nothing to profile", file=sys.stderr)
+        return 1
     import contrastbound as cb
 
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -49,8 +49,8 @@ class NegativeQueue(torch.nn.Module):
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
         size, dim = _positive_int("size", size), _positive_int("dim", dim)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # the dtypes info_nce takes
+            raise TypeError(f"dtype must be torch.float32, float64, float16 or bfloat16, got {dtype!r}")
         self.size, self.dim = size, dim
         self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))

@@ -214,8 +214,9 @@ def test_queue_bad_input():
         cb.NegativeQueue(3, -1)
     with pytest.raises(ValueError, match="size"):
         cb.NegativeQueue(True, 3)
-    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
-        cb.NegativeQueue(3, 2, dtype="float32")
+    for dtype in ("float32", torch.int64, torch.float8_e4m3fn):  # (float8 was taken, then refused by info_nce)
+        with pytest.raises(TypeError, match="dtype must be torch.float32, float64, float16 or bfloat16"):
+            cb.NegativeQueue(3, 2, dtype=dtype)
     assert cb.NegativeQueue(np.int64(3), np.int32(2)).queue.shape == (3, 2)  # numpy integers are integers
     q = cb.NegativeQueue(3, 2)
     with pytest.raises(ValueError, match="keys"):
