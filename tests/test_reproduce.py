@@ -273,12 +273,14 @@ def test_cli_dispatch(tmp_path):
 
 
 def test_report_names_files_of_an_earlier_run(tmp_path):
-    old = tmp_path / "toy.csv"
-    old.write_text("from an earlier run\n")
-    os.utime(old, (1_000_000_000, 1_000_000_000))
+    # (files an experiment would not write, e.g. a user's own in a folder given as --out, are not listed)
+    for name in ("toy.csv", "notes.txt", "toyota.csv", "data.png"):
+        old = tmp_path / name
+        old.write_text("from an earlier run\n")
+        os.utime(old, (1_000_000_000, 1_000_000_000))
     run(["compare-bounds"], str(tmp_path), make_settings("tiny"), show_progress=False, log=lambda *_: None)
     report = (tmp_path / "report.md").read_text()
-    assert "from an earlier run, not part of this report: toy.csv" in report
+    assert "from an earlier run, not part of this report: toy.csv." in report
     assert "compare_bounds.csv" not in report.split("not part of this report")[1].splitlines()[0]
 
 

@@ -104,10 +104,17 @@ def run(
         f"{platform.machine()}; backend {backend}. Total wall time {total:.1f} s.",
     ]
     # Files an earlier run left in this folder (not rewritten now): named, so that they are not read as this run's.
+    # Only names an experiment writes (<experiment>[_*].csv / .png): other files of a folder given as --out are not
+    # the report's business.
+    stems = [e.replace("-", "_") for e in EXPERIMENTS]
+
+    def ours(f: str) -> bool:
+        stem, dot, ext = f.rpartition(".")
+        return dot == "." and ext in ("csv", "png") and any(stem == e or stem.startswith(e + "_") for e in stems)
+
     stale = sorted(
         f for f in os.listdir(out)
-        if os.path.isfile(os.path.join(out, f)) and f not in ("report.md", "report.html")
-        and os.path.getmtime(os.path.join(out, f)) < started - 1.0
+        if os.path.isfile(os.path.join(out, f)) and ours(f) and os.path.getmtime(os.path.join(out, f)) < started - 1.0
     )
     if stale:
         pre.append(f"Files in this folder from an earlier run, not part of this report: {', '.join(stale)}.")
