@@ -45,11 +45,12 @@ _GATHER_BUDGET = 1 << 25  # B * K * d per fused call: bounds the pure-PyTorch fa
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_features(name: str, features: Any) -> torch.Tensor:
+def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
+    """A floating (rows, d) tensor with at least one row (features; rows = "C" for class means)."""
     if not isinstance(features, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (N, d), got {type(features).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({rows}, d), got {type(features).__name__}")
     if features.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, d), got shape {tuple(features.shape)}")
+        raise ValueError(f"{name} must have shape ({rows}, d), got shape {tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {features.dtype}")
     if features.shape[0] == 0:
@@ -161,16 +162,9 @@ def mean_classifier_loss(
         reduction: "mean", "sum" or "none" (per-sample (N,)).
     """
     features = _check_features("features", features)
-    if not isinstance(means, torch.Tensor):
-        raise TypeError(f"means must be a (C, d) tensor (see class_means), got {type(means).__name__}")
-    if means.dim() != 2:
-        raise ValueError(f"means must have shape (C, d) (see class_means), got shape {tuple(means.shape)}")
-    if not means.is_floating_point():
-        raise TypeError(f"means must be a floating tensor, got dtype {means.dtype}")
+    means = _check_features("means", means, rows="C")
     if means.device != features.device:
         raise ValueError(f"means is on {means.device} but the features are on {features.device}")
-    if means.shape[0] == 0:
-        raise ValueError("means must have at least one row (class)")
     if means.shape[1] != features.shape[1]:
         raise ValueError(f"means must have shape (C, d) with d = {features.shape[1]} (the features'), got "
                          f"{tuple(means.shape)}")
