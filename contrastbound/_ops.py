@@ -61,10 +61,10 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_bwd")
     def _info_nce_bwd_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self=False, check_indices=True,
+        include_positive, output_mask, exclude_self=False, check_indices=True, loss=None,
     ):
         _same_device(anchors, grad_loss=grad_loss, positives=positives, negatives=negatives,
-                     negative_indices=negative_indices, lse=lse, anchor_term=anchor_term)
+                     negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
 
@@ -78,7 +78,7 @@ if _backend.EXTENSION_LOADED:
     def _setup_context(ctx, inputs, output):
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
         ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
-        _, lse, term = output
+        loss, lse, term = output
         tensor_scale = isinstance(scale, torch.Tensor)
         if tensor_scale and scale.requires_grad:
             # Its gradient needs lse, V and the anchors' logits (functional._with_temperature_grad): silently None
@@ -87,8 +87,11 @@ if _backend.EXTENSION_LOADED:
                 "info_nce_fwd_scaled does not differentiate scale: pass a learnable temperature to "
                 "contrastbound.info_nce / info_nce_lse (which attach its exact gradient), or detach scale"
             )
+        # The loss too: the positive's gradient is formed from it (expm1(-loss), see the op's schema). An output
+        # saved, so modifying the returned loss in place before backward is an error, as for torch's own ops.
         ctx.save_for_backward(
-            anchors, positives, negatives, negative_indices, lse, term, *((scale,) if tensor_scale else ())
+            anchors, positives, negatives, negative_indices, lse, term, loss if include_positive else None,
+            *((scale,) if tensor_scale else ())
         )
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize
@@ -97,7 +100,7 @@ if _backend.EXTENSION_LOADED:
 
     def _backward(ctx, grad_loss, grad_lse, grad_term):
         refuse_double_backward()
-        anchors, positives, negatives, negative_indices, lse, term, *tensor_scale = ctx.saved_tensors
+        anchors, positives, negatives, negative_indices, lse, term, loss, *tensor_scale = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
             return None, None, None, None, None, None, None, None, None
@@ -106,6 +109,7 @@ if _backend.EXTENSION_LOADED:
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
             tensor_scale[0] if tensor_scale else ctx.scale, ctx.normalize, ctx.include_positive, mask,
             ctx.exclude_self, False,  # check_indices: forward checked the same saved tensor
+            loss,
         )
         return (
             ga if mask[0] else None,

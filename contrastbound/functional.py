@@ -303,10 +303,10 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
         if normalize:
             a = F.normalize(a, dim=-1, eps=1e-12)
         l0 = lse - loss
-        e = scale * (a * term).sum(-1)
-        if include_positive:
-            e = e + torch.exp(l0 - lse) * l0
-        dloss_dscale = (e - l0) / scale
+        # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
+        # dominates (w0 -> 1), as in the kernels' gradient of the positive.
+        e_minus_l0 = scale * (a * term).sum(-1) + (torch.expm1(-loss) if include_positive else -1.0) * l0
+        dloss_dscale = e_minus_l0 / scale
     return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(loss.dtype), dloss_dscale)
 
 

@@ -62,7 +62,7 @@ inline void check_scale(double scale) {
 // The backward op's own inputs: grad_loss and lse (B,), anchor_term empty (forward did not save V) or (B, d),
 // all on the device of anchors. A V of another shape would be read as if it were (B, d).
 inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& anchor_term,
-                                  const at::Tensor& anchors) {
+                                  const at::Tensor& anchors, const c10::optional<at::Tensor>& loss = c10::nullopt) {
   const int64_t B = anchors.size(0), d = anchors.size(1);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "info_nce_bwd: grad_loss must have shape (B,) = (",
                     B, ",), got ", grad_loss.sizes());
@@ -76,6 +76,14 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
                         anchor_term.device() == anchors.device(),
                     "info_nce_bwd: grad_loss, lse and anchor_term must be on the device of anchors (",
                     anchors.device(), ")");
+  if (loss.has_value()) {
+    TORCH_CHECK_VALUE(loss->dim() == 1 && loss->size(0) == B, "info_nce_bwd: loss must have shape (B,) = (", B,
+                      ",), got ", loss->sizes());
+    TORCH_CHECK_VALUE(loss->device() == anchors.device(), "info_nce_bwd: loss must be on the device of anchors (",
+                      anchors.device(), "), got ", loss->device());
+    TORCH_CHECK_VALUE(at::isFloatingType(loss->scalar_type()), "info_nce_bwd: loss must be a floating tensor, got ",
+                      loss->scalar_type());
+  }
 }
 
 // The scale of the *_scaled ops: a floating tensor with one element (any device).

@@ -26,10 +26,12 @@ TORCH_LIBRARY(contrastbound, m) {
   // check_indices=False skips the range check of negative_indices (a device read-back): for the autograd
   // backward, whose forward checked the same saved tensor. Out-of-range rows are then left out of the bank's
   // gradient; the check runs anyway where V must be recomputed (an empty anchor_term with anchors' gradient).
+  // loss, forward's per-anchor loss (optional): the positive's softmax weight less one is then expm1(-loss), exact
+  // to the loss's rounding where the positive dominates; exp(l_0 - lse) - 1 would carry lse's (eps |lse|).
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
-      "bool exclude_self=False, bool check_indices=True) -> (Tensor, Tensor, Tensor)");
+      "bool exclude_self=False, bool check_indices=True, Tensor? loss=None) -> (Tensor, Tensor, Tensor)");
   // The same with the scale as a tensor with one element (a learnable temperature): its value is read at run
   // time, by the kernels themselves for a CUDA tensor (no host read-back; a value that is not positive and
   // finite gives NaN there), on the host otherwise (checked: an error names it).
@@ -40,6 +42,6 @@ TORCH_LIBRARY(contrastbound, m) {
   m.def(
       "info_nce_bwd_scaled(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, "
       "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
-      "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True, "
+      "Tensor? loss=None) -> (Tensor, Tensor, Tensor)");
 }

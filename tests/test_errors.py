@@ -111,6 +111,12 @@ def test_registered_ops_check_every_tensor_argument():
         bwd(g, a, p, bank, None, lse, torch.zeros(3, 4), 1.0, True, True, [True, True, True])
     with pytest.raises(ValueError, match=r"lse must have shape \(B,\)"):
         bwd(g, a, p, bank, None, lse[:2], torch.empty(0), 1.0, True, True, [True, True, True])
+    with pytest.raises(ValueError, match=r"loss must have shape \(B,\) = \(4,\), got \[2\]"):
+        bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=lse[:2])
+    with pytest.raises(ValueError, match="loss is on meta"):
+        bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=lse.to("meta"))
+    with pytest.raises(ValueError, match="loss must be a floating tensor"):
+        bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=torch.zeros(4, dtype=torch.long))
     s = torch.tensor(2.0, requires_grad=True)
     with pytest.raises(ValueError, match="does not differentiate scale"):
         torch.ops.contrastbound.info_nce_fwd_scaled(a.requires_grad_(), p, bank, None, s, True, True, True)

@@ -72,7 +72,7 @@ def test_opcheck_backward(device):
     for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
         with torch.no_grad():
-            _, lse, term = torch.ops.contrastbound.info_nce_fwd(
+            loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
                 a, p, n, idx, scale, normalize, include_positive, True, exclude
             )
         g = torch.rand(a.shape[0], device=device)
@@ -80,6 +80,8 @@ def test_opcheck_backward(device):
             args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
                     exclude)
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
+            # With forward's loss (the positive's weight from it, as the autograd backward passes it).
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args, True, loss))
 
 
 @needs_kernel
@@ -92,12 +94,13 @@ def test_opcheck_scaled_ops(device):
         args = (a, p, n, idx, s, normalize, include_positive, save, exclude)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
         with torch.no_grad():
-            _, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize, include_positive,
-                                                                        True, exclude)
+            loss, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize,
+                                                                           include_positive, True, exclude)
         g = torch.rand(a.shape[0], device=device)
         args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
                 [True, True, True], exclude)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, args)
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, True, loss))
 
 
 def _train_step_losses(compiled: bool, steps: int = 3):

@@ -755,7 +755,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
                                                   const c10::optional<Tensor>& indices, const Tensor& lse_in,
                                                   const Tensor& anchor_term_in, double scale, bool normalize,
                                                   bool include_positive, std::array<bool, 3> mask,
-                                                  bool exclude_self) {
+                                                  bool exclude_self, const c10::optional<Tensor>& loss_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = anchors.size(0), d = anchors.size(1);
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
@@ -764,6 +764,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   const Tensor lse = lse_in.to(acc_type).contiguous();
   const acc_t* g = grad_loss.template data_ptr<acc_t>();
   const acc_t* lse_p = lse.template data_ptr<acc_t>();
+  const Tensor loss = loss_in.has_value() ? loss_in->to(acc_type).contiguous() : Tensor();
+  const acc_t* loss_p = loss.defined() ? loss.template data_ptr<acc_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(scale);
   const Mode mode = mode_of(negatives_in, indices);
   // A bank with a non-unit feature stride is copied only where it is read (V recomputed, or its gradient): the
@@ -795,8 +797,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
     parallel_for_tls(0, B, 16, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> buf(d);
       for (int64_t i = b0; i < b1; ++i) {
-        const acc_t w0 = include_positive ? std::exp(pr.pos_logit[i] - lse_p[i]) : acc_t(0);
-        const acc_t coef = g[i] * s * (w0 - acc_t(1));  // d loss / d(a_hat . p_hat) * s
+        // w0 - 1, w0 the positive's softmax weight; from the loss where given (see the op's schema).
+        const acc_t w0m1 = !include_positive ? acc_t(-1)
+                           : loss_p != nullptr ? std::expm1(-loss_p[i])
+                                               : std::exp(pr.pos_logit[i] - lse_p[i]) - acc_t(1);
+        const acc_t coef = g[i] * s * w0m1;  // d loss / d(a_hat . p_hat) * s
         const auto& ra = pr.anchor_scale[i];
         const auto& rp = pr.positive_scale[i];
         if (ga) {
@@ -860,20 +865,22 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
                                                     const Tensor& anchor_term, double scale, bool normalize,
                                                     bool include_positive, std::array<bool, 3> output_mask,
-                                                    bool exclude_self, bool check_indices) {
+                                                    bool exclude_self, bool check_indices,
+                                                    const c10::optional<Tensor>& loss) {
   // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since). Still
   // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
   check_scale(scale);
-  check_backward_inputs(grad_loss, lse, anchor_term, anchors);
+  check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
     out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
                                    indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
-                                   output_mask, exclude_self);
+                                   output_mask, exclude_self,
+                                   loss.has_value() ? c10::optional<Tensor>(loss->detach()) : c10::nullopt);
   });
   return out;
 }
@@ -894,9 +901,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                                                            const Tensor& anchor_term, const Tensor& scale,
                                                            bool normalize, bool include_positive,
                                                            std::array<bool, 3> output_mask, bool exclude_self,
-                                                           bool check_indices) {
+                                                           bool check_indices, const c10::optional<Tensor>& loss) {
   return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
-                          normalize, include_positive, output_mask, exclude_self, check_indices);
+                          normalize, include_positive, output_mask, exclude_self, check_indices, loss);
 }
 
 }  // namespace

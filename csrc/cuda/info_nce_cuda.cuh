@@ -78,6 +78,9 @@ struct BackwardArgs {
   const void* grad_loss = nullptr;    // (B,) accumulation type, contiguous
   const void* lse = nullptr;          // (B,) accumulation type, contiguous
   const void* anchor_term = nullptr;  // (B, d) accumulation type, contiguous; needed iff grad_anchors
+  // Forward's per-anchor loss, (B,) accumulation type, contiguous, or nullptr: with include_positive the
+  // positive's weight less one is then expm1(-loss), free of lse's rounding where the positive dominates.
+  const void* loss = nullptr;
   // Outputs, contiguous, in the input dtype; nullptr where that gradient is not wanted.
   void* grad_anchors = nullptr;    // (B, d)
   void* grad_positives = nullptr;  // (B, d)

@@ -168,14 +168,15 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, const Scale& scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
-                                                     bool exclude_self, bool check_indices) {
+                                                     bool exclude_self, bool check_indices,
+                                                     const c10::optional<Tensor>& loss) {
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
-  check_backward_inputs(grad_loss, lse, anchor_term, anchors);
+  check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
@@ -188,6 +189,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
 
   const Tensor g = grad_loss.to(acc).contiguous();
   const Tensor lse_c = lse.to(acc).contiguous();
+  const Tensor loss_c = loss.has_value() ? loss->to(acc).contiguous() : Tensor();
   Tensor term;
   if (output_mask[0]) {
     if (anchor_term.numel() == B * d) {
@@ -208,6 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   BackwardArgs a;
   a.grad_loss = g.data_ptr();
   a.lse = lse_c.data_ptr();
+  a.loss = loss_c.defined() ? loss_c.data_ptr() : nullptr;
   a.anchor_term = term.defined() ? term.data_ptr() : nullptr;
   a.grad_anchors = output_mask[0] ? grad_a.data_ptr() : nullptr;
   a.grad_positives = output_mask[1] ? grad_p.data_ptr() : nullptr;
@@ -246,9 +249,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
                                                      const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, double scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
-                                                     bool exclude_self, bool check_indices) {
+                                                     bool exclude_self, bool check_indices,
+                                                     const c10::optional<Tensor>& loss) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices);
+                           include_positive, output_mask, exclude_self, check_indices, loss);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -257,9 +261,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_l
                                                             const Tensor& lse, const Tensor& anchor_term,
                                                             const Tensor& scale, bool normalize,
                                                             bool include_positive, std::array<bool, 3> output_mask,
-                                                            bool exclude_self, bool check_indices) {
+                                                            bool exclude_self, bool check_indices,
+                                                            const c10::optional<Tensor>& loss) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices);
+                           include_positive, output_mask, exclude_self, check_indices, loss);
 }
 
 }  // namespace

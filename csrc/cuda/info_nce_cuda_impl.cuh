@@ -603,10 +603,11 @@ __global__ void __launch_bounds__(kThreads)
 // One block per anchor: gradients of anchors and positives (only lse, V and the positive logit are needed).
 //   G_a = g s [(w0 - 1) p_hat + V],  dA = inv_a G_a - (a_hat . G_a) proj_a a
 //   G_p = g s (w0 - 1) a_hat,         dP = inv_p G_p - (p_hat . G_p) proj_p p,   w0 = [incl] e^{l_0 - lse}
+// and w0 - 1 = expm1(-loss) where forward's loss is given.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    anchor_grads_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse, const acc_t* v,
-                        scalar_t* ga, scalar_t* gp) {
+    anchor_grads_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
+                        const acc_t* loss, const acc_t* v, scalar_t* ga, scalar_t* gp) {
   __shared__ acc_t red[kWarps];
   const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
   const scalar_t* q = static_cast<const scalar_t*>(p.positives);
@@ -615,8 +616,10 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t s = read_scale(static_cast<const acc_t*>(p.scale));
   for (int64_t i = blockIdx.x; i < p.B; i += gridDim.x) {
     const acc_t gi = g[i];
-    const acc_t w0 = p.include_positive ? std::exp(pr.pos[i] - lse[i]) : acc_t(0);
-    const acc_t coef = gi * s * (w0 - acc_t(1));
+    const acc_t w0m1 = !p.include_positive ? acc_t(-1)
+                       : loss != nullptr  ? std::expm1(-loss[i])
+                                          : std::exp(pr.pos[i] - lse[i]) - acc_t(1);
+    const acc_t coef = gi * s * w0m1;
     const acc_t* asi = pr.as + i * d;
     const acc_t* phi = pr.ph + i * d;
     if (ga != nullptr) {
@@ -1420,7 +1423,8 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
   launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
   if ((a.grad_anchors != nullptr || a.grad_positives != nullptr) && p.B > 0) {
     anchor_grads_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
-        p, w.pr, g, lse, static_cast<const acc_t*>(a.anchor_term), static_cast<scalar_t*>(a.grad_anchors),
+        p, w.pr, g, lse, static_cast<const acc_t*>(a.loss), static_cast<const acc_t*>(a.anchor_term),
+        static_cast<scalar_t*>(a.grad_anchors),
         static_cast<scalar_t*>(a.grad_positives));
   }
   if (a.grad_negatives != nullptr) {
