@@ -381,6 +381,15 @@ def _mu(x: np.ndarray) -> np.ndarray:
         return np.where(x > 1e-300, x / -np.expm1(-np.maximum(x, 1e-300)), 1.0 + 0.5 * x)
 
 
+def _dmu(x: np.ndarray) -> np.ndarray:
+    """d mu / dx = (1 - e^{-x} - x e^{-x}) / (1 - e^{-x})^2; its series 1/2 + x/6 (error x^3 / 180 < 1e-17) below
+    x = 1e-5, where the numerator cancels (and both underflow to 0/0 below x ~ 1e-154: a prior with a class of
+    1e-200 gave NaN)."""
+    xs = np.maximum(x, 1e-5)
+    em = -np.expm1(-xs)
+    return np.where(x < 1e-5, 0.5 + x / 6.0, (em - xs * np.exp(-xs)) / (em * em))
+
+
 def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
     """r with sum_c mu(pi_c r) = n (n > C); Newton on a convex increasing function from the right."""
     n = n.astype(np.float64)
@@ -389,9 +398,7 @@ def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
         x = np.where(rho < 2.0, 2.0 * (rho - 1.0), rho)
         for _ in range(60):
             mu = _mu(x)
-            em = -np.expm1(-x)
-            dmu = (em - x * np.exp(-x)) / (em * em)
-            step = (mu - rho) / dmu
+            step = (mu - rho) / _dmu(x)
             x = np.maximum(x - step, 0.5 * x)
             if np.all(np.abs(step) <= 1e-14 * x):
                 break
@@ -401,10 +408,8 @@ def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
     for _ in range(200):
         x = r[:, None] * vals
         mu = _mu(x)
-        em = -np.expm1(-x)
-        dmu = (em - x * np.exp(-x)) / (em * em)
         f = (cnts * mu).sum(1) - n
-        df = (cnts * vals * dmu).sum(1)
+        df = (cnts * vals * _dmu(x)).sum(1)
         step = f / df
         r = np.maximum(r - step, 0.5 * r)
         if np.all(np.abs(step) <= 1e-13 * r):
@@ -526,7 +531,8 @@ def _ie_general_terms(p: _Prior, n_lo: int, n_hi: int, max_terms: int = 4096) ->
     """
     order = np.argsort(p.values)  # small classes (large (1 - pi)^n) first
     vals, cnts = p.values[order], p.counts[order].astype(np.int64)
-    l1p = np.log1p(-vals)
+    with np.errstate(divide="ignore"):  # -inf where pi_c rounds to 1 (a prior with classes of ~1e-17 or less)
+        l1p = np.log1p(-vals)
     a_lo = np.log(cnts) + n_lo * l1p  # log of each group's share of sum_c (1 - pi_c)^n at n_lo
     floor = math.log(1e-22) + n_hi * float(l1p[0])
     # what the groups from g on can multiply a bound by: prod (1 + (1 - pi)^n)^count <= e^{sum count (1 - pi)^n}
@@ -629,7 +635,8 @@ def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
             easy[np.nonzero(easy)[0][~good]] = False
         else:
             # s = sum_c (1 - pi_c)^n decides the method (below).
-            log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
+            with np.errstate(divide="ignore"):  # as in _ie_general_terms
+                log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
             # Where upsilon_n is close to 1 (sum <= 5), inclusion-exclusion over the classes that can be missed gives
             # 1 - upsilon_n to ~1e-15 relative, where it needs few terms; the Cauchy integral's ~1e-10 absolute error
             # in log upsilon would be a large relative error of it there.

@@ -513,6 +513,25 @@ def test_coupon_general_prior_tiny_probability():
             assert rel_err(got, want) < 1e-9, (weights, n, got, want)
 
 
+@pytest.mark.parametrize("tiny", [1e-30, 1e-200, 1e-300])
+def test_coupon_prior_with_a_vanishing_class(tiny):
+    # Classes of 1e-200: the saddle-point Newton step's d mu / dx was 0/0 at x = pi_c r ~ 1e-199 (the numerator
+    # cancels, both parts underflow): NaN. Exact values by inclusion-exclusion in 800-digit arithmetic.
+    import warnings
+
+    for weights in ([tiny, 1.0 - tiny], [tiny, 0.5, 0.5 - tiny], [tiny, 1e-100, 1.0 - 1e-100 - tiny]):
+        for n in (3, 10, 100, 10**6):
+            with mpmath.workdps(800):  # 1 - upsilon_n = sum over missed sets S of (-1)^(|S|+1) (1 - pi(S))^n
+                pi = [mpmath.mpf(w) / mpmath.fsum(weights) for w in weights]  # the floats given, normalised
+                miss = sum((-1) ** (m + 1) * (1 - sum(S)) ** n
+                           for m in range(1, len(pi)) for S in combinations(pi, m))
+                want = float(mpmath.log(1 - miss))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no RuntimeWarning for the classes whose 1 - pi_c rounds to 0
+                got = B.coupon_collector_probability(n, prior=np.array(weights), log=True)
+            assert abs(got - want) <= 1e-9 * abs(want), (weights, n, got, want)
+
+
 def test_coupon_log_accurate_near_n_equal_c():
     # log upsilon_{C+1} = log(C! S(C+1, C) / C^(C+1)) with S(C+1, C) = C (C+1) / 2, for large C: the Cauchy
     # integral's base term lost ~n eps absolute there (9.5e-8 at C = 1e5).
