@@ -38,6 +38,9 @@ class NegativeQueue(torch.nn.Module):
     per-step ``broadcast_buffers``, ``.data``, a numpy view, buffers made under ``torch.inference_mode``): after
     such a write call :meth:`resync`, or keep every rank's queue identical (gather the keys of all ranks before
     enqueueing, as MoCo does), so that no write changes the ints.
+    A float16 queue holds magnitudes up to 65504: keys of a wider dtype are checked (one read-back per enqueue, a
+    synchronisation on a GPU; float16 keys are stored as given) and a finite key that would become inf raises
+    ValueError.
     Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
@@ -127,12 +130,22 @@ class NegativeQueue(torch.nn.Module):
             raise ValueError(f"keys must have shape (n, dim) with dim = {self.dim}, got {shape}")
         if not keys.is_floating_point():
             raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
-        keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
+        given = keys.detach()
+        if given.shape[0] > self.size:
+            given = given[-self.size :]
+        keys = given.to(device=self.queue.device, dtype=self.queue.dtype)
         n = keys.shape[0]
         if n == 0:
             return
-        if n >= self.size:
-            keys, n = keys[-self.size :], self.size
+        if self.queue.dtype == torch.float16 and given.dtype != torch.float16:
+            # float16 ends at 65504: a larger finite key would be stored as inf (torch's cast), and the loss over the
+            # queue would be NaN steps later. One read-back (a synchronisation on a GPU); feed float16 keys to skip it.
+            if bool((torch.isinf(keys) & ~torch.isinf(given.to(keys.device))).any()):
+                raise ValueError(
+                    f"keys hold finite values beyond float16's range (largest magnitude "
+                    f"{given.abs().amax().item():.4g} > 65504), which a float16 queue would store as inf: normalise "
+                    "the keys (as MoCo does), scale them, or use a float32 or bfloat16 queue"
+                )
         if keys.untyped_storage().data_ptr() == self.queue.untyped_storage().data_ptr():
             keys = keys.clone()  # rows of the queue itself (e.g. negatives()): the writes below would overlap them
         start, filled = self._host()

@@ -225,6 +225,22 @@ def test_queue_bad_input():
         q.enqueue(torch.ones(2, 2, dtype=torch.long))
 
 
+def test_float16_queue_refuses_keys_beyond_its_range():
+    # A finite key beyond 65504 became inf in a float16 queue (torch's cast), and the loss over the queue NaN.
+    q = cb.NegativeQueue(4, 2, dtype=torch.float16)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"beyond float16's range \(largest magnitude 7[.0-9]*e\+04 > 65504\)"):
+            q.enqueue(torch.tensor([[1.0, 2.0], [-7e4, 0.0]], dtype=dtype))
+        assert len(q) == 0  # nothing written
+    q.enqueue(torch.tensor([[65519.0, -1.0]]))  # rounds to 65504: representable
+    q.enqueue(torch.tensor([[float("inf"), 0.0]]))  # inf given stays inf (as in a float32 queue)
+    # Only the rows kept count: of 5 keys the first is dropped (the queue holds 4).
+    q.enqueue(torch.cat([torch.full((1, 2), 1e6), torch.ones(4, 2)]))
+    assert len(q) == 4 and torch.equal(q.negatives(), torch.ones(4, 2, dtype=torch.float16))
+    a = torch.randn(3, 2, dtype=torch.float16)
+    assert torch.isfinite(cb.info_nce(a, a, q.negatives())).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [1, 7, 300])  # 2N = 600 crosses the kernel's anchor blocks and bank tiles
 @pytest.mark.parametrize("temperature", [0.01, 0.5])
