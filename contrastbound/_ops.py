@@ -46,9 +46,10 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_fwd")
     def _info_nce_fwd_fake(
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
-        exclude_self=False,
+        exclude_self=False, excluded=None,
     ):
-        _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices)
+        _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices,
+                     excluded=excluded)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
         B, d = anchors.shape
@@ -61,10 +62,11 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_bwd")
     def _info_nce_bwd_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
-        include_positive, output_mask, exclude_self=False, check_indices=True, loss=None,
+        include_positive, output_mask, exclude_self=False, check_indices=True, loss=None, excluded=None,
     ):
         _same_device(anchors, grad_loss=grad_loss, positives=positives, negatives=negatives,
-                     negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss)
+                     negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss,
+                     excluded=excluded)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
 
@@ -78,6 +80,7 @@ if _backend.EXTENSION_LOADED:
     def _setup_context(ctx, inputs, output):
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, _ = inputs[:8]
         ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
+        excluded = inputs[9] if len(inputs) > 9 else None
         loss, lse, term = output
         tensor_scale = isinstance(scale, torch.Tensor)
         if tensor_scale and scale.requires_grad:
@@ -90,7 +93,7 @@ if _backend.EXTENSION_LOADED:
         # The loss too: the positive's gradient is formed from it (expm1(-loss), see the op's schema). An output
         # saved, so modifying the returned loss in place before backward is an error, as for torch's own ops.
         ctx.save_for_backward(
-            anchors, positives, negatives, negative_indices, lse, term, loss if include_positive else None,
+            anchors, positives, negatives, negative_indices, lse, term, loss if include_positive else None, excluded,
             *((scale,) if tensor_scale else ())
         )
         ctx.scale = None if tensor_scale else scale
@@ -100,22 +103,22 @@ if _backend.EXTENSION_LOADED:
 
     def _backward(ctx, grad_loss, grad_lse, grad_term):
         refuse_double_backward()
-        anchors, positives, negatives, negative_indices, lse, term, loss, *tensor_scale = ctx.saved_tensors
+        anchors, positives, negatives, negative_indices, lse, term, loss, excluded, *tensor_scale = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         op = torch.ops.contrastbound.info_nce_bwd_scaled if tensor_scale else torch.ops.contrastbound.info_nce_bwd
         ga, gp, gn = op(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
             tensor_scale[0] if tensor_scale else ctx.scale, ctx.normalize, ctx.include_positive, mask,
             ctx.exclude_self, False,  # check_indices: forward checked the same saved tensor
-            loss,
+            loss, excluded,
         )
         return (
             ga if mask[0] else None,
             gp if mask[1] else None,
             gn if mask[2] else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
     # The same ops with the logit scale as a tensor with one element (a learnable or tensor temperature),

@@ -327,22 +327,27 @@ class _AttachScaleGrad(torch.autograd.Function):
 
 
 class _BankRowsAsPositives(torch.autograd.Function):
-    """The fused op with anchor i's positive taken from the bank: positives = bank[rows].
+    """The fused op with anchor i's positive taken from the bank: positives = bank[rows], and that row left out
+    of anchor i's sum over the bank (the op's ``excluded``), so that the target's logit enters once, as the
+    positive: the loss is (max - l_t) + log(sum), never below 0, and the target's gradient coefficient is
+    expm1(-loss) (see the op's schema). Counted in the bank as well and subtracted, the loss carried the rounding
+    of both forms of l_t (it came out -3e-5 at logits ~100) and the target row's gradient was a difference of
+    two terms of size g s |a| (float32: 30x torch's error for a confident classifier).
 
     Through autograd, ``bank[rows]`` would hand the bank a second dense (C, d) gradient (its backward scatters
     into zeros) for the engine to add to the op's: at C = 2^22, d = 128 in float32 that is 2 GiB on top of the
     gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
-    place instead. Same kernels, same values.
+    place instead.
     """
 
     @staticmethod
     def forward(ctx, anchors, bank, rows, scale, normalize, save_anchor_term):
         # scale: a float, or a detached 0-d tensor (see _scale_of).
         loss, lse, term = _fwd_op(
-            anchors, bank.index_select(0, rows), bank, None, scale, normalize, False, save_anchor_term, False
+            anchors, bank.index_select(0, rows), bank, None, scale, normalize, True, save_anchor_term, False, rows
         )
         tensor_scale = isinstance(scale, torch.Tensor)
-        ctx.save_for_backward(anchors, bank, rows, lse, term, *((scale,) if tensor_scale else ()))
+        ctx.save_for_backward(anchors, bank, rows, lse, term, loss, *((scale,) if tensor_scale else ()))
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize
         ctx.mark_non_differentiable(lse, term)
@@ -351,7 +356,7 @@ class _BankRowsAsPositives(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_term):
         _ops.refuse_double_backward()
-        anchors, bank, rows, lse, term, *tensor_scale = ctx.saved_tensors
+        anchors, bank, rows, lse, term, loss, *tensor_scale = ctx.saved_tensors
         need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
         if not (need_a or need_bank):
             return None, None, None, None, None, None
@@ -361,18 +366,19 @@ class _BankRowsAsPositives(torch.autograd.Function):
         half = bank.dtype in (torch.float16, torch.bfloat16)
         ga, gp, gn = _bwd_op(
             grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, scale,
-            ctx.normalize, False, [need_a, need_bank and not half, need_bank], False,
+            ctx.normalize, True, [need_a, need_bank and not half, need_bank], False, False, loss, rows,
         )
         if need_bank:
             if half:
-                targets, grad_rows = _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, ctx.normalize)
+                targets, grad_rows = _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale,
+                                                           ctx.normalize)
                 gn.index_copy_(0, targets, grad_rows.to(gn.dtype))
             else:
                 gn.index_add_(0, rows, gp)  # gn is the op's own new tensor
         return (ga if need_a else None), (gn if need_bank else None), None, None, None, None
 
 
-def _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, normalize, budget=1 << 22):
+def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, normalize, budget=1 << 22):
     """(target rows T, the loss's gradient for them in float32), for half-precision banks: T the distinct targets
     (CPU, eager) or all B of them, sorted (a GPU or a graph; repeats carry equal rows).
 
@@ -381,7 +387,8 @@ def _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, normalize,
     bfloat16 noise of size s |a| where a confident prediction's true gradient (w -> 1) vanishes (2.2 of the bank
     gradient's norm at temperature 0.05 in a test, where torch's own bfloat16 autograd is off by 0.54). Here every
     anchor's term for the rows of T is formed with the coefficient g (w - [t_i = c]) in float32 (B x |T| logits,
-    in chunks of `budget`), through the normalisation's Jacobian, and rounded once."""
+    in chunks of `budget`; w - 1 = expm1(-loss_i) for the anchor's own target, as the op forms it), through the
+    normalisation's Jacobian, and rounded once."""
     acc = lse.dtype
     if torch.compiler.is_compiling() or rows.device.type != "cpu":
         # No data-dependent sizes in a graph (nor a device read-back on a GPU, which torch.unique's size would be):
@@ -409,7 +416,8 @@ def _target_rows_gradient(anchors, bank, rows, lse, grad_loss, scale, normalize,
             norm = n.norm(dim=-1, keepdim=True)
             inv = 1.0 / norm.clamp_min(1e-12)
             n = n * inv
-        coef = torch.exp((a @ n.T) * s - lse[:, None]) - (rows[:, None] == t[None, :]).to(acc)
+        own = rows[:, None] == t[None, :]
+        coef = torch.where(own, torch.expm1(-loss.detach())[:, None], torch.exp((a @ n.T) * s - lse[:, None]))
         grad = (coef * g[:, None]).T @ a * s  # dL/dn_hat
         if normalize:  # inv (G - (n_hat . G) n_hat), no projection where the norm was clamped
             radial = (n * grad).sum(-1, keepdim=True) * (norm >= 1e-12)
@@ -653,7 +661,9 @@ def bank_cross_entropy(
     r"""Softmax cross-entropy of ``s anchors @ bank.T`` against ``targets`` without the (B, C) logits.
 
     ``loss_i = logsumexp_c(s a_i.w_c) - s a_i.w_{t_i}``; the same fused kernel as :func:`info_nce`, with the
-    target row taken from the bank. The mean-classifier loss is this with bank = class means.
+    target row taken from the bank as the positive and left out of the bank's sum (counted once: the loss is
+    never negative, and a confident target's gradient keeps float32 accuracy). The mean-classifier loss is this
+    with bank = class means.
 
     Args:
         anchors: (B, d) features.
@@ -681,7 +691,7 @@ def bank_cross_entropy(
         save = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t, bank.device), normalize, save)
         if learnable and grad:
-            loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, False)
+            loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, True)  # target: the positive
     else:
         loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, False)  # (see reference)
     return _reduce(loss, reduction, result)

@@ -54,6 +54,21 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
                     "exclude_self needs a shared bank (K, d) whose row i is anchor i");
 }
 
+// excluded (optional, int64 (B,)): bank row excluded[i] is not a negative of anchor i (shared bank only).
+inline void check_excluded(const c10::optional<at::Tensor>& excluded, const at::Tensor& anchors,
+                           const at::Tensor& negatives, const c10::optional<at::Tensor>& indices, bool exclude_self) {
+  if (!excluded.has_value() || !excluded->defined()) return;
+  const auto& e = *excluded;
+  TORCH_CHECK_TYPE(e.scalar_type() == at::kLong, "excluded must be int64, got ", e.scalar_type());
+  TORCH_CHECK_VALUE(e.dim() == 1 && e.size(0) == anchors.size(0), "excluded must have shape (B,) = (",
+                    anchors.size(0), ",), got ", e.sizes());
+  TORCH_CHECK_VALUE(e.device() == anchors.device(), "excluded must be on the device of anchors (", anchors.device(),
+                    "), got ", e.device());
+  TORCH_CHECK_VALUE(!(indices.has_value() && indices->defined()) && negatives.dim() == 2,
+                    "excluded needs a shared bank (K, d)");
+  TORCH_CHECK_VALUE(!exclude_self, "excluded and exclude_self cannot both be given");
+}
+
 inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale (1 / temperature) must be positive and finite, got ",
                     scale);

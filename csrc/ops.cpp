@@ -19,9 +19,12 @@ TORCH_LIBRARY(contrastbound, m) {
   // Per-anchor loss, per-anchor log-sum-exp (both in float32, float64 for float64 inputs) and, when
   // save_anchor_term, V = sum_k softmax_k n_hat_k (B, d), else an empty tensor. exclude_self (shared bank
   // only) leaves bank row i out of anchor i's sum: SimCLR's NT-Xent, where the anchors are the bank.
+  // excluded (shared bank only, int64 (B,)): bank row excluded[i] is left out of anchor i's sum (an entry outside
+  // [0, K) leaves none out; never used as an index): bank_cross_entropy, whose target row is the positive.
   m.def(
       "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
-      "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) -> (Tensor, Tensor, Tensor)");
+      "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False, Tensor? excluded=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
   // check_indices=False skips the range check of negative_indices (a device read-back): for the autograd
   // backward, whose forward checked the same saved tensor. Out-of-range rows are then left out of the bank's
@@ -31,17 +34,18 @@ TORCH_LIBRARY(contrastbound, m) {
   m.def(
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
-      "bool exclude_self=False, bool check_indices=True, Tensor? loss=None) -> (Tensor, Tensor, Tensor)");
+      "bool exclude_self=False, bool check_indices=True, Tensor? loss=None, Tensor? excluded=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // The same with the scale as a tensor with one element (a learnable temperature): its value is read at run
   // time, by the kernels themselves for a CUDA tensor (no host read-back; a value that is not positive and
   // finite gives NaN there), on the host otherwise (checked: an error names it).
   m.def(
       "info_nce_fwd_scaled(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
-      "Tensor scale, bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor scale, bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False, "
+      "Tensor? excluded=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "info_nce_bwd_scaled(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, "
       "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
       "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True, "
-      "Tensor? loss=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? loss=None, Tensor? excluded=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -115,6 +115,20 @@ def test_registered_ops_check_every_tensor_argument():
         bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=lse[:2])
     with pytest.raises(ValueError, match="loss is on meta"):
         bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=lse.to("meta"))
+    ex = torch.tensor([0, 1, 2, 3])
+    for bad, exc, text in (
+        (ex.int(), TypeError, "excluded must be int64, got Int"),
+        (ex[:3], ValueError, r"excluded must have shape \(B,\) = \(4,\), got \[3\]"),
+        (ex.to("meta"), ValueError, "excluded is on meta"),
+    ):
+        with pytest.raises(exc, match=text):
+            fwd(a, p, bank, None, 1.0, True, True, False, False, bad)
+        with pytest.raises(exc, match=text):
+            bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], excluded=bad)
+    with pytest.raises(ValueError, match=r"excluded needs a shared bank \(K, d\)"):
+        fwd(a, p, idx_bank, idx, 1.0, True, True, False, False, ex)
+    with pytest.raises(ValueError, match="excluded and exclude_self cannot both be given"):
+        fwd(a, p, a, None, 1.0, True, True, False, True, ex)
     with pytest.raises(ValueError, match="loss must be a floating tensor"):
         bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=torch.zeros(4, dtype=torch.long))
     s = torch.tensor(2.0, requires_grad=True)

@@ -472,6 +472,69 @@ def test_confident_positive_gradient_float32():
         assert fused <= torch_err, (what, fused, torch_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_op_excluded_rows_match_masked_reference(dtype, normalize):
+    # The ops' `excluded` (bank_cross_entropy's target rows): bank row excluded[i] is left out of anchor i's sum;
+    # -1 and rows past the bank leave none out; rows repeat (B > K + 3). Loss and gradients against float64 logits
+    # with those entries masked, at the rounded inputs. B = 70 and K = 131 are multiples of no block or tile.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("compiled extension not available")
+    g = torch.Generator().manual_seed(7)
+    B, K, d, s = 140, 131, 9, 1 / 0.3
+    excluded = (torch.arange(B) * 37 + 11) % (K + 3) - 1
+    xs = [torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) for shape in ((B, d), (B, d), (K, d))]
+    up = torch.rand(B, generator=g, dtype=torch.float64)
+
+    def reference(a, p, n):
+        if normalize:
+            a, p, n = (F.normalize(x, dim=-1) for x in (a, p, n))
+        pos = (a * p).sum(-1) * s
+        logits = (a @ n.T * s).masked_fill(torch.arange(K)[None, :] == excluded[:, None], float("-inf"))
+        return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
+
+    leaves = [x.detach().double().requires_grad_(True) for x in xs]
+    want = reference(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, up)
+    leaves = [x.detach().requires_grad_(True) for x in xs]
+    loss, lse, _ = torch.ops.contrastbound.info_nce_fwd(*leaves, None, s, normalize, True, True, False, excluded)
+    got_grads = torch.autograd.grad(loss, leaves, up.to(loss.dtype))
+    assert_close_scaled(loss, want, TOL[dtype], "loss")
+    assert_close_scaled(lse - loss, (leaves[0].double() * leaves[1].double()).sum(-1) * s if not normalize else
+                        F.cosine_similarity(leaves[0].double(), leaves[1].double(), dim=-1, eps=1e-12) * s,
+                        TOL[dtype], "lse - loss = the positive's logit")
+    for name, got, ref in zip(("anchors", "positives", "bank"), got_grads, want_grads):
+        assert_close_scaled(got, ref, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("normalize,temperature", [(False, 1.0), (True, 0.05)])
+def test_bank_cross_entropy_confident_float32(normalize, temperature):
+    # A confident classifier (each anchor near its class row x3). The target's logit entered the bank's sum and was
+    # subtracted again (computed another way), so the loss carried both roundings (-3.05e-5 at T = 1, logits
+    # ~100) and a target row's gradient was the difference of a bank part and a positive part of size g s |a|:
+    # bank gradient error 23 at T = 1 (torch's float32 cross-entropy: 0.71, itself at float32's resolution
+    # there), anchors / bank 7.5e-4 / 1.8e-3 at T = 0.05 (torch 1.8e-4 / 2.0e-4). With the target row left out of
+    # the sum (the op's excluded) and the positive's weight from the loss: 0.82 / 0.71 and 6.1e-5 / 7.2e-5.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 32, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 100, (64,), generator=g)
+    x = (3 * w[t] + torch.randn(64, 32, generator=g, dtype=torch.float64)).float().double()
+    w = w.float().double()
+
+    def grads(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)]
+        loss = fn(*leaves, t, temperature=temperature, normalize=normalize, reduction="none")
+        return loss.detach(), torch.autograd.grad(loss.sum(), leaves)
+
+    _, want = grads(bank_cross_entropy_reference, torch.float64)
+    loss, got = grads(cb.bank_cross_entropy, torch.float32)
+    _, plain = grads(bank_cross_entropy_reference, torch.float32)  # torch's float32 cross-entropy
+    assert (loss >= 0).all(), loss.min()
+    for name, a, b, r in zip(("anchors", "bank"), got, plain, want):
+        err, err_torch = (((v.double() - r).norm() / r.norm()).item() for v in (a, b))
+        assert err <= 1.5 * err_torch, (name, err, err_torch)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_bank_cross_entropy_target_rows_formula(monkeypatch, normalize):
     # The float32 recomputation of half-precision target rows (functional._target_rows_gradient), run in float64
@@ -488,14 +551,16 @@ def test_bank_cross_entropy_target_rows_formula(monkeypatch, normalize):
     ref_w = w.clone().requires_grad_(True)
     ref = bank_cross_entropy_reference(a, ref_w, t, temperature=0.3, normalize=normalize, reduction="none")
     (want,) = torch.autograd.grad(ref, ref_w, up)
-    lse = (F.normalize(a, dim=1) @ F.normalize(w, dim=1).T if normalize else a @ w.T).div(0.3).logsumexp(1)
+    logits = (F.normalize(a, dim=1) @ F.normalize(w, dim=1).T if normalize else a @ w.T).div(0.3)
+    lse = logits.logsumexp(1)
+    loss = lse - logits[torch.arange(9), t]
     for budget in (1 << 22, 9):
-        rows, got = _target_rows_gradient(a, w, t, lse, up, 1 / 0.3, normalize, budget=budget)
+        rows, got = _target_rows_gradient(a, w, t, lse, loss, up, 1 / 0.3, normalize, budget=budget)
         assert torch.equal(rows, torch.tensor([0, 2, 3, 5, 6]))
         assert_close_scaled(got, want[rows], 1e-12, "target rows")
     # The form taken on a GPU and in a graph: all B targets sorted, repeats with the first one's row, bit for bit.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    rows, got = _target_rows_gradient(a, w, t, lse, up, 1 / 0.3, normalize, budget=4)
+    rows, got = _target_rows_gradient(a, w, t, lse, loss, up, 1 / 0.3, normalize, budget=4)
     assert torch.equal(rows, torch.sort(t).values)
     assert_close_scaled(got, want[rows], 1e-12, "target rows, static form")
     for r in rows.unique():
@@ -769,6 +834,28 @@ if given is not None:
         # features scaled up to 30) give losses and gradients at the rounding level of terms that cancelled; the
         # fixed-size tests above are relative.
         _check_against_reference(a, p, n, idx, torch.float64, 1.0, temperature=temperature, normalize=normalize)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        B=st.integers(1, 70),
+        C=st.integers(1, 90),
+        d=st.integers(1, 40),
+        margin=st.floats(0.0, 30.0),
+        temperature=st.floats(0.01, 2.0),
+        normalize=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    )
+    def test_property_bank_cross_entropy_is_never_negative(seed, B, C, d, margin, temperature, normalize, dtype):
+        # A cross-entropy is >= 0. With the target's logit inside the bank's sum and subtracted again (two roundings
+        # of one dot product) a confident anchor came out at -3e-5; now the loss is (max - l_t) + log(sum) with the
+        # target counted once.
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(C, d, generator=g)
+        t = torch.randint(0, C, (B,), generator=g)
+        x = (margin * w[t] + torch.randn(B, d, generator=g)).to(dtype)
+        loss = cb.bank_cross_entropy(x, w.to(dtype), t, temperature=temperature, normalize=normalize, reduction="none")
+        assert (loss >= 0).all(), loss.min().item()
 
 else:
 

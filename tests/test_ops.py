@@ -56,6 +56,11 @@ def _op_samples(device):
     # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
     z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
     out.append((z, zp, z, None, 2.0, True, False, True, True))
+    # bank_cross_entropy: bank row excluded[i] left out of anchor i's sum (-1 and 9: none; a repeat).
+    a, p, n, _ = make_inputs("shared", B=5, K=8, d=3, dtype=torch.float32, device=device)
+    excluded = torch.tensor([2, -1, 7, 2, 9], device=device)
+    for save in (True, False):
+        out.append((a, p, n, None, 1.5, True, True, save, False, excluded))
     return out
 
 
@@ -71,17 +76,18 @@ def test_opcheck_forward(device):
 def test_opcheck_backward(device):
     for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
+        excluded = rest[1] if len(rest) > 1 else None
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
-                a, p, n, idx, scale, normalize, include_positive, True, exclude
+                a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded
             )
         g = torch.rand(a.shape[0], device=device)
         for mask in ([True, True, True], [False, True, False]):
             args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
-                    exclude)
+                    exclude, True, None, excluded)
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
             # With forward's loss (the positive's weight from it, as the autograd backward passes it).
-            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args, True, loss))
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args[:-2], loss, excluded))
 
 
 @needs_kernel
@@ -90,17 +96,18 @@ def test_opcheck_scaled_ops(device):
     # The ops that take the logit scale as a tensor (learnable / tensor temperatures).
     for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
+        excluded = rest[1] if len(rest) > 1 else None
         s = torch.tensor(scale, dtype=torch.float64, device=device)
-        args = (a, p, n, idx, s, normalize, include_positive, save, exclude)
+        args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize,
-                                                                           include_positive, True, exclude)
+                                                                           include_positive, True, exclude, excluded)
         g = torch.rand(a.shape[0], device=device)
         args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
-                [True, True, True], exclude)
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, args)
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, True, loss))
+                [True, True, True], exclude, True)
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, None, excluded))
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, loss, excluded))
 
 
 def _train_step_losses(compiled: bool, steps: int = 3):

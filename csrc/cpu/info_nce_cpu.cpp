@@ -220,21 +220,31 @@ struct Partials {
   acc_t* weighted_ptr(int64_t c, int64_t i) { return weighted.template data_ptr<acc_t>() + (c * B + i) * d; }
 };
 
-// Sets entry (i, i) of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value: with
-// exclude_self the anchors are the bank, and bank row i is not a negative of anchor i.
+// The bank row left out of each anchor's sum (shared bank): row i with exclude_self (the anchors are the bank:
+// NT-Xent), row rows[i] where given (bank_cross_entropy: the target row is the positive), else none.
+struct Excluded {
+  bool self = false;
+  const int64_t* rows = nullptr;
+  bool any() const { return self || rows != nullptr; }
+  int64_t of(int64_t i) const { return self ? i : (rows != nullptr ? rows[i] : int64_t(-1)); }
+};
+
+// Sets the excluded entry of each row of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value.
 template <typename acc_t>
-void mask_self(Tensor& tile, int64_t i0, int64_t k0, acc_t value) {
+void mask_excluded(Tensor& tile, int64_t i0, int64_t k0, const Excluded& ex, acc_t value) {
   const int64_t rows = tile.size(0), cols = tile.size(1), ld = tile.stride(0);
   acc_t* t = tile.template data_ptr<acc_t>();
-  const int64_t lo = std::max(i0, k0), hi = std::min(i0 + rows, k0 + cols);
-  for (int64_t k = lo; k < hi; ++k) t[(k - i0) * ld + (k - k0)] = value;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t col = ex.of(i0 + r) - k0;
+    if (col >= 0 && col < cols) t[r * ld + col] = value;
+  }
 }
 
 // Shared bank: units (anchor block, K chunk); logits of a block against a bank tile by one GEMM, the online
 // update by vectorised ATen ops on the tile, the weighted sum of bank rows by a second GEMM.
 template <typename scalar_t, typename acc_t>
 void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::vector<acc_t>& inv, bool normalize,
-                    bool exclude_self, Partials<acc_t>& parts) {
+                    const Excluded& ex, Partials<acc_t>& parts) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
   const int64_t blocks = ceil_div(B, kAnchorBlock);
   const int64_t chunks = parts.chunks;
@@ -264,12 +274,12 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
-        if (exclude_self) mask_self<acc_t>(l, i0, k0, -std::numeric_limits<acc_t>::infinity());
+        if (ex.any()) mask_excluded<acc_t>(l, i0, k0, ex, -std::numeric_limits<acc_t>::infinity());
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
         at::maximum_out(nmax, m, rmax);
         // A row whose logits so far were all excluded keeps max = lowest (not -inf, which would give NaN below).
-        if (exclude_self) nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
+        if (ex.any()) nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
         at::sub_out(al, m, nmax).exp_();  // exp(-inf) = 0 for the empty state
         l.sub_(nmax.unsqueeze(1)).exp_();
         Tensor rsum = row_sum.narrow(0, 0, bb);
@@ -468,7 +478,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
 
 template <typename scalar_t, typename acc_t>
 ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, const c10::optional<Tensor>& indices,
-                        bool normalize, bool include_positive, bool save, bool exclude_self) {
+                        bool normalize, bool include_positive, bool save, const Excluded& ex) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1);
   const Mode mode = mode_of(negatives_in, indices);
   const Tensor negatives = unit_inner_stride(negatives_in);
@@ -482,7 +492,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     if (save && parts.chunks > 0) parts.weighted = at::zeros({parts.chunks, B, d}, pr.anchors_s.options());
     std::vector<acc_t> inv, proj;
     bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
-    if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, exclude_self, parts);
+    if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, ex, parts);
   } else {
     const int64_t K = mode == Mode::Indexed ? indices->size(1) : negatives.size(1);
     parts.chunks = num_chunks(K, B, B, kRowTile);
@@ -530,7 +540,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
 // Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
 // recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) accumulates.
 template <typename scalar_t, typename acc_t>
-void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, bool exclude_self, const acc_t* g,
+void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, const Excluded& ex, const acc_t* g,
                      const acc_t* lse, Tensor& grad_bank) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
   const auto acc_opts = pr.anchors_s.options();
@@ -565,7 +575,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
         at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
-        if (exclude_self) mask_self<acc_t>(w, i0, k0, acc_t(0));
+        if (ex.any()) mask_excluded<acc_t>(w, i0, k0, ex, acc_t(0));
         grad.addmm_(w.t(), a_blk);  // dL/dn_hat = sum_i W_ik s a_hat_i
       }
       // dL/dn = inv * (G - c * q * n_hat) (the tile holds n_hat), c_k = n_hat_k . G_k from the accumulated G, as
@@ -742,10 +752,10 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                                                  const c10::optional<Tensor>& indices, double scale, bool normalize,
-                                                 bool include_positive, bool save, bool exclude_self) {
+                                                 bool include_positive, bool save, const Excluded& ex) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
-  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save, exclude_self);
+  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save, ex);
   return {out.loss, out.lse, out.anchor_term};
 }
 
@@ -755,7 +765,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
                                                   const c10::optional<Tensor>& indices, const Tensor& lse_in,
                                                   const Tensor& anchor_term_in, double scale, bool normalize,
                                                   bool include_positive, std::array<bool, 3> mask,
-                                                  bool exclude_self, const c10::optional<Tensor>& loss_in) {
+                                                  const Excluded& ex, const c10::optional<Tensor>& loss_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = anchors.size(0), d = anchors.size(1);
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
@@ -781,7 +791,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
     Tensor term = anchor_term_in;
     if (mask[0] && term.numel() != B * d) {
       // Forward did not save V (the anchors did not need a gradient then): one more forward pass.
-      term = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, true, exclude_self)
+      term = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, true, ex)
                  .anchor_term;
     }
     if (mask[0]) term = term.to(acc_type).contiguous();
@@ -831,7 +841,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   if (mask[2]) {
     if (mode == Mode::Shared) {
       if (negatives.size(0) > 0) {
-        backward_shared<scalar_t, acc_t>(pr, negatives, normalize, exclude_self, g, lse_p, grad_n);
+        backward_shared<scalar_t, acc_t>(pr, negatives, normalize, ex, g, lse_p, grad_n);
       }
     } else if (mode == Mode::PerAnchor) {
       backward_per_anchor<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
@@ -842,20 +852,35 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   return {grad_a, grad_p, grad_n};
 }
 
+// excluded as a contiguous tensor (undefined if not given), and the view the kernels take of it.
+Tensor excluded_rows(const c10::optional<Tensor>& excluded) {
+  return excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+}
+
+Excluded excluded_of(bool exclude_self, const Tensor& rows) {
+  Excluded ex;
+  ex.self = exclude_self;
+  ex.rows = rows.defined() ? rows.template data_ptr<int64_t>() : nullptr;
+  return ex;
+}
+
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const Tensor& positives,
                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                     double scale, bool normalize, bool include_positive,
-                                                    bool save_anchor_term, bool exclude_self) {
+                                                    bool save_anchor_term, bool exclude_self,
+                                                    const c10::optional<Tensor>& excluded) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_scale(scale);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
+  const Tensor excl = excluded_rows(excluded);
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_fwd_cpu", [&] {
     // Detached views: the ATen calls inside the kernel (some on worker threads, where the guards above do not
     // apply) must not see tensors that require grad.
     out = forward_typed<scalar_t>(anchors.detach(), positives.detach(), negatives.detach(), indices, scale, normalize,
-                                  include_positive, save_anchor_term, exclude_self);
+                                  include_positive, save_anchor_term, excluded_of(exclude_self, excl));
   });
   return out;
 }
@@ -866,20 +891,23 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     const Tensor& anchor_term, double scale, bool normalize,
                                                     bool include_positive, std::array<bool, 3> output_mask,
                                                     bool exclude_self, bool check_indices,
-                                                    const c10::optional<Tensor>& loss) {
+                                                    const c10::optional<Tensor>& loss,
+                                                    const c10::optional<Tensor>& excluded) {
   // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since). Still
   // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
   check_scale(scale);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
+  const Tensor excl = excluded_rows(excluded);
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
     out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
                                    indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
-                                   output_mask, exclude_self,
+                                   output_mask, excluded_of(exclude_self, excl),
                                    loss.has_value() ? c10::optional<Tensor>(loss->detach()) : c10::nullopt);
   });
   return out;
@@ -890,9 +918,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cpu(const Tensor& anchors
                                                            const Tensor& negatives,
                                                            const c10::optional<Tensor>& indices, const Tensor& scale,
                                                            bool normalize, bool include_positive,
-                                                           bool save_anchor_term, bool exclude_self) {
+                                                           bool save_anchor_term, bool exclude_self,
+                                                           const c10::optional<Tensor>& excluded) {
   return info_nce_fwd_cpu(anchors, positives, negatives, indices, scale_value(scale), normalize, include_positive,
-                          save_anchor_term, exclude_self);
+                          save_anchor_term, exclude_self, excluded);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_loss, const Tensor& anchors,
@@ -901,9 +930,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                                                            const Tensor& anchor_term, const Tensor& scale,
                                                            bool normalize, bool include_positive,
                                                            std::array<bool, 3> output_mask, bool exclude_self,
-                                                           bool check_indices, const c10::optional<Tensor>& loss) {
+                                                           bool check_indices, const c10::optional<Tensor>& loss,
+                                                           const c10::optional<Tensor>& excluded) {
   return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
-                          normalize, include_positive, output_mask, exclude_self, check_indices, loss);
+                          normalize, include_positive, output_mask, exclude_self, check_indices, loss, excluded);
 }
 
 }  // namespace

@@ -24,6 +24,14 @@ __device__ __forceinline__ acc_t read_scale(const acc_t* s) {
   return (v > acc_t(0) && v < acc_t(INFINITY)) ? v : acc_t(NAN);
 }
 
+// The bank row left out of anchor i's sum (shared bank): i with exclude_self (NT-Xent: the anchors are the bank),
+// excluded[i] where that array is given (bank_cross_entropy: the target row is the positive), else -1 (none).
+// excluded is read only for i < rows (the anchors).
+__host__ __device__ __forceinline__ int64_t excluded_row(bool exclude_self, const int64_t* excluded, int64_t i,
+                                                         int64_t rows) {
+  return exclude_self ? i : (excluded != nullptr && i < rows ? excluded[i] : int64_t(-1));
+}
+
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);

@@ -59,6 +59,9 @@ struct Problem {
   bool normalize = true;
   bool include_positive = true;
   bool exclude_self = false;  // Shared only: bank row i is not a negative of anchor i (NT-Xent)
+  // Shared only, (B,) contiguous or nullptr: bank row excluded[i] is not a negative of anchor i (an entry outside
+  // [0, K) excludes none; compared, never used as an index). Not together with exclude_self.
+  const int64_t* excluded = nullptr;
 
   // Tensor cores (Shared mode, d <= 256, compute capability >= 8.0): float16/bfloat16 always unless
   // tensor_cores is false; float32 as TF32 only when tf32 is true (torch.backends.cuda.matmul.allow_tf32).

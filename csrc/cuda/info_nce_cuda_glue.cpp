@@ -75,7 +75,7 @@ Tensor device_scale(const Tensor& scale, const Tensor& anchors) {
 // queued (the caching allocator reuses its block only in stream order).
 Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                      const c10::optional<Tensor>& indices, const Tensor& scale, bool normalize,
-                     bool include_positive, bool exclude_self) {
+                     bool include_positive, bool exclude_self, const Tensor& excluded) {
   Problem p;
   p.dtype = dtype_of(anchors.scalar_type());
   p.B = anchors.size(0);
@@ -108,6 +108,7 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   p.normalize = normalize;
   p.include_positive = include_positive;
   p.exclude_self = exclude_self;
+  p.excluded = excluded.defined() ? excluded.data_ptr<int64_t>() : nullptr;
   // CONTRASTBOUND_TENSOR_CORES=0 forces the SIMT kernels (tests compare both paths); float32 follows torch's
   // TF32 setting for matrix products.
   const char* tc = std::getenv("CONTRASTBOUND_TENSOR_CORES");
@@ -152,13 +153,17 @@ template <typename Scale>
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, const Tensor& positives,
                                                      const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                      const Scale& scale, bool normalize, bool include_positive,
-                                                     bool save_anchor_term, bool exclude_self) {
+                                                     bool save_anchor_term, bool exclude_self,
+                                                     const c10::optional<Tensor>& excluded) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const Tensor s = device_scale(scale, anchors);
-  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self);
+  const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const Problem p =
+      make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self, excl);
   return forward_on_stream(p, anchors, save_anchor_term);
 }
 
@@ -169,7 +174,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
                                                      const Tensor& anchor_term, const Scale& scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
                                                      bool exclude_self, bool check_indices,
-                                                     const c10::optional<Tensor>& loss) {
+                                                     const c10::optional<Tensor>& loss,
+                                                     const c10::optional<Tensor>& excluded) {
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
@@ -177,11 +183,14 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
   const Tensor s = device_scale(scale, anchors);
-  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self);
+  const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const Problem p =
+      make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self, excl);
 
   Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
@@ -229,9 +238,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, const Tensor& positives,
                                                      const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                      double scale, bool normalize, bool include_positive,
-                                                     bool save_anchor_term, bool exclude_self) {
+                                                     bool save_anchor_term, bool exclude_self,
+                                                     const c10::optional<Tensor>& excluded) {
   return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
-                           save_anchor_term, exclude_self);
+                           save_anchor_term, exclude_self, excluded);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cuda(const Tensor& anchors, const Tensor& positives,
@@ -239,9 +249,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cuda(const Tensor& anchor
                                                             const c10::optional<Tensor>& indices,
                                                             const Tensor& scale, bool normalize,
                                                             bool include_positive, bool save_anchor_term,
-                                                            bool exclude_self) {
+                                                            bool exclude_self,
+                                                            const c10::optional<Tensor>& excluded) {
   return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
-                           save_anchor_term, exclude_self);
+                           save_anchor_term, exclude_self, excluded);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -250,9 +261,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
                                                      const Tensor& anchor_term, double scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
                                                      bool exclude_self, bool check_indices,
-                                                     const c10::optional<Tensor>& loss) {
+                                                     const c10::optional<Tensor>& loss,
+                                                     const c10::optional<Tensor>& excluded) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices, loss);
+                           include_positive, output_mask, exclude_self, check_indices, loss, excluded);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -262,9 +274,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_l
                                                             const Tensor& scale, bool normalize,
                                                             bool include_positive, std::array<bool, 3> output_mask,
                                                             bool exclude_self, bool check_indices,
-                                                            const c10::optional<Tensor>& loss) {
+                                                            const c10::optional<Tensor>& loss,
+                                                            const c10::optional<Tensor>& excluded) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices, loss);
+                           include_positive, output_mask, exclude_self, check_indices, loss, excluded);
 }
 
 }  // namespace

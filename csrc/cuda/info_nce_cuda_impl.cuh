@@ -373,13 +373,15 @@ __global__ void __launch_bounds__(kThreads)
       acc_t acc[R][R];
       logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, i0, k0, k_end, a_s, n_s, acc);
 #pragma unroll
-      for (int a = 0; a < R; ++a)
+      for (int a = 0; a < R; ++a) {
+        const int64_t ex = excluded_row(p.exclude_self, p.excluded, i0 + ty + 16 * a, B);  // -1: none
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          const bool self = p.exclude_self && i0 + ty + 16 * a == k0 + col;
+          const bool self = ex == k0 + col;
           l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] * col_inv[col] : ninf;
         }
+      }
       __syncthreads();
       // Online log-sum-exp: one warp per anchor row of the tile.
       for (int r = warp; r < BA; r += kWarps) {
@@ -683,10 +685,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int a = 0; a < R; ++a) {
         const int r = ty + 16 * a;
         const int64_t i = i0 + r;
+        const int64_t ex = excluded_row(p.exclude_self, p.excluded, i, B);  // -1: none
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          const bool keep = i < B && k0 + col < k_end && !(p.exclude_self && i == k0 + col);
+          const bool keep = i < B && k0 + col < k_end && ex != k0 + col;
           w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
         }
       }
@@ -1223,6 +1226,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
       f.xblocks = plan.xblocks;
       f.scale = args.scale;
       f.exclude_self = args.exclude_self;
+      f.excluded = args.excluded;
       f.x_inv = args.x_inv;
       f.x_proj = args.x_proj;
       f.y_inv = args.y_inv;
@@ -1270,6 +1274,7 @@ TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<
   la.xblocks = ceil_div(p.B, kTcRows);
   la.scale = static_cast<const float*>(p.scale);
   la.exclude_self = p.exclude_self;
+  la.excluded = p.excluded;
   la.x_inv = w.pr.a_inv;
   la.y_inv = w.pr.n_inv;
   la.part_max = w.part_max;
@@ -1301,6 +1306,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
           fa.xblocks = ceil_div(p.B, kFlRows);
           fa.scale = static_cast<const float*>(p.scale);
           fa.exclude_self = p.exclude_self;
+          fa.excluded = p.excluded;
           fa.x_inv = t.w.pr.a_inv;
           fa.y_inv = t.w.pr.n_inv;
           fa.coef_bound = bound;
@@ -1355,6 +1361,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     TcRowsArgs ra;
     ra.scale = static_cast<const float*>(p.scale);
     ra.exclude_self = p.exclude_self;
+    ra.excluded = p.excluded;
     ra.lse_on_x = true;
     ra.x_inv = t.w.pr.a_inv;
     ra.y_inv = t.w.pr.n_inv;
@@ -1375,6 +1382,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   TcRowsArgs ra;
   ra.scale = static_cast<const float*>(p.scale);
   ra.exclude_self = p.exclude_self;
+  ra.excluded = p.excluded;
   ra.lse_on_x = false;
   ra.x_inv = pr.n_inv;
   ra.x_proj = pr.n_proj;

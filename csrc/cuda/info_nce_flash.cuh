@@ -30,6 +30,7 @@ struct FlArgs {
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward: splits = K chunks
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
+  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (Forward, AnchorTerm) or by Y row (BankGrads)
   const float* x_inv = nullptr;   // (X rows,)
   const float* x_proj = nullptr;  // BankGrads: Jacobian factor of the bank rows
   const float* y_inv = nullptr;   // (Y rows,)
@@ -50,7 +51,7 @@ TcSmem fl_smem(int64_t d, int stages) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, TcTraits<T>::PAD);
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * 3 * kFlCols);
+  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // yinv, ylse, yg (float), yex (int)
   m.total = o;
   return m;
 }
@@ -131,6 +132,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
   float* ylse = yinv + kFlCols;
   float* yg = ylse + kFlCols;
+  int* yex = reinterpret_cast<int*>(yg + kFlCols);  // BankGrads: see tc_col_excluded
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   // ldmatrix row addresses (PTX fragment layouts as in info_nce_tc.cuh): A = the warp's 16 X rows; B of the
   // score product = Y rows 16 q + yrow (n8 tiles 2q, 2q + 1); B of the second product (.trans) = Y rows
@@ -150,11 +152,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     tc_issue<T, kFlRows>(xs, m.ld, X, x0, a.d, m.dpad);
     tc_commit();
     tc_wait<0>();
-    int64_t row[2];
+    int64_t row[2], row_ex[2];
     float xinv[2], xlse[2], run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
+      // The column this row leaves out: by X row (Forward, AnchorTerm; exclude_self in every mode), else per
+      // column (yex).
+      row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
@@ -177,6 +182,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
         ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
         yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+        yex[threadIdx.x] = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
       }
       __syncthreads();
       // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).
@@ -206,8 +212,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int hlim = row[h] < X.rows ? lim : 0;
-        const int64_t dself = row[h] - y0;
-        const int selfc = (a.exclude_self && dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+        const int64_t dself = row_ex[h] - y0;
+        const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+        const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
         if (MODE == FlashMode::Forward) {
           float tmax = -INFINITY;
 #pragma unroll
@@ -246,7 +253,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc;
+              const bool keep = col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
               float c = 0.f;
               if (keep) {
                 const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];

@@ -133,7 +133,7 @@ TcSmem tc_smem(int64_t d, bool with_p, int stages = 1, bool score_tile = true, i
   m.p = o;
   if (with_p) o = tc_align(o + sizeof(T) * kTcRows * m.ldp);
   m.cols = o;
-  o = tc_align(o + sizeof(float) * 3 * kTcCols);
+  o = tc_align(o + sizeof(float) * 4 * kTcCols);  // yinv, ylse, yg (float) and yex (int, tc_col_excluded)
   m.total = o;
   return m;
 }
@@ -288,10 +288,21 @@ __host__ __device__ __forceinline__ float tc_bound_term(float inv, float w_abs_s
   return tc_zero_row<__half>(inv) ? 0.f : inv * w_abs_s;
 }
 
+// Bank grads (X = bank rows, Y = anchors): the X row of this block that anchor y leaves out of its sum, as an
+// offset from the block's first row x0, or -1 (none, or outside the block's `rows` rows). exclude_self is
+// handled by the kernels' own x == y test; this serves the excluded array.
+__device__ __forceinline__ int tc_col_excluded(const int64_t* excluded, int64_t y, int64_t y_rows, int64_t x0,
+                                               int rows) {
+  if (excluded == nullptr || y >= y_rows) return -1;
+  const int64_t off = excluded[y] - x0;
+  return off >= 0 && off < rows ? static_cast<int>(off) : -1;
+}
+
 struct TcLseArgs {
   int64_t d = 0, K = 0, B = 0, chunk_len = 0, chunks = 0, xblocks = 0;
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
+  const int64_t* excluded = nullptr;  // (B,) or nullptr: bank row left out of each anchor's sum (excluded_row)
   const float* x_inv = nullptr;  // (B,) anchors
   const float* y_inv = nullptr;  // (K,) bank rows
   float* part_max = nullptr;     // (chunks, B)
@@ -319,6 +330,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     tc_commit();
     tc_wait<0>();
     const float xinv = i < a.B ? a.x_inv[i] * read_scale(a.scale) : 0.f;
+    const int64_t ex = excluded_row(a.exclude_self, a.excluded, i, a.B);  // -1: none
     float mx = -INFINITY, sm = 0.f;
     int it = 0;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcCols, ++it) {
@@ -334,7 +346,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       for (int t = 0; t < kTcCols / 4; ++t) {
         const int col = q + 4 * t;
         const int64_t k = k0 + col;
-        const bool keep = k < k_end && !(a.exclude_self && k == i);
+        const bool keep = k < k_end && k != ex;
         v[t] = keep ? S[r * kTcLds + col] * xinv * yinv[col] : -INFINITY;
         tmax = fmax_nan(tmax, v[t]);
       }
@@ -371,6 +383,7 @@ struct TcRowsArgs {
   int64_t slices = 1;
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
+  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (anchor term) or by Y row (bank grads)
   bool lse_on_x = true;          // anchor term (lse indexed by X row) or bank grads (by Y row)
   const float* x_inv = nullptr;  // (X rows,)
   const float* x_proj = nullptr;  // bank grads: Jacobian factor of the X (bank) rows
@@ -407,6 +420,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
   float* ylse = yinv + kTcCols;
   float* yg = ylse + kTcCols;
+  int* yex = reinterpret_cast<int*>(yg + kTcCols);
   const int tid = threadIdx.x, r = tid >> 2, q = tid & 3, warp = tid / 32;
   const int rp = warp & 1, cg = warp >> 1;  // output: rows 32 rp .. +31, column fragments cg + 4 t
   const int64_t ytiles = (Y.rows + kTcCols - 1) / kTcCols;
@@ -423,6 +437,8 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     const float xinv = x_ok ? a.x_inv[x] * read_scale(a.scale) : 0.f;
     const float cscale = tc_coef_scale(a.coef_bound);
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
+    // The column this row leaves out: by X row (anchor term; exclude_self in both modes), else per column (yex).
+    const int64_t xex = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, x, X.rows);
     wmma::fragment<wmma::accumulator, 16, 16, Tr::KS, float> acc[2][4];
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
@@ -439,6 +455,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
         yinv[tid] = ok ? a.y_inv[y] : 0.f;
         ylse[tid] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
         yg[tid] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
+        yex[tid] = a.lse_on_x ? -1 : tc_col_excluded(a.excluded, y, Y.rows, x0, kTcRows);
       }
       __syncthreads();
       tc_scores<T>(xs, ys, m.ld, m.dpad, S);
@@ -447,7 +464,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
       for (int t = 0; t < kTcCols / 4; ++t) {
         const int col = q + 4 * t;
         const int64_t y = y0 + col;
-        const bool keep = x_ok && y < Y.rows && !(a.exclude_self && x == y);
+        const bool keep = x_ok && y < Y.rows && y != xex && yex[col] != r;
         float c = 0.f;
         if (keep) {
           const float l = S[r * kTcLds + col] * xinv * yinv[col];
@@ -726,11 +743,12 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       tc_commit();
       tc_wait<0>();
     }
-    int64_t row_i[2];
+    int64_t row_i[2], row_ex[2];
     float xinv[2], mx[2], sm[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
+      row_ex[h] = excluded_row(a.exclude_self, a.excluded, row_i[h], a.B);  // -1: none
       xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
       mx[h] = -INFINITY;
       sm[h] = 0.f;
@@ -747,8 +765,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       const int lim = static_cast<int>(min64(kTcCols, k_end - k0));  // valid columns of this tile
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t dself = row_i[h] - k0;  // column of the anchor's own row (exclude_self), if in this tile
-        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        const int64_t dself = row_ex[h] - k0;  // column of the row the anchor leaves out, if in this tile
+        const int selfc = (dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
         float v[8];
         float tmax = -INFINITY;
 #pragma unroll
@@ -820,6 +838,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
   float* ylse = yinv + kTcCols;
   float* yg = ylse + kTcCols;
+  int* yex = reinterpret_cast<int*>(yg + kTcCols);
   const MmaLanes L;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rp = warp & 1, cg = warp >> 1;  // output: rows 32 rp .. +31, 16-column groups cg + 4 q
@@ -846,7 +865,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       tc_commit();
       tc_wait<0>();
     }
-    int64_t row_x[2];
+    int64_t row_x[2], row_ex[2];
     float xinv[2], xlse[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -854,6 +873,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       const bool ok = row_x[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row_x[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
+      // The column this row leaves out: by X row (anchor term; exclude_self in both modes), else per column (yex).
+      row_ex[h] = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, row_x[h], X.rows);
     }
     const float cscale = tc_coef_scale(a.coef_bound);
     if (threadIdx.x < 2 * kTcRows) rowc[threadIdx.x] = 0.f;  // read and written after the tile loop's barriers
@@ -879,6 +900,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
         ylse[threadIdx.x] = (ok && !a.lse_on_x) ? a.lse[y] : 0.f;
         yg[threadIdx.x] = (ok && !a.lse_on_x) ? a.g[y] * read_scale(a.scale) : 0.f;
+        yex[threadIdx.x] = a.lse_on_x ? -1 : tc_col_excluded(a.excluded, y, Y.rows, x0, kTcRows);
       }
       float sc[4][4];  // (chunks: this slice's last, so that it stays in the Y tile for the second product)
       mma_tile_scores<T, CHUNKED>(tc_raw, m, X, x0, Y, y0, a.d, static_cast<int>(slice), xa, ys, L, sc);
@@ -888,8 +910,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       for (int h = 0; h < 2; ++h) {
         const int row = 16 * L.wr + L.g + 8 * h;
         const int hlim = row_x[h] < X.rows ? lim : 0;
-        const int64_t dself = row_x[h] - y0;
-        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        const int64_t dself = row_ex[h] - y0;
+        const int selfc = (dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
         float ng = 0.f;  // bank grads: this lane's part of n_x . G_x = sum_y c(x, y) (n_x . y) (times cscale)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -897,7 +919,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
-            const bool keep = col < hlim && col != selfc;
+            const bool keep = col < hlim && col != selfc && yex[col] != row;
             float cv = 0.f;
             if (keep) {
               const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
@@ -1016,11 +1038,12 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       run_m[threadIdx.x] = -INFINITY;
       run_s[threadIdx.x] = 0.f;
     }
-    int64_t row_i[2];
+    int64_t row_i[2], row_ex[2];
     float xinv[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
+      row_ex[h] = excluded_row(a.exclude_self, a.excluded, row_i[h], a.B);  // -1: none
       xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
     }
     float acc[2][4][2][4];
@@ -1044,8 +1067,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       float v[2][8];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t dself = row_i[h] - k0;
-        const int selfc = (a.exclude_self && dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
+        const int64_t dself = row_ex[h] - k0;
+        const int selfc = (dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
         float tm = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 4; ++j)

@@ -185,7 +185,7 @@ TcSmem wg_smem(int64_t d, int stages) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, 0, 64);
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * 3 * kFlCols);
+  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // yinv, ylse, yg (float), yex (int)
   m.total = o;
   return m;
 }
@@ -275,6 +275,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
   float* ylse = yinv + kFlCols;
   float* yg = ylse + kFlCols;
+  int* yex = reinterpret_cast<int*>(yg + kFlCols);  // BankGrads: see tc_col_excluded
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: X rows 64 wg .. 64 wg + 63 of the block; warp = 4 wg + (warp & 3)
   const unsigned xa = smem_u32(xs) + (wg_mut(kWgMutRowOffset) ? 0u : static_cast<unsigned>(wg) * 8u * kCore);
@@ -293,11 +294,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     tc_wait<0>();
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
     // This thread's rows, as in flash_kernel: 16 warp + g + 8 h of the block (= 64 wg + 16 (warp & 3) + ...).
-    int64_t row[2];
+    int64_t row[2], row_ex[2];
     float xinv[2], xlse[2], run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
+      // The column this row leaves out: by X row (Forward, AnchorTerm; exclude_self in every mode), else per
+      // column (yex).
+      row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
@@ -319,6 +323,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
         ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
         yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+        yex[threadIdx.x] = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
       }
       __syncthreads();  // the tile (copied and proxy-fenced by every thread) and the column arrays are complete
       const unsigned ya = smem_u32(ys);
@@ -342,8 +347,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int hlim = row[h] < X.rows ? lim : 0;
-        const int64_t dself = row[h] - y0;
-        const int selfc = (a.exclude_self && dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+        const int64_t dself = row_ex[h] - y0;
+        const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+        const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
         if (MODE == FlashMode::Forward) {
           // Masked columns are left out by branches, not as -inf logits: computing them as -inf in the score
           // registers made ptxas serialize every wgmma of the kernel (C7515).
@@ -385,7 +391,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc;
+              const bool keep = col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
               float c = 0.f;
               if (keep) {
                 const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];

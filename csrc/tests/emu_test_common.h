@@ -108,14 +108,26 @@ struct Case {
   float scale;
   int64_t zero_a = -1, zero_n = -1;  // an anchor row / a bank row set to zero (-1: none)
   int chunk = 0;  // mma.sync kernels: features per copied tile (TcSmem::chunk; 0: whole rows)
+  // An excluded array (bank_cross_entropy's targets): anchor i leaves bank row excluded_rows(c)[i] out.
+  bool excl_rows = false;
   std::string name() const {
     char buf[200];
-    std::snprintf(buf, sizeof buf, "B=%lld K=%lld d=%lld excl=%d strided=%d stages=%d chunks=%lld grid=%u%s%s",
+    std::snprintf(buf, sizeof buf, "B=%lld K=%lld d=%lld excl=%d strided=%d stages=%d chunks=%lld grid=%u%s%s%s",
                   (long long)B, (long long)K, (long long)d, exclude_self, strided, stages, (long long)chunks, grid,
-                  zero_a >= 0 || zero_n >= 0 ? " zero rows" : "", chunk > 0 ? " tile chunks" : "");
+                  zero_a >= 0 || zero_n >= 0 ? " zero rows" : "", chunk > 0 ? " tile chunks" : "",
+                  excl_rows ? " excluded rows" : "");
     return buf;
   }
 };
+
+// The excluded array of a case (empty without excl_rows): values in [-1, K + 1], so -1 and rows past the bank
+// (which exclude nothing), repeats, and rows in every tile.
+inline std::vector<int64_t> excluded_rows(const Case& c) {
+  std::vector<int64_t> ex;
+  if (c.excl_rows)
+    for (int64_t i = 0; i < c.B; ++i) ex.push_back((i * 37 + 11) % (c.K + 3) - 1);
+  return ex;
+}
 
 // Row `row` of m set to zero (nothing for row < 0).
 template <typename T>
@@ -130,9 +142,11 @@ template <typename T>
 std::vector<double> logits(const Mat<T>& A, const Mat<T>& N, const std::vector<float>& ai, const std::vector<float>& ni,
                            const Case& c) {
   std::vector<double> l(A.rows * N.rows);
+  const std::vector<int64_t> ex = excluded_rows(c);
   for (int64_t i = 0; i < A.rows; ++i)
     for (int64_t k = 0; k < N.rows; ++k) {
-      l[i * N.rows + k] = (c.exclude_self && i == k) ? -INFINITY : c.scale * dot(A, i, N, k) * ai[i] * ni[k];
+      const bool out = (c.exclude_self && i == k) || (!ex.empty() && ex[i] == k);
+      l[i * N.rows + k] = out ? -INFINITY : c.scale * dot(A, i, N, k) * ai[i] * ni[k];
     }
   return l;
 }

@@ -67,6 +67,7 @@ void launch_forward(int kernel, const TcOperand<T>& X, const TcOperand<T>& Y, co
   f.xblocks = (a.B + kFlRows - 1) / kFlRows;
   f.scale = a.scale;
   f.exclude_self = a.exclude_self;
+  f.excluded = a.excluded;
   f.x_inv = a.x_inv;
   f.y_inv = a.y_inv;
   f.coef_bound = b;
@@ -98,6 +99,8 @@ void run_lse_and_fwd(const Case& c, std::mt19937_64& rng, double tol) {
   a.xblocks = (c.B + kTcRows - 1) / kTcRows;
   a.scale = &c.scale;  // device memory in the library; host memory here
   a.exclude_self = c.exclude_self;
+  const std::vector<int64_t> ex = excluded_rows(c);
+  a.excluded = ex.empty() ? nullptr : ex.data();
   // The kernels take inverse norms divided out of the scale here as in the library: l = s x.y inv_x inv_y.
   a.x_inv = ai.data();
   a.y_inv = ni.data();
@@ -160,6 +163,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     gl[i] = static_cast<float>(u(rng));
   }
   for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
+  const std::vector<int64_t> ex = excluded_rows(c);
 
   // anchor term (X = anchors), bank gradients (X = bank); mma, flash (d <= kTcMaxD: whole rows in registers)
   for (int pass = 0; pass < (c.d <= kTcMaxD ? 4 : 2); ++pass) {
@@ -177,6 +181,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     r.slices = flash ? 1 : (c.d + kTcSliceD - 1) / kTcSliceD;
     r.scale = &c.scale;
     r.exclude_self = c.exclude_self;
+    r.excluded = ex.empty() ? nullptr : ex.data();  // by X row (anchor term) or by Y row (bank gradients)
     r.lse_on_x = !bank;
     r.x_inv = bank ? ni.data() : ai.data();
     r.x_proj = bank ? proj.data() : nullptr;
@@ -208,6 +213,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       f.xblocks = r.xblocks;
       f.scale = r.scale;
       f.exclude_self = r.exclude_self;
+      f.excluded = r.excluded;
       f.x_inv = r.x_inv;
       f.x_proj = r.x_proj;
       f.y_inv = r.y_inv;
@@ -362,6 +368,11 @@ void run_all(bool quick, double tol, const char* tname) {
       // the zero bank row's own gradient (1e12 G, past float16's range, as in torch) is compared unfinished.
       {70, 200, 64, false, false, 1, 2, 1000, 1.0f / 0.07f, 5, 130},
       {130, 130, 40, true, false, 2, 3, 2, 4.0f, 7, 100},
+      // An excluded array (bank_cross_entropy): per anchor row in the forward and anchor-term passes, per column
+      // of the anchor tile in the bank gradients; B > K so rows repeat, two X blocks of bank rows, a wide case.
+      {150, 100, 40, false, false, 2, 3, 2, 4.0f, -1, -1, 0, true},
+      {70, 200, 64, false, true, 1, 2, 1000, 5.0f, -1, -1, 0, true},
+      {70, 130, 520, false, false, 1, 2, 3, 3.0f, -1, -1, 256, true},
   };
   if (!quick) cases.push_back({150, 700, 128, true, false, 2, 2, 1000, 1.0f / 0.07f});
   for (const Case& c : cases) {

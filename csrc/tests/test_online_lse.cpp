@@ -194,7 +194,8 @@ void check_kernel() {
                 .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                       const at::Tensor&,
                                                                       const std::optional<at::Tensor>&, double, bool,
-                                                                      bool, bool, bool)>();
+                                                                      bool, bool, bool,
+                                                                      const std::optional<at::Tensor>&)>();
   at::manual_seed(7);
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   for (int64_t K : {0, 1, 511, 512, 513, 3001}) {
@@ -202,7 +203,7 @@ void check_kernel() {
       const int64_t B = 37, d = 19;
       const double scale = 1.0 / 0.07;
       at::Tensor a = at::randn({B, d}, opts), p = at::randn({B, d}, opts), n = at::randn({K, d}, opts);
-      auto [loss, lse, term] = op.call(a, p, n, std::nullopt, scale, normalize, true, true, false);
+      auto [loss, lse, term] = op.call(a, p, n, std::nullopt, scale, normalize, true, true, false, std::nullopt);
       at::Tensor an = a, pn = p, nn = n;
       if (normalize) {
         an = a / a.norm(2, 1, true);

@@ -79,6 +79,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     gl[i] = static_cast<float>(u(rng));
   }
   for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
+  const std::vector<int64_t> ex = excluded_rows(c);
   for (int bank = 0; bank < 2; ++bank) {
     const Mat<T>& Xm = bank ? N : A;
     const Mat<T>& Ym = bank ? A : N;
@@ -91,6 +92,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     f.splits = (ytiles + f.tiles_per_split - 1) / f.tiles_per_split;
     f.scale = &c.scale;
     f.exclude_self = c.exclude_self;
+    f.excluded = ex.empty() ? nullptr : ex.data();  // by X row (anchor term) or by Y row (bank gradients)
     f.x_inv = bank ? ni.data() : ai.data();
     f.x_proj = bank ? proj.data() : nullptr;
     f.y_inv = bank ? ai.data() : ni.data();
@@ -163,6 +165,8 @@ void run_forward(const Case& c, std::mt19937_64& rng, double tol) {
   f.xblocks = (c.B + kFlRows - 1) / kFlRows;
   f.scale = &c.scale;
   f.exclude_self = c.exclude_self;
+  const std::vector<int64_t> ex = excluded_rows(c);
+  f.excluded = ex.empty() ? nullptr : ex.data();
   f.x_inv = ai.data();
   f.y_inv = ni.data();
   const std::vector<float> bound = coef_bound<T>(ni, nullptr, 1.f);
@@ -221,6 +225,8 @@ std::vector<Case> value_cases(bool quick) {
       {90, 150, 136, false, false, 1, 2, 1000, 7.0f},    // d 136 in dpad 192 (NT = 24: three O chunks)
       {70, 200, 64, false, false, 1, 2, 1000, 1.0f / 0.07f, 5, 130},  // zero rows: see test_mma_emu.cpp
       {130, 130, 40, true, false, 2, 3, 2, 4.0f, 7, 100},
+      {150, 100, 40, false, false, 2, 3, 2, 4.0f, -1, -1, 0, true},  // an excluded array (bank_cross_entropy)
+      {200, 150, 80, false, true, 1, 1, 1000, 6.0f, -1, -1, 0, true},
   };
   if (!quick) {
     cases.push_back({150, 700, 128, true, false, 2, 2, 1000, 1.0f / 0.07f});
