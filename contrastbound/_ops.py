@@ -90,11 +90,12 @@ if _backend.EXTENSION_LOADED:
                 "info_nce_fwd_scaled does not differentiate scale: pass a learnable temperature to "
                 "contrastbound.info_nce / info_nce_lse (which attach its exact gradient), or detach scale"
             )
-        # The loss too: the positive's gradient is formed from it (expm1(-loss), see the op's schema). An output
-        # saved, so modifying the returned loss in place before backward is an error, as for torch's own ops.
+        # The loss too: the positive's gradient is formed from it (expm1(-loss), see the op's schema). A copy (B
+        # values): the returned loss may be modified in place before backward (reduction="none", then l.mul_(w)),
+        # which F.cross_entropy allows.
         ctx.save_for_backward(
-            anchors, positives, negatives, negative_indices, lse, term, loss if include_positive else None, excluded,
-            *((scale,) if tensor_scale else ())
+            anchors, positives, negatives, negative_indices, lse, term,
+            loss.detach().clone() if include_positive else None, excluded, *((scale,) if tensor_scale else ())
         )
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize

@@ -176,6 +176,7 @@ def _fused(
     normalize: bool,
     include_positive: bool,
     exclude_self: bool = False,
+    excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
     if (_backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature)
@@ -184,7 +185,7 @@ def _fused(
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _fwd_op(
             anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
-            include_positive, save_anchor_term, exclude_self,
+            include_positive, save_anchor_term, exclude_self, *(() if excluded is None else (excluded,)),
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
@@ -200,7 +201,8 @@ def _fused(
     # run its logits' matmul in bfloat16/float16.
     with _autocast_off(anchors.device.type):
         return info_nce_core_reference(
-            anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self
+            anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self,
+            excluded,
         )
 
 
@@ -347,7 +349,9 @@ class _BankRowsAsPositives(torch.autograd.Function):
             anchors, bank.index_select(0, rows), bank, None, scale, normalize, True, save_anchor_term, False, rows
         )
         tensor_scale = isinstance(scale, torch.Tensor)
-        ctx.save_for_backward(anchors, bank, rows, lse, term, loss, *((scale,) if tensor_scale else ()))
+        # A copy of the loss: the returned one may be modified in place before backward (see _ops._setup_context).
+        ctx.save_for_backward(anchors, bank, rows, lse, term, loss.detach().clone(),
+                              *((scale,) if tensor_scale else ()))
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize
         ctx.mark_non_differentiable(lse, term)
@@ -693,7 +697,8 @@ def bank_cross_entropy(
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, True)  # target: the positive
     else:
-        loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, False)  # (see reference)
+        # The same form on the reference (forward-mode AD, torch.func, no extension): the target counted once.
+        loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, True, excluded=targets)
     return _reduce(loss, reduction, result)
 
 

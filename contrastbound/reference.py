@@ -122,11 +122,14 @@ def info_nce_core_reference(
     normalize: bool,
     include_positive: bool,
     exclude_self: bool = False,
+    excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The registered op's contract in plain PyTorch: per-anchor (loss, lse) in the accumulation dtype.
 
     lse_i = log( [include_positive] e^{l_i0} + sum_k e^{l_ik} ), loss_i = lse_i - l_i0, with
-    l_i0 = s a_i.p_i and l_ik = s a_i.n_ik. Used as the fallback when the extension is not built.
+    l_i0 = s a_i.p_i and l_ik = s a_i.n_ik; k runs over the bank except row i (exclude_self) or row excluded[i]
+    (excluded, a shared bank: an entry outside [0, K) leaves none out). Used as the fallback when the extension is
+    not built.
     """
     dt = _compute_dtype(anchors.dtype, None)
     a = anchors.to(dt)
@@ -148,6 +151,9 @@ def info_nce_core_reference(
     if exclude_self:  # bank row i is anchor i: not its own negative
         eye = torch.eye(neg.shape[0], neg.shape[1], dtype=torch.bool, device=neg.device)
         neg = neg.masked_fill(eye, float("-inf"))
+    if excluded is not None:  # bank_cross_entropy: the target row is the positive, not also a negative
+        cols = torch.arange(neg.shape[1], device=neg.device)
+        neg = neg.masked_fill(cols[None, :] == excluded[:, None], float("-inf"))
     if include_positive:
         neg = torch.cat([pos.unsqueeze(1), neg], dim=1)
     lse = torch.logsumexp(neg, dim=1)

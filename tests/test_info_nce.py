@@ -535,6 +535,52 @@ def test_bank_cross_entropy_confident_float32(normalize, temperature):
         assert err <= 1.5 * err_torch, (name, err, err_torch)
 
 
+@pytest.mark.parametrize("call", ["shared", "in_batch", "info_nce_lse", "bank_cross_entropy"])
+def test_per_anchor_loss_may_be_modified_in_place_before_backward(call):
+    # reduction="none", then a per-anchor weight applied in place (as F.cross_entropy allows): the autograd backward
+    # keeps its own copy of the loss it needs (saving the returned tensor made this raise "modified by an inplace
+    # operation").
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    n = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, 3, 8, 1, 2])
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    fused, ref = {
+        "shared": (lambda: cb.info_nce(a, p, n, temperature=0.1, reduction="none"),
+                   lambda: info_nce_reference(a, p, n, temperature=0.1, reduction="none")),
+        "in_batch": (lambda: cb.info_nce(a, n[:6], temperature=0.1, reduction="none"),
+                     lambda: info_nce_reference(a, n[:6], temperature=0.1, reduction="none")),
+        "info_nce_lse": (lambda: cb.info_nce_lse(a, p, n, temperature=0.1)[0],
+                         lambda: info_nce_reference(a, p, n, temperature=0.1, reduction="none")),
+        "bank_cross_entropy": (lambda: cb.bank_cross_entropy(a, n, t, reduction="none"),
+                               lambda: bank_cross_entropy_reference(a, n, t, reduction="none")),
+    }[call]
+    loss = fused()
+    loss.mul_(w)
+    got = torch.autograd.grad(loss.sum(), [a, n])
+    want = torch.autograd.grad((ref() * w).sum(), [a, n])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+
+
+def test_bank_cross_entropy_reference_path_counts_the_target_once(monkeypatch):
+    # Without the kernels (no extension, forward-mode AD, torch.func) the materialised path also leaves the target
+    # row out of the bank's sum: never negative, and the kernel's values.
+    from contrastbound import _backend
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 32, generator=g)
+    t = torch.randint(0, 100, (64,), generator=g)
+    x = 3 * w[t] + torch.randn(64, 32, generator=g)
+    kernel = cb.bank_cross_entropy(x, w, t, reduction="none")
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    fallback = cb.bank_cross_entropy(x, w, t, reduction="none")
+    assert (fallback >= 0).all(), fallback.min()
+    # (the materialised lse carries its own rounding, eps |lse| with logits ~100: ~1e-5 absolute)
+    torch.testing.assert_close(fallback, kernel, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_bank_cross_entropy_target_rows_formula(monkeypatch, normalize):
     # The float32 recomputation of half-precision target rows (functional._target_rows_gradient), run in float64
