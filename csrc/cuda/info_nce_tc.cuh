@@ -437,8 +437,8 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     const float xinv = x_ok ? a.x_inv[x] * read_scale(a.scale) : 0.f;
     const float cscale = tc_coef_scale(a.coef_bound);
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
-    // The column this row leaves out: by X row (anchor term; exclude_self in both modes), else per column (yex).
-    const int64_t xex = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, x, X.rows);
+    // Bank grads with an excluded array: per column (yex); a value the whole block shares (see mma_rows_kernel).
+    const bool by_col = !a.lse_on_x && a.excluded != nullptr;
     wmma::fragment<wmma::accumulator, 16, 16, Tr::KS, float> acc[2][4];
 #pragma unroll
     for (int i2 = 0; i2 < 2; ++i2)
@@ -460,11 +460,13 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
       __syncthreads();
       tc_scores<T>(xs, ys, m.ld, m.dpad, S);
       __syncthreads();
+      // The column this row leaves out: by X row (anchor term; exclude_self in both modes), else per column (yex).
+      const int64_t xex = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, x, X.rows);
 #pragma unroll
       for (int t = 0; t < kTcCols / 4; ++t) {
         const int col = q + 4 * t;
         const int64_t y = y0 + col;
-        const bool keep = x_ok && y < Y.rows && y != xex && yex[col] != r;
+        const bool keep = x_ok && y < Y.rows && y != xex && !(by_col && yex[col] == r);
         float c = 0.f;
         if (keep) {
           const float l = S[r * kTcLds + col] * xinv * yinv[col];
@@ -865,7 +867,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       tc_commit();
       tc_wait<0>();
     }
-    int64_t row_x[2], row_ex[2];
+    int64_t row_x[2];
     float xinv[2], xlse[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -873,9 +875,10 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       const bool ok = row_x[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row_x[h]] * read_scale(a.scale) : 0.f;
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
-      // The column this row leaves out: by X row (anchor term; exclude_self in both modes), else per column (yex).
-      row_ex[h] = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, row_x[h], X.rows);
     }
+    // Bank grads with an excluded array: per column (yex). A value the whole block shares, so that the compare
+    // costs nothing (and holds no registers) in the other calls.
+    const bool by_col = !a.lse_on_x && a.excluded != nullptr;
     const float cscale = tc_coef_scale(a.coef_bound);
     if (threadIdx.x < 2 * kTcRows) rowc[threadIdx.x] = 0.f;  // read and written after the tile loop's barriers
     float acc[2][4][2][4];
@@ -910,7 +913,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       for (int h = 0; h < 2; ++h) {
         const int row = 16 * L.wr + L.g + 8 * h;
         const int hlim = row_x[h] < X.rows ? lim : 0;
-        const int64_t dself = row_ex[h] - y0;
+        // The column this row leaves out: by X row (anchor term; exclude_self in both modes; re-read per tile
+        // rather than held in registers across the loop), else per column (yex).
+        const int64_t dself = excluded_row(a.exclude_self, a.lse_on_x ? a.excluded : nullptr, row_x[h], X.rows) - y0;
         const int selfc = (dself >= 0 && dself < kTcCols) ? static_cast<int>(dself) : -1;
         float ng = 0.f;  // bank grads: this lane's part of n_x . G_x = sum_y c(x, y) (n_x . y) (times cscale)
 #pragma unroll
@@ -919,7 +924,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
-            const bool keep = col < hlim && col != selfc && yex[col] != row;
+            const bool keep = col < hlim && col != selfc && !(by_col && yex[col] == row);
             float cv = 0.f;
             if (keep) {
               const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
