@@ -454,7 +454,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
   acc_t* v = save ? out.anchor_term.template data_ptr<acc_t>() : nullptr;
   parallel_for_tls(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
-      LseState<acc_t> st;
+      LseState<acc_t> st, neg;  // with the positive (lse, V); the negatives alone (the loss: softplus_loss)
       if (include_positive) st = LseState<acc_t>{pr.pos_logit[i], acc_t(1)};
       acc_t* vi = save ? v + i * d : nullptr;
       for (int64_t c = 0; c < parts.chunks; ++c) {
@@ -464,9 +464,10 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
           const acc_t* wc = parts.weighted_ptr(c, i);
           for (int64_t j = 0; j < d; ++j) vi[j] = vi[j] * fa + wc[j] * fb;
         }
+        if (include_positive) merge(neg, parts.state[c * B + i], fa, fb);
       }
       lse[i] = finalize(st);
-      loss[i] = finalize_minus(st, pr.pos_logit[i]);
+      loss[i] = include_positive ? softplus_loss(neg, pr.pos_logit[i]) : finalize_minus(st, pr.pos_logit[i]);
       if (save) {
         const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
         for (int64_t j = 0; j < d; ++j) vi[j] *= inv_sum;

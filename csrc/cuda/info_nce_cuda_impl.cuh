@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kThreads)
                          acc_t* v) {
   const int64_t B = p.B, d = p.d;
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
-    LseState<acc_t> st;
+    LseState<acc_t> st, neg;  // with the positive (lse, V); the negatives alone (the loss: softplus_loss)
     if (p.include_positive) {
       st.max = w.pr.pos[i];
       st.sum = 1;
@@ -586,10 +586,11 @@ __global__ void __launch_bounds__(kThreads)
         const acc_t* wc = w.part_w + (c * B + i) * d;
         for (int64_t j = threadIdx.x; j < d; j += blockDim.x) vi[j] = vi[j] * fa + wc[j] * fb;
       }
+      if (p.include_positive) merge(neg, b, fa, fb);
     }
     if (threadIdx.x == 0) {
       lse[i] = finalize(st);
-      loss[i] = finalize_minus(st, w.pr.pos[i]);
+      loss[i] = p.include_positive ? softplus_loss(neg, w.pr.pos[i]) : finalize_minus(st, w.pr.pos[i]);
     }
     if (vi != nullptr) {
       const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0

@@ -116,6 +116,31 @@ void check_primitives() {
     }
   }
 
+  // softplus_loss: the positive kept apart from the negatives' state, loss = log(1 + e^{lse_neg - x}), relative
+  // to float32 rounding (the gaps here are exact in float32), also where the loss is far below eps (1 + r rounds
+  // to 1: finalize_minus gives 0 there, or 7 of 24 bits as above); e^-200 underflows float32 (absolute 1e-37).
+  for (double gap : {-200.0, -60.0, -14.0, -1.0, 0.0, 0.5, 3.0, 30.0, 150.0}) {
+    contrastbound::LseState<float> neg;
+    const float other = static_cast<float>(80.0 + gap);
+    float e;
+    contrastbound::online_update(neg, &other, 1, &e);
+    const long double z = static_cast<long double>(other) - 80.0L;  // the gap as float32 holds it
+    const long double want = z > 0 ? z + std::log1p(std::exp(-z)) : std::log1p(std::exp(z));
+    const double got = contrastbound::softplus_loss(neg, 80.0f);
+    if (!(std::abs(got - static_cast<double>(want)) <= 1e-6 * static_cast<double>(want) + 1e-37)) {
+      std::printf("FAIL softplus_loss gap %g: got %.9g want %.9g\n", gap, got, static_cast<double>(want));
+      ++failures;
+    }
+  }
+  if (contrastbound::softplus_loss(contrastbound::LseState<float>{}, 80.0f) != 0.0f) {
+    std::printf("FAIL softplus_loss without negatives is not 0\n");
+    ++failures;
+  }
+  if (!std::isnan(contrastbound::softplus_loss(contrastbound::LseState<float>{NAN, 1.0f}, 80.0f))) {
+    std::printf("FAIL softplus_loss of a NaN state is not NaN\n");
+    ++failures;
+  }
+
   // Empty state: merging two empty states and finishing gives -inf; an update from empty has factor 0.
   contrastbound::LseState<double> a, b;
   double fa, fb;
