@@ -35,6 +35,18 @@ def _global_data():
     return a, p, bank
 
 
+def _confident_data():
+    """Anchors near e_1, positives near them, bank rows near -e_1 (float32-rounded, float64): every anchor's
+    positive dominates at temperature 0.05 (losses ~1e-6)."""
+    g = torch.Generator().manual_seed(5)
+    e1 = torch.zeros(D, dtype=torch.float64)
+    e1[0] = 1.0
+    a = F.normalize(e1 + 0.1 * torch.randn(20, D, generator=g, dtype=torch.float64), dim=1)
+    p = a + 0.02 * torch.randn(20, D, generator=g, dtype=torch.float64)
+    bank = F.normalize(-e1 + 0.5 * torch.randn(2000, D, generator=g, dtype=torch.float64), dim=1)
+    return tuple(x.float().double() for x in (a, p, bank))
+
+
 def _slices(sizes, rank):
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
@@ -93,6 +105,10 @@ def _worker(rank, world, init_file, out_dir):
         finally:
             _backend.HAS_CPU_KERNEL = True
         fb_autocast_error = float((fb_autocast - kernel32).abs())
+        # confident anchors in float32 (losses ~1e-6)
+        ca, cp, cbank = _confident_data()
+        confident = cb.info_nce(ca[rows].float(), cp[rows].float(), cbank[:K][shard_rows].float(), temperature=0.05,
+                                reduction="none", process_group=dist.group.WORLD)
         # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
         mismatch = []
         for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32),
@@ -142,7 +158,8 @@ def _worker(rank, world, init_file, out_dir):
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
              "rows_gathered": rows_gathered,
-             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error},
+             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
+             "confident": confident.detach()},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -183,6 +200,14 @@ def test_sharded_bank_and_gather_match_single_process(world):
                                    ["loss", "anchors grad", "positives grad"]):
             assert_close_scaled(got, want, 1e-10, f"rank {rank} without the kernel: {what}")
         assert res["queue_state"] == (3, (3, 2), 6.0, 4)
+        # float32 confident losses against float64 softplus(lse_neg - l_0) at the rounded inputs: the sharded loss as
+        # logaddexp(l_0, lse_neg) - l_0 lost them to the rounding of the sum.
+        ca, cp, cn = (F.normalize(x, dim=1) for x in _confident_data())
+        ca, cp, cn = ca[rows], cp[rows], cn[:K]
+        want = F.softplus(torch.logsumexp(ca @ cn.T / 0.05, 1) - (ca * cp).sum(1) / 0.05)
+        assert want.max() < 1e-3
+        rel = ((res["confident"].double() - want).abs() / want).max().item()
+        assert rel < 1e-4, (rank, rel)
         assert res["fb_autocast_error"] < 1e-4, res["fb_autocast_error"]  # bfloat16 logits were 7.5e-2 off
         assert res["rows_gathered"] == (2 * (world - 1), 3)
         assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
