@@ -154,7 +154,9 @@ def info_nce_core_reference(
     if excluded is not None:  # bank_cross_entropy: the target row is the positive, not also a negative
         cols = torch.arange(neg.shape[1], device=neg.device)
         neg = neg.masked_fill(cols[None, :] == excluded[:, None], float("-inf"))
+    lse_neg = torch.logsumexp(neg, dim=1)  # -inf without negatives
     if include_positive:
-        neg = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    lse = torch.logsumexp(neg, dim=1)
-    return lse - pos, lse
+        # softplus(lse_neg - l_0), as the kernels: lse - l_0 would leave lse's rounding in a small loss
+        loss = F.softplus(lse_neg - pos)
+        return loss, torch.logaddexp(pos, lse_neg)
+    return lse_neg - pos, lse_neg
