@@ -63,9 +63,17 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
         v = x.detach()
         torch._assert_async(torch.isfinite(v) & (v > 0), f"{name} must be a positive finite number")
     else:
-        v = float(x.detach().item())
-        if not math.isfinite(v) or v <= 0.0:
-            raise ValueError(f"{name} must be a positive finite number, got {v}")
+        # Under vmap a per-sample value is read as the whole batch underneath (as _check_indices does): .item() of
+        # the per-sample tensor is refused there.
+        values = x.detach()
+        while torch._C._functorch.is_functorch_wrapped_tensor(values):
+            values = torch._C._functorch.get_unwrapped(values)
+        guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
+        read = values.reshape(-1).tolist()  # one read-back
+        del guard
+        for v in read:
+            if not math.isfinite(v) or v <= 0.0:
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
     return x
 
 

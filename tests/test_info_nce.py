@@ -829,6 +829,24 @@ def test_vmap_of_bank_cross_entropy_and_learnable_temperature():
     assert_close_scaled(g_got, g_want, 1e-10, "its temperature gradient")
 
 
+def test_vmap_over_a_per_sample_temperature():
+    # A temperature batched by vmap (one per sample) was read with .item() for its check, which vmap refuses
+    # (RuntimeError); the batch underneath is checked instead, and a bad value is named.
+    a, p, n, _ = make_inputs("shared", B=4, K=6, d=3, dtype=torch.float64, requires_grad=False)
+    temps = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    per_sample = torch.func.vmap(lambda r, q, t: cb.info_nce(r[None], q[None], n, temperature=t))
+    want = torch.stack([cb.info_nce(a[i : i + 1], p[i : i + 1], n, temperature=float(temps[i])) for i in range(4)])
+    assert_close_scaled(per_sample(a, p, temps), want, 1e-12, "vmap over temperatures")
+    rows = torch.func.vmap(torch.func.grad(lambda r, q, t: cb.info_nce(r[None], q[None], n, temperature=t)))(a, p, temps)
+    want_rows = torch.stack([
+        torch.func.grad(lambda r: cb.info_nce(r[None], p[i : i + 1], n, temperature=float(temps[i])))(a[i])
+        for i in range(4)
+    ])
+    assert_close_scaled(rows, want_rows, 1e-12, "per-sample gradients over temperatures")
+    with pytest.raises(ValueError, match="temperature must be a positive finite number, got -1"):
+        per_sample(a, p, torch.tensor([0.1, -1.0, 0.3, 0.4], dtype=torch.float64))
+
+
 def test_torch_func_out_of_range_indices_raise():
     a, p, n, idx = make_inputs("indexed", B=4, K=2, d=3, dtype=torch.float64, M=6, requires_grad=False)
     bad = idx.clone()
