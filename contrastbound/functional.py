@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from . import _backend, _ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# F.softplus returns x itself above its threshold (20 by default), e^-20 = 2e-9 relative off: float64 needs 40.
+_SOFTPLUS_THRESHOLD = 40.0
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -187,8 +189,11 @@ def _fused(
     excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    # Under a torch.func transform a tensor temperature takes the reference: one batched by vmap reports
+    # requires_grad=False even where it is learnable, and the kernels would take it as a detached scale (its
+    # gradient silently lost).
     if (_backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature)
-            and not (learnable and _func_active())):
+            and not (isinstance(temperature, torch.Tensor) and _func_active())):
         grad = torch.is_grad_enabled()
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _fwd_op(
@@ -339,7 +344,7 @@ class _AttachScaleGrad(torch.autograd.Function):
 class _BankRowsAsPositives(torch.autograd.Function):
     """The fused op with anchor i's positive taken from the bank: positives = bank[rows], and that row left out
     of anchor i's sum over the bank (the op's ``excluded``), so that the target's logit enters once, as the
-    positive: the loss is (max - l_t) + log(sum), never below 0, and the target's gradient coefficient is
+    positive: the loss is softplus(lse_others - l_t), never below 0, and the target's gradient coefficient is
     expm1(-loss) (see the op's schema). Counted in the bank as well and subtracted, the loss carried the rounding
     of both forms of l_t (it came out -3e-5 at logits ~100) and the target row's gradient was a difference of
     two terms of size g s |a| (float32: 30x torch's error for a confident classifier).
@@ -776,7 +781,7 @@ def _nt_xent_half(
         zh, ph = F.normalize(zh, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
     pos = (zh * ph).sum(-1) / t
     lse_pair = lse_pair.detach() + _gradient_only(loss_pair) + _gradient_only(pos)
-    return loss_pair + F.softplus(lse_own - lse_pair)
+    return loss_pair + F.softplus(lse_own - lse_pair, threshold=_SOFTPLUS_THRESHOLD)
 
 
 def clip_loss(

@@ -154,9 +154,19 @@ def info_nce_core_reference(
     if excluded is not None:  # bank_cross_entropy: the target row is the positive, not also a negative
         cols = torch.arange(neg.shape[1], device=neg.device)
         neg = neg.masked_fill(cols[None, :] == excluded[:, None], float("-inf"))
-    lse_neg = torch.logsumexp(neg, dim=1)  # -inf without negatives
     if include_positive:
-        # softplus(lse_neg - l_0), as the kernels: lse - l_0 would leave lse's rounding in a small loss
-        loss = F.softplus(lse_neg - pos)
-        return loss, torch.logaddexp(pos, lse_neg)
+        # softplus(lse_neg - l_0), as the kernels: lse - l_0 would leave lse's rounding in a small loss. A row
+        # without negatives (K = 0, or every one excluded) gets loss 0 and lse = l_0 through where(), not from a
+        # log-sum-exp of -inf alone, whose forward-mode tangent and second derivative are NaN.
+        if neg.shape[1] == 0:
+            empty = torch.ones_like(pos, dtype=torch.bool)
+            lse_neg = torch.full_like(pos, float("-inf"))
+        else:
+            empty = torch.isneginf(neg.detach()).all(dim=1)
+            lse_neg = torch.logsumexp(neg.masked_fill(empty[:, None], 0.0), dim=1)
+        z = torch.where(empty, torch.full_like(pos, float("-inf")), lse_neg - pos)
+        loss = F.softplus(z, threshold=40.0)  # (the default 20 returns z itself: 2e-9 relative off in float64)
+        lse = torch.where(empty, pos, torch.logaddexp(pos, torch.where(empty, pos, lse_neg)))
+        return loss, lse
+    lse_neg = torch.logsumexp(neg, dim=1)  # -inf without negatives
     return lse_neg - pos, lse_neg

@@ -845,6 +845,63 @@ def test_vmap_over_a_per_sample_temperature():
     assert_close_scaled(rows, want_rows, 1e-12, "per-sample gradients over temperatures")
     with pytest.raises(ValueError, match="temperature must be a positive finite number, got -1"):
         per_sample(a, p, torch.tensor([0.1, -1.0, 0.3, 0.4], dtype=torch.float64))
+    # Learnable: batched by vmap it reports requires_grad=False; on the kernels its gradient was lost (0, or
+    # nt_xent's -0.98 for -108). Every loss against a per-sample loop.
+    z = torch.randn(4, 3, 3, dtype=torch.float64)  # per sample: a batch of 3 views
+    targets = torch.tensor([0, 1, 2, 5])
+    losses = {  # f(sample's data, its temperature)
+        "info_nce": (lambda x, t: cb.info_nce(x[:1], x[1:], n, temperature=t), torch.stack([a, p], 1)),
+        "in_batch": (lambda x, t: cb.info_nce(x, x + 0.1, temperature=t), z),
+        "nt_xent": (lambda x, t: cb.nt_xent(x, x + 0.1, t), z),
+        "clip_loss": (lambda x, t: cb.clip_loss(x, x + 0.1, 1 / t), z),
+        "bank_cross_entropy": (lambda x, t: cb.bank_cross_entropy(x[0][None], n, x[1, :1].long(), temperature=t),
+                               torch.stack([a, targets[:, None].double().expand(4, 3)], 1)),
+    }
+    for name, (f, data) in losses.items():
+        t = temps.clone().requires_grad_(True)
+        got = torch.func.vmap(f)(data, t)
+        (g_got,) = torch.autograd.grad(got.sum(), t)
+        t2 = temps.clone().requires_grad_(True)
+        want = torch.stack([f(data[i], t2[i]) for i in range(4)])
+        (g_want,) = torch.autograd.grad(want.sum(), t2)
+        assert_close_scaled(got, want, 1e-12, f"{name} under vmap")
+        assert_close_scaled(g_got, g_want, 1e-10, f"{name}: temperature gradient under vmap")
+
+
+@pytest.mark.parametrize("case", ["shared K=0", "in_batch B=1", "bank C=1", "info_nce_lse K=0"])
+def test_forward_mode_and_hessian_without_negatives(case):
+    # The reference (forward-mode AD and the torch.func transforms take it) with no negatives: loss 0 from where(),
+    # not a log-sum-exp of -inf alone, whose tangent and second derivative are NaN.
+    a = torch.randn(3, 4, dtype=torch.float64)
+    p = torch.randn(3, 4, dtype=torch.float64)
+    f = {
+        "shared K=0": lambda x: cb.info_nce(x, p, p[:0], reduction="sum"),
+        "in_batch B=1": lambda x: cb.info_nce(x[:1], p[:1], reduction="sum"),
+        "bank C=1": lambda x: cb.bank_cross_entropy(x, p[:1], torch.zeros(3, dtype=torch.long), reduction="sum"),
+        "info_nce_lse K=0": lambda x: cb.info_nce_lse(x, p, p[:0])[1].sum(),
+    }[case]
+    _, tangent = torch.func.jvp(f, (a,), (torch.ones_like(a),))
+    hess = torch.func.hessian(f)(a)
+    assert torch.isfinite(tangent).all() and torch.isfinite(hess).all(), (tangent, hess)
+
+
+def test_reference_path_float64_when_the_positive_is_far_below():
+    # F.softplus returns its argument above its threshold (20 by default): where lse_neg - l_0 > 20 the
+    # reference's gradients (which torch.func.grad and forward-mode AD get) were 2e-9 off in float64, against the
+    # kernels' 1e-16. Kernel (autograd) and reference (torch.func.grad) gradients agree to float64 rounding.
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(16, 8, generator=g, dtype=torch.float64), dim=1)
+    p = torch.randn(16, 8, generator=g, dtype=torch.float64)  # unrelated positives: l_0 in about [-7, 7]
+    n = a[torch.arange(40) % 16] + 0.1 * torch.randn(40, 8, generator=g, dtype=torch.float64)  # lse_neg ~ 21
+    # (lse_neg - l_0 between 20 and ~37, where sigmoid differs from 1 in float64)
+
+    def f(x):
+        return cb.info_nce(x, p, n, temperature=0.05, reduction="sum")
+
+    x = a.clone().requires_grad_(True)
+    (kernel,) = torch.autograd.grad(f(x), x)
+    reference = torch.func.grad(f)(a)
+    assert_close_scaled(reference, kernel, 1e-13, "reference vs kernel")
 
 
 def test_torch_func_out_of_range_indices_raise():
