@@ -71,8 +71,10 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
         while torch._C._functorch.is_functorch_wrapped_tensor(values):
             values = torch._C._functorch.get_unwrapped(values)
         guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
-        read = values.reshape(-1).tolist()  # one read-back
-        del guard
+        try:
+            read = values.reshape(-1).tolist()  # one read-back
+        finally:
+            del guard  # (also when the read raises: the transforms back on at once, not when the traceback goes)
         for v in read:
             if not math.isfinite(v) or v <= 0.0:
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
@@ -136,8 +138,10 @@ def _check_indices(
             while torch._C._functorch.is_functorch_wrapped_tensor(values):
                 values = torch._C._functorch.get_unwrapped(values)
             guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
-            lo, hi = (int(v) for v in torch.stack(torch.aminmax(values)).tolist())  # one read-back
-            del guard
+            try:
+                lo, hi = (int(v) for v in torch.stack(torch.aminmax(values)).tolist())  # one read-back
+            finally:
+                del guard
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
     return indices.to(torch.int64)
