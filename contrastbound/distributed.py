@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _backend, _ops
+from .reference import _softplus
 from .functional import (
     _autocast_off,
     _check_bool,
@@ -260,5 +261,5 @@ def info_nce_sharded(
     pos = scale * (a_hat * p_hat).sum(-1)
     # log(e^pos + e^lse_neg) - pos as softplus(lse_neg - pos): logaddexp(pos, lse_neg) - pos lost a small loss to
     # the rounding of the sum (eps |pos|; 15x the kernel's error for confident anchors at T = 0.05).
-    loss = F.softplus(lse_neg - pos, threshold=40.0)  # (the default 20 costs float64 2e-9 where lse_neg >> pos)
+    loss = _softplus(lse_neg - pos)
     return _reduce(loss, reduction, result)

@@ -13,10 +13,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import _backend, _ops
+from .reference import _softplus
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# F.softplus returns x itself above its threshold (20 by default), e^-20 = 2e-9 relative off: float64 needs 40.
-_SOFTPLUS_THRESHOLD = 40.0
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -43,6 +42,21 @@ def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) 
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}: all inputs must share a device")
 
 
+def _read_back(x: torch.Tensor, read):
+    """read(values) on the host, values being x without its functorch wrappers (under vmap: the whole batch of a
+    per-sample tensor, whose own .item() vmap refuses), with the transforms off for the read (before torch 2.10
+    they also wrapped the results of ops on plain tensors, which cannot be read back) and back on at once, also
+    when the read raises."""
+    values = x
+    while torch._C._functorch.is_functorch_wrapped_tensor(values):
+        values = torch._C._functorch.get_unwrapped(values)
+    guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
+    try:
+        return read(values)
+    finally:
+        del guard
+
+
 def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     """x as a 0-d tensor after checking it holds one floating value, and, on the CPU, that the value is positive
     and finite.
@@ -65,17 +79,8 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
         v = x.detach()
         torch._assert_async(torch.isfinite(v) & (v > 0), f"{name} must be a positive finite number")
     else:
-        # Under vmap a per-sample value is read as the whole batch underneath (as _check_indices does): .item() of
-        # the per-sample tensor is refused there.
-        values = x.detach()
-        while torch._C._functorch.is_functorch_wrapped_tensor(values):
-            values = torch._C._functorch.get_unwrapped(values)
-        guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
-        try:
-            read = values.reshape(-1).tolist()  # one read-back
-        finally:
-            del guard  # (also when the read raises: the transforms back on at once, not when the traceback goes)
-        for v in read:
+        # (under vmap the whole batch of per-sample values, see _read_back)
+        for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
             if not math.isfinite(v) or v <= 0.0:
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
     return x
@@ -130,18 +135,9 @@ def _check_indices(
                 ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
             )
         elif indices.device.type != "meta":
-            # Per-sample indices under vmap (a functorch wrapper) are checked as the whole batch of them, the tensor
-            # underneath. Plain indices inside a torch.func transform: before torch 2.10 the transform wrapped the
-            # results of ops on them too, which cannot be read back ("Cannot access data pointer"), so the
-            # transforms are off for the read-back (as torch does to print a tensor).
-            values = indices
-            while torch._C._functorch.is_functorch_wrapped_tensor(values):
-                values = torch._C._functorch.get_unwrapped(values)
-            guard = torch._C._DisableFuncTorch() if _func_active() else None  # noqa: F841
-            try:
-                lo, hi = (int(v) for v in torch.stack(torch.aminmax(values)).tolist())  # one read-back
-            finally:
-                del guard
+            # Per-sample indices under vmap are checked as the whole batch of them (see _read_back).
+            ends = _read_back(indices, lambda values: torch.stack(torch.aminmax(values)).tolist())  # one read-back
+            lo, hi = (int(v) for v in ends)
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
     return indices.to(torch.int64)
@@ -785,7 +781,7 @@ def _nt_xent_half(
         zh, ph = F.normalize(zh, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
     pos = (zh * ph).sum(-1) / t
     lse_pair = lse_pair.detach() + _gradient_only(loss_pair) + _gradient_only(pos)
-    return loss_pair + F.softplus(lse_own - lse_pair, threshold=_SOFTPLUS_THRESHOLD)
+    return loss_pair + _softplus(lse_own - lse_pair)
 
 
 def clip_loss(
