@@ -8,7 +8,12 @@ output fits); naive PyTorch (materialised logits, F.cross_entropy) where its log
 import, Inf-CL (inf_cl, in-batch only) and Cut Cross-Entropy (cut_cross_entropy, with the bank as the
 classifier: the same GEMMs, not the same loss when the positive is not a bank row).
 
-Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here).
+Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here). Inf-CL's rate on the
+shared problem counts its keys, B + K rows. peak_extra_gib includes the inputs' gradients (grads_gib, e.g. 2 GiB
+for the bank's at K = 2^22); `loss` is each implementation's value, and where one computes the fused loss's very
+problem (naive always; Inf-CL and Cut Cross-Entropy in-batch) a relative difference above 2e-2 is noted as
+"LOSS MISMATCH". Per (K, problem) the order is: fused, naive, peers, then the other kernel variants, each of
+which is first checked against the fused result and whose failure is noted in its row only.
 
     python benchmarks/bench_gpu.py [--quick] [--csv out.csv] [--budget SECONDS]
 
@@ -32,14 +37,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 FIELDS = [
     "problem", "impl", "B", "K", "d", "dtype", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
-    "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "note",
+    "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "note",
 ]
 
 
 def _timed(fn, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` runs after one warm-up, timed with CUDA events."""
+    """Median milliseconds of fn() over `repeats` runs after one warm-up, timed with CUDA events; one run only
+    when the warm-up took over half a second (the largest K: the budget goes further)."""
+    t0 = time.time()
     fn()
     torch.cuda.synchronize()
+    if time.time() - t0 > 0.5:
+        repeats = 1
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,24 +107,40 @@ def _peers():
 
 
 def _measure(loss_fn, leaves, repeats, flop):
-    """fwd, bwd, fwd+bwd ms, effective TFLOP/s and peak extra memory of one implementation."""
+    """fwd, bwd, fwd+bwd ms, effective TFLOP/s, peak extra memory (gradients included) and the loss's value of one
+    implementation."""
+    last = []
 
     def fwd_train():  # forward as in training (inputs require grad, so it saves what backward needs)
-        return loss_fn()
+        last[:] = [loss_fn()]
+        return last[0]
 
     def both():
         for x in leaves:
             x.grad = None
         loss_fn().backward()
 
-    fwd_ms = _timed(fwd_train, repeats)
-    both_ms = _timed(both, repeats)
-    for x in leaves:
-        x.grad = None
-    peak = _peak_extra_gib(both)
-    for x in leaves:
-        x.grad = None
-    return fwd_ms, both_ms - fwd_ms, both_ms, flop / (both_ms * 1e-3) / 1e12, peak
+    try:
+        fwd_ms = _timed(fwd_train, repeats)
+        value = last[0].detach().float().item()
+        last.clear()
+        both_ms = _timed(both, repeats)
+        for x in leaves:
+            x.grad = None
+        peak = _peak_extra_gib(both)
+    finally:  # also after an error (e.g. out of memory half-way through backward): no stale partial gradients
+        last.clear()
+        for x in leaves:
+            x.grad = None
+    return fwd_ms, both_ms - fwd_ms, both_ms, flop / (both_ms * 1e-3) / 1e12, peak, value
+
+
+def _row(base, impl, r, mm, grads_gib, note="", ref_loss=None):
+    """A result row from _measure's tuple; the loss is compared with the fused one where ref_loss is given."""
+    if ref_loss is not None and not abs(r[5] - ref_loss) <= 2e-2 * max(abs(ref_loss), 1e-6):
+        note = f"LOSS MISMATCH: {r[5]:.6g} vs fused {ref_loss:.6g}; {note}".rstrip("; ")
+    return dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3], matmul_tflops=mm,
+                pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4], grads_gib=grads_gib, loss=r[5], note=note)
 
 
 class _RowSink(list):
@@ -174,7 +199,9 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}, contrastbound CUDA backend: "
           f"{info['cuda']} ({info['cuda_reason']})")
     if info["cuda"] != "kernel":
-        print("bench_gpu: WARNING: the fused CUDA kernel is not built; 'fused' below is the pure-PyTorch fallback")
+        # The fallback materialises the logits: at these sizes it measures nothing of interest and runs out of memory.
+        print("bench_gpu: the fused CUDA kernel is not built (contrastbound.backend_info()); nothing measured")
+        return 1
 
     dtype = torch.bfloat16
     B, d, t = args.B, args.d, args.temperature
@@ -219,105 +246,54 @@ def main(argv=None) -> int:
                 for x in leaves:
                     x.grad = None
                 fused = lambda: cb.info_nce(a, p, n, temperature=t)  # noqa: E731
-                fwd_ms, bwd_ms, both_ms, tf, peak = _measure(fused, leaves, reps, flop)
-                fused_row = dict(base, impl="fused", fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms, tflops=tf,
-                                 matmul_tflops=mm, pct_of_matmul=100 * tf / mm, peak_extra_gib=peak, note="")
-                rows.append(fused_row)
+                grads_gib = sum(x.numel() * x.element_size() for x in leaves) / 2**30
+                r = _measure(fused, leaves, reps, flop)
+                fused_row = _row(base, "fused", r, mm, grads_gib)
+                fused_loss = r[5]
 
+                naive_row = None
                 if not args.no_naive:
                     # Measured on an H200: naive peaked at ~12.1 bytes per logit (K = 2^19); 13 leaves a margin.
                     need = b * (K + 1) * 13
                     if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
-                        rows.append(dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB"))
+                        naive_row = dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB")
                     else:
                         try:
-                            r = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
-                            rows.append(dict(base, impl="naive", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                             matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                             note=""))
-                            fused_row["speedup_vs_naive"] = r[2] / both_ms
+                            rn = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
+                            naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
+                            fused_row["speedup_vs_naive"] = rn[2] / r[2]
                         except torch.cuda.OutOfMemoryError:
-                            rows.append(dict(base, impl="naive", note="out of memory"))
+                            naive_row = dict(base, impl="naive", note="out of memory")
                         torch.cuda.empty_cache()
-
-                def variant(impl, env, variant_reps, catch=False):
-                    """The fused loss again with some of the kernels' environment switches set (restored after)."""
-                    old = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
-                    note = " ".join(f"{k}={v}" for k, v in env.items())
-                    try:
-                        # Same result as the default kernels first (bf16: gradients agree to ~1e-2 relative).
-                        loss = fused()
-                        loss.backward()
-                        got = [loss.detach().float()] + [x.grad.detach().float() for x in leaves]
-                        for x in leaves:
-                            x.grad = None
-                        err = max(((g - r).norm() / r.norm().clamp_min(1e-6)).item() for g, r in zip(got, ref))
-                        if not err <= 5e-2:
-                            rows.append(dict(base, impl=impl, note=f"{note} WRONG RESULT: rel err {err:.3g} vs default"))
-                            return
-                        r = _measure(fused, leaves, variant_reps, flop)
-                        rows.append(dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                         matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                         note=note))
-                    except Exception as exc:  # noqa: BLE001 - only for opt-in variants not yet run everywhere
-                        if not catch:
-                            raise
-                        rows.append(dict(base, impl=impl, note=f"{note} failed: {type(exc).__name__}: {exc}"[:200]))
-                    finally:
-                        for k, v in old.items():
-                            if v is None:
-                                del os.environ[k]
-                            else:
-                                os.environ[k] = v
-
-                if info["cuda"] == "kernel":
-                    # The other Y-tile pipeline at every K (a candidate default), the opt-in one-pass forward with
-                    # either pipeline, then the WMMA kernels and the SIMT kernels (no tensor cores) at small K.
-                    stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
-                    if not args.opt_in_only and d <= 256:  # wide rows: whole-row tiles vs chunks instead (below)
-                        variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
-                    if args.one_pass:
-                        variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps, catch=True)
-                        variant(f"fused_1pass_{stages}stage",
-                                {"CONTRASTBOUND_TC_FUSED_FWD": "1", "CONTRASTBOUND_TC_STAGES": stages}, reps, catch=True)
-                        # Flash layout: two Y stages by default (one block per multiprocessor), one for comparison.
-                        variant("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"}, reps, catch=True)
-                        variant("fused_flash_1stage", {"CONTRASTBOUND_TC_FLASH": "1", "CONTRASTBOUND_TC_STAGES": "1"},
-                                reps, catch=True)
-                        if torch.cuda.get_device_capability() == (9, 0):
-                            variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps, catch=True)
-                            variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
-                                    reps, catch=True)
-                    if d > 256 and not args.opt_in_only:
-                        # Wide rows: one Y stage (the default picks two where they keep the blocks per
-                        # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
-                        variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1"}, reps)
-                        variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
-                    if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
-                        variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
-                    if logk == ks[0] and not args.opt_in_only:
-                        variant("fused_simt", {"CONTRASTBOUND_TENSOR_CORES": "0"}, 1)
+                rows.append(fused_row)  # after naive: it carries the speed-up
+                if naive_row is not None:
+                    rows.append(naive_row)
 
                 if "inf_cl" in peers:
                     try:
                         fn = peers["inf_cl"]
                         scale = torch.tensor(1.0 / t, device="cuda")
                         # In-batch: Inf-CL's own problem. Shared bank: keys = [positives; bank], labels = arange(B),
-                        # so each anchor also sees the other anchors' positives (B more negatives; same GEMMs).
+                        # so each anchor also sees the other anchors' positives (B more negatives: B + K columns
+                        # in the rate). It casts q and k to float32 and multiplies in TF32 internally.
                         keys = (lambda: F.normalize(p, dim=-1)) if n is None else (
                             lambda: F.normalize(torch.cat([p, n]), dim=-1))
                         loss_fn = lambda: fn(F.normalize(a, dim=-1), keys(), scale=scale, head_dim=d)  # noqa: E731
-                        r = _measure(lambda: loss_fn().mean(), leaves, reps, flop)
-                        rows.append(dict(base, impl="inf_cl", fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2], tflops=r[3],
-                                         matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm, peak_extra_gib=r[4],
-                                         note="" if n is None else "keys = [positives; bank]"))
+                        cols = K if n is None else K + b
+                        rp = _measure(lambda: loss_fn().mean(), leaves, reps, 6 * b * cols * d)
+                        rows.append(_row(base, "inf_cl", rp, mm, grads_gib,
+                                         note="float32/TF32 inside" + ("" if n is None else "; keys = [positives; bank]"),
+                                         ref_loss=fused_loss if n is None else None))
                     except Exception as exc:  # noqa: BLE001 - optional peer
                         rows.append(dict(base, impl="inf_cl", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                    torch.cuda.empty_cache()
                 if "cce" in peers:
-                    # Default settings (its backward skips blocks whose softmax is below a threshold: faster on random
-                    # data, approximate gradients) and filter_eps=None (every block, exact like the fused loss).
-                    for impl, extra in (("cut_cross_entropy", {}), ("cut_cross_entropy_exact", {"filter_eps": None})):
+                    # Default settings (filter_eps="high": its backward skips blocks whose softmax is below a
+                    # threshold, ~2.4e-4: faster on random data, approximate gradients) and filter_eps=None (every
+                    # block, exact like the fused loss). In-batch it is the fused loss's problem; on the shared
+                    # problem the bank is the classifier with random targets (the same GEMMs, another loss).
+                    for impl, extra, what in (("cut_cross_entropy", {}, "gradient filtering: approximate, skips work"),
+                                              ("cut_cross_entropy_exact", {"filter_eps": None}, "filter_eps=None")):
                         try:
                             fn = peers["cce"]
                             classifier = p if n is None else n
@@ -325,16 +301,80 @@ def main(argv=None) -> int:
                                       else torch.randint(0, K, (b,), device="cuda"))
                             loss_fn = lambda: fn(F.normalize(a, dim=-1) / t, F.normalize(classifier, dim=-1),  # noqa: E731
                                                  labels, **extra)
-                            r = _measure(loss_fn, leaves, reps, flop)
-                            rows.append(dict(base, impl=impl, fwd_ms=r[0], bwd_ms=r[1], fwdbwd_ms=r[2],
-                                             tflops=r[3], matmul_tflops=mm, pct_of_matmul=100 * r[3] / mm,
-                                             peak_extra_gib=r[4], note=f"bank as classifier (same GEMMs) {extra}"))
+                            rc = _measure(loss_fn, leaves, reps, flop)
+                            rows.append(_row(base, impl, rc, mm, grads_gib,
+                                             note=what + ("" if n is None else "; bank as classifier, random targets"),
+                                             ref_loss=fused_loss if n is None else None))
                         except Exception as exc:  # noqa: BLE001 - optional peer
                             rows.append(dict(base, impl=impl, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-                del a, p, n, leaves
-                torch.cuda.empty_cache()
+                        torch.cuda.empty_cache()
+
+                def variant(impl, env, variant_reps):
+                    """The fused loss again with some of the kernels' environment switches set (restored after);
+                    a failure is noted in its row and the next variant still runs."""
+                    old = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    note = " ".join(f"{k}={v}" for k, v in env.items())
+                    try:
+                        for x in leaves:
+                            x.grad = None
+                        # Same result as the default kernels first (bf16: gradients agree to ~1e-2 relative).
+                        loss = fused()
+                        loss.backward()
+                        got = [loss.detach().float()] + [x.grad.detach().float() for x in leaves]
+                        for x in leaves:
+                            x.grad = None
+                        err = max(((g - r).norm() / r.norm().clamp_min(1e-6)).item() for g, r in zip(got, ref))
+                        del got
+                        if not err <= 5e-2:
+                            rows.append(dict(base, impl=impl, note=f"{note} WRONG RESULT: rel err {err:.3g} vs default"))
+                            return
+                        rows.append(_row(base, impl, _measure(fused, leaves, variant_reps, flop), mm, grads_gib,
+                                         note=note))
+                    except Exception as exc:  # noqa: BLE001 - the variants (some opt-in) must not cost the others
+                        for x in leaves:
+                            x.grad = None
+                        rows.append(dict(base, impl=impl, note=f"{note} failed: {type(exc).__name__}: {exc}"[:200]))
+                    finally:
+                        for k, v in old.items():
+                            if v is None:
+                                del os.environ[k]
+                            else:
+                                os.environ[k] = v
+                        torch.cuda.empty_cache()
+
+                # The other Y-tile pipeline (slower than the default at every K on an H200: at the smallest K
+                # and at 2^18 only), the opt-in one-pass forward with either pipeline, then the WMMA kernels
+                # and the SIMT kernels (no tensor cores) at small K.
+                stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
+                if not args.opt_in_only and d <= 256 and logk in (ks[0], 18):  # wide rows: see below
+                    variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
+                if args.one_pass:
+                    variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps)
+                    variant(f"fused_1pass_{stages}stage",
+                            {"CONTRASTBOUND_TC_FUSED_FWD": "1", "CONTRASTBOUND_TC_STAGES": stages}, reps)
+                    # Flash layout: two Y stages by default (one block per multiprocessor), one for comparison.
+                    variant("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"}, reps)
+                    variant("fused_flash_1stage", {"CONTRASTBOUND_TC_FLASH": "1", "CONTRASTBOUND_TC_STAGES": "1"},
+                            reps)
+                    if torch.cuda.get_device_capability() == (9, 0):
+                        variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps)
+                        variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
+                                reps)
+                if d > 256 and not args.opt_in_only:
+                    # Wide rows: one Y stage (the default picks two where they keep the blocks per
+                    # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
+                    variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1"}, reps)
+                    variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
+                if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
+                    variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
+                if logk == ks[0] and not args.opt_in_only:
+                    variant("fused_simt", {"CONTRASTBOUND_TENSOR_CORES": "0"}, 1)
             except Exception as exc:  # noqa: BLE001 - a failure (e.g. a sticky CUDA error) ends this row only
                 rows.append(dict(base, impl="rest of this problem", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+            finally:  # the next size's inputs need the memory, also after a failure
+                a = p = n = leaves = ref = ref_loss = fused = None
+                torch.cuda.empty_cache()
 
     def fmt(v):
         if v is None or v == "":
@@ -342,8 +382,8 @@ def main(argv=None) -> int:
         return f"{v:.3g}" if isinstance(v, float) and math.isfinite(v) else str(v)
 
     cols = ["problem", "impl", "B", "K", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
-            "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "note"]
-    widths = [9, 18, 7, 8, 9, 9, 10, 7, 8, 7, 8, 9, 0]
+            "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "note"]
+    widths = [9, 18, 7, 8, 9, 9, 10, 7, 8, 7, 8, 9, 6, 8, 0]
     print(" ".join(c[:w].ljust(w) if w else c for c, w in zip(cols, widths)))
     for r in rows:
         print(" ".join(fmt(r.get(c, "")).ljust(w) if w else fmt(r.get(c, "")) for c, w in zip(cols, widths)))
