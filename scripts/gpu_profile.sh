@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Builds the CUDA extension on a GPU machine and profiles the tensor-core kernels with Nsight Compute:
 #   scripts/gpu_profile.sh OUTDIR        (writes build.log, ncu.txt and the built extension into OUTDIR)
+# Builds unless the extension for this interpreter is there and loads its CUDA kernels (or REBUILD is set).
 set -uo pipefail
-OUT=$1
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 64
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 START=$(date +%s)
-if ! ls contrastbound/_C*.so >/dev/null 2>&1 || [ -n "${REBUILD:-}" ]; then
+if [ -n "${REBUILD:-}" ] || ! "$PY" -c 'import sys, contrastbound; sys.exit(contrastbound.backend_info()["cuda"] != "kernel")' \
+    >/dev/null 2>&1; then
   FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" timeout 200 "$PY" setup.py build_ext --inplace \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi
