@@ -321,7 +321,9 @@ def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, inc
         # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
         # dominates (w0 -> 1), as in the kernels' gradient of the positive.
         e_minus_l0 = scale * (a * term).sum(-1) + (torch.expm1(-loss) if include_positive else -1.0) * l0
-        dloss_dscale = e_minus_l0 / scale
+        # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale;
+        # its l0 = -inf - (-inf) is NaN, which 0 * NaN would carry into the temperature's gradient.
+        dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
     return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(loss.dtype), dloss_dscale)
 
 

@@ -1041,6 +1041,35 @@ def test_learnable_temperature_matches_reference(mode):
     assert_close_scaled(gt, rt, 1e-4, "temperature grad")
 
 
+@pytest.mark.parametrize("case", ["nt_xent_N1", "lse_no_negatives", "in_batch_B1"])
+def test_learnable_temperature_gradient_where_a_row_has_no_negatives(case):
+    # A row whose set is empty (no negatives, positive left out) has lse = -inf and does not depend on the
+    # temperature: its share of the temperature's gradient is 0, not 0 * NaN (a last batch of one sample in
+    # SimCLR with a learnable temperature made the parameter NaN). Expected: the float64 reference's gradient.
+    torch.manual_seed(3)
+    a, p = torch.randn(1 if case != "lse_no_negatives" else 3, 4), torch.randn(1 if case != "lse_no_negatives" else 3, 4)
+
+    def run(t, dtype):
+        x, y = a.to(dtype), p.to(dtype)
+        if case == "nt_xent_N1":
+            return (cb.nt_xent if dtype == torch.float32 else nt_xent_reference)(x, y, t)
+        if case == "in_batch_B1":
+            return (cb.info_nce if dtype == torch.float32 else info_nce_reference)(x, y, None, temperature=t)
+        bank = torch.zeros(0, 4, dtype=dtype)
+        if dtype == torch.float32:
+            _, lse = cb.info_nce_lse(x, y, bank, temperature=t, include_positive=False)
+        else:  # the reference: an empty set's log-sum-exp is -inf whatever the temperature
+            lse = torch.full((3,), -math.inf, dtype=dtype) + 0 * t
+        return torch.logaddexp(lse, torch.zeros_like(lse)).sum()
+
+    t = torch.tensor(0.5, requires_grad=True)
+    t64 = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(run(t, torch.float32), [t])
+    (g64,) = torch.autograd.grad(run(t64, torch.float64), [t64])
+    assert torch.isfinite(g) and torch.isfinite(g64)
+    assert abs(g.item() - g64.item()) <= 1e-5 * max(1.0, abs(g64.item()))
+
+
 def test_infonce_module_deepcopy_shares_its_process_group():
     # EMA / teacher copies deep-copy the model: a process group cannot be copied (nor pickled), so the copy shares
     # it; the learnable temperature is copied. (A lock stands in for a group: it cannot be copied either.)
