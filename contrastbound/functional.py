@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import sys
 from numbers import Real
 
 import torch
@@ -17,6 +16,9 @@ from .reference import _softplus
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
+# The smallest temperature: its scale 1 / t must be finite in float32, the kernels' accumulation type for
+# float32 / float16 / bfloat16 features (below it every loss would be NaN; ~2.9e-39).
+_MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,9 +59,9 @@ def _read_back(x: torch.Tensor, read):
         del guard
 
 
-def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
-    """x as a 0-d tensor after checking it holds one floating value, and, on the CPU, that the value is positive
-    and finite.
+def _check_positive_scalar_tensor(name: str, x: torch.Tensor, minimum: float = _MIN_TEMPERATURE) -> torch.Tensor:
+    """x as a 0-d tensor after checking it holds one floating value, and, on the CPU, that the value is finite and
+    at least `minimum` (positive: by default _MIN_TEMPERATURE, so that its reciprocal is finite in float32).
 
     CPU, eager: the value is read and a ValueError names it. CPU under torch.compile: the check is an op in the
     graph (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the
@@ -77,12 +79,14 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
         return x
     if torch.compiler.is_compiling():
         v = x.detach()
-        torch._assert_async(torch.isfinite(v) & (v > 0), f"{name} must be a positive finite number")
+        torch._assert_async(torch.isfinite(v) & (v >= minimum), f"{name} must be a positive finite number (at least {minimum:.3g})")
     else:
         # (under vmap the whole batch of per-sample values, see _read_back)
         for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
             if not math.isfinite(v) or v <= 0.0:
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
+            if v < minimum:
+                raise ValueError(f"{name} must be at least {minimum:.3g} (its reciprocal finite in float32), got {v}")
     return x
 
 
@@ -98,8 +102,8 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
-    if not (1.0 / t < math.inf):  # a subnormal temperature: the scale 1 / t overflows
-        raise ValueError(f"temperature must be at least {1.0 / sys.float_info.max:.3g} (1 / temperature finite), got {t}")
+    if not (t >= _MIN_TEMPERATURE):  # the scale 1 / t would overflow float32, the kernels' accumulation type
+        raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE:.3g} (1 / temperature finite in float32), got {t}")
     return t
 
 
@@ -201,7 +205,8 @@ def _fused(
             include_positive, save_anchor_term, exclude_self, *(() if excluded is None else (excluded,)),
         )
         if learnable and grad:
-            loss = _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive)
+            loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize,
+                                          include_positive)
         return loss, lse
     from .reference import info_nce_core_reference
 
@@ -303,21 +308,23 @@ def _bwd_op(grad_loss, anchors, positives, negatives, negative_indices, lse, ter
     )
 
 
-def _with_temperature_grad(loss, lse, term, anchors, temperature, normalize, include_positive):
+def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize, include_positive):
     """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss.
 
     With s = 1/t every logit is l = s x, so d loss_i / d s = (E_i - l_i0) / s, where E_i = sum_j w_ij l_ij is the
     softmax-weighted logit: w_i0 l_i0 for the positive plus s a_hat_i . V_i for the negatives, V_i being the
-    softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged.
+    softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged. l_i0 is formed
+    from the features, not as lse_i - loss_i: that difference of two numbers of size ~log K loses l_i0's digits
+    where it is small (a high temperature: at s = 1e-6 the float32 gradient was off by a factor of two).
     """
     if loss.device.type == "cpu" and temperature.device.type != "cpu":
         temperature = temperature.cpu()  # differentiable; a GPU 0-d tensor cannot meet CPU features in an op
     with torch.no_grad():
         scale = 1.0 / temperature.detach().to(loss.dtype)
-        a = anchors.detach().to(loss.dtype)
+        a, p = anchors.detach().to(loss.dtype), positives.detach().to(loss.dtype)
         if normalize:
-            a = F.normalize(a, dim=-1, eps=1e-12)
-        l0 = lse - loss
+            a, p = F.normalize(a, dim=-1, eps=1e-12), F.normalize(p, dim=-1, eps=1e-12)
+        l0 = scale * (a * p).sum(-1)
         # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
         # dominates (w0 -> 1), as in the kernels' gradient of the positive.
         e_minus_l0 = scale * (a * term).sum(-1) + (torch.expm1(-loss) if include_positive else -1.0) * l0
@@ -710,7 +717,8 @@ def bank_cross_entropy(
         save = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t, bank.device), normalize, save)
         if learnable and grad:
-            loss = _with_temperature_grad(loss, lse, term, anchors, t, normalize, True)  # target: the positive
+            loss = _with_temperature_grad(loss, lse, term, anchors, bank.index_select(0, targets), t, normalize,
+                                          True)  # target: the positive
     else:
         # The same form on the reference (forward-mode AD, torch.func, no extension): the target counted once.
         loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, True, excluded=targets)
@@ -820,11 +828,15 @@ def clip_loss(
         scale = _check_positive_scalar_tensor("logit_scale", scale)
         if scale.device.type != "cpu":
             scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
-        temperature = 1.0 / scale.clamp(max=max_logit_scale)  # stays a tensor: no read-back
+        # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
+        # read-back.
+        temperature = 1.0 / scale.clamp(max=max_logit_scale).to(torch.promote_types(scale.dtype, torch.float32))
     elif isinstance(scale, Real) and not isinstance(scale, bool):
         value = float(scale)
         if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
             raise ValueError(f"logit_scale must be positive and finite, got {value}")
+        if not (value >= _MIN_TEMPERATURE):  # its reciprocal, the temperature, finite in float32
+            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE:.3g}, got {value}")
         temperature = 1.0 / min(value, max_logit_scale)
     else:
         raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")

@@ -45,6 +45,35 @@ def test_clip_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda i, t, s: cb.clip_loss(i, t, s, reduction="none"), (img, txt, s))
 
 
+def test_clip_loss_small_float16_logit_scale():
+    # 1 / logit_scale is formed in float32 at least: in float16 a scale below 1.5e-5 gave an infinite temperature
+    # and an error naming "temperature". Expected: the open_clip formula at the float16 value, in float64.
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    s = torch.tensor(1e-6, dtype=torch.float16, requires_grad=True)
+    loss = cb.clip_loss(img, txt, s)
+    s_ref = s.detach().double().requires_grad_(True)
+    ref = _clip_reference(img.double(), txt.double(), s_ref)
+    assert_close_scaled(loss.double(), ref, 1e-5, "loss")
+    (gs,) = torch.autograd.grad(loss, [s])
+    (gr,) = torch.autograd.grad(ref, [s_ref])
+    assert gs.dtype == torch.float16 and torch.isfinite(gs)
+    assert abs(gs.double() - gr) <= 2e-3 * abs(gr)  # float16's resolution (the temperature's gradient: below)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3])
+def test_clip_loss_small_logit_scale_gradient_float32(scale):
+    # A small logit_scale (a high temperature): the positive logit is tiny beside lse ~ log N, and the scale's
+    # gradient was formed from lse - loss (2x off at 1e-6, 4e-3 relative at 1e-3). Expected: float64 autograd.
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    s = torch.tensor(scale, requires_grad=True)
+    s_ref = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    (gs,) = torch.autograd.grad(cb.clip_loss(img, txt, s), [s])
+    (gr,) = torch.autograd.grad(_clip_reference(img.double(), txt.double(), s_ref), [s_ref])
+    assert abs(gs.double() - gr) <= 1e-5 * abs(gr)
+
+
 def test_clip_loss_bad_scale():
     x = torch.randn(3, 2)
     with pytest.raises(ValueError, match="logit_scale"):
