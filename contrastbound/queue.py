@@ -102,11 +102,18 @@ class NegativeQueue(torch.nn.Module):
         # a queue whose fill level counts keys that were never loaded.
         keys = {name: state_dict.get(prefix + name) for name in ("queue", "ptr", "filled")}
         problem = None
-        if keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
+        missing = [name for name, v in keys.items() if v is None]
+        if missing and len(missing) < len(keys):
+            # Keys without their fill level (or a level without its keys) would serve rows never loaded.
+            problem = f"queue, ptr and filled are loaded together, but {', '.join(missing)} missing"
+        elif keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
         elif keys["ptr"] is not None and keys["filled"] is not None:
             if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
                 problem = "ptr and filled must hold one value each"
+            elif keys["ptr"].is_floating_point() or keys["filled"].is_floating_point() or keys["ptr"].is_complex() \
+                    or keys["filled"].is_complex():
+                problem = f"ptr and filled must be integer tensors, got {keys['ptr'].dtype} and {keys['filled'].dtype}"
             else:
                 ptr, filled = int(keys["ptr"]), int(keys["filled"])
                 bad = _bad_state(ptr, filled, self.size)

@@ -199,6 +199,28 @@ def test_queue_load_state_dict_is_all_or_nothing():
         assert len(q) == 0 and int(q.ptr) == 0 and int(q.filled) == 0
 
 
+@pytest.mark.parametrize("drop", ["ptr", "filled", "queue", "ptr+filled"])
+def test_queue_load_state_dict_with_missing_keys_loads_nothing(drop):
+    # torch copies the keys present before it reports the missing ones (strict=True), or never reports them
+    # (strict=False): keys without their fill level, or a fill level serving zero rows as negatives, were left.
+    src = cb.NegativeQueue(4, 2)
+    src.enqueue(torch.full((3, 2), 7.0))
+    state = {k: v for k, v in src.state_dict().items() if k not in drop.split("+")}
+    for strict in (True, False):
+        q = cb.NegativeQueue(4, 2)
+        q.enqueue(torch.ones(1, 2))
+        with pytest.raises(RuntimeError, match="loaded together"):
+            q.load_state_dict(state, strict=strict)
+        assert len(q) == 1 and int(q.ptr) == 1 and q.negatives().tolist() == [[1.0, 1.0]]
+
+
+def test_queue_load_state_dict_refuses_float_positions():
+    state = cb.NegativeQueue(4, 2).state_dict()
+    state["ptr"], state["filled"] = torch.tensor(2.7), torch.tensor(2.7)
+    with pytest.raises(RuntimeError, match="integer tensors"):
+        cb.NegativeQueue(4, 2).load_state_dict(state)
+
+
 def test_queue_under_inference_mode():
     # inference tensors have no version counter: a queue made and used there works as before
     with torch.inference_mode():
