@@ -399,8 +399,12 @@ class _BankRowsAsPositives(torch.autograd.Function):
                 targets, grad_rows = _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale,
                                                            ctx.normalize)
                 gn.index_copy_(0, targets, grad_rows.to(gn.dtype))
+            elif gn.device.type == "cpu":
+                gn.index_add_(0, rows, gp)  # gn is the op's own new tensor; serial on the CPU: a fixed order
             else:
-                gn.index_add_(0, rows, gp)  # gn is the op's own new tensor
+                # index_add_ adds with atomics on a GPU (a target hit by several anchors: other bits each run);
+                # index_put_'s accumulation sorts the indices first and adds each row's terms in order.
+                gn.index_put_((rows,), gp, accumulate=True)
         return (ga if need_a else None), (gn if need_bank else None), None, None, None, None
 
 

@@ -195,6 +195,20 @@ def test_deterministic(mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bank_cross_entropy_deterministic(dtype):
+    # Classification batches repeat targets: the positives' gradient of a target row is summed over its anchors
+    # (float32: index_put_'s sorted accumulation, not index_add_'s atomics), the same bits every run.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 128, generator=g).to(CUDA, dtype).requires_grad_(True)
+    w = torch.randn(1000, 128, generator=g).to(CUDA, dtype).requires_grad_(True)
+    targets = torch.randint(0, 50, (4096,), generator=g).to(CUDA)  # ~80 anchors per target
+    runs = [torch.autograd.grad(cb.bank_cross_entropy(x, w, targets, temperature=0.1, normalize=True), [x, w])
+            for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_unused_bank_rows_get_zero_gradient_even_if_infinite(dtype, normalize):
     # No index picks row 3 (inf): its gradient is 0, not 0 * inf = NaN (finish_bank_row skips the Jacobian term
