@@ -114,8 +114,10 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   const char* tc = std::getenv("CONTRASTBOUND_TENSOR_CORES");
   p.tensor_cores = tc == nullptr || std::string(tc) != "0";
   p.tf32 = at::globalContext().allowTF32CuBLAS();
-  // CONTRASTBOUND_TC_WGMMA=1 (experimental) asks for the sm_90a warpgroup-MMA kernels: where they cannot run, an
-  // error rather than a silent fallback, so that a test or benchmark of them measures them.
+  // CONTRASTBOUND_TC_WGMMA=1 (experimental) asks for the sm_90a warpgroup-MMA kernels: on a device or build where
+  // they cannot run, an error rather than a silent fallback, so that a test or benchmark of them measures them.
+  // Problems that the flash kernels do not serve (float32, per-anchor or indexed negatives, ...) take the usual
+  // kernels, as without the variable.
   const char* wg = std::getenv("CONTRASTBOUND_TC_WGMMA");
   TORCH_CHECK(wg == nullptr || wg[0] != '1' || wgmma_available(),
               "CONTRASTBOUND_TC_WGMMA=1: the wgmma kernels need a GPU of compute capability 9.0 and an extension built "
