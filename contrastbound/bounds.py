@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from numbers import Integral, Real
 from typing import Any
 
@@ -87,6 +88,19 @@ class _Prior:
         if self.uniform:
             return math.log(self.num_classes)
         return float(-np.sum(self.counts * self.values * np.log(self.values)))
+
+    @cached_property
+    def log1m(self) -> np.ndarray:
+        """log(1 - pi) per distinct value. A class above 1/2 (there is at most one) takes the other classes' mass
+        summed, not 1 - pi_c: near 1 that difference keeps only the digits of pi_c's rounding (pi_c = 1 - 1e-12:
+        1e-4 relative)."""
+        with np.errstate(divide="ignore"):  # -inf for a single class
+            out = np.log1p(-self.values)
+            top = int(np.argmax(self.values))
+            if self.values[top] > 0.5:
+                others = math.fsum(float(c * v) for g, (c, v) in enumerate(zip(self.counts, self.values)) if g != top)
+                out[top] = math.log(others) if others > 0.0 else -math.inf
+        return out
 
 
 def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
@@ -262,10 +276,15 @@ def delta_lower(K: Any, num_classes: int | None = None, prior: Any = None, norm_
     acc = mass_below[cut] * np.log(flat * p.pi_max)
     active = vals.size - cut  # how many classes are compared through 1 + K pi_c, per K
     by_width = np.argsort(active, kind="stable")
+    widths = active[by_width]  # ascending: a block's last row is its widest
+    budget = 1 << 18  # elements of a (rows, W) temporary
     start = 0
     while start < flat.size:
-        rows = by_width[start : start + max(1, (1 << 18) // max(1, int(active[by_width[start]])))]
-        W = int(active[rows].max())
+        n = min(flat.size - start, max(1, budget // max(1, int(widths[start]))))
+        if n > 1 and n * int(widths[start + n - 1]) > budget:  # sized by the widest row, never the narrowest
+            n = max(1, budget // int(widths[start + n - 1]))
+        rows = by_width[start : start + n]
+        W = int(widths[start + n - 1])
         j = cut[rows][:, None] + np.arange(W)[None, :]
         inside = j < vals.size
         jc = np.minimum(j, vals.size - 1)
@@ -312,7 +331,7 @@ def _log_one_minus_tau(k: np.ndarray, p: _Prior) -> np.ndarray:
     kf = k.astype(np.float64).reshape(-1, 1)
     out = np.empty(kf.shape[0])
     with np.errstate(divide="ignore", invalid="ignore"):
-        l1p = np.log1p(-p.values)  # -inf for a single class
+        l1p = p.log1m  # -inf for a single class
         logw = np.log(p.counts * p.values)
         for sl in _rows(kf.shape[0], p.values.size):
             terms = logw[None, :] + np.where(kf[sl] == 0, 0.0, kf[sl] * l1p[None, :])
@@ -334,7 +353,7 @@ def collision_probability(K: Any, num_classes: int | None = None, prior: Any = N
     tau = np.empty(kf.shape[0])
     weights = p.counts * p.values
     with np.errstate(divide="ignore", invalid="ignore"):
-        l1p = np.log1p(-p.values)
+        l1p = p.log1m
         for sl in _rows(kf.shape[0], p.values.size):
             # 1 - tau = sum_c pi_c (1 - pi_c)^K; where it is <= 1/2, tau = 1 - (1 - tau) loses nothing
             kb = kf[sl]
@@ -531,8 +550,7 @@ def _ie_general_terms(p: _Prior, n_lo: int, n_hi: int, max_terms: int = 4096) ->
     """
     order = np.argsort(p.values)  # small classes (large (1 - pi)^n) first
     vals, cnts = p.values[order], p.counts[order].astype(np.int64)
-    with np.errstate(divide="ignore"):  # -inf where pi_c rounds to 1 (a prior with classes of ~1e-17 or less)
-        l1p = np.log1p(-vals)
+    l1p = p.log1m[order]  # -inf for a single class
     a_lo = np.log(cnts) + n_lo * l1p  # log of each group's share of sum_c (1 - pi_c)^n at n_lo
     floor = math.log(1e-22) + n_hi * float(l1p[0])
     # what the groups from g on can multiply a bound by: prod (1 + (1 - pi)^n)^count <= e^{sum count (1 - pi)^n}
@@ -636,7 +654,7 @@ def _log_coupon(n: np.ndarray, p: _Prior) -> np.ndarray:
         else:
             # s = sum_c (1 - pi_c)^n decides the method (below).
             with np.errstate(divide="ignore"):  # as in _ie_general_terms
-                log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * np.log1p(-p.values)[None, :], axis=1)
+                log_s = _logsumexp(np.log(p.counts)[None, :] + na[:, None] * p.log1m[None, :], axis=1)
             # Where upsilon_n is close to 1 (sum <= 5), inclusion-exclusion over the classes that can be missed gives
             # 1 - upsilon_n to ~1e-15 relative, where it needs few terms; the Cauchy integral's ~1e-10 absolute error
             # in log upsilon would be a large relative error of it there.

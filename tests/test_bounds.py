@@ -393,6 +393,40 @@ def test_delta_lower_forms():
     assert np.all(np.diff(dl) < 0)
 
 
+def test_delta_lower_proved_curve_under_a_long_tailed_prior_stays_small():
+    # A curve K = 1..N mixes small K (every class compared through 1 + K pi_c) with large ones (one class): the
+    # blocks were sized by their narrowest row, so one block of ~2^18 rows x C: 1.2 GB at C = 1000, N = 20000.
+    import tracemalloc
+
+    C = 1000
+    pi = 1.0 / np.arange(1, C + 1)
+    pi /= pi.sum()
+    k = np.arange(1, 20001)
+    tracemalloc.start()
+    try:
+        got = B.delta_lower(k, prior=pi, form="proved")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    lc = 2 * math.log(math.cosh(1.0))
+    for K in (1, 2, 7, 100, 999, 5000, 20000):  # the definition, class by class
+        ref = -lc - math.fsum(p * math.log(max(1 + K * p, K * pi.max())) for p in pi)
+        assert rel_err(got[K - 1], ref) < 1e-13, K
+
+
+@pytest.mark.parametrize("small", [1e-12, 1e-15])
+def test_collision_probability_log_with_a_class_near_one(small):
+    # 1 - pi_c for pi_c = 1 - 1e-12 kept only pi_c's rounding (log(1 - tau_1) 4e-7 relative off, 1e-5 at 1e-15):
+    # it is the other classes' mass. Exact: 60-digit arithmetic on the floats given, normalised.
+    w = [small, 1.0 - small]
+    with mpmath.workdps(60):
+        pi = [mpmath.mpf(x) / mpmath.fsum([mpmath.mpf(y) for y in w]) for x in w]
+        for K in (1, 2, 5, 1000):
+            exact = mpmath.log(mpmath.fsum(q * (1 - q) ** K for q in pi))
+            assert rel_err(B.collision_probability(K, prior=np.array(w), log=True), float(exact)) < 1e-14, K
+
+
 def test_interval_and_min_losses():
     lo, hi = B.supervised_loss_interval(2.0, 32, 10)
     assert lo == pytest.approx(2.0 + B.delta_lower(32, 10)) and hi == pytest.approx(2.0 + B.delta_upper(32, 10))
