@@ -103,7 +103,23 @@ class _Prior:
         return out
 
 
+def _scalar(x: Any) -> Any:
+    """A one-element torch tensor or numpy array as its Python number (then checked like one); else x."""
+    if hasattr(x, "detach") and hasattr(x, "numel") and x.numel() == 1:
+        return x.detach().reshape(()).item()
+    if isinstance(x, np.ndarray) and x.size == 1:
+        return x.reshape(()).item()
+    return x
+
+
+def _numeric(name: str, arr: np.ndarray, what: str) -> None:
+    """Refuses arrays that numpy would convert to float64 from text or by dropping an imaginary part."""
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be {what} (integers or floats), got dtype {arr.dtype}")
+
+
 def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
+    num_classes = _scalar(num_classes)
     if (num_classes is None) == (prior is None):
         raise ValueError(
             "pass exactly one of num_classes (uniform prior over C classes) and prior (a probability vector), "
@@ -121,9 +137,10 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
             prior = prior.detach().cpu()
             prior = prior.double() if prior.is_floating_point() else prior
         given = np.asarray(prior)
-        pi = given.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"prior must be a 1-d array of class probabilities, got {type(prior).__name__}") from exc
+    _numeric("prior", given, "a 1-d array of class probabilities")
+    pi = given.astype(np.float64)
     if pi.ndim != 1 or pi.size == 0:
         raise ValueError(f"prior must be a non-empty 1-d array of class probabilities, got shape {pi.shape}")
     if not np.all(np.isfinite(pi)):
@@ -153,6 +170,8 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     """K as an int64 array (and whether it was a scalar); integer-valued floats are accepted."""
     if isinstance(K, bool):
         raise TypeError(f"{name} must be an integer or an integer array, got bool")
+    if hasattr(K, "detach") and hasattr(K, "cpu"):  # a torch tensor (one that requires grad included)
+        K = K.detach().cpu()
     arr = np.asarray(K)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
@@ -174,14 +193,17 @@ def _as_loss(name: str, value: Any) -> np.ndarray:
         raise TypeError(f"{name} must be a real number or array, got bool")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (e.g. contrastive_loss_estimate's
         value = value.detach().cpu()  # result, which may require grad); this module does not import torch
+        value = value.double() if value.is_floating_point() else value  # numpy has no bfloat16
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        given = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number or array, got {type(value).__name__}") from exc
-    return arr
+    _numeric(name, given, "a real number or array")
+    return given.astype(np.float64)
 
 
 def _check_norm_bound(norm_bound: Any) -> float:
+    norm_bound = _scalar(norm_bound)
     if isinstance(norm_bound, bool) or not isinstance(norm_bound, Real):
         raise TypeError(f"norm_bound must be a positive finite number, got {type(norm_bound).__name__}")
     b = float(norm_bound)
@@ -685,7 +707,8 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
     10^7; where upsilon_n is close to 1, log upsilon_n keeps that relative accuracy (inclusion-exclusion over the
     classes that can be missed; the Cauchy integral only where too many of them matter), except for priors with
     more than 256 distinct values: there ~s/2 relative (s = sum_c (1 - pi_c)^n <= 1e-6, one Bonferroni term) or
-    ~1e-9 (the Cauchy integral). ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
+    an absolute error ~1e-13 in log upsilon_n (the Cauchy integral: 2e-8 relative where log upsilon_n = -7e-6,
+    measured with 300 distinct values against inclusion-exclusion in mpmath). ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
     """
     n, scalar = _as_counts("draws", draws, 0)
     p = _resolve_prior(num_classes, prior)

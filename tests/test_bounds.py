@@ -525,11 +525,28 @@ def test_scalar_and_array_outputs():
         (lambda: B.arora(1.0, 0, 10), ValueError, "K"),
         (lambda: B.arora("x", 3, 10), TypeError, "contrastive_loss"),
         (lambda: B.min_supervised_loss(0), ValueError, "num_classes"),
+        # text and complex numbers were converted by numpy (the imaginary part dropped with a warning)
+        (lambda: B.supervised_loss_interval("2.0", 3, 10), TypeError, "contrastive_loss"),
+        (lambda: B.arora("2.0", 30, 10), TypeError, "contrastive_loss"),
+        (lambda: B.delta_upper(3, prior=["0.5", "0.5"]), TypeError, "prior"),
+        (lambda: B.delta_upper(3, prior=np.array([0.5 + 1j, 0.5 - 1j])), TypeError, "prior"),
+        (lambda: B.delta_upper(3, prior=[True, False]), TypeError, "prior"),
+        (lambda: B.delta_upper(3, num_classes=torch.tensor(10.0)), TypeError, "num_classes"),
+        (lambda: B.delta_upper(3, 10, norm_bound=torch.ones(2)), TypeError, "norm_bound"),
     ],
 )
 def test_validation(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_tensor_arguments_are_read_as_numbers():
+    # One-element tensors (as the empirical module returns them) work like the numbers they hold; a K or a loss that
+    # requires grad is detached, and a bfloat16 loss widened (numpy has no bfloat16).
+    want = B.supervised_loss_interval(2.0, 3, 10, norm_bound=1.0)
+    assert B.supervised_loss_interval(torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(3.0, requires_grad=True),
+                                      torch.tensor(10), norm_bound=torch.tensor(1.0)) == want
+    assert B.delta_upper(3, num_classes=np.int64(10)) == B.delta_upper(3, 10)
 
 
 def test_coupon_general_prior_tiny_probability():
