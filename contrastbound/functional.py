@@ -639,7 +639,9 @@ def info_nce_lse(
     normalize: bool = True,
     include_positive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-anchor (loss, log-sum-exp) of :func:`info_nce`, both (B,) in float32 (float64 for float64 inputs).
+    """Per-anchor (loss, log-sum-exp) of :func:`info_nce`, both (B,) in the accumulation type of the computation:
+    float64 where it runs in float64 (a float64 bank, or float64 inputs without one), else float32. (Mixed dtypes
+    run in the bank's dtype, as in :func:`info_nce`, which then casts its reduced loss to the promoted dtype.)
 
     ``lse_i = log([include_positive] e^{s a_i.p_i} + sum_k e^{s a_i.n_ik})`` and ``loss_i = lse_i - s a_i.p_i``.
     With ``include_positive=False`` the positive is left out of the sum, so log-sum-exps over disjoint sets of

@@ -137,6 +137,8 @@ class NegativeQueue(torch.nn.Module):
             raise ValueError(f"keys must have shape (n, dim) with dim = {self.dim}, got {shape}")
         if not keys.is_floating_point():
             raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
+        if keys.device.type == "meta" and self.queue.device.type != "meta":
+            raise ValueError(f"keys are a meta tensor (no values) but the queue is on {self.queue.device}")
         given = keys.detach()
         if given.shape[0] > self.size:
             given = given[-self.size :]

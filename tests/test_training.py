@@ -274,6 +274,9 @@ def test_queue_bad_input():
         q.enqueue(torch.randn(2, 5))
     with pytest.raises(TypeError, match="keys"):
         q.enqueue(torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="keys are a meta tensor"):  # torch's copy error named no argument
+        q.enqueue(torch.ones(2, 2, device="meta"))
+    assert len(q) == 0
 
 
 def test_float16_queue_refuses_keys_beyond_its_range():
