@@ -264,6 +264,8 @@ def main(argv=None) -> int:
                             fused_row["speedup_vs_naive"] = rn[2] / r[2]
                         except torch.cuda.OutOfMemoryError:
                             naive_row = dict(base, impl="naive", note="out of memory")
+                        except Exception as exc:  # noqa: BLE001 - the fused row (not yet written) must not be lost
+                            naive_row = dict(base, impl="naive", note=f"failed: {type(exc).__name__}: {exc}"[:200])
                         torch.cuda.empty_cache()
                 rows.append(fused_row)  # after naive: it carries the speed-up
                 if naive_row is not None:
