@@ -27,6 +27,7 @@ from .functional import (
     _check_bool,
     _check_features,
     _check_reduction,
+    _check_scale_fits,
     _check_temperature,
     _check_tensor,
     _check_group,
@@ -248,6 +249,7 @@ def info_nce_sharded(
     result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
     a = _to_bank_dtype(anchors, negatives.dtype, normalize)
     p = _to_bank_dtype(positives, negatives.dtype, normalize)
+    _check_scale_fits(t, negatives.dtype)
     scale = 1.0 / t
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)")
     a_all = _AllGatherWithGrad.apply(a, process_group, sizes)

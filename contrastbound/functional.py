@@ -16,9 +16,15 @@ from .reference import _softplus
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
-# The smallest temperature: its scale 1 / t must be finite in float32, the kernels' accumulation type for
-# float32 / float16 / bfloat16 features (below it every loss would be NaN; ~2.9e-39).
+# The smallest temperature: its scale 1 / t must be finite in the accumulation type, float32 for float32 / float16 /
+# bfloat16 features (below ~2.9e-39 every loss would be NaN), float64 for float64 ones (~5.6e-309).
 _MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+_MIN_TEMPERATURE_F64 = 1.0 / torch.finfo(torch.float64).max
+
+
+def _min_reciprocal(dtype: torch.dtype) -> float:
+    """The smallest value whose reciprocal is finite in `dtype`'s accumulation type (float32 at least)."""
+    return _MIN_TEMPERATURE_F64 if dtype == torch.float64 else _MIN_TEMPERATURE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,9 +65,10 @@ def _read_back(x: torch.Tensor, read):
         del guard
 
 
-def _check_positive_scalar_tensor(name: str, x: torch.Tensor, minimum: float = _MIN_TEMPERATURE) -> torch.Tensor:
+def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     """x as a 0-d tensor after checking it holds one floating value, and, on the CPU, that the value is finite and
-    at least `minimum` (positive: by default _MIN_TEMPERATURE, so that its reciprocal is finite in float32).
+    positive, with a reciprocal finite in x's own accumulation type (float32 at least; features of a narrower type
+    are checked again in _check_scale_fits).
 
     CPU, eager: the value is read and a ValueError names it. CPU under torch.compile: the check is an op in the
     graph (torch._assert_async: no read-back, so a value that changes every step does not re-specialise the
@@ -75,11 +82,14 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor, minimum: float = _
             f"got a {x.dtype} tensor of shape {tuple(x.shape)}"
         )
     x = x.reshape(())
+    minimum = _min_reciprocal(x.dtype)
     if x.device.type != "cpu":
         return x
     if torch.compiler.is_compiling():
         v = x.detach()
-        torch._assert_async(torch.isfinite(v) & (v >= minimum), f"{name} must be a positive finite number (at least {minimum:.3g})")
+        # (v > 0 as well: in float16 the minimum rounds to 0)
+        torch._assert_async(torch.isfinite(v) & (v > 0) & (v.double() >= minimum),
+                            f"{name} must be a positive finite number (at least {minimum:.3g})")
     else:
         # (under vmap the whole batch of per-sample values, see _read_back)
         for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
@@ -102,9 +112,29 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
-    if not (t >= _MIN_TEMPERATURE):  # the scale 1 / t would overflow float32, the kernels' accumulation type
-        raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE:.3g} (1 / temperature finite in float32), got {t}")
+    if not (t >= _MIN_TEMPERATURE_F64):  # a subnormal temperature: the scale 1 / t overflows (float32: _check_scale_fits)
+        raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE_F64:.3g} (1 / temperature finite), got {t}")
     return t
+
+
+def _check_scale_fits(temperature: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """For features computed in float32 (float32, float16, bfloat16): 1 / temperature must be finite in float32,
+    or every loss would be NaN. A float64 temperature (a float, or a float64 CPU tensor, read in eager mode) can
+    pass _check_temperature and not this; a narrower tensor was already held to it; a GPU one is not read."""
+    if dtype == torch.float64:
+        return
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dtype != torch.float64 or temperature.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        values = _read_back(temperature.detach(), lambda v: v.reshape(-1).tolist())
+    else:
+        values = [temperature]
+    for t in values:
+        if not (t >= _MIN_TEMPERATURE):
+            raise ValueError(
+                f"temperature must be at least {_MIN_TEMPERATURE:.3g} for features computed in float32 ({dtype}): "
+                f"1 / temperature overflows float32, got {t}"
+            )
 
 
 def _check_reduction(reduction: object) -> str:
@@ -192,6 +222,7 @@ def _fused(
     exclude_self: bool = False,
     excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_scale_fits(temperature, anchors.dtype)  # anchors: in the computation's dtype here
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
     # Under a torch.func transform a tensor temperature takes the reference: one batched by vmap reports
     # requires_grad=False even where it is learnable, and the kernels would take it as a detached scale (its
@@ -717,6 +748,7 @@ def bank_cross_entropy(
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
     anchors = _to_bank_dtype(anchors, compute, normalize)
+    _check_scale_fits(t, compute)
     if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t) and not _func_active():
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
@@ -841,8 +873,8 @@ def clip_loss(
         value = float(scale)
         if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
             raise ValueError(f"logit_scale must be positive and finite, got {value}")
-        if not (value >= _MIN_TEMPERATURE):  # its reciprocal, the temperature, finite in float32
-            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE:.3g}, got {value}")
+        if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
+            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
         temperature = 1.0 / min(value, max_logit_scale)
     else:
         raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")

@@ -55,6 +55,12 @@ CASES = [
      "temperature must be at least"),
     ("nt_xent temperature 1e-300", lambda: cb.nt_xent(a, p, 1e-300), ValueError, "temperature must be at least"),
     ("clip_loss logit_scale 1e-310", lambda: cb.clip_loss(a, p, 1e-310), ValueError, "logit_scale must be at least"),
+    ("temperature float64 tensor 1e-40, float32 features",
+     lambda: cb.info_nce(a, p, bank, temperature=torch.tensor(1e-40, dtype=torch.float64)), ValueError,
+     "at least 2.94e-39 for features computed in float32"),
+    ("bank_cross_entropy temperature 1e-39", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(4, dtype=torch.long),
+                                                                          temperature=1e-39), ValueError,
+     "temperature must be at least"),
     ("clip_loss logit_scale tensor 1e-40", lambda: cb.clip_loss(a, p, torch.tensor(1e-40)), ValueError,
      "logit_scale must be at least"),
     ("clip_loss max_logit_scale zero", lambda: cb.clip_loss(a, p, 10.0, max_logit_scale=0.0), ValueError, "max_logit_scale"),
@@ -77,6 +83,19 @@ CASES = [
     ("bank_cross_entropy empty bank", lambda: cb.bank_cross_entropy(a, bank[:0], torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
     ("bank_cross_entropy bank d", lambda: cb.bank_cross_entropy(a, torch.randn(6, 2), torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
 ]
+
+
+def test_float64_features_take_temperatures_below_float32s_floor():
+    # The float32 floor (1 / temperature finite in float32) is for features computed in float32: float64 ones run
+    # in float64 and take 1e-40 (a float, or a float64 tensor), as the reference does.
+    from contrastbound.reference import info_nce_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, y, n = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = info_nce_reference(x, y, n, temperature=1e-40)
+    for t in (1e-40, torch.tensor(1e-40, dtype=torch.float64)):
+        got = cb.info_nce(x, y, n, temperature=t)
+        assert torch.isfinite(got) and abs(got - ref) <= 1e-12 * abs(ref)
 
 
 @pytest.mark.parametrize("description,call,exc,text", CASES, ids=[c[0] for c in CASES])

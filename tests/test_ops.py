@@ -250,6 +250,17 @@ def test_torch_compile_temperature_check_in_graph():
             compiled(torch.tensor(-0.5))
 
 
+def test_torch_compile_temperature_check_float16_zero():
+    # In float16 the minimum temperature (2.9e-39) rounds to 0: the in-graph check also asks for v > 0.
+    torch._dynamo.reset()
+    a, p, n, _ = make_inputs("shared", B=4, K=30, d=3, dtype=torch.float32)
+    compiled = torch.compile(lambda t: cb.info_nce(a, p, n, temperature=t), fullgraph=True)
+    compiled(torch.tensor(0.5, dtype=torch.float16))
+    if _KEEPS_GRAPH_ASSERTS:
+        with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
+            compiled(torch.tensor(0.0, dtype=torch.float16))
+
+
 @needs_kernel
 def test_torch_compile_fullgraph_encoder_and_loss():
     # fullgraph=True for encoder + fused loss; backward and the optimizer step stay eager (torch's optimizers
