@@ -112,8 +112,9 @@ def _measure(loss_fn, leaves, repeats, flop):
     last = []
 
     def fwd_train():  # forward as in training (inputs require grad, so it saves what backward needs)
-        last[:] = [loss_fn()]
-        return last[0]
+        loss = loss_fn()
+        last[:] = [loss.detach()]  # the value only: the graph goes before the next call
+        return loss
 
     def both():
         for x in leaves:
@@ -252,24 +253,26 @@ def main(argv=None) -> int:
                 fused_loss = r[5]
 
                 naive_row = None
-                if not args.no_naive:
-                    # Measured on an H200: naive peaked at ~12.1 bytes per logit (K = 2^19); 13 leaves a margin.
-                    need = b * (K + 1) * 13
-                    if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
-                        naive_row = dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB")
-                    else:
-                        try:
-                            rn = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
-                            naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
-                            fused_row["speedup_vs_naive"] = rn[2] / r[2]
-                        except torch.cuda.OutOfMemoryError:
-                            naive_row = dict(base, impl="naive", note="out of memory")
-                        except Exception as exc:  # noqa: BLE001 - the fused row (not yet written) must not be lost
-                            naive_row = dict(base, impl="naive", note=f"failed: {type(exc).__name__}: {exc}"[:200])
-                        torch.cuda.empty_cache()
-                rows.append(fused_row)  # after naive: it carries the speed-up
-                if naive_row is not None:
-                    rows.append(naive_row)
+                try:  # the fused row is written after naive (it carries the speed-up), whatever naive does
+                    if not args.no_naive:
+                        # Measured on an H200: naive peaked at ~12.1 bytes per logit (K = 2^19); 13 leaves a margin.
+                        need = b * (K + 1) * 13
+                        if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
+                            naive_row = dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB")
+                        else:
+                            try:
+                                rn = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
+                                naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
+                                fused_row["speedup_vs_naive"] = rn[2] / r[2]
+                            except torch.cuda.OutOfMemoryError:
+                                naive_row = dict(base, impl="naive", note="out of memory")
+                            except Exception as exc:  # noqa: BLE001 - the fused row (not yet written) must not be lost
+                                naive_row = dict(base, impl="naive", note=f"failed: {type(exc).__name__}: {exc}"[:200])
+                            torch.cuda.empty_cache()
+                finally:
+                    rows.append(fused_row)
+                    if naive_row is not None:
+                        rows.append(naive_row)
 
                 if "inf_cl" in peers:
                     try:
@@ -284,7 +287,8 @@ def main(argv=None) -> int:
                         cols = K if n is None else K + b
                         rp = _measure(lambda: loss_fn().mean(), leaves, reps, 6 * b * cols * d)
                         rows.append(_row(base, "inf_cl", rp, mm, grads_gib,
-                                         note="float32/TF32 inside" + ("" if n is None else "; keys = [positives; bank]"),
+                                         note=("float32/TF32 inside"
+                                               + ("" if n is None else "; keys = [positives; bank]")),
                                          ref_loss=fused_loss if n is None else None))
                     except Exception as exc:  # noqa: BLE001 - optional peer
                         rows.append(dict(base, impl="inf_cl", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
@@ -329,7 +333,8 @@ def main(argv=None) -> int:
                         err = max(((g - r).norm() / r.norm().clamp_min(1e-6)).item() for g, r in zip(got, ref))
                         del got
                         if not err <= 5e-2:
-                            rows.append(dict(base, impl=impl, note=f"{note} WRONG RESULT: rel err {err:.3g} vs default"))
+                            rows.append(dict(base, impl=impl,
+                                             note=f"{note} WRONG RESULT: rel err {err:.3g} vs default"))
                             return
                         rows.append(_row(base, impl, _measure(fused, leaves, variant_reps, flop), mm, grads_gib,
                                          note=note))
@@ -375,7 +380,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a failure (e.g. a sticky CUDA error) ends this row only
                 rows.append(dict(base, impl="rest of this problem", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             finally:  # the next size's inputs need the memory, also after a failure
-                a = p = n = leaves = ref = ref_loss = fused = None
+                a = p = n = leaves = ref = ref_loss = fused = classifier = labels = x = None
                 torch.cuda.empty_cache()
 
     def fmt(v):

@@ -112,8 +112,22 @@ def _scalar(x: Any) -> Any:
     return x
 
 
+def _real_scalar(v: Any) -> bool:
+    """A real number of any type (not text, bool or complex): float(v) works on it."""
+    if isinstance(v, (str, bytes, bool, np.bool_, complex, np.complexfloating)):
+        return False
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _numeric(name: str, arr: np.ndarray, what: str) -> None:
-    """Refuses arrays that numpy would convert to float64 from text or by dropping an imaginary part."""
+    """Refuses arrays that numpy would convert to float64 from text or by dropping an imaginary part (an object
+    array passes where every element is a real number: Fraction, Decimal, mpmath, ints beyond int64)."""
+    if arr.dtype.kind == "O" and all(_real_scalar(v) for v in arr.reshape(-1)):
+        return
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be {what} (integers or floats), got dtype {arr.dtype}")
 

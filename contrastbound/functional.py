@@ -112,7 +112,7 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
-    if not (t >= _MIN_TEMPERATURE_F64):  # a subnormal temperature: the scale 1 / t overflows (float32: _check_scale_fits)
+    if not (t >= _MIN_TEMPERATURE_F64):  # a subnormal temperature: 1 / t overflows (float32: _check_scale_fits)
         raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE_F64:.3g} (1 / temperature finite), got {t}")
     return t
 

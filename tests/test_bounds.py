@@ -547,6 +547,12 @@ def test_tensor_arguments_are_read_as_numbers():
     assert B.supervised_loss_interval(torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(3.0, requires_grad=True),
                                       torch.tensor(10), norm_bound=torch.tensor(1.0)) == want
     assert B.delta_upper(3, num_classes=np.int64(10)) == B.delta_upper(3, 10)
+    # exact and decimal numbers are real numbers too (object arrays of them)
+    from decimal import Decimal
+
+    assert B.supervised_loss_interval(Fraction(2), 3, 10) == want
+    assert B.supervised_loss_interval(Decimal("2"), 3, 10) == want
+    assert B.delta_upper(3, prior=[Fraction(1, 4), Fraction(3, 4)]) == B.delta_upper(3, prior=[0.25, 0.75])
 
 
 def test_coupon_general_prior_tiny_probability():
