@@ -299,3 +299,67 @@ def test_demo_command_runs_and_guards_memory(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["demo", "--queue", str(10**12)])
     assert exc.value.code == 2 and "--queue" in capsys.readouterr().err
+
+
+def test_k_scaling_with_a_failed_point_is_undetermined(tmp_path, monkeypatch):
+    # A comparison whose measurement failed has no verdict: "undetermined", not "measured" (kept for numbers
+    # without one), and the failure is named.
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce import kscaling
+
+    real = kscaling.measure
+    s = make_settings("tiny")
+    largest = max(s.scaling_ks)
+
+    def measure(method, K, settings, device, seed):
+        if K == largest and method == "naive":
+            return dict(method=method, K=K, loss=math.nan, time_s=math.nan, time_min_s=math.nan,
+                        peak_extra_mib=math.nan, logits_mib=1.0, error="MemoryError")
+        return real(method, K, settings, device, seed)
+
+    monkeypatch.setattr(kscaling, "measure", measure)
+    res = run(["k-scaling"], str(tmp_path), s, show_progress=False, log=lambda *_: None)
+    verdicts = [c.verdict for c in res["sections"][0].claims]
+    assert verdicts and all(v.startswith("undetermined") for v in verdicts)
+    assert "MemoryError" in (tmp_path / "report.md").read_text()
+
+
+def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(tmp_path, monkeypatch, capsys):
+    from contrastbound import reproduce
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = reproduce._runner
+    monkeypatch.setattr(reproduce, "_runner", lambda name: boom if name == "toy" else real(name))
+    run(["compare-bounds", "toy"], str(tmp_path / "a"), make_settings("tiny"), show_progress=False,
+        log=lambda *_: None)
+    summary = (tmp_path / "a" / "report.md").read_text().split("## ")[1]  # the summary of claims
+    assert "| toy | (claims not evaluated: RuntimeError: disk on fire) | **not evaluated** |" in summary
+    # Ctrl-C during the second experiment: status 130, a report marked as interrupted, the third not run
+    monkeypatch.setattr(reproduce, "_runner", lambda name: ctrl_c if name == "toy" else real(name))
+    out = tmp_path / "b"
+    assert reproduce.main(["compare-bounds", "toy", "bounds-vs-k", "--tiny", "--no-progress", "--out", str(out)]) == 130
+    report = (out / "report.md").read_text()
+    assert "INTERRUPTED (Ctrl-C) during toy" in report and "not run: bounds-vs-k" in report
+    assert not (out / "bounds_vs_k.csv").exists() and (out / "compare_bounds.csv").exists()
+    assert "interrupted during toy" in capsys.readouterr().err
+
+
+def test_strict_exit_status_when_a_claim_is_not_supported(tmp_path, monkeypatch, capsys):
+    from contrastbound import reproduce
+    from contrastbound.reproduce._common import Section
+
+    def refuted(*args, **kwargs):
+        sec = Section("toy", "toy: a refuted claim")
+        sec.claim("The sandwich holds.", False, "it did not")
+        return sec
+
+    monkeypatch.setattr(reproduce, "_runner", lambda name: refuted)
+    args = ["toy", "--tiny", "--no-progress", "--out", str(tmp_path)]
+    assert reproduce.main(args) == 0  # the report was written: the verdict is in it
+    assert reproduce.main([*args, "--strict"]) == 3
+    assert "NOT supported (toy): The sandwich holds." in capsys.readouterr().err

@@ -1,11 +1,14 @@
 """`contrastbound reproduce`: the claims of Bao, Nagano & Nozawa (ICML 2022), measured here, with plots and a report.
 
-    contrastbound reproduce [EXPERIMENT ...] [--out DIR] [--quick] [--device cpu|cuda] [--seed N]
+    contrastbound reproduce [EXPERIMENT ...] [--out DIR] [--quick] [--device cpu|cuda] [--seed N] [--no-progress]
+                            [--strict]
 
 Experiments (all five by default): bounds-vs-k (Figure 3), compare-bounds (Figure 4), toy (Figures 5 and 6),
 digits (Figure 1, needs scikit-learn) and k-scaling (fused against naive PyTorch). Writes one PNG per figure, one
 CSV per experiment, report.md and report.html (images inline) under DIR (default ./contrastbound-results).
-See docs/REPRODUCE.md.
+See docs/REPRODUCE.md. Exit status: 0 once the report is written (with --strict: 3 if a claim is NOT supported),
+1 if an experiment failed (the report is still written), 2 for bad arguments, 130 when interrupted (Ctrl-C; the
+report of what ran is written, marked as interrupted).
 """
 
 from __future__ import annotations
@@ -65,20 +68,35 @@ def run(
     sections: list[Section] = []
     walls: dict[str, float] = {}
     failed: dict[str, str] = {}
+    interrupted: str | None = None
     t_all = time.perf_counter()
-    for e in experiments:
+    for n_done, e in enumerate(experiments):
         t0 = time.perf_counter()
         log(f"[reproduce] {e} ...")
         try:
             with deterministic(seed):
                 sec = _runner(e)(settings, out, seed=seed, device=dev, show_progress=show_progress)
-        except Exception as exc:  # noqa: BLE001 - one experiment's failure must not cost the others or the report
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one failure must not cost the report
             walls[e] = time.perf_counter() - t0
-            failed[e] = f"{type(exc).__name__}: {exc}"
-            log(f"[reproduce] {e}: FAILED after {walls[e]:.1f} s: {failed[e]}")
-            sec = Section(e, f"{e} (failed)")
-            sec.text(f"This experiment failed: {failed[e]}. Its claims are not evaluated.")
+            if isinstance(exc, KeyboardInterrupt):
+                # Ctrl-C: the report is still written (marked), so that no earlier run's report sits beside this
+                # run's new files as if it described them.
+                interrupted = e
+                failed[e] = "interrupted (Ctrl-C)"
+                log(f"[reproduce] {e}: INTERRUPTED after {walls[e]:.1f} s; writing the report of what ran")
+            else:
+                failed[e] = f"{type(exc).__name__}: {exc}"
+                log(f"[reproduce] {e}: FAILED after {walls[e]:.1f} s: {failed[e]}")
+            sec = Section(e, f"{e} ({'interrupted' if interrupted else 'failed'})")
+            sec.failed = failed[e]
+            sec.text(f"This experiment {'was interrupted' if interrupted else 'failed: ' + failed[e]}. "
+                     "Its claims are not evaluated.")
             sections.append(sec)
+            if interrupted:
+                skipped = list(experiments[n_done + 1 :])
+                if skipped:
+                    failed.update({x: "not run (interrupted before it)" for x in skipped})
+                break
             continue
         walls[e] = time.perf_counter() - t0
         sec.text(f"Wall time of this experiment: {walls[e]:.1f} s.")
@@ -103,6 +121,10 @@ def run(
         f"{torch.__version__}; {torch.get_num_threads()} torch threads; Python {platform.python_version()} on "
         f"{platform.machine()}; backend {backend}. Total wall time {total:.1f} s.",
     ]
+    if interrupted:
+        not_run = list(experiments[list(experiments).index(interrupted) + 1 :])
+        pre.insert(0, f"**INTERRUPTED (Ctrl-C) during {interrupted}**: this report covers only the experiments "
+                      f"before it{'; not run: ' + ', '.join(not_run) if not_run else ''}.")
     # Files an earlier run left in this folder (not rewritten now): named, so that they are not read as this run's.
     # Only names an experiment writes (<experiment>[_*].csv / .png): other files of a folder given as --out are not
     # the report's business.
@@ -126,7 +148,7 @@ def run(
     with open(os.path.join(out, "report.html"), "w") as fh:
         fh.write(render_html("contrastbound reproduce: report", pre, sections))
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
-    return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed)
+    return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed, interrupted=interrupted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
     parser.add_argument("--out", default="contrastbound-results", help="output folder (default ./contrastbound-results)")
     parser.add_argument("--quick", action="store_true", help="smaller grids: all five in under 5 minutes on 2 CPU cores")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the losses and the k-scaling benchmark run (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every experiment, in [0, 2^63) (default 0)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' grid
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 3 when a claim is NOT supported (default: 0 once the report is written)")
     args = parser.parse_args(argv)
     bad = [e for e in args.experiments if e not in EXPERIMENTS]
     if bad:
@@ -166,11 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, ImportError) as exc:
         print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
         return 1
+    if res["interrupted"]:
+        print(f"contrastbound reproduce: interrupted during {res['interrupted']}; the report of what ran was written "
+              f"to {args.out}", file=sys.stderr)
+        return 130
     for e, msg in res["failed"].items():
         print(f"contrastbound reproduce: error: {e} failed ({msg}); the other experiments and the report were "
               "written", file=sys.stderr)
     if res["failed"]:
         return 1
+    refuted = [(s.name, c.text) for s in res["sections"] for c in s.claims if c.verdict.startswith("NOT")]
+    if args.strict and refuted:
+        for name, text in refuted:
+            print(f"contrastbound reproduce: NOT supported ({name}): {text}", file=sys.stderr)
+        return 3
     return 0
 
 

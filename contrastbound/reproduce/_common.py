@@ -212,6 +212,7 @@ class Section:
         self.blocks: list[tuple[str, Any]] = []
         self.claims: list[Claim] = []
         self.files: list[str] = []
+        self.failed: str | None = None  # why its claims were not evaluated (an error, an interrupt)
 
     def text(self, s: str) -> None:
         self.blocks.append(("text", s))
@@ -244,6 +245,8 @@ def render_markdown(title: str, preamble: Sequence[str], sections: Sequence[Sect
     for s in sections:
         for c in s.claims:
             out.append(f"| {s.name} | {c.text} | **{c.verdict}** |")
+        if s.failed:
+            out.append(f"| {s.name} | (claims not evaluated: {s.failed}) | **not evaluated** |")
     out.append("")
     for s in sections:
         out.append(f"## {s.title}\n")
@@ -260,7 +263,8 @@ def render_markdown(title: str, preamble: Sequence[str], sections: Sequence[Sect
                 out.append("")
             elif kind == "figure":
                 path, caption = b
-                out.append(f"![{caption}]({os.path.basename(path)})\n\n*{caption}*\n")
+                escaped = caption.replace("*", "\\*")  # R_cont* would close the italics early
+                out.append(f"![{escaped}]({os.path.basename(path)})\n\n*{escaped}*\n")
     return "\n".join(out)
 
 
@@ -288,6 +292,9 @@ def render_html(title: str, preamble: Sequence[str], sections: Sequence[Section]
         for c in s.claims:
             out.append(f"<tr><td>{html.escape(s.name)}</td><td style='text-align:left'>{_inline_md(c.text)}</td>"
                        f"<td><b>{html.escape(c.verdict)}</b></td></tr>")
+        if s.failed:
+            out.append(f"<tr><td>{html.escape(s.name)}</td><td style='text-align:left'>(claims not evaluated: "
+                       f"{html.escape(s.failed)})</td><td><b>not evaluated</b></td></tr>")
     out.append("</table>")
     for s in sections:
         out.append(f"<h2>{html.escape(s.title)}</h2>")

@@ -168,17 +168,22 @@ def run_k_scaling(s: Settings, out: str, seed: int, device, show_progress: bool 
     if errors:
         sec.text("Failed points: " + "; ".join(errors))
     i = len(ks) - 1
+    # A comparison whose measurement failed is undetermined, not "measured" (which the report keeps for numbers
+    # that carry no verdict).
+    undetermined = lambda ok: None if ok else "undetermined (a measurement failed)"  # noqa: E731
     sec.claim(
         f"The fused loss needs less extra memory than naive PyTorch at the largest K ({ks[i]}).",
         bool(mf[i] < mn[i]) if np.isfinite(mf[i]) and np.isfinite(mn[i]) else None,
         f"fused {fmt(mf[i], 1)} MiB, naive {fmt(mn[i], 1)} MiB (the logits alone: "
         f"{fmt(get('fused', 'logits_mib')[i], 1)} MiB).",
+        verdict=undetermined(np.isfinite(mf[i]) and np.isfinite(mn[i])),
     )
     sec.claim(
         f"The fused loss is at least as fast as naive PyTorch at the largest K ({ks[i]}).",
         bool(tf[i] <= tn[i]) if np.isfinite(tf[i]) and np.isfinite(tn[i]) else None,
         f"fused {fmt(1e3 * tf[i], 1)} ms, naive {fmt(1e3 * tn[i], 1)} ms (naive / fused = {fmt(tn[i] / tf[i], 2)}); "
         "ratios over K: " + ", ".join(f"{k}: {fmt(tn[j] / tf[j], 2)}" for j, k in enumerate(ks)) + ".",
+        verdict=undetermined(np.isfinite(tf[i]) and np.isfinite(tn[i])),
     )
     sec.figure(p, "k-scaling: forward + backward time (left) and peak extra memory (right) against K, log axes.")
     return sec
