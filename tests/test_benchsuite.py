@@ -192,7 +192,34 @@ _BAD_BENCH_ARGS = [
     ["--chunk", "0"], ["--k-min", "-2"], ["--k-max", "4", "--k-min", "8"], ["--dtype", ""], ["--temperature", "0"],
     ["--temperature", "nan"], ["--time-bound", "-1"], ["--mem-fraction", "0"], ["--prefix", "sub/x"],
     ["--out", "/proc/contrastbound-x"],
+    ["--k-min", "30"],  # above the default --k-max: an empty sweep with exit status 0 before
 ] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+
+
+def test_bench_quick_keeps_given_reps_and_time_bound(monkeypatch, tmp_path):
+    # --quick's 2 repeats and 20 s bound are defaults: a value the user gives stays (it capped --reps at 2, and
+    # replaced --time-bound 120 because it equalled the default)
+    import contrastbound.benchsuite as bs
+
+    seen = {}
+
+    def fake_sweep(methods, configs, **kw):
+        seen["reps"], seen["bound"] = configs[0].reps, configs[0].time_bound
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bs, "run_sweep", fake_sweep)
+    for argv, want in ((["--quick"], (2, 20.0)), (["--quick", "--reps", "5", "--time-bound", "120"], (5, 120.0)),
+                       ([], (3, 120.0))):
+        with pytest.raises(SystemExit):
+            cli_main(["bench", "--methods", "fused", "--modes", "shared", "--ks", "64", "--no-progress",
+                      "--out", str(tmp_path), *argv])
+        assert (seen["reps"], seen["bound"]) == want, argv
+
+
+def test_bench_list_methods_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "not-made"
+    assert cli_main(["bench", "--list-methods", "--out", str(out)]) == 0
+    assert "fused" in capsys.readouterr().out and not out.exists()
 
 
 @pytest.mark.parametrize("argv", _BAD_BENCH_ARGS, ids=[" ".join(a) for a in _BAD_BENCH_ARGS])

@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_csv_list, default=None, help="comma list: cpu,cuda (default cpu, and cuda "
                    "when available)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per worker")
-    p.add_argument("--reps", type=int, default=3, help="timed repeats (median), fewer when over the time bound")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repeats (median; default 3, 2 with --quick), fewer when over the time bound")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps (compilation happens here)")
-    p.add_argument("--time-bound", type=float, default=120.0,
-                   help="seconds per configuration: a method whose step is estimated to overrun is not run")
+    p.add_argument("--time-bound", type=float, default=None,
+                   help="seconds per configuration (default 120, 20 with --quick): a method whose step is estimated "
+                        "to overrun is not run")
     p.add_argument("--mem-fraction", type=float, default=0.7,
                    help="run only when inputs + estimated extra fit in this fraction of the available memory")
     p.add_argument("--temperature", type=float, default=0.1)
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in (("-B/--batch", args.batch), ("-d/--dim", args.dim)):
         if not values or min(values) < 1:
             parser.error(f"{name} must be positive integers, got {values}")
+    # Defaults that --quick changes, unless given.
+    if args.reps is None:
+        args.reps = 2 if args.quick else 3
+    if args.time_bound is None:
+        args.time_bound = 20.0 if args.quick else 120.0
     for name, value, low in (("--threads", args.threads, 1), ("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
                              ("--chunk", args.chunk, 1), ("--k-min", args.k_min, 0)):
         if value < low:
@@ -164,16 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prefix must be a file name without a folder, got {args.prefix!r}")
     if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
         parser.error(f"--out must name a folder, got {args.out!r}")
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    default_k_max = max(24 if dev.startswith("cuda") else 22 for dev in devices)
+    if args.k_max is None and not args.ks and not args.quick and args.k_min > default_k_max:
+        # (the default largest K is 2^22 on a CPU, 2^24 on a GPU: past it the sweep would be empty)
+        parser.error(f"--k-min = {args.k_min} is above the default --k-max ({default_k_max} here): give --k-max")
+    if args.list_methods:  # (before --out is made: listing writes nothing)
+        print(_list_methods(devices[-1]))
+        return 0
     try:  # before the sweep, not after it: the results would be lost
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
             pass
     except OSError as exc:
         parser.error(f"--out {args.out!r} is not a folder that can be written: {exc}")
-    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    if args.list_methods:
-        print(_list_methods(devices[-1]))
-        return 0
     modes = args.modes or (["shared"] if args.quick else list(MODES))
     for mode in modes:
         if mode not in MODES:
@@ -185,10 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"contrastbound bench: unknown method(s) {unknown}; see --list-methods", file=sys.stderr)
         return 2
     methods = [METHODS[n] for n in dict.fromkeys(["gemm", *names])]
-    if args.quick:
-        args.reps = min(args.reps, 2)
-        if args.time_bound == build_parser().get_default("time_bound"):
-            args.time_bound = 20.0
 
     configs = []
     for device in devices:

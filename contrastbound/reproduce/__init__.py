@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if not args.out or (os.path.exists(args.out) and not os.path.isdir(args.out)):
         parser.error(f"--out must name a folder, got {args.out!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():  # before --out is made
+        parser.error("--device cuda: no CUDA device is available to this torch")
     try:  # before the experiments, not when the first one writes (after minutes of work)
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
