@@ -61,13 +61,15 @@ def run_bounds_vs_k(s: Settings, out: str, **_) -> Section:
         ax.plot(K, up, label=r"$R^*_\mathrm{cont} + \Delta_U$")
         ax.axhline(rs, color="k", ls="--", label=r"$R^*_\mathrm{supv}$")
         ax.axvline(C, color="gray", ls=":", lw=0.8)
-        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_title(f"C = {C}: upper bound of the supervised loss")
+        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)")
+        ax.set_title(f"C = {C}: upper bound of the supervised loss")
         ax.legend()
         ax = axes[1, j]
         ax.plot(K, lo, label=r"$R^*_\mathrm{supv} - \Delta_L$")
         ax.plot(K, rc, "k--", label=r"$R^*_\mathrm{cont}$")
         ax.axvline(C, color="gray", ls=":", lw=0.8)
-        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_title(f"C = {C}: upper bound of the contrastive loss")
+        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)")
+        ax.set_title(f"C = {C}: upper bound of the contrastive loss")
         ax.legend()
         ug = up - rs
         lg = lo - rc
@@ -162,6 +164,7 @@ def run_compare_bounds(s: Settings, out: str, **_) -> Section:
             ax.plot(K[ok], y[ok], label=_NAMES[name])
         ax.axvline(C, color="gray", ls=":", lw=0.8)
         ax.set_xscale("log"); ax.set_yscale("log"); ax.set_ylim(0.5, 500); ax.set_xlabel("K")
+        ax.set_ylabel("coefficient" if kind == "coef" else "bound (nats)")
         ax.set_title("coefficient of $R_\\mathrm{cont}$" if kind == "coef" else "upper bound at $R^*_\\mathrm{cont}$")
         ax.legend()
     path = os.path.join(out, "compare_bounds.png")

@@ -319,7 +319,7 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
         ax.plot(ep, [x["R_supv_train"] for x in r], "k-", label="R_supv (train)")
         ax.plot(ep, [x["R_supv_test"] for x in r], "k:", label="R_supv (test)")
         ax.plot(ep, [x["R_cont_train"] for x in r], "C1--", label="R_cont (train)")
-        ax.set_title(f"K = {K}"); ax.set_xlabel("epoch")
+        ax.set_title(f"K = {K}"); ax.set_xlabel("epoch"); ax.set_ylabel("loss (nats)")
         if j == 0:
             ax.legend(fontsize=7)
     p5 = os.path.join(out, "toy_trajectories.png")
@@ -333,7 +333,8 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
     ax.plot(ks, [r["R_supv_train"] for r in final], "ko-", label="R_supv (train)")
     ax.plot(ks, [r["R_supv_test"] for r in final], "ks:", label="R_supv (test)")
     ax.plot(ks, [r["R_cont_train"] for r in final], "C1^--", label="R_cont (train)")
-    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_title("final epoch"); ax.legend(fontsize=8)
+    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)"); ax.set_title("final epoch")
+    ax.legend(fontsize=8)
     ax = axes[0, 1]
     ax.plot(ks, [100 * r["acc_test"] for r in final], "o-", label="test")
     ax.plot(ks, [100 * r["acc_train"] for r in final], "s--", label="train")
