@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 namespace contrastbound {
 
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
@@ -74,6 +77,15 @@ inline void check_scale(double scale) {
                     scale);
 }
 
+// ... and finite in the kernels' accumulation type: float32 for float32 / float16 / bfloat16 inputs (a larger scale
+// became inf there, and every loss NaN).
+inline void check_scale(double scale, at::ScalarType dtype) {
+  check_scale(scale);
+  TORCH_CHECK_VALUE(dtype == at::kDouble || scale <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "scale (1 / temperature) must be at most ", std::numeric_limits<float>::max(), " for ", dtype,
+                    " inputs (accumulated in float32), got ", scale);
+}
+
 // The backward op's own inputs: grad_loss and lse (B,), anchor_term empty (forward did not save V) or (B, d),
 // all on the device of anchors. A V of another shape would be read as if it were (B, d).
 inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& anchor_term,
@@ -87,6 +99,10 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
                                                  anchor_term.size(1) == d),
                     "info_nce_bwd: anchor_term must be empty or have shape (B, d) = (", B, ", ", d, "), got ",
                     anchor_term.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()) && at::isFloatingType(lse.scalar_type()) &&
+                        (anchor_term.numel() == 0 || at::isFloatingType(anchor_term.scalar_type())),
+                    "info_nce_bwd: grad_loss, lse and anchor_term must be floating tensors, got ",
+                    grad_loss.scalar_type(), ", ", lse.scalar_type(), " and ", anchor_term.scalar_type());
   TORCH_CHECK_VALUE(grad_loss.device() == anchors.device() && lse.device() == anchors.device() &&
                         anchor_term.device() == anchors.device(),
                     "info_nce_bwd: grad_loss, lse and anchor_term must be on the device of anchors (",

@@ -158,6 +158,19 @@ def test_registered_ops_check_every_tensor_argument():
         fwd(a, p, a, None, 1.0, True, True, False, True, ex)
     with pytest.raises(ValueError, match="loss must be a floating tensor"):
         bwd(g, a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True, True, True], loss=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="grad_loss, lse and anchor_term must be floating tensors"):
+        bwd(torch.ones(4, dtype=torch.cfloat), a, p, bank, None, lse, torch.empty(0), 1.0, True, True, [True] * 3)
+    with pytest.raises(ValueError, match="grad_loss, lse and anchor_term must be floating tensors"):
+        bwd(g, a, p, bank, None, lse.long(), torch.empty(0), 1.0, True, True, [True] * 3)
+    # a scale beyond float32's range became inf in the float32 accumulation: NaN losses, no error
+    with pytest.raises(ValueError, match=r"scale \(1 / temperature\) must be at most .* for Float inputs"):
+        fwd(a, p, bank, None, 1e39, True, True, True)
+    with pytest.raises(ValueError, match=r"must be at most"):
+        torch.ops.contrastbound.info_nce_fwd_scaled(a, p, bank, None, torch.tensor(1e39, dtype=torch.float64),
+                                                    True, True, False)
+    with pytest.raises(ValueError, match=r"must be at most"):
+        bwd(g, a, p, bank, None, lse, torch.empty(0), 1e39, True, True, [True] * 3)
+    assert torch.isfinite(fwd(a.double(), p.double(), bank.double(), None, 1e39, True, True, False)[0]).all()
     s = torch.tensor(2.0, requires_grad=True)
     with pytest.raises(ValueError, match="does not differentiate scale"):
         torch.ops.contrastbound.info_nce_fwd_scaled(a.requires_grad_(), p, bank, None, s, True, True, True)

@@ -872,7 +872,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
                                                     const c10::optional<Tensor>& excluded) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
-  check_scale(scale);
+  check_scale(scale, anchors.scalar_type());
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   const Tensor excl = excluded_rows(excluded);
@@ -898,7 +898,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
-  check_scale(scale);
+  check_scale(scale, anchors.scalar_type());
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
   at::AutoDispatchBelowADInplaceOrView guard;

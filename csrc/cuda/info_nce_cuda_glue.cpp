@@ -58,7 +58,7 @@ void check_cuda(const Tensor& anchors, const Tensor& positives, const Tensor& ne
 // The scale as the kernels read it: one value of the accumulation type on the anchors' device (a fill kernel;
 // call under the device guard). A float scale is checked here.
 Tensor device_scale(double scale, const Tensor& anchors) {
-  check_scale(scale);
+  check_scale(scale, anchors.scalar_type());
   return at::full({}, scale, anchors.options().dtype(acc_type_of(anchors.scalar_type())));
 }
 
