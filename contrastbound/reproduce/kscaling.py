@@ -1,9 +1,10 @@
 """Experiment 5: the fused InfoNCE against naive PyTorch at growing K (time and peak memory).
 
 Each (method, K) point runs in its own Python subprocess, so that one measurement's allocations cannot hide
-another's. Memory on the CPU is the growth of the process's peak resident set size (``resource.ru_maxrss``)
-during one forward + backward, over a baseline taken after the inputs exist and a small warm-up ran (tracemalloc
-does not see torch's allocator). On CUDA it is ``torch.cuda.max_memory_allocated`` over the same baseline.
+another's. Memory on the CPU is the peak resident set size during one forward + backward over the resident set
+just before it, after the inputs exist and a small warm-up ran: the kernel's peak mark (VmHWM) is reset through
+/proc/self/clear_refs, or, where that is not possible, the growth of ``resource.ru_maxrss`` is used (a lower
+bound; the CSV's memory_method says which; tracemalloc does not see torch's allocator). On CUDA it is ``torch.cuda.max_memory_allocated`` over the same baseline.
 Times are the median of repeated forward + backward passes, with a fixed torch thread count.
 """
 
