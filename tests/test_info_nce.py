@@ -642,7 +642,7 @@ def test_bank_cross_entropy_confident_half_precision_bank_gradient(normalize):
     # A confident classifier (each anchor near its class row, T = 0.05 or 1 with rows x3): a target row's gradient
     # g s (w - 1) a_hat nearly vanishes. Formed as a bank part and a positive part, each rounded to bfloat16, it
     # was noise of size s |a|: 2.2 of the bank gradient's norm (normalize, T = 0.05; torch's bfloat16 autograd:
-    # 0.54). Recomputed in float32 for the target rows: 1.7e-3 (3.8e-3 before the target was counted once), the
+    # 0.54). Recomputed in float32 for the target rows: 1.7e-3 (about 4e-3 before the target was counted once), the
     # rounding of the result.
     g = torch.Generator().manual_seed(0)
     w = torch.randn(100, 32, generator=g, dtype=torch.float64)
