@@ -265,11 +265,18 @@ def _forward_ad(*xs: object) -> bool:
     return any(isinstance(x, torch.Tensor) and fwAD.unpack_dual(x).tangent is not None for x in xs)
 
 
+def _transforms_active_while_compiling() -> bool:
+    """Under torch.compile: whether a torch.func transform is being traced. Dynamo traces this one query (the
+    interpreter stack and the tensor-wrapper tests are opaque to it), which cannot tell grad from vmap: every
+    transform takes the reference there (compile of vmap too, at the reference's O(B K) memory)."""
+    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
+
+
 def _func_active() -> bool:
     """Whether any torch.func transform (vmap included) is active: the Python autograd.Functions here
     (_BankRowsAsPositives, _AttachScaleGrad) have no setup_context, which every transform requires."""
     if torch.compiler.is_compiling():
-        return False
+        return _transforms_active_while_compiling()
     return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
 
 
@@ -279,7 +286,7 @@ def _func_differentiates() -> bool:
     torch.library's autograd wrapper of an op defined in C++ is an autograd.Function without setup_context, which
     those transforms refuse (RuntimeError). vmap alone is served by torch's per-sample fallback over the ops."""
     if torch.compiler.is_compiling():
-        return False  # dynamo cannot trace the interpreter stack (nor the transforms over these ops)
+        return _transforms_active_while_compiling()  # (grad and vmap alike: see there)
     stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
     differentiating = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
     return bool(stack) and any(level.key() in differentiating for level in stack)

@@ -250,6 +250,54 @@ def test_torch_compile_temperature_check_in_graph():
             compiled(torch.tensor(-0.5))
 
 
+_COMPILE_FUNC_CASES = {
+    "shared": lambda a, p, n, w, t: cb.info_nce(a, p, n, temperature=0.1),
+    "in_batch": lambda a, p, n, w, t: cb.info_nce(a, p, temperature=0.1),
+    "nt_xent": lambda a, p, n, w, t: cb.nt_xent(a, p),
+    "bank_cross_entropy": lambda a, p, n, w, t: cb.bank_cross_entropy(a, w, t),
+    "tensor_temperature": lambda a, p, n, w, t: cb.info_nce(a, p, n, temperature=torch.tensor(0.2)),
+}
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_are_functorch_transforms_active"), reason="torch without the query")
+@pytest.mark.parametrize("case", sorted(_COMPILE_FUNC_CASES))
+def test_torch_compile_of_func_grad(case):
+    # torch.compile(torch.func.grad(loss)) raised torch's "must override setup_context": while compiling, the
+    # transform was not seen and the ops (no setup_context) were called. Dynamo traces one query, whether a
+    # transform is active; every transform then takes the reference. Expected: eager torch.func.grad (itself
+    # tested against the reference elsewhere).
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    a, p, n, w = (torch.randn(*shape, generator=g) for shape in ((8, 16), (8, 16), (32, 16), (10, 16)))
+    t = torch.randint(0, 10, (8,), generator=g)
+    f = _COMPILE_FUNC_CASES[case]
+    loss = lambda x: f(x, p, n, w, t)  # noqa: E731
+    want = torch.func.grad(loss)(a)
+    got = torch.compile(torch.func.grad(loss), fullgraph=True)(a)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_compile_of_vmap_and_plain_compile_keeps_the_op():
+    # Under compile, vmap takes the reference too (dynamo cannot tell it from grad): same values. A plain
+    # compile (no transform) still calls the fused op.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    a, p, n = torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, 16, generator=g), torch.randn(32, 16, generator=g)
+    f = lambda x, y: cb.info_nce(x, y, n, temperature=0.1)  # noqa: E731
+    torch.testing.assert_close(torch.compile(torch.func.vmap(f), fullgraph=True)(a, p), torch.func.vmap(f)(a, p),
+                               rtol=1e-5, atol=1e-6)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: f(x, p[0]), backend=backend, fullgraph=True)(a[0])
+    if _backend.EXTENSION_LOADED:
+        assert any("contrastbound" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
 def test_torch_compile_temperature_check_float16_zero():
     # In float16 the minimum temperature (2.9e-39) rounds to 0: the in-graph check also asks for v > 0.
     torch._dynamo.reset()
