@@ -188,6 +188,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.opt_in_only:
         args.one_pass = args.no_naive = args.no_peers = True
+    if args.kmin > args.kmax:
+        ap.error(f"--kmin ({args.kmin}) must be at most --kmax ({args.kmax})")
 
     if not torch.cuda.is_available():
         print("bench_gpu: no GPU (torch.cuda.is_available() is False): nothing measured.")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import signal
 import sys
 
 # Commands implemented in their own modules, each with main(argv) -> int and its own options.
@@ -65,8 +67,29 @@ def _cmd_info(argv: list[str]) -> int:
 _LOCAL_COMMANDS = {"demo": _cmd_demo, "info": _cmd_info}
 
 
+def exit_from_cli(fn, argv: list[str] | None = None) -> None:
+    """sys.exit(fn(argv)), except that Ctrl-C ends the process by SIGINT, without a traceback (reproduce prints its
+    own message first): a shell that sees a normal exit instead keeps running the script or loop that called us."""
+    try:
+        code = fn(argv)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise  # (not reached where SIGINT ends the process)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command line; called without argv (the console script) it exits the process itself (exit_from_cli)."""
+    if argv is None:
+        exit_from_cli(_main, sys.argv[1:])
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
@@ -81,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_from_cli(_main, sys.argv[1:])

@@ -101,7 +101,7 @@ fi
 step "CUDA tests"
 TEST_RC=0
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  # The benchmark phase (three runs; the main one's largest K come last) keeps at least 200 s after the tests.
+  # The benchmark phase (three runs; the main one measures K = 2^14, 2^18, 2^22 first) keeps at least 200 s.
   T=${TEST_S:-240}
   [ "$T" -gt $(( $(left) - 200 )) ] && T=$(( $(left) - 200 ))
   [ "$T" -lt 30 ] && T=30

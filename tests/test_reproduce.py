@@ -339,14 +339,48 @@ def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(t
         log=lambda *_: None)
     summary = (tmp_path / "a" / "report.md").read_text().split("## ")[1]  # the summary of claims
     assert "| toy | (claims not evaluated: RuntimeError: disk on fire) | **not evaluated** |" in summary
-    # Ctrl-C during the second experiment: status 130, a report marked as interrupted, the third not run
+    # Ctrl-C during the second experiment: a report marked as interrupted, the third not run, and the interrupt
+    # goes on to the caller (a loop over runs must stop too)
     monkeypatch.setattr(reproduce, "_runner", lambda name: ctrl_c if name == "toy" else real(name))
     out = tmp_path / "b"
-    assert reproduce.main(["compare-bounds", "toy", "bounds-vs-k", "--tiny", "--no-progress", "--out", str(out)]) == 130
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(["compare-bounds", "toy", "bounds-vs-k", "--tiny", "--no-progress", "--out", str(out)])
     report = (out / "report.md").read_text()
     assert "INTERRUPTED (Ctrl-C) during toy" in report and "not run: bounds-vs-k" in report
     assert not (out / "bounds_vs_k.csv").exists() and (out / "compare_bounds.csv").exists()
     assert "interrupted during toy" in capsys.readouterr().err
+    # a failure message with newlines and "|" stays one table cell
+    monkeypatch.setattr(reproduce, "_runner", lambda name: (lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("out of memory\nsee | docs"))) if name == "toy" else real(name))
+    run(["toy"], str(tmp_path / "c"), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+    assert "| toy | (claims not evaluated: RuntimeError: out of memory see \\| docs) | **not evaluated** |" in (
+        tmp_path / "c" / "report.md").read_text()
+
+
+def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
+    # A shell that sees a normal exit after Ctrl-C keeps running the loop that called the command: the process
+    # must die by SIGINT (after writing the report), not exit with status 130.
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "contrastbound", "reproduce", "k-scaling", "--tiny",
+                             "--no-progress", "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "k_scaling.csv").exists() and proc.poll() is None:
+        line = proc.stdout.readline()
+        if "k-scaling ..." in line:
+            time.sleep(1.0)
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the experiment finished before the interrupt")
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err[-500:])
+    assert "Traceback" not in err and "interrupted during k-scaling" in err
+    assert "INTERRUPTED (Ctrl-C) during k-scaling" in (tmp_path / "report.md").read_text()
 
 
 def test_strict_exit_status_when_a_claim_is_not_supported(tmp_path, monkeypatch, capsys):

@@ -7,8 +7,9 @@ Experiments (all five by default): bounds-vs-k (Figure 3), compare-bounds (Figur
 digits (Figure 1, needs scikit-learn) and k-scaling (fused against naive PyTorch). Writes one PNG per figure, one
 CSV per experiment, report.md and report.html (images inline) under DIR (default ./contrastbound-results).
 See docs/REPRODUCE.md. Exit status: 0 once the report is written (with --strict: 3 if a claim is NOT supported),
-1 if an experiment failed (the report is still written), 2 for bad arguments, 130 when interrupted (Ctrl-C; the
-report of what ran is written, marked as interrupted).
+1 if an experiment failed (the report is still written) or the output folder cannot be written, 2 for bad
+arguments; on Ctrl-C the report of what ran is written, marked as interrupted, and the process ends by SIGINT
+(status 130 in a shell, which then stops a loop over runs too; run() raises KeyboardInterrupt after writing it).
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def run(
     with open(os.path.join(out, "report.html"), "w") as fh:
         fh.write(render_html("contrastbound reproduce: report", pre, sections))
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
-    return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed, interrupted=interrupted)
+    if interrupted:  # the report of what ran is written; the caller's loop or script must stop as well
+        raise KeyboardInterrupt(f"interrupted during {interrupted}; the report of what ran is in {out}")
+    return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, ImportError) as exc:
         print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
         return 1
-    if res["interrupted"]:
-        print(f"contrastbound reproduce: interrupted during {res['interrupted']}; the report of what ran was written "
-              f"to {args.out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # Re-raised after the message: a shell loop over runs must see the Ctrl-C too (the command-line entry
+        # then ends the process by SIGINT, status 130, without a traceback).
+        print(f"contrastbound reproduce: {exc or 'interrupted'}", file=sys.stderr)
+        raise
     for e, msg in res["failed"].items():
         print(f"contrastbound reproduce: error: {e} failed ({msg}); the other experiments and the report were "
               "written", file=sys.stderr)
@@ -211,4 +215,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from contrastbound.__main__ import exit_from_cli
+
+    exit_from_cli(main)

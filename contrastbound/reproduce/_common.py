@@ -245,8 +245,9 @@ def render_markdown(title: str, preamble: Sequence[str], sections: Sequence[Sect
     for s in sections:
         for c in s.claims:
             out.append(f"| {s.name} | {c.text} | **{c.verdict}** |")
-        if s.failed:
-            out.append(f"| {s.name} | (claims not evaluated: {s.failed}) | **not evaluated** |")
+        if s.failed:  # (an exception's message may hold newlines and "|": one cell)
+            cell = " ".join(s.failed.split()).replace("|", "\\|")
+            out.append(f"| {s.name} | (claims not evaluated: {cell}) | **not evaluated** |")
     out.append("")
     for s in sections:
         out.append(f"## {s.title}\n")
