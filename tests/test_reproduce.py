@@ -359,41 +359,22 @@ def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(t
 
 def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     # A shell that sees a normal exit after Ctrl-C keeps running the loop that called the command: the process
-    # must die by SIGINT (after writing the report), not exit with status 130.
+    # must die by SIGINT (after writing the report), not exit with status 130. Four experiments (tens of seconds
+    # on the tiny grid): the interrupt, sent a second after the first one starts, lands inside the run.
+    import re
     import signal
     import subprocess
     import time
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen([sys.executable, "-m", "contrastbound", "reproduce", "k-scaling", "--tiny",
-                             "--no-progress", "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "k_scaling.csv").exists() and proc.poll() is None:
-        line = proc.stdout.readline()
-        if "k-scaling ..." in line:
-            time.sleep(1.0)
-            break
+    proc = subprocess.Popen([sys.executable, "-m", "contrastbound", "reproduce", "k-scaling", "compare-bounds", "toy",
+                             "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # "[reproduce] k-scaling ...": the imports are done, the run has begun
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the experiment finished before the interrupt")
     assert proc.returncode == -signal.SIGINT, (proc.returncode, err[-500:])
-    assert "Traceback" not in err and "interrupted during k-scaling" in err
-    assert "INTERRUPTED (Ctrl-C) during k-scaling" in (tmp_path / "report.md").read_text()
-
-
-def test_strict_exit_status_when_a_claim_is_not_supported(tmp_path, monkeypatch, capsys):
-    from contrastbound import reproduce
-    from contrastbound.reproduce._common import Section
-
-    def refuted(*args, **kwargs):
-        sec = Section("toy", "toy: a refuted claim")
-        sec.claim("The sandwich holds.", False, "it did not")
-        return sec
-
-    monkeypatch.setattr(reproduce, "_runner", lambda name: refuted)
-    args = ["toy", "--tiny", "--no-progress", "--out", str(tmp_path)]
-    assert reproduce.main(args) == 0  # the report was written: the verdict is in it
-    assert reproduce.main([*args, "--strict"]) == 3
-    assert "NOT supported (toy): The sandwich holds." in capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted during" in err
+    assert re.search(r"INTERRUPTED \(Ctrl-C\) during (k-scaling|compare-bounds|toy|bounds-vs-k)",
+                     (tmp_path / "report.md").read_text())
