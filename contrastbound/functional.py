@@ -96,7 +96,8 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
             if not math.isfinite(v) or v <= 0.0:
                 raise ValueError(f"{name} must be a positive finite number, got {v}")
             if v < minimum:
-                raise ValueError(f"{name} must be at least {minimum:.3g} (its reciprocal finite in float32), got {v}")
+                acc = "float64" if x.dtype == torch.float64 else "float32"
+                raise ValueError(f"{name} must be at least {minimum:.3g} (its reciprocal finite in {acc}), got {v}")
     return x
 
 
@@ -366,8 +367,8 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
         # dominates (w0 -> 1), as in the kernels' gradient of the positive.
         e_minus_l0 = scale * (a * term).sum(-1) + (torch.expm1(-loss) if include_positive else -1.0) * l0
-        # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale;
-        # its l0 = -inf - (-inf) is NaN, which 0 * NaN would carry into the temperature's gradient.
+        # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale:
+        # 0, whatever its loss (-inf) and saved V hold, so that no 0 * NaN reaches the temperature's gradient.
         dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
     return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(loss.dtype), dloss_dscale)
 
@@ -755,8 +756,8 @@ def bank_cross_entropy(
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
     anchors = _to_bank_dtype(anchors, compute, normalize)
-    _check_scale_fits(t, compute)
     if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t) and not _func_active():
+        _check_scale_fits(t, compute)  # (the reference branch's _fused checks it)
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
