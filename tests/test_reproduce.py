@@ -378,3 +378,19 @@ def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     assert "Traceback" not in err and "interrupted during" in err
     assert re.search(r"INTERRUPTED \(Ctrl-C\) during (k-scaling|compare-bounds|toy|bounds-vs-k)",
                      (tmp_path / "report.md").read_text())
+
+
+def test_strict_exit_status_when_a_claim_is_not_supported(tmp_path, monkeypatch, capsys):
+    from contrastbound import reproduce
+    from contrastbound.reproduce._common import Section
+
+    def refuted(*args, **kwargs):
+        sec = Section("toy", "toy: a refuted claim")
+        sec.claim("The sandwich holds.", False, "it did not")
+        return sec
+
+    monkeypatch.setattr(reproduce, "_runner", lambda name: refuted)
+    args = ["toy", "--tiny", "--no-progress", "--out", str(tmp_path)]
+    assert reproduce.main(args) == 0  # the report was written: the verdict is in it
+    assert reproduce.main([*args, "--strict"]) == 3
+    assert "NOT supported (toy): The sandwich holds." in capsys.readouterr().err
