@@ -11,6 +11,13 @@ constexpr int kRowTile = 64;  // logits per online update in forward_rows
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxGrid = int64_t(1) << 30;  // grid-stride loops cover the rest
 
+// A kernel launch, written CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): the triple-chevron
+// launch in CUDA builds; in the emulated build of the whole host path (csrc/tests/emu_runtime.h, test_cuda_emu)
+// a call of the kernel by every emulated thread of every block.
+#ifndef CB_LAUNCH
+#define CB_LAUNCH(GRID, BLOCK, SMEM, STREAM, ...) __VA_ARGS__<<<GRID, BLOCK, SMEM, STREAM>>>
+#endif
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // std::min for device code (std::min is a constexpr host function; nvcc runs without relaxed constexpr in CI).
 __host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return b < a ? b : a; }

@@ -18,6 +18,7 @@ int device_attribute(cudaDeviceAttr attr) {
   return v;
 }
 
+#ifndef CONTRASTBOUND_EMULATE
 namespace {
 
 // Set to 1 by sm90a_probe_kernel where this build carries sm_90a code for the running device (the wgmma kernels'
@@ -71,6 +72,11 @@ bool device_runs_sm90a() {
   cache.emplace_back(device, ok);
   return ok;
 }
+
+#else
+// The emulated host path (csrc/tests/test_cuda_emu.cpp): the emulated device says whether it runs sm_90a code.
+bool device_runs_sm90a() { return emu::device().sm90a; }
+#endif  // CONTRASTBOUND_EMULATE
 
 bool wgmma_available() { return device_runs_sm90a(); }
 

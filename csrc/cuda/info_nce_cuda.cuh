@@ -14,7 +14,8 @@
 //
 // STATUS: compiled with nvcc (sm_80, sm_90a) in CI; an earlier version ran and passed its tests on one H200
 // (scripts/gpu_check.sh). Since then (not yet run on hardware): the scale read from device memory, the wave-aware
-// work split, the one-pass and flash tensor-core kernels (the last two off by default).
+// work split, the one-pass and flash tensor-core kernels (the last two off by default). These entry points run
+// whole, every kernel but the WMMA ones, under the CPU emulation of csrc/tests/test_cuda_emu.cpp.
 #pragma once
 
 #include <cuda_runtime.h>

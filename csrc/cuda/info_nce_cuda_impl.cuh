@@ -860,9 +860,9 @@ dim3 grid_for(int64_t units) { return dim3(static_cast<unsigned>(std::max<int64_
 
 template <typename scalar_t, typename acc_t>
 void launch_prepare(const Problem& p, const Prepared<acc_t>& pr, cudaStream_t stream) {
-  if (p.B > 0) prepare_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(p, pr);
+  if (p.B > 0) CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, prepare_kernel<scalar_t, acc_t>)(p, pr);
   if (p.mode != Mode::PerAnchor && p.rows > 0) {
-    bank_scales_kernel<scalar_t, acc_t><<<grid_for(ceil_div(p.rows, kWarps)), kThreads, 0, stream>>>(p, pr);
+    CB_LAUNCH(grid_for(ceil_div(p.rows, kWarps)), kThreads, 0, stream, bank_scales_kernel<scalar_t, acc_t>)(p, pr);
   }
 }
 
@@ -1074,7 +1074,7 @@ cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlA
   const dim3 grid = grid_for(f.xblocks * f.splits);
   return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
     const cudaError_t e = allow_smem(kernel, sm.total);
-    if (e == cudaSuccess) kernel<<<grid, kTcThreads, sm.total, stream>>>(X, Y, f, sm);
+    if (e == cudaSuccess) CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, f, sm);
     return e;
   });
 }
@@ -1195,7 +1195,7 @@ cudaError_t launch_coef_bound(float* slot, const float* inv, const float* w, con
   if (!std::is_same<T, __half>::value || n == 0) return cudaSuccess;
   const cudaError_t e = cudaMemsetAsync(slot, 0, sizeof(float), stream);
   if (e != cudaSuccess) return e;
-  tc_bound_kernel<<<grid_for(std::min<int64_t>(ceil_div(n, kTcThreads), 1024)), kTcThreads, 0, stream>>>(
+  CB_LAUNCH(grid_for(std::min<int64_t>(ceil_div(n, kTcThreads), 1024)), kTcThreads, 0, stream, tc_bound_kernel)(
       inv, w, wscale, n, slot);
   *bound = slot;
   return cudaSuccess;
@@ -1251,15 +1251,15 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
       if (mma) {
         const auto kernel = sm.chunk > 0 ? mma_rows_kernel<T, true> : mma_rows_kernel<T>;
         e = allow_smem(kernel, sm.total);
-        if (e == cudaSuccess) kernel<<<grid, kTcThreads, sm.total, stream>>>(X, Y, args, sm);
+        if (e == cudaSuccess) CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, args, sm);
       }
     }
     if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
     if (e != cudaSuccess) return e;
-    if (!mma) tc_rows_kernel<T><<<grid, kTcThreads, sm.total, stream>>>(X, Y, args, sm);  // slices = 1
+    if (!mma) CB_LAUNCH(grid, kTcThreads, sm.total, stream, tc_rows_kernel<T>)(X, Y, args, sm);  // slices = 1
   }
   if (plan.splits > 1) {
-    tc_finish_kernel<T><<<grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream>>>(X, args);
+    CB_LAUNCH(grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream, tc_finish_kernel<T>)(X, args);
   }
   return cudaGetLastError();
 }
@@ -1320,14 +1320,14 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
           const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
           e = allow_smem(mma_fwd_kernel<T>, sm.total);
           if (e == cudaSuccess) {
-            mma_fwd_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(
+            CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, mma_fwd_kernel<T>)(
                 A, N, la, t.w.part_w, bound, sm);
           }
         }
         if (e != cudaSuccess) return e;
       }
       if (p.B > 0) {
-        forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(
+        CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, forward_merge_kernel<float>)(
             p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
             static_cast<float*>(out.anchor_term));
       }
@@ -1344,19 +1344,19 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
         const auto kernel = sm.chunk > 0 ? mma_lse_kernel<T, true> : mma_lse_kernel<T>;
         e = allow_smem(kernel, sm.total);
         if (e != cudaSuccess) return e;
-        kernel<<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+        CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, kernel)(A, N, la, sm);
       }
     }
     if (!mma) {
       e = allow_smem(tc_lse_kernel<T>, sm.total);
       if (e != cudaSuccess) return e;
-      tc_lse_kernel<T><<<grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream>>>(A, N, la, sm);
+      CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, tc_lse_kernel<T>)(A, N, la, sm);
     }
   }
   float* lse = static_cast<float*>(out.lse);
   if (p.B > 0) {
-    forward_merge_kernel<float><<<grid_for(p.B), kThreads, 0, stream>>>(p, t.w, f, static_cast<float*>(out.loss), lse,
-                                                                         nullptr);
+    CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, forward_merge_kernel<float>)(
+        p, t.w, f, static_cast<float*>(out.loss), lse, nullptr);
   }
   if (save && p.B > 0) {
     TcRowsArgs ra;
@@ -1408,14 +1408,14 @@ cudaError_t forward_typed(const Problem& p, const ForwardOutputs& out, void* wor
   launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
   if (f.chunks > 0) {
     if (p.mode == Mode::Shared) {
-      forward_shared_kernel<scalar_t, acc_t>
-          <<<grid_for(f.units_per_chunk_row * f.chunks), kThreads, 0, stream>>>(p, w, f);
+      CB_LAUNCH(grid_for(f.units_per_chunk_row * f.chunks), kThreads, 0, stream,
+                forward_shared_kernel<scalar_t, acc_t>)(p, w, f);
     } else {
-      forward_rows_kernel<scalar_t, acc_t><<<grid_for(p.B * f.chunks), kThreads, 0, stream>>>(p, w, f);
+      CB_LAUNCH(grid_for(p.B * f.chunks), kThreads, 0, stream, forward_rows_kernel<scalar_t, acc_t>)(p, w, f);
     }
   }
   if (p.B > 0) {
-    forward_merge_kernel<acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+    CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, forward_merge_kernel<acc_t>)(
         p, w, f, static_cast<acc_t*>(out.loss), static_cast<acc_t*>(out.lse), static_cast<acc_t*>(out.anchor_term));
   }
   return cudaGetLastError();
@@ -1431,7 +1431,7 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
   const acc_t* lse = static_cast<const acc_t*>(a.lse);
   launch_prepare<scalar_t, acc_t>(p, w.pr, stream);
   if ((a.grad_anchors != nullptr || a.grad_positives != nullptr) && p.B > 0) {
-    anchor_grads_kernel<scalar_t, acc_t><<<grid_for(p.B), kThreads, 0, stream>>>(
+    CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, anchor_grads_kernel<scalar_t, acc_t>)(
         p, w.pr, g, lse, static_cast<const acc_t*>(a.loss), static_cast<const acc_t*>(a.anchor_term),
         static_cast<scalar_t*>(a.grad_anchors),
         static_cast<scalar_t*>(a.grad_positives));
@@ -1447,19 +1447,21 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
       const BankPlan bp = plan_bank(p, num_sms);
       if (bp.tiles > 0) {
         const dim3 grid(static_cast<unsigned>(bp.grid_x), static_cast<unsigned>(bp.splits));
-        backward_bank_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(p, w.pr, g, lse, w.grad_scratch, bp, gn);
+        CB_LAUNCH(grid, kThreads, 0, stream, backward_bank_kernel<scalar_t, acc_t>)(
+            p, w.pr, g, lse, w.grad_scratch, bp, gn);
         if (!bp.direct) {
-          finish_bank_kernel<scalar_t, acc_t>
-              <<<grid_for(ceil_div(p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, w.grad_scratch, bp, gn);
+          CB_LAUNCH(grid_for(ceil_div(p.K, kWarps)), kThreads, 0, stream, finish_bank_kernel<scalar_t, acc_t>)(
+              p, w.pr, w.grad_scratch, bp, gn);
         }
       }
     } else if (p.mode == Mode::PerAnchor) {
       if (p.B * p.K > 0) {
-        backward_rows_kernel<scalar_t, acc_t>
-            <<<grid_for(ceil_div(p.B * p.K, kWarps)), kThreads, 0, stream>>>(p, w.pr, g, lse, gn);
+        CB_LAUNCH(grid_for(ceil_div(p.B * p.K, kWarps)), kThreads, 0, stream, backward_rows_kernel<scalar_t, acc_t>)(
+            p, w.pr, g, lse, gn);
       }
     } else if (p.rows > 0) {
-      backward_indexed_kernel<scalar_t, acc_t><<<grid_for(indexed_warps(p, num_sms) / kWarps), kThreads, 0, stream>>>(
+      CB_LAUNCH(grid_for(indexed_warps(p, num_sms) / kWarps), kThreads, 0, stream,
+                backward_indexed_kernel<scalar_t, acc_t>)(
           p, w.pr, g, lse, a.sorted_rows, a.sorted_pairs, w.grad_scratch, gn);
     }
   }

@@ -58,14 +58,17 @@ struct TcTraits<__nv_bfloat16> {
   static constexpr int PAD = 8;
   static constexpr int MIN_BLOCKS = 2;
 };
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 template <>
 struct TcTraits<float> {
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated; the emulated host path plans float32 tiles all the same)
   using frag_t = nvcuda::wmma::precision::tf32;
+#endif
   static constexpr int KS = 8;
   static constexpr int PAD = 4;
   static constexpr int MIN_BLOCKS = 1;  // float32 tiles take ~170 KB of shared memory anyway
 };
+
+#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 
 template <typename Frag>
 __device__ __forceinline__ void tc_round(Frag& f, float) {
@@ -373,6 +376,12 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
+#else
+// The emulated host path (csrc/tests/test_cuda_emu.cpp) never selects the WMMA kernels; they are not emulated.
+template <typename T>
+void tc_lse_kernel(const TcOperand<T>, const TcOperand<T>, const TcLseArgs, const TcSmem) {
+  emu::fail("the WMMA kernels are not emulated");
+}
 #endif  // CONTRASTBOUND_EMULATE
 
 struct TcRowsArgs {
@@ -541,6 +550,11 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
 #endif
 }
 
+#else
+template <typename T>
+void tc_rows_kernel(const TcOperand<T>, const TcOperand<T>, const TcRowsArgs, const TcSmem) {
+  emu::fail("the WMMA kernels are not emulated");
+}
 #endif  // CONTRASTBOUND_EMULATE
 
 // Several splits: sums the partials in split order and finishes each row (one warp per row).
@@ -568,7 +582,6 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
   }
 }
 
-#ifndef CONTRASTBOUND_EMULATE  // atomics (the emulated test computes the bound on the host)
 // coef_bound for float16: max over n of w[n] * inv[n] (w = 1 when null), non-negative, by an atomic max on the
 // float's bits (order-independent, so deterministic). *out must be zero before the launch.
 __global__ void __launch_bounds__(kTcThreads)
@@ -581,8 +594,6 @@ __global__ void __launch_bounds__(kTcThreads)
   v = warp_max(v);
   if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<unsigned int*>(out), __float_as_uint(v));
 }
-
-#endif  // CONTRASTBOUND_EMULATE
 
 // ---------------------------------------------------------------------------------------------------------
 // float16 / bfloat16 with mma.sync m16n8k16 and ldmatrix (sm_80+): the same tiles and plans as above, but the

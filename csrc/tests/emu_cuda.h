@@ -133,11 +133,12 @@ inline void fiber_main() {
   ++g.progress;
 }
 
-// Runs `body` (one kernel call) as a grid of `grid` blocks of `threads` threads with `smem_bytes` of dynamic
-// shared memory. Aborts with a message on a deadlock (a barrier some threads never reach).
-inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::function<void()> body) {
+// Runs `body` (one kernel call) as a grid of `grid` x `grid_y` blocks of `threads` threads with `smem_bytes` of
+// dynamic shared memory. Aborts with a message on a deadlock (a barrier some threads never reach).
+inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::function<void()> body,
+                   unsigned grid_y = 1) {
   if (threads % 32 != 0 || threads > 1024) fail("threads must be a multiple of 32, at most 1024");
-  g.grid = {grid, 1, 1};
+  g.grid = {grid, grid_y, 1};
   g.block = {threads, 1, 1};
   g.body = std::move(body);
   g.fibers.resize(threads);
@@ -145,8 +146,8 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
   g.smem_store.assign(smem_bytes + 256, 0);
   g.smem = g.smem_store.data() + (128 - reinterpret_cast<uintptr_t>(g.smem_store.data()) % 128);
   g.smem_bytes = smem_bytes;
-  for (unsigned b = 0; b < grid; ++b) {
-    g.bid = {b, 0, 0};
+  for (unsigned b = 0; b < grid * grid_y; ++b) {
+    g.bid = {b % grid, b / grid, 0};
     std::memset(g.smem, 0xff, smem_bytes);  // NaN in every float type
     g.bar_count = 0;
     for (int w = 0; w < 32; ++w) g.warp_count[w] = 0;
@@ -213,6 +214,19 @@ V __shfl_xor_sync(unsigned, V v, int mask) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+// A thread runs until it reaches a barrier or a warp collective, so a read-modify-write is atomic here.
+inline unsigned atomicMax(unsigned* address, unsigned v) {
+  const unsigned old = *address;
+  if (v > old) *address = v;
+  return old;
+}
 
 // ---- tc_ptx.cuh, emulated ----------------------------------------------------------------------------------
 

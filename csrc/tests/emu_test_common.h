@@ -160,12 +160,18 @@ std::pair<double, double> lse_range(const std::vector<double>& l, int64_t K, int
   return {m, s};
 }
 
-// float16: the coefficient bound the host side computes with tc_bound_kernel (max of inv x |w| scale).
+// float16: the coefficient bound the host side computes with tc_bound_kernel (max of inv x |w| scale), here by
+// that kernel (two blocks, so its grid-stride loop and atomic max across blocks) and checked against a host loop.
 template <typename T>
 std::vector<float> coef_bound(const std::vector<float>& inv, const std::vector<float>* w, float wscale) {
   if (!std::is_same<T, __half>::value) return {};
   float b = 0;
   for (size_t i = 0; i < inv.size(); ++i)
     b = std::max(b, tc_bound_term(inv[i], w ? std::fabs((*w)[i]) * wscale : 1.f));
+  float got = 0.f;  // the launcher zeroes it first
+  const float* wp = w ? w->data() : nullptr;
+  const int64_t n = static_cast<int64_t>(inv.size());
+  emu::launch(2, kTcThreads, 0, [&] { tc_bound_kernel(inv.data(), wp, &wscale, n, &got); });
+  expect(got == b, "tc_bound_kernel: " + std::to_string(got) + " vs " + std::to_string(b));
   return {b};
 }

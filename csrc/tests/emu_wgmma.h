@@ -80,7 +80,7 @@ struct State {
 inline State s;
 
 inline int tid() { return static_cast<int>(g.cur->tid.x); }
-inline uint64_t block_key() { return (s.launches << 32) | (g.bid.x + 1); }
+inline uint64_t block_key() { return (s.launches << 32) | (uint64_t(g.bid.y) * g.grid.x + g.bid.x + 1); }
 
 inline void mark_write(unsigned addr, unsigned bytes) {
   for (unsigned i = addr / 2; i < (addr + bytes + 1) / 2 && i < s.marks.size(); ++i) {
@@ -254,7 +254,8 @@ void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale
 }
 
 // emu::launch for kernels that use wgmma: resets the warpgroup state and checks each thread's end.
-inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::function<void()> body) {
+inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::function<void()> body,
+                   unsigned grid_y = 1) {
   if (threads % 128 != 0 || threads > 1024) fail("wgmma kernels need whole warpgroups");
   ++s.launches;
   s.th.assign(threads, Thread{});
@@ -267,7 +268,7 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
     body();
     const Thread& t = s.th[tid()];
     if (!t.open.empty() || !t.groups.empty()) fail("thread ended with wgmma operations not waited for");
-  });
+  }, grid_y);
   smem_write_hook = nullptr;
 }
 

@@ -1,0 +1,5 @@
+// The bf16 part of the CUDA kernels (csrc/cuda/info_nce_cuda_bf16.cu) compiled for the CPU emulation
+// (emu_runtime.h, test_cuda_emu.cpp).
+#include "emu_runtime.h"
+
+#include "cuda/info_nce_cuda_bf16.cu"

@@ -1,0 +1,77 @@
+// The CUDA runtime as the host side of the kernels (csrc/cuda/info_nce_cuda*.cu) uses it, emulated on the CPU on
+// top of emu_cuda.h (threads as fibers, mma.sync, ldmatrix, cp.async, shuffles) and emu_wgmma.h (warpgroup MMA),
+// so that test_cuda_emu.cpp runs the library's CUDA entry points, info_nce_forward / info_nce_backward, whole:
+// dtype routing, dispatch between the SIMT and tensor-core kernels, work split, workspace carving and every kernel
+// but the WMMA ones (float32 as TF32, CONTRASTBOUND_TC_MMA=0), on a machine without a GPU.
+//
+// Included first by each emulated translation unit (emu_part_*.cpp wrap the library's .cu files). "Device memory"
+// is host memory; a launch (CB_LAUNCH, device_common.cuh) runs the kernel at once, every block in turn, one stream;
+// the device's properties (compute capability, shared memory, blocks per multiprocessor, sm_90a code) are
+// emu::device(), which the test sets. The runtime functions themselves are defined in test_cuda_emu.cpp.
+//
+// What this cannot show, beyond emu_cuda.h's list: launch failures of the real driver (resource limits, a missing
+// kernel image), stream ordering, and anything of the WMMA kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "emu_cuda.h"
+#include "emu_wgmma.h"
+
+// A kernel's static shared arrays: one per kernel instance, which is right because blocks run one after another
+// and the threads of a block share it (zero at first, not NaN: a read before any write is not caught here).
+#undef __shared__
+#define __shared__ static
+
+// cuda_runtime.h declares its C++ overload only for nvcc.
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+namespace emu {
+
+struct Device {
+  int major = 9, minor = 0;        // compute capability
+  int smem_optin = 227 * 1024;     // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100 / H200)
+  int smem_per_sm = 228 * 1024;    // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int multiprocessors = 2;         // what the test passes as num_sms
+  int blocks_per_sm = 2;           // the occupancy answer (capped by shared memory)
+  bool sm90a = true;               // the build carries sm_90a code for this device (wgmma kernels)
+};
+
+inline Device& device() {
+  static Device d;
+  return d;
+}
+
+// CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): each emulated thread calls the kernel with its
+// own copy of the arguments (kernels take them by value, as a launch does).
+template <typename F>
+struct Launch {
+  F kernel;
+  dim3 grid;
+  unsigned threads;
+  size_t smem;
+  template <typename... A>
+  void operator()(A... args) const {
+    const F k = kernel;
+    const std::function<void()> body = [k, args...] { k(args...); };
+    if (threads % 128 == 0) {
+      wg::launch(grid.x, threads, smem, body, grid.y);  // also checks that no wgmma is left pending
+    } else {
+      launch(grid.x, threads, smem, body, grid.y);
+    }
+  }
+};
+
+template <typename F>
+Launch<F> launcher(F kernel, dim3 grid, unsigned threads, size_t smem) {
+  if (grid.z != 1) fail("three-dimensional grids are not emulated");
+  if (smem > static_cast<size_t>(device().smem_optin)) fail("launch with more shared memory than the device has");
+  return Launch<F>{kernel, grid, threads, smem};
+}
+
+}  // namespace emu
+
+#define CB_LAUNCH(GRID, BLOCK, SMEM, STREAM, ...) ::emu::launcher(__VA_ARGS__, GRID, BLOCK, SMEM)

@@ -1,0 +1,587 @@
+// C++ test run by ctest where the CUDA headers are found (no GPU needed): the library's CUDA entry points
+// (info_nce_forward / info_nce_backward of csrc/cuda/info_nce_cuda.cuh) run whole on the CPU, against float64
+// computations of the loss, log-sum-exp, anchor term and gradients from the same rounded inputs.
+//
+// The four CUDA translation units are compiled for the CPU (emu_part_*.cpp) against emu_runtime.h: every kernel
+// launch runs the kernel with one fiber per CUDA thread (emu_cuda.h: mma.sync, ldmatrix, cp.async, shuffles;
+// emu_wgmma.h: warpgroup MMA), and the few runtime calls the host side makes (device attributes, occupancy, memset)
+// are answered below from an emulated device. So this checks what test_mma_emu / test_wgmma_emu do not: the
+// dispatch between SIMT and tensor-core kernels, the work split and workspace carving, the SIMT kernels (float64,
+// float32, per-anchor and indexed negatives, float16 / bfloat16 where the tensor cores do not serve), the merge of
+// the partial states with the positive, the anchors' and positives' gradients, the bank rows' finishing and the
+// opt-in kernels (CONTRASTBOUND_TC_* switches) end to end. Not checked: the WMMA kernels (float32 as TF32,
+// CONTRASTBOUND_TC_MMA=0), speed, anything of the real driver or hardware.
+//
+//   test_cuda_emu [quick]
+#include "emu_runtime.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/info_nce_cuda.cuh"
+
+// ---- the runtime calls of the host side, answered by the emulated device --------------------------------------
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const emu::Device& d = emu::device();
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = d.major;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = d.minor;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = d.smem_optin;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = d.smem_per_sm;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = d.multiprocessors;
+      return cudaSuccess;
+    default:
+      std::fprintf(stderr, "emu: device attribute %d is not emulated\n", static_cast<int>(attr));
+      std::abort();
+  }
+}
+
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && value > emu::device().smem_optin) {
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t smem,
+                                                                   unsigned int) {
+  const emu::Device& d = emu::device();
+  const int by_smem = static_cast<int>(d.smem_per_sm / (smem + 1024));
+  *blocks = std::max(0, std::min(d.blocks_per_sm, by_smem));
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+
+namespace {
+
+using namespace contrastbound::cuda;
+
+int failures = 0;
+int checks = 0;
+
+// ---- element types ----------------------------------------------------------------------------------------------
+
+template <typename T>
+double to_d(T x) {
+  return static_cast<double>(x);
+}
+template <>
+double to_d<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+double to_d<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+T from_d(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_d<__half>(double x) {
+  return __float2half_rn(static_cast<float>(x));
+}
+template <>
+__nv_bfloat16 from_d<__nv_bfloat16>(double x) {
+  return __float2bfloat16_rn(static_cast<float>(x));
+}
+
+template <typename T>
+DType dtype_of() {
+  if (std::is_same<T, double>::value) return DType::Float64;
+  if (std::is_same<T, __half>::value) return DType::Float16;
+  if (std::is_same<T, __nv_bfloat16>::value) return DType::BFloat16;
+  return DType::Float32;
+}
+
+template <typename T>
+const char* name_of() {
+  if (std::is_same<T, double>::value) return "float64";
+  if (std::is_same<T, __half>::value) return "float16";
+  if (std::is_same<T, __nv_bfloat16>::value) return "bfloat16";
+  return "float32";
+}
+
+// ---- problems -----------------------------------------------------------------------------------------------
+
+enum Layout { kContiguous = 0, kPaddedRows = 1, kTransposed = 2 };
+
+struct Case {
+  Mode mode = Mode::Shared;
+  int64_t B = 1, K = 1, d = 1, rows = 0;  // rows: Indexed only (bank rows)
+  Layout layout = kContiguous;
+  bool normalize = true, include_positive = true, exclude_self = false, excluded = false;
+  bool tensor_cores = true;
+  double temperature = 0.1;
+  int64_t zero_anchor = -1, zero_bank = -1;  // a row set to zero (-1: none)
+  int64_t nan_bank = -1;                      // a bank row with a NaN feature (-1: none)
+  std::string name() const {
+    char buf[240];
+    std::snprintf(buf, sizeof buf,
+                  "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d T=%g%s%s",
+                  mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
+                  (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
+                  exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
+                  nan_bank >= 0 ? " NaN row" : "");
+    return buf;
+  }
+};
+
+// A (rows, d) matrix of T in one of the layouts (padded rows: row stride d + 3, so rows are not 16-byte aligned
+// and the tensor-core kernels take their scalar copies; transposed: feature-major).
+template <typename T>
+struct Mat {
+  int64_t rows = 0, d = 0, s0 = 0, s1 = 1;
+  std::vector<T> data;
+  double f(int64_t i, int64_t j) const { return to_d(data[i * s0 + j * s1]); }
+};
+
+template <typename T>
+Mat<T> random_mat(std::mt19937_64& rng, int64_t rows, int64_t d, Layout layout, int64_t zero_row) {
+  Mat<T> m;
+  m.rows = rows;
+  m.d = d;
+  if (layout == kTransposed) {
+    m.s0 = 1;
+    m.s1 = std::max<int64_t>(rows, 1);
+  } else {
+    m.s0 = layout == kPaddedRows ? d + 3 : d;
+    m.s1 = 1;
+  }
+  m.data.assign(std::max<int64_t>(1, rows * d + (layout == kPaddedRows ? 3 * rows : 0)), from_d<T>(0.0));
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < d; ++j) m.data[i * m.s0 + j * m.s1] = from_d<T>(i == zero_row ? 0.0 : nd(rng));
+  return m;
+}
+
+// x / max(||x||, 1e-12) (identity without normalisation), of row i, in float64.
+template <typename T>
+std::vector<double> hat(const Mat<T>& m, int64_t i, bool normalize, double* norm) {
+  std::vector<double> v(m.d);
+  double s = 0;
+  for (int64_t j = 0; j < m.d; ++j) {
+    v[j] = m.f(i, j);
+    s += v[j] * v[j];
+  }
+  *norm = std::sqrt(s);
+  if (normalize)
+    for (double& x : v) x /= std::max(*norm, 1e-12);
+  return v;
+}
+
+// dL/dx from dL/dx_hat (G) for x_hat = x / max(||x||, eps): (G - (x_hat . G) x_hat) / ||x|| above eps, G / eps at
+// or below it (the clamp is constant there), G itself without normalisation.
+std::vector<double> through_norm(const std::vector<double>& G, const std::vector<double>& xh, double norm,
+                                 bool normalize) {
+  if (!normalize) return G;
+  std::vector<double> out(G.size());
+  if (norm <= 1e-12) {
+    for (size_t j = 0; j < G.size(); ++j) out[j] = G[j] / 1e-12;
+    return out;
+  }
+  double dot = 0;
+  for (size_t j = 0; j < G.size(); ++j) dot += xh[j] * G[j];
+  for (size_t j = 0; j < G.size(); ++j) out[j] = (G[j] - dot * xh[j]) / norm;
+  return out;
+}
+
+void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+// max |got - want| / max(max |want|, floor) over the finite reference values (the reference is rounded to the
+// output's type first, so an overflow to +-inf, e.g. a zero float16 row's gradient G / 1e-12, must match as inf).
+double max_err(const std::vector<double>& got, const std::vector<double>& want, double floor = 1e-6) {
+  double worst = 0, scale = floor;
+  for (double w : want)
+    if (std::isfinite(w)) scale = std::max(scale, std::fabs(w));
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i]) || std::isnan(want[i])) {
+      if (std::isnan(got[i]) != std::isnan(want[i])) return INFINITY;
+    } else if (std::isinf(got[i]) || std::isinf(want[i])) {
+      if (got[i] != want[i]) return INFINITY;
+    } else {
+      worst = std::max(worst, std::fabs(got[i] - want[i]));
+    }
+  }
+  return worst / scale;
+}
+
+// The worst error / tolerance seen per type (printed, so that a tolerance far above what the kernels reach shows).
+double worst_ratio[4] = {0, 0, 0, 0};
+
+void expect_err(double err, double tol, int type, const std::string& what) {
+  if (std::isfinite(err)) worst_ratio[type] = std::max(worst_ratio[type], err / tol);
+  expect(err <= tol, what + ", error " + std::to_string(err));
+}
+
+struct Aligned {
+  std::vector<unsigned char> store;
+  void* ptr = nullptr;
+  explicit Aligned(size_t bytes) : store(bytes + 256, 0xff) {
+    ptr = store.data() + (256 - reinterpret_cast<uintptr_t>(store.data()) % 256) % 256;
+  }
+};
+
+// One case through forward and backward, compared with float64. tol: of the values in the input type (loss / lse
+// are float32 or float64 and checked to tol_acc).
+template <typename T>
+void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, const std::string& config) {
+  using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const std::string what = std::string(name_of<T>()) + " " + c.name() + " [" + config + "]";
+  const int64_t B = c.B, K = c.K, d = c.d;
+  const int64_t bank_rows = c.mode == Mode::Indexed ? c.rows : c.mode == Mode::Shared ? K : B * K;
+  const Mat<T> A = random_mat<T>(rng, B, d, c.layout, c.zero_anchor);
+  const Mat<T> P = random_mat<T>(rng, B, d, c.layout, -1);
+  Mat<T> N = random_mat<T>(rng, bank_rows, d, c.layout, c.zero_bank);
+  if (c.nan_bank >= 0) N.data[c.nan_bank * N.s0 + (d / 2) * N.s1] = from_d<T>(NAN);
+  std::vector<int64_t> idx;
+  if (c.mode == Mode::Indexed) {
+    // repeats, and rows no anchor uses (their gradient must stay 0)
+    std::uniform_int_distribution<int64_t> pick(0, std::max<int64_t>(0, c.rows / 2 + 1));
+    for (int64_t i = 0; i < B * K; ++i) idx.push_back(std::min<int64_t>(c.rows - 1, pick(rng)));
+  }
+  std::vector<int64_t> excl;
+  if (c.excluded)
+    for (int64_t i = 0; i < B; ++i) excl.push_back((i * 37 + 11) % (K + 3) - 1);  // -1 and >= K exclude none
+  const acc_t scale = static_cast<acc_t>(1.0 / c.temperature);
+  const double s = scale;
+
+  Problem p;
+  p.dtype = dtype_of<T>();
+  p.mode = c.mode;
+  p.B = B;
+  p.K = K;
+  p.d = d;
+  p.rows = c.mode == Mode::Indexed ? c.rows : c.mode == Mode::Shared ? K : 0;
+  p.anchors = A.data.data();
+  p.anchors_stride[0] = A.s0, p.anchors_stride[1] = A.s1;
+  p.positives = P.data.data();
+  p.positives_stride[0] = P.s0, p.positives_stride[1] = P.s1;
+  p.negatives = N.data.data();
+  if (c.mode == Mode::PerAnchor) {  // (B, K, d) over the bank_rows = B * K rows of N
+    p.negatives_stride[0] = K * N.s0, p.negatives_stride[1] = N.s0, p.negatives_stride[2] = N.s1;
+  } else {
+    p.negatives_stride[0] = N.s0, p.negatives_stride[1] = N.s1;
+  }
+  if (c.mode == Mode::Indexed) {
+    p.indices = idx.data();
+    p.indices_stride[0] = K, p.indices_stride[1] = 1;
+  }
+  p.scale = &scale;
+  p.normalize = c.normalize;
+  p.include_positive = c.include_positive;
+  p.exclude_self = c.exclude_self;
+  p.excluded = c.excluded ? excl.data() : nullptr;
+  p.tensor_cores = c.tensor_cores;
+  p.tf32 = false;  // the WMMA kernels are not emulated
+
+  // float64 reference
+  std::vector<double> na(B), np(B), nn(bank_rows);
+  std::vector<std::vector<double>> ah(B), ph(B), nh(bank_rows);
+  for (int64_t i = 0; i < B; ++i) ah[i] = hat(A, i, c.normalize, &na[i]), ph[i] = hat(P, i, c.normalize, &np[i]);
+  for (int64_t r = 0; r < bank_rows; ++r) nh[r] = hat(N, r, c.normalize, &nn[r]);
+  const auto row_of = [&](int64_t i, int64_t k) {
+    return c.mode == Mode::Shared ? k : c.mode == Mode::PerAnchor ? i * K + k : idx[i * K + k];
+  };
+  const auto left_out = [&](int64_t i, int64_t k) {
+    return c.mode == Mode::Shared && ((c.exclude_self && k == i) || (c.excluded && excl[i] == k));
+  };
+  const auto dotv = [&](const std::vector<double>& x, const std::vector<double>& y) {
+    double t = 0;
+    for (int64_t j = 0; j < d; ++j) t += x[j] * y[j];
+    return t;
+  };
+  std::vector<double> want_loss(B), want_lse(B), want_v(B * d, 0.0), l0(B);
+  std::vector<std::vector<double>> lk(B, std::vector<double>(K));
+  for (int64_t i = 0; i < B; ++i) {
+    l0[i] = s * dotv(ah[i], ph[i]);
+    double m = c.include_positive ? l0[i] : -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      lk[i][k] = left_out(i, k) ? -INFINITY : s * dotv(ah[i], nh[row_of(i, k)]);
+      m = std::max(m, lk[i][k]);
+    }
+    double sum = c.include_positive ? std::exp(l0[i] - m) : 0.0;
+    for (int64_t k = 0; k < K; ++k) sum += std::exp(lk[i][k] - m);
+    want_lse[i] = m + std::log(sum);
+    want_loss[i] = want_lse[i] - l0[i];
+    for (int64_t k = 0; k < K; ++k) {
+      const double w = std::exp(lk[i][k] - want_lse[i]);
+      for (int64_t j = 0; j < d; ++j) want_v[i * d + j] += w * nh[row_of(i, k)][j];
+    }
+  }
+
+  // forward through the library's entry point
+  const int num_sms = emu::device().multiprocessors;
+  std::vector<acc_t> loss(B, NAN), lse(B, NAN), v(B * d, NAN);
+  ForwardOutputs out;
+  out.loss = loss.data();
+  out.lse = lse.data();
+  out.anchor_term = v.data();
+  const size_t fwd_bytes = info_nce_forward_workspace_bytes(p, true, num_sms);
+  Aligned fwd_ws(fwd_bytes);
+  expect(info_nce_forward(p, out, fwd_ws.ptr, fwd_bytes, num_sms, nullptr) == cudaSuccess, what + ": forward launch");
+  const auto as_d = [](const auto& x) { return std::vector<double>(x.begin(), x.end()); };
+  double e_loss = 0, e_lse = 0;
+  // relative to max(1, |lse|); NaN only where the reference is NaN (a NaN input), else any non-finite value fails
+  const auto rel = [](double got, double want, double lse_i) {
+    if (std::isnan(want) || std::isnan(got)) return std::isnan(want) == std::isnan(got) ? 0.0 : double(INFINITY);
+    if (!std::isfinite(got)) return double(INFINITY);
+    return std::fabs(got - want) / std::max(1.0, std::fabs(lse_i));
+  };
+  for (int64_t i = 0; i < B; ++i) {
+    e_loss = std::max(e_loss, rel(loss[i], want_loss[i], want_lse[i]));
+    e_lse = std::max(e_lse, rel(lse[i], want_lse[i], want_lse[i]));
+  }
+  const double e_v = max_err(as_d(v), want_v);
+  const int ty = static_cast<int>(p.dtype);
+  expect_err(e_loss, tol_acc, ty, what + ": loss");
+  expect_err(e_lse, tol_acc, ty, what + ": lse");
+  expect_err(e_v, tol, ty, what + ": anchor term");
+
+  // reference gradients of sum_i g_i loss_i
+  std::vector<double> gl(B);
+  std::uniform_real_distribution<double> ug(0.5, 1.5);
+  for (double& x : gl) x = ug(rng);
+  std::vector<double> ga(B * d), gp(B * d), gn(bank_rows * d, 0.0);
+  std::vector<std::vector<double>> Gn(bank_rows, std::vector<double>(d, 0.0));
+  for (int64_t i = 0; i < B; ++i) {
+    const double dl0 = gl[i] * (c.include_positive ? std::expm1(l0[i] - want_lse[i]) : -1.0);
+    std::vector<double> Ga(d), Gp(d);
+    for (int64_t j = 0; j < d; ++j) Ga[j] = s * dl0 * ph[i][j], Gp[j] = s * dl0 * ah[i][j];
+    for (int64_t k = 0; k < K; ++k) {
+      const double dlk = gl[i] * std::exp(lk[i][k] - want_lse[i]);
+      const int64_t r = row_of(i, k);
+      for (int64_t j = 0; j < d; ++j) Ga[j] += s * dlk * nh[r][j], Gn[r][j] += s * dlk * ah[i][j];
+    }
+    const std::vector<double> da = through_norm(Ga, ah[i], na[i], c.normalize);
+    const std::vector<double> dp = through_norm(Gp, ph[i], np[i], c.normalize);
+    std::copy(da.begin(), da.end(), ga.begin() + i * d);
+    std::copy(dp.begin(), dp.end(), gp.begin() + i * d);
+  }
+  for (int64_t r = 0; r < bank_rows; ++r) {
+    const std::vector<double> dn = through_norm(Gn[r], nh[r], nn[r], c.normalize);
+    std::copy(dn.begin(), dn.end(), gn.begin() + r * d);
+  }
+
+  // backward through the library's entry point, from the forward's own lse, loss and anchor term
+  for (int pass = 0; pass < 2; ++pass) {  // 0: every gradient; 1: the bank's only, without the forward's loss
+    std::vector<acc_t> g(gl.begin(), gl.end());
+    std::vector<T> out_a(B * d, from_d<T>(NAN)), out_p(B * d, from_d<T>(NAN));
+    // Output in the negatives' shape, contiguous: (K, d) / (B, K, d) / (rows, d).
+    std::vector<T> out_n(bank_rows * d, from_d<T>(NAN));
+    std::vector<int64_t> sorted_rows, sorted_pairs;
+    if (c.mode == Mode::Indexed) {
+      std::vector<int64_t> order(B * K);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+      for (int64_t o : order) sorted_rows.push_back(idx[o]), sorted_pairs.push_back(o);
+    }
+    BackwardArgs ba;
+    ba.grad_loss = g.data();
+    ba.lse = lse.data();
+    ba.anchor_term = pass == 0 ? v.data() : nullptr;
+    ba.loss = pass == 0 ? loss.data() : nullptr;
+    ba.grad_anchors = pass == 0 ? out_a.data() : nullptr;
+    ba.grad_positives = pass == 0 ? out_p.data() : nullptr;
+    ba.grad_negatives = out_n.data();
+    ba.sorted_rows = sorted_rows.empty() ? nullptr : sorted_rows.data();
+    ba.sorted_pairs = sorted_pairs.empty() ? nullptr : sorted_pairs.data();
+    const size_t bwd_bytes = info_nce_backward_workspace_bytes(p, ba, num_sms);
+    Aligned bwd_ws(bwd_bytes);
+    const std::string pw = what + (pass == 0 ? "" : " (bank gradient only)");
+    expect(info_nce_backward(p, ba, bwd_ws.ptr, bwd_bytes, num_sms, nullptr) == cudaSuccess, pw + ": backward launch");
+    const auto as_dt = [](const std::vector<T>& x) {
+      std::vector<double> y;
+      for (const T& e : x) y.push_back(to_d(e));
+      return y;
+    };
+    const auto rounded = [](const std::vector<double>& x) {
+      std::vector<double> y;
+      for (double e : x) y.push_back(to_d(from_d<T>(e)));
+      return y;
+    };
+    if (pass == 0) {
+      expect_err(max_err(as_dt(out_a), rounded(ga)), tol, ty, pw + ": anchors' gradient");
+      expect_err(max_err(as_dt(out_p), rounded(gp)), tol, ty, pw + ": positives' gradient");
+    }
+    expect_err(max_err(as_dt(out_n), rounded(gn)), tol, ty, pw + ": negatives' gradient");
+    if (c.mode == Mode::Indexed) {  // rows no anchor used: exactly zero
+      std::vector<bool> used(bank_rows, false);
+      for (int64_t r : idx) used[r] = true;
+      bool zero = true;
+      for (int64_t r = 0; r < bank_rows; ++r)
+        for (int64_t j = 0; j < d && !used[r]; ++j) zero = zero && to_d(out_n[r * d + j]) == 0.0;
+      expect(zero, pw + ": unused bank rows' gradient is zero");
+    }
+  }
+}
+
+template <typename T>
+std::vector<Case> cases(bool quick) {
+  std::vector<Case> cs;
+  const bool half = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
+  auto add = [&](Case c) { cs.push_back(c); };
+  Case c;
+  c.B = 67, c.K = 130, c.d = 40;  // odd sizes, several K tiles and chunks
+  add(c);
+  c = Case();
+  c.B = 5, c.K = 1, c.d = 3;
+  add(c);
+  c = Case();
+  c.B = 6, c.K = 0, c.d = 8;  // no negatives: the positive alone
+  add(c);
+  c = Case();
+  c.B = 70, c.K = 70, c.d = 72, c.exclude_self = true;  // in-batch / NT-Xent: bank row i left out of anchor i
+  add(c);
+  c = Case();
+  c.B = 33, c.K = 97, c.d = 17, c.excluded = true;  // bank_cross_entropy's target rows
+  add(c);
+  c = Case();
+  c.B = 19, c.K = 45, c.d = 24, c.include_positive = false, c.normalize = false, c.temperature = 1.0;
+  add(c);
+  c = Case();
+  c.B = 21, c.K = 66, c.d = 33, c.layout = kPaddedRows;
+  add(c);
+  c = Case();
+  c.B = 30, c.K = 100, c.d = 16, c.temperature = 0.01, c.zero_anchor = 3, c.zero_bank = 70;  // large logits
+  add(c);
+  c = Case();
+  c.B = 25, c.K = 70, c.d = 20, c.nan_bank = 66;  // NaN propagates to every loss and gradient it reaches
+  add(c);
+  if (!quick) {
+    c = Case();
+    c.B = 20, c.K = 77, c.d = 256, c.layout = kTransposed;
+    add(c);
+    c = Case();
+    c.B = 40, c.K = 60, c.d = 41, c.tensor_cores = false;  // the SIMT kernels for every type
+    add(c);
+  }
+  if (half) {
+    c = Case();
+    c.B = 18, c.K = 40, c.d = 300;  // wider than 256: the mma.sync rows passes in feature slices
+    add(c);
+    if (!quick) {
+      c = Case();
+      c.B = 9, c.K = 20, c.d = 900;  // too wide for whole tiles in 227 KiB: copied in chunks
+      add(c);
+    }
+  }
+  c = Case();
+  c.mode = Mode::PerAnchor, c.B = 7, c.K = 33, c.d = 19;
+  add(c);
+  c.layout = kTransposed;
+  add(c);
+  c = Case();
+  c.mode = Mode::Indexed, c.B = 9, c.K = 40, c.rows = 23, c.d = 35;
+  add(c);
+  c.rows = 90, c.include_positive = false, c.layout = kPaddedRows;  // many rows unused
+  add(c);
+  return cs;
+}
+
+// Tolerances of the values in the input type (the tensor-core coefficients are rounded to it: bfloat16 ~2^-9
+// relative each, float16 ~2^-12; results are rounded to it once more) and of loss / lse (float32 accumulation of
+// exact products: the logits' rounding times the scale, up to 100 at T = 0.01).
+template <typename T>
+void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool tc_only) {
+  const bool half = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
+  const double tol = std::is_same<T, double>::value ? 1e-12
+                     : std::is_same<T, float>::value ? 2e-5
+                     : std::is_same<T, __half>::value ? 4e-3
+                                                      : 2e-2;
+  const double tol_acc = std::is_same<T, double>::value ? 1e-12 : 2e-5;
+  for (const Case& c : cases<T>(quick)) {
+    if (tc_only && !(half && c.mode == Mode::Shared && c.tensor_cores)) continue;
+    run_case<T>(c, rng, tol, tol_acc, config);
+  }
+}
+
+void run_config(bool quick, const std::string& config, bool tc_only) {
+  std::mt19937_64 rng(1234);
+  const int before = failures;
+  if (!tc_only) {
+    run_type<double>(quick, rng, config, false);
+    run_type<float>(quick, rng, config, false);
+  }
+  run_type<__half>(quick, rng, config, tc_only);
+  run_type<__nv_bfloat16>(quick, rng, config, tc_only);
+  std::printf("%-60s %s\n", config.c_str(), failures == before ? "ok" : "FAILED");
+  std::fflush(stdout);
+}
+
+struct Env {
+  const char* name;
+  const char* value;
+};
+
+void with_env(std::initializer_list<Env> env, const std::function<void()>& f) {
+  for (const Env& e : env) setenv(e.name, e.value, 1);
+  f();
+  for (const Env& e : env) unsetenv(e.name);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
+                        "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA"}) {
+    unsetenv(v);
+  }
+  emu::Device& dev = emu::device();
+  // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
+  // grids are small and every kernel's grid-stride loop and the work split's chunks and splits come into play.
+  run_config(quick, "sm_90a, default kernels", false);
+  with_env({{"CONTRASTBOUND_TC_STAGES", "2"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_STAGES=2", true); });
+  with_env({{"CONTRASTBOUND_TC_FUSED_FWD", "1"}},
+           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FUSED_FWD=1", true); });
+  with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FLASH=1", true); });
+  with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1", true); });
+  with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}},
+           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=1", true); });
+  // An sm_86-like part (99 KiB per block, no sm_90a code): whole rows past d = 336 copied in chunks; the wgmma
+  // switch falls back to the mma.sync kernels.
+  dev.major = 8, dev.minor = 6, dev.smem_optin = 99 * 1024, dev.smem_per_sm = 100 * 1024, dev.sm90a = false;
+  with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_86, CONTRASTBOUND_TC_WGMMA=1", true); });
+  // Compute capability 7.0: no tensor cores; float16 / bfloat16 on the SIMT kernels.
+  dev.major = 7, dev.minor = 0;
+  run_config(quick, "sm_70 (SIMT only)", true);
+  const char* names[4] = {"float32", "float64", "float16", "bfloat16"};  // DType order
+  for (int t = 0; t < 4; ++t) std::printf("%s: worst error %.3g of its tolerance\n", names[t], worst_ratio[t]);
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
