@@ -566,6 +566,10 @@ int main(int argc, char** argv) {
   // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
   // grids are small and every kernel's grid-stride loop and the work split's chunks and splits come into play.
   run_config(quick, "sm_90a, default kernels", false);
+  // The same device at full size (132 multiprocessors, 3 blocks each): plans whose units all fit in one wave.
+  dev.multiprocessors = 132, dev.blocks_per_sm = 3;
+  run_config(quick, "sm_90a, 132 multiprocessors", false);
+  dev.multiprocessors = 2, dev.blocks_per_sm = 2;
   with_env({{"CONTRASTBOUND_TC_STAGES", "2"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_STAGES=2", true); });
   with_env({{"CONTRASTBOUND_TC_FUSED_FWD", "1"}},
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FUSED_FWD=1", true); });
