@@ -38,9 +38,10 @@ class NegativeQueue(torch.nn.Module):
     per-step ``broadcast_buffers``, ``.data``, a numpy view, buffers made under ``torch.inference_mode``): after
     such a write call :meth:`resync`, or keep every rank's queue identical (gather the keys of all ranks before
     enqueueing, as MoCo does), so that no write changes the ints.
-    A float16 queue holds magnitudes up to 65504: keys of a wider dtype are checked (one read-back per enqueue, a
-    synchronisation on a GPU; float16 keys are stored as given) and a finite key that would become inf raises
-    ValueError.
+    A float16 queue holds magnitudes up to 65504, a float32 or bfloat16 one up to ~3.4e38: keys of a dtype with a
+    wider range (float16: any other; float32 / bfloat16: float64) are checked (one read-back per enqueue, a
+    synchronisation on a GPU; keys in the queue's dtype, or float32 keys for a bfloat16 queue, whose ranges differ
+    by 0.4 %, are stored as given) and a finite key that would become inf raises ValueError.
     Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
@@ -146,14 +147,18 @@ class NegativeQueue(torch.nn.Module):
         n = keys.shape[0]
         if n == 0:
             return
-        if self.queue.dtype == torch.float16 and given.dtype != torch.float16:
-            # float16 ends at 65504: a larger finite key would be stored as inf (torch's cast), and the loss over the
-            # queue would be NaN steps later. One read-back (a synchronisation on a GPU); feed float16 keys to skip it.
+        top = torch.finfo(self.queue.dtype).max
+        if 2 * top < torch.finfo(given.dtype).max:
+            # A queue of a narrower range than the keys (float16 fed wider keys, float32 or bfloat16 fed float64
+            # ones): a larger finite key would be stored as inf (torch's cast), and the loss over the queue would be
+            # NaN steps later. One read-back (a synchronisation on a GPU); keys in the queue's dtype skip it.
             if bool((torch.isinf(keys) & ~torch.isinf(given.to(keys.device))).any()):
+                name = str(self.queue.dtype).replace("torch.", "")
+                wider = "a float32 or bfloat16" if self.queue.dtype == torch.float16 else "a float64"
                 raise ValueError(
-                    f"keys hold finite values beyond float16's range (largest magnitude "
-                    f"{given.abs().amax().item():.4g} > 65504), which a float16 queue would store as inf: normalise "
-                    "the keys (as MoCo does), scale them, or use a float32 or bfloat16 queue"
+                    f"keys hold finite values beyond {name}'s range (largest magnitude "
+                    f"{given.abs().amax().item():.4g} > {top:g}), which a {name} queue would store as inf: normalise "
+                    f"the keys (as MoCo does), scale them, or use {wider} queue"
                 )
         if keys.untyped_storage().data_ptr() == self.queue.untyped_storage().data_ptr():
             keys = keys.clone()  # rows of the queue itself (e.g. negatives()): the writes below would overlap them

@@ -295,6 +295,20 @@ def test_float16_queue_refuses_keys_beyond_its_range():
     assert torch.isfinite(cb.info_nce(a, a, q.negatives())).all()
 
 
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_queue_refuses_float64_keys_beyond_its_range(queue_dtype):
+    # float64 keys beyond ~3.4e38 were stored as inf in a float32 / bfloat16 queue without an error.
+    q = cb.NegativeQueue(4, 2, dtype=queue_dtype)
+    name = str(queue_dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"beyond {name}'s range \(largest magnitude 1e\+39 > 3\.[0-9]+e\+38\).*float64 queue"):
+        q.enqueue(torch.tensor([[1.0, 2.0], [-1e39, 0.0]], dtype=torch.float64))
+    assert len(q) == 0  # nothing written
+    q.enqueue(torch.tensor([[1e38, float("-inf")]], dtype=torch.float64))  # in range / inf given: stored as given
+    assert len(q) == 1 and q.negatives()[0, 1] == float("-inf") and torch.isfinite(q.negatives()[0, 0])
+    q.enqueue(torch.full((1, 2), 3e38))  # float32 keys are not checked (a bfloat16 queue's range is 0.4 % smaller)
+    assert len(q) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N", [1, 7, 300])  # 2N = 600 crosses the kernel's anchor blocks and bank tiles
 @pytest.mark.parametrize("temperature", [0.01, 0.5])
