@@ -300,7 +300,8 @@ def test_queue_refuses_float64_keys_beyond_its_range(queue_dtype):
     # float64 keys beyond ~3.4e38 were stored as inf in a float32 / bfloat16 queue without an error.
     q = cb.NegativeQueue(4, 2, dtype=queue_dtype)
     name = str(queue_dtype).replace("torch.", "")
-    with pytest.raises(ValueError, match=rf"beyond {name}'s range \(largest magnitude 1e\+39 > 3\.[0-9]+e\+38\).*float64 queue"):
+    message = rf"beyond {name}'s range \(largest magnitude 1e\+39 > 3\.[0-9]+e\+38\).*float64 queue"
+    with pytest.raises(ValueError, match=message):
         q.enqueue(torch.tensor([[1.0, 2.0], [-1e39, 0.0]], dtype=torch.float64))
     assert len(q) == 0  # nothing written
     q.enqueue(torch.tensor([[1e38, float("-inf")]], dtype=torch.float64))  # in range / inf given: stored as given
