@@ -349,6 +349,12 @@ def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(t
     assert "INTERRUPTED (Ctrl-C) during toy" in report and "not run: bounds-vs-k" in report
     assert not (out / "bounds_vs_k.csv").exists() and (out / "compare_bounds.csv").exists()
     assert "interrupted during toy" in capsys.readouterr().err
+    # an experiment that failed before the interrupt is named in the message too (not only in the report)
+    monkeypatch.setattr(reproduce, "_runner", lambda name: {"toy": boom, "bounds-vs-k": ctrl_c}.get(name) or real(name))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(["toy", "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert "interrupted during bounds-vs-k" in err and "toy had failed (RuntimeError: disk on fire)" in err
     # a failure message with newlines and "|" stays one table cell
     monkeypatch.setattr(reproduce, "_runner", lambda name: (lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("out of memory\nsee | docs"))) if name == "toy" else real(name))

@@ -150,7 +150,9 @@ def run(
         fh.write(render_html("contrastbound reproduce: report", pre, sections))
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
     if interrupted:  # the report of what ran is written; the caller's loop or script must stop as well
-        raise KeyboardInterrupt(f"interrupted during {interrupted}; the report of what ran is in {out}")
+        earlier = [f"; {e} had failed ({m})" for e, m in failed.items() if e in walls and e != interrupted]
+        raise KeyboardInterrupt(f"interrupted during {interrupted}; the report of what ran is in {out}"
+                                + "".join(earlier))
     return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed)
 
 
