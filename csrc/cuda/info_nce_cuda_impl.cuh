@@ -1026,8 +1026,8 @@ inline bool tc_wgmma() {
 }
 
 // Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
-// yet run on a GPU), or their wgmma versions (tc_wgmma). They take both rows passes and, when the anchors' term is
-// wanted, a one-pass forward. Only where their one-stage plan for d fits the device's shared memory (it does
+// yet run on a GPU), or their wgmma versions (tc_wgmma). They take the bank pass and, when the anchors' term is
+// wanted, a one-pass forward that forms it (so no anchor-term pass of theirs). Only where their one-stage plan for d fits the device's shared memory (it does
 // not at d > 240 on 99 KiB parts such as sm_86 / sm_89): else the mma.sync kernels serve.
 template <typename T>
 bool tc_flash(int64_t d) {
@@ -1116,7 +1116,9 @@ bool tc_flash_for(const Problem& p) {
 // bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
 TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
   TcPlan t;
-  const bool flash = tc_flash_for(p);
+  // The flash kernels serve the bank pass only: where they are on, the forward is their one pass (the anchors' term
+  // included), so the anchors' pass below is planned (and launched) with the mma.sync kernels.
+  const bool flash = bank_pass && tc_flash_for(p);
   t.xblocks = ceil_div(xrows, flash ? kFlRows : kTcRows);
   t.mma = !flash && tc_typed(p.dtype, [](auto x) { return tc_mma<decltype(x)>(); });
   t.slices = t.mma ? ceil_div(p.d, kTcSliceD) : 1;
@@ -1125,10 +1127,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
   const int64_t slots = tc_typed(p.dtype, [&](auto x) -> int64_t {
     using T = decltype(x);
     if constexpr (!std::is_same<T, float>::value) {
-      if (tc_flash<T>(p.d)) {
-        return bank_pass ? fl_slots<T, FlashMode::BankGrads>(p.d, num_sms)
-                         : fl_slots<T, FlashMode::AnchorTerm>(p.d, num_sms);
-      }
+      if (flash) return fl_slots<T, FlashMode::BankGrads>(p.d, num_sms);
     }
     return tc_rows_slots<T>(p.d, num_sms);
   });
@@ -1219,7 +1218,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   if (bound != nullptr) args.coef_bound = bound;
   bool launched = false;
   if constexpr (!std::is_same<T, float>::value) {
-    if (tc_flash<T>(d)) {
+    if (!args.lse_on_x && tc_flash<T>(d)) {  // the bank pass (see plan_tc_rows)
       FlArgs f;
       f.d = d;
       f.splits = plan.splits;
@@ -1235,10 +1234,8 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
       f.g = args.g;
       f.coef_bound = args.coef_bound;
       f.partial = args.partial;
-      f.out_v = args.out_v;
       f.out_grad = args.out_grad;
-      e = args.lse_on_x ? launch_flash<T, FlashMode::AnchorTerm>(X, Y, f, stream)
-                        : launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
+      e = launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
       if (e != cudaSuccess) return e;
       launched = true;
     }

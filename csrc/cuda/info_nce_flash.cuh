@@ -9,10 +9,10 @@
 // rows (16 x d, float32) stay in registers, and row reductions are quad shuffles. A block is 8 warps = 128 X rows,
 // so each Y tile copied into shared memory serves twice as many rows; one barrier pair per tile guards the Y
 // buffer. Modes:
-//   AnchorTerm  X = anchors, Y = bank:    c = e^{l - lse_x} inv_y                 O_x = V_x
 //   BankGrads   X = bank,    Y = anchors: c = g_y s e^{l - lse_y} inv_y           O_x = dL/dn_hat_x, finished
 //   Forward     X = anchors, Y = one K chunk: the running (max, sum) and V of the chunk in one walk (online
 //               rescaling by e^{m_old - m_new}), written as the partials forward_merge_kernel merges.
+// (No anchor-term pass: where these kernels serve, the forward is the one-pass Forward, which forms V.)
 // Splits of Y (rows passes) write float32 partials that tc_finish_kernel sums in split order, as for
 // mma_rows_kernel. NT: n8 tiles of the widest output row held (16: d <= 128, 32: d <= 256).
 //
@@ -23,22 +23,21 @@
 constexpr int kFlRows = 128;  // X rows per block: 8 warps x 16
 constexpr int kFlCols = 64;   // Y rows per tile
 
-enum class FlashMode { AnchorTerm, BankGrads, Forward };
+enum class FlashMode { BankGrads, Forward };
 
 struct FlArgs {
   int64_t d = 0;
   int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward: splits = K chunks
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
-  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (Forward, AnchorTerm) or by Y row (BankGrads)
+  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (Forward) or by Y row (BankGrads)
   const float* x_inv = nullptr;   // (X rows,)
   const float* x_proj = nullptr;  // BankGrads: Jacobian factor of the bank rows
   const float* y_inv = nullptr;   // (Y rows,)
-  const float* lse = nullptr;     // AnchorTerm: by X row; BankGrads: by Y row
+  const float* lse = nullptr;     // BankGrads: by Y row
   const float* g = nullptr;       // BankGrads: (Y rows,)
   const float* coef_bound = nullptr;  // float16: see TcRowsArgs::coef_bound
   float* partial = nullptr;       // (splits, X rows, d): rows passes with splits > 1; Forward: V partials
-  float* out_v = nullptr;         // AnchorTerm, one split: (X rows, d)
   void* out_grad = nullptr;       // BankGrads, one split: (X rows, d) in the input type
   float* part_max = nullptr;      // Forward: (chunks, X rows)
   float* part_sum = nullptr;
@@ -67,8 +66,7 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 
 // The epilogue of flash_kernel and wgmma_kernel, from registers: acc[4 j + 2 h + e] (NT n8 tiles x 4) is row g + 8 h
 // of the warp's 16, feature 8 j + 2 t + e (the mma.sync C layout and wgmma's per-warp D layout alike). Writes the
-// Forward partial (max, sum), the finished bank rows (BankGrads, one split), V (AnchorTerm, one split) or the
-// float32 partials.
+// Forward partial (max, sum), the finished bank rows (BankGrads, one split) or the float32 partials.
 template <typename T, FlashMode MODE, int NT>
 __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&row)[2], const float (&run_m)[2],
                                             const float (&run_s)[2], int64_t split, float unscale, int t,
@@ -110,8 +108,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
           }
       }
     } else if (ok) {
-      float* dst = (MODE == FlashMode::AnchorTerm && a.splits == 1) ? a.out_v + r * a.d
-                                                                    : a.partial + (split * X.rows + r) * a.d;
+      float* dst = a.partial + (split * X.rows + r) * a.d;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -153,16 +150,15 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     tc_commit();
     tc_wait<0>();
     int64_t row[2], row_ex[2];
-    float xinv[2], xlse[2], run_m[2], run_s[2];
+    float xinv[2], run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
-      // The column this row leaves out: by X row (Forward, AnchorTerm; exclude_self in every mode), else per
+      // The column this row leaves out: by X row (Forward; exclude_self in every mode), else per
       // column (yex).
       row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
-      xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }
@@ -257,8 +253,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               float c = 0.f;
               if (keep) {
                 const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
-                c = (MODE == FlashMode::AnchorTerm ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
-                    tc_coef_inv<T>(yinv[col], cscale);
+                c = yg[col] * __expf(l - ylse[col]) * tc_coef_inv<T>(yinv[col], cscale);
               }
               sc[j][2 * h + e] = c;
             }

@@ -295,16 +295,15 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
     // This thread's rows, as in flash_kernel: 16 warp + g + 8 h of the block (= 64 wg + 16 (warp & 3) + ...).
     int64_t row[2], row_ex[2];
-    float xinv[2], xlse[2], run_m[2], run_s[2];
+    float xinv[2], run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
-      // The column this row leaves out: by X row (Forward, AnchorTerm; exclude_self in every mode), else per
+      // The column this row leaves out: by X row (Forward; exclude_self in every mode), else per
       // column (yex).
       row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
       xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
-      xlse[h] = (MODE == FlashMode::AnchorTerm && ok) ? a.lse[row[h]] : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }
@@ -395,8 +394,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               float c = 0.f;
               if (keep) {
                 const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
-                c = (MODE == FlashMode::AnchorTerm ? __expf(l - xlse[h]) : yg[col] * __expf(l - ylse[col])) *
-                    tc_coef_inv<T>(yinv[col], cscale);
+                c = yg[col] * __expf(l - ylse[col]) * tc_coef_inv<T>(yinv[col], cscale);
               }
               sc[4 * j + 2 * h + e] = c;
             }

@@ -12,10 +12,12 @@
 // opt-in kernels (CONTRASTBOUND_TC_* switches) end to end. Not checked: the WMMA kernels (float32 as TF32,
 // CONTRASTBOUND_TC_MMA=0), speed, anything of the real driver or hardware.
 //
-//   test_cuda_emu [quick]
+//   test_cuda_emu [quick]    (quick, as ctest runs it: the variants' cases with one forward and one backward each;
+//                             the default kernels' cases in full either way)
 #include "emu_runtime.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -132,7 +134,8 @@ const char* name_of() {
 
 // ---- problems -----------------------------------------------------------------------------------------------
 
-enum Layout { kContiguous = 0, kPaddedRows = 1, kTransposed = 2 };
+// kOffset: contiguous rows starting one element past an aligned address (no 16-byte copies either).
+enum Layout { kContiguous = 0, kPaddedRows = 1, kTransposed = 2, kOffset = 3 };
 
 struct Case {
   Mode mode = Mode::Shared;
@@ -143,6 +146,7 @@ struct Case {
   double temperature = 0.1;
   int64_t zero_anchor = -1, zero_bank = -1;  // a row set to zero (-1: none)
   int64_t nan_bank = -1;                      // a bank row with a NaN feature (-1: none)
+  bool bad_scale = false;                     // scale -1 / T: every output must be NaN (read_scale)
   std::string name() const {
     char buf[240];
     std::snprintf(buf, sizeof buf,
@@ -150,7 +154,7 @@ struct Case {
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
-                  nan_bank >= 0 ? " NaN row" : "");
+                  nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "");
     return buf;
   }
 };
@@ -159,9 +163,11 @@ struct Case {
 // and the tensor-core kernels take their scalar copies; transposed: feature-major).
 template <typename T>
 struct Mat {
-  int64_t rows = 0, d = 0, s0 = 0, s1 = 1;
+  int64_t rows = 0, d = 0, s0 = 0, s1 = 1, off = 0;  // element (i, j) at data[off + i s0 + j s1]
   std::vector<T> data;
-  double f(int64_t i, int64_t j) const { return to_d(data[i * s0 + j * s1]); }
+  double f(int64_t i, int64_t j) const { return to_d(data[off + i * s0 + j * s1]); }
+  T& at(int64_t i, int64_t j) { return data[off + i * s0 + j * s1]; }
+  const T* ptr() const { return data.data() + off; }
 };
 
 template <typename T>
@@ -176,10 +182,11 @@ Mat<T> random_mat(std::mt19937_64& rng, int64_t rows, int64_t d, Layout layout, 
     m.s0 = layout == kPaddedRows ? d + 3 : d;
     m.s1 = 1;
   }
-  m.data.assign(std::max<int64_t>(1, rows * d + (layout == kPaddedRows ? 3 * rows : 0)), from_d<T>(0.0));
+  m.off = layout == kOffset ? 1 : 0;
+  m.data.assign(std::max<int64_t>(1, m.off + rows * d + (layout == kPaddedRows ? 3 * rows : 0)), from_d<T>(0.0));
   std::normal_distribution<double> nd(0.0, 1.0);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < d; ++j) m.data[i * m.s0 + j * m.s1] = from_d<T>(i == zero_row ? 0.0 : nd(rng));
+    for (int64_t j = 0; j < d; ++j) m.at(i, j) = from_d<T>(i == zero_row ? 0.0 : nd(rng));
   return m;
 }
 
@@ -258,8 +265,9 @@ struct Aligned {
 
 // One case through forward and backward, compared with float64. tol: of the values in the input type (loss / lse
 // are float32 or float64 and checked to tol_acc).
+// light: the forward with the anchor term and the backward of every gradient only (quick runs of the variants).
 template <typename T>
-void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, const std::string& config) {
+void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, const std::string& config, bool light) {
   using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
   const std::string what = std::string(name_of<T>()) + " " + c.name() + " [" + config + "]";
   const int64_t B = c.B, K = c.K, d = c.d;
@@ -267,7 +275,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   const Mat<T> A = random_mat<T>(rng, B, d, c.layout, c.zero_anchor);
   const Mat<T> P = random_mat<T>(rng, B, d, c.layout, -1);
   Mat<T> N = random_mat<T>(rng, bank_rows, d, c.layout, c.zero_bank);
-  if (c.nan_bank >= 0) N.data[c.nan_bank * N.s0 + (d / 2) * N.s1] = from_d<T>(NAN);
+  if (c.nan_bank >= 0) N.at(c.nan_bank, d / 2) = from_d<T>(NAN);
   std::vector<int64_t> idx;
   if (c.mode == Mode::Indexed) {
     // repeats, and rows no anchor uses (their gradient must stay 0)
@@ -277,7 +285,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   std::vector<int64_t> excl;
   if (c.excluded)
     for (int64_t i = 0; i < B; ++i) excl.push_back((i * 37 + 11) % (K + 3) - 1);  // -1 and >= K exclude none
-  const acc_t scale = static_cast<acc_t>(1.0 / c.temperature);
+  const acc_t scale = static_cast<acc_t>((c.bad_scale ? -1.0 : 1.0) / c.temperature);
   const double s = scale;
 
   Problem p;
@@ -287,11 +295,11 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   p.K = K;
   p.d = d;
   p.rows = c.mode == Mode::Indexed ? c.rows : c.mode == Mode::Shared ? K : 0;
-  p.anchors = A.data.data();
+  p.anchors = A.ptr();
   p.anchors_stride[0] = A.s0, p.anchors_stride[1] = A.s1;
-  p.positives = P.data.data();
+  p.positives = P.ptr();
   p.positives_stride[0] = P.s0, p.positives_stride[1] = P.s1;
-  p.negatives = N.data.data();
+  p.negatives = N.ptr();
   if (c.mode == Mode::PerAnchor) {  // (B, K, d) over the bank_rows = B * K rows of N
     p.negatives_stride[0] = K * N.s0, p.negatives_stride[1] = N.s0, p.negatives_stride[2] = N.s1;
   } else {
@@ -346,6 +354,12 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
 
   // forward through the library's entry point
   const int num_sms = emu::device().multiprocessors;
+  // A scale that is not positive and finite (a bad tensor temperature, never read back on a GPU) turns every
+  // output into NaN, so that it cannot pass for a finite wrong result.
+  const auto poison = [&](std::vector<double>& x) {
+    if (c.bad_scale) std::fill(x.begin(), x.end(), double(NAN));
+  };
+  poison(want_loss), poison(want_lse), poison(want_v);
   std::vector<acc_t> loss(B, NAN), lse(B, NAN), v(B * d, NAN);
   ForwardOutputs out;
   out.loss = loss.data();
@@ -371,6 +385,22 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   expect_err(e_loss, tol_acc, ty, what + ": loss");
   expect_err(e_lse, tol_acc, ty, what + ": lse");
   expect_err(e_v, tol, ty, what + ": anchor term");
+  if (!light) {  // without the anchor term (no gradient for the anchors, or no grad at all): other kernels
+    std::vector<acc_t> loss2(B, NAN), lse2(B, NAN);
+    ForwardOutputs out2;
+    out2.loss = loss2.data();
+    out2.lse = lse2.data();
+    const size_t bytes2 = info_nce_forward_workspace_bytes(p, false, num_sms);
+    Aligned ws2(bytes2);
+    expect(info_nce_forward(p, out2, ws2.ptr, bytes2, num_sms, nullptr) == cudaSuccess,
+           what + ": forward launch without the anchor term");
+    double e2 = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      e2 = std::max(e2, rel(loss2[i], want_loss[i], want_lse[i]));
+      e2 = std::max(e2, rel(lse2[i], want_lse[i], want_lse[i]));
+    }
+    expect_err(e2, tol_acc, ty, what + ": loss and lse without the anchor term");
+  }
 
   // reference gradients of sum_i g_i loss_i
   std::vector<double> gl(B);
@@ -396,9 +426,12 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     const std::vector<double> dn = through_norm(Gn[r], nh[r], nn[r], c.normalize);
     std::copy(dn.begin(), dn.end(), gn.begin() + r * d);
   }
+  poison(ga), poison(gp), poison(gn);
 
   // backward through the library's entry point, from the forward's own lse, loss and anchor term
-  for (int pass = 0; pass < 2; ++pass) {  // 0: every gradient; 1: the bank's only, without the forward's loss
+  // 0: every gradient, from forward's loss and anchor term; 1: the bank's and the positives', without them;
+  // 2: the anchors' only, without forward's loss (w0 - 1 from lse)
+  for (int pass = 0; pass < (light ? 1 : 3); ++pass) {
     std::vector<acc_t> g(gl.begin(), gl.end());
     std::vector<T> out_a(B * d, from_d<T>(NAN)), out_p(B * d, from_d<T>(NAN));
     // Output in the negatives' shape, contiguous: (K, d) / (B, K, d) / (rows, d).
@@ -413,16 +446,16 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     BackwardArgs ba;
     ba.grad_loss = g.data();
     ba.lse = lse.data();
-    ba.anchor_term = pass == 0 ? v.data() : nullptr;
+    ba.anchor_term = pass != 1 ? v.data() : nullptr;
     ba.loss = pass == 0 ? loss.data() : nullptr;
-    ba.grad_anchors = pass == 0 ? out_a.data() : nullptr;
-    ba.grad_positives = pass == 0 ? out_p.data() : nullptr;
-    ba.grad_negatives = out_n.data();
+    ba.grad_anchors = pass != 1 ? out_a.data() : nullptr;
+    ba.grad_positives = pass != 2 ? out_p.data() : nullptr;
+    ba.grad_negatives = pass != 2 ? out_n.data() : nullptr;
     ba.sorted_rows = sorted_rows.empty() ? nullptr : sorted_rows.data();
     ba.sorted_pairs = sorted_pairs.empty() ? nullptr : sorted_pairs.data();
     const size_t bwd_bytes = info_nce_backward_workspace_bytes(p, ba, num_sms);
     Aligned bwd_ws(bwd_bytes);
-    const std::string pw = what + (pass == 0 ? "" : " (bank gradient only)");
+    const std::string pw = what + (pass == 0 ? "" : pass == 1 ? " (bank and positives)" : " (anchors only)");
     expect(info_nce_backward(p, ba, bwd_ws.ptr, bwd_bytes, num_sms, nullptr) == cudaSuccess, pw + ": backward launch");
     const auto as_dt = [](const std::vector<T>& x) {
       std::vector<double> y;
@@ -434,10 +467,9 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       for (double e : x) y.push_back(to_d(from_d<T>(e)));
       return y;
     };
-    if (pass == 0) {
-      expect_err(max_err(as_dt(out_a), rounded(ga)), tol, ty, pw + ": anchors' gradient");
-      expect_err(max_err(as_dt(out_p), rounded(gp)), tol, ty, pw + ": positives' gradient");
-    }
+    if (pass != 1) expect_err(max_err(as_dt(out_a), rounded(ga)), tol, ty, pw + ": anchors' gradient");
+    if (pass != 2) expect_err(max_err(as_dt(out_p), rounded(gp)), tol, ty, pw + ": positives' gradient");
+    if (pass == 2) continue;
     expect_err(max_err(as_dt(out_n), rounded(gn)), tol, ty, pw + ": negatives' gradient");
     if (c.mode == Mode::Indexed) {  // rows no anchor used: exactly zero
       std::vector<bool> used(bank_rows, false);
@@ -463,6 +495,18 @@ std::vector<Case> cases(bool quick) {
   add(c);
   c = Case();
   c.B = 6, c.K = 0, c.d = 8;  // no negatives: the positive alone
+  add(c);
+  c = Case();
+  c.B = 0, c.K = 20, c.d = 8;  // no anchors: the bank's gradient is zero
+  add(c);
+  c = Case();
+  c.B = 5, c.K = 1, c.d = 8, c.excluded = true;  // some anchors leave out the only bank row: a fully masked tile
+  add(c);
+  c = Case();
+  c.B = 21, c.K = 40, c.d = 32, c.layout = kOffset;  // rows a multiple of 16 bytes, the base pointer not
+  add(c);
+  c = Case();
+  c.B = 7, c.K = 20, c.d = 8, c.bad_scale = true;
   add(c);
   c = Case();
   c.B = 70, c.K = 70, c.d = 72, c.exclude_self = true;  // in-batch / NT-Xent: bank row i left out of anchor i
@@ -494,6 +538,14 @@ std::vector<Case> cases(bool quick) {
     c = Case();
     c.B = 18, c.K = 40, c.d = 300;  // wider than 256: the mma.sync rows passes in feature slices
     add(c);
+    c = Case();
+    c.B = 8, c.K = 20, c.d = 450;  // whole rows with two Y stages by default (d ~ 385..560 on the H200)
+    add(c);
+    c = Case();
+    c.B = 12, c.K = 70, c.d = 150;  // wgmma: features padded to 192
+    add(c);
+    c.d = 200;  // flash on a 99 KiB part: one Y stage (two do not fit)
+    add(c);
     if (!quick) {
       c = Case();
       c.B = 9, c.K = 20, c.d = 900;  // too wide for whole tiles in 227 KiB: copied in chunks
@@ -517,7 +569,7 @@ std::vector<Case> cases(bool quick) {
 // relative each, float16 ~2^-12; results are rounded to it once more) and of loss / lse (float32 accumulation of
 // exact products: the logits' rounding times the scale, up to 100 at T = 0.01).
 template <typename T>
-void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool tc_only) {
+void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool tc_only, bool light) {
   const bool half = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
   const double tol = std::is_same<T, double>::value ? 1e-12
                      : std::is_same<T, float>::value ? 2e-5
@@ -526,21 +578,68 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
   const double tol_acc = std::is_same<T, double>::value ? 1e-12 : 2e-5;
   for (const Case& c : cases<T>(quick)) {
     if (tc_only && !(half && c.mode == Mode::Shared && c.tensor_cores)) continue;
-    run_case<T>(c, rng, tol, tol_acc, config);
+    run_case<T>(c, rng, tol, tol_acc, config, light);
   }
 }
 
-void run_config(bool quick, const std::string& config, bool tc_only) {
+// Every case of every type (tc_only: only float16 / bfloat16 shared-bank cases with tensor cores allowed, what the
+// CONTRASTBOUND_TC_* switches change); quick runs of the variants (not the default kernels) are light.
+void run_config(bool quick, const std::string& config, bool tc_only, bool variant = true) {
+  const bool light = quick && variant;
   std::mt19937_64 rng(1234);
   const int before = failures;
+  const auto t0 = std::chrono::steady_clock::now();
   if (!tc_only) {
-    run_type<double>(quick, rng, config, false);
-    run_type<float>(quick, rng, config, false);
+    run_type<double>(quick, rng, config, false, light);
+    run_type<float>(quick, rng, config, false, light);
   }
-  run_type<__half>(quick, rng, config, tc_only);
-  run_type<__nv_bfloat16>(quick, rng, config, tc_only);
-  std::printf("%-60s %s\n", config.c_str(), failures == before ? "ok" : "FAILED");
+  run_type<__half>(quick, rng, config, tc_only, light);
+  run_type<__nv_bfloat16>(quick, rng, config, tc_only, light);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%-60s %s (%.0f s)\n", config.c_str(), failures == before ? "ok" : "FAILED", secs);
   std::fflush(stdout);
+}
+
+// The entry points refuse what the kernels cannot run (cudaErrorInvalidValue, nothing launched or written): too
+// small a workspace, no scale, the anchors' gradient without the anchor term, indexed negatives' gradient without
+// the sorted indices.
+void entry_point_errors() {
+  const int64_t B = 4, K = 6, d = 8;
+  std::vector<float> a(B * d, 1.f), n(K * d, 0.5f), loss(B, NAN), lse(B, NAN), v(B * d, NAN), g(B, 1.f);
+  std::vector<float> ga(B * d, NAN), gn(K * d, NAN);
+  std::vector<int64_t> idx(B * K, 0);
+  const float scale = 10.f;
+  Problem p;
+  p.dtype = DType::Float32, p.B = B, p.K = K, p.d = d, p.rows = K;
+  p.anchors = a.data(), p.positives = a.data(), p.negatives = n.data();
+  p.anchors_stride[0] = p.positives_stride[0] = p.negatives_stride[0] = d;
+  p.anchors_stride[1] = p.positives_stride[1] = p.negatives_stride[1] = 1;
+  p.scale = &scale;
+  ForwardOutputs out;
+  out.loss = loss.data(), out.lse = lse.data(), out.anchor_term = v.data();
+  const size_t fb = info_nce_forward_workspace_bytes(p, true, 2);
+  Aligned fws(fb);
+  expect(fb > 0 && info_nce_forward(p, out, fws.ptr, fb - 1, 2, nullptr) == cudaErrorInvalidValue,
+         "forward refuses too small a workspace");
+  Problem q = p;
+  q.scale = nullptr;
+  expect(info_nce_forward(q, out, fws.ptr, fb, 2, nullptr) == cudaErrorInvalidValue, "forward refuses no scale");
+  expect(std::isnan(loss[0]) && std::isnan(lse[0]), "a refused forward writes nothing");
+  BackwardArgs ba;
+  ba.grad_loss = g.data(), ba.lse = g.data(), ba.grad_anchors = ga.data();  // no anchor term
+  const size_t bb = info_nce_backward_workspace_bytes(p, ba, 2);
+  Aligned bws(bb);
+  expect(info_nce_backward(p, ba, bws.ptr, bb, 2, nullptr) == cudaErrorInvalidValue,
+         "backward refuses the anchors' gradient without the anchor term");
+  q = p;
+  q.mode = Mode::Indexed, q.indices = idx.data(), q.indices_stride[0] = K, q.indices_stride[1] = 1;
+  BackwardArgs bi;
+  bi.grad_loss = g.data(), bi.lse = g.data(), bi.grad_negatives = gn.data();  // no sorted_rows / sorted_pairs
+  const size_t ib = info_nce_backward_workspace_bytes(q, bi, 2);
+  Aligned iws(ib);
+  expect(info_nce_backward(q, bi, iws.ptr, ib, 2, nullptr) == cudaErrorInvalidValue,
+         "backward refuses indexed negatives' gradient without the sorted indices");
+  expect(std::isnan(ga[0]) && std::isnan(gn[0]), "a refused backward writes nothing");
 }
 
 struct Env {
@@ -563,9 +662,10 @@ int main(int argc, char** argv) {
     unsetenv(v);
   }
   emu::Device& dev = emu::device();
+  entry_point_errors();
   // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
   // grids are small and every kernel's grid-stride loop and the work split's chunks and splits come into play.
-  run_config(quick, "sm_90a, default kernels", false);
+  run_config(quick, "sm_90a, default kernels", false, /*variant=*/false);
   // The same device at full size (132 multiprocessors, 3 blocks each): plans whose units all fit in one wave.
   dev.multiprocessors = 132, dev.blocks_per_sm = 3;
   run_config(quick, "sm_90a, 132 multiprocessors", false);
@@ -575,12 +675,15 @@ int main(int argc, char** argv) {
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FUSED_FWD=1", true); });
   with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FLASH=1", true); });
   with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1", true); });
+  with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}, {"CONTRASTBOUND_TC_STAGES", "1"}},
+           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1 STAGES=1", true); });
   with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}},
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=1", true); });
   // An sm_86-like part (99 KiB per block, no sm_90a code): whole rows past d = 336 copied in chunks; the wgmma
   // switch falls back to the mma.sync kernels.
   dev.major = 8, dev.minor = 6, dev.smem_optin = 99 * 1024, dev.smem_per_sm = 100 * 1024, dev.sm90a = false;
   with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_86, CONTRASTBOUND_TC_WGMMA=1", true); });
+  with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { run_config(quick, "sm_86, CONTRASTBOUND_TC_FLASH=1", true); });
   // Compute capability 7.0: no tensor cores; float16 / bfloat16 on the SIMT kernels.
   dev.major = 7, dev.minor = 0;
   run_config(quick, "sm_70 (SIMT only)", true);
