@@ -151,15 +151,19 @@ class NegativeQueue(torch.nn.Module):
         if 2 * top < torch.finfo(given.dtype).max:
             # A queue of a narrower range than the keys (float16 fed wider keys, float32 or bfloat16 fed float64
             # ones): a larger finite key would be stored as inf (torch's cast), and the loss over the queue would be
-            # NaN steps later. One read-back (a synchronisation on a GPU); keys in the queue's dtype skip it.
-            if bool((torch.isinf(keys) & ~torch.isinf(given.to(keys.device))).any()):
-                name = str(self.queue.dtype).replace("torch.", "")
-                wider = "a float32 or bfloat16" if self.queue.dtype == torch.float16 else "a float64"
-                raise ValueError(
-                    f"keys hold finite values beyond {name}'s range (largest magnitude "
-                    f"{given.abs().amax().item():.4g} > {top:g}), which a {name} queue would store as inf: normalise "
-                    f"the keys (as MoCo does), scale them, or use {wider} queue"
-                )
+            # NaN steps later. One read-back (a synchronisation on a GPU); keys in the queue's dtype skip it. The
+            # keys' own infinities are compared on their device, only where the cast has any.
+            if bool(torch.isinf(keys).any()):
+                over = torch.isinf(keys.to(given.device)) & torch.isfinite(given)
+                if bool(over.any()):
+                    name = str(self.queue.dtype).replace("torch.", "")
+                    wider = "a float32 or bfloat16" if self.queue.dtype == torch.float16 else "a float64"
+                    largest = given[torch.isfinite(given)].abs().amax().item()
+                    raise ValueError(
+                        f"keys hold finite values beyond {name}'s range (largest finite magnitude {largest:.4g} > "
+                        f"{top:g}), which a {name} queue would store as inf: normalise the keys (as MoCo does), scale "
+                        f"them, or use {wider} queue"
+                    )
         if keys.untyped_storage().data_ptr() == self.queue.untyped_storage().data_ptr():
             keys = keys.clone()  # rows of the queue itself (e.g. negatives()): the writes below would overlap them
         start, filled = self._host()

@@ -1027,8 +1027,9 @@ inline bool tc_wgmma() {
 
 // Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: not
 // yet run on a GPU), or their wgmma versions (tc_wgmma). They take the bank pass and, when the anchors' term is
-// wanted, a one-pass forward that forms it (so no anchor-term pass of theirs). Only where their one-stage plan for d fits the device's shared memory (it does
-// not at d > 240 on 99 KiB parts such as sm_86 / sm_89): else the mma.sync kernels serve.
+// wanted, a one-pass forward that forms it (so no anchor-term pass of theirs). Only where their one-stage plan for
+// d fits the device's shared memory (it does not at d > 240 on 99 KiB parts such as sm_86 / sm_89): else the
+// mma.sync kernels serve.
 template <typename T>
 bool tc_flash(int64_t d) {
   if constexpr (std::is_same<T, float>::value) {
@@ -1117,7 +1118,8 @@ bool tc_flash_for(const Problem& p) {
 TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
   TcPlan t;
   // The flash kernels serve the bank pass only: where they are on, the forward is their one pass (the anchors' term
-  // included), so the anchors' pass below is planned (and launched) with the mma.sync kernels.
+  // included) and this plan's anchors' pass is not launched; it is planned as launch_tc_rows would run it, with the
+  // mma.sync (or WMMA) kernels.
   const bool flash = bank_pass && tc_flash_for(p);
   t.xblocks = ceil_div(xrows, flash ? kFlRows : kTcRows);
   t.mma = !flash && tc_typed(p.dtype, [](auto x) { return tc_mma<decltype(x)>(); });

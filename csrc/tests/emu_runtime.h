@@ -32,6 +32,7 @@ cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
 namespace emu {
 
 struct Device {
+  int id = 0;                      // cudaGetDevice: a new id for each profile (the library caches per device)
   int major = 9, minor = 0;        // compute capability
   int smem_optin = 227 * 1024;     // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100 / H200)
   int smem_per_sm = 228 * 1024;    // cudaDevAttrMaxSharedMemoryPerMultiprocessor

@@ -81,9 +81,9 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
   }
   for (int64_t k = 0; k < c.K; ++k) proj[k] = ni[k] * ni[k];
   const std::vector<int64_t> ex = excluded_rows(c);
-  for (int bank = 1; bank < 2; ++bank) {
-    const Mat<T>& Xm = bank ? N : A;
-    const Mat<T>& Ym = bank ? A : N;
+  {  // X = bank rows, Y = anchors
+    const Mat<T>& Xm = N;
+    const Mat<T>& Ym = A;
     const int64_t xrows = Xm.rows, yrows = Ym.rows;
     const int64_t ytiles = (yrows + kFlCols - 1) / kFlCols;
     FlArgs f;
@@ -93,13 +93,13 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     f.splits = (ytiles + f.tiles_per_split - 1) / f.tiles_per_split;
     f.scale = &c.scale;
     f.exclude_self = c.exclude_self;
-    f.excluded = ex.empty() ? nullptr : ex.data();  // by X row (anchor term) or by Y row (bank gradients)
-    f.x_inv = bank ? ni.data() : ai.data();
-    f.x_proj = bank ? proj.data() : nullptr;
-    f.y_inv = bank ? ai.data() : ni.data();
+    f.excluded = ex.empty() ? nullptr : ex.data();  // by Y row (the anchors)
+    f.x_inv = ni.data();
+    f.x_proj = proj.data();
+    f.y_inv = ai.data();
     f.lse = lse.data();
-    f.g = bank ? gl.data() : nullptr;
-    const std::vector<float> bound = bank ? coef_bound<T>(ai, &gl, c.scale) : coef_bound<T>(ni, nullptr, 1.f);
+    f.g = gl.data();
+    const std::vector<float> bound = coef_bound<T>(ai, &gl, c.scale);
     f.coef_bound = bound.empty() ? nullptr : bound.data();
     const unsigned grid = std::min<unsigned>(c.grid, static_cast<unsigned>(f.xblocks * f.splits));
     const TcOperand<T> X = Xm.operand(), Y = Ym.operand();
@@ -125,12 +125,12 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
     for (int64_t x = 0; x < xrows; ++x) {
       std::vector<double> G(c.d, 0.0);
       for (int64_t y = 0; y < yrows; ++y) {
-        const double lv = bank ? l[y * c.K + x] : l[x * c.K + y];
+        const double lv = l[y * c.K + x];
         if (lv == -INFINITY) continue;
-        const double coef = bank ? gl[y] * c.scale * std::exp(lv - lse[y]) * ai[y] : std::exp(lv - lse[x]) * ni[y];
+        const double coef = gl[y] * c.scale * std::exp(lv - lse[y]) * ai[y];
         for (int64_t j = 0; j < c.d; ++j) G[j] += coef * Ym.f(y, j);
       }
-      if (!bank || f.splits > 1) {
+      if (f.splits > 1) {
         for (int64_t j = 0; j < c.d; ++j) want.push_back(G[j]);
       } else {
         double nd = 0;
@@ -139,7 +139,7 @@ void run_rows(const Case& c, std::mt19937_64& rng, double tol) {
       }
     }
     const double e = rel_err(outs[0], want), ef = rel_diff(outs[0], outs[1]);
-    const std::string what = std::string(bank ? "bank gradients" : "anchor term") + " (splits " +
+    const std::string what = std::string("bank gradients") + " (splits " +
                              std::to_string(f.splits) + "), " + c.name();
     expect(e <= tol, "wgmma_kernel " + what + " vs float64 (rel err " + std::to_string(e) + ")");
     expect(ef <= tol, "wgmma_kernel " + what + " vs flash_kernel (rel diff " + std::to_string(ef) + ")");
