@@ -15,6 +15,9 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+#include <vector>
+
 #include "emu_cuda.h"
 #include "emu_wgmma.h"
 
@@ -46,6 +49,13 @@ inline Device& device() {
   return d;
 }
 
+// cudaFuncAttributeMaxDynamicSharedMemorySize as set per kernel (test_cuda_emu.cpp's cudaFuncSetAttribute): a launch
+// with more than the default 48 KiB of dynamic shared memory fails on a GPU unless it was raised for that kernel.
+inline std::vector<std::pair<const void*, int>>& smem_allowed() {
+  static std::vector<std::pair<const void*, int>> v;
+  return v;
+}
+
 // CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): each emulated thread calls the kernel with its
 // own copy of the arguments (kernels take them by value, as a launch does).
 template <typename F>
@@ -70,6 +80,12 @@ template <typename F>
 Launch<F> launcher(F kernel, dim3 grid, unsigned threads, size_t smem) {
   if (grid.z != 1) fail("three-dimensional grids are not emulated");
   if (smem > static_cast<size_t>(device().smem_optin)) fail("launch with more shared memory than the device has");
+  if (smem > 48 * 1024) {
+    const void* key = reinterpret_cast<const void*>(kernel);
+    bool raised = false;
+    for (const auto& e : smem_allowed()) raised = raised || (e.first == key && static_cast<size_t>(e.second) >= smem);
+    if (!raised) fail("launch with more than 48 KiB of dynamic shared memory, not raised by cudaFuncSetAttribute");
+  }
   return Launch<F>{kernel, grid, threads, smem};
 }
 

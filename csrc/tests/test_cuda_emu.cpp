@@ -62,9 +62,14 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
 
 cudaError_t cudaGetLastError() { return cudaSuccess; }
 
-cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && value > emu::device().smem_optin) {
-    return cudaErrorInvalidValue;
+cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value > emu::device().smem_optin) return cudaErrorInvalidValue;
+    auto& allowed = emu::smem_allowed();
+    bool found = false;
+    for (auto& e : allowed)
+      if (e.first == kernel) e.second = value, found = true;
+    if (!found) allowed.emplace_back(kernel, value);
   }
   return cudaSuccess;
 }
