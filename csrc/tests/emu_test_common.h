@@ -3,28 +3,16 @@
 // each test's anonymous namespace, after the kernels (it uses tc_bound_term).
 #pragma once
 
-int failures = 0;
-int checks = 0;
+#include "emu_checks.h"
 
+// float to and from the half types (through the float64 conversions of emu_checks.h: the same roundings).
 template <typename T>
-T to_t(float x);
-template <>
-__nv_bfloat16 to_t<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__half to_t<__half>(float x) {
-  return __float2half_rn(x);
+T to_t(float x) {
+  return from_d<T>(x);
 }
 template <typename T>
-float from_t(T x);
-template <>
-float from_t<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-float from_t<__half>(__half x) {
-  return __half2float(x);
+float from_t(T x) {
+  return static_cast<float>(to_d(x));
 }
 
 // A (rows, d) matrix in type T, stored with row stride s0 and feature stride s1 (s1 = 2: every other element, so
@@ -76,14 +64,6 @@ double dot(const Mat<T>& x, int64_t i, const Mat<T>& y, int64_t k) {
   double s = 0;
   for (int64_t j = 0; j < x.d; ++j) s += x.f(i, j) * y.f(k, j);
   return s;
-}
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
 }
 
 // ||got - want|| / max(||want||, 1e-3 sqrt(n)): relative Frobenius error, except where the reference is itself at

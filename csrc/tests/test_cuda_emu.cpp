@@ -91,35 +91,7 @@ namespace {
 
 using namespace contrastbound::cuda;
 
-int failures = 0;
-int checks = 0;
-
-// ---- element types ----------------------------------------------------------------------------------------------
-
-template <typename T>
-double to_d(T x) {
-  return static_cast<double>(x);
-}
-template <>
-double to_d<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-double to_d<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T>
-T from_d(double x) {
-  return static_cast<T>(x);
-}
-template <>
-__half from_d<__half>(double x) {
-  return __float2half_rn(static_cast<float>(x));
-}
-template <>
-__nv_bfloat16 from_d<__nv_bfloat16>(double x) {
-  return __float2bfloat16_rn(static_cast<float>(x));
-}
+#include "emu_checks.h"  // failures, checks, expect, to_d, from_d
 
 template <typename T>
 DType dtype_of() {
@@ -226,13 +198,6 @@ std::vector<double> through_norm(const std::vector<double>& G, const std::vector
   return out;
 }
 
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
 
 // The worst |got - want| of a (rows, d) tensor, each element relative to the size of its row's reference (its
 // largest finite magnitude) or to the 90th percentile of the row sizes where that is larger, at least `floor`.
