@@ -18,6 +18,13 @@ constexpr int64_t kMaxGrid = int64_t(1) << 30;  // grid-stride loops cover the r
 #define CB_LAUNCH(GRID, BLOCK, SMEM, STREAM, ...) __VA_ARGS__<<<GRID, BLOCK, SMEM, STREAM>>>
 #endif
 
+// A statically sized shared-memory array, written CB_SHARED(type, name, dimensions): `__shared__ type name dims` in
+// CUDA builds; the emulated build (csrc/tests/emu_runtime.h) fills it with NaN bytes at each block's first use, as
+// it does dynamic shared memory, so that a read before any write shows.
+#ifndef CB_SHARED
+#define CB_SHARED(TYPE, NAME, DIMS) __shared__ TYPE NAME DIMS
+#endif
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // std::min for device code (std::min is a constexpr host function; nvcc runs without relaxed constexpr in CI).
 __host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return b < a ? b : a; }

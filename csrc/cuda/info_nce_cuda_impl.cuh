@@ -233,7 +233,7 @@ BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardAr
 // One block per anchor: row scales of a_i and p_i, s * a_hat_i and p_hat_i in acc_t, the positive logit.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, const Prepared<acc_t> pr) {
-  __shared__ acc_t red[kWarps];
+  CB_SHARED(acc_t, red, [kWarps]);
   const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
   const scalar_t* q = static_cast<const scalar_t*>(p.positives);
   const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
@@ -344,11 +344,14 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_shared_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
   constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
-  __shared__ acc_t a_s[kBD][BA + 1];
-  __shared__ acc_t n_s[kBD][BA + 1];
-  __shared__ acc_t l_s[BA][BK + 1];  // logits, then softmax numerators times 1/||n_k||
-  __shared__ acc_t v_s[BK][BK + 1];  // bank rows x feature chunk, for V
-  __shared__ acc_t row_max[BA], row_sum[BA], row_alpha[BA], col_inv[BK];
+  CB_SHARED(acc_t, a_s, [kBD][BA + 1]);
+  CB_SHARED(acc_t, n_s, [kBD][BA + 1]);
+  CB_SHARED(acc_t, l_s, [BA][BK + 1]);  // logits, then softmax numerators times 1/||n_k||
+  CB_SHARED(acc_t, v_s, [BK][BK + 1]);  // bank rows x feature chunk, for V
+  CB_SHARED(acc_t, row_max, [BA]);
+  CB_SHARED(acc_t, row_sum, [BA]);
+  CB_SHARED(acc_t, row_alpha, [BA]);
+  CB_SHARED(acc_t, col_inv, [BK]);
 
   const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
   const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
@@ -465,9 +468,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
-  __shared__ acc_t t_l[kRowTile], t_inv[kRowTile];
-  __shared__ int64_t t_off[kRowTile];
-  __shared__ acc_t st_max, st_sum, st_alpha;
+  CB_SHARED(acc_t, t_l, [kRowTile]);
+  CB_SHARED(acc_t, t_inv, [kRowTile]);
+  CB_SHARED(int64_t, t_off, [kRowTile]);
+  CB_SHARED(acc_t, st_max, );
+  CB_SHARED(acc_t, st_sum, );
+  CB_SHARED(acc_t, st_alpha, );
 
   const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
   const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1], s2 = p.negatives_stride[2];
@@ -611,7 +617,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     anchor_grads_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
                         const acc_t* loss, const acc_t* v, scalar_t* ga, scalar_t* gp) {
-  __shared__ acc_t red[kWarps];
+  CB_SHARED(acc_t, red, [kWarps]);
   const scalar_t* a = static_cast<const scalar_t*>(p.anchors);
   const scalar_t* q = static_cast<const scalar_t*>(p.positives);
   const int64_t d = p.d, as0 = p.anchors_stride[0], as1 = p.anchors_stride[1];
@@ -655,11 +661,11 @@ __global__ void __launch_bounds__(kThreads)
     backward_bank_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
                          acc_t* scratch, const BankPlan bp, scalar_t* grad) {
   constexpr int BA = Tile<acc_t>::BA, BK = BA, R = BA / 16;
-  __shared__ acc_t a_s[kBD][BA + 1];
-  __shared__ acc_t n_s[kBD][BA + 1];
-  __shared__ acc_t w_s[BA][BK + 1];   // W = g exp(l - lse) of the anchor block x bank tile
-  __shared__ acc_t a2_s[BA][BK + 1];  // anchors x feature chunk
-  __shared__ acc_t col_inv[BK];
+  CB_SHARED(acc_t, a_s, [kBD][BA + 1]);
+  CB_SHARED(acc_t, n_s, [kBD][BA + 1]);
+  CB_SHARED(acc_t, w_s, [BA][BK + 1]);  // W = g exp(l - lse) of the anchor block x bank tile
+  CB_SHARED(acc_t, a2_s, [BA][BK + 1]);  // anchors x feature chunk
+  CB_SHARED(acc_t, col_inv, [BK]);
 
   const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
   const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];

@@ -68,6 +68,7 @@ struct State {
   std::vector<unsigned char> xbuf;  // [warp][2][32 lanes][kSlot]
   std::function<void()> body;
   uint64_t progress = 0;
+  uint64_t blocks_run = 0;  // blocks started so far, over all launches (a block's serial number)
 };
 
 inline State g;
@@ -148,6 +149,7 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
   g.smem_bytes = smem_bytes;
   for (unsigned b = 0; b < grid * grid_y; ++b) {
     g.bid = {b % grid, b / grid, 0};
+    ++g.blocks_run;
     std::memset(g.smem, 0xff, smem_bytes);  // NaN in every float type
     g.bar_count = 0;
     for (int w = 0; w < 32; ++w) g.warp_count[w] = 0;

@@ -15,16 +15,31 @@
 
 #include <cuda_runtime.h>
 
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "emu_cuda.h"
 #include "emu_wgmma.h"
 
-// A kernel's static shared arrays: one per kernel instance, which is right because blocks run one after another
-// and the threads of a block share it (zero at first, not NaN: a read before any write is not caught here).
+// A kernel's static shared arrays (CB_SHARED, device_common.cuh): one per kernel instance, which is right because
+// blocks run one after another and the threads of a block share it; filled with NaN bytes (0xff) when the first
+// thread of each block reaches the declaration, as dynamic shared memory is, so a read before any write shows.
+// `__shared__` itself stays undefined here: a declaration that bypasses CB_SHARED does not compile.
 #undef __shared__
-#define __shared__ static
+namespace emu {
+inline void poison_static(void* array, size_t bytes) {
+  static std::unordered_map<void*, uint64_t> seen;  // array -> the block that last filled it
+  uint64_t& last = seen[array];
+  if (last != g.blocks_run) {
+    last = g.blocks_run;
+    std::memset(array, 0xff, bytes);
+  }
+}
+}  // namespace emu
+#define CB_SHARED(TYPE, NAME, DIMS) \
+  static TYPE NAME DIMS;            \
+  ::emu::poison_static(&NAME, sizeof(NAME))
 
 // cuda_runtime.h declares its C++ overload only for nvcc.
 template <typename T>
