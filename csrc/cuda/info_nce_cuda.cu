@@ -9,13 +9,62 @@
 
 namespace contrastbound {
 namespace cuda {
-int device_attribute(cudaDeviceAttr attr) {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) {
-    cudaGetLastError();  // not sticky; report "unsupported" and let the SIMT kernels run
-    return 0;
+namespace {
+
+// The device attributes the planning reads.
+constexpr cudaDeviceAttr kPlanAttrs[] = {cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor,
+                                         cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                         cudaDevAttrMaxSharedMemoryPerMultiprocessor};
+constexpr int kNumPlanAttrs = sizeof(kPlanAttrs) / sizeof(kPlanAttrs[0]);
+
+// The current device and its planning attributes as read at the start of the outermost entry-point call on this
+// thread (DeviceScope): an entry point sizes its workspace, checks the caller's and carves it from one plan, so
+// every decision in one call must see the same values, even where a read fails part way (a failed read counts as
+// 0: no tensor cores, the SIMT kernels serve).
+struct DeviceSnapshot {
+  int depth = 0;  // entry-point calls open on this thread
+  int device = -1;
+  int values[kNumPlanAttrs] = {};
+};
+thread_local DeviceSnapshot snapshot;
+
+int read_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) return dev;
+  cudaGetLastError();  // not sticky
+  return -1;
+}
+
+int read_attribute(int dev, cudaDeviceAttr attr) {
+  int v = 0;
+  if (dev < 0) return 0;
+  if (cudaDeviceGetAttribute(&v, attr, dev) == cudaSuccess) return v;
+  cudaGetLastError();  // not sticky; report "unsupported" and let the SIMT kernels run
+  return 0;
+}
+
+class DeviceScope {
+ public:
+  DeviceScope() {
+    if (snapshot.depth++ > 0) return;
+    snapshot.device = read_device();
+    for (int i = 0; i < kNumPlanAttrs; ++i) snapshot.values[i] = read_attribute(snapshot.device, kPlanAttrs[i]);
   }
-  return v;
+  ~DeviceScope() { --snapshot.depth; }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+};
+
+}  // namespace
+
+int current_device() { return snapshot.depth > 0 ? snapshot.device : read_device(); }
+
+int device_attribute(cudaDeviceAttr attr) {
+  if (snapshot.depth > 0) {
+    for (int i = 0; i < kNumPlanAttrs; ++i)
+      if (kPlanAttrs[i] == attr) return snapshot.values[i];
+  }
+  return read_attribute(current_device(), attr);
 }
 
 #ifndef CONTRASTBOUND_EMULATE
@@ -43,11 +92,8 @@ __global__ void sm90a_probe_kernel() {
 bool device_runs_sm90a() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
+  const int device = current_device();
+  if (device < 0) return false;
   const std::lock_guard<std::mutex> lock(mutex);
   for (const auto& e : cache)
     if (e.first == device) return e.second;
@@ -78,7 +124,10 @@ bool device_runs_sm90a() {
 bool device_runs_sm90a() { return emu::device().sm90a; }
 #endif  // CONTRASTBOUND_EMULATE
 
-bool wgmma_available() { return device_runs_sm90a(); }
+bool wgmma_available() {
+  const DeviceScope scope;
+  return device_runs_sm90a();
+}
 
 #define CB_ROUTE(DTYPE, CALL)                   \
   switch (DTYPE) {                              \
@@ -93,6 +142,7 @@ bool wgmma_available() { return device_runs_sm90a(); }
   }
 
 size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term, int num_sms) {
+  const DeviceScope scope;
 #define CB_CALL(NAME) forward_workspace_bytes_##NAME(p, save_anchor_term, num_sms)
   CB_ROUTE(p.dtype, CB_CALL)
 #undef CB_CALL
@@ -100,6 +150,7 @@ size_t info_nce_forward_workspace_bytes(const Problem& p, bool save_anchor_term,
 }
 
 size_t info_nce_backward_workspace_bytes(const Problem& p, const BackwardArgs& a, int num_sms) {
+  const DeviceScope scope;
 #define CB_CALL(NAME) backward_workspace_bytes_##NAME(p, a, num_sms)
   CB_ROUTE(p.dtype, CB_CALL)
 #undef CB_CALL
@@ -108,6 +159,7 @@ size_t info_nce_backward_workspace_bytes(const Problem& p, const BackwardArgs& a
 
 cudaError_t info_nce_forward(const Problem& p, const ForwardOutputs& out, void* workspace, size_t workspace_bytes,
                              int num_sms, cudaStream_t stream) {
+  const DeviceScope scope;  // one view of the device for the workspace check and the plan
   if (p.scale == nullptr) return cudaErrorInvalidValue;  // the kernels read it
   if (workspace_bytes < info_nce_forward_workspace_bytes(p, out.anchor_term != nullptr, num_sms)) {
     return cudaErrorInvalidValue;
@@ -120,6 +172,7 @@ cudaError_t info_nce_forward(const Problem& p, const ForwardOutputs& out, void* 
 
 cudaError_t info_nce_backward(const Problem& p, const BackwardArgs& a, void* workspace, size_t workspace_bytes,
                               int num_sms, cudaStream_t stream) {
+  const DeviceScope scope;
   if (p.scale == nullptr) return cudaErrorInvalidValue;
   if (workspace_bytes < info_nce_backward_workspace_bytes(p, a, num_sms)) return cudaErrorInvalidValue;
   if (a.grad_anchors != nullptr && a.anchor_term == nullptr) return cudaErrorInvalidValue;

@@ -988,8 +988,7 @@ int64_t tc_slots(Kernel kernel, size_t smem, int num_sms) {
   };
   static std::mutex mutex;
   static std::vector<Entry> cache;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) cudaGetLastError();
+  const int device = current_device();
   const void* key = reinterpret_cast<const void*>(kernel);
   int per_sm = 0;
   {

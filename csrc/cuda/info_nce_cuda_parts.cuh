@@ -8,7 +8,9 @@
 namespace contrastbound {
 namespace cuda {
 
-// An attribute of the current device, 0 where it cannot be read (the error is cleared). Defined in info_nce_cuda.cu.
+// The current device (-1 where it cannot be read) and an attribute of it (0 where it cannot be read; the errors are
+// cleared): within an entry-point call, as read once at its start. Defined in info_nce_cuda.cu.
+int current_device();
 int device_attribute(cudaDeviceAttr attr);
 
 // Whether the wgmma kernels can run on the current device (compute capability 9.0 and sm_90a code in this build);

@@ -71,16 +71,50 @@ inline std::vector<std::pair<const void*, int>>& smem_allowed() {
   return v;
 }
 
+// Failures on demand: every runtime call and every launch is an event, counted from 1; the events named in fail_at
+// fail (a call returns its error, a launch does not run), and each failure becomes the last error, as on a GPU,
+// where cudaGetLastError returns it once.
+struct Faults {
+  int64_t events = 0;
+  std::vector<bool> is_launch;  // per event so far
+  int64_t fail_at[2] = {-1, -1};
+  cudaError_t last = cudaSuccess;
+};
+
+inline Faults& faults() {
+  static Faults f;
+  return f;
+}
+
+// Whether this event fails (then `err` is the last error).
+inline bool inject(cudaError_t err, const char* what, bool launch = false) {
+  Faults& f = faults();
+  ++f.events;
+  f.is_launch.push_back(launch);
+  if (std::getenv("EMU_FAULT_VERBOSE")) std::fprintf(stderr, "  event %lld: %s\n", (long long)f.events, what);
+  if (f.events != f.fail_at[0] && f.events != f.fail_at[1]) return false;
+  f.last = err;
+  return true;
+}
+
 // CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): each emulated thread calls the kernel with its
-// own copy of the arguments (kernels take them by value, as a launch does).
+// own copy of the arguments (kernels take them by value, as a launch does). A launch the device would refuse (more
+// than 48 KiB of dynamic shared memory not raised for the kernel) or an injected failure does not run and leaves
+// its error as the last error.
 template <typename F>
 struct Launch {
   F kernel;
   dim3 grid;
   unsigned threads;
   size_t smem;
+  bool refused;
   template <typename... A>
   void operator()(A... args) const {
+    if (refused) {
+      faults().last = cudaErrorInvalidValue;
+      return;
+    }
+    if (inject(cudaErrorLaunchOutOfResources, "launch", /*launch=*/true)) return;
     const F k = kernel;
     const std::function<void()> body = [k, args...] { k(args...); };
     if (threads % 128 == 0) {
@@ -94,14 +128,11 @@ struct Launch {
 template <typename F>
 Launch<F> launcher(F kernel, dim3 grid, unsigned threads, size_t smem) {
   if (grid.z != 1) fail("three-dimensional grids are not emulated");
-  if (smem > static_cast<size_t>(device().smem_optin)) fail("launch with more shared memory than the device has");
-  if (smem > 48 * 1024) {
-    const void* key = reinterpret_cast<const void*>(kernel);
-    bool raised = false;
-    for (const auto& e : smem_allowed()) raised = raised || (e.first == key && static_cast<size_t>(e.second) >= smem);
-    if (!raised) fail("launch with more than 48 KiB of dynamic shared memory, not raised by cudaFuncSetAttribute");
-  }
-  return Launch<F>{kernel, grid, threads, smem};
+  bool raised = smem <= 48 * 1024;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  for (const auto& e : smem_allowed()) raised = raised || (e.first == key && static_cast<size_t>(e.second) >= smem);
+  const bool fits = smem <= static_cast<size_t>(device().smem_optin);
+  return Launch<F>{kernel, grid, threads, smem, !raised || !fits};
 }
 
 }  // namespace emu

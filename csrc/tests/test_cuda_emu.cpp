@@ -12,8 +12,13 @@
 // opt-in kernels (CONTRASTBOUND_TC_* switches) end to end. Not checked: the WMMA kernels (float32 as TF32,
 // CONTRASTBOUND_TC_MMA=0), speed, anything of the real driver or hardware.
 //
-//   test_cuda_emu [quick]    (quick, as ctest runs it: the variants' cases with one forward and one backward each;
-//                             the default kernels' cases in full either way)
+// Fault runs: each runtime call and launch of a forward and backward fails in turn (emu::inject), then pairs of
+// them; an entry point must then report an error or give right values, never success with wrong values, an error
+// left pending, a crash or a hang.
+//
+//   test_cuda_emu [quick|faults]  (quick, as ctest runs it: the variants' cases with one forward and one backward
+//                                  each, the pairs of failures for two cases; the default kernels' cases in full
+//                                  either way. faults: the fault runs only. EMU_FAULT_VERBOSE=1 lists the events.)
 #include "emu_runtime.h"
 
 #include <algorithm>
@@ -25,18 +30,22 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda/info_nce_cuda.cuh"
 
 // ---- the runtime calls of the host side, answered by the emulated device --------------------------------------
 
+// Each call is an event of emu::inject (emu_runtime.h): the fault runs below make chosen ones fail.
 cudaError_t cudaGetDevice(int* device) {
+  if (emu::inject(cudaErrorNoDevice, "cudaGetDevice")) return cudaErrorNoDevice;
   *device = emu::device().id;  // the library caches occupancy answers per device
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (emu::inject(cudaErrorInvalidDevice, "cudaDeviceGetAttribute")) return cudaErrorInvalidDevice;
   const emu::Device& d = emu::device();
   switch (attr) {
     case cudaDevAttrComputeCapabilityMajor:
@@ -60,9 +69,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   }
 }
 
-cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaGetLastError() { return std::exchange(emu::faults().last, cudaSuccess); }
 
 cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (emu::inject(cudaErrorInvalidValue, "cudaFuncSetAttribute")) return cudaErrorInvalidValue;
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value > emu::device().smem_optin) return cudaErrorInvalidValue;
     auto& allowed = emu::smem_allowed();
@@ -76,6 +86,7 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t smem,
                                                                    unsigned int) {
+  if (emu::inject(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags")) return cudaErrorInvalidValue;
   const emu::Device& d = emu::device();
   const int by_smem = static_cast<int>(d.smem_per_sm / (smem + 1024));
   *blocks = std::max(0, std::min(d.blocks_per_sm, by_smem));
@@ -83,6 +94,7 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, 
 }
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  if (emu::inject(cudaErrorInvalidValue, "cudaMemsetAsync")) return cudaErrorInvalidValue;
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
@@ -235,6 +247,22 @@ void expect_err(double err, double tol, int type, const std::string& what) {
   expect(err <= tol, what + ", error " + std::to_string(err));
 }
 
+// In a fault run (fault_runs) a runtime call or launch fails on purpose: an entry point may then report an error
+// (the glue raises it) or succeed by another way (e.g. the SIMT kernels where a device attribute could not be read),
+// never report success with wrong values or with an error left pending (torch's next check would blame another op).
+bool fault_run = false;
+int refused_calls = 0;
+
+// Whether the entry point's call `e` succeeded; an error is a failure outside fault runs.
+bool launched(cudaError_t e, const std::string& what) {
+  expect(e != cudaSuccess || emu::faults().last == cudaSuccess, what + ": success with an error left pending");
+  if (e == cudaSuccess) return true;
+  expect(fault_run, what + " failed");
+  ++refused_calls;
+  emu::faults().last = cudaSuccess;  // C10_CUDA_CHECK in the glue clears it as it raises
+  return false;
+}
+
 struct Aligned {
   std::vector<unsigned char> store;
   void* ptr = nullptr;
@@ -350,7 +378,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   out.anchor_term = v.data();
   const size_t fwd_bytes = info_nce_forward_workspace_bytes(p, true, num_sms);
   Aligned fwd_ws(fwd_bytes);
-  expect(info_nce_forward(p, out, fwd_ws.ptr, fwd_bytes, num_sms, nullptr) == cudaSuccess, what + ": forward launch");
+  if (!launched(info_nce_forward(p, out, fwd_ws.ptr, fwd_bytes, num_sms, nullptr), what + ": forward")) return;
   const auto as_d = [](const auto& x) { return std::vector<double>(x.begin(), x.end()); };
   double e_loss = 0, e_lse = 0;
   // relative to max(1, |lse|); NaN only where the reference is NaN (a NaN input), else any non-finite value fails
@@ -375,10 +403,10 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     out2.lse = lse2.data();
     const size_t bytes2 = info_nce_forward_workspace_bytes(p, false, num_sms);
     Aligned ws2(bytes2);
-    expect(info_nce_forward(p, out2, ws2.ptr, bytes2, num_sms, nullptr) == cudaSuccess,
-           what + ": forward launch without the anchor term");
+    const bool ok = launched(info_nce_forward(p, out2, ws2.ptr, bytes2, num_sms, nullptr),
+                             what + ": forward without the anchor term");
     double e2 = 0;
-    for (int64_t i = 0; i < B; ++i) {
+    for (int64_t i = 0; i < B && ok; ++i) {
       e2 = std::max(e2, rel(loss2[i], want_loss[i], want_lse[i]));
       e2 = std::max(e2, rel(lse2[i], want_lse[i], want_lse[i]));
     }
@@ -439,7 +467,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     const size_t bwd_bytes = info_nce_backward_workspace_bytes(p, ba, num_sms);
     Aligned bwd_ws(bwd_bytes);
     const std::string pw = what + (pass == 0 ? "" : pass == 1 ? " (bank and positives)" : " (anchors only)");
-    expect(info_nce_backward(p, ba, bwd_ws.ptr, bwd_bytes, num_sms, nullptr) == cudaSuccess, pw + ": backward launch");
+    if (!launched(info_nce_backward(p, ba, bwd_ws.ptr, bwd_bytes, num_sms, nullptr), pw + ": backward")) continue;
     const auto as_dt = [](const std::vector<T>& x) {
       std::vector<double> y;
       for (const T& e : x) y.push_back(to_d(e));
@@ -625,6 +653,44 @@ void entry_point_errors() {
   expect(std::isnan(ga[0]) && std::isnan(gn[0]), "a refused backward writes nothing");
 }
 
+// Fault runs: a forward (with the anchor term) and a backward of every gradient, with the n-th runtime call or launch
+// failing, for every n the clean run makes, then with pairs of failures (a launch, then a later runtime call: the
+// library clears the last error after a failed call it can do without, which must not swallow the launch's error).
+// Each run on a new device id, so that the per-device caches (occupancy answers) are asked again.
+template <typename T>
+void fault_runs(const Case& c, double tol, const std::string& config, bool pairs) {
+  emu::Device& dev = emu::device();
+  const int saved_id = dev.id;
+  emu::Faults& f = emu::faults();
+  const auto run = [&](int64_t n1, int64_t n2) {
+    static int ids = 1000;
+    dev.id = ids++;
+    f.events = 0, f.fail_at[0] = n1, f.fail_at[1] = n2, f.last = cudaSuccess;
+    f.is_launch.clear();
+    if (std::getenv("EMU_FAULT_VERBOSE")) std::fprintf(stderr, "fault run %lld %lld\n", (long long)n1, (long long)n2);
+    std::mt19937_64 rng(99);
+    run_case<T>(c, rng, tol, 2e-5, config, /*light=*/true);
+    return f.events;
+  };
+  const int before = failures, refused_before = refused_calls;
+  fault_run = true;
+  const int64_t events = run(-1, -1);
+  const std::vector<bool> is_launch = f.is_launch;
+  int64_t runs = 1;
+  for (int64_t n = 1; n <= events; ++n, ++runs) run(n, -1);
+  if (pairs)
+    for (int64_t n1 = 1; n1 <= events; ++n1)
+      for (int64_t n2 = n1 + 1; n2 <= events && is_launch[n1 - 1]; ++n2)
+        if (!is_launch[n2 - 1]) run(n1, n2), ++runs;
+  fault_run = false;
+  f.fail_at[0] = f.fail_at[1] = -1;
+  dev.id = saved_id;
+  std::printf("%-60s %s (%lld events, %lld runs, %d calls reported the failure)\n",
+              (config + ", faults: " + c.name()).c_str(), failures == before ? "ok" : "FAILED",
+              static_cast<long long>(events), static_cast<long long>(runs), refused_calls - refused_before);
+  std::fflush(stdout);
+}
+
 struct Env {
   const char* name;
   const char* value;
@@ -636,16 +702,9 @@ void with_env(std::initializer_list<Env> env, const std::function<void()>& f) {
   for (const Env& e : env) unsetenv(e.name);
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
-  for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
-                        "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA"}) {
-    unsetenv(v);
-  }
+// The kernels under every emulated device and CONTRASTBOUND_TC_* switch.
+void kernel_configs(bool quick) {
   emu::Device& dev = emu::device();
-  entry_point_errors();
   // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
   // grids are small and every kernel's grid-stride loop and the work split's chunks and splits come into play.
   run_config(quick, "sm_90a, default kernels", false, /*variant=*/false);
@@ -670,6 +729,34 @@ int main(int argc, char** argv) {
   // Compute capability 7.0: no tensor cores; float16 / bfloat16 on the SIMT kernels.
   dev.id = 3, dev.major = 7, dev.minor = 0;
   run_config(quick, "sm_70 (SIMT only)", true);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string arg = argc > 1 ? argv[1] : "";
+  const bool quick = arg == "quick", faults_only = arg == "faults";
+  for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
+                        "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA"}) {
+    unsetenv(v);
+  }
+  emu::Device& dev = emu::device();
+  entry_point_errors();
+  if (!faults_only) kernel_configs(quick);
+  // Failing runtime calls and launches, on the H100 / H200-like device.
+  dev = emu::Device();
+  {
+    Case c;
+    c.B = 21, c.K = 40, c.d = 24;
+    fault_runs<__nv_bfloat16>(c, 2e-2, "sm_90a", true);
+    fault_runs<float>(c, 2e-5, "sm_90a", true);
+    with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { fault_runs<__half>(c, 4e-3, "sm_90a, wgmma", !quick); });
+    c.d = 300;
+    fault_runs<__half>(c, 4e-3, "sm_90a", !quick);
+    c = Case();
+    c.mode = Mode::Indexed, c.B = 9, c.K = 10, c.rows = 13, c.d = 16;
+    fault_runs<float>(c, 2e-5, "sm_90a", !quick);
+  }
   const char* names[4] = {"float32", "float64", "float16", "bfloat16"};  // DType order
   for (int t = 0; t < 4; ++t) std::printf("%s: worst error %.3g of its tolerance\n", names[t], worst_ratio[t]);
   std::printf("%d checks, %d failed\n", checks, failures);
