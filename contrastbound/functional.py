@@ -708,6 +708,11 @@ def info_nce_lse(
     if negatives is positives:
         negatives = p
     loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self)
+    if _needs_reference(a, p, negatives, t):
+        # The reference served (forward-mode AD or a differentiating torch.func transform): its lse carries its own
+        # derivatives, forward-mode ones included, which the construction below would drop (a tangent does not set
+        # requires_grad).
+        return loss, lse
     lse = lse.detach()
     if loss.requires_grad:
         # d lse = d loss + d l_0 (loss = lse - l_0); the values stay the kernel's lse exactly.

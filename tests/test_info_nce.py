@@ -762,6 +762,43 @@ def test_forward_mode_ad_matches_reference(mode):
     assert_close_scaled(tangent, want_a, 1e-10, "forward_ad")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("include_positive", [True, False])
+def test_forward_mode_ad_of_info_nce_lse(mode, include_positive):
+    # lse lost its tangent (0 under torch.func.jvp / jacfwd, None under forward_ad) while loss kept it
+    a, p, n, idx = make_inputs(mode, B=5, K=40, d=4, dtype=torch.float64, M=30, requires_grad=False)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(a.shape, generator=g, dtype=torch.float64)
+
+    def lse_of(fn):
+        return lambda x: fn(x, p, n, negative_indices=idx, temperature=0.3, include_positive=include_positive)[1]
+
+    def lse_ref(x):  # the documented definition, with the logits materialised
+        ah, ph = F.normalize(x, dim=-1), F.normalize(p, dim=-1)
+        if n is None:
+            logits = ah @ ph.T / 0.3
+            logits = logits.masked_fill(torch.eye(len(x), dtype=torch.bool), float("-inf"))
+        elif idx is not None:
+            logits = (ah[:, None, :] * F.normalize(n, dim=-1)[idx]).sum(-1) / 0.3
+        elif n.dim() == 3:
+            logits = (ah[:, None, :] * F.normalize(n, dim=-1)).sum(-1) / 0.3
+        else:
+            logits = ah @ F.normalize(n, dim=-1).T / 0.3
+        if include_positive:
+            logits = torch.cat([(ah * ph).sum(-1, keepdim=True) / 0.3, logits], 1)
+        return torch.logsumexp(logits, 1)
+
+    value, got = torch.func.jvp(lse_of(cb.info_nce_lse), (a,), (v,))
+    want_value, want = torch.func.jvp(lse_ref, (a,), (v,))
+    assert want.abs().max() > 0.1
+    assert_close_scaled(value, want_value, 1e-10, "lse")
+    assert_close_scaled(got, want, 1e-10, "jvp of lse")
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(lse_of(cb.info_nce_lse)(fwAD.make_dual(a, v))).tangent
+    assert tangent is not None
+    assert_close_scaled(tangent, want, 1e-10, "forward_ad of lse")
+
+
 def test_forward_mode_ad_temperature_and_bank_cross_entropy():
     a, p, n, _ = make_inputs("shared", B=6, K=30, d=4, dtype=torch.float64, requires_grad=False)
     t = torch.tensor(0.3, dtype=torch.float64)
