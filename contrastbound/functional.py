@@ -326,6 +326,11 @@ def _scale_of(temperature: float | torch.Tensor, device: torch.device) -> float 
             raise ValueError(f"temperature is a meta tensor (no value) but the features are on {device}")
         scale = 1.0 / temperature.detach().to(torch.float64)
         return scale.cpu() if device.type == "cpu" and scale.device.type != "cpu" else scale
+    if torch.compiler.is_compiling():
+        # A tensor scale (the *_scaled ops) rather than a float argument, which dynamo would specialise on: a
+        # temperature schedule would recompile the graph for every value (as a tensor division, a float input
+        # becomes a graph input once dynamo sees it change; torch.full / torch.tensor of it would specialise).
+        return torch.ones((), dtype=torch.float64, device=device) / temperature
     return 1.0 / temperature
 
 

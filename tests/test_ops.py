@@ -237,6 +237,43 @@ def test_torch_compile_learnable_temperature_compiles_once():
 
 
 @needs_kernel
+@pytest.mark.parametrize("entry", ["shared", "per_anchor", "indexed", "in_batch", "nt_xent", "clip", "bank_ce", "lse"])
+def test_torch_compile_float_temperature_schedule_does_not_recompile_per_value(entry):
+    # A temperature schedule passed as a Python float: dynamo specialised the ops' float scale argument, so every
+    # new value compiled a new graph (a hard failure after 8 with fullgraph=True). Now, as for naive torch, the
+    # first change makes it a graph input: at most 2 graphs for 10 values, each step's loss and gradients as eager.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    a, p, n = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randn(10, 4, generator=g)
+    n3, idx = torch.randn(6, 5, 4, generator=g), torch.randint(0, 10, (6, 5), generator=g)
+    targets = torch.randint(0, 10, (6,), generator=g)
+    fns = {
+        "shared": lambda a, t: cb.info_nce(a, p, n, temperature=t),
+        "per_anchor": lambda a, t: cb.info_nce(a, p, n3, temperature=t),
+        "indexed": lambda a, t: cb.info_nce(a, p, n, negative_indices=idx, temperature=t),
+        "in_batch": lambda a, t: cb.info_nce(a, p, temperature=t),
+        "nt_xent": lambda a, t: cb.nt_xent(a, p, temperature=t),
+        "clip": lambda a, t: cb.clip_loss(a, p, logit_scale=1.0 / t),
+        "bank_ce": lambda a, t: cb.bank_cross_entropy(a, n, targets, temperature=t),
+        "lse": lambda a, t: cb.info_nce_lse(a, p, n, temperature=t)[1].sum(),
+    }
+    fn = fns[entry]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for i in range(10):
+        t = 0.05 + 0.1 * i
+        got_a, want_a = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+        got, want = compiled(got_a, t), fn(want_a, t)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_a.grad, want_a.grad)
+    assert counter.frame_count <= 2
+
+
+@needs_kernel
 def test_torch_compile_temperature_check_in_graph():
     torch._dynamo.reset()
     a, p, n, _ = make_inputs("shared", B=4, K=30, d=3, dtype=torch.float32)
