@@ -16,9 +16,10 @@
 // them; an entry point must then report an error or give right values, never success with wrong values, an error
 // left pending, a crash or a hang.
 //
-//   test_cuda_emu [quick|faults]  (quick, as ctest runs it: the variants' cases with one forward and one backward
-//                                  each, the pairs of failures for two cases; the default kernels' cases in full
-//                                  either way. faults: the fault runs only. EMU_FAULT_VERBOSE=1 lists the events.)
+//   test_cuda_emu [quick|faults]  (no argument, as ctest runs it: everything, ~1 min; quick: the variants' cases
+//                                  with one forward and one backward each, the pairs of failures for two cases, the
+//                                  default kernels' cases in full either way; faults: the fault runs only.
+//                                  EMU_FAULT_VERBOSE=1 lists the events.)
 #include "emu_runtime.h"
 
 #include <algorithm>
