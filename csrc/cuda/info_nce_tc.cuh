@@ -60,15 +60,11 @@ struct TcTraits<__nv_bfloat16> {
 };
 template <>
 struct TcTraits<float> {
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated; the emulated host path plans float32 tiles all the same)
   using frag_t = nvcuda::wmma::precision::tf32;
-#endif
   static constexpr int KS = 8;
   static constexpr int PAD = 4;
   static constexpr int MIN_BLOCKS = 1;  // float32 tiles take ~170 KB of shared memory anyway
 };
-
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 
 template <typename Frag>
 __device__ __forceinline__ void tc_round(Frag& f, float) {
@@ -77,8 +73,6 @@ __device__ __forceinline__ void tc_round(Frag& f, float) {
 }
 template <typename Frag, typename T>
 __device__ __forceinline__ void tc_round(Frag&, T) {}
-
-#endif  // CONTRASTBOUND_EMULATE
 
 // Shared-memory plan of the tiles (byte offsets, 128-byte aligned).
 struct TcSmem {
@@ -217,7 +211,6 @@ __device__ __forceinline__ T* tc_next_y(unsigned char* raw, const TcSmem& m, con
   return cur;
 }
 
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // S (kTcRows x kTcCols, float32, leading dimension kTcLds) = X_s Y_s^T over the padded features.
 // Warps as 4 x 2: warp w owns rows 16 (w / 2) .. +15 and columns 32 (w % 2) .. +31.
 template <typename T>
@@ -246,8 +239,6 @@ __device__ __forceinline__ void tc_scores(const T* xs, const T* ys, int ld, int 
     wmma::store_matrix_sync(S + (16 * wr) * kTcLds + 32 * wc + 16 * f, acc[f], kTcLds, wmma::mem_row_major);
   }
 }
-
-#endif  // CONTRASTBOUND_EMULATE
 
 // Running (max, sum) of exponentials; -inf max means empty.
 __device__ __forceinline__ void tc_lse_merge(float& m, float& s, float om, float os) {
@@ -312,7 +303,6 @@ struct TcLseArgs {
   float* part_sum = nullptr;
 };
 
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // One block per (anchor block, K chunk), grid-stride over those units.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, 2)
@@ -376,13 +366,6 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
-#else
-// The emulated host path (csrc/tests/test_cuda_emu.cpp) never selects the WMMA kernels; they are not emulated.
-template <typename T>
-void tc_lse_kernel(const TcOperand<T>, const TcOperand<T>, const TcLseArgs, const TcSmem) {
-  emu::fail("the WMMA kernels are not emulated");
-}
-#endif  // CONTRASTBOUND_EMULATE
 
 struct TcRowsArgs {
   int64_t d = 0;
@@ -413,7 +396,6 @@ struct TcRowsArgs {
   const float* coef_bound = nullptr;
 };
 
-#ifndef CONTRASTBOUND_EMULATE  // WMMA (not emulated)
 // O_x = sum_y c(x, y) Y_y over all Y tiles of split `split`, then finished (one split) or stored as a partial.
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
@@ -550,12 +532,6 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
 #endif
 }
 
-#else
-template <typename T>
-void tc_rows_kernel(const TcOperand<T>, const TcOperand<T>, const TcRowsArgs, const TcSmem) {
-  emu::fail("the WMMA kernels are not emulated");
-}
-#endif  // CONTRASTBOUND_EMULATE
 
 // Several splits: sums the partials in split order and finishes each row (one warp per row).
 template <typename T>

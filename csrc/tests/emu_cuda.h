@@ -459,3 +459,5 @@ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
       c[2 * h + e] += s;
     }
 }
+
+#include "emu_wmma.h"  // nvcuda::wmma, on the fibers above

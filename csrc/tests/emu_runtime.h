@@ -2,7 +2,7 @@
 // top of emu_cuda.h (threads as fibers, mma.sync, ldmatrix, cp.async, shuffles) and emu_wgmma.h (warpgroup MMA),
 // so that test_cuda_emu.cpp runs the library's CUDA entry points, info_nce_forward / info_nce_backward, whole:
 // dtype routing, dispatch between the SIMT and tensor-core kernels, work split, workspace carving and every kernel
-// but the WMMA ones (float32 as TF32, CONTRASTBOUND_TC_MMA=0), on a machine without a GPU.
+// (the WMMA ones on emu_wmma.h), on a machine without a GPU.
 //
 // Included first by each emulated translation unit (emu_part_*.cpp wrap the library's .cu files). "Device memory"
 // is host memory; a launch (CB_LAUNCH, device_common.cuh) runs the kernel at once, every block in turn, one stream;
@@ -10,7 +10,7 @@
 // emu::device(), which the test sets. The runtime functions themselves are defined in test_cuda_emu.cpp.
 //
 // What this cannot show, beyond emu_cuda.h's list: launch failures of the real driver (resource limits, a missing
-// kernel image), stream ordering, and anything of the WMMA kernels.
+// kernel image), stream ordering.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -9,8 +9,8 @@
 // dispatch between SIMT and tensor-core kernels, the work split and workspace carving, the SIMT kernels (float64,
 // float32, per-anchor and indexed negatives, float16 / bfloat16 where the tensor cores do not serve), the merge of
 // the partial states with the positive, the anchors' and positives' gradients, the bank rows' finishing and the
-// opt-in kernels (CONTRASTBOUND_TC_* switches) end to end. Not checked: the WMMA kernels (float32 as TF32,
-// CONTRASTBOUND_TC_MMA=0), speed, anything of the real driver or hardware.
+// opt-in kernels (CONTRASTBOUND_TC_* switches) end to end, the WMMA kernels included (float32 as TF32,
+// CONTRASTBOUND_TC_MMA=0; emu_wmma.h). Not checked: speed, anything of the real driver or hardware.
 //
 // Fault runs: each runtime call and launch of a forward and backward fails in turn (emu::inject), then pairs of
 // them; an entry point must then report an error or give right values, never success with wrong values, an error
@@ -240,6 +240,9 @@ double max_err(const std::vector<double>& got, const std::vector<double>& want, 
   return worst;
 }
 
+// float32 problems allow TF32 (run_tf32).
+bool tf32_mode = false;
+
 // The worst error / tolerance seen per type (printed, so that a tolerance far above what the kernels reach shows).
 double worst_ratio[4] = {0, 0, 0, 0};
 
@@ -324,7 +327,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   p.exclude_self = c.exclude_self;
   p.excluded = c.excluded ? excl.data() : nullptr;
   p.tensor_cores = c.tensor_cores;
-  p.tf32 = false;  // the WMMA kernels are not emulated
+  p.tf32 = tf32_mode;  // float32 on the WMMA kernels as TF32 (torch's allow_tf32)
 
   // float64 reference
   std::vector<double> na(B), np(B), nn(bank_rows);
@@ -612,6 +615,28 @@ void run_config(bool quick, const std::string& config, bool tc_only, bool varian
   std::fflush(stdout);
 }
 
+// float32 with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the WMMA kernels with tf32 operands. Each
+// operand is rounded to 10 mantissa bits (relative error <= 2^-11), so a product of unit vectors' features is off
+// by <= 2^-10 of |a_j n_j| and a logit by <= s 2^-10 |a| |n| (Cauchy-Schwarz; |a| |n| = 1 normalised, ~d for the
+// unnormalised standard normal rows here); lse by as much (to max(1, |lse|)); a weight e^{l - lse} by ~2 s 2^-10
+// |a| |n| relative, hence the gradients, to their row size.
+void run_tf32(bool quick) {
+  std::mt19937_64 rng(4321);
+  const int before = failures;
+  tf32_mode = true;
+  const double worst_float32 = std::exchange(worst_ratio[0], 0.0);
+  for (const Case& c : cases<float>(quick)) {
+    if (c.mode != Mode::Shared || !c.tensor_cores) continue;
+    const double e = std::ldexp(1.0, -10) / c.temperature * (c.normalize ? 1.0 : static_cast<double>(c.d));
+    run_case<float>(c, rng, 2 * e + 2e-5, e + 2e-5, "sm_90a, float32 as TF32", false);
+  }
+  tf32_mode = false;
+  std::printf("%-60s %s (worst error %.3g of its tolerance)\n", "sm_90a, float32 as TF32 (WMMA)",
+              failures == before ? "ok" : "FAILED", worst_ratio[0]);
+  worst_ratio[0] = std::max(worst_ratio[0], worst_float32);
+  std::fflush(stdout);
+}
+
 // The entry points refuse what the kernels cannot run (cudaErrorInvalidValue, nothing launched or written): too
 // small a workspace, no scale, the anchors' gradient without the anchor term, indexed negatives' gradient without
 // the sorted indices.
@@ -722,6 +747,8 @@ void kernel_configs(bool quick) {
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1 STAGES=1", true); });
   with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}},
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=1", true); });
+  with_env({{"CONTRASTBOUND_TC_MMA", "0"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_MMA=0 (WMMA)", true); });
+  run_tf32(quick);
   // An sm_86-like part (99 KiB per block, no sm_90a code): whole rows past d = 336 copied in chunks; the wgmma
   // switch falls back to the mma.sync kernels.
   dev.id = 2, dev.major = 8, dev.minor = 6, dev.smem_optin = 99 * 1024, dev.smem_per_sm = 100 * 1024, dev.sm90a = false;
