@@ -917,6 +917,8 @@ class InfoNCE(torch.nn.Module):
     With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
     (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
     at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
+    ``module.temperature = t`` sets a new value (a schedule), checked and read the same way; with
+    ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter).
     """
 
     def __init__(
@@ -957,6 +959,26 @@ class InfoNCE(torch.nn.Module):
     @property
     def temperature(self) -> float | torch.Tensor:
         return self.log_temperature.exp() if self.learn_temperature else self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float | torch.Tensor) -> None:
+        # A new value (a temperature schedule), checked and read now as at construction; with learn_temperature the
+        # parameter log_temperature takes its log in place, so an optimiser holding it keeps its state.
+        t = _check_temperature(value)
+        if isinstance(t, torch.Tensor):
+            if t.requires_grad:
+                raise ValueError(
+                    "InfoNCE reads temperature when it is set, so a tensor that requires grad would never be learned: "
+                    "use learn_temperature=True, or call contrastbound.info_nce(..., temperature=<your parameter>)"
+                )
+            t = float(t)
+        if not (0.0 < t < math.inf):
+            raise ValueError(f"temperature must be a positive finite number, got {t}")
+        if self.learn_temperature:
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(t))
+        else:
+            self._temperature = t
 
     def forward(
         self,

@@ -279,6 +279,27 @@ def test_infonce_module_refuses_a_temperature_it_would_freeze():
     assert abs(float(cb.InfoNCE(temperature=torch.tensor(0.2)).temperature) - 0.2) < 1e-6  # a plain tensor: read
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_infonce_module_temperature_can_be_set(learn):
+    # A schedule sets module.temperature (it was a read-only property: AttributeError). The loss then equals
+    # info_nce at that temperature; a learnable one is set in place, so an optimiser keeps the same parameter.
+    g = torch.Generator().manual_seed(1)
+    a, p, n = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randn(10, 4, generator=g)
+    module = cb.InfoNCE(temperature=0.1, learn_temperature=learn)
+    params = list(module.parameters())
+    for value in (0.25, torch.tensor(0.05, dtype=torch.float64)):
+        module.temperature = value
+        t = float(value)
+        assert abs(float(module.temperature) - t) < 1e-6 * t
+        torch.testing.assert_close(module(a, p, n), cb.info_nce(a, p, n, temperature=t), rtol=1e-5, atol=0)
+    assert [id(x) for x in module.parameters()] == [id(x) for x in params]
+    for bad, err in ((0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                     ("0.1", TypeError), (torch.tensor(0.2, requires_grad=True), ValueError)):
+        with pytest.raises(err, match="temperature"):
+            module.temperature = bad
+    assert abs(float(module.temperature) - 0.05) < 1e-7  # a refused value changes nothing
+
+
 def test_meta_tensors_give_meta_results_as_torch_does():
     # Shape inference on meta tensors, as F.cross_entropy allows: no values to read, so no range checks; it raised
     # "unsupported scalarType" (autocast on meta) or "Cannot copy out of meta tensor" before.
