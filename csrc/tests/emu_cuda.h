@@ -365,12 +365,27 @@ inline uint16_t smem16(unsigned addr) {
   return v;
 }
 
+// Shared-memory bank conflicts of ldmatrix: each 8 x 8 matrix is one access of eight 16-byte rows; rows in the same
+// one of the 8 groups of 4 banks (address / 16 mod 8), at distinct addresses, take one more pass each. A property
+// of the addresses alone, so the emulation counts it exactly (a speed property no timing on this machine shows).
+struct LdsmStats {
+  uint64_t matrices = 0, extra_passes = 0;
+};
+
+inline LdsmStats& ldsm_stats() {
+  static LdsmStats st;
+  return st;
+}
+
+inline void count_ldsm(const unsigned char* ex);
+
 // ldmatrix .x4: lanes 8i .. 8i + 7 give the row addresses of 8 x 8 matrix i; lane l receives, in register i,
 // elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i, or with .trans those of its transpose.
 inline void ldsm(unsigned addr, unsigned (&r)[4], bool trans) {
   if (addr % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
   const unsigned char* ex = exchange(addr);
   const int l = lane(), gq = l / 4, t = l % 4;
+  if (l == 0) count_ldsm(ex);
   for (int i = 0; i < 4; ++i) {
     uint16_t e0, e1;
     if (!trans) {
@@ -382,6 +397,24 @@ inline void ldsm(unsigned addr, unsigned (&r)[4], bool trans) {
       e1 = smem16(slot<unsigned>(ex, 8 * i + 2 * t + 1) + 2 * gq);
     }
     r[i] = static_cast<unsigned>(e0) | (static_cast<unsigned>(e1) << 16);
+  }
+}
+
+inline void count_ldsm(const unsigned char* ex) {
+  LdsmStats* st = &ldsm_stats();
+  for (int i = 0; i < 4; ++i) {
+    unsigned rows[8];
+    int n = 0, per_group[8] = {};
+    for (int j = 0; j < 8; ++j) {
+      const unsigned row = slot<unsigned>(ex, 8 * i + j) / 16;
+      bool seen = false;
+      for (int k = 0; k < n; ++k) seen = seen || rows[k] == row;
+      if (!seen) rows[n++] = row, ++per_group[row % 8];
+    }
+    int passes = 0;
+    for (int gi = 0; gi < 8; ++gi) passes = passes > per_group[gi] ? passes : per_group[gi];
+    ++st->matrices;
+    st->extra_passes += static_cast<uint64_t>(passes - 1);
   }
 }
 

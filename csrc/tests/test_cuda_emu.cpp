@@ -785,6 +785,12 @@ int main(int argc, char** argv) {
     c.mode = Mode::Indexed, c.B = 9, c.K = 10, c.rows = 13, c.d = 16;
     fault_runs<float>(c, 2e-5, "sm_90a", !quick);
   }
+  // Every ldmatrix of every kernel above reads eight rows from eight different bank groups (the tiles' 16-byte
+  // row padding and the wgmma kernels' core-matrix layout are meant to give that): a conflict would cost speed only.
+  const emu::LdsmStats& ld = emu::ldsm_stats();
+  std::printf("ldmatrix: %llu 8x8 matrices read, %llu extra passes for bank conflicts\n",
+              static_cast<unsigned long long>(ld.matrices), static_cast<unsigned long long>(ld.extra_passes));
+  expect(ld.matrices > 0 && ld.extra_passes == 0, "ldmatrix reads free of shared-memory bank conflicts");
   const char* names[4] = {"float32", "float64", "float16", "bfloat16"};  // DType order
   for (int t = 0; t < 4; ++t) std::printf("%s: worst error %.3g of its tolerance\n", names[t], worst_ratio[t]);
   std::printf("%d checks, %d failed\n", checks, failures);
