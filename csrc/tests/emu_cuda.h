@@ -35,7 +35,8 @@ namespace emu {
 // Switching between fibers. On x86-64 a few instructions (emu_switch: the callee-saved registers, the SSE and x87
 // control words and the stack pointer; the System V ABI leaves every other register to the caller), since
 // swapcontext also saves and restores the signal mask, a system call per switch (test_cuda_emu quick: 196 s with
-// it, 24 s with emu_switch). Elsewhere, or with EMU_UCONTEXT defined, ucontext.
+// it, 24 s with emu_switch). Elsewhere, or with EMU_UCONTEXT defined, ucontext (also the choice for a build run
+// with CET shadow stacks enforced: a new fiber's first return, into fiber_entry, has no shadow-stack entry).
 #ifndef EMU_USE_UCONTEXT
 // emu_switch(save, next): stores this fiber's stack pointer in *save and resumes the one saved in next.
 extern "C" void emu_switch(void** save, void* next);

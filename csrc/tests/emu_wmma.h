@@ -5,9 +5,18 @@
 // an element-wise operation to all of x[]), so here every lane holds the whole tile: load_matrix_sync reads all of
 // it, mma_sync forms the whole product, store_matrix_sync writes all of it (the lanes write the same values). The
 // memory operations are warp collectives (a warp barrier before and after, so a lane never runs ahead of the
-// others' part of the copy; a divergent call deadlocks, which the emulation reports). mma_sync takes precision::
-// tf32 operands as the tensor cores do, ignoring the 13 low mantissa bits (the kernels round with __float_to_tf32
-// first, which rounds to nearest, ties away from zero, as cvt.rna.tf32.f32); products and sums in float32.
+// others' part of the copy; a divergent call deadlocks, which the emulation reports), and check what CUDA requires
+// of their arguments: a 256-bit aligned pointer and a leading dimension that is a multiple of 16 bytes. mma_sync
+// takes precision::tf32 operands as the tensor cores do, ignoring the 13 low mantissa bits (the kernels round with
+// __float_to_tf32 first, which rounds to nearest, ties away from zero, as cvt.rna.tf32.f32); products and sums in
+// float32. Not caught: a read of another lane's stored elements without a barrier after store_matrix_sync (every
+// lane here has stored them all).
+namespace emu {
+inline void check_wmma_args(const void* p, unsigned ld, size_t elem) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) fail("wmma load/store pointer not 256-bit aligned");
+  if ((ld * elem) % 16 != 0) fail("wmma leading dimension not a multiple of 16 bytes");
+}
+}  // namespace emu
 #pragma once
 
 #include <cstdint>
@@ -69,6 +78,7 @@ struct fragment {
 template <typename Use, int M, int N, int K, typename T, typename Layout, typename U>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const U* p, unsigned ld) {
   static_assert(!std::is_same<Layout, void>::value, "the kernels load operand fragments with a layout");
+  emu::check_wmma_args(p, ld, sizeof(U));
   detail::warp_sync();
   constexpr bool row = std::is_same<Layout, row_major>::value;
   for (int r = 0; r < f.rows; ++r)
@@ -78,6 +88,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const U* p, unsigned
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ld, layout_t layout) {
+  emu::check_wmma_args(p, ld, sizeof(float));
   detail::warp_sync();
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * N + c];
