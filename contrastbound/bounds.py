@@ -146,10 +146,15 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
             raise ValueError(f"num_classes must be a positive int, got {num_classes}")
         C = int(num_classes)
         return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
+    given_eps = None  # the machine epsilon of a floating-point tensor's own dtype (it is widened below)
     try:
         if hasattr(prior, "detach"):  # a torch tensor: widened first (numpy has no bfloat16)
             prior = prior.detach().cpu()
-            prior = prior.double() if prior.is_floating_point() else prior
+            if prior.is_floating_point():
+                import torch  # already loaded: prior is one of its tensors
+
+                given_eps = torch.finfo(prior.dtype).eps
+                prior = prior.double()
         given = np.asarray(prior)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"prior must be a 1-d array of class probabilities, got {type(prior).__name__}") from exc
@@ -168,7 +173,7 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
     total = float(pi.sum())
     # A float32 (or half) vector cannot sum to 1 within 1e-9: its entries' rounding and the summation that made it
     # (torch.softmax over 10^6 float32 classes: ~2e-4) leave ~sqrt(C) eps. Renormalised below.
-    eps = np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
+    eps = given_eps if given_eps is not None else np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
     tol = max(1e-9, 8.0 * math.sqrt(pi.size) * float(eps))
     if abs(total - 1.0) > tol:
         raise ValueError(f"prior must sum to 1 (within {tol:.3g}), got sum {total!r}")

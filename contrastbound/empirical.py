@@ -86,7 +86,16 @@ def _check_bool_arg(name: str, value: Any) -> None:
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    """An int, as the bounds take their counts: Python / numpy integers, a one-element integer tensor, or an
+    integer-valued float; TypeError for anything else, ValueError below the minimum."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and \
+            value.dtype != torch.bool and not value.is_complex():
+        value = int(value.detach())
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
@@ -406,11 +415,12 @@ def gap_report(
         else:
             raise ValueError(f"prior must be 'empirical', 'uniform' or a probability vector, got {prior!r}")
     else:
-        pv = np.asarray(prior, dtype=np.float64)
-        if pv.shape != (C,):
+        # Passed on as given: the bounds' check of its sum allows for the vector's own dtype (a float32 softmax).
+        shape = tuple(prior.shape) if hasattr(prior, "shape") else np.shape(prior)
+        if shape != (C,):
             raise ValueError(f"prior must be a probability vector of length C = {C} (the classes of labels), "
-                             f"got shape {pv.shape}")
-        pr = dict(prior=pv)
+                             f"got shape {shape}")
+        pr = dict(prior=prior)
     if harmonic not in ("exact", "authors"):
         raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
     d_lo = np.atleast_1d(_bounds.delta_lower(ks_arr, norm_bound=b, **pr))

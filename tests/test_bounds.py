@@ -485,6 +485,15 @@ def test_float32_prior_is_accepted_and_renormalised():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         t = torch.tensor([0.25, 0.75], dtype=dtype)
         assert B.delta_upper(16, prior=t) == B.delta_upper(16, prior=t.double().numpy())
+    # ... and a tensor's tolerance is that of its own dtype (it was widened to float64 first, so 1e-9: a float32
+    # softmax over 10^6 classes, 1.5e-6 off, was refused as a tensor and accepted as the same numpy array)
+    p = torch.softmax(torch.randn(10**6, generator=torch.Generator().manual_seed(0)), 0)
+    assert abs(float(p.double().sum()) - 1.0) > 1e-7
+    assert B.delta_upper(32, prior=p) == B.delta_upper(32, prior=p.numpy())
+    b16 = torch.tensor([0.3, 0.3, 0.4], dtype=torch.bfloat16)  # sums to 1.0020 in bfloat16
+    assert B.delta_upper(8, prior=b16) == B.delta_upper(8, prior=b16.double().numpy() / float(b16.double().sum()))
+    with pytest.raises(ValueError, match="sum to 1"):
+        B.delta_upper(16, prior=torch.tensor([0.3, 0.3, 0.3]))
 
 
 def test_scalar_and_array_outputs():

@@ -185,6 +185,34 @@ def test_gap_report_checks_prior_length_and_harmonic():
                    generator=torch.Generator().manual_seed(0))
 
 
+def test_gap_report_takes_a_float32_prior_as_the_bounds_do():
+    # gap_report widened the vector to float64 before the bounds' check, whose tolerance follows the dtype: a
+    # float32 softmax over 1000 classes (3e-8 off) was refused there and accepted by the bounds themselves
+    g = torch.Generator().manual_seed(3)
+    C = 1000
+    y = torch.arange(4 * C) % C
+    x = torch.randn(4 * C, 4, generator=g)
+    p = torch.softmax(torch.randn(C, generator=g), 0)
+    assert abs(float(p.double().sum()) - 1.0) > 1e-9
+    for prior in (p, p.numpy()):
+        rows = gap_report(x, y, [4], prior=prior, generator=torch.Generator().manual_seed(0), num_anchors=64)
+        assert rows[0]["upper"] == pytest.approx(rows[0]["R_cont"] + B.delta_upper(4, prior=p), rel=1e-12)
+
+
+def test_counts_accept_what_the_bounds_accept():
+    # K as a one-element integer tensor or an integer-valued float (as the bounds take it; ValueError before);
+    # a wrong type is a TypeError, a negative count a ValueError
+    x, y = blobs((20, 20, 20), d=4, seed=7, dtype=torch.float32)
+    want = float(contrastive_loss_estimate(x, y, 2, generator=torch.Generator().manual_seed(0)))
+    for K in (torch.tensor(2), np.int64(2), 2.0):
+        assert float(contrastive_loss_estimate(x, y, K, generator=torch.Generator().manual_seed(0))) == want
+    for bad in ("2", 2.5, torch.tensor(2.0), True, None):
+        with pytest.raises(TypeError, match="K must be an int"):
+            contrastive_loss_estimate(x, y, bad)
+    with pytest.raises(ValueError, match="K must be an int >= 0"):
+        contrastive_loss_estimate(x, y, -1)
+
+
 def test_temperature_accepts_numpy_and_tensor_scalars():
     x, y = blobs((20, 20, 20), d=4, seed=7, dtype=torch.float32)
     want = contrastive_loss_estimate(x, y, 8, temperature=0.5, generator=torch.Generator().manual_seed(0))
