@@ -377,6 +377,7 @@ def _log_one_minus_tau(k: np.ndarray, p: _Prior) -> np.ndarray:
         for sl in _rows(kf.shape[0], p.values.size):
             terms = logw[None, :] + np.where(kf[sl] == 0, 0.0, kf[sl] * l1p[None, :])
             out[sl] = _logsumexp(terms, axis=1)
+    out[kf[:, 0] == 0] = 0.0  # tau_0 = 0 exactly (the sum of the renormalised prior is 1 only to rounding)
     return out.reshape(k.shape)
 
 

@@ -496,6 +496,14 @@ def test_float32_prior_is_accepted_and_renormalised():
         B.delta_upper(16, prior=torch.tensor([0.3, 0.3, 0.3]))
 
 
+def test_log_one_minus_collision_probability_at_k0_is_exactly_zero():
+    # log(1 - tau_0) = log(sum_c pi_c) came out 6.9e-17 for a prior whose renormalised sum is 1 only to rounding
+    for prior in ([0.9, 0.1], [0.7, 0.2, 0.1], np.full(7, 1 / 7)):
+        assert B.collision_probability(0, prior=prior, log=True) == 0.0
+        assert B.collision_probability(0, prior=prior) == 0.0
+    assert np.all(B.collision_probability(np.array([0, 0]), prior=[0.9, 0.1], log=True) == 0.0)
+
+
 def test_scalar_and_array_outputs():
     assert isinstance(B.delta_upper(3, 10), float)
     assert isinstance(B.collision_term(np.int64(3), 10), float)
