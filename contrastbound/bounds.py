@@ -237,6 +237,22 @@ def _check_form(form: Any, allowed: tuple[str, ...]) -> str:
     return form
 
 
+def _check_log(log: Any) -> bool:
+    if not isinstance(log, (bool, np.bool_)):
+        raise TypeError(f"log must be a bool, got {type(log).__name__} {log!r}")
+    return bool(log)
+
+
+def _broadcast(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a and b broadcast together (numpy's rules), or a ValueError that names both arguments."""
+    try:
+        return np.broadcast_arrays(a, b)
+    except ValueError:
+        raise ValueError(
+            f"{name_a} (shape {np.shape(a)}) and {name_b} (shape {np.shape(b)}) must broadcast together"
+        ) from None
+
+
 def _out(values: np.ndarray, scalar: bool) -> Any:
     values = np.asarray(values, dtype=np.float64)
     return float(values.reshape(())) if scalar else values
@@ -350,7 +366,8 @@ def supervised_loss_interval(
     r = _as_loss("contrastive_loss", contrastive_loss)
     lo = delta_lower(K, num_classes, prior, norm_bound, form=lower_form)
     hi = delta_upper(K, num_classes, prior, norm_bound, form=upper_form)
-    lo_v, hi_v = r + np.asarray(lo), r + np.asarray(hi)
+    r_b, lo_b = _broadcast("contrastive_loss", r, "K", np.asarray(lo))
+    lo_v, hi_v = r_b + lo_b, r_b + np.broadcast_to(np.asarray(hi), lo_b.shape)
     if lo_v.ndim == 0:
         return float(lo_v), float(hi_v)
     return lo_v, hi_v
@@ -389,7 +406,7 @@ def collision_probability(K: Any, num_classes: int | None = None, prior: Any = N
     """
     k, scalar = _as_counts("K", K, 0)
     p = _resolve_prior(num_classes, prior)
-    if log:
+    if _check_log(log):
         return _out(_log_one_minus_tau(k, p), scalar)
     kf = k.astype(np.float64).reshape(-1, 1)
     tau = np.empty(kf.shape[0])
@@ -732,6 +749,7 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
     """
     n, scalar = _as_counts("draws", draws, 0)
     p = _resolve_prior(num_classes, prior)
+    log = _check_log(log)
     lv = _log_coupon(n, p)
     return _out(lv if log else np.exp(lv), scalar)
 
@@ -957,7 +975,7 @@ def _earlier_setup(fn: str, contrastive_loss: Any, K: Any, num_classes: Any, pri
     r = _as_loss("contrastive_loss", contrastive_loss)
     p = _resolve_prior(num_classes, prior)
     _require_uniform(fn, p)
-    r_b, k_b = np.broadcast_arrays(r, k)
+    r_b, k_b = _broadcast("contrastive_loss", r, "K", k)
     scalar = r_b.ndim == 0
     return r_b.astype(np.float64), k_b.astype(np.int64), p, scalar
 

@@ -504,6 +504,20 @@ def test_log_one_minus_collision_probability_at_k0_is_exactly_zero():
     assert np.all(B.collision_probability(np.array([0, 0]), prior=[0.9, 0.1], log=True) == 0.0)
 
 
+def test_argument_errors_name_the_arguments():
+    # shapes that do not broadcast gave numpy's own message (no argument named); a non-bool log was taken as truthy
+    with pytest.raises(ValueError, match=r"contrastive_loss \(shape \(3,\)\) and K \(shape \(2,\)\)"):
+        B.ash(np.array([1.0, 2.0, 3.0]), np.array([5, 20]), num_classes=10)
+    with pytest.raises(ValueError, match="contrastive_loss .* and K .* must broadcast"):
+        B.supervised_loss_interval([2.3, 2.4, 2.5], [1, 32], num_classes=10)
+    lo, hi = B.supervised_loss_interval(np.full((2, 1), 2.3), [4, 32], num_classes=10)  # broadcasting still works
+    assert lo.shape == hi.shape == (2, 2) and np.all(lo < hi)
+    for fn in (B.collision_probability, B.coupon_collector_probability):
+        with pytest.raises(TypeError, match="log must be a bool"):
+            fn(5, num_classes=3, log="yes")
+        assert fn(5, num_classes=3, log=np.bool_(True)) == fn(5, num_classes=3, log=True)
+
+
 def test_scalar_and_array_outputs():
     assert isinstance(B.delta_upper(3, 10), float)
     assert isinstance(B.collision_term(np.int64(3), 10), float)
