@@ -956,7 +956,9 @@ def min_supervised_loss(num_classes: int, norm_bound: float = 1.0) -> float:
 
 def harmonic_number(n: int, harmonic: str = "exact") -> float:
     """H_n = 1 + 1/2 + ... + 1/n (``"exact"``), or the authors' ``log(n) + 0.577`` (``"authors"``)."""
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, Integral):
+        raise TypeError(f"n must be a non-negative int, got {type(n).__name__} {n!r}")
+    if n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if harmonic == "exact":
         if n == 0:

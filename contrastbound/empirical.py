@@ -103,7 +103,9 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = float(value.detach())  # a one-element tensor (numpy scalars are Real below)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 

@@ -211,6 +211,14 @@ def test_counts_accept_what_the_bounds_accept():
             contrastive_loss_estimate(x, y, bad)
     with pytest.raises(ValueError, match="K must be an int >= 0"):
         contrastive_loss_estimate(x, y, -1)
+    # the same split for the temperature and the harmonic number: TypeError for a wrong type
+    for bad in (torch.tensor(2), "0.5", None):
+        with pytest.raises(TypeError, match="temperature"):
+            contrastive_loss_estimate(x, y, 2, temperature=bad)
+    with pytest.raises(TypeError, match="n must be a non-negative int"):
+        B.harmonic_number(1.0)
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        B.harmonic_number(-1)
 
 
 def test_temperature_accepts_numpy_and_tensor_scalars():
