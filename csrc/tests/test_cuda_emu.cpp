@@ -799,8 +799,12 @@ int main(int argc, char** argv) {
     fault_runs<float>(c, 4 * std::ldexp(1.0, -11), "sm_90a, TF32", !quick);
     tf32_mode = false;
     with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { fault_runs<__half>(c, 4e-3, "sm_90a, wgmma", !quick); });
+    with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { fault_runs<__nv_bfloat16>(c, 2e-2, "sm_90a, flash", !quick); });
+    with_env({{"CONTRASTBOUND_TC_FUSED_FWD", "1"}},
+             [&] { fault_runs<__nv_bfloat16>(c, 2e-2, "sm_90a, one-pass forward", !quick); });
     c.d = 300;
     fault_runs<__half>(c, 4e-3, "sm_90a", !quick);
+    with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}}, [&] { fault_runs<__half>(c, 4e-3, "sm_90a, chunked", !quick); });
     c = Case();
     c.mode = Mode::Indexed, c.B = 9, c.K = 10, c.rows = 13, c.d = 16;
     fault_runs<float>(c, 2e-5, "sm_90a", !quick);
