@@ -173,7 +173,9 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
     total = float(pi.sum())
     # A float32 (or half) vector cannot sum to 1 within 1e-9: its entries' rounding and the summation that made it
     # (torch.softmax over 10^6 float32 classes: ~2e-4) leave ~sqrt(C) eps. Renormalised below.
-    eps = given_eps if given_eps is not None else np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
+    if given_eps is None:
+        given_eps = np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
+    eps = given_eps
     tol = max(1e-9, 8.0 * math.sqrt(pi.size) * float(eps))
     if abs(total - 1.0) > tol:
         raise ValueError(f"prior must sum to 1 (within {tol:.3g}), got sum {total!r}")

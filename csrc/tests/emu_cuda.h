@@ -1,13 +1,14 @@
 // A small CPU emulation of what the mma.sync tensor-core kernels (csrc/cuda/info_nce_tc.cuh) use from CUDA, so
 // that a C++ test can run them on a machine without a GPU (test_mma_emu.cpp).
 //
-// Every CUDA thread is a fiber (its own stack; emu_switch below) on one OS thread; a block's fibers run round-robin, each until it
-// reaches a barrier. __syncthreads is a block barrier; the warp-collective operations (__shfl_xor_sync,
-// ldmatrix, mma.sync) exchange their operands through a per-warp buffer and a warp barrier, and each lane then
-// computes its own result exactly as the PTX ISA lays the fragments out. cp.async copies are deferred until the
-// tc_wait that must complete them, so a missing wait reads stale shared memory; shared memory starts as NaN
-// bytes (0xff), so a read of a never-written element shows up as NaN. What this cannot show: timing, memory-model
-// races the round-robin order hides, bank conflicts, register pressure, speed.
+// Every CUDA thread is a fiber (its own stack; emu_switch below) on one OS thread; a block's fibers run
+// round-robin, each until it reaches a barrier. __syncthreads is a block barrier; the warp-collective operations
+// (__shfl_xor_sync, ldmatrix, mma.sync) exchange their operands through a per-warp buffer and a warp barrier, and
+// each lane then computes its own result exactly as the PTX ISA lays the fragments out. cp.async copies are
+// deferred until the tc_wait that must complete them, so a missing wait reads stale shared memory; shared memory
+// starts as NaN bytes (0xff), so a read of a never-written element shows up as NaN. ldmatrix bank conflicts are
+// counted (ldsm_stats). What this cannot show: timing, memory-model races the round-robin order hides, other bank
+// conflicts, register pressure, speed.
 #pragma once
 
 #include <cuda_bf16.h>

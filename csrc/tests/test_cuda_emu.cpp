@@ -87,7 +87,9 @@ cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t smem,
                                                                    unsigned int) {
-  if (emu::inject(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags")) return cudaErrorInvalidValue;
+  if (emu::inject(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags")) {
+    return cudaErrorInvalidValue;
+  }
   const emu::Device& d = emu::device();
   const int by_smem = static_cast<int>(d.smem_per_sm / (smem + 1024));
   *blocks = std::max(0, std::min(d.blocks_per_sm, by_smem));
