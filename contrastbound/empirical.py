@@ -287,8 +287,13 @@ def contrastive_loss_curve(
     normalize: bool = True,
     num_anchors: int | None = None,
     generator: torch.Generator | None = None,
-) -> np.ndarray:
+    return_std_error: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""R_cont at every K in ``ks`` from ONE pass over max(ks) negatives per anchor; float64 array like ``ks``.
+
+    With ``return_std_error=True`` also the Monte Carlo standard error of each value, sd(loss_i) / sqrt(n) over the n
+    anchors' losses (NaN for one anchor): the error of the estimate of the loss over this data, which is what a
+    comparison with the bounds on the same set has to allow for.
 
     The loss at K uses the first K negatives of each anchor: the index columns are processed in slices
     [k_{j-1}, k_j) by :func:`contrastbound.info_nce_lse` (positive left out), and the per-anchor log-sum-exp is
@@ -305,8 +310,27 @@ def contrastive_loss_curve(
         raise ValueError(f"ks must be non-negative, got min {ks_arr.min()}")
     uniq = np.unique(ks_arr)
     kmax = int(uniq[-1])
+    if not isinstance(return_std_error, (bool, np.bool_)):
+        raise TypeError(f"return_std_error must be a bool, got {type(return_std_error).__name__}")
     sampler = _Sampler(features, labels, num_anchors, generator)
-    sums = np.zeros(uniq.size)
+    # per K: anchors so far, the mean of their losses and the sum of squared deviations, merged chunk by chunk
+    # (Chan et al.'s update: no cancellation of sum x^2 against n mean^2)
+    count = np.zeros(uniq.size)
+    mean = np.zeros(uniq.size)
+    m2 = np.zeros(uniq.size)
+
+    def add(i: int, losses: torch.Tensor) -> None:
+        n_b = losses.numel()
+        if n_b == 0:
+            return
+        mean_b = float(losses.mean())
+        m2_b = float(((losses - mean_b) ** 2).sum())
+        n = count[i] + n_b
+        delta = mean_b - mean[i]
+        mean[i] += delta * n_b / n
+        m2[i] += m2_b + delta * delta * count[i] * n_b / n
+        count[i] = n
+
     for a, pos, neg in sampler.chunks(kmax):
         fa, fp = features[a], features[pos]
         loss0 = lse0 = running = None
@@ -330,9 +354,18 @@ def contrastive_loss_curve(
                     running = torch.logaddexp(running, lse)
                 prev = k
                 # loss at k = loss at the first slice + (lse_k - lse_first); the positive logit cancels
-                sums[i] += float((loss0.double() + (running.double() - lse0.double())).sum())
-    values = sums / sampler.anchors.numel()
-    return values[np.searchsorted(uniq, ks_arr)]
+                add(i, loss0.double() + (running.double() - lse0.double()))
+        for i, k in enumerate(uniq.tolist()):
+            if k == 0:
+                add(i, torch.zeros(a.numel(), dtype=torch.float64))
+    at = np.searchsorted(uniq, ks_arr)
+    values = mean[at]
+    if not return_std_error:
+        return values
+    n = sampler.anchors.numel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(m2 / (n - 1) / n) if n > 1 else np.full(uniq.size, np.nan)
+    return values, se[at]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,12 +396,13 @@ def gap_report(
     or a probability vector. The earlier bounds (Arora et al., Nozawa & Sato, Ash et al.) are uniform-prior
     formulas: they are NaN for a non-uniform prior and where they are undefined (K < C for the first two).
     The theorem holds for one distribution: on the same set (no test set) R_supv lies inside up to the Monte Carlo
-    error of R_cont; with a test set ``inside`` compares the test set's R_supv with the training set's interval,
+    error of R_cont (``R_cont_se``, its standard error: an ``inside`` of False within a few of it is sampling noise,
+    more ``num_anchors`` shrink it); with a test set ``inside`` compares the test set's R_supv with the training set's interval,
     which no theorem guarantees (a shifted test distribution can fall outside). Half-precision features are
     widened to float32 for the means and R_supv.
 
     Returns:
-        A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_supv, delta_lower,
+        A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_cont_se, R_supv, delta_lower,
         delta_upper, lower, upper, inside, arora, nozawa_sato, ash, num_classes, norm_bound``; print it with
         :func:`format_gap_report`.
     """
@@ -405,8 +439,9 @@ def gap_report(
                 norms.append(test_features.double().norm(dim=1).max())
             b2 = float(max(norms)) ** 2 / t
     b = math.sqrt(max(b2, 1e-300))
-    r_cont = contrastive_loss_curve(
-        features, labels, ks_arr, temperature=t, normalize=normalize, num_anchors=num_anchors, generator=generator
+    r_cont, r_cont_se = contrastive_loss_curve(
+        features, labels, ks_arr, temperature=t, normalize=normalize, num_anchors=num_anchors, generator=generator,
+        return_std_error=True,
     )
     if isinstance(prior, str):
         if prior == "uniform":
@@ -439,7 +474,8 @@ def gap_report(
         lo, hi = r_cont[i] + d_lo[i], r_cont[i] + d_hi[i]
         rows.append(
             dict(
-                K=int(k), R_cont=float(r_cont[i]), R_supv=r_supv, delta_lower=float(d_lo[i]), delta_upper=float(d_hi[i]),
+                K=int(k), R_cont=float(r_cont[i]), R_cont_se=float(r_cont_se[i]), R_supv=r_supv,
+                delta_lower=float(d_lo[i]), delta_upper=float(d_hi[i]),
                 lower=float(lo), upper=float(hi), inside=bool(lo <= r_supv <= hi), arora=float(ar[i]),
                 nozawa_sato=float(ns[i]), ash=float(ah[i]), num_classes=C, norm_bound=b,
             )
@@ -450,6 +486,7 @@ def gap_report(
 _COLUMNS = (
     ("K", "K", "{:d}"),
     ("R_cont", "R_cont", "{:.4f}"),
+    ("R_cont_se", "+-se", "{:.2g}"),
     ("R_supv", "R_supv", "{:.4f}"),
     ("delta_lower", "Delta_L", "{:.4f}"),
     ("delta_upper", "Delta_U", "{:.4f}"),
