@@ -310,8 +310,7 @@ def contrastive_loss_curve(
         raise ValueError(f"ks must be non-negative, got min {ks_arr.min()}")
     uniq = np.unique(ks_arr)
     kmax = int(uniq[-1])
-    if not isinstance(return_std_error, (bool, np.bool_)):
-        raise TypeError(f"return_std_error must be a bool, got {type(return_std_error).__name__}")
+    _check_bool_arg("return_std_error", return_std_error)
     sampler = _Sampler(features, labels, num_anchors, generator)
     # per K: anchors so far, the mean of their losses and the sum of squared deviations, merged chunk by chunk
     # (Chan et al.'s update: no cancellation of sum x^2 against n mean^2)
