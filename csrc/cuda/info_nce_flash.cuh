@@ -66,11 +66,14 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 
 // The epilogue of flash_kernel and wgmma_kernel, from registers: acc[4 j + 2 h + e] (NT n8 tiles x 4) is row g + 8 h
 // of the warp's 16, feature 8 j + 2 t + e (the mma.sync C layout and wgmma's per-warp D layout alike). Writes the
-// Forward partial (max, sum), the finished bank rows (BankGrads, one split) or the float32 partials.
-template <typename T, FlashMode MODE, int NT>
+// Forward partial (max, sum), the finished bank rows (BankGrads, one split) or the float32 partials. xn(h, col):
+// feature col of row h's bank row from the block's X tile in shared memory (the rows in their own type, as
+// copied; BankGrads only), not from global memory: the global loads, scheduled early, held ~30 more registers and
+// made the d = 256 instances spill (ptxas: 120 bytes for flash_kernel, 116 for wgmma_kernel; none now).
+template <typename T, FlashMode MODE, int NT, typename XN>
 __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&row)[2], const float (&run_m)[2],
                                             const float (&run_s)[2], int64_t split, float unscale, int t,
-                                            const TcOperand<T>& X, const FlArgs& a) {
+                                            const TcOperand<T>& X, const FlArgs& a, const XN& xn) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = row[h];
@@ -83,15 +86,14 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
       }
     }
     if (MODE == FlashMode::BankGrads && a.splits == 1) {
-      // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n read in its own type, as finish_bank_row).
-      const T* n = X.ptr + (ok ? r : 0) * X.s0;
+      // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n in its own type, as finish_bank_row).
       float dot = 0.f;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * j + 2 * t + e;
-          if (ok && col < a.d) dot += acc[4 * j + 2 * h + e] * unscale * to_acc<float>(n[col * X.s1]);
+          if (ok && col < a.d) dot += acc[4 * j + 2 * h + e] * unscale * xn(h, col);
         }
       dot = fl_quad_sum(dot);
       if (ok) {
@@ -103,7 +105,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * j + 2 * t + e;
             if (col < a.d) {
-              out[col] = from_acc<T>(inv * (acc[4 * j + 2 * h + e] * unscale) - cp * to_acc<float>(n[col * X.s1]));
+              out[col] = from_acc<T>(inv * (acc[4 * j + 2 * h + e] * unscale) - cp * xn(h, col));
             }
           }
       }
@@ -278,7 +280,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         }
       }
     }
-    fl_epilogue<T, MODE, NT>(&acc[0][0], row, run_m, run_s, split, unscale, t, X, a);
+    const T* xrow = xs + (16 * warp + g) * m.ld;  // row[0]'s bank row in the X tile; row[1]'s is 8 rows on
+    fl_epilogue<T, MODE, NT>(&acc[0][0], row, run_m, run_s, split, unscale, t, X, a,
+                             [&](int h, int col) { return to_acc<float>(xrow[8 * h * m.ld + col]); });
   }
 #else
   __trap();

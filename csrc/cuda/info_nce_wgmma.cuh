@@ -436,7 +436,11 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int i = 0; i < NT * 4; ++i) wg_fence_operand(acc[i]);
     }
-    fl_epilogue<T, MODE, NT>(acc, row, run_m, run_s, split, unscale, t, X, a);
+    // Row r of the X tile, feature j: element ((j / 8) kFlRows + r) 8 + j % 8 (the interleaved layout above).
+    const int xr = 16 * warp + g;  // row[0] - x0; row[1] is xr + 8
+    fl_epilogue<T, MODE, NT>(acc, row, run_m, run_s, split, unscale, t, X, a, [&](int h, int col) {
+      return to_acc<float>(xs[((col >> 3) * kFlRows + xr + 8 * h) * 8 + (col & 7)]);
+    });
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without the sm_90a features: never launch it there
