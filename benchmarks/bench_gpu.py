@@ -15,7 +15,12 @@ problem (naive always; Inf-CL and Cut Cross-Entropy in-batch) a relative differe
 "LOSS MISMATCH". Per (K, problem) the order is: fused, naive, peers, then the other kernel variants, each of
 which is first checked against the fused result and whose failure is noted in its row only.
 
-    python benchmarks/bench_gpu.py [--quick] [--csv out.csv] [--budget SECONDS]
+With --kernels LOG2K it first profiles one forward + backward of the shared problem at K = 2^LOG2K (torch.profiler)
+for the default kernels and each opt-in variant, and writes every GPU kernel's time, its share of the step and, for
+the tensor-core kernels, the rate their modelled work implies (KERNEL_FLOP) to <csv>_kernels.csv: which kernel
+holds the step back.
+
+    python benchmarks/bench_gpu.py [--quick] [--csv out.csv] [--budget SECONDS] [--kernels 18]
 
 Without a GPU it prints "no GPU" and exits with status 0 (so it can be smoke-tested anywhere).
 """
@@ -136,6 +141,140 @@ def _measure(loss_fn, leaves, repeats, flop):
     return fwd_ms, both_ms - fwd_ms, both_ms, flop / (both_ms * 1e-3) / 1e12, peak, value
 
 
+# Work of one call of each tensor-core kernel on the shared problem, in units of B K d flop (the model behind the
+# per-kernel rates of --kernels): the log-sum-exp pass forms the scores (2), the rows passes (anchor term, bank
+# gradients), the one-pass forward and the flash / wgmma kernels form the scores and the product with the
+# coefficients (4). Kernels not named here (normalisation, merges, finishing) are O((B + K) d): no rate.
+KERNEL_FLOP = {"tc_lse_kernel": 2, "mma_lse_kernel": 2, "forward_shared_kernel": 2, "tc_rows_kernel": 4,
+               "mma_rows_kernel": 4, "mma_fwd_kernel": 4, "flash_kernel": 4, "wgmma_kernel": 4}
+KERNEL_FIELDS = ["impl", "B", "K", "d", "kernel", "calls", "ms", "pct_of_step", "model_tflops", "pct_of_matmul",
+                 "matmul_tflops"]
+
+
+def _kernel_name(name: str) -> str:
+    """A profiler event's kernel name shortened to the function and its template arguments, e.g.
+    "mma_rows_kernel<__nv_bfloat16, false>" (return type, namespaces and parameters dropped)."""
+    s = name.replace("(anonymous namespace)::", "")
+    lt, par = s.find("<"), s.find("(")
+    if lt != -1 and (par == -1 or lt < par):
+        head, args = s[:lt], s[lt:_template_end(s)]
+    else:
+        head, args = (s if par == -1 else s[:par]), ""
+    words = head.split()
+    return (words[-1] if words else head).split("::")[-1] + args.replace("contrastbound::cuda::", "")
+
+
+def _template_end(name: str) -> int:
+    """Index just past the '>' that closes the first '<' of name (len(name) if it is not closed)."""
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(name)
+
+
+def _kernel_rows(events, impl: str, B: int, K: int, d: int, matmul_tflops: float) -> list[dict]:
+    """Per-kernel rows from (name, calls, device microseconds) triples of one profiled step: time, share of the
+    step, and for the kernels of KERNEL_FLOP the rate that their modelled work implies, against the matmul rate."""
+    total = sum(us for _, _, us in events) or 1.0
+    rows = []
+    for name, calls, us in sorted(events, key=lambda e: -e[2]):
+        short = _kernel_name(name)
+        units = KERNEL_FLOP.get(short.split("<", 1)[0])
+        rate = units * B * K * d * calls / (us * 1e-6) / 1e12 if units and us > 0 else None
+        rows.append(dict(impl=impl, B=B, K=K, d=d, kernel=short, calls=calls, ms=us / 1e3,
+                         pct_of_step=100 * us / total, model_tflops=rate,
+                         pct_of_matmul=None if rate is None else 100 * rate / matmul_tflops,
+                         matmul_tflops=matmul_tflops))
+    return rows
+
+
+def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
+    """Runs step() (forward and backward) once per variant (name, environment switches) under torch.profiler
+    after a warm-up, and writes the GPU kernels' times (_kernel_rows) to path as CSV; prints the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for impl, env in variants:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            events = []
+            for ev in prof.key_averages():
+                # Device time under the names torch has used (device_time_total since 2.4; cuda_time_total before).
+                us = max(float(getattr(ev, a, 0.0) or 0.0) for a in ("device_time_total", "cuda_time_total"))
+                # GPU kernels only: not host-side events (runtime calls such as cudaLaunchKernel, whose device time
+                # would count their kernels twice), copies or memsets.
+                host = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU
+                if us > 0 and ev.key and not host and not ev.key.startswith(("Memcpy", "Memset", "cuda")):
+                    events.append((ev.key, ev.count, us))
+            out += _kernel_rows(events, impl, B, K, d, matmul_tflops) or [dict(impl=impl, kernel="(no kernels seen)")]
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not cost the others
+            out.append(dict(impl=impl, B=B, K=K, d=d, kernel=f"failed: {type(exc).__name__}: {exc}"[:200]))
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=KERNEL_FIELDS)
+        w.writeheader()
+        for r in out:
+            w.writerow({k: r.get(k, "") for k in KERNEL_FIELDS})
+    print(f"\nper-kernel device time, one forward + backward, shared bank B = {B}, K = {K}, d = {d} "
+          f"(model rate: KERNEL_FLOP x B K d per call / time)")
+    for r in out:
+        rate = r.get("model_tflops")
+        print(f"  {r['impl']:<14} {r['kernel'][:60]:<60} {r.get('calls', '')!s:>5} {r.get('ms', 0) or 0:9.3f} ms "
+              f"{r.get('pct_of_step', 0) or 0:5.1f} %"
+              + ("" if rate is None else f"  {rate:7.1f} TFLOP/s = {r['pct_of_matmul']:5.1f} % of matmul"))
+    print(f"wrote {path}")
+    return out
+
+
+def _opt_in_variants() -> list[tuple[str, dict]]:
+    """The opt-in kernels (name, environment switches): one-pass forward, flash layout, and on compute capability
+    9.0 their warpgroup-MMA versions."""
+    out = [("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}), ("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"})]
+    if torch.cuda.get_device_capability() == (9, 0):
+        out.append(("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}))
+    return out
+
+
+def _kernel_breakdown(args, B, d, t, dtype, cb) -> None:
+    """--kernels: the per-kernel profile (_profile_kernels) of the shared problem at K = 2^args.kernels."""
+    K = 2**args.kernels
+    path = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + "_kernels.csv"
+    try:
+        torch.manual_seed(args.kernels)
+        a = torch.randn(B, d, device="cuda", dtype=dtype, requires_grad=True)
+        p = torch.randn(B, d, device="cuda", dtype=dtype, requires_grad=True)
+        n = torch.randn(K, d, device="cuda", dtype=dtype, requires_grad=True)
+
+        def step():
+            for x in (a, p, n):
+                x.grad = None
+            cb.info_nce(a, p, n, temperature=t).backward()
+
+        mm = _matmul_tflops(B, K, d, dtype, 3)
+        _profile_kernels(step, [("fused", {})] + _opt_in_variants(), B, K, d, mm, path)
+    except Exception as exc:  # noqa: BLE001 - the profile is extra: the timed table must still run
+        print(f"per-kernel profile failed: {type(exc).__name__}: {exc}")
+    finally:
+        a = p = n = None
+        torch.cuda.empty_cache()
+
+
 def _row(base, impl, r, mm, grads_gib, note="", ref_loss=None):
     """A result row from _measure's tuple; the loss is compared with the fused one where ref_loss is given."""
     if ref_loss is not None and not abs(r[5] - ref_loss) <= 2e-2 * max(abs(ref_loss), 1e-6):
@@ -181,6 +320,11 @@ def main(argv=None) -> int:
                     help="also time the opt-in kernels: the one-pass forward (CONTRASTBOUND_TC_FUSED_FWD=1), the "
                          "flash-layout kernels (CONTRASTBOUND_TC_FLASH=1) and, on compute capability 9.0, their "
                          "warpgroup-MMA versions (CONTRASTBOUND_TC_WGMMA=1)")
+    ap.add_argument("--kernels", type=int, default=None, metavar="LOG2K",
+                    help="first, one forward + backward of the shared problem at K = 2^LOG2K under torch.profiler, "
+                         "for the default kernels and each opt-in variant: every GPU kernel's time and, for the "
+                         "tensor-core ones, the rate their work implies (KERNEL_FLOP), to the CSV named like --csv "
+                         "with _kernels before .csv")
     ap.add_argument("--opt-in-only", action="store_true",
                     help="only the default fused kernels (the reference) and the opt-in variants of --one-pass: no "
                          "naive, peers or other variants (scripts/gpu_check.sh runs them in a process of their own, "
@@ -214,6 +358,9 @@ def main(argv=None) -> int:
     for key in ("inf_cl_error", "cce_error"):
         if key in peers:
             print(f"peer not available: {key[:-6]}: {peers[key]}")
+
+    if args.kernels is not None:
+        _kernel_breakdown(args, B, d, t, dtype, cb)
 
     rows = _RowSink(args.csv)  # every row is written (and flushed) as soon as it is measured
     started = time.time()

@@ -4,7 +4,8 @@
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
 # and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers),
-# bench_gpu_opt_in.csv (the opt-in kernels against the default) and bench_gpu_wide.csv (d = 512) into OUTDIR.
+# bench_gpu_opt_in.csv (the opt-in kernels against the default), bench_gpu_opt_in_kernels.csv (each variant's
+# GPU kernels, profiled at K = 2^18) and bench_gpu_wide.csv (d = 512) into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -164,7 +165,9 @@ else
   [ "$(left)" -ge 120 ] && WIDE=45
   B2=$(( $(left) - 15 - WIDE ))
   if [ "$B2" -ge 30 ]; then
-    timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only ${BENCH_ARGS:-} \
+    # --kernels 18: first a per-kernel profile (one step per variant at K = 2^18, a few seconds):
+    # bench_gpu_opt_in_kernels.csv says which kernel holds each variant back.
+    timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only --kernels 18 ${BENCH_ARGS:-} \
       --budget $((B2 - 40 > 20 ? B2 - 40 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" || true
   else
     echo "no time left for the opt-in kernels' benchmark"
