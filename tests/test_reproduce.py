@@ -190,9 +190,9 @@ def test_tiny_curves_consistent(tiny):
 @pytest.mark.parametrize("name", ["toy", "digits"])
 def test_tiny_training_consistent(tiny, name):
     cols, rows = _read(os.path.join(tiny, name + ".csv"))
-    for c in ("seed", "K", "epoch", "R_cont_train", "R_supv_train", "lower_train", "upper_train", "inside_train",
-              "R_cont_test", "R_supv_test", "lower_test", "upper_test", "inside_test", "acc_test", "arora_test",
-              "nozawa_sato_test", "ash_test"):
+    for c in ("seed", "K", "epoch", "R_cont_train", "R_cont_se_train", "R_supv_train", "lower_train", "upper_train",
+              "inside_train", "R_cont_test", "R_cont_se_test", "R_supv_test", "lower_test", "upper_test", "inside_test",
+              "acc_test", "arora_test", "nozawa_sato_test", "ash_test"):
         assert c in cols
     s = make_settings("tiny")
     ks = s.toy_ks if name == "toy" else s.digits_ks
@@ -208,6 +208,7 @@ def test_tiny_training_consistent(tiny, name):
             assert lo <= hi
             assert r[f"inside_{split}"] == ("true" if lo <= rs <= hi else "false")
             assert rc > 0 and rs > 0
+            assert 0 < _f(r[f"R_cont_se_{split}"]) < rc  # the Monte Carlo error of R_cont's estimate
             assert math.isclose(hi - rc, _f(r["delta_upper"]), rel_tol=1e-9, abs_tol=1e-9)
             assert math.isnan(_f(r[f"arora_{split}"])) == (K < C)
             assert math.isnan(_f(r[f"nozawa_sato_{split}"])) == (K < C)
@@ -400,3 +401,30 @@ def test_strict_exit_status_when_a_claim_is_not_supported(tmp_path, monkeypatch,
     assert reproduce.main(args) == 0  # the report was written: the verdict is in it
     assert reproduce.main([*args, "--strict"]) == 3
     assert "NOT supported (toy): The sandwich holds." in capsys.readouterr().err
+
+
+def test_containment_claim_reports_margins_in_standard_errors():
+    """The containment claim's evidence: margins in standard errors of R_cont, and which outside ones sampling noise
+    could explain (within 3 of them) and which it cannot."""
+    from contrastbound.reproduce._common import Section
+    from contrastbound.reproduce.training import _containment_claims
+
+    def row(k, lower, rs, upper, se):
+        r = dict(K=k, seed=0, epoch=1)
+        for split in ("train", "test"):
+            r.update({f"lower_{split}": lower, f"upper_{split}": upper, f"R_supv_{split}": rs,
+                      f"R_cont_se_{split}": se, f"inside_{split}": lower <= rs <= upper})
+        return r
+
+    inside = row(1, 1.0, 1.5, 3.0, 0.1)  # margin 0.5 = 5 standard errors
+    sec = Section("x", "x")
+    _containment_claims(sec, [inside], [inside], "test")
+    assert [c.verdict for c in sec.claims] == ["supported", "supported"]
+    assert "standard errors of the R_cont estimate" in sec.claims[0].evidence and ": 5." in sec.claims[0].evidence
+    near = row(2, 1.0, 0.85, 3.0, 0.1)  # 1.5 standard errors below the lower bound: could be noise
+    far = row(4, 1.0, 0.2, 3.0, 0.1)  # 8 below: cannot
+    sec = Section("x", "x")
+    _containment_claims(sec, [inside, near, far], [near], "test")
+    ev = sec.claims[0].evidence
+    assert sec.claims[0].verdict == "NOT supported"
+    assert "1 of 3 evaluations" in ev and "1 of the 2 outside are within 3 standard errors" in ev, ev

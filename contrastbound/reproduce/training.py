@@ -118,11 +118,13 @@ def evaluate(model, xtr, ytr, xte, yte, K: int, C: int, s: Settings, g: torch.Ge
         row: dict[str, Any] = {}
         for split, f, y in (("train", ftr, ytr), ("test", fte, yte)):
             n = f.shape[0]
-            rc = float(contrastive_loss_curve(f, y, [K], temperature=t, num_anchors=s.eval_anchor_repeats * n,
-                                              generator=g)[0])
+            rc_v, rc_se = contrastive_loss_curve(f, y, [K], temperature=t, num_anchors=s.eval_anchor_repeats * n,
+                                                 generator=g, return_std_error=True)
+            rc = float(rc_v[0])
             rs = float(mean_classifier_loss(f, y, means, t))
             pred = (torch.nn.functional.normalize(f, dim=1) @ means.T).argmax(1)
             row[f"R_cont_{split}"] = rc
+            row[f"R_cont_se_{split}"] = float(rc_se[0])
             row[f"R_supv_{split}"] = rs
             row[f"acc_{split}"] = float((pred == y).double().mean())
     d_l = B.delta_lower(K, num_classes=C, norm_bound=b)
@@ -191,8 +193,9 @@ def train_contrastive(
 
 
 EPOCH_COLUMNS = [
-    "seed", "K", "epoch", "train_loss", "R_cont_train", "R_supv_train", "lower_train", "upper_train", "inside_train",
-    "R_cont_test", "R_supv_test", "lower_test", "upper_test", "inside_test", "acc_train", "acc_test", "delta_lower",
+    "seed", "K", "epoch", "train_loss", "R_cont_train", "R_cont_se_train", "R_supv_train", "lower_train", "upper_train",
+    "inside_train", "R_cont_test", "R_cont_se_test", "R_supv_test", "lower_test", "upper_test", "inside_test",
+    "acc_train", "acc_test", "delta_lower",
     "delta_upper", "norm_bound", "arora_train", "nozawa_sato_train", "ash_train", "arora_test", "nozawa_sato_test",
     "ash_test",
 ]
@@ -208,17 +211,29 @@ def _containment_claims(sec: Section, rows: list[dict], final: list[dict], what:
                         ("test", "test set (R_cont of the test set, class means of the training set)")):
         bad = [r for r in rows if not r[f"inside_{split}"]]
         bad_final = [r for r in final if not r[f"inside_{split}"]]
-        margin_lo = min(r[f"R_supv_{split}"] - r[f"lower_{split}"] for r in rows)
-        margin_hi = min(r[f"upper_{split}"] - r[f"R_supv_{split}"] for r in rows)
+        lo = [r[f"R_supv_{split}"] - r[f"lower_{split}"] for r in rows]
+        hi = [r[f"upper_{split}"] - r[f"R_supv_{split}"] for r in rows]
+        # Margins in standard errors of the R_cont estimate (the interval moves with it; R_supv is exact).
+        se = [r.get(f"R_cont_se_{split}", math.nan) for r in rows]
+        in_se = [min(a, b) / e if e > 0 else math.nan for a, b, e in zip(lo, hi, se)]
         ev = (f"{len(rows) - len(bad)} of {len(rows)} evaluations ({what}) inside; at the final epoch "
-              f"{len(final) - len(bad_final)} of {len(final)}. Smallest margins: R_supv - lower = {fmt(margin_lo)}, "
-              f"upper - R_supv = {fmt(margin_hi)}.")
+              f"{len(final) - len(bad_final)} of {len(final)}. Smallest margins: R_supv - lower = {fmt(min(lo))}, "
+              f"upper - R_supv = {fmt(min(hi))}")
+        if not all(math.isnan(v) for v in in_se):
+            ev += (f"; the smallest in standard errors of the R_cont estimate (Monte Carlo, "
+                   f"{float(np.nanmedian(se)):.2g} typical): {float(np.nanmin(in_se)):.3g}")
+        ev += "."
         if bad:
             worst = min(bad, key=lambda r: min(r[f"R_supv_{split}"] - r[f"lower_{split}"],
                                                r[f"upper_{split}"] - r[f"R_supv_{split}"]))
             ev += (f" Outside, e.g.: K = {worst['K']}, seed {worst['seed']}, epoch {worst['epoch']}: R_supv = "
                    f"{fmt(worst[f'R_supv_{split}'])}, interval [{fmt(worst[f'lower_{split}'])}, "
                    f"{fmt(worst[f'upper_{split}'])}].")
+            noise = [v for v, r in zip(in_se, rows) if not r[f"inside_{split}"] and v > -3]
+            if noise:
+                ev += (f" {len(noise)} of the {len(bad)} outside are within 3 standard errors of the R_cont estimate: "
+                       f"sampling noise cannot be ruled out there (more anchors per sample, "
+                       f"Settings.eval_anchor_repeats, shrink it).")
         sec.claim(f"The measured supervised loss lies in [R_cont + Delta_L, R_cont + Delta_U] for every K, seed and "
                   f"evaluated epoch, {desc}.", not bad, ev)
 
