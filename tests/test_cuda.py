@@ -592,8 +592,34 @@ def test_tensor_cores_zero_rows(monkeypatch, impl, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("impl", ["simt"] + TC_IMPLS)
+def _allow_tf32(request) -> None:
+    """torch.backends.cuda.matmul.allow_tf32 = True until the test ends. Not monkeypatch.setattr: the attribute is
+    a property of torch's cuBLASModule that hasattr does not see, so pytest >= 9.2's undo deletes it instead of
+    restoring it (AttributeError in teardown, and TF32 left on for every later test of the process)."""
+    m = torch.backends.cuda.matmul
+    old = m.allow_tf32
+    m.allow_tf32 = True
+    request.addfinalizer(lambda: setattr(m, "allow_tf32", old))
+
+
+def test_allow_tf32_helper_restores(request):
+    """_allow_tf32 puts the setting back (a leak would run later float32 tests through TF32 tensor cores)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    fins = []
+
+    class _Req:
+        def addfinalizer(self, f):
+            fins.append(f)
+
+    _allow_tf32(_Req())
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    for f in fins:
+        f()
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 @pytest.mark.parametrize("B,C,d", [(300, 257, 40), (70, 5000, 130)])
-def test_bank_cross_entropy_excluded_rows(monkeypatch, impl, normalize, dtype, B, C, d):
+def test_bank_cross_entropy_excluded_rows(monkeypatch, request, impl, normalize, dtype, B, C, d):
     """bank_cross_entropy on the GPU: the op's excluded array (the target row left out of the bank's sum, counted
     once as the positive) in every kernel family; repeated targets (B > C in one case), two or more blocks of bank
     rows, C a multiple of no tile. Loss and gradients against the float64 reference."""
@@ -604,7 +630,7 @@ def test_bank_cross_entropy_excluded_rows(monkeypatch, impl, normalize, dtype, B
     else:
         _set_tc_impl(monkeypatch, impl)
         if dtype == torch.float32:
-            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+            _allow_tf32(request)
     g = torch.Generator().manual_seed(B + C)
     w = torch.randn(C, d, generator=g, dtype=torch.float64)
     t = torch.randint(0, C, (B,), generator=g)
