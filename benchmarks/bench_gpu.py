@@ -15,10 +15,10 @@ problem (naive always; Inf-CL and Cut Cross-Entropy in-batch) a relative differe
 "LOSS MISMATCH". Per (K, problem) the order is: fused, naive, peers, then the other kernel variants, each of
 which is first checked against the fused result and whose failure is noted in its row only.
 
-With --kernels LOG2K it first profiles one forward + backward of the shared problem at K = 2^LOG2K (torch.profiler)
-for the default kernels and each opt-in variant, and writes every GPU kernel's time, its share of the step and, for
-the tensor-core kernels, the rate their modelled work implies (KERNEL_FLOP) to <csv>_kernels.csv: which kernel
-holds the step back.
+With --kernels LOG2K, after the shared problem's rows at K = 2^LOG2K, one forward + backward of it runs under
+torch.profiler for the default kernels and each opt-in variant that passed its checks (--one-pass), and every GPU
+kernel's time, its share of the step and, for the tensor-core kernels, the rate their modelled work implies
+(KERNEL_FLOP) go to <csv>_kernels.csv: which kernel holds the step back.
 
     python benchmarks/bench_gpu.py [--quick] [--csv out.csv] [--budget SECONDS] [--kernels 18]
 
@@ -205,19 +205,21 @@ def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
         try:
             step()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            # CPU activity too (torch's fallback profiler refuses CUDA alone); its events are filtered out below.
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
             events = []
             for ev in prof.key_averages():
                 # Device time under the names torch has used (device_time_total since 2.4; cuda_time_total before).
                 us = max(float(getattr(ev, a, 0.0) or 0.0) for a in ("device_time_total", "cuda_time_total"))
-                # GPU kernels only: not host-side events (runtime calls such as cudaLaunchKernel, whose device time
-                # would count their kernels twice), copies or memsets.
+                # GPU kernels only: not host-side events (aten ops, runtime calls such as cudaLaunchKernel, whose
+                # device time would count their kernels twice), copies or memsets.
                 host = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU
                 if us > 0 and ev.key and not host and not ev.key.startswith(("Memcpy", "Memset", "cuda")):
                     events.append((ev.key, ev.count, us))
-            out += _kernel_rows(events, impl, B, K, d, matmul_tflops) or [dict(impl=impl, kernel="(no kernels seen)")]
+            out += _kernel_rows(events, impl, B, K, d, matmul_tflops) or [
+                dict(impl=impl, B=B, K=K, d=d, kernel="(no kernels seen)")]
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not cost the others
             out.append(dict(impl=impl, B=B, K=K, d=d, kernel=f"failed: {type(exc).__name__}: {exc}"[:200]))
         finally:
@@ -249,30 +251,6 @@ def _opt_in_variants() -> list[tuple[str, dict]]:
     if torch.cuda.get_device_capability() == (9, 0):
         out.append(("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}))
     return out
-
-
-def _kernel_breakdown(args, B, d, t, dtype, cb) -> None:
-    """--kernels: the per-kernel profile (_profile_kernels) of the shared problem at K = 2^args.kernels."""
-    K = 2**args.kernels
-    path = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + "_kernels.csv"
-    try:
-        torch.manual_seed(args.kernels)
-        a = torch.randn(B, d, device="cuda", dtype=dtype, requires_grad=True)
-        p = torch.randn(B, d, device="cuda", dtype=dtype, requires_grad=True)
-        n = torch.randn(K, d, device="cuda", dtype=dtype, requires_grad=True)
-
-        def step():
-            for x in (a, p, n):
-                x.grad = None
-            cb.info_nce(a, p, n, temperature=t).backward()
-
-        mm = _matmul_tflops(B, K, d, dtype, 3)
-        _profile_kernels(step, [("fused", {})] + _opt_in_variants(), B, K, d, mm, path)
-    except Exception as exc:  # noqa: BLE001 - the profile is extra: the timed table must still run
-        print(f"per-kernel profile failed: {type(exc).__name__}: {exc}")
-    finally:
-        a = p = n = None
-        torch.cuda.empty_cache()
 
 
 def _row(base, impl, r, mm, grads_gib, note="", ref_loss=None):
@@ -321,10 +299,10 @@ def main(argv=None) -> int:
                          "flash-layout kernels (CONTRASTBOUND_TC_FLASH=1) and, on compute capability 9.0, their "
                          "warpgroup-MMA versions (CONTRASTBOUND_TC_WGMMA=1)")
     ap.add_argument("--kernels", type=int, default=None, metavar="LOG2K",
-                    help="first, one forward + backward of the shared problem at K = 2^LOG2K under torch.profiler, "
-                         "for the default kernels and each opt-in variant: every GPU kernel's time and, for the "
-                         "tensor-core ones, the rate their work implies (KERNEL_FLOP), to the CSV named like --csv "
-                         "with _kernels before .csv")
+                    help="after the shared problem's timed rows at K = 2^LOG2K, one forward + backward of it under "
+                         "torch.profiler for the default kernels and (with --one-pass) each opt-in variant that "
+                         "passed its checks: every GPU kernel's time and, for the tensor-core ones, the rate their "
+                         "work implies (KERNEL_FLOP), to the CSV named like --csv with _kernels before .csv")
     ap.add_argument("--opt-in-only", action="store_true",
                     help="only the default fused kernels (the reference) and the opt-in variants of --one-pass: no "
                          "naive, peers or other variants (scripts/gpu_check.sh runs them in a process of their own, "
@@ -358,9 +336,6 @@ def main(argv=None) -> int:
     for key in ("inf_cl_error", "cce_error"):
         if key in peers:
             print(f"peer not available: {key[:-6]}: {peers[key]}")
-
-    if args.kernels is not None:
-        _kernel_breakdown(args, B, d, t, dtype, cb)
 
     rows = _RowSink(args.csv)  # every row is written (and flushed) as soon as it is measured
     started = time.time()
@@ -530,6 +505,21 @@ def main(argv=None) -> int:
                     variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                 if logk == ks[0] and not args.opt_in_only:
                     variant("fused_simt", {"CONTRASTBOUND_TENSOR_CORES": "0"}, 1)
+                if args.kernels == logk and problem == "shared":
+                    # Per-kernel profile of this very problem, after its timed rows: only the variants whose
+                    # every row so far passed the check against the default kernels (an opt-in kernel that failed
+                    # or disagreed is not run again: a sticky CUDA error here would cost the rest of the table).
+                    notes = [(r.get("impl"), r.get("note") or "") for r in rows]
+                    bad = {impl for impl, nt in notes if "WRONG RESULT" in nt or "failed" in nt}
+                    ok = [v for v in _opt_in_variants() if args.one_pass and v[0] not in bad]
+
+                    def step():
+                        for x in leaves:
+                            x.grad = None
+                        fused().backward()
+
+                    kpath = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + "_kernels.csv"
+                    _profile_kernels(step, [("fused", {})] + ok, b, K, d, mm, kpath)
             except Exception as exc:  # noqa: BLE001 - a failure (e.g. a sticky CUDA error) ends this row only
                 rows.append(dict(base, impl="rest of this problem", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             finally:  # the next size's inputs need the memory, also after a failure

@@ -118,11 +118,13 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
          IGNORE+=(--ignore=tests/test_bounds.py --ignore=tests/test_reproduce.py); }
   # Three processes: the default kernels first, then the opt-in ones (one-pass, flash, wgmma: never run on a GPU
   # before), whose failure could poison the CUDA context of every later test in the same process. SIGINT on
-  # timeout, so that pytest still prints its summary and writes the XML.
+  # timeout, so that pytest still prints its summary and writes the XML; a test stuck for 90 s (a hung kernel: Python
+  # cannot take the SIGINT while blocked in a CUDA call, and the kill leaves no XML) has its stack dumped first.
   run_tests() {  # NAME SECONDS -k EXPR [FILES]
     local rc=0
     timeout -s INT -k 10 "$2" "$PY" -m pytest ${TESTS:-${4:-tests}} ${IGNORE[@]+"${IGNORE[@]}"} -q -m cuda -k "$3" \
       --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
+      -o faulthandler_timeout=90 \
       --junitxml="$OUT/pytest_cuda_$1.xml" || rc=$?
     [ "$rc" -eq 124 ] && echo "TESTS ($1) TIMED OUT after $2 s"
     [ "$rc" -eq 5 ] && rc=0  # none selected (e.g. wgmma off compute capability 9.0)
