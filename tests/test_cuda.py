@@ -589,9 +589,6 @@ def test_tensor_cores_zero_rows(monkeypatch, impl, dtype):
     assert all(e <= tol for e in errs.values()), f"{errs} (tol {tol})"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("impl", ["simt"] + TC_IMPLS)
 def _allow_tf32(request) -> None:
     """torch.backends.cuda.matmul.allow_tf32 = True until the test ends. Not monkeypatch.setattr: the attribute is
     a property of torch's cuBLASModule that hasattr does not see, so pytest >= 9.2's undo deletes it instead of
@@ -602,7 +599,7 @@ def _allow_tf32(request) -> None:
     request.addfinalizer(lambda: setattr(m, "allow_tf32", old))
 
 
-def test_allow_tf32_helper_restores(request):
+def test_allow_tf32_helper_restores():
     """_allow_tf32 puts the setting back (a leak would run later float32 tests through TF32 tensor cores)."""
     before = torch.backends.cuda.matmul.allow_tf32
     fins = []
@@ -618,6 +615,9 @@ def test_allow_tf32_helper_restores(request):
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("impl", ["simt"] + TC_IMPLS)
 @pytest.mark.parametrize("B,C,d", [(300, 257, 40), (70, 5000, 130)])
 def test_bank_cross_entropy_excluded_rows(monkeypatch, request, impl, normalize, dtype, B, C, d):
     """bank_cross_entropy on the GPU: the op's excluded array (the target row left out of the bank's sum, counted
