@@ -280,6 +280,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         }
       }
     }
+    // The X tile was copied by every thread: a unit without Y tiles (no anchors) has passed no barrier since.
+    __syncthreads();
     const T* xrow = xs + (16 * warp + g) * m.ld;  // row[0]'s bank row in the X tile; row[1]'s is 8 rows on
     fl_epilogue<T, MODE, NT>(&acc[0][0], row, run_m, run_s, split, unscale, t, X, a,
                              [&](int h, int col) { return to_acc<float>(xrow[8 * h * m.ld + col]); });

@@ -436,6 +436,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int i = 0; i < NT * 4; ++i) wg_fence_operand(acc[i]);
     }
+    // The X tile was copied by every thread: a unit without Y tiles (no anchors) has passed no barrier since.
+    __syncthreads();
     // Row r of the X tile, feature j: element ((j / 8) kFlRows + r) 8 + j % 8 (the interleaved layout above).
     const int xr = 16 * warp + g;  // row[0] - x0; row[1] is xr + 8
     fl_epilogue<T, MODE, NT>(acc, row, run_m, run_s, split, unscale, t, X, a, [&](int h, int col) {

@@ -535,6 +535,9 @@ std::vector<Case> cases(bool quick) {
   c.B = 0, c.K = 20, c.d = 8;  // no anchors: the bank's gradient is zero
   add(c);
   c = Case();
+  c.B = 0, c.K = 200, c.d = 40;  // the same over two 128-row blocks (the flash / wgmma bank pass: no Y tiles)
+  add(c);
+  c = Case();
   c.B = 5, c.K = 1, c.d = 8, c.excluded = true;  // some anchors leave out the only bank row: a fully masked tile
   add(c);
   c = Case();
