@@ -12,7 +12,8 @@ grep -E "contrastbound:" cmake-build.log || true
 # ptxas reports (as "info", which -Werror does not catch) when it serialises the wgmma instructions of a kernel
 # (C7515: every warpgroup MMA waited for alone, much slower) and when it adds a warpgroup.arrive before a wgmma
 # (C7519: e.g. a product whose shape or trip count is known only at run time): either fails the check.
-cmake --build cmake-build -j "${MAX_JOBS:-2}" 2>&1 | tee cmake-build/compile.log
+# (ptxas -v's per-kernel lines go to the log only; scripts/ptxas_report.py summarises them below.)
+cmake --build cmake-build -j "${MAX_JOBS:-2}" 2>&1 | tee cmake-build/compile.log | { grep -v "^ptxas info" || true; }
 for code in C7515 C7519; do
   if grep -q "($code)" cmake-build/compile.log; then
     echo "FAILED: ptxas note $code (wgmma serialised or fenced by the compiler) in:"
@@ -20,6 +21,8 @@ for code in C7515 C7519; do
     exit 1
   fi
 done
+# Registers and spills of the tensor-core kernels; fails if a flash-layout or wgmma kernel spills.
+python scripts/ptxas_report.py cmake-build/compile.log
 ctest --test-dir cmake-build --output-on-failure --no-tests=error
 if command -v nvcc >/dev/null; then
   ls cmake-build/CMakeFiles/contrastbound_cuda_compile_check.dir/csrc/cuda/*.o 2>/dev/null \
