@@ -141,11 +141,13 @@ def _measure(loss_fn, leaves, repeats, flop):
     return fwd_ms, both_ms - fwd_ms, both_ms, flop / (both_ms * 1e-3) / 1e12, peak, value
 
 
-# Work of one call of each tensor-core kernel on the shared problem, in units of B K d flop (the model behind the
-# per-kernel rates of --kernels): the log-sum-exp pass forms the scores (2), the rows passes (anchor term, bank
-# gradients), the one-pass forward and the flash / wgmma kernels form the scores and the product with the
-# coefficients (4). Kernels not named here (normalisation, merges, finishing) are O((B + K) d): no rate.
-KERNEL_FLOP = {"tc_lse_kernel": 2, "mma_lse_kernel": 2, "forward_shared_kernel": 2, "tc_rows_kernel": 4,
+# Work of one call of each kernel on the shared problem of a training step, in units of B K d flop (the model
+# behind the per-kernel rates of --kernels): the log-sum-exp pass forms the scores (2), the rows passes (anchor
+# term, bank gradients), the one-pass forwards (the SIMT forward_shared_kernel forms the anchors' term in the same
+# walk when the anchors need a gradient) and the flash / wgmma kernels form the scores and the product with the
+# coefficients (4). For d <= 256 only: wider rows passes recompute the scores per 256-feature slice. Kernels not
+# named here (normalisation, merges, finishing) are O((B + K) d): no rate.
+KERNEL_FLOP = {"tc_lse_kernel": 2, "mma_lse_kernel": 2, "forward_shared_kernel": 4, "tc_rows_kernel": 4,
                "mma_rows_kernel": 4, "mma_fwd_kernel": 4, "flash_kernel": 4, "wgmma_kernel": 4}
 KERNEL_FIELDS = ["impl", "B", "K", "d", "kernel", "calls", "ms", "pct_of_step", "model_tflops", "pct_of_matmul",
                  "matmul_tflops"]
