@@ -496,6 +496,33 @@ def test_float32_prior_is_accepted_and_renormalised():
         B.delta_upper(16, prior=torch.tensor([0.3, 0.3, 0.3]))
 
 
+def test_half_prior_tolerance_tracks_its_rounding():
+    """For few classes the tolerance is the worst case of the vector's rounding, (C + 2) eps, not 8 sqrt(C) eps: a
+    bfloat16 prior 0.1 off its sum (0.3 + 0.3 + 0.5, a typo) was accepted and silently renormalised. Softmax
+    outputs in float16 / bfloat16 (entries rounded once, from float32) still pass for every C, as do ones summed in
+    the half type itself."""
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="sum to 1"):
+            B.delta_upper(8, prior=torch.tensor([0.3, 0.3, 0.5], dtype=dtype))
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        worst = 0.0
+        for C in (2, 3, 4, 5, 8, 13, 64, 300, 5000):
+            for _ in range(20):
+                logits = (3 if C < 100 else 1) * torch.randn(C, generator=g)
+                once = torch.softmax(logits, 0).to(dtype)  # rounded once from float32
+                counts = torch.randint(1, 50, (C,), generator=g).to(dtype)
+                in_half = counts / counts.sum()  # normalised in the half type (its own sum rounded too)
+                # (float16's counts overflow past 65504 in all: not a vector anyone passes)
+                for p in (once, in_half) if C <= 300 else (once,):
+                    if not bool((p > 0).all()):  # (an entry that underflowed float16: refused for that)
+                        continue
+                    worst = max(worst, abs(float(p.double().sum()) - 1.0) / (min(8 * C**0.5, C + 2) * eps))
+                    B.delta_upper(4, prior=p)  # accepted
+        assert worst < 0.5, worst  # the softmax / counts vectors used at most half of their tolerance
+
+
 def test_log_one_minus_collision_probability_at_k0_is_exactly_zero():
     # log(1 - tau_0) = log(sum_c pi_c) came out 6.9e-17 for a prior whose renormalised sum is 1 only to rounding
     for prior in ([0.9, 0.1], [0.7, 0.2, 0.1], np.full(7, 1 / 7)):
