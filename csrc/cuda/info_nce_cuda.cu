@@ -177,7 +177,7 @@ cudaError_t info_nce_backward(const Problem& p, const BackwardArgs& a, void* wor
   if (workspace_bytes < info_nce_backward_workspace_bytes(p, a, num_sms)) return cudaErrorInvalidValue;
   if (a.grad_anchors != nullptr && a.anchor_term == nullptr) return cudaErrorInvalidValue;
   if (a.grad_negatives != nullptr && p.mode == Mode::Indexed && p.B * p.K > 0 &&
-      (a.sorted_rows == nullptr || a.sorted_pairs == nullptr)) {
+      (a.sorted_rows == nullptr || a.sorted_pairs == nullptr || a.sort_chunk < 0)) {
     return cudaErrorInvalidValue;
   }
 #define CB_CALL(NAME) backward_##NAME(p, a, workspace, num_sms, stream)

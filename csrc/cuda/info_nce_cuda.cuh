@@ -91,9 +91,12 @@ struct BackwardArgs {
   void* grad_negatives = nullptr;  // shape of the negatives
   // Indexed mode with grad_negatives: the flattened indices (row-major (B, K)) sorted stably, and the flat
   // position i * K + k of each sorted entry. Each bank row's gradient is then summed by one warp over its
-  // contiguous run of pairs in a fixed order: deterministic, no atomics.
+  // contiguous run of pairs in a fixed order: deterministic, no atomics. sort_chunk > 0: the flat array was
+  // sorted in consecutive pieces of sort_chunk entries (the last one shorter), each on its own (torch's CUDA sort
+  // takes at most INT_MAX entries); a row's runs are then visited piece by piece, the same flat order.
   const int64_t* sorted_rows = nullptr;   // (B * K,)
   const int64_t* sorted_pairs = nullptr;  // (B * K,)
+  int64_t sort_chunk = 0;
 };
 
 // Whether the experimental warpgroup-MMA kernels (CONTRASTBOUND_TC_WGMMA=1) can run on the current device:

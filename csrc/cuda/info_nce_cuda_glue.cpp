@@ -211,11 +211,29 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
     }
   }
   Tensor sorted_rows, sorted_pairs;
+  int64_t sort_chunk = 0;
   if (output_mask[2] && p.mode == Mode::Indexed && p.B * p.K > 0) {
-    // Stable sort of the flattened (B, K) indices: each bank row's pairs form one run, in flat order.
-    std::tie(sorted_rows, sorted_pairs) = at::sort(indices->reshape({-1}), /*stable=*/true, /*dim=*/0, false);
-    sorted_rows = sorted_rows.contiguous();
-    sorted_pairs = sorted_pairs.contiguous();
+    // Stable sort of the flattened (B, K) indices: each bank row's pairs form one run, in flat order. torch's CUDA
+    // sort refuses more than INT_MAX entries: past 2^30, consecutive pieces of 2^30 are sorted on their own (the
+    // kernel visits a row's run in each piece in turn: the same order, BackwardArgs::sort_chunk).
+    constexpr int64_t kSortPiece = int64_t(1) << 30;
+    const Tensor flat = indices->reshape({-1});
+    const int64_t n = flat.numel();
+    if (n <= kSortPiece) {
+      std::tie(sorted_rows, sorted_pairs) = at::sort(flat, /*stable=*/true, /*dim=*/0, false);
+      sorted_rows = sorted_rows.contiguous();
+      sorted_pairs = sorted_pairs.contiguous();
+    } else {
+      sort_chunk = kSortPiece;
+      sorted_rows = at::empty({n}, flat.options());
+      sorted_pairs = at::empty({n}, flat.options());
+      for (int64_t c0 = 0; c0 < n; c0 += kSortPiece) {
+        const int64_t len = std::min(kSortPiece, n - c0);
+        auto [r, q] = at::sort(flat.narrow(0, c0, len), /*stable=*/true, /*dim=*/0, false);
+        sorted_rows.narrow(0, c0, len).copy_(r);
+        sorted_pairs.narrow(0, c0, len).copy_(q.add_(c0));
+      }
+    }
   }
 
   BackwardArgs a;
@@ -229,6 +247,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   if (sorted_rows.defined()) {
     a.sorted_rows = sorted_rows.data_ptr<int64_t>();
     a.sorted_pairs = sorted_pairs.data_ptr<int64_t>();
+    a.sort_chunk = sort_chunk;
   }
   const int sms = num_sms();
   const size_t bytes = info_nce_backward_workspace_bytes(p, a, sms);

@@ -814,13 +814,14 @@ __device__ __forceinline__ int64_t lower_bound(const int64_t* x, int64_t n, int6
   return lo;
 }
 
-// Indexed bank: one warp per bank row m over its run [lo, hi) of the stably sorted indices, so the pairs that
-// hit m are summed in increasing flat order (i * K + k): deterministic, no atomics. Scratch: d per warp.
+// Indexed bank: one warp per bank row m over its run [lo, hi) of the stably sorted indices (of every piece of
+// sort_chunk entries in turn, BackwardArgs::sort_chunk), so the pairs that hit m are summed in increasing flat
+// order (i * K + k): deterministic, no atomics. Scratch: d per warp.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     backward_indexed_kernel(const Problem p, const Prepared<acc_t> pr, const acc_t* g, const acc_t* lse,
-                            const int64_t* sorted_rows, const int64_t* sorted_pairs, acc_t* scratch,
-                            scalar_t* grad) {
+                            const int64_t* sorted_rows, const int64_t* sorted_pairs, int64_t sort_chunk,
+                            acc_t* scratch, scalar_t* grad) {
   const scalar_t* n = static_cast<const scalar_t*>(p.negatives);
   const int64_t s0 = p.negatives_stride[0], s1 = p.negatives_stride[1];
   const int64_t K = p.K, d = p.d, pairs = p.B * p.K;
@@ -828,23 +829,30 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t warp_id = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   acc_t* G = scratch + warp_id * d;
+  const int64_t piece = sort_chunk > 0 ? sort_chunk : pairs;
   for (int64_t m = warp_id; m < p.rows; m += warps) {
     const scalar_t* row = n + m * s0;
     scalar_t* out = grad + m * d;
-    const int64_t lo = lower_bound(sorted_rows, pairs, m), hi = lower_bound(sorted_rows, pairs, m + 1);
-    if (lo == hi) {
+    const acc_t inv = pr.n_inv[m];
+    bool first = true;  // G holds nothing yet
+    for (int64_t c0 = 0; c0 < pairs; c0 += piece) {
+      const int64_t len = min64(piece, pairs - c0);
+      const int64_t lo = c0 + lower_bound(sorted_rows + c0, len, m);
+      const int64_t hi = c0 + lower_bound(sorted_rows + c0, len, m + 1);
+      for (int64_t e = lo; e < hi; ++e) {
+        const int64_t i = sorted_pairs[e] / K;
+        const acc_t* ai = pr.as + i * d;
+        acc_t dot = 0;
+        for (int64_t j = lane; j < d; j += 32) dot += ai[j] * to_acc<acc_t>(row[j * s1]);
+        const acc_t l = warp_sum(dot) * inv;
+        const acc_t wgt = g[i] * std::exp(l - lse[i]);
+        for (int64_t j = lane; j < d; j += 32) G[j] = (first ? acc_t(0) : G[j]) + wgt * ai[j];
+        first = false;
+      }
+    }
+    if (first) {
       for (int64_t j = lane; j < d; j += 32) out[j] = from_acc<scalar_t>(acc_t(0));
       continue;
-    }
-    const acc_t inv = pr.n_inv[m];
-    for (int64_t e = lo; e < hi; ++e) {
-      const int64_t i = sorted_pairs[e] / K;
-      const acc_t* ai = pr.as + i * d;
-      acc_t dot = 0;
-      for (int64_t j = lane; j < d; j += 32) dot += ai[j] * to_acc<acc_t>(row[j * s1]);
-      const acc_t l = warp_sum(dot) * inv;
-      const acc_t wgt = g[i] * std::exp(l - lse[i]);
-      for (int64_t j = lane; j < d; j += 32) G[j] = (e == lo ? acc_t(0) : G[j]) + wgt * ai[j];
     }
     finish_bank_row<scalar_t, acc_t>(G, 0, 1, row, s1, d, inv, pr.n_proj[m], out);
   }
@@ -1466,7 +1474,7 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
     } else if (p.rows > 0) {
       CB_LAUNCH(grid_for(indexed_warps(p, num_sms) / kWarps), kThreads, 0, stream,
                 backward_indexed_kernel<scalar_t, acc_t>)(
-          p, w.pr, g, lse, a.sorted_rows, a.sorted_pairs, w.grad_scratch, gn);
+          p, w.pr, g, lse, a.sorted_rows, a.sorted_pairs, a.sort_chunk, w.grad_scratch, gn);
     }
   }
   return cudaGetLastError();

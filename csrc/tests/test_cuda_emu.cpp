@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -506,6 +507,31 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     if (pass != 2) expect_err(max_err(as_dt(out_p), rounded(gp), d), tol, ty, pw + ": positives' gradient");
     if (pass == 2) continue;
     expect_err(max_err(as_dt(out_n), rounded(gn), d), tol, ty, pw + ": negatives' gradient");
+    if (c.mode == Mode::Indexed && pass == 0) {
+      // The flat indices sorted in pieces of 7 entries, each on its own (as the glue does past 2^30 entries:
+      // BackwardArgs::sort_chunk): each row's pairs are visited in the same flat order, so the same bits.
+      const int64_t piece = 7;
+      std::vector<int64_t> rows7, pairs7;
+      for (int64_t c0 = 0; c0 < B * K; c0 += piece) {
+        std::vector<int64_t> order;
+        for (int64_t o = c0; o < std::min(B * K, c0 + piece); ++o) order.push_back(o);
+        std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+        for (int64_t o : order) rows7.push_back(idx[o]), pairs7.push_back(o);
+      }
+      std::vector<T> out_n7(bank_rows * d, from_d<T>(unset));
+      BackwardArgs bc = ba;
+      bc.grad_anchors = bc.grad_positives = nullptr;
+      bc.grad_negatives = out_n7.data();
+      bc.sorted_rows = rows7.empty() ? nullptr : rows7.data();
+      bc.sorted_pairs = pairs7.empty() ? nullptr : pairs7.data();
+      bc.sort_chunk = piece;
+      const size_t bytes7 = info_nce_backward_workspace_bytes(p, bc, num_sms);
+      Aligned ws7(bytes7);
+      if (launched(info_nce_backward(p, bc, ws7.ptr, bytes7, num_sms, nullptr), pw + ": backward, sorted in pieces")) {
+        expect(std::memcmp(out_n7.data(), out_n.data(), out_n.size() * sizeof(T)) == 0,
+               pw + ": negatives' gradient from indices sorted in pieces of 7 is bitwise the one-piece result");
+      }
+    }
     if (c.mode == Mode::Indexed) {  // rows no anchor used: exactly zero
       std::vector<bool> used(bank_rows, false);
       for (int64_t r : idx) used[r] = true;
