@@ -28,7 +28,9 @@ Without a GPU it prints "no GPU" and exits with status 0 (so it can be smoke-tes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib.util
 import math
 import os
 import statistics
@@ -154,29 +156,34 @@ KERNEL_FIELDS = ["impl", "B", "K", "d", "kernel", "calls", "ms", "pct_of_step", 
 
 
 def _kernel_name(name: str) -> str:
-    """A profiler event's kernel name shortened to the function and its template arguments, e.g.
-    "mma_rows_kernel<__nv_bfloat16, false>" (return type, namespaces and parameters dropped)."""
-    s = name.replace("(anonymous namespace)::", "")
-    lt, par = s.find("<"), s.find("(")
-    if lt != -1 and (par == -1 or lt < par):
-        head, args = s[:lt], s[lt:_template_end(s)]
-    else:
-        head, args = (s if par == -1 else s[:par]), ""
-    words = head.split()
-    return (words[-1] if words else head).split("::")[-1] + args.replace("contrastbound::cuda::", "")
+    """A profiler event's kernel name shortened to the function and its template arguments: scripts/ptxas_report.py's
+    short(), loaded by path (an installed package named "scripts" could shadow the folder)."""
+    global _short
+    if _short is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "ptxas_report.py")
+        spec = importlib.util.spec_from_file_location("contrastbound_ptxas_report", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _short = mod.short
+    return _short(name)
 
 
-def _template_end(name: str) -> int:
-    """Index just past the '>' that closes the first '<' of name (len(name) if it is not closed)."""
-    depth = 0
-    for i, ch in enumerate(name):
-        if ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(name)
+_short = None
+
+
+@contextlib.contextmanager
+def _env(env: dict):
+    """The kernels' environment switches set for the block, restored after (also after an error)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _kernel_rows(events, impl: str, B: int, K: int, d: int, matmul_tflops: float) -> list[dict]:
@@ -195,41 +202,39 @@ def _kernel_rows(events, impl: str, B: int, K: int, d: int, matmul_tflops: float
     return rows
 
 
+def _profile_step(step, impl, B, K, d, matmul_tflops, out) -> None:
+    """step() once after a warm-up, under torch.profiler: its GPU kernels' rows (_kernel_rows) appended to out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    # CPU activity too (torch's fallback profiler refuses CUDA alone); its events are filtered out below.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = []
+    for ev in prof.key_averages():
+        # Device time under the names torch has used (device_time_total since 2.4; cuda_time_total before).
+        us = max(float(getattr(ev, a, 0.0) or 0.0) for a in ("device_time_total", "cuda_time_total"))
+        # GPU kernels only: not host-side events (aten ops, runtime calls such as cudaLaunchKernel, whose device
+        # time would count their kernels twice), copies or memsets.
+        host = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU
+        if us > 0 and ev.key and not host and not ev.key.startswith(("Memcpy", "Memset", "cuda")):
+            events.append((ev.key, ev.count, us))
+    out += _kernel_rows(events, impl, B, K, d, matmul_tflops) or [
+        dict(impl=impl, B=B, K=K, d=d, kernel="(no kernels seen)")]
+
+
 def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
     """Runs step() (forward and backward) once per variant (name, environment switches) under torch.profiler
     after a warm-up, and writes the GPU kernels' times (_kernel_rows) to path as CSV; prints the table."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = []
     for impl, env in variants:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            step()
-            torch.cuda.synchronize()
-            # CPU activity too (torch's fallback profiler refuses CUDA alone); its events are filtered out below.
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                step()
-                torch.cuda.synchronize()
-            events = []
-            for ev in prof.key_averages():
-                # Device time under the names torch has used (device_time_total since 2.4; cuda_time_total before).
-                us = max(float(getattr(ev, a, 0.0) or 0.0) for a in ("device_time_total", "cuda_time_total"))
-                # GPU kernels only: not host-side events (aten ops, runtime calls such as cudaLaunchKernel, whose
-                # device time would count their kernels twice), copies or memsets.
-                host = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU
-                if us > 0 and ev.key and not host and not ev.key.startswith(("Memcpy", "Memset", "cuda")):
-                    events.append((ev.key, ev.count, us))
-            out += _kernel_rows(events, impl, B, K, d, matmul_tflops) or [
-                dict(impl=impl, B=B, K=K, d=d, kernel="(no kernels seen)")]
+            with _env(env):
+                _profile_step(step, impl, B, K, d, matmul_tflops, out)
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not cost the others
             out.append(dict(impl=impl, B=B, K=K, d=d, kernel=f"failed: {type(exc).__name__}: {exc}"[:200]))
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=KERNEL_FIELDS)
         w.writeheader()
@@ -448,9 +453,11 @@ def main(argv=None) -> int:
                 def variant(impl, env, variant_reps):
                     """The fused loss again with some of the kernels' environment switches set (restored after);
                     a failure is noted in its row and the next variant still runs."""
-                    old = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
                     note = " ".join(f"{k}={v}" for k, v in env.items())
+                    with _env(env):
+                        checked_then_timed(impl, note, variant_reps)
+
+                def checked_then_timed(impl, note, variant_reps):
                     try:
                         for x in leaves:
                             x.grad = None
@@ -473,11 +480,6 @@ def main(argv=None) -> int:
                             x.grad = None
                         rows.append(dict(base, impl=impl, note=f"{note} failed: {type(exc).__name__}: {exc}"[:200]))
                     finally:
-                        for k, v in old.items():
-                            if v is None:
-                                del os.environ[k]
-                            else:
-                                os.environ[k] = v
                         torch.cuda.empty_cache()
 
                 # The other Y-tile pipeline (slower than the default at every K on an H200: at the smallest K

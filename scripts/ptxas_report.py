@@ -56,18 +56,23 @@ def demangle(names):
 
 
 def short(name: str) -> str:
-    """The kernel's name and template arguments, without namespaces and parameters."""
+    """A demangled kernel name shortened to the function and its template arguments, e.g.
+    "mma_rows_kernel<__nv_bfloat16, false>": return type, namespaces and parameters dropped (also used by
+    benchmarks/bench_gpu.py for the profiler's names)."""
     s = re.sub(r"\(anonymous namespace\)::|contrastbound::cuda::", "", name)
-    s = s.removeprefix("void ")
     depth = 0
     for i, ch in enumerate(s):
         if ch == "<":
             depth += 1
         elif ch == ">":
             depth -= 1
-        elif ch == "(" and depth == 0:
-            return s[:i]
-    return s
+        elif ch == "(" and depth == 0:  # the parameters
+            s = s[:i]
+            break
+    lt = s.find("<")
+    head, args = (s, "") if lt < 0 else (s[:lt], s[lt:])
+    words = head.split()  # the return type, if any, comes first
+    return (words[-1] if words else head).split("::")[-1] + args.rstrip()
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -101,3 +104,12 @@ def loss_and_grads(fn, a, p, n, idx, **kw):
     leaves = [x for x in (a, p, n) if x is not None]
     grads = torch.autograd.grad(loss, leaves, upstream)
     return loss, grads
+
+
+def load_module(path, name: str | None = None):
+    """A Python file that is not part of the package (an example, a benchmark, a script) imported as a module."""
+    path = os.fspath(path)
+    spec = importlib.util.spec_from_file_location(name or os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,17 @@
 """The pure parts of benchmarks/bench_gpu.py's per-kernel profile (--kernels): kernel names and the modelled rates.
 The profile itself needs a GPU (scripts/gpu_check.sh runs it)."""
 
-import importlib.util
 import os
 
 import pytest
+from conftest import load_module
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(_PATH)
 
 
 @pytest.mark.parametrize("raw, short", [

@@ -1,10 +1,10 @@
 """scripts/ptxas_report.py: parsing of `ptxas -v` output and the no-spill rule for the flash / wgmma kernels (the
 real log is checked by scripts/cpp_tests.sh after the nvcc compile check)."""
 
-import importlib.util
 import os
 
 import pytest
+from conftest import load_module
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "scripts", "ptxas_report.py")
 
@@ -23,10 +23,7 @@ def _entry(name, arch, regs, st, ld):
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("ptxas_report", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(_PATH)
 
 
 def test_parse_and_short_names(report):
