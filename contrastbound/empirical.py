@@ -60,7 +60,7 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
 
 def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 tensor of shape (N,), got {type(labels).__name__}")
+        raise TypeError(f"{name} must be an integer tensor of shape (N,), got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor of shape (N,), got dtype {labels.dtype}")
     if labels.shape != (features.shape[0],):

@@ -155,9 +155,9 @@ def _check_indices(
     check_range: bool = True,
 ) -> torch.Tensor:
     if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 tensor of shape {shape_doc}, got {type(indices).__name__}")
+        raise TypeError(f"{name} must be an int64 (or int32) tensor of shape {shape_doc}, got {type(indices).__name__}")
     if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be an int64 tensor of shape {shape_doc}, got dtype {indices.dtype}")
+        raise TypeError(f"{name} must be an int64 (or int32) tensor of shape {shape_doc}, got dtype {indices.dtype}")
     if indices.device != device:
         raise ValueError(f"{name} is on {indices.device} but the features are on {device}")
     if tuple(indices.shape) != shape:
@@ -535,7 +535,9 @@ def _check_negatives(
         if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2:
             shape = tuple(negative_indices.shape) if isinstance(negative_indices, torch.Tensor) else None
             if shape is None:
-                raise TypeError(f"negative_indices must be an int64 tensor of shape (B, K), got {type(negative_indices).__name__}")
+                raise TypeError(
+                    f"negative_indices must be an int64 (or int32) tensor of shape (B, K), got "
+                    f"{type(negative_indices).__name__}")
             raise ValueError(f"negative_indices must have shape (B, K) with B = {B}, got {shape}")
         K = negative_indices.shape[1]
         # The compiled op checks the range itself (IndexError, one read-back): checking here as well would read
@@ -955,6 +957,14 @@ class InfoNCE(torch.nn.Module):
         if self.process_group is not None:
             memo[id(self.process_group)] = self.process_group
         return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ registers an nn.Parameter under its name before any property setter runs (a
+        # KeyError "attribute 'temperature' already exists"): the setter below gives the module's own message.
+        if name == "temperature":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def temperature(self) -> float | torch.Tensor:

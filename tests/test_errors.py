@@ -294,7 +294,8 @@ def test_infonce_module_temperature_can_be_set(learn):
         torch.testing.assert_close(module(a, p, n), cb.info_nce(a, p, n, temperature=t), rtol=1e-5, atol=0)
     assert [id(x) for x in module.parameters()] == [id(x) for x in params]
     for bad, err in ((0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
-                     ("0.1", TypeError), (torch.tensor(0.2, requires_grad=True), ValueError)):
+                     ("0.1", TypeError), (torch.tensor(0.2, requires_grad=True), ValueError),
+                     (torch.nn.Parameter(torch.tensor(0.2)), ValueError)):  # (nn.Module's KeyError before)
         with pytest.raises(err, match="temperature"):
             module.temperature = bad
     assert abs(float(module.temperature) - 0.05) < 1e-7  # a refused value changes nothing
