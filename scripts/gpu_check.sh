@@ -5,7 +5,8 @@
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
 # and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers),
 # bench_gpu_opt_in.csv (the opt-in kernels against the default), bench_gpu_opt_in_kernels.csv (each variant's
-# GPU kernels, profiled at K = 2^18) and bench_gpu_wide.csv (d = 512) into OUTDIR.
+# GPU kernels, profiled at K = 2^18), bench_gpu_wide.csv (d = 512) and gpu_summary.txt (issue 4's targets per
+# variant, benchmarks/gpu_summary.py) into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -187,6 +188,12 @@ else
 fi
 
 step "summary"
+# Issue 4's targets per kernel variant and the fastest one that passed (benchmarks/gpu_summary.py).
+CSVS=()
+for f in "$OUT/bench_gpu.csv" "$OUT/bench_gpu_opt_in.csv"; do [ -s "$f" ] && CSVS+=("$f"); done
+if [ ${#CSVS[@]} -gt 0 ]; then
+  "$PY" benchmarks/gpu_summary.py "${CSVS[@]}" | tee "$OUT/gpu_summary.txt" || true
+fi
 echo "tests exit status: $TEST_RC   benchmark exit status: $BENCH_RC   total: $(($(date +%s) - START)) s"
 echo "files: $(ls "$OUT" | tr '\n' ' ')"
 [ "$TEST_RC" -ne 0 ] && exit 2

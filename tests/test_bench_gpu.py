@@ -56,3 +56,56 @@ def test_kernel_flop_model_names_real_kernels(bench):
     text = "".join(open(os.path.join(root, f)).read() for f in os.listdir(root))
     for name in bench.KERNEL_FLOP:
         assert f" {name}(" in text or f"\n    {name}(" in text, name
+
+
+# --- benchmarks/gpu_summary.py: issue 4's targets from bench_gpu CSVs ---
+
+_SUMMARY = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_summary.py")
+_FIELDS = ["problem", "impl", "B", "K", "d", "dtype", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
+           "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "note"]
+
+
+def _csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in _FIELDS})
+    return str(path)
+
+
+def _r(impl, K, ms, pct=None, mem=None, note="", problem="shared"):
+    return dict(problem=problem, impl=impl, K=K, fwdbwd_ms=ms, pct_of_matmul=pct, peak_extra_gib=mem, note=note)
+
+
+def test_gpu_summary_targets(tmp_path, capsys):
+    summary = load_module(_SUMMARY)
+    main = _csv(tmp_path / "main.csv", [
+        _r("fused", 2**14, 2.0, 20, 0.1), _r("naive", 2**14, 4.0, 10, 2.0),
+        _r("fused", 2**18, 30.0, 20, 0.2), _r("naive", 2**18, 60.0, 10, 25.0),
+        _r("cut_cross_entropy", 2**18, 15.0), _r("inf_cl", 2**18, 120.0),
+        _r("fused", 2**22, 500.0, 22, 2.0), _r("naive", 2**22, "", note="skipped: needs ~400 GiB"),
+        _r("fused", 2**20, "", note="skipped: time budget"),
+    ])
+    opt = _csv(tmp_path / "opt.csv", [
+        _r("fused", 2**18, 31.0, 19),  # the opt-in run's own reference: the main file's row is kept
+        _r("fused_flash", 2**18, 20.0, 30), _r("fused_flash", 2**22, 300.0, 36),
+        _r("fused_wgmma", 2**18, "", note="CONTRASTBOUND_TC_WGMMA=1 WRONG RESULT: rel err 0.9 vs default"),
+        _r("fused_wgmma", 2**22, 10.0, 90),
+    ])
+    lines, best = summary.summarise(summary.load([main, opt]))
+    by = {ln["impl"]: ln for ln in lines}
+    f = by["fused"]
+    assert (f["measured"], f["failed"], f["ks"]) == (3, 0, [2**18, 2**22])  # the skipped 2^20 row: neither
+    assert (f["pct_min"], f["pct_median"]) == (20, 21)  # K >= 2^18 only
+    assert f["vs_naive_min"] == pytest.approx(2.0)  # 60 / 30 at 2^18, 4 / 2 at 2^14; none at 2^22
+    assert f["vs_cut_cross_entropy_min"] == pytest.approx(0.5) and f["vs_inf_cl_min"] == pytest.approx(4.0)
+    assert f["mem_k"] == 2**18 and f["mem_pct_of_naive"] == pytest.approx(100 * 0.2 / 25.0)
+    assert by["fused_wgmma"]["failed"] == 1
+    # The candidate default: the fastest at 2^18 among variants with no failure (wgmma disagreed there).
+    assert best["shared"][0] == "fused_flash"
+    assert summary.main([main, opt]) == 0
+    out = capsys.readouterr().out
+    assert "fastest without failures at K = 2^18, shared: fused_flash" in out

@@ -1,0 +1,143 @@
+"""Issue 4's GPU targets against bench_gpu.py's CSVs: one line per (problem, kernel variant).
+
+    python benchmarks/gpu_summary.py OUT/bench_gpu.csv [OUT/bench_gpu_opt_in.csv ...]
+
+For every fused variant (the default kernels, "fused", and each switch that bench_gpu.py timed) and problem
+(shared bank, in-batch), from the rows measured at K >= 2^18 (the speed target's range; all K where none are):
+- rate: the lowest and the median percentage of the same run's bf16 matmul rate (target: >= 50 %);
+- vs naive: naive's forward + backward time over the variant's, at each K where naive ran (target: >= 2x);
+- vs peers: the variant's time against Inf-CL's and Cut Cross-Entropy's (exact and default, filtering) at the
+  same K (target: at least as fast: ratio peer / variant >= 1);
+- memory: the variant's peak extra memory over naive's at the largest K where both ran (target at K = 2^22:
+  <= 5 %; naive does not fit there, so the largest common K is what can be quoted);
+- failures: rows whose note says the variant failed or disagreed with the default kernels (rows skipped for the
+  time budget or memory are left out).
+Then the fastest variant at K = 2^18 (shared bank) among those with no failure: the candidate default.
+Rows from several CSVs are merged; where two give the same (problem, impl, K), the first file's row is kept (the
+opt-in run measures the default kernels again, as its reference).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+
+PEERS = ("inf_cl", "cut_cross_entropy", "cut_cross_entropy_exact")
+SPEED_FROM_K = 2**18
+
+
+def _f(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load(paths) -> list[dict]:
+    rows, seen = [], set()
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                key = (r.get("problem"), r.get("impl"), r.get("K"))
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append(r)
+    return rows
+
+
+def _status(r: dict) -> str:
+    """"ok" (timed), "skipped" (budget, memory estimate: not measured, not a failure) or "failed" (an error, a result
+    that disagreed with the default kernels or the fused loss, or no time)."""
+    note = r.get("note") or ""
+    if note.startswith("skipped") or "out of memory" in note:
+        return "skipped"
+    if any(s in note for s in ("failed", "WRONG RESULT", "LOSS MISMATCH")) or not _f(r.get("fwdbwd_ms")) > 0:
+        return "failed"
+    return "ok"
+
+
+def _failed(r: dict) -> bool:
+    return _status(r) != "ok"
+
+
+def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Per (problem, variant): the figures above; and per problem the candidate default (fastest without failures
+    at K = 2^18, else at the largest K every candidate ran)."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["problem"], r["impl"]), []).append(r)
+    out, best = [], {}
+    for (problem, impl), rs in sorted(by.items()):
+        if not impl.startswith("fused"):
+            continue
+        ok = [r for r in rs if _status(r) == "ok"]
+        big = [r for r in ok if int(r["K"]) >= SPEED_FROM_K] or ok
+        pct = [_f(r["pct_of_matmul"]) for r in big if math.isfinite(_f(r["pct_of_matmul"]))]
+        line = dict(problem=problem, impl=impl, measured=len(ok), failed=sum(_status(r) == "failed" for r in rs),
+                    ks=sorted(int(r["K"]) for r in big),
+                    pct_min=min(pct) if pct else math.nan, pct_median=statistics.median(pct) if pct else math.nan)
+
+        def other(name, K):
+            r = by.get((problem, name), [])
+            r = [x for x in r if int(x["K"]) == K and not _failed(x)]
+            return _f(r[0]["fwdbwd_ms"]) if r else math.nan
+
+        vs_naive = [other("naive", int(r["K"])) / _f(r["fwdbwd_ms"]) for r in ok]
+        vs_naive = [v for v in vs_naive if math.isfinite(v)]
+        line["vs_naive_min"] = min(vs_naive) if vs_naive else math.nan
+        for peer in PEERS:
+            ratios = [other(peer, int(r["K"])) / _f(r["fwdbwd_ms"]) for r in big]
+            ratios = [v for v in ratios if math.isfinite(v)]
+            line[f"vs_{peer}_min"] = min(ratios) if ratios else math.nan
+        common = [r for r in ok if math.isfinite(_f(r["peak_extra_gib"]))
+                  and any(int(x["K"]) == int(r["K"]) and not _failed(x) for x in by.get((problem, "naive"), []))]
+        if common:
+            r = max(common, key=lambda x: int(x["K"]))
+            naive = next(x for x in by[(problem, "naive")] if int(x["K"]) == int(r["K"]))
+            line["mem_k"] = int(r["K"])
+            line["mem_pct_of_naive"] = 100 * _f(r["peak_extra_gib"]) / _f(naive["peak_extra_gib"])
+        out.append(line)
+        at = [r for r in ok if int(r["K"]) == SPEED_FROM_K]
+        if at and line["failed"] == 0:
+            t = _f(at[0]["fwdbwd_ms"])
+            if problem not in best or t < best[problem][1]:
+                best[problem] = (impl, t, _f(at[0]["pct_of_matmul"]))
+    return out, best
+
+
+def _fmt(v, spec="{:.3g}") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else spec.format(v)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(__doc__)
+        return 64
+    rows = load(argv)
+    lines, best = summarise(rows)
+    if not lines:
+        print("gpu_summary: no fused rows in " + ", ".join(argv))
+        return 1
+    print(f"Issue 4 targets (K >= 2^18 where measured): rate >= 50 % of matmul, >= 2x naive, peers / fused >= 1, "
+          f"memory <= 5 % of naive")
+    head = ["problem", "impl", "ok/failed", "% of matmul min / median", "x naive (min)", "Inf-CL / fused",
+            "CCE / fused", "CCE exact / fused", "memory % of naive (K)"]
+    print(" | ".join(head))
+    for ln in lines:
+        mem = "-" if "mem_k" not in ln else f"{_fmt(ln['mem_pct_of_naive'])} (2^{int(math.log2(ln['mem_k']))})"
+        print(" | ".join([
+            ln["problem"], ln["impl"], f"{ln['measured']}/{ln['failed']}",
+            f"{_fmt(ln['pct_min'])} / {_fmt(ln['pct_median'])}", _fmt(ln["vs_naive_min"]),
+            _fmt(ln["vs_inf_cl_min"]), _fmt(ln["vs_cut_cross_entropy_min"]),
+            _fmt(ln["vs_cut_cross_entropy_exact_min"]), mem]))
+    for problem, (impl, t, pct) in sorted(best.items()):
+        print(f"fastest without failures at K = 2^18, {problem}: {impl} ({_fmt(t)} ms, {_fmt(pct)} % of matmul)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
