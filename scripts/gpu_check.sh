@@ -33,6 +33,8 @@ OUT=$1
 QUICK=${2:-}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# A reused OUTDIR: no file of an earlier run may pass for this one's (the summary reads whatever CSVs are there).
+rm -f "$OUT"/bench_gpu*.csv "$OUT"/gpu_summary.txt "$OUT"/pytest_cuda_*.xml "$OUT"/build.log
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1

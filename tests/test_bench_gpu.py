@@ -109,3 +109,18 @@ def test_gpu_summary_targets(tmp_path, capsys):
     assert summary.main([main, opt]) == 0
     out = capsys.readouterr().out
     assert "fastest without failures at K = 2^18, shared: fused_flash" in out
+    # A variant out of memory where the default fits is a failure, not a skip; an error of the default kernels'
+    # own calls ("rest of this problem") is theirs; without 2^18 the candidate is chosen at the largest K.
+    more = _csv(tmp_path / "more.csv", [
+        _r("fused_flash", 2**21, "", note="CONTRASTBOUND_TC_FLASH=1 failed: OutOfMemoryError: CUDA out of memory"),
+        _r("rest of this problem", 2**19, "", note="failed: RuntimeError: CUDA error: an illegal memory access"),
+        _r("fused", 2**14, 2.0, 20, problem="in_batch"), _r("fused", 2**17, 40.0, 20, problem="in_batch"),
+        _r("fused_flash", 2**17, 30.0, 25, problem="in_batch"),
+    ])
+    lines, best = summary.summarise(summary.load([main, opt, more]))
+    by = {(ln["problem"], ln["impl"]): ln for ln in lines}
+    assert by[("shared", "fused_flash")]["failed"] == 1 and by[("shared", "fused")]["failed"] == 1
+    assert "shared" not in best  # every variant measured at 2^18 failed somewhere
+    assert best["in_batch"][0] == "fused_flash" and best["in_batch"][3] == 2**17
+    summary.main([main, opt, more])
+    assert "shared: no variant ran without failures" in capsys.readouterr().out

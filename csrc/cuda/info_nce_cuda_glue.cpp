@@ -229,9 +229,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
       sorted_pairs = at::empty({n}, flat.options());
       for (int64_t c0 = 0; c0 < n; c0 += kSortPiece) {
         const int64_t len = std::min(kSortPiece, n - c0);
-        auto [r, q] = at::sort(flat.narrow(0, c0, len), /*stable=*/true, /*dim=*/0, false);
-        sorted_rows.narrow(0, c0, len).copy_(r);
-        sorted_pairs.narrow(0, c0, len).copy_(q.add_(c0));
+        Tensor r = sorted_rows.narrow(0, c0, len), q = sorted_pairs.narrow(0, c0, len);  // contiguous slices
+        at::sort_out(r, q, flat.narrow(0, c0, len), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        q.add_(c0);
       }
     }
   }
