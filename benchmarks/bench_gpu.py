@@ -489,17 +489,13 @@ def main(argv=None) -> int:
                 if not args.opt_in_only and d <= 256 and logk in (ks[0], 18):  # wide rows: see below
                     variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
                 if args.one_pass:
-                    variant("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}, reps)
-                    variant(f"fused_1pass_{stages}stage",
-                            {"CONTRASTBOUND_TC_FUSED_FWD": "1", "CONTRASTBOUND_TC_STAGES": stages}, reps)
-                    # Flash layout: two Y stages by default (one block per multiprocessor), one for comparison.
-                    variant("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"}, reps)
-                    variant("fused_flash_1stage", {"CONTRASTBOUND_TC_FLASH": "1", "CONTRASTBOUND_TC_STAGES": "1"},
-                            reps)
-                    if torch.cuda.get_device_capability() == (9, 0):
-                        variant("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}, reps)
-                        variant("fused_wgmma_1stage", {"CONTRASTBOUND_TC_WGMMA": "1", "CONTRASTBOUND_TC_STAGES": "1"},
-                                reps)
+                    # Each opt-in variant, then with the other Y-tile pipeline: the one-pass forward with `stages`
+                    # (the mma.sync kernels' other one); flash / wgmma default to two stages (one block per
+                    # multiprocessor), so one for comparison.
+                    for name, env in _opt_in_variants():
+                        alt = stages if name == "fused_1pass" else "1"
+                        variant(name, env, reps)
+                        variant(f"{name}_{alt}stage", {**env, "CONTRASTBOUND_TC_STAGES": alt}, reps)
                 if d > 256 and not args.opt_in_only:
                     # Wide rows: one Y stage (the default picks two where they keep the blocks per
                     # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
