@@ -677,6 +677,8 @@ def test_tf32_follows_torch_matmul_setting(monkeypatch):
 @pytest.mark.parametrize("stages", ["1", "2"])
 @pytest.mark.parametrize("impl", ["mma", "mma_1pass", "flash", "wgmma"])
 def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages, impl):
+    if impl == "wgmma" and stages == "1":
+        pytest.skip("the wgmma kernels have one pipeline (three Y buffers): the same as stages=2")
     monkeypatch.setenv("CONTRASTBOUND_TC_STAGES", stages)
     _set_tc_impl(monkeypatch, impl)
     a, p, n, _ = make_inputs("shared", B=700, K=9000, d=256, dtype=torch.bfloat16, device=CUDA, seed=12)

@@ -1050,17 +1050,17 @@ bool tc_flash(int64_t d) {
   } else {
     const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
     if (d > kTcMaxD || !tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
-    const size_t need = tc_wgmma() ? wg_smem<T>(d, 1).total : fl_smem<T>(d, 1).total;
+    const size_t need = tc_wgmma() ? wg_smem<T>(d).total : fl_smem<T>(d, 1).total;
     return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   }
 }
 
 // Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
-// (wgmma: the same, with the wgmma kernels' unpadded core-matrix layout.)
+// (wgmma: always its three Y buffers, in its unpadded core-matrix layout; tc_flash checked that they fit.)
 template <typename T>
 TcSmem fl_kernel_smem(int64_t d) {
-  const bool wg = tc_wgmma();
-  const auto plan = [&](int stages) { return wg ? wg_smem<T>(d, stages) : fl_smem<T>(d, stages); };
+  if (tc_wgmma()) return wg_smem<T>(d);
+  const auto plan = [&](int stages) { return fl_smem<T>(d, stages); };
   const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
   int stages = (env != nullptr && env[0] == '1') ? 1 : 2;
   if (stages == 2 && plan(2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {

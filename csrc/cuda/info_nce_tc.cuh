@@ -80,8 +80,8 @@ struct TcSmem {
   // mma.sync kernels, rows too wide for whole X and Y tiles: the tiles hold `chunk` features at a time (0: whole
   // rows). See mma_tile_scores.
   int chunk = 0;
-  int stages = 1;  // 2: the next Y tile is copied (cp.async) while the current one is used
-  size_t x = 0, y = 0, y1 = 0, s = 0, p = 0, cols = 0, total = 0;
+  int stages = 1;  // 2: the next Y tile is copied (cp.async) while the current one is used (3: wgmma_kernel)
+  size_t x = 0, y = 0, y1 = 0, y2 = 0, s = 0, p = 0, cols = 0, total = 0;
 };
 
 inline size_t tc_align(size_t v) { return (v + 127) / 128 * 128; }

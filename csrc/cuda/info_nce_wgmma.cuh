@@ -4,19 +4,24 @@
 // runs these in place of flash_kernel where device_runs_sm90a() (see "Launching" below).
 //
 // Same arguments, work split and outputs as flash_kernel<T, MODE, NT> (NT here: dpad / 8 with dpad = d rounded up
-// to 64, so 8, 16, 24 or 32; every product below has a shape fixed at compile time): a block of 256 threads owns kFlRows = 128
-// X rows and walks the 64-row Y tiles of its split; the two warpgroups (warps 0-3, 4-7) own X rows 0-63 and 64-127
-// of the block. Per Y tile and warpgroup:
+// to 64, so 8, 16, 24 or 32; every product below has a shape fixed at compile time): a block of 256 threads owns
+// kFlRows = 128 X rows and walks the 64-row Y tiles of its split; the two warpgroups (warps 0-3, 4-7) own X rows
+// 0-63 and 64-127 of the block. Per Y tile and warpgroup:
 //   S (64 x 64, f32 registers) = X_wg Y^T    wgmma m64n64k16, A and B from shared memory (descriptors, K-major),
 //                                            dpad / 16 instructions, the first with scale-d = 0 (S = A B);
 //   C = coefficient(S) in place (identical code to flash_kernel), cast to T and packed as the A fragments;
-//   O (64 x dpad, f32 registers) += C Y     wgmma m64n64k16 with A from registers and B = the same Y tile read
-//                                            as an N-major operand (imm-trans-b = 1), one per 64 features and
-//                                            k16 slice (dpad / 16 instructions).
-// Each product is fenced (wgmma.fence), committed and waited for (wait_group 0) before its registers are used;
-// the O product is waited for before the barrier that lets the Y buffer be refilled.
+//   O (64 x dpad, f32 registers) += C Y     wgmma m64n{dpad}k16 with A from registers and B = the same Y tile
+//                                            read as an N-major operand (imm-trans-b = 1), one per k16 slice (4).
+// Pipelined as FlashAttention-3's intra-warpgroup overlap: per tile i, after one barrier, S(i + 1) and O(i) are
+// issued as two commit groups; wait_group 1 completes S(i + 1), whose coefficients (the exponentials: the CUDA
+// cores' share of the work) are formed while O(i) runs on the tensor cores; wait_group 0 then completes O(i) before
+// its accumulators are rescaled (Forward: e^{m_old - m_new} of tile i + 1's max) and its A registers take tile
+// i + 1's coefficients (pa / pn: two sets, as the product in flight reads its A registers). Y tiles go through three
+// buffers: tile i + 2 is copied (cp.async) while tiles i and i + 1 are read; the barrier of tile i (after every
+// thread's wait for O(i - 1) and for its copies of tile i + 1) frees buffer (i + 2) % 3. The column arrays (inverse
+// norms, lse, g s, excluded offsets) have two slots, tile i + 1's written before that barrier.
 //
-// Shared memory: X (128 rows) and one or two Y tiles (64 rows) in the no-swizzle ("interleaved") canonical
+// Shared memory: X (128 rows) and three Y tiles (64 rows) in the no-swizzle ("interleaved") canonical
 // layout, as 16-byte chunks in chunk-column order: element (row r, feature j) of a tile of R rows is at byte
 //   ((j / 8) R + r) 16 + (j % 8) 2,
 // i.e. 8 x 8 core matrices of 128 contiguous bytes (row r % 8 at 16 (r % 8), feature j % 8 at 2 (j % 8)); the core
@@ -24,8 +29,8 @@
 // Descriptors (bytes; encoded >> 4; swizzle mode 0, base offset 0):
 //   X as A of S, K-major (M = row, K = feature):    LBO = 16 R_x = 2048, SBO = 128, start = x + 2048 (2 k16) + 1024 wg
 //   Y as B of S, K-major (N = y row, K = feature):  LBO = 16 R_y = 1024, SBO = 128, start = y + 1024 (2 k16)
-//   Y as B of O, N-major (K = y row, N = feature):  LBO = 128,  SBO = 16 R_y = 1024, start = y + 1024 (8 c) + 256 k16
-//   (k16: the 16-wide K slice; c: the 64-feature chunk of the output; wg: the warpgroup)
+//   Y as B of O, N-major (K = y row, N = feature):  LBO = 128,  SBO = 16 R_y = 1024, start = y + 256 k16
+//   (k16: the 16-wide K slice; wg: the warpgroup)
 // This rests on these statements of the PTX ISA (9.7.15.5.1.2, "Shared Memory Matrix Layout", and the sections
 // under it, PTX ISA 8.x/9.0; cross-checked with CUTLASS cute/atom/mma_traits_sm90_gmma.hpp, make_gmma_desc):
 //  - "If the argument imm-trans-a / imm-trans-b ... is 0, then K-major is used for matrix A / B ... If the value of
@@ -76,7 +81,7 @@
 //
 // Launching (launch_flash / fl_slots via fl_with_kernel): only on compute capability 9.0 with code built for
 // sm_90a (the body traps elsewhere); grid = grid_for(f.xblocks * f.splits), block = kTcThreads (256), dynamic
-// shared memory = wg_smem<T>(d, stages).total (stages 2 unless it exceeds the opt-in limit), after
+// shared memory = wg_smem<T>(d).total (three Y buffers, whatever CONTRASTBOUND_TC_STAGES says), after
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, total); NT = dpad / 8 (wg_with_nt),
 // where flash_kernel takes 16 for dpad <= 128, else 32. FlArgs are filled exactly as for flash_kernel.
 #pragma once
@@ -91,10 +96,13 @@ enum WgMutation {
   kWgMutNoTrans,       // second product without imm-trans-b
   kWgMutAOrder,        // A fragment registers 1 and 2 exchanged
   kWgMutNoWaitS,       // no wait_group before the scores are read
-  kWgMutNoWaitO,       // no wait_group after the second product (Y buffer refilled while it may read it)
+  kWgMutNoWaitO,       // no wait_group after the second product (its registers reused while it may run)
   kWgMutNoProxyFence,  // no fence.proxy.async after the tile copies
   kWgMutNoWgFence,     // no wgmma.fence before the score product
   kWgMutRowOffset,     // both warpgroups read X rows 0-63
+  kWgMutReuseA,        // the next tile's coefficients written into the A registers of the product in flight
+  kWgMutEarlyRescale,  // Forward: the output rows rescaled before the product that accumulates into them completed
+  kWgMutEarlyRefill,   // tile i + 2 copied before the barrier after which no warpgroup reads its buffer
   kWgMutCount
 };
 #ifdef CONTRASTBOUND_EMULATE
@@ -114,8 +122,9 @@ __device__ __forceinline__ void wg_wait() {
 // Orders this thread's earlier generic-proxy writes of shared memory (st.shared, completed cp.async) before
 // later async-proxy reads (wgmma operands).
 __device__ __forceinline__ void wg_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving accesses of an accumulator register across the wgmma fence / wait.
+// Keeps the compiler from moving accesses of an accumulator (or A fragment) register across the wgmma fence / wait.
 __device__ __forceinline__ void wg_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void wg_fence_operand(unsigned& r) { asm volatile("" : "+r"(r)::"memory"); }
 template <typename T>
 __device__ __forceinline__ void wg_st_smem(T* p, T v) {
   *p = v;
@@ -125,7 +134,7 @@ __device__ __forceinline__ void wg_st_smem(T* p, T v) {
 template <typename T>
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d);
 // D (m64nN, f32; d[0 .. N/2)) = A B + (scale_d ? D : 0), A from registers, B from shared memory (TB = imm-trans-b).
-// Only N = 64 is defined: the output is always whole 64-feature chunks (dpad a multiple of 64).
+// N = 64, 128, 192, 256: the output product covers all dpad features of a row in one instruction per k16 slice.
 template <typename T, int N, int TB>
 struct WgmmaRs;
 
@@ -143,24 +152,127 @@ struct WgmmaRs;
         : "l"(da), "l"(db), "r"(scale_d));                                                                       \
   }
 
-#define CB_WGMMA_RS_N64(T, TS)                                                                                   \
-  template <int TB>                                                                                              \
-  struct WgmmaRs<T, 64, TB> {                                                                                    \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {     \
-      asm volatile(                                                                                              \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                        \
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32." TS "." TS " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n" \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-            "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-            "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                         \
-    }                                                                                                           \
+#define CB_WGMMA_RS_N64(T, TS)                                                                                         \
+  template <int TB>                                                                                                    \
+  struct WgmmaRs<T, 64, TB> {                                                                                          \
+    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
+      asm volatile(                                                                                                    \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                 \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32." TS "." TS " {"                                                 \
+          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
+          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                                                 \
+          "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                                           \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
+            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
+            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
+            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
+            "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                      \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
+    }                                                                                                                  \
+  };
+
+#define CB_WGMMA_RS_N128(T, TS)                                                                                        \
+  template <int TB>                                                                                                    \
+  struct WgmmaRs<T, 128, TB> {                                                                                         \
+    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
+      asm volatile(                                                                                                    \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                 \
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32." TS "." TS " {"                                                \
+          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
+          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
+          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
+          "%56, %57, %58, %59, %60, %61, %62, %63"                                                                     \
+          "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                                           \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
+            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
+            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
+            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
+            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
+            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
+            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
+            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
+            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                  \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
+    }                                                                                                                  \
+  };
+
+#define CB_WGMMA_RS_N192(T, TS)                                                                                        \
+  template <int TB>                                                                                                    \
+  struct WgmmaRs<T, 192, TB> {                                                                                         \
+    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
+      asm volatile(                                                                                                    \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"                                                                \
+          "wgmma.mma_async.sync.aligned.m64n192k16.f32." TS "." TS " {"                                                \
+          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
+          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
+          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
+          "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "                 \
+          "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "                 \
+          "%92, %93, %94, %95"                                                                                         \
+          "}, {%96, %97, %98, %99}, %100, p, 1, 1, %102;\n}\n"                                                         \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
+            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
+            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
+            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
+            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
+            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
+            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
+            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
+            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),                 \
+            "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),                 \
+            "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),                 \
+            "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),                 \
+            "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),                 \
+            "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])                                                         \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
+    }                                                                                                                  \
+  };
+
+#define CB_WGMMA_RS_N256(T, TS)                                                                                        \
+  template <int TB>                                                                                                    \
+  struct WgmmaRs<T, 256, TB> {                                                                                         \
+    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
+      asm volatile(                                                                                                    \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                                \
+          "wgmma.mma_async.sync.aligned.m64n256k16.f32." TS "." TS " {"                                                \
+          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
+          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
+          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
+          "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "                 \
+          "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "                 \
+          "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "                   \
+          "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "                 \
+          "%123, %124, %125, %126, %127"                                                                               \
+          "}, {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"                                                     \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
+            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
+            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
+            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
+            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
+            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
+            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
+            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
+            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),                 \
+            "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),                 \
+            "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),                 \
+            "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),                 \
+            "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),                 \
+            "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),                 \
+            "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),           \
+            "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),          \
+            "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),          \
+            "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),          \
+            "+f"(d[127])                                                                                               \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
+    }                                                                                                                  \
   };
 
 #define CB_WGMMA_ALL(T, TS) \
   CB_WGMMA_SS_N64(T, TS)    \
-  CB_WGMMA_RS_N64(T, TS)
+  CB_WGMMA_RS_N64(T, TS)    \
+  CB_WGMMA_RS_N128(T, TS)   \
+  CB_WGMMA_RS_N192(T, TS)   \
+  CB_WGMMA_RS_N256(T, TS)
 
 CB_WGMMA_ALL(__nv_bfloat16, "bf16")
 CB_WGMMA_ALL(__half, "f16")
@@ -168,8 +280,13 @@ CB_WGMMA_ALL(__half, "f16")
 #undef CB_WGMMA_ALL
 #undef CB_WGMMA_SS_N64
 #undef CB_WGMMA_RS_N64
+#undef CB_WGMMA_RS_N128
+#undef CB_WGMMA_RS_N192
+#undef CB_WGMMA_RS_N256
 
 #endif  // CONTRASTBOUND_EMULATE
+
+constexpr int kWgColSlots = 2;  // slots of the column arrays (tile i + 1's are written while tile i's are read)
 
 // Shared-memory matrix descriptor, no swizzle (start, LBO, SBO in bytes, 16-byte multiples below 2^18).
 __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsigned sbo) {
@@ -177,15 +294,19 @@ __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsign
          (static_cast<uint64_t>((sbo & 0x3FFFFu) >> 4) << 32);
 }
 
-// Shared memory: the X tile (kFlRows rows), one or two Y tiles (kFlCols rows), each dpad features in the layout
-// above (no padding: the layout is conflict-free without it), and the column arrays. ld is unused (0). dpad is d
-// rounded up to 64 (zero features past d), so that the kernel for dpad has products of one fixed shape.
+// Shared memory: the X tile (kFlRows rows), three Y tiles (kFlCols rows: the pipeline below reads two while the
+// third is copied), each dpad features in the layout above (no padding: the layout is conflict-free without it),
+// and two slots of the column arrays. ld is unused (0). dpad is d rounded up to 64 (zero features past d), so that
+// the kernel for dpad has products of one fixed shape. 162 KB at d = 256 (an H100 / H200 block may have 227 KB).
 template <typename T>
-TcSmem wg_smem(int64_t d, int stages) {
+TcSmem wg_smem(int64_t d) {
   TcSmem m;
-  size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, 0, 64);
+  size_t o = tc_operand_tiles<T>(m, d, 2, kFlRows, kFlCols, 0, 64);  // X, Y buffers 0 and 1
+  m.y2 = o;
+  o = tc_align(o + sizeof(T) * static_cast<size_t>(m.dpad) * kFlCols);
+  m.stages = 3;
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // yinv, ylse, yg (float), yex (int)
+  o = tc_align(o + sizeof(float) * kWgColSlots * 4 * kFlCols);  // per slot: yinv, ylse, yg (float), yex (int)
   m.total = o;
   return m;
 }
@@ -219,33 +340,19 @@ __device__ __forceinline__ void wg_issue(T* dst, const TcOperand<T>& src, int64_
   }
 }
 
-// tc_next_y for the wgmma layout: tile `it` of the walk (two stages: tile it + 1 issued first), complete and
-// fenced for the async proxy by this thread. Called by every thread after the barrier that ends the use of the
-// buffer it refills; a barrier must follow before the tile is read.
+// Issues the copy of Y tile `tile` (rows tile * kFlCols ..) into Y buffer tile % 3 and commits it (one cp.async
+// group). Every thread calls it, after the barrier that ends the last use of that buffer.
 template <typename T, int DPAD>
-__device__ __forceinline__ T* wg_next_y(unsigned char* raw, const TcSmem& m, const TcOperand<T>& Y, int64_t y0,
-                                       int64_t y_end, int it, int64_t d) {
-  T* cur = reinterpret_cast<T*>(raw + ((m.stages == 2 && (it & 1)) ? m.y1 : m.y));
-  if (m.stages == 2) {
-    if (it == 0) {
-      wg_issue<T, kFlCols>(cur, Y, y0, d, DPAD);
-      tc_commit();
-    }
-    if (y0 + kFlCols < y_end) {
-      T* nxt = reinterpret_cast<T*>(raw + ((it & 1) ? m.y : m.y1));
-      wg_issue<T, kFlCols>(nxt, Y, y0 + kFlCols, d, DPAD);
-      tc_commit();
-      tc_wait<1>();
-    } else {
-      tc_wait<0>();
-    }
-  } else {
-    wg_issue<T, kFlCols>(cur, Y, y0, d, DPAD);
-    tc_commit();
-    tc_wait<0>();
-  }
-  if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
-  return cur;
+__device__ __forceinline__ void wg_issue_y(unsigned char* raw, const TcSmem& m, const TcOperand<T>& Y, int64_t tile,
+                                           int64_t d) {
+  T* dst = reinterpret_cast<T*>(raw + m.y + static_cast<size_t>(tile % 3) * (m.y1 - m.y));
+  wg_issue<T, kFlCols>(dst, Y, tile * kFlCols, d, DPAD);
+  tc_commit();
+}
+
+// The shared-memory address of Y tile `tile`'s buffer (the buffers are equally spaced: wg_smem).
+__device__ __forceinline__ unsigned wg_y_addr(unsigned char* raw, const TcSmem& m, int64_t tile) {
+  return smem_u32(raw + m.y) + static_cast<unsigned>(tile % 3) * static_cast<unsigned>(m.y1 - m.y);
 }
 
 // f(std::integral_constant<int, NT>) for the wgmma kernel of a plan's dpad (64, 128, 192 or 256): NT = dpad / 8
@@ -264,7 +371,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     wgmma_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
 #if defined(CONTRASTBOUND_EMULATE) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
   static_assert(NT % 8 == 0 && NT >= 8 && NT <= 32, "NT = dpad / 8: whole 64-feature chunks, d <= 256");
-  constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it)
+  constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it); the N of the output product
   constexpr int kKsteps = kDpad / 16;  // k16 slices of the score product
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
   constexpr unsigned kCore = 128;                // bytes of one 8 x 8 core matrix (the 8-row step)
@@ -272,10 +379,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   constexpr unsigned kYk = 16u * kFlCols;        // Y: bytes between feature chunks
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
-  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
-  float* ylse = yinv + kFlCols;
-  float* yg = ylse + kFlCols;
-  int* yex = reinterpret_cast<int*>(yg + kFlCols);  // BankGrads: see tc_col_excluded
+  float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // slot s: cols + 4 kFlCols s (see put_cols)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: X rows 64 wg .. 64 wg + 63 of the block; warp = 4 wg + (warp & 3)
   const unsigned xa = smem_u32(xs) + (wg_mut(kWgMutRowOffset) ? 0u : static_cast<unsigned>(wg) * 8u * kCore);
@@ -284,15 +388,42 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const float unscale = 1.f / cscale;  // a power of two: exact
   const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
   const int64_t units = a.xblocks * a.splits;
+  const unsigned keep0 = static_cast<unsigned>(m.chunk);  // 0 (wg_smem: no chunks), unknown to the compiler (pa)
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const int64_t xb = u % a.xblocks, split = u / a.xblocks;
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
-    __syncthreads();  // the previous unit's X tile and Y buffers are no longer read (its wgmma all waited for)
+    // Tile `tile`'s column arrays into slot tile % 2: inverse norms, lse, g s and (BankGrads) the excluded
+    // anchors' offsets (tc_col_excluded).
+    const auto put_cols = [&](int64_t tile) {
+      if (threadIdx.x < kFlCols) {
+        float* c = cols + (tile & 1) * 4 * kFlCols;
+        const int64_t y = tile * kFlCols + threadIdx.x;
+        const bool ok = y < Y.rows;
+        c[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
+        c[kFlCols + threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
+        c[2 * kFlCols + threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+        reinterpret_cast<int*>(c + 3 * kFlCols)[threadIdx.x] =
+            MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
+      }
+    };
+    __syncthreads();  // the previous unit's X tile, Y buffers and columns are no longer read (its wgmma waited for)
+    // Prologue: X with tile t_begin (one cp.async group), tile t_begin + 1 (a second); wait for the first.
     wg_issue<T, kFlRows>(xs, X, x0, a.d, kDpad);
-    tc_commit();
-    tc_wait<0>();
+    if (t_begin < t_end) {
+      wg_issue_y<T, kDpad>(tc_raw, m, Y, t_begin, a.d);
+    } else {
+      tc_commit();
+    }
+    if (t_begin + 1 < t_end) {
+      wg_issue_y<T, kDpad>(tc_raw, m, Y, t_begin + 1, a.d);
+      tc_wait<1>();
+    } else {
+      tc_wait<0>();
+    }
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
+    if (t_begin < t_end) put_cols(t_begin);
+    __syncthreads();  // X, tile t_begin and its columns are complete
     // This thread's rows, as in flash_kernel: 16 warp + g + 8 h of the block (= 64 wg + 16 (warp & 3) + ...).
     int64_t row[2], row_ex[2];
     float xinv[2], run_m[2], run_s[2];
@@ -307,30 +438,10 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }
-    // acc[4 j + e]: n8 tile j of the output (f32 D fragment); chunk c of 64 features = acc[32 c .. 32 c + 31].
-    float acc[NT * 4];
-#pragma unroll
-    for (int i = 0; i < NT * 4; ++i) acc[i] = 0.f;
-    const int64_t y_end = min64(Y.rows, t_end * kFlCols);
-    for (int64_t tile = t_begin; tile < t_end; ++tile) {
-      const int64_t y0 = tile * kFlCols;
-      __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
-      const T* ys = wg_next_y<T, kDpad>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
-      if (threadIdx.x < kFlCols) {
-        const int64_t y = y0 + threadIdx.x;
-        const bool ok = y < Y.rows;
-        yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
-        ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-        yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
-        yex[threadIdx.x] = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
-      }
-      __syncthreads();  // the tile (copied and proxy-fenced by every thread) and the column arrays are complete
-      const unsigned ya = smem_u32(ys);
-      // Scores of the warpgroup's 64 rows x the tile's 64 columns; this thread: sc[4 j + e] (n8 tile j).
-      float sc[32];
-#pragma unroll
-      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
-      if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+    // S (this warpgroup's 64 rows x tile's 64 columns, this thread: sc[4 j + e], n8 tile j) = X Y^T, issued and
+    // committed (one group).
+    const auto issue_scores = [&](float (&sc)[32], int64_t tile) {
+      const unsigned ya = wg_y_addr(tc_raw, m, tile);
 #pragma unroll
       for (int k = 0; k < kKsteps; ++k) {
         const unsigned xk = static_cast<unsigned>(k) * 2u * kXk, yk = static_cast<unsigned>(k) * 2u * kYk;
@@ -338,10 +449,17 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         wgmma_ss_n64<T>(sc, xdesc + (xk >> 4), db, k > 0 ? 1 : 0);  // the start address field: + bytes / 16
       }
       wg_commit();
-      if (!wg_mut(kWgMutNoWaitS)) wg_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
-      // Coefficients in place of the scores (masked ones 0): flash_kernel's code, sc[j][e] = sc[4 j + e].
+    };
+    // The coefficients of tile `tile` from its scores (flash_kernel's code, sc[j][e] = sc[4 j + e]; masked ones 0),
+    // packed as the A fragments of the output product: pa[kk] = K slice kk (Y rows 16 kk ..) = n8 tiles 2 kk,
+    // 2 kk + 1. Forward: the running max and sum are updated here; alpha[h] = e^{m_old - m_new} is the factor for
+    // the output rows, applied by the caller once the product that accumulates into them has completed.
+    const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
+      const float* yinv = cols + (tile & 1) * 4 * kFlCols;
+      const float* ylse = yinv + kFlCols;
+      const float* yg = ylse + kFlCols;
+      const int* yex = reinterpret_cast<const int*>(yg + kFlCols);
+      const int64_t y0 = tile * kFlCols;
       const int lim = static_cast<int>(min64(kFlCols, Y.rows - y0));  // valid columns of this tile
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -362,14 +480,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
             }
           tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
           const float mnew = fmax_nan(run_m[h], tmax);
-          const float alpha = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
+          alpha[h] = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
           run_m[h] = mnew;
-          run_s[h] *= alpha;
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            acc[4 * j + 2 * h] *= alpha;
-            acc[4 * j + 2 * h + 1] *= alpha;
-          }
+          run_s[h] *= alpha[h];
 #pragma unroll
           for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -385,6 +498,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
               sc[4 * j + 2 * h + e] = c;
             }
         } else {
+          alpha[h] = 1.f;
 #pragma unroll
           for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -400,9 +514,6 @@ __global__ void __launch_bounds__(kTcThreads, 1)
             }
         }
       }
-      // O (64 x dpad) += C (64 x 64) Y (64 x dpad): the coefficients of n8 tiles 2 kk, 2 kk + 1 are the A fragment
-      // of K slice kk (Y rows 16 kk ..), as in flash_kernel.
-      unsigned pa[4][4];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
@@ -415,26 +526,112 @@ __global__ void __launch_bounds__(kTcThreads, 1)
           pa[kk][2] = s;
         }
       }
+    };
+    // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
+    float acc[NT * 4];
 #pragma unroll
-      for (int i = 0; i < NT * 4; ++i) wg_fence_operand(acc[i]);
-      wg_fence();  // the accumulators (Forward: rescaled) and the A fragments were written by other instructions
+    for (int i = 0; i < NT * 4; ++i) acc[i] = 0.f;
+    unsigned pa[4][4];  // the coefficients of the tile whose output product is issued next
+    float alpha[2];
+    if (t_begin < t_end) {
+      float sc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+      if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+      issue_scores(sc, t_begin);
+      wg_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+      coefficients(sc, t_begin, pa, alpha);  // alpha: the output is still 0
+    }
+    // O (64 x dpad) += C (64 x 64) Y (64 x dpad) of tile `tile`, one instruction per K slice (B = the Y tile read
+    // N-major), fenced and committed as one group.
+    const auto issue_output = [&](int64_t tile) {
+      if (!wg_mut(kWgMutNoWgFence)) wg_fence();  // each group opens with its fence (CUTLASS: warpgroup_arrive)
+      const unsigned ya = wg_y_addr(tc_raw, m, tile);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-        for (int c = 0; c < NT / 8; ++c) {
-          const unsigned yb = ya + static_cast<unsigned>(c) * 8u * kYk + static_cast<unsigned>(kk) * 2u * kCore;
-          const uint64_t db = wg_mut(kWgMutSwapYN) ? wg_desc(yb, kYk, kCore) : wg_desc(yb, kCore, kYk);
-          if (wg_mut(kWgMutNoTrans)) {
-            WgmmaRs<T, 64, 0>::run(acc + 32 * c, pa[kk], db, 1);
-          } else {
-            WgmmaRs<T, 64, 1>::run(acc + 32 * c, pa[kk], db, 1);
-          }
+        const unsigned yb = ya + static_cast<unsigned>(kk) * 2u * kCore;
+        const uint64_t db = wg_mut(kWgMutSwapYN) ? wg_desc(yb, kYk, kCore) : wg_desc(yb, kCore, kYk);
+        if (wg_mut(kWgMutNoTrans)) {
+          WgmmaRs<T, kDpad, 0>::run(acc, pa[kk], db, 1);
+        } else {
+          WgmmaRs<T, kDpad, 1>::run(acc, pa[kk], db, 1);
         }
       }
       wg_commit();
-      if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();  // before the barrier after which the Y buffer may be refilled
+    };
+    const auto fence_acc_pa = [&] {
 #pragma unroll
       for (int i = 0; i < NT * 4; ++i) wg_fence_operand(acc[i]);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) wg_fence_operand(pa[kk][r]);
+    };
+    const auto rescale = [&] {  // Forward: the output rows to the running max of the coefficients just formed
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[4 * j] *= alpha[0];
+        acc[4 * j + 1] *= alpha[0];
+        acc[4 * j + 2] *= alpha[1];
+        acc[4 * j + 3] *= alpha[1];
+      }
+    };
+    // Per tile but the last (FA3's intra-warpgroup overlap): the scores of tile + 1 and the output product of tile
+    // are issued together; the coefficients of tile + 1 are formed while the output product runs on the tensor
+    // cores. (Every stage issues both products: with the score product under a condition, ptxas serialized all
+    // wgmma of the kernel, note C7514; so the last tile's output product is issued after the loop.)
+    for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
+      tc_wait<0>();  // this thread's copies of tile + 1 (the only group in flight)
+      if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
+      put_cols(tile + 1);
+      // Tile + 1 and its columns are complete; both warpgroups have waited for their products of tile - 1, so
+      // its buffer ((tile + 2) % 3) and column slot may be refilled.
+      if (wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
+      __syncthreads();
+      if (!wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
+      float sc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+      fence_acc_pa();
+      // The accumulators (Forward: rescaled) and the A fragments were written by other instructions.
+      if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+      issue_scores(sc, tile + 1);
+      issue_output(tile);
+      if (!wg_mut(kWgMutNoWaitS)) wg_wait<1>();  // the scores (the older group); the output product may run on
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+      unsigned pn[4][4];
+      if (wg_mut(kWgMutReuseA)) {
+        coefficients(sc, tile + 1, pa, alpha);  // overwrites the A fragments of the product in flight
+      } else {
+        coefficients(sc, tile + 1, pn, alpha);
+      }
+      if (wg_mut(kWgMutEarlyRescale) && MODE == FlashMode::Forward) rescale();
+      // The output product is complete before its accumulators are rescaled, its A registers reused and (after
+      // the next barrier) its Y buffer refilled.
+      if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
+      fence_acc_pa();
+      if (MODE == FlashMode::Forward && !wg_mut(kWgMutEarlyRescale)) rescale();
+      if (!wg_mut(kWgMutReuseA)) {
+        // pa = pn, written so that the old pa is read here (keep0 is 0). With a plain copy (and with an asm mov,
+        // and with two sets used in turn by a loop unrolled twice) ptxas serialized every wgmma of the kernel,
+        // note C7513 "non wgmma instructions defining input registers of a wgmma between start and end of the
+        // pipeline stage": it seems to have given the two sets the same registers, so that tile + 1's
+        // coefficients would be formed in the A registers of the product in flight. Reading the old pa after
+        // the wait keeps them apart (no note; checked by scripts/cpp_tests.sh).
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) pa[kk][r] = pn[kk][r] | (pa[kk][r] & keep0);
+      }
+    }
+    if (t_begin < t_end) {  // the last tile's output product (its tile and coefficients are complete)
+      fence_acc_pa();
+      issue_output(t_end - 1);
+      if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
+      fence_acc_pa();
     }
     // The X tile was copied by every thread: a unit without Y tiles (no anchors) has passed no barrier since.
     __syncthreads();

@@ -5,7 +5,9 @@
 // round-robin, each until it reaches a barrier. __syncthreads is a block barrier; the warp-collective operations
 // (__shfl_xor_sync, ldmatrix, mma.sync) exchange their operands through a per-warp buffer and a warp barrier, and
 // each lane then computes its own result exactly as the PTX ISA lays the fragments out. cp.async copies are
-// deferred until the tc_wait that must complete them, so a missing wait reads stale shared memory; shared memory
+// deferred until the tc_wait that must complete them, so a missing wait reads stale shared memory, and their
+// destination turns to NaN bytes at issue (the copy may land any time in between), so a buffer refilled while
+// another warp (or a pending wgmma, emu_wgmma.h) still reads it shows up as NaN (or fails); shared memory
 // starts as NaN bytes (0xff), so a read of a never-written element shows up as NaN. ldmatrix bank conflicts are
 // counted (ldsm_stats). What this cannot show: timing, memory-model races the round-robin order hides, other bank
 // conflicts, register pressure, speed.
@@ -332,6 +334,7 @@ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
   if (src_bytes != 0 && src_bytes != 16) emu::fail("cp.async source size must be 0 or 16 here");
   if (src_bytes == 16 && reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("cp.async source misaligned");
   emu::g.cur->open.push_back({dst, src, src_bytes});
+  std::memset(emu::g.smem + dst, 0xff, 16);  // in flight: neither the old contents nor the new yet
 }
 
 inline void tc_commit() {

@@ -23,7 +23,9 @@
 //    writer, cp.async completion or wg_st_smem, has executed fence.proxy.async since), remembers them, and is
 //    computed only when a wait_group completes its group: D = A B + (scale-d ? D : 0), summed in float over k in
 //    order. A missing wait therefore reads stale (or, with scale-d = 0, NaN-poisoned) accumulators; at completion
-//    the operands are read again and a change (a buffer refilled before the wait) fails. An mma needs a
+//    the operands are read again and a change (a buffer refilled before the wait: emu_cuda.h turns a cp.async
+//    destination to NaN at issue) fails, and so does a write of the mma's A registers or of its accumulators
+//    (unless an earlier pending mma of the chain writes them) since its issue. An mma needs a
 //    wgmma.fence since this thread's last wait_group (a stricter, simpler rule than the ISA's register-access rule:
 //    the kernels touch their fragments between every wait and the next mma); a thread that ends with pending or
 //    uncommitted mma fails.
@@ -31,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -42,6 +45,9 @@ namespace wg {
 struct Op {  // one wgmma.mma_async of one thread, pending until a wait_group completes its group
   float* d = nullptr;
   int n = 0, scale_d = 1;
+  const unsigned* a_regs = nullptr;  // A from registers: this thread's A registers, and their values at issue
+  unsigned a_vals[4] = {0, 0, 0, 0};
+  std::vector<float> d_vals;  // the accumulators at issue, where no earlier pending mma of this thread writes them
   float a[2][16];           // this thread's two rows of A
   std::vector<float> b;     // [n / 4 columns][16]
   std::vector<unsigned> addrs;  // shared-memory bytes read (2 per element), for the check at completion
@@ -161,6 +167,15 @@ inline void complete(Op& op) {
       fail("shared memory read by a wgmma.mma_async changed before the wait_group that completes it");
     }
   }
+  // "Accessing the accumulator register or the input register containing the fragments of matrix A of a
+  // wgmma.mma_async instruction without first performing a wgmma.wait_group ... is undefined behavior": a write
+  // of either while the mma is pending shows here (a read shows as a wrong value: the mma is computed only now).
+  if (op.a_regs != nullptr && std::memcmp(op.a_regs, op.a_vals, sizeof op.a_vals) != 0) {
+    fail("A fragment registers of a wgmma.mma_async written before the wait_group that completes it");
+  }
+  if (!op.d_vals.empty() && std::memcmp(op.d, op.d_vals.data(), op.d_vals.size() * sizeof(float)) != 0) {
+    fail("accumulator registers of a wgmma.mma_async written before the wait_group that completes it");
+  }
   const int l = tid() % 32;
   (void)l;
   for (int j = 0; j < op.n / 8; ++j)
@@ -250,6 +265,18 @@ void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale
       }
   if (!v.scale_d)
     for (int i = 0; i < n / 2; ++i) d[i] = NAN;  // overwritten at completion; read before it: NaN
+  if (a) {
+    op.a_regs = a;
+    for (int i = 0; i < 4; ++i) op.a_vals[i] = a[i];
+  }
+  // The accumulators as they stand, unless an earlier pending mma of this thread writes some of them (a chain of
+  // products into one accumulator: the hardware keeps them in order, and so does complete()).
+  const auto overlaps = [&](const Op& o) { return o.d < d + n / 2 && d < o.d + o.n / 2; };
+  bool chained = false;
+  for (const Op& o : th.open) chained = chained || overlaps(o);
+  for (const auto& grp : th.groups)
+    for (const Op& o : grp) chained = chained || overlaps(o);
+  if (!chained) op.d_vals.assign(d, d + n / 2);
   th.open.push_back(std::move(op));
 }
 
@@ -285,6 +312,7 @@ void wg_wait() {
 }
 inline void wg_fence_proxy_async() { ++emu::wg::s.th[emu::wg::tid()].proxy_fences; }
 inline void wg_fence_operand(float&) {}
+inline void wg_fence_operand(unsigned&) {}
 template <typename T>
 void wg_st_smem(T* p, T v) {
   *p = v;

@@ -791,8 +791,6 @@ void kernel_configs(bool quick) {
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FUSED_FWD=1", true); });
   with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_FLASH=1", true); });
   with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1", true); });
-  with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}, {"CONTRASTBOUND_TC_STAGES", "1"}},
-           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1 STAGES=1", true); });
   with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}},
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=1", true); });
   with_env({{"CONTRASTBOUND_TC_MMA", "0"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_MMA=0 (WMMA)", true); });

@@ -47,7 +47,7 @@ namespace {
 template <typename T, FlashMode MODE>
 void launch_both(bool wgmma, const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, int stages, unsigned grid) {
   if (wgmma) {
-    const TcSmem m = wg_smem<T>(f.d, stages);
+    const TcSmem m = wg_smem<T>(f.d);  // always three Y buffers (`stages` is flash_kernel's)
     wg_with_nt(m.dpad, [&](auto nt) {
       emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, decltype(nt)::value>(X, Y, f, m); });
       return 0;
@@ -283,7 +283,10 @@ const char* mutation_name(int k) {
                                 "LBO/SBO swapped in the N-major Y descriptor", "no imm-trans-b in the second product",
                                 "A fragment registers 1 and 2 swapped", "no wait_group before reading the scores",
                                 "no wait_group after the second product", "no fence.proxy.async after the copies",
-                                "no wgmma.fence before the score product", "both warpgroups on X rows 0-63"};
+                                "no wgmma.fence before the score product", "both warpgroups on X rows 0-63",
+                                "next coefficients written into the A registers in flight",
+                                "output rows rescaled before their product completed",
+                                "next Y tile copied before the barrier that frees its buffer"};
   return names[k];
 }
 
