@@ -5,8 +5,9 @@ CUDA events (median of a few runs): forward, forward+backward and their differen
 memory from torch.cuda.max_memory_allocated beyond what the inputs already use; the bf16 torch.matmul rate of
 the same (B, d) x (d, K) GEMM in the same run (K capped at 2^17 columns, where the rate has saturated, so the
 output fits); naive PyTorch (materialised logits, F.cross_entropy) where its logits fit; and, where they
-import, Inf-CL (inf_cl, in-batch only) and Cut Cross-Entropy (cut_cross_entropy, with the bank as the
-classifier: the same GEMMs, not the same loss when the positive is not a bank row).
+import, Inf-CL (inf_cl; on the shared problem with keys = [positives; bank]) and Cut Cross-Entropy
+(cut_cross_entropy, with the bank as the classifier: the same GEMMs, not the same loss when the positive is not a
+bank row).
 
 Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here). Inf-CL's rate on the
 shared problem counts its keys, B + K rows. peak_extra_gib includes the inputs' gradients (grads_gib, e.g. 2 GiB

@@ -11,7 +11,7 @@
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
-# python3), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
+# python3 if it has a torch, else the .venv), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
 # sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 470),
 # TEST_S (seconds for the tests, default 240), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
@@ -46,9 +46,16 @@ BUDGET_S=${BUDGET_S:-470}
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 step() { echo; echo "=== [$(($(date +%s) - START)) s] $*"; }
 
+# The interpreter: PYTHON, else the first of the repo's .venv with a CUDA torch, python3 with a torch, the .venv
+# with any torch (a CPU one: the "NO GPU" smoke test below), python3.
+has_torch() { [ -x "$(command -v "$1")" ] && "$1" -c "import sys, torch; sys.exit(0 if $2 else 1)" 2>/dev/null; }
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
-elif [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+elif has_torch .venv/bin/python torch.version.cuda; then
+  PY=.venv/bin/python
+elif has_torch python3 True; then
+  PY=python3
+elif has_torch .venv/bin/python True; then
   PY=.venv/bin/python
 else
   PY=python3

@@ -77,6 +77,9 @@ def short(name: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     show_all = "--all" in argv
     argv = [a for a in argv if a != "--all"]
     if len(argv) != 1:

@@ -124,3 +124,9 @@ def test_gpu_summary_targets(tmp_path, capsys):
     assert best["in_batch"][0] == "fused_flash" and best["in_batch"][3] == 2**17
     summary.main([main, opt, more])
     assert "shared: no variant ran without failures" in capsys.readouterr().out
+
+
+def test_gpu_summary_help(capsys):
+    summary = load_module(_SUMMARY)
+    assert summary.main(["--help"]) == 0 and summary.main([]) == 64
+    assert "python benchmarks/gpu_summary.py" in capsys.readouterr().out

@@ -55,3 +55,8 @@ def test_log_without_ptxas_lines_passes(report, tmp_path, capsys):
     log.write_text("ninja: no work to do.\n")
     assert report.main([str(log)]) == 0
     assert "not checked" in capsys.readouterr().out
+
+
+def test_help_prints_usage(report, capsys):
+    assert report.main(["--help"]) == 0
+    assert "python scripts/ptxas_report.py" in capsys.readouterr().out
