@@ -1086,6 +1086,7 @@ template <typename T, FlashMode MODE>
 cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
   const TcSmem sm = fl_kernel_smem<T>(f.d);
   const dim3 grid = grid_for(f.xblocks * f.splits);
+  if (tc_wgmma() && sm.chunk != 0) return cudaErrorInvalidValue;  // wgmma_kernel's keep0 must be 0
   return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
     const cudaError_t e = allow_smem(kernel, sm.total);
     if (e == cudaSuccess) CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, f, sm);

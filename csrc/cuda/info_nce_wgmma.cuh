@@ -75,7 +75,7 @@
 // STATUS: EXPERIMENTAL. Passes the CPU emulation (csrc/tests/test_wgmma_emu.cpp, csrc/tests/emu_wgmma.h) and
 // compiles for sm_90a with HGMMA in the SASS; never run on a GPU. The emulation implements the PTX text above;
 // if the hardware reads the layout differently the emulation cannot tell. ptxas keeps the wgmma instructions
-// asynchronous (scripts/cpp_tests.sh fails on its C7515 "serialized" note) and, with the loops' trip counts
+// asynchronous (scripts/cpp_tests.sh fails on its C7510-C7518 "serialized" notes) and, with the loops' trip counts
 // fixed by NT, adds no warpgroup.arrive of its own (its C7519 note, counted there; with a run-time d it added one
 // before each wgmma of the score loop and of an N = 16 / 32 / 48 / 64 branch for the last chunk).
 //
@@ -103,6 +103,8 @@ enum WgMutation {
   kWgMutReuseA,        // the next tile's coefficients written into the A registers of the product in flight
   kWgMutEarlyRescale,  // Forward: the output rows rescaled before the product that accumulates into them completed
   kWgMutEarlyRefill,   // tile i + 2 copied before the barrier after which no warpgroup reads its buffer
+  kWgMutOneColSlot,    // one slot of column arrays (tile i + 2's written while tile i + 1's are read)
+  kWgMutWriteAfterFence,  // Forward: the output rows rescaled after the wgmma.fence that precedes their product
   kWgMutCount
 };
 #ifdef CONTRASTBOUND_EMULATE
@@ -302,6 +304,7 @@ template <typename T>
 TcSmem wg_smem(int64_t d) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, 2, kFlRows, kFlCols, 0, 64);  // X, Y buffers 0 and 1
+  m.chunk = 0;  // whole rows (also the kernel's keep0, which must be 0)
   m.y2 = o;
   o = tc_align(o + sizeof(T) * static_cast<size_t>(m.dpad) * kFlCols);
   m.stages = 3;
@@ -388,23 +391,39 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const float unscale = 1.f / cscale;  // a power of two: exact
   const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
   const int64_t units = a.xblocks * a.splits;
-  const unsigned keep0 = static_cast<unsigned>(m.chunk);  // 0 (wg_smem: no chunks), unknown to the compiler (pa)
+  // 0 (wg_smem's plan, checked by launch_flash), unknown to the compiler: see pa = pn below.
+  const unsigned keep0 = static_cast<unsigned>(m.chunk);
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const int64_t xb = u % a.xblocks, split = u / a.xblocks;
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
-    // Tile `tile`'s column arrays into slot tile % 2: inverse norms, lse, g s and (BankGrads) the excluded
-    // anchors' offsets (tc_col_excluded).
-    const auto put_cols = [&](int64_t tile) {
+    // Tile `tile`'s column values (this thread's column, threads 0 .. kFlCols - 1): inverse norm, lse, g s and
+    // (BankGrads) the excluded anchor's offset (tc_col_excluded); stored into slot tile % 2 of the column arrays.
+    // Loaded right after the barrier of tile - 2 and stored late in that step, so that the global loads' latency
+    // hides behind the tensor cores' work rather than stalling every warp at the next barrier.
+    struct ColVals {
+      float inv = 0.f, lse = 0.f, g = 0.f;
+      int ex = -1;
+    };
+    const auto load_cols = [&](int64_t tile) {
+      ColVals v;
       if (threadIdx.x < kFlCols) {
-        float* c = cols + (tile & 1) * 4 * kFlCols;
         const int64_t y = tile * kFlCols + threadIdx.x;
         const bool ok = y < Y.rows;
-        c[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
-        c[kFlCols + threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-        c[2 * kFlCols + threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
-        reinterpret_cast<int*>(c + 3 * kFlCols)[threadIdx.x] =
-            MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
+        v.inv = ok ? a.y_inv[y] : 0.f;
+        v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
+        v.g = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+        v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
+      }
+      return v;
+    };
+    const auto store_cols = [&](int64_t tile, const ColVals& v) {
+      if (threadIdx.x < kFlCols) {
+        float* c = cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * 4 * kFlCols;
+        c[threadIdx.x] = v.inv;
+        c[kFlCols + threadIdx.x] = v.lse;
+        c[2 * kFlCols + threadIdx.x] = v.g;
+        reinterpret_cast<int*>(c + 3 * kFlCols)[threadIdx.x] = v.ex;
       }
     };
     __syncthreads();  // the previous unit's X tile, Y buffers and columns are no longer read (its wgmma waited for)
@@ -422,8 +441,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       tc_wait<0>();
     }
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
-    if (t_begin < t_end) put_cols(t_begin);
-    __syncthreads();  // X, tile t_begin and its columns are complete
+    if (t_begin < t_end) store_cols(t_begin, load_cols(t_begin));
+    if (t_begin + 1 < t_end) store_cols(t_begin + 1, load_cols(t_begin + 1));
+    __syncthreads();  // X, tile t_begin and the columns of tiles t_begin and t_begin + 1 are complete
     // This thread's rows, as in flash_kernel: 16 warp + g + 8 h of the block (= 64 wg + 16 (warp & 3) + ...).
     int64_t row[2], row_ex[2];
     float xinv[2], run_m[2], run_s[2];
@@ -546,8 +566,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     }
     // O (64 x dpad) += C (64 x 64) Y (64 x dpad) of tile `tile`, one instruction per K slice (B = the Y tile read
     // N-major), fenced and committed as one group.
-    const auto issue_output = [&](int64_t tile) {
-      if (!wg_mut(kWgMutNoWgFence)) wg_fence();  // each group opens with its fence (CUTLASS: warpgroup_arrive)
+    const auto issue_output = [&](int64_t tile, bool in_step) {
+      // Each group opens with its fence (CUTLASS: warpgroup_arrive).
+      if (!wg_mut(kWgMutNoWgFence) && !(in_step && wg_mut(kWgMutWriteAfterFence))) wg_fence();
       const unsigned ya = wg_y_addr(tc_raw, m, tile);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
@@ -585,20 +606,22 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
       tc_wait<0>();  // this thread's copies of tile + 1 (the only group in flight)
       if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
-      put_cols(tile + 1);
-      // Tile + 1 and its columns are complete; both warpgroups have waited for their products of tile - 1, so
-      // its buffer ((tile + 2) % 3) and column slot may be refilled.
+      // Tile + 1 is complete (its columns were stored in the previous step); both warpgroups have waited for their
+      // products of tile - 1, so its buffer ((tile + 2) % 3) may be refilled, and the coefficients of tile were
+      // formed, so its column slot (that of tile + 2) may be rewritten.
       if (wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
       __syncthreads();
       if (!wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
+      const ColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : ColVals{};
       float sc[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
       fence_acc_pa();
       // The accumulators (Forward: rescaled) and the A fragments were written by other instructions.
       if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+      if (wg_mut(kWgMutWriteAfterFence) && MODE == FlashMode::Forward) rescale();  // the previous step's factor
       issue_scores(sc, tile + 1);
-      issue_output(tile);
+      issue_output(tile, true);
       if (!wg_mut(kWgMutNoWaitS)) wg_wait<1>();  // the scores (the older group); the output product may run on
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
@@ -609,11 +632,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         coefficients(sc, tile + 1, pn, alpha);
       }
       if (wg_mut(kWgMutEarlyRescale) && MODE == FlashMode::Forward) rescale();
+      if (tile + 2 < t_end) store_cols(tile + 2, next_cols);
       // The output product is complete before its accumulators are rescaled, its A registers reused and (after
       // the next barrier) its Y buffer refilled.
       if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
       fence_acc_pa();
-      if (MODE == FlashMode::Forward && !wg_mut(kWgMutEarlyRescale)) rescale();
+      if (MODE == FlashMode::Forward && !wg_mut(kWgMutEarlyRescale) && !wg_mut(kWgMutWriteAfterFence)) rescale();
       if (!wg_mut(kWgMutReuseA)) {
         // pa = pn, written so that the old pa is read here (keep0 is 0). With a plain copy (and with an asm mov,
         // and with two sets used in turn by a loop unrolled twice) ptxas serialized every wgmma of the kernel,
@@ -629,7 +653,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     }
     if (t_begin < t_end) {  // the last tile's output product (its tile and coefficients are complete)
       fence_acc_pa();
-      issue_output(t_end - 1);
+      issue_output(t_end - 1, false);
       if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
       fence_acc_pa();
     }

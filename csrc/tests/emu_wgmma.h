@@ -25,9 +25,11 @@
 //    order. A missing wait therefore reads stale (or, with scale-d = 0, NaN-poisoned) accumulators; at completion
 //    the operands are read again and a change (a buffer refilled before the wait: emu_cuda.h turns a cp.async
 //    destination to NaN at issue) fails, and so does a write of the mma's A registers or of its accumulators
-//    (unless an earlier pending mma of the chain writes them) since its issue. An mma needs a
-//    wgmma.fence since this thread's last wait_group (a stricter, simpler rule than the ISA's register-access rule:
-//    the kernels touch their fragments between every wait and the next mma); a thread that ends with pending or
+//    (unless an earlier pending mma of the chain writes them) since its issue. An mma needs a wgmma.fence since
+//    this thread's last wait_group (the kernels touch their fragments between every wait and the next mma), and
+//    none of its registers that the kernel passed to wg_fence_operand may have changed since the last fence (the
+//    ISA: a wgmma.fence between a register access and the wgmma that accesses the same registers; a write of a
+//    register never passed to wg_fence_operand after the fence is not seen). A thread that ends with pending or
 //    uncommitted mma fails.
 // What this cannot show: timing, the hardware's actual reading of a layout (only the document's), bank conflicts.
 #pragma once
@@ -35,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <unordered_map>
 #include <vector>
 
 #include "emu_cuda.h"
@@ -57,6 +60,10 @@ struct Op {  // one wgmma.mma_async of one thread, pending until a wait_group co
 struct Thread {
   std::vector<Op> open;
   std::vector<std::vector<Op>> groups;
+  // Registers passed to wg_fence_operand (the kernels' accumulators and A fragments), and their bits at this
+  // thread's last wgmma.fence: an mma fails if one of its registers changed since (written between the fence and
+  // the mma, which the fence must separate).
+  std::unordered_map<const void*, uint32_t> operands, at_fence;
   bool fenced = false;      // wgmma.fence since the last wait_group (or the start)
   unsigned phase = 0;       // warpgroup collectives so far (selects the exchange buffer)
   uint64_t proxy_fences = 0;
@@ -189,11 +196,28 @@ inline void complete(Op& op) {
       }
 }
 
+inline uint32_t bits_of(const void* p) {
+  uint32_t b;
+  std::memcpy(&b, p, 4);
+  return b;
+}
+
 inline void fence() {
   Slot v;
   v.kind = 1;
   exchange(v);
-  s.th[tid()].fenced = true;
+  Thread& t = s.th[tid()];
+  t.fenced = true;
+  t.at_fence.clear();
+  for (const auto& kv : t.operands) t.at_fence[kv.first] = bits_of(kv.first);
+}
+
+// A register of the mma about to be issued: unchanged since the last wgmma.fence, if that fence saw it.
+inline void check_since_fence(const Thread& t, const void* r) {
+  const auto it = t.at_fence.find(r);
+  if (it != t.at_fence.end() && it->second != bits_of(r)) {
+    fail("a register of a wgmma.mma_async was written between the wgmma.fence and the mma");
+  }
 }
 
 inline void commit() {
@@ -235,6 +259,9 @@ void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale
   const Slot* ex = exchange(v);
   Thread& th = s.th[tid()];
   if (!th.fenced) fail("wgmma.mma_async without a wgmma.fence after the last wait_group");
+  for (int i = 0; i < n / 2; ++i) check_since_fence(th, d + i);
+  if (a)
+    for (int i = 0; i < 4; ++i) check_since_fence(th, a + i);
   const int wt = tid() % 128, w = wt / 32, l = wt % 32, gq = l / 4, t = l % 4;
   Op op;
   op.d = d;
@@ -263,8 +290,13 @@ void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale
       for (int k = 0; k < 16; ++k) {
         op.b[static_cast<size_t>(2 * j + e) * 16 + k] = read_elem<T>(op, elem_addr(bd, tb != 0, 8 * j + 2 * t + e, k));
       }
-  if (!v.scale_d)
-    for (int i = 0; i < n / 2; ++i) d[i] = NAN;  // overwritten at completion; read before it: NaN
+  if (!v.scale_d) {
+    for (int i = 0; i < n / 2; ++i) {
+      d[i] = NAN;  // overwritten at completion; read before it: NaN
+      const auto it = th.at_fence.find(d + i);
+      if (it != th.at_fence.end()) it->second = bits_of(d + i);  // the emulation's own write
+    }
+  }
   if (a) {
     op.a_regs = a;
     for (int i = 0; i < 4; ++i) op.a_vals[i] = a[i];
@@ -311,8 +343,14 @@ void wg_wait() {
   emu::wg::wait(N);
 }
 inline void wg_fence_proxy_async() { ++emu::wg::s.th[emu::wg::tid()].proxy_fences; }
-inline void wg_fence_operand(float&) {}
-inline void wg_fence_operand(unsigned&) {}
+inline void wg_fence_operand(float& r) {
+  emu::wg::Thread& t = emu::wg::s.th[emu::wg::tid()];
+  t.operands[&r] = 0;
+}
+inline void wg_fence_operand(unsigned& r) {
+  emu::wg::Thread& t = emu::wg::s.th[emu::wg::tid()];
+  t.operands[&r] = 0;
+}
 template <typename T>
 void wg_st_smem(T* p, T v) {
   *p = v;

@@ -216,9 +216,9 @@ std::vector<Case> value_cases(bool quick) {
       {1, 1, 1, false, false, 1, 1, 1000, 1.0f},         // one anchor, one row, d = 1
       {65, 65, 8, true, false, 1, 2, 1000, 3.0f},        // exclude_self, split 2 is one column
       {64, 64, 16, false, false, 2, 1, 1000, 10.0f},     // exactly one tile, direct finishing
-      {200, 150, 80, false, false, 2, 1, 1000, 6.0f},    // two X blocks, d 80 in dpad 128 (two O chunks)
-      {20, 300, 256, false, false, 1, 5, 3, 14.0f},      // d = 256 (four O chunks), many splits, grid-stride
-      {90, 150, 136, false, false, 1, 2, 1000, 7.0f},    // d 136 in dpad 192 (NT = 24: three O chunks)
+      {200, 150, 80, false, false, 2, 1, 1000, 6.0f},    // two X blocks, d 80 in dpad 128 (O: m64n128k16)
+      {20, 300, 256, false, false, 1, 5, 3, 14.0f},      // d = 256 (O: m64n256k16), many splits, grid-stride
+      {90, 150, 136, false, false, 1, 2, 1000, 7.0f},    // d 136 in dpad 192 (NT = 24, O: m64n192k16)
       {70, 200, 64, false, false, 1, 2, 1000, 1.0f / 0.07f, 5, 130},  // zero rows: see test_mma_emu.cpp
       {130, 130, 40, true, false, 2, 3, 2, 4.0f, 7, 100},
       {150, 100, 40, false, false, 2, 3, 2, 4.0f, -1, -1, 0, true},  // an excluded array (bank_cross_entropy)
@@ -286,18 +286,21 @@ const char* mutation_name(int k) {
                                 "no wgmma.fence before the score product", "both warpgroups on X rows 0-63",
                                 "next coefficients written into the A registers in flight",
                                 "output rows rescaled before their product completed",
-                                "next Y tile copied before the barrier that frees its buffer"};
+                                "next Y tile copied before the barrier that frees its buffer",
+                                "one slot of column arrays", "output rows written after the wgmma.fence"};
   return names[k];
 }
 
 // The value checks of a small set of cases with mutation k: two X blocks (both warpgroups busy), several tiles per
-// split, one and two stages, the scalar copy path, both types, all three modes.
+// split, the scalar copy path, both types, both modes, output products of N = 64, 128 and 256 (d 40, 80, 200).
+// (flash_kernel, the reference of each check, runs one and two stages.)
 void run_mutation_cases(int k) {
   wg_mutation = k;
   std::mt19937_64 rng(7);
   run_rows<__nv_bfloat16>({130, 200, 40, false, false, 1, 1, 1000, 4.0f}, rng, 1.5e-2);
   run_forward<__half>({130, 200, 40, true, false, 2, 1, 1000, 4.0f}, rng, 4e-3);
   run_rows<__half>({70, 150, 80, false, true, 2, 1, 1000, 4.0f}, rng, 4e-3);
+  run_forward<__nv_bfloat16>({70, 200, 200, false, false, 1, 1, 1000, 4.0f}, rng, 1.5e-2);
   wg_mutation = kWgMutNone;
 }
 
