@@ -685,3 +685,44 @@ def test_binomial_expectations_at_huge_k_take_the_normal_law(monkeypatch):
         normal = B._binom_expect(ks, p, g)
         monkeypatch.undo()
         assert np.all(np.abs(normal - exact) <= tol * exact), np.abs(normal - exact) / exact
+
+
+# ---- from a test audit: branches no test reached (each test fails under the mutation named in its comment) ----
+
+
+def test_collision_probability_small_tau_relative_accuracy():
+    # 1 - (1 - 1/C)^K for large C: the stable path (a sign or threshold slip there passed: 2e-5 relative error at
+    # C = 1e12 computed directly).
+    for C in (10**6, 10**8, 10**12):
+        for K in (1, 3):
+            with mpmath.workdps(50):
+                ref = float(1 - (1 - mpmath.mpf(1) / C) ** K)
+            assert abs(B.collision_probability(K, C) - ref) <= 1e-14 * ref, (C, K)
+
+
+def test_coupon_bonferroni_branch_many_distinct_values():
+    # 300 distinct prior values: inclusion-exclusion would need > 256 groups, so the one-term Bonferroni branch
+    # serves (log1p(+s) for log1p(-s) there passed). Against log(1 - S1 + S2) in mpmath (the next term < S1^3).
+    w = 1.0 + np.arange(300) / 1000.0
+    pi = w / w.sum()
+    n = 8000
+    with mpmath.workdps(50):
+        pm = [mpmath.mpf(float(x)) for x in pi]
+        s1 = mpmath.fsum((1 - q) ** n for q in pm)
+        assert s1 < 1e-6
+        s2 = mpmath.fsum((1 - pm[i] - pm[j]) ** n for i in range(300) for j in range(i + 1, 300))
+        ref = float(mpmath.log(1 - s1 + s2))
+    got = B.coupon_collector_probability(n, prior=pi, log=True)
+    assert abs(got - ref) <= 1e-6 * abs(ref), (got, ref)
+
+
+def test_interval_forms_are_passed_on():
+    # [0.4, 0.3, 0.3]: log(pi_max C^2) = 1.28 > -log pi_min = 1.20, so the paper's and the best upper constant
+    # differ (for [0.9, 0.1] they do not); hard-coding either form passed before.
+    pi = np.array([0.4, 0.3, 0.3])
+    assert B.delta_upper(3, prior=pi, form="paper") != B.delta_upper(3, prior=pi)
+    for uf in ("best", "paper"):
+        for lf in ("paper", "proved"):
+            lo, hi = B.supervised_loss_interval(2.0, 3, prior=pi, upper_form=uf, lower_form=lf)
+            assert lo == 2.0 + B.delta_lower(3, prior=pi, form=lf)
+            assert hi == 2.0 + B.delta_upper(3, prior=pi, form=uf)

@@ -309,3 +309,21 @@ def test_a_process_group_that_is_not_one_is_named(tmp_path):
         assert torch.equal(all_gather_with_grad(x, group=dist.group.WORLD), x)  # a real group still works
     finally:
         dist.destroy_process_group()
+
+
+def test_sharded_bank_options_single_rank(tmp_path):
+    # normalize=False through the sharded path (a sharded path that always normalised passed), and the documented
+    # refusal of a learnable temperature with a process group (removing it passed: the temperature was detached).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(2)
+        a, p = (torch.randn(9, 5, generator=g, dtype=torch.float64) for _ in range(2))
+        bank = torch.randn(40, 5, generator=g, dtype=torch.float64) * 3
+        got = cb.info_nce(a, p, bank, temperature=0.5, normalize=False, process_group=dist.group.WORLD)
+        want = cb.info_nce(a, p, bank, temperature=0.5, normalize=False)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+        t = torch.tensor(0.5, requires_grad=True)
+        with pytest.raises(ValueError, match="learnable temperature is not supported"):
+            cb.info_nce(a, p, bank, temperature=t, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()

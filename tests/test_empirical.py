@@ -352,3 +352,75 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
         mean_classifier_loss(x, y, class_means(x, y)[:, :2])
     with pytest.raises(ValueError, match="test_features must have feature size"):
         gap_report(x, y, [2], test_features=x[:, :2], test_labels=y)
+
+
+# ---- from a test audit: paths no test reached (each test fails under the mutation named in its comment) ----
+
+
+def test_curve_and_estimate_exact_over_several_chunks(monkeypatch):
+    # Anchors are drawn and scored in chunks of ~2^25 / d indices; every other test fits in one chunk, so the merge
+    # of chunk means and variances never ran (keeping the last chunk's mean, dropping the merge term of the
+    # variance, or dividing by n instead of n - 1 passed). 8 chunks of 64 anchors at K = 64, the last partial;
+    # oracle: the sampler's own draws scored by info_nce per anchor, mean and sd / sqrt(n) in float64.
+    import contrastbound.empirical as E
+    from contrastbound import info_nce
+
+    monkeypatch.setattr(E, "_GATHER_BUDGET", 1)  # index budget 4096: 64 anchors per chunk at K = 64
+    x, y = blobs((20, 30, 25, 5), d=8, seed=3)
+    n, K = 500, 64
+    s = E._Sampler(x, y, n, torch.Generator().manual_seed(1))
+    losses = torch.cat([info_nce(x[a], x[p], x, negative_indices=ng, temperature=1.0, reduction="none")
+                        for a, p, ng in s.chunks(K)]).double().numpy()
+    assert losses.size == n
+    mean, se = losses.mean(), losses.std(ddof=1) / math.sqrt(n)
+    est = float(contrastive_loss_estimate(x, y, K, num_anchors=n, generator=torch.Generator().manual_seed(1)))
+    v, e = contrastive_loss_curve(x, y, [8, K], num_anchors=n, generator=torch.Generator().manual_seed(1),
+                                  return_std_error=True)
+    assert abs(est - mean) < 1e-12 * mean
+    assert abs(v[-1] - mean) < 1e-12 * mean
+    assert abs(e[-1] - se) < 1e-9 * se
+
+
+def test_gap_report_skewed_empirical_prior_and_uniform_option():
+    # The bound terms follow the labels' prior (60/20/20 here), or the uniform one with prior="uniform"; the
+    # earlier bounds (Ash et al.) are NaN for a non-uniform prior. (Always passing num_classes=C to delta_lower,
+    # or treating "uniform" as the empirical prior, passed before.)
+    x, y = blobs((60, 20, 20), d=4, seed=4, dtype=torch.float32)
+    emp = gap_report(x, y, [2, 8], generator=torch.Generator().manual_seed(0), num_anchors=256)
+    uni = gap_report(x, y, [2, 8], generator=torch.Generator().manual_seed(0), num_anchors=256, prior="uniform")
+    pi = np.array([0.6, 0.2, 0.2])
+    for r, u in zip(emp, uni):
+        assert r["delta_lower"] == pytest.approx(B.delta_lower(r["K"], prior=pi), rel=1e-12)
+        assert r["delta_upper"] == pytest.approx(B.delta_upper(r["K"], prior=pi), rel=1e-12)
+        assert u["delta_lower"] == pytest.approx(B.delta_lower(u["K"], 3), rel=1e-12)
+        assert u["delta_upper"] == pytest.approx(B.delta_upper(u["K"], 3), rel=1e-12)
+    assert math.isnan(emp[1]["ash"]) and not math.isnan(uni[1]["ash"])
+
+
+def test_gap_report_harmonic_option():
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    r = gap_report(x, y, [4], harmonic="authors", generator=torch.Generator().manual_seed(0), num_anchors=128)[0]
+    assert r["ash"] == pytest.approx(B.ash(r["R_cont"], 4, 3, harmonic="authors"), rel=1e-12)
+    assert r["ash"] != pytest.approx(B.ash(r["R_cont"], 4, 3), rel=1e-6)  # the option changes the number
+
+
+def test_gap_report_inside_is_false_below_the_lower_bound(monkeypatch):
+    # R_cont shifted up by 50 puts R_supv below R_cont + delta_lower: "inside" must say so (a verdict that checked
+    # only the upper side passed).
+    import contrastbound.empirical as E
+
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    real = E.contrastive_loss_curve
+    monkeypatch.setattr(E, "contrastive_loss_curve",
+                        lambda *a, **k: tuple(v + (50.0 if i == 0 else 0.0) for i, v in enumerate(real(*a, **k))))
+    r = E.gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]
+    assert r["R_supv"] < r["lower"] and r["inside"] is False
+
+
+def test_gap_report_raw_norm_bound_takes_the_test_set():
+    # normalize=False: b is the largest norm over training and test rows (test rows 10x longer here).
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    xt = 10 * x
+    r = gap_report(x, y, [4], test_features=xt, test_labels=y, normalize=False,
+                   generator=torch.Generator().manual_seed(0))[0]
+    assert r["norm_bound"] == pytest.approx(float(xt.double().norm(dim=1).max()), rel=1e-6)

@@ -1306,3 +1306,20 @@ def test_expanded_negative_indices_are_read_in_place():
         assert_close_scaled(x, y, 1e-12, f"grad {name}", 0.0)
     copies = [e for e in prof.events() if e.name in ("aten::clone", "aten::contiguous") and [B, K] in e.input_shapes]
     assert copies == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_indices_and_targets_give_the_int64_results(device):
+    # Documented (README: "int64 (or int32)"); no test used an int32 index before (accepting int64 only passed).
+    g = torch.Generator().manual_seed(3)
+    a, p, bank = (torch.randn(*s, generator=g, dtype=torch.float64).to(device) for s in ((4, 3), (4, 3), (9, 3)))
+    idx = torch.randint(0, 9, (4, 5), generator=g).to(device)
+    t = torch.tensor([0, 8, 3, 3], device=device)
+    cases = ((lambda i, b: cb.info_nce(a, p, b, negative_indices=i), idx),
+             (lambda i, b: cb.bank_cross_entropy(a, b, i), t))
+    for call, i64 in cases:
+        b1, b2 = bank.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+        l1, l2 = call(i64, b1), call(i64.int(), b2)
+        assert torch.equal(l1, l2)
+        (g1,), (g2,) = torch.autograd.grad(l1, [b1]), torch.autograd.grad(l2, [b2])
+        assert torch.equal(g1, g2) and g1.abs().sum() > 0

@@ -374,9 +374,12 @@ def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     import time
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The child starts with SIGINT's default disposition: one inherited as ignored (pytest started in the background
+    # by a shell without job control) stays ignored in Python, and the interrupt never arrives (rc 0, seen so).
     proc = subprocess.Popen([sys.executable, "-m", "contrastbound", "reproduce", "k-scaling", "compare-bounds", "toy",
                              "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdout.readline()  # "[reproduce] k-scaling ...": the imports are done, the run has begun
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)

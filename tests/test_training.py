@@ -382,3 +382,43 @@ def test_nt_xent_single_pair_has_finite_zero_gradient():
     loss = cb.nt_xent(z1, z2, 0.1)
     g1, g2 = torch.autograd.grad(loss, [z1, z2])
     assert loss.item() == 0.0 and torch.equal(g1, torch.zeros_like(g1)) and torch.equal(g2, torch.zeros_like(g2))
+
+
+# ---- from a test audit: options no test reached (each test fails under the mutation named in its comment) ----
+
+
+def _pairs64(seed=0, n=9, d=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64))
+
+
+def test_clip_loss_custom_max_logit_scale():
+    # The clamp takes max_logit_scale, for a float and a tensor scale (hard-coding 100 in either path passed).
+    img, txt = _pairs64()
+    assert cb.clip_loss(img, txt, 50.0, max_logit_scale=20.0) == cb.clip_loss(img, txt, 20.0)
+    s = torch.tensor(50.0, dtype=torch.float64, requires_grad=True)
+    loss = cb.clip_loss(img, txt, s, max_logit_scale=20.0)
+    torch.testing.assert_close(loss, cb.clip_loss(img, txt, 20.0), rtol=1e-12, atol=0)
+    (g,) = torch.autograd.grad(loss, s)
+    assert g == 0  # the clamp binds
+
+
+def test_nt_xent_and_clip_without_normalize_match_formulas():
+    # normalize=False reaches both (nt_xent's half that always normalised kept the loss right and the raw
+    # features' gradient wrong; clip_loss ignoring the flag passed).
+    from contrastbound.reference import nt_xent_reference
+
+    z1, z2 = _pairs64(4)
+    z1.requires_grad_(True)
+    z2.requires_grad_(True)
+    r1, r2 = (x.detach().clone().requires_grad_(True) for x in (z1, z2))
+    loss = cb.nt_xent(z1, z2, 2.0, normalize=False, reduction="none")
+    ref = nt_xent_reference(r1, r2, 2.0, normalize=False, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(loss.sum(), [z1, z2]), torch.autograd.grad(ref.sum(), [r1, r2])):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    s = 0.5
+    i, t = (x.detach() for x in (z1, z2))
+    logits = s * i @ t.T
+    want = 0.5 * (F.cross_entropy(logits, torch.arange(9)) + F.cross_entropy(logits.T, torch.arange(9)))
+    torch.testing.assert_close(cb.clip_loss(i, t, s, normalize=False), want, rtol=1e-10, atol=0)
