@@ -43,6 +43,39 @@ struct FlArgs {
   float* part_sum = nullptr;
 };
 
+// One Y tile's column values, for this thread's column (threads 0 .. kFlCols - 1; the others keep the defaults):
+// the inverse norm, and for BankGrads the anchor's lse, g s and the excluded offset (tc_col_excluded). The kernels
+// load them a tile ahead, into registers, and store them into the column arrays (fl_store_cols: inv, lse, g as
+// floats, then ex as ints, kFlCols each) at the next barrier, so that the global loads' latency is hidden by a
+// tile's work instead of holding every warp at that barrier.
+struct FlColVals {
+  float inv = 0.f, lse = 0.f, g = 0.f;
+  int ex = -1;
+};
+
+template <FlashMode MODE, typename T>
+__device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOperand<T>& Y, int64_t tile, int64_t x0) {
+  FlColVals v;
+  if (threadIdx.x < kFlCols) {
+    const int64_t y = tile * kFlCols + threadIdx.x;
+    const bool ok = y < Y.rows;
+    v.inv = ok ? a.y_inv[y] : 0.f;
+    v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
+    v.g = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+    v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
+  }
+  return v;
+}
+
+__device__ __forceinline__ void fl_store_cols(float* cols, const FlColVals& v) {
+  if (threadIdx.x < kFlCols) {
+    cols[threadIdx.x] = v.inv;
+    cols[kFlCols + threadIdx.x] = v.lse;
+    cols[2 * kFlCols + threadIdx.x] = v.g;
+    reinterpret_cast<int*>(cols + 3 * kFlCols)[threadIdx.x] = v.ex;
+  }
+}
+
 // Shared memory: the X tile (128 rows), one or two Y tiles and the column arrays (no output staging: the
 // epilogue writes from registers). A TcSmem so that tc_next_y serves it.
 template <typename T>
@@ -170,19 +203,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     const int64_t y_end = min64(Y.rows, t_end * kFlCols);
+    FlColVals cv = t_begin < t_end ? fl_load_cols<MODE>(a, Y, t_begin, x0) : FlColVals{};  // this tile's, ahead
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kFlCols;
       __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
       const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
-      if (threadIdx.x < kFlCols) {
-        const int64_t y = y0 + threadIdx.x;
-        const bool ok = y < Y.rows;
-        yinv[threadIdx.x] = ok ? a.y_inv[y] : 0.f;
-        ylse[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-        yg[threadIdx.x] = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
-        yex[threadIdx.x] = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
-      }
+      fl_store_cols(yinv, cv);
       __syncthreads();
+      if (tile + 1 < t_end) cv = fl_load_cols<MODE>(a, Y, tile + 1, x0);  // used at the next tile's store
       // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).
       float sc[8][4];
 #pragma unroll

@@ -397,34 +397,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t xb = u % a.xblocks, split = u / a.xblocks;
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
-    // Tile `tile`'s column values (this thread's column, threads 0 .. kFlCols - 1): inverse norm, lse, g s and
-    // (BankGrads) the excluded anchor's offset (tc_col_excluded); stored into slot tile % 2 of the column arrays.
-    // Loaded right after the barrier of tile - 2 and stored late in that step, so that the global loads' latency
-    // hides behind the tensor cores' work rather than stalling every warp at the next barrier.
-    struct ColVals {
-      float inv = 0.f, lse = 0.f, g = 0.f;
-      int ex = -1;
-    };
-    const auto load_cols = [&](int64_t tile) {
-      ColVals v;
-      if (threadIdx.x < kFlCols) {
-        const int64_t y = tile * kFlCols + threadIdx.x;
-        const bool ok = y < Y.rows;
-        v.inv = ok ? a.y_inv[y] : 0.f;
-        v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-        v.g = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
-        v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
-      }
-      return v;
-    };
-    const auto store_cols = [&](int64_t tile, const ColVals& v) {
-      if (threadIdx.x < kFlCols) {
-        float* c = cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * 4 * kFlCols;
-        c[threadIdx.x] = v.inv;
-        c[kFlCols + threadIdx.x] = v.lse;
-        c[2 * kFlCols + threadIdx.x] = v.g;
-        reinterpret_cast<int*>(c + 3 * kFlCols)[threadIdx.x] = v.ex;
-      }
+    // Tile `tile`'s column values (fl_load_cols) into slot tile % 2 of the column arrays. Loaded right after the
+    // barrier of tile - 2 and stored late in that step, so that the global loads' latency hides behind the tensor
+    // cores' work rather than stalling every warp at the next barrier.
+    const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0); };
+    const auto store_cols = [&](int64_t tile, const FlColVals& v) {
+      fl_store_cols(cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * 4 * kFlCols, v);
     };
     __syncthreads();  // the previous unit's X tile, Y buffers and columns are no longer read (its wgmma waited for)
     // Prologue: X with tile t_begin (one cp.async group), tile t_begin + 1 (a second); wait for the first.
@@ -612,7 +590,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       if (wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
       __syncthreads();
       if (!wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
-      const ColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : ColVals{};
+      const FlColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : FlColVals{};
       float sc[32];
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
