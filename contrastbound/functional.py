@@ -175,7 +175,17 @@ def _check_indices(
             lo, hi = (int(v) for v in ends)
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
-    return indices.to(torch.int64)
+    return _as_int64(indices)
+
+
+def _as_int64(indices: torch.Tensor) -> torch.Tensor:
+    """int32 indices as int64 without materialising an expanded (stride-0) tensor: only the distinct elements are
+    widened, then expanded again (the kernels read int64 indices through their strides; a plain .to(torch.int64)
+    of a (B, K) expansion of K indices would write B K of them)."""
+    if indices.dtype == torch.int64:
+        return indices
+    keep = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(indices.stride(), indices.shape))
+    return indices[keep].to(torch.int64).expand(indices.shape)
 
 
 def _check_bool(name: str, value: object) -> bool:

@@ -21,6 +21,8 @@ TORCH_LIBRARY(contrastbound, m) {
   // only) leaves bank row i out of anchor i's sum: SimCLR's NT-Xent, where the anchors are the bank.
   // excluded (shared bank only, int64 (B,)): bank row excluded[i] is left out of anchor i's sum (an entry outside
   // [0, K) leaves none out; never used as an index): bank_cross_entropy, whose target row is the positive.
+  // Under autograd only the loss is differentiable: lse and V are marked non-differentiable (constants: a sum
+  // such as loss + lse differentiates the loss alone; contrastbound.info_nce_lse attaches lse's gradient).
   m.def(
       "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
       "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False, Tensor? excluded=None) "

@@ -1253,6 +1253,39 @@ def test_nan_bank_row_in_a_partial_tile_gives_nan(device, dtype, K, row):
     assert torch.isnan(in_batch).all(), in_batch
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["shared", "indexed"])
+@pytest.mark.parametrize("case", ["one_row", "every_row"])
+def test_negative_logits_overflowing_to_minus_inf_stay_finite(device, mode, case):
+    # A float32 dot product that overflows to -inf (normalize=False, norms ~1e20) is a negative with weight 0, as in
+    # the reference. The CPU shared-bank kernel turned a chunk whose logits were all -inf into max = -inf and
+    # sum = exp(-inf - -inf) = NaN: a NaN loss and NaN gradients for every bank row (one such row alone in the last
+    # chunk of K = 513 sufficed; with every row -inf every chunk is such).
+    K = 513
+    a = torch.tensor([[1e20, 1.0]], device=device)
+    p = torch.tensor([[1e-20, 1.0]], device=device)
+    bank = torch.randn(K, 2, generator=torch.Generator().manual_seed(0)).to(device)
+    bank[:, 0] = 0.0
+    if case == "one_row":
+        bank[K - 1] = torch.tensor([-1e20, 0.0])
+    else:
+        bank[:, 0] = -1e20
+    idx = torch.arange(K, device=device)[None] if mode == "indexed" else None
+    for reduction in ("mean", "none"):
+        b1, b2 = bank.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+        a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+        got = cb.info_nce(a1, p, b1, negative_indices=idx, temperature=1.0, normalize=False, reduction=reduction)
+        want = info_nce_reference(a2, p, b2, negative_indices=idx, temperature=1.0, normalize=False,
+                                  reduction=reduction)
+        assert torch.isfinite(got).all() and torch.isfinite(want).all(), (got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got.sum().backward()
+        want.sum().backward()
+        for x, y in ((a1.grad, a2.grad), (b1.grad, b2.grad)):
+            assert torch.isfinite(x).all(), x
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
 def test_backward_does_not_copy_a_strided_bank_it_does_not_read():
     # A (K, d) bank with a non-unit feature stride (a transposed buffer) is copied only where the backward reads
@@ -1323,3 +1356,22 @@ def test_int32_indices_and_targets_give_the_int64_results(device):
         assert torch.equal(l1, l2)
         (g1,), (g2,) = torch.autograd.grad(l1, [b1]), torch.autograd.grad(l2, [b2])
         assert torch.equal(g1, g2) and g1.abs().sum() > 0
+
+
+def test_expanded_int32_indices_are_not_materialised():
+    # int32 indices are widened to int64 for the op; an expanded (B, K) view of K indices must stay a view (its
+    # (K,) values widened, then expanded): a plain .to(torch.int64) wrote all B K of them (2 GiB at B = 65536,
+    # K = 4096).
+    from contrastbound.functional import _as_int64
+
+    idx = torch.arange(7, dtype=torch.int32)[None].expand(5, 7)
+    wide = _as_int64(idx)
+    assert wide.dtype == torch.int64 and wide.stride() == (0, 1) and torch.equal(wide, idx.long())
+    col = torch.arange(5, dtype=torch.int32)[:, None].expand(5, 7)  # the other dimension expanded
+    assert _as_int64(col).stride() == (1, 0) and torch.equal(_as_int64(col), col.long())
+    plain = torch.randint(0, 9, (3, 4), dtype=torch.int32)
+    assert torch.equal(_as_int64(plain), plain.long())
+    g = torch.Generator().manual_seed(5)
+    a, p, bank = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 3), (5, 3), (9, 3)))
+    torch.testing.assert_close(cb.info_nce(a, p, bank, negative_indices=idx),
+                               cb.info_nce(a, p, bank, negative_indices=idx.long()), rtol=0, atol=0)

@@ -278,8 +278,9 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
         at::maximum_out(nmax, m, rmax);
-        // A row whose logits so far were all excluded keeps max = lowest (not -inf, which would give NaN below).
-        if (ex.any()) nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
+        // A row whose logits so far were all -inf (excluded, or a float32 dot product that overflowed) keeps
+        // max = lowest, not -inf, which would give exp(-inf - -inf) = NaN below and a NaN loss and gradients.
+        nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
         at::sub_out(al, m, nmax).exp_();  // exp(-inf) = 0 for the empty state
         l.sub_(nmax.unsqueeze(1)).exp_();
         Tensor rsum = row_sum.narrow(0, 0, bb);
