@@ -123,7 +123,9 @@ __device__ __forceinline__ void wg_wait() {
 }
 // Orders this thread's earlier generic-proxy writes of shared memory (st.shared, completed cp.async) before
 // later async-proxy reads (wgmma operands).
-__device__ __forceinline__ void wg_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 // Keeps the compiler from moving accesses of an accumulator (or A fragment) register across the wgmma fence / wait.
 __device__ __forceinline__ void wg_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void wg_fence_operand(unsigned& r) { asm volatile("" : "+r"(r)::"memory"); }
@@ -140,151 +142,95 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64
 template <typename T, int N, int TB>
 struct WgmmaRs;
 
-// The wgmma instructions, written once for both 16-bit types (TS: the type's PTX name, "bf16" or "f16").
+// The wgmma instructions, written once for both 16-bit types (TS: the type's PTX name, "bf16" or "f16") and, for
+// the register-A form, every N = 64 .. 256 (64 j columns: 32 j accumulators, then the A registers, the B
+// descriptor, scale-d and imm-trans-b). Operand lists by blocks of 8: CB_WG_R<b> names %8b .. %8b+7, CB_WG_D8(b)
+// binds d[b] .. d[b + 7].
+#define CB_WG_R0 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define CB_WG_R1 "%8, %9, %10, %11, %12, %13, %14, %15"
+#define CB_WG_R2 "%16, %17, %18, %19, %20, %21, %22, %23"
+#define CB_WG_R3 "%24, %25, %26, %27, %28, %29, %30, %31"
+#define CB_WG_R4 "%32, %33, %34, %35, %36, %37, %38, %39"
+#define CB_WG_R5 "%40, %41, %42, %43, %44, %45, %46, %47"
+#define CB_WG_R6 "%48, %49, %50, %51, %52, %53, %54, %55"
+#define CB_WG_R7 "%56, %57, %58, %59, %60, %61, %62, %63"
+#define CB_WG_R8 "%64, %65, %66, %67, %68, %69, %70, %71"
+#define CB_WG_R9 "%72, %73, %74, %75, %76, %77, %78, %79"
+#define CB_WG_R10 "%80, %81, %82, %83, %84, %85, %86, %87"
+#define CB_WG_R11 "%88, %89, %90, %91, %92, %93, %94, %95"
+#define CB_WG_R12 "%96, %97, %98, %99, %100, %101, %102, %103"
+#define CB_WG_R13 "%104, %105, %106, %107, %108, %109, %110, %111"
+#define CB_WG_R14 "%112, %113, %114, %115, %116, %117, %118, %119"
+#define CB_WG_R15 "%120, %121, %122, %123, %124, %125, %126, %127"
+#define CB_WG_D8(b) "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), \
+                    "+f"(d[b + 6]), "+f"(d[b + 7])
+#define CB_WG_D32(b) CB_WG_D8(b), CB_WG_D8(b + 8), CB_WG_D8(b + 16), CB_WG_D8(b + 24)
+#define CB_WG_REGS32 CB_WG_R0 ", " CB_WG_R1 ", " CB_WG_R2 ", " CB_WG_R3
+#define CB_WG_REGS64 CB_WG_REGS32 ", " CB_WG_R4 ", " CB_WG_R5 ", " CB_WG_R6 ", " CB_WG_R7
+#define CB_WG_REGS96 CB_WG_REGS64 ", " CB_WG_R8 ", " CB_WG_R9 ", " CB_WG_R10 ", " CB_WG_R11
+#define CB_WG_REGS128 CB_WG_REGS96 ", " CB_WG_R12 ", " CB_WG_R13 ", " CB_WG_R14 ", " CB_WG_R15
+
 #define CB_WGMMA_SS_N64(T, TS)                                                                                   \
   template <>                                                                                                    \
   __device__ __forceinline__ void wgmma_ss_n64<T>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {       \
-    asm volatile(                                                                                                \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                          \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TS "." TS " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(da), "l"(db), "r"(scale_d));                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                    \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TS "." TS " {" CB_WG_REGS32                     \
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                              \
+                 : CB_WG_D32(0)                                                                                  \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                              \
   }
 
-#define CB_WGMMA_RS_N64(T, TS)                                                                                         \
-  template <int TB>                                                                                                    \
-  struct WgmmaRs<T, 64, TB> {                                                                                          \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
-      asm volatile(                                                                                                    \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                 \
-          "wgmma.mma_async.sync.aligned.m64n64k16.f32." TS "." TS " {"                                                 \
-          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
-          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                                                 \
-          "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                                           \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
-            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
-            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
-            "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                                      \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
-    }                                                                                                                  \
+// N, its accumulators' register list, the operand numbers of scale-d (for setp) and of the A registers .. trans-b
+// (the tail of the instruction), then the accumulators' bindings.
+#define CB_WGMMA_RS(T, TS, N, REGS, SCALE, TAIL, ...)                                                            \
+  template <int TB>                                                                                              \
+  struct WgmmaRs<T, N, TB> {                                                                                     \
+    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {     \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                           \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TS "." TS " {" REGS "}, " TAIL ";\n}\n"  \
+                   : __VA_ARGS__                                                                                 \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));               \
+    }                                                                                                           \
   };
 
-#define CB_WGMMA_RS_N128(T, TS)                                                                                        \
-  template <int TB>                                                                                                    \
-  struct WgmmaRs<T, 128, TB> {                                                                                         \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
-      asm volatile(                                                                                                    \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                 \
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32." TS "." TS " {"                                                \
-          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
-          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
-          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
-          "%56, %57, %58, %59, %60, %61, %62, %63"                                                                     \
-          "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                                           \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
-            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
-            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
-            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
-            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
-            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
-            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
-            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                  \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
-    }                                                                                                                  \
-  };
-
-#define CB_WGMMA_RS_N192(T, TS)                                                                                        \
-  template <int TB>                                                                                                    \
-  struct WgmmaRs<T, 192, TB> {                                                                                         \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
-      asm volatile(                                                                                                    \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"                                                                \
-          "wgmma.mma_async.sync.aligned.m64n192k16.f32." TS "." TS " {"                                                \
-          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
-          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
-          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
-          "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "                 \
-          "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "                 \
-          "%92, %93, %94, %95"                                                                                         \
-          "}, {%96, %97, %98, %99}, %100, p, 1, 1, %102;\n}\n"                                                         \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
-            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
-            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
-            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
-            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
-            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
-            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
-            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),                 \
-            "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),                 \
-            "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),                 \
-            "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),                 \
-            "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),                 \
-            "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])                                                         \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
-    }                                                                                                                  \
-  };
-
-#define CB_WGMMA_RS_N256(T, TS)                                                                                        \
-  template <int TB>                                                                                                    \
-  struct WgmmaRs<T, 256, TB> {                                                                                         \
-    static __device__ __forceinline__ void run(float* d, const unsigned (&a)[4], uint64_t db, int scale_d) {           \
-      asm volatile(                                                                                                    \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                                \
-          "wgmma.mma_async.sync.aligned.m64n256k16.f32." TS "." TS " {"                                                \
-          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "                 \
-          "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "                 \
-          "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "                 \
-          "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "                 \
-          "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "                 \
-          "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "                   \
-          "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "                 \
-          "%123, %124, %125, %126, %127"                                                                               \
-          "}, {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"                                                     \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),            \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),                   \
-            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),                 \
-            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),                 \
-            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                 \
-            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),                 \
-            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),                 \
-            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),                 \
-            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),                 \
-            "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),                 \
-            "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),                 \
-            "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),                 \
-            "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),                 \
-            "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),                 \
-            "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),           \
-            "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),          \
-            "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),          \
-            "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),          \
-            "+f"(d[127])                                                                                               \
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d), "n"(TB));                               \
-    }                                                                                                                  \
-  };
-
-#define CB_WGMMA_ALL(T, TS) \
-  CB_WGMMA_SS_N64(T, TS)    \
-  CB_WGMMA_RS_N64(T, TS)    \
-  CB_WGMMA_RS_N128(T, TS)   \
-  CB_WGMMA_RS_N192(T, TS)   \
-  CB_WGMMA_RS_N256(T, TS)
+#define CB_WGMMA_ALL(T, TS)                                                                                      \
+  CB_WGMMA_SS_N64(T, TS)                                                                                         \
+  CB_WGMMA_RS(T, TS, 64, CB_WG_REGS32, "%37", "{%32, %33, %34, %35}, %36, p, 1, 1, %38", CB_WG_D32(0))          \
+  CB_WGMMA_RS(T, TS, 128, CB_WG_REGS64, "%69", "{%64, %65, %66, %67}, %68, p, 1, 1, %70", CB_WG_D32(0),         \
+              CB_WG_D32(32))                                                                                     \
+  CB_WGMMA_RS(T, TS, 192, CB_WG_REGS96, "%101", "{%96, %97, %98, %99}, %100, p, 1, 1, %102", CB_WG_D32(0),      \
+              CB_WG_D32(32), CB_WG_D32(64))                                                                      \
+  CB_WGMMA_RS(T, TS, 256, CB_WG_REGS128, "%133", "{%128, %129, %130, %131}, %132, p, 1, 1, %134", CB_WG_D32(0), \
+              CB_WG_D32(32), CB_WG_D32(64), CB_WG_D32(96))
 
 CB_WGMMA_ALL(__nv_bfloat16, "bf16")
 CB_WGMMA_ALL(__half, "f16")
 
 #undef CB_WGMMA_ALL
 #undef CB_WGMMA_SS_N64
-#undef CB_WGMMA_RS_N64
-#undef CB_WGMMA_RS_N128
-#undef CB_WGMMA_RS_N192
-#undef CB_WGMMA_RS_N256
+#undef CB_WGMMA_RS
+#undef CB_WG_REGS128
+#undef CB_WG_REGS96
+#undef CB_WG_REGS64
+#undef CB_WG_REGS32
+#undef CB_WG_D32
+#undef CB_WG_D8
+#undef CB_WG_R0
+#undef CB_WG_R1
+#undef CB_WG_R2
+#undef CB_WG_R3
+#undef CB_WG_R4
+#undef CB_WG_R5
+#undef CB_WG_R6
+#undef CB_WG_R7
+#undef CB_WG_R8
+#undef CB_WG_R9
+#undef CB_WG_R10
+#undef CB_WG_R11
+#undef CB_WG_R12
+#undef CB_WG_R13
+#undef CB_WG_R14
+#undef CB_WG_R15
 
 #endif  // CONTRASTBOUND_EMULATE
 
