@@ -15,6 +15,7 @@ Two strategies:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.distributed as dist
@@ -49,30 +50,75 @@ _DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torc
                                                torch.bool, torch.complex64, torch.complex128))}
 
 
-def _exchange_sizes(tensor: torch.Tensor, group, name: str) -> list[int]:
-    """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype.
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# The calls that gather (the first exchange of each tells the ranks which one every rank is making).
+_CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negatives=None (in-batch)",
+          "info_nce with a bank shard", "nt_xent", "clip_loss")
+
+
+def _needs_grad(tensor: torch.Tensor) -> bool:
+    return bool(tensor.requires_grad and torch.is_grad_enabled())
+
+
+def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, backward: dict[str, bool] | None = None,
+                    normalize: bool | None = None, temperature=None) -> list[int]:
+    """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype, and on the call.
 
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
-    rank raises the same ValueError, naming the argument and each rank's shape and dtype."""
+    rank raises the same ValueError, naming the argument and each rank's shape and dtype. The ranks must also be
+    making the same call (``_CALLS[call]``: one rank in-batch and another with a bank shard gathered each other's
+    anchors as positives, silently), with the same ``normalize`` and float temperature (else each rank's loss mixes
+    differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
+    ``backward`` names the other ones that run a collective (a rank whose input needs no gradient skips the
+    all_reduce that another waits in forever)."""
     if tensor.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), got a 0-d tensor")
     world, _ = _world(group)
     tail = list(tensor.shape[1:])
-    # rows, dtype, ndim, elements a row, then the row shape (its first 6 dimensions; the element count covers
-    # the rest): one fixed-length vector, so the exchange itself cannot mismatch
+    # rows, dtype, ndim, elements a row, the row shape (its first 6 dimensions; the element count covers the rest),
+    # then the call, its backward's collectives, normalize and the temperature's bits: one fixed-length vector, so
+    # the exchange itself cannot mismatch
     row_shape = (tail + [0] * 6)[:6]
-    meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail), *row_shape],
-                        device=tensor.device, dtype=torch.long)
+    grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
+    grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
+    norm = -1 if normalize is None else int(normalize)
+    # a float temperature's bits (a tensor one is not read: 0, never a valid temperature's bits)
+    temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] if isinstance(temperature, float) else 0
+    meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
+                         *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]
-    if any(m[1:] != metas[0][1:] for m in metas) or metas[0][1] < 0:
+
+    def per_rank(show) -> str:
+        return "; ".join(f"rank {r}: {show(m)}" for r, m in enumerate(metas))
+
+    if any(m[10] != metas[0][10] for m in metas):
+        raise ValueError("the ranks of process_group must make the same call, got " +
+                         per_rank(lambda m: _CALLS[m[10]] if 0 <= m[10] < len(_CALLS) else "another call"))
+    if any(m[1:10] != metas[0][1:10] for m in metas) or metas[0][1] < 0:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
-        seen = "; ".join(f"rank {r}: rows of shape {tuple(m[4:4 + min(m[2] - 1, 6)])}"
-                         f"{' + ...' if m[2] > 7 else ''}, {names.get(m[1], 'an unsupported dtype')}"
-                         for r, m in enumerate(metas))
+        allowed = [str(t).replace("torch.", "") for t in _FLOATING] if call else list(names.values())
+        seen = per_rank(lambda m: f"rows of shape {tuple(m[4:4 + min(m[2] - 1, 6)])}"
+                                  f"{' + ...' if m[2] > 7 else ''}, {names.get(m[1], 'an unsupported dtype')}")
         raise ValueError(f"{name} must have the same shape past the first dimension and the same dtype on every rank "
-                         f"(one of {', '.join(names.values())}), got {seen}")
+                         f"(one of {', '.join(allowed)}), got {seen}")
+    if any(m[12] != metas[0][12] for m in metas):
+        raise ValueError("normalize must be the same on every rank of process_group, got " +
+                         per_rank(lambda m: str(bool(m[12]))))
+    if any(m[13] != metas[0][13] for m in metas):
+        def temp_of(m):
+            return "a tensor" if m[13] == 0 else f"{struct.unpack('<d', struct.pack('<q', m[13]))[0]:.6g}"
+
+        raise ValueError("the temperature (or logit scale) must be the same on every rank of process_group, got " +
+                         per_rank(temp_of))
+    if any(m[11] != metas[0][11] for m in metas):
+        def grads_of(m):
+            return ", ".join(f"{n} {'needs' if m[11] >> i & 1 else 'does not need'} a gradient"
+                             for i, n in enumerate(grad_names))
+
+        raise ValueError("the ranks of process_group would run different collectives in backward (one would wait "
+                         "forever): requires_grad (under grad mode) must agree, got " + per_rank(grads_of))
     return [m[0] for m in metas]
 
 
@@ -122,15 +168,16 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor, group, _exchange_sizes(tensor, group, "tensor"))
 
 
-def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "tensor") -> torch.Tensor:
+def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "tensor", **agree) -> torch.Tensor:
     """The concatenation over ranks with this rank's rows first (differentiable, all_gather_with_grad convention).
 
     Row i of the result is row i of ``tensor``, so losses that find an anchor's positive or itself at row i of the
     bank (in-batch InfoNCE, NT-Xent) work unchanged on the global batch. ``name`` is the argument that errors
-    name.
+    name; ``agree``: what else the ranks must agree on (the losses' call, normalize and temperature:
+    _exchange_sizes).
     """
     _check_gather_input(tensor, "gather_with_local_first")
-    sizes = _exchange_sizes(tensor, group, name)
+    sizes = _exchange_sizes(tensor, group, name, **agree)
     everything = _AllGatherWithGrad.apply(tensor, group, sizes)
     start = sum(sizes[: _world(group)[1]])
     end = start + tensor.shape[0]
@@ -251,7 +298,9 @@ def info_nce_sharded(
     p = _to_bank_dtype(positives, negatives.dtype, normalize)
     _check_scale_fits(t, negatives.dtype)
     scale = 1.0 / t
-    sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)")
+    sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=2,
+                            backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
+                            normalize=normalize, temperature=t)
     a_all = _AllGatherWithGrad.apply(a, process_group, sizes)
     lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group)
     start = sum(sizes[: _world(process_group)[1]])

@@ -188,6 +188,26 @@ def _as_int64(indices: torch.Tensor) -> torch.Tensor:
     return indices[keep].to(torch.int64).expand(indices.shape)
 
 
+def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group, *, call=1,
+                           names=("anchors", "positives")):
+    """info_nce with negatives=None over the global batch: the positives of every rank gathered (this rank's first,
+    so row i is still positive i). ``call`` and ``names``: what the ranks' agreement check calls this call and the
+    arguments (clip_loss's are image_features and text_features)."""
+    anchors, positives = _check_features(anchors, positives, names)
+    t = _check_temperature(temperature)
+    normalize = _check_bool("normalize", normalize)
+    reduction = _check_reduction(reduction)
+    _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
+    from .distributed import gather_with_local_first
+
+    compute, result = _promoted(anchors, positives)
+    a, p = anchors.to(compute), positives.to(compute)
+    name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
+    bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
+    loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
+    return _reduce(loss, reduction, result)
+
+
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -645,18 +665,7 @@ def info_nce(
     if process_group is not None and negatives is None:
         if negative_indices is not None:
             raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
-        anchors, positives = _check_features(anchors, positives)
-        t = _check_temperature(temperature)
-        normalize = _check_bool("normalize", normalize)
-        reduction = _check_reduction(reduction)
-        _check_group("info_nce", anchors, positives, t)
-        from .distributed import gather_with_local_first
-
-        compute, result = _promoted(anchors, positives)
-        a, p = anchors.to(compute), positives.to(compute)
-        bank = gather_with_local_first(p, process_group, name="positives")  # row i is still positive i
-        loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
-        return _reduce(loss, reduction, result)
+        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
     if process_group is not None:
         if negative_indices is not None:
             raise ValueError(
@@ -828,8 +837,10 @@ def nt_xent(
         from .distributed import gather_with_local_first
 
         _check_group("nt_xent", z1, z2, t)
-        bank1 = gather_with_local_first(z1, process_group, name="z1")  # row i is still view i
-        bank2 = gather_with_local_first(z2, process_group, name="z2")
+        agree = dict(call=3, normalize=normalize, temperature=t)
+        # row i is still view i
+        bank1 = gather_with_local_first(z1, process_group, name="z1 (in the promoted dtype of z1 and z2)", **agree)
+        bank2 = gather_with_local_first(z2, process_group, name="z2 (in the promoted dtype of z1 and z2)", **agree)
     # View i's sum splits into its pair's side (every view of the other side: in-batch, the pair out of the bank
     # and counted once as the positive) and its own side (every other view there). One call over all 2N views
     # would hold the positive inside the bank and subtract it again: when it dominates (a trained model, a low
@@ -913,9 +924,16 @@ def clip_loss(
     if process_group is not None:
         _check_group("clip_loss", image_features, text_features, temperature)
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
-    kw = dict(temperature=temperature, normalize=normalize, reduction="none", process_group=process_group)
-    i2t = info_nce(image_features, text_features, **kw)
-    t2i = info_nce(text_features, image_features, **kw)
+    if process_group is not None:  # the texts, then the images gathered (errors name them so)
+        args = (temperature, normalize, "none", process_group)
+        i2t = _info_nce_global_batch(image_features, text_features, *args, call=4,
+                                     names=("image_features", "text_features"))
+        t2i = _info_nce_global_batch(text_features, image_features, *args, call=4,
+                                     names=("text_features", "image_features"))
+    else:
+        kw = dict(temperature=temperature, normalize=normalize, reduction="none")
+        i2t = info_nce(image_features, text_features, **kw)
+        t2i = info_nce(text_features, image_features, **kw)
     loss = 0.5 * (i2t + t2i)
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 

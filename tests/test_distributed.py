@@ -52,6 +52,10 @@ def _slices(sizes, rank):
     return slice(start, start + sizes[rank])
 
 
+def WORLD_GROUP():
+    return dist.group.WORLD
+
+
 def _worker(rank, world, init_file, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -121,6 +125,25 @@ def _worker(rank, world, init_file, out_dir):
             cb.info_nce(torch.zeros(2, 3 + rank), torch.zeros(2, 3 + rank), None, process_group=dist.group.WORLD)
         except ValueError as exc:
             mismatch.append(str(exc))
+        # ranks that disagree on the call, a setting or the gradients: the same ValueError on every rank (before, one
+        # rank in-batch and one with a shard gathered each other's anchors as positives, silently, then timed out;
+        # different requires_grad hung in backward; different temperatures or normalize mixed unlike losses)
+        x, w = torch.randn(3, 4), WORLD_GROUP()
+        disagree = []
+        for call in (lambda: cb.info_nce(x, x, None if rank == 0 else torch.randn(5, 4), process_group=w),
+                     lambda: cb.info_nce(x, x, None, temperature=0.2 + 0.1 * rank, process_group=w),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), normalize=rank == 0, process_group=w),
+                     lambda: cb.info_nce(x, x.clone().requires_grad_(rank == 0), None, process_group=w),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4).requires_grad_(rank == 0), process_group=w),
+                     lambda: (cb.nt_xent(x, x, 0.2, process_group=w) if rank
+                              else cb.clip_loss(x, x, 5.0, process_group=w)),
+                     lambda: cb.clip_loss(x, torch.randn(3, 4 + rank)[:, :4] if rank else x, 5.0, process_group=w),
+                     lambda: cb.clip_loss(torch.randn(3, 4 + rank), torch.randn(3, 4 + rank), 5.0, process_group=w)):
+            try:
+                call()
+                disagree.append(None)
+            except ValueError as exc:
+                disagree.append(str(exc))
         # a rank without rows (the end of an uneven epoch) still gathers the others'
         rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
         # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
@@ -156,7 +179,8 @@ def _worker(rank, world, init_file, out_dir):
              "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
-             "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "queue_state": queue_state,
+             "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
+             "queue_state": queue_state,
              "rows_gathered": rows_gathered,
              "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
              "confident": confident.detach()},
@@ -212,7 +236,17 @@ def test_sharded_bank_and_gather_match_single_process(world):
         assert res["rows_gathered"] == (2 * (world - 1), 3)
         assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
         assert len(res["mismatch"]) == 4 and all("same shape past the first dimension" in m for m in res["mismatch"])
-        assert res["mismatch"][3].startswith("positives must have"), res["mismatch"][3]
+        assert res["mismatch"][3].startswith("positives (in the promoted dtype of anchors and positives) must have")
+        assert "(one of float64, float32, float16, bfloat16)" in res["mismatch"][3], res["mismatch"][3]
+        got = res["disagree"]
+        want = ["must make the same call", "temperature (or logit scale) must be the same",
+                "normalize must be the same", "different collectives in backward",
+                "different collectives in backward", "must make the same call", None,
+                "text_features (in the promoted dtype of image_features and text_features) must have"]
+        assert len(got) == len(want), got
+        for g, w in zip(got, want):
+            assert (g is None) if w is None else (g is not None and w in g), (g, w)
+        assert got == results[0]["disagree"]  # the same message on every rank
         # gather strategy: rank r's loss uses the global positives as negatives
         n_all = sum(ANCHORS_PER_RANK[world])
         total_rows = slice(0, n_all)
