@@ -14,6 +14,7 @@ Two strategies:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 
@@ -56,6 +57,10 @@ _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negat
           "info_nce with a bank shard", "nt_xent", "clip_loss")
 
 
+_REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
+_META_LEN = 14  # _exchange_sizes's vector
+
+
 def _needs_grad(tensor: torch.Tensor) -> bool:
     return bool(tensor.requires_grad and torch.is_grad_enabled())
 
@@ -93,33 +98,72 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     def per_rank(show) -> str:
         return "; ".join(f"rank {r}: {show(m)}" for r, m in enumerate(metas))
 
+    refused = [r for r, m in enumerate(metas) if m[10] == _REFUSED]
+    if refused:
+        raise _joined(ValueError(f"rank{'s' if len(refused) > 1 else ''} {', '.join(map(str, refused))} of "
+                                 "process_group refused its arguments (its own error says why); every rank raises"))
     if any(m[10] != metas[0][10] for m in metas):
-        raise ValueError("the ranks of process_group must make the same call, got " +
-                         per_rank(lambda m: _CALLS[m[10]] if 0 <= m[10] < len(_CALLS) else "another call"))
+        raise _joined(ValueError("the ranks of process_group must make the same call, got " +
+                         per_rank(lambda m: _CALLS[m[10]] if 0 <= m[10] < len(_CALLS) else "another call")))
     if any(m[1:10] != metas[0][1:10] for m in metas) or metas[0][1] < 0:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
         allowed = [str(t).replace("torch.", "") for t in _FLOATING] if call else list(names.values())
         seen = per_rank(lambda m: f"rows of shape {tuple(m[4:4 + min(m[2] - 1, 6)])}"
                                   f"{' + ...' if m[2] > 7 else ''}, {names.get(m[1], 'an unsupported dtype')}")
-        raise ValueError(f"{name} must have the same shape past the first dimension and the same dtype on every rank "
-                         f"(one of {', '.join(allowed)}), got {seen}")
+        raise _joined(ValueError(f"{name} must have the same shape past the first dimension and the same dtype on "
+                                 f"every rank (one of {', '.join(allowed)}), got {seen}"))
     if any(m[12] != metas[0][12] for m in metas):
-        raise ValueError("normalize must be the same on every rank of process_group, got " +
-                         per_rank(lambda m: str(bool(m[12]))))
+        raise _joined(ValueError("normalize must be the same on every rank of process_group, got " +
+                                 per_rank(lambda m: str(bool(m[12])))))
     if any(m[13] != metas[0][13] for m in metas):
         def temp_of(m):
             return "a tensor" if m[13] == 0 else f"{struct.unpack('<d', struct.pack('<q', m[13]))[0]:.6g}"
 
-        raise ValueError("the temperature (or logit scale) must be the same on every rank of process_group, got " +
-                         per_rank(temp_of))
+        raise _joined(ValueError("the temperature (or logit scale) must be the same on every rank of process_group, "
+                                 "got " + per_rank(temp_of)))
     if any(m[11] != metas[0][11] for m in metas):
         def grads_of(m):
             return ", ".join(f"{n} {'needs' if m[11] >> i & 1 else 'does not need'} a gradient"
                              for i, n in enumerate(grad_names))
 
-        raise ValueError("the ranks of process_group would run different collectives in backward (one would wait "
-                         "forever): requires_grad (under grad mode) must agree, got " + per_rank(grads_of))
+        raise _joined(ValueError("the ranks of process_group would run different collectives in backward (one would "
+                                 "wait forever): requires_grad (under grad mode) must agree, got "
+                                 + per_rank(grads_of)))
     return [m[0] for m in metas]
+
+
+def _joined(exc: BaseException) -> BaseException:
+    """Marks an error that every rank raises after the same collectives (refusals_joined must not join again)."""
+    exc._contrastbound_joined = True  # type: ignore[attr-defined]
+    return exc
+
+
+@contextlib.contextmanager
+def refusals_joined(group, like):
+    """Around a loss's checks of its own arguments before its first exchange (_exchange_sizes): where they refuse
+    them on some ranks only, the other ranks would wait in that exchange for ever (or until the backend's timeout).
+    A refusing rank therefore still takes part in the exchange, with the code _REFUSED, which makes every other
+    rank raise a ValueError too, then raises its own error. (Where every rank refuses, they exchange among
+    themselves and each raises its own.)"""
+    try:
+        yield
+    except (TypeError, ValueError, IndexError, NotImplementedError) as exc:
+        if not getattr(exc, "_contrastbound_joined", False) and _group_usable(group):
+            try:
+                world, _ = _world(group)
+                device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+                meta = torch.zeros(_META_LEN, dtype=torch.long, device=device)
+                meta[10] = _REFUSED
+                dist.all_gather([torch.zeros_like(meta) for _ in range(world)], meta, group=group)
+            except Exception:  # noqa: BLE001, S110 - this rank's own error is what it reports
+                pass
+            _joined(exc)
+        raise
+
+
+def _group_usable(group) -> bool:
+    return (dist.is_available() and dist.is_initialized()
+            and (group is None or isinstance(group, dist.ProcessGroup)))
 
 
 def _all_gather_sized(tensor: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
@@ -281,22 +325,25 @@ def info_nce_sharded(
     of the mean of the ranks' losses: right under DDP's averaging, to be scaled by 1 / W for a shard that nothing
     averages).
     """
-    anchors, positives = _check_features(anchors, positives)
-    negatives = _check_tensor("negatives", negatives, 2, "(K_r, d): this rank's shard of a shared bank")
-    if negatives.shape[1] != anchors.shape[1]:
-        raise ValueError(f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
-    t = _check_temperature(temperature)
-    if isinstance(t, torch.Tensor):
-        if t.requires_grad:
-            raise ValueError("temperature must be a number with process_group (a learnable temperature is not supported)")
-        t = float(t)
-    normalize = _check_bool("normalize", normalize)
-    reduction = _check_reduction(reduction)
-    _check_group("info_nce", anchors, positives, negatives)
-    result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
-    a = _to_bank_dtype(anchors, negatives.dtype, normalize)
-    p = _to_bank_dtype(positives, negatives.dtype, normalize)
-    _check_scale_fits(t, negatives.dtype)
+    with refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
+        anchors, positives = _check_features(anchors, positives)
+        negatives = _check_tensor("negatives", negatives, 2, "(K_r, d): this rank's shard of a shared bank")
+        if negatives.shape[1] != anchors.shape[1]:
+            raise ValueError(
+                f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
+        t = _check_temperature(temperature)
+        if isinstance(t, torch.Tensor):
+            if t.requires_grad:
+                raise ValueError(
+                    "temperature must be a number with process_group (a learnable temperature is not supported)")
+            t = float(t)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        _check_group("info_nce", anchors, positives, negatives)
+        result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
+        a = _to_bank_dtype(anchors, negatives.dtype, normalize)
+        p = _to_bank_dtype(positives, negatives.dtype, normalize)
+        _check_scale_fits(t, negatives.dtype)
     scale = 1.0 / t
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=2,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},

@@ -193,19 +193,29 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
     """info_nce with negatives=None over the global batch: the positives of every rank gathered (this rank's first,
     so row i is still positive i). ``call`` and ``names``: what the ranks' agreement check calls this call and the
     arguments (clip_loss's are image_features and text_features)."""
-    anchors, positives = _check_features(anchors, positives, names)
-    t = _check_temperature(temperature)
-    normalize = _check_bool("normalize", normalize)
-    reduction = _check_reduction(reduction)
-    _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
-    from .distributed import gather_with_local_first
+    from .distributed import gather_with_local_first, refusals_joined
 
-    compute, result = _promoted(anchors, positives)
+    with refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
+        anchors, positives = _check_features(anchors, positives, names)
+        t = _check_temperature(temperature)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
+        compute, result = _promoted(anchors, positives)
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
     bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
     loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
     return _reduce(loss, reduction, result)
+
+
+def _refusals_joined(process_group, like):
+    """distributed.refusals_joined around a loss's own checks where it has a process_group (else nothing)."""
+    if process_group is None:
+        return contextlib.nullcontext()
+    from .distributed import refusals_joined
+
+    return refusals_joined(process_group, like)
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -826,17 +836,19 @@ def nt_xent(
             global batch); this rank's loss is over its own 2N_r views, and gradients follow the
             all_gather_with_grad convention (each rank's features get the sum over ranks' losses).
     """
-    z1, z2 = _check_features(z1, z2, ("z1", "z2"))
-    t = _check_temperature(temperature)
-    normalize = _check_bool("normalize", normalize)
-    reduction = _check_reduction(reduction)
+    with _refusals_joined(process_group, z1):  # (a refusal on some ranks only: every rank raises)
+        z1, z2 = _check_features(z1, z2, ("z1", "z2"))
+        t = _check_temperature(temperature)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        if process_group is not None:
+            _check_group("nt_xent", z1, z2, t)
     compute, result = _promoted(z1, z2)
     z1, z2 = z1.to(compute), z2.to(compute)
     bank1, bank2 = z1, z2
     if process_group is not None:
         from .distributed import gather_with_local_first
 
-        _check_group("nt_xent", z1, z2, t)
         agree = dict(call=3, normalize=normalize, temperature=t)
         # row i is still view i
         bank1 = gather_with_local_first(z1, process_group, name="z1 (in the promoted dtype of z1 and z2)", **agree)
@@ -898,31 +910,32 @@ def clip_loss(
         process_group: a torch.distributed group: each rank's pairs are scored against the texts (images) of all
             ranks; this rank's loss is over its own pairs (all_gather_with_grad convention for gradients).
     """
-    if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
-        raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
-    if not (0.0 < float(max_logit_scale) < math.inf):
-        raise ValueError(f"max_logit_scale must be positive and finite, got {float(max_logit_scale)}")
-    scale = logit_scale
-    if isinstance(scale, torch.Tensor):
-        scale = _check_positive_scalar_tensor("logit_scale", scale)
-        if scale.device.type != "cpu":
-            scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
-        # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
-        # read-back.
-        temperature = 1.0 / scale.clamp(max=max_logit_scale).to(torch.promote_types(scale.dtype, torch.float32))
-    elif isinstance(scale, Real) and not isinstance(scale, bool):
-        value = float(scale)
-        if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
-            raise ValueError(f"logit_scale must be positive and finite, got {value}")
-        if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
-            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
-        temperature = 1.0 / min(value, max_logit_scale)
-    else:
-        raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
-    reduction = _check_reduction(reduction)
-    _check_features(image_features, text_features, ("image_features", "text_features"))
-    if process_group is not None:
-        _check_group("clip_loss", image_features, text_features, temperature)
+    with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
+        if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
+            raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
+        if not (0.0 < float(max_logit_scale) < math.inf):
+            raise ValueError(f"max_logit_scale must be positive and finite, got {float(max_logit_scale)}")
+        scale = logit_scale
+        if isinstance(scale, torch.Tensor):
+            scale = _check_positive_scalar_tensor("logit_scale", scale)
+            if scale.device.type != "cpu":
+                scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
+            # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
+            # read-back.
+            temperature = 1.0 / scale.clamp(max=max_logit_scale).to(torch.promote_types(scale.dtype, torch.float32))
+        elif isinstance(scale, Real) and not isinstance(scale, bool):
+            value = float(scale)
+            if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
+                raise ValueError(f"logit_scale must be positive and finite, got {value}")
+            if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
+                raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
+            temperature = 1.0 / min(value, max_logit_scale)
+        else:
+            raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
+        reduction = _check_reduction(reduction)
+        _check_features(image_features, text_features, ("image_features", "text_features"))
+        if process_group is not None:
+            _check_group("clip_loss", image_features, text_features, temperature)
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
     if process_group is not None:  # the texts, then the images gathered (errors name them so)
         args = (temperature, normalize, "none", process_group)

@@ -144,6 +144,22 @@ def _worker(rank, world, init_file, out_dir):
                 disagree.append(None)
             except ValueError as exc:
                 disagree.append(str(exc))
+        # a rank that refuses its own arguments (a shard of another feature size, a learnable temperature, a bad
+        # reduction) while the others proceed: before, they waited in the first exchange until the backend's
+        # timeout; now every rank raises (the refusing one its own error)
+        refused = []
+        learnable = torch.tensor(0.2, requires_grad=True)
+        for call in (lambda: cb.info_nce(x, x, torch.randn(5, 4 + (rank == 1)), process_group=w),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), temperature=learnable if rank == 1 else 0.2,
+                                         process_group=w),
+                     lambda: cb.info_nce(x, x, None, reduction="mean" if rank != 1 else "avg", process_group=w),
+                     lambda: cb.nt_xent(x, x if rank != 1 else x[:2], 0.2, process_group=w),
+                     lambda: cb.clip_loss(x, x, 5.0 if rank != 1 else -1.0, process_group=w)):
+            try:
+                call()
+                refused.append(None)
+            except (ValueError, TypeError) as exc:
+                refused.append(str(exc))
         # a rank without rows (the end of an uneven epoch) still gathers the others'
         rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
         # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
@@ -180,6 +196,7 @@ def _worker(rank, world, init_file, out_dir):
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
+             "refused": refused,
              "queue_state": queue_state,
              "rows_gathered": rows_gathered,
              "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
@@ -247,6 +264,11 @@ def test_sharded_bank_and_gather_match_single_process(world):
         for g, w in zip(got, want):
             assert (g is None) if w is None else (g is not None and w in g), (g, w)
         assert got == results[0]["disagree"]  # the same message on every rank
+        for i, msg in enumerate(res["refused"]):
+            if rank == 1:
+                assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error
+            else:
+                assert msg is not None and "rank 1 of process_group refused its arguments" in msg, (i, msg)
         # gather strategy: rank r's loss uses the global positives as negatives
         n_all = sum(ANCHORS_PER_RANK[world])
         total_rows = slice(0, n_all)
