@@ -193,9 +193,9 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
     """info_nce with negatives=None over the global batch: the positives of every rank gathered (this rank's first,
     so row i is still positive i). ``call`` and ``names``: what the ranks' agreement check calls this call and the
     arguments (clip_loss's are image_features and text_features)."""
-    from .distributed import gather_with_local_first, refusals_joined
+    from .distributed import gather_with_local_first
 
-    with refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
+    with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
         anchors, positives = _check_features(anchors, positives, names)
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
@@ -934,10 +934,8 @@ def clip_loss(
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)
         _check_features(image_features, text_features, ("image_features", "text_features"))
-        if process_group is not None:
-            _check_group("clip_loss", image_features, text_features, temperature)
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
-    if process_group is not None:  # the texts, then the images gathered (errors name them so)
+    if process_group is not None:  # the texts, then the images gathered (errors name them so; _check_group there)
         args = (temperature, normalize, "none", process_group)
         i2t = _info_nce_global_batch(image_features, text_features, *args, call=4,
                                      names=("image_features", "text_features"))
