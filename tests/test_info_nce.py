@@ -84,6 +84,23 @@ def test_low_temperature_large_logits_stay_finite():
     assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_anchor_row_at_a_tiny_temperature(mode, dtype):
+    # A zero anchor row normalises to 0 (F.normalize clamps its norm to 1e-12), so its logits are 0 and its loss
+    # log(K + 1) at any temperature. Folding the scale as x * (1e12 / T) overflowed float32 below T ~ 3e-27 and
+    # gave 0 * inf = NaN; (x / ||x||) / T keeps it 0. The other rows' losses (~1e28) must match the reference too.
+    a, p, n, idx = make_inputs(mode, B=5, K=9, d=6, dtype=dtype, seed=12, requires_grad=False)
+    a[2] = 0
+    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=1e-28, reduction="none")
+    ref = info_nce_reference(*(None if x is None else x.double() for x in (a, p, n)), negative_indices=idx,
+                             temperature=1e-28, reduction="none")
+    assert torch.isfinite(loss).all(), loss
+    assert_close_scaled(loss, ref, TOL[dtype], "loss")
+    k = n.shape[-2] if idx is None and n is not None else (idx.shape[1] if idx is not None else a.shape[0] - 1)
+    assert loss[2].item() == pytest.approx(math.log(k + 1), rel=1e-6)
+
 @pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_and_expanded_inputs(mode):
     B, K, d = 11, 600, 10

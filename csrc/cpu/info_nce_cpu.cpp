@@ -115,7 +115,7 @@ Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double s
       pr.anchor_scale[i] = ra;
       pr.positive_scale[i] = rp;
       for (int64_t j = 0; j < d; ++j) {
-        ai[j] *= ra.inv * s;
+        ai[j] = ai[j] * ra.inv * s;  // (x / ||x||) s: a zero row stays 0 where inv s = 1e12 / T overflows
         pi[j] *= rp.inv;
       }
       pr.pos_logit[i] = dot(ai, pi, d);

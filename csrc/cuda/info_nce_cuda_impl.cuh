@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, cons
     const RowScale<acc_t> rp = row_scale<acc_t>(ssp, p.normalize);
     acc_t dot = 0;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]) * (ra.inv * s);
+      const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]) * ra.inv * s;  // 0 for a zero row, as (inv s) may overflow
       const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]) * rp.inv;
       pr.as[i * d + j] = x;
       pr.ph[i * d + j] = y;
