@@ -672,16 +672,17 @@ def info_nce(
         are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
-    if process_group is not None and negatives is None:
-        if negative_indices is not None:
-            raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
-        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
-    if process_group is not None:
-        if negative_indices is not None:
+    if process_group is not None and negative_indices is not None:
+        with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
+            if negatives is None:
+                raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
             raise ValueError(
                 "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
                 "negatives over the global batch), not negative_indices"
             )
+    if process_group is not None and negatives is None:
+        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
+    if process_group is not None:
         from .distributed import info_nce_sharded
 
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,

@@ -154,7 +154,11 @@ def _worker(rank, world, init_file, out_dir):
                                          process_group=w),
                      lambda: cb.info_nce(x, x, None, reduction="mean" if rank != 1 else "avg", process_group=w),
                      lambda: cb.nt_xent(x, x if rank != 1 else x[:2], 0.2, process_group=w),
-                     lambda: cb.clip_loss(x, x, 5.0 if rank != 1 else -1.0, process_group=w)):
+                     lambda: cb.clip_loss(x, x, 5.0 if rank != 1 else -1.0, process_group=w),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
+                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
+                     lambda: cb.info_nce(x, x, None, process_group=w,
+                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None)):
             try:
                 call()
                 refused.append(None)
