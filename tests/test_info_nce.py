@@ -85,6 +85,19 @@ def test_low_temperature_large_logits_stay_finite():
 
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1e-20), (torch.float32, 1e25),
+                                                (torch.float64, 1e-160), (torch.float64, 1e160)], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_extreme_temperatures_gradients(device, mode, dtype, temperature, normalize):
+    # Temperatures the op accepts (down to 2.9e-39 in float32) whose scale s = 1 / T squared leaves the type: the
+    # anchors' and positives' gradients formed (s a_hat) . (s ...) / s and were NaN, inf or 0 (T = 1e-20: NaN
+    # anchors' gradient; T = 1e25: positives' gradient 0), while the loss was right.
+    a, p, n, idx = make_inputs(mode, B=6, K=40, d=7, dtype=dtype, device=device, seed=13)
+    _check_against_reference(a, p, n, idx, dtype, temperature=temperature, normalize=normalize, reduction="sum")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_anchor_row_at_a_tiny_temperature(mode, dtype):

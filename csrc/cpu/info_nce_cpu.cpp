@@ -798,7 +798,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
     }
     if (mask[0]) term = term.to(acc_type).contiguous();
     const acc_t* v = mask[0] ? term.template data_ptr<acc_t>() : nullptr;
-    const acc_t* as = pr.anchors_s.template data_ptr<acc_t>();
     const acc_t* ph = pr.positives.template data_ptr<acc_t>();
     const Tensor a_in = anchors.to(acc_type).contiguous();
     const Tensor p_in = positives.to(acc_type).contiguous();
@@ -813,26 +812,31 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
         const acc_t w0m1 = !include_positive ? acc_t(-1)
                            : loss_p != nullptr ? std::expm1(-loss_p[i])
                                                : std::exp(pr.pos_logit[i] - lse_p[i]) - acc_t(1);
-        const acc_t coef = g[i] * s * w0m1;  // d loss / d(a_hat . p_hat) * s
+        const acc_t gs = g[i] * s;
+        const acc_t coef = gs * w0m1;  // d loss / d(a_hat . p_hat) * s
         const auto& ra = pr.anchor_scale[i];
         const auto& rp = pr.positive_scale[i];
+        // a_hat from the raw row, not as / s: products of as and s-scaled terms form s^2, which leaves float32 for
+        // s beyond ~2e19 or below ~1e-19 (temperatures the op accepts) and gave NaN, inf or 0 gradients.
+        const acc_t* ar = a_raw + i * d;
         if (ga) {
           // G = g s [(w0 - 1) p_hat + V]; dA = inv G - (a_hat . G) proj a
-          acc_t ahat_dot_g = 0;
+          acc_t ahat_dot_u = 0;
           for (int64_t j = 0; j < d; ++j) {
-            buf[j] = coef * ph[i * d + j] + g[i] * s * v[i * d + j];
-            ahat_dot_g += as[i * d + j] * buf[j];
+            const acc_t u = w0m1 * ph[i * d + j] + v[i * d + j];
+            buf[j] = gs * u;
+            ahat_dot_u += ar[j] * ra.inv * u;
           }
-          ahat_dot_g /= s;  // as = s a_hat
+          const acc_t ahat_dot_g = gs * ahat_dot_u;
           for (int64_t j = 0; j < d; ++j) {
-            ga[i * d + j] = static_cast<scalar_t>(ra.inv * buf[j] - ahat_dot_g * ra.proj * a_raw[i * d + j]);
+            ga[i * d + j] = static_cast<scalar_t>(ra.inv * buf[j] - ahat_dot_g * ra.proj * ar[j]);
           }
         }
         if (gp) {
-          // G = g s (w0 - 1) a_hat; dP = inv G - (p_hat . G) proj p
-          const acc_t phat_dot_g = coef * pr.pos_logit[i] / s;
+          // G = g s (w0 - 1) a_hat; dP = inv G - (p_hat . G) proj p, with p_hat . G = g (w0 - 1) l_0
+          const acc_t phat_dot_g = g[i] * w0m1 * pr.pos_logit[i];
           for (int64_t j = 0; j < d; ++j) {
-            const acc_t gj = coef * as[i * d + j] / s;
+            const acc_t gj = coef * (ar[j] * ra.inv);
             gp[i * d + j] = static_cast<scalar_t>(rp.inv * gj - phat_dot_g * rp.proj * p_raw[i * d + j]);
           }
         }

@@ -628,25 +628,29 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t w0m1 = !p.include_positive ? acc_t(-1)
                        : loss != nullptr  ? std::expm1(-loss[i])
                                           : std::exp(pr.pos[i] - lse[i]) - acc_t(1);
-    const acc_t coef = gi * s * w0m1;
-    const acc_t* asi = pr.as + i * d;
+    const acc_t gs = gi * s, coef = gs * w0m1;
     const acc_t* phi = pr.ph + i * d;
+    // a_hat from the raw row, not pr.as / s: products of as and s-scaled terms form s^2, which leaves float32 for
+    // s beyond ~2e19 or below ~1e-19 (temperatures the op accepts).
+    const acc_t a_inv = pr.a_inv[i];
     if (ga != nullptr) {
       const acc_t* vi = v + i * d;
       acc_t part = 0;
-      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) part += asi[j] * (coef * phi[j] + gi * s * vi[j]);
-      const acc_t ahat_dot_g = block_sum(part, red) / s;  // as = s a_hat
-      const acc_t inv = pr.a_inv[i], cp = ahat_dot_g * pr.a_proj[i];
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        const acc_t gj = coef * phi[j] + gi * s * vi[j];
-        ga[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(a[i * as0 + j * as1]));
+        part += to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv * (w0m1 * phi[j] + vi[j]);
+      }
+      const acc_t ahat_dot_g = gs * block_sum(part, red);
+      const acc_t cp = ahat_dot_g * pr.a_proj[i];
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        const acc_t gj = gs * (w0m1 * phi[j] + vi[j]);
+        ga[i * d + j] = from_acc<scalar_t>(a_inv * gj - cp * to_acc<acc_t>(a[i * as0 + j * as1]));
       }
     }
     if (gp != nullptr) {
-      const acc_t phat_dot_g = coef * pr.pos[i] / s;
+      const acc_t phat_dot_g = gi * w0m1 * pr.pos[i];  // p_hat . G_p, pos = s a_hat . p_hat
       const acc_t inv = pr.p_inv[i], cp = phat_dot_g * pr.p_proj[i];
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        const acc_t gj = coef * asi[j] / s;
+        const acc_t gj = coef * (to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv);
         gp[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(q[i * ps0 + j * ps1]));
       }
     }

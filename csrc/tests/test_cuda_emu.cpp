@@ -590,6 +590,12 @@ std::vector<Case> cases(bool quick) {
   c = Case();
   c.B = 25, c.K = 70, c.d = 20, c.nan_bank = 66;  // NaN propagates to every loss and gradient it reaches
   add(c);
+  c = Case();
+  c.B = 13, c.K = 50, c.d = 12, c.temperature = 1e-20;  // s^2 past float32: the anchors' gradient was NaN
+  // (SIMT: the tensor-core passes recompute logits of ~1e20 with another summation order than forward's, and
+  // exp(l - lse) of a 1e13 difference is inf; README, Limits)
+  c.tensor_cores = false;
+  add(c);
   if (!quick) {
     c = Case();
     c.B = 20, c.K = 77, c.d = 256, c.layout = kTransposed;
