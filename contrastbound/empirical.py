@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bounds as _bounds
-from .functional import bank_cross_entropy, info_nce, info_nce_lse
+from .functional import _check_dense, bank_cross_entropy, info_nce, info_nce_lse
 
 __all__ = [
     "class_means",
@@ -49,6 +49,7 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
     """A floating (rows, d) tensor with at least one row (features; rows = "C" for class means)."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({rows}, d), got {type(features).__name__}")
+    _check_dense(name, features)
     if features.dim() != 2:
         raise ValueError(f"{name} must have shape ({rows}, d), got shape {tuple(features.shape)}")
     if not features.is_floating_point():
@@ -61,6 +62,7 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
 def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor of shape (N,), got {type(labels).__name__}")
+    _check_dense(name, labels)
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor of shape (N,), got dtype {labels.dtype}")
     if labels.shape != (features.shape[0],):

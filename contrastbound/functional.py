@@ -32,9 +32,17 @@ def _min_reciprocal(dtype: torch.dtype) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_dense(name: str, x: torch.Tensor) -> None:
+    """The kernels read strided memory: a sparse or mkldnn tensor is refused by name (the dispatcher's error would
+    name an op and a backend)."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: convert it with .to_dense()")
+
+
 def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    _check_dense(name, x)
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     if x.dim() not in ndims:
         raise ValueError(f"{name} must have shape {shape_doc}, got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
@@ -76,6 +84,7 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     kernels, and the fallback through _poison_bad_scale, turn a value that is not positive and finite into a NaN
     loss. (With CPU features a GPU temperature is copied to the CPU later, see _scale_of.)
     """
+    _check_dense(name, x)
     if x.numel() != 1 or not x.is_floating_point():
         raise ValueError(
             f"{name} must be a positive finite scalar: a number or a floating tensor with one element, "
@@ -156,6 +165,7 @@ def _check_indices(
 ) -> torch.Tensor:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be an int64 (or int32) tensor of shape {shape_doc}, got {type(indices).__name__}")
+    _check_dense(name, indices)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor of shape {shape_doc}, got dtype {indices.dtype}")
     if indices.device != device:
@@ -572,6 +582,8 @@ def _check_negatives(
     if negatives.dim() == 3 and negatives.shape[0] != B:
         raise ValueError(f"negatives of shape (B, K, d) must have B = {B} rows, got shape {tuple(negatives.shape)}")
     if negative_indices is not None:
+        if isinstance(negative_indices, torch.Tensor):
+            _check_dense("negative_indices", negative_indices)
         if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2:
             shape = tuple(negative_indices.shape) if isinstance(negative_indices, torch.Tensor) else None
             if shape is None:

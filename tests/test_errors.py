@@ -82,6 +82,23 @@ CASES = [
     ("bank_cross_entropy targets shape", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(3, dtype=torch.long)), ValueError, "targets"),
     ("bank_cross_entropy empty bank", lambda: cb.bank_cross_entropy(a, bank[:0], torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
     ("bank_cross_entropy bank d", lambda: cb.bank_cross_entropy(a, torch.randn(6, 2), torch.zeros(4, dtype=torch.long)), ValueError, "bank"),
+    # sparse / mkldnn layouts: named (the dispatcher's error named an op and a backend, not the argument)
+    ("sparse anchors", lambda: cb.info_nce(a.to_sparse(), p, bank), TypeError, "anchors must be a dense (strided)"),
+    ("mkldnn anchors", lambda: cb.info_nce(a.to_mkldnn(), p, bank), TypeError, "anchors must be a dense (strided)"),
+    ("sparse bank", lambda: cb.info_nce(a, p, bank.to_sparse()), TypeError, "negatives must be a dense (strided)"),
+    ("sparse indices", lambda: cb.info_nce(a, p, idx_bank, negative_indices=idx.to_sparse()), TypeError,
+     "negative_indices must be a dense (strided)"),
+    ("sparse temperature", lambda: cb.info_nce(a, p, bank, temperature=torch.tensor(0.1).to_sparse()), TypeError,
+     "temperature must be a dense (strided)"),
+    ("sparse targets", lambda: cb.bank_cross_entropy(a, bank, torch.zeros(4, dtype=torch.long).to_sparse()),
+     TypeError, "targets must be a dense (strided)"),
+    ("sparse z1", lambda: cb.nt_xent(a.to_sparse(), p), TypeError, "z1 must be a dense (strided)"),
+    ("sparse queue keys", lambda: cb.NegativeQueue(5, 3).enqueue(a.to_sparse()), TypeError,
+     "keys must be a dense (strided)"),
+    ("sparse class_means features", lambda: cb.empirical.class_means(a.to_sparse(), torch.tensor([0, 1, 0, 1])),
+     TypeError, "features must be a dense (strided)"),
+    ("sparse class_means labels", lambda: cb.empirical.class_means(a, torch.tensor([0, 1, 0, 1]).to_sparse()),
+     TypeError, "labels must be a dense (strided)"),
 ]
 
 
