@@ -142,7 +142,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", default=",".join(["gemm", *METHODS]))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_infonce"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_infonce"),
+                        help="output path without extension: writes OUT.csv and OUT.json (a trailing .csv is dropped; "
+                             "default %(default)s)")
     parser.add_argument("--worker", nargs=6, metavar=("METHOD", "B", "K", "D", "REPS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -208,6 +210,8 @@ def main() -> int:
         if fd and nd and "time_s" in fd and "time_s" in nd:
             parts.append(f"detached: {nd['time_s'] / fd['time_s']:.2f}x")
         print(f"K = 2^{K.bit_length() - 1}: " + "; ".join(parts))
+    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
+        args.out = args.out[: -len(".csv")]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "grads_mib", "effective_gflops", "gflops",
             "fraction_of_gemm", "loss", "note"]

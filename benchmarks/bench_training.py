@@ -77,7 +77,9 @@ def main() -> int:
     parser.add_argument("-d", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_training"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_training"),
+                        help="output path without extension: writes OUT.csv (a trailing .csv is dropped; "
+                             "default %(default)s)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -112,6 +114,8 @@ def main() -> int:
                 rows.append(row)
                 print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
+    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
+        args.out = args.out[: -len(".csv")]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["loss", "N", "d", "method", "time_s", "extra_mib", "matrix_mib", "loss_value", "note"],

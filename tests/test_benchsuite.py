@@ -193,6 +193,9 @@ _BAD_BENCH_ARGS = [
     ["--temperature", "nan"], ["--time-bound", "-1"], ["--mem-fraction", "0"], ["--prefix", "sub/x"],
     ["--out", "/proc/contrastbound-x"],
     ["--k-min", "30"],  # above the default --k-max: an empty sweep with exit status 0 before
+    # (argparse named the type functions, "invalid _parse_ks value", "invalid <lambda> value"; 2^70 ran as
+    # skipped rows with exit status 0)
+    ["--ks", "abc"], ["--ks", "2^70"], ["--ks", ","], ["-d", "abc"], ["-B", "x"], ["--k-max", "70"],
 ] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
@@ -227,7 +230,17 @@ def test_bench_bad_arguments_fail_before_measuring(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", *argv])
     assert exc.value.code == 2
-    assert argv[0] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert argv[0] in err and "lambda" not in err and "_parse" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--modes", "nosuch"], ["--methods", "fused,nosuch"]])
+def test_bench_unknown_names_make_no_folder(argv, tmp_path, capsys):
+    # the output folder was made (and tested for writing) before these were checked
+    out = tmp_path / "not-made"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", *argv, "--out", str(out)])
+    assert exc.value.code == 2 and "nosuch" in capsys.readouterr().err and not out.exists()
 
 
 def test_bench_infonce_script_memory_excludes_gradients_and_counts_flops(tmp_path):
@@ -270,3 +283,13 @@ def test_benchmark_script_writes_to_a_bare_file_name(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert (tmp_path / "bb.csv").exists()
+
+
+def test_benchmark_script_takes_an_out_with_csv(tmp_path):
+    # bench_training / bench_infonce take --out without extension; bt.csv wrote bt.csv.csv
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_training.py")
+    proc = subprocess.run([sys.executable, path, "--min-log2n", "6", "--max-log2n", "6", "-d", "8", "--reps", "1",
+                           "--threads", "1", "--out", "bt.csv"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bt.csv"]

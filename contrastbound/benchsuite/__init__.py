@@ -33,11 +33,31 @@ QUICK_KS = [2**12, 2**14, 2**16]
 
 
 def _parse_ks(text: str) -> list[int]:
+    """--ks: a comma list of integers or powers 2^N (argparse names a failed type by its function's name: errors
+    are raised as ArgumentTypeError with their own message instead)."""
     out = []
-    for part in text.split(","):
-        part = part.strip()
-        out.append(2 ** int(part[2:]) if part.startswith("2^") else int(part))
+    for part in _csv_list(text):
+        try:
+            k = 2 ** int(part[2:]) if part.startswith("2^") else int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"K values must be integers or 2^N, e.g. 2^10,65536; got {part!r}")
+        if not 1 <= k < 2**63:
+            raise argparse.ArgumentTypeError(f"K values must lie in [1, 2^63), got {part!r}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one K, e.g. 2^10,65536")
     return sorted(set(out))
+
+
+def _parse_ints(text: str) -> list[int]:
+    """-B / -d: a comma list of positive integers."""
+    try:
+        values = [int(v) for v in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, e.g. 128,256; got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
 
 
 def _csv_list(text: str) -> list[str]:
@@ -58,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-min", type=int, default=10, help="log2 of the smallest K (default 10)")
     p.add_argument("--k-max", type=int, default=None, help="log2 of the largest K (default 22 on CPU, 24 on GPU)")
     p.add_argument("--k-step", type=int, default=1, help="step of log2 K (default 1)")
-    p.add_argument("-B", "--batch", type=lambda s: [int(v) for v in _csv_list(s)], default=[256],
+    p.add_argument("-B", "--batch", type=_parse_ints, default=[256],
                    help="anchors per batch, comma list (default 256; in-batch mode uses N = K instead)")
-    p.add_argument("-d", "--dim", type=lambda s: [int(v) for v in _csv_list(s)], default=[128],
+    p.add_argument("-d", "--dim", type=_parse_ints, default=[128],
                    help="feature size, comma list (default 128)")
     p.add_argument("--dtype", type=_csv_list, default=["float32"], help="comma list: float32,bfloat16,float16,float64")
     p.add_argument("--device", type=_csv_list, default=None, help="comma list: cpu,cuda (default cpu, and cuda "
@@ -159,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} must be >= {low}, got {value}")
     if args.k_max is not None and args.k_max < args.k_min:
         parser.error(f"--k-max must be >= --k-min = {args.k_min}, got {args.k_max}")
+    if max(args.k_min, args.k_max or 0) > 62:
+        parser.error(f"--k-min / --k-max are log2 K and must be at most 62, got {args.k_min} / {args.k_max}")
     if not (0.0 < args.temperature < math.inf):
         parser.error(f"--temperature must be positive and finite, got {args.temperature}")
     if not (0.0 < args.time_bound < math.inf):
@@ -176,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.k_max is None and not args.ks and not args.quick and args.k_min > default_k_max:
         # (the default largest K is 2^22 on a CPU, 2^24 on a GPU: past it the sweep would be empty)
         parser.error(f"--k-min = {args.k_min} is above the default --k-max ({default_k_max} here): give --k-max")
+    modes = args.modes or (["shared"] if args.quick else list(MODES))
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        parser.error(f"--modes: unknown {bad}; modes are {', '.join(MODES)}")
+    names = args.methods or list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; see --list-methods")
     if args.list_methods:  # (before --out is made: listing writes nothing)
         print(_list_methods(devices[-1]))
         return 0
@@ -185,16 +215,6 @@ def main(argv: list[str] | None = None) -> int:
             pass
     except OSError as exc:
         parser.error(f"--out {args.out!r} is not a folder that can be written: {exc}")
-    modes = args.modes or (["shared"] if args.quick else list(MODES))
-    for mode in modes:
-        if mode not in MODES:
-            print(f"contrastbound bench: unknown mode {mode!r}; modes are {', '.join(MODES)}", file=sys.stderr)
-            return 2
-    names = args.methods or list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        print(f"contrastbound bench: unknown method(s) {unknown}; see --list-methods", file=sys.stderr)
-        return 2
     methods = [METHODS[n] for n in dict.fromkeys(["gemm", *names])]
 
     configs = []
