@@ -212,6 +212,20 @@ def test_coupon_general_prior_relative_accuracy_near_one(pi, ns):
     assert rel_err(got, ref) < 1e-12
 
 
+@pytest.mark.parametrize("pi", [[5.5413479e-08, 9.59075e-10, 2.9339258e-08, 0.999999914288188],
+                                [1.02357e-10, 9.1193691e-08, 4.99902334e-07, 5.293238e-09, 0.99999940350838]])
+def test_coupon_cauchy_integral_with_a_dominant_class(pi):
+    # n = 10^7 with a class of pi ~ 1 (x = r pi ~ 10^7 on the saddle circle): the integrand's log was formed as
+    # log(e^w - 1) - log(e^x - 1) = (w - x) + ..., and w - x of two numbers ~1e7 lost eps x = 2e-9 per point:
+    # 5.6e-10 absolute (8e-11 relative) error in log upsilon. Here the public function takes the Cauchy integral
+    # (inclusion-exclusion refuses these), and the private one is checked as well.
+    pi = np.array(pi) / sum(pi)
+    n = 10**7
+    ref = mp_coupon_general_log(n, list(pi))
+    assert rel_err(B.coupon_collector_probability(n, prior=pi, log=True), ref) < 1e-13
+    assert rel_err(B._log_coupon_cauchy(np.array([n]), B._resolve_prior(None, pi)), [ref]) < 1e-13
+
+
 @pytest.mark.parametrize("C", [40, 150, 400])
 def test_coupon_uniform_mpmath(C):
     ns = sorted({C, C + 1, C + 3, int(1.5 * C), 2 * C, int(C * math.log(C)), 4 * C, 8 * C, 20 * C})
