@@ -38,6 +38,14 @@ __device__ __forceinline__ acc_t read_scale(const acc_t* s) {
   return (v > acc_t(0) && v < acc_t(INFINITY)) ? v : acc_t(NAN);
 }
 
+// A row's factor on its raw dot products, inv * s (the tensor-core kernels scale the float32 products S of raw
+// rows). A zero row (inv = 1e12, F.normalize's clamp) at a temperature below ~3e-27 makes it inf, and S = 0 times
+// inf is NaN: it is capped at the largest float (0 stays 0); NaN (a bad scale, read_scale) stays NaN.
+__device__ __forceinline__ float row_factor(float inv, float s) {
+  const float f = inv * s;
+  return f == INFINITY ? 3.402823466e38f : f;
+}
+
 // The bank row left out of anchor i's sum (shared bank): i with exclude_self (NT-Xent: the anchors are the bank),
 // excluded[i] where that array is given (bank_cross_entropy: the target row is the positive), else -1 (none).
 // excluded is read only for i < rows (the anchors).

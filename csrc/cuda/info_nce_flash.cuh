@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // column (yex).
       row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
-      xinv[h] = ok ? a.x_inv[row[h]] * read_scale(a.scale) : 0.f;
+      xinv[h] = ok ? row_factor(a.x_inv[row[h]], read_scale(a.scale)) : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }

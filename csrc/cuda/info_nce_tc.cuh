@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     tc_issue<T, kTcRows>(xs, m.ld, X, i0, a.d, m.dpad);
     tc_commit();
     tc_wait<0>();
-    const float xinv = i < a.B ? a.x_inv[i] * read_scale(a.scale) : 0.f;
+    const float xinv = i < a.B ? row_factor(a.x_inv[i], read_scale(a.scale)) : 0.f;
     const int64_t ex = excluded_row(a.exclude_self, a.excluded, i, a.B);  // -1: none
     float mx = -INFINITY, sm = 0.f;
     int it = 0;
@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     tc_commit();
     tc_wait<0>();
     const bool x_ok = x < X.rows;
-    const float xinv = x_ok ? a.x_inv[x] * read_scale(a.scale) : 0.f;
+    const float xinv = x_ok ? row_factor(a.x_inv[x], read_scale(a.scale)) : 0.f;
     const float cscale = tc_coef_scale(a.coef_bound);
     const float xlse = (a.lse_on_x && x_ok) ? a.lse[x] : 0.f;
     // Bank grads with an excluded array: per column (yex); a value the whole block shares (see mma_rows_kernel).
@@ -740,7 +740,7 @@ __global__ void __launch_bounds__(kTcThreads, CHUNKED ? 2 : 3)
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
       row_ex[h] = excluded_row(a.exclude_self, a.excluded, row_i[h], a.B);  // -1: none
-      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
+      xinv[h] = row_i[h] < a.B ? row_factor(a.x_inv[row_i[h]], read_scale(a.scale)) : 0.f;
       mx[h] = -INFINITY;
       sm[h] = 0.f;
     }
@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int h = 0; h < 2; ++h) {
       row_x[h] = x0 + 16 * L.wr + L.g + 8 * h;
       const bool ok = row_x[h] < X.rows;
-      xinv[h] = ok ? a.x_inv[row_x[h]] * read_scale(a.scale) : 0.f;
+      xinv[h] = ok ? row_factor(a.x_inv[row_x[h]], read_scale(a.scale)) : 0.f;
       xlse[h] = (a.lse_on_x && ok) ? a.lse[row_x[h]] : 0.f;
     }
     // Bank grads with an excluded array: per column (yex). A value the whole block shares, so that the compare
@@ -1038,7 +1038,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     for (int h = 0; h < 2; ++h) {
       row_i[h] = i0 + 16 * L.wr + L.g + 8 * h;
       row_ex[h] = excluded_row(a.exclude_self, a.excluded, row_i[h], a.B);  // -1: none
-      xinv[h] = row_i[h] < a.B ? a.x_inv[row_i[h]] * read_scale(a.scale) : 0.f;
+      xinv[h] = row_i[h] < a.B ? row_factor(a.x_inv[row_i[h]], read_scale(a.scale)) : 0.f;
     }
     float acc[2][4][2][4];
 #pragma unroll

@@ -644,15 +644,28 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     if (tc_only && !(half && c.mode == Mode::Shared && c.tensor_cores)) continue;
     run_case<T>(c, rng, tol, tol_acc, config, light);
   }
-  if (tc_only) return;
-  // s = 1 / T = 1e20, s^2 past float32: the anchors' gradient was NaN. On the SIMT kernels: the tensor-core passes
-  // recompute logits of ~1e20 in another summation order than forward's, and exp(l - lse) of a 1e13 difference is
-  // inf (README, Limits). Its own generator, so that the other cases' inputs stay those their tolerances were
-  // set with (the types share one stream).
-  std::mt19937_64 own(2024);
-  Case c;
-  c.B = 13, c.K = 50, c.d = 12, c.temperature = 1e-20, c.tensor_cores = false;
-  run_case<T>(c, own, tol, tol_acc, config, light);
+  // Extreme temperatures, each case with its own generator, so that the other cases' inputs stay those their
+  // tolerances were set with (the types share one stream).
+  if (!tc_only) {
+    // s = 1 / T = 1e20, s^2 past float32: the anchors' gradient was NaN. On the SIMT kernels: the tensor-core
+    // passes recompute logits of ~1e20 in another summation order than forward's, and exp(l - lse) of a 1e13
+    // difference is inf (README, Limits).
+    std::mt19937_64 own(2024);
+    Case c;
+    c.B = 13, c.K = 50, c.d = 12, c.temperature = 1e-20, c.tensor_cores = false;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+  }
+  // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
+  // in the tensor-core kernels' row factor, and 0 * inf NaN everywhere (row_factor caps it). The anchor's gradient
+  // is 1e12 G ~ 1e40: inf in the kernels and in the rounded reference alike. Not bfloat16: its bank gradient's
+  // coefficients g s inv w (1e40 / K) overflow, and inf x 0 is NaN (float16 sets a zero row's to 0, tc_zero_row;
+  // README, Limits).
+  if ((!tc_only || half) && !std::is_same<T, __nv_bfloat16>::value) {
+    std::mt19937_64 own(2025);
+    Case c;
+    c.B = 1, c.K = 30, c.d = 16, c.temperature = 1e-28, c.zero_anchor = 0, c.zero_bank = 7;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+  }
 }
 
 // Every case of every type (tc_only: only float16 / bfloat16 shared-bank cases with tensor cores allowed, what the
