@@ -425,7 +425,10 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale:
         # 0, whatever its loss (-inf) and saved V hold, so that no 0 * NaN reaches the temperature's gradient.
         dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
-    return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(loss.dtype), dloss_dscale)
+    # 1 / t in the wider of the two types: a float64 temperature with float32 features keeps d s / d t = -1 / t^2
+    # in float64 (in float32 it overflowed at t = 1e-20: an inf or NaN gradient where plain torch gives -2.6e39).
+    return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)),
+                                  dloss_dscale)
 
 
 class _AttachScaleGrad(torch.autograd.Function):

@@ -1095,6 +1095,19 @@ def test_learnable_temperature_gradcheck(mode, normalize):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e-25])
+def test_float64_learnable_temperature_with_float32_features(temperature):
+    # d s / d t = -1 / t^2 was formed in the features' float32: inf where the float64 temperature holds it (plain
+    # torch on the same float32 features: -2.593e39 at T = 1e-20)
+    a, p, n, _ = make_inputs("shared", B=6, K=40, d=7, dtype=torch.float32, seed=14, requires_grad=False)
+    t = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    cb.info_nce(a, p, n, temperature=t, normalize=False, reduction="sum").backward()
+    t_ref = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    info_nce_reference(a.double(), p.double(), n.double(), temperature=t_ref, normalize=False,
+                       reduction="sum").backward()
+    assert torch.isfinite(t.grad) and t.grad.item() == pytest.approx(t_ref.grad.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("temperature", [0.05, 1e4])
 def test_learnable_temperature_matches_reference(mode, temperature):
