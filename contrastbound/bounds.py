@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import cached_property
 from numbers import Integral, Real
 from typing import Any
@@ -89,17 +88,6 @@ class _Prior:
         if self.uniform:
             return math.log(self.num_classes)
         return float(-np.sum(self.counts * self.values * np.log(self.values)))
-
-    @cached_property
-    def sum_minus_one(self) -> float:
-        """sum_c pi_c - 1, correctly rounded (the renormalised float vector sums to 1 only to a few eps): each
-        count * value is an exact sum of two floats (the value split into 26 + 27 bits, Veltkamp; counts below 2^26),
-        summed exactly by math.fsum; with larger counts, in rationals."""
-        if self.counts.max() < 2.0**26:
-            hi, lo = _split(self.values)
-            return math.fsum([*(self.counts * hi).tolist(), *(self.counts * lo).tolist(), -1.0])
-        total = sum((Fraction(float(v)) * int(c) for v, c in zip(self.values, self.counts)), Fraction(0))
-        return float(total - 1)
 
     @cached_property
     def log1m(self) -> np.ndarray:
@@ -514,20 +502,6 @@ def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
     return r
 
 
-def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """a = hi + lo exactly, each with at most 26 significant bits (Veltkamp)."""
-    t = a * 134217729.0  # 2^27 + 1
-    hi = t - (t - a)
-    return hi, a - hi
-
-
-def _product_error(a: np.ndarray, b: np.ndarray, ab: np.ndarray) -> np.ndarray:
-    """a b - fl(a b) exactly (Dekker's two-product; ab = fl(a b))."""
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    return ((ah * bh - ab) + ah * bl + al * bh) + al * bl
-
-
 def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     """log upsilon_n for n > C by the trapezoid rule on the saddle-point circle."""
     out = np.empty(n.shape, dtype=np.float64)
@@ -549,16 +523,10 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     near = np.abs(u) < 0.5
     with np.errstate(invalid="ignore"):
         mid = np.where(near, nf * (u - np.log1p(u)), r - nf + nf * (np.log(nf) - np.log(r)))
-    # The x_c in use are the rounded products r pi_c of a prior that sums to 1 only to a few eps: they are the
-    # exact x of a prior summing to 1 + delta = sum_c x_c / r, whose coefficient is (1 + delta)^n times that of
-    # the normalised one, and sum_c x_c = r (1 + delta), not r. Both n eps-sized terms (4.9e-10 in log upsilon at
-    # n = 1e7 with 300 distinct values) are put back; delta from the products' exact rounding errors.
-    delta = p.sum_minus_one + (p.counts[None, :] * _product_error(r[:, None], p.values[None, :], x)).sum(1) / r
     log_base = (
         _stirlerr(nf)
         + 0.5 * (_LOG_2PI + np.log(nf))
         + mid
-        + (r * delta - nf * np.log1p(delta))
         + (p.counts[None, :] * np.log(-np.expm1(-x))).sum(1)
     )
     log1mex = np.log(-np.expm1(-x))  # (N, G): log(1 - e^{-x})
