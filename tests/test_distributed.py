@@ -341,6 +341,11 @@ def test_needs_initialised_process_group():
     x = torch.randn(3, 2)
     with pytest.raises(RuntimeError, match="init"):
         all_gather_with_grad(x)
+    from contrastbound.distributed import gather_with_local_first
+
+    for gather in (all_gather_with_grad, gather_with_local_first):  # (a sparse tensor: a memory-format error)
+        with pytest.raises(TypeError, match="tensor must be a dense"):
+            gather(x.to_sparse())
     for name, call in [
         ("info_nce", lambda: cb.info_nce(x, x, None, process_group=object())),  # in-batch over the global batch
         ("info_nce", lambda: cb.info_nce(x, x, x, process_group=object())),  # sharded bank
