@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
@@ -160,6 +161,14 @@ def main() -> int:
     for name in ("B", "d", "threads", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"-{name if len(name) == 1 else '-' + name} must be >= 1, got {getattr(args, name)}")
+    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
+        args.out = args.out[: -len(".csv")]
+    try:  # before measuring: the results would be lost
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
     rows = []
     header = f"{'K':>9} {'method':>15} {'time s':>8} {'extra MiB':>10} {'eff GF/s':>9} {'of GEMM':>8} {'note':}"
     print(f"B = {args.B}, d = {args.d}, float32, {args.threads} threads; each row a fresh process")
@@ -210,9 +219,6 @@ def main() -> int:
         if fd and nd and "time_s" in fd and "time_s" in nd:
             parts.append(f"detached: {nd['time_s'] / fd['time_s']:.2f}x")
         print(f"K = 2^{K.bit_length() - 1}: " + "; ".join(parts))
-    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
-        args.out = args.out[: -len(".csv")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "grads_mib", "effective_gflops", "gflops",
             "fraction_of_gemm", "loss", "note"]
     with open(args.out + ".csv", "w", newline="") as f:

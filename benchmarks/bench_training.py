@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -91,6 +92,14 @@ def main() -> int:
             parser.error(f"{name} must be >= 1, got {value}")
     if not 0 <= args.min_log2n <= args.max_log2n:
         parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
+    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
+        args.out = args.out[: -len(".csv")]
+    try:  # before measuring: the results would be lost
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
     print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'matrix MiB':>10}  note")
@@ -114,9 +123,6 @@ def main() -> int:
                 rows.append(row)
                 print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
-    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
-        args.out = args.out[: -len(".csv")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["loss", "N", "d", "method", "time_s", "extra_mib", "matrix_mib", "loss_value", "note"],
                            extrasaction="ignore")

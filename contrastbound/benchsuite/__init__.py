@@ -38,7 +38,10 @@ def _parse_ks(text: str) -> list[int]:
     out = []
     for part in _csv_list(text):
         try:
-            k = 2 ** int(part[2:]) if part.startswith("2^") else int(part)
+            e = int(part[2:]) if part.startswith("2^") else None
+            if e is not None and not 0 <= e <= 62:  # (2 ** 4e10 would be computed first: minutes, then MemoryError)
+                raise argparse.ArgumentTypeError(f"K values must lie in [1, 2^63), got {part!r}")
+            k = 2**e if e is not None else int(part)
         except ValueError:
             raise argparse.ArgumentTypeError(f"K values must be integers or 2^N, e.g. 2^10,65536; got {part!r}")
         if not 1 <= k < 2**63:
