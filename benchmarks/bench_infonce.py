@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
@@ -143,7 +142,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", default=",".join(["gemm", *METHODS]))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_infonce"),
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "bench_infonce"),
                         help="output path without extension: writes OUT.csv and OUT.json (a trailing .csv is dropped; "
                              "default %(default)s)")
     parser.add_argument("--worker", nargs=6, metavar=("METHOD", "B", "K", "D", "REPS", "THREADS"), help=argparse.SUPPRESS)
@@ -161,14 +161,9 @@ def main() -> int:
     for name in ("B", "d", "threads", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"-{name if len(name) == 1 else '-' + name} must be >= 1, got {getattr(args, name)}")
-    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
-        args.out = args.out[: -len(".csv")]
-    try:  # before measuring: the results would be lost
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
-            pass
-    except OSError as exc:
-        parser.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
+    from contrastbound.benchsuite.report import prepare_out_stem
+
+    args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     header = f"{'K':>9} {'method':>15} {'time s':>8} {'extra MiB':>10} {'eff GF/s':>9} {'of GEMM':>8} {'note':}"
     print(f"B = {args.B}, d = {args.d}, float32, {args.threads} threads; each row a fresh process")

@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 
@@ -78,7 +77,8 @@ def main() -> int:
     parser.add_argument("-d", type=int, default=128)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_training"),
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "bench_training"),
                         help="output path without extension: writes OUT.csv (a trailing .csv is dropped; "
                              "default %(default)s)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
@@ -92,14 +92,9 @@ def main() -> int:
             parser.error(f"{name} must be >= 1, got {value}")
     if not 0 <= args.min_log2n <= args.max_log2n:
         parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
-    if args.out.endswith(".csv"):  # (a file name given as such: bt.csv wrote bt.csv.csv)
-        args.out = args.out[: -len(".csv")]
-    try:  # before measuring: the results would be lost
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
-            pass
-    except OSError as exc:
-        parser.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
+    from contrastbound.benchsuite.report import prepare_out_stem
+
+    args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
     print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'matrix MiB':>10}  note")

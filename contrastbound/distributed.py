@@ -198,7 +198,8 @@ def _check_gather_input(tensor: object, what: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.layout != torch.strided:
-        raise TypeError(f"tensor must be a dense (strided) tensor, got layout {tensor.layout}: convert it with .to_dense()")
+        raise TypeError(f"tensor must be a dense (strided) tensor, got layout {tensor.layout}: convert it with "
+                        ".to_dense()")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
 

@@ -245,3 +245,21 @@ def plot(rows: list[dict], out_prefix: str) -> list[str]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+def prepare_out_stem(parser, out: str) -> str:
+    """--out of the standalone benchmark scripts: a path without extension (a trailing .csv is dropped: bt.csv
+    wrote bt.csv.csv), whose folder is made and tried for writing before any measurement (else parser.error:
+    the results would be lost to a traceback at the end)."""
+    import tempfile
+
+    if out.endswith(".csv"):
+        out = out[: -len(".csv")]
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {out!r}: its folder cannot be written ({exc})")
+    return out
