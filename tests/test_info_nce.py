@@ -98,17 +98,18 @@ def test_extreme_temperatures_gradients(device, mode, dtype, temperature, normal
     _check_against_reference(a, p, n, idx, dtype, temperature=temperature, normalize=normalize, reduction="sum")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1e-28), (torch.float64, 1e-300)], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_zero_anchor_row_at_a_tiny_temperature(mode, dtype):
+def test_zero_anchor_row_at_a_tiny_temperature(mode, dtype, temperature):
     # A zero anchor row normalises to 0 (F.normalize clamps its norm to 1e-12), so its logits are 0 and its loss
-    # log(K + 1) at any temperature. Folding the scale as x * (1e12 / T) overflowed float32 below T ~ 3e-27 and
-    # gave 0 * inf = NaN; (x / ||x||) / T keeps it 0. The other rows' losses (~1e28) must match the reference too.
+    # log(K + 1) at any temperature. Folding the scale as x * (1e12 / T) overflowed (float32 below T ~ 3e-27,
+    # float64 below ~6e-297) and gave 0 * inf = NaN; (x / ||x||) / T keeps it 0. The other rows' losses (~1 / T)
+    # must match the reference too.
     a, p, n, idx = make_inputs(mode, B=5, K=9, d=6, dtype=dtype, seed=12, requires_grad=False)
     a[2] = 0
-    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=1e-28, reduction="none")
+    loss = cb.info_nce(a, p, n, negative_indices=idx, temperature=temperature, reduction="none")
     ref = info_nce_reference(*(None if x is None else x.double() for x in (a, p, n)), negative_indices=idx,
-                             temperature=1e-28, reduction="none")
+                             temperature=temperature, reduction="none")
     assert torch.isfinite(loss).all(), loss
     assert_close_scaled(loss, ref, TOL[dtype], "loss")
     k = n.shape[-2] if idx is None and n is not None else (idx.shape[1] if idx is not None else a.shape[0] - 1)
