@@ -714,20 +714,22 @@ def test_collision_probability_small_tau_relative_accuracy():
             assert abs(B.collision_probability(K, C) - ref) <= 1e-14 * ref, (C, K)
 
 
-def test_coupon_bonferroni_branch_many_distinct_values():
-    # 300 distinct prior values: inclusion-exclusion would need > 256 groups, so the one-term Bonferroni branch
-    # serves (log1p(+s) for log1p(-s) there passed). Against log(1 - S1 + S2) in mpmath (the next term < S1^3).
+@pytest.mark.parametrize("n", [5400, 8000])
+def test_coupon_bonferroni_branch_many_distinct_values(n):
+    # 300 distinct prior values: inclusion-exclusion would need > 256 groups, so the Bonferroni branch serves
+    # (log1p(+s) for log1p(-s) there passed; with one term, S1 alone, the error was S2 / S1 ~ s / 2: 1.8e-9 at
+    # n = 8000, 5e-6 at 5400, where s = 9.8e-6). Against log(1 - S1 + S2) in mpmath, whose next term is below
+    # S1^3 / 6: the bracket [log(1 - S1 + S2 - S1^3 / 6), log(1 - S1 + S2)] is 1.6e-11 wide at n = 5400.
     w = 1.0 + np.arange(300) / 1000.0
     pi = w / w.sum()
-    n = 8000
     with mpmath.workdps(50):
         pm = [mpmath.mpf(float(x)) for x in pi]
         s1 = mpmath.fsum((1 - q) ** n for q in pm)
-        assert s1 < 1e-6
+        assert s1 < 1e-5
         s2 = mpmath.fsum((1 - pm[i] - pm[j]) ** n for i in range(300) for j in range(i + 1, 300))
-        ref = float(mpmath.log(1 - s1 + s2))
+        hi, lo = float(mpmath.log(1 - s1 + s2)), float(mpmath.log(1 - s1 + s2 - s1**3 / 6))
     got = B.coupon_collector_probability(n, prior=pi, log=True)
-    assert abs(got - ref) <= 1e-6 * abs(ref), (got, ref)
+    assert lo - 1e-14 * abs(hi) <= got <= hi + 1e-14 * abs(hi), (got, lo, hi)
 
 
 def test_interval_forms_are_passed_on():
