@@ -783,7 +783,7 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
     10^7; where upsilon_n is close to 1, log upsilon_n keeps that relative accuracy (inclusion-exclusion over the
     classes that can be missed; the Cauchy integral only where too many of them matter), except for priors with
     more than 256 distinct values: there at most s^2 / 6 relative (s = sum_c (1 - pi_c)^n <= 1e-5, two
-    Bonferroni terms; 5e-15 measured against mpmath with 300 distinct values; the first term alone up to 2048
+    Bonferroni terms; 5e-15 measured against mpmath with 300 distinct values; the first term alone above 2048
     groups) or
     an absolute error ~1e-12 in log upsilon_n (the Cauchy integral: 4e-13 at n = 10^7, where log upsilon_n =
     -1.7e-4, and 1e-11 at n = 10^6, each within the reference's Bonferroni bracket, with 300 distinct values in
