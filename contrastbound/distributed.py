@@ -26,6 +26,7 @@ from . import _backend, _ops
 from .reference import _softplus
 from .functional import (
     _autocast_off,
+    _check_dense,
     _check_bool,
     _check_features,
     _check_reduction,
@@ -197,9 +198,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 def _check_gather_input(tensor: object, what: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.layout != torch.strided:
-        raise TypeError(f"tensor must be a dense (strided) tensor, got layout {tensor.layout}: convert it with "
-                        ".to_dense()")
+    _check_dense("tensor", tensor)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
 

@@ -585,8 +585,6 @@ def _check_negatives(
     if negatives.dim() == 3 and negatives.shape[0] != B:
         raise ValueError(f"negatives of shape (B, K, d) must have B = {B} rows, got shape {tuple(negatives.shape)}")
     if negative_indices is not None:
-        if isinstance(negative_indices, torch.Tensor):
-            _check_dense("negative_indices", negative_indices)
         if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2:
             shape = tuple(negative_indices.shape) if isinstance(negative_indices, torch.Tensor) else None
             if shape is None:

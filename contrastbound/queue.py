@@ -136,9 +136,9 @@ class NegativeQueue(torch.nn.Module):
         if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.dim:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"keys must have shape (n, dim) with dim = {self.dim}, got {shape}")
-        if keys.layout != torch.strided:
-            raise TypeError(f"keys must be a dense (strided) tensor, got layout {keys.layout}: convert it with "
-                            ".to_dense()")
+        from .functional import _check_dense
+
+        _check_dense("keys", keys)
         if not keys.is_floating_point():
             raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
         if keys.device.type == "meta" and self.queue.device.type != "meta":
