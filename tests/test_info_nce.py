@@ -115,6 +115,43 @@ def test_zero_anchor_row_at_a_tiny_temperature(mode, dtype, temperature):
     k = n.shape[-2] if idx is None and n is not None else (idx.shape[1] if idx is not None else a.shape[0] - 1)
     assert loss[2].item() == pytest.approx(math.log(k + 1), rel=1e-6)
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, temperature, c", [(torch.float32, 1e-28, 2.0**-20), (torch.float64, 1e-292, 2.0**-30)],
+                         ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_small_norm_rows_at_a_tiny_temperature(device, mode, dtype, temperature, c):
+    # With normalize=True the loss does not change when a row is scaled by c > 0, so that row's gradient is 1 / c
+    # times the unscaled row's: an oracle where a float64 reference overflows (c a power of two: every step scales
+    # exactly). The normalisation's radial term (x_hat . G) proj x formed (x_hat . G) proj first, proj = 1 / |x|^2:
+    # float32 inf at |x| ~ 1e-6 and T = 1e-28 (anchors, positives, per-anchor and indexed bank rows), where the
+    # true gradient is ~1e34 (float64: |x| ~ 1e-9 at T = 1e-292, ~1e301).
+    a, p, n, idx = make_inputs(mode, B=5, K=9, d=6, dtype=dtype, device=device, seed=12, requires_grad=False)
+    # Positives apart from their anchors: at this temperature a negative often wins and the gradients are not 0.
+    p = torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(p)
+    scaled = [torch.zeros(x.shape[:-1], dtype=torch.bool, device=device) for x in (a, p, n) if x is not None]
+    scaled[0][[1, 3]] = True
+    scaled[1][[2, 4]] = True
+    if mode == "per_anchor":  # the rows that win at this temperature (the others' gradients are 0)
+        win = torch.einsum("bd,bkd->bk", F.normalize(a, dim=1), F.normalize(n, dim=2)).argmax(1)
+        scaled[2][[1, 3], win[[1, 3]]] = True
+    elif n is not None:  # bank rows: in the indexed mode, rows that indices use
+        scaled[2][idx[:2, 0] if idx is not None else [0, 4]] = True
+
+    def grads(xs):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        args = leaves + [None] * (3 - len(leaves))
+        loss = cb.info_nce(*args, negative_indices=idx, temperature=temperature, reduction="sum")
+        return torch.autograd.grad(loss, leaves)
+
+    base = [x for x in (a, p, n) if x is not None]
+    expected = [g * torch.where(m, 1 / c, 1.0).unsqueeze(-1).to(g) for g, m in zip(grads(base), scaled)]
+    actual = grads([x * torch.where(m, c, 1.0).unsqueeze(-1).to(x) for x, m in zip(base, scaled)])
+    for name, g, e, m in zip("apn", actual, expected, scaled):
+        assert torch.isfinite(e).all() and (e[m] != 0).any(), name  # the oracle itself: finite, and not all 0
+        assert_close_scaled(g, e, TOL[dtype], f"grad {name}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_and_expanded_inputs(mode):
     B, K, d = 11, 600, 10

@@ -116,7 +116,9 @@ CB_HOST_DEVICE inline acc_t softplus_loss(const LseState<acc_t>& neg, acc_t x) {
 
 // How a row x enters the logits: x_hat = inv * x. For the gradient,
 // d/dx = inv * g - (x_hat . g) * proj * x, with proj = inv^2 where ||x|| >= eps (the normalisation's
-// Jacobian) and 0 where F.normalize clamps the norm (or normalize=false: inv = 1, proj = 0).
+// Jacobian) and 0 where F.normalize clamps the norm (or normalize=false: inv = 1, proj = 0). Form the radial
+// term as (x_hat . g) * (proj * x_j), |proj * x_j| <= inv: (x_hat . g) * proj first overflows for a small row
+// at a tiny temperature (x_hat . g ~ 1 / T) where the gradient itself is finite.
 template <typename acc_t>
 struct RowScale {
   acc_t inv = 1;

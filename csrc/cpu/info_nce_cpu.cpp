@@ -615,10 +615,10 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
         const acc_t l = dot(ai, r, d) * rs.inv;
         const acc_t w = g[i] * std::exp(l - lse[i]);
         scalar_t* out = gn + (i * K + k) * d;
-        if (normalize) {
-          const acc_t cw = w * l * rs.proj;
+        if (normalize) {  // the radial term as (w l) (proj r_j): proj r_j <= inv (see row_scale)
+          const acc_t wl = w * l;
           for (int64_t j = 0; j < d; ++j) {
-            out[j] = static_cast<scalar_t>(w * rs.inv * ai[j] - cw * static_cast<acc_t>(r[j]));
+            out[j] = static_cast<scalar_t>(w * rs.inv * ai[j] - wl * (rs.proj * static_cast<acc_t>(r[j])));
           }
         } else {  // no normalisation Jacobian (0 * an infinite entry would be NaN)
           for (int64_t j = 0; j < d; ++j) out[j] = static_cast<scalar_t>(w * ai[j]);
@@ -742,8 +742,10 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
           const scalar_t* row = n + m * sm;
           // n_hat . G from the accumulated G, as F.normalize's backward forms it: a sum of w l kept apart from G
           // would leave their two rounding errors in the radial part (true value 0), growing with the row's hits.
-          const acc_t cp = proj[m] != acc_t(0) ? dot(gm, row, d) * inv[m] * proj[m] : acc_t(0);
-          for (int64_t j = 0; j < d; ++j) gm[j] = inv[m] * gm[j] - cp * static_cast<acc_t>(row[j]);
+          // (n_hat . G) (proj n_j), not ((n_hat . G) proj) n_j: proj = inv^2 times n_hat . G ~ s overflowed for
+          // small rows at tiny temperatures, while proj n_j <= inv.
+          const acc_t c = proj[m] != acc_t(0) ? dot(gm, row, d) * inv[m] : acc_t(0);
+          for (int64_t j = 0; j < d; ++j) gm[j] = inv[m] * gm[j] - c * (proj[m] * static_cast<acc_t>(row[j]));
         }
       }
     }
@@ -829,7 +831,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
           }
           const acc_t ahat_dot_g = gs * ahat_dot_u;
           for (int64_t j = 0; j < d; ++j) {
-            ga[i * d + j] = static_cast<scalar_t>(ra.inv * buf[j] - ahat_dot_g * ra.proj * ar[j]);
+            ga[i * d + j] = static_cast<scalar_t>(ra.inv * buf[j] - ahat_dot_g * (ra.proj * ar[j]));
           }
         }
         if (gp) {
@@ -837,7 +839,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
           const acc_t phat_dot_g = g[i] * w0m1 * pr.pos_logit[i];
           for (int64_t j = 0; j < d; ++j) {
             const acc_t gj = coef * (ar[j] * ra.inv);
-            gp[i * d + j] = static_cast<scalar_t>(rp.inv * gj - phat_dot_g * rp.proj * p_raw[i * d + j]);
+            gp[i * d + j] = static_cast<scalar_t>(rp.inv * gj - phat_dot_g * (rp.proj * p_raw[i * d + j]));
           }
         }
       }

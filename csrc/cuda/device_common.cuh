@@ -108,24 +108,20 @@ __device__ __forceinline__ acc_t warp_max(acc_t v) {
 }
 
 // Finishes `cols` features of one bank row from its accumulated G = dL/dn_hat (summed over `splits` partials
-// `stride` apart, in split order), given cp = (n_hat . G) proj: dL/dn = inv G - cp n. A whole warp; lane owns
-// features lane + 32 t. G, n and out start at the first of those features.
+// `stride` apart, in split order), given c = n_hat . G and the row's Jacobian factor proj:
+// dL/dn = inv G - c (proj n) (row_scale: proj n_j, not c proj, stays finite for a small row at a tiny
+// temperature). proj = 0 (normalize=false, or a norm F.normalize clamps): no Jacobian term, so a row no anchor
+// used (G = 0) keeps gradient 0 even where c is not finite (0 * inf = NaN). A whole warp; lane owns features
+// lane + 32 t. G, n and out start at the first of those features.
 template <typename scalar_t, typename acc_t>
 __device__ void finish_bank_cols(const acc_t* G, int64_t stride, int64_t splits, const scalar_t* n, int64_t sj,
-                                 int64_t cols, acc_t inv, acc_t cp, scalar_t* out) {
+                                 int64_t cols, acc_t inv, acc_t c, acc_t proj, scalar_t* out) {
+  const acc_t cr = proj != acc_t(0) ? c : acc_t(0);
   for (int64_t j = threadIdx.x % 32; j < cols; j += 32) {
     acc_t gs = 0;
     for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
-    out[j] = from_acc<scalar_t>(inv * gs - cp * to_acc<acc_t>(n[j * sj]));
+    out[j] = from_acc<scalar_t>(inv * gs - cr * (proj * to_acc<acc_t>(n[j * sj])));
   }
-}
-
-// The factor cp of finish_bank_cols from n_hat . G = inv (n . G) and the row's Jacobian factor proj. proj = 0
-// (normalize=false, or a norm F.normalize clamps): no Jacobian term, so a row no anchor used (G = 0) keeps
-// gradient 0 even where n_hat . G is not finite (0 * inf = NaN).
-template <typename acc_t>
-__device__ __forceinline__ acc_t bank_row_cp(acc_t n_hat_dot_g, acc_t proj) {
-  return proj != acc_t(0) ? n_hat_dot_g * proj : acc_t(0);
 }
 
 // Finishes one whole bank row, n_hat . G from the accumulated G itself. Called by a whole warp.
@@ -139,6 +135,6 @@ __device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, 
     dot += gs * to_acc<acc_t>(n[j * sj]);
   }
   const acc_t total = warp_sum(dot);  // n . G; n_hat . G = inv (n . G)
-  finish_bank_cols<scalar_t, acc_t>(G, stride, splits, n, sj, d, inv, bank_row_cp(total * inv, proj), out);
+  finish_bank_cols<scalar_t, acc_t>(G, stride, splits, n, sj, d, inv, total * inv, proj, out);
 }
 

@@ -640,18 +640,18 @@ __global__ void __launch_bounds__(kThreads)
         part += to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv * (w0m1 * phi[j] + vi[j]);
       }
       const acc_t ahat_dot_g = gs * block_sum(part, red);
-      const acc_t cp = ahat_dot_g * pr.a_proj[i];
+      const acc_t proj = pr.a_proj[i];  // radial term as (a_hat . G) (proj a_j): row_scale
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
         const acc_t gj = gs * (w0m1 * phi[j] + vi[j]);
-        ga[i * d + j] = from_acc<scalar_t>(a_inv * gj - cp * to_acc<acc_t>(a[i * as0 + j * as1]));
+        ga[i * d + j] = from_acc<scalar_t>(a_inv * gj - ahat_dot_g * (proj * to_acc<acc_t>(a[i * as0 + j * as1])));
       }
     }
     if (gp != nullptr) {
       const acc_t phat_dot_g = gi * w0m1 * pr.pos[i];  // p_hat . G_p, pos = s a_hat . p_hat
-      const acc_t inv = pr.p_inv[i], cp = phat_dot_g * pr.p_proj[i];
+      const acc_t inv = pr.p_inv[i], proj = pr.p_proj[i];
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
         const acc_t gj = coef * (to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv);
-        gp[i * d + j] = from_acc<scalar_t>(inv * gj - cp * to_acc<acc_t>(q[i * ps0 + j * ps1]));
+        gp[i * d + j] = from_acc<scalar_t>(inv * gj - phat_dot_g * (proj * to_acc<acc_t>(q[i * ps0 + j * ps1])));
       }
     }
   }
@@ -797,10 +797,10 @@ __global__ void __launch_bounds__(kThreads)
     const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
     const acc_t l = dot * rs.inv;
     const acc_t wgt = g[i] * std::exp(l - lse[i]);
-    const acc_t cw = wgt * l * rs.proj;
+    const acc_t wl = wgt * l;  // radial term as (w l) (proj n_j): row_scale
     scalar_t* out = grad + q * d;
     for (int64_t j = lane; j < d; j += 32) {
-      out[j] = from_acc<scalar_t>(wgt * rs.inv * ai[j] - cw * to_acc<acc_t>(row[j * s2]));
+      out[j] = from_acc<scalar_t>(wgt * rs.inv * ai[j] - wl * (rs.proj * to_acc<acc_t>(row[j * s2])));
     }
   }
 }

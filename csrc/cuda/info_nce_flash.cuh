@@ -119,7 +119,8 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
       }
     }
     if (MODE == FlashMode::BankGrads && a.splits == 1) {
-      // Finish the bank row: dL/dn = inv G - (n . G) inv proj n (n in its own type, as finish_bank_row).
+      // Finish the bank row: dL/dn = inv G - c (proj n), c = n_hat . G = inv (n . G) (n in its own type; the
+      // order and the proj = 0 guard of finish_bank_cols).
       float dot = 0.f;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -130,7 +131,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
         }
       dot = fl_quad_sum(dot);
       if (ok) {
-        const float inv = a.x_inv[r], cp = dot * inv * a.x_proj[r];
+        const float inv = a.x_inv[r], proj = a.x_proj[r], c = proj != 0.f ? dot * inv : 0.f;
         T* out = static_cast<T*>(a.out_grad) + r * a.d;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -138,7 +139,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * j + 2 * t + e;
             if (col < a.d) {
-              out[col] = from_acc<T>(inv * (acc[4 * j + 2 * h + e] * unscale) - cp * xn(h, col));
+              out[col] = from_acc<T>(inv * (acc[4 * j + 2 * h + e] * unscale) - c * (proj * xn(h, col)));
             }
           }
       }

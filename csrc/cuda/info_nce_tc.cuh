@@ -550,7 +550,7 @@ __global__ void __launch_bounds__(kTcThreads) tc_finish_kernel(const TcOperand<T
       float c = 0.f;
       for (int64_t s = 0; s < a.splits; ++s) c += a.partial_proj[s * X.rows + x];
       finish_bank_cols<T, float>(a.partial + x * a.d, stride, a.splits, X.ptr + x * X.s0, X.s1, a.d, a.x_inv[x],
-                                 bank_row_cp(c * a.x_inv[x], a.x_proj[x]), static_cast<T*>(a.out_grad) + x * a.d);
+                                 c * a.x_inv[x], a.x_proj[x], static_cast<T*>(a.out_grad) + x * a.d);
     } else {
       finish_bank_row<T, float>(a.partial + x * a.d, stride, a.splits, X.ptr + x * X.s0, X.s1, a.d, a.x_inv[x],
                                 a.x_proj[x], static_cast<T*>(a.out_grad) + x * a.d);
@@ -981,7 +981,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
         const int64_t k = x0 + rr;
         const float c = (rowc[rr] + rowc[kTcRows + rr]) * unscale * a.x_inv[k];
         finish_bank_cols<T, float>(E + rr * m.lde, 0, 1, X.ptr + k * X.s0 + col0 * X.s1, X.s1, wd, a.x_inv[k],
-                                   bank_row_cp(c, a.x_proj[k]), grad + k * a.d + col0);
+                                   c, a.x_proj[k], grad + k * a.d + col0);
       }
     }
   }

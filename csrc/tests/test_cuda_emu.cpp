@@ -140,14 +140,17 @@ struct Case {
   int64_t zero_anchor = -1, zero_bank = -1;  // a row set to zero (-1: none)
   int64_t nan_bank = -1;                      // a bank row with a NaN feature (-1: none)
   bool bad_scale = false;                     // scale -1 / T: every output must be NaN (read_scale)
+  double small = 1.0;  // a factor for anchor rows i % 3 == 1, positive rows i % 3 == 2 and the even bank rows
+  bool distinct = false;  // Indexed: no row twice in an anchor's indices (K <= rows)
   std::string name() const {
     char buf[240];
     std::snprintf(buf, sizeof buf,
-                  "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d T=%g%s%s",
+                  "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
+                  "T=%g%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
-                  nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "");
+                  nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "");
     return buf;
   }
 };
@@ -288,15 +291,24 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   const std::string what = std::string(name_of<T>()) + " " + c.name() + " [" + config + "]";
   const int64_t B = c.B, K = c.K, d = c.d;
   const int64_t bank_rows = c.mode == Mode::Indexed ? c.rows : c.mode == Mode::Shared ? K : B * K;
-  const Mat<T> A = random_mat<T>(rng, B, d, c.layout, c.zero_anchor);
-  const Mat<T> P = random_mat<T>(rng, B, d, c.layout, -1);
+  Mat<T> A = random_mat<T>(rng, B, d, c.layout, c.zero_anchor);
+  Mat<T> P = random_mat<T>(rng, B, d, c.layout, -1);
   Mat<T> N = random_mat<T>(rng, bank_rows, d, c.layout, c.zero_bank);
+  const auto shrink = [&](Mat<T>& m, int64_t period, int64_t which) {
+    for (int64_t i = which; c.small != 1.0 && i < m.rows; i += period)
+      for (int64_t j = 0; j < d; ++j) m.at(i, j) = from_d<T>(m.f(i, j) * c.small);
+  };
+  shrink(A, 3, 1);
+  shrink(P, 3, 2);
+  shrink(N, 2, 0);
   if (c.nan_bank >= 0) N.at(c.nan_bank, d / 2) = from_d<T>(NAN);
   std::vector<int64_t> idx;
   if (c.mode == Mode::Indexed) {
     // repeats, and rows no anchor uses (their gradient must stay 0)
     std::uniform_int_distribution<int64_t> pick(0, std::max<int64_t>(0, c.rows / 2 + 1));
-    for (int64_t i = 0; i < B * K; ++i) idx.push_back(std::min<int64_t>(c.rows - 1, pick(rng)));
+    for (int64_t i = 0; i < B * K; ++i) {
+      idx.push_back(c.distinct ? (i / K * 7 + i % K) % c.rows : std::min<int64_t>(c.rows - 1, pick(rng)));
+    }
   }
   std::vector<int64_t> excl;
   if (c.excluded)
@@ -366,7 +378,10 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     for (int64_t j = 0; j < d; ++j) t += x[j] * y[j];
     return t;
   };
-  std::vector<double> want_loss(B), want_lse(B), want_v(B * d, 0.0), l0(B);
+  // Weights as e^{(l - m) - log sum} (m the row's largest logit), not e^{l - lse}: lse = m + log sum rounds by
+  // eps |m|, which at T = 1e-28 (|l| ~ 1e28) is far more than log 3 and turned tied logits' weights (a bank row
+  // indexed three times) into 0 or inf.
+  std::vector<double> want_loss(B), want_lse(B), want_v(B * d, 0.0), l0(B), lmax(B), log_sum(B);
   std::vector<std::vector<double>> lk(B, std::vector<double>(K));
   for (int64_t i = 0; i < B; ++i) {
     l0[i] = s * dotv(ah[i], ph[i]);
@@ -377,10 +392,11 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     }
     double sum = c.include_positive ? std::exp(l0[i] - m) : 0.0;
     for (int64_t k = 0; k < K; ++k) sum += std::exp(lk[i][k] - m);
-    want_lse[i] = m + std::log(sum);
-    want_loss[i] = want_lse[i] - l0[i];
+    lmax[i] = m, log_sum[i] = std::log(sum);
+    want_lse[i] = m + log_sum[i];
+    want_loss[i] = (m - l0[i]) + log_sum[i];
     for (int64_t k = 0; k < K; ++k) {
-      const double w = std::exp(lk[i][k] - want_lse[i]);
+      const double w = std::exp((lk[i][k] - m) - log_sum[i]);
       for (int64_t j = 0; j < d; ++j) want_v[i * d + j] += w * nhr[row_of(i, k)][j];
     }
   }
@@ -445,11 +461,11 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   std::vector<double> ga(B * d), gp(B * d), gn(bank_rows * d, 0.0);
   std::vector<std::vector<double>> Gn(bank_rows, std::vector<double>(d, 0.0));
   for (int64_t i = 0; i < B; ++i) {
-    const double dl0 = gl[i] * (c.include_positive ? std::expm1(l0[i] - want_lse[i]) : -1.0);
+    const double dl0 = gl[i] * (c.include_positive ? std::expm1(-want_loss[i]) : -1.0);
     std::vector<double> Ga(d), Gp(d);
     for (int64_t j = 0; j < d; ++j) Ga[j] = s * dl0 * ph[i][j], Gp[j] = s * dl0 * ah[i][j];
     for (int64_t k = 0; k < K; ++k) {
-      const double dlk = gl[i] * std::exp(lk[i][k] - want_lse[i]);
+      const double dlk = gl[i] * std::exp((lk[i][k] - lmax[i]) - log_sum[i]);
       const int64_t r = row_of(i, k);
       for (int64_t j = 0; j < d; ++j) Ga[j] += s * dlk * nhr[r][j], Gn[r][j] += s * dlk * ahr[i][j];
     }
@@ -654,6 +670,22 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     Case c;
     c.B = 13, c.K = 50, c.d = 12, c.temperature = 1e-20, c.tensor_cores = false;
     run_case<T>(c, own, tol, tol_acc, config, light);
+  }
+  // Small rows at a tiny temperature (float32 / half: |x| ~ 1e-6 at T = 1e-28; float64: ~1e-9 at 1e-292): the
+  // normalisation's radial term formed (x_hat . G) proj with proj = 1 / |x|^2 first, inf where the gradient is
+  // ~1e34 (~1e301). Every mode's SIMT kernels (the tensor-core passes' recomputed logits: README, Limits);
+  // indexed without repeats (at |lse| ~ 1e28 a row indexed three times weighs e^{l - lse} = 1 each, not 1 / 3:
+  // README, Limits).
+  if (!tc_only) {
+    const bool wide = std::is_same<T, double>::value;
+    for (Mode mode : {Mode::Shared, Mode::PerAnchor, Mode::Indexed}) {
+      std::mt19937_64 own(2026);
+      Case c;
+      c.mode = mode, c.B = 13, c.K = 20, c.d = 12, c.rows = 30, c.distinct = true, c.tensor_cores = false;
+      c.temperature = wide ? 1e-292 : 1e-28;
+      c.small = wide ? std::ldexp(1.0, -30) : std::ldexp(1.0, -20);
+      run_case<T>(c, own, tol, tol_acc, config, light);
+    }
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
   // in the tensor-core kernels' row factor, and 0 * inf NaN everywhere (row_factor caps it). The anchor's gradient
