@@ -674,6 +674,32 @@ def test_tf32_follows_torch_matmul_setting(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tf32_follows_fp32_precision_set_alone(dtype):
+    # torch.backends.cuda.matmul.fp32_precision = "tf32" set alone (the newer API): torch's legacy reader
+    # allowTF32CuBLAS() raises while the two APIs disagree, and the glue called it on every CUDA call, any dtype.
+    # The result must be the one allow_tf32 = True gives (the same kernels), and "ieee" the one without TF32.
+    a, p, n, _ = make_inputs("shared", B=100, K=1500, d=64, dtype=dtype, device=CUDA, seed=8)
+    m = torch.backends.cuda.matmul
+    old, old_prec = m.allow_tf32, m.fp32_precision
+    try:
+        results = {}
+        for name, allow in (("tf32", True), ("ieee", False)):
+            m.allow_tf32 = allow
+            legacy = _run(cb.info_nce, a, p, n, None, temperature=0.5)
+            m.allow_tf32 = not allow  # sets both APIs; then the newer one alone: they disagree
+            m.fp32_precision = name
+            results[name] = _run(cb.info_nce, a, p, n, None, temperature=0.5)
+            assert torch.equal(legacy[0], results[name][0]), name
+            assert all(torch.equal(x, y) for x, y in zip(legacy[1], results[name][1])), name
+        if dtype == torch.float32:  # the two settings took different kernels
+            assert not all(torch.equal(x, y) for x, y in zip(results["tf32"][1], results["ieee"][1]))
+    finally:
+        m.fp32_precision = old_prec
+        m.allow_tf32 = old
+
+
 @pytest.mark.parametrize("stages", ["1", "2"])
 @pytest.mark.parametrize("impl", ["mma", "mma_1pass", "flash", "wgmma"])
 def test_tensor_cores_deterministic_and_on_side_stream(monkeypatch, stages, impl):

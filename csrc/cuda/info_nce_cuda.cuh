@@ -65,7 +65,8 @@ struct Problem {
   const int64_t* excluded = nullptr;
 
   // Tensor cores (Shared mode, d <= 256, compute capability >= 8.0): float16/bfloat16 always unless
-  // tensor_cores is false; float32 as TF32 only when tf32 is true (torch.backends.cuda.matmul.allow_tf32).
+  // tensor_cores is false; float32 as TF32 only when tf32 is true (torch allows TF32 in float32 matmuls:
+  // allow_tf32, fp32_precision = "tf32" or set_float32_matmul_precision("high")).
   bool tensor_cores = true;
   bool tf32 = false;
 };

@@ -4,13 +4,15 @@
 //
 // STATUS: an earlier version (the scale passed as a double) was built and tested against torch 2.11 (CUDA 13.0)
 // on an H200 by scripts/gpu_check.sh; the current one is compiled in CI only against the CPU torch's headers with
-// stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built against a CUDA torch.
+// stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built against a CUDA torch; by hand
+// (g++ -fsyntax-only, the same stubs) also against the headers of torch 2.11.0's CUDA wheel.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <cstdlib>
@@ -25,6 +27,20 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
+
+// Whether float32 matrix products may take TF32, as torch's own matmuls decide it. From torch 2.10 the setting is
+// kept per backend and op (torch.backends.cuda.matmul.fp32_precision, which allow_tf32 and
+// set_float32_matmul_precision also set), and the legacy reader allowTF32CuBLAS() raises once the two APIs
+// disagree (fp32_precision = "tf32" set alone): every CUDA call of the ops failed then, whatever its dtype.
+// Before 2.10 (no such enum; 2.9 has a string form) the legacy reader.
+bool tf32_matmul() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
 
 DType dtype_of(at::ScalarType t) {
   switch (t) {
@@ -113,7 +129,7 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   // TF32 setting for matrix products.
   const char* tc = std::getenv("CONTRASTBOUND_TENSOR_CORES");
   p.tensor_cores = tc == nullptr || std::string(tc) != "0";
-  p.tf32 = at::globalContext().allowTF32CuBLAS();
+  p.tf32 = p.dtype == DType::Float32 && tf32_matmul();
   // CONTRASTBOUND_TC_WGMMA=1 (experimental) asks for the sm_90a warpgroup-MMA kernels: on a device or build where
   // they cannot run, an error rather than a silent fallback, so that a test or benchmark of them measures them.
   // Problems that the flash kernels do not serve (float32, per-anchor or indexed negatives, ...) take the usual
