@@ -168,6 +168,26 @@ def test_tiny_run_writes_every_file(tiny):
         assert f"## {e}:" in md
     assert md.count("**Claim:**") >= 10 and "Verdict:" in md
     assert html.count("data:image/png;base64,") == len(pngs)
+    assert "run in progress" not in md and "run in progress" not in html  # the placeholder was replaced
+
+
+def test_tiny_verdicts_that_the_theorem_does_not_back_are_measured(tiny):
+    # R_cont* and R_supv* are lower bounds, attained only for C = 2: comparing the bounds with them is not a
+    # consequence of the theorem; nor is containment on the test set (test-set R_cont, training-set class means).
+    # Those rows are "measured", so that --strict cannot fail on them.
+    md = open(os.path.join(tiny, "report.md")).read()
+    summary = md.split("## Summary of claims")[1].split("\n## ")[0]
+    rows = [r for r in summary.splitlines() if r.startswith("| ")]
+    reference = [r for r in rows if r.startswith("| bounds-vs-k |") and "R_cont* + Delta_U compares with R_supv*" in r]
+    assert len(reference) == 2 and all(r.endswith("| **measured** |") for r in reference)
+    assert "lower bounds" in md and "smallest values the two losses can take" not in md
+    for name in ("toy", "digits"):
+        test_rows = [r for r in rows if r.startswith(f"| {name} |") and "lies in [R_cont + Delta_L" in r]
+        assert len(test_rows) == 2, test_rows
+        train, test = sorted(test_rows, key=lambda r: "test set" in r)
+        assert "in-sample" in train and not train.endswith("| **measured** |")
+        assert "test set" in test and test.endswith("| **measured** |")
+    assert md.count("The theorem does not cover this pairing") == 2
 
 
 def test_tiny_curves_consistent(tiny):
@@ -176,7 +196,9 @@ def test_tiny_curves_consistent(tiny):
     assert {int(r["C"]) for r in rows} == {5, 10} and len(rows) == 2 * 40
     for r in rows:
         assert _f(r["delta_lower"]) < _f(r["delta_upper"])
-        assert _f(r["upper_on_supv"]) >= _f(r["R_supv_min"])  # the sandwich at the minimal losses
+        # the reference curves (lower bounds of the losses): not a consequence of the theorem for C >= 3, but true
+        # of these numbers (the report gives them as measured)
+        assert _f(r["upper_on_supv"]) >= _f(r["R_supv_min"])
         assert _f(r["lower_on_cont"]) >= _f(r["R_cont_min"])
     cols, rows = _read(os.path.join(tiny, "compare_bounds.csv"))
     assert "bound_ash" in cols and len(rows) == 40
@@ -422,7 +444,8 @@ def test_containment_claim_reports_margins_in_standard_errors():
     inside = row(1, 1.0, 1.5, 3.0, 0.1)  # margin 0.5 = 5 standard errors
     sec = Section("x", "x")
     _containment_claims(sec, [inside], [inside], "test")
-    assert [c.verdict for c in sec.claims] == ["supported", "supported"]
+    # (the test-set row is measured: the theorem does not cover test-set R_cont with training-set class means)
+    assert [c.verdict for c in sec.claims] == ["supported", "measured"]
     assert "standard errors of the R_cont estimate" in sec.claims[0].evidence and ": 5." in sec.claims[0].evidence
     near = row(2, 1.0, 0.85, 3.0, 0.1)  # 1.5 standard errors below the lower bound: could be noise
     far = row(4, 1.0, 0.2, 3.0, 0.1)  # 8 below: cannot
@@ -431,3 +454,166 @@ def test_containment_claim_reports_margins_in_standard_errors():
     ev = sec.claims[0].evidence
     assert sec.claims[0].verdict == "NOT supported"
     assert "1 of 3 evaluations" in ev and "1 of the 2 outside are within 3 standard errors" in ev, ev
+    # outside on the test set: the same numbers, but measured (no "NOT supported", so --strict does not fail)
+    assert sec.claims[1].verdict == "measured" and sec.claims[1].evidence.startswith("no: 1 of 3 evaluations")
+    assert "The theorem does not cover this pairing" in sec.claims[1].evidence
+
+
+def test_figures_cut_the_log_axis_name_what_leaves_it_and_draw_log_c(tmp_path, monkeypatch):
+    # digits_bounds.png ran from 1e0 to 1e48 (Arora et al. and Ash et al. reach ~1e47): the axes are cut at 0.5 and
+    # 500, a bound that leaves them is named in the legend (and marked at the edge), and log C is drawn.
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce import curves, training
+
+    figures = {}
+    for module in (curves, training):
+        real = module.save_figure
+        monkeypatch.setattr(module, "save_figure", lambda fig, path, real=real: (
+            figures.__setitem__(os.path.basename(path), fig), real(fig, path)))
+    run(["compare-bounds", "digits"], str(tmp_path), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+
+    def legend(ax):
+        return [t.get_text() for t in ax.get_legend().get_texts()]
+
+    for name, panels in (("compare_bounds.png", (1,)), ("digits_bounds.png", (0, 1))):
+        axes = figures[name].axes
+        for j in panels:
+            assert any(t.startswith("log C = 2.303") for t in legend(axes[j])), (name, j, legend(axes[j]))
+    for name, ax in (("compare_bounds.png", figures["compare_bounds.png"].axes[1]),
+                     ("digits_bounds.png", figures["digits_bounds.png"].axes[0])):
+        assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((0.5, 500)), name
+    # C = 10, K = 1 ... 40: Arora et al. is 800 at K = 10, above the cut
+    arora = next(t for t in legend(figures["compare_bounds.png"].axes[1]) if t.startswith("Arora"))
+    assert "off scale: above 500 at K = 10" in arora, arora
+    report = (tmp_path / "report.md").read_text()
+    assert "log axes cut at 0.5 and 500" in report and "Dash-dot: log C" in report
+
+
+def test_off_scale_names_and_marks_the_points_outside_the_axes():
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce._common import new_figure, off_scale
+
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, 500)
+    ks = np.array([4, 16, 64, 256, 1024])
+    n_lines = len(ax.lines)
+    label = off_scale(ax, ks, [2.0, 30.0, 1229.0, 7.6e11, 1.1e47], "Arora et al.", color="C1", markers=True)
+    assert label == "Arora et al. (off scale: above 500 at K = 64, 256, 1024, up to 1.1e+47)", label
+    assert len(ax.lines) == n_lines + 1 and len(ax.lines[-1].get_xdata()) == 3  # three triangles at the top edge
+    assert off_scale(ax, ks, [2.0, np.nan, 3.0, 4.0, 0.1], "x") == "x (off scale: below 0.5 at K = 1024, down to 0.1)"
+    assert off_scale(ax, np.arange(1, 8), [600, 700, 1, 1, 800, 900, 1], "y") == (
+        "y (off scale: above 500 at K = 1-2, 5-6, up to 900)")
+    assert off_scale(ax, ks, [1.0, np.nan, 2.0, 3.0, 4.0], "ours") == "ours"  # undefined is not off scale
+
+
+def test_without_matplotlib_nothing_runs_and_the_message_names_the_extra(tmp_path, monkeypatch, capsys):
+    # Every experiment draws figures: without matplotlib they all ran in full and then failed at plotting.
+    from contrastbound import reproduce
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "out"
+    assert main(["--tiny", "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install contrastbound[repro]" in err, err
+    assert not out.exists() or not os.listdir(out)  # no experiment ran, no CSV, no placeholder
+    # run(), the Python entry point, refuses as well, before any work
+    with pytest.raises(ImportError, match=r"contrastbound\[repro\]"):
+        reproduce.run(["compare-bounds"], str(out), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_an_earlier_report_is_replaced_by_a_placeholder_while_the_run_is_in_progress(tmp_path, monkeypatch):
+    # A run killed outright (SIGKILL, a lost node) must not leave an earlier run's report beside its new files.
+    from contrastbound import reproduce
+
+    for name in ("report.md", "report.html"):
+        (tmp_path / name).write_text("the report of an EARLIER run\n")
+    seen = {}
+
+    def look(*args, **kwargs):
+        for name in ("report.md", "report.html"):
+            seen[name] = (tmp_path / name).read_text()
+        raise RuntimeError("stopped after looking")
+
+    real = reproduce._runner
+    monkeypatch.setattr(reproduce, "_runner", lambda name: look if name == "toy" else real(name))
+    run(["compare-bounds", "toy"], str(tmp_path), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+    for name in ("report.md", "report.html"):
+        assert "EARLIER" not in seen[name]
+        assert "run in progress (not finished)" in seen[name] and "has not finished" in seen[name]
+        assert "started at 20" in seen[name] and "toy" in seen[name]
+    final = (tmp_path / "report.md").read_text()
+    assert "in progress" not in final and "toy (failed)" in final and "EARLIER" not in final
+
+
+def test_sigterm_takes_the_ctrl_c_path_then_goes_to_the_previous_handler(tmp_path, monkeypatch, capsys):
+    # In-process: a recording handler stands in for the default one (which would end pytest). main() turns SIGTERM
+    # into the Ctrl-C path (report written, marked SIGTERM), restores the previous handler and sends SIGTERM again.
+    import signal
+    import time
+
+    from contrastbound import reproduce
+
+    def sigterm_then_wait(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the handler
+        pytest.fail("SIGTERM did not interrupt the experiment")
+
+    received = []
+
+    def recorder(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, recorder)
+    try:
+        real = reproduce._runner
+        monkeypatch.setattr(reproduce, "_runner", lambda name: sigterm_then_wait if name == "toy" else real(name))
+        with pytest.raises(reproduce.Terminated):
+            reproduce.main(["compare-bounds", "toy", "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)])
+        assert received == [signal.SIGTERM]  # sent on to the previous handler, after the report
+        assert signal.getsignal(signal.SIGTERM) is recorder  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = (tmp_path / "report.md").read_text()
+    assert "INTERRUPTED (SIGTERM) during toy" in report and "not run: bounds-vs-k" in report
+    assert (tmp_path / "compare_bounds.csv").exists() and not (tmp_path / "bounds_vs_k.csv").exists()
+    assert "interrupted during toy (SIGTERM)" in capsys.readouterr().err
+
+
+def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
+    # The real process (about 10 s, mostly imports): the placeholder is there while the experiment runs, and
+    # after SIGTERM the report of what ran replaces it and the process ends by SIGTERM (status 143 in a shell).
+    import signal
+    import subprocess
+
+    (tmp_path / "report.md").write_text("the report of an EARLIER run\n")
+    script = (
+        "import time, contrastbound.reproduce as r\n"
+        "from contrastbound.__main__ import exit_from_cli\n"
+        "real = r._runner\n"
+        "def wait(*a, **k):\n"
+        "    print('experiment started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "r._runner = lambda name: wait if name == 'toy' else real(name)\n"
+        f"exit_from_cli(r.main, ['toy', 'bounds-vs-k', '--tiny', '--no-progress', '--out', {str(tmp_path)!r}])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        while "experiment started" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.stderr.read()[-500:]
+        during = (tmp_path / "report.md").read_text()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "run in progress" in during and "EARLIER" not in during
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-500:])
+    assert "Traceback" not in err and "interrupted during toy (SIGTERM)" in err
+    report = (tmp_path / "report.md").read_text()
+    assert "INTERRUPTED (SIGTERM) during toy" in report and "not run: bounds-vs-k" in report

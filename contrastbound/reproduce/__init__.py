@@ -6,27 +6,40 @@
 Experiments (all five by default): bounds-vs-k (Figure 3), compare-bounds (Figure 4), toy (Figures 5 and 6),
 digits (Figure 1, needs scikit-learn) and k-scaling (fused against naive PyTorch). Writes one PNG per figure, one
 CSV per experiment, report.md and report.html (images inline) under DIR (default ./contrastbound-results).
+While a run is in progress, report.md and report.html are a placeholder saying so (when it was started), which the
+final report replaces: a run killed outright leaves no earlier run's report beside its new files.
 See docs/REPRODUCE.md. Exit status: 0 once the report is written (with --strict: 3 if a claim is NOT supported),
-1 if an experiment failed (the report is still written) or the output folder cannot be written, 2 for bad
-arguments; on Ctrl-C the report of what ran is written, marked as interrupted, and the process ends by SIGINT
+1 if an experiment failed (the report is still written), the output folder cannot be written or matplotlib (the
+figures; `pip install contrastbound[repro]`) cannot be imported (both checked before any work), 2 for bad
+arguments. On Ctrl-C the report of what ran is written, marked as interrupted, and the process ends by SIGINT
 (status 130 in a shell, which then stops a loop over runs too; run() raises KeyboardInterrupt after writing it).
+SIGTERM (`timeout`, CI cancellation, Slurm) takes the same path while main() runs (its handler raises
+KeyboardInterrupt): the report, marked as interrupted by SIGTERM, is written, then main() restores the previous
+handler and sends SIGTERM to the process again, so that with the default disposition it ends by SIGTERM (status
+143 in a shell) after writing the report; a second SIGTERM meanwhile acts at once as the previous handler would.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Sequence
 
 import torch
 
-from ._common import PRESETS, Section, Settings, deterministic, make_settings, render_html, render_markdown
+from ._common import (
+    PRESETS, Section, Settings, deterministic, make_settings, render_html, render_markdown, require_matplotlib,
+)
 
-__all__ = ["EXPERIMENTS", "main", "run", "make_settings", "Settings"]
+__all__ = ["EXPERIMENTS", "main", "run", "make_settings", "Settings", "Terminated"]
 
 EXPERIMENTS = ("bounds-vs-k", "compare-bounds", "toy", "digits", "k-scaling")
 
@@ -48,6 +61,51 @@ def _runner(name: str):
     return fn
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned by main() into the Ctrl-C path (a KeyboardInterrupt), so that the report is still written."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM raises Terminated (once: the handler first puts the previous one back, so a
+    second SIGTERM acts at once). Only in the main thread, and not where SIGTERM is ignored (e.g. by the caller)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_placeholder(out: str, experiments: Sequence[str], preset: str) -> None:
+    """report.md and report.html saying that a run is in progress, so that no earlier run's report stays beside
+    this run's files if it is killed before writing its own (SIGKILL, a lost node); the report overwrites them."""
+    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [
+        f"A `contrastbound reproduce` run (experiments {', '.join(experiments)}; preset `{preset}`; process "
+        f"{os.getpid()} on {platform.node() or 'this machine'}) started at {when} and has not finished.",
+        "Its report replaces this file when it ends, even when it is interrupted (Ctrl-C, SIGTERM). If this file is "
+        "still here after the run ended, the run was killed before writing its report: the other files in this "
+        "folder may be from it or from an earlier run.",
+    ]
+    title = "contrastbound reproduce: run in progress (not finished)"
+    with open(os.path.join(out, "report.md"), "w") as fh:
+        fh.write(render_markdown(title, lines, []))
+    with open(os.path.join(out, "report.html"), "w") as fh:
+        fh.write(render_html(title, lines, []))
+
+
 def run(
     experiments: Sequence[str] = EXPERIMENTS,
     out: str = "contrastbound-results",
@@ -57,19 +115,28 @@ def run(
     show_progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Run the experiments, write their files and the report; return paths, sections and wall times."""
+    """Run the experiments, write their files and the report; return paths, sections and wall times.
+
+    Before any work: a bad experiment name raises ValueError, a missing CUDA device RuntimeError, and matplotlib
+    that cannot be imported ImportError (every experiment draws figures). Then report.md/report.html become a
+    placeholder (a run in progress) until the report replaces them. A KeyboardInterrupt (Ctrl-C, or SIGTERM under
+    main()) during an experiment still writes the report, marked, and is then raised again.
+    """
     settings = settings or make_settings("full")
     for e in experiments:
         _runner(e)  # fail on a bad name before any work
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    require_matplotlib()
     os.makedirs(out, exist_ok=True)
     started = time.time()
+    _write_placeholder(out, experiments, settings.preset)
     sections: list[Section] = []
     walls: dict[str, float] = {}
     failed: dict[str, str] = {}
     interrupted: str | None = None
+    cause = "Ctrl-C"
     t_all = time.perf_counter()
     for n_done, e in enumerate(experiments):
         t0 = time.perf_counter()
@@ -80,10 +147,11 @@ def run(
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one failure must not cost the report
             walls[e] = time.perf_counter() - t0
             if isinstance(exc, KeyboardInterrupt):
-                # Ctrl-C: the report is still written (marked), so that no earlier run's report sits beside this
-                # run's new files as if it described them.
+                # Ctrl-C (or SIGTERM, under main()): the report is still written (marked), so that no placeholder
+                # or earlier run's report sits beside this run's new files.
                 interrupted = e
-                failed[e] = "interrupted (Ctrl-C)"
+                cause = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+                failed[e] = f"interrupted ({cause})"
                 log(f"[reproduce] {e}: INTERRUPTED after {walls[e]:.1f} s; writing the report of what ran")
             else:
                 failed[e] = f"{type(exc).__name__}: {exc}"
@@ -124,7 +192,7 @@ def run(
     ]
     if interrupted:
         not_run = list(experiments[list(experiments).index(interrupted) + 1 :])
-        pre.insert(0, f"**INTERRUPTED (Ctrl-C) during {interrupted}**: this report covers only the experiments "
+        pre.insert(0, f"**INTERRUPTED ({cause}) during {interrupted}**: this report covers only the experiments "
                       f"before it{'; not run: ' + ', '.join(not_run) if not_run else ''}.")
     # Files an earlier run left in this folder (not rewritten now): named, so that they are not read as this run's.
     # Only names an experiment writes (<experiment>[_*].csv / .png): other files of a folder given as --out are not
@@ -151,8 +219,8 @@ def run(
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
     if interrupted:  # the report of what ran is written; the caller's loop or script must stop as well
         earlier = [f"; {e} had failed ({m})" for e, m in failed.items() if e in walls and e != interrupted]
-        raise KeyboardInterrupt(f"interrupted during {interrupted}; the report of what ran is in {out}"
-                                + "".join(earlier))
+        raise (Terminated if cause == "SIGTERM" else KeyboardInterrupt)(
+            f"interrupted during {interrupted} ({cause}); the report of what ran is in {out}" + "".join(earlier))
     return dict(out=out, sections=sections, wall_s=walls, total_s=total, failed=failed)
 
 
@@ -163,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                         help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
-    parser.add_argument("--out", default="contrastbound-results", help="output folder (default ./contrastbound-results)")
-    parser.add_argument("--quick", action="store_true", help="smaller grids: all five in about a minute on 2 CPU cores")
+    parser.add_argument("--out", default="contrastbound-results",
+                        help="output folder (default ./contrastbound-results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller grids: all five in about 1.5 minutes on 2 CPU cores")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the losses and the k-scaling benchmark run (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every experiment, in [0, 2^63) (default 0)")
@@ -184,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out must name a folder, got {args.out!r}")
     if args.device == "cuda" and not torch.cuda.is_available():  # before --out is made
         parser.error("--device cuda: no CUDA device is available to this torch")
+    try:  # every experiment draws figures: checked before any work (it failed after all of it), like --out below
+        require_matplotlib()
+    except ImportError as exc:
+        print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
+        return 1
     try:  # before the experiments, not when the first one writes (after minutes of work)
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
@@ -193,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
-        res = run(experiments, args.out, make_settings(preset), args.device, args.seed,
-                  show_progress=not args.no_progress)
+        with _sigterm_as_interrupt():
+            res = run(experiments, args.out, make_settings(preset), args.device, args.seed,
+                      show_progress=not args.no_progress)
     except (RuntimeError, OSError, ImportError) as exc:
         print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
         return 1
@@ -202,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         # Re-raised after the message: a shell loop over runs must see the Ctrl-C too (the command-line entry
         # then ends the process by SIGINT, status 130, without a traceback).
         print(f"contrastbound reproduce: {exc or 'interrupted'}", file=sys.stderr)
+        if isinstance(exc, Terminated):
+            # The report is written; now the SIGTERM does what it would have done without our handler (now
+            # restored): with the default disposition the process ends here, by SIGTERM.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.raise_signal(signal.SIGTERM)
         raise
     for e, msg in res["failed"].items():
         print(f"contrastbound reproduce: error: {e} failed ({msg}); the other experiments and the report were "

@@ -66,7 +66,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "tiny": dict(
         curve_classes=(5, 10), curve_kmax=40, toy_classes=4, toy_per_class=25, toy_ks=(1, 8), toy_epochs=3,
-        toy_hidden=16, toy_dim=8, digits_ks=(4, 16), digits_seeds=1, digits_epochs=1, digits_eval_every=1, digits_per_class=30,
+        toy_hidden=16, toy_dim=8, digits_ks=(4, 16), digits_seeds=1, digits_epochs=1, digits_eval_every=1,
+        digits_per_class=30,
         digits_test_per_class=10, digits_hidden=32, digits_dim=16, scaling_ks=(256, 1024), scaling_batch=32,
         scaling_dim=16, scaling_repeats=1, eval_anchor_repeats=1,
     ),
@@ -175,6 +176,65 @@ def save_figure(fig, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+REPRO_EXTRA = "pip install contrastbound[repro]"
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError, naming the extra to install, when the figures cannot be drawn: every experiment plots, so
+    this is checked before any work (it failed only when the first figure was drawn, after the computation)."""
+    try:
+        import matplotlib  # noqa: F401  (first: a cached submodule would be found even without its package)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"the figures need matplotlib, an optional dependency that cannot be imported ({exc}); install the "
+            f"reproduction's extras with `{REPRO_EXTRA}` (matplotlib, tqdm, scikit-learn) or `pip install matplotlib`"
+        ) from exc
+
+
+def _runs(ks: Sequence[int], most: int = 4) -> str:
+    """Sorted integers as runs of consecutive values: [1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10'."""
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs]
+    return ", ".join(parts[:most]) + (", ..." if len(parts) > most else "")
+
+
+def _short(v: float) -> str:
+    return f"{v:.0f}" if 100 <= abs(v) < 1e5 else f"{v:.3g}"
+
+
+def off_scale(ax, x, y, label: str, color=None, markers: bool = False, nudge: float = 1.0) -> str:
+    """``label`` with a note of the points of (x, y) outside the y-range of ``ax`` (set it first), which the axes
+    clip: "(off scale: above 500 at K = 12-1000, up to 4.5e+45)". With ``markers``, each such point also gets a
+    triangle at the top (or bottom) edge of the axes, in ``color``, at x times ``nudge`` (so that two series off
+    scale at the same x stay apart). NaN (undefined) points are not off scale."""
+    lo, hi = ax.get_ylim()
+    x, y = np.asarray(x), np.asarray(y, dtype=float)
+    notes = []
+    for side, sel, edge, marker in (("above", y > hi, 0.985, "^"), ("below", y < lo, 0.015, "v")):
+        if not sel.any():
+            continue
+        worst = y[sel].max() if side == "above" else y[sel].min()
+        notes.append(f"{side} {hi if side == 'above' else lo:g} at K = {_runs(sorted(int(k) for k in x[sel]))}, "
+                     f"{'up' if side == 'above' else 'down'} to {_short(worst)}")
+        if markers:
+            ax.plot(x[sel] * nudge, np.full(int(sel.sum()), edge), ls="none", marker=marker, color=color, ms=7,
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+    return label + (f" (off scale: {'; '.join(notes)})" if notes else "")
+
+
+def log_c_line(ax, C: int) -> None:
+    """The horizontal line at log C: a bound of the supervised loss above it is vacuous (log C is the loss of a
+    uniform guess, e.g. the mean classifier of a constant representation)."""
+    ax.axhline(math.log(C), color="0.35", ls="-.", lw=1.0, label=f"log C = {math.log(C):.3f} (vacuous above)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Report: one block list rendered to Markdown and to self-contained HTML
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +285,8 @@ class Section:
         self.blocks.append(("claim", c))
 
     def table(self, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        self.blocks.append(("table", (list(header), [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows])))
+        cells = [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+        self.blocks.append(("table", (list(header), cells)))
 
     def figure(self, path: str, caption: str) -> None:
         self.files.append(path)
@@ -303,7 +364,8 @@ def render_html(title: str, preamble: Sequence[str], sections: Sequence[Section]
             if kind == "text":
                 out.append(f"<p>{_inline_md(b)}</p>")
             elif kind == "claim":
-                cls = "not" if b.verdict.lower().startswith("not") else ("supported" if b.verdict == "supported" else "")
+                cls = ("not" if b.verdict.lower().startswith("not")
+                       else ("supported" if b.verdict == "supported" else ""))
                 out.append(f"<div class='claim {cls}'><b>Claim:</b> {_inline_md(b.text)}<br><b>Verdict: "
                            f"{html.escape(b.verdict)}.</b> {_inline_md(b.evidence)}</div>")
             elif kind == "table":

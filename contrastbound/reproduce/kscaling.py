@@ -4,7 +4,8 @@ Each (method, K) point runs in its own Python subprocess, so that one measuremen
 another's. Memory on the CPU is the peak resident set size during one forward + backward over the resident set
 just before it, after the inputs exist and a small warm-up ran: the kernel's peak mark (VmHWM) is reset through
 /proc/self/clear_refs, or, where that is not possible, the growth of ``resource.ru_maxrss`` is used (a lower
-bound; the CSV's memory_method says which; tracemalloc does not see torch's allocator). On CUDA it is ``torch.cuda.max_memory_allocated`` over the same baseline.
+bound; the CSV's memory_method says which; tracemalloc does not see torch's allocator). On CUDA it is
+``torch.cuda.max_memory_allocated`` over the same baseline.
 Times are the median of repeated forward + backward passes, with a fixed torch thread count.
 """
 
@@ -150,7 +151,10 @@ def run_k_scaling(s: Settings, out: str, seed: int, device, show_progress: bool 
     write_csv(path, rows, COLUMNS)
     sec.csv(path)
     ks = list(s.scaling_ks)
-    get = lambda m, key: np.array([next(r[key] for r in rows if r["method"] == m and r["K"] == k) for k in ks], float)  # noqa: E731
+
+    def get(m: str, key: str) -> np.ndarray:
+        return np.array([next(r[key] for r in rows if r["method"] == m and r["K"] == k) for k in ks], float)
+
     fig, axes = new_figure(ncols=2, size=(5.0, 3.6))
     for m in ("fused", "naive"):
         axes[0, 0].plot(ks, 1e3 * get(m, "time_s"), "o-", label=m)

@@ -19,7 +19,7 @@ import torch
 from .. import bounds as B
 from ..empirical import class_means, contrastive_loss_curve, mean_classifier_loss
 from ..functional import info_nce
-from ._common import Section, Settings, fmt, new_figure, progress, save_figure, write_csv
+from ._common import Section, Settings, fmt, log_c_line, new_figure, off_scale, progress, save_figure, write_csv
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -28,10 +28,12 @@ from ._common import Section, Settings, fmt, new_figure, progress, save_figure, 
 
 
 def circle_data(num_classes: int, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The authors' synthetic "circle" data: class c's points lie on the circle of radius (c + 1) / 2.
+    """Adapted from the authors' synthetic "circle" data: class c's points lie on the circle of radius (c + 1) / 2.
 
     Angles are uniform on [0, 2 pi); the class is carried by the norm only, so the encoder has to map each ring to
-    its own direction on the unit sphere.
+    its own direction on the unit sphere. The authors' code (`toy_contrastive.py`) uses 100 classes of 1,000 points
+    and 300 epochs, and takes each point's direction by normalising a uniform point of a square (angles denser
+    towards the diagonals); the grid here is smaller, so that the toy experiment takes seconds to a minute on a CPU.
     """
     theta = rng.uniform(0.0, 2.0 * math.pi, size=(num_classes, per_class))
     radius = (np.arange(num_classes, dtype=np.float64)[:, None] + 1.0) / 2.0
@@ -207,6 +209,12 @@ EPOCH_COLUMNS = [
 
 
 def _containment_claims(sec: Section, rows: list[dict], final: list[dict], what: str) -> None:
+    """In-sample containment, a claim of the theorem; test-set containment, measured only.
+
+    On the test set R_cont is estimated on the test data while the mean classifier uses the training set's class
+    means: the theorem does not cover that pairing, so a value outside the interval there is no evidence against
+    the paper (and must not fail --strict). The numbers are reported the same way for both.
+    """
     for split, desc in (("train", "in-sample (training set, where the theorem applies exactly)"),
                         ("test", "test set (R_cont of the test set, class means of the training set)")):
         bad = [r for r in rows if not r[f"inside_{split}"]]
@@ -234,8 +242,14 @@ def _containment_claims(sec: Section, rows: list[dict], final: list[dict], what:
                 ev += (f" {len(noise)} of the {len(bad)} outside are within 3 standard errors of the R_cont estimate: "
                        f"sampling noise cannot be ruled out there (more anchors per sample, "
                        f"Settings.eval_anchor_repeats, shrink it).")
-        sec.claim(f"The measured supervised loss lies in [R_cont + Delta_L, R_cont + Delta_U] for every K, seed and "
-                  f"evaluated epoch, {desc}.", not bad, ev)
+        if split == "train":
+            sec.claim(f"The measured supervised loss lies in [R_cont + Delta_L, R_cont + Delta_U] for every K, seed "
+                      f"and evaluated epoch, {desc}.", not bad, ev)
+        else:
+            sec.claim(f"Whether the supervised loss lies in [R_cont + Delta_L, R_cont + Delta_U] for every K, seed and "
+                      f"evaluated epoch on the {desc}.", None,
+                      f"{'yes' if not bad else 'no'}: {ev} The theorem does not cover this pairing (test-set R_cont, "
+                      "training-set class means), so this is measured, not a claim of the paper.")
 
 
 def _gap_claims(sec: Section, final: list[dict], ks) -> None:
@@ -246,7 +260,8 @@ def _gap_claims(sec: Section, final: list[dict], ks) -> None:
     seeds = len({r["seed"] for r in final})
     over = "mean over seeds: " if seeds > 1 else "one seed: "
     sec.claim(
-        "The surrogate gap of the upper bound, R_cont + Delta_U - R_supv (test set, final epoch), decreases as K grows.",
+        "The surrogate gap of the upper bound, R_cont + Delta_U - R_supv (test set, final epoch), decreases as K "
+        "grows.",
         dec,
         over + ", ".join(f"K = {k}: {fmt(v)}" for k, v in zip(ks, up)) +
         ("" if dec else " (not monotone)."),
@@ -294,7 +309,7 @@ def _earlier_claims(sec: Section, final: list[dict], C: int) -> None:
 
 
 def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progress: bool = True) -> Section:
-    sec = Section("toy", "toy: the synthetic circle data (the paper's Figures 5 and 6)")
+    sec = Section("toy", "toy: synthetic circle data, adapted from the authors' (the paper's Figures 5 and 6)")
     C = s.toy_classes
     rng = np.random.default_rng(seed)
     x, y = circle_data(C, s.toy_per_class, rng)
@@ -302,7 +317,9 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
     tr, te = stratified_split(y, test_per_class, rng)
     xtr, ytr, xte, yte = (torch.from_numpy(a) for a in (x[tr], y[tr], x[te], y[te]))
     sec.text(
-        f"C = {C} latent classes; class c's points lie on the circle of radius (c + 1)/2 with a uniform angle; "
+        f"Adapted from the authors' synthetic circle data (their code: 100 classes of 1,000 points, 300 epochs, "
+        f"directions from normalised uniform points of a square; a smaller grid here). C = {C} latent classes; "
+        f"class c's points lie on the circle of radius (c + 1)/2 with a uniform angle; "
         f"{s.toy_per_class} points per class, {len(tr)} for training and {len(te)} for testing (stratified, so the "
         f"prior is exactly uniform). Encoder: MLP 2 -> {s.toy_hidden} -> {s.toy_hidden} -> {s.toy_dim}, "
         f"L2-normalised output, temperature {s.temperature:g} (b = {1 / math.sqrt(s.temperature):g}), Adam "
@@ -419,9 +436,10 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
         for sd in seeds:
             for K in s.digits_ks:
                 with _threads(s.train_threads):
-                    final.append(train_contrastive(xtr, ytr, xte, yte, K, s.digits_epochs, s.digits_hidden, s.digits_dim,
-                                               s, sd, device, bar, on_epoch=lambda e, r: rows.append(dict(r)),
-                                               eval_every=s.digits_eval_every))
+                    final.append(train_contrastive(xtr, ytr, xte, yte, K, s.digits_epochs, s.digits_hidden,
+                                                   s.digits_dim, s, sd, device, bar,
+                                                   on_epoch=lambda e, r: rows.append(dict(r)),
+                                                   eval_every=s.digits_eval_every))
     finally:
         bar.close()
     path = os.path.join(out, "digits.csv")
@@ -429,27 +447,51 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
     sec.csv(path)
 
     ks = list(s.digits_ks)
-    fig, axes = new_figure(ncols=1, size=(6.5, 4.5))
-    ax = axes[0, 0]
     series = [("R_supv_test", "supervised loss (test)", "k", "o"), ("upper_test", "ours", "C0", "s"),
               ("arora_test", "Arora et al.", "C1", "^"), ("nozawa_sato_test", "Nozawa & Sato", "C2", "v"),
-              ("ash_test", "Ash et al.", "C3", "D")]
+              ("ash_test", "Ash et al.", "C3", "D"), ("lower_test", "R_cont + Δ_L (our lower bound)", "C0", "")]
     summary = {}
-    for key, label, color, marker in series:
+    for key, *_ in series:
         m, sdv = [], []
         for K in ks:
             v = np.array([r[key] for r in final if r["K"] == K], dtype=float)
             m.append(np.nan if np.all(np.isnan(v)) else float(np.nanmean(v)))
             sdv.append(np.nan if np.all(np.isnan(v)) else float(np.nanstd(v)))
-        summary[key] = (m, sdv)
-        m_arr, s_arr = np.array(m), np.array(sdv)
+        summary[key] = (np.array(m), np.array(sdv))
+    # Left: every upper bound on log axes cut at 0.5 and 500 (Arora et al. and Ash et al. reach ~1e47 at K = 1024,
+    # which squeezed the rest into one line at the bottom); what leaves the range is marked at the top edge and
+    # named in the legend. Right: a linear close-up of the supervised loss, our interval and log C.
+    fig, axes = new_figure(ncols=2, size=(5.6, 4.4))
+    ax = axes[0, 0]
+    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_ylim(0.5, 500)
+    nudges = {"arora_test": 0.9, "ash_test": 1.1}  # both leave the range at the same K: their marks side by side
+    for key, label, color, marker in series[:5]:
+        m_arr, s_arr = summary[key]
         ok = np.isfinite(m_arr)
         if ok.any():
-            ax.errorbar(np.array(ks)[ok], m_arr[ok], yerr=s_arr[ok], label=label, color=color, marker=marker,
-                        capsize=3)
-    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss / bound")
-    ax.set_title(f"digits: test mean-classifier loss and upper bounds ({len(seeds)} seeds)")
-    ax.legend(fontsize=8)
+            kk = np.array(ks)[ok]
+            ax.errorbar(kk, m_arr[ok], yerr=s_arr[ok], color=color, marker=marker, capsize=3,
+                        label=off_scale(ax, kk, m_arr[ok], label, color=color, markers=True,
+                                        nudge=nudges.get(key, 1.0)))
+    log_c_line(ax, C)
+    ax.set_xlabel("K"); ax.set_ylabel("loss / bound (nats)")
+    ax.set_title(f"test loss and every upper bound ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # below: the lines fill the axes
+    ax = axes[0, 1]
+    for key, label, color, marker in (series[0], series[1], series[5]):
+        m_arr, s_arr = summary[key]
+        ax.errorbar(ks, m_arr, yerr=s_arr, color=color, marker=marker or None, capsize=3, label=label,
+                    ls="--" if key == "lower_test" else "-")
+    ax.fill_between(ks, summary["lower_test"][0], summary["upper_test"][0], color="C0", alpha=0.12)
+    log_c_line(ax, C)
+    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss / bound (nats)")
+    ax.set_title("close-up: the loss, our interval and log C")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))
+    from matplotlib.ticker import NullLocator
+
+    for ax in axes[0]:  # the grid's K as plain numbers
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_locator(NullLocator())
     p1 = os.path.join(out, "digits_bounds.png")
     save_figure(fig, p1)
     sec.table(["K", "R_supv test", "R_cont test", "ours", "Arora", "N&S", "Ash", "lower", "acc test %"],
@@ -462,6 +504,9 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
     _containment_claims(sec, rows, final, "K x seed x evaluated epoch")
     _gap_claims(sec, final, ks)
     _earlier_claims(sec, final, C)
-    sec.figure(p1, "Figure 1: test-set mean-classifier loss (black) and each upper bound (mean +- sd over seeds, "
-                   "log axes); Arora et al. and Nozawa & Sato are undefined for K < C.")
+    sec.figure(p1, "Figure 1: left, the test-set mean-classifier loss (black) and each upper bound at the test-set "
+                   "contrastive loss (mean +- sd over seeds; log axes cut at 0.5 and 500: a triangle at the top edge "
+                   "marks a value above that range, and the legend names it); right, a linear close-up of the loss, "
+                   "our upper bound and R_cont + Delta_L (shaded between). Dash-dot: log C, above which a bound is "
+                   "vacuous (the loss of a uniform guess). Arora et al. and Nozawa & Sato are undefined for K < C.")
     return sec
