@@ -390,5 +390,15 @@ def test_sharded_bank_options_single_rank(tmp_path):
         t = torch.tensor(0.5, requires_grad=True)
         with pytest.raises(ValueError, match="learnable temperature is not supported"):
             cb.info_nce(a, p, bank, temperature=t, process_group=dist.group.WORLD)
+        # The result's dtype: that of the single-process call (the promoted input types), not the float32
+        # accumulation, for half-precision banks and mixed inputs too.
+        half = (torch.bfloat16, torch.float16)
+        for fa, fb in ((half[0], half[0]), (half[1], half[1]), (torch.float32, half[0]), (half[0], torch.float32)):
+            for reduction in ("mean", "none"):
+                kw = dict(temperature=0.5, reduction=reduction)
+                got = cb.info_nce(a.to(fa), p.to(fa), bank.to(fb), process_group=dist.group.WORLD, **kw)
+                want = cb.info_nce(a.to(fa), p.to(fa), bank.to(fb), **kw)
+                assert got.dtype == want.dtype == torch.promote_types(fa, fb), (fa, fb, got.dtype, want.dtype)
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
     finally:
         dist.destroy_process_group()

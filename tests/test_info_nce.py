@@ -441,6 +441,22 @@ def test_zero_vectors_follow_f_normalize():
     _check_against_reference(a, p, n, None, torch.float64, temperature=0.5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_below_the_norm_clamp_follow_f_normalize(mode):
+    # 0 < ||x|| < 1e-12: F.normalize divides by 1e-12 and its gradient has no radial term (the norm is clamped).
+    # Exact zero rows (test above) cannot tell a kernel that drops the clamp's rule from one that keeps it.
+    a, p, n, idx = make_inputs(mode, B=5, K=7, d=4, dtype=torch.float64, seed=21)
+    with torch.no_grad():
+        for x, row in ((a, 1), (p, 3)):
+            x[row] *= 3e-13 / x[row].norm()
+        if mode == "per_anchor":
+            n[2, 4] *= 3e-13 / n[2, 4].norm()
+        elif n is not None:
+            m = int(idx[0, 0]) if idx is not None else 2
+            n[m] *= 3e-13 / n[m].norm()
+    _check_against_reference(a, p, n, idx, torch.float64, temperature=0.5)
+
+
 def test_thread_count_changes_only_rounding():
     a, p, n, _ = make_inputs("shared", B=40, K=5000, d=24, dtype=torch.float32, seed=9)
     old = torch.get_num_threads()

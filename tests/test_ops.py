@@ -11,7 +11,7 @@ import torch
 import contrastbound as cb
 from contrastbound import _backend
 
-from conftest import DEVICES, MODES, make_inputs
+from conftest import DEVICES, MODES, assert_close_scaled, make_inputs
 
 needs_kernel = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
 # Inductor keeps torch._assert_async in a compiled graph from torch 2.9 on; before, it drops it (README, Limits).
@@ -88,6 +88,28 @@ def test_opcheck_backward(device):
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
             # With forward's loss (the positive's weight from it, as the autograd backward passes it).
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args[:-2], loss, excluded))
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_backward_op_without_the_loss(device, scaled):
+    # The backward ops take forward's loss as optional: without it the positive's weight comes from lse. opcheck
+    # calls them that way but compares no values, and the autograd path always passes the loss: the two must agree
+    # (float64; they differ in rounding only: expm1(-loss) against exp(l_0 - lse) - 1).
+    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
+        a, p, n = (x.detach().double() for x in (a, p, n))
+        exclude = rest[0] if rest else False
+        excluded = rest[1] if len(rest) > 1 else None
+        s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
+        fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
+        bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
+        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded)
+        g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
+        args = (g, a, p, n, idx, lse, term, s, normalize, include_positive, [True, True, True], exclude, True)
+        without, given = bwd(*args, None, excluded), bwd(*args, loss, excluded)
+        for x, y in zip(without, given):
+            assert_close_scaled(x, y, 1e-12, "gradient without the loss")
 
 
 @needs_kernel
