@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastbound as cb
+from contrastbound.reference import info_nce_reference
 
 from conftest import assert_close_scaled
 
@@ -104,9 +105,11 @@ def test_queue_detaches_casts_and_saves_state():
     q2 = cb.NegativeQueue(4, 3, dtype=torch.float64)
     q2.load_state_dict(state)
     assert len(q2) == 2 and torch.equal(q2.negatives(), q.negatives())
+    # The queue's bank in a loss: the anchors' gradient is the reference's (no gradient flows into the queue).
     a = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     cb.info_nce(a, a.detach() + 0.1, q.negatives()).backward()
-    assert a.grad is not None
+    ref = info_nce_reference(a, a.detach() + 0.1, k.detach().double())  # the queue holds k's two rows
+    torch.testing.assert_close(a.grad, torch.autograd.grad(ref, a)[0], rtol=1e-10, atol=0)
 
 
 def test_queue_state_round_trip_keeps_the_write_position():
