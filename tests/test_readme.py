@@ -1,0 +1,82 @@
+"""The README's Python examples run as written, and the values their comments quote are what the calls return."""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import re
+
+import pytest
+import torch
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _blocks() -> list[str]:
+    with open(README) as fh:
+        return re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+
+
+def _namespace() -> dict:
+    """What the examples take as given (named in their comments): views, paired features, MoCo's queries and keys
+    with an optimizer, and a labelled training and test set."""
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 240, 8, 4
+    centres = 3 * torch.randn(classes, d, generator=g)
+    labels = torch.arange(n) % classes
+    y_test = torch.arange(n // 2) % classes
+    q = torch.randn(16, 128, generator=g, requires_grad=True)
+    return {
+        "z1": torch.randn(32, 16, generator=g, requires_grad=True),
+        "z2": torch.randn(32, 16, generator=g, requires_grad=True),
+        "image_features": torch.randn(32, 16, generator=g, requires_grad=True),
+        "text_features": torch.randn(32, 16, generator=g, requires_grad=True),
+        "q": q,
+        "k": torch.randn(16, 128, generator=g),
+        "opt": torch.optim.SGD([q], lr=0.1),
+        "features": centres[labels] + torch.randn(n, d, generator=g),
+        "labels": labels,
+        "f_test": centres[y_test] + torch.randn(n // 2, d, generator=g),
+        "y_test": y_test,
+    }
+
+
+def test_readme_has_the_examples():
+    blocks = _blocks()
+    assert len(blocks) >= 10, len(blocks)
+    for call in ("info_nce(", "nt_xent(", "clip_loss(", "NegativeQueue(", "gap_report(", "delta_upper("):
+        assert any(call in b for b in blocks), call
+
+
+def test_readme_examples_run(capsys):
+    ns = _namespace()
+    for i, block in enumerate(_blocks()):
+        try:
+            exec(compile(block, f"README.md python block {i}", "exec"), ns)
+        except Exception as exc:  # noqa: BLE001 - name the block
+            pytest.fail(f"README python block {i} raised {type(exc).__name__}: {exc}\n{block}")
+    loss = ns["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert "R_cont" in capsys.readouterr().out  # format_gap_report's table was printed
+
+
+def test_readme_quoted_values():
+    # Lines `expression  # value ...`: the value, to the digits the comment shows.
+    ns = _namespace()
+    checked = 0
+    for block in _blocks():
+        exec(compile(block, "README.md", "exec"), ns)
+        for line in block.splitlines():
+            m = re.match(r"^(?P<expr>[^#]+?)\s+#\s+(?P<value>-?\d+\.\d+)\b", line)
+            if m is None:
+                continue
+            try:  # an expression, not a statement
+                ast.parse(m["expr"], mode="eval")
+            except SyntaxError:
+                continue
+            got = float(eval(m["expr"], ns))
+            digits = len(m["value"].split(".")[1])
+            assert math.isclose(round(got, digits), float(m["value"]), abs_tol=10.0**-digits / 2), (line, got)
+            checked += 1
+    assert checked >= 2, checked
