@@ -226,9 +226,10 @@ def _profile_step(step, impl, B, K, d, matmul_tflops, out) -> None:
         dict(impl=impl, B=B, K=K, d=d, kernel="(no kernels seen)")]
 
 
-def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
+def _profile_kernels(step, variants, B, K, d, matmul_tflops, path, append=False):
     """Runs step() (forward and backward) once per variant (name, environment switches) under torch.profiler
-    after a warm-up, and writes the GPU kernels' times (_kernel_rows) to path as CSV; prints the table."""
+    after a warm-up, and writes the GPU kernels' times (_kernel_rows) to path as CSV (appended to it, without a
+    second header, with append); prints the table."""
     out = []
     for impl, env in variants:
         try:
@@ -236,9 +237,11 @@ def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
                 _profile_step(step, impl, B, K, d, matmul_tflops, out)
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not cost the others
             out.append(dict(impl=impl, B=B, K=K, d=d, kernel=f"failed: {type(exc).__name__}: {exc}"[:200]))
-    with open(path, "w", newline="") as f:
+    fresh = not (append and os.path.exists(path) and os.path.getsize(path) > 0)
+    with open(path, "w" if fresh else "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=KERNEL_FIELDS)
-        w.writeheader()
+        if fresh:
+            w.writeheader()
         for r in out:
             w.writerow({k: r.get(k, "") for k in KERNEL_FIELDS})
     print(f"\nper-kernel device time, one forward + backward, shared bank B = {B}, K = {K}, d = {d} "
@@ -252,13 +255,16 @@ def _profile_kernels(step, variants, B, K, d, matmul_tflops, path):
     return out
 
 
-def _opt_in_variants() -> list[tuple[str, dict]]:
-    """The opt-in kernels (name, environment switches): one-pass forward, flash layout, and on compute capability
-    9.0 their warpgroup-MMA versions."""
+OPT_IN_FAMILIES = ("1pass", "flash", "wgmma")
+
+
+def _opt_in_variants(families=OPT_IN_FAMILIES) -> list[tuple[str, dict]]:
+    """The opt-in kernels (name, environment switches) of the given families: one-pass forward, flash layout, and
+    on compute capability 9.0 their warpgroup-MMA versions."""
     out = [("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}), ("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"})]
     if torch.cuda.get_device_capability() == (9, 0):
         out.append(("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}))
-    return out
+    return [v for v in out if v[0][len("fused_"):] in families]
 
 
 def _row(base, impl, r, mm, grads_gib, note="", ref_loss=None):
@@ -273,12 +279,14 @@ class _RowSink(list):
     """The result rows; each is appended to the CSV (header first) and flushed at once, so that a crash, a sticky
     CUDA error or the caller's timeout loses nothing measured before it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, append: bool = False) -> None:
         super().__init__()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = open(path, "w", newline="")  # noqa: SIM115 - open for the whole run
+        fresh = not (append and os.path.exists(path) and os.path.getsize(path) > 0)
+        self._file = open(path, "w" if fresh else "a", newline="")  # noqa: SIM115 - open for the whole run
         self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
-        self._writer.writeheader()
+        if fresh:
+            self._writer.writeheader()
         self._file.flush()
 
     def append(self, row: dict) -> None:
@@ -315,7 +323,17 @@ def main(argv=None) -> int:
                     help="only the default fused kernels (the reference) and the opt-in variants of --one-pass: no "
                          "naive, peers or other variants (scripts/gpu_check.sh runs them in a process of their own, "
                          "so that a kernel that poisons the CUDA context cannot cost the main table)")
+    ap.add_argument("--variants", default=",".join(OPT_IN_FAMILIES),
+                    help="comma-separated opt-in families that --one-pass times: any of " + ", ".join(OPT_IN_FAMILIES)
+                         + " (default all; scripts/gpu_check.sh runs one family per process, so that one that "
+                           "poisons the CUDA context cannot cost the others)")
+    ap.add_argument("--append", action="store_true",
+                    help="append the rows to --csv (and the profile to its _kernels.csv) instead of rewriting them")
     args = ap.parse_args(argv)
+    families = tuple(x for x in args.variants.split(",") if x)
+    bad = [x for x in families if x not in OPT_IN_FAMILIES]
+    if bad:
+        ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(OPT_IN_FAMILIES)}")
     if args.opt_in_only:
         args.one_pass = args.no_naive = args.no_peers = True
     if args.kmin > args.kmax:
@@ -345,7 +363,7 @@ def main(argv=None) -> int:
         if key in peers:
             print(f"peer not available: {key[:-6]}: {peers[key]}")
 
-    rows = _RowSink(args.csv)  # every row is written (and flushed) as soon as it is measured
+    rows = _RowSink(args.csv, args.append)  # every row is written (and flushed) as soon as it is measured
     started = time.time()
     total_mem = torch.cuda.get_device_properties(0).total_memory
     # The issue's figures first where the budget is short: the smallest K, 2^18 (the speed target's start), the
@@ -493,7 +511,7 @@ def main(argv=None) -> int:
                     # Each opt-in variant, then with the other Y-tile pipeline: the one-pass forward with `stages`
                     # (the mma.sync kernels' other one); flash defaults to two stages (one block per
                     # multiprocessor), so one for comparison; wgmma has one pipeline (three Y buffers).
-                    for name, env in _opt_in_variants():
+                    for name, env in _opt_in_variants(families):
                         alt = stages if name == "fused_1pass" else "1"
                         variant(name, env, reps)
                         if name != "fused_wgmma":
@@ -513,7 +531,7 @@ def main(argv=None) -> int:
                     # or disagreed is not run again: a sticky CUDA error here would cost the rest of the table).
                     notes = [(r.get("impl"), r.get("note") or "") for r in rows]
                     bad = {impl for impl, nt in notes if "WRONG RESULT" in nt or "failed" in nt}
-                    ok = [v for v in _opt_in_variants() if args.one_pass and v[0] not in bad]
+                    ok = [v for v in _opt_in_variants(families) if args.one_pass and v[0] not in bad]
 
                     def step():
                         for x in leaves:
@@ -521,9 +539,12 @@ def main(argv=None) -> int:
                         fused().backward()
 
                     kpath = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + "_kernels.csv"
-                    _profile_kernels(step, [("fused", {})] + ok, b, K, d, mm, kpath)
+                    _profile_kernels(step, [("fused", {})] + ok, b, K, d, mm, kpath, args.append)
             except Exception as exc:  # noqa: BLE001 - a failure (e.g. a sticky CUDA error) ends this row only
-                rows.append(dict(base, impl="rest of this problem", note=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                # (in an opt-in run, named after its families: most likely theirs, and the main run has the
+                # default kernels' own rows)
+                rest = "rest of this problem" + (f" ({'/'.join(families)} run)" if args.opt_in_only else "")
+                rows.append(dict(base, impl=rest, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             finally:  # the next size's inputs need the memory, also after a failure
                 a = p = n = leaves = ref = ref_loss = fused = classifier = labels = x = None
                 torch.cuda.empty_cache()

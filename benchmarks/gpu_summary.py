@@ -17,7 +17,7 @@ Then per problem the fastest variant at K = 2^18 (where not measured there, the 
 among those with no failure: the candidate default. A row "rest of this problem" (an error bench_gpu did not
 catch per row) is a failure of the default kernels.
 Rows from several CSVs are merged; where two give the same (problem, impl, K), the first file's row is kept (the
-opt-in run measures the default kernels again, as its reference).
+opt-in runs measure the default kernels again, as their reference), unless it was skipped and a later one was not.
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ def _f(x) -> float:
 
 
 def load(paths) -> list[dict]:
-    rows, seen = [], set()
+    rows, where = [], {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 key = (r.get("problem"), r.get("impl"), r.get("K"))
-                if key in seen:
-                    continue
-                seen.add(key)
-                rows.append(r)
+                if key not in where:
+                    where[key] = len(rows)
+                    rows.append(r)
+                elif _status(rows[where[key]]) == "skipped" and _status(r) != "skipped":
+                    rows[where[key]] = r  # a later file measured what the first skipped (the time budget)
     return rows
 
 

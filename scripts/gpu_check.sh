@@ -3,16 +3,18 @@
 #   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
-# and writes gpu_check.log, pytest_cuda_{default,flash_1pass,wgmma}.xml, bench_gpu.csv (default kernels, naive, peers),
-# bench_gpu_opt_in.csv (the opt-in kernels against the default), bench_gpu_opt_in_kernels.csv (each variant's
-# GPU kernels, profiled at K = 2^18), bench_gpu_wide.csv (d = 512) and gpu_summary.txt (issue 4's targets per
-# variant, benchmarks/gpu_summary.py) into OUTDIR.
+# and writes gpu_check.log, build.log, pytest_cuda.tgz (pytest_cuda_{default,flash_1pass,wgmma}.xml), bench_gpu.csv
+# (default kernels, naive, peers), bench_gpu_opt_in.csv (the opt-in kernels against the default, one process per
+# family), bench_gpu_opt_in_kernels.csv (each variant's GPU kernels, profiled at K = 2^18), bench_gpu_wide.csv
+# (d = 512) and gpu_summary.txt (issue 4's targets per variant, benchmarks/gpu_summary.py) into OUTDIR: 8 files,
+# the most the device tool brings back.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
 # Environment: PYTHON (interpreter with a CUDA torch; default: the repo's .venv if its torch has CUDA, else
 # python3 if it has a torch, else the .venv), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
-# sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 470),
+# sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 470, at most 570: the device tool's
+# command limit is 600 s, and the summary comes last),
 # TEST_S (seconds for the tests, default 240), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network), and so is ninja's (without
@@ -34,7 +36,7 @@ QUICK=${2:-}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # A reused OUTDIR: no file of an earlier run may pass for this one's (the summary reads whatever CSVs are there).
-rm -f "$OUT"/bench_gpu*.csv "$OUT"/gpu_summary.txt "$OUT"/pytest_cuda_*.xml "$OUT"/build.log
+rm -f "$OUT"/bench_gpu*.csv "$OUT"/gpu_summary.txt "$OUT"/pytest_cuda_*.xml "$OUT"/pytest_cuda.tgz "$OUT"/build.log
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
@@ -43,6 +45,9 @@ trap 'exec >&- 2>&-; sleep 1' EXIT
 cd "$(dirname "$0")/.." || exit 1
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-470}
+[ "$BUDGET_S" -gt 570 ] && { echo "BUDGET_S=$BUDGET_S capped at 570"; BUDGET_S=570; }
+# Python's output as it comes (a killed run keeps what it printed; tables are printed without flush)
+export PYTHONUNBUFFERED=1
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 step() { echo; echo "=== [$(($(date +%s) - START)) s] $*"; }
 
@@ -128,30 +133,43 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
          IGNORE+=(--ignore=tests/test_bounds.py --ignore=tests/test_reproduce.py); }
   # Three processes: the default kernels first, then the opt-in ones (one-pass, flash, wgmma: never run on a GPU
   # before), whose failure could poison the CUDA context of every later test in the same process. SIGINT on
-  # timeout, so that pytest still prints its summary and writes the XML; a test stuck for 90 s (a hung kernel: Python
-  # cannot take the SIGINT while blocked in a CUDA call, and the kill leaves no XML) has its stack dumped first.
-  run_tests() {  # NAME SECONDS -k EXPR [FILES]
-    local rc=0
-    timeout -s INT -k 10 "$2" "$PY" -m pytest ${TESTS:-${4:-tests}} ${IGNORE[@]+"${IGNORE[@]}"} -q -m cuda -k "$3" \
-      --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
-      -o faulthandler_timeout=90 \
-      --junitxml="$OUT/pytest_cuda_$1.xml" || rc=$?
-    [ "$rc" -eq 124 ] && echo "TESTS ($1) TIMED OUT after $2 s"
+  # timeout, so that pytest still prints its summary and writes the XML; a test stuck for the group's time less
+  # 15 s (a hung kernel: Python cannot take the SIGINT while blocked in a CUDA call, and the kill leaves no XML)
+  # has its stack dumped first. The opt-in groups print each test's name (-v: a hang names its test); the default
+  # group runs on 4 workers where pytest-xdist is installed (~580 cases; 208 took 39 s serially before).
+  XDIST=()
+  "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
+  run_tests() {  # NAME SECONDS VERBOSITY -k EXPR [FILES] [EXTRA...]
+    local rc=0 name=$1 secs=$2 verb=$3 expr=$4 files=${5:-tests}
+    shift 5 2>/dev/null || shift $#
+    local dump=$(( secs - 15 > 20 ? secs - 15 : 20 ))
+    timeout -s INT -k 10 "$secs" "$PY" -m pytest ${TESTS:-$files} ${IGNORE[@]+"${IGNORE[@]}"} "$verb" -m cuda \
+      -k "$expr" --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
+      -o faulthandler_timeout=$dump --junitxml="$OUT/pytest_cuda_$name.xml" "$@" || rc=$?
+    [ "$rc" -eq 124 ] && echo "TESTS ($name) TIMED OUT after $secs s"
     [ "$rc" -eq 5 ] && rc=0  # none selected (e.g. wgmma off compute capability 9.0)
     [ "$rc" -ne 0 ] && TEST_RC=$rc
     return 0
   }
-  # Shares of T less the three kill graces (10 s each): ~530 default cases (208 took 39 s on the H200), ~120
-  # one-pass / flash, ~60 wgmma (those two only in tests/test_cuda.py; each process starts in ~10 s); a group that
-  # ends early leaves its time to the benchmark. Below 150 s only the default kernels' group runs.
+  # Each group's time from what is left of T (time a group does not use goes to the next): the default group
+  # 60 %, the one-pass / flash group (~120 cases) 55 % of the rest, wgmma (~60) the remainder, less the kill
+  # graces. Below 150 s only the default kernels' group runs.
+  TEST_END=$(( $(date +%s) + T ))
+  until_end() { echo $(( TEST_END - $(date +%s) )); }
+  DEFAULT_K="not mma_1pass and not flash and not wgmma"
   if [ "$T" -ge 150 ]; then
-    run_tests default $(( (T - 30) * 60 / 100 )) "not mma_1pass and not flash and not wgmma"
-    run_tests flash_1pass $(( (T - 30) * 22 / 100 )) "mma_1pass or flash" tests/test_cuda.py
-    run_tests wgmma $(( (T - 30) * 18 / 100 )) "wgmma" tests/test_cuda.py
+    run_tests default $(( (T - 30) * 60 / 100 )) -q "$DEFAULT_K" tests ${XDIST[@]+"${XDIST[@]}"}
+    R=$(until_end)
+    [ "$R" -ge 40 ] && run_tests flash_1pass $(( (R - 20) * 55 / 100 )) -v "mma_1pass or flash" tests/test_cuda.py
+    R=$(until_end)
+    [ "$R" -ge 30 ] && run_tests wgmma $(( R - 10 )) -v "wgmma" tests/test_cuda.py
   else
     echo "only $T s for the tests: the default kernels' group only (the opt-in kernels are still checked by the benchmark)"
-    run_tests default $(( T - 10 )) "not mma_1pass and not flash and not wgmma"
+    run_tests default $(( T - 10 )) -q "$DEFAULT_K" tests ${XDIST[@]+"${XDIST[@]}"}
   fi
+  # One file for the three reports (the device tool brings back at most 8 files)
+  XMLS=$(cd "$OUT" && ls pytest_cuda_*.xml 2>/dev/null)
+  [ -n "$XMLS" ] && (cd "$OUT" && tar czf pytest_cuda.tgz $XMLS && rm -f $XMLS)
 else
   echo "pytest is not installed here: running no tests"
   TEST_RC=5
@@ -177,10 +195,23 @@ else
   [ "$(left)" -ge 120 ] && WIDE=45
   B2=$(( $(left) - 15 - WIDE ))
   if [ "$B2" -ge 30 ]; then
-    # --kernels 18: first a per-kernel profile (one step per variant at K = 2^18, a few seconds):
-    # bench_gpu_opt_in_kernels.csv says which kernel holds each variant back.
-    timeout -s INT -k 20 "$B2" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only --kernels 18 ${BENCH_ARGS:-} \
-      --budget $((B2 - 40 > 20 ? B2 - 40 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" || true
+    # One process per opt-in family, the Hopper ones first (they decide the default on an H200), all appending
+    # to one CSV: a kernel that poisons its process's CUDA context costs its own family only. Each takes its
+    # share of what is left of B2 (time a family does not use goes to the next). --kernels 18: first a
+    # per-kernel profile (one step per variant at K = 2^18, a few seconds): bench_gpu_opt_in_kernels.csv says
+    # which kernel holds each variant back.
+    OPT_END=$(( $(date +%s) + B2 ))
+    FAMILIES=(wgmma flash 1pass)
+    for i in 0 1 2; do
+      F=${FAMILIES[$i]}
+      if [ "$F" = wgmma ] && [[ "$ARCH" != *9.0a* ]]; then echo "wgmma: not built for $ARCH"; continue; fi
+      BF=$(( (OPT_END - $(date +%s)) / (3 - i) ))
+      if [ "$BF" -lt 30 ]; then echo "no time left for the opt-in family $F"; continue; fi
+      echo "--- opt-in family $F ($BF s)"
+      timeout -s INT -k 20 "$BF" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only --variants "$F" --append \
+        --kernels 18 ${BENCH_ARGS:-} --budget $((BF - 30 > 20 ? BF - 30 : 20)) --csv "$OUT/bench_gpu_opt_in.csv" \
+        || true
+    done
   else
     echo "no time left for the opt-in kernels' benchmark"
   fi

@@ -130,3 +130,40 @@ def test_gpu_summary_help(capsys):
     summary = load_module(_SUMMARY)
     assert summary.main(["--help"]) == 0 and summary.main([]) == 64
     assert "python benchmarks/gpu_summary.py" in capsys.readouterr().out
+
+
+def test_gpu_summary_prefers_a_measured_row_to_a_skipped_one(tmp_path):
+    # The main run skipped a size for its time budget and an opt-in run measured the default kernels there (its
+    # reference): the measured row counts. An opt-in run's own "rest of this problem" row is not the default's.
+    summary = load_module(_SUMMARY)
+    main = _csv(tmp_path / "main.csv", [_r("fused", 2**18, 30.0, 20),
+                                        _r("fused", 2**20, "", note="skipped: time budget")])
+    opt = _csv(tmp_path / "opt.csv", [
+        _r("fused", 2**18, 99.0, 5), _r("fused", 2**20, 120.0, 21),
+        _r("rest of this problem (flash run)", 2**18, "", note="failed: RuntimeError: CUDA error"),
+    ])
+    rows = summary.load([main, opt])
+    kept = {(r["impl"], int(r["K"])): r for r in rows}
+    assert kept[("fused", 2**18)]["fwdbwd_ms"] == "30.0" and kept[("fused", 2**20)]["fwdbwd_ms"] == "120.0"
+    lines, _ = summary.summarise(rows)
+    by = {ln["impl"]: ln for ln in lines}
+    assert by["fused"]["failed"] == 0 and by["fused"]["measured"] == 2
+
+
+def test_bench_rows_append_and_variants(bench, tmp_path, capsys):
+    # gpu_check.sh runs one opt-in family per process, all appending to one CSV (one header).
+    path = str(tmp_path / "opt.csv")
+    for impl in ("fused_wgmma", "fused_flash"):
+        sink = bench._RowSink(path, append=True)
+        sink.append(dict(problem="shared", impl=impl, K=2**14))
+        sink._file.close()
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("problem,") and len(lines) == 3 and "fused_flash" in lines[2]
+    sink = bench._RowSink(path)  # without append: a new file
+    sink._file.close()
+    with open(path) as f:
+        assert len(f.read().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "flash,foo"])
+    assert "--variants: unknown foo" in capsys.readouterr().err
