@@ -588,6 +588,7 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     # after SIGTERM the report of what ran replaces it and the process ends by SIGTERM (status 143 in a shell).
     import signal
     import subprocess
+    import threading
 
     (tmp_path / "report.md").write_text("the report of an EARLIER run\n")
     script = (
@@ -603,6 +604,8 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    watchdog = threading.Timer(120, proc.kill)  # a hang fails the test instead of stalling the suite
+    watchdog.start()
     try:
         while "experiment started" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()[-500:]
@@ -610,6 +613,7 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     assert "run in progress" in during and "EARLIER" not in during
