@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Builds the CUDA extension on a GPU machine and profiles the tensor-core kernels with Nsight Compute:
 #   scripts/gpu_profile.sh OUTDIR        (writes build.log, ncu.txt and the built extension into OUTDIR)
-# Builds unless the extension for this interpreter is there and loads its CUDA kernels (or REBUILD is set).
+# Builds unless the extension for this interpreter is there and loads its CUDA kernels (or REBUILD is set), for
+# ARCH (default: the GPU's compute capability, 9.0a on an H100/H200). The opt-in kernels are profiled where their
+# switches are set in the environment (CONTRASTBOUND_TC_FLASH=1, CONTRASTBOUND_TC_WGMMA=1, ...: profile_tc.py runs
+# what the library picks). Not part of scripts/gpu_check.sh: Nsight Compute needs the GPU's hardware counters,
+# which it could not read on this project's gVisor GPU machines ("LibraryNotLoaded"; it did on Firecracker ones);
+# bench_gpu.py --kernels (torch.profiler, which gpu_check.sh runs) gives each kernel's time everywhere.
 set -uo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR" >&2
@@ -14,7 +19,9 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 if [ -n "${REBUILD:-}" ] || ! "$PY" -c 'import sys, contrastbound; sys.exit(contrastbound.backend_info()["cuda"] != "kernel")' \
     >/dev/null 2>&1; then
-  FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${ARCH:-9.0a}" timeout 200 "$PY" setup.py build_ext --inplace \
+  CC='import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))'
+  ARCH=${ARCH:-$("$PY" -c "$CC" 2>/dev/null || echo 9.0a)}
+  FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" timeout 200 "$PY" setup.py build_ext --inplace \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi
 echo "build done at $(($(date +%s) - START)) s"
