@@ -72,7 +72,13 @@ def exit_from_cli(fn, argv: list[str] | None = None) -> None:
     own message first): a shell that sees a normal exit instead keeps running the script or loop that called us."""
     try:
         code = fn(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .reproduce import Terminated
+
+        if isinstance(exc, Terminated):
+            # reproduce's SIGTERM: the signal went on to the previous handler, which did not end the process (a
+            # caller's own handler): end it with SIGTERM's shell status rather than as a Ctrl-C.
+            sys.exit(128 + signal.SIGTERM)
         sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)

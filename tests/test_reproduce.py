@@ -621,3 +621,19 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     assert "Traceback" not in err and "interrupted during toy (SIGTERM)" in err
     report = (tmp_path / "report.md").read_text()
     assert "INTERRUPTED (SIGTERM) during toy" in report and "not run: bounds-vs-k" in report
+
+
+def test_cli_exit_after_sigterm_whose_handler_returned():
+    # reproduce's SIGTERM went on to a caller's handler that did not end the process: the command then exits with
+    # SIGTERM's shell status (143), not as a Ctrl-C (which would end it by SIGINT).
+    import signal
+
+    from contrastbound.__main__ import exit_from_cli
+    from contrastbound.reproduce import Terminated
+
+    def terminated(argv):
+        raise Terminated("interrupted during toy (SIGTERM)")
+
+    with pytest.raises(SystemExit) as info:
+        exit_from_cli(terminated, [])
+    assert info.value.code == 128 + signal.SIGTERM
