@@ -28,15 +28,17 @@ namespace {
 
 using at::Tensor;
 
-// Whether float32 matrix products may take TF32, as torch's own matmuls decide it. From torch 2.10 the setting is
+// Whether float32 matrix products may take TF32, as torch's own matmuls decide it. From torch 2.9 the setting is
 // kept per backend and op (torch.backends.cuda.matmul.fp32_precision, which allow_tf32 and
 // set_float32_matmul_precision also set), and the legacy reader allowTF32CuBLAS() raises once the two APIs
 // disagree (fp32_precision = "tf32" set alone): every CUDA call of the ops failed then, whatever its dtype.
-// Before 2.10 (no such enum; 2.9 has a string form) the legacy reader.
+// torch 2.9 gives the setting as a string, 2.10 on as an enum; before 2.9 the legacy reader is the only one.
 bool tf32_matmul() {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
          at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
 #else
   return at::globalContext().allowTF32CuBLAS();
 #endif
