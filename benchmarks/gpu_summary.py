@@ -15,7 +15,8 @@ For every fused variant (the default kernels, "fused", and each switch that benc
   time budget or memory are left out).
 Then per problem the fastest variant at K = 2^18 (where not measured there, the largest K of the default kernels)
 among those with no failure: the candidate default. A row "rest of this problem" (an error bench_gpu did not
-catch per row) is a failure of the default kernels.
+catch per row) is a failure of the default kernels; in an opt-in run, "rest of this problem (flash run)", of every
+variant of its families.
 Rows from several CSVs are merged; where two give the same (problem, impl, K), the first file's row is kept (the
 opt-in runs measure the default kernels again, as their reference), unless it was skipped and a later one was not.
 """
@@ -70,15 +71,26 @@ def _failed(r: dict) -> bool:
 def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
     """Per (problem, variant): the figures above; and per problem the candidate default: the fastest variant
     without failures at K = 2^18, or where that K was not measured, at the largest K the default kernels ran."""
-    by = {}
+    by, opt_in_rest = {}, []
     for r in rows:
-        impl = r["impl"]
-        if impl == "rest of this problem":
+        impls = [r["impl"]]
+        if impls[0] == "rest of this problem":
             # An error that bench_gpu did not catch per row: the default kernels' own calls (the reference loss,
             # their timing) or the inputs; the variants did not run at that K either. A failure of "fused".
-            impl = "fused"
+            impls = ["fused"]
             r = dict(r, note=r.get("note") or "failed")
-        by.setdefault((r["problem"], impl), []).append(r)
+        elif impls[0].startswith("rest of this problem ("):
+            opt_in_rest.append(dict(r, note=r.get("note") or "failed"))
+            continue
+        for impl in impls:
+            by.setdefault((r["problem"], impl), []).append(r)
+    for r in opt_in_rest:
+        # The same in an opt-in run, "rest of this problem (flash run)": a failure of each variant of its families
+        # (with their other pipelines, e.g. fused_flash_1stage), not of the default kernels.
+        families = r["impl"][len("rest of this problem ("):].removesuffix(" run)").split("/")
+        names = {x for p, x in by if p == r["problem"] and any(x.startswith(f"fused_{f}") for f in families)}
+        for impl in names | {f"fused_{f}" for f in families}:
+            by.setdefault((r["problem"], impl), []).append(r)
     out, best = [], {}
     for (problem, impl), rs in sorted(by.items()):
         if not impl.startswith("fused"):

@@ -117,7 +117,8 @@ fi
 step "CUDA tests"
 TEST_RC=0
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  # The benchmark phase (three runs; the main one measures K = 2^14, 2^18, 2^22 first) keeps at least 200 s.
+  # The benchmark phase (the main run, which measures K = 2^14, 2^18, 2^22 first, the opt-in families and the
+  # wide rows) keeps at least 200 s.
   T=${TEST_S:-240}
   [ "$T" -gt $(( $(left) - 200 )) ] && T=$(( $(left) - 200 ))
   [ "$T" -lt 30 ] && T=30
@@ -133,19 +134,19 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
          IGNORE+=(--ignore=tests/test_bounds.py --ignore=tests/test_reproduce.py); }
   # Three processes: the default kernels first, then the opt-in ones (one-pass, flash, wgmma: never run on a GPU
   # before), whose failure could poison the CUDA context of every later test in the same process. SIGINT on
-  # timeout, so that pytest still prints its summary and writes the XML; a test stuck for the group's time less
-  # 15 s (a hung kernel: Python cannot take the SIGINT while blocked in a CUDA call, and the kill leaves no XML)
-  # has its stack dumped first. The opt-in groups print each test's name (-v: a hang names its test); the default
-  # group runs on 4 workers where pytest-xdist is installed (~580 cases; 208 took 39 s serially before).
+  # timeout, so that pytest still prints its summary and writes the XML; a test running for 30 s (no CUDA test
+  # should: a hung kernel, where Python cannot take the SIGINT while blocked in a CUDA call and the kill leaves no
+  # XML) has its stacks dumped (faulthandler_timeout, a per-test timer; a test that hangs with less than 30 s of
+  # its group's time left is named by -v alone). The opt-in groups print each test's name (-v); the default group
+  # runs on 4 workers where pytest-xdist is installed (~580 cases; 208 took 39 s serially before).
   XDIST=()
   "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
   run_tests() {  # NAME SECONDS VERBOSITY -k EXPR [FILES] [EXTRA...]
     local rc=0 name=$1 secs=$2 verb=$3 expr=$4 files=${5:-tests}
     shift 5 2>/dev/null || shift $#
-    local dump=$(( secs - 15 > 20 ? secs - 15 : 20 ))
     timeout -s INT -k 10 "$secs" "$PY" -m pytest ${TESTS:-$files} ${IGNORE[@]+"${IGNORE[@]}"} "$verb" -m cuda \
       -k "$expr" --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
-      -o faulthandler_timeout=$dump --junitxml="$OUT/pytest_cuda_$name.xml" "$@" || rc=$?
+      -o faulthandler_timeout=30 --junitxml="$OUT/pytest_cuda_$name.xml" "$@" || rc=$?
     [ "$rc" -eq 124 ] && echo "TESTS ($name) TIMED OUT after $secs s"
     [ "$rc" -eq 5 ] && rc=0  # none selected (e.g. wgmma off compute capability 9.0)
     [ "$rc" -ne 0 ] && TEST_RC=$rc
@@ -182,10 +183,11 @@ if [ "$B" -lt 30 ]; then
   echo "no time left for the benchmark"
   BENCH_RC=124
 else
-  # Two processes (rows are written as they are measured): the default kernels, naive, peers and the safe
-  # variants; then the opt-in kernels (one-pass forward, flash layout, wgmma), each first checked against the
-  # default kernels' loss and gradients ("WRONG RESULT" instead of a time when they disagree), in a process of
-  # their own so that one poisoning the CUDA context cannot cost the main table.
+  # Processes of their own (rows are written as they are measured): the default kernels, naive, peers and the
+  # safe variants; then the opt-in kernels (one-pass forward, flash layout, wgmma), one process per family, each
+  # variant first checked against the default kernels' loss and gradients ("WRONG RESULT" instead of a time when
+  # they disagree), so that one poisoning the CUDA context can cost neither the main table nor another family;
+  # then the wide rows.
   B1=$(( B * 6 / 10 ))
   timeout -s INT -k 20 "$B1" "$PY" benchmarks/bench_gpu.py $QUICK ${BENCH_ARGS:-} \
     --budget $((B1 - 40 > 20 ? B1 - 40 : 20)) --csv "$OUT/bench_gpu.csv" || BENCH_RC=$?

@@ -19,8 +19,9 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 if [ -n "${REBUILD:-}" ] || ! "$PY" -c 'import sys, contrastbound; sys.exit(contrastbound.backend_info()["cuda"] != "kernel")' \
     >/dev/null 2>&1; then
-  CC='import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))'
-  ARCH=${ARCH:-$("$PY" -c "$CC" 2>/dev/null || echo 9.0a)}
+  CAP_PY='import torch; m, n = torch.cuda.get_device_capability()
+print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))'
+  ARCH=${ARCH:-$("$PY" -c "$CAP_PY" 2>/dev/null || echo 9.0a)}
   FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" timeout 200 "$PY" setup.py build_ext --inplace \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi

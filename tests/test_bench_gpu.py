@@ -140,14 +140,19 @@ def test_gpu_summary_prefers_a_measured_row_to_a_skipped_one(tmp_path):
                                         _r("fused", 2**20, "", note="skipped: time budget")])
     opt = _csv(tmp_path / "opt.csv", [
         _r("fused", 2**18, 99.0, 5), _r("fused", 2**20, 120.0, 21),
-        _r("rest of this problem (flash run)", 2**18, "", note="failed: RuntimeError: CUDA error"),
+        _r("fused_flash", 2**18, 10.0, 60), _r("fused_flash_1stage", 2**18, 12.0, 50),
+        _r("fused_wgmma", 2**18, 20.0, 30),
+        _r("rest of this problem (flash run)", 2**20, "", note="failed: RuntimeError: CUDA error"),
     ])
     rows = summary.load([main, opt])
     kept = {(r["impl"], int(r["K"])): r for r in rows}
     assert kept[("fused", 2**18)]["fwdbwd_ms"] == "30.0" and kept[("fused", 2**20)]["fwdbwd_ms"] == "120.0"
-    lines, _ = summary.summarise(rows)
+    lines, best = summary.summarise(rows)
     by = {ln["impl"]: ln for ln in lines}
     assert by["fused"]["failed"] == 0 and by["fused"]["measured"] == 2
+    # the flash run's error: a failure of every flash variant, so the fastest without failures is wgmma
+    assert by["fused_flash"]["failed"] == 1 and by["fused_flash_1stage"]["failed"] == 1
+    assert by["fused_wgmma"]["failed"] == 0 and best["shared"][0] == "fused_wgmma"
 
 
 def test_bench_rows_append_and_variants(bench, tmp_path, capsys):
