@@ -188,6 +188,12 @@ def test_tiny_verdicts_that_the_theorem_does_not_back_are_measured(tiny):
         assert "in-sample" in train and not train.endswith("| **measured** |")
         assert "test set" in test and test.endswith("| **measured** |")
     assert md.count("The theorem does not cover this pairing") == 2
+    for name in ("toy", "digits"):  # the upper gap's decrease with K: claimed in-sample, measured on the test set
+        gap_rows = [r for r in rows if r.startswith(f"| {name} |") and "R_cont + Delta_U - R_supv" in r]
+        assert len(gap_rows) == 2, gap_rows
+        train, test = sorted(gap_rows, key=lambda r: "test set" in r)
+        assert "in-sample" in train and not train.endswith("| **measured** |")
+        assert "test set" in test and test.endswith("| **measured** |")
 
 
 def test_tiny_curves_consistent(tiny):
