@@ -56,6 +56,8 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
         raise TypeError(f"{name} must be a floating tensor, got dtype {features.dtype}")
     if features.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row")
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature (d >= 1), got shape {tuple(features.shape)}")
     return features
 
 
@@ -75,11 +77,22 @@ def _check_labels(name: str, labels: Any, features: torch.Tensor, num_classes: i
         raise ValueError(f"{name} must be non-negative class indices, got min {lo}")
     if num_classes is None:
         num_classes = hi + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    elif hi >= num_classes:
+    else:  # as the estimators' counts (an int, a one-element integer tensor, an integer-valued float)
+        num_classes = _check_count("num_classes", num_classes, 1)
+    if hi >= num_classes:
         raise ValueError(f"{name} must lie in [0, num_classes) = [0, {num_classes}), got max {hi}")
     return labels, int(num_classes)
+
+
+# Draws per anchor (K) and anchors: each is an int64 index row or column in memory at once (16 GiB at 2^31).
+_MAX_DRAWS = 1 << 31
+
+
+def _check_draws(name: str, value: int) -> int:
+    if value > _MAX_DRAWS:
+        raise ValueError(f"{name} must be at most 2^31 (its int64 indices are held at once: {8 * value / 2**30:.3g} "
+                         f"GiB), got {value}")
+    return value
 
 
 def _check_bool_arg(name: str, value: Any) -> None:
@@ -242,7 +255,7 @@ def _setup(features, labels, temperature, num_anchors, normalize, differentiable
     else:
         t = _check_positive("temperature", temperature)
     if num_anchors is not None:
-        num_anchors = _check_count("num_anchors", num_anchors, 1)
+        num_anchors = _check_draws("num_anchors", _check_count("num_anchors", num_anchors, 1))
     _check_bool_arg("normalize", normalize)
     return features, labels, t, num_anchors
 
@@ -265,7 +278,7 @@ def contrastive_loss_estimate(
     with ``negative_indices`` (no (B, K, d) copy). The standard error is roughly sd(loss_i) / sqrt(B).
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize, differentiable=True)
-    K = _check_count("K", K, 0)
+    K = _check_draws("K", _check_count("K", K, 0))
     sampler = _Sampler(features, labels, num_anchors, generator)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     if K == 0:  # no negatives: every loss is 0 (differentiable, as info_nce's)
@@ -311,7 +324,7 @@ def contrastive_loss_curve(
     if ks_arr.min() < 0:
         raise ValueError(f"ks must be non-negative, got min {ks_arr.min()}")
     uniq = np.unique(ks_arr)
-    kmax = int(uniq[-1])
+    kmax = _check_draws("max(ks)", int(uniq[-1]))
     _check_bool_arg("return_std_error", return_std_error)
     sampler = _Sampler(features, labels, num_anchors, generator)
     # per K: anchors so far, the mean of their losses and the sum of squared deviations, merged chunk by chunk
@@ -411,10 +424,16 @@ def gap_report(
     for name, x in (("features", features), ("test_features", test_features)):
         if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} must be finite: it holds NaN or inf entries")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 2 and \
+                not bool(torch.isfinite(torch.linalg.vector_norm(x, dim=-1)).all()):
+            # (finite entries whose squares overflow: the losses would be NaN and every row read "not inside")
+            raise ValueError(f"{name}: a row's norm overflows {x.dtype} (entries up to {float(x.abs().max()):.3g}); "
+                             "rescale the features or pass them in float64")
     C = int(labels.max()) + 1
     ks_arr = np.asarray(ks)
     if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0 or ks_arr.min() < 1:
         raise ValueError(f"ks must be a non-empty 1-d sequence of ints >= 1, got {ks!r}")
+    _check_draws("max(ks)", int(ks_arr.max()))
     if (test_features is None) != (test_labels is None):
         raise ValueError("pass both test_features and test_labels, or neither")
     # R_supv from float32 (or better) means and scores: half-precision means shift it by ~1e-3 (2e-2 at large b),

@@ -313,6 +313,31 @@ def test_half_precision_features_are_accumulated_in_float32():
     assert abs(r_half["R_supv"] - r_wide["R_supv"]) < 1e-6 and r_half["inside"]
 
 
+def test_sizes_and_features_the_estimators_cannot_use_are_refused():
+    # An audit's calls: each crashed with an allocator error, an overflow inside torch, returned a report of NaN
+    # rows marked "not inside", or reported on features with no feature at all.
+    x, y = blobs((5, 6, 7), d=3, seed=9)
+    for call, what in (
+        (lambda: contrastive_loss_estimate(x, y, 10**12), "K must be at most 2\\^31"),
+        (lambda: contrastive_loss_curve(x, y, [4, 10**12]), r"max\(ks\) must be at most 2\^31"),
+        (lambda: contrastive_loss_curve(x, y, np.array([2**63 + 5], dtype=np.uint64)), r"max\(ks\) must be at most"),
+        (lambda: gap_report(x, y, [10**12]), r"max\(ks\) must be at most 2\^31"),
+        (lambda: contrastive_loss_curve(x, y, [1], num_anchors=10**12), "num_anchors must be at most 2\\^31"),
+        (lambda: gap_report(x.float() * 1e20, y, [4]), "a row's norm overflows torch.float32"),
+        (lambda: gap_report(x.float(), y, [4], test_features=x.float() * 1e20, test_labels=y),
+         "test_features: a row's norm"),
+        (lambda: class_means(x[:, :0], y), r"at least one feature \(d >= 1\)"),
+        (lambda: contrastive_loss_curve(x[:, :0], y, [1, 4]), "at least one feature"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert len(gap_report(x * 1e20, y, [4])) == 1  # float64: the same rows' norms are finite
+    # num_classes as the estimators' counts are taken (a one-element tensor, an integer-valued float)
+    assert class_means(x, y, num_classes=torch.tensor(3)).shape == class_means(x, y, num_classes=3.0).shape == (3, 3)
+    with pytest.raises(TypeError, match="num_classes"):
+        class_means(x, y, num_classes=3.5)
+
+
 def test_estimators_accept_any_label_ids_and_check_arguments():
     x, y = blobs((5, 6, 7), d=3, seed=9)
     ids = torch.tensor([3, 7, 2**40])[y]  # hashed ids: memory must not follow the largest id
