@@ -3,6 +3,7 @@ tiny grid (files, columns, consistency, determinism). No timing assertions."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -392,6 +393,22 @@ def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(t
         tmp_path / "c" / "report.md").read_text()
 
 
+@contextlib.contextmanager
+def _watched(proc, seconds: float):
+    """Kills proc after `seconds` (a hang then fails the test on a closed pipe instead of stalling the suite on a
+    blocking read) and at the end of the block if it still runs."""
+    import threading
+
+    watchdog = threading.Timer(seconds, proc.kill)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     # A shell that sees a normal exit after Ctrl-C keeps running the loop that called the command: the process
     # must die by SIGINT (after writing the report), not exit with status 130. Four experiments (tens of seconds
@@ -399,7 +416,6 @@ def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     import re
     import signal
     import subprocess
-    import threading
     import time
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -409,17 +425,11 @@ def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
                              "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    watchdog = threading.Timer(180, proc.kill)  # a hang fails the test instead of stalling the suite
-    watchdog.start()
-    try:
+    with _watched(proc, 180):
         proc.stdout.readline()  # "[reproduce] k-scaling ...": the imports are done, the run has begun
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == -signal.SIGINT, (proc.returncode, err[-500:])
     assert "Traceback" not in err and "interrupted during" in err
     assert re.search(r"INTERRUPTED \(Ctrl-C\) during (k-scaling|compare-bounds|toy|bounds-vs-k)",
@@ -602,7 +612,6 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     # after SIGTERM the report of what ran replaces it and the process ends by SIGTERM (status 143 in a shell).
     import signal
     import subprocess
-    import threading
 
     (tmp_path / "report.md").write_text("the report of an EARLIER run\n")
     script = (
@@ -618,18 +627,12 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-    watchdog = threading.Timer(120, proc.kill)  # a hang fails the test instead of stalling the suite
-    watchdog.start()
-    try:
+    with _watched(proc, 120):
         while "experiment started" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()[-500:]
         during = (tmp_path / "report.md").read_text()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
     assert "run in progress" in during and "EARLIER" not in during
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-500:])
     assert "Traceback" not in err and "interrupted during toy (SIGTERM)" in err
