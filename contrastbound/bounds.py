@@ -1007,8 +1007,10 @@ def harmonic_number(n: int, harmonic: str = "exact") -> float:
             return 0.0
         if n <= 100_000:
             return math.fsum(1.0 / np.arange(1, n + 1))
-        # Euler-Maclaurin; the next term is below 1/(252 n^6) < 1e-32
-        return math.log(n) + _EULER_GAMMA + 1.0 / (2 * n) - 1.0 / (12 * n**2) + 1.0 / (120 * n**4)
+        # Euler-Maclaurin; the next term is below 1/(252 n^6) < 1e-32. math.log and 1 / n take an int of any size
+        # (1.0 / (12 * n**2) did not: n ** 2 past float's range raised OverflowError for n > ~1e154)
+        inv = 1 / n
+        return math.log(n) + _EULER_GAMMA + inv / 2 - inv * inv / 12 + inv**4 / 120
     if harmonic == "authors":
         return math.log(n) + 0.577 if n > 0 else -math.inf
     raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")

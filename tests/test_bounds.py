@@ -147,7 +147,8 @@ def test_equal_to_authors_formulas(C):
 def test_harmonic_numbers():
     assert B.harmonic_number(9) == pytest.approx(float(sum(Fraction(1, i) for i in range(1, 10))), rel=1e-15)
     assert abs(B.harmonic_number(9) - 2.829) < 1e-3 and abs(B.harmonic_number(9, "authors") - 2.774) < 1e-3
-    for n in (100_000, 100_001, 10**7):
+    # past float's range too (n ** 2 of a Python int past ~1e154 raised OverflowError)
+    for n in (100_000, 100_001, 10**7, 10**20, 10**200, 10**400):
         with mpmath.workdps(30):
             ref = float(mpmath.harmonic(n))
         assert rel_err(B.harmonic_number(n), ref) < 1e-14
