@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -186,6 +186,8 @@ def mean_classifier_loss(
     Args:
         features: (N, d); labels: (N,) in [0, C); means: (C, d).
         reduction: "mean", "sum" or "none" (per-sample (N,)).
+    Computed in the promoted dtype of ``features`` and ``means`` (torch's rule, as for ``features @ means.T``),
+    accumulated in float32 for half precision; the result has that dtype.
     """
     features = _check_features("features", features)
     means = _check_features("means", means, rows="C")
@@ -196,8 +198,11 @@ def mean_classifier_loss(
                          f"{tuple(means.shape)}")
     _check_bool_arg("normalize", normalize)
     labels, _ = _check_labels("labels", labels, features, means.shape[0])
-    f = _prepare(features, normalize).to(means.dtype)
-    return bank_cross_entropy(f, means, labels, temperature=temperature, normalize=False, reduction=reduction)
+    # torch's type promotion, as in features @ means.T: float64 features against float32 means are scored in float64
+    dtype = torch.promote_types(features.dtype, means.dtype)
+    f = _prepare(features.to(dtype), normalize)
+    return bank_cross_entropy(f, means.to(dtype), labels, temperature=temperature, normalize=False,
+                              reduction=reduction)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,12 +527,23 @@ _COLUMNS = (
 def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
     """Render :func:`gap_report` rows as a plain-text table (NaN shows as "-")."""
     header = [title for _, title, _ in _COLUMNS]
+    needed = [key for key, _, _ in _COLUMNS] + ["num_classes", "norm_bound"]
     body = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"rows[{i}] must be a dict as gap_report returns, got {type(row).__name__}")
+        missing = [key for key in needed if key not in row]
+        if missing:
+            raise ValueError(f"rows[{i}] lacks the key(s) {', '.join(missing)}: format_gap_report takes the rows "
+                             "gap_report returns")
         cells = []
         for key, _, fmt in _COLUMNS:
             v = row[key]
-            cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+            try:
+                cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"rows[{i}][{key!r}] = {v!r} cannot be formatted as {fmt!r}: format_gap_report "
+                                 "takes the rows gap_report returns") from None
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -74,6 +74,21 @@ def test_mean_classifier_loss_is_exact_r_supv():
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_mean_classifier_loss_promotes_mixed_dtypes():
+    # float64 features against float32 means are scored in float64 (torch's promotion, as features @ means.T):
+    # they were cast down to the means' float32, ~1e-7 from the float64 value
+    x, y = blobs()
+    x = x + 1e-9 * torch.arange(x.numel(), dtype=torch.float64).reshape(x.shape)  # digits float32 cannot hold
+    means64 = class_means(x, y)
+    means32 = means64.float()
+    got = mean_classifier_loss(x, y, means32, temperature=0.3, reduction="none")
+    assert got.dtype == torch.float64
+    ref = F.cross_entropy(F.normalize(x, dim=1) @ means32.double().T / 0.3, y, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    # and the other way round
+    assert mean_classifier_loss(x.float(), y, means64).dtype == torch.float64
+
+
 def test_mean_classifier_loss_many_classes():
     g = torch.Generator().manual_seed(1)
     C, d = 3000, 16
@@ -161,6 +176,13 @@ def test_gap_report_sandwich_holds():
     assert math.isnan(rows[0]["arora"]) and not math.isnan(rows[-1]["arora"]) and rows[-1]["nozawa_sato"] > rows[-1]["R_supv"]
     table = format_gap_report(rows)
     assert "Delta_U" in table and "Nozawa-Sato" in table and len(table.splitlines()) == len(ks) + 3
+    # rows not from gap_report: named, not a bare KeyError / format error
+    with pytest.raises(ValueError, match=r"rows\[1\] lacks the key\(s\) R_supv"):
+        format_gap_report([rows[0], {k: v for k, v in rows[1].items() if k != "R_supv"}])
+    with pytest.raises(ValueError, match=r"rows\[0\]\['K'\] = 1.5 cannot be formatted"):
+        format_gap_report([{**rows[0], "K": 1.5}])
+    with pytest.raises(TypeError, match=r"rows\[0\] must be a dict"):
+        format_gap_report([list(rows[0].values())])
     # a test set, raw features (b from the data) and a skewed empirical prior (earlier bounds: NaN)
     y2 = y.clone()
     y2[:10] = 1  # the first 40 rows are class 0: move 10 of them to class 1
