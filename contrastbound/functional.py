@@ -95,10 +95,14 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x
     if torch.compiler.is_compiling():
-        v = x.detach()
-        # (v > 0 as well: in float16 the minimum rounds to 0)
-        torch._assert_async(torch.isfinite(v) & (v > 0) & (v.double() >= minimum),
-                            f"{name} must be a positive finite number (at least {minimum:.3g})")
+        # Not where a torch.func transform is traced: _assert_async has no batching rule (a temperature batched
+        # by vmap failed to compile), and every transform takes the reference there, whose _poison_bad_scale
+        # makes a bad value's loss NaN, as on a GPU.
+        if not _transforms_active_while_compiling():
+            v = x.detach()
+            # (v > 0 as well: in float16 the minimum rounds to 0)
+            torch._assert_async(torch.isfinite(v) & (v > 0) & (v.double() >= minimum),
+                                f"{name} must be a positive finite number (at least {minimum:.3g})")
     else:
         # (under vmap the whole batch of per-sample values, see _read_back)
         for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
@@ -176,9 +180,12 @@ def _check_indices(
         if torch.compiler.is_compiling():
             # Reading the values back would break the graph: the same check as an op in the graph instead (on
             # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
-            torch._assert_async(
-                ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
-            )
+            # Not where a torch.func transform is traced (_assert_async has no batching rule: indices batched by
+            # vmap failed to compile); every transform takes the reference there, whose indexing checks them.
+            if not _transforms_active_while_compiling():
+                torch._assert_async(
+                    ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
+                )
         elif indices.device.type != "meta":
             # Per-sample indices under vmap are checked as the whole batch of them (see _read_back).
             ends = _read_back(indices, lambda values: torch.stack(torch.aminmax(values)).tolist())  # one read-back

@@ -357,6 +357,28 @@ def test_torch_compile_of_vmap_and_plain_compile_keeps_the_op():
         assert any("contrastbound" in str(node.target) for gm in graphs for node in gm.graph.nodes)
 
 
+def test_torch_compile_of_vmap_over_temperatures_indices_and_targets():
+    # A batched temperature, batched negative_indices and batched targets: compile traced torch._assert_async
+    # (which has no batching rule) on them and failed; the values are eager vmap's, a bad temperature's loss NaN
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    a, p, n = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(6, 3, generator=g)
+    temps = torch.tensor([0.1, 0.2, 0.3])
+    idx = torch.randint(0, 6, (3, 4, 2), generator=g)
+    targets = torch.randint(0, 6, (3, 4), generator=g)
+    cases = (
+        (lambda t: cb.info_nce(a, p, n, temperature=t), temps),
+        (lambda t: cb.nt_xent(a, p, temperature=t), temps),
+        (lambda i: cb.info_nce(a, p, n, negative_indices=i), idx),
+        (lambda y: cb.bank_cross_entropy(a, n, y), targets),
+    )
+    for f, xs in cases:
+        torch.testing.assert_close(torch.compile(torch.func.vmap(f), backend="aot_eager", fullgraph=True)(xs),
+                                   torch.func.vmap(f)(xs), rtol=1e-5, atol=1e-6)
+    bad = torch.compile(torch.func.vmap(cases[0][0]), backend="aot_eager")(torch.tensor([0.1, -1.0, 0.3]))
+    assert torch.isnan(bad[1]) and torch.isfinite(bad[[0, 2]]).all()
+
+
 def test_torch_compile_temperature_check_float16_zero():
     # In float16 the minimum temperature (2.9e-39) rounds to 0: the in-graph check also asks for v > 0.
     torch._dynamo.reset()
