@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bounds as _bounds
-from .functional import _check_dense, bank_cross_entropy, info_nce, info_nce_lse
+from .functional import _check_bool, _check_dense, bank_cross_entropy, info_nce, info_nce_lse
 
 __all__ = [
     "class_means",
@@ -96,8 +96,7 @@ def _check_draws(name: str, value: int) -> int:
 
 
 def _check_bool_arg(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    _check_bool(name, value)  # (a numpy bool passes: it acts as a bool wherever it is used)
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:

@@ -7,6 +7,7 @@ import copy
 import math
 from numbers import Real
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -236,9 +237,15 @@ def _refusals_joined(process_group, like):
 
 
 def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    """value as a bool: a Python bool or a numpy one (np.True_, as torch's own arguments take); anything else, an
+    int or a one-element tensor included, is refused (TypeError naming its type in full: numpy's is also 'bool')."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    kind = type(value)
+    raise TypeError(f"{name} must be a bool, got {kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}"
+                    f"{kind.__qualname__}")
 
 
 def _autocast_off(device_type: str):
@@ -1005,6 +1012,7 @@ class InfoNCE(torch.nn.Module):
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")
         self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
+        self._initial_temperature = t  # for reset_parameters
         if self.learn_temperature:
             self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(t)))
         else:
@@ -1037,6 +1045,12 @@ class InfoNCE(torch.nn.Module):
         t = _check_temperature(value)
         if isinstance(t, torch.Tensor):
             if t.requires_grad:
+                if self.learn_temperature:
+                    raise ValueError(
+                        "InfoNCE(learn_temperature=True) copies a temperature set on it into log_temperature; the "
+                        "tensor given requires grad (a graph through it would be cut): set a float or a detached "
+                        "tensor, or set it under torch.no_grad()"
+                    )
                 raise ValueError(
                     "InfoNCE reads temperature when it is set, so a tensor that requires grad would never be learned: "
                     "use learn_temperature=True, or call contrastbound.info_nce(..., temperature=<your parameter>)"
@@ -1068,10 +1082,20 @@ class InfoNCE(torch.nn.Module):
             process_group=self.process_group,
         )
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets a learnable temperature back to the value given at construction (what ``to_empty`` and FSDP's
+        deferred initialisation call; a fixed temperature has nothing to reset)."""
+        if self.learn_temperature:
+            self.log_temperature.fill_(math.log(self._initial_temperature))
+
     def extra_repr(self) -> str:
         t = self.temperature
-        t = float(t.detach()) if isinstance(t, torch.Tensor) else t
+        if isinstance(t, torch.Tensor):  # (a module built on the meta device holds no value to print)
+            t = "(meta)" if t.device.type == "meta" else format(float(t.detach()), "g")
+        else:
+            t = format(t, "g")
         return (
-            f"temperature={t:g}, normalize={self.normalize}, reduction={self.reduction!r}, "
+            f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
             f"learn_temperature={self.learn_temperature}"
         )

@@ -186,8 +186,25 @@ class NegativeQueue(torch.nn.Module):
         filled = self._host()[1]
         return self.queue if filled == self.size else self.queue[:filled]
 
+    @torch.no_grad()
+    @torch.compiler.disable
+    def reset_parameters(self) -> None:
+        """Zeroes the stored keys and empties the queue: what ``to_empty`` (a module built on the meta device) and
+        FSDP's deferred initialisation call, the buffers then holding uninitialised memory."""
+        self.queue.zero_()
+        self.clear()
+
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={self._host()[1]}"
+        # Never raises (print(model) must not): buffers on the meta device, or holding a state that enqueue cannot
+        # reach (uninitialised memory after to_empty), print their fill level as "?"
+        if self.queue.device.type == "meta":
+            filled = "?"
+        else:
+            try:
+                filled = self._host()[1]
+            except ValueError:
+                filled = "? (the buffers hold no valid state: clear() empties the queue)"
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={filled}"
 
 
 def _bad_state(ptr: int, filled: int, size: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,7 +295,7 @@ def test_infonce_module_refuses_a_temperature_it_would_freeze():
     with pytest.raises(ValueError, match="learn_temperature=True"):
         cb.InfoNCE(temperature=t)
     module = cb.InfoNCE(temperature=t, learn_temperature=True)  # starts from its value, learns log_temperature
-    assert abs(float(module.temperature) - 0.1) < 1e-6
+    assert abs(float(module.temperature.detach()) - 0.1) < 1e-6
     assert abs(float(cb.InfoNCE(temperature=torch.tensor(0.2)).temperature) - 0.2) < 1e-6  # a plain tensor: read
 
 
@@ -318,6 +319,62 @@ def test_infonce_module_temperature_can_be_set(learn):
         with pytest.raises(err, match="temperature"):
             module.temperature = bad
     assert abs(float(module.temperature) - 0.05) < 1e-7  # a refused value changes nothing
+
+
+def test_numpy_bools_are_bools_and_other_types_are_named_in_full():
+    # np.True_ as torch's own bool arguments take it (was refused as "must be a bool, got bool": numpy's type is
+    # also named bool); an int or a numpy int is refused with its full type name
+    g = torch.Generator().manual_seed(3)
+    a, p, n = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g)
+    for flag in (True, False):
+        torch.testing.assert_close(cb.info_nce(a, p, n, normalize=np.bool_(flag)), cb.info_nce(a, p, n, normalize=flag),
+                                   rtol=0, atol=0)
+        want = cb.info_nce_lse(a, p, n, normalize=flag, include_positive=flag)
+        for got, w in zip(cb.info_nce_lse(a, p, n, normalize=np.bool_(flag), include_positive=np.bool_(flag)), want):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+        torch.testing.assert_close(cb.nt_xent(a, p, normalize=np.bool_(flag)), cb.nt_xent(a, p, normalize=flag),
+                                   rtol=0, atol=0)
+    module = cb.InfoNCE(normalize=np.True_, learn_temperature=np.True_)
+    assert module.normalize is True and module.learn_temperature is True
+    for bad, shown in ((1, "got int"), (np.int64(1), "got numpy.int64"), (torch.tensor(True), "got torch.Tensor")):
+        with pytest.raises(TypeError, match=f"normalize must be a bool, {shown}$"):
+            cb.info_nce(a, p, n, normalize=bad)
+
+
+def test_learnable_temperature_set_from_a_graph_says_what_to_do():
+    # module.temperature = module.temperature * 0.9 on a learnable module: the message told the user to pass
+    # learn_temperature=True, which they had; under no_grad the same assignment works
+    module = cb.InfoNCE(temperature=0.2, learn_temperature=True)
+    with pytest.raises(ValueError, match="detached tensor, or set it under torch.no_grad") as info:
+        module.temperature = module.temperature * 0.5
+    assert "use learn_temperature=True" not in str(info.value)
+    with torch.no_grad():
+        module.temperature = module.temperature * 0.5
+    assert abs(float(module.temperature.detach()) - 0.1) < 1e-6
+
+
+def test_modules_built_on_the_meta_device_print_and_reset():
+    # The deferred-initialisation path (build on meta, to_empty, reset_parameters, as FSDP does): repr raised on
+    # the meta temperature, and on the queue's uninitialised buffers after to_empty; there was no reset_parameters
+    with torch.device("meta"):
+        module = cb.InfoNCE(temperature=0.07, learn_temperature=True)
+        queue = cb.NegativeQueue(8, 3)
+    assert "temperature=(meta)" in repr(module) and "filled=?" in repr(queue)
+    module.to_empty(device="cpu")
+    queue.to_empty(device="cpu")
+    with torch.no_grad():  # memory to_empty may hand back: a state enqueue cannot reach
+        queue.ptr.fill_(5)
+        queue.filled.fill_(2)
+        module.log_temperature.fill_(123.0)
+    assert "filled=?" in repr(queue)
+    module.reset_parameters()
+    queue.reset_parameters()
+    assert abs(float(module.temperature.detach()) - 0.07) < 1e-7 and "temperature=0.07" in repr(module)
+    assert len(queue) == 0 and "filled=0" in repr(queue) and torch.equal(queue.queue, torch.zeros(8, 3))
+    keys = torch.randn(3, 3)
+    queue.enqueue(keys)
+    torch.testing.assert_close(queue.negatives(), keys)
+    cb.InfoNCE(temperature=0.3).reset_parameters()  # nothing to reset, no error
 
 
 def test_meta_tensors_give_meta_results_as_torch_does():
