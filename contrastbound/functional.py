@@ -248,6 +248,13 @@ def _check_bool(name: str, value: object) -> bool:
                     f"{kind.__qualname__}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):  # (meta: torch.is_autocast_enabled("meta") raises)
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def _autocast_off(device_type: str):
     """torch.autocast(device_type, enabled=False), or nothing where that device has no autocast (meta tensors:
     torch.autocast("meta") raises)."""
@@ -264,6 +271,11 @@ def _gradient_only(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce(loss: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """loss (per anchor, in the accumulation dtype) reduced and cast to the result dtype; float32 instead of a
+    half dtype under torch.autocast on the loss's device, as autocast runs torch's losses (F.cross_entropy
+    returns float32 there: a bfloat16 loss would round the float32 value the kernels accumulated to 3 digits)."""
+    if dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(loss.device.type):
+        dtype = torch.float32
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

@@ -1281,6 +1281,32 @@ def test_fallback_ignores_autocast(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_returns_float32_losses(dtype):
+    # Under autocast the loss is float32, as autocast's F.cross_entropy: half-precision activations without a bank
+    # (in-batch, NT-Xent, CLIP) or with a half bank returned a half loss, the float32 value the kernels accumulate
+    # rounded to 3 digits (bfloat16: 2.3e-3 relative error for NT-Xent); the value is that of float64 on the same
+    # (half) inputs to float32 accumulation. Without autocast the promoted dtype, as before.
+    a, p, n, _ = make_inputs("shared", B=40, K=300, d=16, dtype=dtype, seed=19, requires_grad=False)
+    calls = {
+        "in-batch": (lambda: cb.info_nce(a, p, temperature=0.1, reduction="none"),
+                     lambda: info_nce_reference(a.double(), p.double(), temperature=0.1, reduction="none")),
+        "bank": (lambda: cb.info_nce(a, p, n, temperature=0.1),
+                 lambda: info_nce_reference(a.double(), p.double(), n.double(), temperature=0.1)),
+        "nt_xent": (lambda: cb.nt_xent(a, p, temperature=0.1, reduction="sum"),
+                    lambda: nt_xent_reference(a.double(), p.double(), temperature=0.1, reduction="sum")),
+        "clip": (lambda: cb.clip_loss(a, p, 10.0),  # (the mean of the two directions, its docstring's definition)
+                 lambda: (info_nce_reference(a.double(), p.double(), temperature=0.1)
+                          + info_nce_reference(p.double(), a.double(), temperature=0.1)) / 2),
+    }
+    for name, (fused, ref) in calls.items():
+        with torch.autocast("cpu", dtype=dtype):
+            got = fused()
+        assert got.dtype == torch.float32, name
+        assert_close_scaled(got, ref(), 2e-5, name)
+        assert fused().dtype == dtype, name  # outside autocast: the inputs' dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_matches_float32(dtype):
     torch.manual_seed(0)
     encoder = torch.nn.Linear(16, 32)
