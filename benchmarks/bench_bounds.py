@@ -66,8 +66,10 @@ def main() -> None:
     print(f"{'term':<36}{'prior':<9}{'seconds':>9}{'us/K':>9}")
     for name, prior, fn in cases:
         s = best_of(fn, args.repeat)
-        rows.append(dict(term=name, prior=prior, classes=C, kmax=args.kmax, seconds=f"{s:.4f}", us_per_k=f"{1e6 * s / k.size:.3f}"))
-        print(f"{name:<36}{prior:<9}{s:>9.4f}{1e6 * s / k.size:>9.3f}")
+        # three significant digits (fixed decimals printed a fast term as 0.0000)
+        rows.append(dict(term=name, prior=prior, classes=C, kmax=args.kmax, seconds=f"{s:.3g}",
+                         us_per_k=f"{1e6 * s / k.size:.3g}"))
+        print(f"{name:<36}{prior:<9}{s:>9.3g}{1e6 * s / k.size:>9.3g}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -1,7 +1,8 @@
 """nt_xent and clip_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time and memory.
 
-Each (loss, method, N) runs in a fresh subprocess; peak resident memory (ru_maxrss) is read against a baseline
-taken after the inputs exist. Plain PyTorch is skipped where its matrix would not fit.
+Each (loss, method, N) runs in a fresh subprocess; peak resident memory (VmHWM, reset once the inputs exist, as
+the scaling suite does; ru_maxrss, not resettable, where /proc is missing) is read against a baseline taken then,
+the inputs' gradients included in the extra. Plain PyTorch is skipped where its matrix would not fit.
 
     python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --max-log2n 13        # quicker
@@ -43,11 +44,10 @@ def _plain_clip(img, txt, scale):
 
 
 def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int) -> dict:
-    import resource
-
     import torch
 
     import contrastbound as cb
+    from contrastbound.benchsuite.harness import _reset_rss_peak, _rss_peak_mib
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -58,7 +58,8 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
     else:
         fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    _reset_rss_peak()  # a transient peak before here (imports, building the inputs) would hide the loss's
+    base = _rss_peak_mib()
     times = []
     for _ in range(reps + 1):
         x1.grad = x2.grad = None
@@ -66,7 +67,7 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         loss = fn()
         loss.backward()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = _rss_peak_mib()
     return {"time_s": statistics.median(times[1:]), "extra_mib": peak - base, "loss_value": float(loss)}
 
 
