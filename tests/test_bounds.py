@@ -388,6 +388,13 @@ def test_delta_upper_forms_and_limits():
     assert B.delta_upper(3, prior=pi2) == pytest.approx(B.delta_upper(3, prior=pi2, form="paper"), rel=1e-14)
     # a uniform prior given as a vector is the uniform prior
     assert B.delta_upper(5, prior=np.full(8, 1 / 8)) == pytest.approx(B.delta_upper(5, 8), rel=1e-14)
+    # small b: Delta_U = 2 log cosh(b^2) at C = K = 1, and the log cosh keeps its relative digits (b = 1e-4:
+    # 2 log cosh(1e-8) = 1e-16 - 3.3e-33 came out 2.2e-16 from |x| + log1p(e^{-2|x|}) - log 2)
+    with mpmath.workdps(80):
+        for b in (1e-4, 1e-2, 0.5, 0.99999, 1.00001):
+            ref = float(2 * mpmath.log(mpmath.cosh(mpmath.mpf(b) ** 2)))
+            assert rel_err(B.delta_upper(1, 1, norm_bound=b), ref) < 1e-14, b
+            assert rel_err(B.delta_lower(1, 1, norm_bound=b, form="proved"), -math.log(2) - ref) < 1e-14, b
 
 
 def test_delta_lower_forms():
