@@ -186,7 +186,8 @@ def mean_classifier_loss(
         features: (N, d); labels: (N,) in [0, C); means: (C, d).
         reduction: "mean", "sum" or "none" (per-sample (N,)).
     Computed in the promoted dtype of ``features`` and ``means`` (torch's rule, as for ``features @ means.T``),
-    accumulated in float32 for half precision; the result has that dtype.
+    accumulated in float32 for half precision; the result has that dtype (float32 for a half dtype under
+    ``torch.autocast``, as every loss here).
     """
     features = _check_features("features", features)
     means = _check_features("means", means, rows="C")
@@ -548,6 +549,11 @@ def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
     if rows:
-        out.append(f"C = {rows[0]['num_classes']}, b = {rows[0]['norm_bound']:.4g}; R_supv inside [lower, upper] for every K: "
+        try:
+            b = format(rows[0]["norm_bound"], ".4g")
+        except (TypeError, ValueError):
+            raise ValueError(f"rows[0]['norm_bound'] = {rows[0]['norm_bound']!r} cannot be formatted as a number: "
+                             "format_gap_report takes the rows gap_report returns") from None
+        out.append(f"C = {rows[0]['num_classes']}, b = {b}; R_supv inside [lower, upper] for every K: "
                    f"{all(r['inside'] for r in rows)}")
     return "\n".join(out)

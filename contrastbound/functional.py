@@ -96,10 +96,10 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x
     if torch.compiler.is_compiling():
-        # Not where a torch.func transform is traced: _assert_async has no batching rule (a temperature batched
-        # by vmap failed to compile), and every transform takes the reference there, whose _poison_bad_scale
-        # makes a bad value's loss NaN, as on a GPU.
-        if not _transforms_active_while_compiling():
+        # Not for a value batched by vmap: _assert_async has no batching rule (compile of vmap over temperatures
+        # failed); the reference, which every transform takes there, makes a bad value's loss NaN
+        # (_poison_bad_scale), as on a GPU. (Under grad the check stays: a bad value raises.)
+        if not _batched_while_compiling(x):
             v = x.detach()
             # (v > 0 as well: in float16 the minimum rounds to 0)
             torch._assert_async(torch.isfinite(v) & (v > 0) & (v.double() >= minimum),
@@ -181,9 +181,9 @@ def _check_indices(
         if torch.compiler.is_compiling():
             # Reading the values back would break the graph: the same check as an op in the graph instead (on
             # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
-            # Not where a torch.func transform is traced (_assert_async has no batching rule: indices batched by
-            # vmap failed to compile); every transform takes the reference there, whose indexing checks them.
-            if not _transforms_active_while_compiling():
+            # Not for indices batched by vmap (_assert_async has no batching rule: compile of vmap over indices
+            # failed); every transform takes the reference there, whose indexing refuses a bad one (torch's message).
+            if not _batched_while_compiling(indices):
                 torch._assert_async(
                     ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
                 )
@@ -347,6 +347,14 @@ def _transforms_active_while_compiling() -> bool:
     interpreter stack and the tensor-wrapper tests are opaque to it), which cannot tell grad from vmap: every
     transform takes the reference there (compile of vmap too, at the reference's O(B K) memory)."""
     return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
+
+
+def _batched_while_compiling(x: torch.Tensor) -> bool:
+    """Under torch.compile: whether x is batched by vmap at its outermost level (dynamo traces this test; it
+    cannot see through a grad wrapper, so vmap(grad(f)) taken with respect to x itself still fails to compile)."""
+    if not _transforms_active_while_compiling():
+        return False
+    return bool(getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)(x))
 
 
 def _func_active() -> bool:
@@ -1099,7 +1107,11 @@ class InfoNCE(torch.nn.Module):
         """Sets a learnable temperature back to the value given at construction (what ``to_empty`` and FSDP's
         deferred initialisation call; a fixed temperature has nothing to reset)."""
         if self.learn_temperature:
-            self.log_temperature.fill_(math.log(self._initial_temperature))
+            t0 = getattr(self, "_initial_temperature", None)
+            if t0 is None:  # (a module pickled by a version without reset_parameters)
+                raise RuntimeError("InfoNCE.reset_parameters: this module does not know its initial temperature "
+                                   "(pickled by an older contrastbound); set module.temperature instead")
+            self.log_temperature.fill_(math.log(t0))
 
     def extra_repr(self) -> str:
         t = self.temperature

@@ -183,6 +183,8 @@ def test_gap_report_sandwich_holds():
         format_gap_report([{**rows[0], "K": 1.5}])
     with pytest.raises(TypeError, match=r"rows\[0\] must be a dict"):
         format_gap_report([list(rows[0].values())])
+    with pytest.raises(ValueError, match=r"rows\[0\]\['norm_bound'\] = None cannot be formatted"):
+        format_gap_report([{**rows[0], "norm_bound": None}])
     # a test set, raw features (b from the data) and a skewed empirical prior (earlier bounds: NaN)
     y2 = y.clone()
     y2[:10] = 1  # the first 40 rows are class 0: move 10 of them to class 1

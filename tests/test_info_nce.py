@@ -276,8 +276,9 @@ def test_results_do_not_depend_on_the_thread_count(mode):
 
 # The indexed mode's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
 # for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G:E" sets R rows per block, G anchors
-# per group and E indices listed at once (fewer than a chunk's: windows of k), so that small inputs cross many
-# blocks, groups, windows and row tiles (1037 = 4 x 256 + 13 indices per anchor).
+# per group and E indices listed at once (fewer than a chunk's: windows of k; the forward's only, backward counts
+# a group of one anchor's hits without listing them), so that small inputs cross many blocks, groups, windows and
+# row tiles (1037 = 4 x 256 + 13 indices per anchor).
 INDEXED_WALKS = ["rows", "blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:1000:2", "blocked:7:1:50",
                  "blocked:7:3:50"]
 
@@ -323,7 +324,8 @@ def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
 @pytest.mark.parametrize("walk", ["blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:7:1:50"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_indexed_bank_gradient_same_bits_in_both_walks(monkeypatch, walk, normalize):
-    # The blocked backward keeps each bank row's terms in (anchor, k) order: given the same lse, the row walk's bits.
+    # The blocked backward adds each bank row's terms in anchor order, one per anchor (its hits counted): given
+    # the same lse, the row walk's bits.
     a, p, n, idx = make_inputs("indexed", B=37, K=1037, d=19, dtype=torch.float32, M=301, seed=15)
     a, p, n = a.detach(), p.detach(), n.detach()
     _, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, idx, 10.0, normalize, True, True)
@@ -359,6 +361,26 @@ def test_indexed_bank_rows_hit_many_times_keep_their_gradient(monkeypatch, walk)
     a, p, n, _ = make_inputs("indexed", B=4, K=8, d=6, dtype=torch.float32, M=5, seed=22)
     idx = torch.randint(0, 5, (4, 200_000), generator=g)
     _check_against_reference(a, p, n, idx, torch.float32, temperature=0.2)
+
+
+@pytest.mark.parametrize("walk", [None, "blocked:1", "blocked:1:2", "blocked:2:3"])
+def test_indexed_backward_with_ranges_past_the_bank(monkeypatch, walk):
+    # The backward splits the bank into min(M, 2 threads) ranges of ceil(M / ranges) rows: with 16 threads and
+    # M = 65 the last ranges start past M, and their negative block count sized a vector ("cannot create
+    # std::vector larger than max_size()"): the default plan (65 rows of 4096 float32 take the blocked walk), and
+    # the forced group walks on a 5-row bank with 2 threads
+    if walk is None:
+        monkeypatch.delenv("CONTRASTBOUND_CPU_INDEXED", raising=False)
+        a, p, n, idx = make_inputs("indexed", B=4, K=64, d=4096, dtype=torch.float32, M=65, seed=23)
+    else:
+        monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+        a, p, n, idx = make_inputs("indexed", B=6, K=40, d=5, dtype=torch.float32, M=5, seed=23)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(16 if walk is None else 2)
+    try:
+        _check_against_reference(a, p, n, idx, torch.float32, temperature=0.2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_inference_mode_with_worker_threads():

@@ -377,6 +377,9 @@ def test_torch_compile_of_vmap_over_temperatures_indices_and_targets():
                                    torch.func.vmap(f)(xs), rtol=1e-5, atol=1e-6)
     bad = torch.compile(torch.func.vmap(cases[0][0]), backend="aot_eager")(torch.tensor([0.1, -1.0, 0.3]))
     assert torch.isnan(bad[1]) and torch.isfinite(bad[[0, 2]]).all()
+    # under grad (not batched) the in-graph check stays: a bad temperature raises rather than giving NaN
+    with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
+        torch.compile(torch.func.grad(cases[0][0]), backend="aot_eager")(torch.tensor(-1.0))
 
 
 def test_torch_compile_temperature_check_float16_zero():

@@ -687,6 +687,8 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
     };
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t lo = r * range_len, hi = std::min(M, lo + range_len);
+      if (lo >= hi) continue;  // ranges of ceil(M / ranges) rows: the last ones can start past M (M = 65, 32
+                               // ranges: 3 rows each), and a negative block count sized the vectors below
       if (plan.use && plan.group == 1) {
         // One anchor at a time: its hits counted (no list of them: K may exceed plan.entries), then its distinct
         // rows added by block, in address order (a counting sort of them by block).
