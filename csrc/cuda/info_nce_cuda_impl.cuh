@@ -862,14 +862,18 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t len = min64(piece, pairs - c0);
       const int64_t lo = c0 + lower_bound(sorted_rows + c0, len, m);
       const int64_t hi = c0 + lower_bound(sorted_rows + c0, len, m + 1);
-      for (int64_t e = lo; e < hi; ++e) {
+      for (int64_t e = lo; e < hi;) {
+        // anchor i's hits in this piece end where the flat index reaches (i + 1) K: a binary search, not a walk
+        // over them (a row hit 10^7 times by one anchor)
         const int64_t i = sorted_pairs[e] / K;
+        const int64_t next = e + lower_bound(sorted_pairs + e, hi - e, (i + 1) * K);
         if (i != anchor) {
           if (hits > 0) add_anchor_hits<scalar_t, acc_t>(pr, g, lse, row, s1, d, inv, anchor, hits, lane, G, first);
           anchor = i;
           hits = 0;
         }
-        ++hits;
+        hits += next - e;
+        e = next;
       }
     }
     if (hits > 0) add_anchor_hits<scalar_t, acc_t>(pr, g, lse, row, s1, d, inv, anchor, hits, lane, G, first);
