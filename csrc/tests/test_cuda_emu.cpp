@@ -691,14 +691,14 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
       run_case<T>(c, own, tol, tol_acc, config, light);
     }
   }
-  // Indexed, each anchor hitting one row 1000 times (row 3 i % 7: 6 anchors, 6000 hits per row): added hit by hit
-  // in float32 the rows' gradients stagnated (4.3e-5, twice float32's tolerance); counted per anchor, 6 terms
-  // each. (K not larger: the SIMT forward sums an anchor's K terms of the anchor term V one by one, 2.2e-5 of the
-  // anchors' gradient at K = 1500, 2.4e-5 of V at 4000, against float32's tolerance 2e-5.)
+  // Indexed, each anchor hitting one row 4000 times (row 3 i % 7: 6 anchors, 24000 hits per row): added hit by
+  // hit in float32 the rows' gradients stagnated (4.3e-5 at K = 1000, twice float32's tolerance), and so did the
+  // SIMT forward's anchor term V, summed into its chunk's running value term by term (2.4e-5 of V at K = 4000):
+  // now counted per anchor, 6 terms per row, and V summed by tiles.
   {
     std::mt19937_64 own(2027);
     Case c;
-    c.mode = Mode::Indexed, c.B = 42, c.K = 1000, c.d = 8, c.rows = 7, c.one_row = true;
+    c.mode = Mode::Indexed, c.B = 42, c.K = 4000, c.d = 8, c.rows = 7, c.one_row = true;
     run_case<T>(c, own, tol, tol_acc, config, light);
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
