@@ -665,3 +665,26 @@ def test_cli_exit_after_sigterm_whose_handler_returned(monkeypatch):
     else:
         pytest.fail("no exit")
     assert code == 128 + signal.SIGTERM and sent == []
+
+
+def test_non_vacuous_entry_says_where():
+    # "no" beside 10 non-vacuous (K, seed) pairs read as a contradiction of the README (the full digits run is
+    # non-vacuous at K = 256 and 1024 for every seed): the entry names the K where every seed is below log C
+    from contrastbound.reproduce._common import Section
+    from contrastbound.reproduce.training import _earlier_claims
+
+    nan = float("nan")
+
+    def rows(uppers):  # {K: [upper per seed]}
+        return [{"K": k, "upper_test": u, "R_supv_test": 1.4, "arora_test": nan, "nozawa_sato_test": nan,
+                 "ash_test": nan} for k, us in uppers.items() for u in us]
+
+    for uppers, start in (({4: [2.8, 2.7], 256: [2.29, 2.28]}, "at some K (at every seed for K = 256): ours <= log C "
+                                                                 "in 2 of 4"),
+                          ({4: [2.8, 2.2], 256: [2.35, 2.28]}, "at some (K, seed) pairs: ours <= log C in 2 of 4"),
+                          ({4: [2.8], 256: [2.35]}, "at no K: ours <= log C in 0 of 2"),
+                          ({4: [2.2], 256: [2.1]}, "yes, at every K: ours <= log C in 2 of 2")):
+        sec = Section("digits", "digits")
+        _earlier_claims(sec, rows(uppers), 10)
+        assert sec.claims[0].verdict == "measured"
+        assert sec.claims[0].evidence.startswith(start), sec.claims[0].evidence

@@ -5,7 +5,8 @@ For every mode (shared bank, per-anchor, indexed, in-batch, bank cross-entropy),
 measures forward, backward and forward+backward median times after warm-up and the peak extra memory (on CPU each
 configuration in a fresh process), the GEMM rate of the logits shape in the same run, and each method's effective
 FLOP/s and fraction of that rate. It prints a table while it runs, then the log-log slope of time against K per
-method (the fused loss must be linear: 0.9..1.1 from 2^14 up) and the headline ratios, and writes CSV, JSON (with
+method (the fused loss must be linear: 0.9..1.1 from 2^14 up, fitted over at least 3 K: --quick has 2 there and
+reports "too few points") and the headline ratios, and writes CSV, JSON (with
 the machine) and log-log plots. Methods that cannot run somewhere are reported with the reason.
 
     contrastbound bench --quick                       # under two minutes on 2 cores
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="contrastbound bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help=f"mode shared, K = 2^12, 2^14, 2^16, 2 repeats, 20 s time bound (unless given)")
+                   help="mode shared, K = 2^12, 2^14, 2^16, 2 repeats, 20 s time bound (unless given); too few K "
+                        "for the slope check (3 from 2^14)")
     p.add_argument("--modes", type=_csv_list, default=None, help=f"comma list of {','.join(MODES)} (default all)")
     p.add_argument("--methods", type=_csv_list, default=None,
                    help="comma list of method names (default all; gemm is always measured); see --list-methods")
