@@ -288,8 +288,14 @@ def _earlier_claims(sec: Section, final: list[dict], C: int) -> None:
     # "no" beside 10 non-vacuous pairs read as a contradiction of the README (non-vacuous at large K): say where
     ks_ok = sorted(k for k in {r["K"] for r in final}
                    if all(r["upper_test"] <= logC for r in final if r["K"] == k))
-    verdict = ("yes, at every K" if n_ok == len(ours) else "at no K" if n_ok == 0 else
-               f"at some K (at every seed for K = {', '.join(map(str, ks_ok))})" if ks_ok else "at some (K, seed) pairs")
+    if n_ok == len(ours):
+        verdict = "yes, at every K"
+    elif n_ok == 0:
+        verdict = "at no K"
+    elif ks_ok:
+        verdict = f"at some K (at every seed for K = {', '.join(map(str, ks_ok))})"
+    else:
+        verdict = "at some (K, seed) pairs"
     sec.claim(
         f"Whether our upper bound is non-vacuous (<= log C = {fmt(logC)}) on this data.",
         None,
