@@ -524,6 +524,16 @@ _COLUMNS = (
 )
 
 
+def _formatted(rows: Sequence[dict[str, Any]], i: int, key: str, fmt: str) -> str:
+    """rows[i][key] formatted by fmt, or a ValueError naming the cell (not a bare format error)."""
+    v = rows[i][key]
+    try:
+        return fmt.format(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"rows[{i}][{key!r}] = {v!r} cannot be formatted as {fmt!r}: format_gap_report takes the "
+                         "rows gap_report returns") from None
+
+
 def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
     """Render :func:`gap_report` rows as a plain-text table (NaN shows as "-")."""
     header = [title for _, title, _ in _COLUMNS]
@@ -539,21 +549,13 @@ def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
         cells = []
         for key, _, fmt in _COLUMNS:
             v = row[key]
-            try:
-                cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
-            except (TypeError, ValueError):
-                raise ValueError(f"rows[{i}][{key!r}] = {v!r} cannot be formatted as {fmt!r}: format_gap_report "
-                                 "takes the rows gap_report returns") from None
+            cells.append("-" if isinstance(v, float) and math.isnan(v) else _formatted(rows, i, key, fmt))
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
     if rows:
-        try:
-            b = format(rows[0]["norm_bound"], ".4g")
-        except (TypeError, ValueError):
-            raise ValueError(f"rows[0]['norm_bound'] = {rows[0]['norm_bound']!r} cannot be formatted as a number: "
-                             "format_gap_report takes the rows gap_report returns") from None
+        b = _formatted(rows, 0, "norm_bound", "{:.4g}")
         out.append(f"C = {rows[0]['num_classes']}, b = {b}; R_supv inside [lower, upper] for every K: "
                    f"{all(r['inside'] for r in rows)}")
     return "\n".join(out)
