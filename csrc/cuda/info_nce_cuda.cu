@@ -99,23 +99,27 @@ bool device_runs_sm90a() {
     if (e.first == device) return e.second;
   bool ok = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
             device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+  // A probe that could not run to its answer (no stream, a failed copy or synchronisation, e.g. out of memory or
+  // an error of earlier work) says "no" for this call only: it is not cached, so a later call asks again.
+  bool answered = true;
   if (ok) {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     cudaThreadExchangeStreamCaptureMode(&mode);
     cudaStream_t stream = nullptr;
     int host = 0;
-    ok = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
-    if (ok) {
-      sm90a_probe_kernel<<<1, 1, 0, stream>>>();
-      ok = cudaMemcpyFromSymbolAsync(&host, sm90a_probe_flag, sizeof(int), 0, cudaMemcpyDeviceToHost, stream) ==
-               cudaSuccess &&
-           cudaStreamSynchronize(stream) == cudaSuccess && host == 1;
+    answered = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess;
+    if (answered) {
+      sm90a_probe_kernel<<<1, 1, 0, stream>>>();  // 1 from sm_90a code only; a failed launch leaves 0
+      answered = cudaMemcpyFromSymbolAsync(&host, sm90a_probe_flag, sizeof(int), 0, cudaMemcpyDeviceToHost,
+                                           stream) == cudaSuccess &&
+                 cudaStreamSynchronize(stream) == cudaSuccess;
       cudaStreamDestroy(stream);
     }
+    ok = answered && host == 1;
     cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
     cudaGetLastError();  // a failed probe (no kernel image) means no: not an error of the caller's work
   }
-  cache.emplace_back(device, ok);
+  if (answered) cache.emplace_back(device, ok);
   return ok;
 }
 

@@ -33,7 +33,9 @@ using at::Tensor;
 // set_float32_matmul_precision also set), and the legacy reader allowTF32CuBLAS() raises once the two APIs
 // disagree (fp32_precision = "tf32" set alone): every CUDA call of the ops failed then, whatever its dtype.
 // torch 2.9 gives the setting as a string, 2.10 on as an enum; before 2.9 the legacy reader is the only one.
+// Inside an at::NoTF32Guard scope (torch's internal switch, honoured by its cuBLAS calls) never.
 bool tf32_matmul() {
+  if (at::NoTF32Guard::should_disable_tf32()) return false;
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
   return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
          at::Float32Precision::TF32;

@@ -1007,9 +1007,36 @@ TcSmem tc_kernel_smem(int64_t d, bool with_p) {
   return tc_smem<T>(d, with_p, tc_stages<T>(d, with_p, score_tile), score_tile);
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device. The attribute is per (kernel,
+// device) and shared by every host thread, so it is only ever raised: setting it to each launch's own size would
+// let one thread lower it between another thread's setting and launch (a launch with a larger plan, e.g. another
+// d, would then fail with cudaErrorInvalidValue). Raised under a lock, remembered per (kernel, device), so a
+// launch whose size is already allowed makes no driver call.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  struct Entry {
+    const void* kernel;
+    int device;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> allowed;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Entry* entry = nullptr;
+  for (Entry& e : allowed)
+    if (e.kernel == key && e.device == device) entry = &e;
+  if (entry != nullptr && entry->bytes >= bytes) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  if (entry != nullptr) {
+    entry->bytes = bytes;
+  } else {
+    allowed.push_back({key, device, bytes});
+  }
+  return cudaSuccess;
 }
 
 // Units of `kernel` resident at once: blocks per multiprocessor (registers, shared memory) x multiprocessors.

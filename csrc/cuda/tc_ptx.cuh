@@ -19,9 +19,11 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int sr
 }
 
 __device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// The "memory" clobber keeps the compiler from moving a plain C++ read of a cp.async destination above the wait
+// (every such read also follows a __syncthreads today, which orders it as well).
 template <int N>
 __device__ __forceinline__ void tc_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {

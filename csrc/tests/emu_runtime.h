@@ -64,10 +64,17 @@ inline Device& device() {
   return d;
 }
 
-// cudaFuncAttributeMaxDynamicSharedMemorySize as set per kernel (test_cuda_emu.cpp's cudaFuncSetAttribute): a launch
-// with more than the default 48 KiB of dynamic shared memory fails on a GPU unless it was raised for that kernel.
-inline std::vector<std::pair<const void*, int>>& smem_allowed() {
-  static std::vector<std::pair<const void*, int>> v;
+// cudaFuncAttributeMaxDynamicSharedMemorySize as set per kernel and device (test_cuda_emu.cpp's
+// cudaFuncSetAttribute): a launch with more than the default 48 KiB of dynamic shared memory fails on a GPU unless
+// it was raised for that kernel on that device.
+struct SmemAllowed {
+  const void* kernel;
+  int device;
+  int bytes;
+};
+
+inline std::vector<SmemAllowed>& smem_allowed() {
+  static std::vector<SmemAllowed> v;
   return v;
 }
 
@@ -130,7 +137,8 @@ Launch<F> launcher(F kernel, dim3 grid, unsigned threads, size_t smem) {
   if (grid.z != 1) fail("three-dimensional grids are not emulated");
   bool raised = smem <= 48 * 1024;
   const void* key = reinterpret_cast<const void*>(kernel);
-  for (const auto& e : smem_allowed()) raised = raised || (e.first == key && static_cast<size_t>(e.second) >= smem);
+  for (const auto& e : smem_allowed())
+    raised = raised || (e.kernel == key && e.device == device().id && static_cast<size_t>(e.bytes) >= smem);
   const bool fits = smem <= static_cast<size_t>(device().smem_optin);
   return Launch<F>{kernel, grid, threads, smem, !raised || !fits};
 }

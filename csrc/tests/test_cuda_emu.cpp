@@ -73,15 +73,23 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
 
 cudaError_t cudaGetLastError() { return std::exchange(emu::faults().last, cudaSuccess); }
 
+// Times a kernel's dynamic shared-memory limit was set below its current value. The attribute is per (kernel,
+// device) and shared by the host threads: lowering it could make another thread's launch with a larger plan fail
+// between its own setting and its launch, so the library only ever raises it.
+int smem_lowered = 0;
+
 cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (emu::inject(cudaErrorInvalidValue, "cudaFuncSetAttribute")) return cudaErrorInvalidValue;
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value > emu::device().smem_optin) return cudaErrorInvalidValue;
     auto& allowed = emu::smem_allowed();
     bool found = false;
-    for (auto& e : allowed)
-      if (e.first == kernel) e.second = value, found = true;
-    if (!found) allowed.emplace_back(kernel, value);
+    for (auto& e : allowed) {
+      if (e.kernel != kernel || e.device != emu::device().id) continue;
+      if (value < e.bytes) ++smem_lowered;
+      e.bytes = value, found = true;
+    }
+    if (!found) allowed.push_back({kernel, emu::device().id, value});
   }
   return cudaSuccess;
 }
@@ -912,6 +920,8 @@ int main(int argc, char** argv) {
   std::printf("ldmatrix: %llu 8x8 matrices read, %llu extra passes for bank conflicts\n",
               static_cast<unsigned long long>(ld.matrices), static_cast<unsigned long long>(ld.extra_passes));
   expect(ld.matrices > 0 && ld.extra_passes == 0, "ldmatrix reads free of shared-memory bank conflicts");
+  std::printf("dynamic shared-memory limits lowered: %d times\n", smem_lowered);
+  expect(smem_lowered == 0, "a kernel's dynamic shared-memory limit is only ever raised");
   const char* names[4] = {"float32", "float64", "float16", "bfloat16"};  // DType order
   for (int t = 0; t < 4; ++t) std::printf("%s: worst error %.3g of its tolerance\n", names[t], worst_ratio[t]);
   std::printf("%d checks, %d failed\n", checks, failures);
