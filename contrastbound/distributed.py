@@ -77,8 +77,6 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
     ``backward`` names the other ones that run a collective (a rank whose input needs no gradient skips the
     all_reduce that another waits in forever)."""
-    if tensor.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), got a 0-d tensor")
     world, _ = _world(group)
     tail = list(tensor.shape[1:])
     # rows, dtype, ndim, elements a row, the row shape (its first 6 dimensions; the element count covers the rest),
@@ -187,18 +185,33 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank's loss may depend on every slice: the gradient of a slice is the sum over ranks.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        # Every rank's loss may depend on every slice: the gradient of a slice is the sum over ranks. Under
+        # create_graph=True (grad mode on in backward) through torch.distributed.nn's differentiable all_reduce, so
+        # that a second derivative sums over ranks too: the in-place dist.all_reduce has no autograd formula (torch
+        # only warns, and the second derivative silently missed the other ranks' terms).
+        if torch.is_grad_enabled():
+            from torch.distributed.nn.functional import all_reduce
+
+            grad = all_reduce(grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        else:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         _, rank = _world(ctx.group)
         start = sum(ctx.sizes[:rank])
         return grad[start : start + ctx.sizes[rank]], None, None
 
 
-def _check_gather_input(tensor: object, what: str) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
-    _check_dense("tensor", tensor)
+def _check_gather_input(tensor: object, what: str, group, name: str = "tensor") -> None:
+    """The gather's own checks, before its first exchange: a rank that refuses its tensor still takes part in that
+    exchange (refusals_joined), so the other ranks raise too rather than wait, or pair the exchange with this
+    rank's next call."""
+    with refusals_joined(group, tensor):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        _check_dense(name, tensor)
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), "
+                             "got a 0-d tensor")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{what} needs torch.distributed to be initialised (init_process_group)")
 
@@ -210,7 +223,7 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     implementations return only the local gradient, which is wrong when every rank's loss uses every slice).
     The ranks must agree on the shape past the first dimension and on the dtype (ValueError on every rank).
     """
-    _check_gather_input(tensor, "all_gather_with_grad")
+    _check_gather_input(tensor, "all_gather_with_grad", group)
     return _AllGatherWithGrad.apply(tensor, group, _exchange_sizes(tensor, group, "tensor"))
 
 
@@ -222,7 +235,7 @@ def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "te
     name; ``agree``: what else the ranks must agree on (the losses' call, normalize and temperature:
     _exchange_sizes).
     """
-    _check_gather_input(tensor, "gather_with_local_first")
+    _check_gather_input(tensor, "gather_with_local_first", group, name)
     sizes = _exchange_sizes(tensor, group, name, **agree)
     everything = _AllGatherWithGrad.apply(tensor, group, sizes)
     start = sum(sizes[: _world(group)[1]])

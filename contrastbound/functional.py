@@ -220,6 +220,7 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
         reduction = _check_reduction(reduction)
         _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
         compute, result = _promoted(anchors, positives)
+        _check_scale_fits(t, compute)  # here, not in _fused after the exchange: a lone refusal there would hang
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
     bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
@@ -891,7 +892,8 @@ def nt_xent(
         reduction = _check_reduction(reduction)
         if process_group is not None:
             _check_group("nt_xent", z1, z2, t)
-    compute, result = _promoted(z1, z2)
+        compute, result = _promoted(z1, z2)
+        _check_scale_fits(t, compute)  # before the exchange (with process_group a lone refusal after it would hang)
     z1, z2 = z1.to(compute), z2.to(compute)
     bank1, bank2 = z1, z2
     if process_group is not None:

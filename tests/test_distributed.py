@@ -158,12 +158,29 @@ def _worker(rank, world, init_file, out_dir):
                      lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
                                          negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
                      lambda: cb.info_nce(x, x, None, process_group=w,
-                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None)):
+                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
+                     # a temperature too small for float32 features (checked after the exchange before: the
+                     # others went on and waited in backward)
+                     lambda: cb.info_nce(x, x, None, process_group=w,
+                                         temperature=torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64)),
+                     lambda: cb.nt_xent(x, x, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
+                                        process_group=w),
+                     # the gather's own refusals (before, the others' first exchange paired with this rank's next
+                     # call: another step's rows, silently, or a hang)
+                     lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
+                     lambda: all_gather_with_grad(x if rank != 1 else [1.0, 2.0], group=w)):
             try:
                 call()
                 refused.append(None)
             except (ValueError, TypeError) as exc:
                 refused.append(str(exc))
+        # second derivatives through all_gather_with_grad: rank r's loss sum(y^3) over the gathered y; the
+        # gradient of x_r is the sum over ranks, W 3 x_r^2, and its derivative W 6 x_r (the backward's all_reduce
+        # is differentiable; the in-place one dropped the sum over ranks: 6 x_r)
+        xg = (torch.tensor([[1.0, 2.0]], dtype=torch.float64) + rank).requires_grad_(True)
+        (g1,) = torch.autograd.grad((all_gather_with_grad(xg) ** 3).sum(), xg, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.sum(), xg)
+        second_order = (g1.detach(), g2, xg.detach())
         # a rank without rows (the end of an uneven epoch) still gathers the others'
         rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
         # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
@@ -200,7 +217,7 @@ def _worker(rank, world, init_file, out_dir):
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
-             "refused": refused,
+             "refused": refused, "second_order": second_order,
              "queue_state": queue_state,
              "rows_gathered": rows_gathered,
              "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
@@ -268,6 +285,10 @@ def test_sharded_bank_and_gather_match_single_process(world):
         for g, w in zip(got, want):
             assert (g is None) if w is None else (g is not None and w in g), (g, w)
         assert got == results[0]["disagree"]  # the same message on every rank
+        g1, g2, xg = res["second_order"]
+        torch.testing.assert_close(g1, world * 3 * xg**2)
+        torch.testing.assert_close(g2, world * 6 * xg)
+        assert len(res["refused"]) == 11, res["refused"]
         for i, msg in enumerate(res["refused"]):
             if rank == 1:
                 assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error
