@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 from itertools import combinations
@@ -403,8 +404,9 @@ def test_delta_lower_forms():
     proved = B.delta_lower(k, C, form="proved")
     assert rel_err(proved, -np.log1p(k / C) - 2 * np.log(np.cosh(1.0))) < 1e-13
     assert np.all(proved <= B.delta_lower(k, C) + 1e-12)  # C >= 3: the proved constant is the looser one
-    pi = np.array([0.05, 0.1, 0.15, 0.2, 0.5])
-    for K in (1, 2, 3, 9, 10, 11, 50, 10**6):
+    # distinct values, then repeated ones (an entropy over the distinct values alone would pass the first)
+    priors = (np.array([0.05, 0.1, 0.15, 0.2, 0.5]), np.array([0.125, 0.125, 0.25, 0.25, 0.25]))
+    for pi, K in itertools.product(priors, (1, 2, 3, 9, 10, 11, 50, 10**6)):
         ref = -2 * math.log(math.cosh(0.5**2)) - sum(p * math.log(max(1 + K * p, K * pi.max())) for p in pi)
         assert rel_err(B.delta_lower(K, prior=pi, norm_bound=0.5, form="proved"), ref) < 1e-13
         H = -float(np.sum(pi * np.log(pi)))

@@ -473,3 +473,54 @@ def test_gap_report_raw_norm_bound_takes_the_test_set():
     r = gap_report(x, y, [4], test_features=xt, test_labels=y, normalize=False,
                    generator=torch.Generator().manual_seed(0))[0]
     assert r["norm_bound"] == pytest.approx(float(xt.double().norm(dim=1).max()), rel=1e-6)
+
+
+def test_gap_report_raw_features_report_the_raw_contrastive_curve():
+    # normalize=False: R_cont is the curve of the raw features with the same draws (not the normalised one's)
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float64)
+    ks = [1, 4]
+    rows = gap_report(x, y, ks, normalize=False, generator=torch.Generator().manual_seed(3))
+    raw = contrastive_loss_curve(x, y, ks, normalize=False, generator=torch.Generator().manual_seed(3))
+    normed = contrastive_loss_curve(x, y, ks, normalize=True, generator=torch.Generator().manual_seed(3))
+    assert max(abs(a - b) for a, b in zip(raw, normed)) > 0.05  # the two differ on this data
+    for r, v in zip(rows, raw):
+        assert r["R_cont"] == pytest.approx(float(v), rel=1e-12, abs=1e-12)
+
+
+def test_gap_report_inside_is_false_just_above_the_upper_bound(monkeypatch):
+    # R_cont shifted so that R_supv sits 0.01 above R_cont + delta_upper: "inside" must be False (the mirror of the
+    # test below the lower bound, with a margin a loose upper comparison would miss)
+    import contrastbound.empirical as E
+
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    plain = E.gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]
+    shift = plain["R_supv"] - plain["upper"] - 0.01  # moves upper to R_supv - 0.01
+    real = E.contrastive_loss_curve
+    monkeypatch.setattr(E, "contrastive_loss_curve",
+                        lambda *a, **k: tuple(v + (shift if i == 0 else 0.0) for i, v in enumerate(real(*a, **k))))
+    r = E.gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]
+    assert r["R_supv"] == pytest.approx(r["upper"] + 0.01, abs=1e-9) and r["inside"] is False
+
+
+def test_negative_labels_are_refused_by_every_estimator():
+    x, y = blobs((5, 5), d=3)
+    bad = y.clone()
+    bad[0] = -1
+    for call in (lambda: contrastive_loss_estimate(x, bad, 2), lambda: contrastive_loss_curve(x, bad, [2]),
+                 lambda: class_means(x, bad), lambda: gap_report(x, bad, [2])):
+        with pytest.raises(ValueError, match="non-negative"):
+            call()
+
+
+def test_class_means_accumulate_float32_features_in_float64_on_cpu():
+    # 2^20 float32 rows of one class at a large offset: a float32 running sum loses the small part of the mean
+    n, offset = 1 << 20, 1000.0
+    g = torch.Generator().manual_seed(0)
+    x = (offset + torch.rand(n, 2, generator=g, dtype=torch.float64)).float()
+    y = torch.zeros(n, dtype=torch.int64)
+    want = x.double().mean(0)
+    got = class_means(x, y, normalize=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-7, atol=0)
+    float32_sum = torch.zeros(1, 2).index_add_(0, y, x)[0] / n  # what float32 accumulation gives
+    assert (float32_sum.double() - want).abs().max() > 1e-7 * offset  # that would fail the check above

@@ -1543,3 +1543,42 @@ def test_expanded_int32_indices_are_not_materialised():
     a, p, bank = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 3), (5, 3), (9, 3)))
     torch.testing.assert_close(cb.info_nce(a, p, bank, negative_indices=idx),
                                cb.info_nce(a, p, bank, negative_indices=idx.long()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fallback_accumulates_half_inputs_in_float32(monkeypatch, dtype):
+    # The pure-PyTorch fallback (no kernel for the device) takes half inputs to float32 as the kernels do: its
+    # log-sum-exp and loss are float32 and within float32 rounding of float64 on the same rounded inputs (computed
+    # in the half dtype they are ~1e-2 off).
+    g = torch.Generator().manual_seed(4)
+    a, p = (torch.randn(16, 40, generator=g).to(dtype) for _ in range(2))
+    bank = torch.randn(3000, 40, generator=g).to(dtype)
+    want_loss, want_lse = cb.info_nce_lse(a.double(), p.double(), bank.double(), temperature=0.05)
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    loss, lse = cb.info_nce_lse(a, p, bank, temperature=0.05)
+    assert loss.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want_lse, rtol=2e-6, atol=0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    full = cb.info_nce(a, p, bank, temperature=0.05, reduction="none")
+    assert full.dtype == dtype
+    torch.testing.assert_close(full.double(), want_loss, rtol=torch.finfo(dtype).eps, atol=0)  # rounded once
+
+
+def test_bank_cross_entropy_half_target_row_below_the_norm_clamp():
+    # A bfloat16 bank whose target row has norm ~7e-13 < 1e-12: F.normalize divides by the clamp and has no radial
+    # term there; the target rows' float32 gradient (functional._target_rows_gradient) must follow it.
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 24, generator=g)
+    bank = torch.randn(50, 24, generator=g)
+    bank[7] = bank[7] / bank[7].norm() * 7e-13  # n / max(norm, eps) has norm 0.7: a radial term would show
+    bank = bank.to(torch.bfloat16)
+    targets = torch.tensor([7, 7, 3, 7, 11, 7])
+    b = bank.clone().requires_grad_(True)
+    cb.bank_cross_entropy(a, b, targets, temperature=0.1, normalize=True, reduction="sum").backward()
+    b64 = bank.double().requires_grad_(True)
+    bank_cross_entropy_reference(a.double(), b64, targets, temperature=0.1, normalize=True, reduction="sum").backward()
+    assert float(bank[7].double().norm()) < 1e-12
+    # bfloat16's rounding of a row's gradient: ~2e-3 of its norm (here 2.6e-3 for row 7; 0.11 with a radial term)
+    for row in (7, 3, 11):
+        err = float((b.grad[row].double() - b64.grad[row]).norm() / b64.grad[row].norm())
+        assert err < 8e-3, (row, err)
