@@ -1168,6 +1168,76 @@ if given is not None:
         loss = cb.bank_cross_entropy(x, w.to(dtype), t, temperature=temperature, normalize=normalize, reduction="none")
         assert (loss >= 0).all(), loss.min().item()
 
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        entry=st.sampled_from(["shared", "per_anchor", "indexed", "in_batch", "nt_xent", "clip", "bank_ce"]),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        B=st.integers(1, 20),
+        K=st.integers(0, 200),
+        d=st.integers(2, 40),
+        temperature=st.sampled_from([0.05, 0.2, 1.0]),
+        normalize=st.booleans(),
+        strided=st.booleans(),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def test_property_every_entry_point_and_dtype(entry, dtype, B, K, d, temperature, normalize, strided, seed):
+        # Every entry point in the low-precision dtypes (the property test above is float64, info_nce only), on
+        # strided inputs too, against the float64 reference from the same rounded inputs: loss and every gradient.
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(*shape):
+            x = torch.randn(*shape[:-1], 2 * shape[-1] if strided else shape[-1], generator=g, dtype=torch.float64)
+            x = x[..., ::2] if strided else x
+            return (x if normalize else x / math.sqrt(d)).to(dtype)
+
+        a, p = draw(B, d), draw(B, d)
+        idx = None
+        if entry in ("shared", "bank_ce"):
+            n = draw(max(K, 1) if entry == "bank_ce" else K, d)
+            idx = torch.randint(0, n.shape[0], (B,), generator=g) if entry == "bank_ce" else None
+        elif entry == "per_anchor":
+            n = draw(B, K, d)
+        elif entry == "indexed":
+            n = draw(K // 3 + 1, d)
+            idx = torch.randint(0, n.shape[0], (B, K), generator=g)
+        else:
+            n = None
+        weights = torch.rand(2 * B, generator=g, dtype=torch.float64) + 0.5
+
+        def run(a, p, n, fused):
+            xs = [x.clone().requires_grad_(True) for x in (a, p, n) if x is not None]
+            a, p, n = xs[0], xs[1], (xs[2] if n is not None else None)
+            kw = dict(normalize=normalize, reduction="none")
+            if entry == "nt_xent":
+                out = (cb.nt_xent if fused else nt_xent_reference)(a, p, temperature=temperature, **kw)
+            elif entry == "clip":
+                if fused:
+                    out = cb.clip_loss(a, p, 1.0 / temperature, **kw)
+                else:
+                    out = 0.5 * (info_nce_reference(a, p, None, temperature=temperature, **kw)
+                                 + info_nce_reference(p, a, None, temperature=temperature, **kw))
+            elif entry == "bank_ce":
+                fn = cb.bank_cross_entropy if fused else bank_cross_entropy_reference
+                out = fn(a, n, idx, temperature=temperature, **kw)
+            elif fused:
+                out = cb.info_nce(a, p, n, negative_indices=idx, temperature=temperature, **kw)
+            else:
+                out = info_nce_reference(a, p, None if n is None else (n if idx is None else n[idx]),
+                                         temperature=temperature, **kw)
+            (out.double() * weights[: out.numel()]).sum().backward()
+            return out, [x.grad for x in xs]
+
+        out, grads = run(a, p, n, True)
+        want, want_grads = run(a.double(), p.double(), None if n is None else n.double(), False)
+        assert out.dtype == dtype
+        tol = 2 * TOL[dtype]
+        assert_close_scaled(out, want, tol, "loss", floor=1.0)
+        for name, x, y in zip(("first", "second", "negatives"), grads, want_grads):
+            if y is None:  # bank_cross_entropy: positives unused
+                continue
+            assert_close_scaled(x if x is not None else torch.zeros_like(y), y, tol, f"{name} gradient",
+                                floor=1.0 / temperature)
+
 else:
 
     def test_property_matches_reference():
