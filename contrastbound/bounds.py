@@ -1030,6 +1030,12 @@ def _earlier_setup(fn: str, contrastive_loss: Any, K: Any, num_classes: Any, pri
     return r_b.astype(np.float64), k_b.astype(np.int64), p, scalar
 
 
+def _plus_one(k: np.ndarray) -> np.ndarray:
+    """K + 1 for upsilon_{K+1}, in int64: K = 2^63 - 1 (the largest K taken) would wrap to -2^63, so it takes
+    upsilon_K there (at K ~ 9.2e18 one more draw changes log upsilon below double precision)."""
+    return np.minimum(k, np.iinfo(np.int64).max - 1) + 1
+
+
 def arora(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: Any = None) -> Any:
     r"""Arora et al. (2019) as the paper evaluates it: ``(R_cont - col) / ((1 - tau_K) upsilon_{K+1})``.
 
@@ -1038,7 +1044,7 @@ def arora(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: 
     r, k, p, scalar = _earlier_setup("arora", contrastive_loss, K, num_classes, prior)
     C = p.num_classes
     col = _mixed_expect(k, p, _LOG1P)
-    log_den = _log_one_minus_tau(k, p) + _log_coupon(k + 1, p)
+    log_den = _log_one_minus_tau(k, p) + _log_coupon(_plus_one(k), p)
     with np.errstate(over="ignore", invalid="ignore"):  # 1/(1 - tau) overflows to inf for very large K: the bound is vacuous there
         val = (r - col) * np.exp(-log_den)
     return _out(np.where((k >= C) & (C > 1), val, np.nan), scalar)
@@ -1053,7 +1059,7 @@ def nozawa_sato(contrastive_loss: Any, K: Any, num_classes: int | None = None, p
     C = p.num_classes
     col = _mixed_expect(k, p, _LOG1P)
     with np.errstate(over="ignore", invalid="ignore"):  # upsilon = 0 for K < C (masked to NaN below)
-        val = (2.0 * r - col) * np.exp(-_log_coupon(k + 1, p))
+        val = (2.0 * r - col) * np.exp(-_log_coupon(_plus_one(k), p))
     return _out(np.where(k >= C, val, np.nan), scalar)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bounds as _bounds
-from .functional import _check_bool, _check_dense, bank_cross_entropy, info_nce, info_nce_lse
+from .functional import _check_bool, _check_dense, bank_cross_entropy, info_nce_lse
 
 __all__ = [
     "class_means",
@@ -52,8 +52,9 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
     _check_dense(name, features)
     if features.dim() != 2:
         raise ValueError(f"{name} must have shape ({rows}, d), got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got dtype {features.dtype}")
+    if features.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8 is floating too
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype "
+                        f"{features.dtype}")
     if features.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row")
     if features.shape[1] == 0:
@@ -279,7 +280,7 @@ def contrastive_loss_estimate(
 
     Each anchor (every row, or ``num_anchors`` rows drawn with replacement) gets a positive drawn uniformly from its
     own class and K negatives drawn i.i.d. uniformly from all rows, and contributes
-    ``-log(e^{s a.p} / (e^{s a.p} + sum_k e^{s a.n_k}))``, s = 1/temperature, through :func:`contrastbound.info_nce`
+    ``-log(e^{s a.p} / (e^{s a.p} + sum_k e^{s a.n_k}))``, s = 1/temperature, through :func:`contrastbound.info_nce_lse`
     with ``negative_indices`` (no (B, K, d) copy). The standard error is roughly sd(loss_i) / sqrt(B).
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize, differentiable=True)
@@ -290,9 +291,10 @@ def contrastive_loss_estimate(
         return (features.to(acc) * 0).sum()
     total = features.new_zeros((), dtype=acc)
     for a, pos, neg in sampler.chunks(K):
-        # per-anchor losses summed in float32 or better: a float16 sum of ~1e5 losses overflows
-        loss = info_nce(
-            features[a], features[pos], features, negative_indices=neg, temperature=t, normalize=normalize, reduction="none"
+        # per-anchor losses in float32 or better (info_nce_lse: info_nce's would come back in float16, inf past
+        # 65504), summed so: a float16 sum of ~1e5 losses overflows
+        loss, _ = info_nce_lse(
+            features[a], features[pos], features, negative_indices=neg, temperature=t, normalize=normalize
         )
         total = total + loss.to(acc).sum()
     return total / sampler.anchors.numel()

@@ -38,6 +38,9 @@ def _check_dense(name: str, x: torch.Tensor) -> None:
     name an op and a backend)."""
     if x.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: convert it with .to_dense()")
+    if x.is_nested:  # a strided nested tensor has layout strided, but no sizes
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: pad it (to_padded_tensor) "
+                        "or concatenate its rows")
 
 
 def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: str) -> torch.Tensor:
@@ -122,7 +125,11 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
         return _check_positive_scalar_tensor("temperature", temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
-    t = float(temperature)
+    try:
+        t = float(temperature)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"temperature must be a positive finite number, got an int of {temperature.bit_length()} "
+                         "bits (beyond float64)") from None
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float from a config or module
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
@@ -965,6 +972,9 @@ def clip_loss(
             raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
         if not (0.0 < float(max_logit_scale) < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {float(max_logit_scale)}")
+        if not (float(max_logit_scale) >= _MIN_TEMPERATURE_F64):  # its reciprocal, the lowest temperature, finite
+            raise ValueError(
+                f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {float(max_logit_scale)}")
         scale = logit_scale
         if isinstance(scale, torch.Tensor):
             scale = _check_positive_scalar_tensor("logit_scale", scale)
@@ -974,7 +984,11 @@ def clip_loss(
             # read-back.
             temperature = 1.0 / scale.clamp(max=max_logit_scale).to(torch.promote_types(scale.dtype, torch.float32))
         elif isinstance(scale, Real) and not isinstance(scale, bool):
-            value = float(scale)
+            try:
+                value = float(scale)
+            except OverflowError:  # an int beyond float64's range
+                raise ValueError(f"logit_scale must be positive and finite, got an int of {scale.bit_length()} bits "
+                                 "(beyond float64)") from None
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
                 raise ValueError(f"logit_scale must be positive and finite, got {value}")
             if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
@@ -984,6 +998,8 @@ def clip_loss(
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)
         _check_features(image_features, text_features, ("image_features", "text_features"))
+        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and image_features.device.type != "meta":
+            raise ValueError(f"logit_scale is a meta tensor (no value) but the features are on {image_features.device}")
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
     if process_group is not None:  # the texts, then the images gathered (errors name them so; _check_group there)
         args = (temperature, normalize, "none", process_group)
@@ -1030,6 +1046,9 @@ class InfoNCE(torch.nn.Module):
                 "learned: pass learn_temperature=True (the module then learns log_temperature from this value), or "
                 "call contrastbound.info_nce(..., temperature=<your parameter>)"
             )
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ValueError("temperature is a meta tensor (no value), but InfoNCE reads it at construction: pass a "
+                             "number (a module built on the meta device takes a number too)")
         t = float(t.detach()) if isinstance(t, torch.Tensor) else t  # read once, at construction
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")

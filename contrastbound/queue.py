@@ -109,6 +109,8 @@ class NegativeQueue(torch.nn.Module):
             problem = f"queue, ptr and filled are loaded together, but {', '.join(missing)} missing"
         elif keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
+        elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"])):
+            problem = over
         elif keys["ptr"] is not None and keys["filled"] is not None:
             if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
                 problem = "ptr and filled must hold one value each"
@@ -125,6 +127,20 @@ class NegativeQueue(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _beyond_range(self, stored: torch.Tensor) -> str | None:
+        """What is wrong with loading `stored` as the keys: finite values that this queue's dtype would store as
+        inf (a float64 state into a float32 queue, as enqueue refuses), else None."""
+        if not isinstance(stored, torch.Tensor) or not stored.is_floating_point() or stored.device.type == "meta":
+            return None
+        if 2 * torch.finfo(self.queue.dtype).max >= torch.finfo(stored.dtype).max:
+            return None
+        cast = stored.detach().to(self.queue.dtype)
+        over = torch.isinf(cast) & torch.isfinite(stored.detach())
+        if not bool(over.any()):
+            return None
+        name = str(self.queue.dtype).replace("torch.", "")
+        return f"queue holds finite values beyond {name}'s range, which this {name} queue would store as inf"
+
     @torch.compiler.disable  # likewise (an int attribute of a module is a constant to torch.compile)
     def __len__(self) -> int:
         return self._host()[1]
@@ -133,12 +149,13 @@ class NegativeQueue(torch.nn.Module):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Appends keys (n, dim), overwriting the oldest once full; keeps only the last ``size`` if n > size."""
+        from .functional import _check_dense
+
+        if isinstance(keys, torch.Tensor):
+            _check_dense("keys", keys)  # first: a nested tensor has no shape to print
         if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.dim:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"keys must have shape (n, dim) with dim = {self.dim}, got {shape}")
-        from .functional import _check_dense
-
-        _check_dense("keys", keys)
         if not keys.is_floating_point():
             raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
         if keys.device.type == "meta" and self.queue.device.type != "meta":

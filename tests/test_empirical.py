@@ -524,3 +524,14 @@ def test_class_means_accumulate_float32_features_in_float64_on_cpu():
     torch.testing.assert_close(got[0].double(), want, rtol=1e-7, atol=0)
     float32_sum = torch.zeros(1, 2).index_add_(0, y, x)[0] / n  # what float32 accumulation gives
     assert (float32_sum.double() - want).abs().max() > 1e-7 * offset  # that would fail the check above
+
+
+def test_estimate_of_float16_features_beyond_float16s_range():
+    # Losses above 65504 (raw float16 features of norm ~600): info_nce returned them in float16, inf, before the
+    # float32 sum; the estimate now takes them in float32, as the curve does, on the same draws
+    x, y = blobs((10, 10), d=5, seed=2, dtype=torch.float32)
+    f = (x * 300).half()
+    est = contrastive_loss_estimate(f, y, 4, normalize=False, generator=torch.Generator().manual_seed(0))
+    curve = contrastive_loss_curve(f, y, [4], normalize=False, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(float(est)) and float(est) > 65504
+    assert float(est) == pytest.approx(float(curve[0]), rel=1e-6)

@@ -11,6 +11,14 @@ import torch
 import contrastbound as cb
 
 
+def _nested():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the strided layout's prototype warning
+        return torch.nested.nested_tensor([torch.randn(3, 3), torch.randn(2, 3)])
+
+
 def _ok(B=4, K=6, d=3, M=5):
     a = torch.randn(B, d)
     p = torch.randn(B, d)
@@ -102,6 +110,26 @@ CASES = [
      TypeError, "features must be a dense (strided)"),
     ("sparse class_means labels", lambda: cb.empirical.class_means(a, torch.tensor([0, 1, 0, 1]).to_sparse()),
      TypeError, "labels must be a dense (strided)"),
+    # a strided nested tensor has layout strided (its error was torch's "Internal error ... please file an issue")
+    ("nested anchors", lambda: cb.info_nce(_nested(), p, bank), TypeError, "anchors must be a dense (strided)"),
+    ("nested keys", lambda: cb.NegativeQueue(4, 3).enqueue(_nested()), TypeError, "keys must be a dense"),
+    ("nested class_means features", lambda: cb.empirical.class_means(_nested(), torch.tensor([0, 1, 0])),
+     TypeError, "features must be a dense (strided)"),
+    # ints beyond float64 (OverflowError from float() before), a tiny max_logit_scale (named "temperature")
+    ("temperature int beyond float64", lambda: cb.info_nce(a, p, bank, temperature=10**400), ValueError,
+     "temperature must be a positive finite number"),
+    ("logit_scale int beyond float64", lambda: cb.clip_loss(a, p, 10**400), ValueError, "logit_scale"),
+    ("max_logit_scale tiny", lambda: cb.clip_loss(a, p, 14.3, max_logit_scale=1e-320), ValueError,
+     "max_logit_scale must be at least"),
+    # meta tensors whose value is needed (".item() cannot be called on meta tensors" / named "temperature" before)
+    ("meta logit_scale", lambda: cb.clip_loss(a, p, torch.tensor(10.0, device="meta")), ValueError,
+     "logit_scale is a meta tensor"),
+    ("meta InfoNCE temperature", lambda: cb.InfoNCE(temperature=torch.tensor(0.1, device="meta")), ValueError,
+     "temperature is a meta tensor"),
+    # float8 is a floating dtype to torch ("isfinite not implemented for Float8_e4m3fn" before)
+    ("float8 class_means features",
+     lambda: cb.empirical.class_means(a.to(torch.float8_e4m3fn), torch.tensor([0, 1, 0, 1])), TypeError,
+     "features must be a floating tensor (float16, bfloat16, float32 or float64)"),
 ]
 
 
@@ -390,3 +418,26 @@ def test_meta_tensors_give_meta_results_as_torch_does():
     assert per.device.type == "meta" and per.shape == (4,)
     with pytest.raises(ValueError, match="temperature"):
         cb.info_nce(a, p, bank, temperature=torch.tensor(0.5, device="meta"))
+
+
+def test_queue_refuses_a_state_beyond_its_range():
+    # A float64 state with values beyond float32's range: stored as inf before (enqueue refused the same keys)
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.ones(3, 2))
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    sd["queue"] = torch.full((4, 2), 1e300, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="beyond float32's range"):
+        q.load_state_dict(sd)
+    assert torch.equal(q.queue[:3], torch.ones(3, 2)) and len(q) == 3  # nothing loaded
+    sd["queue"] = torch.full((4, 2), 1e30, dtype=torch.float64)  # within range: loaded
+    q.load_state_dict(sd)
+    assert torch.isfinite(q.queue).all() and float(q.queue[0, 0]) == pytest.approx(1e30, rel=1e-7)
+
+
+def test_earlier_bounds_at_the_largest_k():
+    # K = 2^63 - 1 is taken; K + 1 wrapped to -2^63 in int64 (nozawa_sato gave inf where K - 1 gives 158.6)
+    from contrastbound import bounds
+
+    top = np.iinfo(np.int64).max
+    got, below = bounds.nozawa_sato(100.0, top, num_classes=10), bounds.nozawa_sato(100.0, top - 1, num_classes=10)
+    assert math.isfinite(got) and got == pytest.approx(below, rel=1e-12)
