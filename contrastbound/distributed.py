@@ -31,6 +31,7 @@ from .functional import (
     _check_features,
     _check_reduction,
     _check_scale_fits,
+    _check_temperature_has_value,
     _check_temperature,
     _check_tensor,
     _check_group,
@@ -151,6 +152,8 @@ def refusals_joined(group, like):
             try:
                 world, _ = _world(group)
                 device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+                if device.type == "cpu" and dist.get_backend(group) == "nccl":  # NCCL exchanges CUDA tensors only
+                    device = torch.device("cuda", torch.cuda.current_device())
                 meta = torch.zeros(_META_LEN, dtype=torch.long, device=device)
                 meta[10] = _REFUSED
                 dist.all_gather([torch.zeros_like(meta) for _ in range(world)], meta, group=group)
@@ -177,6 +180,22 @@ def _all_gather_sized(tensor: torch.Tensor, sizes: list[int], group) -> torch.Te
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks, differentiable: its adjoint is the sum over ranks again. (torch.distributed.nn's
+    all_reduce does the same but is deprecated from torch 2.13 on, with a FutureWarning at every call.)"""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group, sizes):
@@ -185,17 +204,11 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank's loss may depend on every slice: the gradient of a slice is the sum over ranks. Under
-        # create_graph=True (grad mode on in backward) through torch.distributed.nn's differentiable all_reduce, so
-        # that a second derivative sums over ranks too: the in-place dist.all_reduce has no autograd formula (torch
-        # only warns, and the second derivative silently missed the other ranks' terms).
-        if torch.is_grad_enabled():
-            from torch.distributed.nn.functional import all_reduce
-
-            grad = all_reduce(grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
-        else:
-            grad = grad.contiguous().clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        # Every rank's loss may depend on every slice: the gradient of a slice is the sum over ranks, through
+        # _AllReduceSum, differentiable, so that a second derivative (create_graph=True) sums over ranks too: the
+        # in-place dist.all_reduce has no autograd formula (torch only warns, and the second derivative silently
+        # missed the other ranks' terms).
+        grad = _AllReduceSum.apply(grad, ctx.group)
         _, rank = _world(ctx.group)
         start = sum(ctx.sizes[:rank])
         return grad[start : start + ctx.sizes[rank]], None, None
@@ -348,6 +361,7 @@ def info_nce_sharded(
                 f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
         t = _check_temperature(temperature)
         if isinstance(t, torch.Tensor):
+            _check_temperature_has_value(t, anchors.device)  # (float() of a meta tensor: a RuntimeError, not joined)
             if t.requires_grad:
                 raise ValueError(
                     "temperature must be a number with process_group (a learnable temperature is not supported)")

@@ -127,9 +127,8 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
     try:
         t = float(temperature)
-    except OverflowError:  # an int beyond float64's range
-        raise ValueError(f"temperature must be a positive finite number, got an int of {temperature.bit_length()} "
-                         "bits (beyond float64)") from None
+    except OverflowError:  # an int (or a Fraction) beyond float64's range
+        raise ValueError("temperature must be a positive finite number, got a value beyond float64's range") from None
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float from a config or module
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
@@ -227,7 +226,9 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
         reduction = _check_reduction(reduction)
         _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
         compute, result = _promoted(anchors, positives)
-        _check_scale_fits(t, compute)  # here, not in _fused after the exchange: a lone refusal there would hang
+        # here, not in _fused after the exchange, where a lone refusal would leave the other ranks waiting
+        _check_scale_fits(t, compute)
+        _check_temperature_has_value(t, anchors.device)
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
     bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
@@ -410,12 +411,17 @@ def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scale, torch.full_like(scale, float("nan")))
 
 
+def _check_temperature_has_value(temperature: float | torch.Tensor, device: torch.device) -> None:
+    """A meta temperature has no value to compute with, unless the features are meta too (tracing)."""
+    if isinstance(temperature, torch.Tensor) and temperature.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"temperature is a meta tensor (no value) but the features are on {device}")
+
+
 def _scale_of(temperature: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
     """1 / temperature: a float, or a detached float64 0-d tensor for a tensor temperature. For CPU features a
     GPU temperature comes to the CPU (a read-back): the dispatcher would otherwise pick the GPU kernel."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.device.type == "meta" and device.type != "meta":
-            raise ValueError(f"temperature is a meta tensor (no value) but the features are on {device}")
+        _check_temperature_has_value(temperature, device)
         scale = 1.0 / temperature.detach().to(torch.float64)
         return scale.cpu() if device.type == "cpu" and scale.device.type != "cpu" else scale
     if torch.compiler.is_compiling():
@@ -900,7 +906,9 @@ def nt_xent(
         if process_group is not None:
             _check_group("nt_xent", z1, z2, t)
         compute, result = _promoted(z1, z2)
-        _check_scale_fits(t, compute)  # before the exchange (with process_group a lone refusal after it would hang)
+        # before the exchange (with process_group a lone refusal after it would leave the other ranks waiting)
+        _check_scale_fits(t, compute)
+        _check_temperature_has_value(t, z1.device)
     z1, z2 = z1.to(compute), z2.to(compute)
     bank1, bank2 = z1, z2
     if process_group is not None:
@@ -970,11 +978,15 @@ def clip_loss(
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
         if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
             raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
-        if not (0.0 < float(max_logit_scale) < math.inf):
-            raise ValueError(f"max_logit_scale must be positive and finite, got {float(max_logit_scale)}")
-        if not (float(max_logit_scale) >= _MIN_TEMPERATURE_F64):  # its reciprocal, the lowest temperature, finite
-            raise ValueError(
-                f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {float(max_logit_scale)}")
+        try:
+            max_scale = float(max_logit_scale)
+        except OverflowError:  # an int (or a Fraction) beyond float64's range
+            msg = "max_logit_scale must be positive and finite, got a value beyond float64's range"
+            raise ValueError(msg) from None
+        if not (0.0 < max_scale < math.inf):
+            raise ValueError(f"max_logit_scale must be positive and finite, got {max_scale}")
+        if not (max_scale >= _MIN_TEMPERATURE_F64):  # its reciprocal, the lowest temperature, finite
+            raise ValueError(f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {max_scale}")
         scale = logit_scale
         if isinstance(scale, torch.Tensor):
             scale = _check_positive_scalar_tensor("logit_scale", scale)
@@ -982,18 +994,18 @@ def clip_loss(
                 scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
             # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
             # read-back.
-            temperature = 1.0 / scale.clamp(max=max_logit_scale).to(torch.promote_types(scale.dtype, torch.float32))
+            temperature = 1.0 / scale.clamp(max=max_scale).to(torch.promote_types(scale.dtype, torch.float32))
         elif isinstance(scale, Real) and not isinstance(scale, bool):
             try:
                 value = float(scale)
-            except OverflowError:  # an int beyond float64's range
-                raise ValueError(f"logit_scale must be positive and finite, got an int of {scale.bit_length()} bits "
-                                 "(beyond float64)") from None
+            except OverflowError:  # an int (or a Fraction) beyond float64's range
+                msg = "logit_scale must be positive and finite, got a value beyond float64's range"
+                raise ValueError(msg) from None
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
                 raise ValueError(f"logit_scale must be positive and finite, got {value}")
             if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
                 raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
-            temperature = 1.0 / min(value, max_logit_scale)
+            temperature = 1.0 / min(value, max_scale)
         else:
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)

@@ -165,6 +165,13 @@ def _worker(rank, world, init_file, out_dir):
                                          temperature=torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64)),
                      lambda: cb.nt_xent(x, x, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
                                         process_group=w),
+                     # a meta temperature (no value): refused after the exchange before
+                     lambda: cb.info_nce(x, x, None, process_group=w,
+                                         temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
+                     lambda: cb.nt_xent(x, x, torch.tensor(0.2, device="meta" if rank == 1 else "cpu"),
+                                        process_group=w),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
+                                         temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
                      # the gather's own refusals (before, the others' first exchange paired with this rank's next
                      # call: another step's rows, silently, or a hang)
                      lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
@@ -288,7 +295,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
         g1, g2, xg = res["second_order"]
         torch.testing.assert_close(g1, world * 3 * xg**2)
         torch.testing.assert_close(g2, world * 6 * xg)
-        assert len(res["refused"]) == 11, res["refused"]
+        assert len(res["refused"]) == 14, res["refused"]
         for i, msg in enumerate(res["refused"]):
             if rank == 1:
                 assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -119,6 +120,12 @@ CASES = [
     ("temperature int beyond float64", lambda: cb.info_nce(a, p, bank, temperature=10**400), ValueError,
      "temperature must be a positive finite number"),
     ("logit_scale int beyond float64", lambda: cb.clip_loss(a, p, 10**400), ValueError, "logit_scale"),
+    ("temperature Fraction beyond float64", lambda: cb.info_nce(a, p, bank, temperature=Fraction(10**400)),
+     ValueError, "temperature must be a positive finite number"),
+    ("logit_scale Fraction beyond float64", lambda: cb.clip_loss(a, p, Fraction(10**400)), ValueError,
+     "logit_scale must be positive and finite"),
+    ("max_logit_scale int beyond float64", lambda: cb.clip_loss(a, p, 14.3, max_logit_scale=10**400), ValueError,
+     "max_logit_scale must be positive and finite"),
     ("max_logit_scale tiny", lambda: cb.clip_loss(a, p, 14.3, max_logit_scale=1e-320), ValueError,
      "max_logit_scale must be at least"),
     # meta tensors whose value is needed (".item() cannot be called on meta tensors" / named "temperature" before)
@@ -432,6 +439,12 @@ def test_queue_refuses_a_state_beyond_its_range():
     sd["queue"] = torch.full((4, 2), 1e30, dtype=torch.float64)  # within range: loaded
     q.load_state_dict(sd)
     assert torch.isfinite(q.queue).all() and float(q.queue[0, 0]) == pytest.approx(1e30, rel=1e-7)
+    # float32 into bfloat16: ranges 0.4 % apart, 3.4e38 is finite in float32 and inf in bfloat16
+    qb = cb.NegativeQueue(4, 2, dtype=torch.bfloat16)
+    sdb = {k: v.clone() for k, v in qb.state_dict().items()}
+    sdb["queue"] = torch.full((4, 2), 3.4e38, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="beyond bfloat16's range"):
+        qb.load_state_dict(sdb)
 
 
 def test_earlier_bounds_at_the_largest_k():

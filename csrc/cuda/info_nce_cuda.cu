@@ -85,10 +85,10 @@ __global__ void sm90a_probe_kernel() {
 
 // Whether the wgmma kernels (info_nce_wgmma.cuh) can run on the current device: compute capability 9.0 and a
 // build with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a; a plain 9.0 build would reach their __trap()).
-// Asked once per device (one tiny launch and a 4-byte copy on a stream of its own, no allocation), and only when
-// they are asked for. The probe may first run while the caller captures a CUDA graph: this thread's capture mode
-// is relaxed for it (its synchronous copy would otherwise invalidate the capture) and its stream does not
-// synchronise with the capturing one.
+// Answered once per device (one tiny launch and a 4-byte copy on a stream of its own, no allocation; a probe that
+// got no answer is asked again next time), and only when they are asked for. The probe may first run while the
+// caller captures a CUDA graph: this thread's capture mode is relaxed for it (its synchronous copy would otherwise
+// invalidate the capture) and its stream does not synchronise with the capturing one.
 bool device_runs_sm90a() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
