@@ -87,10 +87,13 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
     grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
     norm = -1 if normalize is None else int(normalize)
-    # a float temperature's bits (a tensor one is not read: 0, never a valid temperature's bits)
+    # the temperature's float64 bits (0 without one: never a valid temperature's); a tensor's are written on its
+    # device, read with the rest of the vector (no read-back of their own)
     temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] if isinstance(temperature, float) else 0
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
                          *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)
+    if isinstance(temperature, torch.Tensor):
+        meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]
@@ -117,7 +120,7 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
                                  per_rank(lambda m: str(bool(m[12])))))
     if any(m[13] != metas[0][13] for m in metas):
         def temp_of(m):
-            return "a tensor" if m[13] == 0 else f"{struct.unpack('<d', struct.pack('<q', m[13]))[0]:.6g}"
+            return "none" if m[13] == 0 else f"{struct.unpack('<d', struct.pack('<q', m[13]))[0]:.9g}"
 
         raise _joined(ValueError("the temperature (or logit scale) must be the same on every rank of process_group, "
                                  "got " + per_rank(temp_of)))

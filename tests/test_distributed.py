@@ -138,7 +138,13 @@ def _worker(rank, world, init_file, out_dir):
                      lambda: (cb.nt_xent(x, x, 0.2, process_group=w) if rank
                               else cb.clip_loss(x, x, 5.0, process_group=w)),
                      lambda: cb.clip_loss(x, torch.randn(3, 4 + rank)[:, :4] if rank else x, 5.0, process_group=w),
-                     lambda: cb.clip_loss(torch.randn(3, 4 + rank), torch.randn(3, 4 + rank), 5.0, process_group=w)):
+                     lambda: cb.clip_loss(torch.randn(3, 4 + rank), torch.randn(3, 4 + rank), 5.0, process_group=w),
+                     # tensor temperatures (logit scales) that differ: accepted without a word before
+                     lambda: cb.info_nce(x, x, None, temperature=torch.tensor(0.2 + 0.1 * rank), process_group=w),
+                     lambda: cb.nt_xent(x, x, torch.tensor(0.2 + 0.1 * rank, requires_grad=True), process_group=w),
+                     lambda: cb.clip_loss(x, x, torch.tensor(5.0 + rank), process_group=w),
+                     # equal ones (a replicated parameter) pass
+                     lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w)):
             try:
                 call()
                 disagree.append(None)
@@ -287,7 +293,9 @@ def test_sharded_bank_and_gather_match_single_process(world):
         want = ["must make the same call", "temperature (or logit scale) must be the same",
                 "normalize must be the same", "different collectives in backward",
                 "different collectives in backward", "must make the same call", None,
-                "text_features (in the promoted dtype of image_features and text_features) must have"]
+                "text_features (in the promoted dtype of image_features and text_features) must have",
+                "temperature (or logit scale) must be the same", "temperature (or logit scale) must be the same",
+                "temperature (or logit scale) must be the same", None]
         assert len(got) == len(want), got
         for g, w in zip(got, want):
             assert (g is None) if w is None else (g is not None and w in g), (g, w)
