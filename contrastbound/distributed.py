@@ -74,7 +74,7 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
     rank raises the same ValueError, naming the argument and each rank's shape and dtype. The ranks must also be
     making the same call (``_CALLS[call]``: one rank in-batch and another with a bank shard gathered each other's
-    anchors as positives, silently), with the same ``normalize`` and float temperature (else each rank's loss mixes
+    anchors as positives, silently), with the same ``normalize`` and temperature (else each rank's loss mixes
     differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
     ``backward`` names the other ones that run a collective (a rank whose input needs no gradient skips the
     all_reduce that another waits in forever)."""
