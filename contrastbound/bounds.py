@@ -147,9 +147,9 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
         C = int(num_classes)
         return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
     given_eps = None  # the machine epsilon of a floating-point tensor's own dtype (it is widened below)
+    prior = _host_tensor("prior", prior)
     try:
         if hasattr(prior, "detach"):  # a torch tensor: widened first (numpy has no bfloat16)
-            prior = prior.detach().cpu()
             if prior.is_floating_point():
                 import torch  # already loaded: prior is one of its tensors
 
@@ -190,12 +190,21 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
     return _Prior(C, values, counts.astype(np.float64), False)
 
 
+def _host_tensor(name: str, x: Any) -> Any:
+    """A torch tensor detached and on the CPU (one that requires grad included; this module does not import
+    torch); anything else as given. A meta tensor has no values to compute with."""
+    if not (hasattr(x, "detach") and hasattr(x, "cpu")):
+        return x
+    if getattr(getattr(x, "device", None), "type", None) == "meta":
+        raise ValueError(f"{name} is a meta tensor (no values)")
+    return x.detach().cpu()
+
+
 def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     """K as an int64 array (and whether it was a scalar); integer-valued floats are accepted."""
     if isinstance(K, bool):
         raise TypeError(f"{name} must be an integer or an integer array, got bool")
-    if hasattr(K, "detach") and hasattr(K, "cpu"):  # a torch tensor (one that requires grad included)
-        K = K.detach().cpu()
+    K = _host_tensor(name, K)
     arr = np.asarray(K)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
@@ -216,7 +225,7 @@ def _as_loss(name: str, value: Any) -> np.ndarray:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a real number or array, got bool")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor (e.g. contrastive_loss_estimate's
-        value = value.detach().cpu()  # result, which may require grad); this module does not import torch
+        value = _host_tensor(name, value)  # result, which may require grad)
         value = value.double() if value.is_floating_point() else value  # numpy has no bfloat16
     try:
         given = np.asarray(value)

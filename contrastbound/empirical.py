@@ -538,6 +538,8 @@ def _formatted(rows: Sequence[dict[str, Any]], i: int, key: str, fmt: str) -> st
 
 def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
     """Render :func:`gap_report` rows as a plain-text table (NaN shows as "-")."""
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
+        raise TypeError(f"rows must be the list of dicts gap_report returns, got {type(rows).__name__}")
     header = [title for _, title, _ in _COLUMNS]
     needed = [key for key, _, _ in _COLUMNS] + ["num_classes", "norm_bound"]
     body = []

@@ -454,3 +454,20 @@ def test_earlier_bounds_at_the_largest_k():
     top = np.iinfo(np.int64).max
     got, below = bounds.nozawa_sato(100.0, top, num_classes=10), bounds.nozawa_sato(100.0, top - 1, num_classes=10)
     assert math.isfinite(got) and got == pytest.approx(below, rel=1e-12)
+
+
+def test_bounds_refuse_meta_tensors_and_format_gap_report_a_non_list():
+    # "Cannot copy out of meta tensor; no data!" and "'NoneType' object is not iterable" before
+    from contrastbound import bounds
+    from contrastbound.empirical import format_gap_report
+
+    meta = torch.tensor([0.5, 0.5], device="meta")
+    with pytest.raises(ValueError, match="prior is a meta tensor"):
+        bounds.delta_lower(4, prior=meta)
+    with pytest.raises(ValueError, match="K is a meta tensor"):
+        bounds.delta_upper(torch.tensor(4, device="meta"), 3)
+    with pytest.raises(ValueError, match="contrastive_loss is a meta tensor"):
+        bounds.supervised_loss_interval(torch.tensor(1.0, device="meta"), 4, 3)
+    for bad in (None, "rows", {"K": 1}):
+        with pytest.raises(TypeError, match="rows must be the list of dicts gap_report returns"):
+            format_gap_report(bad)
