@@ -205,6 +205,8 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     if isinstance(K, bool):
         raise TypeError(f"{name} must be an integer or an integer array, got bool")
     K = _host_tensor(name, K)
+    if hasattr(K, "is_floating_point") and K.is_floating_point():
+        K = K.double()  # numpy has no bfloat16; float16's range would overflow the checks below
     arr = np.asarray(K)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")

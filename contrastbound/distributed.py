@@ -87,8 +87,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
     grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
     norm = -1 if normalize is None else int(normalize)
-    # the temperature's float64 bits (0 without one: never a valid temperature's); a tensor's are written on its
-    # device, read with the rest of the vector (no read-back of their own)
+    # the temperature's float64 bits (0 without one: never a valid temperature's); a tensor's are written on the
+    # gathered tensor's device, read with the rest of the vector (no read-back of their own where the temperature
+    # lives there too)
     temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] if isinstance(temperature, float) else 0
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
                          *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)

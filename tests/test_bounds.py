@@ -752,3 +752,9 @@ def test_interval_forms_are_passed_on():
             lo, hi = B.supervised_loss_interval(2.0, 3, prior=pi, upper_form=uf, lower_form=lf)
             assert lo == 2.0 + B.delta_lower(3, prior=pi, form=lf)
             assert hi == 2.0 + B.delta_upper(3, prior=pi, form=uf)
+
+
+def test_half_precision_tensor_k():
+    # K as a bfloat16 / float16 tensor: numpy has no bfloat16 ("Got unsupported ScalarType BFloat16" before)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert B.delta_upper(torch.tensor([4.0, 64.0], dtype=dtype), 3).tolist() == B.delta_upper([4, 64], 3).tolist()

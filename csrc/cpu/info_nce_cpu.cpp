@@ -540,7 +540,11 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
 
 // sum += x with Kahan's compensation comp (elementwise, contiguous tensors of one shape, accumulation type): the
 // rounding error of each addition is carried into the next, so a long sum of blocks keeps ~eps, not
-// ~sqrt(blocks) eps. Written out so the compiler cannot reassociate it away (no -ffast-math in this build).
+// ~sqrt(blocks) eps. Written out; a build that lets the compiler reassociate (-ffast-math, -Ofast) would drop the
+// compensation silently, so it is refused.
+#ifdef __FAST_MATH__
+#error "info_nce_cpu.cpp needs IEEE arithmetic (kahan_add): build without -ffast-math / -Ofast"
+#endif
 template <typename acc_t>
 void kahan_add(Tensor& sum, Tensor& comp, const Tensor& x) {
   acc_t* s = sum.template data_ptr<acc_t>();
