@@ -118,6 +118,14 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _as_float(name: str, value: Real, must: str = "a positive finite number") -> float:
+    """float(value), with a ValueError naming the argument for an int (or a Fraction) beyond float64's range."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {must}, got a value beyond float64's range") from None
+
+
 def _check_temperature(temperature: object) -> float | torch.Tensor:
     """A positive finite float, or, for a tensor (learnable or not), the 0-d tensor itself: its value then goes
     to the kernels as a tensor (the *_scaled ops), never through Python."""
@@ -125,10 +133,7 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
         return _check_positive_scalar_tensor("temperature", temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
-    try:
-        t = float(temperature)
-    except OverflowError:  # an int (or a Fraction) beyond float64's range
-        raise ValueError("temperature must be a positive finite number, got a value beyond float64's range") from None
+    t = _as_float("temperature", temperature)
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float from a config or module
     # attribute is traced as a symbol, which math.isfinite cannot take (NaN fails both comparisons).
     if not (0.0 < t < math.inf):
@@ -411,10 +416,11 @@ def _poison_bad_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scale, torch.full_like(scale, float("nan")))
 
 
-def _check_temperature_has_value(temperature: float | torch.Tensor, device: torch.device) -> None:
+def _check_temperature_has_value(temperature: float | torch.Tensor, device: torch.device,
+                                  name: str = "temperature") -> None:
     """A meta temperature has no value to compute with, unless the features are meta too (tracing)."""
     if isinstance(temperature, torch.Tensor) and temperature.device.type == "meta" and device.type != "meta":
-        raise ValueError(f"temperature is a meta tensor (no value) but the features are on {device}")
+        raise ValueError(f"{name} is a meta tensor (no value) but the features are on {device}")
 
 
 def _scale_of(temperature: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
@@ -906,9 +912,9 @@ def nt_xent(
         if process_group is not None:
             _check_group("nt_xent", z1, z2, t)
         compute, result = _promoted(z1, z2)
-        # before the exchange (with process_group a lone refusal after it would leave the other ranks waiting)
-        _check_scale_fits(t, compute)
-        _check_temperature_has_value(t, z1.device)
+        if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
+            _check_scale_fits(t, compute)
+            _check_temperature_has_value(t, z1.device)
     z1, z2 = z1.to(compute), z2.to(compute)
     bank1, bank2 = z1, z2
     if process_group is not None:
@@ -978,11 +984,7 @@ def clip_loss(
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
         if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
             raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
-        try:
-            max_scale = float(max_logit_scale)
-        except OverflowError:  # an int (or a Fraction) beyond float64's range
-            msg = "max_logit_scale must be positive and finite, got a value beyond float64's range"
-            raise ValueError(msg) from None
+        max_scale = _as_float("max_logit_scale", max_logit_scale, "positive and finite")
         if not (0.0 < max_scale < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {max_scale}")
         if not (max_scale >= _MIN_TEMPERATURE_F64):  # its reciprocal, the lowest temperature, finite
@@ -996,11 +998,7 @@ def clip_loss(
             # read-back.
             temperature = 1.0 / scale.clamp(max=max_scale).to(torch.promote_types(scale.dtype, torch.float32))
         elif isinstance(scale, Real) and not isinstance(scale, bool):
-            try:
-                value = float(scale)
-            except OverflowError:  # an int (or a Fraction) beyond float64's range
-                msg = "logit_scale must be positive and finite, got a value beyond float64's range"
-                raise ValueError(msg) from None
+            value = _as_float("logit_scale", scale, "positive and finite")
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
                 raise ValueError(f"logit_scale must be positive and finite, got {value}")
             if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
@@ -1010,8 +1008,7 @@ def clip_loss(
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)
         _check_features(image_features, text_features, ("image_features", "text_features"))
-        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and image_features.device.type != "meta":
-            raise ValueError(f"logit_scale is a meta tensor (no value) but the features are on {image_features.device}")
+        _check_temperature_has_value(scale, image_features.device, "logit_scale")
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
     if process_group is not None:  # the texts, then the images gathered (errors name them so; _check_group there)
         args = (temperature, normalize, "none", process_group)
