@@ -12,10 +12,14 @@ import argparse
 import csv
 import os
 import platform
+import sys
 import time
 import warnings
 
 import numpy as np
+
+# Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the extension may be missing: the bounds are pure numpy anyway

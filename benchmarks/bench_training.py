@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+# Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _plain_nt_xent(z1, z2, t):
     import torch
