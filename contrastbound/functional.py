@@ -28,6 +28,11 @@ def _min_reciprocal(dtype: torch.dtype) -> float:
     return _MIN_TEMPERATURE_F64 if dtype == torch.float64 else _MIN_TEMPERATURE
 
 
+# _min_reciprocal's values as text, formatted at import: under torch.compile(dynamic=True) dynamo traces a module's
+# float as a symbol, which an f-string in traced code cannot format (fullgraph=True failed with "BUILD_STRING").
+_MIN_RECIPROCAL_TEXT = {True: f"{_MIN_TEMPERATURE_F64:.3g}", False: f"{_MIN_TEMPERATURE:.3g}"}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Validation: every message names the argument and what was expected.
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +111,8 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
             v = x.detach()
             # (v > 0 as well: in float16 the minimum rounds to 0)
             torch._assert_async(torch.isfinite(v) & (v > 0) & (v.double() >= minimum),
-                                f"{name} must be a positive finite number (at least {minimum:.3g})")
+                                f"{name} must be a positive finite number (at least "
+                                f"{_MIN_RECIPROCAL_TEXT[x.dtype == torch.float64]})")
     else:
         # (under vmap the whole batch of per-sample values, see _read_back)
         for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
@@ -262,9 +268,24 @@ def _check_bool(name: str, value: object) -> bool:
                     f"{kind.__qualname__}")
 
 
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available(device_type) (True where torch lacks it), remembered per device type and
+    asked at import for cpu, cuda and meta: dynamo before torch 2.13 cannot trace the builtin it calls (under
+    torch.compile a graph break, fatal with fullgraph=True; seen with torch 2.11), a lookup in a dict it can."""
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        available = getattr(torch.amp, "is_autocast_available", None)
+        known = _AUTOCAST_AVAILABLE[device_type] = available is None or bool(available(device_type))
+    return known
+
+
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}
+for _device_type in ("cpu", "cuda", "meta"):
+    _autocast_available(_device_type)
+
+
 def _autocast_enabled(device_type: str) -> bool:
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if available is not None and not available(device_type):  # (meta: torch.is_autocast_enabled("meta") raises)
+    if not _autocast_available(device_type):  # (meta: torch.is_autocast_enabled("meta") raises)
         return False
     return torch.is_autocast_enabled(device_type)
 
@@ -272,8 +293,7 @@ def _autocast_enabled(device_type: str) -> bool:
 def _autocast_off(device_type: str):
     """torch.autocast(device_type, enabled=False), or nothing where that device has no autocast (meta tensors:
     torch.autocast("meta") raises)."""
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if available is not None and not available(device_type):
+    if not _autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
@@ -1003,7 +1023,13 @@ def clip_loss(
                 raise ValueError(f"logit_scale must be positive and finite, got {value}")
             if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
                 raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
-            temperature = 1.0 / min(value, max_scale)
+            if torch.compiler.is_compiling():
+                # A tensor, as _scale_of makes one: Python arithmetic on a traced float (min, 1 / x) made torch
+                # 2.11's dynamo specialise it, one graph per value of a logit-scale schedule.
+                temperature = torch.ones((), dtype=torch.float64, device=image_features.device) / (
+                    value if value <= max_scale else max_scale)
+            else:
+                temperature = 1.0 / min(value, max_scale)
         else:
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)

@@ -277,7 +277,7 @@ def test_torch_compile_float_temperature_schedule_does_not_recompile_per_value(e
         "indexed": lambda a, t: cb.info_nce(a, p, n, negative_indices=idx, temperature=t),
         "in_batch": lambda a, t: cb.info_nce(a, p, temperature=t),
         "nt_xent": lambda a, t: cb.nt_xent(a, p, temperature=t),
-        "clip": lambda a, t: cb.clip_loss(a, p, logit_scale=1.0 / t),
+        "clip": lambda a, t: cb.clip_loss(a, p, logit_scale=t),  # (given 1 / t: see the loop)
         "bank_ce": lambda a, t: cb.bank_cross_entropy(a, n, targets, temperature=t),
         "lse": lambda a, t: cb.info_nce_lse(a, p, n, temperature=t)[1].sum(),
     }
@@ -286,6 +286,9 @@ def test_torch_compile_float_temperature_schedule_does_not_recompile_per_value(e
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
     for i in range(10):
         t = 0.05 + 0.1 * i
+        # clip's logit scale computed here: arithmetic on the float inside the compiled function (1.0 / t) makes
+        # dynamo specialise it before torch 2.13, whatever the loss does with it
+        t = 1.0 / t if entry == "clip" else t
         got_a, want_a = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
         got, want = compiled(got_a, t), fn(want_a, t)
         got.backward()
@@ -460,27 +463,35 @@ class _Cfg:
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "case", ["default", "config attribute", "module", "nt_xent", "clip config attribute"]
+    "case", ["default", "config attribute", "module", "nt_xent", "clip config attribute", "tensor temperature",
+             "learnable module", "clip tensor scale"]
 )
 def test_torch_compile_dynamic_with_float_temperature(case):
     # dynamic=True traces a float that is not a literal in the compiled frame as a symbol; the checks must not
-    # call math.isfinite on it (that failed with "torch.* op returned non-Tensor").
+    # call math.isfinite on it (that failed with "torch.* op returned non-Tensor"), nor format one of the
+    # module's own floats into a message (a tensor temperature's in-graph check failed with "BUILD_STRING").
     torch._dynamo.reset()
     a, p, n, _ = make_inputs("shared", B=8, K=600, d=16, dtype=torch.float32)
     crit = cb.InfoNCE(temperature=0.07)
+    learnable = cb.InfoNCE(temperature=0.07, learn_temperature=True)
+    t, scale = torch.tensor(0.07), torch.tensor(14.0, requires_grad=True)
     fns = {
         "default": lambda a, p, n: cb.info_nce(a, p, n),
         "config attribute": lambda a, p, n: cb.info_nce(a, p, n, temperature=_Cfg.temperature),
         "module": lambda a, p, n: crit(a, p, n),
         "nt_xent": lambda a, p, n: cb.nt_xent(a, p),
         "clip config attribute": lambda a, p, n: cb.clip_loss(a, p, _Cfg.logit_scale),
+        "tensor temperature": lambda a, p, n: cb.info_nce(a, p, n, temperature=t),
+        "learnable module": lambda a, p, n: learnable(a, p, n),
+        "clip tensor scale": lambda a, p, n: cb.clip_loss(a, p, scale),
     }
     fn = fns[case]
+    wrt = [a, p] + list(learnable.parameters()) * (case == "learnable module") + [scale] * (case == "clip tensor scale")
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
     loss_c = compiled(a, p, n)
-    grads_c = torch.autograd.grad(loss_c, [a, p])
+    grads_c = torch.autograd.grad(loss_c, wrt)
     loss_e = fn(a, p, n)
-    grads_e = torch.autograd.grad(loss_e, [a, p])
+    grads_e = torch.autograd.grad(loss_e, wrt)
     torch.testing.assert_close(loss_c, loss_e)
     for x, y in zip(grads_c, grads_e):
         torch.testing.assert_close(x, y)
