@@ -32,6 +32,13 @@ def refuse_double_backward() -> None:
         )
 
 
+def savable(x):
+    """x, or a copy of it where it is an inference tensor (made under torch.inference_mode, say a momentum
+    encoder's keys): autograd cannot save those for backward ("Inference tensors cannot be saved for backward"),
+    where plain torch's F.normalize would have made a new tensor of them first."""
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
+
+
 def _same_device(anchors: torch.Tensor, **tensors) -> None:
     """A meta tensor among real ones sends the call to the fake kernels, which would return uninitialised real
     tensors: every tensor argument must be on the device of anchors (the scale of the *_scaled ops may be on any)."""
@@ -94,8 +101,9 @@ if _backend.EXTENSION_LOADED:
         # values): the returned loss may be modified in place before backward (reduction="none", then l.mul_(w)),
         # which F.cross_entropy allows.
         ctx.save_for_backward(
-            anchors, positives, negatives, negative_indices, lse, term,
-            loss.detach().clone() if include_positive else None, excluded, *((scale,) if tensor_scale else ())
+            *map(savable, (anchors, positives, negatives, negative_indices)), lse, term,
+            loss.detach().clone() if include_positive else None, savable(excluded),
+            *((savable(scale),) if tensor_scale else ())
         )
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize

@@ -393,7 +393,7 @@ def _batched_while_compiling(x: torch.Tensor) -> bool:
 
 def _func_active() -> bool:
     """Whether any torch.func transform (vmap included) is active: the Python autograd.Functions here
-    (_BankRowsAsPositives, _AttachScaleGrad) have no setup_context, which every transform requires."""
+    (_bank_rows_fwd, _attach_scale_grad) are not served under them (the reference is)."""
     if torch.compiler.is_compiling():
         return _transforms_active_while_compiling()
     return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
@@ -501,82 +501,118 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
     # 1 / t in the wider of the two types: a float64 temperature with float32 features keeps d s / d t = -1 / t^2
     # in float64 (in float32 it overflowed at t = 1e-20: an inf or NaN gradient where plain torch gives -2.6e39).
-    return _AttachScaleGrad.apply(loss, 1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)),
-                                  dloss_dscale)
+    return _attach_scale_grad(loss, 1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)),
+                              dloss_dscale)
 
 
-class _AttachScaleGrad(torch.autograd.Function):
-    """loss unchanged; backward hands the scale sum(grad * dloss/dscale), and refuses a second differentiation
-    (dloss/dscale is computed without a graph: a Hessian through it would be silently wrong)."""
-
-    @staticmethod
-    def forward(ctx, loss, scale, dloss_dscale):
-        ctx.save_for_backward(dloss_dscale)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        _ops.refuse_double_backward()
-        (dloss_dscale,) = ctx.saved_tensors
-        return grad, (grad * dloss_dscale).sum(), None
+# The two steps below are custom ops (torch.library.custom_op, with their autograd registered) rather than
+# torch.autograd.Functions: torch.export keeps an op and its registered backward, but drops a Function's backward
+# (an exported training step gave a learnable temperature no gradient, and bank_cross_entropy or nt_xent wrong
+# or missing ones). torch.compile traces them as opaque ops, with their fake kernels.
 
 
-class _BankRowsAsPositives(torch.autograd.Function):
+@torch.library.custom_op("contrastbound::attach_scale_grad", mutates_args=())
+def _attach_scale_grad(loss: torch.Tensor, scale: torch.Tensor, dloss_dscale: torch.Tensor) -> torch.Tensor:
+    """loss unchanged (a copy); backward hands the scale sum(grad * dloss/dscale), and refuses a second
+    differentiation (dloss/dscale is computed without a graph: a Hessian through it would be silently wrong)."""
+    return loss.clone()
+
+
+@_attach_scale_grad.register_fake
+def _(loss, scale, dloss_dscale):
+    return torch.empty_like(loss)
+
+
+def _attach_scale_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+
+
+def _attach_scale_grad_backward(ctx, grad):
+    _ops.refuse_double_backward()
+    (dloss_dscale,) = ctx.saved_tensors
+    return grad, (grad * dloss_dscale).sum(), None
+
+
+_attach_scale_grad.register_autograd(_attach_scale_grad_backward, setup_context=_attach_scale_grad_setup)
+
+
+@torch.library.custom_op("contrastbound::bank_rows_fwd", mutates_args=())
+def _bank_rows_fwd(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
+                   scale: float, normalize: bool, save_anchor_term: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     """The fused op with anchor i's positive taken from the bank: positives = bank[rows], and that row left out
     of anchor i's sum over the bank (the op's ``excluded``), so that the target's logit enters once, as the
     positive: the loss is softplus(lse_others - l_t), never below 0, and the target's gradient coefficient is
     expm1(-loss) (see the op's schema). Counted in the bank as well and subtracted, the loss carried the rounding
     of both forms of l_t (it came out -3e-5 at logits ~100) and the target row's gradient was a difference of
-    two terms of size g s |a| (float32: 30x torch's error for a confident classifier).
+    two terms of size g s |a| (float32: 30x torch's error for a confident classifier). The scale is scale_tensor
+    (a detached 0-d tensor, see _scale_of) where given, else the float scale.
 
     Through autograd, ``bank[rows]`` would hand the bank a second dense (C, d) gradient (its backward scatters
     into zeros) for the engine to add to the op's: at C = 2^22, d = 128 in float32 that is 2 GiB on top of the
     gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
-    place instead.
+    place instead. Returns (loss, lse, V) as the forward op does; lse and V are not differentiable.
     """
+    return _fwd_op(anchors, bank.index_select(0, rows), bank, None, scale if scale_tensor is None else scale_tensor,
+                   normalize, True, save_anchor_term, False, rows)
 
-    @staticmethod
-    def forward(ctx, anchors, bank, rows, scale, normalize, save_anchor_term):
-        # scale: a float, or a detached 0-d tensor (see _scale_of).
-        loss, lse, term = _fwd_op(
-            anchors, bank.index_select(0, rows), bank, None, scale, normalize, True, save_anchor_term, False, rows
-        )
-        tensor_scale = isinstance(scale, torch.Tensor)
-        # A copy of the loss: the returned one may be modified in place before backward (see _ops._setup_context).
-        ctx.save_for_backward(anchors, bank, rows, lse, term, loss.detach().clone(),
-                              *((scale,) if tensor_scale else ()))
-        ctx.scale = None if tensor_scale else scale
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(lse, term)
-        return loss, lse, term
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse, grad_term):
-        _ops.refuse_double_backward()
-        anchors, bank, rows, lse, term, loss, *tensor_scale = ctx.saved_tensors
-        need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        if not (need_a or need_bank):
-            return None, None, None, None, None, None
-        scale = tensor_scale[0] if tensor_scale else ctx.scale
-        # float16 / bfloat16: a target row's gradient is recomputed in float32 (below), so the op need not form
-        # the positives' gradient.
-        half = bank.dtype in (torch.float16, torch.bfloat16)
-        ga, gp, gn = _bwd_op(
-            grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, scale,
-            ctx.normalize, True, [need_a, need_bank and not half, need_bank], False, False, loss, rows,
-        )
-        if need_bank:
-            if half:
-                targets, grad_rows = _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale,
-                                                           ctx.normalize)
-                gn.index_copy_(0, targets, grad_rows.to(gn.dtype))
-            elif gn.device.type == "cpu":
-                gn.index_add_(0, rows, gp)  # gn is the op's own new tensor; serial on the CPU: a fixed order
-            else:
-                # index_add_ adds with atomics on a GPU (a target hit by several anchors: other bits each run);
-                # index_put_'s accumulation sorts the indices first and adds each row's terms in order.
-                gn.index_put_((rows,), gp, accumulate=True)
-        return (ga if need_a else None), (gn if need_bank else None), None, None, None, None
+@_bank_rows_fwd.register_fake
+def _(anchors, bank, rows, scale_tensor, scale, normalize, save_anchor_term):
+    return _fwd_op(anchors, bank.index_select(0, rows), bank, None, scale if scale_tensor is None else scale_tensor,
+                   normalize, True, save_anchor_term, False, rows)
+
+
+def _bank_rows_setup(ctx, inputs, output):
+    anchors, bank, rows, scale_tensor, scale, normalize, _ = inputs
+    loss, lse, term = output
+    # A copy of the loss: the returned one may be modified in place before backward (see _ops._setup_context).
+    ctx.save_for_backward(*map(_ops.savable, (anchors, bank, rows)), lse, term, loss.detach().clone(),
+                          *(() if scale_tensor is None else (_ops.savable(scale_tensor),)))
+    ctx.scale = scale
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(lse, term)
+
+
+def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term):
+    _ops.refuse_double_backward()
+    anchors, bank, rows, lse, term, loss, *tensor_scale = ctx.saved_tensors
+    need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (need_a or need_bank):
+        return None, None, None, None, None, None, None
+    scale = tensor_scale[0] if tensor_scale else ctx.scale
+    # float16 / bfloat16: a target row's gradient is recomputed in float32 (below), so the op need not form
+    # the positives' gradient.
+    half = bank.dtype in (torch.float16, torch.bfloat16)
+    ga, gp, gn = _bwd_op(
+        grad_loss.contiguous(), anchors, bank.index_select(0, rows), bank, None, lse, term, scale,
+        ctx.normalize, True, [need_a, need_bank and not half, need_bank], False, False, loss, rows,
+    )
+    if need_bank:
+        if half:
+            targets, grad_rows = _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale,
+                                                       ctx.normalize)
+            gn.index_copy_(0, targets, grad_rows.to(gn.dtype))
+        elif gn.device.type == "cpu":
+            gn.index_add_(0, rows, gp)  # gn is the op's own new tensor; serial on the CPU: a fixed order
+        else:
+            # index_add_ adds with atomics on a GPU (a target hit by several anchors: other bits each run);
+            # index_put_'s accumulation sorts the indices first and adds each row's terms in order.
+            gn.index_put_((rows,), gp, accumulate=True)
+    return (ga if need_a else None), (gn if need_bank else None), None, None, None, None, None
+
+
+_bank_rows_fwd.register_autograd(_bank_rows_backward, setup_context=_bank_rows_setup)
+
+
+def _fake_mode_active() -> bool:
+    """Whether a fake-tensor mode is active (tracing: a custom op's backward traced by torch.compile, where torch
+    2.5's torch.compiler.is_compiling() is False and the saved tensors are functional wrappers of fake ones)."""
+    try:
+        from torch._guards import detect_fake_mode
+    except ImportError:  # pragma: no cover
+        return False
+    return detect_fake_mode() is not None
 
 
 def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, normalize, budget=1 << 22):
@@ -591,7 +627,7 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
     in chunks of `budget`; w - 1 = expm1(-loss_i) for the anchor's own target, as the op forms it), through the
     normalisation's Jacobian, and rounded once."""
     acc = lse.dtype
-    if torch.compiler.is_compiling() or rows.device.type != "cpu":
+    if torch.compiler.is_compiling() or _fake_mode_active() or rows.device.type != "cpu":
         # No data-dependent sizes in a graph (nor a device read-back on a GPU, which torch.unique's size would be):
         # every anchor's target, sorted; repeats computed again, then given the first one's result, so that
         # index_copy_ writes the same bits for all of them (in any order).
@@ -606,9 +642,11 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
     if normalize:
         a = F.normalize(a, dim=-1, eps=1e-12)
     s = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
-    g = grad_loss.detach().to(acc)
+    g = grad_loss.to(acc)  # (backward runs without a graph; no detach: vmap, is_grads_batched, has no rule for it)
     lse = lse.detach()
-    out = torch.empty(targets.numel(), bank.shape[1], dtype=acc, device=bank.device)
+    # (chunks joined at the end, not written into a buffer: under vmap, is_grads_batched, g is batched and a
+    # buffer is not; the rows are at most B x d)
+    out = [torch.empty(0, bank.shape[1], dtype=acc, device=bank.device)]
     step = max(1, budget // max(1, anchors.shape[0]))
     for c0 in range(0, targets.numel(), step):
         t = targets[c0 : c0 + step]
@@ -623,7 +661,8 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
         if normalize:  # inv (G - (n_hat . G) n_hat), no projection where the norm was clamped
             radial = (n * grad).sum(-1, keepdim=True) * (norm >= 1e-12)
             grad = inv * (grad - radial * n)
-        out[c0 : c0 + step] = grad
+        out.append(grad)
+    out = torch.cat(out)
     return targets, (out if first_of is None else out.index_select(0, first_of))
 
 
@@ -890,7 +929,10 @@ def bank_cross_entropy(
         learnable = isinstance(t, torch.Tensor) and t.requires_grad
         grad = torch.is_grad_enabled()
         save = bool(grad and (anchors.requires_grad or learnable))
-        loss, lse, term = _BankRowsAsPositives.apply(anchors, bank, targets, _scale_of(t, bank.device), normalize, save)
+        scale = _scale_of(t, bank.device)
+        tensor_scale = isinstance(scale, torch.Tensor)
+        loss, lse, term = _bank_rows_fwd(anchors, bank, targets, scale if tensor_scale else None,
+                                         0.0 if tensor_scale else scale, normalize, save)
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, bank.index_select(0, targets), t, normalize,
                                           True)  # target: the positive

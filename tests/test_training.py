@@ -426,3 +426,43 @@ def test_nt_xent_and_clip_without_normalize_match_formulas():
     logits = s * i @ t.T
     want = 0.5 * (F.cross_entropy(logits, torch.arange(9)) + F.cross_entropy(logits.T, torch.arange(9)))
     torch.testing.assert_close(cb.clip_loss(i, t, s, normalize=False), want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["shared", "indexed", "in_batch", "nt_xent", "clip", "bank_cross_entropy",
+                                  "tensor_temperature"])
+def test_inputs_made_under_inference_mode(case, dtype):
+    # A momentum encoder run under torch.inference_mode (rather than no_grad) gives inference tensors, which
+    # autograd cannot save for backward: the losses raised "Inference tensors cannot be saved for backward" where
+    # plain torch (normalise, matmul, cross-entropy) trains. They are copied for backward now: the same loss and
+    # gradients as with ordinary tensors.
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(9, 16, generator=g).to(dtype)
+    k, bank = torch.randn(9, 16, generator=g).to(dtype), torch.randn(40, 16, generator=g).to(dtype)
+    idx, targets = torch.randint(0, 40, (9, 7), generator=g), torch.randint(0, 40, (9,), generator=g)
+    t = torch.tensor(0.2)
+
+    def loss(q, k, bank, idx, targets, t):
+        if case == "shared":
+            return cb.info_nce(q, k, bank, temperature=0.2)
+        if case == "indexed":
+            return cb.info_nce(q, k, bank, negative_indices=idx, temperature=0.2)
+        if case == "in_batch":
+            return cb.info_nce(q, k, temperature=0.2)
+        if case == "nt_xent":
+            return cb.nt_xent(q, k, temperature=0.2)
+        if case == "clip":
+            return cb.clip_loss(q, k, 1.0 / t)
+        if case == "bank_cross_entropy":
+            return cb.bank_cross_entropy(q, bank, targets, temperature=0.2)
+        return cb.info_nce(q, k, bank, temperature=t)
+
+    with torch.inference_mode():
+        made = [x.clone() for x in (k, bank, idx, targets, t)]
+    assert all(x.is_inference() for x in made)
+    q1, q2 = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    got, want = loss(q1, *made), loss(q2, k, bank, idx, targets, t)
+    got.backward()
+    want.backward()
+    assert torch.equal(got, want)
+    assert torch.equal(q1.grad, q2.grad)
