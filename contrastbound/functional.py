@@ -392,8 +392,8 @@ def _batched_while_compiling(x: torch.Tensor) -> bool:
 
 
 def _func_active() -> bool:
-    """Whether any torch.func transform (vmap included) is active: the Python autograd.Functions here
-    (_bank_rows_fwd, _attach_scale_grad) are not served under them (the reference is)."""
+    """Whether any torch.func transform (vmap included) is active: the reference serves the calls that use the
+    custom ops here (_bank_rows_fwd, _attach_scale_grad) under any of them."""
     if torch.compiler.is_compiling():
         return _transforms_active_while_compiling()
     return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
