@@ -201,9 +201,11 @@ def _check_indices(
             # Not for indices batched by vmap (_assert_async has no batching rule: compile of vmap over indices
             # failed); every transform takes the reference there, whose indexing refuses a bad one (torch's message).
             if not _batched_while_compiling(indices):
-                torch._assert_async(
-                    ((indices >= 0) & (indices < bound)).all(), f"{name} must lie in [0, {bound_doc}) = [0, {bound})"
-                )
+                # Without the bound's value: formatting a size that dynamo traces as a symbol (dynamic=True, or
+                # export with a dynamic dimension) specialised it, a graph per size, and export printed the
+                # symbol's name (dynamo's type() / isinstance of a symbolic size say int, so it cannot be told).
+                torch._assert_async(((indices >= 0) & (indices < bound)).all(),
+                                    f"{name} must lie in [0, {bound_doc})")
         elif indices.device.type != "meta":
             # Per-sample indices under vmap are checked as the whole batch of them (see _read_back).
             ends = _read_back(indices, lambda values: torch.stack(torch.aminmax(values)).tolist())  # one read-back

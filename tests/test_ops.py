@@ -224,6 +224,26 @@ def test_torch_compile_fullgraph_indexed_and_index_check():
 
 
 @needs_kernel
+def test_torch_compile_dynamic_bank_cross_entropy_keeps_the_class_count_symbolic():
+    # The targets' in-graph range check formatted the class count into its message, which specialised it under
+    # dynamic=True (a graph per bank size) and printed a symbol's name ("[0, s41)") in an exported program.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    ce = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t), backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(24)
+    for C in (50, 61, 77):
+        a, w, t = torch.randn(8, 16, generator=g), torch.randn(C, 16, generator=g), torch.randint(0, C, (8,), generator=g)
+        torch.testing.assert_close(ce(a, w, t), cb.bank_cross_entropy(a, w, t))
+        frames = counter.frame_count if C == 50 else frames
+    assert counter.frame_count == frames
+    if _KEEPS_GRAPH_ASSERTS:
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)$"):
+            ce(a, w, torch.full((8,), 77))
+
+
+@needs_kernel
 def test_torch_compile_learnable_temperature_compiles_once():
     # A temperature (CLIP's logit scale) that an optimiser changes every step must neither break the graph nor
     # re-specialise it: one compiled graph for all steps, and the same losses and gradients as eager.
