@@ -48,6 +48,19 @@ def _check_dense(name: str, x: torch.Tensor) -> None:
                         "or concatenate its rows")
 
 
+def _usable_for_autograd(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy where it is an inference tensor (made under torch.inference_mode, say a momentum encoder's
+    keys) and autograd may have to save it (grad mode on, outside inference mode): autograd cannot save one
+    ("Inference tensors cannot be saved for backward"), in the ops' backward nor in the reference's. (Not under
+    torch.compile: dynamo cannot trace is_inference; a compiled step given inference tensors then raises that
+    error in backward, as compiled plain torch does.)"""
+    if torch.compiler.is_compiling():
+        return x
+    if x.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return x.clone()
+    return x
+
+
 def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
@@ -59,7 +72,7 @@ def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: 
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got dtype {x.dtype}"
         )
-    return x
+    return _usable_for_autograd(x)
 
 
 def _check_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -99,7 +112,7 @@ def _check_positive_scalar_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
             f"{name} must be a positive finite scalar: a number or a floating tensor with one element, "
             f"got a {x.dtype} tensor of shape {tuple(x.shape)}"
         )
-    x = x.reshape(())
+    x = _usable_for_autograd(x.reshape(()))
     minimum = _min_reciprocal(x.dtype)
     if x.device.type != "cpu":
         return x
@@ -212,7 +225,7 @@ def _check_indices(
             lo, hi = (int(v) for v in ends)
             if lo < 0 or hi >= bound:
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
-    return _as_int64(indices)
+    return _as_int64(_usable_for_autograd(indices))
 
 
 def _as_int64(indices: torch.Tensor) -> torch.Tensor:
@@ -1070,7 +1083,8 @@ def clip_loss(
             if torch.compiler.is_compiling():
                 # A tensor, as _scale_of makes one: Python arithmetic on a traced float (min, 1 / x) made torch
                 # 2.11's dynamo specialise it, one graph per value of a logit-scale schedule.
-                temperature = torch.ones((), dtype=torch.float64, device=image_features.device) / (
+                device = getattr(image_features, "device", None)  # (checked below)
+                temperature = torch.ones((), dtype=torch.float64, device=device) / (
                     value if value <= max_scale else max_scale)
             else:
                 temperature = 1.0 / min(value, max_scale)

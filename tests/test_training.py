@@ -430,12 +430,13 @@ def test_nt_xent_and_clip_without_normalize_match_formulas():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["shared", "indexed", "in_batch", "nt_xent", "clip", "bank_cross_entropy",
-                                  "tensor_temperature"])
+                                  "tensor_temperature", "nt_xent_unnormalised", "lse_unnormalised"])
 def test_inputs_made_under_inference_mode(case, dtype):
     # A momentum encoder run under torch.inference_mode (rather than no_grad) gives inference tensors, which
     # autograd cannot save for backward: the losses raised "Inference tensors cannot be saved for backward" where
     # plain torch (normalise, matmul, cross-entropy) trains. They are copied for backward now: the same loss and
-    # gradients as with ordinary tensors.
+    # gradients as with ordinary tensors (also where the reference serves, and in the plain-torch terms of
+    # nt_xent and info_nce_lse without normalisation).
     g = torch.Generator().manual_seed(12)
     q = torch.randn(9, 16, generator=g).to(dtype)
     k, bank = torch.randn(9, 16, generator=g).to(dtype), torch.randn(40, 16, generator=g).to(dtype)
@@ -455,6 +456,11 @@ def test_inputs_made_under_inference_mode(case, dtype):
             return cb.clip_loss(q, k, 1.0 / t)
         if case == "bank_cross_entropy":
             return cb.bank_cross_entropy(q, bank, targets, temperature=0.2)
+        if case == "nt_xent_unnormalised":
+            return cb.nt_xent(q, k, temperature=2.0, normalize=False)
+        if case == "lse_unnormalised":
+            loss, lse = cb.info_nce_lse(q, k, bank, temperature=2.0, normalize=False)
+            return loss.sum() + lse.sum()
         return cb.info_nce(q, k, bank, temperature=t)
 
     with torch.inference_mode():
