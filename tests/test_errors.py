@@ -471,3 +471,12 @@ def test_bounds_refuse_meta_tensors_and_format_gap_report_a_non_list():
     for bad in (None, "rows", {"K": 1}):
         with pytest.raises(TypeError, match="rows must be the list of dicts gap_report returns"):
             format_gap_report(bad)
+
+
+def test_compiled_clip_loss_names_a_bad_feature_argument():
+    # Under torch.compile a float logit scale becomes a tensor on the features' device, read before the features
+    # were checked: a list got dynamo's internal AttributeError instead of the TypeError naming the argument.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: cb.clip_loss(x, y, 10.0))
+    with pytest.raises(TypeError, match="image_features must be a torch.Tensor"):
+        compiled([1.0, 2.0], torch.randn(3, 4))
