@@ -74,6 +74,27 @@ def test_opcheck_forward(device):
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_python_custom_ops(device):
+    # The learnable temperature's gradient and bank_cross_entropy's step (custom ops defined in functional.py).
+    g = torch.Generator(device=device).manual_seed(25)
+    a = torch.randn(6, 8, generator=g, device=device)
+    n = torch.randn(20, 8, generator=g, device=device)
+    rows = torch.tensor([3, 3, 0, 19, 7, 11], device=device)
+    for scale in (torch.tensor(5.0, dtype=torch.float64, device=device), torch.tensor(5.0, device=device)):
+        torch.library.opcheck(torch.ops.contrastbound.attach_scale_grad.default,
+                              (torch.randn(6, device=device, requires_grad=True), scale.requires_grad_(True),
+                               torch.randn(6, device=device)))
+    t64 = torch.tensor(5.0, dtype=torch.float64, device=device)
+    for args in ((a.clone().requires_grad_(), n.clone().requires_grad_(), rows, None, 5.0, True, True),
+                 (a.clone().requires_grad_(), n.clone().requires_grad_(), rows, t64, 0.0, False, True),
+                 (a.bfloat16().requires_grad_(), n.bfloat16().requires_grad_(), rows, None, 5.0, True, True),
+                 (a.double().requires_grad_(), n.double().requires_grad_(), rows, None, 5.0, True, True),
+                 (a, n, rows, None, 5.0, True, False)):
+        torch.library.opcheck(torch.ops.contrastbound.bank_rows_fwd.default, args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
