@@ -54,11 +54,9 @@ def _usable_for_autograd(x: torch.Tensor) -> torch.Tensor:
     ("Inference tensors cannot be saved for backward"), in the ops' backward nor in the reference's. (Not under
     torch.compile: dynamo cannot trace is_inference; a compiled step given inference tensors then raises that
     error in backward, as compiled plain torch does.)"""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return x
-    if x.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        return x.clone()
-    return x
+    return _ops.savable(x)
 
 
 def _check_tensor(name: str, x: object, ndim: int | tuple[int, ...], shape_doc: str) -> torch.Tensor:
@@ -551,8 +549,7 @@ def _attach_scale_grad_backward(ctx, grad):
 _attach_scale_grad.register_autograd(_attach_scale_grad_backward, setup_context=_attach_scale_grad_setup)
 
 
-@torch.library.custom_op("contrastbound::bank_rows_fwd", mutates_args=())
-def _bank_rows_fwd(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
+def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
                    scale: float, normalize: bool, save_anchor_term: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
     """The fused op with anchor i's positive taken from the bank: positives = bank[rows], and that row left out
@@ -572,10 +569,9 @@ def _bank_rows_fwd(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor
                    normalize, True, save_anchor_term, False, rows)
 
 
-@_bank_rows_fwd.register_fake
-def _(anchors, bank, rows, scale_tensor, scale, normalize, save_anchor_term):
-    return _fwd_op(anchors, bank.index_select(0, rows), bank, None, scale if scale_tensor is None else scale_tensor,
-                   normalize, True, save_anchor_term, False, rows)
+_bank_rows_fwd = torch.library.custom_op("contrastbound::bank_rows_fwd", mutates_args=())(_bank_rows_impl)
+# The same body as its fake kernel: on fake tensors index_select and the forward op's fake give the shapes.
+_bank_rows_fwd.register_fake(_bank_rows_impl)
 
 
 def _bank_rows_setup(ctx, inputs, output):
