@@ -12,12 +12,32 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _stop(message: str) -> None:
+    sys.stderr.write(f"\ncontrastbound: {message}\n\n")
+    raise SystemExit(1)
+
+
+# pyproject.toml's licence expression needs setuptools 77; older ones fail on it with a schema error. (A build
+# with --no-build-isolation uses the environment's setuptools, which pip does not check.)
+if int(re.match(r"\d*", setuptools.__version__).group() or 0) < 77:
+    _stop(f"the build needs setuptools >= 77 (this environment has {setuptools.__version__}): "
+          "`pip install -U 'setuptools>=77'`, then build again.")
+try:
+    import torch
+except ImportError:
+    _stop("the extension compiles against the PyTorch it will run with, and none is importable here. Install "
+          "torch first (a pinned version: `pip install torch==2.13.0`, or the build your machine needs), then "
+          "build without isolation, so that the build sees it: `pip install --no-build-isolation .` (or `-e .`). "
+          "A plain `pip install .` builds in an isolated environment without torch and stops here.")
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,0 +1,155 @@
+"""Packaging: the source distribution, setup.py's refusals, the message of an extension that does not load, and
+the version. Each check runs the real thing in a child process (a build backend call, setup.py, an import)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+from conftest import PACKAGE_ROOT, package_env
+
+import contrastbound
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tracked files a source distribution has no use for: CI's entry point and git's own.
+NOT_SHIPPED = {".ci/run", ".gitignore"}
+
+
+def _tracked_files() -> list[str]:
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("needs a git checkout (the tracked files are the reference)")
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if f and f not in NOT_SHIPPED]
+
+
+def test_sdist_holds_every_tracked_file_and_no_build_output(tmp_path):
+    # Without MANIFEST.in the sdist had setuptools' defaults only: no csrc headers (it could not be built), no CUDA
+    # sources, no CMakeLists.txt, no tests/conftest.py.
+    tracked = _tracked_files()
+    code = f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("contrastbound-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name}
+    missing = sorted(set(tracked) - names)
+    assert not missing, f"tracked files missing from the sdist: {missing}"
+    for required in ("LICENSE", "csrc/core/online_lse.h", "csrc/info_nce_checks.h", "tests/conftest.py"):
+        assert required in names
+    built = sorted(n for n in names if n.endswith((".so", ".o", ".pyc")) or "__pycache__" in n
+                   or n.startswith(("build/", "cmake-build/", ".venv/")))
+    assert not built, f"build output in the sdist: {built}"
+
+
+def _run_setup(prelude: str) -> subprocess.CompletedProcess:
+    code = prelude + textwrap.dedent("""
+        import runpy, sys
+        sys.argv = ["setup.py", "--name"]
+        runpy.run_path("setup.py", run_name="__main__")
+    """)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_setup_without_torch_says_to_install_it_and_build_without_isolation():
+    # pyproject no longer lists torch as a build requirement (an isolated build fetched the newest CUDA torch and
+    # compiled against it): an isolated build finds none and must stop with what to do, not a bare traceback.
+    proc = _run_setup("import sys\nsys.modules['torch'] = None  # import torch raises ImportError\n")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Install torch first" in proc.stderr and "--no-build-isolation" in proc.stderr
+
+
+def test_setup_with_old_setuptools_names_the_version_needed():
+    proc = _run_setup("import setuptools\nsetuptools.__version__ = '65.5.0'\n")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "setuptools >= 77" in proc.stderr and "65.5.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_setup_runs_with_this_environment():
+    # The refusals above are not taken where torch and setuptools are fine.
+    proc = _run_setup("")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "contrastbound"
+
+
+_IMPORT_WARNING = textwrap.dedent("""
+    import sys, warnings
+    # An editable install's finder would serve contrastbound._C from the checkout whatever the path says.
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import contrastbound as cb
+    assert cb.__file__.startswith(sys.argv[1]), cb.__file__
+    assert cb.backend_info()["cpu"] == "reference"
+    print("\\n".join(str(w.message) for w in caught if "contrastbound._C" in str(w.message)))
+""")
+
+
+def _copy_package_without_library(tmp_path):
+    dest = tmp_path / "pkg"
+    shutil.copytree(os.path.dirname(contrastbound.__file__), dest / "contrastbound",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    return dest
+
+
+def _import_message(root) -> str:
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_WARNING, str(root)], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_tree_never_built_says_so(tmp_path):
+    # Python's own message was "cannot import name '_C' from partially initialized module 'contrastbound' (most
+    # likely due to a circular import)".
+    root = _copy_package_without_library(tmp_path)
+    msg = _import_message(root)
+    assert "never built" in msg and "circular import" not in msg
+    assert "--no-build-isolation" in msg
+
+
+def test_a_library_that_does_not_load_says_rebuild_against_this_torch(tmp_path):
+    import importlib.machinery
+
+    import torch
+
+    root = _copy_package_without_library(tmp_path)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]  # a name this interpreter tries to load
+    (root / "contrastbound" / f"_C{suffix}").write_bytes(b"not a shared library\n")
+    msg = _import_message(root)
+    assert "does not load" in msg and "another torch" in msg and torch.__version__ in msg
+    assert "never built" not in msg
+
+
+def test_version_is_stated_once_in_effect():
+    # pyproject.toml's static version and contrastbound.__version__ must agree (and with the installed metadata).
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+        declared = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+    assert contrastbound.__version__ == declared
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("contrastbound")
+    except metadata.PackageNotFoundError:
+        return
+    assert installed == declared
+
+
+def test_cli_version_and_bare_command():
+    import torch
+
+    env, cwd = package_env(), PACKAGE_ROOT
+    proc = subprocess.run([sys.executable, "-m", "contrastbound", "--version"], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == (
+        f"contrastbound {contrastbound.__version__} (torch {torch.__version__})"), proc.stdout + proc.stderr
+    # Without a command: a usage error, so the help goes to stderr with status 2 (as argparse does), stdout empty.
+    proc = subprocess.run([sys.executable, "-m", "contrastbound"], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Commands:" in proc.stderr
