@@ -6,7 +6,7 @@ Commands:
   demo        train a few steps with the fused loss and print loss and timing
   info        which backend serves CPU and CUDA tensors, and why
 
-`contrastbound <command> --help` shows each command's options.
+`contrastbound <command> --help` shows each command's options; `contrastbound --version` the version.
 """
 
 from __future__ import annotations
@@ -96,9 +96,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if argv else 2
+        return 0
+    if not argv:  # a usage error, as argparse reports one: the help on stderr, status 2
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-V", "--version"):
+        import torch
+
+        from . import __version__
+
+        print(f"contrastbound {__version__} (torch {torch.__version__})")
+        return 0
     command, rest = argv[0], argv[1:]
     if command in _LOCAL_COMMANDS:
         return _LOCAL_COMMANDS[command](rest)

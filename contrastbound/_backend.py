@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -9,12 +10,24 @@ import torch
 _load_error: str | None = None
 try:
     from . import _C  # noqa: F401  (registers the contrastbound:: ops)
-except ImportError as exc:  # pragma: no cover - exercised only where the build failed
-    _load_error = f"{type(exc).__name__}: {exc}"
+except ImportError as exc:  # tests/test_packaging.py: a tree never built, a library that does not load
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _built = sorted(f for f in os.listdir(_here) if f.startswith("_C.") and f.endswith((".so", ".pyd")))
+    if not _built:
+        # Python's own message ("cannot import name '_C' from partially initialized module ... circular import")
+        # would point the wrong way.
+        _load_error = f"the extension was never built: no compiled _C library in {_here}"
+        _advice = ("Build it against the installed torch: `pip install --no-build-isolation -e .` in a source "
+                   "checkout (or `bash scripts/setup.sh`).")
+    else:
+        _load_error = f"{type(exc).__name__}: {exc}"
+        _advice = (f"{_built[0]} is there but does not load: most likely it was built against another torch than "
+                   f"this one ({torch.__version__}), or the build is incomplete. Rebuild it against the installed "
+                   "torch (`pip install --no-build-isolation -e .` in a source checkout, `--no-build-isolation .` "
+                   "for an install).")
     warnings.warn(
-        "contrastbound: the compiled extension contrastbound._C could not be loaded "
-        f"({_load_error}); falling back to the pure-PyTorch implementation, which materialises the logits. "
-        "Rebuild with `pip install --no-build-isolation -e .`.",
+        f"contrastbound: the compiled extension contrastbound._C could not be loaded ({_load_error}); falling back "
+        f"to the pure-PyTorch implementation, which materialises the logits. {_advice}",
         RuntimeWarning,
         stacklevel=2,
     )

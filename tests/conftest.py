@@ -20,6 +20,18 @@ MODES = ["shared", "per_anchor", "indexed", "in_batch"]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The folder holding the contrastbound package these tests import (the checkout, or site-packages when an installed
+# copy is tested from the checkout). A test's child Python gets it first on its path and as its working folder
+# (`python -c` puts the working folder before PYTHONPATH), so that it imports the same package.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(importlib.util.find_spec("contrastbound").origin)))
+
+
+def package_env(**extra: str) -> dict[str, str]:
+    """os.environ (and extra) with PACKAGE_ROOT first on PYTHONPATH: for a child process run with cwd=PACKAGE_ROOT."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
 
 def pytest_collection_modifyitems(config, items):
     # A test parametrized with device="cuda" (DEVICES) is a CUDA test too: `-m cuda` (scripts/gpu_check.sh) selects it.

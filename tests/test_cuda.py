@@ -6,7 +6,6 @@ the first run of the CUDA path on hardware: scripts/gpu_check.sh runs them after
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,9 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import info_nce_reference
 
-from conftest import DTYPES, MODES, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs
+from conftest import (
+    DTYPES, MODES, PACKAGE_ROOT, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs, package_env,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -744,10 +745,8 @@ print("graph ok")
 def test_first_call_inside_cuda_graph_capture(impl):
     if impl == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernels need compute capability 9.0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CONTRASTBOUND_TC_WGMMA="1" if impl == "wgmma" else "0",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _GRAPH_FIRST_CALL], env=env, cwd=root, capture_output=True,
+    env = package_env(CONTRASTBOUND_TC_WGMMA="1" if impl == "wgmma" else "0")
+    proc = subprocess.run([sys.executable, "-c", _GRAPH_FIRST_CALL], env=env, cwd=PACKAGE_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "graph ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 

@@ -11,6 +11,8 @@ import pytest
 
 from contrastbound import _backend
 
+from conftest import PACKAGE_ROOT, package_env
+
 SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
@@ -43,7 +45,8 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
 def test_peak_memory_is_a_small_fraction_of_the_logits():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
+                         env=package_env(), cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["bank_grad_finite"]
@@ -82,7 +85,8 @@ BANK_CE_SCRIPT = textwrap.dedent(
 def test_bank_cross_entropy_memory_is_one_bank_gradient():
     # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d) plus tiles. Letting
     # autograd differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
-    out = subprocess.run([sys.executable, "-c", BANK_CE_SCRIPT], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", BANK_CE_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env=package_env(), cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["extra_mib"] < 1.25 * r["grad_mib"], r

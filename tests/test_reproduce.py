@@ -14,6 +14,7 @@ from math import comb
 import mpmath
 import numpy as np
 import pytest
+from conftest import PACKAGE_ROOT, package_env
 
 from contrastbound.reproduce import EXPERIMENTS, main, make_settings, run
 from contrastbound.reproduce.curves import bounds_vs_k_rows, compare_bounds_rows
@@ -418,11 +419,11 @@ def test_ctrl_c_ends_the_command_by_sigint(tmp_path):
     import subprocess
     import time
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = package_env()
     # The child starts with SIGINT's default disposition: one inherited as ignored (pytest started in the background
     # by a shell without job control) stays ignored in Python, and the interrupt never arrives (rc 0, seen so).
     proc = subprocess.Popen([sys.executable, "-m", "contrastbound", "reproduce", "k-scaling", "compare-bounds", "toy",
-                             "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)], env=env,
+                             "bounds-vs-k", "--tiny", "--no-progress", "--out", str(tmp_path)], env=env, cwd=PACKAGE_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     with _watched(proc, 180):
@@ -624,9 +625,9 @@ def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
         "r._runner = lambda name: wait if name == 'toy' else real(name)\n"
         f"exit_from_cli(r.main, ['toy', 'bounds-vs-k', '--tiny', '--no-progress', '--out', {str(tmp_path)!r}])\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    env = package_env()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     with _watched(proc, 120):
         while "experiment started" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()[-500:]
