@@ -321,6 +321,45 @@ def test_indexed_large_bank_takes_the_blocked_walk(monkeypatch):
     _check_against_reference(a, p, n, idx, torch.float32, temperature=0.1, reduction="none")
 
 
+@pytest.mark.parametrize("walk", ["rows", "blocked:7:3", "blocked:1:1"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_indexed_bank_with_more_rows_than_indices(monkeypatch, walk, normalize, dtype):
+    # Fewer index entries (B K = 37 x 5) than bank rows (M = 3000): the kernel forms each row's norm where it reads
+    # the row instead of a table over the whole bank (csrc/cpu/info_nce_cpu.cpp, IndexedScales). Rows of zeros
+    # among those picked take F.normalize's clamped norm (proj = 0); not in float16, where their gradient (the
+    # upstream one over eps = 1e-12) is beyond the range, inf as for naive PyTorch.
+    monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+    a, p, n, idx = make_inputs("indexed", B=37, K=5, d=19, dtype=dtype, M=3000, seed=21)
+    if dtype != torch.float16:
+        with torch.no_grad():
+            n[idx[:3, 0]] = 0
+    # (Raw features at T = 0.1: a positive logit ~190 above the rest, every loss ~e^-146.)
+    t = 0.1 if normalize else 5.0
+    _check_against_reference(a, p, n, idx, dtype, temperature=t, reduction="none", normalize=normalize)
+
+
+@pytest.mark.parametrize("walk", ["rows", "blocked:7:3"])
+def test_indexed_row_scales_formed_where_read_give_the_tables_bits(monkeypatch, walk):
+    # The same 64 anchors and indices with a bank of 1000 rows: alone (64 x 5 = 320 entries < 1000 rows: norms formed
+    # where read) and with 136 more anchors (1000 entries: a table of every row's norm). 64 anchors or more: one K
+    # chunk in both, so each anchor's sums run in the same order. Their losses and the bank's gradient (the extra
+    # anchors' losses weighted 0) must have the same bits.
+    monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
+    a, p, n, idx = make_inputs("indexed", B=200, K=5, d=19, dtype=torch.float32, M=1000, seed=22)
+    with torch.no_grad():
+        n[idx[0, 0]] = 0
+    out = []
+    for b in (64, 200):
+        n.grad = None
+        loss = cb.info_nce(a[:b], p[:b], n, negative_indices=idx[:b], temperature=0.1, reduction="none")
+        loss[:64].sum().backward()
+        out.append((loss[:64].detach(), n.grad.clone()))
+    assert out[1][1].abs().sum() > 0
+    for x, y in zip(*out):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("walk", ["blocked", "blocked:7", "blocked:7:3", "blocked:1:1", "blocked:7:1:50"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_indexed_bank_gradient_same_bits_in_both_walks(monkeypatch, walk, normalize):
