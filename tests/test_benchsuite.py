@@ -294,3 +294,26 @@ def test_benchmark_script_takes_an_out_with_csv(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bt.csv"]
+
+
+def test_bench_small_runs_and_writes_its_csv(tmp_path):
+    # Every loss of benchmarks/bench_small.py on a tiny case; the fused and naive losses agree (same problem).
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_small.py")
+    cases = "nt_xent:8:16:float32,clip:8:16:bfloat16,in-batch:9:5:float64"
+    proc = subprocess.run([sys.executable, path, "--cases", cases, "--reps", "1", "--threads", "1", "--out", "bs.csv"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "bs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], r["N"], r["dtype"]) for r in rows] == [
+        ("nt_xent", "8", "float32"), ("clip", "8", "bfloat16"), ("in-batch", "9", "float64")]
+    for r in rows:
+        assert float(r["fused_ms"]) > 0 and float(r["naive_ms"]) > 0
+        # bfloat16: naive's logits are rounded to bfloat16 (0.06 at a logit of 14), the fused ones are not.
+        tol = 2e-2 if r["dtype"] == "bfloat16" else 1e-5
+        assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= tol * max(1.0, abs(float(r["naive_loss"]))), r
+    bad = subprocess.run([sys.executable, path, "--cases", "clip:8:16", "--out", "x"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "loss:N:d:dtype" in bad.stderr
