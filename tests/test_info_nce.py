@@ -1564,6 +1564,31 @@ def test_negative_logits_overflowing_to_minus_inf_stay_finite(device, mode, case
 
 
 @pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_transposed_shared_bank_is_not_copied_and_gives_the_same_bits(dtype, normalize):
+    # A shared bank passed as a transposed (d, K) buffer (MoCo's queue layout) is read in place: its norms a feature
+    # at a time over blocks of rows, its tiles copied one at a time. Same bits as the contiguous bank (K = 1100: 4
+    # full 256-row blocks and a partial one, 3 bank tiles; d = 19: two 8-wide groups and a tail), and no (K, d)
+    # copy in the forward.
+    B, K, d = 13, 1100, 19
+    a, p, bank, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, seed=23)
+    bank_t = bank.detach().t().contiguous().t().requires_grad_()  # strides (1, K)
+    assert bank_t.stride() == (1, K)
+    outs = []
+    for n in (bank, bank_t):
+        loss = cb.info_nce(a, p, n, temperature=0.1, normalize=normalize, reduction="none")
+        outs.append((loss, *torch.autograd.grad(loss.sum(), (a, p, n))))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+    with torch.profiler.profile(record_shapes=True) as prof, torch.no_grad():
+        cb.info_nce(a, p, bank_t, temperature=0.1, normalize=normalize)
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::contiguous", "aten::copy_")
+              and [K, d] in e.input_shapes]
+    assert copies == []
+
+
+@pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
 def test_backward_does_not_copy_a_strided_bank_it_does_not_read():
     # A (K, d) bank with a non-unit feature stride (a transposed buffer) is copied only where the backward reads
     # it: with a detached bank and a saved V, the anchors' and positives' gradients need O(B d) work.
