@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import warnings
 
@@ -12,7 +13,8 @@ try:
     from . import _C  # noqa: F401  (registers the contrastbound:: ops)
 except ImportError as exc:  # tests/test_packaging.py: a tree never built, a library that does not load
     _here = os.path.dirname(os.path.abspath(__file__))
-    _built = sorted(f for f in os.listdir(_here) if f.startswith("_C.") and f.endswith((".so", ".pyd")))
+    # Only a library this interpreter would load counts (one built for another Python is not "there").
+    _built = sorted(f for f in os.listdir(_here) if f in {"_C" + x for x in importlib.machinery.EXTENSION_SUFFIXES})
     if not _built:
         # Python's own message ("cannot import name '_C' from partially initialized module ... circular import")
         # would point the wrong way.
@@ -23,8 +25,8 @@ except ImportError as exc:  # tests/test_packaging.py: a tree never built, a lib
         _load_error = f"{type(exc).__name__}: {exc}"
         _advice = (f"{_built[0]} is there but does not load: most likely it was built against another torch than "
                    f"this one ({torch.__version__}), or the build is incomplete. Rebuild it against the installed "
-                   "torch (`pip install --no-build-isolation -e .` in a source checkout, `--no-build-isolation .` "
-                   "for an install).")
+                   "torch (`pip install --no-build-isolation -e .` in a source checkout, `pip install "
+                   "--no-build-isolation .` for an install).")
     warnings.warn(
         f"contrastbound: the compiled extension contrastbound._C could not be loaded ({_load_error}); falling back "
         f"to the pure-PyTorch implementation, which materialises the logits. {_advice}",

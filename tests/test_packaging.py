@@ -109,6 +109,8 @@ def test_a_tree_never_built_says_so(tmp_path):
     # Python's own message was "cannot import name '_C' from partially initialized module 'contrastbound' (most
     # likely due to a circular import)".
     root = _copy_package_without_library(tmp_path)
+    # A library built for another Python (3.9: never this one, the package needs 3.10) is not one this one loads.
+    (root / "contrastbound" / "_C.cpython-39-x86_64-linux-gnu.so").write_bytes(b"\x7fELF for another Python\n")
     msg = _import_message(root)
     assert "never built" in msg and "circular import" not in msg
     assert "--no-build-isolation" in msg
