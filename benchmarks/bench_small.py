@@ -1,8 +1,9 @@
 """Where the fused losses lose on the CPU: small and wide in-batch problems, fused vs plain PyTorch, forward + backward.
 
 The fused kernels pay a fixed cost per call, recompute the logits in backward (4 GEMM-sized products against
-naive's 3) and, for clip_loss, form the logits once per direction (8 against 3); bfloat16 tiles are multiplied in
-float32. This script measures those costs where the (N, N) logits would fit in memory anyway (README, Limits).
+naive's 3; clip_loss's both-directions CPU kernel 5 against 3, where its two in-batch calls took 8, as they still
+do on CUDA); bfloat16 tiles are multiplied in float32. This script measures those costs where the (N, N) logits
+would fit in memory anyway (README, Limits).
 Median of --reps timed runs after one warm-up, in this process (memory is not measured here: bench_training.py
 does, per process).
 
@@ -31,6 +32,7 @@ CASES = [
     ("clip", 256, 128, "float32"),
     ("clip", 1024, 768, "float32"),
     ("clip", 1024, 768, "bfloat16"),
+    ("clip", 4096, 256, "float32"),
     ("in-batch", 1024, 768, "float32"),
     ("in-batch", 1024, 768, "bfloat16"),
 ]

@@ -37,14 +37,19 @@ except ImportError as exc:  # tests/test_packaging.py: a tree never built, a lib
 EXTENSION_LOADED = _load_error is None
 
 
-def _has_kernel(dispatch_key: str) -> bool:
+def _has_kernel(dispatch_key: str, op: str = "info_nce_fwd") -> bool:
     if not EXTENSION_LOADED:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("contrastbound::info_nce_fwd", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"contrastbound::{op}", dispatch_key)
+    except RuntimeError:  # an op this build does not define
+        return False
 
 
 HAS_CPU_KERNEL = _has_kernel("CPU")
 HAS_CUDA_KERNEL = _has_kernel("CUDA")
+# clip_loss's both-directions kernel (contrastbound::clip_fwd): CPU only so far; elsewhere two info_nce calls.
+_HAS_CLIP_KERNEL = {"cpu": _has_kernel("CPU", "clip_fwd"), "cuda": _has_kernel("CUDA", "clip_fwd")}
 
 
 def kernel_serves(device: torch.device) -> bool:
@@ -54,6 +59,11 @@ def kernel_serves(device: torch.device) -> bool:
     if device.type == "cuda":
         return HAS_CUDA_KERNEL
     return False
+
+
+def clip_kernel_serves(device: torch.device) -> bool:
+    """True where the compiled both-directions CLIP kernel serves tensors on ``device``."""
+    return kernel_serves(device) and _HAS_CLIP_KERNEL.get(device.type, False)
 
 
 def backend_info() -> dict[str, str]:

@@ -138,3 +138,50 @@ if _backend.EXTENSION_LOADED:
     torch.library.register_fake("contrastbound::info_nce_bwd_scaled")(_info_nce_bwd_fake)
     for _name in ("contrastbound::info_nce_fwd", "contrastbound::info_nce_fwd_scaled"):
         torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
+
+    if hasattr(torch.ops.contrastbound, "clip_fwd"):  # (not in a stale build of the extension)
+        # clip_fwd / clip_bwd (csrc/ops.cpp): CLIP's two directions from one pass over the logits. loss, lse and
+        # d loss / d scale are (2, N): row 0 image -> text, row 1 text -> image.
+        @torch.library.register_fake("contrastbound::clip_fwd")
+        def _clip_fwd_fake(image, text, scale, normalize, save_scale_grad):
+            _same_device(image, text=text)
+            if scale.device.type == "meta" and image.device.type != "meta":
+                raise ValueError(f"scale is on the meta device but image is on {image.device}")
+            n = image.shape[0]
+            acc = _acc_dtype(image.dtype)
+            return (image.new_empty((2, n), dtype=acc), image.new_empty((2, n), dtype=acc),
+                    image.new_empty((2, n) if save_scale_grad else (0,), dtype=acc))
+
+        @torch.library.register_fake("contrastbound::clip_bwd")
+        def _clip_bwd_fake(grad_loss, image, text, loss, lse, scale, normalize, output_mask):
+            _same_device(image, grad_loss=grad_loss, text=text, loss=loss, lse=lse)
+
+            def out(x, needed):
+                return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+            return out(image, output_mask[0]), out(text, output_mask[1])
+
+        def _clip_setup_context(ctx, inputs, output):
+            image, text, scale, normalize, _ = inputs
+            loss, lse, dloss_dscale = output
+            if scale.requires_grad:
+                raise ValueError(
+                    "clip_fwd does not differentiate scale: pass a learnable logit scale to contrastbound.clip_loss "
+                    "(which attaches its exact gradient), or detach scale"
+                )
+            # A copy of the loss (see _setup_context): the positives' gradient is formed from it.
+            ctx.save_for_backward(savable(image), savable(text), loss.detach().clone(), lse, savable(scale))
+            ctx.normalize = normalize
+            ctx.mark_non_differentiable(lse, dloss_dscale)
+
+        def _clip_backward(ctx, grad_loss, grad_lse, grad_dloss_dscale):
+            refuse_double_backward()
+            image, text, loss, lse, scale = ctx.saved_tensors
+            mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+            if not any(mask):
+                return None, None, None, None, None
+            ga, gt = torch.ops.contrastbound.clip_bwd(grad_loss.contiguous(), image, text, loss, lse, scale,
+                                                      ctx.normalize, mask)
+            return ga if mask[0] else None, gt if mask[1] else None, None, None, None
+
+        torch.library.register_autograd("contrastbound::clip_fwd", _clip_backward, setup_context=_clip_setup_context)

@@ -1069,7 +1069,8 @@ def clip_loss(
                 scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
             # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
             # read-back.
-            temperature = 1.0 / scale.clamp(max=max_scale).to(torch.promote_types(scale.dtype, torch.float32))
+            clamped = scale.clamp(max=max_scale).to(torch.promote_types(scale.dtype, torch.float32))
+            temperature = 1.0 / clamped
         elif isinstance(scale, Real) and not isinstance(scale, bool):
             value = _as_float("logit_scale", scale, "positive and finite")
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
@@ -1080,15 +1081,19 @@ def clip_loss(
                 # A tensor, as _scale_of makes one: Python arithmetic on a traced float (min, 1 / x) made torch
                 # 2.11's dynamo specialise it, one graph per value of a logit-scale schedule.
                 device = getattr(image_features, "device", None)  # (checked below)
-                temperature = torch.ones((), dtype=torch.float64, device=device) / (
-                    value if value <= max_scale else max_scale)
+                clamped = torch.ones((), dtype=torch.float64, device=device) * (value if value <= max_scale else
+                                                                                  max_scale)
+                temperature = 1.0 / clamped
             else:
-                temperature = 1.0 / min(value, max_scale)
+                clamped = min(value, max_scale)
+                temperature = 1.0 / clamped
         else:
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)
         _check_features(image_features, text_features, ("image_features", "text_features"))
         _check_temperature_has_value(scale, image_features.device, "logit_scale")
+    if process_group is None and _clip_kernel_serves(image_features, text_features, temperature):
+        return _clip_fused(image_features, text_features, clamped, temperature, normalize, reduction)
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).
     if process_group is not None:  # the texts, then the images gathered (errors name them so; _check_group there)
         args = (temperature, normalize, "none", process_group)
@@ -1102,6 +1107,35 @@ def clip_loss(
         t2i = info_nce(text_features, image_features, **kw)
     loss = 0.5 * (i2t + t2i)
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
+
+
+def _clip_kernel_serves(image: torch.Tensor, text: torch.Tensor, temperature: float | torch.Tensor) -> bool:
+    """Whether clip_loss takes the both-directions kernel (contrastbound::clip_fwd): where one is compiled for the
+    device, and not where _fused would take the reference (forward-mode AD, a differentiating torch.func
+    transform, a tensor temperature under any transform)."""
+    return (_backend.clip_kernel_serves(image.device) and not _needs_reference(image, text, temperature)
+            and not (isinstance(temperature, torch.Tensor) and _func_active()))
+
+
+def _clip_fused(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
+                temperature: float | torch.Tensor, normalize: bool, reduction: str) -> torch.Tensor:
+    """clip_loss by one kernel call for both directions: the N x N logits are computed once per pass (forward,
+    and one per gradient in backward), where two info_nce calls compute them and V twice each. logit_scale is the
+    clamped scale (a float, or a tensor whose gradient is attached here)."""
+    compute, result = _promoted(image, text)
+    _check_scale_fits(temperature, compute)
+    image, text = image.to(compute), text.to(compute)
+    if isinstance(logit_scale, torch.Tensor):
+        if image.device.type == "cpu" and logit_scale.device.type != "cpu":
+            logit_scale = logit_scale.cpu()  # differentiable (see _with_temperature_grad)
+        scale = logit_scale.detach().to(torch.float64)
+    else:
+        scale = torch.tensor(logit_scale, dtype=torch.float64)
+    learnable = isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad and torch.is_grad_enabled()
+    loss, _, dloss_dscale = torch.ops.contrastbound.clip_fwd(image, text, scale, normalize, learnable)
+    if learnable:
+        loss = _attach_scale_grad(loss, logit_scale, dloss_dscale)
+    return _reduce(0.5 * (loss[0] + loss[1]), reduction, result)
 
 
 class InfoNCE(torch.nn.Module):

@@ -132,4 +132,33 @@ inline double scale_value(const at::Tensor& scale) {
   return s;
 }
 
+// clip_fwd / clip_bwd: image and text features (N, d), one floating dtype, one device.
+inline void check_clip_inputs(const at::Tensor& image, const at::Tensor& text) {
+  TORCH_CHECK_VALUE(image.dim() == 2, "image must have shape (N, d), got ", image.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), "image must be a floating tensor, got ",
+                   image.scalar_type());
+  TORCH_CHECK_VALUE(text.sizes() == image.sizes(), "text must have the shape of image ", image.sizes(), ", got ",
+                    text.sizes());
+  TORCH_CHECK_TYPE(text.scalar_type() == image.scalar_type(), "image and text must share a dtype, got ",
+                   image.scalar_type(), " and ", text.scalar_type());
+  TORCH_CHECK_VALUE(text.device() == image.device(), "image and text must be on one device, got ", image.device(),
+                    " and ", text.device());
+}
+
+// clip_bwd's own inputs: grad_loss, loss and lse (2, N) floating tensors on the device of image.
+inline void check_clip_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& loss, const at::Tensor& lse,
+                                       const at::Tensor& image) {
+  const int64_t N = image.size(0);
+  for (const auto& named : {std::make_pair("grad_loss", &grad_loss), std::make_pair("loss", &loss),
+                            std::make_pair("lse", &lse)}) {
+    const at::Tensor& x = *named.second;
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == 2 && x.size(1) == N, "clip_bwd: ", named.first,
+                      " must have shape (2, N) = (2, ", N, "), got ", x.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "clip_bwd: ", named.first, " must be a floating tensor, got ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(x.device() == image.device(), "clip_bwd: ", named.first, " must be on the device of image (",
+                      image.device(), "), got ", x.device());
+  }
+}
+
 }  // namespace contrastbound

@@ -50,4 +50,15 @@ TORCH_LIBRARY(contrastbound, m) {
       "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
       "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True, "
       "Tensor? loss=None, Tensor? excluded=None) -> (Tensor, Tensor, Tensor)");
+  // CLIP's symmetric loss over in-batch pairs (image i, text i), both directions from one pass over the N x N
+  // logits s image_hat_i . text_hat_j. loss and lse (2, N) (float32, float64 for float64 inputs): row 0 image ->
+  // text (row i of the logits), row 1 text -> image (column i); the positive is kept apart from the sums as in
+  // info_nce_fwd with exclude_self. With save_scale_grad, d loss / d scale (2, N), else an empty tensor. scale is
+  // a tensor with one element, read on the host (CPU kernel only: CUDA inputs take two info_nce calls). Under
+  // autograd only the loss is differentiable, and scale is not (contrastbound.clip_loss attaches its gradient).
+  m.def("clip_fwd(Tensor image, Tensor text, Tensor scale, bool normalize, bool save_scale_grad) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradients for image and text (each empty where output_mask is false), from forward's loss and lse.
+  m.def("clip_bwd(Tensor grad_loss, Tensor image, Tensor text, Tensor loss, Tensor lse, Tensor scale, "
+        "bool normalize, bool[2] output_mask) -> (Tensor, Tensor)");
 }

@@ -1073,6 +1073,297 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                           normalize, include_positive, output_mask, exclude_self, check_indices, loss, excluded);
 }
 
+// ------------------------------------------------------------------------------------------------------
+// CLIP: both directions of in-batch pairs from one pass over the N x N logits l_ij = s a_hat_i . b_hat_j
+// ------------------------------------------------------------------------------------------------------
+//
+// Row i of the logits is image i's softmax over the texts (image -> text), column j text j's over the images
+// (text -> image); pair i is the positive of both, kept apart from the sums (the diagonal is masked) and added
+// when they are finished, as in the shared mode's exclude_self. Forward: one product per tile updates the
+// row states (complete in their unit) and the column states of the unit's group, merged over the groups in a
+// fixed order. Backward recomputes each tile once per gradient: W_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij - lse'_j}
+// gives the images' gradient W B_hat (units: row blocks) and the texts' W^T A_hat (units: column tiles).
+// Five N x N x d products (naive PyTorch: three) against the two info_nce calls' eight (each: logits and V,
+// then two in backward). One backward pass for both gradients would need a partial text gradient per unit
+// (units x N x d floats) to stay deterministic; not done.
+
+// Groups of row blocks in the forward: each keeps a partial state for every column (groups x N), so a fixed number
+// however large N, from the sizes alone (the merge order sets the rounding).
+int64_t clip_groups(int64_t N) { return std::min<int64_t>(ceil_div(N, kAnchorBlock), kParallelUnits / 4); }
+
+struct ClipForwardOut {
+  Tensor loss, lse, dloss_dscale;  // (2, N) each: row 0 image -> text, row 1 text -> image; the last may be (0,)
+};
+
+// Running (max, sum) of a row or column of the negatives and, with save, t = sum_j e^{l_j - max} (l_j - l_0), l_0
+// the positive's logit: d loss / d s = t / (sum with the positive) / s.
+template <typename acc_t>
+struct ClipState {
+  LseState<acc_t> lse;
+  acc_t t = 0;
+};
+
+// Folds a tile's logits l (rows x cols) into states along dim (1: rows, one state per row; 0: columns). pos
+// holds the positive logit of each state's pair; diag marks which entries are the positives (masked to -inf in
+// l already). e and diff are scratch of l's size.
+template <typename acc_t>
+void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, const Tensor& pos, int64_t i0,
+               int64_t j0, Tensor& e, Tensor& diff, Tensor& scratch_a, Tensor& scratch_b) {
+  const auto lowest = std::numeric_limits<acc_t>::lowest();
+  Tensor tmax = scratch_a, nmax = scratch_b;
+  at::amax_out(tmax, l, {dim});
+  at::maximum_out(nmax, m, tmax);
+  // An all -inf state (only the masked positive so far, or overflowed dot products) keeps max = lowest, not
+  // -inf, which would give exp(-inf - -inf) = NaN below (as forward_shared).
+  nmax.clamp_min_(lowest);
+  Tensor alpha = tmax;  // tmax is no longer needed
+  at::sub_out(alpha, m, nmax).exp_();
+  at::sub_out(e, l, nmax.unsqueeze(dim)).exp_();
+  s.mul_(alpha).add_(e.sum({dim}));
+  if (t != nullptr) {
+    at::sub_out(diff, l, pos.unsqueeze(dim));  // l_j - l_0; the masked positive's -inf set to 0 below
+    mask_excluded<acc_t>(diff, i0, j0, Excluded{true, nullptr}, acc_t(0));
+    t->mul_(alpha).add_((e * diff).sum({dim}));
+  }
+  m.copy_(nmax);
+}
+
+template <typename scalar_t, typename acc_t>
+ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) {
+  const int64_t N = pr.anchors_s.size(0);
+  const auto opts = pr.anchors_s.options();
+  const auto inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t blocks = ceil_div(N, kAnchorBlock), groups = clip_groups(N);
+  const Excluded diag{true, nullptr};
+  const Tensor pos = at::from_blob(const_cast<acc_t*>(pr.pos_logit.data()), {N}, opts);
+  // Row states (N) and the groups' column states (groups x N), as tensors for the tile-wide updates.
+  Tensor row_m = at::full({N}, -inf, opts), row_s = at::zeros({N}, opts), row_t = at::zeros({save ? N : 0}, opts);
+  Tensor col_m = at::full({groups, N}, -inf, opts), col_s = at::zeros({groups, N}, opts);
+  Tensor col_t = at::zeros({save ? groups : 0, N}, opts);
+  parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    Tensor l_buf = at::empty({kAnchorBlock * kBankTile}, opts), e_buf = at::empty({kAnchorBlock * kBankTile}, opts);
+    Tensor d_buf = at::empty({save ? kAnchorBlock * kBankTile : 0}, opts);
+    Tensor a_buf = at::empty({kBankTile}, opts), b_buf = at::empty({kBankTile}, opts);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t blk = g * blocks / groups; blk < (g + 1) * blocks / groups; ++blk) {
+        const int64_t i0 = blk * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
+        const Tensor a_blk = pr.anchors_s.narrow(0, i0, bb);
+        Tensor rm = row_m.narrow(0, i0, bb), rs = row_s.narrow(0, i0, bb);
+        Tensor rt = save ? row_t.narrow(0, i0, bb) : Tensor();
+        for (int64_t j0 = 0; j0 < N; j0 += kBankTile) {
+          const int64_t tk = std::min(kBankTile, N - j0);
+          Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          Tensor e = e_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          Tensor diff = save ? d_buf.narrow(0, 0, bb * tk).view({bb, tk}) : Tensor();
+          at::mm_out(l, a_blk, pr.positives.narrow(0, j0, tk).t());
+          mask_excluded<acc_t>(l, i0, j0, diag, -inf);
+          Tensor ra = a_buf.narrow(0, 0, bb), rb = b_buf.narrow(0, 0, bb);
+          clip_fold<acc_t>(l, 1, rm, rs, save ? &rt : nullptr, pos.narrow(0, i0, bb), i0, j0, e, diff, ra, rb);
+          Tensor cm = col_m.select(0, g).narrow(0, j0, tk), cs = col_s.select(0, g).narrow(0, j0, tk);
+          Tensor ct = save ? col_t.select(0, g).narrow(0, j0, tk) : Tensor();
+          Tensor ca = a_buf.narrow(0, 0, tk), cb = b_buf.narrow(0, 0, tk);
+          clip_fold<acc_t>(l, 0, cm, cs, save ? &ct : nullptr, pos.narrow(0, j0, tk), i0, j0, e, diff, ca, cb);
+        }
+      }
+    }
+  });
+  ClipForwardOut out;
+  out.loss = at::empty({2, N}, opts);
+  out.lse = at::empty({2, N}, opts);
+  out.dloss_dscale = save ? at::empty({2, N}, opts) : at::empty({0}, opts);
+  const acc_t* rmp = row_m.template data_ptr<acc_t>();
+  const acc_t* rsp = row_s.template data_ptr<acc_t>();
+  const acc_t* rtp = save ? row_t.template data_ptr<acc_t>() : nullptr;
+  const acc_t* cmp = col_m.template data_ptr<acc_t>();
+  const acc_t* csp = col_s.template data_ptr<acc_t>();
+  const acc_t* ctp = save ? col_t.template data_ptr<acc_t>() : nullptr;
+  acc_t* loss = out.loss.template data_ptr<acc_t>();
+  acc_t* lse = out.lse.template data_ptr<acc_t>();
+  acc_t* dlds = save ? out.dloss_dscale.template data_ptr<acc_t>() : nullptr;
+  parallel_for_tls(0, N, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      for (int dir = 0; dir < 2; ++dir) {
+        ClipState<acc_t> neg;
+        if (dir == 0) {
+          neg.lse = LseState<acc_t>{rmp[i], rsp[i]};
+          if (save) neg.t = rtp[i];
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {  // the groups' partial states, in order
+            acc_t fa, fb;
+            merge(neg.lse, LseState<acc_t>{cmp[g * N + i], csp[g * N + i]}, fa, fb);
+            if (save) neg.t = neg.t * fa + ctp[g * N + i] * fb;
+          }
+        }
+        const acc_t l0 = pr.pos_logit[i];
+        LseState<acc_t> all{l0, acc_t(1)};
+        acc_t fa, fb;
+        merge(all, neg.lse, fa, fb);
+        loss[dir * N + i] = softplus_loss(neg.lse, l0);
+        lse[dir * N + i] = finalize(all);
+        // d loss / d s = E[l - l_0] / s (the positive's term is 0); no negatives (N = 1): 0
+        if (save) dlds[dir * N + i] = neg.lse.sum > acc_t(0) ? neg.t * fb / all.sum / s : acc_t(0);
+      }
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> clip_forward_typed(const Tensor& image, const Tensor& text, double scale,
+                                                      bool normalize, bool save) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto pr = prepare<scalar_t, acc_t>(image, text, scale, normalize);
+  auto out = clip_forward_impl<scalar_t, acc_t>(pr, static_cast<acc_t>(scale), save);
+  return {out.loss, out.lse, out.dloss_dscale};
+}
+
+// W of a tile (rows [i0, i0 + bb) x columns [j0, j0 + tk)): d L / d l_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij -
+// lse'_j} off the diagonal; the diagonal 0 (the positives' terms are added apart, from the losses).
+template <typename acc_t>
+void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const Tensor& lse_row,
+                  const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0) {
+  at::sub_out(w, l, lse_row.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
+  at::sub_out(tmp, l, lse_col.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
+  w.add_(tmp);
+  mask_excluded<acc_t>(w, i0, j0, Excluded{true, nullptr}, acc_t(0));
+}
+
+// d/dx = inv G - (x_hat . G) proj x for each row of G (the gradient with respect to x_hat), written as scalar_t.
+template <typename scalar_t, typename acc_t>
+void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<RowScale<acc_t>>& scales,
+                      Tensor& out) {
+  const int64_t N = G.size(0), d = G.size(1);
+  const Tensor raw = raw_in.to(G.scalar_type()).contiguous();
+  const acc_t* gp = G.template data_ptr<acc_t>();
+  const acc_t* x = raw.template data_ptr<acc_t>();
+  scalar_t* o = out.template data_ptr<scalar_t>();
+  parallel_for_tls(0, N, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const auto& r = scales[i];
+      const acc_t* gi = gp + i * d;
+      const acc_t* xi = x + i * d;
+      acc_t xhat_dot_g = 0;
+      for (int64_t j = 0; j < d; ++j) xhat_dot_g += xi[j] * r.inv * gi[j];
+      for (int64_t j = 0; j < d; ++j) {
+        o[i * d + j] = static_cast<scalar_t>(r.inv * gi[j] - xhat_dot_g * (r.proj * xi[j]));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Tensor& image, const Tensor& text,
+                                               const Tensor& loss_in, const Tensor& lse_in, double scale,
+                                               bool normalize, std::array<bool, 2> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = image.size(0), d = image.size(1);
+  Tensor grad_a = mask[0] ? at::empty({N, d}, image.options()) : at::empty({0}, image.options());
+  Tensor grad_b = mask[1] ? at::empty({N, d}, text.options()) : at::empty({0}, text.options());
+  if (!mask[0] && !mask[1]) return {grad_a, grad_b};
+  const auto pr = prepare<scalar_t, acc_t>(image, text, scale, normalize);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const auto opts = pr.anchors_s.options();
+  const Tensor g = grad_loss.to(acc_type).contiguous(), lse = lse_in.to(acc_type).contiguous();
+  const Tensor loss = loss_in.to(acc_type);
+  const Tensor g_row = g.select(0, 0), g_col = g.select(0, 1), lse_row = lse.select(0, 0), lse_col = lse.select(0, 1);
+  // d L / d l_ii = g_i (w_ii - 1) + g'_i (w'_ii - 1), each w - 1 = expm1(-loss): exact to the loss's rounding where
+  // the positive dominates (see info_nce_bwd's schema).
+  const Tensor coef = (g_row * at::expm1(-loss.select(0, 0)) + g_col * at::expm1(-loss.select(0, 1))).contiguous();
+  const Tensor& a_s = pr.anchors_s;    // s a_hat
+  const Tensor& b_hat = pr.positives;  // b_hat
+  const int64_t tile_elems = kAnchorBlock * kBankTile;
+  if (mask[0]) {
+    // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
+    Tensor G = at::empty({N, d}, opts);
+    parallel_for_tls(0, ceil_div(N, kAnchorBlock), 1, [&](int64_t u0, int64_t u1) {
+      Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
+      Tensor t_buf = at::empty({tile_elems}, opts);
+      Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
+        const Tensor a_blk = a_s.narrow(0, i0, bb);
+        Tensor acc = G.narrow(0, i0, bb), block = block_buf.narrow(0, 0, bb), comp = comp_buf.narrow(0, 0, bb);
+        acc.zero_();
+        comp.zero_();
+        for (int64_t j0 = 0; j0 < N; j0 += kBankTile) {
+          const int64_t tk = std::min(kBankTile, N - j0);
+          Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          const Tensor b_tile = b_hat.narrow(0, j0, tk);
+          at::mm_out(l, a_blk, b_tile.t());
+          clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
+                              lse_col.narrow(0, j0, tk), i0, j0);
+          at::mm_out(block, w, b_tile);
+          kahan_add<acc_t>(acc, comp, block);
+        }
+        acc.add_(b_hat.narrow(0, i0, bb) * coef.narrow(0, i0, bb).unsqueeze(1)).mul_(static_cast<acc_t>(scale));
+      }
+    });
+    clip_unnormalise<scalar_t, acc_t>(G, image, pr.anchor_scale, grad_a);
+  }
+  if (mask[1]) {
+    // G_B = W^T (s A_hat) + coef (s A_hat) by column tiles, each summed over the row blocks in order (Kahan).
+    Tensor G = at::empty({N, d}, opts);
+    parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
+      Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
+      Tensor t_buf = at::empty({tile_elems}, opts);
+      Tensor block_buf = at::empty({kBankTile, d}, opts), comp_buf = at::empty({kBankTile, d}, opts);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t j0 = u * kBankTile, tk = std::min(kBankTile, N - j0);
+        const Tensor b_tile = b_hat.narrow(0, j0, tk);
+        Tensor acc = G.narrow(0, j0, tk), block = block_buf.narrow(0, 0, tk), comp = comp_buf.narrow(0, 0, tk);
+        acc.zero_();
+        comp.zero_();
+        for (int64_t i0 = 0; i0 < N; i0 += kAnchorBlock) {
+          const int64_t bb = std::min(kAnchorBlock, N - i0);
+          const Tensor a_blk = a_s.narrow(0, i0, bb);
+          Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
+          at::mm_out(l, a_blk, b_tile.t());
+          clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
+                              lse_col.narrow(0, j0, tk), i0, j0);
+          at::mm_out(block, w.t(), a_blk);
+          kahan_add<acc_t>(acc, comp, block);
+        }
+        acc.add_(a_s.narrow(0, j0, tk) * coef.narrow(0, j0, tk).unsqueeze(1));
+      }
+    });
+    clip_unnormalise<scalar_t, acc_t>(G, text, pr.positive_scale, grad_b);
+  }
+  return {grad_a, grad_b};
+}
+
+std::tuple<Tensor, Tensor, Tensor> clip_fwd_cpu(const Tensor& image, const Tensor& text, const Tensor& scale,
+                                                bool normalize, bool save_scale_grad) {
+  check_clip_inputs(image, text);
+  const double s = scale_value(scale);
+  check_scale(s, image.scalar_type());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::NoGradGuard no_grad;
+  std::tuple<Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "clip_fwd_cpu", [&] {
+    out = clip_forward_typed<scalar_t>(image.detach(), text.detach(), s, normalize, save_scale_grad);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> clip_bwd_cpu(const Tensor& grad_loss, const Tensor& image, const Tensor& text,
+                                        const Tensor& loss, const Tensor& lse, const Tensor& scale, bool normalize,
+                                        std::array<bool, 2> output_mask) {
+  check_clip_inputs(image, text);
+  check_clip_backward_inputs(grad_loss, loss, lse, image);
+  const double s = scale_value(scale);
+  check_scale(s, image.scalar_type());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::NoGradGuard no_grad;
+  std::tuple<Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "clip_bwd_cpu", [&] {
+    out = clip_backward_typed<scalar_t>(grad_loss.detach(), image.detach(), text.detach(), loss.detach(),
+                                        lse.detach(), s, normalize, output_mask);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastbound, CPU, m) {
@@ -1080,6 +1371,8 @@ TORCH_LIBRARY_IMPL(contrastbound, CPU, m) {
   m.impl("info_nce_bwd", &info_nce_bwd_cpu);
   m.impl("info_nce_fwd_scaled", &info_nce_fwd_scaled_cpu);
   m.impl("info_nce_bwd_scaled", &info_nce_bwd_scaled_cpu);
+  m.impl("clip_fwd", &clip_fwd_cpu);
+  m.impl("clip_bwd", &clip_bwd_cpu);
 }
 
 }  // namespace cpu

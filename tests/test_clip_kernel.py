@@ -1,0 +1,242 @@
+"""clip_loss's both-directions kernel (contrastbound::clip_fwd / clip_bwd, CPU): values and gradients against
+materialised float64 logits and against the two info_nce calls it replaces, gradcheck, opcheck, the op's argument
+checks, thread-count independence, and that clip_loss really takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import contrastbound as cb
+from contrastbound import _backend
+
+pytestmark = pytest.mark.skipif(not _backend.clip_kernel_serves(torch.device("cpu")),
+                                reason="the compiled CPU clip kernel is not loaded")
+
+# N crosses the kernel's tiles (256 rows, 512 columns) and its forward groups (ceil(N / 256), at most 16).
+SIZES = [(1, 3), (2, 5), (7, 4), (257, 9), (513, 17), (1100, 19)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def naive_clip(img, txt, logit_scale, normalize=True):
+    """Per-pair loss (N,) with the N x N logits materialised, in the inputs' dtype (float64 here)."""
+    if normalize:
+        img, txt = F.normalize(img, dim=-1, eps=1e-12), F.normalize(txt, dim=-1, eps=1e-12)
+    logits = logit_scale * img @ txt.T
+    target = torch.arange(img.shape[0])
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                  + F.cross_entropy(logits.T, target, reduction="none"))
+
+
+def two_calls(img, txt, logit_scale, normalize=True, reduction="none"):
+    """clip_loss as it runs where the kernel is not compiled (CUDA): two in-batch info_nce calls."""
+    saved = dict(_backend._HAS_CLIP_KERNEL)
+    _backend._HAS_CLIP_KERNEL.update(cpu=False)
+    try:
+        return cb.clip_loss(img, txt, logit_scale, normalize=normalize, reduction=reduction)
+    finally:
+        _backend._HAS_CLIP_KERNEL.update(saved)
+
+
+def ops_called(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def tolerance(dtype):
+    # Half inputs are rounded once (the kernel accumulates in float32): a few of their ulps on O(1) values.
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,d", SIZES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_values_and_gradients_match_float64_logits(dtype, N, d, normalize):
+    g = torch.Generator().manual_seed(N * 31 + d)
+    img = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    txt = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    scale = torch.tensor(7.0 if normalize else 1.3, requires_grad=True)
+    weights = torch.rand(N, generator=g, dtype=torch.float64)  # an uneven upstream gradient
+    loss = cb.clip_loss(img, txt, scale, normalize=normalize, reduction="none")
+    assert loss.dtype == dtype and loss.shape == (N,)
+    (loss.double() * weights).sum().backward()
+
+    i64, t64 = img.detach().double().requires_grad_(), txt.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    ref = naive_clip(i64, t64, s64, normalize)
+    (ref * weights).sum().backward()
+    tol = tolerance(dtype)
+    ref_loss = ref.detach().to(dtype).double() if dtype in (torch.bfloat16, torch.float16) else ref.detach()
+    assert torch.allclose(loss.detach().double(), ref_loss, rtol=tol, atol=tol)
+    for got, want in ((img.grad, i64.grad), (txt.grad, t64.grad)):
+        assert got.dtype == dtype
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item() + 1e-12)
+    assert torch.allclose(scale.grad.double(), s64.grad, rtol=max(tol, 1e-6), atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_clip_loss_takes_the_kernel(reduction):
+    img, txt = torch.randn(9, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    names = ops_called(lambda: cb.clip_loss(img, txt, 10.0, reduction=reduction).sum().backward())
+    assert "contrastbound::clip_fwd" in names and "contrastbound::clip_bwd" in names
+    assert "contrastbound::info_nce_fwd" not in names
+    names = ops_called(lambda: two_calls(img, txt, 10.0, reduction=reduction))
+    assert "contrastbound::clip_fwd" not in names and "contrastbound::info_nce_fwd" in names
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 600), d=st.integers(1, 24), log_scale=st.floats(-3.0, 4.6), normalize=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31 - 1))
+def test_the_kernel_agrees_with_the_two_info_nce_calls(N, d, log_scale, normalize, dtype, seed):
+    """Property: the fused route and the two-call route it replaces give the same losses and gradients, for any
+    size and logit scale up to 100 (a temperature of 0.01): the kernel merges rows and columns correctly."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, d, generator=g, dtype=dtype)
+    # Some pairs nearly aligned (a dominant positive), others not.
+    img = base.clone().requires_grad_()
+    txt = (base + torch.randn(N, d, generator=g, dtype=dtype) * torch.rand(N, 1, generator=g, dtype=dtype)).requires_grad_()
+    scale = torch.tensor(float(torch.tensor(log_scale).exp()), dtype=dtype, requires_grad=True)
+    outs = []
+    for fn in (cb.clip_loss, two_calls):
+        for x in (img, txt, scale):
+            x.grad = None
+        loss = fn(img, txt, scale, normalize=normalize, reduction="none")
+        loss.sum().backward()
+        outs.append((loss.detach(), img.grad, txt.grad, scale.grad))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for got, want in zip(*outs):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=tol, atol=tol * (1 + want.abs().max().item())), (got, want)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(normalize):
+    img = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    f = lambda i, t, s: cb.clip_loss(i, t, s, normalize=normalize, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (img, txt, scale), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(3)
+    for N, d, dtype in [(5, 3, torch.float32), (7, 2, torch.float64), (4, 6, torch.bfloat16)]:
+        img = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+        txt = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64)
+        for normalize in (True, False):
+            for save in (True, False):
+                torch.library.opcheck(torch.ops.contrastbound.clip_fwd.default, (img, txt, scale, normalize, save))
+            loss, lse, _ = torch.ops.contrastbound.clip_fwd(img.detach(), txt.detach(), scale, normalize, False)
+            grad = torch.randn(2, N, generator=g, dtype=loss.dtype)
+            for mask in ([True, True], [True, False], [False, True]):
+                torch.library.opcheck(torch.ops.contrastbound.clip_bwd.default,
+                                      (grad, img.detach(), txt.detach(), loss, lse, scale, normalize, mask))
+
+
+def test_same_bits_with_any_thread_count():
+    """The kernel's units and merge order depend on the sizes only (N = 1100: 5 forward groups, 5 row blocks,
+    3 column tiles)."""
+    g = torch.Generator().manual_seed(11)
+    img, txt = torch.randn(1100, 33, generator=g), torch.randn(1100, 33, generator=g)
+    scale = torch.tensor(12.0, requires_grad=True)
+
+    def run():
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        scale.grad = None
+        loss = cb.clip_loss(i, t, scale, reduction="none")
+        loss.sum().backward()
+        return loss.detach(), i.grad, t.grad, scale.grad
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_confident_pairs_at_the_lowest_temperature_stay_accurate():
+    """logit_scale 100 (temperature 0.01, CLIP's clamp) with matched pairs: each loss ~e^-100-small, kept apart from
+    the sums as in info_nce (softplus of lse_others - l_ii), not 0 or a rounding residue, and finite gradients."""
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    txt = (img + 0.02 * torch.randn(300, 16, generator=g)).requires_grad_()
+    img.requires_grad_()
+    loss = cb.clip_loss(img, txt, 100.0, reduction="none")
+    loss.sum().backward()
+    # float64 reference of the same form, softplus(lse over j != i - l_ii) per direction: cross_entropy's lse - l_ii
+    # in float64 rounds these losses to 0 or to multiples of 2^-52 relative to lse.
+    i64, t64 = F.normalize(img.detach().double(), dim=-1), F.normalize(txt.detach().double(), dim=-1)
+    logits = 100.0 * i64 @ t64.T
+    diag = torch.eye(300, dtype=torch.bool)
+    others = logits.masked_fill(diag, -torch.inf)
+    ref = 0.5 * (F.softplus(others.logsumexp(1) - logits.diagonal()) + F.softplus(others.logsumexp(0) - logits.diagonal()))
+    assert (ref > 0).all()
+    assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
+    assert torch.allclose(loss.double(), ref, rtol=1e-4, atol=0)
+
+
+def test_a_frozen_tower_gets_no_gradient_and_no_work():
+    """Only the text tower trains (a frozen image encoder): the images' backward pass is skipped."""
+    img = torch.randn(20, 6)
+    txt = torch.randn(20, 6, requires_grad=True)
+    cb.clip_loss(img, txt, 10.0).backward()
+    assert img.grad is None and txt.grad is not None
+    i64, t64 = img.double(), txt.detach().double().requires_grad_()
+    naive_clip(i64, t64, 10.0).mean().backward()
+    assert torch.allclose(txt.grad.double(), t64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_empty_batch():
+    img = torch.randn(0, 4, requires_grad=True)
+    txt = torch.randn(0, 4, requires_grad=True)
+    loss = cb.clip_loss(img, txt, 10.0, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and img.grad.shape == (0, 4)
+
+
+BAD_OP_CALLS = [
+    ("image 1-d", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a[0], b, s, True, False), "image must have shape"),
+    ("text shape", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a, b[:3], s, True, False),
+     "text must have the shape of image"),
+    ("dtype mismatch", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a, b.double(), s, True, False),
+     "image and text must share a dtype"),
+    ("integer features", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a.long(), b.long(), s, True, False),
+     "image must be a floating tensor"),
+    ("scale zero", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a, b, s * 0, True, False),
+     "scale (1 / temperature) must be positive and finite"),
+    ("scale two elements", lambda a, b, s: torch.ops.contrastbound.clip_fwd(a, b, s.repeat(2), True, False),
+     "scale (1 / temperature) must be a floating tensor with one element"),
+    ("grad_loss shape", lambda a, b, s: torch.ops.contrastbound.clip_bwd(
+        torch.ones(5), a, b, torch.ones(2, 5), torch.ones(2, 5), s, True, [True, True]),
+     "grad_loss must have shape (2, N)"),
+    ("lse shape", lambda a, b, s: torch.ops.contrastbound.clip_bwd(
+        torch.ones(2, 5), a, b, torch.ones(2, 5), torch.ones(5, 2), s, True, [True, True]),
+     "lse must have shape (2, N)"),
+    ("loss dtype", lambda a, b, s: torch.ops.contrastbound.clip_bwd(
+        torch.ones(2, 5), a, b, torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5), s, True, [True, True]),
+     "loss must be a floating tensor"),
+]
+
+
+@pytest.mark.parametrize("case,call,message", BAD_OP_CALLS, ids=[c[0] for c in BAD_OP_CALLS])
+def test_raw_op_refuses_bad_input(case, call, message):
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    with pytest.raises((ValueError, TypeError)) as info:
+        call(a, b, torch.tensor(2.0, dtype=torch.float64))
+    assert message in str(info.value)
+
+
+def test_raw_op_refuses_a_scale_that_requires_grad():
+    a, b = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="clip_fwd does not differentiate scale"):
+        torch.ops.contrastbound.clip_fwd(a, b, torch.tensor(2.0, dtype=torch.float64, requires_grad=True), True, False)
