@@ -1090,6 +1090,7 @@ def clip_loss(
         else:
             raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(scale).__name__}")
         reduction = _check_reduction(reduction)
+        normalize = _check_bool("normalize", normalize)  # (the op would take 0 or None as False)
         _check_features(image_features, text_features, ("image_features", "text_features"))
         _check_temperature_has_value(scale, image_features.device, "logit_scale")
     if process_group is None and _clip_kernel_serves(image_features, text_features, temperature):

@@ -317,3 +317,26 @@ def test_bench_small_runs_and_writes_its_csv(tmp_path):
     bad = subprocess.run([sys.executable, path, "--cases", "clip:8:16", "--out", "x"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "loss:N:d:dtype" in bad.stderr
+
+
+def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
+    # benchmarks/bench_clip_routes.py on tiny cases: both routes run, on the same problem (the same loss).
+    import csv
+
+    from contrastbound import _backend
+
+    if not _backend.clip_kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU clip kernel is not loaded")
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_clip_routes.py")
+    proc = subprocess.run([sys.executable, path, "--cases", "9:5,600:3", "--reps", "1", "--threads", "1", "--out",
+                           "cr.csv"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "cr.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["N"], r["d"]) for r in rows] == [("9", "5"), ("600", "3")]
+    for r in rows:
+        assert float(r["kernel_ms"]) > 0 and float(r["two_calls_ms"]) > 0
+        assert abs(float(r["kernel_loss"]) - float(r["two_calls_loss"])) <= 1e-5 * abs(float(r["two_calls_loss"])), r
+    bad = subprocess.run([sys.executable, path, "--cases", "9"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and "N:d" in bad.stderr

@@ -89,11 +89,12 @@ def test_clip_loss_takes_the_kernel(reduction):
 
 
 @settings(max_examples=25, deadline=None)
-@given(N=st.integers(1, 600), d=st.integers(1, 24), log_scale=st.floats(-3.0, 4.6), normalize=st.booleans(),
+@given(N=st.integers(1, 600), d=st.integers(2, 24), log_scale=st.floats(-3.0, 4.6), normalize=st.booleans(),
        dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31 - 1))
 def test_the_kernel_agrees_with_the_two_info_nce_calls(N, d, log_scale, normalize, dtype, seed):
     """Property: the fused route and the two-call route it replaces give the same losses and gradients, for any
-    size and logit scale up to 100 (a temperature of 0.01): the kernel merges rows and columns correctly."""
+    size and logit scale up to 100 (a temperature of 0.01): the kernel merges rows and columns correctly. (d >= 2: a
+    normalised scalar's gradient is 0, and both routes return rounding noise of eps / |x| for a tiny one.)"""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(N, d, generator=g, dtype=dtype)
     # Some pairs nearly aligned (a dominant positive), others not.
@@ -240,3 +241,45 @@ def test_raw_op_refuses_a_scale_that_requires_grad():
     a, b = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3)
     with pytest.raises(ValueError, match="clip_fwd does not differentiate scale"):
         torch.ops.contrastbound.clip_fwd(a, b, torch.tensor(2.0, dtype=torch.float64, requires_grad=True), True, False)
+
+
+@pytest.mark.parametrize("N", [300, 1024])
+def test_one_pass_backward_gives_the_texts_own_pass_bits(N):
+    """With both gradients and N <= 1024 the backward forms W once per tile and keeps a partial texts' gradient per row
+    block; asked for the texts alone it takes their own pass over column tiles. The same operations in the same
+    order: the same bits (and the images' gradient too)."""
+    g = torch.Generator().manual_seed(N)
+    img, txt = torch.randn(N, 37, generator=g), torch.randn(N, 37, generator=g)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    loss, lse, _ = torch.ops.contrastbound.clip_fwd(img, txt, scale, True, False)
+    grad = torch.randn(2, N, generator=g)
+    both = torch.ops.contrastbound.clip_bwd(grad, img, txt, loss, lse, scale, True, [True, True])
+    images = torch.ops.contrastbound.clip_bwd(grad, img, txt, loss, lse, scale, True, [True, False])[0]
+    texts = torch.ops.contrastbound.clip_bwd(grad, img, txt, loss, lse, scale, True, [False, True])[1]
+    assert torch.equal(both[0], images) and torch.equal(both[1], texts)
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "no", torch.tensor(False)])
+def test_normalize_must_be_a_bool(value):
+    """The op's bool argument would take 0, None or a 0-d tensor as a silent False (the two-call route refused)."""
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        cb.clip_loss(a, b, 10.0, normalize=value)
+
+
+def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
+    """normalize=False with huge features: a logit of -inf (an overflowed dot product) has weight 0 and leaves the scale's
+    gradient finite; all logits +inf make the loss NaN, and the scale's gradient NaN with it (not 0)."""
+    base = torch.tensor([[1.0, 0.5], [0.8, -1.0], [-0.3, 0.9]])
+    for img, txt in ((base * 1e19, base * torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]]) * 1e19),
+                     (torch.ones(3, 2) * 1e20, torch.ones(3, 2) * 1e20)):
+        grads = []
+        for fn in (cb.clip_loss, two_calls):
+            scale = torch.tensor(1.0, requires_grad=True)
+            loss = fn(img, txt, scale, normalize=False, reduction="sum")
+            loss.backward()
+            grads.append((loss.detach(), scale.grad))
+        (fused_loss, fused_grad), (two_loss, two_grad) = grads
+        assert torch.allclose(fused_loss, two_loss, equal_nan=True)
+        assert torch.allclose(fused_grad, two_grad, rtol=1e-5, equal_nan=True), (fused_grad, two_grad)
+        assert torch.isnan(fused_grad) == torch.isnan(fused_loss)

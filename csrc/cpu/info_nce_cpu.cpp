@@ -1084,12 +1084,15 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
 // fixed order. Backward recomputes each tile once per gradient: W_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij - lse'_j}
 // gives the images' gradient W B_hat (units: row blocks) and the texts' W^T A_hat (units: column tiles).
 // Five N x N x d products (naive PyTorch: three) against the two info_nce calls' eight (each: logits and V,
-// then two in backward). One backward pass for both gradients would need a partial text gradient per unit
-// (units x N x d floats) to stay deterministic; not done.
+// then two in backward); four up to N = 1024 with both gradients, where one backward pass keeps a partial text
+// gradient per row block (blocks x N x d floats, deterministic). Beyond, those partials would grow as N^2 d.
 
 // Groups of row blocks in the forward: each keeps a partial state for every column (groups x N), so a fixed number
 // however large N, from the sizes alone (the merge order sets the rounding).
 int64_t clip_groups(int64_t N) { return std::min<int64_t>(ceil_div(N, kAnchorBlock), kParallelUnits / 4); }
+
+// Row blocks up to which the backward forms both gradients in one pass (see clip_backward_typed).
+constexpr int64_t kClipOnePassBlocks = 4;
 
 struct ClipForwardOut {
   Tensor loss, lse, dloss_dscale;  // (2, N) each: row 0 image -> text, row 1 text -> image; the last may be (0,)
@@ -1123,7 +1126,9 @@ void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, co
   if (t != nullptr) {
     at::sub_out(diff, l, pos.unsqueeze(dim));  // l_j - l_0; the masked positive's -inf set to 0 below
     mask_excluded<acc_t>(diff, i0, j0, Excluded{true, nullptr}, acc_t(0));
-    t->mul_(alpha).add_((e * diff).sum({dim}));
+    // 0 where e is: a logit of -inf (an overflowed dot product) would give 0 * -inf = NaN, where its weight is 0
+    diff.mul_(e).masked_fill_(e == 0, acc_t(0));
+    t->mul_(alpha).add_(diff.sum({dim}));
   }
   m.copy_(nmax);
 }
@@ -1200,8 +1205,8 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
         merge(all, neg.lse, fa, fb);
         loss[dir * N + i] = softplus_loss(neg.lse, l0);
         lse[dir * N + i] = finalize(all);
-        // d loss / d s = E[l - l_0] / s (the positive's term is 0); no negatives (N = 1): 0
-        if (save) dlds[dir * N + i] = neg.lse.sum > acc_t(0) ? neg.t * fb / all.sum / s : acc_t(0);
+        // d loss / d s = E[l - l_0] / s (the positive's term is 0); no negatives (N = 1): 0; a NaN sum stays NaN
+        if (save) dlds[dir * N + i] = neg.lse.sum == acc_t(0) ? acc_t(0) : neg.t * fb / all.sum / s;
       }
     }
   });
@@ -1272,10 +1277,17 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const Tensor& a_s = pr.anchors_s;    // s a_hat
   const Tensor& b_hat = pr.positives;  // b_hat
   const int64_t tile_elems = kAnchorBlock * kBankTile;
+  const int64_t blocks = ceil_div(N, kAnchorBlock);
+  // Both gradients of at most kClipOnePassBlocks row blocks (N <= 1024): one pass, each tile's W formed once, every
+  // row block writing its own partial texts' gradient (blocks x N x d, at most 4 N d), added in block order below:
+  // the same operations in the same order as the texts' own pass, so the same bits. (Beyond, the partials would
+  // grow as N^2 d; two passes.)
+  const bool one_pass = mask[0] && mask[1] && blocks <= kClipOnePassBlocks;
+  Tensor text_parts = one_pass ? at::empty({blocks, N, d}, opts) : Tensor();
   if (mask[0]) {
     // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
     Tensor G = at::empty({N, d}, opts);
-    parallel_for_tls(0, ceil_div(N, kAnchorBlock), 1, [&](int64_t u0, int64_t u1) {
+    parallel_for_tls(0, blocks, 1, [&](int64_t u0, int64_t u1) {
       Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
       Tensor t_buf = at::empty({tile_elems}, opts);
       Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
@@ -1295,6 +1307,10 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
                               lse_col.narrow(0, j0, tk), i0, j0);
           at::mm_out(block, w, b_tile);
           kahan_add<acc_t>(acc, comp, block);
+          if (one_pass) {
+            Tensor part = text_parts.select(0, u).narrow(0, j0, tk);
+            at::mm_out(part, w.t(), a_blk);
+          }
         }
         acc.add_(b_hat.narrow(0, i0, bb) * coef.narrow(0, i0, bb).unsqueeze(1)).mul_(static_cast<acc_t>(scale));
       }
@@ -1304,7 +1320,13 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   if (mask[1]) {
     // G_B = W^T (s A_hat) + coef (s A_hat) by column tiles, each summed over the row blocks in order (Kahan).
     Tensor G = at::empty({N, d}, opts);
-    parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
+    if (one_pass) {
+      Tensor comp = at::zeros({N, d}, opts);
+      G.zero_();
+      for (int64_t u = 0; u < blocks; ++u) kahan_add<acc_t>(G, comp, text_parts.select(0, u));
+      G.add_(a_s * coef.unsqueeze(1));
+    }
+    if (!one_pass) parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
       Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
       Tensor t_buf = at::empty({tile_elems}, opts);
       Tensor block_buf = at::empty({kBankTile, d}, opts), comp_buf = at::empty({kBankTile, d}, opts);
