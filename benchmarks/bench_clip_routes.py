@@ -2,9 +2,9 @@
 info_nce calls it replaced (the route CUDA and process_group still take), forward + backward, in one process.
 
 The kernel forms each logit tile once in forward and once per backward pass (4 N x N x d products up to N = 1024,
-5 beyond; two calls: 8) but evaluates more exponentials per logit (2 in forward, 2 per backward pass; two calls: 4
-in all), which shows at small d. Median of --reps runs after one warm-up per route; the routes alternate twice and
-the better median of each is kept.
+5 beyond; two calls: 8) and one exponential per logit and pass where the tile's values allow (two where they
+spread beyond 60: docs/ARCHITECTURE.md); small d shows the exponentials' cost. Median of --reps runs after one
+warm-up per route; the routes alternate twice and the better median of each is kept.
 
     python benchmarks/bench_clip_routes.py              # writes benchmarks/results/bench_clip_routes.csv
     python benchmarks/bench_clip_routes.py --cases 2048:512,8192:64 --out my_run

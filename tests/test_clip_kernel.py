@@ -283,3 +283,30 @@ def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
         assert torch.allclose(fused_loss, two_loss, equal_nan=True)
         assert torch.allclose(fused_grad, two_grad, rtol=1e-5, equal_nan=True), (fused_grad, two_grad)
         assert torch.isnan(fused_grad) == torch.isnan(fused_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_where_the_log_sum_exps_spread_widely(dtype):
+    """Logit scale 100, half the pairs matched (log-sum-exp ~100) and half random (~25): tiles holding both have a
+    spread beyond 60 and form the columns' exponentials (forward) and W (backward) with two exponentials; tiles of
+    random pairs alone with one (clip_factors, clip_weights). Both against float64 logits."""
+    g = torch.Generator().manual_seed(17)
+    N, d = 600, 256
+    img = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.randn(N, d, generator=g, dtype=torch.float64)
+    txt[:300] = img[:300] + 0.05 * txt[:300] / d**0.5
+    weights = torch.rand(N, generator=g, dtype=torch.float64)
+    i64, t64 = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    ref = naive_clip(i64, t64, 100.0)
+    (ref * weights).sum().backward()
+    with torch.no_grad():  # the regime is really there: a spread beyond 60 in the first tile, within it in the last
+        logits = 100.0 * F.normalize(i64, dim=-1) @ F.normalize(t64, dim=-1).T
+        rows, cols = logits.logsumexp(1), logits.logsumexp(0)
+        assert rows[:256].max() - cols[:512].min() > 60 and rows[512:].max() - cols[512:].min() < 60
+    ic, tc = img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
+    loss = cb.clip_loss(ic, tc, 100.0, reduction="none")
+    (loss.double() * weights).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(loss.detach().double(), ref.detach(), rtol=tol, atol=tol)
+    for got, want in ((ic.grad, i64.grad), (tc.grad, t64.grad)):
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())

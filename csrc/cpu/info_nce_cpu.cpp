@@ -1086,10 +1086,15 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
 // Five N x N x d products (naive PyTorch: three) against the two info_nce calls' eight (each: logits and V,
 // then two in backward); four up to N = 1024 with both gradients, where one backward pass keeps a partial text
 // gradient per row block (blocks x N x d floats, deterministic). Beyond, those partials would grow as N^2 d.
+// One exponential per logit and pass where a tile's values allow (clip_factors, clip_weights), else two.
 
 // Groups of row blocks in the forward: each keeps a partial state for every column (groups x N), so a fixed number
 // however large N, from the sizes alone (the merge order sets the rounding).
 int64_t clip_groups(int64_t N) { return std::min<int64_t>(ceil_div(N, kAnchorBlock), kParallelUnits / 4); }
+
+// Largest spread of a tile's row and column maxima (forward) or log-sum-exps (backward) over which the columns'
+// exponentials are formed from the rows' (clip_factors, clip_weights): e^60 ~ 1e26 stays finite in float32.
+constexpr double kClipFactorSpread = 60.0;
 
 // Row blocks up to which the backward forms both gradients in one pass (see clip_backward_typed).
 constexpr int64_t kClipOnePassBlocks = 4;
@@ -1106,12 +1111,42 @@ struct ClipState {
   acc_t t = 0;
 };
 
+// Whether e^{l_ij - col_max_j} may be formed as e^{l_ij - row_max_i} u_i v_j (u_i = e^{row_max_i - c}, v_j =
+// e^{c - col_max_j}, c = max_i row_max_i): the maxima finite (an empty state's max is lowest) and within
+// kClipFactorSpread. Where e^{l - row_max_i} underflows (below ~e^-87) the column's term is below e^{-27} of its
+// largest, which counts 1: lost as rounding. Fills u and v when it may.
+template <typename acc_t>
+bool clip_factors(const Tensor& row_max, const Tensor& col_max, Tensor& u, Tensor& v) {
+  const int64_t rows = row_max.numel(), cols = col_max.numel();
+  const acc_t* R = row_max.template data_ptr<acc_t>();
+  const acc_t* C = col_max.template data_ptr<acc_t>();
+  acc_t c = -std::numeric_limits<acc_t>::infinity(), c_min = std::numeric_limits<acc_t>::infinity();
+  bool finite = true;
+  for (int64_t i = 0; i < rows; ++i) {
+    finite = finite && std::isfinite(R[i]);
+    c = std::max(c, R[i]);
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    finite = finite && std::isfinite(C[j]);
+    c_min = std::min(c_min, C[j]);
+  }
+  if (!finite || !(c - c_min <= acc_t(kClipFactorSpread))) return false;
+  acc_t* up = u.template data_ptr<acc_t>();
+  acc_t* vp = v.template data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) up[i] = std::exp(R[i] - c);
+  for (int64_t j = 0; j < cols; ++j) vp[j] = std::exp(c - C[j]);
+  return true;
+}
+
 // Folds a tile's logits l (rows x cols) into states along dim (1: rows, one state per row; 0: columns). pos
 // holds the positive logit of each state's pair; diag marks which entries are the positives (masked to -inf in
-// l already). e and diff are scratch of l's size.
+// l already). e and diff are scratch of l's size. For the columns (dim 0), row_max is the rows' state max after
+// their fold, whose e^{l - row_max} e still holds: the columns' exponentials are formed from them where
+// clip_factors allows (one exponential per logit for both directions), u and v scratch of the rows and columns.
 template <typename acc_t>
 void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, const Tensor& pos, int64_t i0,
-               int64_t j0, Tensor& e, Tensor& diff, Tensor& scratch_a, Tensor& scratch_b) {
+               int64_t j0, Tensor& e, Tensor& diff, Tensor& scratch_a, Tensor& scratch_b,
+               const Tensor* row_max = nullptr, Tensor* u = nullptr, Tensor* v = nullptr) {
   const auto lowest = std::numeric_limits<acc_t>::lowest();
   Tensor tmax = scratch_a, nmax = scratch_b;
   at::amax_out(tmax, l, {dim});
@@ -1121,7 +1156,11 @@ void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, co
   nmax.clamp_min_(lowest);
   Tensor alpha = tmax;  // tmax is no longer needed
   at::sub_out(alpha, m, nmax).exp_();
-  at::sub_out(e, l, nmax.unsqueeze(dim)).exp_();
+  if (row_max != nullptr && clip_factors<acc_t>(*row_max, nmax, *u, *v)) {
+    e.mul_(v->unsqueeze(0)).mul_(u->unsqueeze(1));  // (v first: e u_i may underflow where e u_i v_j does not)
+  } else {
+    at::sub_out(e, l, nmax.unsqueeze(dim)).exp_();
+  }
   s.mul_(alpha).add_(e.sum({dim}));
   if (t != nullptr) {
     at::sub_out(diff, l, pos.unsqueeze(dim));  // l_j - l_0; the masked positive's -inf set to 0 below
@@ -1149,6 +1188,7 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
     Tensor l_buf = at::empty({kAnchorBlock * kBankTile}, opts), e_buf = at::empty({kAnchorBlock * kBankTile}, opts);
     Tensor d_buf = at::empty({save ? kAnchorBlock * kBankTile : 0}, opts);
     Tensor a_buf = at::empty({kBankTile}, opts), b_buf = at::empty({kBankTile}, opts);
+    Tensor u_buf = at::empty({kAnchorBlock}, opts), v_buf = at::empty({kBankTile}, opts);
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t blk = g * blocks / groups; blk < (g + 1) * blocks / groups; ++blk) {
         const int64_t i0 = blk * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
@@ -1167,7 +1207,9 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
           Tensor cm = col_m.select(0, g).narrow(0, j0, tk), cs = col_s.select(0, g).narrow(0, j0, tk);
           Tensor ct = save ? col_t.select(0, g).narrow(0, j0, tk) : Tensor();
           Tensor ca = a_buf.narrow(0, 0, tk), cb = b_buf.narrow(0, 0, tk);
-          clip_fold<acc_t>(l, 0, cm, cs, save ? &ct : nullptr, pos.narrow(0, j0, tk), i0, j0, e, diff, ca, cb);
+          Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
+          clip_fold<acc_t>(l, 0, cm, cs, save ? &ct : nullptr, pos.narrow(0, j0, tk), i0, j0, e, diff, ca, cb, &rm,
+                           &u, &v);
         }
       }
     }
@@ -1222,14 +1264,50 @@ std::tuple<Tensor, Tensor, Tensor> clip_forward_typed(const Tensor& image, const
   return {out.loss, out.lse, out.dloss_dscale};
 }
 
+// Largest |g'_j| there: g'_j e^{c - lse'_j} <= 1e10 e^60 ~ 1e36 stays finite in float32.
+constexpr double kClipFactorGrad = 1e10;
+
 // W of a tile (rows [i0, i0 + bb) x columns [j0, j0 + tk)): d L / d l_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij -
-// lse'_j} off the diagonal; the diagonal 0 (the positives' terms are added apart, from the losses).
+// lse'_j} off the diagonal; the diagonal 0 (the positives' terms are added apart, from the losses). Where the tile's
+// log-sum-exps lie within kClipFactorSpread, as W = e^{l_ij - lse_i} (g_i + u_i v_j) with u_i = e^{lse_i - c}, v_j =
+// g'_j e^{c - lse'_j}, c = max_i lse_i: one exponential per logit instead of two. The column term is then
+// e^{l_ij - lse_i} e^{lse_i - lse'_j}, rounded a little more (the exponents' rounding, ~eps |lse|, as in e^{l - lse'}
+// itself); where the first factor underflows (l_ij - lse_i below ~ -87) the term is below e^{-27} of its column's
+// total weight 1 and is lost as rounding. Elsewhere (a wider spread, a huge or non-finite g' or lse) the two
+// exponentials.
 template <typename acc_t>
 void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const Tensor& lse_row,
-                  const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0) {
-  at::sub_out(w, l, lse_row.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
-  at::sub_out(tmp, l, lse_col.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
-  w.add_(tmp);
+                  const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0, Tensor& u_buf, Tensor& v_buf) {
+  const int64_t bb = l.size(0), tk = l.size(1);
+  const acc_t* R = lse_row.template data_ptr<acc_t>();  // contiguous rows of the (2, N) tensors
+  const acc_t* C = lse_col.template data_ptr<acc_t>();
+  const acc_t* gc = g_col.template data_ptr<acc_t>();
+  acc_t r_max = -std::numeric_limits<acc_t>::infinity(), c_min = std::numeric_limits<acc_t>::infinity();
+  bool finite = true;
+  for (int64_t i = 0; i < bb; ++i) {
+    finite = finite && std::isfinite(R[i]);
+    r_max = std::max(r_max, R[i]);
+  }
+  acc_t g_max = 0;
+  for (int64_t j = 0; j < tk; ++j) {
+    finite = finite && std::isfinite(C[j]) && std::isfinite(gc[j]);
+    c_min = std::min(c_min, C[j]);
+    g_max = std::max(g_max, std::abs(gc[j]));
+  }
+  if (finite && r_max - c_min <= acc_t(kClipFactorSpread) && g_max <= acc_t(kClipFactorGrad)) {
+    Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
+    acc_t* up = u.template data_ptr<acc_t>();
+    acc_t* vp = v.template data_ptr<acc_t>();
+    for (int64_t i = 0; i < bb; ++i) up[i] = std::exp(R[i] - r_max);
+    for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp(r_max - C[j]);
+    at::sub_out(w, l, lse_row.unsqueeze(1)).exp_();
+    at::mul_out(tmp, u.unsqueeze(1), v.unsqueeze(0)).add_(g_row.unsqueeze(1));
+    w.mul_(tmp);
+  } else {
+    at::sub_out(w, l, lse_row.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
+    at::sub_out(tmp, l, lse_col.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
+    w.add_(tmp);
+  }
   mask_excluded<acc_t>(w, i0, j0, Excluded{true, nullptr}, acc_t(0));
 }
 
@@ -1290,6 +1368,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     parallel_for_tls(0, blocks, 1, [&](int64_t u0, int64_t u1) {
       Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
       Tensor t_buf = at::empty({tile_elems}, opts);
+      Tensor u_buf = at::empty({kAnchorBlock}, opts), v_buf = at::empty({kBankTile}, opts);
       Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
@@ -1304,7 +1383,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
           const Tensor b_tile = b_hat.narrow(0, j0, tk);
           at::mm_out(l, a_blk, b_tile.t());
           clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
-                              lse_col.narrow(0, j0, tk), i0, j0);
+                              lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
           at::mm_out(block, w, b_tile);
           kahan_add<acc_t>(acc, comp, block);
           if (one_pass) {
@@ -1329,6 +1408,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     if (!one_pass) parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
       Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
       Tensor t_buf = at::empty({tile_elems}, opts);
+      Tensor u_buf = at::empty({kAnchorBlock}, opts), v_buf = at::empty({kBankTile}, opts);
       Tensor block_buf = at::empty({kBankTile, d}, opts), comp_buf = at::empty({kBankTile, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t j0 = u * kBankTile, tk = std::min(kBankTile, N - j0);
@@ -1343,7 +1423,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
           Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
           at::mm_out(l, a_blk, b_tile.t());
           clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
-                              lse_col.narrow(0, j0, tk), i0, j0);
+                              lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
           at::mm_out(block, w.t(), a_blk);
           kahan_add<acc_t>(acc, comp, block);
         }
