@@ -1092,9 +1092,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
 // however large N, from the sizes alone (the merge order sets the rounding).
 int64_t clip_groups(int64_t N) { return std::min<int64_t>(ceil_div(N, kAnchorBlock), kParallelUnits / 4); }
 
-// Largest spread of a tile's row and column maxima (forward) or log-sum-exps (backward) over which the columns'
-// exponentials are formed from the rows' (clip_factors, clip_weights): e^60 ~ 1e26 stays finite in float32.
-constexpr double kClipFactorSpread = 60.0;
+// Largest spread max_i m_i - min_j m'_j of a tile's row and column running maxima over which the forward forms the
+// columns' exponentials from the rows' (clip_factors): a column's term lost there to the rows' underflow is below
+// e^{-87 + 30} of its column's largest, which counts 1 in the sum (negligible however long the sum).
+constexpr double kClipFactorSpread = 30.0;
 
 // Row blocks up to which the backward forms both gradients in one pass (see clip_backward_typed).
 constexpr int64_t kClipOnePassBlocks = 4;
@@ -1113,8 +1114,8 @@ struct ClipState {
 
 // Whether e^{l_ij - col_max_j} may be formed as e^{l_ij - row_max_i} u_i v_j (u_i = e^{row_max_i - c}, v_j =
 // e^{c - col_max_j}, c = max_i row_max_i): the maxima finite (an empty state's max is lowest) and within
-// kClipFactorSpread. Where e^{l - row_max_i} underflows (below ~e^-87) the column's term is below e^{-27} of its
-// largest, which counts 1: lost as rounding. Fills u and v when it may.
+// kClipFactorSpread. Where e^{l - row_max_i} underflows (below ~e^-87) the column's term is below e^{-57} of its
+// largest, which counts 1: lost as rounding of the sum. Fills u and v when it may.
 template <typename acc_t>
 bool clip_factors(const Tensor& row_max, const Tensor& col_max, Tensor& u, Tensor& v) {
   const int64_t rows = row_max.numel(), cols = col_max.numel();
@@ -1264,44 +1265,49 @@ std::tuple<Tensor, Tensor, Tensor> clip_forward_typed(const Tensor& image, const
   return {out.loss, out.lse, out.dloss_dscale};
 }
 
-// Largest |g'_j| there: g'_j e^{c - lse'_j} <= 1e10 e^60 ~ 1e36 stays finite in float32.
-constexpr double kClipFactorGrad = 1e10;
+// Widest window [lo, lo + w] holding every lse_i and lse'_j of a tile whose W is formed with one exponential per
+// logit (clip_weights), and the largest |g_i|, |g'_j| there.
+constexpr double kClipWeightWindow = 20.0;
+constexpr double kClipWeightGrad = 1e20;
 
 // W of a tile (rows [i0, i0 + bb) x columns [j0, j0 + tk)): d L / d l_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij -
 // lse'_j} off the diagonal; the diagonal 0 (the positives' terms are added apart, from the losses). Where the tile's
-// log-sum-exps lie within kClipFactorSpread, as W = e^{l_ij - lse_i} (g_i + u_i v_j) with u_i = e^{lse_i - c}, v_j =
-// g'_j e^{c - lse'_j}, c = max_i lse_i: one exponential per logit instead of two. The column term is then
-// e^{l_ij - lse_i} e^{lse_i - lse'_j}, rounded a little more (the exponents' rounding, ~eps |lse|, as in e^{l - lse'}
-// itself); where the first factor underflows (l_ij - lse_i below ~ -87) the term is below e^{-27} of its column's
-// total weight 1 and is lost as rounding. Elsewhere (a wider spread, a huge or non-finite g' or lse) the two
-// exponentials.
+// log-sum-exps all lie in a window [lo, lo + 20] (and are finite, the g's at most 1e20), as
+// W = e^{l_ij - lo} (g_i e^{lo - lse_i} + g'_j e^{lo - lse'_j}): one exponential per logit instead of two. Each term
+// is the shared exponential times a factor in [e^-20, 1], and the shared one is at least each term's own
+// exponential (l <= lse, lse' <= lo + 20: at most e^20): a term is lost to underflow only where it underflows itself
+// (a per-row or per-column shift would lose normal terms of a confident pair, whose gradient is made of them).
+// Elsewhere the two exponentials.
 template <typename acc_t>
 void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const Tensor& lse_row,
                   const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0, Tensor& u_buf, Tensor& v_buf) {
   const int64_t bb = l.size(0), tk = l.size(1);
   const acc_t* R = lse_row.template data_ptr<acc_t>();  // contiguous rows of the (2, N) tensors
   const acc_t* C = lse_col.template data_ptr<acc_t>();
+  const acc_t* gr = g_row.template data_ptr<acc_t>();
   const acc_t* gc = g_col.template data_ptr<acc_t>();
-  acc_t r_max = -std::numeric_limits<acc_t>::infinity(), c_min = std::numeric_limits<acc_t>::infinity();
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity(), g_max = 0;
   bool finite = true;
   for (int64_t i = 0; i < bb; ++i) {
-    finite = finite && std::isfinite(R[i]);
-    r_max = std::max(r_max, R[i]);
+    finite = finite && std::isfinite(R[i]) && std::isfinite(gr[i]);
+    lo = std::min(lo, R[i]);
+    hi = std::max(hi, R[i]);
+    g_max = std::max(g_max, std::abs(gr[i]));
   }
-  acc_t g_max = 0;
   for (int64_t j = 0; j < tk; ++j) {
     finite = finite && std::isfinite(C[j]) && std::isfinite(gc[j]);
-    c_min = std::min(c_min, C[j]);
+    lo = std::min(lo, C[j]);
+    hi = std::max(hi, C[j]);
     g_max = std::max(g_max, std::abs(gc[j]));
   }
-  if (finite && r_max - c_min <= acc_t(kClipFactorSpread) && g_max <= acc_t(kClipFactorGrad)) {
+  if (finite && hi - lo <= acc_t(kClipWeightWindow) && g_max <= acc_t(kClipWeightGrad)) {
     Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
     acc_t* up = u.template data_ptr<acc_t>();
     acc_t* vp = v.template data_ptr<acc_t>();
-    for (int64_t i = 0; i < bb; ++i) up[i] = std::exp(R[i] - r_max);
-    for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp(r_max - C[j]);
-    at::sub_out(w, l, lse_row.unsqueeze(1)).exp_();
-    at::mul_out(tmp, u.unsqueeze(1), v.unsqueeze(0)).add_(g_row.unsqueeze(1));
+    for (int64_t i = 0; i < bb; ++i) up[i] = gr[i] * std::exp(lo - R[i]);
+    for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp(lo - C[j]);
+    at::sub_out(w, l, lo).exp_();
+    at::add_out(tmp, u.unsqueeze(1), v.unsqueeze(0));
     w.mul_(tmp);
   } else {
     at::sub_out(w, l, lse_row.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
