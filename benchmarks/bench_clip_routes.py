@@ -1,5 +1,6 @@
 """clip_loss on the CPU: the both-directions kernel (contrastbound::clip_fwd / clip_bwd) against the two in-batch
-info_nce calls it replaced (the route CUDA and process_group still take), forward + backward, in one process.
+info_nce calls it replaced (the route CUDA and process_group still take), forward + backward, in one process; with
+--loss nt_xent, nt_xent with its two sides' pair calls made by that kernel against four info_nce calls.
 
 The kernel forms each logit tile once in forward and once per backward pass (4 N x N x d products up to N = 1024,
 5 beyond; two calls: 8) and one exponential per logit and pass where the tile's values allow (two where they
@@ -8,6 +9,8 @@ warm-up per route; the routes alternate twice and the better median of each is k
 
     python benchmarks/bench_clip_routes.py              # writes benchmarks/results/bench_clip_routes.csv
     python benchmarks/bench_clip_routes.py --cases 2048:512,8192:64 --out my_run
+    python benchmarks/bench_clip_routes.py --loss nt_xent --cases 1024:128,4096:128,16384:128 \
+        --out benchmarks/results/bench_clip_routes_nt_xent
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ CASES = [(1024, 768), (4096, 128), (16384, 128), (16384, 16), (4096, 1)]  # (N, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated N:d (default: %s)" % ",".join(f"{n}:{d}" for n, d in CASES))
+    parser.add_argument("--loss", choices=["clip", "nt_xent"], default="clip")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -54,31 +58,33 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    print(f"float32, {args.threads} threads, forward + backward, logit scale 14")
-    print(f"{'N':>6} {'d':>4} {'kernel ms':>10} {'two calls ms':>13} {'ratio':>6}")
+    print(f"{args.loss}, float32, {args.threads} threads, forward + backward, "
+          + ("logit scale 14" if args.loss == "clip" else "temperature 0.5"))
+    print(f"{'N':>6} {'d':>4} {'kernel ms':>10} {'calls ms':>13} {'ratio':>6}")
     for N, d in cases:
         a = torch.randn(N, d, requires_grad=True)
         b = torch.randn(N, d, requires_grad=True)
         reps = args.reps if N * N * max(d, 16) < 2**34 else max(1, args.reps // 2)
-        medians: dict[str, list[float]] = {"kernel": [], "two_calls": []}
+        medians: dict[str, list[float]] = {"kernel": [], "calls": []}
         values = {}
+        loss_fn = (lambda: cb.clip_loss(a, b, 14.0)) if args.loss == "clip" else (lambda: cb.nt_xent(a, b, 0.5))
         try:
-            for route in ("kernel", "two_calls", "kernel", "two_calls"):
+            for route in ("kernel", "calls", "kernel", "calls"):
                 _backend._HAS_CLIP_KERNEL["cpu"] = route == "kernel"
-                loss = cb.clip_loss(a, b, 14.0)  # warm-up
+                loss = loss_fn()  # warm-up
                 loss.backward()
                 values[route] = loss.item()
                 times = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    cb.clip_loss(a, b, 14.0).backward()
+                    loss_fn().backward()
                     times.append(time.perf_counter() - t0)
                 medians[route].append(statistics.median(times) * 1e3)
         finally:
             _backend._HAS_CLIP_KERNEL["cpu"] = True
-        k, t = min(medians["kernel"]), min(medians["two_calls"])
-        rows.append({"N": N, "d": d, "threads": args.threads, "kernel_ms": k, "two_calls_ms": t, "ratio": k / t,
-                     "kernel_loss": values["kernel"], "two_calls_loss": values["two_calls"]})
+        k, t = min(medians["kernel"]), min(medians["calls"])
+        rows.append({"loss": args.loss, "N": N, "d": d, "threads": args.threads, "kernel_ms": k, "calls_ms": t,
+                     "ratio": k / t, "kernel_loss": values["kernel"], "calls_loss": values["calls"]})
         print(f"{N:>6} {d:>4} {k:>10.1f} {t:>13.1f} {k / t:>6.2f}", flush=True)
     out = args.out[:-4] if args.out.endswith(".csv") else args.out
     with open(out + ".csv", "w", newline="") as f:

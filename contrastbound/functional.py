@@ -1003,19 +1003,37 @@ def nt_xent(
     # temperature) the loss and the positive's gradient were left as differences of rounded values (bfloat16
     # gradients off by more than their size). Here the positive's term is computed once, and the own side
     # enters as softplus(lse_own - lse_pair), whose gradient adds to the pair side's without cancelling.
+    pair_sides = (None, None)
+    if process_group is None and _clip_kernel_serves(z1, z2, t):
+        # The two halves' pair sides are the two directions of the (z1, z2) logits, CLIP's: one call of the
+        # both-directions kernel (row 0 z1's views against z2, row 1 z2's against z1; the pair counted once).
+        _check_scale_fits(t, compute)
+        if isinstance(t, torch.Tensor):
+            scale = 1.0 / t.to(torch.promote_types(t.dtype, torch.float32))
+        elif torch.compiler.is_compiling():
+            scale = torch.ones((), dtype=torch.float64, device=z1.device) / t  # (see _scale_of)
+        else:
+            scale = 1.0 / t
+        loss2, lse2 = _both_directions(z1, z2, scale, normalize)
+        pair_sides = ((loss2[0], lse2[0]), (loss2[1], lse2[1]))
     loss = torch.cat([
-        _nt_xent_half(z1, z2, bank1, bank2, t, normalize),
-        _nt_xent_half(z2, z1, bank2, bank1, t, normalize),
+        _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pair_sides[0]),
+        _nt_xent_half(z2, z1, bank2, bank1, t, normalize, pair_sides[1]),
     ])
     return _reduce(loss, reduction, result)
 
 
 def _nt_xent_half(
-    z: torch.Tensor, pair: torch.Tensor, own_bank: torch.Tensor, pair_bank: torch.Tensor, t, normalize: bool
+    z: torch.Tensor, pair: torch.Tensor, own_bank: torch.Tensor, pair_bank: torch.Tensor, t, normalize: bool,
+    pair_side: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NT-Xent loss of the views z (N, d), their pairs `pair`, over the views of their own side `own_bank` and the
-    pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair."""
-    loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
+    pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair.
+    pair_side: the pair side's (loss, lse) where already computed (nt_xent's both-directions call)."""
+    if pair_side is None:
+        loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
+    else:
+        loss_pair, lse_pair = pair_side
     # The own side without a positive: zero positives give a logit of 0 (normalised or not), so the op's loss is
     # this side's log-sum-exp itself, differentiable through the op.
     lse_own, _ = _fused(z, torch.zeros_like(z), own_bank, None, t, normalize, False, exclude_self=True)
@@ -1125,7 +1143,15 @@ def _clip_fused(image: torch.Tensor, text: torch.Tensor, logit_scale: float | to
     clamped scale (a float, or a tensor whose gradient is attached here)."""
     compute, result = _promoted(image, text)
     _check_scale_fits(temperature, compute)
-    image, text = image.to(compute), text.to(compute)
+    loss, _ = _both_directions(image.to(compute), text.to(compute), logit_scale, normalize)
+    return _reduce(0.5 * (loss[0] + loss[1]), reduction, result)
+
+
+def _both_directions(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
+                     normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """contrastbound::clip_fwd on features of one dtype: (loss, lse), each (2, N) in the accumulation dtype (row 0
+    image -> text, row 1 text -> image), the loss differentiable in the features and in logit_scale (a float, or a
+    tensor whose exact gradient is attached from the op's d loss / d scale)."""
     if isinstance(logit_scale, torch.Tensor):
         if image.device.type == "cpu" and logit_scale.device.type != "cpu":
             logit_scale = logit_scale.cpu()  # differentiable (see _with_temperature_grad)
@@ -1133,10 +1159,10 @@ def _clip_fused(image: torch.Tensor, text: torch.Tensor, logit_scale: float | to
     else:
         scale = torch.tensor(logit_scale, dtype=torch.float64)
     learnable = isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad and torch.is_grad_enabled()
-    loss, _, dloss_dscale = torch.ops.contrastbound.clip_fwd(image, text, scale, normalize, learnable)
+    loss, lse, dloss_dscale = torch.ops.contrastbound.clip_fwd(image, text, scale, normalize, learnable)
     if learnable:
         loss = _attach_scale_grad(loss, logit_scale, dloss_dscale)
-    return _reduce(0.5 * (loss[0] + loss[1]), reduction, result)
+    return loss, lse
 
 
 class InfoNCE(torch.nn.Module):

@@ -335,8 +335,15 @@ def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["N"], r["d"]) for r in rows] == [("9", "5"), ("600", "3")]
     for r in rows:
-        assert float(r["kernel_ms"]) > 0 and float(r["two_calls_ms"]) > 0
-        assert abs(float(r["kernel_loss"]) - float(r["two_calls_loss"])) <= 1e-5 * abs(float(r["two_calls_loss"])), r
+        assert float(r["kernel_ms"]) > 0 and float(r["calls_ms"]) > 0
+        assert abs(float(r["kernel_loss"]) - float(r["calls_loss"])) <= 1e-5 * abs(float(r["calls_loss"])), r
+    proc = subprocess.run([sys.executable, path, "--loss", "nt_xent", "--cases", "9:5", "--reps", "1", "--threads", "1",
+                           "--out", "nt.csv"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "nt.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["loss"] == "nt_xent"
+    assert abs(float(row["kernel_loss"]) - float(row["calls_loss"])) <= 1e-5 * abs(float(row["calls_loss"])), row
     bad = subprocess.run([sys.executable, path, "--cases", "9"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert bad.returncode == 2 and "N:d" in bad.stderr

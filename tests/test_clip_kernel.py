@@ -99,7 +99,8 @@ def test_the_kernel_agrees_with_the_two_info_nce_calls(N, d, log_scale, normaliz
     base = torch.randn(N, d, generator=g, dtype=dtype)
     # Some pairs nearly aligned (a dominant positive), others not.
     img = base.clone().requires_grad_()
-    txt = (base + torch.randn(N, d, generator=g, dtype=dtype) * torch.rand(N, 1, generator=g, dtype=dtype)).requires_grad_()
+    noise = torch.randn(N, d, generator=g, dtype=dtype) * torch.rand(N, 1, generator=g, dtype=dtype)
+    txt = (base + noise).requires_grad_()
     scale = torch.tensor(float(torch.tensor(log_scale).exp()), dtype=dtype, requires_grad=True)
     outs = []
     for fn in (cb.clip_loss, two_calls):
@@ -180,7 +181,8 @@ def test_confident_pairs_at_the_lowest_temperature_stay_accurate():
     logits = 100.0 * i64 @ t64.T
     diag = torch.eye(300, dtype=torch.bool)
     others = logits.masked_fill(diag, -torch.inf)
-    ref = 0.5 * (F.softplus(others.logsumexp(1) - logits.diagonal()) + F.softplus(others.logsumexp(0) - logits.diagonal()))
+    ref = 0.5 * (F.softplus(others.logsumexp(1) - logits.diagonal())
+                 + F.softplus(others.logsumexp(0) - logits.diagonal()))
     assert (ref > 0).all()
     assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
     assert torch.allclose(loss.double(), ref, rtol=1e-4, atol=0)
@@ -268,8 +270,8 @@ def test_normalize_must_be_a_bool(value):
 
 
 def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
-    """normalize=False with huge features: a logit of -inf (an overflowed dot product) has weight 0 and leaves the scale's
-    gradient finite; all logits +inf make the loss NaN, and the scale's gradient NaN with it (not 0)."""
+    """normalize=False with huge features: a logit of -inf (an overflowed dot product) has weight 0 and leaves the
+    scale's gradient finite; all logits +inf make the loss NaN, and the scale's gradient NaN with it (not 0)."""
     base = torch.tensor([[1.0, 0.5], [0.8, -1.0], [-0.3, 0.9]])
     for img, txt in ((base * 1e19, base * torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]]) * 1e19),
                      (torch.ones(3, 2) * 1e20, torch.ones(3, 2) * 1e20)):
@@ -367,3 +369,50 @@ def test_tiny_gradients_of_confident_pairs_keep_their_accuracy():
         for k, c, r in zip(kernel, calls, want):
             ek, ec = _row_errors(k, r), _row_errors(c, r)
             assert (ek <= 100 * ec.clamp_min(1e-5)).all(), (scale, ek.max().item(), ec.max().item())
+
+
+def _nt_xent_two_calls_per_side(z1, z2, t, **kw):
+    """nt_xent as it runs where the clip kernel is not compiled: each side's pair sum by its own info_nce call."""
+    saved = dict(_backend._HAS_CLIP_KERNEL)
+    _backend._HAS_CLIP_KERNEL.update(cpu=False)
+    try:
+        return cb.nt_xent(z1, z2, t, **kw)
+    finally:
+        _backend._HAS_CLIP_KERNEL.update(saved)
+
+
+def test_nt_xent_takes_the_kernel_for_its_pair_sides():
+    """The pair sides of nt_xent's two halves are the two directions of the (z1, z2) logits: one clip_fwd call, and
+    the own sides' two info_nce calls (three calls, was four)."""
+    z1, z2 = torch.randn(9, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cb.nt_xent(z1, z2, 0.5).backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("contrastbound::clip_fwd") == 1 and names.count("contrastbound::info_nce_fwd") == 2
+    assert "contrastbound::clip_bwd" in names
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 300), d=st.integers(2, 16), log_t=st.floats(-4.6, 1.0), normalize=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32]), aligned=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_nt_xent_with_the_kernel_agrees_with_the_calls_per_side(N, d, log_t, normalize, dtype, aligned, seed):
+    """Property: nt_xent's values and gradients (views and a learnable temperature, down to 0.01) are the same
+    through the clip kernel as through one info_nce call per side, with dominant pairs (aligned) or not."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(N, d, generator=g, dtype=dtype)
+    z2 = (z1 + 0.01 * torch.randn(N, d, generator=g, dtype=dtype)) if aligned else torch.randn(N, d, generator=g,
+                                                                                                  dtype=dtype)
+    z1.requires_grad_()
+    z2.requires_grad_()
+    t = torch.tensor(float(torch.tensor(log_t).exp()), dtype=dtype, requires_grad=True)
+    outs = []
+    for fn in (cb.nt_xent, _nt_xent_two_calls_per_side):
+        for x in (z1, z2, t):
+            x.grad = None
+        loss = fn(z1, z2, t, normalize=normalize, reduction="none")
+        (loss * torch.linspace(0.5, 1.5, 2 * N, dtype=dtype)).sum().backward()
+        outs.append((loss.detach(), z1.grad, z2.grad, t.grad))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for got, want in zip(*outs):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, rtol=tol, atol=tol * (1 + want.abs().max().item())), (got, want)
