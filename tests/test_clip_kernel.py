@@ -347,7 +347,8 @@ def _row_errors(got, want):
 def test_tiny_gradients_of_confident_pairs_keep_their_accuracy():
     """A confident pair's gradient is made of terms e^{l_ij - lse} far below 1; backward's one-exponential form must
     not let them underflow where they are normal floats (a per-row shift did: image 2 here came out 0, relative error
-    1, at logit scale 96.6 < CLIP's 100). Per-row errors against float64, at most 100x the two-call route's."""
+    1, at logit scale 96.6 < CLIP's 100; so did upstream gradients ~1e-36, whose factor g e^{lo - lse} went
+    subnormal). Per-row errors against float64, at most 100x the two-call route's."""
     img = torch.tensor([[-0.0892, 0.1946, 0.9145, -1.0095], [0.4890, 0.6619, 0.4269, -1.2933],
                         [-0.2628, -2.1822, 0.5558, 1.1321]])
     txt = torch.tensor([[0.2435, -0.2323, 0.0156, -0.5871], [0.4023, 0.5754, 0.3973, -1.2277],
@@ -361,6 +362,8 @@ def test_tiny_gradients_of_confident_pairs_keep_their_accuracy():
         b[matched] = a[matched] + 0.05 * torch.randn(int(matched.sum()), d, generator=g)
         w = torch.rand(2, N, generator=g, dtype=torch.float64)
         w[int(torch.randint(0, 2, (1,), generator=g))] *= float(torch.rand(1, generator=g) < 0.5)
+        if torch.rand(1, generator=g) < 0.3:  # tiny upstream gradients, normal floats (a factor g e^-20 is not)
+            w *= 1e-36
         cases.append((a, b, float(30 + 70 * torch.rand(1, generator=g)), w))
     for a, b, scale, w in cases:
         want = _per_direction_float64(a, b, scale, w)
@@ -416,3 +419,23 @@ def test_nt_xent_with_the_kernel_agrees_with_the_calls_per_side(N, d, log_t, nor
     for got, want in zip(*outs):
         assert torch.isfinite(got).all()
         assert torch.allclose(got, want, rtol=tol, atol=tol * (1 + want.abs().max().item())), (got, want)
+
+
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nt_xent_float64_features_keep_float64_accuracy_with_a_narrower_temperature(t_dtype):
+    """float64 views with a float32 / half temperature tensor: both sides take 1 / t in float64 (the pair side's
+    scale was rounded to float32 once: 3.5e-8 off where the four calls are 1.8e-15)."""
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.07, dtype=t_dtype, requires_grad=True)
+    outs = []
+    for fn in (cb.nt_xent, _nt_xent_two_calls_per_side):
+        for x in (z1, z2, t):
+            x.grad = None
+        loss = fn(z1, z2, t, reduction="none")
+        loss.sum().backward()
+        outs.append((loss.detach(), z1.grad, z2.grad, t.grad))
+    for got, want in zip(outs[0][:3], outs[1][:3]):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (got - want).abs().max()
+    assert torch.allclose(outs[0][3].double(), outs[1][3].double(), rtol=1e-2 if t_dtype != torch.float32 else 1e-6)

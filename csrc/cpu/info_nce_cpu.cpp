@@ -1266,18 +1266,20 @@ std::tuple<Tensor, Tensor, Tensor> clip_forward_typed(const Tensor& image, const
 }
 
 // Widest window [lo, lo + w] holding every lse_i and lse'_j of a tile whose W is formed with one exponential per
-// logit (clip_weights), and the largest |g_i|, |g'_j| there.
+// logit (clip_weights), and the largest |g_i|, |g'_j| there (each nonzero one must also be at least the type's
+// smallest normal number times e^w).
 constexpr double kClipWeightWindow = 20.0;
 constexpr double kClipWeightGrad = 1e20;
 
 // W of a tile (rows [i0, i0 + bb) x columns [j0, j0 + tk)): d L / d l_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij -
 // lse'_j} off the diagonal; the diagonal 0 (the positives' terms are added apart, from the losses). Where the tile's
-// log-sum-exps all lie in a window [lo, lo + 20] (and are finite, the g's at most 1e20), as
+// log-sum-exps all lie in a window [lo, lo + 20] (and are finite, each g 0 or in [min_normal e^20, 1e20]), as
 // W = e^{l_ij - lo} (g_i e^{lo - lse_i} + g'_j e^{lo - lse'_j}): one exponential per logit instead of two. Each term
-// is the shared exponential times a factor in [e^-20, 1], and the shared one is at least each term's own
-// exponential (l <= lse, lse' <= lo + 20: at most e^20): a term is lost to underflow only where it underflows itself
-// (a per-row or per-column shift would lose normal terms of a confident pair, whose gradient is made of them).
-// Elsewhere the two exponentials.
+// is the shared exponential times g e^{lo - lse}, a normal number (|g| >= min_normal e^20 and the factor in
+// [e^-20, 1]), and the shared one is at least each term's own exponential (l <= lse, lse' <= lo + 20: at most e^20):
+// a term is lost to underflow only where it underflows itself (a per-row or per-column shift would lose normal terms
+// of a confident pair, whose gradient is made of them; a g below min_normal e^20, subnormal factors). Elsewhere the
+// two exponentials.
 template <typename acc_t>
 void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const Tensor& lse_row,
                   const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0, Tensor& u_buf, Tensor& v_buf) {
@@ -1286,21 +1288,23 @@ void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, 
   const acc_t* C = lse_col.template data_ptr<acc_t>();
   const acc_t* gr = g_row.template data_ptr<acc_t>();
   const acc_t* gc = g_col.template data_ptr<acc_t>();
-  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity(), g_max = 0;
-  bool finite = true;
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
+  const acc_t g_small = std::numeric_limits<acc_t>::min() * std::exp(acc_t(kClipWeightWindow));
+  bool ok = true;  // finite, and every g 0 or within [g_small, kClipWeightGrad]
+  auto g_ok = [&](acc_t g) {
+    return g == acc_t(0) || (std::abs(g) >= g_small && std::abs(g) <= acc_t(kClipWeightGrad));
+  };
   for (int64_t i = 0; i < bb; ++i) {
-    finite = finite && std::isfinite(R[i]) && std::isfinite(gr[i]);
+    ok = ok && std::isfinite(R[i]) && g_ok(gr[i]);
     lo = std::min(lo, R[i]);
     hi = std::max(hi, R[i]);
-    g_max = std::max(g_max, std::abs(gr[i]));
   }
   for (int64_t j = 0; j < tk; ++j) {
-    finite = finite && std::isfinite(C[j]) && std::isfinite(gc[j]);
+    ok = ok && std::isfinite(C[j]) && g_ok(gc[j]);
     lo = std::min(lo, C[j]);
     hi = std::max(hi, C[j]);
-    g_max = std::max(g_max, std::abs(gc[j]));
   }
-  if (finite && hi - lo <= acc_t(kClipWeightWindow) && g_max <= acc_t(kClipWeightGrad)) {
+  if (ok && hi - lo <= acc_t(kClipWeightWindow)) {
     Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
     acc_t* up = u.template data_ptr<acc_t>();
     acc_t* vp = v.template data_ptr<acc_t>();
