@@ -1140,9 +1140,9 @@ def _clip_kernel_serves(image: torch.Tensor, text: torch.Tensor, temperature: fl
 
 def _clip_fused(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
                 temperature: float | torch.Tensor, normalize: bool, reduction: str) -> torch.Tensor:
-    """clip_loss by one kernel call for both directions: the N x N logits are computed once per pass (forward,
-    and one per gradient in backward), where two info_nce calls compute them and V twice each. logit_scale is the
-    clamped scale (a float, or a tensor whose gradient is attached here)."""
+    """clip_loss by one kernel call for both directions: the N x N logits are formed once in forward and once (N <=
+    1024) or twice (one pass per gradient) in backward, where two info_nce calls form them and V twice each.
+    logit_scale is the clamped scale (a float, or a tensor whose gradient is attached in _both_directions)."""
     compute, result = _promoted(image, text)
     _check_scale_fits(temperature, compute)
     loss, _ = _both_directions(image.to(compute), text.to(compute), logit_scale, normalize)
