@@ -4,6 +4,8 @@ checks, thread-count independence, and that clip_loss really takes it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,14 +33,21 @@ def naive_clip(img, txt, logit_scale, normalize=True):
                   + F.cross_entropy(logits.T, target, reduction="none"))
 
 
-def two_calls(img, txt, logit_scale, normalize=True, reduction="none"):
-    """clip_loss as it runs where the kernel is not compiled (CUDA): two in-batch info_nce calls."""
+@contextlib.contextmanager
+def _without_clip_kernel():
+    """The routes taken where the clip kernel is not compiled (CUDA): info_nce calls."""
     saved = dict(_backend._HAS_CLIP_KERNEL)
     _backend._HAS_CLIP_KERNEL.update(cpu=False)
     try:
-        return cb.clip_loss(img, txt, logit_scale, normalize=normalize, reduction=reduction)
+        yield
     finally:
         _backend._HAS_CLIP_KERNEL.update(saved)
+
+
+def two_calls(img, txt, logit_scale, normalize=True, reduction="none"):
+    """clip_loss as it runs where the kernel is not compiled (CUDA): two in-batch info_nce calls."""
+    with _without_clip_kernel():
+        return cb.clip_loss(img, txt, logit_scale, normalize=normalize, reduction=reduction)
 
 
 def ops_called(fn):
@@ -376,12 +385,8 @@ def test_tiny_gradients_of_confident_pairs_keep_their_accuracy():
 
 def _nt_xent_two_calls_per_side(z1, z2, t, **kw):
     """nt_xent as it runs where the clip kernel is not compiled: each side's pair sum by its own info_nce call."""
-    saved = dict(_backend._HAS_CLIP_KERNEL)
-    _backend._HAS_CLIP_KERNEL.update(cpu=False)
-    try:
+    with _without_clip_kernel():
         return cb.nt_xent(z1, z2, t, **kw)
-    finally:
-        _backend._HAS_CLIP_KERNEL.update(saved)
 
 
 def test_nt_xent_takes_the_kernel_for_its_pair_sides():

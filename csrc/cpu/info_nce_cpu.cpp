@@ -1344,6 +1344,27 @@ void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<R
   });
 }
 
+// A thread's scratch for clip_backward_typed's tiles: the logits of rows [i0, i0 + bb) x columns [j0, j0 + tk),
+// recomputed, and their W (clip_weights), for either pass.
+template <typename acc_t>
+struct ClipTileWeights {
+  Tensor l_buf, w_buf, t_buf, u_buf, v_buf;
+  explicit ClipTileWeights(const at::TensorOptions& opts)
+      : l_buf(at::empty({kAnchorBlock * kBankTile}, opts)), w_buf(at::empty({kAnchorBlock * kBankTile}, opts)),
+        t_buf(at::empty({kAnchorBlock * kBankTile}, opts)), u_buf(at::empty({kAnchorBlock}, opts)),
+        v_buf(at::empty({kBankTile}, opts)) {}
+
+  Tensor operator()(const Tensor& a_s, const Tensor& b_hat, const Tensor& g_row, const Tensor& lse_row,
+                    const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t bb, int64_t j0, int64_t tk) {
+    Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
+    Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
+    at::mm_out(l, a_s.narrow(0, i0, bb), b_hat.narrow(0, j0, tk).t());
+    clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
+                        lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
+    return w;
+  }
+};
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Tensor& image, const Tensor& text,
                                                const Tensor& loss_in, const Tensor& lse_in, double scale,
@@ -1364,7 +1385,6 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const Tensor coef = (g_row * at::expm1(-loss.select(0, 0)) + g_col * at::expm1(-loss.select(0, 1))).contiguous();
   const Tensor& a_s = pr.anchors_s;    // s a_hat
   const Tensor& b_hat = pr.positives;  // b_hat
-  const int64_t tile_elems = kAnchorBlock * kBankTile;
   const int64_t blocks = ceil_div(N, kAnchorBlock);
   // Both gradients of at most kClipOnePassBlocks row blocks (N <= 1024): one pass, each tile's W formed once, every
   // row block writing its own partial texts' gradient (blocks x N x d, at most 4 N d), added in block order below:
@@ -1376,9 +1396,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
     Tensor G = at::empty({N, d}, opts);
     parallel_for_tls(0, blocks, 1, [&](int64_t u0, int64_t u1) {
-      Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
-      Tensor t_buf = at::empty({tile_elems}, opts);
-      Tensor u_buf = at::empty({kAnchorBlock}, opts), v_buf = at::empty({kBankTile}, opts);
+      ClipTileWeights<acc_t> weights(opts);
       Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
@@ -1388,13 +1406,8 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
         comp.zero_();
         for (int64_t j0 = 0; j0 < N; j0 += kBankTile) {
           const int64_t tk = std::min(kBankTile, N - j0);
-          Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
-          Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
-          const Tensor b_tile = b_hat.narrow(0, j0, tk);
-          at::mm_out(l, a_blk, b_tile.t());
-          clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
-                              lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
-          at::mm_out(block, w, b_tile);
+          const Tensor w = weights(a_s, b_hat, g_row, lse_row, g_col, lse_col, i0, bb, j0, tk);
+          at::mm_out(block, w, b_hat.narrow(0, j0, tk));
           kahan_add<acc_t>(acc, comp, block);
           if (one_pass) {
             Tensor part = text_parts.select(0, u).narrow(0, j0, tk);
@@ -1416,25 +1429,17 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
       G.add_(a_s * coef.unsqueeze(1));
     }
     if (!one_pass) parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
-      Tensor l_buf = at::empty({tile_elems}, opts), w_buf = at::empty({tile_elems}, opts);
-      Tensor t_buf = at::empty({tile_elems}, opts);
-      Tensor u_buf = at::empty({kAnchorBlock}, opts), v_buf = at::empty({kBankTile}, opts);
+      ClipTileWeights<acc_t> weights(opts);
       Tensor block_buf = at::empty({kBankTile, d}, opts), comp_buf = at::empty({kBankTile, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t j0 = u * kBankTile, tk = std::min(kBankTile, N - j0);
-        const Tensor b_tile = b_hat.narrow(0, j0, tk);
         Tensor acc = G.narrow(0, j0, tk), block = block_buf.narrow(0, 0, tk), comp = comp_buf.narrow(0, 0, tk);
         acc.zero_();
         comp.zero_();
         for (int64_t i0 = 0; i0 < N; i0 += kAnchorBlock) {
           const int64_t bb = std::min(kAnchorBlock, N - i0);
-          const Tensor a_blk = a_s.narrow(0, i0, bb);
-          Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
-          Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
-          at::mm_out(l, a_blk, b_tile.t());
-          clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
-                              lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
-          at::mm_out(block, w.t(), a_blk);
+          const Tensor w = weights(a_s, b_hat, g_row, lse_row, g_col, lse_col, i0, bb, j0, tk);
+          at::mm_out(block, w.t(), a_s.narrow(0, i0, bb));
           kahan_add<acc_t>(acc, comp, block);
         }
         acc.add_(a_s.narrow(0, j0, tk) * coef.narrow(0, j0, tk).unsqueeze(1));
