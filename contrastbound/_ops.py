@@ -141,7 +141,7 @@ if _backend.EXTENSION_LOADED:
 
     if hasattr(torch.ops.contrastbound, "clip_fwd"):  # (not in a stale build of the extension)
         # clip_fwd / clip_bwd (csrc/ops.cpp): CLIP's two directions from one pass over the logits. loss, lse and
-        # d loss / d scale are (2, N): row 0 image -> text, row 1 text -> image.
+        # d loss / d scale are (2, N): row 0 image -> text, row 1 text -> image; lse in float64 for every dtype.
         @torch.library.register_fake("contrastbound::clip_fwd")
         def _clip_fwd_fake(image, text, scale, normalize, save_scale_grad):
             _same_device(image, text=text)
@@ -149,7 +149,7 @@ if _backend.EXTENSION_LOADED:
                 raise ValueError(f"scale is on the meta device but image is on {image.device}")
             n = image.shape[0]
             acc = _acc_dtype(image.dtype)
-            return (image.new_empty((2, n), dtype=acc), image.new_empty((2, n), dtype=acc),
+            return (image.new_empty((2, n), dtype=acc), image.new_empty((2, n), dtype=torch.float64),
                     image.new_empty((2, n) if save_scale_grad else (0,), dtype=acc))
 
         @torch.library.register_fake("contrastbound::clip_bwd")

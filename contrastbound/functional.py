@@ -1017,6 +1017,7 @@ def nt_xent(
         else:
             scale = 1.0 / t
         loss2, lse2 = _both_directions(z1, z2, scale, normalize)
+        lse2 = lse2.to(loss2.dtype)  # (float64 from the op; the own sides' lse are in the accumulation dtype)
         pair_sides = ((loss2[0], lse2[0]), (loss2[1], lse2[1]))
     loss = torch.cat([
         _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pair_sides[0]),
@@ -1151,9 +1152,9 @@ def _clip_fused(image: torch.Tensor, text: torch.Tensor, logit_scale: float | to
 
 def _both_directions(image: torch.Tensor, text: torch.Tensor, logit_scale: float | torch.Tensor,
                      normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """contrastbound::clip_fwd on features of one dtype: (loss, lse), each (2, N) in the accumulation dtype (row 0
-    image -> text, row 1 text -> image), the loss differentiable in the features and in logit_scale (a float, or a
-    tensor whose exact gradient is attached from the op's d loss / d scale)."""
+    """contrastbound::clip_fwd on features of one dtype: (loss, lse), each (2, N), loss in the accumulation dtype and
+    lse in float64 (row 0 image -> text, row 1 text -> image), the loss differentiable in the features and in
+    logit_scale (a float, or a tensor whose exact gradient is attached from the op's d loss / d scale)."""
     if isinstance(logit_scale, torch.Tensor):
         if image.device.type == "cpu" and logit_scale.device.type != "cpu":
             logit_scale = logit_scale.cpu()  # differentiable (see _with_temperature_grad)

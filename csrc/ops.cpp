@@ -51,7 +51,8 @@ TORCH_LIBRARY(contrastbound, m) {
       "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True, "
       "Tensor? loss=None, Tensor? excluded=None) -> (Tensor, Tensor, Tensor)");
   // CLIP's symmetric loss over in-batch pairs (image i, text i), both directions from one pass over the N x N
-  // logits s image_hat_i . text_hat_j. loss and lse (2, N) (float32, float64 for float64 inputs): row 0 image ->
+  // logits s image_hat_i . text_hat_j. loss (2, N) (float32, float64 for float64 inputs) and lse (2, N) in float64
+  // for every dtype (backward's weights e^{l - lse} would carry a float32 lse's rounding, eps |lse|): row 0 image ->
   // text (row i of the logits), row 1 text -> image (column i); the positive is kept apart from the sums as in
   // info_nce_fwd with exclude_self. With save_scale_grad, d loss / d scale (2, N), else an empty tensor. scale is
   // a tensor with one element, read on the host (CPU kernel only: CUDA inputs take two info_nce calls). Under

@@ -323,6 +323,41 @@ def test_gradients_where_the_log_sum_exps_spread_widely(dtype):
         assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def _naive_float32_clip_and_grads(img, txt, scale, fn):
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = fn(a, b, scale, normalize=False) if fn is naive_clip else fn(a, b, scale, normalize=False, reduction="none")
+    return (loss.detach(), *torch.autograd.grad(loss.sum(), (a, b)))
+
+
+def test_large_logits_with_a_near_duplicate_are_as_accurate_as_naive_float32():
+    """normalize=False, logits ~1e3-1e4 (features of norm ~30, scale 10), a near duplicate text of pair 0's: the
+    kernel's float32 losses and gradients within 2x the error of naive float32 PyTorch, both against float64 from the
+    same float32 inputs. Backward's weights e^{l - lse} with a float32 lse summed to 1 + ~eps |lse| per row (up to
+    600x naive's gradient error here), and the positive logit formed apart from the product that formed its near
+    duplicate's gave their difference ~eps |l| (losses 100x naive's); the op's lse is float64 and its positives are
+    the product's now (tile_pos)."""
+    g = torch.Generator().manual_seed(5)
+    worst = {"grad": 0.0, "loss": 0.0}
+    for _ in range(60):
+        N, d = int(torch.randint(2, 60, (), generator=g)), int(torch.randint(2, 40, (), generator=g))
+        img = torch.randn(N, d, dtype=torch.float64, generator=g) * 10
+        txt = img + 0.3 * torch.randn(N, d, dtype=torch.float64, generator=g)
+        txt[1 % N] = txt[0] + 10 ** float(torch.empty(()).uniform_(-4, -1, generator=g)) * torch.randn(
+            d, dtype=torch.float64, generator=g)
+        img, txt = img.float(), txt.float()
+        ref = _naive_float32_clip_and_grads(img.double(), txt.double(), 10.0, naive_clip)
+        errors = []
+        for fn in (cb.clip_loss, naive_clip):
+            out = _naive_float32_clip_and_grads(img, txt, 10.0, fn)
+            grad = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(out[1:], ref[1:]))
+            loss = ((out[0].double() - ref[0]).abs() / ref[0].abs().clamp_min(1e-3)).max().item()
+            errors.append((grad, loss))
+        (kernel_grad, kernel_loss), (naive_grad, naive_loss) = errors
+        worst["grad"] = max(worst["grad"], kernel_grad / max(naive_grad, 1e-8))
+        worst["loss"] = max(worst["loss"], kernel_loss / max(naive_loss, 1e-8))
+    assert worst["grad"] <= 2.0 and worst["loss"] <= 2.0, worst
+
+
 def _per_direction_float64(img, txt, scale, weights):
     """float64 per-direction losses (2, N) as softplus(lse over the others - l_ii) (accurate for tiny losses) and
     the gradients of sum(weights * losses) for images and texts."""

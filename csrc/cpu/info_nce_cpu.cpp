@@ -1181,6 +1181,12 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
   const int64_t blocks = ceil_div(N, kAnchorBlock), groups = clip_groups(N);
   const Excluded diag{true, nullptr};
   const Tensor pos = at::from_blob(const_cast<acc_t*>(pr.pos_logit.data()), {N}, opts);
+  // The positive logit l_ii as the tile's product formed it (each lies in one tile of one unit). The losses use it
+  // rather than pos (the same value summed in another order, a few ulps of l apart): a near duplicate j of pair i
+  // then enters its loss l_ij - l_ii with the product's correlated roundings, as in naive PyTorch (apart, the
+  // difference carried ~eps |l|: losses 100x naive's error at logits ~5e3). The folds' l_j - pos terms are
+  // corrected by (pos - l_ii) sum at the end.
+  std::vector<acc_t> tile_pos(static_cast<size_t>(N));
   // Row states (N) and the groups' column states (groups x N), as tensors for the tile-wide updates.
   Tensor row_m = at::full({N}, -inf, opts), row_s = at::zeros({N}, opts), row_t = at::zeros({save ? N : 0}, opts);
   Tensor col_m = at::full({groups, N}, -inf, opts), col_s = at::zeros({groups, N}, opts);
@@ -1202,6 +1208,12 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
           Tensor e = e_buf.narrow(0, 0, bb * tk).view({bb, tk});
           Tensor diff = save ? d_buf.narrow(0, 0, bb * tk).view({bb, tk}) : Tensor();
           at::mm_out(l, a_blk, pr.positives.narrow(0, j0, tk).t());
+          {  // the positives in this tile, as the product formed them (see tile_pos)
+            const acc_t* lp = l.template data_ptr<acc_t>();
+            for (int64_t i = std::max(i0, j0); i < std::min(i0 + bb, j0 + tk); ++i) {
+              tile_pos[i] = lp[(i - i0) * tk + (i - j0)];
+            }
+          }
           mask_excluded<acc_t>(l, i0, j0, diag, -inf);
           Tensor ra = a_buf.narrow(0, 0, bb), rb = b_buf.narrow(0, 0, bb);
           clip_fold<acc_t>(l, 1, rm, rs, save ? &rt : nullptr, pos.narrow(0, i0, bb), i0, j0, e, diff, ra, rb);
@@ -1217,7 +1229,10 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
   });
   ClipForwardOut out;
   out.loss = at::empty({2, N}, opts);
-  out.lse = at::empty({2, N}, opts);
+  // lse in float64 whatever the inputs: backward weighs each logit by e^{l - lse}, and an lse rounded to float32
+  // carries eps |lse| into every weight of its row (their sum is then 1 + ~eps |lse|, not 1: with large logits and a
+  // near tie the row's gradient, a difference of two nearly equal weighted rows, was 600x naive PyTorch's error).
+  out.lse = at::empty({2, N}, opts.dtype(at::kDouble));
   out.dloss_dscale = save ? at::empty({2, N}, opts) : at::empty({0}, opts);
   const acc_t* rmp = row_m.template data_ptr<acc_t>();
   const acc_t* rsp = row_s.template data_ptr<acc_t>();
@@ -1226,7 +1241,7 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
   const acc_t* csp = col_s.template data_ptr<acc_t>();
   const acc_t* ctp = save ? col_t.template data_ptr<acc_t>() : nullptr;
   acc_t* loss = out.loss.template data_ptr<acc_t>();
-  acc_t* lse = out.lse.template data_ptr<acc_t>();
+  double* lse = out.lse.template data_ptr<double>();
   acc_t* dlds = save ? out.dloss_dscale.template data_ptr<acc_t>() : nullptr;
   parallel_for_tls(0, N, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
@@ -1242,12 +1257,13 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
             if (save) neg.t = neg.t * fa + ctp[g * N + i] * fb;
           }
         }
-        const acc_t l0 = pr.pos_logit[i];
+        const acc_t l0 = tile_pos[i];
+        if (save) neg.t += (pr.pos_logit[i] - l0) * neg.lse.sum;  // sum_j e^{l_j - max} (l_j - l0)
         LseState<acc_t> all{l0, acc_t(1)};
         acc_t fa, fb;
         merge(all, neg.lse, fa, fb);
         loss[dir * N + i] = softplus_loss(neg.lse, l0);
-        lse[dir * N + i] = finalize(all);
+        lse[dir * N + i] = static_cast<double>(all.max) + std::log(static_cast<double>(all.sum));
         // d loss / d s = E[l - l_0] / s (the positive's term is 0); no negatives (N = 1): 0; a NaN sum stays NaN
         if (save) dlds[dir * N + i] = neg.lse.sum == acc_t(0) ? acc_t(0) : neg.t * fb / all.sum / s;
       }
@@ -1265,6 +1281,16 @@ std::tuple<Tensor, Tensor, Tensor> clip_forward_typed(const Tensor& image, const
   return {out.loss, out.lse, out.dloss_dscale};
 }
 
+// A row (column) of log-sum-exps as lse = hi + res, hi rounded to acc_t and res the rest: forward's float64 lse
+// carried in the accumulation type (res is 0 for float64). l - hi is exact where it matters (l near hi), so
+// e^{(l - hi) - res} has no error of size eps |lse| and a row's weights sum to 1 to rounding.
+struct ClipLse {
+  Tensor hi, res;
+  ClipLse narrow(int64_t start, int64_t length) const {
+    return {hi.narrow(0, start, length), res.narrow(0, start, length)};
+  }
+};
+
 // Widest window [lo, lo + w] holding every lse_i and lse'_j of a tile whose W is formed with one exponential per
 // logit (clip_weights), and the largest |g_i|, |g'_j| there (each nonzero one must also be at least the type's
 // smallest normal number times e^w).
@@ -1281,11 +1307,14 @@ constexpr double kClipWeightGrad = 1e20;
 // of a confident pair, whose gradient is made of them; a g below min_normal e^20, subnormal factors). Elsewhere the
 // two exponentials.
 template <typename acc_t>
-void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const Tensor& lse_row,
-                  const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t j0, Tensor& u_buf, Tensor& v_buf) {
+void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const ClipLse& lse_row,
+                  const Tensor& g_col, const ClipLse& lse_col, int64_t i0, int64_t j0, Tensor& u_buf,
+                  Tensor& v_buf) {
   const int64_t bb = l.size(0), tk = l.size(1);
-  const acc_t* R = lse_row.template data_ptr<acc_t>();  // contiguous rows of the (2, N) tensors
-  const acc_t* C = lse_col.template data_ptr<acc_t>();
+  const acc_t* R = lse_row.hi.template data_ptr<acc_t>();  // contiguous rows of the (2, N) tensors
+  const acc_t* C = lse_col.hi.template data_ptr<acc_t>();
+  const acc_t* Rr = lse_row.res.template data_ptr<acc_t>();
+  const acc_t* Cr = lse_col.res.template data_ptr<acc_t>();
   const acc_t* gr = g_row.template data_ptr<acc_t>();
   const acc_t* gc = g_col.template data_ptr<acc_t>();
   acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -std::numeric_limits<acc_t>::infinity();
@@ -1308,14 +1337,14 @@ void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, 
     Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
     acc_t* up = u.template data_ptr<acc_t>();
     acc_t* vp = v.template data_ptr<acc_t>();
-    for (int64_t i = 0; i < bb; ++i) up[i] = gr[i] * std::exp(lo - R[i]);
-    for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp(lo - C[j]);
+    for (int64_t i = 0; i < bb; ++i) up[i] = gr[i] * std::exp((lo - R[i]) - Rr[i]);
+    for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp((lo - C[j]) - Cr[j]);
     at::sub_out(w, l, lo).exp_();
     at::add_out(tmp, u.unsqueeze(1), v.unsqueeze(0));
     w.mul_(tmp);
   } else {
-    at::sub_out(w, l, lse_row.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
-    at::sub_out(tmp, l, lse_col.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
+    at::sub_out(w, l, lse_row.hi.unsqueeze(1)).sub_(lse_row.res.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
+    at::sub_out(tmp, l, lse_col.hi.unsqueeze(0)).sub_(lse_col.res.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
     w.add_(tmp);
   }
   mask_excluded<acc_t>(w, i0, j0, Excluded{true, nullptr}, acc_t(0));
@@ -1354,13 +1383,13 @@ struct ClipTileWeights {
         t_buf(at::empty({kAnchorBlock * kBankTile}, opts)), u_buf(at::empty({kAnchorBlock}, opts)),
         v_buf(at::empty({kBankTile}, opts)) {}
 
-  Tensor operator()(const Tensor& a_s, const Tensor& b_hat, const Tensor& g_row, const Tensor& lse_row,
-                    const Tensor& g_col, const Tensor& lse_col, int64_t i0, int64_t bb, int64_t j0, int64_t tk) {
+  Tensor operator()(const Tensor& a_s, const Tensor& b_hat, const Tensor& g_row, const ClipLse& lse_row,
+                    const Tensor& g_col, const ClipLse& lse_col, int64_t i0, int64_t bb, int64_t j0, int64_t tk) {
     Tensor l = l_buf.narrow(0, 0, bb * tk).view({bb, tk}), w = w_buf.narrow(0, 0, bb * tk).view({bb, tk});
     Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
     at::mm_out(l, a_s.narrow(0, i0, bb), b_hat.narrow(0, j0, tk).t());
-    clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(0, i0, bb), g_col.narrow(0, j0, tk),
-                        lse_col.narrow(0, j0, tk), i0, j0, u_buf, v_buf);
+    clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(i0, bb), g_col.narrow(0, j0, tk),
+                        lse_col.narrow(j0, tk), i0, j0, u_buf, v_buf);
     return w;
   }
 };
@@ -1377,9 +1406,11 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const auto pr = prepare<scalar_t, acc_t>(image, text, scale, normalize);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const auto opts = pr.anchors_s.options();
-  const Tensor g = grad_loss.to(acc_type).contiguous(), lse = lse_in.to(acc_type).contiguous();
+  const Tensor g = grad_loss.to(acc_type).contiguous(), lse_hi = lse_in.to(acc_type).contiguous();
+  const Tensor lse_res = (lse_in.to(at::kDouble) - lse_hi.to(at::kDouble)).to(acc_type).contiguous();
   const Tensor loss = loss_in.to(acc_type);
-  const Tensor g_row = g.select(0, 0), g_col = g.select(0, 1), lse_row = lse.select(0, 0), lse_col = lse.select(0, 1);
+  const Tensor g_row = g.select(0, 0), g_col = g.select(0, 1);
+  const ClipLse lse_row{lse_hi.select(0, 0), lse_res.select(0, 0)}, lse_col{lse_hi.select(0, 1), lse_res.select(0, 1)};
   // d L / d l_ii = g_i (w_ii - 1) + g'_i (w'_ii - 1), each w - 1 = expm1(-loss): exact to the loss's rounding where
   // the positive dominates (see info_nce_bwd's schema).
   const Tensor coef = (g_row * at::expm1(-loss.select(0, 0)) + g_col * at::expm1(-loss.select(0, 1))).contiguous();
