@@ -118,6 +118,8 @@ def _real_scalar(v: Any) -> bool:
         return False
     try:
         float(v)
+    except OverflowError:
+        return True  # real, beyond float64 (refused by name where converted: _as_float64)
     except (TypeError, ValueError):
         return False
     return True
@@ -159,7 +161,7 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"prior must be a 1-d array of class probabilities, got {type(prior).__name__}") from exc
     _numeric("prior", given, "a 1-d array of class probabilities")
-    pi = given.astype(np.float64)
+    pi = _as_float64("prior", given)
     if pi.ndim != 1 or pi.size == 0:
         raise ValueError(f"prior must be a non-empty 1-d array of class probabilities, got shape {pi.shape}")
     if not np.all(np.isfinite(pi)):
@@ -208,6 +210,9 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     if hasattr(K, "is_floating_point") and K.is_floating_point():
         K = K.double()  # numpy has no bfloat16; float16's range would overflow the checks below
     arr = np.asarray(K)
+    if arr.dtype.kind == "O" and arr.size and all(isinstance(v, Integral) and not isinstance(v, bool)
+                                                  for v in arr.reshape(-1)):
+        raise ValueError(f"{name} is too large (above 2^63 - 1), got {max(arr.reshape(-1))}")  # numpy's ints stop
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
     if arr.dtype.kind == "f":
@@ -234,21 +239,32 @@ def _as_loss(name: str, value: Any) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number or array, got {type(value).__name__}") from exc
     _numeric(name, given, "a real number or array")
-    return given.astype(np.float64)
+    return _as_float64(name, given)
+
+
+def _as_float64(name: str, given: np.ndarray) -> np.ndarray:
+    """given as float64; a number beyond float64 (a Python int such as 10**400) named, not a bare OverflowError."""
+    try:
+        return given.astype(np.float64)
+    except OverflowError as exc:
+        raise ValueError(f"{name} holds a number too large for float64") from exc
 
 
 def _check_norm_bound(norm_bound: Any) -> float:
     norm_bound = _scalar(norm_bound)
     if isinstance(norm_bound, bool) or not isinstance(norm_bound, Real):
         raise TypeError(f"norm_bound must be a positive finite number, got {type(norm_bound).__name__}")
-    b = float(norm_bound)
+    try:
+        b = float(norm_bound)
+    except OverflowError:
+        b = math.inf  # (an int beyond float64: refused below as not finite)
     if not math.isfinite(b) or b <= 0.0:
         raise ValueError(f"norm_bound must be a positive finite number, got {b}")
     return b
 
 
 def _check_form(form: Any, allowed: tuple[str, ...]) -> str:
-    if form not in allowed:
+    if not isinstance(form, str) or form not in allowed:
         raise ValueError(f"form must be one of {allowed}, got {form!r}")
     return form
 
@@ -553,7 +569,11 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     r = _saddle_radius(n, p)
     x = r[:, None] * p.values[None, :]  # (N, G)
     mu = _mu(x)
-    var = (p.counts[None, :] * mu * (1.0 + x - mu)).sum(1)
+    # variance mu (1 + x - mu), with 1 + x - mu = 1 - x / (e^x - 1): formed as written it cancelled to 0 once 1 + x
+    # == x (x >= 2^53: a dominant class at ~1e17 draws), and M = 50 points for a true sd ~ 3e8 gave upsilon > 1
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        excess = np.where(x > 1e-300, 1.0 - x / np.expm1(np.maximum(x, 1e-300)), 0.5 * x)
+    var = (p.counts[None, :] * mu * excess).sum(1)
     # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
     M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
     # log of the integrand's modulus at theta = 0, with log n! by Stirling so nothing large cancels:
@@ -1081,7 +1101,7 @@ def ash(contrastive_loss: Any, K: Any, num_classes: int | None = None, prior: An
     (default) uses the exact harmonic number, ``"authors"`` the authors' ``log(n) + 0.577``.
     """
     r, k, p, scalar = _earlier_setup("ash", contrastive_loss, K, num_classes, prior)
-    if harmonic not in ("exact", "authors"):
+    if not isinstance(harmonic, str) or harmonic not in ("exact", "authors"):
         raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
     C = p.num_classes
     if C == 1:

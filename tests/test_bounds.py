@@ -143,6 +143,11 @@ def test_equal_to_authors_formulas(C):
     assert rel_err(B.nozawa_sato(nce, k, C)[big], ns[big]) < 1e-11
     assert np.all(np.isnan(B.arora(nce, k, C)[~big])) and np.all(np.isnan(B.nozawa_sato(nce, k, C)[~big]))
     assert rel_err(B.ash(nce, k, C, harmonic="authors"), ash) < 1e-12
+    # the default, harmonic="exact": the same with H_{C-1} = sum_{i < C} 1 / i (what gap_report and the reproduction
+    # use; the authors' log(n) + 0.577 above does not pin it: H_C in its place passed every other test)
+    exact_h = float(sum(Fraction(1, i) for i in range(1, C)))
+    ash_exact = 2 * np.maximum(1, 2 * (C - 1) * exact_h / k) / one_minus_tau * (nce - col)
+    assert rel_err(B.ash(nce, k, C), ash_exact) < 1e-12
 
 
 def test_harmonic_numbers():
@@ -226,6 +231,18 @@ def test_coupon_cauchy_integral_with_a_dominant_class(pi):
     ref = mp_coupon_general_log(n, list(pi))
     assert rel_err(B.coupon_collector_probability(n, prior=pi, log=True), ref) < 1e-13
     assert rel_err(B._log_coupon_cauchy(np.array([n]), B._resolve_prior(None, pi)), [ref]) < 1e-13
+
+
+@pytest.mark.parametrize("n", [10**16, 10**17, 5 * 10**17])
+def test_coupon_dominant_class_past_2_to_the_53_draws(n):
+    # x = r pi ~ n for the dominant class: the saddle point's variance mu (1 + x - mu) cancelled to 0 once 1 + x == x
+    # in float64 (n >~ 2^53), the trapezoid rule took 50 points for a true sd ~ 3e8 and upsilon came out above 1
+    # (log upsilon +7.4 at 1e17 where it is -9.2). Two classes: upsilon = 1 - (1 - pi_1)^n - (1 - pi_0)^n, in mpmath.
+    with mpmath.workdps(60):
+        pm = [mpmath.mpf(1), mpmath.mpf("1e-21")]
+        pm = [x / sum(pm) for x in pm]
+        ref = float(mpmath.log(1 - (1 - pm[1]) ** n - (1 - pm[0]) ** n))
+    assert rel_err(B.coupon_collector_probability(n, prior=np.array([1.0, 1e-21]), log=True), ref) < 1e-12
 
 
 @pytest.mark.parametrize("C", [40, 150, 400])
@@ -615,6 +632,14 @@ def test_scalar_and_array_outputs():
         (lambda: B.delta_upper(3, prior=[True, False]), TypeError, "prior"),
         (lambda: B.delta_upper(3, num_classes=torch.tensor(10.0)), TypeError, "num_classes"),
         (lambda: B.delta_upper(3, 10, norm_bound=torch.ones(2)), TypeError, "norm_bound"),
+        # numbers beyond float64 / int64 and array-valued options: named, not a bare OverflowError or numpy's
+        # "truth value of an array is ambiguous" (an audit's finds)
+        (lambda: B.delta_upper(3, prior=[10**400, 1]), ValueError, "prior holds a number too large"),
+        (lambda: B.arora(10**400, 30, 10), ValueError, "contrastive_loss holds a number too large"),
+        (lambda: B.delta_upper(3, 10, norm_bound=10**400), ValueError, "norm_bound"),
+        (lambda: B.delta_upper(2**70, 10), ValueError, "K is too large"),
+        (lambda: B.delta_upper(3, 10, form=np.array(["paper", "best"])), ValueError, "form must be one of"),
+        (lambda: B.ash(3.0, 20, 10, harmonic=np.array(["exact", "authors"])), ValueError, "harmonic must be"),
     ],
 )
 def test_validation(call, exc, match):
