@@ -183,11 +183,16 @@ def run_k_scaling(s: Settings, out: str, seed: int, device, show_progress: bool 
         f"{fmt(get('fused', 'logits_mib')[i], 1)} MiB).",
         verdict=undetermined(np.isfinite(mf[i]) and np.isfinite(mn[i])),
     )
+    # Time is measured, not judged: a wall-clock comparison depends on the machine and its load (on a busy 2-core
+    # machine the tiny grid's naive / fused ratio swung from 0.3 to 2.7 between runs), and --strict must fail only
+    # on what the data and the theory decide. The paper makes no claim about time.
+    faster = tf[i] <= tn[i]
     sec.claim(
-        f"The fused loss is at least as fast as naive PyTorch at the largest K ({ks[i]}).",
-        bool(tf[i] <= tn[i]) if np.isfinite(tf[i]) and np.isfinite(tn[i]) else None,
-        f"fused {fmt(1e3 * tf[i], 1)} ms, naive {fmt(1e3 * tn[i], 1)} ms (naive / fused = {fmt(tn[i] / tf[i], 2)}); "
-        "ratios over K: " + ", ".join(f"{k}: {fmt(tn[j] / tf[j], 2)}" for j, k in enumerate(ks)) + ".",
+        f"Time of the fused loss against naive PyTorch at the largest K ({ks[i]}), on this machine.",
+        None,
+        f"fused {fmt(1e3 * tf[i], 1)} ms, naive {fmt(1e3 * tn[i], 1)} ms (naive / fused = {fmt(tn[i] / tf[i], 2)}: "
+        f"fused {'faster' if faster else 'slower'}); ratios over K: "
+        + ", ".join(f"{k}: {fmt(tn[j] / tf[j], 2)}" for j, k in enumerate(ks)) + ".",
         verdict=undetermined(np.isfinite(tf[i]) and np.isfinite(tn[i])),
     )
     sec.figure(p, "k-scaling: forward + backward time (left) and peak extra memory (right) against K, log axes.")
