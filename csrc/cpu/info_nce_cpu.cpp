@@ -1258,7 +1258,8 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
           }
         }
         const acc_t l0 = tile_pos[i];
-        if (save) neg.t += (pr.pos_logit[i] - l0) * neg.lse.sum;  // sum_j e^{l_j - max} (l_j - l0)
+        // sum_j e^{l_j - max} (l_j - l0) (equal values, infinite ones included, need no correction: inf - inf)
+        if (save && pr.pos_logit[i] != l0) neg.t += (pr.pos_logit[i] - l0) * neg.lse.sum;
         LseState<acc_t> all{l0, acc_t(1)};
         acc_t fa, fb;
         merge(all, neg.lse, fa, fb);
