@@ -17,6 +17,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lse_dtype(anchors: torch.Tensor) -> torch.dtype:
+    """info_nce_fwd's lse: float64 from the CPU kernel whatever the inputs (backward weighs each logit by
+    e^{l - lse}; a float32 lse's rounding, eps |lse|, would be in every weight), the accumulation type on CUDA."""
+    return torch.float64 if anchors.device.type == "cpu" else _acc_dtype(anchors.dtype)
+
+
 def refuse_double_backward() -> None:
     """Raises where a backward of the fused loss runs with create_graph=True.
 
@@ -62,7 +68,7 @@ if _backend.EXTENSION_LOADED:
         B, d = anchors.shape
         acc = _acc_dtype(anchors.dtype)
         loss = anchors.new_empty((B,), dtype=acc)
-        lse = anchors.new_empty((B,), dtype=acc)
+        lse = anchors.new_empty((B,), dtype=_lse_dtype(anchors))
         term = anchors.new_empty((B, d) if save_anchor_term else (0,), dtype=acc)
         return loss, lse, term
 

@@ -291,7 +291,8 @@ class _ShardedNegativeLse(torch.autograd.Function):
             term = term * _share(lse_part, lse).unsqueeze(1)
         ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0))
         ctx.scale, ctx.normalize, ctx.group = scale, normalize, group
-        return lse
+        # (the CPU op's lse is float64, kept for backward; the loss is formed in the accumulation type)
+        return lse.to(torch.float64 if anchors_all.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     def backward(ctx, grad_lse):

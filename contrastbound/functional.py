@@ -362,7 +362,8 @@ def _fused(
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize,
                                           include_positive)
-        return loss, lse
+        # (the CPU op's lse is float64, kept so for its backward, which autograd saved; callers get the loss's dtype)
+        return loss, lse.to(loss.dtype)
     from .reference import info_nce_core_reference
 
     scale = 1.0 / temperature
@@ -637,7 +638,7 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
     anchor's term for the rows of T is formed with the coefficient g (w - [t_i = c]) in float32 (B x |T| logits,
     in chunks of `budget`; w - 1 = expm1(-loss_i) for the anchor's own target, as the op forms it), through the
     normalisation's Jacobian, and rounded once."""
-    acc = lse.dtype
+    acc = loss.dtype
     if torch.compiler.is_compiling() or _fake_mode_active() or rows.device.type != "cpu":
         # No data-dependent sizes in a graph (nor a device read-back on a GPU, which torch.unique's size would be):
         # every anchor's target, sorted; repeats computed again, then given the first one's result, so that
@@ -654,7 +655,9 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
         a = F.normalize(a, dim=-1, eps=1e-12)
     s = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
     g = grad_loss.to(acc)  # (backward runs without a graph; no detach: vmap, is_grads_batched, has no rule for it)
-    lse = lse.detach()
+    # the CPU op's lse is float64: as hi + res in acc (res 0 for an lse in acc), so that e^{l - lse} keeps its digits
+    lse_hi = lse.detach().to(acc)
+    lse_res = (lse.detach().to(torch.float64) - lse_hi.to(torch.float64)).to(acc)
     # (chunks joined at the end, not written into a buffer: under vmap, is_grads_batched, g is batched and a
     # buffer is not; the rows are at most B x d)
     out = [torch.empty(0, bank.shape[1], dtype=acc, device=bank.device)]
@@ -667,7 +670,8 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
             inv = 1.0 / norm.clamp_min(1e-12)
             n = n * inv
         own = rows[:, None] == t[None, :]
-        coef = torch.where(own, torch.expm1(-loss.detach())[:, None], torch.exp((a @ n.T) * s - lse[:, None]))
+        coef = torch.where(own, torch.expm1(-loss.detach())[:, None],
+                           torch.exp((a @ n.T) * s - lse_hi[:, None] - lse_res[:, None]))
         grad = (coef * g[:, None]).T @ a * s  # dL/dn_hat
         if normalize:  # inv (G - (n_hat . G) n_hat), no projection where the norm was clamped
             radial = (n * grad).sum(-1, keepdim=True) * (norm >= 1e-12)

@@ -16,7 +16,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(contrastbound, m) {
-  // Per-anchor loss, per-anchor log-sum-exp (both in float32, float64 for float64 inputs) and, when
+  // Per-anchor loss (float32, float64 for float64 inputs), per-anchor log-sum-exp (CPU: float64 for every dtype,
+  // so that backward's weights e^{l - lse} carry no float32 rounding of lse; CUDA: as the loss) and, when
   // save_anchor_term, V = sum_k softmax_k n_hat_k (B, d), else an empty tensor. exclude_self (shared bank
   // only) leaves bank row i out of anchor i's sum: SimCLR's NT-Xent, where the anchors are the bank.
   // excluded (shared bank only, int64 (B,)): bank row excluded[i] is left out of anchor i's sum (an entry outside

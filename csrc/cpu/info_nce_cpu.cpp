@@ -526,10 +526,13 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
   const auto opts = pr.anchors_s.options();
   ForwardOut out;
   out.loss = at::empty({B}, opts);
-  out.lse = at::empty({B}, opts);
+  // lse in float64 whatever the inputs (Lse below): backward's weights e^{l - lse} would carry a float32 lse's
+  // rounding, eps |lse|, into every weight of the row (a dominant negative's gradient at logits ~3e3: 1.2e-4
+  // relative where naive float32 PyTorch has 1.3e-8).
+  out.lse = at::empty({B}, opts.dtype(at::kDouble));
   out.anchor_term = save ? at::zeros({B, d}, opts) : at::empty({0}, opts);
   acc_t* loss = out.loss.template data_ptr<acc_t>();
-  acc_t* lse = out.lse.template data_ptr<acc_t>();
+  double* lse = out.lse.template data_ptr<double>();
   acc_t* v = save ? out.anchor_term.template data_ptr<acc_t>() : nullptr;
   parallel_for_tls(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
@@ -545,7 +548,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
         }
         if (include_positive) merge(neg, parts.state[c * B + i], fa, fb);
       }
-      lse[i] = finalize(st);
+      lse[i] = static_cast<double>(st.max) + std::log(static_cast<double>(st.sum));
       loss[i] = include_positive ? softplus_loss(neg, pr.pos_logit[i]) : finalize_minus(st, pr.pos_logit[i]);
       if (save) {
         const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
@@ -640,18 +643,29 @@ void kahan_add(Tensor& sum, Tensor& comp, const Tensor& x) {
   }
 }
 
+// Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
+// or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
+// matters, l near hi), so a row's weights sum to 1 to rounding.
+template <typename acc_t>
+struct Lse {
+  const acc_t* hi;
+  const acc_t* res;
+  acc_t weight(int64_t i, acc_t l) const { return std::exp((l - hi[i]) - res[i]); }  // e^{l - lse_i}
+};
+
 // Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
 // recomputed, W = g * exp(l - lse), and the tile's gradient G = W^T (s A_hat) accumulates.
 template <typename scalar_t, typename acc_t>
 void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normalize, const Excluded& ex, const acc_t* g,
-                     const acc_t* lse, Tensor& grad_bank) {
+                     const Lse<acc_t>& lse, Tensor& grad_bank) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), K = bank.size(0);
   const auto acc_opts = pr.anchors_s.options();
   std::vector<acc_t> inv, proj;
   bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
   const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
   const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts);
-  const Tensor lse_t = at::from_blob(const_cast<acc_t*>(lse), {B}, acc_opts);
+  const Tensor lse_hi = at::from_blob(const_cast<acc_t*>(lse.hi), {B}, acc_opts);
+  const Tensor lse_res = at::from_blob(const_cast<acc_t*>(lse.res), {B}, acc_opts);
   // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
   // 1, or 0 where F.normalize clamped the norm.
   std::vector<acc_t> q(K);
@@ -682,7 +696,8 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
-        at::sub_out(w, l, lse_t.narrow(0, i0, bb).unsqueeze(1)).exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
+        at::sub_out(w, l, lse_hi.narrow(0, i0, bb).unsqueeze(1)).sub_(lse_res.narrow(0, i0, bb).unsqueeze(1));
+        w.exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
         if (ex.any()) mask_excluded<acc_t>(w, i0, k0, ex, acc_t(0));
         // dL/dn_hat = sum_i W_ik s a_hat_i: each anchor block's product, then added with Kahan's compensation
         // (added into grad directly, B / 256 blocks in a row lost ~sqrt(blocks) eps: 6.7e-6 relative at B = 10^6,
@@ -706,7 +721,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
 // Per-anchor negatives: every (anchor, row) pair is its own gradient row; units (anchor, K chunk).
 template <typename scalar_t, typename acc_t>
 void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool normalize, const acc_t* g,
-                         const acc_t* lse, Tensor& grad_neg) {
+                         const Lse<acc_t>& lse, Tensor& grad_neg) {
   const int64_t B = neg.size(0), K = neg.size(1), d = neg.size(2);
   if (K == 0 || B == 0) return;
   const int64_t sb = neg.stride(0), sk = neg.stride(1);
@@ -723,7 +738,7 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
         const scalar_t* r = n + i * sb + k * sk;
         const auto rs = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize);
         const acc_t l = dot(ai, r, d) * rs.inv;
-        const acc_t w = g[i] * std::exp(l - lse[i]);
+        const acc_t w = g[i] * lse.weight(i, l);
         scalar_t* out = gn + (i * K + k) * d;
         if (normalize) {  // the radial term as (w l) (proj r_j): proj r_j <= inv (see row_scale)
           const acc_t wl = w * l;
@@ -746,7 +761,7 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
 // at K = 10^6, 0.98 at 7.2e8), and the dot product and exp are formed once per distinct (anchor, row).
 template <typename scalar_t, typename acc_t>
 void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tensor& indices_in, bool normalize,
-                      const acc_t* g, const acc_t* lse, Tensor& grad_bank) {
+                      const acc_t* g, const Lse<acc_t>& lse, Tensor& grad_bank) {
   const int64_t B = pr.anchors_s.size(0), d = pr.anchors_s.size(1), M = bank.size(0);
   const int64_t K = indices_in.size(1);
   const int64_t* ix = indices_in.template data_ptr<int64_t>();  // through the strides, as in forward
@@ -782,7 +797,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
       }
       const int64_t m = rows[h];
       const acc_t l = dot(ai, n + m * sm, d) * scales(m).inv;
-      const acc_t w = g[i] * std::exp(l - lse[i]);
+      const acc_t w = g[i] * lse.weight(i, l);
       axpy(G + m * d, static_cast<acc_t>(count[m]) * w, ai, d);
       count[m] = 0;
       used[m] = 1;
@@ -904,9 +919,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const Tensor grad_loss = grad_loss_in.to(acc_type).contiguous();
-  const Tensor lse = lse_in.to(acc_type).contiguous();
+  const Tensor lse_hi = lse_in.to(acc_type).contiguous();
+  const Tensor lse_res = (lse_in.to(at::kDouble) - lse_hi.to(at::kDouble)).to(acc_type).contiguous();
   const acc_t* g = grad_loss.template data_ptr<acc_t>();
-  const acc_t* lse_p = lse.template data_ptr<acc_t>();
+  const Lse<acc_t> lse{lse_hi.template data_ptr<acc_t>(), lse_res.template data_ptr<acc_t>()};
   const Tensor loss = loss_in.has_value() ? loss_in->to(acc_type).contiguous() : Tensor();
   const acc_t* loss_p = loss.defined() ? loss.template data_ptr<acc_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(scale);
@@ -942,7 +958,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
         // w0 - 1, w0 the positive's softmax weight; from the loss where given (see the op's schema).
         const acc_t w0m1 = !include_positive ? acc_t(-1)
                            : loss_p != nullptr ? std::expm1(-loss_p[i])
-                                               : std::exp(pr.pos_logit[i] - lse_p[i]) - acc_t(1);
+                                               : lse.weight(i, pr.pos_logit[i]) - acc_t(1);
         const acc_t gs = g[i] * s;
         const acc_t coef = gs * w0m1;  // d loss / d(a_hat . p_hat) * s
         const auto& ra = pr.anchor_scale[i];
@@ -978,12 +994,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   if (mask[2]) {
     if (mode == Mode::Shared) {
       if (negatives.size(0) > 0) {
-        backward_shared<scalar_t, acc_t>(pr, negatives, normalize, ex, g, lse_p, grad_n);
+        backward_shared<scalar_t, acc_t>(pr, negatives, normalize, ex, g, lse, grad_n);
       }
     } else if (mode == Mode::PerAnchor) {
-      backward_per_anchor<scalar_t, acc_t>(pr, negatives, normalize, g, lse_p, grad_n);
+      backward_per_anchor<scalar_t, acc_t>(pr, negatives, normalize, g, lse, grad_n);
     } else {
-      backward_indexed<scalar_t, acc_t>(pr, negatives, *indices, normalize, g, lse_p, grad_n);
+      backward_indexed<scalar_t, acc_t>(pr, negatives, *indices, normalize, g, lse, grad_n);
     }
   }
   return {grad_a, grad_p, grad_n};
