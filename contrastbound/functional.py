@@ -657,7 +657,8 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
     g = grad_loss.to(acc)  # (backward runs without a graph; no detach: vmap, is_grads_batched, has no rule for it)
     # the CPU op's lse is float64: as hi + res in acc (res 0 for an lse in acc), so that e^{l - lse} keeps its digits
     lse_hi = lse.detach().to(acc)
-    lse_res = (lse.detach().to(torch.float64) - lse_hi.to(torch.float64)).to(acc)
+    wide = lse.detach().to(torch.float64)
+    lse_res = torch.where(torch.isfinite(wide), wide - lse_hi.to(torch.float64), 0.0).to(acc)  # (no inf - inf)
     # (chunks joined at the end, not written into a buffer: under vmap, is_grads_batched, g is batched and a
     # buffer is not; the rows are at most B x d)
     out = [torch.empty(0, bank.shape[1], dtype=acc, device=bank.device)]

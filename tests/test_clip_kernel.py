@@ -479,3 +479,21 @@ def test_nt_xent_float64_features_keep_float64_accuracy_with_a_narrower_temperat
     for got, want in zip(outs[0][:3], outs[1][:3]):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (got - want).abs().max()
     assert torch.allclose(outs[0][3].double(), outs[1][3].double(), rtol=1e-2 if t_dtype != torch.float32 else 1e-6)
+
+
+def test_an_infinite_lse_weighs_finite_logits_zero_not_nan():
+    """clip_bwd carries lse as hi + res; for an infinite lse the residual is 0, not inf - inf = NaN: a direction
+    whose lse is +inf gives its finite logits weight 0, as e^{l - inf} does, the same as a huge finite lse."""
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    loss, lse, _ = torch.ops.contrastbound.clip_fwd(img, txt, scale, True, False)
+    grad = torch.ones(2, 5)
+    out = {}
+    for value in (torch.inf, 1e30):
+        bad = lse.clone()
+        bad[0, 2] = value  # image 2's row: its W terms e^{l - lse} vanish
+        out[value] = torch.ops.contrastbound.clip_bwd(grad, img, txt, loss, bad, scale, True, [True, True])
+    for x, y in zip(out[torch.inf], out[1e30]):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y)

@@ -1807,3 +1807,43 @@ def test_a_dominant_in_batch_positive_at_large_logits_is_as_accurate_as_naive_fl
         grads[name] = g[1].double()
     err = {k: ((grads[k] - grads["exact"]).norm() / grads["exact"].norm()).item() for k in ("fused", "naive")}
     assert err["fused"] <= 2 * err["naive"] + 1e-7, err
+
+
+def test_an_infinite_lse_weighs_finite_logits_zero_not_nan():
+    """Backward forms e^{(l - hi) - res} with lse = hi + res; for an infinite lse the residual is 0, not inf - inf =
+    NaN: a row whose lse is +inf (an overflowed sum) gives its finite logits weight 0, as e^{l - inf} does."""
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("needs the CPU kernel")
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(s, 5, generator=g) for s in (3, 3, 7))
+    loss, lse, term = torch.ops.contrastbound.info_nce_fwd(a, p, n, None, 2.0, True, True, True)
+    grad = torch.tensor([1.0, 0.5, 2.0])
+    for dtype in (torch.float64, torch.float32):
+        bad = lse.clone().to(dtype)
+        bad[1] = torch.inf
+        gn = torch.ops.contrastbound.info_nce_bwd(grad, a, p, n, None, bad, term, 2.0, True, True,
+                                                  [False, False, True])[2]
+        # row 1's terms vanish: the same as a zero upstream gradient for it
+        want = torch.ops.contrastbound.info_nce_bwd(grad * torch.tensor([1.0, 0.0, 1.0]), a, p, n, None, lse, term,
+                                                    2.0, True, True, [False, False, True])[2]
+        assert torch.isfinite(gn).all(), dtype
+        torch.testing.assert_close(gn, want, rtol=1e-6, atol=1e-7)
+
+
+def test_target_rows_gradient_with_an_infinite_lse_has_no_nan():
+    """bank_cross_entropy's half-bank target rows (functional._target_rows_gradient) split lse into hi + res as the
+    kernel does; an infinite lse gives residual 0 (not inf - inf = NaN), so that anchor's terms weigh 0."""
+    from contrastbound.functional import _target_rows_gradient
+
+    g = torch.Generator().manual_seed(6)
+    a, bank = torch.randn(4, 8, generator=g).bfloat16(), torch.randn(30, 8, generator=g).bfloat16()
+    rows, loss, grad = torch.tensor([3, 7, 3, 11]), torch.rand(4, generator=g), torch.ones(4)
+    lse = torch.randn(4, generator=g, dtype=torch.float64)
+    out = {}
+    for value in (torch.inf, 1e30):
+        bad = lse.clone()
+        bad[1] = value
+        out[value] = _target_rows_gradient(a, bank, rows, bad, loss, grad, 2.0, True)
+    torch.testing.assert_close(out[torch.inf][0], out[1e30][0])
+    assert torch.isfinite(out[torch.inf][1]).all()
+    torch.testing.assert_close(out[torch.inf][1], out[1e30][1])

@@ -646,6 +646,14 @@ void kahan_add(Tensor& sum, Tensor& comp, const Tensor& x) {
 // Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
 // or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
 // matters, l near hi), so a row's weights sum to 1 to rounding.
+// lse - hi in hi's dtype (lse as given, float64 from forward; hi = lse rounded to the accumulation type), 0 where
+// lse is not finite (inf - inf would be NaN where e^{l - hi} alone is what it was: 0, inf or NaN as before).
+inline Tensor lse_residual(const Tensor& lse, const Tensor& hi) {
+  const Tensor wide = lse.to(at::kDouble);
+  const Tensor res = at::where(at::isfinite(wide), wide - hi.to(at::kDouble), at::zeros_like(wide));
+  return res.to(hi.scalar_type()).contiguous();
+}
+
 template <typename acc_t>
 struct Lse {
   const acc_t* hi;
@@ -920,7 +928,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_typed(const Tensor& grad_loss_in, co
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const Tensor grad_loss = grad_loss_in.to(acc_type).contiguous();
   const Tensor lse_hi = lse_in.to(acc_type).contiguous();
-  const Tensor lse_res = (lse_in.to(at::kDouble) - lse_hi.to(at::kDouble)).to(acc_type).contiguous();
+  const Tensor lse_res = lse_residual(lse_in, lse_hi);
   const acc_t* g = grad_loss.template data_ptr<acc_t>();
   const Lse<acc_t> lse{lse_hi.template data_ptr<acc_t>(), lse_res.template data_ptr<acc_t>()};
   const Tensor loss = loss_in.has_value() ? loss_in->to(acc_type).contiguous() : Tensor();
@@ -1424,7 +1432,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const auto opts = pr.anchors_s.options();
   const Tensor g = grad_loss.to(acc_type).contiguous(), lse_hi = lse_in.to(acc_type).contiguous();
-  const Tensor lse_res = (lse_in.to(at::kDouble) - lse_hi.to(at::kDouble)).to(acc_type).contiguous();
+  const Tensor lse_res = lse_residual(lse_in, lse_hi);
   const Tensor loss = loss_in.to(acc_type);
   const Tensor g_row = g.select(0, 0), g_col = g.select(0, 1);
   const ClipLse lse_row{lse_hi.select(0, 0), lse_res.select(0, 0)}, lse_col{lse_hi.select(0, 1), lse_res.select(0, 1)};
