@@ -326,8 +326,9 @@ def test_demo_command_runs_and_guards_memory(monkeypatch, capsys):
     assert cli(["demo", "--steps", "3", "--batch", "8", "--queue", "64", "--dim", "4"]) == 0
     out = capsys.readouterr().out
     assert "median step time fused" in out and "nan" not in out
-    # Naive PyTorch's logits beyond half the free memory: skipped (it ran first and failed, or was OOM-killed)
-    monkeypatch.setattr("contrastbound.benchsuite.harness.available_mib", lambda device: 1.0)
+    # Naive PyTorch's logits beyond half the free memory: skipped (it ran first and failed, or was OOM-killed);
+    # 6 MiB free: naive's ~4 MiB of logits are over half of it, the fused steps' ~2.5 MiB within 70 %
+    monkeypatch.setattr("contrastbound.benchsuite.harness.available_mib", lambda device: 6.0)
     assert cli(["demo", "--steps", "2", "--batch", "256", "--queue", "1024", "--dim", "4"]) == 0
     out = capsys.readouterr().out
     assert "naive PyTorch skipped" in out and "median step time fused" in out
@@ -335,6 +336,10 @@ def test_demo_command_runs_and_guards_memory(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["demo", "--queue", str(10**12)])
     assert exc.value.code == 2 and "--queue" in capsys.readouterr().err
+    # nor a batch whose inputs and activations cannot (an allocator error mid-run before; an audit's find)
+    with pytest.raises(SystemExit) as exc:
+        cli(["demo", "--steps", "1", "--batch", str(10**12), "--queue", "1", "--dim", "1"])
+    assert exc.value.code == 2 and "--batch" in capsys.readouterr().err
 
 
 def test_k_scaling_with_a_failed_point_is_undetermined(tmp_path, monkeypatch):
