@@ -643,9 +643,6 @@ void kahan_add(Tensor& sum, Tensor& comp, const Tensor& x) {
   }
 }
 
-// Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
-// or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
-// matters, l near hi), so a row's weights sum to 1 to rounding.
 // lse - hi in hi's dtype (lse as given, float64 from forward; hi = lse rounded to the accumulation type), 0 where
 // lse is not finite (inf - inf would be NaN where e^{l - hi} alone is what it was: 0, inf or NaN as before).
 inline Tensor lse_residual(const Tensor& lse, const Tensor& hi) {
@@ -654,6 +651,9 @@ inline Tensor lse_residual(const Tensor& lse, const Tensor& hi) {
   return res.to(hi.scalar_type()).contiguous();
 }
 
+// Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
+// or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
+// matters, l near hi), so a row's weights sum to 1 to rounding.
 template <typename acc_t>
 struct Lse {
   const acc_t* hi;
