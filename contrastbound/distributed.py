@@ -291,8 +291,9 @@ class _ShardedNegativeLse(torch.autograd.Function):
             term = term * _share(lse_part, lse).unsqueeze(1)
         ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0))
         ctx.scale, ctx.normalize, ctx.group = scale, normalize, group
-        # (the CPU op's lse is float64, kept for backward; the loss is formed in the accumulation type)
-        return lse.to(torch.float64 if anchors_all.dtype == torch.float64 else torch.float32)
+        # As the op gives it (float64 from the CPU kernel): rounded to float32 it was off by eps |lse|, which the
+        # loss softplus(lse - l_0) of a dominant negative keeps (2.4e-4 relative at logits 3e4).
+        return lse.clone()
 
     @staticmethod
     def backward(ctx, grad_lse):
@@ -386,12 +387,13 @@ def info_nce_sharded(
     lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group)
     start = sum(sizes[: _world(process_group)[1]])
     lse_neg = lse_neg_all[start : start + a.shape[0]]
-    acc = lse_neg.dtype
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     a_hat, p_hat = a.to(acc), p.to(acc)
     if normalize:
         a_hat, p_hat = F.normalize(a_hat, dim=-1, eps=1e-12), F.normalize(p_hat, dim=-1, eps=1e-12)
     pos = scale * (a_hat * p_hat).sum(-1)
     # log(e^pos + e^lse_neg) - pos as softplus(lse_neg - pos): logaddexp(pos, lse_neg) - pos lost a small loss to
-    # the rounding of the sum (eps |pos|; 15x the kernel's error for confident anchors at T = 0.05).
-    loss = _softplus(lse_neg - pos)
+    # the rounding of the sum (eps |pos|; 15x the kernel's error for confident anchors at T = 0.05). The difference
+    # is taken in lse's dtype (float64 on the CPU), then the loss is in the accumulation type, as the kernel's.
+    loss = _softplus(lse_neg - pos.to(lse_neg.dtype)).to(acc)
     return _reduce(loss, reduction, result)

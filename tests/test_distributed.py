@@ -412,6 +412,45 @@ def test_a_process_group_that_is_not_one_is_named(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("L", [30.0, 3000.0, 30000.0])
+def test_sharded_bank_with_a_dominant_negative_is_as_accurate_as_one_process(tmp_path, L):
+    """float32, temperature 1, normalize=False: logits L - 40 (the positive), L (a negative of softmax weight 0.9999),
+    L - 9 and 1, -2, 3. The sharded loss within 2x the single-process kernel's error against float64 (its lse was
+    rounded to float32 before softplus(lse - l_0): 2.4e-4 relative at L = 3e4, where one process has 3.9e-7), and
+    the shard's gradient within 2x naive float32 PyTorch's (a review's case)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        a = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+        rows = torch.zeros(6, 4, dtype=torch.float64)
+        rows[:, 0] = torch.tensor([L - 40.0, L, L - 9.0, 1.0, -2.0, 3.0])
+        rows[0, 3], rows[1, 1], rows[2, 2] = 0.5, 0.3, 0.7  # distinct rows, the same logits
+        rows = rows.float()
+
+        def sharded(x, r):
+            return cb.info_nce(x, r[:1], r[1:], temperature=1.0, normalize=False, process_group=dist.group.WORLD)
+
+        def single(x, r):
+            return cb.info_nce(x, r[:1], r[1:], temperature=1.0, normalize=False)
+
+        def naive(x, r):
+            return F.cross_entropy(x @ r.T, torch.tensor([0]))
+
+        out = {}
+        for name, fn, x, r in (("sharded", sharded, a, rows), ("single", single, a, rows), ("naive", naive, a, rows),
+                               ("exact", naive, a.double(), rows.double())):
+            r = r.clone().requires_grad_()
+            loss = fn(x, r)
+            (g,) = torch.autograd.grad(loss, r)
+            out[name] = (loss.detach().double(), g[1].double())  # row 1: the dominant negative
+        loss_want, grad_want = out["exact"]
+        loss_err = {k: abs(float(out[k][0] - loss_want)) / float(loss_want) for k in ("sharded", "single")}
+        grad_err = {k: float((out[k][1] - grad_want).norm() / grad_want.norm()) for k in ("sharded", "naive")}
+        assert loss_err["sharded"] <= 2 * loss_err["single"] + 1e-7, loss_err
+        assert grad_err["sharded"] <= 2 * grad_err["naive"] + 1e-7, grad_err
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sharded_bank_options_single_rank(tmp_path):
     # normalize=False through the sharded path (a sharded path that always normalised passed), and the documented
     # refusal of a learnable temperature with a process group (removing it passed: the temperature was detached).
