@@ -212,7 +212,12 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     arr = np.asarray(K)
     if arr.dtype.kind == "O" and arr.size and all(isinstance(v, Integral) and not isinstance(v, bool)
                                                   for v in arr.reshape(-1)):
-        raise ValueError(f"{name} is too large (above 2^63 - 1), got {max(arr.reshape(-1))}")  # numpy's ints stop
+        # Python ints beyond int64 (numpy's ints stop there): named by the value out of range, with its side.
+        values = [int(v) for v in arr.reshape(-1)]
+        low, high = min(values), max(values)
+        if low < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {low}")
+        raise ValueError(f"{name} is too large (above 2^63 - 1), got {high}")
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
     if arr.dtype.kind == "f":
@@ -257,7 +262,10 @@ def _check_norm_bound(norm_bound: Any) -> float:
     try:
         b = float(norm_bound)
     except OverflowError:
-        b = math.inf  # (an int beyond float64: refused below as not finite)
+        # an int beyond float64 (its float() would say inf, and -10**400 is not +inf): named with its sign
+        sign = "a negative" if norm_bound < 0 else "an"
+        raise ValueError(f"norm_bound must be a positive finite number, got {sign} integer beyond float64's "
+                         "range") from None
     if not math.isfinite(b) or b <= 0.0:
         raise ValueError(f"norm_bound must be a positive finite number, got {b}")
     return b

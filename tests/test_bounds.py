@@ -638,6 +638,12 @@ def test_scalar_and_array_outputs():
         (lambda: B.arora(10**400, 30, 10), ValueError, "contrastive_loss holds a number too large"),
         (lambda: B.delta_upper(3, 10, norm_bound=10**400), ValueError, "norm_bound"),
         (lambda: B.delta_upper(2**70, 10), ValueError, "K is too large"),
+        # an int below int64 is too small, not too large, and names its own value (a review's find: "K is too large
+        # (above 2^63 - 1), got 5"; norm_bound -10**400 was quoted as inf)
+        (lambda: B.delta_upper(-(10**30), 10), ValueError, r"K must be an integer >= 1, got -10{30}"),
+        (lambda: B.delta_upper([5, -(10**30)], 10), ValueError, r"K must be an integer >= 1, got -10{30}"),
+        (lambda: B.delta_upper([5, 10**30], 10), ValueError, r"K is too large \(above 2\^63 - 1\), got 10{30}"),
+        (lambda: B.delta_upper(3, 10, norm_bound=-(10**400)), ValueError, "got a negative integer beyond"),
         (lambda: B.delta_upper(3, 10, form=np.array(["paper", "best"])), ValueError, "form must be one of"),
         (lambda: B.ash(3.0, 20, 10, harmonic=np.array(["exact", "authors"])), ValueError, "harmonic must be"),
     ],
