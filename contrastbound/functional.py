@@ -655,7 +655,10 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
         a = F.normalize(a, dim=-1, eps=1e-12)
     s = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
     g = grad_loss.to(acc)  # (backward runs without a graph; no detach: vmap, is_grads_batched, has no rule for it)
-    # the CPU op's lse is float64: as hi + res in acc (res 0 for an lse in acc), so that e^{l - lse} keeps its digits
+    # the CPU op's lse is float64: as hi + res in acc (res 0 for an lse in acc), so that e^{l - lse} is not off by
+    # lse's own rounding besides l's. l itself comes from a product over the |T| rows, which may round otherwise than
+    # forward's tiles (with another number of rows the BLAS may sum in another order): ~eps |l| in each weight, a row's
+    # weights summing to 1 +- 12 % at |l| ~ 5e5 (README, Limits)
     lse_hi = lse.detach().to(acc)
     wide = lse.detach().to(torch.float64)
     lse_res = torch.where(torch.isfinite(wide), wide - lse_hi.to(torch.float64), 0.0).to(acc)  # (no inf - inf)
