@@ -887,6 +887,45 @@ def test_info_nce_lse_of_an_empty_set_is_minus_inf_with_grad(mode):
     assert_close_scaled(got, want, 1e-12, "gradient")
 
 
+def test_info_nce_lse_of_an_empty_set_gives_a_learnable_temperature_no_gradient():
+    # K = 0 without the positive: lse = -inf does not depend on the temperature, so d loss / d t = 0 (the empty
+    # rows are masked in the exact temperature gradient; a mutation audit's find: unmasked it was 0.157, finite and
+    # wrong, where torch.logsumexp over an empty set gives no gradient).
+    a, p = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    loss, lse = cb.info_nce_lse(a, p, torch.empty(0, 8, dtype=torch.float64), temperature=t, include_positive=False)
+    assert torch.equal(lse, torch.full((4,), -math.inf, dtype=torch.float64))
+    (g,) = torch.autograd.grad(loss, t, grad_outputs=torch.ones_like(loss))
+    assert g.item() == 0.0
+
+
+def test_info_nce_lse_in_batch_with_mixed_dtypes():
+    # In-batch with anchors and positives of different dtypes: both in the promoted dtype, the bank (the positives)
+    # included (a mutation audit: the bank kept bfloat16 and the call raised "must share a dtype").
+    g = torch.Generator().manual_seed(4)
+    a, p = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g).to(torch.bfloat16)
+    loss, lse = cb.info_nce_lse(a, p)
+    want_loss, want_lse = cb.info_nce_lse(a, p.float())
+    assert loss.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_losses_are_reduced_in_float32_then_rounded(dtype):
+    # "sum" and "mean" reduce the float32 per-anchor losses and round once to the input dtype (rounding each loss
+    # first, bfloat16 gave 2032 for a sum of 2038.3 (2040 rounded once); a mutation audit's find).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 16, generator=g).repeat(1000, 1)
+    p = torch.randn(1, 16, generator=g).repeat(1000, 1)
+    n = torch.randn(8, 16, generator=g)
+    args = (a.to(dtype), p.to(dtype), n.to(dtype))
+    per_anchor = cb.info_nce_lse(*args, temperature=0.7)[0]
+    assert per_anchor.dtype == torch.float32
+    assert torch.equal(cb.info_nce(*args, temperature=0.7, reduction="sum"), per_anchor.sum().to(dtype))
+    assert torch.equal(cb.info_nce(*args, temperature=0.7, reduction="mean"), per_anchor.mean().to(dtype))
+
+
 def test_info_nce_lse_in_batch_without_the_positive():
     a, p, _, _ = make_inputs("in_batch", B=7, K=0, d=5, dtype=torch.float64, requires_grad=False)
     _, lse = cb.info_nce_lse(a, p, temperature=0.3, include_positive=False)

@@ -344,6 +344,22 @@ def test_torch_compile_float_temperature_schedule_does_not_recompile_per_value(e
 
 
 @needs_kernel
+def test_torch_compile_clamps_a_float_logit_scale_as_eager():
+    """A Python-float logit scale above max_logit_scale (100) under torch.compile is clamped as in eager (the
+    compiled branch builds its own tensor; a mutation audit dropped its clamp and no test saw it: 55.4 vs 27.7)."""
+    g = torch.Generator().manual_seed(3)
+    i, t = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y, s: cb.clip_loss(x, y, s), backend="aot_eager", fullgraph=True)
+    at_max = cb.clip_loss(i, t, 100.0)
+    for scale in (50.0, 150.0, 200.0):
+        got, want = compiled(i, t, scale), cb.clip_loss(i, t, scale)
+        torch.testing.assert_close(got, want)
+        if scale > 100.0:
+            torch.testing.assert_close(got, at_max)
+
+
+@needs_kernel
 def test_torch_compile_temperature_check_in_graph():
     torch._dynamo.reset()
     a, p, n, _ = make_inputs("shared", B=4, K=30, d=3, dtype=torch.float32)

@@ -96,6 +96,22 @@ def test_queue_wraps_around_and_keeps_the_newest():
     assert sorted(q.negatives()[:, 0].tolist()) == [4, 6, 8, 10, 12]
 
 
+def test_queue_enqueues_its_own_rows():
+    """Keys that are rows of the queue itself (``q.enqueue(q.negatives())``, a slice of it) are copied before the
+    writes overlap them (a mutation audit: without the copy the whole queue came out [6, 7, 6, 7] and a slice raised
+    torch's "refer to a single memory location")."""
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.arange(8.0)[:, None])  # rows [4, 5, 6, 7]: the newest 4, written from position 0 after a wrap
+    q.enqueue(torch.tensor([[8.0], [9.0]]))  # rows [8, 9, 6, 7], ptr 2
+    assert q.queue.flatten().tolist() == [8.0, 9.0, 6.0, 7.0] and int(q.ptr) == 2
+    q.enqueue(q.negatives())  # the same 4 keys again, written from ptr 2 with a wrap
+    assert q.queue.flatten().tolist() == [6.0, 7.0, 8.0, 9.0] and int(q.ptr) == 2
+    q2 = cb.NegativeQueue(4, 1)
+    q2.enqueue(torch.arange(4.0)[:, None])
+    q2.enqueue(q2.negatives()[1:3])  # rows 1, 2 written over rows 0, 1
+    assert q2.queue.flatten().tolist() == [1.0, 2.0, 2.0, 3.0]
+
+
 def test_queue_detaches_casts_and_saves_state():
     q = cb.NegativeQueue(4, 3, dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
