@@ -722,3 +722,94 @@ def test_compare_bounds_definedness_claim_is_checked_from_the_data(tmp_path, mon
     assert f"Ash et al. {ash}" in report
     nozawa_sato = "20 of 40 values of K" if broken == "nozawa_sato" else "31 of 40 values of K, K = 10 ... 40"
     assert f"Nozawa & Sato {nozawa_sato}" in report
+
+
+def _verdicts(section, words):
+    return [c.verdict for c in section.claims if words in c.text]
+
+
+def test_bound_claims_are_refuted_by_a_single_counterexample(tmp_path, monkeypatch):
+    """Each claim's verdict from crafted rows that break it at one point only (a mutation audit: .all() -> .any(),
+    a looser tolerance, a dropped condition each passed every test, because the real data satisfy both forms)."""
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce import curves
+
+    s = make_settings("tiny")
+    real_vs_k, real_compare = curves.bounds_vs_k_rows, curves.compare_bounds_rows
+    assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the upper bound's gap") == ["supported"]
+
+    def bumped(*args, **kwargs):  # the upper gap rises by 5e-3 once (C = 10, K = 20): not monotone
+        rows = real_vs_k(*args, **kwargs)
+        at = {r["K"]: r for r in rows if r["C"] == 10}
+        at[20]["upper_on_supv"] = at[19]["upper_on_supv"] + 5e-3
+        return rows
+
+    monkeypatch.setattr(curves, "bounds_vs_k_rows", bumped)
+    assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the upper bound's gap") == ["NOT supported"]
+
+    base = curves.run_compare_bounds(s, str(tmp_path))
+    assert _verdicts(base, "Ours is smaller than Ash") == ["supported"]
+    assert _verdicts(base, "Where ours is non-vacuous (<= log C), Ash") == ["supported"]
+
+    def ash_below_once(*args, **kwargs):  # Ash et al. below ours at one K
+        rows = real_compare(*args, **kwargs)
+        rows[19]["bound_ash"] = rows[19]["bound_ours"] - 0.1
+        return rows
+
+    monkeypatch.setattr(curves, "compare_bounds_rows", ash_below_once)
+    assert _verdicts(curves.run_compare_bounds(s, str(tmp_path)), "Ours is smaller than Ash") == ["NOT supported"]
+
+    def ours_vacuous(*args, **kwargs):  # ours above log C at every K: nowhere non-vacuous, nothing to compare
+        rows = real_compare(*args, **kwargs)
+        for r in rows:
+            r["bound_ours"] += 100.0
+        return rows
+
+    monkeypatch.setattr(curves, "compare_bounds_rows", ours_vacuous)
+    assert _verdicts(curves.run_compare_bounds(s, str(tmp_path)),
+                     "Where ours is non-vacuous (<= log C), Ash") == ["NOT supported"]
+
+
+def test_training_claims_are_refuted_by_a_single_counterexample():
+    """The digits experiment's claims from crafted final rows (a mutation audit's survivors): Arora et al. defined
+    and larger than ours but not vacuous; an upper gap equal at two K (not decreasing); outside the interval at an
+    earlier epoch though inside at the final one."""
+    from contrastbound.reproduce._common import Section
+    from contrastbound.reproduce.training import _containment_claims, _earlier_claims, _gap_claims
+
+    final = [dict(K=k, seed=0, upper_test=1.0, R_supv_test=0.5, lower_test=0.1, upper_train=1.0, R_supv_train=0.5,
+                  arora_test=2.0, nozawa_sato_test=5.0, ash_test=5.0) for k in (16, 32)]
+    sec = Section("x", "x")
+    _earlier_claims(sec, final, 10)  # log 10 = 2.30 > Arora's 2.0: not vacuous
+    assert _verdicts(sec, "smaller than Arora") == ["NOT supported"]
+    sec = Section("x", "x")
+    _gap_claims(sec, final, [16, 32])
+    assert _verdicts(sec, "decreases as K grows")[0] == "NOT supported"  # (the training-set claim; test: measured)
+
+    def row(epoch, inside):
+        r = dict(K=16, seed=0, epoch=epoch)
+        for split in ("train", "test"):
+            lower = 0.6 if (split == "train" and not inside) else 0.1
+            r.update({f"lower_{split}": lower, f"upper_{split}": 1.0, f"R_supv_{split}": 0.5,
+                      f"R_cont_se_{split}": 0.01, f"inside_{split}": lower <= 0.5})
+        return r
+
+    rows = [row(0, False), row(1, True)]
+    sec = Section("x", "x")
+    _containment_claims(sec, rows, rows[1:], "K x epoch")
+    assert _verdicts(sec, "measured supervised loss lies")[0] == "NOT supported"
+
+
+def test_k_scaling_memory_claim_is_refuted_by_more_memory(tmp_path, monkeypatch):
+    # fused 15 MiB against naive's 10 MiB at every K: "less extra memory" is not supported (a mutation audit: a
+    # comparison loosened to <= 2x passed every test)
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce import kscaling
+
+    def measure(method, K, settings, device, seed):
+        return dict(method=method, K=K, loss=1.0, time_s=0.01, time_min_s=0.01,
+                    peak_extra_mib=15.0 if method == "fused" else 10.0, logits_mib=1.0)
+
+    monkeypatch.setattr(kscaling, "measure", measure)
+    sec = kscaling.run_k_scaling(make_settings("tiny"), str(tmp_path), 0, "cpu", show_progress=False)
+    assert _verdicts(sec, "less extra memory") == ["NOT supported"]
