@@ -265,6 +265,27 @@ def test_coupon_closed_forms_large_C(C):
     assert abs(B.coupon_collector_probability(n, C, log=True) - math.log1p(-x)) < 1e-15
 
 
+def test_coupon_many_groups_near_one_against_three_bonferroni_terms():
+    """300 distinct prior values (more groups than inclusion-exclusion takes), n = 3800: s = sum (1 - pi_c)^n =
+    1.4e-3, past the two-term Bonferroni branch (s <= 1e-5, error <= s^2 / 6). Against S1 - S2 + S3 (the next term
+    <= s^4 / 24, 1.2e-10 of log upsilon): 1e-9 relative (a mutation audit moved that branch's threshold to 1e-2,
+    2.9e-7 off, and no test saw it)."""
+    w = 1.0 + np.arange(300) / 1000.0
+    pi = w / w.sum()
+    n = 3800
+    s1 = np.sum((1 - pi) ** n)
+    i, j = np.triu_indices(300, 1)
+    s2 = np.sum((1 - pi[i] - pi[j]) ** n)
+    s3 = 0.0
+    for a in range(300):  # triples a < b < c
+        b, c = np.triu_indices(300 - a - 1, 1)
+        s3 += np.sum((1 - pi[a] - pi[a + 1 + b] - pi[a + 1 + c]) ** n)
+    assert 1e-3 < s1 < 2e-3
+    want = math.log1p(-(s1 - s2 + s3))
+    got = B.coupon_collector_probability(n, prior=pi, log=True)
+    assert abs(got - want) <= 1e-9 * abs(want), (got, want)
+
+
 def test_coupon_methods_agree_where_both_apply():
     # the saddle-point Cauchy integral against the inclusion-exclusion region, and Bonferroni for a general prior
     for C in (300, 10_000):
@@ -638,6 +659,10 @@ def test_scalar_and_array_outputs():
         (lambda: B.arora(10**400, 30, 10), ValueError, "contrastive_loss holds a number too large"),
         (lambda: B.delta_upper(3, 10, norm_bound=10**400), ValueError, "norm_bound"),
         (lambda: B.delta_upper(2**70, 10), ValueError, "K is too large"),
+        # a float K past 2^53 is not an exact count (float64 spacing 2 or more): refused, not rounded (a mutation
+        # audit: with the limit at 2^63 a float K of 2^60 gave a Delta_U of -38.4)
+        (lambda: B.delta_upper(2.0**60, 10), ValueError, "K is too large to be represented exactly"),
+        (lambda: B.delta_upper(1e18, 10), ValueError, "K is too large to be represented exactly"),
         # an int below int64 is too small, not too large, and names its own value (a review's find: "K is too large
         # (above 2^63 - 1), got 5"; norm_bound -10**400 was quoted as inf)
         (lambda: B.delta_upper(-(10**30), 10), ValueError, r"K must be an integer >= 1, got -10{30}"),
