@@ -497,3 +497,73 @@ def test_an_infinite_lse_weighs_finite_logits_zero_not_nan():
     for x, y in zip(out[torch.inf], out[1e30]):
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, y)
+
+
+def _weighted_clip_grads(img, txt, scale, weights, fn, **kwargs):
+    """Gradients of sum_i weights_i loss_i (per pair, reduction "none") with respect to both feature sets."""
+    i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    (fn(i, t, scale, reduction="none", **kwargs).double() * weights).sum().backward()
+    return i.grad.double(), t.grad.double()
+
+
+def _naive_per_pair(img, txt, scale, reduction="none", normalize=True):
+    if normalize:
+        img, txt = F.normalize(img, dim=-1, eps=1e-12), F.normalize(txt, dim=-1, eps=1e-12)
+    logits = scale * img @ txt.T
+    target = torch.arange(img.shape[0])
+    loss = 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+    return loss if reduction == "none" else loss.sum()
+
+
+def test_one_exponential_backward_with_exact_large_logits_carries_the_lse_residuals():
+    """Integer features, scale 1, normalize=False: every logit (~1.2e4, a few units apart) is exact in float32 and
+    every tile's lse lie within the one-exponential window, so the error is the kernel's own. Gradients within 2x naive
+    float32's (2.8e-7 vs 3.7e-7); leaving out the rows' or the columns' lse residual there gave 4.4e-4 / 4.8e-4 and
+    no test saw it (a mutation audit)."""
+    g = torch.Generator().manual_seed(0)
+    N, d = 16, 4
+    base = torch.tensor([110.0, 0.0, 0.0, 0.0])
+    img = base + F.pad(torch.randint(-1, 2, (N, d - 1), generator=g).float(), (1, 0))
+    txt = base + F.pad(torch.randint(-1, 2, (N, d - 1), generator=g).float(), (1, 0))
+    w = torch.rand(N, generator=g, dtype=torch.float64)
+    want = _weighted_clip_grads(img.double(), txt.double(), 1.0, w, _naive_per_pair, normalize=False)
+    errors = []
+    for fn in (cb.clip_loss, _naive_per_pair):
+        got = _weighted_clip_grads(img, txt, 1.0, w, fn, normalize=False)
+        errors.append(max(((x - y).norm() / y.norm()).item() for x, y in zip(got, want)))
+    assert errors[0] <= 2 * errors[1] + 1e-7, errors
+
+
+def test_small_upstream_gradients_with_a_wide_lse_spread_keep_their_accuracy():
+    """Image 0 and texts 0-3 near duplicates at logit scale 60: row 0's lse ~60, the others' ~15, a spread within a
+    tile past the one-exponential window (20), with upstream gradients 1e-26 (normal, but g e^{lo - lse} is not
+    where lse - lo > 20 + 87). Per-row gradient error against float64 at 1e-5 (6.4e-7 here; a window widened to 80
+    gave 1.9e-2 and no test saw it: a mutation audit)."""
+    g = torch.Generator().manual_seed(0)
+    N, d, scale = 8, 16, 60.0
+    img = torch.randn(N, d, generator=g, dtype=torch.float64)
+    txt = torch.randn(N, d, generator=g, dtype=torch.float64)
+    txt[:4] = img[0] + 0.01 * torch.randn(4, d, generator=g, dtype=torch.float64)
+    for w in (1.0, 1e-26):
+        weights = torch.full((N,), w, dtype=torch.float64)
+        want = _weighted_clip_grads(img, txt, scale, weights, _naive_per_pair)
+        got = _weighted_clip_grads(img.float(), txt.float(), scale, weights, cb.clip_loss)
+        for x, y in zip(got, want):
+            err = ((x - y).norm(dim=1) / y.norm(dim=1)).max().item()
+            assert err < 1e-5, (w, err)
+
+
+def test_rows_below_the_norm_clamp_follow_f_normalize():
+    """Rows of norm below F.normalize's eps (1e-12) are divided by eps, not by their norm, and their Jacobian has no
+    radial part: gradients as F.normalize's, float64 (a mutation audit: the clamped rows' Jacobian factor changed to
+    inv^2 gave errors of 1e11 on gradients of 3e12, and no CLIP test saw it; info_nce had such a test)."""
+    torch.manual_seed(0)
+    N, d = 6, 5
+    img, txt = torch.randn(N, d, dtype=torch.float64), torch.randn(N, d, dtype=torch.float64)
+    img[2] *= 1e-13 / img[2].norm()
+    txt[4] *= 3e-13 / txt[4].norm()
+    weights = torch.ones(N, dtype=torch.float64)
+    got = _weighted_clip_grads(img, txt, 5.0, weights, cb.clip_loss)
+    want = _weighted_clip_grads(img, txt, 5.0, weights, _naive_per_pair)
+    for x, y in zip(got, want):
+        assert ((x - y).abs().max() / y.abs().max()).item() < 1e-12
