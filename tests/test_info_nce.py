@@ -922,6 +922,36 @@ def test_loss_without_the_positive_at_large_exact_logits_keeps_float32_accuracy(
     assert abs(got.item() - want.item()) <= 1e-6 * want.item(), (got.item(), want.item())
 
 
+@pytest.mark.parametrize("mode", ["in_batch", "bank_cross_entropy"])
+def test_a_positive_that_is_a_bank_row_takes_its_logit_from_the_tile_product(mode):
+    """Where the positive is the bank row left out of the sum (in-batch, bank_cross_entropy's target), its logit is
+    the tile product's, as its near duplicates' are: the float32 loss equals the log-sum-exp of the product's own
+    logits, (s a) p^T (one tile here), minus that entry, to float32 rounding of the loss. Formed apart (a dot product
+    in prepare) it differed from theirs by ~eps |l|: with a near duplicate of the positive at logits ~1e4
+    (normalize=False) the loss was up to 85x and the gradient 94x naive float32's error (24x / 61x now: what is
+    left is the product's own rounding, which naive's a @ p^T happened to correlate)."""
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU kernel's tiles")
+    g = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(40):
+        N, d = int(torch.randint(2, 60, (), generator=g)), int(torch.randint(2, 40, (), generator=g))
+        a = torch.randn(N, d, dtype=torch.float64, generator=g) * 10
+        p = a + 0.3 * torch.randn(N, d, dtype=torch.float64, generator=g)
+        p[1 % N] = p[0] + 10 ** float(torch.empty(()).uniform_(-4, -1, generator=g)) * torch.randn(
+            d, dtype=torch.float64, generator=g)
+        a, p = a.float(), p.float()
+        logits = ((a * 10.0) @ p.T).double()  # the kernel's product: s a, then one GEMM (N <= 256: one tile)
+        target = torch.arange(N)
+        if mode == "in_batch":
+            got = cb.info_nce(a, p, temperature=0.1, normalize=False, reduction="none")
+        else:
+            got = cb.bank_cross_entropy(a, p, target, temperature=0.1, normalize=False, reduction="none")
+        want = torch.logsumexp(logits, 1) - logits[target, target]
+        worst = max(worst, ((got.double() - want).abs() / want.abs().clamp_min(1e-3)).max().item())
+    assert worst < 1e-6, worst
+
+
 def test_info_nce_lse_of_an_empty_set_gives_a_learnable_temperature_no_gradient():
     # K = 0 without the positive: lse = -inf does not depend on the temperature, so d loss / d t = 0 (the empty
     # rows are masked in the exact temperature gradient; a mutation audit's find: unmasked it was 0.157, finite and

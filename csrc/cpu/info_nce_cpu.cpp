@@ -295,6 +295,9 @@ struct Partials {
   int64_t chunks = 0, B = 0, d = 0;
   std::vector<LseState<acc_t>> state;  // (chunks, B)
   Tensor weighted;                     // (chunks, B, d) or undefined
+  // (B) or empty: each positive's logit as the tile product formed it, where the positive is the bank row left
+  // out of its sum (see Excluded::pos_is_row); else prepare's pos_logit.
+  std::vector<acc_t> tile_pos;
   acc_t* weighted_ptr(int64_t c, int64_t i) { return weighted.template data_ptr<acc_t>() + (c * B + i) * d; }
 };
 
@@ -303,6 +306,11 @@ struct Partials {
 struct Excluded {
   bool self = false;
   const int64_t* rows = nullptr;
+  // (B) or nullptr: whether anchor i's positive is the excluded bank row itself (equal values: in-batch, a pair
+  // side, bank_cross_entropy's target). Its logit is then taken from the tile product, as its near duplicates'
+  // are: formed apart (prepare's dot product) it differed from theirs by ~eps |l|, which the weights e^{l - l_0}
+  // and the loss inherit (normalize=False at logits ~1e3-1e4 with a near duplicate: 94x naive float32's error).
+  const uint8_t* pos_is_row = nullptr;
   bool any() const { return self || rows != nullptr; }
   int64_t of(int64_t i) const { return self ? i : (rows != nullptr ? rows[i] : int64_t(-1)); }
 };
@@ -352,6 +360,13 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         const Tensor tile = load_bank_tile<scalar_t, acc_t>(bank, k0, tk, inv_t, normalize, tile_buf);
         Tensor l = logits.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
+        if (ex.pos_is_row != nullptr) {  // the positives in this tile, before they are masked out (see Excluded)
+          const acc_t* lp = l.template data_ptr<acc_t>();
+          for (int64_t r = 0; r < bb; ++r) {
+            const int64_t col = ex.of(i0 + r) - k0;
+            if (ex.pos_is_row[i0 + r] && col >= 0 && col < tk) parts.tile_pos[i0 + r] = lp[r * tk + col];
+          }
+        }
         if (ex.any()) mask_excluded<acc_t>(l, i0, k0, ex, -std::numeric_limits<acc_t>::infinity());
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
@@ -537,7 +552,8 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
   parallel_for_tls(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       LseState<acc_t> st, neg;  // with the positive (lse, V); the negatives alone (the loss: softplus_loss)
-      if (include_positive) st = LseState<acc_t>{pr.pos_logit[i], acc_t(1)};
+      const acc_t l0 = parts.tile_pos.empty() ? pr.pos_logit[i] : parts.tile_pos[i];
+      if (include_positive) st = LseState<acc_t>{l0, acc_t(1)};
       acc_t* vi = save ? v + i * d : nullptr;
       for (int64_t c = 0; c < parts.chunks; ++c) {
         acc_t fa, fb;
@@ -549,7 +565,7 @@ ForwardOut finish_forward(const Prepared<acc_t>& pr, Partials<acc_t>& parts, boo
         if (include_positive) merge(neg, parts.state[c * B + i], fa, fb);
       }
       lse[i] = static_cast<double>(st.max) + std::log(static_cast<double>(st.sum));
-      loss[i] = include_positive ? softplus_loss(neg, pr.pos_logit[i]) : finalize_minus(st, pr.pos_logit[i]);
+      loss[i] = include_positive ? softplus_loss(neg, l0) : finalize_minus(st, l0);
       if (save) {
         const acc_t inv_sum = st.sum > acc_t(0) ? acc_t(1) / st.sum : acc_t(0);  // no negatives: V = 0
         for (int64_t j = 0; j < d; ++j) vi[j] *= inv_sum;
@@ -578,6 +594,7 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     if (save && parts.chunks > 0) parts.weighted = at::zeros({parts.chunks, B, d}, pr.anchors_s.options());
     std::vector<acc_t> inv, proj;
     bank_scales<scalar_t, acc_t>(negatives, normalize, inv, proj);
+    if (ex.pos_is_row != nullptr) parts.tile_pos = pr.pos_logit;
     if (parts.chunks > 0) forward_shared<scalar_t, acc_t>(pr, negatives, inv, normalize, ex, parts);
   } else {
     const int64_t K = mode == Mode::Indexed ? indices->size(1) : negatives.size(1);
@@ -911,7 +928,28 @@ std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& anchors, const Te
                                                  bool include_positive, bool save, const Excluded& ex) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto pr = prepare<scalar_t, acc_t>(anchors, positives, scale, normalize);
-  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save, ex);
+  // Shared bank with a row left out of each sum: which positives are that row itself (equal values; see Excluded).
+  std::vector<uint8_t> pos_is_row;
+  Excluded ex_pos = ex;
+  if (include_positive && ex.any() && !(indices.has_value() && indices->defined()) && negatives.dim() == 2) {
+    const int64_t B = anchors.size(0), d = anchors.size(1), K = negatives.size(0);
+    const scalar_t* p = positives.template data_ptr<scalar_t>();
+    const scalar_t* n = negatives.template data_ptr<scalar_t>();
+    const int64_t ps0 = positives.stride(0), ps1 = positives.stride(1);
+    const int64_t ns0 = negatives.stride(0), ns1 = negatives.stride(1);
+    pos_is_row.assign(static_cast<size_t>(B), 0);
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t k = ex.of(i);
+        if (k < 0 || k >= K) continue;
+        bool same = true;
+        for (int64_t j = 0; j < d && same; ++j) same = p[i * ps0 + j * ps1] == n[k * ns0 + j * ns1];
+        pos_is_row[i] = same ? 1 : 0;
+      }
+    });
+    ex_pos.pos_is_row = pos_is_row.data();
+  }
+  auto out = forward_impl<scalar_t, acc_t>(pr, negatives, indices, normalize, include_positive, save, ex_pos);
   return {out.loss, out.lse, out.anchor_term};
 }
 
