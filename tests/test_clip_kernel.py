@@ -511,7 +511,8 @@ def _naive_per_pair(img, txt, scale, reduction="none", normalize=True):
         img, txt = F.normalize(img, dim=-1, eps=1e-12), F.normalize(txt, dim=-1, eps=1e-12)
     logits = scale * img @ txt.T
     target = torch.arange(img.shape[0])
-    loss = 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+    loss = 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                  + F.cross_entropy(logits.T, target, reduction="none"))
     return loss if reduction == "none" else loss.sum()
 
 
