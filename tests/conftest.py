@@ -108,6 +108,18 @@ def make_inputs(
     return leaf(a), leaf(p), leaf(n), idx
 
 
+def near_duplicate_pairs(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random float32 problem at large logits (normalize=False): N in [2, 60) pairs of d in [2, 40) features of
+    norm ~30, each second item near its first (noise 0.3), and item 1's second a near duplicate of item 0's (noise
+    1e-4 ... 1e-1). Rounded to float32 from float64 draws, in a fixed order of g's calls."""
+    N, d = int(torch.randint(2, 60, (), generator=g)), int(torch.randint(2, 40, (), generator=g))
+    first = torch.randn(N, d, dtype=torch.float64, generator=g) * 10
+    second = first + 0.3 * torch.randn(N, d, dtype=torch.float64, generator=g)
+    second[1 % N] = second[0] + 10 ** float(torch.empty(()).uniform_(-4, -1, generator=g)) * torch.randn(
+        d, dtype=torch.float64, generator=g)
+    return first.float(), second.float()
+
+
 def loss_and_grads(fn, a, p, n, idx, **kw):
     """Loss and the gradients of (a, p, n) for a fixed random upstream gradient (so reduction='none' is covered)."""
     loss = fn(a, p, n, negative_indices=idx, **kw)

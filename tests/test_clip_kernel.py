@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 import contrastbound as cb
 from contrastbound import _backend
 
+from conftest import near_duplicate_pairs
+
 pytestmark = pytest.mark.skipif(not _backend.clip_kernel_serves(torch.device("cpu")),
                                 reason="the compiled CPU clip kernel is not loaded")
 
@@ -339,12 +341,7 @@ def test_large_logits_with_a_near_duplicate_are_as_accurate_as_naive_float32():
     g = torch.Generator().manual_seed(5)
     worst = {"grad": 0.0, "loss": 0.0}
     for _ in range(60):
-        N, d = int(torch.randint(2, 60, (), generator=g)), int(torch.randint(2, 40, (), generator=g))
-        img = torch.randn(N, d, dtype=torch.float64, generator=g) * 10
-        txt = img + 0.3 * torch.randn(N, d, dtype=torch.float64, generator=g)
-        txt[1 % N] = txt[0] + 10 ** float(torch.empty(()).uniform_(-4, -1, generator=g)) * torch.randn(
-            d, dtype=torch.float64, generator=g)
-        img, txt = img.float(), txt.float()
+        img, txt = near_duplicate_pairs(g)
         ref = _naive_float32_clip_and_grads(img.double(), txt.double(), 10.0, naive_clip)
         errors = []
         for fn in (cb.clip_loss, naive_clip):

@@ -20,6 +20,7 @@ from contrastbound import _backend
 from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference, nt_xent_reference
 
 from conftest import DEVICES, DTYPES, MODES, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs
+from conftest import near_duplicate_pairs
 
 
 def _reference_in_float64(a, p, n, idx, **kw):
@@ -935,12 +936,8 @@ def test_a_positive_that_is_a_bank_row_takes_its_logit_from_the_tile_product(mod
     g = torch.Generator().manual_seed(5)
     worst = 0.0
     for _ in range(40):
-        N, d = int(torch.randint(2, 60, (), generator=g)), int(torch.randint(2, 40, (), generator=g))
-        a = torch.randn(N, d, dtype=torch.float64, generator=g) * 10
-        p = a + 0.3 * torch.randn(N, d, dtype=torch.float64, generator=g)
-        p[1 % N] = p[0] + 10 ** float(torch.empty(()).uniform_(-4, -1, generator=g)) * torch.randn(
-            d, dtype=torch.float64, generator=g)
-        a, p = a.float(), p.float()
+        a, p = near_duplicate_pairs(g)
+        N = a.shape[0]
         logits = ((a * 10.0) @ p.T).double()  # the kernel's product: s a, then one GEMM (N <= 256: one tile)
         target = torch.arange(N)
         if mode == "in_batch":
