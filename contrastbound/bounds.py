@@ -16,7 +16,8 @@ Stable algorithms (docs/BOUNDS.md has the derivations):
   all (distinct prior value, K) pairs in one vectorised pass.
 * The coupon-collector probability ``upsilon_n``: ``n! [z^n] prod_c (e^{pi_c z} - 1)`` as a Cauchy integral on the
   saddle-point circle (trapezoid rule, ``10 sd + 48`` points, phases reduced exactly with integer arithmetic and
-  Stirling's series for ``log n!``); where the collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
+  Stirling's series for ``log n!``), or past a variance of 1e8 by its saddle-point (Edgeworth) series; where the
+  collision mass ``x = C (1 - 1/C)^n <= 5`` the (uniform) alternating
   inclusion-exclusion is used instead (cancellation at most e^{2x}, relative error ~1e-12); for a general prior,
   where ``s = sum_c (1 - pi_c)^n <= 5``, inclusion-exclusion over the multisets of prior groups whose terms can
   matter (pruned by ``prod_{c in S} (1 - pi_c)^n``, at most 4096 terms), accumulating ``1 - upsilon_n`` directly,
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_SADDLE_SERIES_MIN_VAR = 1e8  # the coupon collector's Cauchy integral by its saddle-point series beyond this variance
 _EULER_GAMMA = 0.57721566490153286061
 
 
@@ -514,19 +516,89 @@ def _dmu(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1e-5, 0.5 + x / 6.0, (em - xs * np.exp(-xs)) / (em * em))
 
 
+def _bernoulli_over_factorial(count: int) -> np.ndarray:
+    """B_m / m! for m = 0 .. count - 1 (B_1 = -1/2), exact in fractions, then rounded."""
+    from fractions import Fraction
+
+    b: list[Fraction] = []
+    for m in range(count):  # sum_{k <= m} binom(m + 1, k) B_k = 0 for m >= 1
+        b.append(Fraction(1) if m == 0 else -sum(math.comb(m + 1, k) * b[k] for k in range(m)) / (m + 1))
+    return np.array([float(v / math.factorial(m)) for m, v in enumerate(b)])
+
+
+_BERN = _bernoulli_over_factorial(48)
+# x^a u^b terms of D^j (x u), u = 1 / (e^x - 1), D = x d/dx, for j = 1 .. 5: D(x^a u^b) = a x^a u^b - b x^{a+1}
+# (u^b + u^{b+1}) (u' = -(u + u^2)).
+_XU_POLY: list[dict[tuple[int, int], int]] = []
+_term = {(1, 1): 1}
+for _ in range(5):
+    _nxt: dict[tuple[int, int], int] = {}
+    for (_a, _b), _c in _term.items():
+        for _key, _v in (((_a, _b), _a * _c), ((_a + 1, _b), -_b * _c), ((_a + 1, _b + 1), -_b * _c)):
+            _nxt[_key] = _nxt.get(_key, 0) + _v
+    _term = {k: v for k, v in _nxt.items() if v}
+    _XU_POLY.append(_term)
+del _term, _nxt
+
+
+def _ztp_cumulants(x: np.ndarray) -> list[np.ndarray]:
+    """kappa_2 .. kappa_6 of the zero-truncated Poisson(x): kappa_{j+1} = D^j mu(x) with D = x d/dx and
+    mu(x) = x + x u, u = 1 / (e^x - 1). Below x = 1 from x u = sum_m B_m x^m / m! (D^j x^m = m^j x^m; the series'
+    terms fall like (x / 2 pi)^m), above as polynomials in x and u. They enter only the saddle-point corrections,
+    terms of order 1/var and 1/var^2, so a relative error of 1e-12 in them would not show."""
+    out = []
+    small = x < 1.0
+    xs = np.where(small, x, 0.0)
+    xl = np.where(small, 1.0, x)
+    with np.errstate(over="ignore"):
+        u = 1.0 / np.expm1(xl)  # 0 for x past ~710
+    m = np.arange(1, _BERN.size)
+    powers = xs[..., None] ** m
+    for j in range(1, 6):
+        series = xs + powers @ (m.astype(np.float64) ** j * _BERN[1:])
+        poly = xl.copy()
+        for (a, b), c in _XU_POLY[j - 1].items():
+            poly = poly + c * xl**a * u**b
+        out.append(np.where(small, series, poly))
+    return out
+
+
+def _mu_m1(x: np.ndarray) -> np.ndarray:
+    """mu(x) - 1 = x / (1 - e^{-x}) - 1 without the cancellation near x = 0: below x = 1 its series
+    x + sum_{m >= 1} B_m x^m / m! = x / 2 + x^2 / 12 - ..."""
+    small = x < 1.0
+    xs = np.where(small, x, 0.0)
+    series = xs + (xs[..., None] ** np.arange(1, _BERN.size)) @ _BERN[1:]
+    return np.where(small, series, _mu(np.where(small, 1.0, x)) - 1.0)
+
+
+_SINHC_SERIES = (1.0 / 24, -1.0 / 2880, 1.0 / 181440, -1.0 / 9676800, 1.0 / 479001600)
+
+
+def _log_sinhc_half(w: np.ndarray) -> np.ndarray:
+    """log(sinh(w/2) / (w/2)) = w^2/24 - w^4/2880 + ... for |w| < 0.2 (the next term < 5e-18 |w|^2)."""
+    w2 = w * w
+    acc = np.zeros_like(w)
+    for c in reversed(_SINHC_SERIES):
+        acc = acc * w2 + c
+    return acc * w2
+
+
 def _saddle_radius(n: np.ndarray, p: _Prior) -> np.ndarray:
     """r with sum_c mu(pi_c r) = n (n > C); Newton on a convex increasing function from the right."""
-    n = n.astype(np.float64)
     if p.uniform:
-        rho = n / p.num_classes
-        x = np.where(rho < 2.0, 2.0 * (rho - 1.0), rho)
+        C = p.num_classes
+        # mu(x) - 1 = (n - C) / C, the excess formed in integers: n / C - 1 lost it past 2^53 classes (n = C + 1
+        # read as C: x = 0, and log upsilon NaN)
+        excess = (n - C).astype(np.float64) / C
+        x = np.where(excess < 1.0, 2.0 * excess, excess + 1.0)
         for _ in range(60):
-            mu = _mu(x)
-            step = (mu - rho) / _dmu(x)
+            step = (_mu_m1(x) - excess) / _dmu(x)
             x = np.maximum(x - step, 0.5 * x)
             if np.all(np.abs(step) <= 1e-14 * x):
                 break
-        return x * p.num_classes
+        return x * C
+    n = n.astype(np.float64)
     r = n.copy()  # mu(x) >= x so the root is <= n
     vals, cnts = p.values[None, :], p.counts[None, :]
     for _ in range(200):
@@ -569,7 +641,8 @@ def _log_coupon_bonferroni2(n: np.ndarray, p: _Prior, log_s1: np.ndarray) -> np.
 
 
 def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
-    """log upsilon_n for n > C by the trapezoid rule on the saddle-point circle."""
+    """log upsilon_n for n > C by the trapezoid rule on the saddle-point circle, or by the integral's saddle-point
+    series where the tilted count's variance passes _SADDLE_SERIES_MIN_VAR."""
     out = np.empty(n.shape, dtype=np.float64)
     if n.size == 0:
         return out
@@ -582,8 +655,14 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         excess = np.where(x > 1e-300, 1.0 - x / np.expm1(np.maximum(x, 1e-300)), 0.5 * x)
     var = (p.counts[None, :] * mu * excess).sum(1)
-    # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
-    M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
+    # Where var is large the trapezoid sum (10 sd points over the circle, ~0.1 sd of them inside the cut below: 4e8
+    # points, and the memory for them in one block, at C = 2^55, n = 2C) gives way to its saddle-point series: the
+    # integral over the circle divided by the value at theta = 0 is P(X = n) for X the sum of independent
+    # zero-truncated Poisson(x_c) variables (mean n at the saddle point), and its local Edgeworth expansion at the
+    # mean is (1 + rho4 / 8 - 5 rho3^2 / 24 + [-rho6 / 48 + 35 rho4^2 / 384 + 7 rho3 rho5 / 48 - 35 rho3^2 rho4 / 64
+    # + 385 rho3^4 / 1152]) / sqrt(2 pi var), rho_j = kappa_j / var^{j/2} = O(var^{1 - j/2}): the first omitted
+    # terms are O(1 / var^3), below 1e-24 past var = 1e8, where the trapezoid rule needs 1e5 points.
+    series = var > _SADDLE_SERIES_MIN_VAR
     # log of the integrand's modulus at theta = 0, with log n! by Stirling so nothing large cancels:
     # log n! - n log r + sum_c log(e^{x_c} - 1) = stirlerr(n) + log(2 pi n)/2 + n (log n - log r) + r - n
     #   ... with sum_c log(e^{x_c} - 1) = r + sum_c log(1 - e^{-x_c}). Near r = n, r - n + n (log n - log r) =
@@ -591,7 +670,7 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     #   lose n eps of absolute accuracy, so the logs are taken directly there.
     u = r / nf - 1.0
     near = np.abs(u) < 0.5
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # (u rounds to -1 for r << n past 2^53: that branch unused)
         mid = np.where(near, nf * (u - np.log1p(u)), r - nf + nf * (np.log(nf) - np.log(r)))
     log_base = (
         _stirlerr(nf)
@@ -599,6 +678,26 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
         + mid
         + (p.counts[None, :] * np.log(-np.expm1(-x))).sum(1)
     )
+    if np.any(series):
+        ks = [(p.counts[None, :] * k).sum(1) for k in _ztp_cumulants(x[series])]
+        v = ks[0]
+        rho3, rho4, rho5, rho6 = (ks[j - 2] / v ** (0.5 * j) for j in (3, 4, 5, 6))
+        first = rho4 / 8.0 - 5.0 * rho3**2 / 24.0
+        second = (
+            -rho6 / 48.0 + 35.0 * rho4**2 / 384.0 + 7.0 * rho3 * rho5 / 48.0 - 35.0 * rho3**2 * rho4 / 64.0
+            + 385.0 * rho3**4 / 1152.0
+        )
+        out[series] = log_base[series] - 0.5 * (_LOG_2PI + np.log(v)) + np.log1p(first + second)
+        if np.all(series):
+            return out
+        keep = ~series  # the trapezoid rule for the rest
+        n, nf, r, x, var, log_base = n[keep], nf[keep], r[keep], x[keep], var[keep], log_base[keep]
+        todo = np.nonzero(keep)[0]
+    else:
+        todo = np.arange(n.size)
+    excess = n - int(p.num_classes)  # draws beyond one per class (int64)
+    # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
+    M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
     log1mex = np.log(-np.expm1(-x))  # (N, G): log(1 - e^{-x})
     log_e0 = x + log1mex  # log(e^x - 1) without overflow, subtracted below
     # Only the arc where the integrand can matter is summed: |e^w - 1| <= e^{x cos(theta)} + 1 bounds the modulus
@@ -639,20 +738,32 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
         logsum = np.zeros(rid.size, dtype=np.complex128)
         for g in range(G):
             xg = x[rid, g]
-            w = xg * e
-            right = w.real >= 0.0
-            lg = np.empty_like(w)
-            # log(e^w - 1) - log(e^x - 1) = x (e^{i theta} - 1) + log(1 - e^{-w}) - log(1 - e^{-x}) on the right
-            # half-plane (no overflow; w - x formed as a difference would lose eps x, 2e-9 for a class of x = 1e7,
-            # and the result n eps), directly on the left (the integrand is below e^-x of its peak there)
-            lg[right] = xg[right] * em1[right] + (np.log(-_expm1_complex(-w[right])) - log1mex[rid[right], g])
-            lg[~right] = np.log(_expm1_complex(w[~right])) - log_e0[rid[~right], g]
+            lg = np.empty(rid.size, dtype=np.complex128)
+            # Each class's factor (e^w - 1) / (e^x - 1), w = x e^{i theta}, without its phase e^{i theta}: the C
+            # phases are joined to z^-n's exactly below ((n - C) theta mod 2 pi), where C theta formed in float64
+            # lost it all past C ~ 1e15 (S came out negative at C = 2^55). log of ((e^w - 1) / w) / ((e^x - 1) / x)
+            # = (w - x) / 2 + s(w) - s(x), s(w) = log(sinh(w/2) / (w/2)): by its series where |w| = x < 0.2 (the
+            # logs' rounding, eps each, times C would be larger than these O(x) terms); else on the right half-plane
+            # x (e^{i theta} - 1) + log(1 - e^{-w}) - log(1 - e^{-x}) - i theta (no overflow; w - x formed as a
+            # difference would lose eps x, 2e-9 for a class of x = 1e7, and the result n eps), and directly on the
+            # left (the integrand is below e^-x of its peak there).
+            tiny = xg < 0.2
+            if np.any(tiny):
+                wt = xg[tiny] * e[tiny]
+                lg[tiny] = 0.5 * xg[tiny] * em1[tiny] + _log_sinhc_half(wt) - _log_sinhc_half(xg[tiny])
+            right = ~tiny & (np.cos(theta) >= 0.0)
+            wr = xg[right] * e[right]
+            lg[right] = xg[right] * em1[right] + (np.log(-_expm1_complex(-wr)) - log1mex[rid[right], g])
+            left = ~tiny & ~right
+            lg[left] = np.log(_expm1_complex(xg[left] * e[left])) - log_e0[rid[left], g]
+            lg[~tiny] -= 1j * theta[~tiny]  # log(e^w - 1) - log w = ... - log x - i theta: the log x cancels
             logsum += p.counts[g] * lg
-        phase = (2.0 * np.pi) * (np.mod(n[rid] * j, Mr) / Mr)  # n theta mod 2 pi, exactly
+        # (n - C) theta mod 2 pi, exactly: (n - C) j mod M in integers ((n - C) mod M first: (n - C) j can pass 2^63)
+        phase = (2.0 * np.pi) * (np.mod(np.mod(excess[rid], Mr) * j, Mr) / Mr)
         term = np.exp(logsum.real) * np.cos(logsum.imag - phase)
         weight = np.where((j == 0) | (2 * j == Mr), 1.0, 2.0)
         S = np.bincount(rid - start, weights=weight * term, minlength=rows.size) / M[rows]
-        out[rows] = log_base[rows] + np.log(S)
+        out[todo[rows]] = log_base[rows] + np.log(S)
         start = stop
     return out
 
@@ -830,7 +941,10 @@ def coupon_collector_probability(draws: Any, num_classes: int | None = None, pri
     groups) or
     an absolute error ~1e-12 in log upsilon_n (the Cauchy integral: 4e-13 at n = 10^7, where log upsilon_n =
     -1.7e-4, and 1e-11 at n = 10^6, each within the reference's Bonferroni bracket, with 300 distinct values in
-    mpmath). ``log=True`` returns log upsilon_n, which stays accurate where upsilon_n underflows (e.g. C!/C^C).
+    mpmath). Past a variance of 1e8 of the saddle point's tilted count (large C and n) the integral is taken by its
+    saddle-point series (error ~1e-24), so any C and n up to 2^63 - 1 take milliseconds (1e-14 relative in log
+    upsilon_n against closed forms at C = 2^62). ``log=True`` returns log upsilon_n, which stays accurate where
+    upsilon_n underflows (e.g. C!/C^C).
     """
     n, scalar = _as_counts("draws", draws, 0)
     p = _resolve_prior(num_classes, prior)
@@ -851,10 +965,11 @@ def _LOG1P(m, kk):  # noqa: N802  (a marker: g(m) = log(1 + m), served from a ta
 _BLOCK = 1 << 16  # window points per vectorised block (a few (points,) float64 temporaries, reused)
 
 
-def _one_side(kf, start, ratio, steps, base, sign, g, table, g_mode, sum_w, sum_wg) -> None:
+def _one_side(kf, start, rest, ratio, steps, base, sign, g, table, g_mode, sum_w, sum_wg) -> None:
     """sum_w[j] = sum_{i < steps_j} w_i and sum_wg[j] = sum_i w_i (g(m_i) - g_mode_j) for one side of every window:
     w_i = prod_{t <= i} (K - s - t) / (s + 1 + t) * ratio (the pmf of Bin(K, p) relative to s, walking up from
-    s = start; ratio = p/q) and m_i = base + sign (i + 1).
+    s = start; ratio = p/q) and m_i = base + sign (i + 1). rest = K - s, formed by the caller in integers: as
+    kf - s it cancelled to 0 for s = K - 1 once K > 2^53 (the walk below the mode lost its first step).
 
     Sides are sorted by length and processed in blocks of similar length (padding <= ~25%, given weight 0). A block
     is a (steps, sides) array. Its running product is a Python loop over steps (numpy's accumulate along axis 0 is
@@ -885,7 +1000,7 @@ def _one_side(kf, start, ratio, steps, base, sign, g, table, g_mode, sum_w, sum_
         i = step_i.astype(np.float64)[:, None]
         s = start[rows]
         # r = pmf(s + i + 1) / pmf(s + i) of Bin(K, p_side) = (K - s - i) / (s + i + 1) * p_side / q_side (<= 1)
-        np.subtract((kf[rows] - s)[None, :], i, out=r)
+        np.subtract(rest[rows][None, :], i, out=r)
         np.add((s + 1.0)[None, :], i, out=d)
         r /= d
         r *= ratio[rows][None, :]
@@ -988,8 +1103,9 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     modef = mode.astype(np.float64)
     with np.errstate(over="ignore"):  # q/p of a (denormal) tiny p; used only where its side has steps: p >= 1/(K+1)
         odds, inv_odds = p / q, q / p
-    _one_side(kf, modef, odds, up, mode, 1, g, table, g_mode, w_up, wg_up)
-    _one_side(kf, kf - modef, inv_odds, down, mode, -1, g, table, g_mode, w_dn, wg_dn)
+    above = (kk - mode).astype(np.float64)  # K - mode, exact in int64 (K - 1 is not a float64 past 2^53)
+    _one_side(kf, modef, above, odds, up, mode, 1, g, table, g_mode, w_up, wg_up)
+    _one_side(kf, above, modef, inv_odds, down, mode, -1, g, table, g_mode, w_dn, wg_dn)
     out[part] = g_mode + (wg_up + wg_dn) / (1.0 + w_up + w_dn)
     return out.reshape(shape)
 

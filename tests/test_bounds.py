@@ -814,3 +814,77 @@ def test_half_precision_tensor_k():
     # K as a bfloat16 / float16 tensor: numpy has no bfloat16 ("Got unsupported ScalarType BFloat16" before)
     for dtype in (torch.bfloat16, torch.float16):
         assert B.delta_upper(torch.tensor([4.0, 64.0], dtype=dtype), 3).tolist() == B.delta_upper([4, 64], 3).tolist()
+
+
+# ---- past 2^53: K, C and n beyond float64's integers ----
+
+
+def mp_poisson_expect_log1p(lam, a=1.0, c=1.0):
+    """E log(a + c m) for m ~ Poisson(lam), in mpmath (lam <= 2: 80 terms leave < 1e-60)."""
+    with mpmath.workdps(40):
+        lam = mpmath.mpf(lam)
+        return float(sum(mpmath.exp(-lam) * lam**m / mpmath.factorial(m) * mpmath.log(a + c * m) for m in range(80)))
+
+
+@pytest.mark.parametrize("e", [54, 58, 62])
+def test_binomial_expectations_with_k_past_2_to_the_53(e):
+    # K = C (and 3C/2, C/3) past 2^53: the walk below the mode started from K - mode formed in float64, which is K
+    # for mode = 1, so its first step had weight 0 and P(m = 0) was dropped (collision term 0.907 for 0.573). Bin(K,
+    # 1/C) is Poisson(K/C) to O(1/C) < 1e-16 here.
+    C = 2**e
+    for K, lam in ((C, 1.0), (3 * C // 2, 1.5), (C // 3, 1 / 3)):
+        assert rel_err(B.collision_term(K, C), mp_poisson_expect_log1p(lam)) < 1e-14
+    # min_contrastive_loss: E log(1 + m + (K - m) e^-2) = log(K e^-2) + E log(1 + ...) -> its leading term to eps
+    assert rel_err(B.min_contrastive_loss(C, C), math.log1p(C * math.exp(-2.0))) < 1e-14
+
+
+@pytest.mark.parametrize("e", [53, 55, 62])
+def test_coupon_closed_forms_past_2_to_the_53_classes(e):
+    # n = C + 1 and C + 2 with C past 2^53: n / C - 1 rounded to 0 (saddle point x = 0, NaN), and the trapezoid
+    # rule's C theta of the classes' phases lost all its digits in float64 (S < 0: NaN); both are formed in integers
+    # now. log upsilon_{C+1} = log(C! / C^C) + log(binom(C + 1, 2) / C), ..._{C+2}: binom(C + 2, 3) (3C + 1) / (4 C^2).
+    C = 2**e
+    with mpmath.workdps(60):
+        Cm = mpmath.mpf(C)
+        base = mpmath.loggamma(Cm + 1) - Cm * mpmath.log(Cm)
+        ref = [float(base), float(base + mpmath.log((Cm + 1) / 2)),
+               float(base + mpmath.log((Cm + 2) * (Cm + 1) * Cm / 6 * (3 * Cm + 1) / (4 * Cm**2)))]
+    got = B.coupon_collector_probability([C, C + 1, C + 2], C, log=True)
+    assert np.all(np.abs(np.asarray(got) - ref) <= 1e-14 * np.abs(ref)), (got, ref)
+
+
+def test_coupon_saddle_point_series_against_the_trapezoid_rule(monkeypatch):
+    # Past a variance of 1e8 the Cauchy integral is taken by its saddle-point (Edgeworth) series, two correction
+    # terms, error O(1 / var^3); at C = 2^55, n = 2C the trapezoid rule needed 4e8 points in one block (killed for
+    # memory). Where both run (var 1e4 .. 1e9) they agree to the trapezoid rule's accuracy: two independent
+    # evaluations of one integral. C = 2^60 with n - C = 1e6: the trapezoid rule's phases there are those formed in
+    # integers.
+    cases = [(10**4, [3 * 10**4, 8 * 10**4]), (10**6, [10**6 + 10**5, 3 * 10**6, 8 * 10**6]),
+             (10**10, [10**10 + 10**7, 2 * 10**10]),
+             (2**60, [2**60 + 10**6, 2**60 + 10**8])]
+    for C, ns in cases:
+        n, p = np.array(ns, dtype=np.int64), B._resolve_prior(C, None)
+        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", math.inf)
+        trapezoid = B._log_coupon_cauchy(n, p)
+        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", 0.0)
+        series = B._log_coupon_cauchy(n, p)
+        monkeypatch.undo()
+        assert np.all(np.isfinite(trapezoid))
+        # the trapezoid rule's rounding, ~eps per class and point, times C classes: 9e-11 at C = 1e6, n = 3e6;
+        # at C = 1e4 (var 2.5e4) the series' second term is 1e-9 (a wrong coefficient shows)
+        assert np.all(np.abs(series - trapezoid) <= 1e-14 * (C + np.abs(trapezoid))), (C, series, trapezoid)
+    # a non-uniform prior: 50 distinct values, and three dominant classes among 1000 small ones
+    w = 1.0 + np.arange(50) / 10.0
+    for weights, ns in ((w, [1000, 3000]), (np.r_[np.ones(1000), 1e3 * np.ones(3)], [20000, 100000])):
+        n, p = np.array(ns, dtype=np.int64), B._resolve_prior(None, weights / weights.sum())
+        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", math.inf)
+        trapezoid = B._log_coupon_cauchy(n, p)
+        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", 0.0)
+        series = B._log_coupon_cauchy(n, p)
+        monkeypatch.undo()
+        assert np.all(np.abs(series - trapezoid) <= 1e-14 * (p.num_classes + np.abs(trapezoid))), (series, trapezoid)
+    # the whole curve at C = 2^55 (its series beyond n ~ C + 2^28): finite, increasing, log upsilon <= 0
+    C = 2**55
+    n = np.array([C + 1, C + 2**20, C + 2**30, 2 * C, 20 * C, 60 * C], dtype=np.int64)
+    lv = B.coupon_collector_probability(n, C, log=True)
+    assert np.all(np.isfinite(lv)) and np.all(np.diff(lv) > 0) and np.all(lv <= 0.0)
