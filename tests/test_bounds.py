@@ -888,3 +888,25 @@ def test_coupon_saddle_point_series_against_the_trapezoid_rule(monkeypatch):
     n = np.array([C + 1, C + 2**20, C + 2**30, 2 * C, 20 * C, 60 * C], dtype=np.int64)
     lv = B.coupon_collector_probability(n, C, log=True)
     assert np.all(np.isfinite(lv)) and np.all(np.diff(lv) > 0) and np.all(lv <= 0.0)
+
+
+def test_coupon_bonferroni_with_more_than_2048_prior_groups():
+    # Past 2048 distinct prior values S2 took millions of pairs per n and was left out (S1 alone: relative error
+    # S2 / S1 ~ s / 2, 5e-6 here); its binomial series is O(G) per term. Reference: S1 - S2 with S2 over all pairs
+    # (3.1M) in numpy (the next Bonferroni term <= s^3 / 6 is 2e-16 of log upsilon at s = 1e-5).
+    rng = np.random.default_rng(0)
+    w = np.unique(np.exp(rng.uniform(0.0, 1.0, 2500)))
+    pi = w / w.sum()
+    i, j = np.triu_indices(pi.size, 1)
+    for target in (9e-6, 1e-7):  # the first n with s = sum (1 - pi)^n below target
+        lo, hi = 1, 10**8
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if np.sum((1 - pi) ** mid) > target else (lo, mid)
+        n = hi
+        s1 = math.fsum((1 - pi) ** n)
+        s2 = math.fsum(np.exp(n * np.log1p(-(pi[i] + pi[j]))))
+        assert 1e-8 < s1 < 1e-5
+        want = math.log1p(-(s1 - s2))
+        got = B.coupon_collector_probability(n, prior=pi, log=True)
+        assert abs(got - want) <= 1e-12 * abs(want), (n, got, want, s2 / s1)
