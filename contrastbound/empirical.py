@@ -126,7 +126,13 @@ def _check_positive(name: str, value: Any) -> float:
 
 
 def _prepare(features: torch.Tensor, normalize: bool) -> torch.Tensor:
-    return F.normalize(features, dim=-1, eps=_EPS) if normalize else features
+    if not normalize:
+        return features
+    if features.dtype in (torch.float16, torch.bfloat16):
+        # the norm in float32: a float16 row of norm > 65504 (finite entries) normalised to zeros, and the mean
+        # classifier's loss read log C
+        return F.normalize(features.float(), dim=-1, eps=_EPS).to(features.dtype)
+    return F.normalize(features, dim=-1, eps=_EPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,6 +306,12 @@ def contrastive_loss_estimate(
     return total / sampler.anchors.numel()
 
 
+def _log_expm1(x: torch.Tensor) -> torch.Tensor:
+    """log(e^x - 1) for x >= 0 (-inf at 0): x + log(-expm1(-x)) above 1, log(expm1(x)) below."""
+    big = x > 1.0
+    return torch.where(big, x + torch.log(-torch.expm1(-torch.where(big, x, 1.0))), torch.log(torch.expm1(x)))
+
+
 def contrastive_loss_curve(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -318,11 +330,11 @@ def contrastive_loss_curve(
     comparison with the bounds on the same set has to allow for.
 
     The loss at K uses the first K negatives of each anchor: the index columns are processed in slices
-    [k_{j-1}, k_j) by :func:`contrastbound.info_nce_lse` (positive left out), and the per-anchor log-sum-exp is
-    carried across slices with :func:`torch.logaddexp`, starting from the first slice's (which includes the
-    positive). With the same generator state the value at max(ks) equals :func:`contrastive_loss_estimate` at that
-    K; at a smaller K the curve uses the first K columns of the same draws, so it agrees with the estimate in
-    distribution, not draw for draw.
+    [k_{j-1}, k_j) by :func:`contrastbound.info_nce_lse`, whose loss per slice, log(1 + sum_slice e^{l_k - l_+}),
+    is formed relative to the positive; the slices are joined in float64 as log(e^loss - 1) with
+    :func:`torch.logaddexp`. With the same generator state the value at max(ks) equals
+    :func:`contrastive_loss_estimate` at that K (to the rounding of that join); at a smaller K the curve uses the
+    first K columns of the same draws, so it agrees with the estimate in distribution, not draw for draw.
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
     ks_arr = np.asarray(ks)
@@ -354,28 +366,25 @@ def contrastive_loss_curve(
 
     for a, pos, neg in sampler.chunks(kmax):
         fa, fp = features[a], features[pos]
-        loss0 = lse0 = running = None
+        running = None  # log sum over the slices so far of e^{l_k - l_+}, per anchor (float64)
         prev = 0
         with torch.no_grad():
             for i, k in enumerate(uniq.tolist()):
                 if k == 0:
                     continue
-                cols = neg[:, prev:k]
-                if loss0 is None:
-                    loss0, lse0 = info_nce_lse(
-                        fa, fp, features, negative_indices=cols.contiguous(), temperature=t, normalize=normalize,
-                        include_positive=True,
+                if k > prev:
+                    # each slice's loss log(1 + sum_slice e^{l_k - l_+}) is formed by the kernel relative to the
+                    # positive (softplus(lse - l_+)); carried as log(e^loss - 1). Joining the slices' log-sum-exps
+                    # instead (logaddexp, then minus the first's) cost an ulp of the logits per anchor: 1e-2
+                    # relative at logits ~2e5 in float32.
+                    loss_s, _ = info_nce_lse(
+                        fa, fp, features, negative_indices=neg[:, prev:k].contiguous(), temperature=t,
+                        normalize=normalize, include_positive=True,
                     )
-                    running = lse0
-                elif k > prev:
-                    _, lse = info_nce_lse(
-                        fa, fp, features, negative_indices=cols.contiguous(), temperature=t, normalize=normalize,
-                        include_positive=False,
-                    )
-                    running = torch.logaddexp(running, lse)
+                    d = _log_expm1(loss_s.double())
+                    running = d if running is None else torch.logaddexp(running, d)
                 prev = k
-                # loss at k = loss at the first slice + (lse_k - lse_first); the positive logit cancels
-                add(i, loss0.double() + (running.double() - lse0.double()))
+                add(i, F.softplus(running))
         for i, k in enumerate(uniq.tolist()):
             if k == 0:
                 add(i, torch.zeros(a.numel(), dtype=torch.float64))
@@ -407,6 +416,7 @@ def gap_report(
     num_anchors: int | None = None,
     generator: torch.Generator | None = None,
     harmonic: str = "exact",
+    lower_form: str = "paper",
 ) -> list[dict[str, Any]]:
     r"""For each K: R_cont, R_supv, Delta_L, Delta_U, the interval, whether R_supv is inside, and earlier bounds.
 
@@ -420,7 +430,9 @@ def gap_report(
     error of R_cont (``R_cont_se``, its standard error: an ``inside`` of False within a few of it is sampling noise,
     more ``num_anchors`` shrink it); with a test set ``inside`` compares the test set's R_supv with the training set's interval,
     which no theorem guarantees (a shifted test distribution can fall outside). Half-precision features are
-    widened to float32 for the means and R_supv.
+    widened to float32 for the means and R_supv. ``lower_form`` is passed to :func:`contrastbound.bounds.delta_lower`:
+    the paper's constant (default) is proved for a uniform prior only (it held in every exact check for others);
+    ``"proved"`` takes the constant proved for any prior, which the empirical prior of unbalanced labels may call for.
 
     Returns:
         A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_cont_se, R_supv, delta_lower,
@@ -428,6 +440,10 @@ def gap_report(
         :func:`format_gap_report`.
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
+    if not isinstance(harmonic, str) or harmonic not in ("exact", "authors"):
+        raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
+    if not isinstance(lower_form, str) or lower_form not in ("paper", "proved"):
+        raise ValueError(f"lower_form must be 'paper' or 'proved', got {lower_form!r}")
     for name, x in (("features", features), ("test_features", test_features)):
         if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} must be finite: it holds NaN or inf entries")
@@ -485,9 +501,7 @@ def gap_report(
             raise ValueError(f"prior must be a probability vector of length C = {C} (the classes of labels), "
                              f"got shape {shape}")
         pr = dict(prior=prior)
-    if harmonic not in ("exact", "authors"):
-        raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
-    d_lo = np.atleast_1d(_bounds.delta_lower(ks_arr, norm_bound=b, **pr))
+    d_lo = np.atleast_1d(_bounds.delta_lower(ks_arr, norm_bound=b, form=lower_form, **pr))
     d_hi = np.atleast_1d(_bounds.delta_upper(ks_arr, norm_bound=b, **pr))
     uniform = "num_classes" in pr or _bounds._resolve_prior(None, pr["prior"]).uniform
     if uniform:
@@ -553,7 +567,8 @@ def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
         cells = []
         for key, _, fmt in _COLUMNS:
             v = row[key]
-            cells.append("-" if isinstance(v, float) and math.isnan(v) else _formatted(rows, i, key, fmt))
+            nan = isinstance(v, (float, np.floating)) and math.isnan(v)  # (np.float32 is no Python float)
+            cells.append("-" if nan else _formatted(rows, i, key, fmt))
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -535,3 +535,60 @@ def test_estimate_of_float16_features_beyond_float16s_range():
     curve = contrastive_loss_curve(f, y, [4], normalize=False, generator=torch.Generator().manual_seed(0))
     assert math.isfinite(float(est)) and float(est) > 65504
     assert float(est) == pytest.approx(float(curve[0]), rel=1e-6)
+
+
+def test_mean_classifier_normalises_half_rows_beyond_float16s_range():
+    # finite float16 entries whose rows have norms ~2.7e5 > 65504: normalised in float16 they became zeros, every
+    # logit 0, and the loss read log C (1.3867 for 1.3379); the norm is now taken in float32
+    torch.manual_seed(0)
+    x = ((torch.rand(64, 64) * 2 - 1) * 6e4).half()
+    y = torch.arange(64) % 4
+    means = class_means(x, y)
+    ref = F.cross_entropy(F.normalize(x.double(), dim=-1) @ means.double().T, y)
+    for dt in (torch.float16, torch.bfloat16):
+        got = mean_classifier_loss(x.to(dt), y, means.to(dt))
+        assert got.dtype == dt and abs(float(got) - float(ref)) < 2e-2 * float(ref), (dt, float(got), float(ref))
+
+
+def test_curve_joins_slices_relative_to_the_positive():
+    # normalize=False, norm 10, T = 0.01: logits ~1e4. The slices' float32 log-sum-exps joined by logaddexp and
+    # the first one subtracted cost an ulp of the logits per anchor: 2.2e-4 relative (1e-2 at logits ~2e5) where
+    # the estimate over the same draws has 1e-8; slice losses formed relative to the positive and joined in
+    # float64 leave 4e-9. Oracle: the same curve from float64 features (the draws depend on the generator only).
+    torch.manual_seed(0)
+    x = torch.randn(300, 64)
+    x = x / x.norm(dim=1, keepdim=True) * 10
+    y = torch.arange(300)
+    ks = [1, 2, 4, 8, 16, 32, 64]
+    kw = dict(temperature=0.01, normalize=False)
+    c32 = contrastive_loss_curve(x, y, ks, generator=torch.Generator().manual_seed(0), **kw)
+    c64 = contrastive_loss_curve(x.double(), y, ks, generator=torch.Generator().manual_seed(0), **kw)
+    est = float(contrastive_loss_estimate(x, y, 64, generator=torch.Generator().manual_seed(0), **kw))
+    assert np.all(np.abs(c32 - c64) <= 1e-6 * c64), np.abs(c32 - c64) / c64
+    assert abs(c32[-1] - est) <= 1e-6 * est
+
+
+def test_gap_report_lower_form():
+    # the proved lower constant for an unbalanced empirical prior, passed to delta_lower; a bad form is named
+    x, y = blobs((30, 10, 5), d=6, seed=2, dtype=torch.float32)
+    ks = [1, 8, 64]
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    paper = gap_report(x, y, ks, **kw)
+    proved = gap_report(x, y, ks, lower_form="proved", generator=torch.Generator().manual_seed(0))
+    prior = np.bincount(y.numpy()) / y.numel()
+    for r_p, r_q in zip(paper, proved):
+        b = r_p["norm_bound"]
+        assert r_p["R_cont"] == r_q["R_cont"] and r_p["delta_upper"] == r_q["delta_upper"]
+        assert r_q["delta_lower"] == B.delta_lower(r_p["K"], prior=prior, norm_bound=b, form="proved")
+        assert r_p["delta_lower"] == B.delta_lower(r_p["K"], prior=prior, norm_bound=b, form="paper")
+        assert r_q["lower"] == r_q["R_cont"] + r_q["delta_lower"]
+    with pytest.raises(ValueError, match="lower_form"):
+        gap_report(x, y, ks, lower_form="tight")
+
+
+def test_format_gap_report_shows_numpy_float32_nan_as_a_dash():
+    x, y = blobs((20, 20), d=4, seed=1, dtype=torch.float32)
+    rows = gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))
+    rows[0]["arora"] = np.float32("nan")  # (a numpy float32 is no Python float: it printed "nan")
+    line = format_gap_report(rows).splitlines()[2]
+    assert "nan" not in line.lower() and "-" in line.split(), line
