@@ -358,6 +358,9 @@ def contrastive_loss_curve(
             return
         mean_b = float(losses.mean())
         m2_b = float(((losses - mean_b) ** 2).sum())
+        if count[i] == 0:  # (the update below would take inf * 0 for losses past ~1e154: NaN)
+            mean[i], m2[i], count[i] = mean_b, m2_b, n_b
+            return
         n = count[i] + n_b
         delta = mean_b - mean[i]
         mean[i] += delta * n_b / n

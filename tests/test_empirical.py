@@ -592,3 +592,12 @@ def test_format_gap_report_shows_numpy_float32_nan_as_a_dash():
     rows[0]["arora"] = np.float32("nan")  # (a numpy float32 is no Python float: it printed "nan")
     line = format_gap_report(rows).splitlines()[2]
     assert "nan" not in line.lower() and "-" in line.split(), line
+
+
+def test_curve_standard_error_of_huge_losses_is_not_nan():
+    # losses ~1e299 (T = 1e-300, float64): the first merge of the running variance took inf * 0 (count 0) -> NaN;
+    # their squared deviations overflow, so the standard error is inf, the value itself finite
+    x, y = blobs((10, 10, 10, 10, 10), d=8, seed=0)
+    value, se = contrastive_loss_curve(x, y, [4], temperature=1e-300, return_std_error=True,
+                                       generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(value[0]) and value[0] > 1e290 and not np.isnan(se[0])
