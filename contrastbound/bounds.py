@@ -148,6 +148,11 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
             raise TypeError(f"num_classes must be a positive int, got {type(num_classes).__name__}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes}")
+        if num_classes > np.iinfo(np.int64).max:  # (1.0 / C raised a bare OverflowError past float64's range)
+            digits = str(int(num_classes))
+            raise ValueError(
+                f"num_classes is too large (above 2^63 - 1), got {digits[0]}.{digits[1:4]}e{len(digits) - 1}"
+            )
         C = int(num_classes)
         return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
     given_eps = None  # the machine epsilon of a floating-point tensor's own dtype (it is widened below)
@@ -501,6 +506,15 @@ def _expm1_complex(w: np.ndarray) -> np.ndarray:
     return re + 1j * im
 
 
+def _log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - e^{-x}) for x >= 0: log1p(-e^{-x}) above log 2, where 1 - e^{-x} rounds near 1 and its log would
+    carry eps / 2 absolute (times C classes: the saddle-point series read log upsilon -15.0 for -15.44 at
+    C = 2^53 + 1, n = 34 C); log(-expm1(-x)) below."""
+    with np.errstate(divide="ignore"):
+        big = x > math.log(2.0)
+        return np.where(big, np.log1p(-np.exp(-np.where(big, x, 1.0))), np.log(-np.expm1(-np.where(big, 1.0, x))))
+
+
 def _mu(x: np.ndarray) -> np.ndarray:
     """Mean of the zero-truncated Poisson(x): x / (1 - e^{-x}) (1 at x = 0)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -716,7 +730,7 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
         _stirlerr(nf)
         + 0.5 * (_LOG_2PI + np.log(nf))
         + mid
-        + (p.counts[None, :] * np.log(-np.expm1(-x))).sum(1)
+        + (p.counts[None, :] * _log1mexp(x)).sum(1)
     )
     if np.any(series):
         ks = [(p.counts[None, :] * k).sum(1) for k in _ztp_cumulants(x[series])]
@@ -738,7 +752,7 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
     excess = n - int(p.num_classes)  # draws beyond one per class (int64)
     # aliasing error ~ exp(-M^2 / (2 sd^2)) < e^-50 relative (plus the lattice terms at small sd: the +48)
     M = 2 * np.ceil((10.0 * np.sqrt(np.maximum(var, 0.0)) + 48.0) / 2.0).astype(np.int64)
-    log1mex = np.log(-np.expm1(-x))  # (N, G): log(1 - e^{-x})
+    log1mex = _log1mexp(x)  # (N, G): log(1 - e^{-x})
     log_e0 = x + log1mex  # log(e^x - 1) without overflow, subtracted below
     # Only the arc where the integrand can matter is summed: |e^w - 1| <= e^{x cos(theta)} + 1 bounds the modulus
     # by a function decreasing on [0, pi]; beyond the angle where that bound falls under e^-60 (relative to
@@ -776,28 +790,35 @@ def _log_coupon_cauchy(n: np.ndarray, p: _Prior) -> np.ndarray:
         e = np.exp(1j * theta)
         em1 = -2.0 * np.sin(0.5 * theta) ** 2 + 1j * np.sin(theta)  # e^{i theta} - 1 without cancellation
         logsum = np.zeros(rid.size, dtype=np.complex128)
-        for g in range(G):
-            xg = x[rid, g]
-            lg = np.empty(rid.size, dtype=np.complex128)
-            # Each class's factor (e^w - 1) / (e^x - 1), w = x e^{i theta}, without its phase e^{i theta}: the C
-            # phases are joined to z^-n's exactly below ((n - C) theta mod 2 pi), where C theta formed in float64
-            # lost it all past C ~ 1e15 (S came out negative at C = 2^55). log of ((e^w - 1) / w) / ((e^x - 1) / x)
-            # = (w - x) / 2 + s(w) - s(x), s(w) = log(sinh(w/2) / (w/2)): by its series where |w| = x < 0.2 (the
-            # logs' rounding, eps each, times C would be larger than these O(x) terms); else on the right half-plane
-            # x (e^{i theta} - 1) + log(1 - e^{-w}) - log(1 - e^{-x}) - i theta (no overflow; w - x formed as a
-            # difference would lose eps x, 2e-9 for a class of x = 1e7, and the result n eps), and directly on the
-            # left (the integrand is below e^-x of its peak there).
+        # Each class's factor (e^w - 1) / (e^x - 1), w = x e^{i theta}, without its phase e^{i theta}: the C phases
+        # are joined to z^-n's exactly below ((n - C) theta mod 2 pi), where C theta formed in float64 lost it all
+        # past C ~ 1e15 (S came out negative at C = 2^55). log of ((e^w - 1) / w) / ((e^x - 1) / x) = (w - x) / 2 +
+        # s(w) - s(x), s(w) = log(sinh(w/2) / (w/2)): by its series where |w| = x < 0.2 (the logs' rounding, eps
+        # each, times C would be larger than these O(x) terms); else on the right half-plane x (e^{i theta} - 1) +
+        # log(1 - e^{-w}) - log(1 - e^{-x}) - i theta (no overflow; w - x formed as a difference would lose eps x,
+        # 2e-9 for a class of x = 1e7, and the result n eps), and directly on the left (the integrand is below
+        # e^-x of its peak there). Groups go in chunks of ~2^19 (point, group) entries: one at a time cost ~1 ms
+        # each, 100 s for a prior of 1e5 distinct values.
+        gstep = max(1, (1 << 19) // rid.size)
+        for g0 in range(0, G, gstep):
+            gs = slice(g0, min(G, g0 + gstep))
+            xg = x[rid, gs]  # (points, groups)
+            eg = np.broadcast_to(e[:, None], xg.shape)
+            em1g = np.broadcast_to(em1[:, None], xg.shape)
+            lg = np.empty(xg.shape, dtype=np.complex128)
             tiny = xg < 0.2
             if np.any(tiny):
-                wt = xg[tiny] * e[tiny]
-                lg[tiny] = 0.5 * xg[tiny] * em1[tiny] + _log_sinhc_half(wt) - _log_sinhc_half(xg[tiny])
-            right = ~tiny & (np.cos(theta) >= 0.0)
-            wr = xg[right] * e[right]
-            lg[right] = xg[right] * em1[right] + (np.log(-_expm1_complex(-wr)) - log1mex[rid[right], g])
+                xt = xg[tiny]
+                lg[tiny] = 0.5 * xt * em1g[tiny] + _log_sinhc_half(xt * eg[tiny]) - _log_sinhc_half(xt)
+            right = ~tiny & (np.cos(theta) >= 0.0)[:, None]
+            if np.any(right):
+                wr = xg[right] * eg[right]
+                lg[right] = xg[right] * em1g[right] + (np.log(-_expm1_complex(-wr)) - log1mex[rid, gs][right])
             left = ~tiny & ~right
-            lg[left] = np.log(_expm1_complex(xg[left] * e[left])) - log_e0[rid[left], g]
-            lg[~tiny] -= 1j * theta[~tiny]  # log(e^w - 1) - log w = ... - log x - i theta: the log x cancels
-            logsum += p.counts[g] * lg
+            if np.any(left):
+                lg[left] = np.log(_expm1_complex(xg[left] * eg[left])) - log_e0[rid, gs][left]
+            lg -= np.where(tiny, 0.0, 1j * theta[:, None])  # log(e^w - 1) - log w: ... - log x - i theta
+            logsum += lg @ p.counts[gs]
         # (n - C) theta mod 2 pi, exactly: (n - C) j mod M in integers ((n - C) mod M first: (n - C) j can pass 2^63)
         phase = (2.0 * np.pi) * (np.mod(np.mod(excess[rid], Mr) * j, Mr) / Mr)
         term = np.exp(logsum.real) * np.cos(logsum.imag - phase)
@@ -1076,10 +1097,12 @@ def _one_side(kf, start, rest, ratio, steps, base, sign, g, table, g_mode, sum_w
         a = b
 
 
-# Beyond this standard deviation of Bin(K, p) (a window of ~1.3M points per pair, memory ~ sqrt(K): 48 GiB at
-# K = 2^62) the expectation is taken under the normal law instead, by Gauss-Hermite quadrature (_binom_expect).
-_NORMAL_MIN_SD = 2.0**16
+# Beyond this standard deviation of Bin(K, p) (a window of ~20k points per pair; ~1.3M at the 2^16 of before, so
+# that a prior of 1e6 distinct values at K = 2^53 walked ~1e12 points) the expectation is taken under the normal law
+# with its skewness term, by Gauss-Hermite quadrature (_binom_expect).
+_NORMAL_MIN_SD = 2.0**10
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(24)
+_GH_HE3 = (math.sqrt(2.0) * _GH_X) ** 3 - 3.0 * math.sqrt(2.0) * _GH_X  # He3 at the standard normal's nodes
 
 
 def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
@@ -1092,10 +1115,11 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     or rounding) is ever formed. The mean is taken as g(mode) + sum_m w_m (g(m) - g(mode)) / sum_m w_m, so the
     rounding of the sums only touches the correction to g(mode). All pairs go through one vectorised pass
     (_one_side, once above the modes and once below them, as Bin(K, 1 - p) above K - mode).
-    Where sd > _NORMAL_MIN_SD (so Kp and K(1-p) both exceed sd^2 > 4e9) the law is taken as normal: for the smooth
-    g here (log-type in m) the binomial's skewness moves the mean by ~g'''(Kp) K p q / 6 ~ 1 / (3 (Kp)^2) < 3e-20,
-    and 24 Gauss-Hermite nodes (within +- 6.9 sd, inside [0, K]) integrate g, nearly linear over that window, to
-    float64 rounding.
+    Where sd > _NORMAL_MIN_SD (so Kp and K(1-p) both exceed sd^2 > 1e6) the law is taken as normal with its
+    Edgeworth skewness term, density phi(z) (1 + rho3 He3(z) / 6), rho3 = (q - p) / sd: that term adds
+    g'''(Kp) kappa3 / 6 ~ 1 / (3 (Kp)^2) (the normal law alone: 3e-13 relative at sd = 1024), and the next ones are
+    ~g''''(Kp) kappa4 / 24 ~ 1 / (4 (Kp)^3) < 3e-19 for the smooth g here (log-type in m); 24 Gauss-Hermite nodes
+    (within +- 8.5 sd, inside [0, K]) integrate g, nearly polynomial over that window, to float64 rounding.
     """
     k, prob = np.broadcast_arrays(np.asarray(k), np.asarray(prob, dtype=np.float64))
     shape = k.shape
@@ -1118,7 +1142,8 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     big = sd > _NORMAL_MIN_SD
     if np.any(big):
         nodes = mean[big, None] + math.sqrt(2.0) * sd[big, None] * _GH_X[None, :]
-        out[part[big]] = (g(nodes, kf[big, None]) @ _GH_W) / math.sqrt(math.pi)
+        skew = ((q - p)[big] / sd[big] / 6.0)[:, None] * _GH_HE3[None, :]
+        out[part[big]] = (g(nodes, kf[big, None]) * (1.0 + skew)) @ _GH_W / math.sqrt(math.pi)
         small = ~big
         part, kk, p, q, kf, mean, sd = (x[small] for x in (part, kk, p, q, kf, mean, sd))
         if part.size == 0:
@@ -1131,7 +1156,8 @@ def _binom_expect(k: np.ndarray, prob: Any, g) -> np.ndarray:
     table = None
     if g is _LOG1P:
         top = int(hi.max()) + 1
-        if top <= max(4096, int(up.sum() + down.sum()) // 2):
+        # (at most 2^22 entries, 32 MiB: 935k distinct prior values at K = 2^53 asked for 32 GiB)
+        if top <= min(1 << 22, max(4096, int(up.sum() + down.sum()) // 2)):
             table = np.log(np.arange(1, top + 1, dtype=np.float64))
             g_mode = table[mode]
         else:

@@ -645,6 +645,9 @@ def test_scalar_and_array_outputs():
         (lambda: B.arora(1.0, 0, 10), ValueError, "K"),
         (lambda: B.arora("x", 3, 10), TypeError, "contrastive_loss"),
         (lambda: B.min_supervised_loss(0), ValueError, "num_classes"),
+        # past int64 (past float64: a bare OverflowError from 1.0 / C)
+        (lambda: B.delta_upper(5, num_classes=10**400), ValueError, r"num_classes is too large .* 1\.000e400"),
+        (lambda: B.min_supervised_loss(2**63), ValueError, "num_classes is too large"),
         # text and complex numbers were converted by numpy (the imaginary part dropped with a warning)
         (lambda: B.supervised_loss_interval("2.0", 3, 10), TypeError, "contrastive_loss"),
         (lambda: B.arora("2.0", 30, 10), TypeError, "contrastive_loss"),
@@ -756,10 +759,14 @@ def test_binomial_expectations_at_huge_k_take_the_normal_law(monkeypatch):
         assert B.collision_term(K, num_classes=10) == pytest.approx(math.log1p(mu) - var / (2 * (1 + mu) ** 2), rel=1e-15)
         assert math.isfinite(B.min_contrastive_loss(K, num_classes=10))
     # Against the exact sum where both run: with the threshold lowered to sd = 100, K = 1e6..1e7, p = 0.1 (sd 300 ..
-    # 950) the skewness term predicts ~2e-12 .. 2e-14 relative.
+    # 950), 0.3 and 0.002 (sd 141, 245): the normal law alone was 2e-12 .. 2e-14 off (its skewness term
+    # g''' kappa3 / 6); with that term in the quadrature's weights, float64 rounding (3.4e-15 at sd 141).
     ks = np.array([10**6, 3 * 10**6, 10**7])
     e = math.exp(-2.0)
-    for g, p, tol in ((B._LOG1P, 0.1, 5e-12), (lambda m, kk: np.log1p(m + (kk - m) * e), 0.3, 1e-13)):
+    for g, p, tol in ((B._LOG1P, 0.1, 5e-15), (lambda m, kk: np.log1p(m + (kk - m) * e), 0.3, 5e-15),
+                      (B._LOG1P, 0.002, 5e-15)):
+        if p == 0.002:
+            ks = np.array([10**7, 3 * 10**7])
         exact = B._binom_expect(ks, p, g)
         monkeypatch.setattr(B, "_NORMAL_MIN_SD", 100.0)
         normal = B._binom_expect(ks, p, g)
@@ -910,3 +917,53 @@ def test_coupon_bonferroni_with_more_than_2048_prior_groups():
         want = math.log1p(-(s1 - s2))
         got = B.coupon_collector_probability(n, prior=pi, log=True)
         assert abs(got - want) <= 1e-12 * abs(want), (n, got, want, s2 / s1)
+
+
+@pytest.mark.parametrize("C,m", [(2**40, 25), (2**53 + 1, 34), (2**55, 36)])
+def test_coupon_saddle_point_series_keeps_log_one_minus_exp_exact(C, m):
+    # n = mC draws: x ~ m per class, 1 - e^{-x} rounds near 1 and log(-expm1(-x)) carried eps / 2 per class, C of
+    # them in the series' base (the trapezoid rule cancelled it): -15.0 for -15.44 at C = 2^53 + 1 (upsilon 1.55x),
+    # -8.0 for -8.36 at 2^55, 3.8e-6 relative at 2^40. Reference: inclusion-exclusion in mpmath, sum_j (-1)^j
+    # binom(C, j) (1 - j/C)^n (terms ~ x^j / j!, x = C (1 - 1/C)^n <= 16: 150 terms leave < 1e-60).
+    n = m * C
+    with mpmath.workdps(60):
+        Cm = mpmath.mpf(C)
+        s, t = mpmath.mpf(0), mpmath.mpf(1)
+        for j in range(150):
+            s += t * (1 - j / Cm) ** n
+            t *= -(Cm - j) / (j + 1)
+        ref = float(mpmath.log(s))
+    got = B.coupon_collector_probability(n, C, log=True)
+    assert abs(got - ref) <= 1e-13 * abs(ref), (got, ref)
+
+
+def test_many_distinct_prior_values():
+    # 2e4 distinct values (a softmax): the trapezoid rule walked its groups one numpy call at a time (~1 ms each,
+    # 100 s at 1e5 values), the binomial windows at K = 2^53 up to sd = 2^16 (a 1e6-value prior: 32 GiB asked for
+    # a log table, or > 120 s); groups now go in chunks and the normal law with its skewness term serves from
+    # sd = 1024. upsilon_{C+1} = (C + 1)! / 2 prod_c pi_c (one class drawn twice: (C + 1)! / 2 pi_c^2 prod_{c' != c}
+    # pi_c' summed over c); the collision term
+    # at K = 2^53 against the delta method log(1 + mu) - s^2 / (2 (1 + mu)^2) per class (next terms ~1 / mu^2).
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal(20_000)
+    pi = np.exp(z - z.max())
+    pi /= pi.sum()
+    assert np.unique(pi).size == pi.size
+    C = pi.size
+    ref = math.lgamma(C + 2) - math.log(2.0) + math.fsum(np.log(pi))
+    got = B.coupon_collector_probability(C + 1, prior=pi, log=True)
+    assert abs(got - ref) <= 1e-12 * abs(ref), (got, ref)
+    K = 2**53
+    mu, var = K * pi, K * pi * (1 - pi)
+    want = math.fsum(pi * (np.log1p(mu) - var / (2 * (1 + mu) ** 2)))
+    assert B.collision_term(K, prior=pi) == pytest.approx(want, rel=1e-14)
+    # a float32 softmax over 1e6 classes (~935k distinct values) at K = 2^53 + 1: a 32 GiB log table before
+    # (MemoryError), now under 2 s
+    z = rng.standard_normal(10**6).astype(np.float32)
+    e32 = np.exp(z - z.max())
+    p32 = (e32 / e32.sum()).astype(np.float32)
+    pi = p32.astype(np.float64) / math.fsum(p32.astype(np.float64))  # (the bounds renormalise it alike)
+    K = 2**53 + 1
+    mu, var = K * pi, K * pi * (1 - pi)
+    want = math.fsum(pi * (np.log1p(mu) - var / (2 * (1 + mu) ** 2)))
+    assert B.collision_term(K, prior=p32) == pytest.approx(want, rel=1e-13)
