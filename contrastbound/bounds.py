@@ -578,11 +578,12 @@ def _ztp_cumulants(x: np.ndarray) -> list[np.ndarray]:
 
 
 def _mu_m1(x: np.ndarray) -> np.ndarray:
-    """mu(x) - 1 = x / (1 - e^{-x}) - 1 without the cancellation near x = 0: below x = 1 its series
-    x + sum_{m >= 1} B_m x^m / m! = x / 2 + x^2 / 12 - ..."""
-    small = x < 1.0
-    xs = np.where(small, x, 0.0)
-    series = xs + (xs[..., None] ** np.arange(1, _BERN.size)) @ _BERN[1:]
+    """mu(x) - 1 = x / (1 - e^{-x}) - 1 without the cancellation near x = 0: below x = 0.1 its series
+    x / 2 + x^2 / 12 - x^4 / 720 + x^6 / 30240 - x^8 / 1209600 (the next term < 5e-17 of the sum), above directly
+    (relative error < 20 eps)."""
+    small = x < 0.1
+    x2 = x * x
+    series = x * 0.5 + x2 * (1.0 / 12 + x2 * (-1.0 / 720 + x2 * (1.0 / 30240 - x2 / 1209600)))
     return np.where(small, series, _mu(np.where(small, 1.0, x)) - 1.0)
 
 
