@@ -1186,7 +1186,9 @@ class InfoNCE(torch.nn.Module):
     (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
     at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
     ``module.temperature = t`` sets a new value (a schedule), checked and read the same way; with
-    ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter).
+    ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter). Only the
+    learnable one is in ``state_dict``: a fixed temperature is a hyperparameter, as ``nn.CrossEntropyLoss``'s
+    options are, so a schedule's current value is the training script's to restore.
     """
 
     def __init__(
