@@ -1227,6 +1227,7 @@ def harmonic_number(n: int, harmonic: str = "exact") -> float:
         raise TypeError(f"n must be a non-negative int, got {type(n).__name__} {n!r}")
     if n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = int(n)  # (a numpy integer gave a numpy float)
     if harmonic == "exact":
         if n == 0:
             return 0.0

@@ -293,8 +293,10 @@ def contrastive_loss_estimate(
     K = _check_draws("K", _check_count("K", K, 0))
     sampler = _Sampler(features, labels, num_anchors, generator)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    if K == 0:  # no negatives: every loss is 0 (differentiable, as info_nce's)
-        return (features.to(acc) * 0).sum()
+    if K == 0:  # no negatives: every loss is 0 (differentiable, as info_nce's: in the features and a learnable
+        # temperature, whose graph was missing where only it required grad)
+        zero = (features.to(acc) * 0).sum()
+        return zero + (t * 0).sum().to(acc) if isinstance(t, torch.Tensor) else zero
     total = features.new_zeros((), dtype=acc)
     for a, pos, neg in sampler.chunks(K):
         # per-anchor losses in float32 or better (info_nce_lse: info_nce's would come back in float16, inf past

@@ -967,3 +967,10 @@ def test_many_distinct_prior_values():
     mu, var = K * pi, K * pi * (1 - pi)
     want = math.fsum(pi * (np.log1p(mu) - var / (2 * (1 + mu) ** 2)))
     assert B.collision_term(K, prior=p32) == pytest.approx(want, rel=1e-13)
+
+
+def test_harmonic_number_of_a_numpy_integer_is_a_python_float():
+    for n in (np.int64(7), np.int64(10**6), np.uint32(0)):
+        for form in ("exact", "authors"):
+            v = B.harmonic_number(n, form)
+            assert type(v) is float and v == B.harmonic_number(int(n), form)

@@ -601,3 +601,12 @@ def test_curve_standard_error_of_huge_losses_is_not_nan():
     value, se = contrastive_loss_curve(x, y, [4], temperature=1e-300, return_std_error=True,
                                        generator=torch.Generator().manual_seed(0))
     assert np.isfinite(value[0]) and value[0] > 1e290 and not np.isnan(se[0])
+
+
+def test_estimate_without_negatives_keeps_a_learnable_temperature_in_the_graph():
+    # K = 0: every loss is 0; with only the temperature requiring grad the result had no graph and backward raised
+    x, y = blobs((5, 5), d=4, seed=0, dtype=torch.float32)
+    t = torch.tensor(0.5, requires_grad=True)
+    loss = contrastive_loss_estimate(x, y, 0, temperature=t)
+    loss.backward()
+    assert loss.item() == 0.0 and t.grad is not None and t.grad.item() == 0.0
