@@ -758,17 +758,18 @@ def test_binomial_expectations_at_huge_k_take_the_normal_law(monkeypatch):
         mu, var = K / 10, K * 0.1 * 0.9
         assert B.collision_term(K, num_classes=10) == pytest.approx(math.log1p(mu) - var / (2 * (1 + mu) ** 2), rel=1e-15)
         assert math.isfinite(B.min_contrastive_loss(K, num_classes=10))
-    # Against the exact sum where both run: with the threshold lowered to sd = 100, K = 1e6..1e7, p = 0.1 (sd 300 ..
-    # 950), 0.3 and 0.002 (sd 141, 245): the normal law alone was 2e-12 .. 2e-14 off (its skewness term
-    # g''' kappa3 / 6); with that term in the quadrature's weights, float64 rounding (3.4e-15 at sd 141).
+    # Against the exact sum where both run: with the threshold lowered to sd = 40, K = 1e6..1e7, p = 0.1 (sd 300 ..
+    # 950), 0.3, 0.002 (sd 45 .. 245) and 0.01 at K = 2e5 (sd 44.5): the normal law alone was 2e-12 .. 2e-14 off at
+    # sd >= 300 (its skewness term g''' kappa3 / 6); with the Edgeworth terms to fourth order in the quadrature's
+    # weights, float64 rounding (1.8e-15 at sd 45, 3e-14 at sd 31.5; the switch is at 64).
     ks = np.array([10**6, 3 * 10**6, 10**7])
     e = math.exp(-2.0)
     for g, p, tol in ((B._LOG1P, 0.1, 5e-15), (lambda m, kk: np.log1p(m + (kk - m) * e), 0.3, 5e-15),
-                      (B._LOG1P, 0.002, 5e-15)):
-        if p == 0.002:
-            ks = np.array([10**7, 3 * 10**7])
+                      (B._LOG1P, 0.002, 5e-15), (B._LOG1P, 0.01, 5e-15)):
+        if p == 0.01:
+            ks = np.array([2 * 10**5])
         exact = B._binom_expect(ks, p, g)
-        monkeypatch.setattr(B, "_NORMAL_MIN_SD", 100.0)
+        monkeypatch.setattr(B, "_NORMAL_MIN_SD", 40.0)
         normal = B._binom_expect(ks, p, g)
         monkeypatch.undo()
         assert np.all(np.abs(normal - exact) <= tol * exact), np.abs(normal - exact) / exact
