@@ -54,15 +54,25 @@ class DiscreteProblem:
         prior = np.asarray(self.prior, dtype=np.float64)
         if prior.ndim != 1 or len(self.points) != prior.size or len(self.weights) != prior.size:
             raise ValueError("prior, points and weights must describe the same number of classes")
-        if np.any(prior <= 0) or abs(prior.sum() - 1.0) > 1e-12:
+        if not np.all(np.isfinite(prior)) or np.any(prior <= 0) or abs(prior.sum() - 1.0) > 1e-12:
             raise ValueError("prior must be positive and sum to 1")
+        object.__setattr__(self, "prior", prior)  # (a list was kept as given)
+        b = self.norm_bound
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or not math.isfinite(b) \
+                or b <= 0:
+            raise ValueError(f"norm_bound must be a positive finite number, got {b!r}")
+        dims = {np.shape(x)[-1] if np.ndim(x) == 2 else None for x in self.points}
+        if len(dims) > 1:
+            raise ValueError(f"points: every class must have the same dimension d, got {sorted(map(str, dims))}")
         for c, (x, w) in enumerate(zip(self.points, self.weights)):
             if x.ndim != 2 or w.shape != (x.shape[0],) or x.shape[0] == 0:
                 raise ValueError(f"class {c}: points must be (n_c, d) with n_c >= 1 and weights (n_c,)")
-            if np.any(w <= 0) or abs(w.sum() - 1.0) > 1e-12:
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"class {c}: points must be finite")  # (NaN passed the norm check below)
+            if not np.all(np.isfinite(w)) or np.any(w <= 0) or abs(w.sum() - 1.0) > 1e-12:
                 raise ValueError(f"class {c}: weights must be positive and sum to 1")
-            if np.linalg.norm(x, axis=1).max() > self.norm_bound * (1 + 1e-12):
-                raise ValueError(f"class {c}: a point has norm above norm_bound = {self.norm_bound}")
+            if np.linalg.norm(x, axis=1).max() > b * (1 + 1e-12):
+                raise ValueError(f"class {c}: a point has norm above norm_bound = {b}")
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +97,9 @@ class DiscreteProblem:
         y = np.asarray(labels, dtype=np.int64)
         C = int(y.max()) + 1
         counts = np.bincount(y, minlength=C)
+        if np.any(counts == 0):
+            empty = np.nonzero(counts == 0)[0][:5].tolist()
+            raise ValueError(f"labels: every class 0..{C - 1} needs a sample; empty: {empty}")
         pts = tuple(f[y == c] for c in range(C))
         wts = tuple(np.full(n, 1.0 / n) for n in counts)
         b = float(np.linalg.norm(f, axis=1).max()) if norm_bound is None else float(norm_bound)
@@ -135,13 +148,17 @@ def exact_contrastive_loss(problem: DiscreteProblem, K: int) -> float:
     X, q = problem.support
     counts, logcoef = _multisets(X.shape[0], int(K))
     ms_w = np.exp(logcoef + counts @ np.log(q))  # (M,) multinomial probabilities, sum to 1
-    b2 = problem.norm_bound**2
+    with np.errstate(divide="ignore"):
+        log_counts = np.log(counts)  # (M, N), -inf where a point is not in the multiset
     total = 0.0
     for c, (x, w) in enumerate(zip(problem.points, problem.weights)):
-        S = np.exp(x @ X.T - b2) @ counts.T  # (n_c, M): sum_k e^{x.n_k - b^2} for each multiset
+        # log S[a, m] = log sum_k e^{x_a . n_k} over the multiset m, as a log-sum-exp: shifted by b^2 instead, every
+        # term underflowed past b ~ 19.3 and the loss came out -inf (b = 20: 138.23)
+        A = (x @ X.T)[:, None, :] + log_counts[None, :, :]  # (n_c, M, N)
+        top = A.max(axis=2)
+        log_s = np.log(np.exp(A - top[:, :, None]).sum(axis=2)) + top
         P = x @ x.T  # (anchor, positive) scores
-        # loss[a, p, m] = log(e^{P_ap - b2} + S_am) + b2 - P_ap
-        loss = np.log(np.exp(P - b2)[:, :, None] + S[:, None, :]) + b2 - P[:, :, None]
+        loss = np.logaddexp(P[:, :, None], log_s[:, None, :]) - P[:, :, None]  # log(1 + S / e^P)
         total += problem.prior[c] * float(np.einsum("a,p,apm,m->", w, w, loss, ms_w))
     return total
 
