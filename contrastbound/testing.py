@@ -137,7 +137,8 @@ def _multisets(N: int, K: int) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_contrastive_loss(problem: DiscreteProblem, K: int) -> float:
     r"""R_cont with K i.i.d. negatives from the marginal, exactly: enumerates the C(N + K - 1, K) multisets of
-    negatives with their multinomial probabilities (use small N and K: N = 12, K = 6 is 12376 multisets).
+    negatives with their multinomial probabilities (use small N and K: N = 12, K = 6 is 12376 multisets; problems
+    whose temporaries would pass 2^26 elements are refused with a ValueError).
 
     R_cont = E_{c ~ pi, x, x+ ~ D_c, n_1..n_K ~ D}[ -log(e^{x.x+} / (e^{x.x+} + sum_k e^{x.n_k})) ].
     """
@@ -146,7 +147,12 @@ def exact_contrastive_loss(problem: DiscreteProblem, K: int) -> float:
     if K == 0:
         return 0.0
     X, q = problem.support
-    counts, logcoef = _multisets(X.shape[0], int(K))
+    N, n_max = X.shape[0], max(x.shape[0] for x in problem.points)
+    M = math.comb(N + int(K) - 1, int(K))
+    if M * n_max * max(N, n_max) > 1 << 26:  # (n_c, M, N) and (n_c, n_c, M) float64 temporaries: 512 MiB
+        raise ValueError(f"K = {K} negatives over N = {N} support points make {M} multisets, too many to enumerate "
+                         "(keep M * max n_c * N <= 2^26; estimate larger problems by sampling)")
+    counts, logcoef = _multisets(N, int(K))
     ms_w = np.exp(logcoef + counts @ np.log(q))  # (M,) multinomial probabilities, sum to 1
     with np.errstate(divide="ignore"):
         log_counts = np.log(counts)  # (M, N), -inf where a point is not in the multiset

@@ -153,6 +153,10 @@ def test_discrete_problem_refuses_what_it_cannot_score():
     assert isinstance(p.prior, np.ndarray)
     with pytest.raises(ValueError, match="labels: every class"):  # was "prior must be positive" (a class missing)
         DiscreteProblem.from_samples(np.ones((3, 2)), np.array([0, 2, 2]))
+    # C(N + K - 1, K) multisets: 30 points and K = 10 would be 6.4e8 of them (tens of GiB); refused by name
+    big = DiscreteProblem.from_samples(np.eye(30), np.arange(30) % 3)
+    with pytest.raises(ValueError, match="K = 10 negatives over N = 30"):
+        exact_contrastive_loss(big, 10)
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 5])
