@@ -543,16 +543,20 @@ def _bernoulli_over_factorial(count: int) -> np.ndarray:
 _BERN = _bernoulli_over_factorial(48)
 # x^a u^b terms of D^j (x u), u = 1 / (e^x - 1), D = x d/dx, for j = 1 .. 5: D(x^a u^b) = a x^a u^b - b x^{a+1}
 # (u^b + u^{b+1}) (u' = -(u + u^2)).
-_XU_POLY: list[dict[tuple[int, int], int]] = []
-_term = {(1, 1): 1}
-for _ in range(5):
-    _nxt: dict[tuple[int, int], int] = {}
-    for (_a, _b), _c in _term.items():
-        for _key, _v in (((_a, _b), _a * _c), ((_a + 1, _b), -_b * _c), ((_a + 1, _b + 1), -_b * _c)):
-            _nxt[_key] = _nxt.get(_key, 0) + _v
-    _term = {k: v for k, v in _nxt.items() if v}
-    _XU_POLY.append(_term)
-del _term, _nxt
+def _xu_polynomials(count: int) -> list[dict[tuple[int, int], int]]:
+    """{(a, b): coefficient} of D^j (x u) for j = 1 .. count."""
+    out, term = [], {(1, 1): 1}
+    for _ in range(count):
+        nxt: dict[tuple[int, int], int] = {}
+        for (a, b), c in term.items():
+            for key, v in (((a, b), a * c), ((a + 1, b), -b * c), ((a + 1, b + 1), -b * c)):
+                nxt[key] = nxt.get(key, 0) + v
+        term = {k: v for k, v in nxt.items() if v}
+        out.append(term)
+    return out
+
+
+_XU_POLY = _xu_polynomials(5)
 
 
 def _ztp_cumulants(x: np.ndarray) -> list[np.ndarray]:

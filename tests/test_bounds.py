@@ -867,16 +867,20 @@ def test_coupon_saddle_point_series_against_the_trapezoid_rule(monkeypatch):
     # memory). Where both run (var 1e4 .. 1e9) they agree to the trapezoid rule's accuracy: two independent
     # evaluations of one integral. C = 2^60 with n - C = 1e6: the trapezoid rule's phases there are those formed in
     # integers.
-    cases = [(10**4, [3 * 10**4, 8 * 10**4]), (10**6, [10**6 + 10**5, 3 * 10**6, 8 * 10**6]),
-             (10**10, [10**10 + 10**7, 2 * 10**10]),
-             (2**60, [2**60 + 10**6, 2**60 + 10**8])]
-    for C, ns in cases:
-        n, p = np.array(ns, dtype=np.int64), B._resolve_prior(C, None)
+    def both(n, p):
+        n = np.array(n, dtype=np.int64)
         monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", math.inf)
         trapezoid = B._log_coupon_cauchy(n, p)
         monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", 0.0)
         series = B._log_coupon_cauchy(n, p)
         monkeypatch.undo()
+        return trapezoid, series
+
+    cases = [(10**4, [3 * 10**4, 8 * 10**4]), (10**6, [10**6 + 10**5, 3 * 10**6, 8 * 10**6]),
+             (10**10, [10**10 + 10**7, 2 * 10**10]),
+             (2**60, [2**60 + 10**6, 2**60 + 10**8])]
+    for C, ns in cases:
+        trapezoid, series = both(ns, B._resolve_prior(C, None))
         assert np.all(np.isfinite(trapezoid))
         # the trapezoid rule's rounding, ~eps per class and point, times C classes: 9e-11 at C = 1e6, n = 3e6;
         # at C = 1e4 (var 2.5e4) the series' second term is 1e-9 (a wrong coefficient shows)
@@ -884,12 +888,8 @@ def test_coupon_saddle_point_series_against_the_trapezoid_rule(monkeypatch):
     # a non-uniform prior: 50 distinct values, and three dominant classes among 1000 small ones
     w = 1.0 + np.arange(50) / 10.0
     for weights, ns in ((w, [1000, 3000]), (np.r_[np.ones(1000), 1e3 * np.ones(3)], [20000, 100000])):
-        n, p = np.array(ns, dtype=np.int64), B._resolve_prior(None, weights / weights.sum())
-        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", math.inf)
-        trapezoid = B._log_coupon_cauchy(n, p)
-        monkeypatch.setattr(B, "_SADDLE_SERIES_MIN_VAR", 0.0)
-        series = B._log_coupon_cauchy(n, p)
-        monkeypatch.undo()
+        p = B._resolve_prior(None, weights / weights.sum())
+        trapezoid, series = both(ns, p)
         assert np.all(np.abs(series - trapezoid) <= 1e-14 * (p.num_classes + np.abs(trapezoid))), (series, trapezoid)
     # the whole curve at C = 2^55 (its series beyond n ~ C + 2^28): finite, increasing, log upsilon <= 0
     C = 2**55
