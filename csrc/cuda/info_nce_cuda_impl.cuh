@@ -110,19 +110,20 @@ struct Carver {
 
 template <typename acc_t>
 struct Prepared {
-  acc_t* as = nullptr;  // (B, d) s * a_hat
-  acc_t* ph = nullptr;  // (B, d) p_hat
+  acc_t* as = nullptr;  // (B, d) s * a_hat, for the SIMT kernels only (nullptr on the tensor-core path)
   acc_t *a_inv = nullptr, *a_proj = nullptr, *p_inv = nullptr, *p_proj = nullptr;  // (B,)
   acc_t* pos = nullptr;                                                            // (B,) s a_hat . p_hat
   acc_t *n_inv = nullptr, *n_proj = nullptr;                                       // (rows,) bank rows
   acc_t* tc_bound = nullptr;  // one value: the float16 tensor-core coefficient bound (info_nce_tc.cuh)
 };
 
+// The SIMT kernels read the scaled anchors as (B, d) rows; the tensor-core kernels read the raw rows and their
+// scales, so with `simt` false no (B, d) array is carved (it was 8 B d bytes with p_hat's: 32 GiB in-batch at
+// B = 2^22, d = 1024). p_hat has none anywhere: the anchors' gradient forms it from the raw positive and its scale.
 template <typename acc_t>
-Prepared<acc_t> carve_prepared(Carver& c, const Problem& p) {
+Prepared<acc_t> carve_prepared(Carver& c, const Problem& p, bool simt) {
   Prepared<acc_t> pr;
-  pr.as = c.take<acc_t>(p.B * p.d);
-  pr.ph = c.take<acc_t>(p.B * p.d);
+  if (simt) pr.as = c.take<acc_t>(p.B * p.d);
   pr.a_inv = c.take<acc_t>(p.B);
   pr.a_proj = c.take<acc_t>(p.B);
   pr.p_inv = c.take<acc_t>(p.B);
@@ -163,9 +164,9 @@ struct ForwardWork {
 };
 
 template <typename acc_t>
-ForwardWork<acc_t> carve_forward(Carver& c, const Problem& p, const ForwardPlan& f, bool save) {
+ForwardWork<acc_t> carve_forward(Carver& c, const Problem& p, const ForwardPlan& f, bool save, bool simt = true) {
   ForwardWork<acc_t> w;
-  w.pr = carve_prepared<acc_t>(c, p);
+  w.pr = carve_prepared<acc_t>(c, p, simt);
   w.part_max = c.take<acc_t>(f.chunks * p.B);
   w.part_sum = c.take<acc_t>(f.chunks * p.B);
   if (save) w.part_w = c.take<acc_t>(f.chunks * p.B * p.d);
@@ -210,7 +211,7 @@ float* carve_backward_tc(Carver& c, const Problem& p, int num_sms);  // tensor-c
 template <typename acc_t>
 BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms, bool tc) {
   BackwardWork<acc_t> w;
-  w.pr = carve_prepared<acc_t>(c, p);
+  w.pr = carve_prepared<acc_t>(c, p, /*simt=*/!tc);
   if (a.grad_negatives != nullptr) {
     if (p.mode == Mode::Shared && tc) {
       w.grad_scratch = reinterpret_cast<acc_t*>(carve_backward_tc(c, p, num_sms));  // acc_t is float here
@@ -255,8 +256,7 @@ __global__ void __launch_bounds__(kThreads) prepare_kernel(const Problem p, cons
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       const acc_t x = to_acc<acc_t>(a[i * as0 + j * as1]) * ra.inv * s;  // 0 for a zero row, as (inv s) may overflow
       const acc_t y = to_acc<acc_t>(q[i * ps0 + j * ps1]) * rp.inv;
-      pr.as[i * d + j] = x;
-      pr.ph[i * d + j] = y;
+      if (pr.as != nullptr) pr.as[i * d + j] = x;
       dot += x * y;
     }
     dot = block_sum(dot, red);
@@ -631,26 +631,27 @@ __global__ void __launch_bounds__(kThreads)
                        : loss != nullptr  ? std::expm1(-loss[i])
                                           : std::exp(pr.pos[i] - lse[i]) - acc_t(1);
     const acc_t gs = gi * s, coef = gs * w0m1;
-    const acc_t* phi = pr.ph + i * d;
     // a_hat from the raw row, not pr.as / s: products of as and s-scaled terms form s^2, which leaves float32 for
-    // s beyond ~2e19 or below ~1e-19 (temperatures the op accepts).
-    const acc_t a_inv = pr.a_inv[i];
+    // s beyond ~2e19 or below ~1e-19 (temperatures the op accepts). p_hat from the raw row too, as prepare_kernel
+    // forms it (the same bits; no (B, d) copy in the workspace).
+    const acc_t a_inv = pr.a_inv[i], p_inv = pr.p_inv[i];
+    const auto p_hat = [&](int64_t j) { return to_acc<acc_t>(q[i * ps0 + j * ps1]) * p_inv; };
     if (ga != nullptr) {
       const acc_t* vi = v + i * d;
       acc_t part = 0;
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        part += to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv * (w0m1 * phi[j] + vi[j]);
+        part += to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv * (w0m1 * p_hat(j) + vi[j]);
       }
       const acc_t ahat_dot_g = gs * block_sum(part, red);
       const acc_t proj = pr.a_proj[i];  // radial term as (a_hat . G) (proj a_j): row_scale
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-        const acc_t gj = gs * (w0m1 * phi[j] + vi[j]);
+        const acc_t gj = gs * (w0m1 * p_hat(j) + vi[j]);
         ga[i * d + j] = from_acc<scalar_t>(a_inv * gj - ahat_dot_g * (proj * to_acc<acc_t>(a[i * as0 + j * as1])));
       }
     }
     if (gp != nullptr) {
       const acc_t phat_dot_g = gi * w0m1 * pr.pos[i];  // p_hat . G_p, pos = s a_hat . p_hat
-      const acc_t inv = pr.p_inv[i], proj = pr.p_proj[i];
+      const acc_t inv = p_inv, proj = pr.p_proj[i];
       for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
         const acc_t gj = coef * (to_acc<acc_t>(a[i * as0 + j * as1]) * a_inv);
         gp[i * d + j] = from_acc<scalar_t>(inv * gj - phat_dot_g * (proj * to_acc<acc_t>(q[i * ps0 + j * ps1])));
@@ -1241,10 +1242,10 @@ struct TcForwardWork {
 TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
   TcForwardWork t;
   if (save && (tc_fused_fwd(p, save) || tc_flash_for(p))) {  // per-chunk V partials, merged by forward_merge
-    t.w = carve_forward<float>(c, p, f, /*save=*/true);
+    t.w = carve_forward<float>(c, p, f, /*save=*/true, /*simt=*/false);
     return t;
   }
-  t.w = carve_forward<float>(c, p, f, /*save=*/false);  // no per-chunk V: it is formed after the lse
+  t.w = carve_forward<float>(c, p, f, /*save=*/false, /*simt=*/false);  // no per-chunk V: formed after the lse
   const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms, /*bank_pass=*/false);
   if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
   return t;

@@ -803,6 +803,30 @@ void entry_point_errors() {
   expect(std::isnan(ga[0]) && std::isnan(gn[0]), "a refused backward writes nothing");
 }
 
+// The workspace holds no (B, d) copy of the anchors or positives on the tensor-core path (the kernels read the raw
+// rows and their scales) and only the SIMT kernels' scaled anchors off it: at B d >> B + K the sizes below are a few
+// (B,) and (K,) vectors. (Both paths carved s a_hat and p_hat, 8 B d bytes: 32 GiB in-batch at B = 2^22, d = 1024.)
+void workspace_sizes() {
+  const int64_t B = 64, K = 100, d = 512;
+  Problem p;
+  p.B = B, p.K = K, p.d = d, p.rows = K, p.tensor_cores = true;
+  BackwardArgs anchors_only;
+  anchors_only.grad_anchors = reinterpret_cast<void*>(16), anchors_only.grad_positives = reinterpret_cast<void*>(16);
+  const size_t row_bytes = static_cast<size_t>(B) * d * sizeof(float);
+  for (DType t : {DType::BFloat16, DType::Float16}) {
+    p.dtype = t;
+    const size_t fb = info_nce_forward_workspace_bytes(p, false, 132);
+    const size_t bb = info_nce_backward_workspace_bytes(p, anchors_only, 132);
+    expect(fb < row_bytes / 4, "tensor-core forward workspace holds no (B, d) array");
+    expect(bb < row_bytes / 4, "tensor-core backward workspace (anchors' gradients) holds no (B, d) array");
+  }
+  p.dtype = DType::Float32;  // SIMT: the scaled anchors only
+  const size_t fb = info_nce_forward_workspace_bytes(p, false, 132);
+  const size_t bb = info_nce_backward_workspace_bytes(p, anchors_only, 132);
+  expect(fb >= row_bytes && fb < row_bytes + row_bytes / 4, "SIMT forward workspace holds one (B, d) array");
+  expect(bb >= row_bytes && bb < row_bytes + row_bytes / 4, "SIMT backward workspace holds one (B, d) array");
+}
+
 // Fault runs: a forward (with the anchor term) and a backward of every gradient, with the n-th runtime call or launch
 // failing, for every n the clean run makes, then with pairs of failures (a launch, then a later runtime call: the
 // library clears the last error after a failed call it can do without, which must not swallow the launch's error).
@@ -892,6 +916,7 @@ int main(int argc, char** argv) {
   }
   emu::Device& dev = emu::device();
   entry_point_errors();
+  workspace_sizes();
   if (!faults_only) kernel_configs(quick);
   // Failing runtime calls and launches, on the H100 / H200-like device.
   dev = emu::Device();
