@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -216,6 +217,67 @@ def test_bench_quick_keeps_given_reps_and_time_bound(monkeypatch, tmp_path):
             cli_main(["bench", "--methods", "fused", "--modes", "shared", "--ks", "64", "--no-progress",
                       "--out", str(tmp_path), *argv])
         assert (seen["reps"], seen["bound"]) == want, argv
+
+
+def test_headline_counts_memory_only_where_both_were_measured():
+    # In-process rows have no memory: they are no memory wins ("mem<= 3/3" before: a missing figure counted as 0)
+    clock = FakeClock()
+    methods = [fake_method("fused", "fused", clock, 1.0), fake_method("slow", "peer", clock, 4.0)]
+    rows = run_sweep(methods, _configs(), isolate=False, clock=clock)
+    assert all(r.get("extra_mib") is None for r in rows)
+    (head,) = report.headline(rows)
+    assert head["less_mem_at"] is None and head["mem_common"] == 0 and head["faster_at"] == head["common"] == 3
+    line = report.format_headline([head]).splitlines()[1]
+    assert re.search(rf" 3/3 +- +{2**14}/", line), line
+    # measured at two K of three: counted over those two only (fused used more at 2^12)
+    mib = {("fused", 2**12): 5.0, ("slow", 2**12): 2.0, ("fused", 2**14): 1.0, ("slow", 2**14): 10.0,
+           ("fused", 2**10): 1.0, ("slow", 2**10): float("nan")}
+    for r in rows:
+        if (r["method"], r["K"]) in mib:
+            r["extra_mib"] = mib[(r["method"], r["K"])]
+    (head,) = report.headline(rows)
+    assert (head["less_mem_at"], head["mem_common"], head["common"]) == (1, 2, 3)
+    assert re.search(r" 3/3 +1/2 ", report.format_headline([head]).splitlines()[1])
+
+
+def test_bench_in_process_reports_no_memory_wins(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^10,2^11", "--methods", "fused,naive",
+                     "--reps", "1", "-B", "8", "-d", "16", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    (head,) = json.loads((out / "scaling.json").read_text())["headline"]
+    assert head["common"] == 2 and head["less_mem_at"] is None and head["mem_common"] == 0
+    text = capsys.readouterr().out.split("fused vs each method")[1]
+    line = next(ln for ln in text.splitlines() if ln.startswith("shared float32") and " naive " in ln)
+    assert re.search(r" [0-2]/2 +- +2048/2048$", line), line
+
+
+def test_bench_drops_repeated_values_keeping_their_order(monkeypatch, tmp_path):
+    # `--modes shared,shared` measured the same configurations twice (--ks and --methods already dropped repeats)
+    import contrastbound.benchsuite as bs
+
+    seen = []
+
+    def fake_sweep(methods, configs, **kw):
+        seen.extend((c.mode, c.dtype, c.device, c.B, c.d, c.K) for c in configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bs, "run_sweep", fake_sweep)
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--methods", "fused", "--modes", "shared,indexed,shared", "--ks", "64,64",
+                  "--dtype", "float64,float32,float64", "--device", "cpu,cpu", "-B", "8,4,8", "-d", "16,16",
+                  "--no-progress", "--out", str(tmp_path)])
+    assert seen == [(mode, dtype, "cpu", B, 16, 64) for mode in ("shared", "indexed") for dtype in ("float64", "float32")
+                    for B in (8, 4)]
+
+
+def test_bench_progress_bar_only_on_a_terminal(capsys):
+    # (under pytest stderr is captured, not a terminal: the bar's redraws would fill a log)
+    pytest.importorskip("tqdm")
+    import contrastbound.benchsuite as bs
+
+    progress = bs._Progress(3, enabled=True)
+    assert progress.bar is None
+    progress.close()
 
 
 def test_bench_list_methods_writes_nothing(tmp_path, capsys):

@@ -124,7 +124,7 @@ def _list_methods(device: str) -> str:
 
 
 class _Progress:
-    """tqdm when installed (rows printed above the bar), plain prints otherwise."""
+    """tqdm when installed and stderr is a terminal (rows printed above the bar), plain prints otherwise."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
@@ -132,7 +132,8 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+                bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, disable=None)
+                self.bar = None if bar.disable else bar  # (disable=None: no bar when stderr is not a terminal)
             except ImportError:
                 pass
 
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    # A value given twice is measured once, in the order first given (as --ks and --methods).
+    for name in ("modes", "dtype", "device", "batch", "dim"):
+        if getattr(args, name):
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     # Bad arguments end here, before any measurement (not as failed rows with exit status 0, or after the sweep).
     if args.k_step < 1:
         parser.error(f"--k-step must be >= 1, got {args.k_step}")
@@ -276,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlog-log slope of forward+backward time against K (from K = 2^{args.slope_from})")
     print(format_slopes(fits))
     print("\nfused vs each method at the largest K where both ran (speed-up = other time / fused time; "
-          "fused<= : at how many common K the fused op was at least as fast; mem<= : used at most as much memory)")
+          "fused<= : at how many common K the fused op was at least as fast; mem<= : used at most as much memory, "
+          "of the common K where both memories were measured)")
     print(format_headline(heads))
 
     os.makedirs(args.out, exist_ok=True)

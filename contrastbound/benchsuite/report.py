@@ -22,9 +22,12 @@ HEADER = (f"{'mode':<10} {'method':<16} {'K':>9} {'B':>6} {'d':>4} {'fwd ms':>9}
           f"{'extra MiB':>10} {'GFLOP/s':>8} {'of GEMM':>7}  note")
 
 
+def _measured(v) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
 def _num(v, fmt: str, width: int) -> str:
-    return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) \
-        else f"{'-':>{width}}"
+    return f"{v:{width}{fmt}}" if _measured(v) else f"{'-':>{width}}"
 
 
 def format_row(r: dict) -> str:
@@ -94,7 +97,9 @@ def format_slopes(fits: list[dict]) -> str:
 def headline(rows: list[dict]) -> list[dict]:
     """For every method beside the fused op of its setting: the largest K where both ran, the time ratio
     (other / fused: the fused speed-up) and the memory of both there; plus the largest K each ran at all, and at
-    how many of the shared K the fused op was at least as fast / used at most as much memory."""
+    how many of the shared K the fused op was at least as fast, and at how many of the ``mem_common`` shared K where
+    both memories were measured it used at most as much memory (``less_mem_at`` None when there were none: --in-process
+    measures no memory, and an unmeasured point is no memory win)."""
     ok = defaultdict(dict)
     for r in rows:
         if r.get("status") == "ok" and r["kind"] not in ("gemm",):
@@ -114,7 +119,9 @@ def headline(rows: list[dict]) -> list[dict]:
             e.update(k=k, fused_s=f["fwdbwd_s"], other_s=o["fwdbwd_s"], speedup=o["fwdbwd_s"] / f["fwdbwd_s"],
                      fused_mib=f.get("extra_mib"), other_mib=o.get("extra_mib"))
             e["faster_at"] = sum(fused[q]["fwdbwd_s"] <= by_k[q]["fwdbwd_s"] for q in common)
-            e["less_mem_at"] = sum((fused[q].get("extra_mib") or 0) <= (by_k[q].get("extra_mib") or 0) for q in common)
+            mem = [q for q in common if _measured(fused[q].get("extra_mib")) and _measured(by_k[q].get("extra_mib"))]
+            e["less_mem_at"] = sum(fused[q]["extra_mib"] <= by_k[q]["extra_mib"] for q in mem) if mem else None
+            e["mem_common"] = len(mem)
             e["common"] = len(common)
         out.append(e)
     return out
@@ -128,11 +135,11 @@ def format_headline(entries: list[dict]) -> str:
             lines.append(f"{e['group']:<34} {e['method']:<16} {'-':>9}  no K where both ran "
                          f"(max K {e['method']}: {e['max_k_method']}, fused: {e['max_k_fused']})")
             continue
+        mem = f"{'-':>2}{'':<4}" if e["less_mem_at"] is None else f"{e['less_mem_at']:>2}/{e['mem_common']:<3}"
         lines.append(
             f"{e['group']:<34} {e['method']:<16} {e['k']:>9} {e['fused_s']:>9.3f} {e['other_s']:>9.3f} "
             f"{e['speedup']:>7.2f}x {_num(e['fused_mib'], '.1f', 10)} {_num(e['other_mib'], '.1f', 10)} "
-            f"{e['faster_at']:>3}/{e['common']:<4} {e['less_mem_at']:>2}/{e['common']:<3} "
-            f"{e['max_k_method']:>9}/{e['max_k_fused']}")
+            f"{e['faster_at']:>3}/{e['common']:<4} {mem} {e['max_k_method']:>9}/{e['max_k_fused']}")
     return "\n".join(lines)
 
 
