@@ -6,6 +6,7 @@ Prints the loss and the time of each step, and the same step with naive PyTorch 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -53,11 +54,7 @@ def run_demo(
                      "naive_s": t1 - t0})
         print(f"{step:>4} {loss.item():>9.4f} {t3 - t2:>8.3f} {naive_loss.item():>10.4f} {t1 - t0:>8.3f}")
     first, last = rows[0]["loss"], rows[-1]["loss"]
-    print(f"loss {first:.4f} -> {last:.4f}; median step time fused {_median([r['fused_s'] for r in rows]):.3f} s, "
-          f"naive {_median([r['naive_s'] for r in rows]):.3f} s")
+    print(f"loss {first:.4f} -> {last:.4f}; median step time fused "
+          f"{statistics.median([r['fused_s'] for r in rows]):.3f} s, "
+          f"naive {statistics.median([r['naive_s'] for r in rows]):.3f} s")
     return rows
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]

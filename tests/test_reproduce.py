@@ -365,6 +365,76 @@ def test_k_scaling_with_a_failed_point_is_undetermined(tmp_path, monkeypatch):
     assert "MemoryError" in (tmp_path / "report.md").read_text()
 
 
+def test_k_scaling_time_with_a_failed_point_claims_neither_faster_nor_slower(tmp_path, monkeypatch):
+    # "fused undefined ms ... = undefined: fused slower" before: a NaN time compared as slower
+    pytest.importorskip("matplotlib")
+    from contrastbound.reproduce import kscaling
+
+    s = make_settings("tiny")
+
+    def measure(method, K, settings, device, seed):
+        nan = method == "fused" and K == max(s.scaling_ks)
+        return {"method": method, "K": K, "loss": 1.0, "time_s": math.nan if nan else 0.01, "time_min_s": 0.01,
+                "peak_extra_mib": math.nan if nan else 1.0, "logits_mib": 1.0, "error": "MemoryError" if nan else ""}
+
+    monkeypatch.setattr(kscaling, "measure", measure)
+    sec = kscaling.run_k_scaling(s, str(tmp_path), 0, "cpu", show_progress=False)
+    (time_claim,) = [c for c in sec.claims if "Time of the fused loss" in c.text]
+    assert time_claim.verdict.startswith("undetermined")
+    assert "faster" not in time_claim.evidence and "slower" not in time_claim.evidence, time_claim.evidence
+    assert "a measurement failed" in time_claim.evidence
+
+
+def test_k_scaling_worker_that_times_out_fails_its_point_only(tmp_path, monkeypatch):
+    # subprocess.run's TimeoutExpired ended the whole experiment: it is a failed point, named as a timeout
+    pytest.importorskip("matplotlib")
+    import subprocess
+
+    from contrastbound.reproduce import kscaling
+
+    real = kscaling.subprocess.run
+
+    def run(cmd, **kwargs):
+        if cmd[3:5] == ["naive", "1024"]:  # (python -m module method K batch dim repeats threads device seed)
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(kscaling.subprocess, "run", run)
+    s = make_settings("tiny")
+    assert max(s.scaling_ks) == 1024
+    row = kscaling.measure("naive", 1024, s, "cpu", 0)
+    assert math.isnan(row["time_s"]) and row["error"] == f"timed out after {kscaling.WORKER_TIMEOUT_S} s"
+    sec = kscaling.run_k_scaling(s, str(tmp_path), 0, "cpu", show_progress=False)
+    assert [c.verdict.split()[0] for c in sec.claims] == ["undetermined", "undetermined"]
+    assert any(kind == "text" and "naive K = 1024: timed out" in b for kind, b in sec.blocks)
+
+
+def test_demo_prints_the_true_median_step_time(monkeypatch, capsys):
+    # 12 steps by default: the median of an even count is the mean of the middle two (the upper one before)
+    from contrastbound import demo
+
+    # per step: naive start, naive end, fused start, fused end; fused steps 1, 2, 3, 10 s; naive 4, 4, 6, 6 s
+    ticks = iter(t for f, n in ((1, 4), (2, 4), (3, 6), (10, 6)) for t in (0.0, n, 100.0, 100.0 + f))
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(ticks))
+    demo.run_demo(steps=4, batch=4, queue=8, dim=4)
+    assert "median step time fused 2.500 s, naive 5.000 s" in capsys.readouterr().out
+
+
+def test_cli_takes_experiments_after_options(tmp_path, monkeypatch):
+    # `reproduce bounds-vs-k --out X compare-bounds` failed with "unrecognized arguments: compare-bounds"
+    from contrastbound import reproduce
+
+    seen = {}
+
+    def fake_run(experiments, out, *args, **kwargs):
+        seen.update(experiments=experiments, out=out)
+        return {"out": out, "sections": [], "wall_s": {}, "total_s": 0.0, "failed": {}}
+
+    monkeypatch.setattr(reproduce, "run", fake_run)
+    assert main(["bounds-vs-k", "--out", str(tmp_path), "compare-bounds", "--tiny", "--no-progress", "toy"]) == 0
+    assert seen == {"experiments": ["bounds-vs-k", "compare-bounds", "toy"], "out": str(tmp_path)}
+
+
 def test_failed_experiment_in_the_summary_and_interrupt_writes_a_marked_report(tmp_path, monkeypatch, capsys):
     from contrastbound import reproduce
 

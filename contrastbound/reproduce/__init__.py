@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 3 when a claim is NOT supported (default: 0 once the report is written)")
-    args = parser.parse_args(argv)
+    # (intermixed: experiments may follow options, `reproduce bounds-vs-k --out X compare-bounds`)
+    args = parser.parse_intermixed_args(argv)
     bad = [e for e in args.experiments if e not in EXPERIMENTS]
     if bad:
         parser.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS)}")
