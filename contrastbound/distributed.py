@@ -6,7 +6,8 @@ Two strategies:
   ranks of the gradients with respect to its slice, so every rank can use the global batch as in-batch negatives
   (``info_nce(anchors, positives, None, process_group=group)``, ``nt_xent``, ``clip_loss``) and DDP's averaging
   yields the gradient of the mean of the ranks' losses: the global mean loss's when the batches are equal (with
-  uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r).
+  uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r; by W / (2 sum B_r) for ``nt_xent``, whose two
+  views per pair are two loss terms).
 * shard: :func:`info_nce_sharded` (also ``info_nce(..., process_group=group)``) where each rank holds a shard of
   a bank too large for one device. Rank r's loss is its own anchors against the whole bank; ranks exchange
   anchors and per-anchor log-sum-exp partials (O(B d + B) per rank), never the bank.
@@ -28,6 +29,7 @@ from .functional import (
     _autocast_off,
     _check_dense,
     _check_bool,
+    _check_device,
     _check_features,
     _check_reduction,
     _check_scale_fits,
@@ -35,7 +37,10 @@ from .functional import (
     _check_temperature,
     _check_tensor,
     _check_group,
+    _bwd_op,
+    _fwd_op,
     _reduce,
+    _scale_of,
     _to_bank_dtype,
 )
 
@@ -87,14 +92,16 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
     grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
     norm = -1 if normalize is None else int(normalize)
-    # the temperature's float64 bits (0 without one: never a valid temperature's); a tensor's are written on the
-    # gathered tensor's device, read with the rest of the vector (no read-back of their own where the temperature
-    # lives there too)
-    temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] if isinstance(temperature, float) else 0
+    # the temperature's float64 bits (0 without one: never a valid temperature's), written on the gathered tensor's
+    # device and read with the rest of the vector (no read-back of their own where a tensor temperature lives there
+    # too). A float goes through a tensor as well: under torch.compile a float schedule's second value is traced
+    # as a symbolic float, which struct.pack cannot take (a RecursionError inside dynamo).
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
-                         *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)
+                         *row_shape, call, grads, norm, 0], device=tensor.device, dtype=torch.long)
     if isinstance(temperature, torch.Tensor):
         meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
+    elif temperature is not None:
+        meta[13] = (torch.ones((), dtype=torch.float64, device=meta.device) * temperature).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]
@@ -273,7 +280,7 @@ class _ShardedNegativeLse(torch.autograd.Function):
     def forward(ctx, anchors_all, shard, scale, normalize, group):
         zeros = torch.zeros_like(anchors_all)  # no positive: loss = lse
         if _backend.kernel_serves(anchors_all.device):
-            _, lse_part, term = torch.ops.contrastbound.info_nce_fwd(
+            _, lse_part, term = _fwd_op(
                 anchors_all, zeros, shard, None, scale, normalize, False, bool(ctx.needs_input_grad[0])
             )
             term = term if term.numel() else None
@@ -289,8 +296,10 @@ class _ShardedNegativeLse(torch.autograd.Function):
         if term is not None:
             # This shard's share of V_i = sum_k softmax_ik n_hat_k, relative to the whole bank's lse.
             term = term * _share(lse_part, lse).unsqueeze(1)
-        ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0))
-        ctx.scale, ctx.normalize, ctx.group = scale, normalize, group
+        # (a tensor scale, under torch.compile: saved as a tensor)
+        tensor_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
+        ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0), *tensor_scale)
+        ctx.scale, ctx.normalize, ctx.group = None if tensor_scale else scale, normalize, group
         # As the op gives it (float64 from the CPU kernel): rounded to float32 it was off by eps |lse|, which the
         # loss softplus(lse - l_0) of a dominant negative keeps (2.4e-4 relative at logits 3e4).
         return lse.clone()
@@ -298,18 +307,19 @@ class _ShardedNegativeLse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         _ops.refuse_double_backward()
-        anchors_all, shard, lse, term = ctx.saved_tensors
+        anchors_all, shard, lse, term, *tensor_scale = ctx.saved_tensors
+        scale = tensor_scale[0] if tensor_scale else ctx.scale
         grad_lse = grad_lse.contiguous().clone()
         dist.all_reduce(grad_lse, op=dist.ReduceOp.SUM, group=ctx.group)
         mask = [bool(ctx.needs_input_grad[0]), False, bool(ctx.needs_input_grad[1])]
         if not any(mask):
             return None, None, None, None, None
         if not _backend.kernel_serves(anchors_all.device):
-            ga, gn = _reference_backward(grad_lse, anchors_all, shard, lse, ctx.scale, ctx.normalize, mask)
+            ga, gn = _reference_backward(grad_lse, anchors_all, shard, lse, scale, ctx.normalize, mask)
             return ga, gn, None, None, None
-        ga, _, gn = torch.ops.contrastbound.info_nce_bwd(
-            grad_lse, anchors_all, torch.zeros_like(anchors_all), shard, None, lse, term, ctx.scale, ctx.normalize,
-            False, mask,
+        ga, _, gn = _bwd_op(
+            grad_lse, anchors_all, torch.zeros_like(anchors_all), shard, None, lse, term, scale, ctx.normalize, False,
+            mask,
         )
         return (ga if mask[0] else None), (gn if mask[2] else None), None, None, None
 
@@ -365,6 +375,7 @@ def info_nce_sharded(
         if negatives.shape[1] != anchors.shape[1]:
             raise ValueError(
                 f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
+        _check_device("negatives", negatives, "anchors", anchors)  # (the kernel's own check came after the exchange)
         t = _check_temperature(temperature)
         if isinstance(t, torch.Tensor):
             _check_temperature_has_value(t, anchors.device)  # (float() of a meta tensor: a RuntimeError, not joined)
@@ -379,7 +390,9 @@ def info_nce_sharded(
         a = _to_bank_dtype(anchors, negatives.dtype, normalize)
         p = _to_bank_dtype(positives, negatives.dtype, normalize)
         _check_scale_fits(t, negatives.dtype)
-    scale = 1.0 / t
+    # (a float; a tensor under torch.compile, as in info_nce: dynamo traces a float schedule's second value as a
+    # symbolic float, and Python arithmetic on it here broke the traced graph)
+    scale = _scale_of(t, a.device)
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=2,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
                             normalize=normalize, temperature=t)

@@ -178,6 +178,10 @@ def _worker(rank, world, init_file, out_dir):
                                         process_group=w),
                      lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
                                          temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
+                     # a shard on another device than the rank's features (meta standing in for a CPU shard beside
+                     # CUDA features): refused after the exchange before, the others waiting in the lse gather
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4, device="meta" if rank == 1 else "cpu"),
+                                         process_group=w),
                      # the gather's own refusals (before, the others' first exchange paired with this rank's next
                      # call: another step's rows, silently, or a hang)
                      lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
@@ -303,7 +307,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
         g1, g2, xg = res["second_order"]
         torch.testing.assert_close(g1, world * 3 * xg**2)
         torch.testing.assert_close(g2, world * 6 * xg)
-        assert len(res["refused"]) == 14, res["refused"]
+        assert len(res["refused"]) == 15, res["refused"]
         for i, msg in enumerate(res["refused"]):
             if rank == 1:
                 assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error
@@ -477,3 +481,50 @@ def test_sharded_bank_options_single_rank(tmp_path):
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="torch 2.5's dynamo specialises every float (one graph per value)")
+@pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip"])
+def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, form):
+    # A float temperature that changes between calls of a compiled step with process_group: its second value is
+    # traced as a symbolic float, which the exchange of the ranks' arguments packed with struct.pack (dynamo raised
+    # RecursionError for every form but clip_loss, whose float becomes a tensor first). Each value's loss and
+    # gradient as the single-process eager call's.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(3)
+        a, p, n = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(8, 5, generator=g)
+        W = dist.group.WORLD
+        fns = {
+            "sharded": lambda x, t, **kw: cb.info_nce(x, p, n, temperature=t, **kw),
+            "in_batch": lambda x, t, **kw: cb.info_nce(x, p, None, temperature=t, **kw),
+            "nt_xent": lambda x, t, **kw: cb.nt_xent(x, p, t, **kw),
+            "clip": lambda x, t, **kw: cb.clip_loss(x, p, t, **kw),  # t: the logit scale
+        }
+        fn = fns[form]
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, t: fn(x, t, process_group=W), backend="aot_eager")
+        for t in (0.2, 0.3, 0.45):
+            t = 1.0 / t if form == "clip" else t
+            got_a, want_a = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+            got, want = compiled(got_a, t), fn(want_a, t)
+            got.backward()
+            want.backward()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_a.grad, want_a.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
+def test_uneven_batch_scaling_counts_the_loss_terms():
+    # The README's recipe for uneven batches under DDP: reduction="sum" scaled by W / (global count of loss terms).
+    # That count is sum B_r for info_nce and clip_loss and 2 sum B_r for nt_xent (an audit: W / sum B_r gave twice
+    # the global mean's gradient there): each form's sum is its mean times that many terms.
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    for fn, terms in ((lambda r: cb.info_nce(z1, z2, None, temperature=0.3, reduction=r), 7),
+                      (lambda r: cb.clip_loss(z1, z2, 3.0, reduction=r), 7),
+                      (lambda r: cb.nt_xent(z1, z2, 0.3, reduction=r), 14)):
+        torch.testing.assert_close(fn("sum"), terms * fn("mean"), rtol=1e-12, atol=0)
