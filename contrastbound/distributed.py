@@ -85,10 +85,13 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     all_reduce that another waits in forever)."""
     world, _ = _world(group)
     tail = list(tensor.shape[1:])
-    # rows, dtype, ndim, elements a row, the row shape (its first 6 dimensions; the element count covers the rest),
-    # then the call, its backward's collectives, normalize and the temperature's bits: one fixed-length vector, so
-    # the exchange itself cannot mismatch
+    # rows, dtype, ndim, elements a row, the row shape (its first 6 dimensions; past 6, the sixth slot holds a hash
+    # of the sixth and later ones: Python's hash of a tuple of ints is the same in every process), then the call,
+    # its backward's collectives, normalize and the temperature's bits: one fixed-length vector, so the exchange
+    # itself cannot mismatch
     row_shape = (tail + [0] * 6)[:6]
+    if len(tail) > 6:
+        row_shape[5] = hash(tuple(tail[5:])) & ((1 << 62) - 1)
     grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
     grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
     norm = -1 if normalize is None else int(normalize)
@@ -119,8 +122,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     if any(m[1:10] != metas[0][1:10] for m in metas) or metas[0][1] < 0:
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
         allowed = [str(t).replace("torch.", "") for t in _FLOATING] if call else list(names.values())
-        seen = per_rank(lambda m: f"rows of shape {tuple(m[4:4 + min(m[2] - 1, 6)])}"
-                                  f"{' + ...' if m[2] > 7 else ''}, {names.get(m[1], 'an unsupported dtype')}")
+        seen = per_rank(lambda m: (f"rows of shape {tuple(m[4:4 + m[2] - 1])}" if m[2] <= 7 else
+                                   f"rows of shape {tuple(m[4:9])} x ... ({m[2] - 1} dimensions)")
+                                  + f", {names.get(m[1], 'an unsupported dtype')}")
         raise _joined(ValueError(f"{name} must have the same shape past the first dimension and the same dtype on "
                                  f"every rank (one of {', '.join(allowed)}), got {seen}"))
     if any(m[12] != metas[0][12] for m in metas):

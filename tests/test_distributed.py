@@ -116,7 +116,10 @@ def _worker(rank, world, init_file, out_dir):
         # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
         mismatch = []
         for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32),
-                  torch.zeros(2, 2, 3, 4) if rank == 0 else torch.zeros(2, 2, 4, 3)):  # same element count
+                  torch.zeros(2, 2, 3, 4) if rank == 0 else torch.zeros(2, 2, 4, 3),  # same element count
+                  # rows of 8 dimensions differing past the sixth (compared by element count alone before: rank 1's
+                  # rows reached rank 0 reinterpreted as (..., 3, 4))
+                  torch.zeros(2, 1, 1, 1, 1, 1, 1, 3, 4) if rank == 0 else torch.zeros(2, 1, 1, 1, 1, 1, 1, 4, 3)):
             try:
                 all_gather_with_grad(x)
             except ValueError as exc:
@@ -290,9 +293,10 @@ def test_sharded_bank_and_gather_match_single_process(world):
         assert res["fb_autocast_error"] < 1e-4, res["fb_autocast_error"]  # bfloat16 logits were 7.5e-2 off
         assert res["rows_gathered"] == (2 * (world - 1), 3)
         assert float(res["empty"]) == 0.0 and torch.equal(res["g_empty"], torch.zeros_like(res["g_empty"]))
-        assert len(res["mismatch"]) == 4 and all("same shape past the first dimension" in m for m in res["mismatch"])
-        assert res["mismatch"][3].startswith("positives (in the promoted dtype of anchors and positives) must have")
-        assert "(one of float64, float32, float16, bfloat16)" in res["mismatch"][3], res["mismatch"][3]
+        assert len(res["mismatch"]) == 5 and all("same shape past the first dimension" in m for m in res["mismatch"])
+        assert "rows of shape (1, 1, 1, 1, 1) x ..." in res["mismatch"][3], res["mismatch"][3]
+        assert res["mismatch"][4].startswith("positives (in the promoted dtype of anchors and positives) must have")
+        assert "(one of float64, float32, float16, bfloat16)" in res["mismatch"][4], res["mismatch"][4]
         got = res["disagree"]
         want = ["must make the same call", "temperature (or logit scale) must be the same",
                 "normalize must be the same", "different collectives in backward",
