@@ -41,7 +41,8 @@ class NegativeQueue(torch.nn.Module):
     A float16 queue holds magnitudes up to 65504, a float32 or bfloat16 one up to ~3.4e38: keys of a dtype with a
     wider range (float16: any other; float32 / bfloat16: float64) are checked (one read-back per enqueue, a
     synchronisation on a GPU; keys in the queue's dtype, or float32 keys for a bfloat16 queue, whose ranges differ
-    by 0.4 %, are stored as given) and a finite key that would become inf raises ValueError.
+    by 0.4 %, are stored as given) and a finite key that would become inf raises ValueError; so does a cast of the
+    queue to a narrower dtype (``.half()``, ``.to(torch.float16)``) over keys it cannot hold, leaving the queue as is.
     Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
@@ -142,6 +143,22 @@ class NegativeQueue(torch.nn.Module):
             return None
         name = str(self.queue.dtype).replace("torch.", "")
         return f"queue holds finite values beyond {name}'s range, which this {name} queue would store as inf"
+
+    def _apply(self, fn, recurse=True):
+        # A cast to a narrower dtype (.half(), .to(torch.float16), .float() of a float64 queue) is checked as enqueue
+        # and load_state_dict are: finite keys that torch's cast would store as inf raise ValueError, the buffers
+        # left as they were (one read-back, only where the cast produced an inf).
+        before = dict(self._buffers)
+        out = super()._apply(fn, recurse)
+        old, new = before["queue"], self.queue
+        if new is not old and new.dtype != old.dtype and "meta" not in (old.device.type, new.device.type) and \
+                torch.finfo(new.dtype).max < torch.finfo(old.dtype).max and bool(torch.isinf(new).any()):
+            if bool((torch.isinf(new.to(old.device)) & torch.isfinite(old)).any()):
+                self._buffers.update(before)
+                name = str(new.dtype).replace("torch.", "")
+                raise ValueError(f"the queue holds finite keys beyond {name}'s range, which a cast to {name} would "
+                                 f"store as inf (the loss over them NaN); the queue was left in {old.dtype}")
+        return out
 
     @torch.compiler.disable  # likewise (an int attribute of a module is a constant to torch.compile)
     def __len__(self) -> int:

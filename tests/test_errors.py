@@ -447,6 +447,28 @@ def test_queue_refuses_a_state_beyond_its_range():
         qb.load_state_dict(sdb)
 
 
+def test_queue_cast_to_a_narrower_dtype_refuses_keys_beyond_its_range():
+    # .half() of a float32 queue holding 1e5 stored inf without a word (enqueue and load_state_dict refuse such
+    # keys); now ValueError, the queue left as it was; keys within range cast as before
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.tensor([[1e5, 1.0], [0.5, -2.0]]))
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.to("cpu", torch.float16)):
+        with pytest.raises(ValueError, match="beyond float16's range"):
+            cast(q)
+        assert q.queue.dtype == torch.float32 and float(q.queue[0, 0]) == 1e5 and len(q) == 2
+    q64 = cb.NegativeQueue(3, 2, dtype=torch.float64)
+    q64.enqueue(torch.full((1, 2), 1e300, dtype=torch.float64))
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        q64.float()
+    assert q64.queue.dtype == torch.float64
+    ok = cb.NegativeQueue(4, 2)
+    ok.enqueue(torch.tensor([[3.0, 1.0]]))
+    ok.half()
+    assert ok.queue.dtype == torch.float16 and float(ok.queue[0, 0]) == 3.0 and len(ok) == 1
+    ok.float()  # a wider cast: nothing to check
+    assert ok.queue.dtype == torch.float32
+
+
 def test_earlier_bounds_at_the_largest_k():
     # K = 2^63 - 1 is taken; K + 1 wrapped to -2^63 in int64 (nozawa_sato gave inf where K - 1 gives 158.6)
     from contrastbound import bounds
