@@ -518,6 +518,37 @@ def test_row_whose_norm_overflows_gets_zero_gradient(mode):
     assert_close_scaled(grad, want, TOL[torch.float32], "gradient")
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed"])
+def test_row_whose_raw_product_overflows(mode):
+    # Per-anchor and indexed negatives scored a row as (s a_hat . n) / ||n||: the raw product overflowed float32 for
+    # a row of entries 1e37 (its norm overflows too: F.normalize maps it to 0) and for a row of norm 1e19 at
+    # T = 1e-20 (logits ~1e20, finite), and the loss was NaN; a shared bank scales its rows first and was right.
+    g = torch.Generator().manual_seed(0)
+    for entry, t in ((1e37, 0.01), (1e19, 1e-20)):
+        a, p, bank = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g), torch.randn(3, 4, generator=g)
+        bank[1] = torch.tensor([entry, entry if t > 1e-10 else 0.0, 0.0, 0.0])
+        a[:, 0] += 3.0  # the anchors lean towards that row
+        n, idx = bank, None
+        if mode == "per_anchor":
+            n = bank.expand(2, 3, 4).clone()
+        elif mode == "indexed":
+            # (no repeated index: at logits ~1e20 the references' lse rounds l + log 2 to l, weighing each copy of the
+            # dominant row 1; the kernel counts an anchor's hits of a row once)
+            idx = torch.tensor([[0, 1, 2], [2, 1, 0]])
+        x, ax = n.clone().requires_grad_(True), a.clone().requires_grad_(True)
+        loss = cb.info_nce(ax, p, x, negative_indices=idx, temperature=t, reduction="none")
+        ga, gn = torch.autograd.grad(loss.sum(), [ax, x])
+        # float64 from the same float32 inputs (the 1e37 row normalised as float32 torch does: to zero)
+        n64 = n.double() if t < 1e-10 else F.normalize(n, dim=-1).double()
+        ax64, x64 = a.double().requires_grad_(True), n64.clone().requires_grad_(True)
+        want = info_nce_reference(ax64, p.double(), x64, negative_indices=idx, temperature=t, reduction="none",
+                                  normalize=True)
+        wa, = torch.autograd.grad(want.sum(), [ax64])
+        assert torch.isfinite(loss).all() and torch.isfinite(ga).all() and torch.isfinite(gn).all(), (entry, loss)
+        assert_close_scaled(loss, want, 1e-5, f"loss at entries {entry}")
+        assert_close_scaled(ga, wa, 1e-4, f"anchors' gradient at entries {entry}")
+
+
 def test_zero_vectors_follow_f_normalize():
     a, p, n, _ = make_inputs("shared", B=3, K=4, d=3, dtype=torch.float64)
     with torch.no_grad():

@@ -153,6 +153,23 @@ inline acc_t dot(const acc_t* a, const in_t* b, int64_t d) {
   return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
+// (a . b) inv for a raw row b and its inverse norm inv, e.g. a logit (s a_hat) . n_hat or n_hat . G: where the raw
+// product overflows although the result does not (a row of norm ~1e37, or ~1e19 with s = 1e20), the row is scaled
+// first, a . (b inv), as a shared bank's tiles are (the usual case pays one isfinite test). A row the normalisation
+// maps to zero (its norm overflows: inv = 0) then gives 0, as with F.normalize, not inf * 0 = NaN.
+template <typename acc_t, typename in_t>
+inline acc_t dot_scaled(const acc_t* a, const in_t* b, int64_t d, acc_t inv) {
+  const acc_t l = dot(a, b, d) * inv;
+  if (std::isfinite(l)) return l;
+  acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int u = 0; u < 8; ++u) p[u] += a[j + u] * (static_cast<acc_t>(b[j + u]) * inv);
+  }
+  for (; j < d; ++j) p[0] += a[j] * (static_cast<acc_t>(b[j]) * inv);
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
 template <typename acc_t, typename in_t>
 inline acc_t sum_of_squares(const in_t* x, int64_t d) {
   acc_t p[8] = {0, 0, 0, 0, 0, 0, 0, 0};

@@ -441,7 +441,7 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, con
           acc_t row_inv;
           tile.rows[t] = row_of(i, k0 + t, row_inv);
           tile.inv[t] = row_inv;
-          tile.logit[t] = dot(ai, tile.rows[t], d) * row_inv;
+          tile.logit[t] = dot_scaled(ai, tile.rows[t], d, row_inv);
         }
         tile.fold(tk, d, st, w);
       }
@@ -518,7 +518,7 @@ void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank,
                 const int64_t m = h[t0 + t];
                 tile.rows[t] = n + m * sm;
                 tile.inv[t] = scales(m).inv;
-                tile.logit[t] = dot(ai, tile.rows[t], d) * tile.inv[t];
+                tile.logit[t] = dot_scaled(ai, tile.rows[t], d, tile.inv[t]);
               }
               tile.fold(tk, d, st[j], w);
             }
@@ -762,7 +762,7 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
       for (int64_t k = k_begin; k < k_end; ++k) {
         const scalar_t* r = n + i * sb + k * sk;
         const auto rs = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize);
-        const acc_t l = dot(ai, r, d) * rs.inv;
+        const acc_t l = dot_scaled(ai, r, d, rs.inv);
         const acc_t w = g[i] * lse.weight(i, l);
         scalar_t* out = gn + (i * K + k) * d;
         if (normalize) {  // the radial term as (w l) (proj r_j): proj r_j <= inv (see row_scale)
@@ -821,7 +821,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
         prefetch_bytes(G + mp * d, d * static_cast<int64_t>(sizeof(acc_t)));
       }
       const int64_t m = rows[h];
-      const acc_t l = dot(ai, n + m * sm, d) * scales(m).inv;
+      const acc_t l = dot_scaled(ai, n + m * sm, d, scales(m).inv);
       const acc_t w = g[i] * lse.weight(i, l);
       axpy(G + m * d, static_cast<acc_t>(count[m]) * w, ai, d);
       count[m] = 0;
@@ -913,7 +913,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
           // (n_hat . G) (proj n_j), not ((n_hat . G) proj) n_j: proj = inv^2 times n_hat . G ~ s overflowed for
           // small rows at tiny temperatures, while proj n_j <= inv.
           const RowScale<acc_t> rs = scales(m);
-          const acc_t c = rs.proj != acc_t(0) ? dot(gm, row, d) * rs.inv : acc_t(0);
+          const acc_t c = rs.proj != acc_t(0) ? dot_scaled(gm, row, d, rs.inv) : acc_t(0);
           for (int64_t j = 0; j < d; ++j) gm[j] = rs.inv * gm[j] - c * (rs.proj * static_cast<acc_t>(row[j]));
         }
       }
