@@ -124,6 +124,25 @@ __device__ void finish_bank_cols(const acc_t* G, int64_t stride, int64_t splits,
   }
 }
 
+// Whether x is finite, by arithmetic (x - x is 0 for a finite x, NaN for inf or NaN): no math-library call.
+template <typename acc_t>
+__device__ __forceinline__ bool is_finite(acc_t x) {
+  return x - x == acc_t(0);
+}
+
+// A warp's (a . b) inv for an acc_t row a (unit stride) and a raw row b (stride sb), every lane holding the result:
+// where the raw product a . b overflows although the result does not (a row of norm ~1e37, or ~1e19 at s = 1e20),
+// the row is scaled first, a . (b inv) (the CPU kernel's dot_scaled). `raw` is the warp's a . b already summed.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t rows_dot_scaled(acc_t raw, const acc_t* a, const scalar_t* b, int64_t sb, int64_t d,
+                                                 acc_t inv) {
+  const acc_t l = raw * inv;
+  if (is_finite(l)) return l;  // (warp-uniform: raw is the warp's sum)
+  acc_t dot = 0;
+  for (int64_t j = threadIdx.x % 32; j < d; j += 32) dot += a[j] * (to_acc<acc_t>(b[j * sb]) * inv);
+  return warp_sum(dot);
+}
+
 // Finishes one whole bank row, n_hat . G from the accumulated G itself. Called by a whole warp.
 template <typename scalar_t, typename acc_t>
 __device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, const scalar_t* n, int64_t sj,
@@ -134,7 +153,16 @@ __device__ void finish_bank_row(const acc_t* G, int64_t stride, int64_t splits, 
     for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
     dot += gs * to_acc<acc_t>(n[j * sj]);
   }
-  const acc_t total = warp_sum(dot);  // n . G; n_hat . G = inv (n . G)
-  finish_bank_cols<scalar_t, acc_t>(G, stride, splits, n, sj, d, inv, total * inv, proj, out);
+  acc_t n_hat_g = warp_sum(dot) * inv;  // n . G; n_hat . G = inv (n . G)
+  if (!is_finite(n_hat_g)) {  // (warp-uniform) n . G overflowed: with n scaled first (rows_dot_scaled)
+    dot = 0;
+    for (int64_t j = threadIdx.x % 32; j < d; j += 32) {
+      acc_t gs = 0;
+      for (int64_t s = 0; s < splits; ++s) gs += G[s * stride + j];
+      dot += gs * (to_acc<acc_t>(n[j * sj]) * inv);
+    }
+    n_hat_g = warp_sum(dot);
+  }
+  finish_bank_cols<scalar_t, acc_t>(G, stride, splits, n, sj, d, inv, n_hat_g, proj, out);
 }
 

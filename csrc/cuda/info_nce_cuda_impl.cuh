@@ -295,13 +295,14 @@ __global__ void __launch_bounds__(kThreads) bank_scales_kernel(const Problem p, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Logit tile: acc[a][b] = (s a_hat_{i0 + ty + 16a}) . n_{k0 + tx + 16b} (raw bank row, not yet scaled), by a
-// shared-memory tiled GEMM over d. Rows past B and bank rows past k_end contribute zeros.
+// Logit tile: acc[a][b] = (s a_hat_{i0 + ty + 16a}) . n_hat_{k0 + tx + 16b}, by a shared-memory tiled GEMM over d,
+// the bank rows scaled by their inverse norms as they are loaded (the raw product, scaled after, overflowed for a row
+// of norm ~1e37, or ~1e19 at s = 1e20, where the logit is finite). Rows past B and bank rows past k_end: zeros.
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t, int BA>
-__device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, int64_t i0, int64_t k0, int64_t k_end,
-                                           acc_t (*a_s)[BA + 1], acc_t (*n_s)[BA + 1],
+__device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, const acc_t* n_inv, int64_t i0,
+                                           int64_t k0, int64_t k_end, acc_t (*a_s)[BA + 1], acc_t (*n_s)[BA + 1],
                                            acc_t (&acc)[BA / 16][BA / 16]) {
   constexpr int R = BA / 16;
   const scalar_t* bank = static_cast<const scalar_t*>(p.negatives);
@@ -318,7 +319,7 @@ __device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, in
       const int64_t i = i0 + r, j = j0 + c;
       a_s[c][r] = (i < p.B && j < d) ? as[i * d + j] : acc_t(0);
       const int64_t k = k0 + r;
-      n_s[c][r] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) : acc_t(0);
+      n_s[c][r] = (k < k_end && j < d) ? to_acc<acc_t>(bank[k * s0 + j * s1]) * n_inv[k] : acc_t(0);
     }
     __syncthreads();
 #pragma unroll
@@ -374,7 +375,7 @@ __global__ void __launch_bounds__(kThreads)
       if (tid < BK) col_inv[tid] = (k0 + tid < k_end) ? w.pr.n_inv[k0 + tid] : acc_t(1);
       __syncthreads();
       acc_t acc[R][R];
-      logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, i0, k0, k_end, a_s, n_s, acc);
+      logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, w.pr.n_inv, i0, k0, k_end, a_s, n_s, acc);
 #pragma unroll
       for (int a = 0; a < R; ++a) {
         const int64_t ex = excluded_row(p.exclude_self, p.excluded, i0 + ty + 16 * a, B);  // -1: none
@@ -382,7 +383,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool self = ex == k0 + col;
-          l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] * col_inv[col] : ninf;
+          l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] : ninf;
         }
       }
       __syncthreads();
@@ -517,8 +518,9 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           inv = w.pr.n_inv[m];
         }
+        const acc_t l = rows_dot_scaled<scalar_t, acc_t>(dot, ai, n + off, sj, d, inv);
         if (lane == 0) {
-          t_l[t] = dot * inv;
+          t_l[t] = l;
           t_inv[t] = inv;
           t_off[t] = off;
         }
@@ -694,7 +696,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t ab = ab_begin; ab < ab_end; ++ab) {
       const int64_t i0 = ab * BA;
       acc_t acc[R][R];
-      logit_tile<scalar_t, acc_t, BA>(p, pr.as, i0, k0, k_end, a_s, n_s, acc);
+      logit_tile<scalar_t, acc_t, BA>(p, pr.as, pr.n_inv, i0, k0, k_end, a_s, n_s, acc);
 #pragma unroll
       for (int a = 0; a < R; ++a) {
         const int r = ty + 16 * a;
@@ -704,7 +706,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool keep = i < B && k0 + col < k_end && ex != k0 + col;
-          w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] * col_inv[col] - lse[i]) : acc_t(0);
+          w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] - lse[i]) : acc_t(0);
         }
       }
       __syncthreads();
@@ -798,7 +800,7 @@ __global__ void __launch_bounds__(kThreads)
     dot = warp_sum(dot);
     ss = warp_sum(ss);
     const RowScale<acc_t> rs = row_scale<acc_t>(ss, p.normalize);
-    const acc_t l = dot * rs.inv;
+    const acc_t l = rows_dot_scaled<scalar_t, acc_t>(dot, ai, row, s2, d, rs.inv);
     const acc_t wgt = g[i] * std::exp(l - lse[i]);
     const acc_t wl = wgt * l;  // radial term as (w l) (proj n_j): row_scale
     scalar_t* out = grad + q * d;
@@ -831,7 +833,7 @@ __device__ __forceinline__ void add_anchor_hits(const Prepared<acc_t>& pr, const
   const acc_t* ai = pr.as + i * d;
   acc_t dot = 0;
   for (int64_t j = lane; j < d; j += 32) dot += ai[j] * to_acc<acc_t>(row[j * s1]);
-  const acc_t l = warp_sum(dot) * inv;
+  const acc_t l = rows_dot_scaled<scalar_t, acc_t>(warp_sum(dot), ai, row, s1, d, inv);
   const acc_t wgt = static_cast<acc_t>(c) * (g[i] * std::exp(l - lse[i]));
   for (int64_t j = lane; j < d; j += 32) G[j] = (first ? acc_t(0) : G[j]) + wgt * ai[j];
   first = false;

@@ -827,6 +827,113 @@ void workspace_sizes() {
   expect(bb >= row_bytes && bb < row_bytes + row_bytes / 4, "SIMT backward workspace holds one (B, d) array");
 }
 
+// Rows whose raw product with an anchor overflows float32, on the SIMT kernels (per-anchor and indexed negatives,
+// and a shared bank's gradient finish): they scored (s a_hat . n) inv, and the loss was NaN. Normalisation makes a
+// row of norm 1e19 score as the same row of norm ~1 (here at T = 1e-20: logits ~1e20, finite), and a row of
+// entries 1e37 (its norm overflows; F.normalize maps it to zero) as a zero row.
+struct RowsRun {
+  std::vector<float> loss, ga, gn;
+};
+
+RowsRun run_rows(Mode mode, const std::vector<float>& bank, float s) {
+  const int64_t B = 3, K = 5, d = 6, M = static_cast<int64_t>(bank.size()) / d;
+  std::mt19937_64 rng(77);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> a(B * d), q(B * d);
+  for (float& x : a) x = u(rng);
+  for (float& x : q) x = u(rng);
+  for (int64_t i = 0; i < B; ++i) a[i * d] += 3.f;  // the anchors lean towards e_0, the huge rows' direction
+  std::vector<float> n = bank;  // Shared / Indexed: (M, d); PerAnchor: each anchor's K negatives are the M = K rows
+  if (mode == Mode::PerAnchor) {
+    n.clear();
+    for (int64_t i = 0; i < B; ++i) n.insert(n.end(), bank.begin(), bank.end());
+  }
+  std::vector<int64_t> idx(B * K);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < K; ++k) idx[i * K + k] = (i + 2 * k) % M;
+  Problem p;
+  p.dtype = DType::Float32, p.mode = mode, p.B = B, p.K = K, p.d = d, p.tensor_cores = false;
+  p.rows = mode == Mode::PerAnchor ? 0 : M;
+  p.anchors = a.data(), p.positives = q.data(), p.negatives = n.data();
+  p.anchors_stride[0] = p.positives_stride[0] = d;
+  p.anchors_stride[1] = p.positives_stride[1] = 1;
+  if (mode == Mode::PerAnchor) {
+    p.negatives_stride[0] = K * d, p.negatives_stride[1] = d, p.negatives_stride[2] = 1;
+  } else {
+    p.negatives_stride[0] = d, p.negatives_stride[1] = 1;
+  }
+  if (mode == Mode::Indexed) p.indices = idx.data(), p.indices_stride[0] = K, p.indices_stride[1] = 1;
+  p.scale = &s;
+  RowsRun r;
+  std::vector<float> lse(B), v(B * d), g(B, 1.f);
+  r.loss.assign(B, NAN), r.ga.assign(B * d, NAN), r.gn.assign(n.size(), NAN);
+  ForwardOutputs out;
+  out.loss = r.loss.data(), out.lse = lse.data(), out.anchor_term = v.data();
+  const size_t fb = info_nce_forward_workspace_bytes(p, true, 2);
+  Aligned fws(fb);
+  if (!launched(info_nce_forward(p, out, fws.ptr, fb, 2, nullptr), "huge rows: forward")) return r;
+  std::vector<int64_t> order(B * K), sorted_rows, sorted_pairs;
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+  for (int64_t o : order) sorted_rows.push_back(idx[o]), sorted_pairs.push_back(o);
+  BackwardArgs ba;
+  ba.grad_loss = g.data(), ba.lse = lse.data(), ba.anchor_term = v.data(), ba.loss = r.loss.data();
+  ba.grad_anchors = r.ga.data(), ba.grad_negatives = r.gn.data();
+  if (mode == Mode::Indexed) ba.sorted_rows = sorted_rows.data(), ba.sorted_pairs = sorted_pairs.data();
+  const size_t bb = info_nce_backward_workspace_bytes(p, ba, 2);
+  Aligned bws(bb);
+  launched(info_nce_backward(p, ba, bws.ptr, bb, 2, nullptr), "huge rows: backward");
+  return r;
+}
+
+void huge_rows() {
+  const int64_t d = 6;
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> bank(5 * d);
+  for (float& x : bank) x = u(rng);
+  const int64_t r = 1;  // the huge row: e_0 (scaled)
+  const auto with_row = [&](float x0, float x1) {
+    std::vector<float> b = bank;
+    std::fill(b.begin() + r * d, b.begin() + (r + 1) * d, 0.f);
+    b[r * d] = x0, b[r * d + 1] = x1;
+    return b;
+  };
+  const auto max_abs = [](const std::vector<float>& x) {
+    double m = 0;
+    for (float e : x) m = std::max(m, std::fabs(double(e)));
+    return m;
+  };
+  const auto all_finite = [](const RowsRun& x) {
+    for (const auto* v : {&x.loss, &x.ga, &x.gn})
+      for (float e : *v)
+        if (!std::isfinite(e)) return false;
+    return true;
+  };
+  for (Mode mode : {Mode::PerAnchor, Mode::Indexed, Mode::Shared}) {
+    const std::string name = mode == Mode::PerAnchor ? "per-anchor" : mode == Mode::Indexed ? "indexed" : "shared";
+    // norm 1e19 against norm 1 at s = 1e20: the same loss and anchors' gradient, the row's gradient / 1e19
+    const RowsRun big = run_rows(mode, with_row(1e19f, 0.f), 1e20f), unit = run_rows(mode, with_row(1.f, 0.f), 1e20f);
+    expect(all_finite(big), "huge rows, " + name + ": a row of norm 1e19 at T = 1e-20 gives finite values");
+    double e_loss = 0, e_ga = 0, e_gn = 0;
+    for (size_t i = 0; i < big.loss.size(); ++i)
+      e_loss = std::max(e_loss, std::fabs(double(big.loss[i]) - unit.loss[i]) / std::fabs(double(unit.loss[i])));
+    for (size_t i = 0; i < big.ga.size(); ++i) e_ga = std::max(e_ga, std::fabs(double(big.ga[i]) - unit.ga[i]));
+    const int64_t per = mode == Mode::PerAnchor ? 5 * d : static_cast<int64_t>(big.gn.size());
+    for (size_t i = 0; i < big.gn.size(); ++i) {
+      const bool huge = static_cast<int64_t>(i) % per / d == r;
+      e_gn = std::max(e_gn, std::fabs(double(big.gn[i]) * (huge ? 1e19 : 1.0) - unit.gn[i]));
+    }
+    expect(e_loss < 1e-5 && e_ga < 1e-4 * max_abs(unit.ga) && e_gn < 1e-4 * max_abs(unit.gn),
+           "huge rows, " + name + ": norm 1e19 scores as norm 1 (loss " + std::to_string(e_loss) + ")");
+    // entries 1e37 (norm overflows: the row normalises to zero) against a zero row, at T = 0.01
+    const RowsRun inf_norm = run_rows(mode, with_row(1e37f, 1e37f), 100.f), zero = run_rows(mode, with_row(0.f, 0.f), 100.f);
+    expect(all_finite(inf_norm), "huge rows, " + name + ": a row of entries 1e37 gives finite values");
+    expect(inf_norm.loss == zero.loss && inf_norm.ga == zero.ga,
+           "huge rows, " + name + ": a row whose norm overflows scores as a zero row");
+  }
+}
+
 // Fault runs: a forward (with the anchor term) and a backward of every gradient, with the n-th runtime call or launch
 // failing, for every n the clean run makes, then with pairs of failures (a launch, then a later runtime call: the
 // library clears the last error after a failed call it can do without, which must not swallow the launch's error).
@@ -917,6 +1024,7 @@ int main(int argc, char** argv) {
   emu::Device& dev = emu::device();
   entry_point_errors();
   workspace_sizes();
+  huge_rows();
   if (!faults_only) kernel_configs(quick);
   // Failing runtime calls and launches, on the H100 / H200-like device.
   dev = emu::Device();
