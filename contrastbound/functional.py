@@ -1176,6 +1176,22 @@ def _both_directions(image: torch.Tensor, text: torch.Tensor, logit_scale: float
     return loss, lse
 
 
+def _check_storable(t: float, dtype: torch.dtype) -> None:
+    """A learnable temperature is kept as its logarithm in `dtype` (InfoNCE's log_temperature): exp of the rounded
+    log must read back as a temperature the losses take (float32: 2.9e-39 .. 3.4e38), not 0 or inf (1e-50 was
+    accepted, then every forward refused "0.0"). Skipped while dynamo traces (a float read of a tensor there)."""
+    if torch.compiler.is_compiling() or not dtype.is_floating_point:
+        return
+    back = float(torch.tensor(math.log(t), dtype=dtype, device="cpu").exp())  # (on the CPU under a meta default)
+    floor = _min_reciprocal(dtype)
+    if not (floor <= back < math.inf):
+        raise ValueError(
+            f"temperature {t:.3g} cannot be learned in {str(dtype).replace('torch.', '')}: log_temperature holds its "
+            f"log, whose exp reads back as {back:.3g} (at least {floor:.3g}, finite, is needed); convert the module "
+            "to float64 first (.double()), then set module.temperature"
+        )
+
+
 class InfoNCE(torch.nn.Module):
     """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
 
@@ -1218,6 +1234,7 @@ class InfoNCE(torch.nn.Module):
         self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
         self._initial_temperature = t  # for reset_parameters
         if self.learn_temperature:
+            _check_storable(t, torch.get_default_dtype())
             self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(t)))
         else:
             self._temperature = t
@@ -1263,6 +1280,7 @@ class InfoNCE(torch.nn.Module):
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")
         if self.learn_temperature:
+            _check_storable(t, self.log_temperature.dtype)
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(t))
         else:

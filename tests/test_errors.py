@@ -469,6 +469,24 @@ def test_queue_cast_to_a_narrower_dtype_refuses_keys_beyond_its_range():
     assert ok.queue.dtype == torch.float32
 
 
+def test_learnable_temperature_that_float32_cannot_hold():
+    # InfoNCE(1e-50, learn_temperature=True) was accepted, its float32 log_temperature then read back as 0 and every
+    # forward refused "0.0" (info_nce takes 1e-50 with float64 features): refused at construction and when set, by
+    # name; a float64 module holds it (its forward as the functional call's)
+    for bad in (1e-50, 1e-40, 1e39):
+        with pytest.raises(ValueError, match="cannot be learned in float32"):
+            cb.InfoNCE(bad, learn_temperature=True)
+    m = cb.InfoNCE(0.5, learn_temperature=True)
+    with pytest.raises(ValueError, match="cannot be learned in float32"):
+        m.temperature = 1e-50
+    assert float(m.temperature.detach()) == pytest.approx(0.5)  # unchanged
+    m = m.double()
+    m.temperature = 1e-50
+    a, p, n = (torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(m(a, p, n), cb.info_nce(a, p, n, temperature=1e-50), rtol=1e-12, atol=0)
+    cb.InfoNCE(3e-39, learn_temperature=True)  # float32's floor for the losses: held
+
+
 def test_earlier_bounds_at_the_largest_k():
     # K = 2^63 - 1 is taken; K + 1 wrapped to -2^63 in int64 (nozawa_sato gave inf where K - 1 gives 158.6)
     from contrastbound import bounds
