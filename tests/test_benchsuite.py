@@ -196,6 +196,7 @@ _BAD_BENCH_ARGS = [
     # skipped rows with exit status 0)
     ["--ks", "abc"], ["--ks", "2^70"], ["--ks", "2^40000000000"], ["--ks", ","], ["-d", "abc"], ["-B", "x"],
     ["--k-max", "70"],
+    ["--warmup", "0"],  # (accepted, and one warm-up step ran anyway)
 ] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 
@@ -268,6 +269,34 @@ def test_bench_drops_repeated_values_keeping_their_order(monkeypatch, tmp_path):
                   "--no-progress", "--out", str(tmp_path)])
     assert seen == [(mode, dtype, "cpu", B, 16, 64) for mode in ("shared", "indexed") for dtype in ("float64", "float32")
                     for B in (8, 4)]
+
+
+def test_bench_says_what_it_ignores_or_cannot_do(monkeypatch, tmp_path, capsys):
+    # --k-min / --k-max / --k-step beside --ks or --quick were dropped without a word, and so were the plots
+    # without matplotlib
+    import builtins
+    import contrastbound.benchsuite as bs
+
+    monkeypatch.setattr(bs, "run_sweep", lambda methods, configs, **kw: (_ for _ in ()).throw(SystemExit(0)))
+    for extra in (["--ks", "64", "--k-max", "12"], ["--quick", "--k-step", "2"], ["--ks", "64", "--k-min", "4"]):
+        with pytest.raises(SystemExit):
+            cli_main(["bench", "--methods", "fused", "--no-progress", "--out", str(tmp_path), *extra])
+        assert "--k-min / --k-max / --k-step are ignored" in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--methods", "fused", "--no-progress", "--out", str(tmp_path), "--ks", "64"])
+    assert "ignored" not in capsys.readouterr().err
+    monkeypatch.undo()
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
+                     "-B", "4", "-d", "8", "--out", str(tmp_path / "np"), "--no-progress"]) == 0
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().out
 
 
 def test_bench_progress_bar_only_on_a_terminal(capsys):

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per worker")
     p.add_argument("--reps", type=int, default=None,
                    help="timed repeats (median; default 3, 2 with --quick), fewer when over the time bound")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps (compilation happens here)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="warm-up steps, at least 1 (the first step compiles and allocates; default 1)")
     p.add_argument("--time-bound", type=float, default=None,
                    help="seconds per configuration (default 120, 20 with --quick): a method whose step is estimated "
                         "to overrun is not run")
@@ -183,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         args.reps = 2 if args.quick else 3
     if args.time_bound is None:
         args.time_bound = 20.0 if args.quick else 120.0
-    for name, value, low in (("--threads", args.threads, 1), ("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
+    for name, value, low in (("--threads", args.threads, 1), ("--reps", args.reps, 1), ("--warmup", args.warmup, 1),
                              ("--chunk", args.chunk, 1), ("--k-min", args.k_min, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    k_range_given = args.k_max is not None or args.k_min != parser.get_default("k_min") or \
+        args.k_step != parser.get_default("k_step")
+    if k_range_given and (args.ks or args.quick):
+        print(f"note: --k-min / --k-max / --k-step are ignored: {'--ks' if args.ks else '--quick'} sets the K",
+              file=sys.stderr)
     if args.k_max is not None and args.k_max < args.k_min:
         parser.error(f"--k-max must be >= --k-min = {args.k_min}, got {args.k_max}")
     if max(args.k_min, args.k_max or 0) > 62:
@@ -294,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json(payload, base + ".json")
     written = [base + ".csv", base + ".json"]
     if not args.no_plots:
-        written += plot(rows, base)
+        pngs = plot(rows, base)
+        written += pngs
+        if not pngs and any(r.get("status") == "ok" for r in rows):
+            print("note: no plots: matplotlib is not installed (pip install matplotlib, or pass --no-plots)")
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(written))
     failed_fused = [f for f in fits if f.get("check") == "FAIL"]
     if failed_fused:
