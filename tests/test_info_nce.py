@@ -1979,3 +1979,23 @@ def test_target_rows_gradient_with_an_infinite_lse_has_no_nan():
     torch.testing.assert_close(out[torch.inf][0], out[1e30][0])
     assert torch.isfinite(out[torch.inf][1]).all()
     torch.testing.assert_close(out[torch.inf][1], out[1e30][1])
+
+
+@pytest.mark.parametrize("route", ["one call", "two calls"])
+def test_clip_loss_half_precision_is_rounded_once(monkeypatch, route):
+    # clip_loss's two-call route (on CUDA, with a process_group, or without the CPU clip kernel) took each
+    # direction's per-pair losses back in bfloat16, then averaged and reduced them there: per-pair errors up to
+    # 0.117 (a double rounding) where the one-call route has 0.062, each within half a bfloat16 ulp of float64 now
+    if route == "two calls":
+        monkeypatch.setattr(_backend, "clip_kernel_serves", lambda device: False)
+    g = torch.Generator().manual_seed(0)
+    for seed in range(4):
+        i, t = (torch.randn(512, 32, generator=g).bfloat16() for _ in range(2))
+        a, b = F.normalize(i.double(), dim=-1), F.normalize(t.double(), dim=-1)
+        logits, y = 20.0 * a @ b.T, torch.arange(512)
+        want = 0.5 * (F.cross_entropy(logits, y, reduction="none") + F.cross_entropy(logits.T, y, reduction="none"))
+        for reduction, w in (("none", want), ("mean", want.mean()), ("sum", want.sum())):
+            got = cb.clip_loss(i, t, 20.0, reduction=reduction)
+            assert got.dtype == torch.bfloat16
+            half_ulp = torch.exp2(torch.floor(torch.log2(w.abs())) - 8)  # bfloat16: 8 significant bits
+            assert ((got.double() - w).abs() <= half_ulp + 1e-5 * w.abs()).all(), (route, reduction, seed)
