@@ -1,12 +1,16 @@
 """Forward+backward time and peak memory of the fused InfoNCE against naive PyTorch, over K.
 
-Every (method, K) runs in a fresh subprocess. Peak resident memory (Linux VmHWM) is reset to the current resident
-memory once the inputs exist, the libraries are imported and BLAS is initialised; "extra" is the peak over the
-warm-up and the timed steps minus that baseline minus the inputs' gradients (anchors, positives, and the bank
-where it needs grad), i.e. what the loss itself needs beyond its inputs and their gradients. The GEMM rate of
-torch.mm on the same (B, d) x (d, K) shape is measured in the same run; the effective rate is the loss's matrix
-flop count over the forward+backward time: 6*B*K*d (logits, anchors' and bank's gradients), 4*B*K*d for a
-detached bank (no bank gradient).
+Every (method, K) runs in a fresh subprocess. Memory: after the warm-up step (whose one-off costs, code pages,
+thread pools, autograd's and inductor's first use, go to `warmup_extra_mib`), with its gradients and loss freed
+(gradients set to None between steps, as `zero_grad()` does), the peak resident memory (Linux VmHWM) is reset to
+the current one; "extra" is the peak over the timed steps minus it: what a step needs beyond its inputs, their
+gradients included (`grads_mib` says how much of it they are: 512 MiB of bank gradient at K = 2^20). Before
+2026-12-01 it was the peak from before the warm-up less the gradients, which counted the one-off costs and, for
+naive, subtracted a bank gradient that is not alive at its peak (its peak comes before that gradient exists). The GEMM rate is
+torch.mm's of the same (B, d) x (d, K) product in column tiles of 4096 written into one reused (B, 4096) buffer (in
+cache: a compute rate; the whole (B, K) product written to memory was the rate of memory writes, which the fused loss
+exceeded). The effective rate is the loss's matrix flop count over the forward+backward time: 6*B*K*d (logits,
+anchors' and bank's gradients), 4*B*K*d for a detached bank (no bank gradient).
 
     python benchmarks/bench_infonce.py                 # K = 2^12 ... 2^22, B = 256, d = 128, float32, 2 threads
     python benchmarks/bench_infonce.py --quick         # K = 2^12 ... 2^16
@@ -63,12 +67,20 @@ def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dic
     # Initialise BLAS and the thread pool before the baseline, so their buffers are not counted as extra.
     torch.mm(torch.randn(64, 64), torch.randn(64, 64)).sum().item()
     if method == "gemm":
-        out = torch.empty(B, K)
-        torch.mm(a.detach(), bank.detach().t(), out=out)
+        cols = min(K, 4096)
+        out = torch.empty(B, cols)
+        x, y = a.detach(), bank.detach()
+
+        def run():
+            for s in range(0, K, cols):
+                e = min(K, s + cols)
+                torch.mm(x, y[s:e].t(), out=out[:, : e - s])
+
+        run()  # warm-up
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            torch.mm(a.detach(), bank.detach().t(), out=out)
+            run()
             times.append(time.perf_counter() - t0)
         return {"time_s": statistics.median(times), "gflops": 2 * B * K * d / statistics.median(times) / 1e9}
 
@@ -96,6 +108,12 @@ def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dic
     t0 = time.perf_counter()
     loss = step()  # warm-up (and compilation)
     warmup = time.perf_counter() - t0
+    warmup_extra = _rss_peak_mib() - base
+    del loss
+    a.grad = p.grad = bank.grad = None
+    gc.collect()
+    if _reset_rss_peak():  # (else ru_maxrss: the peak covers the warm-up, from the first baseline)
+        base = _rss_peak_mib()
     times = []
     for _ in range(reps):
         a.grad = p.grad = bank.grad = None
@@ -107,7 +125,8 @@ def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dic
     return {
         "time_s": t,
         "warmup_s": warmup,
-        "extra_mib": peak - base - grads_mib,
+        "extra_mib": peak - base,
+        "warmup_extra_mib": warmup_extra,
         "grads_mib": grads_mib,
         "loss": float(loss),
         "effective_gflops": (4 if detached else 6) * B * K * d / t / 1e9,
@@ -214,8 +233,8 @@ def main() -> int:
         if fd and nd and "time_s" in fd and "time_s" in nd:
             parts.append(f"detached: {nd['time_s'] / fd['time_s']:.2f}x")
         print(f"K = 2^{K.bit_length() - 1}: " + "; ".join(parts))
-    keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "grads_mib", "effective_gflops", "gflops",
-            "fraction_of_gemm", "loss", "note"]
+    keys = ["K", "B", "d", "method", "threads", "time_s", "warmup_s", "extra_mib", "warmup_extra_mib", "grads_mib",
+            "effective_gflops", "gflops", "fraction_of_gemm", "loss", "note"]
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

@@ -7,10 +7,13 @@ read is preceded by a synchronise.
 Peak memory on CPU: each configuration runs in a fresh process. The baseline is the resident memory once the
 inputs exist, BLAS and the thread pool are initialised and the method was built (a peer's own queue is an input);
 the peak (Linux VmHWM) is reset to it there (``_reset_rss_peak``; elsewhere ``ru_maxrss``, where a bank-sized
-buffer allocated and freed before the baseline leaves room for the bank's gradient). The extra is the peak at the
-end minus that baseline: it covers warm-up too, for compiled methods the compiler's own peak, and the inputs'
-gradients (with ``--bank-grad`` the (K, d) bank gradient). On CUDA it is ``torch.cuda.max_memory_allocated``
-minus the allocated memory at the baseline, likewise with the gradients.
+buffer allocated and freed before the baseline leaves room for the bank's gradient). The warm-up's peak over that
+baseline is ``warmup_extra_mib`` (code pages, thread pools, autograd's and a compiler's first use); then the peak is
+reset to what is resident after the warm-up (gradients and loss freed) and the extra, ``extra_mib``, is the peak
+over the timed steps beyond it: a step's own memory, the inputs' gradients included (with ``--bank-grad`` the
+(K, d) bank gradient). Where the peak cannot be reset (``ru_maxrss``) the extra covers the warm-up too, from the
+first baseline, as every extra did before 2026-12-01. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the
+allocated memory, likewise.
 """
 
 from __future__ import annotations
@@ -163,14 +166,21 @@ def _rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _reset_rss_peak() -> None:
+def _reset_rss_peak() -> bool:
     """Resets the peak to the current resident memory (Linux: writing 5 to /proc/self/clear_refs), so that a
-    transient peak before the baseline (imports, the inputs' construction) does not hide the measured one."""
+    transient peak before the baseline (imports, the inputs' construction) does not hide the measured one. Whether
+    it took: VmHWM is then at most VmRSS (a kernel may accept the write and keep the peak)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        pass
+        status = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    status[line.split(":")[0]] = int(line.split()[1])
+        return status["VmHWM"] <= status["VmRSS"] + 1024
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _sync(device: str) -> None:
@@ -190,8 +200,11 @@ def _measure_gemm(cfg: Config, x: dict, clock: Callable[[], float]) -> dict:
     bank = x["negatives"].detach() if cfg.mode in ("shared", "indexed", "bank-ce") else None
     if bank is None or bank.dim() != 2:
         bank = x["positives"].detach() if cfg.mode == "in-batch" else torch.randn(K, d, dtype=a.dtype, device=a.device)
-    # The whole (rows, K) output when it is at most 256 MiB, else column tiles of that size (same FLOPs).
-    cols = max(1, min(K, int(256 * MIB // (rows * a.element_size()))))
+    # Column tiles of the (rows, K) product written into one reused buffer: on a CPU of at most 4 MiB, which stays
+    # in cache, so the rate is the GEMM's compute rate (the whole product written to memory, as before 2026-12-01,
+    # measured the rate of those writes, which the fused loss exceeded: 1.76x "of GEMM" at 2^20); on a GPU 256 MiB.
+    tile = (256 if a.device.type == "cuda" else 4) * MIB
+    cols = max(1, min(K, int(tile // (rows * a.element_size()))))
     out = torch.empty(rows, cols, dtype=a.dtype, device=a.device)
 
     def run():
@@ -247,10 +260,28 @@ def measure(method: Method, cfg: Config, clock: Callable[[], float] = time.perf_
         loss.backward()
     _sync(cfg.device)
     warmup_s = clock() - t0
+    # The peak is taken again after the warm-up, from what is resident then: the first step's one-off costs (code
+    # pages, thread pools, autograd's and a compiler's first use: ~6-45 MiB on a CPU) are the warm-up's
+    # (warmup_extra_mib), not every step's (they were counted in extra_mib before 2026-12-01)
+    warm_peak = None
+    _zero_grads(x)
+    del loss
+    if memory:
+        warm_peak = torch.cuda.max_memory_allocated(cfg.device) / MIB if cuda else _rss_peak_mib()
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize(cfg.device)
+            torch.cuda.reset_peak_memory_stats(cfg.device)
+            steady = torch.cuda.memory_allocated(cfg.device) / MIB
+        elif _reset_rss_peak():
+            steady = _rss_peak_mib()
+        else:  # the peak cannot be reset (ru_maxrss): it covers the warm-up, as before
+            steady = base
     fwd, bwd, start = [], [], clock()
-    for _ in range(max(cfg.reps, 1)):
-        _zero_grads(x)
-        del loss
+    for i in range(max(cfg.reps, 1)):
+        if i:
+            _zero_grads(x)
+            del loss
         _sync(cfg.device)
         t0 = clock()
         loss = step()
@@ -275,7 +306,8 @@ def measure(method: Method, cfg: Config, clock: Callable[[], float] = time.perf_
         row["compile_s"] = max(0.0, warmup_s - max(cfg.warmup, 1) * row["fwdbwd_s"])
     if memory:
         peak = torch.cuda.max_memory_allocated(cfg.device) / MIB if cuda else _rss_peak_mib()
-        row["extra_mib"] = peak - base
+        row["extra_mib"] = peak - steady  # (beyond the inputs, the gradients included)
+        row["warmup_extra_mib"] = warm_peak - base
     return row
 
 
