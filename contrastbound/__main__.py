@@ -26,12 +26,13 @@ _MODULE_COMMANDS = {
 
 
 def _cmd_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="contrastbound demo", description="a few training steps, fused vs naive")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=256)
+    parser = argparse.ArgumentParser(prog="contrastbound demo", description="a few training steps, fused vs naive",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="training steps")
+    parser.add_argument("--batch", type=int, default=256, help="anchors per step (B)")
     parser.add_argument("--queue", type=int, default=2**17, help="number of negatives K in the bank")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dim", type=int, default=128, help="feature size d")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
     for name in ("steps", "batch", "queue", "dim"):
         if getattr(args, name) < 1:
@@ -109,6 +110,9 @@ def _main(argv: list[str]) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     if argv[0] in ("-V", "--version"):
+        if len(argv) > 1:  # (a usage error, as argparse reports one)
+            print(f"contrastbound: {argv[0]} takes no arguments, got {' '.join(argv[1:])}", file=sys.stderr)
+            return 2
         import torch
 
         from . import __version__

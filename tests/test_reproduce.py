@@ -883,3 +883,22 @@ def test_k_scaling_memory_claim_is_refuted_by_more_memory(tmp_path, monkeypatch)
     monkeypatch.setattr(kscaling, "measure", measure)
     sec = kscaling.run_k_scaling(make_settings("tiny"), str(tmp_path), 0, "cpu", show_progress=False)
     assert _verdicts(sec, "less extra memory") == ["NOT supported"]
+
+
+def test_tiny_report_formats_accuracy_and_undefined_ks(tiny):
+    # (the report printed test accuracy as "71.0000" and the earlier bounds' undefined K as a Python list, "[4]")
+    md = open(os.path.join(tiny, "report.md")).read()
+    assert "undefined at K = [" not in md and "undefined at K = " in md
+    digits = md.split("## digits:")[1].split("\n## ")[0]
+    header = next(ln for ln in digits.splitlines() if ln.startswith("| K |") and "acc test %" in ln)
+    col = header.split("|").index(" acc test % ")
+    rows = [ln for ln in digits.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    accs = [ln.split("|")[col].strip() for ln in rows if len(ln.split("|")) > col]
+    assert accs and all(len(a.split(".")[1]) == 1 for a in accs), accs
+
+
+def test_version_takes_no_arguments(capsys):
+    from contrastbound.__main__ import main as cli
+
+    assert cli(["--version", "extra"]) == 2 and "takes no arguments" in capsys.readouterr().err
+    assert cli(["--version"]) == 0 and capsys.readouterr().out.startswith("contrastbound ")

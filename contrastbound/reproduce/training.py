@@ -308,13 +308,13 @@ def _earlier_claims(sec: Section, final: list[dict], C: int) -> None:
         defined = [v for v in vals if not math.isnan(v[2])]
         smaller = [v for v in defined if v[1] <= v[2]]
         vac = [v for v in defined if v[2] > logC]
-        undefined_k = sorted({v[0] for v in vals if math.isnan(v[2])})
+        undefined_k = ", ".join(map(str, sorted({v[0] for v in vals if math.isnan(v[2])}))) or "none"
         sec.claim(
             f"Our upper bound is smaller than {title} at every K where {title} is defined; {title} is vacuous "
             f"(> log C = {fmt(logC)}) or undefined there.",
             bool(len(smaller) == len(defined) and len(vac) == len(defined)),
             f"ours smaller in {len(smaller)} of {len(defined)} (K, seed) pairs where {title} is defined; {title} "
-            f"> log C in {len(vac)} of them; undefined at K = {undefined_k or 'none'}; ours > log C in "
+            f"> log C in {len(vac)} of them; undefined at K = {undefined_k}; ours > log C in "
             f"{sum(v[1] > logC for v in vals)} of {len(vals)}.",
         )
 
@@ -397,7 +397,7 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
                "inside (test)", "acc test %"],
               [[r["K"], r["R_cont_train"], r["R_supv_train"], r["lower_train"], r["upper_train"], r["inside_train"],
                 r["R_supv_test"], f"[{fmt(r['lower_test'])}, {fmt(r['upper_test'])}]", r["inside_test"],
-                100 * r["acc_test"]] for r in final])
+                f"{100 * r['acc_test']:.1f}"] for r in final])
     _containment_claims(sec, rows, final, "K x epoch")
     _gap_claims(sec, final, ks)
     # surrogate: R_supv tracks R_cont along training
@@ -515,7 +515,7 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
                 float(np.mean([r["R_cont_test"] for r in final if r["K"] == K])), summary["upper_test"][0][i],
                 summary["arora_test"][0][i], summary["nozawa_sato_test"][0][i], summary["ash_test"][0][i],
                 float(np.mean([r["lower_test"] for r in final if r["K"] == K])),
-                100 * float(np.mean([r["acc_test"] for r in final if r["K"] == K]))] for i, K in enumerate(ks)])
+                f"{100 * np.mean([r['acc_test'] for r in final if r['K'] == K]):.1f}"] for i, K in enumerate(ks)])
     sec.text("Means over seeds; 'undefined' where a bound is not defined (Arora et al. and Nozawa & Sato need K >= C).")
     _containment_claims(sec, rows, final, "K x seed x evaluated epoch")
     _gap_claims(sec, final, ks)
