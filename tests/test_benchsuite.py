@@ -194,6 +194,28 @@ def test_gemm_reference_writes_cache_sized_tiles(monkeypatch):
     assert all(r * c * 4 <= 4 * 2**20 for r, c in shapes) and sum(c for _, c in shapes[-16:]) == 2**16, shapes[:3]
 
 
+def test_no_input_sized_headroom_buffer_where_the_peak_resets(monkeypatch):
+    # The worker allocated and freed a buffer the size of the inputs before its baseline (room for the bank's
+    # gradient where only ru_maxrss is available): a transient twice the inputs that the memory planner did not
+    # count, also where VmHWM can be reset, which makes it useless
+    cfg = Config(mode="shared", K=2**12, B=8, d=16, reps=1)
+    big, real_empty = [], torch.empty
+
+    def empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        if t.dtype == torch.float64 and t.numel() * 8 >= harness.input_bytes(cfg) // 2:
+            big.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(harness, "_reset_rss_peak", lambda: True)
+    harness.measure(METHODS["fused"], cfg, memory=True)
+    assert big == []
+    monkeypatch.setattr(harness, "_reset_rss_peak", lambda: False)  # ru_maxrss: the room is still made
+    harness.measure(METHODS["fused"], cfg, memory=True)
+    assert len(big) == 1
+
+
 def test_chunked_and_naive_match_the_fused_loss():
     from contrastbound.benchsuite.methods import chunked_loss, naive_loss
 
@@ -396,6 +418,18 @@ def test_bench_infonce_script_memory_and_flops(tmp_path):
     assert 0.9 * grads["fused"] <= float(rows["fused"]["extra_mib"]) < 1.5 * grads["fused"], rows["fused"]
     assert float(rows["fused_detached"]["extra_mib"]) < 0.5 * grads["fused"], rows["fused_detached"]
     assert all(float(r["warmup_extra_mib"]) > 0 for r in rows.values())
+
+
+def test_bench_infonce_script_times_the_gemm_first(tmp_path):
+    # "--methods fused,gemm" measured the GEMM after the fused row, which then had no fraction of its rate
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_infonce.py")
+    out = tmp_path / "g"
+    proc = subprocess.run([sys.executable, script, "--min-log2k", "8", "--max-log2k", "8", "-B", "4", "-d", "8",
+                           "--reps", "1", "--threads", "1", "--methods", "fused,gemm,fused", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [r["method"] for r in rows] == ["gemm", "fused"] and float(rows[1]["fraction_of_gemm"]) > 0
 
 
 @pytest.mark.parametrize("script,argv", [

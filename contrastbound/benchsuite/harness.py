@@ -238,9 +238,12 @@ def measure(method: Method, cfg: Config, clock: Callable[[], float] = time.perf_
     if method.kind == "gemm":
         return _measure_gemm(cfg, x, clock)
     cuda = cfg.device.startswith("cuda")
-    # Room for the bank's gradient, and BLAS / thread pool initialised, before the baseline.
-    buf = torch.empty(int(input_bytes(cfg) // 8) or 1, dtype=torch.float64, device=cfg.device).fill_(1.0)
-    del buf
+    # Where the peak cannot be reset (ru_maxrss), room for the bank's gradient before the baseline (an input-sized
+    # buffer allocated and freed: a transient twice the inputs, which the memory planner does not count, so only
+    # there); BLAS and the thread pool initialised before the baseline.
+    if not cuda and not _reset_rss_peak():
+        buf = torch.empty(int(input_bytes(cfg) // 8) or 1, dtype=torch.float64, device=cfg.device).fill_(1.0)
+        del buf
     torch.mm(torch.randn(64, 64, device=cfg.device), torch.randn(64, 64, device=cfg.device)).sum().item()
     step = method.build(cfg, x)
     gc.collect()
