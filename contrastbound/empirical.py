@@ -59,6 +59,8 @@ def _check_features(name: str, features: Any, rows: str = "N") -> torch.Tensor:
         raise ValueError(f"{name} must have at least one row")
     if features.shape[1] == 0:
         raise ValueError(f"{name} must have at least one feature (d >= 1), got shape {tuple(features.shape)}")
+    if features.device.type == "meta":  # (torch's own error came from reading the labels: "Tensor.item() ...")
+        raise ValueError(f"{name} is a meta tensor (no values): the estimators read the features")
     return features
 
 

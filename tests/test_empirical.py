@@ -392,7 +392,7 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
     with pytest.raises(ValueError, match="torch.unique"):
         class_means(x, sparse)
     m = class_means(x, y)
-    for bad, exc, text in [(m.long(), TypeError, "means must be a floating"), (m.to("meta"), ValueError, "means is on"),
+    for bad, exc, text in [(m.long(), TypeError, "means must be a floating"), (m.to("meta"), ValueError, "means is a meta tensor"),
                            (m[:0], ValueError, "means must have at least one"), (m[None], ValueError, "means must have shape"),
                            (m.tolist(), TypeError, "means must be a")]:
         with pytest.raises(exc, match=text):
@@ -610,3 +610,17 @@ def test_estimate_without_negatives_keeps_a_learnable_temperature_in_the_graph()
     loss = contrastive_loss_estimate(x, y, 0, temperature=t)
     loss.backward()
     assert loss.item() == 0.0 and t.grad is not None and t.grad.item() == 0.0
+
+
+def test_meta_tensors_are_refused_by_name():
+    # meta features (no values) reached the labels' read-back: torch's "Tensor.item() cannot be called on meta
+    # tensors", naming no argument
+    from contrastbound import empirical as E
+
+    f, y = torch.randn(6, 3, device="meta"), torch.zeros(6, dtype=torch.long, device="meta")
+    calls = [lambda: E.class_means(f, y), lambda: E.mean_classifier_loss(f, y, torch.randn(2, 3, device="meta")),
+             lambda: E.contrastive_loss_estimate(f, y, 3), lambda: E.contrastive_loss_curve(f, y, [1, 2]),
+             lambda: E.gap_report(f, y, [1])]
+    for call in calls:
+        with pytest.raises(ValueError, match="features is a meta tensor"):
+            call()
