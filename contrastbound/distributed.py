@@ -97,13 +97,17 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     norm = -1 if normalize is None else int(normalize)
     # the temperature's float64 bits (0 without one: never a valid temperature's), written on the gathered tensor's
     # device and read with the rest of the vector (no read-back of their own where a tensor temperature lives there
-    # too). A float goes through a tensor as well: under torch.compile a float schedule's second value is traced
-    # as a symbolic float, which struct.pack cannot take (a RecursionError inside dynamo).
+    # too). A float's bits are packed on the host, except under torch.compile, where a float schedule's second value
+    # is traced as a symbolic float, which struct.pack cannot take (a RecursionError inside dynamo): there it goes
+    # through a tensor (two small device ops, eager mode spared them).
+    traced = temperature is not None and not isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
+    temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] \
+        if temperature is not None and not isinstance(temperature, torch.Tensor) and not traced else 0
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
-                         *row_shape, call, grads, norm, 0], device=tensor.device, dtype=torch.long)
+                         *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)
     if isinstance(temperature, torch.Tensor):
         meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
-    elif temperature is not None:
+    elif traced:
         meta[13] = (torch.ones((), dtype=torch.float64, device=meta.device) * temperature).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
