@@ -1,8 +1,11 @@
 """nt_xent and clip_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time and memory.
 
-Each (loss, method, N) runs in a fresh subprocess; peak resident memory (VmHWM, reset once the inputs exist, as
-the scaling suite does; ru_maxrss, not resettable, where /proc is missing) is read against a baseline taken then,
-the inputs' gradients included in the extra. Plain PyTorch is skipped where its matrix would not fit.
+Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
+(whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
+warm-up's loss and gradients freed and read against a baseline taken then, the inputs' gradients included in the
+extra (ru_maxrss, not resettable, where /proc is missing: then the peak covers the warm-up, from a baseline taken
+once the inputs exist). Before 2026-12-01 the extra counted the warm-up. Plain PyTorch is skipped where its matrix
+would not fit.
 
     python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --max-log2n 13        # quicker
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import statistics
@@ -61,17 +65,29 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
     else:
         fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
+    gc.collect()
     _reset_rss_peak()  # a transient peak before here (imports, building the inputs) would hide the loss's
     base = _rss_peak_mib()
+    t0 = time.perf_counter()
+    loss = fn()  # warm-up: its one-off costs (code pages, thread pools, autograd's first use) reported apart
+    loss.backward()
+    warmup = time.perf_counter() - t0
+    warmup_extra = _rss_peak_mib() - base
+    del loss
+    x1.grad = x2.grad = None
+    gc.collect()
+    if _reset_rss_peak():  # (else ru_maxrss: the peak covers the warm-up, from the first baseline)
+        base = _rss_peak_mib()
     times = []
-    for _ in range(reps + 1):
+    for _ in range(reps):
         x1.grad = x2.grad = None
         t0 = time.perf_counter()
         loss = fn()
         loss.backward()
         times.append(time.perf_counter() - t0)
     peak = _rss_peak_mib()
-    return {"time_s": statistics.median(times[1:]), "extra_mib": peak - base, "loss_value": float(loss)}
+    return {"time_s": statistics.median(times), "warmup_s": warmup, "extra_mib": peak - base,
+            "warmup_extra_mib": warmup_extra, "loss_value": float(loss)}
 
 
 def main() -> int:
@@ -101,7 +117,7 @@ def main() -> int:
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
-    print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'matrix MiB':>10}  note")
+    print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} {'matrix MiB':>10}  note")
     for log2n in range(args.min_log2n, args.max_log2n + 1):
         N = 2**log2n
         for name in ("nt_xent", "clip_loss"):
@@ -121,10 +137,12 @@ def main() -> int:
                         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 rows.append(row)
                 print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
-                      f"{row.get('extra_mib', float('nan')):>10.1f} {matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
+                      f"{row.get('extra_mib', float('nan')):>10.1f} {row.get('warmup_extra_mib', float('nan')):>11.1f} "
+                      f"{matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
     with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["loss", "N", "d", "method", "time_s", "extra_mib", "matrix_mib", "loss_value", "note"],
-                           extrasaction="ignore")
+        keys = ["loss", "N", "d", "method", "time_s", "warmup_s", "extra_mib", "warmup_extra_mib", "matrix_mib",
+                "loss_value", "note"]
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {args.out}.csv")

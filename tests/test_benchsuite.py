@@ -420,6 +420,19 @@ def test_bench_infonce_script_memory_and_flops(tmp_path):
     assert all(float(r["warmup_extra_mib"]) > 0 for r in rows.values())
 
 
+def test_bench_training_script_leaves_the_warm_up_apart(tmp_path):
+    # bench_training.py's extra memory counted the first step's one-off costs (code pages, thread pools, ~10 MiB)
+    # as the loss's: the fused rows at N = 256 read ~10 MiB where their gradients take 32 KiB
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_training.py")
+    out = tmp_path / "t"
+    proc = subprocess.run([sys.executable, script, "--min-log2n", "8", "--max-log2n", "8", "-d", "16", "--reps", "1",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in csv.DictReader(open(str(out) + ".csv")) if r["method"] == "fused"]
+    assert len(rows) == 2 and all(float(r["extra_mib"]) < 2.0 for r in rows), rows
+    assert all(float(r["warmup_extra_mib"]) > float(r["extra_mib"]) for r in rows), rows
+
+
 def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     # "--methods fused,gemm" measured the GEMM after the fused row, which then had no fraction of its rate
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_infonce.py")
