@@ -146,6 +146,14 @@ def test_a_method_that_raises_is_reported_with_its_reason():
     assert entry is None  # no K where it ran: it has no headline ratio
 
 
+def test_bank_ce_rows_say_their_classes_take_a_gradient():
+    # bank-ce's classifier rows always need a gradient (its flops count it), but its rows said bank_grad=False
+    rows = run_sweep([METHODS["fused"]], [Config(mode="bank-ce", K=64, B=4, d=8, reps=1),
+                                         Config(mode="shared", K=64, B=4, d=8, reps=1)], isolate=False)
+    assert [(r["mode"], r["status"], r["bank_grad"]) for r in rows] == [("bank-ce", "ok", True),
+                                                                       ("shared", "ok", False)], rows
+
+
 def test_unavailable_and_gpu_only_methods_have_reasons():
     missing = Method("ghost", lambda c, x: None, {"shared": SETTING}, kind="peer", requires=("no_such_module_xyz",))
     rows = run_sweep([missing, METHODS["liger"]], _configs() + [Config(mode="bank-ce", K=64, B=4, d=8)],

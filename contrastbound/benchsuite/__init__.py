@@ -9,6 +9,12 @@ method (the fused loss must be linear: 0.9..1.1 from 2^14 up, fitted over at lea
 reports "too few points") and the headline ratios, and writes CSV, JSON (with
 the machine) and log-log plots. Methods that cannot run somewhere are reported with the reason.
 
+Effective FLOP/s count the useful work, recomputation not counted: 2 R K d forward (R rows of logits over K
+columns) and 2 R K d backward, twice that when the negatives need a gradient (--bank-grad, in-batch, bank-ce).
+The fused loss's forward also forms the anchors' gradient product when its inputs need a gradient (one pass over
+the logits), so its forward time holds part of the backward work: its forward rate (fwd_gflops in the CSV) reads
+about half of what the kernel does and its backward time is short; compare forward+backward.
+
     contrastbound bench --quick                       # under two minutes on 2 cores
     contrastbound bench                               # K = 2^10 .. 2^22 on CPU (2^24 on GPU), every mode
     contrastbound bench --modes shared --ks 2^16,2^20 --methods fused,naive,lightly

@@ -487,7 +487,8 @@ def run_sweep(
             key = group + (m.name,)
             row = {"mode": cfg.mode, "setting": setting, "method": m.name, "kind": m.kind, "K": cfg.K,
                    "B": cfg.rows if cfg.mode == "in-batch" else cfg.B, "d": cfg.d, "dtype": cfg.dtype,
-                   "device": cfg.device, "threads": cfg.threads, "bank_grad": cfg.bank_grad}
+                   "device": cfg.device, "threads": cfg.threads,
+                   "bank_grad": cfg.bank_grad or cfg.mode == "bank-ce"}  # (bank-ce's classifier rows are trained)
             reason = m.unavailable(cfg.device) or probe_reasons.get((m.name, cfg.mode)) or blocked.get(key)
             if reason is None and isolate:
                 rate = gemm_rate.get(group)
