@@ -154,6 +154,17 @@ def test_bank_ce_rows_say_their_classes_take_a_gradient():
                                                                        ("shared", "ok", False)], rows
 
 
+def test_every_bench_option_says_what_it_does():
+    # --temperature, --no-plots and --no-progress had no help text in `contrastbound bench --help`
+    import argparse
+
+    import contrastbound.benchsuite as bs
+
+    bare = [a.option_strings for a in bs.build_parser()._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert bare == []
+
+
 def test_unavailable_and_gpu_only_methods_have_reasons():
     missing = Method("ghost", lambda c, x: None, {"shared": SETTING}, kind="peer", requires=("no_such_module_xyz",))
     rows = run_sweep([missing, METHODS["liger"]], _configs() + [Config(mode="bank-ce", K=64, B=4, d=8)],

@@ -106,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "to overrun is not run")
     p.add_argument("--mem-fraction", type=float, default=0.7,
                    help="run only when inputs + estimated extra fit in this fraction of the available memory")
-    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=0.1, help="temperature of every loss (default %(default)s)")
     p.add_argument("--bank-grad", action="store_true", help="negatives need a gradient (default: a detached queue)")
     p.add_argument("--chunk", type=int, default=8192, help="chunk size of the chunked-ckpt method")
     p.add_argument("--slope-from", type=int, default=14, help="log2 K from which slopes are fitted (default 14)")
     p.add_argument("--out", default="contrastbound-results/bench", help="output folder (default %(default)s)")
     p.add_argument("--prefix", default="scaling", help="file name prefix of the CSV, JSON and plots")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG (CSV and JSON only; plots need matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (the table is printed either way)")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (no fresh process per configuration, no memory, no estimates)")
     p.add_argument("--list-methods", action="store_true", help="print the methods and their settings, then exit")
