@@ -356,9 +356,9 @@ def info_nce_sharded(
     anchors: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor,
+    temperature: float | torch.Tensor = 0.1,
     *,
     process_group=None,
-    temperature: float = 0.1,
     normalize: bool = True,
     reduction: str = "mean",
 ) -> torch.Tensor:

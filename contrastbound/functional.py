@@ -147,6 +147,11 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     """A positive finite float, or, for a tensor (learnable or not), the 0-d tensor itself: its value then goes
     to the kernels as a tensor (the *_scaled ops), never through Python."""
     if isinstance(temperature, torch.Tensor):
+        if temperature.dim() == 2 and not (temperature.is_floating_point() or temperature.is_complex()):
+            # info_nce(a, p, bank, idx): temperature is the fourth positional argument, the indices a keyword
+            raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got a "
+                            f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}: negative indices are "
+                            f"passed by keyword, negative_indices=")
         return _check_positive_scalar_tensor("temperature", temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got {type(temperature).__name__}")
@@ -776,9 +781,9 @@ def info_nce(
     anchors: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
     *,
     negative_indices: torch.Tensor | None = None,
-    temperature: float = 0.1,
     normalize: bool = True,
     reduction: str = "mean",
     process_group=None,
@@ -855,9 +860,9 @@ def info_nce_lse(
     anchors: torch.Tensor,
     positives: torch.Tensor,
     negatives: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
     *,
     negative_indices: torch.Tensor | None = None,
-    temperature: float = 0.1,
     normalize: bool = True,
     include_positive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -912,8 +917,8 @@ def bank_cross_entropy(
     anchors: torch.Tensor,
     bank: torch.Tensor,
     targets: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
     *,
-    temperature: float = 1.0,
     normalize: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -1213,7 +1218,7 @@ class InfoNCE(torch.nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.1,
+        temperature: float | torch.Tensor = 0.1,
         normalize: bool = True,
         reduction: str = "mean",
         learn_temperature: bool = False,

@@ -904,6 +904,45 @@ def test_info_nce_lse_combines_disjoint_sets():
     assert_close_scaled(torch.logaddexp(first, rest), full, 1e-12, "lse")
 
 
+def test_info_nce_over_a_bank_in_parts_from_info_nce_lse():
+    # README's recipe: each part's lse without the positive, joined by logaddexp with the positive logit
+    # s a . p = lse - loss, gives info_nce over the whole bank (values and gradients)
+    a, p, n, _ = make_inputs("shared", B=7, K=93, d=6, dtype=torch.float64)
+    n.requires_grad_(True)
+    want = _run(cb.info_nce, a, p, n, None, temperature=0.3, reduction="none")
+
+    def in_parts(a_, p_, n_, negative_indices=None):
+        loss1, lse1 = cb.info_nce_lse(a_, p_, n_[:40], temperature=0.3, include_positive=False)
+        _, lse2 = cb.info_nce_lse(a_, p_, n_[40:], temperature=0.3, include_positive=False)
+        pos = lse1 - loss1
+        return torch.logaddexp(torch.logaddexp(lse1, lse2), pos) - pos
+
+    got = _run(in_parts, a, p, n, None)
+    assert_close_scaled(got[0], want[0], 1e-12, "loss")
+    for name, x, y in zip("apn", got[1], want[1]):
+        assert_close_scaled(x, y, 1e-12, f"grad {name}")
+
+
+def test_temperature_is_the_fourth_positional_argument():
+    # as nt_xent(z1, z2, temperature) and clip_loss(image, text, logit_scale): info_nce(a, p, bank, 0.07) raised
+    # TypeError (temperature was keyword-only); the indices stay keyword-only, and passed fourth they are named
+    a, p, n, idx = make_inputs("indexed", B=5, K=11, d=4, dtype=torch.float64, M=9)
+    w, t = n, torch.tensor([1, 0, 8, 3, 3])
+    assert torch.equal(cb.info_nce(a, p, n, 0.3), cb.info_nce(a, p, n, temperature=0.3))
+    assert torch.equal(cb.info_nce(a, p, None, 0.3), cb.info_nce(a, p, temperature=0.3))
+    for x, y in zip(cb.info_nce_lse(a, p, n, 0.3), cb.info_nce_lse(a, p, n, temperature=0.3)):
+        assert torch.equal(x, y)
+    assert torch.equal(cb.bank_cross_entropy(a, w, t, 0.3), cb.bank_cross_entropy(a, w, t, temperature=0.3))
+    assert torch.equal(info_nce_reference(a, p, n, 0.3), info_nce_reference(a, p, n, temperature=0.3))
+    assert torch.equal(bank_cross_entropy_reference(a, w, t, 0.3),
+                       bank_cross_entropy_reference(a, w, t, temperature=0.3))
+    with pytest.raises(TypeError, match="temperature must be .* torch.int64 tensor of shape \\(5, 11\\).*"
+                                        "negative_indices="):
+        cb.info_nce(a, p, n, idx)
+    with pytest.raises(TypeError, match="positional"):
+        cb.info_nce(a, p, n, 0.3, idx)
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
 def test_info_nce_lse_of_an_empty_set_is_minus_inf_with_grad(mode):
     # K = 0 (in-batch: B = 1) without the positive: the log-sum-exp of nothing, -inf as torch.logsumexp gives, also
