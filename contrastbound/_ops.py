@@ -191,3 +191,53 @@ if _backend.EXTENSION_LOADED:
             return ga if mask[0] else None, gt if mask[1] else None, None, None, None
 
         torch.library.register_autograd("contrastbound::clip_fwd", _clip_backward, setup_context=_clip_setup_context)
+
+
+def _k_of(negatives_shape, indices_shape) -> int:
+    """K, the negatives per anchor, from the shapes the ops take: (B, K) indices, (B, K, d) or (K, d) negatives."""
+    if indices_shape is not None:
+        return indices_shape[1]
+    return negatives_shape[1] if len(negatives_shape) == 3 else negatives_shape[0]
+
+
+def _register_flop_formulas() -> None:
+    """torch.utils.flop_counter.FlopCounterMode's count of the ops: the useful work, 2 B K d per product of the
+    (B, d) anchors with K negatives, as torch counts naive PyTorch's matmuls, and no recomputation (the kernels'
+    own cost is in docs/ARCHITECTURE.md and differs by device). Forward: the logits, and the anchors' gradient
+    product V when it saves it; backward: the negatives' gradient where asked, and the anchors' where forward did
+    not save V. A training step counts 4 B K d with a detached bank, 6 B K d with one that learns, as naive
+    PyTorch's. clip_loss's op: its N x N logits forward, a product per side's gradient backward."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    ops = torch.ops.contrastbound
+
+    def formula(targets):
+        targets = [t for t in targets if t not in flop_registry]  # (a reload of this module)
+        return register_flop_formula(targets) if targets else (lambda f: f)
+
+    @formula([ops.info_nce_fwd, ops.info_nce_fwd_scaled])
+    def _info_nce_fwd_flop(anchors, positives, negatives, negative_indices, scale, normalize, include_positive,
+                           save_anchor_term, *args, out_shape=None, **kwargs) -> int:
+        B, d = anchors
+        return 2 * B * _k_of(negatives, negative_indices) * d * (2 if save_anchor_term else 1)
+
+    @formula([ops.info_nce_bwd, ops.info_nce_bwd_scaled])
+    def _info_nce_bwd_flop(grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale,
+                           normalize, include_positive, output_mask, *args, out_shape=None, **kwargs) -> int:
+        B, d = anchors
+        products = int(bool(output_mask[2])) + int(bool(output_mask[0]) and anchor_term[0] == 0)
+        return 2 * B * _k_of(negatives, negative_indices) * d * products
+
+    if hasattr(ops, "clip_fwd"):
+        @formula([ops.clip_fwd])
+        def _clip_fwd_flop(image, text, *args, out_shape=None, **kwargs) -> int:
+            return 2 * image[0] * text[0] * image[1]
+
+        @formula([ops.clip_bwd])
+        def _clip_bwd_flop(grad_loss, image, text, loss, lse, scale, normalize, output_mask, *args, out_shape=None,
+                           **kwargs) -> int:
+            return 2 * image[0] * text[0] * image[1] * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+if _backend.EXTENSION_LOADED:
+    _register_flop_formulas()

@@ -627,3 +627,46 @@ def test_half_bank_cross_entropy_batched_gradients():
         one = torch.autograd.grad(cb.bank_cross_entropy(a, n, t, reduction="none")[i], [a, n])
         for b, o in zip(batched, one):
             torch.testing.assert_close(b[i], o, rtol=0, atol=0)
+
+
+def _flops(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,negatives_learn",
+                         [(m, learn) for m in MODES for learn in (True, False) if learn or m != "in_batch"])
+def test_flop_counter_counts_the_fused_ops_as_naive_matmuls(device, mode, negatives_learn):
+    # FlopCounterMode (MFU tooling) counted 0 for a fused step. The ops' formulas count the useful work: torch's
+    # count of the reference's matmuls, 2 B K d per product (logits, the anchors' gradient, the negatives'), so a
+    # step is 6 B K d where the negatives learn and 4 B K d where they do not (in-batch: always 6, K = B)
+    from contrastbound.reference import info_nce_reference
+
+    a, p, n, idx = make_inputs(mode, B=6, K=37, d=5, dtype=torch.float32, device=device, M=11)
+    if n is not None:  # (in-batch: the negatives are the positives, which learn)
+        n.requires_grad_(negatives_learn)
+    fused = _flops(lambda: cb.info_nce(a, p, n, negative_indices=idx).backward())
+    naive = _flops(lambda: info_nce_reference(a, p, n, negative_indices=idx).backward())
+    K = 6 if n is None else 37
+    assert fused == naive == 2 * 6 * K * 5 * (3 if negatives_learn else 2)
+    with torch.no_grad():
+        assert _flops(lambda: cb.info_nce(a, p, n, negative_indices=idx)) == 2 * 6 * K * 5
+
+
+@needs_kernel
+def test_flop_counter_counts_clip_and_nt_xent():
+    # clip_loss: the N x N logits, then one product per side's gradient, as naive's three matmuls (6 N^2 d).
+    # nt_xent: the (z1, z2) pair sides from one both-directions call (6 N^2 d) and each view's own side (2 N^2 d
+    # logits, 2 N^2 d for the anchors' gradient, 2 N^2 d for the bank's): 18 N^2 d, where naive's 2N x 2N matrix
+    # forms each (z1, z2) block twice (24 N^2 d)
+    N, d = 9, 7
+    z1, z2 = torch.randn(N, d, requires_grad=True), torch.randn(N, d, requires_grad=True)
+    assert _flops(lambda: cb.clip_loss(z1, z2, 10.0).backward()) == 6 * N * N * d
+    assert _flops(lambda: cb.nt_xent(z1, z2).backward()) == 18 * N * N * d
+    z2.requires_grad_(False)
+    assert _flops(lambda: cb.clip_loss(z1, z2, 10.0).backward()) == 4 * N * N * d
