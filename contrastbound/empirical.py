@@ -211,7 +211,7 @@ def mean_classifier_loss(
     dtype = torch.promote_types(features.dtype, means.dtype)
     f = _prepare(features.to(dtype), normalize)
     return bank_cross_entropy(f, means.to(dtype), labels, temperature=temperature, normalize=False,
-                              reduction=reduction)
+                              reduction=reduction, ignore_index=None)  # (labels checked above: none to ignore)
 
 
 # ----------------------------------------------------------------------------------------------------------

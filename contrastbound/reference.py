@@ -106,8 +106,10 @@ def bank_cross_entropy_reference(
     normalize: bool = False,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy of the logits s A bank^T against target rows ``targets`` (materialised)."""
+    """Cross-entropy of the logits s A bank^T against target rows ``targets`` (materialised): F.cross_entropy."""
     dt = _compute_dtype(anchors.dtype, compute_dtype)
     a = anchors.to(dt)
     n = bank.to(dt)
@@ -115,8 +117,9 @@ def bank_cross_entropy_reference(
         a = F.normalize(a, dim=-1, eps=_EPS)
         n = F.normalize(n, dim=-1, eps=_EPS)
     logits = (a @ n.transpose(0, 1)) / temperature
-    loss = F.cross_entropy(logits, targets, reduction="none")
-    return _reduce(loss, reduction).to(anchors.dtype)
+    loss = F.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    return loss.to(anchors.dtype)
 
 
 def info_nce_core_reference(
