@@ -532,3 +532,74 @@ def test_uneven_batch_scaling_counts_the_loss_terms():
                       (lambda r: cb.clip_loss(z1, z2, 3.0, reduction=r), 7),
                       (lambda r: cb.nt_xent(z1, z2, 0.3, reduction=r), 14)):
         torch.testing.assert_close(fn("sum"), terms * fn("mean"), rtol=1e-12, atol=0)
+
+
+def test_an_unsupported_dtype_is_refused_by_name(tmp_path):
+    # A dtype the exchange has no code for (uint16, float8, complex32) reached gloo's all_gather: "Invalid scalar
+    # type" on one rank (an abort with several), instead of the ValueError naming it
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for dtype in (torch.uint16, torch.float8_e4m3fn, torch.complex32):
+            with pytest.raises(ValueError, match="an unsupported dtype"):
+                all_gather_with_grad(torch.ones(2, 3).to(dtype))
+    finally:
+        dist.destroy_process_group()
+
+
+def _no_grad_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(3, 4, generator=g).requires_grad_(rank == 0)
+        n = torch.randn(5, 4, generator=g).requires_grad_(rank == 1)
+        with torch.no_grad():  # no backward runs: requires_grad may differ across ranks
+            out = {"in_batch": cb.info_nce(x, x + 0.1, None, process_group=dist.group.WORLD),
+                   "sharded": cb.info_nce(x, x + 0.1, n, process_group=dist.group.WORLD),
+                   "rows": all_gather_with_grad(x).shape[0]}
+        torch.save(out, os.path.join(out_dir, f"nograd{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_requires_grad_may_differ_across_ranks_under_no_grad():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_no_grad_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"nograd{r}.pt")) for r in range(2)]
+    for r in results:
+        assert torch.isfinite(r["in_batch"]) and torch.isfinite(r["sharded"]) and r["rows"] == 6
+
+
+def _lone_forward_ad_worker(rank, world, init_file, out_dir):
+    import datetime
+    from torch.autograd import forward_ad
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))  # (a bound on the wait this test guards against)
+    try:
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+        got = []
+        for negatives in (torch.randn(5, 4), None):  # sharded bank, in-batch
+            with forward_ad.dual_level():
+                a = forward_ad.make_dual(x, torch.ones_like(x)) if rank == 1 else x
+                try:
+                    cb.info_nce(a, x, negatives, process_group=dist.group.WORLD)
+                    got.append(None)
+                except Exception as exc:  # noqa: BLE001
+                    got.append(f"{type(exc).__name__}: {exc}")
+        torch.save(got, os.path.join(out_dir, f"fwad{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
+    # A rank that refuses forward-mode AD (NotImplementedError, before the exchange) still takes part in the
+    # exchange: the others raise ValueError naming it instead of waiting for the backend's timeout
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_lone_forward_ad_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        got = [torch.load(os.path.join(tmp, f"fwad{r}.pt")) for r in range(2)]
+    for msg in got[1]:
+        assert msg.startswith("NotImplementedError: forward-mode AD"), msg
+    for msg in got[0]:
+        assert msg.startswith("ValueError: rank 1 of process_group refused its arguments"), msg

@@ -624,3 +624,42 @@ def test_meta_tensors_are_refused_by_name():
     for call in calls:
         with pytest.raises(ValueError, match="features is a meta tensor"):
             call()
+
+
+def test_gap_report_earlier_bounds_per_k_and_for_a_uniform_prior_vector():
+    # each row's Arora / Nozawa-Sato / Ash value is its own K's, and a uniform prior passed as a vector is uniform
+    x, y = blobs((20, 20, 20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    ks = [2, 8, 64]
+    for prior in ("empirical", [0.2] * 5, np.full(5, 0.2)):
+        rows = gap_report(x, y, ks, prior=prior, generator=torch.Generator().manual_seed(0))
+        for r in rows:
+            for key, fn in (("arora", B.arora), ("nozawa_sato", B.nozawa_sato), ("ash", B.ash)):
+                want = float(fn(r["R_cont"], r["K"], num_classes=5))
+                assert r[key] == pytest.approx(want, rel=1e-12, nan_ok=True), (prior, r["K"], key)
+        assert not any(math.isnan(rows[-1][key]) for key in ("arora", "nozawa_sato", "ash")), prior
+
+
+def test_gap_report_r_supv_of_float64_features_is_the_float64_loss():
+    x, y = blobs((20, 20, 20), d=4, seed=6)
+    r = gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]
+    assert r["R_supv"] == pytest.approx(float(mean_classifier_loss(x, y, class_means(x, y))), rel=1e-15, abs=0)
+
+
+def test_gap_report_means_of_half_features_at_a_low_temperature():
+    # the means of bfloat16 features are float32 (a bfloat16 mean moved R_supv by 5.5e-6 here)
+    g = torch.Generator().manual_seed(0)
+    xb, yb = torch.randn(2000, 16, generator=g).bfloat16(), torch.arange(2000) % 10
+    kw = dict(temperature=0.05, generator=torch.Generator().manual_seed(0))
+    r_half = gap_report(xb, yb, [10], **kw)[0]
+    r_wide = gap_report(xb.float(), yb, [10], temperature=0.05, generator=torch.Generator().manual_seed(0))[0]
+    assert abs(r_half["R_supv"] - r_wide["R_supv"]) < 1e-7 * r_wide["R_supv"], (r_half["R_supv"], r_wide["R_supv"])
+
+
+def test_labels_beyond_the_means_are_refused_by_name():
+    x, y = blobs((20, 20, 20), d=4, seed=6)
+    bad = y.clone()
+    bad[0] = 3
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\) = \[0, 3\)"):
+        mean_classifier_loss(x, bad, class_means(x, y))
+    with pytest.raises(ValueError, match=r"test_labels must lie in \[0, num_classes\)"):
+        gap_report(x, y, [2], test_features=x, test_labels=bad)

@@ -488,3 +488,76 @@ def test_inputs_made_under_inference_mode(case, dtype):
     want.backward()
     assert torch.equal(got, want)
     assert torch.equal(q1.grad, q2.grad)
+
+
+def test_queue_clear_leaves_a_state_dict_that_loads():
+    # clear() zeroes both buffers (not only the host ints): its state_dict loads as an empty queue
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.arange(4.0)[:, None])
+    q.enqueue(torch.tensor([[4.0], [5.0]]))  # full, write position 2
+    q.clear()
+    assert int(q.ptr) == 0 and int(q.filled) == 0
+    q2 = cb.NegativeQueue(4, 1)
+    q2.load_state_dict(q.state_dict())
+    assert len(q2) == 0 and q2.negatives().shape == (0, 1)
+
+
+def test_queue_follows_a_write_to_its_write_position_alone():
+    # a full queue: any write position is a state enqueue can reach; a fill_ of ptr alone moves the next write
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.arange(4.0)[:, None])  # full, write position 0
+    q.ptr.fill_(2)
+    q.enqueue(torch.tensor([[9.0]]))
+    assert q.queue.flatten().tolist() == [0.0, 1.0, 9.0, 3.0] and int(q.ptr) == 3
+
+
+def test_queue_absent_from_a_checkpoint_is_left_to_strict():
+    # a checkpoint from before the queue was added: strict=False reports the three keys missing and loads the rest
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(2, 2)
+    state = model.state_dict()
+    model.queue = cb.NegativeQueue(4, 2)
+    result = model.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["queue.filled", "queue.ptr", "queue.queue"] and len(model.queue) == 0
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(state)
+
+
+def test_queue_load_state_dict_refuses_positions_of_several_values():
+    state = cb.NegativeQueue(4, 2).state_dict()
+    state["ptr"], state["filled"] = torch.tensor([1, 1]), torch.tensor([1, 1])
+    with pytest.raises(RuntimeError, match="ptr and filled must hold one value each; nothing was loaded"):
+        cb.NegativeQueue(4, 2).load_state_dict(state)
+
+
+def test_queue_keeps_infinite_keys_through_a_load_and_a_narrowing_cast():
+    # enqueue stores an inf key as given; a float64 state holding one loads into a float32 queue, and .half()
+    # keeps it (only finite keys that would become inf are refused)
+    src = cb.NegativeQueue(4, 2, dtype=torch.float64)
+    src.enqueue(torch.tensor([[float("inf"), 1.0]], dtype=torch.float64))
+    q = cb.NegativeQueue(4, 2)
+    q.load_state_dict(src.state_dict())
+    assert len(q) == 1 and q.negatives()[0, 0] == float("inf")
+    q.half()
+    assert q.queue.dtype == torch.float16 and len(q) == 1 and q.negatives()[0, 0] == float("inf")
+
+
+def test_queue_built_on_the_meta_device_casts():
+    # deferred initialisation: a cast of the meta buffers has no values to check
+    with torch.device("meta"):
+        q = cb.NegativeQueue(8, 3)
+    q.half()
+    assert q.queue.dtype == torch.float16 and q.queue.device.type == "meta"
+
+
+def test_queue_refuses_a_write_position_behind_the_fill_level():
+    # ptr 1 with filled 3 (not full): the next key would go to row 1 and count row 3, never written, as a key
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.tensor([[1.0], [2.0], [3.0]]))
+    state = q.state_dict()
+    state["ptr"] = torch.tensor(1)
+    with pytest.raises(RuntimeError, match="write position equals the fill level"):
+        cb.NegativeQueue(4, 1).load_state_dict(state)
+    q.ptr.fill_(1)
+    with pytest.raises(ValueError, match="write position equals the fill level"):
+        q.enqueue(torch.tensor([[9.0]]))
