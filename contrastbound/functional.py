@@ -1011,11 +1011,13 @@ def _target_less_mean_logit(anchors: torch.Tensor, bank: torch.Tensor, targets: 
                             acc: torch.dtype) -> torch.Tensor:
     """l_{i,t_i} - mean_c l_ic (B,) in dtype acc, differentiable in anchors, bank and a tensor temperature: label
     smoothing's term, with the mean logit taken through the bank's mean row."""
-    a, w = anchors.to(acc), bank.to(acc)
+    a, rows = anchors.to(acc), bank.index_select(0, targets).to(acc)
     if normalize:
-        a, w = F.normalize(a, dim=-1, eps=1e-12), F.normalize(w, dim=-1, eps=1e-12)
-    diff = w.index_select(0, targets) - w.mean(0)
-    return (a * diff).sum(-1) / (t.to(acc) if isinstance(t, torch.Tensor) else t)
+        a, rows = F.normalize(a, dim=-1, eps=1e-12), F.normalize(rows, dim=-1, eps=1e-12)
+        mean = F.normalize(bank.to(acc), dim=-1, eps=1e-12).mean(0)  # (the one (C, d) copy)
+    else:
+        mean = bank.sum(0, dtype=acc) / bank.shape[0]  # (accumulated in acc without a copy of the bank)
+    return (a * (rows - mean)).sum(-1) / (t.to(acc) if isinstance(t, torch.Tensor) else t)
 
 
 def nt_xent(
