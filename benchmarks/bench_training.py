@@ -1,4 +1,5 @@
-"""nt_xent and clip_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time and memory.
+"""nt_xent, clip_loss and supcon_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time
+and memory (supcon_loss: N samples of 2 views, 100 classes, as SupCon's reference code forms it).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -9,6 +10,7 @@ would not fit.
 
     python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --max-log2n 13        # quicker
+    python benchmarks/bench_training.py --losses supcon_loss  # one loss
 Writes benchmarks/results/bench_training.csv.
 """
 
@@ -26,6 +28,9 @@ import time
 
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss")
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -50,6 +55,20 @@ def _plain_clip(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def _plain_supcon(views, labels, t):
+    # SupCon's reference form (Khosla et al.): the 2N x 2N logits, a positive mask, log-softmax, masked mean
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(views.reshape(-1, views.shape[-1]), dim=1)
+    y = labels.repeat_interleave(views.shape[1])
+    logits = z @ z.t() / t
+    own = torch.eye(len(z), dtype=torch.bool)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1, keepdim=True)
+    positive = (y[:, None] == y[None, :]) & ~own
+    return (-(log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)).mean()
+
+
 def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int) -> dict:
     import torch
 
@@ -63,8 +82,12 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # initialise BLAS before the baseline
     if loss_name == "nt_xent":
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
-    else:
+    elif loss_name == "clip_loss":
         fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
+    else:  # (two views: every row has a positive, so the two means agree)
+        labels = torch.randint(0, 100, (N,))
+        fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1)) if method == "fused"
+              else (lambda: _plain_supcon(torch.stack([x1, x2], dim=1), labels, 0.1)))
     gc.collect()
     _reset_rss_peak()  # a transient peak before here (imports, building the inputs) would hide the loss's
     base = _rss_peak_mib()
@@ -101,6 +124,8 @@ def main() -> int:
                                                    "bench_training"),
                         help="output path without extension: writes OUT.csv (a trailing .csv is dropped; "
                              "default %(default)s)")
+    parser.add_argument("--losses", default="nt_xent,clip_loss,supcon_loss",
+                        help="comma list of nt_xent, clip_loss, supcon_loss (default %(default)s)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -110,6 +135,10 @@ def main() -> int:
     for name, value in (("-d", args.d), ("--reps", args.reps), ("--threads", args.threads)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
+    losses = list(dict.fromkeys(x.strip() for x in args.losses.split(",") if x.strip()))
+    unknown = [x for x in losses if x not in LOSSES]
+    if unknown or not losses:
+        parser.error(f"--losses takes a comma list of {', '.join(LOSSES)}, got {args.losses!r}")
     if not 0 <= args.min_log2n <= args.max_log2n:
         parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
     from contrastbound.benchsuite.report import prepare_out_stem
@@ -117,11 +146,12 @@ def main() -> int:
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
-    print(f"{'loss':>8} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} {'matrix MiB':>10}  note")
+    print(f"{'loss':>11} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} "
+          f"{'matrix MiB':>10}  note")
     for log2n in range(args.min_log2n, args.max_log2n + 1):
         N = 2**log2n
-        for name in ("nt_xent", "clip_loss"):
-            side = 2 * N if name == "nt_xent" else N
+        for name in losses:
+            side = N if name == "clip_loss" else 2 * N
             matrix_mib = side * side * 4 / 2**20
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
@@ -136,7 +166,7 @@ def main() -> int:
                     else:
                         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 rows.append(row)
-                print(f"{name:>8} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
+                print(f"{name:>11} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {row.get('warmup_extra_mib', float('nan')):>11.1f} "
                       f"{matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
     with open(args.out + ".csv", "w", newline="") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
-from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse, nt_xent
+from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse, nt_xent, supcon_loss
 from .queue import NegativeQueue
 from . import bounds
 from .empirical import (
@@ -36,4 +36,5 @@ __all__ = [
     "info_nce",
     "info_nce_lse",
     "nt_xent",
+    "supcon_loss",
 ]

@@ -1117,6 +1117,78 @@ def _nt_xent_half(
     return loss_pair + _softplus(lse_own - lse_pair)
 
 
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Supervised contrastive loss (Khosla et al. 2020, the L_out form) without the M x M similarity matrix.
+
+    Every row z_i of the M rows is an anchor; its positives P(i) are the other rows of its label and its
+    denominator every other row:
+    ``loss_i = log sum_{j != i} e^{s z_i.z_j} - (1 / |P(i)|) sum_{p in P(i)} s z_i.z_p``.
+    The log-sum-exp is the fused kernel's (in-batch, the row itself left out); the positives' mean logit is
+    s z_i . (S_{y_i} - z_i) / (n_{y_i} - 1) from the per-label sums S (O(M d)). An anchor without a positive (its
+    label's only row) has loss 0 and no gradient, and "mean" averages over the others (0 where none has one, as
+    supervised-contrastive implementations give).
+
+    Args:
+        features: (N, d), or (N, V, d) with V views of each sample (the views of sample n share its label).
+        labels: (N,) integers (any values: equal means same class). None: each sample its own class, so a row's
+            positives are its sample's other views (with V = 2, :func:`nt_xent` of the two views).
+        temperature: positive number or scalar tensor (learnable when it requires grad).
+        normalize: L2-normalise first (cosine similarity, as SupCon).
+        reduction: "mean", "sum" or "none" (the shape of the rows: (N,) or (N, V)).
+    """
+    features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
+    N = features.shape[0]
+    if labels is None:
+        labels = torch.arange(N, device=features.device)
+    elif not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer tensor of shape (N,) or None, got {type(labels).__name__}")
+    else:
+        _check_dense("labels", labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of shape (N,) = ({N},), got dtype {labels.dtype}")
+        if tuple(labels.shape) != (N,):
+            raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
+        if labels.device != features.device:
+            raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    t = _check_temperature(temperature)
+    normalize = _check_bool("normalize", normalize)
+    reduction = _check_reduction(reduction)
+    shape = features.shape[:-1]
+    z = features.reshape(-1, features.shape[-1])  # row n * V + v: view v of sample n
+    rows = labels.to(torch.int64)
+    if features.dim() == 3:
+        rows = rows.repeat_interleave(features.shape[1])
+    # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
+    # own side), differentiable in every row as anchor and as bank row.
+    lse, _ = _fused(z, torch.zeros_like(z), z, None, t, normalize, False, exclude_self=True)
+    acc = lse.dtype
+    zh = z.to(acc)
+    if normalize:
+        zh = F.normalize(zh, dim=-1, eps=1e-12)
+    # Per-label sums without torch.unique (no read-back, static shapes under torch.compile): a label's slot is the
+    # position of its first row in sorted order.
+    ordered = torch.sort(rows).values
+    slot = torch.searchsorted(ordered, rows)
+    sums = torch.zeros_like(zh).index_add(0, slot, zh)
+    count = torch.zeros(rows.shape, dtype=acc, device=rows.device).index_add(0, slot, torch.ones_like(lse))[slot]
+    has = count > 1
+    positive = (zh * (sums.index_select(0, slot) - zh)).sum(-1) / torch.where(has, count - 1, 1.0)
+    loss = torch.where(has, lse - positive / (t.to(acc) if isinstance(t, torch.Tensor) else t), 0.0)
+    if reduction == "mean":
+        loss = loss.sum() / has.sum().clamp_min(1).to(acc)
+        reduction = "none"  # (cast by _reduce)
+    elif reduction == "none":
+        loss = loss.reshape(shape)
+    return _reduce(loss, reduction, features.dtype)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

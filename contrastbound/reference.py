@@ -122,6 +122,35 @@ def bank_cross_entropy_reference(
     return loss.to(anchors.dtype)
 
 
+def supcon_reference(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Supervised contrastive loss (L_out) from the materialised M x M logits; same contract as
+    :func:`contrastbound.supcon_loss` (anchors without a positive: loss 0, left out of the mean)."""
+    dt = _compute_dtype(features.dtype, compute_dtype)
+    z = features.reshape(-1, features.shape[-1]).to(dt)
+    y = torch.arange(features.shape[0], device=features.device) if labels is None else labels.to(torch.int64)
+    if features.dim() == 3:
+        y = y.repeat_interleave(features.shape[1])
+    if normalize:
+        z = F.normalize(z, dim=-1, eps=_EPS)
+    logits = (z @ z.T) / temperature
+    own = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    lse = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1)
+    positive = (y[:, None] == y[None, :]) & ~own
+    count = positive.sum(1)
+    loss = torch.where(count > 0, lse - (logits * positive).sum(1) / count.clamp_min(1), 0.0)
+    if reduction == "mean":
+        return (loss.sum() / (count > 0).sum().clamp_min(1)).to(features.dtype)
+    return _reduce(loss.reshape(features.shape[:-1]), reduction).to(features.dtype)
+
+
 def info_nce_core_reference(
     anchors: torch.Tensor,
     positives: torch.Tensor,

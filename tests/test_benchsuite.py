@@ -448,7 +448,7 @@ def test_bench_training_script_leaves_the_warm_up_apart(tmp_path):
                            "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [r for r in csv.DictReader(open(str(out) + ".csv")) if r["method"] == "fused"]
-    assert len(rows) == 2 and all(float(r["extra_mib"]) < 2.0 for r in rows), rows
+    assert len(rows) == 3 and all(float(r["extra_mib"]) < 2.0 for r in rows), rows
     assert all(float(r["warmup_extra_mib"]) > float(r["extra_mib"]) for r in rows), rows
 
 
@@ -470,6 +470,7 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_bounds.py", ["--repeat", "0"]),  # a traceback (min of nothing) after the work
     ("bench_bounds.py", ["--kmax", "0"]),
     ("bench_training.py", ["--reps", "0"]),
+    ("bench_training.py", ["--losses", "nt_xent,supcon"]),
     ("bench_training.py", ["--out", "/proc/contrastbound-x/bt"]),  # (checked after measuring: results lost)
     ("bench_infonce.py", ["--out", "/proc/contrastbound-x/bi"]),
 ])
