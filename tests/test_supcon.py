@@ -20,7 +20,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import supcon_reference
 
-from conftest import PACKAGE_ROOT, TOL, assert_close_scaled, package_env
+from conftest import DEVICES, PACKAGE_ROOT, TOL, assert_close_scaled, package_env
 
 # Labels with repeats, a label of one row (no positive), a negative value and a large one.
 LABELS = torch.tensor([3, 7, 3, -2, 7, 7, 10**12, 3, -2])
@@ -72,11 +72,12 @@ def test_two_views_without_labels_are_nt_xent():
         assert_close_scaled(x, y, 1e-12, f"grad {name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_half_and_float32_against_float64(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes_against_float64(device, dtype):
     # the same rounded inputs in float64: within each dtype's tolerance, the result in the features' dtype
-    f = _case((40, 2, 16), seed=6, dtype=dtype)
-    labels = torch.randint(0, 12, (40,), generator=torch.Generator().manual_seed(2))
+    f = _case((40, 2, 16), seed=6, dtype=dtype).detach().to(device).requires_grad_()
+    labels = torch.randint(0, 12, (40,), generator=torch.Generator().manual_seed(2)).to(device)
     got = cb.supcon_loss(f, labels, 0.1)
     f64 = f.detach().double().requires_grad_()
     want = supcon_reference(f64, labels, 0.1)
