@@ -565,3 +565,30 @@ def test_rows_below_the_norm_clamp_follow_f_normalize():
     want = _weighted_clip_grads(img, txt, 5.0, weights, _naive_per_pair)
     for x, y in zip(got, want):
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-12
+
+
+def test_two_call_route_returns_the_promoted_dtype_of_mixed_features():
+    # guards the two-call route's result dtype (no clip kernel: CUDA): the promoted dtype, as the kernel route
+    g = torch.Generator().manual_seed(11)
+    single, double = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    for img, txt in ((single, double), (double, single)):
+        want = cb.clip_loss(img, txt, 10.0, reduction="none")
+        got = two_calls(img, txt, 10.0)
+        assert want.dtype == got.dtype == torch.float64
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+def test_raw_op_loss_may_be_modified_in_place_before_backward():
+    # guards clip_fwd's saved copy of its loss: the returned loss scaled in place, then backward (as F.cross_entropy)
+    g = torch.Generator().manual_seed(12)
+    img = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    w = torch.rand(2, 7, generator=g, dtype=torch.float64) + 0.5
+    want = torch.autograd.grad((torch.ops.contrastbound.clip_fwd(img, txt, scale, True, False)[0] * w).sum(),
+                               (img, txt))
+    loss = torch.ops.contrastbound.clip_fwd(img, txt, scale, True, False)[0]
+    loss.mul_(w)
+    got = torch.autograd.grad(loss.sum(), (img, txt))
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)

@@ -520,3 +520,47 @@ def test_compiled_clip_loss_names_a_bad_feature_argument():
     compiled = torch.compile(lambda x, y: cb.clip_loss(x, y, 10.0))
     with pytest.raises(TypeError, match="image_features must be a torch.Tensor"):
         compiled([1.0, 2.0], torch.randn(3, 4))
+
+
+def test_bank_cross_entropy_refuses_a_bool_ignore_index():
+    # guards the bool refusal of ignore_index: True (== 1) would silently ignore every target equal to 1
+    a, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(TypeError, match="ignore_index must be an int or None, got bool"):
+        cb.bank_cross_entropy(a, w, torch.tensor([0, 1, 2, 1]), ignore_index=True)
+
+
+def test_bank_cross_entropy_refuses_a_negative_label_smoothing():
+    # guards label_smoothing's lower bound 0 (F.cross_entropy refuses a negative one; it would change the loss)
+    a, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="label_smoothing must lie in \\[0, 1\\], got -0.1"):
+        cb.bank_cross_entropy(a, w, torch.tensor([0, 1, 2, 1]), label_smoothing=-0.1)
+
+
+def test_clip_loss_refuses_a_bool_max_logit_scale():
+    # guards the bool refusal of max_logit_scale: True would clamp the logit scale to 1 without a word
+    with pytest.raises(TypeError, match="max_logit_scale must be a positive number, got bool"):
+        cb.clip_loss(a, p, 10.0, max_logit_scale=True)
+
+
+def test_per_anchor_negatives_of_another_batch_refused_under_forward_mode_ad():
+    # guards the (B, K, d) negatives' B check where the reference serves (forward-mode AD): ValueError, not einsum's
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(a, torch.ones_like(a))
+        with pytest.raises(ValueError, match="negatives of shape \\(B, K, d\\) must have B = 4 rows"):
+            cb.info_nce(dual, p, torch.randn(3, 6, 3))
+
+
+def test_device_mismatch_names_the_argument_on_every_route():
+    # guards the features' device check: it names each entry point's own argument, and forward-mode AD's route too
+    import torch.autograd.forward_ad as fwAD
+
+    other = p.to("meta")
+    with pytest.raises(ValueError, match="z2 is on meta but z1 is on cpu"):
+        cb.nt_xent(a, other)
+    with pytest.raises(ValueError, match="text_features is on meta but image_features is on cpu"):
+        cb.clip_loss(a, other, 10.0)
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match="positives is on meta but anchors is on cpu"):
+            cb.info_nce(fwAD.make_dual(a, torch.ones_like(a)), other)
