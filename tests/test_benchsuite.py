@@ -197,6 +197,31 @@ def test_subprocess_memory_leaves_the_warm_up_apart():
     assert row["warmup_extra_mib"] >= 180.0, row
 
 
+TRIM_SCRIPT = """
+import gc, torch, contrastbound as cb
+from contrastbound.benchsuite.harness import _reset_rss_peak, _rss_peak_mib
+torch.set_num_threads(1)
+x1, x2 = torch.randn(2 ** 13, 128, requires_grad=True), torch.randn(2 ** 13, 128, requires_grad=True)
+def step():
+    x1.grad = x2.grad = None
+    cb.clip_loss(x1, x2, 14.3).backward()
+step()  # warm-up
+x1.grad = x2.grad = None
+_reset_rss_peak()
+base = _rss_peak_mib()
+step()
+print(_rss_peak_mib() - base)
+"""
+
+
+def test_reset_peak_counts_memory_the_allocator_kept():
+    # After the warm-up the allocator kept its freed blocks resident (below glibc's mmap threshold): the timed step
+    # reused them and the extra read 4.4 MiB for a step whose gradients alone take 8 MiB (two 4 MiB tensors)
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) >= 8.0, out.stdout
+
+
 def test_gemm_reference_writes_cache_sized_tiles(monkeypatch):
     # The torch.mm reference wrote the whole (rows, K) product to memory (256 MiB tiles): the rate of those writes,
     # which the fused loss "exceeded" (1.76x at 2^20); on a CPU its tiles are now at most 4 MiB
@@ -379,6 +404,23 @@ def test_bench_says_what_it_ignores_or_cannot_do(monkeypatch, tmp_path, capsys):
     assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
                      "-B", "4", "-d", "8", "--out", str(tmp_path / "np"), "--no-progress"]) == 0
     assert "no plots: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_bench_names_an_earlier_runs_plots_in_a_reused_out(tmp_path, capsys):
+    # a reused --out kept the PNGs of groups this run did not measure beside its own, as if they were this run's
+    pytest.importorskip("matplotlib")
+    from contrastbound.benchsuite.report import stale_plots
+
+    old = tmp_path / "scaling_indexed_float32_cpu_d8_B4_time.png"
+    other_prefix = tmp_path / "scaling_cpu_shared_shared_float32_cpu_d128_B256_time.png"
+    for f in (old, other_prefix):
+        f.write_bytes(b"")
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
+                     "-B", "4", "-d", "8", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 1 plot(s) with the prefix 'scaling'" in out and old.name in out and other_prefix.name not in out
+    mine = [str(tmp_path / f"scaling_shared_float32_cpu_d8_B4_{name}.png") for name in ("time", "flops")]
+    assert stale_plots(str(tmp_path / "scaling"), mine) == [str(old)]
 
 
 def test_bench_progress_bar_only_on_a_terminal(capsys):

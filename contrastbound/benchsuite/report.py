@@ -254,6 +254,22 @@ def plot(rows: list[dict], out_prefix: str) -> list[str]:
     return written
 
 
+def stale_plots(out_prefix: str, written: list[str]) -> list[str]:
+    """PNGs named as plot() names them for this prefix that this run did not write: an earlier run's groups, in a
+    reused --out (its CSV and JSON are replaced; its plots would pass for this run's). Other prefixes' files (say
+    scaling_cpu_shared_* beside the prefix scaling) do not match: a tag starts with a mode."""
+    import glob
+    import re
+
+    from .methods import MODES
+
+    pattern = re.compile(re.escape(os.path.basename(out_prefix)) + "_(" + "|".join(map(re.escape, MODES))
+                         + r")_(float16|bfloat16|float32|float64)_[^_]+_d\d+(_B\d+)?_(time|memory|flops)\.png")
+    mine = {os.path.normpath(p) for p in written}
+    return sorted(p for p in glob.glob(glob.escape(out_prefix) + "_*.png")
+                  if pattern.fullmatch(os.path.basename(p)) and os.path.normpath(p) not in mine)
+
+
 def prepare_out_stem(parser, out: str) -> str:
     """--out of the standalone benchmark scripts: a path without extension (a trailing .csv is dropped: bt.csv
     wrote bt.csv.csv), whose folder is made and tried for writing before any measurement (else parser.error:
