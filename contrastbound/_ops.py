@@ -239,5 +239,21 @@ def _register_flop_formulas() -> None:
             return 2 * image[0] * text[0] * image[1] * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def register_bank_rows_flops() -> None:
+    """The formula of functional's Python custom op contrastbound::bank_rows_fwd (bank_cross_entropy's forward:
+    the (B, d) anchors against the C bank rows, V where saved), registered once that op exists. FlopCounterMode
+    counts an op without entering it, so the info_nce_fwd call inside is not seen; its backward is info_nce_bwd."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.contrastbound.bank_rows_fwd
+    if op in flop_registry:
+        return
+
+    @register_flop_formula([op])
+    def _bank_rows_fwd_flop(anchors, bank, rows, scale_tensor, scale, normalize, save_anchor_term, *args,
+                            out_shape=None, **kwargs) -> int:
+        return 2 * anchors[0] * bank[0] * anchors[1] * (2 if save_anchor_term else 1)
+
+
 if _backend.EXTENSION_LOADED:
     _register_flop_formulas()

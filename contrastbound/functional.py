@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -147,7 +147,8 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     """A positive finite float, or, for a tensor (learnable or not), the 0-d tensor itself: its value then goes
     to the kernels as a tensor (the *_scaled ops), never through Python."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.dim() == 2 and not (temperature.is_floating_point() or temperature.is_complex()):
+        if temperature.numel() > 1 and not (temperature.is_floating_point() or temperature.is_complex()
+                                             or temperature.dtype == torch.bool):
             # info_nce(a, p, bank, idx): temperature is the fourth positional argument, the indices a keyword
             raise TypeError(f"temperature must be a positive finite number or a scalar tensor, got a "
                             f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}: negative indices are "
@@ -621,6 +622,7 @@ def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term):
 
 
 _bank_rows_fwd.register_autograd(_bank_rows_backward, setup_context=_bank_rows_setup)
+_ops.register_bank_rows_flops()  # (FlopCounterMode)
 
 
 def _fake_mode_active() -> bool:
@@ -946,8 +948,10 @@ def bank_cross_entropy(
     """
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     bank = _check_tensor("bank", bank, 2, "(C, d)")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        ignore_index = int(ignore_index)  # (a numpy integer too, as F.cross_entropy takes it)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -963,9 +967,9 @@ def bank_cross_entropy(
         targets = _check_indices("targets", targets, (B,), "(B,)", bank.shape[0], "C", anchors.device,
                                  check_range=False)
         if targets.numel() and not torch.compiler.is_compiling() and targets.device.type != "meta":
-            # Eager: the range check reads the targets' ends back anyway (one read-back, as without
-            # ignore_index); where ignore_index lies outside them (the usual -100 and no padding) the masking ops
-            # are skipped (40 us of a 400 us step at B = 8, C = 64).
+            # Eager: the range check reads the targets' ends back anyway; where ignore_index lies outside them
+            # (the usual -100 and no padding) that one read-back serves both and the masking ops are skipped (40
+            # us of a 400 us step at B = 8, C = 64); where a target equals it the masked targets are read again.
             lo, hi = (int(v) for v in _read_back(targets, lambda v: torch.stack(torch.aminmax(v)).tolist()))
             in_range = 0 <= lo and hi < bank.shape[0]
             ignore_index = ignore_index if lo <= ignore_index <= hi else None
@@ -1132,13 +1136,18 @@ def supcon_loss(
     ``loss_i = log sum_{j != i} e^{s z_i.z_j} - (1 / |P(i)|) sum_{p in P(i)} s z_i.z_p``.
     The log-sum-exp is the fused kernel's (in-batch, the row itself left out); the positives' mean logit is
     s z_i . (S_{y_i} - z_i) / (n_{y_i} - 1) from the per-label sums S (O(M d)). An anchor without a positive (its
-    label's only row) has loss 0 and no gradient, and "mean" averages over the others (0 where none has one, as
-    supervised-contrastive implementations give).
+    label's only row) has loss 0 and no gradient, and "mean" averages over the anchors that have one (0 where
+    none has), as pytorch-metric-learning's SupConLoss; SupContrast's reference code keeps them in its mean as
+    zeros (its mean = this one x the fraction of anchors with a positive). The loss is a difference of the
+    log-sum-exp and a mean of logits, each rounded on its own: float32 results carry an absolute error of a few
+    eps |logit| where they cancel (positives that are near copies of the anchor at large logits), as naive
+    cross-entropy over float32 logits; :func:`nt_xent` forms its one positive inside the kernel and does not.
 
     Args:
         features: (N, d), or (N, V, d) with V views of each sample (the views of sample n share its label).
         labels: (N,) integers (any values: equal means same class). None: each sample its own class, so a row's
-            positives are its sample's other views (with V = 2, :func:`nt_xent` of the two views).
+            positives are its sample's other views (with V = 2, :func:`nt_xent` of the two views; needs
+            (N, V, d) features with V >= 2).
         temperature: positive number or scalar tensor (learnable when it requires grad).
         normalize: L2-normalise first (cosine similarity, as SupCon).
         reduction: "mean", "sum" or "none" (the shape of the rows: (N,) or (N, V)).
@@ -1146,6 +1155,9 @@ def supcon_loss(
     features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
     N = features.shape[0]
     if labels is None:
+        if features.dim() != 3 or features.shape[1] < 2:
+            raise ValueError(f"labels=None (each sample its own class) needs features of shape (N, V, d) with V >= 2 "
+                             f"views, got shape {tuple(features.shape)}: no row would have a positive")
         labels = torch.arange(N, device=features.device)
     elif not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an integer tensor of shape (N,) or None, got {type(labels).__name__}")
@@ -1156,7 +1168,8 @@ def supcon_loss(
         if tuple(labels.shape) != (N,):
             raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
         if labels.device != features.device:
-            raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+            raise ValueError(f"labels is on {labels.device} but features is on {features.device}: all inputs must "
+                             f"share a device")
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)

@@ -106,7 +106,7 @@ def bank_cross_entropy_reference(
     normalize: bool = False,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of the logits s A bank^T against target rows ``targets`` (materialised): F.cross_entropy."""
@@ -117,6 +117,8 @@ def bank_cross_entropy_reference(
         a = F.normalize(a, dim=-1, eps=_EPS)
         n = F.normalize(n, dim=-1, eps=_EPS)
     logits = (a @ n.transpose(0, 1)) / temperature
+    if ignore_index is None:  # (none ignored, as contrastbound.bank_cross_entropy's None)
+        ignore_index = torch.iinfo(torch.int64).min
     loss = F.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
     return loss.to(anchors.dtype)

@@ -421,6 +421,9 @@ def test_bench_names_an_earlier_runs_plots_in_a_reused_out(tmp_path, capsys):
     assert "note: 1 plot(s) with the prefix 'scaling'" in out and old.name in out and other_prefix.name not in out
     mine = [str(tmp_path / f"scaling_shared_float32_cpu_d8_B4_{name}.png") for name in ("time", "flops")]
     assert stale_plots(str(tmp_path / "scaling"), mine) == [str(old)]
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
+                     "-B", "4", "-d", "8", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    assert "note: 3 plot(s) with the prefix 'scaling'" in capsys.readouterr().out  # (none of them this run's)
 
 
 def test_bench_progress_bar_only_on_a_terminal(capsys):

@@ -931,8 +931,7 @@ def test_bank_cross_entropy_ignore_index_and_label_smoothing(normalize, reductio
     up = torch.rand(got.shape, generator=g, dtype=torch.float64) + 0.5
     for name, x, y in zip("awt", torch.autograd.grad(got, (a, w, t), up), torch.autograd.grad(want, (a, w, t), up)):
         assert_close_scaled(x, y, 1e-12, f"grad {name}")
-    ref = bank_cross_entropy_reference(a, w, targets, t, normalize=normalize, ignore_index=-100 if ignore_index
-                                       is None else ignore_index, **kw)
+    ref = bank_cross_entropy_reference(a, w, targets, t, normalize=normalize, ignore_index=ignore_index, **kw)
     assert_close_scaled(ref, want, 1e-14, "reference")
 
 
@@ -947,6 +946,9 @@ def test_bank_cross_entropy_ignore_index_edge_cases():
     assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(w.grad) == 0
     with pytest.raises(IndexError, match="targets must lie in"):
         cb.bank_cross_entropy(a, w, every, ignore_index=None)  # no ignoring: -100 is out of range
+    import numpy as np  # (a review's nit: F.cross_entropy takes a numpy integer)
+
+    assert cb.bank_cross_entropy(a, w, torch.tensor([1, 2, 3, 4]), ignore_index=np.int64(2)).isfinite()
     with pytest.raises(IndexError, match="targets must lie in"):
         cb.bank_cross_entropy(a, w, torch.tensor([0, -1, 2, 3]))  # another negative is still refused
     with pytest.raises(TypeError, match="ignore_index must be an int or None, got float"):
@@ -1010,6 +1012,8 @@ def test_temperature_is_the_fourth_positional_argument():
         cb.info_nce(a, p, n, idx)
     with pytest.raises(TypeError, match="positional"):
         cb.info_nce(a, p, n, 0.3, idx)
+    with pytest.raises(TypeError, match="negative_indices="):  # one anchor's (1-D) indices too (a review's nit)
+        cb.info_nce(a[:1], p[:1], n, idx[0])
 
 
 @pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])

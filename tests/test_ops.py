@@ -670,3 +670,18 @@ def test_flop_counter_counts_clip_and_nt_xent():
     assert _flops(lambda: cb.nt_xent(z1, z2).backward()) == 18 * N * N * d
     z2.requires_grad_(False)
     assert _flops(lambda: cb.clip_loss(z1, z2, 10.0).backward()) == 4 * N * N * d
+
+
+@needs_kernel
+@pytest.mark.parametrize("bank_learns", [True, False])
+def test_flop_counter_counts_bank_cross_entropy_as_the_reference(bank_learns):
+    # its forward is a Python custom op (bank_rows_fwd), which FlopCounterMode does not enter: it counted 0 there
+    from contrastbound.reference import bank_cross_entropy_reference
+
+    a = torch.randn(8, 4, requires_grad=True)
+    w, t = torch.randn(16, 4, requires_grad=bank_learns), torch.randint(0, 16, (8,))
+    fused = _flops(lambda: cb.bank_cross_entropy(a, w, t).backward())
+    assert fused == _flops(lambda: bank_cross_entropy_reference(a, w, t).backward()) == 2 * 8 * 16 * 4 * (
+        3 if bank_learns else 2)
+    with torch.no_grad():
+        assert _flops(lambda: cb.bank_cross_entropy(a, w, t)) == 2 * 8 * 16 * 4

@@ -97,7 +97,7 @@ def test_rows_without_a_positive():
     alone = cb.supcon_loss(f, torch.arange(4), 0.2)
     (g,) = torch.autograd.grad(alone, f)
     assert alone.item() == 0.0 and torch.count_nonzero(g) == 0
-    for empty in (torch.zeros(0, 3), torch.zeros(3, 0, 4)):
+    for empty in (torch.zeros(0, 3), torch.zeros(0, 2, 3)):
         assert cb.supcon_loss(empty, torch.zeros(empty.shape[0], dtype=torch.long)).item() == 0.0
 
 
@@ -121,9 +121,13 @@ def test_torch_compile_fullgraph():
     (lambda: cb.supcon_loss(torch.randn(4, 2, 3), torch.zeros(8, dtype=torch.long)), ValueError,
      "labels must have shape (N,) = (4,)"),
     (lambda: cb.supcon_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta")), ValueError,
-     "labels is on meta but features is on cpu"),
-    (lambda: cb.supcon_loss(torch.randn(4, 3), None, 0.0), ValueError, "temperature must be a positive"),
-    (lambda: cb.supcon_loss(torch.randn(4, 3), None, reduction="avg"), ValueError, "reduction"),
+     "labels is on meta but features is on cpu: all inputs must share a device"),
+    (lambda: cb.supcon_loss(torch.randn(4, 2, 3), None, 0.0), ValueError, "temperature must be a positive"),
+    (lambda: cb.supcon_loss(torch.randn(4, 2, 3), None, reduction="avg"), ValueError, "reduction"),
+    # (a review's find: every row its own class, no positive anywhere: the loss was 0 without a word)
+    (lambda: cb.supcon_loss(torch.randn(4, 3)), ValueError, "labels=None (each sample its own class) needs features "
+     "of shape (N, V, d) with V >= 2 views, got shape (4, 3)"),
+    (lambda: cb.supcon_loss(torch.randn(4, 1, 3)), ValueError, "with V >= 2 views, got shape (4, 1, 3)"),
 ])
 def test_bad_input_is_refused_by_name(call, exc, text):
     with pytest.raises(exc, match=text.replace("(", "\\(").replace(")", "\\)")):

@@ -310,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         written += pngs
         if not pngs and any(r.get("status") == "ok" for r in rows):
             print("note: no plots: matplotlib is not installed (pip install matplotlib, or pass --no-plots)")
-        stale = stale_plots(base, pngs)
-        if stale:
-            print(f"note: {len(stale)} plot(s) with the prefix {args.prefix!r} in {args.out} are an earlier run's "
-                  "(this run replaced its CSV and JSON; a new --prefix keeps runs apart): "
-                  + ", ".join(os.path.basename(p) for p in stale))
+    stale = stale_plots(base, [] if args.no_plots else pngs)
+    if stale:
+        print(f"note: {len(stale)} plot(s) with the prefix {args.prefix!r} in {args.out} are an earlier run's "
+              "(this run replaced its CSV and JSON; a new --prefix keeps runs apart): "
+              + ", ".join(os.path.basename(p) for p in stale))
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(written))
     failed_fused = [f for f in fits if f.get("check") == "FAIL"]
     if failed_fused:
