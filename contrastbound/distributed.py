@@ -4,7 +4,8 @@ Two strategies:
 
 * gather: :func:`all_gather_with_grad` concatenates a tensor over ranks; its backward gives each rank the sum over
   ranks of the gradients with respect to its slice, so every rank can use the global batch as in-batch negatives
-  (``info_nce(anchors, positives, None, process_group=group)``, ``nt_xent``, ``clip_loss``) and DDP's averaging
+  (``info_nce(anchors, positives, None, process_group=group)``, ``nt_xent``, ``clip_loss``, ``supcon_loss`` with
+  its labels gathered too) and DDP's averaging
   yields the gradient of the mean of the ranks' losses: the global mean loss's when the batches are equal (with
   uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r; by W / (2 sum B_r) for ``nt_xent``, whose two
   views per pair are two loss terms).
@@ -61,7 +62,8 @@ _DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torc
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # The calls that gather (the first exchange of each tells the ranks which one every rank is making).
 _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negatives=None (in-batch)",
-          "info_nce with a bank shard", "nt_xent", "clip_loss")
+          "info_nce with a bank shard", "nt_xent", "clip_loss", "supcon_loss with labels",
+          "supcon_loss with labels=None")
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
@@ -273,6 +275,23 @@ def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "te
     start = sum(sizes[: _world(group)[1]])
     end = start + tensor.shape[0]
     return torch.cat([everything[start:end], everything[:start], everything[end:]])
+
+
+def gather_with_labels(features: torch.Tensor, labels: torch.Tensor | None, group, *, normalize: bool,
+                       temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """supcon_loss's exchange: every rank's features (differentiable, all_gather_with_grad convention) and their
+    labels as int64 (no gradient), both with this rank's rows first. labels=None: each sample its own class,
+    numbered over the global batch (the ranks must all pass labels or all pass None: two calls in _CALLS)."""
+    sizes = _exchange_sizes(features, group, "features", call=6 if labels is None else 5, normalize=normalize,
+                            temperature=temperature)
+    start = sum(sizes[: _world(group)[1]])
+    end = start + features.shape[0]
+    if labels is None:
+        labels = torch.arange(start, end, device=features.device)
+    everything = _AllGatherWithGrad.apply(features, group, sizes)
+    labels = _all_gather_sized(labels.to(torch.int64), sizes, group)
+    return (torch.cat([everything[start:end], everything[:start], everything[end:]]),
+            torch.cat([labels[start:end], labels[:start], labels[end:]]))
 
 
 class _ShardedNegativeLse(torch.autograd.Function):

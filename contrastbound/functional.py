@@ -1128,6 +1128,7 @@ def supcon_loss(
     *,
     normalize: bool = True,
     reduction: str = "mean",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Supervised contrastive loss (Khosla et al. 2020, the L_out form) without the M x M similarity matrix.
 
@@ -1151,48 +1152,72 @@ def supcon_loss(
         temperature: positive number or scalar tensor (learnable when it requires grad).
         normalize: L2-normalise first (cosine similarity, as SupCon).
         reduction: "mean", "sum" or "none" (the shape of the rows: (N,) or (N, V)).
+        process_group: a torch.distributed group: every rank's rows (and labels) join the global batch, as
+            positives and in the denominator; this rank's loss is over its own rows ("mean": those with a
+            positive anywhere), gradients follow the all_gather_with_grad convention (each rank's features get
+            the sum over ranks' losses). With labels=None each rank's samples are their own classes.
     """
-    features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
-    N = features.shape[0]
-    if labels is None:
-        if features.dim() != 3 or features.shape[1] < 2:
-            raise ValueError(f"labels=None (each sample its own class) needs features of shape (N, V, d) with V >= 2 "
-                             f"views, got shape {tuple(features.shape)}: no row would have a positive")
-        labels = torch.arange(N, device=features.device)
-    elif not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be an integer tensor of shape (N,) or None, got {type(labels).__name__}")
-    else:
-        _check_dense("labels", labels)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor of shape (N,) = ({N},), got dtype {labels.dtype}")
-        if tuple(labels.shape) != (N,):
-            raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
-        if labels.device != features.device:
-            raise ValueError(f"labels is on {labels.device} but features is on {features.device}: all inputs must "
-                             f"share a device")
-    t = _check_temperature(temperature)
-    normalize = _check_bool("normalize", normalize)
-    reduction = _check_reduction(reduction)
+    with _refusals_joined(process_group, features):  # (a refusal on some ranks only: every rank raises)
+        features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
+        N = features.shape[0]
+        if labels is None:
+            if features.dim() != 3 or features.shape[1] < 2:
+                raise ValueError(f"labels=None (each sample its own class) needs features of shape (N, V, d) with "
+                                 f"V >= 2 views, got shape {tuple(features.shape)}: no row would have a positive")
+        elif not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be an integer tensor of shape (N,) or None, got {type(labels).__name__}")
+        else:
+            _check_dense("labels", labels)
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be an integer tensor of shape (N,) = ({N},), got dtype {labels.dtype}")
+            if tuple(labels.shape) != (N,):
+                raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
+            if labels.device != features.device:
+                raise ValueError(f"labels is on {labels.device} but features is on {features.device}: all inputs "
+                                 f"must share a device")
+        t = _check_temperature(temperature)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
+            _check_group("supcon_loss", features, t)
+            _check_scale_fits(t, features.dtype)
+            _check_temperature_has_value(t, features.device)
     shape = features.shape[:-1]
-    z = features.reshape(-1, features.shape[-1])  # row n * V + v: view v of sample n
-    rows = labels.to(torch.int64)
+    if process_group is not None:
+        from .distributed import gather_with_labels
+
+        # every rank's rows and labels, this rank's first (row i of the bank is row i of z: exclude_self holds)
+        everything, rows = gather_with_labels(features, labels, process_group, normalize=normalize, temperature=t)
+    else:
+        everything = features
+        rows = torch.arange(N, device=features.device) if labels is None else labels.to(torch.int64)
     if features.dim() == 3:
         rows = rows.repeat_interleave(features.shape[1])
+    z = features.reshape(-1, features.shape[-1])  # row n * V + v: view v of sample n
+    bank = everything.reshape(-1, features.shape[-1])
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
     # own side), differentiable in every row as anchor and as bank row.
-    lse, _ = _fused(z, torch.zeros_like(z), z, None, t, normalize, False, exclude_self=True)
+    lse, _ = _fused(z, torch.zeros_like(z), bank, None, t, normalize, False, exclude_self=True)
     acc = lse.dtype
     zh = z.to(acc)
     if normalize:
         zh = F.normalize(zh, dim=-1, eps=1e-12)
+    bh = zh
+    if process_group is not None:
+        bh = bank.to(acc)
+        if normalize:
+            bh = F.normalize(bh, dim=-1, eps=1e-12)
     # Per-label sums without torch.unique (no read-back, static shapes under torch.compile): a label's slot is the
-    # position of its first row in sorted order.
+    # position of its first row in sorted order. (With process_group the bank's rows, this rank's first.)
     ordered = torch.sort(rows).values
     slot = torch.searchsorted(ordered, rows)
-    sums = torch.zeros_like(zh).index_add(0, slot, zh)
-    count = torch.zeros(rows.shape, dtype=acc, device=rows.device).index_add(0, slot, torch.ones_like(lse))[slot]
+    sums = torch.zeros_like(bh).index_add(0, slot, bh)
+    count = torch.zeros(rows.shape, dtype=acc, device=rows.device).index_add(0, slot,
+                                                                            torch.ones_like(rows, dtype=acc))
+    mine = slot[: z.shape[0]]
+    count = count[mine]
     has = count > 1
-    positive = (zh * (sums.index_select(0, slot) - zh)).sum(-1) / torch.where(has, count - 1, 1.0)
+    positive = (zh * (sums.index_select(0, mine) - zh)).sum(-1) / torch.where(has, count - 1, 1.0)
     loss = torch.where(has, lse - positive / (t.to(acc) if isinstance(t, torch.Tensor) else t), 0.0)
     if reduction == "mean":
         loss = loss.sum() / has.sum().clamp_min(1).to(acc)

@@ -489,7 +489,7 @@ def test_sharded_bank_options_single_rank(tmp_path):
 
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
                     reason="torch 2.5's dynamo specialises every float (one graph per value)")
-@pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip"])
+@pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip", "supcon"])
 def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, form):
     # A float temperature that changes between calls of a compiled step with process_group: its second value is
     # traced as a symbolic float, which the exchange of the ranks' arguments packed with struct.pack (dynamo raised
@@ -505,6 +505,7 @@ def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, f
             "in_batch": lambda x, t, **kw: cb.info_nce(x, p, None, temperature=t, **kw),
             "nt_xent": lambda x, t, **kw: cb.nt_xent(x, p, t, **kw),
             "clip": lambda x, t, **kw: cb.clip_loss(x, p, t, **kw),  # t: the logit scale
+            "supcon": lambda x, t, **kw: cb.supcon_loss(torch.stack([x, p], 1), None, t, **kw),
         }
         fn = fns[form]
         torch._dynamo.reset()
@@ -528,9 +529,16 @@ def test_uneven_batch_scaling_counts_the_loss_terms():
     # the global mean's gradient there): each form's sum is its mean times that many terms.
     g = torch.Generator().manual_seed(5)
     z1, z2 = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    lone = torch.arange(14) // 2
+    lone[13] = 99
     for fn, terms in ((lambda r: cb.info_nce(z1, z2, None, temperature=0.3, reduction=r), 7),
                       (lambda r: cb.clip_loss(z1, z2, 3.0, reduction=r), 7),
-                      (lambda r: cb.nt_xent(z1, z2, 0.3, reduction=r), 14)):
+                      (lambda r: cb.nt_xent(z1, z2, 0.3, reduction=r), 14),
+                      # supcon_loss: the rows with a positive (two views: every row, a lone sample's views have
+                      # each other; one view with labels 0 0 1 1 ... 5 5 6 99: all but the two lone rows)
+                      (lambda r: cb.supcon_loss(torch.stack([z1, z2], 1), torch.tensor([0, 1, 1, 2, 2, 2, 6]), 0.3,
+                                                reduction=r), 14),
+                      (lambda r: cb.supcon_loss(torch.cat([z1, z2]), lone, 0.3, reduction=r), 12)):
         torch.testing.assert_close(fn("sum"), terms * fn("mean"), rtol=1e-12, atol=0)
 
 
@@ -544,6 +552,142 @@ def test_an_unsupported_dtype_is_refused_by_name(tmp_path):
                 all_gather_with_grad(torch.ones(2, 3).to(dtype))
     finally:
         dist.destroy_process_group()
+
+
+SUPCON_PER_RANK = {2: [7, 4], 3: [5, 1, 6]}  # samples per rank: uneven
+
+
+def _supcon_data():
+    """17 samples of 2 views (float64) and labels in 0..4 with one singleton class (label 9, sample 3)."""
+    g = torch.Generator().manual_seed(11)
+    n = 17
+    y = torch.randint(0, 5, (n,), generator=g)
+    y[3] = 9
+    centres = torch.randn(10, D, generator=g, dtype=torch.float64)
+    views = centres[y].unsqueeze(1) + 0.7 * torch.randn(n, 2, D, generator=g, dtype=torch.float64)
+    return views, y
+
+
+def _supcon_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        views, y = _supcon_data()
+        rows = _slices(SUPCON_PER_RANK[world], rank)
+        w = dist.group.WORLD
+        out = {}
+        # labels, two views, a learnable temperature (each rank's own loss gradient), labels as int32 on one rank
+        f = views[rows].clone().requires_grad_(True)
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        loss = cb.supcon_loss(f, y[rows].to(torch.int32 if rank == 1 else torch.int64), t, process_group=w)
+        loss.backward()
+        out["labels"] = (loss.detach(), f.grad, t.grad)
+        # labels=None: each sample its own class over the global batch
+        f = views[rows].clone().requires_grad_(True)
+        loss = cb.supcon_loss(f, None, 0.2, reduction="none", process_group=w)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype).reshape(loss.shape)).sum().backward()
+        out["none"] = (loss.detach(), f.grad)
+        # one view (N, d), the singleton without a positive (left out of its rank's mean), normalize=False
+        f = views[rows, 0].clone().requires_grad_(True)
+        loss = cb.supcon_loss(f, y[rows], 0.5, normalize=False, process_group=w)
+        loss.backward()
+        out["one_view"] = (loss.detach(), f.grad)
+        # float32 through the kernel
+        f = views[rows].float().requires_grad_(True)
+        loss = cb.supcon_loss(f, y[rows], 0.1, reduction="sum", process_group=w)
+        loss.backward()
+        out["float32"] = (loss.detach(), f.grad)
+        # disagreement and lone refusals: every rank raises
+        x, lab = torch.randn(3, 2, 4), torch.arange(3)
+        errors = []
+        for call in (lambda: cb.supcon_loss(x, lab if rank == 0 else None, process_group=w),
+                     lambda: cb.supcon_loss(x, lab, 0.1 + 0.1 * rank, process_group=w),
+                     lambda: cb.supcon_loss(x, lab if rank != 1 else lab[:2], process_group=w),
+                     lambda: cb.supcon_loss(x if rank != 1 else x[:, 0], None, process_group=w),
+                     lambda: cb.supcon_loss(x, lab, process_group=w, reduction="avg" if rank == 1 else "mean"),
+                     lambda: cb.supcon_loss(x, lab, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
+                                            process_group=w),
+                     lambda: cb.supcon_loss(torch.randn(3, 2, 4 + rank), lab, process_group=w)):
+            try:
+                call()
+                errors.append(None)
+            except (ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        out["errors"] = errors
+        torch.save(out, os.path.join(out_dir, f"supcon{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_supcon_over_the_global_batch_matches_single_process(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_supcon_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        results = [torch.load(os.path.join(tmp, f"supcon{r}.pt")) for r in range(world)]
+    from contrastbound.reference import supcon_reference
+
+    views, y = _supcon_data()
+    sizes = SUPCON_PER_RANK[world]
+    n = sum(sizes)
+    views, y = views[:n], y[:n]
+
+    def per_rank(key, make):
+        # the materialised global loss per row; rank r's loss is its rows' part of it; features get the gradient
+        # of the sum over ranks of their losses, a learnable temperature this rank's own
+        f = views.clone().requires_grad_(True)
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        rows_loss, reduce = make(f, t)
+        total = 0.0
+        for rank in range(world):
+            mine = reduce(rows_loss[_slices(sizes, rank)], rank)
+            got = results[rank][key]
+            assert_close_scaled(got[0], mine, 1e-10, f"{key}: rank {rank} loss")
+            if len(got) == 3:
+                (gt,) = torch.autograd.grad(mine, [t], retain_graph=True)
+                assert_close_scaled(got[2], gt, 1e-10, f"{key}: rank {rank} temperature grad")
+            total = total + (mine if mine.dim() == 0 else (mine * weights(mine)).sum())
+        (gf,) = torch.autograd.grad(total, [f])
+        for rank in range(world):
+            want = gf[_slices(sizes, rank)]
+            got = results[rank][key][1]
+            assert_close_scaled(got, want if got.dim() == want.dim() else want[:, 0], 1e-10 if got.dtype ==
+                                torch.float64 else 1e-4, f"{key}: rank {rank} features grad")
+
+    def weights(loss):
+        return torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype).reshape(loss.shape)
+
+    per_rank("labels", lambda f, t: (supcon_reference(f, y, t, reduction="none"), lambda x, r: x.mean()))
+    ids = torch.arange(n)
+    per_rank("none", lambda f, t: (supcon_reference(f, ids, 0.2, reduction="none"), lambda x, r: x))
+
+    def one_view(f, t):
+        rows_loss = supcon_reference(f[:, 0], y, 0.5, normalize=False, reduction="none")
+        has = (y.unsqueeze(0) == y.unsqueeze(1)).sum(1) > 1
+        assert not has.all()  # (the singleton is there)
+        return rows_loss, lambda x, r: x.sum() / has[_slices(sizes, r)].sum()
+
+    per_rank("one_view", one_view)
+    g = views.float().double().requires_grad_(True)
+    rows_loss = supcon_reference(g, y, 0.1, reduction="none")
+    for rank in range(world):
+        mine = rows_loss[_slices(sizes, rank)].sum()
+        torch.testing.assert_close(results[rank]["float32"][0].double(), mine.detach(), rtol=1e-5, atol=1e-5)
+    (gg,) = torch.autograd.grad(rows_loss.sum() * 1.0, [g])
+    for rank in range(world):  # each rank's features: the sum over ranks' sums = the global sum's gradient
+        torch.testing.assert_close(results[rank]["float32"][1].double(), gg[_slices(sizes, rank)], rtol=1e-4,
+                                   atol=1e-5)
+    want = ["must make the same call", "temperature (or logit scale) must be the same", "refused", "refused",
+            "refused", "refused", "features must have the same shape past the first dimension"]
+    for rank in range(world):
+        got = results[rank]["errors"]
+        assert len(got) == len(want), got
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g is not None, (rank, i)
+            if w == "refused":  # rank 1 its own error, the others one naming rank 1
+                assert ("rank 1 of process_group refused its arguments" in g) == (rank != 1), (rank, i, g)
+            else:
+                assert w in g, (rank, i, g)
 
 
 def _no_grad_worker(rank, world, init_file, out_dir):
