@@ -97,6 +97,31 @@ def nt_xent_reference(
     return _reduce(loss, reduction).to(z1.dtype)
 
 
+def clip_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    max_logit_scale: float = 100.0,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """CLIP's symmetric loss with the materialised N x N logits; same contract as :func:`contrastbound.clip_loss`
+    (the logit scale clamped to at most ``max_logit_scale``; per pair the mean of the two directions)."""
+    dt = _compute_dtype(torch.promote_types(image_features.dtype, text_features.dtype), compute_dtype)
+    i, t = image_features.to(dt), text_features.to(dt)
+    if normalize:
+        i, t = F.normalize(i, dim=-1, eps=_EPS), F.normalize(t, dim=-1, eps=_EPS)
+    scale = logit_scale.clamp(max=max_logit_scale) if isinstance(logit_scale, torch.Tensor) else \
+        min(float(logit_scale), max_logit_scale)
+    logits = scale * (i @ t.T)
+    target = torch.arange(i.shape[0], device=i.device)
+    loss = 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                  + F.cross_entropy(logits.T, target, reduction="none"))
+    return _reduce(loss, reduction).to(torch.promote_types(image_features.dtype, text_features.dtype))
+
+
 def bank_cross_entropy_reference(
     anchors: torch.Tensor,
     bank: torch.Tensor,

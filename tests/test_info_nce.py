@@ -2095,6 +2095,47 @@ def test_target_rows_gradient_with_an_infinite_lse_has_no_nan():
 
 
 @pytest.mark.parametrize("route", ["one call", "two calls"])
+def test_clip_reference_is_clip_loss(monkeypatch, route):
+    # reference.clip_reference (materialised N x N logits, for users' own tests) against clip_loss and against the
+    # definition spelt out here: each direction's cross-entropy over s I T^T with the clamp at max_logit_scale;
+    # values and gradients (the features' and a tensor logit scale's, zero once the clamp binds), every reduction
+    from contrastbound.reference import clip_reference
+
+    if route == "two calls":
+        monkeypatch.setattr(_backend, "clip_kernel_serves", lambda device: False)
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    for scale_value, normalize, reduction in ((7.0, True, "mean"), (150.0, True, "sum"), (0.4, False, "none")):
+        grads = []
+        for fn in (cb.clip_loss, clip_reference, "definition"):
+            i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+            scale = torch.tensor(scale_value, dtype=torch.float64, requires_grad=True)
+            if fn == "definition":
+                a, b = (F.normalize(i, dim=-1), F.normalize(t, dim=-1)) if normalize else (i, t)
+                logits = min(scale_value, 100.0) / scale_value * scale * a @ b.T
+                y = torch.arange(9)
+                per_pair = (F.cross_entropy(logits, y, reduction="none") + F.cross_entropy(logits.T, y,
+                                                                                          reduction="none")) / 2
+                loss = {"mean": per_pair.mean(), "sum": per_pair.sum(), "none": per_pair}[reduction]
+            else:
+                loss = fn(i, t, scale, normalize=normalize, reduction=reduction)
+            loss.sum().backward()
+            grads.append((loss.detach(), i.grad, t.grad, scale.grad))
+        if scale_value > 100:  # the clamp binds: no gradient to the scale
+            assert float(grads[0][3]) == 0.0 and float(grads[1][3]) == 0.0
+            grads = [g_[:3] for g_ in grads]
+        for got in grads[:2]:
+            for x, want in zip(got, grads[2]):
+                torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-12)
+    # a float scale, half inputs computed in float32 and returned in their dtype
+    i16, t16 = img.to(torch.bfloat16), txt.to(torch.bfloat16)
+    got = clip_reference(i16, t16, 7.0, reduction="none")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, clip_reference(i16.float(), t16.float(), 7.0, reduction="none").bfloat16())
+    torch.testing.assert_close(got, cb.clip_loss(i16, t16, 7.0, reduction="none"), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("route", ["one call", "two calls"])
 def test_clip_loss_half_precision_is_rounded_once(monkeypatch, route):
     # clip_loss's two-call route (on CUDA, with a process_group, or without the CPU clip kernel) took each
     # direction's per-pair losses back in bfloat16, then averaged and reduced them there: per-pair errors up to
