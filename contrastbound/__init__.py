@@ -6,7 +6,17 @@ from __future__ import annotations
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
-from .functional import InfoNCE, bank_cross_entropy, clip_loss, info_nce, info_nce_lse, nt_xent, supcon_loss
+from .functional import (
+    InfoNCE,
+    NTXent,
+    SupCon,
+    bank_cross_entropy,
+    clip_loss,
+    info_nce,
+    info_nce_lse,
+    nt_xent,
+    supcon_loss,
+)
 from .queue import NegativeQueue
 from . import bounds
 from .empirical import (
@@ -29,6 +39,8 @@ __all__ = [
     "gap_report",
     "mean_classifier_loss",
     "InfoNCE",
+    "NTXent",
+    "SupCon",
     "NegativeQueue",
     "backend_info",
     "bank_cross_entropy",

@@ -1364,20 +1364,11 @@ def _check_storable(t: float, dtype: torch.dtype) -> None:
         )
 
 
-class InfoNCE(torch.nn.Module):
-    """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
+class _TemperatureLoss(torch.nn.Module):
+    """The modules' common part: a fixed or learnable temperature (see :class:`InfoNCE`), normalize, reduction and
+    process_group, passed to the function ``_function`` by each subclass's forward."""
 
-    ``process_group`` is passed to every call (a sharded bank, or in-batch over the global batch; see
-    :func:`info_nce`).
-
-    With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
-    (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
-    at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
-    ``module.temperature = t`` sets a new value (a schedule), checked and read the same way; with
-    ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter). Only the
-    learnable one is in ``state_dict``: a fixed temperature is a hyperparameter, as ``nn.CrossEntropyLoss``'s
-    options are, so a schedule's current value is the training script's to restore.
-    """
+    _function = "info_nce"
 
     def __init__(
         self,
@@ -1393,13 +1384,13 @@ class InfoNCE(torch.nn.Module):
         if isinstance(t, torch.Tensor) and t.requires_grad and not learn_temperature:
             # Read once here, the tensor would never receive a gradient: a parameter silently frozen.
             raise ValueError(
-                "InfoNCE reads temperature once, at construction, so a tensor that requires grad would never be "
-                "learned: pass learn_temperature=True (the module then learns log_temperature from this value), or "
-                "call contrastbound.info_nce(..., temperature=<your parameter>)"
+                f"{type(self).__name__} reads temperature once, at construction, so a tensor that requires grad would "
+                "never be learned: pass learn_temperature=True (the module then learns log_temperature from this "
+                f"value), or call contrastbound.{self._function}(..., temperature=<your parameter>)"
             )
         if isinstance(t, torch.Tensor) and t.device.type == "meta":
-            raise ValueError("temperature is a meta tensor (no value), but InfoNCE reads it at construction: pass a "
-                             "number (a module built on the meta device takes a number too)")
+            raise ValueError(f"temperature is a meta tensor (no value), but {type(self).__name__} reads it at "
+                             "construction: pass a number (a module built on the meta device takes a number too)")
         t = float(t.detach()) if isinstance(t, torch.Tensor) else t  # read once, at construction
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")
@@ -1440,13 +1431,15 @@ class InfoNCE(torch.nn.Module):
             if t.requires_grad:
                 if self.learn_temperature:
                     raise ValueError(
-                        "InfoNCE(learn_temperature=True) copies a temperature set on it into log_temperature; the "
+                        f"{type(self).__name__}(learn_temperature=True) copies a temperature set on it into "
+                        "log_temperature; the "
                         "tensor given requires grad (a graph through it would be cut): set a float or a detached "
                         "tensor, or set it under torch.no_grad()"
                     )
                 raise ValueError(
-                    "InfoNCE reads temperature when it is set, so a tensor that requires grad would never be learned: "
-                    "use learn_temperature=True, or call contrastbound.info_nce(..., temperature=<your parameter>)"
+                    f"{type(self).__name__} reads temperature when it is set, so a tensor that requires grad would "
+                    "never be learned: use learn_temperature=True, or call "
+                    f"contrastbound.{self._function}(..., temperature=<your parameter>)"
                 )
             t = float(t)
         if not (0.0 < t < math.inf):
@@ -1457,6 +1450,45 @@ class InfoNCE(torch.nn.Module):
                 self.log_temperature.fill_(math.log(t))
         else:
             self._temperature = t
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets a learnable temperature back to the value given at construction (what ``to_empty`` and FSDP's
+        deferred initialisation call; a fixed temperature has nothing to reset)."""
+        if self.learn_temperature:
+            t0 = getattr(self, "_initial_temperature", None)
+            if t0 is None:  # (a module pickled by a version without reset_parameters)
+                raise RuntimeError(f"{type(self).__name__}.reset_parameters: this module does not know its initial "
+                                   "temperature "
+                                   "(pickled by an older contrastbound); set module.temperature instead")
+            self.log_temperature.fill_(math.log(t0))
+
+    def extra_repr(self) -> str:
+        t = self.temperature
+        if isinstance(t, torch.Tensor):  # (a module built on the meta device holds no value to print)
+            t = "(meta)" if t.device.type == "meta" else format(float(t.detach()), "g")
+        else:
+            t = format(t, "g")
+        return (
+            f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
+            f"learn_temperature={self.learn_temperature}"
+        )
+
+
+class InfoNCE(_TemperatureLoss):
+    """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
+
+    ``process_group`` is passed to every call (a sharded bank, or in-batch over the global batch; see
+    :func:`info_nce`).
+
+    With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
+    (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
+    at construction (one that requires grad is refused without ``learn_temperature=True``: it would never learn).
+    ``module.temperature = t`` sets a new value (a schedule), checked and read the same way; with
+    ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter). Only the
+    learnable one is in ``state_dict``: a fixed temperature is a hyperparameter, as ``nn.CrossEntropyLoss``'s
+    options are, so a schedule's current value is the training script's to restore.
+    """
 
     def forward(
         self,
@@ -1476,24 +1508,30 @@ class InfoNCE(torch.nn.Module):
             process_group=self.process_group,
         )
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Sets a learnable temperature back to the value given at construction (what ``to_empty`` and FSDP's
-        deferred initialisation call; a fixed temperature has nothing to reset)."""
-        if self.learn_temperature:
-            t0 = getattr(self, "_initial_temperature", None)
-            if t0 is None:  # (a module pickled by a version without reset_parameters)
-                raise RuntimeError("InfoNCE.reset_parameters: this module does not know its initial temperature "
-                                   "(pickled by an older contrastbound); set module.temperature instead")
-            self.log_temperature.fill_(math.log(t0))
 
-    def extra_repr(self) -> str:
-        t = self.temperature
-        if isinstance(t, torch.Tensor):  # (a module built on the meta device holds no value to print)
-            t = "(meta)" if t.device.type == "meta" else format(float(t.detach()), "g")
-        else:
-            t = format(t, "g")
-        return (
-            f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
-            f"learn_temperature={self.learn_temperature}"
-        )
+class NTXent(_TemperatureLoss):
+    """:func:`nt_xent` as a module: ``NTXent(temperature=0.5)(z1, z2)``; the temperature (fixed, a schedule through
+    ``module.temperature = t``, or learnable with ``learn_temperature=True``), ``normalize``, ``reduction`` and
+    ``process_group`` as in :class:`InfoNCE`."""
+
+    _function = "nt_xent"
+
+    def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
+                 learn_temperature: bool = False, process_group=None) -> None:
+        super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
+                       process_group=self.process_group)
+
+
+class SupCon(_TemperatureLoss):
+    """:func:`supcon_loss` as a module: ``SupCon(temperature=0.1)(features, labels)``; the temperature (fixed, a
+    schedule through ``module.temperature = t``, or learnable with ``learn_temperature=True``), ``normalize``,
+    ``reduction`` and ``process_group`` as in :class:`InfoNCE`."""
+
+    _function = "supcon_loss"
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return supcon_loss(features, labels, self.temperature, normalize=self.normalize, reduction=self.reduction,
+                           process_group=self.process_group)

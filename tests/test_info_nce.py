@@ -626,6 +626,42 @@ def test_module_matches_function():
     assert torch.equal(module(a, p, n), cb.info_nce(a, p, n, temperature=0.3, normalize=False, reduction="sum"))
 
 
+@pytest.mark.parametrize("form", ["NTXent", "SupCon", "SupCon without labels"])
+@pytest.mark.parametrize("learn", [False, True])
+def test_nt_xent_and_supcon_modules_match_their_functions(form, learn):
+    # cb.NTXent / cb.SupCon: the function at the module's temperature, normalize and reduction, a schedule set on
+    # the module, a learnable temperature's gradient (as log_temperature: d/d log t = t d/dt), state_dict, repr and
+    # the refusals that name the module and its function
+    g = torch.Generator().manual_seed(6)
+    z1, z2 = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 2, 0, 3, 2])
+    cls = getattr(cb, form.split()[0])
+    if form == "NTXent":
+        args, fn, default = (z1, z2), cb.nt_xent, 0.5
+    else:
+        args = (torch.stack([z1, z2], 1), None if "without" in form else y)
+        fn, default = cb.supcon_loss, 0.1
+    assert cls().temperature == default and cls(learn_temperature=learn).learn_temperature is learn
+    module = cls(0.3, normalize=False, reduction="sum", learn_temperature=learn).double()
+    assert "temperature=0.3" in repr(module) and "reduction='sum'" in repr(module)
+    assert ("log_temperature" in module.state_dict()) is learn
+    # (a learnable one: log(0.3) stored in float32 at construction, then made float64)
+    t = (module.log_temperature.detach().exp() if learn else torch.tensor(0.3, dtype=torch.float64)).requires_grad_()
+    want = fn(*args, t, normalize=False, reduction="sum")
+    got = module(*args)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    if learn:
+        got.backward()
+        (gt,) = torch.autograd.grad(want, [t])
+        torch.testing.assert_close(module.log_temperature.grad, t.detach() * gt, rtol=1e-10, atol=0)
+    module.temperature = 0.7
+    torch.testing.assert_close(module(*args), fn(*args, 0.7, normalize=False, reduction="sum"), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=f"{cls.__name__} reads temperature once.*contrastbound.{fn.__name__}"):
+        cls(torch.nn.Parameter(torch.tensor(0.2)))
+    with pytest.raises(ValueError, match="reduction"):
+        cls(reduction="max")
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_bank_cross_entropy_matches_reference(normalize):
     g = torch.Generator().manual_seed(2)
