@@ -1,5 +1,6 @@
-"""nt_xent, clip_loss and supcon_loss: fused vs plain PyTorch (the 2N x 2N or N x N matrix), forward+backward time
-and memory (supcon_loss: N samples of 2 views, 100 classes, as SupCon's reference code forms it).
+"""nt_xent, clip_loss, supcon_loss and debiased_info_nce: fused vs plain PyTorch (the 2N x 2N or N x N matrix),
+forward+backward time and memory (supcon_loss: N samples of 2 views, 100 classes, as SupCon's reference code forms
+it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, as the authors' code forms it).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -30,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-LOSSES = ("nt_xent", "clip_loss", "supcon_loss")
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce")
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -69,6 +70,23 @@ def _plain_supcon(views, labels, t):
     return (-(log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)).mean()
 
 
+def _plain_debiased(a, p, t, tau_plus, beta):
+    # Robinson et al.'s form (hard negatives over Chuang et al.'s debiasing): exponentiated N x N logits, the
+    # diagonal (each anchor's positive) apart
+    import torch
+    import torch.nn.functional as F
+
+    a, p = F.normalize(a, dim=1), F.normalize(p, dim=1)
+    e = torch.exp(a @ p.t() / t)
+    pos = e.diagonal()
+    neg = e.masked_select(~torch.eye(len(a), dtype=torch.bool)).view(len(a), -1)
+    K = neg.shape[1]
+    imp = (beta * neg.log()).exp()
+    reweight = (imp * neg).sum(-1) / imp.mean(-1)
+    ng = ((-tau_plus * K * pos + reweight) / (1 - tau_plus)).clamp(min=K * torch.exp(torch.tensor(-1 / t)))
+    return (-torch.log(pos / (pos + ng))).mean()
+
+
 def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int) -> dict:
     import torch
 
@@ -84,6 +102,9 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
     elif loss_name == "clip_loss":
         fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
+    elif loss_name == "debiased_info_nce":
+        fn = ((lambda: cb.debiased_info_nce(x1, x2, None, 0.1, tau_plus=0.1, beta=0.5)) if method == "fused"
+              else (lambda: _plain_debiased(x1, x2, 0.1, 0.1, 0.5)))
     else:  # (two views: every row has a positive, so the two means agree)
         labels = torch.randint(0, 100, (N,))
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1)) if method == "fused"
@@ -124,8 +145,8 @@ def main() -> int:
                                                    "bench_training"),
                         help="output path without extension: writes OUT.csv (a trailing .csv is dropped; "
                              "default %(default)s)")
-    parser.add_argument("--losses", default="nt_xent,clip_loss,supcon_loss",
-                        help="comma list of nt_xent, clip_loss, supcon_loss (default %(default)s)")
+    parser.add_argument("--losses", default=",".join(LOSSES),
+                        help=f"comma list of {', '.join(LOSSES)} (default %(default)s)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -146,17 +167,19 @@ def main() -> int:
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
-    print(f"{'loss':>11} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} "
+    print(f"{'loss':>17} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} "
           f"{'matrix MiB':>10}  note")
     for log2n in range(args.min_log2n, args.max_log2n + 1):
         N = 2**log2n
         for name in losses:
-            side = N if name == "clip_loss" else 2 * N
+            side = N if name in ("clip_loss", "debiased_info_nce") else 2 * N
             matrix_mib = side * side * 4 / 2**20
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
-                if method == "plain" and matrix_mib * 4 > 16 * 1024:
-                    row["note"] = f"not run: the {side} x {side} matrix and its gradients need ~{matrix_mib * 4 / 1024:.0f} GiB"
+                copies = 8 if name == "debiased_info_nce" else 4  # (the authors' form holds e, neg, imp, imp * neg)
+                if method == "plain" and matrix_mib * copies > 16 * 1024:
+                    row["note"] = (f"not run: the {side} x {side} matrix and its gradients need "
+                                   f"~{matrix_mib * copies / 1024:.0f} GiB")
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(N), str(args.d),
                            str(args.reps if N < 2**15 else 1), str(args.threads)]
@@ -166,7 +189,7 @@ def main() -> int:
                     else:
                         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 rows.append(row)
-                print(f"{name:>11} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
+                print(f"{name:>17} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {row.get('warmup_extra_mib', float('nan')):>11.1f} "
                       f"{matrix_mib:>10.1f}  {row.get('note', '')}", flush=True)
     with open(args.out + ".csv", "w", newline="") as f:

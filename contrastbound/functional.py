@@ -915,6 +915,101 @@ def info_nce_lse(
     return loss, lse
 
 
+def debiased_info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
+    *,
+    tau_plus: float = 0.1,
+    beta: float = 0.0,
+    negative_indices: torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Debiased InfoNCE (Chuang et al. 2020) and its hard-negative form (Robinson et al. 2021) without the B x K
+    logits, in every negatives mode of :func:`info_nce`.
+
+    With ``l_k = s a.n_k`` the K negatives' logits and ``l_0 = s a.p`` the positive's (s = 1 / temperature), the
+    negatives' sum is reweighted towards hard ones, ``R = K sum_k e^{(1+beta) l_k} / sum_k e^{beta l_k}`` (``beta =
+    0``: the plain sum), the expected share of same-class negatives is taken out,
+    ``Ng = max((R - tau_plus K e^{l_0}) / (1 - tau_plus), K e^{-s})``, and ``loss = log(1 + Ng / e^{l_0})``, as in the
+    authors' code (their floor ``K e^{-1/t}`` is the least the sum can be for normalised features, so with
+    ``tau_plus = beta = 0`` and ``normalize=True`` this is :func:`info_nce`). ``tau_plus`` is the
+    class-collision probability of a negative (for C balanced classes 1 / C:
+    ``contrastbound.bounds.collision_probability(1, num_classes=C)``; with a prior, its ``prior=``).
+
+    Computed in log space from the fused kernel's log-sum-exps over the negatives at the scales (1 + beta) s and
+    beta s (:func:`info_nce_lse` with ``include_positive=False``: one call for beta = 0, two otherwise), so memory
+    stays O(B d) beside the inputs and their gradients, and every input (and a tensor temperature) gets its gradient.
+
+    Args:
+        anchors, positives, negatives, negative_indices, temperature, normalize, reduction: as in :func:`info_nce`
+            (``negatives=None``: in-batch, the other B - 1 positives).
+        tau_plus: the class prior of a negative sharing the anchor's class, in [0, 1).
+        beta: the hardness concentration, >= 0 (0: DCL; Robinson et al. use 0.5 to 1).
+    """
+    tau_plus = _check_unit_interval("tau_plus", tau_plus)
+    if isinstance(beta, bool) or not isinstance(beta, Real):
+        raise TypeError(f"beta must be a non-negative number, got {type(beta).__name__}")
+    beta = _as_float("beta", beta, "a non-negative finite number")
+    if not (0.0 <= beta < math.inf):
+        raise ValueError(f"beta must be a non-negative finite number, got {beta}")
+    anchors, positives = _check_features(anchors, positives)
+    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
+    t = _check_temperature(temperature)
+    normalize = _check_bool("normalize", normalize)
+    reduction = _check_reduction(reduction)
+    if negatives is None:
+        compute, result = _promoted(anchors, positives)
+        K = anchors.shape[0] - 1
+    else:
+        compute, result = _common_dtypes(negatives, anchors, positives)
+        K = negative_indices.shape[1] if negative_indices is not None else negatives.shape[-2]
+    a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
+
+    def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
+        try:
+            return info_nce_lse(a, p, negatives, t / factor, negative_indices=negative_indices, normalize=normalize,
+                                include_positive=False)[1]
+        except ValueError as exc:  # (a scale (1 + beta) / t too large for the dtype, or t / beta not finite)
+            if "temperature" not in str(exc):
+                raise
+            raise ValueError(f"debiased_info_nce computes log-sum-exps at temperature / {factor:g} (beta = {beta:g}): "
+                             f"{exc}") from None
+
+    log_r = lse_at(1.0 + beta)
+    acc = log_r.dtype
+    ah, ph = a.to(acc), p.to(acc)
+    if normalize:
+        ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
+    tt = t.to(acc) if isinstance(t, torch.Tensor) else t
+    pos = (ah * ph).sum(-1) / tt
+    if K == 0:  # nothing to contrast: loss 0 (as info_nce's), zero gradients
+        return _reduce(pos * 0.0, reduction, result)
+    if beta > 0.0:
+        log_r = log_r - lse_at(beta) + math.log(K)
+    log_r = log_r.to(acc)
+    # log Ng = log R + log1p(-tau_plus K e^{l_0 - log R}) - log(1 - tau_plus) where that is above the floor
+    # log K - s; where R - tau_plus K e^{l_0} <= 0 the floor alone (log1p's argument kept in its domain there, so
+    # that its gradient, unused, stays finite).
+    share = (tau_plus * K) * torch.exp(pos - log_r)
+    below = share >= 1.0
+    raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - math.log1p(-tau_plus)
+    raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
+    log_ng = torch.maximum(raw, torch.as_tensor(math.log(K) - 1.0 / tt, dtype=acc, device=raw.device))
+    return _reduce(_softplus(log_ng - pos), reduction, result)
+
+
+def _check_unit_interval(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    value = _as_float(name, value, "a number in [0, 1)")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
 def bank_cross_entropy(
     anchors: torch.Tensor,
     bank: torch.Tensor,

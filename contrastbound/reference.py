@@ -75,6 +75,50 @@ def info_nce_reference(
     return _reduce(loss, reduction).to(anchors.dtype)
 
 
+def debiased_info_nce_reference(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.1,
+    *,
+    tau_plus: float = 0.1,
+    beta: float = 0.0,
+    negative_indices: torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Debiased / hard-negative InfoNCE as the authors' code writes it (Chuang et al. 2020; Robinson et al. 2021):
+    exponentiated logits materialised, so only for moderate logits (e^{(1+beta) / t} must fit the dtype); the
+    contract of :func:`contrastbound.debiased_info_nce`."""
+    dt = _compute_dtype(anchors.dtype, compute_dtype)
+    a, p = anchors.to(dt), positives.to(dt)
+    if normalize:
+        a, p = F.normalize(a, dim=-1, eps=_EPS), F.normalize(p, dim=-1, eps=_EPS)
+    if negatives is None:  # in-batch: the other positives
+        off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        sims = (a @ p.T)[off].reshape(a.shape[0], a.shape[0] - 1)
+    else:
+        n = negatives.to(dt)
+        if normalize:
+            n = F.normalize(n, dim=-1, eps=_EPS)
+        if negative_indices is not None:
+            n = n[negative_indices]
+        sims = a @ n.T if n.dim() == 2 else torch.einsum("bd,bkd->bk", a, n)
+    pos = torch.exp((a * p).sum(-1) / temperature)
+    neg = torch.exp(sims / temperature)
+    K = neg.shape[1]
+    imp = (beta * neg.log()).exp()
+    reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
+    Ng = (-tau_plus * K * pos + reweight_neg) / (1 - tau_plus)
+    Ng = torch.clamp(Ng, min=K * torch.exp(-1 / torch.as_tensor(temperature, dtype=dt)))
+    loss = -torch.log(pos / (pos + Ng))
+    return _reduce(loss, reduction).to(torch.promote_types(anchors.dtype, positives.dtype)
+                                       if negatives is None else
+                                       torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype),
+                                                           negatives.dtype))
+
+
 def nt_xent_reference(
     z1: torch.Tensor,
     z2: torch.Tensor,

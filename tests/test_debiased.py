@@ -1,0 +1,174 @@
+"""debiased_info_nce (Chuang et al. 2020; Robinson et al. 2021) against the authors' formula materialised."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+import contrastbound as cb
+from contrastbound.reference import debiased_info_nce_reference
+
+from conftest import DEVICES, MODES, TOL, assert_close_scaled, loss_and_grads, make_inputs
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tau_plus,beta", [(0.0, 0.0), (0.1, 0.0), (0.1, 1.0), (0.3, 0.5)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_matches_the_reference(mode, tau_plus, beta, normalize, reduction):
+    # K = 37 and B = 7: no tile multiple; features of norm ~1 with normalize=False keep e^{(1+beta) l} moderate
+    a, p, n, idx = make_inputs(mode, B=7, K=37, d=5, dtype=torch.float64, seed=3)
+    if not normalize:
+        with torch.no_grad():
+            for x in (a, p, n):
+                if x is not None:
+                    x /= math.sqrt(5)
+    kw = dict(temperature=0.4, tau_plus=tau_plus, beta=beta, normalize=normalize, reduction=reduction)
+    got = loss_and_grads(cb.debiased_info_nce, a, p, n, idx, **kw)
+    want = loss_and_grads(debiased_info_nce_reference, a, p, n, idx, **kw)
+    assert_close_scaled(got[0], want[0], 1e-12, "loss")
+    for x, y in zip(got[1], want[1]):
+        assert_close_scaled(x, y, 1e-11, "grad")
+
+
+def test_the_floor_binds_as_in_the_authors_code():
+    # tau_plus large and positives that dominate: R - tau_plus K e^{l_0} <= 0 for some anchors, whose sum then takes
+    # the floor K e^{-s} (constant: no gradient to the negatives through it), others stay above it
+    g = torch.Generator().manual_seed(2)
+    a = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
+    p = (a + torch.tensor([0.01, 0.01, 0.01, 2.0, 2.0, 2.0], dtype=torch.float64)[:, None]
+         * torch.randn(6, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    n = torch.randn(20, 4, generator=g, dtype=torch.float64).requires_grad_()
+    a.requires_grad_()
+    kw = dict(tau_plus=0.5, beta=0.5, reduction="none")
+    got = loss_and_grads(cb.debiased_info_nce, a, p, n, None, temperature=0.5, **kw)
+    want = loss_and_grads(debiased_info_nce_reference, a, p, n, None, temperature=0.5, **kw)
+    # the floor's case occurs, and not for every anchor
+    an, pn, nn_ = (F.normalize(x.detach(), dim=1) for x in (a, p, n))
+    e_pos, e_neg = torch.exp((an * pn).sum(1) / 0.5), torch.exp(an @ nn_.T / 0.5)
+    reweight = (e_neg ** 1.5).sum(1) / (e_neg ** 0.5).mean(1)
+    floored = reweight - 0.5 * 20 * e_pos <= 0.5 * 20 * math.exp(-2.0)
+    assert 0 < int(floored.sum()) < 6, floored
+    assert_close_scaled(got[0], want[0], 1e-12, "loss")
+    for x, y in zip(got[1], want[1]):
+        assert_close_scaled(x, y, 1e-11, "grad")
+
+
+def test_no_debiasing_is_info_nce():
+    a, p, n, idx = make_inputs("shared", B=9, K=50, d=6, dtype=torch.float64)
+    got = loss_and_grads(cb.debiased_info_nce, a, p, n, idx, temperature=0.2, tau_plus=0.0, beta=0.0)
+    want = loss_and_grads(cb.info_nce, a, p, n, idx, temperature=0.2)
+    assert_close_scaled(got[0], want[0], 1e-13, "loss")
+    for x, y in zip(got[1], want[1]):
+        assert_close_scaled(x, y, 1e-12, "grad")
+
+
+def test_gradcheck_float64_with_a_learnable_temperature():
+    a, p, n, idx = make_inputs("indexed", B=3, K=5, d=4, dtype=torch.float64, seed=1)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+
+    def fn(a_, p_, n_, t_):
+        return cb.debiased_info_nce(a_, p_, n_, t_, tau_plus=0.2, beta=0.7, negative_indices=idx, reduction="none")
+
+    assert torch.autograd.gradcheck(fn, (a, p, n, t))
+    want = debiased_info_nce_reference(a, p, n, t, tau_plus=0.2, beta=0.7, negative_indices=idx)
+    got = cb.debiased_info_nce(a, p, n, t, tau_plus=0.2, beta=0.7, negative_indices=idx)
+    (gt,) = torch.autograd.grad(got, [t])
+    (wt,) = torch.autograd.grad(want, [t])
+    assert_close_scaled(gt, wt, 1e-11, "temperature grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_and_single_precision_against_float64(device, dtype):
+    a, p, n, idx = make_inputs("shared", B=13, K=301, d=16, dtype=dtype, device=device, seed=4)
+    got = loss_and_grads(cb.debiased_info_nce, a, p, n, idx, temperature=0.1, tau_plus=0.1, beta=1.0)
+    d64 = [x.detach().double().cpu().requires_grad_() for x in (a, p, n)]
+    want = loss_and_grads(debiased_info_nce_reference, *d64, None, temperature=0.1, tau_plus=0.1, beta=1.0)
+    assert got[0].dtype == dtype
+    tol = TOL[dtype] * (5 if dtype != torch.float32 else 1)
+    assert_close_scaled(got[0], want[0], tol, "loss", floor=1.0)
+    for x, y in zip(got[1], want[1]):
+        assert_close_scaled(x, y, tol, "grad", floor=1.0)
+
+
+def test_low_temperature_and_large_k_stay_finite():
+    # temperature 0.01 with beta = 1: the reweighted sum e^{(1+beta) l} reaches e^200, past float32 (the authors'
+    # form overflows there: inf / inf); in log space it is finite and matches float64's form
+    a, p, n, _ = make_inputs("shared", B=8, K=5000, d=8, dtype=torch.float32, seed=5)
+    loss = cb.debiased_info_nce(a, p, n, 0.01, tau_plus=0.05, beta=1.0, reduction="none")
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and all(torch.isfinite(x.grad).all() for x in (a, p, n))
+    assert not torch.isfinite(debiased_info_nce_reference(a.detach(), p.detach(), n.detach(), 0.01, tau_plus=0.05,
+                                                          beta=1.0, compute_dtype=torch.float32)).all()
+    want = debiased_info_nce_reference(*(x.detach().double() for x in (a, p, n)), 0.01, tau_plus=0.05, beta=1.0,
+                                       reduction="none")
+    assert_close_scaled(loss, want, 1e-4, "loss", floor=100.0)  # (logits ~100: float32's rounding of them)
+
+
+def test_no_negatives_give_zero():
+    a, p, n, _ = make_inputs("shared", B=4, K=0, d=3, dtype=torch.float64)
+    loss = cb.debiased_info_nce(a, p, n, tau_plus=0.1, beta=1.0)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(a.grad, torch.zeros_like(a))
+    assert float(cb.debiased_info_nce(a[:1], p[:1], None)) == 0.0  # in-batch with one pair
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(tau_plus=1.0), ValueError, r"tau_plus must be in \[0, 1\)"),
+    (dict(tau_plus=-0.1), ValueError, "tau_plus"),
+    (dict(tau_plus=True), TypeError, "tau_plus must be a number"),
+    (dict(tau_plus=torch.tensor(0.1)), TypeError, "tau_plus must be a number"),
+    (dict(beta=-1.0), ValueError, "beta must be a non-negative finite number"),
+    (dict(beta=math.inf), ValueError, "beta"),
+    (dict(beta="1"), TypeError, "beta must be a non-negative number"),
+    (dict(beta=1e-310, temperature=0.1), ValueError, "temperature / 1e-310"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+])
+def test_bad_arguments_are_named(kw, err, match):
+    a, p, n, _ = make_inputs("shared", B=3, K=4, d=2)
+    with pytest.raises(err, match=match):
+        cb.debiased_info_nce(a, p, n, **kw)
+
+
+def test_bad_shapes_are_named_as_info_nce_names_them():
+    a, p, n, _ = make_inputs("shared", B=3, K=4, d=2)
+    with pytest.raises(ValueError, match="negatives must have feature size d = 2"):
+        cb.debiased_info_nce(a, p, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="negative_indices must have shape"):
+        cb.debiased_info_nce(a, p, n, negative_indices=torch.zeros(3, dtype=torch.long))
+
+
+if given is not None:
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(seed=st.integers(0, 2**31 - 1), tau_plus=st.floats(1e-3, 0.5), t=st.floats(0.1, 1.0))
+    def test_debiasing_lowers_the_loss_exactly_where_the_positive_beats_the_mean_negative(seed, tau_plus, t):
+        # With beta = 0 and the floor not binding, Ng <= sum_k e^{l_k} iff tau_plus (mean_k e^{l_k} - e^{l_0}) <= 0:
+        # the debiased loss is below info_nce's exactly for anchors whose positive beats the negatives' mean
+        # (Chuang et al.'s correction removes the expected same-class share). A property the formula's sign,
+        # the K factor and the 1 - tau_plus normalisation all enter.
+        a, p, n, _ = make_inputs("shared", B=6, K=9, d=3, dtype=torch.float64, seed=seed, requires_grad=False)
+        deb = cb.debiased_info_nce(a, p, n, t, tau_plus=tau_plus, reduction="none")
+        plain = cb.info_nce(a, p, n, t, reduction="none")
+        an, pn, nn_ = (F.normalize(x, dim=1) for x in (a, p, n))
+        e_pos, e_neg = torch.exp((an * pn).sum(1) / t), torch.exp(an @ nn_.T / t)
+        ng = (e_neg.sum(1) - tau_plus * 9 * e_pos) / (1 - tau_plus)
+        floor = 9 * math.exp(-1 / t)
+        for i in range(6):
+            if ng[i] <= floor * (1 + 1e-9):
+                continue
+            gap = float(e_neg[i].mean() - e_pos[i])
+            if abs(gap) < 1e-6 * float(e_pos[i]):  # (a change below the losses' rounding)
+                continue
+            assert (float(deb[i]) < float(plain[i])) == (gap < 0), (i, gap, float(deb[i]), float(plain[i]))
