@@ -1,6 +1,7 @@
 """nt_xent, clip_loss, supcon_loss and debiased_info_nce: fused vs plain PyTorch (the 2N x 2N or N x N matrix),
 forward+backward time and memory (supcon_loss: N samples of 2 views, 100 classes, as SupCon's reference code forms
-it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, as the authors' code forms it).
+it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, the authors' formula over the N x N
+logits, one direction (their SimCLR code forms 2N x 2N)).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the

@@ -34,7 +34,8 @@ def refuse_double_backward() -> None:
         raise RuntimeError(
             "contrastbound: double backward is not supported (the fused InfoNCE kernels give first-order gradients "
             "only): a backward of the loss ran with create_graph=True, e.g. for a Hessian, a gradient penalty or "
-            "MAML; use contrastbound.reference.info_nce_reference there"
+            "MAML; use the loss's pure-PyTorch form in contrastbound.reference there (info_nce_reference, "
+            "nt_xent_reference, clip_reference, supcon_reference, debiased_info_nce_reference, ...)"
         )
 
 

@@ -967,6 +967,10 @@ def debiased_info_nce(
         compute, result = _common_dtypes(negatives, anchors, positives)
         K = negative_indices.shape[1] if negative_indices is not None else negatives.shape[-2]
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
+    if not isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
+        # A tensor (as _scale_of makes one): Python arithmetic on a traced float (t / factor, 1 / t) made dynamo
+        # specialise it, one graph per value of a temperature schedule.
+        t = torch.ones((), dtype=torch.float64, device=anchors.device) * t
 
     def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
         try:
@@ -985,19 +989,25 @@ def debiased_info_nce(
         ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
     tt = t.to(acc) if isinstance(t, torch.Tensor) else t
     pos = (ah * ph).sum(-1) / tt
-    if K == 0:  # nothing to contrast: loss 0 (as info_nce's), zero gradients
+    if K <= 0:  # nothing to contrast (K = 0, or in-batch with B <= 1): loss 0 as info_nce's, zero gradients
         return _reduce(pos * 0.0, reduction, result)
+    # log K as a tensor: math.log of the size made dynamo specialise on it (one graph per K or B)
+    log_k = (torch.ones((), dtype=acc, device=pos.device) * K).log()
     if beta > 0.0:
-        log_r = log_r - lse_at(beta) + math.log(K)
+        log_r = log_r - lse_at(beta) + log_k
     log_r = log_r.to(acc)
-    # log Ng = log R + log1p(-tau_plus K e^{l_0 - log R}) - log(1 - tau_plus) where that is above the floor
-    # log K - s; where R - tau_plus K e^{l_0} <= 0 the floor alone (log1p's argument kept in its domain there, so
-    # that its gradient, unused, stays finite).
-    share = (tau_plus * K) * torch.exp(pos - log_r)
-    below = share >= 1.0
-    raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - math.log1p(-tau_plus)
-    raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
-    log_ng = torch.maximum(raw, torch.as_tensor(math.log(K) - 1.0 / tt, dtype=acc, device=raw.device))
+    raw = log_r
+    if tau_plus > 0.0:
+        # log Ng = log R + log1p(-share) - log(1 - tau_plus), share = tau_plus K e^{l_0 - log R}, where share < 1
+        # and that is above the floor log K - s; else the floor alone. share in log space: e^{l_0 - log R}
+        # overflowed float32 where the positive dominates (l_0 - log R > 88), and the unused branch's inf or NaN
+        # reached the gradient.
+        log_share = (math.log(tau_plus) + log_k) + (pos - log_r)
+        below = log_share >= 0.0
+        share = torch.exp(torch.clamp(log_share, max=0.0))
+        raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - math.log1p(-tau_plus)
+        raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
+    log_ng = torch.maximum(raw, log_k - 1.0 / tt)
     return _reduce(_softplus(log_ng - pos), reduction, result)
 
 

@@ -115,12 +115,60 @@ def test_low_temperature_and_large_k_stay_finite():
     assert_close_scaled(loss, want, 1e-4, "loss", floor=100.0)  # (logits ~100: float32's rounding of them)
 
 
+@pytest.mark.parametrize("tau_plus", [0.0, 0.1])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_dominant_positive_gives_loss_zero_and_finite_gradients(tau_plus, normalize):
+    # l_0 - log R > 88: tau_plus K e^{l_0 - log R} overflowed float32, a NaN loss for tau_plus = 0 (0 * inf) and NaN
+    # gradients otherwise (the unused branch's inf through exp); float64 gives loss ~0 and finite gradients
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 512, generator=g)
+    p = a + 0.3 * torch.randn(8, 512, generator=g)
+    n = torch.randn(1024, 512, generator=g)
+    t = 1.0 if not normalize else 0.01
+    if normalize:
+        n = -a[:1] + 0.1 * torch.randn(1024, 512, generator=g)
+    leaves = [x.clone().requires_grad_() for x in (a, p, n)]
+    loss = cb.debiased_info_nce(*leaves, t, tau_plus=tau_plus, beta=0.5, normalize=normalize, reduction="none")
+    loss.sum().backward()
+    want = debiased_info_nce_reference(*(x.double() for x in (a, p, n)), t, tau_plus=tau_plus, beta=0.5,
+                                       normalize=normalize, reduction="none")
+    assert torch.isfinite(loss).all() and all(torch.isfinite(x.grad).all() for x in leaves)
+    assert (want < 1e-30).all() and (loss < 1e-30).all(), (loss, want)
+
+
+def test_compiled_with_a_temperature_schedule_and_changing_sizes():
+    # math.log(K) and Python arithmetic on the float temperature made dynamo specialise: a graph per temperature
+    # and per (B, K), FailOnRecompileLimitHit under fullgraph=True after 8 values (info_nce settles at 2)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda a, p, n, t: cb.debiased_info_nce(a, p, n, t, tau_plus=0.1, beta=0.5), backend=counter,
+                      fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    try:
+        for i in range(10):
+            a, p = torch.randn(4 + i, 8, generator=g), torch.randn(4 + i, 8, generator=g)
+            n = torch.randn(16 + 3 * i, 8, generator=g)
+            got, want = f(a, p, n, 0.1 + 0.01 * i), cb.debiased_info_nce(a, p, n, 0.1 + 0.01 * i, tau_plus=0.1,
+                                                                           beta=0.5)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert counter.frame_count <= 2, counter.frame_count
+    finally:
+        torch._dynamo.reset()
+
+
 def test_no_negatives_give_zero():
     a, p, n, _ = make_inputs("shared", B=4, K=0, d=3, dtype=torch.float64)
     loss = cb.debiased_info_nce(a, p, n, tau_plus=0.1, beta=1.0)
     loss.backward()
     assert float(loss) == 0.0 and torch.equal(a.grad, torch.zeros_like(a))
     assert float(cb.debiased_info_nce(a[:1], p[:1], None)) == 0.0  # in-batch with one pair
+    # no pairs at all: as info_nce (the mean of nothing), not a "math domain error" from log(K = -1)
+    for reduction in ("mean", "sum", "none"):
+        got = cb.debiased_info_nce(a[:0], p[:0], None, reduction=reduction)
+        want = cb.info_nce(a[:0], p[:0], None, reduction=reduction)
+        torch.testing.assert_close(got, want, equal_nan=True)
 
 
 @pytest.mark.parametrize("kw,err,match", [
