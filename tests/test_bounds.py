@@ -160,6 +160,8 @@ def test_harmonic_numbers():
         assert rel_err(B.harmonic_number(n), ref) < 1e-14
     # exact H makes Ash's coefficient larger than with log(n) + 0.577
     assert B.ash(3.0, 5, 10) > B.ash(3.0, 5, 10, harmonic="authors")
+    # the empty sum (a mutation audit: H_0 = 1 and log(0) + 0.577 = 0 passed every test)
+    assert B.harmonic_number(0) == 0.0 and B.harmonic_number(0, "authors") == -math.inf
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,6 +496,15 @@ def test_interval_and_min_losses():
     assert lo == pytest.approx(2.0 + B.delta_lower(32, 10)) and hi == pytest.approx(2.0 + B.delta_upper(32, 10))
     lo, hi = B.supervised_loss_interval(np.array([1.0, 2.0, 3.0]), np.array([1, 2, 4]), prior=[0.2, 0.8], norm_bound=2.0)
     assert lo.shape == hi.shape == (3,) and np.all(lo < hi)
+    # the defaults are delta_upper's "best" and delta_lower's "paper" forms (a mutation audit: an interval built on
+    # the paper's looser upper form passed): a prior where "best" is the tighter, -log pi_min < log(pi_max C^2)
+    prior = [0.19] + [0.09] * 9
+    assert -math.log(0.09) < math.log(0.19 * 100) - 0.5
+    lo, hi = B.supervised_loss_interval(2.0, 8, prior=prior)
+    assert hi == pytest.approx(2.0 + B.delta_upper(8, prior=prior, form="best"), rel=1e-15)
+    assert hi < 2.0 + B.delta_upper(8, prior=prior, form="paper") - 0.5
+    assert lo == pytest.approx(2.0 + B.delta_lower(8, prior=prior, form="paper"), rel=1e-15)
+    assert lo != pytest.approx(2.0 + B.delta_lower(8, prior=prior, form="proved"), rel=1e-6)
     assert B.min_supervised_loss(10, 0.5) == pytest.approx(math.log(1 + 9 * math.exp(-0.5)), rel=1e-15)
     # the minima of the paper's synthetic figure: R_cont* + Delta_U >= R_supv* (the upper bound is consistent)
     k = np.arange(1, 200)

@@ -1702,6 +1702,49 @@ def test_in_batch_mixed_dtypes_promote():
     assert_close_scaled(z, nt_xent_reference(a16.double(), p32.double(), 0.2, reduction="none"), 1e-5, "nt_xent")
 
 
+@pytest.mark.parametrize("K", [0, 9])
+def test_fallback_lse_without_the_positive_and_without_negatives(monkeypatch, K):
+    # The fallback's (info_nce_core_reference's) include_positive=False loss and its K = 0 rows against the kernel's
+    # (a mutation audit: lse + l_0 for lse - l_0 there, and lse = 0 or loss 0 for empty rows, passed every test)
+    a, p, n, _ = make_inputs("shared", B=5, K=K, d=4, dtype=torch.float64, seed=7)
+    for include_positive in (False, True):
+        kernel = cb.info_nce_lse(a, p, n, 0.3, include_positive=include_positive)
+        with monkeypatch.context() as m:
+            m.setattr(_backend, "kernel_serves", lambda device: False)
+            fallback = cb.info_nce_lse(a, p, n, 0.3, include_positive=include_positive)
+        pos = (F.normalize(a, dim=1) * F.normalize(p, dim=1)).sum(1) / 0.3
+        if K == 0:  # lse over nothing is -inf, with the positive the positive's logit; the loss is lse - l_0
+            want = torch.full_like(pos, -math.inf) if not include_positive else pos
+            torch.testing.assert_close(fallback[1], want)
+            if include_positive:
+                torch.testing.assert_close(fallback[0], torch.zeros_like(pos))
+        for got, w, what in zip(fallback, kernel, ("loss", "lse")):
+            if K == 0 and not include_positive:
+                assert torch.isinf(got).all() and torch.isinf(w).all(), what
+                continue
+            assert_close_scaled(got, w, 1e-12, f"{what}, include_positive={include_positive}")
+
+
+def test_references_return_the_inputs_dtype():
+    # as the losses do (a mutation audit: info_nce_reference's float32 result for bfloat16 inputs passed)
+    a, p, n, _ = make_inputs("shared", B=4, K=6, d=3, dtype=torch.bfloat16, requires_grad=False)
+    assert info_nce_reference(a, p, n).dtype == torch.bfloat16
+    assert info_nce_reference(a, p, None, reduction="none").dtype == torch.bfloat16
+    assert nt_xent_reference(a, p).dtype == torch.bfloat16
+
+
+def test_bank_cross_entropy_reference_without_ignore_index_refuses_what_it_cannot_index():
+    # ignore_index=None ignores nothing: a target of -100 is out of range, as for bank_cross_entropy (a mutation
+    # audit: the reference ignoring -100 there passed every test)
+    a, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    t = torch.tensor([1, -100, 2])
+    with pytest.raises(IndexError):
+        cb.bank_cross_entropy(a, w, t, ignore_index=None)
+    with pytest.raises((IndexError, RuntimeError)):
+        bank_cross_entropy_reference(a, w, t, ignore_index=None)
+    torch.testing.assert_close(bank_cross_entropy_reference(a, w, t), cb.bank_cross_entropy(a, w, t))
+
+
 def test_fallback_ignores_autocast(monkeypatch):
     # The reference serving as the fallback keeps the inputs' dtype (float32 here) under autocast, as the kernels.
     a, p, n, _ = make_inputs("shared", B=16, K=500, d=32, dtype=torch.float32, seed=16, requires_grad=False)
