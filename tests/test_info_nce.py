@@ -2206,7 +2206,10 @@ def test_clip_reference_is_clip_loss(monkeypatch, route):
         for got in grads[:2]:
             for x, want in zip(got, grads[2]):
                 torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-12)
-    # a float scale, half inputs computed in float32 and returned in their dtype
+    # a float scale: clamped as a tensor one (150 -> 100), as clip_loss
+    torch.testing.assert_close(clip_reference(img, txt, 150.0), clip_reference(img, txt, 100.0), rtol=0, atol=0)
+    torch.testing.assert_close(clip_reference(img, txt, 150.0), cb.clip_loss(img, txt, 150.0), rtol=1e-12, atol=0)
+    # half inputs computed in float32 and returned in their dtype
     i16, t16 = img.to(torch.bfloat16), txt.to(torch.bfloat16)
     got = clip_reference(i16, t16, 7.0, reduction="none")
     assert got.dtype == torch.bfloat16
