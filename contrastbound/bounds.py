@@ -224,7 +224,9 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
         low, high = min(values), max(values)
         if low < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {low}")
-        raise ValueError(f"{name} is too large (above 2^63 - 1), got {high}")
+        if high > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} is too large (above 2^63 - 1), got {high}")
+        arr = np.array(values, dtype=np.int64).reshape(arr.shape)  # (an object array of small ints: as int64)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
     if arr.dtype.kind == "f":

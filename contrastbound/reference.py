@@ -63,8 +63,8 @@ def info_nce_reference(
         n = negatives.to(dt)
         if normalize:
             n = F.normalize(n, dim=-1, eps=_EPS)
-        if negative_indices is not None:
-            n = n[negative_indices]  # (B, K, d)
+        if negative_indices is not None:  # (B, K, d); index_select: a negative index raises, as info_nce
+            n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
         pos = (a * p).sum(-1, keepdim=True) * scale
         if n.dim() == 2:
             neg = (a @ n.transpose(0, 1)) * scale
@@ -102,8 +102,8 @@ def debiased_info_nce_reference(
         n = negatives.to(dt)
         if normalize:
             n = F.normalize(n, dim=-1, eps=_EPS)
-        if negative_indices is not None:
-            n = n[negative_indices]
+        if negative_indices is not None:  # (index_select: a negative index raises, as the loss)
+            n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
         sims = a @ n.T if n.dim() == 2 else torch.einsum("bd,bkd->bk", a, n)
     pos = torch.exp((a * p).sum(-1) / temperature)
     neg = torch.exp(sims / temperature)
@@ -204,6 +204,8 @@ def supcon_reference(
 ) -> torch.Tensor:
     """Supervised contrastive loss (L_out) from the materialised M x M logits; same contract as
     :func:`contrastbound.supcon_loss` (anchors without a positive: loss 0, left out of the mean)."""
+    if labels is not None and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")  # (as supcon_loss)
     dt = _compute_dtype(features.dtype, compute_dtype)
     z = features.reshape(-1, features.shape[-1]).to(dt)
     y = torch.arange(features.shape[0], device=features.device) if labels is None else labels.to(torch.int64)

@@ -707,6 +707,48 @@ def test_tensor_arguments_are_read_as_numbers():
     assert B.delta_upper(3, prior=[Fraction(1, 4), Fraction(3, 4)]) == B.delta_upper(3, prior=[0.25, 0.75])
 
 
+def test_one_class_and_a_nearly_uniform_prior():
+    # A mutation audit's survivors: with one class every negative collides (tau_K = 1 for K >= 1, tau_0 = 0; the
+    # collision count m = K surely, so the collision term is E log(1 + m) = log(1 + K)); a prior within 0.1% of
+    # uniform is not uniform (the earlier bounds that need one refuse it; Delta_U's best form uses its pi_min)
+    np.testing.assert_array_equal(B.collision_probability([0, 1, 5], 1), [0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(B.collision_probability([0, 1, 5], prior=[1.0]), [0.0, 1.0, 1.0])
+    for kw in (dict(num_classes=1), dict(prior=[1.0])):
+        np.testing.assert_allclose(B.collision_term([0, 1, 5], **kw), np.log1p([0, 1, 5]), rtol=1e-15, atol=0)
+    pi = [0.5002, 0.4998]
+    with pytest.raises(ValueError):
+        B.arora(3.0, 12, prior=pi)
+    want = 2 * math.log(math.cosh(1.0)) - math.log(3) + min(math.log(0.5002 * 4), -math.log(0.4998))
+    assert B.delta_upper(3, prior=pi) == pytest.approx(want, rel=1e-14)
+    assert abs(want - (2 * math.log(math.cosh(1.0)) - math.log(3) + math.log(2))) > 1e-4  # (log C differs)
+
+
+def test_counts_as_an_object_array_of_small_ints():
+    # numpy object arrays of Python ints (what np.array of mixed big and small ints gives) were all refused as
+    # "too large (above 2^63 - 1)", whatever their values
+    np.testing.assert_array_equal(B.delta_upper(np.array([3, 5], dtype=object), 10), B.delta_upper([3, 5], 10))
+    assert B.coupon_collector_probability(np.array([12], dtype=object), 10)[0] == \
+        B.coupon_collector_probability(12, 10)
+    with pytest.raises(ValueError, match="too large"):
+        B.delta_upper(np.array([3, 2**64], dtype=object), 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        B.delta_upper(np.array([0, 2**64], dtype=object), 10)
+
+
+def test_coupon_general_prior_few_draws_exactly():
+    # n = 3, 4 draws with a class of 1e-14: against exact rational inclusion-exclusion at 1e-13 (a mutation audit:
+    # Stirling's series for n! used down to n = 2 passed the looser checks at n >= 5, 2.6e-10 off here)
+    w = np.array([1e-14, 1.0 - 1e-14])
+    pi = w / w.sum()
+    exact_pi = [Fraction(float(x)) for x in pi]
+    total = sum(exact_pi)
+    exact_pi = [x / total for x in exact_pi]
+    for n in (2, 3, 4):
+        got = B.coupon_collector_probability(n, prior=pi, log=True)
+        want = math.log(fraction_coupon(n, exact_pi))
+        assert rel_err(got, want) < 1e-13, (n, got, want)
+
+
 def test_coupon_general_prior_tiny_probability():
     # A skewed prior and few draws: upsilon ~ 1e-19 is the rounding noise of 1 - (1 - upsilon) in the inclusion-
     # exclusion sum (it returned 2^-53, 500x too big); such n must go to the Cauchy integral.

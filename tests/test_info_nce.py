@@ -1733,6 +1733,20 @@ def test_references_return_the_inputs_dtype():
     assert nt_xent_reference(a, p).dtype == torch.bfloat16
 
 
+def test_references_refuse_what_the_losses_refuse():
+    # negative indices counted from the end and float labels truncated silently (the losses raise)
+    from contrastbound.reference import debiased_info_nce_reference, supcon_reference
+
+    a, p, n, _ = make_inputs("indexed", B=3, K=4, d=2, dtype=torch.float64, requires_grad=False)
+    idx = torch.tensor([[0, 1], [2, -1], [1, 1]])
+    for fn in (cb.info_nce, info_nce_reference, debiased_info_nce_reference):
+        with pytest.raises((IndexError, RuntimeError)):
+            fn(a, p, n, negative_indices=idx)
+    for fn in (cb.supcon_loss, supcon_reference):
+        with pytest.raises(TypeError, match="labels"):
+            fn(torch.randn(4, 3), torch.tensor([0.2, 0.7, 1.0, 1.0]))
+
+
 def test_bank_cross_entropy_reference_without_ignore_index_refuses_what_it_cannot_index():
     # ignore_index=None ignores nothing: a target of -100 is out of range, as for bank_cross_entropy (a mutation
     # audit: the reference ignoring -100 there passed every test)
