@@ -735,6 +735,18 @@ def test_counts_as_an_object_array_of_small_ints():
         B.delta_upper(np.array([0, 2**64], dtype=object), 10)
 
 
+@pytest.mark.parametrize("C,n", [(3029, 32796), (500, 4000), (50, 300)])
+def test_coupon_uniform_near_certain_at_1e13(C, n):
+    # log upsilon_n ~ -C e^{-n/C} (0.06 ... 0.17 here) against inclusion-exclusion in 80 digits (its terms decay as
+    # (C e^{-n/C})^j / j!: 200 of them are exact to far below float64); a mutation audit: the inclusion-exclusion
+    # route's threshold moved (log_x <= log 0.05) left 1.3e-12 at C = 3029, 8e-16 now
+    with mpmath.workdps(80):
+        s = mpmath.fsum((-1) ** j * mpmath.binomial(C, j) * (1 - mpmath.mpf(j) / C) ** n
+                        for j in range(min(C, 200) + 1))
+        want = float(mpmath.log(s))
+    assert rel_err(B.coupon_collector_probability(n, C, log=True), want) < 1e-13
+
+
 def test_coupon_general_prior_few_draws_exactly():
     # n = 3, 4 draws with a class of 1e-14: against exact rational inclusion-exclusion at 1e-13 (a mutation audit:
     # Stirling's series for n! used down to n = 2 passed the looser checks at n >= 5, 2.6e-10 off here)
