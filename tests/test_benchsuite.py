@@ -493,8 +493,9 @@ def test_bench_training_script_leaves_the_warm_up_apart(tmp_path):
                            "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [r for r in csv.DictReader(open(str(out) + ".csv")) if r["method"] == "fused"]
-    assert len(rows) == 4 and all(float(r["extra_mib"]) < 2.0 for r in rows), rows
-    assert all(float(r["warmup_extra_mib"]) > float(r["extra_mib"]) for r in rows), rows
+    # (the timed step's residue, pages and allocator state, read 0.9-2.2 MiB in repeated runs: 2.0 was too tight)
+    assert len(rows) == 4 and all(float(r["extra_mib"]) < 5.0 for r in rows), rows
+    assert all(float(r["warmup_extra_mib"]) > 2 * float(r["extra_mib"]) for r in rows), rows
 
 
 def test_bench_infonce_script_times_the_gemm_first(tmp_path):
