@@ -1,7 +1,9 @@
 """nt_xent, clip_loss, supcon_loss and debiased_info_nce: fused vs plain PyTorch (the 2N x 2N or N x N matrix),
 forward+backward time and memory (supcon_loss: N samples of 2 views, 100 classes, as SupCon's reference code forms
 it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, the authors' formula over the N x N
-logits, one direction (their SimCLR code forms 2N x 2N)).
+logits, one direction (their SimCLR code forms 2N x 2N); supcon_bank: supcon_loss over 256 samples of 2 views with a
+labelled bank of N rows (a queue, no gradient; N is the bank's size here), against the 512 x (512 + N) logits with
+a positive mask as pytorch-metric-learning's CrossBatchMemory forms them).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -13,6 +15,7 @@ would not fit.
     python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --max-log2n 13        # quicker
     python benchmarks/bench_training.py --losses supcon_loss  # one loss
+    python benchmarks/bench_training.py --losses supcon_bank --min-log2n 14 --max-log2n 20  # banks of 2^14 ... 2^20
 Writes benchmarks/results/bench_training.csv.
 """
 
@@ -32,7 +35,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce")
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank")
+BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each)
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -71,6 +75,21 @@ def _plain_supcon(views, labels, t):
     return (-(log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)).mean()
 
 
+def _plain_supcon_bank(views, labels, bank, bank_labels, t):
+    # the batch's rows against [batch; bank] (M x (M + K) logits), the bank's rows positives of their label
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(views.reshape(-1, views.shape[-1]), dim=1)
+    y = labels.repeat_interleave(views.shape[1])
+    columns = torch.cat([z, F.normalize(bank, dim=1)])
+    logits = z @ columns.t() / t
+    own = torch.eye(len(z), len(columns), dtype=torch.bool)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1, keepdim=True)
+    positive = (y[:, None] == torch.cat([y, bank_labels])[None, :]) & ~own
+    return (-(log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)).mean()
+
+
 def _plain_debiased(a, p, t, tau_plus, beta):
     # Robinson et al.'s form (hard negatives over Chuang et al.'s debiasing): exponentiated N x N logits, the
     # diagonal (each anchor's positive) apart
@@ -96,8 +115,9 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    x1 = torch.randn(N, d, requires_grad=True)
-    x2 = torch.randn(N, d, requires_grad=True)
+    rows = BANK_BATCH if loss_name == "supcon_bank" else N
+    x1 = torch.randn(rows, d, requires_grad=True)
+    x2 = torch.randn(rows, d, requires_grad=True)
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # initialise BLAS before the baseline
     if loss_name == "nt_xent":
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
@@ -106,6 +126,12 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     elif loss_name == "debiased_info_nce":
         fn = ((lambda: cb.debiased_info_nce(x1, x2, None, 0.1, tau_plus=0.1, beta=0.5)) if method == "fused"
               else (lambda: _plain_debiased(x1, x2, 0.1, 0.1, 0.5)))
+    elif loss_name == "supcon_bank":  # (two views: every row has a positive, so the two means agree)
+        labels = torch.randint(0, 100, (rows,))
+        bank, bank_labels = torch.randn(N, d), torch.randint(0, 100, (N,))
+        fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1, bank=bank, bank_labels=bank_labels))
+              if method == "fused" else
+              (lambda: _plain_supcon_bank(torch.stack([x1, x2], dim=1), labels, bank, bank_labels, 0.1)))
     else:  # (two views: every row has a positive, so the two means agree)
         labels = torch.randint(0, 100, (N,))
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1)) if method == "fused"
@@ -174,12 +200,13 @@ def main() -> int:
         N = 2**log2n
         for name in losses:
             side = N if name in ("clip_loss", "debiased_info_nce") else 2 * N
-            matrix_mib = side * side * 4 / 2**20
+            shape = (2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else (side, side)
+            matrix_mib = shape[0] * shape[1] * 4 / 2**20
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
                 copies = 8 if name == "debiased_info_nce" else 4  # (the authors' form holds e, neg, imp, imp * neg)
                 if method == "plain" and matrix_mib * copies > 16 * 1024:
-                    row["note"] = (f"not run: the {side} x {side} matrix and its gradients need "
+                    row["note"] = (f"not run: the {shape[0]} x {shape[1]} matrix and its gradients need "
                                    f"~{matrix_mib * copies / 1024:.0f} GiB")
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(N), str(args.d),

@@ -1231,6 +1231,8 @@ def supcon_loss(
     labels: torch.Tensor | None = None,
     temperature: float | torch.Tensor = 0.1,
     *,
+    bank: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     process_group=None,
@@ -1249,42 +1251,61 @@ def supcon_loss(
     eps |logit| where they cancel (positives that are near copies of the anchor at large logits), as naive
     cross-entropy over float32 logits; :func:`nt_xent` forms its one positive inside the kernel and does not.
 
+    With a ``bank`` (a memory bank or queue of K earlier features, as in MoCo-style SupCon or
+    pytorch-metric-learning's CrossBatchMemory) its rows join every anchor's denominator and, where
+    ``bank_labels`` gives their labels, the positives of the anchors of their label: the sums run over j != i in
+    the batch and over all K bank rows. The bank rows are not anchors. Their log-sum-exp is the fused kernel's
+    shared-bank pass (no M x K logits; computed in the bank's dtype as in :func:`info_nce`, the features cast to
+    it), combined with the batch's by logaddexp; their per-label sums are accumulated in slices of ~2^20 values.
+
     Args:
         features: (N, d), or (N, V, d) with V views of each sample (the views of sample n share its label).
         labels: (N,) integers (any values: equal means same class). None: each sample its own class, so a row's
             positives are its sample's other views (with V = 2, :func:`nt_xent` of the two views; needs
-            (N, V, d) features with V >= 2).
+            (N, V, d) features with V >= 2; a bank's rows are then negatives only).
         temperature: positive number or scalar tensor (learnable when it requires grad).
-        normalize: L2-normalise first (cosine similarity, as SupCon).
+        bank: (K, d) extra rows (a queue; usually detached, gradients flow into it if it requires grad). Not
+            gathered over ranks with ``process_group``: each rank passes its own (MoCo keeps it identical).
+        bank_labels: (K,) integers, the bank rows' labels (compared with ``labels``); None: the bank rows are in
+            no anchor's class (negatives only). Needs ``labels`` and ``bank``.
+        normalize: L2-normalise first (cosine similarity, as SupCon); the bank's rows too.
         reduction: "mean", "sum" or "none" (the shape of the rows: (N,) or (N, V)).
         process_group: a torch.distributed group: every rank's rows (and labels) join the global batch, as
             positives and in the denominator; this rank's loss is over its own rows ("mean": those with a
             positive anywhere), gradients follow the all_gather_with_grad convention (each rank's features get
             the sum over ranks' losses). With labels=None each rank's samples are their own classes.
+
+    Returns:
+        The loss in the features' dtype (promoted with the bank's).
     """
     with _refusals_joined(process_group, features):  # (a refusal on some ranks only: every rank raises)
         features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
         N = features.shape[0]
         if labels is None:
+            if bank_labels is not None:
+                raise ValueError("bank_labels was given with labels=None: the bank's labels are compared with the "
+                                 "batch's labels, so pass labels (N,) as well (or bank_labels=None: the bank rows "
+                                 "are then negatives only)")
             if features.dim() != 3 or features.shape[1] < 2:
                 raise ValueError(f"labels=None (each sample its own class) needs features of shape (N, V, d) with "
                                  f"V >= 2 views, got shape {tuple(features.shape)}: no row would have a positive")
-        elif not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be an integer tensor of shape (N,) or None, got {type(labels).__name__}")
         else:
-            _check_dense("labels", labels)
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise TypeError(f"labels must be an integer tensor of shape (N,) = ({N},), got dtype {labels.dtype}")
-            if tuple(labels.shape) != (N,):
-                raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
-            if labels.device != features.device:
-                raise ValueError(f"labels is on {labels.device} but features is on {features.device}: all inputs "
-                                 f"must share a device")
+            _check_labels("labels", labels, N, "N", features)
+        if bank is not None:
+            bank = _check_tensor("bank", bank, 2, "(K, d)")
+            _check_device("bank", bank, "features", features)
+            if bank.shape[1] != features.shape[-1]:
+                raise ValueError(f"bank must have shape (K, d) with the features' d = {features.shape[-1]}, got "
+                                 f"{tuple(bank.shape)}")
+            if bank_labels is not None:
+                _check_labels("bank_labels", bank_labels, bank.shape[0], "K", features)
+        elif bank_labels is not None:
+            raise ValueError("bank_labels was given without bank: pass the bank's rows (K, d) as bank")
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
-            _check_group("supcon_loss", features, t)
+            _check_group("supcon_loss", features, t, *(() if bank is None else (bank,)))
             _check_scale_fits(t, features.dtype)
             _check_temperature_has_value(t, features.device)
     shape = features.shape[:-1]
@@ -1299,26 +1320,36 @@ def supcon_loss(
     if features.dim() == 3:
         rows = rows.repeat_interleave(features.shape[1])
     z = features.reshape(-1, features.shape[-1])  # row n * V + v: view v of sample n
-    bank = everything.reshape(-1, features.shape[-1])
+    batch = everything.reshape(-1, features.shape[-1])
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
     # own side), differentiable in every row as anchor and as bank row.
-    lse, _ = _fused(z, torch.zeros_like(z), bank, None, t, normalize, False, exclude_self=True)
+    lse, _ = _fused(z, torch.zeros_like(z), batch, None, t, normalize, False, exclude_self=True)
+    result = features.dtype
+    if bank is not None and bank.shape[0] > 0:
+        # ... and over the bank's rows (a shared bank, in its dtype as info_nce runs it), joined in log space
+        zc = _to_bank_dtype(z, bank.dtype, normalize)
+        lse_bank, _ = _fused(zc, torch.zeros_like(zc), bank, None, t, normalize, False)
+        acc = torch.promote_types(lse.dtype, lse_bank.dtype)
+        lse = torch.logaddexp(lse.to(acc), lse_bank.to(acc))
+        result = torch.promote_types(result, bank.dtype)
     acc = lse.dtype
     zh = z.to(acc)
     if normalize:
         zh = F.normalize(zh, dim=-1, eps=1e-12)
     bh = zh
     if process_group is not None:
-        bh = bank.to(acc)
+        bh = batch.to(acc)
         if normalize:
             bh = F.normalize(bh, dim=-1, eps=1e-12)
     # Per-label sums without torch.unique (no read-back, static shapes under torch.compile): a label's slot is the
-    # position of its first row in sorted order. (With process_group the bank's rows, this rank's first.)
+    # position of its first row in sorted order. (With process_group the batch's rows, this rank's first.)
     ordered = torch.sort(rows).values
     slot = torch.searchsorted(ordered, rows)
     sums = torch.zeros_like(bh).index_add(0, slot, bh)
     count = torch.zeros(rows.shape, dtype=acc, device=rows.device).index_add(0, slot,
                                                                             torch.ones_like(rows, dtype=acc))
+    if bank_labels is not None and bank.shape[0] > 0 and rows.numel() > 0:
+        sums, count = _add_bank_to_label_sums(sums, count, ordered, bank, bank_labels, normalize)
     mine = slot[: z.shape[0]]
     count = count[mine]
     has = count > 1
@@ -1329,7 +1360,41 @@ def supcon_loss(
         reduction = "none"  # (cast by _reduce)
     elif reduction == "none":
         loss = loss.reshape(shape)
-    return _reduce(loss, reduction, features.dtype)
+    return _reduce(loss, reduction, result)
+
+
+def _check_labels(name: str, labels: object, n: int, n_name: str, features: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape ({n_name},) or None, got {type(labels).__name__}")
+    _check_dense(name, labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of shape ({n_name},) = ({n},), got dtype {labels.dtype}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n_name},) = ({n},), got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"{name} is on {labels.device} but features is on {features.device}: all inputs must share "
+                         "a device")
+
+
+def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: torch.Tensor, bank: torch.Tensor,
+                            bank_labels: torch.Tensor, normalize: bool, budget: int = 1 << 20):
+    """The per-label sums and counts of supcon_loss with the bank's rows of the batch's labels added at their
+    label's slot (the first position of the label in the sorted batch labels `ordered`); the other rows go to a
+    spare slot, dropped after. The (normalised, accumulation-dtype) rows are formed ~`budget` values at a time, so
+    the extra memory stays O(M d + budget) whatever K (differentiable in the bank)."""
+    yb = bank_labels.to(torch.int64)
+    at = torch.searchsorted(ordered, yb).clamp_max(ordered.shape[0] - 1)
+    spare = sums.shape[0]
+    at = torch.where(ordered.index_select(0, at) == yb, at, spare)
+    sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
+    count = torch.cat([count, count.new_zeros(1)]).index_add(0, at, torch.ones_like(at, dtype=count.dtype))
+    step = max(1, budget // max(1, bank.shape[1]))
+    for k0 in range(0, bank.shape[0], step):
+        rows = bank[k0 : k0 + step].to(sums.dtype)
+        if normalize:
+            rows = F.normalize(rows, dim=-1, eps=1e-12)
+        sums = sums.index_add(0, at[k0 : k0 + step], rows)  # (not in place: torch.func's vmap may batch the rows)
+    return sums[:spare], count[:spare]
 
 
 def clip_loss(
@@ -1631,12 +1696,14 @@ class NTXent(_TemperatureLoss):
 
 
 class SupCon(_TemperatureLoss):
-    """:func:`supcon_loss` as a module: ``SupCon(temperature=0.1)(features, labels)``; the temperature (fixed, a
+    """:func:`supcon_loss` as a module: ``SupCon(temperature=0.1)(features, labels)``, or with a labelled bank
+    ``(features, labels, bank, bank_labels)`` (a queue: :class:`NegativeQueue` with ``labels=True``); the temperature (fixed, a
     schedule through ``module.temperature = t``, or learnable with ``learn_temperature=True``), ``normalize``,
     ``reduction`` and ``process_group`` as in :class:`InfoNCE`."""
 
     _function = "supcon_loss"
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return supcon_loss(features, labels, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                           process_group=self.process_group)
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, bank: torch.Tensor | None = None,
+                bank_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return supcon_loss(features, labels, self.temperature, bank=bank, bank_labels=bank_labels,
+                           normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)

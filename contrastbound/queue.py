@@ -43,21 +43,37 @@ class NegativeQueue(torch.nn.Module):
     synchronisation on a GPU; keys in the queue's dtype, or float32 keys for a bfloat16 queue, whose ranges differ
     by 0.4 %, are stored as given) and a finite key that would become inf raises ValueError; so does a cast of the
     queue to a narrower dtype (``.half()``, ``.to(torch.float16)``) over keys it cannot hold, leaving the queue as is.
-    Under ``torch.compile`` ``enqueue``, ``negatives`` and ``len`` run eagerly (a graph break each) instead of
+    With ``labels=True`` the queue keeps each key's integer label beside it (a buffer ``queue_labels``, int64):
+    ``enqueue(keys, labels)`` takes them, :meth:`labels` serves them in the order of :meth:`negatives`, for
+    :func:`contrastbound.supcon_loss`'s ``bank`` and ``bank_labels`` (SupCon over a memory bank)::
+
+        queue = NegativeQueue(65536, 128, labels=True)
+        loss = supcon_loss(z, y, bank=queue.negatives(), bank_labels=queue.labels())
+        loss.backward(); opt.step()
+        queue.enqueue(k, y)  # keys from the momentum encoder, and their labels
+
+    Under ``torch.compile`` ``enqueue``, ``negatives``, ``labels`` and ``len`` run eagerly (a graph break each) instead of
     being traced with those ints as constants, which would recompile the step at every new write position.
     """
 
     queue: torch.Tensor
     ptr: torch.Tensor
     filled: torch.Tensor
+    with_labels = False  # (a class default: a queue pickled before labels existed has none)
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None,
+                 labels: bool = False) -> None:
         super().__init__()
         size, dim = _positive_int("size", size), _positive_int("dim", dim)
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # the dtypes info_nce takes
             raise TypeError(f"dtype must be torch.float32, float64, float16 or bfloat16, got {dtype!r}")
+        if not isinstance(labels, bool):
+            raise TypeError(f"labels must be a bool (whether the queue keeps a label per key), got {labels!r}")
         self.size, self.dim = size, dim
+        self.with_labels = labels
         self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
+        if labels:
+            self.register_buffer("queue_labels", torch.zeros(size, dtype=torch.int64, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
         self._ptr = 0  # host copies of the two buffers
@@ -102,14 +118,21 @@ class NegativeQueue(torch.nn.Module):
                               error_msgs) -> None:
         # All or nothing: torch copies the buffers that fit before it reports one that does not, which would leave
         # a queue whose fill level counts keys that were never loaded.
-        keys = {name: state_dict.get(prefix + name) for name in ("queue", "ptr", "filled")}
+        names = ("queue", "ptr", "filled") + (("queue_labels",) if self.with_labels else ())
+        keys = {name: state_dict.get(prefix + name) for name in names}
         problem = None
         missing = [name for name, v in keys.items() if v is None]
         if missing and len(missing) < len(keys):
-            # Keys without their fill level (or a level without its keys) would serve rows never loaded.
-            problem = f"queue, ptr and filled are loaded together, but {', '.join(missing)} missing"
+            # Keys without their fill level (or a level without its keys, or keys without their labels) would
+            # serve rows never loaded.
+            problem = f"{', '.join(names)} are loaded together, but {', '.join(missing)} missing"
         elif keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
+        elif keys.get("queue_labels") is not None and (tuple(keys["queue_labels"].shape) != (self.size,) or
+                                                       keys["queue_labels"].is_floating_point() or
+                                                       keys["queue_labels"].is_complex()):
+            problem = (f"queue_labels must be an integer tensor of shape ({self.size},), got "
+                       f"{keys['queue_labels'].dtype} of shape {tuple(keys['queue_labels'].shape)}")
         elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"])):
             problem = over
         elif keys["ptr"] is not None and keys["filled"] is not None:
@@ -166,8 +189,9 @@ class NegativeQueue(torch.nn.Module):
 
     @torch.compiler.disable  # host-int bookkeeping: traced, each new position would be a recompilation
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Appends keys (n, dim), overwriting the oldest once full; keeps only the last ``size`` if n > size."""
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Appends keys (n, dim), overwriting the oldest once full; keeps only the last ``size`` if n > size.
+        A queue built with ``labels=True`` takes the keys' integer labels (n,) too (and only such a queue)."""
         from .functional import _check_dense
 
         if isinstance(keys, torch.Tensor):
@@ -179,9 +203,11 @@ class NegativeQueue(torch.nn.Module):
             raise TypeError(f"keys must be a floating tensor, got dtype {keys.dtype}")
         if keys.device.type == "meta" and self.queue.device.type != "meta":
             raise ValueError(f"keys are a meta tensor (no values) but the queue is on {self.queue.device}")
+        labels = self._check_labels(labels, keys.shape[0])
         given = keys.detach()
         if given.shape[0] > self.size:
             given = given[-self.size :]
+            labels = labels[-self.size :] if labels is not None else None
         keys = given.to(device=self.queue.device, dtype=self.queue.dtype)
         n = keys.shape[0]
         if n == 0:
@@ -205,11 +231,19 @@ class NegativeQueue(torch.nn.Module):
                     )
         if keys.untyped_storage().data_ptr() == self.queue.untyped_storage().data_ptr():
             keys = keys.clone()  # rows of the queue itself (e.g. negatives()): the writes below would overlap them
+        if labels is not None:
+            labels = labels.to(device=self.queue_labels.device, dtype=torch.int64)
+            if labels.untyped_storage().data_ptr() == self.queue_labels.untyped_storage().data_ptr():
+                labels = labels.clone()  # (likewise: labels())
         start, filled = self._host()
         first = min(n, self.size - start)
         self.queue[start : start + first] = keys[:first]
         if first < n:
             self.queue[: n - first] = keys[first:]
+        if labels is not None:
+            self.queue_labels[start : start + first] = labels[:first]
+            if first < n:
+                self.queue_labels[: n - first] = labels[first:]
         self._ptr = (start + n) % self.size
         self._filled = min(self.size, filled + n)
         self.ptr.fill_(self._ptr)
@@ -222,12 +256,47 @@ class NegativeQueue(torch.nn.Module):
         filled = self._host()[1]
         return self.queue if filled == self.size else self.queue[:filled]
 
+    @torch.compiler.disable  # likewise
+    def labels(self) -> torch.Tensor:
+        """The keys' labels (len(self),) int64, row k the label of row k of :meth:`negatives` (a view, no copy);
+        only for a queue built with ``labels=True``."""
+        if not self.with_labels:
+            raise RuntimeError("this NegativeQueue keeps no labels: build it with NegativeQueue(size, dim, "
+                               "labels=True) and enqueue(keys, labels)")
+        filled = self._host()[1]
+        return self.queue_labels if filled == self.size else self.queue_labels[:filled]
+
+    def _check_labels(self, labels: object, n: int) -> torch.Tensor | None:
+        """enqueue's labels, checked against the queue's kind and the n keys given (detached)."""
+        from .functional import _check_dense
+
+        if not self.with_labels:
+            if labels is not None:
+                raise ValueError("labels were given to a NegativeQueue built without labels=True (it keeps keys "
+                                 "only): build it with NegativeQueue(size, dim, labels=True)")
+            return None
+        if labels is None:
+            raise ValueError(f"this NegativeQueue keeps a label per key (labels=True): pass enqueue(keys, labels) "
+                             f"with labels an integer tensor of shape (n,) = ({n},)")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be an integer tensor of shape (n,) = ({n},), got {type(labels).__name__}")
+        _check_dense("labels", labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of shape (n,) = ({n},), got dtype {labels.dtype}")
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"labels must have shape (n,) = ({n},) (one per key), got {tuple(labels.shape)}")
+        if labels.device.type == "meta" and self.queue_labels.device.type != "meta":
+            raise ValueError(f"labels are a meta tensor (no values) but the queue is on {self.queue_labels.device}")
+        return labels.detach()
+
     @torch.no_grad()
     @torch.compiler.disable
     def reset_parameters(self) -> None:
         """Zeroes the stored keys and empties the queue: what ``to_empty`` (a module built on the meta device) and
         FSDP's deferred initialisation call, the buffers then holding uninitialised memory."""
         self.queue.zero_()
+        if self.with_labels:
+            self.queue_labels.zero_()
         self.clear()
 
     def extra_repr(self) -> str:
@@ -240,7 +309,8 @@ class NegativeQueue(torch.nn.Module):
                 filled = self._host()[1]
             except ValueError:
                 filled = "? (the buffers hold no valid state: clear() empties the queue)"
-        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}, filled={filled}"
+        labels = ", labels=True" if self.with_labels else ""
+        return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}{labels}, filled={filled}"
 
 
 def _bad_state(ptr: int, filled: int, size: int) -> str | None:

@@ -198,30 +198,47 @@ def supcon_reference(
     labels: torch.Tensor | None = None,
     temperature: float | torch.Tensor = 0.1,
     *,
+    bank: torch.Tensor | None = None,
+    bank_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Supervised contrastive loss (L_out) from the materialised M x M logits; same contract as
-    :func:`contrastbound.supcon_loss` (anchors without a positive: loss 0, left out of the mean)."""
-    if labels is not None and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")  # (as supcon_loss)
-    dt = _compute_dtype(features.dtype, compute_dtype)
+    """Supervised contrastive loss (L_out) from the materialised M x (M + K) logits; same contract as
+    :func:`contrastbound.supcon_loss` (anchors without a positive: loss 0, left out of the mean; a bank's rows are
+    columns only, positives of the anchors of their label, none without bank_labels)."""
+    for name, y in (("labels", labels), ("bank_labels", bank_labels)):
+        if y is not None and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            raise TypeError(f"{name} must be an integer tensor, got dtype {y.dtype}")  # (as supcon_loss)
+    if bank_labels is not None and (bank is None or labels is None):
+        raise ValueError("bank_labels needs bank and labels")
+    dtype = features.dtype if bank is None else torch.promote_types(features.dtype, bank.dtype)
+    dt = _compute_dtype(dtype, compute_dtype)
     z = features.reshape(-1, features.shape[-1]).to(dt)
     y = torch.arange(features.shape[0], device=features.device) if labels is None else labels.to(torch.int64)
     if features.dim() == 3:
         y = y.repeat_interleave(features.shape[1])
     if normalize:
         z = F.normalize(z, dim=-1, eps=_EPS)
-    logits = (z @ z.T) / temperature
-    own = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    columns, same = z, y[:, None] == y[None, :]
+    if bank is not None:
+        b = bank.to(dt)
+        if normalize:
+            b = F.normalize(b, dim=-1, eps=_EPS)
+        columns = torch.cat([z, b])
+        # a bank without labels: no row of any anchor's class
+        in_bank = (y[:, None] == bank_labels.to(torch.int64)[None, :]) if bank_labels is not None else \
+            torch.zeros(len(z), len(b), dtype=torch.bool, device=z.device)
+        same = torch.cat([same, in_bank], dim=1)
+    logits = (z @ columns.T) / temperature
+    own = torch.eye(len(z), len(columns), dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1)
-    positive = (y[:, None] == y[None, :]) & ~own
+    positive = same & ~own
     count = positive.sum(1)
     loss = torch.where(count > 0, lse - (logits * positive).sum(1) / count.clamp_min(1), 0.0)
     if reduction == "mean":
-        return (loss.sum() / (count > 0).sum().clamp_min(1)).to(features.dtype)
-    return _reduce(loss.reshape(features.shape[:-1]), reduction).to(features.dtype)
+        return (loss.sum() / (count > 0).sum().clamp_min(1)).to(dtype)
+    return _reduce(loss.reshape(features.shape[:-1]), reduction).to(dtype)
 
 
 def info_nce_core_reference(

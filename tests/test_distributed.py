@@ -568,6 +568,12 @@ def _supcon_data():
     return views, y
 
 
+def _supcon_bank():
+    """9 bank rows (float64) with labels 0..6: some of the batch's classes, the singleton's (9) and others."""
+    g = torch.Generator().manual_seed(12)
+    return torch.randn(9, D, generator=g, dtype=torch.float64), torch.tensor([0, 1, 9, 5, 6, 0, 2, 2, 4])
+
+
 def _supcon_worker(rank, world, init_file, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -593,6 +599,13 @@ def _supcon_worker(rank, world, init_file, out_dir):
         loss = cb.supcon_loss(f, y[rows], 0.5, normalize=False, process_group=w)
         loss.backward()
         out["one_view"] = (loss.detach(), f.grad)
+        # a bank (the same on every rank, as MoCo's queue) with labels: in every anchor's denominator and among the
+        # positives of its class; not gathered
+        bank, bank_labels = _supcon_bank()
+        f = views[rows].clone().requires_grad_(True)
+        loss = cb.supcon_loss(f, y[rows], 0.3, bank=bank, bank_labels=bank_labels, process_group=w)
+        loss.backward()
+        out["bank"] = (loss.detach(), f.grad)
         # float32 through the kernel
         f = views[rows].float().requires_grad_(True)
         loss = cb.supcon_loss(f, y[rows], 0.1, reduction="sum", process_group=w)
@@ -668,6 +681,9 @@ def test_supcon_over_the_global_batch_matches_single_process(world):
         return rows_loss, lambda x, r: x.sum() / has[_slices(sizes, r)].sum()
 
     per_rank("one_view", one_view)
+    bank, bank_labels = _supcon_bank()
+    per_rank("bank", lambda f, t: (supcon_reference(f, y, 0.3, bank=bank, bank_labels=bank_labels,
+                                                    reduction="none"), lambda x, r: x.mean()))
     g = views.float().double().requires_grad_(True)
     rows_loss = supcon_reference(g, y, 0.1, reduction="none")
     for rank in range(world):

@@ -134,6 +134,186 @@ def test_bad_input_is_refused_by_name(call, exc, text):
         call()
 
 
+# A bank (queue) of 11 rows: labels that match batch labels (3, 7, -2, 10**12), labels of no batch row (5, 0),
+# a duplicate row of the batch's and some rows of one class only.
+BANK_LABELS = torch.tensor([3, 5, 7, 10**12, -2, 0, 3, 3, 7, 5, 10**12])
+
+
+def _bank(d, seed=20, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(BANK_LABELS), d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("shape,labels,bank_labels", [
+    ((9, 6), LABELS, True), ((9, 6), LABELS, False), ((9, 3, 6), LABELS, True), ((5, 2, 4), None, False),
+    ((7, 1, 5), torch.tensor([0, 1, 0, 2, 2, 2, 9]), True), ((7, 1, 5), torch.tensor([0, 1, 0, 2, 2, 2, 9]), False)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bank_matches_the_reference(shape, labels, bank_labels, normalize, reduction):
+    # bank rows in every anchor's denominator and, with labels, among the positives of their class; gradients in
+    # the features, the bank (here it requires grad) and a learnable temperature
+    f = _case(shape, seed=len(shape))
+    bank = _bank(shape[-1], requires_grad=True)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    kw = dict(bank=bank, bank_labels=BANK_LABELS if bank_labels else None, normalize=normalize,
+              reduction=reduction)
+    got, want = cb.supcon_loss(f, labels, t, **kw), supcon_reference(f, labels, t, **kw)
+    assert got.shape == want.shape == ({"none": shape[:-1]}.get(reduction, ()))
+    assert_close_scaled(got, want, 1e-12, "loss")
+    upstream = torch.rand(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    grads = [torch.autograd.grad(x, (f, bank, t), upstream) for x in (got, want)]
+    for name, x, y in zip(["features", "bank", "temperature"], *grads):
+        assert_close_scaled(x, y, 1e-11, f"grad {name}")
+
+
+def test_bank_changes_the_loss_as_it_should():
+    # (checks of the reference's own reading) the bank's labelled rows are positives: an anchor whose class has no
+    # other batch row gets a loss and joins the mean; a bank whose labels match no anchor is negatives only, as
+    # bank_labels=None; an empty bank is no bank; bank rows are not anchors (the loss's shape is the batch's)
+    f, bank = _case((9, 6), seed=2), _bank(6)
+    alone = cb.supcon_loss(f, LABELS, 0.3, reduction="none")
+    assert alone[6] == 0  # label 10**12 has one batch row ...
+    with_bank = cb.supcon_loss(f, LABELS, 0.3, bank=bank, bank_labels=BANK_LABELS, reduction="none")
+    assert with_bank.shape == (9,) and with_bank[6] > 0  # ... and two bank rows
+    mean = cb.supcon_loss(f, LABELS, 0.3, bank=bank, bank_labels=BANK_LABELS)
+    assert_close_scaled(mean, with_bank.sum() / 9, 1e-15, "mean over the 9 anchors with a positive")
+    foreign = BANK_LABELS + 1000
+    negatives_only = cb.supcon_loss(f, LABELS, 0.3, bank=bank, bank_labels=foreign, reduction="none")
+    assert_close_scaled(negatives_only, cb.supcon_loss(f, LABELS, 0.3, bank=bank, reduction="none"), 1e-15, "loss")
+    assert (negatives_only[alone > 0] > alone[alone > 0]).all()  # more negatives, same positives: a larger loss
+    empty = cb.supcon_loss(f, LABELS, 0.3, bank=bank[:0], bank_labels=BANK_LABELS[:0], reduction="none")
+    assert_close_scaled(empty, alone, 0.0, "empty bank")
+
+
+def test_bank_gradcheck_float64():
+    f = _case((5, 2, 3), seed=3)
+    t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    labels, bank = torch.tensor([0, 1, 0, 5, 1]), _bank(3, requires_grad=True)[:6]
+    bank_labels = torch.tensor([5, 0, 2, 1, 1, 7])
+    assert torch.autograd.gradcheck(
+        lambda f_, b_, t_: cb.supcon_loss(f_, labels, t_, bank=b_, bank_labels=bank_labels, reduction="none"),
+        (f, bank, t))
+    assert torch.autograd.gradcheck(lambda f_, b_: cb.supcon_loss(f_, None, 0.4, bank=b_, normalize=False),
+                                    (f, bank))
+
+
+def test_bank_label_sums_in_slices_equal_one_pass():
+    # the bank's per-label sums are formed a slice of rows at a time: slices of 1, 3 and 4 rows give the one pass's
+    # sums and counts (a bank larger than the budget of 2^20 values takes this path in supcon_loss)
+    from contrastbound.functional import _add_bank_to_label_sums
+
+    ordered = torch.sort(LABELS).values
+    slot = torch.searchsorted(ordered, LABELS)
+    rows = _case((9, 6), seed=4).detach()
+    sums0 = torch.zeros_like(rows).index_add(0, slot, rows)
+    count0 = torch.zeros(9, dtype=torch.float64).index_add(0, slot, torch.ones(9, dtype=torch.float64))
+    bank = _bank(6)
+    whole = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True)
+    for budget in (6, 18, 24):
+        part = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True, budget=budget)
+        assert_close_scaled(part[0], whole[0], 1e-15, f"sums, budget {budget}")
+        assert torch.equal(part[1], whole[1])
+    # the counts: each label's batch rows plus its bank rows (labels 5 and 0 are in no batch row: not counted)
+    first = {int(v): int(torch.searchsorted(ordered, v)) for v in LABELS}
+    for label, n in ((3, 3 + 3), (7, 3 + 2), (-2, 2 + 1), (10**12, 1 + 2)):
+        assert whole[1][first[label]] == n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,bank_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.float64)])
+def test_bank_dtypes_against_float64(device, dtype, bank_dtype):
+    # the same rounded inputs in float64; the bank's part runs in the bank's dtype (features cast to it), the
+    # result in the promoted dtype
+    f = _case((40, 2, 16), seed=6, dtype=dtype).detach().to(device).requires_grad_()
+    labels = torch.randint(0, 12, (40,), generator=torch.Generator().manual_seed(2)).to(device)
+    bank = torch.randn(300, 16, generator=torch.Generator().manual_seed(5)).to(device, bank_dtype)
+    bank_labels = torch.randint(0, 15, (300,), generator=torch.Generator().manual_seed(6)).to(device)
+    got = cb.supcon_loss(f, labels, 0.1, bank=bank, bank_labels=bank_labels)
+    f64 = f.detach().double().requires_grad_()
+    want = supcon_reference(f64, labels, 0.1, bank=bank.double(), bank_labels=bank_labels)
+    assert got.dtype == torch.promote_types(dtype, bank_dtype)
+    tol = max(TOL[dtype], TOL[bank_dtype])
+    assert_close_scaled(got.double(), want, tol, "loss")
+    (g,), (g64,) = torch.autograd.grad(got, f), torch.autograd.grad(want, f64)
+    assert_close_scaled(g.double(), g64, tol, "grad")
+
+
+def test_bank_torch_compile_fullgraph():
+    f = _case((16, 2, 8), seed=8, dtype=torch.float32)
+    labels = torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(3))
+    bank = torch.randn(50, 8, generator=torch.Generator().manual_seed(4))
+    bank_labels = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(lambda f_, y_, b_, yb_: cb.supcon_loss(f_, y_, 0.1, bank=b_, bank_labels=yb_),
+                             fullgraph=True)
+    got, want = compiled(f, labels, bank, bank_labels), cb.supcon_loss(f, labels, 0.1, bank=bank,
+                                                                        bank_labels=bank_labels)
+    assert_close_scaled(got, want, 1e-6, "loss")
+    assert_close_scaled(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], 1e-6, "grad")
+
+
+def test_bank_under_torch_func():
+    # torch.func.grad in the features and in the bank (the reference serves the transforms), vmap over banks
+    f, bank = _case((6, 2, 4), seed=11).detach(), _bank(4)[:5]
+    labels, bank_labels = torch.tensor([0, 1, 0, 2, 1, 3]), torch.tensor([3, 0, 9, 1, 1])
+    for arg, call in ((f, lambda x, fn: fn(x, labels, 0.3, bank=bank, bank_labels=bank_labels)),
+                      (bank, lambda x, fn: fn(f, labels, 0.3, bank=x, bank_labels=bank_labels))):
+        got = torch.func.grad(lambda x: call(x, cb.supcon_loss))(arg)
+        leaf = arg.clone().requires_grad_()
+        (want,) = torch.autograd.grad(call(leaf, supcon_reference), leaf)
+        assert_close_scaled(got, want, 1e-12, "torch.func.grad")
+    banks = _case((3, 5, 4), seed=12).detach()
+    got = torch.vmap(lambda b: cb.supcon_loss(f, labels, 0.3, bank=b, bank_labels=bank_labels))(banks)
+    want = torch.stack([supcon_reference(f, labels, 0.3, bank=b, bank_labels=bank_labels) for b in banks])
+    assert_close_scaled(got, want, 1e-12, "vmap over banks")
+
+
+def test_bank_from_a_labelled_queue():
+    # the module over NegativeQueue(labels=True): the queue's rows and labels in the order it serves them
+    queue = cb.NegativeQueue(7, 5, labels=True, dtype=torch.float64)
+    keys = _case((10, 5), seed=9).detach()
+    queue.enqueue(keys[:4], torch.tensor([0, 1, 2, 3]))
+    queue.enqueue(keys[4:], torch.tensor([4, 0, 1, 2, 3, 9]))  # wraps: the first three are overwritten
+    assert torch.equal(queue.labels(), torch.tensor([2, 3, 9, 3, 4, 0, 1]))
+    assert torch.equal(queue.negatives(), keys[[7, 8, 9, 3, 4, 5, 6]])
+    f, labels = _case((6, 5), seed=10), torch.tensor([0, 1, 1, 4, 8, 8])
+    got = cb.SupCon(0.2)(f, labels, queue.negatives(), queue.labels())
+    want = supcon_reference(f, labels, 0.2, bank=keys[[7, 8, 9, 3, 4, 5, 6]],
+                            bank_labels=torch.tensor([2, 3, 9, 3, 4, 0, 1]))
+    assert_close_scaled(got, want, 1e-12, "loss")
+
+
+@pytest.mark.parametrize("call,exc,text", [
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank_labels=torch.arange(2)), ValueError,
+     "bank_labels was given without bank"),
+    (lambda: cb.supcon_loss(torch.randn(4, 2, 3), None, bank=torch.randn(2, 3), bank_labels=torch.arange(2)),
+     ValueError, "bank_labels was given with labels=None"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 4)), ValueError,
+     "bank must have shape (K, d) with the features' d = 3, got (2, 4)"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(3)), ValueError,
+     "bank must have shape (K, d)"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.ones(2, 3, dtype=torch.int64)),
+     TypeError, "bank must be a floating tensor"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=[[0.0] * 3]), TypeError,
+     "bank must be a torch.Tensor of shape (K, d)"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 3, device="meta")),
+     ValueError, "bank is on meta but features is on cpu"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 3), bank_labels=torch.zeros(2)),
+     TypeError, "bank_labels must be an integer tensor of shape (K,) = (2,), got dtype torch.float32"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 3), bank_labels=torch.arange(3)),
+     ValueError, "bank_labels must have shape (K,) = (2,), got (3,)"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 3), bank_labels=[0, 1]),
+     TypeError, "bank_labels must be an integer tensor of shape (K,) or None, got list"),
+    (lambda: cb.supcon_loss(torch.randn(4, 3), torch.arange(4), bank=torch.randn(2, 3),
+                            bank_labels=torch.arange(2, device="meta")), ValueError,
+     "bank_labels is on meta but features is on cpu"),
+])
+def test_bank_bad_input_is_refused_by_name(call, exc, text):
+    with pytest.raises(exc, match=text.replace("(", "\\(").replace(")", "\\)")):
+        call()
+
+
 if given is not None:
 
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -155,6 +335,34 @@ if given is not None:
         assert_close_scaled(got, want, 1e-12, "loss", floor=logits)
         assert_close_scaled(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], 1e-11, "grad",
                             floor=slope)
+
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(n=st.integers(1, 10), views=st.integers(0, 3), d=st.integers(1, 6), k=st.integers(0, 12),
+           classes=st.integers(1, 6), labelled=st.booleans(), t=st.floats(0.05, 5.0), normalize=st.booleans(),
+           seed=st.integers(0, 2**31 - 1))
+    def test_property_bank_matches_the_reference(n, views, d, k, classes, labelled, t, normalize, seed):
+        # any sizes, a bank of K >= 0 rows with labels from a range wider than the batch's (rows of no anchor's
+        # class) or none: loss and gradients (features and bank) as the reference's
+        g = torch.Generator().manual_seed(seed)
+        shape = (n, d) if views == 0 else (n, views, d)
+        f = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        bank = torch.randn(k, d, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, classes, (n,), generator=g)
+        bank_labels = torch.randint(0, classes + 2, (k,), generator=g) if labelled else None
+        got = cb.supcon_loss(f, labels, t, bank=bank, bank_labels=bank_labels, normalize=normalize)
+        want = supcon_reference(f, labels, t, bank=bank, bank_labels=bank_labels, normalize=normalize)
+        rows = torch.cat([f.detach().reshape(-1, d), bank.detach()])
+        norms = rows.norm(dim=1)
+        logits = 1.0 / t if normalize else norms.max().item() ** 2 / t
+        slope = (1.0 / norms.min().item() if normalize else norms.max().item()) / t
+        assert_close_scaled(got, want, 1e-12, "loss", floor=logits)
+        for name, x, y in zip(("features", "bank"), torch.autograd.grad(got, (f, bank), allow_unused=True),
+                              torch.autograd.grad(want, (f, bank), allow_unused=True)):
+            x = torch.zeros_like(y) if x is None and y is not None else x
+            y = torch.zeros_like(x) if y is None and x is not None else y
+            if x is not None:
+                assert_close_scaled(x, y, 1e-11, f"grad {name}", floor=slope)
 
 
 MEMORY_SCRIPT = textwrap.dedent(
@@ -191,3 +399,41 @@ def test_memory_is_far_below_the_similarity_matrix():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["extra_mib"] < r["matrix_mib"] / 20, r
+
+
+BANK_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import contrastbound as cb
+
+    N, K, d = 256, 2 ** 19, 32
+    torch.manual_seed(0)
+    f = torch.randn(N, d, requires_grad=True)
+    labels = torch.randint(0, 100, (N,))
+    bank, bank_labels = torch.randn(K, d), torch.randint(0, 100, (K,))
+
+    def hwm_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024.0
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current resident size
+    base = hwm_mib()
+    cb.supcon_loss(f, labels, 0.1, bank=bank, bank_labels=bank_labels).backward()
+    print(json.dumps({"extra_mib": hwm_mib() - base, "matrix_mib": N * K * 4 / 2 ** 20}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
+def test_bank_memory_is_far_below_the_logits():
+    # a labelled bank of K = 2^19 rows: the N x K logits take 512 MiB, the bank itself 64 MiB; the loss keeps the
+    # kernel's tiles, O(K) label slots and 4 MiB slices of normalised rows (30 MiB measured, 2026-12-01)
+    out = subprocess.run([sys.executable, "-c", BANK_MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env=package_env(), cwd=PACKAGE_ROOT)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["extra_mib"] < r["matrix_mib"] / 8, r

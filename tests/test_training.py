@@ -299,6 +299,67 @@ def test_queue_bad_input():
     assert len(q) == 0
 
 
+def test_labelled_queue_keeps_each_key_with_its_label():
+    # labels follow their keys through a wrap, more keys than the queue holds, its own rows, a state_dict round trip
+    # (write position included), .to(float16) (the labels stay int64) and reset_parameters
+    q = cb.NegativeQueue(5, 1, labels=True)
+    assert q.labels().shape == (0,) and q.labels().dtype == torch.int64 and "labels=True" in repr(q)
+    q.enqueue(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([10, 20, 30], dtype=torch.int32))
+    q.enqueue(torch.tensor([[4.0], [5.0], [6.0]]), torch.tensor([40, 50, 60]))
+    assert q.negatives()[:, 0].tolist() == [6, 2, 3, 4, 5] and q.labels().tolist() == [60, 20, 30, 40, 50]
+    q.enqueue(torch.arange(7.0)[:, None], torch.arange(7) * 100)  # the last 5, from position 1
+    assert q.negatives()[:, 0].tolist() == [6, 2, 3, 4, 5] and q.labels().tolist() == [600, 200, 300, 400, 500]
+    own = cb.NegativeQueue(4, 1, labels=True)
+    own.enqueue(torch.arange(4.0)[:, None], torch.arange(4))
+    own.enqueue(torch.tensor([[9.0]]), torch.tensor([9]))  # [9, 1, 2, 3], next write at position 1
+    own.enqueue(own.negatives()[0:2], own.labels()[0:2])  # its own rows 0, 1 written over rows 1, 2
+    assert own.labels().tolist() == own.negatives()[:, 0].long().tolist() == [9, 9, 1, 3]
+    q2 = cb.NegativeQueue(5, 1, labels=True)
+    q2.load_state_dict(q.state_dict())
+    for x in (q, q2):
+        x.enqueue(torch.tensor([[7.0]]), torch.tensor([7]))
+    assert q2.labels().tolist() == q.labels().tolist() == [600, 7, 300, 400, 500]
+    half = q2.half()
+    assert half.queue.dtype == torch.float16 and half.labels().dtype == torch.int64
+    q2.reset_parameters()
+    assert len(q2) == 0 and q2.queue_labels.abs().sum() == 0
+
+
+def test_labelled_queue_state_dict_and_bad_input():
+    q, plain = cb.NegativeQueue(3, 2, labels=True), cb.NegativeQueue(3, 2)
+    q.enqueue(torch.randn(2, 2), torch.tensor([4, 5]))
+    # a state without labels into a labelled queue loads nothing (keys without labels would be served)
+    fresh = cb.NegativeQueue(3, 2, labels=True)
+    with pytest.raises(RuntimeError, match="queue, ptr, filled, queue_labels are loaded together, but queue_labels "
+                                           "missing; nothing was loaded"):
+        fresh.load_state_dict(plain.state_dict())
+    assert len(fresh) == 0
+    with pytest.raises(RuntimeError, match="queue_labels must be an integer tensor of shape \\(3,\\)"):
+        fresh.load_state_dict({**q.state_dict(), "queue_labels": torch.zeros(3)})
+    # a labelled state into a plain queue: the labels are an unexpected key, left to strict as torch does
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "queue_labels"'):
+        plain.load_state_dict(q.state_dict())
+    assert plain.load_state_dict(q.state_dict(), strict=False).unexpected_keys == ["queue_labels"]
+    assert len(plain) == 2
+    with pytest.raises(ValueError, match="keeps a label per key \\(labels=True\\): pass enqueue\\(keys, labels\\)"):
+        q.enqueue(torch.randn(1, 2))
+    with pytest.raises(ValueError, match="labels were given to a NegativeQueue built without labels=True"):
+        plain.enqueue(torch.randn(1, 2), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="this NegativeQueue keeps no labels"):
+        plain.labels()
+    with pytest.raises(TypeError, match="labels must be an integer tensor of shape \\(n,\\) = \\(1,\\), got dtype"):
+        q.enqueue(torch.randn(1, 2), torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="labels must be an integer tensor of shape \\(n,\\) = \\(1,\\), got list"):
+        q.enqueue(torch.randn(1, 2), [1])
+    with pytest.raises(ValueError, match="labels must have shape \\(n,\\) = \\(2,\\) \\(one per key\\), got \\(3,\\)"):
+        q.enqueue(torch.randn(2, 2), torch.arange(3))
+    with pytest.raises(ValueError, match="labels are a meta tensor"):
+        q.enqueue(torch.randn(1, 2), torch.zeros(1, dtype=torch.long, device="meta"))
+    with pytest.raises(TypeError, match="labels must be a bool"):
+        cb.NegativeQueue(3, 2, labels=1)
+    assert q.labels().tolist() == [4, 5]  # nothing refused was written
+
+
 def test_float16_queue_refuses_keys_beyond_its_range():
     # A finite key beyond 65504 became inf in a float16 queue (torch's cast), and the loss over the queue NaN.
     q = cb.NegativeQueue(4, 2, dtype=torch.float16)
