@@ -63,7 +63,8 @@ _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # The calls that gather (the first exchange of each tells the ranks which one every rank is making).
 _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negatives=None (in-batch)",
           "info_nce with a bank shard", "nt_xent", "clip_loss", "supcon_loss with labels",
-          "supcon_loss with labels=None")
+          "supcon_loss with labels=None", "debiased_info_nce with negatives=None (in-batch)",
+          "debiased_info_nce with a bank shard and beta > 0", "debiased_info_nce with a bank shard and beta = 0")
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
@@ -349,6 +350,33 @@ class _ShardedNegativeLse(torch.autograd.Function):
             mask,
         )
         return (ga if mask[0] else None), (gn if mask[2] else None), None, None, None
+
+
+class sharded_negative_lse:
+    """This rank's anchors' log-sum-exps over a bank sharded over the ranks, at scales factor / temperature
+    (debiased_info_nce's R at (1 + beta) / t and beta / t): ``lse = sharded_negative_lse(a, shard, t, normalize,
+    group, call=...)`` exchanges the sizes and gathers the anchors once; ``lse(factor)`` is (B_r,), differentiable
+    (the anchors' gradient summed over ranks, the shard's from every rank's anchors: _ShardedNegativeLse);
+    ``lse.bank_rows`` is the whole bank's K. ``call`` tells the ranks apart (_CALLS: the number of lse calls each
+    will make must agree)."""
+
+    def __init__(self, anchors: torch.Tensor, shard: torch.Tensor, temperature, normalize: bool, group, *,
+                 call: int) -> None:
+        self.scale = _scale_of(temperature, anchors.device)
+        sizes = _exchange_sizes(anchors, group, "anchors (cast to the dtype of negatives)", call=call,
+                                backward={"anchors or negatives": _needs_grad(anchors) or _needs_grad(shard)},
+                                normalize=normalize, temperature=temperature)
+        # the shards' sizes (they may differ; the same row shape and dtype on every rank)
+        self.bank_rows = sum(_exchange_sizes(shard, group, "negatives (this rank's shard)", call=call,
+                                             normalize=normalize, temperature=temperature))
+        self.anchors_all = _AllGatherWithGrad.apply(anchors, group, sizes)
+        self.start = sum(sizes[: _world(group)[1]])
+        self.rows = anchors.shape[0]
+        self.shard, self.normalize, self.group = shard, normalize, group
+
+    def __call__(self, factor: float) -> torch.Tensor:
+        lse = _ShardedNegativeLse.apply(self.anchors_all, self.shard, self.scale * factor, self.normalize, self.group)
+        return lse[self.start : self.start + self.rows]
 
 
 def _share(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

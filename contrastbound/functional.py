@@ -926,6 +926,7 @@ def debiased_info_nce(
     negative_indices: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
+    process_group=None,
 ) -> torch.Tensor:
     r"""Debiased InfoNCE (Chuang et al. 2020) and its hard-negative form (Robinson et al. 2021) without the B x K
     logits, in every negatives mode of :func:`info_nce`.
@@ -948,39 +949,77 @@ def debiased_info_nce(
             (``negatives=None``: in-batch, the other B - 1 positives).
         tau_plus: the class prior of a negative sharing the anchor's class, in [0, 1).
         beta: the hardness concentration, >= 0 (0: DCL; Robinson et al. use 0.5 to 1).
+        process_group: as in :func:`info_nce`: ``negatives=None``, in-batch over the global batch (anchor i's
+            negatives every rank's positives but its own, K = global B - 1); negatives (K_r, d), this rank's shard
+            of a shared bank (K = the sum of the shards; a learnable temperature is not supported there). This
+            rank's loss is over its own anchors; gradients follow the all_gather_with_grad convention.
     """
-    tau_plus = _check_unit_interval("tau_plus", tau_plus)
-    if isinstance(beta, bool) or not isinstance(beta, Real):
-        raise TypeError(f"beta must be a non-negative number, got {type(beta).__name__}")
-    beta = _as_float("beta", beta, "a non-negative finite number")
-    if not (0.0 <= beta < math.inf):
-        raise ValueError(f"beta must be a non-negative finite number, got {beta}")
-    anchors, positives = _check_features(anchors, positives)
-    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
-    t = _check_temperature(temperature)
-    normalize = _check_bool("normalize", normalize)
-    reduction = _check_reduction(reduction)
-    if negatives is None:
-        compute, result = _promoted(anchors, positives)
-        K = anchors.shape[0] - 1
-    else:
-        compute, result = _common_dtypes(negatives, anchors, positives)
-        K = negative_indices.shape[1] if negative_indices is not None else negatives.shape[-2]
+    with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
+        tau_plus = _check_unit_interval("tau_plus", tau_plus)
+        if isinstance(beta, bool) or not isinstance(beta, Real):
+            raise TypeError(f"beta must be a non-negative number, got {type(beta).__name__}")
+        beta = _as_float("beta", beta, "a non-negative finite number")
+        if not (0.0 <= beta < math.inf):
+            raise ValueError(f"beta must be a non-negative finite number, got {beta}")
+        anchors, positives = _check_features(anchors, positives)
+        if process_group is not None and negative_indices is not None:
+            raise ValueError("process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None "
+                             "for in-batch negatives over the global batch), not negative_indices")
+        negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
+        t = _check_temperature(temperature)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        if negatives is None:
+            compute, result = _promoted(anchors, positives)
+            K = anchors.shape[0] - 1
+        else:
+            compute, result = _common_dtypes(negatives, anchors, positives)
+            K = negative_indices.shape[1] if negative_indices is not None else negatives.shape[-2]
+        if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
+            if negatives is not None and negatives.dim() != 2:
+                raise ValueError(f"process_group takes negatives as this rank's shard (K_r, d) of a shared bank, got "
+                                 f"shape {tuple(negatives.shape)}")
+            if negatives is not None and isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError("temperature must not require grad with a sharded bank (process_group): a "
+                                 "learnable temperature is not supported there")
+            _check_group("debiased_info_nce", anchors, positives, t, *(() if negatives is None else (negatives,)))
+            _check_temperature_has_value(t, anchors.device)
+            for factor in (1.0 + beta,) + ((beta,) if beta > 0.0 else ()):
+                _check_lse_temperature(t, factor, beta, compute)
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if not isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
         # A tensor (as _scale_of makes one): Python arithmetic on a traced float (t / factor, 1 / t) made dynamo
         # specialise it, one graph per value of a temperature schedule.
         t = torch.ones((), dtype=torch.float64, device=anchors.device) * t
 
-    def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
-        try:
-            return info_nce_lse(a, p, negatives, t / factor, negative_indices=negative_indices, normalize=normalize,
-                                include_positive=False)[1]
-        except ValueError as exc:  # (a scale (1 + beta) / t too large for the dtype, or t / beta not finite)
-            if "temperature" not in str(exc):
-                raise
-            raise ValueError(f"debiased_info_nce computes log-sum-exps at temperature / {factor:g} (beta = {beta:g}): "
-                             f"{exc}") from None
+    if process_group is not None and negatives is None:
+        from .distributed import gather_with_local_first
+
+        # every rank's positives, this rank's first: row i of the bank is anchor i's positive, left out
+        bank = gather_with_local_first(p, process_group, name=f"positives (in the promoted dtype of anchors and "
+                                       f"positives)", call=7, normalize=normalize, temperature=t)
+        K = bank.shape[0] - 1
+
+        def lse_at(factor: float) -> torch.Tensor:  # over every rank's positives but anchor i's own
+            return _fused(a, torch.zeros_like(a), bank, None, t / factor, normalize, False, exclude_self=True)[0]
+    elif process_group is not None:
+        from .distributed import sharded_negative_lse
+
+        sharded = sharded_negative_lse(a, negatives, t, normalize, process_group, call=8 if beta > 0.0 else 9)
+        K = sharded.bank_rows
+
+        def lse_at(factor: float) -> torch.Tensor:  # over the whole sharded bank
+            return sharded(factor)
+    else:
+        def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
+            try:
+                return info_nce_lse(a, p, negatives, t / factor, negative_indices=negative_indices,
+                                    normalize=normalize, include_positive=False)[1]
+            except ValueError as exc:  # (a scale (1 + beta) / t too large for the dtype, or t / beta not finite)
+                if "temperature" not in str(exc):
+                    raise
+                raise ValueError(f"debiased_info_nce computes log-sum-exps at temperature / {factor:g} (beta = "
+                                 f"{beta:g}): {exc}") from None
 
     log_r = lse_at(1.0 + beta)
     acc = log_r.dtype
@@ -1009,6 +1048,16 @@ def debiased_info_nce(
         raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
     log_ng = torch.maximum(raw, log_k - 1.0 / tt)
     return _reduce(_softplus(log_ng - pos), reduction, result)
+
+
+def _check_lse_temperature(t: float | torch.Tensor, factor: float, beta: float, compute: torch.dtype) -> None:
+    """debiased_info_nce's temperatures t / factor checked as the kernel calls would check them (with
+    process_group: before the exchange)."""
+    try:
+        _check_scale_fits(_check_temperature(t / factor), compute)
+    except ValueError as exc:
+        raise ValueError(f"debiased_info_nce computes log-sum-exps at temperature / {factor:g} (beta = {beta:g}): "
+                         f"{exc}") from None
 
 
 def _check_unit_interval(name: str, value: object) -> float:

@@ -489,7 +489,8 @@ def test_sharded_bank_options_single_rank(tmp_path):
 
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
                     reason="torch 2.5's dynamo specialises every float (one graph per value)")
-@pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip", "supcon"])
+@pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip", "supcon", "debiased_in_batch",
+                                  "debiased_sharded"])
 def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, form):
     # A float temperature that changes between calls of a compiled step with process_group: its second value is
     # traced as a symbolic float, which the exchange of the ranks' arguments packed with struct.pack (dynamo raised
@@ -506,6 +507,8 @@ def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, f
             "nt_xent": lambda x, t, **kw: cb.nt_xent(x, p, t, **kw),
             "clip": lambda x, t, **kw: cb.clip_loss(x, p, t, **kw),  # t: the logit scale
             "supcon": lambda x, t, **kw: cb.supcon_loss(torch.stack([x, p], 1), None, t, **kw),
+            "debiased_in_batch": lambda x, t, **kw: cb.debiased_info_nce(x, p, None, t, beta=0.5, **kw),
+            "debiased_sharded": lambda x, t, **kw: cb.debiased_info_nce(x, p, n, t, beta=0.5, **kw),
         }
         fn = fns[form]
         torch._dynamo.reset()
@@ -763,3 +766,110 @@ def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
         assert msg.startswith("NotImplementedError: forward-mode AD"), msg
     for msg in got[0]:
         assert msg.startswith("ValueError: rank 1 of process_group refused its arguments"), msg
+
+
+def _debiased_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        a, p, bank = _global_data()
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        K = sum(SHARDS[world])
+        shard_rows = _slices(SHARDS[world], rank)
+        w = dist.group.WORLD
+        out = {}
+        for beta in (0.0, 0.5):
+            # in-batch over the global batch (a learnable temperature: this rank's own loss's gradient)
+            a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+            t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+            loss = cb.debiased_info_nce(a_r, p_r, None, t, tau_plus=0.1, beta=beta, process_group=w)
+            loss.backward()
+            out[("in_batch", beta)] = (loss.detach(), a_r.grad, p_r.grad, t.grad)
+            # a shared bank sharded over the ranks (shard sizes differ, one may be empty), reduction "none"
+            a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+            shard = bank[:K][shard_rows].clone().requires_grad_(True)
+            loss = cb.debiased_info_nce(a_r, p_r, shard, 0.2, tau_plus=0.1, beta=beta, reduction="none",
+                                        process_group=w)
+            (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+            out[("sharded", beta)] = (loss.detach(), a_r.grad, p_r.grad, shard.grad)
+        # disagreements and lone refusals: every rank raises (no hang)
+        x, y, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+        errors = []
+        for call in (lambda: cb.debiased_info_nce(x, y, s, beta=0.5 if rank == 1 else 0.0, process_group=w),
+                     lambda: cb.debiased_info_nce(x, y, s if rank == 0 else None, process_group=w),
+                     lambda: cb.debiased_info_nce(x, y, None, tau_plus=1.0 if rank == 1 else 0.1, process_group=w),
+                     lambda: cb.debiased_info_nce(x, y, s, negative_indices=torch.zeros(3, 2, dtype=torch.long),
+                                                  process_group=w),
+                     lambda: cb.debiased_info_nce(x, y, s, torch.tensor(0.1, requires_grad=rank == 1),
+                                                  process_group=w),
+                     lambda: cb.debiased_info_nce(x, y, None, 0.1 if rank == 0 else 0.2, process_group=w)):
+            try:
+                call()
+                errors.append(None)
+            except (ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        out["errors"] = errors
+        torch.save(out, os.path.join(out_dir, f"debiased{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(world):
+    # rank r's loss is the single-process loss of its anchors against the global batch (K = B - 1 positives) or
+    # the whole bank (K = sum of shards); features and shards get the gradient of the sum over ranks' losses
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_debiased_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        results = [torch.load(os.path.join(tmp, f"debiased{r}.pt")) for r in range(world)]
+    from contrastbound.reference import debiased_info_nce_reference
+
+    a, p, bank = _global_data()
+    sizes, K = ANCHORS_PER_RANK[world], sum(SHARDS[world])
+    n = sum(sizes)
+    a, p, bank = a[:n], p[:n], bank[:K]
+    for beta in (0.0, 0.5):
+        # in-batch: the reference over the global batch, each rank's mean over its rows
+        ga, gp = a.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        rows_loss = debiased_info_nce_reference(ga, gp, None, t, tau_plus=0.1, beta=beta, reduction="none")
+        total = 0.0
+        for rank in range(world):
+            mine = rows_loss[_slices(sizes, rank)].mean()
+            got = results[rank][("in_batch", beta)]
+            assert_close_scaled(got[0], mine, 1e-11, f"in-batch beta {beta}: rank {rank} loss")
+            (gt,) = torch.autograd.grad(mine, [t], retain_graph=True)
+            assert_close_scaled(got[3], gt, 1e-10, f"in-batch beta {beta}: rank {rank} temperature grad")
+            total = total + mine
+        grads = torch.autograd.grad(total, [ga, gp])
+        for rank in range(world):
+            got = results[rank][("in_batch", beta)]
+            for name, g, x in zip(("anchors", "positives"), grads, got[1:3]):
+                assert_close_scaled(x, g[_slices(sizes, rank)], 1e-10, f"in-batch beta {beta}: rank {rank} {name}")
+        # sharded: each rank's weighted "none" losses against the whole bank
+        ga, gp, gb = (x.clone().requires_grad_(True) for x in (a, p, bank))
+        rows_loss = debiased_info_nce_reference(ga, gp, gb, 0.2, tau_plus=0.1, beta=beta, reduction="none")
+        total = 0.0
+        for rank in range(world):
+            mine = rows_loss[_slices(sizes, rank)]
+            got = results[rank][("sharded", beta)]
+            assert_close_scaled(got[0], mine, 1e-11, f"sharded beta {beta}: rank {rank} loss")
+            total = total + (mine * torch.arange(1.0, mine.numel() + 1, dtype=mine.dtype)).sum()
+        grads = torch.autograd.grad(total, [ga, gp, gb])
+        for rank in range(world):
+            got = results[rank][("sharded", beta)]
+            for name, g, x in zip(("anchors", "positives"), grads, got[1:3]):
+                assert_close_scaled(x, g[_slices(sizes, rank)], 1e-10, f"sharded beta {beta}: rank {rank} {name}")
+            assert_close_scaled(got[3], grads[2][_slices(SHARDS[world], rank)], 1e-10,
+                                f"sharded beta {beta}: rank {rank} shard")
+    want = ["must make the same call", "must make the same call", "refused", "not negative_indices", "refused",
+            "temperature (or logit scale) must be the same"]
+    for rank in range(world):
+        got = results[rank]["errors"]
+        assert len(got) == len(want), got
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g is not None, (rank, i)
+            if w == "refused":  # rank 1 its own error, the others one naming rank 1
+                assert ("rank 1 of process_group refused its arguments" in g) == (rank != 1), (rank, i, g)
+            else:
+                assert w in g, (rank, i, g)
