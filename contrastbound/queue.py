@@ -52,8 +52,9 @@ class NegativeQueue(torch.nn.Module):
         loss.backward(); opt.step()
         queue.enqueue(k, y)  # keys from the momentum encoder, and their labels
 
-    Under ``torch.compile`` ``enqueue``, ``negatives``, ``labels`` and ``len`` run eagerly (a graph break each) instead of
-    being traced with those ints as constants, which would recompile the step at every new write position.
+    Under ``torch.compile`` ``enqueue``, ``negatives``, ``labels`` and ``len`` run eagerly (a graph break each)
+    instead of being traced with those ints as constants, which would recompile the step at every new write
+    position.
     """
 
     queue: torch.Tensor
