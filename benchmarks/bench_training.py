@@ -3,7 +3,8 @@ forward+backward time and memory (supcon_loss: N samples of 2 views, 100 classes
 it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, the authors' formula over the N x N
 logits, one direction (their SimCLR code forms 2N x 2N); supcon_bank: supcon_loss over 256 samples of 2 views with a
 labelled bank of N rows (a queue, no gradient; N is the bank's size here), against the 512 x (512 + N) logits with
-a positive mask as pytorch-metric-learning's CrossBatchMemory forms them).
+a positive mask as pytorch-metric-learning's CrossBatchMemory forms them); siglip_loss: N pairs, scale 10, bias -10,
+against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -35,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank")
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss")
 BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each)
 
 
@@ -90,6 +91,16 @@ def _plain_supcon_bank(views, labels, bank, bank_labels, t):
     return (-(log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)).mean()
 
 
+def _plain_siglip(img, txt, scale, bias):
+    # SigLIP's reference form: the N x N logits, labels z = 2 I - 1, -log sigmoid(z l) summed / N
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * F.normalize(img, dim=1) @ F.normalize(txt, dim=1).t() + bias
+    z = 2 * torch.eye(len(img)) - 1
+    return -F.logsigmoid(z * logits).sum() / len(img)
+
+
 def _plain_debiased(a, p, t, tau_plus, beta):
     # Robinson et al.'s form (hard negatives over Chuang et al.'s debiasing): exponentiated N x N logits, the
     # diagonal (each anchor's positive) apart
@@ -126,6 +137,9 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     elif loss_name == "debiased_info_nce":
         fn = ((lambda: cb.debiased_info_nce(x1, x2, None, 0.1, tau_plus=0.1, beta=0.5)) if method == "fused"
               else (lambda: _plain_debiased(x1, x2, 0.1, 0.1, 0.5)))
+    elif loss_name == "siglip_loss":
+        fn = ((lambda: cb.siglip_loss(x1, x2, 10.0, -10.0)) if method == "fused"
+              else (lambda: _plain_siglip(x1, x2, 10.0, -10.0)))
     elif loss_name == "supcon_bank":  # (two views: every row has a positive, so the two means agree)
         labels = torch.randint(0, 100, (rows,))
         bank, bank_labels = torch.randn(N, d), torch.randint(0, 100, (N,))
@@ -199,7 +213,7 @@ def main() -> int:
     for log2n in range(args.min_log2n, args.max_log2n + 1):
         N = 2**log2n
         for name in losses:
-            side = N if name in ("clip_loss", "debiased_info_nce") else 2 * N
+            side = N if name in ("clip_loss", "debiased_info_nce", "siglip_loss") else 2 * N
             shape = (2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else (side, side)
             matrix_mib = shape[0] * shape[1] * 4 / 2**20
             for method in ("fused", "plain"):

@@ -9,6 +9,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd for the registered 
 from .functional import (
     InfoNCE,
     NTXent,
+    SigLIP,
     SupCon,
     bank_cross_entropy,
     clip_loss,
@@ -16,6 +17,7 @@ from .functional import (
     info_nce,
     info_nce_lse,
     nt_xent,
+    siglip_loss,
     supcon_loss,
 )
 from .queue import NegativeQueue
@@ -41,6 +43,7 @@ __all__ = [
     "mean_classifier_loss",
     "InfoNCE",
     "NTXent",
+    "SigLIP",
     "SupCon",
     "NegativeQueue",
     "backend_info",
@@ -50,5 +53,6 @@ __all__ = [
     "info_nce",
     "info_nce_lse",
     "nt_xent",
+    "siglip_loss",
     "supcon_loss",
 ]

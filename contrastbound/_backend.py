@@ -52,6 +52,16 @@ HAS_CUDA_KERNEL = _has_kernel("CUDA")
 _HAS_CLIP_KERNEL = {"cpu": _has_kernel("CPU", "clip_fwd"), "cuda": _has_kernel("CUDA", "clip_fwd")}
 
 
+# siglip_loss's op (contrastbound::siglip_fwd): one ATen-tile core registered for every device
+# (CompositeExplicitAutograd), in every build of the extension.
+HAS_SIGLIP_KERNEL = _has_kernel("CompositeExplicitAutograd", "siglip_fwd")
+
+
+def siglip_kernel_serves() -> bool:
+    """True where the compiled SigLIP op is there (tests set HAS_SIGLIP_KERNEL = False to take the fallback)."""
+    return HAS_SIGLIP_KERNEL
+
+
 def kernel_serves(device: torch.device) -> bool:
     """True where a compiled kernel serves tensors on ``device``; else the fallback does."""
     if device.type == "cpu":

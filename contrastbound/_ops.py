@@ -35,7 +35,7 @@ def refuse_double_backward() -> None:
             "contrastbound: double backward is not supported (the fused InfoNCE kernels give first-order gradients "
             "only): a backward of the loss ran with create_graph=True, e.g. for a Hessian, a gradient penalty or "
             "MAML; use the loss's pure-PyTorch form in contrastbound.reference there (info_nce_reference, "
-            "nt_xent_reference, clip_reference, supcon_reference, debiased_info_nce_reference, ...)"
+            "nt_xent_reference, clip_reference, supcon_reference, debiased_info_nce_reference, siglip_reference, ...)"
         )
 
 
@@ -192,6 +192,48 @@ if _backend.EXTENSION_LOADED:
             return ga if mask[0] else None, gt if mask[1] else None, None, None, None
 
         torch.library.register_autograd("contrastbound::clip_fwd", _clip_backward, setup_context=_clip_setup_context)
+
+
+if _backend.EXTENSION_LOADED and _backend.HAS_SIGLIP_KERNEL:
+    # siglip_fwd / siglip_bwd (csrc/cpu/siglip.cpp): the negative pairs' softplus sums (B,) and their gradients;
+    # all four inputs (image, text, scale, bias) are differentiable.
+    def _siglip_scalars_have_values(image, scale, bias):
+        # (a meta scale among CPU features would send the call here, which returns uninitialised memory)
+        for name, t in (("scale", scale), ("bias", bias)):
+            if t.device.type == "meta" and image.device.type != "meta":
+                raise ValueError(f"{name} is on the meta device but image is on {image.device}")
+
+    @torch.library.register_fake("contrastbound::siglip_fwd")
+    def _siglip_fwd_fake(image, text, scale, bias):
+        _same_device(image, text=text)
+        _siglip_scalars_have_values(image, scale, bias)
+        return image.new_empty((image.shape[0],), dtype=_acc_dtype(image.dtype))
+
+    @torch.library.register_fake("contrastbound::siglip_bwd")
+    def _siglip_bwd_fake(grad_loss, image, text, scale, bias, output_mask):
+        _same_device(image, grad_loss=grad_loss, text=text)
+        _siglip_scalars_have_values(image, scale, bias)
+
+        def out(x, needed):
+            return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
+
+        return (out(image, output_mask[0]), out(text, output_mask[1]), out(scale, output_mask[2]),
+                out(bias, output_mask[3]))
+
+    def _siglip_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*map(savable, inputs))
+
+    def _siglip_backward(ctx, grad_loss):
+        refuse_double_backward()
+        image, text, scale, bias = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[i]) for i in range(4)]
+        if not any(mask):
+            return None, None, None, None
+        grads = torch.ops.contrastbound.siglip_bwd(grad_loss.contiguous(), image, text, scale, bias, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask))
+
+    torch.library.register_autograd("contrastbound::siglip_fwd", _siglip_backward,
+                                    setup_context=_siglip_setup_context)
 
 
 def _k_of(negatives_shape, indices_shape) -> int:

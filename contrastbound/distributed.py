@@ -64,11 +64,12 @@ _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negatives=None (in-batch)",
           "info_nce with a bank shard", "nt_xent", "clip_loss", "supcon_loss with labels",
           "supcon_loss with labels=None", "debiased_info_nce with negatives=None (in-batch)",
-          "debiased_info_nce with a bank shard and beta > 0", "debiased_info_nce with a bank shard and beta = 0")
+          "debiased_info_nce with a bank shard and beta > 0", "debiased_info_nce with a bank shard and beta = 0",
+          "siglip_loss")
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
-_META_LEN = 14  # _exchange_sizes's vector
+_META_LEN = 15  # _exchange_sizes's vector
 
 
 def _needs_grad(tensor: torch.Tensor) -> bool:
@@ -76,11 +77,13 @@ def _needs_grad(tensor: torch.Tensor) -> bool:
 
 
 def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, backward: dict[str, bool] | None = None,
-                    normalize: bool | None = None, temperature=None) -> list[int]:
+                    normalize: bool | None = None, temperature=None,
+                    option: tuple[str, float] | None = None) -> list[int]:
     """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype, and on the call.
 
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
-    rank raises the same ValueError, naming the argument and each rank's shape and dtype. The ranks must also be
+    rank raises the same ValueError, naming the argument and each rank's shape and dtype. ``option``: (name, a
+    float) another argument the ranks must agree on (debiased_info_nce's beta with a sharded bank). The ranks must also be
     making the same call (``_CALLS[call]``: one rank in-batch and another with a bank shard gathered each other's
     anchors as positives, silently), with the same ``normalize`` and temperature (else each rank's loss mixes
     differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
@@ -106,8 +109,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     traced = temperature is not None and not isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
     temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] \
         if temperature is not None and not isinstance(temperature, torch.Tensor) and not traced else 0
+    opt = 0 if option is None else struct.unpack("<q", struct.pack("<d", float(option[1])))[0]
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
-                         *row_shape, call, grads, norm, temp], device=tensor.device, dtype=torch.long)
+                         *row_shape, call, grads, norm, temp, opt], device=tensor.device, dtype=torch.long)
     if isinstance(temperature, torch.Tensor):
         meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     elif traced:
@@ -143,6 +147,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
 
         raise _joined(ValueError("the temperature (or logit scale) must be the same on every rank of process_group, "
                                  "got " + per_rank(temp_of)))
+    if option is not None and any(m[14] != metas[0][14] for m in metas):
+        raise _joined(ValueError(f"{option[0]} must be the same on every rank of process_group, got " + per_rank(
+            lambda m: f"{struct.unpack('<d', struct.pack('<q', m[14]))[0]:.9g}")))
     if any(m[11] != metas[0][11] for m in metas):
         def grads_of(m):
             return ", ".join(f"{n} {'needs' if m[11] >> i & 1 else 'does not need'} a gradient"
@@ -358,14 +365,14 @@ class sharded_negative_lse:
     group, call=...)`` exchanges the sizes and gathers the anchors once; ``lse(factor)`` is (B_r,), differentiable
     (the anchors' gradient summed over ranks, the shard's from every rank's anchors: _ShardedNegativeLse);
     ``lse.bank_rows`` is the whole bank's K. ``call`` tells the ranks apart (_CALLS: the number of lse calls each
-    will make must agree)."""
+    will make must agree); ``option`` (name, value): what else they must agree on (the scales' factor, beta)."""
 
     def __init__(self, anchors: torch.Tensor, shard: torch.Tensor, temperature, normalize: bool, group, *,
-                 call: int) -> None:
+                 call: int, option: tuple[str, float] | None = None) -> None:
         self.scale = _scale_of(temperature, anchors.device)
         sizes = _exchange_sizes(anchors, group, "anchors (cast to the dtype of negatives)", call=call,
                                 backward={"anchors or negatives": _needs_grad(anchors) or _needs_grad(shard)},
-                                normalize=normalize, temperature=temperature)
+                                normalize=normalize, temperature=temperature, option=option)
         # the shards' sizes (they may differ; the same row shape and dtype on every rank)
         self.bank_rows = sum(_exchange_sizes(shard, group, "negatives (this rank's shard)", call=call,
                                              normalize=normalize, temperature=temperature))

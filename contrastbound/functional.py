@@ -1005,7 +1005,9 @@ def debiased_info_nce(
     elif process_group is not None:
         from .distributed import sharded_negative_lse
 
-        sharded = sharded_negative_lse(a, negatives, t, normalize, process_group, call=8 if beta > 0.0 else 9)
+        # (beta sets every shard's scales: the ranks must agree on it, not only on beta > 0)
+        sharded = sharded_negative_lse(a, negatives, t, normalize, process_group, call=8 if beta > 0.0 else 9,
+                                       option=("beta", beta))
         K = sharded.bank_rows
 
         def lse_at(factor: float) -> torch.Tensor:  # over the whole sharded bank
@@ -1353,6 +1355,8 @@ def supcon_loss(
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
+        if bank is not None:  # (the bank's pass runs in its dtype: checked here, before any exchange)
+            _check_scale_fits(t, bank.dtype)
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             _check_group("supcon_loss", features, t, *(() if bank is None else (bank,)))
             _check_scale_fits(t, features.dtype)
@@ -1429,15 +1433,22 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
                             bank_labels: torch.Tensor, normalize: bool, budget: int = 1 << 20):
     """The per-label sums and counts of supcon_loss with the bank's rows of the batch's labels added at their
     label's slot (the first position of the label in the sorted batch labels `ordered`); the other rows go to a
-    spare slot, dropped after. The (normalised, accumulation-dtype) rows are formed ~`budget` values at a time, so
-    the extra memory stays O(M d + budget) whatever K (differentiable in the bank)."""
-    yb = bank_labels.to(torch.int64)
+    spare slot, dropped after. In eager mode the (normalised, accumulation-dtype) rows are formed ~`budget` values
+    at a time, so the extra memory is O(K) int64 slots and O(M d + budget) values whatever K (a bank that needs a
+    gradient in another dtype keeps its slices for backward: O(K d)). Under torch.compile they are formed at once
+    (a loop over K's slices would specialise the graph to K: one graph per size of a filling queue)."""
+    yb = bank_labels.to(torch.int64).contiguous()
     at = torch.searchsorted(ordered, yb).clamp_max(ordered.shape[0] - 1)
     spare = sums.shape[0]
     at = torch.where(ordered.index_select(0, at) == yb, at, spare)
     sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
     count = torch.cat([count, count.new_zeros(1)]).index_add(0, at, torch.ones_like(at, dtype=count.dtype))
     step = max(1, budget // max(1, bank.shape[1]))
+    if torch.compiler.is_compiling():
+        rows = bank.to(sums.dtype)
+        if normalize:
+            rows = F.normalize(rows, dim=-1, eps=1e-12)
+        return sums.index_add(0, at, rows)[:spare], count[:spare]
     for k0 in range(0, bank.shape[0], step):
         rows = bank[k0 : k0 + step].to(sums.dtype)
         if normalize:
@@ -1528,6 +1539,130 @@ def clip_loss(
         t2i, _ = info_nce_lse(text_features, image_features, **kw)
         _, result = _promoted(image_features, text_features)
     return _reduce(0.5 * (i2t + t2i), reduction, result)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor = 10.0,
+    logit_bias: float | torch.Tensor = -10.0,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    process_group=None,
+) -> torch.Tensor:
+    r"""SigLIP's pairwise sigmoid loss (Zhai et al. 2023) without the N x N logits.
+
+    With l_ij = t x_i . y_j + b (t = ``logit_scale``, b = ``logit_bias``) every (image i, text j) pair is a binary
+    task, positive on the diagonal: ``loss_i = softplus(-l_ii) + sum_{j != i} softplus(l_ij)``, and "mean" is
+    ``sum_i loss_i / N`` (the paper's ``-1/|B| sum_i sum_j log sigmoid(z_ij l_ij)``). The negative pairs' sums are
+    the fused op's (contrastbound::siglip_fwd: logit tiles by matrix products, reduced at once, recomputed in
+    backward; extra memory O(N d + tile) instead of the N x N logits); the positives' terms are O(N d) beside it.
+    Accumulates in float32 for float16 / bfloat16 inputs.
+
+    Args:
+        image_features, text_features: (N, d), row i of each is a matching pair.
+        logit_scale: t > 0, a number or a scalar tensor that receives a gradient (SigLIP learns log t from log 10
+            and passes ``log_t.exp()``; it is not clamped).
+        logit_bias: b, a finite number or a scalar tensor that receives a gradient (SigLIP starts it at -10).
+        normalize: L2-normalise the features first (SigLIP does).
+        reduction: "mean" (the sum over pairs / N), "sum", or "none" (per image row, (N,)).
+        process_group: a torch.distributed group: every rank's texts are gathered (as positives' partners of no
+            image here, negatives), so rank r's loss is its images against the global batch's texts, the sum over
+            ranks of their "sum" losses the global one (its "mean" divides by its own N); gradients follow the
+            all_gather_with_grad convention. The ranks must agree on normalize and the logit scale (checked) and the
+            bias (not checked: a difference only mixes differently scored losses).
+    """
+    with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
+        image, text = _check_features(image_features, text_features, ("image_features", "text_features"))
+        scale = _check_siglip_scalar("logit_scale", logit_scale, positive=True)
+        bias = _check_siglip_scalar("logit_bias", logit_bias, positive=False)
+        normalize = _check_bool("normalize", normalize)
+        reduction = _check_reduction(reduction)
+        compute, result = _promoted(image, text)
+        _check_temperature_has_value(scale, image.device, "logit_scale")
+        _check_temperature_has_value(bias, image.device, "logit_bias")
+        if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
+            _check_group("siglip_loss", image, text, *(x for x in (scale, bias) if isinstance(x, torch.Tensor)))
+    acc = _ops._acc_dtype(compute)
+    x, y = image.to(acc), text.to(acc)
+    if normalize:
+        x, y = F.normalize(x, dim=-1, eps=1e-12), F.normalize(y, dim=-1, eps=1e-12)
+    st, bt = (v.to(x.device) if isinstance(v, torch.Tensor) else torch.ones((), dtype=torch.float64,
+                                                                              device=x.device) * v
+              for v in (scale, bias))
+    if x.device.type != "cpu":
+        st, bt = _poison_bad_siglip_scalars(st, bt)
+    texts = y
+    if process_group is not None:
+        from .distributed import gather_with_local_first
+
+        # every rank's texts, this rank's first: text i is still image i's positive
+        texts = gather_with_local_first(y, process_group, name="text_features (normalised, in the accumulation "
+                                        "dtype)", call=10, normalize=normalize, temperature=scale)
+    if _siglip_kernel_serves(x.device) and not _needs_reference(x, texts, st, bt):
+        negatives = torch.ops.contrastbound.siglip_fwd(x, texts, st, bt)  # (the op keeps autocast out itself)
+    else:
+        with _autocast_off(x.device.type):  # float32 logits, as the op's
+            negatives = _siglip_negatives_reference(x, texts, st, bt)
+    positives = st.to(acc) * (x * y).sum(-1) + bt.to(acc)
+    from .reference import _softplus
+
+    return _reduce(negatives + _softplus(-positives), reduction, result)
+
+
+def _siglip_kernel_serves(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and _backend.siglip_kernel_serves()
+
+
+def _siglip_negatives_reference(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                                bias: torch.Tensor) -> torch.Tensor:
+    """The op's contract materialised: sum over j != i of softplus(scale x_i . y_j + bias), (B,)."""
+    from .reference import _softplus
+
+    acc = x.dtype
+    terms = _softplus(scale.to(acc) * (x @ y.T) + bias.to(acc))
+    pairs = torch.eye(x.shape[0], y.shape[0], dtype=torch.bool, device=x.device)
+    return terms.masked_fill(pairs, 0.0).sum(1)
+
+
+def _check_siglip_scalar(name: str, value: object, positive: bool) -> float | torch.Tensor:
+    """A finite number (positive for the scale), or a floating tensor with one element (0-d, differentiable),
+    checked as the temperature is (_check_positive_scalar_tensor): a CPU tensor's value read in eager mode (under
+    vmap every sample's), an in-graph assert under torch.compile; a GPU one is not read back (siglip_loss makes the
+    loss NaN for a bad value there, _poison_bad_siglip_scalars)."""
+    must = "a positive finite number" if positive else "a finite number"
+    if isinstance(value, torch.Tensor):
+        if positive:
+            return _check_positive_scalar_tensor(name, value)
+        _check_dense(name, value)
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be {must} or a floating tensor with one element, got a {value.dtype} "
+                             f"tensor of shape {tuple(value.shape)}")
+        x = _usable_for_autograd(value.reshape(()))
+        if x.device.type != "cpu":
+            return x
+        if torch.compiler.is_compiling():
+            if not _batched_while_compiling(x):
+                torch._assert_async(torch.isfinite(x.detach()), f"{name} must be {must}")
+        else:
+            for v in _read_back(x.detach(), lambda values: values.reshape(-1).tolist()):
+                if not math.isfinite(v):
+                    raise ValueError(f"{name} must be {must}, got {v}")
+        return x
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {must} or a scalar tensor, got {type(value).__name__}")
+    v = _as_float(name, value, must)
+    if not (-math.inf < v < math.inf and (v > 0.0 or not positive)):
+        raise ValueError(f"{name} must be {must}, got {v}")
+    return v
+
+
+def _poison_bad_siglip_scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN for a scale that is not positive and finite or a bias that is not finite, where their values were not
+    read (GPU tensors): the loss is then NaN, as a bad GPU temperature makes the other losses."""
+    bias = torch.where(torch.isfinite(bias), bias, torch.full_like(bias, float("nan")))
+    return _poison_bad_scale(scale), bias
 
 
 def _clip_kernel_serves(image: torch.Tensor, text: torch.Tensor, temperature: float | torch.Tensor) -> bool:
@@ -1756,3 +1891,70 @@ class SupCon(_TemperatureLoss):
                 bank_labels: torch.Tensor | None = None) -> torch.Tensor:
         return supcon_loss(features, labels, self.temperature, bank=bank, bank_labels=bank_labels,
                            normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)
+
+
+class SigLIP(torch.nn.Module):
+    """:func:`siglip_loss` as a module with SigLIP's learnable logit scale and bias: ``SigLIP()(image, text)``.
+
+    With ``learnable=True`` (the default, as in the paper) the scale is a parameter stored as its logarithm,
+    ``log_logit_scale`` (from log 10: it stays positive under any optimiser step), and the bias a parameter
+    ``logit_bias`` (from -10); both are in ``state_dict`` and get their gradients from the fused op. With
+    ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``normalize``,
+    ``reduction`` and ``process_group`` as in :func:`siglip_loss`.
+    """
+
+    def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True,
+                 normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
+        super().__init__()
+        scale = _check_siglip_scalar("logit_scale", logit_scale, positive=True)
+        bias = _check_siglip_scalar("logit_bias", logit_bias, positive=False)
+        if isinstance(scale, torch.Tensor) or isinstance(bias, torch.Tensor):
+            raise TypeError("SigLIP takes logit_scale and logit_bias as numbers (its initial values with "
+                            "learnable=True); pass tensors to contrastbound.siglip_loss instead")
+        self.learnable = _check_bool("learnable", learnable)
+        self.normalize = _check_bool("normalize", normalize)
+        self.reduction = _check_reduction(reduction)
+        self.process_group = process_group
+        self._initial = (scale, bias)
+        if self.learnable:
+            log_scale, bias_value = torch.tensor(math.log(scale)), torch.tensor(bias)
+            stored = float(log_scale.exp())
+            if not (0.0 < stored < math.inf and math.isfinite(float(bias_value))):
+                raise ValueError(f"SigLIP learns log(logit_scale) and logit_bias in {log_scale.dtype}: logit_scale "
+                                 f"{scale:g} (stored as {stored:g}) and logit_bias {bias:g} must be within its range")
+            self.log_logit_scale = torch.nn.Parameter(log_scale)
+            self.logit_bias = torch.nn.Parameter(bias_value)
+        else:
+            self._scale = scale
+            self.logit_bias = bias
+
+    def __deepcopy__(self, memo):
+        # A process group can be neither copied nor pickled: a copy (an EMA / teacher model) shares it.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+
+    @property
+    def logit_scale(self) -> float | torch.Tensor:
+        return self.log_logit_scale.exp() if self.learnable else self._scale
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias, normalize=self.normalize,
+                           reduction=self.reduction, process_group=self.process_group)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets learnable scale and bias back to their initial values (what ``to_empty`` and FSDP's deferred
+        initialisation call)."""
+        if self.learnable:
+            self.log_logit_scale.fill_(math.log(self._initial[0]))
+            self.logit_bias.fill_(self._initial[1])
+
+    def extra_repr(self) -> str:
+        if self.learnable and self.log_logit_scale.device.type == "meta":
+            values = "(meta)"
+        else:
+            scale, bias = (self.logit_scale.detach(), self.logit_bias.detach()) if self.learnable else \
+                (self._scale, self.logit_bias)
+            values = f"logit_scale={float(scale):g}, logit_bias={float(bias):g}"
+        return f"{values}, learnable={self.learnable}, normalize={self.normalize}, reduction={self.reduction!r}"

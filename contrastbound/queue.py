@@ -131,7 +131,8 @@ class NegativeQueue(torch.nn.Module):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
         elif keys.get("queue_labels") is not None and (tuple(keys["queue_labels"].shape) != (self.size,) or
                                                        keys["queue_labels"].is_floating_point() or
-                                                       keys["queue_labels"].is_complex()):
+                                                       keys["queue_labels"].is_complex() or
+                                                       keys["queue_labels"].dtype == torch.bool):
             problem = (f"queue_labels must be an integer tensor of shape ({self.size},), got "
                        f"{keys['queue_labels'].dtype} of shape {tuple(keys['queue_labels'].shape)}")
         elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"])):

@@ -166,6 +166,30 @@ def clip_reference(
     return _reduce(loss, reduction).to(torch.promote_types(image_features.dtype, text_features.dtype))
 
 
+def siglip_reference(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor = 10.0,
+    logit_bias: float | torch.Tensor = -10.0,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss with the materialised N x N logits; same contract as :func:`contrastbound.siglip_loss`:
+    ``loss_i = sum_j log(1 + e^{-z_ij (t x_i . y_j + b)})`` with z_ii = 1 and z_ij = -1 elsewhere, per image row;
+    "mean" divides the sum by N (the paper's 1 / |B|)."""
+    dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+    dt = _compute_dtype(dtype, compute_dtype)
+    x, y = image_features.to(dt), text_features.to(dt)
+    if normalize:
+        x, y = F.normalize(x, dim=-1, eps=_EPS), F.normalize(y, dim=-1, eps=_EPS)
+    logits = logit_scale * (x @ y.T) + logit_bias
+    z = 2.0 * torch.eye(x.shape[0], y.shape[0], dtype=dt, device=x.device) - 1.0
+    loss = _softplus(-z * logits).sum(1)
+    return _reduce(loss, reduction).to(dtype)
+
+
 def bank_cross_entropy_reference(
     anchors: torch.Tensor,
     bank: torch.Tensor,
@@ -206,7 +230,9 @@ def supcon_reference(
 ) -> torch.Tensor:
     """Supervised contrastive loss (L_out) from the materialised M x (M + K) logits; same contract as
     :func:`contrastbound.supcon_loss` (anchors without a positive: loss 0, left out of the mean; a bank's rows are
-    columns only, positives of the anchors of their label, none without bank_labels)."""
+    columns only, positives of the anchors of their label, none without bank_labels). Everything in the promoted
+    dtype (float32 for half inputs), where supcon_loss runs the bank's pass in the bank's dtype: with a narrower
+    bank they differ by its rounding."""
     for name, y in (("labels", labels), ("bank_labels", bank_labels)):
         if y is not None and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
             raise TypeError(f"{name} must be an integer tensor, got dtype {y.dtype}")  # (as supcon_loss)

@@ -63,4 +63,13 @@ TORCH_LIBRARY(contrastbound, m) {
   // Gradients for image and text (each empty where output_mask is false), from forward's loss and lse.
   m.def("clip_bwd(Tensor grad_loss, Tensor image, Tensor text, Tensor loss, Tensor lse, Tensor scale, "
         "bool normalize, bool[2] output_mask) -> (Tensor, Tensor)");
+  // SigLIP's negative pairs (csrc/cpu/siglip.cpp, one ATen-tile core for every device): image (B, d), text (M, d)
+  // with M >= B, already normalised where the loss normalises; loss (B,) (float32, float64 for float64 inputs) is
+  // sum_{j != i} softplus(scale image_i . text_j + bias), the pairs (i, i) being the positives that
+  // contrastbound.siglip_loss adds. scale and bias are tensors with one element (on the inputs' device or the
+  // CPU); under autograd all four inputs are differentiable.
+  m.def("siglip_fwd(Tensor image, Tensor text, Tensor scale, Tensor bias) -> Tensor");
+  // Gradients for image, text, scale and bias (each an empty tensor where output_mask is false).
+  m.def("siglip_bwd(Tensor grad_loss, Tensor image, Tensor text, Tensor scale, Tensor bias, bool[4] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

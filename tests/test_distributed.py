@@ -490,7 +490,7 @@ def test_sharded_bank_options_single_rank(tmp_path):
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
                     reason="torch 2.5's dynamo specialises every float (one graph per value)")
 @pytest.mark.parametrize("form", ["sharded", "in_batch", "nt_xent", "clip", "supcon", "debiased_in_batch",
-                                  "debiased_sharded"])
+                                  "debiased_sharded", "siglip"])
 def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, form):
     # A float temperature that changes between calls of a compiled step with process_group: its second value is
     # traced as a symbolic float, which the exchange of the ranks' arguments packed with struct.pack (dynamo raised
@@ -509,6 +509,7 @@ def test_torch_compile_float_temperature_schedule_with_process_group(tmp_path, f
             "supcon": lambda x, t, **kw: cb.supcon_loss(torch.stack([x, p], 1), None, t, **kw),
             "debiased_in_batch": lambda x, t, **kw: cb.debiased_info_nce(x, p, None, t, beta=0.5, **kw),
             "debiased_sharded": lambda x, t, **kw: cb.debiased_info_nce(x, p, n, t, beta=0.5, **kw),
+            "siglip": lambda x, t, **kw: cb.siglip_loss(x, p, 1.0 / t, -2.0, **kw),
         }
         fn = fns[form]
         torch._dynamo.reset()
@@ -624,7 +625,10 @@ def _supcon_worker(rank, world, init_file, out_dir):
                      lambda: cb.supcon_loss(x, lab, process_group=w, reduction="avg" if rank == 1 else "mean"),
                      lambda: cb.supcon_loss(x, lab, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
                                             process_group=w),
-                     lambda: cb.supcon_loss(torch.randn(3, 2, 4 + rank), lab, process_group=w)):
+                     lambda: cb.supcon_loss(torch.randn(3, 2, 4 + rank), lab, process_group=w),
+                     # (a review's find: a bank too narrow for the temperature was refused after the exchange)
+                     lambda: cb.supcon_loss(x.double(), lab, 1e-39, bank=torch.randn(2, 4) if rank == 1 else None,
+                                            process_group=w)):
             try:
                 call()
                 errors.append(None)
@@ -697,7 +701,7 @@ def test_supcon_over_the_global_batch_matches_single_process(world):
         torch.testing.assert_close(results[rank]["float32"][1].double(), gg[_slices(sizes, rank)], rtol=1e-4,
                                    atol=1e-5)
     want = ["must make the same call", "temperature (or logit scale) must be the same", "refused", "refused",
-            "refused", "refused", "features must have the same shape past the first dimension"]
+            "refused", "refused", "features must have the same shape past the first dimension", "refused"]
     for rank in range(world):
         got = results[rank]["errors"]
         assert len(got) == len(want), got
@@ -797,6 +801,8 @@ def _debiased_worker(rank, world, init_file, out_dir):
         x, y, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
         errors = []
         for call in (lambda: cb.debiased_info_nce(x, y, s, beta=0.5 if rank == 1 else 0.0, process_group=w),
+                     # (a review's find: betas that differ, both > 0, gave each shard's part at its rank's scale)
+                     lambda: cb.debiased_info_nce(x, y, s, beta=1.0 if rank == 1 else 0.5, process_group=w),
                      lambda: cb.debiased_info_nce(x, y, s if rank == 0 else None, process_group=w),
                      lambda: cb.debiased_info_nce(x, y, None, tau_plus=1.0 if rank == 1 else 0.1, process_group=w),
                      lambda: cb.debiased_info_nce(x, y, s, negative_indices=torch.zeros(3, 2, dtype=torch.long),
@@ -862,7 +868,8 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
                 assert_close_scaled(x, g[_slices(sizes, rank)], 1e-10, f"sharded beta {beta}: rank {rank} {name}")
             assert_close_scaled(got[3], grads[2][_slices(SHARDS[world], rank)], 1e-10,
                                 f"sharded beta {beta}: rank {rank} shard")
-    want = ["must make the same call", "must make the same call", "refused", "not negative_indices", "refused",
+    want = ["must make the same call", "beta must be the same on every rank of process_group, got rank 0: 0.5; "
+            "rank 1: 1", "must make the same call", "refused", "not negative_indices", "refused",
             "temperature (or logit scale) must be the same"]
     for rank in range(world):
         got = results[rank]["errors"]
@@ -870,6 +877,78 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
         for i, (g, w) in enumerate(zip(got, want)):
             assert g is not None, (rank, i)
             if w == "refused":  # rank 1 its own error, the others one naming rank 1
+                assert ("rank 1 of process_group refused its arguments" in g) == (rank != 1), (rank, i, g)
+            else:
+                assert w in g, (rank, i, g)
+
+
+def _siglip_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        a, p, _ = _global_data()
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        w = dist.group.WORLD
+        x, y = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+        loss = cb.siglip_loss(x, y, s, b, reduction="none", process_group=w)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+        out = {"none": (loss.detach(), x.grad, y.grad, s.grad, b.grad)}
+        errors = []
+        for call in (lambda: cb.siglip_loss(x, y, 6.0 + rank, process_group=w),
+                     lambda: cb.siglip_loss(x, y, -1.0 if rank == 1 else 6.0, process_group=w),
+                     lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w)):
+            try:
+                call()
+                errors.append(None)
+            except (ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        out["errors"] = errors
+        torch.save(out, os.path.join(out_dir, f"siglip{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_siglip_over_the_global_batch_matches_single_process(world):
+    # rank r's images against every rank's texts: its rows of the global N x N loss; features get the gradient of
+    # the sum over ranks' (weighted) losses, the scale and bias this rank's own
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_siglip_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        results = [torch.load(os.path.join(tmp, f"siglip{r}.pt")) for r in range(world)]
+    from contrastbound.reference import siglip_reference
+
+    a, p, _ = _global_data()
+    sizes = ANCHORS_PER_RANK[world]
+    n = sum(sizes)
+    x, y = a[:n].clone().requires_grad_(True), p[:n].clone().requires_grad_(True)
+    s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    rows_loss = siglip_reference(x, y, s, b, reduction="none")
+    total = 0.0
+    for rank in range(world):
+        mine = rows_loss[_slices(sizes, rank)]
+        weighted = (mine * torch.arange(1.0, mine.numel() + 1, dtype=mine.dtype)).sum()
+        got = results[rank]["none"]
+        assert_close_scaled(got[0], mine, 1e-12, f"rank {rank} loss")
+        gs, gb = torch.autograd.grad(weighted, [s, b], retain_graph=True)
+        assert_close_scaled(got[3], gs, 1e-11, f"rank {rank} scale grad")
+        assert_close_scaled(got[4], gb, 1e-11, f"rank {rank} bias grad")
+        total = total + weighted
+    gx, gy = torch.autograd.grad(total, [x, y])
+    for rank in range(world):
+        got = results[rank]["none"]
+        assert_close_scaled(got[1], gx[_slices(sizes, rank)], 1e-11, f"rank {rank} image grad")
+        assert_close_scaled(got[2], gy[_slices(sizes, rank)], 1e-11, f"rank {rank} text grad")
+    want = ["temperature (or logit scale) must be the same", "refused", "normalize must be the same"]
+    for rank in range(world):
+        got = results[rank]["errors"]
+        assert len(got) == len(want), got
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g is not None, (rank, i)
+            if w == "refused":
                 assert ("rank 1 of process_group refused its arguments" in g) == (rank != 1), (rank, i, g)
             else:
                 assert w in g, (rank, i, g)

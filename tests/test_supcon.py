@@ -269,6 +269,42 @@ def test_bank_under_torch_func():
     assert_close_scaled(got, want, 1e-12, "vmap over banks")
 
 
+def test_bank_of_a_filling_queue_compiles_once():
+    # (a review's find) the bank's rows were summed by label in slices over K, a loop that specialised the graph to
+    # K: a new graph at every size of a filling queue, and fullgraph=True failed at the 9th. Now at most 2 graphs
+    # for 10 sizes (one for the first size, one with K dynamic), each step's values as eager's
+    torch._dynamo.reset()
+    frames = []
+    compiled = torch.compile(lambda f_, y_, b_, yb_: cb.supcon_loss(f_, y_, 0.1, bank=b_, bank_labels=yb_),
+                             fullgraph=True, backend=lambda gm, ex: frames.append(gm) or gm.forward)
+    queue = cb.NegativeQueue(200, 8, labels=True)
+    g = torch.Generator().manual_seed(15)
+    try:
+        for step in range(10):
+            f = torch.randn(16, 2, 8, generator=g, requires_grad=True)
+            y = torch.randint(0, 5, (16,), generator=g)
+            got, want = (fn(f, y, queue.negatives(), queue.labels()) for fn in (compiled, lambda *a: cb.supcon_loss(
+                a[0], a[1], 0.1, bank=a[2], bank_labels=a[3])))
+            assert_close_scaled(got, want, 1e-6, f"step {step}")
+            queue.enqueue(f[:, 1].detach(), y)
+    finally:
+        torch._dynamo.reset()
+    assert len(frames) <= 2, len(frames)
+
+
+def test_bank_labels_of_any_layout():
+    # strided labels (a slice with a step) and a transposed bank: the same values, and no warning (searchsorted
+    # warned about non-contiguous values)
+    import warnings
+
+    f, bank = _case((9, 6), seed=13), _bank(6)
+    labels2 = torch.stack([BANK_LABELS, BANK_LABELS], 1).reshape(-1)[::2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cb.supcon_loss(f, LABELS, 0.3, bank=bank.T.contiguous().T, bank_labels=labels2)
+    assert_close_scaled(got, supcon_reference(f, LABELS, 0.3, bank=bank, bank_labels=BANK_LABELS), 1e-12, "loss")
+
+
 def test_bank_from_a_labelled_queue():
     # the module over NegativeQueue(labels=True): the queue's rows and labels in the order it serves them
     queue = cb.NegativeQueue(7, 5, labels=True, dtype=torch.float64)

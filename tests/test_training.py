@@ -334,8 +334,9 @@ def test_labelled_queue_state_dict_and_bad_input():
                                            "missing; nothing was loaded"):
         fresh.load_state_dict(plain.state_dict())
     assert len(fresh) == 0
-    with pytest.raises(RuntimeError, match="queue_labels must be an integer tensor of shape \\(3,\\)"):
-        fresh.load_state_dict({**q.state_dict(), "queue_labels": torch.zeros(3)})
+    for bad in (torch.zeros(3), torch.zeros(3, dtype=torch.bool)):  # (bool labels loaded as 0 / 1 before)
+        with pytest.raises(RuntimeError, match="queue_labels must be an integer tensor of shape \\(3,\\)"):
+            fresh.load_state_dict({**q.state_dict(), "queue_labels": bad})
     # a labelled state into a plain queue: the labels are an unexpected key, left to strict as torch does
     with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "queue_labels"'):
         plain.load_state_dict(q.state_dict())

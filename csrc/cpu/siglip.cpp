@@ -1,0 +1,288 @@
+// SigLIP's negative pairs without the B x M logits (contrastbound::siglip_fwd / siglip_bwd).
+//
+// For image rows x_i (B, d) and text rows y_j (M, d), M >= B, with l_ij = s x_i . y_j + b:
+//   forward   loss_i = sum_{j != i} softplus(l_ij)                        (B,), the accumulation type
+//   backward  w_ij = g_i sigmoid(l_ij) (0 at j = i):  d x_i = s sum_j w_ij y_j,  d y_j = s sum_i w_ij x_i,
+//             d s = sum_ij w_ij x_i . y_j,  d b = sum_ij w_ij
+// The pair (i, i) is the positive, whose term softplus(-l_ii) contrastbound.siglip_loss adds itself (O(B d)).
+// Rows j >= B are texts without a positive among these images (other ranks' texts under process_group).
+//
+// The logits are formed a tile at a time by ATen matrix products (in float32 for float16 / bfloat16 inputs,
+// float64 for float64) and reduced at once; backward recomputes them. One core for every device: on the CPU the
+// tiles are split over threads (image-row blocks for the rows' sums and the images' gradient, text-row blocks for
+// the texts' gradient, each recomputing its tiles, so each output row is written by one work unit: no races, the
+// same bits with any number of threads); elsewhere (CUDA) the tiles run in order on the current stream, larger,
+// with both gradients from one recomputation, and the scale and bias are never read back to the host.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace contrastbound {
+namespace siglip {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRowBlock = 256;     // CPU: image (text) rows per work unit
+constexpr int64_t kColTile = 512;      // CPU: text (image) rows per tile
+constexpr int64_t kTileLogits = 1 << 24;  // other devices: logits per tile (64 MiB in float32)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The in-order path of other devices, on the CPU too with CONTRASTBOUND_SIGLIP_SEQUENTIAL=1, and its tile size
+// from CONTRASTBOUND_SIGLIP_TILE_LOGITS (read per call): how the tests reach that path without a GPU.
+bool in_order(const Tensor& x) {
+  const char* v = std::getenv("CONTRASTBOUND_SIGLIP_SEQUENTIAL");
+  return !x.device().is_cpu() || (v != nullptr && std::string(v) == "1");
+}
+
+int64_t tile_logits() {
+  const char* v = std::getenv("CONTRASTBOUND_SIGLIP_TILE_LOGITS");
+  const long long n = v != nullptr ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<int64_t>(n) : kTileLogits;
+}
+
+// at::parallel_for with the caller's thread-local state installed in every worker (as the InfoNCE kernel does:
+// OpenMP workers do not inherit inference mode or grad mode).
+template <typename F>
+void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
+
+void check_inputs(const Tensor& image, const Tensor& text, const Tensor& scale, const Tensor& bias) {
+  TORCH_CHECK_VALUE(image.dim() == 2, "siglip: image must be (B, d), got ", image.sizes());
+  TORCH_CHECK_VALUE(text.dim() == 2 && text.size(1) == image.size(1) && text.size(0) >= image.size(0),
+                    "siglip: text must be (M, d) with M >= B = ", image.size(0), " and d = ", image.size(1), ", got ",
+                    text.sizes());
+  TORCH_CHECK_TYPE(image.is_floating_point() && text.scalar_type() == image.scalar_type(),
+                   "siglip: image and text must share a floating dtype, got ", image.scalar_type(), " and ",
+                   text.scalar_type());
+  TORCH_CHECK_VALUE(text.device() == image.device(), "siglip: text is on ", text.device(), " but image on ",
+                    image.device());
+  for (const auto* t : {&scale, &bias}) {
+    TORCH_CHECK_VALUE(t->numel() == 1 && t->is_floating_point(), "siglip: scale and bias must be floating tensors "
+                      "with one element, got ", t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == image.device() || t->device().is_cpu(), "siglip: scale and bias must be on ",
+                      image.device(), " or the CPU, got ", t->device());
+  }
+}
+
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Zeroes the positive pairs (image i, text i) of a tile whose rows are images [i0, ...) and columns texts
+// [j0, ...) (transposed = false), or whose rows are texts [j0, ...) and columns images [i0, ...) (true).
+void zero_pairs(Tensor& tile, int64_t i0, int64_t j0, bool transposed) {
+  const int64_t offset = transposed ? j0 - i0 : i0 - j0;  // column = row + offset on the pairs
+  if (offset < tile.size(1) && -offset < tile.size(0)) tile.diagonal(offset).zero_();
+}
+
+// l := log(1 + e^l) in place, without overflow: max(l, 0) + log1p(e^{-|l|}) (one more tile beside l).
+void softplus_(Tensor& l) {
+  const Tensor tail = at::abs(l).neg_().exp_().log1p_();
+  l.clamp_min_(0).add_(tail);
+}
+
+struct Scalars {  // the scale and bias as the tiles use them: doubles on the CPU, 0-d tensors elsewhere
+  bool host;
+  double s, b;
+  Tensor st, bt;
+};
+
+Scalars scalars_of(const Tensor& scale, const Tensor& bias, const Tensor& like) {
+  Scalars sc;
+  sc.host = !in_order(like);
+  if (sc.host) {
+    sc.s = scale.to(at::kDouble).item<double>();
+    sc.b = bias.to(at::kDouble).item<double>();
+  } else {
+    sc.st = scale.reshape({}).to(like.options());
+    sc.bt = bias.reshape({}).to(like.options());
+  }
+  return sc;
+}
+
+// The logits s P + b of a raw product P, in a new tile (logits_) or in P's place.
+Tensor logits_of(const Tensor& P, const Scalars& sc) {
+  return sc.host ? P.mul(sc.s).add_(sc.b) : P.mul(sc.st).add_(sc.bt);
+}
+
+void logits_(Tensor& P, const Scalars& sc) {
+  if (sc.host) {
+    P.mul_(sc.s).add_(sc.b);
+  } else {
+    P.mul_(sc.st).add_(sc.bt);
+  }
+}
+
+// The rows' sums over a tile of the negative pairs' softplus(l), from the raw product P (overwritten).
+Tensor tile_row_sums(Tensor& P, const Scalars& sc, int64_t i0, int64_t j0) {
+  logits_(P, sc);
+  softplus_(P);
+  zero_pairs(P, i0, j0, false);
+  return P.sum(1);
+}
+
+Tensor siglip_fwd_impl(const Tensor& image, const Tensor& text, const Tensor& scale, const Tensor& bias) {
+  check_inputs(image, text, scale, bias);
+  const int64_t B = image.size(0), M = text.size(0);
+  const Tensor X = image.to(acc_type(image)).contiguous(), Y = text.to(acc_type(image)).contiguous();
+  const Scalars sc = scalars_of(scale, bias, X);
+  Tensor loss = at::zeros({B}, X.options());
+  if (B == 0 || M <= 1) return loss;
+  if (sc.host) {
+    parallel_for_tls(0, ceil_div(B, kRowBlock), 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i0 = u * kRowBlock, rows = std::min(kRowBlock, B - i0);
+        const Tensor Xb = X.narrow(0, i0, rows);
+        Tensor acc = at::zeros({rows}, X.options());
+        for (int64_t j0 = 0; j0 < M; j0 += kColTile) {
+          Tensor P = at::mm(Xb, Y.narrow(0, j0, std::min(kColTile, M - j0)).t());
+          acc.add_(tile_row_sums(P, sc, i0, j0));
+        }
+        loss.narrow(0, i0, rows).copy_(acc);
+      }
+    });
+    return loss;
+  }
+  const int64_t rows = std::min<int64_t>(B, std::max<int64_t>(1, tile_logits() / std::max<int64_t>(M, 1)));
+  const int64_t cols = std::min<int64_t>(M, std::max<int64_t>(1, tile_logits() / rows));
+  for (int64_t i0 = 0; i0 < B; i0 += rows) {
+    const int64_t r = std::min(rows, B - i0);
+    const Tensor Xb = X.narrow(0, i0, r);
+    Tensor acc = loss.narrow(0, i0, r);
+    for (int64_t j0 = 0; j0 < M; j0 += cols) {
+      Tensor P = at::mm(Xb, Y.narrow(0, j0, std::min(cols, M - j0)).t());
+      acc.add_(tile_row_sums(P, sc, i0, j0));
+    }
+  }
+  return loss;
+}
+
+// w = g sigmoid(l) with the pairs zeroed, for a tile's raw product P (rows: images, or texts when transposed).
+Tensor weights_of(const Tensor& P, const Scalars& sc, const Tensor& g, int64_t i0, int64_t j0, bool transposed) {
+  Tensor w = logits_of(P, sc).sigmoid_();
+  w.mul_(transposed ? g.unsqueeze(0) : g.unsqueeze(1));
+  zero_pairs(w, i0, j0, transposed);
+  return w;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_loss, const Tensor& image,
+                                                           const Tensor& text, const Tensor& scale,
+                                                           const Tensor& bias, std::array<bool, 4> mask) {
+  check_inputs(image, text, scale, bias);
+  const int64_t B = image.size(0), M = text.size(0), d = image.size(1);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "siglip: grad_loss must be (B,) = (", B,
+                    ",), got ", grad_loss.sizes());
+  const Tensor X = image.to(acc_type(image)).contiguous(), Y = text.to(acc_type(image)).contiguous();
+  const Tensor g = grad_loss.to(X.options()).contiguous();
+  const Scalars sc = scalars_of(scale, bias, X);
+  const bool rows_pass = mask[0] || mask[2] || mask[3];
+  Tensor gx = at::zeros({B, d}, X.options()), gy = at::zeros({M, d}, X.options());
+  Tensor gs = at::zeros({}, X.options()), gb = at::zeros({}, X.options());
+  if (B > 0 && M > 1 && sc.host) {
+    const int64_t units = ceil_div(B, kRowBlock);
+    std::vector<double> s_part(units, 0.0), b_part(units, 0.0);
+    if (rows_pass) {
+      parallel_for_tls(0, units, 1, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t i0 = u * kRowBlock, rows = std::min(kRowBlock, B - i0);
+          const Tensor Xb = X.narrow(0, i0, rows), gb_rows = g.narrow(0, i0, rows);
+          Tensor gxb = gx.narrow(0, i0, rows);
+          for (int64_t j0 = 0; j0 < M; j0 += kColTile) {
+            const Tensor Yc = Y.narrow(0, j0, std::min(kColTile, M - j0));
+            const Tensor P = at::mm(Xb, Yc.t());
+            const Tensor w = weights_of(P, sc, gb_rows, i0, j0, false);
+            if (mask[0]) gxb.addmm_(w, Yc);
+            if (mask[2]) s_part[u] += at::dot(w.reshape(-1), P.reshape(-1)).item<double>();
+            if (mask[3]) b_part[u] += w.sum().item<double>();
+          }
+        }
+      });
+    }
+    if (mask[1]) {
+      parallel_for_tls(0, ceil_div(M, kRowBlock), 1, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t j0 = u * kRowBlock, rows = std::min(kRowBlock, M - j0);
+          const Tensor Yc = Y.narrow(0, j0, rows);
+          Tensor gyc = gy.narrow(0, j0, rows);
+          for (int64_t i0 = 0; i0 < B; i0 += kColTile) {
+            const int64_t cols = std::min(kColTile, B - i0);
+            const Tensor Xb = X.narrow(0, i0, cols);
+            gyc.addmm_(weights_of(at::mm(Yc, Xb.t()), sc, g.narrow(0, i0, cols), i0, j0, true), Xb);
+          }
+        }
+      });
+    }
+    double s_sum = 0.0, b_sum = 0.0;  // in a fixed order
+    for (int64_t u = 0; u < units; ++u) s_sum += s_part[u], b_sum += b_part[u];
+    gs.fill_(s_sum);
+    gb.fill_(b_sum);
+    gx.mul_(sc.s);
+    gy.mul_(sc.s);
+  } else if (B > 0 && M > 1) {
+    const int64_t rows = std::min<int64_t>(B, std::max<int64_t>(1, tile_logits() / std::max<int64_t>(M, 1)));
+    const int64_t cols = std::min<int64_t>(M, std::max<int64_t>(1, tile_logits() / rows));
+    for (int64_t i0 = 0; i0 < B; i0 += rows) {
+      const int64_t r = std::min(rows, B - i0);
+      const Tensor Xb = X.narrow(0, i0, r);
+      Tensor gxb = gx.narrow(0, i0, r);
+      for (int64_t j0 = 0; j0 < M; j0 += cols) {
+        const int64_t c = std::min(cols, M - j0);
+        const Tensor Yc = Y.narrow(0, j0, c);
+        const Tensor P = at::mm(Xb, Yc.t());
+        const Tensor w = weights_of(P, sc, g.narrow(0, i0, r), i0, j0, false);
+        if (mask[0]) gxb.addmm_(w, Yc);
+        if (mask[1]) gy.narrow(0, j0, c).addmm_(w.t(), Xb);
+        if (mask[2]) gs.add_(at::dot(w.reshape(-1), P.reshape(-1)));
+        if (mask[3]) gb.add_(w.sum());
+      }
+    }
+    gx.mul_(sc.st);
+    gy.mul_(sc.st);
+  }
+  auto out = [](const Tensor& grad, const Tensor& like, bool needed) {
+    return needed ? grad.to(like.scalar_type()).reshape(like.sizes()).to(like.device()) : like.new_empty({0});
+  };
+  return {out(gx, image, mask[0]), out(gy, text, mask[1]), out(gs, scale, mask[2]), out(gb, bias, mask[3])};
+}
+
+}  // namespace
+
+// The op is CompositeExplicitAutograd: its own matrix products would pass through autocast again (bfloat16 tiles
+// under torch.autocast, and mixed dtypes in backward's accumulations), so autocast is kept out of them, for the
+// worker threads too (they inherit this thread's dispatch-key state).
+Tensor siglip_fwd(const Tensor& image, const Tensor& text, const Tensor& scale, const Tensor& bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return siglip_fwd_impl(image.detach(), text.detach(), scale.detach(), bias.detach());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd(const Tensor& grad_loss, const Tensor& image,
+                                                      const Tensor& text, const Tensor& scale, const Tensor& bias,
+                                                      std::array<bool, 4> output_mask) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return siglip_bwd_impl(grad_loss.detach(), image.detach(), text.detach(), scale.detach(), bias.detach(),
+                         output_mask);
+}
+
+TORCH_LIBRARY_IMPL(contrastbound, CompositeExplicitAutograd, m) {
+  m.impl("siglip_fwd", &siglip_fwd);
+  m.impl("siglip_bwd", &siglip_bwd);
+}
+
+}  // namespace siglip
+}  // namespace contrastbound
