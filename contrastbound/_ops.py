@@ -249,7 +249,7 @@ def _register_flop_formulas() -> None:
     own cost is in docs/ARCHITECTURE.md and differs by device). Forward: the logits, and the anchors' gradient
     product V when it saves it; backward: the negatives' gradient where asked, and the anchors' where forward did
     not save V. A training step counts 4 B K d with a detached bank, 6 B K d with one that learns, as naive
-    PyTorch's. clip_loss's op: its N x N logits forward, a product per side's gradient backward."""
+    PyTorch's. clip_loss's and siglip_loss's ops: the N x N logits forward, a product per side's gradient backward."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     ops = torch.ops.contrastbound
@@ -279,6 +279,16 @@ def _register_flop_formulas() -> None:
         @formula([ops.clip_bwd])
         def _clip_bwd_flop(grad_loss, image, text, loss, lse, scale, normalize, output_mask, *args, out_shape=None,
                            **kwargs) -> int:
+            return 2 * image[0] * text[0] * image[1] * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+    if hasattr(ops, "siglip_fwd"):  # SigLIP's negative pairs: the (B, M) products, as naive PyTorch's x @ y.T
+        @formula([ops.siglip_fwd])
+        def _siglip_fwd_flop(image, text, *args, out_shape=None, **kwargs) -> int:
+            return 2 * image[0] * text[0] * image[1]
+
+        @formula([ops.siglip_bwd])
+        def _siglip_bwd_flop(grad_loss, image, text, scale, bias, output_mask, *args, out_shape=None, **kwargs) -> int:
             return 2 * image[0] * text[0] * image[1] * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 

@@ -147,6 +147,24 @@ def test_dtypes_against_float64(device, dtype):
         assert_close_scaled(g.double(), w, TOL[dtype], f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tiles_against_float64(device):
+    # N = 4500: 2.0e7 logits, more than one tile of the in-order path (2^24) on a GPU, 18 x 9 units on the CPU;
+    # float32 on the device against the CPU op in float64 (itself checked against the reference above), learnable
+    # scale and bias on the device
+    x, y = _pair(4500, 16, seed=18, dtype=torch.float32)
+    s = torch.tensor(10.0, device=device, requires_grad=True)
+    b = torch.tensor(-10.0, device=device, requires_grad=True)
+    xd, yd = x.detach().to(device).requires_grad_(), y.detach().to(device).requires_grad_()
+    got = cb.siglip_loss(xd, yd, s, b)
+    leaves = [v.detach().cpu().double().requires_grad_() for v in (xd, yd, s, b)]
+    want = cb.siglip_loss(*leaves)
+    assert_close_scaled(got.double().cpu(), want, 1e-5, "loss")
+    for name, g, w in zip(["image", "text", "logit_scale", "logit_bias"], torch.autograd.grad(got, [xd, yd, s, b]),
+                          torch.autograd.grad(want, leaves)):
+        assert_close_scaled(g.double().cpu(), w, 1e-4, f"grad {name}")
+
+
 def test_confident_pairs_keep_their_accuracy_in_float32():
     # orthonormal images, each text a near copy of its image, scale 50, bias -20: the negative logits ~ -20
     # (softplus ~ e^-20 each), the positive ones ~ 30 (e^-30): the float32 loss stays within 1e-5 relative of
@@ -209,6 +227,19 @@ def test_fallback_without_the_op_matches(monkeypatch):
         assert_close_scaled(g, w, 1e-12, "grad")
 
 
+def test_flop_counter_counts_the_useful_work():
+    # FlopCounterMode: forward and backward as naive PyTorch's x @ y.T and its two gradient products, 6 N^2 d
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = _pair(50, 8, seed=19, dtype=torch.float32)
+    counts = []
+    for fn in (cb.siglip_loss, lambda a, b: siglip_reference(a, b, 10.0, -10.0)):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, y).backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 6 * 50 * 50 * 8
+
+
 def test_double_backward_is_refused():
     x, y = _pair(5, 3, seed=12)
     with pytest.raises(RuntimeError, match="double backward is not supported.*siglip_reference"):
@@ -249,7 +280,7 @@ def test_bad_scale_or_bias_values_outside_eager_mode():
     with pytest.raises(Exception, match="logit_bias must be a finite number"):
         compiled(x, y, torch.tensor(10.0), torch.tensor(float("inf")))
     torch._dynamo.reset()
-    s, b = _poison_bad_siglip_scalars(torch.tensor([-1.0, 2.0, float("inf")]), torch.tensor([0.0, float("nan"), 1.0]))
+    s, b = _poison_bad_siglip_scalars(torch.tensor([-1.0, 2.0, float("inf")]), torch.tensor([0.0, -float("inf"), 1.0]))
     assert torch.isnan(s[0]) and s[1] == 2.0 and torch.isnan(s[2])
     assert b[0] == 0.0 and torch.isnan(b[1]) and b[2] == 1.0
 
