@@ -1567,10 +1567,10 @@ def siglip_loss(
         logit_bias: b, a finite number or a scalar tensor that receives a gradient (SigLIP starts it at -10).
         normalize: L2-normalise the features first (SigLIP does).
         reduction: "mean" (the sum over pairs / N), "sum", or "none" (per image row, (N,)).
-        process_group: a torch.distributed group: every rank's texts are gathered (as positives' partners of no
-            image here, negatives), so rank r's loss is its images against the global batch's texts, the sum over
-            ranks of their "sum" losses the global one (its "mean" divides by its own N); gradients follow the
-            all_gather_with_grad convention. The ranks must agree on normalize and the logit scale (checked) and the
+        process_group: a torch.distributed group: every rank's texts are gathered, so rank r's loss is its images
+            against the global batch's texts (the other ranks' texts are negatives of its images), the sum over
+            ranks of their "sum" losses is the global one (each rank's "mean" divides by its own N); gradients
+            follow the all_gather_with_grad convention. The ranks must agree on normalize and the logit scale (checked) and the
             bias (not checked: a difference only mixes differently scored losses).
     """
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
