@@ -971,6 +971,35 @@ def test_bank_cross_entropy_ignore_index_and_label_smoothing(normalize, reductio
     assert_close_scaled(ref, want, 1e-14, "reference")
 
 
+def test_bank_cross_entropy_leaves_ignored_rows_out_of_the_work():
+    # (padding-heavy batches) in eager mode the ignored rows are not computed and dropped but left out: the op
+    # counts the kept rows' products only (FlopCounterMode), with the masked form's values and gradients; under
+    # torch.compile (static shapes) the rows are masked, the same numbers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (40,), generator=g)
+    targets[::2] = -100  # half the rows padding
+    with FlopCounterMode(display=False) as counter:
+        loss = cb.bank_cross_entropy(a, w, targets, 0.5, label_smoothing=0.1)
+    assert counter.get_total_flops() == 2 * 2 * 20 * 30 * 8  # the logits and V of the 20 kept rows
+    want = bank_cross_entropy_reference(a, w, targets, 0.5, label_smoothing=0.1)
+    assert_close_scaled(loss, want, 1e-12, "loss")
+    grads = torch.autograd.grad(loss, (a, w))
+    for name, x, y in zip(("anchors", "bank"), grads, torch.autograd.grad(want, (a, w))):
+        assert_close_scaled(x, y, 1e-12, f"grad {name}")
+    assert torch.count_nonzero(grads[0][::2]) == 0
+    compiled = torch.compile(lambda a_, w_, t_: cb.bank_cross_entropy(a_, w_, t_, 0.5, label_smoothing=0.1),
+                             backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        assert_close_scaled(compiled(a, w, targets), want, 1e-12, "compiled")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bank_cross_entropy_ignore_index_edge_cases():
     g = torch.Generator().manual_seed(8)
     a, w = torch.randn(4, 5, generator=g, requires_grad=True), torch.randn(9, 5, generator=g, requires_grad=True)
