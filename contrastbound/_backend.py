@@ -80,23 +80,28 @@ def backend_info() -> dict[str, str]:
     """Which backend serves CPU and CUDA tensors, and why.
 
     Returns a dict with keys ``"cpu"`` and ``"cuda"`` (each ``"kernel"`` or ``"reference"``), ``"cpu_reason"``,
-    ``"cuda_reason"`` and ``"torch"`` (the torch version the library runs on).
+    ``"cuda_reason"``, ``"siglip"`` (``"kernel"``: siglip_loss's op, one ATen-tile core that serves CPU and CUDA
+    tensors in any build of the extension; else ``"reference"``) and ``"torch"`` (the torch version the library
+    runs on).
     """
     if not EXTENSION_LOADED:
         why = f"extension not loaded ({_load_error}); the pure-PyTorch reference serves"
-        return {"cpu": "reference", "cuda": "reference", "cpu_reason": why, "cuda_reason": why, "torch": torch.__version__}
+        return {"cpu": "reference", "cuda": "reference", "cpu_reason": why, "cuda_reason": why, "siglip": "reference",
+                "torch": torch.__version__}
     cpu_reason = "compiled C++ kernel (contrastbound._C)" if HAS_CPU_KERNEL else "extension has no CPU kernel"
     if HAS_CUDA_KERNEL:
         cuda_reason = "compiled CUDA kernel (contrastbound._C)"
     else:
         cuda_reason = (
             "the extension was built without CUDA kernels (CPU-only torch or no nvcc at build time; "
-            "rebuild with FORCE_CUDA=1); CUDA tensors use the pure-PyTorch reference"
+            "rebuild with FORCE_CUDA=1); CUDA tensors use the pure-PyTorch reference (siglip_loss excepted: see "
+            "'siglip')"
         )
     return {
         "cpu": "kernel" if HAS_CPU_KERNEL else "reference",
         "cuda": "kernel" if HAS_CUDA_KERNEL else "reference",
         "cpu_reason": cpu_reason,
         "cuda_reason": cuda_reason,
+        "siglip": "kernel" if HAS_SIGLIP_KERNEL else "reference",
         "torch": torch.__version__,
     }
