@@ -83,7 +83,8 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
 
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
     rank raises the same ValueError, naming the argument and each rank's shape and dtype. ``option``: (name, a
-    float) another argument the ranks must agree on (debiased_info_nce's beta with a sharded bank). The ranks must also be
+    float or a scalar tensor) another argument the ranks must agree on (debiased_info_nce's beta with a sharded
+    bank, siglip_loss's bias). The ranks must also be
     making the same call (``_CALLS[call]``: one rank in-batch and another with a bank shard gathered each other's
     anchors as positives, silently), with the same ``normalize`` and temperature (else each rank's loss mixes
     differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
@@ -109,13 +110,20 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     traced = temperature is not None and not isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
     temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] \
         if temperature is not None and not isinstance(temperature, torch.Tensor) and not traced else 0
-    opt = 0 if option is None else struct.unpack("<q", struct.pack("<d", float(option[1])))[0]
+    opt_value = None if option is None else option[1]
+    opt_on_device = isinstance(opt_value, torch.Tensor) or (opt_value is not None and torch.compiler.is_compiling())
+    opt = struct.unpack("<q", struct.pack("<d", float(opt_value)))[0] if opt_value is not None and \
+        not opt_on_device else 0
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
                          *row_shape, call, grads, norm, temp, opt], device=tensor.device, dtype=torch.long)
     if isinstance(temperature, torch.Tensor):
         meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     elif traced:
         meta[13] = (torch.ones((), dtype=torch.float64, device=meta.device) * temperature).view(torch.long)
+    if opt_on_device:  # (as the temperature: a tensor's value, or a traced float, written without a read-back)
+        meta[14] = (torch.ones((), dtype=torch.float64, device=meta.device) * opt_value).view(torch.long) \
+            if not isinstance(opt_value, torch.Tensor) else \
+            opt_value.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]

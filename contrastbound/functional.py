@@ -1582,8 +1582,8 @@ def siglip_loss(
         process_group: a torch.distributed group: every rank's texts are gathered, so rank r's loss is its images
             against the global batch's texts (the other ranks' texts are negatives of its images), the sum over
             ranks of their "sum" losses is the global one (each rank's "mean" divides by its own N); gradients
-            follow the all_gather_with_grad convention. The ranks must agree on normalize and the logit scale (checked) and the
-            bias (not checked: a difference only mixes differently scored losses).
+            follow the all_gather_with_grad convention. The ranks must agree on normalize, the logit scale and the
+            bias (checked, without a read-back for tensors).
     """
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
         image, text = _check_features(image_features, text_features, ("image_features", "text_features"))
@@ -1611,7 +1611,8 @@ def siglip_loss(
 
         # every rank's texts, this rank's first: text i is still image i's positive
         texts = gather_with_local_first(y, process_group, name="text_features (normalised, in the accumulation "
-                                        "dtype)", call=10, normalize=normalize, temperature=scale)
+                                        "dtype)", call=10, normalize=normalize, temperature=scale,
+                                        option=("logit_bias", bias))
     if _siglip_kernel_serves(x.device) and not _needs_reference(x, texts, st, bt):
         negatives = torch.ops.contrastbound.siglip_fwd(x, texts, st, bt)  # (the op keeps autocast out itself)
     else:

@@ -899,7 +899,9 @@ def _siglip_worker(rank, world, init_file, out_dir):
         errors = []
         for call in (lambda: cb.siglip_loss(x, y, 6.0 + rank, process_group=w),
                      lambda: cb.siglip_loss(x, y, -1.0 if rank == 1 else 6.0, process_group=w),
-                     lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w)):
+                     lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w),
+                     lambda: cb.siglip_loss(x, y, 6.0, -3.0 - rank, process_group=w),
+                     lambda: cb.siglip_loss(x, y, s, torch.tensor(-3.0 - rank, requires_grad=True), process_group=w)):
             try:
                 call()
                 errors.append(None)
@@ -942,7 +944,9 @@ def test_siglip_over_the_global_batch_matches_single_process(world):
         got = results[rank]["none"]
         assert_close_scaled(got[1], gx[_slices(sizes, rank)], 1e-11, f"rank {rank} image grad")
         assert_close_scaled(got[2], gy[_slices(sizes, rank)], 1e-11, f"rank {rank} text grad")
-    want = ["temperature (or logit scale) must be the same", "refused", "normalize must be the same"]
+    want = ["temperature (or logit scale) must be the same", "refused", "normalize must be the same",
+            "logit_bias must be the same on every rank of process_group, got rank 0: -3; rank 1: -4",
+            "logit_bias must be the same on every rank of process_group, got rank 0: -3; rank 1: -4"]
     for rank in range(world):
         got = results[rank]["errors"]
         assert len(got) == len(want), got
