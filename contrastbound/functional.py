@@ -1096,8 +1096,9 @@ def bank_cross_entropy(
         temperature, normalize, reduction: as in :func:`info_nce` (normalize defaults to False here).
         ignore_index, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`. A target equal to
             ``ignore_index`` (None: none) contributes nothing: loss 0 and no gradient, and ``"mean"`` divides by the
-            number of the others (NaN where every target is ignored, as torch). Ignored anchors are still
-            computed (against row 0): compact them out first where many are. ``label_smoothing`` eps takes the
+            number of the others (NaN where every target is ignored, as torch). In eager mode ignored anchors
+            are left out of the kernel's work (one more read-back); under torch.compile or a torch.func
+            transform they are computed against row 0 and masked. ``label_smoothing`` eps takes the
             target distribution (1 - eps) one-hot + eps / C: ``loss_i + eps (l_{i,t_i} - mean_c l_ic)``, the
             mean logit from the bank's mean row (with ``normalize``, of its normalised rows: one (C, d) copy in
             the accumulation dtype), O(C d + B d) beside the kernel.
@@ -1319,7 +1320,8 @@ def supcon_loss(
     ``bank_labels`` gives their labels, the positives of the anchors of their label: the sums run over j != i in
     the batch and over all K bank rows. The bank rows are not anchors. Their log-sum-exp is the fused kernel's
     shared-bank pass (no M x K logits; computed in the bank's dtype as in :func:`info_nce`, the features cast to
-    it), combined with the batch's by logaddexp; their per-label sums are accumulated in slices of ~2^20 values.
+    it), combined with the batch's by logaddexp; their per-label sums are accumulated in slices of ~2^20 values
+    in eager mode (at once under torch.compile).
 
     Args:
         features: (N, d), or (N, V, d) with V views of each sample (the views of sample n share its label).
@@ -1339,7 +1341,8 @@ def supcon_loss(
             the sum over ranks' losses). With labels=None each rank's samples are their own classes.
 
     Returns:
-        The loss in the features' dtype (promoted with the bank's).
+        The loss in the features' dtype promoted with the bank's (an empty bank too: a filling queue keeps the
+        loss's dtype from its first step).
     """
     with _refusals_joined(process_group, features):  # (a refusal on some ranks only: every rank raises)
         features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
@@ -1389,14 +1392,13 @@ def supcon_loss(
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
     # own side), differentiable in every row as anchor and as bank row.
     lse, _ = _fused(z, torch.zeros_like(z), batch, None, t, normalize, False, exclude_self=True)
-    result = features.dtype
+    result = features.dtype if bank is None else torch.promote_types(features.dtype, bank.dtype)
     if bank is not None and bank.shape[0] > 0:
         # ... and over the bank's rows (a shared bank, in its dtype as info_nce runs it), joined in log space
         zc = _to_bank_dtype(z, bank.dtype, normalize)
         lse_bank, _ = _fused(zc, torch.zeros_like(zc), bank, None, t, normalize, False)
         acc = torch.promote_types(lse.dtype, lse_bank.dtype)
         lse = torch.logaddexp(lse.to(acc), lse_bank.to(acc))
-        result = torch.promote_types(result, bank.dtype)
     acc = lse.dtype
     zh = z.to(acc)
     if normalize:

@@ -209,7 +209,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_func_takes_the_reference():
-    # grad and vmap (the op has no batching rule or forward derivative: the reference serves the transforms)
+    # grad (the op has no forward derivative: the reference serves differentiating transforms) and vmap (the op
+    # per sample, torch's batching fallback)
     x, y = (v.detach() for v in _pair(7, 4, seed=10))
     got = torch.func.grad(lambda a: cb.siglip_loss(a, y, 5.0, -2.0))(x)
     leaf = x.clone().requires_grad_()

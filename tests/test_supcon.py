@@ -183,6 +183,11 @@ def test_bank_changes_the_loss_as_it_should():
     assert (negatives_only[alone > 0] > alone[alone > 0]).all()  # more negatives, same positives: a larger loss
     empty = cb.supcon_loss(f, LABELS, 0.3, bank=bank[:0], bank_labels=BANK_LABELS[:0], reduction="none")
     assert_close_scaled(empty, alone, 0.0, "empty bank")
+    # (a review's find) the result's dtype is promoted with an empty bank's too: a filling float32 queue kept a
+    # bfloat16 loss until its first keys arrived
+    half = f.detach().bfloat16()
+    for rows in (0, 3):
+        assert cb.supcon_loss(half, LABELS, 0.3, bank=bank[:rows].float()).dtype == torch.float32
 
 
 def test_bank_gradcheck_float64():
