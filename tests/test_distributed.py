@@ -956,3 +956,28 @@ def test_siglip_over_the_global_batch_matches_single_process(world):
                 assert ("rank 1 of process_group refused its arguments" in g) == (rank != 1), (rank, i, g)
             else:
                 assert w in g, (rank, i, g)
+
+
+def test_refusals_with_process_group_single_rank(tmp_path):
+    # (a mutation audit's survivors) refused before any exchange, on one gloo rank: per-anchor negatives given to
+    # debiased_info_nce as a "shard" (it computed silently without the check), t / beta beyond float64 (as without
+    # a group), forward-mode AD through a supcon bank or a siglip scale (no forward formula through the gathers)
+    import torch.autograd.forward_ad as fwAD
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        g = dist.group.WORLD
+        a, p = torch.randn(4, 8), torch.randn(4, 8)
+        with pytest.raises(ValueError, match=r"shard \(K_r, d\) of a shared bank, got shape"):
+            cb.debiased_info_nce(a, p, torch.randn(4, 3, 8), beta=0.5, process_group=g)
+        for negatives in (None, torch.randn(5, 8)):
+            with pytest.raises(ValueError, match="temperature / 1e-310"):
+                cb.debiased_info_nce(a, p, negatives, 0.1, beta=1e-310, process_group=g)
+        with fwAD.dual_level():
+            bank = fwAD.make_dual(torch.randn(3, 8), torch.randn(3, 8))
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                cb.supcon_loss(a, torch.tensor([0, 1, 0, 1]), bank=bank, process_group=g)
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                cb.siglip_loss(a, p, fwAD.make_dual(torch.tensor(10.0), torch.ones(())), -10.0, process_group=g)
+    finally:
+        dist.destroy_process_group()

@@ -1000,6 +1000,16 @@ def test_bank_cross_entropy_leaves_ignored_rows_out_of_the_work():
         torch._dynamo.reset()
 
 
+def test_bank_cross_entropy_ignored_rows_under_vmap():
+    # (a mutation audit's survivor) under vmap the rows are masked, not selected by a read-back of their count
+    g = torch.Generator().manual_seed(0)
+    a, bank = torch.randn(3, 4, 8, generator=g), torch.randn(5, 8, generator=g)
+    t = torch.tensor([[0, -100, 2, 1], [1, 2, -100, -100], [4, 3, 2, 1]])
+    got = torch.func.vmap(lambda a_, t_: cb.bank_cross_entropy(a_, bank, t_, reduction="none"))(a, t)
+    want = torch.stack([cb.bank_cross_entropy(a[i], bank, t[i], reduction="none") for i in range(3)])
+    assert_close_scaled(got, want, 1e-6, "loss")
+
+
 def test_bank_cross_entropy_ignore_index_edge_cases():
     g = torch.Generator().manual_seed(8)
     a, w = torch.randn(4, 5, generator=g, requires_grad=True), torch.randn(9, 5, generator=g, requires_grad=True)

@@ -454,3 +454,25 @@ def test_module_learns_scale_and_bias():
         cb.SigLIP(-1.0)
     with pytest.raises(TypeError, match="SigLIP takes logit_scale and logit_bias as numbers"):
         cb.SigLIP(torch.tensor(3.0))
+
+
+def test_edge_cases_from_a_mutation_audit():
+    # each of these checks failed to catch a mutant of this session's code (a mutation audit, 2026-12-01)
+    # the fallback (forward-mode AD takes it) where the pairs' own terms dominate: masked out, not subtracted
+    import copy
+    import threading
+
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.eye(4, 8)
+    with fwAD.dual_level():
+        loss = cb.siglip_loss(x, x, fwAD.make_dual(torch.tensor(1e8), torch.ones(())), 0.0, reduction="none")
+        primal = fwAD.unpack_dual(loss).primal
+    assert torch.allclose(primal, torch.full((4,), 3 * torch.log(torch.tensor(2.0)).item()), rtol=1e-5), primal
+    # a sparse bias is refused by name
+    with pytest.raises(TypeError, match="logit_bias must be a dense"):
+        cb.siglip_loss(torch.randn(3, 4), torch.randn(3, 4), 10.0, torch.tensor([-10.0]).to_sparse())
+    # the module: a deep copy shares its process group (which cannot be copied), a meta module prints
+    group = threading.Lock()  # (any object that cannot be pickled stands in for a ProcessGroup)
+    assert copy.deepcopy(cb.SigLIP(process_group=group)).process_group is group
+    assert "(meta)" in repr(cb.SigLIP().to("meta"))

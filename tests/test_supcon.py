@@ -478,3 +478,31 @@ def test_bank_memory_is_far_below_the_logits():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["extra_mib"] < r["matrix_mib"] / 8, r
+
+
+def test_bank_edge_cases_from_a_mutation_audit():
+    # each of these checks failed to catch a mutant of this session's code (a mutation audit, 2026-12-01)
+    # float32 rows past float16's range against a float16 bank: normalised before the cast (else NaN)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 8, generator=g) * 1e5
+    y, b, yb = torch.tensor([0, 1, 0, 1, 2, 2]), torch.randn(5, 8, generator=g).half(), torch.tensor([0, 1, 2, 3, 0])
+    got, want = cb.supcon_loss(f, y, bank=b, bank_labels=yb), supcon_reference(f, y, bank=b, bank_labels=yb)
+    assert torch.isfinite(got) and torch.allclose(got, want.float(), rtol=1e-2), (got, want)
+    # an empty batch with a labelled bank
+    out = cb.supcon_loss(torch.randn(0, 8), torch.zeros(0, dtype=torch.long), bank=torch.randn(3, 8),
+                         bank_labels=torch.tensor([0, 1, 2]), reduction="none")
+    assert out.shape == (0,)
+    # bool and sparse labels are refused by name, for the batch and the bank
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        cb.supcon_loss(x, torch.tensor([True, False, True, False]))
+    with pytest.raises(TypeError, match="bank_labels must be an integer tensor"):
+        cb.supcon_loss(x, torch.arange(4), bank=torch.randn(2, 8), bank_labels=torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="labels must be a dense"):
+        cb.supcon_loss(x, torch.tensor([0, 1, 0, 1]).to_sparse())
+    # the reference's own contract: bank_labels needs labels, integer bank labels, the promoted result dtype
+    with pytest.raises(ValueError, match="bank_labels needs bank and labels"):
+        supcon_reference(torch.randn(3, 2, 8), None, bank=torch.randn(2, 8), bank_labels=torch.arange(2))
+    with pytest.raises(TypeError, match="bank_labels must be an integer tensor"):
+        supcon_reference(x, torch.arange(4), bank=torch.randn(2, 8), bank_labels=torch.zeros(2))
+    assert supcon_reference(x, torch.arange(4), bank=torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64

@@ -358,7 +358,19 @@ def test_labelled_queue_state_dict_and_bad_input():
         q.enqueue(torch.randn(1, 2), torch.zeros(1, dtype=torch.long, device="meta"))
     with pytest.raises(TypeError, match="labels must be a bool"):
         cb.NegativeQueue(3, 2, labels=1)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):  # (a mutation audit's survivors below)
+        q.enqueue(torch.randn(2, 2), torch.tensor([True, False]))
     assert q.labels().tolist() == [4, 5]  # nothing refused was written
+    wrong = cb.NegativeQueue(3, 2, labels=True)
+    wrong.enqueue(torch.randn(3, 2), torch.arange(3))
+    state = {**wrong.state_dict(), "queue_labels": torch.zeros(9, dtype=torch.long)}
+    with pytest.raises(RuntimeError, match="queue_labels must be an integer tensor of shape"):
+        q.load_state_dict(state)
+    assert len(q) == 2 and q.labels().tolist() == [4, 5]  # all or nothing: the fill level untouched
+    old = cb.NegativeQueue(3, 2)
+    del old.__dict__["with_labels"]  # (a queue pickled before labels existed: the class default, no labels)
+    old.enqueue(torch.randn(1, 2))
+    assert len(old) == 1
 
 
 def test_float16_queue_refuses_keys_beyond_its_range():
