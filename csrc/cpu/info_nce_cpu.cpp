@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../core/online_lse.h"
+#include "../core/parallel.h"
 #include "../info_nce_checks.h"
 
 namespace contrastbound {
@@ -59,18 +60,6 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
 #endif
-}
-
-// at::parallel_for with the caller's thread-local state (inference mode, grad mode, dispatch keys) installed in
-// every worker: OpenMP workers do not inherit it, and an in-place ATen op there on a tensor the caller made
-// under torch.inference_mode() would raise.
-template <typename F>
-void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const at::ThreadLocalState state;
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
-    at::ThreadLocalStateGuard guard(state);
-    f(b, e);
-  });
 }
 
 enum class Mode { Shared, PerAnchor, Indexed };

@@ -15,16 +15,17 @@
 // with both gradients from one recomputation, and the scale and bias are never read back to the host.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "../core/parallel.h"
 
 namespace contrastbound {
 namespace siglip {
@@ -51,15 +52,10 @@ int64_t tile_logits() {
   return n > 0 ? static_cast<int64_t>(n) : kTileLogits;
 }
 
-// at::parallel_for with the caller's thread-local state installed in every worker (as the InfoNCE kernel does:
-// OpenMP workers do not inherit inference mode or grad mode).
-template <typename F>
-void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const at::ThreadLocalState state;
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
-    at::ThreadLocalStateGuard guard(state);
-    f(b, e);
-  });
+// The in-order path's tile: image rows and text rows per tile, about tile_logits() logits.
+std::pair<int64_t, int64_t> in_order_tile(int64_t B, int64_t M) {
+  const int64_t rows = std::min<int64_t>(B, std::max<int64_t>(1, tile_logits() / std::max<int64_t>(M, 1)));
+  return {rows, std::min<int64_t>(M, std::max<int64_t>(1, tile_logits() / rows))};
 }
 
 void check_inputs(const Tensor& image, const Tensor& text, const Tensor& scale, const Tensor& bias) {
@@ -159,8 +155,7 @@ Tensor siglip_fwd_impl(const Tensor& image, const Tensor& text, const Tensor& sc
     });
     return loss;
   }
-  const int64_t rows = std::min<int64_t>(B, std::max<int64_t>(1, tile_logits() / std::max<int64_t>(M, 1)));
-  const int64_t cols = std::min<int64_t>(M, std::max<int64_t>(1, tile_logits() / rows));
+  const auto [rows, cols] = in_order_tile(B, M);
   for (int64_t i0 = 0; i0 < B; i0 += rows) {
     const int64_t r = std::min(rows, B - i0);
     const Tensor Xb = X.narrow(0, i0, r);
@@ -235,8 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
     gx.mul_(sc.s);
     gy.mul_(sc.s);
   } else if (B > 0 && M > 1) {
-    const int64_t rows = std::min<int64_t>(B, std::max<int64_t>(1, tile_logits() / std::max<int64_t>(M, 1)));
-    const int64_t cols = std::min<int64_t>(M, std::max<int64_t>(1, tile_logits() / rows));
+    const auto [rows, cols] = in_order_tile(B, M);
     for (int64_t i0 = 0; i0 < B; i0 += rows) {
       const int64_t r = std::min(rows, B - i0);
       const Tensor Xb = X.narrow(0, i0, r);
