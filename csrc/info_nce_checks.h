@@ -43,8 +43,10 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
       const auto range = at::aminmax(distinct);  // one read-back of both ends (a device synchronisation on CUDA)
       const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
       const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
-      TORCH_CHECK_INDEX(lo >= 0 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
-                        negatives.size(0), "), got values in [", lo, ", ", hi, "]");
+      // -1 marks padding (no negative there: a variable number of negatives per anchor, faiss's missing
+      // neighbours); any other negative value is an error.
+      TORCH_CHECK_INDEX(lo >= -1 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
+                        negatives.size(0), ") or be -1 (padding), got values in [", lo, ", ", hi, "]");
     }
   } else if (negatives.dim() == 3) {
     TORCH_CHECK_VALUE(negatives.size(0) == B && negatives.size(2) == d, "negatives must have shape (B, K, d) = (",

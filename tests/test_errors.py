@@ -168,7 +168,8 @@ def test_registered_op_checks_indices_itself():
         pytest.skip("compiled extension not available")
     with pytest.raises(IndexError, match="negative_indices"):
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx + 100, 1.0, True, True, False)
-    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\) = \[0, \d+\), got values in \[-"):
+    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\) = \[0, \d+\) or be -1 \(padding\), "
+                                         r"got values in \[-"):
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx - 100, 1.0, True, True, False)
     with pytest.raises(ValueError, match="exclude_self"):
         torch.ops.contrastbound.info_nce_fwd(a, p, idx_bank, idx, 1.0, True, True, False, True)

@@ -54,6 +54,13 @@ def _op_samples(device):
             if n is None:
                 n = p
             out.append((a, p, n, idx, 2.5, True, include_positive, save))
+    # Indexed with padding (-1: no negative), anchor 1's entries all padding.
+    a, p, n, idx = make_inputs("indexed", B=4, K=7, d=3, dtype=torch.float32, device=device, M=5)
+    idx = idx.clone()
+    idx[:, ::3] = -1
+    idx[1] = -1
+    for save in (True, False):
+        out.append((a, p, n, idx, 2.5, True, True, save))
     # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
     z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
     out.append((z, zp, z, None, 2.0, True, False, True, True))

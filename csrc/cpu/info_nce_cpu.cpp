@@ -403,6 +403,8 @@ struct RowTile {
 
 // Per-anchor and indexed negatives: units (anchor, K chunk); each logit is a dot product with the row. ahead(i, k)
 // gives the address of row k of anchor i to prefetch, or nullptr where the hardware's stream prefetch suffices.
+// row_of returns nullptr for padding (an index of -1): no negative there, left out of the tile (the other rows keep
+// their order, so a call without padding gives the bits it gave before padding existed).
 template <typename scalar_t, typename acc_t, typename RowFn, typename AheadFn>
 void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, const AheadFn& ahead,
                   Partials<acc_t>& parts) {
@@ -422,17 +424,21 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, con
       if (save) std::fill(w, w + d, acc_t(0));
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowTile) {
         const int64_t tk = std::min(kRowTile, k_end - k0);
+        int64_t filled = 0;  // the tile's negatives (tk less the padding)
         for (int64_t t = 0; t < tk; ++t) {
           if (k0 + t + kPrefetchAhead < k_end) {
             const scalar_t* next = ahead(i, k0 + t + kPrefetchAhead);
             if (next != nullptr) prefetch_bytes(next, d * static_cast<int64_t>(sizeof(scalar_t)));
           }
           acc_t row_inv;
-          tile.rows[t] = row_of(i, k0 + t, row_inv);
-          tile.inv[t] = row_inv;
-          tile.logit[t] = dot_scaled(ai, tile.rows[t], d, row_inv);
+          const scalar_t* row = row_of(i, k0 + t, row_inv);
+          if (row == nullptr) continue;
+          tile.rows[filled] = row;
+          tile.inv[filled] = row_inv;
+          tile.logit[filled] = dot_scaled(ai, row, d, row_inv);
+          ++filled;
         }
-        tile.fold(tk, d, st, w);
+        if (filled > 0) tile.fold(filled, d, st, w);
       }
       parts.state[c * B + i] = st;
     }
@@ -482,7 +488,10 @@ void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank,
           const int64_t* row_ix = ix + (i0 + j) * is0;
           int64_t* e = end.data() + j * nb;
           int64_t* h = hit.data() + j * wl;
-          for (int64_t k = w0; k < w1; ++k) ++e[row_ix[k * is1] / plan.block_rows];
+          for (int64_t k = w0; k < w1; ++k) {  // padding (-1) is in no block
+            const int64_t m = row_ix[k * is1];
+            if (m >= 0) ++e[m / plan.block_rows];
+          }
           int64_t run = 0;  // e[b] = where block b starts, then one past its end once filled
           for (int64_t b = 0; b < nb; ++b) {
             const int64_t count = e[b];
@@ -491,7 +500,7 @@ void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank,
           }
           for (int64_t k = w0; k < w1; ++k) {
             const int64_t m = row_ix[k * is1];
-            h[e[m / plan.block_rows]++] = m;
+            if (m >= 0) h[e[m / plan.block_rows]++] = m;
           }
         }
         for (int64_t b = 0; b < nb; ++b) {
@@ -606,12 +615,16 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
       const int64_t* ix = indices->template data_ptr<int64_t>();
       const int64_t is0 = indices->stride(0), is1 = indices->stride(1);
       const int64_t sm = negatives.stride(0);
-      auto row_of = [&](int64_t i, int64_t k, acc_t& row_inv) {
+      auto row_of = [&](int64_t i, int64_t k, acc_t& row_inv) -> const scalar_t* {
         const int64_t m = ix[i * is0 + k * is1];
+        if (m < 0) return nullptr;  // padding
         row_inv = scales(m).inv;
         return n + m * sm;
       };
-      auto ahead = [&](int64_t i, int64_t k) -> const scalar_t* { return n + ix[i * is0 + k * is1] * sm; };
+      auto ahead = [&](int64_t i, int64_t k) -> const scalar_t* {
+        const int64_t m = ix[i * is0 + k * is1];
+        return m < 0 ? nullptr : n + m * sm;
+      };
       const BlockedPlan plan =
           blocked_plan(negatives.size(0), d * static_cast<int64_t>(sizeof(scalar_t)), B, K, parts.chunks);
       if (parts.chunks > 0 && plan.use) {

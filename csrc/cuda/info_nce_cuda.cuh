@@ -31,7 +31,8 @@ enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 // How anchor i's negatives are given.
 //   Shared:    negatives (K, d), one bank for every anchor (in-batch: the positives themselves);
 //   PerAnchor: negatives (B, K, d);
-//   Indexed:   negatives (M, d) and indices (B, K) int64, anchor i's k-th negative is row indices[i, k].
+//   Indexed:   negatives (M, d) and indices (B, K) int64, anchor i's k-th negative is row indices[i, k]; an
+//              index of -1 is padding (no negative there).
 enum class Mode : int { Shared = 0, PerAnchor = 1, Indexed = 2 };
 
 // One problem. Pointers are to the first element; strides are in elements and may be 0 or transposed

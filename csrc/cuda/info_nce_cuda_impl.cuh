@@ -20,8 +20,8 @@
 //                    rescales the chunk's partial V (in global memory, owned by this block) and adds
 //                    P x N_hat_tile. Logits never leave shared memory.
 //   forward_rows     per-anchor and indexed negatives: one block per (anchor, K chunk); a warp per negative
-//                    row computes its dot product, warp 0 folds a tile of kRowTile logits, all threads update
-//                    the partial V (thread j owns feature j).
+//                    row computes its dot product (an index of -1, padding, gives -inf and reads no row), warp 0
+//                    folds a tile of kRowTile logits, all threads update the partial V (thread j owns feature j).
 //   forward_merge    one block per anchor: merges the chunks' partial states in chunk order (fixed), adds the
 //                    positive, writes loss, lse and V.
 //   anchor_grads     one block per anchor: the anchors' and positives' gradients from lse and V (no tile work).
@@ -31,7 +31,8 @@
 //                    finished by one warp (normalisation Jacobian, cast). Splits write separate partials that a
 //                    second kernel sums in split order. Deterministic: no atomics, fixed summation orders.
 //   backward_rows    per-anchor negatives: one warp per (anchor, k) row, which is its own gradient row.
-//   backward_indexed one warp per bank row, over that row's run in the stably sorted indices (fixed order).
+//   backward_indexed one warp per bank row, over that row's run in the stably sorted indices (fixed order;
+//                    padding, -1, sorts first and is in no row's run).
 //
 // All index arithmetic is int64; every kernel loops over its units with a grid stride, so grids are capped.
 
@@ -503,6 +504,14 @@ __global__ void __launch_bounds__(kThreads)
           off = i * s0 + k * s1;
         } else {
           m = p.indices[i * p.indices_stride[0] + k * p.indices_stride[1]];
+          if (m < 0) {  // padding (-1): no negative, a logit of -inf (weight 0); no row is read (t_off < 0)
+            if (lane == 0) {
+              t_l[t] = ninf;
+              t_inv[t] = 0;
+              t_off[t] = -1;
+            }
+            continue;  // warp-uniform: every lane read the same index
+          }
           off = m * s0;
         }
         acc_t dot = 0, ss = 0;
@@ -557,7 +566,9 @@ __global__ void __launch_bounds__(kThreads)
           // the tile's sum apart, then added (as the CPU kernel): added term by term to the chunk's running sum,
           // an anchor's K hits of one row stagnated in float32 (2.4e-5 of V at K = 4000, emulated)
           acc_t v = 0;
-          for (int t = 0; t < tk; ++t) v += t_l[t] * to_acc<acc_t>(n[t_off[t] + j * sj]);
+          for (int t = 0; t < tk; ++t) {
+            if (t_off[t] >= 0) v += t_l[t] * to_acc<acc_t>(n[t_off[t] + j * sj]);
+          }
           wi[j] = (k0 == k_begin) ? v : wi[j] * alpha + v;
         }
       }

@@ -151,16 +151,19 @@ struct Case {
   double small = 1.0;  // a factor for anchor rows i % 3 == 1, positive rows i % 3 == 2 and the even bank rows
   bool distinct = false;  // Indexed: no row twice in an anchor's indices (K <= rows)
   bool one_row = false;   // Indexed: anchor i's K indices all name row 3 i % rows
+  // Indexed: this fraction of the indices -1 (padding, no negative), and anchor 1's first K / 2; with the positive
+  // also all of anchor 0's (no negatives: lse = l0, loss 0)
+  double padding = 0;
   std::string name() const {
     char buf[240];
     std::snprintf(buf, sizeof buf,
                   "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
-                  "T=%g%s%s%s%s",
+                  "T=%g%s%s%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
                   nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
-                  one_row ? " one row per anchor" : "");
+                  one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "");
     return buf;
   }
 };
@@ -321,6 +324,11 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
                     : c.distinct ? (i / K * 7 + i % K) % c.rows
                                  : std::min<int64_t>(c.rows - 1, pick(rng)));
     }
+    std::bernoulli_distribution pad(c.padding);  // draws only where c.padding > 0: other cases keep their inputs
+    for (int64_t i = 0; i < B * K && c.padding > 0; ++i) {
+      const int64_t a = i / K;
+      if (pad(rng) || (a == 1 && i % K < K / 2) || (a == 0 && c.include_positive)) idx[i] = -1;
+    }
   }
   std::vector<int64_t> excl;
   if (c.excluded)
@@ -383,7 +391,8 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     return c.mode == Mode::Shared ? k : c.mode == Mode::PerAnchor ? i * K + k : idx[i * K + k];
   };
   const auto left_out = [&](int64_t i, int64_t k) {
-    return c.mode == Mode::Shared && ((c.exclude_self && k == i) || (c.excluded && excl[i] == k));
+    return (c.mode == Mode::Shared && ((c.exclude_self && k == i) || (c.excluded && excl[i] == k))) ||
+           (c.mode == Mode::Indexed && idx[i * K + k] < 0);
   };
   const auto dotv = [&](const std::vector<double>& x, const std::vector<double>& y) {
     double t = 0;
@@ -408,6 +417,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     want_lse[i] = m + log_sum[i];
     want_loss[i] = (m - l0[i]) + log_sum[i];
     for (int64_t k = 0; k < K; ++k) {
+      if (row_of(i, k) < 0) continue;  // padding: weight 0, no row
       const double w = std::exp((lk[i][k] - m) - log_sum[i]);
       for (int64_t j = 0; j < d; ++j) want_v[i * d + j] += w * nhr[row_of(i, k)][j];
     }
@@ -479,6 +489,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     for (int64_t k = 0; k < K; ++k) {
       const double dlk = gl[i] * std::exp((lk[i][k] - lmax[i]) - log_sum[i]);
       const int64_t r = row_of(i, k);
+      if (r < 0) continue;  // padding
       for (int64_t j = 0; j < d; ++j) Ga[j] += s * dlk * nhr[r][j], Gn[r][j] += s * dlk * ahr[i][j];
     }
     const std::vector<double> da = through_norm(Ga, ah[i], na[i], c.normalize);
@@ -537,7 +548,8 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     expect_err(max_err(as_dt(out_n), rounded(gn), d), tol, ty, pw + ": negatives' gradient");
     if (c.mode == Mode::Indexed && pass == 0) {
       // The flat indices sorted in pieces of 7 entries, each on its own (as the glue does past 2^30 entries:
-      // BackwardArgs::sort_chunk): each row's pairs are visited in the same flat order, so the same bits.
+      // BackwardArgs::sort_chunk): each row's pairs are visited in the same flat order, so the same bits. Padding
+      // (-1) sorts first in each piece.
       const int64_t piece = 7;
       std::vector<int64_t> rows7, pairs7;
       for (int64_t c0 = 0; c0 < B * K; c0 += piece) {
@@ -560,9 +572,10 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
                pw + ": negatives' gradient from indices sorted in pieces of 7 is bitwise the one-piece result");
       }
     }
-    if (c.mode == Mode::Indexed) {  // rows no anchor used: exactly zero
+    if (c.mode == Mode::Indexed) {  // rows no anchor used (padding uses none): exactly zero
       std::vector<bool> used(bank_rows, false);
-      for (int64_t r : idx) used[r] = true;
+      for (int64_t r : idx)
+        if (r >= 0) used[r] = true;
       bool zero = true;
       for (int64_t r = 0; r < bank_rows; ++r)
         for (int64_t j = 0; j < d && !used[r]; ++j) zero = zero && to_d(out_n[r * d + j]) == 0.0;
@@ -707,6 +720,17 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     std::mt19937_64 own(2027);
     Case c;
     c.mode = Mode::Indexed, c.B = 42, c.K = 4000, c.d = 8, c.rows = 7, c.one_row = true;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+  }
+  // Indexed with padding (-1): K = 150 is 2 tiles of kRowTile = 64 and a partial one; anchor 0 has no negatives,
+  // anchor 1's first tile is all padding (its state starts at -inf), 30% of the rest padded. Without the positive
+  // an anchor with no negatives has lse = -inf (not checked); anchor 0 keeps its random indices there.
+  if (!tc_only) {
+    std::mt19937_64 own(2028);
+    Case c;
+    c.mode = Mode::Indexed, c.B = 11, c.K = 150, c.d = 24, c.rows = 40, c.padding = 0.3;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+    c.include_positive = false, c.layout = kPaddedRows, c.K = 71, c.B = 6;
     run_case<T>(c, own, tol, tol_acc, config, light);
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
