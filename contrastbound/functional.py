@@ -201,7 +201,9 @@ def _check_indices(
     bound_doc: str,
     device: torch.device,
     check_range: bool = True,
+    padding: bool = False,
 ) -> torch.Tensor:
+    """padding: -1 is allowed too (negative_indices: no negative at that place)."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be an int64 (or int32) tensor of shape {shape_doc}, got {type(indices).__name__}")
     _check_dense(name, indices)
@@ -211,6 +213,7 @@ def _check_indices(
         raise ValueError(f"{name} is on {indices.device} but the features are on {device}")
     if tuple(indices.shape) != shape:
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
+    pad_doc = " or be -1 (padding)" if padding else ""
     if indices.numel() > 0 and check_range:
         if torch.compiler.is_compiling():
             # Reading the values back would break the graph: the same check as an op in the graph instead (on
@@ -221,14 +224,15 @@ def _check_indices(
                 # Without the bound's value: formatting a size that dynamo traces as a symbol (dynamic=True, or
                 # export with a dynamic dimension) specialised it, a graph per size, and export printed the
                 # symbol's name (dynamo's type() / isinstance of a symbolic size say int, so it cannot be told).
-                torch._assert_async(((indices >= 0) & (indices < bound)).all(),
-                                    f"{name} must lie in [0, {bound_doc})")
+                torch._assert_async(((indices >= (-1 if padding else 0)) & (indices < bound)).all(),
+                                    f"{name} must lie in [0, {bound_doc}){pad_doc}")
         elif indices.device.type != "meta":
             # Per-sample indices under vmap are checked as the whole batch of them (see _read_back).
             ends = _read_back(indices, lambda values: torch.stack(torch.aminmax(values)).tolist())  # one read-back
             lo, hi = (int(v) for v in ends)
-            if lo < 0 or hi >= bound:
-                raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}), got values in [{lo}, {hi}]")
+            if lo < (-1 if padding else 0) or hi >= bound:
+                raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}){pad_doc}, got values in "
+                                 f"[{lo}, {hi}]")
     return _as_int64(_usable_for_autograd(indices))
 
 
@@ -707,13 +711,49 @@ def _check_features(
     return anchors, positives
 
 
+def _check_negative_mask(negative_mask: object, anchors: torch.Tensor, K: int, shape_doc: str) -> torch.Tensor:
+    """negative_mask: a bool tensor of shape (B, K) on the anchors' device (True: the negative counts)."""
+    B = anchors.shape[0]
+    if not isinstance(negative_mask, torch.Tensor):
+        raise TypeError(f"negative_mask must be a bool tensor of shape {shape_doc} = {(B, K)}, got "
+                        f"{type(negative_mask).__name__}")
+    _check_dense("negative_mask", negative_mask)
+    if negative_mask.dtype != torch.bool:
+        raise TypeError(f"negative_mask must be a bool tensor of shape {shape_doc} (True: the negative counts), got "
+                        f"dtype {negative_mask.dtype}")
+    if negative_mask.device != anchors.device:
+        raise ValueError(f"negative_mask is on {negative_mask.device} but the features are on {anchors.device}")
+    if tuple(negative_mask.shape) != (B, K):
+        raise ValueError(f"negative_mask must have shape {shape_doc} = {(B, K)}, got {tuple(negative_mask.shape)}")
+    return negative_mask
+
+
+def _masked_indices(negative_mask: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """indices (B, K) with -1 (padding: the kernels' "no negative here") where negative_mask is False."""
+    return torch.where(negative_mask, indices, torch.full((), -1, dtype=indices.dtype, device=indices.device))
+
+
+def _in_batch_indices(negative_mask: torch.Tensor) -> torch.Tensor:
+    """In-batch negatives with a mask as indexed ones over the bank of positives: anchor i's row j is column j where
+    negative_mask[i, j] holds and j != i (the diagonal is the positive, counted apart), else -1."""
+    B = negative_mask.shape[0]
+    cols = torch.arange(B, device=negative_mask.device)
+    keep = negative_mask & (cols[:, None] != cols[None, :])
+    return _masked_indices(keep, cols.expand(B, B))
+
+
 def _check_negatives(
-    anchors: torch.Tensor, negatives: object, negative_indices: object
+    anchors: torch.Tensor, negatives: object, negative_indices: object, negative_mask: object = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(negatives, negative_indices) checked; with negative_mask, as the indexed mode whose indices are -1 (padding)
+    where the mask is False: a shared bank (K, d) indexed by column, per-anchor negatives (B, K, d) flattened to a
+    (B K, d) bank. In-batch (negatives None) with a mask is the caller's (_in_batch_indices)."""
     B, d = anchors.shape
     if negatives is None:
         if negative_indices is not None:
             raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
+        if negative_mask is not None:
+            _check_negative_mask(negative_mask, anchors, B, "(B, B) for in-batch negatives")
         return None, None
     if negative_indices is not None:
         negatives = _check_tensor("negatives", negatives, 2, "(M, d) when negative_indices is given")
@@ -733,12 +773,29 @@ def _check_negatives(
                     f"{type(negative_indices).__name__}")
             raise ValueError(f"negative_indices must have shape (B, K) with B = {B}, got {shape}")
         K = negative_indices.shape[1]
+        if negative_mask is not None:
+            negative_mask = _check_negative_mask(negative_mask, anchors, K, "(B, K), the shape of negative_indices")
+            _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M",
+                           anchors.device, check_range=False)
+            # (the masked-out entries may hold anything: only the kept ones are range-checked, below)
+            negative_indices = _masked_indices(negative_mask, negative_indices)
         # The compiled op checks the range itself (IndexError, one read-back): checking here as well would read
         # the indices back twice (two device synchronisations per call on a GPU).
         negative_indices = _check_indices(
             "negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M", anchors.device,
             check_range=not _backend.kernel_serves(anchors.device) or _needs_reference(anchors, negatives),
+            padding=True,
         )
+    elif negative_mask is not None:
+        K = negatives.shape[-2]
+        what = "(B, K) for a shared bank (K, d)" if negatives.dim() == 2 else "(B, K) for negatives (B, K, d)"
+        negative_mask = _check_negative_mask(negative_mask, anchors, K, what)
+        if negatives.dim() == 2:  # a shared bank: column k of every anchor's row, unless masked
+            columns = torch.arange(K, device=anchors.device).expand(B, K)
+        else:  # per-anchor: the flattened (B K, d) bank, anchor i's rows i K ... i K + K - 1
+            columns = torch.arange(B * K, device=anchors.device).view(B, K)
+            negatives = negatives.reshape(B * K, d)
+        negative_indices = _masked_indices(negative_mask, columns)
     return negatives, negative_indices
 
 
@@ -786,6 +843,7 @@ def info_nce(
     temperature: float | torch.Tensor = 0.1,
     *,
     negative_indices: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     process_group=None,
@@ -804,7 +862,15 @@ def info_nce(
             * (M, d) with ``negative_indices`` (B, K) int64: anchor i's negatives are the rows
               ``negatives[negative_indices[i]]`` (repeats count as repeated negatives; no (B, K, d) copy);
             * None: in-batch, anchor i's negatives are the other anchors' positives (logits s A P^T, target i).
-        negative_indices: (B, K) int64 rows of ``negatives``, see above.
+        negative_indices: (B, K) int64 rows of ``negatives``, see above. An entry of -1 is padding: no negative
+            there (a variable number of negatives per anchor; faiss's -1 for a missing neighbour). An anchor
+            whose entries are all -1 has no negatives: loss 0.
+        negative_mask: (B, K) bool, True where the negative counts (False: left out of anchor i's sum, as
+            padding; its gradient is 0): for a shared bank (K, d) (say the queue rows of the anchor's own class),
+            per-anchor negatives (B, K, d), or ``negative_indices``; in-batch, (B, B), where entry (i, i), the
+            positive, always counts. With a mask the kernels run the indexed mode (a (B, K) int64 copy of the
+            indices; a shared bank's rows read per anchor by the row walk instead of the GEMM tiles, per-anchor
+            negatives as a (B K, d) view).
         temperature: positive finite number, or a scalar tensor; one that requires grad is learnable and gets
             its exact gradient.
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
@@ -825,13 +891,14 @@ def info_nce(
         are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
-    if process_group is not None and negative_indices is not None:
+    if process_group is not None and (negative_indices is not None or negative_mask is not None):
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
-            if negatives is None:
+            if negatives is None and negative_indices is not None:
                 raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
             raise ValueError(
                 "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
-                "negatives over the global batch), not negative_indices"
+                "negatives over the global batch), not "
+                + ("negative_indices" if negative_indices is not None else "negative_mask")
             )
     if process_group is not None and negatives is None:
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
@@ -841,16 +908,19 @@ def info_nce(
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
                                 normalize=normalize, reduction=reduction)
     anchors, positives = _check_features(anchors, positives)
-    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
+    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     if negatives is None:
         compute, result = _promoted(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
-        # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
-        # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
-        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True)
+        if negative_mask is not None:  # the positives as an indexed bank, the diagonal and masked columns -1
+            loss, _ = _fused(a, p, p, _in_batch_indices(negative_mask), t, normalize, True)
+        else:
+            # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum,
+            # with e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
+            loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
         a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
@@ -865,6 +935,7 @@ def info_nce_lse(
     temperature: float | torch.Tensor = 0.1,
     *,
     negative_indices: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     normalize: bool = True,
     include_positive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -877,14 +948,21 @@ def info_nce_lse(
     negatives can be combined with :func:`torch.logaddexp` (how :func:`contrastive_loss_curve` reads a whole
     curve over K from one pass). Both are differentiable: ``lse`` has the values the kernel computed and the
     gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it).
+    ``negative_indices`` (-1: padding) and ``negative_mask`` as in :func:`info_nce`; an anchor left without
+    negatives has ``lse = -inf`` with ``include_positive=False``.
     """
     anchors, positives = _check_features(anchors, positives)
-    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
+    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     include_positive = _check_bool("include_positive", include_positive)
     exclude_self = False
-    if negatives is None:
+    if negatives is None and negative_mask is not None:
+        # In-batch with a mask: the positives as an indexed bank, the diagonal (counted apart as the positive, or
+        # left out with include_positive=False) and the masked columns -1.
+        negatives, negative_indices = positives, _in_batch_indices(negative_mask)
+        compute, _ = _promoted(anchors, positives)
+    elif negatives is None:
         # In-batch: anchor i's denominator is every positive. Kernels see the bank = positives with the diagonal
         # taken out of the bank (exclude_self) and counted once as the positive (include_positive): the same sum,
         # but the dominant term e^{l_ii} is then computed once, in float32, rather than inside the bank's tiles
@@ -924,6 +1002,7 @@ def debiased_info_nce(
     tau_plus: float = 0.1,
     beta: float = 0.0,
     negative_indices: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     process_group=None,
@@ -945,8 +1024,9 @@ def debiased_info_nce(
     stays O(B d) beside the inputs and their gradients, and every input (and a tensor temperature) gets its gradient.
 
     Args:
-        anchors, positives, negatives, negative_indices, temperature, normalize, reduction: as in :func:`info_nce`
-            (``negatives=None``: in-batch, the other B - 1 positives).
+        anchors, positives, negatives, negative_indices, negative_mask, temperature, normalize, reduction: as in
+            :func:`info_nce` (``negatives=None``: in-batch, the other B - 1 positives). With padding (-1 indices)
+            or a mask, K is each anchor's own count of negatives (loss 0 for an anchor with none).
         tau_plus: the class prior of a negative sharing the anchor's class, in [0, 1).
         beta: the hardness concentration, >= 0 (0: DCL; Robinson et al. use 0.5 to 1).
         process_group: as in :func:`info_nce`: ``negatives=None``, in-batch over the global batch (anchor i's
@@ -962,19 +1042,21 @@ def debiased_info_nce(
         if not (0.0 <= beta < math.inf):
             raise ValueError(f"beta must be a non-negative finite number, got {beta}")
         anchors, positives = _check_features(anchors, positives)
-        if process_group is not None and negative_indices is not None:
+        if process_group is not None and (negative_indices is not None or negative_mask is not None):
             raise ValueError("process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None "
-                             "for in-batch negatives over the global batch), not negative_indices")
-        negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices)
+                             "for in-batch negatives over the global batch), not "
+                             + ("negative_indices" if negative_indices is not None else "negative_mask"))
+        negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
+        # K: an int, or each anchor's count (B,) where padding or a mask leaves some negatives out
         if negatives is None:
             compute, result = _promoted(anchors, positives)
-            K = anchors.shape[0] - 1
+            K = anchors.shape[0] - 1 if negative_mask is None else (_in_batch_indices(negative_mask) >= 0).sum(1)
         else:
             compute, result = _common_dtypes(negatives, anchors, positives)
-            K = negative_indices.shape[1] if negative_indices is not None else negatives.shape[-2]
+            K = (negative_indices >= 0).sum(1) if negative_indices is not None else negatives.shape[-2]
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             if negatives is not None and negatives.dim() != 2:
                 raise ValueError(f"process_group takes negatives as this rank's shard (K_r, d) of a shared bank, got "
@@ -1016,6 +1098,7 @@ def debiased_info_nce(
         def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
             try:
                 return info_nce_lse(a, p, negatives, t / factor, negative_indices=negative_indices,
+                                    negative_mask=negative_mask if negatives is None else None,
                                     normalize=normalize, include_positive=False)[1]
             except ValueError as exc:  # (a scale (1 + beta) / t too large for the dtype, or t / beta not finite)
                 if "temperature" not in str(exc):
@@ -1030,12 +1113,22 @@ def debiased_info_nce(
         ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
     tt = t.to(acc) if isinstance(t, torch.Tensor) else t
     pos = (ah * ph).sum(-1) / tt
-    if K <= 0:  # nothing to contrast (K = 0, or in-batch with B <= 1): loss 0 as info_nce's, zero gradients
+    empty = None  # per-anchor counts: the anchors without negatives (loss 0), computed with a stand-in below
+    if isinstance(K, torch.Tensor):
+        empty = K == 0
+        log_k = K.clamp_min(1).to(acc).log()
+        # (-inf there: a finite stand-in, so that no inf - inf reaches the loss or its gradient)
+        log_r = torch.where(empty, torch.zeros_like(log_r), log_r)
+    elif K <= 0:  # nothing to contrast (K = 0, or in-batch with B <= 1): loss 0 as info_nce's, zero gradients
         return _reduce(pos * 0.0, reduction, result)
-    # log K as a tensor: math.log of the size made dynamo specialise on it (one graph per K or B)
-    log_k = (torch.ones((), dtype=acc, device=pos.device) * K).log()
+    else:
+        # log K as a tensor: math.log of the size made dynamo specialise on it (one graph per K or B)
+        log_k = (torch.ones((), dtype=acc, device=pos.device) * K).log()
     if beta > 0.0:
-        log_r = log_r - lse_at(beta) + log_k
+        log_b = lse_at(beta)
+        if empty is not None:
+            log_b = torch.where(empty, torch.zeros_like(log_b), log_b)
+        log_r = log_r - log_b + log_k
     log_r = log_r.to(acc)
     raw = log_r
     if tau_plus > 0.0:
@@ -1049,7 +1142,10 @@ def debiased_info_nce(
         raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - math.log1p(-tau_plus)
         raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
     log_ng = torch.maximum(raw, log_k - 1.0 / tt)
-    return _reduce(_softplus(log_ng - pos), reduction, result)
+    loss = _softplus(log_ng - pos)
+    if empty is not None:
+        loss = torch.where(empty, pos * 0.0, loss)
+    return _reduce(loss, reduction, result)
 
 
 def _check_lse_temperature(t: float | torch.Tensor, factor: float, beta: float, compute: torch.dtype) -> None:
@@ -1865,12 +1961,14 @@ class InfoNCE(_TemperatureLoss):
         positives: torch.Tensor,
         negatives: torch.Tensor | None = None,
         negative_indices: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return info_nce(
             anchors,
             positives,
             negatives,
             negative_indices=negative_indices,
+            negative_mask=negative_mask,
             temperature=self.temperature,
             normalize=self.normalize,
             reduction=self.reduction,

@@ -33,6 +33,39 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
+def _gather_rows(n: torch.Tensor, negative_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, d) rows of n by index and the (B, K) bool of the real ones: -1 is padding (a zero row, to be
+    masked out by the caller). index_select, not n[idx]: any other negative index raises instead of counting
+    from the end (under vmap the callers cannot check the per-sample values first)."""
+    valid = negative_indices != -1
+    safe = torch.where(valid, negative_indices, torch.zeros_like(negative_indices))  # (-2 stays, and raises)
+    if n.shape[0] == 0:  # an empty bank: every index is padding
+        rows = n.new_zeros(*negative_indices.shape, n.shape[-1])
+    else:
+        rows = n.index_select(0, safe.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
+    return rows, valid
+
+
+def _kept_indices(negative_indices: torch.Tensor, negative_mask: torch.Tensor | None) -> torch.Tensor:
+    """-1 where the mask leaves an entry out (it may hold anything there, as for the loss)."""
+    if negative_mask is None:
+        return negative_indices
+    return torch.where(negative_mask, negative_indices, torch.full_like(negative_indices, -1))
+
+
+def _negative_validity(
+    negatives: torch.Tensor | None, negative_indices: torch.Tensor | None, negative_mask: torch.Tensor | None,
+    B: int,
+) -> torch.Tensor | None:
+    """(B, K) bool of the negatives that count (indices >= 0 and the mask), or None where all do."""
+    valid = None if negative_indices is None else negative_indices != -1
+    if negative_mask is not None:
+        if negatives is None:  # in-batch: the diagonal is the positive
+            negative_mask = negative_mask | torch.eye(B, dtype=torch.bool, device=negative_mask.device)
+        valid = negative_mask if valid is None else valid & negative_mask
+    return valid
+
+
 def info_nce_reference(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -40,6 +73,7 @@ def info_nce_reference(
     temperature: float | torch.Tensor = 0.1,
     *,
     negative_indices: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
@@ -56,20 +90,25 @@ def info_nce_reference(
         a = F.normalize(a, dim=-1, eps=_EPS)
         p = F.normalize(p, dim=-1, eps=_EPS)
     scale = 1.0 / temperature
+    valid = _negative_validity(negatives, negative_indices, negative_mask, a.shape[0])
     if negatives is None:
         logits = (a @ p.transpose(0, 1)) * scale
+        if valid is not None:  # masked columns out; the diagonal (the positive) is always valid
+            logits = logits.masked_fill(~valid, float("-inf"))
         loss = torch.logsumexp(logits, dim=1) - logits.diagonal()
     else:
         n = negatives.to(dt)
         if normalize:
             n = F.normalize(n, dim=-1, eps=_EPS)
-        if negative_indices is not None:  # (B, K, d); index_select: a negative index raises, as info_nce
-            n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
+        if negative_indices is not None:  # (B, K, d); -1 is padding, any other negative index raises
+            n, _ = _gather_rows(n, _kept_indices(negative_indices, negative_mask))
         pos = (a * p).sum(-1, keepdim=True) * scale
         if n.dim() == 2:
             neg = (a @ n.transpose(0, 1)) * scale
         else:
             neg = torch.einsum("bd,bkd->bk", a, n) * scale
+        if valid is not None:
+            neg = neg.masked_fill(~valid, float("-inf"))
         logits = torch.cat([pos, neg], dim=1)
         loss = torch.logsumexp(logits, dim=1) - pos.squeeze(1)
     return _reduce(loss, reduction).to(anchors.dtype)
@@ -84,6 +123,7 @@ def debiased_info_nce_reference(
     tau_plus: float = 0.1,
     beta: float = 0.0,
     negative_indices: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
@@ -95,24 +135,37 @@ def debiased_info_nce_reference(
     a, p = anchors.to(dt), positives.to(dt)
     if normalize:
         a, p = F.normalize(a, dim=-1, eps=_EPS), F.normalize(p, dim=-1, eps=_EPS)
+    valid = None
     if negatives is None:  # in-batch: the other positives
         off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
         sims = (a @ p.T)[off].reshape(a.shape[0], a.shape[0] - 1)
+        if negative_mask is not None:
+            valid = negative_mask[off].reshape(a.shape[0], a.shape[0] - 1)
     else:
         n = negatives.to(dt)
         if normalize:
             n = F.normalize(n, dim=-1, eps=_EPS)
-        if negative_indices is not None:  # (index_select: a negative index raises, as the loss)
-            n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
+        if negative_indices is not None:  # -1 is padding, any other negative index raises, as the loss
+            n, _ = _gather_rows(n, _kept_indices(negative_indices, negative_mask))
         sims = a @ n.T if n.dim() == 2 else torch.einsum("bd,bkd->bk", a, n)
+        valid = _negative_validity(negatives, negative_indices, negative_mask, a.shape[0])
     pos = torch.exp((a * p).sum(-1) / temperature)
     neg = torch.exp(sims / temperature)
-    K = neg.shape[1]
-    imp = (beta * neg.log()).exp()
-    reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
+    if valid is None:
+        K = neg.shape[1]
+        imp = (beta * neg.log()).exp()
+        reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
+    else:  # each anchor's own K; the left-out negatives weigh 0 (an anchor without any: loss 0, below)
+        K = valid.sum(dim=-1).to(dt)
+        imp = (beta * sims / temperature).exp() * valid
+        # (1 where K = 0, whose loss is 0 anyway: no 0 / 0 in the values or the gradient)
+        mean_imp = torch.where(K > 0, imp.sum(dim=-1) / K.clamp_min(1), torch.ones_like(K))
+        reweight_neg = (imp * neg).sum(dim=-1) / mean_imp
     Ng = (-tau_plus * K * pos + reweight_neg) / (1 - tau_plus)
-    Ng = torch.clamp(Ng, min=K * torch.exp(-1 / torch.as_tensor(temperature, dtype=dt)))
+    Ng = torch.maximum(Ng, K * torch.exp(-1 / torch.as_tensor(temperature, dtype=dt)))
     loss = -torch.log(pos / (pos + Ng))
+    if valid is not None:
+        loss = torch.where(K > 0, loss, torch.zeros_like(loss))
     return _reduce(loss, reduction).to(torch.promote_types(anchors.dtype, positives.dtype)
                                        if negatives is None else
                                        torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype),
@@ -293,15 +346,17 @@ def info_nce_core_reference(
         a = F.normalize(a, dim=-1, eps=_EPS)
         p = F.normalize(p, dim=-1, eps=_EPS)
         n = F.normalize(n, dim=-1, eps=_EPS)
-    if negative_indices is not None:
-        # index_select, not n[idx]: a negative index raises instead of counting from the end (under vmap the
-        # callers cannot check the per-sample values first)
-        n = n.index_select(0, negative_indices.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
+    pad = None
+    if negative_indices is not None:  # -1 is padding (left out below)
+        n, valid = _gather_rows(n, negative_indices)
+        pad = ~valid
     pos = (a * p).sum(-1) * scale
     if n.dim() == 2:
         neg = (a @ n.transpose(0, 1)) * scale
     else:
         neg = torch.einsum("bd,bkd->bk", a, n) * scale
+    if pad is not None:
+        neg = neg.masked_fill(pad, float("-inf"))
     if exclude_self:  # bank row i is anchor i: not its own negative
         eye = torch.eye(neg.shape[0], neg.shape[1], dtype=torch.bool, device=neg.device)
         neg = neg.masked_fill(eye, float("-inf"))

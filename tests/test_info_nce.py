@@ -1442,9 +1442,16 @@ def test_torch_func_out_of_range_indices_raise():
         with pytest.raises(IndexError, match="negative_indices must lie in"):
             fn(a, p, bad)
     negative = idx.clone()
-    negative[3, 1] = -1
+    negative[3, 1] = -2  # (-1 is padding)
     with pytest.raises(IndexError, match="negative_indices must lie in"):
         torch.func.vmap(per_sample)(a, p, negative)
+    # per-sample padding: the gradients of the losses without those negatives
+    negative[3, 1], negative[0] = -1, -1
+    got = torch.func.vmap(per_sample)(a, p, negative)
+    for i in range(4):
+        rows = negative[i][negative[i] >= 0]
+        want = torch.func.grad(lambda r: cb.info_nce(r[None], p[i:i + 1], n[rows]))(a[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)
     targets = torch.tensor([0, 1, 2, -1])
     with pytest.raises(IndexError, match="targets must lie in"):
         torch.func.vmap(torch.func.grad(lambda r, t: cb.bank_cross_entropy(r[None], n, t[None])))(a, targets)
@@ -1773,11 +1780,11 @@ def test_references_return_the_inputs_dtype():
 
 
 def test_references_refuse_what_the_losses_refuse():
-    # negative indices counted from the end and float labels truncated silently (the losses raise)
+    # negative indices counted from the end and float labels truncated silently (the losses raise; -1 is padding)
     from contrastbound.reference import debiased_info_nce_reference, supcon_reference
 
     a, p, n, _ = make_inputs("indexed", B=3, K=4, d=2, dtype=torch.float64, requires_grad=False)
-    idx = torch.tensor([[0, 1], [2, -1], [1, 1]])
+    idx = torch.tensor([[0, 1], [2, -2], [1, 1]])
     for fn in (cb.info_nce, info_nce_reference, debiased_info_nce_reference):
         with pytest.raises((IndexError, RuntimeError)):
             fn(a, p, n, negative_indices=idx)
