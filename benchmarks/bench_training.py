@@ -4,7 +4,9 @@ it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, the au
 logits, one direction (their SimCLR code forms 2N x 2N); supcon_bank: supcon_loss over 256 samples of 2 views with a
 labelled bank of N rows (a queue, no gradient; N is the bank's size here), against the 512 x (512 + N) logits with
 a positive mask as pytorch-metric-learning's CrossBatchMemory forms them); siglip_loss: N pairs, scale 10, bias -10,
-against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits).
+against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits); info_nce_mask: info_nce of
+256 anchors against a detached bank of N rows with the rows of the anchor's own class (100 classes) masked out
+(negative_mask: the indexed mode), against the 256 x (1 + N) logits with those columns set to -inf.
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -36,8 +38,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss")
-BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each)
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss", "info_nce_mask")
+BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each); info_nce_mask: anchors
+BANKED = ("supcon_bank", "info_nce_mask")  # N is the bank's size
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -101,6 +104,17 @@ def _plain_siglip(img, txt, scale, bias):
     return -F.logsigmoid(z * logits).sum() / len(img)
 
 
+def _plain_info_nce_mask(a, p, bank, mask, t):
+    # the B x (1 + N) logits, the masked-out bank columns -inf, the positive in column 0
+    import torch
+    import torch.nn.functional as F
+
+    a, p, bank = F.normalize(a, dim=1), F.normalize(p, dim=1), F.normalize(bank, dim=1)
+    neg = (a @ bank.t() / t).masked_fill(~mask, float("-inf"))
+    logits = torch.cat([(a * p).sum(1, keepdim=True) / t, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long))
+
+
 def _plain_debiased(a, p, t, tau_plus, beta):
     # Robinson et al.'s form (hard negatives over Chuang et al.'s debiasing): exponentiated N x N logits, the
     # diagonal (each anchor's positive) apart
@@ -126,7 +140,7 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rows = BANK_BATCH if loss_name == "supcon_bank" else N
+    rows = BANK_BATCH if loss_name in BANKED else N
     x1 = torch.randn(rows, d, requires_grad=True)
     x2 = torch.randn(rows, d, requires_grad=True)
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # initialise BLAS before the baseline
@@ -146,6 +160,11 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1, bank=bank, bank_labels=bank_labels))
               if method == "fused" else
               (lambda: _plain_supcon_bank(torch.stack([x1, x2], dim=1), labels, bank, bank_labels, 0.1)))
+    elif loss_name == "info_nce_mask":
+        labels, bank, bank_labels = torch.randint(0, 100, (rows,)), torch.randn(N, d), torch.randint(0, 100, (N,))
+        mask = labels[:, None] != bank_labels[None, :]
+        fn = ((lambda: cb.info_nce(x1, x2, bank, 0.1, negative_mask=mask)) if method == "fused"
+              else (lambda: _plain_info_nce_mask(x1, x2, bank, mask, 0.1)))
     else:  # (two views: every row has a positive, so the two means agree)
         labels = torch.randint(0, 100, (N,))
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1)) if method == "fused"
@@ -214,7 +233,8 @@ def main() -> int:
         N = 2**log2n
         for name in losses:
             side = N if name in ("clip_loss", "debiased_info_nce", "siglip_loss") else 2 * N
-            shape = (2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else (side, side)
+            shape = ((2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else
+                     (BANK_BATCH, 1 + N) if name == "info_nce_mask" else (side, side))
             matrix_mib = shape[0] * shape[1] * 4 / 2**20
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
