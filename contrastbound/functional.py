@@ -356,7 +356,9 @@ def _fused(
     include_positive: bool,
     exclude_self: bool = False,
     excluded: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """negative_mask (B, K) bool, a shared bank only: bank row k in anchor i's sum only where it holds."""
     _check_scale_fits(temperature, anchors.dtype)  # anchors: in the computation's dtype here
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
     # Under a torch.func transform a tensor temperature takes the reference: one batched by vmap reports
@@ -368,7 +370,9 @@ def _fused(
         save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
         loss, lse, term = _fwd_op(
             anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
-            include_positive, save_anchor_term, exclude_self, *(() if excluded is None else (excluded,)),
+            include_positive, save_anchor_term, exclude_self,
+            *(() if excluded is None and negative_mask is None else (excluded,)),
+            *(() if negative_mask is None else (negative_mask,)),
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize,
@@ -387,7 +391,7 @@ def _fused(
     with _autocast_off(anchors.device.type):
         return info_nce_core_reference(
             anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self,
-            excluded,
+            excluded, negative_mask,
         )
 
 
@@ -733,28 +737,25 @@ def _masked_indices(negative_mask: torch.Tensor, indices: torch.Tensor) -> torch
     return torch.where(negative_mask, indices, torch.full((), -1, dtype=indices.dtype, device=indices.device))
 
 
-def _in_batch_indices(negative_mask: torch.Tensor) -> torch.Tensor:
-    """In-batch negatives with a mask as indexed ones over the bank of positives: anchor i's row j is column j where
-    negative_mask[i, j] holds and j != i (the diagonal is the positive, counted apart), else -1."""
-    B = negative_mask.shape[0]
-    cols = torch.arange(B, device=negative_mask.device)
-    keep = negative_mask & (cols[:, None] != cols[None, :])
-    return _masked_indices(keep, cols.expand(B, B))
+def _in_batch_count(negative_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) in-batch negatives each anchor keeps: j != i where negative_mask[i, j] holds (the diagonal is the
+    positive, counted apart)."""
+    return negative_mask.sum(1) - negative_mask.diagonal().to(torch.int64)
 
 
 def _check_negatives(
     anchors: torch.Tensor, negatives: object, negative_indices: object, negative_mask: object = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(negatives, negative_indices) checked; with negative_mask, as the indexed mode whose indices are -1 (padding)
-    where the mask is False: a shared bank (K, d) indexed by column, per-anchor negatives (B, K, d) flattened to a
-    (B K, d) bank. In-batch (negatives None) with a mask is the caller's (_in_batch_indices)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(negatives, negative_indices, negative_mask) checked. A mask stays a mask for a shared bank (K, d) and
+    in-batch (B, B) (the kernels' tiles apply it); with per-anchor negatives (B, K, d) or indices it becomes the
+    indexed mode, -1 (padding) where it is False: the (B, K, d) negatives as a (B K, d) bank."""
     B, d = anchors.shape
     if negatives is None:
         if negative_indices is not None:
             raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
         if negative_mask is not None:
-            _check_negative_mask(negative_mask, anchors, B, "(B, B) for in-batch negatives")
-        return None, None
+            negative_mask = _check_negative_mask(negative_mask, anchors, B, "(B, B) for in-batch negatives")
+        return None, None, negative_mask
     if negative_indices is not None:
         negatives = _check_tensor("negatives", negatives, 2, "(M, d) when negative_indices is given")
     else:
@@ -786,17 +787,15 @@ def _check_negatives(
             check_range=not _backend.kernel_serves(anchors.device) or _needs_reference(anchors, negatives),
             padding=True,
         )
-    elif negative_mask is not None:
+        return negatives, negative_indices, None
+    if negative_mask is not None:
         K = negatives.shape[-2]
         what = "(B, K) for a shared bank (K, d)" if negatives.dim() == 2 else "(B, K) for negatives (B, K, d)"
         negative_mask = _check_negative_mask(negative_mask, anchors, K, what)
-        if negatives.dim() == 2:  # a shared bank: column k of every anchor's row, unless masked
-            columns = torch.arange(K, device=anchors.device).expand(B, K)
-        else:  # per-anchor: the flattened (B K, d) bank, anchor i's rows i K ... i K + K - 1
+        if negatives.dim() == 3:  # per-anchor: the flattened (B K, d) bank, anchor i's rows i K ... i K + K - 1
             columns = torch.arange(B * K, device=anchors.device).view(B, K)
-            negatives = negatives.reshape(B * K, d)
-        negative_indices = _masked_indices(negative_mask, columns)
-    return negatives, negative_indices
+            return negatives.reshape(B * K, d), _masked_indices(negative_mask, columns), None
+    return negatives, None, negative_mask
 
 
 def _common_dtypes(big: torch.Tensor, *small: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -908,23 +907,20 @@ def info_nce(
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
                                 normalize=normalize, reduction=reduction)
     anchors, positives = _check_features(anchors, positives)
-    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
+    negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     if negatives is None:
         compute, result = _promoted(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
-        if negative_mask is not None:  # the positives as an indexed bank, the diagonal and masked columns -1
-            loss, _ = _fused(a, p, p, _in_batch_indices(negative_mask), t, normalize, True)
-        else:
-            # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum,
-            # with e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
-            loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True)
+        # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
+        # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
+        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True, negative_mask=negative_mask)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
         a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
-        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True)
+        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True, negative_mask=negative_mask)
     return _reduce(loss, reduction, result)
 
 
@@ -952,17 +948,12 @@ def info_nce_lse(
     negatives has ``lse = -inf`` with ``include_positive=False``.
     """
     anchors, positives = _check_features(anchors, positives)
-    negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
+    negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     include_positive = _check_bool("include_positive", include_positive)
     exclude_self = False
-    if negatives is None and negative_mask is not None:
-        # In-batch with a mask: the positives as an indexed bank, the diagonal (counted apart as the positive, or
-        # left out with include_positive=False) and the masked columns -1.
-        negatives, negative_indices = positives, _in_batch_indices(negative_mask)
-        compute, _ = _promoted(anchors, positives)
-    elif negatives is None:
+    if negatives is None:
         # In-batch: anchor i's denominator is every positive. Kernels see the bank = positives with the diagonal
         # taken out of the bank (exclude_self) and counted once as the positive (include_positive): the same sum,
         # but the dominant term e^{l_ii} is then computed once, in float32, rather than inside the bank's tiles
@@ -975,7 +966,8 @@ def info_nce_lse(
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is positives:
         negatives = p
-    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self)
+    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
+                       negative_mask=negative_mask)
     if _needs_reference(a, p, negatives, t):
         # The reference served (forward-mode AD or a differentiating torch.func transform): its lse carries its own
         # derivatives, forward-mode ones included, which the construction below would drop (a tangent does not set
@@ -1046,17 +1038,19 @@ def debiased_info_nce(
             raise ValueError("process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None "
                              "for in-batch negatives over the global batch), not "
                              + ("negative_indices" if negative_indices is not None else "negative_mask"))
-        negatives, negative_indices = _check_negatives(anchors, negatives, negative_indices, negative_mask)
+        negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices,
+                                                                      negative_mask)
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
         # K: an int, or each anchor's count (B,) where padding or a mask leaves some negatives out
         if negatives is None:
             compute, result = _promoted(anchors, positives)
-            K = anchors.shape[0] - 1 if negative_mask is None else (_in_batch_indices(negative_mask) >= 0).sum(1)
+            K = anchors.shape[0] - 1 if negative_mask is None else _in_batch_count(negative_mask)
         else:
             compute, result = _common_dtypes(negatives, anchors, positives)
-            K = (negative_indices >= 0).sum(1) if negative_indices is not None else negatives.shape[-2]
+            K = ((negative_indices >= 0).sum(1) if negative_indices is not None else
+                 negative_mask.sum(1) if negative_mask is not None else negatives.shape[-2])
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             if negatives is not None and negatives.dim() != 2:
                 raise ValueError(f"process_group takes negatives as this rank's shard (K_r, d) of a shared bank, got "
@@ -1098,7 +1092,7 @@ def debiased_info_nce(
         def lse_at(factor: float) -> torch.Tensor:  # log sum_k e^{factor s a.n_k}, differentiable
             try:
                 return info_nce_lse(a, p, negatives, t / factor, negative_indices=negative_indices,
-                                    negative_mask=negative_mask if negatives is None else None,
+                                    negative_mask=negative_mask,
                                     normalize=normalize, include_positive=False)[1]
             except ValueError as exc:  # (a scale (1 + beta) / t too large for the dtype, or t / beta not finite)
                 if "temperature" not in str(exc):

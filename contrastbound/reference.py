@@ -330,13 +330,14 @@ def info_nce_core_reference(
     include_positive: bool,
     exclude_self: bool = False,
     excluded: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The registered op's contract in plain PyTorch: per-anchor (loss, lse) in the accumulation dtype.
 
     lse_i = log( [include_positive] e^{l_i0} + sum_k e^{l_ik} ), loss_i = lse_i - l_i0, with
     l_i0 = s a_i.p_i and l_ik = s a_i.n_ik; k runs over the bank except row i (exclude_self) or row excluded[i]
-    (excluded, a shared bank: an entry outside [0, K) leaves none out). Used as the fallback when the extension is
-    not built.
+    (excluded, a shared bank: an entry outside [0, K) leaves none out) or where negative_mask (B, K) is False, and
+    over the indices but -1 (padding). Used as the fallback when the extension is not built.
     """
     dt = _compute_dtype(anchors.dtype, None)
     a = anchors.to(dt)
@@ -357,6 +358,8 @@ def info_nce_core_reference(
         neg = torch.einsum("bd,bkd->bk", a, n) * scale
     if pad is not None:
         neg = neg.masked_fill(pad, float("-inf"))
+    if negative_mask is not None:
+        neg = neg.masked_fill(~negative_mask, float("-inf"))
     if exclude_self:  # bank row i is anchor i: not its own negative
         eye = torch.eye(neg.shape[0], neg.shape[1], dtype=torch.bool, device=neg.device)
         neg = neg.masked_fill(eye, float("-inf"))

@@ -74,6 +74,21 @@ inline void check_excluded(const c10::optional<at::Tensor>& excluded, const at::
   TORCH_CHECK_VALUE(!exclude_self, "excluded and exclude_self cannot both be given");
 }
 
+// negative_mask (optional, bool (B, K)): which bank rows are in each anchor's sum (shared bank only).
+inline void check_negative_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& anchors,
+                                const at::Tensor& negatives, const c10::optional<at::Tensor>& indices) {
+  if (!mask.has_value() || !mask->defined()) return;
+  const auto& m = *mask;
+  TORCH_CHECK_VALUE(!(indices.has_value() && indices->defined()) && negatives.dim() == 2,
+                    "negative_mask needs a shared bank (K, d) (indexed negatives take -1 as padding instead)");
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "negative_mask must be bool, got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == anchors.size(0) && m.size(1) == negatives.size(0),
+                    "negative_mask must have shape (B, K) = (", anchors.size(0), ", ", negatives.size(0), "), got ",
+                    m.sizes());
+  TORCH_CHECK_VALUE(m.device() == anchors.device(), "negative_mask must be on the device of anchors (",
+                    anchors.device(), "), got ", m.device());
+}
+
 inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale (1 / temperature) must be positive and finite, got ",
                     scale);

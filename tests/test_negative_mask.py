@@ -163,14 +163,48 @@ def test_cpu_indexed_walks(monkeypatch, walk):
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_padding_gives_the_same_bits(device):
     # The kernels' padding branch costs nothing where there is none: a mask that keeps everything and no mask
-    # give the same loss and gradients bit for bit (the indexed walk of the shared bank aside: a mask makes the
-    # shared bank an indexed one).
+    # give the same loss and gradients bit for bit.
     a, p, n, kw = _inputs("indexed_pad", B=5, K=300, d=9, dtype=torch.float32, device=device, seed=6, M=40)
     idx = kw["negative_indices"].clamp_min(0)
     everything = torch.ones_like(idx, dtype=torch.bool)
     x = _grads(cb.info_nce, a, p, n, {"negative_indices": idx})
     y = _grads(cb.info_nce, a, p, n, {"negative_indices": idx, "negative_mask": everything})
     assert torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1]))
+
+
+def test_shared_bank_and_in_batch_masks_reach_the_cpu_tiles(monkeypatch):
+    # The CPU kernel's shared-bank tiles apply the mask (no (B, K) int64 indices, no row walk): the same bits as no
+    # mask where it keeps everything, and no detour through the indexed mode.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the CPU kernel is not built")
+    from contrastbound import functional
+
+    def no_indices(*args):
+        raise AssertionError("a shared bank's mask became indices")
+
+    monkeypatch.setattr(functional, "_masked_indices", no_indices)
+    for case in ("shared_mask", "in_batch_mask"):
+        a, p, n, kw = _inputs(case, B=300, K=1100, d=9, dtype=torch.float32, seed=9)  # 2 x 3 tiles of 256 x 512
+        cb.info_nce(a, p, n, 0.1, **kw).backward()
+        everything = torch.ones_like(kw["negative_mask"])
+        x = _grads(cb.info_nce, a, p, n, {"negative_mask": everything})
+        y = _grads(cb.info_nce, a, p, n, {})
+        assert torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1])), case
+
+
+@pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
+def test_the_op_checks_its_mask():
+    a, p, n, kw = _inputs("shared_mask", B=4, K=6, d=3, dtype=torch.float32)
+    a, p, n, mask = a.detach(), p.detach(), n.detach(), kw["negative_mask"]
+    fwd = torch.ops.contrastbound.info_nce_fwd
+    with pytest.raises((RuntimeError, TypeError), match="negative_mask must be bool"):
+        fwd(a, p, n, None, 2.0, True, True, False, False, None, mask.to(torch.uint8))
+    with pytest.raises((RuntimeError, ValueError), match=r"negative_mask must have shape \(B, K\) = \(4, 6\)"):
+        fwd(a, p, n, None, 2.0, True, True, False, False, None, mask[:, :5])
+    with pytest.raises((RuntimeError, ValueError), match="negative_mask needs a shared bank"):
+        fwd(a, p, n, torch.zeros(4, 6, dtype=torch.long), 2.0, True, True, False, False, None, mask)
+    with pytest.raises((RuntimeError, ValueError), match="negative_mask needs a shared bank"):
+        fwd(a, p, n.expand(4, 6, 3), None, 2.0, True, True, False, False, None, mask)
 
 
 @pytest.mark.parametrize("case", CASES)

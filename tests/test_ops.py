@@ -61,6 +61,13 @@ def _op_samples(device):
     idx[1] = -1
     for save in (True, False):
         out.append((a, p, n, idx, 2.5, True, True, save))
+    # negative_mask over a shared bank (anchor 1 keeps nothing), and in-batch with exclude_self.
+    a, p, n, _ = make_inputs("shared", B=4, K=7, d=3, dtype=torch.float32, device=device)
+    mask = torch.rand(4, 7, generator=torch.Generator().manual_seed(3)).to(device) > 0.4
+    mask[1] = False
+    for save in (True, False):
+        out.append((a, p, n, None, 1.5, True, True, save, False, None, mask))
+    out.append((a, p, p, None, 1.5, True, True, True, True, None, mask[:, :4]))
     # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
     z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
     out.append((z, zp, z, None, 2.0, True, False, True, True))
@@ -106,17 +113,18 @@ def test_opcheck_backward(device):
     for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
+        keep = rest[2] if len(rest) > 2 else None
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
-                a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded
+                a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded, keep
             )
         g = torch.rand(a.shape[0], device=device)
         for mask in ([True, True, True], [False, True, False]):
             args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
-                    exclude, True, None, excluded)
+                    exclude, True, None, excluded, keep)
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
             # With forward's loss (the positive's weight from it, as the autograd backward passes it).
-            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args[:-2], loss, excluded))
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args[:-3], loss, excluded, keep))
 
 
 @needs_kernel
@@ -130,13 +138,14 @@ def test_backward_op_without_the_loss(device, scaled):
         a, p, n = (x.detach().double() for x in (a, p, n))
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
+        keep = rest[2] if len(rest) > 2 else None
         s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
         fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
         bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
-        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded)
+        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep)
         g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
         args = (g, a, p, n, idx, lse, term, s, normalize, include_positive, [True, True, True], exclude, True)
-        without, given = bwd(*args, None, excluded), bwd(*args, loss, excluded)
+        without, given = bwd(*args, None, excluded, keep), bwd(*args, loss, excluded, keep)
         for x, y in zip(without, given):
             assert_close_scaled(x, y, 1e-12, "gradient without the loss")
 
@@ -148,17 +157,19 @@ def test_opcheck_scaled_ops(device):
     for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
+        keep = rest[2] if len(rest) > 2 else None
         s = torch.tensor(scale, dtype=torch.float64, device=device)
-        args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded)
+        args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded, keep)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize,
-                                                                           include_positive, True, exclude, excluded)
+                                                                           include_positive, True, exclude, excluded,
+                                                                           keep)
         g = torch.rand(a.shape[0], device=device)
         args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
                 [True, True, True], exclude, True)
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, None, excluded))
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, loss, excluded))
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, None, excluded, keep))
+        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, loss, excluded, keep))
 
 
 def _train_step_losses(compiled: bool, steps: int = 3):

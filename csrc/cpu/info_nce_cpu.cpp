@@ -300,11 +300,16 @@ struct Excluded {
   // are: formed apart (prepare's dot product) it differed from theirs by ~eps |l|, which the weights e^{l - l_0}
   // and the loss inherit (normalize=False at logits ~1e3-1e4 with a near duplicate: 94x naive float32's error).
   const uint8_t* pos_is_row = nullptr;
+  // negative_mask (B, K) or nullptr: bank row k is in anchor i's sum only where keep[i * keep_s0 + k * keep_s1]
+  const bool* keep = nullptr;
+  int64_t keep_s0 = 0, keep_s1 = 0;
   bool any() const { return self || rows != nullptr; }
+  bool masks() const { return any() || keep != nullptr; }
   int64_t of(int64_t i) const { return self ? i : (rows != nullptr ? rows[i] : int64_t(-1)); }
 };
 
-// Sets the excluded entry of each row of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value.
+// Sets the excluded entry of each row of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value,
+// and the entries negative_mask leaves out (a pass over the tile's mask: ~1 % of the tile's GEMM at d = 128).
 template <typename acc_t>
 void mask_excluded(Tensor& tile, int64_t i0, int64_t k0, const Excluded& ex, acc_t value) {
   const int64_t rows = tile.size(0), cols = tile.size(1), ld = tile.stride(0);
@@ -312,6 +317,13 @@ void mask_excluded(Tensor& tile, int64_t i0, int64_t k0, const Excluded& ex, acc
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t col = ex.of(i0 + r) - k0;
     if (col >= 0 && col < cols) t[r * ld + col] = value;
+  }
+  if (ex.keep == nullptr) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool* keep = ex.keep + (i0 + r) * ex.keep_s0 + k0 * ex.keep_s1;
+    acc_t* row = t + r * ld;
+    for (int64_t c = 0; c < cols; ++c)
+      if (!keep[c * ex.keep_s1]) row[c] = value;
   }
 }
 
@@ -356,7 +368,7 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
             if (ex.pos_is_row[i0 + r] && col >= 0 && col < tk) parts.tile_pos[i0 + r] = lp[r * tk + col];
           }
         }
-        if (ex.any()) mask_excluded<acc_t>(l, i0, k0, ex, -std::numeric_limits<acc_t>::infinity());
+        if (ex.masks()) mask_excluded<acc_t>(l, i0, k0, ex, -std::numeric_limits<acc_t>::infinity());
         Tensor rmax = row_max.narrow(0, 0, bb), nmax = new_max.narrow(0, 0, bb), al = alpha.narrow(0, 0, bb);
         at::amax_out(rmax, l, {1});
         at::maximum_out(nmax, m, rmax);
@@ -725,7 +737,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         at::mm_out(l, a_blk, tile.t());
         at::sub_out(w, l, lse_hi.narrow(0, i0, bb).unsqueeze(1)).sub_(lse_res.narrow(0, i0, bb).unsqueeze(1));
         w.exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
-        if (ex.any()) mask_excluded<acc_t>(w, i0, k0, ex, acc_t(0));
+        if (ex.masks()) mask_excluded<acc_t>(w, i0, k0, ex, acc_t(0));
         // dL/dn_hat = sum_i W_ik s a_hat_i: each anchor block's product, then added with Kahan's compensation
         // (added into grad directly, B / 256 blocks in a row lost ~sqrt(blocks) eps: 6.7e-6 relative at B = 10^6,
         // where one GEMM over all anchors has 2.2e-6)
@@ -1058,10 +1070,15 @@ Tensor excluded_rows(const c10::optional<Tensor>& excluded) {
   return excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
 }
 
-Excluded excluded_of(bool exclude_self, const Tensor& rows) {
+Excluded excluded_of(bool exclude_self, const Tensor& rows, const c10::optional<Tensor>& mask) {
   Excluded ex;
   ex.self = exclude_self;
   ex.rows = rows.defined() ? rows.template data_ptr<int64_t>() : nullptr;
+  if (mask.has_value() && mask->defined()) {  // read through its strides (an expanded mask is not copied)
+    ex.keep = mask->data_ptr<bool>();
+    ex.keep_s0 = mask->stride(0);
+    ex.keep_s1 = mask->stride(1);
+  }
   return ex;
 }
 
@@ -1069,9 +1086,11 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
                                                     const Tensor& negatives, const c10::optional<Tensor>& indices,
                                                     double scale, bool normalize, bool include_positive,
                                                     bool save_anchor_term, bool exclude_self,
-                                                    const c10::optional<Tensor>& excluded) {
+                                                    const c10::optional<Tensor>& excluded,
+                                                    const c10::optional<Tensor>& negative_mask) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
+  check_negative_mask(negative_mask, anchors, negatives, indices);
   check_scale(scale, anchors.scalar_type());
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
@@ -1081,7 +1100,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
     // Detached views: the ATen calls inside the kernel (some on worker threads, where the guards above do not
     // apply) must not see tensors that require grad.
     out = forward_typed<scalar_t>(anchors.detach(), positives.detach(), negatives.detach(), indices, scale, normalize,
-                                  include_positive, save_anchor_term, excluded_of(exclude_self, excl));
+                                  include_positive, save_anchor_term, excluded_of(exclude_self, excl, negative_mask));
   });
   return out;
 }
@@ -1093,7 +1112,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     bool include_positive, std::array<bool, 3> output_mask,
                                                     bool exclude_self, bool check_indices,
                                                     const c10::optional<Tensor>& loss,
-                                                    const c10::optional<Tensor>& excluded) {
+                                                    const c10::optional<Tensor>& excluded,
+                                                    const c10::optional<Tensor>& negative_mask) {
   // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since). Still
   // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
@@ -1101,6 +1121,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   check_scale(scale, anchors.scalar_type());
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
+  check_negative_mask(negative_mask, anchors, negatives, indices);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   const Tensor excl = excluded_rows(excluded);
@@ -1108,7 +1129,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
     out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
                                    indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
-                                   output_mask, excluded_of(exclude_self, excl),
+                                   output_mask, excluded_of(exclude_self, excl, negative_mask),
                                    loss.has_value() ? c10::optional<Tensor>(loss->detach()) : c10::nullopt);
   });
   return out;
@@ -1120,9 +1141,10 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cpu(const Tensor& anchors
                                                            const c10::optional<Tensor>& indices, const Tensor& scale,
                                                            bool normalize, bool include_positive,
                                                            bool save_anchor_term, bool exclude_self,
-                                                           const c10::optional<Tensor>& excluded) {
+                                                           const c10::optional<Tensor>& excluded,
+                                                           const c10::optional<Tensor>& negative_mask) {
   return info_nce_fwd_cpu(anchors, positives, negatives, indices, scale_value(scale), normalize, include_positive,
-                          save_anchor_term, exclude_self, excluded);
+                          save_anchor_term, exclude_self, excluded, negative_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_loss, const Tensor& anchors,
@@ -1132,9 +1154,11 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                                                            bool normalize, bool include_positive,
                                                            std::array<bool, 3> output_mask, bool exclude_self,
                                                            bool check_indices, const c10::optional<Tensor>& loss,
-                                                           const c10::optional<Tensor>& excluded) {
+                                                           const c10::optional<Tensor>& excluded,
+                                                           const c10::optional<Tensor>& negative_mask) {
   return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
-                          normalize, include_positive, output_mask, exclude_self, check_indices, loss, excluded);
+                          normalize, include_positive, output_mask, exclude_self, check_indices, loss, excluded,
+                          negative_mask);
 }
 
 // ------------------------------------------------------------------------------------------------------
