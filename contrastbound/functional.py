@@ -776,8 +776,8 @@ def _check_negatives(
         K = negative_indices.shape[1]
         if negative_mask is not None:
             negative_mask = _check_negative_mask(negative_mask, anchors, K, "(B, K), the shape of negative_indices")
-            _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", negatives.shape[0], "M",
-                           anchors.device, check_range=False)
+            negative_indices = _check_indices("negative_indices", negative_indices, (B, K), "(B, K)",
+                                              negatives.shape[0], "M", anchors.device, check_range=False)
             # (the masked-out entries may hold anything: only the kept ones are range-checked, below)
             negative_indices = _masked_indices(negative_mask, negative_indices)
         # The compiled op checks the range itself (IndexError, one read-back): checking here as well would read
@@ -867,9 +867,10 @@ def info_nce(
         negative_mask: (B, K) bool, True where the negative counts (False: left out of anchor i's sum, as
             padding; its gradient is 0): for a shared bank (K, d) (say the queue rows of the anchor's own class),
             per-anchor negatives (B, K, d), or ``negative_indices``; in-batch, (B, B), where entry (i, i), the
-            positive, always counts. With a mask the kernels run the indexed mode (a (B, K) int64 copy of the
-            indices; a shared bank's rows read per anchor by the row walk instead of the GEMM tiles, per-anchor
-            negatives as a (B K, d) view).
+            positive, always counts. A shared bank's and an in-batch mask go to the kernels (CPU: inside the GEMM
+            tiles; CUDA: as (B, K) int64 indices, -1 where it is False, for the row kernels); per-anchor and
+            indexed negatives take -1 where it is False (a (B, K) int64 tensor; per-anchor negatives read as a
+            (B K, d) bank: a view, or a copy where their layout has none, an expanded or permuted tensor).
         temperature: positive finite number, or a scalar tensor; one that requires grad is learnable and gets
             its exact gradient.
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
@@ -981,7 +982,9 @@ def info_nce_lse(
         if normalize:
             ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
         pos = (ah * ph).sum(-1) / t
-        lse = lse + _gradient_only(loss) + _gradient_only(pos)
+        # (an anchor without negatives and without its positive: lse = loss = -inf, whose gradient is 0, as the
+        # reference's; d l_0 alone would be left there)
+        lse = lse + _gradient_only(loss) + torch.where(torch.isneginf(lse), 0.0, _gradient_only(pos))
     return loss, lse
 
 

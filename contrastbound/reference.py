@@ -38,11 +38,11 @@ def _gather_rows(n: torch.Tensor, negative_indices: torch.Tensor) -> tuple[torch
     masked out by the caller). index_select, not n[idx]: any other negative index raises instead of counting
     from the end (under vmap the callers cannot check the per-sample values first)."""
     valid = negative_indices != -1
-    safe = torch.where(valid, negative_indices, torch.zeros_like(negative_indices))  # (-2 stays, and raises)
-    if n.shape[0] == 0:  # an empty bank: every index is padding
-        rows = n.new_zeros(*negative_indices.shape, n.shape[-1])
-    else:
-        rows = n.index_select(0, safe.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
+    # a zero row in front for the padding (so an empty bank works too); -2 becomes -1 and M becomes M + 1: both
+    # still out of range, and raise
+    safe = torch.where(valid, negative_indices + 1, torch.zeros_like(negative_indices))
+    padded = torch.cat([n.new_zeros(1, n.shape[-1]), n])
+    rows = padded.index_select(0, safe.reshape(-1)).view(*negative_indices.shape, n.shape[-1])
     return rows, valid
 
 

@@ -245,6 +245,32 @@ def test_info_nce_lse_in_batch_mask_without_the_positive():
     assert torch.isneginf(lse[2])  # no negatives
 
 
+def test_an_anchor_without_negatives_has_no_lse_gradient():
+    # include_positive=False and nothing kept: lse = -inf, gradient 0 (the kernel's path as the reference's, which
+    # torch.func.jacrev takes); a review found d l_0 left there
+    a, p, n, kw = _inputs("shared_mask", B=4, K=5, d=4, seed=12)
+    mask = kw["negative_mask"]
+
+    def lse_of(x):
+        return cb.info_nce_lse(x, p.detach(), n.detach(), 0.5, negative_mask=mask, include_positive=False)[1]
+
+    (grad,) = torch.autograd.grad(lse_of(a).sum(), (a,))
+    assert torch.isneginf(lse_of(a)[2]) and (grad[2] == 0).all() and (grad[0] != 0).any()
+    assert torch.allclose(grad, torch.func.jacrev(lse_of)(a.detach()).sum(0), rtol=1e-12, atol=1e-14)
+
+
+def test_references_refuse_bad_indices_into_an_empty_bank():
+    a, p = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    for idx in ([[0, -1], [-1, -1]], [[-2, -1], [-1, -1]]):
+        for fn in (info_nce_reference, debiased_info_nce_reference):
+            with pytest.raises(IndexError):
+                fn(a, p, empty, negative_indices=torch.tensor(idx))
+    padding = torch.full((2, 2), -1)
+    assert info_nce_reference(a, p, empty, negative_indices=padding).item() == 0.0
+    assert cb.info_nce(a, p, empty, negative_indices=padding).item() == 0.0
+
+
 def test_module_and_compile():
     a, p, n, kw = _inputs("shared_mask", dtype=torch.float32, B=8, K=50, d=6, seed=8)
     module = cb.InfoNCE(temperature=0.2)
@@ -281,7 +307,7 @@ if given is not None:
 def test_bad_masks_are_refused_by_name():
     a, p, n, kw = _inputs("shared_mask", B=4, K=6, d=3)
     mask = kw["negative_mask"]
-    with pytest.raises(TypeError, match=r"negative_mask must be a bool tensor of shape \(B, K\).*got dtype torch.uint8"):
+    with pytest.raises(TypeError, match=r"negative_mask must be a bool tensor of shape \(B, K\).*dtype torch.uint8"):
         cb.info_nce(a, p, n, negative_mask=mask.to(torch.uint8))
     with pytest.raises(TypeError, match="negative_mask must be a bool tensor.*got list"):
         cb.info_nce(a, p, n, negative_mask=mask.tolist())
