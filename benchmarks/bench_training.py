@@ -6,7 +6,8 @@ labelled bank of N rows (a queue, no gradient; N is the bank's size here), again
 a positive mask as pytorch-metric-learning's CrossBatchMemory forms them); siglip_loss: N pairs, scale 10, bias -10,
 against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits); info_nce_mask: info_nce of
 256 anchors against a detached bank of N rows with the rows of the anchor's own class (100 classes) masked out
-(negative_mask: the indexed mode), against the 256 x (1 + N) logits with those columns set to -inf.
+(negative_mask, applied inside the shared-bank tiles), against the 256 x (1 + N) logits with those columns set to
+-inf.
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
