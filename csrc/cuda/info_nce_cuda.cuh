@@ -64,6 +64,10 @@ struct Problem {
   // Shared only, (B,) contiguous or nullptr: bank row excluded[i] is not a negative of anchor i (an entry outside
   // [0, K) excludes none; compared, never used as an index). Not together with exclude_self.
   const int64_t* excluded = nullptr;
+  // Shared only, (B, K) bool or nullptr (negative_mask): bank row k is in anchor i's sum only where
+  // keep[i * keep_stride[0] + k * keep_stride[1]]. The SIMT kernels serve a problem with a mask (use_tc).
+  const bool* keep = nullptr;
+  int64_t keep_stride[2] = {0, 0};
 
   // Tensor cores (Shared mode, d <= 256, compute capability >= 8.0): float16/bfloat16 always unless
   // tensor_cores is false; float32 as TF32 only when tf32 is true (torch allows TF32 in float32 matmuls:

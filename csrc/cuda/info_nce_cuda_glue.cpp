@@ -95,7 +95,8 @@ Tensor device_scale(const Tensor& scale, const Tensor& anchors) {
 // queued (the caching allocator reuses its block only in stream order).
 Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                      const c10::optional<Tensor>& indices, const Tensor& scale, bool normalize,
-                     bool include_positive, bool exclude_self, const Tensor& excluded) {
+                     bool include_positive, bool exclude_self, const Tensor& excluded,
+                     const c10::optional<Tensor>& negative_mask = c10::nullopt) {
   Problem p;
   p.dtype = dtype_of(anchors.scalar_type());
   p.B = anchors.size(0);
@@ -128,6 +129,11 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   p.normalize = normalize;
   p.include_positive = include_positive;
   p.exclude_self = exclude_self;
+  if (negative_mask.has_value() && negative_mask->defined()) {  // read through its strides (the SIMT tiles)
+    p.keep = negative_mask->data_ptr<bool>();
+    p.keep_stride[0] = negative_mask->stride(0);
+    p.keep_stride[1] = negative_mask->stride(1);
+  }
   p.excluded = excluded.defined() ? excluded.data_ptr<int64_t>() : nullptr;
   // CONTRASTBOUND_TENSOR_CORES=0 forces the SIMT kernels (tests compare both paths); float32 follows torch's
   // TF32 setting for matrix products.
@@ -170,77 +176,53 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_stream(const Problem& p, const Ten
   return {loss, lse, term};
 }
 
-// negative_mask with a shared bank: the CUDA kernels have no mask in their tiles, so the indexed mode over the bank
-// serves, with -1 (padding) where the mask, exclude_self or excluded leaves a row out ((B, K) int64, the SIMT row
-// kernels). Undefined without a mask.
-Tensor mask_as_indices(const c10::optional<Tensor>& mask, const Tensor& anchors, int64_t K, bool exclude_self,
-                       const c10::optional<Tensor>& excluded) {
-  if (!mask.has_value() || !mask->defined()) return Tensor();
-  const int64_t B = anchors.size(0);
-  const auto opts = anchors.options().dtype(at::kLong);
-  const Tensor cols = at::arange(K, opts).unsqueeze(0);
-  Tensor keep = *mask;
-  if (exclude_self) keep = at::logical_and(keep, at::arange(B, opts).unsqueeze(1) != cols);
-  if (excluded.has_value() && excluded->defined()) keep = at::logical_and(keep, excluded->unsqueeze(1) != cols);
-  return at::where(keep, cols.expand({B, K}), at::Scalar(int64_t(-1))).contiguous();
-}
-
 // Scale: a double (info_nce_fwd) or a tensor (info_nce_fwd_scaled), see device_scale.
 template <typename Scale>
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, const Tensor& positives,
                                                      const Tensor& negatives,
-                                                     const c10::optional<Tensor>& indices_in, const Scale& scale,
+                                                     const c10::optional<Tensor>& indices, const Scale& scale,
                                                      bool normalize, bool include_positive, bool save_anchor_term,
-                                                     bool exclude_self_in, const c10::optional<Tensor>& excluded,
+                                                     bool exclude_self, const c10::optional<Tensor>& excluded,
                                                      const c10::optional<Tensor>& negative_mask) {
-  check_info_nce_inputs(anchors, positives, negatives, indices_in, exclude_self_in);
-  check_excluded(excluded, anchors, negatives, indices_in, exclude_self_in);
-  check_negative_mask(negative_mask, anchors, negatives, indices_in);
-  check_cuda(anchors, positives, negatives, indices_in);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
+  check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const Tensor s = device_scale(scale, anchors);
-  const Tensor masked = mask_as_indices(negative_mask, anchors, negatives.size(0), exclude_self_in, excluded);
-  const c10::optional<Tensor> indices = masked.defined() ? c10::optional<Tensor>(masked) : indices_in;
-  const bool exclude_self = exclude_self_in && !masked.defined();
-  const Tensor excl =
-      !masked.defined() && excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
-  const Problem p =
-      make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self, excl);
+  const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive,
+                                 exclude_self, excl, negative_mask);
   return forward_on_stream(p, anchors, save_anchor_term);
 }
 
 template <typename Scale>
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, const Tensor& anchors,
                                                      const Tensor& positives, const Tensor& negatives,
-                                                     const c10::optional<Tensor>& indices_in, const Tensor& lse,
+                                                     const c10::optional<Tensor>& indices, const Tensor& lse,
                                                      const Tensor& anchor_term, const Scale& scale, bool normalize,
                                                      bool include_positive, std::array<bool, 3> output_mask,
-                                                     bool exclude_self_in, bool check_indices,
+                                                     bool exclude_self, bool check_indices,
                                                      const c10::optional<Tensor>& loss,
                                                      const c10::optional<Tensor>& excluded,
                                                      const c10::optional<Tensor>& negative_mask) {
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
-  check_info_nce_inputs(anchors, positives, negatives, indices_in, exclude_self_in,
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
-  check_cuda(anchors, positives, negatives, indices_in);
+  check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
-  check_excluded(excluded, anchors, negatives, indices_in, exclude_self_in);
-  check_negative_mask(negative_mask, anchors, negatives, indices_in);
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
+  check_negative_mask(negative_mask, anchors, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
   const Tensor s = device_scale(scale, anchors);
-  // (as in forward: the same indices, so the same bits)
-  const Tensor masked = mask_as_indices(negative_mask, anchors, negatives.size(0), exclude_self_in, excluded);
-  const c10::optional<Tensor> indices = masked.defined() ? c10::optional<Tensor>(masked) : indices_in;
-  const bool exclude_self = exclude_self_in && !masked.defined();
-  const Tensor excl =
-      !masked.defined() && excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
-  const Problem p =
-      make_problem(anchors, positives, negatives, indices, s, normalize, include_positive, exclude_self, excl);
+  const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive,
+                                 exclude_self, excl, negative_mask);
 
   Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());

@@ -15,7 +15,8 @@
 //   prepare          one block per anchor: row norms, s * a_hat and p_hat (B x d, acc_t, in the workspace),
 //                    the positive logit. bank_scales: one warp per bank row: 1/||n|| and the Jacobian factor.
 //   forward_shared   one block per (anchor block of BA rows, K chunk). For each bank tile of BK rows it forms
-//                    the BA x BK logits in registers by a shared-memory tiled GEMM over d (steps of kBD),
+//                    the BA x BK logits in registers by a shared-memory tiled GEMM over d (steps of kBD; the
+//                    left-out entries, exclude_self / excluded / a negative_mask, set to -inf; also in backward),
 //                    folds them into a running (max, sum) per anchor (online log-sum-exp) and, if V is wanted,
 //                    rescales the chunk's partial V (in global memory, owned by this block) and adds
 //                    P x N_hat_tile. Logits never leave shared memory.
@@ -379,12 +380,17 @@ __global__ void __launch_bounds__(kThreads)
       logit_tile<scalar_t, acc_t, BA>(p, w.pr.as, w.pr.n_inv, i0, k0, k_end, a_s, n_s, acc);
 #pragma unroll
       for (int a = 0; a < R; ++a) {
-        const int64_t ex = excluded_row(p.exclude_self, p.excluded, i0 + ty + 16 * a, B);  // -1: none
+        const int64_t i = i0 + ty + 16 * a;
+        const int64_t ex = excluded_row(p.exclude_self, p.excluded, i, B);  // -1: none
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool self = ex == k0 + col;
-          l_s[ty + 16 * a][col] = (k0 + col < k_end && !self) ? acc[a][b] : ninf;
+          // (the mask read only for real anchors and bank rows: rows past B are computed, never written)
+          const bool kept =
+              k0 + col < k_end && !self &&
+              (p.keep == nullptr || i >= B || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]);
+          l_s[ty + 16 * a][col] = kept ? acc[a][b] : ninf;
         }
       }
       __syncthreads();
@@ -716,7 +722,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          const bool keep = i < B && k0 + col < k_end && ex != k0 + col;
+          const bool keep = i < B && k0 + col < k_end && ex != k0 + col &&
+                            (p.keep == nullptr || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]);
           w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] - lse[i]) : acc_t(0);
         }
       }
@@ -954,7 +961,8 @@ inline bool tc_chunked(int64_t d) {
 // rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
 // (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
 bool use_tc(const Problem& p) {
-  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
+  // (a negative_mask: the SIMT tiles apply it; the tensor-core ones have none)
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.keep != nullptr) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
   const bool wide = p.d > kTcMaxD;
   if (wide && (p.dtype == DType::Float32 || !tc_use_mma() || p.d > kTcMaxWideD)) return false;

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -154,16 +155,19 @@ struct Case {
   // Indexed: this fraction of the indices -1 (padding, no negative), and anchor 1's first K / 2; with the positive
   // also all of anchor 0's (no negatives: lse = l0, loss 0)
   double padding = 0;
+  // Shared: this fraction of the (anchor, bank row) entries left out by a negative_mask (stored column-major: read
+  // through its strides), and anchor 1's first K / 2; with the positive also all of anchor 0's
+  double mask = 0;
   std::string name() const {
     char buf[240];
     std::snprintf(buf, sizeof buf,
                   "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
-                  "T=%g%s%s%s%s%s",
+                  "T=%g%s%s%s%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
                   nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
-                  one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "");
+                  one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "");
     return buf;
   }
 };
@@ -330,6 +334,14 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       if (pad(rng) || (a == 1 && i % K < K / 2) || (a == 0 && c.include_positive)) idx[i] = -1;
     }
   }
+  std::unique_ptr<bool[]> keep;  // (B, K) at i + k B, where c.mask > 0
+  if (c.mask > 0) {
+    keep.reset(new bool[std::max<int64_t>(1, B * K)]);
+    std::bernoulli_distribution drop(c.mask);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < B; ++i)
+        keep[i + k * B] = !(drop(rng) || (i == 1 && k < K / 2) || (i == 0 && c.include_positive));
+  }
   std::vector<int64_t> excl;
   if (c.excluded)
     for (int64_t i = 0; i < B; ++i) excl.push_back((i * 37 + 11) % (K + 3) - 1);  // -1 and >= K exclude none
@@ -362,6 +374,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   p.include_positive = c.include_positive;
   p.exclude_self = c.exclude_self;
   p.excluded = c.excluded ? excl.data() : nullptr;
+  if (keep) p.keep = keep.get(), p.keep_stride[0] = 1, p.keep_stride[1] = B;
   p.tensor_cores = c.tensor_cores;
   p.tf32 = tf32_mode;  // float32 on the WMMA kernels as TF32 (torch's allow_tf32)
 
@@ -392,7 +405,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   };
   const auto left_out = [&](int64_t i, int64_t k) {
     return (c.mode == Mode::Shared && ((c.exclude_self && k == i) || (c.excluded && excl[i] == k))) ||
-           (c.mode == Mode::Indexed && idx[i * K + k] < 0);
+           (c.mode == Mode::Indexed && idx[i * K + k] < 0) || (keep && !keep[i + k * B]);
   };
   const auto dotv = [&](const std::vector<double>& x, const std::vector<double>& y) {
     double t = 0;
@@ -731,6 +744,17 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     c.mode = Mode::Indexed, c.B = 11, c.K = 150, c.d = 24, c.rows = 40, c.padding = 0.3;
     run_case<T>(c, own, tol, tol_acc, config, light);
     c.include_positive = false, c.layout = kPaddedRows, c.K = 71, c.B = 6;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+  }
+  // Shared bank with a negative_mask (the SIMT tiles serve it whatever the type; BK = 64 or 32: K = 150 crosses
+  // tiles with a partial one): anchor 0 without negatives, anchor 1's first half left out, 30% of the rest; then
+  // with exclude_self as in-batch with a mask, without the positive.
+  if (!tc_only) {
+    std::mt19937_64 own(2029);
+    Case c;
+    c.mode = Mode::Shared, c.B = 11, c.K = 150, c.d = 24, c.mask = 0.3;
+    run_case<T>(c, own, tol, tol_acc, config, light);
+    c.include_positive = false, c.exclude_self = true, c.layout = kPaddedRows, c.K = 71, c.B = 70;
     run_case<T>(c, own, tol, tol_acc, config, light);
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
