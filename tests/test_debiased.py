@@ -220,3 +220,35 @@ if given is not None:
             if abs(gap) < 1e-6 * float(e_pos[i]):  # (a change below the losses' rounding)
                 continue
             assert (float(deb[i]) < float(plain[i])) == (gap < 0), (i, gap, float(deb[i]), float(plain[i]))
+
+
+@pytest.mark.parametrize("tau_plus,beta", [(0.1, 0.0), (0.1, 1.0), (0.0, 0.0)])
+def test_simclr_views_with_a_mask_are_the_authors_2n_minus_2(tau_plus, beta):
+    # The authors' SimCLR code (DCL; HCL with beta): each of the 2N views against the other 2N - 2, written out here
+    # as their loop does it. With anchors [z1; z2], positives [z2; z1] and the in-batch mask that leaves out each
+    # anchor's own row among the positives (column i + N mod 2N), the loss is theirs (README's recipe).
+    g = torch.Generator().manual_seed(21)
+    N, d, t = 5, 4, 0.5
+    z1 = torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(N, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = ~torch.eye(2 * N, dtype=torch.bool).roll(N, dims=1)
+    got = cb.debiased_info_nce(torch.cat([z1, z2]), torch.cat([z2, z1]), None, t, tau_plus=tau_plus, beta=beta,
+                               negative_mask=mask)
+    out = F.normalize(torch.cat([z1, z2]), dim=1)
+    neg = torch.exp(out @ out.t() / t)
+    keep = ~(torch.eye(2 * N, dtype=torch.bool) | torch.eye(2 * N, dtype=torch.bool).roll(N, dims=1))
+    neg = neg.masked_select(keep).view(2 * N, -1)
+    pos = torch.exp((out[:N] * out[N:]).sum(-1) / t)
+    pos = torch.cat([pos, pos])
+    K = 2 * N - 2
+    imp = (beta * neg.log()).exp()
+    reweight = (imp * neg).sum(-1) / imp.mean(-1)
+    ng = ((-tau_plus * K * pos + reweight) / (1 - tau_plus)).clamp(min=K * math.exp(-1 / t))
+    want = (-torch.log(pos / (pos + ng))).mean()
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    gz = torch.autograd.grad(got, (z1, z2))
+    wz = torch.autograd.grad(want, (z1, z2))
+    assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-13) for x, y in zip(gz, wz))
+    # without the mask each anchor also sees itself among the positives: another loss
+    plain = cb.debiased_info_nce(torch.cat([z1, z2]), torch.cat([z2, z1]), None, t, tau_plus=tau_plus, beta=beta)
+    assert (plain - want).abs() > 1e-3
