@@ -868,9 +868,9 @@ def info_nce(
             padding; its gradient is 0): for a shared bank (K, d) (say the queue rows of the anchor's own class),
             per-anchor negatives (B, K, d), or ``negative_indices``; in-batch, (B, B), where entry (i, i), the
             positive, always counts. A shared bank's and an in-batch mask go to the kernels (CPU: inside the GEMM
-            tiles; CUDA: inside the SIMT tiles, not the tensor cores'); per-anchor and
-            indexed negatives take -1 where it is False (a (B, K) int64 tensor; per-anchor negatives read as a
-            (B K, d) bank: a view, or a copy where their layout has none, an expanded or permuted tensor).
+            tiles; CUDA: inside the SIMT tiles, not the tensor cores); per-anchor and indexed negatives take -1
+            where it is False (a (B, K) int64 tensor; per-anchor negatives read as a (B K, d) bank: a view, or a
+            copy where their layout has none, an expanded or permuted tensor).
         temperature: positive finite number, or a scalar tensor; one that requires grad is learnable and gets
             its exact gradient.
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
