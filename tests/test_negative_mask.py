@@ -88,25 +88,27 @@ def test_matches_reference(device, dtype, case, normalize):
     assert (unmasked - ref_loss).abs().max() > 1e-2
 
 
+def _kept_rows(case, i, p, n, kw):
+    """Anchor i's kept negatives as a (K_i, d) bank: in-batch the other positives its mask keeps, else the rows its
+    indices (not -1) and mask name."""
+    mask = kw["negative_mask"][i] if "negative_mask" in kw else None
+    if case.startswith("in_batch"):
+        keep = mask.clone()
+        keep[i] = False
+        return p[keep]
+    if "negative_indices" in kw:
+        idx = kw["negative_indices"][i]
+        return n[idx[(idx >= 0) & (mask if mask is not None else True)]]
+    return (n if n.dim() == 2 else n[i])[mask]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_equals_the_kept_negatives_anchor_by_anchor(case):
     # An oracle apart from the reference: anchor i's loss is info_nce over its kept negatives only (a batch of one).
     a, p, n, kw = _inputs(case, B=6, K=23, d=4)
     loss = cb.info_nce(a, p, n, temperature=0.3, reduction="none", **kw)
     for i in range(a.shape[0]):
-        if case.startswith("in_batch"):
-            keep = kw["negative_mask"][i].clone()
-            keep[i] = False
-            rows = p[keep]
-        elif "negative_indices" in kw:
-            idx = kw["negative_indices"][i]
-            keep = idx >= 0 if "negative_mask" not in kw else kw["negative_mask"][i] & (idx >= 0)
-            rows = n[idx[keep]]
-        elif n.dim() == 2:
-            rows = n[kw["negative_mask"][i]]
-        else:
-            rows = n[i][kw["negative_mask"][i]]
-        want = cb.info_nce(a[i:i + 1], p[i:i + 1], rows, temperature=0.3, reduction="none")
+        want = cb.info_nce(a[i:i + 1], p[i:i + 1], _kept_rows(case, i, p, n, kw), temperature=0.3, reduction="none")
         assert torch.allclose(loss[i:i + 1], want, rtol=1e-12, atol=1e-13), (i, loss[i].item(), want.item())
 
 
@@ -219,17 +221,7 @@ def test_debiased_counts_each_anchors_negatives(case, tau_plus, beta):
         assert_close_scaled(g, r, 1e-11, "grad")
     assert loss[2].item() == 0.0 and all(torch.isfinite(g).all() for g in grads)
     # K is each anchor's own count: anchor i alone with its kept negatives gives its loss
-    i = 0
-    keep = kw["negative_mask"][i].clone() if "negative_mask" in kw else None
-    if case.startswith("in_batch"):
-        keep[i] = False
-        rows = p[keep]
-    elif "negative_indices" in kw:
-        idx = kw["negative_indices"][i]
-        rows = n[idx[(idx >= 0) & (keep if keep is not None else True)]]
-    else:
-        rows = (n if n.dim() == 2 else n[i])[keep]
-    want = cb.debiased_info_nce(a[:1], p[:1], rows, **extra)
+    want = cb.debiased_info_nce(a[:1], p[:1], _kept_rows(case, 0, p, n, kw), **extra)
     assert torch.allclose(loss[:1], want, rtol=1e-12, atol=1e-13)
 
 
