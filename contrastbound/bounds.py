@@ -27,6 +27,7 @@ Stable algorithms (docs/BOUNDS.md has the derivations):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from numbers import Integral, Real
@@ -264,20 +265,38 @@ def _as_float64(name: str, given: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name} holds a number too large for float64") from exc
 
 
-def _check_norm_bound(norm_bound: Any) -> float:
-    norm_bound = _scalar(norm_bound)
-    if isinstance(norm_bound, bool) or not isinstance(norm_bound, Real):
-        raise TypeError(f"norm_bound must be a positive finite number, got {type(norm_bound).__name__}")
+def _positive_number(name: str, value: Any) -> float:
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__}")
     try:
-        b = float(norm_bound)
+        x = float(value)
     except OverflowError:
         # an int beyond float64 (its float() would say inf, and -10**400 is not +inf): named with its sign
-        sign = "a negative" if norm_bound < 0 else "an"
-        raise ValueError(f"norm_bound must be a positive finite number, got {sign} integer beyond float64's "
+        sign = "a negative" if value < 0 else "an"
+        raise ValueError(f"{name} must be a positive finite number, got {sign} integer beyond float64's "
                          "range") from None
-    if not math.isfinite(b) or b <= 0.0:
-        raise ValueError(f"norm_bound must be a positive finite number, got {b}")
-    return b
+    if not math.isfinite(x) or x <= 0.0:
+        raise ValueError(f"{name} must be a positive finite number, got {x}")
+    return x
+
+
+def _score_bound(norm_bound: Any, temperature: Any) -> float:
+    """b^2, the bound on every score |f(x).f(x')|: ``norm_bound ** 2``, or ``1 / temperature`` (L2-normalised
+    features scored at that temperature); at most one of them given, b = 1 when neither is."""
+    if norm_bound is not None and temperature is not None:
+        raise ValueError("pass norm_bound or temperature, not both (temperature t stands for norm_bound = t^(-1/2): "
+                         "L2-normalised features scored at temperature t)")
+    if temperature is not None:
+        t = _positive_number("temperature", temperature)
+        if t < 1.0 / sys.float_info.max:
+            raise ValueError(f"temperature must be at least {1.0 / sys.float_info.max:.3g} (1 / t must be a finite "
+                             f"float64), got {t}")
+        return 1.0 / t
+    if norm_bound is None:
+        return 1.0
+    b = _positive_number("norm_bound", norm_bound)
+    return b * b
 
 
 def _check_form(form: Any, allowed: tuple[str, ...]) -> str:
@@ -330,7 +349,10 @@ def _require_uniform(fn: str, p: _Prior) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def delta_upper(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0, form: str = "best") -> Any:
+def delta_upper(
+    K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float | None = None, form: str = "best",
+    *, temperature: float | None = None,
+) -> Any:
     r"""Delta_U: ``R_supv <= R_cont + Delta_U`` for every K >= 1.
 
     ``form="paper"``: the paper's ``log(pi_max C^2 cosh(b^2)^2 / K)``.
@@ -340,12 +362,15 @@ def delta_upper(K: Any, num_classes: int | None = None, prior: Any = None, norm_
     Args:
         K: number of negatives, integer >= 1 (scalar or array).
         num_classes / prior: the class prior, exactly one of them.
-        norm_bound: b with ``||f(x)|| <= b`` (for L2-normalised features at temperature t, b = t^{-1/2}).
+        norm_bound: b with ``||f(x)|| <= b`` (default 1).
         form: "best" or "paper".
+        temperature: instead of ``norm_bound``, for L2-normalised features scored at temperature t: b^2 = 1 / t
+            (so ``temperature=0.1`` is ``norm_bound=10 ** 0.5``, without the rounding of the square root). At most
+            one of the two; the same in every function here that takes ``norm_bound``.
     """
     k, scalar = _as_counts("K", K, 1)
     p = _resolve_prior(num_classes, prior)
-    b = _check_norm_bound(norm_bound)
+    b2 = _score_bound(norm_bound, temperature)
     form = _check_form(form, ("best", "paper"))
     C = p.num_classes
     if p.uniform:
@@ -354,10 +379,13 @@ def delta_upper(K: Any, num_classes: int | None = None, prior: Any = None, norm_
         head = math.log(p.pi_max) + 2.0 * math.log(C)
     else:
         head = min(math.log(p.pi_max) + 2.0 * math.log(C), -math.log(p.pi_min))
-    return _out(head + 2.0 * _log_cosh(b * b) - np.log(k.astype(np.float64)), scalar)
+    return _out(head + 2.0 * _log_cosh(b2) - np.log(k.astype(np.float64)), scalar)
 
 
-def delta_lower(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0, form: str = "paper") -> Any:
+def delta_lower(
+    K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float | None = None, form: str = "paper",
+    *, temperature: float | None = None,
+) -> Any:
     r"""Delta_L: ``R_cont + Delta_L <= R_supv`` for every K >= 1.
 
     ``form="paper"`` (default): the paper's ``H(pi) + log K - 2 log(1 + K) - 2 log cosh(b^2)`` (H in nats). It is
@@ -370,10 +398,10 @@ def delta_lower(K: Any, num_classes: int | None = None, prior: Any = None, norm_
     """
     k, scalar = _as_counts("K", K, 1)
     p = _resolve_prior(num_classes, prior)
-    b = _check_norm_bound(norm_bound)
+    b2 = _score_bound(norm_bound, temperature)
     form = _check_form(form, ("paper", "proved"))
     kf = k.astype(np.float64)
-    lc = 2.0 * _log_cosh(b * b)
+    lc = 2.0 * _log_cosh(b2)
     if form == "paper":
         return _out(p.entropy + np.log(kf) - 2.0 * np.log1p(kf) - lc, scalar)
     if p.uniform:
@@ -413,14 +441,17 @@ def supervised_loss_interval(
     K: Any,
     num_classes: int | None = None,
     prior: Any = None,
-    norm_bound: float = 1.0,
+    norm_bound: float | None = None,
     upper_form: str = "best",
     lower_form: str = "paper",
+    *,
+    temperature: float | None = None,
 ) -> tuple[Any, Any]:
-    """The interval ``(R_cont + Delta_L, R_cont + Delta_U)`` that contains R_supv (broadcast over loss and K)."""
+    """The interval ``(R_cont + Delta_L, R_cont + Delta_U)`` that contains R_supv (broadcast over loss and K);
+    ``norm_bound`` or ``temperature`` as in :func:`delta_upper`."""
     r = _as_loss("contrastive_loss", contrastive_loss)
-    lo = delta_lower(K, num_classes, prior, norm_bound, form=lower_form)
-    hi = delta_upper(K, num_classes, prior, norm_bound, form=upper_form)
+    lo = delta_lower(K, num_classes, prior, norm_bound, form=lower_form, temperature=temperature)
+    hi = delta_upper(K, num_classes, prior, norm_bound, form=upper_form, temperature=temperature)
     r_b, lo_b = _broadcast("contrastive_loss", r, "K", np.asarray(lo))
     lo_v, hi_v = r_b + lo_b, r_b + np.broadcast_to(np.asarray(hi), lo_b.shape)
     if lo_v.ndim == 0:
@@ -1210,23 +1241,26 @@ def collision_term(K: Any, num_classes: int | None = None, prior: Any = None) ->
     return _out(_mixed_expect(k, p, _LOG1P), scalar)
 
 
-def min_contrastive_loss(K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float = 1.0) -> Any:
+def min_contrastive_loss(
+    K: Any, num_classes: int | None = None, prior: Any = None, norm_bound: float | None = None,
+    *, temperature: float | None = None,
+) -> Any:
     r"""R_cont* = ``E_m log(1 + m + (K - m) e^{-2 b^2})``, m the number of same-class negatives.
 
     A lower bound of R_cont for every representation with ``||f|| <= b`` (the paper's synthetic curve).
     """
     k, scalar = _as_counts("K", K, 0)
     p = _resolve_prior(num_classes, prior)
-    b = _check_norm_bound(norm_bound)
-    e = math.exp(-2.0 * b * b)
+    b2 = _score_bound(norm_bound, temperature)
+    e = math.exp(-2.0 * b2)
     return _out(_mixed_expect(k, p, lambda m, kk: np.log1p(m + (kk - m) * e)), scalar)
 
 
-def min_supervised_loss(num_classes: int, norm_bound: float = 1.0) -> float:
+def min_supervised_loss(num_classes: int, norm_bound: float | None = None, *, temperature: float | None = None) -> float:
     r"""R_supv* = ``log(1 + (C - 1) e^{-2 b^2})``: a lower bound of the mean-classifier loss for ``||f|| <= b``."""
     p = _resolve_prior(num_classes, None)
-    b = _check_norm_bound(norm_bound)
-    return math.log1p((p.num_classes - 1) * math.exp(-2.0 * b * b))
+    b2 = _score_bound(norm_bound, temperature)
+    return math.log1p((p.num_classes - 1) * math.exp(-2.0 * b2))
 
 
 # ----------------------------------------------------------------------------------------------------------

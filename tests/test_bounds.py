@@ -627,6 +627,57 @@ def test_scalar_and_array_outputs():
     assert B.collision_term(np.array([], dtype=np.int64), 10).shape == (0,)
 
 
+def test_temperature_form_is_the_score_bound():
+    # temperature t stands for L2-normalised features scored at t: every score lies in [-1/t, 1/t], so b^2 = 1/t.
+    # Each function against THEORY.md's formula written out in mpmath with b^2 = 1/t, and against norm_bound =
+    # t^(-1/2) (equal up to the rounding of the square root, which the temperature form avoids).
+    mpmath.mp.dps = 40
+    for t in (0.01, 0.07, 0.5, 1.0, 3.0):
+        s = 1 / mpmath.mpf(t)
+        lc = 2 * mpmath.log(mpmath.cosh(s))
+        for K, C in ((1, 2), (32, 10), (1000, 100)):
+            du = mpmath.log(C) + lc - mpmath.log(K)
+            dl = mpmath.log(C) + mpmath.log(K) - 2 * mpmath.log(1 + K) - lc
+            assert scaled_err(B.delta_upper(K, C, temperature=t), float(du)) < 1e-14, (t, K, C)
+            assert scaled_err(B.delta_lower(K, C, temperature=t), float(dl)) < 1e-14, (t, K, C)
+            lo, hi = B.supervised_loss_interval(2.5, K, C, temperature=t)
+            assert scaled_err([lo, hi], [float(2.5 + dl), float(2.5 + du)]) < 1e-14, (t, K, C)
+            e = mpmath.exp(-2 * s)
+            mcl = mpmath.fsum(mpmath.binomial(K, m) * mpmath.mpf(1) / C ** m * (1 - mpmath.mpf(1) / C) ** (K - m)
+                              * mpmath.log(1 + m + (K - m) * e) for m in range(K + 1))
+            assert scaled_err(B.min_contrastive_loss(K, C, temperature=t), float(mcl)) < 1e-12, (t, K, C)
+            assert scaled_err(B.min_supervised_loss(C, temperature=t), float(mpmath.log(1 + (C - 1) * e))) < 1e-14
+            b = t ** -0.5
+            assert scaled_err(B.delta_upper(K, C, temperature=t), B.delta_upper(K, C, norm_bound=b)) < 1e-13
+    # exact where the square is: t = 1/4 is b = 2 bit for bit, t = 1 the default
+    assert B.delta_lower(7, prior=[0.3, 0.7], temperature=0.25, form="proved") == \
+        B.delta_lower(7, prior=[0.3, 0.7], norm_bound=2.0, form="proved")
+    assert B.delta_upper(7, 10, temperature=1.0) == B.delta_upper(7, 10)
+    assert B.min_contrastive_loss([1, 5], 3, temperature=torch.tensor(0.25)).tolist() == \
+        B.min_contrastive_loss([1, 5], 3, norm_bound=2).tolist()
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: B.delta_upper(3, 10, norm_bound=1.0, temperature=1.0), ValueError, "norm_bound or temperature"),
+        (lambda: B.supervised_loss_interval(2.0, 3, 10, norm_bound=1.0, temperature=0.5), ValueError, "not both"),
+        (lambda: B.delta_lower(3, 10, temperature=0.0), ValueError, "temperature must be a positive finite"),
+        (lambda: B.delta_lower(3, 10, temperature=-0.1), ValueError, "temperature must be a positive finite"),
+        (lambda: B.min_supervised_loss(3, temperature=float("nan")), ValueError, "temperature must be"),
+        (lambda: B.min_contrastive_loss(3, 10, temperature=float("inf")), ValueError, "temperature must be"),
+        (lambda: B.delta_upper(3, 10, temperature="0.1"), TypeError, "temperature must be a positive"),
+        (lambda: B.delta_upper(3, 10, temperature=True), TypeError, "temperature"),
+        (lambda: B.delta_upper(3, 10, temperature=torch.ones(2)), TypeError, "temperature"),
+        # 1 / t past float64 (the score bound would be inf and Delta_U inf without a word)
+        (lambda: B.delta_upper(3, 10, temperature=1e-320), ValueError, "1 / t must be a finite float64"),
+    ],
+)
+def test_temperature_validation(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
