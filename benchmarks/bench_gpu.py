@@ -85,16 +85,23 @@ def _matmul_tflops(B: int, K: int, d: int, dtype, repeats: int) -> float:
     return 2 * B * cols * d / (ms * 1e-3) / 1e12
 
 
-def _naive(a, p, n, temperature):
-    """What a user writes: bf16 normalisation and logits (tensor-core matmul), cross-entropy over float32 logits."""
+def _naive(a, p, n, temperature, mask=None):
+    """What a user writes: bf16 normalisation and logits (tensor-core matmul), cross-entropy over float32 logits
+    (with a negative mask: the left-out bank columns set to -inf)."""
     an, pn = F.normalize(a, dim=-1), F.normalize(p, dim=-1)
     if n is None:
         logits = an @ pn.t()
         target = torch.arange(a.shape[0], device=a.device)
     else:
-        logits = torch.cat([(an * pn).sum(-1, keepdim=True), an @ F.normalize(n, dim=-1).t()], dim=1)
+        bank = an @ F.normalize(n, dim=-1).t()
+        if mask is not None:
+            bank = bank.masked_fill(~mask, float("-inf"))
+        logits = torch.cat([(an * pn).sum(-1, keepdim=True), bank], dim=1)
         target = torch.zeros(a.shape[0], dtype=torch.long, device=a.device)
     return F.cross_entropy(logits.float() / temperature, target)
+
+
+MASK_CLASSES = 100  # shared_mask: anchors and bank rows in 100 classes, each anchor's own class left out
 
 
 def _peers():
@@ -307,7 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; later configurations are skipped")
     ap.add_argument("--csv", default="bench_gpu.csv")
-    ap.add_argument("--problems", default="shared,in_batch", help="comma-separated: shared, in_batch")
+    ap.add_argument("--problems", default="shared,in_batch",
+                    help="comma-separated: shared, in_batch, shared_mask (a shared bank with a (B, K) negative_mask "
+                         f"leaving out each anchor's own class of {MASK_CLASSES}: the SIMT tiles; K <= 2^18)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--one-pass", action="store_true",
@@ -372,9 +381,11 @@ def main(argv=None) -> int:
     order += [k for k in ks if k not in order]
     for logk in order:
         K = 2**logk
-        for problem in [x for x in ("shared", "in_batch") if x in args.problems.split(",")]:
+        for problem in [x for x in ("shared", "in_batch", "shared_mask") if x in args.problems.split(",")]:
             if problem == "in_batch" and K > 2**17:
                 continue  # B = K anchors: 2^17 x 256 bf16 in-batch is already far past the usual batch
+            if problem == "shared_mask" and (K > 2**18 or args.opt_in_only):
+                continue  # the (B, K) mask is B K bytes (2 GiB at 2^18), and the SIMT tiles are slow
             b = K if problem == "in_batch" else B
             base = dict(problem=problem, B=b, K=K, d=d, dtype="bf16")
             if time.time() - started > args.budget:
@@ -385,13 +396,17 @@ def main(argv=None) -> int:
                 a = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
                 p = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
                 n = None if problem == "in_batch" else torch.randn(K, d, device="cuda", dtype=dtype, requires_grad=True)
+                mask = None
+                if problem == "shared_mask":
+                    classes = torch.randint(0, MASK_CLASSES, (b + K,), device="cuda")
+                    mask = classes[:b, None] != classes[None, b:]
                 leaves = [x for x in (a, p, n) if x is not None]
                 flop = 6 * b * K * d
                 mm = _matmul_tflops(b, K, d, dtype, repeats)
                 # One timed call first: if it is slow, one repeat is all there is time for.
                 reps = repeats
                 t0 = time.time()
-                ref_loss = cb.info_nce(a, p, n, temperature=t)
+                ref_loss = cb.info_nce(a, p, n, temperature=t, negative_mask=mask)
                 ref_loss.backward()
                 torch.cuda.synchronize()
                 if time.time() - t0 > 5.0:
@@ -400,7 +415,7 @@ def main(argv=None) -> int:
                 ref = [ref_loss.detach().float()] + [x.grad.detach().float().clone() for x in leaves]
                 for x in leaves:
                     x.grad = None
-                fused = lambda: cb.info_nce(a, p, n, temperature=t)  # noqa: E731
+                fused = lambda: cb.info_nce(a, p, n, temperature=t, negative_mask=mask)  # noqa: E731
                 grads_gib = sum(x.numel() * x.element_size() for x in leaves) / 2**30
                 # (one repeat in an opt-in run: its variants are compared with this process's default row, but
                 # gpu_summary takes the default kernels' figures from the main run, which times them in full)
@@ -417,7 +432,7 @@ def main(argv=None) -> int:
                             naive_row = dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB")
                         else:
                             try:
-                                rn = _measure(lambda: _naive(a, p, n, t), leaves, reps, flop)
+                                rn = _measure(lambda: _naive(a, p, n, t, mask), leaves, reps, flop)
                                 naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
                                 fused_row["speedup_vs_naive"] = rn[2] / r[2]
                             except torch.cuda.OutOfMemoryError:
@@ -430,6 +445,8 @@ def main(argv=None) -> int:
                     if naive_row is not None:
                         rows.append(naive_row)
 
+                if mask is not None:  # the peers have no mask; the variants' tiles ignore it (the SIMT ones run)
+                    continue
                 if "inf_cl" in peers:
                     try:
                         fn = peers["inf_cl"]
@@ -548,7 +565,7 @@ def main(argv=None) -> int:
                 rest = "rest of this problem" + (f" ({'/'.join(families)} run)" if args.opt_in_only else "")
                 rows.append(dict(base, impl=rest, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             finally:  # the next size's inputs need the memory, also after a failure
-                a = p = n = leaves = ref = ref_loss = fused = classifier = labels = x = None
+                a = p = n = mask = classes = leaves = ref = ref_loss = fused = classifier = labels = x = None
                 torch.cuda.empty_cache()
 
     def fmt(v):

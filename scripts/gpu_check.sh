@@ -6,8 +6,8 @@
 # and writes gpu_check.log, build.log, pytest_cuda.tgz (pytest_cuda_{default,flash_1pass,wgmma}.xml), bench_gpu.csv
 # (default kernels, naive, peers), bench_gpu_opt_in.csv (the opt-in kernels against the default, one process per
 # family), bench_gpu_opt_in_kernels.csv (each variant's GPU kernels, profiled at K = 2^18), bench_gpu_wide.csv
-# (d = 512) and gpu_summary.txt (issue 4's targets per variant, benchmarks/gpu_summary.py) into OUTDIR: 8 files,
-# the most the device tool brings back.
+# (d = 512, then the negative_mask rows at d = 256) and gpu_summary.txt (issue 4's targets per variant,
+# benchmarks/gpu_summary.py) into OUTDIR: 8 files, the most the device tool brings back.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
@@ -211,7 +211,9 @@ else
   # where at least 120 s are left.
   WIDE=0
   [ "$(left)" -ge 120 ] && WIDE=45
-  B2=$(( $(left) - 15 - WIDE ))
+  MASK=0  # the negative_mask rows, after the wide ones, where at least 170 s are left
+  [ "$(left)" -ge 170 ] && MASK=40
+  B2=$(( $(left) - 15 - WIDE - MASK ))
   if [ "$B2" -ge 30 ]; then
     # One process per opt-in family, the Hopper ones first (they decide the default on an H200), all appending
     # to one CSV: a kernel that poisons its process's CUDA context costs its own family only. Each takes its
@@ -236,12 +238,22 @@ else
   # Wide rows (d = 512, CLIP ViT-B's width): the sliced mma.sync rows passes (whole rows with two Y stages, the
   # default there; fused_1stage; fused_chunked: copied in chunks of 256 features) against naive and the SIMT
   # kernels (fused_simt), which served every d > 256 before.
-  B3=$(( $(left) - 10 ))
+  B3=$(( $(left) - 10 - MASK ))
   if [ "$WIDE" -gt 0 ] && [ "$B3" -ge 30 ]; then
     timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 512 --kmin 16 --kmax 16 --repeats 2 --no-peers \
       --problems shared --budget $((B3 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
   else
     echo "no time left for the wide-row benchmark"
+  fi
+  # A shared bank with a (B, K) negative_mask (each anchor's own class of 100 left out: the SIMT float32 tiles,
+  # never timed on hardware) against the same problem unmasked and naive masked; appended to the wide CSV (the
+  # device tool brings back at most 8 files).
+  B4=$(( $(left) - 10 ))
+  if [ "$MASK" -gt 0 ] && [ "$B4" -ge 30 ]; then
+    timeout -s INT -k 10 "$B4" "$PY" benchmarks/bench_gpu.py --kmin 16 --kmax 18 --repeats 2 --no-peers \
+      --problems shared,shared_mask --append --budget $((B4 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
+  else
+    echo "no time left for the negative_mask benchmark"
   fi
 fi
 

@@ -172,3 +172,19 @@ def test_bench_rows_append_and_variants(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "flash,foo"])
     assert "--variants: unknown foo" in capsys.readouterr().err
+
+
+def test_naive_with_mask_is_the_masked_loss(bench):
+    """bench_gpu's naive masked baseline (the shared_mask rows) computes what info_nce(negative_mask=) does."""
+    import torch
+
+    import contrastbound as cb
+
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.randn(s, 16, generator=g, dtype=torch.float64) for s in (7, 7, 29))
+    classes = torch.randint(0, bench.MASK_CLASSES // 25, (7 + 29,), generator=g)
+    mask = classes[:7, None] != classes[None, 7:]
+    assert not bool(mask.all()) and bool(mask.any())
+    want = cb.info_nce(a, p, n, temperature=0.07, negative_mask=mask)
+    torch.testing.assert_close(bench._naive(a, p, n, 0.07, mask).double(), want, rtol=1e-5, atol=1e-5)  # float32
+    assert not torch.allclose(bench._naive(a, p, n, 0.07).double(), want)  # the mask changed the loss
