@@ -7,6 +7,7 @@ from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
 from .functional import (
+    ClipLoss,
     InfoNCE,
     NTXent,
     SigLIP,
@@ -41,6 +42,7 @@ __all__ = [
     "format_gap_report",
     "gap_report",
     "mean_classifier_loss",
+    "ClipLoss",
     "InfoNCE",
     "NTXent",
     "SigLIP",

@@ -1826,7 +1826,17 @@ def _check_storable(t: float, dtype: torch.dtype) -> None:
         )
 
 
-class _TemperatureLoss(torch.nn.Module):
+class _SharesProcessGroup:
+    """A loss module's copy (an EMA / teacher model) shares its process group, which can be neither copied nor
+    pickled."""
+
+    def __deepcopy__(self, memo):
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+
+
+class _TemperatureLoss(_SharesProcessGroup, torch.nn.Module):
     """The modules' common part: a fixed or learnable temperature (see :class:`InfoNCE`), normalize, reduction and
     process_group, passed to the function ``_function`` by each subclass's forward."""
 
@@ -1865,12 +1875,6 @@ class _TemperatureLoss(torch.nn.Module):
             self._temperature = t
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
-
-    def __deepcopy__(self, memo):
-        # A process group can be neither copied nor pickled: a copy (an EMA / teacher model) shares it.
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     def __setattr__(self, name: str, value) -> None:
         # nn.Module.__setattr__ registers an nn.Parameter under its name before any property setter runs (a
@@ -2003,7 +2007,7 @@ class SupCon(_TemperatureLoss):
                            normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)
 
 
-class SigLIP(torch.nn.Module):
+class SigLIP(_SharesProcessGroup, torch.nn.Module):
     """:func:`siglip_loss` as a module with SigLIP's learnable logit scale and bias: ``SigLIP()(image, text)``.
 
     With ``learnable=True`` (the default, as in the paper) the scale is a parameter stored as its logarithm,
@@ -2027,22 +2031,18 @@ class SigLIP(torch.nn.Module):
         self.process_group = process_group
         self._initial = (scale, bias)
         if self.learnable:
-            log_scale, bias_value = torch.tensor(math.log(scale)), torch.tensor(bias)
+            # checked on the CPU (under a meta default device, as FSDP's deferred initialisation builds modules,
+            # the values cannot be read), then made where the default device says
+            log_scale, bias_value = (torch.tensor(v, device="cpu") for v in (math.log(scale), bias))
             stored = float(log_scale.exp())
             if not (0.0 < stored < math.inf and math.isfinite(float(bias_value))):
                 raise ValueError(f"SigLIP learns log(logit_scale) and logit_bias in {log_scale.dtype}: logit_scale "
                                  f"{scale:g} (stored as {stored:g}) and logit_bias {bias:g} must be within its range")
-            self.log_logit_scale = torch.nn.Parameter(log_scale)
-            self.logit_bias = torch.nn.Parameter(bias_value)
+            self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+            self.logit_bias = torch.nn.Parameter(torch.tensor(bias))
         else:
             self._scale = scale
             self.logit_bias = bias
-
-    def __deepcopy__(self, memo):
-        # A process group can be neither copied nor pickled: a copy (an EMA / teacher model) shares it.
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     @property
     def logit_scale(self) -> float | torch.Tensor:
@@ -2068,3 +2068,69 @@ class SigLIP(torch.nn.Module):
                 (self._scale, self.logit_bias)
             values = f"logit_scale={float(scale):g}, logit_bias={float(bias):g}"
         return f"{values}, learnable={self.learnable}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+
+class ClipLoss(_SharesProcessGroup, torch.nn.Module):
+    """:func:`clip_loss` as a module with CLIP's learnable logit scale: ``ClipLoss()(image, text)``.
+
+    With ``learnable=True`` (the default, as in CLIP and open_clip) the scale is a parameter stored as its
+    logarithm, ``log_logit_scale``, from log(1 / 0.07) (CLIP's initial temperature 0.07): it stays positive under
+    any optimiser step. In the forward it is clamped to at most ``max_logit_scale`` (100), as in
+    :func:`clip_loss` (no gradient once the clamp binds; open_clip clamps the parameter after each step instead,
+    which gives the same losses). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
+    ``state_dict``). ``normalize``, ``reduction`` and ``process_group`` as in :func:`clip_loss`.
+    """
+
+    def __init__(self, logit_scale: float = 1 / 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
+                 normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
+        super().__init__()
+        if isinstance(logit_scale, torch.Tensor) or isinstance(logit_scale, bool) or \
+                not isinstance(logit_scale, Real):
+            raise TypeError(f"ClipLoss takes logit_scale as a number (its initial value with learnable=True), got "
+                            f"{type(logit_scale).__name__}; pass a tensor to contrastbound.clip_loss instead")
+        scale = _as_float("logit_scale", logit_scale, "a positive finite number")
+        if not (0.0 < scale < math.inf):
+            raise ValueError(f"logit_scale must be a positive finite number, got {scale}")
+        if isinstance(max_logit_scale, bool) or not isinstance(max_logit_scale, Real):
+            raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
+        self.max_logit_scale = _as_float("max_logit_scale", max_logit_scale, "positive and finite")
+        if not (0.0 < self.max_logit_scale < math.inf):
+            raise ValueError(f"max_logit_scale must be positive and finite, got {self.max_logit_scale}")
+        self.learnable = _check_bool("learnable", learnable)
+        self.normalize = _check_bool("normalize", normalize)
+        self.reduction = _check_reduction(reduction)
+        self.process_group = process_group
+        self._initial = scale
+        if self.learnable:
+            log_scale = torch.tensor(math.log(scale), device="cpu")  # (checked on the CPU: see SigLIP)
+            if not (0.0 < float(log_scale.exp()) < math.inf):
+                raise ValueError(f"ClipLoss learns log(logit_scale) in {log_scale.dtype}: logit_scale {scale:g} must "
+                                 "be within its range")
+            self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
+        else:
+            self._scale = scale
+
+    @property
+    def logit_scale(self) -> float | torch.Tensor:
+        """The scale before the clamp: ``log_logit_scale.exp()`` (learnable) or the fixed number."""
+        return self.log_logit_scale.exp() if self.learnable else self._scale
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return clip_loss(image_features, text_features, self.logit_scale, normalize=self.normalize,
+                         reduction=self.reduction, max_logit_scale=self.max_logit_scale,
+                         process_group=self.process_group)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets a learnable scale back to its initial value (what ``to_empty`` and FSDP's deferred initialisation
+        call)."""
+        if self.learnable:
+            self.log_logit_scale.fill_(math.log(self._initial))
+
+    def extra_repr(self) -> str:
+        if self.learnable and self.log_logit_scale.device.type == "meta":
+            value = "(meta)"
+        else:
+            value = format(float(self.logit_scale.detach()) if self.learnable else self._scale, "g")
+        return (f"logit_scale={value}, learnable={self.learnable}, max_logit_scale={self.max_logit_scale:g}, "
+                f"normalize={self.normalize}, reduction={self.reduction!r}")

@@ -411,6 +411,16 @@ def test_modules_built_on_the_meta_device_print_and_reset():
     queue.enqueue(keys)
     torch.testing.assert_close(queue.negatives(), keys)
     cb.InfoNCE(temperature=0.3).reset_parameters()  # nothing to reset, no error
+    # SigLIP (and ClipLoss) checked their learnable values by reading them back where the default device made
+    # them: on meta, "Tensor.item() cannot be called on meta tensors" at construction
+    with torch.device("meta"):
+        siglip, clip = cb.SigLIP(5.0, -3.0), cb.ClipLoss(20.0)
+    assert siglip.log_logit_scale.device.type == "meta" and "(meta)" in repr(siglip) and "(meta)" in repr(clip)
+    siglip.to_empty(device="cpu")
+    siglip.reset_parameters()
+    assert float(siglip.logit_scale.detach()) == pytest.approx(5.0) and float(siglip.logit_bias.detach()) == -3.0
+    with pytest.raises(ValueError, match="must be within its range"), torch.device("meta"):
+        cb.SigLIP(1e39)
 
 
 def test_meta_tensors_give_meta_results_as_torch_does():

@@ -2295,3 +2295,71 @@ def test_clip_loss_half_precision_is_rounded_once(monkeypatch, route):
             assert got.dtype == torch.bfloat16
             half_ulp = torch.exp2(torch.floor(torch.log2(w.abs())) - 8)  # bfloat16: 8 significant bits
             assert ((got.double() - w).abs() <= half_ulp + 1e-5 * w.abs()).all(), (route, reduction, seed)
+
+
+def _clip_written_out(img, txt, scale, reduction="mean"):
+    """CLIP's loss as open_clip writes it: the N x N logits, cross-entropy both ways, averaged."""
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = scale * img @ txt.T
+    target = torch.arange(img.shape[0])
+    return 0.5 * (F.cross_entropy(logits, target, reduction=reduction)
+                  + F.cross_entropy(logits.T, target, reduction=reduction))
+
+
+def test_clip_module_learns_its_logit_scale():
+    import copy
+
+    torch.manual_seed(3)
+    img, txt = torch.randn(11, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    module = cb.ClipLoss().double()
+    assert [name for name, _ in module.named_parameters()] == ["log_logit_scale"]
+    assert abs(float(module.logit_scale.detach()) - 1 / 0.07) < 1e-6  # CLIP's 0.07 (a float32 parameter)
+    module(img, txt).backward()
+    log_s = module.log_logit_scale.detach().clone().requires_grad_(True)
+    want = _clip_written_out(img, txt, log_s.exp())
+    want.backward()
+    torch.testing.assert_close(module(img, txt), want.detach())
+    torch.testing.assert_close(module.log_logit_scale.grad, log_s.grad)
+    # an optimiser step moves it; reset_parameters restores it; a copy (EMA / teacher) owns its own parameter
+    torch.optim.SGD(module.parameters(), lr=0.5).step()
+    assert abs(float(module.logit_scale.detach()) - 1 / 0.07) > 1e-3
+    twin = copy.deepcopy(module)
+    assert twin.log_logit_scale is not module.log_logit_scale
+    module.reset_parameters()
+    assert abs(float(module.logit_scale.detach()) - 1 / 0.07) < 1e-12  # (filled in float64 now)
+    # past max_logit_scale the forward uses the clamp (as clip_loss): the loss at 100 and no gradient to the scale
+    clamped = cb.ClipLoss(logit_scale=150.0).double()
+    clamped(img, txt).backward()
+    torch.testing.assert_close(clamped(img, txt), _clip_written_out(img, txt, 100.0))
+    assert float(clamped.log_logit_scale.grad) == 0.0
+    wider = cb.ClipLoss(logit_scale=150.0, max_logit_scale=200.0).double()
+    torch.testing.assert_close(wider(img, txt), _clip_written_out(img, txt, wider.logit_scale.detach()))
+    assert abs(float(wider.logit_scale.detach()) - 150.0) < 1e-4
+
+
+def test_clip_module_fixed_scale_options_and_errors():
+    torch.manual_seed(4)
+    img, txt = torch.randn(7, 5), torch.randn(7, 5)
+    fixed = cb.ClipLoss(20.0, learnable=False, reduction="none")
+    assert list(fixed.state_dict()) == [] and fixed.logit_scale == 20.0 and "learnable=False" in repr(fixed)
+    got = fixed(img, txt)
+    assert got.shape == (7,)
+    torch.testing.assert_close(got, _clip_written_out(img, txt, 20.0, reduction="none"))
+    raw = cb.ClipLoss(20.0, learnable=False, normalize=False, reduction="sum")
+    torch.testing.assert_close(raw(img, txt), cb.clip_loss(img, txt, 20.0, normalize=False, reduction="sum"))
+    with torch.device("meta"):
+        deferred = cb.ClipLoss(25.0)
+    assert "logit_scale=(meta)" in repr(deferred)
+    deferred.to_empty(device="cpu")
+    deferred.reset_parameters()
+    assert float(deferred.logit_scale.detach()) == pytest.approx(25.0)
+    for bad, exc, match in ((torch.tensor(3.0), TypeError, "ClipLoss takes logit_scale as a number"),
+                            (True, TypeError, "logit_scale as a number"), (-1.0, ValueError, "logit_scale must be"),
+                            (float("nan"), ValueError, "logit_scale must be"), (1e39, ValueError, "range")):
+        with pytest.raises(exc, match=match):
+            cb.ClipLoss(bad)
+    for kw, exc, match in ((dict(max_logit_scale=0.0), ValueError, "max_logit_scale"),
+                           (dict(max_logit_scale="100"), TypeError, "max_logit_scale"),
+                           (dict(learnable=1), TypeError, "learnable"), (dict(reduction="avg"), ValueError, "reduction")):
+        with pytest.raises(exc, match=match):
+            cb.ClipLoss(**kw)
