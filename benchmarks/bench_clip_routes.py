@@ -4,7 +4,7 @@ info_nce calls it replaced (the route CUDA and process_group still take), forwar
 
 The kernel forms each logit tile once in forward and once per backward pass (4 N x N x d products up to N = 1024,
 5 beyond; two calls: 8) and one exponential per logit and pass where the tile's values allow (two where they
-spread beyond 60: docs/ARCHITECTURE.md); small d shows the exponentials' cost. Median of --reps runs after one
+spread beyond 20: docs/ARCHITECTURE.md); small d shows the exponentials' cost. Median of --reps runs after one
 warm-up per route; the routes alternate twice and the better median of each is kept.
 
     python benchmarks/bench_clip_routes.py              # writes benchmarks/results/bench_clip_routes.csv

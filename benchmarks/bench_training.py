@@ -16,11 +16,13 @@ extra (ru_maxrss, not resettable, where /proc is missing: then the peak covers t
 once the inputs exist). Before 2026-12-01 the extra counted the warm-up. Plain PyTorch is skipped where its matrix
 would not fit.
 
-    python benchmarks/bench_training.py                       # N = 2^10 ... 2^16, d = 128, float32
+    python benchmarks/bench_training.py                       # every loss, N = 2^10 ... 2^16, d = 128, float32
+    python benchmarks/bench_training.py --losses nt_xent,clip_loss,supcon_loss  # results/bench_training.csv
     python benchmarks/bench_training.py --max-log2n 13        # quicker
     python benchmarks/bench_training.py --losses supcon_loss  # one loss
     python benchmarks/bench_training.py --losses supcon_bank --min-log2n 14 --max-log2n 20  # banks of 2^14 ... 2^20
-Writes benchmarks/results/bench_training.csv.
+Writes benchmarks/results/bench_training.csv (or --out); the committed results of the other losses are the
+bench_training_<loss>.csv files beside it (README's Benchmarks section quotes each with its command).
 """
 
 from __future__ import annotations
