@@ -1023,7 +1023,8 @@ def debiased_info_nce(
             :func:`info_nce` (``negatives=None``: in-batch, the other B - 1 positives). With padding (-1 indices)
             or a mask, K is each anchor's own count of negatives (loss 0 for an anchor with none).
         tau_plus: the class prior of a negative sharing the anchor's class, in [0, 1).
-        beta: the hardness concentration, >= 0 (0: DCL; Robinson et al. use 0.5 to 1).
+        beta: the hardness concentration, >= 0 (0: DCL; Robinson et al. use 0.5 to 1). The loss carries a
+            rounding of about eps (1 + beta) / temperature (eps of the compute dtype): past beta ~ 1e3, float64.
         process_group: as in :func:`info_nce`: ``negatives=None``, in-batch over the global batch (anchor i's
             negatives every rank's positives but its own, K = global B - 1); negatives (K_r, d), this rank's shard
             of a shared bank (K = the sum of the shards; a learnable temperature is not supported there). This
@@ -1318,9 +1319,9 @@ def nt_xent(
         if process_group is not None:
             _check_group("nt_xent", z1, z2, t)
         compute, result = _promoted(z1, z2)
+        _check_temperature_has_value(t, z1.device)  # (else "Cannot copy out of meta tensor" from the pair sides)
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             _check_scale_fits(t, compute)
-            _check_temperature_has_value(t, z1.device)
     z1, z2 = z1.to(compute), z2.to(compute)
     bank1, bank2 = z1, z2
     if process_group is not None:
@@ -1480,8 +1481,8 @@ def supcon_loss(
         rows = torch.arange(N, device=features.device) if labels is None else labels.to(torch.int64)
     if features.dim() == 3:
         rows = rows.repeat_interleave(features.shape[1])
-    z = features.reshape(-1, features.shape[-1])  # row n * V + v: view v of sample n
-    batch = everything.reshape(-1, features.shape[-1])
+    z = features.flatten(0, -2)  # row n * V + v: view v of sample n (not reshape(-1, d): d = 0 is ambiguous there)
+    batch = everything.flatten(0, -2)
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
     # own side), differentiable in every row as anchor and as bank row.
     lse, _ = _fused(z, torch.zeros_like(z), batch, None, t, normalize, False, exclude_self=True)
@@ -1689,6 +1690,7 @@ def siglip_loss(
         compute, result = _promoted(image, text)
         _check_temperature_has_value(scale, image.device, "logit_scale")
         _check_temperature_has_value(bias, image.device, "logit_bias")
+        _check_siglip_fits(scale, bias, compute)
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             _check_group("siglip_loss", image, text, *(x for x in (scale, bias) if isinstance(x, torch.Tensor)))
     acc = _ops._acc_dtype(compute)
@@ -1764,6 +1766,26 @@ def _check_siglip_scalar(name: str, value: object, positive: bool) -> float | to
     if not (-math.inf < v < math.inf and (v > 0.0 or not positive)):
         raise ValueError(f"{name} must be {must}, got {v}")
     return v
+
+
+def _check_siglip_fits(scale: float | torch.Tensor, bias: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """For features computed in float32 (float32, float16, bfloat16) the scale and the bias are taken in float32:
+    a float64 value past its range (a float, or a float64 CPU tensor read in eager mode) would become inf and the
+    loss NaN, so it is refused as _check_scale_fits refuses such a temperature."""
+    if dtype == torch.float64:
+        return
+    limit = torch.finfo(torch.float32).max
+    for name, v in (("logit_scale", scale), ("logit_bias", bias)):
+        if isinstance(v, torch.Tensor):
+            if v.dtype != torch.float64 or v.device.type != "cpu" or torch.compiler.is_compiling():
+                continue
+            values = _read_back(v.detach(), lambda x: x.reshape(-1).tolist())
+        else:
+            values = [v]
+        for x in values:
+            if abs(x) > limit:
+                raise ValueError(f"{name} must be at most {limit:.3g} in magnitude for features computed in float32 "
+                                 f"({dtype}): it overflows float32, got {x:g}")
 
 
 def _poison_bad_siglip_scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

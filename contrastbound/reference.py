@@ -293,7 +293,7 @@ def supcon_reference(
         raise ValueError("bank_labels needs bank and labels")
     dtype = features.dtype if bank is None else torch.promote_types(features.dtype, bank.dtype)
     dt = _compute_dtype(dtype, compute_dtype)
-    z = features.reshape(-1, features.shape[-1]).to(dt)
+    z = features.flatten(0, -2).to(dt)
     y = torch.arange(features.shape[0], device=features.device) if labels is None else labels.to(torch.int64)
     if features.dim() == 3:
         y = y.repeat_interleave(features.shape[1])

@@ -133,6 +133,9 @@ CASES = [
      "logit_scale is a meta tensor"),
     ("meta InfoNCE temperature", lambda: cb.InfoNCE(temperature=torch.tensor(0.1, device="meta")), ValueError,
      "temperature is a meta tensor"),
+    # (an audit: nt_xent checked it with process_group only: "Cannot copy out of meta tensor; no data!")
+    ("meta nt_xent temperature", lambda: cb.nt_xent(a, p, torch.tensor(0.5, device="meta")), ValueError,
+     "temperature is a meta tensor (no value) but the features are on cpu"),
     # float8 is a floating dtype to torch ("isfinite not implemented for Float8_e4m3fn" before)
     ("float8 class_means features",
      lambda: cb.empirical.class_means(a.to(torch.float8_e4m3fn), torch.tensor([0, 1, 0, 1])), TypeError,

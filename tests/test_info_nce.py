@@ -2363,3 +2363,34 @@ def test_clip_module_fixed_scale_options_and_errors():
                            (dict(learnable=1), TypeError, "learnable"), (dict(reduction="avg"), ValueError, "reduction")):
         with pytest.raises(exc, match=match):
             cb.ClipLoss(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_features_of_size_zero_give_log_of_one_plus_k_in_every_mode(dtype):
+    # d = 0: every logit is 0, so loss_i = log(1 + K_i) (K_i the negatives anchor i keeps). Per-anchor and indexed
+    # negatives lost negatives (an empty tensor's null data pointer read as padding): log 4 came out 0 (an audit).
+    B, K, M = 3, 4, 6
+    a, p = torch.randn(B, 0, dtype=dtype, requires_grad=True), torch.randn(B, 0, dtype=dtype)
+    idx = torch.tensor([[0, 5, 5, 2], [1, -1, 3, -1], [-1, -1, -1, -1]])
+    mask = torch.tensor([[True, False, True, True], [True, True, True, True], [False, False, False, False]])
+    kept = lambda m: torch.log1p(m.sum(1).double())  # noqa: E731
+    cases = [
+        (dict(negatives=torch.randn(K, 0, dtype=dtype)), torch.full((B,), math.log(1 + K))),
+        (dict(negatives=torch.randn(B, K, 0, dtype=dtype)), torch.full((B,), math.log(1 + K))),
+        (dict(negatives=torch.randn(M, 0, dtype=dtype), negative_indices=idx), kept(idx >= 0)),
+        (dict(negatives=torch.randn(M, 0, dtype=dtype), negative_indices=idx.clamp(min=0)),
+         torch.full((B,), math.log(5))),
+        (dict(negatives=torch.randn(K, 0, dtype=dtype), negative_mask=mask), kept(mask)),
+        (dict(negatives=torch.randn(B, K, 0, dtype=dtype), negative_mask=mask), kept(mask)),
+        (dict(negatives=None), torch.full((B,), math.log(B))),
+    ]
+    for kw, want in cases:
+        negatives = kw.pop("negatives")
+        got = cb.info_nce(a, p, negatives, reduction="none", **kw)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # (the loss in the inputs' dtype)
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol, msg=str(kw.keys()))
+        ref = info_nce_reference(a.detach().double(), p.double(), None if negatives is None else negatives.double(),
+                                 reduction="none", **kw)
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+        (g,) = torch.autograd.grad(got.sum(), [a])
+        assert g.shape == (B, 0)

@@ -331,6 +331,13 @@ def test_small_batches():
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, torch.tensor(1)), ValueError,
      "logit_bias must be a finite number or a floating tensor with one element, got a torch.int64"),
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), reduction="avg"), ValueError, "reduction"),
+    # past float32's range for features computed in float32: inf there, a NaN loss (an audit's find)
+    (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 1e39, -1.0), ValueError,
+     "logit_scale must be at most 3.4e.38 in magnitude for features computed in float32 (torch.float32)"),
+    (lambda: cb.siglip_loss(torch.eye(2).bfloat16(), torch.eye(2).bfloat16(), torch.tensor(1e39, dtype=torch.float64)),
+     ValueError, "logit_scale must be at most 3.4e.38 in magnitude"),
+    (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 10.0, torch.tensor(-1e39, dtype=torch.float64)), ValueError,
+     "logit_bias must be at most 3.4e.38 in magnitude"),
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), normalize=1), TypeError, "normalize"),
 ])
 def test_bad_input_is_refused_by_name(call, exc, text):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -506,3 +507,18 @@ def test_bank_edge_cases_from_a_mutation_audit():
     with pytest.raises(TypeError, match="bank_labels must be an integer tensor"):
         supcon_reference(x, torch.arange(4), bank=torch.randn(2, 8), bank_labels=torch.zeros(2))
     assert supcon_reference(x, torch.arange(4), bank=torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_features_of_size_zero():
+    # d = 0: every logit is 0, so an anchor with a positive has loss log(number of other rows + bank rows), one
+    # without has 0. It raised "cannot reshape tensor of 0 elements into shape [-1, 0]" (an audit).
+    f = torch.randn(3, 0, requires_grad=True)
+    got = cb.supcon_loss(f, torch.tensor([0, 0, 1]), reduction="none")
+    torch.testing.assert_close(got, torch.tensor([math.log(2), math.log(2), 0.0]))
+    views = torch.randn(3, 2, 0)
+    torch.testing.assert_close(cb.supcon_loss(views, None, reduction="none"), torch.full((3, 2), math.log(5)))
+    with_bank = cb.supcon_loss(f, torch.tensor([0, 0, 1]), bank=torch.randn(4, 0),
+                               bank_labels=torch.tensor([0, 1, 1, 2]), reduction="none")
+    torch.testing.assert_close(with_bank, torch.full((3,), math.log(6)))  # 2 others + 4 bank rows; each has one
+    (g,) = torch.autograd.grad(got.sum(), [f])
+    assert g.shape == (3, 0)

@@ -611,7 +611,10 @@ ForwardOut forward_impl(const Prepared<acc_t>& pr, const Tensor& negatives_in, c
     parts.chunks = num_chunks(K, B, B, kRowTile);
     parts.state.resize(parts.chunks * B);
     if (save && parts.chunks > 0) parts.weighted = at::empty({parts.chunks, B, d}, pr.anchors_s.options());
-    const scalar_t* n = negatives.template data_ptr<scalar_t>();
+    // d = 0: an empty tensor's data pointer may be null, and a null row is padding to forward_rows; any address
+    // serves a row of no features (none is read). (Every negative was taken for padding: log 1 instead of log(K+1).)
+    const scalar_t no_features[1] = {scalar_t(0)};
+    const scalar_t* n = d == 0 ? no_features : negatives.template data_ptr<scalar_t>();
     if (mode == Mode::PerAnchor) {
       const int64_t sb = negatives.stride(0), sk = negatives.stride(1);
       auto row_of = [&](int64_t i, int64_t k, acc_t& inv) {
