@@ -60,10 +60,10 @@ if _backend.EXTENSION_LOADED:
     @torch.library.register_fake("contrastbound::info_nce_fwd")
     def _info_nce_fwd_fake(
         anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
-        exclude_self=False, excluded=None, negative_mask=None,
+        exclude_self=False, excluded=None, negative_mask=None, labels=None, negative_labels=None,
     ):
         _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices,
-                     excluded=excluded, negative_mask=negative_mask)
+                     excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
         B, d = anchors.shape
@@ -77,11 +77,11 @@ if _backend.EXTENSION_LOADED:
     def _info_nce_bwd_fake(
         grad_loss, anchors, positives, negatives, negative_indices, lse, anchor_term, scale, normalize,
         include_positive, output_mask, exclude_self=False, check_indices=True, loss=None, excluded=None,
-        negative_mask=None,
+        negative_mask=None, labels=None, negative_labels=None,
     ):
         _same_device(anchors, grad_loss=grad_loss, positives=positives, negatives=negatives,
                      negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss,
-                     excluded=excluded, negative_mask=negative_mask)
+                     excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
 
@@ -97,6 +97,8 @@ if _backend.EXTENSION_LOADED:
         ctx.exclude_self = bool(inputs[8]) if len(inputs) > 8 else False
         excluded = inputs[9] if len(inputs) > 9 else None
         negative_mask = inputs[10] if len(inputs) > 10 else None
+        labels = inputs[11] if len(inputs) > 11 else None
+        negative_labels = inputs[12] if len(inputs) > 12 else None
         loss, lse, term = output
         tensor_scale = isinstance(scale, torch.Tensor)
         if tensor_scale and scale.requires_grad:
@@ -112,7 +114,7 @@ if _backend.EXTENSION_LOADED:
         ctx.save_for_backward(
             *map(savable, (anchors, positives, negatives, negative_indices)), lse, term,
             loss.detach().clone() if include_positive else None, savable(excluded), savable(negative_mask),
-            *((savable(scale),) if tensor_scale else ())
+            savable(labels), savable(negative_labels), *((savable(scale),) if tensor_scale else ())
         )
         ctx.scale = None if tensor_scale else scale
         ctx.normalize = normalize
@@ -121,23 +123,23 @@ if _backend.EXTENSION_LOADED:
 
     def _backward(ctx, grad_loss, grad_lse, grad_term):
         refuse_double_backward()
-        (anchors, positives, negatives, negative_indices, lse, term, loss, excluded, negative_mask,
-         *tensor_scale) = ctx.saved_tensors
+        (anchors, positives, negatives, negative_indices, lse, term, loss, excluded, negative_mask, labels,
+         negative_labels, *tensor_scale) = ctx.saved_tensors
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
         if not any(mask):
-            return None, None, None, None, None, None, None, None, None, None, None
+            return (None,) * 13
         op = torch.ops.contrastbound.info_nce_bwd_scaled if tensor_scale else torch.ops.contrastbound.info_nce_bwd
         ga, gp, gn = op(
             grad_loss.contiguous(), anchors, positives, negatives, negative_indices, lse, term,
             tensor_scale[0] if tensor_scale else ctx.scale, ctx.normalize, ctx.include_positive, mask,
             ctx.exclude_self, False,  # check_indices: forward checked the same saved tensor
-            loss, excluded, negative_mask,
+            loss, excluded, negative_mask, labels, negative_labels,
         )
         return (
             ga if mask[0] else None,
             gp if mask[1] else None,
             gn if mask[2] else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
 
     # The same ops with the logit scale as a tensor with one element (a learnable or tensor temperature),

@@ -357,8 +357,10 @@ def _fused(
     exclude_self: bool = False,
     excluded: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """negative_mask (B, K) bool, a shared bank only: bank row k in anchor i's sum only where it holds."""
+    """negative_mask (B, K) bool, a shared bank only: bank row k in anchor i's sum only where it holds. labels, a
+    shared bank only: (labels (B,), bank labels (K,)) int64, bank row k left out of anchor i's sum where they agree."""
     _check_scale_fits(temperature, anchors.dtype)  # anchors: in the computation's dtype here
     learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
     # Under a torch.func transform a tensor temperature takes the reference: one batched by vmap reports
@@ -371,8 +373,9 @@ def _fused(
         loss, lse, term = _fwd_op(
             anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
             include_positive, save_anchor_term, exclude_self,
-            *(() if excluded is None and negative_mask is None else (excluded,)),
-            *(() if negative_mask is None else (negative_mask,)),
+            *(() if excluded is None and negative_mask is None and labels is None else (excluded,)),
+            *(() if negative_mask is None and labels is None else (negative_mask,)),
+            *(() if labels is None else labels),
         )
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize,
@@ -381,6 +384,9 @@ def _fused(
         return loss, lse.to(loss.dtype)
     from .reference import info_nce_core_reference
 
+    if labels is not None:  # (the reference materialises the logits anyway: the labels as a mask)
+        keep = labels[1][None, :] != labels[0][:, None]
+        negative_mask = keep if negative_mask is None else negative_mask & keep
     scale = 1.0 / temperature
     if isinstance(scale, torch.Tensor):
         if anchors.device.type == "cpu" and scale.device.type != "cpu":
@@ -743,6 +749,80 @@ def _in_batch_count(negative_mask: torch.Tensor) -> torch.Tensor:
     return negative_mask.sum(1) - negative_mask.diagonal().to(torch.int64)
 
 
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_label_tensor(name: str, x: object, shape: tuple[int, ...], shape_doc: str,
+                        device: torch.device) -> torch.Tensor:
+    """An integer tensor of the given shape on the features' device, as int64 (equal values: the same class)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of shape {shape_doc} = {shape}, got {type(x).__name__}")
+    _check_dense(name, x)
+    if x.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of shape {shape_doc}, got dtype {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the features are on {device}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(x.shape)}")
+    return x.to(torch.int64)
+
+
+def _labels_as_exclusion(
+    anchors: torch.Tensor, negatives: object, negative_indices: object, negative_mask: object, labels: object,
+    negative_labels: object,
+) -> tuple[object, object, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(negative_indices, negative_mask, label pair): the negatives that share the anchor's label left out. A shared
+    bank and in-batch negatives keep the labels as they are, (B,) and (K,) int64, for the kernels' tiles (O(B + K)
+    where the equivalent mask is B K bytes); per-anchor labels (B, K) become a mask, and a bank's labels (M,) under
+    negative_indices become padding (-1) where a kept index names a row of the anchor's label."""
+    if labels is None and negative_labels is None:
+        return negative_indices, negative_mask, None
+    B = anchors.shape[0]
+    if labels is None:
+        raise ValueError("negative_labels was given without labels: pass the anchors' labels (B,) as labels")
+    labels = _check_label_tensor("labels", labels, (B,), "(B,)", anchors.device)
+    if negatives is None:  # in-batch: the negatives are the positives, whose labels are the anchors'
+        if negative_labels is not None:
+            raise ValueError("in-batch negatives are the positives, whose labels are labels: pass labels only "
+                             "(negative_labels=None)")
+        return negative_indices, negative_mask, (labels, labels)
+    if negative_labels is None:
+        raise ValueError("labels was given without negative_labels: pass the negatives' labels as well ((K,) for a "
+                         "shared bank, (B, K) for per-anchor negatives, (M,) for the bank of negative_indices)")
+    if not isinstance(negatives, torch.Tensor) or negatives.dim() not in (2, 3):
+        return negative_indices, negative_mask, None  # (_check_negatives names what is wrong with negatives)
+    if negative_indices is not None:
+        if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2:
+            return negative_indices, negative_mask, None  # (named by _check_negatives)
+        M, K = negatives.shape[0], negative_indices.shape[1]
+        bank_labels = _check_label_tensor("negative_labels", negative_labels, (M,), "(M,), the rows of negatives",
+                                          anchors.device)
+        if negative_mask is not None:
+            negative_mask = _check_negative_mask(negative_mask, anchors, K, "(B, K), the shape of negative_indices")
+            negative_indices = _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", M, "M",
+                                              anchors.device, check_range=False)
+            negative_indices = _masked_indices(negative_mask, negative_indices)
+        # checked here (one read-back): the labels are gathered by them
+        negative_indices = _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", M, "M",
+                                          anchors.device, padding=True)
+        if M == 0:
+            return negative_indices, None, None
+        same = bank_labels[negative_indices.clamp(min=0).to(torch.int64)] == labels[:, None]
+        return _masked_indices(~same, negative_indices), None, None
+    if negatives.dim() == 3:
+        K = negatives.shape[1]
+        per_anchor = _check_label_tensor("negative_labels", negative_labels, (B, K), "(B, K) for negatives (B, K, d)",
+                                         anchors.device)
+        keep = per_anchor != labels[:, None]
+        if negative_mask is not None:
+            keep = keep & _check_negative_mask(negative_mask, anchors, K, "(B, K) for negatives (B, K, d)")
+        return negative_indices, keep, None
+    K = negatives.shape[0]
+    bank_labels = _check_label_tensor("negative_labels", negative_labels, (K,), "(K,) for a shared bank (K, d)",
+                                      anchors.device)
+    return negative_indices, negative_mask, (labels, bank_labels)
+
+
 def _check_negatives(
     anchors: torch.Tensor, negatives: object, negative_indices: object, negative_mask: object = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -843,6 +923,8 @@ def info_nce(
     *,
     negative_indices: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     process_group=None,
@@ -871,6 +953,13 @@ def info_nce(
             tiles; CUDA: inside the SIMT tiles, not the tensor cores); per-anchor and indexed negatives take -1
             where it is False (a (B, K) int64 tensor; per-anchor negatives read as a (B K, d) bank: a view, or a
             copy where their layout has none, an expanded or permuted tensor).
+        labels, negative_labels: integer class labels: a negative whose label equals its anchor's is left out of
+            that anchor's sum, as negative_mask leaves it out (false negatives of the anchor's own class; the
+            positive always counts). ``labels`` (B,), the anchors'; ``negative_labels``: (K,) for a shared bank,
+            (B, K) for per-anchor negatives, (M,) for the bank of ``negative_indices``, None in-batch (the
+            negatives are the positives, labelled ``labels``). A shared bank's and in-batch labels go to the
+            kernels' tiles as they are (O(B + K) memory, where the same mask is B K bytes); the other modes turn
+            them into a mask / padding. Together with ``negative_mask``, a negative counts where both keep it.
         temperature: positive finite number, or a scalar tensor; one that requires grad is learnable and gets
             its exact gradient.
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
@@ -891,14 +980,15 @@ def info_nce(
         are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
-    if process_group is not None and (negative_indices is not None or negative_mask is not None):
+    given = [name for name, x in (("negative_indices", negative_indices), ("negative_mask", negative_mask),
+                                   ("labels", labels), ("negative_labels", negative_labels)) if x is not None]
+    if process_group is not None and given:
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
             if negatives is None and negative_indices is not None:
                 raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
             raise ValueError(
                 "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
-                "negatives over the global batch), not "
-                + ("negative_indices" if negative_indices is not None else "negative_mask")
+                "negatives over the global batch), not " + given[0]
             )
     if process_group is not None and negatives is None:
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
@@ -908,6 +998,8 @@ def info_nce(
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
                                 normalize=normalize, reduction=reduction)
     anchors, positives = _check_features(anchors, positives)
+    negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,
+                                                                 labels, negative_labels)
     negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
@@ -917,11 +1009,13 @@ def info_nce(
         a, p = anchors.to(compute), positives.to(compute)
         # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
         # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
-        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True, negative_mask=negative_mask)
+        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True, negative_mask=negative_mask,
+                         labels=pair)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
         a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
-        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True, negative_mask=negative_mask)
+        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True, negative_mask=negative_mask,
+                         labels=pair)
     return _reduce(loss, reduction, result)
 
 
@@ -933,6 +1027,8 @@ def info_nce_lse(
     *,
     negative_indices: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
     include_positive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -945,10 +1041,12 @@ def info_nce_lse(
     negatives can be combined with :func:`torch.logaddexp` (how :func:`contrastive_loss_curve` reads a whole
     curve over K from one pass). Both are differentiable: ``lse`` has the values the kernel computed and the
     gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it).
-    ``negative_indices`` (-1: padding) and ``negative_mask`` as in :func:`info_nce`; an anchor left without
-    negatives has ``lse = -inf`` with ``include_positive=False``.
+    ``negative_indices`` (-1: padding), ``negative_mask``, ``labels`` and ``negative_labels`` as in
+    :func:`info_nce`; an anchor left without negatives has ``lse = -inf`` with ``include_positive=False``.
     """
     anchors, positives = _check_features(anchors, positives)
+    negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,
+                                                                 labels, negative_labels)
     negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices, negative_mask)
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
@@ -968,7 +1066,7 @@ def info_nce_lse(
     if negatives is positives:
         negatives = p
     loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
-                       negative_mask=negative_mask)
+                       negative_mask=negative_mask, labels=pair)
     if _needs_reference(a, p, negatives, t):
         # The reference served (forward-mode AD or a differentiating torch.func transform): its lse carries its own
         # derivatives, forward-mode ones included, which the construction below would drop (a tangent does not set
@@ -1985,6 +2083,8 @@ class InfoNCE(_TemperatureLoss):
         negatives: torch.Tensor | None = None,
         negative_indices: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        negative_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return info_nce(
             anchors,
@@ -1992,6 +2092,8 @@ class InfoNCE(_TemperatureLoss):
             negatives,
             negative_indices=negative_indices,
             negative_mask=negative_mask,
+            labels=labels,
+            negative_labels=negative_labels,
             temperature=self.temperature,
             normalize=self.normalize,
             reduction=self.reduction,
@@ -2106,8 +2208,7 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
     def __init__(self, logit_scale: float = 1 / 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
                  normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
         super().__init__()
-        if isinstance(logit_scale, torch.Tensor) or isinstance(logit_scale, bool) or \
-                not isinstance(logit_scale, Real):
+        if isinstance(logit_scale, (torch.Tensor, bool)) or not isinstance(logit_scale, Real):
             raise TypeError(f"ClipLoss takes logit_scale as a number (its initial value with learnable=True), got "
                             f"{type(logit_scale).__name__}; pass a tensor to contrastbound.clip_loss instead")
         scale = _as_float("logit_scale", logit_scale, "a positive finite number")

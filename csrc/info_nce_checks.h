@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace contrastbound {
 
@@ -87,6 +88,39 @@ inline void check_negative_mask(const c10::optional<at::Tensor>& mask, const at:
                     m.sizes());
   TORCH_CHECK_VALUE(m.device() == anchors.device(), "negative_mask must be on the device of anchors (",
                     anchors.device(), "), got ", m.device());
+}
+
+// labels / negative_labels (optional, int64 (B,) and (K,), both or neither): bank row k is left out of anchor i's
+// sum where negative_labels[k] == labels[i] (shared bank only; the negatives of the anchor's own class).
+inline void check_labels(const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& negative_labels,
+                         const at::Tensor& anchors, const at::Tensor& negatives,
+                         const c10::optional<at::Tensor>& indices) {
+  const bool has_l = labels.has_value() && labels->defined();
+  const bool has_n = negative_labels.has_value() && negative_labels->defined();
+  if (!has_l && !has_n) return;
+  TORCH_CHECK_VALUE(has_l && has_n, "labels and negative_labels must be given together");
+  TORCH_CHECK_VALUE(!(indices.has_value() && indices->defined()) && negatives.dim() == 2,
+                    "labels need a shared bank (K, d) (indexed negatives take -1 as padding instead)");
+  const int64_t expect[2] = {anchors.size(0), negatives.size(0)};
+  const char* names[2] = {"labels", "negative_labels"};
+  const char* shapes[2] = {"(B,)", "(K,)"};
+  const at::Tensor* ts[2] = {&*labels, &*negative_labels};
+  for (int j = 0; j < 2; ++j) {
+    const at::Tensor& t = *ts[j];
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, names[j], " must be int64, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expect[j], names[j], " must have shape ", shapes[j], " = (",
+                      expect[j], ",), got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == anchors.device(), names[j], " must be on the device of anchors (",
+                      anchors.device(), "), got ", t.device());
+  }
+}
+
+// labels / negative_labels (checked) as contiguous tensors, undefined if not given: the caller holds them while the
+// kernels read them.
+inline std::pair<at::Tensor, at::Tensor> label_rows(const c10::optional<at::Tensor>& labels,
+                                                    const c10::optional<at::Tensor>& negative_labels) {
+  if (!labels.has_value() || !labels->defined()) return {at::Tensor(), at::Tensor()};
+  return {labels->contiguous(), negative_labels->contiguous()};
 }
 
 inline void check_scale(double scale) {

@@ -23,13 +23,16 @@ TORCH_LIBRARY(contrastbound, m) {
   // excluded (shared bank only, int64 (B,)): bank row excluded[i] is left out of anchor i's sum (an entry outside
   // [0, K) leaves none out; never used as an index): bank_cross_entropy, whose target row is the positive.
   // negative_mask (shared bank only, bool (B, K)): bank row k is in anchor i's sum only where negative_mask[i, k]
-  // (with exclude_self / excluded: and not left out by them). In the indexed mode an index of -1 is padding.
+  // (with exclude_self / excluded: and not left out by them). labels / negative_labels (shared bank only, int64 (B,)
+  // and (K,), both or neither): bank row k is also left out of anchor i's sum where negative_labels[k] == labels[i]
+  // (the anchor's own class: O(B + K) where the equivalent mask is B K bytes). In the indexed mode an index of -1 is
+  // padding.
   // Under autograd only the loss is differentiable: lse and V are marked non-differentiable (constants: a sum
   // such as loss + lse differentiates the loss alone; contrastbound.info_nce_lse attaches lse's gradient).
   m.def(
       "info_nce_fwd(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, float scale, "
       "bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False, Tensor? excluded=None, "
-      "Tensor? negative_mask=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? negative_mask=None, Tensor? labels=None, Tensor? negative_labels=None) -> (Tensor, Tensor, Tensor)");
   // Gradients for anchors, positives and negatives, each an empty tensor where output_mask is false.
   // check_indices=False skips the range check of negative_indices (a device read-back): for the autograd
   // backward, whose forward checked the same saved tensor. Out-of-range rows are then left out of the bank's
@@ -40,19 +43,21 @@ TORCH_LIBRARY(contrastbound, m) {
       "info_nce_bwd(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor lse, Tensor anchor_term, float scale, bool normalize, bool include_positive, bool[3] output_mask, "
       "bool exclude_self=False, bool check_indices=True, Tensor? loss=None, Tensor? excluded=None, "
-      "Tensor? negative_mask=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? negative_mask=None, Tensor? labels=None, Tensor? negative_labels=None) -> (Tensor, Tensor, Tensor)");
   // The same with the scale as a tensor with one element (a learnable temperature): its value is read at run
   // time, by the kernels themselves for a CUDA tensor (no host read-back; a value that is not positive and
   // finite gives NaN there), on the host otherwise (checked: an error names it).
   m.def(
       "info_nce_fwd_scaled(Tensor anchors, Tensor positives, Tensor negatives, Tensor? negative_indices, "
       "Tensor scale, bool normalize, bool include_positive, bool save_anchor_term, bool exclude_self=False, "
-      "Tensor? excluded=None, Tensor? negative_mask=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? excluded=None, Tensor? negative_mask=None, Tensor? labels=None, Tensor? negative_labels=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "info_nce_bwd_scaled(Tensor grad_loss, Tensor anchors, Tensor positives, Tensor negatives, "
       "Tensor? negative_indices, Tensor lse, Tensor anchor_term, Tensor scale, bool normalize, "
       "bool include_positive, bool[3] output_mask, bool exclude_self=False, bool check_indices=True, "
-      "Tensor? loss=None, Tensor? excluded=None, Tensor? negative_mask=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? loss=None, Tensor? excluded=None, Tensor? negative_mask=None, Tensor? labels=None, "
+      "Tensor? negative_labels=None) -> (Tensor, Tensor, Tensor)");
   // CLIP's symmetric loss over in-batch pairs (image i, text i), both directions from one pass over the N x N
   // logits s image_hat_i . text_hat_j. loss (2, N) (float32, float64 for float64 inputs) and lse (2, N) in float64
   // for every dtype (backward's weights e^{l - lse} would carry a float32 lse's rounding, eps |lse|): row 0 image ->

@@ -68,6 +68,12 @@ def _op_samples(device):
     for save in (True, False):
         out.append((a, p, n, None, 1.5, True, True, save, False, None, mask))
     out.append((a, p, p, None, 1.5, True, True, True, True, None, mask[:, :4]))
+    # labels / negative_labels over a shared bank, alone and with the mask; in-batch (the positives' labels).
+    y, yn = torch.tensor([0, 1, 0, 2], device=device), torch.tensor([0, 0, 1, 2, 1, 0, 0], device=device)
+    for save in (True, False):
+        out.append((a, p, n, None, 1.5, True, True, save, False, None, None, y, yn))
+    out.append((a, p, n, None, 1.5, True, True, True, False, None, mask, y, yn))
+    out.append((a, p, p, None, 1.5, True, True, True, True, None, None, y, y))
     # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
     z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
     out.append((z, zp, z, None, 2.0, True, False, True, True))
@@ -114,17 +120,19 @@ def test_opcheck_backward(device):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
         keep = rest[2] if len(rest) > 2 else None
+        lab = tuple(rest[3:5])  # labels, negative_labels
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
-                a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded, keep
+                a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded, keep, *lab
             )
         g = torch.rand(a.shape[0], device=device)
         for mask in ([True, True, True], [False, True, False]):
             args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
-                    exclude, True, None, excluded, keep)
+                    exclude, True, None, excluded, keep, *lab)
             torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, args)
             # With forward's loss (the positive's weight from it, as the autograd backward passes it).
-            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default, (*args[:-3], loss, excluded, keep))
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd.default,
+                                  (*args[:-3 - len(lab)], loss, excluded, keep, *lab))
 
 
 @needs_kernel
@@ -139,13 +147,14 @@ def test_backward_op_without_the_loss(device, scaled):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
         keep = rest[2] if len(rest) > 2 else None
+        lab = tuple(rest[3:5])  # labels, negative_labels
         s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
         fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
         bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
-        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep)
+        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep, *lab)
         g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
         args = (g, a, p, n, idx, lse, term, s, normalize, include_positive, [True, True, True], exclude, True)
-        without, given = bwd(*args, None, excluded, keep), bwd(*args, loss, excluded, keep)
+        without, given = bwd(*args, None, excluded, keep, *lab), bwd(*args, loss, excluded, keep, *lab)
         for x, y in zip(without, given):
             assert_close_scaled(x, y, 1e-12, "gradient without the loss")
 
@@ -158,18 +167,20 @@ def test_opcheck_scaled_ops(device):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
         keep = rest[2] if len(rest) > 2 else None
+        lab = tuple(rest[3:5])  # labels, negative_labels
         s = torch.tensor(scale, dtype=torch.float64, device=device)
-        args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded, keep)
+        args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded, keep, *lab)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize,
                                                                            include_positive, True, exclude, excluded,
-                                                                           keep)
+                                                                           keep, *lab)
         g = torch.rand(a.shape[0], device=device)
         args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
                 [True, True, True], exclude, True)
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, None, excluded, keep))
-        torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default, (*args, loss, excluded, keep))
+        for saved_loss in (None, loss):
+            torch.library.opcheck(torch.ops.contrastbound.info_nce_bwd_scaled.default,
+                                  (*args, saved_loss, excluded, keep, *lab))
 
 
 def _train_step_losses(compiled: bool, steps: int = 3):

@@ -303,8 +303,11 @@ struct Excluded {
   // negative_mask (B, K) or nullptr: bank row k is in anchor i's sum only where keep[i * keep_s0 + k * keep_s1]
   const bool* keep = nullptr;
   int64_t keep_s0 = 0, keep_s1 = 0;
+  // labels (B) and bank_labels (K), or nullptr: bank row k is left out of anchor i's sum where their labels agree
+  const int64_t* labels = nullptr;
+  const int64_t* bank_labels = nullptr;
   bool any() const { return self || rows != nullptr; }
-  bool masks() const { return any() || keep != nullptr; }
+  bool masks() const { return any() || keep != nullptr || labels != nullptr; }
   int64_t of(int64_t i) const { return self ? i : (rows != nullptr ? rows[i] : int64_t(-1)); }
 };
 
@@ -317,6 +320,15 @@ void mask_excluded(Tensor& tile, int64_t i0, int64_t k0, const Excluded& ex, acc
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t col = ex.of(i0 + r) - k0;
     if (col >= 0 && col < cols) t[r * ld + col] = value;
+  }
+  if (ex.labels != nullptr) {
+    const int64_t* bank = ex.bank_labels + k0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t own = ex.labels[i0 + r];
+      acc_t* row = t + r * ld;
+      for (int64_t c = 0; c < cols; ++c)
+        if (bank[c] == own) row[c] = value;
+    }
   }
   if (ex.keep == nullptr) return;
   for (int64_t r = 0; r < rows; ++r) {
@@ -1073,8 +1085,13 @@ Tensor excluded_rows(const c10::optional<Tensor>& excluded) {
   return excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
 }
 
-Excluded excluded_of(bool exclude_self, const Tensor& rows, const c10::optional<Tensor>& mask) {
+Excluded excluded_of(bool exclude_self, const Tensor& rows, const c10::optional<Tensor>& mask,
+                     const std::pair<Tensor, Tensor>& labels) {
   Excluded ex;
+  if (labels.first.defined()) {
+    ex.labels = labels.first.template data_ptr<int64_t>();
+    ex.bank_labels = labels.second.template data_ptr<int64_t>();
+  }
   ex.self = exclude_self;
   ex.rows = rows.defined() ? rows.template data_ptr<int64_t>() : nullptr;
   if (mask.has_value() && mask->defined()) {  // read through its strides (an expanded mask is not copied)
@@ -1090,20 +1107,25 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
                                                     double scale, bool normalize, bool include_positive,
                                                     bool save_anchor_term, bool exclude_self,
                                                     const c10::optional<Tensor>& excluded,
-                                                    const c10::optional<Tensor>& negative_mask) {
+                                                    const c10::optional<Tensor>& negative_mask,
+                                                    const c10::optional<Tensor>& labels,
+                                                    const c10::optional<Tensor>& negative_labels) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_labels(labels, negative_labels, anchors, negatives, indices);
   check_scale(scale, anchors.scalar_type());
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   const Tensor excl = excluded_rows(excluded);
+  const auto lab = label_rows(labels, negative_labels);
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_fwd_cpu", [&] {
     // Detached views: the ATen calls inside the kernel (some on worker threads, where the guards above do not
     // apply) must not see tensors that require grad.
     out = forward_typed<scalar_t>(anchors.detach(), positives.detach(), negatives.detach(), indices, scale, normalize,
-                                  include_positive, save_anchor_term, excluded_of(exclude_self, excl, negative_mask));
+                                  include_positive, save_anchor_term,
+                                  excluded_of(exclude_self, excl, negative_mask, lab));
   });
   return out;
 }
@@ -1116,7 +1138,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                                                     bool exclude_self, bool check_indices,
                                                     const c10::optional<Tensor>& loss,
                                                     const c10::optional<Tensor>& excluded,
-                                                    const c10::optional<Tensor>& negative_mask) {
+                                                    const c10::optional<Tensor>& negative_mask,
+                                                    const c10::optional<Tensor>& labels,
+                                                    const c10::optional<Tensor>& negative_labels) {
   // check_indices = false: the autograd backward, whose indices forward checked (saved: not modified since). Still
   // checked where V must be recomputed from them (no anchor term given): that pass reads the rows they name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
@@ -1125,14 +1149,16 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_labels(labels, negative_labels, anchors, negatives, indices);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   const Tensor excl = excluded_rows(excluded);
+  const auto lab = label_rows(labels, negative_labels);
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "info_nce_bwd_cpu", [&] {
     out = backward_typed<scalar_t>(grad_loss.detach(), anchors.detach(), positives.detach(), negatives.detach(),
                                    indices, lse.detach(), anchor_term.detach(), scale, normalize, include_positive,
-                                   output_mask, excluded_of(exclude_self, excl, negative_mask),
+                                   output_mask, excluded_of(exclude_self, excl, negative_mask, lab),
                                    loss.has_value() ? c10::optional<Tensor>(loss->detach()) : c10::nullopt);
   });
   return out;
@@ -1145,9 +1171,11 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cpu(const Tensor& anchors
                                                            bool normalize, bool include_positive,
                                                            bool save_anchor_term, bool exclude_self,
                                                            const c10::optional<Tensor>& excluded,
-                                                           const c10::optional<Tensor>& negative_mask) {
+                                                           const c10::optional<Tensor>& negative_mask,
+                                                           const c10::optional<Tensor>& labels,
+                                                           const c10::optional<Tensor>& negative_labels) {
   return info_nce_fwd_cpu(anchors, positives, negatives, indices, scale_value(scale), normalize, include_positive,
-                          save_anchor_term, exclude_self, excluded, negative_mask);
+                          save_anchor_term, exclude_self, excluded, negative_mask, labels, negative_labels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_loss, const Tensor& anchors,
@@ -1158,10 +1186,12 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
                                                            std::array<bool, 3> output_mask, bool exclude_self,
                                                            bool check_indices, const c10::optional<Tensor>& loss,
                                                            const c10::optional<Tensor>& excluded,
-                                                           const c10::optional<Tensor>& negative_mask) {
+                                                           const c10::optional<Tensor>& negative_mask,
+                                                           const c10::optional<Tensor>& labels,
+                                                           const c10::optional<Tensor>& negative_labels) {
   return info_nce_bwd_cpu(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale_value(scale),
                           normalize, include_positive, output_mask, exclude_self, check_indices, loss, excluded,
-                          negative_mask);
+                          negative_mask, labels, negative_labels);
 }
 
 // ------------------------------------------------------------------------------------------------------

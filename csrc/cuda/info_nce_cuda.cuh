@@ -68,6 +68,10 @@ struct Problem {
   // keep[i * keep_stride[0] + k * keep_stride[1]]. The SIMT kernels serve a problem with a mask (use_tc).
   const bool* keep = nullptr;
   int64_t keep_stride[2] = {0, 0};
+  // Shared only, (B,) and (K,) contiguous, or nullptr (labels / negative_labels): bank row k is left out of anchor
+  // i's sum where bank_labels[k] == labels[i]. The SIMT kernels serve them, as a mask (use_tc).
+  const int64_t* labels = nullptr;
+  const int64_t* bank_labels = nullptr;
 
   // Tensor cores (Shared mode, d <= 256, compute capability >= 8.0): float16/bfloat16 always unless
   // tensor_cores is false; float32 as TF32 only when tf32 is true (torch allows TF32 in float32 matmuls:

@@ -96,7 +96,8 @@ Tensor device_scale(const Tensor& scale, const Tensor& anchors) {
 Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                      const c10::optional<Tensor>& indices, const Tensor& scale, bool normalize,
                      bool include_positive, bool exclude_self, const Tensor& excluded,
-                     const c10::optional<Tensor>& negative_mask = c10::nullopt) {
+                     const c10::optional<Tensor>& negative_mask = c10::nullopt,
+                     const std::pair<Tensor, Tensor>& labels = {}) {
   Problem p;
   p.dtype = dtype_of(anchors.scalar_type());
   p.B = anchors.size(0);
@@ -133,6 +134,10 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
     p.keep = negative_mask->data_ptr<bool>();
     p.keep_stride[0] = negative_mask->stride(0);
     p.keep_stride[1] = negative_mask->stride(1);
+  }
+  if (labels.first.defined()) {  // contiguous (label_rows)
+    p.labels = labels.first.data_ptr<int64_t>();
+    p.bank_labels = labels.second.data_ptr<int64_t>();
   }
   p.excluded = excluded.defined() ? excluded.data_ptr<int64_t>() : nullptr;
   // CONTRASTBOUND_TENSOR_CORES=0 forces the SIMT kernels (tests compare both paths); float32 follows torch's
@@ -183,17 +188,21 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, cons
                                                      const c10::optional<Tensor>& indices, const Scale& scale,
                                                      bool normalize, bool include_positive, bool save_anchor_term,
                                                      bool exclude_self, const c10::optional<Tensor>& excluded,
-                                                     const c10::optional<Tensor>& negative_mask) {
+                                                     const c10::optional<Tensor>& negative_mask,
+                                                     const c10::optional<Tensor>& labels,
+                                                     const c10::optional<Tensor>& negative_labels) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_labels(labels, negative_labels, anchors, negatives, indices);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const Tensor s = device_scale(scale, anchors);
   const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const auto lab = label_rows(labels, negative_labels);
   const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive,
-                                 exclude_self, excl, negative_mask);
+                                 exclude_self, excl, negative_mask, lab);
   return forward_on_stream(p, anchors, save_anchor_term);
 }
 
@@ -206,7 +215,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
                                                      bool exclude_self, bool check_indices,
                                                      const c10::optional<Tensor>& loss,
                                                      const c10::optional<Tensor>& excluded,
-                                                     const c10::optional<Tensor>& negative_mask) {
+                                                     const c10::optional<Tensor>& negative_mask,
+                                                     const c10::optional<Tensor>& labels,
+                                                     const c10::optional<Tensor>& negative_labels) {
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
@@ -216,13 +227,15 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
   check_excluded(excluded, anchors, negatives, indices, exclude_self);
   check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_labels(labels, negative_labels, anchors, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
   const Tensor s = device_scale(scale, anchors);
   const Tensor excl = excluded.has_value() && excluded->defined() ? excluded->contiguous() : Tensor();
+  const auto lab = label_rows(labels, negative_labels);
   const Problem p = make_problem(anchors, positives, negatives, indices, s, normalize, include_positive,
-                                 exclude_self, excl, negative_mask);
+                                 exclude_self, excl, negative_mask, lab);
 
   Tensor grad_a = output_mask[0] ? at::empty({B, d}, anchors.options()) : at::empty({0}, anchors.options());
   Tensor grad_p = output_mask[1] ? at::empty({B, d}, positives.options()) : at::empty({0}, positives.options());
@@ -291,9 +304,11 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cuda(const Tensor& anchors, cons
                                                      double scale, bool normalize, bool include_positive,
                                                      bool save_anchor_term, bool exclude_self,
                                                      const c10::optional<Tensor>& excluded,
-                                                     const c10::optional<Tensor>& negative_mask) {
+                                                     const c10::optional<Tensor>& negative_mask,
+                                                     const c10::optional<Tensor>& labels,
+                                                     const c10::optional<Tensor>& negative_labels) {
   return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
-                           save_anchor_term, exclude_self, excluded, negative_mask);
+                           save_anchor_term, exclude_self, excluded, negative_mask, labels, negative_labels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cuda(const Tensor& anchors, const Tensor& positives,
@@ -303,9 +318,11 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_scaled_cuda(const Tensor& anchor
                                                             bool include_positive, bool save_anchor_term,
                                                             bool exclude_self,
                                                             const c10::optional<Tensor>& excluded,
-                                                            const c10::optional<Tensor>& negative_mask) {
+                                                            const c10::optional<Tensor>& negative_mask,
+                                                            const c10::optional<Tensor>& labels,
+                                                            const c10::optional<Tensor>& negative_labels) {
   return info_nce_fwd_impl(anchors, positives, negatives, indices, scale, normalize, include_positive,
-                           save_anchor_term, exclude_self, excluded, negative_mask);
+                           save_anchor_term, exclude_self, excluded, negative_mask, labels, negative_labels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -316,9 +333,12 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cuda(const Tensor& grad_loss, co
                                                      bool exclude_self, bool check_indices,
                                                      const c10::optional<Tensor>& loss,
                                                      const c10::optional<Tensor>& excluded,
-                                                     const c10::optional<Tensor>& negative_mask) {
+                                                     const c10::optional<Tensor>& negative_mask,
+                                                     const c10::optional<Tensor>& labels,
+                                                     const c10::optional<Tensor>& negative_labels) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices, loss, excluded, negative_mask);
+                           include_positive, output_mask, exclude_self, check_indices, loss, excluded, negative_mask,
+                           labels, negative_labels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_loss, const Tensor& anchors,
@@ -330,9 +350,12 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cuda(const Tensor& grad_l
                                                             bool exclude_self, bool check_indices,
                                                             const c10::optional<Tensor>& loss,
                                                             const c10::optional<Tensor>& excluded,
-                                                            const c10::optional<Tensor>& negative_mask) {
+                                                            const c10::optional<Tensor>& negative_mask,
+                                                            const c10::optional<Tensor>& labels,
+                                                            const c10::optional<Tensor>& negative_labels) {
   return info_nce_bwd_impl(grad_loss, anchors, positives, negatives, indices, lse, anchor_term, scale, normalize,
-                           include_positive, output_mask, exclude_self, check_indices, loss, excluded, negative_mask);
+                           include_positive, output_mask, exclude_self, check_indices, loss, excluded, negative_mask,
+                           labels, negative_labels);
 }
 
 }  // namespace

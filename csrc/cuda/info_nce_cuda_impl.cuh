@@ -386,10 +386,12 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool self = ex == k0 + col;
-          // (the mask read only for real anchors and bank rows: rows past B are computed, never written)
+          // (the mask and labels read only for real anchors and bank rows: rows past B are computed, never
+          // written)
           const bool kept =
               k0 + col < k_end && !self &&
-              (p.keep == nullptr || i >= B || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]);
+              (p.keep == nullptr || i >= B || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]) &&
+              (p.labels == nullptr || i >= B || p.labels[i] != p.bank_labels[k0 + col]);
           l_s[ty + 16 * a][col] = kept ? acc[a][b] : ninf;
         }
       }
@@ -723,7 +725,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool keep = i < B && k0 + col < k_end && ex != k0 + col &&
-                            (p.keep == nullptr || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]);
+                            (p.keep == nullptr || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]) &&
+                            (p.labels == nullptr || p.labels[i] != p.bank_labels[k0 + col]);
           w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] - lse[i]) : acc_t(0);
         }
       }
@@ -961,8 +964,8 @@ inline bool tc_chunked(int64_t d) {
 // rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
 // (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
 bool use_tc(const Problem& p) {
-  // (a negative_mask: the SIMT tiles apply it; the tensor-core ones have none)
-  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.keep != nullptr) return false;
+  // (a negative_mask or labels: the SIMT tiles apply them; the tensor-core ones have none)
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.keep != nullptr || p.labels != nullptr) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
   const bool wide = p.d > kTcMaxD;
   if (wide && (p.dtype == DType::Float32 || !tc_use_mma() || p.d > kTcMaxWideD)) return false;

@@ -158,16 +158,20 @@ struct Case {
   // Shared: this fraction of the (anchor, bank row) entries left out by a negative_mask (stored column-major: read
   // through its strides), and anchor 1's first K / 2; with the positive also all of anchor 0's
   double mask = 0;
+  // Shared: labels of anchors and bank rows drawn from [0, labels) where labels > 0 (Problem::labels / bank_labels):
+  // a bank row of the anchor's label is left out; anchor 0's label is one no bank row has (it keeps every row)
+  int labels = 0;
   std::string name() const {
     char buf[240];
     std::snprintf(buf, sizeof buf,
                   "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
-                  "T=%g%s%s%s%s%s%s",
+                  "T=%g%s%s%s%s%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
                   nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
-                  one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "");
+                  one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "",
+                  labels > 0 ? " labels" : "");
     return buf;
   }
 };
@@ -342,6 +346,15 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       for (int64_t i = 0; i < B; ++i)
         keep[i + k * B] = !(drop(rng) || (i == 1 && k < K / 2) || (i == 0 && c.include_positive));
   }
+  std::vector<int64_t> lab, bank_lab;  // (B,) and (K,), where c.labels > 0
+  if (c.labels > 0) {
+    std::uniform_int_distribution<int64_t> draw(0, c.labels - 1);
+    lab.resize(static_cast<size_t>(B));
+    bank_lab.resize(static_cast<size_t>(K));
+    for (auto& v : lab) v = draw(rng);
+    for (auto& v : bank_lab) v = draw(rng);
+    if (B > 1) lab[0] = c.labels;
+  }
   std::vector<int64_t> excl;
   if (c.excluded)
     for (int64_t i = 0; i < B; ++i) excl.push_back((i * 37 + 11) % (K + 3) - 1);  // -1 and >= K exclude none
@@ -375,6 +388,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   p.exclude_self = c.exclude_self;
   p.excluded = c.excluded ? excl.data() : nullptr;
   if (keep) p.keep = keep.get(), p.keep_stride[0] = 1, p.keep_stride[1] = B;
+  if (c.labels > 0) p.labels = lab.data(), p.bank_labels = bank_lab.data();
   p.tensor_cores = c.tensor_cores;
   p.tf32 = tf32_mode;  // float32 on the WMMA kernels as TF32 (torch's allow_tf32)
 
@@ -405,7 +419,8 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   };
   const auto left_out = [&](int64_t i, int64_t k) {
     return (c.mode == Mode::Shared && ((c.exclude_self && k == i) || (c.excluded && excl[i] == k))) ||
-           (c.mode == Mode::Indexed && idx[i * K + k] < 0) || (keep && !keep[i + k * B]);
+           (c.mode == Mode::Indexed && idx[i * K + k] < 0) || (keep && !keep[i + k * B]) ||
+           (c.labels > 0 && lab[i] == bank_lab[k]);
   };
   const auto dotv = [&](const std::vector<double>& x, const std::vector<double>& y) {
     double t = 0;
@@ -756,6 +771,18 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     run_case<T>(c, own, tol, tol_acc, config, light);
     c.include_positive = false, c.exclude_self = true, c.layout = kPaddedRows, c.K = 71, c.B = 70;
     run_case<T>(c, own, tol, tol_acc, config, light);
+    // labels / negative_labels (Problem::labels): bank rows of the anchor's label left out (K = 150 crosses tiles
+    // with a partial one); with a mask and exclude_self (in-batch with labels, without the positive); one label
+    // for all (B = 1: every row left out, lse = l0)
+    Case l;
+    l.mode = Mode::Shared, l.B = 13, l.K = 150, l.d = 24, l.labels = 4;
+    run_case<T>(l, own, tol, tol_acc, config, light);
+    l.mask = 0.2, l.exclude_self = true, l.include_positive = false, l.layout = kPaddedRows, l.K = 71, l.B = 70,
+    l.labels = 3;
+    run_case<T>(l, own, tol, tol_acc, config, light);
+    l = Case();
+    l.mode = Mode::Shared, l.B = 1, l.K = 40, l.d = 8, l.labels = 1;
+    run_case<T>(l, own, tol, tol_acc, config, light);
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
   // in the tensor-core kernels' row factor, and 0 * inf NaN everywhere (row_factor caps it). The anchor's gradient

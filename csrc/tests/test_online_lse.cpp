@@ -221,6 +221,8 @@ void check_kernel() {
                                                                       const std::optional<at::Tensor>&, double, bool,
                                                                       bool, bool, bool,
                                                                       const std::optional<at::Tensor>&,
+                                                                      const std::optional<at::Tensor>&,
+                                                                      const std::optional<at::Tensor>&,
                                                                       const std::optional<at::Tensor>&)>();
   at::manual_seed(7);
   const auto opts = at::TensorOptions().dtype(at::kDouble);
@@ -230,7 +232,8 @@ void check_kernel() {
       const double scale = 1.0 / 0.07;
       at::Tensor a = at::randn({B, d}, opts), p = at::randn({B, d}, opts), n = at::randn({K, d}, opts);
       auto [loss, lse, term] =
-          op.call(a, p, n, std::nullopt, scale, normalize, true, true, false, std::nullopt, std::nullopt);
+          op.call(a, p, n, std::nullopt, scale, normalize, true, true, false, std::nullopt, std::nullopt,
+                  std::nullopt, std::nullopt);
       at::Tensor an = a, pn = p, nn = n;
       if (normalize) {
         an = a / a.norm(2, 1, true);
