@@ -7,7 +7,9 @@ a positive mask as pytorch-metric-learning's CrossBatchMemory forms them); sigli
 against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits); info_nce_mask: info_nce of
 256 anchors against a detached bank of N rows with the rows of the anchor's own class (100 classes) masked out
 (negative_mask, applied inside the shared-bank tiles), against the 256 x (1 + N) logits with those columns set to
--inf.
+-inf (the (256, N) mask an input, made before the measure); info_nce_labels: the same problem from the labels
+(labels / negative_labels, compared inside the tiles: no mask at all), against the plain form that makes the mask
+from the labels in its step.
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -41,9 +43,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss", "info_nce_mask")
-BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each); info_nce_mask: anchors
-BANKED = ("supcon_bank", "info_nce_mask")  # N is the bank's size
+LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss", "info_nce_mask",
+          "info_nce_labels")
+BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each); info_nce_mask / info_nce_labels: anchors
+BANKED = ("supcon_bank", "info_nce_mask", "info_nce_labels")  # N is the bank's size
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -168,6 +171,11 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
         mask = labels[:, None] != bank_labels[None, :]
         fn = ((lambda: cb.info_nce(x1, x2, bank, 0.1, negative_mask=mask)) if method == "fused"
               else (lambda: _plain_info_nce_mask(x1, x2, bank, mask, 0.1)))
+    elif loss_name == "info_nce_labels":
+        labels, bank, bank_labels = torch.randint(0, 100, (rows,)), torch.randn(N, d), torch.randint(0, 100, (N,))
+        fn = ((lambda: cb.info_nce(x1, x2, bank, 0.1, labels=labels, negative_labels=bank_labels))
+              if method == "fused" else
+              (lambda: _plain_info_nce_mask(x1, x2, bank, labels[:, None] != bank_labels[None, :], 0.1)))
     else:  # (two views: every row has a positive, so the two means agree)
         labels = torch.randint(0, 100, (N,))
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1)) if method == "fused"
@@ -237,7 +245,7 @@ def main() -> int:
         for name in losses:
             side = N if name in ("clip_loss", "debiased_info_nce", "siglip_loss") else 2 * N
             shape = ((2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else
-                     (BANK_BATCH, 1 + N) if name == "info_nce_mask" else (side, side))
+                     (BANK_BATCH, 1 + N) if name in ("info_nce_mask", "info_nce_labels") else (side, side))
             matrix_mib = shape[0] * shape[1] * 4 / 2**20
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
