@@ -749,16 +749,13 @@ def _in_batch_count(negative_mask: torch.Tensor) -> torch.Tensor:
     return negative_mask.sum(1) - negative_mask.diagonal().to(torch.int64)
 
 
-_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
 def _check_label_tensor(name: str, x: object, shape: tuple[int, ...], shape_doc: str,
                         device: torch.device) -> torch.Tensor:
     """An integer tensor of the given shape on the features' device, as int64 (equal values: the same class)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor of shape {shape_doc} = {shape}, got {type(x).__name__}")
     _check_dense(name, x)
-    if x.dtype not in _LABEL_DTYPES:
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:  # (as supcon_loss's labels)
         raise TypeError(f"{name} must be an integer tensor of shape {shape_doc}, got dtype {x.dtype}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the features are on {device}")
@@ -792,7 +789,7 @@ def _labels_as_exclusion(
     if not isinstance(negatives, torch.Tensor) or negatives.dim() not in (2, 3):
         return negative_indices, negative_mask, None  # (_check_negatives names what is wrong with negatives)
     if negative_indices is not None:
-        if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2:
+        if not isinstance(negative_indices, torch.Tensor) or negative_indices.dim() != 2 or negatives.dim() != 2:
             return negative_indices, negative_mask, None  # (named by _check_negatives)
         M, K = negatives.shape[0], negative_indices.shape[1]
         bank_labels = _check_label_tensor("negative_labels", negative_labels, (M,), "(M,), the rows of negatives",
@@ -802,14 +799,18 @@ def _labels_as_exclusion(
             negative_indices = _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", M, "M",
                                               anchors.device, check_range=False)
             negative_indices = _masked_indices(negative_mask, negative_indices)
-        # checked here (one read-back): the labels are gathered by them
         negative_indices = _check_indices("negative_indices", negative_indices, (B, K), "(B, K)", M, "M",
-                                          anchors.device, padding=True)
+                                          anchors.device, check_range=False)
         if M == 0:
             return negative_indices, None, None
-        same = bank_labels[negative_indices.clamp(min=0).to(torch.int64)] == labels[:, None]
+        # gathered within range; an entry out of it is left as it is, for the range check after (the op's own: one
+        # read-back, as without labels)
+        named = bank_labels[negative_indices.clamp(0, M - 1).to(torch.int64)]
+        same = (named == labels[:, None]) & (negative_indices >= 0) & (negative_indices < M)
         return _masked_indices(~same, negative_indices), None, None
     if negatives.dim() == 3:
+        if negatives.shape[0] != B:
+            return negative_indices, negative_mask, None  # (named by _check_negatives)
         K = negatives.shape[1]
         per_anchor = _check_label_tensor("negative_labels", negative_labels, (B, K), "(B, K) for negatives (B, K, d)",
                                          anchors.device)

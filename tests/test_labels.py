@@ -173,6 +173,15 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, leaves)
 
 
+def test_any_integer_dtype_serves_as_labels():
+    # as supcon_loss's labels: equal values are the same class (uint64 past 2^63 too: int64 keeps equality)
+    a, p, n, kw, eq = _inputs("shared")
+    want = cb.info_nce(a, p, n, **eq)
+    for dtype in (torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32):
+        got = cb.info_nce(a, p, n, labels=kw["labels"].to(dtype), negative_labels=kw["negative_labels"].to(dtype))
+        torch.testing.assert_close(got, want)
+
+
 def test_info_nce_lse_and_the_module_take_labels():
     a, p, n, kw, eq = _inputs("shared")
     got_loss, got_lse = cb.info_nce_lse(a, p, n, include_positive=False, **kw)
@@ -220,6 +229,12 @@ y0, yn0 = torch.tensor([0, 1, 0, 2]), torch.tensor([0, 1, 1, 2, 2, 0])
      "labels is on meta but the features are on cpu"),
     (lambda: cb.info_nce(a0, p0, n0, negative_indices=torch.tensor([[0, 6]] * 4), labels=y0,
                          negative_labels=yn0), IndexError, "negative_indices must lie in [0, M) = [0, 6)"),
+    # the negatives' own shape named, not negative_labels' (a review's find)
+    (lambda: cb.info_nce(a0, p0, n0.expand(4, 6, 3), negative_indices=torch.zeros(4, 2, dtype=torch.long),
+                         labels=y0, negative_labels=yn0), ValueError, "negatives must have shape (M, d) when"),
+    (lambda: cb.info_nce(a0, p0, torch.randn(5, 6, 3), labels=y0,
+                         negative_labels=torch.zeros(5, 6, dtype=torch.long)),
+     ValueError, "negatives of shape (B, K, d) must have B = 4 rows"),
 ])
 def test_bad_labels_are_refused_by_name(call, exc, text):
     with pytest.raises(exc) as info:
