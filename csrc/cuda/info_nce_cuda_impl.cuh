@@ -343,6 +343,27 @@ __device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, co
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
+// Shared bank: whether negative_mask or the labels leave bank row k out of anchor i's sum (i < B, k < K).
+__device__ __forceinline__ bool left_out(const Problem& p, int64_t i, int64_t k) {
+  return (p.keep != nullptr && !p.keep[i * p.keep_stride[0] + k * p.keep_stride[1]]) ||
+         (p.labels != nullptr && p.labels[i] == p.bank_labels[k]);
+}
+
+// Sets the entries of a (BA x BK) tile in shared memory (anchors i0.., bank rows k0.. < k_end) that the mask or the
+// labels leave out to value: a pass of its own after the tile is written, only where a mask or labels exist, so that
+// the register-heavy loop that writes the tile carries no extra condition (ptxas spilled there with both in it).
+template <typename acc_t, int BA, int BK>
+__device__ __forceinline__ void clear_left_out(const Problem& p, acc_t (*tile)[BK + 1], int64_t i0, int64_t k0,
+                                               int64_t k_end, acc_t value) {
+  if (p.keep == nullptr && p.labels == nullptr) return;  // (uniform over the block)
+  __syncthreads();
+  for (int e = threadIdx.x; e < BA * BK; e += kThreads) {
+    const int r = e / BK, col = e % BK;
+    const int64_t i = i0 + r, k = k0 + col;
+    if (i < p.B && k < k_end && left_out(p, i, k)) tile[r][col] = value;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     forward_shared_kernel(const Problem p, const ForwardWork<acc_t> w, const ForwardPlan f) {
@@ -386,15 +407,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
           const bool self = ex == k0 + col;
-          // (the mask and labels read only for real anchors and bank rows: rows past B are computed, never
-          // written)
-          const bool kept =
-              k0 + col < k_end && !self &&
-              (p.keep == nullptr || i >= B || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]) &&
-              (p.labels == nullptr || i >= B || p.labels[i] != p.bank_labels[k0 + col]);
-          l_s[ty + 16 * a][col] = kept ? acc[a][b] : ninf;
+          l_s[ty + 16 * a][col] = k0 + col < k_end && !self ? acc[a][b] : ninf;
         }
       }
+      clear_left_out<acc_t, BA, BK>(p, l_s, i0, k0, k_end, ninf);  // (negative_mask, labels)
       __syncthreads();
       // Online log-sum-exp: one warp per anchor row of the tile.
       for (int r = warp; r < BA; r += kWarps) {
@@ -724,12 +740,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b < R; ++b) {
           const int col = tx + 16 * b;
-          const bool keep = i < B && k0 + col < k_end && ex != k0 + col &&
-                            (p.keep == nullptr || p.keep[i * p.keep_stride[0] + (k0 + col) * p.keep_stride[1]]) &&
-                            (p.labels == nullptr || p.labels[i] != p.bank_labels[k0 + col]);
+          const bool keep = i < B && k0 + col < k_end && ex != k0 + col;
           w_s[r][col] = keep ? g[i] * std::exp(acc[a][b] - lse[i]) : acc_t(0);
         }
       }
+      clear_left_out<acc_t, BA, BK>(p, w_s, i0, k0, k_end, acc_t(0));  // (negative_mask, labels)
       __syncthreads();
       // G[k, j0:j0+BK] (+)= sum_i W[i, k] (s a_hat_i)[j0:j0+BK]   (dL/dn_hat_k)
       for (int64_t j0 = 0; j0 < d; j0 += BK) {
