@@ -166,19 +166,24 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     return t
 
 
+def _float64_host_values(x: float | torch.Tensor) -> list[float]:
+    """The values a float64 check can read without cost: a float's, a float64 CPU tensor's in eager mode (every
+    sample's under vmap); none of another tensor (a narrower one holds no value past float32's range; a GPU one is
+    not read back; under torch.compile a read would break the graph)."""
+    if not isinstance(x, torch.Tensor):
+        return [x]
+    if x.dtype != torch.float64 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return []
+    return _read_back(x.detach(), lambda v: v.reshape(-1).tolist())
+
+
 def _check_scale_fits(temperature: float | torch.Tensor, dtype: torch.dtype) -> None:
     """For features computed in float32 (float32, float16, bfloat16): 1 / temperature must be finite in float32,
     or every loss would be NaN. A float64 temperature (a float, or a float64 CPU tensor, read in eager mode) can
     pass _check_temperature and not this; a narrower tensor was already held to it; a GPU one is not read."""
     if dtype == torch.float64:
         return
-    if isinstance(temperature, torch.Tensor):
-        if temperature.dtype != torch.float64 or temperature.device.type != "cpu" or torch.compiler.is_compiling():
-            return
-        values = _read_back(temperature.detach(), lambda v: v.reshape(-1).tolist())
-    else:
-        values = [temperature]
-    for t in values:
+    for t in _float64_host_values(temperature):
         if not (t >= _MIN_TEMPERATURE):
             raise ValueError(
                 f"temperature must be at least {_MIN_TEMPERATURE:.3g} for features computed in float32 ({dtype}): "
@@ -1875,13 +1880,7 @@ def _check_siglip_fits(scale: float | torch.Tensor, bias: float | torch.Tensor, 
         return
     limit = torch.finfo(torch.float32).max
     for name, v in (("logit_scale", scale), ("logit_bias", bias)):
-        if isinstance(v, torch.Tensor):
-            if v.dtype != torch.float64 or v.device.type != "cpu" or torch.compiler.is_compiling():
-                continue
-            values = _read_back(v.detach(), lambda x: x.reshape(-1).tolist())
-        else:
-            values = [v]
-        for x in values:
+        for x in _float64_host_values(v):
             if abs(x) > limit:
                 raise ValueError(f"{name} must be at most {limit:.3g} in magnitude for features computed in float32 "
                                  f"({dtype}): it overflows float32, got {x:g}")
