@@ -289,10 +289,11 @@ def _score_bound(norm_bound: Any, temperature: Any) -> float:
                          "L2-normalised features scored at temperature t)")
     if temperature is not None:
         t = _positive_number("temperature", temperature)
-        if t < 1.0 / sys.float_info.max:
-            raise ValueError(f"temperature must be at least {1.0 / sys.float_info.max:.3g} (1 / t must be a finite "
+        b2 = 1.0 / t
+        if not math.isfinite(b2):  # (5.56e-309 = 1 / DBL_MAX itself has an infinite reciprocal, rounded)
+            raise ValueError(f"temperature must be above {1.0 / sys.float_info.max:.3g} (1 / t must be a finite "
                              f"float64), got {t}")
-        return 1.0 / t
+        return b2
     if norm_bound is None:
         return 1.0
     b = _positive_number("norm_bound", norm_bound)

@@ -1872,18 +1872,25 @@ def _check_siglip_scalar(name: str, value: object, positive: bool) -> float | to
     return v
 
 
+_F32_OVERFLOW = 2.0**128 - 2.0**103  # the smallest magnitude float32 rounds to inf (below it: to at most FLT_MAX)
+
+
 def _check_siglip_fits(scale: float | torch.Tensor, bias: float | torch.Tensor, dtype: torch.dtype) -> None:
     """For features computed in float32 (float32, float16, bfloat16) the scale and the bias are taken in float32:
-    a float64 value past its range (a float, or a float64 CPU tensor read in eager mode) would become inf and the
-    loss NaN, so it is refused as _check_scale_fits refuses such a temperature."""
+    a float64 value past its range (a float, or a float64 CPU tensor: read in eager mode, an in-graph assert under
+    torch.compile) would become inf and the loss NaN or inf, so it is refused as _check_scale_fits refuses such a
+    temperature."""
     if dtype == torch.float64:
         return
-    limit = torch.finfo(torch.float32).max
     for name, v in (("logit_scale", scale), ("logit_bias", bias)):
+        must = f"{name} must be below {_F32_OVERFLOW:.8g} in magnitude for features computed in float32 ({dtype})"
+        if isinstance(v, torch.Tensor) and torch.compiler.is_compiling():
+            if v.dtype == torch.float64 and v.device.type == "cpu" and not _batched_while_compiling(v):
+                torch._assert_async((v.detach().abs() < _F32_OVERFLOW).all(), must)
+            continue
         for x in _float64_host_values(v):
-            if abs(x) > limit:
-                raise ValueError(f"{name} must be at most {limit:.3g} in magnitude for features computed in float32 "
-                                 f"({dtype}): it overflows float32, got {x:g}")
+            if not abs(x) < _F32_OVERFLOW:
+                raise ValueError(f"{must}: float32 rounds it to inf, got {x:g}")
 
 
 def _poison_bad_siglip_scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2199,10 +2206,13 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
 
     With ``learnable=True`` (the default, as in CLIP and open_clip) the scale is a parameter stored as its
     logarithm, ``log_logit_scale``, from log(1 / 0.07) (CLIP's initial temperature 0.07): it stays positive under
-    any optimiser step. In the forward it is clamped to at most ``max_logit_scale`` (100), as in
-    :func:`clip_loss` (no gradient once the clamp binds; open_clip clamps the parameter after each step instead,
-    which gives the same losses). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
-    ``state_dict``). ``normalize``, ``reduction`` and ``process_group`` as in :func:`clip_loss`.
+    any optimiser step; add the module's parameters to the optimiser. As open_clip clamps its parameter to
+    log(100) after each optimiser step, the module clamps ``log_logit_scale`` in place to log(``max_logit_scale``)
+    at the start of each forward (the same values, and the gradient flows at the cap: a clamp inside the forward,
+    as :func:`clip_loss` does for a tensor it is given, would give a scale that an optimiser step took past the cap
+    no gradient, for good). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
+    ``state_dict``). ``normalize``, ``reduction`` and ``process_group`` as in :func:`clip_loss`. The initial
+    ``logit_scale`` must be at most ``max_logit_scale``.
     """
 
     def __init__(self, logit_scale: float = 1 / 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
@@ -2219,6 +2229,11 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
         self.max_logit_scale = _as_float("max_logit_scale", max_logit_scale, "positive and finite")
         if not (0.0 < self.max_logit_scale < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {self.max_logit_scale}")
+        for name, value in (("logit_scale", scale), ("max_logit_scale", self.max_logit_scale)):
+            if not (value >= _MIN_TEMPERATURE_F64):  # (its reciprocal, the temperature, finite: as clip_loss checks)
+                raise ValueError(f"{name} must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
+        if scale > self.max_logit_scale:
+            raise ValueError(f"logit_scale ({scale:g}) must be at most max_logit_scale ({self.max_logit_scale:g})")
         self.learnable = _check_bool("learnable", learnable)
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
@@ -2226,9 +2241,9 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
         self._initial = scale
         if self.learnable:
             log_scale = torch.tensor(math.log(scale), device="cpu")  # (checked on the CPU: see SigLIP)
-            if not (0.0 < float(log_scale.exp()) < math.inf):
+            if not (_MIN_TEMPERATURE <= float(log_scale.exp()) < math.inf):  # (1 / scale finite in float32 too)
                 raise ValueError(f"ClipLoss learns log(logit_scale) in {log_scale.dtype}: logit_scale {scale:g} must "
-                                 "be within its range")
+                                 f"be within its range (from {_MIN_TEMPERATURE:.3g}; .double() the module for less)")
             self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
         else:
             self._scale = scale
@@ -2239,8 +2254,16 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
         return self.log_logit_scale.exp() if self.learnable else self._scale
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return clip_loss(image_features, text_features, self.logit_scale, normalize=self.normalize,
-                         reduction=self.reduction, max_logit_scale=self.max_logit_scale,
+        if not self.learnable:
+            return clip_loss(image_features, text_features, self._scale, normalize=self.normalize,
+                             reduction=self.reduction, max_logit_scale=self.max_logit_scale,
+                             process_group=self.process_group)
+        with torch.no_grad():  # (no read-back: the cap applied on the device)
+            self.log_logit_scale.clamp_(max=math.log(self.max_logit_scale))
+        # the parameter is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
+        # value (exp of a rounded log(100) in float32 is 100.0000076: a clamp at 100 would cut the gradient at the cap)
+        return clip_loss(image_features, text_features, self.log_logit_scale.exp(), normalize=self.normalize,
+                         reduction=self.reduction, max_logit_scale=torch.finfo(self.log_logit_scale.dtype).max,
                          process_group=self.process_group)
 
     @torch.no_grad()

@@ -671,6 +671,8 @@ def test_temperature_form_is_the_score_bound():
         (lambda: B.delta_upper(3, 10, temperature=torch.ones(2)), TypeError, "temperature"),
         # 1 / t past float64 (the score bound would be inf and Delta_U inf without a word)
         (lambda: B.delta_upper(3, 10, temperature=1e-320), ValueError, "1 / t must be a finite float64"),
+        # 1 / DBL_MAX itself: its reciprocal rounds to inf (a review's find: let through, Delta_U inf)
+        (lambda: B.delta_upper(3, 10, temperature=1.0 / 1.7976931348623157e308), ValueError, "must be above"),
     ],
 )
 def test_temperature_validation(call, exc, match):

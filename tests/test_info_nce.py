@@ -2327,11 +2327,22 @@ def test_clip_module_learns_its_logit_scale():
     assert twin.log_logit_scale is not module.log_logit_scale
     module.reset_parameters()
     assert abs(float(module.logit_scale.detach()) - 1 / 0.07) < 1e-12  # (filled in float64 now)
-    # past max_logit_scale the forward uses the clamp (as clip_loss): the loss at 100 and no gradient to the scale
-    clamped = cb.ClipLoss(logit_scale=150.0).double()
-    clamped(img, txt).backward()
-    torch.testing.assert_close(clamped(img, txt), _clip_written_out(img, txt, 100.0))
-    assert float(clamped.log_logit_scale.grad) == 0.0
+    # an optimiser step past max_logit_scale: the forward clamps the parameter in place to log(100), as open_clip
+    # clamps after each step, and the gradient flows there (a clamp inside the forward froze it for good: a review)
+    clamped = cb.ClipLoss().double()
+    with torch.no_grad():
+        clamped.log_logit_scale.fill_(math.log(100.0) + 0.01)
+    log_cap = torch.tensor(math.log(100.0), dtype=torch.float64, requires_grad=True)
+    want = _clip_written_out(img, txt, log_cap.exp())
+    want.backward()
+    got = clamped(img, txt)
+    got.backward()
+    assert float(clamped.log_logit_scale.detach()) == math.log(100.0)
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(clamped.log_logit_scale.grad, log_cap.grad)
+    assert float(clamped.log_logit_scale.grad) != 0.0
+    with pytest.raises(ValueError, match=r"logit_scale \(150\) must be at most max_logit_scale \(100\)"):
+        cb.ClipLoss(logit_scale=150.0)
     wider = cb.ClipLoss(logit_scale=150.0, max_logit_scale=200.0).double()
     torch.testing.assert_close(wider(img, txt), _clip_written_out(img, txt, wider.logit_scale.detach()))
     assert abs(float(wider.logit_scale.detach()) - 150.0) < 1e-4
@@ -2357,7 +2368,13 @@ def test_clip_module_fixed_scale_options_and_errors():
                             (True, TypeError, "logit_scale as a number"), (-1.0, ValueError, "logit_scale must be"),
                             (float("nan"), ValueError, "logit_scale must be"), (1e39, ValueError, "range")):
         with pytest.raises(exc, match=match):
-            cb.ClipLoss(bad)
+            cb.ClipLoss(bad, max_logit_scale=1e300)
+    # values the forward would refuse are refused here (a review: built, then raised at the first call)
+    for bad, exc, match in ((dict(max_logit_scale=1e-320), ValueError, "max_logit_scale must be at least"),
+                            (dict(logit_scale=1e-320, learnable=False), ValueError, "logit_scale must be at least"),
+                            (dict(logit_scale=1e-40), ValueError, "from 2.94e-39")):
+        with pytest.raises(exc, match=match):
+            cb.ClipLoss(**bad)
     for kw, exc, match in ((dict(max_logit_scale=0.0), ValueError, "max_logit_scale"),
                            (dict(max_logit_scale="100"), TypeError, "max_logit_scale"),
                            (dict(learnable=1), TypeError, "learnable"), (dict(reduction="avg"), ValueError, "reduction")):

@@ -333,16 +333,29 @@ def test_small_batches():
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), reduction="avg"), ValueError, "reduction"),
     # past float32's range for features computed in float32: inf there, a NaN loss (an audit's find)
     (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 1e39, -1.0), ValueError,
-     "logit_scale must be at most 3.4e.38 in magnitude for features computed in float32 (torch.float32)"),
+     "logit_scale must be below 3.4028236e.38 in magnitude for features computed in float32 (torch.float32)"),
     (lambda: cb.siglip_loss(torch.eye(2).bfloat16(), torch.eye(2).bfloat16(), torch.tensor(1e39, dtype=torch.float64)),
-     ValueError, "logit_scale must be at most 3.4e.38 in magnitude"),
+     ValueError, "logit_scale must be below 3.4028236e.38 in magnitude"),
     (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 10.0, torch.tensor(-1e39, dtype=torch.float64)), ValueError,
-     "logit_bias must be at most 3.4e.38 in magnitude"),
+     "logit_bias must be below 3.4028236e.38 in magnitude"),
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), normalize=1), TypeError, "normalize"),
 ])
 def test_bad_input_is_refused_by_name(call, exc, text):
     with pytest.raises(exc, match=text.replace("(", "\\(").replace(")", "\\)")):
         call()
+
+
+def test_float64_scale_and_bias_past_float32_range():
+    # FLT_MAX itself fits (3.4028235e38 rounds to it); under torch.compile the check is an assert in the graph (it
+    # was skipped there: the loss came out inf, a review's find)
+    x, y = torch.eye(3), torch.eye(3)
+    assert torch.isfinite(cb.siglip_loss(x, y, 3.4028235e38, -1.0))
+    compiled = torch.compile(cb.siglip_loss, backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="logit_scale must be below"):
+        compiled(x, y, torch.tensor(1e39, dtype=torch.float64), torch.tensor(-1.0))
+    with pytest.raises(RuntimeError, match="logit_bias must be below"):
+        compiled(x, y, torch.tensor(10.0), torch.tensor(-1e39, dtype=torch.float64))
+    assert torch.isfinite(compiled(x, y, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-1.0)))
 
 
 @needs_op
