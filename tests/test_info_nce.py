@@ -2377,7 +2377,8 @@ def test_clip_module_fixed_scale_options_and_errors():
             cb.ClipLoss(**bad)
     for kw, exc, match in ((dict(max_logit_scale=0.0), ValueError, "max_logit_scale"),
                            (dict(max_logit_scale="100"), TypeError, "max_logit_scale"),
-                           (dict(learnable=1), TypeError, "learnable"), (dict(reduction="avg"), ValueError, "reduction")):
+                           (dict(learnable=1), TypeError, "learnable"),
+                           (dict(reduction="avg"), ValueError, "reduction")):
         with pytest.raises(exc, match=match):
             cb.ClipLoss(**kw)
 
