@@ -258,3 +258,12 @@ def test_the_op_checks_its_labels():
     keep = yn0[None, :] != y0[:, None]
     want, _, _ = op(*base[:-1], keep)
     torch.testing.assert_close(loss, want)
+
+
+def test_a_labelled_queue_serves_as_the_bank():
+    # README's recipe: a NegativeQueue with labels=True gives the bank and its labels
+    a, p, n, kw, eq = _inputs("shared", K=40)
+    queue = cb.NegativeQueue(40, n.shape[1], labels=True, dtype=torch.float64)
+    queue.enqueue(n, kw["negative_labels"])
+    got = cb.info_nce(a, p, queue.negatives(), labels=kw["labels"], negative_labels=queue.labels())
+    torch.testing.assert_close(got, cb.info_nce(a, p, n, **eq))
