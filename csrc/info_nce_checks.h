@@ -115,6 +115,17 @@ inline void check_labels(const c10::optional<at::Tensor>& labels, const c10::opt
   }
 }
 
+// What leaves bank rows out of anchors' sums besides padding: excluded, negative_mask, labels / negative_labels
+// (each optional; the forward and backward ops of both devices check the same).
+inline void check_left_out(const c10::optional<at::Tensor>& excluded, const c10::optional<at::Tensor>& negative_mask,
+                           const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& negative_labels,
+                           const at::Tensor& anchors, const at::Tensor& negatives,
+                           const c10::optional<at::Tensor>& indices, bool exclude_self) {
+  check_excluded(excluded, anchors, negatives, indices, exclude_self);
+  check_negative_mask(negative_mask, anchors, negatives, indices);
+  check_labels(labels, negative_labels, anchors, negatives, indices);
+}
+
 // labels / negative_labels (checked) as contiguous tensors, undefined if not given: the caller holds them while the
 // kernels read them.
 inline std::pair<at::Tensor, at::Tensor> label_rows(const c10::optional<at::Tensor>& labels,

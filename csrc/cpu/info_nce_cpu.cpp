@@ -1111,9 +1111,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_cpu(const Tensor& anchors, const
                                                     const c10::optional<Tensor>& labels,
                                                     const c10::optional<Tensor>& negative_labels) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
-  check_excluded(excluded, anchors, negatives, indices, exclude_self);
-  check_negative_mask(negative_mask, anchors, negatives, indices);
-  check_labels(labels, negative_labels, anchors, negatives, indices);
+  check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, indices, exclude_self);
   check_scale(scale, anchors.scalar_type());
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
@@ -1147,9 +1145,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_cpu(const Tensor& grad_loss, con
                         check_indices || (output_mask[0] && anchor_term.numel() == 0));
   check_scale(scale, anchors.scalar_type());
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
-  check_excluded(excluded, anchors, negatives, indices, exclude_self);
-  check_negative_mask(negative_mask, anchors, negatives, indices);
-  check_labels(labels, negative_labels, anchors, negatives, indices);
+  check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, indices, exclude_self);
   at::AutoDispatchBelowADInplaceOrView guard;
   at::NoGradGuard no_grad;
   const Tensor excl = excluded_rows(excluded);

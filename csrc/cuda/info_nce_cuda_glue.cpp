@@ -192,9 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, cons
                                                      const c10::optional<Tensor>& labels,
                                                      const c10::optional<Tensor>& negative_labels) {
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
-  check_excluded(excluded, anchors, negatives, indices, exclude_self);
-  check_negative_mask(negative_mask, anchors, negatives, indices);
-  check_labels(labels, negative_labels, anchors, negatives, indices);
+  check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, indices, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
@@ -225,9 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
-  check_excluded(excluded, anchors, negatives, indices, exclude_self);
-  check_negative_mask(negative_mask, anchors, negatives, indices);
-  check_labels(labels, negative_labels, anchors, negatives, indices);
+  check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, indices, exclude_self);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
   at::NoGradGuard no_grad;
   const auto acc = acc_type_of(anchors.scalar_type());
