@@ -191,6 +191,20 @@ def _check_scale_fits(temperature: float | torch.Tensor, dtype: torch.dtype) -> 
             )
 
 
+def _check_logit_scale_fits(clamped: float | torch.Tensor, dtype: torch.dtype) -> None:
+    """clip_loss's _check_scale_fits, named for its argument: a logit scale (after the clamp to max_logit_scale)
+    whose reciprocal, the temperature, is below _MIN_TEMPERATURE overflows float32 for features computed in it
+    (the same test as _check_scale_fits on 1 / scale, so that this one raises first)."""
+    if dtype == torch.float64:
+        return
+    for v in _float64_host_values(clamped):
+        if not (1.0 / v >= _MIN_TEMPERATURE):
+            raise ValueError(
+                f"logit_scale (clamped to max_logit_scale) must be at most {1.0 / _MIN_TEMPERATURE:.4g} for features "
+                f"computed in float32 ({dtype}): it overflows float32, got {v}"
+            )
+
+
 def _check_reduction(reduction: object) -> str:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -1733,6 +1747,7 @@ def clip_loss(
         normalize = _check_bool("normalize", normalize)  # (the op would take 0 or None as False)
         _check_features(image_features, text_features, ("image_features", "text_features"))
         _check_temperature_has_value(scale, image_features.device, "logit_scale")
+        _check_logit_scale_fits(clamped, torch.promote_types(image_features.dtype, text_features.dtype))
     if process_group is None and _clip_kernel_serves(image_features, text_features, temperature):
         return _clip_fused(image_features, text_features, clamped, temperature, normalize, reduction)
     # In-batch both ways (over the global batch with process_group: row i of each gathered bank is pair i's positive).

@@ -128,6 +128,13 @@ CASES = [
      "max_logit_scale must be positive and finite"),
     ("max_logit_scale tiny", lambda: cb.clip_loss(a, p, 14.3, max_logit_scale=1e-320), ValueError,
      "max_logit_scale must be at least"),
+    # a logit scale past float32's range for float32 features (named "temperature" before), a float or a float64
+    # tensor; 3.4e38 (FLT_MAX rounded down) is accepted below
+    ("logit_scale past float32", lambda: cb.clip_loss(a, p, 1e39, max_logit_scale=1e40), ValueError,
+     "logit_scale (clamped to max_logit_scale) must be at most 3.403e+38 for features computed in float32"),
+    ("float64 logit_scale past float32",
+     lambda: cb.clip_loss(a, p, torch.tensor(1e39, dtype=torch.float64), max_logit_scale=1e40), ValueError,
+     "logit_scale (clamped to max_logit_scale)"),
     # meta tensors whose value is needed (".item() cannot be called on meta tensors" / named "temperature" before)
     ("meta logit_scale", lambda: cb.clip_loss(a, p, torch.tensor(10.0, device="meta")), ValueError,
      "logit_scale is a meta tensor"),
