@@ -54,6 +54,23 @@ __host__ __device__ __forceinline__ int64_t excluded_row(bool exclude_self, cons
   return exclude_self ? i : (excluded != nullptr && i < rows ? excluded[i] : int64_t(-1));
 }
 
+// A shared bank's negative_mask and labels (Problem::keep, keep_stride, labels, bank_labels), as the SIMT and the
+// tensor-core kernels take them: bank row k is left out of anchor i's sum where keep[i s0 + k s1] is false or where
+// bank_labels[k] == labels[i]. Both null: none (the tensor-core kernels then run their instances without the test).
+struct LeftOut {
+  const bool* keep = nullptr;
+  int64_t keep_stride[2] = {0, 0};
+  const int64_t* labels = nullptr;
+  const int64_t* bank_labels = nullptr;
+  __host__ __device__ bool any() const { return keep != nullptr || labels != nullptr; }
+};
+
+// Whether the mask or the labels leave bank row k out of anchor i's sum (i < B, k < K: the caller's bounds).
+__device__ __forceinline__ bool left_out(const LeftOut& o, int64_t i, int64_t k) {
+  return (o.keep != nullptr && !o.keep[i * o.keep_stride[0] + k * o.keep_stride[1]]) ||
+         (o.labels != nullptr && o.labels[i] == o.bank_labels[k]);
+}
+
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);

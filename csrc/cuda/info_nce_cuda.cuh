@@ -65,11 +65,11 @@ struct Problem {
   // [0, K) excludes none; compared, never used as an index). Not together with exclude_self.
   const int64_t* excluded = nullptr;
   // Shared only, (B, K) bool or nullptr (negative_mask): bank row k is in anchor i's sum only where
-  // keep[i * keep_stride[0] + k * keep_stride[1]]. The SIMT kernels serve a problem with a mask (use_tc).
+  // keep[i * keep_stride[0] + k * keep_stride[1]]. Every shared-bank kernel tests it (device_common.cuh's LeftOut).
   const bool* keep = nullptr;
   int64_t keep_stride[2] = {0, 0};
   // Shared only, (B,) and (K,) contiguous, or nullptr (labels / negative_labels): bank row k is left out of anchor
-  // i's sum where bank_labels[k] == labels[i]. The SIMT kernels serve them, as a mask (use_tc).
+  // i's sum where bank_labels[k] == labels[i]; tested with the mask (LeftOut).
   const int64_t* labels = nullptr;
   const int64_t* bank_labels = nullptr;
 

@@ -130,7 +130,7 @@ Problem make_problem(const Tensor& anchors, const Tensor& positives, const Tenso
   p.normalize = normalize;
   p.include_positive = include_positive;
   p.exclude_self = exclude_self;
-  if (negative_mask.has_value() && negative_mask->defined()) {  // read through its strides (the SIMT tiles)
+  if (negative_mask.has_value() && negative_mask->defined()) {  // read through its strides (LeftOut)
     p.keep = negative_mask->data_ptr<bool>();
     p.keep_stride[0] = negative_mask->stride(0);
     p.keep_stride[1] = negative_mask->stride(1);

@@ -343,10 +343,15 @@ __device__ __forceinline__ void logit_tile(const Problem& p, const acc_t* as, co
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// Shared bank: whether negative_mask or the labels leave bank row k out of anchor i's sum (i < B, k < K).
-__device__ __forceinline__ bool left_out(const Problem& p, int64_t i, int64_t k) {
-  return (p.keep != nullptr && !p.keep[i * p.keep_stride[0] + k * p.keep_stride[1]]) ||
-         (p.labels != nullptr && p.labels[i] == p.bank_labels[k]);
+// Shared bank: p's negative_mask and labels (device_common.cuh's left_out tests an entry).
+__host__ __device__ __forceinline__ LeftOut left_out_of(const Problem& p) {
+  LeftOut o;
+  o.keep = p.keep;
+  o.keep_stride[0] = p.keep_stride[0];
+  o.keep_stride[1] = p.keep_stride[1];
+  o.labels = p.labels;
+  o.bank_labels = p.bank_labels;
+  return o;
 }
 
 // Sets the entries of a (BA x BK) tile in shared memory (anchors i0.., bank rows k0.. < k_end) that the mask or the
@@ -355,12 +360,13 @@ __device__ __forceinline__ bool left_out(const Problem& p, int64_t i, int64_t k)
 template <typename acc_t, int BA, int BK>
 __device__ __forceinline__ void clear_left_out(const Problem& p, acc_t (*tile)[BK + 1], int64_t i0, int64_t k0,
                                                int64_t k_end, acc_t value) {
-  if (p.keep == nullptr && p.labels == nullptr) return;  // (uniform over the block)
+  const LeftOut o = left_out_of(p);
+  if (!o.any()) return;  // (uniform over the block)
   __syncthreads();
   for (int e = threadIdx.x; e < BA * BK; e += kThreads) {
     const int r = e / BK, col = e % BK;
     const int64_t i = i0 + r, k = k0 + col;
-    if (i < p.B && k < k_end && left_out(p, i, k)) tile[r][col] = value;
+    if (i < p.B && k < k_end && left_out(o, i, k)) tile[r][col] = value;
   }
 }
 
@@ -978,9 +984,9 @@ inline bool tc_chunked(int64_t d) {
 // tensor-core kernel; wider rows, up to kTcMaxWideD (float16/bfloat16), on the mma.sync ones, which split each
 // rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
 // (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
+// A negative_mask or labels go to the kernels' LEFT_OUT instances (TcLseArgs::lo, TcRowsArgs::lo).
 bool use_tc(const Problem& p) {
-  // (a negative_mask or labels: the SIMT tiles apply them; the tensor-core ones have none)
-  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1 || p.keep != nullptr || p.labels != nullptr) return false;
+  if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
   const bool wide = p.d > kTcMaxD;
   if (wide && (p.dtype == DType::Float32 || !tc_use_mma() || p.d > kTcMaxWideD)) return false;
@@ -1022,10 +1028,12 @@ inline bool tc_use_mma() {
 }
 
 // One-pass forward (mma_fwd_kernel) for float16/bfloat16 when the anchors' term is wanted:
-// CONTRASTBOUND_TC_FUSED_FWD=1 (off by default: not yet run on a GPU).
+// CONTRASTBOUND_TC_FUSED_FWD=1 (off by default: not yet run on a GPU). Not with a negative_mask or labels, which
+// it does not test (the lse and rows kernels serve them).
 inline bool tc_fused_fwd(const Problem& p, bool save) {
   const char* env = std::getenv("CONTRASTBOUND_TC_FUSED_FWD");
-  return save && p.dtype != DType::Float32 && p.d <= kTcMaxD && tc_use_mma() && env != nullptr && env[0] == '1';
+  return save && p.dtype != DType::Float32 && p.d <= kTcMaxD && tc_use_mma() && env != nullptr && env[0] == '1' &&
+         !left_out_of(p).any();
 }
 
 // Whether the mma.sync kernels (rather than the WMMA ones) serve element type T.
@@ -1113,17 +1121,36 @@ int64_t tc_slots(Kernel kernel, size_t smem, int num_sms) {
   return static_cast<int64_t>(per_sm) * std::max(1, num_sms);
 }
 
-// The kernel that serves the rows pass (anchor term, bank gradients) of T, and its residency.
+// The kernel that serves the rows pass (anchor term, bank gradients) of T with shared-memory plan sm: mma.sync
+// (tc_mma) or WMMA, whole rows or chunks, the instance that tests a negative_mask and labels where lo.
 template <typename T>
-int64_t tc_rows_slots(int64_t d, int num_sms) {
-  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+auto tc_rows_kernel_for(const TcSmem& sm, bool lo) {
   if constexpr (!std::is_same<T, float>::value) {
     if (tc_mma<T>()) {
-      return sm.chunk > 0 ? tc_slots(mma_rows_kernel<T, true>, sm.total, num_sms)
-                          : tc_slots(mma_rows_kernel<T>, sm.total, num_sms);
+      return sm.chunk > 0 ? (lo ? mma_rows_kernel<T, true, true> : mma_rows_kernel<T, true>)
+                          : (lo ? mma_rows_kernel<T, false, true> : mma_rows_kernel<T>);
     }
   }
-  return tc_slots(tc_rows_kernel<T>, sm.total, num_sms);
+  return lo ? tc_rows_kernel<T, true> : tc_rows_kernel<T>;
+}
+
+// The same for the forward's lse pass.
+template <typename T>
+auto tc_lse_kernel_for(const TcSmem& sm, bool lo) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (tc_mma<T>()) {
+      return sm.chunk > 0 ? (lo ? mma_lse_kernel<T, true, true> : mma_lse_kernel<T, true>)
+                          : (lo ? mma_lse_kernel<T, false, true> : mma_lse_kernel<T>);
+    }
+  }
+  return lo ? tc_lse_kernel<T, true> : tc_lse_kernel<T>;
+}
+
+// The residency of the rows pass's kernel.
+template <typename T>
+int64_t tc_rows_slots(int64_t d, bool lo, int num_sms) {
+  const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
+  return tc_slots(tc_rows_kernel_for<T>(sm, lo), sm.total, num_sms);
 }
 
 // Warpgroup-MMA kernels for float16/bfloat16 on sm_90a: CONTRASTBOUND_TC_WGMMA=1 (off by default: emulation-
@@ -1149,6 +1176,13 @@ bool tc_flash(int64_t d) {
     const size_t need = tc_wgmma() ? wg_smem<T>(d).total : fl_smem<T>(d, 1).total;
     return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   }
+}
+
+// Whether the flash-layout kernels serve problem p: not with a negative_mask or labels, which they do not test (the
+// mma.sync kernels serve them).
+template <typename T>
+bool tc_flash(const Problem& p) {
+  return !left_out_of(p).any() && tc_flash<T>(p.d);
 }
 
 // Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
@@ -1194,15 +1228,11 @@ cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlA
 template <typename T>
 int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
   if constexpr (!std::is_same<T, float>::value) {
-    if (save && tc_flash<T>(p.d)) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
+    if (save && tc_flash<T>(p)) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
     if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
-    if (tc_mma<T>()) {
-      const TcSmem sm = tc_kernel_smem<T>(p.d, false);
-      return sm.chunk > 0 ? tc_slots(mma_lse_kernel<T, true>, sm.total, num_sms)
-                          : tc_slots(mma_lse_kernel<T>, sm.total, num_sms);
-    }
   }
-  return tc_slots(tc_lse_kernel<T>, tc_kernel_smem<T>(p.d, false).total, num_sms);
+  const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/false);
+  return tc_slots(tc_lse_kernel_for<T>(sm, left_out_of(p).any()), sm.total, num_sms);
 }
 
 // f(T()) for the tensor-core element type of p: CB_TC_ELEMENT, the one this translation unit serves (its
@@ -1217,11 +1247,12 @@ auto tc_typed(DType, const F& f) {
 struct TcPlan {
   int64_t xblocks = 0, slices = 1, splits = 1, tiles_per_split = 0;
   bool mma = false;  // mma_rows_kernel serves (n_hat . G from the logits: TcRowsArgs::partial_proj)
+  bool flash = false;  // the flash-layout bank pass serves (tc_flash)
 };
 
 // Whether the flash-layout kernels serve p (float16/bfloat16 with CONTRASTBOUND_TC_FLASH=1).
 bool tc_flash_for(const Problem& p) {
-  return tc_typed(p.dtype, [&](auto x) { return tc_flash<decltype(x)>(p.d); });
+  return tc_typed(p.dtype, [&](auto x) { return tc_flash<decltype(x)>(p); });
 }
 
 // bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
@@ -1231,6 +1262,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
   // included) and this plan's anchors' pass is not launched; it is planned as launch_tc_rows would run it, with the
   // mma.sync (or WMMA) kernels.
   const bool flash = bank_pass && tc_flash_for(p);
+  t.flash = flash;
   t.xblocks = ceil_div(xrows, flash ? kFlRows : kTcRows);
   t.mma = !flash && tc_typed(p.dtype, [](auto x) { return tc_mma<decltype(x)>(); });
   t.slices = t.mma ? ceil_div(p.d, kTcSliceD) : 1;
@@ -1241,7 +1273,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
     if constexpr (!std::is_same<T, float>::value) {
       if (flash) return fl_slots<T, FlashMode::BankGrads>(p.d, num_sms);
     }
-    return tc_rows_slots<T>(p.d, num_sms);
+    return tc_rows_slots<T>(p.d, left_out_of(p).any(), num_sms);
   });
   const TcSplit s = plan_tc_split(t.xblocks * t.slices, ytiles, slots);
   t.splits = s.splits;
@@ -1330,7 +1362,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   if (bound != nullptr) args.coef_bound = bound;
   bool launched = false;
   if constexpr (!std::is_same<T, float>::value) {
-    if (!args.lse_on_x && tc_flash<T>(d)) {  // the bank pass (see plan_tc_rows)
+    if (plan.flash) {  // the bank pass (see plan_tc_rows)
       FlArgs f;
       f.d = d;
       f.splits = plan.splits;
@@ -1354,18 +1386,11 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
   }
   if (!launched) {
     const TcSmem sm = tc_kernel_smem<T>(d, /*with_p=*/true);
-    const bool mma = tc_mma<T>();
-    const dim3 grid = grid_for(plan.xblocks * plan.splits * plan.slices);
-    if constexpr (!std::is_same<T, float>::value) {
-      if (mma) {
-        const auto kernel = sm.chunk > 0 ? mma_rows_kernel<T, true> : mma_rows_kernel<T>;
-        e = allow_smem(kernel, sm.total);
-        if (e == cudaSuccess) CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, args, sm);
-      }
-    }
-    if (!mma) e = allow_smem(tc_rows_kernel<T>, sm.total);
+    const dim3 grid = grid_for(plan.xblocks * plan.splits * plan.slices);  // (WMMA: slices = 1)
+    const auto kernel = tc_rows_kernel_for<T>(sm, args.lo.any());
+    e = allow_smem(kernel, sm.total);
     if (e != cudaSuccess) return e;
-    if (!mma) CB_LAUNCH(grid, kTcThreads, sm.total, stream, tc_rows_kernel<T>)(X, Y, args, sm);  // slices = 1
+    CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, args, sm);
   }
   if (plan.splits > 1) {
     CB_LAUNCH(grid_for(ceil_div(X.rows, kTcThreads / 32)), kTcThreads, 0, stream, tc_finish_kernel<T>)(X, args);
@@ -1385,6 +1410,7 @@ TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<
   la.scale = static_cast<const float*>(p.scale);
   la.exclude_self = p.exclude_self;
   la.excluded = p.excluded;
+  la.lo = left_out_of(p);
   la.x_inv = w.pr.a_inv;
   la.y_inv = w.pr.n_inv;
   la.part_max = w.part_max;
@@ -1402,13 +1428,13 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   if constexpr (!std::is_same<T, float>::value) {
-    if (save && (tc_flash<T>(p.d) || tc_fused_fwd(p, save))) {
+    if (save && (tc_flash<T>(p) || tc_fused_fwd(p, save))) {
       // One pass over the bank: (max, sum, V) partials per K chunk, merged with the positive below.
       if (f.chunks > 0) {
         const float* bound = nullptr;
         cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, nullptr, p.K, stream, &bound);
         if (e != cudaSuccess) return e;
-        if (tc_flash<T>(p.d)) {
+        if (tc_flash<T>(p)) {
           FlArgs fa;
           fa.d = p.d;
           fa.splits = f.chunks;
@@ -1446,21 +1472,10 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
   if (f.chunks > 0) {
     const TcLseArgs la = tc_lse_args(p, f, t.w);
     const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/false);
-    const bool mma = tc_mma<T>();
-    cudaError_t e = cudaSuccess;
-    if constexpr (!std::is_same<T, float>::value) {
-      if (mma) {
-        const auto kernel = sm.chunk > 0 ? mma_lse_kernel<T, true> : mma_lse_kernel<T>;
-        e = allow_smem(kernel, sm.total);
-        if (e != cudaSuccess) return e;
-        CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, kernel)(A, N, la, sm);
-      }
-    }
-    if (!mma) {
-      e = allow_smem(tc_lse_kernel<T>, sm.total);
-      if (e != cudaSuccess) return e;
-      CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, tc_lse_kernel<T>)(A, N, la, sm);
-    }
+    const auto kernel = tc_lse_kernel_for<T>(sm, la.lo.any());
+    const cudaError_t e = allow_smem(kernel, sm.total);
+    if (e != cudaSuccess) return e;
+    CB_LAUNCH(grid_for(la.xblocks * la.chunks), kTcThreads, sm.total, stream, kernel)(A, N, la, sm);
   }
   float* lse = static_cast<float*>(out.lse);
   if (p.B > 0) {
@@ -1472,6 +1487,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
     ra.scale = static_cast<const float*>(p.scale);
     ra.exclude_self = p.exclude_self;
     ra.excluded = p.excluded;
+    ra.lo = left_out_of(p);
     ra.lse_on_x = true;
     ra.x_inv = t.w.pr.a_inv;
     ra.y_inv = t.w.pr.n_inv;
@@ -1493,6 +1509,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   ra.scale = static_cast<const float*>(p.scale);
   ra.exclude_self = p.exclude_self;
   ra.excluded = p.excluded;
+  ra.lo = left_out_of(p);
   ra.lse_on_x = false;
   ra.x_inv = pr.n_inv;
   ra.x_proj = pr.n_proj;

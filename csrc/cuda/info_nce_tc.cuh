@@ -297,14 +297,16 @@ struct TcLseArgs {
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   const int64_t* excluded = nullptr;  // (B,) or nullptr: bank row left out of each anchor's sum (excluded_row)
+  LeftOut lo;                    // negative_mask / labels: read by the kernels' LEFT_OUT instances only
   const float* x_inv = nullptr;  // (B,) anchors
   const float* y_inv = nullptr;  // (K,) bank rows
   float* part_max = nullptr;     // (chunks, B)
   float* part_sum = nullptr;
 };
 
-// One block per (anchor block, K chunk), grid-stride over those units.
-template <typename T>
+// One block per (anchor block, K chunk), grid-stride over those units. LEFT_OUT: the instance that tests the
+// negative_mask and labels (a.lo) per logit; the other has no such test (nor its registers).
+template <typename T, bool LEFT_OUT = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     tc_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -339,7 +341,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       for (int t = 0; t < kTcCols / 4; ++t) {
         const int col = q + 4 * t;
         const int64_t k = k0 + col;
-        const bool keep = k < k_end && k != ex;
+        const bool keep = k < k_end && k != ex && !(LEFT_OUT && i < a.B && left_out(a.lo, i, k));
         v[t] = keep ? S[r * kTcLds + col] * xinv * yinv[col] : -INFINITY;
         tmax = fmax_nan(tmax, v[t]);
       }
@@ -376,6 +378,9 @@ struct TcRowsArgs {
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
   const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (anchor term) or by Y row (bank grads)
+  // negative_mask / labels in the (anchor, bank row) frame: (x, y) for the anchor term, (y, x) for bank grads;
+  // read by the kernels' LEFT_OUT instances only.
+  LeftOut lo;
   bool lse_on_x = true;          // anchor term (lse indexed by X row) or bank grads (by Y row)
   const float* x_inv = nullptr;  // (X rows,)
   const float* x_proj = nullptr;  // bank grads: Jacobian factor of the X (bank) rows
@@ -397,7 +402,8 @@ struct TcRowsArgs {
 };
 
 // O_x = sum_y c(x, y) Y_y over all Y tiles of split `split`, then finished (one split) or stored as a partial.
-template <typename T>
+// LEFT_OUT: as for tc_lse_kernel.
+template <typename T, bool LEFT_OUT = false>
 __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
     tc_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -457,7 +463,8 @@ __global__ void __launch_bounds__(kTcThreads, TcTraits<T>::MIN_BLOCKS)
       for (int t = 0; t < kTcCols / 4; ++t) {
         const int col = q + 4 * t;
         const int64_t y = y0 + col;
-        const bool keep = x_ok && y < Y.rows && y != xex && !(by_col && yex[col] == r);
+        const bool keep = x_ok && y < Y.rows && y != xex && !(by_col && yex[col] == r) &&
+                          !(LEFT_OUT && left_out(a.lo, a.lse_on_x ? x : y, a.lse_on_x ? y : x));
         float c = 0.f;
         if (keep) {
           const float l = S[r * kTcLds + col] * xinv * yinv[col];
@@ -713,7 +720,8 @@ __device__ __forceinline__ void mma_lse_reduce(float& m, float& s, int wc, int r
 // CHUNKED: m.chunk > 0 (mma_tile_scores); a separate instance, so that the whole-row one keeps its registers.
 // Whole rows: three blocks per multiprocessor (at most 80 registers, no spills with nvcc 13 for sm_80 / sm_90a),
 // as in the H200 measurements; left to itself ptxas took 86 once the excluded column came in, which fits two.
-template <typename T, bool CHUNKED = false>
+// LEFT_OUT: as for tc_lse_kernel.
+template <typename T, bool CHUNKED = false, bool LEFT_OUT = false>
 __global__ void __launch_bounds__(kTcThreads, CHUNKED ? 2 : 3)
     mma_lse_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcLseArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -765,7 +773,8 @@ __global__ void __launch_bounds__(kTcThreads, CHUNKED ? 2 : 3)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
-            const bool keep = col < lim && col != selfc;
+            const bool keep = col < lim && col != selfc &&
+                              !(LEFT_OUT && row_i[h] < a.B && left_out(a.lo, row_i[h], k0 + col));
             const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
             v[2 * j + e] = keep ? l : -INFINITY;
             tmax = fmax_nan(tmax, v[2 * j + e]);
@@ -817,8 +826,8 @@ __device__ __forceinline__ void mma_store_rows(float* E, const TcSmem& m, const 
     }
 }
 
-// CHUNKED: m.chunk == kTcSliceD > 0 (mma_tile_scores), as for mma_lse_kernel.
-template <typename T, bool CHUNKED = false>
+// CHUNKED: m.chunk == kTcSliceD > 0 (mma_tile_scores), as for mma_lse_kernel; LEFT_OUT: as for tc_lse_kernel.
+template <typename T, bool CHUNKED = false, bool LEFT_OUT = false>
 __global__ void __launch_bounds__(kTcThreads, 2)
     mma_rows_kernel(const TcOperand<T> X, const TcOperand<T> Y, const TcRowsArgs a, const TcSmem m) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -913,7 +922,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 32 * L.wc + 8 * j + 2 * L.t + e;
-            const bool keep = col < hlim && col != selfc && !(by_col && yex[col] == row);
+            const int64_t y = y0 + col;
+            const bool keep = col < hlim && col != selfc && !(by_col && yex[col] == row) &&
+                              !(LEFT_OUT && left_out(a.lo, a.lse_on_x ? row_x[h] : y, a.lse_on_x ? y : row_x[h]));
             float cv = 0.f;
             if (keep) {
               const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];

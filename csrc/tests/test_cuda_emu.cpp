@@ -659,6 +659,9 @@ std::vector<Case> cases(bool quick) {
   c = Case();
   c.B = 25, c.K = 70, c.d = 20, c.nan_bank = 66;  // NaN propagates to every loss and gradient it reaches
   add(c);
+  c = Case();
+  c.B = 23, c.K = 130, c.d = 40, c.mask = 0.2, c.labels = 5;  // negative_mask and labels (every kernel family)
+  add(c);
   if (!quick) {
     c = Case();
     c.B = 20, c.K = 77, c.d = 256, c.layout = kTransposed;
@@ -761,10 +764,11 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     c.include_positive = false, c.layout = kPaddedRows, c.K = 71, c.B = 6;
     run_case<T>(c, own, tol, tol_acc, config, light);
   }
-  // Shared bank with a negative_mask (the SIMT tiles serve it whatever the type; BK = 64 or 32: K = 150 crosses
-  // tiles with a partial one): anchor 0 without negatives, anchor 1's first half left out, 30% of the rest; then
-  // with exclude_self as in-batch with a mask, without the positive.
-  if (!tc_only) {
+  // Shared bank with a negative_mask (the SIMT tiles for float32 / float64, the tensor-core ones' LEFT_OUT instances
+  // for float16 / bfloat16, also under every CONTRASTBOUND_TC_* switch; K = 150 crosses tiles with a partial one):
+  // anchor 0 without negatives, anchor 1's first half left out, 30% of the rest; then with exclude_self as in-batch
+  // with a mask, without the positive.
+  if (!tc_only || half) {
     std::mt19937_64 own(2029);
     Case c;
     c.mode = Mode::Shared, c.B = 11, c.K = 150, c.d = 24, c.mask = 0.3;
@@ -783,6 +787,11 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
     l = Case();
     l.mode = Mode::Shared, l.B = 1, l.K = 40, l.d = 8, l.labels = 1;
     run_case<T>(l, own, tol, tol_acc, config, light);
+    if (half) {  // wider than 256: the mma.sync rows passes in feature slices; a bank row as excluded too
+      l = Case();
+      l.mode = Mode::Shared, l.B = 20, l.K = 90, l.d = 300, l.labels = 3, l.mask = 0.1, l.excluded = true;
+      run_case<T>(l, own, tol, tol_acc, config, light);
+    }
   }
   // A zero anchor (the only one: every logit is 0, exact) and a zero bank row at T = 1e-28: inv * s = 1e40 was inf
   // in the tensor-core kernels' row factor, and 0 * inf NaN everywhere (row_factor caps it). The anchor's gradient
