@@ -101,7 +101,9 @@ def _naive(a, p, n, temperature, mask=None):
     return F.cross_entropy(logits.float() / temperature, target)
 
 
-MASK_CLASSES = 100  # shared_mask: anchors and bank rows in 100 classes, each anchor's own class left out
+# shared_mask / shared_labels: anchors and bank rows in 100 classes, each anchor's own class left out
+MASK_CLASSES = 100
+PROBLEMS = ("shared", "in_batch", "shared_mask", "shared_labels")  # --problems, in the order they are timed
 
 
 def _peers():
@@ -316,7 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="bench_gpu.csv")
     ap.add_argument("--problems", default="shared,in_batch",
                     help="comma-separated: shared, in_batch, shared_mask (a shared bank with a (B, K) negative_mask "
-                         f"leaving out each anchor's own class of {MASK_CLASSES}: the SIMT tiles; K <= 2^18)")
+                         f"leaving out each anchor's own class of {MASK_CLASSES}; K <= 2^18), shared_labels (the "
+                         "same classes as labels= and negative_labels=: O(B + K); naive masks its logits)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--one-pass", action="store_true",
@@ -343,6 +346,9 @@ def main(argv=None) -> int:
     bad = [x for x in families if x not in OPT_IN_FAMILIES]
     if bad:
         ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(OPT_IN_FAMILIES)}")
+    bad = [x for x in args.problems.split(",") if x not in PROBLEMS]
+    if bad:
+        ap.error(f"--problems: unknown {', '.join(bad)}; choose from {', '.join(PROBLEMS)}")
     if args.opt_in_only:
         args.one_pass = args.no_naive = args.no_peers = True
     if args.kmin > args.kmax:
@@ -381,11 +387,13 @@ def main(argv=None) -> int:
     order += [k for k in ks if k not in order]
     for logk in order:
         K = 2**logk
-        for problem in [x for x in ("shared", "in_batch", "shared_mask") if x in args.problems.split(",")]:
+        for problem in [x for x in PROBLEMS if x in args.problems.split(",")]:
             if problem == "in_batch" and K > 2**17:
                 continue  # B = K anchors: 2^17 x 256 bf16 in-batch is already far past the usual batch
             if problem == "shared_mask" and (K > 2**18 or args.opt_in_only):
-                continue  # the (B, K) mask is B K bytes (2 GiB at 2^18), and the SIMT tiles are slow
+                continue  # the (B, K) mask is B K bytes (2 GiB at 2^18), and naive's masked logits more
+            if problem == "shared_labels" and args.opt_in_only:
+                continue  # the opt-in kernels do not serve labels
             b = K if problem == "in_batch" else B
             base = dict(problem=problem, B=b, K=K, d=d, dtype="bf16")
             if time.time() - started > args.budget:
@@ -396,17 +404,22 @@ def main(argv=None) -> int:
                 a = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
                 p = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
                 n = None if problem == "in_batch" else torch.randn(K, d, device="cuda", dtype=dtype, requires_grad=True)
-                mask = None
-                if problem == "shared_mask":
+                mask = classes = None
+                extra = {}  # info_nce's keywords of the problem
+                if problem in ("shared_mask", "shared_labels"):
                     classes = torch.randint(0, MASK_CLASSES, (b + K,), device="cuda")
+                if problem == "shared_mask":
                     mask = classes[:b, None] != classes[None, b:]
+                    extra = dict(negative_mask=mask)
+                elif problem == "shared_labels":
+                    extra = dict(labels=classes[:b], negative_labels=classes[b:])
                 leaves = [x for x in (a, p, n) if x is not None]
                 flop = 6 * b * K * d
                 mm = _matmul_tflops(b, K, d, dtype, repeats)
                 # One timed call first: if it is slow, one repeat is all there is time for.
                 reps = repeats
                 t0 = time.time()
-                ref_loss = cb.info_nce(a, p, n, temperature=t, negative_mask=mask)
+                ref_loss = cb.info_nce(a, p, n, temperature=t, **extra)
                 ref_loss.backward()
                 torch.cuda.synchronize()
                 if time.time() - t0 > 5.0:
@@ -415,7 +428,7 @@ def main(argv=None) -> int:
                 ref = [ref_loss.detach().float()] + [x.grad.detach().float().clone() for x in leaves]
                 for x in leaves:
                     x.grad = None
-                fused = lambda: cb.info_nce(a, p, n, temperature=t, negative_mask=mask)  # noqa: E731
+                fused = lambda: cb.info_nce(a, p, n, temperature=t, **extra)  # noqa: E731
                 grads_gib = sum(x.numel() * x.element_size() for x in leaves) / 2**30
                 # (one repeat in an opt-in run: its variants are compared with this process's default row, but
                 # gpu_summary takes the default kernels' figures from the main run, which times them in full)
@@ -427,11 +440,14 @@ def main(argv=None) -> int:
                 try:  # the fused row is written after naive (it carries the speed-up), whatever naive does
                     if not args.no_naive:
                         # Measured on an H200: naive peaked at ~12.1 bytes per logit (K = 2^19); 13 leaves a margin.
-                        need = b * (K + 1) * 13
+                        # (labels: naive takes the (B, K) mask they make, one byte per logit more)
+                        need = b * (K + 1) * (14 if problem == "shared_labels" else 13)
                         if need > 0.8 * (total_mem - torch.cuda.memory_allocated()):
                             naive_row = dict(base, impl="naive", note=f"skipped: needs ~{need / 2**30:.0f} GiB")
                         else:
                             try:
+                                if problem == "shared_labels":
+                                    mask = classes[:b, None] != classes[None, b:]
                                 rn = _measure(lambda: _naive(a, p, n, t, mask), leaves, reps, flop)
                                 naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
                                 fused_row["speedup_vs_naive"] = rn[2] / r[2]
@@ -445,7 +461,7 @@ def main(argv=None) -> int:
                     if naive_row is not None:
                         rows.append(naive_row)
 
-                if mask is not None:  # the peers have no mask; the variants' tiles ignore it (the SIMT ones run)
+                if classes is not None:  # the peers have no mask; the opt-in kernels serve none (mma.sync does)
                     continue
                 if "inf_cl" in peers:
                     try:
@@ -565,7 +581,7 @@ def main(argv=None) -> int:
                 rest = "rest of this problem" + (f" ({'/'.join(families)} run)" if args.opt_in_only else "")
                 rows.append(dict(base, impl=rest, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
             finally:  # the next size's inputs need the memory, also after a failure
-                a = p = n = mask = classes = leaves = ref = ref_loss = fused = classifier = labels = x = None
+                a = p = n = mask = classes = extra = leaves = ref = ref_loss = fused = classifier = labels = x = None
                 torch.cuda.empty_cache()
 
     def fmt(v):

@@ -245,13 +245,13 @@ else
   else
     echo "no time left for the wide-row benchmark"
   fi
-  # A shared bank with a (B, K) negative_mask (each anchor's own class of 100 left out: the SIMT float32 tiles,
-  # never timed on hardware) against the same problem unmasked and naive masked; appended to the wide CSV (the
-  # device tool brings back at most 8 files).
+  # A shared bank with a (B, K) negative_mask (each anchor's own class of 100 left out), and the same classes as
+  # labels (the tensor-core kernels' LEFT_OUT instances, never timed on hardware), against the same problem unmasked
+  # and naive masked; appended to the wide CSV (the device tool brings back at most 8 files).
   B4=$(( $(left) - 10 ))
   if [ "$MASK" -gt 0 ] && [ "$B4" -ge 30 ]; then
     timeout -s INT -k 10 "$B4" "$PY" benchmarks/bench_gpu.py --kmin 16 --kmax 18 --repeats 2 --no-peers \
-      --problems shared,shared_mask --append --budget $((B4 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
+      --problems shared,shared_mask,shared_labels --append --budget $((B4 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
   else
     echo "no time left for the negative_mask benchmark"
   fi

@@ -172,6 +172,9 @@ def test_bench_rows_append_and_variants(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "flash,foo"])
     assert "--variants: unknown foo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a misspelt problem ran nothing, silently
+        bench.main(["--problems", "shared,shared_label"])
+    assert "--problems: unknown shared_label" in capsys.readouterr().err
 
 
 def test_naive_with_mask_is_the_masked_loss(bench):
