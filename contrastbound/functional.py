@@ -2153,15 +2153,80 @@ class SupCon(_TemperatureLoss):
                            normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)
 
 
-class SigLIP(_SharesProcessGroup, torch.nn.Module):
+class _LogitScaleLoss(_SharesProcessGroup, torch.nn.Module):
+    """ClipLoss and SigLIP: the logit scale, learnable (the parameter ``log_logit_scale``) or fixed (a number), read
+    as ``module.logit_scale`` and set by ``module.logit_scale = s`` (a schedule), checked as at construction; a
+    learnable one's parameter takes log s in place, so an optimiser holding it keeps its state."""
+
+    _function = ""  # the function the module calls, for messages
+    _takes_reciprocal = False  # ClipLoss: its temperature, 1 / scale, must be finite as well
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ would register an nn.Parameter value under this name, past the property's setter
+        if name == "logit_scale":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def logit_scale(self) -> float | torch.Tensor:
+        """The scale (ClipLoss: before its clamp): ``log_logit_scale.exp()`` (learnable) or the fixed number."""
+        return self.log_logit_scale.exp() if self.learnable else self._scale
+
+    @logit_scale.setter
+    def logit_scale(self, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise TypeError(f"logit_scale must be a positive number or a floating tensor with one element, got a "
+                                f"{value.dtype} tensor of shape {tuple(value.shape)}")
+            if value.requires_grad:
+                raise ValueError(
+                    f"{type(self).__name__} reads logit_scale when it is set (a learnable one is copied into "
+                    "log_logit_scale), so a tensor that requires grad would never be learned: set a float or a "
+                    f"detached tensor, or call contrastbound.{self._function}(..., logit_scale=<your parameter>)"
+                )
+            if value.device.type == "meta":
+                raise ValueError(f"logit_scale is a meta tensor (no value), but {type(self).__name__} reads it when "
+                                 "it is set: pass a number")
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"logit_scale must be a positive number, got {type(value).__name__}")
+        scale = self._check_scale(_as_float("logit_scale", value, "a positive finite number"))
+        if not self.learnable:
+            self._scale = scale
+            return
+        self._check_learnable(scale, self.log_logit_scale.dtype)
+        with torch.no_grad():
+            self.log_logit_scale.fill_(math.log(scale))
+
+    def _check_scale(self, scale: float) -> float:
+        """A scale the forward takes (positive, finite), as at construction."""
+        if not (0.0 < scale < math.inf):
+            raise ValueError(f"logit_scale must be a positive finite number, got {scale}")
+        return scale
+
+    def _check_learnable(self, scale: float, dtype: torch.dtype) -> None:
+        """log_logit_scale holds log(scale) in dtype: exp of the rounded log must read back as a scale the forward
+        takes (checked on the CPU: under a meta default device the values cannot be read)."""
+        back = float(torch.tensor(math.log(scale), dtype=dtype, device="cpu").exp())
+        floor = _min_reciprocal(dtype) if self._takes_reciprocal else 0.0
+        if not (floor <= back < math.inf and back > 0.0):
+            raise ValueError(f"{type(self).__name__} learns log(logit_scale) in {dtype}: logit_scale {scale:g} (stored "
+                             f"as {back:g}) must be within its range (from {floor:.3g}; .double() the module for a wider one)")
+
+
+class SigLIP(_LogitScaleLoss):
     """:func:`siglip_loss` as a module with SigLIP's learnable logit scale and bias: ``SigLIP()(image, text)``.
 
     With ``learnable=True`` (the default, as in the paper) the scale is a parameter stored as its logarithm,
     ``log_logit_scale`` (from log 10: it stays positive under any optimiser step), and the bias a parameter
     ``logit_bias`` (from -10); both are in ``state_dict`` and get their gradients from the fused op. With
-    ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``normalize``,
-    ``reduction`` and ``process_group`` as in :func:`siglip_loss`.
+    ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``module.logit_scale = s``
+    sets the scale (the parameter's log in place). ``normalize``, ``reduction`` and ``process_group`` as in
+    :func:`siglip_loss`.
     """
+
+    _function = "siglip_loss"
 
     def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True,
                  normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
@@ -2190,10 +2255,6 @@ class SigLIP(_SharesProcessGroup, torch.nn.Module):
             self._scale = scale
             self.logit_bias = bias
 
-    @property
-    def logit_scale(self) -> float | torch.Tensor:
-        return self.log_logit_scale.exp() if self.learnable else self._scale
-
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias, normalize=self.normalize,
                            reduction=self.reduction, process_group=self.process_group)
@@ -2216,7 +2277,7 @@ class SigLIP(_SharesProcessGroup, torch.nn.Module):
         return f"{values}, learnable={self.learnable}, normalize={self.normalize}, reduction={self.reduction!r}"
 
 
-class ClipLoss(_SharesProcessGroup, torch.nn.Module):
+class ClipLoss(_LogitScaleLoss):
     """:func:`clip_loss` as a module with CLIP's learnable logit scale: ``ClipLoss()(image, text)``.
 
     With ``learnable=True`` (the default, as in CLIP and open_clip) the scale is a parameter stored as its
@@ -2226,9 +2287,13 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
     at the start of each forward (the same values, and the gradient flows at the cap: a clamp inside the forward,
     as :func:`clip_loss` does for a tensor it is given, would give a scale that an optimiser step took past the cap
     no gradient, for good). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
-    ``state_dict``). ``normalize``, ``reduction`` and ``process_group`` as in :func:`clip_loss`. The initial
-    ``logit_scale`` must be at most ``max_logit_scale``.
+    ``state_dict``). ``module.logit_scale = s`` sets the scale (the parameter's log in place; at most
+    ``max_logit_scale``, as the initial one). ``normalize``, ``reduction`` and ``process_group`` as in
+    :func:`clip_loss`.
     """
+
+    _function = "clip_loss"
+    _takes_reciprocal = True
 
     def __init__(self, logit_scale: float = 1 / 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
                  normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
@@ -2236,37 +2301,32 @@ class ClipLoss(_SharesProcessGroup, torch.nn.Module):
         if isinstance(logit_scale, (torch.Tensor, bool)) or not isinstance(logit_scale, Real):
             raise TypeError(f"ClipLoss takes logit_scale as a number (its initial value with learnable=True), got "
                             f"{type(logit_scale).__name__}; pass a tensor to contrastbound.clip_loss instead")
-        scale = _as_float("logit_scale", logit_scale, "a positive finite number")
-        if not (0.0 < scale < math.inf):
-            raise ValueError(f"logit_scale must be a positive finite number, got {scale}")
         if isinstance(max_logit_scale, bool) or not isinstance(max_logit_scale, Real):
             raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
         self.max_logit_scale = _as_float("max_logit_scale", max_logit_scale, "positive and finite")
         if not (0.0 < self.max_logit_scale < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {self.max_logit_scale}")
-        for name, value in (("logit_scale", scale), ("max_logit_scale", self.max_logit_scale)):
-            if not (value >= _MIN_TEMPERATURE_F64):  # (its reciprocal, the temperature, finite: as clip_loss checks)
-                raise ValueError(f"{name} must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
-        if scale > self.max_logit_scale:
-            raise ValueError(f"logit_scale ({scale:g}) must be at most max_logit_scale ({self.max_logit_scale:g})")
+        if not (self.max_logit_scale >= _MIN_TEMPERATURE_F64):  # (the lowest temperature finite: as clip_loss checks)
+            raise ValueError(f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {self.max_logit_scale}")
+        scale = self._check_scale(_as_float("logit_scale", logit_scale, "a positive finite number"))
         self.learnable = _check_bool("learnable", learnable)
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
         self.process_group = process_group
         self._initial = scale
         if self.learnable:
-            log_scale = torch.tensor(math.log(scale), device="cpu")  # (checked on the CPU: see SigLIP)
-            if not (_MIN_TEMPERATURE <= float(log_scale.exp()) < math.inf):  # (1 / scale finite in float32 too)
-                raise ValueError(f"ClipLoss learns log(logit_scale) in {log_scale.dtype}: logit_scale {scale:g} must "
-                                 f"be within its range (from {_MIN_TEMPERATURE:.3g}; .double() the module for less)")
+            self._check_learnable(scale, torch.get_default_dtype())  # (1 / scale finite in float32 too)
             self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
         else:
             self._scale = scale
 
-    @property
-    def logit_scale(self) -> float | torch.Tensor:
-        """The scale before the clamp: ``log_logit_scale.exp()`` (learnable) or the fixed number."""
-        return self.log_logit_scale.exp() if self.learnable else self._scale
+    def _check_scale(self, scale: float) -> float:
+        scale = super()._check_scale(scale)
+        if not (scale >= _MIN_TEMPERATURE_F64):  # (its reciprocal, the temperature, finite: as clip_loss checks)
+            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {scale}")
+        if scale > self.max_logit_scale:
+            raise ValueError(f"logit_scale ({scale:g}) must be at most max_logit_scale ({self.max_logit_scale:g})")
+        return scale
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         if not self.learnable:

@@ -2383,6 +2383,50 @@ def test_clip_module_fixed_scale_options_and_errors():
             cb.ClipLoss(**kw)
 
 
+@pytest.mark.parametrize("module_type", ["clip", "siglip"])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_logit_scale_can_be_set(module_type, learnable):
+    # module.logit_scale = s (a schedule): the next forward uses s; a learnable scale's parameter takes log s in place
+    # (the optimiser's state stays attached to it); checked as at construction, named by the argument
+    torch.manual_seed(6)
+    img, txt = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    if module_type == "clip":
+        module, call = cb.ClipLoss(learnable=learnable).double(), lambda s: cb.clip_loss(img, txt, s)
+    else:
+        module, call = cb.SigLIP(learnable=learnable).double(), lambda s: cb.siglip_loss(img, txt, s, -10.0)
+    param = module.log_logit_scale if learnable else None
+    before = module(img, txt).detach()
+    for value in (30.0, torch.tensor(42.0), torch.tensor([7.5], dtype=torch.float64)):
+        module.logit_scale = value
+        s = float(value)
+        assert float(torch.as_tensor(module.logit_scale).detach()) == pytest.approx(s, rel=1e-12)
+        torch.testing.assert_close(module(img, txt).detach(), call(s))
+    assert not torch.equal(before, module(img, txt).detach())
+    if learnable:
+        assert module.log_logit_scale is param and list(dict(module.named_parameters())) == ["log_logit_scale"] + (
+            ["logit_bias"] if module_type == "siglip" else [])
+    for bad, exc, match in ((0.0, ValueError, "logit_scale must be a positive finite number"),
+                            (math.inf, ValueError, "logit_scale must be a positive finite number"),
+                            ("10", TypeError, "logit_scale must be a positive number"),
+                            (True, TypeError, "logit_scale must be a positive number"),
+                            (torch.tensor([1.0, 2.0]), TypeError, "one element"),
+                            (torch.tensor(3, dtype=torch.int64), TypeError, "one element"),
+                            (torch.tensor(3.0, requires_grad=True), ValueError, "would never be learned"),
+                            (torch.nn.Parameter(torch.tensor(3.0)), ValueError, "would never be learned"),
+                            (torch.tensor(3.0, device="meta"), ValueError, "meta tensor")):
+        with pytest.raises(exc, match=match):
+            module.logit_scale = bad
+    assert float(torch.as_tensor(module.logit_scale).detach()) == pytest.approx(7.5, rel=1e-12)  # unchanged
+    if module_type == "clip":  # at most max_logit_scale (100), as the initial value
+        with pytest.raises(ValueError, match=r"logit_scale \(150\) must be at most max_logit_scale \(100\)"):
+            module.logit_scale = 150.0
+    if learnable:  # the parameter's dtype bounds what it can hold
+        small = (cb.ClipLoss(max_logit_scale=1e300) if module_type == "clip" else cb.SigLIP())
+        with pytest.raises(ValueError, match="learns log\\(logit_scale\\) in torch.float32"):
+            small.logit_scale = 1e39
+        small.double().logit_scale = 1e39  # float64 holds it
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_features_of_size_zero_give_log_of_one_plus_k_in_every_mode(dtype):
     # d = 0: every logit is 0, so loss_i = log(1 + K_i) (K_i the negatives anchor i keeps). Per-anchor and indexed
