@@ -616,6 +616,76 @@ def test_allow_tf32_helper_restores():
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
+def _cuda_kernel_names(fn) -> set[str]:
+    """The names of the CUDA kernels fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype,impl", [(dt, impl) for dt in (torch.bfloat16, torch.float16) for impl in TC_IMPLS]
+                         + [(torch.float32, "wmma")], ids=str)  # (float32: the WMMA kernels, as TF32)
+@pytest.mark.parametrize("left_out", ["labels", "both"])  # (both: a mask and labels)
+@pytest.mark.parametrize(
+    "B,K,d,in_batch",
+    [
+        (70, 1100, 40, False),  # K a multiple of no tile, two anchor blocks
+        (1000, 100, 24, False),  # few bank tiles: bank gradient split over anchors, partials summed
+        (40, 700, 300, False),  # wide rows: the mma.sync rows passes in feature slices (float32: SIMT)
+        (150, 150, 64, True),  # in-batch (exclude_self) with them
+    ],
+)
+def test_tensor_cores_with_mask_and_labels(monkeypatch, request, impl, left_out, dtype, B, K, d, in_batch):
+    """A negative_mask and labels on the tensor-core kernels (their LEFT_OUT instances: mma.sync, WMMA, float32 as
+    TF32; the flash, wgmma and one-pass kernels step aside for them): loss and gradients against the float64
+    reference with the equivalent mask and against the SIMT kernels; the left-out negatives get no gradient; the
+    tensor-core kernels (not the SIMT ones) ran."""
+    _set_tc_impl(monkeypatch, impl)
+    if dtype == torch.float32:
+        _allow_tf32(request)
+    a, p, n, _ = make_inputs("shared", B=B, K=0 if in_batch else K, d=d, dtype=dtype, device=CUDA, seed=B + K)
+    if in_batch:
+        n, K = None, B
+    g = torch.Generator().manual_seed(K + d)
+    y = torch.randint(0, 7, (B,), generator=g)
+    yn = y if in_batch else torch.randint(0, 7, (K,), generator=g)
+    mask = torch.rand(B, K, generator=g) > 0.3
+    kw, keep = {}, torch.ones(B, K, dtype=torch.bool)
+    if left_out in ("mask", "both"):
+        kw["negative_mask"] = mask.to(CUDA)
+        keep &= mask
+    if left_out in ("labels", "both"):
+        kw["labels"] = y.to(CUDA)
+        if not in_batch:
+            kw["negative_labels"] = yn.to(CUDA)
+        keep &= yn[None, :] != y[:, None]
+    if in_batch:
+        keep.fill_diagonal_(True)  # (the positive always counts)
+    opts = dict(temperature=0.2, reduction="none")
+    loss, grads = _run_path(True, monkeypatch, cb.info_nce, a, p, n, None, **kw, **opts)
+    simt_loss, simt_grads = _run_path(False, monkeypatch, cb.info_nce, a, p, n, None, **kw, **opts)
+    ref_loss, ref_grads = _run(info_nce_reference, *_leaves_on(CUDA, torch.float64, a, p, n), None,
+                               negative_mask=keep.to(CUDA), **opts)
+    tol = TC_REL[dtype]
+    for what, (l_, gs) in {"tensor cores": (loss, grads), "SIMT": (simt_loss, simt_grads)}.items():
+        errs = {"loss": _rel_err(l_, ref_loss)}
+        errs.update({f"grad {k}": _rel_err(x, r) for k, x, r in zip("apn", gs, ref_grads)})
+        assert all(e <= tol for e in errs.values()), f"{what} vs float64 reference: {errs} (tol {tol})"
+    if n is not None:  # a bank row no anchor keeps gets exactly 0
+        unused = ~keep.any(0)
+        if bool(unused.any()):
+            assert bool((grads[2][unused.to(CUDA)] == 0).all())
+    if d <= 256 or dtype != torch.float32:  # which kernels ran: the tensor-core ones
+        monkeypatch.setenv("CONTRASTBOUND_TENSOR_CORES", "1")
+        names = " ".join(_cuda_kernel_names(lambda: _run(cb.info_nce, a, p, n, None, **kw, **opts)))
+        family = "tc_" if impl == "wmma" or dtype == torch.float32 else "mma_"
+        assert f"{family}lse_kernel" in names and f"{family}rows_kernel" in names, names
+        assert "forward_shared_kernel" not in names and "backward_bank_kernel" not in names, names
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("impl", ["simt"] + TC_IMPLS)
