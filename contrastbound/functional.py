@@ -2056,6 +2056,8 @@ class _TemperatureLoss(_SharesProcessGroup, torch.nn.Module):
             _check_storable(t, self.log_temperature.dtype)
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(t))
+            if self.log_temperature.is_meta:  # (no value to hold: to_empty + reset_parameters gives this one)
+                self._initial_temperature = t
         else:
             self._temperature = t
 
@@ -2176,6 +2178,7 @@ class _LogitScaleLoss(_SharesProcessGroup, torch.nn.Module):
     @logit_scale.setter
     def logit_scale(self, value: float | torch.Tensor) -> None:
         if isinstance(value, torch.Tensor):
+            _check_dense("logit_scale", value)
             if value.numel() != 1 or not value.is_floating_point():
                 raise TypeError(f"logit_scale must be a positive number or a floating tensor with one element, got a "
                                 f"{value.dtype} tensor of shape {tuple(value.shape)}")
@@ -2198,6 +2201,11 @@ class _LogitScaleLoss(_SharesProcessGroup, torch.nn.Module):
         self._check_learnable(scale, self.log_logit_scale.dtype)
         with torch.no_grad():
             self.log_logit_scale.fill_(math.log(scale))
+        if self.log_logit_scale.is_meta:  # (no value to hold: to_empty + reset_parameters gives this one)
+            self._set_initial_scale(scale)
+
+    def _set_initial_scale(self, scale: float) -> None:
+        self._initial = scale  # (what reset_parameters restores)
 
     def _check_scale(self, scale: float) -> float:
         """A scale the forward takes (positive, finite), as at construction."""
@@ -2254,6 +2262,9 @@ class SigLIP(_LogitScaleLoss):
         else:
             self._scale = scale
             self.logit_bias = bias
+
+    def _set_initial_scale(self, scale: float) -> None:
+        self._initial = (scale, self._initial[1])
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias, normalize=self.normalize,
@@ -2315,7 +2326,7 @@ class ClipLoss(_LogitScaleLoss):
         self.process_group = process_group
         self._initial = scale
         if self.learnable:
-            self._check_learnable(scale, torch.get_default_dtype())  # (1 / scale finite in float32 too)
+            self._check_learnable(scale, torch.get_default_dtype())  # (1 / scale finite in the parameter's dtype)
             self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
         else:
             self._scale = scale

@@ -678,9 +678,12 @@ def test_tensor_cores_with_mask_and_labels(monkeypatch, request, impl, left_out,
         unused = ~keep.any(0)
         if bool(unused.any()):
             assert bool((grads[2][unused.to(CUDA)] == 0).all())
-    if d <= 256 or dtype != torch.float32:  # which kernels ran: the tensor-core ones
+    if d <= 256 or (dtype != torch.float32 and impl != "wmma"):  # which kernels ran: the tensor-core ones (past
+        # d = 256 the WMMA kernels, float32's included, leave the rows to the SIMT kernels)
         monkeypatch.setenv("CONTRASTBOUND_TENSOR_CORES", "1")
         names = " ".join(_cuda_kernel_names(lambda: _run(cb.info_nce, a, p, n, None, **kw, **opts)))
+        if not names:
+            pytest.skip("torch.profiler recorded no CUDA kernels (CUPTI unavailable)")
         family = "tc_" if impl == "wmma" or dtype == torch.float32 else "mma_"
         assert f"{family}lse_kernel" in names and f"{family}rows_kernel" in names, names
         assert "forward_shared_kernel" not in names and "backward_bank_kernel" not in names, names

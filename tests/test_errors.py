@@ -421,6 +421,13 @@ def test_modules_built_on_the_meta_device_print_and_reset():
     queue.enqueue(keys)
     torch.testing.assert_close(queue.negatives(), keys)
     cb.InfoNCE(temperature=0.3).reset_parameters()  # nothing to reset, no error
+    # a temperature set while on meta (a fill there writes nothing) is the one to_empty + reset_parameters gives
+    with torch.device("meta"):
+        later = cb.InfoNCE(temperature=0.07, learn_temperature=True)
+    later.temperature = 0.2
+    later.to_empty(device="cpu")
+    later.reset_parameters()
+    assert abs(float(later.temperature.detach()) - 0.2) < 1e-7
     # SigLIP (and ClipLoss) checked their learnable values by reading them back where the default device made
     # them: on meta, "Tensor.item() cannot be called on meta tensors" at construction
     with torch.device("meta"):

@@ -2425,6 +2425,18 @@ def test_logit_scale_can_be_set(module_type, learnable):
         with pytest.raises(ValueError, match="learns log\\(logit_scale\\) in torch.float32"):
             small.logit_scale = 1e39
         small.double().logit_scale = 1e39  # float64 holds it
+        # on the meta device (FSDP's deferred initialisation) the value set is the one to_empty + reset_parameters
+        # gives (a fill on meta writes nothing)
+        with torch.device("meta"):
+            deferred = cb.ClipLoss() if module_type == "clip" else cb.SigLIP(logit_bias=-3.0)
+        deferred.logit_scale = 12.5
+        deferred.to_empty(device="cpu")
+        deferred.reset_parameters()
+        assert float(deferred.logit_scale.detach()) == pytest.approx(12.5)
+        if module_type == "siglip":
+            assert float(deferred.logit_bias.detach()) == -3.0
+    with pytest.raises(TypeError, match="logit_scale must be a dense"):
+        module.logit_scale = torch.tensor([3.0]).to_sparse()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
