@@ -1968,9 +1968,19 @@ def _check_storable(t: float, dtype: torch.dtype) -> None:
         )
 
 
-class _SharesProcessGroup:
-    """A loss module's copy (an EMA / teacher model) shares its process group, which can be neither copied nor
-    pickled."""
+class _LossModule(torch.nn.Module):
+    """The loss modules' base: a copy (an EMA / teacher model) shares its process group, which can be neither copied
+    nor pickled; the properties named in _settable (a temperature, a logit scale) are set through their setters."""
+
+    _settable: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ registers an nn.Parameter value under its name before a property's setter runs (a
+        # KeyError "attribute 'temperature' already exists"): the setter gives the module's own message.
+        if name in self._settable:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __deepcopy__(self, memo):
         if self.process_group is not None:
@@ -1978,10 +1988,11 @@ class _SharesProcessGroup:
         return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
 
-class _TemperatureLoss(_SharesProcessGroup, torch.nn.Module):
+class _TemperatureLoss(_LossModule):
     """The modules' common part: a fixed or learnable temperature (see :class:`InfoNCE`), normalize, reduction and
     process_group, passed to the function ``_function`` by each subclass's forward."""
 
+    _settable = ("temperature",)
     _function = "info_nce"
 
     def __init__(
@@ -2017,14 +2028,6 @@ class _TemperatureLoss(_SharesProcessGroup, torch.nn.Module):
             self._temperature = t
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
-
-    def __setattr__(self, name: str, value) -> None:
-        # nn.Module.__setattr__ registers an nn.Parameter under its name before any property setter runs (a
-        # KeyError "attribute 'temperature' already exists"): the setter below gives the module's own message.
-        if name == "temperature":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     @property
     def temperature(self) -> float | torch.Tensor:
@@ -2155,20 +2158,14 @@ class SupCon(_TemperatureLoss):
                            normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)
 
 
-class _LogitScaleLoss(_SharesProcessGroup, torch.nn.Module):
+class _LogitScaleLoss(_LossModule):
     """ClipLoss and SigLIP: the logit scale, learnable (the parameter ``log_logit_scale``) or fixed (a number), read
     as ``module.logit_scale`` and set by ``module.logit_scale = s`` (a schedule), checked as at construction; a
     learnable one's parameter takes log s in place, so an optimiser holding it keeps its state."""
 
+    _settable = ("logit_scale",)
     _function = ""  # the function the module calls, for messages
     _takes_reciprocal = False  # ClipLoss: its temperature, 1 / scale, must be finite as well
-
-    def __setattr__(self, name: str, value) -> None:
-        # nn.Module.__setattr__ would register an nn.Parameter value under this name, past the property's setter
-        if name == "logit_scale":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     @property
     def logit_scale(self) -> float | torch.Tensor:
