@@ -2217,7 +2217,8 @@ class _LogitScaleLoss(_LossModule):
         floor = _min_reciprocal(dtype) if self._takes_reciprocal else 0.0
         if not (floor <= back < math.inf and back > 0.0):
             raise ValueError(f"{type(self).__name__} learns log(logit_scale) in {dtype}: logit_scale {scale:g} (stored "
-                             f"as {back:g}) must be within its range (from {floor:.3g}; .double() the module for a wider one)")
+                             f"as {back:g}) must be within its range (from {floor:.3g}; .double() the module for a "
+                             "wider one)")
 
 
 class SigLIP(_LogitScaleLoss):
