@@ -1010,6 +1010,32 @@ def test_bank_cross_entropy_ignored_rows_under_vmap():
     assert_close_scaled(got, want, 1e-6, "loss")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_losses_under_a_fake_tensor_mode(dtype):
+    # Shape and memory estimators run a step under FakeTensorMode (no values): bank_cross_entropy read its targets
+    # back for their range check (DataDependentOutputException), with ignore_index twice more; now the checks are
+    # ops there, as under torch.compile. Every loss gives its real shapes and dtypes, backward included.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+        bank = torch.randn(11, 8, dtype=dtype, requires_grad=True)
+        t, idx = torch.randint(0, 11, (6,)), torch.randint(0, 11, (6, 4))
+        calls = {
+            "bank_cross_entropy": lambda: cb.bank_cross_entropy(a, bank, t),
+            "ignore_index": lambda: cb.bank_cross_entropy(a, bank, t, ignore_index=-100, reduction="none"),
+            "smoothing": lambda: cb.bank_cross_entropy(a, bank, t, ignore_index=3, label_smoothing=0.1),
+            "info_nce indexed": lambda: cb.info_nce(a, a, bank, negative_indices=idx),
+            "info_nce labels": lambda: cb.info_nce(a, a, bank, labels=t, negative_labels=torch.randint(0, 3, (11,))),
+            "supcon": lambda: cb.supcon_loss(a, t),
+        }
+        for name, call in calls.items():
+            loss = call()
+            assert loss.shape == ((6,) if name == "ignore_index" else ()) and loss.dtype == dtype, name
+            ga, gb = torch.autograd.grad(loss.sum(), [a, bank], allow_unused=True)
+            assert ga.shape == a.shape and (gb is None or gb.shape == bank.shape), name
+
+
 def test_bank_cross_entropy_ignore_index_edge_cases():
     g = torch.Generator().manual_seed(8)
     a, w = torch.randn(4, 5, generator=g, requires_grad=True), torch.randn(9, 5, generator=g, requires_grad=True)
