@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _backend, _ops
 from .reference import _softplus
@@ -234,7 +235,7 @@ def _check_indices(
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
     pad_doc = " or be -1 (padding)" if padding else ""
     if indices.numel() > 0 and check_range:
-        if torch.compiler.is_compiling() or _fake_mode_active():  # (a fake tensor has no values to read)
+        if torch.compiler.is_compiling() or isinstance(indices, FakeTensor):  # (a caller's FakeTensorMode: no values)
             # Reading the values back would break the graph: the same check as an op in the graph instead (on
             # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
             # Not for indices batched by vmap (_assert_async has no batching rule: compile of vmap over indices
@@ -660,8 +661,7 @@ _ops.register_bank_rows_flops()  # (FlopCounterMode)
 
 def _fake_mode_active() -> bool:
     """Whether a fake-tensor mode is active (tracing: a custom op's backward traced by torch.compile, where torch
-    2.5's torch.compiler.is_compiling() is False and the saved tensors are functional wrappers of fake ones; or a
-    FakeTensorMode of the caller's, as shape and memory estimators use): no values to read back."""
+    2.5's torch.compiler.is_compiling() is False and the saved tensors are functional wrappers of fake ones)."""
     try:
         from torch._guards import detect_fake_mode
     except ImportError:  # pragma: no cover
@@ -1337,7 +1337,7 @@ def bank_cross_entropy(
         targets = _check_indices("targets", targets, (B,), "(B,)", bank.shape[0], "C", anchors.device,
                                  check_range=False)
         if targets.numel() and not torch.compiler.is_compiling() and targets.device.type != "meta" \
-                and not _fake_mode_active():
+                and not isinstance(targets, FakeTensor):
             # Eager: the range check reads the targets' ends back anyway; where ignore_index lies outside them
             # (the usual -100 and no padding) that one read-back serves both and the masking ops are skipped (40
             # us of a 400 us step at B = 8, C = 64); where a target equals it the masked targets are read again.
@@ -1350,7 +1350,7 @@ def bank_cross_entropy(
         targets = targets.masked_fill(ignored, 0)  # any row: the anchor's loss is dropped
         in_range = False
         if not torch.compiler.is_compiling() and targets.device.type != "meta" and not _func_active() \
-                and not _needs_reference(anchors, bank) and not _fake_mode_active():
+                and not _needs_reference(anchors, bank) and not isinstance(targets, FakeTensor):
             # Eager: the ignored rows (padding) are left out of the kernel's work rather than computed and dropped
             # (one more read-back, the kept rows' count; half the time of a batch half padding). Under
             # torch.compile (static shapes) and the torch.func transforms they are masked instead.
