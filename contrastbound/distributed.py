@@ -65,7 +65,7 @@ _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negat
           "info_nce with a bank shard", "nt_xent", "clip_loss", "supcon_loss with labels",
           "supcon_loss with labels=None", "debiased_info_nce with negatives=None (in-batch)",
           "debiased_info_nce with a bank shard and beta > 0", "debiased_info_nce with a bank shard and beta = 0",
-          "siglip_loss")
+          "siglip_loss", "info_nce with negatives=None (in-batch) and labels")
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
@@ -294,12 +294,15 @@ def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "te
 
 
 def gather_with_labels(features: torch.Tensor, labels: torch.Tensor | None, group, *, normalize: bool,
-                       temperature) -> tuple[torch.Tensor, torch.Tensor]:
-    """supcon_loss's exchange: every rank's features (differentiable, all_gather_with_grad convention) and their
-    labels as int64 (no gradient), both with this rank's rows first. labels=None: each sample its own class,
-    numbered over the global batch (the ranks must all pass labels or all pass None: two calls in _CALLS)."""
-    sizes = _exchange_sizes(features, group, "features", call=6 if labels is None else 5, normalize=normalize,
-                            temperature=temperature)
+                       temperature, call: int | None = None,
+                       name: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """supcon_loss's exchange (and in-batch info_nce's with labels, call 11): every rank's features
+    (differentiable, all_gather_with_grad convention) and their labels as int64 (no gradient), both with this
+    rank's rows first. labels=None: each sample its own class, numbered over the global batch (the ranks must all
+    pass labels or all pass None: two calls in _CALLS)."""
+    if call is None:
+        call = 6 if labels is None else 5
+    sizes = _exchange_sizes(features, group, name, call=call, normalize=normalize, temperature=temperature)
     start = sum(sizes[: _world(group)[1]])
     end = start + features.shape[0]
     if labels is None:

@@ -267,12 +267,13 @@ def _as_int64(indices: torch.Tensor) -> torch.Tensor:
 
 
 def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group, *, call=1,
-                           names=("anchors", "positives"), per_anchor=False):
+                           names=("anchors", "positives"), per_anchor=False, labels=None):
     """info_nce with negatives=None over the global batch: the positives of every rank gathered (this rank's first,
     so row i is still positive i). ``call`` and ``names``: what the ranks' agreement check calls this call and the
     arguments (clip_loss's are image_features and text_features). ``per_anchor``: (the per-anchor losses in the
-    accumulation dtype, the result dtype) instead of the reduced loss (clip_loss averages two directions first)."""
-    from .distributed import gather_with_local_first
+    accumulation dtype, the result dtype) instead of the reduced loss (clip_loss averages two directions first).
+    ``labels`` (B,): gathered with the positives (call 11), a positive of the anchor's label left out of its sum."""
+    from .distributed import gather_with_labels, gather_with_local_first
 
     with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
         anchors, positives = _check_features(anchors, positives, names)
@@ -284,10 +285,18 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
         # here, not in _fused after the exchange, where a lone refusal would leave the other ranks waiting
         _check_scale_fits(t, compute)
         _check_temperature_has_value(t, anchors.device)
+        if labels is not None:
+            labels = _check_label_tensor("labels", labels, (anchors.shape[0],), "(B,)", anchors.device)
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
-    bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
-    loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True)
+    pair = None
+    if labels is None:
+        bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
+    else:
+        bank, bank_labels = gather_with_labels(p, labels, process_group, normalize=normalize, temperature=t, call=11,
+                                               name=name)
+        pair = (labels, bank_labels)
+    loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True, labels=pair)
     return (loss, result) if per_anchor else _reduce(loss, reduction, result)
 
 
@@ -991,7 +1000,8 @@ def info_nce(
             :func:`contrastbound.distributed.info_nce_sharded`). With ``negatives=None``, in-batch over the global
             batch: anchor i's negatives are every rank's positives except its own (gathered, B_total x d); the loss
             is over this rank's anchors, and gradients follow the all_gather_with_grad convention (each rank's
-            positives get the sum over ranks' losses).
+            positives get the sum over ranks' losses); ``labels`` are gathered with them (every rank's positives
+            of the anchor's label left out). A bank shard takes no labels, masks or indices.
 
     Returns:
         The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
@@ -1003,13 +1013,20 @@ def info_nce(
     """
     given = [name for name, x in (("negative_indices", negative_indices), ("negative_mask", negative_mask),
                                    ("labels", labels), ("negative_labels", negative_labels)) if x is not None]
+    if process_group is not None and negatives is None and given == ["labels"]:  # in-batch over the global batch
+        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group,
+                                      labels=labels)
     if process_group is not None and given:
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
             if negatives is None and negative_indices is not None:
                 raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
+            if negatives is None and given == ["labels", "negative_labels"]:
+                raise ValueError("in-batch negatives are the positives, whose labels are labels: pass labels only "
+                                 "(negative_labels=None)")
             raise ValueError(
                 "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
-                "negatives over the global batch), not " + given[0]
+                "negatives over the global batch, which takes labels), not " + given[0]
+                + (" with a bank shard" if given[0] == "labels" else "")
             )
     if process_group is not None and negatives is None:
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)

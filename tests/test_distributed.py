@@ -56,6 +56,12 @@ def WORLD_GROUP():
     return dist.group.WORLD
 
 
+def _in_batch_labels(n: int) -> torch.Tensor:
+    """Labels of the global batch's rows for the in-batch labels case: 4 classes, so each rank sees others' rows of
+    its anchors' classes."""
+    return torch.arange(n) % 4
+
+
 def _worker(rank, world, init_file, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -92,6 +98,13 @@ def _worker(rank, world, init_file, out_dir):
         ib = cb.info_nce(ib_a, ib_p, None, temperature=0.3, process_group=dist.group.WORLD)
         ib.backward()
         module = cb.InfoNCE(temperature=0.3, process_group=dist.group.WORLD)(a[rows], p[rows])  # the same loss
+        # with labels (int32 on one rank): every rank's positives of the anchor's label left out, gathered with them
+        lab_a = a[rows].clone().requires_grad_(True)
+        lab_p = p[rows].clone().requires_grad_(True)
+        y = _in_batch_labels(sum(ANCHORS_PER_RANK[world]))[rows]
+        ib_labels = cb.info_nce(lab_a, lab_p, None, temperature=0.3, labels=y.to(torch.int32 if rank else torch.int64),
+                                reduction="sum", process_group=dist.group.WORLD)
+        ib_labels.backward()
         # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
         e_a = a[rows].clone().requires_grad_(True)
         empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
@@ -147,7 +160,9 @@ def _worker(rank, world, init_file, out_dir):
                      lambda: cb.nt_xent(x, x, torch.tensor(0.2 + 0.1 * rank, requires_grad=True), process_group=w),
                      lambda: cb.clip_loss(x, x, torch.tensor(5.0 + rank), process_group=w),
                      # equal ones (a replicated parameter) pass
-                     lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w)):
+                     lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w),
+                     # in-batch labels on one rank only (the others would gather no labels)
+                     lambda: cb.info_nce(x, x, None, labels=torch.arange(3) if rank == 0 else None, process_group=w)):
             try:
                 call()
                 disagree.append(None)
@@ -236,6 +251,7 @@ def _worker(rank, world, init_file, out_dir):
              "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
+             "ib_labels": ib_labels.detach(), "g_lab_a": lab_a.grad, "g_lab_p": lab_p.grad,
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
              "refused": refused, "second_order": second_order,
              "queue_state": queue_state,
@@ -303,7 +319,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
                 "different collectives in backward", "must make the same call", None,
                 "text_features (in the promoted dtype of image_features and text_features) must have",
                 "temperature (or logit scale) must be the same", "temperature (or logit scale) must be the same",
-                "temperature (or logit scale) must be the same", None]
+                "temperature (or logit scale) must be the same", None, "must make the same call"]
         assert len(got) == len(want), got
         for g, w in zip(got, want):
             assert (g is None) if w is None else (g is not None and w in g), (g, w)
@@ -343,6 +359,21 @@ def test_sharded_bank_and_gather_match_single_process(world):
         rows = _slices(ANCHORS_PER_RANK[world], rank)
         assert_close_scaled(results[rank]["g_ib_a"], g_ib_a[rows], 1e-10, f"rank {rank} global in-batch anchors grad")
         assert_close_scaled(results[rank]["g_ib_p"], g_ib_p[rows], 1e-10, f"rank {rank} global in-batch positives grad")
+    # with labels: the same logits with every other pair of the anchor's label out of its sum ("sum" per rank)
+    y = _in_batch_labels(n_all)
+    logits = F.normalize(ib_a, dim=1) @ F.normalize(ib_p, dim=1).T / 0.3  # (a graph of its own)
+    left_out = (y[:, None] == y[None, :]) & ~torch.eye(n_all, dtype=torch.bool)
+    assert bool(left_out.any())
+    per_anchor = F.cross_entropy(logits.masked_fill(left_out, float("-inf")), torch.arange(n_all), reduction="none")
+    assert (per_anchor - F.cross_entropy(logits, torch.arange(n_all), reduction="none")).abs().max() > 1e-2
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        assert_close_scaled(results[rank]["ib_labels"], per_anchor[rows].sum(), 1e-10, f"rank {rank} labels loss")
+    g_ib_a, g_ib_p = torch.autograd.grad(per_anchor.sum(), [ib_a, ib_p])
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        assert_close_scaled(results[rank]["g_lab_a"], g_ib_a[rows], 1e-10, f"rank {rank} labels anchors grad")
+        assert_close_scaled(results[rank]["g_lab_p"], g_ib_p[rows], 1e-10, f"rank {rank} labels positives grad")
     # nt_xent / clip_loss: rank r's loss is the global loss restricted to its own views / pairs; features get
     # the gradient of the sum of all ranks' losses; the logit scale gets this rank's own loss gradient.
     n_all = sum(ANCHORS_PER_RANK[world])
@@ -973,6 +1004,17 @@ def test_refusals_with_process_group_single_rank(tmp_path):
         for negatives in (None, torch.randn(5, 8)):
             with pytest.raises(ValueError, match="temperature / 1e-310"):
                 cb.debiased_info_nce(a, p, negatives, 0.1, beta=1e-310, process_group=g)
+        # labels: in-batch over the (one-rank) global batch as without the group; refused by name with a shard or
+        # with negative_labels in-batch
+        y = torch.tensor([0, 1, 0, 2])
+        torch.testing.assert_close(cb.info_nce(a, p, None, labels=y, reduction="none", process_group=g),
+                                   cb.info_nce(a, p, None, labels=y, reduction="none"))
+        with pytest.raises(ValueError, match="not labels with a bank shard"):
+            cb.info_nce(a, p, torch.randn(5, 8), labels=y, negative_labels=torch.arange(5), process_group=g)
+        with pytest.raises(ValueError, match=r"pass labels only \(negative_labels=None\)"):
+            cb.info_nce(a, p, None, labels=y, negative_labels=y, process_group=g)
+        with pytest.raises(ValueError, match=r"labels must have shape \(B,\)"):
+            cb.info_nce(a, p, None, labels=y[:3], process_group=g)
         with fwAD.dual_level():
             bank = fwAD.make_dual(torch.randn(3, 8), torch.randn(3, 8))
             with pytest.raises(NotImplementedError, match="forward-mode AD"):
