@@ -38,6 +38,7 @@ from .functional import (
     _check_temperature,
     _check_tensor,
     _check_group,
+    _check_label_tensor,
     _bwd_op,
     _fwd_op,
     _reduce,
@@ -65,7 +66,7 @@ _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negat
           "info_nce with a bank shard", "nt_xent", "clip_loss", "supcon_loss with labels",
           "supcon_loss with labels=None", "debiased_info_nce with negatives=None (in-batch)",
           "debiased_info_nce with a bank shard and beta > 0", "debiased_info_nce with a bank shard and beta = 0",
-          "siglip_loss", "info_nce with negatives=None (in-batch) and labels")
+          "siglip_loss", "info_nce with negatives=None (in-batch) and labels", "info_nce with a bank shard and labels")
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
@@ -319,22 +320,28 @@ class _ShardedNegativeLse(torch.autograd.Function):
     Forward: this rank's partial log-sum-exp of every gathered anchor against its shard (the fused kernel, the
     positive left out), combined over ranks. Backward: the gradient reaching lse is summed over ranks (each rank's
     loss uses its own anchors' entries), then the fused backward gives this shard's gradient and this shard's part
-    of the anchors' gradient, which all_gather_with_grad's backward adds up over ranks.
+    of the anchors' gradient, which all_gather_with_grad's backward adds up over ranks. ``labels``: None, or (the
+    gathered anchors' labels, the shard's labels), int64: a shard row of the anchor's label left out of its sum (in
+    the kernels' tiles, as for a shared bank); a partial sum with every row left out is -inf, which the
+    combination and the shard's share (_share) take as an empty shard.
     """
 
     @staticmethod
-    def forward(ctx, anchors_all, shard, scale, normalize, group):
+    def forward(ctx, anchors_all, shard, scale, normalize, group, labels):
         zeros = torch.zeros_like(anchors_all)  # no positive: loss = lse
+        # (the op's optional tail: exclude_self, excluded, negative_mask, then the label pair)
+        tail = () if labels is None else (False, None, None, *labels)
         if _backend.kernel_serves(anchors_all.device):
             _, lse_part, term = _fwd_op(
-                anchors_all, zeros, shard, None, scale, normalize, False, bool(ctx.needs_input_grad[0])
+                anchors_all, zeros, shard, None, scale, normalize, False, bool(ctx.needs_input_grad[0]), *tail
             )
             term = term if term.numel() else None
         else:  # pragma: no cover - fallback without the extension
             from .reference import info_nce_core_reference
 
             with _autocast_off(anchors_all.device.type):  # the inputs' dtype, as the kernels
-                _, lse_part = info_nce_core_reference(anchors_all, zeros, shard, None, scale, normalize, False)
+                _, lse_part = info_nce_core_reference(anchors_all, zeros, shard, None, scale, normalize, False, False,
+                                                      None, _keep(labels))
             term = None
         parts = [torch.empty_like(lse_part) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, lse_part.contiguous(), group=group)
@@ -344,8 +351,10 @@ class _ShardedNegativeLse(torch.autograd.Function):
             term = term * _share(lse_part, lse).unsqueeze(1)
         # (a tensor scale, under torch.compile: saved as a tensor)
         tensor_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
-        ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0), *tensor_scale)
+        ctx.save_for_backward(anchors_all, shard, lse, term if term is not None else lse.new_empty(0),
+                              *(labels or ()), *tensor_scale)
         ctx.scale, ctx.normalize, ctx.group = None if tensor_scale else scale, normalize, group
+        ctx.labelled = labels is not None
         # As the op gives it (float64 from the CPU kernel): rounded to float32 it was off by eps |lse|, which the
         # loss softplus(lse - l_0) of a dominant negative keeps (2.4e-4 relative at logits 3e4).
         return lse.clone()
@@ -353,21 +362,29 @@ class _ShardedNegativeLse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         _ops.refuse_double_backward()
-        anchors_all, shard, lse, term, *tensor_scale = ctx.saved_tensors
+        anchors_all, shard, lse, term, *rest = ctx.saved_tensors
+        labels, tensor_scale = (tuple(rest[:2]), rest[2:]) if ctx.labelled else (None, rest)
         scale = tensor_scale[0] if tensor_scale else ctx.scale
         grad_lse = grad_lse.contiguous().clone()
         dist.all_reduce(grad_lse, op=dist.ReduceOp.SUM, group=ctx.group)
         mask = [bool(ctx.needs_input_grad[0]), False, bool(ctx.needs_input_grad[1])]
         if not any(mask):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if not _backend.kernel_serves(anchors_all.device):
-            ga, gn = _reference_backward(grad_lse, anchors_all, shard, lse, scale, ctx.normalize, mask)
-            return ga, gn, None, None, None
+            ga, gn = _reference_backward(grad_lse, anchors_all, shard, lse, scale, ctx.normalize, mask, _keep(labels))
+            return ga, gn, None, None, None, None
+        # (the op's optional tail: exclude_self, check_indices, loss, excluded, negative_mask, then the label pair)
+        tail = () if labels is None else (False, False, None, None, None, *labels)
         ga, _, gn = _bwd_op(
             grad_lse, anchors_all, torch.zeros_like(anchors_all), shard, None, lse, term, scale, ctx.normalize, False,
-            mask,
+            mask, *tail,
         )
-        return (ga if mask[0] else None), (gn if mask[2] else None), None, None, None
+        return (ga if mask[0] else None), (gn if mask[2] else None), None, None, None, None
+
+
+def _keep(labels: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """The reference's mask (B_all, K_r) for a label pair: True where the shard row's label differs."""
+    return None if labels is None else labels[1][None, :] != labels[0][:, None]
 
 
 class sharded_negative_lse:
@@ -393,7 +410,8 @@ class sharded_negative_lse:
         self.shard, self.normalize, self.group = shard, normalize, group
 
     def __call__(self, factor: float) -> torch.Tensor:
-        lse = _ShardedNegativeLse.apply(self.anchors_all, self.shard, self.scale * factor, self.normalize, self.group)
+        lse = _ShardedNegativeLse.apply(self.anchors_all, self.shard, self.scale * factor, self.normalize, self.group,
+                                        None)
         return lse[self.start : self.start + self.rows]
 
 
@@ -403,7 +421,7 @@ def _share(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), torch.exp(lse_part - lse))
 
 
-def _reference_backward(grad_lse, anchors_all, shard, lse, scale, normalize, mask):
+def _reference_backward(grad_lse, anchors_all, shard, lse, scale, normalize, mask, keep=None):
     """The sharded backward without the extension: this shard's partial log-sum-exp recomputed by the reference
     (materialised logits) and differentiated, weighted by the shard's share."""
     from .reference import info_nce_core_reference
@@ -411,7 +429,8 @@ def _reference_backward(grad_lse, anchors_all, shard, lse, scale, normalize, mas
     with torch.enable_grad(), torch.autocast(anchors_all.device.type, enabled=False):
         a = anchors_all.detach().requires_grad_(mask[0])
         n = shard.detach().requires_grad_(mask[2])
-        _, lse_part = info_nce_core_reference(a, torch.zeros_like(a), n, None, scale, normalize, False)
+        _, lse_part = info_nce_core_reference(a, torch.zeros_like(a), n, None, scale, normalize, False, False, None,
+                                              keep)
         wanted = [x for x, m in ((a, mask[0]), (n, mask[2])) if m]
         grads = iter(torch.autograd.grad(lse_part, wanted, grad_lse * _share(lse_part.detach(), lse)))
     return (next(grads) if mask[0] else None), (next(grads) if mask[2] else None)
@@ -426,6 +445,8 @@ def info_nce_sharded(
     process_group=None,
     normalize: bool = True,
     reduction: str = "mean",
+    labels: torch.Tensor | None = None,
+    negative_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of this rank's anchors against a bank sharded over the ranks of ``process_group``.
 
@@ -435,6 +456,11 @@ def info_nce_sharded(
         process_group: the group (None: the default group).
         temperature, normalize, reduction: as in :func:`contrastbound.info_nce` (a learnable temperature is not
             supported here).
+        labels, negative_labels: both or neither: integer labels (B_r,) of this rank's anchors and (K_r,) of its
+            shard's rows (a queue's, :class:`contrastbound.NegativeQueue` with ``labels=True``). A bank row whose
+            label equals the anchor's is left out of that anchor's sum, on every rank's shard (the anchors' labels
+            are gathered with them; each shard's rows are tested in the kernels' tiles, O(B + K) memory). Every
+            rank passes labels or none does.
 
     Returns rank r's loss over its own anchors against the concatenated bank: equal to the single-process
     ``info_nce(anchors, positives, cat(all shards))``. Gradients: anchors and positives get those of this local
@@ -449,6 +475,7 @@ def info_nce_sharded(
             raise ValueError(
                 f"negatives must have feature size d = {anchors.shape[1]}, got shape {tuple(negatives.shape)}")
         _check_device("negatives", negatives, "anchors", anchors)  # (the kernel's own check came after the exchange)
+        pair = _shard_labels(anchors, negatives, labels, negative_labels)
         t = _check_temperature(temperature)
         if isinstance(t, torch.Tensor):
             _check_temperature_has_value(t, anchors.device)  # (float() of a meta tensor: a RuntimeError, not joined)
@@ -466,11 +493,14 @@ def info_nce_sharded(
     # (a float; a tensor under torch.compile, as in info_nce: dynamo traces a float schedule's second value as a
     # symbolic float, and Python arithmetic on it here broke the traced graph)
     scale = _scale_of(t, a.device)
-    sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=2,
+    call = 2 if pair is None else 12
+    sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=call,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
                             normalize=normalize, temperature=t)
     a_all = _AllGatherWithGrad.apply(a, process_group, sizes)
-    lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group)
+    if pair is not None:  # every rank's anchors' labels, in the gathered anchors' order
+        pair = (_all_gather_sized(pair[0], sizes, process_group), pair[1])
+    lse_neg_all = _ShardedNegativeLse.apply(a_all, negatives, scale, normalize, process_group, pair)
     start = sum(sizes[: _world(process_group)[1]])
     lse_neg = lse_neg_all[start : start + a.shape[0]]
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -483,3 +513,18 @@ def info_nce_sharded(
     # is taken in lse's dtype (float64 on the CPU), then the loss is in the accumulation type, as the kernel's.
     loss = _softplus(lse_neg - pos.to(lse_neg.dtype)).to(acc)
     return _reduce(loss, reduction, result)
+
+
+def _shard_labels(anchors: torch.Tensor, shard: torch.Tensor, labels: object,
+                  negative_labels: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """info_nce_sharded's labels: None, or (this rank's anchors' labels (B_r,), its shard's labels (K_r,)), int64."""
+    if labels is None and negative_labels is None:
+        return None
+    if labels is None:
+        raise ValueError("negative_labels was given without labels: pass this rank's anchors' labels (B_r,) as labels")
+    if negative_labels is None:
+        raise ValueError("labels was given without negative_labels: pass the labels of this rank's shard (K_r,) as "
+                         "negative_labels")
+    return (_check_label_tensor("labels", labels, (anchors.shape[0],), "(B_r,), this rank's anchors'", anchors.device),
+            _check_label_tensor("negative_labels", negative_labels, (shard.shape[0],), "(K_r,), this rank's shard's",
+                                anchors.device))

@@ -997,11 +997,13 @@ def info_nce(
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
         process_group: a torch.distributed group (or ``torch.distributed.group.WORLD``). With ``negatives`` (K_r, d),
             a shared bank sharded over the ranks: the loss is this rank's anchors against the whole bank (see
-            :func:`contrastbound.distributed.info_nce_sharded`). With ``negatives=None``, in-batch over the global
-            batch: anchor i's negatives are every rank's positives except its own (gathered, B_total x d); the loss
-            is over this rank's anchors, and gradients follow the all_gather_with_grad convention (each rank's
-            positives get the sum over ranks' losses); ``labels`` are gathered with them (every rank's positives
-            of the anchor's label left out). A bank shard takes no labels, masks or indices.
+            :func:`contrastbound.distributed.info_nce_sharded`); with ``labels`` (B_r,) and ``negative_labels``
+            (K_r,), this shard's rows' labels, every rank's rows of the anchor's label are left out. With
+            ``negatives=None``, in-batch over the global batch: anchor i's negatives are every rank's positives
+            except its own (gathered, B_total x d); the loss is over this rank's anchors, and gradients follow the
+            all_gather_with_grad convention (each rank's positives get the sum over ranks' losses); ``labels`` are
+            gathered with them (every rank's positives of the anchor's label left out). No masks or indices with
+            a group.
 
     Returns:
         The loss in the dtype of the inputs (float16/bfloat16 inputs are accumulated in float32). Mixed floating
@@ -1016,6 +1018,12 @@ def info_nce(
     if process_group is not None and negatives is None and given == ["labels"]:  # in-batch over the global batch
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group,
                                       labels=labels)
+    if process_group is not None and negatives is not None and given and set(given) <= {"labels", "negative_labels"}:
+        from .distributed import info_nce_sharded  # a bank shard with its rows' labels (both checked there)
+
+        return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
+                                normalize=normalize, reduction=reduction, labels=labels,
+                                negative_labels=negative_labels)
     if process_group is not None and given:
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
             if negatives is None and negative_indices is not None:
@@ -1024,9 +1032,9 @@ def info_nce(
                 raise ValueError("in-batch negatives are the positives, whose labels are labels: pass labels only "
                                  "(negative_labels=None)")
             raise ValueError(
-                "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (or None for in-batch "
-                "negatives over the global batch, which takes labels), not " + given[0]
-                + (" with a bank shard" if given[0] == "labels" else "")
+                "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (with labels and "
+                "negative_labels) or None for in-batch negatives over the global batch (with labels), not "
+                + given[0] + (" with labels" if given[0] != "labels" and "labels" in given else "")
             )
     if process_group is not None and negatives is None:
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)

@@ -62,6 +62,14 @@ def _in_batch_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % 4
 
 
+def _bank_labels(world: int) -> torch.Tensor:
+    """Labels of the bank's rows for the sharded labels case: 4 classes, the first non-empty shard all of class 0
+    (its partial log-sum-exp is -inf for anchors of class 0, the other shards' finite)."""
+    first = next(s for s in SHARDS[world] if s)
+    k = torch.arange(sum(SHARDS[world]))
+    return torch.where(k < first, 0, k % 4)
+
+
 def _worker(rank, world, init_file, out_dir):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -105,6 +113,12 @@ def _worker(rank, world, init_file, out_dir):
         ib_labels = cb.info_nce(lab_a, lab_p, None, temperature=0.3, labels=y.to(torch.int32 if rank else torch.int64),
                                 reduction="sum", process_group=dist.group.WORLD)
         ib_labels.backward()
+        # a bank shard with labels (int32 on one rank): every rank's rows of the anchor's label left out
+        yb = _bank_labels(world)[shard_rows]
+        sl = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
+        sl_loss = cb.info_nce(*sl, temperature=0.2, labels=y.to(torch.int32 if rank else torch.int64),
+                              negative_labels=yb, reduction="sum", process_group=dist.group.WORLD)
+        sl_loss.backward()
         # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
         e_a = a[rows].clone().requires_grad_(True)
         empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
@@ -117,6 +131,10 @@ def _worker(rank, world, init_file, out_dir):
         try:
             fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
             fb_loss.backward()
+            sl_fb = [x.detach().clone().requires_grad_(True) for x in sl]
+            sl_fb_loss = cb.info_nce(*sl_fb, temperature=0.2, labels=y, negative_labels=yb, reduction="sum",
+                                     process_group=dist.group.WORLD)
+            sl_fb_loss.backward()
             with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps float32, as the kernel
                 fb_autocast = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
         finally:
@@ -162,7 +180,10 @@ def _worker(rank, world, init_file, out_dir):
                      # equal ones (a replicated parameter) pass
                      lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w),
                      # in-batch labels on one rank only (the others would gather no labels)
-                     lambda: cb.info_nce(x, x, None, labels=torch.arange(3) if rank == 0 else None, process_group=w)):
+                     lambda: cb.info_nce(x, x, None, labels=torch.arange(3) if rank == 0 else None, process_group=w),
+                     # a bank shard's labels on one rank only
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3) if rank == 0 else None,
+                                         negative_labels=torch.arange(5) if rank == 0 else None, process_group=w)):
             try:
                 call()
                 disagree.append(None)
@@ -183,6 +204,8 @@ def _worker(rank, world, init_file, out_dir):
                                          negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
                      lambda: cb.info_nce(x, x, None, process_group=w,
                                          negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
+                     lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3),
+                                         negative_labels=torch.arange(5 if rank != 1 else 4), process_group=w),
                      # a temperature too small for float32 features (checked after the exchange before: the
                      # others went on and waited in backward)
                      lambda: cb.info_nce(x, x, None, process_group=w,
@@ -252,6 +275,8 @@ def _worker(rank, world, init_file, out_dir):
              "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
              "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
              "ib_labels": ib_labels.detach(), "g_lab_a": lab_a.grad, "g_lab_p": lab_p.grad,
+             "shard_labels": [sl_loss.detach(), *(x.grad for x in sl)],
+             "shard_labels_fb": [sl_fb_loss.detach(), *(x.grad for x in sl_fb)],
              "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
              "refused": refused, "second_order": second_order,
              "queue_state": queue_state,
@@ -319,7 +344,8 @@ def test_sharded_bank_and_gather_match_single_process(world):
                 "different collectives in backward", "must make the same call", None,
                 "text_features (in the promoted dtype of image_features and text_features) must have",
                 "temperature (or logit scale) must be the same", "temperature (or logit scale) must be the same",
-                "temperature (or logit scale) must be the same", None, "must make the same call"]
+                "temperature (or logit scale) must be the same", None, "must make the same call",
+                "must make the same call"]
         assert len(got) == len(want), got
         for g, w in zip(got, want):
             assert (g is None) if w is None else (g is not None and w in g), (g, w)
@@ -327,7 +353,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
         g1, g2, xg = res["second_order"]
         torch.testing.assert_close(g1, world * 3 * xg**2)
         torch.testing.assert_close(g2, world * 6 * xg)
-        assert len(res["refused"]) == 15, res["refused"]
+        assert len(res["refused"]) == 16, res["refused"]
         for i, msg in enumerate(res["refused"]):
             if rank == 1:
                 assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error
@@ -374,6 +400,36 @@ def test_sharded_bank_and_gather_match_single_process(world):
         rows = _slices(ANCHORS_PER_RANK[world], rank)
         assert_close_scaled(results[rank]["g_lab_a"], g_ib_a[rows], 1e-10, f"rank {rank} labels anchors grad")
         assert_close_scaled(results[rank]["g_lab_p"], g_ib_p[rows], 1e-10, f"rank {rank} labels positives grad")
+    # a bank shard with labels: rank r's anchors against the whole bank, its rows of the anchor's label out of the
+    # sum (from the logits: the positive first, then the masked bank); the shard gets every rank's losses' gradient
+    yb = _bank_labels(world)
+    bank_l = bank[:K].clone().requires_grad_(True)
+    total, total_plain, whole_shard_out = 0.0, 0.0, False
+    for rank in range(world):
+        rows = _slices(ANCHORS_PER_RANK[world], rank)
+        a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        an, pn, bn = (F.normalize(x, dim=1) for x in (a_r, p_r, bank_l))
+        pos = (an * pn).sum(1, keepdim=True) / 0.2
+        neg = an @ bn.T / 0.2
+        same = yb[None, :] == y[rows][:, None]
+        first = slice(0, SHARDS[world][0] or SHARDS[world][1])
+        whole_shard_out = whole_shard_out or bool(same[:, first].all(dim=1).any())
+        want = (torch.logsumexp(torch.cat([pos, neg.masked_fill(same, float("-inf"))], 1), 1) - pos[:, 0]).sum()
+        plain = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).sum()
+        ga, gp = torch.autograd.grad(want, [a_r, p_r], retain_graph=True)
+        total, total_plain = total + want, total_plain + plain.detach()
+        for key in ("shard_labels", "shard_labels_fb"):
+            got = results[rank][key]
+            assert_close_scaled(got[0], want, 1e-10, f"rank {rank} {key} loss")
+            assert_close_scaled(got[1], ga, 1e-10, f"rank {rank} {key} anchors grad")
+            assert_close_scaled(got[2], gp, 1e-10, f"rank {rank} {key} positives grad")
+    assert whole_shard_out  # an anchor whose partial log-sum-exp over the first shard is -inf
+    assert abs(float(total) - float(total_plain)) > 1e-2  # the labels change the loss
+    (gn,) = torch.autograd.grad(total, [bank_l])
+    for rank in range(world):
+        shard_rows = _slices(SHARDS[world], rank)
+        for key in ("shard_labels", "shard_labels_fb"):
+            assert_close_scaled(results[rank][key][3], gn[shard_rows], 1e-10, f"rank {rank} {key} shard grad")
     # nt_xent / clip_loss: rank r's loss is the global loss restricted to its own views / pairs; features get
     # the gradient of the sum of all ranks' losses; the logit scale gets this rank's own loss gradient.
     n_all = sum(ANCHORS_PER_RANK[world])
@@ -1004,13 +1060,37 @@ def test_refusals_with_process_group_single_rank(tmp_path):
         for negatives in (None, torch.randn(5, 8)):
             with pytest.raises(ValueError, match="temperature / 1e-310"):
                 cb.debiased_info_nce(a, p, negatives, 0.1, beta=1e-310, process_group=g)
-        # labels: in-batch over the (one-rank) global batch as without the group; refused by name with a shard or
-        # with negative_labels in-batch
+        # labels: in-batch over the (one-rank) global batch, and with a bank shard, as without the group; a shard
+        # with every row of the anchors' label: loss 0 and zero gradients, with the kernel and without; refused by
+        # name: one of the two label tensors with a shard, or of another shape, or negative_labels in-batch
         y = torch.tensor([0, 1, 0, 2])
         torch.testing.assert_close(cb.info_nce(a, p, None, labels=y, reduction="none", process_group=g),
                                    cb.info_nce(a, p, None, labels=y, reduction="none"))
-        with pytest.raises(ValueError, match="not labels with a bank shard"):
-            cb.info_nce(a, p, torch.randn(5, 8), labels=y, negative_labels=torch.arange(5), process_group=g)
+        bank, yb = torch.randn(5, 8), torch.tensor([0, 0, 1, 3, 2])
+        torch.testing.assert_close(cb.info_nce(a, p, bank, labels=y, negative_labels=yb, reduction="none",
+                                               process_group=g),
+                                   cb.info_nce(a, p, bank, labels=y, negative_labels=yb, reduction="none"))
+        for kernel in (True, False):
+            _backend.HAS_CPU_KERNEL = kernel
+            try:
+                xs = [x.clone().requires_grad_(True) for x in (a, p, bank)]
+                loss = cb.info_nce(*xs, labels=torch.zeros(4, dtype=torch.long),
+                                   negative_labels=torch.zeros(5, dtype=torch.long), process_group=g)
+                loss.backward()
+            finally:
+                _backend.HAS_CPU_KERNEL = True
+            assert float(loss) == 0.0, kernel
+            assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in xs), kernel
+        with pytest.raises(ValueError, match=r"labels was given without negative_labels: pass the labels of this "
+                                             r"rank's shard \(K_r,\)"):
+            cb.info_nce(a, p, bank, labels=y, process_group=g)
+        with pytest.raises(ValueError, match=r"negative_labels was given without labels"):
+            cb.info_nce(a, p, bank, negative_labels=yb, process_group=g)
+        with pytest.raises(ValueError, match=r"negative_labels must have shape \(K_r,\), this rank's shard's = \(5,\)"):
+            cb.info_nce(a, p, bank, labels=y, negative_labels=yb[:4], process_group=g)
+        with pytest.raises(ValueError, match="not negative_mask with labels"):
+            cb.info_nce(a, p, bank, labels=y, negative_labels=yb, negative_mask=torch.ones(4, 5, dtype=torch.bool),
+                        process_group=g)
         with pytest.raises(ValueError, match=r"pass labels only \(negative_labels=None\)"):
             cb.info_nce(a, p, None, labels=y, negative_labels=y, process_group=g)
         with pytest.raises(ValueError, match=r"labels must have shape \(B,\)"):
