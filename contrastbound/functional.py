@@ -2255,11 +2255,31 @@ class SigLIP(_LogitScaleLoss):
     ``log_logit_scale`` (from log 10: it stays positive under any optimiser step), and the bias a parameter
     ``logit_bias`` (from -10); both are in ``state_dict`` and get their gradients from the fused op. With
     ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``module.logit_scale = s``
-    sets the scale (the parameter's log in place). ``normalize``, ``reduction`` and ``process_group`` as in
-    :func:`siglip_loss`.
+    sets the scale (the parameter's log in place), ``module.logit_bias = b`` (a number) the bias (the parameter in
+    place). ``normalize``, ``reduction`` and ``process_group`` as in :func:`siglip_loss`.
     """
 
     _function = "siglip_loss"
+
+    def __setattr__(self, name: str, value) -> None:
+        # module.logit_bias = b, a number: checked as at construction; a learnable bias's parameter takes it in place
+        # (an optimiser holding it keeps its state), where torch's own assignment raised TypeError. A tensor goes to
+        # torch's assignment as it is (a parameter replaced; FSDP's views of the flat parameter).
+        if name == "logit_bias" and "learnable" in self.__dict__ and not isinstance(value, torch.Tensor):
+            bias = _check_siglip_scalar("logit_bias", value, positive=False)
+            if self.learnable:
+                param = self._parameters["logit_bias"]
+                stored = float(torch.tensor(bias, dtype=param.dtype, device="cpu"))
+                if not math.isfinite(stored):
+                    raise ValueError(f"SigLIP learns logit_bias in {param.dtype}: logit_bias {bias:g} (stored as "
+                                     f"{stored:g}) must be within its range (.double() the module for a wider one)")
+                with torch.no_grad():
+                    param.fill_(bias)
+                if param.is_meta:  # (no value to hold: to_empty + reset_parameters gives this one)
+                    self._initial = (self._initial[0], bias)
+                return
+            value = bias
+        super().__setattr__(name, value)
 
     def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True,
                  normalize: bool = True, reduction: str = "mean", process_group=None) -> None:

@@ -2465,6 +2465,46 @@ def test_logit_scale_can_be_set(module_type, learnable):
         module.logit_scale = torch.tensor([3.0]).to_sparse()
 
 
+@pytest.mark.parametrize("learnable", [True, False])
+def test_siglip_logit_bias_can_be_set(learnable):
+    # module.logit_bias = b (a number): the next forward uses b; a learnable bias's parameter takes it in place (the
+    # optimiser's state stays attached; torch's own assignment raised TypeError); checked as at construction
+    torch.manual_seed(7)
+    img, txt = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    module = cb.SigLIP(logit_scale=8.0, learnable=learnable).double()
+    param = module.logit_bias if learnable else None
+    before = module(img, txt).detach()
+    module.logit_bias = -3.5
+    assert float(module.logit_bias) == -3.5
+    torch.testing.assert_close(module(img, txt).detach(), cb.siglip_loss(img, txt, 8.0, -3.5))
+    assert not torch.equal(before, module(img, txt).detach())
+    if learnable:
+        assert module.logit_bias is param and isinstance(module.logit_bias, torch.nn.Parameter)
+        assert list(dict(module.named_parameters())) == ["log_logit_scale", "logit_bias"]
+        assert float(module.state_dict()["logit_bias"]) == -3.5
+    for bad, exc, match in ((math.inf, ValueError, "logit_bias must be a finite number"),
+                            (math.nan, ValueError, "logit_bias must be a finite number"),
+                            ("-3", TypeError, "logit_bias must be a finite number or a scalar tensor"),
+                            (True, TypeError, "logit_bias must be a finite number or a scalar tensor")):
+        with pytest.raises(exc, match=match):
+            module.logit_bias = bad
+    assert float(module.logit_bias) == -3.5  # unchanged
+    if learnable:
+        with pytest.raises(ValueError, match=r"learns logit_bias in torch.float32: logit_bias -1e\+39"):
+            cb.SigLIP().logit_bias = -1e39
+        module.logit_bias = -1e39  # (the float64 module holds it)
+        # a parameter is torch's assignment, as it is (a new parameter replaces the old one)
+        module.logit_bias = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        assert module.logit_bias is not param and float(module.logit_bias) == 2.0
+        # on the meta device the value set is the one to_empty + reset_parameters gives
+        with torch.device("meta"):
+            deferred = cb.SigLIP(logit_scale=4.0)
+        deferred.logit_bias = -6.0
+        deferred.to_empty(device="cpu")
+        deferred.reset_parameters()
+        assert float(deferred.logit_bias.detach()) == -6.0 and float(deferred.logit_scale.detach()) == pytest.approx(4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_features_of_size_zero_give_log_of_one_plus_k_in_every_mode(dtype):
     # d = 0: every logit is 0, so loss_i = log(1 + K_i) (K_i the negatives anchor i keeps). Per-anchor and indexed
