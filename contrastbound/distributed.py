@@ -44,6 +44,7 @@ from .functional import (
     _reduce,
     _scale_of,
     _to_bank_dtype,
+    _usable_for_autograd,
 )
 
 
@@ -525,6 +526,7 @@ def _shard_labels(anchors: torch.Tensor, shard: torch.Tensor, labels: object,
     if negative_labels is None:
         raise ValueError("labels was given without negative_labels: pass the labels of this rank's shard (K_r,) as "
                          "negative_labels")
+    # (the shard's labels saved for backward: a copy of an inference tensor, a queue's made under inference_mode)
     return (_check_label_tensor("labels", labels, (anchors.shape[0],), "(B_r,), this rank's anchors'", anchors.device),
-            _check_label_tensor("negative_labels", negative_labels, (shard.shape[0],), "(K_r,), this rank's shard's",
-                                anchors.device))
+            _usable_for_autograd(_check_label_tensor("negative_labels", negative_labels, (shard.shape[0],),
+                                                     "(K_r,), this rank's shard's", anchors.device)))

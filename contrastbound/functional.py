@@ -1028,13 +1028,15 @@ def info_nce(
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
             if negatives is None and negative_indices is not None:
                 raise ValueError("negative_indices was given without negatives: pass the bank (M, d) as negatives")
-            if negatives is None and given == ["labels", "negative_labels"]:
+            if negatives is None and given in (["negative_labels"], ["labels", "negative_labels"]):
                 raise ValueError("in-batch negatives are the positives, whose labels are labels: pass labels only "
                                  "(negative_labels=None)")
+            named = [x for x in given if x not in ("labels", "negative_labels")]  # (never empty here)
+            with_labels = [x for x in given if x in ("labels", "negative_labels")]
             raise ValueError(
                 "process_group takes negatives as this rank's shard (K_r, d) of a shared bank (with labels and "
                 "negative_labels) or None for in-batch negatives over the global batch (with labels), not "
-                + given[0] + (" with labels" if given[0] != "labels" and "labels" in given else "")
+                + named[0] + (f" (with {' and '.join(with_labels)})" if with_labels else "")
             )
     if process_group is not None and negatives is None:
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
@@ -2265,10 +2267,13 @@ class SigLIP(_LogitScaleLoss):
         # module.logit_bias = b, a number: checked as at construction; a learnable bias's parameter takes it in place
         # (an optimiser holding it keeps its state), where torch's own assignment raised TypeError. A tensor goes to
         # torch's assignment as it is (a parameter replaced; FSDP's views of the flat parameter).
-        if name == "logit_bias" and "learnable" in self.__dict__ and not isinstance(value, torch.Tensor):
+        # None, too, goes to torch's assignment; so does the checked number where the parameter is gone (deleted,
+        # pruned, parametrized)
+        if (name == "logit_bias" and "learnable" in self.__dict__ and value is not None
+                and not isinstance(value, torch.Tensor)):
             bias = _check_siglip_scalar("logit_bias", value, positive=False)
-            if self.learnable:
-                param = self._parameters["logit_bias"]
+            param = self._parameters.get("logit_bias")
+            if param is not None:
                 stored = float(torch.tensor(bias, dtype=param.dtype, device="cpu"))
                 if not math.isfinite(stored):
                     raise ValueError(f"SigLIP learns logit_bias in {param.dtype}: logit_bias {bias:g} (stored as "

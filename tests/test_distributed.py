@@ -1070,9 +1070,14 @@ def test_refusals_with_process_group_single_rank(tmp_path):
         torch.testing.assert_close(cb.info_nce(a, p, bank, labels=y, negative_labels=yb, reduction="none",
                                                process_group=g),
                                    cb.info_nce(a, p, bank, labels=y, negative_labels=yb, reduction="none"))
+        with torch.inference_mode():  # a queue's labels made under inference_mode: saved for backward as a copy
+            yb_inference = yb.clone()
         for kernel in (True, False):
             _backend.HAS_CPU_KERNEL = kernel
             try:
+                xs = [x.clone().requires_grad_(True) for x in (a, p, bank)]
+                cb.info_nce(*xs, labels=y, negative_labels=yb_inference, process_group=g).backward()
+                assert all(x.grad is not None for x in xs)
                 xs = [x.clone().requires_grad_(True) for x in (a, p, bank)]
                 loss = cb.info_nce(*xs, labels=torch.zeros(4, dtype=torch.long),
                                    negative_labels=torch.zeros(5, dtype=torch.long), process_group=g)
@@ -1088,7 +1093,7 @@ def test_refusals_with_process_group_single_rank(tmp_path):
             cb.info_nce(a, p, bank, negative_labels=yb, process_group=g)
         with pytest.raises(ValueError, match=r"negative_labels must have shape \(K_r,\), this rank's shard's = \(5,\)"):
             cb.info_nce(a, p, bank, labels=y, negative_labels=yb[:4], process_group=g)
-        with pytest.raises(ValueError, match="not negative_mask with labels"):
+        with pytest.raises(ValueError, match=r"not negative_mask \(with labels and negative_labels\)"):
             cb.info_nce(a, p, bank, labels=y, negative_labels=yb, negative_mask=torch.ones(4, 5, dtype=torch.bool),
                         process_group=g)
         with pytest.raises(ValueError, match=r"pass labels only \(negative_labels=None\)"):

@@ -2503,6 +2503,13 @@ def test_siglip_logit_bias_can_be_set(learnable):
         deferred.to_empty(device="cpu")
         deferred.reset_parameters()
         assert float(deferred.logit_bias.detach()) == -6.0 and float(deferred.logit_scale.detach()) == pytest.approx(4)
+    # where the parameter is gone (deleted, pruned, FSDP's views), and for None, torch's own assignment, as before
+    gone = cb.SigLIP(learnable=learnable)
+    del gone.logit_bias
+    gone.logit_bias = -2.0
+    assert gone.logit_bias == -2.0 and "logit_bias" not in dict(gone.named_parameters())
+    gone.logit_bias = None
+    assert gone.logit_bias is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
