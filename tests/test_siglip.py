@@ -86,8 +86,33 @@ def test_the_in_order_path_other_devices_take(monkeypatch, tile):
 
 
 @needs_op
+@pytest.mark.parametrize("B, M", [(300, 1500), (700, 2000), (1100, 1100), (1100, 600 + 1100)])
+@pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, False, False), (True, False, True, True),
+                                  (False, True, True, False)])
+def test_the_op_backward_with_more_texts_than_images(B, M, mask):
+    # The op's backward against its formula (siglip.cpp's header) from the B x M logits, texts past row B without
+    # a positive (other ranks' texts under process_group): row units and text tiles in every proportion (B = 300,
+    # M = 1500: 2 units, 3 tiles; 1100 x 1100: 5 units, 3 tiles), both gradients from one recomputation or one
+    # of them alone
+    g = torch.Generator().manual_seed(B + M)
+    x, y = torch.randn(B, 6, generator=g, dtype=torch.float64), torch.randn(M, 6, generator=g, dtype=torch.float64)
+    s, b = torch.tensor(2.5, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
+    grad = torch.rand(B, generator=g, dtype=torch.float64)
+    w = grad[:, None] * torch.sigmoid(s * x @ y.T + b)
+    w[torch.arange(B), torch.arange(B)] = 0.0
+    want = [s * w @ y, s * w.T @ x, (w * (x @ y.T)).sum(), w.sum()]
+    got = torch.ops.contrastbound.siglip_bwd(grad, x, y, s, b, list(mask))
+    for name, needed, gv, wv in zip(["image", "text", "logit_scale", "logit_bias"], mask, got, want):
+        if needed:
+            assert_close_scaled(gv.reshape(wv.shape), wv, 1e-12, f"grad {name}")
+        else:
+            assert gv.numel() == 0, name
+
+
+@needs_op
 def test_same_bits_with_any_thread_count():
-    # the CPU op's work units depend on the sizes only (N = 1100: 5 image-row units, 5 text-row units)
+    # the CPU op's work units depend on the sizes only (N = 1100: 5 image-row units, 3 text tiles, in backward's
+    # wavefront order; units 0 and 3 are one work item)
     x, y = _pair(1100, 33, seed=4, dtype=torch.float32)
     s, b = _scalars(True)
 

@@ -11,8 +11,10 @@
 // float64 for float64) and reduced at once; backward recomputes them. One core for every device: on the CPU the
 // tiles are split over threads (image-row blocks for the rows' sums and the images' gradient, text-row blocks for
 // the texts' gradient, each recomputing its tiles, so each output row is written by one work unit: no races, the
-// same bits with any number of threads); elsewhere (CUDA) the tiles run in order on the current stream, larger,
-// with both gradients from one recomputation, and the scale and bias are never read back to the host.
+// same bits with any number of threads; in backward, where both gradients are needed and the tiles allow, one
+// recomputation serves both, the tiles taken in a wavefront order: siglip_bwd_impl); elsewhere (CUDA) the tiles
+// run in order on the current stream, larger, with both gradients from one recomputation, and the scale and bias
+// are never read back to the host.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -190,9 +192,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
   Tensor gx = at::zeros({B, d}, X.options()), gy = at::zeros({M, d}, X.options());
   Tensor gs = at::zeros({}, X.options()), gb = at::zeros({}, X.options());
   if (B > 0 && M > 1 && sc.host) {
-    const int64_t units = ceil_div(B, kRowBlock);
+    const int64_t units = ceil_div(B, kRowBlock), col_tiles = ceil_div(M, kColTile);
     std::vector<double> s_part(units, 0.0), b_part(units, 0.0);
-    if (rows_pass) {
+    // Both gradients from one recomputation of each tile (3 products a tile, not 4) where there are at least two
+    // row units and two column tiles to run at once: at step t row unit u takes column tile (u + t) mod C, so
+    // that no two work items running together write the same images' or texts' rows (units u and u + C, which
+    // would, are one work item, in order). Every output row sums its tiles in an order fixed by the sizes: the
+    // same bits with any number of threads. (The choice depends on the sizes only, for the same reason.)
+    const int64_t groups = std::min(units, col_tiles);
+    const bool together = rows_pass && mask[1] && groups >= 2;
+    if (together) {
+      for (int64_t t = 0; t < col_tiles; ++t) {
+        parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
+          for (int64_t grp = g0; grp < g1; ++grp) {
+            for (int64_t u = grp; u < units; u += col_tiles) {
+              const int64_t i0 = u * kRowBlock, rows = std::min(kRowBlock, B - i0);
+              const int64_t j0 = ((u + t) % col_tiles) * kColTile, cols = std::min(kColTile, M - j0);
+              const Tensor Xb = X.narrow(0, i0, rows), Yc = Y.narrow(0, j0, cols);
+              const Tensor P = at::mm(Xb, Yc.t());
+              const Tensor w = weights_of(P, sc, g.narrow(0, i0, rows), i0, j0, false);
+              if (mask[0]) gx.narrow(0, i0, rows).addmm_(w, Yc);
+              gy.narrow(0, j0, cols).addmm_(w.t(), Xb);
+              if (mask[2]) s_part[u] += at::dot(w.reshape(-1), P.reshape(-1)).item<double>();
+              if (mask[3]) b_part[u] += w.sum().item<double>();
+            }
+          }
+        });
+      }
+    }
+    if (rows_pass && !together) {
       parallel_for_tls(0, units, 1, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t i0 = u * kRowBlock, rows = std::min(kRowBlock, B - i0);
@@ -209,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
         }
       });
     }
-    if (mask[1]) {
+    if (mask[1] && !together) {
       parallel_for_tls(0, ceil_div(M, kRowBlock), 1, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t j0 = u * kRowBlock, rows = std::min(kRowBlock, M - j0);
