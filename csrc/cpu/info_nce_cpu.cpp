@@ -1541,6 +1541,41 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   // grow as N^2 d; two passes.)
   const bool one_pass = mask[0] && mask[1] && blocks <= kClipOnePassBlocks;
   Tensor text_parts = one_pass ? at::empty({blocks, N, d}, opts) : Tensor();
+  if (mask[0] && mask[1] && !one_pass) {
+    // Both gradients of more row blocks: each tile's W formed once as well, the tiles in a wavefront order. At step
+    // t, row block u takes column tile (u + t) mod C (blocks u and u + C, which meet the same tile, are one work
+    // item, in order), so no two items running at once write the same images' or texts' rows; each row of G_A and
+    // G_B sums its tiles (Kahan, the compensations kept across steps: 2 N d) in an order set by N alone, so the same
+    // bits with any thread count. 4 products a step where the two passes below made 5.
+    const int64_t col_tiles = ceil_div(N, kBankTile), groups = std::min(blocks, col_tiles);
+    Tensor GA = at::zeros({N, d}, opts), GB = at::zeros({N, d}, opts);
+    Tensor comp_a = at::zeros({N, d}, opts), comp_b = at::zeros({N, d}, opts);
+    for (int64_t t = 0; t < col_tiles; ++t) {
+      parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        ClipTileWeights<acc_t> weights(opts);
+        Tensor a_buf = at::empty({kAnchorBlock, d}, opts), b_buf = at::empty({kBankTile, d}, opts);
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          for (int64_t u = grp; u < blocks; u += col_tiles) {
+            const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
+            const int64_t j0 = ((u + t) % col_tiles) * kBankTile, tk = std::min(kBankTile, N - j0);
+            const Tensor w = weights(a_s, b_hat, g_row, lse_row, g_col, lse_col, i0, bb, j0, tk);
+            Tensor block_a = a_buf.narrow(0, 0, bb), block_b = b_buf.narrow(0, 0, tk);
+            at::mm_out(block_a, w, b_hat.narrow(0, j0, tk));
+            Tensor sum_a = GA.narrow(0, i0, bb), c_a = comp_a.narrow(0, i0, bb);
+            kahan_add<acc_t>(sum_a, c_a, block_a);
+            at::mm_out(block_b, w.t(), a_s.narrow(0, i0, bb));
+            Tensor sum_b = GB.narrow(0, j0, tk), c_b = comp_b.narrow(0, j0, tk);
+            kahan_add<acc_t>(sum_b, c_b, block_b);
+          }
+        }
+      });
+    }
+    GA.add_(b_hat * coef.unsqueeze(1)).mul_(static_cast<acc_t>(scale));
+    clip_unnormalise<scalar_t, acc_t>(GA, image, pr.anchor_scale, grad_a);
+    GB.add_(a_s * coef.unsqueeze(1));
+    clip_unnormalise<scalar_t, acc_t>(GB, text, pr.positive_scale, grad_b);
+    return {grad_a, grad_b};
+  }
   if (mask[0]) {
     // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
     Tensor G = at::empty({N, d}, opts);
