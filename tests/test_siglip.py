@@ -86,14 +86,14 @@ def test_the_in_order_path_other_devices_take(monkeypatch, tile):
 
 
 @needs_op
-@pytest.mark.parametrize("B, M", [(300, 1500), (700, 2000), (1100, 1100), (1100, 600 + 1100)])
+@pytest.mark.parametrize("B, M", [(300, 1500), (700, 2000), (600, 1000), (1100, 1100), (1100, 600 + 1100)])
 @pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, False, False), (True, False, True, True),
                                   (False, True, True, False)])
 def test_the_op_backward_with_more_texts_than_images(B, M, mask):
     # The op's backward against its formula (siglip.cpp's header) from the B x M logits, texts past row B without
-    # a positive (other ranks' texts under process_group): row units and text tiles in every proportion (B = 300,
-    # M = 1500: 2 units, 3 tiles; 1100 x 1100: 5 units, 3 tiles), both gradients from one recomputation or one
-    # of them alone
+    # a positive (other ranks' texts under process_group): units of 256 rows in every proportion, with both
+    # gradients in the wavefront (600 x 1000: 3 units against 4 text tiles; 1100 x 1100: 5 and 5; 1100 x 1700: 5
+    # and 7) or in two passes (300 x 1500: 2 and 6; 700 x 2000: 3 and 8: too many texts), and one gradient alone
     g = torch.Generator().manual_seed(B + M)
     x, y = torch.randn(B, 6, generator=g, dtype=torch.float64), torch.randn(M, 6, generator=g, dtype=torch.float64)
     s, b = torch.tensor(2.5, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
@@ -111,8 +111,8 @@ def test_the_op_backward_with_more_texts_than_images(B, M, mask):
 
 @needs_op
 def test_same_bits_with_any_thread_count():
-    # the CPU op's work units depend on the sizes only (N = 1100: 5 image-row units, 3 text tiles, in backward's
-    # wavefront order; units 0 and 3 are one work item)
+    # the CPU op's work units depend on the sizes only (N = 1100: 5 image-row units and 5 text tiles, in backward's
+    # wavefront order)
     x, y = _pair(1100, 33, seed=4, dtype=torch.float32)
     s, b = _scalars(True)
 

@@ -1198,11 +1198,12 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_scaled_cpu(const Tensor& grad_lo
 // (text -> image); pair i is the positive of both, kept apart from the sums (the diagonal is masked) and added
 // when they are finished, as in the shared mode's exclude_self. Forward: one product per tile updates the
 // row states (complete in their unit) and the column states of the unit's group, merged over the groups in a
-// fixed order. Backward recomputes each tile once per gradient: W_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij - lse'_j}
-// gives the images' gradient W B_hat (units: row blocks) and the texts' W^T A_hat (units: column tiles).
-// Five N x N x d products (naive PyTorch: three) against the two info_nce calls' eight (each: logits and V,
-// then two in backward); four up to N = 1024 with both gradients, where one backward pass keeps a partial text
-// gradient per row block (blocks x N x d floats, deterministic). Beyond, those partials would grow as N^2 d.
+// fixed order. Backward recomputes the tiles: W_ij = g_i e^{l_ij - lse_i} + g'_j e^{l_ij - lse'_j} gives the images'
+// gradient W B_hat and the texts' W^T A_hat. With both gradients each tile is formed once for both: up to N = 1024
+// one pass keeps a partial text gradient per row block (blocks x N x d floats), beyond the tiles go in a wavefront
+// order (clip_backward_typed); one gradient alone is one pass of its own (units: row blocks, or column tiles).
+// Four N x N x d products with both gradients, three with one (naive PyTorch: three), against the two info_nce
+// calls' eight (each: logits and V, then two in backward).
 // One exponential per logit and pass where a tile's values allow (clip_factors, clip_weights), else two.
 
 // Groups of row blocks in the forward: each keeps a partial state for every column (groups x N), so a fixed number
@@ -1538,16 +1539,17 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   // Both gradients of at most kClipOnePassBlocks row blocks (N <= 1024): one pass, each tile's W formed once, every
   // row block writing its own partial texts' gradient (blocks x N x d, at most 4 N d), added in block order below:
   // the same operations in the same order as the texts' own pass, so the same bits. (Beyond, the partials would
-  // grow as N^2 d; two passes.)
+  // grow as N^2 d: the wavefront below, whose bits differ from the one-gradient passes' by rounding.)
   const bool one_pass = mask[0] && mask[1] && blocks <= kClipOnePassBlocks;
   Tensor text_parts = one_pass ? at::empty({blocks, N, d}, opts) : Tensor();
   if (mask[0] && mask[1] && !one_pass) {
-    // Both gradients of more row blocks: each tile's W formed once as well, the tiles in a wavefront order. At step
-    // t, row block u takes column tile (u + t) mod C (blocks u and u + C, which meet the same tile, are one work
-    // item, in order), so no two items running at once write the same images' or texts' rows; each row of G_A and
-    // G_B sums its tiles (Kahan, the compensations kept across steps: 2 N d) in an order set by N alone, so the same
-    // bits with any thread count. 4 products a step where the two passes below made 5.
-    const int64_t col_tiles = ceil_div(N, kBankTile), groups = std::min(blocks, col_tiles);
+    // Both gradients of more row blocks: each tile's W formed once as well, the tiles square (kAnchorBlock) and in
+    // a wavefront order. At step t, row block u takes column tile (u + t) mod C (here C = the number of blocks, so
+    // each step runs one work item per block, as many as the images' own pass), so no two items running at once
+    // write the same images' or texts' rows; each row of G_A and G_B sums its tiles (Kahan, the compensations kept
+    // across steps) in an order set by N alone, so the same bits with any thread count. 4 products a step where
+    // the two passes below made 5; G_A, G_B and both compensations held at once (4 N d).
+    const int64_t col_tiles = ceil_div(N, kAnchorBlock), groups = std::min(blocks, col_tiles);
     Tensor GA = at::zeros({N, d}, opts), GB = at::zeros({N, d}, opts);
     Tensor comp_a = at::zeros({N, d}, opts), comp_b = at::zeros({N, d}, opts);
     for (int64_t t = 0; t < col_tiles; ++t) {
@@ -1557,7 +1559,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
         for (int64_t grp = g0; grp < g1; ++grp) {
           for (int64_t u = grp; u < blocks; u += col_tiles) {
             const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
-            const int64_t j0 = ((u + t) % col_tiles) * kBankTile, tk = std::min(kBankTile, N - j0);
+            const int64_t j0 = ((u + t) % col_tiles) * kAnchorBlock, tk = std::min(kAnchorBlock, N - j0);
             const Tensor w = weights(a_s, b_hat, g_row, lse_row, g_col, lse_col, i0, bb, j0, tk);
             Tensor block_a = a_buf.narrow(0, 0, bb), block_b = b_buf.narrow(0, 0, tk);
             at::mm_out(block_a, w, b_hat.narrow(0, j0, tk));

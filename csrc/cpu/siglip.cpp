@@ -192,22 +192,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
   Tensor gx = at::zeros({B, d}, X.options()), gy = at::zeros({M, d}, X.options());
   Tensor gs = at::zeros({}, X.options()), gb = at::zeros({}, X.options());
   if (B > 0 && M > 1 && sc.host) {
-    const int64_t units = ceil_div(B, kRowBlock), col_tiles = ceil_div(M, kColTile);
+    const int64_t units = ceil_div(B, kRowBlock), col_tiles = ceil_div(M, kRowBlock);
     std::vector<double> s_part(units, 0.0), b_part(units, 0.0);
-    // Both gradients from one recomputation of each tile (3 products a tile, not 4) where there are at least two
-    // row units and two column tiles to run at once: at step t row unit u takes column tile (u + t) mod C, so
-    // that no two work items running together write the same images' or texts' rows (units u and u + C, which
-    // would, are one work item, in order). Every output row sums its tiles in an order fixed by the sizes: the
-    // same bits with any number of threads. (The choice depends on the sizes only, for the same reason.)
+    // Both gradients from one recomputation of each tile (3 products a tile, not 4): C steps over square tiles of
+    // kRowBlock, step t giving row unit u column tile (u + t) mod C, so that no two work items running together
+    // write the same images' or texts' rows (units u and u + C, which would, are one work item, in order). Every
+    // output row sums its tiles in an order fixed by the sizes: the same bits with any number of threads (the
+    // choice below depends on the sizes only, for the same reason). A step runs min(R, C) work items where the
+    // texts' own pass would run C at once: taken where that is at least half as many (R >= C / 2, not many more
+    // texts than images, as other ranks' texts under process_group make them) and at least two.
     const int64_t groups = std::min(units, col_tiles);
-    const bool together = rows_pass && mask[1] && groups >= 2;
+    const bool together = rows_pass && mask[1] && groups >= 2 && 2 * units >= col_tiles;
     if (together) {
       for (int64_t t = 0; t < col_tiles; ++t) {
         parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
           for (int64_t grp = g0; grp < g1; ++grp) {
             for (int64_t u = grp; u < units; u += col_tiles) {
               const int64_t i0 = u * kRowBlock, rows = std::min(kRowBlock, B - i0);
-              const int64_t j0 = ((u + t) % col_tiles) * kColTile, cols = std::min(kColTile, M - j0);
+              const int64_t j0 = ((u + t) % col_tiles) * kRowBlock, cols = std::min(kRowBlock, M - j0);
               const Tensor Xb = X.narrow(0, i0, rows), Yc = Y.narrow(0, j0, cols);
               const Tensor P = at::mm(Xb, Yc.t());
               const Tensor w = weights_of(P, sc, g.narrow(0, i0, rows), i0, j0, false);
