@@ -592,3 +592,96 @@ def test_raw_op_loss_may_be_modified_in_place_before_backward():
     got = torch.autograd.grad(loss.sum(), (img, txt))
     for x, y in zip(got, want):
         assert torch.equal(x, y)
+
+
+def _compensated_sum_case(N):
+    """Features whose every logit tile is one-hot to float32 (gaps of 64 logit units or more), so each tile's product
+    is exact and a gradient entry is a plain sum of one term per tile: a large term and small ones of 0.45 ulp of it.
+    Summed in float32 with the large term first, each small one rounds away (0.9-1.8 ulp off in all); a compensated
+    sum keeps them and gives the exact sum rounded once.
+
+    Images i and texts j are rows of an N x N score table L (logits 64 L_ij, `normalize=False`): L_ii = 1 (each
+    pair its own best), and two kinds of marked entries, each a tile's single term of a measured gradient entry:
+    - texts' gradient: a marked text j gets, in every 256-image block b, one image with L_ij = 3 + 2b, whose
+      feature N (free of the logits) carries the term; the measured entry is grad_text[j, N]. Each such image's
+      and the text's softmax is one-hot on their marked logits (weights 0.5 or 1 with "sum").
+    - images' gradient: a marked image i gets one text per 256-text tile (or per 512-text tile) with L_ij = 3 + 2c,
+      the term in the text's feature N + 1; the measured entry is grad_image[i, N + 1].
+    The large term is placed in the block (tile) that each summation order takes first: the wavefront backward
+    (both gradients, N > 1024) starts text tile c at image block c and image block u at text tile u; the other
+    forms start at the first block (tile). The images' own pass takes 512-text tiles, so an image with a marked text
+    in every 256-text tile has two terms in one product there: those images (the last list) are measured only where
+    the wavefront runs. Returns image, text, the scale and the measured rows: texts, images, wavefront images."""
+    s = 64.0
+    blocks = -(-N // 256)
+    small = 0.45 * 2.0 ** -23
+    img = torch.zeros(N, N + 2, dtype=torch.float64)
+    txt = torch.zeros(N, N + 2, dtype=torch.float64)
+    img[:, :N] = torch.eye(N, dtype=torch.float64)
+    txt[:, :N] = torch.eye(N, dtype=torch.float64)
+
+    def place(rows, cols, feature_side, first):
+        """rows[k] x cols[k] get L = 3 + 2k; the term sits in feature_side's row (images' rows for the texts'
+        gradient); the term at position `first` is 1 (in units of the measured entry), the others `small`."""
+        values = [1.0 if k == first else small for k in range(len(rows))]
+        top = len(rows) - 1  # the largest L: the measured row's own softmax peaks there (weight 0.5 + 0.5)
+        for k, (r, c) in enumerate(zip(rows, cols)):
+            img[r, c] = 3.0 + 2 * k
+            weight = 1.0 if k == top else 0.5
+            if feature_side == "image":
+                img[r, N] = values[k] / (s * weight)          # grad_text[c, N] = sum_r W_rc s img[r, N]
+            else:
+                txt[c, N + 1] = values[k] / (s * weight)      # grad_image[r, N + 1] = s sum_c W_rc txt[c, N + 1]
+
+    text_entries, image_entries, wave_entries = [], [], []
+    for c in range(blocks):
+        for variant, first in enumerate([c, 0]):  # wavefront order first, then the passes' order
+            j = c * 256 + 200 + variant
+            if j >= N:
+                continue
+            rows = [b * 256 + 10 + 2 * c + variant for b in range(blocks)]
+            place(rows, [j] * blocks, "image", first)
+            text_entries.append(j)
+    for u in range(blocks):
+        i = u * 256 + 100
+        if i < N:  # one text per 256-text tile, the wavefront's order starting at tile u
+            place([i] * blocks, [c * 256 + 120 + u for c in range(blocks)], "text", u)
+            wave_entries.append(i)
+        i = u * 256 + 101
+        tiles = range(0, blocks, 2)  # one text per 512-text tile: the images' own pass sums those
+        if i < N and len(tiles) >= 3:
+            place([i] * len(tiles), [c * 256 + 140 + u for c in tiles], "text", 0)
+            image_entries.append(i)
+    return img, txt, s, text_entries, image_entries, wave_entries
+
+
+@pytest.mark.parametrize("N", [1000, 1280])
+@pytest.mark.parametrize("which", ["both", "images", "texts"])
+def test_gradients_sum_their_tiles_with_compensation(N, which):
+    """Every backward form (the wavefront beyond N = 1024, the one-pass form, each gradient's own pass) sums a
+    gradient row's tile products with Kahan's compensation: on the exact-term case above, each measured entry is
+    the exact float64 sum rounded once to float32, where a plain float32 sum in the same order is 0.9 ulp or more
+    off (asserted on the terms, so the case does test something)."""
+    img64, txt64, s, text_entries, image_entries, wave_entries = _compensated_sum_case(N)
+    if which == "both" and N > 1024:
+        image_entries = image_entries + wave_entries
+    img = img64.float().requires_grad_(which in ("both", "images"))
+    txt = txt64.float().requires_grad_(which in ("both", "texts"))
+    cb.clip_loss(img, txt, s, normalize=False, reduction="sum", max_logit_scale=s).backward()
+    i64, t64 = img64.clone().requires_grad_(), txt64.clone().requires_grad_()
+    naive_clip(i64, t64, s, normalize=False).sum().backward()
+    # The oracle's sums are exact: each is 1 + k small (at most 25 significant bits) plus terms below 1e-50.
+    if which != "images":
+        exact = t64.grad[text_entries, N]
+        assert torch.equal(txt.grad[text_entries, N], exact.float()), (txt.grad[text_entries, N] - exact) / 2.0 ** -23
+    if which != "texts":
+        exact = i64.grad[image_entries, N + 1]
+        assert torch.equal(img.grad[image_entries, N + 1], exact.float()), \
+            (img.grad[image_entries, N + 1] - exact) / 2.0 ** -23
+    # The case's point: a plain float32 sum of these terms, large first, is not the rounded exact sum.
+    blocks = -(-N // 256)
+    terms = [torch.tensor(1.0)] + [torch.tensor(0.45 * 2.0 ** -23)] * (blocks - 1)
+    plain = torch.tensor(0.0)
+    for t in terms:  # float32 tensors: float32 additions
+        plain = plain + t
+    assert plain != torch.tensor(sum(float(t) for t in terms), dtype=torch.float64).float()
