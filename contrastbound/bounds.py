@@ -217,7 +217,10 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     K = _host_tensor(name, K)
     if hasattr(K, "is_floating_point") and K.is_floating_point():
         K = K.double()  # numpy has no bfloat16; float16's range would overflow the checks below
-    arr = np.asarray(K)
+    try:
+        arr = np.asarray(K)
+    except (TypeError, ValueError) as exc:  # a ragged list: numpy's "inhomogeneous shape" named no argument
+        raise TypeError(f"{name} must be an integer or an integer array, got {type(K).__name__}") from exc
     if arr.dtype.kind == "O" and arr.size and all(isinstance(v, Integral) and not isinstance(v, bool)
                                                   for v in arr.reshape(-1)):
         # Python ints beyond int64 (numpy's ints stop there): named by the value out of range, with its side.

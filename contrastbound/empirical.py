@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import bounds as _bounds
 from .functional import _check_bool, _check_dense, bank_cross_entropy, info_nce_lse
+from .reference import _softplus
 
 __all__ = [
     "class_means",
@@ -391,7 +392,7 @@ def contrastive_loss_curve(
                     d = _log_expm1(loss_s.double())
                     running = d if running is None else torch.logaddexp(running, d)
                 prev = k
-                add(i, F.softplus(running))
+                add(i, _softplus(running))  # (F.softplus returns its input above 20: 2e-9 low there)
         for i, k in enumerate(uniq.tolist()):
             if k == 0:
                 add(i, torch.zeros(a.numel(), dtype=torch.float64))
@@ -457,8 +458,9 @@ def gap_report(
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 2 and \
                 not bool(torch.isfinite(torch.linalg.vector_norm(x, dim=-1)).all()):
             # (finite entries whose squares overflow: the losses would be NaN and every row read "not inside")
+            wider = "" if x.dtype == torch.float64 else " or pass them in float64"
             raise ValueError(f"{name}: a row's norm overflows {x.dtype} (entries up to {float(x.abs().max()):.3g}); "
-                             "rescale the features or pass them in float64")
+                             f"rescale the features{wider}")
     C = int(labels.max()) + 1
     ks_arr = np.asarray(ks)
     if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0 or ks_arr.min() < 1:
@@ -488,6 +490,11 @@ def gap_report(
             if test_features is not None:
                 norms.append(test_features.double().norm(dim=1).max())
             b2 = float(max(norms)) ** 2 / t
+            if not math.isfinite(b2):
+                # (the bounds would refuse norm_bound = inf, an argument the caller never passed)
+                raise ValueError(f"features and temperature: the bound on the scores, max ||f||^2 / temperature = "
+                                 f"{float(max(norms)):.3g}^2 / {t:.3g}, overflows float64; rescale the features or "
+                                 "raise the temperature")
     b = math.sqrt(max(b2, 1e-300))
     r_cont, r_cont_se = contrastive_loss_curve(
         features, labels, ks_arr, temperature=t, normalize=normalize, num_anchors=num_anchors, generator=generator,

@@ -738,6 +738,9 @@ def test_temperature_validation(call, exc, match):
         (lambda: B.delta_upper(3, 10, norm_bound=-(10**400)), ValueError, "got a negative integer beyond"),
         (lambda: B.delta_upper(3, 10, form=np.array(["paper", "best"])), ValueError, "form must be one of"),
         (lambda: B.ash(3.0, 20, 10, harmonic=np.array(["exact", "authors"])), ValueError, "harmonic must be"),
+        # ragged lists: numpy's "inhomogeneous shape" named no argument (an audit's find)
+        (lambda: B.delta_upper([1, [2, 3]], 10), TypeError, "K must be an integer or an integer array, got list"),
+        (lambda: B.coupon_collector_probability([1, [2, 3]], 10), TypeError, "draws must be an integer"),
     ],
 )
 def test_validation(call, exc, match):

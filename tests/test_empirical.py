@@ -147,6 +147,13 @@ def test_curve_equals_estimates_and_is_monotone():
         est = contrastive_loss_estimate(x, y, K, generator=torch.Generator().manual_seed(7))
         one = contrastive_loss_curve(x, y, [K], generator=torch.Generator().manual_seed(7))
         assert abs(float(est) - one[0]) < 1e-10
+    # losses above 20, where F.softplus returns its input (2e-9 low; an audit's case): two rows on a line, their
+    # own classes, scores up to 36.6, anchor 0's loss log(1 + j + (8 - j) e^18.3) ~ 20.0-20.4
+    far = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    kw = dict(temperature=1 / 18.3, normalize=False, num_anchors=2000)
+    est = contrastive_loss_estimate(far, torch.tensor([0, 1]), 8, generator=torch.Generator().manual_seed(0), **kw)
+    one = contrastive_loss_curve(far, torch.tensor([0, 1]), [8], generator=torch.Generator().manual_seed(0), **kw)
+    assert abs(float(est) - one[0]) < 1e-13
     # one pass in slices [1, 2), [2, 4), ... gives at its largest K what a single slice gives on the same draws
     many = contrastive_loss_curve(x, y, [1, 2, 4, 8, 16, 32, 64], generator=torch.Generator().manual_seed(5))
     single = contrastive_loss_curve(x, y, [64], generator=torch.Generator().manual_seed(5))
@@ -350,6 +357,12 @@ def test_sizes_and_features_the_estimators_cannot_use_are_refused():
         (lambda: gap_report(x.float() * 1e20, y, [4]), "a row's norm overflows torch.float32"),
         (lambda: gap_report(x.float(), y, [4], test_features=x.float() * 1e20, test_labels=y),
          "test_features: a row's norm"),
+        # float64 rows whose norm overflows there: no advice to pass float64 (an audit's case)
+        (lambda: gap_report(x * 1e160, y, [4], normalize=False), "rescale the features$"),
+        # finite norms whose b^2 = max ||f||^2 / temperature overflows: named as such, not as "norm_bound = inf",
+        # an argument the caller never passed (an audit's case)
+        (lambda: gap_report(x * 1e100, y, [4], normalize=False, temperature=1e-150),
+         "features and temperature: the bound on the scores"),
         (lambda: class_means(x[:, :0], y), r"at least one feature \(d >= 1\)"),
         (lambda: contrastive_loss_curve(x[:, :0], y, [1, 4]), "at least one feature"),
     ):
