@@ -135,7 +135,7 @@ class NegativeQueue(torch.nn.Module):
                                                        keys["queue_labels"].dtype == torch.bool):
             problem = (f"queue_labels must be an integer tensor of shape ({self.size},), got "
                        f"{keys['queue_labels'].dtype} of shape {tuple(keys['queue_labels'].shape)}")
-        elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"])):
+        elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"], _served(keys["filled"]))):
             problem = over
         elif keys["ptr"] is not None and keys["filled"] is not None:
             if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
@@ -153,15 +153,18 @@ class NegativeQueue(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _beyond_range(self, stored: torch.Tensor) -> str | None:
-        """What is wrong with loading `stored` as the keys: finite values that this queue's dtype would store as
-        inf (a float64 state into a float32 queue, as enqueue refuses), else None. Any wider dtype is checked here,
-        float32 into bfloat16 too (a load is rare; enqueue skips that pair, whose ranges differ by 0.4 %, to spare a
-        read-back every step)."""
+    def _beyond_range(self, stored: torch.Tensor, served: int | None = None) -> str | None:
+        """What is wrong with loading `stored` as the keys: finite values among the first `served` rows (those the
+        state serves; None: all) that this queue's dtype would store as inf (a float64 state into a float32 queue,
+        as enqueue refuses), else None. Any wider dtype is checked here, float32 into bfloat16 too (a load is rare;
+        enqueue skips that pair, whose ranges differ by 0.4 %, to spare a read-back every step). Rows a clear()
+        left behind are not served, so they may become inf: enqueue overwrites them before they are."""
         if not isinstance(stored, torch.Tensor) or not stored.is_floating_point() or stored.device.type == "meta":
             return None
         if torch.finfo(self.queue.dtype).max >= torch.finfo(stored.dtype).max:
             return None
+        if served is not None:
+            stored = stored[:served]
         cast = stored.detach().to(self.queue.dtype)
         over = torch.isinf(cast) & torch.isfinite(stored.detach())
         if not bool(over.any()):
@@ -172,13 +175,15 @@ class NegativeQueue(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         # A cast to a narrower dtype (.half(), .to(torch.float16), .float() of a float64 queue) is checked as enqueue
         # and load_state_dict are: finite keys that torch's cast would store as inf raise ValueError, the buffers
-        # left as they were (one read-back, only where the cast produced an inf).
+        # left as they were (one read-back, only where the cast produced an inf). Only the served rows count: keys
+        # that clear() left behind are overwritten before they are served.
         before = dict(self._buffers)
         out = super()._apply(fn, recurse)
         old, new = before["queue"], self.queue
         if new is not old and new.dtype != old.dtype and "meta" not in (old.device.type, new.device.type) and \
                 torch.finfo(new.dtype).max < torch.finfo(old.dtype).max and bool(torch.isinf(new).any()):
-            if bool((torch.isinf(new.to(old.device)) & torch.isfinite(old)).any()):
+            served = int(self.filled)
+            if bool((torch.isinf(new.to(old.device)[:served]) & torch.isfinite(old[:served])).any()):
                 self._buffers.update(before)
                 name = str(new.dtype).replace("torch.", "")
                 raise ValueError(f"the queue holds finite keys beyond {name}'s range, which a cast to {name} would "
@@ -313,6 +318,16 @@ class NegativeQueue(torch.nn.Module):
                 filled = "? (the buffers hold no valid state: clear() empties the queue)"
         labels = ", labels=True" if self.with_labels else ""
         return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}{labels}, filled={filled}"
+
+
+def _served(filled: object) -> int | None:
+    """The rows a state's fill level serves, where it is a usable one-value integer tensor (else None: all rows;
+    the state's own check reports a bad level)."""
+    if not isinstance(filled, torch.Tensor) or filled.numel() != 1 or filled.is_floating_point() or \
+            filled.is_complex() or filled.dtype == torch.bool or filled.device.type == "meta":
+        return None
+    value = int(filled)
+    return value if value >= 0 else None
 
 
 def _bad_state(ptr: int, filled: int, size: int) -> str | None:

@@ -471,6 +471,7 @@ def test_queue_refuses_a_state_beyond_its_range():
     qb = cb.NegativeQueue(4, 2, dtype=torch.bfloat16)
     sdb = {k: v.clone() for k, v in qb.state_dict().items()}
     sdb["queue"] = torch.full((4, 2), 3.4e38, dtype=torch.float32)
+    sdb["filled"] = torch.full_like(sdb["filled"], 4)  # served (the rows of an empty queue's state are not)
     with pytest.raises(RuntimeError, match="beyond bfloat16's range"):
         qb.load_state_dict(sdb)
 
@@ -495,6 +496,32 @@ def test_queue_cast_to_a_narrower_dtype_refuses_keys_beyond_its_range():
     assert ok.queue.dtype == torch.float16 and float(ok.queue[0, 0]) == 3.0 and len(ok) == 1
     ok.float()  # a wider cast: nothing to check
     assert ok.queue.dtype == torch.float32
+
+
+def test_queue_range_checks_look_at_the_served_keys_only():
+    # Keys that clear() left behind are not served (enqueue overwrites them first): a cast or a load no longer
+    # refuses them (an audit's find: .half() after clear() raised "the loss over them NaN" of an empty queue)
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.full((4, 2), 1e5))
+    q.clear()
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    q.half()
+    assert q.queue.dtype == torch.float16 and len(q) == 0
+    q.enqueue(torch.ones(1, 2, dtype=torch.float16))
+    assert torch.equal(q.negatives(), torch.ones(1, 2, dtype=torch.float16))
+    q16 = cb.NegativeQueue(4, 2, dtype=torch.float16)
+    q16.load_state_dict(sd)  # a float32 state of an empty queue with stale 1e5 keys
+    assert len(q16) == 0
+    # a served key beyond the range is still refused, by a cast and by a load
+    r = cb.NegativeQueue(4, 2)
+    r.enqueue(torch.full((4, 2), 1.0))
+    r.clear()
+    r.enqueue(torch.tensor([[1.0, 2.0], [1e5, 1.0]]))  # row 1 served, rows 2-3 stale
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        r.half()
+    sd = {k: v.clone() for k, v in r.state_dict().items()}
+    with pytest.raises(RuntimeError, match="beyond float16's range"):
+        q16.load_state_dict(sd)
 
 
 def test_learnable_temperature_that_float32_cannot_hold():
