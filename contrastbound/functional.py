@@ -1630,6 +1630,14 @@ def supcon_loss(
         rows = rows.repeat_interleave(features.shape[1])
     z = features.flatten(0, -2)  # row n * V + v: view v of sample n (not reshape(-1, d): d = 0 is ambiguous there)
     batch = everything.flatten(0, -2)
+    if z.dtype in (torch.float16, torch.bfloat16) and z.device.type == "cpu":
+        # Half features on the CPU: the denominators' kernel reads float32 copies (its tiles are float32 there
+        # anyway), so its gradient and the positives' meet in float32 and reach the features rounded once. Where
+        # the positives dominate the two nearly cancel, and each rounded to the half type on its own left 0.37 of
+        # the gradient at T = 0.07 in bfloat16 (an audit's case). On CUDA the tensor-core kernels keep the half
+        # type (README, Limits).
+        z = z.float()
+        batch = z if process_group is None else batch.float()
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's
     # own side), differentiable in every row as anchor and as bank row.
     lse, _ = _fused(z, torch.zeros_like(z), batch, None, t, normalize, False, exclude_self=True)

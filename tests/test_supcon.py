@@ -88,6 +88,27 @@ def test_dtypes_against_float64(device, dtype):
     assert_close_scaled(g.double(), g64, TOL[dtype], "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("labelled", [False, True])
+def test_half_gradients_where_the_positives_dominate_stay_at_the_rounding_floor(dtype, labelled):
+    """Two close views per sample at T = 0.07: each row's softmax sits on its positives, so the denominators'
+    gradient and the positives' nearly cancel. Summed in float32 and rounded once (the CPU widens half features for
+    the kernel), the gradient is within 2x of the float64 one rounded to the dtype; each part rounded on its own
+    gave 0.37 (bfloat16) and 3.2e-2 (float16) relative error, 10-200x that (an audit's case)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    views = torch.stack([x, x + 0.3 * torch.randn(64, 32, generator=g)], 1).to(dtype)
+    labels = torch.arange(64) // 2 if labelled else None  # labelled: two samples per class, four rows
+    f64 = views.double().requires_grad_()
+    f = views.clone().requires_grad_()
+    want = supcon_reference(f64, torch.arange(64) if labels is None else labels, 0.07)
+    (g64,) = torch.autograd.grad(want, f64)
+    (got,) = torch.autograd.grad(cb.supcon_loss(f, labels, 0.07), f)
+    floor = float((g64.to(dtype).double() - g64).norm() / g64.norm())
+    err = float((got.double() - g64).norm() / g64.norm())
+    assert err < 2 * floor, (err, floor)
+
+
 def test_rows_without_a_positive():
     # a label's only row: loss 0 and no gradient, left out of the mean; none with a positive: 0 (not NaN)
     f = _case((4, 3), seed=7)
