@@ -2367,6 +2367,14 @@ def test_clip_module_learns_its_logit_scale():
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(clamped.log_logit_scale.grad, log_cap.grad)
     assert float(clamped.log_logit_scale.grad) != 0.0
+    # that clamp is in place (README): the parameter used after the forward trains with it; a use that autograd
+    # recorded before the forward meets torch's in-place check at backward (an audit's case, documented)
+    after = cb.ClipLoss().double()
+    (after(img, txt) + 1e-3 * after.log_logit_scale ** 2).backward()
+    assert after.log_logit_scale.grad is not None
+    before = cb.ClipLoss().double()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (1e-3 * before.log_logit_scale ** 2 + before(img, txt)).backward()
     with pytest.raises(ValueError, match=r"logit_scale \(150\) must be at most max_logit_scale \(100\)"):
         cb.ClipLoss(logit_scale=150.0)
     wider = cb.ClipLoss(logit_scale=150.0, max_logit_scale=200.0).double()
