@@ -1088,7 +1088,9 @@ def info_nce_lse(
     With ``include_positive=False`` the positive is left out of the sum, so log-sum-exps over disjoint sets of
     negatives can be combined with :func:`torch.logaddexp` (how :func:`contrastive_loss_curve` reads a whole
     curve over K from one pass). Both are differentiable: ``lse`` has the values the kernel computed and the
-    gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it).
+    gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it); with
+    ``include_positive=False`` that gradient reaches the positives only through their use as negatives (in-batch),
+    exactly 0 otherwise.
     ``negative_indices`` (-1: padding), ``negative_mask``, ``labels`` and ``negative_labels`` as in
     :func:`info_nce`; an anchor left without negatives has ``lse = -inf`` with ``include_positive=False``.
     """
@@ -1113,24 +1115,40 @@ def info_nce_lse(
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is positives:
         negatives = p
-    loss, lse = _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
-                       negative_mask=negative_mask, labels=pair)
     if _needs_reference(a, p, negatives, t):
-        # The reference served (forward-mode AD or a differentiating torch.func transform): its lse carries its own
+        # The reference serves (forward-mode AD or a differentiating torch.func transform): its lse carries its own
         # derivatives, forward-mode ones included, which the construction below would drop (a tangent does not set
         # requires_grad).
-        return loss, lse
+        return _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
+                      negative_mask=negative_mask, labels=pair)
+    # Without the positive in the sum, lse does not depend on it as the positive: the op takes it detached, so that
+    # lse's gradient (d loss + d l_0 below) sends it nothing, where d loss and d l_0 cancelled only to rounding
+    # (2.4e-7 at |p| ~ 1, 2.6e5 for a zero row through F.normalize; an audit's find); the returned loss gets -d l_0
+    # back in p alone. (In-batch the positives are the bank too: that use keeps its gradient.)
+    p_op = p if include_positive else p.detach()
+    loss, lse = _fused(a, p_op, p if negatives is p else negatives, negative_indices, t, normalize, include_positive,
+                       exclude_self, negative_mask=negative_mask, labels=pair)
     lse = lse.detach()
-    if loss.requires_grad:
-        # d lse = d loss + d l_0 (loss = lse - l_0); the values stay the kernel's lse exactly.
+    if loss.requires_grad or (p_op is not p and p.requires_grad):
         acc = loss.dtype
         ah, ph = a.to(acc), p.to(acc)
         if normalize:
             ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
+        loss_op, zero = loss, None
+        if p_op is not p:
+            t_value = t.detach() if isinstance(t, torch.Tensor) else t
+            l0_p = _gradient_only((ah.detach() * ph).sum(-1) / t_value)  # 0 with d l_0 in p only
+            loss = loss - torch.where(torch.isinf(loss.detach()), 0.0, l0_p)
+            # lse stays connected to p (as torch's ops connect every input), its gradient there exactly 0
+            zero = torch.where(torch.zeros_like(l0_p, dtype=torch.bool), l0_p, 0.0)
+            ph = ph.detach()
+        # d lse = d loss + d l_0 (loss = lse - l_0); the values stay the kernel's lse exactly.
         pos = (ah * ph).sum(-1) / t
         # (an anchor without negatives and without its positive: lse = loss = -inf, whose gradient is 0, as the
         # reference's; d l_0 alone would be left there)
-        lse = lse + _gradient_only(loss) + torch.where(torch.isneginf(lse), 0.0, _gradient_only(pos))
+        lse = lse + _gradient_only(loss_op) + torch.where(torch.isneginf(lse), 0.0, _gradient_only(pos))
+        if zero is not None:
+            lse = lse + zero
     return loss, lse
 
 

@@ -2035,6 +2035,37 @@ def test_info_nce_lse_gradient(mode):
     assert torch.equal(lse_of(*leaves).detach(), plain)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_info_nce_lse_without_the_positive_sends_it_no_gradient(mode):
+    # lse over the negatives alone does not depend on the positives as positives: their gradient is exactly 0
+    # (in-batch: their use as the bank's rows alone), where d loss + d l_0 cancelled only to rounding (float32:
+    # 2.4e-7 at |p| ~ 1, 2.6e5 for a zero row through F.normalize; an audit's find). The loss keeps its gradient.
+    a, p, n, idx = make_inputs(mode, B=4, K=9, d=5, dtype=torch.float32, M=7, seed=2)
+    p = p.detach().clone()
+    p[1] = 0.0  # a zero row: F.normalize's gradient there is G / 1e-12
+    p[2] *= 1e-3
+    p.requires_grad_()
+    loss, lse = cb.info_nce_lse(a, p, n, negative_indices=idx, temperature=0.3, include_positive=False)
+    (g,) = torch.autograd.grad(lse.sum(), p, retain_graph=True)
+    if mode == "in_batch":  # the bank's part: the same as the gradient of lse with the positives' rows as a bank only
+        p2 = p.detach().clone().requires_grad_()
+        _, lse2 = cb.info_nce_lse(a, p.detach(), p2, temperature=0.3, include_positive=False,
+                                  negative_mask=~torch.eye(4, dtype=torch.bool))
+        (want,) = torch.autograd.grad(lse2.sum(), p2)
+        assert torch.allclose(g, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    else:
+        assert torch.equal(g, torch.zeros_like(p))
+    # the loss = lse - l_0 still trains the positives (-d l_0, and the bank's part in-batch): as float64
+    (gl,) = torch.autograd.grad(loss.sum(), p)
+    p64 = p.detach().double().requires_grad_()
+    loss64, _ = cb.info_nce_lse(*(x.double() if x is not None else None for x in (a.detach(),)), p64,
+                                None if n is None else n.detach().double(), negative_indices=idx, temperature=0.3,
+                                include_positive=False)
+    (gl64,) = torch.autograd.grad(loss64.sum(), p64)
+    rows = [0, 2, 3]  # (the zero row's gradient is G / 1e-12: compared on the others)
+    assert torch.allclose(gl[rows].double(), gl64[rows], rtol=1e-4, atol=1e-4 * float(gl64[rows].abs().max()))
+
+
 @pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
 def test_expanded_negative_indices_are_read_in_place():
     # One set of indices for every anchor, expanded (stride 0): the same results as the materialised (B, K)
