@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the C++ core with CMake against the venv's libtorch, runs the C++ tests with ctest, and (where nvcc is
-# on the PATH) compiles every CUDA source for sm_80 and sm_90a. Fails if any step fails or no test ran.
+# on the PATH) compiles every CUDA source for sm_75, sm_80 and sm_90a. Fails if any step fails or no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

@@ -123,9 +123,32 @@ bool device_runs_sm90a() {
   return ok;
 }
 
+// Whether the code loaded for the current device was compiled for compute capability >= 8.0: the device's own
+// capability is not enough, since a build for 7.5+PTX runs on an sm_80 or newer device through the JIT, where the
+// tensor-core kernels' bodies are __trap() (a poisoned context instead of the SIMT kernels). The PTX version of the
+// image chosen for the device, read by cudaFuncGetAttributes (no launch, nothing on a stream); cached per device
+// once answered.
+bool device_runs_tc_code() {
+  static std::mutex mutex;
+  static std::vector<std::pair<int, bool>> cache;
+  const int device = current_device();
+  if (device < 0) return false;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& e : cache)
+    if (e.first == device) return e.second;
+  cudaFuncAttributes attr{};
+  const bool answered = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess;
+  cudaGetLastError();  // (no image for this device: no, and not an error of the caller's work)
+  const bool ok = answered && attr.ptxVersion >= 80;
+  if (answered) cache.emplace_back(device, ok);
+  return ok;
+}
+
 #else
-// The emulated host path (csrc/tests/test_cuda_emu.cpp): the emulated device says whether it runs sm_90a code.
+// The emulated host path (csrc/tests/test_cuda_emu.cpp): the emulated device says whether it runs sm_90a code,
+// and for which compute capability the loaded code was compiled.
 bool device_runs_sm90a() { return emu::device().sm90a; }
+bool device_runs_tc_code() { return emu::arch_gate().code_arch >= 80; }
 #endif  // CONTRASTBOUND_EMULATE
 
 bool wgmma_available() {

@@ -990,7 +990,7 @@ bool use_tc(const Problem& p) {
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
   const bool wide = p.d > kTcMaxD;
   if (wide && (p.dtype == DType::Float32 || !tc_use_mma() || p.d > kTcMaxWideD)) return false;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 8 || !device_runs_tc_code()) return false;
   const int chunk = tc_chunked(p.d) ? kTcSliceD : 0;
   const size_t need = p.dtype == DType::Float32 ? tc_smem<float>(p.d, true).total
                       : wide ? tc_smem<__half>(p.d, true, 1, /*score_tile=*/false, chunk).total
@@ -1173,6 +1173,7 @@ bool tc_flash(int64_t d) {
   } else {
     const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
     if (d > kTcMaxD || !tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
+    if (!device_runs_tc_code()) return false;
     const size_t need = tc_wgmma() ? wg_smem<T>(d).total : fl_smem<T>(d, 1).total;
     return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   }

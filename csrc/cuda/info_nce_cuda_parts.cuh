@@ -16,6 +16,9 @@ int device_attribute(cudaDeviceAttr attr);
 // Whether the wgmma kernels can run on the current device (compute capability 9.0 and sm_90a code in this build);
 // asked once per device. Defined in info_nce_cuda.cu.
 bool device_runs_sm90a();
+// Whether the code loaded for the current device was compiled for compute capability >= 8.0 (the tensor-core
+// kernels are __trap() below; a 7.5+PTX build JIT-compiled on an sm_80 or newer device would reach them).
+bool device_runs_tc_code();
 
 #define CB_DECLARE_PART(NAME)                                                                                     \
   size_t forward_workspace_bytes_##NAME(const Problem& p, bool save_anchor_term, int num_sms);                   \

@@ -60,7 +60,13 @@ struct TcTraits<__nv_bfloat16> {
 };
 template <>
 struct TcTraits<float> {
+  // (precision::tf32 exists from compute capability 8.0: a build for 7.x compiles the kernels as __trap(), which
+  // use_tc never launches there, and needs a name here)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using frag_t = nvcuda::wmma::precision::tf32;
+#else
+  using frag_t = float;
+#endif
   static constexpr int KS = 8;
   static constexpr int PAD = 4;
   static constexpr int MIN_BLOCKS = 1;  // float32 tiles take ~170 KB of shared memory anyway
@@ -68,8 +74,10 @@ struct TcTraits<float> {
 
 template <typename Frag>
 __device__ __forceinline__ void tc_round(Frag& f, float) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
   for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+#endif
 }
 template <typename Frag, typename T>
 __device__ __forceinline__ void tc_round(Frag&, T) {}

@@ -35,6 +35,21 @@
 
 namespace emu {
 
+// The compute capability the loaded code was compiled for (__CUDA_ARCH__ / 10 of the image the device runs; the
+// test sets it with each device profile): below 80 the tensor-core kernels are __trap() on a GPU, so a tensor-core
+// instruction reached in emulation there (mma.sync, WMMA, wgmma) is counted as the trap it would be.
+struct ArchGate {
+  int code_arch = 90;
+  long long illegal = 0;  // tensor-core instructions run where code_arch < 80
+};
+inline ArchGate& arch_gate() {
+  static ArchGate g;
+  return g;
+}
+inline void tensor_core_instruction() {
+  if (arch_gate().code_arch < 80) ++arch_gate().illegal;
+}
+
 // Switching between fibers. On x86-64 a few instructions (emu_switch: the callee-saved registers, the SSE and x87
 // control words and the stack pointer; the System V ABI leaves every other register to the caller), since
 // swapcontext also saves and restores the signal mask, a system call per switch (test_cuda_emu quick: 196 s with
@@ -472,6 +487,7 @@ inline void ldsm_x4_trans(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r
 //   C: c0, c1 (g, 2t..2t+1)  c2, c3 (g+8, 2t..2t+1)
 template <typename T>
 void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  emu::tensor_core_instruction();
   using emu::hi;
   using emu::lo;
   const emu::MmaIn in{{a0, a1, a2, a3}, {b0, b1}};

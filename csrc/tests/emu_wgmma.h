@@ -245,6 +245,7 @@ inline void wait(int n) {
 // One wgmma.mma_async.m64nNk16 (f32 accumulators): A from registers (a != nullptr) or descriptor da.
 template <typename T>
 void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale_d, int ta, int tb) {
+  emu::tensor_core_instruction();
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 in [8, 256]");
   Slot v;
   v.kind = a ? 5 : 4;

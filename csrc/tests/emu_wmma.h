@@ -103,6 +103,7 @@ void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v) {
 template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  emu::tensor_core_instruction();
   constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
   const auto in = [](float v) { return tf32 ? detail::tf32_truncate(v) : v; };
   float out[M * N];

@@ -1095,11 +1095,21 @@ void kernel_configs(bool quick) {
   // An sm_86-like part (99 KiB per block, no sm_90a code): whole rows past d = 336 copied in chunks; the wgmma
   // switch falls back to the mma.sync kernels.
   dev.id = 2, dev.major = 8, dev.minor = 6, dev.smem_optin = 99 * 1024, dev.smem_per_sm = 100 * 1024, dev.sm90a = false;
+  emu::arch_gate().code_arch = 86;
   with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_86, CONTRASTBOUND_TC_WGMMA=1", true); });
   with_env({{"CONTRASTBOUND_TC_FLASH", "1"}}, [&] { run_config(quick, "sm_86, CONTRASTBOUND_TC_FLASH=1", true); });
   // Compute capability 7.0: no tensor cores; float16 / bfloat16 on the SIMT kernels.
   dev.id = 3, dev.major = 7, dev.minor = 0;
+  emu::arch_gate().code_arch = 70;
   run_config(quick, "sm_70 (SIMT only)", true);
+  // An H100 / H200 running a 7.5+PTX build through the JIT (TORCH_CUDA_ARCH_LIST=7.5+PTX made on a T4): the
+  // tensor-core kernels' code is __trap() there, so the SIMT kernels must serve (a review's find: use_tc asked
+  // the device's capability only).
+  dev = emu::Device();
+  dev.id = 4, dev.sm90a = false;
+  emu::arch_gate().code_arch = 75;
+  run_config(quick, "sm_90 device, compute_75 code (SIMT only)", true);
+  emu::arch_gate().code_arch = 90;
 }
 
 }  // namespace
@@ -1143,6 +1153,9 @@ int main(int argc, char** argv) {
   std::printf("ldmatrix: %llu 8x8 matrices read, %llu extra passes for bank conflicts\n",
               static_cast<unsigned long long>(ld.matrices), static_cast<unsigned long long>(ld.extra_passes));
   expect(ld.matrices > 0 && ld.extra_passes == 0, "ldmatrix reads free of shared-memory bank conflicts");
+  std::printf("tensor-core instructions where the code predates compute capability 8.0: %lld\n",
+              emu::arch_gate().illegal);
+  expect(emu::arch_gate().illegal == 0, "no tensor-core instruction where the loaded code would __trap()");
   std::printf("dynamic shared-memory limits lowered: %d times\n", smem_lowered);
   expect(smem_lowered == 0, "a kernel's dynamic shared-memory limit is only ever raised");
   const char* names[4] = {"float32", "float64", "float16", "bfloat16"};  // DType order
