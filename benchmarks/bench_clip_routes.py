@@ -39,6 +39,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.reps < 1 or args.threads < 1:
         parser.error("--reps and --threads must be >= 1")
+    from contrastbound.benchsuite.report import prepare_out_stem
+
+    args.out = prepare_out_stem(parser, args.out)  # (before measuring: a missing folder lost the results)
     cases = CASES
     if args.cases:
         try:
@@ -86,7 +89,7 @@ def main() -> int:
         rows.append({"loss": args.loss, "N": N, "d": d, "threads": args.threads, "kernel_ms": k, "calls_ms": t,
                      "ratio": k / t, "kernel_loss": values["kernel"], "calls_loss": values["calls"]})
         print(f"{N:>6} {d:>4} {k:>10.1f} {t:>13.1f} {k / t:>6.2f}", flush=True)
-    out = args.out[:-4] if args.out.endswith(".csv") else args.out
+    out = args.out
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

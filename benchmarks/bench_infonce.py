@@ -153,13 +153,13 @@ def _machine(threads: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="K = 2^12 ... 2^16, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="K = 2^12 ... 2^16, 2 repeats (unless --reps is given)")
     parser.add_argument("--min-log2k", type=int, default=12)
     parser.add_argument("--max-log2k", type=int, default=22)
     parser.add_argument("-B", type=int, default=256)
     parser.add_argument("-d", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats (default 3; 2 with --quick)")
     parser.add_argument("--methods", default=",".join(["gemm", *METHODS]))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "bench_infonce"),
@@ -171,8 +171,14 @@ def main() -> int:
         m, B, K, d, reps, threads = args.worker
         print(json.dumps(_worker(m, int(B), int(K), int(d), int(reps), int(threads))))
         return 0
+    if args.reps is None:
+        args.reps = 2 if args.quick else 3
     if args.quick:
-        args.max_log2k, args.reps = min(args.max_log2k, 16), 2
+        args.max_log2k = min(args.max_log2k, 16)
+    if args.min_log2k < 0 or args.max_log2k < args.min_log2k:
+        # (an empty range wrote a table of no rows over the committed one; 2^-1 failed as K = 0.5)
+        parser.error(f"--min-log2k and --max-log2k must satisfy 0 <= min <= max, got {args.min_log2k} and "
+                     f"{args.max_log2k}" + (" (--quick caps max at 16)" if args.quick else ""))
     # (the GEMM first, whatever the order given: the other rows' fraction of its rate needs it; repeats once)
     methods = sorted(dict.fromkeys(args.methods.split(",")), key=lambda m: m != "gemm")
     unknown = [m for m in methods if m not in ("gemm", *METHODS)]

@@ -105,20 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     cases = CASES
     if args.cases:
         cases = []
         for item in args.cases.split(","):
             parts = item.split(":")
             if len(parts) != 4 or parts[0] not in ("nt_xent", "clip", "in-batch") or parts[3] not in (
-                    "float32", "float64", "bfloat16", "float16") or not (parts[1].isdigit() and parts[2].isdigit()):
-                parser.error(f"--cases: {item!r} is not loss:N:d:dtype (loss nt_xent, clip or in-batch)")
+                    "float32", "float64", "bfloat16", "float16") or not (parts[1].isdigit() and parts[2].isdigit()) \
+                    or int(parts[1]) < 1 or int(parts[2]) < 1:
+                parser.error(f"--cases: {item!r} is not loss:N:d:dtype (loss nt_xent, clip or in-batch; N, d >= 1)")
             cases.append((parts[0], int(parts[1]), int(parts[2]), parts[3]))
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out = args.out[:-4] if args.out.endswith(".csv") else args.out
+    from contrastbound.benchsuite.report import prepare_out_stem
+
+    out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
     print(f"{'loss':9s} {'N':>5s} {'d':>4s} {'dtype':9s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
     for case in cases:
@@ -126,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{row['loss']:9s} {row['N']:5d} {row['d']:4d} {row['dtype']:9s} {row['fused_ms']:9.2f} "
               f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

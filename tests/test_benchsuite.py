@@ -298,6 +298,8 @@ _BAD_BENCH_ARGS = [
     ["--chunk", "0"], ["--k-min", "-2"], ["--k-max", "4", "--k-min", "8"], ["--dtype", ""], ["--temperature", "0"],
     ["--temperature", "nan"], ["--time-bound", "-1"], ["--mem-fraction", "0"], ["--prefix", "sub/x"],
     ["--out", "/proc/contrastbound-x"],
+    # (an audit's: "," ran everything; methods that serve none of the modes left the GEMM row alone, exit 0)
+    ["--modes", ","], ["--methods", ","], ["--modes", "shared", "--methods", "fused-ntxent,open_clip"],
     ["--k-min", "30"],  # above the default --k-max: an empty sweep with exit status 0 before
     # (argparse named the type functions, "invalid _parse_ks value", "invalid <lambda> value"; 2^70 ran as
     # skipped rows with exit status 0)
@@ -519,6 +521,15 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_training.py", ["--losses", "nt_xent,supcon"]),
     ("bench_training.py", ["--out", "/proc/contrastbound-x/bt"]),  # (checked after measuring: results lost)
     ("bench_infonce.py", ["--out", "/proc/contrastbound-x/bi"]),
+    # an audit's: an empty K range wrote an empty table (over the committed one by default), 2^-1 a failed row; a
+    # folder as --out ("dir/") wrote dir/.csv, or lost the results at the end; an N of 0 made NaN rows
+    ("bench_infonce.py", ["--min-log2k", "5", "--max-log2k", "3"]),
+    ("bench_infonce.py", ["--min-log2k", "-1"]),
+    ("bench_training.py", ["--out", "/tmp/"]),
+    ("bench_small.py", ["--threads", "0"]),
+    ("bench_small.py", ["--cases", "nt_xent:0:8:float32"]),
+    ("bench_small.py", ["--out", "/proc/contrastbound-x/bs"]),
+    ("bench_clip_routes.py", ["--out", "/proc/contrastbound-x/cr"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)

@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; see --list-methods")
+    for flag, given in (("--modes", args.modes), ("--methods", args.methods)):
+        if given is not None and not given:  # ("," read as no names: it ran everything)
+            parser.error(f"{flag}: no name given; leave it out for all")
+    if args.methods is not None and not any(n != "gemm" and any(m in METHODS[n].settings for m in modes)
+                                            for n in names):
+        # (only the GEMM row would run: no slopes, no headline, exit 0 without a word)
+        parser.error(f"--methods {','.join(names)}: none of them runs in --modes {','.join(modes)} (the modes "
+                     "of each method: --list-methods)")
     if args.list_methods:  # (before --out is made: listing writes nothing)
         print(_list_methods(devices[-1]))
         return 0

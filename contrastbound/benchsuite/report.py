@@ -278,6 +278,11 @@ def prepare_out_stem(parser, out: str) -> str:
 
     if out.endswith(".csv"):
         out = out[: -len(".csv")]
+    if not os.path.basename(out) or os.path.isdir(out):
+        # (a folder: abspath dropped its trailing "/" and the folder above was checked; the files were named
+        # ".csv" inside it, or the run failed at the end)
+        parser.error(f"--out {out!r} names a folder: give a path without extension, e.g. "
+                     f"{os.path.join(out, 'run')!r} (writes run.csv there)")
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
