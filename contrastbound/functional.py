@@ -1138,7 +1138,7 @@ def info_nce_lse(
         if p_op is not p:
             t_value = t.detach() if isinstance(t, torch.Tensor) else t
             l0_p = _gradient_only((ah.detach() * ph).sum(-1) / t_value)  # 0 with d l_0 in p only
-            loss = loss - torch.where(torch.isinf(loss.detach()), 0.0, l0_p)
+            loss = loss - l0_p  # (an anchor without negatives, loss -inf, too: -d l_0 there, as the reference)
             # lse stays connected to p (as torch's ops connect every input), its gradient there exactly 0
             zero = torch.where(torch.zeros_like(l0_p, dtype=torch.bool), l0_p, 0.0)
             ph = ph.detach()

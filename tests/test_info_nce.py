@@ -2066,6 +2066,29 @@ def test_info_nce_lse_without_the_positive_sends_it_no_gradient(mode):
     assert torch.allclose(gl[rows].double(), gl64[rows], rtol=1e-4, atol=1e-4 * float(gl64[rows].abs().max()))
 
 
+def test_info_nce_lse_without_the_positive_or_negatives_trains_as_the_reference():
+    # an anchor whose negatives are all masked out: lse -inf, loss = -inf - l_0, whose gradient in the anchor and
+    # the positive is -d l_0, as the reference (torch.func's route) gives; a mutation audit's find (the positive's
+    # had been set to 0 there by the change that sends lse's gradient none)
+    from contrastbound.reference import info_nce_core_reference
+
+    g = torch.Generator().manual_seed(0)
+    a, p = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(3, 4, dtype=torch.float64, generator=g)
+    n = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0] = False
+    grads = []
+    for fn in (lambda a_, p_: cb.info_nce_lse(a_, p_, n, 0.5, include_positive=False, negative_mask=mask)[0],
+               lambda a_, p_: info_nce_core_reference(a_, p_, n, None, 2.0, True, False, False, None, mask)[0]):
+        a_, p_ = a.clone().requires_grad_(), p.clone().requires_grad_()
+        loss = fn(a_, p_)
+        assert torch.isneginf(loss[0]) and torch.isfinite(loss[1:]).all()
+        grads.append(torch.autograd.grad(loss[0] + loss[1:].sum(), [a_, p_]))
+    for got, want in zip(*grads):
+        assert got[0].abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.skipif(not _backend.kernel_serves(torch.device("cpu")), reason="needs the CPU kernel")
 def test_expanded_negative_indices_are_read_in_place():
     # One set of indices for every anchor, expanded (stride 0): the same results as the materialised (B, K)
