@@ -1797,6 +1797,24 @@ def test_fallback_lse_without_the_positive_and_without_negatives(monkeypatch, K)
             assert_close_scaled(got, w, 1e-12, f"{what}, include_positive={include_positive}")
 
 
+def test_fallback_lse_without_the_positive_has_the_log_sum_exp_gradient(monkeypatch):
+    # Where the reference serves (no compiled kernel), its lse carries a gradient of its own: the construction of
+    # lse's gradient from the loss's must start from the detached values, else the gradient doubles (a mutation
+    # audit's survivor: no test took lse's gradient on that route).
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((5, 4), (5, 4), (7, 4)))
+    a.requires_grad_()
+    with monkeypatch.context() as m:
+        m.setattr(_backend, "kernel_serves", lambda device: False)
+        _, lse = cb.info_nce_lse(a, p, n, 0.5, include_positive=False)
+        (got,) = torch.autograd.grad(lse.sum(), a)
+    a64 = a.detach().clone().requires_grad_()
+    want_lse = (F.normalize(a64, dim=1) @ F.normalize(n, dim=1).T / 0.5).logsumexp(1)
+    (want,) = torch.autograd.grad(want_lse.sum(), a64)
+    torch.testing.assert_close(lse.detach(), want_lse.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_references_return_the_inputs_dtype():
     # as the losses do (a mutation audit: info_nce_reference's float32 result for bfloat16 inputs passed)
     a, p, n, _ = make_inputs("shared", B=4, K=6, d=3, dtype=torch.bfloat16, requires_grad=False)
@@ -2446,6 +2464,14 @@ def test_clip_module_fixed_scale_options_and_errors():
     torch.testing.assert_close(got, _clip_written_out(img, txt, 20.0, reduction="none"))
     raw = cb.ClipLoss(20.0, learnable=False, normalize=False, reduction="sum")
     torch.testing.assert_close(raw(img, txt), cb.clip_loss(img, txt, 20.0, normalize=False, reduction="sum"))
+    # a fixed scale above the default cap with its own max_logit_scale: the module's cap reaches clip_loss (which
+    # would clamp at 100), and a scale equal to the cap, CLIP's usual end state, is taken (a mutation audit's gaps)
+    wide = cb.ClipLoss(150.0, learnable=False, max_logit_scale=200.0)
+    torch.testing.assert_close(wide(img, txt), cb.clip_loss(img, txt, 150.0, max_logit_scale=200.0))
+    assert not torch.allclose(wide(img, txt), cb.clip_loss(img, txt, 150.0))
+    for module in (cb.ClipLoss(100.0), cb.ClipLoss(100.0, learnable=False), cb.ClipLoss(50.0, max_logit_scale=50.0)):
+        assert abs(float(module.logit_scale) - module.max_logit_scale) < 1e-4 * module.max_logit_scale
+        module.logit_scale = module.max_logit_scale
     with torch.device("meta"):
         deferred = cb.ClipLoss(25.0)
     assert "logit_scale=(meta)" in repr(deferred)
@@ -2512,6 +2538,11 @@ def test_logit_scale_can_be_set(module_type, learnable):
         small = (cb.ClipLoss(max_logit_scale=1e300) if module_type == "clip" else cb.SigLIP())
         with pytest.raises(ValueError, match="learns log\\(logit_scale\\) in torch.float32"):
             small.logit_scale = 1e39
+        if module_type == "siglip":  # nor below: log(1e-46) is held, but its exp in float32 is 0 (a mutation audit)
+            kept = small.log_logit_scale.detach().clone()
+            with pytest.raises(ValueError, match="learns log\\(logit_scale\\) in torch.float32"):
+                small.logit_scale = 1e-46
+            assert torch.equal(small.log_logit_scale.detach(), kept)
         small.double().logit_scale = 1e39  # float64 holds it
         # on the meta device (FSDP's deferred initialisation) the value set is the one to_empty + reset_parameters
         # gives (a fill on meta writes nothing)

@@ -160,6 +160,21 @@ def test_queue_reads_nothing_back_from_its_buffers():
     q.filled = q.filled.as_subclass(NoRead)
     q.enqueue(torch.zeros(2, 2))
     assert len(q) == 4 and q.negatives().shape == (4, 2)
+    q.clear()  # (its own write of the buffers: the host copies follow without a read-back; a mutation audit's gap)
+    assert len(q) == 0
+    q.enqueue(torch.zeros(2, 2))
+    assert len(q) == 2
+
+
+def test_queue_negatives_and_labels_are_views_of_the_buffers():
+    # "a view, no copy" (a mutation audit: a copy passed every test): the keys as stored, filling and full
+    q = cb.NegativeQueue(8, 4, labels=True)
+    q.enqueue(torch.randn(3, 4), torch.arange(3))
+    n, y = q.negatives(), q.labels()
+    assert n._base is q.queue and n.data_ptr() == q.queue.data_ptr() and n.shape == (3, 4)
+    assert y._base is q.queue_labels and y.data_ptr() == q.queue_labels.data_ptr()
+    q.enqueue(torch.randn(6, 4), torch.arange(6))
+    assert q.negatives() is q.queue and q.labels() is q.queue_labels
 
 
 def test_queue_follows_writes_it_did_not_make():
