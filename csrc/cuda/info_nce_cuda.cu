@@ -83,6 +83,22 @@ __global__ void sm90a_probe_kernel() {
 
 }  // namespace
 
+// ask(answered) for the current device, once: the answer is cached per device where the probe got one (answered
+// left true); one that could not run to its answer (no stream, a failed copy, e.g. out of memory or an error of
+// earlier work) says "no" for that call only, and a later call asks again. No device: no.
+template <typename Ask>
+bool once_per_device(std::mutex& mutex, std::vector<std::pair<int, bool>>& cache, Ask ask) {
+  const int device = current_device();
+  if (device < 0) return false;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& e : cache)
+    if (e.first == device) return e.second;
+  bool answered = true;
+  const bool ok = ask(answered);
+  if (answered) cache.emplace_back(device, ok);
+  return ok;
+}
+
 // Whether the wgmma kernels (info_nce_wgmma.cuh) can run on the current device: compute capability 9.0 and a
 // build with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a; a plain 9.0 build would reach their __trap()).
 // Answered once per device (one tiny launch and a 4-byte copy on a stream of its own, no allocation; a probe that
@@ -92,17 +108,10 @@ __global__ void sm90a_probe_kernel() {
 bool device_runs_sm90a() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
-  const int device = current_device();
-  if (device < 0) return false;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& e : cache)
-    if (e.first == device) return e.second;
-  bool ok = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
-            device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
-  // A probe that could not run to its answer (no stream, a failed copy or synchronisation, e.g. out of memory or
-  // an error of earlier work) says "no" for this call only: it is not cached, so a later call asks again.
-  bool answered = true;
-  if (ok) {
+  return once_per_device(mutex, cache, [](bool& answered) {
+    if (device_attribute(cudaDevAttrComputeCapabilityMajor) != 9 ||
+        device_attribute(cudaDevAttrComputeCapabilityMinor) != 0)
+      return false;
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     cudaThreadExchangeStreamCaptureMode(&mode);
     cudaStream_t stream = nullptr;
@@ -115,12 +124,10 @@ bool device_runs_sm90a() {
                  cudaStreamSynchronize(stream) == cudaSuccess;
       cudaStreamDestroy(stream);
     }
-    ok = answered && host == 1;
     cudaThreadExchangeStreamCaptureMode(&mode);  // back to the caller's mode
     cudaGetLastError();  // a failed probe (no kernel image) means no: not an error of the caller's work
-  }
-  if (answered) cache.emplace_back(device, ok);
-  return ok;
+    return answered && host == 1;
+  });
 }
 
 // Whether the code loaded for the current device was compiled for compute capability >= 8.0: the device's own
@@ -131,17 +138,12 @@ bool device_runs_sm90a() {
 bool device_runs_tc_code() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
-  const int device = current_device();
-  if (device < 0) return false;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& e : cache)
-    if (e.first == device) return e.second;
-  cudaFuncAttributes attr{};
-  const bool answered = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess;
-  cudaGetLastError();  // (no image for this device: no, and not an error of the caller's work)
-  const bool ok = answered && attr.ptxVersion >= 80;
-  if (answered) cache.emplace_back(device, ok);
-  return ok;
+  return once_per_device(mutex, cache, [](bool& answered) {
+    cudaFuncAttributes attr{};
+    answered = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess;
+    cudaGetLastError();  // (no image for this device: no, and not an error of the caller's work)
+    return answered && attr.ptxVersion >= 80;
+  });
 }
 
 #else
