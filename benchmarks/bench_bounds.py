@@ -45,6 +45,17 @@ def main() -> None:
     for name, value in (("--classes", args.classes), ("--kmax", args.kmax), ("--repeat", args.repeat)):
         if value < 1:
             ap.error(f"{name} must be >= 1, got {value}")
+    # the output file's folder, made and tried for writing before the timings (else a traceback after them)
+    if not os.path.basename(args.out) or os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r} names a folder: give the CSV file's path")
+    try:
+        import tempfile
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
+            pass
+    except OSError as exc:
+        ap.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
     C, k = args.classes, np.arange(1, args.kmax + 1)
     r_cont = B.min_contrastive_loss(k, C)  # a realistic R_cont curve for the earlier bounds
     skewed = np.linspace(1.0, 3.0, C)
@@ -74,7 +85,6 @@ def main() -> None:
         rows.append(dict(term=name, prior=prior, classes=C, kmax=args.kmax, seconds=f"{s:.3g}",
                          us_per_k=f"{1e6 * s / k.size:.3g}"))
         print(f"{name:<36}{prior:<9}{s:>9.3g}{1e6 * s / k.size:>9.3g}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()

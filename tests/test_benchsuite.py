@@ -530,6 +530,8 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_small.py", ["--cases", "nt_xent:0:8:float32"]),
     ("bench_small.py", ["--out", "/proc/contrastbound-x/bs"]),
     ("bench_clip_routes.py", ["--out", "/proc/contrastbound-x/cr"]),
+    ("bench_bounds.py", ["--out", "/proc/contrastbound-x/bb.csv"]),  # (checked after the timings)
+    ("bench_bounds.py", ["--out", "/tmp/"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)

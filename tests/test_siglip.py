@@ -379,6 +379,9 @@ def test_small_batches():
      ValueError, "logit_scale must be below 3.4028236e.38 in magnitude"),
     (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 10.0, torch.tensor(-1e39, dtype=torch.float64)), ValueError,
      "logit_bias must be below 3.4028236e.38 in magnitude"),
+    # the boundary itself: 2^128 - 2^103 is the smallest magnitude float32 rounds to inf (a mutation audit's gap)
+    (lambda: cb.siglip_loss(torch.eye(2), torch.eye(2), 1.0, -(2.0**128 - 2.0**103)), ValueError,
+     "logit_bias must be below 3.4028236e.38 in magnitude"),
     (lambda: cb.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), normalize=1), TypeError, "normalize"),
 ])
 def test_bad_input_is_refused_by_name(call, exc, text):
@@ -391,6 +394,11 @@ def test_float64_scale_and_bias_past_float32_range():
     # was skipped there: the loss came out inf, a review's find)
     x, y = torch.eye(3), torch.eye(3)
     assert torch.isfinite(cb.siglip_loss(x, y, 3.4028235e38, -1.0))
+    # ... and so does the largest float64 below 2^128 - 2^103 (float32 rounds it to FLT_MAX; the value itself is
+    # refused, test_bad_input_is_refused_by_name)
+    import math
+
+    assert torch.isfinite(cb.siglip_loss(x, y, math.nextafter(2.0**128 - 2.0**103, 0.0), -1.0))
     compiled = torch.compile(cb.siglip_loss, backend="aot_eager", fullgraph=True)
     with pytest.raises(RuntimeError, match="logit_scale must be below"):
         compiled(x, y, torch.tensor(1e39, dtype=torch.float64), torch.tensor(-1.0))
