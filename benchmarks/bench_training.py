@@ -16,7 +16,8 @@ Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory 
 warm-up's loss and gradients freed and read against a baseline taken then, the inputs' gradients included in the
 extra (ru_maxrss, not resettable, where /proc is missing: then the peak covers the warm-up, from a baseline taken
 once the inputs exist). Before 2026-12-01 the extra counted the warm-up. Plain PyTorch is skipped where its matrix
-would not fit.
+and the copies its step holds would take more than --mem-fraction of the memory available when the script starts
+(MemAvailable; before 2026-12-02 a fixed 16 GiB).
 
     python benchmarks/bench_training.py                       # every loss, N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --losses nt_xent,clip_loss,supcon_loss  # results/bench_training.csv
@@ -218,6 +219,9 @@ def main() -> int:
                              "default %(default)s)")
     parser.add_argument("--losses", default=",".join(LOSSES),
                         help=f"comma list of {', '.join(LOSSES)} (default %(default)s)")
+    parser.add_argument("--mem-fraction", type=float, default=0.7,
+                        help="run plain PyTorch only where its matrices fit in this fraction of the memory available "
+                             "(default %(default)s)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -231,11 +235,16 @@ def main() -> int:
     unknown = [x for x in losses if x not in LOSSES]
     if unknown or not losses:
         parser.error(f"--losses takes a comma list of {', '.join(LOSSES)}, got {args.losses!r}")
+    if not 0.0 < args.mem_fraction <= 1.0:
+        parser.error(f"--mem-fraction must lie in (0, 1], got {args.mem_fraction}")
     if not 0 <= args.min_log2n <= args.max_log2n:
         parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
     from contrastbound.benchsuite.report import prepare_out_stem
 
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
+    from contrastbound.benchsuite.harness import available_mib
+
+    plain_limit_mib = args.mem_fraction * available_mib("cpu")
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
     print(f"{'loss':>17} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} "
@@ -250,9 +259,10 @@ def main() -> int:
             for method in ("fused", "plain"):
                 row = {"loss": name, "N": N, "d": args.d, "method": method, "matrix_mib": matrix_mib}
                 copies = 8 if name == "debiased_info_nce" else 4  # (the authors' form holds e, neg, imp, imp * neg)
-                if method == "plain" and matrix_mib * copies > 16 * 1024:
+                if method == "plain" and matrix_mib * copies > plain_limit_mib:
                     row["note"] = (f"not run: the {shape[0]} x {shape[1]} matrix and its gradients need "
-                                   f"~{matrix_mib * copies / 1024:.0f} GiB")
+                                   f"~{matrix_mib * copies / 1024:.1f} GiB, over {args.mem_fraction:g} of the "
+                                   f"{plain_limit_mib / args.mem_fraction / 1024:.1f} GiB available")
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(N), str(args.d),
                            str(args.reps if N < 2**15 else 1), str(args.threads)]

@@ -285,6 +285,12 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert {(r["method"], r["K"]) for r in rows} == {(m, k) for m in ("gemm", "fused", "naive") for k in ("256", "1024")}
     assert all(r["status"] == "ok" for r in rows), [r["reason"] for r in rows]
     payload = json.loads((out / "scaling.json").read_text())
+    # the CSV holds the warm-up's memory as the JSON does (it had extra_mib alone)
+    by_key = {(r["method"], int(r["K"])): r for r in payload["rows"]}
+    for r in rows:
+        if r["method"] != "gemm":
+            assert float(r["warmup_extra_mib"]) == pytest.approx(by_key[r["method"], int(r["K"])]["warmup_extra_mib"],
+                                                                 rel=1e-5, abs=1e-3), r
     assert {"cpu", "threads", "torch", "gpu"} <= set(payload["machine"])
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     expected = ["flops.png", "memory.png", "time.png"] if importlib.util.find_spec("matplotlib") else []  # optional
@@ -498,6 +504,25 @@ def test_bench_training_script_leaves_the_warm_up_apart(tmp_path):
     # (the timed step's residue, pages and allocator state, read 0.9-2.2 MiB in repeated runs: 2.0 was too tight)
     assert len(rows) == 8 and all(float(r["extra_mib"]) < 5.0 for r in rows), rows  # (each of its LOSSES)
     assert all(float(r["warmup_extra_mib"]) > 2 * float(r["extra_mib"]) for r in rows), rows
+
+
+def test_bench_training_script_skips_plain_by_the_memory_available(tmp_path):
+    # plain PyTorch was skipped above a fixed 16 GiB of matrices, whatever the machine had: a 24 GiB machine ran a
+    # 16 GiB step, and a large one skipped what it could run. The 512 x 512 float32 matrix is 1 MiB (x 4 copies):
+    # a fraction of the available memory below that skips it, the default runs it
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_training.py")
+    for fraction, runs in (("1e-9", False), ("0.7", True)):
+        out = tmp_path / f"m{fraction}"
+        proc = subprocess.run([sys.executable, script, "--min-log2n", "8", "--max-log2n", "8", "-d", "8", "--reps",
+                               "1", "--threads", "1", "--losses", "nt_xent", "--mem-fraction", fraction, "--out",
+                               str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        (row,) = [r for r in csv.DictReader(open(str(out) + ".csv")) if r["method"] == "plain"]
+        assert (row["time_s"] != "") == runs, row
+        assert ("GiB available" in row["note"]) == (not runs), row
+    proc = subprocess.run([sys.executable, script, "--mem-fraction", "0", "--out", str(tmp_path / "z")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--mem-fraction" in proc.stderr, proc.stderr
 
 
 def test_bench_infonce_script_times_the_gemm_first(tmp_path):

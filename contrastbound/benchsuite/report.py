@@ -14,8 +14,8 @@ from .methods import CLIP_SETTING, NTXENT_SETTING
 
 CSV_FIELDS = [
     "device", "mode", "setting", "method", "kind", "dtype", "B", "d", "K", "threads", "bank_grad", "status",
-    "fwd_s", "bwd_s", "fwdbwd_s", "warmup_s", "compile_s", "reps", "extra_mib", "flops", "eff_gflops",
-    "fwd_gflops", "gemm_gflops", "frac_gemm", "loss", "note", "reason",
+    "fwd_s", "bwd_s", "fwdbwd_s", "warmup_s", "compile_s", "reps", "extra_mib", "warmup_extra_mib", "flops",
+    "eff_gflops", "fwd_gflops", "gemm_gflops", "frac_gemm", "loss", "note", "reason",
 ]
 
 HEADER = (f"{'mode':<10} {'method':<16} {'K':>9} {'B':>6} {'d':>4} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
