@@ -45,17 +45,9 @@ def main() -> None:
     for name, value in (("--classes", args.classes), ("--kmax", args.kmax), ("--repeat", args.repeat)):
         if value < 1:
             ap.error(f"{name} must be >= 1, got {value}")
-    # the output file's folder, made and tried for writing before the timings (else a traceback after them)
-    if not os.path.basename(args.out) or os.path.isdir(args.out):
-        ap.error(f"--out {args.out!r} names a folder: give the CSV file's path")
-    try:
-        import tempfile
+    from contrastbound.benchsuite.report import prepare_out_file
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.out))):
-            pass
-    except OSError as exc:
-        ap.error(f"--out {args.out!r}: its folder cannot be written ({exc})")
+    prepare_out_file(ap, args.out)  # (before the timings, else a traceback after them)
     C, k = args.classes, np.arange(1, args.kmax + 1)
     r_cont = B.min_contrastive_loss(k, C)  # a realistic R_cont curve for the earlier bounds
     skewed = np.linspace(1.0, 3.0, C)

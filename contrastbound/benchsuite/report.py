@@ -272,17 +272,22 @@ def stale_plots(out_prefix: str, written: list[str]) -> list[str]:
 
 def prepare_out_stem(parser, out: str) -> str:
     """--out of the standalone benchmark scripts: a path without extension (a trailing .csv is dropped: bt.csv
-    wrote bt.csv.csv), whose folder is made and tried for writing before any measurement (else parser.error:
-    the results would be lost to a traceback at the end)."""
-    import tempfile
-
+    wrote bt.csv.csv), checked as `prepare_out_file` checks a file's path."""
     if out.endswith(".csv"):
         out = out[: -len(".csv")]
+    return prepare_out_file(parser, out, example=f"{os.path.join(out, 'run')!r} (writes run.csv there)")
+
+
+def prepare_out_file(parser, out: str, example: str | None = None) -> str:
+    """An output path, not a folder, whose folder is made and tried for writing before any measurement (else
+    parser.error: the results would be lost to a traceback at the end)."""
+    import tempfile
+
     if not os.path.basename(out) or os.path.isdir(out):
         # (a folder: abspath dropped its trailing "/" and the folder above was checked; the files were named
         # ".csv" inside it, or the run failed at the end)
-        parser.error(f"--out {out!r} names a folder: give a path without extension, e.g. "
-                     f"{os.path.join(out, 'run')!r} (writes run.csv there)")
+        example = example or repr(os.path.join(out, "run.csv"))
+        parser.error(f"--out {out!r} names a folder: give a file's path, e.g. {example}")
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
