@@ -616,6 +616,13 @@ def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tenso
     gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
     place instead. Returns (loss, lse, V) as the forward op does; lse and V are not differentiable.
     """
+    if rows.device.type == "cpu" and rows.numel() and not isinstance(rows, FakeTensor):
+        # Under torch.compile the caller's range check is an op in the graph, which may run after this one (it
+        # did with ignore_index: index_select's "index out of range in self" named nothing). On the CPU the check
+        # costs no sync; on CUDA index_select's device assert stands, as for torch's own indexing.
+        lo, hi = (int(v) for v in torch.aminmax(rows))
+        if lo < 0 or hi >= bank.shape[0]:
+            raise IndexError(f"targets must lie in [0, C) = [0, {bank.shape[0]}), got values in [{lo}, {hi}]")
     return _fwd_op(anchors, bank.index_select(0, rows), bank, None, scale if scale_tensor is None else scale_tensor,
                    normalize, True, save_anchor_term, False, rows)
 

@@ -274,6 +274,25 @@ def test_torch_compile_fullgraph_indexed_and_index_check():
 
 
 @needs_kernel
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_bank_cross_entropy_names_a_bad_target_with_ignore_index(fullgraph):
+    # An audit's: with ignore_index (default -100) the graph's range check ran after the op's index_select, whose
+    # "index out of range in self" named no argument; the op checks its rows on the CPU now, whatever the graph's
+    # asserts do (torch < 2.9 drops them)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    a, w = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    for ignore_index in (-100, 2):
+        ce = torch.compile(lambda a, w, t: cb.bank_cross_entropy(a, w, t, ignore_index=ignore_index),
+                           fullgraph=fullgraph)
+        good = torch.tensor([0, 1, 2, 5])
+        torch.testing.assert_close(ce(a, w, good), cb.bank_cross_entropy(a, w, good, ignore_index=ignore_index))
+        for bad in ([0, 1, 9, 3], [0, -7, 2, 3], [-100, 2, 6, 1]):
+            with pytest.raises((IndexError, RuntimeError), match=r"targets must lie in \[0, C\)"):
+                ce(a, w, torch.tensor(bad))
+
+
+@needs_kernel
 def test_torch_compile_dynamic_bank_cross_entropy_keeps_the_class_count_symbolic():
     # The targets' in-graph range check formatted the class count into its message, which specialised it under
     # dynamic=True (a graph per bank size) and printed a symbol's name ("[0, s41)") in an exported program.
