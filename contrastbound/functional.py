@@ -2291,7 +2291,8 @@ class SigLIP(_LogitScaleLoss):
     ``logit_bias`` (from -10); both are in ``state_dict`` and get their gradients from the fused op. With
     ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``module.logit_scale = s``
     sets the scale (the parameter's log in place), ``module.logit_bias = b`` (a number) the bias (the parameter in
-    place). ``normalize``, ``reduction`` and ``process_group`` as in :func:`siglip_loss`.
+    place). ``normalize``, ``reduction`` and ``process_group`` as in :func:`siglip_loss`. A cast that would store
+    the learnable bias as inf (``.half()`` of a bias beyond 65504) raises ValueError and leaves the module as it was.
     """
 
     _function = "siglip_loss"
@@ -2348,6 +2349,21 @@ class SigLIP(_LogitScaleLoss):
 
     def _set_initial_scale(self, scale: float) -> None:
         self._initial = (scale, self._initial[1])
+
+    def _apply(self, fn, recurse=True):
+        # A cast to a narrower dtype (.half() of a bias beyond 65504) would store the learnable bias as inf, and the
+        # next forward refused "logit_bias inf", a value the user never gave: refused here instead, the module left
+        # as it was (as NegativeQueue refuses such a cast of its keys). fn is tried on the 0-d bias alone first.
+        bias = self._parameters.get("logit_bias")
+        if bias is not None and bias.device.type != "meta":
+            cast = fn(bias.detach())
+            if cast.dtype != bias.dtype and cast.device.type != "meta" and cast.is_floating_point() and \
+                    torch.finfo(cast.dtype).max < torch.finfo(bias.dtype).max and \
+                    not math.isfinite(float(cast)) and math.isfinite(float(bias)):
+                name = str(cast.dtype).replace("torch.", "")
+                raise ValueError(f"SigLIP's logit_bias {float(bias):g} is beyond {name}'s range: a cast to {name} "
+                                 f"would store it as {float(cast):g}; the module was left in {bias.dtype}")
+        return super()._apply(fn, recurse)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias, normalize=self.normalize,

@@ -525,6 +525,24 @@ def test_module_learns_scale_and_bias():
         cb.SigLIP(torch.tensor(3.0))
 
 
+def test_module_refuses_a_cast_that_overflows_its_bias():
+    # an audit's: SigLIP(10, 1e5).half() stored the bias as float16 inf, and the next forward refused "logit_bias
+    # inf", a value the user never gave. The cast is refused now, the module left as it was; a bias within the
+    # narrower range, a widening cast, bfloat16 (float32's range), to_empty and a meta module cast as before
+    module = cb.SigLIP(10.0, 1e5)
+    with pytest.raises(ValueError, match=r"logit_bias 100000 is beyond float16's range.*left in torch.float32"):
+        module.half()
+    assert module.logit_bias.dtype == module.log_logit_scale.dtype == torch.float32
+    assert float(module.logit_bias) == 1e5
+    assert float(cb.SigLIP(10.0, 1e5).bfloat16().logit_bias) == pytest.approx(1e5, rel=1e-2)
+    assert cb.SigLIP(10.0, 1e5).double().logit_bias.dtype == torch.float64
+    assert float(cb.SigLIP(10.0, 6e4).half().logit_bias) == pytest.approx(6e4, rel=1e-3)
+    assert cb.SigLIP(10.0, 1e5).to("meta").half().logit_bias.dtype == torch.float16
+    empty = cb.SigLIP(10.0, 1e5).to_empty(device="cpu")
+    empty.reset_parameters()
+    assert float(empty.logit_bias) == 1e5
+
+
 def test_edge_cases_from_a_mutation_audit():
     # each of these checks failed to catch a mutant of this session's code (a mutation audit, 2026-12-01)
     # the fallback (forward-mode AD takes it) where the pairs' own terms dominate: masked out, not subtracted
