@@ -5,12 +5,12 @@ Two strategies:
 * gather: :func:`all_gather_with_grad` concatenates a tensor over ranks; its backward gives each rank the sum over
   ranks of the gradients with respect to its slice, so every rank can use the global batch as in-batch negatives
   (``info_nce(anchors, positives, None, process_group=group)``, ``nt_xent``, ``clip_loss``, ``supcon_loss`` with
-  its labels gathered too) and DDP's averaging
+  its labels gathered too, ``debiased_info_nce``, ``siglip_loss`` with every rank's texts) and DDP's averaging
   yields the gradient of the mean of the ranks' losses: the global mean loss's when the batches are equal (with
   uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r; by W / (2 sum B_r) for ``nt_xent``, whose two
   views per pair are two loss terms).
-* shard: :func:`info_nce_sharded` (also ``info_nce(..., process_group=group)``) where each rank holds a shard of
-  a bank too large for one device. Rank r's loss is its own anchors against the whole bank; ranks exchange
+* shard: :func:`info_nce_sharded` (also ``info_nce(..., process_group=group)`` and ``debiased_info_nce``) where
+  each rank holds a shard of a bank too large for one device. Rank r's loss is its own anchors against the whole bank; ranks exchange
   anchors and per-anchor log-sum-exp partials (O(B d + B) per rank), never the bank.
 """
 

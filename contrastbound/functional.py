@@ -977,17 +977,18 @@ def info_nce(
         negatives: the negatives, one of
             * (K, d): one bank shared by every anchor (a MoCo queue);
             * (B, K, d): anchor i's own K negatives;
-            * (M, d) with ``negative_indices`` (B, K) int64: anchor i's negatives are the rows
+            * (M, d) with ``negative_indices`` (B, K) int64 (or int32): anchor i's negatives are the rows
               ``negatives[negative_indices[i]]`` (repeats count as repeated negatives; no (B, K, d) copy);
             * None: in-batch, anchor i's negatives are the other anchors' positives (logits s A P^T, target i).
-        negative_indices: (B, K) int64 rows of ``negatives``, see above. An entry of -1 is padding: no negative
-            there (a variable number of negatives per anchor; faiss's -1 for a missing neighbour). An anchor
-            whose entries are all -1 has no negatives: loss 0.
+        negative_indices: (B, K) int64 (or int32) rows of ``negatives``, see above. An entry of -1 is padding:
+            no negative there (a variable number of negatives per anchor; faiss's -1 for a missing neighbour). An
+            anchor whose entries are all -1 has no negatives: loss 0.
         negative_mask: (B, K) bool, True where the negative counts (False: left out of anchor i's sum, as
             padding; its gradient is 0): for a shared bank (K, d) (say the queue rows of the anchor's own class),
             per-anchor negatives (B, K, d), or ``negative_indices``; in-batch, (B, B), where entry (i, i), the
             positive, always counts. A shared bank's and an in-batch mask go to the kernels (CPU: inside the GEMM
-            tiles; CUDA: inside the SIMT tiles, not the tensor cores); per-anchor and indexed negatives take -1
+            tiles; CUDA: inside the tensor-core tiles, or the SIMT ones for float32 without TF32 and float64);
+            per-anchor and indexed negatives take -1
             where it is False (a (B, K) int64 tensor; per-anchor negatives read as a (B K, d) bank: a view, or a
             copy where their layout has none, an expanded or permuted tensor).
         labels, negative_labels: integer class labels: a negative whose label equals its anchor's is left out of
@@ -1357,7 +1358,7 @@ def bank_cross_entropy(
     Args:
         anchors: (B, d) features.
         bank: (C, d) class weights (or any bank of rows).
-        targets: (B,) int64 row of the bank that is anchor i's target.
+        targets: (B,) int64 (or int32) row of the bank that is anchor i's target.
         temperature, normalize, reduction: as in :func:`info_nce` (normalize defaults to False here).
         ignore_index, label_smoothing: as in :func:`torch.nn.functional.cross_entropy`. A target equal to
             ``ignore_index`` (None: none) contributes nothing: loss 0 and no gradient, and ``"mean"`` divides by the

@@ -66,6 +66,28 @@ def _negative_validity(
     return valid
 
 
+def _label_mask(negatives: torch.Tensor | None, negative_indices: torch.Tensor | None,
+                negative_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                negative_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, K) bool, True where the negative's label differs from its anchor's, from ``labels`` (B,) and
+    ``negative_labels``: None in-batch (the positives carry ``labels``), (K,) for a shared bank, (B, K) for
+    per-anchor negatives, (M,) for the bank of ``negative_indices`` (padding and masked-out entries, which may
+    hold anything, read row 0: they are left out anyway)."""
+    if labels is None and negative_labels is None:
+        return None
+    if labels is None:
+        raise ValueError("negative_labels was given without labels")
+    if negatives is None:
+        if negative_labels is not None:
+            raise ValueError("in-batch the negatives are the positives, labelled labels: pass negative_labels=None")
+        return labels[:, None] != labels[None, :]
+    if negative_labels is None:
+        raise ValueError("labels was given without negative_labels")
+    if negative_indices is not None:
+        negative_labels = negative_labels[_kept_indices(negative_indices, negative_mask).clamp(min=0)]
+    return labels[:, None] != (negative_labels if negative_labels.dim() == 2 else negative_labels[None, :])
+
+
 def info_nce_reference(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -74,6 +96,8 @@ def info_nce_reference(
     *,
     negative_indices: torch.Tensor | None = None,
     negative_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
@@ -81,8 +105,13 @@ def info_nce_reference(
     """InfoNCE with materialised logits; same contract as :func:`contrastbound.info_nce`.
 
     loss_i = logsumexp(s a_i.p_i, s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i with s = 1 / temperature;
-    with ``negatives=None`` the logits are s A P^T and anchor i's target is column i.
+    with ``negatives=None`` the logits are s A P^T and anchor i's target is column i. ``labels`` /
+    ``negative_labels`` leave out the negatives of the anchor's class, as a (B, K) mask made here (see
+    :func:`_label_mask`) and'ed with ``negative_mask``.
     """
+    label_mask = _label_mask(negatives, negative_indices, negative_mask, labels, negative_labels)
+    if label_mask is not None:
+        negative_mask = label_mask if negative_mask is None else negative_mask & label_mask
     dt = _compute_dtype(anchors.dtype, compute_dtype)
     a = anchors.to(dt)
     p = positives.to(dt)

@@ -91,6 +91,12 @@ def test_labels_equal_their_mask_and_the_reference(device, dtype, case):
         assert_close_scaled(g, r, TOL[dtype], f"grad {name}")
     if case.startswith("shared"):
         assert abs(loss[1].item() - ref[1].item()) < 1e-2 * max(1.0, abs(ref[1].item()))  # one negative left
+    # the reference takes the labels as the loss does (its own mask from them): the same numbers as from the mask
+    ref_labels, ref_labels_grads = _loss_and_grads(info_nce_reference, *f64, {k: v.cpu() for k, v in kw.items()},
+                                                   **extra)
+    torch.testing.assert_close(ref_labels, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(ref_labels_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     # the labels mattered
     plain = {k: v for k, v in kw.items() if k == "negative_indices"}
     if "negative_indices" in plain:
@@ -158,6 +164,17 @@ def test_the_shared_bank_takes_no_mask():
     with Spy():
         cb.info_nce(a, p, n, **kw)
     assert seen == [], seen
+
+
+def test_the_reference_refuses_labels_it_cannot_pair():
+    a, p, n = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+    y, yn = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1, 2, 0])
+    with pytest.raises(ValueError, match="without labels"):
+        info_nce_reference(a, p, n, negative_labels=yn)
+    with pytest.raises(ValueError, match="without negative_labels"):
+        info_nce_reference(a, p, n, labels=y)
+    with pytest.raises(ValueError, match="negative_labels=None"):
+        info_nce_reference(a, p, None, labels=y, negative_labels=yn)
 
 
 def test_gradcheck_float64():
