@@ -10,6 +10,17 @@ import torch
 
 torch.set_float32_matmul_precision("highest")
 
+try:  # hypothesis: a failure prints the blob that replays it (@reproduce_failure); under CI the examples are
+    # derandomized (the same ones each run, so a red run can be rerun), elsewhere drawn afresh
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("contrastbound", print_blob=True)
+    _hypothesis_settings.register_profile("contrastbound-ci", print_blob=True, derandomize=True)
+    _hypothesis_settings.load_profile(os.environ.get(
+        "HYPOTHESIS_PROFILE", "contrastbound-ci" if os.environ.get("CI") else "contrastbound"))
+except ImportError:
+    pass
+
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 # Largest allowed error, relative to the largest magnitude of the float64 reference (loss or gradient).

@@ -127,7 +127,7 @@ def _worker(rank, world, init_file, out_dir):
         fb = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
         f32 = [x.detach().float() for x in fb]
         kernel32 = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
-        _backend.HAS_CPU_KERNEL = False
+        had_kernel, _backend.HAS_CPU_KERNEL = _backend.HAS_CPU_KERNEL, False
         try:
             fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
             fb_loss.backward()
@@ -138,7 +138,7 @@ def _worker(rank, world, init_file, out_dir):
             with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps float32, as the kernel
                 fb_autocast = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
         finally:
-            _backend.HAS_CPU_KERNEL = True
+            _backend.HAS_CPU_KERNEL = had_kernel
         fb_autocast_error = float((fb_autocast - kernel32).abs())
         # confident anchors in float32 (losses ~1e-6)
         ca, cp, cbank = _confident_data()
@@ -1072,6 +1072,7 @@ def test_refusals_with_process_group_single_rank(tmp_path):
                                    cb.info_nce(a, p, bank, labels=y, negative_labels=yb, reduction="none"))
         with torch.inference_mode():  # a queue's labels made under inference_mode: saved for backward as a copy
             yb_inference = yb.clone()
+        had_kernel = _backend.HAS_CPU_KERNEL
         for kernel in (True, False):
             _backend.HAS_CPU_KERNEL = kernel
             try:
@@ -1083,7 +1084,7 @@ def test_refusals_with_process_group_single_rank(tmp_path):
                                    negative_labels=torch.zeros(5, dtype=torch.long), process_group=g)
                 loss.backward()
             finally:
-                _backend.HAS_CPU_KERNEL = True
+                _backend.HAS_CPU_KERNEL = had_kernel
             assert float(loss) == 0.0, kernel
             assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in xs), kernel
         with pytest.raises(ValueError, match=r"labels was given without negative_labels: pass the labels of this "

@@ -297,7 +297,8 @@ def test_indexed_blocked_walk_gradcheck_and_threads(monkeypatch, walk):
     monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
     a, p, n, idx = make_inputs("indexed", B=5, K=40, d=6, dtype=torch.float64, M=13, seed=12)
     assert torch.autograd.gradcheck(
-        lambda a, p, n: cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3, reduction="none"), (a, p, n)
+        lambda a, p, n: cb.info_nce(a, p, n, negative_indices=idx, temperature=0.3, reduction="none"), (a, p, n),
+        eps=1e-6, atol=1e-7, rtol=1e-5
     )
     a, p, n, idx = make_inputs("indexed", B=37, K=3000, d=19, dtype=torch.float32, M=2000, seed=13)
     _assert_same_bits_with_1_and_2_threads(a, p, n, idx)
@@ -1626,8 +1627,10 @@ if given is not None:
         for name, x, y in zip(("first", "second", "negatives"), grads, want_grads):
             if y is None:  # bank_cross_entropy: positives unused
                 continue
-            assert_close_scaled(x if x is not None else torch.zeros_like(y), y, tol, f"{name} gradient",
-                                floor=1.0 / temperature)
+            # relative to the gradient's own largest entry: a floor of 1 / temperature (the logits' scale) let
+            # float32 negatives' gradients of 1/K-sized entries be 19% off (a test audit, 2026-12-02); 1500
+            # examples of every entry point and dtype passed without it
+            assert_close_scaled(x if x is not None else torch.zeros_like(y), y, tol, f"{name} gradient")
 
 else:
 

@@ -21,12 +21,16 @@ _KEEPS_GRAPH_ASSERTS = _TORCH >= (2, 9)
 
 def test_cpu_kernel_is_loaded():
     """Most tests compare cb.info_nce with the reference; without the compiled extension cb.info_nce *is* the
-    reference and they would pass comparing it with itself. CONTRASTBOUND_TEST_FALLBACK=1 runs the suite on the
-    fallback on purpose."""
+    reference and they would pass comparing it with itself. CONTRASTBOUND_TEST_FALLBACK=1 says a build without the
+    extension is meant (the suite then tests the fallback); it turns this check off, not the kernels."""
     if os.environ.get("CONTRASTBOUND_TEST_FALLBACK") == "1":
         pytest.skip("CONTRASTBOUND_TEST_FALLBACK=1: testing the pure-PyTorch fallback")
     info = cb.backend_info()
     assert info["cpu"] == "kernel", f"the CPU kernel is not serving: {info}"
+    # The clip and siglip tests skip (test_clip_kernel.py, test_siglip.py's needs_op) where their ops are missing, a
+    # build from before them or a stale one: here their absence fails instead of 126 tests skipping unnoticed
+    assert _backend.clip_kernel_serves(torch.device("cpu")), "the CPU clip kernel (contrastbound::clip_fwd) is missing"
+    assert info["siglip"] == "kernel" and _backend.HAS_SIGLIP_KERNEL, f"the siglip op is missing: {info}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -44,25 +48,25 @@ def test_gradcheck_float64(device, mode, normalize):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _op_samples(device):
+def _op_samples(device, dtype=torch.float32):
     """Argument tuples for info_nce_fwd covering every mode, with and without the saved anchor term."""
     out = []
     for mode in MODES:
         for save in (True, False):
-            a, p, n, idx = make_inputs(mode, B=4, K=7, d=3, dtype=torch.float32, device=device, M=5)
+            a, p, n, idx = make_inputs(mode, B=4, K=7, d=3, dtype=dtype, device=device, M=5)
             include_positive = mode != "in_batch"
             if n is None:
                 n = p
             out.append((a, p, n, idx, 2.5, True, include_positive, save))
     # Indexed with padding (-1: no negative), anchor 1's entries all padding.
-    a, p, n, idx = make_inputs("indexed", B=4, K=7, d=3, dtype=torch.float32, device=device, M=5)
+    a, p, n, idx = make_inputs("indexed", B=4, K=7, d=3, dtype=dtype, device=device, M=5)
     idx = idx.clone()
     idx[:, ::3] = -1
     idx[1] = -1
     for save in (True, False):
         out.append((a, p, n, idx, 2.5, True, True, save))
     # negative_mask over a shared bank (anchor 1 keeps nothing), and in-batch with exclude_self.
-    a, p, n, _ = make_inputs("shared", B=4, K=7, d=3, dtype=torch.float32, device=device)
+    a, p, n, _ = make_inputs("shared", B=4, K=7, d=3, dtype=dtype, device=device)
     mask = torch.rand(4, 7, generator=torch.Generator().manual_seed(3)).to(device) > 0.4
     mask[1] = False
     for save in (True, False):
@@ -75,20 +79,26 @@ def _op_samples(device):
     out.append((a, p, n, None, 1.5, True, True, True, False, None, mask, y, yn))
     out.append((a, p, p, None, 1.5, True, True, True, True, None, None, y, y))
     # NT-Xent: the anchors are the bank, bank row i excluded for anchor i.
-    z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=torch.float32, device=device)
+    z, zp, _, _ = make_inputs("in_batch", B=6, K=0, d=3, dtype=dtype, device=device)
     out.append((z, zp, z, None, 2.0, True, False, True, True))
     # bank_cross_entropy: bank row excluded[i] left out of anchor i's sum (-1 and 9: none; a repeat).
-    a, p, n, _ = make_inputs("shared", B=5, K=8, d=3, dtype=torch.float32, device=device)
+    a, p, n, _ = make_inputs("shared", B=5, K=8, d=3, dtype=dtype, device=device)
     excluded = torch.tensor([2, -1, 7, 2, 9], device=device)
     for save in (True, False):
         out.append((a, p, n, None, 1.5, True, True, save, False, excluded))
     return out
 
 
+# float64 and bfloat16 too: a fake kernel giving the wrong output dtype for float64 inputs passed every direct opcheck
+# when the samples were float32 only (a test audit, 2026-12-02)
+OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_forward(device):
-    for args in _op_samples(device):
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
+def test_opcheck_forward(device, dtype):
+    for args in _op_samples(device, dtype):
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd.default, args)
 
 
@@ -115,8 +125,9 @@ def test_opcheck_python_custom_ops(device):
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_backward(device):
-    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
+def test_opcheck_backward(device, dtype):
+    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device, dtype):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
         keep = rest[2] if len(rest) > 2 else None
@@ -125,7 +136,7 @@ def test_opcheck_backward(device):
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
                 a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded, keep, *lab
             )
-        g = torch.rand(a.shape[0], device=device)
+        g = torch.rand(a.shape[0], device=device, dtype=loss.dtype)
         for mask in ([True, True, True], [False, True, False]):
             args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, scale, normalize, include_positive, mask,
                     exclude, True, None, excluded, keep, *lab)
@@ -161,9 +172,10 @@ def test_backward_op_without_the_loss(device, scaled):
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_scaled_ops(device):
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
+def test_opcheck_scaled_ops(device, dtype):
     # The ops that take the logit scale as a tensor (learnable / tensor temperatures).
-    for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device):
+    for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device, dtype):
         exclude = rest[0] if rest else False
         excluded = rest[1] if len(rest) > 1 else None
         keep = rest[2] if len(rest) > 2 else None
@@ -175,7 +187,7 @@ def test_opcheck_scaled_ops(device):
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd_scaled(a, p, n, idx, s, normalize,
                                                                            include_positive, True, exclude, excluded,
                                                                            keep, *lab)
-        g = torch.rand(a.shape[0], device=device)
+        g = torch.rand(a.shape[0], device=device, dtype=loss.dtype)
         args = (g, a.detach(), p.detach(), n.detach(), idx, lse, term, s, normalize, include_positive,
                 [True, True, True], exclude, True)
         for saved_loss in (None, loss):

@@ -138,8 +138,10 @@ def test_same_bits_with_any_thread_count():
 def test_gradcheck_float64():
     x, y = _pair(6, 3, seed=5)
     s, b = _scalars(True, 3.0, -1.0)
-    assert torch.autograd.gradcheck(lambda *a: cb.siglip_loss(*a, reduction="none"), (x, y, s, b))
-    assert torch.autograd.gradcheck(lambda *a: cb.siglip_loss(*a, normalize=False), (x, y, s, b))
+    assert torch.autograd.gradcheck(lambda *a: cb.siglip_loss(*a, reduction="none"), (x, y, s, b),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda *a: cb.siglip_loss(*a, normalize=False), (x, y, s, b),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @needs_op
@@ -405,11 +407,6 @@ def test_float64_scale_and_bias_past_float32_range():
     with pytest.raises(RuntimeError, match="logit_bias must be below"):
         compiled(x, y, torch.tensor(10.0), torch.tensor(-1e39, dtype=torch.float64))
     assert torch.isfinite(compiled(x, y, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-1.0)))
-
-
-@needs_op
-def test_backend_info_names_the_op():
-    assert cb.backend_info()["siglip"] == "kernel"
 
 
 @needs_op

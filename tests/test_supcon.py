@@ -59,8 +59,10 @@ def test_gradcheck_float64():
     f = _case((6, 2, 3), seed=3)
     t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 0, 5, 1, 7])
-    assert torch.autograd.gradcheck(lambda f_, t_: cb.supcon_loss(f_, labels, t_, reduction="none"), (f, t))
-    assert torch.autograd.gradcheck(lambda f_: cb.supcon_loss(f_, labels, 0.4, normalize=False), (f,))
+    assert torch.autograd.gradcheck(lambda f_, t_: cb.supcon_loss(f_, labels, t_, reduction="none"), (f, t),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda f_: cb.supcon_loss(f_, labels, 0.4, normalize=False), (f,),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_two_views_without_labels_are_nt_xent():
@@ -219,9 +221,9 @@ def test_bank_gradcheck_float64():
     bank_labels = torch.tensor([5, 0, 2, 1, 1, 7])
     assert torch.autograd.gradcheck(
         lambda f_, b_, t_: cb.supcon_loss(f_, labels, t_, bank=b_, bank_labels=bank_labels, reduction="none"),
-        (f, bank, t))
+        (f, bank, t), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert torch.autograd.gradcheck(lambda f_, b_: cb.supcon_loss(f_, None, 0.4, bank=b_, normalize=False),
-                                    (f, bank))
+                                    (f, bank), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_bank_label_sums_in_slices_equal_one_pass():
