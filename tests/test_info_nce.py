@@ -480,6 +480,43 @@ def test_weighted_sum_accurate_at_large_k():
     assert_close_scaled(want, oracle, 1e-12, "float64 V")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shared_mask", "in_batch"])
+def test_more_than_2_31_logits(mode):
+    # B K > 2^31 logits at d = 2, in the memory a test can take: a shared bank with a (B, K) bool mask of 2.2 GB,
+    # each row a different rotation of one pattern (the mask's row offsets i K pass 2^31), and in-batch N^2. The
+    # anchors at the start, middle and end (past the 2^31-th logit), loss and gradient, against float64 over their
+    # own columns. About 25 s each on 2 cores. (Indices (B, K) past 2^31 take 8.6 GB as int32: not tested; with
+    # expanded indices the row offsets are 0.)
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU kernel's indexing")
+    g = torch.Generator().manual_seed(31)
+    B, K, d = (46343, 0, 2) if mode == "in_batch" else (257, (1 << 23) + 3, 2)
+    a, p = torch.randn(B, d, generator=g).requires_grad_(), torch.randn(B, d, generator=g).requires_grad_()
+    if mode == "shared_mask":
+        bank = torch.randn(K, d, generator=g)
+        pattern = torch.rand(K, generator=g) > 0.5
+        mask = torch.empty(B, K, dtype=torch.bool)
+        for i in range(B):
+            mask[i] = pattern.roll(977 * i)
+        loss = cb.info_nce(a, p, bank, negative_mask=mask, temperature=0.5, reduction="none")
+        columns = lambda i: bank[mask[i]]  # noqa: E731
+    else:
+        loss = cb.info_nce(a, p, None, temperature=0.5, reduction="none")
+        columns = lambda i: torch.cat([p.detach()[:i], p.detach()[i + 1:]])  # noqa: E731
+    assert B * (K or B) > 2**31
+    (grad,) = torch.autograd.grad(loss.sum(), a)
+    for i in (0, B // 2, B - 1):
+        ai = a.detach()[i].double().requires_grad_()
+        logits = 2.0 * torch.cat([(F.normalize(ai, dim=0) * F.normalize(p.detach()[i].double(), dim=0)).sum()[None],
+                                  F.normalize(columns(i).double(), dim=1) @ F.normalize(ai, dim=0)])
+        want = torch.logsumexp(logits, 0) - logits[0]
+        (want_grad,) = torch.autograd.grad(want, ai)
+        assert abs(float(loss[i]) - float(want)) <= 1e-6 * abs(float(want)), (i, float(loss[i]), float(want))
+        err = float((grad[i].double() - want_grad).norm() / want_grad.norm())
+        assert err < 1e-4, (i, err)
+
+
 @pytest.mark.parametrize("mode", ["shared", "indexed"])
 def test_bank_gradient_stays_tangent_with_many_hits_per_row(mode):
     # With normalize, the loss sees a bank row only through n_hat, so its gradient is orthogonal to n_hat. A row
