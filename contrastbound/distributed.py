@@ -10,8 +10,8 @@ Two strategies:
   uneven batches B_r, ``reduction="sum"`` scaled by W / sum B_r; by W / (2 sum B_r) for ``nt_xent``, whose two
   views per pair are two loss terms).
 * shard: :func:`info_nce_sharded` (also ``info_nce(..., process_group=group)`` and ``debiased_info_nce``) where
-  each rank holds a shard of a bank too large for one device. Rank r's loss is its own anchors against the whole bank; ranks exchange
-  anchors and per-anchor log-sum-exp partials (O(B d + B) per rank), never the bank.
+  each rank holds a shard of a bank too large for one device. Rank r's loss is its own anchors against the whole
+  bank; ranks exchange anchors and per-anchor log-sum-exp partials (O(B d + B) per rank), never the bank.
 """
 
 from __future__ import annotations

@@ -988,9 +988,9 @@ def info_nce(
             per-anchor negatives (B, K, d), or ``negative_indices``; in-batch, (B, B), where entry (i, i), the
             positive, always counts. A shared bank's and an in-batch mask go to the kernels (CPU: inside the GEMM
             tiles; CUDA: inside the tensor-core tiles, or the SIMT ones for float32 without TF32 and float64);
-            per-anchor and indexed negatives take -1
-            where it is False (a (B, K) int64 tensor; per-anchor negatives read as a (B K, d) bank: a view, or a
-            copy where their layout has none, an expanded or permuted tensor).
+            per-anchor and indexed negatives take -1 where it is False (a (B, K) int64 tensor; per-anchor
+            negatives read as a (B K, d) bank: a view, or a copy where their layout has none, an expanded or
+            permuted tensor).
         labels, negative_labels: integer class labels: a negative whose label equals its anchor's is left out of
             that anchor's sum, as negative_mask leaves it out (false negatives of the anchor's own class; the
             positive always counts). ``labels`` (B,), the anchors'; ``negative_labels``: (K,) for a shared bank,
