@@ -67,6 +67,16 @@ def test_several_anchor_blocks(mode):
     _check_against_reference(a, p, n, idx, torch.float64, temperature=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_chunk_of_several_bank_tiles(dtype):
+    # B = 40 > 32 anchors and K = 5000: a K chunk spans several 512-row bank tiles, and the anchors' weighted sum is
+    # rescaled as each tile raises the running max. A mutation audit's survivor (2026-12-02): without that rescale
+    # the anchor gradient was 7.2e-2 off (its largest entry 1.73), the losses unchanged; only a test comparing two
+    # thread counts, equally wrong, had such a chunk.
+    a, p, n, idx = make_inputs("shared", B=40, K=5000, d=24, dtype=dtype, seed=0)
+    _check_against_reference(a, p, n, idx, dtype, temperature=0.1, reduction="none")
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed"])
 def test_few_anchors_many_negatives_split_into_chunks(mode):
     # B = 2 with K = 3000: the kernel splits K into several chunks per anchor and merges their partial states.

@@ -194,6 +194,33 @@ def test_shared_bank_and_in_batch_masks_reach_the_cpu_tiles(monkeypatch):
         assert torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1])), case
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["transposed", "column_slice", "expanded_column", "expanded_row"])
+def test_a_mask_of_any_strides_gives_the_bits_of_its_contiguous_copy(device, layout):
+    # The kernels read a shared bank's and an in-batch mask through its strides. A mutation audit's survivor
+    # (2026-12-02): the tile's column offset taken without the column stride read a transposed mask wrongly from the
+    # second bank tile on (loss 0.211 off at K = 1100), and every mask tested had column stride 1. K = 1100 is three
+    # bank tiles of 512; B = 8 keeps a transposed mask's row stride small.
+    g = torch.Generator().manual_seed(17)
+    for case in ("shared_mask", "in_batch_mask"):
+        B, K = (8, 1100) if case == "shared_mask" else (1100, 0)
+        a, p, n, kw = _inputs(case, B=B, K=K, d=16, dtype=torch.float32, device=device, seed=17)
+        cols = kw["negative_mask"].shape[1]
+        if layout == "transposed":
+            mask = (torch.rand(cols, B, generator=g) < 0.5).t()
+        elif layout == "column_slice":
+            mask = (torch.rand(B, 2 * cols, generator=g) < 0.5)[:, ::2]
+        elif layout == "expanded_column":  # a row per anchor: all of its negatives kept, or none
+            mask = (torch.rand(B, 1, generator=g) < 0.5).expand(B, cols)
+        else:
+            mask = (torch.rand(1, cols, generator=g) < 0.5).expand(B, cols)
+        mask = mask.to(device)
+        assert not mask.is_contiguous()
+        x = _grads(cb.info_nce, a, p, n, {"negative_mask": mask}, temperature=0.1, reduction="none")
+        y = _grads(cb.info_nce, a, p, n, {"negative_mask": mask.contiguous()}, temperature=0.1, reduction="none")
+        assert torch.equal(x[0], y[0]) and all(torch.equal(u, v) for u, v in zip(x[1], y[1])), case
+
+
 @pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
 def test_the_op_checks_its_mask():
     a, p, n, kw = _inputs("shared_mask", B=4, K=6, d=3, dtype=torch.float32)
