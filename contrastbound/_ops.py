@@ -46,6 +46,13 @@ def savable(x):
     return x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x
 
 
+def _check_output_mask(output_mask, n: int) -> None:
+    """The backward ops' bool[n] (which gradients to form): the fake kernels indexed it, an IndexError for a short
+    list and a long one taken (an op audit). The real kernels' schema conversion refuses both, in torch's words."""
+    if len(output_mask) != n:
+        raise ValueError(f"output_mask must list {n} bools (which gradients to form), got {len(output_mask)}")
+
+
 def _same_device(anchors: torch.Tensor, **tensors) -> None:
     """A meta tensor among real ones sends the call to the fake kernels, which would return uninitialised real
     tensors: every tensor argument must be on the device of anchors (the scale of the *_scaled ops may be on any)."""
@@ -84,6 +91,8 @@ if _backend.EXTENSION_LOADED:
                      excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
         if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
             raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
+
+        _check_output_mask(output_mask, 3)
 
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -167,6 +176,9 @@ if _backend.EXTENSION_LOADED:
         @torch.library.register_fake("contrastbound::clip_bwd")
         def _clip_bwd_fake(grad_loss, image, text, loss, lse, scale, normalize, output_mask):
             _same_device(image, grad_loss=grad_loss, text=text, loss=loss, lse=lse)
+            if scale.device.type == "meta" and image.device.type != "meta":  # (uninitialised gradients back: an audit)
+                raise ValueError(f"scale is on the meta device but image is on {image.device}")
+            _check_output_mask(output_mask, 2)
 
             def out(x, needed):
                 return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -218,6 +230,7 @@ if _backend.EXTENSION_LOADED and _backend.HAS_SIGLIP_KERNEL:
     def _siglip_bwd_fake(grad_loss, image, text, scale, bias, output_mask):
         _same_device(image, grad_loss=grad_loss, text=text)
         _siglip_scalars_have_values(image, scale, bias)
+        _check_output_mask(output_mask, 4)
 
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))

@@ -579,11 +579,29 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
 def _attach_scale_grad(loss: torch.Tensor, scale: torch.Tensor, dloss_dscale: torch.Tensor) -> torch.Tensor:
     """loss unchanged (a copy); backward hands the scale sum(grad * dloss/dscale), and refuses a second
     differentiation (dloss/dscale is computed without a graph: a Hessian through it would be silently wrong)."""
+    _check_attach_scale_grad(loss, scale, dloss_dscale)
     return loss.clone()
+
+
+def _check_attach_scale_grad(loss: torch.Tensor, scale: torch.Tensor, dloss_dscale: torch.Tensor) -> None:
+    """For a direct call of the op (the library passes these right): a meta tensor among real ones sent the call to
+    the fake kernel (uninitialised memory back), and a dloss_dscale that broadcast against loss gave the scale a
+    wrong gradient without an error (an op audit, 2026-12-02)."""
+    for name, t in (("loss", loss), ("scale", scale), ("dloss_dscale", dloss_dscale)):
+        if not t.is_floating_point():
+            raise TypeError(f"attach_scale_grad: {name} must be a floating tensor, got {t.dtype}")
+        if t.device.type == "meta" and loss.device.type != "meta":
+            raise ValueError(f"attach_scale_grad: {name} is on the meta device but loss is on {loss.device}")
+    if dloss_dscale.shape != loss.shape or dloss_dscale.device != loss.device:
+        raise ValueError(f"attach_scale_grad: dloss_dscale must have loss's shape {tuple(loss.shape)} on "
+                         f"{loss.device}, got {tuple(dloss_dscale.shape)} on {dloss_dscale.device}")
+    if scale.numel() != 1:
+        raise ValueError(f"attach_scale_grad: scale must have one element, got shape {tuple(scale.shape)}")
 
 
 @_attach_scale_grad.register_fake
 def _(loss, scale, dloss_dscale):
+    _check_attach_scale_grad(loss, scale, dloss_dscale)
     return torch.empty_like(loss)
 
 
@@ -616,6 +634,16 @@ def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tenso
     gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
     place instead. Returns (loss, lse, V) as the forward op does; lse and V are not differentiable.
     """
+    # A direct call of the op named the inner op's arguments (excluded, positives) or none (an op audit)
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1 or \
+            rows.shape[0] != anchors.shape[0] or rows.device != anchors.device:
+        got = (f"{rows.dtype} of shape {tuple(rows.shape)} on {rows.device}" if isinstance(rows, torch.Tensor)
+               else type(rows).__name__)
+        raise ValueError(f"bank_rows_fwd: rows (the targets) must be int64 of shape (B,) = ({anchors.shape[0]},) on "
+                         f"{anchors.device}, got {got}")
+    if bank.dim() != 2 or anchors.dim() != 2 or bank.shape[1] != anchors.shape[1]:
+        raise ValueError(f"bank_rows_fwd: anchors (B, d) and bank (C, d) must be 2-d with the same d, got "
+                         f"{tuple(anchors.shape)} and {tuple(bank.shape)}")
     if rows.device.type == "cpu" and rows.numel() and not isinstance(rows, FakeTensor):
         # Under torch.compile the caller's range check is an op in the graph, which may run after this one (it
         # did with ignore_index: index_select's "index out of range in self" named nothing). On the CPU the check

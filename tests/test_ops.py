@@ -195,6 +195,49 @@ def test_opcheck_scaled_ops(device, dtype):
                                   (*args, saved_loss, excluded, keep, *lab))
 
 
+@needs_kernel
+def test_direct_calls_of_the_ops_refuse_what_their_fakes_took():
+    # An op audit (2026-12-02): a meta scale among CPU tensors sent clip_bwd and attach_scale_grad to their fake
+    # kernels, which returned uninitialised memory; attach_scale_grad broadcast a (B, 1) dloss_dscale into a wrong
+    # scale gradient; the fakes indexed output_mask (a short list: IndexError, a long one taken); bank_rows_fwd named
+    # its inner op's arguments (excluded, positives)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.contrastbound
+    i, t = torch.randn(5, 3), torch.randn(5, 3)
+    meta_scale = torch.tensor(10.0, device="meta")
+    if hasattr(ops, "clip_bwd"):
+        loss, lse, _ = ops.clip_fwd(i, t, torch.tensor(10.0), True, False)
+        with pytest.raises(ValueError, match="scale is on the meta device"):
+            ops.clip_bwd(torch.ones(2, 5), i, t, loss, lse, meta_scale, True, [True, True])
+    loss = torch.arange(4.0)
+    for args, exc, text in (((loss, meta_scale, torch.ones(4)), ValueError, "scale is on the meta device"),
+                            ((loss, torch.tensor(2.0), torch.ones(4, device="meta")), ValueError, "dloss_dscale is on"),
+                            ((loss, torch.tensor(2.0), torch.ones(4, 1)), ValueError, "loss's shape"),
+                            ((loss, torch.tensor(2.0), torch.ones(1)), ValueError, "loss's shape"),
+                            ((loss, torch.ones(3), torch.ones(4)), ValueError, "one element"),
+                            ((loss, torch.tensor(2), torch.ones(4)), TypeError, "scale must be a floating")):
+        with pytest.raises(exc, match=text):
+            ops.attach_scale_grad(*args)
+    scale = torch.tensor(2.0, requires_grad=True)
+    ops.attach_scale_grad(loss, scale, torch.full((4,), 0.5)).sum().backward()
+    assert float(scale.grad) == 2.0  # sum(grad * dloss_dscale), grad = 1
+    a, w = torch.randn(4, 3), torch.randn(6, 3)
+    for rows, text in ((torch.tensor([0, 1, 2, 3], dtype=torch.int32), "rows"), (torch.tensor([0, 1, 2]), "rows"),
+                       (torch.tensor([[0, 1, 2, 3]]), "rows")):
+        with pytest.raises(ValueError, match=f"bank_rows_fwd: {text}"):
+            ops.bank_rows_fwd(a, w, rows, None, 2.0, True, False)
+    with pytest.raises(ValueError, match="same d"):
+        ops.bank_rows_fwd(a, torch.randn(6, 5), torch.tensor([0, 1, 2, 3]), None, 2.0, True, False)
+    with FakeTensorMode() as mode:
+        a_f, p_f, n_f = (mode.from_tensor(x) for x in (torch.randn(4, 3), torch.randn(4, 3), torch.randn(7, 3)))
+        _, lse, term = ops.info_nce_fwd(a_f, p_f, n_f, None, 2.0, True, True, True)
+        g = mode.from_tensor(torch.ones(4))
+        for output_mask in ([True, True], [True, True, True, True]):
+            with pytest.raises(ValueError, match="output_mask must list 3 bools"):
+                ops.info_nce_bwd(g, a_f, p_f, n_f, None, lse, term, 2.0, True, True, output_mask)
+
+
 def _train_step_losses(compiled: bool, steps: int = 3):
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
