@@ -229,6 +229,13 @@ def test_direct_calls_of_the_ops_refuse_what_their_fakes_took():
             ops.bank_rows_fwd(a, w, rows, None, 2.0, True, False)
     with pytest.raises(ValueError, match="same d"):
         ops.bank_rows_fwd(a, torch.randn(6, 5), torch.tensor([0, 1, 2, 3]), None, 2.0, True, False)
+    if hasattr(ops, "siglip_fwd"):  # NaN or inf losses for these, an int or complex grad_loss taken
+        for s_, b_ in ((float("nan"), -1.0), (float("inf"), -1.0), (10.0, float("nan"))):
+            with pytest.raises(ValueError, match="siglip: scale and bias must be finite"):
+                ops.siglip_fwd(i, t, torch.tensor(s_), torch.tensor(b_))
+        with pytest.raises(TypeError, match="siglip: grad_loss must be a floating"):
+            ops.siglip_bwd(torch.ones(5, dtype=torch.int64), i, t, torch.tensor(10.0), torch.tensor(-1.0),
+                           [True, True, True, True])
     with FakeTensorMode() as mode:
         a_f, p_f, n_f = (mode.from_tensor(x) for x in (torch.randn(4, 3), torch.randn(4, 3), torch.randn(7, 3)))
         _, lse, term = ops.info_nce_fwd(a_f, p_f, n_f, None, 2.0, True, True, True)

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -107,6 +108,9 @@ Scalars scalars_of(const Tensor& scale, const Tensor& bias, const Tensor& like) 
   if (sc.host) {
     sc.s = scale.to(at::kDouble).item<double>();
     sc.b = bias.to(at::kDouble).item<double>();
+    // siglip_loss checks them first; a direct call of the op gave NaN or inf losses for them (an op audit).
+    TORCH_CHECK_VALUE(std::isfinite(sc.s) && std::isfinite(sc.b), "siglip: scale and bias must be finite, got ",
+                      sc.s, " and ", sc.b);
   } else {
     sc.st = scale.reshape({}).to(like.options());
     sc.bt = bias.reshape({}).to(like.options());
@@ -185,6 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
   const int64_t B = image.size(0), M = text.size(0), d = image.size(1);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B, "siglip: grad_loss must be (B,) = (", B,
                     ",), got ", grad_loss.sizes());
+  TORCH_CHECK_TYPE(grad_loss.is_floating_point(), "siglip: grad_loss must be a floating tensor, got ",
+                   grad_loss.scalar_type());
   const Tensor X = image.to(acc_type(image)).contiguous(), Y = text.to(acc_type(image)).contiguous();
   const Tensor g = grad_loss.to(X.options()).contiguous();
   const Scalars sc = scalars_of(scale, bias, X);
