@@ -2321,7 +2321,8 @@ class SigLIP(_LogitScaleLoss):
     ``learnable=False`` both are fixed numbers (hyperparameters, not in ``state_dict``). ``module.logit_scale = s``
     sets the scale (the parameter's log in place), ``module.logit_bias = b`` (a number) the bias (the parameter in
     place). ``normalize``, ``reduction`` and ``process_group`` as in :func:`siglip_loss`. A cast that would store
-    the learnable bias as inf (``.half()`` of a bias beyond 65504) raises ValueError and leaves the module as it was.
+    the learnable bias as inf (``.half()`` of a bias beyond 65504) raises ValueError and leaves this module as it
+    was (a containing module's children cast before it stay cast); so does ``reset_parameters`` in such a dtype.
     """
 
     _function = "siglip_loss"
@@ -2385,7 +2386,8 @@ class SigLIP(_LogitScaleLoss):
         # as it was (as NegativeQueue refuses such a cast of its keys). fn is tried on the 0-d bias alone first.
         bias = self._parameters.get("logit_bias")
         if bias is not None and bias.device.type != "meta":
-            cast = fn(bias.detach())
+            bias = bias.detach()  # (float() of a parameter that requires grad warns)
+            cast = fn(bias)
             if cast.dtype != bias.dtype and cast.device.type != "meta" and cast.is_floating_point() and \
                     torch.finfo(cast.dtype).max < torch.finfo(bias.dtype).max and \
                     not math.isfinite(float(cast)) and math.isfinite(float(bias)):
@@ -2403,6 +2405,12 @@ class SigLIP(_LogitScaleLoss):
         """Sets learnable scale and bias back to their initial values (what ``to_empty`` and FSDP's deferred
         initialisation call)."""
         if self.learnable:
+            # (a meta module cast to float16, then to_empty: the cast check saw no value; a review's find)
+            stored = float(torch.tensor(self._initial[1], dtype=self.logit_bias.dtype, device="cpu"))
+            if not math.isfinite(stored):
+                raise ValueError(f"SigLIP learns logit_bias in {self.logit_bias.dtype}: its initial value "
+                                 f"{self._initial[1]:g} (stored as {stored:g}) is beyond that range (.double() or "
+                                 ".float() the module)")
             self.log_logit_scale.fill_(math.log(self._initial[0]))
             self.logit_bias.fill_(self._initial[1])
 

@@ -72,7 +72,7 @@ def _label_mask(negatives: torch.Tensor | None, negative_indices: torch.Tensor |
     """(B, K) bool, True where the negative's label differs from its anchor's, from ``labels`` (B,) and
     ``negative_labels``: None in-batch (the positives carry ``labels``), (K,) for a shared bank, (B, K) for
     per-anchor negatives, (M,) for the bank of ``negative_indices`` (padding and masked-out entries, which may
-    hold anything, read row 0: they are left out anyway)."""
+    hold anything, read an appended label: they are left out anyway)."""
     if labels is None and negative_labels is None:
         return None
     if labels is None:
@@ -84,7 +84,10 @@ def _label_mask(negatives: torch.Tensor | None, negative_indices: torch.Tensor |
     if negative_labels is None:
         raise ValueError("labels was given without negative_labels")
     if negative_indices is not None:
-        negative_labels = negative_labels[_kept_indices(negative_indices, negative_mask).clamp(min=0)]
+        # padding and left-out entries read an appended row (an empty bank's labels have no row 0)
+        kept = _kept_indices(negative_indices, negative_mask)
+        padded = torch.cat([negative_labels, negative_labels.new_zeros(1)])
+        negative_labels = padded[torch.where(kept < 0, negative_labels.shape[0], kept)]
     return labels[:, None] != (negative_labels if negative_labels.dim() == 2 else negative_labels[None, :])
 
 

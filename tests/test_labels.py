@@ -166,6 +166,17 @@ def test_the_shared_bank_takes_no_mask():
     assert seen == [], seen
 
 
+def test_the_reference_takes_labels_of_an_empty_indexed_bank():
+    # every index padding (-1) into a bank of no rows: loss 0, as info_nce gives; the labels' gather raised
+    # IndexError there (a review's find)
+    a, p = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    kw = dict(negative_indices=torch.full((3, 2), -1), labels=torch.tensor([0, 1, 0]),
+              negative_labels=torch.empty(0, dtype=torch.long), reduction="none")
+    bank = torch.empty(0, 4, dtype=torch.float64)
+    assert torch.equal(info_nce_reference(a, p, bank, **kw), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(cb.info_nce(a, p, bank, **kw), info_nce_reference(a, p, bank, **kw))
+
+
 def test_the_reference_refuses_labels_it_cannot_pair():
     a, p, n = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
     y, yn = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1, 2, 0])
