@@ -17,7 +17,7 @@ warm-up's loss and gradients freed and read against a baseline taken then, the i
 extra (ru_maxrss, not resettable, where /proc is missing: then the peak covers the warm-up, from a baseline taken
 once the inputs exist). Before 2026-12-01 the extra counted the warm-up. Plain PyTorch is skipped where its matrix
 and the copies its step holds would take more than --mem-fraction of the memory available when the script starts
-(MemAvailable; before 2026-12-02 a fixed 16 GiB).
+(MemAvailable, else the physical memory; before 2026-12-02 a fixed 16 GiB).
 
     python benchmarks/bench_training.py                       # every loss, N = 2^10 ... 2^16, d = 128, float32
     python benchmarks/bench_training.py --losses nt_xent,clip_loss,supcon_loss  # results/bench_training.csv
@@ -34,6 +34,7 @@ import argparse
 import csv
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -244,7 +245,13 @@ def main() -> int:
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     from contrastbound.benchsuite.harness import available_mib
 
-    plain_limit_mib = args.mem_fraction * available_mib("cpu")
+    available = available_mib("cpu")
+    if not math.isfinite(available):  # (no /proc/meminfo: the physical memory, else the old fixed 16 GiB)
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        except (ValueError, OSError, AttributeError):
+            available = 16 * 1024 / args.mem_fraction
+    plain_limit_mib = args.mem_fraction * available
     rows = []
     print(f"d = {args.d}, float32, {args.threads} threads; each row a fresh process")
     print(f"{'loss':>17} {'N':>7} {'method':>6} {'time s':>8} {'extra MiB':>10} {'warm-up MiB':>11} "

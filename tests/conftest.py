@@ -10,14 +10,14 @@ import torch
 
 torch.set_float32_matmul_precision("highest")
 
-try:  # hypothesis: a failure prints the blob that replays it (@reproduce_failure); under CI the examples are
-    # derandomized (the same ones each run, so a red run can be rerun), elsewhere drawn afresh
+try:  # hypothesis: where CI is set, hypothesis loads its own "ci" profile (derandomized: the same examples each
+    # run; the replay blob printed). Elsewhere the examples are drawn afresh and a failure prints the blob that
+    # replays it (@reproduce_failure), unless --hypothesis-profile chose a profile
     from hypothesis import settings as _hypothesis_settings
 
-    _hypothesis_settings.register_profile("contrastbound", print_blob=True)
-    _hypothesis_settings.register_profile("contrastbound-ci", print_blob=True, derandomize=True)
-    _hypothesis_settings.load_profile(os.environ.get(
-        "HYPOTHESIS_PROFILE", "contrastbound-ci" if os.environ.get("CI") else "contrastbound"))
+    if not os.environ.get("CI") and getattr(_hypothesis_settings, "_current_profile", "default") == "default":
+        _hypothesis_settings.register_profile("contrastbound", print_blob=True)
+        _hypothesis_settings.load_profile("contrastbound")
 except ImportError:
     pass
 

@@ -506,7 +506,7 @@ def test_bench_training_script_leaves_the_warm_up_apart(tmp_path):
     assert all(float(r["warmup_extra_mib"]) > 2 * float(r["extra_mib"]) for r in rows), rows
 
 
-def test_bench_training_script_skips_plain_by_the_memory_available(tmp_path):
+def test_bench_training_script_skips_plain_by_the_memory_available(tmp_path, monkeypatch):
     # plain PyTorch was skipped above a fixed 16 GiB of matrices, whatever the machine had: a 24 GiB machine ran a
     # 16 GiB step, and a large one skipped what it could run. The 512 x 512 float32 matrix is 1 MiB (x 4 copies):
     # a fraction of the available memory below that skips it, the default runs it
@@ -523,6 +523,20 @@ def test_bench_training_script_skips_plain_by_the_memory_available(tmp_path):
     proc = subprocess.run([sys.executable, script, "--mem-fraction", "0", "--out", str(tmp_path / "z")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--mem-fraction" in proc.stderr, proc.stderr
+    # without /proc/meminfo (available_mib: inf) the physical memory stands in, not "no limit" (a review's find)
+    import runpy
+
+    from contrastbound.benchsuite import harness
+
+    monkeypatch.setattr(harness, "available_mib", lambda device: float("inf"))
+    monkeypatch.setattr(sys, "argv", [script, "--min-log2n", "8", "--max-log2n", "8", "-d", "8", "--reps", "1",
+                                      "--threads", "1", "--losses", "nt_xent", "--mem-fraction", "1e-9", "--out",
+                                      str(tmp_path / "nomem")])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(script, run_name="__main__")
+    assert done.value.code == 0
+    (row,) = [r for r in csv.DictReader(open(str(tmp_path / "nomem") + ".csv")) if r["method"] == "plain"]
+    assert row["time_s"] == "" and "GiB available" in row["note"], row
 
 
 def test_bench_infonce_script_times_the_gemm_first(tmp_path):

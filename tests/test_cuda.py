@@ -48,14 +48,14 @@ def _compare(a, p, n, idx, dtype, check_cpu=True, **kw):
     for name, g, r in zip("apn", grads, ref_grads):
         assert g.dtype == dtype and g.device.type == "cuda" and g.shape == r.shape
         assert_close_scaled(g, r, TOL[dtype], f"grad {name} vs reference")
-        err = _rel_err(g, r)
+        err = _rel_err(g, r, floor_rms=1e-9)
         assert err <= GRAD_REL[dtype], f"grad {name} vs reference: relative norm error {err:.3g} > {GRAD_REL[dtype]}"
     if check_cpu:
         cpu_loss, cpu_grads = _run(cb.info_nce, *_leaves_on("cpu", dtype, a, p, n), idx_cpu, **kw)
         assert_close_scaled(loss, cpu_loss, 2 * TOL[dtype], "loss vs CPU kernel")
         for name, g, r in zip("apn", grads, cpu_grads):
             assert_close_scaled(g, r, 2 * TOL[dtype], f"grad {name} vs CPU kernel")
-            err = _rel_err(g, r)
+            err = _rel_err(g, r, floor_rms=1e-9)
             assert err <= 2 * GRAD_REL[dtype], f"grad {name} vs CPU kernel: relative norm error {err:.3g}"
 
 
@@ -72,10 +72,14 @@ def test_cuda_kernel_is_registered():
 def test_matches_cpu_and_reference(dtype, mode, normalize, B, K, d):
     # 1037 and 300 are multiples of no tile (64, 32); B = 130 crosses anchor blocks; d = 257 crosses feature chunks.
     a, p, n, idx = make_inputs(mode, B=B, K=K, d=d, dtype=dtype, device=CUDA)
+    if not normalize:
+        # rows of norm ~1: with unit-variance entries the positive logit (~d / 0.2, 1285 at d = 257) left every
+        # negative below e^-900, the float64 loss and gradients exactly 0, and these cases unable to fail (a review)
+        a, p, n = _leaves_on(CUDA, dtype, *(None if x is None else x.detach().double() * d**-0.5 for x in (a, p, n)))
     kw = dict(temperature=0.2, normalize=normalize, reduction="none")
     if mode == "in_batch" and not normalize:
-        # Unnormalised in-batch logits reach ~1600 here and the loss lse - l_ii is a difference of two such numbers:
-        # its rounding error is relative to the logits (a few float32 ulps of 1600 ~ 1e-3), not to the loss (~0).
+        # Unnormalised in-batch logits (~1600 before the inputs were scaled by d^-0.5) and the loss lse - l_ii is a
+        # difference of two such numbers: its rounding error is relative to the logits, not to the loss (~0).
         # And p_i's gradient is the sum of its gradient as a positive and as a bank row, each rounded to the
         # input type first (two roundings of parts ~4x larger than the sum in bfloat16): tolerance 4 x TOL there.
         loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
@@ -434,12 +438,14 @@ def test_nt_xent_cuda_matches_reference(dtype, N):
 TC_REL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1.5e-2}
 
 
-def _rel_err(x, ref):
-    """||x - ref|| / max(||ref||, 1e-3 sqrt(n)): relative, except where the reference itself is at rounding level
-    (e.g. gradients of e^-200-sized softmax weights, or d = 1 with normalisation, where they vanish exactly)."""
+def _rel_err(x, ref, floor_rms=1e-3):
+    """||x - ref|| / max(||ref||, floor_rms sqrt(n)): relative, except where the reference itself is at rounding
+    level (e.g. gradients of e^-200-sized softmax weights, or d = 1 with normalisation, where they vanish exactly).
+    The tensor-core tests keep 1e-3 (set on hardware); _compare passes 1e-9, since its problems' gradients have an
+    RMS below 1e-3 (a shared bank of 40000 rows), where 1e-3 made the check absolute and passed an all-zero one."""
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(x).all()
-    floor = 1e-3 * max(1, ref.numel()) ** 0.5
+    floor = floor_rms * max(1, ref.numel()) ** 0.5
     return ((x - ref).norm() / max(ref.norm().item(), floor)).item()
 
 
