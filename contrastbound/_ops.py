@@ -53,6 +53,14 @@ def _check_output_mask(output_mask, n: int) -> None:
         raise ValueError(f"output_mask must list {n} bools (which gradients to form), got {len(output_mask)}")
 
 
+def _scalars_have_values(like: torch.Tensor, like_is: str, **scalars) -> None:
+    """A meta scalar (scale, bias) among real tensors sends the call to the fake kernels, which would return
+    uninitialised real tensors; scalars may otherwise be on any device. like_is: "anchors are", "image is", ..."""
+    for name, t in scalars.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "meta" and like.device.type != "meta":
+            raise ValueError(f"{name} is on the meta device but {like_is} on {like.device}")
+
+
 def _same_device(anchors: torch.Tensor, **tensors) -> None:
     """A meta tensor among real ones sends the call to the fake kernels, which would return uninitialised real
     tensors: every tensor argument must be on the device of anchors (the scale of the *_scaled ops may be on any)."""
@@ -71,8 +79,7 @@ if _backend.EXTENSION_LOADED:
     ):
         _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices,
                      excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
-        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
-            raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
+        _scalars_have_values(anchors, "anchors are", scale=scale)
         B, d = anchors.shape
         acc = _acc_dtype(anchors.dtype)
         loss = anchors.new_empty((B,), dtype=acc)
@@ -89,8 +96,7 @@ if _backend.EXTENSION_LOADED:
         _same_device(anchors, grad_loss=grad_loss, positives=positives, negatives=negatives,
                      negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss,
                      excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
-        if isinstance(scale, torch.Tensor) and scale.device.type == "meta" and anchors.device.type != "meta":
-            raise ValueError(f"scale is on the meta device but anchors are on {anchors.device}")
+        _scalars_have_values(anchors, "anchors are", scale=scale)
 
         _check_output_mask(output_mask, 3)
 
@@ -166,8 +172,7 @@ if _backend.EXTENSION_LOADED:
         @torch.library.register_fake("contrastbound::clip_fwd")
         def _clip_fwd_fake(image, text, scale, normalize, save_scale_grad):
             _same_device(image, text=text)
-            if scale.device.type == "meta" and image.device.type != "meta":
-                raise ValueError(f"scale is on the meta device but image is on {image.device}")
+            _scalars_have_values(image, "image is", scale=scale)
             n = image.shape[0]
             acc = _acc_dtype(image.dtype)
             return (image.new_empty((2, n), dtype=acc), image.new_empty((2, n), dtype=torch.float64),
@@ -176,8 +181,7 @@ if _backend.EXTENSION_LOADED:
         @torch.library.register_fake("contrastbound::clip_bwd")
         def _clip_bwd_fake(grad_loss, image, text, loss, lse, scale, normalize, output_mask):
             _same_device(image, grad_loss=grad_loss, text=text, loss=loss, lse=lse)
-            if scale.device.type == "meta" and image.device.type != "meta":  # (uninitialised gradients back: an audit)
-                raise ValueError(f"scale is on the meta device but image is on {image.device}")
+            _scalars_have_values(image, "image is", scale=scale)  # (it returned uninitialised gradients: an audit)
             _check_output_mask(output_mask, 2)
 
             def out(x, needed):
@@ -214,22 +218,16 @@ if _backend.EXTENSION_LOADED:
 if _backend.EXTENSION_LOADED and _backend.HAS_SIGLIP_KERNEL:
     # siglip_fwd / siglip_bwd (csrc/cpu/siglip.cpp): the negative pairs' softplus sums (B,) and their gradients;
     # all four inputs (image, text, scale, bias) are differentiable.
-    def _siglip_scalars_have_values(image, scale, bias):
-        # (a meta scale among CPU features would send the call here, which returns uninitialised memory)
-        for name, t in (("scale", scale), ("bias", bias)):
-            if t.device.type == "meta" and image.device.type != "meta":
-                raise ValueError(f"{name} is on the meta device but image is on {image.device}")
-
     @torch.library.register_fake("contrastbound::siglip_fwd")
     def _siglip_fwd_fake(image, text, scale, bias):
         _same_device(image, text=text)
-        _siglip_scalars_have_values(image, scale, bias)
+        _scalars_have_values(image, "image is", scale=scale, bias=bias)
         return image.new_empty((image.shape[0],), dtype=_acc_dtype(image.dtype))
 
     @torch.library.register_fake("contrastbound::siglip_bwd")
     def _siglip_bwd_fake(grad_loss, image, text, scale, bias, output_mask):
         _same_device(image, grad_loss=grad_loss, text=text)
-        _siglip_scalars_have_values(image, scale, bias)
+        _scalars_have_values(image, "image is", scale=scale, bias=bias)
         _check_output_mask(output_mask, 4)
 
         def out(x, needed):

@@ -590,8 +590,7 @@ def _check_attach_scale_grad(loss: torch.Tensor, scale: torch.Tensor, dloss_dsca
     for name, t in (("loss", loss), ("scale", scale), ("dloss_dscale", dloss_dscale)):
         if not t.is_floating_point():
             raise TypeError(f"attach_scale_grad: {name} must be a floating tensor, got {t.dtype}")
-        if t.device.type == "meta" and loss.device.type != "meta":
-            raise ValueError(f"attach_scale_grad: {name} is on the meta device but loss is on {loss.device}")
+    _ops._scalars_have_values(loss, "loss is", scale=scale, dloss_dscale=dloss_dscale)
     if dloss_dscale.shape != loss.shape or dloss_dscale.device != loss.device:
         raise ValueError(f"attach_scale_grad: dloss_dscale must have loss's shape {tuple(loss.shape)} on "
                          f"{loss.device}, got {tuple(dloss_dscale.shape)} on {dloss_dscale.device}")
