@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from . import _op_checks as checks
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,6 +81,12 @@ if _backend.EXTENSION_LOADED:
         _same_device(anchors, positives=positives, negatives=negatives, negative_indices=negative_indices,
                      excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
         _scalars_have_values(anchors, "anchors are", scale=scale)
+        if isinstance(scale, torch.Tensor):  # (the *_scaled ops read it first)
+            checks.check_scale(scale, anchors.dtype)
+        checks.check_info_nce_inputs(anchors, positives, negatives, negative_indices, exclude_self)
+        checks.check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, negative_indices,
+                              exclude_self)
+        checks.check_scale(scale, anchors.dtype)
         B, d = anchors.shape
         acc = _acc_dtype(anchors.dtype)
         loss = anchors.new_empty((B,), dtype=acc)
@@ -97,8 +104,14 @@ if _backend.EXTENSION_LOADED:
                      negative_indices=negative_indices, lse=lse, anchor_term=anchor_term, loss=loss,
                      excluded=excluded, negative_mask=negative_mask, labels=labels, negative_labels=negative_labels)
         _scalars_have_values(anchors, "anchors are", scale=scale)
-
         _check_output_mask(output_mask, 3)
+        if isinstance(scale, torch.Tensor):
+            checks.check_scale(scale, anchors.dtype)
+        checks.check_info_nce_inputs(anchors, positives, negatives, negative_indices, exclude_self)
+        checks.check_scale(scale, anchors.dtype)
+        checks.check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss)
+        checks.check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, negative_indices,
+                              exclude_self)
 
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -173,6 +186,8 @@ if _backend.EXTENSION_LOADED:
         def _clip_fwd_fake(image, text, scale, normalize, save_scale_grad):
             _same_device(image, text=text)
             _scalars_have_values(image, "image is", scale=scale)
+            checks.check_clip_inputs(image, text)
+            checks.check_scale(scale, image.dtype)
             n = image.shape[0]
             acc = _acc_dtype(image.dtype)
             return (image.new_empty((2, n), dtype=acc), image.new_empty((2, n), dtype=torch.float64),
@@ -183,6 +198,9 @@ if _backend.EXTENSION_LOADED:
             _same_device(image, grad_loss=grad_loss, text=text, loss=loss, lse=lse)
             _scalars_have_values(image, "image is", scale=scale)  # (it returned uninitialised gradients: an audit)
             _check_output_mask(output_mask, 2)
+            checks.check_clip_inputs(image, text)
+            checks.check_clip_backward_inputs(grad_loss, loss, lse, image)
+            checks.check_scale(scale, image.dtype)
 
             def out(x, needed):
                 return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
@@ -222,6 +240,7 @@ if _backend.EXTENSION_LOADED and _backend.HAS_SIGLIP_KERNEL:
     def _siglip_fwd_fake(image, text, scale, bias):
         _same_device(image, text=text)
         _scalars_have_values(image, "image is", scale=scale, bias=bias)
+        checks.check_siglip_inputs(image, text, scale, bias)
         return image.new_empty((image.shape[0],), dtype=_acc_dtype(image.dtype))
 
     @torch.library.register_fake("contrastbound::siglip_bwd")
@@ -229,6 +248,8 @@ if _backend.EXTENSION_LOADED and _backend.HAS_SIGLIP_KERNEL:
         _same_device(image, grad_loss=grad_loss, text=text)
         _scalars_have_values(image, "image is", scale=scale, bias=bias)
         _check_output_mask(output_mask, 4)
+        checks.check_siglip_inputs(image, text, scale, bias)
+        checks.check_siglip_grad_loss(grad_loss, image)
 
         def out(x, needed):
             return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty((0,))
