@@ -1978,6 +1978,9 @@ def _check_siglip_scalar(name: str, value: object, positive: bool) -> float | to
 
 
 _F32_OVERFLOW = 2.0**128 - 2.0**103  # the smallest magnitude float32 rounds to inf (below it: to at most FLT_MAX)
+# As the messages print it: formatted once, since torch.compile(dynamic=True) traces a module's float as a symbol,
+# and a symbol formatted into a string stopped a fullgraph compile of siglip_loss ("BUILD_STRING type error").
+_F32_OVERFLOW_TEXT = f"{_F32_OVERFLOW:.8g}"
 
 
 def _check_siglip_fits(scale: float | torch.Tensor, bias: float | torch.Tensor, dtype: torch.dtype) -> None:
@@ -1988,14 +1991,14 @@ def _check_siglip_fits(scale: float | torch.Tensor, bias: float | torch.Tensor, 
     if dtype == torch.float64:
         return
     for name, v in (("logit_scale", scale), ("logit_bias", bias)):
-        must = f"{name} must be below {_F32_OVERFLOW:.8g} in magnitude for features computed in float32 ({dtype})"
+        must = f"{name} must be below {_F32_OVERFLOW_TEXT} in magnitude for features computed in float32 ({dtype})"
         if isinstance(v, torch.Tensor) and torch.compiler.is_compiling():
             if v.dtype == torch.float64 and v.device.type == "cpu" and not _batched_while_compiling(v):
                 torch._assert_async((v.detach().abs() < _F32_OVERFLOW).all(), must)
             continue
         for x in _float64_host_values(v):
             if not abs(x) < _F32_OVERFLOW:
-                raise ValueError(f"{must}: float32 rounds it to inf, got {x:g}")
+                raise ValueError(f"{must}: float32 rounds it to inf, got {x}")  # (not :g, which a symbol refused)
 
 
 def _poison_bad_siglip_scalars(scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -743,17 +743,20 @@ def test_double_backward_raises_instead_of_wrong_numbers(device, case):
 class _Cfg:
     temperature = 0.07
     logit_scale = 20.0
+    logit_bias = -10.0
+    huge_bias = 1e39  # beyond float32's range
 
 
 @needs_kernel
 @pytest.mark.parametrize(
     "case", ["default", "config attribute", "module", "nt_xent", "clip config attribute", "tensor temperature",
-             "learnable module", "clip tensor scale"]
+             "learnable module", "clip tensor scale", "siglip config attributes"]
 )
 def test_torch_compile_dynamic_with_float_temperature(case):
     # dynamic=True traces a float that is not a literal in the compiled frame as a symbol; the checks must not
     # call math.isfinite on it (that failed with "torch.* op returned non-Tensor"), nor format one of the
-    # module's own floats into a message (a tensor temperature's in-graph check failed with "BUILD_STRING").
+    # module's own floats into a message (a tensor temperature's in-graph check failed with "BUILD_STRING"; so did
+    # siglip_loss's float32 range check, which formatted a module constant into its message on every call).
     torch._dynamo.reset()
     a, p, n, _ = make_inputs("shared", B=8, K=600, d=16, dtype=torch.float32)
     crit = cb.InfoNCE(temperature=0.07)
@@ -768,6 +771,7 @@ def test_torch_compile_dynamic_with_float_temperature(case):
         "tensor temperature": lambda a, p, n: cb.info_nce(a, p, n, temperature=t),
         "learnable module": lambda a, p, n: learnable(a, p, n),
         "clip tensor scale": lambda a, p, n: cb.clip_loss(a, p, scale),
+        "siglip config attributes": lambda a, p, n: cb.siglip_loss(a, p, _Cfg.logit_scale, _Cfg.logit_bias),
     }
     fn = fns[case]
     wrt = [a, p] + list(learnable.parameters()) * (case == "learnable module") + [scale] * (case == "clip tensor scale")
@@ -779,6 +783,18 @@ def test_torch_compile_dynamic_with_float_temperature(case):
     torch.testing.assert_close(loss_c, loss_e)
     for x, y in zip(grads_c, grads_e):
         torch.testing.assert_close(x, y)
+
+
+@needs_kernel
+def test_torch_compile_dynamic_names_a_float_bias_beyond_float32():
+    # The refusal formats the symbol dynamo traces the bias as: with "{x:g}" that raised dynamo's internal error
+    # "Unknown format code 'g' for object of type 'str'" where eager raises the ValueError.
+    torch._dynamo.reset()
+    a, p = torch.randn(6, 8), torch.randn(6, 8)
+    compiled = torch.compile(lambda a, p: cb.siglip_loss(a, p, 10.0, _Cfg.huge_bias), backend="aot_eager",
+                             dynamic=True)
+    with pytest.raises(ValueError, match="logit_bias must be below .* float32 rounds it to inf, got 1e[+]39"):
+        compiled(a, p)
 
 
 class _ExportedLoss(torch.nn.Module):
