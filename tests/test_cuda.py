@@ -17,7 +17,7 @@ from contrastbound import _backend
 from contrastbound.reference import info_nce_reference
 
 from conftest import (
-    DTYPES, MODES, PACKAGE_ROOT, TOL, assert_close_scaled, loss_and_grads as _run, make_inputs, package_env,
+    DTYPES, MODES, PACKAGE_ROOT, CUDA_TOL, assert_close_scaled, loss_and_grads as _run, make_inputs, package_env,
 )
 
 pytestmark = pytest.mark.cuda
@@ -38,23 +38,23 @@ GRAD_REL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 3e-2, torc
 
 
 def _compare(a, p, n, idx, dtype, check_cpu=True, **kw):
-    """CUDA kernel vs the float64 reference (TOL[dtype] per element, GRAD_REL[dtype] per gradient as a whole) and vs
+    """CUDA kernel vs the float64 reference (CUDA_TOL[dtype] per element, GRAD_REL[dtype] per gradient as a whole) and vs
     the CPU kernel in the same dtype."""
     loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
     assert loss.device.type == "cuda" and loss.dtype == dtype
     idx_cpu = None if idx is None else idx.cpu()
     ref_loss, ref_grads = _run(info_nce_reference, *_leaves_on("cpu", torch.float64, a, p, n), idx_cpu, **kw)
-    assert_close_scaled(loss, ref_loss, TOL[dtype], "loss vs reference")
+    assert_close_scaled(loss, ref_loss, CUDA_TOL[dtype], "loss vs reference")
     for name, g, r in zip("apn", grads, ref_grads):
         assert g.dtype == dtype and g.device.type == "cuda" and g.shape == r.shape
-        assert_close_scaled(g, r, TOL[dtype], f"grad {name} vs reference")
+        assert_close_scaled(g, r, CUDA_TOL[dtype], f"grad {name} vs reference")
         err = _rel_err(g, r, floor_rms=1e-9)
         assert err <= GRAD_REL[dtype], f"grad {name} vs reference: relative norm error {err:.3g} > {GRAD_REL[dtype]}"
     if check_cpu:
         cpu_loss, cpu_grads = _run(cb.info_nce, *_leaves_on("cpu", dtype, a, p, n), idx_cpu, **kw)
-        assert_close_scaled(loss, cpu_loss, 2 * TOL[dtype], "loss vs CPU kernel")
+        assert_close_scaled(loss, cpu_loss, 2 * CUDA_TOL[dtype], "loss vs CPU kernel")
         for name, g, r in zip("apn", grads, cpu_grads):
-            assert_close_scaled(g, r, 2 * TOL[dtype], f"grad {name} vs CPU kernel")
+            assert_close_scaled(g, r, 2 * CUDA_TOL[dtype], f"grad {name} vs CPU kernel")
             err = _rel_err(g, r, floor_rms=1e-9)
             assert err <= 2 * GRAD_REL[dtype], f"grad {name} vs CPU kernel: relative norm error {err:.3g}"
 
@@ -81,15 +81,15 @@ def test_matches_cpu_and_reference(dtype, mode, normalize, B, K, d):
         # Unnormalised in-batch logits (~1600 before the inputs were scaled by d^-0.5) and the loss lse - l_ii is a
         # difference of two such numbers: its rounding error is relative to the logits, not to the loss (~0).
         # And p_i's gradient is the sum of its gradient as a positive and as a bank row, each rounded to the
-        # input type first (two roundings of parts ~4x larger than the sum in bfloat16): tolerance 4 x TOL there.
+        # input type first (two roundings of parts ~4x larger than the sum in bfloat16): tolerance 4 x CUDA_TOL there.
         loss, grads = _run(cb.info_nce, a, p, n, idx, **kw)
         ra, rp = _leaves_on("cpu", torch.float64, a, p)
         ref_loss, ref_grads = _run(info_nce_reference, ra, rp, None, None, **kw)
         logit_max = (ra @ rp.t()).abs().max().item() / 0.2
-        assert_close_scaled(loss / logit_max, ref_loss / logit_max, TOL[dtype], "loss / max logit")
+        assert_close_scaled(loss / logit_max, ref_loss / logit_max, CUDA_TOL[dtype], "loss / max logit")
         factor = 4 if dtype in (torch.bfloat16, torch.float16) else 1
         for name, g, r in zip("ap", grads, ref_grads):
-            assert_close_scaled(g, r, factor * TOL[dtype], f"grad {name} vs reference")
+            assert_close_scaled(g, r, factor * CUDA_TOL[dtype], f"grad {name} vs reference")
         return
     _compare(a, p, n, idx, dtype, **kw)
 
@@ -244,7 +244,7 @@ def test_unused_bank_rows_get_zero_gradient_even_if_infinite(dtype, normalize):
         grads.append(torch.autograd.grad(loss, w)[0].float().cpu())
     cpu, gpu = grads
     assert torch.isfinite(gpu).all() and torch.equal(gpu[3], torch.zeros(4))
-    assert_close_scaled(gpu[[0, 1, 2, 5]], cpu[[0, 1, 2, 5]], TOL[dtype], "used rows")
+    assert_close_scaled(gpu[[0, 1, 2, 5]], cpu[[0, 1, 2, 5]], CUDA_TOL[dtype], "used rows")
 
 
 def test_low_temperature_large_logits_stay_finite():
@@ -422,9 +422,9 @@ def test_nt_xent_cuda_matches_reference(dtype, N):
     loss = cb.nt_xent(c1, c2, 0.1, reduction="none")
     r1, r2 = _leaves_on("cpu", torch.float64, c1, c2)
     ref = nt_xent_reference(r1, r2, 0.1, reduction="none")
-    assert_close_scaled(loss, ref, TOL[dtype], "loss")
+    assert_close_scaled(loss, ref, CUDA_TOL[dtype], "loss")
     for x, y in zip(torch.autograd.grad(loss.sum(), [c1, c2]), torch.autograd.grad(ref.sum(), [r1, r2])):
-        assert_close_scaled(x, y, TOL[dtype], "grad")
+        assert_close_scaled(x, y, CUDA_TOL[dtype], "grad")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -877,7 +877,7 @@ def test_gpu_tensor_temperature_matches_cpu(mode, dtype, t_device):
                            temperature=t, reduction="none")
         upstream = torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype, device=device)
         outs[device] = [loss] + list(torch.autograd.grad(loss, leaves, upstream))
-    tol = 2 * TOL[dtype]
+    tol = 2 * CUDA_TOL[dtype]
     names = ["loss"] + [name for name, x in zip("apn", (a, p, n)) if x is not None] + ["temperature"]
     for name, x, y in zip(names, outs[CUDA], outs["cpu"]):
         assert_close_scaled(x.cpu().double(), y.double(), tol, f"{name}: GPU vs CPU kernel")

@@ -21,7 +21,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import supcon_reference
 
-from conftest import DEVICES, PACKAGE_ROOT, TOL, assert_close_scaled, package_env
+from conftest import DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
 
 # Labels with repeats, a label of one row (no positive), a negative value and a large one.
 LABELS = torch.tensor([3, 7, 3, -2, 7, 7, 10**12, 3, -2])
@@ -85,9 +85,9 @@ def test_dtypes_against_float64(device, dtype):
     f64 = f.detach().double().requires_grad_()
     want = supcon_reference(f64, labels, 0.1)
     assert got.dtype == dtype
-    assert_close_scaled(got.double(), want, TOL[dtype], "loss")
+    assert_close_scaled(got.double(), want, tol(dtype, device), "loss")
     (g,), (g64,) = torch.autograd.grad(got, f), torch.autograd.grad(want, f64)
-    assert_close_scaled(g.double(), g64, TOL[dtype], "grad")
+    assert_close_scaled(g.double(), g64, tol(dtype, device), "grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -263,10 +263,10 @@ def test_bank_dtypes_against_float64(device, dtype, bank_dtype):
     f64 = f.detach().double().requires_grad_()
     want = supcon_reference(f64, labels, 0.1, bank=bank.double(), bank_labels=bank_labels)
     assert got.dtype == torch.promote_types(dtype, bank_dtype)
-    tol = max(TOL[dtype], TOL[bank_dtype])
-    assert_close_scaled(got.double(), want, tol, "loss")
+    tol_ = max(tol(dtype, device), tol(bank_dtype, device))
+    assert_close_scaled(got.double(), want, tol_, "loss")
     (g,), (g64,) = torch.autograd.grad(got, f), torch.autograd.grad(want, f64)
-    assert_close_scaled(g.double(), g64, tol, "grad")
+    assert_close_scaled(g.double(), g64, tol_, "grad")
 
 
 def test_bank_torch_compile_fullgraph():
