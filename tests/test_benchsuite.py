@@ -569,6 +569,9 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_small.py", ["--cases", "nt_xent:0:8:float32"]),
     ("bench_small.py", ["--out", "/proc/contrastbound-x/bs"]),
     ("bench_clip_routes.py", ["--out", "/proc/contrastbound-x/cr"]),
+    ("bench_indexed_bank.py", ["--out", "/proc/contrastbound-x/ib"]),
+    ("bench_indexed_bank.py", ["-K", "0"]),
+    ("bench_indexed_bank.py", ["--dtypes", "float8"]),
     ("bench_bounds.py", ["--out", "/proc/contrastbound-x/bb.csv"]),  # (checked after the timings)
     ("bench_bounds.py", ["--out", "/tmp/"]),
 ])
@@ -618,6 +621,25 @@ def test_bench_small_runs_and_writes_its_csv(tmp_path):
     bad = subprocess.run([sys.executable, path, "--cases", "clip:8:16", "--out", "x"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "loss:N:d:dtype" in bad.stderr
+
+
+def test_bench_indexed_bank_runs_and_writes_its_csv(tmp_path):
+    # benchmarks/bench_indexed_bank.py on a tiny bank: both methods run every dtype, on the same problem.
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_indexed_bank.py")
+    proc = subprocess.run([sys.executable, path, "-B", "5", "-K", "3", "--log2m", "9", "-d", "7", "--reps", "1",
+                           "--threads", "1", "--out", "ib.csv"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "ib.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dtype"], r["method"]) for r in rows] == [
+        (dt, m) for dt in ("float32", "bfloat16", "float16") for m in ("fused", "naive")]
+    for fused, naive in zip(rows[::2], rows[1::2]):
+        assert float(fused["time_s"]) > 0 and float(naive["time_s"]) > 0 and fused["M"] == "512"
+        tol = 1e-5 if fused["dtype"] == "float32" else 3e-2  # (naive's half logits are rounded to the half dtype)
+        assert abs(float(fused["loss"]) - float(naive["loss"])) <= tol * abs(float(naive["loss"])), (fused, naive)
 
 
 def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
