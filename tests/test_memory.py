@@ -129,4 +129,4 @@ def test_indexed_half_bank_gradient_is_the_only_bank_sized_buffer():
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 900 < r["rows_hit"] <= 1024, r
-    assert r["extra_mib"] < r["grad_mib"] + 32, r
+    assert r["extra_mib"] < r["grad_mib"] + 64, r  # (the old build: grad_mib + 270; this one + 22: the M-row tables)
