@@ -1333,10 +1333,18 @@ def debiased_info_nce(
         # and that is above the floor log K - s; else the floor alone. share in log space: e^{l_0 - log R}
         # overflowed float32 where the positive dominates (l_0 - log R > 88), and the unused branch's inf or NaN
         # reached the gradient.
-        log_share = (math.log(tau_plus) + log_k) + (pos - log_r)
+        if torch.compiler.is_compiling():
+            # 0-d float64 tensors (the same values, promoted as the Python floats are): math.log of a traced float
+            # made dynamo specialise on it, one graph per value of a tau_plus schedule (with fullgraph=True, a
+            # hard failure after 8 values)
+            tp = torch.ones((), dtype=torch.float64, device=pos.device) * tau_plus
+            log_tau, log1m_tau = tp.log(), torch.log1p(-tp)
+        else:
+            log_tau, log1m_tau = math.log(tau_plus), math.log1p(-tau_plus)
+        log_share = (log_tau + log_k) + (pos - log_r)
         below = log_share >= 0.0
         share = torch.exp(torch.clamp(log_share, max=0.0))
-        raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - math.log1p(-tau_plus)
+        raw = log_r + torch.log1p(-torch.where(below, torch.zeros_like(share), share)) - log1m_tau
         raw = torch.where(below, torch.full_like(raw, -math.inf), raw)
     log_ng = torch.maximum(raw, log_k - 1.0 / tt)
     loss = _softplus(log_ng - pos)

@@ -158,6 +158,31 @@ def test_compiled_with_a_temperature_schedule_and_changing_sizes():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("schedule", ["tau_plus", "beta"])
+def test_compiled_with_a_tau_plus_or_beta_schedule(schedule):
+    # math.log(tau_plus) made dynamo specialise on tau_plus: a graph per value, FailOnRecompileLimitHit under
+    # fullgraph=True after 8 (a compile audit); beta already settled at 2
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def loss(a, p, n, x):
+        kw = {"tau_plus": x, "beta": 0.5} if schedule == "tau_plus" else {"tau_plus": 0.1, "beta": x}
+        return cb.debiased_info_nce(a, p, n, 0.2, **kw)
+
+    f = torch.compile(loss, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    a, p, n = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(11, 8, generator=g)
+    try:
+        for i in range(10):
+            x = 0.01 + 0.05 * i
+            torch.testing.assert_close(f(a, p, n, x), loss(a, p, n, x), rtol=1e-6, atol=1e-7)
+        assert counter.frame_count <= 2, counter.frame_count
+    finally:
+        torch._dynamo.reset()
+
+
 def test_no_negatives_give_zero():
     a, p, n, _ = make_inputs("shared", B=4, K=0, d=3, dtype=torch.float64)
     loss = cb.debiased_info_nce(a, p, n, tau_plus=0.1, beta=1.0)
