@@ -29,9 +29,11 @@ def _min_reciprocal(dtype: torch.dtype) -> float:
     return _MIN_TEMPERATURE_F64 if dtype == torch.float64 else _MIN_TEMPERATURE
 
 
-# _min_reciprocal's values as text, formatted at import: under torch.compile(dynamic=True) dynamo traces a module's
-# float as a symbol, which an f-string in traced code cannot format (fullgraph=True failed with "BUILD_STRING").
+# _min_reciprocal's values (and float32's largest scale) as text, formatted at import: under
+# torch.compile(dynamic=True) dynamo traces a module's float as a symbol, which an f-string in traced code cannot
+# format with a format spec (fullgraph=True failed with "BUILD_STRING" where the refusal's message was meant).
 _MIN_RECIPROCAL_TEXT = {True: f"{_MIN_TEMPERATURE_F64:.3g}", False: f"{_MIN_TEMPERATURE:.3g}"}
+_MAX_F32_SCALE_TEXT = f"{1.0 / _MIN_TEMPERATURE:.4g}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +165,8 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     if not (0.0 < t < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {t}")
     if not (t >= _MIN_TEMPERATURE_F64):  # a subnormal temperature: 1 / t overflows (float32: _check_scale_fits)
-        raise ValueError(f"temperature must be at least {_MIN_TEMPERATURE_F64:.3g} (1 / temperature finite), got {t}")
+        raise ValueError(f"temperature must be at least {_MIN_RECIPROCAL_TEXT[True]} (1 / temperature finite), "
+                         f"got {t}")
     return t
 
 
@@ -187,8 +190,8 @@ def _check_scale_fits(temperature: float | torch.Tensor, dtype: torch.dtype) -> 
     for t in _float64_host_values(temperature):
         if not (t >= _MIN_TEMPERATURE):
             raise ValueError(
-                f"temperature must be at least {_MIN_TEMPERATURE:.3g} for features computed in float32 ({dtype}): "
-                f"1 / temperature overflows float32, got {t}"
+                f"temperature must be at least {_MIN_RECIPROCAL_TEXT[False]} for features computed in float32 "
+                f"({dtype}): 1 / temperature overflows float32, got {t}"
             )
 
 
@@ -201,7 +204,7 @@ def _check_logit_scale_fits(clamped: float | torch.Tensor, dtype: torch.dtype) -
     for v in _float64_host_values(clamped):
         if not (1.0 / v >= _MIN_TEMPERATURE):
             raise ValueError(
-                f"logit_scale (clamped to max_logit_scale) must be at most {1.0 / _MIN_TEMPERATURE:.4g} for features "
+                f"logit_scale (clamped to max_logit_scale) must be at most {_MAX_F32_SCALE_TEXT} for features "
                 f"computed in float32 ({dtype}): it overflows float32, got {v}"
             )
 
@@ -1412,8 +1415,9 @@ def bank_cross_entropy(
         ignore_index = int(ignore_index)  # (a numpy integer too, as F.cross_entropy takes it)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    smoothing = _as_float("label_smoothing", label_smoothing, "a number in [0, 1]")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {smoothing}")
     _check_device("bank", bank, "anchors", anchors)
     if bank.shape[1] != anchors.shape[1]:
         raise ValueError(f"bank must have feature size d = {anchors.shape[1]}, got shape {tuple(bank.shape)}")
@@ -1813,7 +1817,7 @@ def clip_loss(
         if not (0.0 < max_scale < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {max_scale}")
         if not (max_scale >= _MIN_TEMPERATURE_F64):  # its reciprocal, the lowest temperature, finite
-            raise ValueError(f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {max_scale}")
+            raise ValueError(f"max_logit_scale must be at least {_MIN_RECIPROCAL_TEXT[True]}, got {max_scale}")
         scale = logit_scale
         if isinstance(scale, torch.Tensor):
             scale = _check_positive_scalar_tensor("logit_scale", scale)
@@ -1828,7 +1832,7 @@ def clip_loss(
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
                 raise ValueError(f"logit_scale must be positive and finite, got {value}")
             if not (value >= _MIN_TEMPERATURE_F64):  # its reciprocal, the temperature, finite
-                raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {value}")
+                raise ValueError(f"logit_scale must be at least {_MIN_RECIPROCAL_TEXT[True]}, got {value}")
             if torch.compiler.is_compiling():
                 # A tensor, as _scale_of makes one: Python arithmetic on a traced float (min, 1 / x) made torch
                 # 2.11's dynamo specialise it, one graph per value of a logit-scale schedule.
@@ -2464,7 +2468,8 @@ class ClipLoss(_LogitScaleLoss):
         if not (0.0 < self.max_logit_scale < math.inf):
             raise ValueError(f"max_logit_scale must be positive and finite, got {self.max_logit_scale}")
         if not (self.max_logit_scale >= _MIN_TEMPERATURE_F64):  # (the lowest temperature finite: as clip_loss checks)
-            raise ValueError(f"max_logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {self.max_logit_scale}")
+            raise ValueError(f"max_logit_scale must be at least {_MIN_RECIPROCAL_TEXT[True]}, got "
+                             f"{self.max_logit_scale}")
         scale = self._check_scale(_as_float("logit_scale", logit_scale, "a positive finite number"))
         self.learnable = _check_bool("learnable", learnable)
         self.normalize = _check_bool("normalize", normalize)
@@ -2480,7 +2485,7 @@ class ClipLoss(_LogitScaleLoss):
     def _check_scale(self, scale: float) -> float:
         scale = super()._check_scale(scale)
         if not (scale >= _MIN_TEMPERATURE_F64):  # (its reciprocal, the temperature, finite: as clip_loss checks)
-            raise ValueError(f"logit_scale must be at least {_MIN_TEMPERATURE_F64:.3g}, got {scale}")
+            raise ValueError(f"logit_scale must be at least {_MIN_RECIPROCAL_TEXT[True]}, got {scale}")
         if scale > self.max_logit_scale:
             raise ValueError(f"logit_scale ({scale:g}) must be at most max_logit_scale ({self.max_logit_scale:g})")
         return scale

@@ -1106,6 +1106,8 @@ def test_bank_cross_entropy_ignore_index_edge_cases():
         cb.bank_cross_entropy(a, w, every, label_smoothing=True)
     with pytest.raises(ValueError, match="label_smoothing must lie in \\[0, 1\\], got 1.5"):
         cb.bank_cross_entropy(a, w, every, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing must be a number in \\[0, 1\\], got a value beyond"):
+        cb.bank_cross_entropy(a, w, every, label_smoothing=10**400)  # (float() raised a bare OverflowError)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

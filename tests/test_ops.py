@@ -797,6 +797,36 @@ def test_torch_compile_dynamic_names_a_float_bias_beyond_float32():
         compiled(a, p)
 
 
+class _BadCfg:
+    temperature = 1e-39  # below float32's smallest reciprocal
+    tiny = 1e-320
+    smoothing = 1e39
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["temperature", "logit_scale", "max_logit_scale", "label_smoothing"])
+def test_torch_compile_fullgraph_refusals_keep_their_message(case):
+    # Under fullgraph=True a refusal cannot fall back to eager: dynamo reports it ("Observed exception") with the
+    # ValueError's text, unless building the text failed first: messages that formatted a module float with a
+    # format spec, or the traced label_smoothing, gave "BUILD_STRING type error" and no message (a compile audit).
+    torch._dynamo.reset()
+    a, p, bank = torch.randn(6, 8), torch.randn(6, 8), torch.randn(10, 8)
+    targets = torch.randint(0, 10, (6,))
+    fns = {
+        "temperature": lambda a, p: cb.info_nce(a, p, temperature=_BadCfg.temperature),
+        "logit_scale": lambda a, p: cb.clip_loss(a, p, _BadCfg.tiny),
+        "max_logit_scale": lambda a, p: cb.clip_loss(a, p, 10.0, max_logit_scale=_BadCfg.tiny),
+        "label_smoothing": lambda a, p: cb.bank_cross_entropy(a, bank, targets, label_smoothing=_BadCfg.smoothing),
+    }
+    with pytest.raises(ValueError) as eager:
+        fns[case](a, p)
+    assert case in str(eager.value)
+    with pytest.raises(Exception) as compiled:
+        torch.compile(fns[case], backend="aot_eager", fullgraph=True, dynamic=True)(a, p)
+    text = str(compiled.value)
+    assert "BUILD_STRING" not in text and str(eager.value) in text.replace("\\'", "'"), text[:600]
+
+
 class _ExportedLoss(torch.nn.Module):
     def __init__(self, case):
         super().__init__()
