@@ -23,6 +23,9 @@ def _floating(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # (C++ kernel_dtype)
+
+
 def _given(t) -> bool:
     return isinstance(t, torch.Tensor)
 
@@ -35,8 +38,9 @@ def _shape(t: torch.Tensor) -> list:
 def check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self) -> None:
     if anchors.dim() != 2:
         raise ValueError(f"anchors must have shape (B, d), got {_shape(anchors)}")
-    if not _floating(anchors):
-        raise TypeError(f"anchors must be a floating tensor, got {anchors.dtype}")
+    if anchors.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"anchors must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                        f"{anchors.dtype}")
     if _shape(positives) != _shape(anchors):
         raise ValueError(f"positives must have the shape of anchors {_shape(anchors)}, got {_shape(positives)}")
     if positives.dtype != anchors.dtype or negatives.dtype != anchors.dtype:
@@ -139,8 +143,8 @@ def check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss) -> None:
 def check_clip_inputs(image, text) -> None:
     if image.dim() != 2:
         raise ValueError(f"image must have shape (N, d), got {_shape(image)}")
-    if not _floating(image):
-        raise TypeError(f"image must be a floating tensor, got {image.dtype}")
+    if image.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"image must be a floating tensor (float16, bfloat16, float32 or float64), got {image.dtype}")
     if _shape(text) != _shape(image):
         raise ValueError(f"text must have the shape of image {_shape(image)}, got {_shape(text)}")
     if text.dtype != image.dtype:
@@ -162,8 +166,9 @@ def check_siglip_inputs(image, text, scale, bias) -> None:
     B, d = image.shape
     if text.dim() != 2 or text.shape[1] != d or text.shape[0] < B:
         raise ValueError(f"siglip: text must be (M, d) with M >= B = {B} and d = {d}, got {_shape(text)}")
-    if not _floating(image) or text.dtype != image.dtype:
-        raise TypeError(f"siglip: image and text must share a floating dtype, got {image.dtype} and {text.dtype}")
+    if image.dtype not in _KERNEL_DTYPES or text.dtype != image.dtype:
+        raise TypeError(f"siglip: image and text must share a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {image.dtype} and {text.dtype}")
     for t in (scale, bias):
         if t.numel() != 1 or not _floating(t):
             raise ValueError(f"siglip: scale and bias must be floating tensors with one element, got {_shape(t)} "

@@ -10,11 +10,18 @@
 
 namespace contrastbound {
 
+// The feature dtypes the kernels take (float8 types are floating too, and were refused only by the dtype dispatch,
+// NotImplementedError, after every check had passed).
+inline bool kernel_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
                                   const c10::optional<at::Tensor>& indices, bool exclude_self,
                                   bool check_index_range = true) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(anchors.scalar_type()), "anchors must be a floating tensor, got ",
+  TORCH_CHECK_TYPE(kernel_dtype(anchors.scalar_type()),
+                   "anchors must be a floating tensor (float16, bfloat16, float32 or float64), got ",
                    anchors.scalar_type());
   TORCH_CHECK_VALUE(positives.sizes() == anchors.sizes(), "positives must have the shape of anchors ",
                     anchors.sizes(), ", got ", positives.sizes());
@@ -197,8 +204,8 @@ inline double scale_value(const at::Tensor& scale) {
 // clip_fwd / clip_bwd: image and text features (N, d), one floating dtype, one device.
 inline void check_clip_inputs(const at::Tensor& image, const at::Tensor& text) {
   TORCH_CHECK_VALUE(image.dim() == 2, "image must have shape (N, d), got ", image.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(image.scalar_type()), "image must be a floating tensor, got ",
-                   image.scalar_type());
+  TORCH_CHECK_TYPE(kernel_dtype(image.scalar_type()),
+                   "image must be a floating tensor (float16, bfloat16, float32 or float64), got ", image.scalar_type());
   TORCH_CHECK_VALUE(text.sizes() == image.sizes(), "text must have the shape of image ", image.sizes(), ", got ",
                     text.sizes());
   TORCH_CHECK_TYPE(text.scalar_type() == image.scalar_type(), "image and text must share a dtype, got ",

@@ -299,7 +299,8 @@ def _variants(x):
     if not isinstance(x, torch.Tensor):
         return []
     out = [("int64", x.long() if x.dtype != torch.int64 else x.float()), ("bool", x.bool()), ("int32", x.int()),
-           ("float64", x.double()), ("float16", x.half()), ("one more dim", x.unsqueeze(0))]
+           ("float64", x.double()), ("float16", x.half()), ("float8", x.to(torch.float8_e4m3fn)),
+           ("one more dim", x.unsqueeze(0))]
     if x.dim() >= 1 and x.shape[-1] > 0:
         out.append(("last dim dropped", x[..., 0]))
     for dim in range(x.dim()):

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../core/parallel.h"
+#include "../info_nce_checks.h"
 
 namespace contrastbound {
 namespace siglip {
@@ -66,8 +67,8 @@ void check_inputs(const Tensor& image, const Tensor& text, const Tensor& scale, 
   TORCH_CHECK_VALUE(text.dim() == 2 && text.size(1) == image.size(1) && text.size(0) >= image.size(0),
                     "siglip: text must be (M, d) with M >= B = ", image.size(0), " and d = ", image.size(1), ", got ",
                     text.sizes());
-  TORCH_CHECK_TYPE(image.is_floating_point() && text.scalar_type() == image.scalar_type(),
-                   "siglip: image and text must share a floating dtype, got ", image.scalar_type(), " and ",
+  TORCH_CHECK_TYPE(kernel_dtype(image.scalar_type()) && text.scalar_type() == image.scalar_type(),
+                   "siglip: image and text must share a floating dtype (float16, bfloat16, float32 or float64), got ", image.scalar_type(), " and ",
                    text.scalar_type());
   TORCH_CHECK_VALUE(text.device() == image.device(), "siglip: text is on ", text.device(), " but image on ",
                     image.device());
