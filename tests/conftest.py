@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import textwrap
 
 import pytest
 import torch
@@ -44,6 +45,23 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # copy is tested from the checkout). A test's child Python gets it first on its path and as its working folder
 # (`python -c` puts the working folder before PYTHONPATH), so that it imports the same package.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(importlib.util.find_spec("contrastbound").origin)))
+
+
+# The peak resident memory of a test's child process, and its reset (Linux: VmHWM, /proc/self/clear_refs), for the
+# memory tests' scripts: prepended to them.
+PEAK_RSS_HELPERS = textwrap.dedent(
+    """
+    def hwm_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024.0
+
+
+    def reset_hwm():
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident size
+    """
+)
 
 
 def package_env(**extra: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from contrastbound import _backend
 
-from conftest import PACKAGE_ROOT, package_env
+from conftest import PEAK_RSS_HELPERS, PACKAGE_ROOT, package_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -54,7 +54,7 @@ def test_peak_memory_is_a_small_fraction_of_the_logits():
     assert r["extra_mib"] < r["logits_mib"] / 10, r
 
 
-BANK_CE_SCRIPT = textwrap.dedent(
+BANK_CE_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import json
     import torch
@@ -66,13 +66,7 @@ BANK_CE_SCRIPT = textwrap.dedent(
     w = torch.randn(C, d, requires_grad=True)
     t = torch.randint(0, C, (B,))
 
-    def hwm_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024.0
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
+    reset_hwm()
     base = hwm_mib()
     cb.bank_cross_entropy(a, w, t).backward()
     print(json.dumps({"extra_mib": hwm_mib() - base, "grad_mib": w.grad.numel() * 4 / 2 ** 20}))
@@ -92,7 +86,7 @@ def test_bank_cross_entropy_memory_is_one_bank_gradient():
     assert r["extra_mib"] < 1.25 * r["grad_mib"], r
 
 
-INDEXED_HALF_SCRIPT = textwrap.dedent(
+INDEXED_HALF_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import json
     import torch
@@ -105,13 +99,7 @@ INDEXED_HALF_SCRIPT = textwrap.dedent(
     bank = torch.randn(M, d, generator=g).bfloat16().requires_grad_(True)
     idx = torch.randint(0, M, (B, K), generator=g)
 
-    def hwm_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024.0
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
+    reset_hwm()
     base = hwm_mib()
     cb.info_nce(a, p, bank, negative_indices=idx, temperature=0.1).backward()
     print(json.dumps({"extra_mib": hwm_mib() - base, "grad_mib": bank.grad.numel() * 2 / 2 ** 20,

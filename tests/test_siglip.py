@@ -22,7 +22,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import siglip_reference
 
-from conftest import DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
+from conftest import PEAK_RSS_HELPERS, DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
 
 # Tests of the op itself; the others run on the fallback too (a build without the extension,
 # CONTRASTBOUND_TEST_FALLBACK=1), as the rest of the suite does.
@@ -456,7 +456,7 @@ if given is not None:
                             "permuted pairs")
 
 
-MEMORY_SCRIPT = textwrap.dedent(
+MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import json
     import torch
@@ -467,15 +467,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     x, y = torch.randn(N, d, requires_grad=True), torch.randn(N, d, requires_grad=True)
     s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
 
-    def hwm_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024.0
-
     w = torch.randn(64, d, requires_grad=True)
     cb.siglip_loss(w, w.detach() + 1, s, b).backward()  # first-use costs (code pages, thread pool) apart
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current resident size
+    reset_hwm()
     base = hwm_mib()
     cb.siglip_loss(x, y, s, b).backward()
     print(json.dumps({"extra_mib": hwm_mib() - base, "matrix_mib": N * N * 4 / 2 ** 20}))

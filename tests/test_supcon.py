@@ -21,7 +21,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import supcon_reference
 
-from conftest import DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
+from conftest import PEAK_RSS_HELPERS, DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
 
 # Labels with repeats, a label of one row (no positive), a negative value and a large one.
 LABELS = torch.tensor([3, 7, 3, -2, 7, 7, 10**12, 3, -2])
@@ -430,7 +430,7 @@ if given is not None:
                 assert_close_scaled(x, y, 1e-11, f"grad {name}", floor=slope)
 
 
-MEMORY_SCRIPT = textwrap.dedent(
+MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import json
     import torch
@@ -441,13 +441,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     f = torch.randn(N, d, requires_grad=True)
     labels = torch.randint(0, 100, (N,))
 
-    def hwm_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024.0
-
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current resident size
+    reset_hwm()
     base = hwm_mib()
     cb.supcon_loss(f, labels, 0.1).backward()
     print(json.dumps({"extra_mib": hwm_mib() - base, "matrix_mib": N * N * 4 / 2 ** 20}))
@@ -466,7 +460,7 @@ def test_memory_is_far_below_the_similarity_matrix():
     assert r["extra_mib"] < r["matrix_mib"] / 20, r
 
 
-BANK_MEMORY_SCRIPT = textwrap.dedent(
+BANK_MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     """
     import json
     import torch
@@ -478,13 +472,7 @@ BANK_MEMORY_SCRIPT = textwrap.dedent(
     labels = torch.randint(0, 100, (N,))
     bank, bank_labels = torch.randn(K, d), torch.randint(0, 100, (K,))
 
-    def hwm_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024.0
-
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current resident size
+    reset_hwm()
     base = hwm_mib()
     cb.supcon_loss(f, labels, 0.1, bank=bank, bank_labels=bank_labels).backward()
     print(json.dumps({"extra_mib": hwm_mib() - base, "matrix_mib": N * K * 4 / 2 ** 20}))
