@@ -2444,8 +2444,9 @@ class ClipLoss(_LogitScaleLoss):
     With ``learnable=True`` (the default, as in CLIP and open_clip) the scale is a parameter stored as its
     logarithm, ``log_logit_scale``, from log(1 / 0.07) (CLIP's initial temperature 0.07): it stays positive under
     any optimiser step; add the module's parameters to the optimiser. As open_clip clamps its parameter to
-    log(100) after each optimiser step, the module clamps ``log_logit_scale`` in place to log(``max_logit_scale``)
-    at the start of each forward (the same values, and the gradient flows at the cap: a clamp inside the forward,
+    log(100) after each optimiser step, the module clamps ``log_logit_scale`` in place (through ``.data``: autograd's
+    version counter untouched) to log(``max_logit_scale``) at the start of each forward (the same values, and the
+    gradient flows at the cap: a clamp inside the forward,
     as :func:`clip_loss` does for a tensor it is given, would give a scale that an optimiser step took past the cap
     no gradient, for good). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
     ``state_dict``). ``module.logit_scale = s`` sets the scale (the parameter's log in place; at most
@@ -2495,8 +2496,12 @@ class ClipLoss(_LogitScaleLoss):
             return clip_loss(image_features, text_features, self._scale, normalize=self.normalize,
                              reduction=self.reduction, max_logit_scale=self.max_logit_scale,
                              process_group=self.process_group)
-        with torch.no_grad():  # (no read-back: the cap applied on the device)
-            self.log_logit_scale.clamp_(max=math.log(self.max_logit_scale))
+        # (no read-back: the cap applied on the device.) Through .data: a clamp that changes nothing (all but the
+        # first forward after a step past the cap) left the parameter's version counter alone, so a use of it that
+        # autograd recorded before this forward (a penalty on the scale, computed first) no longer fails backward's
+        # in-place check, as it did at every forward (an audit); where the clamp binds, that use's backward reads the
+        # capped value the loss used.
+        self.log_logit_scale.data.clamp_(max=math.log(self.max_logit_scale))
         # the parameter is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
         # value (exp of a rounded log(100) in float32 is 100.0000076: a clamp at 100 would cut the gradient at the cap)
         return clip_loss(image_features, text_features, self.log_logit_scale.exp(), normalize=self.normalize,

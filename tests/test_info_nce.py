@@ -2493,14 +2493,27 @@ def test_clip_module_learns_its_logit_scale():
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(clamped.log_logit_scale.grad, log_cap.grad)
     assert float(clamped.log_logit_scale.grad) != 0.0
-    # that clamp is in place (README): the parameter used after the forward trains with it; a use that autograd
-    # recorded before the forward meets torch's in-place check at backward (an audit's case, documented)
-    after = cb.ClipLoss().double()
-    (after(img, txt) + 1e-3 * after.log_logit_scale ** 2).backward()
-    assert after.log_logit_scale.grad is not None
-    before = cb.ClipLoss().double()
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        (1e-3 * before.log_logit_scale ** 2 + before(img, txt)).backward()
+    # that clamp is in place (README) but leaves autograd's version counter alone: a use of the parameter recorded
+    # before the forward (a penalty computed first) met torch's in-place check at backward on every forward (two
+    # audits); used before or after, the same gradient, the loss's plus the penalty's 2e-3 log s
+    grads = []
+    for penalty_first in (False, True):
+        m = cb.ClipLoss().double()
+        penalty = 1e-3 * m.log_logit_scale ** 2 if penalty_first else None
+        loss = m(img, txt)
+        (loss + (penalty if penalty_first else 1e-3 * m.log_logit_scale ** 2)).backward()
+        grads.append(m.log_logit_scale.grad.clone())
+    log_s = torch.tensor(math.log(1 / 0.07), dtype=torch.float32).double().requires_grad_(True)
+    (_clip_written_out(img, txt, log_s.exp()) + 1e-3 * log_s ** 2).backward()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], log_s.grad)
+    # where the clamp binds, the penalty computed first takes the capped value too (what the loss used)
+    capped = cb.ClipLoss().double()
+    with torch.no_grad():
+        capped.log_logit_scale.fill_(math.log(100.0) + 0.5)
+    penalty = capped.log_logit_scale ** 2
+    (penalty + capped(img, txt)).backward()
+    torch.testing.assert_close(capped.log_logit_scale.grad, log_cap.grad + 2 * math.log(100.0))
     with pytest.raises(ValueError, match=r"logit_scale \(150\) must be at most max_logit_scale \(100\)"):
         cb.ClipLoss(logit_scale=150.0)
     wider = cb.ClipLoss(logit_scale=150.0, max_logit_scale=200.0).double()
