@@ -35,7 +35,8 @@ class NegativeQueue(torch.nn.Module):
     ``module.to``, in-place ops such as ``q.ptr.fill_(n); q.filled.fill_(n)``, DDP's broadcast of rank 0's buffers
     when it wraps the model; a pair that enqueue cannot reach (until the queue is full the write position equals
     the fill level) raises ValueError, a state_dict with one is refused whole, and :meth:`clear` empties the queue. Writes that bypass them are not seen (a collective such as ``dist.broadcast`` or DDP's
-    per-step ``broadcast_buffers``, ``.data``, a numpy view, buffers made under ``torch.inference_mode``): after
+    per-step ``broadcast_buffers``, ``.data``, a numpy view, in-place writes to buffers made under
+    ``torch.inference_mode``; ``load_state_dict`` is seen there too): after
     such a write call :meth:`resync`, or keep every rank's queue identical (gather the keys of all ranks before
     enqueueing, as MoCo does), so that no write changes the ints.
     A float16 queue holds magnitudes up to 65504, a float32 or bfloat16 one up to ~3.4e38: keys of a dtype with a
@@ -152,6 +153,10 @@ class NegativeQueue(torch.nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # Re-read the host copies at the next use: the load copies into the buffers in place, which inference
+        # tensors (a queue made under torch.inference_mode) do not count, so the stamp missed it, and the next
+        # enqueue overwrote the loaded keys from the old position (an audit).
+        self._seen = None
 
     def _beyond_range(self, stored: torch.Tensor, served: int | None = None) -> str | None:
         """What is wrong with loading `stored` as the keys: finite values among the first `served` rows (those the

@@ -264,6 +264,16 @@ def test_queue_under_inference_mode():
         q.enqueue(torch.ones(3, 2))
         q.enqueue(torch.zeros(2, 2))
         assert len(q) == 4 and q.negatives().shape == (4, 2) and int(q.ptr) == 1
+    # a state loaded into such a queue is served (the load wrote in place, unseen by the stamp: len 0, and the next
+    # enqueue wrote row 0 over the loaded keys)
+    src = cb.NegativeQueue(4, 2)
+    src.enqueue(torch.arange(6.0).reshape(3, 2))
+    with torch.inference_mode():
+        q = cb.NegativeQueue(4, 2)
+        q.load_state_dict(src.state_dict())
+        assert len(q) == 3 and torch.equal(q.negatives(), src.negatives())
+        q.enqueue(torch.full((1, 2), -1.0))
+        assert len(q) == 4 and int(q.ptr) == 0 and torch.equal(q.queue[:3], src.queue[:3])
 
 
 def test_queue_in_a_compiled_step_does_not_recompile_per_position():
