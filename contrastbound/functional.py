@@ -2078,6 +2078,7 @@ class _LossModule(torch.nn.Module):
     nor pickled; the properties named in _settable (a temperature, a logit scale) are set through their setters."""
 
     _settable: tuple[str, ...] = ()
+    _takes_reciprocal = False  # (ClipLoss: its temperature, 1 / scale, must be finite as well)
 
     def __setattr__(self, name: str, value) -> None:
         # nn.Module.__setattr__ registers an nn.Parameter value under its name before a property's setter runs (a
@@ -2091,6 +2092,39 @@ class _LossModule(torch.nn.Module):
         if self.process_group is not None:
             memo[id(self.process_group)] = self.process_group
         return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A finite value that this module's parameter dtype holds as inf, or a log whose exp reads back as 0 or inf
+        # there (a float32 state into a .half() module: SigLIP's bias -1e6, a temperature of 1e-5), is refused, and
+        # nothing loaded, as a cast to such a dtype and the setters refuse it; it was loaded, and the next forward
+        # refused a value the user never gave (an audit). Non-finite values in the state are torch's to load.
+        for name, param in self._parameters.items():
+            value = state_dict.get(prefix + name)
+            if param is None or not isinstance(value, torch.Tensor) or param.is_meta or value.is_meta or \
+                    value.numel() != 1 or not (value.is_floating_point() and param.is_floating_point()):
+                continue
+            v = float(value.detach().reshape(()).to(torch.float64, copy=True).cpu())
+            stored = torch.tensor(v, dtype=torch.float64).to(param.dtype)  # (as copy_ rounds it into the parameter)
+            if not math.isfinite(v):
+                continue
+            if name.startswith("log_"):
+                cap = getattr(self, "max_logit_scale", None)  # (ClipLoss clamps the log first, in its forward)
+                if name == "log_logit_scale" and cap is not None:
+                    stored = stored.clamp(max=math.log(cap))
+                back = float(stored.exp())
+                floor = _min_reciprocal(param.dtype) if name == "log_temperature" or self._takes_reciprocal else 0.0
+                ok = floor <= back < math.inf and back > 0.0
+                what = f"{name} {v:g} (exp: {math.exp(min(v, 709.0)):g}) reads back in {param.dtype} as {back:g}"
+            else:
+                ok = math.isfinite(float(stored))
+                what = f"{name} {v:g} is stored in {param.dtype} as {float(stored):g}"
+            if not ok:
+                error_msgs.append(f"{type(self).__name__} ({prefix or 'top level'}): {what}, beyond that dtype's "
+                                  "range; nothing was loaded (.double() or .float() the module first)")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class _TemperatureLoss(_LossModule):
@@ -2336,7 +2370,9 @@ class SigLIP(_LogitScaleLoss):
     sets the scale (the parameter's log in place), ``module.logit_bias = b`` (a number) the bias (the parameter in
     place). ``normalize``, ``reduction`` and ``process_group`` as in :func:`siglip_loss`. A cast that would store
     the learnable bias as inf (``.half()`` of a bias beyond 65504) raises ValueError and leaves this module as it
-    was (a containing module's children cast before it stay cast); so does ``reset_parameters`` in such a dtype.
+    was (a containing module's children cast before it stay cast); so does ``reset_parameters`` in such a dtype,
+    and ``load_state_dict`` refuses such a state whole (every loss module: a scale or temperature whose exp reads back
+    as 0 or inf in the parameter's dtype too).
     """
 
     _function = "siglip_loss"

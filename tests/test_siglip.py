@@ -5,6 +5,7 @@ gradcheck, dtypes, torch.compile, torch.func, bad input, memory."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -541,6 +542,42 @@ def test_module_refuses_a_cast_that_overflows_its_bias():
     deferred = cb.SigLIP(10.0, 1e5).to("meta").half().to_empty(device="cpu")
     with pytest.raises(ValueError, match=r"logit_bias in torch.float16: its initial value 100000"):
         deferred.reset_parameters()
+
+
+def test_modules_refuse_a_state_their_dtype_cannot_hold():
+    # an audit's: a float32 state loaded into a .half() module stored SigLIP's bias -1e6 as -inf (the cast and the
+    # setter refuse it, the load took it), and the next forward refused a value the user never gave; so did a scale
+    # or temperature whose exp reads back as inf or 0 there. Refused now, the module left as it was; a state within
+    # range, a ClipLoss scale its forward clamps anyway, and non-finite values (torch's to load) load as before.
+    half = cb.SigLIP().half()
+    for state, text in (({"log_logit_scale": torch.tensor(2.3), "logit_bias": torch.tensor(-1e6)},
+                         r"logit_bias -1e\+06 is stored in torch.float16 as -inf"),
+                        ({"log_logit_scale": torch.tensor(20.0), "logit_bias": torch.tensor(-10.0)},
+                         r"log_logit_scale 20 \(exp: 4.85165e\+08\) reads back in torch.float16 as inf")):
+        with pytest.raises(RuntimeError, match=f"SigLIP \\(top level\\): {text}.*nothing was loaded"):
+            half.load_state_dict(state)
+        assert float(half.logit_bias.detach()) == -10.0
+        assert float(half.logit_scale.detach()) == pytest.approx(10.0, rel=1e-3)
+    half.load_state_dict(cb.SigLIP(5.0, -3.0).state_dict())
+    assert float(half.logit_bias.detach()) == -3.0 and float(half.logit_scale.detach()) == pytest.approx(5.0, rel=1e-3)
+    info = cb.InfoNCE(0.1, learn_temperature=True).half()
+    tiny = r"log_temperature -20 \(exp: 2.06115e-09\) reads back in torch.float16 as 0"
+    with pytest.raises(RuntimeError, match=tiny):
+        info.load_state_dict({"log_temperature": torch.tensor(-20.0)})
+    assert float(info.temperature.detach()) == pytest.approx(0.1, rel=1e-3)
+    clip = cb.ClipLoss().half()
+    clip.load_state_dict({"log_logit_scale": torch.tensor(12.0)})  # exp 162755 is inf in float16; clamped to 100 first
+    assert torch.isfinite(clip(torch.randn(4, 3).half(), torch.randn(4, 3).half()))
+    assert float(clip.logit_scale.detach()) == pytest.approx(100.0, rel=1e-3)
+    wide = cb.SigLIP()
+    wide.load_state_dict({"log_logit_scale": torch.tensor(20.0), "logit_bias": torch.tensor(-1e6)})  # float32 holds it
+    assert float(wide.logit_bias.detach()) == -1e6
+    wide.load_state_dict({"log_logit_scale": torch.tensor(float("nan")), "logit_bias": torch.tensor(-1.0)})
+    assert math.isnan(float(wide.log_logit_scale.detach()))
+    # nested: the message names the module's prefix
+    parent = torch.nn.ModuleDict({"loss": cb.SigLIP().half()})
+    with pytest.raises(RuntimeError, match=r"SigLIP \(loss\.\): logit_bias"):
+        parent.load_state_dict({"loss.log_logit_scale": torch.tensor(2.3), "loss.logit_bias": torch.tensor(-1e6)})
 
 
 def test_edge_cases_from_a_mutation_audit():
