@@ -2304,7 +2304,6 @@ class _LogitScaleLoss(_LossModule):
 
     _settable = ("logit_scale",)
     _function = ""  # the function the module calls, for messages
-    _takes_reciprocal = False  # ClipLoss: its temperature, 1 / scale, must be finite as well
 
     @property
     def logit_scale(self) -> float | torch.Tensor:
