@@ -201,6 +201,32 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("K", [9, 37])
+def test_the_fallback_takes_a_labelled_shared_bank(K):
+    # Forward-mode AD and differentiating torch.func transforms take the pure-PyTorch fallback (functional._fused),
+    # which makes the labels a (B, K) mask: only the in-batch case (labels against themselves, where a transposed
+    # mask is the same) reached it, so a transposed one passed (a mutation audit: wrong losses at K = B, a shape
+    # error otherwise). Against the kernel's loss and gradients, at K = B = 9 and K = 37.
+    import torch.autograd.forward_ad as fwAD
+
+    a, p, n, kw, _ = _inputs("shared", B=9, K=K, d=5)
+    want = cb.info_nce(a, p, n, temperature=0.5, reduction="none", **kw)
+    with fwAD.dual_level():
+        tangent = torch.randn_like(a)
+        out = cb.info_nce(fwAD.make_dual(a.detach(), tangent), p.detach(), n.detach(), temperature=0.5,
+                          reduction="none", **kw)
+        primal, jvp = fwAD.unpack_dual(out)
+    assert_close_scaled(primal, want, 1e-12, "forward AD's loss")
+    (g_a,) = torch.autograd.grad(want.sum(), [a])
+    assert_close_scaled(jvp.sum(), (g_a * tangent).sum(), 1e-10, "forward AD's directional derivative")
+
+    def total(a_):
+        return cb.info_nce(a_, p.detach(), n.detach(), temperature=0.5, **kw)
+
+    assert_close_scaled(torch.func.grad(total)(a.detach()), torch.autograd.grad(total(a), [a])[0], 1e-12,
+                        "torch.func.grad")
+
+
 def test_any_integer_dtype_serves_as_labels():
     # as supcon_loss's labels: equal values are the same class (uint64 past 2^63 too: int64 keeps equality)
     a, p, n, kw, eq = _inputs("shared")
