@@ -4,7 +4,8 @@ csrc/info_nce_checks.h (and siglip.cpp's check_inputs) that needs no values.
 Under FakeTensorMode (torch.compile's tracing, memory estimators) and on meta tensors only the fake kernels run: a
 call that the compiled kernels refuse by name got plausible output shapes there, and a compiled graph reported it
 only when it ran. Each function here mirrors the C++ check of the same name, with the same exception type
-(TORCH_CHECK_VALUE: ValueError, TORCH_CHECK_TYPE: TypeError) and the words of its message;
+(TORCH_CHECK_VALUE: ValueError, TORCH_CHECK_TYPE: TypeError) and the words of its message up to the value given
+(C++ prints values its own way: Int for torch.int32, 6 significant digits of a float);
 tests/test_ops.py::test_fake_kernels_refuse_what_the_kernels_refuse holds the two to each other, call by call.
 Devices and value checks (index ranges, finite scales held in tensors) stay where they were: _ops' _same_device
 and the kernels.

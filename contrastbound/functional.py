@@ -2098,8 +2098,10 @@ class _LossModule(torch.nn.Module):
         # A finite value that this module's parameter dtype holds as inf, or a log whose exp reads back as 0 or inf
         # there (a float32 state into a .half() module: SigLIP's bias -1e6, a temperature of 1e-5), is refused, and
         # nothing loaded, as a cast to such a dtype and the setters refuse it; it was loaded, and the next forward
-        # refused a value the user never gave (an audit). Non-finite values in the state are torch's to load.
-        for name, param in self._parameters.items():
+        # refused a value the user never gave (an audit). Non-finite values in the state are torch's to load, and
+        # so is load_state_dict(assign=True), which keeps the state's own dtypes.
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        for name, param in ([] if assign else self._parameters.items()):
             value = state_dict.get(prefix + name)
             if param is None or not isinstance(value, torch.Tensor) or param.is_meta or value.is_meta or \
                     value.numel() != 1 or not (value.is_floating_point() and param.is_floating_point()):
@@ -2531,11 +2533,11 @@ class ClipLoss(_LogitScaleLoss):
             return clip_loss(image_features, text_features, self._scale, normalize=self.normalize,
                              reduction=self.reduction, max_logit_scale=self.max_logit_scale,
                              process_group=self.process_group)
-        # (no read-back: the cap applied on the device.) Through .data: a clamp that changes nothing (all but the
-        # first forward after a step past the cap) left the parameter's version counter alone, so a use of it that
-        # autograd recorded before this forward (a penalty on the scale, computed first) no longer fails backward's
-        # in-place check, as it did at every forward (an audit); where the clamp binds, that use's backward reads the
-        # capped value the loss used.
+        # (no read-back: the cap applied on the device.) Through .data, leaving the version counter alone: a use of
+        # the parameter that autograd recorded before this forward (a penalty on the scale, computed first) failed
+        # backward's in-place check at every forward, the clamp changing nothing in all but the first after a step
+        # past the cap (an audit). Where it binds, that use's backward reads the capped value while its forward read
+        # the uncapped one (README): the price of no read-back, off by one step's overshoot.
         self.log_logit_scale.data.clamp_(max=math.log(self.max_logit_scale))
         # the parameter is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
         # value (exp of a rounded log(100) in float32 is 100.0000076: a clamp at 100 would cut the gradient at the cap)

@@ -2507,11 +2507,13 @@ def test_clip_module_learns_its_logit_scale():
     (_clip_written_out(img, txt, log_s.exp()) + 1e-3 * log_s ** 2).backward()
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[1], log_s.grad)
-    # where the clamp binds, the penalty computed first takes the capped value too (what the loss used)
+    # where the clamp binds, a penalty computed first had the uncapped value in its forward and takes the capped one
+    # in its backward (README: no read-back, so no error; its gradient is taken at the cap)
     capped = cb.ClipLoss().double()
     with torch.no_grad():
         capped.log_logit_scale.fill_(math.log(100.0) + 0.5)
     penalty = capped.log_logit_scale ** 2
+    assert float(penalty.detach()) == pytest.approx((math.log(100.0) + 0.5) ** 2)
     (penalty + capped(img, txt)).backward()
     torch.testing.assert_close(capped.log_logit_scale.grad, log_cap.grad + 2 * math.log(100.0))
     with pytest.raises(ValueError, match=r"logit_scale \(150\) must be at most max_logit_scale \(100\)"):

@@ -574,6 +574,10 @@ def test_modules_refuse_a_state_their_dtype_cannot_hold():
     assert float(wide.logit_bias.detach()) == -1e6
     wide.load_state_dict({"log_logit_scale": torch.tensor(float("nan")), "logit_bias": torch.tensor(-1.0)})
     assert math.isnan(float(wide.log_logit_scale.detach()))
+    # assign=True keeps the state's own dtype (float32 here): loaded as before
+    half = cb.SigLIP().half()
+    half.load_state_dict({"log_logit_scale": torch.tensor(2.3), "logit_bias": torch.tensor(-1e6)}, assign=True)
+    assert half.logit_bias.dtype == torch.float32 and float(half.logit_bias.detach()) == -1e6
     # nested: the message names the module's prefix
     parent = torch.nn.ModuleDict({"loss": cb.SigLIP().half()})
     with pytest.raises(RuntimeError, match=r"SigLIP \(loss\.\): logit_bias"):
