@@ -71,6 +71,19 @@ def package_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def child_json(script: str, timeout: float = 600) -> dict:
+    """Runs `script` in a child Python (package_env, cwd PACKAGE_ROOT) and returns the JSON object its last line
+    of output prints; a child that fails fails the test with its standard error."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                         env=package_env(), cwd=PACKAGE_ROOT)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def pytest_collection_modifyitems(config, items):
     # A test parametrized with device="cuda" (DEVICES) is a CUDA test too: `-m cuda` (scripts/gpu_check.sh) selects it.
     for item in items:

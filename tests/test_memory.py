@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from contrastbound import _backend
 
-from conftest import PEAK_RSS_HELPERS, PACKAGE_ROOT, package_env
+from conftest import PEAK_RSS_HELPERS, child_json
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,10 +42,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
 def test_peak_memory_is_a_small_fraction_of_the_logits():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(SCRIPT)
     assert r["bank_grad_finite"]
     # The logits alone would take B*K*4 bytes = 4 GiB; the fused loss may use at most a tenth of that.
     assert r["extra_mib"] < r["logits_mib"] / 10, r
@@ -79,10 +73,7 @@ BANK_CE_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 def test_bank_cross_entropy_memory_is_one_bank_gradient():
     # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d) plus tiles. Letting
     # autograd differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
-    out = subprocess.run([sys.executable, "-c", BANK_CE_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(BANK_CE_SCRIPT)
     assert r["extra_mib"] < 1.25 * r["grad_mib"], r
 
 
@@ -112,9 +103,6 @@ INDEXED_HALF_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 def test_indexed_half_bank_gradient_is_the_only_bank_sized_buffer():
     # A bfloat16 bank of 2^20 rows (its gradient 128 MiB) and 1024 indices: the backward accumulated in a float32
     # (M, d) buffer (256 MiB more), now in float32 rows for the rows hit only (an audit: 2.8x naive's memory).
-    out = subprocess.run([sys.executable, "-c", INDEXED_HALF_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(INDEXED_HALF_SCRIPT)
     assert 900 < r["rows_hit"] <= 1024, r
     assert r["extra_mib"] < r["grad_mib"] + 64, r  # (the old build: grad_mib + 270; this one + 22: the M-row tables)

@@ -4,10 +4,7 @@ gradcheck, dtypes, torch.compile, torch.func, bad input, memory."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,7 +20,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import siglip_reference
 
-from conftest import PEAK_RSS_HELPERS, DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
+from conftest import DEVICES, PEAK_RSS_HELPERS, assert_close_scaled, child_json, tol
 
 # Tests of the op itself; the others run on the fallback too (a build without the extension,
 # CONTRASTBOUND_TEST_FALLBACK=1), as the rest of the suite does.
@@ -483,10 +480,7 @@ MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 def test_memory_is_far_below_the_logits():
     # N = 2^13 pairs: the N x N logits alone take 256 MiB (naive PyTorch holds several such); the op keeps O(N d)
     # beside its tiles (2 threads: 13 MiB at N = 2^12, 21 MiB at 2^14, measured 2026-12-01)
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(MEMORY_SCRIPT)
     assert r["extra_mib"] < r["matrix_mib"] / 8, r
 
 

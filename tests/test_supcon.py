@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,7 +18,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import supcon_reference
 
-from conftest import PEAK_RSS_HELPERS, DEVICES, PACKAGE_ROOT, assert_close_scaled, package_env, tol
+from conftest import DEVICES, PEAK_RSS_HELPERS, assert_close_scaled, child_json, tol
 
 # Labels with repeats, a label of one row (no positive), a negative value and a large one.
 LABELS = torch.tensor([3, 7, 3, -2, 7, 7, 10**12, 3, -2])
@@ -453,10 +450,7 @@ MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 @pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
 def test_memory_is_far_below_the_similarity_matrix():
     # N = 2^14 rows: the N x N logits alone take 1 GiB; the fused loss keeps O(N d) beside its tiles
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(MEMORY_SCRIPT)
     assert r["extra_mib"] < r["matrix_mib"] / 20, r
 
 
@@ -485,10 +479,7 @@ BANK_MEMORY_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 def test_bank_memory_is_far_below_the_logits():
     # a labelled bank of K = 2^19 rows: the N x K logits take 512 MiB, the bank itself 64 MiB; the loss keeps the
     # kernel's tiles, O(K) label slots and 4 MiB slices of normalised rows (30 MiB measured, 2026-12-01)
-    out = subprocess.run([sys.executable, "-c", BANK_MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env=package_env(), cwd=PACKAGE_ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_json(BANK_MEMORY_SCRIPT)
     assert r["extra_mib"] < r["matrix_mib"] / 8, r
 
 
