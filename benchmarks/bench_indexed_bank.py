@@ -19,10 +19,8 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,12 +29,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _worker(method: str, dtype_name: str, B: int, K: int, M: int, d: int, reps: int, threads: int) -> dict:
-    import gc
-
     import torch
     import torch.nn.functional as F
 
-    from contrastbound.benchsuite.harness import _reset_rss_peak, _rss_peak_mib
+    from contrastbound.benchsuite.harness import timed_steps
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
@@ -64,21 +60,12 @@ def _worker(method: str, dtype_name: str, B: int, K: int, M: int, d: int, reps: 
         loss.backward()
         return loss
 
-    loss = step()  # warm-up
-    del loss
-    a.grad = p.grad = bank.grad = None
-    gc.collect()
-    _reset_rss_peak()
-    base = _rss_peak_mib()
-    times = []
-    for _ in range(reps):
+    def clear():
         a.grad = p.grad = bank.grad = None
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    peak = _rss_peak_mib()
-    return {"time_s": statistics.median(times), "extra_mib": peak - base, "grad_mib": M * d * bank.element_size() / 2**20,
-            "loss": float(loss)}
+
+    r = timed_steps(step, clear, reps)
+    return {"time_s": r["time_s"], "extra_mib": r["extra_mib"], "grad_mib": M * d * bank.element_size() / 2**20,
+            "loss": r["loss"]}
 
 
 def main() -> int:

@@ -52,11 +52,9 @@ def _naive(a, p, n, temperature=0.1):
 
 
 def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dict:
-    import gc
-
     import torch
 
-    from contrastbound.benchsuite.harness import _reset_rss_peak, _rss_peak_mib
+    from contrastbound.benchsuite.harness import timed_steps
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -102,34 +100,19 @@ def _worker(method: str, B: int, K: int, d: int, reps: int, threads: int) -> dic
             return loss
 
     grads_mib = (2 * B * d + (0 if detached else K * d)) * 4 / 2**20
-    gc.collect()
-    _reset_rss_peak()
-    base = _rss_peak_mib()
-    t0 = time.perf_counter()
-    loss = step()  # warm-up (and compilation)
-    warmup = time.perf_counter() - t0
-    warmup_extra = _rss_peak_mib() - base
-    del loss
-    a.grad = p.grad = bank.grad = None
-    gc.collect()
-    if _reset_rss_peak():  # (else ru_maxrss: the peak covers the warm-up, from the first baseline)
-        base = _rss_peak_mib()
-    times = []
-    for _ in range(reps):
+
+    def clear():
         a.grad = p.grad = bank.grad = None
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    peak = _rss_peak_mib()
-    t = statistics.median(times)
+
+    r = timed_steps(step, clear, reps)
     return {
-        "time_s": t,
-        "warmup_s": warmup,
-        "extra_mib": peak - base,
-        "warmup_extra_mib": warmup_extra,
+        "time_s": r["time_s"],
+        "warmup_s": r["warmup_s"],
+        "extra_mib": r["extra_mib"],
+        "warmup_extra_mib": r["warmup_extra_mib"],
         "grads_mib": grads_mib,
-        "loss": float(loss),
-        "effective_gflops": (4 if detached else 6) * B * K * d / t / 1e9,
+        "loss": r["loss"],
+        "effective_gflops": (4 if detached else 6) * B * K * d / r["time_s"] / 1e9,
     }
 
 

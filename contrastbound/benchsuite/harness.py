@@ -204,6 +204,33 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+
+def timed_steps(step: Callable[[], torch.Tensor], clear: Callable[[], None], reps: int) -> dict:
+    """The standalone benchmark scripts' CPU measurement of a training step: one warm-up step (its time and the
+    peak resident memory it adds, one-off costs included), then, with clear() run before each step (gradients set
+    to None) and the peak reset to the memory alive after the warm-up, reps timed steps: their median time and the
+    peak over them beyond that baseline (``extra_mib``). Returns those and the last step's loss."""
+    gc.collect()
+    _reset_rss_peak()
+    base = _rss_peak_mib()
+    t0 = time.perf_counter()
+    loss = step()  # warm-up (and compilation)
+    warmup = time.perf_counter() - t0
+    warmup_extra = _rss_peak_mib() - base
+    del loss
+    clear()
+    gc.collect()
+    if _reset_rss_peak():  # (else ru_maxrss: the peak covers the warm-up, from the first baseline)
+        base = _rss_peak_mib()
+    times = []
+    for _ in range(reps):
+        clear()
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times), "warmup_s": warmup, "extra_mib": _rss_peak_mib() - base,
+            "warmup_extra_mib": warmup_extra, "loss": float(loss)}
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
