@@ -466,6 +466,12 @@ def _func_active() -> bool:
     return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing (strict or not); False on a torch without torch.compiler.is_exporting."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _func_differentiates() -> bool:
     """Whether a torch.func transform that differentiates (grad, vjp, jacrev, hessian, jvp) is active.
 
@@ -2538,10 +2544,19 @@ class ClipLoss(_LogitScaleLoss):
         # backward's in-place check at every forward, the clamp changing nothing in all but the first after a step
         # past the cap (an audit). Where it binds, that use's backward reads the capped value while its forward read
         # the uncapped one (README): the price of no read-back, off by one step's overshoot.
-        self.log_logit_scale.data.clamp_(max=math.log(self.max_logit_scale))
-        # the parameter is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
+        log_scale = self.log_logit_scale
+        cap = math.log(self.max_logit_scale)
+        if _exporting() or _func_active():
+            # torch.export lifted .data as a fake constant (non-strict) or traced the clamp away (strict: the cap
+            # lost from the exported program), and a torch.func transform refuses .data (vmap over a stacked
+            # ensemble's parameters). There the value used is capped, with the gradient of the in-place clamp (that
+            # of the capped value, straight through), and the parameter is left as it is.
+            log_scale = log_scale.detach().clamp(max=cap) + (log_scale - log_scale.detach())
+        else:
+            log_scale.data.clamp_(max=cap)
+        # the scale is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
         # value (exp of a rounded log(100) in float32 is 100.0000076: a clamp at 100 would cut the gradient at the cap)
-        return clip_loss(image_features, text_features, self.log_logit_scale.exp(), normalize=self.normalize,
+        return clip_loss(image_features, text_features, log_scale.exp(), normalize=self.normalize,
                          reduction=self.reduction, max_logit_scale=torch.finfo(self.log_logit_scale.dtype).max,
                          process_group=self.process_group)
 

@@ -186,7 +186,8 @@ def debiased_info_nce_reference(
     if valid is None:
         K = neg.shape[1]
         imp = (beta * neg.log()).exp()
-        reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
+        # (K = 0: no negatives, the loss 0 as the fused loss's; the mean over none would give 0 / NaN = NaN)
+        reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1) if K > 0 else neg.sum(dim=-1)
     else:  # each anchor's own K; the left-out negatives weigh 0 (an anchor without any: loss 0, below)
         K = valid.sum(dim=-1).to(dt)
         imp = (beta * sims / temperature).exp() * valid

@@ -2523,6 +2523,37 @@ def test_clip_module_learns_its_logit_scale():
     assert abs(float(wider.logit_scale.detach()) - 150.0) < 1e-4
 
 
+def test_clip_module_under_vmap_of_an_ensemble():
+    # torch.func's ensembling recipe (stack_module_state, functional_call under vmap) failed in ClipLoss's forward:
+    # "accessing 'data' under vmap transform is not allowed" (an audit). Under a transform the value used is
+    # capped, with the in-place clamp's gradient (the capped value's), and the stacked parameters are left alone.
+    import copy
+
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    torch.manual_seed(5)
+    img, txt = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
+    members = [cb.ClipLoss(10.0).double(), cb.ClipLoss(50.0).double(), cb.ClipLoss().double()]
+    with torch.no_grad():
+        members[2].log_logit_scale.fill_(math.log(300.0))  # past the cap of 100, as an optimiser step can take it
+    params, buffers = stack_module_state(copy.deepcopy(members))
+    base = copy.deepcopy(members[0]).to("meta")
+
+    def loss(p, b, i, t):
+        return functional_call(base, (p, b), (i, t))
+
+    got = vmap(loss)(params, buffers, img, txt)
+    got_grad = vmap(grad(loss))(params, buffers, img, txt)["log_logit_scale"]
+    assert float(params["log_logit_scale"][2]) == math.log(300.0)  # (not clamped in place under the transform)
+    for k, member in enumerate(members):
+        want = member(img[k], txt[k])  # (eager: the third clamps its parameter to log(100) in place)
+        want.backward()
+        torch.testing.assert_close(got[k], want.detach())
+        torch.testing.assert_close(got_grad[k], member.log_logit_scale.grad)
+    log_cap = torch.tensor(math.log(100.0), dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(got[2], _clip_written_out(img[2], txt[2], log_cap.exp()).detach())
+
+
 def test_clip_module_fixed_scale_options_and_errors():
     torch.manual_seed(4)
     img, txt = torch.randn(7, 5), torch.randn(7, 5)

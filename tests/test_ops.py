@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -876,6 +877,48 @@ def test_torch_export_keeps_every_gradient(case, strict):
     assert float(want[names.index("log_t")].abs()) > 0 or case == "bank_cross_entropy_bf16"
     for name, w, h in zip(names, want, got):
         torch.testing.assert_close(h, w, msg=name)
+
+
+class _ExportedClipModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 8)
+        self.clip = cb.ClipLoss()
+
+    def forward(self, x, y):
+        return self.clip(self.enc(x), self.enc(y))
+
+
+@needs_kernel
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_the_clip_module_keeps_its_cap(strict):
+    # ClipLoss caps its learnable scale at each forward by an in-place clamp through .data: non-strict export
+    # lifted that tensor as a fake constant (RuntimeError), strict export traced the clamp away (the exported
+    # program used a scale of 300 past the cap of 100, without an error; an audit). Exported, the value used is
+    # capped, its gradient that of the capped value (as the eager clamp gives), the parameter left as it is.
+    if _TORCH < (2, 7):
+        pytest.skip("torch 2.5's export drops a custom op's registered backward (see the test above)")
+    g = torch.Generator().manual_seed(24)
+    x, y = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+    model = _ExportedClipModule()
+    # (of a copy: an exported module holds the parameters of the module it came from, and model's forward clamps)
+    exported = torch.export.export(copy.deepcopy(model), (x, y), strict=strict).module()
+    got_params = dict(exported.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(got_params) == sorted(names)
+    for log_scale in (math.log(1 / 0.07), math.log(300.0)):
+        with torch.no_grad():
+            model.clip.log_logit_scale.fill_(log_scale)
+            got_params["clip.log_logit_scale"].fill_(log_scale)
+        want_loss = model(x, y)  # (clamps the eager parameter in place)
+        want = torch.autograd.grad(want_loss, [model.get_parameter(n) for n in names])
+        got_loss = exported(x, y)
+        got = torch.autograd.grad(got_loss, [got_params[n] for n in names])
+        torch.testing.assert_close(got_loss, want_loss)
+        for name, w, h in zip(names, want, got):
+            torch.testing.assert_close(h, w, msg=name)
+    assert float(model.clip.logit_scale.detach()) == pytest.approx(100.0)
+    assert float(got_params["clip.log_logit_scale"].detach()) == pytest.approx(math.log(300.0))
 
 
 @needs_kernel
