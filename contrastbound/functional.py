@@ -2491,7 +2491,9 @@ class ClipLoss(_LogitScaleLoss):
     version counter untouched) to log(``max_logit_scale``) at the start of each forward (the same values, and the
     gradient flows at the cap: a clamp inside the forward,
     as :func:`clip_loss` does for a tensor it is given, would give a scale that an optimiser step took past the cap
-    no gradient, for good). With ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
+    no gradient, for good). Under a torch.func transform and in torch.export, which cannot write ``.data``, the
+    value used is capped with that gradient (straight through) and the parameter is left as it is. With
+    ``learnable=False`` the scale is a fixed number (a hyperparameter, not in
     ``state_dict``). ``module.logit_scale = s`` sets the scale (the parameter's log in place; at most
     ``max_logit_scale``, as the initial one). ``normalize``, ``reduction`` and ``process_group`` as in
     :func:`clip_loss`.
