@@ -254,6 +254,20 @@ def test_coupon_uniform_mpmath(C):
     assert log_err(got, [mp_coupon_uniform(n, C) for n in ns]) < 1e-11
 
 
+@pytest.mark.parametrize("C,n", [(500, 3107), (3029, 24280), (3029, 25828)])
+def test_coupon_uniform_near_one_expected_missing_class(C, n):
+    # x = C (1 - 1/C)^n, the expected number of missing classes, ~0.6-1 here, where the uniform coupon probability
+    # takes inclusion-exclusion: a mutation audit sent such points to the Cauchy integral (its x <= 5 made 0.5),
+    # 1.5e-13 off at (3029, 24280), and every other test passed. Reference: inclusion-exclusion in mpmath at 60
+    # digits over j <= 200 (term j ~ x^j / j!, so the rest is below 1e-300; no cancellation to speak of at x ~ 1).
+    with mpmath.workdps(60):
+        terms = (mpmath.binomial(C, j) * (mpmath.mpf(C - j) / C) ** n for j in range(201))
+        want = float(mpmath.log(mpmath.fsum(t if j % 2 == 0 else -t for j, t in enumerate(terms))))
+    assert 0.5 < C * (1 - 1 / C) ** n < 1.1
+    got = float(B.coupon_collector_probability(n, C, log=True))
+    assert abs(got - want) <= 2e-14 * abs(want)
+
+
 @pytest.mark.parametrize("C", [10, 3029, 10_000])
 def test_coupon_closed_forms_large_C(C):
     # upsilon_C = C!/C^C, upsilon_{C+1} = C! S(C+1, C)/C^{C+1}, S(C+2, C) = binom(C+2, 3)(3C+1)/4

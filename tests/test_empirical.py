@@ -515,6 +515,21 @@ def test_gap_report_inside_is_false_just_above_the_upper_bound(monkeypatch):
     assert r["R_supv"] == pytest.approx(r["upper"] + 0.01, abs=1e-9) and r["inside"] is False
 
 
+def test_gap_report_inside_holds_with_equality_at_both_bounds(monkeypatch):
+    # The theorem's inequalities are not strict: R_supv equal to a bound is inside (a mutation audit made the
+    # comparison strict and every test passed, their R_supv 0.01 or more away from the bounds). R_cont patched to
+    # exactly 0 and both deltas to R_supv make lower == R_supv == upper in floating point, with no rounding.
+    import contrastbound.empirical as E
+
+    x, y = blobs((20, 20, 20), d=4, seed=6, dtype=torch.float32)
+    r_supv = E.gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]["R_supv"]
+    monkeypatch.setattr(E, "contrastive_loss_curve", lambda *a, **k: (np.zeros(1), np.zeros(1)))
+    for side in ("delta_upper", "delta_lower"):
+        monkeypatch.setattr(E._bounds, side, lambda *a, **k: np.array([r_supv]))
+    r = E.gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))[0]
+    assert r["lower"] == r["R_supv"] == r["upper"] and r["inside"] is True
+
+
 def test_negative_labels_are_refused_by_every_estimator():
     x, y = blobs((5, 5), d=3)
     bad = y.clone()
