@@ -65,7 +65,8 @@ def _extension():
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
     debug = os.environ.get("CONTRASTBOUND_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # The language standard is the one torch asks for (C++17 up to torch 2.9, C++20 from 2.10); the code is C++17.
+    # The language standard is the one torch asks for (C++17 up to torch 2.11, C++20 from 2.12); the code is C++17
+    # (CMakeLists.txt's checks compile the CUDA sources as both).
     cxx = ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", *opt]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     kwargs = dict(extra_link_args=["-fopenmp"])
