@@ -4,8 +4,9 @@
 //
 // STATUS: an earlier version (the scale passed as a double) was built and tested against torch 2.11 (CUDA 13.0)
 // on an H200 by scripts/gpu_check.sh; the current one is compiled in CI only against the CPU torch's headers with
-// stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built against a CUDA torch; by hand
-// (g++ -fsyntax-only, the same stubs) also against the headers of torch 2.11.0's CUDA wheel.
+// stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built into a module against a CUDA
+// torch; by hand (2026-12-02) compiled to an object file against torch 2.11.0+cu130's headers, as C++17 and C++20,
+// every undefined symbol of it exported by that wheel's libraries.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
