@@ -824,6 +824,60 @@ def test_requires_grad_may_differ_across_ranks_under_no_grad():
         assert torch.isfinite(r["in_batch"]) and torch.isfinite(r["sharded"]) and r["rows"] == 6
 
 
+def _subgroup_worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        sub = dist.new_group([1, 2])  # (every rank calls new_group) group rank = global rank - 1
+        if rank == 0:
+            return
+        a, p, bank = _subgroup_data()
+        rows, shard = _SUBGROUP_ROWS[rank]
+        x = a[rows].clone().requires_grad_(True)
+        gathered = all_gather_with_grad(x, group=sub)
+        (gathered * torch.arange(1.0, 8.0, dtype=torch.float64)[:, None]).sum().backward()
+        a_r, p_r, s_r = (t.clone().requires_grad_(True) for t in (a[rows], p[rows], bank[shard]))
+        loss = cb.info_nce(a_r, p_r, s_r, temperature=0.2, process_group=sub)
+        loss.backward()
+        torch.save({"gathered": gathered.detach(), "gx": x.grad, "loss": loss.detach(), "ga": a_r.grad,
+                    "gn": s_r.grad}, os.path.join(out_dir, f"sub{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+_SUBGROUP_ROWS = {1: (slice(0, 3), slice(0, 10)), 2: (slice(3, 7), slice(10, 30))}  # uneven anchors and shards
+
+
+def _subgroup_data():
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (7, 7, 30))
+
+
+def test_a_subgroup_whose_ranks_are_not_the_global_ones():
+    # Every other test passes the whole world, where a group's rank and size are the global ones: a rank or size
+    # taken from the world instead of the group passed them all (a mutation audit). Here global ranks 1 and 2 form
+    # the group (0 stays out): the gather and the sharded bank against one process, by the convention above.
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_subgroup_worker, args=(3, os.path.join(tmp, "init"), tmp), nprocs=3, join=True)
+        res = {r: torch.load(os.path.join(tmp, f"sub{r}.pt")) for r in (1, 2)}
+    a, p, bank = _subgroup_data()
+    weights = torch.arange(1.0, 8.0, dtype=torch.float64)[:, None].expand(7, 4)
+    bank_full = bank.clone().requires_grad_(True)
+    bank_grad = torch.zeros_like(bank)
+    for r, (rows, _) in _SUBGROUP_ROWS.items():
+        assert torch.equal(res[r]["gathered"], a)
+        torch.testing.assert_close(res[r]["gx"], 2 * weights[rows])  # every rank's loss used every slice: sum of 2
+        a_r = a[rows].clone().requires_grad_(True)
+        loss = cb.info_nce(a_r, p[rows], bank_full, temperature=0.2)
+        ga, gn = torch.autograd.grad(loss, [a_r, bank_full])
+        bank_grad += gn
+        torch.testing.assert_close(res[r]["loss"], loss, rtol=1e-10, atol=0)
+        torch.testing.assert_close(res[r]["ga"], ga, rtol=1e-10, atol=1e-12)
+    for r, (_, shard) in _SUBGROUP_ROWS.items():
+        torch.testing.assert_close(res[r]["gn"], bank_grad[shard], rtol=1e-10, atol=1e-12)
+
+
 def _lone_forward_ad_worker(rank, world, init_file, out_dir):
     import datetime
     from torch.autograd import forward_ad

@@ -223,6 +223,45 @@ def test_queue_refuses_a_fill_level_apart_from_its_write_position():
         cb.NegativeQueue(4, 1).load_state_dict(state)
 
 
+def test_queue_negatives_and_labels_follow_a_load_without_len_first():
+    # README's SupCon recipe calls queue.negatives() / queue.labels() with no len(q) before them: each must
+    # re-read the fill level itself (a mutation audit: with only len() re-reading it, every test passed, and a
+    # loaded queue served 0 rows, or stale ones after a write it did not make).
+    src = cb.NegativeQueue(5, 2, labels=True)
+    src.enqueue(torch.arange(6.0).reshape(3, 2), torch.tensor([7, 8, 9]))
+    q = cb.NegativeQueue(5, 2, labels=True)
+    q.load_state_dict(src.state_dict())
+    assert q.negatives().tolist() == [[0, 1], [2, 3], [4, 5]]
+    q2 = cb.NegativeQueue(5, 2, labels=True)
+    q2.load_state_dict(src.state_dict())
+    assert q2.labels().tolist() == [7, 8, 9]
+    q2.ptr.fill_(1)
+    q2.filled.fill_(1)
+    assert q2.labels().tolist() == [7] and q2.negatives().tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("ptr", [-1, 4])
+def test_queue_refuses_a_write_position_outside_the_queue(ptr):
+    # ptr must lie in [0, size): at -1 a full queue's next key went to queue[-1:0], an empty slice (the key lost,
+    # ptr then 0); no test had covered the bounds (a mutation audit)
+    state = cb.NegativeQueue(4, 1).state_dict()
+    state["ptr"], state["filled"] = torch.tensor(ptr), torch.tensor(4)
+    with pytest.raises(RuntimeError, match="not a state of a queue of size 4"):
+        cb.NegativeQueue(4, 1).load_state_dict(state)
+    q = cb.NegativeQueue(4, 1)
+    q.enqueue(torch.arange(4.0)[:, None])
+    q.ptr.fill_(ptr)
+    with pytest.raises(ValueError, match="not a state of a queue of size 4"):
+        q.enqueue(torch.tensor([[9.0]]))
+
+
+def test_queue_buffers_follow_the_device_argument():
+    # the meta device is not the default one, so it shows a buffer made without device= (on a GPU it would be
+    # the labels left on the CPU; a mutation audit)
+    q = cb.NegativeQueue(8, 3, labels=True, device="meta")
+    assert {b.device.type for b in q.buffers()} == {"meta"}
+
+
 def test_queue_load_state_dict_is_all_or_nothing():
     # A queue of another size: torch copied the buffers that fit (ptr = filled = 3) before reporting the one that
     # did not, leaving three zero rows counted as keys for a caller that caught the error.
