@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ core with CMake against the venv's libtorch, runs the C++ tests with ctest, and (where nvcc is
-# on the PATH) compiles every CUDA source for sm_75, sm_80 and sm_90a. Fails if any step fails or no test ran.
+# on the PATH) compiles every CUDA source for sm_75, sm_80 and sm_90a (and as C++17 for compute_90a). Fails if any
+# step fails or no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -26,6 +27,7 @@ done
 python scripts/ptxas_report.py cmake-build/compile.log
 ctest --test-dir cmake-build --output-on-failure --no-tests=error
 if command -v nvcc >/dev/null; then
-  ls cmake-build/CMakeFiles/contrastbound_cuda_compile_check.dir/csrc/cuda/*.o 2>/dev/null \
+  # (contrastbound_cuda_cxx17_check: the same sources as C++17, the dialect of torch 2.5-2.11's extension build)
+  ls cmake-build/CMakeFiles/contrastbound_cuda_{compile,cxx17}_check.dir/csrc/cuda/*.o 2>/dev/null \
     | sed 's/^/nvcc compiled: /' || echo "nvcc found, but there are no CUDA sources to compile"
 fi
