@@ -88,6 +88,41 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _HeldSignals:
+    """Ctrl-C (SIGINT) and SIGTERM held back between the experiments and while the report is written: a signal
+    that arrives then is recorded, and release() puts the previous handlers back and raises it again, so that it
+    takes effect where run() handles it (at the next experiment's start, as an interruption of that one, or after
+    the report is written). One that arrived just after the last experiment had left the placeholder as the report.
+    Python-level handlers (a blocked signal mask would not do: any other thread, such as torch's OpenMP workers,
+    takes a process-directed signal); only in the main thread, and not where a signal is ignored."""
+
+    def __init__(self) -> None:
+        self._main = threading.current_thread() is threading.main_thread()
+        self._saved: dict[int, Any] = {}
+        self._pending: list[int] = []
+
+    def _record(self, signum, frame) -> None:
+        if signum not in self._pending:
+            self._pending.append(signum)
+
+    def hold(self) -> None:
+        if not self._main or self._saved:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if previous not in (signal.SIG_IGN, None):  # (None: a handler not installed from Python)
+                self._saved[sig] = previous
+                signal.signal(sig, self._record)
+
+    def release(self) -> None:
+        saved, self._saved = self._saved, {}
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        pending, self._pending = self._pending, []
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
 def _write_placeholder(out: str, experiments: Sequence[str], preset: str) -> None:
     """report.md and report.html saying that a run is in progress, so that no earlier run's report stays beside
     this run's files if it is killed before writing its own (SIGKILL, a lost node); the report overwrites them."""
@@ -120,7 +155,9 @@ def run(
     Before any work: a bad experiment name raises ValueError, a missing CUDA device RuntimeError, and matplotlib
     that cannot be imported ImportError (every experiment draws figures). Then report.md/report.html become a
     placeholder (a run in progress) until the report replaces them. A KeyboardInterrupt (Ctrl-C, or SIGTERM under
-    main()) during an experiment still writes the report, marked, and is then raised again.
+    main()) during an experiment still writes the report, marked, and is then raised again; one that arrives
+    between experiments interrupts the next, and one while the report is written is raised after it (see
+    _HeldSignals).
     """
     settings = settings or make_settings("full")
     for e in experiments:
@@ -129,6 +166,16 @@ def run(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
     require_matplotlib()
+    held = _HeldSignals()
+    held.hold()
+    try:
+        return _run_held(experiments, out, settings, dev, seed, show_progress, log, held)
+    finally:
+        held.release()  # (where an error ends the run: a signal held meanwhile acts now)
+
+
+def _run_held(experiments, out, settings, dev, seed, show_progress, log, held: _HeldSignals) -> dict[str, Any]:
+    """run() from the placeholder on, with Ctrl-C and SIGTERM held (see _HeldSignals) except during experiments."""
     os.makedirs(out, exist_ok=True)
     started = time.time()
     _write_placeholder(out, experiments, settings.preset)
@@ -142,9 +189,12 @@ def run(
         t0 = time.perf_counter()
         log(f"[reproduce] {e} ...")
         try:
+            held.release()  # (a signal held since the last experiment acts here: as this one's interruption)
             with deterministic(seed):
                 sec = _runner(e)(settings, out, seed=seed, device=dev, show_progress=show_progress)
+            held.hold()
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one failure must not cost the report
+            held.hold()
             walls[e] = time.perf_counter() - t0
             if isinstance(exc, KeyboardInterrupt):
                 # Ctrl-C (or SIGTERM, under main()): the report is still written (marked), so that no placeholder
@@ -217,6 +267,13 @@ def run(
     with open(os.path.join(out, "report.html"), "w") as fh:
         fh.write(render_html("contrastbound reproduce: report", pre, sections))
     log(f"[reproduce] wrote {os.path.join(out, 'report.md')} and report.html ({total:.1f} s)")
+    try:
+        held.release()  # a signal held while the report was written acts now, after it
+    except KeyboardInterrupt as exc:
+        if not interrupted:  # (else a second signal: the interrupt below is raised anyway)
+            late = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+            raise type(exc)(f"interrupted after the last experiment ({late}); the report, complete, is in {out}") \
+                from None
     if interrupted:  # the report of what ran is written; the caller's loop or script must stop as well
         earlier = [f"; {e} had failed ({m})" for e, m in failed.items() if e in walls and e != interrupted]
         raise (Terminated if cause == "SIGTERM" else KeyboardInterrupt)(
@@ -278,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # Re-raised after the message: a shell loop over runs must see the Ctrl-C too (the command-line entry
         # then ends the process by SIGINT, status 130, without a traceback).
-        print(f"contrastbound reproduce: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"contrastbound reproduce: {str(exc) or 'interrupted'}", file=sys.stderr)  # (a bare one's str is '')
         if isinstance(exc, Terminated):
             # The report is written; now the SIGTERM does what it would have done without our handler (now
             # restored): with the default disposition the process ends here, by SIGTERM.
