@@ -2553,7 +2553,7 @@ class ClipLoss(_LogitScaleLoss):
             # lost from the exported program), and a torch.func transform refuses .data (vmap over a stacked
             # ensemble's parameters). There the value used is capped, with the gradient of the in-place clamp (that
             # of the capped value, straight through), and the parameter is left as it is.
-            log_scale = log_scale.detach().clamp(max=cap) + (log_scale - log_scale.detach())
+            log_scale = log_scale.detach().clamp(max=cap) + _gradient_only(log_scale)
         else:
             log_scale.data.clamp_(max=cap)
         # the scale is at most the cap now; clip_loss's own clamp set where it cannot bind, its dtype's largest
