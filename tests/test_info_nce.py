@@ -285,6 +285,48 @@ def test_results_do_not_depend_on_the_thread_count(mode):
     _assert_same_bits_with_1_and_2_threads(a, p, n, idx)
 
 
+def _labels(n, classes, seed):
+    return torch.randint(classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# Steps of one unit (a bank of one tile, in-batch below a block of rows): at::parallel_for ran them on the calling
+# thread outside a parallel region, where torch's matrix product inside split its own work by the thread count
+# (MKL): the loss and gradients differed by ~1e-7 between 1 and 3 threads (2 and 1 with d = 1000). They now run
+# inside a region (csrc/core/parallel.h). Sizes from a thread audit; each case differed before.
+_ONE_UNIT_CASES = {
+    "bank_37x100": lambda x: cb.info_nce(x[0], x[1], x[2], 0.1, reduction="none"),
+    "bank_300x300": lambda x: cb.info_nce(x[0], x[1], x[2], 0.1, reduction="none"),
+    "bank_3x5_d1000": lambda x: cb.info_nce(x[0], x[1], x[2], 0.1, reduction="none"),
+    "in_batch": lambda x: cb.info_nce(x[0], x[1], None, 0.1, reduction="none"),
+    "nt_xent": lambda x: cb.nt_xent(x[0], x[1], 0.1, reduction="none"),
+    "supcon": lambda x: cb.supcon_loss(x[0], _labels(37, 7, 1), 0.1, reduction="none"),
+    "debiased": lambda x: cb.debiased_info_nce(x[0], x[1], None, 0.1, tau_plus=0.1, reduction="none"),
+    "clip": lambda x: cb.clip_loss(x[0], x[1], 10.0, reduction="none"),
+    "siglip": lambda x: cb.siglip_loss(x[0], x[1], 10.0, -10.0, reduction="none"),
+}
+_ONE_UNIT_SHAPES = {"bank_37x100": [(37, 19), (37, 19), (100, 19)], "bank_300x300": [(300, 40)] * 3,
+                    "bank_3x5_d1000": [(3, 1000), (3, 1000), (5, 1000)], "supcon": [(37, 19)]}
+
+
+@pytest.mark.parametrize("case", sorted(_ONE_UNIT_CASES))
+def test_one_unit_steps_give_the_same_bits_with_any_thread_count(case):
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(*shape, generator=gen) for shape in _ONE_UNIT_SHAPES.get(case, [(37, 19)] * 2)]
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2, 3, 4):
+            torch.set_num_threads(t)
+            xs = [x.clone().requires_grad_() for x in inputs]
+            loss = _ONE_UNIT_CASES[case](xs)
+            out.append((loss.detach(), *torch.autograd.grad(loss.sum(), xs)))
+    finally:
+        torch.set_num_threads(threads)
+    for t, got in zip((2, 3, 4), out[1:]):
+        for i, (x, y) in enumerate(zip(out[0], got)):
+            assert torch.equal(x, y), f"{case}: output {i} with {t} threads differs from 1 thread by {(x - y).abs().max()}"
+
+
 # The indexed mode's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
 # for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G:E" sets R rows per block, G anchors
 # per group and E indices listed at once (fewer than a chunk's: windows of k; the forward's only, backward counts
