@@ -291,6 +291,8 @@ def contrastive_loss_estimate(
     own class and K negatives drawn i.i.d. uniformly from all rows, and contributes
     ``-log(e^{s a.p} / (e^{s a.p} + sum_k e^{s a.n_k}))``, s = 1/temperature, through :func:`contrastbound.info_nce_lse`
     with ``negative_indices`` (no (B, K, d) copy). The standard error is roughly sd(loss_i) / sqrt(B).
+    The draws come from ``generator`` (a CPU one serves CUDA features too, with the same draws), or from torch's
+    default generator of the features' device when it is None, whose state they advance.
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize, differentiable=True)
     K = _check_draws("K", _check_count("K", K, 0))
@@ -340,6 +342,7 @@ def contrastive_loss_curve(
     :func:`torch.logaddexp`. With the same generator state the value at max(ks) equals
     :func:`contrastive_loss_estimate` at that K (to the rounding of that join); at a smaller K the curve uses the
     first K columns of the same draws, so it agrees with the estimate in distribution, not draw for draw.
+    ``generator`` as in :func:`contrastive_loss_estimate` (None: torch's default generator, advanced).
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
     ks_arr = np.asarray(ks)
@@ -428,19 +431,20 @@ def gap_report(
 ) -> list[dict[str, Any]]:
     r"""For each K: R_cont, R_supv, Delta_L, Delta_U, the interval, whether R_supv is inside, and earlier bounds.
 
-    R_cont is estimated on (``features``, ``labels``) by :func:`contrastive_loss_curve` (one pass); the means come
-    from the same set and R_supv is evaluated on the test set when given (else on the same set). The constants use
+    R_cont is estimated on (``features``, ``labels``) by :func:`contrastive_loss_curve` (one pass); the means come from
+    the same set and R_supv is evaluated on the test set when given (else on the same set); its draws come from
+    ``generator`` as in :func:`contrastive_loss_estimate` (None: torch's default generator, advanced). The constants use
     ``b = max ||f|| / sqrt(temperature)`` (``1 / sqrt(temperature)`` with ``normalize=True``) and the prior
-    ``"empirical"`` (class frequencies of ``labels``; exactly uniform frequencies count as uniform), ``"uniform"``,
-    or a probability vector. The earlier bounds (Arora et al., Nozawa & Sato, Ash et al.) are uniform-prior
-    formulas: they are NaN for a non-uniform prior and where they are undefined (K < C for the first two).
-    The theorem holds for one distribution: on the same set (no test set) R_supv lies inside up to the Monte Carlo
-    error of R_cont (``R_cont_se``, its standard error: an ``inside`` of False within a few of it is sampling noise,
-    more ``num_anchors`` shrink it); with a test set ``inside`` compares the test set's R_supv with the training set's interval,
-    which no theorem guarantees (a shifted test distribution can fall outside). Half-precision features are
-    widened to float32 for the means and R_supv. ``lower_form`` is passed to :func:`contrastbound.bounds.delta_lower`:
-    the paper's constant (default) is proved for a uniform prior only (it held in every exact check for others);
-    ``"proved"`` takes the constant proved for any prior, which the empirical prior of unbalanced labels may call for.
+    ``"empirical"`` (class frequencies of ``labels``; exactly uniform frequencies count as uniform), ``"uniform"``, or a
+    probability vector. The earlier bounds (Arora et al., Nozawa & Sato, Ash et al.) are uniform-prior formulas: they
+    are NaN for a non-uniform prior and where they are undefined (K < C for the first two). The theorem holds for one
+    distribution: on the same set (no test set) R_supv lies inside up to the Monte Carlo error of R_cont (``R_cont_se``,
+    its standard error: an ``inside`` of False within a few of it is sampling noise, more ``num_anchors`` shrink it);
+    with a test set ``inside`` compares the test set's R_supv with the training set's interval, which no theorem
+    guarantees (a shifted test distribution can fall outside). Half-precision features are widened to float32 for the
+    means and R_supv. ``lower_form`` is passed to :func:`contrastbound.bounds.delta_lower`: the paper's constant
+    (default) is proved for a uniform prior only (it held in every exact check for others); ``"proved"`` takes the
+    constant proved for any prior, which the empirical prior of unbalanced labels may call for.
 
     Returns:
         A list of dicts (one per K, in the order of ``ks``) with keys ``K, R_cont, R_cont_se, R_supv, delta_lower,
