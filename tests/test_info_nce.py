@@ -855,6 +855,70 @@ def test_op_excluded_rows_match_masked_reference(dtype, normalize):
         assert_close_scaled(got, ref, TOL[dtype], name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_inputs_give_the_float32_kernels_results_rounded_once(mode, normalize, dtype):
+    # The CPU kernel widens half tiles to float32 and computes in float32 (README, Limits): the op on half inputs
+    # gives exactly the float32 op's loss and lse on the widened inputs, and its gradients rounded once to the half
+    # type. Sums of squares of half bank rows formed in the half type broke this by 1e-5 / 7e-5 relative in the
+    # loss (float16 / bfloat16; a mutation audit), within the tolerance of the value tests. K = 600 spans two tiles.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("compiled extension not available")
+    half = make_inputs(mode, B=16, K=600, d=64, dtype=dtype, seed=2)
+    widened = [x.detach().float().requires_grad_() if x is not None else None for x in half[:3]]
+    up = torch.linspace(0.1, 1.0, 16)
+    scale = 10.0 if normalize else 0.25
+    out = []
+    for a, p, n in (half[:3], widened):
+        # in-batch: the positives are the bank, each anchor's own positive left out of its sum (exclude_self); the
+        # bank a separate leaf, whose gradient autograd would otherwise add to the positives' in the half type
+        bank = p.detach().clone().requires_grad_() if n is None else n
+        loss, lse, _ = torch.ops.contrastbound.info_nce_fwd(a, p, bank, half[3], scale, normalize, True, True,
+                                                            n is None)
+        leaves = (a, p, bank)
+        out.append((loss, lse, torch.autograd.grad(loss, leaves, up)))
+    (loss16, lse16, grads16), (loss32, lse32, grads32) = out
+    assert torch.equal(loss16, loss32) and torch.equal(lse16, lse32)
+    for name, g16, g32 in zip(("anchors", "positives", "bank"), grads16, grads32):
+        assert g16.dtype == dtype and torch.equal(g16, g32.to(dtype)), name
+
+
+@pytest.mark.parametrize("d,normalize", [(1, False), (6, False), (6, True)])
+def test_op_positive_is_its_excluded_row_only_when_every_feature_is_equal(d, normalize):
+    # The op takes the positive's logit from the bank tile where the positive equals its excluded row (compared
+    # feature by feature). Half the positives here are their rows, half differ from them in the last feature only
+    # (with d = 1, in their one feature): a comparison that stopped a feature short took the row's logit for those
+    # (0.24 off; a mutation audit). Loss and gradients against masked float64 logits.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("compiled extension not available")
+    g = torch.Generator().manual_seed(11)
+    B, K, s = 10, 13, 1 / 0.2
+    excluded = torch.arange(B) % K
+    n = torch.randn(K, d, generator=g, dtype=torch.float64)
+    a = torch.randn(B, d, generator=g, dtype=torch.float64)
+    p = n[excluded].clone()
+    p[1::2, -1] += 0.7
+    up = torch.rand(B, generator=g, dtype=torch.float64)
+
+    def reference(a, p, n):
+        if normalize:
+            a, p, n = (F.normalize(x, dim=-1) for x in (a, p, n))
+        pos = (a * p).sum(-1) * s
+        logits = (a @ n.T * s).masked_fill(torch.arange(K)[None, :] == excluded[:, None], float("-inf"))
+        return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
+
+    leaves = [x.clone().requires_grad_(True) for x in (a, p, n)]
+    want = reference(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, up)
+    leaves = [x.clone().requires_grad_(True) for x in (a, p, n)]
+    loss, _, _ = torch.ops.contrastbound.info_nce_fwd(*leaves, None, s, normalize, True, True, False, excluded)
+    got_grads = torch.autograd.grad(loss, leaves, up)
+    assert_close_scaled(loss, want, TOL[torch.float64], "loss")
+    for name, got, ref in zip(("anchors", "positives", "bank"), got_grads, want_grads):
+        assert_close_scaled(got, ref, TOL[torch.float64], name)
+
+
 @pytest.mark.parametrize("normalize,temperature", [(False, 1.0), (True, 0.05)])
 def test_bank_cross_entropy_confident_float32(normalize, temperature):
     # A confident classifier (each anchor near its class row x3). The target's logit entered the bank's sum and was
