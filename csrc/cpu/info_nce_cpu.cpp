@@ -1450,7 +1450,9 @@ struct ClipLse {
 
 // Widest window [lo, lo + w] holding every lse_i and lse'_j of a tile whose W is formed with one exponential per
 // logit (clip_weights), and the largest |g_i|, |g'_j| there (each nonzero one must also be at least the type's
-// smallest normal number times e^w).
+// smallest normal number times e^w). The bound on |g| is a margin, not a need: W = g e^{l - lse} + g' e^{l - lse'} is
+// at most 2 max |g| either way, so the one-exponential form could overflow only near |g| ~ 1e38, where the two
+// exponentials' does too (a mutation audit removed the bound: the same results at |g| = 1e35, both non-finite at 1e38).
 constexpr double kClipWeightWindow = 20.0;
 constexpr double kClipWeightGrad = 1e20;
 
