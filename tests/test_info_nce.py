@@ -820,6 +820,15 @@ def test_confident_positive_gradient_float32():
         assert fused <= torch_err, (what, fused, torch_err)
 
 
+def _excluded_rows_reference(a, p, n, excluded, s, normalize):
+    """The loss of the ops' `excluded` from materialised logits: bank row excluded[i] left out of anchor i's sum."""
+    if normalize:
+        a, p, n = (F.normalize(x, dim=-1) for x in (a, p, n))
+    pos = (a * p).sum(-1) * s
+    logits = (a @ n.T * s).masked_fill(torch.arange(n.shape[0])[None, :] == excluded[:, None], float("-inf"))
+    return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_op_excluded_rows_match_masked_reference(dtype, normalize):
@@ -835,11 +844,7 @@ def test_op_excluded_rows_match_masked_reference(dtype, normalize):
     up = torch.rand(B, generator=g, dtype=torch.float64)
 
     def reference(a, p, n):
-        if normalize:
-            a, p, n = (F.normalize(x, dim=-1) for x in (a, p, n))
-        pos = (a * p).sum(-1) * s
-        logits = (a @ n.T * s).masked_fill(torch.arange(K)[None, :] == excluded[:, None], float("-inf"))
-        return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
+        return _excluded_rows_reference(a, p, n, excluded, s, normalize)
 
     leaves = [x.detach().double().requires_grad_(True) for x in xs]
     want = reference(*leaves)
@@ -902,11 +907,7 @@ def test_op_positive_is_its_excluded_row_only_when_every_feature_is_equal(d, nor
     up = torch.rand(B, generator=g, dtype=torch.float64)
 
     def reference(a, p, n):
-        if normalize:
-            a, p, n = (F.normalize(x, dim=-1) for x in (a, p, n))
-        pos = (a * p).sum(-1) * s
-        logits = (a @ n.T * s).masked_fill(torch.arange(K)[None, :] == excluded[:, None], float("-inf"))
-        return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
+        return _excluded_rows_reference(a, p, n, excluded, s, normalize)
 
     leaves = [x.clone().requires_grad_(True) for x in (a, p, n)]
     want = reference(*leaves)
