@@ -569,6 +569,44 @@ def test_more_than_2_31_logits(mode):
         assert err < 1e-4, (i, err)
 
 
+@pytest.mark.slow
+def test_per_anchor_negatives_past_2_31_elements():
+    # Per-anchor negatives are read and their gradient written through raw pointers: offsets i sb + k sk and
+    # (i K + k) d must be 64-bit. Anchor 1's rows lie past element 2^31 of a storage that is mostly never touched
+    # (torch.empty: the pages stay unallocated), each anchor's K rows one repeated row (stride 0); the gradient is a
+    # dense (2, K, 64) bfloat16 tensor of 2^31 + ... elements (4.8 GB), anchor 1's rows from element 2^30 (9/8) up.
+    # Every logit of an anchor is the same l, so in float64 loss = log(e^{l0} + K e^{l}) - l0 and each row's gradient
+    # is 1/K of the one row's (autograd through l + log K; ~1e-9: bfloat16, as float16 would flush it to 0). A 32-bit
+    # offset reads or writes the wrong place: a wrong loss, a row left unwritten or a crash. Bounds: 3x bfloat16's
+    # rounding (2^-8 relative) of the outputs. ~25 s.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU kernel's indexing")
+    g = torch.Generator().manual_seed(7)
+    B, d, K = 2, 64, (1 << 24) + (1 << 21) + 7
+    sb = (1 << 31) + 5 * d
+    rows = torch.randn(B, d, generator=g).bfloat16()
+    storage = torch.empty(sb + d, dtype=torch.bfloat16)
+    storage[:d], storage[sb:] = rows[0], rows[1]
+    negatives = storage.as_strided((B, K, d), (sb, 0, 1)).requires_grad_()
+    a = torch.randn(B, d, generator=g).bfloat16().requires_grad_()
+    p = torch.randn(B, d, generator=g).bfloat16()
+    loss = cb.info_nce(a, p, negatives, temperature=0.5, reduction="none")
+    ga, gn = torch.autograd.grad(loss.sum(), (a, negatives))
+    loss = loss.detach()
+    assert gn.shape == (B, K, d) and (B * K - 1) * d > 2**31
+    bound = 3 * 2.0**-8
+    for i in range(B):
+        ai, ni = a.detach()[i].double().requires_grad_(), rows[i].double().requires_grad_()
+        an, pn, nn = F.normalize(ai, dim=0), F.normalize(p[i].double(), dim=0), F.normalize(ni, dim=0)
+        l0, l = 2.0 * (an @ pn), 2.0 * (an @ nn)
+        want = torch.logsumexp(torch.stack([l0, l + math.log(K)]), 0) - l0
+        want_a, want_n = torch.autograd.grad(want, (ai, ni))
+        assert abs(float(loss[i]) - float(want.detach())) <= bound * float(want.detach()), i
+        assert float((ga[i].double() - want_a).norm()) <= bound * float(want_a.norm()), i
+        assert float((gn[i, 0].double() - want_n / K).norm()) <= bound * float(want_n.norm()) / K, i
+        assert bool((gn[i] == gn[i, 0]).all()), f"anchor {i}: its gradient rows differ (a row written elsewhere)"
+
+
 @pytest.mark.parametrize("mode", ["shared", "indexed"])
 def test_bank_gradient_stays_tangent_with_many_hits_per_row(mode):
     # With normalize, the loss sees a bank row only through n_hat, so its gradient is orthogonal to n_hat. A row
