@@ -607,6 +607,39 @@ def test_per_anchor_negatives_past_2_31_elements():
         assert bool((gn[i] == gn[i, 0]).all()), f"anchor {i}: its gradient rows differ (a row written elsewhere)"
 
 
+@pytest.mark.parametrize("layout", ["rows", "transposed", "indexed", "targets"])
+def test_bank_strides_past_2_31_elements(layout):
+    # A bank whose rows (or, transposed as MoCo's queue.T, whose features) lie more than 2^31 elements apart in a
+    # storage that is mostly never touched (torch.empty: 4.3 GB of address space, a few pages used): the kernel
+    # reads it in place through raw pointers (row norms, indexed rows), so the offsets r stride and j inner must be
+    # 64-bit ("targets": bank_cross_entropy's, its target row left out and compared with the positive). The same
+    # call on a contiguous copy of the bank gives the same bits (the same sums in the same order).
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU kernel's indexing")
+    g = torch.Generator().manual_seed(3)
+    M, d, far = 3, (3 if layout == "transposed" else 24), (1 << 30) + 5
+    rows = torch.randn(M, d, generator=g).bfloat16()
+    storage = torch.empty(2 * far + d, dtype=torch.bfloat16)
+    strides = (1, far) if layout == "transposed" else (far, 1)
+    bank = storage.as_strided((M, d), strides)
+    with torch.no_grad():
+        bank.copy_(rows)
+    assert (M - 1) * max(strides) > 2**31
+    a = torch.randn(5, d, generator=g).bfloat16().requires_grad_()
+    p = torch.randn(5, d, generator=g).bfloat16()
+    idx = torch.randint(0, M, (5, 7), generator=g) if layout == "indexed" else None
+    targets = torch.tensor([2, 0, 1, 2, 2])
+    got, want = [], []
+    for b, out in ((bank.requires_grad_(), got), (rows.clone().requires_grad_(), want)):
+        if layout == "targets":
+            loss = cb.bank_cross_entropy(a, b, targets, 0.3, normalize=True, reduction="none")
+        else:
+            loss = cb.info_nce(a, p, b, negative_indices=idx, temperature=0.3, reduction="none")
+        out += [loss.detach(), *torch.autograd.grad(loss.sum(), (a, b))]
+    for name, x, y in zip(("loss", "anchors' gradient", "bank gradient"), got, want):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("mode", ["shared", "indexed"])
 def test_bank_gradient_stays_tangent_with_many_hits_per_row(mode):
     # With normalize, the loss sees a bank row only through n_hat, so its gradient is orthogonal to n_hat. A row
