@@ -640,6 +640,28 @@ def test_bank_strides_past_2_31_elements(layout):
         assert torch.equal(x, y), name
 
 
+def test_indices_strides_past_2_31_elements():
+    # int64 indices (B, K) whose second row lies 2^31 entries after the first, in a storage that is mostly never
+    # touched (17 GB of address space, a few pages used): the kernel reads them in place through their strides
+    # (forward and the bank's gradient), so i is0 + k is1 must be 64-bit. The same bits as contiguous indices.
+    if not _backend.kernel_serves(torch.device("cpu")):
+        pytest.skip("the compiled CPU kernel's indexing")
+    g = torch.Generator().manual_seed(3)
+    B, K, M, d, far = 2, 9, 5, 8, (1 << 31) + 3
+    want_idx = torch.randint(0, M, (B, K), generator=g)
+    idx = torch.empty(far + K, dtype=torch.int64).as_strided((B, K), (far, 1))
+    idx.copy_(want_idx)
+    bank = torch.randn(M, d, generator=g, requires_grad=True)
+    a = torch.randn(B, d, generator=g, requires_grad=True)
+    p = torch.randn(B, d, generator=g)
+    got, want = [], []
+    for ix, out in ((idx, got), (want_idx, want)):
+        loss = cb.info_nce(a, p, bank, negative_indices=ix, reduction="none")
+        out += [loss.detach(), *torch.autograd.grad(loss.sum(), (a, bank))]
+    for name, x, y in zip(("loss", "anchors' gradient", "bank gradient"), got, want):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("mode", ["shared", "indexed"])
 def test_bank_gradient_stays_tangent_with_many_hits_per_row(mode):
     # With normalize, the loss sees a bank row only through n_hat, so its gradient is orthogonal to n_hat. A row
