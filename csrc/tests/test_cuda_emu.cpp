@@ -22,6 +22,8 @@
 //                                  EMU_FAULT_VERBOSE=1 lists the events.)
 #include "emu_runtime.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -1073,6 +1075,143 @@ void with_env(std::initializer_list<Env> env, const std::function<void()>& f) {
   for (const Env& e : env) unsetenv(e.name);
 }
 
+// Inputs whose rows lie past element 2^31: row strides of 2^30 + 64 elements (16-byte aligned rows, so the
+// tensor-core kernels take their vector copies) in address space reserved with MAP_NORESERVE, of which a few pages
+// are ever touched. The entry points take strides and copy nothing, so every kernel must form i * stride in 64
+// bits; its outputs are then the bits of the same problem laid out contiguously (the same values read, the same
+// sums). Anchors, positives, the bank (shared, indexed), per-anchor negatives (anchor i's block at i * stride; its
+// rows contiguous), the indices and the mask, each far apart. (Offsets past 2^31 that come from the sizes alone,
+// B K of a per-anchor gradient, need sizes this emulation cannot run.)
+struct Reserved {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Reserved(size_t b) : bytes(b) {
+    p = mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) p = nullptr;
+  }
+  ~Reserved() {
+    if (p != nullptr) munmap(p, bytes);
+  }
+  Reserved(const Reserved&) = delete;
+  Reserved& operator=(const Reserved&) = delete;
+};
+
+struct FarOut {
+  std::vector<float> loss, lse, v, ga, gp, gn;
+};
+
+// One forward (with the anchors' term) and backward (every gradient); far = 0: contiguous.
+template <typename T>
+FarOut far_run(Mode mode, bool masked, int64_t far, const std::string& what) {
+  const int64_t B = 3, K = 5, d = 16, M = 4;
+  const int64_t rows = mode == Mode::Shared ? K : mode == Mode::Indexed ? M : B * K;
+  std::mt19937_64 rng(91);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<T> a(B * d), q(B * d), n(rows * d);
+  for (auto* v : {&a, &q, &n})
+    for (T& x : *v) x = from_d<T>(nd(rng));
+  std::vector<int64_t> idx(B * K);
+  for (int64_t i = 0; i < B * K; ++i) idx[i] = (i * 3 + i / K) % M;
+  std::vector<char> keep(B * K);
+  for (int64_t i = 0; i < B * K; ++i) keep[i] = (i * 7) % 4 != 0;
+  FarOut out;
+  // Each tensor: its rows at r * far elements in a reserved region (far > 0), or the vector itself.
+  std::vector<std::unique_ptr<Reserved>> regions;
+  const auto place = [&](const void* src, int64_t nrows, int64_t row_bytes, size_t elem) -> const void* {
+    if (far == 0) return src;
+    const size_t bytes = static_cast<size_t>((nrows - 1) * far) * elem + static_cast<size_t>(row_bytes);
+    regions.emplace_back(new Reserved(bytes));
+    auto* base = static_cast<unsigned char*>(regions.back()->p);
+    if (base == nullptr) return nullptr;
+    for (int64_t r = 0; r < nrows; ++r)
+      std::memcpy(base + static_cast<size_t>(r * far) * elem,
+                  static_cast<const unsigned char*>(src) + r * row_bytes, static_cast<size_t>(row_bytes));
+    return base;
+  };
+  Problem p;
+  p.dtype = dtype_of<T>(), p.mode = mode, p.B = B, p.K = K, p.d = d;
+  p.rows = mode == Mode::PerAnchor ? 0 : rows;
+  p.anchors = place(a.data(), B, d * sizeof(T), sizeof(T));
+  p.positives = place(q.data(), B, d * sizeof(T), sizeof(T));
+  p.anchors_stride[0] = p.positives_stride[0] = far ? far : d;
+  p.anchors_stride[1] = p.positives_stride[1] = 1;
+  if (mode == Mode::PerAnchor) {  // anchor i's K rows contiguous, the anchors' blocks far apart
+    p.negatives = place(n.data(), B, K * d * sizeof(T), sizeof(T));
+    p.negatives_stride[0] = far ? far : K * d, p.negatives_stride[1] = d, p.negatives_stride[2] = 1;
+  } else {
+    p.negatives = place(n.data(), rows, d * sizeof(T), sizeof(T));
+    p.negatives_stride[0] = far ? far : d, p.negatives_stride[1] = 1;
+  }
+  if (mode == Mode::Indexed) {
+    p.indices = static_cast<const int64_t*>(place(idx.data(), B, K * sizeof(int64_t), sizeof(int64_t)));
+    p.indices_stride[0] = far ? far : K, p.indices_stride[1] = 1;
+  }
+  if (masked) {
+    p.keep = static_cast<const bool*>(place(keep.data(), B, K, 1));
+    p.keep_stride[0] = far ? far : K, p.keep_stride[1] = 1;
+  }
+  for (const auto& r : regions) {
+    expect(r->p != nullptr, what + ": address space reserved");
+    if (r->p == nullptr) return out;
+  }
+  const float s = 10.f;
+  p.scale = &s;
+  out.loss.assign(B, NAN), out.lse.assign(B, NAN), out.v.assign(B * d, NAN);
+  ForwardOutputs fo;
+  fo.loss = out.loss.data(), fo.lse = out.lse.data(), fo.anchor_term = out.v.data();
+  const size_t fb = info_nce_forward_workspace_bytes(p, true, 2);
+  Aligned fws(fb);
+  if (!launched(info_nce_forward(p, fo, fws.ptr, fb, 2, nullptr), what + ": forward")) return out;
+  std::vector<int64_t> order(B * K), sorted_rows, sorted_pairs;
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+  for (int64_t o : order) sorted_rows.push_back(idx[o]), sorted_pairs.push_back(o);
+  std::vector<float> g(B);
+  for (int64_t i = 0; i < B; ++i) g[i] = 0.5f + static_cast<float>(i);
+  std::vector<T> ga(B * d), gp(B * d), gn(rows * d);
+  BackwardArgs ba;
+  ba.grad_loss = g.data(), ba.lse = out.lse.data(), ba.anchor_term = out.v.data(), ba.loss = out.loss.data();
+  ba.grad_anchors = ga.data(), ba.grad_positives = gp.data(), ba.grad_negatives = gn.data();
+  if (mode == Mode::Indexed) ba.sorted_rows = sorted_rows.data(), ba.sorted_pairs = sorted_pairs.data();
+  const size_t bb = info_nce_backward_workspace_bytes(p, ba, 2);
+  Aligned bws(bb);
+  if (!launched(info_nce_backward(p, ba, bws.ptr, bb, 2, nullptr), what + ": backward")) return out;
+  for (const auto& [src, dst] :
+       {std::make_pair(&ga, &out.ga), std::make_pair(&gp, &out.gp), std::make_pair(&gn, &out.gn)}) {
+    for (const T& x : *src) dst->push_back(static_cast<float>(to_d(x)));
+  }
+  return out;
+}
+
+template <typename T>
+void far_strides_type(const std::string& config) {
+  for (Mode mode : {Mode::Shared, Mode::Indexed, Mode::PerAnchor}) {
+    for (bool masked : {false, true}) {
+      if (masked && mode != Mode::Shared) continue;
+      const std::string what = std::string("rows past 2^31, ") + name_of<T>() + " " +
+                               (mode == Mode::Shared ? "shared" : mode == Mode::Indexed ? "indexed" : "per-anchor") +
+                               (masked ? " masked" : "") + " [" + config + "]";
+      const FarOut want = far_run<T>(mode, masked, 0, what);
+      const FarOut got = far_run<T>(mode, masked, (int64_t(1) << 30) + 64, what);
+      const auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+        return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+      };
+      expect(!want.loss.empty() && !want.gn.empty(), what + ": the contiguous run gave outputs");
+      expect(same(got.loss, want.loss) && same(got.lse, want.lse) && same(got.v, want.v),
+             what + ": forward, the bits of the contiguous layout");
+      expect(same(got.ga, want.ga) && same(got.gp, want.gp) && same(got.gn, want.gn),
+             what + ": gradients, the bits of the contiguous layout");
+    }
+  }
+}
+
+void far_strides() {
+  far_strides_type<float>("sm_90a");
+  far_strides_type<__nv_bfloat16>("sm_90a");
+  for (const char* sw : {"CONTRASTBOUND_TC_FLASH", "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_FUSED_FWD"})
+    with_env({{sw, "1"}}, [&] { far_strides_type<__nv_bfloat16>(std::string("sm_90a, ") + sw + "=1"); });
+}
+
 // The kernels under every emulated device and CONTRASTBOUND_TC_* switch.
 void kernel_configs(bool quick) {
   emu::Device& dev = emu::device();
@@ -1125,6 +1264,7 @@ int main(int argc, char** argv) {
   entry_point_errors();
   workspace_sizes();
   huge_rows();
+  far_strides();
   if (!faults_only) kernel_configs(quick);
   // Failing runtime calls and launches, on the H100 / H200-like device.
   dev = emu::Device();
