@@ -7,7 +7,9 @@
 // products (MKL, OpenBLAS) run on one thread, as they do inside every unit of a split step, instead of splitting
 // their own work by the thread count, which changes their rounding. The kernels split work by the sizes only, so
 // their results are then the same bits with any number of threads (tests/test_info_nce.py,
-// test_results_do_not_depend_on_the_thread_count and its companions).
+// test_results_do_not_depend_on_the_thread_count and its companions; csrc/tests/test_online_lse.cpp, parallel),
+// as far as the product itself allows: MKL's rounding inside a region still depends on the thread count set at
+// some shapes (d ~ 1000; README, Limits, Reproducibility).
 #pragma once
 
 #include <ATen/Parallel.h>

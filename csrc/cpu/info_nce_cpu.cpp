@@ -13,7 +13,8 @@
 //
 // Parallel over (anchor block, K chunk) units; partial states of the chunks are merged in a fixed order, and
 // every gradient row is written by exactly one unit, so there are no races and no atomics. The units depend on
-// the sizes only, not on the thread count, so results are the same bits with any number of threads.
+// the sizes only, not on the thread count, so results are the same bits with any number of threads (as far as
+// the BLAS products allow: core/parallel.h).
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

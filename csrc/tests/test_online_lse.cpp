@@ -1,10 +1,13 @@
-// C++ tests run by ctest: the online log-sum-exp primitives against a direct computation, and the registered
-// CPU kernel (called through the dispatcher) against logits materialised with ATen.
+// C++ tests run by ctest: the online log-sum-exp primitives against a direct computation, the registered
+// CPU kernel (called through the dispatcher) against logits materialised with ATen, and parallel_for_tls.
 //
-//   test_online_lse primitives | kernel
+//   test_online_lse primitives | kernel | parallel
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "core/online_lse.h"
+#include "core/parallel.h"
 
 namespace {
 
@@ -254,10 +258,63 @@ void check_kernel() {
 
 }  // namespace
 
+// parallel_for_tls (csrc/core/parallel.h): every unit runs once, inside a parallel region whenever there are
+// threads to spare (a one-unit step and a step within one grain too, where at::parallel_for alone would run inline:
+// there torch's matrix products split their own work by the thread count), inline where the caller is already in
+// one, and with the caller's thread-local state (inference mode) in every task.
+void check_parallel() {
+  const int saved = at::get_num_threads();
+  struct Step {
+    int64_t begin, end, grain;
+    const char* what;
+  };
+  for (int threads : {2, 3}) {
+    at::set_num_threads(threads);
+    for (const Step& st : {Step{0, 1, 1, "one unit"}, Step{5, 6, 1, "one unit at an offset"},
+                           Step{0, 5, 16, "five units within one grain"}, Step{0, 64, 1, "64 units"}}) {
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(st.end));
+      std::atomic<bool> outside{false}, not_inference{false};
+      {
+        c10::InferenceMode guard;
+        contrastbound::parallel_for_tls(st.begin, st.end, st.grain, [&](int64_t b, int64_t e) {
+          if (!at::in_parallel_region()) outside = true;
+          if (!c10::InferenceMode::is_enabled()) not_inference = true;
+          for (int64_t u = b; u < e; ++u) ++hits[static_cast<size_t>(u)];
+        });
+      }
+      const std::string what = std::string(st.what) + ", " + std::to_string(threads) + " threads";
+      for (int64_t u = 0; u < st.end; ++u) {
+        expect_close(hits[static_cast<size_t>(u)], u >= st.begin ? 1 : 0, 0, what + ": unit " + std::to_string(u));
+      }
+      expect_close(outside ? 1 : 0, 0, 0, what + ": every unit inside a parallel region");
+      expect_close(not_inference ? 1 : 0, 0, 0, what + ": the caller's inference mode in every task");
+    }
+    // Called from inside a region (a kernel's unit calling another pass): inline, on the calling thread.
+    std::atomic<int> nested_units{0}, nested_elsewhere{0};
+    at::parallel_for(0, 2, 1, [&](int64_t u0, int64_t) {
+      if (u0 != 0) return;
+      const int tid = at::get_thread_num();
+      contrastbound::parallel_for_tls(0, 7, 1, [&](int64_t b, int64_t e) {
+        if (at::get_thread_num() != tid) ++nested_elsewhere;
+        nested_units += static_cast<int>(e - b);
+      });
+    });
+    expect_close(nested_units, 7, 0, "nested call, " + std::to_string(threads) + " threads: every unit");
+    expect_close(nested_elsewhere, 0, 0, "nested call, " + std::to_string(threads) + " threads: the caller's thread");
+  }
+  // One thread: nothing to spare, every unit inline.
+  at::set_num_threads(1);
+  int units = 0;
+  contrastbound::parallel_for_tls(0, 3, 1, [&](int64_t b, int64_t e) { units += static_cast<int>(e - b); });
+  expect_close(units, 3, 0, "one thread: every unit");
+  at::set_num_threads(saved);
+}
+
 int main(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "all";
   if (which == "primitives" || which == "all") check_primitives();
   if (which == "kernel" || which == "all") check_kernel();
+  if (which == "parallel" || which == "all") check_parallel();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
