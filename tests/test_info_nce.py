@@ -382,9 +382,13 @@ def test_indexed_bank_with_more_rows_than_indices(monkeypatch, walk, normalize, 
     # Fewer index entries (B K = 37 x 5) than bank rows (M = 3000): the kernel forms each row's norm where it reads
     # the row instead of a table over the whole bank (csrc/cpu/info_nce_cpu.cpp, IndexedScales). Rows of zeros
     # among those picked take F.normalize's clamped norm (proj = 0); not in float16, where their gradient (the
-    # upstream one over eps = 1e-12) is beyond the range, inf as for naive PyTorch.
+    # upstream one over eps = 1e-12) is beyond the range, inf as for naive PyTorch. The bank's first and last rows
+    # among those picked, one twice: the half types' backward keeps float32 rows for the picked rows only, row m at a
+    # slot of its own (a slot table that took m > 0 for a picked row wrote row 0's gradient before the buffer: a
+    # mutation audit's survivor, as random indices seldom pick row 0).
     monkeypatch.setenv("CONTRASTBOUND_CPU_INDEXED", walk)
     a, p, n, idx = make_inputs("indexed", B=37, K=5, d=19, dtype=dtype, M=3000, seed=21)
+    idx[4:6, 1], idx[6, 2] = 0, 2999
     if dtype != torch.float16:
         with torch.no_grad():
             n[idx[:3, 0]] = 0
