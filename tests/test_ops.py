@@ -124,6 +124,75 @@ def test_opcheck_python_custom_ops(device):
         torch.library.opcheck(torch.ops.contrastbound.bank_rows_fwd.default, args)
 
 
+# Ops of this file only, for the autograd registration below (a Library's definitions end with it: kept here).
+_TEST_LIBRARY = torch.library.Library("contrastbound_test", "DEF")
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "torch.library"])
+def test_register_autograd_fills_defaults_and_maps_gradients(lean, monkeypatch):
+    """_ops.register_autograd, the ops' Autograd kernel (torch.library.register_autograd's, without its per-call
+    schema walk; torch.library's own where torch lacks a piece): setup_context sees every argument, the defaulted
+    ones the dispatcher drops filled in; backward sees one needs_input_grad per argument passed, as torch.library's,
+    and its gradients reach the right inputs; under no_grad nothing is recorded. Run on both paths, on a throwaway
+    op."""
+    from contrastbound import _ops
+
+    if not lean:
+        monkeypatch.setattr(_ops, "_lean_autograd_parts", lambda: None)
+    name = f"scaled_product_{'lean' if lean else 'library'}"
+    _TEST_LIBRARY.define(f"{name}(Tensor x, Tensor y, float a=2.0, bool twice=False, Tensor? z=None) "
+                         "-> (Tensor, Tensor)")
+
+    def impl(x, y, a=2.0, twice=False, z=None):
+        out = x * y * (2 * a if twice else a)
+        return (out if z is None else out + z), x + y
+
+    _TEST_LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    seen = {}
+
+    def setup_context(ctx, inputs, output):
+        seen["inputs"] = inputs
+        x, y, a, twice, _ = inputs
+        ctx.save_for_backward(x, y)
+        ctx.factor = 2 * a if twice else a
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_sum):
+        x, y = ctx.saved_tensors
+        seen["needs"] = tuple(ctx.needs_input_grad)
+        need = seen["needs"] + (False,) * 5  # (one per argument passed: the dropped defaults have none)
+        return (grad_out * ctx.factor * y if need[0] else None, grad_out * ctx.factor * x if need[1] else None,
+                None, None, grad_out if need[4] else None)
+
+    _ops.register_autograd(f"contrastbound_test::{name}", backward, setup_context)
+    op = getattr(torch.ops.contrastbound_test, name).default
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, dtype=torch.float64)
+    z = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    out, _ = op(x, y)  # the three defaults dropped by the dispatcher
+    assert ("LeanBackwardFor" if lean else "GeneratedBackwardFor") in out.grad_fn.name()
+    assert seen["inputs"][2:] == (2.0, False, None)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert seen["needs"] == (True, False)
+    torch.testing.assert_close(gx, 2.0 * y)
+
+    out, _ = op(x, y, 3.0, True, z)  # none dropped; the last one a tensor that needs a gradient
+    assert seen["inputs"][2:4] == (3.0, True) and seen["inputs"][4] is z
+    gx, gz = torch.autograd.grad(out, (x, z), torch.arange(5.0, dtype=torch.float64))
+    assert seen["needs"] == (True, False, False, False, True)
+    torch.testing.assert_close(gx, 6.0 * y * torch.arange(5.0, dtype=torch.float64))
+    torch.testing.assert_close(gz, torch.arange(5.0, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda x_, z_: op(x_, y, 0.5, False, z_)[0], (x, z))
+
+    seen.clear()
+    with torch.no_grad():
+        out, _ = op(x, y, 3.0)
+    assert out.grad_fn is None and not seen
+    torch.testing.assert_close(out, 3.0 * x.detach() * y)
+    torch.library.opcheck(op, (x, y, 3.0, True, z))
+
+
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
