@@ -1571,19 +1571,26 @@ def nt_xent(
         loss2, lse2 = _both_directions(z1, z2, scale, normalize)
         lse2 = lse2.to(loss2.dtype)  # (float64 from the op; the own sides' lse are in the accumulation dtype)
         pair_sides = ((loss2[0], lse2[0]), (loss2[1], lse2[1]))
+    # View i's positive logit, the same for both halves (z1_i . z2_i): formed once, as a gradient only.
+    acc = _ops._acc_dtype(compute)  # (the kernels' loss dtype; _nt_xent_half casts to the loss's own)
+    z1h, z2h = z1.to(acc), z2.to(acc)
+    if normalize:
+        z1h, z2h = F.normalize(z1h, dim=-1, eps=1e-12), F.normalize(z2h, dim=-1, eps=1e-12)
+    pos_grad = _gradient_only((z1h * z2h).sum(-1) / t)
     loss = torch.cat([
-        _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pair_sides[0]),
-        _nt_xent_half(z2, z1, bank2, bank1, t, normalize, pair_sides[1]),
+        _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pos_grad, pair_sides[0]),
+        _nt_xent_half(z2, z1, bank2, bank1, t, normalize, pos_grad, pair_sides[1]),
     ])
     return _reduce(loss, reduction, result)
 
 
 def _nt_xent_half(
     z: torch.Tensor, pair: torch.Tensor, own_bank: torch.Tensor, pair_bank: torch.Tensor, t, normalize: bool,
-    pair_side: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos_grad: torch.Tensor, pair_side: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """NT-Xent loss of the views z (N, d), their pairs `pair`, over the views of their own side `own_bank` and the
     pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair.
+    pos_grad: 0 with the gradient of the positive logits s z_i . pair_i (_gradient_only), in the loss's dtype.
     pair_side: the pair side's (loss, lse) where already computed (nt_xent's both-directions call)."""
     if pair_side is None:
         loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
@@ -1593,12 +1600,7 @@ def _nt_xent_half(
     # this side's log-sum-exp itself, differentiable through the op.
     lse_own, _ = _fused(z, torch.zeros_like(z), own_bank, None, t, normalize, False, exclude_self=True)
     # lse_pair = loss_pair + the positive's logit: as info_nce_lse, the kernel's value with that gradient.
-    acc = loss_pair.dtype
-    zh, ph = z.to(acc), pair.to(acc)
-    if normalize:
-        zh, ph = F.normalize(zh, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
-    pos = (zh * ph).sum(-1) / t
-    lse_pair = lse_pair.detach() + _gradient_only(loss_pair) + _gradient_only(pos)
+    lse_pair = lse_pair.detach() + _gradient_only(loss_pair) + pos_grad.to(loss_pair.dtype)
     return loss_pair + _softplus(lse_own - lse_pair)
 
 
