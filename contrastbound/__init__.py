@@ -3,6 +3,8 @@ Bao, Nagano & Nozawa (ICML 2022)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
@@ -21,7 +23,6 @@ from .functional import (
     siglip_loss,
     supcon_loss,
 )
-from .queue import NegativeQueue
 from . import bounds
 from .empirical import (
     class_means,
@@ -32,7 +33,25 @@ from .empirical import (
     mean_classifier_loss,
 )
 
+if TYPE_CHECKING:
+    from .queue import NegativeQueue
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # NegativeQueue on first use: its torch.compiler.disable decorators import torch._dynamo, ~1.2 s on top of
+    # torch's own ~1.5 s at every import of the package (the CLI, each worker process), whether or not a queue is used
+    if name == "NegativeQueue":
+        from .queue import NegativeQueue
+
+        return NegativeQueue
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"NegativeQueue"})
+
 
 __all__ = [
     "bounds",
