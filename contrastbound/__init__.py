@@ -45,6 +45,7 @@ def __getattr__(name: str):
     if name == "NegativeQueue":
         from .queue import NegativeQueue
 
+        globals()["NegativeQueue"] = NegativeQueue  # (later lookups find it without this function)
         return NegativeQueue
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

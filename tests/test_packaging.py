@@ -170,6 +170,7 @@ def test_import_leaves_torch_dynamo_and_the_queue_until_used():
         from contrastbound import NegativeQueue
         import contrastbound.queue
         state["same"] = NegativeQueue is contrastbound.NegativeQueue is contrastbound.queue.NegativeQueue
+        state["cached"] = vars(contrastbound).get("NegativeQueue") is NegativeQueue
         state["dynamo_after"] = "torch._dynamo" in sys.modules
         try:
             contrastbound.NoSuchName
@@ -181,5 +182,5 @@ def test_import_leaves_torch_dynamo_and_the_queue_until_used():
     if state["torch_imports_dynamo"]:
         pytest.skip("this torch imports torch._dynamo itself")
     assert not state["dynamo"] and not state["queue"] and state["listed"]
-    assert state["same"] and state["dynamo_after"]
+    assert state["same"] and state["cached"] and state["dynamo_after"]
     assert state["missing"] == "module 'contrastbound' has no attribute 'NoSuchName'"
