@@ -327,6 +327,45 @@ def test_one_unit_steps_give_the_same_bits_with_any_thread_count(case):
             assert torch.equal(x, y), f"{case}: output {i} with {t} threads differs from 1 thread by {(x - y).abs().max()}"
 
 
+# At d ~ 1000 MKL, running on one thread inside a region, still chose its code path by the thread count torch had
+# set: every case here differed between 1 thread and 2, 3, 4 or 8 (by up to ~4e-9) until each unit set MKL's own
+# count to 1 (csrc/core/parallel.h, BlasOneThread). Not bank_cross_entropy with a half bank: its target rows'
+# gradient comes from torch's own products in Python, which round by the thread count (README, Reproducibility).
+_LARGE_D_CASES = {  # (loss of the inputs, the inputs' shapes)
+    "bank": (lambda x: cb.info_nce(x[0], x[1], x[2], 0.1, reduction="none"), [(37, 1000)] * 2 + [(3000, 1000)]),
+    "in_batch": (lambda x: cb.info_nce(x[0], x[1], None, 0.1, reduction="none"), [(64, 1024)] * 2),
+    "nt_xent": (lambda x: cb.nt_xent(x[0], x[1], 0.1, reduction="none"), [(64, 1024)] * 2),
+    "supcon": (lambda x: cb.supcon_loss(x[0], _labels(64, 7, 1), 0.1, reduction="none"), [(64, 1024)]),
+    "clip": (lambda x: cb.clip_loss(x[0], x[1], 10.0, reduction="none"), [(64, 1024)] * 2),
+    "siglip": (lambda x: cb.siglip_loss(x[0], x[1], 10.0, -10.0, reduction="none"), [(64, 1024)] * 2),
+    "bank_cross_entropy": (lambda x: cb.bank_cross_entropy(x[0], x[1], _labels(37, 3000, 2), 0.1, reduction="none"),
+                           [(37, 1000), (3000, 1000)]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(_LARGE_D_CASES))
+def test_same_bits_with_any_thread_count_at_large_d(case, dtype):
+    if case == "bank_cross_entropy" and dtype != torch.float32:
+        pytest.skip("a half bank's target rows come from torch's own products (README, Reproducibility)")
+    loss_of, shapes = _LARGE_D_CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*shape, generator=gen).to(dtype) for shape in shapes]
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2, 3, 8):
+            torch.set_num_threads(t)
+            xs = [x.clone().requires_grad_() for x in inputs]
+            loss = loss_of(xs)
+            out.append((loss.detach(), *torch.autograd.grad(loss.sum(), xs)))
+    finally:
+        torch.set_num_threads(threads)
+    for t, got in zip((2, 3, 8), out[1:]):
+        for i, (x, y) in enumerate(zip(out[0], got)):
+            assert torch.equal(x, y), f"{case}: output {i} with {t} threads differs from 1 thread by {(x - y).abs().max()}"
+
+
 # The indexed mode's two walks of the bank (csrc/cpu/info_nce_cpu.cpp): row by row, and by bank blocks (taken
 # for banks beyond 2 MiB). CONTRASTBOUND_CPU_INDEXED forces one; "blocked:R:G:E" sets R rows per block, G anchors
 # per group and E indices listed at once (fewer than a chunk's: windows of k; the forward's only, backward counts

@@ -258,10 +258,24 @@ void check_kernel() {
 
 }  // namespace
 
+#if defined(__GNUC__) && !defined(__APPLE__)
+extern "C" int MKL_Get_Max_Threads() __attribute__((weak));  // (null where torch's BLAS is not MKL)
+#endif
+
+// MKL's thread count on this thread: -1 where torch's BLAS is not MKL.
+int mkl_threads_here() {
+#if defined(__GNUC__) && !defined(__APPLE__)
+  if (MKL_Get_Max_Threads != nullptr) return MKL_Get_Max_Threads();
+#endif
+  return -1;
+}
+
 // parallel_for_tls (csrc/core/parallel.h): every unit runs once, inside a parallel region whenever there are
 // threads to spare (a one-unit step and a step within one grain too, where at::parallel_for alone would run inline:
 // there torch's matrix products split their own work by the thread count), inline where the caller is already in
-// one, and with the caller's thread-local state (inference mode) in every task.
+// one, with the caller's thread-local state (inference mode) in every task, and with MKL's thread count 1 in every
+// unit, also after an ATen op large enough to run torch's per-thread set-up on a thread new to torch (which sets
+// MKL's count back to torch's). Run alone (ctest), so the 2- and 3-thread steps meet threads new to torch.
 void check_parallel() {
   const int saved = at::get_num_threads();
   struct Step {
@@ -274,11 +288,16 @@ void check_parallel() {
                            Step{0, 5, 16, "five units within one grain"}, Step{0, 64, 1, "64 units"}}) {
       std::vector<std::atomic<int>> hits(static_cast<size_t>(st.end));
       std::atomic<bool> outside{false}, not_inference{false};
+      std::atomic<int> mkl_threads{1};
       {
         c10::InferenceMode guard;
         contrastbound::parallel_for_tls(st.begin, st.end, st.grain, [&](int64_t b, int64_t e) {
           if (!at::in_parallel_region()) outside = true;
           if (!c10::InferenceMode::is_enabled()) not_inference = true;
+          // (2^20 elements: past TensorIterator's grain, so the op calls at::parallel_for)
+          at::Tensor big = at::ones({int64_t(1) << 20}).add_(1);
+          const int here = mkl_threads_here();
+          if (here != -1 && here != 1) mkl_threads = here;
           for (int64_t u = b; u < e; ++u) ++hits[static_cast<size_t>(u)];
         });
       }
@@ -288,6 +307,7 @@ void check_parallel() {
       }
       expect_close(outside ? 1 : 0, 0, 0, what + ": every unit inside a parallel region");
       expect_close(not_inference ? 1 : 0, 0, 0, what + ": the caller's inference mode in every task");
+      expect_close(mkl_threads, 1, 0, what + ": MKL's thread count 1 in every unit");
     }
     // Called from inside a region (a kernel's unit calling another pass): inline, on the calling thread.
     std::atomic<int> nested_units{0}, nested_elsewhere{0};
