@@ -1590,7 +1590,7 @@ def _nt_xent_half(
 ) -> torch.Tensor:
     """NT-Xent loss of the views z (N, d), their pairs `pair`, over the views of their own side `own_bank` and the
     pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair.
-    pos_grad: 0 with the gradient of the positive logits s z_i . pair_i (_gradient_only), in the loss's dtype.
+    pos_grad: 0 with the gradient of the positive logits s z_i . pair_i (_gradient_only; cast to the loss's dtype).
     pair_side: the pair side's (loss, lse) where already computed (nt_xent's both-directions call)."""
     if pair_side is None:
         loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
