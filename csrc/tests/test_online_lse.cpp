@@ -18,6 +18,10 @@
 #include "core/online_lse.h"
 #include "core/parallel.h"
 
+#if defined(__GNUC__) && !defined(__APPLE__)
+extern "C" int MKL_Get_Max_Threads() __attribute__((weak));  // (null where torch's BLAS is not MKL)
+#endif
+
 namespace {
 
 int failures = 0;
@@ -256,12 +260,6 @@ void check_kernel() {
   }
 }
 
-}  // namespace
-
-#if defined(__GNUC__) && !defined(__APPLE__)
-extern "C" int MKL_Get_Max_Threads() __attribute__((weak));  // (null where torch's BLAS is not MKL)
-#endif
-
 // MKL's thread count on this thread: -1 where torch's BLAS is not MKL.
 int mkl_threads_here() {
 #if defined(__GNUC__) && !defined(__APPLE__)
@@ -329,6 +327,8 @@ void check_parallel() {
   expect_close(units, 3, 0, "one thread: every unit");
   at::set_num_threads(saved);
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "all";
