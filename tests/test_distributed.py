@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
+import gc
 import os
 import socket
+import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -52,6 +57,65 @@ def _slices(sizes, rank):
     return slice(start, start + sizes[rank])
 
 
+def _gloo_threads() -> list[str]:
+    """This process's threads that torch's gloo backend started (its work loops and its transport's event loop)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # (the thread ended meanwhile)
+            pass
+    return [n for n in names if "gloo" in n]
+
+
+def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
+    """A spawned rank: joins a gloo group of ``world`` processes through ``init_file``, runs the decorated
+    ``body(rank, world, out_dir)``, then frees the group while the interpreter is still whole.
+
+    torch's gloo work threads drop a finished collective's tensors after the waiting rank has moved on, and dropping
+    a tensor made in Python takes the GIL. Where the group outlives destroy_process_group (a local
+    ``w = dist.group.WORLD`` in the frame that calls it, a frame kept by an exception's reference cycle, or torch:
+    see below) and the rank exits at once, such a thread can still be waiting for the GIL when the interpreter
+    finalises; it is ended inside C++ and the rank aborts ("terminate called without an active exception": 1 in
+    ~30 runs of the supcon worker on 3 ranks, 2 cores, before this wrapper). Here the body's frame is gone and its
+    cycles are collected before destroy_process_group, so the group's last reference goes there and its destructor
+    joins those threads (releasing the GIL to do so). A successful body then leaves no gloo thread behind, which is
+    checked: a group kept by the library (a cache, a module) fails it. ``keeps_group``: why torch itself keeps a
+    body's group (DistributedDataParallel does); such a rank ends with os._exit once its results are written, so
+    that no finalisation meets the group's threads."""
+
+    def wrap(body):
+        @functools.wraps(body)  # (spawn pickles the wrapper by the body's module-level name)
+        def worker(rank, world, init_file, out_dir):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            # torch.distributed.fsdp, once imported while a group exists, keeps that group alive past
+            # destroy_process_group (torch 2.13; torch._dynamo imports it, and the losses import torch._dynamo
+            # lazily, e.g. for a learnable temperature): imported here first, so that the check below is ours
+            import torch._dynamo  # noqa: F401
+
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                    **init_kwargs)
+            try:
+                body(rank, world, out_dir)
+            finally:
+                gc.collect()
+                dist.destroy_process_group()
+            if keeps_group is not None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            # (a joined thread can still be listed for a moment: the kernel wakes its joiner before removing it)
+            deadline = time.monotonic() + 5.0
+            while (left := _gloo_threads()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not left, f"rank {rank}: gloo threads outlive destroy_process_group: {left}"
+
+        return worker
+
+    return wrap
+
+
 def WORLD_GROUP():
     return dist.group.WORLD
 
@@ -70,223 +134,209 @@ def _bank_labels(world: int) -> torch.Tensor:
     return torch.where(k < first, 0, k % 4)
 
 
-def _worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        a, p, bank = _global_data()
-        rows = _slices(ANCHORS_PER_RANK[world], rank)
-        shard_rows = _slices(SHARDS[world], rank)
-        K = sum(SHARDS[world])
-        a_r = a[rows].clone().requires_grad_(True)
-        p_r = p[rows].clone().requires_grad_(True)
-        shard = bank[:K][shard_rows].clone().requires_grad_(True)
-        # shard strategy
-        loss = cb.info_nce(a_r, p_r, shard, temperature=0.2, process_group=dist.group.WORLD)
-        loss.backward()
-        # forward-mode AD is refused (before any collective, on every rank alike)
-        refused = False
-        with torch.autograd.forward_ad.dual_level():
-            dual = torch.autograd.forward_ad.make_dual(a_r.detach(), torch.ones_like(a_r))
-            try:
-                cb.info_nce(dual, p_r.detach(), shard.detach(), temperature=0.2, process_group=dist.group.WORLD)
-            except NotImplementedError:
-                refused = True
-        try:  # and so are the differentiating torch.func transforms
-            torch.func.grad(lambda x: cb.info_nce(x, p_r.detach(), shard.detach(), process_group=dist.group.WORLD))(
-                a_r.detach()
-            )
-            refused = False
+@_gloo_worker()
+def _worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    a, p, bank = _global_data()
+    rows = _slices(ANCHORS_PER_RANK[world], rank)
+    shard_rows = _slices(SHARDS[world], rank)
+    K = sum(SHARDS[world])
+    a_r = a[rows].clone().requires_grad_(True)
+    p_r = p[rows].clone().requires_grad_(True)
+    shard = bank[:K][shard_rows].clone().requires_grad_(True)
+    # shard strategy
+    loss = cb.info_nce(a_r, p_r, shard, temperature=0.2, process_group=dist.group.WORLD)
+    loss.backward()
+    # forward-mode AD is refused (before any collective, on every rank alike)
+    refused = False
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(a_r.detach(), torch.ones_like(a_r))
+        try:
+            cb.info_nce(dual, p_r.detach(), shard.detach(), temperature=0.2, process_group=dist.group.WORLD)
         except NotImplementedError:
-            pass
-        # in-batch over the global batch: every rank's positives but anchor i's own are its negatives
-        ib_a = a[rows].clone().requires_grad_(True)
-        ib_p = p[rows].clone().requires_grad_(True)
-        ib = cb.info_nce(ib_a, ib_p, None, temperature=0.3, process_group=dist.group.WORLD)
-        ib.backward()
-        module = cb.InfoNCE(temperature=0.3, process_group=dist.group.WORLD)(a[rows], p[rows])  # the same loss
-        # with labels (int32 on one rank): every rank's positives of the anchor's label left out, gathered with them
-        lab_a = a[rows].clone().requires_grad_(True)
-        lab_p = p[rows].clone().requires_grad_(True)
-        y = _in_batch_labels(sum(ANCHORS_PER_RANK[world]))[rows]
-        ib_labels = cb.info_nce(lab_a, lab_p, None, temperature=0.3, labels=y.to(torch.int32 if rank else torch.int64),
-                                reduction="sum", process_group=dist.group.WORLD)
-        ib_labels.backward()
-        # a bank shard with labels (int32 on one rank): every rank's rows of the anchor's label left out
-        yb = _bank_labels(world)[shard_rows]
-        sl = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
-        sl_loss = cb.info_nce(*sl, temperature=0.2, labels=y.to(torch.int32 if rank else torch.int64),
-                              negative_labels=yb, reduction="sum", process_group=dist.group.WORLD)
-        sl_loss.backward()
-        # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
-        e_a = a[rows].clone().requires_grad_(True)
-        empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
-        empty.backward()
-        # without the compiled kernel (the reference recomputes the shard's partial log-sum-exp in backward)
-        fb = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
-        f32 = [x.detach().float() for x in fb]
-        kernel32 = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
-        had_kernel, _backend.HAS_CPU_KERNEL = _backend.HAS_CPU_KERNEL, False
+            refused = True
+    try:  # and so are the differentiating torch.func transforms
+        torch.func.grad(lambda x: cb.info_nce(x, p_r.detach(), shard.detach(), process_group=dist.group.WORLD))(
+            a_r.detach()
+        )
+        refused = False
+    except NotImplementedError:
+        pass
+    # in-batch over the global batch: every rank's positives but anchor i's own are its negatives
+    ib_a = a[rows].clone().requires_grad_(True)
+    ib_p = p[rows].clone().requires_grad_(True)
+    ib = cb.info_nce(ib_a, ib_p, None, temperature=0.3, process_group=dist.group.WORLD)
+    ib.backward()
+    module = cb.InfoNCE(temperature=0.3, process_group=dist.group.WORLD)(a[rows], p[rows])  # the same loss
+    # with labels (int32 on one rank): every rank's positives of the anchor's label left out, gathered with them
+    lab_a = a[rows].clone().requires_grad_(True)
+    lab_p = p[rows].clone().requires_grad_(True)
+    y = _in_batch_labels(sum(ANCHORS_PER_RANK[world]))[rows]
+    ib_labels = cb.info_nce(lab_a, lab_p, None, temperature=0.3, labels=y.to(torch.int32 if rank else torch.int64),
+                            reduction="sum", process_group=dist.group.WORLD)
+    ib_labels.backward()
+    # a bank shard with labels (int32 on one rank): every rank's rows of the anchor's label left out
+    yb = _bank_labels(world)[shard_rows]
+    sl = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
+    sl_loss = cb.info_nce(*sl, temperature=0.2, labels=y.to(torch.int32 if rank else torch.int64),
+                          negative_labels=yb, reduction="sum", process_group=dist.group.WORLD)
+    sl_loss.backward()
+    # every shard empty (step 0 of a sharded queue): loss 0 and zero gradients, not NaN
+    e_a = a[rows].clone().requires_grad_(True)
+    empty = cb.info_nce(e_a, p[rows], bank[:0].clone().requires_grad_(True), process_group=dist.group.WORLD)
+    empty.backward()
+    # without the compiled kernel (the reference recomputes the shard's partial log-sum-exp in backward)
+    fb = [x.clone().requires_grad_(True) for x in (a[rows], p[rows], bank[:K][shard_rows])]
+    f32 = [x.detach().float() for x in fb]
+    kernel32 = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
+    had_kernel, _backend.HAS_CPU_KERNEL = _backend.HAS_CPU_KERNEL, False
+    try:
+        fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
+        fb_loss.backward()
+        sl_fb = [x.detach().clone().requires_grad_(True) for x in sl]
+        sl_fb_loss = cb.info_nce(*sl_fb, temperature=0.2, labels=y, negative_labels=yb, reduction="sum",
+                                 process_group=dist.group.WORLD)
+        sl_fb_loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps float32, as the kernel
+            fb_autocast = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
+    finally:
+        _backend.HAS_CPU_KERNEL = had_kernel
+    fb_autocast_error = float((fb_autocast - kernel32).abs())
+    # confident anchors in float32 (losses ~1e-6)
+    ca, cp, cbank = _confident_data()
+    confident = cb.info_nce(ca[rows].float(), cp[rows].float(), cbank[:K][shard_rows].float(), temperature=0.05,
+                            reduction="none", process_group=dist.group.WORLD)
+    # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
+    mismatch = []
+    for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32),
+              torch.zeros(2, 2, 3, 4) if rank == 0 else torch.zeros(2, 2, 4, 3),  # same element count
+              # rows of 8 dimensions differing past the sixth (compared by element count alone before: rank 1's
+              # rows reached rank 0 reinterpreted as (..., 3, 4))
+              torch.zeros(2, 1, 1, 1, 1, 1, 1, 3, 4) if rank == 0 else torch.zeros(2, 1, 1, 1, 1, 1, 1, 4, 3)):
         try:
-            fb_loss = cb.info_nce(*fb, temperature=0.2, process_group=dist.group.WORLD)
-            fb_loss.backward()
-            sl_fb = [x.detach().clone().requires_grad_(True) for x in sl]
-            sl_fb_loss = cb.info_nce(*sl_fb, temperature=0.2, labels=y, negative_labels=yb, reduction="sum",
-                                     process_group=dist.group.WORLD)
-            sl_fb_loss.backward()
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # the fallback keeps float32, as the kernel
-                fb_autocast = cb.info_nce(*f32, temperature=0.2, process_group=dist.group.WORLD)
-        finally:
-            _backend.HAS_CPU_KERNEL = had_kernel
-        fb_autocast_error = float((fb_autocast - kernel32).abs())
-        # confident anchors in float32 (losses ~1e-6)
-        ca, cp, cbank = _confident_data()
-        confident = cb.info_nce(ca[rows].float(), cp[rows].float(), cbank[:K][shard_rows].float(), temperature=0.05,
-                                reduction="none", process_group=dist.group.WORLD)
-        # ranks that disagree on the feature size or dtype: the same ValueError on every rank, not an abort
-        mismatch = []
-        for x in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32),
-                  torch.zeros(2, 2, 3, 4) if rank == 0 else torch.zeros(2, 2, 4, 3),  # same element count
-                  # rows of 8 dimensions differing past the sixth (compared by element count alone before: rank 1's
-                  # rows reached rank 0 reinterpreted as (..., 3, 4))
-                  torch.zeros(2, 1, 1, 1, 1, 1, 1, 3, 4) if rank == 0 else torch.zeros(2, 1, 1, 1, 1, 1, 1, 4, 3)):
-            try:
-                all_gather_with_grad(x)
-            except ValueError as exc:
-                mismatch.append(str(exc))
-        try:
-            cb.info_nce(torch.zeros(2, 3 + rank), torch.zeros(2, 3 + rank), None, process_group=dist.group.WORLD)
+            all_gather_with_grad(x)
         except ValueError as exc:
             mismatch.append(str(exc))
-        # ranks that disagree on the call, a setting or the gradients: the same ValueError on every rank (before, one
-        # rank in-batch and one with a shard gathered each other's anchors as positives, silently, then timed out;
-        # different requires_grad hung in backward; different temperatures or normalize mixed unlike losses)
-        x, w = torch.randn(3, 4), WORLD_GROUP()
-        disagree = []
-        for call in (lambda: cb.info_nce(x, x, None if rank == 0 else torch.randn(5, 4), process_group=w),
-                     lambda: cb.info_nce(x, x, None, temperature=0.2 + 0.1 * rank, process_group=w),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), normalize=rank == 0, process_group=w),
-                     lambda: cb.info_nce(x, x.clone().requires_grad_(rank == 0), None, process_group=w),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4).requires_grad_(rank == 0), process_group=w),
-                     lambda: (cb.nt_xent(x, x, 0.2, process_group=w) if rank
-                              else cb.clip_loss(x, x, 5.0, process_group=w)),
-                     lambda: cb.clip_loss(x, torch.randn(3, 4 + rank)[:, :4] if rank else x, 5.0, process_group=w),
-                     lambda: cb.clip_loss(torch.randn(3, 4 + rank), torch.randn(3, 4 + rank), 5.0, process_group=w),
-                     # tensor temperatures (logit scales) that differ: accepted without a word before
-                     lambda: cb.info_nce(x, x, None, temperature=torch.tensor(0.2 + 0.1 * rank), process_group=w),
-                     lambda: cb.nt_xent(x, x, torch.tensor(0.2 + 0.1 * rank, requires_grad=True), process_group=w),
-                     lambda: cb.clip_loss(x, x, torch.tensor(5.0 + rank), process_group=w),
-                     # equal ones (a replicated parameter) pass
-                     lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w),
-                     # in-batch labels on one rank only (the others would gather no labels)
-                     lambda: cb.info_nce(x, x, None, labels=torch.arange(3) if rank == 0 else None, process_group=w),
-                     # a bank shard's labels on one rank only
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3) if rank == 0 else None,
-                                         negative_labels=torch.arange(5) if rank == 0 else None, process_group=w)):
-            try:
-                call()
-                disagree.append(None)
-            except ValueError as exc:
-                disagree.append(str(exc))
-        # a rank that refuses its own arguments (a shard of another feature size, a learnable temperature, a bad
-        # reduction) while the others proceed: before, they waited in the first exchange until the backend's
-        # timeout; now every rank raises (the refusing one its own error)
-        refused = []
-        learnable = torch.tensor(0.2, requires_grad=True)
-        for call in (lambda: cb.info_nce(x, x, torch.randn(5, 4 + (rank == 1)), process_group=w),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), temperature=learnable if rank == 1 else 0.2,
-                                         process_group=w),
-                     lambda: cb.info_nce(x, x, None, reduction="mean" if rank != 1 else "avg", process_group=w),
-                     lambda: cb.nt_xent(x, x if rank != 1 else x[:2], 0.2, process_group=w),
-                     lambda: cb.clip_loss(x, x, 5.0 if rank != 1 else -1.0, process_group=w),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
-                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
-                     lambda: cb.info_nce(x, x, None, process_group=w,
-                                         negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3),
-                                         negative_labels=torch.arange(5 if rank != 1 else 4), process_group=w),
-                     # a temperature too small for float32 features (checked after the exchange before: the
-                     # others went on and waited in backward)
-                     lambda: cb.info_nce(x, x, None, process_group=w,
-                                         temperature=torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64)),
-                     lambda: cb.nt_xent(x, x, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
-                                        process_group=w),
-                     # a meta temperature (no value): refused after the exchange before
-                     lambda: cb.info_nce(x, x, None, process_group=w,
-                                         temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
-                     lambda: cb.nt_xent(x, x, torch.tensor(0.2, device="meta" if rank == 1 else "cpu"),
-                                        process_group=w),
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
-                                         temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
-                     # a shard on another device than the rank's features (meta standing in for a CPU shard beside
-                     # CUDA features): refused after the exchange before, the others waiting in the lse gather
-                     lambda: cb.info_nce(x, x, torch.randn(5, 4, device="meta" if rank == 1 else "cpu"),
-                                         process_group=w),
-                     # the gather's own refusals (before, the others' first exchange paired with this rank's next
-                     # call: another step's rows, silently, or a hang)
-                     lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
-                     lambda: all_gather_with_grad(x if rank != 1 else [1.0, 2.0], group=w)):
-            try:
-                call()
-                refused.append(None)
-            except (ValueError, TypeError) as exc:
-                refused.append(str(exc))
-        # second derivatives through all_gather_with_grad: rank r's loss sum(y^3) over the gathered y; the
-        # gradient of x_r is the sum over ranks, W 3 x_r^2, and its derivative W 6 x_r (the backward's all_reduce
-        # is differentiable; the in-place one dropped the sum over ranks: 6 x_r)
-        xg = (torch.tensor([[1.0, 2.0]], dtype=torch.float64) + rank).requires_grad_(True)
-        (g1,) = torch.autograd.grad((all_gather_with_grad(xg) ** 3).sum(), xg, create_graph=True)
-        (g2,) = torch.autograd.grad(g1.sum(), xg)
-        second_order = (g1.detach(), g2, xg.detach())
-        # a rank without rows (the end of an uneven epoch) still gathers the others'
-        rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
-        # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
-        model = torch.nn.Linear(2, 2)
-        model.queue = cb.NegativeQueue(4, 2)
-        if rank == 0:
-            model.queue.enqueue(torch.ones(3, 2))
-        torch.nn.parallel.DistributedDataParallel(model)
-        queue_state = (len(model.queue), tuple(model.queue.negatives().shape))
-        model.queue.enqueue(torch.zeros(1, 2))  # at slot 3 on every rank
-        queue_state += (model.queue.queue.sum().item(), len(model.queue))
-        # gather strategy: all_gather_with_grad's gathered positives as a shared bank (each anchor's positive is
-        # then in its denominator twice: once as the positive, once as a bank row)
-        z = a[rows].clone().requires_grad_(True)
-        zp = p[rows].clone().requires_grad_(True)
-        zp_all = all_gather_with_grad(zp)
-        start = sum(ANCHORS_PER_RANK[world][:rank])
-        logits_loss = cb.info_nce(z, zp_all[start : start + z.shape[0]], zp_all, temperature=0.3)
-        logits_loss.backward()
-        # nt_xent and clip_loss over the global batch
-        v1 = a[rows].clone().requires_grad_(True)
-        v2 = p[rows].clone().requires_grad_(True)
-        nt = cb.nt_xent(v1, v2, 0.3, process_group=dist.group.WORLD)
-        nt.backward()
-        i1 = a[rows].clone().requires_grad_(True)
-        t1 = p[rows].clone().requires_grad_(True)
-        scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-        cl = cb.clip_loss(i1, t1, scale, process_group=dist.group.WORLD)
-        cl.backward()
-        torch.save(
-            {"loss": loss.detach(), "refused_forward_ad": refused, "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
-             "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
-             "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
-             "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
-             "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
-             "ib_labels": ib_labels.detach(), "g_lab_a": lab_a.grad, "g_lab_p": lab_p.grad,
-             "shard_labels": [sl_loss.detach(), *(x.grad for x in sl)],
-             "shard_labels_fb": [sl_fb_loss.detach(), *(x.grad for x in sl_fb)],
-             "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
-             "refused": refused, "second_order": second_order,
-             "queue_state": queue_state,
-             "rows_gathered": rows_gathered,
-             "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
-             "confident": confident.detach()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+    try:
+        cb.info_nce(torch.zeros(2, 3 + rank), torch.zeros(2, 3 + rank), None, process_group=dist.group.WORLD)
+    except ValueError as exc:
+        mismatch.append(str(exc))
+    # ranks that disagree on the call, a setting or the gradients: the same ValueError on every rank (before, one
+    # rank in-batch and one with a shard gathered each other's anchors as positives, silently, then timed out;
+    # different requires_grad hung in backward; different temperatures or normalize mixed unlike losses)
+    x, w = torch.randn(3, 4), WORLD_GROUP()
+    disagree = []
+    for call in (lambda: cb.info_nce(x, x, None if rank == 0 else torch.randn(5, 4), process_group=w),
+                 lambda: cb.info_nce(x, x, None, temperature=0.2 + 0.1 * rank, process_group=w),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), normalize=rank == 0, process_group=w),
+                 lambda: cb.info_nce(x, x.clone().requires_grad_(rank == 0), None, process_group=w),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4).requires_grad_(rank == 0), process_group=w),
+                 lambda: (cb.nt_xent(x, x, 0.2, process_group=w) if rank
+                          else cb.clip_loss(x, x, 5.0, process_group=w)),
+                 lambda: cb.clip_loss(x, torch.randn(3, 4 + rank)[:, :4] if rank else x, 5.0, process_group=w),
+                 lambda: cb.clip_loss(torch.randn(3, 4 + rank), torch.randn(3, 4 + rank), 5.0, process_group=w),
+                 # tensor temperatures (logit scales) that differ: accepted without a word before
+                 lambda: cb.info_nce(x, x, None, temperature=torch.tensor(0.2 + 0.1 * rank), process_group=w),
+                 lambda: cb.nt_xent(x, x, torch.tensor(0.2 + 0.1 * rank, requires_grad=True), process_group=w),
+                 lambda: cb.clip_loss(x, x, torch.tensor(5.0 + rank), process_group=w),
+                 # equal ones (a replicated parameter) pass
+                 lambda: cb.clip_loss(x, x, torch.tensor(5.0, requires_grad=True), process_group=w),
+                 # in-batch labels on one rank only (the others would gather no labels)
+                 lambda: cb.info_nce(x, x, None, labels=torch.arange(3) if rank == 0 else None, process_group=w),
+                 # a bank shard's labels on one rank only
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3) if rank == 0 else None,
+                                     negative_labels=torch.arange(5) if rank == 0 else None, process_group=w)):
+        try:
+            call()
+            disagree.append(None)
+        except ValueError as exc:
+            disagree.append(str(exc))
+    # a rank that refuses its own arguments (a shard of another feature size, a learnable temperature, a bad
+    # reduction) while the others proceed: before, they waited in the first exchange until the backend's
+    # timeout; now every rank raises (the refusing one its own error)
+    refused = []
+    learnable = torch.tensor(0.2, requires_grad=True)
+    for call in (lambda: cb.info_nce(x, x, torch.randn(5, 4 + (rank == 1)), process_group=w),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), temperature=learnable if rank == 1 else 0.2,
+                                     process_group=w),
+                 lambda: cb.info_nce(x, x, None, reduction="mean" if rank != 1 else "avg", process_group=w),
+                 lambda: cb.nt_xent(x, x if rank != 1 else x[:2], 0.2, process_group=w),
+                 lambda: cb.clip_loss(x, x, 5.0 if rank != 1 else -1.0, process_group=w),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
+                                     negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
+                 lambda: cb.info_nce(x, x, None, process_group=w,
+                                     negative_indices=torch.zeros(3, 2, dtype=torch.long) if rank == 1 else None),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), labels=torch.arange(3),
+                                     negative_labels=torch.arange(5 if rank != 1 else 4), process_group=w),
+                 # a temperature too small for float32 features (checked after the exchange before: the
+                 # others went on and waited in backward)
+                 lambda: cb.info_nce(x, x, None, process_group=w,
+                                     temperature=torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64)),
+                 lambda: cb.nt_xent(x, x, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
+                                    process_group=w),
+                 # a meta temperature (no value): refused after the exchange before
+                 lambda: cb.info_nce(x, x, None, process_group=w,
+                                     temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
+                 lambda: cb.nt_xent(x, x, torch.tensor(0.2, device="meta" if rank == 1 else "cpu"),
+                                    process_group=w),
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4), process_group=w,
+                                     temperature=torch.tensor(0.2, device="meta" if rank == 1 else "cpu")),
+                 # a shard on another device than the rank's features (meta standing in for a CPU shard beside
+                 # CUDA features): refused after the exchange before, the others waiting in the lse gather
+                 lambda: cb.info_nce(x, x, torch.randn(5, 4, device="meta" if rank == 1 else "cpu"),
+                                     process_group=w),
+                 # the gather's own refusals (before, the others' first exchange paired with this rank's next
+                 # call: another step's rows, silently, or a hang)
+                 lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
+                 lambda: all_gather_with_grad(x if rank != 1 else [1.0, 2.0], group=w)):
+        try:
+            call()
+            refused.append(None)
+        except (ValueError, TypeError) as exc:
+            refused.append(str(exc))
+    # second derivatives through all_gather_with_grad: rank r's loss sum(y^3) over the gathered y; the
+    # gradient of x_r is the sum over ranks, W 3 x_r^2, and its derivative W 6 x_r (the backward's all_reduce
+    # is differentiable; the in-place one dropped the sum over ranks: 6 x_r)
+    xg = (torch.tensor([[1.0, 2.0]], dtype=torch.float64) + rank).requires_grad_(True)
+    (g1,) = torch.autograd.grad((all_gather_with_grad(xg) ** 3).sum(), xg, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), xg)
+    second_order = (g1.detach(), g2, xg.detach())
+    # a rank without rows (the end of an uneven epoch) still gathers the others'
+    rows_gathered = tuple(all_gather_with_grad(torch.full((0 if rank == 0 else 2, 3), float(rank))).shape)
+    # gather strategy: all_gather_with_grad's gathered positives as a shared bank (each anchor's positive is
+    # then in its denominator twice: once as the positive, once as a bank row)
+    z = a[rows].clone().requires_grad_(True)
+    zp = p[rows].clone().requires_grad_(True)
+    zp_all = all_gather_with_grad(zp)
+    start = sum(ANCHORS_PER_RANK[world][:rank])
+    logits_loss = cb.info_nce(z, zp_all[start : start + z.shape[0]], zp_all, temperature=0.3)
+    logits_loss.backward()
+    # nt_xent and clip_loss over the global batch
+    v1 = a[rows].clone().requires_grad_(True)
+    v2 = p[rows].clone().requires_grad_(True)
+    nt = cb.nt_xent(v1, v2, 0.3, process_group=dist.group.WORLD)
+    nt.backward()
+    i1 = a[rows].clone().requires_grad_(True)
+    t1 = p[rows].clone().requires_grad_(True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    cl = cb.clip_loss(i1, t1, scale, process_group=dist.group.WORLD)
+    cl.backward()
+    torch.save(
+        {"loss": loss.detach(), "refused_forward_ad": refused, "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
+         "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
+         "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
+         "clip": cl.detach(), "gi": i1.grad, "gt": t1.grad, "gscale": scale.grad,
+         "ib": ib.detach(), "ib_module": module.detach(), "g_ib_a": ib_a.grad, "g_ib_p": ib_p.grad,
+         "ib_labels": ib_labels.detach(), "g_lab_a": lab_a.grad, "g_lab_p": lab_p.grad,
+         "shard_labels": [sl_loss.detach(), *(x.grad for x in sl)],
+         "shard_labels_fb": [sl_fb_loss.detach(), *(x.grad for x in sl_fb)],
+         "empty": empty.detach(), "g_empty": e_a.grad, "mismatch": mismatch, "disagree": disagree,
+         "refused": refused, "second_order": second_order,
+         "rows_gathered": rows_gathered,
+         "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
+         "confident": confident.detach()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def _free_port() -> int:
@@ -322,7 +372,6 @@ def test_sharded_bank_and_gather_match_single_process(world):
         for got, want, what in zip([res["fb_loss"], *res["fb_grads"]], [loss, ga, gp],
                                    ["loss", "anchors grad", "positives grad"]):
             assert_close_scaled(got, want, 1e-10, f"rank {rank} without the kernel: {what}")
-        assert res["queue_state"] == (3, (3, 2), 6.0, 4)
         # float32 confident losses against float64 softplus(lse_neg - l_0) at the rounded inputs: the sharded loss as
         # logaddexp(l_0, lse_neg) - l_0 lost them to the rounding of the sum.
         ca, cp, cn = (F.normalize(x, dim=1) for x in _confident_data())
@@ -466,6 +515,28 @@ def test_sharded_bank_and_gather_match_single_process(world):
         rows = _slices(ANCHORS_PER_RANK[world], rank)
         # the gathered positives' gradient is the sum over ranks' losses
         assert_close_scaled(results[rank]["gzp"], zp_full.grad[rows], 1e-10, f"rank {rank} gathered grad")
+
+
+@_gloo_worker(keeps_group="DistributedDataParallel keeps a reference to its process group")
+def _ddp_queue_worker(rank, world, out_dir):
+    # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
+    model = torch.nn.Linear(2, 2)
+    model.queue = cb.NegativeQueue(4, 2)
+    if rank == 0:
+        model.queue.enqueue(torch.ones(3, 2))
+    torch.nn.parallel.DistributedDataParallel(model)
+    state = (len(model.queue), tuple(model.queue.negatives().shape))
+    model.queue.enqueue(torch.zeros(1, 2))  # at slot 3 on every rank
+    state += (model.queue.queue.sum().item(), len(model.queue))
+    torch.save(state, os.path.join(out_dir, f"ddp{rank}.pt"))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_queue_under_ddp_holds_rank_0s_buffers_on_every_rank(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_queue_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        results = [torch.load(os.path.join(tmp, f"ddp{r}.pt")) for r in range(world)]
+    assert results == [(3, (3, 2), 6.0, 4)] * world
 
 
 def test_needs_initialised_process_group():
@@ -665,66 +736,62 @@ def _supcon_bank():
     return torch.randn(9, D, generator=g, dtype=torch.float64), torch.tensor([0, 1, 9, 5, 6, 0, 2, 2, 4])
 
 
-def _supcon_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        views, y = _supcon_data()
-        rows = _slices(SUPCON_PER_RANK[world], rank)
-        w = dist.group.WORLD
-        out = {}
-        # labels, two views, a learnable temperature (each rank's own loss gradient), labels as int32 on one rank
-        f = views[rows].clone().requires_grad_(True)
-        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-        loss = cb.supcon_loss(f, y[rows].to(torch.int32 if rank == 1 else torch.int64), t, process_group=w)
-        loss.backward()
-        out["labels"] = (loss.detach(), f.grad, t.grad)
-        # labels=None: each sample its own class over the global batch
-        f = views[rows].clone().requires_grad_(True)
-        loss = cb.supcon_loss(f, None, 0.2, reduction="none", process_group=w)
-        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype).reshape(loss.shape)).sum().backward()
-        out["none"] = (loss.detach(), f.grad)
-        # one view (N, d), the singleton without a positive (left out of its rank's mean), normalize=False
-        f = views[rows, 0].clone().requires_grad_(True)
-        loss = cb.supcon_loss(f, y[rows], 0.5, normalize=False, process_group=w)
-        loss.backward()
-        out["one_view"] = (loss.detach(), f.grad)
-        # a bank (the same on every rank, as MoCo's queue) with labels: in every anchor's denominator and among the
-        # positives of its class; not gathered
-        bank, bank_labels = _supcon_bank()
-        f = views[rows].clone().requires_grad_(True)
-        loss = cb.supcon_loss(f, y[rows], 0.3, bank=bank, bank_labels=bank_labels, process_group=w)
-        loss.backward()
-        out["bank"] = (loss.detach(), f.grad)
-        # float32 through the kernel
-        f = views[rows].float().requires_grad_(True)
-        loss = cb.supcon_loss(f, y[rows], 0.1, reduction="sum", process_group=w)
-        loss.backward()
-        out["float32"] = (loss.detach(), f.grad)
-        # disagreement and lone refusals: every rank raises
-        x, lab = torch.randn(3, 2, 4), torch.arange(3)
-        errors = []
-        for call in (lambda: cb.supcon_loss(x, lab if rank == 0 else None, process_group=w),
-                     lambda: cb.supcon_loss(x, lab, 0.1 + 0.1 * rank, process_group=w),
-                     lambda: cb.supcon_loss(x, lab if rank != 1 else lab[:2], process_group=w),
-                     lambda: cb.supcon_loss(x if rank != 1 else x[:, 0], None, process_group=w),
-                     lambda: cb.supcon_loss(x, lab, process_group=w, reduction="avg" if rank == 1 else "mean"),
-                     lambda: cb.supcon_loss(x, lab, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
-                                            process_group=w),
-                     lambda: cb.supcon_loss(torch.randn(3, 2, 4 + rank), lab, process_group=w),
-                     # (a review's find: a bank too narrow for the temperature was refused after the exchange)
-                     lambda: cb.supcon_loss(x.double(), lab, 1e-39, bank=torch.randn(2, 4) if rank == 1 else None,
-                                            process_group=w)):
-            try:
-                call()
-                errors.append(None)
-            except (ValueError, TypeError) as exc:
-                errors.append(str(exc))
-        out["errors"] = errors
-        torch.save(out, os.path.join(out_dir, f"supcon{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+@_gloo_worker()
+def _supcon_worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    views, y = _supcon_data()
+    rows = _slices(SUPCON_PER_RANK[world], rank)
+    w = dist.group.WORLD
+    out = {}
+    # labels, two views, a learnable temperature (each rank's own loss gradient), labels as int32 on one rank
+    f = views[rows].clone().requires_grad_(True)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = cb.supcon_loss(f, y[rows].to(torch.int32 if rank == 1 else torch.int64), t, process_group=w)
+    loss.backward()
+    out["labels"] = (loss.detach(), f.grad, t.grad)
+    # labels=None: each sample its own class over the global batch
+    f = views[rows].clone().requires_grad_(True)
+    loss = cb.supcon_loss(f, None, 0.2, reduction="none", process_group=w)
+    (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype).reshape(loss.shape)).sum().backward()
+    out["none"] = (loss.detach(), f.grad)
+    # one view (N, d), the singleton without a positive (left out of its rank's mean), normalize=False
+    f = views[rows, 0].clone().requires_grad_(True)
+    loss = cb.supcon_loss(f, y[rows], 0.5, normalize=False, process_group=w)
+    loss.backward()
+    out["one_view"] = (loss.detach(), f.grad)
+    # a bank (the same on every rank, as MoCo's queue) with labels: in every anchor's denominator and among the
+    # positives of its class; not gathered
+    bank, bank_labels = _supcon_bank()
+    f = views[rows].clone().requires_grad_(True)
+    loss = cb.supcon_loss(f, y[rows], 0.3, bank=bank, bank_labels=bank_labels, process_group=w)
+    loss.backward()
+    out["bank"] = (loss.detach(), f.grad)
+    # float32 through the kernel
+    f = views[rows].float().requires_grad_(True)
+    loss = cb.supcon_loss(f, y[rows], 0.1, reduction="sum", process_group=w)
+    loss.backward()
+    out["float32"] = (loss.detach(), f.grad)
+    # disagreement and lone refusals: every rank raises
+    x, lab = torch.randn(3, 2, 4), torch.arange(3)
+    errors = []
+    for call in (lambda: cb.supcon_loss(x, lab if rank == 0 else None, process_group=w),
+                 lambda: cb.supcon_loss(x, lab, 0.1 + 0.1 * rank, process_group=w),
+                 lambda: cb.supcon_loss(x, lab if rank != 1 else lab[:2], process_group=w),
+                 lambda: cb.supcon_loss(x if rank != 1 else x[:, 0], None, process_group=w),
+                 lambda: cb.supcon_loss(x, lab, process_group=w, reduction="avg" if rank == 1 else "mean"),
+                 lambda: cb.supcon_loss(x, lab, torch.tensor(1e-300 if rank == 1 else 0.2, dtype=torch.float64),
+                                        process_group=w),
+                 lambda: cb.supcon_loss(torch.randn(3, 2, 4 + rank), lab, process_group=w),
+                 # (a review's find: a bank too narrow for the temperature was refused after the exchange)
+                 lambda: cb.supcon_loss(x.double(), lab, 1e-39, bank=torch.randn(2, 4) if rank == 1 else None,
+                                        process_group=w)):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    out["errors"] = errors
+    torch.save(out, os.path.join(out_dir, f"supcon{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -800,20 +867,16 @@ def test_supcon_over_the_global_batch_matches_single_process(world):
                 assert w in g, (rank, i, g)
 
 
-def _no_grad_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(rank)
-        x = torch.randn(3, 4, generator=g).requires_grad_(rank == 0)
-        n = torch.randn(5, 4, generator=g).requires_grad_(rank == 1)
-        with torch.no_grad():  # no backward runs: requires_grad may differ across ranks
-            out = {"in_batch": cb.info_nce(x, x + 0.1, None, process_group=dist.group.WORLD),
-                   "sharded": cb.info_nce(x, x + 0.1, n, process_group=dist.group.WORLD),
-                   "rows": all_gather_with_grad(x).shape[0]}
-        torch.save(out, os.path.join(out_dir, f"nograd{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+@_gloo_worker()
+def _no_grad_worker(rank, world, out_dir):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(3, 4, generator=g).requires_grad_(rank == 0)
+    n = torch.randn(5, 4, generator=g).requires_grad_(rank == 1)
+    with torch.no_grad():  # no backward runs: requires_grad may differ across ranks
+        out = {"in_batch": cb.info_nce(x, x + 0.1, None, process_group=dist.group.WORLD),
+               "sharded": cb.info_nce(x, x + 0.1, n, process_group=dist.group.WORLD),
+               "rows": all_gather_with_grad(x).shape[0]}
+    torch.save(out, os.path.join(out_dir, f"nograd{rank}.pt"))
 
 
 def test_requires_grad_may_differ_across_ranks_under_no_grad():
@@ -824,26 +887,22 @@ def test_requires_grad_may_differ_across_ranks_under_no_grad():
         assert torch.isfinite(r["in_batch"]) and torch.isfinite(r["sharded"]) and r["rows"] == 6
 
 
-def _subgroup_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        sub = dist.new_group([1, 2])  # (every rank calls new_group) group rank = global rank - 1
-        if rank == 0:
-            return
-        a, p, bank = _subgroup_data()
-        rows, shard = _SUBGROUP_ROWS[rank]
-        x = a[rows].clone().requires_grad_(True)
-        gathered = all_gather_with_grad(x, group=sub)
-        (gathered * torch.arange(1.0, 8.0, dtype=torch.float64)[:, None]).sum().backward()
-        a_r, p_r, s_r = (t.clone().requires_grad_(True) for t in (a[rows], p[rows], bank[shard]))
-        loss = cb.info_nce(a_r, p_r, s_r, temperature=0.2, process_group=sub)
-        loss.backward()
-        torch.save({"gathered": gathered.detach(), "gx": x.grad, "loss": loss.detach(), "ga": a_r.grad,
-                    "gn": s_r.grad}, os.path.join(out_dir, f"sub{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+@_gloo_worker()
+def _subgroup_worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    sub = dist.new_group([1, 2])  # (every rank calls new_group) group rank = global rank - 1
+    if rank == 0:
+        return
+    a, p, bank = _subgroup_data()
+    rows, shard = _SUBGROUP_ROWS[rank]
+    x = a[rows].clone().requires_grad_(True)
+    gathered = all_gather_with_grad(x, group=sub)
+    (gathered * torch.arange(1.0, 8.0, dtype=torch.float64)[:, None]).sum().backward()
+    a_r, p_r, s_r = (t.clone().requires_grad_(True) for t in (a[rows], p[rows], bank[shard]))
+    loss = cb.info_nce(a_r, p_r, s_r, temperature=0.2, process_group=sub)
+    loss.backward()
+    torch.save({"gathered": gathered.detach(), "gx": x.grad, "loss": loss.detach(), "ga": a_r.grad,
+                "gn": s_r.grad}, os.path.join(out_dir, f"sub{rank}.pt"))
 
 
 _SUBGROUP_ROWS = {1: (slice(0, 3), slice(0, 10)), 2: (slice(3, 7), slice(10, 30))}  # uneven anchors and shards
@@ -878,27 +937,21 @@ def test_a_subgroup_whose_ranks_are_not_the_global_ones():
         torch.testing.assert_close(res[r]["gn"], bank_grad[shard], rtol=1e-10, atol=1e-12)
 
 
-def _lone_forward_ad_worker(rank, world, init_file, out_dir):
-    import datetime
+@_gloo_worker(timeout=datetime.timedelta(seconds=20))  # (a bound on the wait this test guards against)
+def _lone_forward_ad_worker(rank, world, out_dir):
     from torch.autograd import forward_ad
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))  # (a bound on the wait this test guards against)
-    try:
-        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
-        got = []
-        for negatives in (torch.randn(5, 4), None):  # sharded bank, in-batch
-            with forward_ad.dual_level():
-                a = forward_ad.make_dual(x, torch.ones_like(x)) if rank == 1 else x
-                try:
-                    cb.info_nce(a, x, negatives, process_group=dist.group.WORLD)
-                    got.append(None)
-                except Exception as exc:  # noqa: BLE001
-                    got.append(f"{type(exc).__name__}: {exc}")
-        torch.save(got, os.path.join(out_dir, f"fwad{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+    got = []
+    for negatives in (torch.randn(5, 4), None):  # sharded bank, in-batch
+        with forward_ad.dual_level():
+            a = forward_ad.make_dual(x, torch.ones_like(x)) if rank == 1 else x
+            try:
+                cb.info_nce(a, x, negatives, process_group=dist.group.WORLD)
+                got.append(None)
+            except Exception as exc:  # noqa: BLE001
+                got.append(f"{type(exc).__name__}: {exc}")
+    torch.save(got, os.path.join(out_dir, f"fwad{rank}.pt"))
 
 
 def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
@@ -913,53 +966,49 @@ def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
         assert msg.startswith("ValueError: rank 1 of process_group refused its arguments"), msg
 
 
-def _debiased_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        a, p, bank = _global_data()
-        rows = _slices(ANCHORS_PER_RANK[world], rank)
-        K = sum(SHARDS[world])
-        shard_rows = _slices(SHARDS[world], rank)
-        w = dist.group.WORLD
-        out = {}
-        for beta in (0.0, 0.5):
-            # in-batch over the global batch (a learnable temperature: this rank's own loss's gradient)
-            a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
-            t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-            loss = cb.debiased_info_nce(a_r, p_r, None, t, tau_plus=0.1, beta=beta, process_group=w)
-            loss.backward()
-            out[("in_batch", beta)] = (loss.detach(), a_r.grad, p_r.grad, t.grad)
-            # a shared bank sharded over the ranks (shard sizes differ, one may be empty), reduction "none"
-            a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
-            shard = bank[:K][shard_rows].clone().requires_grad_(True)
-            loss = cb.debiased_info_nce(a_r, p_r, shard, 0.2, tau_plus=0.1, beta=beta, reduction="none",
-                                        process_group=w)
-            (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
-            out[("sharded", beta)] = (loss.detach(), a_r.grad, p_r.grad, shard.grad)
-        # disagreements and lone refusals: every rank raises (no hang)
-        x, y, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
-        errors = []
-        for call in (lambda: cb.debiased_info_nce(x, y, s, beta=0.5 if rank == 1 else 0.0, process_group=w),
-                     # (a review's find: betas that differ, both > 0, gave each shard's part at its rank's scale)
-                     lambda: cb.debiased_info_nce(x, y, s, beta=1.0 if rank == 1 else 0.5, process_group=w),
-                     lambda: cb.debiased_info_nce(x, y, s if rank == 0 else None, process_group=w),
-                     lambda: cb.debiased_info_nce(x, y, None, tau_plus=1.0 if rank == 1 else 0.1, process_group=w),
-                     lambda: cb.debiased_info_nce(x, y, s, negative_indices=torch.zeros(3, 2, dtype=torch.long),
-                                                  process_group=w),
-                     lambda: cb.debiased_info_nce(x, y, s, torch.tensor(0.1, requires_grad=rank == 1),
-                                                  process_group=w),
-                     lambda: cb.debiased_info_nce(x, y, None, 0.1 if rank == 0 else 0.2, process_group=w)):
-            try:
-                call()
-                errors.append(None)
-            except (ValueError, TypeError) as exc:
-                errors.append(str(exc))
-        out["errors"] = errors
-        torch.save(out, os.path.join(out_dir, f"debiased{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+@_gloo_worker()
+def _debiased_worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    a, p, bank = _global_data()
+    rows = _slices(ANCHORS_PER_RANK[world], rank)
+    K = sum(SHARDS[world])
+    shard_rows = _slices(SHARDS[world], rank)
+    w = dist.group.WORLD
+    out = {}
+    for beta in (0.0, 0.5):
+        # in-batch over the global batch (a learnable temperature: this rank's own loss's gradient)
+        a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        loss = cb.debiased_info_nce(a_r, p_r, None, t, tau_plus=0.1, beta=beta, process_group=w)
+        loss.backward()
+        out[("in_batch", beta)] = (loss.detach(), a_r.grad, p_r.grad, t.grad)
+        # a shared bank sharded over the ranks (shard sizes differ, one may be empty), reduction "none"
+        a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        shard = bank[:K][shard_rows].clone().requires_grad_(True)
+        loss = cb.debiased_info_nce(a_r, p_r, shard, 0.2, tau_plus=0.1, beta=beta, reduction="none",
+                                    process_group=w)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+        out[("sharded", beta)] = (loss.detach(), a_r.grad, p_r.grad, shard.grad)
+    # disagreements and lone refusals: every rank raises (no hang)
+    x, y, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+    errors = []
+    for call in (lambda: cb.debiased_info_nce(x, y, s, beta=0.5 if rank == 1 else 0.0, process_group=w),
+                 # (a review's find: betas that differ, both > 0, gave each shard's part at its rank's scale)
+                 lambda: cb.debiased_info_nce(x, y, s, beta=1.0 if rank == 1 else 0.5, process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, s if rank == 0 else None, process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, None, tau_plus=1.0 if rank == 1 else 0.1, process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, s, negative_indices=torch.zeros(3, 2, dtype=torch.long),
+                                              process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, s, torch.tensor(0.1, requires_grad=rank == 1),
+                                              process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, None, 0.1 if rank == 0 else 0.2, process_group=w)):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    out["errors"] = errors
+    torch.save(out, os.path.join(out_dir, f"debiased{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -1023,35 +1072,31 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
                 assert w in g, (rank, i, g)
 
 
-def _siglip_worker(rank, world, init_file, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        a, p, _ = _global_data()
-        rows = _slices(ANCHORS_PER_RANK[world], rank)
-        w = dist.group.WORLD
-        x, y = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
-        s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
-        b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
-        loss = cb.siglip_loss(x, y, s, b, reduction="none", process_group=w)
-        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
-        out = {"none": (loss.detach(), x.grad, y.grad, s.grad, b.grad)}
-        errors = []
-        for call in (lambda: cb.siglip_loss(x, y, 6.0 + rank, process_group=w),
-                     lambda: cb.siglip_loss(x, y, -1.0 if rank == 1 else 6.0, process_group=w),
-                     lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w),
-                     lambda: cb.siglip_loss(x, y, 6.0, -3.0 - rank, process_group=w),
-                     lambda: cb.siglip_loss(x, y, s, torch.tensor(-3.0 - rank, requires_grad=True), process_group=w)):
-            try:
-                call()
-                errors.append(None)
-            except (ValueError, TypeError) as exc:
-                errors.append(str(exc))
-        out["errors"] = errors
-        torch.save(out, os.path.join(out_dir, f"siglip{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+@_gloo_worker()
+def _siglip_worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    a, p, _ = _global_data()
+    rows = _slices(ANCHORS_PER_RANK[world], rank)
+    w = dist.group.WORLD
+    x, y = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+    s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    loss = cb.siglip_loss(x, y, s, b, reduction="none", process_group=w)
+    (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+    out = {"none": (loss.detach(), x.grad, y.grad, s.grad, b.grad)}
+    errors = []
+    for call in (lambda: cb.siglip_loss(x, y, 6.0 + rank, process_group=w),
+                 lambda: cb.siglip_loss(x, y, -1.0 if rank == 1 else 6.0, process_group=w),
+                 lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w),
+                 lambda: cb.siglip_loss(x, y, 6.0, -3.0 - rank, process_group=w),
+                 lambda: cb.siglip_loss(x, y, s, torch.tensor(-3.0 - rank, requires_grad=True), process_group=w)):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    out["errors"] = errors
+    torch.save(out, os.path.join(out_dir, f"siglip{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3])
