@@ -89,9 +89,10 @@ def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
         @functools.wraps(body)  # (spawn pickles the wrapper by the body's module-level name)
         def worker(rank, world, init_file, out_dir):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            # torch.distributed.fsdp, once imported while a group exists, keeps that group alive past
-            # destroy_process_group (torch 2.13; torch._dynamo imports it, and the losses import torch._dynamo
-            # lazily, e.g. for a learnable temperature): imported here first, so that the check below is ours
+            # torch.distributed.nn, first imported while a group exists, keeps that group alive past
+            # destroy_process_group (torch 2.13: its functional module's defaults group=group.WORLD; torch._dynamo
+            # imports it through torch.distributed.fsdp, and the losses import torch._dynamo lazily, e.g. for a
+            # learnable temperature): imported here first, so that the check below is ours
             import torch._dynamo  # noqa: F401
 
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
