@@ -5,6 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
+if torch.distributed.is_available():
+    # torch.distributed.nn.functional binds group.WORLD into ten functions' defaults when it is first imported. First
+    # imported while a process group exists (torch._dynamo imports it, and this package imports torch._dynamo on
+    # first use of a learnable temperature or of NegativeQueue), it keeps that group alive past
+    # destroy_process_group, and a gloo group alive at exit can abort the process (README, Distributed). Imported
+    # here (~4 ms), usually before init_process_group, it binds None.
+    import torch.distributed.nn.functional  # noqa: F401
+
 from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)

@@ -76,7 +76,7 @@ def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
     torch's gloo work threads drop a finished collective's tensors after the waiting rank has moved on, and dropping
     a tensor made in Python takes the GIL. Where the group outlives destroy_process_group (a local
     ``w = dist.group.WORLD`` in the frame that calls it, a frame kept by an exception's reference cycle, or torch:
-    see below) and the rank exits at once, such a thread can still be waiting for the GIL when the interpreter
+    DistributedDataParallel, torch.distributed.nn first imported while the group exists) and the rank exits at once, such a thread can still be waiting for the GIL when the interpreter
     finalises; it is ended inside C++ and the rank aborts ("terminate called without an active exception": 1 in
     ~30 runs of the supcon worker on 3 ranks, 2 cores, before this wrapper). Here the body's frame is gone and its
     cycles are collected before destroy_process_group, so the group's last reference goes there and its destructor
@@ -89,12 +89,8 @@ def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
         @functools.wraps(body)  # (spawn pickles the wrapper by the body's module-level name)
         def worker(rank, world, init_file, out_dir):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            # torch.distributed.nn, first imported while a group exists, keeps that group alive past
-            # destroy_process_group (torch 2.13: its functional module's defaults group=group.WORLD; torch._dynamo
-            # imports it through torch.distributed.fsdp, and the losses import torch._dynamo lazily, e.g. for a
-            # learnable temperature): imported here first, so that the check below is ours
-            import torch._dynamo  # noqa: F401
-
+            # (this module's import of contrastbound, before the group exists, imports torch.distributed.nn, which
+            # would keep a group that exists at its first import: the check below covers that too)
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                     **init_kwargs)
             try:
@@ -538,6 +534,38 @@ def test_a_queue_under_ddp_holds_rank_0s_buffers_on_every_rank(world):
         mp.spawn(_ddp_queue_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
         results = [torch.load(os.path.join(tmp, f"ddp{r}.pt")) for r in range(world)]
     assert results == [(3, (3, 2), 6.0, 4)] * world
+
+
+_LEARNABLE_TEMPERATURE_THEN_EXIT = """
+import os, sys, tempfile, time
+import contrastbound as cb
+import torch, torch.distributed as dist
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+assert "torch._dynamo" not in sys.modules
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "init"), rank=0, world_size=1)
+x = torch.randn(5, 4, requires_grad=True)
+cb.info_nce(x, x, None, temperature=torch.tensor(0.2, requires_grad=True), process_group=dist.group.WORLD).backward()
+assert "torch._dynamo" in sys.modules  # (imported by the learnable temperature's first call, the group alive)
+dist.destroy_process_group()
+sys.path.insert(0, sys.argv[1])
+from test_distributed import _gloo_threads
+deadline = time.monotonic() + 5.0
+while (left := _gloo_threads()) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("left", left)
+"""
+
+
+def test_a_learnable_temperature_with_a_group_leaves_the_group_free_to_go():
+    """A user's script: contrastbound imported first, then the group, whose first learnable-temperature call imports
+    torch._dynamo (and so torch.distributed.nn, which keeps a group alive that exists at its first import): after
+    destroy_process_group no gloo thread remains (the package imported torch.distributed.nn before the group)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _LEARNABLE_TEMPERATURE_THEN_EXIT, os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "left []", done.stdout
 
 
 def test_needs_initialised_process_group():
