@@ -69,21 +69,20 @@ def _gloo_threads() -> list[str]:
     return [n for n in names if "gloo" in n]
 
 
-def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
+def _gloo_worker(**init_kwargs):
     """A spawned rank: joins a gloo group of ``world`` processes through ``init_file``, runs the decorated
     ``body(rank, world, out_dir)``, then frees the group while the interpreter is still whole.
 
     torch's gloo work threads drop a finished collective's tensors after the waiting rank has moved on, and dropping
     a tensor made in Python takes the GIL. Where the group outlives destroy_process_group (a local
-    ``w = dist.group.WORLD`` in the frame that calls it, a frame kept by an exception's reference cycle, or torch:
-    DistributedDataParallel, torch.distributed.nn first imported while the group exists) and the rank exits at once, such a thread can still be waiting for the GIL when the interpreter
-    finalises; it is ended inside C++ and the rank aborts ("terminate called without an active exception": 1 in
-    ~30 runs of the supcon worker on 3 ranks, 2 cores, before this wrapper). Here the body's frame is gone and its
-    cycles are collected before destroy_process_group, so the group's last reference goes there and its destructor
-    joins those threads (releasing the GIL to do so). A successful body then leaves no gloo thread behind, which is
-    checked: a group kept by the library (a cache, a module) fails it. ``keeps_group``: why torch itself keeps a
-    body's group (DistributedDataParallel does); such a rank ends with os._exit once its results are written, so
-    that no finalisation meets the group's threads."""
+    ``w = dist.group.WORLD`` in the frame that calls it, a frame kept by an exception's reference cycle, a live
+    DistributedDataParallel module, torch.distributed.nn first imported while the group exists) and the rank exits
+    at once, such a thread can still be waiting for the GIL when the interpreter finalises; it is ended inside C++
+    and the rank aborts ("terminate called without an active exception": 1 in ~30 runs of the supcon worker on 3
+    ranks, 2 cores, before this wrapper). Here the body's frame is gone and its cycles are collected before
+    destroy_process_group, so the group's last reference goes there and its destructor joins those threads
+    (releasing the GIL to do so). A successful body then leaves no gloo thread behind, which is checked: a group
+    kept by the library (a cache, a module) fails it."""
 
     def wrap(body):
         @functools.wraps(body)  # (spawn pickles the wrapper by the body's module-level name)
@@ -98,10 +97,6 @@ def _gloo_worker(keeps_group: str | None = None, **init_kwargs):
             finally:
                 gc.collect()
                 dist.destroy_process_group()
-            if keeps_group is not None:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
             # (a joined thread can still be listed for a moment: the kernel wakes its joiner before removing it)
             deadline = time.monotonic() + 5.0
             while (left := _gloo_threads()) and time.monotonic() < deadline:
@@ -514,9 +509,10 @@ def test_sharded_bank_and_gather_match_single_process(world):
         assert_close_scaled(results[rank]["gzp"], zp_full.grad[rows], 1e-10, f"rank {rank} gathered grad")
 
 
-@_gloo_worker(keeps_group="DistributedDataParallel keeps a reference to its process group")
+@_gloo_worker()
 def _ddp_queue_worker(rank, world, out_dir):
-    # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's
+    # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's (and
+    # the DDP module, gone with this frame, no longer holds the group when the wrapper destroys it)
     model = torch.nn.Linear(2, 2)
     model.queue = cb.NegativeQueue(4, 2)
     if rank == 0:
