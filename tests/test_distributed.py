@@ -70,8 +70,9 @@ def _gloo_threads() -> list[str]:
 
 
 def _gloo_worker(**init_kwargs):
-    """A spawned rank: joins a gloo group of ``world`` processes through ``init_file``, runs the decorated
-    ``body(rank, world, out_dir)``, then frees the group while the interpreter is still whole.
+    """A spawned rank (_run_ranks starts them): joins a gloo group of ``world`` processes through ``init_file``, runs
+    the decorated ``body(rank, world)``, saves what it returns to ``out_dir``, then frees the group while the
+    interpreter is still whole.
 
     torch's gloo work threads drop a finished collective's tensors after the waiting rank has moved on, and dropping
     a tensor made in Python takes the GIL. Where the group outlives destroy_process_group (a local
@@ -93,7 +94,7 @@ def _gloo_worker(**init_kwargs):
             dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                     **init_kwargs)
             try:
-                body(rank, world, out_dir)
+                torch.save(body(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
             finally:
                 gc.collect()
                 dist.destroy_process_group()
@@ -106,6 +107,13 @@ def _gloo_worker(**init_kwargs):
         return worker
 
     return wrap
+
+
+def _run_ranks(worker, world: int) -> list:
+    """Runs ``world`` ranks of a _gloo_worker and returns what each rank's body returned, by rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
 
 
 def WORLD_GROUP():
@@ -127,7 +135,7 @@ def _bank_labels(world: int) -> torch.Tensor:
 
 
 @_gloo_worker()
-def _worker(rank, world, out_dir):
+def _worker(rank, world):
     torch.set_num_threads(1)
     a, p, bank = _global_data()
     rows = _slices(ANCHORS_PER_RANK[world], rank)
@@ -313,7 +321,7 @@ def _worker(rank, world, out_dir):
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     cl = cb.clip_loss(i1, t1, scale, process_group=dist.group.WORLD)
     cl.backward()
-    torch.save(
+    return (
         {"loss": loss.detach(), "refused_forward_ad": refused, "ga": a_r.grad, "gp": p_r.grad, "gn": shard.grad,
          "gather_loss": logits_loss.detach(), "gz": z.grad, "gzp": zp.grad,
          "nt": nt.detach(), "gv1": v1.grad, "gv2": v2.grad,
@@ -326,8 +334,7 @@ def _worker(rank, world, out_dir):
          "refused": refused, "second_order": second_order,
          "rows_gathered": rows_gathered,
          "fb_loss": fb_loss.detach(), "fb_grads": [x.grad for x in fb], "fb_autocast_error": fb_autocast_error,
-         "confident": confident.detach()},
-        os.path.join(out_dir, f"rank{rank}.pt"),
+         "confident": confident.detach()}
     )
 
 
@@ -339,10 +346,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_bank_and_gather_match_single_process(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(world, init_file, tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    results = _run_ranks(_worker, world)
     assert all(r["refused_forward_ad"] for r in results)
 
     a, p, bank = _global_data()
@@ -510,7 +514,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
 
 
 @_gloo_worker()
-def _ddp_queue_worker(rank, world, out_dir):
+def _ddp_queue_worker(rank, world):
     # a queue whose buffers DDP overwrites with rank 0's (restored on rank 0 only): every rank sees rank 0's (and
     # the DDP module, gone with this frame, no longer holds the group when the wrapper destroys it)
     model = torch.nn.Linear(2, 2)
@@ -521,14 +525,12 @@ def _ddp_queue_worker(rank, world, out_dir):
     state = (len(model.queue), tuple(model.queue.negatives().shape))
     model.queue.enqueue(torch.zeros(1, 2))  # at slot 3 on every rank
     state += (model.queue.queue.sum().item(), len(model.queue))
-    torch.save(state, os.path.join(out_dir, f"ddp{rank}.pt"))
+    return state
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_queue_under_ddp_holds_rank_0s_buffers_on_every_rank(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_queue_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"ddp{r}.pt")) for r in range(world)]
+    results = _run_ranks(_ddp_queue_worker, world)
     assert results == [(3, (3, 2), 6.0, 4)] * world
 
 
@@ -762,7 +764,7 @@ def _supcon_bank():
 
 
 @_gloo_worker()
-def _supcon_worker(rank, world, out_dir):
+def _supcon_worker(rank, world):
     torch.set_num_threads(1)
     views, y = _supcon_data()
     rows = _slices(SUPCON_PER_RANK[world], rank)
@@ -816,14 +818,12 @@ def _supcon_worker(rank, world, out_dir):
         except (ValueError, TypeError) as exc:
             errors.append(str(exc))
     out["errors"] = errors
-    torch.save(out, os.path.join(out_dir, f"supcon{rank}.pt"))
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_supcon_over_the_global_batch_matches_single_process(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_supcon_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"supcon{r}.pt")) for r in range(world)]
+    results = _run_ranks(_supcon_worker, world)
     from contrastbound.reference import supcon_reference
 
     views, y = _supcon_data()
@@ -893,7 +893,7 @@ def test_supcon_over_the_global_batch_matches_single_process(world):
 
 
 @_gloo_worker()
-def _no_grad_worker(rank, world, out_dir):
+def _no_grad_worker(rank, world):
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(3, 4, generator=g).requires_grad_(rank == 0)
     n = torch.randn(5, 4, generator=g).requires_grad_(rank == 1)
@@ -901,19 +901,17 @@ def _no_grad_worker(rank, world, out_dir):
         out = {"in_batch": cb.info_nce(x, x + 0.1, None, process_group=dist.group.WORLD),
                "sharded": cb.info_nce(x, x + 0.1, n, process_group=dist.group.WORLD),
                "rows": all_gather_with_grad(x).shape[0]}
-    torch.save(out, os.path.join(out_dir, f"nograd{rank}.pt"))
+    return out
 
 
 def test_requires_grad_may_differ_across_ranks_under_no_grad():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_no_grad_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"nograd{r}.pt")) for r in range(2)]
+    results = _run_ranks(_no_grad_worker, 2)
     for r in results:
         assert torch.isfinite(r["in_batch"]) and torch.isfinite(r["sharded"]) and r["rows"] == 6
 
 
 @_gloo_worker()
-def _subgroup_worker(rank, world, out_dir):
+def _subgroup_worker(rank, world):
     torch.set_num_threads(1)
     sub = dist.new_group([1, 2])  # (every rank calls new_group) group rank = global rank - 1
     if rank == 0:
@@ -926,8 +924,7 @@ def _subgroup_worker(rank, world, out_dir):
     a_r, p_r, s_r = (t.clone().requires_grad_(True) for t in (a[rows], p[rows], bank[shard]))
     loss = cb.info_nce(a_r, p_r, s_r, temperature=0.2, process_group=sub)
     loss.backward()
-    torch.save({"gathered": gathered.detach(), "gx": x.grad, "loss": loss.detach(), "ga": a_r.grad,
-                "gn": s_r.grad}, os.path.join(out_dir, f"sub{rank}.pt"))
+    return {"gathered": gathered.detach(), "gx": x.grad, "loss": loss.detach(), "ga": a_r.grad, "gn": s_r.grad}
 
 
 _SUBGROUP_ROWS = {1: (slice(0, 3), slice(0, 10)), 2: (slice(3, 7), slice(10, 30))}  # uneven anchors and shards
@@ -942,9 +939,7 @@ def test_a_subgroup_whose_ranks_are_not_the_global_ones():
     # Every other test passes the whole world, where a group's rank and size are the global ones: a rank or size
     # taken from the world instead of the group passed them all (a mutation audit). Here global ranks 1 and 2 form
     # the group (0 stays out): the gather and the sharded bank against one process, by the convention above.
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_subgroup_worker, args=(3, os.path.join(tmp, "init"), tmp), nprocs=3, join=True)
-        res = {r: torch.load(os.path.join(tmp, f"sub{r}.pt")) for r in (1, 2)}
+    res = _run_ranks(_subgroup_worker, 3)
     a, p, bank = _subgroup_data()
     weights = torch.arange(1.0, 8.0, dtype=torch.float64)[:, None].expand(7, 4)
     bank_full = bank.clone().requires_grad_(True)
@@ -963,7 +958,7 @@ def test_a_subgroup_whose_ranks_are_not_the_global_ones():
 
 
 @_gloo_worker(timeout=datetime.timedelta(seconds=20))  # (a bound on the wait this test guards against)
-def _lone_forward_ad_worker(rank, world, out_dir):
+def _lone_forward_ad_worker(rank, world):
     from torch.autograd import forward_ad
 
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
@@ -976,15 +971,13 @@ def _lone_forward_ad_worker(rank, world, out_dir):
                 got.append(None)
             except Exception as exc:  # noqa: BLE001
                 got.append(f"{type(exc).__name__}: {exc}")
-    torch.save(got, os.path.join(out_dir, f"fwad{rank}.pt"))
+    return got
 
 
 def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
     # A rank that refuses forward-mode AD (NotImplementedError, before the exchange) still takes part in the
     # exchange: the others raise ValueError naming it instead of waiting for the backend's timeout
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_lone_forward_ad_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        got = [torch.load(os.path.join(tmp, f"fwad{r}.pt")) for r in range(2)]
+    got = _run_ranks(_lone_forward_ad_worker, 2)
     for msg in got[1]:
         assert msg.startswith("NotImplementedError: forward-mode AD"), msg
     for msg in got[0]:
@@ -992,7 +985,7 @@ def test_forward_ad_on_one_rank_only_makes_every_rank_raise():
 
 
 @_gloo_worker()
-def _debiased_worker(rank, world, out_dir):
+def _debiased_worker(rank, world):
     torch.set_num_threads(1)
     a, p, bank = _global_data()
     rows = _slices(ANCHORS_PER_RANK[world], rank)
@@ -1033,16 +1026,14 @@ def _debiased_worker(rank, world, out_dir):
         except (ValueError, TypeError) as exc:
             errors.append(str(exc))
     out["errors"] = errors
-    torch.save(out, os.path.join(out_dir, f"debiased{rank}.pt"))
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(world):
     # rank r's loss is the single-process loss of its anchors against the global batch (K = B - 1 positives) or
     # the whole bank (K = sum of shards); features and shards get the gradient of the sum over ranks' losses
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_debiased_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"debiased{r}.pt")) for r in range(world)]
+    results = _run_ranks(_debiased_worker, world)
     from contrastbound.reference import debiased_info_nce_reference
 
     a, p, bank = _global_data()
@@ -1098,7 +1089,7 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
 
 
 @_gloo_worker()
-def _siglip_worker(rank, world, out_dir):
+def _siglip_worker(rank, world):
     torch.set_num_threads(1)
     a, p, _ = _global_data()
     rows = _slices(ANCHORS_PER_RANK[world], rank)
@@ -1121,16 +1112,14 @@ def _siglip_worker(rank, world, out_dir):
         except (ValueError, TypeError) as exc:
             errors.append(str(exc))
     out["errors"] = errors
-    torch.save(out, os.path.join(out_dir, f"siglip{rank}.pt"))
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_siglip_over_the_global_batch_matches_single_process(world):
     # rank r's images against every rank's texts: its rows of the global N x N loss; features get the gradient of
     # the sum over ranks' (weighted) losses, the scale and bias this rank's own
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_siglip_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
-        results = [torch.load(os.path.join(tmp, f"siglip{r}.pt")) for r in range(world)]
+    results = _run_ranks(_siglip_worker, world)
     from contrastbound.reference import siglip_reference
 
     a, p, _ = _global_data()
