@@ -18,7 +18,7 @@ inline bool kernel_dtype(at::ScalarType t) {
 
 inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& positives, const at::Tensor& negatives,
                                   const c10::optional<at::Tensor>& indices, bool exclude_self,
-                                  bool check_index_range = true) {
+                                  bool check_index_range = true, bool range_in_stream = false) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must have shape (B, d), got ", anchors.sizes());
   TORCH_CHECK_TYPE(kernel_dtype(anchors.scalar_type()),
                    "anchors must be a floating tensor (float16, bfloat16, float32 or float64), got ",
@@ -48,13 +48,21 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
       at::Tensor distinct = idx;
       for (int64_t dim = 0; dim < distinct.dim(); ++dim)
         if (distinct.stride(dim) == 0 && distinct.size(dim) > 1) distinct = distinct.narrow(dim, 0, 1);
-      const auto range = at::aminmax(distinct);  // one read-back of both ends (a device synchronisation on CUDA)
-      const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
-      const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
-      // -1 marks padding (no negative there: a variable number of negatives per anchor, faiss's missing
-      // neighbours); any other negative value is an error.
-      TORCH_CHECK_INDEX(lo >= -1 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
-                        negatives.size(0), ") or be -1 (padding), got values in [", lo, ", ", hi, "]");
+      const auto range = at::aminmax(distinct);
+      if (range_in_stream) {
+        // No read-back (a CUDA stream being captured into a graph may not synchronise): the check runs in the
+        // stream, a device assert where an index is out of range, as torch's own indexing does on CUDA.
+        at::_assert_async((std::get<0>(range) >= -1).logical_and_(std::get<1>(range) < negatives.size(0)),
+                          "negative_indices must lie in [0, M) or be -1 (padding)");
+      } else {
+        // one read-back of both ends (a device synchronisation on CUDA)
+        const at::Tensor ends = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
+        const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
+        // -1 marks padding (no negative there: a variable number of negatives per anchor, faiss's missing
+        // neighbours); any other negative value is an error.
+        TORCH_CHECK_INDEX(lo >= -1 && hi < negatives.size(0), "negative_indices must lie in [0, M) = [0, ",
+                          negatives.size(0), ") or be -1 (padding), got values in [", lo, ", ", hi, "]");
+      }
     }
   } else if (negatives.dim() == 3) {
     TORCH_CHECK_VALUE(negatives.size(0) == B && negatives.size(2) == d, "negatives must have shape (B, K, d) = (",

@@ -5,8 +5,8 @@
 // STATUS: an earlier version (the scale passed as a double) was built and tested against torch 2.11 (CUDA 13.0)
 // on an H200 by scripts/gpu_check.sh; the current one is compiled in CI only against the CPU torch's headers with
 // stub library headers (CMakeLists.txt: contrastbound_cuda_glue_check), not yet built into a module against a CUDA
-// torch; by hand (2026-12-02) compiled to an object file against torch 2.11.0+cu130's headers, as C++17 and C++20,
-// every undefined symbol of it exported by that wheel's libraries.
+// torch; by hand (2026-12-04) compiled to an object file against torch 2.11.0+cu130's headers, as C++17 and C++20,
+// every undefined symbol of it exported by that wheel's libraries, libstdc++, cudart or the kernels' objects.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -65,6 +65,16 @@ DType dtype_of(at::ScalarType t) {
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 bool has_indices(const c10::optional<Tensor>& indices) { return indices.has_value() && indices->defined(); }
+
+// Whether the stream the op runs on (the current stream of the anchors' device) is being captured into a CUDA
+// graph. negative_indices' range is then checked in the stream (a device assert, as torch's own indexing does)
+// rather than read back, which would end the capture with an error.
+bool capturing(const Tensor& anchors, const c10::optional<Tensor>& indices) {
+  if (!has_indices(indices) || !anchors.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(anchors.device().index()), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
 
 void check_cuda(const Tensor& anchors, const Tensor& positives, const Tensor& negatives,
                 const c10::optional<Tensor>& indices) {
@@ -192,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_fwd_impl(const Tensor& anchors, cons
                                                      const c10::optional<Tensor>& negative_mask,
                                                      const c10::optional<Tensor>& labels,
                                                      const c10::optional<Tensor>& negative_labels) {
-  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, true, capturing(anchors, indices));
   check_left_out(excluded, negative_mask, labels, negative_labels, anchors, negatives, indices, exclude_self);
   check_cuda(anchors, positives, negatives, indices);
   const c10::cuda::CUDAGuard device_guard(anchors.device());
@@ -220,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
   check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
-                        check_indices || (output_mask[0] && anchor_term.numel() == 0));
+                        check_indices || (output_mask[0] && anchor_term.numel() == 0), capturing(anchors, indices));
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);

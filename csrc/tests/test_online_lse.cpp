@@ -1,7 +1,8 @@
 // C++ tests run by ctest: the online log-sum-exp primitives against a direct computation, the registered
-// CPU kernel (called through the dispatcher) against logits materialised with ATen, and parallel_for_tls.
+// CPU kernel (called through the dispatcher) against logits materialised with ATen, parallel_for_tls, and the
+// range check of negative_indices both ways (read back, and in the stream as under CUDA graph capture).
 //
-//   test_online_lse primitives | kernel | parallel
+//   test_online_lse primitives | kernel | parallel | checks
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,6 +18,7 @@
 
 #include "core/online_lse.h"
 #include "core/parallel.h"
+#include "info_nce_checks.h"
 
 #if defined(__GNUC__) && !defined(__APPLE__)
 extern "C" int MKL_Get_Max_Threads() __attribute__((weak));  // (null where torch's BLAS is not MKL)
@@ -328,6 +330,49 @@ void check_parallel() {
   at::set_num_threads(saved);
 }
 
+// negative_indices' range, checked with a read-back (IndexError naming the values) or in the stream (the CUDA glue's
+// choice while the stream is captured into a graph: at::_assert_async, which on the CPU raises at once and on CUDA
+// is a device assert). Both ways must accept [-1, M) and refuse -2 and M, also through an expanded (stride-0) view.
+void check_index_range() {
+  const int64_t B = 3, M = 5, d = 4;
+  const auto a = at::randn({B, d}, at::kDouble), bank = at::randn({M, d}, at::kDouble);
+  struct Case {
+    std::vector<int64_t> row;
+    bool good;
+  };
+  const std::vector<Case> cases = {{{0, 4, -1}, true}, {{-1, -1, -1}, true}, {{0, 5, 1}, false},
+                                   {{-2, 0, 1}, false}, {{4, 3, 7}, false}};
+  for (bool in_stream : {false, true}) {
+    for (const auto& c : cases) {
+      const auto row = at::tensor(c.row, at::kLong);
+      for (bool expanded : {false, true}) {
+        // expanded: the row shared by every anchor through a stride-0 dimension (narrowed before aminmax)
+        const auto idx = expanded ? row.unsqueeze(0).expand({B, 3}) : row.unsqueeze(0).repeat({B, 1});
+        bool threw = false;
+        std::string message;
+        try {
+          contrastbound::check_info_nce_inputs(a, a, bank, idx, false, true, in_stream);
+        } catch (const c10::Error& e) {
+          threw = true;
+          message = e.what_without_backtrace();
+        }
+        const std::string what = std::string(in_stream ? "in stream" : "read back") + (expanded ? ", expanded" : "") +
+                                 ", indices [" + std::to_string(c.row[0]) + ", " + std::to_string(c.row[1]) + ", " +
+                                 std::to_string(c.row[2]) + "]";
+        if (threw == c.good) {
+          std::printf("FAIL index range %s: %s\n", what.c_str(), threw ? message.c_str() : "accepted");
+          ++failures;
+        } else if (threw && message.find("negative_indices must lie in [0, M)") == std::string::npos) {
+          std::printf("FAIL index range %s: message names no argument: %s\n", what.c_str(), message.c_str());
+          ++failures;
+        }
+      }
+    }
+  }
+  // check_index_range = false: no check at all (the autograd backward, whose forward checked the same tensor)
+  contrastbound::check_info_nce_inputs(a, a, bank, at::full({B, 2}, M, at::kLong), false, false, true);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -335,6 +380,7 @@ int main(int argc, char** argv) {
   if (which == "primitives" || which == "all") check_primitives();
   if (which == "kernel" || which == "all") check_kernel();
   if (which == "parallel" || which == "all") check_parallel();
+  if (which == "checks" || which == "all") check_index_range();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
