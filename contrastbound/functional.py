@@ -238,9 +238,11 @@ def _check_indices(
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
     pad_doc = " or be -1 (padding)" if padding else ""
     if indices.numel() > 0 and check_range:
-        if torch.compiler.is_compiling() or isinstance(indices, FakeTensor):  # (a caller's FakeTensorMode: no values)
-            # Reading the values back would break the graph: the same check as an op in the graph instead (on
-            # CPU it raises RuntimeError with this message; on CUDA, like torch's own indexing, a device assert).
+        if torch.compiler.is_compiling() or isinstance(indices, FakeTensor) or _capturing(indices):
+            # (FakeTensor: a caller's FakeTensorMode, no values.) Reading the values back would break the graph
+            # (torch.compile's, or a CUDA graph being captured, where a synchronisation is an error): the same
+            # check as an op in the graph instead (on CPU it raises RuntimeError with this message; on CUDA, like
+            # torch's own indexing, a device assert).
             # Not for indices batched by vmap (_assert_async has no batching rule: compile of vmap over indices
             # failed); every transform takes the reference there, whose indexing refuses a bad one (torch's message).
             if not _batched_while_compiling(indices):
@@ -257,6 +259,13 @@ def _check_indices(
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}){pad_doc}, got values in "
                                  f"[{lo}, {hi}]")
     return _as_int64(_usable_for_autograd(indices))
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x is a CUDA tensor and the current stream is being captured into a CUDA graph (torch.cuda.graph,
+    torch.compile's cudagraph trees): no value may be read back then (the capture fails with an error), so value
+    checks run in the stream (torch._assert_async) and data-dependent shortcuts are not taken."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _as_int64(indices: torch.Tensor) -> torch.Tensor:
@@ -1435,7 +1444,7 @@ def bank_cross_entropy(
         targets = _check_indices("targets", targets, (B,), "(B,)", bank.shape[0], "C", anchors.device,
                                  check_range=False)
         if targets.numel() and not torch.compiler.is_compiling() and targets.device.type != "meta" \
-                and not isinstance(targets, FakeTensor):
+                and not isinstance(targets, FakeTensor) and not _capturing(targets):
             # Eager: the range check reads the targets' ends back anyway; where ignore_index lies outside them
             # (the usual -100 and no padding) that one read-back serves both and the masking ops are skipped (40
             # us of a 400 us step at B = 8, C = 64); where a target equals it the masked targets are read again.
@@ -1448,10 +1457,12 @@ def bank_cross_entropy(
         targets = targets.masked_fill(ignored, 0)  # any row: the anchor's loss is dropped
         in_range = False
         if not torch.compiler.is_compiling() and targets.device.type != "meta" and not _func_active() \
-                and not _needs_reference(anchors, bank) and not isinstance(targets, FakeTensor):
+                and not _needs_reference(anchors, bank) and not isinstance(targets, FakeTensor) \
+                and not _capturing(targets):
             # Eager: the ignored rows (padding) are left out of the kernel's work rather than computed and dropped
             # (one more read-back, the kept rows' count; half the time of a batch half padding). Under
-            # torch.compile (static shapes) and the torch.func transforms they are masked instead.
+            # torch.compile (static shapes), CUDA graph capture and the torch.func transforms they are masked
+            # instead.
             keep = torch.nonzero(~ignored).flatten()
             keep = None if keep.numel() == B else keep
     targets = _check_indices("targets", targets, (B,), "(B,)", bank.shape[0], "C", anchors.device,

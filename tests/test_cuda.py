@@ -843,6 +843,75 @@ def test_first_call_inside_cuda_graph_capture(impl):
     assert proc.returncode == 0 and "graph ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+# negative_indices' range is checked in the stream while a CUDA graph is being captured (a device assert; the
+# read-back of eager mode would end the capture with an error), and bank_cross_entropy's ignore_index masks rather
+# than counting the kept rows on the host. A whole training step (forward and backward) captured, replayed with new
+# values in its static inputs, against eager.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_indexed_mode_and_bank_cross_entropy_capture_into_a_cuda_graph(dtype):
+    g = torch.Generator(device=CUDA).manual_seed(3)
+    B, K, M, d = 37, 301, 50, 40
+
+    def fresh():
+        idx = torch.randint(-1, M, (B, K), device=CUDA, generator=g)
+        targets = torch.randint(0, M, (B,), device=CUDA, generator=g)
+        targets[::5] = -100
+        return [torch.randn(n, d, device=CUDA, dtype=dtype, generator=g) for n in (B, B, M)] + [idx, targets]
+
+    static = fresh()
+    leaves = [x.requires_grad_(True) for x in static[:3]]
+
+    def step(a, p, bank, idx, targets):
+        loss = cb.info_nce(a, p, bank, negative_indices=idx, temperature=0.1) + \
+            cb.bank_cross_entropy(a, bank, targets, 0.5)
+        return [loss] + list(torch.autograd.grad(loss, (a, p, bank)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture, as torch.cuda.graph asks
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(*static)
+    for replay in range(2):
+        new = fresh()
+        with torch.no_grad():
+            for x, v in zip(static, new):
+                x.copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step(*[v.requires_grad_(True) if v.is_floating_point() else v for v in new])
+        for got, want, name in zip(outs, eager, ("loss", "grad anchors", "grad positives", "grad bank")):
+            assert_close_scaled(got, want, CUDA_TOL[dtype], f"replay {replay}: {name}")
+
+
+_GRAPH_BAD_INDEX = """
+import torch, contrastbound as cb
+a, p = (torch.randn(8, 16, device="cuda") for _ in range(2))
+bank = torch.randn(10, 16, device="cuda")
+idx = torch.randint(0, 10, (8, 5), device="cuda")
+cb.info_nce(a, p, bank, negative_indices=idx)  # warm-up
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out = cb.info_nce(a, p, bank, negative_indices=idx)
+print("captured", flush=True)
+idx[3, 2] = 10
+graph.replay()
+torch.cuda.synchronize()
+print("no assert")
+"""
+
+
+def test_an_out_of_range_index_in_a_captured_graph_is_a_device_assert():
+    # As torch's own indexing on CUDA: the replay stops at a device assert (the context is lost: a subprocess).
+    proc = subprocess.run([sys.executable, "-c", _GRAPH_BAD_INDEX], env=package_env(), cwd=PACKAGE_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert "captured" in proc.stdout and "no assert" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-4000:]
+
+
 def test_tensor_cores_extra_memory_is_o_b_plus_k():
     B, K, d = 1024, 2**20, 256
     g = torch.Generator(device=CUDA).manual_seed(0)

@@ -336,6 +336,38 @@ def test_indices_read_back_once_per_training_step():
     assert torch.equal(gn, torch.zeros_like(gn)) and torch.isfinite(ga).all()
 
 
+def _no_read_back(*args, **kwargs):
+    raise AssertionError("a value was read back while the stream is being captured")
+
+
+def test_index_checks_under_cuda_graph_capture_run_in_the_stream(monkeypatch):
+    # While a CUDA stream is captured into a graph no value may be read back (the capture fails with an error):
+    # the Python checks of negative_indices (the reference's path) and of bank_cross_entropy's targets then run in
+    # the stream (torch._assert_async: on CUDA a device assert, on the CPU an immediate RuntimeError), and the
+    # eager-only shortcuts that read values back (ignore_index's count of kept rows) are not taken. The capture
+    # is simulated on the CPU (functional._capturing); tests/test_cuda.py captures real graphs.
+    from contrastbound import _backend, functional
+
+    def run():
+        loss = cb.info_nce(a, p, idx_bank, negative_indices=idx, reduction="none")
+        targets = torch.tensor([0, -100, 4, 2])
+        ce = cb.bank_cross_entropy(a, idx_bank, targets, 0.5, reduction="none")
+        return loss, ce
+
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)  # the reference checks in Python
+    eager = run()
+    monkeypatch.setattr(functional, "_capturing", lambda x: True)
+    monkeypatch.setattr(functional, "_read_back", _no_read_back)
+    monkeypatch.setattr(torch, "nonzero", _no_read_back)
+    captured = run()
+    for x, y in zip(captured, eager):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(RuntimeError, match=r"negative_indices must lie in \[0, M\)"):
+        cb.info_nce(a, p, idx_bank, negative_indices=idx + idx_bank.shape[0])
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, C\)"):
+        cb.bank_cross_entropy(a, idx_bank, torch.tensor([0, 1, 5, 2]), 0.5)
+
+
 def test_infonce_module_refuses_a_temperature_it_would_freeze():
     t = torch.nn.Parameter(torch.tensor(0.1))
     with pytest.raises(ValueError, match="learn_temperature=True"):
