@@ -106,8 +106,9 @@ inline bool inject(cudaError_t err, const char* what, bool launch = false) {
 
 // CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): each emulated thread calls the kernel with its
 // own copy of the arguments (kernels take them by value, as a launch does). A launch the device would refuse (more
-// than 48 KiB of dynamic shared memory not raised for the kernel) or an injected failure does not run and leaves
-// its error as the last error.
+// than 48 KiB of dynamic shared memory not raised for the kernel: cudaErrorInvalidValue; a grid dimension of 0, or
+// over 2^31 - 1 blocks in x or 65535 in y: cudaErrorInvalidConfiguration) or an injected failure does not run and
+// leaves its error as the last error.
 template <typename F>
 struct Launch {
   F kernel;
@@ -115,8 +116,13 @@ struct Launch {
   unsigned threads;
   size_t smem;
   bool refused;
+  bool bad_grid;
   template <typename... A>
   void operator()(A... args) const {
+    if (bad_grid) {
+      faults().last = cudaErrorInvalidConfiguration;
+      return;
+    }
     if (refused) {
       faults().last = cudaErrorInvalidValue;
       return;
@@ -140,7 +146,8 @@ Launch<F> launcher(F kernel, dim3 grid, unsigned threads, size_t smem) {
   for (const auto& e : smem_allowed())
     raised = raised || (e.kernel == key && e.device == device().id && static_cast<size_t>(e.bytes) >= smem);
   const bool fits = smem <= static_cast<size_t>(device().smem_optin);
-  return Launch<F>{kernel, grid, threads, smem, !raised || !fits};
+  const bool bad_grid = grid.x == 0 || grid.x > 0x7fffffffu || grid.y == 0 || grid.y > 65535u;
+  return Launch<F>{kernel, grid, threads, smem, !raised || !fits, bad_grid};
 }
 
 }  // namespace emu

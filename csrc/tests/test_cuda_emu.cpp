@@ -853,6 +853,32 @@ void run_tf32(bool quick) {
   std::fflush(stdout);
 }
 
+// The emulated launch refuses the grids a GPU refuses (cudaErrorInvalidConfiguration, nothing run): a dimension of 0,
+// more than 65535 blocks in y (the one 2-D launch, backward_bank_kernel, puts its work split there); x may take
+// 2^31 - 1. Without this a plan that outgrew y would pass here and fail on hardware.
+int grid_probe_threads = 0;
+void grid_probe_kernel() { ++grid_probe_threads; }
+
+void emulated_grid_limits() {
+  struct G {
+    unsigned x, y;
+    bool ok;
+  };
+  for (const G& g : {G{3, 2, true}, G{1, 65535, true}, G{1, 65536, false}, G{0, 1, false}, G{4, 0, false}}) {
+    grid_probe_threads = 0;
+    cudaGetLastError();
+    CB_LAUNCH(dim3(g.x, g.y), 32, 0, nullptr, grid_probe_kernel)();
+    const cudaError_t err = cudaGetLastError();
+    const std::string what = "grid (" + std::to_string(g.x) + ", " + std::to_string(g.y) + ")";
+    if (g.ok) {
+      expect(err == cudaSuccess && grid_probe_threads == static_cast<int>(g.x * g.y * 32), what + " runs");
+    } else {
+      expect(err == cudaErrorInvalidConfiguration && grid_probe_threads == 0,
+             what + " refused with cudaErrorInvalidConfiguration, nothing run");
+    }
+  }
+}
+
 // The entry points refuse what the kernels cannot run (cudaErrorInvalidValue, nothing launched or written): too
 // small a workspace, no scale, the anchors' gradient without the anchor term, indexed negatives' gradient without
 // the sorted indices.
@@ -1261,6 +1287,7 @@ int main(int argc, char** argv) {
     unsetenv(v);
   }
   emu::Device& dev = emu::device();
+  emulated_grid_limits();
   entry_point_errors();
   workspace_sizes();
   huge_rows();
