@@ -8,7 +8,8 @@
 // deferred until the tc_wait that must complete them, so a missing wait reads stale shared memory, and their
 // destination turns to NaN bytes at issue (the copy may land any time in between), so a buffer refilled while
 // another warp (or a pending wgmma, emu_wgmma.h) still reads it shows up as NaN (or fails); shared memory
-// starts as NaN bytes (0xff), so a read of a never-written element shows up as NaN. ldmatrix bank conflicts are
+// starts as NaN bytes (0xff), so a read of a never-written element shows up as NaN; a store past the end of the
+// dynamic shared memory (into a canary after it) fails the run. ldmatrix bank conflicts are
 // counted (ldsm_stats). What this cannot show: timing, memory-model races the round-robin order hides, other bank
 // conflicts, register pressure, speed.
 #pragma once
@@ -259,6 +260,10 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
     g.bid = {b % grid, b / grid, 0};
     ++g.blocks_run;
     std::memset(g.smem, 0xff, smem_bytes);  // NaN in every float type
+    // A canary after the dynamic shared memory (at least 128 bytes): a store past its size is a fault on a GPU.
+    unsigned char* const tail = g.smem + smem_bytes;
+    const size_t tail_bytes = static_cast<size_t>(g.smem_store.data() + g.smem_store.size() - tail);
+    std::memset(tail, 0xa5, tail_bytes);
     g.bar_count = 0;
     for (int w = 0; w < 32; ++w) g.warp_count[w] = 0;
     for (unsigned t = 0; t < threads; ++t) {
@@ -299,6 +304,8 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
       idle_passes = g.progress == before ? idle_passes + 1 : 0;
       if (idle_passes > 2) fail("deadlock: a barrier that not every thread of the block reaches");
     }
+    for (size_t i = 0; i < tail_bytes; ++i)
+      if (tail[i] != 0xa5) fail("a store past the end of the block's dynamic shared memory");
   }
 }
 
