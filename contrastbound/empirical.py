@@ -118,6 +118,17 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_ks(ks: Any, minimum: int) -> np.ndarray:
+    """ks as a non-empty 1-d int64 array of values >= minimum: ints, or integer-valued floats as the bounds take K
+    (:func:`contrastbound.bounds.delta_upper`, :func:`contrastive_loss_estimate`); TypeError for other types,
+    ValueError for other shapes and values."""
+    arr, _ = _bounds._as_counts("ks", ks, minimum)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"ks must be a non-empty 1-d sequence of ints >= {minimum}, got shape {tuple(arr.shape)}")
+    _check_draws("max(ks)", int(arr.max()))
+    return arr
+
+
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = float(value.detach())  # a one-element tensor (numpy scalars are Real below)
@@ -345,13 +356,9 @@ def contrastive_loss_curve(
     ``generator`` as in :func:`contrastive_loss_estimate` (None: torch's default generator, advanced).
     """
     features, labels, t, num_anchors = _setup(features, labels, temperature, num_anchors, normalize)
-    ks_arr = np.asarray(ks)
-    if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0:
-        raise ValueError(f"ks must be a non-empty 1-d sequence of ints, got {ks!r}")
-    if ks_arr.min() < 0:
-        raise ValueError(f"ks must be non-negative, got min {ks_arr.min()}")
+    ks_arr = _check_ks(ks, 0)
     uniq = np.unique(ks_arr)
-    kmax = _check_draws("max(ks)", int(uniq[-1]))
+    kmax = int(uniq[-1])
     _check_bool_arg("return_std_error", return_std_error)
     sampler = _Sampler(features, labels, num_anchors, generator)
     # per K: anchors so far, the mean of their losses and the sum of squared deviations, merged chunk by chunk
@@ -466,10 +473,7 @@ def gap_report(
             raise ValueError(f"{name}: a row's norm overflows {x.dtype} (entries up to {float(x.abs().max()):.3g}); "
                              f"rescale the features{wider}")
     C = int(labels.max()) + 1
-    ks_arr = np.asarray(ks)
-    if ks_arr.dtype.kind not in "iu" or ks_arr.ndim != 1 or ks_arr.size == 0 or ks_arr.min() < 1:
-        raise ValueError(f"ks must be a non-empty 1-d sequence of ints >= 1, got {ks!r}")
-    _check_draws("max(ks)", int(ks_arr.max()))
+    ks_arr = _check_ks(ks, 1)
     if (test_features is None) != (test_labels is None):
         raise ValueError("pass both test_features and test_labels, or neither")
     # R_supv from float32 (or better) means and scores: half-precision means shift it by ~1e-3 (2e-2 at large b),

@@ -167,6 +167,18 @@ def test_curve_equals_estimates_and_is_monotone():
         contrastive_loss_curve(x, y, [1.5])
     with pytest.raises(ValueError, match="ks"):
         contrastive_loss_curve(x, y, [-1, 2])
+    with pytest.raises(ValueError, match="ks must be a non-empty 1-d"):
+        contrastive_loss_curve(x, y, [])
+    with pytest.raises(ValueError, match="ks must be a non-empty 1-d"):
+        contrastive_loss_curve(x, y, [[2, 4]])
+    with pytest.raises(TypeError, match="ks"):
+        contrastive_loss_curve(x, y, ["2"])
+    # whole-number floats (and float tensors) are the same K as the ints, as contrastive_loss_estimate and the bounds
+    # take them; the values are the ints' on the same draws
+    ints = contrastive_loss_curve(x, y, [2, 8], generator=torch.Generator().manual_seed(3))
+    for as_float in ([2.0, 8.0], np.array([2.0, 8.0]), torch.tensor([2.0, 8.0])):
+        floats = contrastive_loss_curve(x, y, as_float, generator=torch.Generator().manual_seed(3))
+        np.testing.assert_array_equal(floats, ints)
 
 
 def test_gap_report_sandwich_holds():
@@ -175,6 +187,14 @@ def test_gap_report_sandwich_holds():
     ks = [1, 4, 16, 64, 256]
     rows = gap_report(x, y, ks, generator=torch.Generator().manual_seed(0), num_anchors=4000)
     assert [r["K"] for r in rows] == ks
+    # whole-number floats: the same rows as the ints (K as an int), as the bounds take them
+    rows_f = gap_report(x, y, np.array(ks, dtype=float), generator=torch.Generator().manual_seed(0), num_anchors=4000)
+    np.testing.assert_equal(rows_f, rows)  # (NaN equal to NaN: the earlier bounds below K = C)
+    assert all(type(r["K"]) is int for r in rows_f)
+    with pytest.raises(ValueError, match="ks must be an integer >= 1"):
+        gap_report(x, y, [0, 4])
+    with pytest.raises(ValueError, match="ks must be integer-valued"):
+        gap_report(x, y, [2.5])
     for r in rows:
         assert r["lower"] == pytest.approx(r["R_cont"] + B.delta_lower(r["K"], 5))
         assert r["upper"] == pytest.approx(r["R_cont"] + B.delta_upper(r["K"], 5))
@@ -351,7 +371,7 @@ def test_sizes_and_features_the_estimators_cannot_use_are_refused():
     for call, what in (
         (lambda: contrastive_loss_estimate(x, y, 10**12), "K must be at most 2\\^31"),
         (lambda: contrastive_loss_curve(x, y, [4, 10**12]), r"max\(ks\) must be at most 2\^31"),
-        (lambda: contrastive_loss_curve(x, y, np.array([2**63 + 5], dtype=np.uint64)), r"max\(ks\) must be at most"),
+        (lambda: contrastive_loss_curve(x, y, np.array([2**63 + 5], dtype=np.uint64)), r"ks is too large \(above 2\^63 - 1\)"),
         (lambda: gap_report(x, y, [10**12]), r"max\(ks\) must be at most 2\^31"),
         (lambda: contrastive_loss_curve(x, y, [1], num_anchors=10**12), "num_anchors must be at most 2\\^31"),
         (lambda: gap_report(x.float() * 1e20, y, [4]), "a row's norm overflows torch.float32"),
