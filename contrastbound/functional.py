@@ -238,10 +238,10 @@ def _check_indices(
         raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(indices.shape)}")
     pad_doc = " or be -1 (padding)" if padding else ""
     if indices.numel() > 0 and check_range:
-        if torch.compiler.is_compiling() or isinstance(indices, FakeTensor) or _capturing(indices):
-            # (FakeTensor: a caller's FakeTensorMode, no values.) Reading the values back would break the graph
-            # (torch.compile's, or a CUDA graph being captured, where a synchronisation is an error): the same
-            # check as an op in the graph instead (on CPU it raises RuntimeError with this message; on CUDA, like
+        if _in_graph(indices):
+            # Reading the values back would break the graph (torch.compile's, or a CUDA graph being captured,
+            # where a synchronisation is an error) or find none (a FakeTensor): the same check as an op in the
+            # graph instead (on CPU it raises RuntimeError with this message; on CUDA, like
             # torch's own indexing, a device assert).
             # Not for indices batched by vmap (_assert_async has no batching rule: compile of vmap over indices
             # failed); every transform takes the reference there, whose indexing refuses a bad one (torch's message).
@@ -259,6 +259,17 @@ def _check_indices(
                 raise IndexError(f"{name} must lie in [0, {bound_doc}) = [0, {bound}){pad_doc}, got values in "
                                  f"[{lo}, {hi}]")
     return _as_int64(_usable_for_autograd(indices))
+
+
+def _in_graph(x: torch.Tensor) -> bool:
+    """Whether x's values cannot be read back on the host here: torch.compile is tracing, x is a FakeTensor (a
+    caller's FakeTensorMode, no values), or a CUDA graph is being captured (see _capturing)."""
+    return torch.compiler.is_compiling() or isinstance(x, FakeTensor) or _capturing(x)
+
+
+def _may_read_back(x: torch.Tensor) -> bool:
+    """Whether x's values may be read back on the host (eager, real values): not _in_graph and not a meta tensor."""
+    return x.device.type != "meta" and not _in_graph(x)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -1443,8 +1454,7 @@ def bank_cross_entropy(
     if ignore_index is not None:
         targets = _check_indices("targets", targets, (B,), "(B,)", bank.shape[0], "C", anchors.device,
                                  check_range=False)
-        if targets.numel() and not torch.compiler.is_compiling() and targets.device.type != "meta" \
-                and not isinstance(targets, FakeTensor) and not _capturing(targets):
+        if targets.numel() and _may_read_back(targets):
             # Eager: the range check reads the targets' ends back anyway; where ignore_index lies outside them
             # (the usual -100 and no padding) that one read-back serves both and the masking ops are skipped (40
             # us of a 400 us step at B = 8, C = 64); where a target equals it the masked targets are read again.
@@ -1456,9 +1466,7 @@ def bank_cross_entropy(
         ignored = targets == ignore_index
         targets = targets.masked_fill(ignored, 0)  # any row: the anchor's loss is dropped
         in_range = False
-        if not torch.compiler.is_compiling() and targets.device.type != "meta" and not _func_active() \
-                and not _needs_reference(anchors, bank) and not isinstance(targets, FakeTensor) \
-                and not _capturing(targets):
+        if _may_read_back(targets) and not _func_active() and not _needs_reference(anchors, bank):
             # Eager: the ignored rows (padding) are left out of the kernel's work rather than computed and dropped
             # (one more read-back, the kept rows' count; half the time of a batch half padding). Under
             # torch.compile (static shapes), CUDA graph capture and the torch.func transforms they are masked

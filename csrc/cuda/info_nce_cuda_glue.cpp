@@ -229,8 +229,9 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
                                                      const c10::optional<Tensor>& negative_labels) {
   // check_indices = false (the autograd backward: forward checked the same saved tensor) is overridden where V must
   // be recomputed (no anchor term given): that pass reads the rows the indices name.
-  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self,
-                        check_indices || (output_mask[0] && anchor_term.numel() == 0), capturing(anchors, indices));
+  const bool check_range = check_indices || (output_mask[0] && anchor_term.numel() == 0);
+  check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self, check_range,
+                        check_range && capturing(anchors, indices));  // (no stream query where nothing is checked)
   check_cuda(anchors, positives, negatives, indices);
   const int64_t B = anchors.size(0), d = anchors.size(1);
   check_backward_inputs(grad_loss, lse, anchor_term, anchors, loss);
