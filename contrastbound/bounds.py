@@ -233,6 +233,10 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
         arr = np.array(values, dtype=np.int64).reshape(arr.shape)  # (an object array of small ints: as int64)
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an integer or an integer array, got dtype {arr.dtype}")
+    if isinstance(K, (list, tuple)) and arr.size and \
+            any(isinstance(v, (bool, np.bool_)) for v in np.asarray(K, dtype=object).reshape(-1)):
+        # (numpy reads [True, 2] as the ints [1, 2]: a bool among the counts is refused, as a bool K is)
+        raise TypeError(f"{name} must be an integer or an integer array, got a bool among its values")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             raise ValueError(f"{name} must be integer-valued, got non-integer values")

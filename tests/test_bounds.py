@@ -702,6 +702,9 @@ def test_temperature_validation(call, exc, match):
         (lambda: B.collision_term(-1, 10), ValueError, "K"),
         (lambda: B.collision_term(2.5, 10), ValueError, "K"),
         (lambda: B.collision_term(True, 10), TypeError, "K"),
+        # a bool among a list's counts (numpy would read [True, 2] as [1, 2])
+        (lambda: B.delta_upper([True, 2], 10), TypeError, "K must be .* got a bool among its values"),
+        (lambda: B.coupon_collector_probability([[3, np.bool_(False)]], 10), TypeError, "draws .* a bool"),
         (lambda: B.collision_term("3", 10), TypeError, "K"),
         (lambda: B.coupon_collector_probability(-2, 10), ValueError, "draws"),
         (lambda: B.delta_upper(3), ValueError, "num_classes"),
