@@ -173,6 +173,8 @@ def test_curve_equals_estimates_and_is_monotone():
         contrastive_loss_curve(x, y, [[2, 4]])
     with pytest.raises(TypeError, match="ks"):
         contrastive_loss_curve(x, y, ["2"])
+    with pytest.raises(TypeError, match="ks must be .* a bool"):
+        contrastive_loss_curve(x, y, [True, 2])
     # whole-number floats (and float tensors) are the same K as the ints, as contrastive_loss_estimate and the bounds
     # take them; the values are the ints' on the same draws
     ints = contrastive_loss_curve(x, y, [2, 8], generator=torch.Generator().manual_seed(3))
