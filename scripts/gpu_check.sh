@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine without network (e.g. one H200), in under 8 minutes:
+#   0. on an sm_90a build (ARCH has 9.0a), compiles and runs the wgmma layout probe (csrc/tests/wgmma_probe.cu) in
+#      the background during the build, at most 60 s; its report goes into the log after the build (a diagnostic:
+#      its exit status does not change this script's),
 #   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
@@ -112,9 +115,39 @@ ARCH=${ARCH:-$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability()
 BUILD_S=$(( $(left) - 120 ))
 [ "$BUILD_S" -gt 260 ] && BUILD_S=260
 [ "$BUILD_S" -lt 60 ] && BUILD_S=60
+# The wgmma probe: the sm_90a kernels' descriptors and register fragments on known matrices, which names the
+# product and the index that moved if the hardware reads a layout otherwise than the emulation. Compiled and run
+# in the background while the extension builds (binary and output in /tmp: OUTDIR holds 8 files at most).
+PROBE_PID=
+if [[ "$ARCH" == *9.0a* ]]; then
+  NVCC=nvcc
+  [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC=$CUDA_HOME/bin/nvcc
+  rm -f /tmp/cb_wgmma_probe /tmp/cb_wgmma_probe.log
+  echo "wgmma probe: compiled with $NVCC and run in the background (at most 60 s; report after the build)"
+  (
+    timeout -k 5 60 bash -c 'nice "$0" -std=c++17 -O2 -arch=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/cb_wgmma_probe \
+      || { echo "wgmma probe: COMPILE FAILED"; exit 3; }; /tmp/cb_wgmma_probe' "$NVCC" >/tmp/cb_wgmma_probe.log 2>&1
+    rc=$?
+    [ "$rc" -eq 124 ] && echo "wgmma probe: TIMED OUT after 60 s (compile and run)" >>/tmp/cb_wgmma_probe.log
+    echo "wgmma probe exit status: $rc (0: layouts as documented, 1: MISMATCH, 2: could not run, 3: not compiled)" \
+      >>/tmp/cb_wgmma_probe.log
+  ) &
+  PROBE_PID=$!
+fi
+probe_report() {  # waits for the probe (if any) and prints its output
+  [ -n "$PROBE_PID" ] || return 0
+  wait "$PROBE_PID"
+  step "wgmma probe (csrc/tests/wgmma_probe.cu, sm_90a)"
+  cat /tmp/cb_wgmma_probe.log
+  PROBE_PID=
+}
+
 step "build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=${MAX_JOBS:-16}, at most $BUILD_S s)"
-if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="$ARCH" \
-  timeout "$BUILD_S" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+BUILD_RC=0
+FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST="$ARCH" \
+  timeout "$BUILD_S" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || BUILD_RC=$?
+probe_report
+if [ "$BUILD_RC" -ne 0 ]; then
   tail -60 "$OUT/build.log"
   echo "BUILD FAILED (full log: $OUT/build.log)"
   exit 1

@@ -323,6 +323,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it); the N of the output product
   constexpr int kKsteps = kDpad / 16;  // k16 slices of the score product
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
+  // (csrc/tests/wgmma_probe.cu repeats these constants, the descriptors and the A packing below on known
+  // matrices, for hardware diagnosis: keep the two in step.)
   constexpr unsigned kCore = 128;                // bytes of one 8 x 8 core matrix (the 8-row step)
   constexpr unsigned kXk = 16u * kFlRows;        // X: bytes between feature chunks (8 features)
   constexpr unsigned kYk = 16u * kFlCols;        // Y: bytes between feature chunks
