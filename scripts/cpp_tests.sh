@@ -28,6 +28,8 @@ python scripts/ptxas_report.py cmake-build/compile.log
 ctest --test-dir cmake-build --output-on-failure --no-tests=error
 if command -v nvcc >/dev/null; then
   # (contrastbound_cuda_cxx17_check: the same sources as C++17, the dialect of torch 2.5-2.11's extension build)
-  ls cmake-build/CMakeFiles/contrastbound_cuda_{compile,cxx17}_check.dir/csrc/cuda/*.o 2>/dev/null \
+  # (contrastbound_wgmma_probe_check: csrc/tests/wgmma_probe.cu for sm_90a, as scripts/gpu_check.sh builds it)
+  ls cmake-build/CMakeFiles/contrastbound_cuda_{compile,cxx17}_check.dir/csrc/cuda/*.o \
+    cmake-build/CMakeFiles/contrastbound_wgmma_probe_check.dir/csrc/tests/*.o 2>/dev/null \
     | sed 's/^/nvcc compiled: /' || echo "nvcc found, but there are no CUDA sources to compile"
 fi
