@@ -125,7 +125,7 @@ if [[ "$ARCH" == *9.0a* ]]; then
   rm -f /tmp/cb_wgmma_probe /tmp/cb_wgmma_probe.log
   echo "wgmma probe: compiled with $NVCC and run in the background (at most 60 s; report after the build)"
   (
-    timeout -k 5 60 bash -c 'nice "$0" -std=c++17 -O2 -arch=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/cb_wgmma_probe \
+    timeout -k 5 60 bash -c 'nice "$0" -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/cb_wgmma_probe \
       || { echo "wgmma probe: COMPILE FAILED"; exit 3; }; /tmp/cb_wgmma_probe' "$NVCC" >/tmp/cb_wgmma_probe.log 2>&1
     rc=$?
     [ "$rc" -eq 124 ] && echo "wgmma probe: TIMED OUT after 60 s (compile and run)" >>/tmp/cb_wgmma_probe.log

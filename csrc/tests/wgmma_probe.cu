@@ -21,7 +21,7 @@
 // columns, 8-blocks, 8x8 core matrices transposed...). Then a verdict per product and dpad; exit 0 only if all match.
 //
 // Built from this one file two ways:
-//   GPU (sm_90a):   nvcc -std=c++17 -O2 -arch=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe && /tmp/wgmma_probe
+//   GPU (sm_90a):   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe && /tmp/wgmma_probe
 //   CPU, emulated:  g++ -std=c++17 -O2 -fno-strict-aliasing -Wall -Wno-unknown-pragmas -I/usr/local/cuda/include
 //                     -x c++ csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe_emu && /tmp/wgmma_probe_emu
 // (ctest builds the emulated one from wgmma_probe_emu.cpp, which includes this file.) The emulated build also takes
