@@ -242,6 +242,53 @@ __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsign
          (static_cast<uint64_t>((sbo & 0x3FFFFu) >> 4) << 32);
 }
 
+// wgmma_kernel's operands in the layout of the header (bytes), its descriptors and its A fragments, as functions
+// so that csrc/tests/wgmma_probe.cu runs this very code on known matrices (hardware diagnosis). The wg_mut hooks
+// are the emulation test's deliberate bugs (constant false on the device).
+constexpr unsigned kWgCore = 128;          // one 8 x 8 core matrix: the 8-row step
+constexpr unsigned kWgXk = 16u * kFlRows;  // X tile: between feature chunks (8 features)
+constexpr unsigned kWgYk = 16u * kFlCols;  // Y tile: between feature chunks
+
+// The X tile at shared address xs, rows 64 wg .. 64 wg + 63 (warpgroup wg), as A of the score product, K-major;
+// k16 slice k: + wg_x_step(k).
+__device__ __forceinline__ uint64_t wg_x_desc(unsigned xs, int wg) {
+  const unsigned xa = xs + (wg_mut(kWgMutRowOffset) ? 0u : static_cast<unsigned>(wg) * 8u * kWgCore);
+  return wg_mut(kWgMutSwapX) ? wg_desc(xa, kWgCore, kWgXk) : wg_desc(xa, kWgXk, kWgCore);
+}
+// What k16 slice k adds to an X descriptor: its start address field (bytes / 16) moved by two feature chunks.
+__device__ __forceinline__ uint64_t wg_x_step(int k) { return (static_cast<unsigned>(k) * 2u * kWgXk) >> 4; }
+
+// The Y tile at shared address ya, k16 slice k, as B of the score product, K-major (N = Y row, K = feature).
+__device__ __forceinline__ uint64_t wg_yk_desc(unsigned ya, int k) {
+  const unsigned yk = ya + static_cast<unsigned>(k) * 2u * kWgYk;
+  return wg_mut(kWgMutSwapYK) ? wg_desc(yk, kWgCore, kWgYk) : wg_desc(yk, kWgYk, kWgCore);
+}
+
+// The Y tile at ya, K slice kk (Y rows 16 kk .. 16 kk + 15), as B of the output product, N-major (K = Y row,
+// N = feature; the product's imm-trans-b is 1).
+__device__ __forceinline__ uint64_t wg_yn_desc(unsigned ya, int kk) {
+  const unsigned yb = ya + static_cast<unsigned>(kk) * 2u * kWgCore;
+  return wg_mut(kWgMutSwapYN) ? wg_desc(yb, kWgYk, kWgCore) : wg_desc(yb, kWgCore, kWgYk);
+}
+
+// The A fragments of the output product from a 64 x 64 f32 fragment in the score product's D layout (sc[4 j + e]:
+// n8 tile j): pa[kk] = K slice kk = n8 tiles 2 kk and 2 kk + 1, in the mma.m16n8k16 A register order.
+template <typename T>
+__device__ __forceinline__ void wg_pack_a(const float (&sc)[32], unsigned (&pa)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
+    pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+    pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+    pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    if (wg_mut(kWgMutAOrder)) {
+      const unsigned s = pa[kk][1];
+      pa[kk][1] = pa[kk][2];
+      pa[kk][2] = s;
+    }
+  }
+}
+
 // Shared memory: the X tile (kFlRows rows), three Y tiles (kFlCols rows: the pipeline below reads two while the
 // third is copied), each dpad features in the layout above (no padding: the layout is conflict-free without it),
 // and two slots of the column arrays. ld is unused (0). dpad is d rounded up to 64 (zero features past d), so that
@@ -323,18 +370,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it); the N of the output product
   constexpr int kKsteps = kDpad / 16;  // k16 slices of the score product
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
-  // (csrc/tests/wgmma_probe.cu repeats these constants, the descriptors and the A packing below on known
-  // matrices, for hardware diagnosis: keep the two in step.)
-  constexpr unsigned kCore = 128;                // bytes of one 8 x 8 core matrix (the 8-row step)
-  constexpr unsigned kXk = 16u * kFlRows;        // X: bytes between feature chunks (8 features)
-  constexpr unsigned kYk = 16u * kFlCols;        // Y: bytes between feature chunks
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // slot s: cols + 4 kFlCols s (see put_cols)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: X rows 64 wg .. 64 wg + 63 of the block; warp = 4 wg + (warp & 3)
-  const unsigned xa = smem_u32(xs) + (wg_mut(kWgMutRowOffset) ? 0u : static_cast<unsigned>(wg) * 8u * kCore);
-  const uint64_t xdesc = wg_mut(kWgMutSwapX) ? wg_desc(xa, kCore, kXk) : wg_desc(xa, kXk, kCore);
+  const uint64_t xdesc = wg_x_desc(smem_u32(xs), wg);
   const float cscale = tc_coef_scale(a.coef_bound);
   const float unscale = 1.f / cscale;  // a power of two: exact
   const int64_t ytiles = (Y.rows + kFlCols - 1) / kFlCols;
@@ -389,11 +430,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const auto issue_scores = [&](float (&sc)[32], int64_t tile) {
       const unsigned ya = wg_y_addr(tc_raw, m, tile);
 #pragma unroll
-      for (int k = 0; k < kKsteps; ++k) {
-        const unsigned xk = static_cast<unsigned>(k) * 2u * kXk, yk = static_cast<unsigned>(k) * 2u * kYk;
-        const uint64_t db = wg_mut(kWgMutSwapYK) ? wg_desc(ya + yk, kCore, kYk) : wg_desc(ya + yk, kYk, kCore);
-        wgmma_ss_n64<T>(sc, xdesc + (xk >> 4), db, k > 0 ? 1 : 0);  // the start address field: + bytes / 16
-      }
+      for (int k = 0; k < kKsteps; ++k) wgmma_ss_n64<T>(sc, xdesc + wg_x_step(k), wg_yk_desc(ya, k), k > 0 ? 1 : 0);
       wg_commit();
     };
     // The coefficients of tile `tile` from its scores (flash_kernel's code, sc[j][e] = sc[4 j + e]; masked ones 0),
@@ -460,18 +497,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
             }
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
-        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-        if (wg_mut(kWgMutAOrder)) {
-          const unsigned s = pa[kk][1];
-          pa[kk][1] = pa[kk][2];
-          pa[kk][2] = s;
-        }
-      }
+      wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
     float acc[NT * 4];
@@ -498,8 +524,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       const unsigned ya = wg_y_addr(tc_raw, m, tile);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const unsigned yb = ya + static_cast<unsigned>(kk) * 2u * kCore;
-        const uint64_t db = wg_mut(kWgMutSwapYN) ? wg_desc(yb, kYk, kCore) : wg_desc(yb, kCore, kYk);
+        const uint64_t db = wg_yn_desc(ya, kk);
         if (wg_mut(kWgMutNoTrans)) {
           WgmmaRs<T, kDpad, 0>::run(acc, pa[kk], db, 1);
         } else {

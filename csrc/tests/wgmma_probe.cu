@@ -4,8 +4,9 @@
 //
 // One block of two warpgroups, as wgmma_kernel (so X is its 128-row tile: the X descriptor's LBO and the second
 // warpgroup's start offset are the kernel's): the tiles copied by the library's own wg_issue into wg_smem's plan,
-// then, with the library's primitives (wg_desc, wgmma_ss_n64, WgmmaRs, fences, commit, wait) and wgmma_kernel's
-// descriptors (same LBO / SBO / start offsets per k16 step), for dpad = N = 64, 128, 192, 256:
+// then, with the library's primitives (wgmma_ss_n64, WgmmaRs, fences, commit, wait) and the functions wgmma_kernel
+// builds its descriptors and A fragments with (wg_x_desc, wg_x_step, wg_yk_desc, wg_yn_desc, wg_pack_a), for
+// dpad = N = 64, 128, 192, 256:
 //   score product   S (128 x 64) = X Y^T, X 128 x N, Y 64 x N, K = N: N / 16 wgmma.m64n64k16, A and B K-major;
 //   output product  O (128 x N) = C Y, C 128 x 64 packed into A registers as wgmma_kernel packs its coefficients,
 //                   Y read N-major (imm-trans-b = 1): 4 wgmma.m64nNk16.
@@ -86,6 +87,13 @@ enum ProbeMutation {
 #ifdef CONTRASTBOUND_EMULATE
 int probe_mutation = kProbeNone;
 bool probe_mut(int k) { return probe_mutation == k; }
+// Mutation k: the descriptor and A-register bugs are the kernel's own (info_nce_wgmma.cuh's wg_mut hooks in the
+// functions the probe shares with wgmma_kernel), the rest the probe's.
+void select_mutation(int k) {
+  probe_mutation = k;
+  wg_mutation = k == kProbeSwapX ? kWgMutSwapX : k == kProbeSwapYK ? kWgMutSwapYK : k == kProbeSwapYN ? kWgMutSwapYN
+              : k == kProbeAOrder ? kWgMutAOrder : kWgMutNone;
+}
 #else
 [[maybe_unused]] __device__ __forceinline__ constexpr bool probe_mut(int) { return false; }
 #endif
@@ -117,10 +125,6 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #if defined(CONTRASTBOUND_EMULATE) || (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL))
   static_assert(N % 64 == 0 && N <= 256, "dpad: 64, 128, 192 or 256");
   constexpr int kKsteps = N / 16;
-  // wgmma_kernel's constants: bytes of a core matrix (the 8-row step), between X and between Y feature chunks.
-  constexpr unsigned kCore = 128;
-  constexpr unsigned kXk = 16u * kFlRows;
-  constexpr unsigned kYk = 16u * kFlCols;
   unsigned char* const raw = tc_dynamic_smem();
   T* const xs = reinterpret_cast<T*>(raw + m.x);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -134,18 +138,16 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const unsigned ya = wg_y_addr(raw, m, 0);
 
   // Score product: wgmma_kernel's issue_scores and the wait before its coefficients.
-  const unsigned xa = smem_u32(xs) + static_cast<unsigned>(wg) * 8u * kCore;
-  const uint64_t xdesc = probe_mut(kProbeSwapX) ? wg_desc(xa, kCore, kXk) : wg_desc(xa, kXk, kCore);
+  const uint64_t xdesc = wg_x_desc(smem_u32(xs), wg);  // wgmma_kernel's descriptors from here on
   float sc[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
   wg_fence();
 #pragma unroll
   for (int k = 0; k < kKsteps; ++k) {
-    const unsigned xk = static_cast<unsigned>(k) * (probe_mut(kProbeXStep) ? 1u : 2u) * kXk;
-    const unsigned yk = static_cast<unsigned>(k) * 2u * kYk;
-    const uint64_t db = probe_mut(kProbeSwapYK) ? wg_desc(ya + yk, kCore, kYk) : wg_desc(ya + yk, kYk, kCore);
-    wgmma_ss_n64<T>(sc, xdesc + (xk >> 4), db, k > 0 ? 1 : 0);
+    // (kProbeXStep: one feature chunk per k16 step, half of what wg_x_step adds)
+    const uint64_t xk = probe_mut(kProbeXStep) ? wg_x_step(k) / 2 : wg_x_step(k);
+    wgmma_ss_n64<T>(sc, xdesc + xk, wg_yk_desc(ya, k), k > 0 ? 1 : 0);
   }
   wg_commit();
   wg_wait<0>();
@@ -162,18 +164,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int e = 0; e < 2; ++e) sc[4 * j + 2 * h + e] = c[(16 * warp + g + 8 * h) * kProbeCCols + 8 * j + 2 * t + e];
   unsigned pa[4][4];
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
-    pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-    pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-    pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-    if (probe_mut(kProbeAOrder)) {
-      const unsigned r1 = pa[kk][1];
-      pa[kk][1] = pa[kk][2];
-      pa[kk][2] = r1;
-    }
-  }
+  wg_pack_a<T>(sc, pa);
   float acc[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
@@ -186,8 +177,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const unsigned yb = ya + static_cast<unsigned>(kk) * 2u * kCore;
-    const uint64_t db = probe_mut(kProbeSwapYN) ? wg_desc(yb, kYk, kCore) : wg_desc(yb, kCore, kYk);
+    const uint64_t db = wg_yn_desc(ya, kk);
     if (probe_mut(kProbeNoTrans)) {
       WgmmaRs<T, N, 0>::run(acc, pa[kk], db, 1);
     } else {
@@ -616,7 +606,7 @@ int run_child(int k, std::string& out) {
     close(fds[0]);
     dup2(fds[1], 1);
     dup2(fds[1], 2);
-    probe_mutation = k;
+    select_mutation(k);
     const bool ok = run_probe();
     std::fflush(stdout);
     _exit(ok ? 0 : 1);
@@ -670,11 +660,12 @@ int probe_main(int argc, char** argv) {
 #ifdef CONTRASTBOUND_EMULATE
   std::printf("wgmma probe, CPU emulation (csrc/tests/emu_wgmma.h)\n");
   if (arg.rfind("mutation=", 0) == 0) {
-    probe_mutation = std::atoi(arg.c_str() + 9);
-    if (probe_mutation <= 0 || probe_mutation >= kProbeMutationCount) {
+    const int k = std::atoi(arg.c_str() + 9);
+    if (k <= 0 || k >= kProbeMutationCount) {
       std::printf("mutation=K with K in 1 .. %d\n", kProbeMutationCount - 1);
       return 2;
     }
+    select_mutation(k);
     std::printf("mutation: %s\n", kProbeMutationNames[probe_mutation]);
     return run_probe() ? 0 : 1;
   }
