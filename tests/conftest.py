@@ -98,6 +98,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def as_float(x) -> float:
+    """A number or a one-element tensor as a float, detached (float() of a tensor that needs grad warns)."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def assert_close_scaled(
     actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", floor: float | None = None
 ) -> None:

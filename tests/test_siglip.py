@@ -20,7 +20,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import siglip_reference
 
-from conftest import DEVICES, PEAK_RSS_HELPERS, assert_close_scaled, child_json, tol
+from conftest import DEVICES, PEAK_RSS_HELPERS, as_float, assert_close_scaled, child_json, tol
 
 # Tests of the op itself; the others run on the fallback too (a build without the extension,
 # CONTRASTBOUND_TEST_FALLBACK=1), as the rest of the suite does.
@@ -523,14 +523,14 @@ def test_module_refuses_a_cast_that_overflows_its_bias():
         with pytest.raises(ValueError, match=r"logit_bias 100000 is beyond float16's range.*left in torch.float32"):
             module.half()
     assert module.logit_bias.dtype == module.log_logit_scale.dtype == torch.float32
-    assert float(module.logit_bias) == 1e5
-    assert float(cb.SigLIP(10.0, 1e5).bfloat16().logit_bias) == pytest.approx(1e5, rel=1e-2)
+    assert as_float(module.logit_bias) == 1e5
+    assert as_float(cb.SigLIP(10.0, 1e5).bfloat16().logit_bias) == pytest.approx(1e5, rel=1e-2)
     assert cb.SigLIP(10.0, 1e5).double().logit_bias.dtype == torch.float64
-    assert float(cb.SigLIP(10.0, 6e4).half().logit_bias) == pytest.approx(6e4, rel=1e-3)
+    assert as_float(cb.SigLIP(10.0, 6e4).half().logit_bias) == pytest.approx(6e4, rel=1e-3)
     assert cb.SigLIP(10.0, 1e5).to("meta").half().logit_bias.dtype == torch.float16
     empty = cb.SigLIP(10.0, 1e5).to_empty(device="cpu")
     empty.reset_parameters()
-    assert float(empty.logit_bias) == 1e5
+    assert as_float(empty.logit_bias) == 1e5
     # a meta module cast to float16 has no value to check; its reset_parameters (FSDP's deferred initialisation)
     # refuses to store the bias as inf instead (a review's find)
     deferred = cb.SigLIP(10.0, 1e5).to("meta").half().to_empty(device="cpu")
