@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="contrastbound-results",
                         help="output folder (default ./contrastbound-results)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids: all five in about 1.5 minutes on 2 CPU cores")
+                        help="smaller grids: all five in 20-90 s on 2 CPU cores (by the machine's load)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the losses and the k-scaling benchmark run (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every experiment, in [0, 2^63) (default 0)")
