@@ -242,7 +242,8 @@ __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsign
          (static_cast<uint64_t>((sbo & 0x3FFFFu) >> 4) << 32);
 }
 
-// wgmma_kernel's operands in the layout of the header (bytes), its descriptors and its A fragments, as functions
+// wgmma_kernel's operands in the layout of the header (bytes), its descriptors, A fragments and output product, as
+// functions
 // so that csrc/tests/wgmma_probe.cu runs this very code on known matrices (hardware diagnosis). The wg_mut hooks
 // are the emulation test's deliberate bugs (constant false on the device).
 constexpr unsigned kWgCore = 128;          // one 8 x 8 core matrix: the 8-row step
@@ -285,6 +286,21 @@ __device__ __forceinline__ void wg_pack_a(const float (&sc)[32], unsigned (&pa)[
       const unsigned s = pa[kk][1];
       pa[kk][1] = pa[kk][2];
       pa[kk][2] = s;
+    }
+  }
+}
+
+// O (64 x N, this thread's acc[N / 2], f32 D fragment) += C Y: C in the A registers pa (wg_pack_a), the Y tile at
+// ya read N-major, one wgmma per K slice (issued, not committed; the caller fences before and commits after).
+template <typename T, int N>
+__device__ __forceinline__ void wg_output_product(float* acc, const unsigned (&pa)[4][4], unsigned ya) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t db = wg_yn_desc(ya, kk);
+    if (wg_mut(kWgMutNoTrans)) {
+      WgmmaRs<T, N, 0>::run(acc, pa[kk], db, 1);
+    } else {
+      WgmmaRs<T, N, 1>::run(acc, pa[kk], db, 1);
     }
   }
 }
@@ -521,16 +537,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const auto issue_output = [&](int64_t tile, bool in_step) {
       // Each group opens with its fence (CUTLASS: warpgroup_arrive).
       if (!wg_mut(kWgMutNoWgFence) && !(in_step && wg_mut(kWgMutWriteAfterFence))) wg_fence();
-      const unsigned ya = wg_y_addr(tc_raw, m, tile);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t db = wg_yn_desc(ya, kk);
-        if (wg_mut(kWgMutNoTrans)) {
-          WgmmaRs<T, kDpad, 0>::run(acc, pa[kk], db, 1);
-        } else {
-          WgmmaRs<T, kDpad, 1>::run(acc, pa[kk], db, 1);
-        }
-      }
+      wg_output_product<T, kDpad>(acc, pa, wg_y_addr(tc_raw, m, tile));
       wg_commit();
     };
     const auto fence_acc_pa = [&] {

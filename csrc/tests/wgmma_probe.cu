@@ -5,8 +5,8 @@
 // One block of two warpgroups, as wgmma_kernel (so X is its 128-row tile: the X descriptor's LBO and the second
 // warpgroup's start offset are the kernel's): the tiles copied by the library's own wg_issue into wg_smem's plan,
 // then, with the library's primitives (wgmma_ss_n64, WgmmaRs, fences, commit, wait) and the functions wgmma_kernel
-// builds its descriptors and A fragments with (wg_x_desc, wg_x_step, wg_yk_desc, wg_yn_desc, wg_pack_a), for
-// dpad = N = 64, 128, 192, 256:
+// builds its descriptors, A fragments and output product with (wg_x_desc, wg_x_step, wg_yk_desc, wg_yn_desc,
+// wg_pack_a, wg_output_product), for dpad = N = 64, 128, 192, 256:
 //   score product   S (128 x 64) = X Y^T, X 128 x N, Y 64 x N, K = N: N / 16 wgmma.m64n64k16, A and B K-major;
 //   output product  O (128 x N) = C Y, C 128 x 64 packed into A registers as wgmma_kernel packs its coefficients,
 //                   Y read N-major (imm-trans-b = 1): 4 wgmma.m64nNk16.
@@ -22,7 +22,8 @@
 // columns, 8-blocks, 8x8 core matrices transposed...). Then a verdict per product and dpad; exit 0 only if all match.
 //
 // Built from this one file two ways:
-//   GPU (sm_90a):   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe && /tmp/wgmma_probe
+//   GPU (sm_90a):   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/tests/wgmma_probe.cu
+//                     -o /tmp/wgmma_probe && /tmp/wgmma_probe
 //   CPU, emulated:  g++ -std=c++17 -O2 -fno-strict-aliasing -Wall -Wno-unknown-pragmas -I/usr/local/cuda/include
 //                     -x c++ csrc/tests/wgmma_probe.cu -o /tmp/wgmma_probe_emu && /tmp/wgmma_probe_emu
 // (ctest builds the emulated one from wgmma_probe_emu.cpp, which includes this file.) The emulated build also takes
@@ -87,12 +88,12 @@ enum ProbeMutation {
 #ifdef CONTRASTBOUND_EMULATE
 int probe_mutation = kProbeNone;
 bool probe_mut(int k) { return probe_mutation == k; }
-// Mutation k: the descriptor and A-register bugs are the kernel's own (info_nce_wgmma.cuh's wg_mut hooks in the
-// functions the probe shares with wgmma_kernel), the rest the probe's.
+// Mutation k: the descriptor, transpose and A-register bugs are the kernel's own (info_nce_wgmma.cuh's wg_mut hooks
+// in the functions the probe shares with wgmma_kernel), the rest the probe's.
 void select_mutation(int k) {
   probe_mutation = k;
   wg_mutation = k == kProbeSwapX ? kWgMutSwapX : k == kProbeSwapYK ? kWgMutSwapYK : k == kProbeSwapYN ? kWgMutSwapYN
-              : k == kProbeAOrder ? kWgMutAOrder : kWgMutNone;
+              : k == kProbeNoTrans ? kWgMutNoTrans : k == kProbeAOrder ? kWgMutAOrder : kWgMutNone;
 }
 #else
 [[maybe_unused]] __device__ __forceinline__ constexpr bool probe_mut(int) { return false; }
@@ -175,15 +176,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
     for (int r = 0; r < 4; ++r) wg_fence_operand(pa[kk][r]);
   wg_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint64_t db = wg_yn_desc(ya, kk);
-    if (probe_mut(kProbeNoTrans)) {
-      WgmmaRs<T, N, 0>::run(acc, pa[kk], db, 1);
-    } else {
-      WgmmaRs<T, N, 1>::run(acc, pa[kk], db, 1);
-    }
-  }
+  wg_output_product<T, N>(acc, pa, ya);
   wg_commit();
   wg_wait<0>();
 #pragma unroll
