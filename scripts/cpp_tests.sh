@@ -32,4 +32,10 @@ if command -v nvcc >/dev/null; then
   ls cmake-build/CMakeFiles/contrastbound_cuda_{compile,cxx17}_check.dir/csrc/cuda/*.o \
     cmake-build/CMakeFiles/contrastbound_wgmma_probe_check.dir/csrc/tests/*.o 2>/dev/null \
     | sed 's/^/nvcc compiled: /' || echo "nvcc found, but there are no CUDA sources to compile"
+  # Where the spills sit (loop depth, share of the loop), read from the machine code: a report, never a failure.
+  # It needs a cuobjdump (CUDA's toolkit; CI's image has nvcc without one; $CUOBJDUMP names one elsewhere).
+  OBJS=(cmake-build/CMakeFiles/contrastbound_cuda_compile_check.dir/csrc/cuda/*.o)
+  if [ -e "${OBJS[0]}" ]; then
+    python scripts/sass_spills.py "${OBJS[@]}" || echo "(spill placement not reported)"
+  fi
 fi

@@ -5,7 +5,8 @@
 Prints the kernels that spill (with --all, every tensor-core kernel's line) and fails (exit 1) if a kernel that
 must not spill does: the flash-layout and wgmma kernels (NO_SPILL), which hold a 16 x d (per warp) or 64 x d (per
 warpgroup) float32 output in registers, where a spill in the tile loop would cost every tile. Others that spill
-are listed (the mma.sync rows kernels spill a few bytes under their two-blocks-per-multiprocessor bound).
+are listed (the mma.sync rows kernels spill a few bytes under their two-blocks-per-multiprocessor bound;
+scripts/sass_spills.py tells in which loop).
 
 The log must come from a build whose commands' outputs are not interleaved (ninja prints each command's output
 whole); a log without ptxas lines (nothing was recompiled) is reported and passes.
