@@ -9,10 +9,8 @@
 //   g++ -std=c++17 -O2 -fno-strict-aliasing -Wall -Wno-unknown-pragmas -Icsrc -I/usr/local/cuda/include
 //       csrc/tests/test_wgmma_emu.cpp -o /tmp/wgemu && /tmp/wgemu [quick | values | mutations | mutation=K]
 #include "emu_cuda.h"
+#include "emu_child.h"
 #include "emu_wgmma.h"
-
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -307,31 +305,17 @@ void run_mutation_cases(int k) {
 // Runs run_mutation_cases(k) in a child process; true if the child failed (a
 // check or an emulation assertion). `why`: the first line that says why.
 bool mutation_caught(int k, std::string& why) {
-  int fds[2];
-  if (pipe(fds) != 0) return false;
-  std::fflush(stdout);  // or the child inherits (and writes into the pipe) what the parent has buffered
-  std::fflush(stderr);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    run_mutation_cases(k);
-    std::fflush(stdout);
-    _exit(failures == 0 ? 0 : 1);
-  }
-  close(fds[1]);
   std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const int rc = emu_child::run(
+      [k] {
+        run_mutation_cases(k);
+        return failures == 0 ? 0 : 1;
+      },
+      out);
   size_t p = out.find("emu:");
   if (p == std::string::npos) p = out.find("FAIL");
   why = p == std::string::npos ? std::string("(no message)") : out.substr(p, out.find('\n', p) - p);
-  return failed;
+  return rc != 0;
 }
 
 void run_mutations() {

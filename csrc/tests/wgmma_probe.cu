@@ -32,10 +32,8 @@
 // for those, and exit non-zero.
 #ifndef __CUDACC__
 #include "emu_cuda.h"
+#include "emu_child.h"
 #include "emu_wgmma.h"
-
-#include <sys/wait.h>
-#include <unistd.h>
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -591,26 +589,12 @@ const char* const kProbeMutationHints[kProbeMutationCount] = {
 
 // Runs the probe with mutation k in a child process: its exit status (-1 if it did not exit) and output.
 int run_child(int k, std::string& out) {
-  int fds[2];
-  if (pipe(fds) != 0) return -1;
-  std::fflush(stdout);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    select_mutation(k);
-    const bool ok = run_probe();
-    std::fflush(stdout);
-    _exit(ok ? 0 : 1);
-  }
-  close(fds[1]);
-  char buf[4096];
-  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return emu_child::run(
+      [k] {
+        select_mutation(k);
+        return run_probe() ? 0 : 1;
+      },
+      out);
 }
 
 // Each mutation must make the probe exit 1 with MISMATCH verdicts for exactly the products it breaks.
