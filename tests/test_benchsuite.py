@@ -568,6 +568,10 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_small.py", ["--threads", "0"]),
     ("bench_small.py", ["--cases", "nt_xent:0:8:float32"]),
     ("bench_small.py", ["--out", "/proc/contrastbound-x/bs"]),
+    ("bench_logit_spread.py", ["--losses", "info_nce,supcon"]),
+    ("bench_logit_spread.py", ["--temperatures", "0.1,0"]),
+    ("bench_logit_spread.py", ["-K", "0"]),
+    ("bench_logit_spread.py", ["--out", "/proc/contrastbound-x/ls"]),
     ("bench_clip_routes.py", ["--out", "/proc/contrastbound-x/cr"]),
     ("bench_indexed_bank.py", ["--out", "/proc/contrastbound-x/ib"]),
     ("bench_indexed_bank.py", ["-K", "0"]),
@@ -621,6 +625,27 @@ def test_bench_small_runs_and_writes_its_csv(tmp_path):
     bad = subprocess.run([sys.executable, path, "--cases", "clip:8:16", "--out", "x"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "loss:N:d:dtype" in bad.stderr
+
+
+def test_bench_logit_spread_runs_and_writes_its_csv(tmp_path):
+    # Every loss of benchmarks/bench_logit_spread.py on a tiny problem at two temperatures; the fused and naive losses
+    # agree (same problem), and the spread grows as the temperature falls.
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_logit_spread.py")
+    proc = subprocess.run([sys.executable, path, "-N", "9", "-K", "13", "-d", "6", "--temperatures", "0.1,0.01",
+                           "--reps", "1", "--threads", "1", "--out", "ls.csv"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "ls.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], float(r["T"])) for r in rows] == [
+        (loss, t) for loss in ("info_nce", "nt_xent", "clip", "siglip") for t in (0.1, 0.01)]
+    for r in rows:
+        assert float(r["fused_ms"]) > 0 and float(r["naive_ms"]) > 0
+        assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= 1e-4 * max(1.0, abs(float(r["naive_loss"]))), r
+    for warm, cold in zip(rows[::2], rows[1::2]):
+        assert float(cold["max_lse_minus_logit"]) > float(warm["max_lse_minus_logit"])
 
 
 def test_bench_indexed_bank_runs_and_writes_its_csv(tmp_path):

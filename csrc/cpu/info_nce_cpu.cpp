@@ -33,6 +33,7 @@
 #include "../core/online_lse.h"
 #include "../core/parallel.h"
 #include "../info_nce_checks.h"
+#include "tile_exp.h"
 
 namespace contrastbound {
 namespace cpu {
@@ -78,7 +79,19 @@ struct Prepared {
   Tensor positives;   // (B, d) p_hat
   std::vector<RowScale<acc_t>> anchor_scale, positive_scale;
   std::vector<acc_t> pos_logit;  // (B) s * a_hat . p_hat
+  // A bound on ||s a_hat_i|| (normalize: s; else inf): with unit bank rows a bound on |l|, which tells whether a
+  // tile's exponent arguments can fall below exp_floor (may_underflow).
+  acc_t max_norm = 0;
 };
+
+// Whether the weights e^{l - max} (e^{l - lse}: with `lse_extra` = log(K + 1), as lse <= max |l| + log(K + 1)) of
+// a problem may fall below exp_floor: where |l| <= m = pr.max_norm (unit rows on both sides) every argument is
+// >= -2 m - lse_extra. Unit features at T >= ~0.023 (with lse_extra = 11, K = 2^16: T >= ~0.027) never do.
+// Without normalize (max_norm = inf): true.
+template <typename acc_t>
+bool may_underflow(const Prepared<acc_t>& pr, double lse_extra = 0.0) {
+  return !(2.0 * static_cast<double>(pr.max_norm) + lse_extra < -static_cast<double>(exp_floor<acc_t>()));
+}
 
 template <typename scalar_t, typename acc_t>
 Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double scale, bool normalize) {
@@ -110,6 +123,9 @@ Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double s
       pr.pos_logit[i] = dot(ai, pi, d);
     }
   });
+  // (unit rows, or below eps and then shorter: s, with a margin for the rounding of a_hat's norm; unnormalised
+  // rows: no bound is formed)
+  pr.max_norm = normalize ? s * acc_t(1.001) : std::numeric_limits<acc_t>::infinity();
   return pr;
 }
 
@@ -352,6 +368,7 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   const bool save = parts.weighted.defined();
   const auto acc_opts = pr.anchors_s.options();
   const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
+  const bool under = may_underflow(pr);
 
   parallel_for_tls(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
@@ -388,8 +405,8 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
         // A row whose logits so far were all -inf (excluded, or a float32 dot product that overflowed) keeps
         // max = lowest, not -inf, which would give exp(-inf - -inf) = NaN below and a NaN loss and gradients.
         nmax.clamp_min_(std::numeric_limits<acc_t>::lowest());
-        at::sub_out(al, m, nmax).exp_();  // exp(-inf) = 0 for the empty state
-        l.sub_(nmax.unsqueeze(1)).exp_();
+        exp_normal_<acc_t>(at::sub_out(al, m, nmax), under);  // exp(-inf) = 0 for the empty state
+        exp_normal_<acc_t>(l.sub_(nmax.unsqueeze(1)), under);
         Tensor rsum = row_sum.narrow(0, 0, bb);
         at::sum_out(rsum, l, {1});
         s.mul_(al).add_(rsum);
@@ -705,7 +722,7 @@ template <typename acc_t>
 struct Lse {
   const acc_t* hi;
   const acc_t* res;
-  acc_t weight(int64_t i, acc_t l) const { return std::exp((l - hi[i]) - res[i]); }  // e^{l - lse_i}
+  acc_t weight(int64_t i, acc_t l) const { return exp_normal((l - hi[i]) - res[i]); }  // e^{l - lse_i}
 };
 
 // Shared bank: units are bank tiles, each owned by one thread. For each tile, every anchor block's logits are
@@ -728,6 +745,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   for (int64_t k = 0; k < K; ++k) q[k] = inv[k] > acc_t(0) ? proj[k] / (inv[k] * inv[k]) : acc_t(0);
   const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
   const int64_t tiles = ceil_div(K, kBankTile);
+  const bool under = may_underflow(pr, std::log(static_cast<double>(K) + 1.0));
   parallel_for_tls(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
     Tensor weights = at::empty({kAnchorBlock * kBankTile}, acc_opts);
@@ -752,7 +770,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         Tensor w = weights.narrow(0, 0, bb * tk).view({bb, tk});
         at::mm_out(l, a_blk, tile.t());
         at::sub_out(w, l, lse_hi.narrow(0, i0, bb).unsqueeze(1)).sub_(lse_res.narrow(0, i0, bb).unsqueeze(1));
-        w.exp_().mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
+        exp_normal_<acc_t>(w, under).mul_(g_t.narrow(0, i0, bb).unsqueeze(1));
         if (ex.masks()) mask_excluded<acc_t>(w, i0, k0, ex, acc_t(0));
         // dL/dn_hat = sum_i W_ik s a_hat_i: each anchor block's product, then added with Kahan's compensation
         // (added into grad directly, B / 256 blocks in a row lost ~sqrt(blocks) eps: 6.7e-6 relative at B = 10^6,
@@ -1303,7 +1321,7 @@ bool clip_factors(const Tensor& row_max, const Tensor& col_max, Tensor& u, Tenso
 // clip_factors allows (one exponential per logit for both directions), u and v scratch of the rows and columns.
 template <typename acc_t>
 void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, const Tensor& pos, int64_t i0,
-               int64_t j0, Tensor& e, Tensor& diff, Tensor& scratch_a, Tensor& scratch_b,
+               int64_t j0, Tensor& e, Tensor& diff, Tensor& scratch_a, Tensor& scratch_b, bool under,
                const Tensor* row_max = nullptr, Tensor* u = nullptr, Tensor* v = nullptr) {
   const auto lowest = std::numeric_limits<acc_t>::lowest();
   Tensor tmax = scratch_a, nmax = scratch_b;
@@ -1313,11 +1331,12 @@ void clip_fold(const Tensor& l, int64_t dim, Tensor& m, Tensor& s, Tensor* t, co
   // -inf, which would give exp(-inf - -inf) = NaN below (as forward_shared).
   nmax.clamp_min_(lowest);
   Tensor alpha = tmax;  // tmax is no longer needed
-  at::sub_out(alpha, m, nmax).exp_();
+  exp_normal_<acc_t>(at::sub_out(alpha, m, nmax), under);
   if (row_max != nullptr && clip_factors<acc_t>(*row_max, nmax, *u, *v)) {
     e.mul_(v->unsqueeze(0)).mul_(u->unsqueeze(1));  // (v first: e u_i may underflow where e u_i v_j does not)
+    flush_subnormal_<acc_t>(e, under);
   } else {
-    at::sub_out(e, l, nmax.unsqueeze(dim)).exp_();
+    exp_normal_<acc_t>(at::sub_out(e, l, nmax.unsqueeze(dim)), under);
   }
   s.mul_(alpha).add_(e.sum({dim}));
   if (t != nullptr) {
@@ -1338,6 +1357,7 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
   const int64_t blocks = ceil_div(N, kAnchorBlock), groups = clip_groups(N);
   const Excluded diag{true, nullptr};
   const Tensor pos = at::from_blob(const_cast<acc_t*>(pr.pos_logit.data()), {N}, opts);
+  const bool under = may_underflow(pr);
   // The positive logit l_ii as the tile's product formed it (each lies in one tile of one unit). The losses use it
   // rather than pos (the same value summed in another order, a few ulps of l apart): a near duplicate j of pair i
   // then enters its loss l_ij - l_ii with the product's correlated roundings, as in naive PyTorch (apart, the
@@ -1373,13 +1393,14 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
           }
           mask_excluded<acc_t>(l, i0, j0, diag, -inf);
           Tensor ra = a_buf.narrow(0, 0, bb), rb = b_buf.narrow(0, 0, bb);
-          clip_fold<acc_t>(l, 1, rm, rs, save ? &rt : nullptr, pos.narrow(0, i0, bb), i0, j0, e, diff, ra, rb);
+          clip_fold<acc_t>(l, 1, rm, rs, save ? &rt : nullptr, pos.narrow(0, i0, bb), i0, j0, e, diff, ra, rb,
+                           under);
           Tensor cm = col_m.select(0, g).narrow(0, j0, tk), cs = col_s.select(0, g).narrow(0, j0, tk);
           Tensor ct = save ? col_t.select(0, g).narrow(0, j0, tk) : Tensor();
           Tensor ca = a_buf.narrow(0, 0, tk), cb = b_buf.narrow(0, 0, tk);
           Tensor u = u_buf.narrow(0, 0, bb), v = v_buf.narrow(0, 0, tk);
-          clip_fold<acc_t>(l, 0, cm, cs, save ? &ct : nullptr, pos.narrow(0, j0, tk), i0, j0, e, diff, ca, cb, &rm,
-                           &u, &v);
+          clip_fold<acc_t>(l, 0, cm, cs, save ? &ct : nullptr, pos.narrow(0, j0, tk), i0, j0, e, diff, ca, cb, under,
+                           &rm, &u, &v);
         }
       }
     }
@@ -1469,7 +1490,7 @@ constexpr double kClipWeightGrad = 1e20;
 template <typename acc_t>
 void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, const ClipLse& lse_row,
                   const Tensor& g_col, const ClipLse& lse_col, int64_t i0, int64_t j0, Tensor& u_buf,
-                  Tensor& v_buf) {
+                  Tensor& v_buf, bool under) {
   const int64_t bb = l.size(0), tk = l.size(1);
   const acc_t* R = lse_row.hi.template data_ptr<acc_t>();  // contiguous rows of the (2, N) tensors
   const acc_t* C = lse_col.hi.template data_ptr<acc_t>();
@@ -1499,12 +1520,15 @@ void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, 
     acc_t* vp = v.template data_ptr<acc_t>();
     for (int64_t i = 0; i < bb; ++i) up[i] = gr[i] * std::exp((lo - R[i]) - Rr[i]);
     for (int64_t j = 0; j < tk; ++j) vp[j] = gc[j] * std::exp((lo - C[j]) - Cr[j]);
-    at::sub_out(w, l, lo).exp_();
+    // (e^{l - lo} >= each term's own e^{l - lse}: where it is below the smallest normal number, so is the weight)
+    exp_normal_<acc_t>(at::sub_out(w, l, lo), under);
     at::add_out(tmp, u.unsqueeze(1), v.unsqueeze(0));
     w.mul_(tmp);
   } else {
-    at::sub_out(w, l, lse_row.hi.unsqueeze(1)).sub_(lse_row.res.unsqueeze(1)).exp_().mul_(g_row.unsqueeze(1));
-    at::sub_out(tmp, l, lse_col.hi.unsqueeze(0)).sub_(lse_col.res.unsqueeze(0)).exp_().mul_(g_col.unsqueeze(0));
+    exp_normal_<acc_t>(at::sub_out(w, l, lse_row.hi.unsqueeze(1)).sub_(lse_row.res.unsqueeze(1)), under)
+        .mul_(g_row.unsqueeze(1));
+    exp_normal_<acc_t>(at::sub_out(tmp, l, lse_col.hi.unsqueeze(0)).sub_(lse_col.res.unsqueeze(0)), under)
+        .mul_(g_col.unsqueeze(0));
     w.add_(tmp);
   }
   mask_excluded<acc_t>(w, i0, j0, Excluded{true, nullptr}, acc_t(0));
@@ -1538,10 +1562,11 @@ void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<R
 template <typename acc_t>
 struct ClipTileWeights {
   Tensor l_buf, w_buf, t_buf, u_buf, v_buf;
-  explicit ClipTileWeights(const at::TensorOptions& opts)
+  bool under;  // may_underflow
+  ClipTileWeights(const at::TensorOptions& opts, bool under_)
       : l_buf(at::empty({kAnchorBlock * kBankTile}, opts)), w_buf(at::empty({kAnchorBlock * kBankTile}, opts)),
         t_buf(at::empty({kAnchorBlock * kBankTile}, opts)), u_buf(at::empty({kAnchorBlock}, opts)),
-        v_buf(at::empty({kBankTile}, opts)) {}
+        v_buf(at::empty({kBankTile}, opts)), under(under_) {}
 
   Tensor operator()(const Tensor& a_s, const Tensor& b_hat, const Tensor& g_row, const ClipLse& lse_row,
                     const Tensor& g_col, const ClipLse& lse_col, int64_t i0, int64_t bb, int64_t j0, int64_t tk) {
@@ -1549,7 +1574,7 @@ struct ClipTileWeights {
     Tensor tmp = t_buf.narrow(0, 0, bb * tk).view({bb, tk});
     at::mm_out(l, a_s.narrow(0, i0, bb), b_hat.narrow(0, j0, tk).t());
     clip_weights<acc_t>(w, tmp, l, g_row.narrow(0, i0, bb), lse_row.narrow(i0, bb), g_col.narrow(0, j0, tk),
-                        lse_col.narrow(j0, tk), i0, j0, u_buf, v_buf);
+                        lse_col.narrow(j0, tk), i0, j0, u_buf, v_buf, under);
     return w;
   }
 };
@@ -1577,6 +1602,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const Tensor& a_s = pr.anchors_s;    // s a_hat
   const Tensor& b_hat = pr.positives;  // b_hat
   const int64_t blocks = ceil_div(N, kAnchorBlock);
+  const bool under = may_underflow(pr, std::log(static_cast<double>(N) + 1.0));
   // Both gradients of at most kClipOnePassBlocks row blocks (N <= 1024): one pass, each tile's W formed once, every
   // row block writing its own partial texts' gradient (blocks x N x d, at most 4 N d), added in block order below:
   // the same operations in the same order as the texts' own pass, so the same bits. (Beyond, the partials would
@@ -1595,7 +1621,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     Tensor comp_a = at::zeros({N, d}, opts), comp_b = at::zeros({N, d}, opts);
     for (int64_t t = 0; t < col_tiles; ++t) {
       parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
-        ClipTileWeights<acc_t> weights(opts);
+        ClipTileWeights<acc_t> weights(opts, under);
         Tensor a_buf = at::empty({kAnchorBlock, d}, opts), b_buf = at::empty({kBankTile, d}, opts);
         for (int64_t grp = g0; grp < g1; ++grp) {
           for (int64_t u = grp; u < blocks; u += col_tiles) {
@@ -1623,7 +1649,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
     Tensor G = at::empty({N, d}, opts);
     parallel_for_tls(0, blocks, 1, [&](int64_t u0, int64_t u1) {
-      ClipTileWeights<acc_t> weights(opts);
+      ClipTileWeights<acc_t> weights(opts, under);
       Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t i0 = u * kAnchorBlock, bb = std::min(kAnchorBlock, N - i0);
@@ -1656,7 +1682,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
       G.add_(a_s * coef.unsqueeze(1));
     }
     if (!one_pass) parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
-      ClipTileWeights<acc_t> weights(opts);
+      ClipTileWeights<acc_t> weights(opts, under);
       Tensor block_buf = at::empty({kBankTile, d}, opts), comp_buf = at::empty({kBankTile, d}, opts);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t j0 = u * kBankTile, tk = std::min(kBankTile, N - j0);

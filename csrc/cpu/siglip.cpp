@@ -30,12 +30,15 @@
 
 #include "../core/parallel.h"
 #include "../info_nce_checks.h"
+#include "tile_exp.h"
 
 namespace contrastbound {
 namespace siglip {
 namespace {
 
 using at::Tensor;
+using cpu::exp_normal_;
+using cpu::sigmoid_normal_;
 
 constexpr int64_t kRowBlock = 256;     // CPU: image (text) rows per work unit
 constexpr int64_t kColTile = 512;      // CPU: text (image) rows per tile
@@ -91,9 +94,20 @@ void zero_pairs(Tensor& tile, int64_t i0, int64_t j0, bool transposed) {
   if (offset < tile.size(1) && -offset < tile.size(0)) tile.diagonal(offset).zero_();
 }
 
-// l := log(1 + e^l) in place, without overflow: max(l, 0) + log1p(e^{-|l|}) (one more tile beside l).
-void softplus_(Tensor& l) {
-  const Tensor tail = at::abs(l).neg_().exp_().log1p_();
+// exp_normal_ / sigmoid_normal_ (tile_exp.h) in the tile's type (float32 or float64).
+Tensor& exp_normal_any_(Tensor& x, bool under) {
+  return x.scalar_type() == at::kDouble ? exp_normal_<double>(x, under) : exp_normal_<float>(x, under);
+}
+Tensor& sigmoid_normal_any_(Tensor& x, bool under) {
+  return x.scalar_type() == at::kDouble ? sigmoid_normal_<double>(x, under) : sigmoid_normal_<float>(x, under);
+}
+
+// l := log(1 + e^l) in place, without overflow: max(l, 0) + log1p(e^{-|l|}) (one more tile beside l). under:
+// whether some |l| may exceed -exp_floor, where e^{-|l|} is formed as exp_normal_ forms it (a term below the
+// smallest normal number: 0, which max(l, 0) >= 87 does not notice, and for l <= -87 a loss term of ~1e-38 or less).
+void softplus_(Tensor& l, bool under) {
+  Tensor tail = at::abs(l).neg_();
+  exp_normal_any_(tail, under).log1p_();
   l.clamp_min_(0).add_(tail);
 }
 
@@ -101,7 +115,20 @@ struct Scalars {  // the scale and bias as the tiles use them: doubles on the CP
   bool host;
   double s, b;
   Tensor st, bt;
+  bool under = false;  // (CPU) whether a logit may lie beyond +-exp_floor: logits_may_underflow
 };
+
+// Whether some |l_ij| <= |s| max ||x_i|| max ||y_j|| + |b| may exceed -exp_floor, where softplus's e^{-|l|} and the
+// weights sigmoid(l) are subnormal: formed then as tile_exp.h forms them (ATen's exp leaves its vectorised path for
+// such arguments, and subnormal weights slow the products they enter). CPU only: on a GPU subnormals cost nothing,
+// and the bound would be read back.
+bool logits_may_underflow(const Tensor& X, const Tensor& Y, const Scalars& sc) {
+  if (!sc.host || X.numel() == 0 || Y.numel() == 0) return false;
+  const double nx = at::linalg_vector_norm(X, 2, {1}).max().item<double>();
+  const double ny = at::linalg_vector_norm(Y, 2, {1}).max().item<double>();
+  const double floor = X.scalar_type() == at::kDouble ? exp_floor<double>() : exp_floor<float>();
+  return !(std::abs(sc.s) * nx * ny + std::abs(sc.b) < -floor);
+}
 
 Scalars scalars_of(const Tensor& scale, const Tensor& bias, const Tensor& like) {
   Scalars sc;
@@ -135,7 +162,7 @@ void logits_(Tensor& P, const Scalars& sc) {
 // The rows' sums over a tile of the negative pairs' softplus(l), from the raw product P (overwritten).
 Tensor tile_row_sums(Tensor& P, const Scalars& sc, int64_t i0, int64_t j0) {
   logits_(P, sc);
-  softplus_(P);
+  softplus_(P, sc.under);
   zero_pairs(P, i0, j0, false);
   return P.sum(1);
 }
@@ -144,7 +171,8 @@ Tensor siglip_fwd_impl(const Tensor& image, const Tensor& text, const Tensor& sc
   check_inputs(image, text, scale, bias);
   const int64_t B = image.size(0), M = text.size(0);
   const Tensor X = image.to(acc_type(image)).contiguous(), Y = text.to(acc_type(image)).contiguous();
-  const Scalars sc = scalars_of(scale, bias, X);
+  Scalars sc = scalars_of(scale, bias, X);
+  sc.under = logits_may_underflow(X, Y, sc);
   Tensor loss = at::zeros({B}, X.options());
   if (B == 0 || M <= 1) return loss;
   if (sc.host) {
@@ -177,7 +205,8 @@ Tensor siglip_fwd_impl(const Tensor& image, const Tensor& text, const Tensor& sc
 
 // w = g sigmoid(l) with the pairs zeroed, for a tile's raw product P (rows: images, or texts when transposed).
 Tensor weights_of(const Tensor& P, const Scalars& sc, const Tensor& g, int64_t i0, int64_t j0, bool transposed) {
-  Tensor w = logits_of(P, sc).sigmoid_();
+  Tensor w = logits_of(P, sc);
+  sigmoid_normal_any_(w, sc.under);
   w.mul_(transposed ? g.unsqueeze(0) : g.unsqueeze(1));
   zero_pairs(w, i0, j0, transposed);
   return w;
@@ -194,7 +223,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_impl(const Tensor& grad_lo
                    grad_loss.scalar_type());
   const Tensor X = image.to(acc_type(image)).contiguous(), Y = text.to(acc_type(image)).contiguous();
   const Tensor g = grad_loss.to(X.options()).contiguous();
-  const Scalars sc = scalars_of(scale, bias, X);
+  Scalars sc = scalars_of(scale, bias, X);
+  sc.under = logits_may_underflow(X, Y, sc);
   const bool rows_pass = mask[0] || mask[2] || mask[3];
   Tensor gx = at::zeros({B, d}, X.options()), gy = at::zeros({M, d}, X.options());
   Tensor gs = at::zeros({}, X.options()), gb = at::zeros({}, X.options());
