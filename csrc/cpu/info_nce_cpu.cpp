@@ -79,18 +79,28 @@ struct Prepared {
   Tensor positives;   // (B, d) p_hat
   std::vector<RowScale<acc_t>> anchor_scale, positive_scale;
   std::vector<acc_t> pos_logit;  // (B) s * a_hat . p_hat
-  // A bound on ||s a_hat_i|| (normalize: s; else inf): with unit bank rows a bound on |l|, which tells whether a
-  // tile's exponent arguments can fall below exp_floor (may_underflow).
-  acc_t max_norm = 0;
+  // The largest ||s a_hat_i|| and ||p_hat_i|| (with a margin for rounding; NaN where a row is): their product with
+  // the largest bank row norm bounds |l|, which tells whether a tile's exponent arguments can fall below exp_floor
+  // (may_underflow).
+  double max_norm_a = 0.0, max_norm_p = 0.0;
 };
 
 // Whether the weights e^{l - max} (e^{l - lse}: with `lse_extra` = log(K + 1), as lse <= max |l| + log(K + 1)) of
-// a problem may fall below exp_floor: where |l| <= m = pr.max_norm (unit rows on both sides) every argument is
-// >= -2 m - lse_extra. Unit features at T >= ~0.023 (with lse_extra = 11, K = 2^16: T >= ~0.027) never do.
-// Without normalize (max_norm = inf): true.
+// a problem with |l| <= l_max may fall below exp_floor: every argument is >= -2 l_max - lse_extra. Unit features
+// at T >= ~0.023 (l_max = 1 / T; with lse_extra = 11, K = 2^16: T >= ~0.027) never do. NaN: true.
 template <typename acc_t>
-bool may_underflow(const Prepared<acc_t>& pr, double lse_extra = 0.0) {
-  return !(2.0 * static_cast<double>(pr.max_norm) + lse_extra < -static_cast<double>(exp_floor<acc_t>()));
+bool may_underflow(double l_max, double lse_extra = 0.0) {
+  return !(2.0 * l_max + lse_extra < -static_cast<double>(exp_floor<acc_t>()));
+}
+
+// A bound on the row norms of a bank (1 where normalize: its rows are used as unit rows), for may_underflow. One
+// pass over the bank where it lies (a shared bank is read B / 256 times or more besides), its norms in its own
+// dtype: no float32 copy of a half bank (ATen accumulates them in float32; the 1 % margin covers their rounding to
+// bfloat16; a float16 norm beyond 65504 is inf, which only makes the bound say yes).
+template <typename acc_t>
+double max_row_norm(const Tensor& bank, bool normalize) {
+  if (normalize || bank.size(0) == 0) return 1.0;
+  return at::linalg_vector_norm(bank, 2, {1}).max().item<double>() * 1.01;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -108,14 +118,18 @@ Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double s
   acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
   acc_t* p = pr.positives.template data_ptr<acc_t>();
   const acc_t s = static_cast<acc_t>(scale);
+  std::vector<double> norm_a(B), norm_p(B);
   parallel_for_tls(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       acc_t* ai = a + i * d;
       acc_t* pi = p + i * d;
-      const auto ra = row_scale<acc_t>(sum_of_squares<acc_t>(ai, d), normalize);
-      const auto rp = row_scale<acc_t>(sum_of_squares<acc_t>(pi, d), normalize);
+      const acc_t ssa = sum_of_squares<acc_t>(ai, d), ssp = sum_of_squares<acc_t>(pi, d);
+      const auto ra = row_scale<acc_t>(ssa, normalize);
+      const auto rp = row_scale<acc_t>(ssp, normalize);
       pr.anchor_scale[i] = ra;
       pr.positive_scale[i] = rp;
+      norm_a[i] = std::sqrt(static_cast<double>(ssa)) * static_cast<double>(ra.inv) * scale;
+      norm_p[i] = std::sqrt(static_cast<double>(ssp)) * static_cast<double>(rp.inv);
       for (int64_t j = 0; j < d; ++j) {
         ai[j] = ai[j] * ra.inv * s;  // (x / ||x||) s: a zero row stays 0 where inv s = 1e12 / T overflows
         pi[j] *= rp.inv;
@@ -123,9 +137,10 @@ Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double s
       pr.pos_logit[i] = dot(ai, pi, d);
     }
   });
-  // (unit rows, or below eps and then shorter: s, with a margin for the rounding of a_hat's norm; unnormalised
-  // rows: no bound is formed)
-  pr.max_norm = normalize ? s * acc_t(1.001) : std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < B; ++i) {  // (a margin of 1e-3 for the rounding of the norms and of the rows' scaling)
+    pr.max_norm_a = max_of(pr.max_norm_a, norm_a[i] * 1.001);
+    pr.max_norm_p = max_of(pr.max_norm_p, norm_p[i] * 1.001);
+  }
   return pr;
 }
 
@@ -368,7 +383,7 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   const bool save = parts.weighted.defined();
   const auto acc_opts = pr.anchors_s.options();
   const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
-  const bool under = may_underflow(pr);
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<acc_t>(bank, normalize));
 
   parallel_for_tls(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
@@ -745,7 +760,8 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   for (int64_t k = 0; k < K; ++k) q[k] = inv[k] > acc_t(0) ? proj[k] / (inv[k] * inv[k]) : acc_t(0);
   const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
   const int64_t tiles = ceil_div(K, kBankTile);
-  const bool under = may_underflow(pr, std::log(static_cast<double>(K) + 1.0));
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<acc_t>(bank, normalize),
+                                          std::log(static_cast<double>(K) + 1.0));
   parallel_for_tls(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
     Tensor weights = at::empty({kAnchorBlock * kBankTile}, acc_opts);
@@ -1357,7 +1373,7 @@ ClipForwardOut clip_forward_impl(const Prepared<acc_t>& pr, acc_t s, bool save) 
   const int64_t blocks = ceil_div(N, kAnchorBlock), groups = clip_groups(N);
   const Excluded diag{true, nullptr};
   const Tensor pos = at::from_blob(const_cast<acc_t*>(pr.pos_logit.data()), {N}, opts);
-  const bool under = may_underflow(pr);
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * pr.max_norm_p);
   // The positive logit l_ii as the tile's product formed it (each lies in one tile of one unit). The losses use it
   // rather than pos (the same value summed in another order, a few ulps of l apart): a near duplicate j of pair i
   // then enters its loss l_ij - l_ii with the product's correlated roundings, as in naive PyTorch (apart, the
@@ -1602,7 +1618,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const Tensor& a_s = pr.anchors_s;    // s a_hat
   const Tensor& b_hat = pr.positives;  // b_hat
   const int64_t blocks = ceil_div(N, kAnchorBlock);
-  const bool under = may_underflow(pr, std::log(static_cast<double>(N) + 1.0));
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * pr.max_norm_p, std::log(static_cast<double>(N) + 1.0));
   // Both gradients of at most kClipOnePassBlocks row blocks (N <= 1024): one pass, each tile's W formed once, every
   // row block writing its own partial texts' gradient (blocks x N x d, at most 4 N d), added in block order below:
   // the same operations in the same order as the texts' own pass, so the same bits. (Beyond, the partials would
