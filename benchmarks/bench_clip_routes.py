@@ -16,7 +16,6 @@ warm-up per route; the routes alternate twice and the better median of each is k
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.reps < 1 or args.threads < 1:
         parser.error("--reps and --threads must be >= 1")
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
 
     args.out = prepare_out_stem(parser, args.out)  # (before measuring: a missing folder lost the results)
     cases = CASES
@@ -90,10 +89,7 @@ def main() -> int:
                      "ratio": k / t, "kernel_loss": values["kernel"], "calls_loss": values["calls"]})
         print(f"{N:>6} {d:>4} {k:>10.1f} {t:>13.1f} {k / t:>6.2f}", flush=True)
     out = args.out
-    with open(out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(rows, out + ".csv")
     print(f"wrote {out}.csv")
     return 0
 

@@ -16,7 +16,6 @@ Writes benchmarks/results/bench_indexed_bank.csv (and .json) unless --out is giv
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -95,7 +94,7 @@ def main() -> int:
     for dt in args.dtypes.split(","):
         if dt not in DTYPES + ("float64",):
             parser.error(f"--dtypes: {dt!r} is not one of {', '.join(DTYPES + ('float64',))}")
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
 
     args.out = prepare_out_stem(parser, args.out)
     M = 2 ** (18 if args.quick and args.log2m == 20 else args.log2m)
@@ -119,10 +118,7 @@ def main() -> int:
             print(f"{dt:>9} {method:>6} {1e3 * r['time_s']:9.1f} {r['extra_mib']:10.1f} {r['grad_mib']:9.1f} "
                   f"{r['loss']:9.4f}")
     if rows:
-        with open(args.out + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows_csv(rows, args.out + ".csv")
         with open(args.out + ".json", "w") as f:
             json.dump(rows, f, indent=1)
         print(f"wrote {args.out}.csv and .json")

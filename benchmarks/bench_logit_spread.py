@@ -16,7 +16,6 @@ Writes benchmarks/results/bench_logit_spread.csv by default.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
 
     out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row['loss']:9s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
                   f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
-    with open(out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows_csv(rows, out + ".csv")
     print(f"wrote {out}.csv")
     return 0
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/bench_small.csv by default.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
 
     out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
@@ -131,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{row['loss']:9s} {row['N']:5d} {row['d']:4d} {row['dtype']:9s} {row['fused_ms']:9.2f} "
               f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
-    with open(out + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows_csv(rows, out + ".csv")
     print(f"wrote {out}.csv")
     return 0
 

@@ -192,6 +192,14 @@ def write_csv(rows: list[dict], path: str) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def write_rows_csv(rows: list[dict], path: str) -> None:
+    """The standalone benchmark scripts' tables: one row per dict, the columns the first row's keys, in order."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_json(payload: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
