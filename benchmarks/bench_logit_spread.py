@@ -8,7 +8,7 @@ matrix products with them in their operands run ~200x slower on x86; the CPU ker
 give such spreads, random ones do not (cosines ~ 1 / sqrt(d)). This script times each loss over a range of
 temperatures (siglip: logit scale 1 / T, bias -10); median of --reps timed runs after one warm-up, in this process.
 
-    python benchmarks/bench_logit_spread.py                     # the README's cases
+    python benchmarks/bench_logit_spread.py                     # the README's cases (all losses)
     python benchmarks/bench_logit_spread.py --out my_run        # writes my_run.csv
 Writes benchmarks/results/bench_logit_spread.csv by default.
 """
@@ -24,12 +24,14 @@ import time
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LOSSES = ("info_nce", "nt_xent", "clip", "siglip")
+LOSSES = ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor")
+ROW_NEGATIVES = 64  # indexed / per_anchor: each anchor's negatives (indexed: rows of the bank; per_anchor: copies)
 
 
 def _losses(loss: str):
     """(fused, naive) for a loss, each f(x, y, bank, T): info_nce with a shared detached bank (B anchors x, their
-    positives y), the others in-batch over the pairs (x_i, y_i) (bank unused)."""
+    positives y); indexed and per_anchor with ROW_NEGATIVES of its rows per anchor (`bank` is then (indices,
+    bank) and (B, ROW_NEGATIVES, d) rows); the others in-batch over the pairs (x_i, y_i) (bank unused)."""
     import torch
     import torch.nn.functional as F
 
@@ -38,6 +40,11 @@ def _losses(loss: str):
     def info_nce(x, y, bank, t):
         x, y, n = F.normalize(x, dim=-1), F.normalize(y, dim=-1), F.normalize(bank, dim=-1)
         logits = torch.cat([(x * y).sum(-1, keepdim=True), x @ n.T], 1) / t
+        return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+
+    def rows(x, y, negs, t):  # negs: (B, k, d)
+        x, y, n = F.normalize(x, dim=-1), F.normalize(y, dim=-1), F.normalize(negs, dim=-1)
+        logits = torch.cat([(x * y).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", x, n)], 1) / t
         return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
 
     def nt_xent(x, y, bank, t):
@@ -62,8 +69,11 @@ def _losses(loss: str):
         "nt_xent": lambda x, y, bank, t: cb.nt_xent(x, y, t),
         "clip": lambda x, y, bank, t: cb.clip_loss(x, y, 1 / t),
         "siglip": lambda x, y, bank, t: cb.siglip_loss(x, y, 1 / t, -10.0),
+        "indexed": lambda x, y, bank, t: cb.info_nce(x, y, bank[1], t, negative_indices=bank[0]),
+        "per_anchor": lambda x, y, bank, t: cb.info_nce(x, y, bank, t),
     }[loss]
-    naive = {"info_nce": info_nce, "nt_xent": nt_xent, "clip": clip, "siglip": siglip}[loss]
+    naive = {"info_nce": info_nce, "nt_xent": nt_xent, "clip": clip, "siglip": siglip,
+             "indexed": lambda x, y, bank, t: rows(x, y, bank[1][bank[0]], t), "per_anchor": rows}[loss]
     return fused, naive
 
 
@@ -80,13 +90,19 @@ def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: f
     centres = torch.randn(clusters, d, generator=g)
     x = clustered(n, d, centres, noise, g).requires_grad_()
     y = (x.detach() + noise * torch.randn(n, d, generator=g)).requires_grad_()
-    bank = clustered(k, d, centres, noise, g)  # (info_nce only: a detached queue)
-    with torch.no_grad():  # the spread of the logits l - lse over the first 256 rows (info_nce: against the bank)
+    bank = clustered(k, d, centres, noise, g)  # (info_nce: a detached queue; the row modes take rows of it)
+    if loss in ("indexed", "per_anchor"):
+        idx = torch.randint(0, k, (n, ROW_NEGATIVES), generator=g)
+        bank = (idx, bank) if loss == "indexed" else bank[idx].contiguous()
+    with torch.no_grad():  # the spread of l - lse over the first 256 rows (against the bank; row modes: all of it)
         xs = torch.nn.functional.normalize(x[:256], dim=-1)
-        other = torch.nn.functional.normalize(bank if loss == "info_nce" else y, dim=-1)
-        l = xs @ other.T / t
+        other = {"info_nce": bank, "indexed": bank[1] if isinstance(bank, tuple) else bank}.get(loss, y)
+        if loss == "per_anchor":
+            other = bank.reshape(-1, d)
+        l = xs @ torch.nn.functional.normalize(other, dim=-1).T / t
         spread = float((torch.logsumexp(l, 1, keepdim=True) - l).max())
-    row = {"loss": loss, "T": t, "N": n, "K": k if loss == "info_nce" else n, "d": d, "clusters": clusters,
+    kk = {"info_nce": k, "indexed": ROW_NEGATIVES, "per_anchor": ROW_NEGATIVES}.get(loss, n)
+    row = {"loss": loss, "T": t, "N": n, "K": kk, "d": d, "clusters": clusters,
            "noise": noise, "threads": torch.get_num_threads(), "max_lse_minus_logit": round(spread, 1)}
     for method, fn in zip(("fused", "naive"), _losses(loss)):
         value = fn(x, y, bank, t)
@@ -142,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
-    print(f"{'loss':9s} {'T':>5s} {'spread':>7s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
+    print(f"{'loss':10s} {'T':>5s} {'spread':>7s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
     for loss in losses:
         for t in temps:
             row = measure(loss, t, args.N, args.K, args.d, args.clusters, args.noise, args.reps)
             rows.append(row)
-            print(f"{row['loss']:9s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
+            print(f"{row['loss']:10s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
                   f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
     write_rows_csv(rows, out + ".csv")
     print(f"wrote {out}.csv")

@@ -640,7 +640,7 @@ def test_bench_logit_spread_runs_and_writes_its_csv(tmp_path):
     with open(tmp_path / "ls.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["loss"], float(r["T"])) for r in rows] == [
-        (loss, t) for loss in ("info_nce", "nt_xent", "clip", "siglip") for t in (0.1, 0.01)]
+        (loss, t) for loss in ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor") for t in (0.1, 0.01)]
     for r in rows:
         assert float(r["fused_ms"]) > 0 and float(r["naive_ms"]) > 0
         assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= 1e-4 * max(1.0, abs(float(r["naive_loss"]))), r
