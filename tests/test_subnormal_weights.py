@@ -4,7 +4,7 @@
 A weight e^{l - lse} (a sigmoid in SigLIP) is subnormal where a logit lies ~87 below its row's log-sum-exp: unit
 features at temperatures below ~0.02, or large unnormalised ones. ATen's vectorised exp forms such values ~100x slower
 than normal ones and a matrix product with them in it ran ~200x slower (clustered features at T = 0.01: a training
-step 20-50x slower, `benchmarks/bench_logit_spread.py` measures it), so the kernels set them to 0, as the CUDA
+step up to 50x slower, `benchmarks/bench_logit_spread.py` measures it), so the kernels set them to 0, as the CUDA
 tensor-core kernels' flush-to-zero exponential does. Each problem here is built (unnormalised, temperature 1) so that
 one logit lies `gap` below the others: at gap 80 its weight e^-80 ~ 1.8e-35 is normal and every gradient entry it
 makes must match the float64 reference; at gap 88 (e^-88 ~ 6e-39, subnormal, as is sigmoid(-88)) the entries made of
