@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,19 +102,9 @@ def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: f
     kk = {"info_nce": k, "indexed": ROW_NEGATIVES, "per_anchor": ROW_NEGATIVES}.get(loss, n)
     row = {"loss": loss, "T": t, "N": n, "K": kk, "d": d, "clusters": clusters,
            "noise": noise, "threads": torch.get_num_threads(), "max_lse_minus_logit": round(spread, 1)}
-    for method, fn in zip(("fused", "naive"), _losses(loss)):
-        value = fn(x, y, bank, t)
-        value.backward()  # warm-up
-        times = []
-        for _ in range(reps):
-            x.grad = y.grad = None
-            t0 = time.perf_counter()
-            fn(x, y, bank, t).backward()
-            times.append(time.perf_counter() - t0)
-        row[f"{method}_ms"] = statistics.median(times) * 1e3
-        row[f"{method}_loss"] = value.item()
-    row["fused_over_naive"] = row["fused_ms"] / row["naive_ms"]
-    return row
+    from contrastbound.benchsuite.report import time_fused_and_naive
+
+    return time_fused_and_naive(row, zip(("fused", "naive"), _losses(loss)), (x, y, bank, t), (x, y), reps)
 
 
 def main(argv: list[str] | None = None) -> int:

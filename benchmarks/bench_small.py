@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,19 +75,9 @@ def measure(loss: str, n: int, d: int, dtype: str, reps: int) -> dict:
     y = (x.detach() + torch.randn(n, d, dtype=dt)).requires_grad_()
     arg = {"nt_xent": 0.5, "clip": 1 / 0.07, "in-batch": 0.07}[loss]
     row = {"loss": loss, "N": n, "d": d, "dtype": dtype, "threads": torch.get_num_threads()}
-    for method, fn in (("fused", _fused(loss)), ("naive", _plain(loss))):
-        value = fn(x, y, arg)
-        value.backward()  # warm-up
-        times = []
-        for _ in range(reps):
-            x.grad = y.grad = None
-            t0 = time.perf_counter()
-            fn(x, y, arg).backward()
-            times.append(time.perf_counter() - t0)
-        row[f"{method}_ms"] = statistics.median(times) * 1e3
-        row[f"{method}_loss"] = value.item()
-    row["fused_over_naive"] = row["fused_ms"] / row["naive_ms"]
-    return row
+    from contrastbound.benchsuite.report import time_fused_and_naive
+
+    return time_fused_and_naive(row, (("fused", _fused(loss)), ("naive", _plain(loss))), (x, y, arg), (x, y), reps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,29 @@ def write_csv(rows: list[dict], path: str) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def time_fused_and_naive(row: dict, methods, args: tuple, leaves: tuple, reps: int) -> dict:
+    """The standalone scripts' fused-vs-naive timing: for each (name, fn) of `methods`, fn(*args).backward() once
+    (warm-up), then `reps` timed steps, the gradients of `leaves` cleared before each; fills row[name + "_ms"] (the
+    median), row[name + "_loss"] (the warm-up's loss) and row["fused_over_naive"]."""
+    import statistics
+    import time
+
+    for name, fn in methods:
+        value = fn(*args)
+        value.backward()  # warm-up
+        times = []
+        for _ in range(reps):
+            for x in leaves:
+                x.grad = None
+            t0 = time.perf_counter()
+            fn(*args).backward()
+            times.append(time.perf_counter() - t0)
+        row[f"{name}_ms"] = statistics.median(times) * 1e3
+        row[f"{name}_loss"] = value.item()
+    row["fused_over_naive"] = row["fused_ms"] / row["naive_ms"]
+    return row
+
+
 def write_rows_csv(rows: list[dict], path: str) -> None:
     """The standalone benchmark scripts' tables: one row per dict, the columns the first row's keys, in order."""
     with open(path, "w", newline="") as f:
