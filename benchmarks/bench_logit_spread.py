@@ -7,8 +7,11 @@ matrix products with them in their operands run ~200x slower on x86; the CPU ker
 (csrc/cpu/tile_exp.h). Features drawn around a few centres (--clusters, spread --noise: trained features look so)
 give such spreads, random ones do not (cosines ~ 1 / sqrt(d)). This script times each loss over a range of
 temperatures (siglip: logit scale 1 / T, bias -10); median of --reps timed runs after one warm-up, in this process.
+The bank is a detached queue unless --bank-grad (info_nce, indexed, per_anchor: a learnt bank or learnt negatives,
+whose gradient is formed too).
 
     python benchmarks/bench_logit_spread.py                     # the README's cases (all losses)
+    python benchmarks/bench_logit_spread.py --losses indexed,per_anchor --bank-grad --out ...rows_bank_grad
     python benchmarks/bench_logit_spread.py --out my_run        # writes my_run.csv
 Writes benchmarks/results/bench_logit_spread.csv by default.
 """
@@ -23,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LOSSES = ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor")
+BANKED = ("info_nce", "indexed", "per_anchor")  # the losses with a bank (--bank-grad)
 ROW_NEGATIVES = 64  # indexed / per_anchor: each anchor's negatives (indexed: rows of the bank; per_anchor: copies)
 
 
@@ -81,17 +85,20 @@ def clustered(n: int, d: int, centres, noise: float, g):
     return centres[torch.randint(0, len(centres), (n,), generator=g)] + noise * torch.randn(n, d, generator=g)
 
 
-def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: float, reps: int) -> dict:
+def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: float, reps: int,
+            bank_grad: bool = False) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(clusters, d, generator=g)
     x = clustered(n, d, centres, noise, g).requires_grad_()
     y = (x.detach() + noise * torch.randn(n, d, generator=g)).requires_grad_()
-    bank = clustered(k, d, centres, noise, g)  # (info_nce: a detached queue; the row modes take rows of it)
+    bank = clustered(k, d, centres, noise, g)  # (info_nce: a queue, learnt where bank_grad; row modes: rows of it)
     if loss in ("indexed", "per_anchor"):
         idx = torch.randint(0, k, (n, ROW_NEGATIVES), generator=g)
         bank = (idx, bank) if loss == "indexed" else bank[idx].contiguous()
+    if loss in BANKED:
+        (bank[1] if loss == "indexed" else bank).requires_grad_(bank_grad)
     with torch.no_grad():  # the spread of l - lse over the first 256 rows (against the bank; row modes: all of it)
         xs = torch.nn.functional.normalize(x[:256], dim=-1)
         other = {"info_nce": bank, "indexed": bank[1] if isinstance(bank, tuple) else bank}.get(loss, y)
@@ -101,10 +108,12 @@ def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: f
         spread = float((torch.logsumexp(l, 1, keepdim=True) - l).max())
     kk = {"info_nce": k, "indexed": ROW_NEGATIVES, "per_anchor": ROW_NEGATIVES}.get(loss, n)
     row = {"loss": loss, "T": t, "N": n, "K": kk, "d": d, "clusters": clusters,
-           "noise": noise, "threads": torch.get_num_threads(), "max_lse_minus_logit": round(spread, 1)}
+           "noise": noise, "threads": torch.get_num_threads(), "bank_grad": int(bank_grad and loss in BANKED),
+           "max_lse_minus_logit": round(spread, 1)}
     from contrastbound.benchsuite.report import time_fused_and_naive
 
-    return time_fused_and_naive(row, zip(("fused", "naive"), _losses(loss)), (x, y, bank, t), (x, y), reps)
+    leaves = [v for v in (x, y, bank[1] if isinstance(bank, tuple) else bank) if v.requires_grad]
+    return time_fused_and_naive(row, zip(("fused", "naive"), _losses(loss)), (x, y, bank, t), leaves, reps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.1, help="standard deviation around a centre")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--bank-grad", action="store_true",
+                        help=f"the bank needs a gradient too ({', '.join(BANKED)}; default: a detached queue)")
     parser.add_argument("--out", default=os.path.join(here, "results", "bench_logit_spread"),
                         help="output path without extension (.csv is added)")
     args = parser.parse_args(argv)
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'loss':10s} {'T':>5s} {'spread':>7s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
     for loss in losses:
         for t in temps:
-            row = measure(loss, t, args.N, args.K, args.d, args.clusters, args.noise, args.reps)
+            row = measure(loss, t, args.N, args.K, args.d, args.clusters, args.noise, args.reps, args.bank_grad)
             rows.append(row)
             print(f"{row['loss']:10s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
                   f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)

@@ -440,6 +440,10 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
 
 // Scratch of one tile of up to kRowTile negatives of one anchor: the caller fills rows, inv and logit (the dot
 // products, scaled); fold adds the tile to the anchor's running state and, when w is given, to its running V.
+// Callers fold under flush-to-zero (FlushToZeroScope): V's terms, weights relative to the running max (the largest
+// is 1) times unit rows, are subnormal for weights near exp_floor, which cost ~100x each on x86 (clustered
+// features at T = 0.01: the forward with V 37 % slower); V is O(1) there, so the flushed terms (< 1.2e-38 each)
+// change nothing, and g_i enters V only later, outside the scope.
 template <typename scalar_t, typename acc_t>
 struct RowTile {
   std::vector<acc_t> logit, inv, tile_sum;
@@ -472,6 +476,7 @@ void forward_rows(const Prepared<acc_t>& pr, int64_t K, const RowFn& row_of, con
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
   parallel_for_tls(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
     RowTile<scalar_t, acc_t> tile(d, save);
+    const FlushToZeroScope ftz;  // (see RowTile)
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t i = u / chunks, c = u % chunks;
       const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
@@ -521,6 +526,7 @@ void forward_indexed_blocked(const Prepared<acc_t>& pr, const Tensor& bank,
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(scalar_t));
   parallel_for_tls(0, groups * chunks, 1, [&](int64_t u0, int64_t u1) {
     RowTile<scalar_t, acc_t> tile(d, save);
+    const FlushToZeroScope ftz;  // (see RowTile)
     std::vector<int64_t> end;   // (anchor of the group, block): one past the block's last entry in hit
     std::vector<int64_t> hit;   // (anchor of the group): its chunk's bank rows, by block, k order within a block
     std::vector<LseState<acc_t>> st;
@@ -819,6 +825,7 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
   const int64_t chunks = num_chunks(K, B, B, kRowTile), chunk_len = ceil_div(K, chunks);
   parallel_for_tls(0, B * chunks, 1, [&](int64_t u0, int64_t u1) {
+    const FlushToZeroScope ftz;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t i = u / chunks, c = u % chunks;
       const int64_t k_begin = std::min(K, c * chunk_len), k_end = std::min(K, k_begin + chunk_len);
@@ -827,15 +834,17 @@ void backward_per_anchor(const Prepared<acc_t>& pr, const Tensor& neg, bool norm
         const scalar_t* r = n + i * sb + k * sk;
         const auto rs = row_scale<acc_t>(normalize ? sum_of_squares<acc_t>(r, d) : acc_t(1), normalize);
         const acc_t l = dot_scaled(ai, r, d, rs.inv);
-        const acc_t w = g[i] * lse.weight(i, l);
+        // The entry is g_i times a term of the weight alone, formed first: under flush-to-zero a product g_i w
+        // below the smallest normal number (g_i ~ 1e-36) would be 0 where its entries are normal.
+        const acc_t w = lse.weight(i, l), gi = g[i];
         scalar_t* out = gn + (i * K + k) * d;
         if (normalize) {  // the radial term as (w l) (proj r_j): proj r_j <= inv (see row_scale)
-          const acc_t wl = w * l;
+          const acc_t wi = w * rs.inv, wl = w * l;
           for (int64_t j = 0; j < d; ++j) {
-            out[j] = static_cast<scalar_t>(w * rs.inv * ai[j] - wl * (rs.proj * static_cast<acc_t>(r[j])));
+            out[j] = static_cast<scalar_t>(gi * (wi * ai[j] - wl * (rs.proj * static_cast<acc_t>(r[j]))));
           }
         } else {  // no normalisation Jacobian (0 * an infinite entry would be NaN)
-          for (int64_t j = 0; j < d; ++j) out[j] = static_cast<scalar_t>(w * ai[j]);
+          for (int64_t j = 0; j < d; ++j) out[j] = static_cast<scalar_t>(gi * (w * ai[j]));
         }
       }
     }
@@ -889,6 +898,37 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   acc_t* const G0 = acc.template data_ptr<acc_t>();
   const auto grow = [&](int64_t m) { return G0 + (slot_of ? slot_of[m] : m) * d; };  // row m's gradient
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
+  // The rows' gradients accumulate under flush-to-zero (FlushToZeroScope, tile_exp.h: a term or partial sum below
+  // the smallest normal number is 0, not a subnormal, each of which costs ~100x on x86; at T = 0.01 they made this
+  // gradient 3x slower), in units of 2^-E: the terms are c w (g_i s a_hat_i 2^E), w the weight, the last factor
+  // formed in float64, with 2^E putting a row's largest possible sum (B K max|g_i| max||s a_hat_i||, as w <= 1 and
+  // the counts sum to B K) near 2^60 (float32). A term that still flushes is below 2^-E of the smallest normal
+  // number: 0 in float32 too once E >= 24. The sums are scaled back after the scope, where a subnormal result forms
+  // as the reference forms it. (Without the scale, a factor g_i w below the threshold, g_i ~ 1e-36, took normal
+  // entries with it.) E = 0 where the sums are that large already, or g or the anchors are not finite.
+  int scale_exp = 0;
+  double max_g = 0.0;  // (a NaN is passed over: it makes NaN terms at any scale)
+  for (int64_t i = 0; i < B; ++i) max_g = std::max(max_g, std::abs(static_cast<double>(g[i])));
+  // (max_norm_a, the largest ||s a_hat_i||, bounds the entries; NaN where a row is: then no scale)
+  const double bound = pr.max_norm_a * max_g * static_cast<double>(B) * static_cast<double>(K);
+  if (bound > 0.0 && std::isfinite(bound)) {
+    // 2^60 (float32), 2^956 (float64): 2^28 of room, and 2^40 for the normalisation's inv (up to 1e12, F.normalize's
+    // clamp), which multiplies the sums before they are scaled back
+    const int top = std::numeric_limits<acc_t>::max_exponent - 68;
+    scale_exp = std::clamp(top - 1 - std::ilogb(bound), 0, std::numeric_limits<acc_t>::max_exponent - 2);
+  }
+  Tensor ga_t = at::empty({B, d}, pr.anchors_s.options());
+  acc_t* ga_out = ga_t.template data_ptr<acc_t>();
+  const double up = std::ldexp(1.0, scale_exp);
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // (a g) 2^E: g 2^E alone can overflow where the anchors are tiny
+      const double gi = static_cast<double>(g[i]);
+      for (int64_t j = 0; j < d; ++j) {
+        ga_out[i * d + j] = static_cast<acc_t>(static_cast<double>(a[i * d + j]) * gi * up);
+      }
+    }
+  });
+  const acc_t* ga = ga_t.template data_ptr<acc_t>();
   const scalar_t* n = bank.template data_ptr<scalar_t>();
   const int64_t sm = bank.stride(0);
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(M, 2 * at::get_num_threads()));
@@ -911,12 +951,12 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
       }
       const int64_t m = rows[h];
       const acc_t l = dot_scaled(ai, n + m * sm, d, scales(m).inv);
-      const acc_t w = g[i] * lse.weight(i, l);
-      axpy(grow(m), static_cast<acc_t>(count[m]) * w, ai, d);
+      axpy(grow(m), static_cast<acc_t>(count[m]) * lse.weight(i, l), ga + i * d, d);
       count[m] = 0;
       used[m] = 1;
     }
   };
+  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
   parallel_for_tls(0, ranges, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> touched;  // the rows an anchor hit, each once (first-hit order, or by block)
     std::vector<int64_t> found, fstart, sorted, end;  // blocked walk: the group's hits in (anchor, k) order
@@ -928,6 +968,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
       const int64_t lo = r * range_len, hi = std::min(M, lo + range_len);
       if (lo >= hi) continue;  // ranges of ceil(M / ranges) rows: the last ones can start past M (M = 65, 32
                                // ranges: 3 rows each), and a negative block count sized the vectors below
+      FlushToZeroScope ftz;
       if (plan.use && plan.group == 1) {
         // One anchor at a time: its hits counted (no list of them: K may exceed plan.entries), then its distinct
         // rows added by block, in address order (a counting sort of them by block).
@@ -1004,6 +1045,14 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
           const RowScale<acc_t> rs = scales(m);
           const acc_t c = rs.proj != acc_t(0) ? dot_scaled(gm, row, d, rs.inv) : acc_t(0);
           for (int64_t j = 0; j < d; ++j) gm[j] = rs.inv * gm[j] - c * (rs.proj * static_cast<acc_t>(row[j]));
+        }
+      }
+      ftz.restore();
+      if (scale_exp != 0) {  // back from 2^E, outside the flush-to-zero scope
+        for (int64_t m = lo; m < hi; ++m) {
+          if (!used[m]) continue;
+          acc_t* gm = grow(m);
+          for (int64_t j = 0; j < d; ++j) gm[j] *= down;
         }
       }
     }
