@@ -648,6 +648,23 @@ def test_bench_logit_spread_runs_and_writes_its_csv(tmp_path):
         assert float(cold["max_lse_minus_logit"]) > float(warm["max_lse_minus_logit"])
 
 
+def test_bench_logit_spread_times_the_banks_gradient_with_bank_grad(tmp_path):
+    # --bank-grad: the losses with a bank time its gradient too (column bank_grad 1), the others are as before (0).
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_logit_spread.py")
+    proc = subprocess.run([sys.executable, path, "-N", "9", "-K", "13", "-d", "6", "--temperatures", "0.05",
+                           "--losses", "info_nce,indexed,per_anchor,clip", "--bank-grad", "--reps", "1",
+                           "--threads", "1", "--out", "bg"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "bg.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], r["bank_grad"]) for r in rows] == [
+        ("info_nce", "1"), ("indexed", "1"), ("per_anchor", "1"), ("clip", "0")]
+    for r in rows:
+        assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= 1e-4 * max(1.0, abs(float(r["naive_loss"]))), r
+
+
 def test_bench_indexed_bank_runs_and_writes_its_csv(tmp_path):
     # benchmarks/bench_indexed_bank.py on a tiny bank: both methods run every dtype, on the same problem.
     import csv

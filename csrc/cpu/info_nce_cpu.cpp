@@ -736,6 +736,30 @@ inline Tensor lse_residual(const Tensor& lse, const Tensor& hi) {
   return res.to(hi.scalar_type()).contiguous();
 }
 
+// The exponent E of the power of two 2^E by which a backward scales its upstream gradients g: its results are
+// linear in g, so it forms them from g 2^E and multiplies them by 2^-E at the end, exactly (a power of two), where
+// a term below the smallest normal number would have been a subnormal, ~100x slower each on x86 (at T = 0.01 the
+// weights g_i e^{l - lse} of the bank's and CLIP's gradient GEMMs were: up to 25x slower steps,
+// `bench_logit_spread.py --noise 1`). `bound` bounds the sums' magnitude (the products of g with weights <= 1 and
+// features), `max_g` the largest |g|; 2^E puts both near 2^60 at most (float32; 2^956 float64): 2^28 of room, and
+// 2^40 for the normalisation's inv (up to 1e12, F.normalize's clamp), which multiplies the sums before they are
+// scaled back. 0 (no scale) where they are that large already, or not finite (NaN, inf: they stay so).
+template <typename acc_t>
+int grad_scale_exp(double bound, double max_g) {
+  if (!(bound > 0.0 && max_g > 0.0 && std::isfinite(bound) && std::isfinite(max_g))) return 0;
+  const int top = std::numeric_limits<acc_t>::max_exponent - 68;
+  const int e = std::min(top - 1 - std::ilogb(bound), top - 1 - std::ilogb(max_g));
+  return std::clamp(e, 0, std::numeric_limits<acc_t>::max_exponent - 2);
+}
+
+// The largest |x_i| of n values (a NaN is passed over: it makes NaN results at any scale).
+template <typename acc_t>
+double max_abs(const acc_t* x, int64_t n) {
+  double m = 0.0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(static_cast<double>(x[i])));
+  return m;
+}
+
 // Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
 // or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
 // matters, l near hi), so a row's weights sum to 1 to rounding.
@@ -756,7 +780,12 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   std::vector<acc_t> inv, proj;
   bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
   const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
-  const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts);
+  // W formed from g 2^E (grad_scale_exp: a row of G sums at most B terms g_i w s a_hat_i, w <= 1), each tile's
+  // gradient scaled back as it is written: W's small entries g_i w stay normal floats in the GEMM below.
+  const double max_g = max_abs(g, B);
+  const int scale_exp = grad_scale_exp<acc_t>(pr.max_norm_a * max_g * static_cast<double>(B), max_g);
+  const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts) * std::ldexp(acc_t(1), scale_exp);
+  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
   const Tensor lse_hi = at::from_blob(const_cast<acc_t*>(lse.hi), {B}, acc_opts);
   const Tensor lse_res = at::from_blob(const_cast<acc_t*>(lse.res), {B}, acc_opts);
   // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
@@ -808,6 +837,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         grad.sub_(tile * (c * q_t.narrow(0, k0, tk)).unsqueeze(1));
         grad.mul_(inv_t.narrow(0, k0, tk).unsqueeze(1));
       }
+      if (scale_exp != 0) grad.mul_(down);
       grad_bank.narrow(0, k0, tk).copy_(grad);
     }
   });
@@ -899,24 +929,16 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   const auto grow = [&](int64_t m) { return G0 + (slot_of ? slot_of[m] : m) * d; };  // row m's gradient
   const acc_t* a = pr.anchors_s.template data_ptr<acc_t>();
   // The rows' gradients accumulate under flush-to-zero (FlushToZeroScope, tile_exp.h: a term or partial sum below
-  // the smallest normal number is 0, not a subnormal, each of which costs ~100x on x86; at T = 0.01 they made this
-  // gradient 3x slower), in units of 2^-E: the terms are c w (g_i s a_hat_i 2^E), w the weight, the last factor
-  // formed in float64, with 2^E putting a row's largest possible sum (B K max|g_i| max||s a_hat_i||, as w <= 1 and
-  // the counts sum to B K) near 2^60 (float32). A term that still flushes is below 2^-E of the smallest normal
-  // number: 0 in float32 too once E >= 24. The sums are scaled back after the scope, where a subnormal result forms
-  // as the reference forms it. (Without the scale, a factor g_i w below the threshold, g_i ~ 1e-36, took normal
-  // entries with it.) E = 0 where the sums are that large already, or g or the anchors are not finite.
-  int scale_exp = 0;
-  double max_g = 0.0;  // (a NaN is passed over: it makes NaN terms at any scale)
-  for (int64_t i = 0; i < B; ++i) max_g = std::max(max_g, std::abs(static_cast<double>(g[i])));
+  // the smallest normal number is 0, not a subnormal; at T = 0.01 they made this gradient 3x slower), in units of
+  // 2^-E (grad_scale_exp): the terms are c w (g_i s a_hat_i 2^E), w the weight, the last factor formed in float64;
+  // a row's sum is at most B K max|g_i| max||s a_hat_i|| (w <= 1, the counts sum to B K). A term that still flushes
+  // is below 2^-E of the smallest normal number: 0 in float32 too once E >= 24. The sums are scaled back after the
+  // scope, where a subnormal result forms as the reference forms it. (Without the scale, a factor g_i w below the
+  // threshold, g_i ~ 1e-36, took normal entries with it.)
+  const double max_g = max_abs(g, B);
   // (max_norm_a, the largest ||s a_hat_i||, bounds the entries; NaN where a row is: then no scale)
-  const double bound = pr.max_norm_a * max_g * static_cast<double>(B) * static_cast<double>(K);
-  if (bound > 0.0 && std::isfinite(bound)) {
-    // 2^60 (float32), 2^956 (float64): 2^28 of room, and 2^40 for the normalisation's inv (up to 1e12, F.normalize's
-    // clamp), which multiplies the sums before they are scaled back
-    const int top = std::numeric_limits<acc_t>::max_exponent - 68;
-    scale_exp = std::clamp(top - 1 - std::ilogb(bound), 0, std::numeric_limits<acc_t>::max_exponent - 2);
-  }
+  const int scale_exp = grad_scale_exp<acc_t>(pr.max_norm_a * max_g * static_cast<double>(B) * static_cast<double>(K),
+                                              max_g);
   Tensor ga_t = at::empty({B, d}, pr.anchors_s.options());
   acc_t* ga_out = ga_t.template data_ptr<acc_t>();
   const double up = std::ldexp(1.0, scale_exp);
@@ -1599,9 +1621,10 @@ void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, 
   mask_excluded<acc_t>(w, i0, j0, Excluded{true, nullptr}, acc_t(0));
 }
 
-// d/dx = inv G - (x_hat . G) proj x for each row of G (the gradient with respect to x_hat), written as scalar_t.
+// d/dx = (inv G - (x_hat . G) proj x) down for each row of G (the gradient with respect to x_hat, formed from g 2^E;
+// down = 2^-E), written as scalar_t.
 template <typename scalar_t, typename acc_t>
-void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<RowScale<acc_t>>& scales,
+void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<RowScale<acc_t>>& scales, acc_t down,
                       Tensor& out) {
   const int64_t N = G.size(0), d = G.size(1);
   const Tensor raw = raw_in.to(G.scalar_type()).contiguous();
@@ -1616,7 +1639,7 @@ void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<R
       acc_t xhat_dot_g = 0;
       for (int64_t j = 0; j < d; ++j) xhat_dot_g += xi[j] * r.inv * gi[j];
       for (int64_t j = 0; j < d; ++j) {
-        o[i * d + j] = static_cast<scalar_t>(r.inv * gi[j] - xhat_dot_g * (r.proj * xi[j]));
+        o[i * d + j] = static_cast<scalar_t>((r.inv * gi[j] - xhat_dot_g * (r.proj * xi[j])) * down);
       }
     }
   });
@@ -1656,7 +1679,15 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   const auto pr = prepare<scalar_t, acc_t>(image, text, scale, normalize);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const auto opts = pr.anchors_s.options();
-  const Tensor g = grad_loss.to(acc_type).contiguous(), lse_hi = lse_in.to(acc_type).contiguous();
+  // W and G formed from g 2^E (grad_scale_exp), scaled back in clip_unnormalise: a row of G_A sums s (W_ij + coef)
+  // b_hat_j, of G_B (W_ij + coef) s a_hat_i, with sum_j |W_ij| <= max|g| (N + 1) and |coef| <= 2 max|g|.
+  const Tensor g_in = grad_loss.to(acc_type).contiguous();
+  const double max_g = max_abs(g_in.template data_ptr<acc_t>(), g_in.numel());
+  const int scale_exp = grad_scale_exp<acc_t>(
+      max_g * static_cast<double>(N + 3) * std::max(std::abs(scale) * pr.max_norm_p, pr.max_norm_a), max_g);
+  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
+  const Tensor g = scale_exp != 0 ? g_in * std::ldexp(acc_t(1), scale_exp) : g_in;
+  const Tensor lse_hi = lse_in.to(acc_type).contiguous();
   const Tensor lse_res = lse_residual(lse_in, lse_hi);
   const Tensor loss = loss_in.to(acc_type);
   const Tensor g_row = g.select(0, 0), g_col = g.select(0, 1);
@@ -1705,9 +1736,9 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
       });
     }
     GA.add_(b_hat * coef.unsqueeze(1)).mul_(static_cast<acc_t>(scale));
-    clip_unnormalise<scalar_t, acc_t>(GA, image, pr.anchor_scale, grad_a);
+    clip_unnormalise<scalar_t, acc_t>(GA, image, pr.anchor_scale, down, grad_a);
     GB.add_(a_s * coef.unsqueeze(1));
-    clip_unnormalise<scalar_t, acc_t>(GB, text, pr.positive_scale, grad_b);
+    clip_unnormalise<scalar_t, acc_t>(GB, text, pr.positive_scale, down, grad_b);
     return {grad_a, grad_b};
   }
   if (mask[0]) {
@@ -1735,7 +1766,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
         acc.add_(b_hat.narrow(0, i0, bb) * coef.narrow(0, i0, bb).unsqueeze(1)).mul_(static_cast<acc_t>(scale));
       }
     });
-    clip_unnormalise<scalar_t, acc_t>(G, image, pr.anchor_scale, grad_a);
+    clip_unnormalise<scalar_t, acc_t>(G, image, pr.anchor_scale, down, grad_a);
   }
   if (mask[1]) {
     // G_B = W^T (s A_hat) + coef (s A_hat) by column tiles, each summed over the row blocks in order (Kahan).
@@ -1763,7 +1794,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
         acc.add_(a_s.narrow(0, j0, tk) * coef.narrow(0, j0, tk).unsqueeze(1));
       }
     });
-    clip_unnormalise<scalar_t, acc_t>(G, text, pr.positive_scale, grad_b);
+    clip_unnormalise<scalar_t, acc_t>(G, text, pr.positive_scale, down, grad_b);
   }
   return {grad_a, grad_b};
 }
