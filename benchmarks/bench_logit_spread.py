@@ -7,11 +7,11 @@ matrix products with them in their operands run ~200x slower on x86; the CPU ker
 (csrc/cpu/tile_exp.h). Features drawn around a few centres (--clusters, spread --noise: trained features look so)
 give such spreads, random ones do not (cosines ~ 1 / sqrt(d)). This script times each loss over a range of
 temperatures (siglip: logit scale 1 / T, bias -10); median of --reps timed runs after one warm-up, in this process.
-The bank is a detached queue unless --bank-grad (info_nce, indexed, per_anchor: a learnt bank or learnt negatives,
-whose gradient is formed too).
+The bank is a detached queue unless --bank-grad (info_nce, indexed, per_anchor, bank_ce: a learnt bank, learnt
+negatives or learnt classes, whose gradient is formed too). supcon takes the centres as labels.
 
     python benchmarks/bench_logit_spread.py                     # the README's cases (all losses)
-    python benchmarks/bench_logit_spread.py --losses indexed,per_anchor --bank-grad --out ...rows_bank_grad
+    python benchmarks/bench_logit_spread.py --losses indexed,per_anchor --noise 1 --bank-grad --out ...rows_bank_grad
     python benchmarks/bench_logit_spread.py --out my_run        # writes my_run.csv
 Writes benchmarks/results/bench_logit_spread.csv by default.
 """
@@ -25,15 +25,18 @@ import sys
 # Runs from a checkout with an in-place build (no install): the repository root comes first on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LOSSES = ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor")
-BANKED = ("info_nce", "indexed", "per_anchor")  # the losses with a bank (--bank-grad)
+LOSSES = ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor", "supcon", "bank_ce")
+BANKED = ("info_nce", "indexed", "per_anchor", "bank_ce")  # the losses with a bank (--bank-grad)
 ROW_NEGATIVES = 64  # indexed / per_anchor: each anchor's negatives (indexed: rows of the bank; per_anchor: copies)
 
 
 def _losses(loss: str):
     """(fused, naive) for a loss, each f(x, y, bank, T): info_nce with a shared detached bank (B anchors x, their
     positives y); indexed and per_anchor with ROW_NEGATIVES of its rows per anchor (`bank` is then (indices,
-    bank) and (B, ROW_NEGATIVES, d) rows); the others in-batch over the pairs (x_i, y_i) (bank unused)."""
+    bank) and (B, ROW_NEGATIVES, d) rows); bank_ce with the bank as classes (`bank` is (targets, bank), a random
+    target row per anchor); supcon over x and y with their centres as labels (`bank` is the labels); the others
+    in-batch over the pairs (x_i, y_i) (bank unused)."""
+    from contrastbound import reference as R
     import torch
     import torch.nn.functional as F
 
@@ -73,16 +76,24 @@ def _losses(loss: str):
         "siglip": lambda x, y, bank, t: cb.siglip_loss(x, y, 1 / t, -10.0),
         "indexed": lambda x, y, bank, t: cb.info_nce(x, y, bank[1], t, negative_indices=bank[0]),
         "per_anchor": lambda x, y, bank, t: cb.info_nce(x, y, bank, t),
+        "supcon": lambda x, y, lab, t: cb.supcon_loss(torch.cat([x, y]), torch.cat([lab, lab]), t),
+        "bank_ce": lambda x, y, bank, t: cb.bank_cross_entropy(x, bank[1], bank[0], t, normalize=True),
     }[loss]
     naive = {"info_nce": info_nce, "nt_xent": nt_xent, "clip": clip, "siglip": siglip,
-             "indexed": lambda x, y, bank, t: rows(x, y, bank[1][bank[0]], t), "per_anchor": rows}[loss]
+             "indexed": lambda x, y, bank, t: rows(x, y, bank[1][bank[0]], t), "per_anchor": rows,
+             "supcon": lambda x, y, lab, t: R.supcon_reference(torch.cat([x, y]), torch.cat([lab, lab]), t),
+             "bank_ce": lambda x, y, bank, t: F.cross_entropy(
+                 F.normalize(x, dim=-1) @ F.normalize(bank[1], dim=-1).T / t, bank[0])}[loss]
     return fused, naive
 
 
-def clustered(n: int, d: int, centres, noise: float, g):
+def clustered(n: int, d: int, centres, noise: float, g, labels=None):
+    """n rows around the centres: labels[i] (drawn where not given) + noise."""
     import torch
 
-    return centres[torch.randint(0, len(centres), (n,), generator=g)] + noise * torch.randn(n, d, generator=g)
+    if labels is None:
+        labels = torch.randint(0, len(centres), (n,), generator=g)
+    return centres[labels] + noise * torch.randn(n, d, generator=g)
 
 
 def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: float, reps: int,
@@ -91,22 +102,27 @@ def measure(loss: str, t: float, n: int, k: int, d: int, clusters: int, noise: f
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(clusters, d, generator=g)
-    x = clustered(n, d, centres, noise, g).requires_grad_()
+    labels = torch.randint(0, clusters, (n,), generator=g)
+    x = clustered(n, d, centres, noise, g, labels).requires_grad_()
     y = (x.detach() + noise * torch.randn(n, d, generator=g)).requires_grad_()
     bank = clustered(k, d, centres, noise, g)  # (info_nce: a queue, learnt where bank_grad; row modes: rows of it)
     if loss in ("indexed", "per_anchor"):
         idx = torch.randint(0, k, (n, ROW_NEGATIVES), generator=g)
         bank = (idx, bank) if loss == "indexed" else bank[idx].contiguous()
+    elif loss == "bank_ce":
+        bank = (torch.randint(0, k, (n,), generator=g), bank)
+    elif loss == "supcon":
+        bank = labels
     if loss in BANKED:
-        (bank[1] if loss == "indexed" else bank).requires_grad_(bank_grad)
+        (bank[1] if isinstance(bank, tuple) else bank).requires_grad_(bank_grad)
     with torch.no_grad():  # the spread of l - lse over the first 256 rows (against the bank; row modes: all of it)
         xs = torch.nn.functional.normalize(x[:256], dim=-1)
-        other = {"info_nce": bank, "indexed": bank[1] if isinstance(bank, tuple) else bank}.get(loss, y)
+        other = bank[1] if isinstance(bank, tuple) else bank if loss == "info_nce" else y
         if loss == "per_anchor":
             other = bank.reshape(-1, d)
         l = xs @ torch.nn.functional.normalize(other, dim=-1).T / t
         spread = float((torch.logsumexp(l, 1, keepdim=True) - l).max())
-    kk = {"info_nce": k, "indexed": ROW_NEGATIVES, "per_anchor": ROW_NEGATIVES}.get(loss, n)
+    kk = {"info_nce": k, "indexed": ROW_NEGATIVES, "per_anchor": ROW_NEGATIVES, "bank_ce": k}.get(loss, n)
     row = {"loss": loss, "T": t, "N": n, "K": kk, "d": d, "clusters": clusters,
            "noise": noise, "threads": torch.get_num_threads(), "bank_grad": int(bank_grad and loss in BANKED),
            "max_lse_minus_logit": round(spread, 1)}

@@ -568,7 +568,7 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_small.py", ["--threads", "0"]),
     ("bench_small.py", ["--cases", "nt_xent:0:8:float32"]),
     ("bench_small.py", ["--out", "/proc/contrastbound-x/bs"]),
-    ("bench_logit_spread.py", ["--losses", "info_nce,supcon"]),
+    ("bench_logit_spread.py", ["--losses", "info_nce,triplet"]),
     ("bench_logit_spread.py", ["--temperatures", "0.1,0"]),
     ("bench_logit_spread.py", ["-K", "0"]),
     ("bench_logit_spread.py", ["--out", "/proc/contrastbound-x/ls"]),
@@ -640,7 +640,8 @@ def test_bench_logit_spread_runs_and_writes_its_csv(tmp_path):
     with open(tmp_path / "ls.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["loss"], float(r["T"])) for r in rows] == [
-        (loss, t) for loss in ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor") for t in (0.1, 0.01)]
+        (loss, t) for loss in ("info_nce", "nt_xent", "clip", "siglip", "indexed", "per_anchor", "supcon", "bank_ce")
+        for t in (0.1, 0.01)]
     for r in rows:
         assert float(r["fused_ms"]) > 0 and float(r["naive_ms"]) > 0
         assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= 1e-4 * max(1.0, abs(float(r["naive_loss"]))), r
@@ -654,13 +655,13 @@ def test_bench_logit_spread_times_the_banks_gradient_with_bank_grad(tmp_path):
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_logit_spread.py")
     proc = subprocess.run([sys.executable, path, "-N", "9", "-K", "13", "-d", "6", "--temperatures", "0.05",
-                           "--losses", "info_nce,indexed,per_anchor,clip", "--bank-grad", "--reps", "1",
+                           "--losses", "info_nce,indexed,per_anchor,clip,bank_ce", "--bank-grad", "--reps", "1",
                            "--threads", "1", "--out", "bg"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-1000:]
     with open(tmp_path / "bg.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["loss"], r["bank_grad"]) for r in rows] == [
-        ("info_nce", "1"), ("indexed", "1"), ("per_anchor", "1"), ("clip", "0")]
+        ("info_nce", "1"), ("indexed", "1"), ("per_anchor", "1"), ("clip", "0"), ("bank_ce", "1")]
     for r in rows:
         assert abs(float(r["fused_loss"]) - float(r["naive_loss"])) <= 1e-4 * max(1.0, abs(float(r["naive_loss"]))), r
 
