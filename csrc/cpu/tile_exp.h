@@ -60,8 +60,8 @@ at::Tensor& flush_subnormal_(at::Tensor& x, bool may_underflow) {
 // floating-point result below the smallest normal number is 0 instead of a subnormal, which on x86 costs ~100x
 // in each operation that forms or reads it (an assist) and on a GPU's tensor cores is the rule. Operands are read as
 // they are (no denormals-are-zero): a subnormal input keeps its value. x86 (MXCSR.FTZ) and AArch64 (FPCR.FZ);
-// elsewhere a no-op. Used by the row modes' loops (info_nce_cpu.cpp), whose sums are scaled to keep every term that
-// float32 can represent above the threshold.
+// elsewhere a no-op. Used by the row modes' loops (info_nce_cpu.cpp), which keep the terms that matter above the
+// threshold: V's relative to a weight of 1, the indexed bank's scaled by 2^E, g_i multiplied in last.
 class FlushToZeroScope {
  public:
   FlushToZeroScope() {
