@@ -169,20 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import measure_and_write
 
-    out = prepare_out_stem(parser, args.out)  # (before measuring)
-    rows = []
-    print(f"{'loss':10s} {'T':>5s} {'spread':>7s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
-    for loss in losses:
-        for t in temps:
-            row = measure(loss, t, args.N, args.K, args.d, args.clusters, args.noise, args.reps, args.bank_grad)
-            rows.append(row)
-            print(f"{row['loss']:10s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
-                  f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
-    write_rows_csv(rows, out + ".csv")
-    print(f"wrote {out}.csv")
-    return 0
+    return measure_and_write(
+        parser, args.out, f"{'loss':10s} {'T':>5s} {'spread':>7s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}",
+        (lambda loss=loss, t=t: measure(loss, t, args.N, args.K, args.d, args.clusters, args.noise, args.reps,
+                                        args.bank_grad) for loss in losses for t in temps),
+        lambda row: f"{row['loss']:10s} {row['T']:5.3g} {row['max_lse_minus_logit']:7.1f} {row['fused_ms']:9.2f} "
+                    f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}")
 
 
 if __name__ == "__main__":

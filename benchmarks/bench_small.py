@@ -108,19 +108,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import measure_and_write
 
-    out = prepare_out_stem(parser, args.out)  # (before measuring)
-    rows = []
-    print(f"{'loss':9s} {'N':>5s} {'d':>4s} {'dtype':9s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}")
-    for case in cases:
-        row = measure(*case, reps=args.reps)
-        rows.append(row)
-        print(f"{row['loss']:9s} {row['N']:5d} {row['d']:4d} {row['dtype']:9s} {row['fused_ms']:9.2f} "
-              f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}", flush=True)
-    write_rows_csv(rows, out + ".csv")
-    print(f"wrote {out}.csv")
-    return 0
+    return measure_and_write(
+        parser, args.out,
+        f"{'loss':9s} {'N':>5s} {'d':>4s} {'dtype':9s} {'fused ms':>9s} {'naive ms':>9s} {'ratio':>6s}",
+        (lambda case=case: measure(*case, reps=args.reps) for case in cases),
+        lambda row: f"{row['loss']:9s} {row['N']:5d} {row['d']:4d} {row['dtype']:9s} {row['fused_ms']:9.2f} "
+                    f"{row['naive_ms']:9.2f} {row['fused_over_naive']:6.2f}")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,21 @@ def write_rows_csv(rows: list[dict], path: str) -> None:
         w.writerows(rows)
 
 
+def measure_and_write(parser, out_arg: str, header: str, measures, line) -> int:
+    """The standalone scripts' main loop: checks --out (before measuring), prints `header`, then for each callable of
+    `measures` its row (a dict) as line(row), and writes the rows to <out>.csv. Returns 0 (the exit status)."""
+    out = prepare_out_stem(parser, out_arg)
+    rows = []
+    print(header)
+    for measure in measures:
+        row = measure()
+        rows.append(row)
+        print(line(row), flush=True)
+    write_rows_csv(rows, out + ".csv")
+    print(f"wrote {out}.csv")
+    return 0
+
+
 def write_json(payload: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
