@@ -488,15 +488,17 @@ def main(argv=None) -> int:
                     # threshold, bf16's eps / 32 ~ 2.4e-4: faster on random data, approximate gradients) and filter_eps=None (every
                     # block, exact like the fused loss). In-batch it is the fused loss's problem; on the shared
                     # problem the bank is the classifier with random targets (the same GEMMs, another loss).
-                    for impl, extra, what in (("cut_cross_entropy", {}, "gradient filtering: approximate, skips work"),
-                                              ("cut_cross_entropy_exact", {"filter_eps": None}, "filter_eps=None")):
+                    # (cce_kw, not `extra`: the fused lambda above reads `extra` when called, so rebinding it here
+                    # handed filter_eps to every later variant's info_nce, which failed with a TypeError on an H200)
+                    for impl, cce_kw, what in (("cut_cross_entropy", {}, "gradient filtering: approximate, skips work"),
+                                               ("cut_cross_entropy_exact", {"filter_eps": None}, "filter_eps=None")):
                         try:
                             fn = peers["cce"]
                             classifier = p if n is None else n
                             labels = (torch.arange(b, device="cuda") if n is None
                                       else torch.randint(0, K, (b,), device="cuda"))
                             loss_fn = lambda: fn(F.normalize(a, dim=-1) / t, F.normalize(classifier, dim=-1),  # noqa: E731
-                                                 labels, **extra)
+                                                 labels, **cce_kw)
                             rc = _measure(loss_fn, leaves, reps, flop)
                             rows.append(_row(base, impl, rc, mm, grads_gib,
                                              note=what + ("" if n is None else "; bank as classifier, random targets"),

@@ -206,15 +206,19 @@ def test_a_mask_of_any_strides_gives_the_bits_of_its_contiguous_copy(device, lay
         B, K = (8, 1100) if case == "shared_mask" else (1100, 0)
         a, p, n, kw = _inputs(case, B=B, K=K, d=16, dtype=torch.float32, device=device, seed=17)
         cols = kw["negative_mask"].shape[1]
+        # The layout is made on the device itself: .to(device) of a strided CPU view copies it contiguous where it
+        # is not dense (a column slice, an expanded dimension), which on an H200 left three cases testing nothing.
+        def draw(*shape):
+            return (torch.rand(*shape, generator=g) < 0.5).to(device)
+
         if layout == "transposed":
-            mask = (torch.rand(cols, B, generator=g) < 0.5).t()
+            mask = draw(cols, B).t()
         elif layout == "column_slice":
-            mask = (torch.rand(B, 2 * cols, generator=g) < 0.5)[:, ::2]
+            mask = draw(B, 2 * cols)[:, ::2]
         elif layout == "expanded_column":  # a row per anchor: all of its negatives kept, or none
-            mask = (torch.rand(B, 1, generator=g) < 0.5).expand(B, cols)
+            mask = draw(B, 1).expand(B, cols)
         else:
-            mask = (torch.rand(1, cols, generator=g) < 0.5).expand(B, cols)
-        mask = mask.to(device)
+            mask = draw(1, cols).expand(B, cols)
         assert not mask.is_contiguous()
         x = _grads(cb.info_nce, a, p, n, {"negative_mask": mask}, temperature=0.1, reduction="none")
         y = _grads(cb.info_nce, a, p, n, {"negative_mask": mask.contiguous()}, temperature=0.1, reduction="none")
