@@ -6,6 +6,7 @@ Environment:
   MAX_JOBS=N         parallel compile jobs (default: min(cores, 4), so nvcc does not exhaust memory)
   TORCH_CUDA_ARCH_LIST="8.0;9.0a"  GPU architectures (honoured by torch's build helpers)
   CONTRASTBOUND_DEBUG=1            -O0 -g
+  CONTRASTBOUND_LINK_LIBSTDCXX=0   do not name torch's libstdc++ on the link line (see _libstdcxx_link_args)
 """
 
 from __future__ import annotations
@@ -59,6 +60,33 @@ def _want_cuda() -> tuple[bool, str]:
     return False, "CPU-only torch" if torch.version.cuda is None else "nvcc not found"
 
 
+def _loaded_libstdcxx() -> str | None:
+    """The libstdc++ shared library this process (torch) has loaded, on Linux; None elsewhere or if none is."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _libstdcxx_link_args() -> list[str]:
+    """The libstdc++ that torch runs with, named on the link line before the compiler's own, so that every C++
+    library symbol resolves to it. A compiler that links its libstdc++ statically (seen on the H200 machine:
+    /opt/gcc/bin/g++, with Python's -Wl,-Bsymbolic-functions) otherwise put a second copy of the iostreams into the
+    module, bound to it, whose uninitialised locale made every C++ error message that formats a number crash
+    (segmentation fault) or lose its numbers (reproduced here with -static-libstdc++: "[0, " and nothing after).
+    The static archive then supplies nothing, since nothing is left undefined. CONTRASTBOUND_LINK_LIBSTDCXX=0
+    leaves the link line as torch's build makes it."""
+    if os.environ.get("CONTRASTBOUND_LINK_LIBSTDCXX", "1") == "0" or not sys.platform.startswith("linux"):
+        return []
+    lib = _loaded_libstdcxx()
+    return [lib] if lib else []
+
+
 def _extension():
     use_cuda, why = _want_cuda()
     print(f"contrastbound: building {'CPU + CUDA' if use_cuda else 'CPU'} extension ({why})")
@@ -69,7 +97,7 @@ def _extension():
     # (CMakeLists.txt's checks compile the CUDA sources as both).
     cxx = ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", *opt]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    kwargs = dict(extra_link_args=["-fopenmp"])
+    kwargs = dict(extra_link_args=["-fopenmp", *_libstdcxx_link_args()])
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_glue.cpp"))
         # -compress-all: the per-dtype parts' cubins are compressed in the fat binary too (uncompressed they

@@ -15,6 +15,7 @@ import pytest
 from conftest import PACKAGE_ROOT, child_json, package_env
 
 import contrastbound
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tracked files a source distribution has no use for: CI's entry point and git's own.
@@ -184,3 +185,33 @@ def test_import_leaves_torch_dynamo_and_the_queue_until_used():
     assert not state["dynamo"] and not state["queue"] and state["listed"]
     assert state["same"] and state["cached"] and state["dynamo_after"]
     assert state["missing"] == "module 'contrastbound' has no attribute 'NoSuchName'"
+
+
+# Symbols that only libstdc++ itself defines (explicit instantiations and library objects that its headers declare
+# extern): a module that defines one carries its own copy of the iostreams.
+_LIBSTDCXX_OWN = ("std::ostream& std::ostream::_M_insert<long>(long)", "std::locale::classic()",
+                  "std::ios_base::Init::Init()", "std::codecvt<char16_t, char, __mbstate_t>::do_unshift")
+
+
+def test_the_module_carries_no_copy_of_libstdcxx():
+    # On the H200 machine the compiler linked libstdc++ statically and Python's -Wl,-Bsymbolic-functions bound the
+    # module to that copy, whose locale was never set up: every C++ error message formatting a number crashed the
+    # process (a segmentation fault in std::ostream::_M_insert<long>, cuda-gdb, 2026-12-04). setup.py names torch's
+    # libstdc++ on the link line (_libstdcxx_link_args); here, with -static-libstdc++ and without that, the module
+    # defined 315 such symbols and the messages stopped at their first number.
+    from contrastbound import _backend
+
+    if not _backend.EXTENSION_LOADED:
+        pytest.skip("compiled extension not loaded")
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs nm (binutils) on Linux")
+    lib = contrastbound._C.__file__
+    out = subprocess.run([nm, "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    found = [s for s in _LIBSTDCXX_OWN if s in out]
+    assert not found, f"{lib} defines libstdc++'s own symbols {found}: rebuild (setup.py links torch's libstdc++)"
+    # and a message with numbers in it keeps them
+    a = torch.randn(3, 4)
+    with pytest.raises(IndexError, match=r"\[0, M\) = \[0, 5\) or be -1 \(padding\), got values in \[7, 9\]"):
+        torch.ops.contrastbound.info_nce_fwd(a, a, torch.randn(5, 4), torch.tensor([[7], [8], [9]]), 1.0, True, True,
+                                             False)
