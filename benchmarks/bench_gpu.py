@@ -267,10 +267,16 @@ def _profile_kernels(step, variants, B, K, d, matmul_tflops, path, append=False)
 OPT_IN_FAMILIES = ("1pass", "flash", "wgmma")
 
 
+# The wgmma kernels are the default where they run (compute capability 9.0, a 9.0a build): every variant that
+# names other kernels turns them off, or it would time them again.
+NO_WGMMA = {"CONTRASTBOUND_TC_WGMMA": "0"}
+
+
 def _opt_in_variants(families=OPT_IN_FAMILIES) -> list[tuple[str, dict]]:
     """The opt-in kernels (name, environment switches) of the given families: one-pass forward, flash layout, and
-    on compute capability 9.0 their warpgroup-MMA versions."""
-    out = [("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1"}), ("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1"})]
+    on compute capability 9.0 their warpgroup-MMA versions (the default there: asked for explicitly, =1)."""
+    out = [("fused_1pass", {"CONTRASTBOUND_TC_FUSED_FWD": "1", **NO_WGMMA}),
+           ("fused_flash", {"CONTRASTBOUND_TC_FLASH": "1", **NO_WGMMA})]
     if torch.cuda.get_device_capability() == (9, 0):
         out.append(("fused_wgmma", {"CONTRASTBOUND_TC_WGMMA": "1"}))
     return [v for v in out if v[0][len("fused_"):] in families]
@@ -544,7 +550,10 @@ def main(argv=None) -> int:
                 # and the SIMT kernels (no tensor cores) at small K.
                 stages = "2" if os.environ.get("CONTRASTBOUND_TC_STAGES", "1") != "2" else "1"
                 if not args.opt_in_only and d <= 256 and logk in (ks[0], 18):  # wide rows: see below
-                    variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages}, reps)
+                    if torch.cuda.get_device_capability() == (9, 0):
+                        # the mma.sync kernels, the default before the wgmma ones (and elsewhere)
+                        variant("fused_mma", NO_WGMMA, reps)
+                    variant(f"fused_{stages}stage", {"CONTRASTBOUND_TC_STAGES": stages, **NO_WGMMA}, reps)
                 if args.one_pass:
                     # Each opt-in variant, then with the other Y-tile pipeline: the one-pass forward with `stages`
                     # (the mma.sync kernels' other one); flash defaults to two stages (one block per
@@ -557,8 +566,8 @@ def main(argv=None) -> int:
                 if d > 256 and not args.opt_in_only:
                     # Wide rows: one Y stage (the default picks two where they keep the blocks per
                     # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
-                    variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1"}, reps)
-                    variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1"}, reps)
+                    variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1", **NO_WGMMA}, reps)
+                    variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1", **NO_WGMMA}, reps)
                 if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
                     variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                 if logk == ks[0] and not args.opt_in_only:

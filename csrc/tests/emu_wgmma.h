@@ -88,6 +88,7 @@ struct State {
   std::vector<Slot> xbuf;  // [warpgroup][2][128]
   std::vector<Mark> marks;  // per 2 bytes of shared memory
   uint64_t launches = 0;
+  uint64_t mmas = 0;  // wgmma operations issued (per thread), over all launches: which kernels served a call
 };
 
 inline State s;
@@ -245,6 +246,7 @@ inline void wait(int n) {
 // One wgmma.mma_async.m64nNk16 (f32 accumulators): A from registers (a != nullptr) or descriptor da.
 template <typename T>
 void mma(int n, float* d, const unsigned* a, uint64_t da, uint64_t db, int scale_d, int ta, int tb) {
+  ++s.mmas;
   emu::tensor_core_instruction();
   if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 in [8, 256]");
   Slot v;

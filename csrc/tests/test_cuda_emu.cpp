@@ -1095,10 +1095,20 @@ struct Env {
   const char* value;
 };
 
+// f() with the variables set (value nullptr: unset), each restored to what it was after.
 void with_env(std::initializer_list<Env> env, const std::function<void()>& f) {
-  for (const Env& e : env) setenv(e.name, e.value, 1);
+  std::vector<std::pair<const char*, std::string>> saved;
+  std::vector<const char*> was_unset;
+  for (const Env& e : env) {
+    const char* old = std::getenv(e.name);
+    if (old != nullptr) saved.emplace_back(e.name, old);
+    else was_unset.push_back(e.name);
+    if (e.value != nullptr) setenv(e.name, e.value, 1);
+    else unsetenv(e.name);
+  }
   f();
-  for (const Env& e : env) unsetenv(e.name);
+  for (const auto& s : saved) setenv(s.first, s.second.c_str(), 1);
+  for (const char* name : was_unset) unsetenv(name);
 }
 
 // Inputs whose rows lie past element 2^31: row strides of 2^30 + 64 elements (16-byte aligned rows, so the
@@ -1243,7 +1253,15 @@ void kernel_configs(bool quick) {
   emu::Device& dev = emu::device();
   // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
   // grids are small and every kernel's grid-stride loop and the work split's chunks and splits come into play.
-  run_config(quick, "sm_90a, default kernels", false, /*variant=*/false);
+  // (main() sets CONTRASTBOUND_TC_WGMMA=0, so that every configuration below tests the kernels it names; here it is
+  // unset: the default, which on this device is the wgmma kernels where they serve.)
+  const uint64_t mmas0 = emu::wg::s.mmas;
+  with_env({{"CONTRASTBOUND_TC_WGMMA", nullptr}},
+           [&] { run_config(quick, "sm_90a, default kernels (wgmma)", false, /*variant=*/false); });
+  const uint64_t mmas1 = emu::wg::s.mmas;
+  run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=0 (mma.sync)", false);
+  expect(mmas1 > mmas0, "sm_90a, default kernels: the wgmma kernels served (wgmma operations issued)");
+  expect(emu::wg::s.mmas == mmas1, "sm_90a, CONTRASTBOUND_TC_WGMMA=0: no wgmma operation issued");
   // The same device at full size (132 multiprocessors, 3 blocks each): plans whose units all fit in one wave.
   dev.id = 1, dev.multiprocessors = 132, dev.blocks_per_sm = 3;
   run_config(quick, "sm_90a, 132 multiprocessors", false);
@@ -1286,6 +1304,9 @@ int main(int argc, char** argv) {
                         "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA"}) {
     unsetenv(v);
   }
+  // The wgmma kernels are the default on sm_90a: off here, so that each configuration tests the kernels it names;
+  // the configurations that name wgmma set it to 1, and kernel_configs runs the default (unset) once.
+  setenv("CONTRASTBOUND_TC_WGMMA", "0", 1);
   emu::Device& dev = emu::device();
   emulated_grid_limits();
   entry_point_errors();
