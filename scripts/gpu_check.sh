@@ -3,7 +3,8 @@
 #   0. on an sm_90a build (ARCH has 9.0a), compiles and runs the wgmma layout probe (csrc/tests/wgmma_probe.cu) in
 #      the background during the build, at most 60 s; its report goes into the log after the build (a diagnostic:
 #      its exit status does not change this script's),
-#   1. builds contrastbound._C with its CUDA kernels against the torch installed there,
+#   1. builds contrastbound._C with its CUDA kernels against the torch installed there, and checks its link (no
+#      copy of libstdc++ in it; error messages keep their numbers: a few CPU tests),
 #   2. runs the CUDA tests (marked `cuda`: tests/test_cuda.py and the device="cuda" cases of the other files),
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py),
 # and writes gpu_check.log, build.log, pytest_cuda.tgz (pytest_cuda_{default,flash_1pass,wgmma}.xml), bench_gpu.csv
@@ -158,9 +159,19 @@ if ! "$PY" -c 'import sys, contrastbound; sys.exit(contrastbound.backend_info()[
   echo "BUILD FAILED: the CUDA kernels did not load (backend_info above)"
   exit 1
 fi
+step "the module's link (CPU tests)"
+# The module's link (a few seconds, CPU only, not marked cuda): on this machine's first run (2026-12-04) the compiler
+# linked a copy of libstdc++ into it and every C++ error message that formats a number crashed the process;
+# setup.py links torch's libstdc++ since. This names any libstdc++ symbol the module still defines, and checks that
+# the ops' error messages keep their numbers (a crash here is that bug). Its result counts with the tests'.
+LINK_RC=0
+timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_packaging.py tests/test_errors.py \
+  -k "libstdcxx or registered_op_checks or indices" || LINK_RC=$?
+[ "$LINK_RC" -eq 5 ] && LINK_RC=0
+[ "$LINK_RC" -ne 0 ] && echo "LINK CHECK FAILED (exit status $LINK_RC): see above"
 
 step "CUDA tests"
-TEST_RC=0
+TEST_RC=$LINK_RC
 if "$PY" -c 'import pytest' 2>/dev/null; then
   # The benchmark phase (the main run, which measures K = 2^14, 2^18, 2^22 first, the opt-in families and the
   # wide rows) keeps at least 200 s.
