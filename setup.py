@@ -75,9 +75,9 @@ def _loaded_libstdcxx() -> str | None:
 
 def _libstdcxx_link_args() -> list[str]:
     """The libstdc++ that torch runs with, named on the link line before the compiler's own, so that every C++
-    library symbol resolves to it. A compiler that links its libstdc++ statically (seen on the H200 machine:
-    /opt/gcc/bin/g++, with Python's -Wl,-Bsymbolic-functions) otherwise put a second copy of the iostreams into the
-    module, bound to it, whose uninitialised locale made every C++ error message that formats a number crash
+    library symbol resolves to it. A compiler that links its libstdc++ statically (the H200 machine's
+    /opt/gcc/bin/g++, by cuda-gdb's backtrace, which found libstdc++'s own functions inside the module; with Python's
+    -Wl,-Bsymbolic-functions) otherwise put a second copy of the iostreams into the module, bound to it, whose uninitialised locale made every C++ error message that formats a number crash
     (segmentation fault) or lose its numbers (reproduced here with -static-libstdc++: "[0, " and nothing after).
     The static archive then supplies nothing, since nothing is left undefined. CONTRASTBOUND_LINK_LIBSTDCXX=0
     leaves the link line as torch's build makes it."""

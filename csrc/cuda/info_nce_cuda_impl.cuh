@@ -1156,8 +1156,8 @@ int64_t tc_rows_slots(int64_t d, bool lo, int num_sms) {
 
 // Warpgroup-MMA kernels for float16/bfloat16 on sm_90a: the default wherever they can run (compute capability 9.0
 // and a build with 9.0a code). On an H200 (2026-12-04) they passed tests/test_cuda.py's wgmma cases and ran a
-// bf16 step 1.5x faster than the mma.sync kernels (B = 8192, K = 2^18, d = 256: 22.6 against 34.4 ms; 28 % against
-// 18 % of the matmul rate). CONTRASTBOUND_TC_WGMMA=0 turns them off (the mma.sync kernels, or the flash ones with
+// bf16 step 1.5x faster than the mma.sync kernels in one process (B = 8192, K = 2^18, d = 256: 22.9 against 34.5 ms;
+// 31 % against 20 % of the matmul rate). CONTRASTBOUND_TC_WGMMA=0 turns them off (the mma.sync kernels, or the flash ones with
 // CONTRASTBOUND_TC_FLASH=1, serve); =1 asks for them and is an error where they cannot run (the glue's check). They
 // replace the flash-layout kernels one for one (same work split, arguments and outputs), so everything below that
 // plans for the flash kernels serves them too.
@@ -1168,8 +1168,8 @@ inline bool tc_wgmma() {
 }
 
 // Flash-layout kernels (info_nce_flash.cuh) for float16/bfloat16: CONTRASTBOUND_TC_FLASH=1 (off by default: on an
-// H200 they passed the tests and ran 1.4x faster than the mma.sync kernels, slower than wgmma), or their wgmma
-// versions (tc_wgmma, the default on sm_90a). They take the bank pass and, when the anchors' term is
+// H200 they agreed with the default kernels in the benchmark's check and ran 1.4x faster than the mma.sync kernels,
+// slower than wgmma; their tests have not run on a GPU), or their wgmma versions (tc_wgmma, the default on sm_90a). They take the bank pass and, when the anchors' term is
 // wanted, a one-pass forward that forms it (so no anchor-term pass of theirs). Only where their one-stage plan for
 // d fits the device's shared memory (it does not at d > 240 on 99 KiB parts such as sm_86 / sm_89): else the
 // mma.sync kernels serve.
