@@ -65,7 +65,8 @@ def _loaded_libstdcxx() -> str | None:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                fields = line.split()
+                path = fields[-1] if len(fields) >= 6 else ""
                 if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
                     return path
     except OSError:

@@ -761,6 +761,20 @@ double max_abs(const acc_t* x, int64_t n) {
   return m;
 }
 
+// A backward's scale of its n upstream gradients g: exp = grad_scale_exp(max|g| per_g, max|g|), per_g bounding
+// the sums per unit of max|g|; up = 2^exp, down = 2^-exp (exp 0: no scale).
+template <typename acc_t>
+struct GradScale {
+  int exp = 0;
+  acc_t up = 1, down = 1;
+  GradScale(const acc_t* g, int64_t n, double per_g) {
+    const double max_g = max_abs(g, n);
+    exp = grad_scale_exp<acc_t>(max_g * per_g, max_g);
+    up = std::ldexp(acc_t(1), exp);
+    down = std::ldexp(acc_t(1), -exp);
+  }
+};
+
 // Forward's float64 lse carried in the accumulation type as lse = hi + res (hi rounded, res the rest; 0 for float64
 // or for an lse given in float32): e^{(l - hi) - res} has no error of size eps |lse| (l - hi is exact where it
 // matters, l near hi), so a row's weights sum to 1 to rounding.
@@ -783,10 +797,8 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
   // W formed from g 2^E (grad_scale_exp: a row of G sums at most B terms g_i w s a_hat_i, w <= 1), each tile's
   // gradient scaled back as it is written: W's small entries g_i w stay normal floats in the GEMM below.
-  const double max_g = max_abs(g, B);
-  const int scale_exp = grad_scale_exp<acc_t>(pr.max_norm_a * max_g * static_cast<double>(B), max_g);
-  const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts) * std::ldexp(acc_t(1), scale_exp);
-  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
+  const GradScale<acc_t> gs(g, B, pr.max_norm_a * static_cast<double>(B));
+  const Tensor g_t = at::from_blob(const_cast<acc_t*>(g), {B}, acc_opts) * gs.up;
   const Tensor lse_hi = at::from_blob(const_cast<acc_t*>(lse.hi), {B}, acc_opts);
   const Tensor lse_res = at::from_blob(const_cast<acc_t*>(lse.res), {B}, acc_opts);
   // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
@@ -838,7 +850,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
         grad.sub_(tile * (c * q_t.narrow(0, k0, tk)).unsqueeze(1));
         grad.mul_(inv_t.narrow(0, k0, tk).unsqueeze(1));
       }
-      if (scale_exp != 0) grad.mul_(down);
+      if (gs.exp != 0) grad.mul_(gs.down);
       grad_bank.narrow(0, k0, tk).copy_(grad);
     }
   });
@@ -936,13 +948,11 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   // is below 2^-E of the smallest normal number: 0 in float32 too once E >= 24. The sums are scaled back after the
   // scope, where a subnormal result forms as the reference forms it. (Without the scale, a factor g_i w below the
   // threshold, g_i ~ 1e-36, took normal entries with it.)
-  const double max_g = max_abs(g, B);
   // (max_norm_a, the largest ||s a_hat_i||, bounds the entries; NaN where a row is: then no scale)
-  const int scale_exp = grad_scale_exp<acc_t>(pr.max_norm_a * max_g * static_cast<double>(B) * static_cast<double>(K),
-                                              max_g);
+  const GradScale<acc_t> gs(g, B, pr.max_norm_a * static_cast<double>(B) * static_cast<double>(K));
   Tensor ga_t = at::empty({B, d}, pr.anchors_s.options());
   acc_t* ga_out = ga_t.template data_ptr<acc_t>();
-  const double up = std::ldexp(1.0, scale_exp);
+  const double up = static_cast<double>(gs.up);
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // (a g) 2^E: g 2^E alone can overflow where the anchors are tiny
       const double gi = static_cast<double>(g[i]);
@@ -979,7 +989,6 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
       used[m] = 1;
     }
   };
-  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
   parallel_for_tls(0, ranges, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> touched;  // the rows an anchor hit, each once (first-hit order, or by block)
     std::vector<int64_t> found, fstart, sorted, end;  // blocked walk: the group's hits in (anchor, k) order
@@ -1071,11 +1080,11 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
         }
       }
       ftz.restore();
-      if (scale_exp != 0) {  // back from 2^E, outside the flush-to-zero scope
+      if (gs.exp != 0) {  // back from 2^E, outside the flush-to-zero scope
         for (int64_t m = lo; m < hi; ++m) {
           if (!used[m]) continue;
           acc_t* gm = grow(m);
-          for (int64_t j = 0; j < d; ++j) gm[j] *= down;
+          for (int64_t j = 0; j < d; ++j) gm[j] *= gs.down;
         }
       }
     }
@@ -1683,11 +1692,10 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   // W and G formed from g 2^E (grad_scale_exp), scaled back in clip_unnormalise: a row of G_A sums s (W_ij + coef)
   // b_hat_j, of G_B (W_ij + coef) s a_hat_i, with sum_j |W_ij| <= max|g| (N + 1) and |coef| <= 2 max|g|.
   const Tensor g_in = grad_loss.to(acc_type).contiguous();
-  const double max_g = max_abs(g_in.template data_ptr<acc_t>(), g_in.numel());
-  const int scale_exp = grad_scale_exp<acc_t>(
-      max_g * static_cast<double>(N + 3) * std::max(std::abs(scale) * pr.max_norm_p, pr.max_norm_a), max_g);
-  const acc_t down = std::ldexp(acc_t(1), -scale_exp);
-  const Tensor g = scale_exp != 0 ? g_in * std::ldexp(acc_t(1), scale_exp) : g_in;
+  const GradScale<acc_t> gs(g_in.template data_ptr<acc_t>(), g_in.numel(),
+                            static_cast<double>(N + 3) * std::max(std::abs(scale) * pr.max_norm_p, pr.max_norm_a));
+  const acc_t down = gs.down;
+  const Tensor g = gs.exp != 0 ? g_in * gs.up : g_in;
   const Tensor lse_hi = lse_in.to(acc_type).contiguous();
   const Tensor lse_res = lse_residual(lse_in, lse_hi);
   const Tensor loss = loss_in.to(acc_type);
