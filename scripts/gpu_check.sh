@@ -19,7 +19,8 @@
 # python3 if it has a torch, else the .venv), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
 # sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 450, at most 570: the device tool's
 # command limit is 600 s; the run ends within ~10 s of it, the summary last),
-# TEST_S (seconds for the tests, default 240), TESTS (pytest selection, default tests),
+# TEST_S (seconds for the tests, default 240), BENCH_S (seconds the tests leave to the benchmark, default 200; 0:
+# no benchmark, e.g. a run that only tests), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network), and so is ninja's (without
 # ninja torch compiles the sources one after another and ignores MAX_JOBS). Fetch them beforehand on a machine with
@@ -51,6 +52,7 @@ trap 'exec >&- 2>&-; sleep 1' EXIT
 cd "$(dirname "$0")/.." || exit 1
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
+BENCH_S=${BENCH_S:-200}
 [ "$BUDGET_S" -gt 570 ] && { echo "BUDGET_S=$BUDGET_S capped at 570"; BUDGET_S=570; }
 # Python's output as it comes (a killed run keeps what it printed; tables are printed without flush)
 export PYTHONUNBUFFERED=1
@@ -174,9 +176,9 @@ step "CUDA tests"
 TEST_RC=$LINK_RC
 if "$PY" -c 'import pytest' 2>/dev/null; then
   # The benchmark phase (the main run, which measures K = 2^14, 2^18, 2^22 first, the opt-in families and the
-  # wide rows) keeps at least 200 s.
+  # wide rows) keeps BENCH_S (200 s by default).
   T=${TEST_S:-240}
-  [ "$T" -gt $(( $(left) - 200 )) ] && T=$(( $(left) - 200 ))
+  [ "$T" -gt $(( $(left) - BENCH_S )) ] && T=$(( $(left) - BENCH_S ))
   [ "$T" -lt 30 ] && T=30
   PER_TEST=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
@@ -241,7 +243,9 @@ fi
 step "GPU benchmark"
 BENCH_RC=0
 B=$(( $(left) - 20 ))
-if [ "$B" -lt 30 ]; then
+if [ "$BENCH_S" -eq 0 ]; then
+  echo "BENCH_S=0: no benchmark"
+elif [ "$B" -lt 30 ]; then
   echo "no time left for the benchmark"
   BENCH_RC=124
 else
@@ -261,17 +265,17 @@ else
   [ "$(left)" -ge 170 ] && MASK=40
   B2=$(( $(left) - 15 - WIDE - MASK ))
   if [ "$B2" -ge 30 ]; then
-    # One process per opt-in family, the Hopper ones first (they decide the default on an H200), all appending
-    # to one CSV: a kernel that poisons its process's CUDA context costs its own family only. Each takes its
-    # share of what is left of B2 (time a family does not use goes to the next). --kernels 18: first a
-    # per-kernel profile (one step per variant at K = 2^18, a few seconds): bench_gpu_opt_in_kernels.csv says
-    # which kernel holds each variant back.
+    # One process per opt-in family, all appending to one CSV: a kernel that poisons its process's CUDA context
+    # costs its own family only. Each takes its share of what is left of B2 (time a family does not use goes to
+    # the next). --kernels 18: first a per-kernel profile (one step per variant at K = 2^18, a few seconds):
+    # bench_gpu_opt_in_kernels.csv says which kernel holds each variant back. (No wgmma family: on a 9.0a build
+    # the wgmma kernels are the default, the `fused` rows, and elsewhere they cannot run; bench_gpu.py's
+    # --variants wgmma still times them with CONTRASTBOUND_TC_WGMMA=1.)
     OPT_END=$(( $(date +%s) + B2 ))
-    FAMILIES=(wgmma flash 1pass)
-    for i in 0 1 2; do
+    FAMILIES=(flash 1pass)
+    for i in 0 1; do
       F=${FAMILIES[$i]}
-      if [ "$F" = wgmma ] && [[ "$ARCH" != *9.0a* ]]; then echo "wgmma: not built for $ARCH"; continue; fi
-      BF=$(( (OPT_END - $(date +%s)) / (3 - i) ))
+      BF=$(( (OPT_END - $(date +%s)) / (2 - i) ))
       if [ "$BF" -lt 30 ]; then echo "no time left for the opt-in family $F"; continue; fi
       echo "--- opt-in family $F ($BF s)"
       timeout -s INT -k 20 "$BF" "$PY" benchmarks/bench_gpu.py $QUICK --opt-in-only --variants "$F" --append \
