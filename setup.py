@@ -80,7 +80,8 @@ def _libstdcxx_link_args() -> list[str]:
     /opt/gcc/bin/g++, by cuda-gdb's backtrace, which found libstdc++'s own functions inside the module; with Python's
     -Wl,-Bsymbolic-functions) otherwise put a second copy of the iostreams into the module, bound to it, whose uninitialised locale made every C++ error message that formats a number crash
     (segmentation fault) or lose its numbers (reproduced here with -static-libstdc++: "[0, " and nothing after).
-    The static archive then supplies nothing, since nothing is left undefined. CONTRASTBOUND_LINK_LIBSTDCXX=0
+    The static archive then supplies nothing, since nothing is left undefined (on that machine, 2026-12-04, the
+    module so built defined no libstdc++ symbol and its messages kept their numbers). CONTRASTBOUND_LINK_LIBSTDCXX=0
     leaves the link line as torch's build makes it."""
     if os.environ.get("CONTRASTBOUND_LINK_LIBSTDCXX", "1") == "0" or not sys.platform.startswith("linux"):
         return []
