@@ -110,6 +110,9 @@ __device__ __forceinline__ float fmax_nan(float a, float b) {
 #endif
 }
 
+// Whether p holds on any lane of the warp (every lane calls it: a warp collective).
+__device__ __forceinline__ bool warp_any(bool p) { return __any_sync(kFullMask, p) != 0; }
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll

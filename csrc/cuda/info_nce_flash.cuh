@@ -45,24 +45,28 @@ struct FlArgs {
 };
 
 // One Y tile's column values, for this thread's column (threads 0 .. kFlCols - 1; the others keep the defaults):
-// the inverse norm, and for BankGrads the anchor's lse, g s and the excluded offset (tc_col_excluded). The kernels
-// load them a tile ahead, into registers, and store them into the column arrays (fl_store_cols: inv, lse, g as
-// floats, then ex as ints, kFlCols each) at the next barrier, so that the global loads' latency is hidden by a
-// tile's work instead of holding every warp at that barrier.
+// the inverse norm; the factor that turns the column's exponential into its coefficient (fl_coefficients):
+// tc_coef_inv(inv) for Forward, g s tc_coef_inv(inv) for BankGrads, formed here once per column rather than per
+// score; and for BankGrads the anchor's lse and the excluded offset (tc_col_excluded). The kernels load them a
+// tile ahead, into registers, and store them into the column arrays (fl_store_cols: inv, lse, coef as floats,
+// then ex as ints, kFlCols each) at the next barrier, so that the global loads' latency is hidden by a tile's
+// work instead of holding every warp at that barrier.
 struct FlColVals {
-  float inv = 0.f, lse = 0.f, g = 0.f;
+  float inv = 0.f, lse = 0.f, coef = 0.f;
   int ex = -1;
 };
 
 template <FlashMode MODE, typename T>
-__device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOperand<T>& Y, int64_t tile, int64_t x0) {
+__device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOperand<T>& Y, int64_t tile, int64_t x0,
+                                                  float cscale) {
   FlColVals v;
   if (threadIdx.x < kFlCols) {
     const int64_t y = tile * kFlCols + threadIdx.x;
     const bool ok = y < Y.rows;
     v.inv = ok ? a.y_inv[y] : 0.f;
     v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
-    v.g = (ok && MODE == FlashMode::BankGrads) ? a.g[y] * read_scale(a.scale) : 0.f;
+    const float w = MODE == FlashMode::BankGrads ? (ok ? a.g[y] * read_scale(a.scale) : 0.f) : 1.f;
+    v.coef = w * tc_coef_inv<T>(v.inv, cscale);
     v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
   }
   return v;
@@ -72,7 +76,7 @@ __device__ __forceinline__ void fl_store_cols(float* cols, const FlColVals& v) {
   if (threadIdx.x < kFlCols) {
     cols[threadIdx.x] = v.inv;
     cols[kFlCols + threadIdx.x] = v.lse;
-    cols[2 * kFlCols + threadIdx.x] = v.g;
+    cols[2 * kFlCols + threadIdx.x] = v.coef;
     reinterpret_cast<int*>(cols + 3 * kFlCols)[threadIdx.x] = v.ex;
   }
 }
@@ -84,7 +88,7 @@ TcSmem fl_smem(int64_t d, int stages) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, TcTraits<T>::PAD);
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // yinv, ylse, yg (float), yex (int)
+  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // inv, lse, coef (float), ex (int): fl_store_cols
   m.total = o;
   return m;
 }
@@ -96,6 +100,119 @@ __device__ __forceinline__ float fl_quad_sum(float v) {
 __device__ __forceinline__ float fl_quad_max(float v) {
   v = fmax_nan(v, __shfl_xor_sync(kFullMask, v, 1));
   return fmax_nan(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+
+// The coefficients of one 64-column Y tile for this thread's two rows, in place of their scores, for flash_kernel
+// and wgmma_kernel alike: sc[4 j + 2 h + e] is row h (row[h], in X; the mma.sync C layout and wgmma's per-warp D
+// layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's column arrays
+// (fl_store_cols). l = sc xinv[h] inv. Forward: c = e^{l - m} coef with m the running max (run_m, run_s updated;
+// alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); BankGrads:
+// c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex)
+// and, for BankGrads with an excluded array (by_col), the anchor a column leaves out (yex). A row with nothing to
+// leave out in this tile (every tile but the bank's last, the last X block's and the excluded diagonal's) takes a
+// path without the per-column tests; the coefficient factors were formed once per column (fl_load_cols). Masked
+// columns are left out by branches, not as -inf logits (in wgmma_kernel, -inf written into the score registers
+// made ptxas serialize every wgmma of the kernel, note C7515).
+template <FlashMode MODE>
+__device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* cols, int64_t y0, int64_t y_rows,
+                                                const int64_t (&row)[2], const int64_t (&row_ex)[2], int64_t x0,
+                                                int64_t x_rows, const float (&xinv)[2], bool by_col, int t,
+                                                float (&run_m)[2], float (&run_s)[2], float (&alpha)[2]) {
+  const float* yinv = cols;
+  const float* ylse = yinv + kFlCols;
+  const float* ycoef = ylse + kFlCols;
+  const int* yex = reinterpret_cast<const int*>(ycoef + kFlCols);
+  const int lim = static_cast<int>(min64(kFlCols, y_rows - y0));  // valid columns of this tile
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int hlim = row[h] < x_rows ? lim : 0;
+    const int64_t dself = row_ex[h] - y0;
+    const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
+    const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
+    // The same for the quad's four lanes (one row), so fl_quad_max's shuffles stay outside branches that differ
+    // within a quad.
+    const bool plain = hlim == kFlCols && selfc < 0 && (MODE != FlashMode::BankGrads || !by_col);
+    const auto keep = [&](int col) {
+      return col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
+    };
+    if (MODE == FlashMode::Forward) {
+      float tmax = -INFINITY;
+      if (plain) {  // the logits kept in place of the scores (every column is kept)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
+            sc[4 * j + 2 * h + e] = l;
+            tmax = fmax_nan(tmax, l);
+          }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            if (keep(col)) tmax = fmax_nan(tmax, sc[4 * j + 2 * h + e] * xinv[h] * yinv[col]);
+          }
+      }
+      tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
+      const float mnew = fmax_nan(run_m[h], tmax);
+      alpha[h] = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
+      run_m[h] = mnew;
+      run_s[h] *= alpha[h];
+      // e^{l - m}: where m = -inf every kept l is -inf (m is their max), and e^{-inf - 0} = 0, as e^{-inf - m} is
+      // for one l = -inf under a finite m: no test per column.
+      const float msub = mnew == -INFINITY ? 0.f : mnew;
+      if (plain) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            const float p = __expf(sc[4 * j + 2 * h + e] - msub);
+            run_s[h] += p;  // this lane's part; the quad's parts are added at the end
+            sc[4 * j + 2 * h + e] = p * ycoef[col];
+          }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            float c = 0.f;
+            if (keep(col)) {
+              const float p = __expf(sc[4 * j + 2 * h + e] * xinv[h] * yinv[col] - msub);
+              run_s[h] += p;
+              c = p * ycoef[col];
+            }
+            sc[4 * j + 2 * h + e] = c;
+          }
+      }
+    } else {
+      alpha[h] = 1.f;
+      if (plain) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
+            sc[4 * j + 2 * h + e] = ycoef[col] * __expf(l - ylse[col]);
+          }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * t + e;
+            float c = 0.f;
+            if (keep(col)) c = ycoef[col] * __expf(sc[4 * j + 2 * h + e] * xinv[h] * yinv[col] - ylse[col]);
+            sc[4 * j + 2 * h + e] = c;
+          }
+      }
+    }
+  }
 }
 
 // The epilogue of flash_kernel and wgmma_kernel, from registers: acc[4 j + 2 h + e] (NT n8 tiles x 4) is row g + 8 h
@@ -163,10 +280,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
-  float* yinv = reinterpret_cast<float*>(tc_raw + m.cols);
-  float* ylse = yinv + kFlCols;
-  float* yg = ylse + kFlCols;
-  int* yex = reinterpret_cast<int*>(yg + kFlCols);  // BankGrads: see tc_col_excluded
+  float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // the column arrays (fl_store_cols)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   // ldmatrix row addresses (PTX fragment layouts as in info_nce_tc.cuh): A = the warp's 16 X rows; B of the
   // score product = Y rows 16 q + yrow (n8 tiles 2q, 2q + 1); B of the second product (.trans) = Y rows
@@ -205,14 +319,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     const int64_t y_end = min64(Y.rows, t_end * kFlCols);
-    FlColVals cv = t_begin < t_end ? fl_load_cols<MODE>(a, Y, t_begin, x0) : FlColVals{};  // this tile's, ahead
+    FlColVals cv = t_begin < t_end ? fl_load_cols<MODE>(a, Y, t_begin, x0, cscale) : FlColVals{};  // this tile's, ahead
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kFlCols;
       __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
       const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
-      fl_store_cols(yinv, cv);
+      fl_store_cols(cols, cv);
       __syncthreads();
-      if (tile + 1 < t_end) cv = fl_load_cols<MODE>(a, Y, tile + 1, x0);  // used at the next tile's store
+      if (tile + 1 < t_end) cv = fl_load_cols<MODE>(a, Y, tile + 1, x0, cscale);  // used at the next tile's store
       // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).
       float sc[8][4];
 #pragma unroll
@@ -235,60 +349,18 @@ __global__ void __launch_bounds__(kTcThreads, 1)
           mma16816<T>(sc[2 * q + 1], a0, a1, a2, a3, b2, b3);
         }
       }
-      // Coefficients in place of the scores (masked ones 0).
-      const int lim = static_cast<int>(min64(kFlCols, Y.rows - y0));  // valid columns of this tile
+      // Coefficients in place of the scores (masked ones 0); Forward: the output rows to the new running max.
+      float alpha[2];
+      fl_coefficients<MODE>(reinterpret_cast<float(&)[32]>(sc), cols, y0, Y.rows, row, row_ex, x0, X.rows, xinv,
+                            a.excluded != nullptr, t, run_m, run_s, alpha);
+      // (not where no row of the warp has a new max: alpha = e^0 = 1 exactly there)
+      if (MODE == FlashMode::Forward && warp_any(alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int hlim = row[h] < X.rows ? lim : 0;
-        const int64_t dself = row_ex[h] - y0;
-        const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
-        const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
-        if (MODE == FlashMode::Forward) {
-          float tmax = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc;
-              const float l = keep ? sc[j][2 * h + e] * xinv[h] * yinv[col] : -INFINITY;
-              sc[j][2 * h + e] = l;
-              tmax = fmax_nan(tmax, l);
-            }
-          tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
-          const float mnew = fmax_nan(run_m[h], tmax);
-          const float alpha = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
-          run_m[h] = mnew;
-          run_s[h] *= alpha;
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            acc[j][2 * h] *= alpha;
-            acc[j][2 * h + 1] *= alpha;
-          }
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              const float l = sc[j][2 * h + e];
-              const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
-              run_s[h] += p;  // this lane's part; the quad's parts are added at the end
-              sc[j][2 * h + e] = p * tc_coef_inv<T>(yinv[col], cscale);
-            }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
-              float c = 0.f;
-              if (keep) {
-                const float l = sc[j][2 * h + e] * xinv[h] * yinv[col];
-                c = yg[col] * __expf(l - ylse[col]) * tc_coef_inv<T>(yinv[col], cscale);
-              }
-              sc[j][2 * h + e] = c;
-            }
+        for (int j = 0; j < NT; ++j) {
+          acc[j][0] *= alpha[0];
+          acc[j][1] *= alpha[0];
+          acc[j][2] *= alpha[1];
+          acc[j][3] *= alpha[1];
         }
       }
       // O (16 rows x d) += C (16 x 64) Y (64 x d): the coefficients of n8 tiles 2kk, 2kk + 1 are the A

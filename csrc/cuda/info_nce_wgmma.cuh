@@ -319,7 +319,7 @@ TcSmem wg_smem(int64_t d) {
   o = tc_align(o + sizeof(T) * static_cast<size_t>(m.dpad) * kFlCols);
   m.stages = 3;
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * kWgColSlots * 4 * kFlCols);  // per slot: yinv, ylse, yg (float), yex (int)
+  o = tc_align(o + sizeof(float) * kWgColSlots * 4 * kFlCols);  // per slot: inv, lse, coef (float), ex (int)
   m.total = o;
   return m;
 }
@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     // Tile `tile`'s column values (fl_load_cols) into slot tile % 2 of the column arrays. Loaded right after the
     // barrier of tile - 2 and stored late in that step, so that the global loads' latency hides behind the tensor
     // cores' work rather than stalling every warp at the next barrier.
-    const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0); };
+    const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0, cscale); };
     const auto store_cols = [&](int64_t tile, const FlColVals& v) {
       fl_store_cols(cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * 4 * kFlCols, v);
     };
@@ -450,70 +450,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       for (int k = 0; k < kKsteps; ++k) wgmma_ss_n64<T>(sc, xdesc + wg_x_step(k), wg_yk_desc(ya, k), k > 0 ? 1 : 0);
       wg_commit();
     };
-    // The coefficients of tile `tile` from its scores (flash_kernel's code, sc[j][e] = sc[4 j + e]; masked ones 0),
-    // packed as the A fragments of the output product: pa[kk] = K slice kk (Y rows 16 kk ..) = n8 tiles 2 kk,
-    // 2 kk + 1. Forward: the running max and sum are updated here; alpha[h] = e^{m_old - m_new} is the factor for
-    // the output rows, applied by the caller once the product that accumulates into them has completed.
+    // The coefficients of tile `tile` from its scores (fl_coefficients, flash_kernel's code), packed as the A
+    // fragments of the output product: pa[kk] = K slice kk (Y rows 16 kk ..) = n8 tiles 2 kk, 2 kk + 1. Forward:
+    // the running max and sum are updated here; alpha[h] = e^{m_old - m_new} is the factor for the output rows,
+    // applied by the caller once the product that accumulates into them has completed.
+    const bool by_col = a.excluded != nullptr;
     const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
-      const float* yinv = cols + (tile & 1) * 4 * kFlCols;
-      const float* ylse = yinv + kFlCols;
-      const float* yg = ylse + kFlCols;
-      const int* yex = reinterpret_cast<const int*>(yg + kFlCols);
-      const int64_t y0 = tile * kFlCols;
-      const int lim = static_cast<int>(min64(kFlCols, Y.rows - y0));  // valid columns of this tile
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int hlim = row[h] < X.rows ? lim : 0;
-        const int64_t dself = row_ex[h] - y0;
-        const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
-        const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
-        if (MODE == FlashMode::Forward) {
-          // Masked columns are left out by branches, not as -inf logits: computing them as -inf in the score
-          // registers made ptxas serialize every wgmma of the kernel (C7515).
-          float tmax = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              if (col < hlim && col != selfc) tmax = fmax_nan(tmax, sc[4 * j + 2 * h + e] * xinv[h] * yinv[col]);
-            }
-          tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
-          const float mnew = fmax_nan(run_m[h], tmax);
-          alpha[h] = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
-          run_m[h] = mnew;
-          run_s[h] *= alpha[h];
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              float c = 0.f;
-              if (col < hlim && col != selfc) {
-                const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
-                const float p = l == -INFINITY ? 0.f : __expf(l - mnew);
-                run_s[h] += p;  // this lane's part; the quad's parts are added at the end
-                c = p * tc_coef_inv<T>(yinv[col], cscale);
-              }
-              sc[4 * j + 2 * h + e] = c;
-            }
-        } else {
-          alpha[h] = 1.f;
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * j + 2 * t + e;
-              const bool keep = col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
-              float c = 0.f;
-              if (keep) {
-                const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
-                c = yg[col] * __expf(l - ylse[col]) * tc_coef_inv<T>(yinv[col], cscale);
-              }
-              sc[4 * j + 2 * h + e] = c;
-            }
-        }
-      }
+      fl_coefficients<MODE>(sc, cols + (tile & 1) * 4 * kFlCols, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
+                            xinv, by_col, t, run_m, run_s, alpha);
       wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
@@ -550,6 +494,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
         for (int r = 0; r < 4; ++r) wg_fence_operand(pa[kk][r]);
     };
     const auto rescale = [&] {  // Forward: the output rows to the running max of the coefficients just formed
+      // Not where no row of the warp has a new max: alpha = e^0 = 1 exactly there, so the product would change
+      // nothing (after the first tiles of a split the usual case: 4 NT multiplications a thread per tile saved).
+      if (!warp_any(alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         acc[4 * j] *= alpha[0];

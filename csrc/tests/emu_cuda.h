@@ -326,6 +326,13 @@ V __shfl_xor_sync(unsigned, V v, int mask) {
   return emu::slot<V>(ex, emu::lane() ^ mask);
 }
 
+inline int __any_sync(unsigned, int p) {
+  const unsigned char* ex = emu::exchange(p);
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= emu::slot<int>(ex, l) != 0;
+  return any;
+}
+
 // The hardware's __expf: ex2.approx.ftz.f32 of x log2(e), the product rounded to float32 (a relative error of up to
 // |x| 2^-24 ln 2 in the result, the larger part of the documented 2 + 1.17 |x| ulp) and results below float32's
 // smallest normal (2^-126) flushed to 0. (ex2.approx's own error, ~2^-22 relative, is not modelled.) An exact exp
