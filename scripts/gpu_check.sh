@@ -19,7 +19,8 @@
 # python3 if it has a torch, else the .venv), ARCH (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability, 9.0a on an H100/H200 so that the
 # sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 450, at most 570: the device tool's
 # command limit is 600 s; the run ends within ~10 s of it, the summary last),
-# TEST_S (seconds for the tests, default 240), BENCH_S (seconds the tests leave to the benchmark, default 200; 0:
+# PROFILE_S (seconds for scripts/gpu_profile.sh, an Nsight Compute profile of the kernels the library picks,
+# after the build, into the log; default 0: none), TEST_S (seconds for the tests, default 240), BENCH_S (seconds the tests leave to the benchmark, default 200; 0:
 # no benchmark, e.g. a run that only tests), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network), and so is ninja's (without
@@ -171,6 +172,15 @@ timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_pac
   -k "libstdcxx or registered_op_checks or indices" || LINK_RC=$?
 [ "$LINK_RC" -eq 5 ] && LINK_RC=0
 [ "$LINK_RC" -ne 0 ] && echo "LINK CHECK FAILED (exit status $LINK_RC): see above"
+
+# Optional (PROFILE_S > 0 seconds): scripts/gpu_profile.sh, Nsight Compute on the kernels the library picks (the
+# extension just built), its summary into this log and its files into /tmp/cb_profile (OUTDIR keeps its 8 files).
+# ncu could not read the hardware counters on some of this project's GPU machines: a diagnostic, not a check.
+if [ "${PROFILE_S:-0}" -gt 0 ]; then
+  step "profile (scripts/gpu_profile.sh, at most $PROFILE_S s)"
+  PATH=${CUDA_HOME:+$CUDA_HOME/bin:}$PATH PYTHON=$PY timeout -k 10 "$PROFILE_S" bash scripts/gpu_profile.sh /tmp/cb_profile \
+    || echo "gpu_profile.sh: exit status $?"
+fi
 
 step "CUDA tests"
 TEST_RC=$LINK_RC

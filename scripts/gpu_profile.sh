@@ -4,7 +4,7 @@
 # Builds unless the extension for this interpreter is there and loads its CUDA kernels (or REBUILD is set), for
 # ARCH (default: the GPU's compute capability, 9.0a on an H100/H200). The opt-in kernels are profiled where their
 # switches are set in the environment (CONTRASTBOUND_TC_FLASH=1, CONTRASTBOUND_TC_WGMMA=1, ...: profile_tc.py runs
-# what the library picks). Not part of scripts/gpu_check.sh: Nsight Compute needs the GPU's hardware counters,
+# what the library picks). scripts/gpu_check.sh runs it only where PROFILE_S > 0: Nsight Compute needs the GPU's hardware counters,
 # which it could not read on this project's gVisor GPU machines ("LibraryNotLoaded"; it did on Firecracker ones);
 # bench_gpu.py --kernels (torch.profiler, which gpu_check.sh runs) gives each kernel's time everywhere.
 set -uo pipefail
