@@ -306,7 +306,8 @@ else
     echo "no time left for the wide-row benchmark"
   fi
   # A shared bank with a (B, K) negative_mask (each anchor's own class of 100 left out), and the same classes as
-  # labels (the tensor-core kernels' LEFT_OUT instances, never timed on hardware), against the same problem unmasked
+  # labels (on an H200 the wgmma kernels' masked path, elsewhere the mma.sync kernels' LEFT_OUT instances; neither
+  # timed on hardware yet), against the same problem unmasked
   # and naive masked; appended to the wide CSV (the device tool brings back at most 8 files).
   B4=$(( $(left) - 10 ))
   if [ "$MASK" -gt 0 ] && [ "$B4" -ge 30 ]; then

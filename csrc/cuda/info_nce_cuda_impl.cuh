@@ -1186,11 +1186,11 @@ bool tc_flash(int64_t d) {
   }
 }
 
-// Whether the flash-layout kernels serve problem p: not with a negative_mask or labels, which they do not test (the
-// mma.sync kernels serve them).
+// Whether the flash-layout kernels (or their wgmma versions) serve problem p; with a negative_mask or labels too
+// (fl_coefficients tests them per score, FlArgs::lo).
 template <typename T>
 bool tc_flash(const Problem& p) {
-  return !left_out_of(p).any() && tc_flash<T>(p.d);
+  return tc_flash<T>(p.d);
 }
 
 // Two Y stages unless CONTRASTBOUND_TC_STAGES=1 (one block per multiprocessor: nothing else hides the copies).
@@ -1387,6 +1387,7 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
       f.coef_bound = args.coef_bound;
       f.partial = args.partial;
       f.out_grad = args.out_grad;
+      f.lo = args.lo;  // the bank pass: X = bank rows, Y = anchors (fl_coefficients reads lo by (Y row, X row))
       e = launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
       if (e != cudaSuccess) return e;
       launched = true;
@@ -1451,6 +1452,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
           fa.scale = static_cast<const float*>(p.scale);
           fa.exclude_self = p.exclude_self;
           fa.excluded = p.excluded;
+          fa.lo = left_out_of(p);
           fa.x_inv = t.w.pr.a_inv;
           fa.y_inv = t.w.pr.n_inv;
           fa.coef_bound = bound;

@@ -42,6 +42,9 @@ struct FlArgs {
   void* out_grad = nullptr;       // BankGrads, one split: (X rows, d) in the input type
   float* part_max = nullptr;      // Forward: (chunks, X rows)
   float* part_sum = nullptr;
+  // negative_mask / labels (Problem::keep, labels): by (X row, Y row) for Forward (anchors, bank rows), by (Y row,
+  // X row) for BankGrads; tested per score by fl_coefficients where any() (the rows then never take its plain path)
+  LeftOut lo;
 };
 
 // One Y tile's column values, for this thread's column (threads 0 .. kFlCols - 1; the others keep the defaults):
@@ -107,8 +110,10 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 // layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's column arrays
 // (fl_store_cols). l = sc xinv[h] inv. Forward: c = e^{l - m} coef with m the running max (run_m, run_s updated;
 // alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); BankGrads:
-// c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex)
-// and, for BankGrads with an excluded array (by_col), the anchor a column leaves out (yex). A row with nothing to
+// c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex),
+// for BankGrads with an excluded array (by_col) the anchor a column leaves out (yex), and the (anchor, bank row)
+// pairs that a negative_mask or labels leave out (lo: one read of the mask byte, or of the bank row's label, per
+// score; the anchor is the X row in Forward, the Y row in BankGrads). A row with nothing to
 // leave out in this tile (every tile but the bank's last, the last X block's and the excluded diagonal's) takes a
 // path without the per-column tests; the coefficient factors were formed once per column (fl_load_cols). Masked
 // columns are left out by branches, not as -inf logits (in wgmma_kernel, -inf written into the score registers
@@ -116,8 +121,9 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 template <FlashMode MODE>
 __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* cols, int64_t y0, int64_t y_rows,
                                                 const int64_t (&row)[2], const int64_t (&row_ex)[2], int64_t x0,
-                                                int64_t x_rows, const float (&xinv)[2], bool by_col, int t,
-                                                float (&run_m)[2], float (&run_s)[2], float (&alpha)[2]) {
+                                                int64_t x_rows, const float (&xinv)[2], bool by_col,
+                                                const LeftOut& lo, int t, float (&run_m)[2], float (&run_s)[2],
+                                                float (&alpha)[2]) {
   const float* yinv = cols;
   const float* ylse = yinv + kFlCols;
   const float* ycoef = ylse + kFlCols;
@@ -131,9 +137,11 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
     const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
     // The same for the quad's four lanes (one row), so fl_quad_max's shuffles stay outside branches that differ
     // within a quad.
-    const bool plain = hlim == kFlCols && selfc < 0 && (MODE != FlashMode::BankGrads || !by_col);
-    const auto keep = [&](int col) {
-      return col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc);
+    const bool plain = hlim == kFlCols && selfc < 0 && (MODE != FlashMode::BankGrads || !by_col) && !lo.any();
+    const auto keep = [&](int col) {  // (col < hlim first: the mask and labels are read for rows in range only)
+      const int64_t y = y0 + col;
+      return col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc) &&
+             !(lo.any() && (MODE == FlashMode::Forward ? left_out(lo, row[h], y) : left_out(lo, y, row[h])));
     };
     if (MODE == FlashMode::Forward) {
       float tmax = -INFINITY;
@@ -352,7 +360,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // Coefficients in place of the scores (masked ones 0); Forward: the output rows to the new running max.
       float alpha[2];
       fl_coefficients<MODE>(reinterpret_cast<float(&)[32]>(sc), cols, y0, Y.rows, row, row_ex, x0, X.rows, xinv,
-                            a.excluded != nullptr, t, run_m, run_s, alpha);
+                            a.excluded != nullptr, a.lo, t, run_m, run_s, alpha);
       // (not where no row of the warp has a new max: alpha = e^0 = 1 exactly there)
       if (MODE == FlashMode::Forward && warp_any(alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll

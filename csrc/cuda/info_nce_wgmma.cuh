@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const bool by_col = a.excluded != nullptr;
     const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
       fl_coefficients<MODE>(sc, cols + (tile & 1) * 4 * kFlCols, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
-                            xinv, by_col, t, run_m, run_s, alpha);
+                            xinv, by_col, a.lo, t, run_m, run_s, alpha);
       wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
