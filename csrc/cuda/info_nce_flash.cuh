@@ -143,26 +143,24 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
       return col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc) &&
              !(lo.any() && (MODE == FlashMode::Forward ? left_out(lo, row[h], y) : left_out(lo, y, row[h])));
     };
+    // f(i, col) for row h's 16 scores of this thread: sc[i], i = 4 j + 2 h + e, is the tile's column 8 j + 2 t + e.
+    const auto each = [&](const auto& f) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) f(4 * j + 2 * h + e, 8 * j + 2 * t + e);
+    };
     if (MODE == FlashMode::Forward) {
       float tmax = -INFINITY;
       if (plain) {  // the logits kept in place of the scores (every column is kept)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
-            sc[4 * j + 2 * h + e] = l;
-            tmax = fmax_nan(tmax, l);
-          }
+        each([&](int i, int col) {
+          sc[i] = sc[i] * xinv[h] * yinv[col];
+          tmax = fmax_nan(tmax, sc[i]);
+        });
       } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            if (keep(col)) tmax = fmax_nan(tmax, sc[4 * j + 2 * h + e] * xinv[h] * yinv[col]);
-          }
+        each([&](int i, int col) {
+          if (keep(col)) tmax = fmax_nan(tmax, sc[i] * xinv[h] * yinv[col]);
+        });
       }
       tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
       const float mnew = fmax_nan(run_m[h], tmax);
@@ -173,51 +171,29 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
       // for one l = -inf under a finite m: no test per column.
       const float msub = mnew == -INFINITY ? 0.f : mnew;
       if (plain) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            const float p = __expf(sc[4 * j + 2 * h + e] - msub);
-            run_s[h] += p;  // this lane's part; the quad's parts are added at the end
-            sc[4 * j + 2 * h + e] = p * ycoef[col];
-          }
+        each([&](int i, int col) {
+          const float p = __expf(sc[i] - msub);
+          run_s[h] += p;  // this lane's part; the quad's parts are added at the end
+          sc[i] = p * ycoef[col];
+        });
       } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            float c = 0.f;
-            if (keep(col)) {
-              const float p = __expf(sc[4 * j + 2 * h + e] * xinv[h] * yinv[col] - msub);
-              run_s[h] += p;
-              c = p * ycoef[col];
-            }
-            sc[4 * j + 2 * h + e] = c;
+        each([&](int i, int col) {
+          float c = 0.f;
+          if (keep(col)) {
+            const float p = __expf(sc[i] * xinv[h] * yinv[col] - msub);
+            run_s[h] += p;
+            c = p * ycoef[col];
           }
+          sc[i] = c;
+        });
       }
     } else {
       alpha[h] = 1.f;
+      const auto coef = [&](int i, int col) { return ycoef[col] * __expf(sc[i] * xinv[h] * yinv[col] - ylse[col]); };
       if (plain) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            const float l = sc[4 * j + 2 * h + e] * xinv[h] * yinv[col];
-            sc[4 * j + 2 * h + e] = ycoef[col] * __expf(l - ylse[col]);
-          }
+        each([&](int i, int col) { sc[i] = coef(i, col); });
       } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + 2 * t + e;
-            float c = 0.f;
-            if (keep(col)) c = ycoef[col] * __expf(sc[4 * j + 2 * h + e] * xinv[h] * yinv[col] - ylse[col]);
-            sc[4 * j + 2 * h + e] = c;
-          }
+        each([&](int i, int col) { sc[i] = keep(col) ? coef(i, col) : 0.f; });
       }
     }
   }
