@@ -20,8 +20,9 @@
 # sm_90a wgmma kernels are built), MAX_JOBS (default 16), BUDGET_S (default 450, at most 570: the device tool's
 # command limit is 600 s; the run ends within ~10 s of it, the summary last),
 # PROFILE_S (seconds for scripts/gpu_profile.sh, an Nsight Compute profile of the kernels the library picks,
-# after the build, into the log; default 0: none), TEST_S (seconds for the tests, default 240), BENCH_S (seconds the tests leave to the benchmark, default 200; 0:
-# no benchmark, e.g. a run that only tests), TESTS (pytest selection, default tests),
+# after the build, into the log; default 0: none), TEST_S (seconds for the tests, default 240), BENCH_S (seconds
+# the tests leave to the benchmark, default 200; 0: no benchmark, e.g. a run that only tests), TESTS (pytest
+# selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network), and so is ninja's (without
 # ninja torch compiles the sources one after another and ignores MAX_JOBS). Fetch them beforehand on a machine with
@@ -178,8 +179,8 @@ timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_pac
 # ncu could not read the hardware counters on some of this project's GPU machines: a diagnostic, not a check.
 if [ "${PROFILE_S:-0}" -gt 0 ]; then
   step "profile (scripts/gpu_profile.sh, at most $PROFILE_S s)"
-  PATH=${CUDA_HOME:+$CUDA_HOME/bin:}$PATH PYTHON=$PY timeout -k 10 "$PROFILE_S" bash scripts/gpu_profile.sh /tmp/cb_profile \
-    || echo "gpu_profile.sh: exit status $?"
+  PATH=${CUDA_HOME:+$CUDA_HOME/bin:}$PATH PYTHON=$PY timeout -k 10 "$PROFILE_S" \
+    bash scripts/gpu_profile.sh /tmp/cb_profile || echo "gpu_profile.sh: exit status $?"
 fi
 
 step "CUDA tests"
@@ -210,12 +211,21 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   # its group's time left is named by -v alone). The opt-in groups print each test's name (-v); the default group
   # runs on 8 workers where pytest-xdist is installed (on an H200, 2026-12-04, 4 workers ran ~740 cases in the
   # 139 s the group had and were stopped at ~95 %; the machine has 16 cores, and the cases are small).
+  # Each worker's torch gets its share of the cores (OMP_NUM_THREADS, unless set): with torch's default, one thread
+  # per core in every worker, 8 workers ran up to 128 threads on 16 cores. In run 4 (2026-12-04) the slowest cases,
+  # whose CPU side (the CPU kernel, the float64 reference) is large, took 7-13 s each: 205 cases in the group's 77 s
+  # (oversubscription is this script's guess at why; not measured).
   XDIST=()
   "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+  NCPU=$(nproc 2>/dev/null || echo 8)
+  WORKER_THREADS=$(( NCPU / 8 > 0 ? NCPU / 8 : 1 ))
   run_tests() {  # NAME SECONDS VERBOSITY -k EXPR [FILES] [EXTRA...]
     local rc=0 name=$1 secs=$2 verb=$3 expr=$4 files=${5:-tests}
     shift 5 2>/dev/null || shift $#
-    timeout -s INT -k 10 "$secs" "$PY" -m pytest ${TESTS:-$files} ${IGNORE[@]+"${IGNORE[@]}"} "$verb" -m cuda \
+    local threads=${OMP_NUM_THREADS:-}
+    [ $# -gt 0 ] && [ "$1" = "-n" ] && threads=${OMP_NUM_THREADS:-$WORKER_THREADS}  # (an xdist group)
+    env ${threads:+OMP_NUM_THREADS=$threads} timeout -s INT -k 10 "$secs" \
+      "$PY" -m pytest ${TESTS:-$files} ${IGNORE[@]+"${IGNORE[@]}"} "$verb" -m cuda \
       -k "$expr" --continue-on-collection-errors -p no:cacheprovider $PER_TEST -rfE --tb=short --durations=5 \
       -o faulthandler_timeout=30 --junitxml="$OUT/pytest_cuda_$name.xml" "$@" || rc=$?
     [ "$rc" -eq 124 ] && echo "TESTS ($name) TIMED OUT after $secs s"
