@@ -719,21 +719,27 @@ def test_tensor_cores_with_mask_and_labels(monkeypatch, request, impl, left_out,
         assert "forward_shared_kernel" not in names and "backward_bank_kernel" not in names, names
 
 
-@pytest.mark.parametrize("problem", ["shared", "in_batch"])
+@pytest.mark.parametrize("problem", ["shared", "in_batch", "shared_labels"])
 def test_default_kernels_on_compute_capability_9(monkeypatch, problem):
     """The wgmma kernels are the default where they run (compute capability 9.0 and an extension with 9.0a code: on
-    an H200 they ran a bf16 step 1.5x faster than the mma.sync kernels); CONTRASTBOUND_TC_WGMMA=0 turns them off and
-    the mma.sync kernels serve, with the same loss and gradients to bf16's tolerance. Where they cannot run, =1 is
-    an error naming the variable and the default is the mma.sync kernels."""
+    an H200 they ran a bf16 step 1.5x faster than the mma.sync kernels), labels and negative_labels included;
+    CONTRASTBOUND_TC_WGMMA=0 turns them off and the mma.sync kernels serve, with the same loss and gradients to
+    bf16's tolerance. Where they cannot run, =1 is an error naming the variable and the default is the mma.sync
+    kernels."""
     for v in ("CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_FLASH", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_MMA",
               "CONTRASTBOUND_TENSOR_CORES"):
         monkeypatch.delenv(v, raising=False)
     a, p, n, _ = make_inputs("shared", B=200, K=0 if problem == "in_batch" else 1500, d=64, dtype=torch.bfloat16,
                              device=CUDA, seed=9)
     n = None if problem == "in_batch" else n
+    kw = {}
+    if problem == "shared_labels":  # 7 classes: about a seventh of each anchor's negatives left out
+        gen = torch.Generator().manual_seed(9)
+        kw = dict(labels=torch.randint(0, 7, (a.shape[0],), generator=gen).to(CUDA),
+                  negative_labels=torch.randint(0, 7, (n.shape[0],), generator=gen).to(CUDA))
 
     def step():
-        return _run(cb.info_nce, a, p, n, None, temperature=0.1)
+        return _run(cb.info_nce, a, p, n, None, temperature=0.1, **kw)
 
     monkeypatch.setenv("CONTRASTBOUND_TC_WGMMA", "1")
     try:
