@@ -984,7 +984,8 @@ inline bool tc_chunked(int64_t d) {
 // tensor-core kernel; wider rows, up to kTcMaxWideD (float16/bfloat16), on the mma.sync ones, which split each
 // rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
 // (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
-// A negative_mask or labels go to the kernels' LEFT_OUT instances (TcLseArgs::lo, TcRowsArgs::lo).
+// A negative_mask or labels go to the mma.sync / WMMA kernels' LEFT_OUT instances (TcLseArgs::lo, TcRowsArgs::lo);
+// the flash and wgmma kernels test them in fl_coefficients (FlArgs::lo).
 bool use_tc(const Problem& p) {
   if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;

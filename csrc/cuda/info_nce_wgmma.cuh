@@ -1,7 +1,7 @@
-// Experimental Hopper (sm_90a) version of the flash-layout kernels (info_nce_flash.cuh) with warpgroup MMA
-// (wgmma.mma_async). Included after info_nce_flash.cuh (FlashMode, FlArgs, kFlRows, kFlCols, fl_quad_*), inside
-// the same anonymous namespace; torch-free. Opt-in (CONTRASTBOUND_TC_WGMMA=1): launch_flash in info_nce_cuda_impl.cuh
-// runs these in place of flash_kernel where device_runs_sm90a() (see "Launching" below).
+// Hopper (sm_90a) version of the flash-layout kernels (info_nce_flash.cuh) with warpgroup MMA (wgmma.mma_async).
+// Included after info_nce_flash.cuh (FlashMode, FlArgs, kFlRows, kFlCols, fl_quad_*, fl_coefficients), inside the
+// same anonymous namespace; torch-free. The default where device_runs_sm90a() (tc_wgmma; CONTRASTBOUND_TC_WGMMA=0
+// turns it off): launch_flash in info_nce_cuda_impl.cuh runs these in place of flash_kernel (see "Launching" below).
 //
 // Same arguments, work split and outputs as flash_kernel<T, MODE, NT> (NT here: dpad / 8 with dpad = d rounded up
 // to 64, so 8, 16, 24 or 32; every product below has a shape fixed at compile time): a block of 256 threads owns
@@ -75,10 +75,12 @@
 // STATUS: the default on sm_90a (tc_wgmma). Passes the CPU emulation (csrc/tests/test_wgmma_emu.cpp,
 // csrc/tests/emu_wgmma.h) and compiles for sm_90a with HGMMA in the SASS. On an H200 (2026-12-04) the layout probe
 // (csrc/tests/wgmma_probe.cu) read every product as the PTX text says, tests/test_cuda.py's wgmma cases passed and
-// a bf16 step ran 1.5x faster than on the mma.sync kernels (B = 8192, K = 2^18, d = 256). ptxas keeps the wgmma instructions
-// asynchronous (scripts/cpp_tests.sh fails on its C7510-C7518 "serialized" notes) and, with the loops' trip counts
-// fixed by NT, adds no warpgroup.arrive of its own (its C7519 note, counted there; with a run-time d it added one
-// before each wgmma of the score loop and of an N = 16 / 32 / 48 / 64 branch for the last chunk).
+// a bf16 step ran 1.5x faster than on the mma.sync kernels (B = 8192, K = 2^18, d = 256); the shared coefficient code
+// (fl_coefficients: its path without per-column tests, the masks and labels) came later and has not run there yet.
+// ptxas keeps the wgmma instructions asynchronous (scripts/cpp_tests.sh fails on its C7510-C7518 "serialized" notes)
+// and, with the loops' trip counts fixed by NT, adds no warpgroup.arrive of its own (its C7519 note, counted there;
+// with a run-time d it added one before each wgmma of the score loop and of an N = 16 / 32 / 48 / 64 branch for the
+// last chunk).
 //
 // Launching (launch_flash / fl_slots via fl_with_kernel): only on compute capability 9.0 with code built for
 // sm_90a (the body traps elsewhere); grid = grid_for(f.xblocks * f.splits), block = kTcThreads (256), dynamic
