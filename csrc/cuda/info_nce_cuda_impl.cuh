@@ -206,9 +206,11 @@ template <typename acc_t>
 struct BackwardWork {
   Prepared<acc_t> pr;
   acc_t* grad_scratch = nullptr;
+  uint32_t* keep_bits = nullptr;  // TcRowsArgs::fl_keep_bits
 };
 
 float* carve_backward_tc(Carver& c, const Problem& p, int num_sms);  // tensor-core bank grads, further down
+uint32_t* carve_backward_keep_bits(Carver& c, const Problem& p);  // the flash-layout bank pass's mask bits
 
 template <typename acc_t>
 BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardArgs& a, int num_sms, bool tc) {
@@ -217,6 +219,7 @@ BackwardWork<acc_t> carve_backward(Carver& c, const Problem& p, const BackwardAr
   if (a.grad_negatives != nullptr) {
     if (p.mode == Mode::Shared && tc) {
       w.grad_scratch = reinterpret_cast<acc_t*>(carve_backward_tc(c, p, num_sms));  // acc_t is float here
+      w.keep_bits = carve_backward_keep_bits(c, p);
     } else if (p.mode == Mode::Shared) {
       const BankPlan b = plan_bank(p, num_sms);
       const int64_t BK = tile_rows(p.dtype);
@@ -985,7 +988,8 @@ inline bool tc_chunked(int64_t d) {
 // rows pass into slices of kTcSliceD features; whole rows where one X and one Y tile of them fit in shared memory
 // (d <= 848 on an H100 / H200, 592 on an A100, 336 on 99 KiB parts such as sm_86), else in chunks.
 // A negative_mask or labels go to the mma.sync / WMMA kernels' LEFT_OUT instances (TcLseArgs::lo, TcRowsArgs::lo);
-// the flash and wgmma kernels test them in fl_coefficients (FlArgs::lo).
+// the flash and wgmma kernels test them in fl_coefficients (FlArgs::keep_bits: the mask packed into bits per launch
+// by fl_left_out; FlArgs::x_labels, y_labels).
 bool use_tc(const Problem& p) {
   if (!p.tensor_cores || p.mode != Mode::Shared || p.d < 1) return false;
   if (p.dtype == DType::Float64 || (p.dtype == DType::Float32 && !p.tf32)) return false;
@@ -1188,7 +1192,7 @@ bool tc_flash(int64_t d) {
 }
 
 // Whether the flash-layout kernels (or their wgmma versions) serve problem p; with a negative_mask or labels too
-// (fl_coefficients tests them per score, FlArgs::lo).
+// (fl_coefficients tests them per score: FlArgs::keep_bits, x_labels, y_labels).
 template <typename T>
 bool tc_flash(const Problem& p) {
   return tc_flash<T>(p.d);
@@ -1317,12 +1321,14 @@ TcOperand<T> tc_operand(const void* ptr, const int64_t* stride, int64_t rows, in
 struct TcForwardWork {
   ForwardWork<float> w;
   float* v_partial = nullptr;  // (splits, B, d) when the anchor term is split over K
+  uint32_t* keep_bits = nullptr;  // the flash-layout forward with a negative_mask: (B, fl_keep_words(K)) words
 };
 
 TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
   TcForwardWork t;
   if (save && (tc_fused_fwd(p, save) || tc_flash_for(p))) {  // per-chunk V partials, merged by forward_merge
     t.w = carve_forward<float>(c, p, f, /*save=*/true, /*simt=*/false);
+    if (p.keep != nullptr && tc_flash_for(p)) t.keep_bits = c.take<uint32_t>(p.B * fl_keep_words(p.K));
     return t;
   }
   t.w = carve_forward<float>(c, p, f, /*save=*/false, /*simt=*/false);  // no per-chunk V: formed after the lse
@@ -1336,6 +1342,52 @@ TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f
 float* carve_backward_tc(Carver& c, const Problem& p, int num_sms) {
   const TcPlan bp = plan_tc_rows(p, p.K, p.B, num_sms, /*bank_pass=*/true);
   return bp.splits > 1 ? c.take<float>(bp.splits * p.K * (p.d + (bp.mma ? 1 : 0))) : nullptr;
+}
+
+// The mask bits of FlArgs::keep_bits from a (rows x cols) bool mask whose element (r, c) is keep[r sr + c sc]:
+// out[r words + w] bit b = keep(r, 32 w + b) (0 past cols). Thread i takes one word; consecutive threads take
+// consecutive r where sr <= sc (the reads of a warp then lie together when sr is 1), else consecutive w.
+__global__ void fl_keep_bits_kernel(const bool* keep, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
+                                    int64_t words, uint32_t* out) {
+  const int64_t n = rows * words;
+  const bool r_fast = sr <= sc;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = r_fast ? i % rows : i / words, w = r_fast ? i / rows : i % words;
+    uint32_t bits = 0;
+    const bool* src = keep + r * sr;
+    for (int b = 0; b < 32; ++b) {
+      const int64_t c = 32 * w + b;
+      if (c < cols && src[c * sc]) bits |= 1u << b;
+    }
+    out[r * words + w] = bits;
+  }
+}
+
+// Shared memory: the X tile (128 rows), one or two Y tiles and the column arrays (no output staging: the
+// epilogue writes from registers). A TcSmem so that tc_next_y serves it.
+// The negative_mask and labels of a flash-layout launch (FlArgs::keep_bits, x_labels, y_labels), from lo (the
+// (anchor, bank row) frame): bank_pass puts the bank rows in X (x_rows of them) and the anchors in Y (y_rows), the
+// forward the other way round. With a mask, packs it into bits (x_rows x fl_keep_words(y_rows) words of
+// workspace): one pass over the mask per launch, so that the kernels read one word per X row and tile instead of
+// a byte per score.
+cudaError_t fl_left_out(const LeftOut& lo, bool bank_pass, uint32_t* bits, int64_t x_rows, int64_t y_rows,
+                        cudaStream_t stream, FlArgs& f) {
+  f.x_labels = bank_pass ? lo.bank_labels : lo.labels;
+  f.y_labels = bank_pass ? lo.labels : lo.bank_labels;
+  if (lo.keep == nullptr) return cudaSuccess;
+  f.keep_bits = bits;
+  f.keep_words = fl_keep_words(y_rows);
+  const int64_t n = x_rows * f.keep_words;
+  if (n == 0) return cudaSuccess;
+  const int64_t sr = lo.keep_stride[bank_pass ? 1 : 0], sc = lo.keep_stride[bank_pass ? 0 : 1];
+  CB_LAUNCH(grid_for(std::min<int64_t>(ceil_div(n, kThreads), 4096)), kThreads, 0, stream, fl_keep_bits_kernel)(
+      lo.keep, sr, sc, x_rows, y_rows, f.keep_words, bits);
+  return cudaGetLastError();
+}
+
+// (bank rows, fl_keep_words(anchors)) words where the flash-layout bank pass serves p and p has a negative_mask.
+uint32_t* carve_backward_keep_bits(Carver& c, const Problem& p) {
+  return p.keep != nullptr && tc_flash_for(p) ? c.take<uint32_t>(p.K * fl_keep_words(p.B)) : nullptr;
 }
 
 // float16 only: *slot = max over the n rows of inv[i] |w[i]| *wscale (w null: 1), the bound behind the coefficient
@@ -1388,7 +1440,9 @@ cudaError_t launch_tc_rows(const TcOperand<T>& X, const TcOperand<T>& Y, TcRowsA
       f.coef_bound = args.coef_bound;
       f.partial = args.partial;
       f.out_grad = args.out_grad;
-      f.lo = args.lo;  // the bank pass: X = bank rows, Y = anchors (fl_coefficients reads lo by (Y row, X row))
+      // the bank pass: X = bank rows, Y = anchors
+      e = fl_left_out(args.lo, /*bank_pass=*/true, args.fl_keep_bits, X.rows, Y.rows, stream, f);
+      if (e != cudaSuccess) return e;
       e = launch_flash<T, FlashMode::BankGrads>(X, Y, f, stream);
       if (e != cudaSuccess) return e;
       launched = true;
@@ -1453,14 +1507,14 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
           fa.scale = static_cast<const float*>(p.scale);
           fa.exclude_self = p.exclude_self;
           fa.excluded = p.excluded;
-          fa.lo = left_out_of(p);
           fa.x_inv = t.w.pr.a_inv;
           fa.y_inv = t.w.pr.n_inv;
           fa.coef_bound = bound;
           fa.partial = t.w.part_w;
           fa.part_max = t.w.part_max;
           fa.part_sum = t.w.part_sum;
-          e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
+          e = fl_left_out(left_out_of(p), /*bank_pass=*/false, t.keep_bits, p.B, p.K, stream, fa);
+          if (e == cudaSuccess) e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
         } else {
           const TcLseArgs la = tc_lse_args(p, f, t.w);
           const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/true);
@@ -1513,7 +1567,7 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
 
 template <typename T>
 cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const float* g, const float* lse,
-                          float* scratch, T* grad, int num_sms, cudaStream_t stream) {
+                          float* scratch, uint32_t* keep_bits, T* grad, int num_sms, cudaStream_t stream) {
   const TcOperand<T> N = tc_operand<T>(p.negatives, p.negatives_stride, p.K, p.d);
   const TcOperand<T> A = tc_operand<T>(p.anchors, p.anchors_stride, p.B, p.d);
   TcRowsArgs ra;
@@ -1528,6 +1582,7 @@ cudaError_t bank_grads_tc(const Problem& p, const Prepared<float>& pr, const flo
   ra.lse = lse;
   ra.g = g;
   ra.partial = scratch;
+  ra.fl_keep_bits = keep_bits;
   ra.out_grad = grad;
   return launch_tc_rows<T>(N, A, ra, plan_tc_rows(p, p.K, p.B, num_sms, true), p.d, pr.tc_bound, g, ra.scale, stream);
 }
@@ -1577,7 +1632,8 @@ cudaError_t backward_typed(const Problem& p, const BackwardArgs& a, void* worksp
     scalar_t* gn = static_cast<scalar_t*>(a.grad_negatives);
     if (p.mode == Mode::Shared && tc) {
       if constexpr (TcType<scalar_t>::value) {
-        const cudaError_t e = bank_grads_tc<scalar_t>(p, w.pr, g, lse, w.grad_scratch, gn, num_sms, stream);
+        const cudaError_t e = bank_grads_tc<scalar_t>(p, w.pr, g, lse, w.grad_scratch, w.keep_bits, gn, num_sms,
+                                                        stream);
         if (e != cudaSuccess) return e;
       }
     } else if (p.mode == Mode::Shared) {

@@ -42,26 +42,46 @@ struct FlArgs {
   void* out_grad = nullptr;       // BankGrads, one split: (X rows, d) in the input type
   float* part_max = nullptr;      // Forward: (chunks, X rows)
   float* part_sum = nullptr;
-  // negative_mask / labels (Problem::keep, labels): by (X row, Y row) for Forward (anchors, bank rows), by (Y row,
-  // X row) for BankGrads; tested per score by fl_coefficients where any() (the rows then never take its plain path)
-  LeftOut lo;
+  // negative_mask (Problem::keep) as bits by (X row, Y row): keep_bits[x keep_words + y / 32] bit y % 32 set where
+  // Y row y is kept for X row x (fl_keep_bits_kernel packs them from the mask before the launch, in this launch's
+  // frame: Forward (anchor, bank row), BankGrads (bank row, anchor)); keep_words = fl_keep_words(Y rows). nullptr:
+  // no mask.
+  const uint32_t* keep_bits = nullptr;
+  int64_t keep_words = 0;
+  // labels: X row x and Y row y share a class where x_labels[x] == y_labels[y] (Forward: labels, bank_labels;
+  // BankGrads: bank_labels, labels); such a pair is left out. nullptr: no labels.
+  const int64_t* x_labels = nullptr;
+  const int64_t* y_labels = nullptr;
 };
+
+// The words of a row of FlArgs::keep_bits over n Y rows: whole 64-row tiles (two words each).
+__host__ __device__ __forceinline__ int64_t fl_keep_words(int64_t n) { return 2 * ((n + kFlCols - 1) / kFlCols); }
 
 // One Y tile's column values, for this thread's column (threads 0 .. kFlCols - 1; the others keep the defaults):
 // the inverse norm; the factor that turns the column's exponential into its coefficient (fl_coefficients):
 // tc_coef_inv(inv) for Forward, g s tc_coef_inv(inv) for BankGrads, formed here once per column rather than per
-// score; and for BankGrads the anchor's lse and the excluded offset (tc_col_excluded). The kernels load them a
-// tile ahead, into registers, and store them into the column arrays (fl_store_cols: inv, lse, coef as floats,
-// then ex as ints, kFlCols each) at the next barrier, so that the global loads' latency is hidden by a tile's
-// work instead of holding every warp at that barrier.
+// score; for BankGrads the anchor's lse and the excluded offset (tc_col_excluded); the column's label (y_labels).
+// And, from every thread (kTcThreads = 2 kFlRows), one word of the tile's mask bits: word threadIdx.x % 2 of X row
+// x0 + threadIdx.x / 2 (all ones without a mask). The kernels load them a tile ahead, into registers, and store
+// them into the tile's slot of the column arrays (fl_store_cols) at the next barrier, so that the global loads'
+// latency is hidden by a tile's work instead of holding every warp at that barrier.
 struct FlColVals {
   float inv = 0.f, lse = 0.f, coef = 0.f;
   int ex = -1;
+  long long lab = 0;
+  uint32_t mw = ~0u;
 };
+
+// A slot of the column arrays, in 4-byte words: inv, lse, coef (float), ex (int), kFlCols each; the labels
+// (int64, 2 kFlCols words); the mask words, two per X row (2 kFlRows = 4 kFlCols words).
+constexpr int kFlSlotWords = 10 * kFlCols;
+constexpr int kFlLabOffset = 4 * kFlCols;
+constexpr int kFlMaskOffset = 6 * kFlCols;
+static_assert(2 * kFlRows == 4 * kFlCols && kTcThreads == 2 * kFlRows, "one mask word per thread and tile");
 
 template <FlashMode MODE, typename T>
 __device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOperand<T>& Y, int64_t tile, int64_t x0,
-                                                  float cscale) {
+                                                  int64_t x_rows, float cscale) {
   FlColVals v;
   if (threadIdx.x < kFlCols) {
     const int64_t y = tile * kFlCols + threadIdx.x;
@@ -71,6 +91,11 @@ __device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOpera
     const float w = MODE == FlashMode::BankGrads ? (ok ? a.g[y] * read_scale(a.scale) : 0.f) : 1.f;
     v.coef = w * tc_coef_inv<T>(v.inv, cscale);
     v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
+    if (a.y_labels != nullptr) v.lab = ok ? a.y_labels[y] : 0;
+  }
+  if (a.keep_bits != nullptr) {
+    const int64_t x = x0 + threadIdx.x / 2;
+    v.mw = x < x_rows ? a.keep_bits[x * a.keep_words + 2 * tile + (threadIdx.x & 1)] : 0u;
   }
   return v;
 }
@@ -81,17 +106,25 @@ __device__ __forceinline__ void fl_store_cols(float* cols, const FlColVals& v) {
     cols[kFlCols + threadIdx.x] = v.lse;
     cols[2 * kFlCols + threadIdx.x] = v.coef;
     reinterpret_cast<int*>(cols + 3 * kFlCols)[threadIdx.x] = v.ex;
+    reinterpret_cast<long long*>(cols + kFlLabOffset)[threadIdx.x] = v.lab;
+  }
+  reinterpret_cast<uint32_t*>(cols + kFlMaskOffset)[threadIdx.x] = v.mw;
+}
+
+// The X rows' labels (kFlRows int64 after the column slots), for fl_coefficients; read after the next barrier.
+__device__ __forceinline__ void fl_store_xlab(long long* xlab, const FlArgs& a, int64_t x0, int64_t x_rows) {
+  if (a.x_labels != nullptr && threadIdx.x < kFlRows) {
+    const int64_t x = x0 + threadIdx.x;
+    xlab[threadIdx.x] = x < x_rows ? a.x_labels[x] : 0;
   }
 }
 
-// Shared memory: the X tile (128 rows), one or two Y tiles and the column arrays (no output staging: the
-// epilogue writes from registers). A TcSmem so that tc_next_y serves it.
 template <typename T>
 TcSmem fl_smem(int64_t d, int stages) {
   TcSmem m;
   size_t o = tc_operand_tiles<T>(m, d, stages, kFlRows, kFlCols, TcTraits<T>::PAD);
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * 4 * kFlCols);  // inv, lse, coef (float), ex (int): fl_store_cols
+  o = tc_align(o + sizeof(float) * kFlSlotWords + sizeof(long long) * kFlRows);  // one slot, the X rows' labels
   m.total = o;
   return m;
 }
@@ -107,41 +140,46 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 
 // The coefficients of one 64-column Y tile for this thread's two rows, in place of their scores, for flash_kernel
 // and wgmma_kernel alike: sc[4 j + 2 h + e] is row h (row[h], in X; the mma.sync C layout and wgmma's per-warp D
-// layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's column arrays
+// layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's slot of the column arrays
 // (fl_store_cols). l = sc xinv[h] inv. Forward: c = e^{l - m} coef with m the running max (run_m, run_s updated;
 // alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); BankGrads:
 // c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex),
-// for BankGrads with an excluded array (by_col) the anchor a column leaves out (yex), and the (anchor, bank row)
-// pairs that a negative_mask or labels leave out (lo: one read of the mask byte, or of the bank row's label, per
-// score; the anchor is the X row in Forward, the Y row in BankGrads). A row with nothing to
-// leave out in this tile (every tile but the bank's last, the last X block's and the excluded diagonal's) takes a
-// path without the per-column tests; the coefficient factors were formed once per column (fl_load_cols). Masked
-// columns are left out by branches, not as -inf logits (in wgmma_kernel, -inf written into the score registers
-// made ptxas serialize every wgmma of the kernel, note C7515).
+// for BankGrads with an excluded array (by_col) the anchor a column leaves out (yex), and the pairs that a
+// negative_mask (masked: the row's two mask words in the slot, one bit per column) or labels (xlab: the X rows'
+// labels, nullptr without labels; the column's label in the slot) leave out. A row with nothing to leave out in
+// this tile (without labels: every tile but the bank's last, the last X block's, the excluded diagonal's and those
+// where the mask drops a column) takes a path without the per-column tests; the coefficient factors were formed
+// once per column (fl_load_cols). Masked columns are left out by branches, not as -inf logits (in wgmma_kernel,
+// -inf written into the score registers made ptxas serialize every wgmma of the kernel, note C7515).
 template <FlashMode MODE>
 __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* cols, int64_t y0, int64_t y_rows,
                                                 const int64_t (&row)[2], const int64_t (&row_ex)[2], int64_t x0,
-                                                int64_t x_rows, const float (&xinv)[2], bool by_col,
-                                                const LeftOut& lo, int t, float (&run_m)[2], float (&run_s)[2],
+                                                int64_t x_rows, const float (&xinv)[2], bool by_col, bool masked,
+                                                const long long* xlab, int t, float (&run_m)[2], float (&run_s)[2],
                                                 float (&alpha)[2]) {
   const float* yinv = cols;
   const float* ylse = yinv + kFlCols;
   const float* ycoef = ylse + kFlCols;
   const int* yex = reinterpret_cast<const int*>(ycoef + kFlCols);
+  const long long* ylab = reinterpret_cast<const long long*>(cols + kFlLabOffset);
+  const uint32_t* ymask = reinterpret_cast<const uint32_t*>(cols + kFlMaskOffset);
   const int lim = static_cast<int>(min64(kFlCols, y_rows - y0));  // valid columns of this tile
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int hlim = row[h] < x_rows ? lim : 0;
     const int64_t dself = row_ex[h] - y0;
     const int selfc = (dself >= 0 && dself < kFlCols) ? static_cast<int>(dself) : -1;
-    const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex
+    const int xloc = static_cast<int>(row[h] - x0);  // BankGrads: compared with yex; the row in the slot's words
+    // The row's mask words (columns 0 .. 31, 32 .. 63) and label.
+    const uint32_t mw0 = masked ? ymask[2 * xloc] : ~0u, mw1 = masked ? ymask[2 * xloc + 1] : ~0u;
+    const long long rlab = xlab != nullptr ? xlab[xloc] : 0;
     // The same for the quad's four lanes (one row), so fl_quad_max's shuffles stay outside branches that differ
     // within a quad.
-    const bool plain = hlim == kFlCols && selfc < 0 && (MODE != FlashMode::BankGrads || !by_col) && !lo.any();
-    const auto keep = [&](int col) {  // (col < hlim first: the mask and labels are read for rows in range only)
-      const int64_t y = y0 + col;
+    const bool plain = hlim == kFlCols && selfc < 0 && (MODE != FlashMode::BankGrads || !by_col) &&
+                       (mw0 & mw1) == ~0u && xlab == nullptr;
+    const auto keep = [&](int col) {
       return col < hlim && col != selfc && (MODE != FlashMode::BankGrads || yex[col] != xloc) &&
-             !(lo.any() && (MODE == FlashMode::Forward ? left_out(lo, row[h], y) : left_out(lo, y, row[h])));
+             (((col < 32 ? mw0 : mw1) >> (col & 31)) & 1u) && !(xlab != nullptr && ylab[col] == rlab);
     };
     // f(i, col) for row h's 16 scores of this thread: sc[i], i = 4 j + 2 h + e, is the tile's column 8 j + 2 t + e.
     const auto each = [&](const auto& f) {
@@ -265,6 +303,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
   float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // the column arrays (fl_store_cols)
+  long long* const xlab = reinterpret_cast<long long*>(cols + kFlSlotWords);  // the X rows' labels (fl_store_xlab)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   // ldmatrix row addresses (PTX fragment layouts as in info_nce_tc.cuh): A = the warp's 16 X rows; B of the
   // score product = Y rows 16 q + yrow (n8 tiles 2q, 2q + 1); B of the second product (.trans) = Y rows
@@ -282,6 +321,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
     __syncthreads();  // the previous unit's X tile and Y buffers are no longer read
     tc_issue<T, kFlRows>(xs, m.ld, X, x0, a.d, m.dpad);
+    fl_store_xlab(xlab, a, x0, X.rows);  // read after the first tile's barriers
     tc_commit();
     tc_wait<0>();
     int64_t row[2], row_ex[2];
@@ -303,14 +343,14 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     const int64_t y_end = min64(Y.rows, t_end * kFlCols);
-    FlColVals cv = t_begin < t_end ? fl_load_cols<MODE>(a, Y, t_begin, x0, cscale) : FlColVals{};  // this tile's, ahead
+    FlColVals cv = t_begin < t_end ? fl_load_cols<MODE>(a, Y, t_begin, x0, X.rows, cscale) : FlColVals{};  // this tile's, ahead
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t y0 = tile * kFlCols;
       __syncthreads();  // the Y buffer about to be refilled and the column arrays are consumed
       const T* ys = tc_next_y<T>(tc_raw, m, Y, y0, y_end, static_cast<int>(tile - t_begin), a.d);
       fl_store_cols(cols, cv);
       __syncthreads();
-      if (tile + 1 < t_end) cv = fl_load_cols<MODE>(a, Y, tile + 1, x0, cscale);  // used at the next tile's store
+      if (tile + 1 < t_end) cv = fl_load_cols<MODE>(a, Y, tile + 1, x0, X.rows, cscale);  // used at the next tile's store
       // Scores of the warp's 16 rows x the tile's 64 columns: sc[j] is n8 tile j (C layout).
       float sc[8][4];
 #pragma unroll
@@ -336,7 +376,8 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // Coefficients in place of the scores (masked ones 0); Forward: the output rows to the new running max.
       float alpha[2];
       fl_coefficients<MODE>(reinterpret_cast<float(&)[32]>(sc), cols, y0, Y.rows, row, row_ex, x0, X.rows, xinv,
-                            a.excluded != nullptr, a.lo, t, run_m, run_s, alpha);
+                            a.excluded != nullptr, a.keep_bits != nullptr, a.x_labels != nullptr ? xlab : nullptr, t,
+                            run_m, run_s, alpha);
       // (not where no row of the warp has a new max: alpha = e^0 = 1 exactly there)
       if (MODE == FlashMode::Forward && warp_any(alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll

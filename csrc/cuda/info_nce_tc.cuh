@@ -389,6 +389,9 @@ struct TcRowsArgs {
   // negative_mask / labels in the (anchor, bank row) frame: (x, y) for the anchor term, (y, x) for bank grads;
   // read by the kernels' LEFT_OUT instances only.
   LeftOut lo;
+  // The flash-layout bank pass with a negative_mask: workspace for its mask bits in that pass's frame (bank rows x
+  // fl_keep_words(anchors) words; fl_left_out packs them); nullptr otherwise.
+  uint32_t* fl_keep_bits = nullptr;
   bool lse_on_x = true;          // anchor term (lse indexed by X row) or bank grads (by Y row)
   const float* x_inv = nullptr;  // (X rows,)
   const float* x_proj = nullptr;  // bank grads: Jacobian factor of the X (bank) rows

@@ -321,7 +321,8 @@ TcSmem wg_smem(int64_t d) {
   o = tc_align(o + sizeof(T) * static_cast<size_t>(m.dpad) * kFlCols);
   m.stages = 3;
   m.s = m.p = m.cols = o;
-  o = tc_align(o + sizeof(float) * kWgColSlots * 4 * kFlCols);  // per slot: inv, lse, coef (float), ex (int)
+  // the column slots (fl_store_cols), then the X rows' labels (fl_store_xlab)
+  o = tc_align(o + sizeof(float) * kWgColSlots * kFlSlotWords + sizeof(long long) * kFlRows);
   m.total = o;
   return m;
 }
@@ -391,7 +392,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
-  float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // slot s: cols + 4 kFlCols s (see put_cols)
+  float* const cols = reinterpret_cast<float*>(tc_raw + m.cols);  // slot s: cols + kFlSlotWords s (store_cols)
+  // The X rows' labels (fl_store_xlab), after the slots
+  long long* const xlab = reinterpret_cast<long long*>(cols + kWgColSlots * kFlSlotWords);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2;  // warpgroup: X rows 64 wg .. 64 wg + 63 of the block; warp = 4 wg + (warp & 3)
   const uint64_t xdesc = wg_x_desc(smem_u32(xs), wg);
@@ -408,9 +411,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     // Tile `tile`'s column values (fl_load_cols) into slot tile % 2 of the column arrays. Loaded right after the
     // barrier of tile - 2 and stored late in that step, so that the global loads' latency hides behind the tensor
     // cores' work rather than stalling every warp at the next barrier.
-    const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0, cscale); };
+    const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0, X.rows, cscale); };
     const auto store_cols = [&](int64_t tile, const FlColVals& v) {
-      fl_store_cols(cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * 4 * kFlCols, v);
+      fl_store_cols(cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * kFlSlotWords, v);
     };
     __syncthreads();  // the previous unit's X tile, Y buffers and columns are no longer read (its wgmma waited for)
     // Prologue: X with tile t_begin (one cp.async group), tile t_begin + 1 (a second); wait for the first.
@@ -427,6 +430,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       tc_wait<0>();
     }
     if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
+    fl_store_xlab(xlab, a, x0, X.rows);
     if (t_begin < t_end) store_cols(t_begin, load_cols(t_begin));
     if (t_begin + 1 < t_end) store_cols(t_begin + 1, load_cols(t_begin + 1));
     __syncthreads();  // X, tile t_begin and the columns of tiles t_begin and t_begin + 1 are complete
@@ -456,10 +460,11 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     // fragments of the output product: pa[kk] = K slice kk (Y rows 16 kk ..) = n8 tiles 2 kk, 2 kk + 1. Forward:
     // the running max and sum are updated here; alpha[h] = e^{m_old - m_new} is the factor for the output rows,
     // applied by the caller once the product that accumulates into them has completed.
-    const bool by_col = a.excluded != nullptr;
+    const bool by_col = a.excluded != nullptr, masked = a.keep_bits != nullptr;
+    const long long* const labelled = a.x_labels != nullptr ? xlab : nullptr;
     const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
-      fl_coefficients<MODE>(sc, cols + (tile & 1) * 4 * kFlCols, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
-                            xinv, by_col, a.lo, t, run_m, run_s, alpha);
+      fl_coefficients<MODE>(sc, cols + (tile & 1) * kFlSlotWords, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
+                            xinv, by_col, masked, labelled, t, run_m, run_s, alpha);
       wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
