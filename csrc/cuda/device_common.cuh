@@ -110,6 +110,24 @@ __device__ __forceinline__ float fmax_nan(float a, float b) {
 #endif
 }
 
+// 2^x as the hardware's ex2.approx.ftz.f32 (one MUFU instruction; __expf(x) is this of x log2(e), a multiplication
+// more): -inf -> 0, +inf -> +inf, NaN -> NaN, results below 2^-126 flushed to 0. On the host (the CPU emulation):
+// std::exp2 with the same flush.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(CONTRASTBOUND_EMULATE)
+  const float r = std::exp2(x);
+  return std::fpclassify(r) == FP_SUBNORMAL ? 0.f : r;
+#elif defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);  // (nvcc's host pass: never run)
+#endif
+}
+constexpr float kLog2e = 1.44269504088896341f;  // log2(e): e^x = 2^(x log2(e))
+constexpr float kLn2 = 0.693147180559945309f;    // ln(2)
+
 // Whether p holds on any lane of the warp (every lane calls it: a warp collective).
 __device__ __forceinline__ bool warp_any(bool p) { return __any_sync(kFullMask, p) != 0; }
 

@@ -87,7 +87,7 @@ __device__ __forceinline__ FlColVals fl_load_cols(const FlArgs& a, const TcOpera
     const int64_t y = tile * kFlCols + threadIdx.x;
     const bool ok = y < Y.rows;
     v.inv = ok ? a.y_inv[y] : 0.f;
-    v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] : 0.f;
+    v.lse = (ok && MODE == FlashMode::BankGrads) ? a.lse[y] * kLog2e : 0.f;  // in base 2 (fl_coefficients)
     const float w = MODE == FlashMode::BankGrads ? (ok ? a.g[y] * read_scale(a.scale) : 0.f) : 1.f;
     v.coef = w * tc_coef_inv<T>(v.inv, cscale);
     v.ex = MODE == FlashMode::BankGrads ? tc_col_excluded(a.excluded, y, Y.rows, x0, kFlRows) : -1;
@@ -141,7 +141,8 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 // The coefficients of one 64-column Y tile for this thread's two rows, in place of their scores, for flash_kernel
 // and wgmma_kernel alike: sc[4 j + 2 h + e] is row h (row[h], in X; the mma.sync C layout and wgmma's per-warp D
 // layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's slot of the column arrays
-// (fl_store_cols). l = sc xinv[h] inv. Forward: c = e^{l - m} coef with m the running max (run_m, run_s updated;
+// (fl_store_cols). l = sc xinv inv with xinv the row factor; xl2[h] = xinv log2(e), as the exponentials are taken
+// in base 2. Forward: c = e^{l - m} coef with m the running max (run_m, in base 2: m log2(e); run_s updated;
 // alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); BankGrads:
 // c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex),
 // for BankGrads with an excluded array (by_col) the anchor a column leaves out (yex), and the pairs that a
@@ -154,7 +155,7 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 template <FlashMode MODE>
 __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* cols, int64_t y0, int64_t y_rows,
                                                 const int64_t (&row)[2], const int64_t (&row_ex)[2], int64_t x0,
-                                                int64_t x_rows, const float (&xinv)[2], bool by_col, bool masked,
+                                                int64_t x_rows, const float (&xl2)[2], bool by_col, bool masked,
                                                 const long long* xlab, int t, float (&run_m)[2], float (&run_s)[2],
                                                 float (&alpha)[2]) {
   const float* yinv = cols;
@@ -189,28 +190,33 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
         for (int e = 0; e < 2; ++e) f(4 * j + 2 * h + e, 8 * j + 2 * t + e);
     };
     if (MODE == FlashMode::Forward) {
+      // The running max and sum in base 2: l2 = l log2(e) = t xl2 with t = sc inv (xl2 >= 0: the scale is positive,
+      // or NaN). The tile max of l2 is xl2 times that of t (x -> x xl2 rounds monotonically), so the scores become
+      // t in place, and each exponential is 2^(t xl2 - m2), one fused multiply-add and one ex2.
       float tmax = -INFINITY;
-      if (plain) {  // the logits kept in place of the scores (every column is kept)
+      if (plain) {  // every column is kept
         each([&](int i, int col) {
-          sc[i] = sc[i] * xinv[h] * yinv[col];
+          sc[i] *= yinv[col];
           tmax = fmax_nan(tmax, sc[i]);
         });
       } else {
         each([&](int i, int col) {
-          if (keep(col)) tmax = fmax_nan(tmax, sc[i] * xinv[h] * yinv[col]);
+          if (keep(col)) tmax = fmax_nan(tmax, sc[i] * yinv[col]);
         });
       }
       tmax = fl_quad_max(tmax);  // the quad holds the row's 64 columns
-      const float mnew = fmax_nan(run_m[h], tmax);
-      alpha[h] = run_m[h] == -INFINITY ? 0.f : __expf(run_m[h] - mnew);
+      // (no kept column: -inf, not xl2 (-inf), which is NaN where xl2 = 0)
+      const float lmax = tmax == -INFINITY ? -INFINITY : tmax * xl2[h];
+      const float mnew = fmax_nan(run_m[h], lmax);
+      alpha[h] = run_m[h] == -INFINITY ? 0.f : fast_exp2(run_m[h] - mnew);
       run_m[h] = mnew;
       run_s[h] *= alpha[h];
-      // e^{l - m}: where m = -inf every kept l is -inf (m is their max), and e^{-inf - 0} = 0, as e^{-inf - m} is
-      // for one l = -inf under a finite m: no test per column.
+      // 2^{l2 - m2}: where m2 = -inf every kept l2 is -inf (m2 is their max), and 2^{-inf - 0} = 0, as 2^{-inf - m2}
+      // is for one l2 = -inf under a finite m2: no test per column.
       const float msub = mnew == -INFINITY ? 0.f : mnew;
       if (plain) {
         each([&](int i, int col) {
-          const float p = __expf(sc[i] - msub);
+          const float p = fast_exp2(fmaf(sc[i], xl2[h], -msub));
           run_s[h] += p;  // this lane's part; the quad's parts are added at the end
           sc[i] = p * ycoef[col];
         });
@@ -218,7 +224,7 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
         each([&](int i, int col) {
           float c = 0.f;
           if (keep(col)) {
-            const float p = __expf(sc[i] * xinv[h] * yinv[col] - msub);
+            const float p = fast_exp2(fmaf(sc[i] * yinv[col], xl2[h], -msub));
             run_s[h] += p;
             c = p * ycoef[col];
           }
@@ -227,7 +233,10 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
       }
     } else {
       alpha[h] = 1.f;
-      const auto coef = [&](int i, int col) { return ycoef[col] * __expf(sc[i] * xinv[h] * yinv[col] - ylse[col]); };
+      // e^{l - lse} = 2^{t xl2 - lse log2(e)} (t = sc inv; the column's lse log2(e) from fl_load_cols)
+      const auto coef = [&](int i, int col) {
+        return ycoef[col] * fast_exp2(fmaf(sc[i] * yinv[col], xl2[h], -ylse[col]));
+      };
       if (plain) {
         each([&](int i, int col) { sc[i] = coef(i, col); });
       } else {
@@ -254,7 +263,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
     if (MODE == FlashMode::Forward) {
       const float s = fl_quad_sum(run_s[h]);
       if (ok && t == 0) {
-        a.part_max[split * X.rows + r] = run_m[h];
+        a.part_max[split * X.rows + r] = run_m[h] * kLn2;  // (run_m is in base 2; the sum is 2^{l2 - m2} = e^{l - m})
         a.part_sum[split * X.rows + r] = s;
       }
     }
@@ -325,7 +334,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     tc_commit();
     tc_wait<0>();
     int64_t row[2], row_ex[2];
-    float xinv[2], run_m[2], run_s[2];
+    float xl2[2], run_m[2], run_s[2];  // xl2: the row factor times log2(e) (fl_coefficients)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
@@ -333,7 +342,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // column (yex).
       row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
-      xinv[h] = ok ? row_factor(a.x_inv[row[h]], read_scale(a.scale)) : 0.f;
+      xl2[h] = ok ? row_factor(a.x_inv[row[h]] * kLog2e, read_scale(a.scale)) : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }
@@ -375,7 +384,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       }
       // Coefficients in place of the scores (masked ones 0); Forward: the output rows to the new running max.
       float alpha[2];
-      fl_coefficients<MODE>(reinterpret_cast<float(&)[32]>(sc), cols, y0, Y.rows, row, row_ex, x0, X.rows, xinv,
+      fl_coefficients<MODE>(reinterpret_cast<float(&)[32]>(sc), cols, y0, Y.rows, row, row_ex, x0, X.rows, xl2,
                             a.excluded != nullptr, a.keep_bits != nullptr, a.x_labels != nullptr ? xlab : nullptr, t,
                             run_m, run_s, alpha);
       // (not where no row of the warp has a new max: alpha = e^0 = 1 exactly there)

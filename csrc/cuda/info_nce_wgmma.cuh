@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     __syncthreads();  // X, tile t_begin and the columns of tiles t_begin and t_begin + 1 are complete
     // This thread's rows, as in flash_kernel: 16 warp + g + 8 h of the block (= 64 wg + 16 (warp & 3) + ...).
     int64_t row[2], row_ex[2];
-    float xinv[2], run_m[2], run_s[2];
+    float xl2[2], run_m[2], run_s[2];  // xl2: the row factor times log2(e) (fl_coefficients)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = x0 + 16 * warp + g + 8 * h;
@@ -444,7 +444,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // column (yex).
       row_ex[h] = excluded_row(a.exclude_self, MODE == FlashMode::BankGrads ? nullptr : a.excluded, row[h], X.rows);
       const bool ok = row[h] < X.rows;
-      xinv[h] = ok ? row_factor(a.x_inv[row[h]], read_scale(a.scale)) : 0.f;
+      xl2[h] = ok ? row_factor(a.x_inv[row[h]] * kLog2e, read_scale(a.scale)) : 0.f;
       run_m[h] = -INFINITY;
       run_s[h] = 0.f;
     }
@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const long long* const labelled = a.x_labels != nullptr ? xlab : nullptr;
     const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
       fl_coefficients<MODE>(sc, cols + (tile & 1) * kFlSlotWords, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
-                            xinv, by_col, masked, labelled, t, run_m, run_s, alpha);
+                            xl2, by_col, masked, labelled, t, run_m, run_s, alpha);
       wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
