@@ -43,7 +43,13 @@ def load(paths) -> list[dict]:
     rows, where = [], {}
     for path in paths:
         with open(path, newline="") as f:
-            for r in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            missing = {"problem", "impl", "K"} - set(reader.fieldnames or ())
+            if missing:
+                # e.g. bench_gpu_opt_in_kernels.csv (per-kernel rows), caught by a glob of bench_gpu*.csv
+                raise ValueError(f"{path}: not a bench_gpu.py results CSV (no column {', '.join(sorted(missing))}; "
+                                 f"per-kernel CSVs such as bench_gpu_opt_in_kernels.csv are not summarised)")
+            for r in reader:
                 key = (r.get("problem"), r.get("impl"), r.get("K"))
                 if key not in where:
                     where[key] = len(rows)
@@ -145,7 +151,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 64
-    rows = load(argv)
+    try:
+        rows = load(argv)
+    except (OSError, ValueError) as e:
+        print(f"gpu_summary: {e}", file=sys.stderr)
+        return 2
     lines, best = summarise(rows)
     if not lines:
         print("gpu_summary: no fused rows in " + ", ".join(argv))

@@ -126,6 +126,21 @@ def test_gpu_summary_targets(tmp_path, capsys):
     assert "shared: no variant ran without failures" in capsys.readouterr().out
 
 
+def test_gpu_summary_names_a_csv_it_cannot_read(tmp_path, capsys):
+    # A glob of bench_gpu*.csv also catches the per-kernel CSV, whose rows have no problem column: a message naming
+    # the file, exit status 2, not a KeyError.
+    summary = load_module(_SUMMARY)
+    main = _csv(tmp_path / "bench_gpu.csv", [_r("fused", 2**18, 30.0, 20)])
+    kernels = tmp_path / "bench_gpu_opt_in_kernels.csv"
+    kernels.write_text("impl,B,K,d,kernel,calls,ms\nfused,8192,262144,256,wgmma_kernel,1,7.0\n")
+    assert summary.main([main, str(kernels)]) == 2
+    err = capsys.readouterr().err
+    assert "bench_gpu_opt_in_kernels.csv: not a bench_gpu.py results CSV (no column problem" in err
+    assert summary.main([main, str(tmp_path / "absent.csv")]) == 2
+    assert "absent.csv" in capsys.readouterr().err
+    assert summary.main([main]) == 0
+
+
 def test_gpu_summary_help(capsys):
     summary = load_module(_SUMMARY)
     assert summary.main(["--help"]) == 0 and summary.main([]) == 64
