@@ -655,7 +655,9 @@ def _cuda_kernel_names(fn) -> set[str]:
 
 @pytest.mark.parametrize("dtype,impl", [(dt, impl) for dt in (torch.bfloat16, torch.float16) for impl in TC_IMPLS]
                          + [(torch.float32, "wmma")], ids=str)  # (float32: the WMMA kernels, as TF32)
-@pytest.mark.parametrize("left_out", ["labels", "both"])  # (both: a mask and labels)
+# (both: a mask and labels; sparse: a mask dropping ~0.5 % of the pairs, so that most rows of most tiles keep every
+# column and take the flash / wgmma kernels' path without tests beside rows that drop one)
+@pytest.mark.parametrize("left_out", ["labels", "both", "sparse"])
 @pytest.mark.parametrize(
     "B,K,d,in_batch",
     [
@@ -679,9 +681,9 @@ def test_tensor_cores_with_mask_and_labels(monkeypatch, request, impl, left_out,
     g = torch.Generator().manual_seed(K + d)
     y = torch.randint(0, 7, (B,), generator=g)
     yn = y if in_batch else torch.randint(0, 7, (K,), generator=g)
-    mask = torch.rand(B, K, generator=g) > 0.3
+    mask = torch.rand(B, K, generator=g) > (0.005 if left_out == "sparse" else 0.3)
     kw, keep = {}, torch.ones(B, K, dtype=torch.bool)
-    if left_out in ("mask", "both"):
+    if left_out in ("mask", "both", "sparse"):
         kw["negative_mask"] = mask.to(CUDA)
         keep &= mask
     if left_out in ("labels", "both"):
@@ -713,6 +715,8 @@ def test_tensor_cores_with_mask_and_labels(monkeypatch, request, impl, left_out,
             pytest.skip("torch.profiler recorded no CUDA kernels (CUPTI unavailable)")
         if impl in ("flash", "wgmma") and dtype != torch.float32 and d <= 256:  # their one-pass forward and bank pass
             assert f"{impl}_kernel" in names and "mma_lse_kernel" not in names and "mma_rows_kernel" not in names, names
+            # the mask reaches them as bits packed per launch (fl_keep_bits_kernel), labels need no such pass
+            assert ("fl_keep_bits_kernel" in names) == ("negative_mask" in kw), names
         else:
             family = "tc_" if impl == "wmma" or dtype == torch.float32 else "mma_"
             assert f"{family}lse_kernel" in names and f"{family}rows_kernel" in names, names

@@ -704,6 +704,13 @@ std::vector<Case> cases(bool quick) {
   c.B = 23, c.K = 130, c.d = 40, c.mask = 0.2, c.labels = 5;  // negative_mask and labels (every kernel family)
   c.own_seed = 2030;
   add(c);
+  // A sparse mask: most (row, tile) pairs keep every column, so that the wgmma / flash kernels' rows take the plain
+  // path beside rows with a dropped column in the same warp and tile (fl_coefficients decides per row from its mask
+  // words); 150 anchors, a partial second block of 128; row 0 drops every column, row 1 the first half.
+  c = Case();
+  c.B = 150, c.K = 300, c.d = 32, c.mask = 0.002;
+  c.own_seed = 2031;
+  add(c);
   return cs;
 }
 
