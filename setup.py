@@ -7,6 +7,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST="8.0;9.0a"  GPU architectures (honoured by torch's build helpers)
   CONTRASTBOUND_DEBUG=1            -O0 -g
   CONTRASTBOUND_LINK_LIBSTDCXX=0   do not name torch's libstdc++ on the link line (see _libstdcxx_link_args)
+  CONTRASTBOUND_WG_TIMING=1        diagnostic CUDA build: the wgmma kernels time their phases and print them after
+                                   each launch (benchmarks/wg_timing.py reads them); not for training
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def _extension():
         # -compress-all: the per-dtype parts' cubins are compressed in the fat binary too (uncompressed they
         # doubled the library's size when the kernels were split over three files).
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xfatbin", "-compress-all"]
+        if os.environ.get("CONTRASTBOUND_WG_TIMING", "0") == "1":
+            nvcc.append("-DCONTRASTBOUND_WG_TIMING=1")
         return CUDAExtension(
             "contrastbound._C",
             sources,

@@ -29,7 +29,9 @@ ctest --test-dir cmake-build --output-on-failure --no-tests=error
 if command -v nvcc >/dev/null; then
   # (contrastbound_cuda_cxx17_check: the same sources as C++17, the dialect of torch 2.5-2.11's extension build)
   # (contrastbound_wgmma_probe_check: csrc/tests/wgmma_probe.cu for sm_90a, as scripts/gpu_check.sh builds it)
+  # (contrastbound_wg_timing_check: the bfloat16 part with CONTRASTBOUND_WG_TIMING, the diagnostic build)
   ls cmake-build/CMakeFiles/contrastbound_cuda_{compile,cxx17}_check.dir/csrc/cuda/*.o \
+    cmake-build/CMakeFiles/contrastbound_wg_timing_check.dir/csrc/cuda/*.o \
     cmake-build/CMakeFiles/contrastbound_wgmma_probe_check.dir/csrc/tests/*.o 2>/dev/null \
     | sed 's/^/nvcc compiled: /' || echo "nvcc found, but there are no CUDA sources to compile"
   # Where the spills sit (loop depth, share of the loop), read from the machine code: a report, never a failure.

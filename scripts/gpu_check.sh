@@ -21,8 +21,9 @@
 # command limit is 600 s; the run ends within ~10 s of it, the summary last),
 # PROFILE_S (seconds for scripts/gpu_profile.sh, an Nsight Compute profile of the kernels the library picks,
 # after the build, into the log; default 0: none), TEST_S (seconds for the tests, default 240), BENCH_S (seconds
-# the tests leave to the benchmark, default 200; 0: no benchmark, e.g. a run that only tests), TESTS (pytest
-# selection, default tests),
+# the tests leave to the benchmark, default 200; 0: no benchmark, e.g. a run that only tests), TIMING_S (seconds
+# for the wgmma kernels' phase timing after the benchmark, benchmarks/wg_timing.py on a diagnostic build in
+# /tmp/cb_timing, ~60 s of it the build; default 0: none), TESTS (pytest selection, default tests),
 # BENCH_ARGS (extra arguments of bench_gpu.py). Wheels of the peer libraries (inf_cl, cut_cross_entropy) found
 # in .whl/ are installed into a temporary folder first (the GPU machine has no network), and so is ninja's (without
 # ninja torch compiles the sources one after another and ignores MAX_JOBS). Fetch them beforehand on a machine with
@@ -55,6 +56,7 @@ cd "$(dirname "$0")/.." || exit 1
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 BENCH_S=${BENCH_S:-200}
+TIMING_S=${TIMING_S:-0}
 [ "$BUDGET_S" -gt 570 ] && { echo "BUDGET_S=$BUDGET_S capped at 570"; BUDGET_S=570; }
 # Python's output as it comes (a killed run keeps what it printed; tables are printed without flush)
 export PYTHONUNBUFFERED=1
@@ -189,7 +191,7 @@ if "$PY" -c 'import pytest' 2>/dev/null; then
   # The benchmark phase (the main run, which measures K = 2^14, 2^18, 2^22 first, the opt-in families and the
   # wide rows) keeps BENCH_S (200 s by default).
   T=${TEST_S:-240}
-  [ "$T" -gt $(( $(left) - BENCH_S )) ] && T=$(( $(left) - BENCH_S ))
+  [ "$T" -gt $(( $(left) - BENCH_S - TIMING_S )) ] && T=$(( $(left) - BENCH_S - TIMING_S ))
   [ "$T" -lt 30 ] && T=30
   PER_TEST=""
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout=120"
@@ -262,7 +264,7 @@ fi
 
 step "GPU benchmark"
 BENCH_RC=0
-B=$(( $(left) - 20 ))
+B=$(( $(left) - 20 - TIMING_S ))
 if [ "$BENCH_S" -eq 0 ]; then
   echo "BENCH_S=0: no benchmark"
 elif [ "$B" -lt 30 ]; then
@@ -325,6 +327,31 @@ else
       --problems shared,shared_mask,shared_labels --append --budget $((B4 - 25)) --csv "$OUT/bench_gpu_wide.csv" || true
   else
     echo "no time left for the negative_mask benchmark"
+  fi
+fi
+
+# Optional (TIMING_S > 0 seconds, kept from the benchmark): where the wgmma kernels' cycles go, from a diagnostic
+# build (setup.py's CONTRASTBOUND_WG_TIMING=1) in a copy of the tree (/tmp/cb_timing: this run's build stays as it
+# is): benchmarks/wg_timing.py's table per problem (shared bank, in-batch, a negative_mask, labels), into the log.
+# A diagnostic, not a check: its exit status does not change this script's.
+if [ "$TIMING_S" -gt 0 ]; then
+  TIMING_END=$(( $(date +%s) + TIMING_S ))
+  step "wgmma phase timing (CONTRASTBOUND_WG_TIMING=1 build in /tmp/cb_timing, at most $TIMING_S s)"
+  rm -rf /tmp/cb_timing && mkdir -p /tmp/cb_timing
+  tar --exclude=./build --exclude=./.venv --exclude=./cmake-build --exclude=./.git --exclude='*.so' -cf - . \
+    | tar -xf - -C /tmp/cb_timing
+  if (cd /tmp/cb_timing && FORCE_CUDA=1 CONTRASTBOUND_WG_TIMING=1 MAX_JOBS=${MAX_JOBS:-16} \
+        TORCH_CUDA_ARCH_LIST="$ARCH" timeout $(( TIMING_S - 20 > 10 ? TIMING_S - 20 : 10 )) \
+        "$PY" setup.py build_ext --inplace >/tmp/cb_timing_build.log 2>&1); then
+    for P in shared in_batch shared_mask shared_labels; do
+      R=$(( TIMING_END - $(date +%s) ))
+      [ "$R" -lt 10 ] && { echo "no time left for the $P timing"; break; }
+      (cd /tmp/cb_timing && timeout -k 5 "$R" "$PY" benchmarks/wg_timing.py --problem "$P") \
+        || echo "wg_timing.py ($P): exit status $?"
+    done
+  else
+    echo "the timing build failed or ran out of time:"
+    tail -20 /tmp/cb_timing_build.log
   fi
 fi
 

@@ -1,9 +1,11 @@
-"""The pure parts of benchmarks/bench_gpu.py's per-kernel profile (--kernels): kernel names and the modelled rates.
-The profile itself needs a GPU (scripts/gpu_check.sh runs it)."""
+"""The pure parts of benchmarks/bench_gpu.py's per-kernel profile (--kernels): kernel names and the modelled rates;
+benchmarks/gpu_summary.py; benchmarks/wg_timing.py's parsing. The runs themselves need a GPU (scripts/gpu_check.sh
+runs them)."""
 
 import os
 
 import pytest
+import torch
 from conftest import load_module
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
@@ -206,3 +208,46 @@ def test_naive_with_mask_is_the_masked_loss(bench):
     want = cb.info_nce(a, p, n, temperature=0.07, negative_mask=mask)
     torch.testing.assert_close(bench._naive(a, p, n, 0.07, mask).double(), want, rtol=1e-5, atol=1e-5)  # float32
     assert not torch.allclose(bench._naive(a, p, n, 0.07).double(), want)  # the mask changed the loss
+
+
+# --- benchmarks/wg_timing.py: the wgmma kernels' phase cycles from a diagnostic build's CB_WGT lines ---
+
+_WG_TIMING = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "wg_timing.py")
+
+
+def test_wg_timing_sums_the_lines_between_the_markers():
+    wt = load_module(_WG_TIMING)
+    warm = "CB_WGT mode=1 warpgroups=9 units=9 tiles=9 cycles=9,9,9,9,9,9 max=9 min=9\n"  # the warm-up: not counted
+    lines = [
+        # forward: 4 warpgroups (two blocks) walked 16 tiles in 2 units; two launches of the bank pass
+        "CB_WGT mode=1 warpgroups=4 units=2 tiles=16 cycles=230,430,660,880,1100,1320 max=2100 min=210",
+        "CB_WGT mode=0 warpgroups=2 units=2 tiles=4 cycles=0,40,40,0,0,0 max=50 min=30",
+        "CB_WGT mode=0 warpgroups=2 units=1 tiles=2 cycles=0,0,40,0,0,0 max=40 min=0",
+    ]
+    text = warm + "noise\nCB_WGT_BEGIN\n" + "\n".join(lines) + "\nCB_WGT_END\n" + warm
+    stats = wt.parse(text)
+    fwd, bank = stats[1], stats[0]
+    assert (fwd["launches"], fwd["warpgroups"], fwd["units"], fwd["tiles"]) == (1, 4, 2, 16)
+    assert fwd["cycles"] == [230, 430, 660, 880, 1100, 1320]
+    assert (bank["launches"], bank["tiles"], bank["cycles"], bank["max"], bank["min"]) == (2, 6, [0, 40, 80, 0, 0, 0],
+                                                                                          50, 0)
+    rows = {r["kernel"]: r for r in wt.table(stats)}
+    f = rows["forward (FlashMode 1)"]
+    assert f["coef_per_tile"] == pytest.approx(880 / 32)  # 16 tiles, each walked by both warpgroups
+    assert f["total_per_tile"] == pytest.approx(4620 / 32)
+    assert sum(f[f"{p}_pct"] for p in wt.PHASES) == pytest.approx(100.0)
+    assert f["warpgroup_cycles_mean"] == pytest.approx(4620 / 4) and f["warpgroup_cycles_max"] == 2100
+    b = rows["bank pass (FlashMode 0)"]
+    assert (b["tiles"], b["scores_per_tile"], b["wait_pct"]) == (6, pytest.approx(80 / 12), pytest.approx(100 / 3))
+    # without markers every line counts; a line of the wrong width is an error, not a silent misreading
+    assert wt.parse(lines[0])[1]["tiles"] == 16
+    with pytest.raises(ValueError, match="5 phases, expected 6"):
+        wt.parse("CB_WGT mode=1 warpgroups=2 units=1 tiles=1 cycles=1,2,3,4,5 max=1 min=1")
+
+
+def test_wg_timing_without_a_gpu(capsys):
+    wt = load_module(_WG_TIMING)
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script would run")
+    assert wt.main([]) == 0
+    assert "no GPU" in capsys.readouterr().out

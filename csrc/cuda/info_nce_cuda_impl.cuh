@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>  // (device printf: the wgmma kernels' diagnostic build, CONTRASTBOUND_WG_TIMING)
 #include <cstdlib>
 #include <mutex>
 #include <utility>
@@ -1225,6 +1226,21 @@ int64_t fl_slots(int64_t d, int num_sms) {
   return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) { return tc_slots(kernel, sm.total, num_sms); });
 }
 
+#ifdef CONTRASTBOUND_WG_TIMING
+// (wgmma_kernel's diagnostic timing, WgTiming: launched after each of its launches)
+// Prints and clears the launch's totals (one thread).
+__global__ void wg_timing_print_kernel(int mode) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const unsigned long long* v = wg_timing_total;
+  printf("CB_WGT mode=%d warpgroups=%u units=%llu tiles=%llu cycles=%llu,%llu,%llu,%llu,%llu,%llu max=%u min=%u\n",
+         mode, wg_timing_groups, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], wg_timing_max, wg_timing_min);
+  for (int f = 0; f < kWgTimingFields; ++f) wg_timing_total[f] = 0;
+  wg_timing_groups = 0;
+  wg_timing_max = 0;
+  wg_timing_min = ~0u;
+}
+#endif
+
 template <typename T, FlashMode MODE>
 cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
   const TcSmem sm = fl_kernel_smem<T>(f.d);
@@ -1233,6 +1249,11 @@ cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlA
   return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
     const cudaError_t e = allow_smem(kernel, sm.total);
     if (e == cudaSuccess) CB_LAUNCH(grid, kTcThreads, sm.total, stream, kernel)(X, Y, f, sm);
+#ifdef CONTRASTBOUND_WG_TIMING
+    if (e == cudaSuccess && tc_wgmma()) {
+      CB_LAUNCH(dim3(1), 32, 0, stream, wg_timing_print_kernel)(static_cast<int>(MODE));
+    }
+#endif
     return e;
   });
 }

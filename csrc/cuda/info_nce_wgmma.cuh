@@ -382,6 +382,54 @@ auto wg_with_nt(int dpad, const F& f) {
   return f(std::integral_constant<int, 32>{});
 }
 
+// Diagnostic build only (CONTRASTBOUND_WG_TIMING, setup.py's switch of the same name): each warpgroup adds the
+// multiprocessor's cycles spent in the phases of wgmma_kernel's units, from the lower 32 bits of clock64 (a phase
+// and a warpgroup's sums stay far below 2^32 cycles at the sizes benchmarked), and thread 0 of each warpgroup adds
+// them at exit into the launch's totals (wg_timing_total, atomics: a grid has up to thousands of blocks), with the
+// largest and smallest warpgroup total; launch_flash then prints and clears them (wg_timing_print_kernel), one line
+// per launch, which benchmarks/wg_timing.py reads. (A printf in wgmma_kernel itself made ptxas serialize its wgmma,
+// note C7510: a call inside the pipeline's function.) Phases: 0 a unit's prologue (X and the first tiles copied,
+// the first scores and coefficients), 1 the wait for tile + 1's copy and the barrier, 2 the score product of
+// tile + 1 issued with the output product of tile, until the scores are complete, 3 the coefficients, 4 the wait
+// for the output product, the rescale and the A copy, 5 the last output product and the epilogue. In the default
+// build every member is empty and the kernel is unchanged.
+#ifdef CONTRASTBOUND_WG_TIMING
+constexpr int kWgTimingFields = 8;  // units, tiles (warpgroup 0's: its block's), the six phases (both warpgroups)
+__device__ unsigned long long wg_timing_total[kWgTimingFields];
+__device__ unsigned wg_timing_groups = 0, wg_timing_max = 0, wg_timing_min = ~0u;
+#endif
+
+struct WgTiming {
+#ifdef CONTRASTBOUND_WG_TIMING
+  unsigned t = 0, units = 0, tiles = 0, sum[6] = {0, 0, 0, 0, 0, 0};
+  __device__ __forceinline__ void start() { t = static_cast<unsigned>(clock64()); }
+  __device__ __forceinline__ void lap(int phase) {
+    const unsigned now = static_cast<unsigned>(clock64());
+    sum[phase] += now - t;
+    t = now;
+  }
+  __device__ __forceinline__ void report(int wg) const {
+    if ((threadIdx.x & 127) != 0) return;
+    if (wg == 0) {
+      atomicAdd(&wg_timing_total[0], static_cast<unsigned long long>(units));
+      atomicAdd(&wg_timing_total[1], static_cast<unsigned long long>(tiles));
+    }
+    unsigned total = 0;
+    for (int f = 0; f < 6; ++f) {
+      atomicAdd(&wg_timing_total[2 + f], static_cast<unsigned long long>(sum[f]));
+      total += sum[f];
+    }
+    atomicAdd(&wg_timing_groups, 1u);
+    atomicMax(&wg_timing_max, total);
+    atomicMin(&wg_timing_min, total);
+  }
+#else
+  __device__ __forceinline__ void start() {}
+  __device__ __forceinline__ void lap(int) {}
+  __device__ __forceinline__ void report(int) const {}
+#endif
+};
+
 template <typename T, FlashMode MODE, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1)
     wgmma_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
@@ -404,7 +452,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   const int64_t units = a.xblocks * a.splits;
   // 0 (wg_smem's plan, checked by launch_flash), unknown to the compiler: see pa = pn below.
   const unsigned keep0 = static_cast<unsigned>(m.chunk);
+  WgTiming timing;  // (the diagnostic build's phase cycles; empty otherwise)
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    timing.start();
     const int64_t xb = u % a.xblocks, split = u / a.xblocks;
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
@@ -516,6 +566,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     // are issued together; the coefficients of tile + 1 are formed while the output product runs on the tensor
     // cores. (Every stage issues both products: with the score product under a condition, ptxas serialized all
     // wgmma of the kernel, note C7514; so the last tile's output product is issued after the loop.)
+    timing.lap(0);
     for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
       tc_wait<0>();  // this thread's copies of tile + 1 (the only group in flight)
       if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
@@ -533,11 +584,13 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       // The accumulators (Forward: rescaled) and the A fragments were written by other instructions.
       if (!wg_mut(kWgMutNoWgFence)) wg_fence();
       if (wg_mut(kWgMutWriteAfterFence) && MODE == FlashMode::Forward) rescale();  // the previous step's factor
+      timing.lap(1);
       issue_scores(sc, tile + 1);
       issue_output(tile, true);
       if (!wg_mut(kWgMutNoWaitS)) wg_wait<1>();  // the scores (the older group); the output product may run on
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+      timing.lap(2);
       unsigned pn[4][4];
       if (wg_mut(kWgMutReuseA)) {
         coefficients(sc, tile + 1, pa, alpha);  // overwrites the A fragments of the product in flight
@@ -546,6 +599,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       }
       if (wg_mut(kWgMutEarlyRescale) && MODE == FlashMode::Forward) rescale();
       if (tile + 2 < t_end) store_cols(tile + 2, next_cols);
+      timing.lap(3);
       // The output product is complete before its accumulators are rescaled, its A registers reused and (after
       // the next barrier) its Y buffer refilled.
       if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
@@ -563,6 +617,7 @@ __global__ void __launch_bounds__(kTcThreads, 1)
 #pragma unroll
           for (int r = 0; r < 4; ++r) pa[kk][r] = pn[kk][r] | (pa[kk][r] & keep0);
       }
+      timing.lap(4);
     }
     if (t_begin < t_end) {  // the last tile's output product (its tile and coefficients are complete)
       fence_acc_pa();
@@ -577,7 +632,13 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     fl_epilogue<T, MODE, NT>(acc, row, run_m, run_s, split, unscale, t, X, a, [&](int h, int col) {
       return to_acc<float>(xs[((col >> 3) * kFlRows + xr + 8 * h) * 8 + (col & 7)]);
     });
+    timing.lap(5);
+#ifdef CONTRASTBOUND_WG_TIMING
+    ++timing.units;
+    timing.tiles += static_cast<unsigned>(t_end > t_begin ? t_end - t_begin : 0);
+#endif
   }
+  timing.report(wg);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without the sm_90a features: never launch it there
 #endif

@@ -21,6 +21,7 @@
 #define EMU_USE_UCONTEXT 1
 #endif
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -320,6 +321,14 @@ inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, std::func
 
 inline void __syncthreads() { emu::block_barrier(); }
 
+#ifdef CONTRASTBOUND_WG_TIMING
+// The wgmma kernels' diagnostic build (WgTiming): a counter that only grows, as the multiprocessor's clock does.
+inline long long clock64() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+#endif
+
 template <typename V>
 V __shfl_xor_sync(unsigned, V v, int mask) {
   const unsigned char* ex = emu::exchange(v);
@@ -354,6 +363,19 @@ inline unsigned atomicMax(unsigned* address, unsigned v) {
   if (v > old) *address = v;
   return old;
 }
+#ifdef CONTRASTBOUND_WG_TIMING  // (the wgmma kernels' diagnostic build: WgTiming)
+inline unsigned atomicMin(unsigned* address, unsigned v) {
+  const unsigned old = *address;
+  if (v < old) *address = v;
+  return old;
+}
+template <typename V>
+V atomicAdd(V* address, V v) {
+  const V old = *address;
+  *address = old + v;
+  return old;
+}
+#endif
 
 // ---- tc_ptx.cuh, emulated ----------------------------------------------------------------------------------
 

@@ -336,6 +336,18 @@ int main(int argc, char** argv) {
   if (mode.empty() || mode == "quick" || mode == "values") {
     run_values<__nv_bfloat16>(quick, 1.5e-2, "bfloat16");
     run_values<__half>(quick, 4e-3, "float16");
+#ifdef CONTRASTBOUND_WG_TIMING
+    // WgTiming (the diagnostic build): the launches above added their warpgroups' units, tiles and phase cycles.
+    namespace cc = contrastbound::cuda;
+    unsigned long long phases = 0;
+    for (int f = 2; f < cc::kWgTimingFields; ++f) phases += cc::wg_timing_total[f];
+    std::printf("WgTiming: %u warpgroups, %llu units, %llu tiles, %llu cycles (max %u, min %u per warpgroup)\n",
+                cc::wg_timing_groups, cc::wg_timing_total[0], cc::wg_timing_total[1], phases, cc::wg_timing_max,
+                cc::wg_timing_min);
+    expect(cc::wg_timing_groups > 0 && cc::wg_timing_total[0] > 0 && cc::wg_timing_total[1] > 0 && phases > 0 &&
+               cc::wg_timing_max >= cc::wg_timing_min,
+           "WgTiming's totals after the launches");
+#endif
   }
   if (mode.rfind("mutation=", 0) == 0) {  // one mutation in this process (to debug what catches it)
     run_mutation_cases(std::atoi(mode.c_str() + 9));
