@@ -1384,8 +1384,6 @@ __global__ void fl_keep_bits_kernel(const bool* keep, int64_t sr, int64_t sc, in
   }
 }
 
-// Shared memory: the X tile (128 rows), one or two Y tiles and the column arrays (no output staging: the
-// epilogue writes from registers). A TcSmem so that tc_next_y serves it.
 // The negative_mask and labels of a flash-layout launch (FlArgs::keep_bits, x_labels, y_labels), from lo (the
 // (anchor, bank row) frame): bank_pass puts the bank rows in X (x_rows of them) and the anchors in Y (y_rows), the
 // forward the other way round. With a mask, packs it into bits (x_rows x fl_keep_words(y_rows) words of

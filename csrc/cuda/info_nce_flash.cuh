@@ -119,6 +119,8 @@ __device__ __forceinline__ void fl_store_xlab(long long* xlab, const FlArgs& a, 
   }
 }
 
+// Shared memory: the X tile (128 rows), one or two Y tiles, one slot of the column arrays and the X rows' labels
+// (no output staging: the epilogue writes from registers). A TcSmem so that tc_next_y serves it.
 template <typename T>
 TcSmem fl_smem(int64_t d, int stages) {
   TcSmem m;
