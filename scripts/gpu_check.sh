@@ -78,6 +78,9 @@ else
   PY=python3
 fi
 
+# An absolute path where it names a file (.venv/bin/python): the timing step runs it from a copy of the tree.
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
+
 step "environment"
 echo "repo: $(pwd)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')  python: $PY"
 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torch CUDA", torch.version.cuda, "| cuda available", torch.cuda.is_available())' || { echo "no usable torch"; exit 1; }
