@@ -564,10 +564,13 @@ def main(argv=None) -> int:
                         if name != "fused_wgmma":
                             variant(f"{name}_{alt}stage", {**env, "CONTRASTBOUND_TC_STAGES": alt}, reps)
                 if d > 256 and not args.opt_in_only:
-                    # Wide rows: one Y stage (the default picks two where they keep the blocks per
-                    # multiprocessor, d <= 560 on an H200), and tiles copied in chunks (automatic past 848).
-                    variant("fused_1stage", {"CONTRASTBOUND_TC_STAGES": "1", **NO_WGMMA}, reps)
-                    variant("fused_chunked", {"CONTRASTBOUND_TC_CHUNKED": "1", **NO_WGMMA}, reps)
+                    # Wide rows: the default copies them in chunks of 256 features where that keeps more blocks
+                    # per multiprocessor than whole rows (d > 384 on an H200; automatic past 848 where whole
+                    # rows do not fit); whole rows (two Y stages where they keep the blocks, d <= 560 there), and
+                    # whole rows with one stage, for comparison.
+                    variant("fused_whole", {"CONTRASTBOUND_TC_CHUNKED": "0", **NO_WGMMA}, reps)
+                    variant("fused_1stage", {"CONTRASTBOUND_TC_CHUNKED": "0", "CONTRASTBOUND_TC_STAGES": "1",
+                                             **NO_WGMMA}, reps)
                 if logk in ks[:2] and not args.opt_in_only and d <= 256:  # (past 256 WMMA = SIMT)
                     variant("fused_wmma", {"CONTRASTBOUND_TC_MMA": "0"}, reps)
                 if logk == ks[0] and not args.opt_in_only:

@@ -310,9 +310,9 @@ else
   else
     echo "no time left for the opt-in kernels' benchmark"
   fi
-  # Wide rows (d = 512, CLIP ViT-B's width): the sliced mma.sync rows passes (whole rows with two Y stages, the
-  # default there; fused_1stage; fused_chunked: copied in chunks of 256 features) against naive and the SIMT
-  # kernels (fused_simt), which served every d > 256 before.
+  # Wide rows (d = 512, CLIP ViT-B's width): the sliced mma.sync rows passes (copied in chunks of 256 features,
+  # the default there since 2026-12-04; fused_whole: whole rows with two Y stages, the default before;
+  # fused_1stage: whole rows, one stage) against naive and the SIMT kernels (fused_simt).
   B3=$(( $(left) - 10 - MASK ))
   if [ "$WIDE" -gt 0 ] && [ "$B3" -ge 30 ]; then
     timeout -s INT -k 10 "$B3" "$PY" benchmarks/bench_gpu.py --d 512 --kmin 16 --kmax 16 --repeats 2 --no-peers \

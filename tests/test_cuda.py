@@ -541,16 +541,20 @@ def test_tensor_cores_match_reference_and_simt(monkeypatch, impl, dtype, normali
         (17, 200, 2100),  # past kTcMaxWideD: the SIMT kernels, the same answer
     ],
 )
-@pytest.mark.parametrize("tiles", ["auto", "chunked", "one_stage"])
+@pytest.mark.parametrize("tiles", ["auto", "chunked", "whole", "one_stage"])
 def test_tensor_cores_wide_features(monkeypatch, tiles, dtype, normalize, B, K, d):
     """d > 256: the mma.sync kernels (the one-pass, flash-layout and wgmma kernels hold whole rows in registers
     and leave these widths to them; the WMMA ones to the SIMT kernels) split each rows pass into slices of 256
-    features, every slice recomputing the scores over all d; rows too wide for whole tiles in shared memory (or
-    any d > 256 with CONTRASTBOUND_TC_CHUNKED=1) are copied in chunks of 256 features. Whole rows take two Y
-    stages by default where they keep the blocks per multiprocessor (d ~ 400 .. 560 on an H100/H200);
-    one_stage forces one."""
+    features, every slice recomputing the scores over all d; rows too wide for whole tiles in shared memory, or
+    where chunks keep more blocks per multiprocessor (auto: d > 384 on an H100/H200), or any d > 256 with
+    CONTRASTBOUND_TC_CHUNKED=1, are copied in chunks of 256 features. Whole rows (=0 where they fit) take two Y
+    stages by default where they keep the blocks per multiprocessor (d ~ 400 .. 560 on an H100/H200); one_stage
+    forces one."""
     _set_tc_impl(monkeypatch, "mma")
-    monkeypatch.setenv("CONTRASTBOUND_TC_CHUNKED", "1" if tiles == "chunked" else "0")
+    if tiles == "auto":
+        monkeypatch.delenv("CONTRASTBOUND_TC_CHUNKED", raising=False)
+    else:
+        monkeypatch.setenv("CONTRASTBOUND_TC_CHUNKED", "1" if tiles == "chunked" else "0")
     if tiles == "one_stage":
         monkeypatch.setenv("CONTRASTBOUND_TC_STAGES", "1")
     a, p, n, _ = make_inputs("shared", B=B, K=K, d=d, dtype=dtype, device=CUDA, seed=B + K + d)

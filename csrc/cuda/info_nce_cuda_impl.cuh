@@ -974,14 +974,20 @@ inline bool tc_use_mma();
 // kernels' in the H200 figures, README) still wins by a modelled ~1.5x; not measured.
 constexpr int64_t kTcMaxWideD = 2048;
 
-// Rows too wide for whole X and Y tiles in the shared memory of this device (or CONTRASTBOUND_TC_CHUNKED=1 and
-// d > kTcMaxD): the mma.sync kernels copy them in chunks of kTcSliceD features (mma_tile_scores).
+// Rows wider than kTcMaxD that the mma.sync kernels copy in chunks of kTcSliceD features (mma_tile_scores): where
+// whole X and Y tiles do not fit in a block's shared memory on this device, or where chunks keep more blocks per
+// multiprocessor than whole rows (tc_prefer_chunked: d > 384 on an H100 / H200). CONTRASTBOUND_TC_CHUNKED=1
+// chooses chunks for every d > kTcMaxD, =0 whole rows wherever they fit (the default before 2026-12-04).
 inline bool tc_chunked(int64_t d) {
   if (d <= kTcMaxD) return false;
   const char* env = std::getenv("CONTRASTBOUND_TC_CHUNKED");
   if (env != nullptr && env[0] == '1') return true;
-  return tc_smem<__half>(d, true, 1, /*score_tile=*/false).total >
-         static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const size_t whole = tc_smem<__half>(d, true, 1, /*score_tile=*/false).total;
+  if (whole > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) return true;
+  if (env != nullptr && env[0] == '0') return false;
+  const size_t chunked = tc_smem<__half>(d, true, 1, /*score_tile=*/false, kTcSliceD).total;
+  return tc_prefer_chunked(whole, chunked,
+                           static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)));
 }
 
 // Whether the tensor-core kernels serve this problem (else the SIMT kernels above). d <= kTcMaxD on every

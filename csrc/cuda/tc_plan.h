@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 namespace contrastbound {
@@ -54,6 +55,21 @@ inline TcSplit plan_tc_split(int64_t xblocks, int64_t ytiles, int64_t slots) {
   t.tiles_per_split = tc_ceil_div(ytiles, best_s);
   t.splits = tc_ceil_div(ytiles, t.tiles_per_split);
   return t;
+}
+
+// Blocks of `bytes` of shared memory each that one multiprocessor of `per_sm` bytes holds (1 KiB reserved per
+// block, as the occupancy calculator counts it).
+inline int64_t tc_blocks_by_smem(size_t bytes, size_t per_sm) {
+  return static_cast<int64_t>(per_sm / (bytes + 1024));
+}
+
+// Whether rows wider than 256 features that fit whole in shared memory (`whole` bytes per block with one Y stage)
+// are better copied in 256-feature chunks (`chunked` bytes): where that keeps more blocks per multiprocessor. On
+// the H200 (228 KiB per multiprocessor) whole rows leave one block from d = 385, chunked ones two; at d = 512
+// (B = 8192, K = 2^16, bf16) the chunked step took 31.3-31.5 ms against 35.7-36.1 ms for whole rows in three runs
+// (2026-12-04; the chunked path reads the X tile again per Y tile, mostly from L2, which the second block hides).
+inline bool tc_prefer_chunked(size_t whole, size_t chunked, size_t per_sm) {
+  return tc_blocks_by_smem(chunked, per_sm) > tc_blocks_by_smem(whole, per_sm);
 }
 
 }  // namespace cuda

@@ -677,7 +677,9 @@ std::vector<Case> cases(bool quick) {
     c.B = 18, c.K = 40, c.d = 300;  // wider than 256: the mma.sync rows passes in feature slices
     add(c);
     c = Case();
-    c.B = 8, c.K = 20, c.d = 450;  // whole rows with two Y stages by default (d ~ 385..560 on the H200)
+    // copied in chunks by default on the emulated H100 (they keep two blocks per multiprocessor, whole rows one:
+    // tc_prefer_chunked); with CONTRASTBOUND_TC_CHUNKED=0 whole rows with two Y stages (d ~ 385..560 there)
+    c.B = 8, c.K = 20, c.d = 450;
     add(c);
     c = Case();
     c.B = 12, c.K = 70, c.d = 150;  // wgmma: features padded to 192
@@ -1280,6 +1282,8 @@ void kernel_configs(bool quick) {
   with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=1", true); });
   with_env({{"CONTRASTBOUND_TC_CHUNKED", "1"}},
            [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=1", true); });
+  with_env({{"CONTRASTBOUND_TC_CHUNKED", "0"}},
+           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_CHUNKED=0 (whole rows where they fit)", true); });
   with_env({{"CONTRASTBOUND_TC_MMA", "0"}}, [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_MMA=0 (WMMA)", true); });
   run_tf32(quick);
   // An sm_86-like part (99 KiB per block, no sm_90a code): whole rows past d = 336 copied in chunks; the wgmma

@@ -13,6 +13,8 @@
 using contrastbound::cuda::kTcMaxUnitsPerSlot;
 using contrastbound::cuda::kTcUnitOverheadTiles;
 using contrastbound::cuda::plan_tc_split;
+using contrastbound::cuda::tc_blocks_by_smem;
+using contrastbound::cuda::tc_prefer_chunked;
 using contrastbound::cuda::tc_ceil_div;
 using contrastbound::cuda::tc_split_cost;
 using contrastbound::cuda::TcSplit;
@@ -80,6 +82,19 @@ int main() {
   }
   if (!old_short) fail("the old rule was not short anywhere (test no longer shows a difference)", 0, 0, slots, 0);
   if (plan_tc_split(128, 4096, slots).splits != 2) fail("H200 anchor-term case", 128, 4096, slots, 0);
+  // Chunked copies of rows wider than 256 where they keep more blocks per multiprocessor (1 KiB reserved per
+  // block): the mma.sync kernels' plans at d = 512 on an H200 (228 KiB per multiprocessor), whole rows 144896
+  // bytes (one block), chunked 79360 (two); at d = 384, 112128 bytes whole (two blocks): no change.
+  const size_t h200 = 228 * 1024;
+  if (tc_blocks_by_smem(79360, h200) != 2 || tc_blocks_by_smem(112128, h200) != 2 ||
+      tc_blocks_by_smem(144896, h200) != 1 || tc_blocks_by_smem(h200 - 1024, h200) != 1 ||
+      tc_blocks_by_smem(h200 - 1023, h200) != 0) {
+    fail("blocks per multiprocessor by shared memory", 0, 0, 0, 0);
+  }
+  if (!tc_prefer_chunked(144896, 79360, h200) || tc_prefer_chunked(112128, 79360, h200) ||
+      tc_prefer_chunked(79360, 79360, h200)) {
+    fail("chunked rows where they keep more blocks, and only there", 0, 0, 0, 0);
+  }
   if (failures == 0) std::printf("tc_plan: all checks passed\n");
   return failures == 0 ? 0 : 1;
 }
