@@ -9,7 +9,10 @@ import, Inf-CL (inf_cl; on the shared problem with keys = [positives; bank]) and
 (cut_cross_entropy, with the bank as the classifier: the same GEMMs, not the same loss when the positive is not a
 bank row).
 
-Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here). Inf-CL's rate on the
+Effective rate = 6 B K d flop / (forward+backward time) (the bank needs a gradient here). eval_fwd_ms: the
+forward under torch.no_grad (evaluation: no anchors' term is formed; by default the lse pass), for the fused loss
+and naive PyTorch; eval_fwd_ms_wg_lse: the fused one with CONTRASTBOUND_TC_WG_LSE=1 (the wgmma kernels' lse-only
+walk, opt-in until its tests have run on a GPU), compute capability 9.0 only. Inf-CL's rate on the
 shared problem counts its keys, B + K rows. peak_extra_gib includes the inputs' gradients (grads_gib, e.g. 2 GiB
 for the bank's at K = 2^22); `loss` is each implementation's value, and where one computes the fused loss's very
 problem (naive always; Inf-CL and Cut Cross-Entropy in-batch) a relative difference above 2e-2 is noted as
@@ -45,7 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 FIELDS = [
     "problem", "impl", "B", "K", "d", "dtype", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
-    "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "note",
+    "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "eval_fwd_ms", "eval_fwd_ms_wg_lse",
+    "note",
 ]
 
 
@@ -66,6 +70,20 @@ def _timed(fn, repeats: int) -> float:
         if times[0] > 500.0:
             break
     return statistics.median(times)
+
+
+def _eval_forward(loss_fn, repeats: int) -> tuple[float, float]:
+    """Median ms of loss_fn() under torch.no_grad (an evaluation forward) and the loss's value."""
+    last = []
+
+    def fwd():
+        with torch.no_grad():
+            last[:] = [loss_fn()]
+
+    ms = _timed(fwd, repeats)
+    value = last[0].float().item()
+    last.clear()
+    return ms, value
 
 
 def _peak_extra_gib(fn) -> float:
@@ -386,6 +404,7 @@ def main(argv=None) -> int:
 
     rows = _RowSink(args.csv, args.append)  # every row is written (and flushed) as soon as it is measured
     started = time.time()
+    eval_failed = False  # (an error of the forward without gradients: not tried again)
     total_mem = torch.cuda.get_device_properties(0).total_memory
     # The issue's figures first where the budget is short: the smallest K, 2^18 (the speed target's start), the
     # largest (the memory target's), then 2^16, 2^20 and the rest; the table below is printed in K order.
@@ -457,6 +476,9 @@ def main(argv=None) -> int:
                                     classes is not None else (lambda: mask)
                                 rn = _measure(lambda: _naive(a, p, n, t, step_mask()), leaves, reps, flop)
                                 naive_row = _row(base, "naive", rn, mm, grads_gib, ref_loss=fused_loss)
+                                if not args.opt_in_only:
+                                    naive_row["eval_fwd_ms"] = _eval_forward(
+                                        lambda: _naive(a, p, n, t, step_mask()), reps)[0]
                                 fused_row["speedup_vs_naive"] = rn[2] / r[2]
                             except torch.cuda.OutOfMemoryError:
                                 naive_row = dict(base, impl="naive", note="out of memory")
@@ -464,6 +486,25 @@ def main(argv=None) -> int:
                                 naive_row = dict(base, impl="naive", note=f"failed: {type(exc).__name__}: {exc}"[:200])
                             torch.cuda.empty_cache()
                 finally:
+                    if not args.opt_in_only and not eval_failed:
+                        # The forward without gradients (and on sm_90 with the wgmma Lse walk), after naive's, so that
+                        # an error here (a kernel not yet run on a GPU) costs these columns only; noted in the row,
+                        # and not tried again at the other sizes.
+                        evals = [("eval_fwd_ms", {})]
+                        if torch.cuda.get_device_capability() == (9, 0):
+                            evals.append(("eval_fwd_ms_wg_lse", {"CONTRASTBOUND_TC_WG_LSE": "1"}))
+                        for field, env in evals:
+                            issue = ""
+                            try:
+                                with _env(env):
+                                    fused_row[field], value = _eval_forward(fused, reps)
+                                if not abs(value - fused_loss) <= 1e-3 * max(abs(fused_loss), 1e-6):
+                                    issue = f"EVAL LOSS MISMATCH ({field}): {value:.6g} vs {fused_loss:.6g}"
+                            except Exception as exc:  # noqa: BLE001 - the row measured above must not be lost
+                                eval_failed = True
+                                issue = f"{field} failed: {type(exc).__name__}: {exc}"[:200]
+                            if issue:
+                                fused_row["note"] = (f"{fused_row['note']}; " if fused_row["note"] else "") + issue
                     rows.append(fused_row)
                     if naive_row is not None:
                         rows.append(naive_row)

@@ -14,7 +14,9 @@ For every fused variant (the default kernels, "fused", and each switch that benc
 - failures: rows whose note says the variant failed or disagreed with the default kernels (rows skipped for the
   time budget or memory are left out).
 Then per problem the fastest variant at K = 2^18 (where not measured there, the largest K of the default kernels)
-among those with no failure: the candidate default. A row "rest of this problem" (an error bench_gpu did not
+among those with no failure: the candidate default; and the forward without gradients (eval_fwd_ms: evaluation,
+no anchors' term) of the default kernels at the same K, beside the wgmma Lse walk's (eval_fwd_ms_wg_lse, opt-in),
+naive's and the training forward's (fwd_ms), where the CSV has them. A row "rest of this problem" (an error bench_gpu did not
 catch per row) is a failure of the default kernels; in an opt-in run, "rest of this problem (flash run)", of every
 variant of its families.
 Rows from several CSVs are merged; where two give the same (problem, impl, K), the first file's row is kept (the
@@ -142,6 +144,22 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
     return out, best
 
 
+def eval_forward(rows: list[dict]) -> dict:
+    """Per problem, the default kernels' forward without gradients at K = 2^18 (else the largest K where measured):
+    (K, eval ms, the wgmma Lse walk's ms, naive's eval ms, training forward ms); NaN where a column is missing or
+    empty."""
+    out = {}
+    fused = [r for r in rows if r.get("impl") == "fused" and _status(r) == "ok" and _f(r.get("eval_fwd_ms")) > 0]
+    for problem in sorted({r["problem"] for r in fused}):
+        mine = {int(r["K"]): r for r in fused if r["problem"] == problem}
+        K = SPEED_FROM_K if SPEED_FROM_K in mine else max(mine)
+        r = mine[K]
+        naive = [x for x in rows if x.get("impl") == "naive" and x["problem"] == problem and int(x["K"]) == K]
+        out[problem] = (K, _f(r["eval_fwd_ms"]), _f(r.get("eval_fwd_ms_wg_lse")),
+                        _f(naive[0].get("eval_fwd_ms")) if naive else math.nan, _f(r.get("fwd_ms")))
+    return out
+
+
 def _fmt(v, spec="{:.3g}") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else spec.format(v)
 
@@ -179,6 +197,10 @@ def main(argv=None) -> int:
         impl, t, pct, K = best[problem]
         print(f"fastest without failures at K = 2^{int(math.log2(K))}, {problem}: {impl} ({_fmt(t)} ms, "
               f"{_fmt(pct)} % of matmul)")
+    for problem, (K, ms, walk, naive, train) in eval_forward(rows).items():
+        print(f"forward without gradients at K = 2^{int(math.log2(K))}, {problem}: {_fmt(ms)} ms (wgmma Lse walk, "
+              f"CONTRASTBOUND_TC_WG_LSE=1: {_fmt(walk)} ms; naive {_fmt(naive)} ms; the training forward "
+              f"{_fmt(train)} ms)")
     return 0
 
 

@@ -4,8 +4,9 @@ Needs an extension built with `CONTRASTBOUND_WG_TIMING=1` (setup.py; scripts/gpu
 the repository where TIMING_S > 0): each warpgroup of `wgmma_kernel` then adds the multiprocessor's cycles per phase
 of its units (csrc/cuda/info_nce_wgmma.cuh, `WgTiming`) into the launch's totals, and each launch prints them as
 one `CB_WGT` line. This script runs the step in a child process (device printf writes to the C-level stdout),
-after one warm-up step, and prints, per kernel (forward, bank pass), the cycles per 64-column tile per warpgroup
-in each phase, their shares, and the spread of the warpgroups' totals (largest over mean):
+after one warm-up step, and prints, per kernel (forward, bank pass, forward without the anchors' term), the
+cycles per 64-column tile per warpgroup in each phase, their shares, and the spread of the warpgroups' totals
+(largest over mean):
 
     prologue   a unit's start: X and the first tiles copied, the first scores and coefficients
     wait       the wait for the next tile's copy and the block's barrier
@@ -13,6 +14,10 @@ in each phase, their shares, and the spread of the warpgroups' totals (largest o
     coef       the next tile's coefficients (exponentials, sums, masks), in the shadow of the output product
     output     the wait for the output product, the rescale (forward) and the coefficient copy
     epilogue   the last output product and the unit's epilogue
+
+The Lse walk (FlashMode 2: the forward without the anchors' term, which the script runs under torch.no_grad after
+the step, with CONTRASTBOUND_TC_WG_LSE=1) has one product and its own order: `scores` is only the issue of the next tile's score product, `coef`
+this tile's exponentials and sums formed while it runs, `output` the wait for it that remains after them.
 
 A tile's two products take ~2,200 cycles at the H200's dense bf16 peak (d = 256: 2 x 64 x 64 x 256 x 2 flop per
 warpgroup, two warpgroups per multiprocessor), which is what `scores` + `output` would come to if the tensor cores
@@ -38,7 +43,7 @@ import subprocess
 import sys
 
 PHASES = ("prologue", "wait", "scores", "coef", "output", "epilogue")
-MODES = {0: "bank pass (FlashMode 0)", 1: "forward (FlashMode 1)"}
+MODES = {0: "bank pass (FlashMode 0)", 1: "forward (FlashMode 1)", 2: "forward, no anchors' term (FlashMode 2)"}
 _LINE = re.compile(r"CB_WGT mode=(\d+) warpgroups=(\d+) units=(\d+) tiles=(\d+) cycles=([\d,]+) max=(\d+) min=(\d+)")
 _BEGIN, _END = "CB_WGT_BEGIN", "CB_WGT_END"
 
@@ -125,6 +130,10 @@ def _child(args) -> int:
 
     def step():
         cb.info_nce(a, p, n, temperature=0.07, **extra).backward()
+        os.environ["CONTRASTBOUND_TC_WG_LSE"] = "1"  # (opt-in: read by the extension per call)
+        with torch.no_grad():  # a forward without the anchors' term: the Lse walk (FlashMode 2)
+            cb.info_nce(a, p, n, temperature=0.07, **extra)
+        del os.environ["CONTRASTBOUND_TC_WG_LSE"]
         torch.cuda.synchronize()
 
     libc = ctypes.CDLL(None)

@@ -2,6 +2,7 @@
 benchmarks/gpu_summary.py; benchmarks/wg_timing.py's parsing. The runs themselves need a GPU (scripts/gpu_check.sh
 runs them)."""
 
+import math
 import os
 
 import pytest
@@ -64,7 +65,8 @@ def test_kernel_flop_model_names_real_kernels(bench):
 
 _SUMMARY = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_summary.py")
 _FIELDS = ["problem", "impl", "B", "K", "d", "dtype", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "matmul_tflops",
-           "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "note"]
+           "pct_of_matmul", "speedup_vs_naive", "peak_extra_gib", "grads_gib", "loss", "eval_fwd_ms",
+           "eval_fwd_ms_wg_lse", "note"]
 
 
 def _csv(path, rows):
@@ -126,6 +128,28 @@ def test_gpu_summary_targets(tmp_path, capsys):
     assert best["in_batch"][0] == "fused_flash" and best["in_batch"][3] == 2**17
     summary.main([main, opt, more])
     assert "shared: no variant ran without failures" in capsys.readouterr().out
+
+
+def test_gpu_summary_eval_forward(tmp_path, capsys):
+    """The forward without gradients: the default kernels' at K = 2^18 (else the largest K measured), beside the
+    wgmma Lse walk's, naive's and the training forward's; rows without the columns (older CSVs) give none."""
+    summary = load_module(_SUMMARY)
+    path = _csv(tmp_path / "eval.csv", [
+        dict(_r("fused", 2**16, 4.0, 46), eval_fwd_ms=1.9, eval_fwd_ms_wg_lse=1.1, fwd_ms=2.0),
+        dict(_r("fused", 2**18, 14.5, 47), eval_fwd_ms=6.6, eval_fwd_ms_wg_lse=3.5, fwd_ms=7.6),
+        dict(_r("naive", 2**18, 60.0, 11), eval_fwd_ms=26.0),
+        dict(_r("fused", 2**17, 114.0, 42, problem="in_batch"), eval_fwd_ms=30.0, fwd_ms=60.0),
+        _r("fused", 2**16, 29.6, 41, problem="in_batch"),  # no eval column filled
+    ])
+    got = summary.eval_forward(summary.load([path]))
+    assert got["shared"] == (2**18, 6.6, 3.5, 26.0, 7.6)
+    K, ms, walk, naive, train = got["in_batch"]
+    assert (K, ms, train) == (2**17, 30.0, 60.0) and math.isnan(walk) and math.isnan(naive)
+    assert summary.main([path]) == 0
+    assert ("forward without gradients at K = 2^18, shared: 6.6 ms (wgmma Lse walk, CONTRASTBOUND_TC_WG_LSE=1: "
+            "3.5 ms; naive 26 ms; the training forward 7.6 ms)") in capsys.readouterr().out
+    old = _csv(tmp_path / "old.csv", [_r("fused", 2**18, 14.5, 47)])
+    assert summary.eval_forward(summary.load([old])) == {}
 
 
 def test_gpu_summary_names_a_csv_it_cannot_read(tmp_path, capsys):

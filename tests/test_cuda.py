@@ -774,6 +774,67 @@ def test_default_kernels_on_compute_capability_9(monkeypatch, problem):
         assert sorted(default_names.split()) == sorted(off_names.split()), (default_names, off_names)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("problem", ["shared", "in_batch", "shared_mask", "shared_labels"])
+@pytest.mark.parametrize("d", [64, 200])
+def test_forward_without_gradient_takes_the_lse_walk(monkeypatch, problem, dtype, d):
+    """A forward that forms no anchors' term (torch.no_grad, as in evaluation) on the wgmma kernels (compute
+    capability 9.0) with CONTRASTBOUND_TC_WG_LSE=1 (opt-in until this test has passed on a GPU): their Lse walk
+    serves (score products and the running max and sum, no second product), not the mma.sync lse pass, which
+    serves by default; its per-anchor loss is the with-gradient forward's (the wgmma one-pass walk: the same
+    coefficient code over the same scores; to float32 rounding, as the two kernels' occupancy may split K into other
+    chunks) and within the dtype's tolerance of the float64 reference and of the lse pass."""
+    for v in ("CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_FLASH", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_MMA",
+              "CONTRASTBOUND_TENSOR_CORES", "CONTRASTBOUND_TC_WG_LSE"):
+        monkeypatch.delenv(v, raising=False)
+    in_batch = problem == "in_batch"
+    B, K = 200, 1500
+    a, p, n, _ = make_inputs("shared", B=B, K=0 if in_batch else K, d=d, dtype=dtype, device=CUDA, seed=d + B)
+    if in_batch:
+        n, K = None, B
+    g = torch.Generator().manual_seed(d)
+    y, yn = torch.randint(0, 7, (B,), generator=g), torch.randint(0, 7, (K,), generator=g)
+    kw, keep = {}, torch.ones(B, K, dtype=torch.bool)
+    if problem == "shared_mask":
+        keep = torch.rand(B, K, generator=g) > 0.3
+        kw["negative_mask"] = keep.to(CUDA)
+    elif problem == "shared_labels":
+        kw = dict(labels=y.to(CUDA), negative_labels=yn.to(CUDA))
+        keep = yn[None, :] != y[:, None]
+    opts = dict(temperature=0.1, reduction="none", **kw)
+
+    def evaluate():
+        with torch.no_grad():
+            return cb.info_nce(a, p, n, **opts)
+
+    monkeypatch.setenv("CONTRASTBOUND_TC_WGMMA", "1")
+    try:
+        evaluate()
+    except RuntimeError as exc:
+        assert "CONTRASTBOUND_TC_WGMMA=1" in str(exc)
+        pytest.skip("the wgmma kernels do not run here (compute capability 9.0 and 9.0a code needed)")
+    monkeypatch.delenv("CONTRASTBOUND_TC_WGMMA")
+    off_names = " ".join(_cuda_kernel_names(evaluate))  # the default: the lse pass
+    if not off_names:
+        pytest.skip("torch.profiler recorded no CUDA kernels (CUPTI unavailable)")
+    assert "mma_lse_kernel" in off_names and "wgmma_kernel" not in off_names, off_names
+    off_loss = evaluate()
+    monkeypatch.setenv("CONTRASTBOUND_TC_WG_LSE", "1")
+    names = " ".join(_cuda_kernel_names(evaluate))
+    # (no grad: only the Lse walk of wgmma_kernel can run, its Forward and bank-pass walks need the anchors' term
+    # or a backward)
+    assert "wgmma_kernel" in names and "mma_lse_kernel" not in names, names
+    loss = evaluate()
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (a, p, n)]
+    train_loss = cb.info_nce(*leaves, **opts).detach()
+    torch.testing.assert_close(loss, train_loss, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # (labels as the mask they make)
+        ref = info_nce_reference(*(None if x is None else x.double() for x in (a, p, n)), temperature=0.1,
+                                 reduction="none", negative_mask=keep.to(CUDA) if kw else None)
+    assert _rel_err(loss, ref) <= TC_REL[dtype]
+    assert _rel_err(off_loss, loss) <= TC_REL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("impl", ["simt"] + TC_IMPLS)

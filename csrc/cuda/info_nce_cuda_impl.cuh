@@ -1219,11 +1219,16 @@ TcSmem fl_kernel_smem(int64_t d) {
   return plan(stages);
 }
 
-// f(kernel) for the flash-layout kernel (or its wgmma version) of (T, MODE) whose NT fits dpad.
+// f(kernel) for the flash-layout kernel (or its wgmma version) of (T, MODE) whose NT fits dpad. Lse: wgmma_kernel
+// only (served where tc_wg_lse says so).
 template <typename T, FlashMode MODE, typename F>
 auto fl_with_kernel(int dpad, const F& f) {
-  if (tc_wgmma()) return wg_with_nt(dpad, [&](auto nt) { return f(wgmma_kernel<T, MODE, decltype(nt)::value>); });
-  return dpad <= 128 ? f(flash_kernel<T, MODE, 16>) : f(flash_kernel<T, MODE, 32>);
+  if constexpr (MODE == FlashMode::Lse) {
+    return wg_with_nt(dpad, [&](auto nt) { return f(wgmma_kernel<T, MODE, decltype(nt)::value>); });
+  } else {
+    if (tc_wgmma()) return wg_with_nt(dpad, [&](auto nt) { return f(wgmma_kernel<T, MODE, decltype(nt)::value>); });
+    return dpad <= 128 ? f(flash_kernel<T, MODE, 16>) : f(flash_kernel<T, MODE, 32>);
+  }
 }
 
 template <typename T, FlashMode MODE>
@@ -1251,6 +1256,7 @@ template <typename T, FlashMode MODE>
 cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, cudaStream_t stream) {
   const TcSmem sm = fl_kernel_smem<T>(f.d);
   const dim3 grid = grid_for(f.xblocks * f.splits);
+  if (MODE == FlashMode::Lse && !tc_wgmma()) return cudaErrorInvalidValue;  // (wgmma_kernel's plan only)
   if (tc_wgmma() && sm.chunk != 0) return cudaErrorInvalidValue;  // wgmma_kernel's keep0 must be 0
   return fl_with_kernel<T, MODE>(sm.dpad, [&](auto kernel) {
     const cudaError_t e = allow_smem(kernel, sm.total);
@@ -1264,11 +1270,29 @@ cudaError_t launch_flash(const TcOperand<T>& X, const TcOperand<T>& Y, const FlA
   });
 }
 
+// The forward without the anchors' term (no gradient, or none for the anchors) on the wgmma kernels' Lse walk
+// (score products and the running max and sum, 2BKd flop) where they serve the one-pass forward and
+// CONTRASTBOUND_TC_WG_LSE=1 asks for it; else the lse pass of the mma.sync / WMMA kernels. Opt-in until its tests
+// have run on a GPU (it passes the CPU emulation only), as the flash and one-pass kernels were: on the H200 the
+// mma.sync lse pass took 6.6 ms at B = 8192, K = 2^18, d = 256, 32 % of the matmul rate by its 2BKd, the wgmma
+// kernels 63-66 % by their 4BKd.
+template <typename T>
+bool tc_wg_lse(const Problem& p) {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    const char* env = std::getenv("CONTRASTBOUND_TC_WG_LSE");
+    if (env == nullptr || env[0] != '1') return false;
+    return tc_wgmma() && tc_flash<T>(p);
+  }
+}
+
 // The kernel that serves the forward's walk over the bank (lse only, or one pass with the anchor term).
 template <typename T>
 int64_t tc_lse_slots(const Problem& p, bool save, int num_sms) {
   if constexpr (!std::is_same<T, float>::value) {
     if (save && tc_flash<T>(p)) return fl_slots<T, FlashMode::Forward>(p.d, num_sms);
+    if (!save && tc_wg_lse<T>(p)) return fl_slots<T, FlashMode::Lse>(p.d, num_sms);
     if (tc_fused_fwd(p, save)) return tc_slots(mma_fwd_kernel<T>, tc_kernel_smem<T>(p.d, true).total, num_sms);
   }
   const TcSmem sm = tc_kernel_smem<T>(p.d, /*with_p=*/false);
@@ -1294,6 +1318,15 @@ struct TcPlan {
 bool tc_flash_for(const Problem& p) {
   return tc_typed(p.dtype, [&](auto x) { return tc_flash<decltype(x)>(p); });
 }
+
+// Whether the wgmma kernels' Lse walk serves a forward without the anchors' term (tc_wg_lse).
+bool tc_wg_lse_for(const Problem& p) {
+  return tc_typed(p.dtype, [&](auto x) { return tc_wg_lse<decltype(x)>(p); });
+}
+
+// Whether the forward walks the bank with the flash / wgmma kernels (128-row X blocks): the one pass with the
+// anchors' term, or the Lse walk without it.
+bool fl_forward(const Problem& p, bool save) { return save ? tc_flash_for(p) : tc_wg_lse_for(p); }
 
 // bank_pass: X = bank, Y = anchors (the bank gradients), else the anchors' term.
 TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms, bool bank_pass) {
@@ -1324,7 +1357,7 @@ TcPlan plan_tc_rows(const Problem& p, int64_t xrows, int64_t yrows, int num_sms,
 // The forward's K chunks on the tensor-core path: the same split rule over (anchor blocks, bank tiles).
 ForwardPlan plan_forward_tc(const Problem& p, bool save, int num_sms) {
   ForwardPlan f;
-  f.units_per_chunk_row = ceil_div(p.B, (save && tc_flash_for(p)) ? kFlRows : kTcRows);
+  f.units_per_chunk_row = ceil_div(p.B, fl_forward(p, save) ? kFlRows : kTcRows);
   if (p.K == 0 || p.B == 0) return f;
   const int64_t slots = tc_typed(p.dtype, [&](auto x) { return tc_lse_slots<decltype(x)>(p, save, num_sms); });
   const TcSplit s = plan_tc_split(f.units_per_chunk_row, ceil_div(p.K, kTcCols), slots);
@@ -1348,7 +1381,7 @@ TcOperand<T> tc_operand(const void* ptr, const int64_t* stride, int64_t rows, in
 struct TcForwardWork {
   ForwardWork<float> w;
   float* v_partial = nullptr;  // (splits, B, d) when the anchor term is split over K
-  uint32_t* keep_bits = nullptr;  // the flash-layout forward with a negative_mask: (B, fl_keep_words(K)) words
+  uint32_t* keep_bits = nullptr;  // the flash / wgmma forward with a negative_mask: (B, fl_keep_words(K)) words
 };
 
 TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f, bool save, int num_sms) {
@@ -1359,6 +1392,10 @@ TcForwardWork carve_forward_tc(Carver& c, const Problem& p, const ForwardPlan& f
     return t;
   }
   t.w = carve_forward<float>(c, p, f, /*save=*/false, /*simt=*/false);  // no per-chunk V: formed after the lse
+  if (!save) {
+    if (p.keep != nullptr && tc_wg_lse_for(p)) t.keep_bits = c.take<uint32_t>(p.B * fl_keep_words(p.K));
+    return t;
+  }
   const TcPlan vp = plan_tc_rows(p, p.B, p.K, num_sms, /*bank_pass=*/false);
   if (save && vp.splits > 1) t.v_partial = c.take<float>(vp.splits * p.B * p.d);
   return t;
@@ -1507,6 +1544,24 @@ TcLseArgs tc_lse_args(const Problem& p, const ForwardPlan& f, const ForwardWork<
   return la;
 }
 
+// The flash-layout / wgmma forward walks' arguments (Forward, Lse): X = anchors, Y = the bank in f's K chunks, whose
+// (max, sum) partials go to t's workspace; the mask's bits and the labels are added by fl_left_out.
+inline FlArgs fl_forward_args(const Problem& p, const ForwardPlan& f, const TcForwardWork& t) {
+  FlArgs fa;
+  fa.d = p.d;
+  fa.splits = f.chunks;
+  fa.tiles_per_split = f.chunk_len / kFlCols;
+  fa.xblocks = ceil_div(p.B, kFlRows);
+  fa.scale = static_cast<const float*>(p.scale);
+  fa.exclude_self = p.exclude_self;
+  fa.excluded = p.excluded;
+  fa.x_inv = t.w.pr.a_inv;
+  fa.y_inv = t.w.pr.n_inv;
+  fa.part_max = t.w.part_max;
+  fa.part_sum = t.w.part_sum;
+  return fa;
+}
+
 template <typename T>
 cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* workspace, int num_sms, cudaStream_t stream) {
   const bool save = out.anchor_term != nullptr;
@@ -1524,20 +1579,9 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
         cudaError_t e = launch_coef_bound<T>(t.w.pr.tc_bound, t.w.pr.n_inv, nullptr, nullptr, p.K, stream, &bound);
         if (e != cudaSuccess) return e;
         if (tc_flash<T>(p)) {
-          FlArgs fa;
-          fa.d = p.d;
-          fa.splits = f.chunks;
-          fa.tiles_per_split = f.chunk_len / kFlCols;
-          fa.xblocks = ceil_div(p.B, kFlRows);
-          fa.scale = static_cast<const float*>(p.scale);
-          fa.exclude_self = p.exclude_self;
-          fa.excluded = p.excluded;
-          fa.x_inv = t.w.pr.a_inv;
-          fa.y_inv = t.w.pr.n_inv;
+          FlArgs fa = fl_forward_args(p, f, t);
           fa.coef_bound = bound;
           fa.partial = t.w.part_w;
-          fa.part_max = t.w.part_max;
-          fa.part_sum = t.w.part_sum;
           e = fl_left_out(left_out_of(p), /*bank_pass=*/false, t.keep_bits, p.B, p.K, stream, fa);
           if (e == cudaSuccess) e = launch_flash<T, FlashMode::Forward>(A, N, fa, stream);
         } else {
@@ -1555,6 +1599,21 @@ cudaError_t forward_tc(const Problem& p, const ForwardOutputs& out, void* worksp
         CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, forward_merge_kernel<float>)(
             p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse),
             static_cast<float*>(out.anchor_term));
+      }
+      return cudaGetLastError();
+    }
+    if (!save && tc_wg_lse<T>(p)) {
+      // The Lse walk: (max, sum) partials per K chunk, merged with the positive below (no coefficient bound: no
+      // coefficient becomes an operand).
+      if (f.chunks > 0) {
+        FlArgs fa = fl_forward_args(p, f, t);
+        cudaError_t e = fl_left_out(left_out_of(p), /*bank_pass=*/false, t.keep_bits, p.B, p.K, stream, fa);
+        if (e == cudaSuccess) e = launch_flash<T, FlashMode::Lse>(A, N, fa, stream);
+        if (e != cudaSuccess) return e;
+      }
+      if (p.B > 0) {
+        CB_LAUNCH(grid_for(p.B), kThreads, 0, stream, forward_merge_kernel<float>)(
+            p, t.w, f, static_cast<float*>(out.loss), static_cast<float*>(out.lse), nullptr);
       }
       return cudaGetLastError();
     }

@@ -12,6 +12,8 @@
 //   BankGrads   X = bank,    Y = anchors: c = g_y s e^{l - lse_y} inv_y           O_x = dL/dn_hat_x, finished
 //   Forward     X = anchors, Y = one K chunk: the running (max, sum) and V of the chunk in one walk (online
 //               rescaling by e^{m_old - m_new}), written as the partials forward_merge_kernel merges.
+//   Lse         the same walk without the second product: the (max, sum) partials only, for a forward that
+//               needs no anchors' term (wgmma_kernel only: flash_kernel has no such instance).
 // (No anchor-term pass: where these kernels serve, the forward is the one-pass Forward, which forms V.)
 // Splits of Y (rows passes) write float32 partials that tc_finish_kernel sums in split order, as for
 // mma_rows_kernel. NT: n8 tiles of the widest output row held (16: d <= 128, 32: d <= 256).
@@ -24,14 +26,14 @@
 constexpr int kFlRows = 128;  // X rows per block: 8 warps x 16
 constexpr int kFlCols = 64;   // Y rows per tile
 
-enum class FlashMode { BankGrads, Forward };
+enum class FlashMode { BankGrads, Forward, Lse };
 
 struct FlArgs {
   int64_t d = 0;
-  int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward: splits = K chunks
+  int64_t splits = 1, tiles_per_split = 0, xblocks = 0;  // Forward, Lse: splits = K chunks
   const float* scale = nullptr;  // s, in device memory (read_scale)
   bool exclude_self = false;
-  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (Forward) or by Y row (BankGrads)
+  const int64_t* excluded = nullptr;  // (B,) or nullptr: by X row (Forward, Lse) or by Y row (BankGrads)
   const float* x_inv = nullptr;   // (X rows,)
   const float* x_proj = nullptr;  // BankGrads: Jacobian factor of the bank rows
   const float* y_inv = nullptr;   // (Y rows,)
@@ -40,7 +42,7 @@ struct FlArgs {
   const float* coef_bound = nullptr;  // float16: see TcRowsArgs::coef_bound
   float* partial = nullptr;       // (splits, X rows, d): rows passes with splits > 1; Forward: V partials
   void* out_grad = nullptr;       // BankGrads, one split: (X rows, d) in the input type
-  float* part_max = nullptr;      // Forward: (chunks, X rows)
+  float* part_max = nullptr;      // Forward, Lse: (chunks, X rows)
   float* part_sum = nullptr;
   // negative_mask (Problem::keep) as bits by (X row, Y row): keep_bits[x keep_words + y / 32] bit y % 32 set where
   // Y row y is kept for X row x (fl_keep_bits_kernel packs them from the mask before the launch, in this launch's
@@ -145,9 +147,10 @@ __device__ __forceinline__ float fl_quad_max(float v) {
 // layout) and column 8 j + 2 t + e of the tile (y0 its first bank row), cols the tile's slot of the column arrays
 // (fl_store_cols). l = sc xinv inv with xinv the row factor; xl2[h] = xinv log2(e), as the exponentials are taken
 // in base 2. Forward: c = e^{l - m} coef with m the running max (run_m, in base 2: m log2(e); run_s updated;
-// alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); BankGrads:
-// c = coef e^{l - lse}. Left out (c = 0): columns past the bank, rows past X, the row's excluded column (row_ex),
-// for BankGrads with an excluded array (by_col) the anchor a column leaves out (yex), and the pairs that a
+// alpha[h] = e^{m_old - m}, which the caller applies to its output rows once nothing reads them); Lse: the same,
+// of which the caller reads only run_m and run_s; BankGrads: c = coef e^{l - lse}. Left out (c = 0): columns past
+// the bank, rows past X, the row's excluded column (row_ex), for BankGrads with an excluded array (by_col) the
+// anchor a column leaves out (yex), and the pairs that a
 // negative_mask (masked: the row's two mask words in the slot, one bit per column) or labels (xlab: the X rows'
 // labels, nullptr without labels; the column's label in the slot) leave out. A row with nothing to leave out in
 // this tile (without labels: every tile but the bank's last, the last X block's, the excluded diagonal's and those
@@ -191,7 +194,7 @@ __device__ __forceinline__ void fl_coefficients(float (&sc)[32], const float* co
 #pragma unroll
         for (int e = 0; e < 2; ++e) f(4 * j + 2 * h + e, 8 * j + 2 * t + e);
     };
-    if (MODE == FlashMode::Forward) {
+    if (MODE != FlashMode::BankGrads) {  // Forward, Lse
       // The running max and sum in base 2: l2 = l log2(e) = t xl2 with t = sc inv (xl2 >= 0: the scale is positive,
       // or NaN). The tile max of l2 is xl2 times that of t (x -> x xl2 rounds monotonically), so the scores become
       // t in place, and each exponential is 2^(t xl2 - m2), one fused multiply-add and one ex2.
@@ -262,7 +265,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
   for (int h = 0; h < 2; ++h) {
     const int64_t r = row[h];
     const bool ok = r < X.rows;
-    if (MODE == FlashMode::Forward) {
+    if (MODE != FlashMode::BankGrads) {  // Forward, Lse
       const float s = fl_quad_sum(run_s[h]);
       if (ok && t == 0) {
         a.part_max[split * X.rows + r] = run_m[h] * kLn2;  // (run_m is in base 2; the sum is 2^{l2 - m2} = e^{l - m})
@@ -294,7 +297,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
             }
           }
       }
-    } else if (ok) {
+    } else if (MODE != FlashMode::Lse && ok) {
       float* dst = a.partial + (split * X.rows + r) * a.d;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -310,6 +313,7 @@ __device__ __forceinline__ void fl_epilogue(const float* acc, const int64_t (&ro
 template <typename T, FlashMode MODE, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1)
     flash_kernel(const TcOperand<T> X, const TcOperand<T> Y, const FlArgs a, const TcSmem m) {
+  static_assert(MODE != FlashMode::Lse, "the lse-only walk is wgmma_kernel's (fl_with_kernel)");
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);

@@ -19,7 +19,13 @@
 // i + 1's coefficients (pa / pn: two sets, as the product in flight reads its A registers). Y tiles go through three
 // buffers: tile i + 2 is copied (cp.async) while tiles i and i + 1 are read; the barrier of tile i (after every
 // thread's wait for O(i - 1) and for its copies of tile i + 1) frees buffer (i + 2) % 3. The column arrays (inverse
-// norms, lse, g s, excluded offsets) have two slots, tile i + 1's written before that barrier.
+// norms, lse, g s, excluded offsets) have two slots in use, tile i + 1's written before that barrier.
+// MODE Lse (a forward that needs no anchors' term: no gradient, or anchors that take none; flash_kernel has no such
+// instance): the same walk without the output product; per tile i, after the barrier, S(i + 1) is issued and tile
+// i's exponentials and sums (its scores held in registers since the previous step) are formed while it runs, then
+// wait_group 0; the (max, sum) partials only. Its Y tiles are copied two steps ahead (tile i + 3 into the buffer
+// of tile i, whose scores are complete), and its column arrays have three slots (tile i's read while tile i + 2's
+// are written).
 //
 // Shared memory: X (128 rows) and three Y tiles (64 rows) in the no-swizzle ("interleaved") canonical
 // layout, as 16-byte chunks in chunk-column order: element (row r, feature j) of a tile of R rows is at byte
@@ -108,6 +114,7 @@ enum WgMutation {
   kWgMutEarlyRefill,   // tile i + 2 copied before the barrier after which no warpgroup reads its buffer
   kWgMutOneColSlot,    // one slot of column arrays (tile i + 2's written while tile i + 1's are read)
   kWgMutWriteAfterFence,  // Forward: the output rows rescaled after the wgmma.fence that precedes their product
+  kWgMutLseTwoSlots,   // Lse: column slots by tile % 2 (tile + 2's written over tile's, which are being read)
   kWgMutCount
 };
 #ifdef CONTRASTBOUND_EMULATE
@@ -237,7 +244,9 @@ CB_WGMMA_ALL(__half, "f16")
 
 #endif  // CONTRASTBOUND_EMULATE
 
-constexpr int kWgColSlots = 2;  // slots of the column arrays (tile i + 1's are written while tile i's are read)
+// Slots of the column arrays: tile i + 1's are written while tile i's are read (Forward, BankGrads: slot i % 2);
+// the Lse walk reads tile i's while tile i + 1's scores are formed and writes tile i + 2's (slot i % 3).
+constexpr int kWgColSlots = 3;
 
 // Shared-memory matrix descriptor, no swizzle (start, LBO, SBO in bytes, 16-byte multiples below 2^18).
 __device__ __forceinline__ uint64_t wg_desc(unsigned start, unsigned lbo, unsigned sbo) {
@@ -310,8 +319,9 @@ __device__ __forceinline__ void wg_output_product(float* acc, const unsigned (&p
 
 // Shared memory: the X tile (kFlRows rows), three Y tiles (kFlCols rows: the pipeline below reads two while the
 // third is copied), each dpad features in the layout above (no padding: the layout is conflict-free without it),
-// and two slots of the column arrays. ld is unused (0). dpad is d rounded up to 64 (zero features past d), so that
-// the kernel for dpad has products of one fixed shape. 162 KB at d = 256 (an H100 / H200 block may have 227 KB).
+// and kWgColSlots slots of the column arrays. ld is unused (0). dpad is d rounded up to 64 (zero features past d),
+// so that the kernel for dpad has products of one fixed shape. 168.5 KiB at d = 256 (an H100 / H200 block may
+// have 227 KiB).
 template <typename T>
 TcSmem wg_smem(int64_t d) {
   TcSmem m;
@@ -437,6 +447,9 @@ __global__ void __launch_bounds__(kTcThreads, 1)
   static_assert(NT % 8 == 0 && NT >= 8 && NT <= 32, "NT = dpad / 8: whole 64-feature chunks, d <= 256");
   constexpr int kDpad = 8 * NT;       // m.dpad (wg_with_nt chose NT from it); the N of the output product
   constexpr int kKsteps = kDpad / 16;  // k16 slices of the score product
+  // Lse: the score product and the running (max, sum) alone (no coefficients packed, no output product, whose
+  // accumulators the compiler then drops), in a walk of its own below.
+  constexpr bool kOut = MODE != FlashMode::Lse;
   static_assert(kFlRows == 128 && kFlCols == 64 && kTcThreads == 256, "two warpgroups of 64 rows, 64-row Y tiles");
   unsigned char* const tc_raw = tc_dynamic_smem();
   T* xs = reinterpret_cast<T*>(tc_raw + m.x);
@@ -458,15 +471,18 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const int64_t xb = u % a.xblocks, split = u / a.xblocks;
     const int64_t x0 = xb * kFlRows;
     const int64_t t_begin = split * a.tiles_per_split, t_end = min64(ytiles, t_begin + a.tiles_per_split);
-    // Tile `tile`'s column values (fl_load_cols) into slot tile % 2 of the column arrays. Loaded right after the
-    // barrier of tile - 2 and stored late in that step, so that the global loads' latency hides behind the tensor
-    // cores' work rather than stalling every warp at the next barrier.
+    // Tile `tile`'s column values (fl_load_cols) into its slot of the column arrays (kWgColSlots). Loaded right
+    // after the barrier of tile - 2 and stored late in that step, so that the global loads' latency hides behind
+    // the tensor cores' work rather than stalling every warp at the next barrier.
     const auto load_cols = [&](int64_t tile) { return fl_load_cols<MODE>(a, Y, tile, x0, X.rows, cscale); };
-    const auto store_cols = [&](int64_t tile, const FlColVals& v) {
-      fl_store_cols(cols + ((wg_mut(kWgMutOneColSlot) ? 0 : tile) & 1) * kFlSlotWords, v);
+    const auto slot_of = [&](int64_t tile) -> float* {
+      const int64_t s = wg_mut(kWgMutOneColSlot) ? 0 : (kOut || wg_mut(kWgMutLseTwoSlots)) ? (tile & 1) : tile % 3;
+      return cols + s * kFlSlotWords;
     };
+    const auto store_cols = [&](int64_t tile, const FlColVals& v) { fl_store_cols(slot_of(tile), v); };
     __syncthreads();  // the previous unit's X tile, Y buffers and columns are no longer read (its wgmma waited for)
-    // Prologue: X with tile t_begin (one cp.async group), tile t_begin + 1 (a second); wait for the first.
+    // Prologue: X with tile t_begin (one cp.async group), tile t_begin + 1 (a second; Lse: and tile t_begin + 2,
+    // a third, possibly empty); wait for the first.
     wg_issue<T, kFlRows>(xs, X, x0, a.d, kDpad);
     if (t_begin < t_end) {
       wg_issue_y<T, kDpad>(tc_raw, m, Y, t_begin, a.d);
@@ -475,7 +491,16 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     }
     if (t_begin + 1 < t_end) {
       wg_issue_y<T, kDpad>(tc_raw, m, Y, t_begin + 1, a.d);
-      tc_wait<1>();
+      if constexpr (kOut) {
+        tc_wait<1>();
+      } else {
+        if (t_begin + 2 < t_end) {
+          wg_issue_y<T, kDpad>(tc_raw, m, Y, t_begin + 2, a.d);
+        } else {
+          tc_commit();
+        }
+        tc_wait<2>();
+      }
     } else {
       tc_wait<0>();
     }
@@ -513,16 +538,17 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     const bool by_col = a.excluded != nullptr, masked = a.keep_bits != nullptr;
     const long long* const labelled = a.x_labels != nullptr ? xlab : nullptr;
     const auto coefficients = [&](float (&sc)[32], int64_t tile, unsigned (&pa)[4][4], float (&alpha)[2]) {
-      fl_coefficients<MODE>(sc, cols + (tile & 1) * kFlSlotWords, tile * kFlCols, Y.rows, row, row_ex, x0, X.rows,
-                            xl2, by_col, masked, labelled, t, run_m, run_s, alpha);
-      wg_pack_a<T>(sc, pa);
+      fl_coefficients<MODE>(sc, slot_of(tile), tile * kFlCols, Y.rows, row, row_ex, x0, X.rows, xl2, by_col, masked,
+                            labelled, t, run_m, run_s, alpha);
+      if constexpr (kOut) wg_pack_a<T>(sc, pa);
     };
     // acc[4 j + e]: n8 tile j of the output (f32 D fragment), features 8 j ...
     float acc[NT * 4];
 #pragma unroll
     for (int i = 0; i < NT * 4; ++i) acc[i] = 0.f;
     unsigned pa[4][4];  // the coefficients of the tile whose output product is issued next
-    float alpha[2];
+    float alpha[2] = {1.f, 1.f};  // (set by every coefficients call before it is read)
+    float held[32];  // Lse: the scores of the tile whose coefficients the next step forms
     if (t_begin < t_end) {
       float sc[32];
 #pragma unroll
@@ -532,7 +558,12 @@ __global__ void __launch_bounds__(kTcThreads, 1)
       wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
-      coefficients(sc, t_begin, pa, alpha);  // alpha: the output is still 0
+      if constexpr (kOut) {
+        coefficients(sc, t_begin, pa, alpha);  // alpha: the output is still 0
+      } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) held[i] = sc[i];
+      }
     }
     // O (64 x dpad) += C (64 x 64) Y (64 x dpad) of tile `tile`, one instruction per K slice (B = the Y tile read
     // N-major), fenced and committed as one group.
@@ -567,63 +598,108 @@ __global__ void __launch_bounds__(kTcThreads, 1)
     // cores. (Every stage issues both products: with the score product under a condition, ptxas serialized all
     // wgmma of the kernel, note C7514; so the last tile's output product is issued after the loop.)
     timing.lap(0);
-    for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
-      tc_wait<0>();  // this thread's copies of tile + 1 (the only group in flight)
-      if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
-      // Tile + 1 is complete (its columns were stored in the previous step); both warpgroups have waited for their
-      // products of tile - 1, so its buffer ((tile + 2) % 3) may be refilled, and the coefficients of tile were
-      // formed, so its column slot (that of tile + 2) may be rewritten.
-      if (wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
-      __syncthreads();
-      if (!wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
-      const FlColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : FlColVals{};
-      float sc[32];
+    if constexpr (kOut) {
+      for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
+        tc_wait<0>();  // this thread's copies of tile + 1 (the only group in flight)
+        if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
+        // Tile + 1 is complete (its columns were stored in the previous step); both warpgroups have waited for their
+        // products of tile - 1, so its buffer ((tile + 2) % 3) may be refilled, and the coefficients of tile were
+        // formed, so its column slot (that of tile + 2) may be rewritten.
+        if (wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
+        __syncthreads();
+        if (!wg_mut(kWgMutEarlyRefill) && tile + 2 < t_end) wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 2, a.d);
+        const FlColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : FlColVals{};
+        float sc[32];
 #pragma unroll
-      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
-      fence_acc_pa();
-      // The accumulators (Forward: rescaled) and the A fragments were written by other instructions.
-      if (!wg_mut(kWgMutNoWgFence)) wg_fence();
-      if (wg_mut(kWgMutWriteAfterFence) && MODE == FlashMode::Forward) rescale();  // the previous step's factor
-      timing.lap(1);
-      issue_scores(sc, tile + 1);
-      issue_output(tile, true);
-      if (!wg_mut(kWgMutNoWaitS)) wg_wait<1>();  // the scores (the older group); the output product may run on
+        for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+        fence_acc_pa();
+        // The accumulators (Forward: rescaled) and the A fragments were written by other instructions.
+        if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+        if (wg_mut(kWgMutWriteAfterFence) && MODE == FlashMode::Forward) rescale();  // the previous step's factor
+        timing.lap(1);
+        issue_scores(sc, tile + 1);
+        issue_output(tile, true);
+        if (!wg_mut(kWgMutNoWaitS)) wg_wait<1>();  // the scores (the older group); the output product may run on
 #pragma unroll
-      for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
-      timing.lap(2);
-      unsigned pn[4][4];
-      if (wg_mut(kWgMutReuseA)) {
-        coefficients(sc, tile + 1, pa, alpha);  // overwrites the A fragments of the product in flight
-      } else {
-        coefficients(sc, tile + 1, pn, alpha);
+        for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+        timing.lap(2);
+        unsigned pn[4][4];
+        if (wg_mut(kWgMutReuseA)) {
+          coefficients(sc, tile + 1, pa, alpha);  // overwrites the A fragments of the product in flight
+        } else {
+          coefficients(sc, tile + 1, pn, alpha);
+        }
+        if (wg_mut(kWgMutEarlyRescale) && MODE == FlashMode::Forward) rescale();
+        if (tile + 2 < t_end) store_cols(tile + 2, next_cols);
+        timing.lap(3);
+        // The output product is complete before its accumulators are rescaled, its A registers reused and (after
+        // the next barrier) its Y buffer refilled.
+        if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
+        fence_acc_pa();
+        if (MODE == FlashMode::Forward && !wg_mut(kWgMutEarlyRescale) && !wg_mut(kWgMutWriteAfterFence)) rescale();
+        if (!wg_mut(kWgMutReuseA)) {
+          // pa = pn, written so that the old pa is read here (keep0 is 0). With a plain copy (and with an asm mov,
+          // and with two sets used in turn by a loop unrolled twice) ptxas serialized every wgmma of the kernel,
+          // note C7513 "non wgmma instructions defining input registers of a wgmma between start and end of the
+          // pipeline stage": it seems to have given the two sets the same registers, so that tile + 1's
+          // coefficients would be formed in the A registers of the product in flight. Reading the old pa after
+          // the wait keeps them apart (no note; checked by scripts/cpp_tests.sh).
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pn[kk][r] | (pa[kk][r] & keep0);
+        }
+        timing.lap(4);
       }
-      if (wg_mut(kWgMutEarlyRescale) && MODE == FlashMode::Forward) rescale();
-      if (tile + 2 < t_end) store_cols(tile + 2, next_cols);
-      timing.lap(3);
-      // The output product is complete before its accumulators are rescaled, its A registers reused and (after
-      // the next barrier) its Y buffer refilled.
-      if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
-      fence_acc_pa();
-      if (MODE == FlashMode::Forward && !wg_mut(kWgMutEarlyRescale) && !wg_mut(kWgMutWriteAfterFence)) rescale();
-      if (!wg_mut(kWgMutReuseA)) {
-        // pa = pn, written so that the old pa is read here (keep0 is 0). With a plain copy (and with an asm mov,
-        // and with two sets used in turn by a loop unrolled twice) ptxas serialized every wgmma of the kernel,
-        // note C7513 "non wgmma instructions defining input registers of a wgmma between start and end of the
-        // pipeline stage": it seems to have given the two sets the same registers, so that tile + 1's
-        // coefficients would be formed in the A registers of the product in flight. Reading the old pa after
-        // the wait keeps them apart (no note; checked by scripts/cpp_tests.sh).
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) pa[kk][r] = pn[kk][r] | (pa[kk][r] & keep0);
+      if (t_begin < t_end) {  // the last tile's output product (its tile and coefficients are complete)
+        fence_acc_pa();
+        issue_output(t_end - 1, false);
+        if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
+        fence_acc_pa();
       }
-      timing.lap(4);
-    }
-    if (t_begin < t_end) {  // the last tile's output product (its tile and coefficients are complete)
-      fence_acc_pa();
-      issue_output(t_end - 1, false);
-      if (!wg_mut(kWgMutNoWaitO)) wg_wait<0>();
-      fence_acc_pa();
+    } else {
+      // Lse, per tile but the last: the scores of tile + 1 are issued, and the coefficients of tile (held) are
+      // formed while the tensor cores form them; then the wait, and they are held for the next step. The Y tiles
+      // are copied two steps ahead (the steps are short, one product each): at step `tile` the copy of tile + 3
+      // goes into the buffer of tile, whose scores every warpgroup waited for in the previous step, while tile +
+      // 2's copy is still in flight (one cp.async group per step, empty past the split's end, so that tc_wait<1>
+      // always leaves exactly tile + 2's). Three column slots, since tile's are read while tile + 2's are written.
+      for (int64_t tile = t_begin; tile + 1 < t_end; ++tile) {
+        tc_wait<1>();  // this thread's copies of tile + 1 (tile + 2's may still be in flight)
+        if (!wg_mut(kWgMutNoProxyFence)) wg_fence_proxy_async();
+        // Tile + 1 is complete (its columns were stored two steps back, or by the prologue); every thread waited for
+        // its scores of tile and formed the coefficients of tile - 1, so the buffer of tile (that of tile + 3) may
+        // be refilled and the column slot of tile - 1 (that of tile + 2) rewritten.
+        const auto refill = [&] {
+          if (tile + 3 < t_end) {
+            wg_issue_y<T, kDpad>(tc_raw, m, Y, tile + 3, a.d);
+          } else {
+            tc_commit();
+          }
+        };
+        if (wg_mut(kWgMutEarlyRefill)) refill();
+        __syncthreads();
+        if (!wg_mut(kWgMutEarlyRefill)) refill();
+        const FlColVals next_cols = tile + 2 < t_end ? load_cols(tile + 2) : FlColVals{};
+        float sc[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) wg_fence_operand(sc[i]);
+        if (!wg_mut(kWgMutNoWgFence)) wg_fence();
+        timing.lap(1);
+        issue_scores(sc, tile + 1);
+        timing.lap(2);
+        coefficients(held, tile, pa, alpha);  // (the running max and sum; the registers of sc are not touched)
+        if (tile + 2 < t_end) store_cols(tile + 2, next_cols);
+        timing.lap(3);
+        if (!wg_mut(kWgMutNoWaitS)) wg_wait<0>();  // the scores of tile + 1
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          wg_fence_operand(sc[i]);
+          held[i] = sc[i];
+        }
+        timing.lap(4);
+      }
+      if (t_begin < t_end) coefficients(held, t_end - 1, pa, alpha);
     }
     // The X tile was copied by every thread: a unit without Y tiles (no anchors) has passed no barrier since.
     __syncthreads();

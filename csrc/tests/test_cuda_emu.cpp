@@ -300,6 +300,9 @@ bool launched(cudaError_t e, const std::string& what) {
   return false;
 }
 
+// Forwards without the anchor term that the wgmma kernels' Lse walk served (run_case).
+int64_t lse_walks = 0;
+
 struct Aligned {
   std::vector<unsigned char> store;
   void* ptr = nullptr;
@@ -499,6 +502,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     out2.lse = lse2.data();
     const size_t bytes2 = info_nce_forward_workspace_bytes(p, false, num_sms);
     Aligned ws2(bytes2);
+    const uint64_t mmas0 = emu::wg::s.mmas;
     const bool ok = launched(info_nce_forward(p, out2, ws2.ptr, bytes2, num_sms, nullptr),
                              what + ": forward without the anchor term");
     double e2 = 0;
@@ -507,6 +511,14 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       e2 = std::max(e2, rel(lse2[i], want_lse[i], want_lse[i]));
     }
     expect_err(e2, tol_acc, ty, what + ": loss and lse without the anchor term");
+    if (ok && emu::wg::s.mmas != mmas0) {
+      // The wgmma kernels' Lse walk served (only wgmma_kernel issues wgmma): the (max, sum) partials of the
+      // Forward walk that served the forward above, so the same loss and lse bit for bit.
+      ++lse_walks;
+      expect(std::memcmp(loss2.data(), loss.data(), B * sizeof(acc_t)) == 0 &&
+                 std::memcmp(lse2.data(), lse.data(), B * sizeof(acc_t)) == 0,
+             what + ": the Lse walk's loss and lse are the one-pass forward's, bit for bit");
+    }
   }
 
   // reference gradients of sum_i g_i loss_i
@@ -1265,12 +1277,20 @@ void kernel_configs(bool quick) {
   // (main() sets CONTRASTBOUND_TC_WGMMA=0, so that every configuration below tests the kernels it names; here it is
   // unset: the default, which on this device is the wgmma kernels where they serve.)
   const uint64_t mmas0 = emu::wg::s.mmas;
+  const int64_t walks0 = lse_walks;
   with_env({{"CONTRASTBOUND_TC_WGMMA", nullptr}},
            [&] { run_config(quick, "sm_90a, default kernels (wgmma)", false, /*variant=*/false); });
   const uint64_t mmas1 = emu::wg::s.mmas;
+  expect(lse_walks == walks0, "sm_90a, default kernels: the Lse walk is opt-in (CONTRASTBOUND_TC_WG_LSE=1)");
+  // The wgmma kernels with their Lse walk for the forwards without the anchor term (every case's, not light).
+  with_env({{"CONTRASTBOUND_TC_WGMMA", nullptr}, {"CONTRASTBOUND_TC_WG_LSE", "1"}},
+           [&] { run_config(quick, "sm_90a, CONTRASTBOUND_TC_WG_LSE=1", true, /*variant=*/false); });
+  expect(lse_walks > walks0, "sm_90a, CONTRASTBOUND_TC_WG_LSE=1: the Lse walk served the forwards without the "
+                             "anchor term");
+  const uint64_t mmas2 = emu::wg::s.mmas;
   run_config(quick, "sm_90a, CONTRASTBOUND_TC_WGMMA=0 (mma.sync)", false);
   expect(mmas1 > mmas0, "sm_90a, default kernels: the wgmma kernels served (wgmma operations issued)");
-  expect(emu::wg::s.mmas == mmas1, "sm_90a, CONTRASTBOUND_TC_WGMMA=0: no wgmma operation issued");
+  expect(emu::wg::s.mmas == mmas2, "sm_90a, CONTRASTBOUND_TC_WGMMA=0: no wgmma operation issued");
   // The same device at full size (132 multiprocessors, 3 blocks each): plans whose units all fit in one wave.
   dev.id = 1, dev.multiprocessors = 132, dev.blocks_per_sm = 3;
   run_config(quick, "sm_90a, 132 multiprocessors", false);
@@ -1312,7 +1332,8 @@ int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
   const bool quick = arg == "quick", faults_only = arg == "faults";
   for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
-                        "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA"}) {
+                        "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA",
+                        "CONTRASTBOUND_TC_WG_LSE"}) {
     unsetenv(v);
   }
   // The wgmma kernels are the default on sm_90a: off here, so that each configuration tests the kernels it names;

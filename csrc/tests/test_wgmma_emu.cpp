@@ -44,13 +44,13 @@ namespace {
 
 template <typename T, FlashMode MODE>
 void launch_both(bool wgmma, const TcOperand<T>& X, const TcOperand<T>& Y, const FlArgs& f, int stages, unsigned grid) {
-  if (wgmma) {
+  if (wgmma || MODE == FlashMode::Lse) {  // (Lse: wgmma_kernel only)
     const TcSmem m = wg_smem<T>(f.d);  // always three Y buffers (`stages` is flash_kernel's)
     wg_with_nt(m.dpad, [&](auto nt) {
       emu::wg::launch(grid, kTcThreads, m.total, [&] { wgmma_kernel<T, MODE, decltype(nt)::value>(X, Y, f, m); });
       return 0;
     });
-  } else {
+  } else if constexpr (MODE != FlashMode::Lse) {
     const TcSmem m = fl_smem<T>(f.d, stages);
     if (m.dpad <= 128) {
       emu::launch(grid, kTcThreads, m.total, [&] { flash_kernel<T, MODE, 16>(X, Y, f, m); });
@@ -169,6 +169,7 @@ void run_forward(const Case& c, std::mt19937_64& rng, double tol) {
   const TcOperand<T> X = A.operand(), Y = N.operand();
   const int64_t chunk_len = f.tiles_per_split * kFlCols;
   std::vector<double> lse_got[2], v_got[2], v_want;
+  std::vector<float> wg_max, wg_sum;  // wgmma_kernel<Forward>'s (max, sum) partials
   double worst = 0;
   for (int k = 0; k < 2; ++k) {
     std::vector<float> pmax(f.splits * c.B, NAN), psum(f.splits * c.B, NAN), pw(f.splits * c.B * c.d, NAN);
@@ -176,6 +177,7 @@ void run_forward(const Case& c, std::mt19937_64& rng, double tol) {
     f.part_sum = psum.data();
     f.partial = pw.data();
     launch_both<T, FlashMode::Forward>(k == 0, X, Y, f, c.stages, grid);
+    if (k == 0) wg_max = pmax, wg_sum = psum;
     for (int64_t ch = 0; ch < f.splits; ++ch) {
       const int64_t k0 = ch * chunk_len, k1 = std::min(c.K, k0 + chunk_len);
       for (int64_t i = 0; i < c.B; ++i) {
@@ -200,6 +202,25 @@ void run_forward(const Case& c, std::mt19937_64& rng, double tol) {
     }
   }
   expect(worst <= 1e-4, "wgmma_kernel<Forward> lse partials, " + c.name() + " (rel err " + std::to_string(worst) + ")");
+  // Lse (no output product): the (max, sum) partials of the Forward instance, bit for bit (the same coefficient
+  // code over the same scores), and no V partial written.
+  {
+    std::vector<float> pmax(f.splits * c.B, NAN), psum(f.splits * c.B, NAN), pw(f.splits * c.B * c.d, NAN);
+    f.part_max = pmax.data();
+    f.part_sum = psum.data();
+    f.partial = pw.data();
+    launch_both<T, FlashMode::Lse>(true, X, Y, f, c.stages, grid);
+    int64_t differ = 0, written = 0;
+    for (size_t i = 0; i < pmax.size(); ++i) {
+      // (NaN where a partial's rows are past X in both, and the same bits elsewhere)
+      differ += std::memcmp(&pmax[i], &wg_max[i], sizeof(float)) != 0 ||
+                std::memcmp(&psum[i], &wg_sum[i], sizeof(float)) != 0;
+    }
+    for (float v : pw) written += !std::isnan(v);
+    expect(differ == 0, "wgmma_kernel<Lse> (max, sum) partials are wgmma_kernel<Forward>'s, " + c.name() + ": " +
+                            std::to_string(differ) + " of " + std::to_string(pmax.size()) + " differ");
+    expect(written == 0, "wgmma_kernel<Lse> writes no V partial, " + c.name() + ": " + std::to_string(written));
+  }
   const double e = rel_err(v_got[0], v_want), ef = rel_diff(v_got[0], v_got[1]);
   expect(e <= tol, "wgmma_kernel<Forward> V partials, " + c.name() + " vs float64 (rel err " + std::to_string(e) + ")");
   expect(ef <= tol, "wgmma_kernel<Forward> V partials, " + c.name() + " vs flash_kernel (rel diff " + std::to_string(ef) + ")");
@@ -285,7 +306,8 @@ const char* mutation_name(int k) {
                                 "next coefficients written into the A registers in flight",
                                 "output rows rescaled before their product completed",
                                 "next Y tile copied before the barrier that frees its buffer",
-                                "one slot of column arrays", "output rows written after the wgmma.fence"};
+                                "one slot of column arrays", "output rows written after the wgmma.fence",
+                                "Lse: two column slots"};
   return names[k];
 }
 
