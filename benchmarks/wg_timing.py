@@ -130,10 +130,12 @@ def _child(args) -> int:
 
     def step():
         cb.info_nce(a, p, n, temperature=0.07, **extra).backward()
-        os.environ["CONTRASTBOUND_TC_WG_LSE"] = "1"  # (opt-in: read by the extension per call)
-        with torch.no_grad():  # a forward without the anchors' term: the Lse walk (FlashMode 2)
-            cb.info_nce(a, p, n, temperature=0.07, **extra)
-        del os.environ["CONTRASTBOUND_TC_WG_LSE"]
+        os.environ["CONTRASTBOUND_TC_WG_LSE"] = "1"  # (opt-in: read by the extension at the start of each call)
+        try:
+            with torch.no_grad():  # a forward without the anchors' term: the Lse walk (FlashMode 2)
+                cb.info_nce(a, p, n, temperature=0.07, **extra)
+        finally:
+            del os.environ["CONTRASTBOUND_TC_WG_LSE"]
         torch.cuda.synchronize()
 
     libc = ctypes.CDLL(None)

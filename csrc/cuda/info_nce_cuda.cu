@@ -3,6 +3,7 @@
 // wgmma kernels. Torch-free.
 #include "info_nce_cuda_parts.cuh"
 
+#include <cstdlib>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -17,14 +18,28 @@ constexpr cudaDeviceAttr kPlanAttrs[] = {cudaDevAttrComputeCapabilityMajor, cuda
                                          cudaDevAttrMaxSharedMemoryPerMultiprocessor};
 constexpr int kNumPlanAttrs = sizeof(kPlanAttrs) / sizeof(kPlanAttrs[0]);
 
-// The current device and its planning attributes as read at the start of the outermost entry-point call on this
-// thread (DeviceScope): an entry point sizes its workspace, checks the caller's and carves it from one plan, so
-// every decision in one call must see the same values, even where a read fails part way (a failed read counts as
-// 0: no tensor cores, the SIMT kernels serve).
+// The environment variables of EnvSwitch, in its order.
+constexpr const char* kSwitchNames[] = {"CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_STAGES",
+                                        "CONTRASTBOUND_TC_MMA",     "CONTRASTBOUND_TC_FUSED_FWD",
+                                        "CONTRASTBOUND_TC_WGMMA",   "CONTRASTBOUND_TC_FLASH",
+                                        "CONTRASTBOUND_TC_WG_LSE"};
+constexpr int kNumSwitches = sizeof(kSwitchNames) / sizeof(kSwitchNames[0]);
+static_assert(static_cast<int>(EnvSwitch::TcWgLse) == kNumSwitches - 1, "one name per switch");
+
+char read_switch(int i) {
+  const char* v = std::getenv(kSwitchNames[i]);
+  return v == nullptr ? '\0' : v[0];
+}
+
+// The current device, its planning attributes and the switches as read at the start of the outermost entry-point
+// call on this thread (DeviceScope): an entry point sizes its workspace, checks the caller's and carves it from one
+// plan, so every decision in one call must see the same values, even where a read fails part way (a failed read
+// counts as 0: no tensor cores, the SIMT kernels serve) or the environment changes.
 struct DeviceSnapshot {
   int depth = 0;  // entry-point calls open on this thread
   int device = -1;
   int values[kNumPlanAttrs] = {};
+  char switches[kNumSwitches] = {};
 };
 thread_local DeviceSnapshot snapshot;
 
@@ -49,6 +64,7 @@ class DeviceScope {
     if (snapshot.depth++ > 0) return;
     snapshot.device = read_device();
     for (int i = 0; i < kNumPlanAttrs; ++i) snapshot.values[i] = read_attribute(snapshot.device, kPlanAttrs[i]);
+    for (int i = 0; i < kNumSwitches; ++i) snapshot.switches[i] = read_switch(i);
   }
   ~DeviceScope() { --snapshot.depth; }
   DeviceScope(const DeviceScope&) = delete;
@@ -65,6 +81,11 @@ int device_attribute(cudaDeviceAttr attr) {
       if (kPlanAttrs[i] == attr) return snapshot.values[i];
   }
   return read_attribute(current_device(), attr);
+}
+
+char env_switch(EnvSwitch s) {
+  const int i = static_cast<int>(s);
+  return snapshot.depth > 0 ? snapshot.switches[i] : read_switch(i);
 }
 
 #ifndef CONTRASTBOUND_EMULATE

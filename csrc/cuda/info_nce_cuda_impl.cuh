@@ -51,7 +51,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>  // (device printf: the wgmma kernels' diagnostic build, CONTRASTBOUND_WG_TIMING)
-#include <cstdlib>
 #include <mutex>
 #include <utility>
 #include <type_traits>
@@ -980,11 +979,11 @@ constexpr int64_t kTcMaxWideD = 2048;
 // chooses chunks for every d > kTcMaxD, =0 whole rows wherever they fit (the default before 2026-12-04).
 inline bool tc_chunked(int64_t d) {
   if (d <= kTcMaxD) return false;
-  const char* env = std::getenv("CONTRASTBOUND_TC_CHUNKED");
-  if (env != nullptr && env[0] == '1') return true;
+  const char env = env_switch(EnvSwitch::TcChunked);
+  if (env == '1') return true;
   const size_t whole = tc_smem<__half>(d, true, 1, /*score_tile=*/false).total;
   if (whole > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) return true;
-  if (env != nullptr && env[0] == '0') return false;
+  if (env == '0') return false;
   const size_t chunked = tc_smem<__half>(d, true, 1, /*score_tile=*/false, kTcSliceD).total;
   return tc_prefer_chunked(whole, chunked,
                            static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)));
@@ -1018,8 +1017,8 @@ bool use_tc(const Problem& p) {
 // 1 KiB reserved per block), so the copy of the next Y tile overlaps the work on this one (d <= 560 there).
 template <typename T>
 int tc_stages(int64_t d, bool with_p, bool score_tile) {
-  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
-  const int forced = (env != nullptr && (env[0] == '1' || env[0] == '2')) ? env[0] - '0' : 0;
+  const char env = env_switch(EnvSwitch::TcStages);
+  const int forced = (env == '1' || env == '2') ? env - '0' : 0;
   const size_t optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   const size_t two = tc_smem<T>(d, with_p, 2, score_tile).total;
   if (two > optin) return 1;
@@ -1035,8 +1034,7 @@ int tc_stages(int64_t d, bool with_p, bool score_tile) {
 // float16/bfloat16: mma.sync + ldmatrix kernels (mma_*_kernel) unless CONTRASTBOUND_TC_MMA=0 asks for the WMMA
 // ones (tc_*_kernel, which float32/TF32 always uses).
 inline bool tc_use_mma() {
-  const char* env = std::getenv("CONTRASTBOUND_TC_MMA");
-  return env == nullptr || env[0] != '0';
+  return env_switch(EnvSwitch::TcMma) != '0';
 }
 
 // One-pass forward (mma_fwd_kernel) for float16/bfloat16 when the anchors' term is wanted:
@@ -1044,8 +1042,8 @@ inline bool tc_use_mma() {
 // ran 1.27x faster than the two-pass forward's step, but its tests have not run there). Not with a negative_mask or labels, which
 // it does not test (the lse and rows kernels serve them).
 inline bool tc_fused_fwd(const Problem& p, bool save) {
-  const char* env = std::getenv("CONTRASTBOUND_TC_FUSED_FWD");
-  return save && p.dtype != DType::Float32 && p.d <= kTcMaxD && tc_use_mma() && env != nullptr && env[0] == '1' &&
+  return save && p.dtype != DType::Float32 && p.d <= kTcMaxD && tc_use_mma() &&
+         env_switch(EnvSwitch::TcFusedFwd) == '1' &&
          !left_out_of(p).any();
 }
 
@@ -1174,8 +1172,7 @@ int64_t tc_rows_slots(int64_t d, bool lo, int num_sms) {
 // replace the flash-layout kernels one for one (same work split, arguments and outputs), so everything below that
 // plans for the flash kernels serves them too.
 inline bool tc_wgmma() {
-  const char* env = std::getenv("CONTRASTBOUND_TC_WGMMA");
-  if (env != nullptr && env[0] == '0') return false;
+  if (env_switch(EnvSwitch::TcWgmma) == '0') return false;
   return tc_use_mma() && device_runs_sm90a();
 }
 
@@ -1190,8 +1187,7 @@ bool tc_flash(int64_t d) {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
-    const char* env = std::getenv("CONTRASTBOUND_TC_FLASH");
-    if (d > kTcMaxD || !tc_use_mma() || !((env != nullptr && env[0] == '1') || tc_wgmma())) return false;
+    if (d > kTcMaxD || !tc_use_mma() || !(env_switch(EnvSwitch::TcFlash) == '1' || tc_wgmma())) return false;
     if (!device_runs_tc_code()) return false;
     const size_t need = tc_wgmma() ? wg_smem<T>(d).total : fl_smem<T>(d, 1).total;
     return need <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
@@ -1211,8 +1207,7 @@ template <typename T>
 TcSmem fl_kernel_smem(int64_t d) {
   if (tc_wgmma()) return wg_smem<T>(d);
   const auto plan = [&](int stages) { return fl_smem<T>(d, stages); };
-  const char* env = std::getenv("CONTRASTBOUND_TC_STAGES");
-  int stages = (env != nullptr && env[0] == '1') ? 1 : 2;
+  int stages = env_switch(EnvSwitch::TcStages) == '1' ? 1 : 2;
   if (stages == 2 && plan(2).total > static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
     stages = 1;
   }
@@ -1281,8 +1276,7 @@ bool tc_wg_lse(const Problem& p) {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
-    const char* env = std::getenv("CONTRASTBOUND_TC_WG_LSE");
-    if (env == nullptr || env[0] != '1') return false;
+    if (env_switch(EnvSwitch::TcWgLse) != '1') return false;
     return tc_wgmma() && tc_flash<T>(p);
   }
 }

@@ -20,6 +20,13 @@ bool device_runs_sm90a();
 // kernels are __trap() below; a 7.5+PTX build JIT-compiled on an sm_80 or newer device would reach them).
 bool device_runs_tc_code();
 
+// The run-time switches of the tensor-core kernels (CONTRASTBOUND_TC_*; README, "Building"), each as the first
+// character of its environment variable ('\0' where unset or empty): within an entry-point call, as read once at
+// its start with the device's attributes, so that the workspace's size, its check and the launches of one call
+// follow one plan even if the environment changes meanwhile. Defined in info_nce_cuda.cu.
+enum class EnvSwitch : int { TcChunked, TcStages, TcMma, TcFusedFwd, TcWgmma, TcFlash, TcWgLse };
+char env_switch(EnvSwitch s);
+
 #define CB_DECLARE_PART(NAME)                                                                                     \
   size_t forward_workspace_bytes_##NAME(const Problem& p, bool save_anchor_term, int num_sms);                   \
   size_t backward_workspace_bytes_##NAME(const Problem& p, const BackwardArgs& a, int num_sms);                  \

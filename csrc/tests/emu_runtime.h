@@ -104,6 +104,13 @@ inline bool inject(cudaError_t err, const char* what, bool launch = false) {
   return true;
 }
 
+// Called before each launch that runs (where set): the test's way to act part way through an entry-point call, e.g.
+// to change the environment between its launches.
+inline std::function<void()>& launch_hook() {
+  static std::function<void()> f;
+  return f;
+}
+
 // CB_LAUNCH(grid, block, shared bytes, stream, kernel)(arguments): each emulated thread calls the kernel with its
 // own copy of the arguments (kernels take them by value, as a launch does). A launch the device would refuse (more
 // than 48 KiB of dynamic shared memory not raised for the kernel: cudaErrorInvalidValue; a grid dimension of 0, or
@@ -128,6 +135,7 @@ struct Launch {
       return;
     }
     if (inject(cudaErrorLaunchOutOfResources, "launch", /*launch=*/true)) return;
+    if (launch_hook()) launch_hook()();
     const F k = kernel;
     const std::function<void()> body = [k, args...] { k(args...); };
     if (threads % 128 == 0) {

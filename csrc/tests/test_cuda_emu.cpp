@@ -1270,6 +1270,32 @@ void far_strides() {
 }
 
 // The kernels under every emulated device and CONTRASTBOUND_TC_* switch.
+// The switches are read once per entry-point call (env_switch, with the device's attributes): a call that starts
+// with the wgmma kernels asked for keeps them to its end even where CONTRASTBOUND_TC_WGMMA changes part way through
+// (here at every launch, so from the call's first launch on), and the calls after it follow the new value. When each
+// decision read the environment again, such a call launched the kernels of another plan than the one its workspace
+// was sized and carved for.
+void switches_read_once() {
+  emu::Device& dev = emu::device();
+  dev = emu::Device();
+  dev.id = 5;
+  Case c;
+  c.B = 21, c.K = 40, c.d = 24;
+  const uint64_t mmas0 = emu::wg::s.mmas;
+  const int before = failures;
+  with_env({{"CONTRASTBOUND_TC_WGMMA", "1"}}, [&] {
+    emu::launch_hook() = [] { setenv("CONTRASTBOUND_TC_WGMMA", "0", 1); };
+    std::mt19937_64 rng(5);
+    run_case<__nv_bfloat16>(c, rng, 2e-2, 2e-5, "sm_90a, CONTRASTBOUND_TC_WGMMA=1 then 0 at each launch", false);
+    emu::launch_hook() = nullptr;
+  });
+  expect(emu::wg::s.mmas > mmas0, "a call that started with CONTRASTBOUND_TC_WGMMA=1 kept the wgmma kernels after "
+                                  "the switch changed at its first launch");
+  std::printf("%-60s %s\n", "switches read once per entry-point call", failures == before ? "ok" : "FAILED");
+  std::fflush(stdout);
+  dev = emu::Device();
+}
+
 void kernel_configs(bool quick) {
   emu::Device& dev = emu::device();
   // An H100 / H200 (compute capability 9.0, 227 KiB of shared memory per block) with 2 multiprocessors, so that
@@ -1345,6 +1371,7 @@ int main(int argc, char** argv) {
   workspace_sizes();
   huge_rows();
   far_strides();
+  switches_read_once();
   if (!faults_only) kernel_configs(quick);
   // Failing runtime calls and launches, on the H100 / H200-like device.
   dev = emu::Device();
