@@ -1647,6 +1647,8 @@ def supcon_loss(
     log-sum-exp and a mean of logits, each rounded on its own: float32 results carry an absolute error of a few
     eps |logit| where they cancel (positives that are near copies of the anchor at large logits), as naive
     cross-entropy over float32 logits; :func:`nt_xent` forms its one positive inside the kernel and does not.
+    Since the loss is never below 0 (the log-sum-exp runs over the positives too), a value rounded below 0 is
+    returned as 0, its gradient left as formed.
 
     With a ``bank`` (a memory bank or queue of K earlier features, as in MoCo-style SupCon or
     pytorch-metric-learning's CrossBatchMemory) its rows join every anchor's denominator and, where
@@ -1763,6 +1765,10 @@ def supcon_loss(
     has = count > 1
     positive = (zh * (sums.index_select(0, mine) - zh)).sum(-1) / torch.where(has, count - 1, 1.0)
     loss = torch.where(has, lse - positive / (t.to(acc) if isinstance(t, torch.Tensor) else t), 0.0)
+    # lse runs over the positives too, so loss >= log(positives) >= 0; where they dominate, the difference of the
+    # two rounded terms can come out below 0 by their rounding (-4e-6 at logits ~1e3 in float32): the value is
+    # clamped at 0, the gradient kept as formed (straight through; NaN stays NaN).
+    loss = loss + (loss.clamp_min(0.0) - loss).detach()
     if reduction == "mean":
         loss = loss.sum() / has.sum().clamp_min(1).to(acc)
         reduction = "none"  # (cast by _reduce)

@@ -122,6 +122,25 @@ def test_rows_without_a_positive():
         assert cb.supcon_loss(empty, torch.zeros(empty.shape[0], dtype=torch.long)).item() == 0.0
 
 
+@pytest.mark.parametrize("bank", [False, True])
+def test_never_negative_where_the_positives_dominate(bank):
+    # loss_i = lse_i - mean positive logit >= log(positives) >= 0, as lse_i runs over the positives too; at T = 0.01
+    # on unnormalised features (logits ~1e3) that difference of two rounded numbers came out -4e-6 (an audit's
+    # case, float32), where float64 gives ~2e-12. The value is clamped at 0 and the gradient is the unclamped one's.
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(5, 4, generator=g).requires_grad_()
+    labels = torch.tensor([2, 0, 2, 2, 0])
+    kw = dict(bank=torch.randn(3, 4, generator=g) - 20.0, bank_labels=torch.tensor([5, 6, 7])) if bank else {}
+    loss = cb.supcon_loss(f, labels, 0.01, normalize=False, reduction="none", **kw)
+    ref = supcon_reference(f.double(), labels, 0.01, normalize=False, reduction="none",
+                           **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
+    assert (loss >= 0).all(), loss
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-4, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss.sum(), f)
+    (want,) = torch.autograd.grad(ref.sum(), f)
+    torch.testing.assert_close(grad, want, atol=1e-3, rtol=1e-4)
+
+
 def test_torch_compile_fullgraph():
     # no read-back (labels grouped by sorting, not torch.unique): one graph, the eager values and gradients
     f = _case((16, 2, 8), seed=8, dtype=torch.float32)
