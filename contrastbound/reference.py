@@ -170,9 +170,10 @@ def debiased_info_nce_reference(
     valid = None
     if negatives is None:  # in-batch: the other positives
         off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-        sims = (a @ p.T)[off].reshape(a.shape[0], a.shape[0] - 1)
+        others = max(a.shape[0] - 1, 0)  # (B = 0: (0, 0), not the ambiguous (0, -1))
+        sims = (a @ p.T)[off].reshape(a.shape[0], others)
         if negative_mask is not None:
-            valid = negative_mask[off].reshape(a.shape[0], a.shape[0] - 1)
+            valid = negative_mask[off].reshape(a.shape[0], others)
     else:
         n = negatives.to(dt)
         if normalize:
