@@ -57,6 +57,13 @@ class DiscreteProblem:
         if not np.all(np.isfinite(prior)) or np.any(prior <= 0) or abs(prior.sum() - 1.0) > 1e-12:
             raise ValueError("prior must be positive and sum to 1")
         object.__setattr__(self, "prior", prior)  # (a list was kept as given)
+        # each class's points and weights as float64 arrays (lists, numpy arrays, CPU tensors)
+        for name in ("points", "weights"):
+            try:
+                arrays = tuple(np.asarray(x, dtype=np.float64) for x in getattr(self, name))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"{name} must be a sequence of real arrays, one per class ({e})") from None
+            object.__setattr__(self, name, arrays)
         b = self.norm_bound
         if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or not math.isfinite(b) \
                 or b <= 0:
@@ -92,9 +99,25 @@ class DiscreteProblem:
 
     @classmethod
     def from_samples(cls, features: Any, labels: Any, norm_bound: float | None = None) -> "DiscreteProblem":
-        """The empirical distribution of a labelled sample (each row weight 1/N; prior = class frequencies)."""
-        f = np.asarray(features, dtype=np.float64)
-        y = np.asarray(labels, dtype=np.int64)
+        """The empirical distribution of a labelled sample (each row weight 1/N; prior = class frequencies).
+
+        features: (N, d) real, finite; labels: (N,) integers 0..C-1, each class with at least one sample."""
+        try:
+            f = np.asarray(features, dtype=np.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"features must be a real (N, d) array, got {type(features).__name__} ({e})") from None
+        y = np.asarray(labels)
+        if f.ndim != 2 or f.shape[0] == 0:
+            raise ValueError(f"features must be a non-empty (N, d) array, got shape {f.shape}")
+        if not np.all(np.isfinite(f)):
+            raise ValueError("features must be finite")
+        if y.dtype.kind not in "iu":  # (a float label would be truncated to another class)
+            raise TypeError(f"labels must be integers 0..C-1, got dtype {y.dtype}")
+        if y.shape != (f.shape[0],):
+            raise ValueError(f"labels must have shape (N,) = ({f.shape[0]},), got {y.shape}")
+        y = y.astype(np.int64)
+        if y.min() < 0:
+            raise ValueError(f"labels must be integers 0..C-1, got {int(y.min())}")
         C = int(y.max()) + 1
         counts = np.bincount(y, minlength=C)
         if np.any(counts == 0):

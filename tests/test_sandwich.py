@@ -153,6 +153,25 @@ def test_discrete_problem_refuses_what_it_cannot_score():
     assert isinstance(p.prior, np.ndarray)
     with pytest.raises(ValueError, match="labels: every class"):  # was "prior must be positive" (a class missing)
         DiscreteProblem.from_samples(np.ones((3, 2)), np.array([0, 2, 2]))
+    # An audit's finds: float labels were truncated to other classes (0.5 -> 0, 1.2 -> 1: a problem the sample
+    # never meant), the rest raised numpy's or Python's errors naming no argument
+    f = np.eye(3)
+    for features, labels, exc, match in (
+        (f, np.array([0.5, 1.2, 0.0]), TypeError, "labels must be integers"),
+        (f, np.array([0, -1, 1]), ValueError, "labels must be integers 0..C-1, got -1"),
+        (f, np.array([0, 1]), ValueError, r"labels must have shape \(N,\) = \(3,\)"),
+        (np.zeros((0, 3)), np.zeros(0, dtype=int), ValueError, "features must be a non-empty"),
+        (np.ones(3), np.zeros(3, dtype=int), ValueError, "features must be a non-empty"),
+        (np.array([[np.inf, 0.0]]), np.zeros(1, dtype=int), ValueError, "features must be finite"),
+        ("abc", np.zeros(1, dtype=int), TypeError, "features must be a real"),
+    ):
+        with pytest.raises(exc, match=match):
+            DiscreteProblem.from_samples(features, labels)
+    # lists and tensors as the points and weights: the same problem as arrays
+    as_lists = DiscreteProblem([0.5, 0.5], ([[0.0, 0.0]], [[1.0, 1.0]]), ([1.0], [1.0]), 2.0)
+    assert exact_supervised_loss(as_lists) == exact_supervised_loss(DiscreteProblem(ok[0], ok[1], ok[2], 2.0))
+    with pytest.raises(TypeError, match="points must be a sequence of real arrays"):
+        DiscreteProblem(ok[0], ("x", "y"), ok[2], 2.0)
     # C(N + K - 1, K) multisets: 30 points and K = 10 would be 6.4e8 of them (tens of GiB); refused by name
     big = DiscreteProblem.from_samples(np.eye(30), np.arange(30) % 3)
     with pytest.raises(ValueError, match="K = 10 negatives over N = 30"):
