@@ -2410,6 +2410,9 @@ class SigLIP(_LogitScaleLoss):
     """
 
     _function = "siglip_loss"
+    # The learnable scale reaches siglip_loss as a tensor, which it takes from _min_reciprocal of its dtype (as
+    # clip_loss): the constructor, the setter and load_state_dict check that floor (a fixed scale is a number, no floor)
+    _takes_reciprocal = True
 
     def __setattr__(self, name: str, value) -> None:
         # module.logit_bias = b, a number: checked as at construction; a learnable bias's parameter takes it in place
@@ -2452,9 +2455,12 @@ class SigLIP(_LogitScaleLoss):
             # the values cannot be read), then made where the default device says
             log_scale, bias_value = (torch.tensor(v, device="cpu") for v in (math.log(scale), bias))
             stored = float(log_scale.exp())
-            if not (0.0 < stored < math.inf and math.isfinite(float(bias_value))):
+            # (siglip_loss takes a tensor scale from _min_reciprocal of its dtype: the floor of the forward)
+            floor = _min_reciprocal(log_scale.dtype)
+            if not (floor <= stored < math.inf and stored > 0.0 and math.isfinite(float(bias_value))):
                 raise ValueError(f"SigLIP learns log(logit_scale) and logit_bias in {log_scale.dtype}: logit_scale "
-                                 f"{scale:g} (stored as {stored:g}) and logit_bias {bias:g} must be within its range")
+                                 f"{scale:g} (stored as {stored:g}, from {floor:.3g}) and logit_bias {bias:g} must be "
+                                 "within its range (.double() the module for a wider one)")
             self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
             self.logit_bias = torch.nn.Parameter(torch.tensor(bias))
         else:

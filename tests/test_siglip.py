@@ -538,6 +538,26 @@ def test_module_refuses_a_cast_that_overflows_its_bias():
         deferred.reset_parameters()
 
 
+def test_learnable_module_refuses_a_scale_its_forward_would_refuse():
+    # an audit's: SigLIP(learnable=True) took a logit_scale below siglip_loss's floor for a float32 tensor scale
+    # (2.94e-39, as clip_loss's) at construction, by its setter and by load_state_dict, and the next forward refused
+    # a value the user never gave (1.00001e-40 for 1e-40). Refused where it is given now, as ClipLoss does.
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"logit_scale 1e-40 \(stored as 1.00001e-40, from 2.94e-39\)"):
+        cb.SigLIP(logit_scale=1e-40)
+    m = cb.SigLIP()
+    with pytest.raises(ValueError, match=r"from 2.94e-39; .double\(\) the module"):
+        m.logit_scale = 1e-40
+    with pytest.raises(RuntimeError, match=r"log_logit_scale -92 .* reads back in torch.float32 as 1.1089"):
+        m.load_state_dict({"log_logit_scale": torch.tensor(-92.0), "logit_bias": torch.tensor(-10.0)})
+    assert float(m.logit_scale.detach()) == pytest.approx(10.0, rel=1e-6)  # left as it was
+    # in float64 the floor is float64's, the fixed module's number has none: both run
+    wide = cb.SigLIP(logit_scale=1.0).double()
+    wide.logit_scale = 1e-40
+    assert torch.isfinite(wide(x.double(), y.double()))
+    assert torch.isfinite(cb.SigLIP(1e-40, learnable=False)(x, y))
+
+
 def test_modules_refuse_a_state_their_dtype_cannot_hold():
     # an audit's: a float32 state loaded into a .half() module stored SigLIP's bias -1e6 as -inf (the cast and the
     # setter refuse it, the load took it), and the next forward refused a value the user never gave; so did a scale
