@@ -1346,7 +1346,11 @@ def debiased_info_nce(
         # (-inf there: a finite stand-in, so that no inf - inf reaches the loss or its gradient)
         log_r = torch.where(empty, torch.zeros_like(log_r), log_r)
     elif K <= 0:  # nothing to contrast (K = 0, or in-batch with B <= 1): loss 0 as info_nce's, zero gradients
-        return _reduce(pos * 0.0, reduction, result)
+        zero = pos * 0.0
+        if negatives is not None and negatives.requires_grad:
+            # an empty bank's gradient an empty tensor, as info_nce gives it, not None (an audit)
+            zero = zero + negatives.sum().to(zero.dtype) * 0.0
+        return _reduce(zero, reduction, result)
     else:
         # log K as a tensor: math.log of the size made dynamo specialise on it (one graph per K or B)
         log_k = (torch.ones((), dtype=acc, device=pos.device) * K).log()
@@ -1742,6 +1746,9 @@ def supcon_loss(
         lse_bank, _ = _fused(zc, torch.zeros_like(zc), bank, None, t, normalize, False)
         acc = torch.promote_types(lse.dtype, lse_bank.dtype)
         lse = torch.logaddexp(lse.to(acc), lse_bank.to(acc))
+    elif bank is not None and bank.requires_grad:
+        # an empty bank (a queue not yet filled): its gradient an empty tensor, as info_nce gives it, not None
+        lse = lse + bank.sum().to(lse.dtype) * 0.0
     acc = lse.dtype
     zh = z.to(acc)
     if normalize:

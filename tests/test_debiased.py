@@ -183,6 +183,26 @@ def test_compiled_with_a_tau_plus_or_beta_schedule(schedule):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "mask"])
+def test_an_empty_bank_gets_an_empty_gradient_as_in_info_nce(mode):
+    # (an audit's find) K = 0 with a bank that requires grad: info_nce gives the bank a gradient of its own (empty)
+    # shape; debiased_info_nce left it None, so code reading bank.grad after backward (an optimizer step, a
+    # norm) failed on the first step of a filling queue. Both now give the same zero gradients.
+    kind = "shared" if mode == "mask" else mode
+    a, p, n, idx = make_inputs(kind, B=4, K=0, d=3, dtype=torch.float64, M=5)
+    if mode == "indexed":
+        idx = torch.empty(4, 0, dtype=torch.long)
+    mask = torch.zeros(4, 0, dtype=torch.bool) if mode == "mask" else None
+    for beta in (0.0, 1.0):
+        got = torch.autograd.grad(cb.debiased_info_nce(a, p, n, negative_indices=idx, negative_mask=mask,
+                                                       beta=beta), [a, p, n], allow_unused=True)
+        want = torch.autograd.grad(cb.info_nce(a, p, n, negative_indices=idx, negative_mask=mask), [a, p, n],
+                                   allow_unused=True)
+        for g, w, x in zip(got, want, (a, p, n)):
+            assert g is not None and w is not None, mode
+            assert g.shape == x.shape and torch.equal(g, w), mode
+
+
 def test_no_negatives_give_zero():
     a, p, n, _ = make_inputs("shared", B=4, K=0, d=3, dtype=torch.float64)
     loss = cb.debiased_info_nce(a, p, n, tau_plus=0.1, beta=1.0)

@@ -223,6 +223,11 @@ def test_bank_changes_the_loss_as_it_should():
     assert (negatives_only[alone > 0] > alone[alone > 0]).all()  # more negatives, same positives: a larger loss
     empty = cb.supcon_loss(f, LABELS, 0.3, bank=bank[:0], bank_labels=BANK_LABELS[:0], reduction="none")
     assert_close_scaled(empty, alone, 0.0, "empty bank")
+    # (an audit's find) an empty bank that requires grad gets an empty gradient, as info_nce gives it, not None
+    for labels in (BANK_LABELS[:0], None):
+        rows = bank[:0].detach().requires_grad_()
+        (g,) = torch.autograd.grad(cb.supcon_loss(f, LABELS, 0.3, bank=rows, bank_labels=labels), [rows])
+        assert g.shape == rows.shape
     # (a review's find) the result's dtype is promoted with an empty bank's too: a filling float32 queue kept a
     # bfloat16 loss until its first keys arrived
     half = f.detach().bfloat16()
