@@ -345,11 +345,15 @@ def _bad_state(ptr: int, filled: int, size: int) -> str | None:
 
 
 def _positive_int(name: str, value: object) -> int:
-    """value as an int (Python or numpy integers, 0-d integer tensors: operator.index), checked >= 1."""
+    """value as an int (Python or numpy integers, 0-d integer tensors: operator.index), checked >= 1: TypeError for
+    a value that is not an integer (a float such as 2.0, a bool, a string), ValueError for one below 1, as torch
+    tells them apart."""
     try:
         n = operator.index(value) if not isinstance(value, bool) else None
     except TypeError:
         n = None
-    if n is None or n < 1:
+    if n is None:
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if n < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return n

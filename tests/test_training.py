@@ -348,8 +348,12 @@ def test_queue_bad_input():
         cb.NegativeQueue(0, 3)
     with pytest.raises(ValueError, match="dim"):
         cb.NegativeQueue(3, -1)
-    with pytest.raises(ValueError, match="size"):
-        cb.NegativeQueue(True, 3)
+    # a value that is not an integer is a TypeError (as torch.zeros(2.0) gives), one below 1 a ValueError
+    for size in (True, 2.0, "3", None):
+        with pytest.raises(TypeError, match="size must be a positive integer"):
+            cb.NegativeQueue(size, 3)
+    with pytest.raises(TypeError, match="dim must be a positive integer, got float"):
+        cb.NegativeQueue(3, 2.5)
     for dtype in ("float32", torch.int64, torch.float8_e4m3fn):  # (float8 was taken, then refused by info_nce)
         with pytest.raises(TypeError, match="dtype must be torch.float32, float64, float16 or bfloat16"):
             cb.NegativeQueue(3, 2, dtype=dtype)
