@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from numbers import Integral, Real
@@ -214,6 +215,10 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
     """K as an int64 array (and whether it was a scalar); integer-valued floats are accepted."""
     if isinstance(K, bool):
         raise TypeError(f"{name} must be an integer or an integer array, got bool")
+    if isinstance(K, (Iterator, set, frozenset)):
+        # (numpy makes a 0-d object array of these: "got dtype object" named neither the cause nor the fix)
+        raise TypeError(f"{name} must be an integer or an integer array (a list, tuple, range or array), got "
+                        f"{type(K).__name__}: pass list(...) of it")
     K = _host_tensor(name, K)
     if hasattr(K, "is_floating_point") and K.is_floating_point():
         K = K.double()  # numpy has no bfloat16; float16's range would overflow the checks below

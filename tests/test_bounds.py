@@ -758,6 +758,10 @@ def test_temperature_validation(call, exc, match):
         # ragged lists: numpy's "inhomogeneous shape" named no argument (an audit's find)
         (lambda: B.delta_upper([1, [2, 3]], 10), TypeError, "K must be an integer or an integer array, got list"),
         (lambda: B.coupon_collector_probability([1, [2, 3]], 10), TypeError, "draws must be an integer"),
+        # a generator or a set: numpy made a 0-d object array of it, refused as "got dtype object" (an audit's find)
+        (lambda: B.delta_upper((k for k in (3, 5)), 10), TypeError, r"K must be .* got generator: pass list\(\.\.\.\)"),
+        (lambda: B.collision_term({3, 5}, 10), TypeError, "K must be .* got set"),
+        (lambda: B.coupon_collector_probability(iter([3]), 10), TypeError, "draws must be .* got list_iterator"),
     ],
 )
 def test_validation(call, exc, match):

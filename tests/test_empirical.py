@@ -175,6 +175,10 @@ def test_curve_equals_estimates_and_is_monotone():
         contrastive_loss_curve(x, y, ["2"])
     with pytest.raises(TypeError, match="ks must be .* a bool"):
         contrastive_loss_curve(x, y, [True, 2])
+    with pytest.raises(TypeError, match=r"ks must be .* got generator: pass list\(\.\.\.\)"):  # (was "dtype object")
+        contrastive_loss_curve(x, y, (2**i for i in range(3)))
+    by_range = contrastive_loss_curve(x, y, range(2, 9, 6), generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(by_range, contrastive_loss_curve(x, y, [2, 8], generator=torch.Generator().manual_seed(3)))
     # whole-number floats (and float tensors) are the same K as the ints, as contrastive_loss_estimate and the bounds
     # take them; the values are the ints' on the same draws
     ints = contrastive_loss_curve(x, y, [2, 8], generator=torch.Generator().manual_seed(3))
