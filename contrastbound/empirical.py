@@ -12,6 +12,10 @@ Conventions (the paper's setting, kept consistent across every function here):
   from its own class of the given set (the anchor itself included, so the estimate targets R_cont of the empirical
   distribution) and its K negatives are drawn i.i.d. with replacement from the whole set (collisions included).
   Negatives reach the kernel as ``negative_indices`` rows into the feature matrix: no (B, K, d) copy is made.
+* Non-finite features are not checked by :func:`class_means`, :func:`mean_classifier_loss`,
+  :func:`contrastive_loss_estimate` and :func:`contrastive_loss_curve`: NaN propagates into what they return, as
+  in torch's own functions (a check would read every feature back to the host each call). :func:`gap_report`,
+  whose rows feed the bounds, refuses NaN or inf features with a ValueError naming the argument.
 """
 
 from __future__ import annotations

@@ -426,6 +426,13 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
             gap_report(bad, y, [2], normalize=norm)
     with pytest.raises(ValueError, match="test_features must be finite"):
         gap_report(x, y, [2], test_features=bad, test_labels=y)
+    # the other functions propagate NaN, as the module docstring says (no read-back to check): NaN, not a number
+    # that looks valid
+    gen = torch.Generator
+    assert torch.isnan(class_means(bad, y)[y[0]]).all() and torch.isfinite(class_means(bad, y)[y[0] + 1]).all()
+    assert torch.isnan(mean_classifier_loss(bad, y, class_means(bad, y)))
+    assert torch.isnan(contrastive_loss_estimate(bad, y, 4, generator=gen().manual_seed(1)))
+    assert np.isnan(contrastive_loss_curve(bad, y, [2, 4], generator=gen().manual_seed(1))).all()
     sparse = y.clone()
     sparse[0] = 10**12  # C = 10^12 + 1 > N: refused before 8 TB of counts are allocated
     with pytest.raises(ValueError, match="torch.unique"):
