@@ -1282,7 +1282,9 @@ def min_supervised_loss(num_classes: int, norm_bound: float | None = None, *, te
 
 
 def harmonic_number(n: int, harmonic: str = "exact") -> float:
-    """H_n = 1 + 1/2 + ... + 1/n (``"exact"``), or the authors' ``log(n) + 0.577`` (``"authors"``)."""
+    """H_n = 1 + 1/2 + ... + 1/n (``"exact"``; H_0 = 0, the empty sum), or the authors' ``log(n) + 0.577``
+    (``"authors"``; at n = 0 that formula's own value, ``-inf``, not H_0: :func:`ash` never asks for it, returning NaN
+    for C = 1)."""
     if isinstance(n, bool) or not isinstance(n, Integral):
         raise TypeError(f"n must be a non-negative int, got {type(n).__name__} {n!r}")
     if n < 0:
