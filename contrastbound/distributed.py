@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,7 +72,8 @@ _CALLS = ("all_gather_with_grad / gather_with_local_first", "info_nce with negat
 
 
 _REFUSED = -1  # the call code of a rank that refused its own arguments (refusals_joined)
-_META_LEN = 15  # _exchange_sizes's vector
+_OPTION_SLOTS = 2  # the options the ranks must agree on besides the temperature (beta and tau_plus at most)
+_META_LEN = 14 + _OPTION_SLOTS  # _exchange_sizes's vector
 
 
 def _needs_grad(tensor: torch.Tensor) -> bool:
@@ -80,13 +82,13 @@ def _needs_grad(tensor: torch.Tensor) -> bool:
 
 def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, backward: dict[str, bool] | None = None,
                     normalize: bool | None = None, temperature=None,
-                    option: tuple[str, float] | None = None) -> list[int]:
+                    options: tuple[tuple[str, Any], ...] = ()) -> list[int]:
     """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype, and on the call.
 
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
-    rank raises the same ValueError, naming the argument and each rank's shape and dtype. ``option``: (name, a
-    float or a scalar tensor) another argument the ranks must agree on (debiased_info_nce's beta with a sharded
-    bank, siglip_loss's bias). The ranks must also be
+    rank raises the same ValueError, naming the argument and each rank's shape and dtype. ``options``: up to
+    _OPTION_SLOTS (name, a float or a scalar tensor) pairs, other arguments the ranks must agree on
+    (debiased_info_nce's beta and tau_plus, siglip_loss's bias). The ranks must also be
     making the same call (``_CALLS[call]``: one rank in-batch and another with a bank shard gathered each other's
     anchors as positives, silently), with the same ``normalize`` and temperature (else each rank's loss mixes
     differently scored parts), and the same collectives in backward: besides the gathered tensor's own gradient,
@@ -112,20 +114,23 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     traced = temperature is not None and not isinstance(temperature, torch.Tensor) and torch.compiler.is_compiling()
     temp = struct.unpack("<q", struct.pack("<d", float(temperature)))[0] \
         if temperature is not None and not isinstance(temperature, torch.Tensor) and not traced else 0
-    opt_value = None if option is None else option[1]
-    opt_on_device = isinstance(opt_value, torch.Tensor) or (opt_value is not None and torch.compiler.is_compiling())
-    opt = struct.unpack("<q", struct.pack("<d", float(opt_value)))[0] if opt_value is not None and \
-        not opt_on_device else 0
+    if len(options) > _OPTION_SLOTS:
+        raise AssertionError(f"at most {_OPTION_SLOTS} options, got {len(options)}")  # (the library's own calls)
+    opt_on_device = [isinstance(v, torch.Tensor) or torch.compiler.is_compiling() for _, v in options]
+    opts = [struct.unpack("<q", struct.pack("<d", float(v)))[0] if not on_device else 0
+            for (_, v), on_device in zip(options, opt_on_device)]
+    opts += [0] * (_OPTION_SLOTS - len(opts))  # (a fixed length: the exchange itself cannot mismatch)
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
-                         *row_shape, call, grads, norm, temp, opt], device=tensor.device, dtype=torch.long)
+                         *row_shape, call, grads, norm, temp, *opts], device=tensor.device, dtype=torch.long)
     if isinstance(temperature, torch.Tensor):
         meta[13] = temperature.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     elif traced:
         meta[13] = (torch.ones((), dtype=torch.float64, device=meta.device) * temperature).view(torch.long)
-    if opt_on_device:  # (as the temperature: a tensor's value, or a traced float, written without a read-back)
-        meta[14] = (torch.ones((), dtype=torch.float64, device=meta.device) * opt_value).view(torch.long) \
-            if not isinstance(opt_value, torch.Tensor) else \
-            opt_value.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
+    for slot, ((_, value), on_device) in enumerate(zip(options, opt_on_device), start=14):
+        if on_device:  # (as the temperature: a tensor's value, or a traced float, written without a read-back)
+            meta[slot] = (torch.ones((), dtype=torch.float64, device=meta.device) * value).view(torch.long) \
+                if not isinstance(value, torch.Tensor) else \
+                value.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]
@@ -157,9 +162,10 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
 
         raise _joined(ValueError("the temperature (or logit scale) must be the same on every rank of process_group, "
                                  "got " + per_rank(temp_of)))
-    if option is not None and any(m[14] != metas[0][14] for m in metas):
-        raise _joined(ValueError(f"{option[0]} must be the same on every rank of process_group, got " + per_rank(
-            lambda m: f"{struct.unpack('<d', struct.pack('<q', m[14]))[0]:.9g}")))
+    for slot, (opt_name, _) in enumerate(options, start=14):
+        if any(m[slot] != metas[0][slot] for m in metas):
+            raise _joined(ValueError(f"{opt_name} must be the same on every rank of process_group, got " + per_rank(
+                lambda m: f"{struct.unpack('<d', struct.pack('<q', m[slot]))[0]:.9g}")))
     if any(m[11] != metas[0][11] for m in metas):
         def grads_of(m):
             return ", ".join(f"{n} {'needs' if m[11] >> i & 1 else 'does not need'} a gradient"
@@ -394,14 +400,14 @@ class sharded_negative_lse:
     group, call=...)`` exchanges the sizes and gathers the anchors once; ``lse(factor)`` is (B_r,), differentiable
     (the anchors' gradient summed over ranks, the shard's from every rank's anchors: _ShardedNegativeLse);
     ``lse.bank_rows`` is the whole bank's K. ``call`` tells the ranks apart (_CALLS: the number of lse calls each
-    will make must agree); ``option`` (name, value): what else they must agree on (the scales' factor, beta)."""
+    will make must agree); ``options`` ((name, value), ...): what else they must agree on (beta, tau_plus)."""
 
     def __init__(self, anchors: torch.Tensor, shard: torch.Tensor, temperature, normalize: bool, group, *,
-                 call: int, option: tuple[str, float] | None = None) -> None:
+                 call: int, options: tuple[tuple[str, Any], ...] = ()) -> None:
         self.scale = _scale_of(temperature, anchors.device)
         sizes = _exchange_sizes(anchors, group, "anchors (cast to the dtype of negatives)", call=call,
                                 backward={"anchors or negatives": _needs_grad(anchors) or _needs_grad(shard)},
-                                normalize=normalize, temperature=temperature, option=option)
+                                normalize=normalize, temperature=temperature, options=options)
         # the shards' sizes (they may differ; the same row shape and dtype on every rank)
         self.bank_rows = sum(_exchange_sizes(shard, group, "negatives (this rank's shard)", call=call,
                                              normalize=normalize, temperature=temperature))

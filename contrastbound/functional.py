@@ -1305,7 +1305,8 @@ def debiased_info_nce(
 
         # every rank's positives, this rank's first: row i of the bank is anchor i's positive, left out
         bank = gather_with_local_first(p, process_group, name=f"positives (in the promoted dtype of anchors and "
-                                       f"positives)", call=7, normalize=normalize, temperature=t)
+                                       f"positives)", call=7, normalize=normalize, temperature=t,
+                                       options=(("beta", beta), ("tau_plus", tau_plus)))
         K = bank.shape[0] - 1
 
         def lse_at(factor: float) -> torch.Tensor:  # over every rank's positives but anchor i's own
@@ -1313,9 +1314,10 @@ def debiased_info_nce(
     elif process_group is not None:
         from .distributed import sharded_negative_lse
 
-        # (beta sets every shard's scales: the ranks must agree on it, not only on beta > 0)
+        # (beta sets every shard's scales: the ranks must agree on it, not only on beta > 0; and on tau_plus, as
+        # the in-batch call: each rank's loss weights the gradients it sends to the others' rows)
         sharded = sharded_negative_lse(a, negatives, t, normalize, process_group, call=8 if beta > 0.0 else 9,
-                                       option=("beta", beta))
+                                       options=(("beta", beta), ("tau_plus", tau_plus)))
         K = sharded.bank_rows
 
         def lse_at(factor: float) -> torch.Tensor:  # over the whole sharded bank
@@ -1970,7 +1972,7 @@ def siglip_loss(
         # every rank's texts, this rank's first: text i is still image i's positive
         texts = gather_with_local_first(y, process_group, name="text_features (normalised, in the accumulation "
                                         "dtype)", call=10, normalize=normalize, temperature=scale,
-                                        option=("logit_bias", bias))
+                                        options=(("logit_bias", bias),))
     if _siglip_kernel_serves(x.device) and not _needs_reference(x, texts, st, bt):
         negatives = torch.ops.contrastbound.siglip_fwd(x, texts, st, bt)  # (the op keeps autocast out itself)
     else:

@@ -1019,7 +1019,12 @@ def _debiased_worker(rank, world):
                                               process_group=w),
                  lambda: cb.debiased_info_nce(x, y, s, torch.tensor(0.1, requires_grad=rank == 1),
                                               process_group=w),
-                 lambda: cb.debiased_info_nce(x, y, None, 0.1 if rank == 0 else 0.2, process_group=w)):
+                 lambda: cb.debiased_info_nce(x, y, None, 0.1 if rank == 0 else 0.2, process_group=w),
+                 # (a helper's observation, then fixed) tau_plus, and beta in-batch, were not compared: each rank
+                 # weighted the gradients it sends to the others' rows by its own
+                 lambda: cb.debiased_info_nce(x, y, s, tau_plus=0.25 if rank == 1 else 0.1, process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, None, tau_plus=0.25 if rank == 1 else 0.1, process_group=w),
+                 lambda: cb.debiased_info_nce(x, y, None, beta=1.0 if rank == 1 else 0.5, process_group=w)):
         try:
             call()
             errors.append(None)
@@ -1076,7 +1081,10 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
                                 f"sharded beta {beta}: rank {rank} shard")
     want = ["must make the same call", "beta must be the same on every rank of process_group, got rank 0: 0.5; "
             "rank 1: 1", "must make the same call", "refused", "not negative_indices", "refused",
-            "temperature (or logit scale) must be the same"]
+            "temperature (or logit scale) must be the same",
+            "tau_plus must be the same on every rank of process_group, got rank 0: 0.1; rank 1: 0.25",
+            "tau_plus must be the same on every rank of process_group, got rank 0: 0.1; rank 1: 0.25",
+            "beta must be the same on every rank of process_group, got rank 0: 0.5; rank 1: 1"]
     for rank in range(world):
         got = results[rank]["errors"]
         assert len(got) == len(want), got
