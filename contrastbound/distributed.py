@@ -117,7 +117,8 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     if len(options) > _OPTION_SLOTS:
         raise AssertionError(f"at most {_OPTION_SLOTS} options, got {len(options)}")  # (the library's own calls)
     opt_on_device = [isinstance(v, torch.Tensor) or torch.compiler.is_compiling() for _, v in options]
-    opts = [struct.unpack("<q", struct.pack("<d", float(v)))[0] if not on_device else 0
+    # (+ 0.0: -0.0 and 0.0 are the same value, and their bits differ)
+    opts = [struct.unpack("<q", struct.pack("<d", float(v) + 0.0))[0] if not on_device else 0
             for (_, v), on_device in zip(options, opt_on_device)]
     opts += [0] * (_OPTION_SLOTS - len(opts))  # (a fixed length: the exchange itself cannot mismatch)
     meta = torch.tensor([tensor.shape[0], _DTYPE_CODES.get(tensor.dtype, -1), tensor.dim(), math.prod(tail),
@@ -128,9 +129,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
         meta[13] = (torch.ones((), dtype=torch.float64, device=meta.device) * temperature).view(torch.long)
     for slot, ((_, value), on_device) in enumerate(zip(options, opt_on_device), start=14):
         if on_device:  # (as the temperature: a tensor's value, or a traced float, written without a read-back)
-            meta[slot] = (torch.ones((), dtype=torch.float64, device=meta.device) * value).view(torch.long) \
+            meta[slot] = (torch.ones((), dtype=torch.float64, device=meta.device) * value + 0.0).view(torch.long) \
                 if not isinstance(value, torch.Tensor) else \
-                value.detach().reshape(()).to(device=meta.device, dtype=torch.float64).view(torch.long)
+                (value.detach().reshape(()).to(device=meta.device, dtype=torch.float64) + 0.0).view(torch.long)
     metas = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [[int(v) for v in m] for m in metas]

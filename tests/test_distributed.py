@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import gc
+import math
 import os
 import socket
 import sys
@@ -1031,6 +1032,10 @@ def _debiased_worker(rank, world):
         except (ValueError, TypeError) as exc:
             errors.append(str(exc))
     out["errors"] = errors
+    # -0.0 and 0.0 are the same beta and tau_plus (their bits differ: compared as bits, they were refused)
+    zero = -0.0 if rank == 1 else 0.0
+    out["signed_zero"] = [float(cb.debiased_info_nce(x, y, neg, tau_plus=zero, beta=zero, process_group=w))
+                          for neg in (None, s)]
     return out
 
 
@@ -1086,6 +1091,7 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
             "tau_plus must be the same on every rank of process_group, got rank 0: 0.1; rank 1: 0.25",
             "beta must be the same on every rank of process_group, got rank 0: 0.5; rank 1: 1"]
     for rank in range(world):
+        assert all(math.isfinite(v) for v in results[rank]["signed_zero"]), results[rank]["signed_zero"]
         got = results[rank]["errors"]
         assert len(got) == len(want), got
         for i, (g, w) in enumerate(zip(got, want)):
