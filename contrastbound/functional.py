@@ -990,11 +990,16 @@ def _to_bank_dtype(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torc
     """x (B, d) cast to the bank's dtype. Where that rounds down (float32 features, a float16 bank) and the rows are
     normalised anyway, they are normalised first, in x's dtype: a row with entries past float16's range (65504)
     would otherwise become inf (a NaN loss), one below 6e-8 zero. Differentiable; the kernel's own normalisation
-    of a unit row changes it only by rounding."""
+    of a unit row changes it only by rounding.
+
+    A zero row is passed through as it is (value 0, gradient unchanged): the kernel's normalisation then gives it
+    its own gradient, 1 / eps as F.normalize's. Normalised here as well, the two 1 / eps multiplied to 1 / eps^2
+    (a zero anchor's gradient 1.4e24 where the reference has 1.4e12)."""
     if x.dtype == dtype:
         return x
     if normalize and torch.promote_types(x.dtype, dtype) != dtype:
-        x = F.normalize(x, dim=-1, eps=1e-12)
+        nonzero = (x != 0).any(dim=-1, keepdim=True)
+        x = torch.where(nonzero, F.normalize(x, dim=-1, eps=1e-12), x)
     return x.to(dtype)
 
 

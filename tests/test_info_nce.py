@@ -17,7 +17,8 @@ except ImportError:  # a GPU machine without network may lack it: only the prope
 
 import contrastbound as cb
 from contrastbound import _backend
-from contrastbound.reference import bank_cross_entropy_reference, info_nce_reference, nt_xent_reference
+from contrastbound.reference import (bank_cross_entropy_reference, info_nce_reference, nt_xent_reference,
+                                     supcon_reference)
 
 from conftest import DEVICES, DTYPES, MODES, TOL, as_float, assert_close_scaled, loss_and_grads as _run, make_inputs, tol
 from conftest import near_duplicate_pairs
@@ -2057,6 +2058,42 @@ def test_mixed_dtypes_float32_features_beyond_a_float16_bank_range():
     assert_close_scaled(loss, ref, 2e-3, "loss")
     ga, gp = torch.autograd.grad(loss, [a, p])
     assert torch.isfinite(ga).all() and torch.isfinite(gp).all()
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "bank_cross_entropy", "supcon"])
+def test_mixed_dtypes_zero_row_gradient_follows_f_normalize(mode):
+    # float32 features against a bfloat16 bank are normalised before the cast down, and the kernel normalises them
+    # again: a zero row's gradient must carry F.normalize's 1 / eps once (~1e12 here, as the reference), not
+    # twice (it was ~1e24). A fuzz against the references found it (supcon on bfloat16 features, cast to float32).
+    a, p, n, idx = make_inputs(mode if mode in ("per_anchor", "indexed") else "shared", B=5, K=7, d=4,
+                               dtype=torch.float32, seed=22, requires_grad=False)
+    with torch.no_grad():
+        a[1] = 0.0
+    n16 = n.bfloat16()
+    targets = torch.tensor([0, 3, 6, 2, 2])
+    labels, bank_labels = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([0, 1, 1, 0, 1, 0, 1])
+
+    def loss_of(x, bank):
+        if mode == "bank_cross_entropy":
+            return cb.bank_cross_entropy(x, bank, targets, 0.5, normalize=True, reduction="sum")
+        if mode == "supcon":
+            return cb.supcon_loss(x, labels, 0.5, bank=bank, bank_labels=bank_labels, reduction="sum")
+        return cb.info_nce(x, p.to(x.dtype), bank, 0.5, negative_indices=idx, reduction="sum")
+
+    def reference(x, bank):
+        if mode == "bank_cross_entropy":
+            return bank_cross_entropy_reference(x, bank, targets, 0.5, normalize=True, reduction="sum")
+        if mode == "supcon":
+            return supcon_reference(x, labels, 0.5, bank=bank, bank_labels=bank_labels, reduction="sum")
+        return info_nce_reference(x, p.double(), bank, 0.5, negative_indices=idx, reduction="sum")
+
+    x = a.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_of(x, n16), [x])
+    x64 = a.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(reference(x64, n16.double()), [x64])
+    assert 1e11 < want[1].abs().max() < 1e14  # (the zero row's F.normalize gradient: 1 / eps times O(1))
+    assert_close_scaled(g[1], want[1], 2e-2, f"{mode}: the zero row's gradient")
+    assert_close_scaled(g[[0, 2, 3, 4]], want[[0, 2, 3, 4]], 2e-2, f"{mode}: the other rows' gradient")
 
 
 def test_in_batch_mixed_dtypes_promote():
