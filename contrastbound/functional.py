@@ -1300,6 +1300,12 @@ def debiased_info_nce(
             for factor in (1.0 + beta,) + ((beta,) if beta > 0.0 else ()):
                 _check_lse_temperature(t, factor, beta, compute)
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
+    if negatives is None and compute in (torch.float16, torch.bfloat16) and a.device.type == "cpu":
+        # In-batch half features on the CPU run in float32 (the CPU kernel's tiles are float32 anyway), as
+        # supcon_loss's: the log-sum-exps' gradient and the positive logit's meet in float32 and reach the features
+        # rounded once. Each in float16 on its own overflowed where their sum does not (rows of norm 1e-3 at
+        # temperature 0.01: a NaN gradient where info_nce gives -1.1e4; a fuzz against the reference found it).
+        a, p = a.float(), p.float()
     if not isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
         # A tensor (as _scale_of makes one): Python arithmetic on a traced float (t / factor, 1 / t) made dynamo
         # specialise it, one graph per value of a temperature schedule.

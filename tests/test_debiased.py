@@ -101,6 +101,26 @@ def test_half_and_single_precision_against_float64(device, dtype):
         assert_close_scaled(x, y, tol_, "grad", floor=1.0)
 
 
+@pytest.mark.parametrize("tau_plus,beta", [(0.0, 0.5), (0.1, 0.0)])
+def test_in_batch_float16_gradient_where_each_term_alone_overflows(tau_plus, beta):
+    # Anchors of norm ~1e-3 at temperature 0.01: the log-sum-exps' gradient and the positive logit's are each past
+    # float16's 65504, their sum (-1.1e4 here) is not. In float16 each on its own overflowed (a NaN gradient, a
+    # fuzz's find); on the CPU both now meet in float32, as info_nce's single kernel forms them.
+    g = torch.Generator().manual_seed(4)
+    a = (torch.randn(3, 2, generator=g) * 1e-3).half().requires_grad_()
+    p = torch.randn(3, 2, generator=g).half().requires_grad_()
+    loss = cb.debiased_info_nce(a, p, None, 0.01, tau_plus=tau_plus, beta=beta, reduction="sum")
+    ga, gp = torch.autograd.grad(loss, [a, p])
+    assert loss.dtype == ga.dtype == torch.float16
+    a64, p64 = (x.detach().double().requires_grad_() for x in (a, p))
+    want = debiased_info_nce_reference(a64, p64, None, 0.01, tau_plus=tau_plus, beta=beta, reduction="sum")
+    wa, wp = torch.autograd.grad(want, [a64, p64])
+    assert 1e4 < wa.abs().max() < 65504  # (the premise: a large gradient that float16 holds)
+    assert_close_scaled(ga, wa, 2e-3, "anchors' gradient")
+    assert_close_scaled(gp, wp, 2e-3, "positives' gradient")
+    assert_close_scaled(loss, want, 2e-3, "loss")
+
+
 def test_low_temperature_and_large_k_stay_finite():
     # temperature 0.01 with beta = 1: the reweighted sum e^{(1+beta) l} reaches e^200, past float32 (the authors'
     # form overflows there: inf / inf); in log space it is finite and matches float64's form
