@@ -1514,7 +1514,7 @@ def bank_cross_entropy(
     else:
         # The same form on the reference (forward-mode AD, torch.func, no extension): the target counted once.
         loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, True, excluded=targets)
-    if label_smoothing:
+    if label_smoothing and bank.shape[0] > 1:  # (one class: l_t - mean_c l_c is 0, its two paths' rounding is not)
         loss = loss + float(label_smoothing) * _target_less_mean_logit(anchors, bank, targets, t, normalize,
                                                                        loss.dtype)
     if keep is not None:  # the kept rows' losses in their places, 0 (and no gradient) for the ignored ones

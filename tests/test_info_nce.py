@@ -1197,6 +1197,22 @@ def test_bank_cross_entropy_confident_half_precision_bank_gradient(normalize):
     assert err <= max(2e-2, 2 * err32), (err, err32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bank_cross_entropy_one_class_with_label_smoothing_is_exactly_zero(dtype):
+    # One class: every loss is lse(l) - l = 0, and label smoothing's l_t - mean_c l_c is 0 too. Formed through the
+    # target row and through the mean row, that term's gradient was their rounding, scaled by s / |w|: the bank's
+    # gradient 512 in bfloat16 at T = 0.01 (a fuzz against F.cross_entropy, which gives 0).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 2, generator=g).to(dtype).requires_grad_(True)
+    w = (1e-3 * torch.randn(1, 2, generator=g)).to(dtype).requires_grad_(True)
+    t = torch.zeros(64, dtype=torch.int64)
+    loss = cb.bank_cross_entropy(a, w, t, 0.01, normalize=True, label_smoothing=0.1, reduction="sum")
+    ga, gw = torch.autograd.grad(loss, [a, w])
+    assert loss.item() == 0.0 and not ga.any() and not gw.any(), (loss, ga.abs().max(), gw)
+    want = F.cross_entropy(a.detach().double() @ w.detach().double().T, t, label_smoothing=0.1)
+    assert want.item() == 0.0
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("learnable", [False, True])
 def test_bank_cross_entropy_gradcheck_repeated_targets(normalize, learnable):
