@@ -994,12 +994,16 @@ def _to_bank_dtype(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torc
 
     A zero row is passed through as it is (value 0, gradient unchanged): the kernel's normalisation then gives it
     its own gradient, 1 / eps as F.normalize's. Normalised here as well, the two 1 / eps multiplied to 1 / eps^2
-    (a zero anchor's gradient 1.4e24 where the reference has 1.4e12)."""
+    (a zero anchor's gradient 1.4e24 where the reference has 1.4e12), and float16 features gave a NaN loss (F.normalize
+    of a float16 zero row is 0 / 0: its eps rounds to 0)."""
     if x.dtype == dtype:
         return x
     if normalize and torch.promote_types(x.dtype, dtype) != dtype:
         nonzero = (x != 0).any(dim=-1, keepdim=True)
-        x = torch.where(nonzero, F.normalize(x, dim=-1, eps=1e-12), x)
+        # (zero rows out of F.normalize's way as well: in float16 its eps, 1e-12, is 0, and 0 / 0 there would reach
+        # the gradient through the unused branch of the outer where, NaN times 0)
+        unit = F.normalize(torch.where(nonzero, x, torch.ones_like(x)), dim=-1, eps=1e-12)
+        x = torch.where(nonzero, unit, x)
     return x.to(dtype)
 
 

@@ -2112,6 +2112,28 @@ def test_mixed_dtypes_zero_row_gradient_follows_f_normalize(mode):
     assert_close_scaled(g[[0, 2, 3, 4]], want[[0, 2, 3, 4]], 2e-2, f"{mode}: the other rows' gradient")
 
 
+@pytest.mark.parametrize("mode", ["shared", "bank_cross_entropy"])
+def test_mixed_dtypes_float16_zero_row_is_not_nan(mode):
+    # float16 features against a bfloat16 bank are normalised in float16 before the cast: F.normalize of a float16
+    # zero row is 0 / 0 (its eps, 1e-12, rounds to 0), which made the row's loss NaN. Its loss is log(K + 1) (or
+    # log C), and its gradient overflows float16 (~1e12, as every float16 path gives it): inf, not NaN.
+    g = torch.Generator().manual_seed(23)
+    a = torch.randn(3, 4, generator=g).half()
+    a[0] = 0.0
+    a.requires_grad_(True)
+    bank = torch.randn(5, 4, generator=g).bfloat16()
+    if mode == "shared":
+        loss = cb.info_nce(a, torch.randn(3, 4, generator=g).half(), bank, 0.5, reduction="none")
+        log_count = math.log(6)
+    else:
+        loss = cb.bank_cross_entropy(a, bank, torch.tensor([0, 1, 2]), 0.5, normalize=True, reduction="none")
+        log_count = math.log(5)
+    (grad,) = torch.autograd.grad(loss.sum(), [a])
+    assert torch.isfinite(loss).all(), loss
+    assert abs(loss[0].item() - log_count) < 1e-6, loss
+    assert not grad.isnan().any() and torch.isfinite(grad[1:]).all(), grad
+
+
 def test_in_batch_mixed_dtypes_promote():
     # No bank: every input is (B, d), so nothing is rounded down and the in-batch entry points agree.
     a, p, _, _ = make_inputs("in_batch", B=9, K=0, d=8, dtype=torch.float32, seed=15, requires_grad=False)
