@@ -135,6 +135,8 @@ def _check_ks(ks: Any, minimum: int) -> np.ndarray:
 
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        if value.device.type == "meta":  # (else torch's "Tensor.item() cannot be called on meta tensors")
+            raise ValueError(f"{name} is a meta tensor (no value): pass a number or a tensor that holds one")
         value = float(value.detach())  # a one-element tensor (numpy scalars are Real below)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
@@ -467,6 +469,8 @@ def gap_report(
         raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
     if not isinstance(lower_form, str) or lower_form not in ("paper", "proved"):
         raise ValueError(f"lower_form must be 'paper' or 'proved', got {lower_form!r}")
+    if test_features is not None:  # (before the finiteness checks below read it: a meta, sparse or float8 tensor)
+        test_features = _check_features("test_features", test_features)
     for name, x in (("features", features), ("test_features", test_features)):
         if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} must be finite: it holds NaN or inf entries")
@@ -485,7 +489,6 @@ def gap_report(
     widen = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731
     means = class_means(widen(features), labels, C, normalize=normalize)
     if test_features is not None:
-        test_features = _check_features("test_features", test_features)
         test_labels, _ = _check_labels("test_labels", test_labels, test_features, C)
         if test_features.shape[1] != features.shape[1]:
             raise ValueError(f"test_features must have feature size d = {features.shape[1]}, got shape "

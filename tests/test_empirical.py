@@ -685,6 +685,27 @@ def test_meta_tensors_are_refused_by_name():
     for call in calls:
         with pytest.raises(ValueError, match="features is a meta tensor"):
             call()
+    # a meta temperature read back as a float (torch's "Tensor.item() ..."), and meta test features checked for
+    # finiteness before they were checked at all
+    f, y = torch.randn(6, 3), torch.arange(6) % 2
+    t = torch.tensor(1.0, device="meta")
+    for call in [lambda: E.contrastive_loss_estimate(f, y, 3, temperature=t),
+                 lambda: E.contrastive_loss_curve(f, y, [1, 2], temperature=t), lambda: E.gap_report(f, y, [1], temperature=t)]:
+        with pytest.raises(ValueError, match="temperature is a meta tensor"):
+            call()
+    with pytest.raises(ValueError, match="test_features is a meta tensor"):
+        E.gap_report(f, y, [1], test_features=f.to("meta"), test_labels=y)
+
+
+def test_gap_report_checks_test_features_before_reading_them():
+    # a sparse or float8 test set reached torch.isfinite first: NotImplementedError naming no argument
+    from contrastbound import empirical as E
+
+    f, y = torch.randn(6, 3, dtype=torch.float64), torch.arange(6) % 2
+    for bad, text in [(f.to_sparse(), "test_features must be a dense"),
+                      (f.to(torch.float8_e4m3fn), "test_features must be a floating tensor")]:
+        with pytest.raises(TypeError, match=text):
+            E.gap_report(f, y, [1], test_features=bad, test_labels=y)
 
 
 def test_gap_report_earlier_bounds_per_k_and_for_a_uniform_prior_vector():
