@@ -371,20 +371,28 @@ def contrastive_loss_curve(
     # (Chan et al.'s update: no cancellation of sum x^2 against n mean^2)
     count = np.zeros(uniq.size)
     mean = np.zeros(uniq.size)
+    # sums of squared deviations over scale^2: deviations past ~1e154 (T ~ 1e-300) square past float64's range;
+    # scale is a power of 2 (exact), 1 unless losses reach 2^500
     m2 = np.zeros(uniq.size)
+    scale = np.ones(uniq.size)
 
     def add(i: int, losses: torch.Tensor) -> None:
         n_b = losses.numel()
         if n_b == 0:
             return
+        big = float(losses.abs().max())
+        if big >= 2.0 ** 500 and math.isfinite(big) and 2.0 ** math.frexp(big)[1] > scale[i]:
+            m2[i] *= (scale[i] / 2.0 ** math.frexp(big)[1]) ** 2
+            scale[i] = 2.0 ** math.frexp(big)[1]
+        s = scale[i]
         mean_b = float(losses.mean())
-        m2_b = float(((losses - mean_b) ** 2).sum())
+        m2_b = float((((losses - mean_b) / s) ** 2).sum())
         if count[i] == 0:  # (the update below would take inf * 0 for losses past ~1e154: NaN)
             mean[i], m2[i], count[i] = mean_b, m2_b, n_b
             return
         n = count[i] + n_b
-        delta = mean_b - mean[i]
-        mean[i] += delta * n_b / n
+        delta = (mean_b - mean[i]) / s
+        mean[i] += delta * n_b / n * s
         m2[i] += m2_b + delta * delta * count[i] * n_b / n
         count[i] = n
 
@@ -418,7 +426,7 @@ def contrastive_loss_curve(
         return values
     n = sampler.anchors.numel()
     with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(m2 / (n - 1) / n) if n > 1 else np.full(uniq.size, np.nan)
+        se = np.sqrt(m2 / (n - 1) / n) * scale if n > 1 else np.full(uniq.size, np.nan)
     return values, se[at]
 
 

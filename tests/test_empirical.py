@@ -655,13 +655,19 @@ def test_format_gap_report_shows_numpy_float32_nan_as_a_dash():
     assert "nan" not in line.lower() and "-" in line.split(), line
 
 
-def test_curve_standard_error_of_huge_losses_is_not_nan():
-    # losses ~1e299 (T = 1e-300, float64): the first merge of the running variance took inf * 0 (count 0) -> NaN;
-    # their squared deviations overflow, so the standard error is inf, the value itself finite
+def test_curve_standard_error_of_huge_losses_is_finite():
+    # losses ~1e299 (T = 1e-300, float64): the first merge of the running variance took inf * 0 (count 0) -> NaN,
+    # and then the squared deviations overflowed: the standard error was inf. Without normalisation and at such
+    # temperatures each loss is max(0, max_k l_k - l_+) / T to ~1e-100 relative (the rest is e^{-1e100}-small), so
+    # T * (value, se) is the same for every tiny T: T = 1e-300 against T = 1e-100, whose squares fit
     x, y = blobs((10, 10, 10, 10, 10), d=8, seed=0)
-    value, se = contrastive_loss_curve(x, y, [4], temperature=1e-300, return_std_error=True,
-                                       generator=torch.Generator().manual_seed(0))
-    assert np.isfinite(value[0]) and value[0] > 1e290 and not np.isnan(se[0])
+    scaled = []
+    for t in (1e-300, 1e-100):
+        value, se = contrastive_loss_curve(x, y, [4, 9], temperature=t, normalize=False, return_std_error=True,
+                                           generator=torch.Generator().manual_seed(0))
+        assert np.isfinite(value).all() and np.isfinite(se).all() and (se > 0).all()
+        scaled.append(np.concatenate([value, se]) * t)
+    np.testing.assert_allclose(scaled[0], scaled[1], rtol=1e-12)
 
 
 def test_estimate_without_negatives_keeps_a_learnable_temperature_in_the_graph():
