@@ -128,6 +128,12 @@ class NegativeQueue(torch.nn.Module):
             # Keys without their fill level (or a level without its keys, or keys without their labels) would
             # serve rows never loaded.
             problem = f"{', '.join(names)} are loaded together, but {', '.join(missing)} missing"
+        elif not_tensor := [name for name, v in keys.items() if v is not None and not isinstance(v, torch.Tensor)]:
+            # (torch's own copy raised AttributeError on .shape / .numel)
+            problem = "; ".join(f"{name} must be a tensor, got {type(keys[name]).__name__}" for name in not_tensor)
+        elif keys["queue"] is not None and (keys["queue"].is_complex() or keys["queue"].dtype == torch.bool):
+            # (the copy into the real buffer dropped the imaginary part, with a warning only)
+            problem = f"queue must be a real tensor of keys, got {keys['queue'].dtype}"
         elif keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
         elif keys.get("queue_labels") is not None and (tuple(keys["queue_labels"].shape) != (self.size,) or
@@ -141,9 +147,12 @@ class NegativeQueue(torch.nn.Module):
         elif keys["ptr"] is not None and keys["filled"] is not None:
             if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
                 problem = "ptr and filled must hold one value each"
-            elif keys["ptr"].is_floating_point() or keys["filled"].is_floating_point() or keys["ptr"].is_complex() \
-                    or keys["filled"].is_complex():
+            elif any(v.is_floating_point() or v.is_complex() or v.dtype == torch.bool
+                     for v in (keys["ptr"], keys["filled"])):
                 problem = f"ptr and filled must be integer tensors, got {keys['ptr'].dtype} and {keys['filled'].dtype}"
+            elif keys["ptr"].device.type == "meta" or keys["filled"].device.type == "meta":
+                problem = ("ptr and filled must hold values, got meta tensors: the queue reads its write position and "
+                           "fill level")
             else:
                 ptr, filled = int(keys["ptr"]), int(keys["filled"])
                 bad = _bad_state(ptr, filled, self.size)

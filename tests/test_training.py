@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -672,6 +674,28 @@ def test_queue_load_state_dict_refuses_positions_of_several_values():
     state["ptr"], state["filled"] = torch.tensor([1, 1]), torch.tensor([1, 1])
     with pytest.raises(RuntimeError, match="ptr and filled must hold one value each; nothing was loaded"):
         cb.NegativeQueue(4, 2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("case", ["int positions", "list keys", "meta positions", "bool positions", "complex keys"])
+def test_queue_load_state_dict_refuses_values_it_cannot_hold(case):
+    # non-tensors raised AttributeError ('int' object has no attribute 'numel'), meta positions torch's
+    # "Tensor.item() cannot be called on meta tensors", bool positions loaded as 1, and complex keys lost their
+    # imaginary parts with a warning only; now each is a load error naming the entry, and nothing is loaded
+    state = {"queue": torch.ones(4, 2), "ptr": torch.tensor(2), "filled": torch.tensor(2)}
+    bad, text = {
+        "int positions": ({"ptr": 2, "filled": 2}, "ptr must be a tensor, got int; filled must be a tensor"),
+        "list keys": ({"queue": [[1.0, 1.0]] * 4}, "queue must be a tensor, got list"),
+        "meta positions": ({"ptr": torch.tensor(2, device="meta"), "filled": torch.tensor(2, device="meta")},
+                           "ptr and filled must hold values, got meta tensors"),
+        "bool positions": ({"ptr": torch.tensor(True), "filled": torch.tensor(True)},
+                           "ptr and filled must be integer tensors, got torch.bool"),
+        "complex keys": ({"queue": torch.ones(4, 2) * (1 + 5j)}, "queue must be a real tensor of keys, got torch.complex64"),
+    }[case]
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.full((1, 2), 3.0))
+    with pytest.raises(RuntimeError, match=re.escape(text) + ".*nothing was loaded"):
+        q.load_state_dict({**state, **bad})
+    assert len(q) == 1 and q.negatives().tolist() == [[3.0, 3.0]]
 
 
 def test_queue_keeps_infinite_keys_through_a_load_and_a_narrowing_cast():
