@@ -2250,6 +2250,9 @@ class _TemperatureLoss(_LossModule):
                     "never be learned: use learn_temperature=True, or call "
                     f"contrastbound.{self._function}(..., temperature=<your parameter>)"
                 )
+            if t.device.type == "meta":  # (else torch's "Tensor.item() cannot be called on meta tensors")
+                raise ValueError(f"temperature is a meta tensor (no value), but {type(self).__name__} reads it when "
+                                 "it is set: pass a number")
             t = float(t)
         if not (0.0 < t < math.inf):
             raise ValueError(f"temperature must be a positive finite number, got {t}")

@@ -140,6 +140,12 @@ CASES = [
      "logit_scale is a meta tensor"),
     ("meta InfoNCE temperature", lambda: cb.InfoNCE(temperature=torch.tensor(0.1, device="meta")), ValueError,
      "temperature is a meta tensor"),
+    # set after construction (a schedule): the setter read it back (torch's "Tensor.item() ..." named nothing)
+    ("meta temperature set on InfoNCE", lambda: setattr(cb.InfoNCE(), "temperature", torch.tensor(0.1, device="meta")),
+     ValueError, "temperature is a meta tensor"),
+    ("meta temperature set on a learnable SupCon",
+     lambda: setattr(cb.SupCon(learn_temperature=True), "temperature", torch.tensor(0.1, device="meta")), ValueError,
+     "temperature is a meta tensor"),
     # (an audit: nt_xent checked it with process_group only: "Cannot copy out of meta tensor; no data!")
     ("meta nt_xent temperature", lambda: cb.nt_xent(a, p, torch.tensor(0.5, device="meta")), ValueError,
      "temperature is a meta tensor (no value) but the features are on cpu"),
