@@ -1460,6 +1460,8 @@ def bank_cross_entropy(
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
             raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
         ignore_index = int(ignore_index)  # (a numpy integer too, as F.cross_entropy takes it)
+        if not -(2 ** 63) <= ignore_index < 2 ** 63:  # (compared with int64 targets; an OverflowError at B = 0)
+            raise ValueError(f"ignore_index must fit in int64 (as the targets), got {ignore_index}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {type(label_smoothing).__name__}")
     smoothing = _as_float("label_smoothing", label_smoothing, "a number in [0, 1]")

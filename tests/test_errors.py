@@ -622,6 +622,15 @@ def test_bank_cross_entropy_refuses_a_bool_ignore_index():
         cb.bank_cross_entropy(a, w, torch.tensor([0, 1, 2, 1]), ignore_index=True)
 
 
+@pytest.mark.parametrize("B", [0, 4])
+def test_bank_cross_entropy_refuses_an_ignore_index_beyond_int64(B):
+    # compared with int64 targets: at B = 0 it raised OverflowError ("int too big to convert"), at B > 0 it was
+    # taken as no target's value (F.cross_entropy: "Overflow when unpacking long long")
+    a, w = torch.randn(B, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        cb.bank_cross_entropy(a, w, torch.zeros(B, dtype=torch.long), ignore_index=2 ** 70)
+
+
 def test_bank_cross_entropy_refuses_a_negative_label_smoothing():
     # guards label_smoothing's lower bound 0 (F.cross_entropy refuses a negative one; it would change the loss)
     a, w = torch.randn(4, 3), torch.randn(5, 3)
