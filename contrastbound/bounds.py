@@ -1290,6 +1290,9 @@ def harmonic_number(n: int, harmonic: str = "exact") -> float:
     if n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     n = int(n)  # (a numpy integer gave a numpy float)
+    # checked before any comparison: an array compared with "exact" raised numpy's "truth value ... is ambiguous"
+    if not isinstance(harmonic, str) or harmonic not in ("exact", "authors"):
+        raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
     if harmonic == "exact":
         if n == 0:
             return 0.0
@@ -1299,9 +1302,7 @@ def harmonic_number(n: int, harmonic: str = "exact") -> float:
         # (1.0 / (12 * n**2) did not: n ** 2 past float's range raised OverflowError for n > ~1e154)
         inv = 1 / n
         return math.log(n) + _EULER_GAMMA + inv / 2 - inv * inv / 12 + inv**4 / 120
-    if harmonic == "authors":
-        return math.log(n) + 0.577 if n > 0 else -math.inf
-    raise ValueError(f"harmonic must be 'exact' or 'authors', got {harmonic!r}")
+    return math.log(n) + 0.577 if n > 0 else -math.inf
 
 
 def _earlier_setup(fn: str, contrastive_loss: Any, K: Any, num_classes: Any, prior: Any):

@@ -162,6 +162,10 @@ def test_harmonic_numbers():
     assert B.ash(3.0, 5, 10) > B.ash(3.0, 5, 10, harmonic="authors")
     # the empty sum (a mutation audit: H_0 = 1 and log(0) + 0.577 = 0 passed every test)
     assert B.harmonic_number(0) == 0.0 and B.harmonic_number(0, "authors") == -math.inf
+    # an array of options reached `harmonic == "exact"` first: numpy's "truth value ... is ambiguous"
+    for bad in (np.array(["exact", "authors"]), "Exact", None):
+        with pytest.raises(ValueError, match="harmonic must be 'exact' or 'authors'"):
+            B.harmonic_number(5, bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
