@@ -380,10 +380,10 @@ def contrastive_loss_curve(
         n_b = losses.numel()
         if n_b == 0:
             return
-        big = float(losses.abs().max())
-        if big >= 2.0 ** 500 and math.isfinite(big) and 2.0 ** math.frexp(big)[1] > scale[i]:
-            m2[i] *= (scale[i] / 2.0 ** math.frexp(big)[1]) ** 2
-            scale[i] = 2.0 ** math.frexp(big)[1]
+        big = float(losses.max())  # (losses are >= 0)
+        if 2.0 ** 500 <= big < math.inf and (grown := 2.0 ** math.frexp(big)[1]) > scale[i]:
+            m2[i] *= (scale[i] / grown) ** 2
+            scale[i] = grown
         s = scale[i]
         mean_b = float(losses.mean())
         m2_b = float((((losses - mean_b) / s) ** 2).sum())
