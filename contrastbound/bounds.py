@@ -309,7 +309,11 @@ def _score_bound(norm_bound: Any, temperature: Any) -> float:
     if norm_bound is None:
         return 1.0
     b = _positive_number("norm_bound", norm_bound)
-    return b * b
+    b2 = b * b
+    if not math.isfinite(b2):  # (as temperature: the bounds would be +-inf without a word)
+        raise ValueError(f"norm_bound must be at most {math.sqrt(sys.float_info.max)!r} (norm_bound^2 must be a "
+                         f"finite float64), got {b:.4g}")
+    return b2
 
 
 def _check_form(form: Any, allowed: tuple[str, ...]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from fractions import Fraction
 from itertools import combinations
 
@@ -698,6 +699,17 @@ def test_temperature_validation(call, exc, match):
         call()
 
 
+def test_largest_norm_bound_is_taken():
+    # the largest b whose square is a finite float64: taken (Delta_U = 2 b^2 + ... rounds to inf, a value beyond
+    # float64, as at the smallest temperature taken); the next float up is refused
+    b = math.sqrt(sys.float_info.max)
+    assert b * b <= sys.float_info.max
+    assert B.min_supervised_loss(3, norm_bound=b) == 0.0  # log1p(2 e^{-2 b^2})
+    assert B.delta_upper(3, 10, norm_bound=b) == math.inf == B.delta_upper(3, 10, temperature=1e-308)
+    with pytest.raises(ValueError, match="norm_bound"):
+        B.delta_upper(3, 10, norm_bound=math.nextafter(b, math.inf))
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
@@ -746,6 +758,12 @@ def test_temperature_validation(call, exc, match):
         (lambda: B.delta_upper(3, prior=[10**400, 1]), ValueError, "prior holds a number too large"),
         (lambda: B.arora(10**400, 30, 10), ValueError, "contrastive_loss holds a number too large"),
         (lambda: B.delta_upper(3, 10, norm_bound=10**400), ValueError, "norm_bound"),
+        # b^2 past float64, as temperature below 1 / DBL_MAX is refused: Delta_U was inf, Delta_L -inf, without a
+        # word (the largest b whose square is finite is taken: math.sqrt(DBL_MAX) squared rounds below DBL_MAX)
+        (lambda: B.delta_upper(3, 10, norm_bound=1e160), ValueError, r"norm_bound\^2 must be a finite float64"),
+        (lambda: B.delta_lower(3, 10, norm_bound=math.nextafter(math.sqrt(sys.float_info.max), math.inf)),
+         ValueError, r"norm_bound must be at most 1\.3407807929942596e\+154"),
+        (lambda: B.min_supervised_loss(3, norm_bound=1e155), ValueError, "norm_bound"),
         (lambda: B.delta_upper(2**70, 10), ValueError, "K is too large"),
         # a float K past 2^53 is not an exact count (float64 spacing 2 or more): refused, not rounded (a mutation
         # audit: with the limit at 2^63 a float K of 2^60 gave a Delta_U of -38.4)
