@@ -170,6 +170,21 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
     return t
 
 
+def _widened(t: float | torch.Tensor, *features: torch.Tensor | None) -> float | torch.Tensor:
+    """A tensor temperature (or scale) in the widest of its own dtype, float32 and the features' dtypes (a float:
+    as is). A loss that uses it more than once (supcon_loss, nt_xent, debiased_info_nce) then sums the parts of its
+    gradient in that dtype and rounds the sum once into a narrower temperature's; each part rounded to float32 on its
+    own, parts of ~1e3 that cancel left supcon's d loss / d t off by 2e-4 relative with float64 features (naive
+    PyTorch: 1e-8; a fuzz's find), and t / (1 + beta) in float32 moved debiased_info_nce's float64 loss by 3e-8."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    wide = torch.promote_types(t.dtype, torch.float32)
+    for x in features:
+        if x is not None:
+            wide = torch.promote_types(wide, x.dtype)
+    return t if wide == t.dtype else t.to(wide)
+
+
 def _float64_host_values(x: float | torch.Tensor) -> list[float]:
     """The values a float64 check can read without cost: a float's, a float64 CPU tensor's in eager mode (every
     sample's under vmap); none of another tensor (a narrower one holds no value past float32's range; a GPU one is
@@ -1303,6 +1318,7 @@ def debiased_info_nce(
             _check_temperature_has_value(t, anchors.device)
             for factor in (1.0 + beta,) + ((beta,) if beta > 0.0 else ()):
                 _check_lse_temperature(t, factor, beta, compute)
+    t = _widened(t, anchors, positives, negatives)
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is None and compute in (torch.float16, torch.bfloat16) and a.device.type == "cpu":
         # In-batch half features on the CPU run in float32 (the CPU kernel's tiles are float32 anyway), as
@@ -1583,6 +1599,7 @@ def nt_xent(
         if process_group is not None:  # before the exchange: a lone refusal after it would leave the others waiting
             _check_scale_fits(t, compute)
     z1, z2 = z1.to(compute), z2.to(compute)
+    t = _widened(t, z1)
     bank1, bank2 = z1, z2
     if process_group is not None:
         from .distributed import gather_with_local_first
@@ -1735,6 +1752,7 @@ def supcon_loss(
             _check_scale_fits(t, features.dtype)
             _check_temperature_has_value(t, features.device)
     shape = features.shape[:-1]
+    t = _widened(t, features, bank)
     if process_group is not None:
         from .distributed import gather_with_labels
 

@@ -1693,6 +1693,49 @@ def test_vmap_of_bank_cross_entropy_and_learnable_temperature():
     assert_close_scaled(g_got, g_want, 1e-10, "its temperature gradient")
 
 
+def _clustered_float64(seed: int, N: int = 16, d: int = 32):
+    """Two tight clusters of float64 rows, labels by cluster, and second views near the first: at T = 0.02 the
+    temperature's gradient is a sum of parts of ~1e3 (log-sum-exps against positive logits) that nearly cancel."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N) % 2
+    z1 = torch.randn(2, d, generator=g, dtype=torch.float64)[labels] + 0.1 * torch.randn(N, d, generator=g,
+                                                                                        dtype=torch.float64)
+    z2 = z1 + 0.05 * torch.randn(N, d, generator=g, dtype=torch.float64)
+    return z1, z2, labels
+
+
+_NARROW_TEMPERATURE_LOSSES = {
+    "supcon": lambda z1, z2, y, t: cb.supcon_loss(z1, y, t),
+    "supcon_bank": lambda z1, z2, y, t: cb.supcon_loss(z1, y, t, bank=z2, bank_labels=y),
+    "nt_xent": lambda z1, z2, y, t: cb.nt_xent(z1, z2, t),
+    "debiased": lambda z1, z2, y, t: cb.debiased_info_nce(z1, z2, None, t, tau_plus=0.1, beta=0.5),
+    "debiased_bank": lambda z1, z2, y, t: cb.debiased_info_nce(z1, z2, z2.flip(0), t, tau_plus=0.1, beta=0.5),
+}
+
+
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", sorted(_NARROW_TEMPERATURE_LOSSES))
+def test_float64_features_with_a_narrower_temperature_round_once(loss, t_dtype):
+    """float64 features, a float32 / half temperature tensor: the loss is the float64 one at that temperature's
+    value (widened exactly), and the temperature's gradient the float64 gradient rounded once to its dtype. The parts
+    of the gradient (each use of t) were rounded to the temperature's dtype on their own and then added: supcon's
+    was off by 2e-4 relative, nt_xent's by 1.5e-6, and debiased_info_nce's loss by 3e-8 (t / (1 + beta) formed in
+    float32); a fuzz's finds."""
+    fn = _NARROW_TEMPERATURE_LOSSES[loss]
+    z1, z2, y = _clustered_float64(0)
+    t = torch.tensor(0.02, dtype=t_dtype, requires_grad=True)
+    wide = t.detach().double().requires_grad_()  # the same value: every narrower float is a float64
+    got, want = fn(z1, z2, y, t), fn(z1, z2, y, wide)
+    got.backward()
+    want.backward()
+    assert got.dtype == torch.float64
+    assert abs(got.item() - want.item()) <= 1e-13 * abs(want.item())
+    exact = wide.grad.item()  # float64 throughout (against the reference in the losses' own tests)
+    eps = torch.finfo(t_dtype).eps
+    assert t.grad.dtype == t_dtype and abs(exact) > 0.1  # (a gradient, not rounding noise)
+    assert abs(t.grad.item() - exact) <= eps * abs(exact), (t.grad.item(), exact)
+
+
 def test_vmap_over_a_per_sample_temperature():
     # A temperature batched by vmap (one per sample) was read with .item() for its check, which vmap refuses
     # (RuntimeError); the batch underneath is checked instead, and a bad value is named.
