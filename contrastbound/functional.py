@@ -172,10 +172,11 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
 
 def _widened(t: float | torch.Tensor, *features: torch.Tensor | None) -> float | torch.Tensor:
     """A tensor temperature (or scale) in the widest of its own dtype, float32 and the features' dtypes (a float:
-    as is). A loss that uses it more than once (supcon_loss, nt_xent, debiased_info_nce) then sums the parts of its
-    gradient in that dtype and rounds the sum once into a narrower temperature's; each part rounded to float32 on its
-    own, parts of ~1e3 that cancel left supcon's d loss / d t off by 2e-4 relative with float64 features (naive
-    PyTorch: 1e-8; a fuzz's find), and t / (1 + beta) in float32 moved debiased_info_nce's float64 loss by 3e-8."""
+    as is). A loss that uses it more than once (supcon_loss, nt_xent, debiased_info_nce, bank_cross_entropy with
+    label smoothing) then sums the parts of its gradient in that dtype and rounds the sum once into a narrower
+    temperature's; each part rounded to float32 on its own, parts of ~1e3 that cancel left supcon's d loss / d t
+    off by 2e-4 relative with float64 features (naive PyTorch: 1e-8; a fuzz's find), and t / (1 + beta) in float32
+    moved debiased_info_nce's float64 loss by 3e-8."""
     if not isinstance(t, torch.Tensor):
         return t
     wide = torch.promote_types(t.dtype, torch.float32)
@@ -1520,6 +1521,8 @@ def bank_cross_entropy(
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
     compute, result = _common_dtypes(bank, anchors)
+    if label_smoothing:  # (t used twice: the kernel's and the smoothing term's gradients; see _widened)
+        t = _widened(t, anchors, bank)
     anchors = _to_bank_dtype(anchors, compute, normalize)
     if _backend.kernel_serves(anchors.device) and not _needs_reference(anchors, bank, t) and not _func_active():
         _check_scale_fits(t, compute)  # (the reference branch's _fused checks it)

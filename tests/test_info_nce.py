@@ -1736,6 +1736,24 @@ def test_float64_features_with_a_narrower_temperature_round_once(loss, t_dtype):
     assert abs(t.grad.item() - exact) <= eps * abs(exact), (t.grad.item(), exact)
 
 
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
+def test_bank_cross_entropy_smoothing_with_a_narrower_temperature_rounds_once(t_dtype):
+    """bank_cross_entropy with label smoothing uses t twice (the kernel's loss and the smoothing term): with float64
+    features and a float32 temperature the two parts of d loss / d t, which nearly cancel at eps = 0.9, T = 1, were
+    rounded to float32 each (4.3e-6 relative off, 36 times float32's eps); now their sum is rounded once."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 50, (64,), generator=g)
+    anchors = bank[targets] + 0.3 * torch.randn(64, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor(1.0, dtype=t_dtype, requires_grad=True)
+    wide = t.detach().double().requires_grad_()
+    for temperature in (t, wide):
+        cb.bank_cross_entropy(anchors, bank, targets, temperature, normalize=True, label_smoothing=0.9).backward()
+    exact = wide.grad.item()
+    assert abs(exact) > 1e-3  # (a gradient, not rounding noise: 8.1e-3 here, its two parts +-0.85)
+    assert abs(t.grad.item() - exact) <= torch.finfo(t_dtype).eps * abs(exact), (t.grad.item(), exact)
+
+
 def test_vmap_over_a_per_sample_temperature():
     # A temperature batched by vmap (one per sample) was read with .item() for its check, which vmap refuses
     # (RuntimeError); the batch underneath is checked instead, and a bad value is named.
