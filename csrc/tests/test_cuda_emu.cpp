@@ -16,6 +16,7 @@
 // them; an entry point must then report an error or give right values, never success with wrong values, an error
 // left pending, a crash or a hang.
 //
+//   test_cuda_emu fuzz <seed> <count> [first]  (random valid cases, each in a child process; see fuzz())
 //   test_cuda_emu [quick|faults]  (no argument, as ctest runs it: everything, ~1 min; quick: the variants' cases
 //                                  with one forward and one backward each, the pairs of failures for two cases, the
 //                                  default kernels' cases in full either way; faults: the fault runs only.
@@ -23,6 +24,7 @@
 #include "emu_runtime.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "cuda/info_nce_cuda.cuh"
+#include "emu_child.h"
 
 // ---- the runtime calls of the host side, answered by the emulated device --------------------------------------
 
@@ -275,6 +278,11 @@ double max_err(const std::vector<double>& got, const std::vector<double>& want, 
 
 // float32 problems allow TF32 (run_tf32).
 bool tf32_mode = false;
+
+// Every backward pass gets forward's loss (the fuzz mode: random cases may have a dominant positive, where w0 - 1
+// formed from lse without the loss keeps only lse's rounding, as BackwardArgs::loss says; the library always
+// passes the loss with the positive). The fixed cases leave passes 1 and 2 without it, to test that path.
+bool always_pass_loss = false;
 
 // The worst error / tolerance seen per type (printed, so that a tolerance far above what the kernels reach shows).
 double worst_ratio[4] = {0, 0, 0, 0};
@@ -548,6 +556,11 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   }
   poison(ga), poison(gp), poison(gn);
 
+  // A float16 gradient row below ~6e-5 is stored in float16's subnormal range, in steps of 2^-24: one step off
+  // the rounded reference (a rounding before the last one) can be most of such a row (a fuzz's 23 cases, rows of
+  // 1e-7 to 1e-5, up to 10x the tolerance). Rows are measured against at least the size where one step is half of
+  // it (3e-5 at float16's 4e-3).
+  const double row_floor = std::is_same<T, __half>::value ? std::max(1e-6, std::ldexp(1.0, -23) / tol) : 1e-6;
   // backward through the library's entry point, from the forward's own lse, loss and anchor term
   // 0: every gradient, from forward's loss and anchor term; 1: the bank's and the positives', without them;
   // 2: the anchors' only, without forward's loss (w0 - 1 from lse)
@@ -567,7 +580,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     ba.grad_loss = g.data();
     ba.lse = lse.data();
     ba.anchor_term = pass != 1 ? v.data() : nullptr;
-    ba.loss = pass == 0 ? loss.data() : nullptr;
+    ba.loss = pass == 0 || always_pass_loss ? loss.data() : nullptr;
     ba.grad_anchors = pass != 1 ? out_a.data() : nullptr;
     ba.grad_positives = pass != 2 ? out_p.data() : nullptr;
     ba.grad_negatives = pass != 2 ? out_n.data() : nullptr;
@@ -587,10 +600,10 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       for (double e : x) y.push_back(to_d(from_d<T>(e)));
       return y;
     };
-    if (pass != 1) expect_err(max_err(as_dt(out_a), rounded(ga), d), tol, ty, pw + ": anchors' gradient");
-    if (pass != 2) expect_err(max_err(as_dt(out_p), rounded(gp), d), tol, ty, pw + ": positives' gradient");
+    if (pass != 1) expect_err(max_err(as_dt(out_a), rounded(ga), d, row_floor), tol, ty, pw + ": anchors' gradient");
+    if (pass != 2) expect_err(max_err(as_dt(out_p), rounded(gp), d, row_floor), tol, ty, pw + ": positives' gradient");
     if (pass == 2) continue;
-    expect_err(max_err(as_dt(out_n), rounded(gn), d), tol, ty, pw + ": negatives' gradient");
+    expect_err(max_err(as_dt(out_n), rounded(gn), d, row_floor), tol, ty, pw + ": negatives' gradient");
     if (c.mode == Mode::Indexed && pass == 0) {
       // The flat indices sorted in pieces of 7 entries, each on its own (as the glue does past 2^30 entries:
       // BackwardArgs::sort_chunk): each row's pairs are visited in the same flat order, so the same bits. Padding
@@ -1352,10 +1365,253 @@ void kernel_configs(bool quick) {
   emu::arch_gate().code_arch = 90;
 }
 
+
+// ---- randomized cases (test_cuda_emu fuzz <seed> <count> [first]) -------------------------------------------
+// Draws valid Cases at random (the fields and combinations the fixed cases above use, within README "Limits"), each
+// with a random element type and one of kernel_configs' configurations, and runs each through run_case with
+// run_type's tolerances (TF32: run_tf32's), not light. Each case runs in a forked child (emu_child.h): an emulation
+// assertion (out-of-bounds shared memory, a deadlock) ends the child only, and every case starts from a fresh
+// process state (device caches, shared-memory limits), so `fuzz <seed> 1 <i>` reproduces case i of a run alone.
+const char* const kFuzzConfigs[] = {
+    "sm_90a, default kernels (wgmma)",        // 0
+    "sm_90a, CONTRASTBOUND_TC_WG_LSE=1",      // 1
+    "sm_90a, CONTRASTBOUND_TC_WGMMA=0 (mma.sync)",  // 2
+    "sm_90a, 132 multiprocessors",            // 3
+    "sm_90a, CONTRASTBOUND_TC_STAGES=2",      // 4
+    "sm_90a, CONTRASTBOUND_TC_FUSED_FWD=1",   // 5
+    "sm_90a, CONTRASTBOUND_TC_FLASH=1",       // 6
+    "sm_90a, CONTRASTBOUND_TC_WGMMA=1",       // 7
+    "sm_90a, CONTRASTBOUND_TC_CHUNKED=1",     // 8
+    "sm_90a, CONTRASTBOUND_TC_CHUNKED=0",     // 9
+    "sm_90a, CONTRASTBOUND_TC_MMA=0 (WMMA)",  // 10
+    "sm_90a, float32 as TF32",                // 11
+    "sm_86, CONTRASTBOUND_TC_WGMMA=1",        // 12
+    "sm_86, CONTRASTBOUND_TC_FLASH=1",        // 13
+    "sm_70 (SIMT only)",                      // 14
+    "sm_90 device, compute_75 code (SIMT only)",  // 15
+};
+constexpr int kFuzzNumConfigs = sizeof(kFuzzConfigs) / sizeof(kFuzzConfigs[0]);
+const char* const kFuzzTypes[] = {"float64", "float32", "float16", "bfloat16"};
+
+// The device and switches of kernel_configs' configuration `cfg` (in a child: nothing is restored).
+void fuzz_apply_config(int cfg) {
+  emu::Device& dev = emu::device();
+  dev = emu::Device();
+  emu::arch_gate().code_arch = 90;
+  tf32_mode = false;
+  setenv("CONTRASTBOUND_TC_WGMMA", "0", 1);  // as main sets it for every configuration but the first two
+  switch (cfg) {
+    case 0: unsetenv("CONTRASTBOUND_TC_WGMMA"); break;
+    case 1: unsetenv("CONTRASTBOUND_TC_WGMMA"), setenv("CONTRASTBOUND_TC_WG_LSE", "1", 1); break;
+    case 2: break;
+    case 3: dev.id = 1, dev.multiprocessors = 132, dev.blocks_per_sm = 3; break;
+    case 4: setenv("CONTRASTBOUND_TC_STAGES", "2", 1); break;
+    case 5: setenv("CONTRASTBOUND_TC_FUSED_FWD", "1", 1); break;
+    case 6: setenv("CONTRASTBOUND_TC_FLASH", "1", 1); break;
+    case 7: setenv("CONTRASTBOUND_TC_WGMMA", "1", 1); break;
+    case 8: setenv("CONTRASTBOUND_TC_CHUNKED", "1", 1); break;
+    case 9: setenv("CONTRASTBOUND_TC_CHUNKED", "0", 1); break;
+    case 10: setenv("CONTRASTBOUND_TC_MMA", "0", 1); break;
+    case 11: tf32_mode = true; break;
+    case 12:
+    case 13:
+    case 14:
+      dev.id = cfg == 14 ? 3 : 2, dev.major = 8, dev.minor = 6, dev.smem_optin = 99 * 1024,
+      dev.smem_per_sm = 100 * 1024, dev.sm90a = false;
+      emu::arch_gate().code_arch = 86;
+      if (cfg == 12) setenv("CONTRASTBOUND_TC_WGMMA", "1", 1);
+      if (cfg == 13) setenv("CONTRASTBOUND_TC_FLASH", "1", 1);
+      if (cfg == 14) dev.major = 7, dev.minor = 0, emu::arch_gate().code_arch = 70;
+      break;
+    case 15: dev.id = 4, dev.sm90a = false, emu::arch_gate().code_arch = 75; break;
+  }
+}
+
+struct FuzzDraw {
+  Case c;
+  int type = 0;  // kFuzzTypes
+  int cfg = 0;   // kFuzzConfigs
+  uint64_t input_seed = 0;
+};
+
+// One random valid case. Rules (from the fixed cases and README "Limits"):
+// - mask, labels, excluded, exclude_self: Shared only; exclude_self with K = B (row i is anchor i), not with
+//   excluded; padding: Indexed only;
+// - without the positive an anchor must keep a negative (else lse = -inf, which run_case does not check): where
+//   anything leaves negatives out, K >= 40, mask <= 0.3, labels >= 3, padding <= 0.4 (anchor 1 also loses its first
+//   K / 2 to the mask / padding);
+// - labels = 1 leaves every anchor but anchor 0 without negatives: with the positive only;
+// - normalize = false: logits ~ 4 sqrt(d) / T; T raised to 0.04 sqrt(d) so that |l| stays ~<= 100 as normalised
+//   rows at T = 0.01 (README Limits: "Large logits" / "Huge logits on the tensor-core path": weights off by
+//   ~eps |lse|, float32 lse);
+// - TF32 (configuration 11): float32, Shared, tensor cores on, d <= 256 (what run_tf32 runs: the reference rounds
+//   the bank's features to TF32 only where the WMMA kernels serve), d >= 8 (run_tf32's tolerance is 4 x 2^-11 of a
+//   row for the unrepeated TF32 rounding of the coefficients, ~2^-11 |G|; at d = 2 the anchors' gradient, G less
+//   its radial part, can be far below |G|: 1.5x the tolerance at B = K = d = 2, normalised);
+// - d = 1 not normalised: a normalised row is +-1 there and every gradient is exactly 0 (the reference's are 0, so
+//   max_err measures the kernels' rounding residue, ~eps s / |x|, against its floor 1e-6: not a meaningful check);
+// - float32: |l| <~ 40 (below);
+// - cost: B K d (PerAnchor: also the bank's B K d) <= ~2e6.
+FuzzDraw fuzz_draw(uint64_t seed, int64_t index) {
+  std::mt19937_64 r(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index) * 0xBF58476D1CE4E5B9ull + 1);
+  const auto uni = [&](double a, double b) { return std::uniform_real_distribution<double>(a, b)(r); };
+  const auto pick = [&](int64_t a, int64_t b) { return std::uniform_int_distribution<int64_t>(a, b)(r); };
+  const auto coin = [&](double p) { return uni(0, 1) < p; };
+  static const int64_t ds[] = {1, 2, 3, 7, 8, 15, 16, 17, 24, 31, 33, 63, 64, 65, 100, 127, 128, 129, 200, 255, 256,
+                               257, 300, 384, 513};
+  FuzzDraw f;
+  f.cfg = static_cast<int>(pick(0, kFuzzNumConfigs - 1));
+  const bool tc_variant = (f.cfg >= 4 && f.cfg <= 10) || f.cfg == 12 || f.cfg == 13;
+  if (f.cfg == 11) f.type = 1;
+  else if (tc_variant && coin(0.8)) f.type = static_cast<int>(pick(2, 3));
+  else f.type = static_cast<int>(pick(0, 3));
+  Case& c = f.c;
+  for (;;) {
+    c = Case();
+    const double m = uni(0, 1);
+    c.mode = f.cfg == 11 || m < 0.5 ? Mode::Shared : m < 0.72 ? Mode::PerAnchor : Mode::Indexed;
+    c.B = pick(1, 80);
+    // K: small, odd or ragged values more often than a uniform draw gives
+    const double kk = uni(0, 1);
+    c.K = kk < 0.25 ? pick(1, 20) : kk < 0.5 ? pick(1, 700) | 1 : kk < 0.75 ? pick(1, 700) : 64 * pick(1, 10) + pick(-1, 1);
+    c.K = std::max<int64_t>(1, std::min<int64_t>(700, c.K));
+    c.d = ds[pick(0, sizeof(ds) / sizeof(ds[0]) - 1)];
+    if (f.cfg == 11 && (c.d > 256 || c.d < 8)) continue;
+    c.layout = static_cast<Layout>(pick(0, 3));
+    c.normalize = c.d > 1 && coin(0.8);
+    c.include_positive = coin(0.75);
+    c.tensor_cores = f.cfg == 11 || coin(0.85);
+    c.temperature = std::exp(uni(std::log(0.01), std::log(10.0)));
+    if (!c.normalize) c.temperature = std::max(c.temperature, 0.04 * std::sqrt(double(c.d)));
+    // float32 at |l| ~ 100: forward's float32 lse and the recomputed logits carry ~eps |l| = 1.2e-5, most of the
+    // 2e-5 tolerance, and bank gradients went 1.05-1.75x over it (README, "Large logits"); float32 keeps |l| <~ 40.
+    if (f.type == 1) c.temperature = std::max(c.temperature, c.normalize ? 0.025 : 0.1 * std::sqrt(double(c.d)));
+    bool leaves_out = false;
+    if (c.mode == Mode::Shared) {
+      const double e = uni(0, 1);
+      if (e < 0.2) c.exclude_self = true, c.K = c.B;
+      else if (e < 0.4) c.excluded = true;
+      if (coin(0.3)) c.mask = uni(0.01, 0.5);
+      if (coin(0.3)) c.labels = static_cast<int>(pick(1, 6));
+      leaves_out = c.exclude_self || c.excluded || c.mask > 0 || c.labels > 0;
+    } else if (c.mode == Mode::Indexed) {
+      c.rows = coin(0.3) ? pick(1, 8) : pick(1, std::min<int64_t>(1000, 2 * c.K + 10));
+      if (coin(0.35)) c.padding = uni(0.01, 0.6);
+      leaves_out = c.padding > 0;
+    }
+    if (!c.include_positive && leaves_out) {
+      if (c.K < 40 || c.mask > 0.3 || (c.labels > 0 && c.labels < 3) || c.padding > 0.4) continue;
+    }
+    if (c.labels == 1 && !c.include_positive) continue;
+    const int64_t bank = c.mode == Mode::PerAnchor ? c.B * c.K : c.mode == Mode::Indexed ? c.rows : c.K;
+    const double work = double(c.B) * c.K * c.d + double(bank) * c.d;
+    if (work > 2e6) continue;
+    break;
+  }
+  f.input_seed = r();
+  f.c.own_seed = f.input_seed;
+  return f;
+}
+
+std::string fuzz_describe(const FuzzDraw& f) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, " mask=%.3g labels=%d padding=%.3g", f.c.mask, f.c.labels, f.c.padding);
+  return std::string(kFuzzTypes[f.type]) + " [" + kFuzzConfigs[f.cfg] + "] " + f.c.name() + buf;
+}
+
+// In the child: the case under its configuration; prints the worst error / tolerance, returns 0 (passed) or 1.
+int fuzz_child(const FuzzDraw& f) {
+  alarm(900);  // a hang ends the child (SIGALRM), reported as a crash
+  fuzz_apply_config(f.cfg);
+  always_pass_loss = true;
+  std::mt19937_64 rng(f.input_seed);
+  const double tols[4] = {1e-12, f.cfg == 11 ? 4 * std::ldexp(1.0, -11) : 2e-5, 4e-3, 2e-2};
+  const double tol = tols[f.type], tol_acc = f.type == 0 ? 1e-12 : 2e-5;
+  const std::string config = kFuzzConfigs[f.cfg];
+  const uint64_t extra0 = emu::ldsm_stats().extra_passes;
+  switch (f.type) {
+    case 0: run_case<double>(f.c, rng, tol, tol_acc, config, false); break;
+    case 1: run_case<float>(f.c, rng, tol, tol_acc, config, false); break;
+    case 2: run_case<__half>(f.c, rng, tol, tol_acc, config, false); break;
+    case 3: run_case<__nv_bfloat16>(f.c, rng, tol, tol_acc, config, false); break;
+  }
+  expect(emu::ldsm_stats().extra_passes == extra0, "ldmatrix reads free of shared-memory bank conflicts");
+  expect(emu::arch_gate().illegal == 0, "no tensor-core instruction where the loaded code would __trap()");
+  expect(smem_lowered == 0, "a kernel's dynamic shared-memory limit is only ever raised");
+  double w = 0;
+  for (double x : worst_ratio) w = std::max(w, x);
+  std::printf("worst_ratio=%.6g\n", w);
+  return failures == 0 ? 0 : 1;
+}
+
+int fuzz(uint64_t seed, int64_t count, int64_t first) {
+  struct Tally {
+    int64_t ran = 0, failed = 0, crashed = 0;
+    double worst = 0, secs = 0;
+  };
+  std::vector<Tally> tally(4 * kFuzzNumConfigs);
+  std::vector<std::string> bad;
+  const auto t_start = std::chrono::steady_clock::now();
+  for (int64_t i = first; i < first + count; ++i) {
+    FuzzDraw f = fuzz_draw(seed, i);
+    // Overrides, to set a case beside another kernel configuration, type or path (FUZZ_CFG / FUZZ_TYPE: indices
+    // into kFuzzConfigs / kFuzzTypes; FUZZ_TC: tensor_cores 0 / 1).
+    if (const char* e = std::getenv("FUZZ_CFG")) f.cfg = std::atoi(e) % kFuzzNumConfigs;
+    if (const char* e = std::getenv("FUZZ_TYPE")) f.type = std::atoi(e) % 4;
+    if (const char* e = std::getenv("FUZZ_TC")) f.c.tensor_cores = std::atoi(e) != 0;
+    std::printf("case %llu:%lld %s\n", (unsigned long long)seed, (long long)i, fuzz_describe(f).c_str());
+    std::fflush(stdout);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::string out;
+    const int rc = emu_child::run([&] { return fuzz_child(f); }, out);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double ratio = 0;
+    const size_t at = out.rfind("worst_ratio=");
+    if (at != std::string::npos) ratio = std::atof(out.c_str() + at + 12);
+    Tally& t = tally[f.type * kFuzzNumConfigs + f.cfg];
+    ++t.ran, t.secs += secs, t.worst = std::max(t.worst, ratio);
+    const char* verdict = rc == 0 ? "ok" : rc == 1 ? "FAILED" : "CRASHED";
+    if (rc != 0) {
+      ++(rc == 1 ? t.failed : t.crashed);
+      std::fputs(out.c_str(), stdout);
+      bad.push_back(std::string(verdict) + " case " + std::to_string(seed) + ":" + std::to_string(i) + " " +
+                    fuzz_describe(f));
+    }
+    std::printf("  -> %s (%.1f s, worst error %.3g of tolerance)\n", verdict, secs, ratio);
+    std::fflush(stdout);
+  }
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  std::printf("\n==== fuzz summary: seed %llu, cases %lld..%lld, %.0f s ====\n", (unsigned long long)seed,
+              (long long)first, (long long)(first + count - 1), total);
+  std::printf("%-9s %-45s %5s %6s %7s %10s %8s\n", "type", "config", "ran", "failed", "crashed", "worst/tol", "secs");
+  for (int ty = 0; ty < 4; ++ty)
+    for (int cfg = 0; cfg < kFuzzNumConfigs; ++cfg) {
+      const Tally& t = tally[ty * kFuzzNumConfigs + cfg];
+      if (t.ran == 0) continue;
+      std::printf("%-9s %-45s %5lld %6lld %7lld %10.3g %8.0f\n", kFuzzTypes[ty], kFuzzConfigs[cfg], (long long)t.ran,
+                  (long long)t.failed, (long long)t.crashed, t.worst, t.secs);
+    }
+  for (const std::string& b : bad) std::printf("%s\n", b.c_str());
+  std::printf("%zu of %lld cases failed or crashed\n", bad.size(), (long long)count);
+  return bad.empty() ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
+  if (arg == "fuzz") {  // test_cuda_emu fuzz <seed> <count> [first]
+    if (argc < 4) {
+      std::fprintf(stderr, "usage: test_cuda_emu fuzz <seed> <count> [first]\n");
+      return 2;
+    }
+    for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
+                          "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA",
+                          "CONTRASTBOUND_TC_WG_LSE"}) {
+      unsetenv(v);
+    }
+    return fuzz(std::strtoull(argv[2], nullptr, 10), std::atoll(argv[3]), argc > 4 ? std::atoll(argv[4]) : 0);
+  }
   const bool quick = arg == "quick", faults_only = arg == "faults";
   for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
                         "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA",
