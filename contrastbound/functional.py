@@ -172,11 +172,12 @@ def _check_temperature(temperature: object) -> float | torch.Tensor:
 
 def _widened(t: float | torch.Tensor, *features: torch.Tensor | None) -> float | torch.Tensor:
     """A tensor temperature (or scale) in the widest of its own dtype, float32 and the features' dtypes (a float:
-    as is). A loss that uses it more than once (supcon_loss, nt_xent, debiased_info_nce, bank_cross_entropy with
-    label smoothing) then sums the parts of its gradient in that dtype and rounds the sum once into a narrower
-    temperature's; each part rounded to float32 on its own, parts of ~1e3 that cancel left supcon's d loss / d t
-    off by 2e-4 relative with float64 features (naive PyTorch: 1e-8; a fuzz's find), and t / (1 + beta) in float32
-    moved debiased_info_nce's float64 loss by 3e-8."""
+    as is). A loss that uses it more than once (supcon_loss, nt_xent, debiased_info_nce, info_nce_lse's lse,
+    bank_cross_entropy with label smoothing, siglip_loss's scale and bias) then sums the parts of its gradient in
+    that dtype and rounds the sum once into a narrower temperature's; each part rounded to float32 on its own, parts
+    of ~1e3 that cancel left supcon's d loss / d t off by 2e-4 relative with float64 features (naive PyTorch: 1e-8;
+    a fuzz's find), and t / (1 + beta) in float32 moved debiased_info_nce's float64 loss by 3e-8. A half-precision
+    temperature is widened to float32 at least, with half features too (its parts were rounded to its type each)."""
     if not isinstance(t, torch.Tensor):
         return t
     wide = torch.promote_types(t.dtype, torch.float32)
@@ -1201,6 +1202,7 @@ def info_nce_lse(
         compute, _ = _promoted(anchors, positives)
     else:
         compute, _ = _common_dtypes(negatives, anchors, positives)
+    t = _widened(t, anchors, positives, negatives)  # (lse's gradient: the kernel's loss and pos below)
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is positives:
         negatives = p
@@ -1998,8 +2000,9 @@ def siglip_loss(
     x, y = image.to(acc), text.to(acc)
     if normalize:
         x, y = F.normalize(x, dim=-1, eps=1e-12), F.normalize(y, dim=-1, eps=1e-12)
-    st, bt = (v.to(x.device) if isinstance(v, torch.Tensor) else torch.ones((), dtype=torch.float64,
-                                                                              device=x.device) * v
+    # (each used twice, by the op and the positives' logits: widened as a temperature, see _widened)
+    st, bt = (_widened(v, x).to(x.device) if isinstance(v, torch.Tensor) else torch.ones((), dtype=torch.float64,
+                                                                                          device=x.device) * v
               for v in (scale, bias))
     if x.device.type != "cpu":
         st, bt = _poison_bad_siglip_scalars(st, bt)

@@ -1754,6 +1754,51 @@ def test_bank_cross_entropy_smoothing_with_a_narrower_temperature_rounds_once(t_
     assert abs(t.grad.item() - exact) <= torch.finfo(t_dtype).eps * abs(exact), (t.grad.item(), exact)
 
 
+_NARROW_SCALAR_CASES = {
+    # (loss of (z1, z2, bank, x), the scalar's value): lse's gradient in t is the kernel loss's plus the positive
+    # logit's, siglip's bias and scale feed the op and the positives' logits
+    "info_nce_lse lse, T = 2": (lambda z1, z2, bank, x: cb.info_nce_lse(z1, z2, bank, temperature=x)[1].sum(), 2.0),
+    "info_nce_lse lse, T = 5": (lambda z1, z2, bank, x: cb.info_nce_lse(z1, z2, bank, temperature=x)[1].sum(), 5.0),
+    # at the bias where the two parts of d loss / d b balance (None: found below)
+    "siglip bias": (lambda z1, z2, bank, x: cb.siglip_loss(z1, z2, 10.0, x), None),
+}
+
+
+def _balancing_bias(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """The float32 bias nearest to the root of d siglip_loss / d b (float64, by bisection): there the negatives'
+    part sum_j sigmoid(l_ij) and the positives' -sigmoid(-l_ii) cancel. -20 and 20 bracket it (every sigmoid near 0
+    or 1 there)."""
+    def slope(b: float) -> float:
+        x = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+        cb.siglip_loss(z1, z2, 10.0, x).backward()
+        return x.grad.item()
+    lo, hi = -20.0, 20.0
+    assert slope(lo) < 0 < slope(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return float(torch.tensor(lo, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case", sorted(_NARROW_SCALAR_CASES))
+def test_float64_features_with_a_float32_scalar_used_twice_round_once(case):
+    """As test_float64_features_with_a_narrower_temperature_round_once, for info_nce_lse's lse (the kernel's loss
+    plus the positive logit) and siglip_loss's bias (the op and the positives' logits; its scale takes the same
+    path): their gradients' parts were rounded to float32 each (lse at T = 5: 23 eps off; siglip's bias near the
+    balance of its two parts: 925 eps; a review's finds)."""
+    fn, value = _NARROW_SCALAR_CASES[case]
+    z1, z2, _ = _clustered_float64(0)
+    value = _balancing_bias(z1, z2) if value is None else value
+    bank = torch.randn(40, z1.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.tensor(value, dtype=torch.float32, requires_grad=True)
+    wide = x.detach().double().requires_grad_()
+    fn(z1, z2, bank, x).backward()
+    fn(z1, z2, bank, wide).backward()
+    exact = wide.grad.item()
+    assert abs(exact) > 1e-7  # (a gradient, not rounding noise)
+    assert abs(x.grad.item() - exact) <= torch.finfo(torch.float32).eps * abs(exact), (x.grad.item(), exact)
+
+
 def test_vmap_over_a_per_sample_temperature():
     # A temperature batched by vmap (one per sample) was read with .item() for its check, which vmap refuses
     # (RuntimeError); the batch underneath is checked instead, and a bad value is named.
