@@ -1452,7 +1452,13 @@ struct FuzzDraw {
 //   max_err measures the kernels' rounding residue, ~eps s / |x|, against its floor 1e-6: not a meaningful check);
 // - float32: |l| <~ 40 (below);
 // - cost: B K d (PerAnchor: also the bank's B K d) <= ~2e6.
-FuzzDraw fuzz_draw(uint64_t seed, int64_t index) {
+// Overrides (-1: none): a configuration, type or path for every case, applied before the rules below, so that the
+// case drawn under them is a valid one (the same sizes and options where the rules allow).
+struct FuzzOverrides {
+  int cfg = -1, type = -1, tc = -1;
+};
+
+FuzzDraw fuzz_draw(uint64_t seed, int64_t index, const FuzzOverrides& o) {
   std::mt19937_64 r(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index) * 0xBF58476D1CE4E5B9ull + 1);
   const auto uni = [&](double a, double b) { return std::uniform_real_distribution<double>(a, b)(r); };
   const auto pick = [&](int64_t a, int64_t b) { return std::uniform_int_distribution<int64_t>(a, b)(r); };
@@ -1461,10 +1467,14 @@ FuzzDraw fuzz_draw(uint64_t seed, int64_t index) {
                                257, 300, 384, 513};
   FuzzDraw f;
   f.cfg = static_cast<int>(pick(0, kFuzzNumConfigs - 1));
+  if (o.cfg >= 0) f.cfg = o.cfg;
   const bool tc_variant = (f.cfg >= 4 && f.cfg <= 10) || f.cfg == 12 || f.cfg == 13;
   if (f.cfg == 11) f.type = 1;
   else if (tc_variant && coin(0.8)) f.type = static_cast<int>(pick(2, 3));
   else f.type = static_cast<int>(pick(0, 3));
+  if (o.type >= 0) f.type = o.type;
+  // (TF32 takes float32 on the tensor cores only: under other overrides a drawn TF32 becomes plain WMMA)
+  if (f.cfg == 11 && (f.type != 1 || o.tc == 0)) f.cfg = 10;
   Case& c = f.c;
   for (;;) {
     c = Case();
@@ -1473,7 +1483,12 @@ FuzzDraw fuzz_draw(uint64_t seed, int64_t index) {
     c.B = pick(1, 80);
     // K: small, odd or ragged values more often than a uniform draw gives
     const double kk = uni(0, 1);
-    c.K = kk < 0.25 ? pick(1, 20) : kk < 0.5 ? pick(1, 700) | 1 : kk < 0.75 ? pick(1, 700) : 64 * pick(1, 10) + pick(-1, 1);
+    if (kk < 0.75) {
+      c.K = kk < 0.25 ? pick(1, 20) : kk < 0.5 ? pick(1, 700) | 1 : pick(1, 700);
+    } else {  // (two draws in a set order: the operands of one expression are evaluated in an unspecified one)
+      const int64_t tiles = pick(1, 10);
+      c.K = 64 * tiles + pick(-1, 1);
+    }
     c.K = std::max<int64_t>(1, std::min<int64_t>(700, c.K));
     c.d = ds[pick(0, sizeof(ds) / sizeof(ds[0]) - 1)];
     if (f.cfg == 11 && (c.d > 256 || c.d < 8)) continue;
@@ -1481,6 +1496,7 @@ FuzzDraw fuzz_draw(uint64_t seed, int64_t index) {
     c.normalize = c.d > 1 && coin(0.8);
     c.include_positive = coin(0.75);
     c.tensor_cores = f.cfg == 11 || coin(0.85);
+    if (o.tc >= 0) c.tensor_cores = o.tc != 0;
     c.temperature = std::exp(uni(std::log(0.01), std::log(10.0)));
     if (!c.normalize) c.temperature = std::max(c.temperature, 0.04 * std::sqrt(double(c.d)));
     // float32 at |l| ~ 100: forward's float32 lse and the recomputed logits carry ~eps |l| = 1.2e-5, most of the
@@ -1552,13 +1568,27 @@ int fuzz(uint64_t seed, int64_t count, int64_t first) {
   std::vector<Tally> tally(4 * kFuzzNumConfigs);
   std::vector<std::string> bad;
   const auto t_start = std::chrono::steady_clock::now();
+  // Overrides, to draw the cases under one kernel configuration, type or path (FUZZ_CFG / FUZZ_TYPE: indices into
+  // kFuzzConfigs / kFuzzTypes; FUZZ_TC: tensor_cores 0 / 1).
+  FuzzOverrides o;
+  const auto index_env = [](const char* name, int n) {
+    const char* e = std::getenv(name);
+    if (e == nullptr) return -1;
+    char* end = nullptr;
+    const long v = std::strtol(e, &end, 10);
+    if (*e == '\0' || *end != '\0' || v < 0 || v >= n) {
+      std::fprintf(stderr, "%s must be an integer in [0, %d), got '%s'\n", name, n, e);
+      std::exit(2);
+    }
+    return static_cast<int>(v);
+  };
+  o.cfg = index_env("FUZZ_CFG", kFuzzNumConfigs), o.type = index_env("FUZZ_TYPE", 4), o.tc = index_env("FUZZ_TC", 2);
+  if (o.cfg == 11 && ((o.type >= 0 && o.type != 1) || o.tc == 0)) {
+    std::fprintf(stderr, "FUZZ_CFG=11 (TF32) draws float32 cases on the tensor cores only (FUZZ_TYPE=1, FUZZ_TC=1)\n");
+    std::exit(2);
+  }
   for (int64_t i = first; i < first + count; ++i) {
-    FuzzDraw f = fuzz_draw(seed, i);
-    // Overrides, to set a case beside another kernel configuration, type or path (FUZZ_CFG / FUZZ_TYPE: indices
-    // into kFuzzConfigs / kFuzzTypes; FUZZ_TC: tensor_cores 0 / 1).
-    if (const char* e = std::getenv("FUZZ_CFG")) f.cfg = std::atoi(e) % kFuzzNumConfigs;
-    if (const char* e = std::getenv("FUZZ_TYPE")) f.type = std::atoi(e) % 4;
-    if (const char* e = std::getenv("FUZZ_TC")) f.c.tensor_cores = std::atoi(e) != 0;
+    const FuzzDraw f = fuzz_draw(seed, i, o);
     std::printf("case %llu:%lld %s\n", (unsigned long long)seed, (long long)i, fuzz_describe(f).c_str());
     std::fflush(stdout);
     const auto t0 = std::chrono::steady_clock::now();
