@@ -312,7 +312,7 @@ def _score_bound(norm_bound: Any, temperature: Any) -> float:
     b2 = b * b
     if not math.isfinite(b2):  # (as temperature: the bounds would be +-inf without a word)
         raise ValueError(f"norm_bound must be at most {math.sqrt(sys.float_info.max)!r} (norm_bound^2 must be a "
-                         f"finite float64), got {b:.4g}")
+                         f"finite float64), got {b!r}")
     return b2
 
 
