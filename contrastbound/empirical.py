@@ -587,6 +587,16 @@ def _formatted(rows: Sequence[dict[str, Any]], i: int, key: str, fmt: str) -> st
                          "rows gap_report returns") from None
 
 
+def _is_nan(v: Any) -> bool:
+    """Whether a cell is a NaN: a float, a numpy float (np.float32 is no Python float), or a 0-d floating tensor or
+    array (formatted by its value, as a number: its NaN printed "nan")."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and v.is_floating_point() and v.device.type != "meta" and bool(torch.isnan(v.detach()))
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and np.issubdtype(v.dtype, np.floating) and bool(np.isnan(v))
+    return isinstance(v, (float, np.floating)) and math.isnan(v)
+
+
 def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
     """Render :func:`gap_report` rows as a plain-text table (NaN shows as "-")."""
     if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
@@ -604,7 +614,7 @@ def format_gap_report(rows: Sequence[dict[str, Any]]) -> str:
         cells = []
         for key, _, fmt in _COLUMNS:
             v = row[key]
-            nan = isinstance(v, (float, np.floating)) and math.isnan(v)  # (np.float32 is no Python float)
+            nan = _is_nan(v)
             cells.append("-" if nan else _formatted(rows, i, key, fmt))
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]

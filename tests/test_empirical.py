@@ -647,12 +647,27 @@ def test_gap_report_lower_form():
         gap_report(x, y, ks, lower_form="tight")
 
 
-def test_format_gap_report_shows_numpy_float32_nan_as_a_dash():
+@pytest.mark.parametrize("nan", [np.float32("nan"), torch.tensor(float("nan")),
+                                 torch.tensor(float("nan"), dtype=torch.float16), np.array(np.nan)],
+                         ids=["numpy_float32", "tensor_0d", "tensor_half", "array_0d"])
+def test_format_gap_report_shows_a_nan_cell_as_a_dash(nan):
+    # a numpy float32 is no Python float, and a 0-d tensor or array neither: each printed "nan"
     x, y = blobs((20, 20), d=4, seed=1, dtype=torch.float32)
     rows = gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))
-    rows[0]["arora"] = np.float32("nan")  # (a numpy float32 is no Python float: it printed "nan")
+    plain = format_gap_report(rows).splitlines()[2]
+    rows[0]["arora"] = nan
     line = format_gap_report(rows).splitlines()[2]
-    assert "nan" not in line.lower() and "-" in line.split(), line
+    assert "nan" not in line.lower() and line.split()[9] == "-" and plain.split()[9] != "-", line
+    rows[0]["arora"] = torch.tensor(0.5)  # a number in a tensor is formatted by its value
+    assert format_gap_report(rows).splitlines()[2].split()[9] == "0.5"
+
+
+def test_format_gap_report_names_a_cell_it_cannot_format():
+    x, y = blobs((20, 20), d=4, seed=1, dtype=torch.float32)
+    rows = gap_report(x, y, [4], generator=torch.Generator().manual_seed(0))
+    rows[0]["ash"] = torch.empty((), device="meta")  # (no value to format: Tensor.__format__ raises TypeError)
+    with pytest.raises(ValueError, match=r"rows\[0\]\['ash'\]"):
+        format_gap_report(rows)
 
 
 def test_curve_standard_error_of_huge_losses_is_finite():
