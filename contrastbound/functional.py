@@ -1625,9 +1625,10 @@ def nt_xent(
         # both-directions kernel (row 0 z1's views against z2, row 1 z2's against z1; the pair counted once).
         _check_scale_fits(t, compute)
         if isinstance(t, torch.Tensor):
-            # in the features' precision at least (float64 features with a float32 temperature: 1 / t in float64,
-            # as _scale_of gives the own sides; rounded to float32 the two sides' scales differed by ~1e-8)
-            scale = 1.0 / t.to(torch.promote_types(torch.promote_types(t.dtype, compute), torch.float32))
+            # t is already widened (above) to the features' precision at least: float64 features with a float32
+            # temperature give 1 / t in float64, as _scale_of gives the own sides (rounded to float32 the two
+            # sides' scales differed by ~1e-8)
+            scale = 1.0 / t
         elif torch.compiler.is_compiling():
             scale = torch.ones((), dtype=torch.float64, device=z1.device) / t  # (see _scale_of)
         else:
