@@ -71,6 +71,11 @@ class NegativeQueue(torch.nn.Module):
             raise TypeError(f"dtype must be torch.float32, float64, float16 or bfloat16, got {dtype!r}")
         if not isinstance(labels, bool):
             raise TypeError(f"labels must be a bool (whether the queue keeps a label per key), got {labels!r}")
+        device = _usable_device(device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if size * dim * itemsize >= 2**63:  # (torch.zeros: "Storage size calculation overflowed")
+            raise ValueError(f"size x dim = {size} x {dim} keys of {dtype} take {size * dim * itemsize} bytes, past "
+                             "what one tensor can address (2^63)")
         self.size, self.dim = size, dim
         self.with_labels = labels
         self.register_buffer("queue", torch.zeros(size, dim, dtype=dtype, device=device))
@@ -351,6 +356,28 @@ def _bad_state(ptr: int, filled: int, size: int) -> str | None:
     if filled < size and ptr != filled:
         return "until the queue is full the write position equals the fill level (else stale rows would be served)"
     return None
+
+
+def _usable_device(device: object) -> torch.device | None:
+    """device as a torch.device (None: torch's default), checked usable by an empty allocation there: a device
+    string torch does not parse, a type that is no device, or a backend this build or machine lacks ("cuda" on a
+    CPU build: torch's AssertionError "Torch not compiled with CUDA enabled") raises one error naming the
+    argument."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except TypeError:  # (torch's message lists its overloads)
+        raise TypeError(f"device must be a torch.device, a device string such as 'cpu' or 'cuda:0', a device index "
+                        f"or None, got {type(device).__name__} {device!r}") from None
+    except RuntimeError as e:
+        raise ValueError(f"device must be a torch.device, a device string such as 'cpu' or 'cuda:0', a device index "
+                         f"or None, got {device!r} ({e})") from None
+    try:
+        torch.empty(0, device=parsed)
+    except (AssertionError, RuntimeError) as e:
+        raise ValueError(f"device {device!r} cannot hold the queue here: {e}") from None
+    return parsed
 
 
 def _positive_int(name: str, value: object) -> int:

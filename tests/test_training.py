@@ -360,6 +360,19 @@ def test_queue_bad_input():
         with pytest.raises(TypeError, match="dtype must be torch.float32, float64, float16 or bfloat16"):
             cb.NegativeQueue(3, 2, dtype=dtype)
     assert cb.NegativeQueue(np.int64(3), np.int32(2)).queue.shape == (3, 2)  # numpy integers are integers
+    # the device and the size are named (torch.zeros's own errors were "Storage size calculation overflowed",
+    # "Expected one of cpu, cuda, ..." and, for "cuda" on a CPU build, AssertionError "Torch not compiled with CUDA")
+    with pytest.raises(ValueError, match="size x dim = 4611686018427387904 x 2 .* past what one tensor can address"):
+        cb.NegativeQueue(2**62, 2)
+    with pytest.raises(ValueError, match="device must be a torch.device, .* got 'cpux'"):
+        cb.NegativeQueue(3, 2, device="cpux")
+    with pytest.raises(TypeError, match="device must be a torch.device, .* got float 3.5"):
+        cb.NegativeQueue(3, 2, device=3.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' cannot hold the queue here"):
+            cb.NegativeQueue(3, 2, device="cuda")
+    for device in ("cpu", torch.device("cpu"), "meta"):
+        assert cb.NegativeQueue(3, 2, device=device).queue.device == torch.device(device)
     q = cb.NegativeQueue(3, 2)
     with pytest.raises(ValueError, match="keys"):
         q.enqueue(torch.randn(2, 5))
