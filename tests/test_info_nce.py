@@ -1704,6 +1704,22 @@ def _clustered_float64(seed: int, N: int = 16, d: int = 32):
     return z1, z2, labels
 
 
+def _assert_rounded_once(fn, value: float, dtype: torch.dtype, floor: float):
+    """fn(x) for x a scalar tensor of `value` in `dtype` needing grad, and for its float64 widening (the same value:
+    every narrower float is a float64): x's gradient must be the float64 one rounded once to dtype (within dtype's
+    eps, relative), not the sum of parts each rounded to it. floor: the least |gradient| that is a gradient, not
+    rounding noise, in that case. Returns the two losses (narrow, wide)."""
+    x = torch.tensor(value, dtype=dtype, requires_grad=True)
+    wide = x.detach().double().requires_grad_()
+    got, want = fn(x), fn(wide)
+    got.backward()
+    want.backward()
+    exact = wide.grad.item()  # float64 throughout (against the reference in the losses' own tests)
+    assert x.grad.dtype == dtype and abs(exact) > floor, (x.grad.dtype, exact)
+    assert abs(x.grad.item() - exact) <= torch.finfo(dtype).eps * abs(exact), (x.grad.item(), exact)
+    return got, want
+
+
 _NARROW_TEMPERATURE_LOSSES = {
     "supcon": lambda z1, z2, y, t: cb.supcon_loss(z1, y, t),
     "supcon_bank": lambda z1, z2, y, t: cb.supcon_loss(z1, y, t, bank=z2, bank_labels=y),
@@ -1723,17 +1739,9 @@ def test_float64_features_with_a_narrower_temperature_round_once(loss, t_dtype):
     float32); a fuzz's finds."""
     fn = _NARROW_TEMPERATURE_LOSSES[loss]
     z1, z2, y = _clustered_float64(0)
-    t = torch.tensor(0.02, dtype=t_dtype, requires_grad=True)
-    wide = t.detach().double().requires_grad_()  # the same value: every narrower float is a float64
-    got, want = fn(z1, z2, y, t), fn(z1, z2, y, wide)
-    got.backward()
-    want.backward()
+    got, want = _assert_rounded_once(lambda t: fn(z1, z2, y, t), 0.02, t_dtype, floor=0.1)
     assert got.dtype == torch.float64
     assert abs(got.item() - want.item()) <= 1e-13 * abs(want.item())
-    exact = wide.grad.item()  # float64 throughout (against the reference in the losses' own tests)
-    eps = torch.finfo(t_dtype).eps
-    assert t.grad.dtype == t_dtype and abs(exact) > 0.1  # (a gradient, not rounding noise)
-    assert abs(t.grad.item() - exact) <= eps * abs(exact), (t.grad.item(), exact)
 
 
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
@@ -1745,13 +1753,9 @@ def test_bank_cross_entropy_smoothing_with_a_narrower_temperature_rounds_once(t_
     bank = torch.randn(50, 16, generator=g, dtype=torch.float64)
     targets = torch.randint(0, 50, (64,), generator=g)
     anchors = bank[targets] + 0.3 * torch.randn(64, 16, generator=g, dtype=torch.float64)
-    t = torch.tensor(1.0, dtype=t_dtype, requires_grad=True)
-    wide = t.detach().double().requires_grad_()
-    for temperature in (t, wide):
-        cb.bank_cross_entropy(anchors, bank, targets, temperature, normalize=True, label_smoothing=0.9).backward()
-    exact = wide.grad.item()
-    assert abs(exact) > 1e-3  # (a gradient, not rounding noise: 8.1e-3 here, its two parts +-0.85)
-    assert abs(t.grad.item() - exact) <= torch.finfo(t_dtype).eps * abs(exact), (t.grad.item(), exact)
+    # (the gradient: 8.1e-3 here, its two parts +-0.85)
+    _assert_rounded_once(lambda t: cb.bank_cross_entropy(anchors, bank, targets, t, normalize=True,
+                                                         label_smoothing=0.9), 1.0, t_dtype, floor=1e-3)
 
 
 _NARROW_SCALAR_CASES = {
@@ -1790,13 +1794,7 @@ def test_float64_features_with_a_float32_scalar_used_twice_round_once(case):
     z1, z2, _ = _clustered_float64(0)
     value = _balancing_bias(z1, z2) if value is None else value
     bank = torch.randn(40, z1.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    x = torch.tensor(value, dtype=torch.float32, requires_grad=True)
-    wide = x.detach().double().requires_grad_()
-    fn(z1, z2, bank, x).backward()
-    fn(z1, z2, bank, wide).backward()
-    exact = wide.grad.item()
-    assert abs(exact) > 1e-7  # (a gradient, not rounding noise)
-    assert abs(x.grad.item() - exact) <= torch.finfo(torch.float32).eps * abs(exact), (x.grad.item(), exact)
+    _assert_rounded_once(lambda x: fn(z1, z2, bank, x), value, torch.float32, floor=1e-7)
 
 
 def test_vmap_over_a_per_sample_temperature():
