@@ -150,12 +150,12 @@ class NegativeQueue(torch.nn.Module):
         elif keys["queue"] is not None and (over := self._beyond_range(keys["queue"], _served(keys["filled"]))):
             problem = over
         elif keys["ptr"] is not None and keys["filled"] is not None:
-            if keys["ptr"].numel() != 1 or keys["filled"].numel() != 1:
+            faults = {_level_fault(keys["ptr"]), _level_fault(keys["filled"])} - {None}
+            if "count" in faults:
                 problem = "ptr and filled must hold one value each"
-            elif any(v.is_floating_point() or v.is_complex() or v.dtype == torch.bool
-                     for v in (keys["ptr"], keys["filled"])):
+            elif "dtype" in faults:
                 problem = f"ptr and filled must be integer tensors, got {keys['ptr'].dtype} and {keys['filled'].dtype}"
-            elif keys["ptr"].device.type == "meta" or keys["filled"].device.type == "meta":
+            elif "meta" in faults:
                 problem = ("ptr and filled must hold values, got meta tensors: the queue reads its write position and "
                            "fill level")
             else:
@@ -339,11 +339,20 @@ class NegativeQueue(torch.nn.Module):
         return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}{labels}, filled={filled}"
 
 
+def _level_fault(v: torch.Tensor) -> str | None:
+    """Why a state's ptr or filled tensor cannot be read as a level: "count" (not one value), "dtype" (not an
+    integer type) or "meta" (no value), the first that applies; None where it can."""
+    if v.numel() != 1:
+        return "count"
+    if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        return "dtype"
+    return "meta" if v.device.type == "meta" else None
+
+
 def _served(filled: object) -> int | None:
     """The rows a state's fill level serves, where it is a usable one-value integer tensor (else None: all rows;
     the state's own check reports a bad level)."""
-    if not isinstance(filled, torch.Tensor) or filled.numel() != 1 or filled.is_floating_point() or \
-            filled.is_complex() or filled.dtype == torch.bool or filled.device.type == "meta":
+    if not isinstance(filled, torch.Tensor) or _level_fault(filled) is not None:
         return None
     value = int(filled)
     return value if value >= 0 else None
