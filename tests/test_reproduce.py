@@ -490,6 +490,9 @@ def test_ctrl_c_after_an_experiment_or_while_the_report_is_written(tmp_path, mon
             signal.raise_signal(signal.SIGINT)  # (the process's own Ctrl-C, as a terminal sends it)
         return real_render(title, *args, **kwargs)
 
+    # Python's own Ctrl-C handler, whatever the suite inherited: started where SIGINT is ignored (a background job
+    # of a non-interactive shell, nohup) the signal was ignored, as run() leaves it, and this test failed
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         monkeypatch.setattr(reproduce, "render_markdown", render_with_ctrl_c)
         with pytest.raises(KeyboardInterrupt, match=r"after the last experiment \(Ctrl-C\); the report, complete"):
@@ -515,7 +518,34 @@ def test_ctrl_c_after_an_experiment_or_while_the_report_is_written(tmp_path, mon
         assert capsys.readouterr().err.strip() == "contrastbound reproduce: interrupted"
     except KeyboardInterrupt as exc:  # (one reaching pytest would end the whole run)
         pytest.fail(f"a KeyboardInterrupt escaped: {exc!r}")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (put back)
+    finally:
+        restored = signal.signal(signal.SIGINT, inherited)
+    assert restored is signal.default_int_handler  # (put back by run)
+
+
+def test_run_leaves_an_ignored_ctrl_c_ignored(tmp_path, monkeypatch):
+    # Where SIGINT is ignored (nohup, a background job of a non-interactive shell) run() holds nothing and
+    # installs nothing: a Ctrl-C while the report is written is ignored, and the report is complete.
+    import signal
+
+    from contrastbound import reproduce
+
+    real_render = reproduce.render_markdown
+
+    def render_with_ctrl_c(title, *args, **kwargs):
+        if title == "contrastbound reproduce: report":
+            signal.raise_signal(signal.SIGINT)
+        return real_render(title, *args, **kwargs)
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(reproduce, "render_markdown", render_with_ctrl_c)
+        run(["compare-bounds"], str(tmp_path), make_settings("tiny"), show_progress=False, log=lambda *_: None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    report = (tmp_path / "report.md").read_text()
+    assert "in progress" not in report and "INTERRUPTED" not in report and "compare-bounds" in report
 
 
 @contextlib.contextmanager
