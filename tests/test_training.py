@@ -242,6 +242,67 @@ def test_queue_negatives_and_labels_follow_a_load_without_len_first():
     assert q2.labels().tolist() == [7] and q2.negatives().tolist() == [[0, 1]]
 
 
+@pytest.mark.parametrize("filled", [-1, 5])
+def test_queue_refuses_a_fill_level_outside_the_queue(filled):
+    # 0 <= filled <= size: a level of size + 1 loaded (a mutation audit), and len(q) counted a key the queue lacks
+    q = cb.NegativeQueue(4, 2)
+    q.enqueue(torch.ones(4, 2))
+    state = q.state_dict()
+    state["filled"] = torch.tensor(filled)
+    fresh = cb.NegativeQueue(4, 2)
+    with pytest.raises(RuntimeError, match="not a state of a queue of size 4"):
+        fresh.load_state_dict(state)
+    assert len(fresh) == 0
+    q.filled.fill_(filled)
+    with pytest.raises(ValueError, match="not a state of a queue of size 4"):
+        len(q)
+
+
+def test_queue_reads_its_buffers_back_once_after_a_write_it_did_not_make():
+    # "re-read (once)": after a load (or resync) the next use reads the buffers and later ones use the host ints
+    # again (a mutation audit: re-reading at every len / negatives passed every test, a GPU sync each time)
+    src = cb.NegativeQueue(4, 2)
+    src.enqueue(torch.ones(3, 2))
+    q = cb.NegativeQueue(4, 2)
+    q.load_state_dict(src.state_dict())
+    reads = []
+
+    class Counted(torch.Tensor):
+        def __int__(self):
+            reads.append(1)
+            return int(self.as_subclass(torch.Tensor))
+
+    q.ptr, q.filled = q.ptr.as_subclass(Counted), q.filled.as_subclass(Counted)
+    q._seen = None  # (the swap above is itself a write the queue did not make)
+    for _ in range(5):
+        assert len(q) == 3 and q.negatives().shape == (3, 2)
+    assert len(reads) == 2  # ptr and filled, once each
+    q.resync()
+    assert len(q) == 3 and len(reads) == 4
+
+
+def test_queue_repr_of_a_state_enqueue_cannot_reach():
+    # print(model) must not raise: a queue whose buffers hold no valid state prints its level as "?"
+    q = cb.NegativeQueue(4, 2)
+    q.ptr.fill_(2)  # (ptr != filled before the queue is full)
+    assert "filled=? (the buffers hold no valid state" in repr(q)
+    q.clear()
+    assert "filled=0" in repr(q)
+
+
+def test_queue_reset_parameters_zeroes_keys_and_labels():
+    # the docstring's promise (a mutation audit: keeping the keys passed every test); after to_empty the buffers
+    # hold whatever memory they got
+    q = cb.NegativeQueue(4, 2, labels=True, device="meta").to_empty(device="cpu")
+    q.queue.fill_(7.0)
+    q.queue_labels.fill_(3)
+    q.reset_parameters()
+    assert len(q) == 0 and torch.count_nonzero(q.queue) == 0 and torch.count_nonzero(q.queue_labels) == 0
+    q.enqueue(torch.ones(3, 2), torch.tensor([1, 2, 3]))
+    q.reset_parameters()
+    assert len(q) == 0 and torch.count_nonzero(q.queue) == 0 and torch.count_nonzero(q.queue_labels) == 0
+
+
 @pytest.mark.parametrize("ptr", [-1, 4])
 def test_queue_refuses_a_write_position_outside_the_queue(ptr):
     # ptr must lie in [0, size): at -1 a full queue's next key went to queue[-1:0], an empty slice (the key lost,
