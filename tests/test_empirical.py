@@ -127,8 +127,12 @@ def test_contrastive_loss_estimate_is_differentiable_and_validates():
     assert float(contrastive_loss_estimate(x.detach(), y, 0)) == 0.0
     with pytest.raises(ValueError, match="K"):
         contrastive_loss_estimate(x.detach(), y, -1)
-    with pytest.raises(ValueError, match="temperature"):
-        contrastive_loss_estimate(x.detach(), y, 2, temperature=0.0)
+    for t in (0.0, -1.0):  # at K = 0 too, where no kernel runs to refuse it (a mutation audit)
+        for K in (0, 2):
+            with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+                contrastive_loss_estimate(x.detach(), y, K, temperature=t)
+            with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+                contrastive_loss_curve(x.detach(), y, [K], temperature=t)
     with pytest.raises(ValueError, match="num_anchors"):
         contrastive_loss_estimate(x.detach(), y, 2, num_anchors=0)
     with pytest.raises(ValueError, match="labels"):
@@ -348,6 +352,10 @@ def test_gap_report_norm_bound_and_verdicts():
     for r in swapped:
         assert r["R_supv"] > r["upper"] and not r["inside"], r
     assert format_gap_report(swapped).endswith("R_supv inside [lower, upper] for every K: False")
+    mixed = [dict(swapped[0]), dict(swapped[1], inside=True)]  # the summary is over every row (not any one)
+    for rows in (mixed, mixed[::-1]):
+        assert format_gap_report(rows).endswith(f"for every K: {all(r['inside'] for r in rows)}") and \
+            format_gap_report(rows).endswith("False")
     same = gap_report(x2, y2, [4, 64], temperature=0.5, generator=torch.Generator().manual_seed(0))
     assert all(r["lower"] <= r["R_supv"] <= r["upper"] and r["inside"] for r in same)
 
