@@ -72,7 +72,7 @@ class NegativeQueue(torch.nn.Module):
         if not isinstance(labels, bool):
             raise TypeError(f"labels must be a bool (whether the queue keeps a label per key), got {labels!r}")
         device = _usable_device(device)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = torch.finfo(dtype).bits // 8
         if size * dim * itemsize >= 2**63:  # (torch.zeros: "Storage size calculation overflowed")
             raise ValueError(f"size x dim = {size} x {dim} keys of {dtype} take {size * dim * itemsize} bytes, past "
                              "what one tensor can address (2^63)")
