@@ -151,11 +151,29 @@ def test_equal_to_authors_formulas(C):
     assert rel_err(B.ash(nce, k, C), ash_exact) < 1e-12
 
 
+def test_earlier_bounds_at_the_largest_k():
+    # K = 2^63 - 1, the largest K taken: K + 1 wraps in int64, and upsilon_{K+1} is taken as upsilon_K (_plus_one;
+    # a mutation audit: without that guard log upsilon was -inf and Nozawa-Sato silently -inf). There C (1 - 1/C)^K
+    # underflows, so upsilon_K = 1 in float64 and Nozawa-Sato is 2 R_cont - col itself.
+    K = 2**63 - 1
+    assert B.coupon_collector_probability(K, 10) == 1.0
+    value = B.nozawa_sato(3.0, K, 10)
+    assert math.isfinite(value) and value == pytest.approx(2 * 3.0 - B.collision_term(K, 10), rel=1e-14, abs=0)
+    assert np.array_equal(B.nozawa_sato(3.0, [K, K - 1], 10), [value, value])  # (one more draw: the same float)
+
+
 def test_harmonic_numbers():
     assert B.harmonic_number(9) == pytest.approx(float(sum(Fraction(1, i) for i in range(1, 10))), rel=1e-15)
     assert abs(B.harmonic_number(9) - 2.829) < 1e-3 and abs(B.harmonic_number(9, "authors") - 2.774) < 1e-3
+    # the summed range, which Ash's bound takes for every C - 1 up to 1e5 (a mutation audit: summing only up to 10
+    # and Euler-Maclaurin above passed every test, 7e-10 off at n = 11): against exact rationals, to the terms'
+    # rounding (each 1 / i is rounded before the exact sum: 2.1e-16 at n = 39)
+    exact = Fraction(0)
+    for n in range(1, 301):
+        exact += Fraction(1, n)
+        assert B.harmonic_number(n) == pytest.approx(float(exact), rel=1e-15, abs=0), n
     # past float's range too (n ** 2 of a Python int past ~1e154 raised OverflowError)
-    for n in (100_000, 100_001, 10**7, 10**20, 10**200, 10**400):
+    for n in (1000, 99_999, 100_000, 100_001, 10**7, 10**20, 10**200, 10**400):
         with mpmath.workdps(30):
             ref = float(mpmath.harmonic(n))
         assert rel_err(B.harmonic_number(n), ref) < 1e-14
@@ -739,6 +757,8 @@ def test_largest_norm_bound_is_taken():
         (lambda: B.delta_upper(3, 10, form="proved"), ValueError, "form"),
         (lambda: B.delta_lower(3, 10, form="best"), ValueError, "form"),
         (lambda: B.ash(1.0, 3, 10, harmonic="approx"), ValueError, "harmonic"),
+        # with one class too, where no harmonic number is formed (a mutation audit: NaN without ash's own check)
+        (lambda: B.ash(3.0, 5, 1, harmonic="bogus"), ValueError, "harmonic must be 'exact' or 'authors'"),
         (lambda: B.arora(1.0, 0, 10), ValueError, "K"),
         (lambda: B.arora("x", 3, 10), TypeError, "contrastive_loss"),
         (lambda: B.min_supervised_loss(0), ValueError, "num_classes"),
