@@ -1282,6 +1282,24 @@ def test_bank_cross_entropy_ignore_index_and_label_smoothing(normalize, reductio
     assert_close_scaled(ref, want, 1e-14, "reference")
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 7])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bank_cross_entropy_label_smoothing_with_few_classes(C, normalize):
+    # as F.cross_entropy for every C, two classes too (a mutation audit: the smoothing term skipped at C = 2, where
+    # the loss was 0.16 off, passed every test; at C = 1 both are 0), padding rows included
+    g = torch.Generator().manual_seed(C)
+    a = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, C, (9,), generator=g)
+    targets[[1, 6]] = -100
+    for smoothing in (0.3, 1.0):
+        got = cb.bank_cross_entropy(a, w, targets, 0.8, normalize=normalize, label_smoothing=smoothing)
+        want = _cross_entropy_of_logits(a, w, targets, 0.8, normalize, label_smoothing=smoothing)
+        assert_close_scaled(got, want, 1e-12, f"loss, C = {C}, eps = {smoothing}")
+        for name, x, y in zip("aw", torch.autograd.grad(got, (a, w)), torch.autograd.grad(want, (a, w))):
+            assert_close_scaled(x, y, 1e-12, f"grad {name}, C = {C}, eps = {smoothing}")
+
+
 def test_bank_cross_entropy_leaves_ignored_rows_out_of_the_work():
     # (padding-heavy batches) in eager mode the ignored rows are not computed and dropped but left out: the op
     # counts the kept rows' products only (FlopCounterMode), with the masked form's values and gradients; under
@@ -1795,6 +1813,63 @@ def test_float64_features_with_a_float32_scalar_used_twice_round_once(case):
     value = _balancing_bias(z1, z2) if value is None else value
     bank = torch.randn(40, z1.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _assert_rounded_once(lambda x: fn(z1, z2, bank, x), value, torch.float32, floor=1e-7)
+
+
+_HALF_SCALAR_LOSSES = {
+    # (loss of (z1, z2, y, x), x's value): every loss that uses its temperature (or scale / bias) more than once
+    "supcon": (lambda z1, z2, y, x: cb.supcon_loss(z1, y, x), 0.07),
+    "nt_xent": (lambda z1, z2, y, x: cb.nt_xent(z1, z2, x), 0.07),
+    "debiased": (lambda z1, z2, y, x: cb.debiased_info_nce(z1, z2, None, x, tau_plus=0.1, beta=0.5), 0.07),
+    "info_nce_lse lse": (lambda z1, z2, y, x: cb.info_nce_lse(z1, z2, z2.flip(0), temperature=x)[1].sum(), 0.5),
+    "bank_cross_entropy smoothing": (lambda z1, z2, y, x: cb.bank_cross_entropy(z1, z2[:7], y, x, normalize=True,
+                                                                                label_smoothing=0.9), 1.0),
+    "siglip scale": (lambda z1, z2, y, x: cb.siglip_loss(z1, z2, x, -5.0), 10.0),
+    "siglip bias": (lambda z1, z2, y, x: cb.siglip_loss(z1, z2, 10.0, x), -5.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(_HALF_SCALAR_LOSSES))
+def test_half_features_with_a_half_scalar_round_its_gradient_once(case, dtype):
+    """_widened's half-precision rule: a half temperature (scale, bias) with half features is widened to float32,
+    so that its gradient's parts are summed in float32 and rounded to its dtype once. A float32 scalar of the same
+    value runs the same float32 computation, so the half one's gradient is exactly the float32 one's, rounded (a
+    mutation audit: without the float32 floor the parts were summed in bfloat16, off on 5 seeds of 20)."""
+    fn, value = _HALF_SCALAR_LOSSES[case]
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        z1 = torch.randn(48, 16, generator=g).to(dtype)
+        z2 = (z1.float() + 0.3 * torch.randn(48, 16, generator=g)).to(dtype)
+        y = torch.randint(0, 7, (48,), generator=g)
+        x = torch.tensor(value, dtype=dtype, requires_grad=True)
+        x32 = x.detach().float().requires_grad_()  # (the same value)
+        fn(z1, z2, y, x).backward()
+        fn(z1, z2, y, x32).backward()
+        assert x.grad.dtype == dtype and torch.isfinite(x32.grad) and x32.grad != 0
+        assert torch.equal(x.grad, x32.grad.to(dtype)), (seed, x.grad.item(), x32.grad.item())
+
+
+@pytest.mark.parametrize("fn,defaults", [
+    # the defaults the docstrings and README give (a mutation audit: nt_xent's 0.5 and siglip_loss's -10 could change
+    # unnoticed): a call without them is the call with them
+    (lambda z1, z2, **kw: cb.info_nce(z1, z2, z2.flip(0), **kw), dict(temperature=0.1, normalize=True)),
+    (lambda z1, z2, **kw: cb.nt_xent(z1, z2, **kw), dict(temperature=0.5, normalize=True)),
+    (lambda z1, z2, **kw: cb.supcon_loss(z1, torch.arange(12) % 3, **kw), dict(temperature=0.1, normalize=True)),
+    (lambda z1, z2, **kw: cb.debiased_info_nce(z1, z2, **kw), dict(temperature=0.1, tau_plus=0.1, beta=0.0)),
+    (lambda z1, z2, **kw: cb.siglip_loss(z1, z2, **kw), dict(logit_scale=10.0, logit_bias=-10.0, normalize=True)),
+    (lambda z1, z2, **kw: cb.clip_loss(z1, z2, 50.0, **kw), dict(max_logit_scale=100.0, normalize=True)),
+    (lambda z1, z2, **kw: cb.bank_cross_entropy(z1, z2[:5], torch.arange(12) % 5, **kw),
+     dict(temperature=1.0, normalize=False, ignore_index=-100, label_smoothing=0.0)),
+], ids=["info_nce", "nt_xent", "supcon_loss", "debiased_info_nce", "siglip_loss", "clip_loss", "bank_cross_entropy"])
+def test_documented_defaults(fn, defaults):
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(12, 8, generator=g, dtype=torch.float64)
+    z2[:, 0] += 3.0  # (not normalised: normalize's default shows)
+    assert torch.equal(fn(z1, z2), fn(z1, z2, **defaults))
+    others = dict(ignore_index=0, label_smoothing=0.4, max_logit_scale=20.0)  # (targets of class 0 then ignored)
+    for key, value in defaults.items():  # and each one matters here (another value changes the loss)
+        other = others.get(key, not value if isinstance(value, bool) else 2 * value + 0.3)
+        assert not torch.equal(fn(z1, z2), fn(z1, z2, **{**defaults, key: other})), key
 
 
 def test_vmap_over_a_per_sample_temperature():
