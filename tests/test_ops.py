@@ -120,7 +120,11 @@ def test_opcheck_python_custom_ops(device):
                  (a.clone().requires_grad_(), n.clone().requires_grad_(), rows, t64, 0.0, False, True),
                  (a.bfloat16().requires_grad_(), n.bfloat16().requires_grad_(), rows, None, 5.0, True, True),
                  (a.double().requires_grad_(), n.double().requires_grad_(), rows, None, 5.0, True, True),
-                 (a, n, rows, None, 5.0, True, False)):
+                 (a, n, rows, None, 5.0, True, False),
+                 # label smoothing's target part (its loss CE + eps l_t, backward's L')
+                 (a.clone().requires_grad_(), n.clone().requires_grad_(), rows, None, 5.0, True, True, 0.7),
+                 (a.double().requires_grad_(), n.double().requires_grad_(), rows, t64, 0.0, False, True, 0.3),
+                 (a.bfloat16().requires_grad_(), n.bfloat16().requires_grad_(), rows, None, 5.0, True, True, 1.0)):
         torch.library.opcheck(torch.ops.contrastbound.bank_rows_fwd.default, args)
 
 
@@ -299,6 +303,9 @@ def test_direct_calls_of_the_ops_refuse_what_their_fakes_took():
             ops.bank_rows_fwd(a, w, rows, None, 2.0, True, False)
     with pytest.raises(ValueError, match="same d"):
         ops.bank_rows_fwd(a, torch.randn(6, 5), torch.tensor([0, 1, 2, 3]), None, 2.0, True, False)
+    for smoothing in (1.5, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="bank_rows_fwd: smoothing must lie in \\[0, 1\\]"):
+            ops.bank_rows_fwd(a, w, torch.tensor([0, 1, 2, 3]), None, 2.0, True, False, smoothing)
     if hasattr(ops, "siglip_fwd"):  # NaN or inf losses for these, an int or complex grad_loss taken
         for s_, b_ in ((float("nan"), -1.0), (float("inf"), -1.0), (10.0, float("nan"))):
             with pytest.raises(ValueError, match="siglip: scale and bias must be finite"):
