@@ -578,6 +578,12 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_indexed_bank.py", ["--dtypes", "float8"]),
     ("bench_bounds.py", ["--out", "/proc/contrastbound-x/bb.csv"]),  # (checked after the timings)
     ("bench_bounds.py", ["--out", "/tmp/"]),
+    ("bench_label_smoothing.py", ["--dtypes", "bfloat16,float32"]),
+    ("bench_label_smoothing.py", ["--temperatures", "1,0"]),
+    ("bench_label_smoothing.py", ["--smoothings", "0.5,1.5"]),
+    ("bench_label_smoothing.py", ["--smoothings", "x"]),
+    ("bench_label_smoothing.py", ["-C", "0"]),
+    ("bench_label_smoothing.py", ["--out", "/proc/contrastbound-x/sm"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
@@ -625,6 +631,29 @@ def test_bench_small_runs_and_writes_its_csv(tmp_path):
     bad = subprocess.run([sys.executable, path, "--cases", "clip:8:16", "--out", "x"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "loss:N:d:dtype" in bad.stderr
+
+
+def test_bench_label_smoothing_runs_and_writes_its_csv(tmp_path):
+    # Every case of benchmarks/bench_label_smoothing.py on a tiny problem: one row per (dtype, T, eps) in order, each
+    # error a finite positive number (the half gradients are not float64's), the fused ones within a few ulps of
+    # the dtype (bfloat16 2^-8, float16 2^-11) at eps = 0.1
+    import csv
+    import math
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_label_smoothing.py")
+    proc = subprocess.run([sys.executable, path, "-B", "6", "-C", "9", "-d", "5", "--draws", "2", "--temperatures",
+                           "1,0.5", "--smoothings", "0.1,1", "--out", "sm"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "sm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dtype"], float(r["T"]), float(r["smoothing"])) for r in rows] == [
+        (dt, t, eps) for dt in ("bfloat16", "float16") for t in (1.0, 0.5) for eps in (0.1, 1.0)]
+    for r in rows:
+        errors = [float(r[f"{m}_{p}"]) for m in ("fused", "naive") for p in ("anchors", "target_rows", "other_rows")]
+        assert all(math.isfinite(e) and e > 0 for e in errors), r
+        if float(r["smoothing"]) == 0.1:
+            assert max(errors[:3]) < 8 * (2 ** -8 if r["dtype"] == "bfloat16" else 2 ** -11), r
 
 
 def test_bench_logit_spread_runs_and_writes_its_csv(tmp_path):
