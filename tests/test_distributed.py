@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import contrastbound as cb
 from contrastbound import _backend
-from contrastbound.distributed import all_gather_with_grad
+from contrastbound.distributed import all_gather_with_grad, info_nce_sharded
 
 from conftest import assert_close_scaled
 
@@ -1236,3 +1236,105 @@ def test_refusals_with_process_group_single_rank(tmp_path):
                 cb.siglip_loss(a, p, fwAD.make_dual(torch.tensor(10.0), torch.ones(())), -10.0, process_group=g)
     finally:
         dist.destroy_process_group()
+
+
+# A mutation audit of distributed.py (2026-12-06): each test below failed with a mutant that passed every other test.
+@_gloo_worker()
+def _shared_gradient_worker(rank, world):
+    torch.set_num_threads(1)
+    w = dist.group.WORLD
+    out = {}
+    # two gathers whose outputs are added: autograd hands both backward passes the same gradient tensor, which the
+    # first one's all_reduce must not change in place (the second then summed W times the sum: W^2)
+    g = torch.Generator().manual_seed(rank)
+    x1, x2 = (torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    c = torch.arange(1.0, 2 * world * 3 + 1, dtype=torch.float64).reshape(2 * world, 3)
+    ((all_gather_with_grad(x1, w) + all_gather_with_grad(x2, w)) * c).sum().backward()
+    out["shared"] = (x1.grad, x2.grad)
+    # a tensor logit_bias of -0.0 on one rank and 0.0 on another: the same value (as the float beta / tau_plus)
+    x, y = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    try:
+        out["signed_zero_bias"] = float(cb.siglip_loss(x, y, 6.0, torch.tensor(-0.0 if rank == 1 else 0.0),
+                                                       process_group=w))
+    except ValueError as exc:
+        out["signed_zero_bias"] = str(exc)
+    return out
+
+
+def test_gathers_sharing_a_gradient_and_a_signed_zero_bias():
+    world = 2
+    res = _run_ranks(_shared_gradient_worker, world)
+    c = torch.arange(1.0, 2 * world * 3 + 1, dtype=torch.float64).reshape(2 * world, 3)
+    for r in range(world):
+        want = world * c[2 * r : 2 * r + 2]  # every rank's loss uses every slice: the sum over ranks
+        torch.testing.assert_close(res[r]["shared"][0], want)
+        torch.testing.assert_close(res[r]["shared"][1], want)
+        assert isinstance(res[r]["signed_zero_bias"], float) and math.isfinite(res[r]["signed_zero_bias"]), res[r]
+
+
+def test_sharded_bank_direct_call_and_precision_single_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        w = dist.group.WORLD
+        # info_nce_sharded's defaults are info_nce's (temperature 0.1, normalize=True, reduction="mean")
+        g = torch.Generator().manual_seed(2)
+        a, p = (torch.randn(9, 5, generator=g, dtype=torch.float64) for _ in range(2))
+        bank = torch.randn(40, 5, generator=g, dtype=torch.float64) * 3
+        torch.testing.assert_close(info_nce_sharded(a, p, bank, process_group=w), cb.info_nce(a, p, bank),
+                                   rtol=1e-12, atol=0)
+        # positives in the bank's dtype, as in one process (float32 features, half-precision banks)
+        for fb in (torch.bfloat16, torch.float16):
+            got = cb.info_nce(a.float(), p.float(), bank.to(fb), 0.5, reduction="none", process_group=w)
+            want = cb.info_nce(a.float(), p.float(), bank.to(fb), 0.5, reduction="none")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        # a temperature too small for the bank's dtype: refused before the exchange, as without a group
+        with pytest.raises(ValueError, match="1 / temperature overflows float32"):
+            cb.info_nce(a.float(), p.float(), bank.float(), 1e-39, process_group=w)
+        # a dominant positive (loss ~4e-18, logits 3e4): softplus(lse_neg - l_0) keeps it; logaddexp(l_0, lse_neg)
+        # - l_0 lost it to the rounding of the sum (eps |l_0| ~ 4e-12, even in float64)
+        L = 3e4
+        rows = torch.zeros(4, 4, dtype=torch.float64)
+        rows[:, 0] = torch.tensor([L, L - 40.0, L - 45.0, 1.0])
+        rows[1, 1], rows[2, 2] = 0.5, 0.5
+        anchor = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+        exact = torch.log1p(torch.exp(rows[1:, 0] - L).sum())
+        for dtype in (torch.float64, torch.float32):
+            got = cb.info_nce(anchor.to(dtype), rows[:1].to(dtype), rows[1:].to(dtype), temperature=1.0,
+                              normalize=False, process_group=w)
+            assert abs(float(got) - float(exact)) <= 1e-5 * float(exact), (dtype, float(got), float(exact))
+    finally:
+        dist.destroy_process_group()
+
+
+def _compiled_temperature_worker(rank, world, init_file, out_dir):
+    # (not a _gloo_worker: a compiled graph that took the group keeps gloo's threads past destroy_process_group)
+    import os
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        w = dist.group.WORLD
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, t: cb.info_nce(a, y, None, temperature=t, process_group=w),
+                                 backend="aot_eager")
+        errors = []
+        for t in (0.2, 0.3 + 0.1 * rank):  # the second value is traced as a symbolic float
+            try:
+                compiled(x, t)
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch._dynamo.reset()
+        gc.collect()  # (as _gloo_worker: the group's last reference goes in destroy_process_group)
+        dist.destroy_process_group()
+
+
+def test_a_compiled_float_temperature_that_differs_across_ranks_is_refused():
+    # A compiled step whose float temperature differs across ranks on a later call: refused on every rank, as in
+    # eager mode (the traced float's bits are written to the exchanged vector through a tensor)
+    for got in _run_ranks(_compiled_temperature_worker, 2):
+        assert got[0] is None and got[1] is not None, got
+        assert "temperature (or logit scale) must be the same" in got[1], got
