@@ -587,7 +587,7 @@ def _bwd_op(grad_loss, anchors, positives, negatives, negative_indices, lse, ter
 
 
 def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize, include_positive,
-                           loss_bwd=None):
+                           loss_bwd=None, smoothing_mean=None):
     """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss.
 
     With s = 1/t every logit is l = s x, so d loss_i / d s = (E_i - l_i0) / s, where E_i = sum_j w_ij l_ij is the
@@ -595,8 +595,9 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
     softmax-weighted sum of normalised negatives that forward saved. O(B d) work; value unchanged. l_i0 is formed
     from the features, not as lse_i - loss_i: that difference of two numbers of size ~log K loses l_i0's digits
     where it is small (a high temperature: at s = 1e-6 the float32 gradient was off by a factor of two).
-    loss_bwd: bank_rows_fwd's L' where its loss is CE + eps l_t (label smoothing): d eps l_t / d s = eps l_i0 / s
-    adds eps to w0 - 1, which expm1(-L') holds.
+    loss_bwd, smoothing_mean: bank_rows_fwd's L' and (eps, m) where its loss is CE + eps (l_t - l_m) (label
+    smoothing): d eps l_t / d s = eps l_i0 / s adds eps to w0 - 1, which expm1(-L') holds; d eps l_m / d s =
+    eps a_hat . m.
     """
     if loss.device.type == "cpu" and temperature.device.type != "cpu":
         temperature = temperature.cpu()  # differentiable; a GPU 0-d tensor cannot meet CPU features in an op
@@ -610,6 +611,8 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         # dominates (w0 -> 1), as in the kernels' gradient of the positive.
         w0m1 = torch.expm1(-(loss if loss_bwd is None else loss_bwd)) if include_positive else -1.0
         e_minus_l0 = scale * (a * term).sum(-1) + w0m1 * l0
+        if smoothing_mean is not None:
+            e_minus_l0 = e_minus_l0 - smoothing_mean[0] * scale * (a * smoothing_mean[1]).sum(-1)
         # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale:
         # 0, whatever its loss (-inf) and saved V hold, so that no 0 * NaN reaches the temperature's gradient.
         dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
@@ -669,7 +672,7 @@ _attach_scale_grad.register_autograd(_attach_scale_grad_backward, setup_context=
 
 def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
                    scale: float, normalize: bool, save_anchor_term: bool, smoothing: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused op with anchor i's positive taken from the bank: positives = bank[rows], and that row left out
     of anchor i's sum over the bank (the op's ``excluded``), so that the target's logit enters once, as the
     positive: the loss is softplus(lse_others - l_t), never below 0, and the target's gradient coefficient is
@@ -683,15 +686,19 @@ def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tenso
     gradient itself. Here backward adds the positives' (B, d) gradient into the op's fresh bank gradient in
     place instead.
 
-    smoothing eps > 0 (label smoothing's target part): the loss is CE + eps l_t, l_t = s a_hat . b_hat_t formed from
-    the features (bank_cross_entropy subtracts eps times the mean logit outside). Its target coefficient is
-    g (w_t - 1 + eps), formed by the kernels as g expm1(-L') with L' = -log1p(expm1(-CE) + eps): one coefficient,
-    rounded once, where eps l_t's gradient taken apart (g eps s b_hat_t, g eps s a_hat_i) and added to the op's
-    after both were rounded to a half input's type nearly cancelled the kernel's (w_t - 1) part (a bfloat16 bank's
-    target rows: 0.47 relative error at eps = 1, T = 1 against naive bfloat16's 0.11).
+    smoothing eps > 0 (label smoothing): the loss is CE + eps (l_t - l_m), l_t = s a_hat . b_hat_t and l_m = s
+    a_hat . m the mean logit through the bank's mean row m (of its normalised rows with normalize), formed from the
+    features. The target's coefficient g (w_t - 1 + eps) is formed by the kernels as g expm1(-L') with L' =
+    -log1p(expm1(-CE) + eps): one coefficient, rounded once, where eps l_t's gradient taken apart (g eps s b_hat_t,
+    g eps s a_hat_i) and added to the op's after both were rounded to a half input's type nearly cancelled the
+    kernel's (w_t - 1) part (a bfloat16 bank's target rows: 0.47 relative error at eps = 1, T = 1 against naive
+    bfloat16's 0.11). l_m's gradient is added into the kernels' in place (_add_mean_row_gradient): through autograd
+    it was a second (C, d) gradient, and through F.normalize more (C, d) buffers (2652 MiB beyond the inputs
+    against 614 without smoothing at C = 2^21, d = 64 float32).
 
-    Returns (loss, lse, V, L'): lse and V as the forward op's, L' (the CE where eps = 0) the loss that backward's
-    kernels and the temperature's gradient take; lse, V and L' are not differentiable.
+    Returns (loss, lse, V, L', m): lse and V as the forward op's, L' (the CE where eps = 0) the loss that
+    backward's kernels and the temperature's gradient take, m the mean row ((0,) where eps = 0); lse, V, L' and m
+    are not differentiable.
     """
     # A direct call of the op named the inner op's arguments (excluded, positives) or none (an op audit)
     if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1 or \
@@ -713,16 +720,81 @@ def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tenso
     positives = bank.index_select(0, rows)
     loss, lse, term = _fwd_op(anchors, positives, bank, None, scale if scale_tensor is None else scale_tensor,
                               normalize, True, save_anchor_term, False, rows)
-    if not smoothing:
-        return loss, lse, term, loss.clone()  # (outputs may not alias one another)
+    if not smoothing:  # (outputs may not alias one another)
+        return loss, lse, term, loss.clone(), loss.new_empty(0)
     if not 0.0 < smoothing <= 1.0:
         raise ValueError(f"bank_rows_fwd: smoothing must lie in [0, 1], got {smoothing}")
     a, p = anchors.to(loss.dtype), positives.to(loss.dtype)
     if normalize:
         a, p = F.normalize(a, dim=-1, eps=1e-12), F.normalize(p, dim=-1, eps=1e-12)
+    mean = _mean_row(bank, normalize, loss.dtype)
     s = scale if scale_tensor is None else scale_tensor.to(loss.dtype)
-    target_logit = (a * p).sum(-1) * s
-    return loss + smoothing * target_logit, lse, term, -torch.log1p(torch.expm1(-loss) + smoothing)
+    smoothed = loss + smoothing * ((a * (p - mean)).sum(-1) * s)
+    return smoothed, lse, term, -torch.log1p(torch.expm1(-loss) + smoothing), mean
+
+
+def _mean_row(bank: torch.Tensor, normalize: bool, acc: torch.dtype) -> torch.Tensor:
+    """mean_c b_c, or with normalize mean_c b_c / max(|b_c|, 1e-12) (F.normalize's rows), (d,) in acc: one product
+    b^T (1 / |b|) / C, no (C, d) temporary for a bank in acc."""
+    if not normalize:
+        return bank.sum(0, dtype=acc) / bank.shape[0]
+    total = None
+    for rows in _row_chunks(bank, acc):
+        b = bank[rows].to(acc)
+        part = b.T @ (1.0 / torch.linalg.vector_norm(b, dim=-1).clamp_min(1e-12))
+        total = part if total is None else total + part
+    return total / bank.shape[0]
+
+
+def _row_chunks(bank: torch.Tensor, acc: torch.dtype, budget: int = 1 << 22) -> list[slice]:
+    """Row slices of the bank, each at most `budget` values where it is not in acc (a half bank's rows are widened a
+    chunk at a time, not as one (C, d) copy); one slice for a bank in acc, or while tracing (no loop over a
+    symbolic size)."""
+    C = bank.shape[0]
+    if bank.dtype == acc or _fake_mode_active() or torch.compiler.is_compiling():
+        return [slice(0, C)]
+    step = max(1, budget // max(1, bank.shape[1]))
+    return [slice(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+def _add_mean_row_gradient(ga, gn, anchors, bank, mean, grad_loss, scale, normalize: bool, smoothing: float):
+    """Label smoothing's -eps l_m, l_m = s a_hat . m (m: _mean_row), differentiated in place into the kernel's
+    gradients: ga (or None) gets -eps s g_i J_a(m) (rounded once with the kernel's part), gn (or None)
+    -(eps s / C) J_c(u), u = sum_i g_i a_hat_i, added row by row in place: no second (C, d) gradient (J: F.normalize's
+    Jacobian (I - n n^T) / |x|, I / 1e-12 where the norm was clamped, or I without normalize). Returns ga."""
+    acc = mean.dtype
+    g = grad_loss.to(acc)
+    s = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
+    a = anchors.detach().to(acc)
+    if normalize:
+        a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+        a_clamped = a_norm.clamp_min(1e-12)
+        a = a / a_clamped
+    if ga is not None:
+        extra = mean.expand_as(a)
+        if normalize:  # (m - (a_hat . m) a_hat) / |a|
+            radial = (a * mean).sum(-1, keepdim=True) * (a_norm >= 1e-12)
+            extra = (extra - radial * a) / a_clamped
+        ga = (ga.to(acc) - (smoothing * s) * g[:, None] * extra).to(ga.dtype)
+    if gn is not None:
+        u = (g[:, None] * a).sum(0) * (-smoothing * s / bank.shape[0])
+        if normalize:  # (u - (n . u) n) / |b| = u / |b| - (b . u) b / |b|^3, added in place, |b|^3 not formed
+            for rows in _row_chunks(bank, acc):
+                b = bank.detach()[rows]
+                b_acc = b.to(acc)
+                norm = torch.linalg.vector_norm(b_acc, dim=-1)
+                clamped = norm.clamp_min(1e-12)
+                radial = torch.where(norm >= 1e-12, (b_acc @ u) / clamped / clamped, 0.0)  # (b . u) / |b|^2
+                inv = 1.0 / clamped
+                part = gn[rows]  # (a view: the adds go into gn)
+                if b_acc is b:  # (in place: no (C, d) temporary)
+                    part.addcmul_(b, -(radial * inv)[:, None])
+                    part.addcmul_(inv[:, None], u[None, :])
+                else:  # a half bank's widened chunk, reused (mixed-type addcmul_ took twice the time)
+                    part.add_(b_acc.mul_(-radial[:, None]).add_(u).mul_(inv[:, None]))
+        else:
+            gn.add_(u)
+    return ga
 
 
 _bank_rows_fwd = torch.library.custom_op("contrastbound::bank_rows_fwd", mutates_args=())(_bank_rows_impl)
@@ -731,20 +803,21 @@ _bank_rows_fwd.register_fake(_bank_rows_impl)
 
 
 def _bank_rows_setup(ctx, inputs, output):
-    anchors, bank, rows, scale_tensor, scale, normalize, _, _ = inputs
-    _, lse, term, loss_bwd = output
+    anchors, bank, rows, scale_tensor, scale, normalize, _, smoothing = inputs
+    _, lse, term, loss_bwd, mean = output
     # L', not the loss: the returned loss may be modified in place before backward (see _ops._setup_context), and
     # with smoothing backward's target coefficient is expm1(-L')
-    ctx.save_for_backward(*map(_ops.savable, (anchors, bank, rows)), lse, term, loss_bwd,
+    ctx.save_for_backward(*map(_ops.savable, (anchors, bank, rows)), lse, term, loss_bwd, mean,
                           *(() if scale_tensor is None else (_ops.savable(scale_tensor),)))
     ctx.scale = scale
     ctx.normalize = normalize
-    ctx.mark_non_differentiable(lse, term, loss_bwd)
+    ctx.smoothing = smoothing
+    ctx.mark_non_differentiable(lse, term, loss_bwd, mean)
 
 
-def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term, grad_loss_bwd):
+def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term, grad_loss_bwd, grad_mean):
     _ops.refuse_double_backward()
-    anchors, bank, rows, lse, term, loss, *tensor_scale = ctx.saved_tensors  # (loss: L', see _bank_rows_impl)
+    anchors, bank, rows, lse, term, loss, mean, *tensor_scale = ctx.saved_tensors  # (loss: L', see _bank_rows_impl)
     need_a, need_bank = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if not (need_a or need_bank):
         return None, None, None, None, None, None, None, None
@@ -767,6 +840,9 @@ def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term, grad_loss_bwd):
             # index_add_ adds with atomics on a GPU (a target hit by several anchors: other bits each run);
             # index_put_'s accumulation sorts the indices first and adds each row's terms in order.
             gn.index_put_((rows,), gp, accumulate=True)
+    if ctx.smoothing:
+        ga = _add_mean_row_gradient(ga if need_a else None, gn if need_bank else None, anchors, bank, mean,
+                                    grad_loss, scale, ctx.normalize, ctx.smoothing)
     return (ga if need_a else None), (gn if need_bank else None), None, None, None, None, None, None
 
 
@@ -1497,7 +1573,7 @@ def bank_cross_entropy(
             transform they are computed against row 0 and masked. ``label_smoothing`` eps takes the
             target distribution (1 - eps) one-hot + eps / C: ``loss_i + eps (l_{i,t_i} - mean_c l_ic)``, the
             mean logit from the bank's mean row (with ``normalize``, of its normalised rows), O(C d + B d) beside
-            the kernel, and a second (C, d) gradient that autograd adds to the kernel's.
+            the kernel, its gradient added into the kernel's in place.
     """
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     bank = _check_tensor("bank", bank, 2, "(C, d)")
@@ -1561,13 +1637,12 @@ def bank_cross_entropy(
         tensor_scale = isinstance(scale, torch.Tensor)
         # (one class: l_t - mean_c l_c is 0, its two paths' rounding is not: no smoothing term)
         eps = float(label_smoothing) if bank.shape[0] > 1 else 0.0
-        loss, lse, term, loss_bwd = _bank_rows_fwd(anchors, bank, targets, scale if tensor_scale else None,
-                                                   0.0 if tensor_scale else scale, normalize, save, eps)
+        # (the op's loss holds the smoothing term: one gradient coefficient for the target, see _bank_rows_impl)
+        loss, lse, term, loss_bwd, mean = _bank_rows_fwd(anchors, bank, targets, scale if tensor_scale else None,
+                                                         0.0 if tensor_scale else scale, normalize, save, eps)
         if learnable and grad:
             loss = _with_temperature_grad(loss, lse, term, anchors, bank.index_select(0, targets), t, normalize,
-                                          True, loss_bwd)  # target: the positive
-        if eps:  # the op's loss holds eps l_t (one gradient coefficient for the target: see _bank_rows_impl)
-            loss = loss - eps * _target_less_mean_logit(anchors, bank, None, t, normalize, loss.dtype)
+                                          True, loss_bwd, (eps, mean) if eps else None)  # target: the positive
     else:
         # The same form on the reference (forward-mode AD, torch.func, no extension): the target counted once.
         loss, _ = _fused(anchors, bank.index_select(0, targets), bank, None, t, normalize, True, excluded=targets)
@@ -1585,68 +1660,18 @@ def bank_cross_entropy(
     return _reduce(loss, reduction, result)
 
 
-@torch.library.custom_op("contrastbound::normalized_mean_row", mutates_args=())
-def _normalized_mean_row(bank: torch.Tensor) -> torch.Tensor:
-    """mean_c b_c / max(|b_c|, 1e-12) (d,), F.normalize's rows averaged, in float32 (float64 for a float64 bank).
-
-    Through F.normalize autograd kept a normalised (C, d) copy for backward and its backward made several more:
-    bank_cross_entropy with label smoothing took 2652 MiB beyond the inputs against 614 without (C = 2^21, d = 64
-    float32). Here forward forms the mean as one product (b^T (1 / |b|) / C: no (C, d) temporary for a float32 bank)
-    and backward the gradient in closed form into one (C, d) tensor."""
-    b = bank.to(torch.float64 if bank.dtype == torch.float64 else torch.float32)
-    inv = 1.0 / torch.linalg.vector_norm(b, dim=-1).clamp_min(1e-12)
-    return (b.T @ inv) / bank.shape[0]
-
-
-@_normalized_mean_row.register_fake
-def _(bank):
-    return bank.new_empty(bank.shape[1:], dtype=torch.float64 if bank.dtype == torch.float64 else torch.float32)
-
-
-def _normalized_mean_row_setup(ctx, inputs, output):
-    ctx.save_for_backward(_ops.savable(inputs[0]))
-
-
-def _normalized_mean_row_backward(ctx, grad):
-    """d mean / d b_c = (I - n_c n_c^T) / (C |b_c|) (I / (C 1e-12) where the norm was clamped, as F.normalize)."""
-    _ops.refuse_double_backward()
-    (bank,) = ctx.saved_tensors
-    b = bank.to(grad.dtype)
-    norm = torch.linalg.vector_norm(b, dim=-1)
-    clamped = norm.clamp_min(1e-12)
-    inv = 1.0 / (bank.shape[0] * clamped)
-    # G / (C |b|) - (b . G) b / (C |b|^3), formed in one (C, d) tensor (addcmul_ broadcasts in place); |b|^3 not
-    # formed (float32 overflows it from |b| ~ 7e12)
-    coef = torch.where(norm >= 1e-12, (b @ grad) / clamped / clamped * inv, 0.0)
-    out = b * (-coef)[:, None]
-    out.addcmul_(inv[:, None], grad[None, :])
-    return out.to(bank.dtype)
-
-
-_normalized_mean_row.register_autograd(_normalized_mean_row_backward, setup_context=_normalized_mean_row_setup)
-
-
-def _target_less_mean_logit(anchors: torch.Tensor, bank: torch.Tensor, targets: torch.Tensor | None, t,
-                            normalize: bool, acc: torch.dtype) -> torch.Tensor:
-    """l_{i,t_i} - mean_c l_ic (B,) in dtype acc, differentiable in anchors, bank and a tensor temperature: label
-    smoothing's term, with the mean logit taken through the bank's mean row; targets None: mean_c l_ic alone
-    (the fused path: _normalized_mean_row, a custom op; the reference path, targets given, F.normalize's, which
-    forward-mode AD and the torch.func transforms differentiate)."""
-    a = anchors.to(acc)
+def _target_less_mean_logit(anchors: torch.Tensor, bank: torch.Tensor, targets: torch.Tensor, t, normalize: bool,
+                            acc: torch.dtype) -> torch.Tensor:
+    """l_{i,t_i} - mean_c l_ic (B,) in dtype acc, differentiable in anchors, bank and a tensor temperature (also by
+    forward-mode AD and the torch.func transforms): label smoothing's term on the reference path, with the mean
+    logit taken through the bank's mean row (the fused path forms it in bank_rows_fwd)."""
+    a, rows = anchors.to(acc), bank.index_select(0, targets).to(acc)
     if normalize:
-        a = F.normalize(a, dim=-1, eps=1e-12)
-        if targets is None:
-            mean = _normalized_mean_row(bank).to(acc)
-        else:
-            mean = F.normalize(bank.to(acc), dim=-1, eps=1e-12).mean(0)  # (a (C, d) copy)
+        a, rows = F.normalize(a, dim=-1, eps=1e-12), F.normalize(rows, dim=-1, eps=1e-12)
+        mean = F.normalize(bank.to(acc), dim=-1, eps=1e-12).mean(0)  # (a (C, d) copy)
     else:
         mean = bank.sum(0, dtype=acc) / bank.shape[0]  # (accumulated in acc without a copy of the bank)
-    if targets is None:
-        diff = mean
-    else:
-        rows = bank.index_select(0, targets).to(acc)
-        diff = (F.normalize(rows, dim=-1, eps=1e-12) if normalize else rows) - mean
-    return (a * diff).sum(-1) / (t.to(acc) if isinstance(t, torch.Tensor) else t)
+    return (a * (rows - mean)).sum(-1) / (t.to(acc) if isinstance(t, torch.Tensor) else t)
 
 
 def nt_xent(

@@ -127,36 +127,6 @@ def test_opcheck_python_custom_ops(device):
                  (a.double().requires_grad_(), n.double().requires_grad_(), rows, t64, 0.0, False, True, 0.3),
                  (a.bfloat16().requires_grad_(), n.bfloat16().requires_grad_(), rows, None, 5.0, True, True, 1.0)):
         torch.library.opcheck(torch.ops.contrastbound.bank_rows_fwd.default, args)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):  # label smoothing's mean row
-        torch.library.opcheck(torch.ops.contrastbound.normalized_mean_row.default,
-                              (n.to(dtype).requires_grad_(),))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_normalized_mean_row_is_f_normalize_s_mean(dtype):
-    # bank_cross_entropy's label smoothing takes the normalised rows' mean through this op (its gradient in closed
-    # form, one (C, d) tensor): F.normalize's rows averaged, values and gradients, rows of zero norm, of a norm
-    # below F.normalize's eps (its gradient I / eps, no projection) and of norm 1e15 (|b|^3 overflows float32)
-    # included; gradcheck in float64
-    from contrastbound.functional import _normalized_mean_row
-
-    g = torch.Generator().manual_seed(4)
-    b = torch.randn(37, 5, generator=g, dtype=torch.float64)
-    b[3], b[5], b[7], b[8] = 0.0, b[5] * 1e-14, b[7] * 1e15, b[8] * 1e-3
-    b = b.to(dtype).requires_grad_()
-    up = torch.randn(5, generator=g, dtype=torch.float64)
-    got = _normalized_mean_row(b)
-    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    (grad,) = torch.autograd.grad(got.double() @ up, b)
-    ref = b.detach().double().requires_grad_()
-    want = F.normalize(ref, dim=-1, eps=1e-12).mean(0)
-    (want_grad,) = torch.autograd.grad(want @ up, ref)
-    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]  # (bfloat16: its gradient's rounding)
-    assert_close_scaled(got.double(), want, tol, "mean row")
-    assert_close_scaled(grad.double(), want_grad, tol, "gradient")
-    if dtype == torch.float64:
-        leaf = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(_normalized_mean_row, (leaf,))
 
 
 # Ops of this file only, for the autograd registration below (a Library's definitions end with it: kept here).
