@@ -1331,6 +1331,31 @@ def test_bank_cross_entropy_leaves_ignored_rows_out_of_the_work():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bank_cross_entropy_label_smoothing_compiled_matches_eager(dtype):
+    # The smoothing term's mean row and its in-place gradient (bank_rows_fwd) under torch.compile: traced with fake
+    # tensors, where a half bank is widened at once rather than by chunks of rows; values and gradients as eager's
+    g = torch.Generator().manual_seed(8)
+    a0, w0 = torch.randn(12, 8, generator=g).to(dtype), torch.randn(37, 8, generator=g).to(dtype)
+    targets = torch.randint(0, 37, (12,), generator=g)
+
+    def run(fn):
+        a, w = a0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(a, w, targets)
+        return [loss, *torch.autograd.grad(loss, (a, w))]
+
+    def f(a_, w_, t_):
+        return cb.bank_cross_entropy(a_, w_, t_, 0.2, normalize=True, label_smoothing=0.3)
+
+    torch._dynamo.reset()
+    try:
+        got = run(torch.compile(f, backend="aot_eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    for name, x, y in zip(("loss", "anchors", "bank"), got, run(f)):
+        assert_close_scaled(x, y, 1e-6 if dtype == torch.float32 else 1e-2, name)
+
+
 def test_bank_cross_entropy_ignored_rows_under_vmap():
     # (a mutation audit's survivor) under vmap the rows are masked, not selected by a read-back of their count
     g = torch.Generator().manual_seed(0)
