@@ -340,6 +340,55 @@ def test_coupon_methods_agree_where_both_apply():
     assert log_err(B._log_coupon_cauchy(n, p), B._log_coupon(n, p)) < 1e-10
 
 
+def test_coupon_arc_bound_is_an_upper_bound_decreasing_in_theta():
+    # The Cauchy integral drops the points past the angle where a bound of the integrand's modulus falls below e^-60:
+    # per class |e^w - 1| / (e^x - 1) <= L(x cos theta) - L(x) in logs, L(s) = log((e^s - 1) / s). A bound that is
+    # not one, or not monotone on [0, pi], would drop points that matter. L against mpmath in every branch (series,
+    # s > 0, s < 0; to ~1e-15 absolute), then the inequality against the modulus in mpmath and the monotonicity on a grid.
+    s = np.array([-1e6, -700.0, -30.0, -1.0, -2e-5, -9e-6, -1e-9, 0.0, 1e-12, 9.99e-6, 1.01e-5, 0.3, 1.0, 40.0, 800.0, 1e7])
+    got = B._log_expm1_over(s)
+    with mpmath.workdps(50):
+        want = [0.0 if v == 0 else float(mpmath.log(mpmath.expm1(mpmath.mpf(v)) / mpmath.mpf(v))) for v in s]
+    # (absolute near 0: the bound feeds a sum compared with -60; the series' next term s^3 / 2880 is below 1e-18 there)
+    assert np.all(np.abs(got - want) <= 4e-15 * np.maximum(np.abs(want), 1.0)), (got, want)
+    theta = np.linspace(0.0, np.pi, 401)
+    for x in (1e-7, 0.05, 0.5, 1.1, 3.0, 20.0, 300.0):
+        bound = B._log_expm1_over(x * np.cos(theta)) - B._log_expm1_over(np.array(x))
+        assert np.all(np.diff(bound) <= 0.0) and bound[0] == 0.0
+        with mpmath.workdps(40):
+            xm = mpmath.mpf(x)
+            exact = [float(mpmath.log(abs(mpmath.expm1(xm * mpmath.expj(t))) / mpmath.expm1(xm))) for t in theta[::8]]
+        assert np.all(np.asarray(exact) <= bound[::8] + 1e-13), x
+
+
+def test_coupon_cauchy_many_small_classes_against_a_positive_power_series():
+    # upsilon_n = n! [z^n] prod_c (e^{pi_c z} - 1). Scaled by z -> r z every factor's coefficients (r pi_c)^k / k! are
+    # positive, so multiplying the truncated series in float64 has no cancellation (relative error ~ C n eps): an
+    # oracle independent of the integral (each factor divided by e^{r pi_c} - 1, added back in logs). 300 distinct prior values and n near C, where most x_c = r pi_c are below
+    # log 3 (there the old arc bound, (e^{x cos theta} + 1) / (e^x - 1) alone, kept the whole circle).
+    C = 300
+    pi = np.linspace(1.0, 3.0, C)
+    pi /= pi.sum()
+    p = B._resolve_prior(None, pi)
+    n = np.array([C + 1, C + 17, 400, 2 * C], dtype=np.int64)
+    got = B._log_coupon_cauchy(n, p)
+    for k, nk in enumerate(n):
+        r = float(B._saddle_radius(np.array([nk]), p)[0])
+        m = int(nk)
+        log_fact = np.array([math.lgamma(j + 1.0) for j in range(m + 1)])
+        poly = np.zeros(m + 1)
+        poly[0] = 1.0
+        for pc in pi:  # each factor over e^{x_c} - 1 (a zero-truncated Poisson pmf), so the product cannot underflow
+            with np.errstate(under="ignore"):
+                f = np.exp(np.arange(m + 1) * math.log(r * pc) - log_fact - math.log(math.expm1(r * pc)))
+            f[0] = 0.0
+            poly = np.convolve(poly, f)[: m + 1]
+        log_scale = sum(math.log(math.expm1(r * pc)) for pc in pi)
+        want = math.lgamma(m + 1.0) - m * math.log(r) + log_scale + math.log(poly[m])
+        assert abs(got[k] - want) <= 2e-12, (nk, got[k], want)  # log upsilon: relative error of upsilon (4e-13 seen)
+    assert log_err(B._log_coupon(n, p), got) < 1e-12
+
+
 @pytest.mark.parametrize("C", [10, 37])
 def test_coupon_expected_collection_time(C):
     # sum_{n >= 0} P(not all collected after n draws) = C H_C
