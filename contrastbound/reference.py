@@ -403,7 +403,8 @@ def info_nce_core_reference(
     if include_positive:
         # softplus(lse_neg - l_0), as the kernels: lse - l_0 would leave lse's rounding in a small loss. A row
         # without negatives (K = 0, or every one excluded) gets loss 0 and lse = l_0 through where(), not from a
-        # log-sum-exp of -inf alone, whose forward-mode tangent and second derivative are NaN.
+        # log-sum-exp of -inf alone, whose gradient is NaN where every negative logit overflowed to -inf from finite
+        # inputs (tests/test_reference.py; for excluded ones masked_fill's backward already drops it).
         if neg.shape[1] == 0:
             empty = torch.ones_like(pos, dtype=torch.bool)
             lse_neg = torch.full_like(pos, float("-inf"))

@@ -267,3 +267,67 @@ def test_monte_carlo_harness_matches_exact():
     for K in (1, 3, 5):
         est, se = mc_contrastive_loss(problem, K, 40_000, rng)
         assert abs(est - exact_contrastive_loss(problem, K)) < Z * se
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generators and checks of contrastbound.testing themselves (a mutation audit, 2026-12-06: a loosened
+# tolerance, a one-sided "antipodal" strategy, priors never skewed, collapse="all" drawing free points and K = 0 all
+# passed the property tests above)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(points=(np.array([[1.0001, 0.0], [0.0, 1.0]]), np.zeros((1, 2)))), "norm above norm_bound"),  # 1e-4 above b = 1
+    (dict(weights=(np.array([0.5, 0.4995]), np.ones(1))), "weights must be positive and sum to 1"),
+    (dict(prior=np.array([1.0, 0.0])), "prior must be positive"),
+])
+def test_discrete_problem_refuses_slightly_invalid_problems(bad, match):
+    # the bounds hold only for norm <= b, probabilities that sum to 1 and a positive prior: a point 1e-4 above b,
+    # weights summing to 0.9995 and a class of prior 0 must be refused, not scored
+    kw = dict(prior=np.array([0.5, 0.5]), points=(np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros((1, 2))),
+              weights=(np.array([0.5, 0.5]), np.ones(1)), norm_bound=1.0)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        DiscreteProblem(**kw)
+
+
+def test_antipodal_problems_reach_both_signs():
+    # "antipodal": classes collapsed onto +-b e_1, both signs among the classes (the extreme case of the bounds)
+    found = find(discrete_problems(collapse=("antipodal",)),
+                            lambda pr: len({float(np.sign(x[0, 0])) for x in pr.points}) == 2,
+                            settings=settings(max_examples=200, database=None))
+    assert {float(np.sign(x[0, 0])) for x in found.points} == {-1.0, 1.0}
+
+
+def test_skewed_priors_are_skewed():
+    # uniform=False: integer weights in [1, 20], ratios up to 20 occur
+    found = find(priors(2, 4, uniform=False), lambda pi: pi.max() / pi.min() >= 5,
+                            settings=settings(max_examples=200, database=None))
+    assert found.max() / found.min() >= 5
+
+
+def test_all_collapse_puts_every_point_on_one_vector():
+    @settings(max_examples=40, database=None, deadline=None)
+    @given(discrete_problems(collapse=("all",), max_points=3, max_dim=3))
+    def check(pr):
+        x = np.concatenate(pr.points)
+        assert np.allclose(x, x[0]), x
+
+    check()
+
+
+def test_exact_contrastive_loss_without_negatives_is_zero():
+    # K = 0: -log(e^{x.x+} / e^{x.x+}) = 0 for every problem
+    pr = DiscreteProblem(np.array([0.3, 0.7]), (np.array([[1.0, 0.0]]), np.array([[0.0, 0.5], [0.6, 0.0]])),
+                         (np.ones(1), np.array([0.25, 0.75])), 1.0)
+    assert exact_contrastive_loss(pr, 0) == 0.0
+    # and K = 1 by brute force over (class, anchor, positive, negative), as a cross-check of the same problem
+    X, q = pr.support
+    want = 0.0
+    for c, (x, w) in enumerate(zip(pr.points, pr.weights)):
+        for i in range(len(x)):
+            for j in range(len(x)):
+                for m in range(len(X)):
+                    l0, l1 = x[i] @ x[j], x[i] @ X[m]
+                    want += pr.prior[c] * w[i] * w[j] * q[m] * np.logaddexp(0.0, l1 - l0)
+    assert abs(exact_contrastive_loss(pr, 1) - want) < 1e-12
