@@ -584,11 +584,36 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_label_smoothing.py", ["--smoothings", "x"]),
     ("bench_label_smoothing.py", ["-C", "0"]),
     ("bench_label_smoothing.py", ["--out", "/proc/contrastbound-x/sm"]),
+    ("bench_coupon.py", ["--repeat", "0"]),
+    ("bench_coupon.py", ["--cases", "skewed,zipf"]),
+    ("bench_coupon.py", ["--root", "/proc/contrastbound-x"]),
+    ("bench_coupon.py", ["--out", "/proc/contrastbound-x/bc.csv"]),
+    ("bench_coupon.py", ["--out", "/tmp/"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
     proc = subprocess.run([sys.executable, path, *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and argv[0] in proc.stderr, (proc.returncode, proc.stderr[-500:])
+
+
+def test_bench_coupon_one_case_against_the_library(tmp_path):
+    # benchmarks/bench_coupon.py's skewed case, its CSV row against the library called here on the same prior and n
+    import numpy as np
+
+    from contrastbound import bounds as B
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "bc.csv"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_coupon.py"), "--cases", "skewed",
+                           "--root", root, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    rows = list(csv.DictReader(open(out)))
+    skewed = np.linspace(1.0, 3.0, 3029)
+    skewed /= skewed.sum()
+    ns = np.arange(3030, 100_002, 1000)
+    want = float(np.sum(B.coupon_collector_probability(ns, prior=skewed, log=True)))
+    assert [(r["prior"], int(r["classes"]), int(r["n_values"])) for r in rows] == [("skewed", 3029, ns.size)]
+    assert float(rows[0]["sum_log_upsilon"]) == want and float(rows[0]["seconds"]) > 0
 
 
 def test_benchmark_script_writes_to_a_bare_file_name(tmp_path):
