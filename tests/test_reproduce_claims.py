@@ -527,3 +527,20 @@ def test_k_scaling_worker_gets_the_seed_and_reports_the_logits_size(monkeypatch)
     finally:
         torch.set_num_threads(threads)
     assert r["logits_mib"] == 4 * (8 + 1) * 4 / 2**20
+
+
+def test_trend_claims_with_a_single_k_are_undetermined(tmp_path):
+    """With one K there is no change to judge: "decreases as K grows" was supported by np.all of an empty diff (the
+    audit's note; reachable through make_settings overrides, not the shipped presets)."""
+    final = [dict(K=4, seed=0, upper_train=2.5, R_supv_train=1.5, upper_test=3.0, R_supv_test=2.0, lower_test=0.0)]
+    sec = Section("x", "x")
+    training._gap_claims(sec, final, [4])
+    assert _verdicts(sec, "in-sample") == ["undetermined (a single K)"]
+    pytest.importorskip("matplotlib")
+    sec = curves.run_bounds_vs_k(make_settings("tiny", curve_kmax=1), str(tmp_path))
+    for words in ("the upper bound's gap", "the width"):
+        got = _verdicts(sec, words)
+        assert got and set(got) == {"undetermined (a single K)"}, (words, got)
+    # two K values judge as before
+    sec = curves.run_bounds_vs_k(make_settings("tiny", curve_kmax=2), str(tmp_path))
+    assert set(_verdicts(sec, "the width")) == {"supported"}

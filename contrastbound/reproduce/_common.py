@@ -260,7 +260,7 @@ def fmt(v: Any, digits: int = 4) -> str:
 @dataclasses.dataclass
 class Claim:
     text: str
-    verdict: str  # "supported", "not supported", "partly supported", "measured"
+    verdict: str  # "supported", "NOT supported", "partly supported", "measured", "undetermined (why)"
     evidence: str
 
 
@@ -283,6 +283,15 @@ class Section:
         c = Claim(text, verdict, evidence)
         self.claims.append(c)
         self.blocks.append(("claim", c))
+
+    def trend_claim(self, text: str, ks: Sequence[int], holds: bool, evidence: str) -> None:
+        """A claim about how something changes with K: with fewer than two K values there is no change to judge, so
+        the verdict is undetermined rather than a vacuous "supported" (np.diff of one value is empty)."""
+        if len(ks) < 2:
+            self.claim(text, None, f"only K = {', '.join(map(str, ks)) or 'none'} on this grid: no change with K to "
+                       "judge.", verdict="undetermined (a single K)")
+        else:
+            self.claim(text, holds, evidence)
 
     def table(self, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         cells = [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]

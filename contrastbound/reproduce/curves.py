@@ -95,8 +95,9 @@ def run_bounds_vs_k(s: Settings, out: str, **_) -> Section:
             f"{int(K[-1])} (smallest {fmt(lg.min())}, at K = {int(K[lg.argmin()])}).",
         )
         dec = bool(np.all(np.diff(ug) <= 1e-12))
-        sec.claim(
+        sec.trend_claim(
             f"C = {C}: the upper bound's gap R_cont* + Delta_U - R_supv* decreases as K grows.",
+            [int(k) for k in K],
             dec,
             f"gap {fmt(ug[0])} at K = 1, {fmt(ug[min(C, len(ug)) - 1])} at K = {min(C, len(ug))}, {fmt(ug[-1])} at "
             f"K = {int(K[-1])}; " + ("monotone non-increasing over the whole grid." if dec else
@@ -105,8 +106,9 @@ def run_bounds_vs_k(s: Settings, out: str, **_) -> Section:
                                      f"{int(K[ug.argmin()])})."),
         )
         wid = np.array([x["interval_width"] for x in r])
-        sec.claim(
+        sec.trend_claim(
             f"C = {C}: the width Delta_U - Delta_L of the interval shrinks with K towards 4 log cosh(b^2).",
+            [int(k) for k in K],
             bool(np.all(np.diff(wid) < 0)),
             f"width {fmt(wid[0])} at K = 1, {fmt(wid[-1])} at K = {int(K[-1])}; limit "
             f"{fmt(4 * np.log(np.cosh(s.norm_bound ** 2)))}. The lower-side gap R_supv* - Delta_L - R_cont* is "

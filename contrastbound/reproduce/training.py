@@ -264,8 +264,9 @@ def _gap_claims(sec: Section, final: list[dict], ks) -> None:
         dec = bool(np.all(np.diff(up) < 0))
         values = over + ", ".join(f"K = {k}: {fmt(v)}" for k, v in zip(ks, up))
         if split == "train":
-            sec.claim("The surrogate gap of the upper bound, R_cont + Delta_U - R_supv (in-sample: training set, final "
-                      "epoch), decreases as K grows.", dec, values + ("" if dec else " (not monotone)."))
+            sec.trend_claim("The surrogate gap of the upper bound, R_cont + Delta_U - R_supv (in-sample: training set, "
+                            "final epoch), decreases as K grows.", list(ks), dec,
+                            values + ("" if dec else " (not monotone)."))
         else:
             sec.claim("Whether the gap R_cont + Delta_U - R_supv on the test set (final epoch) decreases as K grows.",
                       None, f"{'yes' if dec else 'no'}: {values}. Measured, not claimed: test-set R_cont with the "
