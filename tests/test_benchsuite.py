@@ -20,19 +20,9 @@ from contrastbound.__main__ import main as cli_main
 from contrastbound.benchsuite import harness, report
 from contrastbound.benchsuite.harness import Config, run_isolated, run_sweep
 from contrastbound.benchsuite.methods import METHODS, Method
+from conftest import FakeClock
 
 SETTING = "fake setting"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def fake_method(name: str, kind: str, clock: FakeClock, us_per_k: float) -> Method:

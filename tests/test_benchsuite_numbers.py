@@ -16,19 +16,9 @@ import torch
 
 from contrastbound.benchsuite import harness, report
 from contrastbound.benchsuite.harness import Config, run_sweep
+from conftest import FakeClock
 from contrastbound.benchsuite.methods import (CLIP_SETTING, METHODS, MODE_SETTINGS, NTXENT_SETTING,
                                               PML_MEMORY_SETTING, Method)
-
-
-class ScriptClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, s: float) -> None:
-        self.now += s
 
 
 def scripted_method(name, kind, clock, fwd_costs, bwd_costs, compiled=False, setting="fake"):
@@ -82,7 +72,7 @@ def test_input_bytes_counts_inputs_and_their_gradients():
 
 
 def test_measure_takes_medians_and_leaves_the_warm_up_out():
-    clock = ScriptClock()
+    clock = FakeClock()
     # warm-up 100 s + 200 s; three timed steps with forwards 1, 2, 9 and backwards 10, 30, 20
     m = scripted_method("f", "fused", clock, [100.0, 1.0, 2.0, 9.0], [200.0, 10.0, 30.0, 20.0])
     row = harness.measure(m, Config(mode="shared", K=16, B=4, d=8, reps=3, warmup=1, time_bound=1e9), clock=clock,
@@ -95,7 +85,7 @@ def test_measure_takes_medians_and_leaves_the_warm_up_out():
 
 
 def test_measure_one_rep_excludes_the_warm_up():
-    clock = ScriptClock()
+    clock = FakeClock()
     m = scripted_method("f", "fused", clock, [100.0, 1.0], [200.0, 2.0])
     row = harness.measure(m, Config(mode="shared", K=16, B=4, d=8, reps=1, warmup=1, time_bound=1e9), clock=clock,
                           memory=False)
@@ -103,7 +93,7 @@ def test_measure_one_rep_excludes_the_warm_up():
 
 
 def test_measure_compile_time_is_the_warm_up_beyond_a_step():
-    clock = ScriptClock()
+    clock = FakeClock()
     m = scripted_method("c", "baseline", clock, [50.0, 1.0, 1.0], [10.0, 2.0, 2.0], compiled=True)
     row = harness.measure(m, Config(mode="shared", K=16, B=4, d=8, reps=2, warmup=1, time_bound=1e9), clock=clock,
                           memory=False)
@@ -116,7 +106,7 @@ def test_measure_compile_time_is_the_warm_up_beyond_a_step():
 
 
 def test_gemm_rate_is_the_median_over_repeats(monkeypatch):
-    clock = ScriptClock()
+    clock = FakeClock()
     costs = iter([7.0, 1.0, 2.0, 9.0])  # warm-up run, then 3 timed runs (one tile each)
     real_mm = torch.mm
 
@@ -132,7 +122,7 @@ def test_gemm_rate_is_the_median_over_repeats(monkeypatch):
 
 
 def test_sweep_rates_follow_from_the_reported_times(monkeypatch):
-    clock = ScriptClock()
+    clock = FakeClock()
     gemm_costs = iter([1.0] * 100)
     real_mm = torch.mm
 
@@ -303,7 +293,7 @@ def test_csv_keeps_six_significant_digits(tmp_path):
 
 
 def test_timed_steps_median_and_warm_up_apart(monkeypatch):
-    clock = ScriptClock()
+    clock = FakeClock()
     monkeypatch.setattr(harness.time, "perf_counter", clock)
     costs = iter([100.0, 1.0, 2.0, 9.0])
 
@@ -318,7 +308,7 @@ def test_timed_steps_median_and_warm_up_apart(monkeypatch):
 def test_time_fused_and_naive_median_ratio_and_one_warm_up(monkeypatch):
     import time
 
-    clock = ScriptClock()
+    clock = FakeClock()
     monkeypatch.setattr(time, "perf_counter", clock)
     costs = {"fused": iter([50.0, 1.0, 2.0, 9.0]), "naive": iter([50.0, 4.0, 8.0, 36.0])}
     backwards = {"fused": 0, "naive": 0}
@@ -429,7 +419,7 @@ def test_bench_passes_bank_grad_and_slope_from(monkeypatch, tmp_path, capsys):
 
 
 def test_measure_stops_at_the_time_bound_counting_the_warm_up():
-    clock = ScriptClock()
+    clock = FakeClock()
     m = scripted_method("f", "fused", clock, [40.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
     row = harness.measure(m, Config(mode="shared", K=16, B=4, d=8, reps=3, warmup=1, time_bound=41.0), clock=clock,
                           memory=False)
