@@ -64,6 +64,9 @@ def check_info_nce_inputs(anchors, positives, negatives, indices, exclude_self) 
         raise ValueError(f"negatives must have shape (K, d) with d = {d}, got {_shape(negatives)}")
     if exclude_self and (indexed or negatives.dim() != 2):
         raise ValueError("exclude_self needs a shared bank (K, d) whose row i is anchor i")
+    if exclude_self and negatives.shape[0] < B:
+        raise ValueError(f"exclude_self needs a shared bank (K, d) with K >= B = {B} (row i is anchor i), got "
+                         f"{_shape(negatives)}")
 
 
 def _shared_bank(negatives, indices) -> bool:

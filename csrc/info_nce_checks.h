@@ -73,6 +73,10 @@ inline void check_info_nce_inputs(const at::Tensor& anchors, const at::Tensor& p
   }
   TORCH_CHECK_VALUE(!exclude_self || (!indexed && negatives.dim() == 2),
                     "exclude_self needs a shared bank (K, d) whose row i is anchor i");
+  // (a bank of fewer rows than anchors leaves anchors B - K.. with no row of their own: nothing left out there)
+  TORCH_CHECK_VALUE(!exclude_self || negatives.size(0) >= B,
+                    "exclude_self needs a shared bank (K, d) with K >= B = ", B, " (row i is anchor i), got ",
+                    negatives.sizes());
 }
 
 // excluded (optional, int64 (B,)): bank row excluded[i] is not a negative of anchor i (shared bank only).

@@ -399,6 +399,27 @@ def _outcome(op, args) -> str:
 
 
 @needs_kernel
+def test_exclude_self_refuses_a_bank_shorter_than_the_batch():
+    # exclude_self leaves bank row i out of anchor i's sum; a bank of K < B rows left nothing out for anchors K..B-1
+    # and the ops took it (noticed in session 19): every entry point (the kernels, fwd and bwd, and the fake kernels)
+    # now names it. K >= B (the batch followed by a queue, say) stays valid.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.contrastbound
+    a, p = torch.randn(5, 3), torch.randn(5, 3)
+    _, lse, term = ops.info_nce_fwd(a, p, torch.cat([a, torch.randn(2, 3)]), None, 2.0, True, True, True, True)
+    assert lse.shape == (5,)
+    short = a[:4]
+    with pytest.raises(ValueError, match=r"exclude_self needs a shared bank \(K, d\) with K >= B = 5"):
+        ops.info_nce_fwd(a, p, short, None, 2.0, True, True, True, True)
+    with pytest.raises(ValueError, match=r"exclude_self needs a shared bank \(K, d\) with K >= B = 5"):
+        ops.info_nce_bwd(torch.ones(5), a, p, short, None, lse, term, 2.0, True, True, [True] * 3, True)
+    for convert in (lambda x: x.to("meta"), FakeTensorMode().from_tensor):
+        with pytest.raises(ValueError, match=r"exclude_self needs a shared bank \(K, d\) with K >= B = 5"):
+            ops.info_nce_fwd(convert(a), convert(p), convert(short), None, 2.0, True, True, True, True)
+
+
+@needs_kernel
 def test_fake_kernels_refuse_what_the_kernels_refuse():
     # The fake kernels (_ops, checks in _op_checks) run alone under FakeTensorMode and on meta tensors; they took
     # 2646 of these 3297 calls that the CPU kernels refuse (an op audit, 2026-12-02), and a compiled graph reported
