@@ -476,6 +476,29 @@ def test_earlier_bound_claims_need_ours_smaller_and_theirs_vacuous():
     assert _verdicts(sec, "smaller than Nozawa") == ["supported"]
 
 
+def test_earlier_bound_claims_are_undetermined_where_the_bound_is_defined_at_no_k():
+    """Arora et al. and Nozawa & Sato undefined at every K of the grid (all K < C): nothing was compared, so the
+    claim is undetermined, not a vacuous "supported" from "0 of 0" pairs (noticed in session 19); Ash et al.,
+    defined, is still judged."""
+    final = [dict(K=k, seed=0, upper_test=1.0, R_supv_test=0.5, arora_test=math.nan, nozawa_sato_test=math.nan,
+                  ash_test=5.0) for k in (2, 4)]
+    sec = Section("x", "x")
+    training._earlier_claims(sec, final, 10)
+    assert _verdicts(sec, "Our upper bound is smaller than Arora") == ["undetermined (Arora et al. defined at no K)"]
+    assert _verdicts(sec, "Our upper bound is smaller than Nozawa") == [
+        "undetermined (Nozawa & Sato defined at no K)"]
+    assert _verdicts(sec, "Our upper bound is smaller than Ash") == ["supported"]
+
+
+def test_compare_bounds_on_a_grid_below_c_is_undetermined_not_a_crash(tmp_path):
+    """curve_kmax < compare_classes: Arora et al. and Nozawa & Sato are defined at no K. The ratio's min over an
+    empty array raised ValueError (noticed in session 20); the claims are now undetermined, Ash et al.'s judged."""
+    pytest.importorskip("matplotlib")
+    sec = curves.run_compare_bounds(make_settings("tiny", curve_kmax=5), str(tmp_path))  # C = 10
+    assert _verdicts(sec, "Ours is smaller than Arora") == ["undetermined (Arora et al. defined at no K)"]
+    assert _verdicts(sec, "Ours is smaller than Nozawa") == ["undetermined (Nozawa & Sato defined at no K)"]
+    assert _verdicts(sec, "Ours is smaller than Ash") == ["supported"]
+
 # ----------------------------------------------------------------------------------------------------------
 # k-scaling
 # ----------------------------------------------------------------------------------------------------------
@@ -544,3 +567,4 @@ def test_trend_claims_with_a_single_k_are_undetermined(tmp_path):
     # two K values judge as before
     sec = curves.run_bounds_vs_k(make_settings("tiny", curve_kmax=2), str(tmp_path))
     assert set(_verdicts(sec, "the width")) == {"supported"}
+

@@ -222,13 +222,18 @@ def run_compare_bounds(s: Settings, out: str, **_) -> Section:
         ratio = other[ok] / ours[ok]
         vac = other[ok] > logC
         kk = K[ok]
-        sec.claim(
-            f"Ours is smaller than {_NAMES[name]} wherever {_NAMES[name]} is defined.",
-            bool(smaller.all()),
-            f"{int(smaller.sum())} of {int(ok.sum())} values of K; ratio {_NAMES[name]} / ours from "
-            f"{fmt(ratio.min())} (K = {int(kk[ratio.argmin()])}) to {fmt(ratio.max())} "
-            f"(K = {int(kk[ratio.argmax()])}).",
-        )
+        if not ok.any():  # (K = 1 ... curve_kmax all below C: nothing to compare, not a vacuous "supported")
+            sec.claim(f"Ours is smaller than {_NAMES[name]} wherever {_NAMES[name]} is defined.", None,
+                      f"{_NAMES[name]} is defined at no K of this grid (K = 1 ... {int(K.max())}, C = {C}).",
+                      verdict=f"undetermined ({_NAMES[name]} defined at no K)")
+        else:
+            sec.claim(
+                f"Ours is smaller than {_NAMES[name]} wherever {_NAMES[name]} is defined.",
+                bool(smaller.all()),
+                f"{int(smaller.sum())} of {int(ok.sum())} values of K; ratio {_NAMES[name]} / ours from "
+                f"{fmt(ratio.min())} (K = {int(kk[ratio.argmin()])}) to {fmt(ratio.max())} "
+                f"(K = {int(kk[ratio.argmax()])}).",
+            )
         tight = ours <= logC
         vac_or_undef = np.isnan(other) | (other > logC)
         both = tight & vac_or_undef

@@ -313,10 +313,12 @@ def _earlier_claims(sec: Section, final: list[dict], C: int) -> None:
         sec.claim(
             f"Our upper bound is smaller than {title} at every K where {title} is defined; {title} is vacuous "
             f"(> log C = {fmt(logC)}) or undefined there.",
-            bool(len(smaller) == len(defined) and len(vac) == len(defined)),
+            # (defined at no K of the grid: nothing compared, not a vacuous "supported")
+            bool(len(smaller) == len(defined) and len(vac) == len(defined)) if defined else None,
             f"ours smaller in {len(smaller)} of {len(defined)} (K, seed) pairs where {title} is defined; {title} "
             f"> log C in {len(vac)} of them; undefined at K = {undefined_k}; ours > log C in "
             f"{sum(v[1] > logC for v in vals)} of {len(vals)}.",
+            verdict=None if defined else f"undetermined ({title} defined at no K)",
         )
 
 
