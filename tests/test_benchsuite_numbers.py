@@ -121,6 +121,23 @@ def test_gemm_rate_is_the_median_over_repeats(monkeypatch):
     assert row["gemm_gflops"] == pytest.approx(2.0 * 4 * 64 * 8 / 2.0 / 1e9)
 
 
+def test_gemm_time_bound_counts_its_warm_up(monkeypatch):
+    # As measure()'s own loop: a warm-up of 7 s and a first timed run of 1 s pass a bound of 5 s, so one timed run
+    # (the GEMM's loop counted only its timed runs, and ran all 3 here: noticed in session 19).
+    clock = FakeClock()
+    costs = iter([7.0, 1.0, 2.0, 9.0])
+    real_mm = torch.mm
+
+    def mm(a, b, out=None):
+        clock.advance(next(costs))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    row = harness.measure(METHODS["gemm"], Config(mode="shared", K=64, B=4, d=8, reps=3, time_bound=5.0),
+                          clock=clock, memory=False)
+    assert row["reps"] == 1 and row["fwd_s"] == pytest.approx(1.0)
+
+
 def test_sweep_rates_follow_from_the_reported_times(monkeypatch):
     clock = FakeClock()
     gemm_costs = iter([1.0] * 100)
