@@ -182,19 +182,23 @@ def _resolve_prior(num_classes: Any, prior: Any) -> _Prior:
             "prior must be positive: a class with zero probability has no mean (drop it and pass the rest)"
         )
     total = float(pi.sum())
-    # A float32 (or half) vector cannot sum to 1 within 1e-9: its entries' rounding and the summation that made it
-    # leave ~sqrt(C) eps (torch.softmax over 10^6 float32 classes: 1.5e-6 = 13 eps), and never more than rounding
-    # every entry and every partial sum once, ~C eps / 2: the tolerance is min(8 sqrt(C), C + 2) eps (for few
-    # classes the worst case is the smaller: bfloat16 [0.3, 0.3, 0.5], 0.1 off, passed 8 sqrt(3) eps = 0.108).
-    # Renormalised below.
+    # A float32 (or half) vector cannot sum to 1 within 1e-9. Two errors remain in a vector that was normalised:
+    # the rounding to the given dtype of its entries and of the total that divided them, eps / 2 each, or
+    # (1 + ceil(log2 C)) eps / 2 for a total rounded to that dtype at every level of a pairwise sum: (2 + log2 C)
+    # eps covers both; and the accumulation of that total, ~sqrt(C) eps of the type it was accumulated in
+    # (torch.softmax over 10^6 float32 classes: 1.5e-6 = 13 eps32), never more than rounding every partial sum
+    # once, ~C eps / 2. torch and numpy accumulate float16 / bfloat16 in float32, so that term takes float32's eps
+    # for them: min(8 sqrt(C), C + 2) eps32. (It took the half dtype's own eps, a tolerance above 1 for bfloat16
+    # past C ~ 256: 10^4 entries of 5e-4, summing to 5.0, passed and were renormalised.)
     if given_eps is None:
         given_eps = np.finfo(given.dtype).eps if np.issubdtype(given.dtype, np.floating) else 0.0
-    eps = given_eps
-    tol = max(1e-9, min(8.0 * math.sqrt(pi.size), pi.size + 2.0) * float(eps))
+    eps = float(given_eps)
+    eps_acc = min(eps, float(np.finfo(np.float32).eps))
+    C = pi.size
+    tol = max(1e-9, (2.0 + math.log2(C)) * eps + min(8.0 * math.sqrt(C), C + 2.0) * eps_acc)
     if abs(total - 1.0) > tol:
         raise ValueError(f"prior must sum to 1 (within {tol:.3g}), got sum {total!r}")
     pi = pi / total
-    C = pi.size
     if pi.max() <= pi.min() * (1.0 + 1e-12):
         return _Prior(C, np.array([1.0 / C]), np.array([float(C)]), True)
     values, counts = np.unique(pi, return_counts=True)
