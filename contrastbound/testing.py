@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations_with_replacement
+from numbers import Integral
 from typing import Any, Sequence
 
 import numpy as np
@@ -65,9 +66,15 @@ class DiscreteProblem:
                 raise TypeError(f"{name} must be a sequence of real arrays, one per class ({e})") from None
             object.__setattr__(self, name, arrays)
         b = self.norm_bound
-        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)) or not math.isfinite(b) \
-                or b <= 0:
+        if not isinstance(b, bool) and hasattr(b, "shape") and int(np.prod(b.shape)) == 1 \
+                and getattr(b, "dtype", None) is not None and not getattr(b, "is_complex", lambda: False)():
+            b = b.item()  # a one-element tensor or array, as the bounds take it
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating, np.integer)):
+            raise TypeError(f"norm_bound must be a real number (or a one-element tensor), got {type(b).__name__}"
+                            + (f" of shape {tuple(b.shape)}" if hasattr(b, "shape") else ""))
+        if not math.isfinite(b) or b <= 0:
             raise ValueError(f"norm_bound must be a positive finite number, got {b!r}")
+        object.__setattr__(self, "norm_bound", float(b))
         dims = {np.shape(x)[-1] if np.ndim(x) == 2 else None for x in self.points}
         if len(dims) > 1:
             raise ValueError(f"points: every class must have the same dimension d, got {sorted(map(str, dims))}")
@@ -207,11 +214,23 @@ def _strategies():
     return st
 
 
+def _check_sizes(**sizes: Any) -> None:
+    """The strategies' sizes: ints >= 1, a min no larger than its max (min_classes = 0 divided by zero inside
+    hypothesis's draw, min > max gave hypothesis's own message about integers())."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if "min_classes" in sizes and sizes["min_classes"] > sizes["max_classes"]:
+        raise ValueError(f"min_classes must be at most max_classes, got {sizes['min_classes']} > "
+                         f"{sizes['max_classes']}")
+
+
 def priors(min_classes: int = 2, max_classes: int = 4, uniform: bool | None = None):
     """Strategy for class priors: uniform ones (``uniform=True``), skewed ones (``False``) or both (``None``).
 
     Skewed priors come from integer weights in [1, 20], so ratios up to 20 (and exactly uniform ones) occur.
     """
+    _check_sizes(min_classes=min_classes, max_classes=max_classes)
     st = _strategies()
     sizes = st.integers(min_classes, max_classes)
     uni = sizes.map(lambda C: np.full(C, 1.0 / C))
@@ -250,6 +269,14 @@ def discrete_problems(
         collapse: the shapes drawn: "none" (free points, norm <= b), "class" (each class one repeated point),
             "all" (every point the same), "antipodal" (classes collapsed onto +-b e_1, the extreme case).
     """
+    _check_sizes(min_classes=min_classes, max_classes=max_classes)
+    _check_sizes(max_points=max_points, max_dim=max_dim)
+    modes = ("none", "class", "all", "antipodal")
+    collapse = (collapse,) if isinstance(collapse, str) else tuple(collapse)  # ("class": one mode, not 5 letters)
+    unknown = [m for m in collapse if m not in modes]
+    if unknown or not collapse:
+        # (any other name drew the antipodal family, under the name given)
+        raise ValueError(f"collapse must be a non-empty sequence of {modes}, got {collapse!r}")
     st = _strategies()
     prior_st = prior if prior is not None else priors(min_classes, max_classes)
     b_st = norm_bound if norm_bound is not None else norm_bounds()

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
@@ -314,6 +315,47 @@ def test_all_collapse_puts_every_point_on_one_vector():
         assert np.allclose(x, x[0]), x
 
     check()
+
+
+def test_strategies_refuse_unknown_modes_and_bad_sizes():
+    # An exploratory review (session 20): collapse=("Class",) (a typo) drew the antipodal family under the name
+    # "Class", and collapse="class" would have drawn from its five letters; min_classes=0 divided by zero inside a
+    # draw. Each is refused when the strategy is made, naming the argument.
+    modes = r"collapse must be a non-empty sequence of \('none', 'class', 'all', 'antipodal'\)"
+    for collapse in (("Class",), ("none", "antipodol"), ()):
+        with pytest.raises(ValueError, match=modes):
+            discrete_problems(collapse=collapse)
+    for kw, match in ((dict(min_classes=0), "min_classes must be an int >= 1, got 0"),
+                      (dict(min_classes=5, max_classes=3), "min_classes must be at most max_classes, got 5 > 3"),
+                      (dict(max_points=0), "max_points must be an int >= 1"),
+                      (dict(max_dim=2.5), "max_dim must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            discrete_problems(**kw)
+    with pytest.raises(ValueError, match="min_classes must be an int >= 1, got 0"):
+        priors(0, 0)
+
+    @settings(max_examples=30, database=None, deadline=None)
+    @given(discrete_problems(collapse="class", max_points=3))
+    def one_mode_by_name(pr):  # a single name is that mode: each class one repeated point
+        assert pr.label == "class"
+        for x in pr.points:
+            assert np.array_equal(x, np.repeat(x[:1], len(x), axis=0))
+
+    one_mode_by_name()
+
+
+def test_discrete_problem_takes_a_one_element_tensor_norm_bound():
+    # as the bounds take b: a one-element tensor or array is its value (it was refused as "must be a positive finite
+    # number, got tensor(1.)"); other types are a TypeError naming norm_bound
+    kw = dict(prior=[1.0], points=(np.ones((1, 1)),), weights=(np.ones(1),))
+    for b in (torch.tensor(1.5), np.array([1.5]), 1.5):
+        pr = DiscreteProblem(norm_bound=b, **kw)
+        assert pr.norm_bound == 1.5 and type(pr.norm_bound) is float
+    for b in (torch.ones(2), "1", None):
+        with pytest.raises(TypeError, match="norm_bound must be a real number"):
+            DiscreteProblem(norm_bound=b, **kw)
+    with pytest.raises(ValueError, match="norm_bound must be a positive finite number, got -1.0"):
+        DiscreteProblem(norm_bound=torch.tensor(-1.0), **kw)
 
 
 def test_exact_contrastive_loss_without_negatives_is_zero():
