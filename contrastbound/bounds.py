@@ -250,7 +250,9 @@ def _as_counts(name: str, K: Any, minimum: int) -> tuple[np.ndarray, bool]:
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             raise ValueError(f"{name} must be integer-valued, got non-integer values")
         if arr.size and np.abs(arr).max() > 2.0**53:
-            raise ValueError(f"{name} is too large to be represented exactly")
+            # (a float there is an integer, but not necessarily the one meant: float64's spacing is 2 or more)
+            raise ValueError(f"{name} as a float must be at most 2^53, where float64 holds every integer, got "
+                             f"{int(np.abs(arr).max())}: pass it as an int")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} is too large (above 2^63 - 1), got {arr.max()}")
     out = arr.astype(np.int64)
@@ -320,9 +322,9 @@ def _score_bound(norm_bound: Any, temperature: Any) -> float:
     return b2
 
 
-def _check_form(form: Any, allowed: tuple[str, ...]) -> str:
+def _check_form(form: Any, allowed: tuple[str, ...], name: str = "form") -> str:
     if not isinstance(form, str) or form not in allowed:
-        raise ValueError(f"form must be one of {allowed}, got {form!r}")
+        raise ValueError(f"{name} must be one of {allowed}, got {form!r}")
     return form
 
 
@@ -471,6 +473,9 @@ def supervised_loss_interval(
     """The interval ``(R_cont + Delta_L, R_cont + Delta_U)`` that contains R_supv (broadcast over loss and K);
     ``norm_bound`` or ``temperature`` as in :func:`delta_upper`."""
     r = _as_loss("contrastive_loss", contrastive_loss)
+    # (named here: delta_lower / delta_upper call theirs "form", an argument this function does not have)
+    lower_form = _check_form(lower_form, ("paper", "proved"), "lower_form")
+    upper_form = _check_form(upper_form, ("best", "paper"), "upper_form")
     lo = delta_lower(K, num_classes, prior, norm_bound, form=lower_form, temperature=temperature)
     hi = delta_upper(K, num_classes, prior, norm_bound, form=upper_form, temperature=temperature)
     r_b, lo_b = _broadcast("contrastive_loss", r, "K", np.asarray(lo))

@@ -108,12 +108,16 @@ def _check_bool_arg(name: str, value: Any) -> None:
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
-    """An int, as the bounds take their counts: Python / numpy integers, a one-element integer tensor, or an
-    integer-valued float; TypeError for anything else, ValueError below the minimum."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and \
-            value.dtype != torch.bool and not value.is_complex():
-        value = int(value.detach())
-    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+    """An int, as the bounds take their counts: Python / numpy integers, integer-valued floats, and one-element
+    tensors or arrays of either; TypeError for anything else, ValueError below the minimum."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and \
+            not value.is_complex():
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (no value): pass a number or a tensor that holds one")
+        value = value.detach().item()  # (a float one as the bounds take it: integer-valued, checked below)
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        value = value.item()
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
@@ -482,8 +486,11 @@ def gap_report(
     for name, x in (("features", features), ("test_features", test_features)):
         if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} must be finite: it holds NaN or inf entries")
+        # (the norm of a half row in float32, as the estimators take it: a float16 row of norm > 65504 is fine there
+        # and was refused here)
+        wide = torch.float32 if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else None
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 2 and \
-                not bool(torch.isfinite(torch.linalg.vector_norm(x, dim=-1)).all()):
+                not bool(torch.isfinite(torch.linalg.vector_norm(x, dim=-1, dtype=wide)).all()):
             # (finite entries whose squares overflow: the losses would be NaN and every row read "not inside")
             wider = "" if x.dtype == torch.float64 else " or pass them in float64"
             raise ValueError(f"{name}: a row's norm overflows {x.dtype} (entries up to {float(x.abs().max()):.3g}); "
