@@ -532,6 +532,23 @@ def test_k_scaling_claims_at_the_largest_k_and_the_reported_ratio(tmp_path, monk
     assert "fused faster" in t.evidence, t.evidence
 
 
+def test_k_scaling_memory_claim_is_undetermined_below_the_measurement_resolution(tmp_path, monkeypatch):
+    """Logits of 0.125 MiB (the tiny grid): the memory claim was judged on noise (fused 0.156 MiB, naive 0.152: NOT
+    supported, so --strict exited 3; an exploratory review, session 20). Below 1 MiB it is undetermined, whatever the
+    numbers; at 1 MiB it is judged (mutant: the threshold ignored, or applied to the peak instead of the logits)."""
+    pytest.importorskip("matplotlib")
+    s = make_settings("tiny")
+    for logits, want in ((0.125, "undetermined (the logits, 0.125 MiB, are below the 1 MiB the memory measurement "
+                                 "resolves)"), (1.0, "NOT supported")):
+        def measure(method, K, settings, device, seed, logits=logits):
+            return dict(method=method, K=K, loss=1.0, time_s=0.01, time_min_s=0.01,
+                        peak_extra_mib=0.156 if method == "fused" else 0.152, logits_mib=logits)
+
+        monkeypatch.setattr(kscaling, "measure", measure)
+        sec = kscaling.run_k_scaling(s, str(tmp_path), 0, "cpu", show_progress=False)
+        assert _verdicts(sec, "less extra memory") == [want]
+
+
 def test_k_scaling_worker_gets_the_seed_and_reports_the_logits_size(monkeypatch):
     """The subprocess is given the run's seed (mutant: 0), and logits_mib is B (K + 1) floats (mutant: B K)."""
     cmds = []
