@@ -59,6 +59,11 @@ BANK_CE_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
     a = torch.randn(B, d, requires_grad=True)
     w = torch.randn(C, d, requires_grad=True)
     t = torch.randint(0, C, (B,))
+    # A warm-up call on a small bank: the first call in a process makes one-off allocations (~75 MiB at C = 2^21:
+    # the allocator's and the libraries' first use), which the measured call, a training step's, does not repeat.
+    small = torch.randn(4096, d, requires_grad=True)
+    cb.bank_cross_entropy(a, small, t % 4096, normalize=NORMALIZE, label_smoothing=SMOOTHING).backward()
+    a.grad = None
 
     reset_hwm()
     base = hwm_mib()
@@ -71,10 +76,11 @@ BANK_CE_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
 def test_bank_cross_entropy_memory_is_one_bank_gradient():
-    # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d) plus tiles. Letting
-    # autograd differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
+    # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d), tiles and the kernels'
+    # O(C) row scales (four C-float32 arrays, 32 MiB: 544 MiB measured, 2026-12-06). Letting autograd
+    # differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
     r = child_json(BANK_CE_SCRIPT.replace("NORMALIZE", "False").replace("SMOOTHING", "0.0"))
-    assert r["extra_mib"] < 1.25 * r["grad_mib"], r
+    assert r["extra_mib"] < 1.15 * r["grad_mib"], r
 
 
 @pytest.mark.slow
