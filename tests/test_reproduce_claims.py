@@ -77,6 +77,30 @@ def test_report_states_the_seed_that_was_used(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_deterministic_seeds_torch_and_restores_the_deterministic_mode():
+    """deterministic(seed): torch seeded with seed, deterministic algorithms on (warn only) inside, the caller's mode
+    back afterwards, also after an exception (the note of session 19: its manual_seed was unobservable, since every
+    experiment seeds its own generators, and no test held any of it)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(False)
+        with _common.deterministic(123):
+            inside = torch.rand(3)
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.manual_seed(123)
+        assert torch.equal(inside, torch.rand(3))
+        assert not torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)  # (strict: not warn-only) comes back as it was, after an error too
+        with pytest.raises(RuntimeError, match="boom"):
+            with _common.deterministic(0):
+                raise RuntimeError("boom")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
 def test_make_settings_applies_overrides():
     s = make_settings("tiny", toy_epochs=2, temperature=0.5)
     assert s.preset == "tiny" and s.toy_epochs == 2 and s.temperature == 0.5
