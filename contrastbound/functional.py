@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -2263,6 +2265,58 @@ def _check_storable(t: float, dtype: torch.dtype) -> None:
         )
 
 
+class _LocalGroup:
+    """The modules' default process_group (no group: each rank's loss alone), told apart from a None passed on
+    purpose, which is what dist.group.WORLD is before init_process_group. Shown as None in signatures."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+_LOCAL = _LocalGroup()
+
+
+def _module_group(module: str, process_group):
+    """A loss module's process_group as kept: None, a group, or "world" (dist.group.WORLD, looked up at each call).
+
+    A None given on purpose while torch.distributed is not yet initialised is what `dist.group.WORLD` reads then:
+    the module, built before init_process_group (a framework's usual order), would compute each rank's loss alone
+    at every step, without an error (an exploratory review, 2026-12-06): a warning says so."""
+    if process_group is _LOCAL:
+        return None
+    if isinstance(process_group, str):
+        if process_group != "world":
+            raise ValueError(f"{module}: process_group must be a torch.distributed ProcessGroup, None or 'world' (the "
+                             f"world group, looked up at each call), got {process_group!r}")
+        return process_group
+    if process_group is None and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        warnings.warn(
+            f"{module}(process_group=None) while torch.distributed is not initialised: dist.group.WORLD is None until "
+            "init_process_group, so this module computes each rank's loss alone at every step. Build it after "
+            "init_process_group, or pass process_group='world' (the world group, looked up at each call); leave "
+            "process_group out for a per-rank loss.", stacklevel=_first_caller_outside())
+    return process_group
+
+
+def _first_caller_outside() -> int:
+    """warnings.warn's stacklevel, from its caller here, of the first frame outside this file (the user's line: a
+    module's constructor may run through a subclass's)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _call_group(process_group):
+    """The group a module's forward passes on: "world" resolved to dist.group.WORLD now."""
+    if isinstance(process_group, str):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("process_group='world' needs torch.distributed to be initialised (init_process_group) "
+                               "before the loss is called")
+        return torch.distributed.group.WORLD
+    return process_group
+
+
 class _LossModule(torch.nn.Module):
     """The loss modules' base: a copy (an EMA / teacher model) shares its process group, which can be neither copied
     nor pickled; the properties named in _settable (a temperature, a logit scale) are set through their setters."""
@@ -2332,10 +2386,10 @@ class _TemperatureLoss(_LossModule):
         normalize: bool = True,
         reduction: str = "mean",
         learn_temperature: bool = False,
-        process_group=None,
+        process_group=_LOCAL,
     ) -> None:
         super().__init__()
-        self.process_group = process_group
+        self.process_group = _module_group(type(self).__name__, process_group)
         t = _check_temperature(temperature)
         if isinstance(t, torch.Tensor) and t.requires_grad and not learn_temperature:
             # Read once here, the tensor would never receive a gradient: a parameter silently frozen.
@@ -2426,7 +2480,8 @@ class InfoNCE(_TemperatureLoss):
     """:func:`info_nce` as a module: ``InfoNCE(temperature, normalize, reduction)(anchors, positives, negatives)``.
 
     ``process_group`` is passed to every call (a sharded bank, or in-batch over the global batch; see
-    :func:`info_nce`).
+    :func:`info_nce`); ``"world"`` is ``dist.group.WORLD`` looked up at each call, for a module built before
+    ``init_process_group`` (``dist.group.WORLD`` is None until then: passed as such, the module warns).
 
     With ``learn_temperature=True`` the temperature is a parameter, stored as its logarithm
     (``log_temperature``) so that it stays positive under any optimiser step. A tensor ``temperature`` is read once,
@@ -2458,7 +2513,7 @@ class InfoNCE(_TemperatureLoss):
             temperature=self.temperature,
             normalize=self.normalize,
             reduction=self.reduction,
-            process_group=self.process_group,
+            process_group=_call_group(self.process_group),
         )
 
 
@@ -2470,12 +2525,12 @@ class NTXent(_TemperatureLoss):
     _function = "nt_xent"
 
     def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
-                 learn_temperature: bool = False, process_group=None) -> None:
+                 learn_temperature: bool = False, process_group=_LOCAL) -> None:
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                       process_group=self.process_group)
+                       process_group=_call_group(self.process_group))
 
 
 class SupCon(_TemperatureLoss):
@@ -2489,7 +2544,7 @@ class SupCon(_TemperatureLoss):
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, bank: torch.Tensor | None = None,
                 bank_labels: torch.Tensor | None = None) -> torch.Tensor:
         return supcon_loss(features, labels, self.temperature, bank=bank, bank_labels=bank_labels,
-                           normalize=self.normalize, reduction=self.reduction, process_group=self.process_group)
+                           normalize=self.normalize, reduction=self.reduction, process_group=_call_group(self.process_group))
 
 
 class _LogitScaleLoss(_LossModule):
@@ -2598,7 +2653,7 @@ class SigLIP(_LogitScaleLoss):
         super().__setattr__(name, value)
 
     def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True,
-                 normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
+                 normalize: bool = True, reduction: str = "mean", process_group=_LOCAL) -> None:
         super().__init__()
         scale = _check_siglip_scalar("logit_scale", logit_scale, positive=True)
         bias = _check_siglip_scalar("logit_bias", logit_bias, positive=False)
@@ -2608,7 +2663,7 @@ class SigLIP(_LogitScaleLoss):
         self.learnable = _check_bool("learnable", learnable)
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
-        self.process_group = process_group
+        self.process_group = _module_group(type(self).__name__, process_group)
         self._initial = (scale, bias)
         if self.learnable:
             # checked on the CPU (under a meta default device, as FSDP's deferred initialisation builds modules,
@@ -2648,7 +2703,7 @@ class SigLIP(_LogitScaleLoss):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return siglip_loss(image_features, text_features, self.logit_scale, self.logit_bias, normalize=self.normalize,
-                           reduction=self.reduction, process_group=self.process_group)
+                           reduction=self.reduction, process_group=_call_group(self.process_group))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -2696,7 +2751,7 @@ class ClipLoss(_LogitScaleLoss):
     _takes_reciprocal = True
 
     def __init__(self, logit_scale: float = 1 / 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
-                 normalize: bool = True, reduction: str = "mean", process_group=None) -> None:
+                 normalize: bool = True, reduction: str = "mean", process_group=_LOCAL) -> None:
         super().__init__()
         if isinstance(logit_scale, (torch.Tensor, bool)) or not isinstance(logit_scale, Real):
             raise TypeError(f"ClipLoss takes logit_scale as a number (its initial value with learnable=True), got "
@@ -2713,7 +2768,7 @@ class ClipLoss(_LogitScaleLoss):
         self.learnable = _check_bool("learnable", learnable)
         self.normalize = _check_bool("normalize", normalize)
         self.reduction = _check_reduction(reduction)
-        self.process_group = process_group
+        self.process_group = _module_group(type(self).__name__, process_group)
         self._initial = scale
         if self.learnable:
             self._check_learnable(scale, torch.get_default_dtype())  # (1 / scale finite in the parameter's dtype)
@@ -2733,7 +2788,7 @@ class ClipLoss(_LogitScaleLoss):
         if not self.learnable:
             return clip_loss(image_features, text_features, self._scale, normalize=self.normalize,
                              reduction=self.reduction, max_logit_scale=self.max_logit_scale,
-                             process_group=self.process_group)
+                             process_group=_call_group(self.process_group))
         # (no read-back: the cap applied on the device.) Through .data, leaving the version counter alone: a use of
         # the parameter that autograd recorded before this forward (a penalty on the scale, computed first) failed
         # backward's in-place check at every forward, the clamp changing nothing in all but the first after a step
@@ -2753,7 +2808,7 @@ class ClipLoss(_LogitScaleLoss):
         # value (exp of a rounded log(100) in float32 is 100.0000076: a clamp at 100 would cut the gradient at the cap)
         return clip_loss(image_features, text_features, log_scale.exp(), normalize=self.normalize,
                          reduction=self.reduction, max_logit_scale=torch.finfo(self.log_logit_scale.dtype).max,
-                         process_group=self.process_group)
+                         process_group=_call_group(self.process_group))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

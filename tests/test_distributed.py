@@ -588,6 +588,52 @@ def test_needs_initialised_process_group():
         cb.info_nce(x, x, x, negative_indices=torch.zeros(3, 1, dtype=torch.long), process_group=object())
 
 
+def test_loss_modules_built_before_init_warn_and_take_world_looked_up_at_each_call(tmp_path, monkeypatch):
+    # An exploratory review (2026-12-06): NTXent(process_group=dist.group.WORLD) built before init_process_group
+    # (a framework's usual order) kept None, what WORLD reads then, and computed each rank's loss alone at every
+    # step without a word. Now a None given on purpose before init warns, and process_group="world" is looked up
+    # at each call. One process (gloo, world size 1); the group each forward passes on is read from the function.
+    import warnings
+
+    from contrastbound import functional
+
+    assert not dist.is_initialized()
+    modules = (cb.InfoNCE, cb.NTXent, cb.SupCon, cb.ClipLoss, cb.SigLIP)
+    for cls in modules:
+        with pytest.warns(UserWarning, match=rf"{cls.__name__}\(process_group=None\) while torch.distributed is "
+                                             r"not initialised: .* or pass process_group='world'"):
+            cls(process_group=dist.group.WORLD)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the default (a per-rank loss) and "world" say nothing
+            cls()
+            cls(process_group="world")
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: process_group must be a torch.distributed "
+                                             r"ProcessGroup, None or 'world'"):
+            cls(process_group="WORLD")
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="process_group='world' needs torch.distributed to be initialised"):
+        cb.NTXent(process_group="world")(x, x)
+    seen = []
+    for name in ("info_nce", "nt_xent", "supcon_loss", "clip_loss", "siglip_loss"):
+        real = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *a, _real=real, **k: (seen.append(k["process_group"]),
+                                                                              _real(*a, **k))[1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        calls = {cb.InfoNCE: (x, x), cb.NTXent: (x, x), cb.SupCon: (x, torch.tensor([0, 1, 0, 1])),
+                 cb.ClipLoss: (x, x), cb.SigLIP: (x, x)}
+        for cls in modules:
+            seen.clear()
+            world, local = cls(process_group="world")(*calls[cls]), cls()(*calls[cls])
+            assert seen == [dist.group.WORLD, None], (cls, seen)
+            torch.testing.assert_close(world, local)  # (one rank: the same loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # after init, None is a choice
+            cb.InfoNCE(process_group=None)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_process_group_that_is_not_one_is_named(tmp_path):
     # With torch.distributed up, a string or a bool as the group reached torch's internals: AttributeError "'str'
     # object has no attribute 'size'". One process (gloo, world size 1).
