@@ -82,7 +82,7 @@ def _needs_grad(tensor: torch.Tensor) -> bool:
 
 def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, backward: dict[str, bool] | None = None,
                     normalize: bool | None = None, temperature=None,
-                    options: tuple[tuple[str, Any], ...] = ()) -> list[int]:
+                    options: tuple[tuple[str, Any], ...] = (), gathered: bool = True) -> list[int]:
     """Every rank's first dimension, once the ranks agree on the rest of the shape and the dtype, and on the call.
 
     A mismatch would otherwise reach the backend's all_gather, which aborts the process (gloo) or hangs; here every
@@ -103,7 +103,10 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
     row_shape = (tail + [0] * 6)[:6]
     if len(tail) > 6:
         row_shape[5] = hash(tuple(tail[5:])) & ((1 << 62) - 1)
-    grad_names = {name.split(" ")[0]: _needs_grad(tensor), **(backward or {})}
+    # (``gathered=False``: only the sizes of ``tensor`` are exchanged, a bank shard's, so its own gradient runs no
+    # collective and the ranks need not agree on it: a shard that only some ranks learn, as info_nce takes it)
+    grad_names = {name.split(" ")[0]: _needs_grad(tensor)} if gathered else {}
+    grad_names.update(backward or {})
     grads = sum(int(g) << i for i, g in enumerate(grad_names.values()))
     norm = -1 if normalize is None else int(normalize)
     # the temperature's float64 bits (0 without one: never a valid temperature's), written on the gathered tensor's
@@ -411,7 +414,7 @@ class sharded_negative_lse:
                                 normalize=normalize, temperature=temperature, options=options)
         # the shards' sizes (they may differ; the same row shape and dtype on every rank)
         self.bank_rows = sum(_exchange_sizes(shard, group, "negatives (this rank's shard)", call=call,
-                                             normalize=normalize, temperature=temperature))
+                                             normalize=normalize, temperature=temperature, gathered=False))
         self.anchors_all = _AllGatherWithGrad.apply(anchors, group, sizes)
         self.start = sum(sizes[: _world(group)[1]])
         self.rows = anchors.shape[0]

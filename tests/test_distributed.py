@@ -1054,6 +1054,14 @@ def _debiased_worker(rank, world):
                                     process_group=w)
         (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
         out[("sharded", beta)] = (loss.detach(), a_r.grad, p_r.grad, shard.grad)
+        # a shard that only rank 0 learns (info_nce takes it; debiased_info_nce refused it as "different
+        # collectives in backward", which the shard's own gradient never runs: an exploratory review, 2026-12-06)
+        a_r, p_r = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        shard = bank[:K][shard_rows].clone().requires_grad_(rank == 0)
+        loss = cb.debiased_info_nce(a_r, p_r, shard, 0.2, tau_plus=0.1, beta=beta, reduction="none",
+                                    process_group=w)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+        out[("sharded_rank0", beta)] = (loss.detach(), a_r.grad, p_r.grad, shard.grad)
     # disagreements and lone refusals: every rank raises (no hang)
     x, y, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
     errors = []
@@ -1130,6 +1138,13 @@ def test_debiased_over_the_global_batch_and_a_sharded_bank_match_single_process(
                 assert_close_scaled(x, g[_slices(sizes, rank)], 1e-10, f"sharded beta {beta}: rank {rank} {name}")
             assert_close_scaled(got[3], grads[2][_slices(SHARDS[world], rank)], 1e-10,
                                 f"sharded beta {beta}: rank {rank} shard")
+            once = results[rank][("sharded_rank0", beta)]
+            for name, x, y in zip(("loss", "anchors", "positives"), once[:3], got[:3]):
+                assert_close_scaled(x, y, 1e-12, f"sharded beta {beta}, rank 0 learning its shard: rank {rank} {name}")
+            if rank == 0:
+                assert_close_scaled(once[3], grads[2][_slices(SHARDS[world], 0)], 1e-10, f"beta {beta}: shard 0")
+            else:
+                assert once[3] is None
     want = ["must make the same call", "beta must be the same on every rank of process_group, got rank 0: 0.5; "
             "rank 1: 1", "must make the same call", "refused", "not negative_indices", "refused",
             "temperature (or logit scale) must be the same",
