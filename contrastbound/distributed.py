@@ -50,6 +50,10 @@ from .functional import (
 
 
 def _world(group) -> tuple[int, int]:
+    if isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        # (what dist.new_group returns on a rank outside the group: "got int" named no cause)
+        raise ValueError("process_group: this rank is not a member of the group (dist.new_group returns "
+                         "GroupMember.NON_GROUP_MEMBER on the ranks outside it); call the loss on its members only")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         # (torch's own calls fail on such an object with an AttributeError from its internals)
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None, "

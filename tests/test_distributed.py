@@ -961,8 +961,17 @@ def test_requires_grad_may_differ_across_ranks_under_no_grad():
 def _subgroup_worker(rank, world):
     torch.set_num_threads(1)
     sub = dist.new_group([1, 2])  # (every rank calls new_group) group rank = global rank - 1
-    if rank == 0:
-        return
+    if rank == 0:  # outside the group: a ValueError saying so ("got int", the sentinel's type, named no cause)
+        x = torch.randn(3, 4)
+        errors = []
+        for call in (lambda: cb.info_nce(x, x, None, process_group=sub), lambda: all_gather_with_grad(x, group=sub),
+                     lambda: cb.nt_xent(x, x, process_group=sub)):
+            try:
+                call()
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        return errors
     a, p, bank = _subgroup_data()
     rows, shard = _SUBGROUP_ROWS[rank]
     x = a[rows].clone().requires_grad_(True)
@@ -987,6 +996,8 @@ def test_a_subgroup_whose_ranks_are_not_the_global_ones():
     # taken from the world instead of the group passed them all (a mutation audit). Here global ranks 1 and 2 form
     # the group (0 stays out): the gather and the sharded bank against one process, by the convention above.
     res = _run_ranks(_subgroup_worker, 3)
+    assert len(res[0]) == 3 and all(e is not None and e.startswith("process_group: this rank is not a member of the "
+                                                                  "group") for e in res[0]), res[0]
     a, p, bank = _subgroup_data()
     weights = torch.arange(1.0, 8.0, dtype=torch.float64)[:, None].expand(7, 4)
     bank_full = bank.clone().requires_grad_(True)
