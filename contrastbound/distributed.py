@@ -169,7 +169,9 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
             return "none" if m[13] == 0 else f"{struct.unpack('<d', struct.pack('<q', m[13]))[0]:.9g}"
 
         raise _joined(ValueError("the temperature (or logit scale) must be the same on every rank of process_group, "
-                                 "got " + per_rank(temp_of)))
+                                 "got " + per_rank(temp_of) + " (a learned one, a loss module's parameter: keep the "
+                                 "ranks' copies equal by wrapping the module in DistributedDataParallel with the "
+                                 "model, or by averaging its gradient over the ranks before each step)"))
     for slot, (opt_name, _) in enumerate(options, start=14):
         if any(m[slot] != metas[0][slot] for m in metas):
             raise _joined(ValueError(f"{opt_name} must be the same on every rank of process_group, got " + per_rank(
