@@ -23,11 +23,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/online_lse.h"
@@ -94,13 +96,29 @@ bool may_underflow(double l_max, double lse_extra = 0.0) {
 }
 
 // A bound on the row norms of a bank (1 where normalize: its rows are used as unit rows), for may_underflow. One
-// pass over the bank where it lies (a shared bank is read B / 256 times or more besides), its norms in its own
-// dtype: no float32 copy of a half bank (ATen accumulates them in float32; the 1 % margin covers their rounding to
-// bfloat16; a float16 norm beyond 65504 is inf, which only makes the bound say yes).
-template <typename acc_t>
+// pass over the bank where it lies (a shared bank is read B / 256 times or more besides), without a float32 copy
+// of a half bank. float32 / float64 rows and strided half ones by ATen's norm (the 1 % margin covers the rounding
+// of a half result to its dtype; a float16 norm beyond 65504 is inf, which only makes the bound say yes); half rows
+// with a unit inner stride by sum_of_squares in acc_t, row by row: ATen's half norm is a scalar loop, 27 ns per
+// element, which took 41 % of a step (float16, B = 1, d = 3, K = 2^16: 11.6 ms against naive's 1.5; a
+// performance review, 2026-12-06).
+template <typename scalar_t, typename acc_t>
 double max_row_norm(const Tensor& bank, bool normalize) {
   if (normalize || bank.size(0) == 0) return 1.0;
-  return at::linalg_vector_norm(bank, 2, {1}).max().item<double>() * 1.01;
+  constexpr bool half = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  if (!half || bank.stride(1) != 1) return at::linalg_vector_norm(bank, 2, {1}).max().item<double>() * 1.01;
+  const int64_t R = bank.size(0), d = bank.size(1), stride = bank.stride(0);
+  const scalar_t* n = bank.template data_ptr<scalar_t>();
+  // (NaN kept, as ATen's max keeps it: a NaN row's bound is NaN, which may_underflow takes as yes)
+  const auto nan_max = [](acc_t x, acc_t y) { return std::isnan(x) || std::isnan(y) ? x + y : std::max(x, y); };
+  const acc_t most = at::parallel_reduce(
+      int64_t(0), R, int64_t(4096), acc_t(0),
+      [&](int64_t r0, int64_t r1, acc_t m) {
+        for (int64_t r = r0; r < r1; ++r) m = nan_max(m, sum_of_squares<acc_t>(n + r * stride, d));
+        return m;
+      },
+      nan_max);
+  return std::sqrt(static_cast<double>(most)) * 1.01;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -383,7 +401,7 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   const bool save = parts.weighted.defined();
   const auto acc_opts = pr.anchors_s.options();
   const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
-  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<acc_t>(bank, normalize));
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<scalar_t, acc_t>(bank, normalize));
 
   parallel_for_tls(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
@@ -808,7 +826,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   for (int64_t k = 0; k < K; ++k) q[k] = inv[k] > acc_t(0) ? proj[k] / (inv[k] * inv[k]) : acc_t(0);
   const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
   const int64_t tiles = ceil_div(K, kBankTile);
-  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<acc_t>(bank, normalize),
+  const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<scalar_t, acc_t>(bank, normalize),
                                           std::log(static_cast<double>(K) + 1.0));
   parallel_for_tls(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Tensor logits = at::empty({kAnchorBlock * kBankTile}, acc_opts);
