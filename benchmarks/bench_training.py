@@ -3,7 +3,8 @@ forward+backward time and memory (supcon_loss: N samples of 2 views, 100 classes
 it; debiased_info_nce: in-batch over N pairs, tau_plus = 0.1, beta = 0.5, the authors' formula over the N x N
 logits, one direction (their SimCLR code forms 2N x 2N); supcon_bank: supcon_loss over 256 samples of 2 views with a
 labelled bank of N rows (a queue, no gradient; N is the bank's size here), against the 512 x (512 + N) logits with
-a positive mask as pytorch-metric-learning's CrossBatchMemory forms them); siglip_loss: N pairs, scale 10, bias -10,
+a positive mask as pytorch-metric-learning's CrossBatchMemory forms them; supcon_bank_grad: the same with a bank
+that needs a gradient, the (N, d) gradient in the extra memory); siglip_loss: N pairs, scale 10, bias -10,
 against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N logits); info_nce_mask: info_nce of
 256 anchors against a detached bank of N rows with the rows of the anchor's own class (100 classes) masked out
 (negative_mask, applied inside the shared-bank tiles), against the 256 x (1 + N) logits with those columns set to
@@ -24,6 +25,7 @@ and the copies its step holds would take more than --mem-fraction of the memory 
     python benchmarks/bench_training.py --max-log2n 13        # quicker
     python benchmarks/bench_training.py --losses supcon_loss  # one loss
     python benchmarks/bench_training.py --losses supcon_bank --min-log2n 14 --max-log2n 20  # banks of 2^14 ... 2^20
+    python benchmarks/bench_training.py --losses supcon_bank_grad --min-log2n 14 --max-log2n 20 -d 64
 Writes benchmarks/results/bench_training.csv (or --out); the committed results of the other losses are the
 bench_training_<loss>.csv files beside it (README's Benchmarks section quotes each with its command).
 """
@@ -46,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss", "info_nce_mask",
-          "info_nce_labels")
+          "info_nce_labels", "supcon_bank_grad")
 BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each); info_nce_mask / info_nce_labels: anchors
-BANKED = ("supcon_bank", "info_nce_mask", "info_nce_labels")  # N is the bank's size
+BANKED = ("supcon_bank", "info_nce_mask", "info_nce_labels", "supcon_bank_grad")  # N is the bank's size
 
 
 def _plain_nt_xent(z1, z2, t):
@@ -162,9 +164,10 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     elif loss_name == "siglip_loss":
         fn = ((lambda: cb.siglip_loss(x1, x2, 10.0, -10.0)) if method == "fused"
               else (lambda: _plain_siglip(x1, x2, 10.0, -10.0)))
-    elif loss_name == "supcon_bank":  # (two views: every row has a positive, so the two means agree)
+    elif loss_name in ("supcon_bank", "supcon_bank_grad"):  # (two views: every row has a positive, so the means agree)
         labels = torch.randint(0, 100, (rows,))
-        bank, bank_labels = torch.randn(N, d), torch.randint(0, 100, (N,))
+        bank = torch.randn(N, d, requires_grad=loss_name == "supcon_bank_grad")
+        bank_labels = torch.randint(0, 100, (N,))
         fn = ((lambda: cb.supcon_loss(torch.stack([x1, x2], dim=1), labels, 0.1, bank=bank, bank_labels=bank_labels))
               if method == "fused" else
               (lambda: _plain_supcon_bank(torch.stack([x1, x2], dim=1), labels, bank, bank_labels, 0.1)))
@@ -192,12 +195,16 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     warmup_extra = _rss_peak_mib() - base
     del loss
     x1.grad = x2.grad = None
+    if loss_name == "supcon_bank_grad":
+        bank.grad = None
     gc.collect()
     if _reset_rss_peak():  # (else ru_maxrss: the peak covers the warm-up, from the first baseline)
         base = _rss_peak_mib()
     times = []
     for _ in range(reps):
         x1.grad = x2.grad = None
+        if loss_name == "supcon_bank_grad":
+            bank.grad = None
         t0 = time.perf_counter()
         loss = fn()
         loss.backward()
@@ -260,7 +267,7 @@ def main() -> int:
         N = 2**log2n
         for name in losses:
             side = N if name in ("clip_loss", "debiased_info_nce", "siglip_loss") else 2 * N
-            shape = ((2 * BANK_BATCH, 2 * BANK_BATCH + N) if name == "supcon_bank" else
+            shape = ((2 * BANK_BATCH, 2 * BANK_BATCH + N) if name in ("supcon_bank", "supcon_bank_grad") else
                      (BANK_BATCH, 1 + N) if name in ("info_nce_mask", "info_nce_labels") else (side, side))
             matrix_mib = shape[0] * shape[1] * 4 / 2**20
             for method in ("fused", "plain"):

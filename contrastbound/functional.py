@@ -1958,6 +1958,45 @@ def supcon_loss(
     return _reduce(loss, reduction, result)
 
 
+class _BankLabelSums(torch.autograd.Function):
+    """sum_k [at_k = j] r_k for each slot j < slots, r_k the bank's row k in `dtype` (L2-normalised with
+    `normalize`), formed `step` rows at a time. Autograd's own index_add keeps every slice of the rows for its
+    backward (a (K, d) copy in `dtype` from forward to backward) and slices a bank-sized zero gradient for each
+    of them; here forward keeps only the bank and `at`, and backward writes the bank's gradient slice by slice into
+    one (K, d) tensor in the bank's dtype (J^T g_{at_k}, J F.normalize's Jacobian (I - r r^T) / |b|, I / 1e-12
+    where the norm was clamped). Eager mode only (supcon_loss's caller takes autograd's path under torch.compile,
+    forward-mode AD and torch.func)."""
+
+    @staticmethod
+    def forward(ctx, bank, at, slots, dtype, normalize, step):
+        ctx.save_for_backward(bank, at)
+        ctx.normalize, ctx.step, ctx.dtype = normalize, step, dtype
+        out = torch.zeros(slots, bank.shape[1], dtype=dtype, device=bank.device)
+        for k0 in range(0, bank.shape[0], step):
+            rows = bank[k0 : k0 + step].to(dtype)
+            if normalize:
+                rows = F.normalize(rows, dim=-1, eps=1e-12)
+            out.index_add_(0, at[k0 : k0 + step], rows)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        bank, at = ctx.saved_tensors
+        grad = torch.empty_like(bank, memory_format=torch.contiguous_format)
+        for k0 in range(0, bank.shape[0], ctx.step):
+            g = grad_out.index_select(0, at[k0 : k0 + ctx.step]).to(ctx.dtype)
+            if ctx.normalize:
+                b = bank[k0 : k0 + ctx.step].to(ctx.dtype)
+                norm = torch.linalg.vector_norm(b, dim=-1, keepdim=True)
+                clamped = norm.clamp_min(1e-12)
+                r = b / clamped
+                radial = (r * g).sum(-1, keepdim=True) * (norm >= 1e-12)  # (none where the norm was clamped)
+                g = (g - radial * r) / clamped
+            grad[k0 : k0 + ctx.step] = g
+        return grad, None, None, None, None, None
+
+
 def _check_labels(name: str, labels: object, n: int, n_name: str, features: torch.Tensor) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor of shape ({n_name},) or None, got {type(labels).__name__}")
@@ -1977,7 +2016,7 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
     label's slot (the first position of the label in the sorted batch labels `ordered`); the other rows go to a
     spare slot, dropped after. In eager mode the (normalised, accumulation-dtype) rows are formed ~`budget` values
     at a time, so the extra memory is O(K) int64 slots and O(M d + budget) values whatever K (a bank that needs a
-    gradient in another dtype keeps its slices for backward: O(K d)). Under torch.compile they are formed at once
+    gradient: _BankLabelSums, whose backward adds one (K, d) gradient in the bank's dtype). Under torch.compile they are formed at once
     (a loop over K's slices would specialise the graph to K: one graph per size of a filling queue)."""
     yb = bank_labels.to(torch.int64).contiguous()
     at = torch.searchsorted(ordered, yb).clamp_max(ordered.shape[0] - 1)
@@ -1991,6 +2030,9 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
         if normalize:
             rows = F.normalize(rows, dim=-1, eps=1e-12)
         return sums.index_add(0, at, rows)[:spare], count[:spare]
+    if (bank.requires_grad and torch.is_grad_enabled() and not _func_active() and not _forward_ad(bank, sums)
+            and not isinstance(bank, FakeTensor)):
+        return (sums + _BankLabelSums.apply(bank, at, spare + 1, sums.dtype, normalize, step))[:spare], count[:spare]
     for k0 in range(0, bank.shape[0], step):
         rows = bank[k0 : k0 + step].to(sums.dtype)
         if normalize:
