@@ -263,7 +263,8 @@ std::tuple<Tensor, Tensor, Tensor> info_nce_bwd_impl(const Tensor& grad_loss, co
   }
   Tensor sorted_rows, sorted_pairs;
   int64_t sort_chunk = 0;
-  if (output_mask[2] && p.mode == Mode::Indexed && p.B * p.K > 0) {
+  // (no sort where the bank's gradient has no entries, d = 0 or M = 0: the kernel gets no gradient pointer then)
+  if (output_mask[2] && p.mode == Mode::Indexed && p.B * p.K > 0 && grad_n.numel() > 0) {
     // Stable sort of the flattened (B, K) indices: each bank row's pairs form one run, in flat order. torch's CUDA
     // sort refuses more than INT_MAX entries: past 2^30, consecutive pieces of 2^30 are sorted on their own (the
     // kernel visits a row's run in each piece in turn: the same order, BackwardArgs::sort_chunk).
