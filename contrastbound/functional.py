@@ -1309,7 +1309,9 @@ def info_nce_lse(
     ``include_positive=False`` that gradient reaches the positives only through their use as negatives (in-batch),
     exactly 0 otherwise.
     ``negative_indices`` (-1: padding), ``negative_mask``, ``labels`` and ``negative_labels`` as in
-    :func:`info_nce`; an anchor left without negatives has ``lse = -inf`` with ``include_positive=False``.
+    :func:`info_nce`; an anchor left without negatives has ``lse = -inf`` with ``include_positive=False`` (and
+    ``loss = -inf``: ``lse - loss`` is then NaN, not ``s a_i.p_i``). InfoNCE over a bank in parts takes the positive
+    in one part: ``loss_1 + softplus(lse_2 - lse_1)``, part 1's with ``include_positive=True``, part 2's without.
     """
     anchors, positives = _check_features(anchors, positives)
     negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,

@@ -1537,21 +1537,28 @@ def test_bank_cross_entropy_strong_label_smoothing_half_gradients_beat_naive_hal
 
 
 def test_info_nce_over_a_bank_in_parts_from_info_nce_lse():
-    # README's recipe: each part's lse without the positive, joined by logaddexp with the positive logit
-    # s a . p = lse - loss, gives info_nce over the whole bank (values and gradients)
+    # README's recipe: the positive in one part's lse (include_positive=True), the other part's without it; then
+    # loss_1 + softplus(lse_2 - lse_1) = logaddexp(lse_1, lse_2) - s a . p is info_nce over the whole bank (values
+    # and gradients), an anchor without negatives in a part included (anchor 0 has none in part 2, anchor 1 none in
+    # part 1). The recipe before (both parts without the positive, s a . p taken as lse - loss) was NaN for those:
+    # -inf - (-inf) (a review's find).
     a, p, n, _ = make_inputs("shared", B=7, K=93, d=6, dtype=torch.float64)
     n.requires_grad_(True)
-    want = _run(cb.info_nce, a, p, n, None, temperature=0.3, reduction="none")
+    mask = torch.ones(7, 93, dtype=torch.bool)
+    mask[0, 40:] = False
+    mask[1, :40] = False
+    want = _run(cb.info_nce, a, p, n, None, temperature=0.3, reduction="none", negative_mask=mask)
 
     def in_parts(a_, p_, n_, negative_indices=None):
-        loss1, lse1 = cb.info_nce_lse(a_, p_, n_[:40], temperature=0.3, include_positive=False)
-        _, lse2 = cb.info_nce_lse(a_, p_, n_[40:], temperature=0.3, include_positive=False)
-        pos = lse1 - loss1
-        return torch.logaddexp(torch.logaddexp(lse1, lse2), pos) - pos
+        loss1, lse1 = cb.info_nce_lse(a_, p_, n_[:40], temperature=0.3, negative_mask=mask[:, :40])
+        _, lse2 = cb.info_nce_lse(a_, p_, n_[40:], temperature=0.3, negative_mask=mask[:, 40:],
+                                  include_positive=False)
+        return loss1 + F.softplus(lse2 - lse1)
 
     got = _run(in_parts, a, p, n, None)
     assert_close_scaled(got[0], want[0], 1e-12, "loss")
     for name, x, y in zip("apn", got[1], want[1]):
+        assert torch.isfinite(x).all(), name
         assert_close_scaled(x, y, 1e-12, f"grad {name}")
 
 
