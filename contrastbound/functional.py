@@ -1899,7 +1899,7 @@ def supcon_loss(
         everything, rows = gather_with_labels(features, labels, process_group, normalize=normalize, temperature=t)
     else:
         everything = features
-        rows = torch.arange(N, device=features.device) if labels is None else labels.to(torch.int64)
+        rows = torch.arange(N, device=features.device) if labels is None else labels.to(torch.int64).contiguous()
     if features.dim() == 3:
         rows = rows.repeat_interleave(features.shape[1])
     z = features.flatten(0, -2)  # row n * V + v: view v of sample n (not reshape(-1, d): d = 0 is ambiguous there)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -581,6 +582,21 @@ def test_bank_gradient_memory():
     r = child_json(BANK_GRAD_MEMORY_SCRIPT)
     assert r["forward_mib"] < r["grad_mib"] / 4, r
     assert r["extra_mib"] < 2.5 * r["grad_mib"], r
+
+
+def test_strided_labels_give_no_warning():
+    # labels as a column of a targets tensor (non-contiguous): torch.searchsorted warned "input value tensor is
+    # non-contiguous" at every call (a review's find); the loss was and is the contiguous labels' loss
+    targets = torch.randint(0, 3, (8, 2), generator=torch.Generator().manual_seed(0))
+    f = _case((8, 16), seed=9)
+    y = targets[:, 0]
+    assert not y.is_contiguous()
+    bank = _bank(16)[:5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cb.supcon_loss(f, y, 0.2, bank=bank, bank_labels=targets[:5, 1])
+    want = cb.supcon_loss(f, y.contiguous(), 0.2, bank=bank, bank_labels=targets[:5, 1].contiguous())
+    assert torch.isfinite(got) and torch.equal(got, want)
 
 
 def test_bank_edge_cases_from_a_mutation_audit():
