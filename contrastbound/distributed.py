@@ -40,6 +40,7 @@ from .functional import (
     _check_tensor,
     _check_group,
     _check_label_tensor,
+    _function_group,
     _bwd_op,
     _fwd_op,
     _reduce,
@@ -470,7 +471,7 @@ def info_nce_sharded(
     Args:
         anchors, positives: (B_r, d) this rank's batch (B_r may differ across ranks).
         negatives: (K_r, d) this rank's shard of the bank (K_r may differ, and may be 0).
-        process_group: the group (None: the default group).
+        process_group: the group (None or "world": the default group).
         temperature, normalize, reduction: as in :func:`contrastbound.info_nce` (a learnable temperature is not
             supported here).
         labels, negative_labels: both or neither: integer labels (B_r,) of this rank's anchors and (K_r,) of its
@@ -485,6 +486,7 @@ def info_nce_sharded(
     of the mean of the ranks' losses: right under DDP's averaging, to be scaled by 1 / W for a shard that nothing
     averages).
     """
+    process_group = _function_group(process_group)
     with refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
         anchors, positives = _check_features(anchors, positives)
         negatives = _check_tensor("negatives", negatives, 2, "(K_r, d): this rank's shard of a shared bank")

@@ -1212,7 +1212,8 @@ def info_nce(
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
             no normalised copy of the bank is made).
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
-        process_group: a torch.distributed group (or ``torch.distributed.group.WORLD``). With ``negatives`` (K_r, d),
+        process_group: a torch.distributed group (``torch.distributed.group.WORLD``, or ``"world"`` for it). With
+            ``negatives`` (K_r, d),
             a shared bank sharded over the ranks: the loss is this rank's anchors against the whole bank (see
             :func:`contrastbound.distributed.info_nce_sharded`); with ``labels`` (B_r,) and ``negative_labels``
             (K_r,), this shard's rows' labels, every rank's rows of the anchor's label are left out. With
@@ -1230,6 +1231,7 @@ def info_nce(
         are normalised before that cast, so no entry overflows float16). In-batch (no bank) the promoted dtype.
         With K = 0 negatives the loss is 0.
     """
+    process_group = _function_group(process_group)
     given = [name for name, x in (("negative_indices", negative_indices), ("negative_mask", negative_mask),
                                    ("labels", labels), ("negative_labels", negative_labels)) if x is not None]
     if process_group is not None and negatives is None and given == ["labels"]:  # in-batch over the global batch
@@ -1414,6 +1416,7 @@ def debiased_info_nce(
             of a shared bank (K = the sum of the shards; a learnable temperature is not supported there). This
             rank's loss is over its own anchors; gradients follow the all_gather_with_grad convention.
     """
+    process_group = _function_group(process_group)
     with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
         tau_plus = _check_unit_interval("tau_plus", tau_plus)
         if isinstance(beta, bool) or not isinstance(beta, Real):
@@ -1721,10 +1724,12 @@ def nt_xent(
         temperature: positive number or scalar tensor (learnable when it requires grad).
         normalize: L2-normalise first (SimCLR uses cosine similarity).
         reduction: "mean", "sum" or "none" (shape (2N,): the N views of z1, then those of z2).
-        process_group: a torch.distributed group: every rank's views are negatives of every other rank's (the
+        process_group: a torch.distributed group ("world": the world group): every rank's views are negatives
+            of every other rank's (the
             global batch); this rank's loss is over its own 2N_r views, and gradients follow the
             all_gather_with_grad convention (each rank's features get the sum over ranks' losses).
     """
+    process_group = _function_group(process_group)
     with _refusals_joined(process_group, z1):  # (a refusal on some ranks only: every rank raises)
         z1, z2 = _check_features(z1, z2, ("z1", "z2"))
         t = _check_temperature(temperature)
@@ -1849,7 +1854,8 @@ def supcon_loss(
             no anchor's class (negatives only). Needs ``labels`` and ``bank``.
         normalize: L2-normalise first (cosine similarity, as SupCon); the bank's rows too.
         reduction: "mean", "sum" or "none" (the shape of the rows: (N,) or (N, V)).
-        process_group: a torch.distributed group: every rank's rows (and labels) join the global batch, as
+        process_group: a torch.distributed group ("world": the world group): every rank's rows (and labels)
+            join the global batch, as
             positives and in the denominator; this rank's loss is over its own rows ("mean": those with a
             positive anywhere), gradients follow the all_gather_with_grad convention (each rank's features get
             the sum over ranks' losses). With labels=None each rank's samples are their own classes.
@@ -1858,6 +1864,7 @@ def supcon_loss(
         The loss in the features' dtype promoted with the bank's (an empty bank too: a filling queue keeps the
         loss's dtype from its first step).
     """
+    process_group = _function_group(process_group)
     with _refusals_joined(process_group, features):  # (a refusal on some ranks only: every rank raises)
         features = _check_tensor("features", features, (2, 3), "(N, d) or (N, V, d)")
         N = features.shape[0]
@@ -2065,9 +2072,11 @@ def clip_loss(
             ``max_logit_scale`` (100); once the clamp binds, no gradient flows to it.
         normalize: L2-normalise the features first (CLIP does).
         reduction: "mean", "sum" or "none" (per pair, the average of the two directions, shape (N,)).
-        process_group: a torch.distributed group: each rank's pairs are scored against the texts (images) of all
+        process_group: a torch.distributed group ("world": the world group): each rank's pairs are scored
+            against the texts (images) of all
             ranks; this rank's loss is over its own pairs (all_gather_with_grad convention for gradients).
     """
+    process_group = _function_group(process_group)
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
         if not isinstance(max_logit_scale, Real) or isinstance(max_logit_scale, bool):
             raise TypeError(f"max_logit_scale must be a positive number, got {type(max_logit_scale).__name__}")
@@ -2154,12 +2163,14 @@ def siglip_loss(
         logit_bias: b, a finite number or a scalar tensor that receives a gradient (SigLIP starts it at -10).
         normalize: L2-normalise the features first (SigLIP does).
         reduction: "mean" (the sum over pairs / N), "sum", or "none" (per image row, (N,)).
-        process_group: a torch.distributed group: every rank's texts are gathered, so rank r's loss is its images
+        process_group: a torch.distributed group ("world": the world group): every rank's texts are gathered,
+            so rank r's loss is its images
             against the global batch's texts (the other ranks' texts are negatives of its images), the sum over
             ranks of their "sum" losses is the global one (each rank's "mean" divides by its own N); gradients
             follow the all_gather_with_grad convention. The ranks must agree on normalize, the logit scale and the
             bias (checked, without a read-back for tensors).
     """
+    process_group = _function_group(process_group)
     with _refusals_joined(process_group, image_features):  # (a refusal on some ranks only: every rank raises)
         image, text = _check_features(image_features, text_features, ("image_features", "text_features"))
         scale = _check_siglip_scalar("logit_scale", logit_scale, positive=True)
@@ -2372,6 +2383,17 @@ def _first_caller_outside() -> int:
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _function_group(process_group):
+    """A loss function's process_group: "world" (as the modules take it) is dist.group.WORLD, looked up now; any
+    other string is refused by name; anything else as given (checked where it is used)."""
+    if isinstance(process_group, str):
+        if process_group != "world":
+            raise ValueError(f"process_group must be a torch.distributed ProcessGroup, None or 'world' (the world "
+                             f"group), got {process_group!r}")
+        return _call_group(process_group)
+    return process_group
 
 
 def _call_group(process_group):

@@ -640,14 +640,51 @@ def test_a_process_group_that_is_not_one_is_named(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         x = torch.randn(3, 2)
-        for call in (lambda: cb.info_nce(x, x, None, process_group="WORLD"),
-                     lambda: cb.info_nce(x, x, x, process_group=True),
+        for call in (lambda: cb.info_nce(x, x, x, process_group=True),
                      lambda: cb.nt_xent(x, x, process_group=1),
-                     lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD"),
                      lambda: all_gather_with_grad(x, group="bad")):
             with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
                 call()
+        for call in (lambda: cb.info_nce(x, x, None, process_group="WORLD"),  # (a string other than "world")
+                     lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD")):
+            with pytest.raises(ValueError, match="process_group must be a torch.distributed ProcessGroup, None or "
+                                                 "'world' .*got 'WORLD'"):
+                call()
         assert torch.equal(all_gather_with_grad(x, group=dist.group.WORLD), x)  # a real group still works
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_functions_take_world_as_the_modules_do(tmp_path):
+    # The modules took process_group="world" and the functions refused it (TypeError "got str"): the same name is
+    # dist.group.WORLD at the call for both (a carried review note). Before init it is a RuntimeError; after, each
+    # function gives what it gives with dist.group.WORLD (one rank: gloo, world size 1), a sharded bank included.
+    from contrastbound.distributed import info_nce_sharded
+
+    g = torch.Generator().manual_seed(3)
+    x, y, bank = (torch.randn(4, 3, generator=g, requires_grad=True) for _ in range(3))
+    labels = torch.tensor([0, 1, 0, 1])
+    calls = {
+        "info_nce in-batch": lambda group: cb.info_nce(x, y, None, 0.2, process_group=group),
+        "info_nce shard": lambda group: cb.info_nce(x, y, bank, 0.2, process_group=group),
+        "info_nce_sharded": lambda group: info_nce_sharded(x, y, bank, 0.2, process_group=group),
+        "debiased_info_nce": lambda group: cb.debiased_info_nce(x, y, None, 0.2, tau_plus=0.1, process_group=group),
+        "nt_xent": lambda group: cb.nt_xent(x, y, 0.2, process_group=group),
+        "supcon_loss": lambda group: cb.supcon_loss(x, labels, 0.2, process_group=group),
+        "clip_loss": lambda group: cb.clip_loss(x, y, 10.0, process_group=group),
+        "siglip_loss": lambda group: cb.siglip_loss(x, y, 10.0, -10.0, process_group=group),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="process_group='world' needs torch.distributed to be initialised"):
+            call("world")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for name, call in calls.items():
+            got = call("world")
+            (g_got,) = torch.autograd.grad(got, x)
+            want = call(dist.group.WORLD)
+            (g_want,) = torch.autograd.grad(want, x)
+            assert torch.equal(got, want) and torch.equal(g_got, g_want), name
     finally:
         dist.destroy_process_group()
 
