@@ -17,6 +17,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import setuptools
@@ -53,13 +54,58 @@ def _want_cuda() -> tuple[bool, str]:
     )
     if os.environ.get("FORCE_CUDA", "0") == "1":
         if torch.version.cuda is None:
-            raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch; this torch is CPU-only")
+            _stop(f"FORCE_CUDA=1 needs a CUDA build of torch; this torch ({torch.__version__}) is CPU-only. Install a "
+                  "CUDA torch, or leave FORCE_CUDA unset for the CPU kernels.")
+        if not has_nvcc:
+            _stop("FORCE_CUDA=1 needs nvcc, and none was found (CUDA_HOME unset or without bin/nvcc, none on the "
+                  "PATH): set CUDA_HOME to the CUDA toolkit.")
         return True, "FORCE_CUDA=1"
     # Decided from the torch build and the compiler, never from torch.cuda.is_available(): a build machine
     # without a GPU must still build the CUDA kernels for a CUDA torch.
     if torch.version.cuda is not None and has_nvcc:
         return True, "CUDA torch and nvcc found"
     return False, "CPU-only torch" if torch.version.cuda is None else "nvcc not found"
+
+
+def _nvcc() -> str | None:
+    """The nvcc torch's build helpers compile with: CUDA_HOME's."""
+    if CUDA_HOME is None:
+        return None
+    path = os.path.join(CUDA_HOME, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    """nvcc's CUDA release ("13.0"), from `nvcc --version`; None where it cannot be read."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
+def _check_nvcc_matches_torch() -> None:
+    """Before a CUDA build: torch's build helpers refuse an nvcc of another CUDA major version than torch's (a
+    RuntimeError deep in the build). Said here first, with the ways out. (Not at `setup.py` time: an sdist, or a
+    metadata query, compiles nothing and needs no matching nvcc.)"""
+    nvcc = _nvcc()
+    release = _nvcc_release(nvcc) if nvcc else None
+    if release is None or torch.version.cuda is None:
+        return
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        _stop(f"this torch ({torch.__version__}) was built with CUDA {torch.version.cuda}, and the nvcc found "
+              f"({nvcc}) is CUDA {release}: torch's extension build refuses another major version. Point CUDA_HOME "
+              f"at a CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or build the CPU kernels only with "
+              "FORCE_ONLY_CPU=1.")
+
+
+class _BuildExtension(BuildExtension):
+    def run(self):
+        if any(isinstance(ext, setuptools.Extension) and any(src.endswith(".cu") for src in ext.sources)
+               for ext in self.extensions):
+            _check_nvcc_matches_torch()
+        super().run()
 
 
 def _loaded_libstdcxx() -> str | None:
@@ -121,5 +167,5 @@ def _extension():
 setup(
     packages=find_packages(include=["contrastbound", "contrastbound.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
 )

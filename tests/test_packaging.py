@@ -48,13 +48,61 @@ def test_sdist_holds_every_tracked_file_and_no_build_output(tmp_path):
     assert not built, f"build output in the sdist: {built}"
 
 
-def _run_setup(prelude: str) -> subprocess.CompletedProcess:
-    code = prelude + textwrap.dedent("""
+def _run_setup(prelude: str, argv: tuple[str, ...] = ("--name",), **env: str) -> subprocess.CompletedProcess:
+    code = prelude + textwrap.dedent(f"""
         import runpy, sys
-        sys.argv = ["setup.py", "--name"]
+        sys.argv = ["setup.py", *{list(argv)!r}]
         runpy.run_path("setup.py", run_name="__main__")
     """)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **env))
+
+
+def _nvcc_major() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    found = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    assert found, "nvcc --version names no release"
+    return found.group(1)
+
+
+def test_setup_force_cuda_on_a_cpu_torch_says_so():
+    # (a packaging review's find) a bare RuntimeError traceback before
+    proc = _run_setup("import torch\ntorch.version.cuda = None\n", FORCE_CUDA="1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "FORCE_CUDA=1 needs a CUDA build of torch" in proc.stderr
+
+
+def test_a_cuda_build_with_an_nvcc_of_another_major_version_stops_with_the_ways_out(tmp_path):
+    # torch's build helpers refuse an nvcc of another CUDA major version than torch's, with a RuntimeError in the
+    # middle of the build (a packaging review: a cu12x torch beside a system nvcc 13). build_ext now says so first
+    # and names CUDA_HOME and FORCE_ONLY_CPU=1; setup.py for metadata or an sdist does not ask (nothing compiles).
+    major = _nvcc_major()
+    other = str(int(major) - 1)
+    # (a CPU torch's cpp_extension leaves CUDA_HOME None: set where torch would find it, nvcc's folder's parent)
+    cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    home = f"import torch.utils.cpp_extension as ce\nce.CUDA_HOME = {cuda_home!r}\n"
+    prelude = f"import torch\ntorch.version.cuda = '{other}.6'\n" + home
+    proc = _run_setup(prelude, ("build_ext", "--build-lib", str(tmp_path), "--build-temp", str(tmp_path)),
+                      FORCE_CUDA="1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"built with CUDA {other}.6" in proc.stderr and f"is CUDA {major}." in proc.stderr
+    assert "CUDA_HOME" in proc.stderr and "FORCE_ONLY_CPU=1" in proc.stderr
+    assert not list(tmp_path.rglob("*.o")), "it compiled before stopping"
+    assert _run_setup(prelude, FORCE_CUDA="1").returncode == 0  # (--name: no check)
+    # the same major version (another minor, which torch's build only warns about) passes the check
+    check = textwrap.dedent("""
+        import runpy, setuptools, sys
+        setuptools.setup = lambda **kw: None
+        sys.argv = ["setup.py", "--name"]
+        runpy.run_path("setup.py", run_name="__main__")["_check_nvcc_matches_torch"]()
+        print("passed")
+    """)
+    for cuda, ok in ((f"{major}.9", True), (f"{other}.6", False)):
+        proc = subprocess.run([sys.executable, "-c", f"import torch\ntorch.version.cuda = '{cuda}'\n" + home + check],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode == 0 and "passed" in proc.stdout) == ok, (cuda, proc.stdout, proc.stderr[-2000:])
 
 
 def test_setup_without_torch_says_to_install_it_and_build_without_isolation():
