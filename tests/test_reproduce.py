@@ -285,7 +285,12 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     monkeypatch.setitem(sys.modules, "sklearn", None)
     assert main(["compare-bounds", "digits", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 1
-    assert "scikit-learn" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "scikit-learn" in captured.err
+    # ... said before the first experiment too (a packaging review: it came only when digits' turn came)
+    out = captured.out
+    assert "note: the 'digits' experiment needs scikit-learn" in out, out
+    assert out.index("note: the 'digits'") < out.index("[reproduce] compare-bounds ..."), out
     # ... and the other experiments and the report are still written
     assert os.path.exists(tmp_path / "compare_bounds.csv") and os.path.exists(tmp_path / "report.md")
     assert "digits (failed)" in (tmp_path / "report.md").read_text()

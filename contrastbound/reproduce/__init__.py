@@ -36,7 +36,8 @@ from typing import Any, Sequence
 import torch
 
 from ._common import (
-    PRESETS, Section, Settings, deterministic, make_settings, render_html, render_markdown, require_matplotlib,
+    PRESETS, REPRO_EXTRA, Section, Settings, deterministic, make_settings, render_html, render_markdown,
+    require_matplotlib,
 )
 
 __all__ = ["EXPERIMENTS", "main", "run", "make_settings", "Settings", "Terminated"]
@@ -177,6 +178,12 @@ def run(
 def _run_held(experiments, out, settings, dev, seed, show_progress, log, held: _HeldSignals) -> dict[str, Any]:
     """run() from the placeholder on, with Ctrl-C and SIGTERM held (see _HeldSignals) except during experiments."""
     os.makedirs(out, exist_ok=True)
+    if "digits" in experiments:  # (said now: it failed only when its turn came, after the others' minutes)
+        try:
+            import sklearn.datasets  # noqa: F401
+        except ImportError:
+            log("[reproduce] note: the 'digits' experiment needs scikit-learn, which cannot be imported here "
+                f"(`pip install scikit-learn`, or `{REPRO_EXTRA}`): it will be reported as failed; the others run")
     started = time.time()
     _write_placeholder(out, experiments, settings.preset)
     sections: list[Section] = []
