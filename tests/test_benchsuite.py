@@ -757,3 +757,18 @@ def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
     bad = subprocess.run([sys.executable, path, "--cases", "9"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert bad.returncode == 2 and "N:d" in bad.stderr
+
+
+def test_worker_pythonpath_keeps_site_packages_off_it(tmp_path):
+    # (a packaging review) an installed package's root is site-packages: put on a worker's PYTHONPATH it came
+    # before the standard library there. A checkout's root goes first, once; the inherited path is kept last.
+    import site
+
+    from contrastbound.benchsuite.harness import worker_pythonpath
+
+    checkout = str(tmp_path)
+    installed = site.getsitepackages()[0]
+    assert worker_pythonpath([installed], None) == ""
+    assert worker_pythonpath([checkout, installed, checkout], "/inherited") == os.pathsep.join([checkout,
+                                                                                               "/inherited"])
+    assert worker_pythonpath([installed], "/inherited") == "/inherited"

@@ -390,6 +390,24 @@ def _module_root(ref: str) -> str | None:
     return root
 
 
+def worker_pythonpath(roots: list[str], pythonpath: str | None) -> str:
+    """A worker's PYTHONPATH: ``roots`` (where this process imported the package from: a source checkout) ahead of
+    the inherited ``pythonpath``, less the roots a fresh interpreter has on its path anyway (an installed package's
+    site-packages: on PYTHONPATH it would come before the standard library, where a backport installed there, such
+    as enum34's enum, would shadow the standard module)."""
+    import site
+
+    default = set()
+    try:
+        default.update(os.path.realpath(p) for p in site.getsitepackages())
+    except AttributeError:  # (a virtualenv's old site module)
+        pass
+    if site.ENABLE_USER_SITE:
+        default.add(os.path.realpath(site.getusersitepackages()))
+    kept = [r for r in dict.fromkeys(roots) if os.path.realpath(r) not in default]
+    return os.pathsep.join(kept + ([pythonpath] if pythonpath else []))
+
+
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     cfg = Config(**spec["config"])
@@ -405,7 +423,7 @@ def run_isolated(method: Method, cfg: Config, timeout: float | None = None) -> d
             "config": dataclasses.asdict(cfg)}
     env = dict(os.environ)
     roots = [r for r in (_module_root(spec["ref"]), _module_root(__name__ + ":x")) if r]
-    env["PYTHONPATH"] = os.pathsep.join(roots + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = worker_pythonpath(roots, env.get("PYTHONPATH"))
     cmd = [sys.executable, "-m", f"{__package__}._worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ..benchsuite.harness import worker_pythonpath
 from ._common import Section, Settings, fmt, new_figure, progress, save_figure, write_csv
 
 
@@ -110,7 +111,7 @@ def measure(method: str, K: int, s: Settings, device: str, seed: int) -> dict:
            str(s.scaling_dim), str(s.scaling_repeats), str(s.scaling_threads), device, str(seed)]
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = worker_pythonpath([pkg_root], env.get("PYTHONPATH"))
     env.setdefault("OMP_NUM_THREADS", str(s.scaling_threads))
     failed = dict(method=method, K=K, loss=math.nan, time_s=math.nan, time_min_s=math.nan, peak_extra_mib=math.nan,
                   logits_mib=s.scaling_batch * (K + 1) * 4 / 2**20)
