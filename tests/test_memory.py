@@ -77,10 +77,12 @@ BANK_CE_SCRIPT = PEAK_RSS_HELPERS + textwrap.dedent(
 @pytest.mark.skipif(not _backend.HAS_CPU_KERNEL, reason="compiled CPU kernel not loaded")
 def test_bank_cross_entropy_memory_is_one_bank_gradient():
     # The bank's gradient (C x d float32, 512 MiB) must exist; everything else is O(B d), tiles and the kernels'
-    # O(C) row scales (four C-float32 arrays, 32 MiB: 544 MiB measured, 2026-12-06). Letting autograd
-    # differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient.
+    # O(C) row scales where it normalises (none here: 520 MiB measured, 543 while the kernels formed four C-float32
+    # arrays of them without normalisation too, 2026-12-06). Letting autograd
+    # differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient. (The bound, 530 MiB, sits
+    # between the two: 519-521 MiB in four runs, with 1 and 2 threads.)
     r = child_json(BANK_CE_SCRIPT.replace("NORMALIZE", "False").replace("SMOOTHING", "0.0"))
-    assert r["extra_mib"] < 1.15 * r["grad_mib"], r
+    assert r["extra_mib"] < 1.035 * r["grad_mib"], r
 
 
 @pytest.mark.slow

@@ -167,9 +167,13 @@ Prepared<acc_t> prepare(const Tensor& anchors, const Tensor& positives, double s
 template <typename scalar_t, typename acc_t>
 void bank_scales(const Tensor& bank, bool normalize, std::vector<acc_t>& inv, std::vector<acc_t>& proj) {
   const int64_t R = bank.size(0), d = bank.size(1), stride = bank.stride(0), inner = bank.stride(1);
+  if (!normalize) {  // (none: without normalisation no row is scaled, and nothing reads them; O(K) saved)
+    inv.clear();
+    proj.clear();
+    return;
+  }
   inv.assign(R, acc_t(1));
   proj.assign(R, acc_t(0));
-  if (!normalize) return;
   const scalar_t* n = bank.template data_ptr<scalar_t>();
   if (inner == 1) {
     parallel_for_tls(0, R, 1024, [&](int64_t r0, int64_t r1) {
@@ -253,7 +257,7 @@ Tensor load_bank_tile(const Tensor& bank, int64_t k0, int64_t tk, const Tensor& 
     const scalar_t* src = bank.template data_ptr<scalar_t>();
     const int64_t s0 = bank.stride(0), s1 = bank.stride(1), d = bank.size(1);
     acc_t* dst = tile.template data_ptr<acc_t>();
-    const acc_t* iv = inv.template data_ptr<acc_t>() + k0;
+    const acc_t* iv = normalize ? inv.template data_ptr<acc_t>() + k0 : nullptr;
     for (int64_t r0 = 0; r0 < tk; r0 += 16) {
       const int64_t r1 = std::min(tk, r0 + 16);
       for (int64_t j0 = 0; j0 < d; j0 += 16) {
@@ -400,7 +404,7 @@ void forward_shared(const Prepared<acc_t>& pr, const Tensor& bank, const std::ve
   const int64_t chunk_len = ceil_div(ceil_div(K, chunks), kBankTile) * kBankTile;
   const bool save = parts.weighted.defined();
   const auto acc_opts = pr.anchors_s.options();
-  const Tensor inv_t = at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts);
+  const Tensor inv_t = normalize ? at::from_blob(const_cast<acc_t*>(inv.data()), {K}, acc_opts) : Tensor();
   const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<scalar_t, acc_t>(bank, normalize));
 
   parallel_for_tls(0, blocks * chunks, 1, [&](int64_t u0, int64_t u1) {
@@ -812,7 +816,7 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   const auto acc_opts = pr.anchors_s.options();
   std::vector<acc_t> inv, proj;
   bank_scales<scalar_t, acc_t>(bank, normalize, inv, proj);
-  const Tensor inv_t = at::from_blob(inv.data(), {K}, acc_opts);
+  const Tensor inv_t = normalize ? at::from_blob(inv.data(), {K}, acc_opts) : Tensor();
   // W formed from g 2^E (grad_scale_exp: a row of G sums at most B terms g_i w s a_hat_i, w <= 1), each tile's
   // gradient scaled back as it is written: W's small entries g_i w stay normal floats in the GEMM below.
   const GradScale<acc_t> gs(g, B, pr.max_norm_a * static_cast<double>(B));
@@ -821,10 +825,11 @@ void backward_shared(const Prepared<acc_t>& pr, const Tensor& bank, bool normali
   const Tensor lse_res = at::from_blob(const_cast<acc_t*>(lse.res), {B}, acc_opts);
   // dn_k = inv_k G_k - c_k proj_k n_k = inv_k (G_k - c_k q_k n_hat_k) with q_k = proj_k / inv_k^2, which is
   // 1, or 0 where F.normalize clamped the norm.
-  std::vector<acc_t> q(K);
+  // (Formed in place of proj: one O(K) array fewer. None without normalisation.)
+  std::vector<acc_t>& q = proj;
   // (inv = 0 where the float32 sum of squares overflowed: that row's gradient is 0, as F.normalize's.)
-  for (int64_t k = 0; k < K; ++k) q[k] = inv[k] > acc_t(0) ? proj[k] / (inv[k] * inv[k]) : acc_t(0);
-  const Tensor q_t = at::from_blob(q.data(), {K}, acc_opts);
+  for (size_t k = 0; k < q.size(); ++k) q[k] = inv[k] > acc_t(0) ? q[k] / (inv[k] * inv[k]) : acc_t(0);
+  const Tensor q_t = normalize ? at::from_blob(q.data(), {K}, acc_opts) : Tensor();
   const int64_t tiles = ceil_div(K, kBankTile);
   const bool under = may_underflow<acc_t>(pr.max_norm_a * max_row_norm<scalar_t, acc_t>(bank, normalize),
                                           std::log(static_cast<double>(K) + 1.0));
