@@ -1132,9 +1132,9 @@ def _common_dtypes(big: torch.Tensor, *small: torch.Tensor) -> tuple[torch.dtype
 
 def _to_bank_dtype(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
     """x (B, d) cast to the bank's dtype. Where that rounds down (float32 features, a float16 bank) and the rows are
-    normalised anyway, they are normalised first, in x's dtype: a row with entries past float16's range (65504)
-    would otherwise become inf (a NaN loss), one below 6e-8 zero. Differentiable; the kernel's own normalisation
-    of a unit row changes it only by rounding.
+    normalised anyway, they are normalised first, in x's dtype (float32 for half x): a row with entries past
+    float16's range (65504) would otherwise become inf (a NaN loss), one below 6e-8 zero. Differentiable; the
+    kernel's own normalisation of a unit row changes it only by rounding.
 
     A zero row is passed through as it is (value 0, gradient unchanged): the kernel's normalisation then gives it
     its own gradient, 1 / eps as F.normalize's. Normalised here as well, the two 1 / eps multiplied to 1 / eps^2
@@ -1144,9 +1144,13 @@ def _to_bank_dtype(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torc
         return x
     if normalize and torch.promote_types(x.dtype, dtype) != dtype:
         nonzero = (x != 0).any(dim=-1, keepdim=True)
+        # Half rows (float16 features, a bfloat16 bank) are normalised in float32: in float16, a row of subnormal
+        # norm made F.normalize's backward g / |x| overflow and its projection inf - inf, a NaN gradient where the
+        # true one is ~0 (a differential fuzz's case; F.normalize of the float16 tensor alone gives that NaN too).
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         # (zero rows out of F.normalize's way as well: in float16 its eps, 1e-12, is 0, and 0 / 0 there would reach
         # the gradient through the unused branch of the outer where, NaN times 0)
-        unit = F.normalize(torch.where(nonzero, x, torch.ones_like(x)), dim=-1, eps=1e-12)
+        unit = F.normalize(torch.where(nonzero, wide, torch.ones_like(wide)), dim=-1, eps=1e-12)
         x = torch.where(nonzero, unit, x)
     return x.to(dtype)
 

@@ -2449,6 +2449,37 @@ def test_mixed_dtypes_float16_zero_row_is_not_nan(mode):
     assert not grad.isnan().any() and torch.isfinite(grad[1:]).all(), grad
 
 
+def test_float16_features_against_a_bfloat16_bank_normalise_in_float32():
+    # (a differential fuzz's case) float16 rows are cast to a bfloat16 bank's dtype after F.normalize; in float16 a
+    # row of subnormal norm made its backward g / |x| overflow and the projection inf - inf: a NaN gradient where
+    # the float64 reference's is -7e-12. Now normalised in float32: finite, and the reference's to float16 rounding.
+    a = torch.tensor([[1.0], [1.0]], dtype=torch.float16, requires_grad=True)
+    p = torch.tensor([[1.2e-5], [1.0]], dtype=torch.float16, requires_grad=True)
+    bank = torch.tensor([[1.0], [-1.0]], dtype=torch.bfloat16)
+    got = cb.info_nce(a, p, bank, 0.9, reduction="sum")
+    (ga, gp) = torch.autograd.grad(got, [a, p])
+    a64, p64 = a.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    want = info_nce_reference(a64, p64, bank.double(), 0.9, reduction="sum")
+    (wa, wp) = torch.autograd.grad(want, [a64, p64])
+    assert torch.isfinite(ga).all() and torch.isfinite(gp).all(), (ga, gp)
+    assert abs(got.item() - want.item()) < 1e-2 * abs(want.item())
+    assert torch.equal(gp, wp.half()) and torch.equal(ga, wa.half()), (ga, gp, wa, wp)
+    # d = 4, random rows with norms from 1e-3 to 1e2 (gradients within float16's range): the reference's to
+    # bfloat16 rounding
+    g = torch.Generator().manual_seed(4)
+    a = (torch.randn(6, 4, generator=g) * torch.logspace(-3, 2, 6)[:, None]).half().requires_grad_()
+    p = (torch.randn(6, 4, generator=g) * torch.logspace(2, -3, 6)[:, None]).half().requires_grad_()
+    bank = torch.randn(11, 4, generator=g).bfloat16()
+    got = cb.info_nce(a, p, bank, 0.5, reduction="sum")
+    grads = torch.autograd.grad(got, [a, p])
+    a64, p64 = a.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    wants = torch.autograd.grad(info_nce_reference(a64, p64, bank.double(), 0.5, reduction="sum"), [a64, p64])
+    for name, x, y in zip("ap", grads, wants):
+        # (relative to each row's own scale: the rows' gradients span 1e-2 to 1e6 as 1 / |row|)
+        scale = y.abs().amax(dim=1, keepdim=True)
+        assert ((x.double() - y).abs() <= 0.02 * scale + 1e-30).all(), (name, x, y)
+
+
 def test_in_batch_mixed_dtypes_promote():
     # No bank: every input is (B, d), so nothing is rounded down and the in-batch entry points agree.
     a, p, _, _ = make_inputs("in_batch", B=9, K=0, d=8, dtype=torch.float32, seed=15, requires_grad=False)
