@@ -2029,8 +2029,9 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
     label's slot (the first position of the label in the sorted batch labels `ordered`); the other rows go to a
     spare slot, dropped after. In eager mode the (normalised, accumulation-dtype) rows are formed ~`budget` values
     at a time, so the extra memory is O(K) int64 slots and O(M d + budget) values whatever K (a bank that needs a
-    gradient: _BankLabelSums, whose backward adds one (K, d) gradient in the bank's dtype). Under torch.compile they are formed at once
-    (a loop over K's slices would specialise the graph to K: one graph per size of a filling queue)."""
+    gradient: _BankLabelSums, whose backward adds one (K, d) gradient in the bank's dtype). Under torch.compile
+    they are formed at once (a loop over K's slices would specialise the graph to K: one graph per size of a
+    filling queue)."""
     yb = bank_labels.to(torch.int64).contiguous()
     at = torch.searchsorted(ordered, yb).clamp_max(ordered.shape[0] - 1)
     spare = sums.shape[0]
