@@ -181,9 +181,10 @@ def _run_held(experiments, out, settings, dev, seed, show_progress, log, held: _
     if "digits" in experiments:  # (said now: it failed only when its turn came, after the others' minutes)
         try:
             import sklearn.datasets  # noqa: F401
-        except ImportError:
+        except Exception as exc:  # noqa: BLE001 - a broken install (a numpy ABI mismatch: ValueError) alike
             log("[reproduce] note: the 'digits' experiment needs scikit-learn, which cannot be imported here "
-                f"(`pip install scikit-learn`, or `{REPRO_EXTRA}`): it will be reported as failed; the others run")
+                f"({type(exc).__name__}: {exc}; `pip install scikit-learn`, or `{REPRO_EXTRA}`): it will be reported "
+                "as failed; the others run")
     started = time.time()
     _write_placeholder(out, experiments, settings.preset)
     sections: list[Section] = []
