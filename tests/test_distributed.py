@@ -642,15 +642,17 @@ def test_a_process_group_that_is_not_one_is_named(tmp_path):
         x = torch.randn(3, 2)
         for call in (lambda: cb.info_nce(x, x, x, process_group=True),
                      lambda: cb.nt_xent(x, x, process_group=1),
-                     lambda: all_gather_with_grad(x, group="bad")):
+                     lambda: all_gather_with_grad(x, group=object())):
             with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
                 call()
         for call in (lambda: cb.info_nce(x, x, None, process_group="WORLD"),  # (a string other than "world")
-                     lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD")):
+                     lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD"),
+                     lambda: all_gather_with_grad(x, group="bad")):
             with pytest.raises(ValueError, match="process_group must be a torch.distributed ProcessGroup, None or "
-                                                 "'world' .*got 'WORLD'"):
+                                                 "'world' .*got '(WORLD|bad)'"):
                 call()
         assert torch.equal(all_gather_with_grad(x, group=dist.group.WORLD), x)  # a real group still works
+        assert torch.equal(all_gather_with_grad(x, group="world"), x)  # and "world", as the losses take it
     finally:
         dist.destroy_process_group()
 
