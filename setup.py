@@ -46,12 +46,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _nvcc() -> str | None:
+    """The nvcc torch's build helpers compile with: CUDA_HOME's."""
+    if CUDA_HOME is None:
+        return None
+    path = os.path.join(CUDA_HOME, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
 def _want_cuda() -> tuple[bool, str]:
     if os.environ.get("FORCE_ONLY_CPU", "0") == "1":
         return False, "FORCE_ONLY_CPU=1"
-    has_nvcc = CUDA_HOME is not None and (
-        os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None
-    )
+    has_nvcc = _nvcc() is not None
     if os.environ.get("FORCE_CUDA", "0") == "1":
         if torch.version.cuda is None:
             _stop(f"FORCE_CUDA=1 needs a CUDA build of torch; this torch ({torch.__version__}) is CPU-only. Install a "
@@ -65,14 +71,6 @@ def _want_cuda() -> tuple[bool, str]:
     if torch.version.cuda is not None and has_nvcc:
         return True, "CUDA torch and nvcc found"
     return False, "CPU-only torch" if torch.version.cuda is None else "nvcc not found"
-
-
-def _nvcc() -> str | None:
-    """The nvcc torch's build helpers compile with: CUDA_HOME's."""
-    if CUDA_HOME is None:
-        return None
-    path = os.path.join(CUDA_HOME, "bin", "nvcc")
-    return path if os.path.exists(path) else shutil.which("nvcc")
 
 
 def _nvcc_release(nvcc: str) -> str | None:
