@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
+import sys
 import warnings
 
 import torch
 
 _load_error: str | None = None
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside this package: the user's import, not ours.
+
+    (The import machinery's frames, which warnings skip when it counts, are skipped here too.)"""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ("importlib" in name and "_bootstrap" in name):
+            if not os.path.abspath(name).startswith(here):
+                return level
+            level += 1
+        frame = frame.f_back
+    return level
+
+
 try:
     from . import _C  # noqa: F401  (registers the contrastbound:: ops)
 except ImportError as exc:  # tests/test_packaging.py: a tree never built, a library that does not load
@@ -31,7 +50,7 @@ except ImportError as exc:  # tests/test_packaging.py: a tree never built, a lib
         f"contrastbound: the compiled extension contrastbound._C could not be loaded ({_load_error}); falling back "
         f"to the pure-PyTorch implementation, which materialises the logits. {_advice}",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=_user_stacklevel(),
     )
 
 EXTENSION_LOADED = _load_error is None
