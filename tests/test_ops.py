@@ -88,6 +88,9 @@ def _op_samples(device, dtype=torch.float32):
     excluded = torch.tensor([2, -1, 7, 2, 9], device=device)
     for save in (True, False):
         out.append((a, p, n, None, 1.5, True, True, save, False, excluded))
+    # entries at int64's extremes leave none out (the kernels compare before subtracting a tile's first row)
+    extremes = torch.tensor([-2**63, 3, 2**63 - 1, 0, -2**63 + 1], device=device)
+    out.append((a, p, n, None, 1.5, True, True, True, False, extremes))
     return out
 
 

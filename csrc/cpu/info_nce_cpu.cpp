@@ -362,7 +362,8 @@ struct Excluded {
   const int64_t* bank_labels = nullptr;
   bool any() const { return self || rows != nullptr; }
   bool masks() const { return any() || keep != nullptr || labels != nullptr; }
-  int64_t of(int64_t i) const { return self ? i : (rows != nullptr ? rows[i] : int64_t(-1)); }
+  // -1 for a negative entry, so that `of(i) - k0` cannot overflow (an entry near INT64_MIN)
+  int64_t of(int64_t i) const { return self ? i : (rows != nullptr && rows[i] >= 0 ? rows[i] : int64_t(-1)); }
 };
 
 // Sets the excluded entry of each row of a tile of anchors [i0, i0 + rows) x bank rows [k0, k0 + cols) to value,

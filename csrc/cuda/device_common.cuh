@@ -48,10 +48,13 @@ __device__ __forceinline__ float row_factor(float inv, float s) {
 
 // The bank row left out of anchor i's sum (shared bank): i with exclude_self (NT-Xent: the anchors are the bank),
 // excluded[i] where that array is given (bank_cross_entropy: the target row is the positive), else -1 (none).
-// excluded is read only for i < rows (the anchors).
+// excluded is read only for i < rows (the anchors). A negative entry (none) comes back as -1, so that callers'
+// `row - first column` cannot overflow (an entry near INT64_MIN); entries >= K stay (no column matches them).
 __host__ __device__ __forceinline__ int64_t excluded_row(bool exclude_self, const int64_t* excluded, int64_t i,
                                                          int64_t rows) {
-  return exclude_self ? i : (excluded != nullptr && i < rows ? excluded[i] : int64_t(-1));
+  if (exclude_self) return i;
+  const int64_t e = excluded != nullptr && i < rows ? excluded[i] : int64_t(-1);
+  return e < 0 ? int64_t(-1) : e;
 }
 
 // A shared bank's negative_mask and labels (Problem::keep, keep_stride, labels, bank_labels), as the SIMT and the

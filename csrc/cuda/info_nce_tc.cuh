@@ -296,8 +296,8 @@ __host__ __device__ __forceinline__ float tc_bound_term(float inv, float w_abs_s
 __device__ __forceinline__ int tc_col_excluded(const int64_t* excluded, int64_t y, int64_t y_rows, int64_t x0,
                                                int rows) {
   if (excluded == nullptr || y >= y_rows) return -1;
-  const int64_t off = excluded[y] - x0;
-  return off >= 0 && off < rows ? static_cast<int>(off) : -1;
+  const int64_t e = excluded[y];  // compared before subtracting: e - x0 overflows for an entry near INT64_MIN
+  return e >= x0 && e - x0 < rows ? static_cast<int>(e - x0) : -1;
 }
 
 struct TcLseArgs {

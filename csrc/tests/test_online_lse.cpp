@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -260,6 +261,25 @@ void check_kernel() {
       expect_close((term - want_term).abs().max().item<double>(), 0.0, 1e-11, "kernel anchor term " + tag);
     }
   }
+  // excluded (bank_cross_entropy's target rows): bank row excluded[i] left out of anchor i's sum; entries outside
+  // [0, K), int64's extremes among them, leave none out. Several bank tiles, so a tile's first row k0 > 0 is
+  // subtracted from each entry (CMake builds this test with -fsanitize=signed-integer-overflow where it can).
+  const int64_t B = 37, K = 3001, d = 19;
+  const double scale = 1.0 / 0.07;
+  at::Tensor a = at::randn({B, d}, opts), p = at::randn({B, d}, opts), n = at::randn({K, d}, opts);
+  std::vector<int64_t> rows(B);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t extremes[] = {std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max(), -1, K};
+    rows[i] = i % 3 == 0 ? extremes[(i / 3) % 4] : (i * 977) % K;
+  }
+  const at::Tensor excluded = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor lse = std::get<1>(op.call(a, p, n, std::nullopt, scale, false, true, false, false, excluded,
+                                             std::nullopt, std::nullopt, std::nullopt));
+  const at::Tensor pos = (a * p).sum(1, true) * scale;
+  at::Tensor logits = at::cat({pos, at::mm(a, n.t()) * scale}, 1);
+  for (int64_t i = 0; i < B; ++i)
+    if (rows[i] >= 0 && rows[i] < K) logits.index_put_({i, rows[i] + 1}, -std::numeric_limits<double>::infinity());
+  expect_close((lse - at::logsumexp(logits, {1})).abs().max().item<double>(), 0.0, 1e-11, "kernel lse, excluded");
 }
 
 // MKL's thread count on this thread: -1 where torch's BLAS is not MKL.
