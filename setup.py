@@ -5,7 +5,7 @@ Environment:
   FORCE_ONLY_CPU=1   never build CUDA kernels
   MAX_JOBS=N         parallel compile jobs (default: min(cores, 4), so nvcc does not exhaust memory)
   TORCH_CUDA_ARCH_LIST="8.0;9.0a"  GPU architectures (honoured by torch's build helpers)
-  CONTRASTBOUND_DEBUG=1            -O0 -g
+  CONTRASTBOUND_DEBUG=1            -O0 -g (default: -O3 -g0, no debug information)
   CONTRASTBOUND_LINK_LIBSTDCXX=0   do not name torch's libstdc++ on the link line (see _libstdcxx_link_args)
   CONTRASTBOUND_WG_TIMING=1        diagnostic CUDA build: the wgmma kernels time their phases and print them after
                                    each launch (benchmarks/wg_timing.py reads them); not for training
@@ -140,7 +140,9 @@ def _extension():
     print(f"contrastbound: building {'CPU + CUDA' if use_cuda else 'CPU'} extension ({why})")
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
     debug = os.environ.get("CONTRASTBOUND_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's own CFLAGS (sysconfig) carry -g, which made the CPU library 15.6 MB, 0.97 MB of it code and
+    # symbols; function names stay in the symbol table for backtraces.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # The language standard is the one torch asks for (C++17 up to torch 2.11, C++20 from 2.12); the code is C++17
     # (CMakeLists.txt's checks compile the CUDA sources as both).
     cxx = ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", *opt]
