@@ -1985,10 +1985,7 @@ class _BankLabelSums(torch.autograd.Function):
         ctx.save_for_backward(bank, at)
         ctx.normalize, ctx.step, ctx.dtype = normalize, step, dtype
         out = torch.zeros(slots, bank.shape[1], dtype=dtype, device=bank.device)
-        for k0 in range(0, bank.shape[0], step):
-            rows = bank[k0 : k0 + step].to(dtype)
-            if normalize:
-                rows = F.normalize(rows, dim=-1, eps=1e-12)
+        for k0, rows in _bank_row_slices(bank, dtype, normalize, step):
             out.index_add_(0, at[k0 : k0 + step], rows)
         return out
 
@@ -2047,12 +2044,16 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
     if (bank.requires_grad and torch.is_grad_enabled() and not _func_active() and not _forward_ad(bank, sums)
             and not isinstance(bank, FakeTensor)):
         return (sums + _BankLabelSums.apply(bank, at, spare + 1, sums.dtype, normalize, step))[:spare], count[:spare]
-    for k0 in range(0, bank.shape[0], step):
-        rows = bank[k0 : k0 + step].to(sums.dtype)
-        if normalize:
-            rows = F.normalize(rows, dim=-1, eps=1e-12)
+    for k0, rows in _bank_row_slices(bank, sums.dtype, normalize, step):
         sums = sums.index_add(0, at[k0 : k0 + step], rows)  # (not in place: torch.func's vmap may batch the rows)
     return sums[:spare], count[:spare]
+
+
+def _bank_row_slices(bank: torch.Tensor, dtype: torch.dtype, normalize: bool, step: int):
+    """(k0, rows k0 .. k0 + step of the bank in `dtype`, L2-normalised with `normalize`), slice by slice."""
+    for k0 in range(0, bank.shape[0], step):
+        rows = bank[k0 : k0 + step].to(dtype)
+        yield k0, (F.normalize(rows, dim=-1, eps=1e-12) if normalize else rows)
 
 
 def clip_loss(
