@@ -3401,3 +3401,109 @@ def test_features_of_size_zero_give_log_of_one_plus_k_in_every_mode(dtype):
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
         (g,) = torch.autograd.grad(got.sum(), [a])
         assert g.shape == (B, 0)
+
+
+# From a mutation audit of functional.py (2026-12-06): each fails on the mutant it was written for.
+def test_float32_row_past_float16s_range_with_zero_entries_against_a_float16_bank():
+    # _to_bank_dtype normalises a row before the cast to a narrower bank whenever it is not all zero: a row with
+    # some zero entries and others past float16's range (65504) must not become inf (a NaN loss).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, generator=g)
+    a[0] = 0.0
+    a[0, :4] = 1e5
+    p = torch.randn(3, 8, generator=g)
+    bank = torch.randn(16, 8, generator=g).half()
+    got = cb.info_nce(a, p, bank, 0.1, reduction="none")
+    want = cb.info_nce(a.double(), p.double(), bank.double(), 0.1, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_label_smoothing_with_a_half_bank_widened_in_chunks():
+    # A bfloat16 bank of more than 2^22 values: _mean_row and the mean row's gradient widen it a chunk of rows at a
+    # time (_row_chunks); every row, the last of each chunk included, gets label smoothing's share of the gradient.
+    g = torch.Generator().manual_seed(0)
+    C, d = (1 << 16) + 3, 64  # chunks of 2^16 rows: [0, 65536) and [65536, C)
+    bank = torch.randn(C, d, generator=g).bfloat16().requires_grad_()
+    a = torch.randn(3, d, generator=g).bfloat16().requires_grad_()
+    targets = torch.tensor([0, C - 1, 5])
+    loss = cb.bank_cross_entropy(a, bank, targets, 1.0, normalize=True, label_smoothing=0.5)
+    (gb,) = torch.autograd.grad(loss, bank)
+    a64, b64 = a.detach().double(), bank.detach().double().requires_grad_()
+    want = F.cross_entropy(F.normalize(a64, dim=-1) @ F.normalize(b64, dim=-1).T, targets, label_smoothing=0.5)
+    (wb,) = torch.autograd.grad(want, b64)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-2, atol=0.0)
+    for row in (65534, 65535, 65536, C - 2, C - 1):
+        err = (gb[row].double() - wb[row]).norm() / wb[row].norm()
+        assert err < 0.05, (row, err)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_label_smoothing_on_the_reference_path_matches_cross_entropy(monkeypatch, normalize):
+    # Without the kernels (no extension, a GPU build without them, forward-mode AD, torch.func) label smoothing's
+    # term comes from _target_less_mean_logit: l_t - mean_c l_c, the mean row the bank's (normalised rows') mean.
+    from contrastbound import _backend
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 4, 2])
+    an, bn = (F.normalize(a, dim=-1), F.normalize(bank, dim=-1)) if normalize else (a, bank)
+    want = F.cross_entropy(an @ bn.T / 0.5, targets, label_smoothing=0.4, reduction="none")
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    got = cb.bank_cross_entropy(a, bank, targets, 0.5, normalize=normalize, label_smoothing=0.4, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_label_smoothing_on_the_reference_path_rounds_a_float32_temperatures_gradient_once(monkeypatch):
+    # On the reference path label smoothing uses t twice (_fused and _target_less_mean_logit): with float64
+    # features a float32 temperature's two gradient parts (+-0.85, sum 8e-3) are summed in float64, rounded once.
+    from contrastbound import _backend
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 50, (64,), generator=g)
+    anchors = bank[targets] + 0.3 * torch.randn(64, 16, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+
+    def grad(dtype):
+        t = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+        cb.bank_cross_entropy(anchors, bank, targets, t, normalize=True, label_smoothing=0.9).backward()
+        return t.grad.double()
+
+    got, want = grad(torch.float32), grad(torch.float64)
+    assert abs(got - want) <= 4 * torch.finfo(torch.float32).eps * abs(want), (got, want)
+
+
+def test_info_nce_lse_of_an_anchor_without_negatives_or_positive_has_no_gradient():
+    # include_positive=False and an anchor whose negatives are all padding: lse = -inf, the log-sum-exp of nothing,
+    # does not depend on the features (gradient 0, as torch.logsumexp's); the other anchors keep theirs.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, generator=g, dtype=torch.float64).requires_grad_()
+    p = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    bank = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    idx = torch.tensor([[0, 2], [-1, -1], [4, -1]])
+    _, lse = cb.info_nce_lse(a, p, bank, negative_indices=idx, include_positive=False)
+    assert torch.isneginf(lse[1]) and torch.isfinite(lse[[0, 2]]).all()
+    (grad,) = torch.autograd.grad(lse[1], a)
+    assert torch.equal(grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_label_smoothing_of_one_class_on_the_reference_path_is_exactly_zero(monkeypatch, dtype, normalize):
+    # One class: l_t - mean_c l_c is 0, so the reference path (as the kernel path) adds no smoothing term, whose two
+    # paths' rounding would leave a gradient (up to 32 here) where the loss is 0 whatever the inputs.
+    from contrastbound import _backend
+
+    monkeypatch.setattr(_backend, "kernel_serves", lambda device: False)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        a = (torch.randn(5, 7, generator=g) * 10.0 ** torch.randint(-3, 4, (5, 1), generator=g)).to(dtype)
+        bank = (torch.randn(1, 7, generator=g) * 10.0 ** (seed % 7 - 3)).to(dtype).requires_grad_()
+        a.requires_grad_()
+        t = torch.tensor(0.3, requires_grad=True)
+        loss = cb.bank_cross_entropy(a, bank, torch.zeros(5, dtype=torch.long), t, normalize=normalize,
+                                     label_smoothing=0.7, reduction="none")
+        for x, gx in zip((a, bank, t), torch.autograd.grad(loss.sum(), (a, bank, t))):
+            assert torch.equal(gx, torch.zeros_like(x)), (seed, gx)
+        assert torch.equal(loss, torch.zeros_like(loss))

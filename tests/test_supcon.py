@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -640,3 +642,44 @@ def test_features_of_size_zero():
     torch.testing.assert_close(with_bank, torch.full((3,), math.log(6)))  # 2 others + 4 bank rows; each has one
     (g,) = torch.autograd.grad(got.sum(), [f])
     assert g.shape == (3, 0)
+
+
+# From a mutation audit of functional.py (2026-12-06): each fails on the mutant it was written for.
+def test_supcon_forward_ad_through_a_labelled_bank_that_requires_grad():
+    # A bank that requires grad and carries a forward-mode tangent: _BankLabelSums has no jvp, so the labelled
+    # bank's sums must take autograd's path (the _forward_ad check); its jvp matches a central difference.
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 2, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    bank = torch.randn(10, 8, generator=g, dtype=torch.float64).requires_grad_()
+    bank_labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    tangent = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    with fwAD.dual_level():
+        loss = cb.supcon_loss(f, labels, 0.5, bank=fwAD.make_dual(bank, tangent), bank_labels=bank_labels)
+        jvp = fwAD.unpack_dual(loss).tangent
+    h = 1e-6
+    plus = cb.supcon_loss(f, labels, 0.5, bank=(bank + h * tangent).detach(), bank_labels=bank_labels)
+    minus = cb.supcon_loss(f, labels, 0.5, bank=(bank - h * tangent).detach(), bank_labels=bank_labels)
+    torch.testing.assert_close(jvp, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-9)
+
+
+def test_bank_label_sums_gradient_of_a_float16_row_whose_norm_is_past_float16s_range():
+    # _BankLabelSums's backward forms |b| in the accumulation dtype: a float16 row with entries in range but a norm
+    # past 65504 (here 7.3e4) has a gradient ~1/|b|, which a norm taken in float16 (inf) turned into 0.
+    from contrastbound.functional import _add_bank_to_label_sums
+
+    ordered = torch.tensor([0, 0, 1, 2])
+    sums0, count0 = torch.zeros(4, 6), torch.ones(4)
+    signs = torch.tensor([[1.0, -1, 1, -1, 1, -1], [1, 1, -1, -1, 1, 1], [-1, 1, 1, 1, -1, 1]])
+    bank = (signs * 3e4).half().requires_grad_()
+    bank_labels = torch.tensor([0, 1, 2])
+    weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    sums, _ = _add_bank_to_label_sums(sums0, count0, ordered, bank, bank_labels, True)
+    (got,) = torch.autograd.grad((sums * weights).sum(), bank)
+    b64 = bank.detach().double().requires_grad_()
+    at = torch.searchsorted(ordered, bank_labels)
+    want_sums = sums0.double().index_add(0, at, F.normalize(b64, dim=-1))
+    (want,) = torch.autograd.grad((want_sums * weights.double()).sum(), b64)
+    assert got.dtype == torch.float16
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err < 1e-2, err
