@@ -88,6 +88,19 @@ def test_matches_reference(device, dtype, case, normalize):
     assert (unmasked - ref_loss).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("case,B,K", [("shared_mask", 7, 1100), ("in_batch_mask", 530, 0)])
+def test_masks_across_bank_tiles(case, B, K):
+    # Banks past the CPU kernel's 512-row tiles, the last one partial: each tile reads its own columns of the mask
+    # (a mask read from column 0 in every tile passed the K = 37 cases above; a mutation audit, 2026-12-06).
+    a, p, n, kw = _inputs(case, B=B, K=K)
+    extra = dict(temperature=0.2, normalize=True, reduction="none")
+    loss, grads = _grads(cb.info_nce, a, p, n, kw, **extra)
+    ref_loss, ref_grads = _grads(info_nce_reference, *_float64(a, p, n), kw, **extra)
+    assert_close_scaled(loss, ref_loss, tol(torch.float64, "cpu"), "loss")
+    for name, g, r in zip("apn", grads, ref_grads):
+        assert_close_scaled(g, r, tol(torch.float64, "cpu"), f"grad {name}")
+
+
 def _kept_rows(case, i, p, n, kw):
     """Anchor i's kept negatives as a (K_i, d) bank: in-batch the other positives its mask keeps, else the rows its
     indices (not -1) and mask name."""

@@ -78,3 +78,26 @@ def test_subnormal_weights_are_zero_and_normal_ones_kept(gap, case, dtype):
             keep = torch.ones_like(want, dtype=torch.bool)  # all, the ~1e-34 entries too
         assert torch.allclose(got[keep], want[keep], rtol=rel, atol=0), (name, got, want)
     assert small > 0, name  # the problem does make such entries
+
+
+def test_shared_bank_backward_flushes_weights_made_subnormal_by_a_large_lse():
+    # (A mutation audit of the CPU kernel, 2026-12-06.) The shared backward's underflow test must count lse's
+    # log(K + 1) excess over the largest logit: here every |l| <= 43 (2 l_max < 87.3, so e^{l - max} never
+    # underflows), but 1000 rows at l = 43 put lse at ~49.9 and the far row's weight e^{-43 - 49.9} ~ 4e-41 is
+    # subnormal: flushed to 0 (tile_exp.h), as the tests above require at one tile's scale. Dropping the log(K + 1)
+    # term kept it (a subnormal bank gradient row, the slow path).
+    K, d = 1000, 2
+    a = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    p = torch.zeros(1, d)
+    bank = torch.zeros(K + 1, d)
+    bank[:K, 0] = 43.0
+    bank[K, 0] = -43.0
+    bank.requires_grad_()
+    cb.info_nce(a, p, bank, 1.0, normalize=False).backward()
+    ga, gb = a.grad.clone(), bank.grad.clone()
+    a64, b64 = a.detach().double().requires_grad_(), bank.detach().double().requires_grad_()
+    R.info_nce_reference(a64, p.double(), b64, 1.0, normalize=False).backward()
+    assert 0 < abs(float(b64.grad[K, 0])) < torch.finfo(torch.float32).tiny  # the reference's entry: subnormal
+    assert (gb[K] == 0).all(), gb[K]  # flushed
+    torch.testing.assert_close(gb[:K].double(), b64.grad[:K], rtol=1e-5, atol=0)
+    torch.testing.assert_close(ga.double(), a64.grad, rtol=1e-5, atol=1e-7)
