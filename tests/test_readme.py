@@ -80,3 +80,26 @@ def test_readme_quoted_values():
             assert math.isclose(round(got, digits), float(m["value"]), abs_tol=10.0**-digits / 2), (line, got)
             checked += 1
     assert checked >= 2, checked
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens and underscores dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    # The contents line and the at-a-glance table link to sections (#anchors) and to files: each must exist.
+    with open(README) as fh:
+        text = fh.read()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", prose, re.M)}
+    anchors |= set(re.findall(r'<a id="([^"]+)"></a>', prose))
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert sum(link.startswith("#") for link in local) >= 10, local
+    root = os.path.dirname(README)
+    for link in local:
+        if link.startswith("#"):
+            assert link[1:] in anchors, (link, sorted(anchors))
+        else:
+            assert os.path.exists(os.path.join(root, link.split("#")[0])), link
