@@ -120,6 +120,11 @@ bool once_per_device(std::mutex& mutex, std::vector<std::pair<int, bool>>& cache
   return ok;
 }
 
+// Whether this thread has a CUDA error pending from earlier work (a launch its caller has not checked yet). The
+// probes below clear their own failures' errors, which would clear such an error as well: with one pending they
+// give no answer (the usual kernels serve this call; a later call asks again) and leave it for the caller to find.
+bool error_pending() { return cudaPeekAtLastError() != cudaSuccess; }
+
 // Whether the wgmma kernels (info_nce_wgmma.cuh) can run on the current device: compute capability 9.0 and a
 // build with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a; a plain 9.0 build would reach their __trap()).
 // Answered once per device (one tiny launch and a 4-byte copy on a stream of its own, no allocation; a probe that
@@ -133,6 +138,10 @@ bool device_runs_sm90a() {
     if (device_attribute(cudaDevAttrComputeCapabilityMajor) != 9 ||
         device_attribute(cudaDevAttrComputeCapabilityMinor) != 0)
       return false;
+    if (error_pending()) {  // (see error_pending)
+      answered = false;
+      return false;
+    }
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     cudaThreadExchangeStreamCaptureMode(&mode);
     cudaStream_t stream = nullptr;
@@ -160,6 +169,10 @@ bool device_runs_tc_code() {
   static std::mutex mutex;
   static std::vector<std::pair<int, bool>> cache;
   return once_per_device(mutex, cache, [](bool& answered) {
+    if (error_pending()) {  // (see error_pending)
+      answered = false;
+      return false;
+    }
     cudaFuncAttributes attr{};
     answered = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess;
     cudaGetLastError();  // (no image for this device: no, and not an error of the caller's work)
