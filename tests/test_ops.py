@@ -1096,3 +1096,22 @@ def test_flop_counter_counts_bank_cross_entropy_as_the_reference(bank_learns):
         3 if bank_learns else 2)
     with torch.no_grad():
         assert _flops(lambda: cb.bank_cross_entropy(a, w, t)) == 2 * 8 * 16 * 4
+
+
+@needs_kernel
+def test_the_op_refuses_index_minus_two_the_first_value_below_padding():
+    # (a mutation audit, 2026-12-06) info_nce_checks.h: -1 marks padding, any other negative index is refused (the tests elsewhere go 100 below);
+    # -2, one past the boundary, must be refused too, and -1 taken
+    from contrastbound.reference import info_nce_reference
+
+    ops = torch.ops.contrastbound
+    g = torch.Generator().manual_seed(23)
+    a, p, bank = (torch.randn(n, 4, generator=g) for n in (3, 3, 5))
+    idx = torch.tensor([[0, -1], [1, 2], [3, 4]])
+    loss = ops.info_nce_fwd(a, p, bank, idx, 1.0, True, True, False)[0]
+    want = info_nce_reference(a, p, bank, 1.0, negative_indices=idx, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    idx[2, 1] = -2
+    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\) = \[0, 5\) or be -1 \(padding\), "
+                                         r"got values in \[-2, 3\]"):
+        ops.info_nce_fwd(a, p, bank, idx, 1.0, True, True, False)

@@ -618,3 +618,50 @@ def test_edge_cases_from_a_mutation_audit():
     group = threading.Lock()  # (any object that cannot be pickled stands in for a ProcessGroup)
     assert copy.deepcopy(cb.SigLIP(process_group=group)).process_group is group
     assert "(meta)" in repr(cb.SigLIP().to("meta"))
+
+
+@pytest.mark.parametrize("extra", [1, 2])
+def test_siglip_a_last_text_tile_of_one_or_two_columns(extra):
+    # (a mutation audit, 2026-12-06) N = kColTile + 1: the forward's last text tile holds one column (a loop bound `j0 + 1 < M` dropped it, and
+    # every image row lost one softplus term); + 2 for the neighbour. Loss and gradients against the reference.
+    n = 512 + extra  # (siglip.cpp's kColTile: texts per tile of the forward and the image rows' pass)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = x + 0.8 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+    leaves = [v.clone().requires_grad_() for v in (x, y, torch.tensor(7.0, dtype=torch.float64),
+                                                   torch.tensor(-4.0, dtype=torch.float64))]
+    refs = [v.detach().clone().requires_grad_() for v in leaves]
+    got = cb.siglip_loss(*leaves, reduction="none")
+    want = siglip_reference(*refs, reduction="none")
+    assert_close_scaled(got, want, 1e-13, "loss")
+    upstream = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    for name, a, b in zip(["image", "text", "logit_scale", "logit_bias"], torch.autograd.grad(got, leaves, upstream),
+                          torch.autograd.grad(want, refs, upstream)):
+        assert_close_scaled(a, b, 1e-12, f"grad {name}")
+
+
+@needs_op
+@pytest.mark.parametrize("gap", [80.0, 88.0])
+def test_siglip_weights_made_subnormal_by_the_bias_alone_are_flushed(gap):
+    # (a mutation audit, 2026-12-06) As test_subnormal_weights.py, with the underflow coming from the bias: x . y = 0 for every pair, so each logit is
+    # the bias -gap and its |s| ||x|| ||y|| part is 0. siglip.cpp's bound |s| max||x|| max||y|| + |b| must count |b|:
+    # at gap 88 (sigmoid(-88) ~ 6e-39 < float32's smallest normal, while e^88 < float32's max, so that a plain
+    # float32 sigmoid gives it subnormal rather than 0 by overflow, as the gap in test_subnormal_weights.py) the text
+    # gradient row 1, made of the weight sigmoid(l_01) alone (x_1 = 0: its positive pair contributes nothing), is
+    # flushed to exactly 0; at gap 80 (sigmoid(-80) ~ 1.8e-35, normal) it is kept and matches the float64 reference.
+    img = torch.tensor([[1.0], [0.0]], requires_grad=True)
+    txt = torch.tensor([[0.0], [0.0]], requires_grad=True)
+    cb.siglip_loss(img, txt, 1.0, -gap, normalize=False, reduction="sum").backward()
+    img64, txt64 = img.detach().double().requires_grad_(), txt.detach().double().requires_grad_()
+    siglip_reference(img64, txt64, 1.0, -gap, normalize=False, reduction="sum").backward()
+    want = float(txt64.grad[1, 0])
+    assert want == pytest.approx(torch.sigmoid(torch.tensor(-gap, dtype=torch.float64)).item(), rel=1e-12)
+    if gap == 88.0:
+        assert 0 < want < torch.finfo(torch.float32).tiny
+        assert 0 < float(torch.sigmoid(torch.tensor(-gap))) < torch.finfo(torch.float32).tiny  # (what an unflushed float32 weight is)
+        assert txt.grad[1, 0] == 0, txt.grad
+    else:
+        assert want > torch.finfo(torch.float32).tiny
+        assert float(txt.grad[1, 0]) == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(img.grad.double(), img64.grad, rtol=1e-5, atol=0)
+    torch.testing.assert_close(txt.grad[0].double(), txt64.grad[0], rtol=1e-5, atol=0)
