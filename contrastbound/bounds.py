@@ -272,7 +272,16 @@ def _as_loss(name: str, value: Any) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be a real number or array, got {type(value).__name__}") from exc
     _numeric(name, given, "a real number or array")
-    return _as_float64(name, given)
+    r = _as_float64(name, given)
+    # A contrastive loss log(1 + sum_k e^{...}) is finite and never negative: -1 gave an interval below 0 and the
+    # earlier bounds negative values, inf an interval (inf, inf) (a misuse audit). NaN passes (an estimate that is
+    # missing: gap_report passes them through) and gives NaN.
+    bad = ~(np.isnan(r) | ((r >= 0.0) & (r < math.inf)))
+    if np.any(bad):
+        first = float(r.reshape(-1)[np.argmax(bad.reshape(-1))])
+        got = f"{first}" if r.ndim == 0 else f"{first} ({int(bad.sum())} of its {r.size} entries out of range)"
+        raise ValueError(f"{name} must be finite and >= 0 (a contrastive loss is never negative), got {got}")
+    return r
 
 
 def _as_float64(name: str, given: np.ndarray) -> np.ndarray:

@@ -1227,3 +1227,14 @@ def test_harmonic_number_of_a_numpy_integer_is_a_python_float():
         for form in ("exact", "authors"):
             v = B.harmonic_number(n, form)
             assert type(v) is float and v == B.harmonic_number(int(n), form)
+
+
+@pytest.mark.parametrize("fn", ["supervised_loss_interval", "arora", "nozawa_sato", "ash"])
+@pytest.mark.parametrize("bad", [-1.0, -1e-300, math.inf, -math.inf, np.array([0.5, -3.0]), torch.tensor(-0.25)])
+def test_an_impossible_contrastive_loss_is_refused(fn, bad):
+    # log(1 + sum_k e^{...}) is finite and >= 0: a negative or infinite value gave a number (an interval below 0,
+    # Arora et al. -63.3 at R_cont = -1; a misuse audit). NaN, a missing estimate, still gives NaN; 0 is taken.
+    with pytest.raises(ValueError, match="contrastive_loss must be finite and >= 0"):
+        getattr(B, fn)(bad, 20, 10)
+    assert np.all(np.isnan(getattr(B, fn)(math.nan, 20, 10)))
+    assert np.all(np.isfinite(getattr(B, fn)(np.array([0.0, 2.0]), 20, 10)))
