@@ -293,7 +293,7 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     The ranks must agree on the shape past the first dimension and on the dtype (ValueError on every rank).
     ``group``: a process group, None (the default group) or "world" (the same, as the losses take it).
     """
-    group = _function_group(group)
+    group = _function_group(group, "group")
     _check_gather_input(tensor, "all_gather_with_grad", group)
     return _AllGatherWithGrad.apply(tensor, group, _exchange_sizes(tensor, group, "tensor"))
 
@@ -306,7 +306,7 @@ def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "te
     name; ``agree``: what else the ranks must agree on (the losses' call, normalize and temperature:
     _exchange_sizes).
     """
-    group = _function_group(group)
+    group = _function_group(group, "group")
     _check_gather_input(tensor, "gather_with_local_first", group, name)
     sizes = _exchange_sizes(tensor, group, name, **agree)
     everything = _AllGatherWithGrad.apply(tensor, group, sizes)

@@ -2374,6 +2374,7 @@ def _module_group(module: str, process_group):
             raise ValueError(f"{module}: process_group must be a torch.distributed ProcessGroup, None or 'world' (the "
                              f"world group, looked up at each call), got {process_group!r}")
         return process_group
+    _check_group_type(process_group, "process_group", f"{module}: ")
     if process_group is None and torch.distributed.is_available() and not torch.distributed.is_initialized():
         warnings.warn(
             f"{module}(process_group=None) while torch.distributed is not initialised: dist.group.WORLD is None until "
@@ -2392,15 +2393,32 @@ def _first_caller_outside() -> int:
     return level
 
 
-def _function_group(process_group):
+def _function_group(process_group, name: str = "process_group"):
     """A loss function's process_group: "world" (as the modules take it) is dist.group.WORLD, looked up now; any
-    other string is refused by name; anything else as given (checked where it is used)."""
+    other string is refused by name, and so is what is not a group (before the check that torch.distributed is
+    up, whose message named no fault of the argument's: a misuse audit); a group or None as given."""
     if isinstance(process_group, str):
         if process_group != "world":
-            raise ValueError(f"process_group must be a torch.distributed ProcessGroup, None or 'world' (the world "
+            raise ValueError(f"{name} must be a torch.distributed ProcessGroup, None or 'world' (the world "
                              f"group), got {process_group!r}")
         return _call_group(process_group)
+    _check_group_type(process_group, name)
     return process_group
+
+
+def _check_group_type(process_group, name: str, prefix: str = "") -> None:
+    """Refuses a process_group that is neither None nor a torch.distributed ProcessGroup (an int, a list, a rank
+    number): TypeError naming it. dist.new_group's marker for a rank outside the group passes (the gathers say
+    what it means)."""
+    if process_group is None or not torch.distributed.is_available():
+        return
+    if isinstance(process_group, torch.distributed.ProcessGroup):
+        return
+    if (isinstance(process_group, int) and not isinstance(process_group, bool)
+            and process_group == torch.distributed.GroupMember.NON_GROUP_MEMBER):
+        return
+    raise TypeError(f"{prefix}{name} must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD), None or "
+                    f"'world' (the world group), got {type(process_group).__name__}")
 
 
 def _call_group(process_group):

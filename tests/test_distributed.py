@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import contrastbound as cb
 from contrastbound import _backend
-from contrastbound.distributed import all_gather_with_grad, info_nce_sharded
+from contrastbound.distributed import all_gather_with_grad, gather_with_local_first, info_nce_sharded
 
 from conftest import assert_close_scaled
 
@@ -576,16 +576,18 @@ def test_needs_initialised_process_group():
     for gather in (all_gather_with_grad, gather_with_local_first):  # (a sparse tensor: a memory-format error)
         with pytest.raises(TypeError, match="tensor must be a dense"):
             gather(x.to_sparse())
+    # a group object that no init_process_group made (anything else is refused by type first: test below)
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
     for name, call in [
-        ("info_nce", lambda: cb.info_nce(x, x, None, process_group=object())),  # in-batch over the global batch
-        ("info_nce", lambda: cb.info_nce(x, x, x, process_group=object())),  # sharded bank
-        ("nt_xent", lambda: cb.nt_xent(x, x, process_group=object())),
-        ("clip_loss", lambda: cb.clip_loss(x, x, 10.0, process_group=object())),
+        ("info_nce", lambda: cb.info_nce(x, x, None, process_group=group)),  # in-batch over the global batch
+        ("info_nce", lambda: cb.info_nce(x, x, x, process_group=group)),  # sharded bank
+        ("nt_xent", lambda: cb.nt_xent(x, x, process_group=group)),
+        ("clip_loss", lambda: cb.clip_loss(x, x, 10.0, process_group=group)),
     ]:
         with pytest.raises(RuntimeError, match=f"{name} with process_group needs torch.distributed to be initialised"):
             call()
     with pytest.raises(ValueError, match="negative_indices"):
-        cb.info_nce(x, x, x, negative_indices=torch.zeros(3, 1, dtype=torch.long), process_group=object())
+        cb.info_nce(x, x, x, negative_indices=torch.zeros(3, 1, dtype=torch.long), process_group=group)
 
 
 def test_loss_modules_built_before_init_warn_and_take_world_looked_up_at_each_call(tmp_path, monkeypatch):
@@ -643,18 +645,50 @@ def test_a_process_group_that_is_not_one_is_named(tmp_path):
         for call in (lambda: cb.info_nce(x, x, x, process_group=True),
                      lambda: cb.nt_xent(x, x, process_group=1),
                      lambda: all_gather_with_grad(x, group=object())):
-            with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+            with pytest.raises(TypeError, match="(process_)?group must be a torch.distributed ProcessGroup"):
                 call()
         for call in (lambda: cb.info_nce(x, x, None, process_group="WORLD"),  # (a string other than "world")
                      lambda: cb.clip_loss(x, x, 10.0, process_group="WORLD"),
                      lambda: all_gather_with_grad(x, group="bad")):
-            with pytest.raises(ValueError, match="process_group must be a torch.distributed ProcessGroup, None or "
-                                                 "'world' .*got '(WORLD|bad)'"):
+            with pytest.raises(ValueError, match="(process_)?group must be a torch.distributed ProcessGroup, None "
+                                                 "or 'world' .*got '(WORLD|bad)'"):
                 call()
         assert torch.equal(all_gather_with_grad(x, group=dist.group.WORLD), x)  # a real group still works
         assert torch.equal(all_gather_with_grad(x, group="world"), x)  # and "world", as the losses take it
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group", [5, 1.0, [0], object(), True])
+def test_a_process_group_that_is_not_one_is_named_before_init(group):
+    # Without torch.distributed up, process_group=5 (or a list, a float) said "needs torch.distributed to be
+    # initialised", which named no fault of the argument's, and the modules kept it until their first call (a
+    # misuse audit). Now each function, module and gather names it; a group or None is unchanged.
+    assert not dist.is_initialized()
+    x = torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 0, 1])
+    calls = [
+        lambda: cb.info_nce(x, x, x, process_group=group),
+        lambda: cb.info_nce(x, x, None, process_group=group),
+        lambda: cb.debiased_info_nce(x, x, None, tau_plus=0.1, process_group=group),
+        lambda: cb.nt_xent(x, x, process_group=group),
+        lambda: cb.supcon_loss(x, labels, process_group=group),
+        lambda: cb.clip_loss(x, x, 10.0, process_group=group),
+        lambda: cb.siglip_loss(x, x, process_group=group),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=f"^process_group must be a torch.distributed ProcessGroup .*got "
+                                            f"{type(group).__name__}$"):
+            call()
+    for cls in (cb.InfoNCE, cb.NTXent, cb.SupCon, cb.ClipLoss, cb.SigLIP):
+        with pytest.raises(TypeError, match=f"^{cls.__name__}: process_group must be a torch.distributed "
+                                            f"ProcessGroup"):
+            cls(process_group=group)
+    for gather in (all_gather_with_grad, gather_with_local_first):
+        with pytest.raises(TypeError, match="^group must be a torch.distributed ProcessGroup"):
+            gather(x, group)
+    # None is no group in the losses (a per-rank loss), as before
+    torch.testing.assert_close(cb.info_nce(x, x, x, process_group=None), cb.info_nce(x, x, x))
 
 
 def test_loss_functions_take_world_as_the_modules_do(tmp_path):

@@ -2347,11 +2347,14 @@ def test_learnable_temperature_gradient_where_a_row_has_no_negatives(case):
 
 def test_infonce_module_deepcopy_shares_its_process_group():
     # EMA / teacher copies deep-copy the model: a process group cannot be copied (nor pickled), so the copy shares
-    # it; the learnable temperature is copied. (A lock stands in for a group: it cannot be copied either.)
+    # it; the learnable temperature is copied. (A group that no init_process_group made: no exchange runs here.)
     import copy
-    import threading
 
-    group = threading.Lock()
+    import torch.distributed as dist
+
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    with pytest.raises(Exception):  # (what the module's deepcopy has to work around)
+        copy.deepcopy(group)
     module = cb.InfoNCE(temperature=0.2, learn_temperature=True, process_group=group)
     twin = copy.deepcopy(module)
     assert twin.process_group is group
