@@ -3440,6 +3440,21 @@ def test_label_smoothing_with_a_half_bank_widened_in_chunks():
         assert err < 0.05, (row, err)
 
 
+@pytest.mark.parametrize("C", [1 << 16, 1 << 18])
+def test_label_smoothing_mean_row_of_many_equal_rows_keeps_float32_accuracy(C):
+    # Every bank row the same: every logit is s = 20, so the loss is log C exactly, label smoothing or not. The mean
+    # row (its logit is smoothing's term) was one float32 product b^T (1 / |b|) summed along C: relative error
+    # 4.5e-4 at C = 2^16 and 2e-3 at 2^18, which moved the loss by 1.6e-3 (a differential fuzz's find). Allowed: a
+    # few float32 roundings of logits of size 20 (8 eps 20 = 1.9e-5).
+    g = torch.Generator().manual_seed(0)
+    d = 4
+    bank = torch.randn(1, d, generator=g).expand(C, d).contiguous()
+    a = torch.randn(2, d, generator=g)
+    loss = cb.bank_cross_entropy(a, bank, torch.tensor([0, 1]), 0.05, normalize=True, reduction="none",
+                                 label_smoothing=0.1)
+    assert (loss.double() - math.log(C)).abs().max() < 8 * torch.finfo(torch.float32).eps * 20
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_label_smoothing_on_the_reference_path_matches_cross_entropy(monkeypatch, normalize):
     # Without the kernels (no extension, a GPU build without them, forward-mode AD, torch.func) label smoothing's
