@@ -1956,18 +1956,24 @@ def supcon_loss(
         if normalize:
             bh = F.normalize(bh, dim=-1, eps=1e-12)
     # Per-label sums without torch.unique (no read-back, static shapes under torch.compile): a label's slot is the
-    # position of its first row in sorted order. (With process_group the batch's rows, this rank's first.)
+    # position of its first row in sorted order. (With process_group the batch's rows, this rank's first.) Summed,
+    # and the positives' mean logit formed, in float64 (wide): index_add adds a label's rows one after another, and
+    # in float32 the sum's error grew with the label's count: 65536 near-equal rows of one label moved the loss by
+    # 2.3e-3 and the gradient by 8.9e-4 where it is ~1e-8 (a differential fuzz's find). The counts too (float32
+    # counts exactly only to 2^24).
+    wide = _wide_dtype(acc, bh.device)
     ordered = torch.sort(rows).values
     slot = torch.searchsorted(ordered, rows)
-    sums = torch.zeros_like(bh).index_add(0, slot, bh)
-    count = torch.zeros(rows.shape, dtype=acc, device=rows.device).index_add(0, slot,
-                                                                            torch.ones_like(rows, dtype=acc))
+    sums = torch.zeros(bh.shape, dtype=wide, device=bh.device).index_add(0, slot, bh.to(wide))
+    count = torch.zeros(rows.shape, dtype=wide, device=rows.device).index_add(0, slot,
+                                                                             torch.ones_like(rows, dtype=wide))
     if bank_labels is not None and bank.shape[0] > 0 and rows.numel() > 0:
-        sums, count = _add_bank_to_label_sums(sums, count, ordered, bank, bank_labels, normalize)
+        sums, count = _add_bank_to_label_sums(sums, count, ordered, bank, bank_labels, normalize, acc)
     mine = slot[: z.shape[0]]
     count = count[mine]
     has = count > 1
-    positive = (zh * (sums.index_select(0, mine) - zh)).sum(-1) / torch.where(has, count - 1, 1.0)
+    zw = zh.to(wide)
+    positive = ((zw * (sums.index_select(0, mine) - zw)).sum(-1) / torch.where(has, count - 1, 1.0)).to(acc)
     loss = torch.where(has, lse - positive / (t.to(acc) if isinstance(t, torch.Tensor) else t), 0.0)
     # lse runs over the positives too, so loss >= log(positives) >= 0; where they dominate, the difference of the
     # two rounded terms can come out below 0 by their rounding (-4e-6 at logits ~1e3 in float32): the value is
@@ -1982,8 +1988,8 @@ def supcon_loss(
 
 
 class _BankLabelSums(torch.autograd.Function):
-    """sum_k [at_k = j] r_k for each slot j < slots, r_k the bank's row k in `dtype` (L2-normalised with
-    `normalize`), formed `step` rows at a time. Autograd's own index_add keeps every slice of the rows for its
+    """sum_k [at_k = j] r_k for each slot j < slots in `sum_dtype`, r_k the bank's row k in `dtype` (L2-normalised
+    with `normalize`), formed `step` rows at a time. Autograd's own index_add keeps every slice of the rows for its
     backward (a (K, d) copy in `dtype` from forward to backward) and slices a bank-sized zero gradient for each
     of them; here forward keeps only the bank and `at`, and backward writes the bank's gradient slice by slice into
     one (K, d) tensor in the bank's dtype (J^T g_{at_k}, J F.normalize's Jacobian (I - r r^T) / |b|, I / 1e-12
@@ -1991,12 +1997,12 @@ class _BankLabelSums(torch.autograd.Function):
     forward-mode AD and torch.func)."""
 
     @staticmethod
-    def forward(ctx, bank, at, slots, dtype, normalize, step):
+    def forward(ctx, bank, at, slots, dtype, normalize, step, sum_dtype):
         ctx.save_for_backward(bank, at)
         ctx.normalize, ctx.step, ctx.dtype = normalize, step, dtype
-        out = torch.zeros(slots, bank.shape[1], dtype=dtype, device=bank.device)
+        out = torch.zeros(slots, bank.shape[1], dtype=sum_dtype, device=bank.device)
         for k0, rows in _bank_row_slices(bank, dtype, normalize, step):
-            out.index_add_(0, at[k0 : k0 + step], rows)
+            out.index_add_(0, at[k0 : k0 + step], rows.to(sum_dtype))
         return out
 
     @staticmethod
@@ -2014,7 +2020,7 @@ class _BankLabelSums(torch.autograd.Function):
                 radial = (r * g).sum(-1, keepdim=True) * (norm >= 1e-12)  # (none where the norm was clamped)
                 g = (g - radial * r) / clamped
             grad[k0 : k0 + ctx.step] = g
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _check_labels(name: str, labels: object, n: int, n_name: str, features: torch.Tensor) -> None:
@@ -2031,7 +2037,7 @@ def _check_labels(name: str, labels: object, n: int, n_name: str, features: torc
 
 
 def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: torch.Tensor, bank: torch.Tensor,
-                            bank_labels: torch.Tensor, normalize: bool, budget: int = 1 << 20):
+                            bank_labels: torch.Tensor, normalize: bool, acc: torch.dtype, budget: int = 1 << 20):
     """The per-label sums and counts of supcon_loss with the bank's rows of the batch's labels added at their
     label's slot (the first position of the label in the sorted batch labels `ordered`); the other rows go to a
     spare slot, dropped after. In eager mode the (normalised, accumulation-dtype) rows are formed ~`budget` values
@@ -2047,16 +2053,18 @@ def _add_bank_to_label_sums(sums: torch.Tensor, count: torch.Tensor, ordered: to
     sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
     count = torch.cat([count, count.new_zeros(1)]).index_add(0, at, torch.ones_like(at, dtype=count.dtype))
     step = max(1, budget // max(1, bank.shape[1]))
+    # (the rows normalised in acc, as the batch's are, then widened to the sums' dtype)
     if torch.compiler.is_compiling():
-        rows = bank.to(sums.dtype)
+        rows = bank.to(acc)
         if normalize:
             rows = F.normalize(rows, dim=-1, eps=1e-12)
-        return sums.index_add(0, at, rows)[:spare], count[:spare]
+        return sums.index_add(0, at, rows.to(sums.dtype))[:spare], count[:spare]
     if (bank.requires_grad and torch.is_grad_enabled() and not _func_active() and not _forward_ad(bank, sums)
             and not isinstance(bank, FakeTensor)):
-        return (sums + _BankLabelSums.apply(bank, at, spare + 1, sums.dtype, normalize, step))[:spare], count[:spare]
-    for k0, rows in _bank_row_slices(bank, sums.dtype, normalize, step):
-        sums = sums.index_add(0, at[k0 : k0 + step], rows)  # (not in place: torch.func's vmap may batch the rows)
+        return ((sums + _BankLabelSums.apply(bank, at, spare + 1, acc, normalize, step, sums.dtype))[:spare],
+                count[:spare])
+    for k0, rows in _bank_row_slices(bank, acc, normalize, step):
+        sums = sums.index_add(0, at[k0 : k0 + step], rows.to(sums.dtype))  # (not in place: torch.func's vmap may batch the rows)
     return sums[:spare], count[:spare]
 
 

@@ -261,9 +261,10 @@ def test_bank_label_sums_in_slices_equal_one_pass():
     sums0 = torch.zeros_like(rows).index_add(0, slot, rows)
     count0 = torch.zeros(9, dtype=torch.float64).index_add(0, slot, torch.ones(9, dtype=torch.float64))
     bank = _bank(6)
-    whole = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True)
+    whole = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True, torch.float64)
     for budget in (6, 18, 24):
-        part = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True, budget=budget)
+        part = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, True, torch.float64,
+                                       budget=budget)
         assert_close_scaled(part[0], whole[0], 1e-15, f"sums, budget {budget}")
         assert torch.equal(part[1], whole[1])
     # the counts: each label's batch rows plus its bank rows (labels 5 and 0 are in no batch row: not counted)
@@ -299,7 +300,8 @@ def test_bank_label_sums_gradient_in_slices(normalize, dtype, acc):
     want = sums0.index_add(0, at[keep], rows[keep])
     (g_want,) = torch.autograd.grad((want * weights).sum(), bank)
     for budget in (6, 18, 1 << 20):
-        sums, _ = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, normalize, budget=budget)
+        sums, _ = _add_bank_to_label_sums(sums0, count0, ordered, bank, BANK_LABELS, normalize, acc,
+                                          budget=budget)
         add = sums.grad_fn.next_functions[0][0]  # (its path taken: the sums' slice of batch sums + the Function's)
         assert type(add.next_functions[1][0]).__name__ == "_BankLabelSumsBackward", add.next_functions
         assert_close_scaled(sums, want, 4 * torch.finfo(acc).eps, f"sums, budget {budget}")
@@ -712,7 +714,7 @@ def test_bank_label_sums_gradient_of_a_float16_row_whose_norm_is_past_float16s_r
     bank = (signs * 3e4).half().requires_grad_()
     bank_labels = torch.tensor([0, 1, 2])
     weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
-    sums, _ = _add_bank_to_label_sums(sums0, count0, ordered, bank, bank_labels, True)
+    sums, _ = _add_bank_to_label_sums(sums0, count0, ordered, bank, bank_labels, True, torch.float32)
     (got,) = torch.autograd.grad((sums * weights).sum(), bank)
     b64 = bank.detach().double().requires_grad_()
     at = torch.searchsorted(ordered, bank_labels)
@@ -721,3 +723,43 @@ def test_bank_label_sums_gradient_of_a_float16_row_whose_norm_is_past_float16s_r
     assert got.dtype == torch.float16
     err = (got.double() - want).abs().max() / want.abs().max()
     assert err < 1e-2, err
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("bank_rows,seed", [(0, 1), (0, 2), (0, 3), (1 << 16, 0)])
+def test_many_equal_rows_of_one_label_keep_float32_accuracy(bank_rows, seed):
+    # Every row the same (one label): every logit is s = 10, so the loss is log(N - 1 + K) exactly. The per-label
+    # sums were float32 index_adds, whose error grows with the label's count: the loss was off by 1.2e-3 to 1.6e-3
+    # (N = 16384, no bank, these rows) and 4.5e-3 (N = 512, K = 2^16) (a differential fuzz's find). Allowed: a few
+    # float32 roundings of logits of size 10 (8 eps (1 + 10) = 1e-5).
+    g = torch.Generator().manual_seed(seed)
+    d = 4
+    row = torch.randn(1, d, generator=g)
+    N = 16384 if bank_rows == 0 else 512
+    kw = {}
+    if bank_rows:
+        kw = dict(bank=row.expand(bank_rows, d).contiguous(), bank_labels=torch.zeros(bank_rows, dtype=torch.long))
+    loss = cb.supcon_loss(row.expand(N, d).contiguous(), torch.zeros(N, dtype=torch.long), 0.1, **kw)
+    assert abs(float(loss) - math.log(N - 1 + bank_rows)) < 8 * EPS32 * (1 + 10)
+
+
+def test_near_equal_rows_of_one_label_get_float32_accurate_gradients():
+    # 512 features and a bank of 2^16 rows, all of one label, each a copy of one row plus noise 1e-3: the loss's
+    # gradient is nearly 0 (~1e-11), the difference of the log-sum-exp's part and the positives' mean's, each of size
+    # ~s / (N |f|) per feature row (s / ((N + K) |b|) per bank row), each rounded in float32 before they cancel. With
+    # float32 label sums the features' gradient was off by 8.9e-4 (a differential fuzz's find); now a few roundings
+    # of those parts (allowed: 16 eps each).
+    g = torch.Generator().manual_seed(1)
+    N, K, d, s = 512, 1 << 16, 4, 10.0
+    row = torch.randn(1, d, generator=g)
+    f = (row + 1e-3 * torch.randn(N, d, generator=g)).requires_grad_()
+    bank = (row + 1e-3 * torch.randn(K, d, generator=g)).requires_grad_()
+    y, yb = torch.zeros(N, dtype=torch.long), torch.zeros(K, dtype=torch.long)
+    gf, gb = torch.autograd.grad(cb.supcon_loss(f, y, 1 / s, bank=bank, bank_labels=yb), (f, bank))
+    f64, b64 = f.detach().double().requires_grad_(), bank.detach().double().requires_grad_()
+    wf, wb = torch.autograd.grad(supcon_reference(f64, y, 1 / s, bank=b64, bank_labels=yb), (f64, b64))
+    norm = float(row.norm())
+    assert (gf.double() - wf).abs().max() < 16 * EPS32 * s / (N * norm)
+    assert (gb.double() - wb).abs().max() < 16 * EPS32 * s / ((N + K) * norm)
