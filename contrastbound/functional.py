@@ -2479,6 +2479,12 @@ class _LossModule(torch.nn.Module):
         assign = local_metadata.get("assign_to_params_buffers", False)
         for name, param in ([] if assign else self._parameters.items()):
             value = state_dict.get(prefix + name)
+            if (param is not None and isinstance(value, torch.Tensor) and param.is_floating_point()
+                    and (value.is_complex() or value.dtype == torch.bool)):
+                # (the copy into the real parameter dropped the imaginary part, torch warning only; a misuse audit)
+                error_msgs.append(f"{type(self).__name__} ({prefix or 'top level'}): {name} must be a real number, "
+                                  f"got a {value.dtype} tensor; nothing was loaded")
+                return
             if param is None or not isinstance(value, torch.Tensor) or param.is_meta or value.is_meta or \
                     value.numel() != 1 or not (value.is_floating_point() and param.is_floating_point()):
                 continue
@@ -2927,6 +2933,11 @@ class ClipLoss(_LogitScaleLoss):
         # past the cap (an audit). Where it binds, that use's backward reads the capped value while its forward read
         # the uncapped one (README): the price of no read-back, off by one step's overshoot.
         log_scale = self.log_logit_scale
+        if not log_scale.is_floating_point():
+            # (a module moved to a complex dtype: the clamp below failed with torch's "clamp is not supported for
+            # complex types"; a misuse audit)
+            raise TypeError(f"logit_scale must be a real floating tensor: log_logit_scale is a {log_scale.dtype} "
+                            "parameter (convert the module with .float() or .double())")
         cap = math.log(self.max_logit_scale)
         if _exporting() or _func_active():
             # torch.export lifted .data as a fake constant (non-strict) or traced the clamp away (strict: the cap

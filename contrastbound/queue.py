@@ -6,6 +6,9 @@ import operator
 
 import torch
 
+# the key dtypes the queue takes (and its constructor's dtype argument)
+_KEY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
 
 class NegativeQueue(torch.nn.Module):
     """A first-in-first-out queue of ``size`` keys of dimension ``dim``, to use as the negatives of
@@ -67,7 +70,7 @@ class NegativeQueue(torch.nn.Module):
                  labels: bool = False) -> None:
         super().__init__()
         size, dim = _positive_int("size", size), _positive_int("dim", dim)
-        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # the dtypes info_nce takes
+        if dtype not in _KEY_DTYPES:  # the dtypes info_nce takes
             raise TypeError(f"dtype must be torch.float32, float64, float16 or bfloat16, got {dtype!r}")
         if not isinstance(labels, bool):
             raise TypeError(f"labels must be a bool (whether the queue keeps a label per key), got {labels!r}")
@@ -136,9 +139,12 @@ class NegativeQueue(torch.nn.Module):
         elif not_tensor := [name for name, v in keys.items() if v is not None and not isinstance(v, torch.Tensor)]:
             # (torch's own copy raised AttributeError on .shape / .numel)
             problem = "; ".join(f"{name} must be a tensor, got {type(keys[name]).__name__}" for name in not_tensor)
-        elif keys["queue"] is not None and (keys["queue"].is_complex() or keys["queue"].dtype == torch.bool):
-            # (the copy into the real buffer dropped the imaginary part, with a warning only)
-            problem = f"queue must be a real tensor of keys, got {keys['queue'].dtype}"
+        elif keys["queue"] is not None and keys["queue"].dtype not in _KEY_DTYPES:
+            # (the copy into the real buffer dropped a complex tensor's imaginary part, with a warning only; an
+            # integer one, assigned with load_state_dict(assign=True), made the next enqueue fail in torch.finfo:
+            # a misuse audit)
+            problem = (f"queue must be a tensor of keys in float32, float64, float16 or bfloat16, got "
+                       f"{keys['queue'].dtype}")
         elif keys["queue"] is not None and tuple(keys["queue"].shape) != (self.size, self.dim):
             problem = f"queue has shape {tuple(keys['queue'].shape)}, this queue {(self.size, self.dim)}"
         elif keys.get("queue_labels") is not None and (tuple(keys["queue_labels"].shape) != (self.size,) or

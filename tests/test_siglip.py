@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -556,6 +557,31 @@ def test_learnable_module_refuses_a_scale_its_forward_would_refuse():
     wide.logit_scale = 1e-40
     assert torch.isfinite(wide(x.double(), y.double()))
     assert torch.isfinite(cb.SigLIP(1e-40, learnable=False)(x, y))
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(1.0 + 2.0j), torch.tensor(True)])
+def test_modules_refuse_a_complex_or_bool_parameter_in_a_state(bad):
+    # A misuse audit: a complex log_temperature loaded with its imaginary part dropped (torch's warning only) and a
+    # bool one as 1.0; now a load error naming it, the module left as it was.
+    for module, name, keep in ((cb.InfoNCE(0.2, learn_temperature=True), "log_temperature", "temperature"),
+                               (cb.SigLIP(), "logit_bias", "logit_bias"), (cb.ClipLoss(), "log_logit_scale", "logit_scale")):
+        before = float(getattr(module, keep).detach())
+        state = {**module.state_dict(), name: bad}
+        with pytest.raises(RuntimeError, match=f"{name} must be a real number, got a {bad.dtype} tensor; nothing was "
+                                               "loaded"):
+            module.load_state_dict(state)
+        assert float(getattr(module, keep).detach()) == before
+
+
+def test_clip_module_moved_to_a_complex_dtype_names_its_logit_scale():
+    # ClipLoss().to(torch.complex64) failed in forward with torch's "clamp is not supported for complex types" (a
+    # misuse audit); InfoNCE and SigLIP named their parameter already.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's "Complex modules are a new feature" warning)
+        module = cb.ClipLoss().to(torch.complex64)
+    with pytest.raises(TypeError, match="logit_scale must be a real floating tensor: log_logit_scale is a "
+                                        "torch.complex64 parameter"):
+        module(torch.randn(4, 3), torch.randn(4, 3))
 
 
 def test_modules_refuse_a_state_their_dtype_cannot_hold():

@@ -750,11 +750,14 @@ def test_queue_load_state_dict_refuses_positions_of_several_values():
         cb.NegativeQueue(4, 2).load_state_dict(state)
 
 
-@pytest.mark.parametrize("case", ["int positions", "list keys", "meta positions", "bool positions", "complex keys"])
-def test_queue_load_state_dict_refuses_values_it_cannot_hold(case):
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("case", ["int positions", "list keys", "meta positions", "bool positions", "complex keys",
+                                  "integer keys"])
+def test_queue_load_state_dict_refuses_values_it_cannot_hold(case, assign):
     # non-tensors raised AttributeError ('int' object has no attribute 'numel'), meta positions torch's
-    # "Tensor.item() cannot be called on meta tensors", bool positions loaded as 1, and complex keys lost their
-    # imaginary parts with a warning only; now each is a load error naming the entry, and nothing is loaded
+    # "Tensor.item() cannot be called on meta tensors", bool positions loaded as 1, complex keys lost their
+    # imaginary parts with a warning only, and integer keys, assigned (assign=True), made the next enqueue fail in
+    # torch.finfo (a misuse audit); now each is a load error naming the entry, and nothing is loaded
     state = {"queue": torch.ones(4, 2), "ptr": torch.tensor(2), "filled": torch.tensor(2)}
     bad, text = {
         "int positions": ({"ptr": 2, "filled": 2}, "ptr must be a tensor, got int; filled must be a tensor"),
@@ -763,12 +766,15 @@ def test_queue_load_state_dict_refuses_values_it_cannot_hold(case):
                            "ptr and filled must hold values, got meta tensors"),
         "bool positions": ({"ptr": torch.tensor(True), "filled": torch.tensor(True)},
                            "ptr and filled must be integer tensors, got torch.bool"),
-        "complex keys": ({"queue": torch.ones(4, 2) * (1 + 5j)}, "queue must be a real tensor of keys, got torch.complex64"),
+        "complex keys": ({"queue": torch.ones(4, 2) * (1 + 5j)}, "queue must be a tensor of keys in float32, float64, "
+                         "float16 or bfloat16, got torch.complex64"),
+        "integer keys": ({"queue": torch.ones(4, 2, dtype=torch.long)}, "queue must be a tensor of keys in float32, "
+                         "float64, float16 or bfloat16, got torch.int64"),
     }[case]
     q = cb.NegativeQueue(4, 2)
     q.enqueue(torch.full((1, 2), 3.0))
     with pytest.raises(RuntimeError, match=re.escape(text) + ".*nothing was loaded"):
-        q.load_state_dict({**state, **bad})
+        q.load_state_dict({**state, **bad}, assign=assign)
     assert len(q) == 1 and q.negatives().tolist() == [[3.0, 3.0]]
 
 
