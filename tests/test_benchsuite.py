@@ -302,6 +302,8 @@ _BAD_BENCH_ARGS = [
     ["--ks", "abc"], ["--ks", "2^70"], ["--ks", "2^40000000000"], ["--ks", ","], ["-d", "abc"], ["-B", "x"],
     ["--k-max", "70"],
     ["--warmup", "0"],  # (accepted, and one warm-up step ran anyway)
+    # (a misuse audit's: 10^9 threads made every row libgomp's "out of memory", exit 0; --slope-from took any int)
+    ["--threads", "1000000000"], ["--slope-from", "-1"], ["--slope-from", "1000000"],
 ] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
 
 

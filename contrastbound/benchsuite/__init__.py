@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_csv_list, default=["float32"], help="comma list: float32,bfloat16,float16,float64")
     p.add_argument("--device", type=_csv_list, default=None, help="comma list: cpu,cuda (default cpu, and cuda "
                    "when available)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per worker")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads per worker (at most the logical CPUs)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed repeats (median; default 3, 2 with --quick), fewer when over the time bound")
     p.add_argument("--warmup", type=int, default=1,
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                              ("--chunk", args.chunk, 1), ("--k-min", args.k_min, 0)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
+    # (10^9 threads made every configuration an "out of memory" row from libgomp, with exit status 0; a misuse audit)
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus and args.threads != parser.get_default("threads"):  # (a default from OMP_NUM_THREADS runs)
+        parser.error(f"--threads must be at most this machine's {cpus} logical CPUs, got {args.threads}")
+    if not 0 <= args.slope_from <= 62:
+        parser.error(f"--slope-from is log2 K, from 0 to 62, got {args.slope_from}")
     k_range_given = args.k_max is not None or args.k_min != parser.get_default("k_min") or \
         args.k_step != parser.get_default("k_step")
     if k_range_given and (args.ks or args.quick):
