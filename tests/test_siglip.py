@@ -628,7 +628,6 @@ def test_edge_cases_from_a_mutation_audit():
     # each of these checks failed to catch a mutant of this session's code (a mutation audit, 2026-12-01)
     # the fallback (forward-mode AD takes it) where the pairs' own terms dominate: masked out, not subtracted
     import copy
-    import threading
 
     import torch.autograd.forward_ad as fwAD
 
@@ -641,7 +640,7 @@ def test_edge_cases_from_a_mutation_audit():
     with pytest.raises(TypeError, match="logit_bias must be a dense"):
         cb.siglip_loss(torch.randn(3, 4), torch.randn(3, 4), 10.0, torch.tensor([-10.0]).to_sparse())
     # the module: a deep copy shares its process group (which cannot be copied), a meta module prints
-    group = threading.Lock()  # (any object that cannot be pickled stands in for a ProcessGroup)
+    group = torch.distributed.ProcessGroup(torch.distributed.HashStore(), 0, 1)  # (no init_process_group: no exchange)
     assert copy.deepcopy(cb.SigLIP(process_group=group)).process_group is group
     assert "(meta)" in repr(cb.SigLIP().to("meta"))
 
