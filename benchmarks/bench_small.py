@@ -3,7 +3,7 @@
 The fused kernels pay a fixed cost per call, recompute the logits in backward (4 GEMM-sized products against
 naive's 3; clip_loss's both-directions CPU kernel 4 against 3, where its two in-batch calls took 8, as they still
 do on CUDA); bfloat16 tiles are multiplied in float32. This script measures those costs where the (N, N) logits
-would fit in memory anyway (README, Limits).
+would fit in memory anyway (docs/LIMITS.md).
 Median of --reps timed runs after one warm-up, in this process (memory is not measured here: bench_training.py
 does, per process).
 

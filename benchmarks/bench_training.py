@@ -27,7 +27,7 @@ and the copies its step holds would take more than --mem-fraction of the memory 
     python benchmarks/bench_training.py --losses supcon_bank --min-log2n 14 --max-log2n 20  # banks of 2^14 ... 2^20
     python benchmarks/bench_training.py --losses supcon_bank_grad --min-log2n 14 --max-log2n 20 -d 64
 Writes benchmarks/results/bench_training.csv (or --out); the committed results of the other losses are the
-bench_training_<loss>.csv files beside it (README's Benchmarks section quotes each with its command).
+bench_training_<loss>.csv files beside it (docs/BENCHMARKS.md quotes each with its command).
 """
 
 from __future__ import annotations

@@ -926,7 +926,7 @@ def _target_rows_gradient(anchors, bank, rows, lse, loss, grad_loss, scale, norm
     # the CPU op's lse is float64: as hi + res in acc (res 0 for an lse in acc), so that e^{l - lse} is not off by
     # lse's own rounding besides l's. l itself comes from a product over the |T| rows, which may round otherwise than
     # forward's tiles (with another number of rows the BLAS may sum in another order): ~eps |l| in each weight, a row's
-    # weights summing to 1 +- 12 % at |l| ~ 5e5 (README, Limits)
+    # weights summing to 1 +- 12 % at |l| ~ 5e5 (docs/LIMITS.md)
     lse_hi = lse.detach().to(acc)
     wide = lse.detach().to(torch.float64)
     lse_res = torch.where(torch.isfinite(wide), wide - lse_hi.to(torch.float64), 0.0).to(acc)  # (no inf - inf)
@@ -1930,7 +1930,7 @@ def supcon_loss(
         # anyway), so its gradient and the positives' meet in float32 and reach the features rounded once. Where
         # the positives dominate the two nearly cancel, and each rounded to the half type on its own left 0.37 of
         # the gradient at T = 0.07 in bfloat16 (an audit's case). On CUDA the tensor-core kernels keep the half
-        # type (README, Limits).
+        # type (docs/LIMITS.md).
         z = z.float()
         batch = z if process_group is None else batch.float()
     # The denominator: each row's log-sum-exp over the others (the op's loss with a zero positive, as nt_xent's

@@ -369,7 +369,7 @@ def test_one_unit_steps_give_the_same_bits_with_any_thread_count(case):
 # At d ~ 1000 MKL, running on one thread inside a region, still chose its code path by the thread count torch had
 # set: every case here differed between 1 thread and 2, 3, 4 or 8 (by up to ~4e-9) until each unit set MKL's own
 # count to 1 (csrc/core/parallel.h, BlasOneThread). Not bank_cross_entropy with a half bank: its target rows'
-# gradient comes from torch's own products in Python, which round by the thread count (README, Reproducibility).
+# gradient comes from torch's own products in Python, which round by the thread count (docs/LIMITS.md, Reproducibility).
 _LARGE_D_CASES = {  # (loss of the inputs, the inputs' shapes)
     "bank": (lambda x: cb.info_nce(x[0], x[1], x[2], 0.1, reduction="none"), [(37, 1000)] * 2 + [(3000, 1000)]),
     "in_batch": (lambda x: cb.info_nce(x[0], x[1], None, 0.1, reduction="none"), [(64, 1024)] * 2),
@@ -386,9 +386,10 @@ _LARGE_D_CASES = {  # (loss of the inputs, the inputs' shapes)
 @pytest.mark.parametrize("case", sorted(_LARGE_D_CASES))
 def test_same_bits_with_any_thread_count_at_large_d(case, dtype):
     if not torch.backends.mkl.is_available():
-        pytest.skip("BlasOneThread sets MKL's count; other BLAS builds of torch are untested (README, Reproducibility)")
+        pytest.skip("BlasOneThread sets MKL's count; other BLAS builds of torch are untested "
+                    "(docs/LIMITS.md, Reproducibility)")
     if case == "bank_cross_entropy" and dtype != torch.float32:
-        pytest.skip("a half bank's target rows come from torch's own products (README, Reproducibility)")
+        pytest.skip("a half bank's target rows come from torch's own products (docs/LIMITS.md, Reproducibility)")
     loss_of, shapes = _LARGE_D_CASES[case]
     gen = torch.Generator().manual_seed(5)
     inputs = [torch.randn(*shape, generator=gen).to(dtype) for shape in shapes]
@@ -1042,7 +1043,7 @@ def test_op_excluded_rows_match_masked_reference(dtype, normalize):
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_inputs_give_the_float32_kernels_results_rounded_once(mode, normalize, dtype):
-    # The CPU kernel widens half tiles to float32 and computes in float32 (README, Limits): the op on half inputs
+    # The CPU kernel widens half tiles to float32 and computes in float32 (docs/LIMITS.md): the op on half inputs
     # gives exactly the float32 op's loss and lse on the widened inputs, and its gradients rounded once to the half
     # type. Sums of squares of half bank rows formed in the half type broke this by 1e-5 / 7e-5 relative in the
     # loss (float16 / bfloat16; a mutation audit), within the tolerance of the value tests. K = 600 spans two tiles.

@@ -16,7 +16,7 @@ from contrastbound import _backend
 from conftest import DEVICES, MODES, assert_close_scaled, make_inputs
 
 needs_kernel = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
-# Inductor keeps torch._assert_async in a compiled graph from torch 2.9 on; before, it drops it (README, Limits).
+# Inductor keeps torch._assert_async in a compiled graph from torch 2.9 on; before, it drops it (docs/LIMITS.md).
 _TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 _KEEPS_GRAPH_ASSERTS = _TORCH >= (2, 9)
 

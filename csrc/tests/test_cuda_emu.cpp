@@ -767,7 +767,7 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
   if (!tc_only) {
     // s = 1 / T = 1e20, s^2 past float32: the anchors' gradient was NaN. On the SIMT kernels: the tensor-core
     // passes recompute logits of ~1e20 in another summation order than forward's, and exp(l - lse) of a 1e13
-    // difference is inf (README, Limits).
+    // difference is inf (docs/LIMITS.md).
     std::mt19937_64 own(2024);
     Case c;
     c.B = 13, c.K = 50, c.d = 12, c.temperature = 1e-20, c.tensor_cores = false;
@@ -775,9 +775,9 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
   }
   // Small rows at a tiny temperature (float32 / half: |x| ~ 1e-6 at T = 1e-28; float64: ~1e-9 at 1e-292): the
   // normalisation's radial term formed (x_hat . G) proj with proj = 1 / |x|^2 first, inf where the gradient is
-  // ~1e34 (~1e301). Every mode's SIMT kernels (the tensor-core passes' recomputed logits: README, Limits);
+  // ~1e34 (~1e301). Every mode's SIMT kernels (the tensor-core passes' recomputed logits: docs/LIMITS.md);
   // indexed without repeats (at |lse| ~ 1e28 a row indexed three times weighs e^{l - lse} = 1 each, not 1 / 3:
-  // README, Limits).
+  // docs/LIMITS.md).
   if (!tc_only) {
     const bool wide = std::is_same<T, double>::value;
     for (Mode mode : {Mode::Shared, Mode::PerAnchor, Mode::Indexed}) {
@@ -843,7 +843,7 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
   // in the tensor-core kernels' row factor, and 0 * inf NaN everywhere (row_factor caps it). The anchor's gradient
   // is 1e12 G ~ 1e40: inf in the kernels and in the rounded reference alike. Not bfloat16: its bank gradient's
   // coefficients g s inv w (1e40 / K) overflow, and inf x 0 is NaN (float16 sets a zero row's to 0, tc_zero_row;
-  // README, Limits).
+  // docs/LIMITS.md).
   if ((!tc_only || half) && !std::is_same<T, __nv_bfloat16>::value) {
     std::mt19937_64 own(2025);
     Case c;
