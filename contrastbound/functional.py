@@ -1484,8 +1484,8 @@ def debiased_info_nce(
         from .distributed import gather_with_local_first
 
         # every rank's positives, this rank's first: row i of the bank is anchor i's positive, left out
-        bank = gather_with_local_first(p, process_group, name=f"positives (in the promoted dtype of anchors and "
-                                       f"positives)", call=7, normalize=normalize, temperature=t,
+        bank = gather_with_local_first(p, process_group, name="positives (in the promoted dtype of anchors and "
+                                       "positives)", call=7, normalize=normalize, temperature=t,
                                        options=(("beta", beta), ("tau_plus", tau_plus)))
         K = bank.shape[0] - 1
 

@@ -9,7 +9,6 @@ that survived).
 from __future__ import annotations
 
 import csv
-import statistics
 
 import pytest
 import torch

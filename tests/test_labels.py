@@ -11,7 +11,7 @@ import contrastbound as cb
 from contrastbound import _backend
 from contrastbound.reference import info_nce_reference
 
-from conftest import DEVICES, DTYPES, TOL, assert_close_scaled, make_inputs, tol
+from conftest import DEVICES, DTYPES, assert_close_scaled, make_inputs, tol
 
 MODES = ["shared", "in_batch", "per_anchor", "indexed", "indexed_pad", "shared_mask", "indexed_mask"]
 

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import contrastbound as cb
 from contrastbound import _backend

@@ -4,7 +4,6 @@ comparison reaches (compute_dtype, half inputs of the clip / SupCon / bank refer
 every negative logit is -inf). From a mutation audit of reference.py (2026-12-06): each test kills a mutant that the
 rest of the suite let through."""
 
-import math
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from typing import Any, Callable
 
 import numpy as np
