@@ -214,6 +214,11 @@ def test_coupon_general_prior_exact_rationals(weights):
     got = B.coupon_collector_probability(ns, prior=[float(x) for x in pi], log=True)
     ref = [math.log(fraction_coupon(n, pi)) for n in ns]
     assert log_err(got, ref) < 1e-11
+    # and relatively, as the bounds see log upsilon where upsilon is near 1: log1p of the exact 1 - upsilon (the
+    # absolute error above, ~1e-17 there, passed a mutation that sent every general prior to the saddle-point
+    # fallback: 7e-12 relative at (2, 3, 5, 7) / 17, against 6e-14 or less on this code)
+    near_one = [math.log1p(-float(1 - fraction_coupon(n, pi))) for n in ns]
+    assert rel_err(got, near_one) < 1e-12
 
 
 def mp_coupon_general_log(n, pi):
@@ -905,6 +910,11 @@ def test_one_class_and_a_nearly_uniform_prior():
     pi = [0.5002, 0.4998]
     with pytest.raises(ValueError):
         B.arora(3.0, 12, prior=pi)
+    # uniform means equal to float64 rounding (1e-12 relative), not within 1e-6 (a mutation that passed): 2e-9 apart
+    # is a non-uniform prior, and a uniform prior given as rounded floats is uniform
+    with pytest.raises(ValueError, match="uniform"):
+        B.arora(3.0, 4, prior=[0.5 + 1e-9, 0.5 - 1e-9])
+    assert B.arora(3.0, 4, prior=[1 / 3] * 3) == B.arora(3.0, 4, 3)
     want = 2 * math.log(math.cosh(1.0)) - math.log(3) + min(math.log(0.5002 * 4), -math.log(0.4998))
     assert B.delta_upper(3, prior=pi) == pytest.approx(want, rel=1e-14)
     assert abs(want - (2 * math.log(math.cosh(1.0)) - math.log(3) + math.log(2))) > 1e-4  # (log C differs)
@@ -918,6 +928,11 @@ def test_counts_as_an_object_array_of_small_ints():
         B.coupon_collector_probability(12, 10)
     with pytest.raises(ValueError, match="too large"):
         B.delta_upper(np.array([3, 2**64], dtype=object), 10)
+    # the boundary itself: 2^63 is one past int64 (a mutation moving the check to > 2^63 raised a bare OverflowError)
+    with pytest.raises(ValueError, match=r"too large \(above 2\^63 - 1\), got 9223372036854775808"):
+        B.delta_upper(np.array([3, 2**63], dtype=object), 10)
+    np.testing.assert_array_equal(B.collision_probability(np.array([2**63 - 1], dtype=object), 10),
+                                  B.collision_probability([2**63 - 1], 10))
     with pytest.raises(ValueError, match=">= 1"):
         B.delta_upper(np.array([0, 2**64], dtype=object), 10)
 

@@ -389,6 +389,9 @@ def test_sizes_and_features_the_estimators_cannot_use_are_refused():
     x, y = blobs((5, 6, 7), d=3, seed=9)
     for call, what in (
         (lambda: contrastive_loss_estimate(x, y, 10**12), "K must be at most 2\\^31"),
+        # the boundary: 2^31 + 1 draws (a mutation doubling the limit passed with 10^12 alone; refused before any
+        # allocation, which would be 16 GiB of indices)
+        (lambda: contrastive_loss_estimate(x, y, 2**31 + 1), "K must be at most 2\\^31"),
         (lambda: contrastive_loss_curve(x, y, [4, 10**12]), r"max\(ks\) must be at most 2\^31"),
         (lambda: contrastive_loss_curve(x, y, np.array([2**63 + 5], dtype=np.uint64)), r"ks is too large \(above 2\^63 - 1\)"),
         (lambda: gap_report(x, y, [10**12]), r"max\(ks\) must be at most 2\^31"),
@@ -434,6 +437,14 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
     assert float(contrastive_loss_estimate(x, y.to(torch.int8), 4, generator=torch.Generator().manual_seed(1))) == \
         pytest.approx(float(contrastive_loss_estimate(x, y, 4, generator=torch.Generator().manual_seed(1))), rel=1e-12)
     assert class_means(x, y, num_classes=np.int64(3)).shape == (3, 3)
+    # every integer dtype the validation takes reaches the mean classifier as int64 (index_add_ takes int32 / int64
+    # only: a mutation dropping the cast passed, as only int64 labels reached class_means)
+    for dt in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        assert torch.equal(class_means(x, y.to(dt)), class_means(x, y)), dt
+        assert float(mean_classifier_loss(x, y.to(dt), class_means(x, y.to(dt)))) == \
+            float(mean_classifier_loss(x, y, class_means(x, y))), dt
+        np.testing.assert_equal(gap_report(x, y.to(dt), [4], generator=torch.Generator().manual_seed(1)),
+                                gap_report(x, y, [4], generator=torch.Generator().manual_seed(1)))  # (NaN == NaN)
     xr = x.clone().requires_grad_(True)
     contrastive_loss_estimate(xr, y, 0).backward()  # K = 0: loss 0, gradient 0
     assert torch.equal(xr.grad, torch.zeros_like(x))
@@ -707,6 +718,33 @@ def test_curve_standard_error_of_huge_losses_is_finite():
         assert np.isfinite(value).all() and np.isfinite(se).all() and (se > 0).all()
         scaled.append(np.concatenate([value, se]) * t)
     np.testing.assert_allclose(scaled[0], scaled[1], rtol=1e-12)
+
+
+def test_curve_standard_error_rescales_when_huge_losses_grow_between_chunks(monkeypatch):
+    # Squared deviations are summed over scale^2, scale a power of two that grows with the losses past 2^500; when a
+    # later chunk's largest loss needs a larger scale, the sum so far is rescaled (dropping that rescale passed every
+    # test: their chunks never grew the scale). Chunks of 64 anchors (as in the test above) at T = 1e-295 without
+    # normalisation, rows scaled by 2^0 ... 2^6: losses ~1e300, the first chunks' largest below 2^997, a later one's
+    # above (checked). Oracle: the sampler's own draws scored by info_nce per anchor, the standard error taken of the
+    # losses times 2^-1000 (exact) in float64.
+    import contrastbound.empirical as E
+    from contrastbound import info_nce
+
+    monkeypatch.setattr(E, "_GATHER_BUDGET", 1)
+    x, y = blobs((20, 30, 25, 5), d=8, seed=3)
+    x = x * 2.0 ** torch.randint(0, 7, (len(x), 1), generator=torch.Generator().manual_seed(1)).double()
+    n, K, t = 500, 64, 1e-295
+    s = E._Sampler(x, y, n, torch.Generator().manual_seed(1))
+    chunks = [info_nce(x[a], x[p], x, negative_indices=ng, temperature=t, normalize=False, reduction="none")
+              for a, p, ng in s.chunks(K)]
+    exponents = [math.frexp(float(c.max()))[1] for c in chunks]
+    assert 500 < exponents[0] < max(exponents) < 1024  # the case: past 2^500, finite, and the scale grows
+    losses = torch.cat(chunks).double().numpy()
+    se = (losses * 2.0**-1000).std(ddof=1) * 2.0**1000 / math.sqrt(n)
+    value, err = contrastive_loss_curve(x, y, [8, K], num_anchors=n, temperature=t, normalize=False,
+                                        return_std_error=True, generator=torch.Generator().manual_seed(1))
+    assert abs(value[-1] - losses.mean()) < 1e-12 * losses.mean()
+    assert abs(err[-1] - se) < 1e-9 * se
 
 
 def test_estimate_without_negatives_keeps_a_learnable_temperature_in_the_graph():
