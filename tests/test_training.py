@@ -288,6 +288,10 @@ def test_queue_repr_of_a_state_enqueue_cannot_reach():
     assert "filled=? (the buffers hold no valid state" in repr(q)
     q.clear()
     assert "filled=0" in repr(q)
+    # the rest of the line: size, dim and dtype (only filled= and labels= were checked: a mutation printing
+    # "dtype=?" passed)
+    assert repr(cb.NegativeQueue(8, 4, dtype=torch.float16)) == \
+        "NegativeQueue(size=8, dim=4, dtype=torch.float16, filled=0)"
 
 
 def test_queue_reset_parameters_zeroes_keys_and_labels():
@@ -425,6 +429,11 @@ def test_queue_bad_input():
     # "Expected one of cpu, cuda, ..." and, for "cuda" on a CPU build, AssertionError "Torch not compiled with CUDA")
     with pytest.raises(ValueError, match="size x dim = 4611686018427387904 x 2 .* past what one tensor can address"):
         cb.NegativeQueue(2**62, 2)
+    # the boundary: exactly 2^63 bytes (float32 keys) is one past what a tensor addresses (a mutation moving the
+    # limit to 2^64 passed with 2^66 bytes alone, leaving torch's "Storage size calculation overflowed" here)
+    for size, dim in ((2**61, 1), (2**31, 2**30)):
+        with pytest.raises(ValueError, match=f"size x dim = {size} x {dim} .* take 9223372036854775808 bytes"):
+            cb.NegativeQueue(size, dim)
     with pytest.raises(ValueError, match="device must be a torch.device, .* got 'cpux'"):
         cb.NegativeQueue(3, 2, device="cpux")
     with pytest.raises(TypeError, match="device must be a torch.device, .* got float 3.5"):
