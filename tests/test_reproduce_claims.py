@@ -187,11 +187,11 @@ def test_width_and_gap_claims_are_refuted_by_a_tiny_single_increase(tmp_path, mo
     assert _verdicts(base, "C = 10: the width") == ["supported"]
     assert _verdicts(base, "C = 10: the upper bound's gap") == ["supported"]
 
-    def bumped(key):
+    def bumped(key, rise=1e-6):
         def rows_fn(*args, **kwargs):
             rows = real(*args, **kwargs)
             at = {r["K"]: r for r in rows if r["C"] == 10}
-            at[20][key] = at[19][key] + 1e-6
+            at[20][key] = at[19][key] + rise
             return rows
         return rows_fn
 
@@ -199,6 +199,13 @@ def test_width_and_gap_claims_are_refuted_by_a_tiny_single_increase(tmp_path, mo
     assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the width") == ["NOT supported"]
     monkeypatch.setattr(curves, "bounds_vs_k_rows", bumped("upper_on_supv"))
     assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the upper bound's gap") == ["NOT supported"]
+    # smaller still: a rise of 1e-9 in the gap (its tolerance is 1e-12, for rounding: loosened to 1e-6 it passed
+    # the 1e-6 bump above, which sits on that boundary), and a width that stays level for one step ("shrinks" is
+    # strict: a mutation to <= passed)
+    monkeypatch.setattr(curves, "bounds_vs_k_rows", bumped("upper_on_supv", 1e-9))
+    assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the upper bound's gap") == ["NOT supported"]
+    monkeypatch.setattr(curves, "bounds_vs_k_rows", bumped("interval_width", 0.0))
+    assert _verdicts(curves.run_bounds_vs_k(s, str(tmp_path)), "C = 10: the width") == ["NOT supported"]
 
 
 def _compare_with(monkeypatch, tmp_path, edit):
@@ -608,3 +615,41 @@ def test_trend_claims_with_a_single_k_are_undetermined(tmp_path):
     sec = curves.run_bounds_vs_k(make_settings("tiny", curve_kmax=2), str(tmp_path))
     assert set(_verdicts(sec, "the width")) == {"supported"}
 
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_toy_data_and_the_evaluation_draws_follow_the_seed(monkeypatch):
+    """The toy experiment's circle data come from the run's seed, and each training run's evaluation generator
+    from its seed, apart from its training draws (a mutation audit: the data's generator seeded with 0, and the
+    evaluation's with a constant, each passed: the seeded training kept every run's output distinct)."""
+    firsts = []
+
+    def circle_data(C, per_class, rng):
+        firsts.append(float(rng.random()))
+        raise _Stop
+
+    monkeypatch.setattr(training, "circle_data", circle_data)
+    for seed in (0, 1, 1):
+        with pytest.raises(_Stop):
+            training.run_toy(make_settings("tiny"), "unused", seed, torch.device("cpu"), show_progress=False)
+    assert firsts[0] != firsts[1] and firsts[1] == firsts[2]
+
+    eval_seeds = []
+
+    def evaluate(model, xtr, ytr, xte, yte, K, C, s, g):
+        eval_seeds.append(g.initial_seed())
+        raise _Stop
+
+    class Bar:
+        def update(self, n):
+            pass
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 2
+    for seed in (0, 1):
+        with pytest.raises(_Stop):
+            training.train_contrastive(x, y, x, y, 2, 1, 4, 2, make_settings("tiny"), seed, torch.device("cpu"), Bar())
+    assert eval_seeds[0] != eval_seeds[1] and not {0, 1} & set(eval_seeds)

@@ -168,6 +168,22 @@ def test_discrete_problem_refuses_what_it_cannot_score():
     ):
         with pytest.raises(exc, match=match):
             DiscreteProblem.from_samples(features, labels)
+    # a prior or weights off 1 by 1e-8, a zero weight: refused (the tolerance is float64 rounding's; a mutation
+    # loosening it to 1e-6, and one taking w = 0, passed)
+    for bad, match in (
+        (dict(prior=np.array([0.5, 0.5 + 1e-8])), "prior must be positive and sum to 1"),
+        (dict(weights=(np.array([0.5, 0.5 + 1e-8]), np.ones(1)), points=(np.zeros((2, 2)), np.ones((1, 2)))),
+         "class 0: weights must be positive and sum to 1"),
+        (dict(weights=(np.array([1.0, 0.0]), np.ones(1)), points=(np.zeros((2, 2)), np.ones((1, 2)))),
+         "class 0: weights must be positive and sum to 1"),
+    ):
+        kw = dict(prior=ok[0], points=ok[1], weights=ok[2], norm_bound=2.0)
+        kw.update(bad)
+        with pytest.raises(ValueError, match=match):
+            DiscreteProblem(**kw)
+    # from_samples takes a given norm_bound, else the largest norm in the sample (a mutation ignoring it passed)
+    assert DiscreteProblem.from_samples(np.eye(2) * 0.5, np.array([0, 1]), norm_bound=2.0).norm_bound == 2.0
+    assert DiscreteProblem.from_samples(np.eye(2) * 0.5, np.array([0, 1])).norm_bound == 0.5
     # lists and tensors as the points and weights: the same problem as arrays
     as_lists = DiscreteProblem([0.5, 0.5], ([[0.0, 0.0]], [[1.0, 1.0]]), ([1.0], [1.0]), 2.0)
     assert exact_supervised_loss(as_lists) == exact_supervised_loss(DiscreteProblem(ok[0], ok[1], ok[2], 2.0))
@@ -373,3 +389,16 @@ def test_exact_contrastive_loss_without_negatives_is_zero():
                     l0, l1 = x[i] @ x[j], x[i] @ X[m]
                     want += pr.prior[c] * w[i] * w[j] * q[m] * np.logaddexp(0.0, l1 - l0)
     assert abs(exact_contrastive_loss(pr, 1) - want) < 1e-12
+
+
+def test_discrete_problems_draw_every_shape_they_promise():
+    # The property tests above hold only for the problems the strategy draws: a mutation fixing d = 1, one drawing
+    # every point on the sphere of radius b, one making the within-class weights uniform and one refusing
+    # min_classes = max_classes each passed the suite. hypothesis's find shows each kind is drawn.
+    cfg = settings(max_examples=300, database=None, phases=[Phase.generate])
+    s = discrete_problems()
+    assert find(s, lambda p: p.points[0].shape[1] > 1, settings=cfg).points[0].shape[1] > 1
+    find(s, lambda p: p.label == "none" and bool(
+        (np.linalg.norm(np.concatenate(p.points), axis=1) < 0.99 * p.norm_bound).any()), settings=cfg)
+    find(s, lambda p: any(np.ptp(w) > 0 for w in p.weights), settings=cfg)
+    assert find(discrete_problems(min_classes=3, max_classes=3), lambda p: True, settings=cfg).num_classes == 3
