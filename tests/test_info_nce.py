@@ -1899,6 +1899,27 @@ def test_float64_features_with_a_narrower_temperature_round_once(loss, t_dtype):
     assert abs(got.item() - want.item()) <= 1e-13 * abs(want.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["supcon", "nt_xent", "debiased"])
+def test_half_features_with_a_half_temperature_compute_in_float32(loss, dtype):
+    """Half features and a temperature of the same half dtype: computed in float32 (the temperature widened to it),
+    so the loss and the temperature's gradient are the float32 computation's on the same values, each rounded once
+    to the half dtype. Kept in half, the gradient's parts (~1e3, cancelling to ~0.2 at T = 0.02) were rounded each:
+    supcon's d loss / d t came out 0 where it is -0.245 (float16), debiased's 32 where it is 20 (bfloat16) (a
+    mutation audit: no test had half features with a half temperature, the float32 floor of _widened untested)."""
+    fn = _NARROW_TEMPERATURE_LOSSES[loss]
+    z1, z2, y = (x.to(dtype) if x.is_floating_point() else x for x in _clustered_float64(0))
+    t = torch.tensor(0.02, dtype=dtype, requires_grad=True)
+    t32 = t.detach().float().requires_grad_()
+    got, want = fn(z1, z2, y, t), fn(z1.float(), z2.float(), y, t32)
+    got.backward()
+    want.backward()
+    eps = torch.finfo(dtype).eps
+    assert t.grad.dtype == dtype and abs(t32.grad.item()) > 0.1, t32.grad  # (a gradient, not rounding noise)
+    assert abs(got.item() - want.item()) <= 2 * eps * abs(want.item()), (got.item(), want.item())
+    assert abs(t.grad.item() - t32.grad.item()) <= 2 * eps * abs(t32.grad.item()), (t.grad.item(), t32.grad.item())
+
+
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
 def test_bank_cross_entropy_smoothing_with_a_narrower_temperature_rounds_once(t_dtype):
     """bank_cross_entropy with label smoothing uses t twice (the kernel's loss and the smoothing term): with float64

@@ -13,7 +13,8 @@ from contrastbound.reference import info_nce_reference
 
 from conftest import DEVICES, DTYPES, assert_close_scaled, make_inputs, tol
 
-MODES = ["shared", "in_batch", "per_anchor", "indexed", "indexed_pad", "shared_mask", "indexed_mask"]
+MODES = ["shared", "in_batch", "per_anchor", "indexed", "indexed_pad", "shared_mask", "indexed_mask",
+         "per_anchor_mask"]
 
 
 def _inputs(case, B=9, K=37, d=5, dtype=torch.float64, device="cpu", seed=0, classes=3):
@@ -121,8 +122,11 @@ def test_equals_the_kept_negatives_anchor_by_anchor(case):
             if "negative_mask" in kw:
                 keep = keep & kw["negative_mask"][i]
             rows = n[keep]
-        elif case == "per_anchor":
-            rows = n[i][kw["negative_labels"][i] != y[i]]
+        elif case.startswith("per_anchor"):
+            keep = kw["negative_labels"][i] != y[i]
+            if "negative_mask" in kw:  # (a per-anchor mask is and-ed with the labels: or-ing them passed before)
+                keep = keep & kw["negative_mask"][i]
+            rows = n[i][keep]
         else:
             idx = kw["negative_indices"][i]
             ok = idx >= 0 if "negative_mask" not in kw else kw["negative_mask"][i]
@@ -321,3 +325,15 @@ def test_a_labelled_queue_serves_as_the_bank():
     queue.enqueue(n, kw["negative_labels"])
     got = cb.info_nce(a, p, queue.negatives(), labels=kw["labels"], negative_labels=queue.labels())
     torch.testing.assert_close(got, cb.info_nce(a, p, n, **eq))
+
+
+def test_an_index_past_the_bank_is_refused_where_its_clamped_row_shares_the_label():
+    # The labels are looked up at indices clamped into [0, M); an index of M reads row M - 1's label, and where that
+    # is the anchor's own the entry must not be turned into padding (-1) before the range check: it is refused, as
+    # without labels (a mutation audit: dropping the upper bound from the label test gave loss 0, no error).
+    g = torch.Generator().manual_seed(0)
+    a, p, bank = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(6, 5, generator=g)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 6]])
+    kw = dict(labels=torch.tensor([0, 1, 2]), negative_labels=torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\) = \[0, 6\)"):
+        cb.info_nce(a, p, bank, negative_indices=idx, **kw)

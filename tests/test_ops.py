@@ -34,6 +34,21 @@ def test_cpu_kernel_is_loaded():
     assert info["siglip"] == "kernel" and _backend.HAS_SIGLIP_KERNEL, f"the siglip op is missing: {info}"
 
 
+def test_switching_a_kernel_off_routes_its_losses_to_the_reference(monkeypatch):
+    # The tests reach the fallback by setting these flags; each must then route there (a mutation audit: the clip
+    # kernel still served with HAS_CPU_KERNEL off, and backend_info reported the siglip op as "kernel" without it).
+    monkeypatch.setattr(_backend, "HAS_CPU_KERNEL", False)
+    monkeypatch.setattr(_backend, "HAS_SIGLIP_KERNEL", False)
+    assert not _backend.kernel_serves(torch.device("cpu")) and not _backend.clip_kernel_serves(torch.device("cpu"))
+    info = cb.backend_info()
+    assert (info["cpu"], info["siglip"]) == ("reference", "reference"), info
+    assert info["cpu_reason"] == "extension has no CPU kernel"
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    with torch.profiler.profile() as prof:
+        cb.clip_loss(x, y, 10.0)
+    assert not [e.name for e in prof.events() if e.name.startswith("contrastbound::")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("normalize", [True, False])
