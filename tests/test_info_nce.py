@@ -1236,6 +1236,25 @@ def test_bank_cross_entropy_confident_half_precision_bank_gradient(normalize):
     assert err <= max(2e-2, 2 * err32), (err, err32)
 
 
+def test_bank_cross_entropy_half_bank_target_rows_take_the_float64_lse():
+    # A float16 bank's target rows are recomputed in float32 against the op's float64 lse, taken as hi + res in
+    # float32: at logits ~1e5 (T = 1e-3, near-equal rows) dropping res leaves e^{l - lse} off by lse's float32
+    # rounding (~1e-2 in l): the bank gradient was off by 356 where its largest entry is 3.2e4, 22 float16 ulps
+    # (a mutation audit's survivor); with res, within one ulp (7.7 here).
+    g = torch.Generator().manual_seed(19)
+    v = torch.randn(1, 8, generator=g) * 4
+    bank = (v + 0.002 * torch.randn(6, 8, generator=g)).half()
+    anchors = (v + 0.002 * torch.randn(4, 8, generator=g)).half()
+    targets = torch.tensor([0, 1, 2, 0])
+    b = bank.clone().requires_grad_()
+    cb.bank_cross_entropy(anchors, b, targets, 1e-3, reduction="sum").backward()
+    b64 = bank.double().requires_grad_()
+    bank_cross_entropy_reference(anchors.double(), b64, targets, temperature=1e-3, reduction="sum").backward()
+    scale = b64.grad.abs().max().item()
+    assert scale > 1e4  # (the case: large logits)
+    assert (b.grad.double() - b64.grad).abs().max().item() <= torch.finfo(torch.float16).eps * scale
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bank_cross_entropy_one_class_with_label_smoothing_is_exactly_zero(dtype):
     # One class: every loss is lse(l) - l = 0, and label smoothing's l_t - mean_c l_c is 0 too. Formed through the
