@@ -487,20 +487,28 @@ def test_estimators_accept_any_label_ids_and_check_arguments():
 # ---- from a test audit: paths no test reached (each test fails under the mutation named in its comment) ----
 
 
+def _chunked_draw_losses(monkeypatch, x, y, n, K, **kw):
+    """The estimators' draws of n anchors in chunks of 4096 / K anchors (an index budget of 4096: _GATHER_BUDGET is
+    patched to 1 for the rest of the test), from a generator seeded 1 (as the tests' estimators' are), each chunk
+    scored by info_nce per anchor (kw: its temperature, normalize): the oracle's losses, one tensor per chunk."""
+    import contrastbound.empirical as E
+    from contrastbound import info_nce
+
+    monkeypatch.setattr(E, "_GATHER_BUDGET", 1)
+    s = E._Sampler(x, y, n, torch.Generator().manual_seed(1))
+    return [info_nce(x[a], x[p], x, negative_indices=ng, reduction="none", **kw) for a, p, ng in s.chunks(K)]
+
+
 def test_curve_and_estimate_exact_over_several_chunks(monkeypatch):
     # Anchors are drawn and scored in chunks of ~2^25 / d indices; every other test fits in one chunk, so the merge
     # of chunk means and variances never ran (keeping the last chunk's mean, dropping the merge term of the
     # variance, or dividing by n instead of n - 1 passed). 8 chunks of 64 anchors at K = 64, the last partial;
     # oracle: the sampler's own draws scored by info_nce per anchor, mean and sd / sqrt(n) in float64.
-    import contrastbound.empirical as E
-    from contrastbound import info_nce
-
-    monkeypatch.setattr(E, "_GATHER_BUDGET", 1)  # index budget 4096: 64 anchors per chunk at K = 64
     x, y = blobs((20, 30, 25, 5), d=8, seed=3)
     n, K = 500, 64
-    s = E._Sampler(x, y, n, torch.Generator().manual_seed(1))
-    losses = torch.cat([info_nce(x[a], x[p], x, negative_indices=ng, temperature=1.0, reduction="none")
-                        for a, p, ng in s.chunks(K)]).double().numpy()
+    chunks = _chunked_draw_losses(monkeypatch, x, y, n, K, temperature=1.0)
+    assert len(chunks) == 8
+    losses = torch.cat(chunks).double().numpy()
     assert losses.size == n
     mean, se = losses.mean(), losses.std(ddof=1) / math.sqrt(n)
     est = float(contrastive_loss_estimate(x, y, K, num_anchors=n, generator=torch.Generator().manual_seed(1)))
@@ -727,16 +735,10 @@ def test_curve_standard_error_rescales_when_huge_losses_grow_between_chunks(monk
     # normalisation, rows scaled by 2^0 ... 2^6: losses ~1e300, the first chunks' largest below 2^997, a later one's
     # above (checked). Oracle: the sampler's own draws scored by info_nce per anchor, the standard error taken of the
     # losses times 2^-1000 (exact) in float64.
-    import contrastbound.empirical as E
-    from contrastbound import info_nce
-
-    monkeypatch.setattr(E, "_GATHER_BUDGET", 1)
     x, y = blobs((20, 30, 25, 5), d=8, seed=3)
     x = x * 2.0 ** torch.randint(0, 7, (len(x), 1), generator=torch.Generator().manual_seed(1)).double()
     n, K, t = 500, 64, 1e-295
-    s = E._Sampler(x, y, n, torch.Generator().manual_seed(1))
-    chunks = [info_nce(x[a], x[p], x, negative_indices=ng, temperature=t, normalize=False, reduction="none")
-              for a, p, ng in s.chunks(K)]
+    chunks = _chunked_draw_losses(monkeypatch, x, y, n, K, temperature=t, normalize=False)
     exponents = [math.frexp(float(c.max()))[1] for c in chunks]
     assert 500 < exponents[0] < max(exponents) < 1024  # the case: past 2^500, finite, and the scale grows
     losses = torch.cat(chunks).double().numpy()
