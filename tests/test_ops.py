@@ -264,6 +264,33 @@ def test_backward_op_without_the_loss(device, scaled):
 
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_backward_op_recomputes_the_anchor_term_with_the_exclusions(device, scaled):
+    # The backward ops take forward's anchor term V as optional: an empty one (forward ran with save_anchor_term
+    # False) is recomputed by one more forward pass. That pass ran without the exclusions (exclude_self, excluded,
+    # the mask, the labels) and no test saw it: the anchors' gradient then counted the left-out negatives. Against
+    # the same call with V saved, over every sample of _op_samples (float64; the two differ in rounding only).
+    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
+        a, p, n = (x.detach().double() for x in (a, p, n))
+        exclude = rest[0] if rest else False
+        excluded = rest[1] if len(rest) > 1 else None
+        keep = rest[2] if len(rest) > 2 else None
+        lab = tuple(rest[3:5])  # labels, negative_labels
+        s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
+        fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
+        bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
+        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep, *lab)
+        g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
+        for needs in ([True, True, True], [True, False, False]):
+            args = (g, a, p, n, idx, lse)
+            tail = (s, normalize, include_positive, needs, exclude, True, loss, excluded, keep, *lab)
+            saved, recomputed = bwd(*args, term, *tail), bwd(*args, term.new_empty(0), *tail)
+            for x, y in zip(saved, recomputed):
+                assert_close_scaled(x, y, 1e-12, "gradient with V recomputed")
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
 def test_opcheck_scaled_ops(device, dtype):
     # The ops that take the logit scale as a tensor (learnable / tensor temperatures).
