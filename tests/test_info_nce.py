@@ -944,6 +944,29 @@ def test_bank_cross_entropy_matches_reference(normalize):
         assert_close_scaled(x, y, 1e-10, "grad")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_bank_cross_entropy_targets_at_chunk_starts_with_several_threads(threads):
+    # B = 8 anchors over C = 2048 classes: the kernel splits the bank into 4 chunks of one 512-row tile each (from
+    # the sizes alone), run in parallel. A target row at a chunk's start (512, 1024, 1536) lies one past the end of
+    # the chunk before it, whose capture of the target's logit must stop at col < tk: at col <= tk it took the next
+    # anchor's first logit, and with threads the two chunks' writes raced (the loss 10.7 off in 50 calls at 2
+    # threads; at 1 thread the later chunk always wrote last, so every other test passed). Targets next to the
+    # boundaries too; against F.cross_entropy in float64, several calls (the race's outcome varies).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    bank = torch.randn(2048, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([512, 1024, 1536, 511, 513, 1023, 2047, 0])
+    want = F.cross_entropy(a @ bank.T, t, reduction="none")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(10):
+            got = cb.bank_cross_entropy(a, bank, t, reduction="none")
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("temperature,spread", [(0.05, 0.2), (0.02, 0.3)])
 def test_confident_loss_float32(temperature, spread):
     # The loss of a dominant positive, softplus(lse_neg - l_0) from the negatives' state kept apart from the
