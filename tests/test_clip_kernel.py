@@ -298,6 +298,24 @@ def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
         assert torch.isnan(fused_grad) == torch.isnan(fused_loss)
 
 
+@pytest.mark.parametrize("d", [100, 37])
+def test_scale_gradient_of_identical_pairs_is_zero(d):
+    # Two identical pairs (every image and text row the same x, normalize=False): every logit is s |x|^2, so each
+    # direction's loss is log 2 whatever the scale s, and d loss / d s = 0. The kernel sums e^{l_j - m} (l_j - l_0)
+    # against the positive's logit from prepare's dot product, then moves it to the tile's own l_0 (the GEMM's);
+    # without that correction the gradient kept their rounding difference (|x|^2 ~ 8e3 / 3e3 at s = 1): 2.4e-4 to
+    # 4.9e-4 on 4 of 5 seeds at d = 100, 3e-5 to 6e-5 on 3 of 5 at d = 37, where the corrected sum gave 0 and at most
+    # 3e-8 (float32 differences of logits that are equal in exact arithmetic).
+    for seed in range(5):
+        x = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 9
+        img = torch.stack([x, x])
+        scale = torch.tensor(1.0, requires_grad=True)
+        loss = cb.clip_loss(img, img.clone(), scale, normalize=False, max_logit_scale=1e4)
+        loss.backward()
+        assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+        assert abs(scale.grad.item()) <= 1e-6, (seed, scale.grad.item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_where_the_log_sum_exps_spread_widely(dtype):
     """Logit scale 100, half the pairs matched (log-sum-exp ~100) and half random (~25): tiles holding both have a
