@@ -108,6 +108,30 @@ def _op_samples(device, dtype=torch.float32):
     return out
 
 
+def _left_out(rest):
+    """An _op_samples tuple's optional tail as (exclude_self, excluded, negative_mask, (labels, negative_labels))."""
+    exclude = rest[0] if rest else False
+    excluded = rest[1] if len(rest) > 1 else None
+    keep = rest[2] if len(rest) > 2 else None
+    return exclude, excluded, keep, tuple(rest[3:5])
+
+
+def _float64_forwards(device, scaled):
+    """Each _op_samples case in float64 through the forward op (info_nce_fwd, or info_nce_fwd_scaled when scaled),
+    with V saved. Yields the matching backward op, its leading arguments (a random grad_loss, the inputs, lse),
+    forward's loss and V, the scale, normalize, include_positive, exclude_self, and its trailing arguments
+    (excluded, negative_mask, labels, negative_labels)."""
+    fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
+    bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
+    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
+        a, p, n = (x.detach().double() for x in (a, p, n))
+        exclude, excluded, keep, lab = _left_out(rest)
+        s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
+        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep, *lab)
+        g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
+        yield bwd, (g, a, p, n, idx, lse), loss, term, s, normalize, include_positive, exclude, (excluded, keep, *lab)
+
+
 # float64 and bfloat16 too: a fake kernel giving the wrong output dtype for float64 inputs passed every direct opcheck
 # when the samples were float32 only (a test audit, 2026-12-02)
 OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -220,10 +244,7 @@ def test_register_autograd_fills_defaults_and_maps_gradients(lean, monkeypatch):
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES, ids=str)
 def test_opcheck_backward(device, dtype):
     for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device, dtype):
-        exclude = rest[0] if rest else False
-        excluded = rest[1] if len(rest) > 1 else None
-        keep = rest[2] if len(rest) > 2 else None
-        lab = tuple(rest[3:5])  # labels, negative_labels
+        exclude, excluded, keep, lab = _left_out(rest)
         with torch.no_grad():
             loss, lse, term = torch.ops.contrastbound.info_nce_fwd(
                 a, p, n, idx, scale, normalize, include_positive, True, exclude, excluded, keep, *lab
@@ -245,19 +266,9 @@ def test_backward_op_without_the_loss(device, scaled):
     # The backward ops take forward's loss as optional: without it the positive's weight comes from lse. opcheck
     # calls them that way but compares no values, and the autograd path always passes the loss: the two must agree
     # (float64; they differ in rounding only: expm1(-loss) against exp(l_0 - lse) - 1).
-    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
-        a, p, n = (x.detach().double() for x in (a, p, n))
-        exclude = rest[0] if rest else False
-        excluded = rest[1] if len(rest) > 1 else None
-        keep = rest[2] if len(rest) > 2 else None
-        lab = tuple(rest[3:5])  # labels, negative_labels
-        s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
-        fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
-        bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
-        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep, *lab)
-        g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
-        args = (g, a, p, n, idx, lse, term, s, normalize, include_positive, [True, True, True], exclude, True)
-        without, given = bwd(*args, None, excluded, keep, *lab), bwd(*args, loss, excluded, keep, *lab)
+    for bwd, head, loss, term, s, normalize, include_positive, exclude, tail in _float64_forwards(device, scaled):
+        args = (*head, term, s, normalize, include_positive, [True, True, True], exclude, True)
+        without, given = bwd(*args, None, *tail), bwd(*args, loss, *tail)
         for x, y in zip(without, given):
             assert_close_scaled(x, y, 1e-12, "gradient without the loss")
 
@@ -270,21 +281,10 @@ def test_backward_op_recomputes_the_anchor_term_with_the_exclusions(device, scal
     # False) is recomputed by one more forward pass. That pass ran without the exclusions (exclude_self, excluded,
     # the mask, the labels) and no test saw it: the anchors' gradient then counted the left-out negatives. Against
     # the same call with V saved, over every sample of _op_samples (float64; the two differ in rounding only).
-    for a, p, n, idx, scale, normalize, include_positive, _, *rest in _op_samples(device):
-        a, p, n = (x.detach().double() for x in (a, p, n))
-        exclude = rest[0] if rest else False
-        excluded = rest[1] if len(rest) > 1 else None
-        keep = rest[2] if len(rest) > 2 else None
-        lab = tuple(rest[3:5])  # labels, negative_labels
-        s = torch.tensor(scale, dtype=torch.float64, device=device) if scaled else scale
-        fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
-        bwd = torch.ops.contrastbound.info_nce_bwd_scaled if scaled else torch.ops.contrastbound.info_nce_bwd
-        loss, lse, term = fwd(a, p, n, idx, s, normalize, include_positive, True, exclude, excluded, keep, *lab)
-        g = torch.rand(a.shape[0], device=device, dtype=torch.float64)
+    for bwd, head, loss, term, s, normalize, include_positive, exclude, tail in _float64_forwards(device, scaled):
         for needs in ([True, True, True], [True, False, False]):
-            args = (g, a, p, n, idx, lse)
-            tail = (s, normalize, include_positive, needs, exclude, True, loss, excluded, keep, *lab)
-            saved, recomputed = bwd(*args, term, *tail), bwd(*args, term.new_empty(0), *tail)
+            rest = (s, normalize, include_positive, needs, exclude, True, loss, *tail)
+            saved, recomputed = bwd(*head, term, *rest), bwd(*head, term.new_empty(0), *rest)
             for x, y in zip(saved, recomputed):
                 assert_close_scaled(x, y, 1e-12, "gradient with V recomputed")
 
@@ -295,10 +295,7 @@ def test_backward_op_recomputes_the_anchor_term_with_the_exclusions(device, scal
 def test_opcheck_scaled_ops(device, dtype):
     # The ops that take the logit scale as a tensor (learnable / tensor temperatures).
     for a, p, n, idx, scale, normalize, include_positive, save, *rest in _op_samples(device, dtype):
-        exclude = rest[0] if rest else False
-        excluded = rest[1] if len(rest) > 1 else None
-        keep = rest[2] if len(rest) > 2 else None
-        lab = tuple(rest[3:5])  # labels, negative_labels
+        exclude, excluded, keep, lab = _left_out(rest)
         s = torch.tensor(scale, dtype=torch.float64, device=device)
         args = (a, p, n, idx, s, normalize, include_positive, save, exclude, excluded, keep, *lab)
         torch.library.opcheck(torch.ops.contrastbound.info_nce_fwd_scaled.default, args)
