@@ -127,21 +127,34 @@ def test_rows_without_a_positive():
 
 @pytest.mark.parametrize("bank", [False, True])
 def test_never_negative_where_the_positives_dominate(bank):
-    # loss_i = lse_i - mean positive logit >= log(positives) >= 0, as lse_i runs over the positives too; at T = 0.01
-    # on unnormalised features (logits ~1e3) that difference of two rounded numbers came out -4e-6 (an audit's
-    # case, float32), where float64 gives ~2e-12. The value is clamped at 0 and the gradient is the unclamped one's.
-    g = torch.Generator().manual_seed(1)
-    f = torch.randn(5, 4, generator=g).requires_grad_()
-    labels = torch.tensor([2, 0, 2, 2, 0])
-    kw = dict(bank=torch.randn(3, 4, generator=g) - 20.0, bank_labels=torch.tensor([5, 6, 7])) if bank else {}
+    # loss_i = lse_i - mean positive logit >= log(positives) >= 0, as lse_i runs over the positives too. Where a
+    # positive is a near copy of the anchor at logits ~3.7e3 (unnormalised features, T = 0.01), rows 0 and 2 have a
+    # true loss of 3e-5 and 8e-5 (row 4, close to anchor 0 and of another label, ~10 below the positive's logit),
+    # below float32's spacing there (2.4e-4), and the difference of the two rounded terms comes out -4.9e-4 for both
+    # without the clamp. The value is clamped at 0; the gradient is the unclamped one's (straight through: 0.014 and
+    # 0.036 at most here), not a plain clamp's 0. The bank's rows (-f[:3]: each 2200 or more below an anchor's
+    # positive logit) add nothing to the sums and take the labelled-bank path. (The case before 2026-12-07, unit
+    # features, never went below 0: the test passed without the clamp and with a plain clamp_min.)
+    g = torch.Generator().manual_seed(25)
+    base = torch.randn(2, 4, generator=g) * 3
+    near = base + 1e-3 * torch.randn(2, 4, generator=g)  # rows 2, 3: the positives of rows 0, 1
+    f = torch.cat([base, near, base[:1] + 0.02 * torch.randn(1, 4, generator=g)])
+    f.requires_grad_()
+    labels = torch.tensor([0, 1, 0, 1, 2])
+    kw = dict(bank=-f[:3].detach(), bank_labels=torch.tensor([5, 6, 7])) if bank else {}
     loss = cb.supcon_loss(f, labels, 0.01, normalize=False, reduction="none", **kw)
-    ref = supcon_reference(f.double(), labels, 0.01, normalize=False, reduction="none",
+    f64 = f.detach().double().requires_grad_()
+    ref = supcon_reference(f64, labels, 0.01, normalize=False, reduction="none",
                            **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()})
     assert (loss >= 0).all(), loss
-    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-4, rtol=1e-5)
-    (grad,) = torch.autograd.grad(loss.sum(), f)
-    (want,) = torch.autograd.grad(ref.sum(), f)
-    torch.testing.assert_close(grad, want, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-3, rtol=0)
+    clamped = ((loss == 0) & (ref > 1e-5)).nonzero().flatten().tolist()
+    assert clamped, (loss, ref)  # the case reaches the clamp (else it tests nothing; rows 0 and 2 here)
+    for i in clamped:
+        (grad,) = torch.autograd.grad(loss[i], f, retain_graph=True)
+        (want,) = torch.autograd.grad(ref[i], f64, retain_graph=True)
+        assert want.abs().max() > 5e-3
+        torch.testing.assert_close(grad.double(), want, atol=1e-4, rtol=1e-3)
 
 
 def test_torch_compile_fullgraph():
