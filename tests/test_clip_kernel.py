@@ -281,11 +281,15 @@ def test_normalize_must_be_a_bool(value):
 
 
 def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
-    """normalize=False with huge features: a logit of -inf (an overflowed dot product) has weight 0 and leaves the
-    scale's gradient finite; all logits +inf make the loss NaN, and the scale's gradient NaN with it (not 0)."""
-    base = torch.tensor([[1.0, 0.5], [0.8, -1.0], [-0.3, 0.9]])
-    for img, txt in ((base * 1e19, base * torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]]) * 1e19),
-                     (torch.ones(3, 2) * 1e20, torch.ones(3, 2) * 1e20)):
+    """normalize=False with huge features: a logit of -inf (an overflowed dot product, -1e40 in float32) has weight
+    0 and leaves the scale's gradient finite (its term e^{l - m} (l - l_0) is 0 x -inf, taken as 0); all logits
+    +inf make the loss NaN, and the scale's gradient NaN with it (not 0). Until 2026-12-07 the first case had
+    features of 1e19 whose largest product, 1.6e38, stayed finite: dropping the kernel's 0 for that term (NaN
+    instead) passed every test; it fails this one."""
+    img = torch.tensor([[1e20, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [-1e20, 0.0], [0.0, 1.0]])
+    assert (img @ txt.T).isneginf().sum() == 1 and (img @ txt.T).diagonal().isfinite().all()  # (the case is there)
+    for img, txt in ((img, txt), (torch.ones(3, 2) * 1e20, torch.ones(3, 2) * 1e20)):
         grads = []
         for fn in (cb.clip_loss, two_calls):
             scale = torch.tensor(1.0, requires_grad=True)
@@ -296,6 +300,12 @@ def test_scale_gradient_with_overflowed_logits_matches_the_two_calls():
         assert torch.allclose(fused_loss, two_loss, equal_nan=True)
         assert torch.allclose(fused_grad, two_grad, rtol=1e-5, equal_nan=True), (fused_grad, two_grad)
         assert torch.isnan(fused_grad) == torch.isnan(fused_loss)
+        if torch.isfinite(fused_loss):  # float64 holds the products (-1e40): the same loss and gradient
+            scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+            want = two_calls(img.double(), txt.double(), scale, normalize=False, reduction="sum")
+            want.backward()
+            torch.testing.assert_close(fused_loss.double(), want.detach(), rtol=1e-6, atol=0)
+            torch.testing.assert_close(fused_grad.double(), scale.grad, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("d", [100, 37])
