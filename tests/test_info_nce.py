@@ -2747,13 +2747,15 @@ def test_nan_bank_row_in_a_partial_tile_gives_nan(device, dtype, K, row):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["shared", "indexed"])
+@pytest.mark.parametrize("mode", ["shared", "indexed", "per_anchor"])
 @pytest.mark.parametrize("case", ["one_row", "every_row"])
 def test_negative_logits_overflowing_to_minus_inf_stay_finite(device, mode, case):
     # A float32 dot product that overflows to -inf (normalize=False, norms ~1e20) is a negative with weight 0, as in
     # the reference. The CPU shared-bank kernel turned a chunk whose logits were all -inf into max = -inf and
     # sum = exp(-inf - -inf) = NaN: a NaN loss and NaN gradients for every bank row (one such row alone in the last
-    # chunk of K = 513 sufficed; with every row -inf every chunk is such).
+    # chunk of K = 513 sufficed; with every row -inf every chunk is such). Per-anchor negatives (the bank as a
+    # (1, K, d) batch): running the per-anchor backward's normalisation step with normalize=False (0 x -inf there)
+    # made such a row's gradient NaN and passed every other test (a mutation audit, 2026-12-07).
     K = 513
     a = torch.tensor([[1e20, 1.0]], device=device)
     p = torch.tensor([[1e-20, 1.0]], device=device)
@@ -2764,6 +2766,8 @@ def test_negative_logits_overflowing_to_minus_inf_stay_finite(device, mode, case
     else:
         bank[:, 0] = -1e20
     idx = torch.arange(K, device=device)[None] if mode == "indexed" else None
+    if mode == "per_anchor":
+        bank = bank[None]
     for reduction in ("mean", "none"):
         b1, b2 = bank.clone().requires_grad_(True), bank.clone().requires_grad_(True)
         a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
