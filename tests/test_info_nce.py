@@ -1874,6 +1874,40 @@ def test_torch_func_grad_vjp_jacrev_match_autograd(mode):
     assert_close_scaled(rows, want_rows, 1e-12, "per-sample gradients")
 
 
+_OTHER_LOSSES = {
+    "nt_xent": lambda a, b, _: cb.nt_xent(a, b, 0.3),
+    "clip_loss": lambda a, b, _: cb.clip_loss(a, b, torch.tensor(4.0, dtype=torch.float64)),
+    "supcon_loss": lambda a, b, _: cb.supcon_loss(torch.stack([a, b], 1), torch.tensor([0, 1, 0, 2, 1, 0]), 0.3),
+    "debiased_info_nce": lambda a, b, bank: cb.debiased_info_nce(a, b, bank, temperature=0.3, tau_plus=0.1),
+    "debiased_info_nce in-batch": lambda a, b, _: cb.debiased_info_nce(a, b, temperature=0.3, tau_plus=0.1),
+    "siglip_loss": lambda a, b, _: cb.siglip_loss(a, b, torch.tensor(3.0, dtype=torch.float64),
+                                                  torch.tensor(-2.0, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("name", list(_OTHER_LOSSES))
+def test_torch_func_grad_and_jvp_of_the_other_losses_match_autograd(name):
+    # The losses built on info_nce's core take the reference under a differentiating torch.func transform and
+    # forward-mode AD (as info_nce above), where the lse they combine carries its own derivatives: nt_xent added
+    # its pair side's lse undetached to that lse's gradient (counted twice) and its torch.func.grad was off by
+    # 0.095 (0.29 at most), its jvp by 0.26, with autograd on the kernels right; no test ran these losses under a
+    # transform (a mutation audit, 2026-12-07).
+    g = torch.Generator().manual_seed(4)
+    x, y, u, v = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    bank = torch.randn(9, 5, generator=g, dtype=torch.float64)
+
+    def loss(a, b):
+        return _OTHER_LOSSES[name](a, b, bank)
+
+    a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    want = torch.autograd.grad(loss(a, b), (a, b))  # the kernels' backward
+    assert min(w.abs().max() for w in want) > 1e-2
+    for got, w, what in zip(torch.func.grad(loss, argnums=(0, 1))(x, y), want, ("a", "b")):
+        assert_close_scaled(got, w, 1e-12, f"torch.func.grad in {what}")
+    _, tangent = torch.func.jvp(loss, (x, y), (u, v))
+    assert_close_scaled(tangent, (want[0] * u).sum() + (want[1] * v).sum(), 1e-12, "torch.func.jvp")
+
+
 def test_vmap_of_bank_cross_entropy_and_learnable_temperature():
     # Their Python autograd.Functions have no setup_context, which vmap requires: the reference serves there.
     a, p, n, _ = make_inputs("shared", B=4, K=6, d=3, dtype=torch.float64, requires_grad=False)
