@@ -1151,6 +1151,24 @@ def test_bank_cross_entropy_confident_float32(normalize, temperature):
         assert err <= min(1.5 * err_torch, 1e-4), (name, err, err_torch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bank_cross_entropy_half_bank_target_rows_at_tiny_losses(dtype):
+    # A half-precision bank's target rows get their gradient from float32 terms (_target_rows_gradient), the
+    # anchor's own with the coefficient w - 1 = expm1(-loss). At a logit gap of 16 the loss is 2.3e-7, where
+    # exp(-loss) - 1 in float32 is -2.4e-7 (float32's spacing below 1 is 6e-8): the target rows' gradient 6 % off
+    # with it, 0.2 % (bfloat16's rounding) with expm1; every other test passed with exp - 1 (a mutation audit,
+    # 2026-12-07). Against float64, gaps 8 to 16 (losses 7e-4 to 2.3e-7).
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.0]], dtype=dtype)
+    targets = torch.tensor([0, 1])
+    for gap in (8.0, 12.0, 16.0):
+        a = torch.tensor([[gap, 0.0], [0.5, gap]], requires_grad=True)
+        b = bank.clone().requires_grad_(True)
+        cb.bank_cross_entropy(a, b, targets, reduction="sum").backward()
+        b64 = bank.double().requires_grad_(True)
+        bank_cross_entropy_reference(a.detach().double(), b64, targets, reduction="sum").backward()
+        torch.testing.assert_close(b.grad[targets].double(), b64.grad[targets], rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("call", ["shared", "in_batch", "info_nce_lse", "bank_cross_entropy"])
 def test_per_anchor_loss_may_be_modified_in_place_before_backward(call):
     # reduction="none", then a per-anchor weight applied in place (as F.cross_entropy allows): the autograd backward
