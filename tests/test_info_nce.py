@@ -2433,6 +2433,22 @@ def test_learnable_temperature_matches_reference(mode, temperature):
     assert_close_scaled(gt, rt, 1e-4, "temperature grad")
 
 
+def test_learnable_temperature_gradient_where_the_positive_dominates():
+    # d loss / d s = (E - l_0) / s with E - l_0 = (w_0 - 1) l_0 + s a . V: w_0 - 1 taken as expm1(-loss), since
+    # exp(-loss) - 1 in float32 has an absolute error of ~6e-8 (the spacing below 1), which is the whole of w_0 - 1
+    # at a loss of 4e-9. With exp - 1 the temperature's gradient was 6 % off at a logit gap of 16 (loss 2.3e-7) and
+    # 0 instead of 8.2e-8 at a gap of 20, and every other test passed (a mutation audit, 2026-12-07); with expm1
+    # it is within 1e-6 of float64 at gaps 8 to 20.
+    p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, -1.0], [-1.0, 0.0]])
+    for gap in (8.0, 12.0, 16.0, 20.0):
+        a = torch.tensor([[gap, 0.0]])
+        t, t64 = torch.tensor(1.0, requires_grad=True), torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        (got,) = torch.autograd.grad(cb.info_nce(a, p, n, temperature=t, normalize=False), t)
+        (want,) = torch.autograd.grad(info_nce_reference(a.double(), p.double(), n.double(), temperature=t64,
+                                                         normalize=False), t64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("case", ["nt_xent_N1", "lse_no_negatives", "in_batch_lse_B1"])
 def test_learnable_temperature_gradient_where_a_row_has_no_negatives(case):
     # A row whose set is empty (no negatives, positive left out) has lse = -inf and does not depend on the
