@@ -167,20 +167,28 @@ struct Case {
   // Shared: labels of anchors and bank rows drawn from [0, labels) where labels > 0 (Problem::labels / bank_labels):
   // a bank row of the anchor's label is left out; anchor 0's label is one no bank row has (it keeps every row)
   int labels = 0;
+  // Positives that are copies of their anchors (at a small temperature: losses far below 1, down to ~1e-12),
+  // whose losses are checked to a relative accuracy (the loss of a dominant positive, softplus(lse_neg - l0)):
+  // lse - l0 formed from a sum that holds the positive keeps only eps / loss of it
+  bool dominant = false;
+  // Indexed: the (B, K) indices stored column-major, read through their strides (negative_indices sliced or
+  // transposed on the GPU reach the kernels as they are)
+  bool strided_indices = false;
   // Nonzero: the case draws its inputs from a generator of its own with this seed, so that the cases after it keep
   // the inputs their tolerances were set with (the others share one stream)
   uint64_t own_seed = 0;
   std::string name() const {
-    char buf[240];
+    char buf[280];
     std::snprintf(buf, sizeof buf,
                   "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
-                  "T=%g%s%s%s%s%s%s%s",
+                  "T=%g%s%s%s%s%s%s%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
                   nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
                   one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "",
-                  labels > 0 ? " labels" : "");
+                  labels > 0 ? " labels" : "", dominant ? " dominant positives" : "",
+                  strided_indices ? " strided indices" : "");
     return buf;
   }
 };
@@ -338,6 +346,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   };
   shrink(A, 3, 1);
   shrink(P, 3, 2);
+  if (c.dominant) P = A;
   shrink(N, 2, 0);
   if (c.nan_bank >= 0) N.at(c.nan_bank, d / 2) = from_d<T>(NAN);
   std::vector<int64_t> idx;
@@ -355,6 +364,9 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       if (pad(rng) || (a == 1 && i % K < K / 2) || (a == 0 && c.include_positive)) idx[i] = -1;
     }
   }
+  std::vector<int64_t> idx_by_col;  // c.strided_indices: idx column-major, (i, k) at i + k B
+  for (int64_t k = 0; c.strided_indices && k < K; ++k)
+    for (int64_t i = 0; i < B; ++i) idx_by_col.push_back(idx[i * K + k]);
   std::unique_ptr<bool[]> keep;  // (B, K) at i + k B, where c.mask > 0
   if (c.mask > 0) {
     keep.reset(new bool[std::max<int64_t>(1, B * K)]);
@@ -400,8 +412,13 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     p.negatives_stride[0] = N.s0, p.negatives_stride[1] = N.s1;
   }
   if (c.mode == Mode::Indexed) {
-    p.indices = idx.data();
-    p.indices_stride[0] = K, p.indices_stride[1] = 1;
+    if (c.strided_indices) {
+      p.indices = idx_by_col.data();
+      p.indices_stride[0] = 1, p.indices_stride[1] = B;
+    } else {
+      p.indices = idx.data();
+      p.indices_stride[0] = K, p.indices_stride[1] = 1;
+    }
   }
   p.scale = &scale;
   p.normalize = c.normalize;
@@ -465,6 +482,13 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     lmax[i] = m, log_sum[i] = std::log(sum);
     want_lse[i] = m + log_sum[i];
     want_loss[i] = (m - l0[i]) + log_sum[i];
+    if (c.dominant && c.include_positive) {  // softplus(lse_neg - l0), accurate where the loss is far below 1
+      double mn = -INFINITY, sn = 0;
+      for (int64_t k = 0; k < K; ++k) mn = std::max(mn, lk[i][k]);
+      for (int64_t k = 0; k < K && mn > -INFINITY; ++k) sn += std::exp(lk[i][k] - mn);
+      const double z = mn > -INFINITY ? (mn - l0[i]) + std::log(sn) : -INFINITY;
+      want_loss[i] = z > 0 ? z + std::log1p(std::exp(-z)) : std::log1p(std::exp(z));
+    }
     for (int64_t k = 0; k < K; ++k) {
       if (row_of(i, k) < 0) continue;  // padding: weight 0, no row
       const double w = std::exp((lk[i][k] - m) - log_sum[i]);
@@ -505,6 +529,25 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   }
   const double e_v = max_err(as_d(v), want_v, d);
   const int ty = static_cast<int>(p.dtype);
+  // Dominant positives: each loss to a relative accuracy, its error that of lse_neg - l0 (a few eps of the
+  // accumulation type times the logits' size, 1 / T here; 2^-23 / 0.02 = 6e-6 in float32)
+  const double tol_rel = std::is_same<acc_t, double>::value ? 1e-12 : 1e-4;
+  const auto rel_err = [&](const std::vector<acc_t>& got) {
+    double e = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const double r = std::fabs(got[i] - want_loss[i]) / want_loss[i];
+      e = std::max(e, std::isnan(r) ? double(INFINITY) : r);
+    }
+    return e;
+  };
+  if (c.dominant) {
+    double smallest = INFINITY;
+    for (double x : want_loss) smallest = std::min(smallest, x);
+    // (so that lse - l0 would fail: it keeps eps / loss of the loss, over 1e-2 in float32 and 1e-8 in float64)
+    expect(smallest < (std::is_same<acc_t, double>::value ? 1e-8 : 1e-5) && smallest > 0,
+           what + ": a loss small enough, smallest " + std::to_string(smallest));
+    expect_err(rel_err(loss), tol_rel, ty, what + ": loss relative to itself");
+  }
   expect_err(e_loss, tol_acc, ty, what + ": loss");
   expect_err(e_lse, tol_acc, ty, what + ": lse");
   expect_err(e_v, tol, ty, what + ": anchor term");
@@ -524,6 +567,9 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       e2 = std::max(e2, rel(lse2[i], want_lse[i], want_lse[i]));
     }
     expect_err(e2, tol_acc, ty, what + ": loss and lse without the anchor term");
+    if (c.dominant && ok) {
+      expect_err(rel_err(loss2), tol_rel, ty, what + ": loss relative to itself without the anchor term");
+    }
     if (ok && emu::wg::s.mmas != mmas0) {
       // The wgmma kernels' Lse walk served (only wgmma_kernel issues wgmma): the (max, sum) partials of the
       // Forward walk that served the forward above, so the same loss and lse bit for bit.
@@ -742,6 +788,14 @@ std::vector<Case> cases(bool quick) {
   c = Case();
   c.B = 150, c.K = 300, c.d = 32, c.mask = 0.002;
   c.own_seed = 2031;
+  add(c);
+  c = Case();
+  c.mode = Mode::Indexed, c.B = 9, c.K = 40, c.rows = 23, c.d = 35, c.padding = 0.1, c.strided_indices = true;
+  c.own_seed = 2032;
+  add(c);
+  c = Case();
+  c.B = 9, c.K = 40, c.d = 24, c.temperature = 0.02, c.dominant = true;
+  c.own_seed = 2033;
   add(c);
   return cs;
 }
