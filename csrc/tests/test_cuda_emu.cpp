@@ -174,6 +174,9 @@ struct Case {
   // Indexed: the (B, K) indices stored column-major, read through their strides (negative_indices sliced or
   // transposed on the GPU reach the kernels as they are)
   bool strided_indices = false;
+  // Padding or a mask: anchor 0 without negatives also without the positive (lse = loss = -inf, V = 0, its
+  // gradient that of -l0 alone: info_nce_lse(include_positive=False), debiased_info_nce's fully masked rows)
+  bool empty_row = false;
   // Nonzero: the case draws its inputs from a generator of its own with this seed, so that the cases after it keep
   // the inputs their tolerances were set with (the others share one stream)
   uint64_t own_seed = 0;
@@ -181,14 +184,14 @@ struct Case {
     char buf[280];
     std::snprintf(buf, sizeof buf,
                   "%s B=%lld K=%lld d=%lld rows=%lld layout=%d norm=%d pos=%d excl_self=%d excluded=%d tc=%d "
-                  "T=%g%s%s%s%s%s%s%s%s%s",
+                  "T=%g%s%s%s%s%s%s%s%s%s%s",
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
                   nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
                   one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "",
                   labels > 0 ? " labels" : "", dominant ? " dominant positives" : "",
-                  strided_indices ? " strided indices" : "");
+                  strided_indices ? " strided indices" : "", empty_row ? " a row without terms" : "");
     return buf;
   }
 };
@@ -361,7 +364,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     std::bernoulli_distribution pad(c.padding);  // draws only where c.padding > 0: other cases keep their inputs
     for (int64_t i = 0; i < B * K && c.padding > 0; ++i) {
       const int64_t a = i / K;
-      if (pad(rng) || (a == 1 && i % K < K / 2) || (a == 0 && c.include_positive)) idx[i] = -1;
+      if (pad(rng) || (a == 1 && i % K < K / 2) || (a == 0 && (c.include_positive || c.empty_row))) idx[i] = -1;
     }
   }
   std::vector<int64_t> idx_by_col;  // c.strided_indices: idx column-major, (i, k) at i + k B
@@ -373,7 +376,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     std::bernoulli_distribution drop(c.mask);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t i = 0; i < B; ++i)
-        keep[i + k * B] = !(drop(rng) || (i == 1 && k < K / 2) || (i == 0 && c.include_positive));
+        keep[i + k * B] = !(drop(rng) || (i == 1 && k < K / 2) || (i == 0 && (c.include_positive || c.empty_row)));
   }
   std::vector<int64_t> lab, bank_lab;  // (B,) and (K,), where c.labels > 0
   if (c.labels > 0) {
@@ -478,7 +481,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       m = std::max(m, lk[i][k]);
     }
     double sum = c.include_positive ? std::exp(l0[i] - m) : 0.0;
-    for (int64_t k = 0; k < K; ++k) sum += std::exp(lk[i][k] - m);
+    for (int64_t k = 0; k < K; ++k) sum += lk[i][k] == -INFINITY ? 0.0 : std::exp(lk[i][k] - m);  // (m may be -inf)
     lmax[i] = m, log_sum[i] = std::log(sum);
     want_lse[i] = m + log_sum[i];
     want_loss[i] = (m - l0[i]) + log_sum[i];
@@ -490,7 +493,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       want_loss[i] = z > 0 ? z + std::log1p(std::exp(-z)) : std::log1p(std::exp(z));
     }
     for (int64_t k = 0; k < K; ++k) {
-      if (row_of(i, k) < 0) continue;  // padding: weight 0, no row
+      if (row_of(i, k) < 0 || lk[i][k] == -INFINITY) continue;  // padding, left out: weight 0 (no row)
       const double w = std::exp((lk[i][k] - m) - log_sum[i]);
       for (int64_t j = 0; j < d; ++j) want_v[i * d + j] += w * nhr[row_of(i, k)][j];
     }
@@ -520,6 +523,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   // relative to max(1, |lse|); NaN only where the reference is NaN (a NaN input), else any non-finite value fails
   const auto rel = [](double got, double want, double lse_i) {
     if (std::isnan(want) || std::isnan(got)) return std::isnan(want) == std::isnan(got) ? 0.0 : double(INFINITY);
+    if (std::isinf(want)) return got == want ? 0.0 : double(INFINITY);  // (a row without terms: -inf)
     if (!std::isfinite(got)) return double(INFINITY);
     return std::fabs(got - want) / std::max(1.0, std::fabs(lse_i));
   };
@@ -591,9 +595,9 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     std::vector<double> Ga(d), Gp(d);
     for (int64_t j = 0; j < d; ++j) Ga[j] = s * dl0 * ph[i][j], Gp[j] = s * dl0 * ah[i][j];
     for (int64_t k = 0; k < K; ++k) {
-      const double dlk = gl[i] * std::exp((lk[i][k] - lmax[i]) - log_sum[i]);
       const int64_t r = row_of(i, k);
-      if (r < 0) continue;  // padding
+      if (r < 0 || lk[i][k] == -INFINITY) continue;  // padding, left out: weight 0
+      const double dlk = gl[i] * std::exp((lk[i][k] - lmax[i]) - log_sum[i]);
       for (int64_t j = 0; j < d; ++j) Ga[j] += s * dlk * nhr[r][j], Gn[r][j] += s * dlk * ahr[i][j];
     }
     const std::vector<double> da = through_norm(Ga, ah[i], na[i], c.normalize);
@@ -797,6 +801,15 @@ std::vector<Case> cases(bool quick) {
   c.B = 9, c.K = 40, c.d = 24, c.temperature = 0.02, c.dominant = true;
   c.own_seed = 2033;
   add(c);
+  // Without the positive, anchor 0 without negatives (padding; a mask)
+  c = Case();
+  c.mode = Mode::Indexed, c.B = 6, c.K = 71, c.rows = 40, c.d = 24, c.padding = 0.3, c.include_positive = false;
+  c.empty_row = true, c.own_seed = 2034;
+  add(c);
+  c = Case();
+  c.B = 11, c.K = 150, c.d = 24, c.mask = 0.3, c.include_positive = false, c.empty_row = true;
+  c.own_seed = 2035;
+  add(c);
   return cs;
 }
 
@@ -855,7 +868,8 @@ void run_type(bool quick, std::mt19937_64& rng, const std::string& config, bool 
   }
   // Indexed with padding (-1): K = 150 is 2 tiles of kRowTile = 64 and a partial one; anchor 0 has no negatives,
   // anchor 1's first tile is all padding (its state starts at -inf), 30% of the rest padded. Without the positive
-  // an anchor with no negatives has lse = -inf (not checked); anchor 0 keeps its random indices there.
+  // an anchor with no negatives has lse = -inf (cases() has such rows: empty_row); anchor 0 keeps its random
+  // indices here.
   if (!tc_only) {
     std::mt19937_64 own(2028);
     Case c;
