@@ -155,6 +155,7 @@ struct Case {
   int64_t zero_anchor = -1, zero_bank = -1;  // a row set to zero (-1: none)
   int64_t nan_bank = -1;                      // a bank row with a NaN feature (-1: none)
   bool bad_scale = false;                     // scale -1 / T: every output must be NaN (read_scale)
+  bool inf_scale = false;                     // scale +inf (a tensor temperature of 0): likewise
   double small = 1.0;  // a factor for anchor rows i % 3 == 1, positive rows i % 3 == 2 and the even bank rows
   bool distinct = false;  // Indexed: no row twice in an anchor's indices (K <= rows)
   bool one_row = false;   // Indexed: anchor i's K indices all name row 3 i % rows
@@ -188,7 +189,11 @@ struct Case {
                   mode == Mode::Shared ? "shared" : mode == Mode::PerAnchor ? "per-anchor" : "indexed", (long long)B,
                   (long long)K, (long long)d, (long long)rows, static_cast<int>(layout), normalize, include_positive,
                   exclude_self, excluded, tensor_cores, temperature, zero_anchor >= 0 ? " zero rows" : "",
-                  nan_bank >= 0 ? " NaN row" : bad_scale ? " negative scale" : "", small != 1.0 ? " small rows" : "",
+                  nan_bank >= 0 ? " NaN row"
+                  : bad_scale   ? " negative scale"
+                  : inf_scale   ? " infinite scale"
+                                : "",
+                  small != 1.0 ? " small rows" : "",
                   one_row ? " one row per anchor" : "", padding > 0 ? " padding" : "", mask > 0 ? " mask" : "",
                   labels > 0 ? " labels" : "", dominant ? " dominant positives" : "",
                   strided_indices ? " strided indices" : "", empty_row ? " a row without terms" : "");
@@ -393,8 +398,12 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       excl.push_back((i * 37 + 11) % (K + 3) - 1);  // -1 and >= K exclude none
       // as do the extremes, where `entry - first row` would overflow (with -fsanitize=signed-integer-overflow)
       if (i % 5 == 2) excl.back() = i % 2 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+      // and entries past 2^32 (none), whose low 32 bits name a column of the first tile (a 32-bit difference)
+      if (i % 5 == 4) excl.back() = (int64_t(1) << 32) + i % 7;
+      if (i % 5 == 3) excl.back() = 0;  // (with K = 1 the only bank row: a fully left-out tile)
     }
-  const acc_t scale = static_cast<acc_t>((c.bad_scale ? -1.0 : 1.0) / c.temperature);
+  const acc_t scale =
+      c.inf_scale ? acc_t(INFINITY) : static_cast<acc_t>((c.bad_scale ? -1.0 : 1.0) / c.temperature);
   const double s = scale;
 
   Problem p;
@@ -504,12 +513,12 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   // A scale that is not positive and finite (a bad tensor temperature, never read back on a GPU) turns every
   // output into NaN, so that it cannot pass for a finite wrong result.
   const auto poison = [&](std::vector<double>& x) {
-    if (c.bad_scale) std::fill(x.begin(), x.end(), double(NAN));
+    if (c.bad_scale || c.inf_scale) std::fill(x.begin(), x.end(), double(NAN));
   };
   poison(want_loss), poison(want_lse), poison(want_v);
   // Outputs start as NaN, so that one the kernels do not write fails, or, where every expected value is NaN (a NaN
   // input, a bad scale), as a finite sentinel.
-  const double unset = c.bad_scale || c.nan_bank >= 0 ? 12345.0 : double(NAN);
+  const double unset = c.bad_scale || c.inf_scale || c.nan_bank >= 0 ? 12345.0 : double(NAN);
   std::vector<acc_t> loss(B, unset), lse(B, unset), v(B * d, unset);
   ForwardOutputs out;
   out.loss = loss.data();
@@ -726,6 +735,8 @@ std::vector<Case> cases(bool quick) {
   c = Case();
   c.B = 7, c.K = 20, c.d = 8, c.bad_scale = true;
   add(c);
+  c.bad_scale = false, c.inf_scale = true, c.own_seed = 2036;
+  add(c);
   c = Case();
   c.B = 70, c.K = 70, c.d = 72, c.exclude_self = true;  // in-batch / NT-Xent: bank row i left out of anchor i
   add(c);
@@ -809,6 +820,21 @@ std::vector<Case> cases(bool quick) {
   c = Case();
   c.B = 11, c.K = 150, c.d = 24, c.mask = 0.3, c.include_positive = false, c.empty_row = true;
   c.own_seed = 2035;
+  add(c);
+  // Indexed without negatives (K = 0) and without anchors (B = 0): no sorted indices needed, none given
+  c = Case();
+  c.mode = Mode::Indexed, c.B = 6, c.K = 0, c.rows = 10, c.d = 8;
+  add(c);
+  c.B = 0, c.K = 20;
+  add(c);
+  // Two rows whose stride is not a multiple of 16 bytes (the tensor-core copies' vector test: an operand of one row
+  // only may skip it)
+  c = Case();
+  c.B = 2, c.K = 2, c.d = 16, c.layout = kPaddedRows, c.own_seed = 2037;
+  add(c);
+  // The SIMT work split over 2 multiprocessors: K = 300 in chunks of whole tiles, the last chunk not empty
+  c = Case();
+  c.B = 100, c.K = 300, c.d = 8, c.tensor_cores = false, c.own_seed = 2038;
   add(c);
   return cs;
 }
@@ -1025,6 +1051,14 @@ void entry_point_errors() {
   Aligned iws(ib);
   expect(info_nce_backward(q, bi, iws.ptr, ib, 2, nullptr) == cudaErrorInvalidValue,
          "backward refuses indexed negatives' gradient without the sorted indices");
+  BackwardArgs bs;  // every argument a full backward needs, but the scale
+  bs.grad_loss = g.data(), bs.lse = lse.data(), bs.anchor_term = v.data(), bs.grad_anchors = ga.data();
+  bs.grad_negatives = gn.data();
+  q = p;
+  q.scale = nullptr;
+  const size_t sb = info_nce_backward_workspace_bytes(p, bs, 2);
+  Aligned sws(sb);
+  expect(info_nce_backward(q, bs, sws.ptr, sb, 2, nullptr) == cudaErrorInvalidValue, "backward refuses no scale");
   expect(std::isnan(ga[0]) && std::isnan(gn[0]), "a refused backward writes nothing");
 }
 
