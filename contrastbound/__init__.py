@@ -15,7 +15,6 @@ if torch.distributed.is_available():
     # here (~4 ms), usually before init_process_group, it binds None.
     import torch.distributed.nn.functional  # noqa: F401
 
-from . import _backend
 from ._backend import backend_info
 from . import _ops  # noqa: F401  (fake kernels and autograd for the registered ops)
 from .functional import (

@@ -986,7 +986,8 @@ def test_indexed_mode_and_bank_cross_entropy_capture_into_a_cuda_graph(dtype):
         return [torch.randn(n, d, device=CUDA, dtype=dtype, generator=g) for n in (B, B, M)] + [idx, targets]
 
     static = fresh()
-    leaves = [x.requires_grad_(True) for x in static[:3]]
+    for x in static[:3]:
+        x.requires_grad_(True)
 
     def step(a, p, bank, idx, targets):
         loss = cb.info_nce(a, p, bank, negative_indices=idx, temperature=0.1) + \

@@ -320,7 +320,7 @@ def measure(method: Method, cfg: Config, clock: Callable[[], float] = time.perf_
     # (warmup_extra_mib), not every step's (they were counted in extra_mib before 2026-12-01)
     warm_peak = None
     _zero_grads(x)
-    del loss
+    loss = None  # (the last warm-up step's graph and loss, freed before the measured steps)
     if memory:
         warm_peak = torch.cuda.max_memory_allocated(cfg.device) / MIB if cuda else _rss_peak_mib()
         gc.collect()
@@ -336,7 +336,7 @@ def measure(method: Method, cfg: Config, clock: Callable[[], float] = time.perf_
     for i in range(max(cfg.reps, 1)):
         if i:
             _zero_grads(x)
-            del loss
+            loss = None  # (the previous step's, freed before this one)
         _sync(cfg.device)
         t0 = clock()
         loss = step()

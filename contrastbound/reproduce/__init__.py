@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from ._common import (
-    PRESETS, REPRO_EXTRA, Section, Settings, deterministic, make_settings, render_html, render_markdown,
+    REPRO_EXTRA, Section, Settings, deterministic, make_settings, render_html, render_markdown,
     require_matplotlib,
 )
 

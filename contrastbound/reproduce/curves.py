@@ -64,14 +64,18 @@ def run_bounds_vs_k(s: Settings, out: str, **_) -> Section:
         ax.plot(K, up, label=r"$R^*_\mathrm{cont} + \Delta_U$")
         ax.axhline(rs, color="k", ls="--", label=r"$R^*_\mathrm{supv}$")
         ax.axvline(C, color="gray", ls=":", lw=0.8)
-        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)")
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+        ax.set_ylabel("loss (nats)")
         ax.set_title(f"C = {C}: upper bound of the supervised loss")
         ax.legend()
         ax = axes[1, j]
         ax.plot(K, lo, label=r"$R^*_\mathrm{supv} - \Delta_L$")
         ax.plot(K, rc, "k--", label=r"$R^*_\mathrm{cont}$")
         ax.axvline(C, color="gray", ls=":", lw=0.8)
-        ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)")
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+        ax.set_ylabel("loss (nats)")
         ax.set_title(f"C = {C}: upper bound of the contrastive loss")
         ax.legend()
         ug = up - rs
@@ -175,7 +179,10 @@ def run_compare_bounds(s: Settings, out: str, **_) -> Section:
         ax = axes[0, j]
         # A fixed range (the earlier bounds reach ~1e46 at K = 1000, which would flatten everything else); what
         # leaves it is named in the legend.
-        ax.set_xscale("log"); ax.set_yscale("log"); ax.set_ylim(0.5, 500); ax.set_xlabel("K")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, 500)
+        ax.set_xlabel("K")
         for name in ("ours", "arora", "nozawa_sato", "ash"):
             y = np.array([x[f"{kind}_{name}"] for x in rows], dtype=float)
             ok = np.isfinite(y)

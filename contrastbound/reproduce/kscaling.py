@@ -171,7 +171,11 @@ def run_k_scaling(s: Settings, out: str, seed: int, device, show_progress: bool 
         axes[0, 1].plot(ks, get(m, "peak_extra_mib"), "o-", label=m)
     axes[0, 1].plot(ks, get("fused", "logits_mib"), "k:", label="size of the logits")
     for ax, yl in zip(axes[0], ("forward + backward (ms)", "peak extra memory (MiB)")):
-        ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_xlabel("K"); ax.set_ylabel(yl); ax.legend()
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K")
+        ax.set_ylabel(yl)
+        ax.legend()
     p = os.path.join(out, "k_scaling.png")
     save_figure(fig, p)
     tf, tn = get("fused", "time_s"), get("naive", "time_s")

@@ -372,7 +372,9 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
         ax.plot(ep, [x["R_supv_train"] for x in r], "k-", label="R_supv (train)")
         ax.plot(ep, [x["R_supv_test"] for x in r], "k:", label="R_supv (test)")
         ax.plot(ep, [x["R_cont_train"] for x in r], "C1--", label="R_cont (train)")
-        ax.set_title(f"K = {K}"); ax.set_xlabel("epoch"); ax.set_ylabel("loss (nats)")
+        ax.set_title(f"K = {K}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (nats)")
         if j == 0:
             ax.legend(fontsize=7)
     p5 = os.path.join(out, "toy_trajectories.png")
@@ -386,12 +388,18 @@ def run_toy(s: Settings, out: str, seed: int, device: torch.device, show_progres
     ax.plot(ks, [r["R_supv_train"] for r in final], "ko-", label="R_supv (train)")
     ax.plot(ks, [r["R_supv_test"] for r in final], "ks:", label="R_supv (test)")
     ax.plot(ks, [r["R_cont_train"] for r in final], "C1^--", label="R_cont (train)")
-    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss (nats)"); ax.set_title("final epoch")
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title("final epoch")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     ax.plot(ks, [100 * r["acc_test"] for r in final], "o-", label="test")
     ax.plot(ks, [100 * r["acc_train"] for r in final], "s--", label="train")
-    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("mean-classifier accuracy (%)"); ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("mean-classifier accuracy (%)")
+    ax.legend()
     p6 = os.path.join(out, "toy_final.png")
     save_figure(fig, p6)
 
@@ -481,7 +489,9 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
     # named in the legend. Right: a linear close-up of the supervised loss, our interval and log C.
     fig, axes = new_figure(ncols=2, size=(5.6, 4.4))
     ax = axes[0, 0]
-    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_ylim(0.5, 500)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, 500)
     nudges = {"arora_test": 0.9, "ash_test": 1.1}  # both leave the range at the same K: their marks side by side
     for key, label, color, marker in series[:5]:
         m_arr, s_arr = summary[key]
@@ -492,7 +502,8 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
                         label=off_scale(ax, kk, m_arr[ok], label, color=color, markers=True,
                                         nudge=nudges.get(key, 1.0)))
     log_c_line(ax, C)
-    ax.set_xlabel("K"); ax.set_ylabel("loss / bound (nats)")
+    ax.set_xlabel("K")
+    ax.set_ylabel("loss / bound (nats)")
     ax.set_title(f"test loss and every upper bound ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # below: the lines fill the axes
     ax = axes[0, 1]
@@ -502,7 +513,9 @@ def run_digits(s: Settings, out: str, seed: int, device: torch.device, show_prog
                     ls="--" if key == "lower_test" else "-")
     ax.fill_between(ks, summary["lower_test"][0], summary["upper_test"][0], color="C0", alpha=0.12)
     log_c_line(ax, C)
-    ax.set_xscale("log"); ax.set_xlabel("K"); ax.set_ylabel("loss / bound (nats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("loss / bound (nats)")
     ax.set_title("close-up: the loss, our interval and log C")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))
     from matplotlib.ticker import NullLocator
