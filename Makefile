@@ -1,5 +1,5 @@
 # One entry point: set-up, test, reproduce (the main job), demo, bench.
-.PHONY: setup test test-python test-cpp reproduce reproduce-quick demo bench bench-quick bench-scaling bench-scaling-quick clean
+.PHONY: setup test test-python test-cpp checkstyle reproduce reproduce-quick demo bench bench-quick bench-scaling bench-scaling-quick clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,10 @@ test-python:
 
 test-cpp:
 	bash scripts/cpp_tests.sh
+
+# Lint (ruff, the rules in pyproject.toml); also run by the tests (tests/test_style.py).
+checkstyle:
+	.venv/bin/python -m ruff check .
 
 # The main job: reproduce the paper's claims (figures, CSVs, report) into ./contrastbound-results.
 reproduce: setup

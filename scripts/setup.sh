@@ -13,7 +13,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q setuptools wheel ninja pybind11 numpy pytest hypothesis mpmath expecttest \
-  matplotlib tqdm scikit-learn
+  matplotlib tqdm scikit-learn 'ruff>=0.17,<0.18'
 # The extension is rebuilt only when a source is newer than it, or it does not serve (SETUP_REBUILD=1 forces):
 # every make target runs this script, and a rebuild costs minutes on two cores.
 so=$(ls contrastbound/_C*.so 2>/dev/null | head -n 1 || true)
