@@ -12,6 +12,9 @@
 // opt-in kernels (CONTRASTBOUND_TC_* switches) end to end, the WMMA kernels included (float32 as TF32,
 // CONTRASTBOUND_TC_MMA=0; emu_wmma.h). Not checked: speed, anything of the real driver or hardware.
 //
+// Every buffer run_case hands the entry points ends at a guard page (guarded_alloc): a read or write past its end
+// faults, and the handler (on_fault) names the case.
+//
 // Fault runs: each runtime call and launch of a forward and backward fails in turn (emu::inject), then pairs of
 // them; an entry point must then report an error or give right values, never success with wrong values, an error
 // left pending, a crash or a hang.
@@ -28,12 +31,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <numeric>
 #include <random>
 #include <string>
@@ -201,12 +206,73 @@ struct Case {
   }
 };
 
+// Memory whose end touches a page that cannot be read or written: a kernel's access past the end of a buffer (a
+// row past a chunk or the bank, an output row past B, a workspace overrun) faults (SIGSEGV, the case named by
+// EMU_VERBOSE or the ctest log's last lines) instead of reading or writing the heap's next bytes unseen. The start
+// is aligned to `align` (16 for the inputs, so the tensor-core kernels keep their vector copies; 256 for a
+// workspace), so up to align - 1 bytes past the end lie before the guard page.
+inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+__attribute__((returns_nonnull)) inline void* guarded_alloc(size_t bytes, size_t align) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE)), span = round_up(bytes, align);
+  const size_t body = round_up(span, page);
+  void* base = mmap(nullptr, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) throw std::bad_alloc();
+  unsigned char* guard = static_cast<unsigned char*>(base) + body;
+  if (mprotect(guard, page, PROT_NONE) != 0) std::abort();
+  return guard - span;
+}
+
+inline void guarded_free(void* p, size_t bytes, size_t align) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE)), span = round_up(bytes, align);
+  const size_t body = round_up(span, page);
+  munmap(static_cast<unsigned char*>(p) + span - body, body + page);
+}
+
+template <typename T>
+struct GuardedAlloc {
+  using value_type = T;
+  GuardedAlloc() = default;
+  template <typename U>
+  GuardedAlloc(const GuardedAlloc<U>&) {}
+  __attribute__((returns_nonnull)) T* allocate(size_t n) {
+    return static_cast<T*>(guarded_alloc(n * sizeof(T), 16));
+  }
+  void deallocate(T* p, size_t n) { guarded_free(p, n * sizeof(T), 16); }
+  template <typename U>
+  bool operator==(const GuardedAlloc<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const GuardedAlloc<U>&) const { return false; }
+};
+
+template <typename T>
+using GVec = std::vector<T, GuardedAlloc<T>>;
+
+// The case run_case is in, for the fault handler: a read or write past a guarded buffer names its case.
+char current_case[512] = "(no case: outside run_case)";
+
+extern "C" void on_fault(int sig) {
+  static const char head[] = "\nSIGSEGV (an access past a guarded buffer?) in case: ";
+  ssize_t ignored = write(2, head, sizeof(head) - 1);
+  ignored = write(2, current_case, std::strlen(current_case));
+  ignored = write(2, "\n", 1);
+  (void)ignored;
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+// A copy of v that ends at a guard page (a vector grown by push_back may have room past its end).
+template <typename T>
+GVec<T> guarded(const std::vector<T>& v) {
+  return GVec<T>(v.begin(), v.end());
+}
+
 // A (rows, d) matrix of T in one of the layouts (padded rows: row stride d + 3, so rows are not 16-byte aligned
 // and the tensor-core kernels take their scalar copies; transposed: feature-major).
 template <typename T>
 struct Mat {
   int64_t rows = 0, d = 0, s0 = 0, s1 = 1, off = 0;  // element (i, j) at data[off + i s0 + j s1]
-  std::vector<T> data;
+  GVec<T> data;  // (its last element the last of the matrix, then the guard page)
   double f(int64_t i, int64_t j) const { return to_d(data[off + i * s0 + j * s1]); }
   T& at(int64_t i, int64_t j) { return data[off + i * s0 + j * s1]; }
   const T& at_const(int64_t i, int64_t j) const { return data[off + i * s0 + j * s1]; }
@@ -328,12 +394,15 @@ bool launched(cudaError_t e, const std::string& what) {
 // Forwards without the anchor term that the wgmma kernels' Lse walk served (run_case).
 int64_t lse_walks = 0;
 
+// A workspace: 256-byte aligned, filled with 0xff (NaN in every float type: a part read before it is written shows),
+// ending at a guard page (guarded_alloc).
 struct Aligned {
-  std::vector<unsigned char> store;
+  size_t bytes = 0;
   void* ptr = nullptr;
-  explicit Aligned(size_t bytes) : store(bytes + 256, 0xff) {
-    ptr = store.data() + (256 - reinterpret_cast<uintptr_t>(store.data()) % 256) % 256;
-  }
+  explicit Aligned(size_t b) : bytes(b), ptr(guarded_alloc(b, 256)) { std::memset(ptr, 0xff, round_up(b, 256)); }
+  ~Aligned() { guarded_free(ptr, bytes, 256); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
 };
 
 // One case through forward and backward, compared with float64. tol: of the values in the input type (loss / lse
@@ -343,6 +412,7 @@ template <typename T>
 void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, const std::string& config, bool light) {
   using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
   const std::string what = std::string(name_of<T>()) + " " + c.name() + " [" + config + "]";
+  std::snprintf(current_case, sizeof(current_case), "%s", what.c_str());
   const int64_t B = c.B, K = c.K, d = c.d;
   const int64_t bank_rows = c.mode == Mode::Indexed ? c.rows : c.mode == Mode::Shared ? K : B * K;
   Mat<T> A = random_mat<T>(rng, B, d, c.layout, c.zero_anchor);
@@ -375,15 +445,17 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   std::vector<int64_t> idx_by_col;  // c.strided_indices: idx column-major, (i, k) at i + k B
   for (int64_t k = 0; c.strided_indices && k < K; ++k)
     for (int64_t i = 0; i < B; ++i) idx_by_col.push_back(idx[i * K + k]);
-  std::unique_ptr<bool[]> keep;  // (B, K) at i + k B, where c.mask > 0
+  GVec<unsigned char> keep_bytes;  // (B, K) bools at i + k B, where c.mask > 0
+  bool* keep = nullptr;
   if (c.mask > 0) {
-    keep.reset(new bool[std::max<int64_t>(1, B * K)]);
+    keep_bytes.resize(static_cast<size_t>(std::max<int64_t>(1, B * K)));
+    keep = reinterpret_cast<bool*>(keep_bytes.data());
     std::bernoulli_distribution drop(c.mask);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t i = 0; i < B; ++i)
         keep[i + k * B] = !(drop(rng) || (i == 1 && k < K / 2) || (i == 0 && (c.include_positive || c.empty_row)));
   }
-  std::vector<int64_t> lab, bank_lab;  // (B,) and (K,), where c.labels > 0
+  GVec<int64_t> lab, bank_lab;  // (B,) and (K,), where c.labels > 0
   if (c.labels > 0) {
     std::uniform_int_distribution<int64_t> draw(0, c.labels - 1);
     lab.resize(static_cast<size_t>(B));
@@ -423,12 +495,14 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   } else {
     p.negatives_stride[0] = N.s0, p.negatives_stride[1] = N.s1;
   }
+  // The arrays the kernels read, each ending at a guard page (idx and excl as built serve the reference).
+  const GVec<int64_t> idx_dev = guarded(idx), idx_by_col_dev = guarded(idx_by_col), excl_dev = guarded(excl);
   if (c.mode == Mode::Indexed) {
     if (c.strided_indices) {
-      p.indices = idx_by_col.data();
+      p.indices = idx_by_col_dev.data();
       p.indices_stride[0] = 1, p.indices_stride[1] = B;
     } else {
-      p.indices = idx.data();
+      p.indices = idx_dev.data();
       p.indices_stride[0] = K, p.indices_stride[1] = 1;
     }
   }
@@ -436,8 +510,8 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   p.normalize = c.normalize;
   p.include_positive = c.include_positive;
   p.exclude_self = c.exclude_self;
-  p.excluded = c.excluded ? excl.data() : nullptr;
-  if (keep) p.keep = keep.get(), p.keep_stride[0] = 1, p.keep_stride[1] = B;
+  p.excluded = c.excluded ? excl_dev.data() : nullptr;
+  if (keep) p.keep = keep, p.keep_stride[0] = 1, p.keep_stride[1] = B;
   if (c.labels > 0) p.labels = lab.data(), p.bank_labels = bank_lab.data();
   p.tensor_cores = c.tensor_cores;
   p.tf32 = tf32_mode;  // float32 on the WMMA kernels as TF32 (torch's allow_tf32)
@@ -519,7 +593,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   // Outputs start as NaN, so that one the kernels do not write fails, or, where every expected value is NaN (a NaN
   // input, a bad scale), as a finite sentinel.
   const double unset = c.bad_scale || c.inf_scale || c.nan_bank >= 0 ? 12345.0 : double(NAN);
-  std::vector<acc_t> loss(B, unset), lse(B, unset), v(B * d, unset);
+  GVec<acc_t> loss(B, unset), lse(B, unset), v(B * d, unset);
   ForwardOutputs out;
   out.loss = loss.data();
   out.lse = lse.data();
@@ -545,7 +619,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   // Dominant positives: each loss to a relative accuracy, its error that of lse_neg - l0 (a few eps of the
   // accumulation type times the logits' size, 1 / T here; 2^-23 / 0.02 = 6e-6 in float32)
   const double tol_rel = std::is_same<acc_t, double>::value ? 1e-12 : 1e-4;
-  const auto rel_err = [&](const std::vector<acc_t>& got) {
+  const auto rel_err = [&](const GVec<acc_t>& got) {
     double e = 0;
     for (int64_t i = 0; i < B; ++i) {
       const double r = std::fabs(got[i] - want_loss[i]) / want_loss[i];
@@ -565,7 +639,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   expect_err(e_lse, tol_acc, ty, what + ": lse");
   expect_err(e_v, tol, ty, what + ": anchor term");
   if (!light) {  // without the anchor term (no gradient for the anchors, or no grad at all): other kernels
-    std::vector<acc_t> loss2(B, unset), lse2(B, unset);
+    GVec<acc_t> loss2(B, unset), lse2(B, unset);
     ForwardOutputs out2;
     out2.loss = loss2.data();
     out2.lse = lse2.data();
@@ -629,17 +703,18 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
   // 0: every gradient, from forward's loss and anchor term; 1: the bank's and the positives', without them;
   // 2: the anchors' only, without forward's loss (w0 - 1 from lse)
   for (int pass = 0; pass < (light ? 1 : 3); ++pass) {
-    std::vector<acc_t> g(gl.begin(), gl.end());
-    std::vector<T> out_a(B * d, from_d<T>(unset)), out_p(B * d, from_d<T>(unset));
+    const GVec<acc_t> g(gl.begin(), gl.end());
+    GVec<T> out_a(B * d, from_d<T>(unset)), out_p(B * d, from_d<T>(unset));
     // Output in the negatives' shape, contiguous: (K, d) / (B, K, d) / (rows, d).
-    std::vector<T> out_n(bank_rows * d, from_d<T>(unset));
-    std::vector<int64_t> sorted_rows, sorted_pairs;
+    GVec<T> out_n(bank_rows * d, from_d<T>(unset));
+    std::vector<int64_t> sorted_rows_v, sorted_pairs_v;
     if (c.mode == Mode::Indexed) {
       std::vector<int64_t> order(B * K);
       std::iota(order.begin(), order.end(), 0);
       std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
-      for (int64_t o : order) sorted_rows.push_back(idx[o]), sorted_pairs.push_back(o);
+      for (int64_t o : order) sorted_rows_v.push_back(idx[o]), sorted_pairs_v.push_back(o);
     }
+    const GVec<int64_t> sorted_rows = guarded(sorted_rows_v), sorted_pairs = guarded(sorted_pairs_v);
     BackwardArgs ba;
     ba.grad_loss = g.data();
     ba.lse = lse.data();
@@ -654,7 +729,7 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
     Aligned bwd_ws(bwd_bytes);
     const std::string pw = what + (pass == 0 ? "" : pass == 1 ? " (bank and positives)" : " (anchors only)");
     if (!launched(info_nce_backward(p, ba, bwd_ws.ptr, bwd_bytes, num_sms, nullptr), pw + ": backward")) continue;
-    const auto as_dt = [](const std::vector<T>& x) {
+    const auto as_dt = [](const GVec<T>& x) {
       std::vector<double> y;
       for (const T& e : x) y.push_back(to_d(e));
       return y;
@@ -673,14 +748,15 @@ void run_case(const Case& c, std::mt19937_64& rng, double tol, double tol_acc, c
       // BackwardArgs::sort_chunk): each row's pairs are visited in the same flat order, so the same bits. Padding
       // (-1) sorts first in each piece.
       const int64_t piece = 7;
-      std::vector<int64_t> rows7, pairs7;
+      std::vector<int64_t> rows7_v, pairs7_v;
       for (int64_t c0 = 0; c0 < B * K; c0 += piece) {
         std::vector<int64_t> order;
         for (int64_t o = c0; o < std::min(B * K, c0 + piece); ++o) order.push_back(o);
         std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
-        for (int64_t o : order) rows7.push_back(idx[o]), pairs7.push_back(o);
+        for (int64_t o : order) rows7_v.push_back(idx[o]), pairs7_v.push_back(o);
       }
-      std::vector<T> out_n7(bank_rows * d, from_d<T>(unset));
+      const GVec<int64_t> rows7 = guarded(rows7_v), pairs7 = guarded(pairs7_v);
+      GVec<T> out_n7(bank_rows * d, from_d<T>(unset));
       BackwardArgs bc = ba;
       bc.grad_anchors = bc.grad_positives = nullptr;
       bc.grad_negatives = out_n7.data();
@@ -1750,6 +1826,7 @@ int main(int argc, char** argv) {
     return fuzz(std::strtoull(argv[2], nullptr, 10), std::atoll(argv[3]), argc > 4 ? std::atoll(argv[4]) : 0);
   }
   const bool quick = arg == "quick", faults_only = arg == "faults";
+  std::signal(SIGSEGV, on_fault);
   for (const char* v : {"CONTRASTBOUND_TC_STAGES", "CONTRASTBOUND_TC_FUSED_FWD", "CONTRASTBOUND_TC_FLASH",
                         "CONTRASTBOUND_TC_WGMMA", "CONTRASTBOUND_TC_CHUNKED", "CONTRASTBOUND_TC_MMA",
                         "CONTRASTBOUND_TC_WG_LSE"}) {
@@ -1759,12 +1836,13 @@ int main(int argc, char** argv) {
   // the configurations that name wgmma set it to 1, and kernel_configs runs the default (unset) once.
   setenv("CONTRASTBOUND_TC_WGMMA", "0", 1);
   emu::Device& dev = emu::device();
-  emulated_grid_limits();
-  entry_point_errors();
-  workspace_sizes();
-  huge_rows();
-  far_strides();
-  switches_read_once();
+  const auto phase = [](const char* name) { std::snprintf(current_case, sizeof(current_case), "(%s)", name); };
+  phase("emulated_grid_limits"), emulated_grid_limits();
+  phase("entry_point_errors"), entry_point_errors();
+  phase("workspace_sizes"), workspace_sizes();
+  phase("huge_rows"), huge_rows();
+  phase("far_strides"), far_strides();
+  phase("switches_read_once"), switches_read_once();
   if (!faults_only) kernel_configs(quick);
   // Failing runtime calls and launches, on the H100 / H200-like device.
   dev = emu::Device();
