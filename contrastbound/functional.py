@@ -8,6 +8,7 @@ import math
 import sys
 import warnings
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -431,30 +432,15 @@ def _fused(
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """negative_mask (B, K) bool, a shared bank only: bank row k in anchor i's sum only where it holds. labels, a
-    shared bank only: (labels (B,), bank labels (K,)) int64, bank row k left out of anchor i's sum where they agree."""
+    shared bank only: (labels (B,), bank labels (K,)) int64, bank row k left out of anchor i's sum where they agree.
+    Returns (loss, lse), both (B,) in the accumulation type; lse is a constant (no gradient) from the kernels, the
+    reference's own differentiable one where that serves (info_nce_lse attaches the kernels' lse its gradient)."""
     _check_scale_fits(temperature, anchors.dtype)  # anchors: in the computation's dtype here
-    learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
-    # Under a torch.func transform a tensor temperature takes the reference: one batched by vmap reports
-    # requires_grad=False even where it is learnable, and the kernels would take it as a detached scale (its
-    # gradient silently lost).
-    if (_backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature)
-            and not (isinstance(temperature, torch.Tensor) and _func_active())):
-        grad = torch.is_grad_enabled()
-        if negative_indices is not None:
-            negatives, negative_indices = _used_rows_of_strided_bank(negatives, negative_indices)
-        save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
-        loss, lse, term = _fwd_op(
-            anchors, positives, negatives, negative_indices, _scale_of(temperature, anchors.device), normalize,
-            include_positive, save_anchor_term, exclude_self,
-            *(() if excluded is None and negative_mask is None and labels is None else (excluded,)),
-            *(() if negative_mask is None and labels is None else (negative_mask,)),
-            *(() if labels is None else labels),
-        )
-        if learnable and grad:
-            loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize,
-                                          include_positive)
+    if _kernels_serve(anchors, positives, negatives, temperature):
+        run = _fused_kernel(anchors, positives, negatives, negative_indices, temperature, normalize, include_positive,
+                            exclude_self, excluded, negative_mask, labels)
         # (the CPU op's lse is float64, kept so for its backward, which autograd saved; callers get the loss's dtype)
-        return loss, lse.to(loss.dtype)
+        return run.loss, run.lse.to(run.loss.dtype)
     from .reference import info_nce_core_reference
 
     if labels is not None:  # (the reference materialises the logits anyway: the labels as a mask)
@@ -472,6 +458,52 @@ def _fused(
             anchors, positives, negatives, negative_indices, scale, normalize, include_positive, exclude_self,
             excluded, negative_mask,
         )
+
+
+def _kernels_serve(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                   temperature: float | torch.Tensor) -> bool:
+    """Whether _fused runs the ops (else the reference). Under a torch.func transform a tensor temperature takes the
+    reference: one batched by vmap reports requires_grad=False even where it is learnable, and the kernels would take
+    it as a detached scale (its gradient silently lost)."""
+    return (_backend.kernel_serves(anchors.device) and not _needs_reference(anchors, positives, negatives, temperature)
+            and not (isinstance(temperature, torch.Tensor) and _func_active()))
+
+
+class _KernelRun(NamedTuple):
+    """One forward op call of _fused_kernel: its outputs (lse as the op gives it: float64 on the CPU), and the
+    negatives, indices and scale it was given (a strided bank's used rows: _used_rows_of_strided_bank)."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    term: torch.Tensor
+    negatives: torch.Tensor
+    negative_indices: torch.Tensor | None
+    scale: float | torch.Tensor
+
+
+def _fused_kernel(anchors, positives, negatives, negative_indices, temperature, normalize: bool,
+                  include_positive: bool, exclude_self: bool = False, excluded=None, negative_mask=None,
+                  labels=None, detached: bool = False) -> _KernelRun:
+    """The forward op under autograd (_fused's arguments; _kernels_serve holds), a learnable temperature's gradient
+    attached to the loss. detached: the op outside autograd (the caller attaches gradients; V saved as a gradient
+    would need it)."""
+    learnable = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    grad = torch.is_grad_enabled()
+    if negative_indices is not None:
+        negatives, negative_indices = _used_rows_of_strided_bank(negatives, negative_indices)
+    save_anchor_term = bool(grad and (anchors.requires_grad or learnable))
+    scale = _scale_of(temperature, anchors.device)
+    with torch.no_grad() if detached else contextlib.nullcontext():
+        loss, lse, term = _fwd_op(
+            anchors, positives, negatives, negative_indices, scale, normalize, include_positive, save_anchor_term,
+            exclude_self,
+            *(() if excluded is None and negative_mask is None and labels is None else (excluded,)),
+            *(() if negative_mask is None and labels is None else (negative_mask,)),
+            *(() if labels is None else labels),
+        )
+    if learnable and grad and not detached:
+        loss = _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize, include_positive)
+    return _KernelRun(loss, lse, term, negatives, negative_indices, scale)
 
 
 def _used_rows_of_strided_bank(bank: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,8 +644,9 @@ def _bwd_op(grad_loss, anchors, positives, negatives, negative_indices, lse, ter
 
 
 def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize, include_positive,
-                           loss_bwd=None, smoothing_mean=None):
-    """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss.
+                           loss_bwd=None, smoothing_mean=None, of_lse=None):
+    """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss (of_lse
+    given: to of_lse, the values of lse, the gradient d lse_i / d s = E_i / s).
 
     With s = 1/t every logit is l = s x, so d loss_i / d s = (E_i - l_i0) / s, where E_i = sum_j w_ij l_ij is the
     softmax-weighted logit: w_i0 l_i0 for the positive plus s a_hat_i . V_i for the negatives, V_i being the
@@ -633,8 +666,12 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
             a, p = F.normalize(a, dim=-1, eps=1e-12), F.normalize(p, dim=-1, eps=1e-12)
         l0 = scale * (a * p).sum(-1)
         # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
-        # dominates (w0 -> 1), as in the kernels' gradient of the positive.
-        w0m1 = torch.expm1(-(loss if loss_bwd is None else loss_bwd)) if include_positive else -1.0
+        # dominates (w0 -> 1), as in the kernels' gradient of the positive. lse: E = w0 l0 + s a_hat . V, w0 =
+        # e^{-loss}, formed as it is (E - l0 + l0 cancels where the positive's share is small).
+        if of_lse is not None:
+            w0m1 = torch.exp(-loss.detach()) if include_positive else 0.0
+        else:
+            w0m1 = torch.expm1(-(loss if loss_bwd is None else loss_bwd)) if include_positive else -1.0
         e_minus_l0 = scale * (a * term).sum(-1) + w0m1 * l0
         if smoothing_mean is not None:
             e_minus_l0 = e_minus_l0 - smoothing_mean[0] * scale * (a * smoothing_mean[1]).sum(-1)
@@ -643,8 +680,8 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
     # 1 / t in the wider of the two types: a float64 temperature with float32 features keeps d s / d t = -1 / t^2
     # in float64 (in float32 it overflowed at t = 1e-20: an inf or NaN gradient where plain torch gives -2.6e39).
-    return _attach_scale_grad(loss, 1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)),
-                              dloss_dscale)
+    return _attach_scale_grad(loss if of_lse is None else of_lse,
+                              1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)), dloss_dscale)
 
 
 # The two steps below are custom ops (torch.library.custom_op, with their autograd registered) rather than
@@ -693,6 +730,95 @@ def _attach_scale_grad_backward(ctx, grad):
 
 
 _attach_scale_grad.register_autograd(_attach_scale_grad_backward, setup_context=_attach_scale_grad_setup)
+
+
+@torch.library.custom_op("contrastbound::loss_and_lse", mutates_args=())
+def _loss_and_lse(loss: torch.Tensor, lse: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
+                  negatives: torch.Tensor, negative_indices: torch.Tensor | None, anchor_term: torch.Tensor,
+                  scale: float, scale_tensor: torch.Tensor | None, normalize: bool, include_positive: bool,
+                  exclude_self: bool, negative_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                  negative_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """info_nce_lse's (loss, lse): copies of the forward op's outputs (lse, float64 on the CPU, in loss's dtype), each
+    with its own gradient for anchors, positives and negatives. The other arguments are those the forward op was
+    called with (scale_tensor: the *_scaled ops' scale, else None and scale), anchor_term its V.
+
+    Backward: the backward op gives the positive the coefficient g expm1(-L) from the loss L it is handed: the
+    loss's own g (w0 - 1) with L = loss, lse's g w0 with L = -softplus(-loss) (expm1 of softplus(-loss) is e^{-loss}
+    = w0, the positive's softmax weight, exact to loss's rounding however small), 0 with L = 0 for a positive left
+    out of the sum. Formed as d loss + d l_0 instead, lse's gradient was the difference of two gradients of size
+    ~ s |a|, each rounded to the inputs' dtype, for w0 s a: bfloat16 gradients 2x their size off where w0 is small,
+    float32 ones 1e-3 (a differential fuzz's find). Both gradients wanted: the anchors' and positives' (O(B d),
+    from the saved V) by one call each, the negatives' (the tiles recomputed) by one call with g_loss + g_lse, as
+    they share their weights."""
+    _check_loss_and_lse(loss, lse, anchors)
+    return loss.clone(), lse.to(loss.dtype, copy=True)
+
+
+def _check_loss_and_lse(loss: torch.Tensor, lse: torch.Tensor, anchors: torch.Tensor) -> None:
+    """For a direct call of the op (info_nce_lse passes these right): the shapes its backward relies on."""
+    B = anchors.shape[0] if anchors.dim() == 2 else -1
+    if anchors.dim() != 2 or lse.shape != (B,) or loss.shape != (B,):
+        raise ValueError(f"loss_and_lse: anchors must be (B, d) and loss and lse (B,), got anchors "
+                         f"{tuple(anchors.shape)}, loss {tuple(loss.shape)}, lse {tuple(lse.shape)}")
+    if not (lse.is_floating_point() and loss.is_floating_point()):
+        raise TypeError(f"loss_and_lse: loss and lse must be floating tensors, got {loss.dtype} and {lse.dtype}")
+    _ops._same_device(anchors, loss=loss, lse=lse)
+
+
+@_loss_and_lse.register_fake
+def _(loss, lse, anchors, positives, negatives, negative_indices, anchor_term, scale, scale_tensor, normalize,
+      include_positive, exclude_self, negative_mask, labels, negative_labels):
+    _check_loss_and_lse(loss, lse, anchors)
+    return torch.empty_like(loss), torch.empty_like(lse, dtype=loss.dtype)
+
+
+def _loss_and_lse_setup(ctx, inputs, output):
+    (loss, lse, anchors, positives, negatives, negative_indices, term, scale, scale_tensor, normalize,
+     include_positive, exclude_self, negative_mask, labels, negative_labels) = inputs
+    ctx.save_for_backward(loss, lse, *map(_ops.savable, (anchors, positives, negatives, negative_indices)), term,
+                          *map(_ops.savable, (negative_mask, labels, negative_labels)),
+                          *(() if scale_tensor is None else (_ops.savable(scale_tensor),)))
+    ctx.scale, ctx.normalize, ctx.include_positive, ctx.exclude_self = scale, normalize, include_positive, exclude_self
+
+
+def _loss_and_lse_backward(ctx, grad_loss, grad_lse):
+    _ops.refuse_double_backward()
+    (loss, lse, anchors, positives, negatives, negative_indices, term, negative_mask, labels, negative_labels,
+     *tensor_scale) = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[2]), bool(ctx.needs_input_grad[3]), bool(ctx.needs_input_grad[4])]
+    if not any(need) or (grad_loss is None and grad_lse is None):
+        return (None,) * 15
+    scale = tensor_scale[0] if tensor_scale else ctx.scale
+    tail = (None, negative_mask, *((labels, negative_labels) if labels is not None else (None, None)))
+
+    def call(g, mask, of_lse):
+        # of_lse: the positive's coefficient g w0 (or 0 without it), told include_positive=True (in backward the
+        # flag chooses only that coefficient; the weights come from lse, the forward's either way)
+        term_ = term
+        if of_lse and mask[0] and not ctx.include_positive and term.numel() != anchors.numel():
+            # V of the negatives alone, where forward did not save it (the op, told include_positive, would form it
+            # with the positive in the sum)
+            with torch.no_grad():
+                term_ = _fwd_op(anchors, positives, negatives, negative_indices, scale, ctx.normalize, False, True,
+                                ctx.exclude_self, *tail)[2]
+        if not of_lse:
+            loss_bwd, include = loss, ctx.include_positive
+        else:
+            loss_bwd, include = (-F.softplus(-loss) if ctx.include_positive else torch.zeros_like(loss)), True
+        return _bwd_op(g.contiguous(), anchors, positives, negatives, negative_indices, lse, term_, scale,
+                       ctx.normalize, include, mask, ctx.exclude_self, False, loss_bwd, *tail)
+
+    if grad_lse is None or grad_loss is None:
+        ga, gp, gn = call(grad_loss if grad_lse is None else grad_lse, need, of_lse=grad_lse is not None)
+    else:
+        ga, gp, _ = call(grad_loss, [need[0], need[1], False], of_lse=False)
+        ga2, gp2, _ = call(grad_lse, [need[0], need[1], False], of_lse=True)
+        ga, gp = (ga + ga2 if need[0] else ga), (gp + gp2 if need[1] else gp)
+        gn = call(grad_loss + grad_lse, [False, False, need[2]], of_lse=False)[2] if need[2] else None
+    return (None, None, ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 10
+
+
+_loss_and_lse.register_autograd(_loss_and_lse_backward, setup_context=_loss_and_lse_setup)
 
 
 def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
@@ -1321,9 +1447,11 @@ def info_nce_lse(
     With ``include_positive=False`` the positive is left out of the sum, so log-sum-exps over disjoint sets of
     negatives can be combined with :func:`torch.logaddexp` (how :func:`contrastive_loss_curve` reads a whole
     curve over K from one pass). Both are differentiable: ``lse`` has the values the kernel computed and the
-    gradient of ``loss + s a_i.p_i`` (so a loss assembled from combined lse's trains every part of it); with
-    ``include_positive=False`` that gradient reaches the positives only through their use as negatives (in-batch),
-    exactly 0 otherwise.
+    gradient of the log-sum-exp, formed by its own backward (so a loss assembled from combined lse's trains every
+    part of it; formed as the gradient of ``loss + s a_i.p_i`` its two parts cancelled, in half precision to
+    errors larger than the gradient); with ``include_positive=False`` that gradient reaches the positives only
+    through their use as negatives (in-batch), exactly 0 otherwise. (A backward that needs both loss's and lse's
+    gradients runs the backward op twice.)
     ``negative_indices`` (-1: padding), ``negative_mask``, ``labels`` and ``negative_labels`` as in
     :func:`info_nce`; an anchor left without negatives has ``lse = -inf`` with ``include_positive=False`` (and
     ``loss = -inf``: ``lse - loss`` is then NaN, not ``s a_i.p_i``). InfoNCE over a bank in parts takes the positive
@@ -1351,40 +1479,28 @@ def info_nce_lse(
     a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
     if negatives is positives:
         negatives = p
-    if _needs_reference(a, p, negatives, t):
-        # The reference serves (forward-mode AD or a differentiating torch.func transform): its lse carries its own
-        # derivatives, forward-mode ones included, which the construction below would drop (a tangent does not set
-        # requires_grad).
+    if not _kernels_serve(a, p, negatives, t):
+        # The reference serves (forward-mode AD, a differentiating torch.func transform, no kernel for the device):
+        # its lse carries its own derivatives, forward-mode ones included.
         return _fused(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
                       negative_mask=negative_mask, labels=pair)
-    # Without the positive in the sum, lse does not depend on it as the positive: the op takes it detached, so that
-    # lse's gradient (d loss + d l_0 below) sends it nothing, where d loss and d l_0 cancelled only to rounding
-    # (2.4e-7 at |p| ~ 1, 2.6e5 for a zero row through F.normalize; an audit's find); the returned loss gets -d l_0
-    # back in p alone. (In-batch the positives are the bank too: that use keeps its gradient.)
-    p_op = p if include_positive else p.detach()
-    loss, lse = _fused(a, p_op, p if negatives is p else negatives, negative_indices, t, normalize, include_positive,
-                       exclude_self, negative_mask=negative_mask, labels=pair)
-    lse = lse.detach()
-    if loss.requires_grad or (p_op is not p and p.requires_grad):
-        acc = loss.dtype
-        ah, ph = a.to(acc), p.to(acc)
-        if normalize:
-            ah, ph = F.normalize(ah, dim=-1, eps=1e-12), F.normalize(ph, dim=-1, eps=1e-12)
-        loss_op, zero = loss, None
-        if p_op is not p:
-            t_value = t.detach() if isinstance(t, torch.Tensor) else t
-            l0_p = _gradient_only((ah.detach() * ph).sum(-1) / t_value)  # 0 with d l_0 in p only
-            loss = loss - l0_p  # (an anchor without negatives, loss -inf, too: -d l_0 there, as the reference)
-            # lse stays connected to p (as torch's ops connect every input), its gradient there exactly 0
-            zero = torch.where(torch.zeros_like(l0_p, dtype=torch.bool), l0_p, 0.0)
-            ph = ph.detach()
-        # d lse = d loss + d l_0 (loss = lse - l_0); the values stay the kernel's lse exactly.
-        pos = (ah * ph).sum(-1) / t
-        # (an anchor without negatives and without its positive: lse = loss = -inf, whose gradient is 0, as the
-        # reference's; d l_0 alone would be left there)
-        lse = lse + _gradient_only(loss_op) + torch.where(torch.isneginf(lse), 0.0, _gradient_only(pos))
-        if zero is not None:
-            lse = lse + zero
+    _check_scale_fits(t, a.dtype)
+    # The op outside autograd; loss and lse then get their gradients from one node (loss_and_lse), where wanted.
+    run = _fused_kernel(a, p, negatives, negative_indices, t, normalize, include_positive, exclude_self,
+                        negative_mask=negative_mask, labels=pair, detached=True)
+    grad = torch.is_grad_enabled()
+    if grad and any(x.requires_grad for x in (a, p, run.negatives)):
+        scale = run.scale
+        loss, lse = _loss_and_lse(run.loss, run.lse, a, p, run.negatives, run.negative_indices, run.term,
+                                  scale if not isinstance(scale, torch.Tensor) else 1.0,
+                                  scale if isinstance(scale, torch.Tensor) else None, normalize, include_positive,
+                                  exclude_self, negative_mask, *(pair if pair is not None else (None, None)))
+    else:
+        loss, lse = run.loss, run.lse.to(run.loss.dtype)
+    if grad and isinstance(t, torch.Tensor) and t.requires_grad:
+        args = (run.lse, run.term, a, p, t, normalize, include_positive)
+        loss, lse = (_with_temperature_grad(loss, *args),
+                     _with_temperature_grad(loss, *args, of_lse=lse))
     return loss, lse
 
 

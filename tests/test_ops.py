@@ -168,6 +168,22 @@ def test_opcheck_python_custom_ops(device):
                  (a.double().requires_grad_(), n.double().requires_grad_(), rows, t64, 0.0, False, True, 0.3),
                  (a.bfloat16().requires_grad_(), n.bfloat16().requires_grad_(), rows, None, 5.0, True, True, 1.0)):
         torch.library.opcheck(torch.ops.contrastbound.bank_rows_fwd.default, args)
+    # info_nce_lse's loss and lse, each with its own gradient (loss_and_lse), from the forward op's outputs: a shared
+    # bank with and without the positive, in-batch (exclude_self), indexed, a tensor scale
+    idx = torch.randint(-1, 20, (6, 7), generator=g, device=device)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        a_, p_, n_ = a.to(dtype), torch.randn(6, 8, generator=g, device=device).to(dtype), n.to(dtype)
+        s64 = torch.tensor(5.0, dtype=torch.float64, device=device)
+        for bank, indices, include_positive, exclude_self, scaled in (
+                (n_, None, True, False, False), (n_, None, False, False, False), (p_, None, True, True, False),
+                (n_, idx, False, False, False), (n_, None, True, False, True)):
+            fwd = torch.ops.contrastbound.info_nce_fwd_scaled if scaled else torch.ops.contrastbound.info_nce_fwd
+            loss, lse, term = fwd(a_, p_, bank, indices, s64 if scaled else 5.0, True, include_positive, True,
+                                  exclude_self)
+            leaves = [x.detach().clone().requires_grad_() for x in (a_, p_, bank)]
+            torch.library.opcheck(torch.ops.contrastbound.loss_and_lse.default,
+                                  (loss, lse, *leaves, indices, term, 1.0 if scaled else 5.0, s64 if scaled else None,
+                                   True, include_positive, exclude_self, None, None, None))
 
 
 # Ops of this file only, for the autograd registration below (a Library's definitions end with it: kept here).
@@ -348,6 +364,15 @@ def test_direct_calls_of_the_ops_refuse_what_their_fakes_took():
     for smoothing in (1.5, -0.25, float("nan")):
         with pytest.raises(ValueError, match="bank_rows_fwd: smoothing must lie in \\[0, 1\\]"):
             ops.bank_rows_fwd(a, w, torch.tensor([0, 1, 2, 3]), None, 2.0, True, False, smoothing)
+    # loss_and_lse (info_nce_lse's): loss and lse (B,) of anchors (B, d), floating, on anchors' device
+    lse4, loss4 = torch.randn(4, dtype=torch.float64), torch.randn(4)
+    for (loss_, lse_), exc, text in (((loss4, lse4[:3]), ValueError, "loss_and_lse: anchors must be"),
+                                     ((loss4[None], lse4), ValueError, "loss_and_lse: anchors must be"),
+                                     ((loss4, torch.arange(4)), TypeError, "loss_and_lse: loss and lse must be"),
+                                     ((loss4, lse4.to("meta")), ValueError, "lse is on meta")):
+        with pytest.raises(exc, match=text):
+            ops.loss_and_lse(loss_, lse_, a, a, w, None, torch.empty(0), 2.0, None, True, True, False, None, None,
+                             None)
     if hasattr(ops, "siglip_fwd"):  # NaN or inf losses for these, an int or complex grad_loss taken
         for s_, b_ in ((float("nan"), -1.0), (float("inf"), -1.0), (10.0, float("nan"))):
             with pytest.raises(ValueError, match="siglip: scale and bias must be finite"):
