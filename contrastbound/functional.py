@@ -2232,9 +2232,9 @@ def clip_loss(
             if scale.device.type != "cpu":
                 scale = _poison_bad_scale(scale)  # unread on a GPU: +inf must give NaN, not the clamp's 100
             # 1 / scale in float32 at least (float16's range would overflow for a scale below 1.5e-5); a tensor: no
-            # read-back.
+            # read-back. The reciprocal is taken below, once the features are checked, in their dtype too.
             clamped = scale.clamp(max=max_scale).to(torch.promote_types(scale.dtype, torch.float32))
-            temperature = 1.0 / clamped
+            temperature = None
         elif isinstance(scale, Real) and not isinstance(scale, bool):
             value = _as_float("logit_scale", scale, "positive and finite")
             if not (0.0 < value < math.inf):  # not math.isfinite: see _check_temperature
@@ -2256,6 +2256,10 @@ def clip_loss(
         reduction = _check_reduction(reduction)
         normalize = _check_bool("normalize", normalize)  # (the op would take 0 or None as False)
         _check_features(image_features, text_features, ("image_features", "text_features"))
+        if temperature is None:
+            # the two in-batch calls' temperature in the features' precision too: 1 / a float32 scale rounded to
+            # float32 moved float64 losses by ~1e-7 (process_group, CUDA; a distributed fuzz's find)
+            temperature = 1.0 / _widened(clamped, image_features, text_features)
         _check_temperature_has_value(scale, image_features.device, "logit_scale")
         _check_logit_scale_fits(clamped, torch.promote_types(image_features.dtype, text_features.dtype))
     if process_group is None and _clip_kernel_serves(image_features, text_features, temperature):

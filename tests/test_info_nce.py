@@ -3293,6 +3293,24 @@ def test_clip_reference_is_clip_loss(monkeypatch, route):
 
 
 @pytest.mark.parametrize("route", ["one call", "two calls"])
+def test_clip_loss_of_float64_features_takes_a_float32_logit_scale_exactly(monkeypatch, route):
+    # The two-call route (CUDA, process_group, no CPU clip kernel) took its temperature as 1 / scale in float32, the
+    # scale's dtype: float64 losses 1.2e-7 off the float64 reference at that scale's value (a distributed fuzz's
+    # find); the one-call route and the other losses widen the scale to the features' dtype first
+    from contrastbound.reference import clip_reference
+
+    if route == "two calls":
+        monkeypatch.setattr(_backend, "clip_kernel_serves", lambda device: False)
+    g = torch.Generator().manual_seed(0)
+    img, txt = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    for value in (3.7, 0.3, 41.9):
+        s32 = torch.tensor(value)
+        got = cb.clip_loss(img, txt, s32, reduction="none")
+        torch.testing.assert_close(got, clip_reference(img, txt, s32.double(), reduction="none"), rtol=1e-12,
+                                   atol=1e-13)
+
+
+@pytest.mark.parametrize("route", ["one call", "two calls"])
 def test_clip_loss_half_precision_is_rounded_once(monkeypatch, route):
     # clip_loss's two-call route (on CUDA, with a process_group, or without the CPU clip kernel) took each
     # direction's per-pair losses back in bfloat16, then averaged and reduced them there: per-pair errors up to
