@@ -207,7 +207,9 @@ def refusals_joined(group, like):
         if not getattr(exc, "_contrastbound_joined", False) and _group_usable(group):
             try:
                 world, _ = _world(group)
-                device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+                # (a meta tensor, refused for that, has no data to exchange with: the CPU, as for a non-tensor)
+                real = isinstance(like, torch.Tensor) and like.device.type != "meta"
+                device = like.device if real else torch.device("cpu")
                 if device.type == "cpu" and dist.get_backend(group) == "nccl":  # NCCL exchanges CUDA tensors only
                     device = torch.device("cuda", torch.cuda.current_device())
                 meta = torch.zeros(_META_LEN, dtype=torch.long, device=device)
@@ -278,6 +280,8 @@ def _check_gather_input(tensor: object, what: str, group, name: str = "tensor") 
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         _check_dense(name, tensor)
+        if tensor.device.type == "meta":  # (its sizes' exchange read nothing back: Tensor.item() failed, unjoined)
+            raise ValueError(f"{name} is on the meta device: {what} exchanges its values")
         if tensor.dim() == 0:
             raise ValueError(f"{name} must have at least one dimension (the rows concatenated over ranks), "
                              "got a 0-d tensor")

@@ -135,7 +135,8 @@ def _bank_labels(world: int) -> torch.Tensor:
     return torch.where(k < first, 0, k % 4)
 
 
-@_gloo_worker()
+# (a bounded wait: a lone refusal that fails to reach the other ranks fails the test rather than hanging it)
+@_gloo_worker(timeout=datetime.timedelta(seconds=120))
 def _worker(rank, world):
     torch.set_num_threads(1)
     a, p, bank = _global_data()
@@ -289,7 +290,13 @@ def _worker(rank, world):
                  # the gather's own refusals (before, the others' first exchange paired with this rank's next
                  # call: another step's rows, silently, or a hang)
                  lambda: all_gather_with_grad(x if rank != 1 else torch.tensor(1.0), group=w),
-                 lambda: all_gather_with_grad(x if rank != 1 else [1.0, 2.0], group=w)):
+                 lambda: all_gather_with_grad(x if rank != 1 else [1.0, 2.0], group=w),
+                 # a meta first argument (the joining exchange was made on its device, failed, and the others
+                 # waited until the backend's timeout; the gather read its size back: a RuntimeError, unjoined)
+                 lambda: cb.info_nce(x if rank != 1 else x.to("meta"), x, None, 0.2, process_group=w),
+                 lambda: cb.nt_xent(x if rank != 1 else x.to("meta"), x, 0.2, process_group=w),
+                 lambda: cb.supcon_loss(x if rank != 1 else x.to("meta"), torch.arange(3), 0.2, process_group=w),
+                 lambda: all_gather_with_grad(x if rank != 1 else x.to("meta"), group=w)):
         try:
             call()
             refused.append(None)
@@ -399,7 +406,7 @@ def test_sharded_bank_and_gather_match_single_process(world):
         g1, g2, xg = res["second_order"]
         torch.testing.assert_close(g1, world * 3 * xg**2)
         torch.testing.assert_close(g2, world * 6 * xg)
-        assert len(res["refused"]) == 16, res["refused"]
+        assert len(res["refused"]) == 20, res["refused"]
         for i, msg in enumerate(res["refused"]):
             if rank == 1:
                 assert msg is not None and "refused its arguments" not in msg, (i, msg)  # its own error
