@@ -426,6 +426,69 @@ def test_bench_names_an_earlier_runs_plots_in_a_reused_out(tmp_path, capsys):
     assert "note: 3 plot(s) with the prefix 'scaling'" in capsys.readouterr().out  # (none of them this run's)
 
 
+def test_bench_writes_the_rows_measured_before_an_interruption(monkeypatch, tmp_path, capsys):
+    # Ctrl-C (or SIGTERM, the same path) in a sweep left --out empty however many rows had been measured (a CLI
+    # audit: 28 rows, no CSV and no JSON); now they are written, the JSON says why it stopped, and the interruption
+    # goes on (exit_from_cli ends the process by SIGINT)
+    import contrastbound.benchsuite as bench
+
+    real = bench.run_sweep
+
+    def stopped_after_one_row(methods, configs, *, on_row, **kw):
+        def on_row_then_stop(row):
+            on_row(row)
+            raise KeyboardInterrupt
+
+        return real(methods, configs, on_row=on_row_then_stop, **kw)
+
+    monkeypatch.setattr(bench, "run_sweep", stopped_after_one_row)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6,2^7", "--methods", "fused", "--reps", "1",
+                  "-B", "4", "-d", "8", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert "interrupted (Ctrl-C) after 1 of" in capsys.readouterr().err
+    with open(tmp_path / "scaling.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+    with open(tmp_path / "scaling.json") as fh:
+        payload = json.load(fh)
+    assert payload["interrupted"] == "Ctrl-C" and len(payload["rows"]) == 1
+
+
+def test_bench_sigterm_writes_the_rows_so_far_and_ends_by_sigterm(tmp_path):
+    # `timeout` or a scheduler's SIGTERM mid-sweep (here while a configuration's worker process runs): the rows so
+    # far written, the worker killed, then the process ends by SIGTERM
+    import signal
+
+    from conftest import PACKAGE_ROOT
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=PACKAGE_ROOT)
+    cmd = [sys.executable, "-m", "contrastbound", "bench", "--modes", "shared", "--methods", "fused", "--ks",
+           ",".join(str(2**e) for e in range(6, 16)), "-B", "4", "-d", "8", "--reps", "1", "--no-progress",
+           "--no-plots", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        for line in proc.stdout:  # the first measured fused row, then the signal (9 configurations left)
+            if re.match(r"shared\s+fused\s+64\s", line):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert "interrupted (SIGTERM)" in err, err[-2000:]
+    with open(tmp_path / "scaling.json") as fh:
+        payload = json.load(fh)
+    assert payload["interrupted"] == "SIGTERM" and [r["K"] for r in payload["rows"] if r["method"] == "fused"][0] == 64
+
+
+def test_bench_exits_nonzero_where_nothing_was_measured(tmp_path, capsys):
+    # every row skipped (a K far past the memory): it printed empty tables and exited 0 (a CLI audit's find)
+    assert cli_main(["bench", "--modes", "shared", "--ks", "2^40", "--methods", "fused", "--out", str(tmp_path),
+                     "--no-progress", "--no-plots"]) == 1
+    assert "no method was measured" in capsys.readouterr().err
+    assert (tmp_path / "scaling.csv").exists()  # (the skipped rows and their reasons)
+
+
 def test_bench_progress_bar_only_on_a_terminal(capsys):
     # (under pytest stderr is captured, not a terminal: the bar's redraws would fill a log)
     pytest.importorskip("tqdm")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -292,14 +293,33 @@ def main(argv: list[str] | None = None) -> int:
     total = count_pairs(methods, configs)
     progress = _Progress(total, enabled=not args.no_progress)
     progress.write(HEADER)
+    done: list[dict] = []  # the rows so far, written out if the sweep is interrupted
 
     def on_row(row: dict) -> None:
+        done.append(row)
         progress.write(format_row(row))
         progress.update(row)
 
+    from ..reproduce import Terminated, _sigterm_as_interrupt
+
     t0 = time.perf_counter()
-    rows = run_sweep(methods, configs, isolate=not args.in_process, mem_fraction=args.mem_fraction, on_row=on_row,
-                     probe_reasons=reasons)
+    try:
+        with _sigterm_as_interrupt():
+            rows = run_sweep(methods, configs, isolate=not args.in_process, mem_fraction=args.mem_fraction,
+                             on_row=on_row, probe_reasons=reasons)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C or SIGTERM (a long sweep stopped by hand, `timeout`, a scheduler): the rows measured so far are
+        # written (they were lost: an empty --out after 28 measured rows), then the signal goes on as reproduce's.
+        progress.close()
+        cause = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        written = _write_results(done, args, argv, time.perf_counter() - t0, machine, interrupted=cause)
+        print(f"\ncontrastbound bench: interrupted ({cause}) after {len(done)} of {total} rows; wrote "
+              + ", ".join(written), file=sys.stderr)
+        if isinstance(exc, Terminated):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.raise_signal(signal.SIGTERM)
+        raise
     progress.close()
     wall = time.perf_counter() - t0
 
@@ -312,30 +332,47 @@ def main(argv: list[str] | None = None) -> int:
           "of the common K where both memories were measured)")
     print(format_headline(heads))
 
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, args.prefix)
-    write_csv(rows, base + ".csv")
-    payload = {"command": "contrastbound bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "wall_s": wall, "machine": machine, "options": {k: v for k, v in vars(args).items()},
-               "rows": rows, "slopes": fits, "headline": heads}
-    write_json(payload, base + ".json")
-    written = [base + ".csv", base + ".json"]
-    if not args.no_plots:
-        pngs = plot(rows, base)
-        written += pngs
-        if not pngs and any(r.get("status") == "ok" for r in rows):
-            print("note: no plots: matplotlib is not installed (pip install matplotlib, or pass --no-plots)")
-    stale = stale_plots(base, [] if args.no_plots else pngs)
-    if stale:
-        print(f"note: {len(stale)} plot(s) with the prefix {args.prefix!r} in {args.out} are an earlier run's "
-              "(this run replaced its CSV and JSON; a new --prefix keeps runs apart): "
-              + ", ".join(os.path.basename(p) for p in stale))
+    written = _write_results(rows, args, argv, wall, machine, fits=fits, heads=heads)
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(written))
     failed_fused = [f for f in fits if f.get("check") == "FAIL"]
     if failed_fused:
         print("warning: the fused loss is not linear in K here: "
               + "; ".join(f"{f['group']} slope {f['slope']:.2f}" for f in failed_fused))
+    if not any(r.get("status") == "ok" and r.get("kind") != "gemm" for r in rows):
+        # (it exited 0 with empty tables where every row was skipped or failed: K too large for the memory, say)
+        print("contrastbound bench: error: no method was measured: every row was skipped or failed (their reasons "
+              "are in the table and the CSV's reason column)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_results(rows: list[dict], args, argv, wall: float, machine: dict, *, fits=None, heads=None,
+                   interrupted: str | None = None) -> list[str]:
+    """Writes the CSV, the JSON and (unless --no-plots) the plots of ``rows``; returns the paths written.
+    interrupted: what stopped the sweep ("Ctrl-C", "SIGTERM"), recorded in the JSON; the rows are those measured."""
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, args.prefix)
+    write_csv(rows, base + ".csv")
+    payload = {"command": "contrastbound bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "wall_s": wall, "machine": machine, "options": {k: v for k, v in vars(args).items()},
+               "rows": rows, "slopes": fits if fits is not None else slopes(rows, args.slope_from),
+               "headline": heads if heads is not None else headline(rows)}
+    if interrupted:
+        payload["interrupted"] = interrupted
+    write_json(payload, base + ".json")
+    written = [base + ".csv", base + ".json"]
+    pngs: list[str] = []
+    if not args.no_plots:
+        pngs = plot(rows, base)
+        written += pngs
+        if not pngs and any(r.get("status") == "ok" for r in rows):
+            print("note: no plots: matplotlib is not installed (pip install matplotlib, or pass --no-plots)")
+    stale = stale_plots(base, pngs)
+    if stale:
+        print(f"note: {len(stale)} plot(s) with the prefix {args.prefix!r} in {args.out} are an earlier run's "
+              "(this run replaced its CSV and JSON; a new --prefix keeps runs apart): "
+              + ", ".join(os.path.basename(p) for p in stale))
+    return written
 
 
 def table(rows: list[dict]) -> str:
