@@ -481,6 +481,19 @@ def test_bench_sigterm_writes_the_rows_so_far_and_ends_by_sigterm(tmp_path):
     assert payload["interrupted"] == "SIGTERM" and [r["K"] for r in payload["rows"] if r["method"] == "fused"][0] == 64
 
 
+def test_bench_live_table_names_the_dtype_where_several_run(tmp_path, capsys):
+    # the table printed while running has no dtype column: two dtypes' rows read alike (a CLI audit's find)
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
+                     "-B", "4", "-d", "8", "--dtype", "float32,float64", "--out", str(tmp_path), "--no-progress",
+                     "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "-- float32 on cpu --" in out and "-- float64 on cpu --" in out
+    assert out.index("-- float32 on cpu --") < out.index("-- float64 on cpu --")
+    assert cli_main(["bench", "--in-process", "--modes", "shared", "--ks", "2^6", "--methods", "fused", "--reps", "1",
+                     "-B", "4", "-d", "8", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    assert " on cpu --" not in capsys.readouterr().out  # (one dtype, one device: no such lines)
+
+
 def test_bench_exits_nonzero_where_nothing_was_measured(tmp_path, capsys):
     # every row skipped (a K far past the memory): it printed empty tables and exited 0 (a CLI audit's find)
     assert cli_main(["bench", "--modes", "shared", "--ks", "2^40", "--methods", "fused", "--out", str(tmp_path),

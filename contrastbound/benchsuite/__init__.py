@@ -294,9 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     progress = _Progress(total, enabled=not args.no_progress)
     progress.write(HEADER)
     done: list[dict] = []  # the rows so far, written out if the sweep is interrupted
+    # The live table has no dtype or device column: with several, a line names them where they change (rows of
+    # two dtypes read alike; the CSV has both columns)
+    several = len(devices) > 1 or len(dict.fromkeys(args.dtype)) > 1
+    shown: list[tuple] = []
 
     def on_row(row: dict) -> None:
         done.append(row)
+        group = (row.get("dtype"), row.get("device"))
+        if several and shown[-1:] != [group]:
+            shown.append(group)
+            progress.write(f"-- {group[0]} on {group[1]} --")
         progress.write(format_row(row))
         progress.update(row)
 
