@@ -53,7 +53,7 @@ def _cmd_demo(argv: list[str]) -> int:
     # outputs for each, and their gradients (~4x): refused by name rather than an allocator error mid-run.
     batch_mib = 4 * args.batch * 2 * (64 + 256 + args.dim) * 4 / 2**20
     if bank_mib + batch_mib > 0.7 * avail:
-        parser.error(f"--batch {args.batch} (with --dim {args.dim}, --queue {args.queue}): the steps' tensors take "
+        parser.error(f"--batch {args.batch} x --dim {args.dim} (with --queue {args.queue}): the steps' tensors take "
                      f"~{bank_mib + batch_mib:.0f} MiB with the bank, more than 70 % of the {avail:.0f} MiB free")
     naive_mib = (4 * args.batch * (args.queue + 1) * 4 + 2 * bank_mib * 2**20) / 2**20
     run_naive = naive_mib <= 0.5 * avail

@@ -378,6 +378,10 @@ def test_demo_command_runs_and_guards_memory(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["demo", "--steps", "1", "--batch", str(10**12), "--queue", "1", "--dim", "1"])
     assert exc.value.code == 2 and "--batch" in capsys.readouterr().err
+    # or a width: the message named --batch alone (the default 256) where --dim made the tensors large (a CLI audit)
+    with pytest.raises(SystemExit) as exc:
+        cli(["demo", "--steps", "1", "--queue", "1", "--dim", "1000"])
+    assert exc.value.code == 2 and "--batch 256 x --dim 1000 " in capsys.readouterr().err
 
 
 def test_k_scaling_with_a_failed_point_is_undetermined(tmp_path, monkeypatch):
