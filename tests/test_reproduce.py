@@ -1025,6 +1025,18 @@ def test_tiny_report_formats_accuracy_and_undefined_ks(tiny):
     assert accs and all(len(a.split(".")[1]) == 1 for a in accs), accs
 
 
+@pytest.mark.parametrize("name", ["nosuch", "", "toy,digits"])
+def test_reproduce_names_an_unknown_experiment(name, tmp_path, capsys):
+    # refused before any work, the name quoted (an empty one printed as nothing; a CLI audit's find)
+    from contrastbound.__main__ import main as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["reproduce", "toy", name, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"unknown experiment(s) {name!r}; choose from bounds-vs-k" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_version_takes_no_arguments(capsys):
     from contrastbound.__main__ import main as cli
 

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     bad = [e for e in args.experiments if e not in EXPERIMENTS]
     if bad:
-        parser.error(f"unknown experiment(s) {', '.join(bad)}; choose from {', '.join(EXPERIMENTS)}")
+        # (quoted: an empty name printed as nothing, "unknown experiment(s) ; choose from ...")
+        parser.error(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from {', '.join(EXPERIMENTS)}")
     preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
     experiments = list(dict.fromkeys(args.experiments)) or list(EXPERIMENTS)
     if not 0 <= args.seed < 2**63:
