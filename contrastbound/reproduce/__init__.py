@@ -257,14 +257,22 @@ def _run_held(experiments, out, settings, dev, seed, show_progress, log, held: _
     # the report's business.
     stems = [e.replace("-", "_") for e in EXPERIMENTS]
 
-    def ours(f: str) -> bool:
+    def ours(f: str, of: Sequence[str] = stems) -> bool:
         stem, dot, ext = f.rpartition(".")
-        return dot == "." and ext in ("csv", "png") and any(stem == e or stem.startswith(e + "_") for e in stems)
+        return dot == "." and ext in ("csv", "png") and any(stem == e or stem.startswith(e + "_") for e in of)
 
-    stale = sorted(
-        f for f in os.listdir(out)
-        if os.path.isfile(os.path.join(out, f)) and ours(f) and os.path.getmtime(os.path.join(out, f)) < started - 1.0
-    )
+    def written(f: str) -> bool:  # (by this run)
+        return os.path.getmtime(os.path.join(out, f)) >= started - 1.0
+
+    files = [f for f in os.listdir(out) if os.path.isfile(os.path.join(out, f)) and ours(f)]
+    if interrupted:
+        # what the interrupted experiment wrote before the signal: its report section has no claims, so they were
+        # left unnamed beside the report (a whole CSV of it, say; a CLI audit's find)
+        partial = sorted(f for f in files if ours(f, [interrupted.replace("-", "_")]) and written(f))
+        if partial:
+            pre.insert(1, f"Files {interrupted} wrote before it was interrupted (no claim checked them; they may be "
+                          f"incomplete): {', '.join(partial)}.")
+    stale = sorted(f for f in files if not written(f))
     if stale:
         pre.append(f"Files in this folder from an earlier run, not part of this report: {', '.join(stale)}.")
         log(f"[reproduce] note: {len(stale)} file(s) in {out} are from an earlier run and not in this report: "
