@@ -3,11 +3,16 @@
 // torch.inference_mode() would raise (shared by the CPU kernels: csrc/cpu/*.cpp).
 //
 // Work that at::parallel_for would run on the calling thread outside any parallel region (a single unit, or no
-// more units than the grain) runs inside one here, where there are threads to spare: there torch's matrix
-// products (MKL, OpenBLAS) run on one thread, as they do inside every unit of a split step, instead of splitting
-// their own work by the thread count, which changes their rounding. The kernels split work by the sizes only, so
-// their results are then the same bits with any number of threads (tests/test_info_nce.py,
-// test_results_do_not_depend_on_the_thread_count and its companions; csrc/tests/test_online_lse.cpp, parallel).
+// more units than the grain) runs there with OpenMP's thread count 1 on that thread for its duration (OneThread):
+// torch's own ops and matrix products inside (ATen's parallel_for, MKL, oneDNN) then run on one thread, as they do
+// inside every unit of a split step, instead of splitting their own work by the thread count, which changes their
+// rounding. The kernels split work by the sizes only, so their results are then the same bits with any number of
+// threads (tests/test_info_nce.py, test_results_do_not_depend_on_the_thread_count and its companions;
+// csrc/tests/test_online_lse.cpp, parallel). Such work ran inside a two-thread region until 2026-12-07, with the
+// same bits; but the region's end waits for its second thread, and on a machine whose cores were busy with
+// another process that wait made a fused step take tens of ms (bench --threads 2 at B = K = d = 1 beside one busy
+// process, on 2 cores: 4 of 12 runs took 13.7-46 ms, the others 0.4-1.9 ms; inline, 14 of 14 runs 0.35-0.85 ms).
+// Where torch's thread count does not follow OpenMP's (another parallel backend), the region remains the way.
 //
 // Inside a region MKL runs on one thread, but it still picked its code path by the thread count set (torch gives
 // every thread the count of torch.set_num_threads): at d ~ 1000 the products rounded differently with 1 and 2
@@ -22,6 +27,10 @@
 
 #include <cstdint>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__APPLE__)
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; libtorch also exports the lower-case
 // name, MKL's Fortran form, which takes a pointer). Weak: null where torch's BLAS is not MKL, and then a no-op.
@@ -31,6 +40,16 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace contrastbound {
 
+// torch's per-thread set-up (at::init_num_threads: it sets OpenMP's and MKL's counts on this thread to torch's),
+// run now so that it cannot undo a count set after it. It runs at a thread's first call of at::get_num_threads
+// (in libtorch) and again at its first at::parallel_for from this library: the flag that remembers it is an inline
+// function's thread_local, one copy per shared object. Without the second, a nested at::parallel_for in a unit
+// reset MKL's count to torch's for the rest of the unit (csrc/tests/test_online_lse.cpp, parallel).
+inline void per_thread_setup() {
+  (void)at::get_num_threads();
+  at::internal::lazy_init_num_threads();
+}
+
 // MKL's thread count on this thread set to 1 for the scope, restored after (0, MKL's "the global count", where
 // none was set).
 class BlasOneThread {
@@ -38,7 +57,7 @@ class BlasOneThread {
   BlasOneThread() {
 #ifdef CONTRASTBOUND_MKL_LOCAL_THREADS
     if (MKL_Set_Num_Threads_Local == nullptr) return;
-    (void)at::get_num_threads();  // torch's per-thread set-up (at::init_num_threads) first, so it cannot undo this
+    per_thread_setup();
     previous_ = MKL_Set_Num_Threads_Local(1);
     active_ = true;
 #endif
@@ -56,6 +75,36 @@ class BlasOneThread {
   bool active_ = false;
 };
 
+// OpenMP's thread count on this thread set to 1 for the scope, restored after. torch's OpenMP backend reads its
+// thread count from it (at::get_num_threads is omp_get_max_threads), so ATen's parallel_for runs inline in the
+// scope, and oneDNN uses one thread; the count is per thread (OpenMP's nthreads-var of this thread's task), so
+// other threads are not affected. active() is false where at::get_num_threads does not follow it.
+class OneThread {
+ public:
+  OneThread() {
+#ifdef _OPENMP
+    per_thread_setup();
+    previous_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+    set_ = true;
+    active_ = at::get_num_threads() == 1;
+#endif
+  }
+  ~OneThread() {
+#ifdef _OPENMP
+    if (set_) omp_set_num_threads(previous_);
+#endif
+  }
+  bool active() const { return active_; }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  int previous_ = 1;
+  bool set_ = false;
+  bool active_ = false;
+};
+
 template <typename F>
 void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
@@ -67,6 +116,13 @@ void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
   };
   const int64_t n = end - begin;
   if ((n == 1 || n <= grain) && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    {
+      const OneThread one_thread;
+      if (one_thread.active()) {
+        run(begin, end);
+        return;
+      }
+    }
     // Two tasks of one unit each, so that at::parallel_for opens a region; the second is empty.
     at::parallel_for(0, 2, 1, [&](int64_t u0, int64_t) {
       if (u0 == 0) run(begin, end);

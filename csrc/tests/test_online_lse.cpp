@@ -290,12 +290,13 @@ int mkl_threads_here() {
   return -1;
 }
 
-// parallel_for_tls (csrc/core/parallel.h): every unit runs once, inside a parallel region whenever there are
-// threads to spare (a one-unit step and a step within one grain too, where at::parallel_for alone would run inline:
-// there torch's matrix products split their own work by the thread count), inline where the caller is already in
-// one, with the caller's thread-local state (inference mode) in every task, and with MKL's thread count 1 in every
-// unit, also after an ATen op large enough to run torch's per-thread set-up on a thread new to torch (which sets
-// MKL's count back to torch's). Run alone (ctest), so the 2- and 3-thread steps meet threads new to torch.
+// parallel_for_tls (csrc/core/parallel.h): every unit runs once, and torch's own parallel work inside a unit runs
+// inline on the unit's thread (a split step's units in a parallel region; a one-unit step and a step within one
+// grain, where at::parallel_for alone would run inline with the caller's thread count, with OpenMP's count 1 on the
+// calling thread, restored after), inline where the caller is already in a region, with the caller's thread-local
+// state (inference mode) in every task, and with MKL's thread count 1 in every unit, also after an ATen op large
+// enough to run torch's per-thread set-up on a thread new to torch (which sets MKL's count back to torch's). Run
+// alone (ctest), so the 2- and 3-thread steps meet threads new to torch.
 void check_parallel() {
   const int saved = at::get_num_threads();
   struct Step {
@@ -307,12 +308,14 @@ void check_parallel() {
     for (const Step& st : {Step{0, 1, 1, "one unit"}, Step{5, 6, 1, "one unit at an offset"},
                            Step{0, 5, 16, "five units within one grain"}, Step{0, 64, 1, "64 units"}}) {
       std::vector<std::atomic<int>> hits(static_cast<size_t>(st.end));
-      std::atomic<bool> outside{false}, not_inference{false};
+      std::atomic<bool> split{false}, not_inference{false};
       std::atomic<int> mkl_threads{1};
       {
         c10::InferenceMode guard;
         contrastbound::parallel_for_tls(st.begin, st.end, st.grain, [&](int64_t b, int64_t e) {
-          if (!at::in_parallel_region()) outside = true;
+          std::atomic<int> calls{0};  // torch's parallel_for over 4 units: one inline call, or one per thread
+          at::parallel_for(0, 4, 1, [&](int64_t, int64_t) { ++calls; });
+          if (calls != 1) split = true;
           if (!c10::InferenceMode::is_enabled()) not_inference = true;
           // (2^20 elements: past TensorIterator's grain, so the op calls at::parallel_for)
           at::Tensor big = at::ones({int64_t(1) << 20}).add_(1);
@@ -325,7 +328,8 @@ void check_parallel() {
       for (int64_t u = 0; u < st.end; ++u) {
         expect_close(hits[static_cast<size_t>(u)], u >= st.begin ? 1 : 0, 0, what + ": unit " + std::to_string(u));
       }
-      expect_close(outside ? 1 : 0, 0, 0, what + ": every unit inside a parallel region");
+      expect_close(split ? 1 : 0, 0, 0, what + ": torch's parallel_for inline in every unit");
+      expect_close(at::get_num_threads(), threads, 0, what + ": the thread count after the step");
       expect_close(not_inference ? 1 : 0, 0, 0, what + ": the caller's inference mode in every task");
       expect_close(mkl_threads, 1, 0, what + ": MKL's thread count 1 in every unit");
     }
