@@ -779,6 +779,10 @@ def _loss_and_lse_setup(ctx, inputs, output):
                           *map(_ops.savable, (negative_mask, labels, negative_labels)),
                           *(() if scale_tensor is None else (_ops.savable(scale_tensor),)))
     ctx.scale, ctx.normalize, ctx.include_positive, ctx.exclude_self = scale, normalize, include_positive, exclude_self
+    # An output outside the graph (the usual case: loss or lse used alone) then reaches backward as None, not as
+    # zeros: with zeros, backward took the both-outputs path, three backward-op calls for one (a static review's
+    # find; clip_loss's CUDA route and debiased_info_nce take this op).
+    ctx.set_materialize_grads(False)
 
 
 def _loss_and_lse_backward(ctx, grad_loss, grad_lse):

@@ -3736,3 +3736,30 @@ def test_label_smoothing_of_one_class_on_the_reference_path_is_exactly_zero(monk
         for x, gx in zip((a, bank, t), torch.autograd.grad(loss.sum(), (a, bank, t))):
             assert torch.equal(gx, torch.zeros_like(x)), (seed, gx)
         assert torch.equal(loss, torch.zeros_like(loss))
+
+
+@pytest.mark.parametrize("used", ["loss", "lse", "both"])
+@pytest.mark.parametrize("mode", MODES)
+def test_info_nce_lse_backward_calls_the_backward_op_once_per_gradient_used(monkeypatch, mode, used):
+    # An output outside the graph reached the op's backward as zeros (autograd materialises them), and backward
+    # took its both-gradients path: three backward-op calls where one is the work (a static review's find). Both
+    # used: one call each for the anchors' and positives' gradients, one for the negatives'.
+    from contrastbound import functional
+
+    calls = []
+    real = functional._bwd_op
+    monkeypatch.setattr(functional, "_bwd_op", lambda *args: calls.append(1) or real(*args))
+    a, p, n, idx = make_inputs(mode, B=5, K=11, d=7, dtype=torch.float64, M=9)
+    leaves = [x for x in (a, p, n) if x is not None]
+    loss, lse = cb.info_nce_lse(a, p, n, 0.3, negative_indices=idx)
+    out = {"loss": loss.sum(), "lse": lse.sum(), "both": loss.sum() + 0.5 * lse.sum()}[used]
+    got = torch.autograd.grad(out, leaves)
+    assert len(calls) == (3 if used == "both" else 1)
+    from contrastbound.reference import info_nce_core_reference  # the same gradients as the reference's
+
+    n_ = p if mode == "in_batch" else n
+    loss_r, lse_r = info_nce_core_reference(a, p, n_, idx, 1 / 0.3, True, True, mode == "in_batch")
+    want_out = {"loss": loss_r.sum(), "lse": lse_r.sum(), "both": loss_r.sum() + 0.5 * lse_r.sum()}[used]
+    want = torch.autograd.grad(want_out, leaves)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-10, atol=1e-12)
