@@ -1594,6 +1594,7 @@ def debiased_info_nce(
         # supcon_loss's: the log-sum-exps' gradient and the positive logit's meet in float32 and reach the features
         # rounded once. Each in float16 on its own overflowed where their sum does not (rows of norm 1e-3 at
         # temperature 0.01: a NaN gradient where info_nce gives -1.1e4; a fuzz against the reference found it).
+        # On CUDA the tensor-core kernels keep the half type, and there the two still meet in it (README).
         a, p = a.float(), p.float()
     if not isinstance(t, torch.Tensor) and torch.compiler.is_compiling():
         # A tensor (as _scale_of makes one): Python arithmetic on a traced float (t / factor, 1 / t) made dynamo
