@@ -827,7 +827,9 @@ def test_forward_without_gradient_takes_the_lse_walk(monkeypatch, problem, dtype
     loss = evaluate()
     leaves = [None if x is None else x.detach().clone().requires_grad_() for x in (a, p, n)]
     train_loss = cb.info_nce(*leaves, **opts).detach()
-    torch.testing.assert_close(loss, train_loss, rtol=1e-5, atol=1e-5)
+    # (float32 results that differ in their last bits round to the dtype one ulp apart where they straddle a
+    # rounding boundary: at a loss ~7 that is 0.03 in bfloat16, which rtol = 1e-5 refused; a static review's find)
+    torch.testing.assert_close(loss, train_loss, rtol=torch.finfo(dtype).eps, atol=1e-5)
     with torch.no_grad():  # (labels as the mask they make)
         ref = info_nce_reference(*(None if x is None else x.double() for x in (a, p, n)), temperature=0.1,
                                  reduction="none", negative_mask=keep.to(CUDA) if kw else None)
