@@ -644,9 +644,10 @@ def _bwd_op(grad_loss, anchors, positives, negatives, negative_indices, lse, ter
 
 
 def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, normalize, include_positive,
-                           loss_bwd=None, smoothing_mean=None, of_lse=None):
-    """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss (of_lse
-    given: to of_lse, the values of lse, the gradient d lse_i / d s = E_i / s).
+                           loss_bwd=None, smoothing_mean=None, lse_out=None):
+    """Attaches the exact gradient with respect to a learnable temperature to the kernel's per-anchor loss; with
+    lse_out (info_nce_lse: the values of lse) returns (loss, lse_out), each with its own gradient, d lse_i / d s =
+    E_i / s, from one pass over the features.
 
     With s = 1/t every logit is l = s x, so d loss_i / d s = (E_i - l_i0) / s, where E_i = sum_j w_ij l_ij is the
     softmax-weighted logit: w_i0 l_i0 for the positive plus s a_hat_i . V_i for the negatives, V_i being the
@@ -665,23 +666,27 @@ def _with_temperature_grad(loss, lse, term, anchors, positives, temperature, nor
         if normalize:
             a, p = F.normalize(a, dim=-1, eps=1e-12), F.normalize(p, dim=-1, eps=1e-12)
         l0 = scale * (a * p).sum(-1)
-        # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
-        # dominates (w0 -> 1), as in the kernels' gradient of the positive. lse: E = w0 l0 + s a_hat . V, w0 =
-        # e^{-loss}, formed as it is (E - l0 + l0 cancels where the positive's share is small).
-        if of_lse is not None:
-            w0m1 = torch.exp(-loss.detach()) if include_positive else 0.0
-        else:
-            w0m1 = torch.expm1(-(loss if loss_bwd is None else loss_bwd)) if include_positive else -1.0
-        e_minus_l0 = scale * (a * term).sum(-1) + w0m1 * l0
-        if smoothing_mean is not None:
-            e_minus_l0 = e_minus_l0 - smoothing_mean[0] * scale * (a * smoothing_mean[1]).sum(-1)
+        negatives_part = scale * (a * term).sum(-1)  # s a_hat . V
         # A row whose set is empty (no negatives, positive left out: lse = -inf) does not depend on the scale:
         # 0, whatever its loss (-inf) and saved V hold, so that no 0 * NaN reaches the temperature's gradient.
-        dloss_dscale = torch.where(torch.isneginf(lse), 0.0, e_minus_l0 / scale)
+        empty = torch.isneginf(lse)
+        # E - l0 = (w0 - 1) l0 + s a_hat . V, with w0 - 1 = expm1(-loss): no cancellation where the positive
+        # dominates (w0 -> 1), as in the kernels' gradient of the positive.
+        w0_minus_1 = torch.expm1(-(loss if loss_bwd is None else loss_bwd)) if include_positive else -1.0
+        e_minus_l0 = negatives_part + w0_minus_1 * l0
+        if smoothing_mean is not None:
+            e_minus_l0 = e_minus_l0 - smoothing_mean[0] * scale * (a * smoothing_mean[1]).sum(-1)
+        dloss_dscale = torch.where(empty, 0.0, e_minus_l0 / scale)
+        if lse_out is not None:
+            # lse: E = w0 l0 + s a_hat . V, w0 = e^{-loss}, formed as it is (E - l0 + l0 cancels where the
+            # positive's share is small)
+            w0 = torch.exp(-loss.detach()) if include_positive else 0.0
+            dlse_dscale = torch.where(empty, 0.0, (negatives_part + w0 * l0) / scale)
     # 1 / t in the wider of the two types: a float64 temperature with float32 features keeps d s / d t = -1 / t^2
     # in float64 (in float32 it overflowed at t = 1e-20: an inf or NaN gradient where plain torch gives -2.6e39).
-    return _attach_scale_grad(loss if of_lse is None else of_lse,
-                              1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype)), dloss_dscale)
+    scale_in_graph = 1.0 / temperature.to(torch.promote_types(temperature.dtype, loss.dtype))
+    loss = _attach_scale_grad(loss, scale_in_graph, dloss_dscale)
+    return loss if lse_out is None else (loss, _attach_scale_grad(lse_out, scale_in_graph, dlse_dscale))
 
 
 # The two steps below are custom ops (torch.library.custom_op, with their autograd registered) rather than
@@ -1502,9 +1507,8 @@ def info_nce_lse(
     else:
         loss, lse = run.loss, run.lse.to(run.loss.dtype)
     if grad and isinstance(t, torch.Tensor) and t.requires_grad:
-        args = (run.lse, run.term, a, p, t, normalize, include_positive)
-        loss, lse = (_with_temperature_grad(loss, *args),
-                     _with_temperature_grad(loss, *args, of_lse=lse))
+        loss, lse = _with_temperature_grad(loss, run.lse, run.term, a, p, t, normalize, include_positive,
+                                           lse_out=lse)
     return loss, lse
 
 
