@@ -308,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         progress.write(format_row(row))
         progress.update(row)
 
-    from ..reproduce import Terminated, _sigterm_as_interrupt
+    from .._signals import Terminated, sigterm_as_interrupt
 
     t0 = time.perf_counter()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             rows = run_sweep(methods, configs, isolate=not args.in_process, mem_fraction=args.mem_fraction,
                              on_row=on_row, probe_reasons=reasons)
     except KeyboardInterrupt as exc:

@@ -22,7 +22,6 @@ handler and sends SIGTERM to the process again, so that with the default disposi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -34,6 +33,8 @@ import time
 from typing import Any, Sequence
 
 import torch
+
+from .._signals import Terminated, sigterm_as_interrupt
 
 from ._common import (
     REPRO_EXTRA, Section, Settings, deterministic, make_settings, render_html, render_markdown,
@@ -60,33 +61,6 @@ def _runner(name: str):
     else:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     return fn
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned by main() into the Ctrl-C path (a KeyboardInterrupt), so that the report is still written."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises Terminated (once: the handler first puts the previous one back, so a
-    second SIGTERM acts at once). Only in the main thread, and not where SIGTERM is ignored (e.g. by the caller)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_IGN, None):
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, previous)
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _HeldSignals:
@@ -343,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             res = run(experiments, args.out, make_settings(preset), args.device, args.seed,
                       show_progress=not args.no_progress)
     except (RuntimeError, OSError, ImportError) as exc:
