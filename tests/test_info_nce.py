@@ -366,6 +366,48 @@ def test_one_unit_steps_give_the_same_bits_with_any_thread_count(case):
             assert torch.equal(x, y), f"{case}: output {i} with {t} threads differs from 1 thread by {(x - y).abs().max()}"
 
 
+@pytest.mark.parametrize("size", ["one_unit", "split"])
+def test_a_threads_first_loss_keeps_its_thread_count(size):
+    # torch.set_num_threads stores one count for the process; the library's first at::parallel_for on a thread ran
+    # torch's per-thread set-up again (its flag is per shared object), which set that thread's count to whatever
+    # thread had set one last: a thread at 2 ran at 1 after its first loss, its own torch ops too (a concurrency
+    # audit's find). Sizes: a one-unit step and a split one.
+    import threading
+
+    B, K = (3, 5) if size == "one_unit" else (300, 3000)
+    gen = torch.Generator().manual_seed(1)
+    a, p, n = torch.randn(B, 8, generator=gen), torch.randn(B, 8, generator=gen), torch.randn(K, 8, generator=gen)
+    threads = torch.get_num_threads()
+    stage, seen, errors = threading.Condition(), {}, []
+
+    def first_call():
+        try:
+            torch.get_num_threads()  # torch's own set-up on this thread, as any torch op would run it
+            torch.set_num_threads(2)
+            with stage:
+                seen["set"] = True
+                stage.notify_all()
+                stage.wait_for(lambda: "other" in seen, timeout=60)
+            cb.info_nce(a.clone().requires_grad_(), p, n, 0.1).backward()
+            seen["after"] = torch.get_num_threads()
+        except Exception as exc:  # (reported below: an exception in a thread would not fail the test)
+            errors.append(exc)
+
+    worker = threading.Thread(target=first_call)
+    try:
+        worker.start()
+        with stage:
+            stage.wait_for(lambda: "set" in seen, timeout=60)
+            torch.set_num_threads(1)  # another thread's count, set after the first thread's
+            seen["other"] = True
+            stage.notify_all()
+        worker.join(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+    assert not errors and not worker.is_alive()
+    assert seen["after"] == 2
+
+
 # At d ~ 1000 MKL, running on one thread inside a region, still chose its code path by the thread count torch had
 # set: every case here differed between 1 thread and 2, 3, 4 or 8 (by up to ~4e-9) until each unit set MKL's own
 # count to 1 (csrc/core/parallel.h, BlasOneThread). Not bank_cross_entropy with a half bank: its target rows'

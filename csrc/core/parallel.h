@@ -40,14 +40,42 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace contrastbound {
 
-// torch's per-thread set-up (at::init_num_threads: it sets OpenMP's and MKL's counts on this thread to torch's),
-// run now so that it cannot undo a count set after it. It runs at a thread's first call of at::get_num_threads
-// (in libtorch) and again at its first at::parallel_for from this library: the flag that remembers it is an inline
-// function's thread_local, one copy per shared object. Without the second, a nested at::parallel_for in a unit
-// reset MKL's count to torch's for the rest of the unit (csrc/tests/test_online_lse.cpp, parallel).
+// torch's per-thread set-up, done once per thread before this library's first at::parallel_for there, with the
+// thread's own OpenMP and MKL counts kept. at::parallel_for runs at::init_num_threads at a thread's first call
+// (at::internal::lazy_init_num_threads), and the flag that remembers it is an inline function's thread_local: one
+// copy per shared object, so this library's first at::parallel_for on a thread ran it again, after libtorch had.
+// It sets the thread's counts to the count most recently set by any thread (torch.set_num_threads stores one for
+// the process): a thread that had set 2 while another had set 1 since ran at 1 after its first loss call, its own
+// torch ops included, for the rest of its life (a concurrency audit's find; csrc/tests/test_online_lse.cpp,
+// parallel, and tests/test_info_nce.py). Before a count set afterwards (BlasOneThread, OneThread), it also cannot
+// undo that: a nested at::parallel_for in a unit reset MKL's count to torch's for the rest of the unit.
 inline void per_thread_setup() {
-  (void)at::get_num_threads();
+  (void)at::get_num_threads();  // libtorch's own set-up (its first call on this thread)
+  thread_local bool done = false;  // (this library's copy, as lazy_init_num_threads' flag is)
+  if (done) return;
+  done = true;
+#ifdef _OPENMP
+  const int omp_threads = omp_get_max_threads();
+#endif
+#ifdef CONTRASTBOUND_MKL_LOCAL_THREADS
+  // (0: MKL's global count; MKL_Set_Num_Threads_Local returns the thread's count before the call)
+  const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(0) : 0;
+#endif
   at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+  omp_set_num_threads(omp_threads);
+#endif
+#ifdef CONTRASTBOUND_MKL_LOCAL_THREADS
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
+#endif
+}
+
+// at::parallel_for after per_thread_setup: for the kernels' loops that call no BLAS (their rounding does not depend
+// on the split), on the calling thread's own counts.
+template <typename F>
+void parallel_for_plain(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  per_thread_setup();
+  at::parallel_for(begin, end, grain, f);
 }
 
 // MKL's thread count on this thread set to 1 for the scope, restored after (0, MKL's "the global count", where
@@ -108,9 +136,11 @@ class OneThread {
 template <typename F>
 void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
+  per_thread_setup();
   const at::ThreadLocalState state;
   const auto run = [&](int64_t b, int64_t e) {
     at::ThreadLocalStateGuard guard(state);
+    per_thread_setup();  // (a worker's; BlasOneThread runs it only where MKL is torch's BLAS)
     const BlasOneThread one_blas_thread;
     f(b, e);
   };

@@ -977,7 +977,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   Tensor ga_t = at::empty({B, d}, pr.anchors_s.options());
   acc_t* ga_out = ga_t.template data_ptr<acc_t>();
   const double up = static_cast<double>(gs.up);
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
+  parallel_for_plain(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // (a g) 2^E: g 2^E alone can overflow where the anchors are tiny
       const double gi = static_cast<double>(g[i]);
       for (int64_t j = 0; j < d; ++j) {
@@ -1120,7 +1120,7 @@ void backward_indexed(const Prepared<acc_t>& pr, const Tensor& bank, const Tenso
   }
   grad_bank.zero_();  // (contiguous (M, d), as the caller allocates it)
   scalar_t* out = grad_bank.template data_ptr<scalar_t>();
-  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
+  parallel_for_plain(0, M, 4096, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       if (slot_of[m] < 0) continue;
       const acc_t* src = G0 + slot_of[m] * d;
@@ -1145,7 +1145,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_typed(const Tensor& anchors, const Te
     const int64_t ps0 = positives.stride(0), ps1 = positives.stride(1);
     const int64_t ns0 = negatives.stride(0), ns1 = negatives.stride(1);
     pos_is_row.assign(static_cast<size_t>(B), 0);
-    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    parallel_for_plain(0, B, 64, [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t k = ex.of(i);
         if (k < 0 || k >= K) continue;

@@ -15,6 +15,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/online_lse.h"
@@ -345,6 +346,26 @@ void check_parallel() {
     });
     expect_close(nested_units, 7, 0, "nested call, " + std::to_string(threads) + " threads: every unit");
     expect_close(nested_elsewhere, 0, 0, "nested call, " + std::to_string(threads) + " threads: the caller's thread");
+  }
+  // A thread's first parallel_for_tls keeps the thread's own count where another thread has set another since
+  // (torch.set_num_threads stores one count for the process, which torch's per-thread set-up applies): this
+  // library's copy of that set-up, at the thread's first at::parallel_for from it, set the thread's count to the
+  // other thread's. Each step size: one unit (OneThread's path) and 64 units (a region).
+  for (int64_t units : {int64_t{1}, int64_t{64}}) {
+    std::atomic<int> stage{0}, after{-1};
+    std::thread first_call([&] {
+      (void)at::get_num_threads();  // torch's own set-up on this thread (any torch op would run it)
+      at::set_num_threads(2);
+      stage = 1;
+      while (stage != 2) std::this_thread::yield();
+      contrastbound::parallel_for_tls(0, units, 1, [&](int64_t, int64_t) {});
+      after = at::get_num_threads();
+    });
+    while (stage != 1) std::this_thread::yield();
+    at::set_num_threads(3);  // another thread's count, set after the first thread's
+    stage = 2;
+    first_call.join();
+    expect_close(after, 2, 0, "a thread's first step (" + std::to_string(units) + " units): its own count after");
   }
   // One thread: nothing to spare, every unit inline.
   at::set_num_threads(1);
