@@ -56,6 +56,9 @@ class NegativeQueue(torch.nn.Module):
         loss.backward(); opt.step()
         queue.enqueue(k, y)  # keys from the momentum encoder, and their labels
 
+    Not thread-safe: ``enqueue`` updates the buffers and the ints in steps, so one thread at a time may use a
+    queue (as one training loop does); the losses themselves may be called from several threads at once.
+
     Under ``torch.compile`` ``enqueue``, ``negatives``, ``labels`` and ``len`` run eagerly (a graph break each)
     instead of being traced with those ints as constants, which would recompile the step at every new write
     position.
