@@ -80,7 +80,7 @@ def exit_from_cli(fn, argv: list[str] | None = None) -> None:
     try:
         code = fn(argv)
     except KeyboardInterrupt as exc:
-        from ._signals import Terminated
+        from ._cli import Terminated
 
         if isinstance(exc, Terminated):
             # reproduce's SIGTERM: the signal went on to the previous handler, which did not end the process (a

@@ -527,6 +527,17 @@ def test_bench_bad_arguments_fail_before_measuring(argv, capsys):
     assert argv[0] in err and "lambda" not in err and "_parse" not in err, err
 
 
+def test_bench_out_at_a_broken_symbolic_link_is_named(tmp_path, capsys):
+    # os.makedirs on a link to a missing path raised "[Errno 17] File exists", which named no link (a CLI audit)
+    link = tmp_path / "gone_link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--quick", "--out", str(link)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "symbolic link to" in err and "does not exist" in err, err
+
+
 @pytest.mark.parametrize("argv", [["--modes", "nosuch"], ["--methods", "fused,nosuch"]])
 def test_bench_unknown_names_make_no_folder(argv, tmp_path, capsys):
     # the output folder was made (and tested for writing) before these were checked

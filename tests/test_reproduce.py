@@ -323,6 +323,12 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["toy", "--tiny", "--no-progress", "--out", "/proc/contrastbound-x"]) == 1
     assert "--out" in capsys.readouterr().err
+    # a symbolic link to a missing path is named as one (os.makedirs said only "[Errno 17] File exists")
+    link = tmp_path / "gone_link"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["toy", "--tiny", "--no-progress", "--out", str(link)]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic link to" in err and "gone" in err and "does not exist" in err, err
 
 
 def test_cli_dispatch(tmp_path):

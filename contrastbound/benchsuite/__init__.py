@@ -27,9 +27,9 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 
+from .._cli import out_folder_problem
 from .harness import Config, count_pairs, probe, run_sweep
 from .methods import METHODS, MODE_SETTINGS, MODES, Method
 from .report import (format_headline, format_row, format_slopes, format_table, headline, machine_info, plot,
@@ -247,12 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_methods:  # (before --out is made: listing writes nothing)
         print(_list_methods(devices[-1]))
         return 0
-    try:  # before the sweep, not after it: the results would be lost
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as exc:
-        parser.error(f"--out {args.out!r} is not a folder that can be written: {exc}")
+    problem = out_folder_problem(args.out)  # before the sweep, not after it: the results would be lost
+    if problem is not None:
+        parser.error(f"--out {args.out!r} is not a folder that can be written: {problem}")
     methods = [METHODS[n] for n in dict.fromkeys(["gemm", *names])]
 
     configs = []
@@ -308,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.write(format_row(row))
         progress.update(row)
 
-    from .._signals import Terminated, sigterm_as_interrupt
+    from .._cli import Terminated, sigterm_as_interrupt
 
     t0 = time.perf_counter()
     try:

@@ -27,14 +27,13 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Sequence
 
 import torch
 
-from .._signals import Terminated, sigterm_as_interrupt
+from .._cli import Terminated, out_folder_problem, sigterm_as_interrupt
 
 from ._common import (
     REPRO_EXTRA, Section, Settings, deterministic, make_settings, render_html, render_markdown,
@@ -308,12 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"contrastbound reproduce: error: {exc}", file=sys.stderr)
         return 1
-    try:  # before the experiments, not when the first one writes (after minutes of work)
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as exc:
-        print(f"contrastbound reproduce: error: --out {args.out!r} is not a folder that can be written: {exc}",
+    problem = out_folder_problem(args.out)  # before the experiments, not when the first one writes (minutes later)
+    if problem is not None:
+        print(f"contrastbound reproduce: error: --out {args.out!r} is not a folder that can be written: {problem}",
               file=sys.stderr)
         return 1
     try:
