@@ -50,10 +50,10 @@ namespace contrastbound {
 // parallel, and tests/test_info_nce.py). Before a count set afterwards (BlasOneThread, OneThread), it also cannot
 // undo that: a nested at::parallel_for in a unit reset MKL's count to torch's for the rest of the unit.
 inline void per_thread_setup() {
-  (void)at::get_num_threads();  // libtorch's own set-up (its first call on this thread)
   thread_local bool done = false;  // (this library's copy, as lazy_init_num_threads' flag is)
   if (done) return;
   done = true;
+  (void)at::get_num_threads();  // libtorch's own set-up first (its first call on this thread)
 #ifdef _OPENMP
   const int omp_threads = omp_get_max_threads();
 #endif
@@ -83,9 +83,9 @@ void parallel_for_plain(int64_t begin, int64_t end, int64_t grain, const F& f) {
 class BlasOneThread {
  public:
   BlasOneThread() {
+    per_thread_setup();  // (here also where MKL is not torch's BLAS: it precedes every unit)
 #ifdef CONTRASTBOUND_MKL_LOCAL_THREADS
     if (MKL_Set_Num_Threads_Local == nullptr) return;
-    per_thread_setup();
     previous_ = MKL_Set_Num_Threads_Local(1);
     active_ = true;
 #endif
@@ -140,8 +140,7 @@ void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const at::ThreadLocalState state;
   const auto run = [&](int64_t b, int64_t e) {
     at::ThreadLocalStateGuard guard(state);
-    per_thread_setup();  // (a worker's; BlasOneThread runs it only where MKL is torch's BLAS)
-    const BlasOneThread one_blas_thread;
+    const BlasOneThread one_blas_thread;  // (after per_thread_setup on this thread)
     f(b, e);
   };
   const int64_t n = end - begin;
