@@ -33,6 +33,7 @@ from .functional import (
     supcon_loss,
 )
 from . import bounds
+from .metrics import contrastive_accuracy, positive_rank
 from .empirical import (
     class_means,
     contrastive_loss_curve,
@@ -66,6 +67,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "bounds",
     "class_means",
+    "contrastive_accuracy",
     "contrastive_loss_curve",
     "contrastive_loss_estimate",
     "format_gap_report",
@@ -84,6 +86,7 @@ __all__ = [
     "info_nce",
     "info_nce_lse",
     "nt_xent",
+    "positive_rank",
     "siglip_loss",
     "supcon_loss",
 ]

@@ -1,0 +1,337 @@
+"""positive_rank and contrastive_accuracy against the materialised logits (every mode, masks, labels, tiles that
+split B and K unevenly, ties, NaN), their checks, and MoCo's own top-k accuracy on the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastbound as cb
+import contrastbound.metrics as metrics
+from conftest import DEVICES
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def _unit(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    x = x.double()
+    return F.normalize(x, dim=-1, eps=1e-12) if normalize else x
+
+
+def reference_rank(anchors, positives, negatives=None, negative_indices=None, negative_mask=None, labels=None,
+                   negative_labels=None, normalize=True):
+    """The (B, K) similarities in float64 (as the logits without the temperature), each anchor's kept negatives
+    counted where they are strictly above the positive or NaN, all of them where the positive is NaN."""
+    a, p = _unit(anchors, normalize), _unit(positives, normalize)
+    B = a.shape[0]
+    pos = (a * p).sum(1)
+    if negatives is None:  # in-batch: the other anchors' positives
+        sim = a @ p.T
+        keep = ~torch.eye(B, dtype=torch.bool, device=a.device)
+        if labels is not None:
+            keep &= labels[None, :] != labels[:, None]
+    elif negative_indices is not None:
+        n = _unit(negatives, normalize)
+        idx = negative_indices.long()
+        sim = torch.einsum("bd,bkd->bk", a, n[idx.clamp_min(0)])
+        keep = idx >= 0
+        if labels is not None:
+            keep &= negative_labels[idx.clamp_min(0)] != labels[:, None]
+    elif negatives.dim() == 3:
+        sim = torch.einsum("bd,bkd->bk", a, _unit(negatives, normalize))
+        keep = torch.ones_like(sim, dtype=torch.bool)
+        if labels is not None:
+            keep &= negative_labels != labels[:, None]
+    else:
+        sim = a @ _unit(negatives, normalize).T
+        keep = torch.ones_like(sim, dtype=torch.bool)
+        if labels is not None:
+            keep &= negative_labels[None, :] != labels[:, None]
+    if negative_mask is not None:
+        keep &= negative_mask
+    above = (sim > pos[:, None]) | sim.isnan() | pos.isnan()[:, None]
+    return (above & keep).sum(1)
+
+
+def _problem(mode, B, K, d, dtype=torch.float64, device="cpu", seed=0, integer=False, M=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        x = torch.randint(-3, 4, shape, generator=g).double() if integer else torch.randn(*shape, generator=g,
+                                                                                          dtype=torch.float64)
+        return x.to(dtype).to(device)
+
+    a = draw(B, d)
+    p = (a.double() + 0.8 * draw(B, d).double()).to(dtype) if not integer else draw(B, d)  # (correlated: some right)
+    kw = {}
+    if mode == "shared":
+        n = draw(K, d)
+    elif mode == "per_anchor":
+        n = draw(B, K, d)
+    elif mode == "indexed":
+        M = M or K + 3
+        n = draw(M, d)
+        kw["negative_indices"] = torch.randint(-1, M, (B, K), generator=g).to(device)
+    else:
+        n = None
+    return a, p, n, kw
+
+
+MODES = ["shared", "per_anchor", "indexed", "in_batch"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tile", [None, 5, 64])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_rank_matches_materialised_logits(mode, tile, normalize, device, monkeypatch):
+    """Continuous float64 features (no ties): the exact counts, whatever the tiles (5 and 64 split B = 37 and
+    K = 101 unevenly; with d = 7 an indexed tile of 64 numbers gathers 9 rows)."""
+    if tile is not None:
+        monkeypatch.setattr(metrics, "_TILE_ELEMENTS", tile)
+    B, K = 37, (37 if mode == "in_batch" else 101)
+    a, p, n, kw = _problem(mode, B, K, 7, device=device, seed=1)
+    got = cb.positive_rank(a, p, n, normalize=normalize, **kw)
+    want = reference_rank(a, p, n, normalize=normalize, **kw)
+    assert got.dtype == torch.int64 and got.device == a.device and got.shape == (B,)
+    assert torch.equal(got, want)
+    assert 0 < int((got == 0).sum()) < B  # (the correlated positives: some anchors right, some wrong)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_masks_and_labels_leave_negatives_out(mode, with_mask, with_labels, monkeypatch):
+    monkeypatch.setattr(metrics, "_TILE_ELEMENTS", 11)
+    B, K = 23, (23 if mode == "in_batch" else 31)
+    a, p, n, kw = _problem(mode, B, K, 5, seed=2)
+    g = torch.Generator().manual_seed(3)
+    if with_mask:
+        kw["negative_mask"] = torch.rand(B, K, generator=g) < 0.6
+    if with_labels:
+        kw["labels"] = torch.randint(0, 4, (B,), generator=g)
+        if mode == "shared":
+            kw["negative_labels"] = torch.randint(0, 4, (K,), generator=g)
+        elif mode == "per_anchor":
+            kw["negative_labels"] = torch.randint(0, 4, (B, K), generator=g)
+        elif mode == "indexed":
+            kw["negative_labels"] = torch.randint(0, 4, (n.shape[0],), generator=g)
+    got = cb.positive_rank(a, p, n, **kw)
+    want = reference_rank(a, p, n, **kw)
+    assert torch.equal(got, want)
+    if with_mask or with_labels:  # (what is left out changes the counts here)
+        assert not torch.equal(got, reference_rank(a, p, n, negative_indices=kw.get("negative_indices")))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ties_go_to_the_positive_as_argmax_gives_them(mode):
+    """Small integer features without normalising: exact dot products, many ties. A tie is not counted; the
+    positive ranks first exactly where argmax over [l_pos, l_neg] (first index of the maximum) is 0."""
+    B, K = 40, (40 if mode == "in_batch" else 25)
+    a, p, n, kw = _problem(mode, B, K, 3, dtype=torch.float32, seed=4, integer=True)
+    rank = cb.positive_rank(a, p, n, normalize=False, **kw)
+    assert torch.equal(rank, reference_rank(a, p, n, normalize=False, **kw))
+    a64, p64 = a.double(), p.double()
+    if mode == "in_batch":
+        sim = a64 @ p64.T
+        neg = sim.masked_fill(torch.eye(B, dtype=torch.bool), float("-inf"))
+    elif mode == "shared":
+        neg = a64 @ n.double().T
+    elif mode == "per_anchor":
+        neg = torch.einsum("bd,bkd->bk", a64, n.double())
+    else:
+        idx = kw["negative_indices"]
+        neg = torch.einsum("bd,bkd->bk", a64, n.double()[idx.clamp_min(0)]).masked_fill(idx < 0, float("-inf"))
+    logits = torch.cat([(a64 * p64).sum(1, keepdim=True), neg], 1)
+    ties = (neg == logits[:, :1]).any(1)
+    assert bool(ties.any())  # (the case this test is about occurs)
+    assert torch.equal(rank == 0, logits.argmax(1) == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_inputs_are_compared_in_float32(dtype, mode):
+    """Integer features, unnormalised: exact in every dtype, ties included. Continuous features rounded to the dtype,
+    normalised: the counts of those values in float64 (no near ties at this size) and of their float32 upcast."""
+    B, K = 19, (19 if mode == "in_batch" else 23)
+    a, p, n, kw = _problem(mode, B, K, 6, dtype=dtype, seed=5, integer=True)
+    assert torch.equal(cb.positive_rank(a, p, n, normalize=False, **kw),
+                       reference_rank(a, p, n, normalize=False, **kw))
+    a, p, n, kw = _problem(mode, B, K, 6, dtype=dtype, seed=5)
+    got = cb.positive_rank(a, p, n, **kw)
+    assert torch.equal(got, reference_rank(a, p, n, **kw))
+    assert torch.equal(got, cb.positive_rank(*[None if x is None else x.float() for x in (a, p, n)], **kw))
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.bfloat16, 256.0), (torch.float16, 2048.0)])
+def test_half_similarities_are_not_rounded_to_half(dtype, big):
+    """a.n = big + 1 against a.p = big, every input exact in the dtype: in float32 the negative ranks above; rounded
+    to the half dtype (8 / 11 significant bits) big + 1 would tie with big and go to the positive."""
+    a = torch.tensor([[1.0, 1.0]], dtype=dtype)
+    p = torch.tensor([[big, 0.0]], dtype=dtype)
+    n = torch.tensor([[big, 1.0]], dtype=dtype)
+    assert (a @ n.T).item() == big  # (the half product's rounding, which the comparison must not take)
+    assert cb.positive_rank(a, p, n, normalize=False).tolist() == [1]
+    assert cb.positive_rank(a, p, normalize=False).tolist() == [0]  # (in-batch: no other pair)
+
+
+def test_mixed_dtypes_compare_in_the_promoted_dtype():
+    a, p, n, _ = _problem("shared", 17, 29, 4, seed=6)
+    got = cb.positive_rank(a.bfloat16(), p.float(), n.bfloat16())
+    assert torch.equal(got, cb.positive_rank(a.bfloat16().float(), p.float(), n.bfloat16().float()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mode=st.sampled_from(MODES), B=st.integers(0, 9), K=st.integers(0, 12), d=st.integers(1, 5),
+       integer=st.booleans(), normalize=st.booleans(), tile=st.integers(1, 40), seed=st.integers(0, 2 ** 16))
+def test_property_rank_is_the_count_over_the_materialised_logits(mode, B, K, d, integer, normalize, tile, seed):
+    """Any mode, size and tiling. Integer features are compared unnormalised (exact products, ties among them: the
+    tie rule exactly); normalised, parallel integer rows would tie up to rounding, which may fall either way."""
+    if mode == "in_batch":
+        K = B
+    normalize = normalize and not integer
+    old = metrics._TILE_ELEMENTS
+    metrics._TILE_ELEMENTS = tile
+    try:
+        a, p, n, kw = _problem(mode, B, K, d, seed=seed, integer=integer)
+        got = cb.positive_rank(a, p, n, normalize=normalize, **kw)
+    finally:
+        metrics._TILE_ELEMENTS = old
+    assert torch.equal(got, reference_rank(a, p, n, normalize=normalize, **kw))
+
+
+def test_simclr_recipe_matches_the_2n_logits():
+    """The README's SimCLR recipe: the 2N x 2N similarities with the diagonal out, each view's target its other
+    view; top-1 accuracy equals that of argmax over those logits."""
+    N, d = 30, 8
+    g = torch.Generator().manual_seed(7)
+    z1 = torch.randn(N, d, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.7 * torch.randn(N, d, generator=g, dtype=torch.float64)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.T).fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
+    ids = torch.arange(N).repeat(2)
+    args = (torch.cat([z1, z2]), torch.cat([z2, z1]), torch.cat([z1, z2]))
+    rank = cb.positive_rank(*args, labels=ids, negative_labels=ids)
+    assert torch.equal(rank, (sim > sim[torch.arange(2 * N), target][:, None]).sum(1))
+    acc = cb.contrastive_accuracy(*args, labels=ids, negative_labels=ids, topk=1)
+    assert acc.item() == pytest.approx((sim.argmax(1) == target).double().mean().item())
+    assert 0 < acc.item() < 1
+
+
+def _moco_accuracy(output: torch.Tensor, topk) -> list[float]:
+    """MoCo's main_moco.accuracy (target 0 for every row), as fractions."""
+    _, pred = output.topk(max(topk), 1, True, True)
+    correct = pred.eq(torch.zeros(output.shape[0], 1, dtype=torch.long))
+    return [correct[:, :k].any(1).double().mean().item() for k in topk]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accuracy_matches_moco_topk(device):
+    a, p, n, _ = _problem("shared", 64, 500, 16, device=device, seed=8)
+    a, p, n = a.float(), p.float(), n.float()
+    acc = cb.contrastive_accuracy(a, p, n, topk=(1, 5, 50))
+    assert acc.dtype == torch.float32 and acc.shape == (3,) and acc.device == a.device
+    an, pn, nn = (F.normalize(x.double().cpu(), dim=1) for x in (a, p, n))
+    logits = torch.cat([(an * pn).sum(1, keepdim=True), an @ nn.T], 1) / 0.07
+    assert acc.cpu().tolist() == pytest.approx(_moco_accuracy(logits, (1, 5, 50)))
+    assert 0 < acc[0] < acc[1] <= acc[2] <= 1  # (top-1 not trivial on these correlated pairs)
+    assert cb.contrastive_accuracy(a, p, n, topk=5).shape == ()
+    assert cb.contrastive_accuracy(a, p, n, topk=5).item() == acc[1].item()
+
+
+def test_nan_counts_against_the_positive():
+    a, p, n, _ = _problem("shared", 6, 10, 4, seed=9)
+    n[3, 0] = float("nan")  # a NaN negative ranks above every positive
+    p[2, 1] = float("nan")  # anchor 2's positive is NaN: it ranks last
+    rank = cb.positive_rank(a, p, n)
+    assert torch.equal(rank, reference_rank(a, p, n))
+    assert rank[2] == 10
+    assert bool((rank >= 1).all())
+    mask = torch.ones(6, 10, dtype=torch.bool)
+    mask[:, 3] = False  # left out, the NaN row does not count
+    mask[2, :4] = False
+    rank = cb.positive_rank(a, p, n, negative_mask=mask)
+    assert rank[2] == 6 and torch.equal(rank, reference_rank(a, p, n, negative_mask=mask))
+
+
+def test_no_negatives_and_no_anchors():
+    a, p, _, _ = _problem("shared", 5, 0, 3, seed=10)
+    assert torch.equal(cb.positive_rank(a, p, a.new_zeros(0, 3)), torch.zeros(5, dtype=torch.int64))
+    assert cb.contrastive_accuracy(a, p, a.new_zeros(0, 3), topk=1).item() == 1.0
+    idx = torch.full((5, 4), -1)
+    assert torch.equal(cb.positive_rank(a, p, a.new_zeros(0, 3), negative_indices=idx), torch.zeros(5, dtype=torch.int64))
+    assert cb.positive_rank(a[:0], p[:0], a).shape == (0,)
+    assert cb.contrastive_accuracy(a[:0], p[:0], a, topk=(1, 5)).isnan().all()
+    assert torch.equal(cb.positive_rank(a[:1], p[:1]), torch.zeros(1, dtype=torch.int64))  # in-batch, B = 1
+
+
+def test_no_gradient_and_inputs_untouched():
+    a, p, n, _ = _problem("shared", 8, 12, 4, seed=11)
+    a.requires_grad_(True)
+    n.requires_grad_(True)
+    before = n.detach().clone()
+    with torch.enable_grad():
+        rank = cb.positive_rank(a, p, n)
+        acc = cb.contrastive_accuracy(a, p, n)
+    assert not rank.requires_grad and not acc.requires_grad and rank.grad_fn is None
+    assert torch.equal(n.detach(), before)
+
+
+def test_strided_inputs():
+    """A transposed bank, expanded positives and a column-sliced anchor matrix: as their contiguous copies."""
+    a, p, n, _ = _problem("shared", 9, 14, 5, seed=12)
+    wide = torch.cat([a, a], 1)[:, ::2]
+    bank_t = n.T.contiguous().T
+    pos_e = p[:1].expand(9, 5)
+    got = cb.positive_rank(wide, pos_e, bank_t)
+    assert not wide.is_contiguous() and not bank_t.is_contiguous()
+    assert torch.equal(got, cb.positive_rank(wide.contiguous(), pos_e.contiguous(), bank_t.contiguous()))
+    assert torch.equal(got, reference_rank(wide, pos_e, bank_t))
+
+
+@pytest.mark.parametrize("topk", [0, -1, True, 1.5, "1", (), [1, 0], (1, None), None])
+def test_bad_topk_is_named(topk):
+    a, p, n, _ = _problem("shared", 4, 6, 3, seed=13)
+    with pytest.raises(ValueError, match="topk must be a positive int"):
+        cb.contrastive_accuracy(a, p, n, topk=topk)
+
+
+def test_bad_inputs_are_named():
+    a, p, n, _ = _problem("shared", 4, 6, 3, seed=14)
+    with pytest.raises(TypeError, match="anchors must be a torch.Tensor"):
+        cb.positive_rank(a.tolist(), p, n)
+    with pytest.raises(ValueError, match="positives must have the shape of anchors"):
+        cb.positive_rank(a, p[:3], n)
+    with pytest.raises(ValueError, match="feature size d = 3"):
+        cb.positive_rank(a, p, n[:, :2])
+    with pytest.raises(TypeError, match="floating"):
+        cb.positive_rank(a, p, n.long())
+    with pytest.raises(IndexError, match=r"negative_indices must lie in \[0, M\) = \[0, 6\) or be -1"):
+        cb.positive_rank(a, p, n, negative_indices=torch.tensor([[0, 6]] * 4))
+    with pytest.raises(IndexError, match="negative_indices must lie"):
+        cb.positive_rank(a, p, n, negative_indices=torch.tensor([[0, -2]] * 4))
+    with pytest.raises(ValueError, match=r"negative_mask must have shape"):
+        cb.positive_rank(a, p, n, negative_mask=torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels was given without negative_labels"):
+        cb.positive_rank(a, p, n, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="normalize must be"):
+        cb.positive_rank(a, p, n, normalize="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_equals_cpu(mode):
+    a, p, n, kw = _problem(mode, 33, (33 if mode == "in_batch" else 70), 9, dtype=torch.float32, seed=15)
+    want = cb.positive_rank(a, p, n, **kw)
+    moved = [None if x is None else x.cuda() for x in (a, p, n)]
+    got = cb.positive_rank(*moved, **{k: v.cuda() for k, v in kw.items()})
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+def test_torch_compile_gives_the_eager_result():
+    a, p, n, kw = _problem("indexed", 8, 6, 4, dtype=torch.float32, seed=16)
+    compiled = torch.compile(lambda *xs: cb.contrastive_accuracy(*xs, topk=(1, 3), **kw))
+    assert torch.equal(compiled(a, p, n), cb.contrastive_accuracy(a, p, n, topk=(1, 3), **kw))
