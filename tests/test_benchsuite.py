@@ -672,6 +672,10 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_coupon.py", ["--root", "/proc/contrastbound-x"]),
     ("bench_coupon.py", ["--out", "/proc/contrastbound-x/bc.csv"]),
     ("bench_coupon.py", ["--out", "/tmp/"]),
+    ("bench_accuracy.py", ["--reps", "0"]),
+    ("bench_accuracy.py", ["--log2k", "12,x"]),
+    ("bench_accuracy.py", ["--log2k", "31"]),
+    ("bench_accuracy.py", ["--out", "/proc/contrastbound-x/ba"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
@@ -865,3 +869,19 @@ def test_worker_pythonpath_keeps_site_packages_off_it(tmp_path):
     assert worker_pythonpath([checkout, installed, checkout], "/inherited") == os.pathsep.join([checkout,
                                                                                                "/inherited"])
     assert worker_pythonpath([installed], "/inherited") == "/inherited"
+
+
+def test_bench_accuracy_rows_agree(tmp_path):
+    """benchmarks/bench_accuracy.py at a small size: both methods' rows, the same accuracies (the script's own
+    check that the fused metric and MoCo's materialised one measure the same thing)."""
+    out = tmp_path / "ba"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_accuracy.py")
+    proc = subprocess.run([sys.executable, script, "--log2k", "5,7", "-B", "16", "-d", "8", "--reps", "1",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    rows = list(csv.DictReader(open(str(out) + ".csv")))
+    assert [(r["K"], r["method"]) for r in rows] == [("32", "fused"), ("32", "naive"), ("128", "fused"),
+                                                     ("128", "naive")]
+    for fused, naive in (rows[:2], rows[2:]):
+        assert (fused["acc1"], fused["acc5"]) == (naive["acc1"], naive["acc5"])
+        assert float(fused["time_s"]) > 0 and float(fused["gflops"]) > 0
