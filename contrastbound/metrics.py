@@ -5,10 +5,17 @@ materialised ``[l_pos, l_neg]`` logits).
 No custom kernel: the similarities are formed by torch's GEMMs over tiles of at most ``_TILE_ELEMENTS`` entries
 (anchors x negatives), each compared with the anchors' positive similarity and counted, so memory is O(B + K +
 tile) on every device torch runs on. The inputs and their checks are those of :func:`contrastbound.info_nce`.
+
+Ties. The positive's similarity and a negative's are dot products formed by different calls (a row's, a GEMM's),
+whose roundings differ: a negative equal to the positive (a duplicate key in a queue, a repeated caption in a
+batch) may come out an ulp above or below it. A negative within the rounding bound of the two dot products,
+``|a.n - a.p| <= (d + 2) eps |a| (|n| + |p|)`` (eps of the comparison's dtype; d eps bounds a dot product's
+rounding in any summation order, 2 eps the normalisation's), is counted as tied with the positive, not above it.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -17,14 +24,16 @@ from .functional import (
     _check_bool,
     _check_features,
     _check_indices,
+    _check_negative_mask,
     _check_negatives,
+    _func_active,
     _labels_as_exclusion,
 )
 
 __all__ = ["contrastive_accuracy", "positive_rank"]
 
-# Entries of one similarity tile (anchors x negatives); an indexed or per-anchor tile also gathers its rows, d times
-# that many numbers over the tile's columns (see _tile_shape).
+# Entries of one similarity tile (anchors x negatives), and of the tile's converted rows (negatives x d, or anchors x
+# negatives x d where rows are gathered per anchor): see _tile_shape.
 _TILE_ELEMENTS = 1 << 20
 
 
@@ -37,32 +46,182 @@ def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """Row norms of x, (..., 1), in x's dtype, summed in float64 for float32 x: the squares of float32 entries past
+    ~1e19 would overflow float32 (every such row then 0 once normalised, every similarity 0, every negative tied); a
+    float32 row's norm overflows only within ~sqrt(d) of float32's largest number. float64 rows, summed in float64,
+    overflow past entries of ~1e154."""
+    wide = torch.float64 if x.dtype == torch.float32 else x.dtype
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).to(x.dtype)
+
+
 def _unit(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
     """x in dtype, each row divided by max(||row||, 1e-12) when normalize (as the losses' x_hat)."""
     x = x.detach().to(dtype)
-    if normalize:
-        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
-    return x
+    return x / _norms(x).clamp_min(1e-12) if normalize else x
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Norms of the rows of x (as compared: x_hat's where normalised), for the tie band."""
+    return _norms(x).squeeze(-1)
 
 
 def _tile_shape(B: int, K: int, per_row: int) -> tuple[int, int]:
-    """(anchors, negatives) of a tile of at most _TILE_ELEMENTS similarities (of those divided by per_row where each
-    similarity gathers a row of per_row numbers): up to 1024 anchors, the negatives filling the rest."""
-    budget = max(1, _TILE_ELEMENTS // max(per_row, 1))
-    cols = max(1, min(K, budget // max(1, min(B, 1024))))
-    rows = max(1, min(B, budget // cols))
-    return rows, cols
+    """(anchors, negatives) of a tile: at most _TILE_ELEMENTS similarities, up to 1024 anchors, and at most
+    _TILE_ELEMENTS numbers of converted rows (per_row numbers per negative: d for a shared bank's tile; d per
+    similarity, rows x negatives x d, where rows are gathered per anchor: pass per_row = -d then)."""
+    budget = _TILE_ELEMENTS
+    if per_row < 0:  # (gathered: rows x cols x d numbers)
+        budget = max(1, budget // -per_row)
+        cols = max(1, min(K, budget // max(1, min(B, 1024))))
+        return max(1, min(B, budget // cols)), cols
+    cols = max(1, min(K, budget // max(1, min(B, 1024), per_row)))
+    return max(1, min(B, budget // cols)), cols
 
 
-def _above(sim: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor) -> torch.Tensor:
-    """(rows,) count of the tile's negatives that rank above the positive: a similarity strictly above it, or NaN;
-    every negative where the positive's similarity is NaN. keep: False where a negative does not count. All three
-    are the negatives where sim <= pos fails (a comparison with NaN is false): one comparison, into scratch (bool, of
-    sim's shape)."""
-    torch.le(sim, pos[:, None], out=scratch)
-    if keep is None:
-        return sim.shape[1] - scratch.sum(1)
-    return keep.sum(1) - scratch.logical_and_(keep).sum(1)
+class _Counts:
+    """Per anchor: kept negatives above the positive (strictly, beyond the tie band, or NaN; every one where the
+    positive's similarity is NaN) and tied with it (within the band), accumulated tile by tile."""
+
+    def __init__(self, a, p, d: int, use_buffers: bool):
+        self.use_buffers = use_buffers
+        self.c = (d + 2) * torch.finfo(a.dtype).eps
+        self.a_norm = _row_norms(a)
+        self.pos = (a * p).sum(1)
+        # tie band of the positive's own rounding, c |a| |p|, and the factor c |a| of a negative's |n|
+        self.pos_band = self.c * self.a_norm * _row_norms(p)
+        # per block of anchors (keyed by its first row): (above, ties) summed over the tiles; out of place, so that
+        # a torch.func transform's batched counts can add up
+        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.B, self.device = a.shape[0], a.device
+
+    def add(self, i0: int, i1: int, sim: torch.Tensor, n_norm: torch.Tensor | None, keep: torch.Tensor | None,
+            scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """sim (rows, cols): anchors i0 .. i1 - 1 against a tile; n_norm: the tile's negatives' norms, (cols,) or
+        (rows, cols), None where they are at most 1 (normalised: the band's |n| taken as 1)."""
+        pos, band = self.pos[i0:i1, None], self.pos_band[i0:i1, None]
+        a_band = self.c * self.a_norm[i0:i1, None]
+        n_band = a_band if n_norm is None else a_band * (n_norm if n_norm.dim() == 2 else n_norm[None, :])
+        hi, lo = pos + band + n_band, pos - band - n_band
+        if scratch is None:
+            not_above, tied = sim <= hi, sim >= lo
+        else:
+            not_above = torch.le(sim, hi, out=scratch[0])
+            tied = torch.ge(sim, lo, out=scratch[1])
+        tied.logical_and_(not_above)
+        if keep is not None:
+            not_above.logical_and_(keep)
+            tied.logical_and_(keep)
+            total = keep.sum(1, dtype=torch.int32)
+        else:
+            total = sim.shape[1]
+        # above: every kept negative that is not <= hi (a comparison with NaN is false: NaN similarities, and all of
+        # them where the positive's is NaN). Counted in int32 within a tile (a bool sum in int64 converted the whole
+        # tile first: 5x slower), int64 across tiles.
+        above = (total - not_above.sum(1, dtype=torch.int32)).long()
+        ties = tied.sum(1, dtype=torch.int32).long()
+        if i0 in self.parts:
+            above, ties = above + self.parts[i0][0], ties + self.parts[i0][1]
+        self.parts[i0] = (above, ties)  # (int64 across tiles)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(above, ties), each (B,) int64 (0 for anchors no tile reached: no negatives)."""
+        if not self.parts:
+            zeros = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+            return zeros, zeros.clone()
+        blocks = [self.parts[i0] for i0 in sorted(self.parts)]
+        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+
+
+def _ranks(anchors, positives, negatives, negative_indices, negative_mask, labels, negative_labels, normalize):
+    """(above, ties), each (B,) int64 (see _Counts): the checks of info_nce, then the tiles of the mode."""
+    anchors, positives = _check_features(anchors, positives)
+    negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,
+                                                                 labels, negative_labels)
+    if isinstance(negatives, torch.Tensor) and negatives.dim() == 3 and negative_indices is None:
+        # per-anchor negatives keep their mask as a mask (the losses' (B K, d) bank view is a copy of an expanded
+        # tensor)
+        negatives, _, _ = _check_negatives(anchors, negatives, None, None)
+        if negative_mask is not None:
+            negative_mask = _check_negative_mask(negative_mask, anchors, negatives.shape[1],
+                                                 "(B, K) for negatives (B, K, d)")
+    else:
+        negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices,
+                                                                      negative_mask)
+    normalize = _check_bool("normalize", normalize)
+    if negative_indices is not None:  # (the losses leave the range to the op: checked here, one read-back)
+        negative_indices = _check_indices("negative_indices", negative_indices, tuple(negative_indices.shape),
+                                          "(B, K)", negatives.shape[0], "M", anchors.device, padding=True)
+    dtype = _compute_dtype(anchors, positives, *(() if negatives is None else (negatives,)))
+    a, p = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
+    # (torch.func transforms have no batching rule for the out= variants: fresh tensors there)
+    counts = _Counts(a, p, a.shape[1], use_buffers=not _func_active())
+    if negatives is None:
+        _rank_shared(counts, a, p, None, normalize, negative_mask, pair, True)
+    elif negative_indices is not None:
+        _rank_gathered(counts, a, negatives, negative_indices, None, dtype, normalize)
+    elif negatives.dim() == 3:
+        _rank_gathered(counts, a, negatives, None, negative_mask, dtype, normalize)
+    else:
+        _rank_shared(counts, a, negatives, dtype, normalize, negative_mask, pair, False)
+    return counts.result()
+
+
+def _rank_shared(counts: _Counts, a, bank, dtype, normalize, mask, pair, in_batch) -> None:
+    """A bank (K, d) shared by every anchor (in_batch: the positives, already unit rows in the compute dtype, the
+    diagonal left out). The bank is read tile by tile, converted and normalised per tile (no copy of it); the
+    similarities and their comparisons go to buffers made once (large fresh allocations cost page faults per tile)."""
+    B, K = a.shape[0], bank.shape[0]
+    rows, cols = _tile_shape(B, K, a.shape[1])
+    if counts.use_buffers:
+        size = min(B, rows) * min(K, cols)
+        sim_buf = a.new_empty(size)
+        flags = [torch.empty(size, dtype=torch.bool, device=a.device) for _ in range(2)]
+    for k0 in range(0, K, cols):
+        k1 = min(K, k0 + cols)
+        tile = bank[k0:k1] if dtype is None else _unit(bank[k0:k1], dtype, normalize)
+        n_norm = None if normalize else _row_norms(tile)
+        for i0 in range(0, B, rows):
+            i1 = min(B, i0 + rows)
+            keep = None if mask is None else mask[i0:i1, k0:k1]
+            if pair is not None:
+                differ = pair[1][k0:k1][None, :] != pair[0][i0:i1, None]
+                keep = differ if keep is None else keep & differ
+            if in_batch:
+                rows_i = torch.arange(i0, i1, device=a.device)[:, None]
+                off_diagonal = rows_i != torch.arange(k0, k1, device=a.device)[None, :]
+                keep = off_diagonal if keep is None else keep & off_diagonal
+            if counts.use_buffers:
+                n = (i1 - i0) * (k1 - k0)
+                shape = (i1 - i0, k1 - k0)
+                sim = torch.mm(a[i0:i1], tile.T, out=sim_buf[:n].view(shape))
+                counts.add(i0, i1, sim, n_norm, keep, tuple(f[:n].view(shape) for f in flags))
+            else:
+                counts.add(i0, i1, a[i0:i1] @ tile.T, n_norm, keep)
+
+
+def _rank_gathered(counts: _Counts, a, negatives, indices, mask, dtype, normalize) -> None:
+    """Per-anchor negatives (B, K, d) (mask: (B, K) or None), or rows indices[i] (-1: padding) of a bank (M, d),
+    gathered tile by tile (no (B, K, d) copy)."""
+    B, d = a.shape
+    K = negatives.shape[1] if indices is None else indices.shape[1]
+    if K == 0 or (indices is not None and negatives.shape[0] == 0):  # (no row to gather: every entry is padding)
+        return
+    rows, cols = _tile_shape(B, K, -d)
+    for i0 in range(0, B, rows):
+        i1 = min(B, i0 + rows)
+        for k0 in range(0, K, cols):
+            k1 = min(K, k0 + cols)
+            if indices is None:
+                raw = negatives[i0:i1, k0:k1]
+                keep = None if mask is None else mask[i0:i1, k0:k1]
+            else:
+                idx = indices[i0:i1, k0:k1]
+                raw = negatives[idx.clamp_min(0)]
+                keep = idx >= 0
+            tile = _unit(raw, dtype, normalize)
+            sim = torch.bmm(tile, a[i0:i1, :, None]).squeeze(-1)
+            counts.add(i0, i1, sim, None if normalize else _row_norms(tile), keep)
 
 
 def positive_rank(
@@ -75,112 +234,54 @@ def positive_rank(
     labels: torch.Tensor | None = None,
     negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
-) -> torch.Tensor:
-    r"""How many of each anchor's negatives rank above its positive: (B,) int64, 0 where the positive ranks first.
+    return_ties: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""How many of each anchor's negatives rank above its positive: (B,) int64, 0 where none does.
 
     Negative k of anchor i ranks above its positive where ``a_i.n_ik > a_i.p_i`` (cosine similarities with
-    ``normalize``, else dot products; the temperature does not change the order, so there is none). A tie goes to the
-    positive, as ``argmax`` over the logits ``[l_pos, l_neg]`` (MoCo's target 0) gives it; ties within rounding
-    (a negative equal to the positive up to an ulp) may fall either way, since the positive's similarity is a row's dot
-    product and the negatives' come from a GEMM. A NaN similarity counts as above, and an anchor whose positive
-    similarity is NaN ranks last (every negative counts): a diverged model does not score. Anchor i is right at top-k
-    where ``positive_rank(...)[i] < k``.
+    ``normalize``, else dot products; the temperature does not change the order, so there is none) by more than the
+    two dot products' rounding bound, ``(d + 2) eps |a_i| (|n_ik| + |p_i|)`` (eps of float32, or float64 for float64
+    inputs: 1.5e-5 for unit rows at d = 128); a negative within it is tied with the positive (a duplicate of it
+    always is). With ``return_ties=True`` also the number of tied negatives, (B,) int64: MoCo's argmax over ``[l_pos,
+    l_neg]`` gives a tie to the positive, so its top-1 is ``rank == 0``; random tie-breaking puts the positive at
+    ``rank + j`` for j uniform in 0 .. ties (:func:`contrastive_accuracy` averages over it). A NaN similarity counts as
+    above, and an anchor whose positive similarity is NaN has every negative above it.
 
-    The arguments are those of :func:`contrastbound.info_nce` (modes, ``negative_indices`` with -1 for padding,
-    ``negative_mask``, ``labels`` / ``negative_labels``, ``normalize``); negatives left out do not count. Half
-    inputs are compared in float32. No gradient flows; nothing of size B x K is kept (tiles of at most 2^20
-    similarities). SimCLR's task over 2N views (each view's positive is its other view, every other view a
-    negative) is ``positive_rank(torch.cat([z1, z2]), torch.cat([z2, z1]), torch.cat([z1, z2]), labels=ids,
-    negative_labels=ids)`` with ``ids = torch.arange(N).repeat(2)``: the labels leave out the view itself and its pair.
+    The arguments are those of :func:`contrastbound.info_nce` (its modes, ``negative_indices`` with -1 for padding,
+    ``negative_mask``, ``labels`` / ``negative_labels``, ``normalize``; no ``process_group``); negatives left out do
+    not count. Half inputs are compared in float32 (with ``normalize=False`` a product past float32's range gives inf
+    or NaN). No gradient; nothing of size B x K is kept (tiles of at most 2^20 similarities; no copy of the bank).
+    SimCLR's task over 2N views (each view's positive its other view, every other view a negative) is
+    ``positive_rank(z, torch.cat([z2, z1]), z, labels=ids, negative_labels=ids)`` with ``z = torch.cat([z1, z2])``
+    and ``ids = torch.arange(N).repeat(2)``: the labels leave out the view itself and its pair.
     """
-    anchors, positives = _check_features(anchors, positives)
-    negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,
-                                                                 labels, negative_labels)
-    negatives, negative_indices, negative_mask = _check_negatives(anchors, negatives, negative_indices, negative_mask)
-    normalize = _check_bool("normalize", normalize)
-    B = anchors.shape[0]
-    if negative_indices is not None:  # (the losses leave the range to the op: checked here, one read-back)
-        negative_indices = _check_indices("negative_indices", negative_indices, tuple(negative_indices.shape),
-                                          "(B, K)", negatives.shape[0], "M", anchors.device, padding=True)
+    return_ties = _check_bool("return_ties", return_ties)
     with torch.no_grad():
-        dtype = _compute_dtype(anchors, positives, *(() if negatives is None else (negatives,)))
-        a, p = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
-        pos = (a * p).sum(1)
-        rank = torch.zeros(B, dtype=torch.int64, device=anchors.device)
-        if negatives is None:
-            _rank_shared(a, pos, p, None, normalize, negative_mask, pair, True, rank)
-        elif negative_indices is not None:
-            _rank_indexed(a, pos, negatives, negative_indices, dtype, normalize, rank)
-        elif negatives.dim() == 3:
-            _rank_per_anchor(a, pos, negatives, dtype, normalize, rank)
-        else:
-            _rank_shared(a, pos, negatives, dtype, normalize, negative_mask, pair, False, rank)
-    return rank
-
-
-def _rank_shared(a, pos, bank, dtype, normalize, mask, pair, in_batch, rank) -> None:
-    """A bank (K, d) shared by every anchor (in_batch: the positives, already unit rows in the compute dtype, the
-    diagonal left out). The bank is read tile by tile, converted and normalised per tile (no copy of it); the
-    similarities and their comparison go to buffers made once (large fresh allocations cost page faults per tile)."""
-    B, K = a.shape[0], bank.shape[0]
-    rows, cols = _tile_shape(B, K, 1)
-    sim_buf = a.new_empty(min(B, rows) * min(K, cols))
-    le_buf = torch.empty(sim_buf.shape, dtype=torch.bool, device=a.device)
-    for k0 in range(0, K, cols):
-        k1 = min(K, k0 + cols)
-        tile = bank[k0:k1] if dtype is None else _unit(bank[k0:k1], dtype, normalize)
-        for i0 in range(0, B, rows):
-            i1 = min(B, i0 + rows)
-            keep = None if mask is None else mask[i0:i1, k0:k1]
-            if pair is not None:
-                differ = pair[1][k0:k1][None, :] != pair[0][i0:i1, None]
-                keep = differ if keep is None else keep & differ
-            if in_batch:
-                rows_i = torch.arange(i0, i1, device=a.device)[:, None]
-                off_diagonal = rows_i != torch.arange(k0, k1, device=a.device)[None, :]
-                keep = off_diagonal if keep is None else keep & off_diagonal
-            n = (i1 - i0) * (k1 - k0)
-            sim = torch.mm(a[i0:i1], tile.T, out=sim_buf[:n].view(i1 - i0, k1 - k0))
-            rank[i0:i1] += _above(sim, pos[i0:i1], keep, le_buf[:n].view(i1 - i0, k1 - k0))
-
-
-def _rank_per_anchor(a, pos, negatives, dtype, normalize, rank) -> None:
-    """negatives (B, K, d): anchor i's own K rows, tile by tile of anchors and negatives."""
-    B, K, d = negatives.shape
-    rows, cols = _tile_shape(B, K, d)
-    for i0 in range(0, B, rows):
-        i1 = min(B, i0 + rows)
-        for k0 in range(0, K, cols):
-            k1 = min(K, k0 + cols)
-            tile = _unit(negatives[i0:i1, k0:k1], dtype, normalize)
-            sim = torch.bmm(tile, a[i0:i1, :, None]).squeeze(-1)
-            rank[i0:i1] += _above(sim, pos[i0:i1], None, torch.empty_like(sim, dtype=torch.bool))
-
-
-def _rank_indexed(a, pos, bank, indices, dtype, normalize, rank) -> None:
-    """Rows indices[i] (-1: padding) of bank (M, d), gathered tile by tile (no (B, K, d) copy)."""
-    B, K = indices.shape
-    if K == 0 or bank.shape[0] == 0:  # (no row to gather: every entry is padding)
-        return
-    rows, cols = _tile_shape(B, K, bank.shape[1])
-    for i0 in range(0, B, rows):
-        i1 = min(B, i0 + rows)
-        for k0 in range(0, K, cols):
-            k1 = min(K, k0 + cols)
-            idx = indices[i0:i1, k0:k1]
-            tile = _unit(bank[idx.clamp_min(0)], dtype, normalize)
-            sim = torch.bmm(tile, a[i0:i1, :, None]).squeeze(-1)
-            rank[i0:i1] += _above(sim, pos[i0:i1], idx >= 0, torch.empty_like(sim, dtype=torch.bool))
+        above, ties = _ranks(anchors, positives, negatives, negative_indices, negative_mask, labels, negative_labels,
+                             normalize)
+    return (above, ties) if return_ties else above
 
 
 def _check_topk(topk: object) -> tuple[list[int], bool]:
-    """(the k's, whether one int was given)."""
-    single = isinstance(topk, int) and not isinstance(topk, bool)
-    ks = [topk] if single else topk
-    if not isinstance(ks, Sequence) or isinstance(ks, str) or len(ks) == 0 or any(
-            not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
-        raise ValueError(f"topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got {topk!r}")
-    return list(ks), single
+    """(the k's, whether one was given alone). Integers of any kind (numpy's, a 0-d integer tensor), not bool."""
+    def as_k(k: object) -> int:
+        if isinstance(k, bool) or (isinstance(k, torch.Tensor) and k.dtype == torch.bool):
+            raise TypeError(f"topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got {topk!r}")
+        try:
+            value = operator.index(k)
+        except TypeError:
+            raise TypeError(f"topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got "
+                            f"{topk!r}") from None
+        if value < 1:
+            raise ValueError(f"topk must be positive (k >= 1), got {topk!r}")
+        return value
+
+    if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence):
+        return [as_k(topk)], True
+    if len(topk) == 0:
+        raise ValueError("topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got an empty "
+                         "sequence")
+    return [as_k(k) for k in topk], False
 
 
 def contrastive_accuracy(
@@ -195,17 +296,24 @@ def contrastive_accuracy(
     negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
 ) -> torch.Tensor:
-    r"""Top-k accuracy of the contrastive task: the fraction of anchors whose positive ranks among the k most similar
-    of the positive and its negatives (:func:`positive_rank` ``< k``).
+    r"""Top-k accuracy of the contrastive task: the fraction of anchors whose positive is among the k most similar
+    of the positive and its negatives, ties broken uniformly at random (in expectation, no draw).
 
-    Returns a float32 tensor on the anchors' device: shape (len(topk),) for a sequence, 0-d for an int (fractions
-    in [0, 1]; MoCo's ``accuracy`` gives percentages; NaN for B = 0). The other arguments, the tie rule (ties go to
-    the positive, as argmax over ``[l_pos, l_neg]``) and NaN handling are those of :func:`positive_rank`. No gradient.
+    For anchor i with ``r`` negatives above its positive and ``t`` tied with it (:func:`positive_rank` with
+    ``return_ties=True``) the positive is at place ``r + j``, j uniform in 0 .. t, so it is in the top k with
+    probability ``clamp((k - r) / (t + 1), 0, 1)``; the result is the mean over anchors. Without ties that is
+    MoCo's ``accuracy`` (as fractions, not percentages); a collapsed model (every similarity equal) scores chance,
+    k / (K + 1), where argmax's ties-to-the-positive would give it 1.
+
+    Returns a float32 tensor on the anchors' device: shape (len(topk),) for a sequence, 0-d for one k (NaN for B =
+    0). ``topk``: a positive int or a non-empty sequence of them. The other arguments as in :func:`positive_rank`.
+    No gradient.
     """
     ks, single = _check_topk(topk)
-    rank = positive_rank(anchors, positives, negatives, negative_indices=negative_indices,
-                         negative_mask=negative_mask, labels=labels, negative_labels=negative_labels,
-                         normalize=normalize)
-    k = torch.tensor(ks, device=rank.device)
-    acc = (rank[None, :] < k[:, None]).float().mean(1)
+    above, ties = positive_rank(anchors, positives, negatives, negative_indices=negative_indices,
+                                negative_mask=negative_mask, labels=labels, negative_labels=negative_labels,
+                                normalize=normalize, return_ties=True)
+    k = torch.tensor(ks, dtype=torch.float64, device=above.device)  # (float64: a k past int64's range compares)
+    chance = ((k[:, None] - above[None, :].double()) / (ties[None, :].double() + 1)).clamp(0, 1)
+    acc = chance.mean(1).float()
     return acc[0] if single else acc

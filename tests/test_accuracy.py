@@ -21,12 +21,15 @@ def _unit(x: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def reference_rank(anchors, positives, negatives=None, negative_indices=None, negative_mask=None, labels=None,
-                   negative_labels=None, normalize=True):
+                   negative_labels=None, normalize=True, band=0.0):
     """The (B, K) similarities in float64 (as the logits without the temperature), each anchor's kept negatives
-    counted where they are strictly above the positive or NaN, all of them where the positive is NaN."""
+    counted where they are above the positive by more than band |a| (|n| + |p|), or NaN; all of them where the
+    positive is NaN. (band: the library's (d + 2) eps of its comparison dtype; 0 for float64 inputs, where that band
+    is ~1e-15 and random data has no gap that small.)"""
     a, p = _unit(anchors, normalize), _unit(positives, normalize)
     B = a.shape[0]
     pos = (a * p).sum(1)
+    a_norm, p_norm = a.norm(dim=1), p.norm(dim=1)
     if negatives is None:  # in-batch: the other anchors' positives
         sim = a @ p.T
         keep = ~torch.eye(B, dtype=torch.bool, device=a.device)
@@ -51,6 +54,10 @@ def reference_rank(anchors, positives, negatives=None, negative_indices=None, ne
             keep &= negative_labels[None, :] != labels[:, None]
     if negative_mask is not None:
         keep &= negative_mask
+    if band:
+        assert negatives is None or (negatives.dim() == 2 and negative_indices is None)  # (what the tests pass)
+        n_norm = (p if negatives is None else _unit(negatives, normalize)).norm(dim=1)
+        sim = sim - band * a_norm[:, None] * (n_norm[None, :] + p_norm[:, None])
     above = (sim > pos[:, None]) | sim.isnan() | pos.isnan()[:, None]
     return (above & keep).sum(1)
 
@@ -148,6 +155,12 @@ def test_ties_go_to_the_positive_as_argmax_gives_them(mode):
     ties = (neg == logits[:, :1]).any(1)
     assert bool(ties.any())  # (the case this test is about occurs)
     assert torch.equal(rank == 0, logits.argmax(1) == 0)
+    above, tied = cb.positive_rank(a, p, n, normalize=False, return_ties=True, **kw)
+    assert torch.equal(above, rank) and torch.equal(tied, (neg == logits[:, :1]).sum(1))
+    # top-k: the positive uniformly at places above .. above + ties
+    for k in (1, 2, 5):
+        want = ((k - above.double()) / (tied.double() + 1)).clamp(0, 1).mean()
+        assert cb.contrastive_accuracy(a, p, n, normalize=False, topk=k, **kw).item() == pytest.approx(want.item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -292,11 +305,27 @@ def test_strided_inputs():
     assert torch.equal(got, reference_rank(wide, pos_e, bank_t))
 
 
-@pytest.mark.parametrize("topk", [0, -1, True, 1.5, "1", (), [1, 0], (1, None), None])
-def test_bad_topk_is_named(topk):
+@pytest.mark.parametrize("topk, error, match", [
+    (0, ValueError, "topk must be positive"), (-1, ValueError, "topk must be positive"),
+    ([1, 0], ValueError, "topk must be positive"), ((), ValueError, "non-empty sequence"),
+    (True, TypeError, "topk must be a positive int"), (1.5, TypeError, "topk must be a positive int"),
+    ("1", TypeError, "topk must be a positive int"), ((1, None), TypeError, "topk must be a positive int"),
+    (None, TypeError, "topk must be a positive int"), (torch.tensor(True), TypeError, "topk must be a positive int"),
+])
+def test_bad_topk_is_named(topk, error, match):
     a, p, n, _ = _problem("shared", 4, 6, 3, seed=13)
-    with pytest.raises(ValueError, match="topk must be a positive int"):
+    with pytest.raises(error, match=match):
         cb.contrastive_accuracy(a, p, n, topk=topk)
+
+
+def test_topk_takes_any_integer():
+    """numpy's integers and 0-d integer tensors as ints; a k past any rank (2^63 too) is every anchor."""
+    np = pytest.importorskip("numpy")
+    a, p, n, _ = _problem("shared", 12, 20, 3, seed=17)
+    want = cb.contrastive_accuracy(a, p, n, topk=(1, 3))
+    assert torch.equal(cb.contrastive_accuracy(a, p, n, topk=(np.int64(1), torch.tensor(3))), want)
+    assert torch.equal(cb.contrastive_accuracy(a, p, n, topk=np.int32(3)), want[1])
+    assert cb.contrastive_accuracy(a, p, n, topk=[21, 2 ** 63]).tolist() == [1.0, 1.0]
 
 
 def test_bad_inputs_are_named():
@@ -335,3 +364,148 @@ def test_torch_compile_gives_the_eager_result():
     a, p, n, kw = _problem("indexed", 8, 6, 4, dtype=torch.float32, seed=16)
     compiled = torch.compile(lambda *xs: cb.contrastive_accuracy(*xs, topk=(1, 3), **kw))
     assert torch.equal(compiled(a, p, n), cb.contrastive_accuracy(a, p, n, topk=(1, 3), **kw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_duplicate_of_the_positive_is_a_tie(mode):
+    """Negatives that are exact copies of the positive (a repeated key in a queue, a repeated caption in a batch):
+    formed by a GEMM (bmm) and the positive by a row's dot product, their similarities differ by rounding, which put
+    a copy above the positive in about half the anchors (float32, d = 16) before the tie band; they are ties."""
+    B, d = 64, 16
+    g = torch.Generator().manual_seed(18)
+    a = torch.randn(B, d, generator=g)
+    p = a + 0.3 * torch.randn(B, d, generator=g)
+    kw = {}
+    if mode == "shared":
+        n = p.clone()  # anchor i's own positive is bank row i; the other rows are other anchors' positives
+    elif mode == "per_anchor":
+        n = p.clone()[:, None, :].repeat(1, 3, 1)
+    elif mode == "indexed":
+        n = p.clone()
+        kw["negative_indices"] = torch.arange(B)[:, None].repeat(1, 2)
+    else:
+        n = None
+        p = torch.cat([p[: B // 2], p[: B // 2]])  # in-batch: positives i and i + B / 2 are the same row
+    above, ties = cb.positive_rank(a, p, n, return_ties=True, **kw)
+    copies = {"shared": 1, "per_anchor": 3, "indexed": 2, "in_batch": 1}[mode]
+    assert bool((ties >= copies).all())
+    if mode in ("per_anchor", "indexed"):  # (the copies are the only negatives)
+        assert bool((above == 0).all())
+        assert cb.contrastive_accuracy(a, p, n, topk=1, **kw).item() == pytest.approx(1 / (copies + 1))
+    else:  # the other negatives as the float64 reference ranks them, the copies left out of it (in float64 too
+        # they would fall on either side of the positive by rounding)
+        if mode == "shared":
+            others = ~torch.eye(B, dtype=torch.bool)
+        else:
+            pair = torch.arange(B) % (B // 2)
+            others = pair[:, None] != pair[None, :]
+        band = (d + 2) * torch.finfo(torch.float32).eps  # (random near ties within it are ties too)
+        assert torch.equal(above, reference_rank(a, p, n, negative_mask=others, band=band))
+
+
+def test_a_collapsed_model_scores_chance():
+    """Every feature the same (or zero): every negative tied with the positive, top-k = k / (K + 1), not the 1 that
+    ties given to the positive would report."""
+    B, K, d = 10, 19, 8
+    same = torch.ones(1, d).expand(B, d)
+    for a in (same, torch.zeros(B, d)):
+        acc = cb.contrastive_accuracy(a, same, torch.ones(K, d), topk=(1, 5, 20))
+        assert acc.tolist() == pytest.approx([1 / 20, 5 / 20, 1.0])
+        above, ties = cb.positive_rank(a, same, torch.ones(K, d), return_ties=True)
+        assert above.tolist() == [0] * B and ties.tolist() == [K] * B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_huge_rows_normalise_without_overflow(dtype):
+    """Rows of entries ~1e20 (float32; ~1e4 for float16, whose 65504 bound the squares pass) have norms past the
+    range of their float32 comparison: normalised through their largest entry, their ranks are those of the same rows
+    scaled to ~1 (before: every row 0, every negative tied, accuracy 1)."""
+    a, p, n, _ = _problem("shared", 12, 30, 6, dtype=torch.float32, seed=19)
+    big = 1e4 if dtype == torch.float16 else 1e20 if dtype == torch.float32 else 1e30
+    args = [(x * big).to(dtype) for x in (a, p, n)]
+    want = cb.positive_rank(*[(x.to(dtype).float() * 1.0) for x in (a, p, n)])
+    assert bool(torch.isfinite(args[2].float()).all())
+    assert torch.equal(cb.positive_rank(*args), want)
+    assert torch.equal(cb.positive_rank(args[0], args[1]), cb.positive_rank(a.to(dtype).float(), p.to(dtype).float()))
+
+
+def test_tiles_bound_the_memory():
+    """_tile_shape: at most _TILE_ELEMENTS similarities, and at most that many numbers of converted rows (a shared
+    bank's tile: cols x d; gathered rows: rows x cols x d), for small and large B, K and d (B = 1 took the whole bank
+    as one tile)."""
+    budget = metrics._TILE_ELEMENTS
+    for B in (1, 7, 256, 5000):
+        for K in (1, 100, 2 ** 20, 2 ** 26):
+            for d in (1, 128, 4096):
+                rows, cols = metrics._tile_shape(B, K, d)
+                assert 1 <= rows <= B and 1 <= cols <= K and rows * cols <= budget and cols * d <= max(budget, d)
+                rows, cols = metrics._tile_shape(B, K, -d)
+                assert 1 <= rows <= B and 1 <= cols <= K and rows * cols * d <= max(budget, d)
+
+
+def test_peak_memory_without_copies():
+    """In a child process, the peak resident memory beyond the inputs: B = 1 against a 256 MiB bank; per-anchor
+    negatives expanded from one (K, d) block, with a mask (a (B K, d) view of them would be a 1 GiB copy); a bank made
+    under inference_mode, called with grad mode on (the losses' checks clone such a tensor). Each well under the size
+    of the copy it used to make."""
+    from conftest import PEAK_RSS_HELPERS, child_json
+
+    script = PEAK_RSS_HELPERS + """
+import gc, json, torch, contrastbound as cb
+torch.set_num_threads(1)
+out = {}
+a, p = torch.randn(64, 64), torch.randn(64, 64)
+bank = torch.randn(2 ** 20, 64)
+block = torch.randn(2 ** 16, 64)
+neg = block[None].expand(64, 2 ** 16, 64)
+mask = torch.rand(64, 2 ** 16) < 0.5
+with torch.inference_mode():
+    ibank = torch.randn(2 ** 20, 64)
+calls = {"one_anchor": lambda: cb.positive_rank(a[:1], p[:1], bank),
+         "expanded_masked": lambda: cb.positive_rank(a, p, neg, negative_mask=mask),
+         "inference_bank": lambda: cb.positive_rank(a, p, ibank)}
+for name, call in calls.items():
+    call()  # (the allocator's one-off growth: the first call at a size)
+    gc.collect(); reset_hwm(); base = hwm_mib()
+    call()
+    out[name] = hwm_mib() - base
+print(json.dumps(out))
+"""
+    out = child_json(script)
+    assert out["one_anchor"] < 64 and out["expanded_masked"] < 128 and out["inference_bank"] < 64, out
+
+
+def test_vmap_over_problems():
+    """torch.func.vmap over a batch of problems: each problem's counts (the out= buffers are not used there)."""
+    g = torch.Generator().manual_seed(20)
+    a, p, n = (torch.randn(3, *shape, generator=g, dtype=torch.float64) for shape in ((5, 4), (5, 4), (9, 4)))
+    got = torch.func.vmap(lambda x, y, z: cb.positive_rank(x, y, z, return_ties=True))(a, p, n)
+    for i in range(3):
+        above, ties = cb.positive_rank(a[i], p[i], n[i], return_ties=True)
+        assert torch.equal(got[0][i], above) and torch.equal(got[1][i], ties)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
+@pytest.mark.parametrize("x", [1.0, 1024.0])
+def test_the_tie_band_is_d_plus_2_eps_a_times_n_plus_p(mode, x):
+    """Exact float32 values, normalize=False, d = 2: a = (1, 0), p = (x, 0), negatives (x + j ulp(x), 0), so
+    a.n - a.p = j ulp(x) exactly. The band (d + 2) eps |a| (|n| + |p|) is ~8 ulp(x) at x = 1 and 1024 (eps = ulp(1)
+    / 1 = 2^-23, |n| + |p| ~ 2x): j = 7 is a tie, j = 9 above, j = -7 a tie, j = -9 below (neither); a
+    band of (d + 1) eps, 6 ulp, would put j = 7 above."""
+    ulp = x * 2.0 ** -23
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[x, 0.0]])
+    steps = torch.tensor([7.0, 9.0, -7.0, -9.0, 0.0])
+    rows = torch.stack([x + steps * ulp, torch.zeros(5)], 1)
+    assert torch.equal((rows[:, 0] - x) / ulp, steps)  # (exact in float32)
+    kw = {}
+    if mode == "shared":
+        n = rows
+    elif mode == "per_anchor":
+        n = rows[None]
+    elif mode == "indexed":
+        n, kw["negative_indices"] = rows, torch.arange(5)[None]
+    else:  # in-batch: anchor 0's negatives are positives 1 .. 5 (the other anchors ranked too)
+        a, p, n = torch.cat([a, a.expand(5, 2)]), torch.cat([p, rows]), None
+    above, ties = cb.positive_rank(a, p, n, normalize=False, return_ties=True, **kw)
+    assert (above[0].item(), ties[0].item()) == (1, 3)
