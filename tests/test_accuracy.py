@@ -417,9 +417,9 @@ def test_a_collapsed_model_scores_chance():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_huge_rows_normalise_without_overflow(dtype):
-    """Rows of entries ~1e20 (float32; ~1e4 for float16, whose 65504 bound the squares pass) have norms past the
-    range of their float32 comparison: normalised through their largest entry, their ranks are those of the same rows
-    scaled to ~1 (before: every row 0, every negative tied, accuracy 1)."""
+    """Rows of entries ~1e20 (float32) or ~1e30 (bfloat16) have squares past float32's range, the comparison's:
+    summed in float64, their ranks are those of the same rows at magnitude ~1 (before: every row 0, every negative
+    tied, accuracy 1). float16 at ~1e4, near its own largest number, is the half-input case that never overflowed."""
     a, p, n, _ = _problem("shared", 12, 30, 6, dtype=torch.float32, seed=19)
     big = 1e4 if dtype == torch.float16 else 1e20 if dtype == torch.float32 else 1e30
     args = [(x * big).to(dtype) for x in (a, p, n)]
