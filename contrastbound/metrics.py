@@ -9,8 +9,10 @@ tile) on every device torch runs on. The inputs and their checks are those of :f
 Ties. The positive's similarity and a negative's are dot products formed by different calls (a row's, a GEMM's),
 whose roundings differ: a negative equal to the positive (a duplicate key in a queue, a repeated caption in a
 batch) may come out an ulp above or below it. A negative within the rounding bound of the two dot products,
-``|a.n - a.p| <= (d + 2) eps |a| (|n| + |p|)`` (eps of the comparison's dtype; d eps bounds a dot product's
-rounding in any summation order, 2 eps the normalisation's), is counted as tied with the positive, not above it.
+``|a.n - a.p| <= c |a| (|n| + |p|)``, ``c = (d + 2) eps + 2 u`` (eps of the comparison's dtype; d eps bounds a dot
+product's rounding in any summation order, 2 eps the normalisation's; u the rounding of the GEMM's inputs where torch
+lets float32 GEMMs round them: 2^-11 for TF32, 2^-8 for bfloat16, else 0), is counted as tied with the positive,
+not above it.
 """
 
 from __future__ import annotations
@@ -46,31 +48,59 @@ def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64, where the device has it (not MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _norms(x: torch.Tensor) -> torch.Tensor:
-    """Row norms of x, (..., 1), in x's dtype, summed in float64 for float32 x: the squares of float32 entries past
-    ~1e19 would overflow float32 (every such row then 0 once normalised, every similarity 0, every negative tied); a
-    float32 row's norm overflows only within ~sqrt(d) of float32's largest number. float64 rows, summed in float64,
-    overflow past entries of ~1e154."""
-    wide = torch.float64 if x.dtype == torch.float32 else x.dtype
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).to(x.dtype)
+    """Row norms of x, (..., 1), summed in float64 for float32 x and kept so: the squares of float32 entries past ~1e19
+    overflow float32 (every such row 0 once normalised, every similarity 0, every negative tied), and a float32 row's
+    norm itself past ~3.4e38 (an infinite tie band). float64 rows overflow past entries of ~1e154."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, _wide(x.device)))
 
 
-def _unit(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
-    """x in dtype, each row divided by max(||row||, 1e-12) when normalize (as the losses' x_hat)."""
+def _unit(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in dtype, each row divided by max(||row||, 1e-12) when normalize (as the losses' x_hat); the rows' norms
+    after that, (..., 1) in float64 (1, or below for rows of norm under 1e-12, 0 for zero rows)). The division is a
+    product with 1 / max(||row||, 1e-12) rounded to dtype: subnormal, a few bits short, only for rows of norm past
+    ~1e37."""
     x = x.detach().to(dtype)
-    return x / _norms(x).clamp_min(1e-12) if normalize else x
+    norm = _norms(x)
+    if not normalize:
+        return x, norm
+    floor = norm.clamp_min(1e-12)
+    return x * (1 / floor).to(dtype), norm / floor
 
 
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Norms of the rows of x (as compared: x_hat's where normalised), for the tie band."""
-    return _norms(x).squeeze(-1)
+def _gemm_rounding(dtype: torch.dtype, device: torch.device) -> float:
+    """u: the rounding of a float32 GEMM's inputs that torch's settings allow on this device (2^-11: TF32; 2^-8:
+    bfloat16), 0 where it multiplies in float32 (or float64)."""
+    if dtype != torch.float32:
+        return 0.0
+    precision = torch.get_float32_matmul_precision()
+    u = {"medium": 2.0 ** -8, "high": 2.0 ** -11}.get(precision, 0.0)
+    if device.type == "cuda" and u == 0.0:
+        try:  # (the per-backend setting of torch >= 2.9, which allow_tf32 sets too; reading the legacy flag can raise
+            # when the two were set differently)
+            tf32 = getattr(torch.backends.cuda.matmul, "fp32_precision", None) == "tf32"
+        except (AttributeError, RuntimeError):
+            tf32 = False
+        if not tf32:
+            try:
+                tf32 = bool(torch._C._get_cublas_allow_tf32())
+            except (AttributeError, RuntimeError):
+                tf32 = True  # (unknown: the wider band)
+        u = 2.0 ** -11 if tf32 else 0.0
+    return u
 
 
-def _tile_shape(B: int, K: int, per_row: int) -> tuple[int, int]:
-    """(anchors, negatives) of a tile: at most _TILE_ELEMENTS similarities, up to 1024 anchors, and at most
-    _TILE_ELEMENTS numbers of converted rows (per_row numbers per negative: d for a shared bank's tile; d per
-    similarity, rows x negatives x d, where rows are gathered per anchor: pass per_row = -d then)."""
-    budget = _TILE_ELEMENTS
+def _tile_shape(B: int, K: int, per_row: int, device_type: str = "cpu") -> tuple[int, int]:
+    """(anchors, negatives) of a tile: at most _TILE_ELEMENTS similarities (16 times that on a GPU, where small
+    tiles would cost a launch each for little work), up to 1024 anchors, and at most as many numbers of converted rows
+    (per_row numbers per negative: d for a shared bank's tile; d per similarity, rows x negatives x d, where rows are
+    gathered per anchor: pass per_row = -d then)."""
+    budget = _TILE_ELEMENTS * (1 if device_type == "cpu" else 16)
     if per_row < 0:  # (gathered: rows x cols x d numbers)
         budget = max(1, budget // -per_row)
         cols = max(1, min(K, budget // max(1, min(B, 1024))))
@@ -80,28 +110,34 @@ def _tile_shape(B: int, K: int, per_row: int) -> tuple[int, int]:
 
 
 class _Counts:
-    """Per anchor: kept negatives above the positive (strictly, beyond the tie band, or NaN; every one where the
-    positive's similarity is NaN) and tied with it (within the band), accumulated tile by tile."""
+    """Per anchor: kept negatives above the positive (beyond the tie band, or NaN; every one where the positive's
+    similarity is not finite) and tied with it (within the band), accumulated tile by tile."""
 
-    def __init__(self, a, p, d: int, use_buffers: bool):
+    def __init__(self, a, p, a_norm, p_norm, use_buffers: bool):
+        """a, p: the compared rows (B, d); a_norm, p_norm: their norms, (B, 1) float64 (from _unit)."""
         self.use_buffers = use_buffers
-        self.c = (d + 2) * torch.finfo(a.dtype).eps
-        self.a_norm = _row_norms(a)
-        self.pos = (a * p).sum(1)
-        # tie band of the positive's own rounding, c |a| |p|, and the factor c |a| of a negative's |n|
-        self.pos_band = self.c * self.a_norm * _row_norms(p)
+        d, dtype = a.shape[1], a.dtype
+        self.c = (d + 2) * torch.finfo(dtype).eps + 2 * _gemm_rounding(dtype, a.device)
+        pos = (a * p).sum(1)
+        # a positive similarity that is not finite (an overflowed product, inf features) ranks last, as NaN does
+        self.pos = torch.where(torch.isfinite(pos), pos, torch.full_like(pos, float("nan")))
+        a_c = self.c * a_norm.squeeze(1)  # (float64: a norm past float32's range still gives a finite band)
+        # the positive's part of the band, c |a| |p|, and the factor c |a| of a negative's |n|
+        self.pos_band = (a_c * p_norm.squeeze(1)).to(dtype)
+        self.a_c = a_c.to(dtype)
+        self.big = torch.finfo(dtype).max
         # per block of anchors (keyed by its first row): (above, ties) summed over the tiles; out of place, so that
         # a torch.func transform's batched counts can add up
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.B, self.device = a.shape[0], a.device
 
-    def add(self, i0: int, i1: int, sim: torch.Tensor, n_norm: torch.Tensor | None, keep: torch.Tensor | None,
+    def add(self, i0: int, i1: int, sim: torch.Tensor, n_norm: torch.Tensor, keep: torch.Tensor | None,
             scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """sim (rows, cols): anchors i0 .. i1 - 1 against a tile; n_norm: the tile's negatives' norms, (cols,) or
-        (rows, cols), None where they are at most 1 (normalised: the band's |n| taken as 1)."""
+        """sim (rows, cols): anchors i0 .. i1 - 1 against a tile; n_norm: the tile's negatives' norms as compared,
+        float64, (cols, 1) or (rows, cols, 1)."""
         pos, band = self.pos[i0:i1, None], self.pos_band[i0:i1, None]
-        a_band = self.c * self.a_norm[i0:i1, None]
-        n_band = a_band if n_norm is None else a_band * (n_norm if n_norm.dim() == 2 else n_norm[None, :])
+        n = n_norm.squeeze(-1).clamp_max(self.big).to(sim.dtype)  # (a product past the range: inf, as the similarity)
+        n_band = self.a_c[i0:i1, None] * (n if n.dim() == 2 else n[None, :])
         hi, lo = pos + band + n_band, pos - band - n_band
         if scratch is None:
             not_above, tied = sim <= hi, sim >= lo
@@ -122,7 +158,7 @@ class _Counts:
         ties = tied.sum(1, dtype=torch.int32).long()
         if i0 in self.parts:
             above, ties = above + self.parts[i0][0], ties + self.parts[i0][1]
-        self.parts[i0] = (above, ties)  # (int64 across tiles)
+        self.parts[i0] = (above, ties)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(above, ties), each (B,) int64 (0 for anchors no tile reached: no negatives)."""
@@ -153,11 +189,11 @@ def _ranks(anchors, positives, negatives, negative_indices, negative_mask, label
         negative_indices = _check_indices("negative_indices", negative_indices, tuple(negative_indices.shape),
                                           "(B, K)", negatives.shape[0], "M", anchors.device, padding=True)
     dtype = _compute_dtype(anchors, positives, *(() if negatives is None else (negatives,)))
-    a, p = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
+    (a, a_norm), (p, p_norm) = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
     # (torch.func transforms have no batching rule for the out= variants: fresh tensors there)
-    counts = _Counts(a, p, a.shape[1], use_buffers=not _func_active())
+    counts = _Counts(a, p, a_norm, p_norm, use_buffers=not _func_active())
     if negatives is None:
-        _rank_shared(counts, a, p, None, normalize, negative_mask, pair, True)
+        _rank_shared(counts, a, (p, p_norm), None, normalize, negative_mask, pair, True)
     elif negative_indices is not None:
         _rank_gathered(counts, a, negatives, negative_indices, None, dtype, normalize)
     elif negatives.dim() == 3:
@@ -171,16 +207,21 @@ def _rank_shared(counts: _Counts, a, bank, dtype, normalize, mask, pair, in_batc
     """A bank (K, d) shared by every anchor (in_batch: the positives, already unit rows in the compute dtype, the
     diagonal left out). The bank is read tile by tile, converted and normalised per tile (no copy of it); the
     similarities and their comparisons go to buffers made once (large fresh allocations cost page faults per tile)."""
+    in_batch_norms = None
+    if in_batch:
+        bank, in_batch_norms = bank
     B, K = a.shape[0], bank.shape[0]
-    rows, cols = _tile_shape(B, K, a.shape[1])
+    rows, cols = _tile_shape(B, K, a.shape[1], a.device.type)
     if counts.use_buffers:
         size = min(B, rows) * min(K, cols)
         sim_buf = a.new_empty(size)
         flags = [torch.empty(size, dtype=torch.bool, device=a.device) for _ in range(2)]
     for k0 in range(0, K, cols):
         k1 = min(K, k0 + cols)
-        tile = bank[k0:k1] if dtype is None else _unit(bank[k0:k1], dtype, normalize)
-        n_norm = None if normalize else _row_norms(tile)
+        if in_batch:
+            tile, n_norm = bank[k0:k1], in_batch_norms[k0:k1]
+        else:
+            tile, n_norm = _unit(bank[k0:k1], dtype, normalize)
         for i0 in range(0, B, rows):
             i1 = min(B, i0 + rows)
             keep = None if mask is None else mask[i0:i1, k0:k1]
@@ -207,7 +248,7 @@ def _rank_gathered(counts: _Counts, a, negatives, indices, mask, dtype, normaliz
     K = negatives.shape[1] if indices is None else indices.shape[1]
     if K == 0 or (indices is not None and negatives.shape[0] == 0):  # (no row to gather: every entry is padding)
         return
-    rows, cols = _tile_shape(B, K, -d)
+    rows, cols = _tile_shape(B, K, -d, a.device.type)
     for i0 in range(0, B, rows):
         i1 = min(B, i0 + rows)
         for k0 in range(0, K, cols):
@@ -219,9 +260,9 @@ def _rank_gathered(counts: _Counts, a, negatives, indices, mask, dtype, normaliz
                 idx = indices[i0:i1, k0:k1]
                 raw = negatives[idx.clamp_min(0)]
                 keep = idx >= 0
-            tile = _unit(raw, dtype, normalize)
+            tile, n_norm = _unit(raw, dtype, normalize)
             sim = torch.bmm(tile, a[i0:i1, :, None]).squeeze(-1)
-            counts.add(i0, i1, sim, None if normalize else _row_norms(tile), keep)
+            counts.add(i0, i1, sim, n_norm, keep)
 
 
 def positive_rank(
@@ -240,12 +281,14 @@ def positive_rank(
 
     Negative k of anchor i ranks above its positive where ``a_i.n_ik > a_i.p_i`` (cosine similarities with
     ``normalize``, else dot products; the temperature does not change the order, so there is none) by more than the
-    two dot products' rounding bound, ``(d + 2) eps |a_i| (|n_ik| + |p_i|)`` (eps of float32, or float64 for float64
-    inputs: 1.5e-5 for unit rows at d = 128); a negative within it is tied with the positive (a duplicate of it
-    always is). With ``return_ties=True`` also the number of tied negatives, (B,) int64: MoCo's argmax over ``[l_pos,
-    l_neg]`` gives a tie to the positive, so its top-1 is ``rank == 0``; random tie-breaking puts the positive at
-    ``rank + j`` for j uniform in 0 .. ties (:func:`contrastive_accuracy` averages over it). A NaN similarity counts as
-    above, and an anchor whose positive similarity is NaN has every negative above it.
+    two dot products' rounding bound, ``c |a_i| (|n_ik| + |p_i|)`` with ``c = (d + 2) eps`` (eps of float32, or
+    float64 for float64 inputs: c = 1.55e-5 at d = 128, a band of 3.1e-5 for unit rows), plus ``2 u`` where torch lets float32 GEMMs round
+    their inputs (u = 2^-11 under TF32, ``torch.set_float32_matmul_precision("high")`` or CUDA's ``allow_tf32``;
+    2^-8 under ``"medium"``); a negative within it is tied with the positive (a duplicate of it always is). With
+    ``return_ties=True`` also the number of tied negatives, (B,) int64: MoCo's argmax over ``[l_pos, l_neg]`` gives a
+    tie to the positive, so its top-1 is ``rank == 0``; random tie-breaking puts the positive at ``rank + j`` for j
+    uniform in 0 .. ties (:func:`contrastive_accuracy` averages over it). A NaN similarity counts as above, and an
+    anchor whose positive similarity is NaN or infinite has every negative above it.
 
     The arguments are those of :func:`contrastbound.info_nce` (its modes, ``negative_indices`` with -1 for padding,
     ``negative_mask``, ``labels`` / ``negative_labels``, ``normalize``; no ``process_group``); negatives left out do
@@ -313,7 +356,8 @@ def contrastive_accuracy(
     above, ties = positive_rank(anchors, positives, negatives, negative_indices=negative_indices,
                                 negative_mask=negative_mask, labels=labels, negative_labels=negative_labels,
                                 normalize=normalize, return_ties=True)
-    k = torch.tensor(ks, dtype=torch.float64, device=above.device)  # (float64: a k past int64's range compares)
-    chance = ((k[:, None] - above[None, :].double()) / (ties[None, :].double() + 1)).clamp(0, 1)
+    wide = _wide(above.device)  # (float64 where there is one: a k past int64's range compares)
+    k = torch.tensor(ks, dtype=wide, device=above.device)
+    chance = ((k[:, None] - above[None, :].to(wide)) / (ties[None, :].to(wide) + 1)).clamp(0, 1)
     acc = chance.mean(1).float()
     return acc[0] if single else acc

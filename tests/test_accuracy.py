@@ -485,6 +485,88 @@ def test_vmap_over_problems():
         assert torch.equal(got[0][i], above) and torch.equal(got[1][i], ties)
 
 
+def _band_problem(mode, a, p, rows):
+    """(anchors, positives, negatives, kwargs) giving anchor 0 the negatives `rows` in each mode."""
+    kw, m = {}, rows.shape[0]
+    if mode == "shared":
+        return a, p, rows, kw
+    if mode == "per_anchor":
+        return a, p, rows[None], kw
+    if mode == "indexed":
+        kw["negative_indices"] = torch.arange(m)[None]
+        return a, p, rows, kw
+    return torch.cat([a, a.expand(m, -1)]), torch.cat([p, rows]), None, kw  # in-batch: the other positives
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_band_grows_with_the_positives_norm(mode, dtype):
+    """a = (1, 0), p = (1, 1024): a.p = 1 with |p| ~ 1024, so the band c |a| (|n| + |p|) is ~1025 c, 4100 ulp(1),
+    where 2 |n| would give 8 ulp: a negative 2000 ulp above the positive is a tie, 6000 ulp above ranks above."""
+    eps = torch.finfo(dtype).eps
+    a = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    p = torch.tensor([[1.0, 1024.0]], dtype=dtype)
+    rows = torch.tensor([[1.0 + 2000 * eps, 0.0], [1.0 + 6000 * eps, 0.0]], dtype=dtype)
+    above, ties = cb.positive_rank(*_band_problem(mode, a, p, rows)[:3], normalize=False, return_ties=True,
+                                   **_band_problem(mode, a, p, rows)[3])
+    assert (above[0].item(), ties[0].item()) == (1, 1)
+
+
+def test_the_band_of_a_zero_or_tiny_negative_is_its_own_norm():
+    """Normalised, a zero row stays 0 (norm 0) and a row of norm 1e-14 becomes x / 1e-12 (norm 0.01): their part of
+    the band is c |a| |n_hat|, not c |a| (a bound of 1 made them ties of a positive 1.5 c away)."""
+    d = 128
+    c = (d + 2) * torch.finfo(torch.float32).eps
+    a = torch.zeros(1, d)
+    a[0, 0] = 1.0
+    p = torch.zeros(1, d)
+    p[0, 0], p[0, 1] = 1.5 * c, 1.0  # a.p_hat = 1.5 c (|p| = 1 to rounding): outside c |a| (0 + |p|)
+    rows = torch.zeros(3, d)
+    rows[1, 5] = 1e-14  # (orthogonal to a: similarity 0 too)
+    for mode in MODES:
+        args, kw = _band_problem(mode, a, p, rows)[:3], _band_problem(mode, a, p, rows)[3]
+        above, ties = cb.positive_rank(*args, return_ties=True, **kw)
+        assert (above[0].item(), ties[0].item()) == (0, 0), mode
+        assert cb.contrastive_accuracy(args[0][:1], args[1][:1], rows, topk=1).item() == 1.0
+
+
+def test_float32_norms_past_float32s_range():
+    """normalize=False, a = p = (1, 0): negatives (3e38, 3e38) and (-3e38, -3e38) have norms ~4.2e38, past float32's
+    largest number: kept in float64 the band stays finite (one above, one below; an infinite band tied both)."""
+    a = torch.tensor([[1.0, 0.0]])
+    rows = torch.tensor([[3e38, 3e38], [-3e38, -3e38]])
+    for mode in MODES:
+        args, kw = _band_problem(mode, a, a.clone(), rows)[:3], _band_problem(mode, a, a.clone(), rows)[3]
+        above, ties = cb.positive_rank(*args, normalize=False, return_ties=True, **kw)
+        assert (above[0].item(), ties[0].item()) == (1, 0), mode
+
+
+def test_an_infinite_positive_similarity_ranks_last():
+    """normalize=False with an infinite anchor: a.p = inf is no similarity to rank by (as NaN): every negative above
+    (a copy of the positive, inf = inf, was neither above nor tied)."""
+    a = torch.tensor([[float("inf"), 0.0]])
+    p = torch.tensor([[1.0, 0.0]])
+    rows = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    above, ties = cb.positive_rank(a, p, rows, normalize=False, return_ties=True)
+    assert (above.item(), ties.item()) == (3, 0)
+
+
+def test_reduced_precision_gemms_widen_the_band():
+    """Under torch.set_float32_matmul_precision("high") (TF32 allowed) the band gains 2 u |a| (|n| + |p|), u = 2^-11:
+    a negative 2^-11 above a unit positive is a tie there, above it under "highest" (the tests' setting)."""
+    a = torch.tensor([[1.0, 0.0]])
+    rows = torch.tensor([[1.0 + 2.0 ** -11, 0.0]])
+    assert cb.positive_rank(a, a.clone(), rows, normalize=False, return_ties=True) == (1, 0)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert cb.positive_rank(a, a.clone(), rows, normalize=False, return_ties=True) == (0, 1)
+        # float64 GEMMs do not round: the band stays (d + 2) eps
+        assert cb.positive_rank(a.double(), a.double(), rows.double(), normalize=False, return_ties=True) == (1, 0)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
 @pytest.mark.parametrize("x", [1.0, 1024.0])
 def test_the_tie_band_is_d_plus_2_eps_a_times_n_plus_p(mode, x):
