@@ -132,13 +132,26 @@ class _Counts:
         self.B, self.device = a.shape[0], a.device
 
     def add(self, i0: int, i1: int, sim: torch.Tensor, n_norm: torch.Tensor, keep: torch.Tensor | None,
-            scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            scratch: tuple[torch.Tensor, ...] | None = None) -> None:
         """sim (rows, cols): anchors i0 .. i1 - 1 against a tile; n_norm: the tile's negatives' norms as compared,
-        float64, (cols, 1) or (rows, cols, 1)."""
+        float64, (cols, 1) or (rows, cols, 1). scratch: two bool and two float buffers of sim's shape, or None."""
         pos, band = self.pos[i0:i1, None], self.pos_band[i0:i1, None]
-        n = n_norm.squeeze(-1).clamp_max(self.big).to(sim.dtype)  # (a product past the range: inf, as the similarity)
-        n_band = self.a_c[i0:i1, None] * (n if n.dim() == 2 else n[None, :])
-        hi, lo = pos + band + n_band, pos - band - n_band
+        a_c = self.a_c[i0:i1, None]
+        n = n_norm.squeeze(-1)
+        if n.dim() == 1 and sim.device.type == "cpu" and self.use_buffers and not bool((n != 1).any()):
+            # Unit rows only (normalised, none of norm under 1e-12: x / x is exactly 1): the band is one number per
+            # anchor, c |a| (|p| + 1): two passes over the tile instead of four (a host check, free on the CPU; not
+            # under a torch.func transform, which has no data-dependent branches).
+            hi, lo = pos + band + a_c, pos - band - a_c
+        else:
+            n = n.clamp_max(self.big).to(sim.dtype)  # (a product past the range: inf, as the similarity)
+            if n.dim() == 2:  # (gathered rows: the tile is rows x cols already)
+                hi, lo = pos + band + a_c * n, pos - band - a_c * n
+            elif scratch is None:
+                hi, lo = torch.addr(pos + band, a_c[:, 0], n), torch.addr(pos - band, a_c[:, 0], n, alpha=-1)
+            else:  # (the per-element bounds into buffers: a fresh multi-MiB tensor per tile costs page faults)
+                hi = torch.addr(pos + band, a_c[:, 0], n, out=scratch[2])
+                lo = torch.addr(pos - band, a_c[:, 0], n, alpha=-1, out=scratch[3])
         if scratch is None:
             not_above, tied = sim <= hi, sim >= lo
         else:
@@ -216,6 +229,7 @@ def _rank_shared(counts: _Counts, a, bank, dtype, normalize, mask, pair, in_batc
         size = min(B, rows) * min(K, cols)
         sim_buf = a.new_empty(size)
         flags = [torch.empty(size, dtype=torch.bool, device=a.device) for _ in range(2)]
+        flags += [a.new_empty(size) for _ in range(2)]  # (the per-element band's bounds, where it has one)
     for k0 in range(0, K, cols):
         k1 = min(K, k0 + cols)
         if in_batch:

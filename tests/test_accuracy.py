@@ -591,3 +591,17 @@ def test_the_tie_band_is_d_plus_2_eps_a_times_n_plus_p(mode, x):
         a, p, n = torch.cat([a, a.expand(5, 2)]), torch.cat([p, rows]), None
     above, ties = cb.positive_rank(a, p, n, normalize=False, return_ties=True, **kw)
     assert (above[0].item(), ties[0].item()) == (1, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_band_of_unit_rows(mode):
+    """normalize=True, d = 2, float32: a = (1, 0), a.p_hat = 0.5; negatives at 0.5 + delta. For unit rows the band is
+    c (|p| + |n|) = 2 (d + 2) eps = 9.5e-7 (the shared bank's one-number-per-anchor path on the CPU): delta = 7e-7 is a
+    tie (margin 2.5e-7 over the rows' normalisation rounding, ~1e-7), 1.6e-6 above; half the band would put 7e-7
+    above."""
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.5, 0.75 ** 0.5]])
+    rows = torch.tensor([[0.5 + dl, (1 - (0.5 + dl) ** 2) ** 0.5] for dl in (7e-7, 1.6e-6, -7e-7, -1.6e-6)])
+    above, ties = cb.positive_rank(*_band_problem(mode, a, p, rows)[:3], return_ties=True,
+                                   **_band_problem(mode, a, p, rows)[3])
+    assert (above[0].item(), ties[0].item()) == (1, 2)
