@@ -73,25 +73,30 @@ def _unit(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> tuple[torch.T
     return x * (1 / floor).to(dtype), norm / floor
 
 
+_PRECISION_ROUNDING = {"medium": 2.0 ** -8, "high": 2.0 ** -11, "bf16": 2.0 ** -8, "tf32": 2.0 ** -11}
+
+
 def _gemm_rounding(dtype: torch.dtype, device: torch.device) -> float:
     """u: the rounding of a float32 GEMM's inputs that torch's settings allow on this device (2^-11: TF32; 2^-8:
-    bfloat16), 0 where it multiplies in float32 (or float64)."""
+    bfloat16), 0 where it multiplies in float32 (or float64): the global set_float32_matmul_precision, the backend's
+    own fp32_precision (torch >= 2.9: torch.backends.cuda.matmul on a GPU, torch.backends.mkldnn.matmul on the CPU)
+    and, on a GPU, the legacy allow_tf32 flag."""
     if dtype != torch.float32:
         return 0.0
-    precision = torch.get_float32_matmul_precision()
-    u = {"medium": 2.0 ** -8, "high": 2.0 ** -11}.get(precision, 0.0)
-    if device.type == "cuda" and u == 0.0:
-        try:  # (the per-backend setting of torch >= 2.9, which allow_tf32 sets too; reading the legacy flag can raise
-            # when the two were set differently)
-            tf32 = getattr(torch.backends.cuda.matmul, "fp32_precision", None) == "tf32"
+    u = 0.0
+    backend = getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None)
+    readers = (torch.get_float32_matmul_precision,
+               lambda: getattr(getattr(backend, "matmul", None), "fp32_precision", None))
+    for read in readers:
+        try:  # (torch raises on reading the global setting where the old and new APIs were mixed)
+            u = max(u, _PRECISION_ROUNDING.get(read(), 0.0))
         except (AttributeError, RuntimeError):
-            tf32 = False
-        if not tf32:
-            try:
-                tf32 = bool(torch._C._get_cublas_allow_tf32())
-            except (AttributeError, RuntimeError):
-                tf32 = True  # (unknown: the wider band)
-        u = 2.0 ** -11 if tf32 else 0.0
+            pass
+    if device.type == "cuda" and u == 0.0:
+        try:
+            u = 2.0 ** -11 if torch._C._get_cublas_allow_tf32() else 0.0
+        except (AttributeError, RuntimeError):
+            u = 2.0 ** -11  # (unknown: the wider band)
     return u
 
 
@@ -296,9 +301,10 @@ def positive_rank(
     Negative k of anchor i ranks above its positive where ``a_i.n_ik > a_i.p_i`` (cosine similarities with
     ``normalize``, else dot products; the temperature does not change the order, so there is none) by more than the
     two dot products' rounding bound, ``c |a_i| (|n_ik| + |p_i|)`` with ``c = (d + 2) eps`` (eps of float32, or
-    float64 for float64 inputs: c = 1.55e-5 at d = 128, a band of 3.1e-5 for unit rows), plus ``2 u`` where torch lets float32 GEMMs round
-    their inputs (u = 2^-11 under TF32, ``torch.set_float32_matmul_precision("high")`` or CUDA's ``allow_tf32``;
-    2^-8 under ``"medium"``); a negative within it is tied with the positive (a duplicate of it always is). With
+    float64 for float64 inputs: c = 1.55e-5 at d = 128, a band of 3.1e-5 for unit rows), plus ``2 u`` where torch
+    lets float32 GEMMs round their inputs (u = 2^-11 for TF32: ``torch.set_float32_matmul_precision("high")``,
+    CUDA's ``allow_tf32``, a backend's ``fp32_precision = "tf32"``; 2^-8 for bfloat16: ``"medium"``, ``"bf16"``); a
+    negative within it is tied with the positive (a duplicate of it always is). With
     ``return_ties=True`` also the number of tied negatives, (B,) int64: MoCo's argmax over ``[l_pos, l_neg]`` gives a
     tie to the positive, so its top-1 is ``rank == 0``; random tie-breaking puts the positive at ``rank + j`` for j
     uniform in 0 .. ties (:func:`contrastive_accuracy` averages over it). A NaN similarity counts as above, and an
@@ -307,7 +313,8 @@ def positive_rank(
     The arguments are those of :func:`contrastbound.info_nce` (its modes, ``negative_indices`` with -1 for padding,
     ``negative_mask``, ``labels`` / ``negative_labels``, ``normalize``; no ``process_group``); negatives left out do
     not count. Half inputs are compared in float32 (with ``normalize=False`` a product past float32's range gives inf
-    or NaN). No gradient; nothing of size B x K is kept (tiles of at most 2^20 similarities; no copy of the bank).
+    or NaN). No gradient; nothing of size B x K is kept (tiles of at most 2^20 similarities, 2^24 on a GPU; no copy
+    of the bank).
     SimCLR's task over 2N views (each view's positive its other view, every other view a negative) is
     ``positive_rank(z, torch.cat([z2, z1]), z, labels=ids, negative_labels=ids)`` with ``z = torch.cat([z1, z2])``
     and ``ids = torch.arange(N).repeat(2)``: the labels leave out the view itself and its pair.

@@ -567,6 +567,23 @@ def test_reduced_precision_gemms_widen_the_band():
         torch.set_float32_matmul_precision(old)
 
 
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
+                    reason="torch without the per-backend fp32_precision")
+def test_the_cpu_backends_own_precision_widens_the_band():
+    """torch.backends.mkldnn.matmul.fp32_precision = "bf16" lets the CPU's float32 GEMMs take bfloat16 inputs: u =
+    2^-8, so a negative 2^-8 above a unit positive is a tie; back to the old setting, above."""
+    a = torch.tensor([[1.0, 0.0]])
+    rows = torch.tensor([[1.0 + 2.0 ** -8, 0.0]])
+    matmul = torch.backends.mkldnn.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        assert cb.positive_rank(a, a.clone(), rows, normalize=False, return_ties=True) == (0, 1)
+    finally:
+        matmul.fp32_precision = old
+    assert cb.positive_rank(a, a.clone(), rows, normalize=False, return_ties=True) == (1, 0)
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_anchor", "indexed", "in_batch"])
 @pytest.mark.parametrize("x", [1.0, 1024.0])
 def test_the_tie_band_is_d_plus_2_eps_a_times_n_plus_p(mode, x):
