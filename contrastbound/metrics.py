@@ -317,7 +317,10 @@ def positive_rank(
     of the bank).
     SimCLR's task over 2N views (each view's positive its other view, every other view a negative) is
     ``positive_rank(z, torch.cat([z2, z1]), z, labels=ids, negative_labels=ids)`` with ``z = torch.cat([z1, z2])``
-    and ``ids = torch.arange(N).repeat(2)``: the labels leave out the view itself and its pair.
+    and ``ids = torch.arange(N).repeat(2)``: the labels leave out the view itself and its pair. In-batch over several
+    processes: gather every rank's positives (no gradient needed) as the bank and leave out each anchor's own row by
+    its global index, ``positive_rank(a, p, gathered, labels=rank * B + torch.arange(B),
+    negative_labels=torch.arange(len(gathered)))`` (equal ranks per anchor to in-batch over the whole batch).
     """
     return_ties = _check_bool("return_ties", return_ties)
     with torch.no_grad():

@@ -622,3 +622,19 @@ def test_the_band_of_unit_rows(mode):
     above, ties = cb.positive_rank(*_band_problem(mode, a, p, rows)[:3], return_ties=True,
                                    **_band_problem(mode, a, p, rows)[3])
     assert (above[0].item(), ties[0].item()) == (1, 2)
+
+
+def test_the_docstrings_recipe_across_processes():
+    """positive_rank's docstring: each "rank" of two ranks its own anchors against the gathered positives with its
+    own rows left out by global index, and gets the in-batch ranks (and ties) of the whole batch."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(16, 8, generator=g)
+    p = a + torch.randn(16, 8, generator=g)
+    whole = cb.positive_rank(a, p, return_ties=True)
+    B = 8
+    for rank in range(2):
+        mine = slice(rank * B, rank * B + B)
+        got = cb.positive_rank(a[mine], p[mine], p, labels=rank * B + torch.arange(B),
+                               negative_labels=torch.arange(len(p)), return_ties=True)
+        assert torch.equal(got[0], whole[0][mine]) and torch.equal(got[1], whole[1][mine])
+        assert 0 < int((got[0] == 0).sum()) < B
