@@ -10,7 +10,8 @@ against big_vision's / open_clip's form, -logsigmoid(z * logits) over the N x N 
 (negative_mask, applied inside the shared-bank tiles), against the 256 x (1 + N) logits with those columns set to
 -inf (the (256, N) mask an input, made before the measure); info_nce_labels: the same problem from the labels
 (labels / negative_labels, compared inside the tiles: no mask at all), against the plain form that makes the mask
-from the labels in its step.
+from the labels in its step; nt_xent_dcl: nt_xent(decoupled=True), the decoupled contrastive loss (DCL, temperature
+0.5), against the 2N x 2N logits with each view's own and pair columns out of the log-sum-exp (the paper's eq. 6).
 
 Each (loss, method, N) runs in a fresh subprocess. Memory: peak resident memory (VmHWM) after a warm-up step
 (whose one-off costs, code pages, thread pools, autograd's first use, go to `warmup_extra_mib`), reset with the
@@ -48,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 LOSSES = ("nt_xent", "clip_loss", "supcon_loss", "debiased_info_nce", "supcon_bank", "siglip_loss", "info_nce_mask",
-          "info_nce_labels", "supcon_bank_grad")
+          "info_nce_labels", "supcon_bank_grad", "nt_xent_dcl")
 BANK_BATCH = 256  # supcon_bank: samples per batch (2 views each); info_nce_mask / info_nce_labels: anchors
 BANKED = ("supcon_bank", "info_nce_mask", "info_nce_labels", "supcon_bank_grad")  # N is the bank's size
 
@@ -63,6 +64,20 @@ def _plain_nt_xent(z1, z2, t):
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
     return F.cross_entropy(sim, target)
+
+
+def _plain_dcl(z1, z2, t):
+    import torch
+    import torch.nn.functional as F
+
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.t()) / t
+    pair = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    pos = sim[torch.arange(2 * n), pair]
+    out = torch.eye(2 * n, dtype=torch.bool)
+    out[torch.arange(2 * n), pair] = True
+    return (torch.logsumexp(sim.masked_fill(out, float("-inf")), dim=1) - pos).mean()
 
 
 def _plain_clip(img, txt, scale):
@@ -156,6 +171,8 @@ def _worker(loss_name: str, method: str, N: int, d: int, reps: int, threads: int
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # initialise BLAS before the baseline
     if loss_name == "nt_xent":
         fn = (lambda: cb.nt_xent(x1, x2, 0.5)) if method == "fused" else (lambda: _plain_nt_xent(x1, x2, 0.5))
+    elif loss_name == "nt_xent_dcl":
+        fn = (lambda: cb.nt_xent(x1, x2, 0.5, decoupled=True)) if method == "fused" else (lambda: _plain_dcl(x1, x2, 0.5))
     elif loss_name == "clip_loss":
         fn = (lambda: cb.clip_loss(x1, x2, 14.3)) if method == "fused" else (lambda: _plain_clip(x1, x2, 14.3))
     elif loss_name == "debiased_info_nce":

@@ -320,15 +320,16 @@ def gather_with_local_first(tensor: torch.Tensor, group=None, *, name: str = "te
 
 
 def gather_with_labels(features: torch.Tensor, labels: torch.Tensor | None, group, *, normalize: bool,
-                       temperature, call: int | None = None,
-                       name: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                       temperature, call: int | None = None, name: str = "features",
+                       options: tuple[tuple[str, Any], ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """supcon_loss's exchange (and in-batch info_nce's with labels, call 11): every rank's features
     (differentiable, all_gather_with_grad convention) and their labels as int64 (no gradient), both with this
     rank's rows first. labels=None: each sample its own class, numbered over the global batch (the ranks must all
-    pass labels or all pass None: two calls in _CALLS)."""
+    pass labels or all pass None: two calls in _CALLS). ``options``: as in _exchange_sizes."""
     if call is None:
         call = 6 if labels is None else 5
-    sizes = _exchange_sizes(features, group, name, call=call, normalize=normalize, temperature=temperature)
+    sizes = _exchange_sizes(features, group, name, call=call, normalize=normalize, temperature=temperature,
+                            options=options)
     start = sum(sizes[: _world(group)[1]])
     end = start + features.shape[0]
     if labels is None:
@@ -472,6 +473,7 @@ def info_nce_sharded(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     negative_labels: torch.Tensor | None = None,
+    decoupled: bool = False,
 ) -> torch.Tensor:
     """InfoNCE of this rank's anchors against a bank sharded over the ranks of ``process_group``.
 
@@ -486,6 +488,8 @@ def info_nce_sharded(
             label equals the anchor's is left out of that anchor's sum, on every rank's shard (the anchors' labels
             are gathered with them; each shard's rows are tested in the kernels' tiles, O(B + K) memory). Every
             rank passes labels or none does.
+        decoupled: leave the positive out of the denominator (DCL, as in :func:`contrastbound.info_nce`; every
+            rank passes the same value). An anchor whose every bank row is left out has loss -inf.
 
     Returns rank r's loss over its own anchors against the concatenated bank: equal to the single-process
     ``info_nce(anchors, positives, cat(all shards))``. Gradients: anchors and positives get those of this local
@@ -511,6 +515,7 @@ def info_nce_sharded(
             t = float(t)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
+        decoupled = _check_bool("decoupled", decoupled)
         _check_group("info_nce", anchors, positives, negatives)
         result = torch.promote_types(torch.promote_types(anchors.dtype, positives.dtype), negatives.dtype)
         a = _to_bank_dtype(anchors, negatives.dtype, normalize)
@@ -522,7 +527,7 @@ def info_nce_sharded(
     call = 2 if pair is None else 12
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=call,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
-                            normalize=normalize, temperature=t)
+                            normalize=normalize, temperature=t, options=(("decoupled", float(decoupled)),))
     a_all = _AllGatherWithGrad.apply(a, process_group, sizes)
     if pair is not None:  # every rank's anchors' labels, in the gathered anchors' order
         pair = (_all_gather_sized(pair[0], sizes, process_group), pair[1])
@@ -537,8 +542,9 @@ def info_nce_sharded(
     # log(e^pos + e^lse_neg) - pos as softplus(lse_neg - pos): logaddexp(pos, lse_neg) - pos lost a small loss to
     # the rounding of the sum (eps |pos|; 15x the kernel's error for confident anchors at T = 0.05). The difference
     # is taken in lse's dtype (float64 on the CPU), then the loss is in the accumulation type, as the kernel's.
-    loss = _softplus(lse_neg - pos.to(lse_neg.dtype)).to(acc)
-    return _reduce(loss, reduction, result)
+    # (decoupled: the negatives' log-sum-exp alone, lse_neg - pos)
+    loss = lse_neg - pos.to(lse_neg.dtype) if decoupled else _softplus(lse_neg - pos.to(lse_neg.dtype))
+    return _reduce(loss.to(acc), reduction, result)
 
 
 def _shard_labels(anchors: torch.Tensor, shard: torch.Tensor, labels: object,

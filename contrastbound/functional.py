@@ -310,7 +310,7 @@ def _as_int64(indices: torch.Tensor) -> torch.Tensor:
 
 
 def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group, *, call=1,
-                           names=("anchors", "positives"), per_anchor=False, labels=None):
+                           names=("anchors", "positives"), per_anchor=False, labels=None, decoupled=False):
     """info_nce with negatives=None over the global batch: the positives of every rank gathered (this rank's first,
     so row i is still positive i). ``call`` and ``names``: what the ranks' agreement check calls this call and the
     arguments (clip_loss's are image_features and text_features). ``per_anchor``: (the per-anchor losses in the
@@ -333,13 +333,18 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
     pair = None
+    agree = (("decoupled", float(decoupled)),)  # (every rank passes it: a lone option's check would be one-sided)
     if labels is None:
-        bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t)
+        bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t,
+                                       options=agree)
     else:
         bank, bank_labels = gather_with_labels(p, labels, process_group, normalize=normalize, temperature=t, call=11,
-                                               name=name)
+                                               name=name, options=agree)
         pair = (labels, bank_labels)
-    loss, _ = _fused(a, p, bank, None, t, normalize, True, exclude_self=True, labels=pair)
+    if decoupled and bank.shape[0] < 2:  # (the same gathered size on every rank: all raise)
+        raise ValueError("decoupled=True leaves the positive out of the denominator, so each anchor needs at least "
+                         "one negative (its loss would be -inf), but the global batch has a single anchor")
+    loss, _ = _fused(a, p, bank, None, t, normalize, not decoupled, exclude_self=True, labels=pair)
     return (loss, result) if per_anchor else _reduce(loss, reduction, result)
 
 
@@ -1322,12 +1327,14 @@ def info_nce(
     negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
+    decoupled: bool = False,
     process_group=None,
 ) -> torch.Tensor:
     r"""Fused InfoNCE loss that never materialises the (B, K) logits.
 
     ``loss_i = logsumexp(s a_i.p_i, s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i`` with ``s = 1 / temperature``:
-    the positive is in the denominator.
+    the positive is in the denominator. With ``decoupled=True`` it is not (the decoupled contrastive loss of
+    Yeh et al. 2022, DCL): ``loss_i = logsumexp(s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i``.
 
     Args:
         anchors: (B, d) anchor features.
@@ -1361,6 +1368,9 @@ def info_nce(
         normalize: L2-normalise anchors, positives and negatives first (gradients flow through it; fused,
             no normalised copy of the bank is made).
         reduction: "mean", "sum" or "none" (per-anchor losses, shape (B,)).
+        decoupled: leave the positive out of the denominator (DCL). The loss may then be negative, and an anchor
+            left without negatives (every entry masked, padded or of its own label) has loss -inf; sizes that
+            leave every anchor without one (K = 0, or a single anchor in-batch) raise.
         process_group: a torch.distributed group (``torch.distributed.group.WORLD``, or ``"world"`` for it). With
             ``negatives`` (K_r, d),
             a shared bank sharded over the ranks: the loss is this rank's anchors against the whole bank (see
@@ -1381,17 +1391,18 @@ def info_nce(
         With K = 0 negatives the loss is 0.
     """
     process_group = _function_group(process_group)
+    decoupled = _check_bool("decoupled", decoupled)
     given = [name for name, x in (("negative_indices", negative_indices), ("negative_mask", negative_mask),
                                    ("labels", labels), ("negative_labels", negative_labels)) if x is not None]
     if process_group is not None and negatives is None and given == ["labels"]:  # in-batch over the global batch
         return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group,
-                                      labels=labels)
+                                      labels=labels, decoupled=decoupled)
     if process_group is not None and negatives is not None and given and set(given) <= {"labels", "negative_labels"}:
         from .distributed import info_nce_sharded  # a bank shard with its rows' labels (both checked there)
 
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
                                 normalize=normalize, reduction=reduction, labels=labels,
-                                negative_labels=negative_labels)
+                                negative_labels=negative_labels, decoupled=decoupled)
     if process_group is not None and given:
         with _refusals_joined(process_group, anchors):  # (a refusal on some ranks only: every rank raises)
             if negatives is None and negative_indices is not None:
@@ -1407,12 +1418,13 @@ def info_nce(
                 + named[0] + (f" (with {' and '.join(with_labels)})" if with_labels else "")
             )
     if process_group is not None and negatives is None:
-        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group)
+        return _info_nce_global_batch(anchors, positives, temperature, normalize, reduction, process_group,
+                                      decoupled=decoupled)
     if process_group is not None:
         from .distributed import info_nce_sharded
 
         return info_nce_sharded(anchors, positives, negatives, process_group=process_group, temperature=temperature,
-                                normalize=normalize, reduction=reduction)
+                                normalize=normalize, reduction=reduction, decoupled=decoupled)
     anchors, positives = _check_features(anchors, positives)
     negative_indices, negative_mask, pair = _labels_as_exclusion(anchors, negatives, negative_indices, negative_mask,
                                                                  labels, negative_labels)
@@ -1420,19 +1432,36 @@ def info_nce(
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
+    if decoupled:
+        _check_some_negatives(anchors, negatives, negative_indices)
     if negatives is None:
         compute, result = _promoted(anchors, positives)
         a, p = anchors.to(compute), positives.to(compute)
         # The diagonal out of the bank and counted once as the positive (as in info_nce_lse): the same sum, with
         # e^{l_ii} and its gradient coefficient computed in float32 rather than inside the tensor-core tiles.
-        loss, _ = _fused(a, p, p, None, t, normalize, True, exclude_self=True, negative_mask=negative_mask,
+        # (decoupled: the diagonal simply left out, the positive not counted.)
+        loss, _ = _fused(a, p, p, None, t, normalize, not decoupled, exclude_self=True, negative_mask=negative_mask,
                          labels=pair)
     else:
         compute, result = _common_dtypes(negatives, anchors, positives)
         a, p = _to_bank_dtype(anchors, compute, normalize), _to_bank_dtype(positives, compute, normalize)
-        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, True, negative_mask=negative_mask,
+        loss, _ = _fused(a, p, negatives, negative_indices, t, normalize, not decoupled, negative_mask=negative_mask,
                          labels=pair)
     return _reduce(loss, reduction, result)
+
+
+def _check_some_negatives(anchors: torch.Tensor, negatives: torch.Tensor | None,
+                          negative_indices: torch.Tensor | None) -> None:
+    """decoupled=True: the sizes must leave each anchor a negative (its loss is log of its negatives' sum)."""
+    if negatives is None:
+        count, what = anchors.shape[0] - 1, f"in-batch with B = {anchors.shape[0]} anchor"
+    elif negative_indices is not None:
+        count, what = negative_indices.shape[1], f"negative_indices of shape {tuple(negative_indices.shape)}"
+    else:
+        count, what = negatives.shape[-2], f"negatives of shape {tuple(negatives.shape)}"
+    if count == 0:
+        raise ValueError(f"decoupled=True leaves the positive out of the denominator, so each anchor needs at least "
+                         f"one negative (its loss would be -inf), but {what} gives none")
 
 
 def info_nce_lse(
@@ -1850,6 +1879,7 @@ def nt_xent(
     *,
     normalize: bool = True,
     reduction: str = "mean",
+    decoupled: bool = False,
     process_group=None,
 ) -> torch.Tensor:
     r"""SimCLR's NT-Xent loss over 2N views without the 2N x 2N similarity matrix.
@@ -1857,12 +1887,16 @@ def nt_xent(
     The views are ``z = cat(z1, z2)``; view i's positive is its pair (i + N mod 2N) and its negatives are the
     other 2N - 2 views (itself excluded):
     ``loss_i = -log( e^{s z_i.z_pair(i)} / sum_{j != i} e^{s z_i.z_j} )``, averaged over all 2N views.
+    With ``decoupled=True``, the decoupled contrastive loss (DCL, Yeh et al. 2022, eq. 6): the positive's term
+    leaves the denominator, ``loss_i = log sum_{j != i, pair(i)} e^{s z_i.z_j} - s z_i.z_pair(i)``.
 
     Args:
         z1, z2: (N, d), row i of each is a view of sample i.
         temperature: positive number or scalar tensor (learnable when it requires grad).
         normalize: L2-normalise first (SimCLR uses cosine similarity).
         reduction: "mean", "sum" or "none" (shape (2N,): the N views of z1, then those of z2).
+        decoupled: DCL, as above (the loss may be negative; N = 1, no negatives at all, raises). One log-sum-exp
+            over both views' negatives, as the paper writes it (lightly's ``DCLLoss`` adds two, one per side).
         process_group: a torch.distributed group ("world": the world group): every rank's views are negatives
             of every other rank's (the
             global batch); this rank's loss is over its own 2N_r views, and gradients follow the
@@ -1874,6 +1908,7 @@ def nt_xent(
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
+        decoupled = _check_bool("decoupled", decoupled)
         if process_group is not None:
             _check_group("nt_xent", z1, z2, t)
         compute, result = _promoted(z1, z2)
@@ -1886,7 +1921,7 @@ def nt_xent(
     if process_group is not None:
         from .distributed import gather_with_local_first
 
-        agree = dict(call=3, normalize=normalize, temperature=t)
+        agree = dict(call=3, normalize=normalize, temperature=t, options=(("decoupled", float(decoupled)),))
         # row i is still view i
         bank1 = gather_with_local_first(z1, process_group, name="z1 (in the promoted dtype of z1 and z2)", **agree)
         bank2 = gather_with_local_first(z2, process_group, name="z2 (in the promoted dtype of z1 and z2)", **agree)
@@ -1896,8 +1931,11 @@ def nt_xent(
     # temperature) the loss and the positive's gradient were left as differences of rounded values (bfloat16
     # gradients off by more than their size). Here the positive's term is computed once, and the own side
     # enters as softplus(lse_own - lse_pair), whose gradient adds to the pair side's without cancelling.
+    if decoupled and bank1.shape[0] < 2:  # (the gathered size, the same on every rank: all raise)
+        raise ValueError("decoupled=True leaves the positive out of the denominator, so each view needs a negative, "
+                         "but N = 1 pair of views (over every rank) has none")
     pair_sides = (None, None)
-    if process_group is None and _clip_kernel_serves(z1, z2, t):
+    if process_group is None and not decoupled and _clip_kernel_serves(z1, z2, t):
         # The two halves' pair sides are the two directions of the (z1, z2) logits, CLIP's: one call of the
         # both-directions kernel (row 0 z1's views against z2, row 1 z2's against z1; the pair counted once).
         _check_scale_fits(t, compute)
@@ -1920,22 +1958,24 @@ def nt_xent(
         z1h, z2h = F.normalize(z1h, dim=-1, eps=1e-12), F.normalize(z2h, dim=-1, eps=1e-12)
     pos_grad = _gradient_only((z1h * z2h).sum(-1) / t)
     loss = torch.cat([
-        _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pos_grad, pair_sides[0]),
-        _nt_xent_half(z2, z1, bank2, bank1, t, normalize, pos_grad, pair_sides[1]),
+        _nt_xent_half(z1, z2, bank1, bank2, t, normalize, pos_grad, pair_sides[0], decoupled),
+        _nt_xent_half(z2, z1, bank2, bank1, t, normalize, pos_grad, pair_sides[1], decoupled),
     ])
     return _reduce(loss, reduction, result)
 
 
 def _nt_xent_half(
     z: torch.Tensor, pair: torch.Tensor, own_bank: torch.Tensor, pair_bank: torch.Tensor, t, normalize: bool,
-    pos_grad: torch.Tensor, pair_side: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos_grad: torch.Tensor, pair_side: tuple[torch.Tensor, torch.Tensor] | None = None, decoupled: bool = False,
 ) -> torch.Tensor:
     """NT-Xent loss of the views z (N, d), their pairs `pair`, over the views of their own side `own_bank` and the
     pairs' side `pair_bank` (both with this rank's rows first): row i of each bank is view i's self / pair.
     pos_grad: 0 with the gradient of the positive logits s z_i . pair_i (_gradient_only; cast to the loss's dtype).
-    pair_side: the pair side's (loss, lse) where already computed (nt_xent's both-directions call)."""
+    pair_side: the pair side's (loss, lse) where already computed (nt_xent's both-directions call).
+    decoupled: the pair side's sum without the positive (DCL); the rest is the same algebra:
+    logaddexp(lse_own, lse_pair) - pos = loss_pair + softplus(lse_own - lse_pair)."""
     if pair_side is None:
-        loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, True, exclude_self=True)
+        loss_pair, lse_pair = _fused(z, pair, pair_bank, None, t, normalize, not decoupled, exclude_self=True)
     else:
         loss_pair, lse_pair = pair_side
     # The own side without a positive: zero positives give a logit of 0 (normalised or not), so the op's loss is
@@ -2756,8 +2796,14 @@ class InfoNCE(_TemperatureLoss):
     ``module.temperature = t`` sets a new value (a schedule), checked and read the same way; with
     ``learn_temperature=True`` it sets ``log_temperature`` in place (the optimiser keeps its parameter). Only the
     learnable one is in ``state_dict``: a fixed temperature is a hyperparameter, as ``nn.CrossEntropyLoss``'s
-    options are, so a schedule's current value is the training script's to restore.
+    options are, so a schedule's current value is the training script's to restore. ``decoupled=True``: DCL, the
+    positive out of the denominator (see :func:`info_nce`).
     """
+
+    def __init__(self, temperature: float | torch.Tensor = 0.1, normalize: bool = True, reduction: str = "mean",
+                 learn_temperature: bool = False, process_group=_LOCAL, *, decoupled: bool = False) -> None:
+        super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
+        self.decoupled = _check_bool("decoupled", decoupled)
 
     def forward(
         self,
@@ -2780,6 +2826,7 @@ class InfoNCE(_TemperatureLoss):
             temperature=self.temperature,
             normalize=self.normalize,
             reduction=self.reduction,
+            decoupled=getattr(self, "decoupled", False),  # (a module pickled before the option: False)
             process_group=_call_group(self.process_group),
         )
 
@@ -2787,17 +2834,18 @@ class InfoNCE(_TemperatureLoss):
 class NTXent(_TemperatureLoss):
     """:func:`nt_xent` as a module: ``NTXent(temperature=0.5)(z1, z2)``; the temperature (fixed, a schedule through
     ``module.temperature = t``, or learnable with ``learn_temperature=True``), ``normalize``, ``reduction`` and
-    ``process_group`` as in :class:`InfoNCE`."""
+    ``process_group`` as in :class:`InfoNCE`; ``decoupled=True``: DCL (see :func:`nt_xent`)."""
 
     _function = "nt_xent"
 
     def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
-                 learn_temperature: bool = False, process_group=_LOCAL) -> None:
+                 learn_temperature: bool = False, process_group=_LOCAL, *, decoupled: bool = False) -> None:
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
+        self.decoupled = _check_bool("decoupled", decoupled)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                       process_group=_call_group(self.process_group))
+                       decoupled=getattr(self, "decoupled", False), process_group=_call_group(self.process_group))
 
 
 class SupCon(_TemperatureLoss):

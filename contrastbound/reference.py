@@ -103,12 +103,14 @@ def info_nce_reference(
     negative_labels: torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
+    decoupled: bool = False,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """InfoNCE with materialised logits; same contract as :func:`contrastbound.info_nce`.
 
-    loss_i = logsumexp(s a_i.p_i, s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i with s = 1 / temperature;
-    with ``negatives=None`` the logits are s A P^T and anchor i's target is column i. ``labels`` /
+    loss_i = logsumexp(s a_i.p_i, s a_i.n_i1, ..., s a_i.n_iK) - s a_i.p_i with s = 1 / temperature (``decoupled``:
+    without s a_i.p_i inside the logsumexp); with ``negatives=None`` the logits are s A P^T and anchor i's target is
+    column i. ``labels`` /
     ``negative_labels`` leave out the negatives of the anchor's class, as a (B, K) mask made here (see
     :func:`_label_mask`) and'ed with ``negative_mask``.
     """
@@ -127,7 +129,10 @@ def info_nce_reference(
         logits = (a @ p.transpose(0, 1)) * scale
         if valid is not None:  # masked columns out; the diagonal (the positive) is always valid
             logits = logits.masked_fill(~valid, float("-inf"))
-        loss = torch.logsumexp(logits, dim=1) - logits.diagonal()
+        pos = logits.diagonal()
+        if decoupled:
+            logits = logits.masked_fill(torch.eye(a.shape[0], dtype=torch.bool, device=a.device), float("-inf"))
+        loss = torch.logsumexp(logits, dim=1) - pos
     else:
         n = negatives.to(dt)
         if normalize:
@@ -141,7 +146,7 @@ def info_nce_reference(
             neg = torch.einsum("bd,bkd->bk", a, n) * scale
         if valid is not None:
             neg = neg.masked_fill(~valid, float("-inf"))
-        logits = torch.cat([pos, neg], dim=1)
+        logits = neg if decoupled else torch.cat([pos, neg], dim=1)
         loss = torch.logsumexp(logits, dim=1) - pos.squeeze(1)
     return _reduce(loss, reduction).to(anchors.dtype)
 
@@ -213,9 +218,11 @@ def nt_xent_reference(
     *,
     normalize: bool = True,
     reduction: str = "mean",
+    decoupled: bool = False,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """SimCLR's NT-Xent with the (2N, 2N) similarity matrix, the diagonal masked."""
+    """SimCLR's NT-Xent with the (2N, 2N) similarity matrix, the diagonal masked (``decoupled``, DCL: the pair's
+    column masked in the denominator as well)."""
     dt = _compute_dtype(z1.dtype, compute_dtype)
     z = torch.cat([z1, z2]).to(dt)
     if normalize:
@@ -224,7 +231,11 @@ def nt_xent_reference(
     sim = (z @ z.t()) / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    loss = F.cross_entropy(sim, target, reduction="none")
+    if decoupled:
+        pos = sim.gather(1, target[:, None]).squeeze(1)
+        loss = torch.logsumexp(sim.scatter(1, target[:, None], float("-inf")), dim=1) - pos
+    else:
+        loss = F.cross_entropy(sim, target, reduction="none")
     return _reduce(loss, reduction).to(z1.dtype)
 
 

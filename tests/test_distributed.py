@@ -1324,6 +1324,89 @@ def test_siglip_over_the_global_batch_matches_single_process(world):
                 assert w in g, (rank, i, g)
 
 
+@_gloo_worker()
+def _decoupled_worker(rank, world):
+    torch.set_num_threads(1)
+    a, p, bank = _global_data()
+    rows = _slices(ANCHORS_PER_RANK[world], rank)
+    K = sum(SHARDS[world])
+    labels = _in_batch_labels(sum(ANCHORS_PER_RANK[world]))[rows]
+    w = dist.group.WORLD
+    out = {}
+    for form in ("sharded", "sharded_labels", "in_batch", "in_batch_labels", "nt_xent"):
+        x, y = a[rows].clone().requires_grad_(True), p[rows].clone().requires_grad_(True)
+        shard = bank[:K][_slices(SHARDS[world], rank)].clone().requires_grad_(True)
+        if form == "sharded":
+            loss = cb.info_nce(x, y, shard, 0.2, decoupled=True, reduction="none", process_group=w)
+        elif form == "sharded_labels":
+            loss = cb.info_nce(x, y, shard, 0.2, labels=labels, negative_labels=_bank_labels(world)[
+                _slices(SHARDS[world], rank)], decoupled=True, reduction="none", process_group=w)
+        elif form == "in_batch":
+            loss = cb.info_nce(x, y, None, 0.2, decoupled=True, reduction="none", process_group=w)
+        elif form == "in_batch_labels":
+            loss = cb.info_nce(x, y, None, 0.2, labels=labels, decoupled=True, reduction="none", process_group=w)
+        else:
+            loss = cb.nt_xent(x, y, 0.3, decoupled=True, reduction="none", process_group=w)
+        (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
+        out[form] = (loss.detach(), x.grad, y.grad, shard.grad if form.startswith("sharded") else None)
+    # ranks that disagree on decoupled: every rank raises, naming it (no hang, no silently mixed loss)
+    errors = []
+    xs, ys, ss = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+    for call in (lambda: cb.info_nce(xs, ys, ss, decoupled=rank == 1, process_group=w),
+                 lambda: cb.info_nce(xs, ys, None, decoupled=rank == 1, process_group=w),
+                 lambda: cb.info_nce(xs, ys, None, labels=torch.arange(3), decoupled=rank == 1, process_group=w),
+                 lambda: cb.nt_xent(xs, ys, decoupled=rank == 1, process_group=w)):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    out["errors"] = errors
+    return out
+
+
+def test_decoupled_over_the_global_batch_and_a_sharded_bank_matches_single_process():
+    # DCL (decoupled=True): rank r's losses are the single-process ones of its anchors against the whole bank /
+    # global batch; features and shards get the gradient of the sum over ranks' weighted losses
+    world = 3
+    results = _run_ranks(_decoupled_worker, world)
+    from contrastbound.reference import info_nce_reference, nt_xent_reference
+
+    a, p, bank = _global_data()
+    sizes, K = ANCHORS_PER_RANK[world], sum(SHARDS[world])
+    n = sum(sizes)
+    labels = _in_batch_labels(n)
+    for form in ("sharded", "sharded_labels", "in_batch", "in_batch_labels", "nt_xent"):
+        x, y, b = a[:n].clone().requires_grad_(True), p[:n].clone().requires_grad_(True), \
+            bank[:K].clone().requires_grad_(True)
+        if form == "nt_xent":
+            both = nt_xent_reference(x, y, 0.3, decoupled=True, reduction="none")
+            per_rank = [torch.cat([both[:n][_slices(sizes, r)], both[n:][_slices(sizes, r)]]) for r in range(world)]
+        else:
+            kw = dict(labels=labels, negative_labels=_bank_labels(world) if form == "sharded_labels" else None) \
+                if form.endswith("labels") else {}
+            rows_loss = info_nce_reference(x, y, b if form.startswith("sharded") else None, 0.2, decoupled=True,
+                                           reduction="none", **kw)
+            per_rank = [rows_loss[_slices(sizes, r)] for r in range(world)]
+        total = 0.0
+        for rank in range(world):
+            mine = per_rank[rank]
+            got = results[rank][form]
+            assert_close_scaled(got[0], mine, 1e-11, f"{form}: rank {rank} loss")
+            total = total + (mine * torch.arange(1.0, mine.numel() + 1, dtype=mine.dtype)).sum()
+        grads = torch.autograd.grad(total, [x, y, b], allow_unused=True)
+        for rank in range(world):
+            got = results[rank][form]
+            for name, g, v in zip(("anchors", "positives"), grads, got[1:3]):
+                assert_close_scaled(v, g[_slices(sizes, rank)], 1e-10, f"{form}: rank {rank} {name}")
+            if form.startswith("sharded"):
+                assert_close_scaled(got[3], grads[2][_slices(SHARDS[world], rank)], 1e-10, f"{form}: rank {rank} shard")
+    for rank in range(world):
+        got = results[rank]["errors"]
+        assert len(got) == 4 and all(g is not None and "decoupled must be the same on every rank" in g for g in got), \
+            (rank, got)
+
+
 def test_refusals_with_process_group_single_rank(tmp_path):
     # (a mutation audit's survivors) refused before any exchange, on one gloo rank: per-anchor negatives given to
     # debiased_info_nce as a "shard" (it computed silently without the check), t / beta beyond float64 (as without
