@@ -252,6 +252,30 @@ def test_the_readme_dclw_recipe_is_the_weighted_loss():
     assert not torch.allclose(w, torch.ones_like(w))  # (the weights are not all 1: the test sees them)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_readme_additive_margin_recipe(mode):
+    # AM-softmax InfoNCE: -log e^{s(a.p - m)} / (e^{s(a.p - m)} + sum_k e^{s a.n_k}) = softplus(DCL + s m), against
+    # the materialised logits with the margin taken off the positive's
+    a, p, n, idx = make_inputs(mode, B=6, K=11, d=4, dtype=torch.float64, seed=9)
+    margin, temperature = 0.3, 0.05
+    dcl = cb.info_nce(a, p, n, temperature, negative_indices=idx, decoupled=True, reduction="none")
+    recipe = F.softplus(dcl + margin / temperature).mean()
+    an, pn = F.normalize(a, dim=1), F.normalize(p, dim=1)
+    pos = ((an * pn).sum(1) - margin) / temperature
+    if n is None:
+        neg = an @ pn.T / temperature
+        neg = neg.masked_fill(torch.eye(6, dtype=torch.bool), -math.inf)
+    else:
+        nn_ = F.normalize(n, dim=-1)
+        rows = nn_[idx] if idx is not None else (nn_ if nn_.dim() == 3 else nn_.expand(6, -1, -1))
+        neg = torch.einsum("bd,bkd->bk", an, rows) / temperature
+    direct = (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+    leaves = [x for x in (a, p, n) if x is not None]
+    assert_close_scaled(recipe, direct, 1e-12, "loss")
+    for x, y in zip(torch.autograd.grad(recipe, leaves), torch.autograd.grad(direct, leaves)):
+        assert_close_scaled(x, y, 1e-11, "grad")
+
+
 def test_info_nce_module_passes_it_and_a_module_pickled_before_it_still_loads():
     a, p, n, _ = make_inputs("shared", B=5, K=9, d=4, dtype=torch.float64, seed=3)
     module = cb.InfoNCE(0.2, decoupled=True)
