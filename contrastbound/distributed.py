@@ -528,6 +528,14 @@ def info_nce_sharded(
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=call,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
                             normalize=normalize, temperature=t, options=(("decoupled", float(decoupled)),))
+    if decoupled:
+        # the shards' sizes (ranks that got here agree on decoupled): a bank empty on every rank leaves each anchor
+        # without a negative, refused on every rank, as info_nce refuses K = 0
+        bank_rows = sum(_exchange_sizes(negatives, process_group, "negatives (this rank's shard)", call=call,
+                                        normalize=normalize, temperature=t, gathered=False))
+        if bank_rows == 0 and sum(sizes) > 0:
+            raise ValueError("decoupled=True leaves the positive out of the denominator, so each anchor needs at "
+                             "least one negative, but the bank's shards are empty on every rank of process_group")
     a_all = _AllGatherWithGrad.apply(a, process_group, sizes)
     if pair is not None:  # every rank's anchors' labels, in the gathered anchors' order
         pair = (_all_gather_sized(pair[0], sizes, process_group), pair[1])

@@ -323,6 +323,7 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
         t = _check_temperature(temperature)
         normalize = _check_bool("normalize", normalize)
         reduction = _check_reduction(reduction)
+        decoupled = _check_bool("decoupled", decoupled)
         _check_group("clip_loss" if call == 4 else "info_nce", anchors, positives, t)
         compute, result = _promoted(anchors, positives)
         # here, not in _fused after the exchange, where a lone refusal would leave the other ranks waiting
@@ -341,7 +342,7 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
         bank, bank_labels = gather_with_labels(p, labels, process_group, normalize=normalize, temperature=t, call=11,
                                                name=name, options=agree)
         pair = (labels, bank_labels)
-    if decoupled and bank.shape[0] < 2:  # (the same gathered size on every rank: all raise)
+    if decoupled and bank.shape[0] == 1:  # (the same gathered size on every rank: all raise)
         raise ValueError("decoupled=True leaves the positive out of the denominator, so each anchor needs at least "
                          "one negative (its loss would be -inf), but the global batch has a single anchor")
     loss, _ = _fused(a, p, bank, None, t, normalize, not decoupled, exclude_self=True, labels=pair)
@@ -1391,7 +1392,6 @@ def info_nce(
         With K = 0 negatives the loss is 0.
     """
     process_group = _function_group(process_group)
-    decoupled = _check_bool("decoupled", decoupled)
     given = [name for name, x in (("negative_indices", negative_indices), ("negative_mask", negative_mask),
                                    ("labels", labels), ("negative_labels", negative_labels)) if x is not None]
     if process_group is not None and negatives is None and given == ["labels"]:  # in-batch over the global batch
@@ -1432,6 +1432,9 @@ def info_nce(
     t = _check_temperature(temperature)
     normalize = _check_bool("normalize", normalize)
     reduction = _check_reduction(reduction)
+    # (with process_group the paths above check it, inside their refusal guards: a lone refusal there reaches
+    # every rank)
+    decoupled = _check_bool("decoupled", decoupled)
     if decoupled:
         _check_some_negatives(anchors, negatives, negative_indices)
     if negatives is None:
@@ -1459,7 +1462,7 @@ def _check_some_negatives(anchors: torch.Tensor, negatives: torch.Tensor | None,
         count, what = negative_indices.shape[1], f"negative_indices of shape {tuple(negative_indices.shape)}"
     else:
         count, what = negatives.shape[-2], f"negatives of shape {tuple(negatives.shape)}"
-    if count == 0:
+    if count == 0 and anchors.shape[0] > 0:  # (no anchors: an empty loss, as without decoupled)
         raise ValueError(f"decoupled=True leaves the positive out of the denominator, so each anchor needs at least "
                          f"one negative (its loss would be -inf), but {what} gives none")
 
@@ -1931,9 +1934,9 @@ def nt_xent(
     # temperature) the loss and the positive's gradient were left as differences of rounded values (bfloat16
     # gradients off by more than their size). Here the positive's term is computed once, and the own side
     # enters as softplus(lse_own - lse_pair), whose gradient adds to the pair side's without cancelling.
-    if decoupled and bank1.shape[0] < 2:  # (the gathered size, the same on every rank: all raise)
+    if decoupled and bank1.shape[0] == 1:  # (the gathered size, the same on every rank: all raise)
         raise ValueError("decoupled=True leaves the positive out of the denominator, so each view needs a negative, "
-                         "but N = 1 pair of views (over every rank) has none")
+                         "but a single pair of views (N = 1 over all ranks) has none")
     pair_sides = (None, None)
     if process_group is None and not decoupled and _clip_kernel_serves(z1, z2, t):
         # The two halves' pair sides are the two directions of the (z1, z2) logits, CLIP's: one call of the
@@ -2805,6 +2808,9 @@ class InfoNCE(_TemperatureLoss):
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
         self.decoupled = _check_bool("decoupled", decoupled)
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", decoupled={getattr(self, 'decoupled', False)}"
+
     def forward(
         self,
         anchors: torch.Tensor,
@@ -2842,6 +2848,9 @@ class NTXent(_TemperatureLoss):
                  learn_temperature: bool = False, process_group=_LOCAL, *, decoupled: bool = False) -> None:
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
         self.decoupled = _check_bool("decoupled", decoupled)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", decoupled={getattr(self, 'decoupled', False)}"
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,

@@ -170,7 +170,7 @@ def test_an_anchor_without_negatives_has_loss_minus_inf():
     (lambda a, p, n: cb.info_nce(a, p, n, negative_indices=torch.zeros(3, 0, dtype=torch.long), decoupled=True),
      r"negative_indices of shape \(3, 0\) gives none"),
     (lambda a, p, n: cb.info_nce(a[:1], p[:1], decoupled=True), "in-batch with B = 1 anchor gives none"),
-    (lambda a, p, n: cb.nt_xent(a[:1], p[:1], decoupled=True), "N = 1 pair of views"),
+    (lambda a, p, n: cb.nt_xent(a[:1], p[:1], decoupled=True), r"a single pair of views \(N = 1"),
     (lambda a, p, n: cb.info_nce(a, p, n, decoupled="yes"), "decoupled must be a bool"),
     (lambda a, p, n: cb.nt_xent(a, p, decoupled=None), "decoupled must be a bool"),
     (lambda a, p, n: cb.NTXent(decoupled=1), "decoupled must be a bool"),
@@ -276,10 +276,24 @@ def test_the_readme_additive_margin_recipe(mode):
         assert_close_scaled(x, y, 1e-11, "grad")
 
 
+def test_no_anchors_give_the_ordinary_empty_result():
+    # (the size checks refuse anchors without negatives; with no anchors at all the result is the ordinary loss's:
+    # an empty mean, NaN, or an empty tensor; an audit's find: nt_xent's message said N = 1 for N = 0)
+    z = torch.randn(0, 4)
+    for call in (lambda **kw: cb.nt_xent(z, z, **kw), lambda **kw: cb.info_nce(z, z, **kw),
+                 lambda **kw: cb.info_nce(z, z, torch.randn(0, 4), **kw),
+                 lambda **kw: cb.info_nce(z, z, torch.randn(3, 4), **kw)):
+        assert torch.isnan(call(decoupled=True)) and torch.isnan(call())
+        assert call(decoupled=True, reduction="none").shape == call(reduction="none").shape
+
+
 def test_info_nce_module_passes_it_and_a_module_pickled_before_it_still_loads():
     a, p, n, _ = make_inputs("shared", B=5, K=9, d=4, dtype=torch.float64, seed=3)
     module = cb.InfoNCE(0.2, decoupled=True)
     assert torch.equal(module(a, p, n), cb.info_nce(a, p, n, 0.2, decoupled=True))
+    # the repr tells a DCL module from an ordinary one (an audit's find: they printed the same)
+    assert repr(module).endswith("decoupled=True)") and repr(cb.InfoNCE(0.2)).endswith("decoupled=False)")
+    assert repr(cb.NTXent(decoupled=True)).endswith("decoupled=True)")
     old = cb.InfoNCE(0.2)
     del old.__dict__["decoupled"]  # (as unpickled from a version without the option)
     assert torch.equal(old(a, p, n), cb.info_nce(a, p, n, 0.2))

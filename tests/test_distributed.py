@@ -1324,7 +1324,7 @@ def test_siglip_over_the_global_batch_matches_single_process(world):
                 assert w in g, (rank, i, g)
 
 
-@_gloo_worker()
+@_gloo_worker(timeout=datetime.timedelta(seconds=60))  # (a bounded wait: a lone refusal fails the test, no hang)
 def _decoupled_worker(rank, world):
     torch.set_num_threads(1)
     a, p, bank = _global_data()
@@ -1362,6 +1362,20 @@ def _decoupled_worker(rank, world):
         except (ValueError, TypeError) as exc:
             errors.append(str(exc))
     out["errors"] = errors
+    # a value that rank 1 alone refuses (an audit's find: info_nce checked it before its refusal guard, so rank 1
+    # raised alone and the others waited in the exchange), and a bank whose shards are all empty (refused on every
+    # rank, as info_nce refuses K = 0; it gave -inf)
+    lone = []
+    for call in (lambda: cb.info_nce(xs, ys, ss, decoupled="yes" if rank == 1 else True, process_group=w),
+                 lambda: cb.info_nce(xs, ys, None, decoupled="yes" if rank == 1 else True, process_group=w),
+                 lambda: cb.nt_xent(xs, ys, decoupled="yes" if rank == 1 else True, process_group=w),
+                 lambda: cb.info_nce(xs, ys, ss[:0], decoupled=True, process_group=w)):
+        try:
+            call()
+            lone.append(None)
+        except (ValueError, TypeError) as exc:
+            lone.append(str(exc))
+    out["lone"] = lone
     return out
 
 
@@ -1405,6 +1419,12 @@ def test_decoupled_over_the_global_batch_and_a_sharded_bank_matches_single_proce
         got = results[rank]["errors"]
         assert len(got) == 4 and all(g is not None and "decoupled must be the same on every rank" in g for g in got), \
             (rank, got)
+        lone = results[rank]["lone"]
+        assert len(lone) == 4 and all(g is not None for g in lone), (rank, lone)
+        for g in lone[:3]:
+            want = "decoupled must be a bool" if rank == 1 else "rank 1 of process_group refused its arguments"
+            assert want in g, (rank, g)
+        assert "the bank's shards are empty on every rank" in lone[3], (rank, lone[3])
 
 
 def test_refusals_with_process_group_single_rank(tmp_path):
