@@ -276,6 +276,33 @@ def test_the_readme_additive_margin_recipe(mode):
         assert_close_scaled(x, y, 1e-11, "grad")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_readme_multi_positive_recipe(mode):
+    # MIL-NCE: -log sum_p e^{s a.p} / (sum_p e^{s a.p} + sum_k e^{s a.n_k}), P positives per anchor, from
+    # info_nce_lse's negatives-only log-sum-exp; against the materialised logits (in-batch: the negatives are the
+    # other anchors' first positives, the ones passed to info_nce_lse)
+    B, P, temperature = 5, 3, 0.07
+    a, p, n, idx = make_inputs(mode, B=B, K=13, d=4, dtype=torch.float64, seed=10)
+    g = torch.Generator().manual_seed(11)
+    multi = (p.detach()[:, None] + 0.3 * torch.randn(B, P, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    _, lse_neg = cb.info_nce_lse(a, multi[:, 0], n, temperature, negative_indices=idx, include_positive=False)
+    pos = torch.einsum("bd,bpd->bp", F.normalize(a, dim=-1), F.normalize(multi, dim=-1)) / temperature
+    recipe = F.softplus(lse_neg - torch.logsumexp(pos, dim=1)).mean()
+    an = F.normalize(a, dim=1)
+    if n is None:
+        first = F.normalize(multi[:, 0], dim=1)
+        neg = (an @ first.T / temperature).masked_fill(torch.eye(B, dtype=torch.bool), -math.inf)
+    else:
+        nn_ = F.normalize(n, dim=-1)
+        rows = nn_[idx] if idx is not None else (nn_ if nn_.dim() == 3 else nn_.expand(B, -1, -1))
+        neg = torch.einsum("bd,bkd->bk", an, rows) / temperature
+    direct = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - torch.logsumexp(pos, 1)).mean()
+    leaves = [x for x in (a, multi, n) if x is not None]
+    assert_close_scaled(recipe, direct, 1e-12, "loss")
+    for x, y in zip(torch.autograd.grad(recipe, leaves, retain_graph=True), torch.autograd.grad(direct, leaves)):
+        assert_close_scaled(x, y, 1e-11, "grad")
+
+
 def test_no_anchors_give_the_ordinary_empty_result():
     # (the size checks refuse anchors without negatives; with no anchors at all the result is the ordinary loss's:
     # an empty mean, NaN, or an empty tensor; an audit's find: nt_xent's message said N = 1 for N = 0)
