@@ -173,10 +173,14 @@ def _exchange_sizes(tensor: torch.Tensor, group, name: str, *, call: int = 0, ba
                                  "got " + per_rank(temp_of) + " (a learned one, a loss module's parameter: keep the "
                                  "ranks' copies equal by wrapping the module in DistributedDataParallel with the "
                                  "model, or by averaging its gradient over the ranks before each step)"))
-    for slot, (opt_name, _) in enumerate(options, start=14):
+    for slot, (opt_name, opt_value) in enumerate(options, start=14):
         if any(m[slot] != metas[0][slot] for m in metas):
-            raise _joined(ValueError(f"{opt_name} must be the same on every rank of process_group, got " + per_rank(
-                lambda m: f"{struct.unpack('<d', struct.pack('<q', m[slot]))[0]:.9g}")))
+            def show(m, as_bool=isinstance(opt_value, bool)):  # (a flag, decoupled, is exchanged as 0.0 / 1.0)
+                v = struct.unpack('<d', struct.pack('<q', m[slot]))[0]
+                return str(bool(v)) if as_bool else f"{v:.9g}"
+
+            raise _joined(ValueError(f"{opt_name} must be the same on every rank of process_group, got "
+                                     + per_rank(show)))
     if any(m[11] != metas[0][11] for m in metas):
         def grads_of(m):
             return ", ".join(f"{n} {'needs' if m[11] >> i & 1 else 'does not need'} a gradient"
@@ -527,7 +531,7 @@ def info_nce_sharded(
     call = 2 if pair is None else 12
     sizes = _exchange_sizes(a, process_group, "anchors (cast to the dtype of negatives)", call=call,
                             backward={"anchors or negatives": _needs_grad(a) or _needs_grad(negatives)},
-                            normalize=normalize, temperature=t, options=(("decoupled", float(decoupled)),))
+                            normalize=normalize, temperature=t, options=(("decoupled", decoupled),))
     if decoupled:
         # the shards' sizes (ranks that got here agree on decoupled): a bank empty on every rank leaves each anchor
         # without a negative, refused on every rank, as info_nce refuses K = 0

@@ -334,7 +334,7 @@ def _info_nce_global_batch(anchors, positives, temperature, normalize, reduction
     a, p = anchors.to(compute), positives.to(compute)
     name = f"{names[1]} (in the promoted dtype of {names[0]} and {names[1]})"
     pair = None
-    agree = (("decoupled", float(decoupled)),)  # (every rank passes it: a lone option's check would be one-sided)
+    agree = (("decoupled", decoupled),)  # (every rank passes it: a lone option's check would be one-sided)
     if labels is None:
         bank = gather_with_local_first(p, process_group, name=name, call=call, normalize=normalize, temperature=t,
                                        options=agree)
@@ -1924,7 +1924,7 @@ def nt_xent(
     if process_group is not None:
         from .distributed import gather_with_local_first
 
-        agree = dict(call=3, normalize=normalize, temperature=t, options=(("decoupled", float(decoupled)),))
+        agree = dict(call=3, normalize=normalize, temperature=t, options=(("decoupled", decoupled),))
         # row i is still view i
         bank1 = gather_with_local_first(z1, process_group, name="z1 (in the promoted dtype of z1 and z2)", **agree)
         bank2 = gather_with_local_first(z2, process_group, name="z2 (in the promoted dtype of z1 and z2)", **agree)
