@@ -240,11 +240,14 @@ def test_the_readme_dclw_recipe_is_the_weighted_loss():
     recipe = (dcl + ((1 - w) * cos / temperature).repeat(2)).mean()
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = z @ z.T / temperature
+    # the paper's weight written as it is: 2 - e^{cos_i / sigma} / mean_j e^{cos_j / sigma}, without gradient
+    e = torch.exp(sim.detach().diagonal(N) * temperature / sigma)
+    weight = 2 - e / e.mean()
     terms = []
     for i in range(2 * N):
         j = (i + N) % (2 * N)
         negatives = sim[i, [k for k in range(2 * N) if k not in (i, j)]]
-        terms.append(-w[i % N] * sim[i, j] + torch.logsumexp(negatives, 0))
+        terms.append(-weight[i % N] * sim[i, j] + torch.logsumexp(negatives, 0))
     direct = torch.stack(terms).mean()
     assert_close_scaled(recipe, direct, 1e-12, "loss")
     for x, y in zip(torch.autograd.grad(recipe, (z1, z2)), torch.autograd.grad(direct, (z1, z2))):
