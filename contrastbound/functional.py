@@ -2689,6 +2689,7 @@ class _TemperatureLoss(_LossModule):
 
     _settable = ("temperature",)
     _function = "info_nce"
+    _takes_decoupled = False  # (InfoNCE, NTXent: the option shows in their repr)
 
     def __init__(
         self,
@@ -2780,9 +2781,10 @@ class _TemperatureLoss(_LossModule):
             t = "(meta)" if t.device.type == "meta" else format(float(t.detach()), "g")
         else:
             t = format(t, "g")
+        decoupled = f", decoupled={getattr(self, 'decoupled', False)}" if self._takes_decoupled else ""
         return (
             f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
-            f"learn_temperature={self.learn_temperature}"
+            f"learn_temperature={self.learn_temperature}{decoupled}"
         )
 
 
@@ -2803,13 +2805,12 @@ class InfoNCE(_TemperatureLoss):
     positive out of the denominator (see :func:`info_nce`).
     """
 
+    _takes_decoupled = True
+
     def __init__(self, temperature: float | torch.Tensor = 0.1, normalize: bool = True, reduction: str = "mean",
                  learn_temperature: bool = False, process_group=_LOCAL, *, decoupled: bool = False) -> None:
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
         self.decoupled = _check_bool("decoupled", decoupled)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", decoupled={getattr(self, 'decoupled', False)}"
 
     def forward(
         self,
@@ -2843,14 +2844,12 @@ class NTXent(_TemperatureLoss):
     ``process_group`` as in :class:`InfoNCE`; ``decoupled=True``: DCL (see :func:`nt_xent`)."""
 
     _function = "nt_xent"
+    _takes_decoupled = True
 
     def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
                  learn_temperature: bool = False, process_group=_LOCAL, *, decoupled: bool = False) -> None:
         super().__init__(temperature, normalize, reduction, learn_temperature, process_group)
         self.decoupled = _check_bool("decoupled", decoupled)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", decoupled={getattr(self, 'decoupled', False)}"
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,

@@ -1350,32 +1350,30 @@ def _decoupled_worker(rank, world):
         (loss * torch.arange(1.0, loss.numel() + 1, dtype=loss.dtype)).sum().backward()
         out[form] = (loss.detach(), x.grad, y.grad, shard.grad if form.startswith("sharded") else None)
     # ranks that disagree on decoupled: every rank raises, naming it (no hang, no silently mixed loss)
-    errors = []
+    def messages(*calls):  # each call's error message, None where it returned
+        got = []
+        for call in calls:
+            try:
+                call()
+                got.append(None)
+            except (ValueError, TypeError) as exc:
+                got.append(str(exc))
+        return got
+
     xs, ys, ss = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
-    for call in (lambda: cb.info_nce(xs, ys, ss, decoupled=rank == 1, process_group=w),
-                 lambda: cb.info_nce(xs, ys, None, decoupled=rank == 1, process_group=w),
-                 lambda: cb.info_nce(xs, ys, None, labels=torch.arange(3), decoupled=rank == 1, process_group=w),
-                 lambda: cb.nt_xent(xs, ys, decoupled=rank == 1, process_group=w)):
-        try:
-            call()
-            errors.append(None)
-        except (ValueError, TypeError) as exc:
-            errors.append(str(exc))
-    out["errors"] = errors
+    out["errors"] = messages(
+        lambda: cb.info_nce(xs, ys, ss, decoupled=rank == 1, process_group=w),
+        lambda: cb.info_nce(xs, ys, None, decoupled=rank == 1, process_group=w),
+        lambda: cb.info_nce(xs, ys, None, labels=torch.arange(3), decoupled=rank == 1, process_group=w),
+        lambda: cb.nt_xent(xs, ys, decoupled=rank == 1, process_group=w))
     # a value that rank 1 alone refuses (an audit's find: info_nce checked it before its refusal guard, so rank 1
     # raised alone and the others waited in the exchange), and a bank whose shards are all empty (refused on every
     # rank, as info_nce refuses K = 0; it gave -inf)
-    lone = []
-    for call in (lambda: cb.info_nce(xs, ys, ss, decoupled="yes" if rank == 1 else True, process_group=w),
-                 lambda: cb.info_nce(xs, ys, None, decoupled="yes" if rank == 1 else True, process_group=w),
-                 lambda: cb.nt_xent(xs, ys, decoupled="yes" if rank == 1 else True, process_group=w),
-                 lambda: cb.info_nce(xs, ys, ss[:0], decoupled=True, process_group=w)):
-        try:
-            call()
-            lone.append(None)
-        except (ValueError, TypeError) as exc:
-            lone.append(str(exc))
-    out["lone"] = lone
+    out["lone"] = messages(
+        lambda: cb.info_nce(xs, ys, ss, decoupled="yes" if rank == 1 else True, process_group=w),
+        lambda: cb.info_nce(xs, ys, None, decoupled="yes" if rank == 1 else True, process_group=w),
+        lambda: cb.nt_xent(xs, ys, decoupled="yes" if rank == 1 else True, process_group=w),
+        lambda: cb.info_nce(xs, ys, ss[:0], decoupled=True, process_group=w))
     return out
 
 
