@@ -33,6 +33,7 @@ from .functional import (
     supcon_loss,
 )
 from . import bounds
+from .gradcache import grad_cache
 from .metrics import contrastive_accuracy, positive_rank
 from .empirical import (
     class_means,
@@ -83,6 +84,7 @@ __all__ = [
     "bank_cross_entropy",
     "clip_loss",
     "debiased_info_nce",
+    "grad_cache",
     "info_nce",
     "info_nce_lse",
     "nt_xent",

@@ -1,6 +1,7 @@
 """SimCLR-style training on the scikit-learn digits with the fused NT-Xent (no 2N x 2N matrix).
 
     python examples/simclr_digits.py --steps 300 --batch 512
+    python examples/simclr_digits.py --steps 300 --batch 4096 --chunk 512   # gradient caching (grad_cache)
 
 Logs the loss, throughput and peak memory; evaluates the mean classifier on held-out digits at the end.
 """
@@ -29,8 +30,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--learn-temperature", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="run each step through cb.grad_cache, the encoder over this many rows at a time "
+                             "(0: the whole batch at once)")
     args = parser.parse_args(argv)
     check_args(parser, args, ("steps", "batch", "dim", "log_every", "queue"))
+    if args.chunk < 0:
+        parser.error(f"--chunk must be >= 0, got {args.chunk}")
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -43,9 +49,13 @@ def main(argv=None) -> dict:
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(train[0]), (args.batch,), generator=g)
         x = train[0][idx]
-        loss = cb.nt_xent(model(augment(x, g)), model(augment(x, g)), log_t.exp())
+        views = [augment(x, g), augment(x, g)]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if args.chunk:  # the same gradients, one chunk's activations at a time (one more encoder forward)
+            loss = cb.grad_cache(lambda z1, z2: cb.nt_xent(z1, z2, log_t.exp()), model, views, chunk_size=args.chunk)
+        else:
+            loss = cb.nt_xent(model(views[0]), model(views[1]), log_t.exp())
+            loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == args.steps:
             rate = step * args.batch / (time.perf_counter() - start)

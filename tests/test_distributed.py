@@ -1594,3 +1594,50 @@ def test_a_compiled_float_temperature_that_differs_across_ranks_is_refused():
         # and says how a learned one is kept equal (a learnable temperature in a loss module outside DDP drifted
         # apart after one step and the message said not what to do: an exploratory review, 2026-12-06)
         assert "wrapping the module in DistributedDataParallel" in got[1], got
+
+
+@_gloo_worker()
+def _grad_cache_ddp_worker(rank, world):
+    # one DDP encoder for both views, nt_xent over the global batch: the cached step (chunks of 3 rows) against the
+    # direct one (both views in one forward, as SimCLR code calls a DDP module), and the allreduces each one runs
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def encoder():
+        torch.manual_seed(0)  # the same initial weights on every rank
+        return torch.nn.Sequential(torch.nn.Linear(D, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)).double()
+
+    g = torch.Generator().manual_seed(10 + rank)
+    x1, x2 = (torch.randn(7, D, generator=g, dtype=torch.float64) for _ in range(2))
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5, process_group=dist.group.WORLD)  # noqa: E731
+    out = {}
+    for form in ("direct", "cached"):
+        ddp = torch.nn.parallel.DistributedDataParallel(encoder())
+        reductions = []
+
+        def hook(state, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, hook)
+        if form == "direct":
+            z = ddp(torch.cat([x1, x2]))
+            loss = loss_fn(z[:7], z[7:])
+            loss.backward()
+        else:
+            loss = cb.grad_cache(loss_fn, ddp, [x1, x2], chunk_size=3)
+        out[form] = (loss.detach(), [p.grad.clone() for p in ddp.parameters()], len(reductions))
+        del ddp, hook
+    return out
+
+
+def test_grad_cache_with_a_ddp_encoder_syncs_once_and_matches_the_direct_step():
+    world = 2
+    results = _run_ranks(_grad_cache_ddp_worker, world)
+    for rank in range(world):
+        (loss_d, grads_d, n_d), (loss_c, grads_c, n_c) = results[rank]["direct"], results[rank]["cached"]
+        assert_close_scaled(loss_c, loss_d, 1e-12, f"rank {rank} loss")
+        for g_c, g_d, g_0 in zip(grads_c, grads_d, results[0]["cached"][1]):
+            assert_close_scaled(g_c, g_d, 1e-11, f"rank {rank} grad")
+            assert torch.equal(g_c, g_0)  # synchronised: every rank holds the same gradient
+        # the 6 chunk backwards (2 views x 3 chunks) reduce as often as the direct step's one backward does
+        assert n_d >= 1 and n_c == n_d, (rank, n_d, n_c)

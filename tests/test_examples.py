@@ -29,3 +29,12 @@ def test_example_runs_a_few_steps(name, argv):
     assert math.isfinite(result["final_loss"])
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert math.isfinite(result["test_supervised_loss"])
+
+
+def test_simclr_example_with_gradient_caching_trains_as_the_direct_step():
+    # the encoder has no dropout or batch norm: grad_cache gives the direct step's gradients, so the same run
+    argv = ["--steps", "6", "--batch", "48", "--log-every", "3", "--learn-temperature"]
+    direct = _load("simclr_digits").main(argv)
+    cached = _load("simclr_digits").main(argv + ["--chunk", "20"])
+    assert cached["final_loss"] == pytest.approx(direct["final_loss"], rel=1e-4)
+    assert cached["test_supervised_loss"] == pytest.approx(direct["test_supervised_loss"], rel=1e-3)

@@ -20,7 +20,7 @@ def _blocks() -> list[str]:
 
 def _namespace() -> dict:
     """What the examples take as given (named in their comments): views, paired features, MoCo's queries and keys
-    with an optimizer, and a labelled training and test set."""
+    with an optimizer, a labelled training and test set, and encoders with their inputs."""
     g = torch.Generator().manual_seed(0)
     n, d, classes = 240, 8, 4
     centres = 3 * torch.randn(classes, d, generator=g)
@@ -39,6 +39,16 @@ def _namespace() -> dict:
         "labels": labels,
         "f_test": centres[y_test] + torch.randn(n // 2, d, generator=g),
         "y_test": y_test,
+        # gradient caching: encoders and their inputs
+        "encoder": torch.nn.Linear(16, 8),
+        "x1": torch.randn(32, 16, generator=g),
+        "x2": torch.randn(32, 16, generator=g),
+        "image_tower": torch.nn.Linear(16, 8),
+        "text_tower": torch.nn.EmbeddingBag(100, 8, mode="mean"),
+        "images": torch.randn(32, 16, generator=g),
+        "tokens": torch.randint(0, 100, (32, 12), generator=g),
+        "query_encoder": torch.nn.Linear(16, 128),
+        "x_q": torch.randn(16, 16, generator=g),
     }
 
 

@@ -1,0 +1,240 @@
+"""Gradient caching (Gao et al., "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup", 2021):
+a contrastive step over a batch whose encoder activations do not fit in memory at once.
+
+The fused losses hold O(B + K) memory, but a training step also holds the encoder's activations for the whole
+batch, and for a large encoder those bound the batch (and so the in-batch negatives) long before the logits would.
+:func:`grad_cache` splits the step into three passes so that only one chunk's activations exist at a time:
+
+1. the encoders run over the batch chunk by chunk without a graph, giving the features (B, d);
+2. the loss runs once over all features (the fused losses: O(B + K)) and its backward gives d loss / d features;
+3. each chunk runs again with a graph and its features' backward takes that chunk's slice of the cached gradient,
+   so parameter gradients accumulate chunk by chunk.
+
+The gradients are those of the direct step (the encoders over the whole batch with a graph, the loss, its backward)
+up to rounding, for any encoder whose output for a sample does not depend on the other samples of its chunk. The
+random state (the CPU's, and every CUDA device's once CUDA is in use) is replayed, so dropout draws the same masks
+in pass 3 as in pass 1; those are the masks of draws made chunk by chunk, which on CUDA differ from one draw over
+the whole batch (the same distribution, other samples). BatchNorm in training mode depends on the chunk (its
+statistics are per chunk, and its running statistics are updated in both passes): use a per-sample norm (LayerNorm,
+GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["grad_cache"]
+
+
+def _tensor_leaves(batch: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        return [("", batch)]
+    if isinstance(batch, Mapping):
+        return [(f"[{key!r}]", v) for key, v in batch.items() if isinstance(v, torch.Tensor)]
+    if isinstance(batch, (tuple, list)):
+        return [(f"[{i}]", v) for i, v in enumerate(batch) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _batch_size(batch: Any, where: str) -> int:
+    """The common length along dim 0 of the batch's tensors (a tensor, or a tuple / list / dict holding tensors)."""
+    if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+        raise TypeError(
+            f"{where} must be a tensor, or a tuple / list / dict holding tensors (split along dim 0), "
+            f"got {type(batch).__name__}"
+        )
+    leaves = _tensor_leaves(batch)
+    if not leaves:
+        raise ValueError(f"{where} holds no tensor to split into chunks along dim 0")
+    sizes = {}
+    for key, t in leaves:
+        if t.dim() == 0:
+            raise ValueError(f"{where}{key} is a 0-dim tensor; every tensor of a batch needs a batch dimension (dim 0)")
+        sizes[key] = t.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{where}{key}: {n}" for key, n in sizes.items())
+        raise ValueError(f"the tensors of {where} must have the same size along dim 0 (the batch); got {listed}")
+    return next(iter(sizes.values()))
+
+
+def _chunk(batch: Any, start: int, stop: int) -> Any:
+    """Rows start:stop of every tensor in the batch (views); other values are passed to every chunk as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return type(batch)(v[start:stop] if isinstance(v, torch.Tensor) else v for v in batch)
+
+
+def _call(encoder: Callable, chunk: Any) -> Any:
+    if isinstance(chunk, Mapping):
+        return encoder(**chunk)
+    if isinstance(chunk, (tuple, list)):
+        return encoder(*chunk)
+    return encoder(chunk)
+
+
+class _RandomState:
+    """The CPU generator's state and, once CUDA is in use, every CUDA device's: captured before a chunk's first
+    forward and restored before its replay, so that dropout draws the same masks in both."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = (
+            [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else []
+        )
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for i, state in enumerate(self.cuda):
+            torch.cuda.set_rng_state(state, i)
+
+
+def _chunk_sizes(chunk_size: int | Sequence[int], n: int) -> list[int]:
+    sizes = list(chunk_size) if isinstance(chunk_size, Sequence) and not isinstance(chunk_size, str) else None
+    if sizes is None:
+        sizes = [chunk_size] * n
+    elif len(sizes) != n:
+        raise ValueError(f"chunk_size has {len(sizes)} entries for {n} inputs; give one int, or one per input")
+    for i, c in enumerate(sizes):
+        name = "chunk_size" if not isinstance(chunk_size, Sequence) else f"chunk_size[{i}]"
+        try:
+            sizes[i] = operator.index(c)  # (an int, or a numpy / torch integer)
+        except TypeError:
+            sizes[i] = None
+        if isinstance(c, bool) or sizes[i] is None or sizes[i] < 1:
+            raise ValueError(f"{name} must be a positive int, got {c!r}")
+    return sizes
+
+
+def grad_cache(
+    loss_fn: Callable[..., torch.Tensor],
+    encoders: Callable | Sequence[Callable],
+    inputs: Sequence[Any],
+    *,
+    chunk_size: int | Sequence[int],
+) -> torch.Tensor:
+    """Run a contrastive training step's forward and backward over a large batch, ``chunk_size`` rows of encoder
+    activations at a time (gradient caching, Gao et al. 2021); returns the loss, detached.
+
+    ``loss_fn(*features)`` is called once on the features of all inputs, ``features[i] = encoders[i](inputs[i])``
+    computed chunk by chunk, and must return a scalar. After the call the encoders' parameters (and ``loss_fn``'s,
+    such as a learnable temperature, and any input that requires grad) hold the gradients of that loss, accumulated
+    into ``.grad`` as ``loss.backward()`` would: call ``optimizer.step()`` next. Gradients equal the direct step's
+    up to rounding when each sample's features depend on that sample alone (dropout is replayed; training-mode
+    BatchNorm is not per sample: see the module's docstring, ``contrastbound.gradcache``).
+
+    Args:
+        loss_fn: features -> scalar loss, e.g. ``contrastbound.nt_xent`` or ``lambda zi, zt: clip(zi, zt)``; may be
+            a module with parameters (``ClipLoss``); captures what else it needs (labels, a bank).
+        encoders: one callable per input, or one callable for all (SimCLR's two views of one encoder). A
+            ``DistributedDataParallel`` module synchronises its gradients once, in its last chunk's backward (the
+            others run under its ``no_sync``); every rank must then split the same number of chunks.
+        inputs: one batch per encoder: a tensor (``encoder(x)``), a tuple / list (``encoder(*x)``) or a dict
+            (``encoder(**x)``, as tokenizers give). Its tensors are split along dim 0 and must agree in length;
+            other values go to every chunk unchanged.
+        chunk_size: rows per encoder call (one int, or one per input); the last chunk may be shorter.
+
+    Each encoder must return a tensor whose dim 0 is the chunk's length (wrap a model that returns a tuple or an
+    output object: ``lambda **x: model(**x).pooler_output``).
+
+    Example (CLIP at a batch of 32768 with towers that fit 512 rows at a time)::
+
+        loss_fn = contrastbound.ClipLoss()
+        loss = contrastbound.grad_cache(loss_fn, [image_tower, text_tower], [images, tokens], chunk_size=512)
+        optimizer.step(); optimizer.zero_grad()
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if isinstance(inputs, (torch.Tensor, Mapping)) or not isinstance(inputs, Sequence) or isinstance(inputs, str):
+        raise TypeError(
+            f"inputs must be a list or tuple with one batch per encoder (e.g. [x] for one encoder), "
+            f"got {type(inputs).__name__}"
+        )
+    n = len(inputs)
+    if n == 0:
+        raise ValueError("inputs is empty; give one batch per encoder")
+    if isinstance(encoders, (list, tuple, torch.nn.ModuleList)):
+        encoder_list = list(encoders)
+        if len(encoder_list) != n:
+            raise ValueError(
+                f"encoders has {len(encoder_list)} entries for {n} inputs; give one encoder, or one per input"
+            )
+        for i, e in enumerate(encoder_list):
+            if not callable(e):
+                raise TypeError(f"encoders[{i}] must be callable, got {type(e).__name__}")
+    elif callable(encoders):
+        encoder_list = [encoders] * n
+    else:
+        raise TypeError(
+            f"encoders must be a callable, or a list / tuple / ModuleList of them, got {type(encoders).__name__}"
+        )
+    sizes = _chunk_sizes(chunk_size, n)
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "grad_cache runs a backward pass, but gradients are disabled here (torch.no_grad / inference_mode); "
+            "for the loss alone call loss_fn on the encoders' outputs"
+        )
+    batch_sizes = [_batch_size(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    bounds = [[(s, min(s + c, b)) for s in range(0, b, c)] for b, c in zip(batch_sizes, sizes)]
+    for i, b in enumerate(batch_sizes):
+        if b == 0:
+            raise ValueError(f"inputs[{i}] has batch size 0; grad_cache needs at least one row per input")
+
+    # pass 1: features without a graph, and the random state each chunk started from
+    states: list[list[_RandomState]] = []
+    features = []
+    with torch.no_grad():
+        for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
+            outs, starts = [], []
+            for j, (lo, hi) in enumerate(bounds[i]):
+                starts.append(_RandomState())
+                out = _call(encoder, _chunk(x, lo, hi))
+                if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != hi - lo:
+                    got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise TypeError(
+                        f"encoders[{i}] must return a tensor with the chunk's {hi - lo} rows along dim 0, got {got} "
+                        "(wrap a model that returns a tuple or an output object, e.g. lambda x: model(x)[0])"
+                    )
+                outs.append(out)
+            states.append(starts)
+            feats = torch.cat(outs) if len(outs) > 1 else outs[0]
+            features.append(feats.detach().requires_grad_(feats.is_floating_point() or feats.is_complex()))
+    after = _RandomState()
+
+    # pass 2: the loss over all features, and its gradient with respect to them
+    loss = loss_fn(*features)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor (reduction 'mean' or 'sum'), got {got}")
+    if loss.requires_grad:
+        loss.backward()
+
+    # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient
+    # a DDP encoder synchronises in the last chunk it runs backward for (its last input that the loss depends on)
+    last_use = {id(e): i for i, e in enumerate(encoder_list) if features[i].grad is not None}
+    try:
+        for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
+            grad = features[i].grad
+            if grad is None:
+                continue  # the loss does not depend on these features
+            no_sync = getattr(encoder, "no_sync", None)
+            for j, (lo, hi) in enumerate(bounds[i]):
+                final = last_use[id(encoder)] == i and j == len(bounds[i]) - 1
+                sync = contextlib.nullcontext() if final or not callable(no_sync) else no_sync()
+                states[i][j].restore()
+                with sync:
+                    out = _call(encoder, _chunk(x, lo, hi))
+                    if not out.requires_grad:
+                        break  # nothing upstream needs a gradient (a frozen encoder)
+                    out.backward(grad[lo:hi])
+    finally:
+        after.restore()
+    return loss.detach()

@@ -1,0 +1,387 @@
+"""grad_cache: the three-pass step against the direct step with a graph over the whole batch (float64, so any
+difference beyond rounding is a wrong gradient), dropout replayed, inputs of every form, and refusals by name.
+
+The direct step runs the encoder over the same chunks (_chunked), so that dropout draws the same masks; where the
+encoder has no dropout, or a chunk holds the whole batch, that is the whole-batch step itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import contrastbound as cb
+
+D_IN, D_OUT = 7, 5
+
+
+def _encoder(seed: int, dropout: float = 0.3, device="cpu") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D_IN, 11), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(11, D_OUT)
+    ).double().to(device)
+
+
+def _data(n: int, seed: int = 0, device="cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, D_IN, generator=g, dtype=torch.float64).to(device) for _ in range(2)]
+
+
+def _chunked(encoder, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The direct step's forward: the encoder over the same chunks, with a graph. Dropout then draws what pass 1 of
+    grad_cache draws (one draw over the whole batch may give other masks: CUDA's generator does)."""
+    return torch.cat([encoder(x[lo:lo + chunk]) for lo in range(0, len(x), chunk)])
+
+
+def _grads(*modules) -> list[torch.Tensor]:
+    return [p.grad.clone() for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _assert_same_step(direct: tuple, cached: tuple) -> None:
+    (loss_d, grads_d, rng_d), (loss_c, grads_c, rng_c) = direct, cached
+    torch.testing.assert_close(loss_c, loss_d.detach(), rtol=1e-12, atol=0)
+    assert len(grads_c) == len(grads_d)
+    for g_c, g_d in zip(grads_c, grads_d):
+        torch.testing.assert_close(g_c, g_d, rtol=1e-10, atol=1e-13)
+    # the random stream after the step is where one forward of every chunk leaves it, as after the direct step
+    assert torch.equal(rng_c, rng_d)
+
+
+def _nt_xent_case(chunk, device="cpu"):
+    """SimCLR: one encoder (with dropout) for both views, nt_xent over 2N rows."""
+    x1, x2 = _data(19, device=device)
+
+    def run(cached: bool):
+        enc = _encoder(1, device=device)
+        loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+        torch.manual_seed(7)
+        if cached:
+            loss = cb.grad_cache(loss_fn, enc, [x1, x2], chunk_size=chunk)
+        else:
+            loss = loss_fn(_chunked(enc, x1, chunk), _chunked(enc, x2, chunk))
+            loss.backward()
+        return loss, _grads(enc), torch.get_rng_state()
+
+    return run
+
+
+def _clip_case(chunk, device="cpu"):
+    """CLIP: two towers and a learnable logit scale (ClipLoss's parameter gets its gradient too)."""
+    x1, x2 = _data(17, device=device)
+
+    def run(cached: bool):
+        image, text = _encoder(2, device=device), _encoder(3, dropout=0.1, device=device)
+        loss_fn = cb.ClipLoss(logit_scale=8.0).double().to(device)
+        torch.manual_seed(7)
+        if cached:
+            loss = cb.grad_cache(loss_fn, [image, text], [x1, x2], chunk_size=chunk)
+        else:
+            loss = loss_fn(_chunked(image, x1, chunk), _chunked(text, x2, chunk))
+            loss.backward()
+        return loss, _grads(image, text, loss_fn), torch.get_rng_state()
+
+    return run
+
+
+def _bank_case(chunk, device="cpu"):
+    """MoCo-like: one input through one encoder, detached keys and a bank captured by the loss."""
+    x1, x2 = _data(13, device=device)
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(13, D_OUT, generator=g, dtype=torch.float64).to(device)
+    bank = torch.randn(29, D_OUT, generator=g, dtype=torch.float64).to(device)
+
+    def run(cached: bool):
+        enc = _encoder(5, device=device)
+        loss_fn = lambda q: cb.info_nce(q, keys, bank, 0.2)  # noqa: E731
+        torch.manual_seed(7)
+        if cached:
+            loss = cb.grad_cache(loss_fn, [enc], [x1], chunk_size=chunk)
+        else:
+            loss = loss_fn(_chunked(enc, x1, chunk))
+            loss.backward()
+        return loss, _grads(enc), torch.get_rng_state()
+
+    return run
+
+
+def _supcon_case(chunk, device="cpu"):
+    """SupCon over two views of labelled samples, one encoder, the loss taking (N, 2, d)."""
+    x1, x2 = _data(15, device=device)
+    labels = torch.arange(15, device=device) % 4
+
+    def run(cached: bool):
+        enc = _encoder(6, device=device)
+        loss_fn = lambda a, b: cb.supcon_loss(torch.stack([a, b], 1), labels, 0.3)  # noqa: E731
+        torch.manual_seed(7)
+        if cached:
+            loss = cb.grad_cache(loss_fn, enc, (x1, x2), chunk_size=chunk)
+        else:
+            loss = loss_fn(_chunked(enc, x1, chunk), _chunked(enc, x2, chunk))
+            loss.backward()
+        return loss, _grads(enc), torch.get_rng_state()
+
+    return run
+
+
+CASES = {"nt_xent": _nt_xent_case, "clip": _clip_case, "bank": _bank_case, "supcon": _supcon_case}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("chunk", [1, 4, 6, 100])
+def test_matches_the_full_batch_step(case, chunk):
+    run = CASES[case](chunk)
+    _assert_same_step(run(cached=False), run(cached=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_the_full_batch_step_on_cuda_with_dropout_replayed(case):
+    run = CASES[case](5, device="cuda")
+    torch.cuda.manual_seed_all(11)
+    direct = run(cached=False)
+    cuda_after_direct = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed_all(11)
+    cached = run(cached=True)
+    _assert_same_step(direct, cached)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_after_direct)
+
+
+def test_dropout_masks_matter_and_are_replayed():
+    """The checks above could pass with dropout off: here the masks are shown to matter (another seed gives another
+    gradient), and without the replay (pass 3 drawing afresh) grad_cache would not match the direct step."""
+    x1, x2 = _data(12)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    grads = {}
+    for seed in (7, 8):
+        enc = _encoder(1, dropout=0.5)
+        torch.manual_seed(seed)
+        loss_fn(_chunked(enc, x1, 5), _chunked(enc, x2, 5)).backward()
+        grads[seed] = _grads(enc)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[7], grads[8]))
+
+    enc = _encoder(1, dropout=0.5)
+    torch.manual_seed(7)
+    cb.grad_cache(loss_fn, enc, [x1, x2], chunk_size=5)
+    for a, b in zip(_grads(enc), grads[7]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 23),
+    chunk=st.integers(1, 30),
+    chunk2=st.integers(1, 30),
+    dropout=st.sampled_from([0.0, 0.4]),
+    temperature=st.floats(0.05, 2.0),
+)
+def test_property_any_chunking_gives_the_direct_gradient(n, chunk, chunk2, dropout, temperature):
+    x1, x2 = _data(n, seed=n)
+    enc_d, enc_c = _encoder(9, dropout), _encoder(9, dropout)
+    loss_fn = lambda a, b: cb.info_nce(a, b, None, temperature)  # noqa: E731  (in-batch: n - 1 negatives)
+    torch.manual_seed(3)
+    loss_d = loss_fn(_chunked(enc_d, x1, chunk), _chunked(enc_d, x2, chunk2))
+    loss_d.backward()
+    direct = (loss_d, _grads(enc_d), torch.get_rng_state())
+    torch.manual_seed(3)
+    loss_c = cb.grad_cache(loss_fn, enc_c, [x1, x2], chunk_size=[chunk, chunk2])
+    _assert_same_step(direct, (loss_c, _grads(enc_c), torch.get_rng_state()))
+
+
+def test_dict_and_tuple_batches_with_values_passed_to_every_chunk():
+    """A tokenizer-like dict (encoder(**x)) with a non-tensor option, and a tuple (encoder(*x))."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, D_OUT).double()
+    proj = torch.nn.Linear(D_IN, D_OUT).double()
+    seen_options = []
+
+    def text(input_ids, attention_mask, pool="mean"):
+        seen_options.append(pool)
+        m = attention_mask.unsqueeze(-1).double()
+        return (emb(input_ids) * m).sum(1) / m.sum(1)
+
+    def image(x, scale):
+        return proj(x) * scale
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (11, 6), generator=g)
+    mask = (torch.rand(11, 6, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    x = torch.randn(11, D_IN, generator=g, dtype=torch.float64)
+    scale = torch.linspace(0.5, 2.0, 11, dtype=torch.float64)[:, None]  # a per-row tensor: split too
+
+    loss_fn = lambda zi, zt: cb.clip_loss(zi, zt, 5.0)  # noqa: E731
+    loss_fn(image(x, scale), text(ids, mask, pool="sum")).backward()
+    direct = _grads(proj, emb)
+    proj.zero_grad(), emb.zero_grad()
+    seen_options.clear()
+    batch = {"input_ids": ids, "attention_mask": mask, "pool": "sum"}
+    cb.grad_cache(loss_fn, [image, text], [(x, scale), batch], chunk_size=np.int64(4))  # (any integer type)
+    assert seen_options == ["sum"] * 6  # 3 chunks, twice
+    for a, b in zip(_grads(proj, emb), direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_encoders_as_a_module_list_and_a_sequential_as_one_encoder():
+    x1, x2 = _data(8)
+    towers = torch.nn.ModuleList([_encoder(2, dropout=0.0), _encoder(3, dropout=0.0)])
+    loss_fn = lambda a, b: cb.clip_loss(a, b, 5.0)  # noqa: E731
+    loss_fn(towers[0](x1), towers[1](x2)).backward()
+    direct = _grads(towers)
+    towers.zero_grad()
+    cb.grad_cache(loss_fn, towers, [x1, x2], chunk_size=3)  # one encoder per input
+    for a, b in zip(_grads(towers), direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    shared = _encoder(4, dropout=0.0)  # a Sequential: indexable, yet one encoder for both inputs
+    cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), shared, [x1, x2], chunk_size=3)
+    assert all(p.grad is not None for p in shared.parameters())
+
+
+def test_inputs_that_require_grad_and_existing_grads_accumulate():
+    x1, x2 = (x.requires_grad_() for x in _data(9))
+    enc = _encoder(2, dropout=0.0)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    loss_fn(enc(x1), enc(x2)).backward()
+    direct = _grads(enc) + [x1.grad.clone(), x2.grad.clone()]
+    # a second, cached step adds the same gradients again: twice the direct step's
+    cb.grad_cache(loss_fn, enc, [x1, x2], chunk_size=2)
+    for a, b in zip(_grads(enc) + [x1.grad, x2.grad], direct):
+        torch.testing.assert_close(a, 2 * b, rtol=1e-10, atol=1e-13)
+
+
+def test_a_frozen_encoder_and_features_the_loss_ignores():
+    """LiT-style: a locked image tower (no parameter requires grad) runs no backward; features the loss does not use
+    run no replay at all."""
+    x1, x2 = _data(10)
+    image, text = _encoder(2, dropout=0.0), _encoder(3, dropout=0.0)
+    image.requires_grad_(False)
+    loss_fn = lambda zi, zt: cb.clip_loss(zi, zt, 5.0)  # noqa: E731
+    loss_fn(image(x1), text(x2)).backward()
+    direct = _grads(text)
+    text.zero_grad()
+    calls = []
+    image.register_forward_hook(lambda *_: calls.append("image"))
+    cb.grad_cache(loss_fn, [image, text], [x1, x2], chunk_size=3)
+    assert all(p.grad is None for p in image.parameters())
+    assert calls == ["image"] * 5  # 4 chunks in pass 1, one in pass 3 (its output needs no grad: the rest skipped)
+    for a, b in zip(_grads(text), direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+    calls.clear()
+    text.zero_grad()
+    cb.grad_cache(lambda zi, zt: (zt ** 2).mean(), [image, text], [x1, x2], chunk_size=3)
+    assert calls == ["image"] * 4  # pass 1 only
+    assert all(p.grad is not None for p in text.parameters())
+
+
+def test_a_loss_that_needs_no_gradient_returns_its_value():
+    x1, x2 = _data(6)
+    enc = _encoder(2).requires_grad_(False)
+    torch.manual_seed(4)
+    direct = cb.nt_xent(_chunked(enc, x1, 4), _chunked(enc, x2, 4), 0.5)
+    torch.manual_seed(4)
+    loss = cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), enc, [x1, x2], chunk_size=4)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, direct, rtol=1e-12, atol=0)
+
+
+def test_under_bfloat16_autocast():
+    """Both passes run under the caller's autocast: the gradient is the direct step's up to bfloat16 rounding."""
+    x1, x2 = (x.float() for x in _data(16))
+    enc_d, enc_c = _encoder(4).float(), _encoder(4).float()
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        loss_d = loss_fn(_chunked(enc_d, x1, 5), _chunked(enc_d, x2, 5))
+        loss_d.backward()
+        torch.manual_seed(1)
+        loss_c = cb.grad_cache(loss_fn, enc_c, [x1, x2], chunk_size=5)
+    torch.testing.assert_close(loss_c, loss_d.detach(), rtol=2e-2, atol=0)
+    for a, b in zip(_grads(enc_c), _grads(enc_d)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+def _errors():
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    enc = _encoder(0)
+    nt = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    one = lambda a: a.sum()  # noqa: E731
+    return [
+        ("loss_fn", lambda: cb.grad_cache(None, enc, [x], chunk_size=2), TypeError, "loss_fn must be callable"),
+        ("inputs tensor", lambda: cb.grad_cache(one, enc, x, chunk_size=2), TypeError,
+         "inputs must be a list or tuple"),
+        ("inputs empty", lambda: cb.grad_cache(one, enc, [], chunk_size=2), ValueError, "inputs is empty"),
+        ("encoders count", lambda: cb.grad_cache(nt, [enc], [x, x], chunk_size=2), ValueError,
+         "encoders has 1 entries for 2 inputs"),
+        ("encoders entry", lambda: cb.grad_cache(one, [3], [x], chunk_size=2), TypeError,
+         r"encoders\[0\] must be callable, got int"),
+        ("encoders type", lambda: cb.grad_cache(one, 3, [x], chunk_size=2), TypeError,
+         "encoders must be a callable, or a list / tuple / ModuleList"),
+        ("chunk 0", lambda: cb.grad_cache(one, enc, [x], chunk_size=0), ValueError,
+         "chunk_size must be a positive int, got 0"),
+        ("chunk float", lambda: cb.grad_cache(one, enc, [x], chunk_size=2.0), ValueError,
+         "chunk_size must be a positive int, got 2.0"),
+        ("chunk bool", lambda: cb.grad_cache(one, enc, [x], chunk_size=True), ValueError,
+         "chunk_size must be a positive int, got True"),
+        ("chunk entry", lambda: cb.grad_cache(nt, enc, [x, x], chunk_size=[2, -1]), ValueError,
+         r"chunk_size\[1\] must be a positive int, got -1"),
+        ("chunk count", lambda: cb.grad_cache(nt, enc, [x, x], chunk_size=[2]), ValueError,
+         "chunk_size has 1 entries for 2 inputs"),
+        ("batch type", lambda: cb.grad_cache(one, enc, [3.0], chunk_size=2), TypeError,
+         r"inputs\[0\] must be a tensor, or a tuple / list / dict"),
+        ("no tensor", lambda: cb.grad_cache(one, enc, [["a", "b"]], chunk_size=2), ValueError,
+         r"inputs\[0\] holds no tensor"),
+        ("0-dim", lambda: cb.grad_cache(one, enc, [(x, torch.tensor(1.0))], chunk_size=2), ValueError,
+         r"inputs\[0\]\[1\] is a 0-dim tensor"),
+        ("lengths", lambda: cb.grad_cache(one, enc, [{"a": x, "b": x[:3]}], chunk_size=2), ValueError,
+         r"inputs\[0\]\['a'\]: 4, inputs\[0\]\['b'\]: 3"),
+        ("empty batch", lambda: cb.grad_cache(one, enc, [x[:0]], chunk_size=2), ValueError,
+         r"inputs\[0\] has batch size 0"),
+        ("output tuple", lambda: cb.grad_cache(one, lambda v: (v, v), [x], chunk_size=2), TypeError,
+         r"encoders\[0\] must return a tensor with the chunk's 2 rows along dim 0, got tuple"),
+        ("output rows", lambda: cb.grad_cache(one, lambda v: v.sum(0), [x], chunk_size=3), TypeError,
+         r"encoders\[0\] must return a tensor with the chunk's 3 rows along dim 0, got shape \(7,\)"),
+        ("loss shape", lambda: cb.grad_cache(lambda a: a, enc, [x], chunk_size=2), ValueError,
+         r"loss_fn must return a scalar tensor .*got shape \(4, 5\)"),
+        ("loss type", lambda: cb.grad_cache(lambda a: 1.0, enc, [x], chunk_size=2), ValueError,
+         "loss_fn must return a scalar tensor .*got float"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,error,match", _errors(), ids=[e[0] for e in _errors()])
+def test_bad_arguments_are_refused_by_name(name, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_gradients_disabled_is_refused(mode):
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    with getattr(torch, mode)(), pytest.raises(RuntimeError, match="grad_cache runs a backward pass"):
+        cb.grad_cache(lambda a: a.sum(), _encoder(0), [x], chunk_size=2)
+
+
+def test_an_error_in_the_replay_leaves_the_random_state_where_one_forward_leaves_it():
+    x = torch.randn(6, D_IN, dtype=torch.float64)
+    enc = _encoder(0)
+    passes = []
+
+    def flaky(v):
+        passes.append(torch.is_grad_enabled())
+        if len(passes) > 3:  # pass 3's first chunk
+            raise RuntimeError("boom")
+        return enc(v)
+
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for lo in range(0, 6, 2):
+            enc(x[lo:lo + 2])
+    expected = torch.get_rng_state()
+    torch.manual_seed(2)
+    with pytest.raises(RuntimeError, match="boom"):
+        cb.grad_cache(lambda a: a.sum(), flaky, [x], chunk_size=2)
+    assert passes == [False, False, False, True]
+    assert torch.equal(torch.get_rng_state(), expected)
+
