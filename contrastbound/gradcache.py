@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,16 @@ def _tensor_leaves(batch: Any) -> list[tuple[str, torch.Tensor]]:
     return []
 
 
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
 def _batch_size(batch: Any, where: str) -> int:
     """The common length along dim 0 of the batch's tensors (a tensor, or a tuple / list / dict holding tensors)."""
     if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
@@ -48,6 +59,15 @@ def _batch_size(batch: Any, where: str) -> int:
             f"{where} must be a tensor, or a tuple / list / dict holding tensors (split along dim 0), "
             f"got {type(batch).__name__}"
         )
+    if not isinstance(batch, torch.Tensor):
+        values = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
+        for key, v in values:
+            if isinstance(v, (Mapping, tuple, list)) and _holds_tensor(v):
+                shown = f"[{key!r}]" if isinstance(batch, Mapping) else f"[{key}]"
+                raise ValueError(
+                    f"{where}{shown} is a {type(v).__name__} holding tensors; grad_cache splits the tensors of a "
+                    "tensor or of a flat tuple / list / dict (give them at the top level, or wrap the encoder)"
+                )
     leaves = _tensor_leaves(batch)
     if not leaves:
         raise ValueError(f"{where} holds no tensor to split into chunks along dim 0")
@@ -55,6 +75,8 @@ def _batch_size(batch: Any, where: str) -> int:
     for key, t in leaves:
         if t.dim() == 0:
             raise ValueError(f"{where}{key} is a 0-dim tensor; every tensor of a batch needs a batch dimension (dim 0)")
+        if t.layout != torch.strided:
+            raise ValueError(f"{where}{key} has layout {t.layout}; grad_cache slices rows of dense (strided) tensors")
         sizes[key] = t.shape[0]
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{where}{key}: {n}" for key, n in sizes.items())
@@ -97,14 +119,23 @@ class _RandomState:
             torch.cuda.set_rng_state(state, i)
 
 
+def _frozen(encoder: Callable, batch: Any) -> bool:
+    """An encoder module none of whose parameters requires grad, over inputs none of which does: pass 3 would
+    build no graph, so it is skipped (a frozen tower, as in locked-image tuning)."""
+    return (
+        isinstance(encoder, torch.nn.Module)
+        and not any(p.requires_grad for p in encoder.parameters())
+        and not any(t.requires_grad for _, t in _tensor_leaves(batch))
+    )
+
+
 def _chunk_sizes(chunk_size: int | Sequence[int], n: int) -> list[int]:
-    sizes = list(chunk_size) if isinstance(chunk_size, Sequence) and not isinstance(chunk_size, str) else None
-    if sizes is None:
-        sizes = [chunk_size] * n
-    elif len(sizes) != n:
+    per_input = isinstance(chunk_size, Sequence) and not isinstance(chunk_size, str)
+    sizes = list(chunk_size) if per_input else [chunk_size] * n
+    if len(sizes) != n:
         raise ValueError(f"chunk_size has {len(sizes)} entries for {n} inputs; give one int, or one per input")
     for i, c in enumerate(sizes):
-        name = "chunk_size" if not isinstance(chunk_size, Sequence) else f"chunk_size[{i}]"
+        name = f"chunk_size[{i}]" if per_input else "chunk_size"
         try:
             sizes[i] = operator.index(c)  # (an int, or a numpy / torch integer)
         except TypeError:
@@ -170,6 +201,9 @@ def grad_cache(
         for i, e in enumerate(encoder_list):
             if not callable(e):
                 raise TypeError(f"encoders[{i}] must be callable, got {type(e).__name__}")
+    elif isinstance(encoders, torch.nn.ModuleDict):
+        raise TypeError("encoders is a ModuleDict, which has no forward; give list(encoders.values()) in the order "
+                        "of inputs")
     elif callable(encoders):
         encoder_list = [encoders] * n
     else:
@@ -207,7 +241,6 @@ def grad_cache(
             states.append(starts)
             feats = torch.cat(outs) if len(outs) > 1 else outs[0]
             features.append(feats.detach().requires_grad_(feats.is_floating_point() or feats.is_complex()))
-    after = _RandomState()
 
     # pass 2: the loss over all features, and its gradient with respect to them
     loss = loss_fn(*features)
@@ -216,25 +249,38 @@ def grad_cache(
         raise ValueError(f"loss_fn must return a scalar tensor (reduction 'mean' or 'sum'), got {got}")
     if loss.requires_grad:
         loss.backward()
+    after = _RandomState()  # where the direct step leaves it: the encoders' draws, then the loss's
 
     # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient
-    # a DDP encoder synchronises in the last chunk it runs backward for (its last input that the loss depends on)
-    last_use = {id(e): i for i, e in enumerate(encoder_list) if features[i].grad is not None}
+    replayed = [
+        features[i].grad is not None and not _frozen(e, x) for i, (e, x) in enumerate(zip(encoder_list, inputs))
+    ]
+    # a DDP encoder synchronises in the last chunk it runs backward for (its last input that is replayed)
+    last_use = {id(e): i for i, e in enumerate(encoder_list) if replayed[i]}
     try:
         for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
+            if not replayed[i]:
+                continue  # the loss does not depend on these features, or nothing upstream of them learns
             grad = features[i].grad
-            if grad is None:
-                continue  # the loss does not depend on these features
-            no_sync = getattr(encoder, "no_sync", None)
+            # (DDP's no_sync fails in a static graph's first iteration: there each chunk synchronises)
+            no_sync = None if getattr(encoder, "static_graph", False) else getattr(encoder, "no_sync", None)
+            any_graph = False
             for j, (lo, hi) in enumerate(bounds[i]):
                 final = last_use[id(encoder)] == i and j == len(bounds[i]) - 1
                 sync = contextlib.nullcontext() if final or not callable(no_sync) else no_sync()
                 states[i][j].restore()
                 with sync:
                     out = _call(encoder, _chunk(x, lo, hi))
-                    if not out.requires_grad:
-                        break  # nothing upstream needs a gradient (a frozen encoder)
-                    out.backward(grad[lo:hi])
+                    if out.requires_grad:  # (a chunk may have no graph where others do: data-dependent paths)
+                        any_graph = True
+                        out.backward(grad[lo:hi])
+            if not any_graph:
+                warnings.warn(
+                    f"grad_cache: no chunk of encoders[{i}]'s output needed a gradient when run again with a graph, "
+                    "so nothing upstream of it gets one (no parameter requiring grad reached, or a reentrant "
+                    "checkpoint whose inputs need no grad); a frozen encoder module is skipped without this warning",
+                    stacklevel=2,
+                )
     finally:
         after.restore()
     return loss.detach()

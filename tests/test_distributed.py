@@ -1610,8 +1610,9 @@ def _grad_cache_ddp_worker(rank, world):
     x1, x2 = (torch.randn(7, D, generator=g, dtype=torch.float64) for _ in range(2))
     loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5, process_group=dist.group.WORLD)  # noqa: E731
     out = {}
-    for form in ("direct", "cached"):
-        ddp = torch.nn.parallel.DistributedDataParallel(encoder())
+    for form in ("direct", "cached", "cached_static_graph"):
+        # (a static graph's first iteration refuses DDP's no_sync: grad_cache then synchronises every chunk)
+        ddp = torch.nn.parallel.DistributedDataParallel(encoder(), static_graph=form == "cached_static_graph")
         reductions = []
 
         def hook(state, bucket):
@@ -1634,10 +1635,14 @@ def test_grad_cache_with_a_ddp_encoder_syncs_once_and_matches_the_direct_step():
     world = 2
     results = _run_ranks(_grad_cache_ddp_worker, world)
     for rank in range(world):
-        (loss_d, grads_d, n_d), (loss_c, grads_c, n_c) = results[rank]["direct"], results[rank]["cached"]
-        assert_close_scaled(loss_c, loss_d, 1e-12, f"rank {rank} loss")
-        for g_c, g_d, g_0 in zip(grads_c, grads_d, results[0]["cached"][1]):
-            assert_close_scaled(g_c, g_d, 1e-11, f"rank {rank} grad")
-            assert torch.equal(g_c, g_0)  # synchronised: every rank holds the same gradient
-        # the 6 chunk backwards (2 views x 3 chunks) reduce as often as the direct step's one backward does
-        assert n_d >= 1 and n_c == n_d, (rank, n_d, n_c)
+        loss_d, grads_d, n_d = results[rank]["direct"]
+        for form in ("cached", "cached_static_graph"):
+            loss_c, grads_c, n_c = results[rank][form]
+            assert_close_scaled(loss_c, loss_d, 1e-12, f"rank {rank} {form} loss")
+            for g_c, g_d, g_0 in zip(grads_c, grads_d, results[0][form][1]):
+                assert_close_scaled(g_c, g_d, 1e-11, f"rank {rank} {form} grad")
+                assert torch.equal(g_c, g_0)  # synchronised: every rank holds the same gradient
+        # the 6 chunk backwards (2 views x 3 chunks) reduce as often as the direct step's one backward does; with
+        # a static graph each of them reduces
+        assert n_d >= 1 and results[rank]["cached"][2] == n_d, (rank, n_d, results[rank]["cached"][2])
+        assert results[rank]["cached_static_graph"][2] == 6 * n_d, (rank, n_d, results[rank]["cached_static_graph"])

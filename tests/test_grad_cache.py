@@ -264,7 +264,7 @@ def test_a_frozen_encoder_and_features_the_loss_ignores():
     image.register_forward_hook(lambda *_: calls.append("image"))
     cb.grad_cache(loss_fn, [image, text], [x1, x2], chunk_size=3)
     assert all(p.grad is None for p in image.parameters())
-    assert calls == ["image"] * 5  # 4 chunks in pass 1, one in pass 3 (its output needs no grad: the rest skipped)
+    assert calls == ["image"] * 4  # pass 1 only: a module with no parameter that learns is not run again
     for a, b in zip(_grads(text), direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
@@ -273,6 +273,63 @@ def test_a_frozen_encoder_and_features_the_loss_ignores():
     cb.grad_cache(lambda zi, zt: (zt ** 2).mean(), [image, text], [x1, x2], chunk_size=3)
     assert calls == ["image"] * 4  # pass 1 only
     assert all(p.grad is not None for p in text.parameters())
+
+
+def test_a_chunk_without_a_graph_does_not_stop_the_others():
+    """A data-dependent path (an audit's case): the trainable adapter runs only on rows flagged, and the first chunk
+    has none; chunks after it still give their gradients."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(D_IN, D_OUT).double().requires_grad_(False)
+    adapter = torch.nn.Linear(D_IN, D_OUT).double()
+
+    def encoder(x, flag):
+        out = base(x)
+        return out + adapter(x) * flag[:, None] if flag.any() else out
+
+    x1, x2 = _data(9)
+    flag = torch.tensor([0, 0, 0, 1, 0, 1, 1, 0, 1], dtype=torch.float64)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    loss_fn(_chunked(lambda v: encoder(v, flag), x1, 9), base(x2)).backward()  # (one chunk: flags present)
+    direct = _grads(adapter)
+    adapter.zero_grad()
+    cb.grad_cache(loss_fn, [encoder, base], [(x1, flag), x2], chunk_size=3)
+    for a, b in zip(_grads(adapter), direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # (torch's own, from the checkpoint)
+def test_an_encoder_whose_outputs_never_need_a_gradient_warns():
+    """A reentrant checkpoint over inputs that need no grad builds no graph (torch warns too); the direct step would
+    raise at backward (nothing requires grad), grad_cache says so and leaves the parameters' .grad as they were."""
+    from torch.utils.checkpoint import checkpoint
+
+    enc = _encoder(2, dropout=0.0)
+    x1, x2 = _data(6)
+    with pytest.warns(UserWarning, match=r"no chunk of encoders\[[01]\]'s output needed a gradient"):
+        cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), lambda v: checkpoint(enc, v, use_reentrant=True),
+                      [x1, x2], chunk_size=4)
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_the_loss_own_random_draws_are_not_replayed():
+    """The random state afterwards is the direct step's: the encoders' draws, then the loss's (a dropout head in the
+    loss, a sampler); the next draw does not repeat the loss's."""
+    x1, x2 = _data(8)
+    drawn = []
+
+    def loss_fn(a, b):
+        drawn.append(torch.rand(3, dtype=torch.float64))
+        return cb.nt_xent(a, b, 0.5)
+
+    enc, enc_cached = _encoder(1), _encoder(1)
+    torch.manual_seed(5)
+    loss_fn(_chunked(enc, x1, 3), _chunked(enc, x2, 3)).backward()
+    after_direct = torch.rand(3, dtype=torch.float64)
+    torch.manual_seed(5)
+    cb.grad_cache(loss_fn, enc_cached, [x1, x2], chunk_size=3)
+    after_cached = torch.rand(3, dtype=torch.float64)
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(after_cached, after_direct)
+    assert not torch.equal(after_cached, drawn[1])
 
 
 def test_a_loss_that_needs_no_gradient_returns_its_value():
@@ -327,6 +384,12 @@ def _errors():
          "chunk_size must be a positive int, got True"),
         ("chunk entry", lambda: cb.grad_cache(nt, enc, [x, x], chunk_size=[2, -1]), ValueError,
          r"chunk_size\[1\] must be a positive int, got -1"),
+        ("chunk str", lambda: cb.grad_cache(one, enc, [x], chunk_size="4"), ValueError,
+         "chunk_size must be a positive int, got '4'"),
+        ("module dict", lambda: cb.grad_cache(one, torch.nn.ModuleDict({"a": enc}), [x], chunk_size=2), TypeError,
+         r"encoders is a ModuleDict, which has no forward; give list\(encoders.values\(\)\)"),
+        ("nested", lambda: cb.grad_cache(one, enc, [(x, {"w": x})], chunk_size=2), ValueError,
+         r"inputs\[0\]\[1\] is a dict holding tensors"),
         ("chunk count", lambda: cb.grad_cache(nt, enc, [x, x], chunk_size=[2]), ValueError,
          "chunk_size has 1 entries for 2 inputs"),
         ("batch type", lambda: cb.grad_cache(one, enc, [3.0], chunk_size=2), TypeError,
@@ -335,6 +398,8 @@ def _errors():
          r"inputs\[0\] holds no tensor"),
         ("0-dim", lambda: cb.grad_cache(one, enc, [(x, torch.tensor(1.0))], chunk_size=2), ValueError,
          r"inputs\[0\]\[1\] is a 0-dim tensor"),
+        ("sparse", lambda: cb.grad_cache(one, enc, [x.to_sparse()], chunk_size=2), ValueError,
+         r"inputs\[0\] has layout torch.sparse_coo; grad_cache slices rows of dense"),
         ("lengths", lambda: cb.grad_cache(one, enc, [{"a": x, "b": x[:3]}], chunk_size=2), ValueError,
          r"inputs\[0\]\['a'\]: 4, inputs\[0\]\['b'\]: 3"),
         ("empty batch", lambda: cb.grad_cache(one, enc, [x[:0]], chunk_size=2), ValueError,
