@@ -12,10 +12,11 @@ batch, and for a large encoder those bound the batch (and so the in-batch negati
 
 The gradients are those of the direct step (the encoders over the whole batch with a graph, the loss, its backward)
 up to rounding, for any encoder whose output for a sample does not depend on the other samples of its chunk. The
-random state (the CPU's, and every CUDA device's once CUDA is in use) is replayed, so dropout draws the same masks
-in pass 3 as in pass 1; those are the masks of draws made chunk by chunk, which on CUDA differ from one draw over
-the whole batch (the same distribution, other samples). BatchNorm in training mode depends on the chunk (its
-statistics are per chunk, and its running statistics are updated in both passes): use a per-sample norm (LayerNorm,
+random state is replayed (the CPU's, and once CUDA is initialised that of the current CUDA device and of every
+device the inputs and the encoder modules' parameters are on), so dropout draws the same masks in pass 3 as in
+pass 1; those are the masks of draws made chunk by chunk, which on CUDA differ from one draw over the whole batch
+(the same distribution, other samples). BatchNorm in training mode depends on the chunk (its statistics are per
+chunk, and its running statistics are updated in both passes): use a per-sample norm (LayerNorm,
 GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward per step.
 """
 
@@ -102,21 +103,32 @@ def _call(encoder: Callable, chunk: Any) -> Any:
 
 
 class _RandomState:
-    """The CPU generator's state and, once CUDA is in use, every CUDA device's: captured before a chunk's first
-    forward and restored before its replay, so that dropout draws the same masks in both."""
+    """The CPU generator's state and the given CUDA devices': captured before a chunk's first forward and restored
+    before its replay, so that dropout draws the same masks in both."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuda_devices: list[int]) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = (
-            [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else []
-        )
+        self.cuda = [(i, torch.cuda.get_rng_state(i)) for i in cuda_devices]
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
-        for i, state in enumerate(self.cuda):
+        for i, state in self.cuda:
             torch.cuda.set_rng_state(state, i)
+
+
+def _cuda_devices(encoders: list[Callable], inputs: Sequence[Any]) -> list[int]:
+    """The CUDA devices whose generators the step may draw from: those of the inputs' tensors and of the encoder
+    modules' parameters, and the current device, once CUDA is initialised (as torch.utils.checkpoint picks its
+    inputs' devices: reading every device's state would cost each process a context on every GPU of the node)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    devices = {torch.cuda.current_device()}
+    for x in inputs:
+        devices.update(t.device.index for _, t in _tensor_leaves(x) if t.is_cuda)
+    for e in {id(e): e for e in encoders}.values():
+        if isinstance(e, torch.nn.Module):
+            devices.update(p.device.index for p in e.parameters() if p.is_cuda)
+    return sorted(devices)
 
 
 def _frozen(encoder: Callable, batch: Any) -> bool:
@@ -223,13 +235,14 @@ def grad_cache(
             raise ValueError(f"inputs[{i}] has batch size 0; grad_cache needs at least one row per input")
 
     # pass 1: features without a graph, and the random state each chunk started from
+    cuda_devices = _cuda_devices(encoder_list, inputs)
     states: list[list[_RandomState]] = []
     features = []
     with torch.no_grad():
         for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
             outs, starts = [], []
             for j, (lo, hi) in enumerate(bounds[i]):
-                starts.append(_RandomState())
+                starts.append(_RandomState(cuda_devices))
                 out = _call(encoder, _chunk(x, lo, hi))
                 if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != hi - lo:
                     got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -249,7 +262,7 @@ def grad_cache(
         raise ValueError(f"loss_fn must return a scalar tensor (reduction 'mean' or 'sum'), got {got}")
     if loss.requires_grad:
         loss.backward()
-    after = _RandomState()  # where the direct step leaves it: the encoders' draws, then the loss's
+    after = _RandomState(cuda_devices)  # where the direct step leaves it: the encoders' draws, then the loss's
 
     # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient
     replayed = [
