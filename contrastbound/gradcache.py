@@ -91,7 +91,10 @@ def _chunk(batch: Any, start: int, stop: int) -> Any:
         return batch[start:stop]
     if isinstance(batch, Mapping):
         return {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return type(batch)(v[start:stop] if isinstance(v, torch.Tensor) else v for v in batch)
+    values = [v[start:stop] if isinstance(v, torch.Tensor) else v for v in batch]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields one by one
+        return type(batch)(*values)
+    return type(batch)(values)
 
 
 def _call(encoder: Callable, chunk: Any) -> Any:
@@ -131,16 +134,6 @@ def _cuda_devices(encoders: list[Callable], inputs: Sequence[Any]) -> list[int]:
     return sorted(devices)
 
 
-def _frozen(encoder: Callable, batch: Any) -> bool:
-    """An encoder module none of whose parameters requires grad, over inputs none of which does: pass 3 would
-    build no graph, so it is skipped (a frozen tower, as in locked-image tuning)."""
-    return (
-        isinstance(encoder, torch.nn.Module)
-        and not any(p.requires_grad for p in encoder.parameters())
-        and not any(t.requires_grad for _, t in _tensor_leaves(batch))
-    )
-
-
 def _chunk_sizes(chunk_size: int | Sequence[int], n: int) -> list[int]:
     per_input = isinstance(chunk_size, Sequence) and not isinstance(chunk_size, str)
     sizes = list(chunk_size) if per_input else [chunk_size] * n
@@ -178,8 +171,9 @@ def grad_cache(
         loss_fn: features -> scalar loss, e.g. ``contrastbound.nt_xent`` or ``lambda zi, zt: clip(zi, zt)``; may be
             a module with parameters (``ClipLoss``); captures what else it needs (labels, a bank).
         encoders: one callable per input, or one callable for all (SimCLR's two views of one encoder). A
-            ``DistributedDataParallel`` module synchronises its gradients once, in its last chunk's backward (the
-            others run under its ``no_sync``); every rank must then split the same number of chunks.
+            ``DistributedDataParallel`` module given as the encoder synchronises its gradients once, in its last
+            chunk's backward (the others run under its ``no_sync``; a lambda around it synchronises every chunk);
+            every rank must then split the same number of chunks.
         inputs: one batch per encoder: a tensor (``encoder(x)``), a tuple / list (``encoder(*x)``) or a dict
             (``encoder(**x)``, as tokenizers give). Its tensors are split along dim 0 and must agree in length;
             other values go to every chunk unchanged.
@@ -265,15 +259,13 @@ def grad_cache(
     after = _RandomState(cuda_devices)  # where the direct step leaves it: the encoders' draws, then the loss's
 
     # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient
-    replayed = [
-        features[i].grad is not None and not _frozen(e, x) for i, (e, x) in enumerate(zip(encoder_list, inputs))
-    ]
+    replayed = [f.grad is not None for f in features]
     # a DDP encoder synchronises in the last chunk it runs backward for (its last input that is replayed)
     last_use = {id(e): i for i, e in enumerate(encoder_list) if replayed[i]}
     try:
         for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
             if not replayed[i]:
-                continue  # the loss does not depend on these features, or nothing upstream of them learns
+                continue  # the loss does not depend on these features
             grad = features[i].grad
             # (DDP's no_sync fails in a static graph's first iteration: there each chunk synchronises)
             no_sync = None if getattr(encoder, "static_graph", False) else getattr(encoder, "no_sync", None)
@@ -291,7 +283,8 @@ def grad_cache(
                 warnings.warn(
                     f"grad_cache: no chunk of encoders[{i}]'s output needed a gradient when run again with a graph, "
                     "so nothing upstream of it gets one (no parameter requiring grad reached, or a reentrant "
-                    "checkpoint whose inputs need no grad); a frozen encoder module is skipped without this warning",
+                    "checkpoint whose inputs need no grad); for a frozen encoder, compute its features under "
+                    "torch.no_grad() outside grad_cache and give them to loss_fn, which saves its second forward",
                     stacklevel=2,
                 )
     finally:

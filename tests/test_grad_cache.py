@@ -238,6 +238,21 @@ def test_encoders_as_a_module_list_and_a_sequential_as_one_encoder():
     assert all(p.grad is not None for p in shared.parameters())
 
 
+def test_a_namedtuple_batch():
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", "x scale")
+    enc = _encoder(2, dropout=0.0)
+    x1, x2 = _data(9)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    loss_fn(enc(x1) * 2.0, enc(x2) * 2.0).backward()
+    direct = _grads(enc)
+    enc.zero_grad()
+    cb.grad_cache(loss_fn, lambda x, scale: enc(x) * scale, [Batch(x1, 2.0), Batch(x2, 2.0)], chunk_size=4)
+    for a, b in zip(_grads(enc), direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_inputs_that_require_grad_and_existing_grads_accumulate():
     x1, x2 = (x.requires_grad_() for x in _data(9))
     enc = _encoder(2, dropout=0.0)
@@ -251,8 +266,8 @@ def test_inputs_that_require_grad_and_existing_grads_accumulate():
 
 
 def test_a_frozen_encoder_and_features_the_loss_ignores():
-    """LiT-style: a locked image tower (no parameter requires grad) runs no backward; features the loss does not use
-    run no replay at all."""
+    """LiT-style: a locked image tower (no parameter requires grad) gets no gradient, and a warning that says how to
+    save its second forward; features the loss does not use run no replay at all."""
     x1, x2 = _data(10)
     image, text = _encoder(2, dropout=0.0), _encoder(3, dropout=0.0)
     image.requires_grad_(False)
@@ -262,9 +277,10 @@ def test_a_frozen_encoder_and_features_the_loss_ignores():
     text.zero_grad()
     calls = []
     image.register_forward_hook(lambda *_: calls.append("image"))
-    cb.grad_cache(loss_fn, [image, text], [x1, x2], chunk_size=3)
+    with pytest.warns(UserWarning, match=r"encoders\[0\]'s output .* compute its features under torch.no_grad"):
+        cb.grad_cache(loss_fn, [image, text], [x1, x2], chunk_size=3)
     assert all(p.grad is None for p in image.parameters())
-    assert calls == ["image"] * 4  # pass 1 only: a module with no parameter that learns is not run again
+    assert calls == ["image"] * 8  # 4 chunks, twice
     for a, b in zip(_grads(text), direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
@@ -273,6 +289,22 @@ def test_a_frozen_encoder_and_features_the_loss_ignores():
     cb.grad_cache(lambda zi, zt: (zt ** 2).mean(), [image, text], [x1, x2], chunk_size=3)
     assert calls == ["image"] * 4  # pass 1 only
     assert all(p.grad is not None for p in text.parameters())
+
+
+def test_a_frozen_module_whose_output_still_learns_through_a_hook():
+    """(an audit's case) Every parameter of the module is frozen, but a forward hook adds a learnable prompt: its
+    gradient is the direct step's (a module is not skipped for having no trainable parameters of its own)."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(D_IN, D_OUT).double().requires_grad_(False)
+    prompt = torch.randn(D_OUT, dtype=torch.float64, requires_grad=True)
+    backbone.register_forward_hook(lambda module, args, out: out + prompt)
+    x1, x2 = _data(7)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+    loss_fn(backbone(x1), backbone(x2)).backward()
+    direct = prompt.grad.clone()
+    prompt.grad = None
+    cb.grad_cache(loss_fn, backbone, [x1, x2], chunk_size=3)
+    torch.testing.assert_close(prompt.grad, direct, rtol=1e-10, atol=1e-13)
 
 
 def test_a_chunk_without_a_graph_does_not_stop_the_others():
@@ -292,7 +324,8 @@ def test_a_chunk_without_a_graph_does_not_stop_the_others():
     loss_fn(_chunked(lambda v: encoder(v, flag), x1, 9), base(x2)).backward()  # (one chunk: flags present)
     direct = _grads(adapter)
     adapter.zero_grad()
-    cb.grad_cache(loss_fn, [encoder, base], [(x1, flag), x2], chunk_size=3)
+    with pytest.warns(UserWarning, match=r"encoders\[1\]'s output"):  # (base, frozen, serves x2)
+        cb.grad_cache(loss_fn, [encoder, base], [(x1, flag), x2], chunk_size=3)
     for a, b in zip(_grads(adapter), direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
@@ -338,7 +371,8 @@ def test_a_loss_that_needs_no_gradient_returns_its_value():
     torch.manual_seed(4)
     direct = cb.nt_xent(_chunked(enc, x1, 4), _chunked(enc, x2, 4), 0.5)
     torch.manual_seed(4)
-    loss = cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), enc, [x1, x2], chunk_size=4)
+    with pytest.warns(UserWarning, match=r"encoders\[[01]\]'s output"):
+        loss = cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), enc, [x1, x2], chunk_size=4)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, direct, rtol=1e-12, atol=0)
 
