@@ -1646,3 +1646,52 @@ def test_grad_cache_with_a_ddp_encoder_syncs_once_and_matches_the_direct_step():
         # a static graph each of them reduces
         assert n_d >= 1 and results[rank]["cached"][2] == n_d, (rank, n_d, results[rank]["cached"][2])
         assert results[rank]["cached_static_graph"][2] == 6 * n_d, (rank, n_d, results[rank]["cached_static_graph"])
+
+
+class _FlaggedAdapter(torch.nn.Module):
+    """A base layer plus an adapter applied to flagged rows only: a chunk without a flagged row leaves the adapter
+    unused (a data-dependent path)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # the same initial weights on every rank
+        self.base = torch.nn.Linear(D, 4).double()
+        self.adapter = torch.nn.Linear(D, 4).double()
+
+    def forward(self, x, flag):
+        out = self.base(x)
+        return out + self.adapter(x) * flag[:, None] if bool(flag.any()) else out
+
+
+@_gloo_worker()
+def _grad_cache_unused_worker(rank, world):
+    # each chunk is a DDP iteration: with find_unused_parameters=True (the documented requirement) two SGD steps of
+    # grad_cache, whose first chunk leaves the adapter unused, match two direct steps
+    g = torch.Generator().manual_seed(20 + rank)
+    x1, x2 = (torch.randn(6, D, generator=g, dtype=torch.float64) for _ in range(2))
+    f1 = torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.float64)
+    f2 = torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.float64)
+    loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5, process_group=dist.group.WORLD)  # noqa: E731
+    out = {}
+    for form in ("direct", "cached"):
+        ddp = torch.nn.parallel.DistributedDataParallel(_FlaggedAdapter(), find_unused_parameters=True)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            if form == "direct":
+                z = ddp(torch.cat([x1, x2]), torch.cat([f1, f2]))
+                loss_fn(z[:6], z[6:]).backward()
+            else:
+                cb.grad_cache(loss_fn, ddp, [(x1, f1), (x2, f2)], chunk_size=2)
+            opt.step()
+        out[form] = [p.detach().clone() for p in ddp.parameters()]
+        del ddp, opt
+    return out
+
+
+def test_grad_cache_under_ddp_with_parameters_some_chunks_do_not_use():
+    results = _run_ranks(_grad_cache_unused_worker, 2)
+    for rank in range(2):
+        for p_c, p_d, p_0 in zip(results[rank]["cached"], results[rank]["direct"], results[0]["cached"]):
+            assert_close_scaled(p_c, p_d, 1e-12, f"rank {rank} parameters after two steps")
+            assert torch.equal(p_c, p_0)
