@@ -121,8 +121,8 @@ class _RandomState:
 
 def _cuda_devices(encoders: list[Callable], inputs: Sequence[Any]) -> list[int]:
     """The CUDA devices whose generators the step may draw from: those of the inputs' tensors and of the encoder
-    modules' parameters, and the current device, once CUDA is initialised (as torch.utils.checkpoint picks its
-    inputs' devices: reading every device's state would cost each process a context on every GPU of the node)."""
+    modules' parameters, and the current device, once CUDA is initialised (torch.utils.checkpoint likewise replays
+    its inputs' devices rather than every device of the node)."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return []
     devices = {torch.cuda.current_device()}
@@ -254,8 +254,12 @@ def grad_cache(
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a scalar tensor (reduction 'mean' or 'sum'), got {got}")
-    if loss.requires_grad:
-        loss.backward()
+    if not loss.requires_grad:  # (the direct step's backward would raise here too)
+        raise RuntimeError(
+            "loss_fn's result does not require grad: it does not reach the features through autograd (computed "
+            "under torch.no_grad, detached, or a non-differentiable op), so there is no gradient to cache"
+        )
+    loss.backward()
     after = _RandomState(cuda_devices)  # where the direct step leaves it: the encoders' draws, then the loss's
 
     # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient

@@ -444,6 +444,8 @@ def _errors():
          r"encoders\[0\] must return a tensor with the chunk's 3 rows along dim 0, got shape \(7,\)"),
         ("loss shape", lambda: cb.grad_cache(lambda a: a, enc, [x], chunk_size=2), ValueError,
          r"loss_fn must return a scalar tensor .*got shape \(4, 5\)"),
+        ("loss detached", lambda: cb.grad_cache(lambda a: a.sum().detach(), enc, [x], chunk_size=2), RuntimeError,
+         "loss_fn's result does not require grad"),
         ("loss type", lambda: cb.grad_cache(lambda a: 1.0, enc, [x], chunk_size=2), ValueError,
          "loss_fn must return a scalar tensor .*got float"),
     ]
