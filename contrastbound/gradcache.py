@@ -266,6 +266,7 @@ def grad_cache(
     replayed = [f.grad is not None for f in features]
     # a DDP encoder synchronises in the last chunk it runs backward for (its last input that is replayed)
     last_use = {id(e): i for i, e in enumerate(encoder_list) if replayed[i]}
+    unsynced: dict[int, tuple[int, int]] = {}  # DDP encoder -> its last chunk whose backward ran under no_sync
     try:
         for i, (encoder, x) in enumerate(zip(encoder_list, inputs)):
             if not replayed[i]:
@@ -275,14 +276,26 @@ def grad_cache(
             no_sync = None if getattr(encoder, "static_graph", False) else getattr(encoder, "no_sync", None)
             any_graph = False
             for j, (lo, hi) in enumerate(bounds[i]):
-                final = last_use[id(encoder)] == i and j == len(bounds[i]) - 1
-                sync = contextlib.nullcontext() if final or not callable(no_sync) else no_sync()
+                deferred = callable(no_sync) and not (last_use[id(encoder)] == i and j == len(bounds[i]) - 1)
                 states[i][j].restore()
-                with sync:
+                with no_sync() if deferred else contextlib.nullcontext():
                     out = _call(encoder, _chunk(x, lo, hi))
                     if out.requires_grad:  # (a chunk may have no graph where others do: data-dependent paths)
                         any_graph = True
                         out.backward(grad[lo:hi])
+                        if deferred:
+                            unsynced[id(encoder)] = (i, j)
+                        else:
+                            unsynced.pop(id(encoder), None)
+            if last_use.get(id(encoder)) == i and id(encoder) in unsynced:
+                # The chunk meant to synchronise built no graph, so DDP reduced nothing: run the last chunk that
+                # did once more, outside no_sync, with a zero gradient; its backward all-reduces what the chunks
+                # accumulated (a silent divergence of the ranks' gradients otherwise)
+                ii, jj = unsynced.pop(id(encoder))
+                lo, hi = bounds[ii][jj]
+                states[ii][jj].restore()
+                out = _call(encoder, _chunk(inputs[ii], lo, hi))
+                out.backward(torch.zeros_like(out))
             if not any_graph:
                 warnings.warn(
                     f"grad_cache: no chunk of encoders[{i}]'s output needed a gradient when run again with a graph, "

@@ -1652,10 +1652,10 @@ class _FlaggedAdapter(torch.nn.Module):
     """A base layer plus an adapter applied to flagged rows only: a chunk without a flagged row leaves the adapter
     unused (a data-dependent path)."""
 
-    def __init__(self):
+    def __init__(self, frozen_base=False):
         super().__init__()
         torch.manual_seed(0)  # the same initial weights on every rank
-        self.base = torch.nn.Linear(D, 4).double()
+        self.base = torch.nn.Linear(D, 4).double().requires_grad_(not frozen_base)
         self.adapter = torch.nn.Linear(D, 4).double()
 
     def forward(self, x, flag):
@@ -1666,32 +1666,43 @@ class _FlaggedAdapter(torch.nn.Module):
 @_gloo_worker()
 def _grad_cache_unused_worker(rank, world):
     # each chunk is a DDP iteration: with find_unused_parameters=True (the documented requirement) two SGD steps of
-    # grad_cache, whose first chunk leaves the adapter unused, match two direct steps
+    # grad_cache, whose first chunk leaves the adapter unused, match two direct steps. With a frozen base the last
+    # chunks (no flagged row) build no graph at all, so the chunk meant to synchronise reduces nothing: grad_cache
+    # then synchronises through the last chunk that had a graph (before that fix the ranks' gradients diverged
+    # silently), with find_unused_parameters True or False
     g = torch.Generator().manual_seed(20 + rank)
     x1, x2 = (torch.randn(6, D, generator=g, dtype=torch.float64) for _ in range(2))
     f1 = torch.tensor([0, 0, 1, 0, 1, 1], dtype=torch.float64)
-    f2 = torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.float64)
     loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5, process_group=dist.group.WORLD)  # noqa: E731
     out = {}
-    for form in ("direct", "cached"):
-        ddp = torch.nn.parallel.DistributedDataParallel(_FlaggedAdapter(), find_unused_parameters=True)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for _ in range(2):
-            opt.zero_grad()
-            if form == "direct":
-                z = ddp(torch.cat([x1, x2]), torch.cat([f1, f2]))
-                loss_fn(z[:6], z[6:]).backward()
-            else:
-                cb.grad_cache(loss_fn, ddp, [(x1, f1), (x2, f2)], chunk_size=2)
-            opt.step()
-        out[form] = [p.detach().clone() for p in ddp.parameters()]
-        del ddp, opt
+    for case, frozen_base, f2, find_unused in (
+        ("some_chunks_unused", False, [0, 0, 0, 1, 0, 0], True),
+        ("last_chunk_no_graph", True, [1, 0, 0, 0, 0, 0], True),
+        ("last_chunk_no_graph_all_used", True, [1, 0, 0, 0, 0, 0], False),
+    ):
+        f2 = torch.tensor(f2, dtype=torch.float64)
+        for form in ("direct", "cached"):
+            ddp = torch.nn.parallel.DistributedDataParallel(_FlaggedAdapter(frozen_base),
+                                                            find_unused_parameters=find_unused)
+            opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+            for _ in range(2):
+                opt.zero_grad()
+                if form == "direct":
+                    z = ddp(torch.cat([x1, x2]), torch.cat([f1, f2]))
+                    loss_fn(z[:6], z[6:]).backward()
+                else:
+                    cb.grad_cache(loss_fn, ddp, [(x1, f1), (x2, f2)], chunk_size=2)
+                opt.step()
+            out[case, form] = [p.detach().clone() for p in ddp.parameters()]
+            del ddp, opt
     return out
 
 
 def test_grad_cache_under_ddp_with_parameters_some_chunks_do_not_use():
     results = _run_ranks(_grad_cache_unused_worker, 2)
-    for rank in range(2):
-        for p_c, p_d, p_0 in zip(results[rank]["cached"], results[rank]["direct"], results[0]["cached"]):
-            assert_close_scaled(p_c, p_d, 1e-12, f"rank {rank} parameters after two steps")
-            assert torch.equal(p_c, p_0)
+    for case in ("some_chunks_unused", "last_chunk_no_graph", "last_chunk_no_graph_all_used"):
+        for rank in range(2):
+            cached, direct, rank0 = (results[r][case, f] for r, f in ((rank, "cached"), (rank, "direct"), (0, "cached")))
+            for p_c, p_d, p_0 in zip(cached, direct, rank0):
+                assert_close_scaled(p_c, p_d, 1e-12, f"{case}: rank {rank} parameters after two steps")
+                assert torch.equal(p_c, p_0), case
