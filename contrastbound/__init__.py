@@ -35,6 +35,7 @@ from .functional import (
 from . import bounds
 from .gradcache import grad_cache
 from .metrics import contrastive_accuracy, positive_rank
+from .mining import MinedNegatives, mine_hard_negatives
 from .empirical import (
     class_means,
     contrastive_loss_curve,
@@ -74,6 +75,7 @@ __all__ = [
     "format_gap_report",
     "gap_report",
     "mean_classifier_loss",
+    "MinedNegatives",
     "ClipLoss",
     "InfoNCE",
     "NTXent",
@@ -87,6 +89,7 @@ __all__ = [
     "grad_cache",
     "info_nce",
     "info_nce_lse",
+    "mine_hard_negatives",
     "nt_xent",
     "positive_rank",
     "siglip_loss",
