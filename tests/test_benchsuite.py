@@ -681,6 +681,10 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_accuracy.py", ["--log2k", "12,x"]),
     ("bench_accuracy.py", ["--log2k", "31"]),
     ("bench_accuracy.py", ["--out", "/proc/contrastbound-x/ba"]),
+    ("bench_mining.py", ["-k", "0"]),
+    ("bench_mining.py", ["--log2m", "12,x"]),
+    ("bench_mining.py", ["--log2m", "35"]),
+    ("bench_mining.py", ["--out", "/proc/contrastbound-x/bm"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
@@ -829,6 +833,26 @@ def test_bench_indexed_bank_runs_and_writes_its_csv(tmp_path):
         assert float(fused["time_s"]) > 0 and float(naive["time_s"]) > 0 and fused["M"] == "512"
         tol = 1e-5 if fused["dtype"] == "float32" else 3e-2  # (naive's half logits are rounded to the half dtype)
         assert abs(float(fused["loss"]) - float(naive["loss"])) <= tol * abs(float(naive["loss"])), (fused, naive)
+
+
+def test_bench_mining_runs_and_writes_its_csv(tmp_path):
+    # benchmarks/bench_mining.py on tiny banks: both methods run each size and pick the same rows (float32, random
+    # data: no near-ties at these sizes), with the same top similarities.
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_mining.py")
+    proc = subprocess.run([sys.executable, path, "-B", "5", "-d", "7", "-k", "3", "--log2m", "4,9", "--reps", "1",
+                           "--threads", "1", "--out", "bm.csv"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "bm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["M"], r["method"]) for r in rows] == [(m, x) for m in ("16", "512") for x in ("mine", "naive")]
+    for mine, naive in zip(rows[::2], rows[1::2]):
+        assert float(mine["time_s"]) > 0 and float(naive["time_s"]) > 0
+        assert float(mine["agree"]) == 1.0 and float(naive["agree"]) == 1.0
+        assert abs(float(mine["top_sum"]) - float(naive["top_sum"])) <= 1e-5 * abs(float(naive["top_sum"])), (mine,
+                                                                                                             naive)
 
 
 def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
