@@ -125,8 +125,8 @@ def test_exclusions_each_on_its_own(device):
         ({"max_similarity": -2.0}, {"bound": -2.0}),  # (nothing left: all padding)
         ({"max_similarity": math.inf}, {}),
     ]
-    for given, ref in cases:
-        result = cb.mine_hard_negatives(a, bank, 9, **given)
+    for passed, ref in cases:
+        result = cb.mine_hard_negatives(a, bank, 9, **passed)
         check_against_reference(result, reference_similarities(a, bank, **ref), 9, 2e-6)
     # a NaN in a per-anchor bound bounds nothing for that anchor
     bound = torch.full((17,), 0.1, device=device)
