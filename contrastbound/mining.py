@@ -116,11 +116,20 @@ def mine_hard_negatives(
     is picked is unspecified (as in ``torch.topk``); the rows picked are ordered by similarity, then by index.
 
     ``anchors`` (B, d) and ``bank`` (M, d) are floating tensors on one device; half inputs are compared in float32,
-    and ``values`` has the promoted dtype of the two, at least float32. ``k`` >= 0 (k > M pads). No gradient (detach
-    nothing: the inputs are only read). Nothing of size B x M is formed: tiles of at most 2^20 similarities (2^24 on
-    a GPU; wider where k is large) are reduced to their top-k as they are made, so memory is O(B k + tile) and the
-    time that of the (B, M) GEMM plus a top-k pass over it.
+    and ``values`` has the promoted dtype of the two, at least float32. ``k`` >= 0 (k > M pads). No gradient: the
+    inputs are only read (no need to detach them; inference tensors are not copied). Nothing of size B x M is formed:
+    tiles of at most 2^20 similarities (2^24 on a GPU; wider where k is large) are reduced to their top-k as they are
+    made, so memory is O(B k + tile) and the time that of the (B, M) GEMM plus a top-k pass over the tiles (on the
+    CPU only over the anchors a tile can still change).
     """
+    # (checked under no_grad: _check_tensor would copy an inference tensor, say a corpus encoded under
+    # torch.inference_mode, for autograd to save; nothing here is saved)
+    with torch.no_grad():
+        return _mine(*_checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity))
+
+
+def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity):
+    """mine_hard_negatives' arguments checked: (anchors, bank, k, normalize, label pair, exclude, bound, dtype)."""
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     bank = _check_tensor("bank", bank, 2, "(M, d)")
     _check_device("bank", bank, "anchors", anchors)
@@ -139,9 +148,7 @@ def mine_hard_negatives(
                 _check_label_tensor("bank_labels", bank_labels, (M,), "(M,)", anchors.device))
     bound = _check_max_similarity(max_similarity, anchors)
     exclude = _check_exclude(exclude_indices, B, M, anchors.device)
-    dtype = _compute_dtype(anchors, bank)
-    with torch.no_grad():
-        return _mine(anchors, bank, k, normalize, pair, exclude, bound, dtype)
+    return anchors, bank, k, normalize, pair, exclude, bound, _compute_dtype(anchors, bank)
 
 
 def _unit_rows(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:

@@ -211,6 +211,20 @@ def test_non_contiguous_inputs_and_inputs_that_require_grad():
     assert a_t.grad is None
 
 
+def test_an_inference_mode_bank_is_not_copied():
+    # a corpus encoded under torch.inference_mode, mined with grad mode on: the losses' checks copy an inference
+    # tensor for autograd to save (_ops.savable); the mining saves nothing and must not copy a bank of GiBs
+    from contrastbound import _ops
+
+    a, bank = _draw(7, 300, 9, torch.float32)
+    with torch.inference_mode():
+        frozen = bank * 1
+    assert frozen.is_inference()
+    with mock.patch.object(_ops, "savable", side_effect=AssertionError("copied")):
+        result = cb.mine_hard_negatives(a.requires_grad_(True), frozen, 5)
+    assert torch.equal(result.indices, cb.mine_hard_negatives(a, bank, 5).indices)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_indices_feed_info_nce(device):
     # the mined rows as negative_indices: the loss of info_nce over exactly those rows of the bank (its gradient
