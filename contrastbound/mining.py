@@ -34,15 +34,15 @@ class MinedNegatives(NamedTuple):
 
 
 def _check_k(k: object) -> int:
-    if isinstance(k, bool) or (isinstance(k, torch.Tensor) and k.dtype == torch.bool):
+    if isinstance(k, bool) or (isinstance(k, torch.Tensor) and (k.dtype == torch.bool or k.dim() != 0)):
         raise TypeError(f"k must be a non-negative int (the negatives to pick per anchor), got {k!r}")
     try:
         value = operator.index(k)
     except TypeError:
         raise TypeError(f"k must be a non-negative int (the negatives to pick per anchor), got "
                         f"{type(k).__name__}") from None
-    if value < 0:
-        raise ValueError(f"k must be a non-negative int (the negatives to pick per anchor), got {value}")
+    if not 0 <= value < 2**62:
+        raise ValueError(f"k must be a non-negative int below 2^62 (the negatives to pick per anchor), got {value}")
     return value
 
 
@@ -64,9 +64,24 @@ def _check_max_similarity(bound: object, anchors: torch.Tensor) -> torch.Tensor 
     if isinstance(bound, bool) or not isinstance(bound, Real):
         raise TypeError(f"max_similarity must be a number or a floating tensor of shape () or (B,) = ({B},), got "
                         f"{type(bound).__name__}")
-    if math.isnan(float(bound)):
+    try:
+        value = float(bound)
+    except OverflowError:  # (an int or Fraction past float's range: beyond every similarity)
+        value = math.inf if bound > 0 else -math.inf
+    if math.isnan(value):
         raise ValueError("max_similarity must not be NaN (inf: no bound)")
-    return float(bound)
+    return value
+
+
+def _rounded_down(bound: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor | float:
+    """The largest value of dtype at most bound (NaN stays NaN): a similarity s of that dtype has s <= bound exactly
+    where s <= the result, so that the comparison in dtype does not keep a row above a bound that dtype rounds up
+    (0.5 - 1e-9 is 0.5 in float32)."""
+    wide = torch.as_tensor(bound, dtype=torch.float64 if isinstance(bound, float) else None)
+    low = wide.to(dtype)
+    if torch.promote_types(wide.dtype, dtype) != dtype:  # (a narrower or equal bound converts exactly)
+        low = torch.where(low.to(wide.dtype) > wide, torch.nextafter(low, torch.full_like(low, -math.inf)), low)
+    return float(low) if isinstance(bound, float) else low
 
 
 def _check_exclude(exclude: object, B: int, M: int, device: torch.device) -> torch.Tensor | None:
@@ -106,7 +121,8 @@ def mine_hard_negatives(
       is a row of the bank, its other known positives),
     - the similarity is above ``max_similarity`` (a number, or a tensor (B,) per anchor: "positive-aware" mining
       leaves out rows more similar than a fraction of the positive's similarity, likely unlabelled positives,
-      ``max_similarity=0.95 * cosine(a_i, p_i)``; a NaN in the tensor bounds nothing), or
+      ``max_similarity=0.95 * cosine(a_i, p_i)``; a NaN in the tensor bounds nothing; compared exactly, the bound
+      rounded down to the comparison's dtype), or
     - the similarity is -inf.
 
     Where fewer than k rows are left (a small bank, many left out) the rest of the row is ``-1`` in ``indices`` and
@@ -152,14 +168,15 @@ def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, 
 
 
 def _unit_rows(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
-    """x in dtype, each row divided by its norm with normalize: float32 rows on the CPU by a float32 norm where every
-    row's is in [1e-18, 1e18] (squares neither overflow nor lose bits; a tenth of the cost of metrics._unit's
-    float64 norm, which a read-back could not choose on a GPU), else as metrics._unit (zero and huge rows)."""
+    """x in dtype, each row divided by max(its norm, 1e-12) with normalize (as the losses' x_hat): float32 rows on the
+    CPU by a float32 norm where every row's is in [1e-18, 1e18] (squares neither overflow nor lose bits; a tenth of
+    the cost of metrics._unit's float64 norm, which a read-back could not choose on a GPU), else as metrics._unit
+    (zero and huge rows)."""
     if normalize and dtype == torch.float32 and x.device.type == "cpu":
         x = x.detach().to(dtype)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         if bool(((norm >= 1e-18) & (norm <= 1e18)).all()):
-            return x * (1 / norm)
+            return x * (1 / norm.clamp_min(1e-12))
     return _unit(x, dtype, normalize)[0]
 
 
@@ -175,8 +192,10 @@ def _mine(anchors, bank, k, normalize, pair, exclude, bound, dtype) -> MinedNega
     if cols < min(M, 2 * k):  # (a tile narrower than k would spend more on merging than on its GEMM)
         cols = min(M, 2 * k)
         rows = max(1, min(rows, _metrics._TILE_ELEMENTS // cols))
+    if bound is not None:
+        bound = _rounded_down(bound, dtype)
     if isinstance(bound, torch.Tensor):
-        bound = bound.to(dtype).expand(B, 1)
+        bound = bound.expand(B, 1)
     # per block of anchors: the running (values, indices), and once k are held, the k-th value (NaN as above all)
     best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     kth: dict[int, torch.Tensor] = {}

@@ -152,6 +152,38 @@ def test_positive_aware_bound_leaves_out_rows_near_the_positive():
     assert (aware.values <= bound[:, None]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tiny_rows_are_scaled_as_the_losses_scale_them(dtype):
+    # rows of norm below 1e-12 are divided by 1e-12, not by their norm (F.normalize's eps, the losses' x_hat): a row
+    # of norm 1e-15 has cosine 1e-3 with everything, whether the other rows of its tile are tiny or not (an audit's
+    # case: float32 on the CPU ranked it first, with similarity 1, unless a zero row shared its tile)
+    a = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    for bank in ([[1e-15, 0.0], [0.5, 0.5]], [[1e-15, 0.0], [0.5, 0.5], [0.0, 0.0]]):
+        bank = torch.tensor(bank, dtype=dtype)
+        result = cb.mine_hard_negatives(a, bank, 2)
+        assert result.indices.tolist() == [[1, 0]], (bank, result)
+        check_against_reference(result, reference_similarities(a, bank), 2, 1e-5)
+    tiny_anchor = torch.tensor([[1e-15, 0.0]], dtype=dtype)
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=dtype)
+    result = cb.mine_hard_negatives(tiny_anchor, bank, 2, max_similarity=0.5)
+    assert result.indices.tolist() == [[0, 1]]
+    check_against_reference(result, reference_similarities(tiny_anchor, bank, bound=0.5), 2, 1e-5)
+
+
+def test_a_bound_between_two_float32_values_is_not_rounded_up():
+    # 0.5 - 1e-9 is 0.5 in float32: the row of similarity 0.5 is above the bound and must be left out (an audit's
+    # case), whether the bound is a number or a float64 tensor; a bound of float32 values is compared as it is
+    a = torch.tensor([[1.0, 0.0]])
+    bank = torch.tensor([[0.5, 0.0], [0.25, 0.0]])
+    for bound in (0.5 - 1e-9, torch.tensor(0.5 - 1e-9, dtype=torch.float64),
+                  torch.tensor([0.5 - 1e-9], dtype=torch.float64)):
+        assert cb.mine_hard_negatives(a, bank, 2, normalize=False, max_similarity=bound).indices.tolist() == [[1, -1]]
+    for bound in (0.5, torch.tensor(0.5), torch.tensor([0.5], dtype=torch.bfloat16), 10**400):
+        assert cb.mine_hard_negatives(a, bank, 2, normalize=False, max_similarity=bound).indices.tolist() == [[0, 1]]
+    assert cb.mine_hard_negatives(a, bank, 2, normalize=False, max_similarity=-10**400).indices.tolist() == [[-1, -1]]
+    assert cb.mine_hard_negatives(a, bank, 2, normalize=False, max_similarity=1e39).indices.tolist() == [[0, 1]]
+
+
 def test_padding_where_few_rows_are_left():
     a, bank = _draw(4, 6, 3, torch.float32)
     result = cb.mine_hard_negatives(a, bank, 10)  # k > M
@@ -297,6 +329,8 @@ def _bad(**kw):
     ({"k": -1}, ValueError, "k must be a non-negative int"),
     ({"k": 2.0}, TypeError, "k must be a non-negative int"),
     ({"k": True}, TypeError, "k must be a non-negative int"),
+    ({"k": torch.tensor([2])}, TypeError, "k must be a non-negative int"),
+    ({"k": 2**63}, ValueError, "k must be a non-negative int below 2"),
     ({"normalize": 1}, TypeError, "normalize"),
     ({"labels": torch.zeros(4, dtype=torch.int64)}, ValueError, "labels was given without bank_labels"),
     ({"bank_labels": torch.zeros(10, dtype=torch.int64)}, ValueError, "bank_labels was given without labels"),
