@@ -19,7 +19,7 @@ import torch
 
 from .functional import _check_device, _check_bool, _check_dense, _check_indices, _check_label_tensor, _check_tensor
 from . import metrics as _metrics
-from .metrics import _compute_dtype, _tile_shape, _unit
+from .metrics import _compute_dtype, _tile_shape, _unit, _wide
 
 __all__ = ["MinedNegatives", "mine_hard_negatives"]
 
@@ -47,7 +47,7 @@ def _check_k(k: object) -> int:
 
 
 def _check_max_similarity(bound: object, anchors: torch.Tensor) -> torch.Tensor | float | None:
-    """None, a float (not NaN), or a floating tensor of shape () or (B,) on the anchors' device, as (B, 1)."""
+    """None, a float (not NaN), or a floating tensor of shape () or (B,) on the anchors' device (detached)."""
     if bound is None:
         return None
     B = anchors.shape[0]
@@ -60,7 +60,7 @@ def _check_max_similarity(bound: object, anchors: torch.Tensor) -> torch.Tensor 
             raise ValueError(f"max_similarity is on {bound.device} but the features are on {anchors.device}")
         if bound.dim() > 1 or (bound.dim() == 1 and bound.shape[0] != B):
             raise ValueError(f"max_similarity must have shape () or (B,) = ({B},), got {tuple(bound.shape)}")
-        return bound.detach().reshape(-1, 1)
+        return bound.detach()
     if isinstance(bound, bool) or not isinstance(bound, Real):
         raise TypeError(f"max_similarity must be a number or a floating tensor of shape () or (B,) = ({B},), got "
                         f"{type(bound).__name__}")
@@ -68,7 +68,7 @@ def _check_max_similarity(bound: object, anchors: torch.Tensor) -> torch.Tensor 
         value = float(bound)
     except OverflowError:  # (an int or Fraction past float's range: beyond every similarity)
         value = math.inf if bound > 0 else -math.inf
-    if math.isnan(value):
+    if value != value:  # (NaN; a comparison, not math.isnan, which a float traced as a symbol by torch.compile fails)
         raise ValueError("max_similarity must not be NaN (inf: no bound)")
     return value
 
@@ -84,7 +84,7 @@ def _rounded_down(bound: torch.Tensor | float, dtype: torch.dtype) -> torch.Tens
     return float(low) if isinstance(bound, float) else low
 
 
-def _check_exclude(exclude: object, B: int, M: int, device: torch.device) -> torch.Tensor | None:
+def _check_exclude(exclude: object, B: int, M: int, device: torch.device, check_range: bool) -> torch.Tensor | None:
     """exclude_indices as (B, E) int64: (B,) (one row per anchor, its positive's) or (B, E), -1 for padding."""
     if exclude is None:
         return None
@@ -95,7 +95,8 @@ def _check_exclude(exclude: object, B: int, M: int, device: torch.device) -> tor
         exclude = exclude[:, None] if exclude.shape[0] == B else exclude
     if exclude.dim() != 2 or exclude.shape[0] != B:
         raise ValueError(f"exclude_indices must have shape (B,) or (B, E) with B = {B}, got {tuple(exclude.shape)}")
-    return _check_indices("exclude_indices", exclude, tuple(exclude.shape), "(B, E)", M, "M", device, padding=True)
+    return _check_indices("exclude_indices", exclude, tuple(exclude.shape), "(B, E)", M, "M", device,
+                          check_range=check_range, padding=True)
 
 
 def mine_hard_negatives(
@@ -141,10 +142,42 @@ def mine_hard_negatives(
     # (checked under no_grad: _check_tensor would copy an inference tensor, say a corpus encoded under
     # torch.inference_mode, for autograd to save; nothing here is saved)
     with torch.no_grad():
-        return _mine(*_checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity))
+        anchors, bank, k, normalize, pair, exclude, bound, _ = _checked(
+            anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity)
+        if isinstance(bound, float) and torch.compiler.is_compiling():
+            # a 0-d tensor rather than a float argument, which dynamo would specialise on (a graph per value of a
+            # schedule; as functional._scale_of does for the temperature)
+            bound = torch.ones((), dtype=_wide(anchors.device), device=anchors.device) * bound
+        values, indices = _mine_op(anchors.detach(), bank.detach(), k, normalize, *(pair or (None, None)), exclude,
+                                   bound if isinstance(bound, torch.Tensor) else None,
+                                   bound if isinstance(bound, float) else None)
+    return MinedNegatives(values, indices)
 
 
-def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity):
+# One custom op (Python, every device): torch.compile traces the mining as one opaque node with static output shapes
+# (its fake kernel), instead of unrolling the loop over tiles into the graph or breaking it at the host reads.
+@torch.library.custom_op("contrastbound::mine_hard_negatives", mutates_args=())
+def _mine_op(anchors: torch.Tensor, bank: torch.Tensor, k: int, normalize: bool, labels: torch.Tensor | None,
+             bank_labels: torch.Tensor | None, exclude: torch.Tensor | None, bound: torch.Tensor | None,
+             bound_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of mine_hard_negatives (exclude: (B, E) int64 or None; bound: a tensor () or (B,), or
+    bound_value a number, or neither). A direct call is checked as the function is, the exclude range aside (an index
+    out of range fails in the scatter)."""
+    checked = _checked(anchors, bank, k, normalize, labels, bank_labels, exclude,
+                       bound if bound is not None else bound_value, check_range=False)
+    with torch.no_grad():
+        return tuple(_mine(*checked))
+
+
+@_mine_op.register_fake
+def _(anchors, bank, k, normalize, labels, bank_labels, exclude, bound, bound_value):
+    anchors, bank, k, *_, dtype = _checked(anchors, bank, k, normalize, labels, bank_labels, exclude,
+                                           bound if bound is not None else bound_value, check_range=False)
+    B = anchors.shape[0]
+    return anchors.new_empty((B, k), dtype=dtype), anchors.new_empty((B, k), dtype=torch.int64)
+
+
+def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, max_similarity, check_range=True):
     """mine_hard_negatives' arguments checked: (anchors, bank, k, normalize, label pair, exclude, bound, dtype)."""
     anchors = _check_tensor("anchors", anchors, 2, "(B, d)")
     bank = _check_tensor("bank", bank, 2, "(M, d)")
@@ -163,7 +196,7 @@ def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, 
         pair = (_check_label_tensor("labels", labels, (B,), "(B,)", anchors.device),
                 _check_label_tensor("bank_labels", bank_labels, (M,), "(M,)", anchors.device))
     bound = _check_max_similarity(max_similarity, anchors)
-    exclude = _check_exclude(exclude_indices, B, M, anchors.device)
+    exclude = _check_exclude(exclude_indices, B, M, anchors.device, check_range)
     return anchors, bank, k, normalize, pair, exclude, bound, _compute_dtype(anchors, bank)
 
 
@@ -195,7 +228,7 @@ def _mine(anchors, bank, k, normalize, pair, exclude, bound, dtype) -> MinedNega
     if bound is not None:
         bound = _rounded_down(bound, dtype)
     if isinstance(bound, torch.Tensor):
-        bound = bound.expand(B, 1)
+        bound = bound.reshape(-1, 1).expand(B, 1)
     # per block of anchors: the running (values, indices), and once k are held, the k-th value (NaN as above all)
     best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     kth: dict[int, torch.Tensor] = {}

@@ -311,6 +311,56 @@ def test_cuda_picks_the_cpu_rows():
     assert agree > 0.99, agree  # (near-ties in float32 may go either way)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    # the custom op behind mine_hard_negatives: schema, fake kernel (output shapes and dtypes for every input dtype),
+    # no aliasing, with each optional argument
+    op = torch.ops.contrastbound.mine_hard_negatives.default
+    g = torch.Generator().manual_seed(9)
+    a, bank = torch.randn(5, 7, generator=g).to(device), torch.randn(23, 7, generator=g).to(device)
+    labels, bank_labels = torch.arange(5, device=device) % 2, torch.arange(23, device=device) % 3
+    exclude = torch.tensor([[0, -1], [3, 3], [22, 1], [-1, -1], [5, 6]], device=device)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        a_, bank_ = a.to(dtype), bank.to(dtype)
+        for args in ((a_, bank_, 4, True, None, None, None, None, None),
+                     (a_, bank_, 30, False, labels, bank_labels, exclude, None, 0.5),
+                     (a_, bank_, 0, True, None, None, exclude, torch.rand(5, generator=g).to(device), None),
+                     (a_, bank_, 3, True, None, None, None, torch.tensor(0.1, device=device), None)):
+            torch.library.opcheck(op, args)
+
+
+def test_compiled_step_matches_eager_and_does_not_recompile_per_value():
+    # mining and the loss over the rows mined in one compiled step (fullgraph: the op is one opaque node with static
+    # output shapes, not a loop unrolled over tiles nor broken at its host reads), as eager; a bank that grows and a
+    # float bound that changes each step compile at most twice (static, then dynamic), as info_nce's temperature
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(a, p, bank, exclude, bound):
+        hard = cb.mine_hard_negatives(a, bank, 5, exclude_indices=exclude, max_similarity=bound)
+        return cb.info_nce(a, p, bank, negative_indices=hard.indices), hard
+
+    g = torch.Generator().manual_seed(4)
+    torch._dynamo.reset()
+    try:
+        for bounds in ("tensor", "float"):
+            counter = CompileCounterWithBackend("aot_eager")
+            f = torch.compile(step, backend=counter, fullgraph=True)
+            for i in range(4):
+                a = torch.randn(16, 8, generator=g, requires_grad=True)
+                p = torch.randn(16, 8, generator=g)
+                bank = torch.randn(300 + 7 * i, 8, generator=g)
+                exclude = torch.randint(-1, 300, (16, 2), generator=g)
+                bound = torch.rand(16, generator=g) if bounds == "tensor" else 0.1 + 0.1 * i
+                (loss, hard), (want_loss, want) = f(a, p, bank, exclude, bound), step(a, p, bank, exclude, bound)
+                assert torch.equal(hard.indices, want.indices) and torch.equal(hard.values, want.values)
+                torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+                (ga,) = torch.autograd.grad(loss, a)
+                torch.testing.assert_close(ga, torch.autograd.grad(want_loss, a)[0], rtol=1e-5, atol=1e-7)
+            assert counter.frame_count <= 2, (bounds, counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+
+
 def _bad(**kw):
     a, bank = _draw(4, 10, 3, torch.float32)
     args = {"anchors": a, "bank": bank, "k": 2}
