@@ -36,6 +36,7 @@ from . import bounds
 from .gradcache import grad_cache
 from .metrics import contrastive_accuracy, positive_rank
 from .mining import MinedNegatives, mine_hard_negatives
+from .geometry import alignment, uniformity
 from .empirical import (
     class_means,
     contrastive_loss_curve,
@@ -67,6 +68,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "alignment",
     "bounds",
     "class_means",
     "contrastive_accuracy",
@@ -94,4 +96,5 @@ __all__ = [
     "positive_rank",
     "siglip_loss",
     "supcon_loss",
+    "uniformity",
 ]

@@ -1,0 +1,91 @@
+"""Alignment and uniformity on the hypersphere (Wang & Isola, "Understanding Contrastive Representation Learning
+through Alignment and Uniformity on the Hypersphere", ICML 2020): the two properties contrastive losses optimise,
+as diagnostics and as a training loss.
+
+Uniformity is a log-mean-exp over all N (N - 1) ordered pairs of rows. For unit rows ``||x_i - x_j||^2 = 2 - 2 s_ij``
+with ``s_ij = x_i . x_j``, so
+
+    log mean_{i != j} exp(-t ||x_i - x_j||^2) = -2 t + log sum_i exp(lse_i) - log(N (N - 1)),
+    lse_i = log sum_{j != i} exp(2 t s_ij),
+
+and lse_i is the in-batch log-sum-exp of :func:`contrastbound.info_nce_lse` at temperature 1 / (2 t) with the
+positive (the row itself) left out: the fused kernels, O(N) memory forward and backward, where ``torch.pdist``
+forms the N (N - 1) / 2 distances (and autograd keeps them and their exponentials). Alignment is a row-wise mean.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from .functional import (
+    _MIN_TEMPERATURE,
+    _check_bool,
+    _check_features,
+    _check_reduction,
+    _check_tensor,
+    _reduce,
+    info_nce_lse,
+)
+
+__all__ = ["alignment", "uniformity"]
+
+
+def _check_positive(name: str, value: object, largest: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a positive finite number, got a value beyond float64's range") from None
+    if not (0.0 < v < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got {v}")
+    if v > largest:
+        raise ValueError(f"{name} must be at most {largest:.4g}, got {v}")
+    return v
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    r"""Uniformity of the rows of x on the hypersphere: ``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the rows
+    L2-normalised (Wang & Isola's ``torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()`` for
+    ``x = F.normalize(x)``). Lower is more uniform: -4 (at t = 2) for rows that spread evenly over a sphere of many
+    dimensions, 0 for a collapse to one point. Differentiable: as a loss, ``(uniformity(z1) + uniformity(z2)) / 2``
+    beside :func:`alignment`.
+
+    ``x`` (N, d) floating, N >= 2; ``t`` > 0 (the paper's default 2). Computed through :func:`info_nce_lse`'s fused
+    kernels (no N x N matrix, forward or backward; on a GPU the CUDA kernels). A scalar in x's dtype (float32 for
+    half x under autocast, as the losses). A zero row normalises to 0, as in ``F.normalize``, where the formula
+    above takes it as a unit row orthogonal to all others (the two differ for it). Over the rows given only: under
+    data parallelism gather the features first (:func:`contrastbound.distributed.all_gather_with_grad`).
+    """
+    x = _check_tensor("x", x, 2, "(N, d)")
+    t = _check_positive("t", t, 0.5 / _MIN_TEMPERATURE)
+    N = x.shape[0]
+    if N < 2:
+        raise ValueError(f"uniformity needs at least 2 rows of x (pairs of distinct rows), got shape {tuple(x.shape)}")
+    _, lse = info_nce_lse(x, x, None, temperature=0.5 / t, include_positive=False)
+    value = torch.logsumexp(lse, 0) - (math.log(N) + math.log(N - 1)) - 2.0 * t
+    return _reduce(value, "none", x.dtype)  # (x's dtype; float32 for half x under autocast, as the losses)
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, normalize: bool = True,
+              reduction: str = "mean") -> torch.Tensor:
+    r"""Alignment of positive pairs: ``||x_i - y_i||^alpha`` (Wang & Isola's ``(x - y).norm(dim=1).pow(alpha)``), of
+    the rows L2-normalised with ``normalize`` (the paper's features are), averaged (``reduction="mean"``, default),
+    summed, or per pair (``"none"``, (N,)). Lower is better aligned: 0 for identical views, 4 (alpha = 2) for
+    opposite ones. Differentiable; ``x``, ``y`` (N, d) floating on one device; ``alpha`` > 0 (the paper's default
+    2). For alpha < 1 the gradient at a pair of equal rows is NaN (the power's derivative is infinite at 0), as in
+    the paper's code.
+    """
+    x, y = _check_features(x, y, ("x", "y"))
+    alpha = _check_positive("alpha", alpha)
+    reduction = _check_reduction(reduction)
+    if _check_bool("normalize", normalize):
+        x = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
+        y = torch.nn.functional.normalize(y, dim=1, eps=1e-12)
+    value = (x - y).norm(dim=1).pow(alpha)
+    if reduction == "mean":
+        return value.mean()
+    return value.sum() if reduction == "sum" else value
