@@ -685,6 +685,11 @@ def test_bench_infonce_script_times_the_gemm_first(tmp_path):
     ("bench_mining.py", ["--log2m", "12,x"]),
     ("bench_mining.py", ["--log2m", "35"]),
     ("bench_mining.py", ["--out", "/proc/contrastbound-x/bm"]),
+    ("bench_uniformity.py", ["-t", "0"]),
+    ("bench_uniformity.py", ["--log2n", "x"]),
+    ("bench_uniformity.py", ["--log2n", "0"]),
+    ("bench_uniformity.py", ["--reps", "0"]),
+    ("bench_uniformity.py", ["--out", "/proc/contrastbound-x/bu"]),
 ])
 def test_benchmark_scripts_refuse_bad_arguments(script, argv):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", script)
@@ -853,6 +858,24 @@ def test_bench_mining_runs_and_writes_its_csv(tmp_path):
         assert float(mine["agree"]) == 1.0 and float(naive["agree"]) == 1.0
         assert abs(float(mine["top_sum"]) - float(naive["top_sum"])) <= 1e-5 * abs(float(naive["top_sum"])), (mine,
                                                                                                              naive)
+
+
+def test_bench_uniformity_runs_and_writes_its_csv(tmp_path):
+    # benchmarks/bench_uniformity.py on tiny sizes: both methods where pdist is allowed, fused alone beyond, the same
+    # value for both on the same problem
+    import csv
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_uniformity.py")
+    proc = subprocess.run([sys.executable, path, "-d", "5", "--log2n", "3,6", "--pdist-max-log2n", "3", "--reps", "1",
+                           "--threads", "1", "--out", "bu.csv"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with open(tmp_path / "bu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["N"], r["method"]) for r in rows] == [("8", "fused"), ("8", "pdist"), ("64", "fused")]
+    assert all(float(r["time_s"]) > 0 for r in rows)
+    assert abs(float(rows[0]["value"]) - float(rows[1]["value"])) <= 1e-5 * abs(float(rows[1]["value"]))
+    assert -8 <= float(rows[2]["value"]) <= 0  # (within [-4 t, 0])
 
 
 def test_bench_clip_routes_runs_and_writes_its_csv(tmp_path):
