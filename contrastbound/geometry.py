@@ -55,16 +55,22 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     beside :func:`alignment`.
 
     ``x`` (N, d) floating, N >= 2; ``t`` > 0 (the paper's default 2). Computed through :func:`info_nce_lse`'s fused
-    kernels (no N x N matrix, forward or backward; on a GPU the CUDA kernels). A scalar in x's dtype (float32 for
-    half x under autocast, as the losses). A zero row normalises to 0, as in ``F.normalize``, where the formula
-    above takes it as a unit row orthogonal to all others (the two differ for it). Over the rows given only: under
-    data parallelism gather the features first (:func:`contrastbound.distributed.all_gather_with_grad`).
+    kernels (no N x N matrix, forward or backward; on a GPU the CUDA kernels; first-order gradients: double backward
+    raises, as the losses'). A scalar in x's dtype (float32 for half x under autocast, as the losses). Every nonzero
+    finite row is normalised exactly, whatever its scale (rows are scaled by a power of two first); a zero
+    row stays 0, as in ``F.normalize``, where the formula above takes it as a unit row orthogonal to all others (the
+    two differ for it). Precision: the exponents 2 t (s_ij - 1) carry the dot products' rounding times 2 t, an
+    absolute error of ~2 t d eps of the compute dtype (float32 for half inputs): a collapse gives 0 to ~1e-6 at t = 2
+    in float32 but 0.1 at t = 1e6; pass float64 rows for large t. Over the rows given only: under data parallelism
+    gather the features first (:func:`contrastbound.distributed.all_gather_with_grad`).
     """
     x = _check_tensor("x", x, 2, "(N, d)")
     t = _check_positive("t", t, 0.5 / _MIN_TEMPERATURE)
-    N = x.shape[0]
-    if N < 2:
-        raise ValueError(f"uniformity needs at least 2 rows of x (pairs of distinct rows), got shape {tuple(x.shape)}")
+    N, d = x.shape
+    if N < 2 or d < 1:
+        raise ValueError(f"uniformity needs at least 2 rows of x (pairs of distinct rows) and d >= 1, got shape "
+                         f"{tuple(x.shape)}")
+    x = _rescaled(x)
     _, lse = info_nce_lse(x, x, None, temperature=0.5 / t, include_positive=False)
     value = torch.logsumexp(lse, 0) - (math.log(N) + math.log(N - 1)) - 2.0 * t
     return _reduce(value, "none", x.dtype)  # (x's dtype; float32 for half x under autocast, as the losses)
@@ -76,16 +82,35 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, normalize
     the rows L2-normalised with ``normalize`` (the paper's features are), averaged (``reduction="mean"``, default),
     summed, or per pair (``"none"``, (N,)). Lower is better aligned: 0 for identical views, 4 (alpha = 2) for
     opposite ones. Differentiable; ``x``, ``y`` (N, d) floating on one device; ``alpha`` > 0 (the paper's default
-    2). For alpha < 1 the gradient at a pair of equal rows is NaN (the power's derivative is infinite at 0), as in
-    the paper's code.
+    2). Half rows are compared in float32; the result has the promoted dtype of x and y (float32 for half inputs
+    under autocast, as the losses); rows are normalised as in :func:`uniformity` (any nonzero scale exactly). For
+    alpha < 1 the gradient at a pair of equal rows is NaN (the power's derivative is infinite at 0), as in the
+    paper's code.
     """
     x, y = _check_features(x, y, ("x", "y"))
     alpha = _check_positive("alpha", alpha)
     reduction = _check_reduction(reduction)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    wide = torch.promote_types(dtype, torch.float32)  # (half rows in float32: their squares, norms and differences)
+    x, y = x.to(wide), y.to(wide)
     if _check_bool("normalize", normalize):
-        x = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
-        y = torch.nn.functional.normalize(y, dim=1, eps=1e-12)
-    value = (x - y).norm(dim=1).pow(alpha)
-    if reduction == "mean":
-        return value.mean()
-    return value.sum() if reduction == "sum" else value
+        x = torch.nn.functional.normalize(_rescaled(x), dim=1, eps=1e-12)
+        y = torch.nn.functional.normalize(_rescaled(y), dim=1, eps=1e-12)
+    return _reduce((x - y).norm(dim=1).pow(alpha), reduction, dtype)
+
+
+def _rescaled(x: torch.Tensor) -> torch.Tensor:
+    """x with each row multiplied by 2^-e, e the binary exponent of its largest |entry| (clamped to the dtype's
+    normal range), so that the largest entry lies in [0.5, 1): exact (a power of two), so the rows' directions are
+    unchanged and so are the scale-invariant results, but normalising them then neither overflows (float32 squares
+    past norms of ~1.8e19) nor loses them to F.normalize's eps (norms under 1e-12) nor to underflow. The factor is
+    a constant to autograd; zero rows stay 0. Half rows are scaled in float32 and rounded back (exact but for
+    entries 2^-24 below the row's largest, which float16 cannot hold beside it anyway)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    with torch.no_grad():
+        _, e = torch.frexp(x.detach().abs().amax(dim=1, keepdim=True).to(wide))
+        if wide == torch.float64:
+            bits = ((1023 - e.to(torch.int64)).clamp(1, 2046) << 52).view(torch.float64)
+        else:
+            bits = ((127 - e).clamp(1, 254) << 23).view(torch.float32)
+    return (x.to(wide) * bits).to(x.dtype)

@@ -80,6 +80,39 @@ def test_a_zero_row_counts_as_a_unit_row_orthogonal_to_the_others():
     torch.testing.assert_close(cb.uniformity(x), want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-40, 1e-30, 1e-13, 1.0, 1e19, 1e30])
+def test_any_row_scale_gives_the_same_values_and_gradients(dtype, scale):
+    # An audit's cases: float32 rows of norm past ~1.8e19 overflowed the normalisation's squares (uniformity -4,
+    # "perfectly uniform", with a zero gradient) and rows under F.normalize's eps (1e-12) stayed short of unit
+    # length (-3.99 where the rows' directions give -3.34). Rows are scaled by a power of two first: the values are
+    # those of the unscaled rows, and so are the gradients, times 1 / scale (the functions are scale-invariant).
+    if dtype == torch.float32 and scale == 1e-40:
+        scale = 1e-38  # (1e-40 is subnormal in float32: the rows would lose bits before the call)
+    x = _draw(11, 6, torch.float64, seed=8)
+    want_u, want_a = reference_uniformity(x, 2.0), reference_alignment(x[:6], x[5:], 2.0).mean()
+    xs = (x * scale).to(dtype).requires_grad_(True)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    u = cb.uniformity(xs)
+    torch.testing.assert_close(u.double(), want_u, rtol=tol, atol=tol)
+    a = cb.alignment(xs[:6], xs[5:])
+    torch.testing.assert_close(a.double(), want_a, rtol=tol, atol=tol)
+    x1 = x.clone().requires_grad_(True)
+    (g_want,) = torch.autograd.grad(reference_uniformity(x1, 2.0) + reference_alignment(x1[:6], x1[5:], 2.0).mean(),
+                                    x1)
+    (g,) = torch.autograd.grad(u + a, xs)
+    torch.testing.assert_close(g.double() * scale, g_want, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_large_t_in_float64_and_its_float32_rounding():
+    # the exponents 2 t (s - 1) carry the dot products' rounding times 2 t (documented): a collapse is 0 to
+    # ~t d eps, in float64 to 1e-9 at t = 1e6, in float32 only to ~0.1 there
+    x = _draw(1, 6, torch.float64, seed=2).repeat(6, 1)
+    assert abs(cb.uniformity(x, 1e6).item()) <= 1e-8
+    assert abs(cb.uniformity(x.float(), 2.0).item()) <= 1e-5
+
+
 @settings(max_examples=40, deadline=None)
 @given(N=st.integers(2, 40), d=st.integers(1, 9), t=st.floats(0.05, 20.0), seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([1e-3, 1.0, 1e3]))
@@ -116,6 +149,19 @@ def test_alignment_matches_the_papers_code(device, dtype, alpha, normalize):
                                rtol=tol, atol=tol * 23)
 
 
+def test_alignment_of_half_rows_in_float32_and_under_autocast():
+    x, y = _draw(40, 9, torch.float64, seed=5), _draw(40, 9, torch.float64, seed=6)
+    want = reference_alignment(x.half(), y.half(), 2.0).mean()  # (the half rows, compared exactly)
+    got = cb.alignment(x.half(), y.half())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)  # (float16's own rounding of the result)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cb.alignment(x.bfloat16(), y.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference_alignment(x.bfloat16(), y.bfloat16(), 2.0).mean(), rtol=1e-6,
+                               atol=0)
+
+
 def test_alignment_gradcheck_and_its_range():
     x = _draw(7, 5, torch.float64, seed=3).requires_grad_(True)
     y = _draw(7, 5, torch.float64, seed=4).requires_grad_(True)
@@ -149,6 +195,7 @@ def test_alignment_and_uniformity_as_a_training_loss():
     (lambda x, y: cb.uniformity(x[0]), ValueError, r"x must have shape \(N, d\)"),
     (lambda x, y: cb.uniformity(x.long()), TypeError, "x must be a floating tensor"),
     (lambda x, y: cb.uniformity(x[:1]), ValueError, "uniformity needs at least 2 rows of x"),
+    (lambda x, y: cb.uniformity(x[:, :0]), ValueError, r"and d >= 1, got shape \(5, 0\)"),
     (lambda x, y: cb.uniformity(x, 0.0), ValueError, "t must be a positive finite number, got 0.0"),
     (lambda x, y: cb.uniformity(x, -1), ValueError, "t must be a positive finite number"),
     (lambda x, y: cb.uniformity(x, math.nan), ValueError, "t must be a positive finite number, got nan"),
