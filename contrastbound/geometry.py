@@ -61,7 +61,7 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     row stays 0, as in ``F.normalize``, where the formula above takes it as a unit row orthogonal to all others (the
     two differ for it). Precision: the exponents 2 t (s_ij - 1) carry the dot products' rounding times 2 t, an
     absolute error of ~2 t d eps of the compute dtype (float32 for half inputs): a collapse gives 0 to ~1e-6 at t = 2
-    in float32 but 0.1 at t = 1e6; pass float64 rows for large t. Over the rows given only: under data parallelism
+    in float32 but ~0.25 at t = 1e6; pass float64 rows for large t. Over the rows given only: under data parallelism
     gather the features first (:func:`contrastbound.distributed.all_gather_with_grad`).
     """
     x = _check_tensor("x", x, 2, "(N, d)")
