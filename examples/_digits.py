@@ -53,14 +53,19 @@ def encoder(dim: int = 32) -> torch.nn.Module:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, train, test) -> dict:
-    """Mean-classifier accuracy and supervised loss of the (normalised) features on the test split."""
+    """Mean-classifier accuracy and supervised loss of the (normalised) features on the test split, and the test
+    features' alignment (two augmentations of each image, drawn from a fixed seed) and uniformity (Wang & Isola)."""
     f_train = F.normalize(model(train[0]), dim=1)
     f_test = F.normalize(model(test[0]), dim=1)
     means = cb.class_means(f_train, train[1], num_classes=10)
     acc = ((f_test @ means.t()).argmax(1) == test[1]).float().mean().item()
     loss = cb.mean_classifier_loss(f_test, test[1], means).item()
-    return {"test_accuracy": acc, "test_supervised_loss": loss}
+    g = torch.Generator().manual_seed(0)
+    align = cb.alignment(model(augment(test[0], g)), model(augment(test[0], g))).item()
+    return {"test_accuracy": acc, "test_supervised_loss": loss, "test_alignment": align,
+            "test_uniformity": cb.uniformity(f_test).item()}
 
 
 def peak_rss_mib() -> float:

@@ -2,7 +2,8 @@
 
     python examples/moco_digits.py --steps 600 --queue 1024
 
-Logs the loss, throughput and peak memory; evaluates the mean classifier on held-out digits at the end.
+Logs the loss, throughput and peak memory; evaluates the mean classifier on held-out digits at the end, with
+the features' alignment and uniformity (cb.alignment, cb.uniformity).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv=None) -> dict:
                   f"peak RSS {peak_rss_mib():.0f} MiB", flush=True)
     result = {"final_loss": loss.item(), **evaluate(query, train, test)}
     print(f"mean classifier on held-out digits: accuracy {result['test_accuracy']:.3f}, "
-          f"supervised loss {result['test_supervised_loss']:.3f}")
+          f"supervised loss {result['test_supervised_loss']:.3f}; alignment {result['test_alignment']:.3f}, "
+          f"uniformity {result['test_uniformity']:.3f}")
     return result
 
 

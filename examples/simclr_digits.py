@@ -3,7 +3,8 @@
     python examples/simclr_digits.py --steps 300 --batch 512
     python examples/simclr_digits.py --steps 300 --batch 4096 --chunk 512   # gradient caching (grad_cache)
 
-Logs the loss, throughput and peak memory; evaluates the mean classifier on held-out digits at the end.
+Logs the loss, throughput and peak memory; evaluates the mean classifier on held-out digits at the end, with
+the features' alignment and uniformity (cb.alignment, cb.uniformity).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv=None) -> dict:
                   f"{rate:8.0f} samples/s  peak RSS {peak_rss_mib():.0f} MiB", flush=True)
     result = {"final_loss": loss.item(), **evaluate(model, train, test)}
     print(f"mean classifier on held-out digits: accuracy {result['test_accuracy']:.3f}, "
-          f"supervised loss {result['test_supervised_loss']:.3f}")
+          f"supervised loss {result['test_supervised_loss']:.3f}; alignment {result['test_alignment']:.3f}, "
+          f"uniformity {result['test_uniformity']:.3f}")
     return result
 
 

@@ -29,6 +29,7 @@ def test_example_runs_a_few_steps(name, argv):
     assert math.isfinite(result["final_loss"])
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert math.isfinite(result["test_supervised_loss"])
+    assert 0.0 <= result["test_alignment"] <= 4.0 and -8.0 <= result["test_uniformity"] <= 0.0  # (their ranges, t = 2)
 
 
 def test_simclr_example_with_gradient_caching_trains_as_the_direct_step():
