@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +93,7 @@ def main() -> int:
     for dt in args.dtypes.split(","):
         if dt not in DTYPES + ("float64",):
             parser.error(f"--dtypes: {dt!r} is not one of {', '.join(DTYPES + ('float64',))}")
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
 
     args.out = prepare_out_stem(parser, args.out)
     M = 2 ** (18 if args.quick and args.log2m == 20 else args.log2m)
@@ -106,22 +105,17 @@ def main() -> int:
         for method in METHODS:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, dt, str(args.B), str(args.K), str(M),
                    str(args.d), str(reps), str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(f"{dt:>9} {method:>6} failed: {res.stderr.strip().splitlines()[-1:]}")
+            r, error = run_worker(cmd)
+            if r is None:
+                print(f"{dt:>9} {method:>6} failed: {error}")
                 failed += 1
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
             row = {"dtype": dt, "method": method, "B": args.B, "K": args.K, "M": M, "d": args.d,
                    "threads": args.threads, "reps": reps, **r}
             rows.append(row)
             print(f"{dt:>9} {method:>6} {1e3 * r['time_s']:9.1f} {r['extra_mib']:10.1f} {r['grad_mib']:9.1f} "
                   f"{r['loss']:9.4f}")
-    if rows:
-        write_rows_csv(rows, args.out + ".csv")
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {args.out}.csv and .json")
+    write_rows_csv_json(rows, args.out)
     return 1 if failed else 0
 
 

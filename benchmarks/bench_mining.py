@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,7 +122,7 @@ def main() -> int:
 
     import torch
 
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0
@@ -137,12 +136,12 @@ def main() -> int:
                 path = os.path.join(tmp, f"{method}_{M}.pt")
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, str(args.B), str(M),
                        str(args.d), str(args.k), str(args.reps), str(args.threads), path]
-                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if res.returncode != 0:
-                    print(f"{M:>9} {method:>6} failed: {res.stderr.strip().splitlines()[-1:]}")
+                r, error = run_worker(cmd)
+                if r is None:
+                    print(f"{M:>9} {method:>6} failed: {error}")
                     failed += 1
                     continue
-                found[method] = (json.loads(res.stdout.strip().splitlines()[-1]), torch.load(path))
+                found[method] = (r, torch.load(path))
             for method, (r, idx) in found.items():
                 agree = float((idx == found["naive"][1]).float().mean()) if "naive" in found else float("nan")
                 row = {"M": M, "method": method, "B": args.B, "d": args.d, "k": args.k, "threads": args.threads,
@@ -150,11 +149,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"{M:>9} {method:>6} {1e3 * r['time_s']:9.1f} {r['gflops']:8.1f} {r['mm_gflops']:8.1f} "
                       f"{r['extra_mib']:10.1f} {agree:6.3f}")
-    if rows:
-        write_rows_csv(rows, args.out + ".csv")
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {args.out}.csv and .json")
+    write_rows_csv_json(rows, args.out)
     return 1 if failed else 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,7 +84,7 @@ def main() -> int:
     for v in log2ns:
         if not 1 <= v <= 20:
             parser.error(f"--log2n values must be in [1, 20], got {v}")
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0
@@ -98,20 +97,15 @@ def main() -> int:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, str(N), str(args.d), repr(args.t),
                    str(args.reps), str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(f"{N:>7} {method:>6} failed: {res.stderr.strip().splitlines()[-1:]}")
+            r, error = run_worker(cmd)
+            if r is None:
+                print(f"{N:>7} {method:>6} failed: {error}")
                 failed += 1
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append({"N": N, "method": method, "d": args.d, "t": args.t, "threads": args.threads,
                          "reps": args.reps, **r})
             print(f"{N:>7} {method:>6} {1e3 * r['time_s']:10.1f} {r['extra_mib']:10.1f} {r['value']:10.6f}")
-    if rows:
-        write_rows_csv(rows, args.out + ".csv")
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {args.out}.csv and .json")
+    write_rows_csv_json(rows, args.out)
     return 1 if failed else 0
 
 

@@ -223,6 +223,27 @@ def write_rows_csv(rows: list[dict], path: str) -> None:
         w.writerows(rows)
 
 
+def write_rows_csv_json(rows: list[dict], stem: str) -> None:
+    """<stem>.csv (write_rows_csv) and <stem>.json (the rows as a list), and a line saying so; nothing for no rows."""
+    if not rows:
+        return
+    write_rows_csv(rows, stem + ".csv")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {stem}.csv and .json")
+
+
+def run_worker(cmd: list[str]) -> tuple[dict | None, str]:
+    """A standalone script's worker subprocess (one measurement in a fresh process): (the JSON object its last
+    stdout line holds, "") where it exits 0, else (None, the last line of its stderr)."""
+    import subprocess
+
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        return None, (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+    return json.loads(res.stdout.strip().splitlines()[-1]), ""
+
+
 def measure_and_write(parser, out_arg: str, header: str, measures, line) -> int:
     """The standalone scripts' main loop: checks --out (before measuring), prints `header`, then for each callable of
     `measures` its row (a dict) as line(row), and writes the rows to <out>.csv. Returns 0 (the exit status)."""
