@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import sys
 import warnings
 from numbers import Integral, Real
@@ -365,9 +366,35 @@ def _check_bool(name: str, value: object) -> bool:
         return value
     if isinstance(value, np.bool_):
         return bool(value)
+    raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+
+
+def _type_name(value: object) -> str:
+    """value's type, qualified by its module where that is not builtins (numpy's bool is also named 'bool')."""
     kind = type(value)
-    raise TypeError(f"{name} must be a bool, got {kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}"
-                    f"{kind.__qualname__}")
+    return f"{kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}{kind.__qualname__}"
+
+
+def _check_int(name: str, value: object, minimum: int, expected: str, below: int | None = 2 ** 62) -> int:
+    """value as an int (Python or numpy integers, 0-d integer tensors: operator.index) in [minimum, below): TypeError
+    for anything else (a bool, a float such as 2.0, a string, a tensor of another shape or dtype), ValueError for a
+    value out of range, as torch tells them apart. expected: what the message says the argument must be ("a positive
+    int"). below: 2^62 keeps a size's index arithmetic in int64; None where any larger value is meaningful (a top-k
+    past every rank)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and (
+            value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex())):
+        value_type = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" \
+            if isinstance(value, torch.Tensor) else _type_name(value)
+        raise TypeError(f"{name} must be {expected}, got {value_type}")
+    try:
+        n = operator.index(value)
+    except (TypeError, RuntimeError):  # (RuntimeError: a meta tensor, which holds no value)
+        raise TypeError(f"{name} must be {expected}, got {_type_name(value)} {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be {expected}, got {n}")
+    if below is not None and n >= below:
+        raise ValueError(f"{name} must be {expected} below {'2^62' if below == 2 ** 62 else below}, got {n}")
+    return n
 
 
 def _autocast_available(device_type: str) -> bool:

@@ -23,12 +23,13 @@ GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward per step
 from __future__ import annotations
 
 import contextlib
-import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from .functional import _check_int
 
 __all__ = ["grad_cache"]
 
@@ -140,13 +141,7 @@ def _chunk_sizes(chunk_size: int | Sequence[int], n: int) -> list[int]:
     if len(sizes) != n:
         raise ValueError(f"chunk_size has {len(sizes)} entries for {n} inputs; give one int, or one per input")
     for i, c in enumerate(sizes):
-        name = f"chunk_size[{i}]" if per_input else "chunk_size"
-        try:
-            sizes[i] = operator.index(c)  # (an int, or a numpy / torch integer)
-        except TypeError:
-            sizes[i] = None
-        if isinstance(c, bool) or sizes[i] is None or sizes[i] < 1:
-            raise ValueError(f"{name} must be a positive int, got {c!r}")
+        sizes[i] = _check_int(f"chunk_size[{i}]" if per_input else "chunk_size", c, 1, "a positive int")
     return sizes
 
 

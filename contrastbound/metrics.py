@@ -17,7 +17,6 @@ not above it.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +25,7 @@ from .functional import (
     _check_bool,
     _check_features,
     _check_indices,
+    _check_int,
     _check_negative_mask,
     _check_negatives,
     _func_active,
@@ -332,16 +332,7 @@ def positive_rank(
 def _check_topk(topk: object) -> tuple[list[int], bool]:
     """(the k's, whether one was given alone). Integers of any kind (numpy's, a 0-d integer tensor), not bool."""
     def as_k(k: object) -> int:
-        if isinstance(k, bool) or (isinstance(k, torch.Tensor) and k.dtype == torch.bool):
-            raise TypeError(f"topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got {topk!r}")
-        try:
-            value = operator.index(k)
-        except TypeError:
-            raise TypeError(f"topk must be a positive int or a non-empty sequence of them (e.g. (1, 5)), got "
-                            f"{topk!r}") from None
-        if value < 1:
-            raise ValueError(f"topk must be positive (k >= 1), got {topk!r}")
-        return value
+        return _check_int("topk", k, 1, "a positive int or a non-empty sequence of them (e.g. (1, 5))", below=None)
 
     if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence):
         return [as_k(topk)], True

@@ -11,13 +11,13 @@ copied (each tile is converted and normalised on its own).
 from __future__ import annotations
 
 import math
-import operator
 from numbers import Real
 from typing import NamedTuple
 
 import torch
 
-from .functional import _check_device, _check_bool, _check_dense, _check_indices, _check_label_tensor, _check_tensor
+from .functional import (_check_bool, _check_dense, _check_device, _check_indices, _check_int, _check_label_tensor,
+                         _check_tensor)
 from . import metrics as _metrics
 from .metrics import _compute_dtype, _tile_shape, _unit, _wide
 
@@ -31,19 +31,6 @@ class MinedNegatives(NamedTuple):
     """(B, k): the similarities of the rows picked, most similar first; -inf where fewer than k rows were left."""
     indices: torch.Tensor
     """(B, k) int64: the bank rows picked; -1 (info_nce's padding) where fewer than k rows were left."""
-
-
-def _check_k(k: object) -> int:
-    if isinstance(k, bool) or (isinstance(k, torch.Tensor) and (k.dtype == torch.bool or k.dim() != 0)):
-        raise TypeError(f"k must be a non-negative int (the negatives to pick per anchor), got {k!r}")
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be a non-negative int (the negatives to pick per anchor), got "
-                        f"{type(k).__name__}") from None
-    if not 0 <= value < 2**62:
-        raise ValueError(f"k must be a non-negative int below 2^62 (the negatives to pick per anchor), got {value}")
-    return value
 
 
 def _check_max_similarity(bound: object, anchors: torch.Tensor) -> torch.Tensor | float | None:
@@ -186,7 +173,7 @@ def _checked(anchors, bank, k, normalize, labels, bank_labels, exclude_indices, 
     M = bank.shape[0]
     if bank.shape[1] != d:
         raise ValueError(f"bank must have shape (M, d) with the anchors' d = {d}, got {tuple(bank.shape)}")
-    k = _check_k(k)
+    k = _check_int("k", k, 0, "a non-negative int (the negatives to pick per anchor)")
     normalize = _check_bool("normalize", normalize)
     if (labels is None) != (bank_labels is None):
         given, missing = ("labels", "bank_labels") if bank_labels is None else ("bank_labels", "labels")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
+
+from .functional import _check_int
 
 # the key dtypes the queue takes (and its constructor's dtype argument)
 _KEY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -72,7 +72,8 @@ class NegativeQueue(torch.nn.Module):
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None,
                  labels: bool = False) -> None:
         super().__init__()
-        size, dim = _positive_int("size", size), _positive_int("dim", dim)
+        # (no upper bound here: size x dim is checked against what one tensor can address below)
+        size, dim = (_check_int(name, v, 1, "a positive int", below=None) for name, v in (("size", size), ("dim", dim)))
         if dtype not in _KEY_DTYPES:  # the dtypes info_nce takes
             raise TypeError(f"dtype must be torch.float32, float64, float16 or bfloat16, got {dtype!r}")
         if not isinstance(labels, bool):
@@ -396,18 +397,3 @@ def _usable_device(device: object) -> torch.device | None:
     except (AssertionError, RuntimeError) as e:
         raise ValueError(f"device {device!r} cannot hold the queue here: {e}") from None
     return parsed
-
-
-def _positive_int(name: str, value: object) -> int:
-    """value as an int (Python or numpy integers, 0-d integer tensors: operator.index), checked >= 1: TypeError for
-    a value that is not an integer (a float such as 2.0, a bool, a string), ValueError for one below 1, as torch
-    tells them apart."""
-    try:
-        n = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        n = None
-    if n is None:
-        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return n

@@ -306,11 +306,12 @@ def test_strided_inputs():
 
 
 @pytest.mark.parametrize("topk, error, match", [
-    (0, ValueError, "topk must be positive"), (-1, ValueError, "topk must be positive"),
-    ([1, 0], ValueError, "topk must be positive"), ((), ValueError, "non-empty sequence"),
+    (0, ValueError, "topk must be a positive int"), (-1, ValueError, "topk must be a positive int"),
+    ([1, 0], ValueError, "topk must be a positive int"), ((), ValueError, "non-empty sequence"),
     (True, TypeError, "topk must be a positive int"), (1.5, TypeError, "topk must be a positive int"),
     ("1", TypeError, "topk must be a positive int"), ((1, None), TypeError, "topk must be a positive int"),
     (None, TypeError, "topk must be a positive int"), (torch.tensor(True), TypeError, "topk must be a positive int"),
+    (torch.tensor([2]), TypeError, r"topk must be .*got a tensor of shape \(1,\)"),
 ])
 def test_bad_topk_is_named(topk, error, match):
     a, p, n, _ = _problem("shared", 4, 6, 3, seed=13)

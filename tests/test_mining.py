@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,7 +381,8 @@ def _bad(**kw):
     ({"k": 2.0}, TypeError, "k must be a non-negative int"),
     ({"k": True}, TypeError, "k must be a non-negative int"),
     ({"k": torch.tensor([2])}, TypeError, "k must be a non-negative int"),
-    ({"k": 2**63}, ValueError, "k must be a non-negative int below 2"),
+    ({"k": 2**63}, ValueError, r"k must be a non-negative int .* below 2\^62"),
+    ({"k": np.True_}, TypeError, "k must be a non-negative int .*got numpy.bool"),
     ({"normalize": 1}, TypeError, "normalize"),
     ({"labels": torch.zeros(4, dtype=torch.int64)}, ValueError, "labels was given without bank_labels"),
     ({"bank_labels": torch.zeros(10, dtype=torch.int64)}, ValueError, "bank_labels was given without labels"),

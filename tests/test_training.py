@@ -417,9 +417,9 @@ def test_queue_bad_input():
         cb.NegativeQueue(3, -1)
     # a value that is not an integer is a TypeError (as torch.zeros(2.0) gives), one below 1 a ValueError
     for size in (True, 2.0, "3", None):
-        with pytest.raises(TypeError, match="size must be a positive integer"):
+        with pytest.raises(TypeError, match="size must be a positive int"):
             cb.NegativeQueue(size, 3)
-    with pytest.raises(TypeError, match="dim must be a positive integer, got float"):
+    with pytest.raises(TypeError, match="dim must be a positive int, got float"):
         cb.NegativeQueue(3, 2.5)
     for dtype in ("float32", torch.int64, torch.float8_e4m3fn):  # (float8 was taken, then refused by info_nce)
         with pytest.raises(TypeError, match="dtype must be torch.float32, float64, float16 or bfloat16"):
