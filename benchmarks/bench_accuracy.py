@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -93,7 +92,7 @@ def main() -> int:
         parser.error(f"--log2k must be comma-separated integers, got {args.log2k!r}")
     if not all(0 <= v <= 30 for v in log2k):
         parser.error(f"--log2k values must be in [0, 30], got {args.log2k}")
-    from contrastbound.benchsuite.report import prepare_out_stem, write_rows_csv
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0
@@ -104,12 +103,11 @@ def main() -> int:
         for method in METHODS:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, str(args.B), str(K), str(args.d),
                    str(args.reps), str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                print(f"{K:>9} {method:>6} failed: {res.stderr.strip().splitlines()[-1:]}")
+            r, error = run_worker(cmd)
+            if r is None:
+                print(f"{K:>9} {method:>6} failed: {error}")
                 failed += 1
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append({"K": K, "method": method, "B": args.B, "d": args.d, "threads": args.threads,
                          "reps": args.reps, **r})
             rate = f"{r['gflops']:7.1f} {r['mm_gflops']:8.1f}" if "gflops" in r else f"{'':7} {'':8}"

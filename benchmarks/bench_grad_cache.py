@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -118,7 +117,7 @@ def main() -> int:
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     if not methods or any(m not in METHODS for m in methods):
         parser.error(f"--methods takes a comma list of {', '.join(METHODS)}, got {args.methods!r}")
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker
 
     args.out = prepare_out_stem(parser, args.out)
     from contrastbound.benchsuite.harness import available_mib
@@ -139,15 +138,12 @@ def main() -> int:
             if method == "plain" and 4 * matrix_mib > plain_limit_mib:
                 row["note"] = (f"not run: the {2 * N} x {2 * N} logits and the copies its step holds need "
                                f"~{4 * matrix_mib / 1024:.1f} GiB, over 0.7 of the memory available")
-                proc = None
             else:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc is None:
-                pass
-            elif proc.returncode:
-                row["note"] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
-            else:
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r, error = run_worker(cmd)
+                if r is None:
+                    row["note"] = "failed: " + error[:100]
+                else:
+                    row.update(r)
             rows.append(row)
             print(f"{N:>7} {method:>10} {row.get('time_s', float('nan')):>8.3f} "
                   f"{row.get('extra_mib', float('nan')):>10.1f}  {row.get('note', '')}", flush=True)

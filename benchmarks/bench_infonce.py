@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -170,7 +169,7 @@ def main() -> int:
     for name in ("B", "d", "threads", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"-{name if len(name) == 1 else '-' + name} must be >= 1, got {getattr(args, name)}")
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker
 
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     rows = []
@@ -189,11 +188,11 @@ def main() -> int:
                 reps = args.reps if K < 2**21 else min(args.reps, 2)  # the largest sizes take tens of seconds each
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", m, str(args.B), str(K), str(args.d),
                        str(reps), str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    row["note"] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                r, error = run_worker(cmd)
+                if r is None:
+                    row["note"] = "failed: " + error[:120]
                 else:
-                    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    row.update(r)
                     if m == "gemm":
                         gemm_rate = row["gflops"]
                     elif gemm_rate:

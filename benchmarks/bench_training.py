@@ -40,7 +40,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -264,7 +263,7 @@ def main() -> int:
         parser.error(f"--mem-fraction must lie in (0, 1], got {args.mem_fraction}")
     if not 0 <= args.min_log2n <= args.max_log2n:
         parser.error(f"need 0 <= --min-log2n <= --max-log2n, got {args.min_log2n} and {args.max_log2n}")
-    from contrastbound.benchsuite.report import prepare_out_stem
+    from contrastbound.benchsuite.report import prepare_out_stem, run_worker
 
     args.out = prepare_out_stem(parser, args.out)  # (before measuring)
     from contrastbound.benchsuite.harness import available_mib
@@ -297,11 +296,11 @@ def main() -> int:
                 else:
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(N), str(args.d),
                            str(args.reps if N < 2**15 else 1), str(args.threads)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode:
-                        row["note"] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
+                    r, error = run_worker(cmd)
+                    if r is None:
+                        row["note"] = "failed: " + error[:100]
                     else:
-                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                        row.update(r)
                 rows.append(row)
                 print(f"{name:>17} {N:>7} {method:>6} {row.get('time_s', float('nan')):>8.3f} "
                       f"{row.get('extra_mib', float('nan')):>10.1f} {row.get('warmup_extra_mib', float('nan')):>11.1f} "
