@@ -100,17 +100,20 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, normalize
 
 
 def _rescaled(x: torch.Tensor) -> torch.Tensor:
-    """x with each row multiplied by 2^-e, e the binary exponent of its largest |entry| (clamped to the dtype's
-    normal range), so that the largest entry lies in [0.5, 1): exact (a power of two), so the rows' directions are
-    unchanged and so are the scale-invariant results, but normalising them then neither overflows (float32 squares
-    past norms of ~1.8e19) nor loses them to F.normalize's eps (norms under 1e-12) nor to underflow. The factor is
-    a constant to autograd; zero rows stay 0. Half rows are scaled in float32 and rounded back (exact but for
-    entries 2^-24 below the row's largest, which float16 cannot hold beside it anyway)."""
+    """x with each row multiplied by 2^-e, e the binary exponent of its largest |entry|, so that the largest entry
+    lies in [0.5, 1): exact (a power of two), so the rows' directions are unchanged and so are the scale-invariant
+    results, but normalising them then neither overflows (float32 squares past norms of ~1.8e19) nor loses them to
+    F.normalize's eps (norms under 1e-12) nor to underflow. 2^-e is applied as two factors, each a normal number:
+    a float64 row of subnormals needs up to 2^1075, past the largest (2^1023 alone left rows under ~1e-320 short of
+    unit length). The factors are constants to autograd; zero rows stay 0. Half rows are scaled in float32 and
+    rounded back (exact but for entries 2^-24 below the row's largest, which float16 cannot hold beside it)."""
     wide = torch.promote_types(x.dtype, torch.float32)
+    bias, mantissa = (1023, 52) if wide == torch.float64 else (127, 23)
     with torch.no_grad():
         _, e = torch.frexp(x.detach().abs().amax(dim=1, keepdim=True).to(wide))
-        if wide == torch.float64:
-            bits = ((1023 - e.to(torch.int64)).clamp(1, 2046) << 52).view(torch.float64)
-        else:
-            bits = ((127 - e).clamp(1, 254) << 23).view(torch.float32)
-    return (x.to(wide) * bits).to(x.dtype)
+        # (the factors' bits: a biased exponent in an integer of the float's width; shift is 0 for zero rows, and
+        # frexp's exponent of inf and NaN, unspecified, is clamped)
+        shift = -e.to(torch.int64 if wide == torch.float64 else torch.int32)
+        first = torch.div(shift, 2, rounding_mode="floor")
+        factors = [((part + bias).clamp(1, 2 * bias) << mantissa).view(wide) for part in (first, shift - first)]
+    return (x.to(wide) * factors[0] * factors[1]).to(x.dtype)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .functional import (
+    _autocast_off,
     _check_bool,
     _check_features,
     _check_indices,
@@ -207,18 +208,22 @@ def _ranks(anchors, positives, negatives, negative_indices, negative_mask, label
         negative_indices = _check_indices("negative_indices", negative_indices, tuple(negative_indices.shape),
                                           "(B, K)", negatives.shape[0], "M", anchors.device, padding=True)
     dtype = _compute_dtype(anchors, positives, *(() if negatives is None else (negatives,)))
-    (a, a_norm), (p, p_norm) = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
-    # (torch.func transforms have no batching rule for the out= variants: fresh tensors there)
-    counts = _Counts(a, p, a_norm, p_norm, use_buffers=not _func_active())
-    if negatives is None:
-        _rank_shared(counts, a, (p, p_norm), None, normalize, negative_mask, pair, True)
-    elif negative_indices is not None:
-        _rank_gathered(counts, a, negatives, negative_indices, None, dtype, normalize)
-    elif negatives.dim() == 3:
-        _rank_gathered(counts, a, negatives, None, negative_mask, dtype, normalize)
-    else:
-        _rank_shared(counts, a, negatives, dtype, normalize, negative_mask, pair, False)
-    return counts.result()
+    # Autocast off: under a caller's torch.autocast (the MoCo step this is called in) the gathered modes' products
+    # ran in bfloat16 / float16, outside the tie band, which is set by the compute dtype (8 of 256 ranks moved at
+    # K = 400, d = 128; the shared bank's out= products were never autocast).
+    with _autocast_off(anchors.device.type):
+        (a, a_norm), (p, p_norm) = _unit(anchors, dtype, normalize), _unit(positives, dtype, normalize)
+        # (torch.func transforms have no batching rule for the out= variants: fresh tensors there)
+        counts = _Counts(a, p, a_norm, p_norm, use_buffers=not _func_active())
+        if negatives is None:
+            _rank_shared(counts, a, (p, p_norm), None, normalize, negative_mask, pair, True)
+        elif negative_indices is not None:
+            _rank_gathered(counts, a, negatives, negative_indices, None, dtype, normalize)
+        elif negatives.dim() == 3:
+            _rank_gathered(counts, a, negatives, None, negative_mask, dtype, normalize)
+        else:
+            _rank_shared(counts, a, negatives, dtype, normalize, negative_mask, pair, False)
+        return counts.result()
 
 
 def _rank_shared(counts: _Counts, a, bank, dtype, normalize, mask, pair, in_batch) -> None:

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from .functional import (_check_bool, _check_dense, _check_device, _check_indices, _check_int, _check_label_tensor,
-                         _check_tensor)
+from .functional import (_autocast_off, _check_bool, _check_dense, _check_device, _check_indices, _check_int,
+                         _check_label_tensor, _check_tensor)
 from . import metrics as _metrics
 from .metrics import _compute_dtype, _tile_shape, _unit, _wide
 
@@ -119,12 +119,12 @@ def mine_hard_negatives(
     picked and shows in the loss rather than being hidden. Which of several rows with the k-th largest similarity
     is picked is unspecified (as in ``torch.topk``); the rows picked are ordered by similarity, then by index.
 
-    ``anchors`` (B, d) and ``bank`` (M, d) are floating tensors on one device; half inputs are compared in float32,
-    and ``values`` has the promoted dtype of the two, at least float32. ``k`` >= 0 (k > M pads). No gradient: the
-    inputs are only read (no need to detach them; inference tensors are not copied). Nothing of size B x M is formed:
-    tiles of at most 2^20 similarities (2^24 on a GPU; wider where k is large) are reduced to their top-k as they are
-    made, so memory is O(B k + tile) and the time that of the (B, M) GEMM plus a top-k pass over the tiles (on the
-    CPU only over the anchors a tile can still change).
+    ``anchors`` (B, d) and ``bank`` (M, d) are floating tensors on one device; half inputs are compared in float32
+    (under ``torch.autocast`` too), and ``values`` has the promoted dtype of the two, at least float32. ``k`` >= 0
+    (k > M pads). No gradient: the inputs are only read (no need to detach them; inference tensors are not copied).
+    Nothing of size B x M is formed: tiles of at most 2^20 similarities (2^24 on a GPU; wider where k is large) are
+    reduced to their top-k as they are made, so memory is O(B k + tile) and the time that of the (B, M) GEMM plus a
+    top-k pass over the tiles (on the CPU only over the anchors a tile can still change).
     """
     # (checked under no_grad: _check_tensor would copy an inference tensor, say a corpus encoded under
     # torch.inference_mode, for autograd to save; nothing here is saved)
@@ -152,7 +152,9 @@ def _mine_op(anchors: torch.Tensor, bank: torch.Tensor, k: int, normalize: bool,
     out of range fails in the scatter)."""
     checked = _checked(anchors, bank, k, normalize, labels, bank_labels, exclude,
                        bound if bound is not None else bound_value, check_range=False)
-    with torch.no_grad():
+    # (autocast off: under a caller's torch.autocast the tiles' GEMM ran in bfloat16 / float16, picking other rows
+    # than the float32 comparison the docstring promises, and rounding the values against max_similarity)
+    with torch.no_grad(), _autocast_off(anchors.device.type):
         return tuple(_mine(*checked))
 
 

@@ -639,3 +639,27 @@ def test_the_docstrings_recipe_across_processes():
                                negative_labels=torch.arange(len(p)), return_ties=True)
         assert torch.equal(got[0], whole[0][mine]) and torch.equal(got[1], whole[1][mine])
         assert 0 < int((got[0] == 0).sum()) < B
+
+
+def _autocast_dtypes(device):
+    """The autocast dtypes a device takes here (float16 on the CPU needs a torch that lists it)."""
+    return [torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_ranks_under_autocast_are_those_without(device, mode):
+    # An audit's case: under torch.autocast(bfloat16) the per-anchor and indexed modes' products ran in bfloat16,
+    # outside the float32 tie band (8 of 256 ranks moved, K = 400, d = 128). The ranks are those of float32 features
+    # whatever the autocast state. (Positives 3.5 sigma from the anchors: ranks spread over 0 .. K.)
+    a, _, n, kw = _problem(mode, 96, 200, 64, dtype=torch.float32, device=device, seed=21)
+    g = torch.Generator().manual_seed(22)
+    p = a + 3.5 * torch.randn(a.shape, generator=g).to(device)
+    want = cb.positive_rank(a, p, n, return_ties=True, **kw)
+    assert 0 < want[0].float().mean() < 150  # (not all at one end)
+    for dtype in _autocast_dtypes(device):
+        with torch.autocast(device, dtype=dtype):
+            got = cb.positive_rank(a, p, n, return_ties=True, **kw)
+            acc = cb.contrastive_accuracy(a, p, n, topk=(1, 5), **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(acc, cb.contrastive_accuracy(a, p, n, topk=(1, 5), **kw))

@@ -410,3 +410,18 @@ def _bad(**kw):
 def test_bad_input_is_refused_by_name(kw, error, match):
     with pytest.raises(error, match=match):
         _bad(**kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_does_not_lower_the_comparison(device):
+    # An audit's case: under torch.autocast(bfloat16) the tiles' GEMM ran in bfloat16 (81 % of the rows a float64
+    # comparison picks, values 1.6e-3 off, max_similarity compared with rounded values). Mining compares in float32
+    # whatever the autocast state: the same rows and values as without it.
+    a, bank = _draw(64, 3000, 128, torch.float32, device, seed=31)
+    bound = torch.full((64,), 0.3, device=device)
+    want = cb.mine_hard_negatives(a, bank, 16, max_similarity=bound)
+    assert want.values.dtype == torch.float32
+    for dtype in [torch.bfloat16] + ([torch.float16] if device == "cuda" else []):
+        with torch.autocast(device, dtype=dtype):
+            got = cb.mine_hard_negatives(a, bank, 16, max_similarity=bound)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
