@@ -14,8 +14,8 @@ The gradients are those of the direct step (the encoders over the whole batch wi
 up to rounding, for any encoder whose output for a sample does not depend on the other samples of its chunk. The
 random state is replayed (the CPU's, and once CUDA is initialised that of the current CUDA device and of every
 device the inputs and the encoder modules' parameters are on), so dropout draws the same masks in pass 3 as in
-pass 1; those are the masks of draws made chunk by chunk, which on CUDA differ from one draw over the whole batch
-(the same distribution, other samples). BatchNorm in training mode depends on the chunk (its statistics are per
+pass 1; those are the masks of draws made chunk by chunk, which on CUDA, and in a torch.compile'd encoder (a seed
+drawn per call), differ from one draw over the whole batch (the same distribution, other samples). BatchNorm in training mode depends on the chunk (its statistics are per
 chunk, and its running statistics are updated in both passes): use a per-sample norm (LayerNorm,
 GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward per step.
 """
@@ -98,6 +98,29 @@ def _chunk(batch: Any, start: int, stop: int) -> Any:
     return type(batch)(values)
 
 
+def _with_leaves(batch: Any, made: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """The batch with each tensor that requires grad and is not a leaf (an embedding layer's inputs_embeds, slices of
+    one upstream output) replaced by a leaf copy (detached, requiring grad), recorded in made (id -> (tensor, leaf);
+    one leaf per tensor however often it is given). Pass 3's chunks backward into the leaves, and one backward at the
+    end carries their gradients into the graph that made the tensors: run per chunk, the first chunk's backward freed
+    that graph and the second raised "Trying to backward through the graph a second time"."""
+    def leaf(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or not v.requires_grad or v.grad_fn is None:
+            return v
+        if id(v) not in made:
+            made[id(v)] = (v, v.detach().requires_grad_(True))
+        return made[id(v)][1]
+
+    if isinstance(batch, torch.Tensor):
+        return leaf(batch)
+    if isinstance(batch, Mapping):
+        return {k: leaf(v) for k, v in batch.items()}
+    values = [leaf(v) for v in batch]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*values)
+    return type(batch)(values)
+
+
 def _call(encoder: Callable, chunk: Any) -> Any:
     if isinstance(chunk, Mapping):
         return encoder(**chunk)
@@ -171,7 +194,9 @@ def grad_cache(
             every rank must then split the same number of chunks.
         inputs: one batch per encoder: a tensor (``encoder(x)``), a tuple / list (``encoder(*x)``) or a dict
             (``encoder(**x)``, as tokenizers give). Its tensors are split along dim 0 and must agree in length;
-            other values go to every chunk unchanged.
+            other values go to every chunk unchanged. A tensor may come from an upstream graph (inputs_embeds):
+            its gradient, accumulated over the chunks, goes through that graph once at the end. A non-leaf tensor
+            that an encoder captures instead (not given here) raises at the second chunk's backward.
         chunk_size: rows per encoder call (one int, or one per input); the last chunk may be shorter.
 
     Each encoder must return a tensor whose dim 0 is the chunk's length (wrap a model that returns a tuple or an
@@ -259,6 +284,9 @@ def grad_cache(
 
     # pass 3: each chunk again, with a graph, backward from its slice of the cached gradient
     replayed = [f.grad is not None for f in features]
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    inputs = [_with_leaves(x, made) if replayed[i] else x for i, x in enumerate(inputs)]
+    backwards = 0  # (chunk backwards run so far)
     # a DDP encoder synchronises in the last chunk it runs backward for (its last input that is replayed)
     last_use = {id(e): i for i, e in enumerate(encoder_list) if replayed[i]}
     unsynced: dict[int, tuple[int, int]] = {}  # DDP encoder -> its last chunk whose backward ran under no_sync
@@ -277,7 +305,8 @@ def grad_cache(
                     out = _call(encoder, _chunk(x, lo, hi))
                     if out.requires_grad:  # (a chunk may have no graph where others do: data-dependent paths)
                         any_graph = True
-                        out.backward(grad[lo:hi])
+                        _chunk_backward(out, grad[lo:hi], i, backwards)
+                        backwards += 1
                         if deferred:
                             unsynced[id(encoder)] = (i, j)
                         else:
@@ -299,6 +328,28 @@ def grad_cache(
                     "torch.no_grad() outside grad_cache and give them to loss_fn, which saves its second forward",
                     stacklevel=2,
                 )
+        if made:  # the non-leaf inputs' gradients, accumulated over the chunks, into the graph that made them
+            pairs = [(t, leaf.grad) for t, leaf in made.values() if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     finally:
         after.restore()
     return loss.detach()
+
+
+def _chunk_backward(out: torch.Tensor, grad: torch.Tensor, i: int, earlier: int) -> None:
+    """out.backward(grad), with the error of an encoder that reaches a graph built before grad_cache through a
+    tensor it captures (not one given in inputs, which _with_leaves handles): the first chunk's backward freed it.
+    earlier: how many chunk backwards ran before this one (of any input)."""
+    try:
+        out.backward(grad)
+    except RuntimeError as e:
+        if earlier == 0 or "backward through the graph a second time" not in str(e):
+            raise
+        raise RuntimeError(
+            f"grad_cache: encoders[{i}] reaches a graph built before grad_cache through a tensor that requires grad "
+            "and is not a leaf, captured by the encoder rather than given in inputs; an earlier chunk's backward "
+            "freed that graph. Compute it inside the encoder (or detach it where no gradient should reach its "
+            "graph); tensors given in inputs may be non-leaves (their gradients go through their graph once, after "
+            "the chunks)"
+        ) from e

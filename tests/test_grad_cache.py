@@ -265,6 +265,69 @@ def test_inputs_that_require_grad_and_existing_grads_accumulate():
         torch.testing.assert_close(a, 2 * b, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("form", ["tensor", "slices", "dict", "same_tensor_twice"])
+def test_non_leaf_inputs_from_an_upstream_graph(form):
+    # An audit's case: an input made by an upstream module (an embedding layer's inputs_embeds, slices of one
+    # output) failed in the second chunk's backward ("Trying to backward through the graph a second time": the
+    # first freed the upstream graph). Such inputs become leaves for the chunks, and their accumulated gradients go
+    # through the upstream graph once, after them: the direct step's gradients, upstream module included.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    mask = torch.ones(11, 1, dtype=torch.float64)
+
+    def run(cached: bool):
+        torch.manual_seed(3)
+        up = torch.nn.Linear(3, 2 * D_IN).double()
+        enc = _encoder(5, dropout=0.0)
+        h = up(x)
+        if form == "tensor":
+            inputs, encoders = [h[:, :D_IN], h[:, :D_IN] * 2], enc  # (two non-leaves of one graph)
+        elif form == "slices":
+            inputs, encoders = [h[:, :D_IN], h[:, D_IN:]], enc
+        elif form == "dict":
+            inputs = [{"z": h[:, :D_IN], "m": mask}, {"z": h[:, D_IN:], "m": mask}]
+            encoders = lambda z, m: enc(z * m)  # noqa: E731
+        else:
+            inputs, encoders = [h[:, :D_IN]] * 2, enc  # (one tensor given twice: one leaf for both)
+        loss_fn = lambda a, b: cb.nt_xent(a, b, 0.5)  # noqa: E731
+        if cached:
+            loss = cb.grad_cache(loss_fn, encoders, inputs, chunk_size=4)
+        else:
+            feats = [encoders(**i) if isinstance(i, dict) else encoders(i) for i in inputs]
+            loss = loss_fn(*feats)
+            loss.backward()
+        return loss, _grads(up, enc)
+
+    (loss_d, grads_d), (loss_c, grads_c) = run(False), run(True)
+    torch.testing.assert_close(loss_c, loss_d.detach(), rtol=1e-12, atol=0)
+    assert all(gr.abs().sum() > 0 for gr in grads_d[:2])  # (the upstream module gets a gradient)
+    for g_c, g_d in zip(grads_c, grads_d):
+        torch.testing.assert_close(g_c, g_d, rtol=1e-10, atol=1e-13)
+
+
+def test_an_encoder_capturing_a_non_leaf_tensor_is_told_what_to_do():
+    # A tensor of an upstream graph captured by the encoder (not given in inputs) cannot be made a leaf: the second
+    # chunk backward finds its graph freed; the error says so and what to do, instead of autograd's own.
+    up = torch.nn.Linear(3, D_OUT).double()
+    enc = _encoder(6, dropout=0.0)
+    x1, x2 = _data(8)
+
+    def encoder():  # (a fresh upstream graph per call: a failed call has freed the last one)
+        offset = up(torch.ones(1, 3, dtype=torch.float64))
+        return lambda z: enc(z) + offset
+
+    with pytest.raises(RuntimeError, match=r"encoders\[0\] reaches a graph built before grad_cache .* Compute it "
+                                           "inside the encoder"):
+        cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), encoder(), [x1, x2], chunk_size=3)
+    # the first chunk of a second input is a second backward too
+    with pytest.raises(RuntimeError, match=r"encoders\[1\] reaches a graph built before grad_cache"):
+        cb.grad_cache(lambda a, b: cb.nt_xent(a, b, 0.5), encoder(), [x1[:3], x2[:3]], chunk_size=3)
+    # one input in one chunk has no second backward: it works, and the upstream module gets its gradient
+    up.zero_grad()
+    cb.grad_cache(lambda a: cb.info_nce(a, a.flip(0)), encoder(), [x1[:3]], chunk_size=3)
+    assert up.weight.grad.abs().sum() > 0
+
+
 def test_a_frozen_encoder_and_features_the_loss_ignores():
     """LiT-style: a locked image tower (no parameter requires grad) gets no gradient, and a warning that says how to
     save its second forward; features the loss does not use run no replay at all."""
