@@ -105,6 +105,21 @@ def test_any_row_scale_gives_the_same_values_and_gradients(dtype, scale):
                                atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype, exponent", [(torch.float64, -1074), (torch.float32, -149)])
+def test_rows_of_subnormals_are_rows_like_any_other(dtype, exponent):
+    # An audit's case: a float64 row whose largest entry is under ~1e-320 needs a factor past 2^1023 (the largest
+    # float64) to reach [0.5, 1); one factor clamped there left it under F.normalize's eps (uniformity -2.78 where
+    # the rows' directions give -2.51). Integer rows times the smallest subnormal are exact: scaled by two factors
+    # they are the integer rows' scaled rows, bit for bit, and so are the results.
+    g = torch.Generator().manual_seed(3)
+    m = torch.randint(-50, 51, (7, 5), generator=g).to(dtype)
+    m[2] = 0  # (a zero row stays zero)
+    tiny = m * 2.0 ** exponent
+    assert tiny.abs().max() < torch.finfo(dtype).tiny and torch.equal(tiny / 2.0 ** exponent, m)  # (exact subnormals)
+    assert torch.equal(cb.uniformity(tiny), cb.uniformity(m))
+    assert torch.equal(cb.alignment(tiny[:4], tiny[3:]), cb.alignment(m[:4], m[3:]))
+
+
 def test_large_t_in_float64_and_its_float32_rounding():
     # the exponents 2 t (s - 1) carry the dot products' rounding times 2 t (documented): a collapse is 0 to
     # ~t d eps, in float64 to 1e-9 at t = 1e6, in float32 only to ~0.1 there
