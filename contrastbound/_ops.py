@@ -8,6 +8,8 @@ negatives' gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend
@@ -85,6 +87,23 @@ def _lean_autograd_parts():
     return guard, below, any_requires_grad
 
 
+def without_autocast(backward):
+    """backward, run with autocast off on its gradients' device. Autograd runs a backward under the autocast state
+    of the thread that called .backward(): called inside the caller's torch.autocast, the torch products of the
+    backward formulas ran in bfloat16 / float16 (bank_cross_entropy's half-bank target rows: 2.4e-2 off float64
+    where 2.3e-3 with backward outside; label smoothing's mean-row terms likewise). Every backward registered here
+    and in functional goes through this, so where backward is called does not change a bit."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        from .functional import _autocast_off  # (functional imports this module)
+
+        device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
+        with _autocast_off(device):
+            return backward(ctx, *grads)
+
+    return run
+
+
 def register_autograd(qualname: str, backward, setup_context) -> None:
     """torch.library.register_autograd(qualname, backward, setup_context=setup_context), at less cost per call.
 
@@ -97,6 +116,7 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
     keyword-only arguments, torch.library.register_autograd itself is registered."""
     ns, name = qualname.split("::")
     op = getattr(getattr(torch.ops, ns), name).default
+    backward = without_autocast(backward)
     parts = _lean_autograd_parts()
     schema = op._schema
     if parts is None or not hasattr(op, "redispatch") or any(a.kwarg_only for a in schema.arguments):

@@ -767,7 +767,8 @@ def _attach_scale_grad_backward(ctx, grad):
     return grad, (grad * dloss_dscale).sum(), None
 
 
-_attach_scale_grad.register_autograd(_attach_scale_grad_backward, setup_context=_attach_scale_grad_setup)
+_attach_scale_grad.register_autograd(_ops.without_autocast(_attach_scale_grad_backward),
+                                     setup_context=_attach_scale_grad_setup)
 
 
 @torch.library.custom_op("contrastbound::loss_and_lse", mutates_args=())
@@ -860,7 +861,8 @@ def _loss_and_lse_backward(ctx, grad_loss, grad_lse):
     return (None, None, ga if need[0] else None, gp if need[1] else None, gn if need[2] else None) + (None,) * 10
 
 
-_loss_and_lse.register_autograd(_loss_and_lse_backward, setup_context=_loss_and_lse_setup)
+_loss_and_lse.register_autograd(_ops.without_autocast(_loss_and_lse_backward),
+                                setup_context=_loss_and_lse_setup)
 
 
 def _bank_rows_impl(anchors: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, scale_tensor: torch.Tensor | None,
@@ -1049,7 +1051,8 @@ def _bank_rows_backward(ctx, grad_loss, grad_lse, grad_term, grad_loss_bwd, grad
     return (ga if need_a else None), (gn if need_bank else None), None, None, None, None, None, None
 
 
-_bank_rows_fwd.register_autograd(_bank_rows_backward, setup_context=_bank_rows_setup)
+_bank_rows_fwd.register_autograd(_ops.without_autocast(_bank_rows_backward),
+                                 setup_context=_bank_rows_setup)
 _ops.register_bank_rows_flops()  # (FlopCounterMode)
 
 

@@ -2807,6 +2807,33 @@ def test_autocast_matches_float32(dtype):
     assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * abs(ref.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("learn_t", [False, True])
+def test_bank_cross_entropy_backward_inside_autocast_is_the_one_outside(dtype, smoothing, learn_t):
+    # An audit's case: backward() called inside torch.autocast ran the half bank's target-row recomputation
+    # (functional._target_rows_gradient) in bfloat16: the bank gradient 2.4e-2 off float64 where it is 2.3e-3
+    # without autocast (4.7e-2 with a learnable temperature). Where backward runs must not matter: the same bits.
+    g = torch.Generator().manual_seed(23)
+    a0 = torch.randn(24, 32, generator=g).to(dtype)
+    w0 = torch.randn(200, 32, generator=g).to(dtype)
+    t = torch.randint(0, 200, (24,), generator=g)
+
+    def grads(inside: bool):
+        a, w = a0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        temp = torch.tensor(0.1, requires_grad=True) if learn_t else 0.1
+        with torch.autocast("cpu", dtype=dtype):
+            loss = cb.bank_cross_entropy(a, w, t, temperature=temp, normalize=True, label_smoothing=smoothing)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return a.grad, w.grad, (temp.grad if learn_t else None)
+
+    for got, want in zip(grads(True), grads(False)):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("row", [0, 1500, 4095])
 @pytest.mark.parametrize("route", ["shared", "lse_without_positive", "bank_cross_entropy", "in_batch", "nt_xent", "clip"])
