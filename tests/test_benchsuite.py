@@ -296,6 +296,7 @@ _BAD_BENCH_ARGS = [
     ["--out", "/proc/contrastbound-x"],
     # (an audit's: "," ran everything; methods that serve none of the modes left the GEMM row alone, exit 0)
     ["--modes", ","], ["--methods", ","], ["--modes", "shared", "--methods", "fused-ntxent,open_clip"],
+    ["--device", ","], ["--device", ""],  # (a CLI audit's: measured on the default devices, exit 0)
     ["--k-min", "30"],  # above the default --k-max: an empty sweep with exit status 0 before
     # (argparse named the type functions, "invalid _parse_ks value", "invalid <lambda> value"; 2^70 ran as
     # skipped rows with exit status 0)

@@ -838,6 +838,48 @@ def test_sigterm_takes_the_ctrl_c_path_then_goes_to_the_previous_handler(tmp_pat
     assert "interrupted during toy (SIGTERM)" in capsys.readouterr().err
 
 
+def test_a_second_sigterm_while_the_report_is_written_acts_at_once(tmp_path, monkeypatch):
+    # As documented: after a SIGTERM interruption a second SIGTERM goes to the previous handler at once (by default
+    # it ends the process), not held until the report is written (a CLI audit: the process ran on until the report
+    # was done, held by _HeldSignals). A recording handler stands in for the default one.
+    import signal
+    import time
+
+    from contrastbound import reproduce
+
+    def sigterm_then_wait(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the handler
+        pytest.fail("SIGTERM did not interrupt the experiment")
+
+    received, at_render = [], []
+
+    def recorder(signum, frame):
+        received.append(signum)
+
+    real_render = reproduce.render_html
+
+    def render_with_a_second_sigterm(title, *args, **kwargs):
+        if title == "contrastbound reproduce: report":  # (the report, not the placeholder written before the runs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # (a Python handler runs at the next bytecode boundary)
+            at_render.extend(received)
+        return real_render(title, *args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, recorder)
+    try:
+        real = reproduce._runner
+        monkeypatch.setattr(reproduce, "_runner", lambda name: sigterm_then_wait if name == "toy" else real(name))
+        monkeypatch.setattr(reproduce, "render_html", render_with_a_second_sigterm)
+        with pytest.raises(reproduce.Terminated):
+            reproduce.main(["toy", "--tiny", "--no-progress", "--out", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert at_render == [signal.SIGTERM]  # the second one, delivered while the report was being written
+    assert received == [signal.SIGTERM, signal.SIGTERM]  # then main()'s own, after the report
+    assert "INTERRUPTED (SIGTERM) during toy" in (tmp_path / "report.md").read_text()
+
+
 def test_sigterm_ends_the_command_by_sigterm_after_writing_the_report(tmp_path):
     # The real process (about 10 s, mostly imports): the placeholder is there while the experiment runs, and
     # after SIGTERM the report of what ran replaces it and the process ends by SIGTERM (status 143 in a shell).

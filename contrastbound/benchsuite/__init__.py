@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device: unknown {bad}; choose from cpu, cuda")
     if not args.dtype:
         parser.error("--dtype: give at least one of float32, bfloat16, float16, float64")
+    if args.device is not None and not args.device:  # (--device , or "": not the default, which leaving it out gives)
+        parser.error("--device: give at least one of cpu, cuda")
     for name, values in (("-B/--batch", args.batch), ("-d/--dim", args.dim)):
         if not values or min(values) < 1:
             parser.error(f"{name} must be positive integers, got {values}")

@@ -79,10 +79,13 @@ class _HeldSignals:
         if signum not in self._pending:
             self._pending.append(signum)
 
-    def hold(self) -> None:
+    def hold(self, unheld: tuple[int, ...] = ()) -> None:
+        """unheld: signals left as they are (after a SIGTERM interruption, SIGTERM: its second acts at once)."""
         if not self._main or self._saved:
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if sig in unheld:
+                continue
             previous = signal.getsignal(sig)
             if previous not in (signal.SIG_IGN, None):  # (None: a handler not installed from Python)
                 self._saved[sig] = previous
@@ -175,7 +178,10 @@ def _run_held(experiments, out, settings, dev, seed, show_progress, log, held: _
                 sec = _runner(e)(settings, out, seed=seed, device=dev, show_progress=show_progress)
             held.hold()
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one failure must not cost the report
-            held.hold()
+            # (after a SIGTERM interruption SIGTERM is not held: sigterm_as_interrupt has put the previous handler
+            # back, so a second SIGTERM while the report is written acts at once, as documented; it was held, and
+            # acted only once the report was done)
+            held.hold(unheld=(signal.SIGTERM,) if isinstance(exc, Terminated) else ())
             walls[e] = time.perf_counter() - t0
             if isinstance(exc, KeyboardInterrupt):
                 # Ctrl-C (or SIGTERM, under main()): the report is still written (marked), so that no placeholder
