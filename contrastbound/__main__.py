@@ -91,6 +91,14 @@ def exit_from_cli(fn, argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         raise  # (not reached where SIGINT ends the process)
+    except BrokenPipeError:
+        # the reader went away (`contrastbound bench --list-methods | head`): end quietly, as coreutils do under
+        # SIGPIPE, instead of a traceback; stdout to /dev/null so that the flush at exit does not raise again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # (a replaced stdout without a file descriptor)
+            pass
+        sys.exit(128 + signal.SIGPIPE)
     sys.exit(code)
 
 

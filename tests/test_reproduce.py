@@ -1107,3 +1107,27 @@ def test_version_takes_no_arguments(capsys):
 
     assert cli(["--version", "extra"]) == 2 and "takes no arguments" in capsys.readouterr().err
     assert cli(["--version"]) == 0 and capsys.readouterr().out.startswith("contrastbound ")
+
+
+def test_cli_output_into_a_closed_pipe_ends_without_a_traceback():
+    # `contrastbound bench --list-methods | head` printed BrokenPipeError's traceback (a CLI audit): a reader that
+    # goes away ends the command quietly with SIGPIPE's shell status (141), as coreutils end. The child writes more
+    # than a pipe holds, so that its writes meet the closed pipe whatever the timing.
+    import signal
+    import subprocess
+
+    script = (
+        "from contrastbound.__main__ import exit_from_cli\n"
+        "def chatty(argv):\n"
+        "    for i in range(100000):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "exit_from_cli(chatty, [])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=package_env(), cwd=PACKAGE_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "line 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, err[-500:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-500:]
