@@ -593,6 +593,15 @@ def _func_active() -> bool:
     return bool(getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)())
 
 
+def _batched(t: torch.Tensor) -> bool:
+    """Whether t is batched by a vmap: functorch's (torch.func.vmap, jacrev) or the legacy one that backward uses
+    for is_grads_batched and jacobian(vectorize=True), under which no interpreter is on functorch's stack. An
+    in-place write of a batched tensor into an unbatched buffer is refused there. (Private predicates, read with a
+    default: where this torch lacks one, False.)"""
+    functorch = torch._C._functorch
+    return any(getattr(functorch, name, lambda _: False)(t) for name in ("is_batchedtensor", "is_legacy_batchedtensor"))
+
+
 def _exporting() -> bool:
     """Whether torch.export is tracing (strict or not); False on a torch without torch.compiler.is_exporting."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
@@ -996,7 +1005,10 @@ def _add_mean_row_gradient(ga, gn, anchors, bank, mean, grad_loss, scale, normal
                     part.addcmul_(b, -(radial * inv)[:, None])
                     part.addcmul_(inv[:, None], u[None, :])
                 else:  # a half bank's widened chunk, reused (mixed-type addcmul_ took twice the time)
-                    part.add_(b_acc.mul_(-radial[:, None]).add_(u).mul_(inv[:, None]))
+                    # (under vmap, a batched backward (is_grads_batched, jacobian(vectorize=True)), radial is
+                    # batched and b_acc is not: an in-place product of the two is refused, a new one is not)
+                    scaled = b_acc * -radial[:, None] if _func_active() or _batched(u) else b_acc.mul_(-radial[:, None])
+                    part.add_(scaled.add_(u).mul_(inv[:, None]))
         else:
             gn.add_(u)
     return ga
@@ -2207,7 +2219,11 @@ class _BankLabelSums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         bank, at = ctx.saved_tensors
-        grad = torch.empty_like(bank, memory_format=torch.contiguous_format)
+        # Under vmap (a batched backward: is_grads_batched, jacobian(vectorize=True)) grad_out is batched and a
+        # buffer made here is not, so writing slices into it is refused: the slices are joined at the end there
+        # (twice the (K, d) memory for a moment), written in place otherwise.
+        batched = _func_active() or _batched(grad_out)
+        grad = [] if batched else torch.empty_like(bank, memory_format=torch.contiguous_format)
         for k0 in range(0, bank.shape[0], ctx.step):
             g = grad_out.index_select(0, at[k0 : k0 + ctx.step]).to(ctx.dtype)
             if ctx.normalize:
@@ -2217,7 +2233,12 @@ class _BankLabelSums(torch.autograd.Function):
                 r = b / clamped
                 radial = (r * g).sum(-1, keepdim=True) * (norm >= 1e-12)  # (none where the norm was clamped)
                 g = (g - radial * r) / clamped
-            grad[k0 : k0 + ctx.step] = g
+            if batched:
+                grad.append(g)
+            else:
+                grad[k0 : k0 + ctx.step] = g
+        if batched:
+            grad = torch.cat(grad) if grad else torch.zeros_like(bank, dtype=ctx.dtype)
         return grad, None, None, None, None, None, None
 
 

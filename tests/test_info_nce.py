@@ -2807,6 +2807,26 @@ def test_autocast_matches_float32(dtype):
     assert abs(loss_half_bank.float().item() - ref.item()) <= TOL[dtype] * abs(ref.item())
 
 
+@pytest.mark.parametrize("bank_dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bank_cross_entropy_smoothing_under_a_batched_backward(bank_dtype, normalize):
+    # An audit's case: a batched backward (jacobian(vectorize=True), is_grads_batched) with label smoothing scaled a
+    # half bank's widened chunk, unbatched, in place by a batched factor ("vmap: aten::mul_ ... is not possible").
+    # The vectorized Jacobian is the one computed row by row.
+    g = torch.Generator().manual_seed(42)
+    a = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64).to(bank_dtype)
+    t = torch.tensor([0, 3, 5, 1])
+
+    def per_anchor(bank):
+        return cb.bank_cross_entropy(a, bank, t, 0.5, normalize=normalize, label_smoothing=0.1, reduction="none")
+
+    want = torch.autograd.functional.jacobian(per_anchor, w)
+    got = torch.autograd.functional.jacobian(per_anchor, w, vectorize=True)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("learn_t", [False, True])

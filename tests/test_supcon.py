@@ -781,3 +781,25 @@ def test_near_equal_rows_of_one_label_get_float32_accurate_gradients():
     norm = float(row.norm())
     assert (gf.double() - wf).abs().max() < 16 * EPS32 * s / (N * norm)
     assert (gb.double() - wb).abs().max() < 16 * EPS32 * s / ((N + K) * norm)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bank_gradient_under_a_batched_backward(normalize):
+    # An audit's case: a batched backward (is_grads_batched, jacobian(vectorize=True), gradcheck's
+    # check_batched_grad) through the labelled bank's sums wrote batched slices into an unbatched buffer ("vmap:
+    # aten::copy_ ... is not possible"). The vectorized Jacobian is the one computed row by row.
+    g = torch.Generator().manual_seed(41)
+    f = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    bank = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    bank_labels = torch.tensor([0, 1, 2, 1, 3])
+
+    def per_anchor(b):
+        return cb.supcon_loss(f, labels, 0.5, bank=b, bank_labels=bank_labels, normalize=normalize, reduction="none")
+
+    want = torch.autograd.functional.jacobian(per_anchor, bank)
+    got = torch.autograd.functional.jacobian(per_anchor, bank, vectorize=True)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda b: per_anchor(b).sum(), bank.clone().requires_grad_(True),
+                                    check_batched_grad=True)
