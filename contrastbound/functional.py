@@ -2445,10 +2445,16 @@ def siglip_loss(
     if process_group is not None:
         from .distributed import gather_with_local_first
 
-        # every rank's texts, this rank's first: text i is still image i's positive
-        texts = gather_with_local_first(y, process_group, name="text_features (normalised, in the accumulation "
-                                        "dtype)", call=10, normalize=normalize, temperature=scale,
-                                        options=(("logit_bias", bias),))
+        # every rank's texts, this rank's first: text i is still image i's positive. Gathered in the promoted dtype
+        # (as nt_xent's and clip_loss's), then widened and normalised as y: gathered once in the accumulation dtype,
+        # ranks with float16 and float32 features passed the exchange's dtype check (a distributed audit), and
+        # each computed its own loss in its own dtype
+        texts = gather_with_local_first(text.to(compute), process_group, name="text_features (in the "
+                                        "promoted dtype of image_features and text_features)", call=10,
+                                        normalize=normalize, temperature=scale, options=(("logit_bias", bias),))
+        texts = texts.to(acc)
+        if normalize:
+            texts = F.normalize(texts, dim=-1, eps=1e-12)
     if _siglip_kernel_serves(x.device) and not _needs_reference(x, texts, st, bt):
         negatives = torch.ops.contrastbound.siglip_fwd(x, texts, st, bt)  # (the op keeps autocast out itself)
     else:

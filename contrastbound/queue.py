@@ -162,7 +162,8 @@ class NegativeQueue(torch.nn.Module):
         elif keys["ptr"] is not None and keys["filled"] is not None:
             faults = {_level_fault(keys["ptr"]), _level_fault(keys["filled"])} - {None}
             if "count" in faults:
-                problem = "ptr and filled must hold one value each"
+                problem = (f"ptr and filled must hold one value each, of shape () or (1,), got shapes "
+                           f"{tuple(keys['ptr'].shape)} and {tuple(keys['filled'].shape)}")
             elif "dtype" in faults:
                 problem = f"ptr and filled must be integer tensors, got {keys['ptr'].dtype} and {keys['filled'].dtype}"
             elif "meta" in faults:
@@ -350,9 +351,11 @@ class NegativeQueue(torch.nn.Module):
 
 
 def _level_fault(v: torch.Tensor) -> str | None:
-    """Why a state's ptr or filled tensor cannot be read as a level: "count" (not one value), "dtype" (not an
-    integer type) or "meta" (no value), the first that applies; None where it can."""
-    if v.numel() != 1:
+    """Why a state's ptr or filled tensor cannot be read as a level: "count" (not one value of shape () or (1,),
+    the shapes torch's load copies into the 0-d buffer: a (1, 1) one passed here, then failed torch's shape check
+    after the other buffers were copied), "dtype" (not an integer type) or "meta" (no value), the first that
+    applies; None where it can."""
+    if v.numel() != 1 or v.dim() > 1:
         return "count"
     if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
         return "dtype"

@@ -1271,7 +1271,11 @@ def _siglip_worker(rank, world):
                  lambda: cb.siglip_loss(x, y, -1.0 if rank == 1 else 6.0, process_group=w),
                  lambda: cb.siglip_loss(x, y, normalize=rank == 0, process_group=w),
                  lambda: cb.siglip_loss(x, y, 6.0, -3.0 - rank, process_group=w),
-                 lambda: cb.siglip_loss(x, y, s, torch.tensor(-3.0 - rank, requires_grad=True), process_group=w)):
+                 lambda: cb.siglip_loss(x, y, s, torch.tensor(-3.0 - rank, requires_grad=True), process_group=w),
+                 # (a distributed audit's: float16 on one rank and float32 on another passed, compared after the
+                 # widening to float32, and each rank computed in its own dtype)
+                 lambda: cb.siglip_loss(*(v.detach().to(torch.float16 if rank else torch.float32) for v in (x, y)),
+                                        process_group=w)):
         try:
             call()
             errors.append(None)
@@ -1312,7 +1316,9 @@ def test_siglip_over_the_global_batch_matches_single_process(world):
         assert_close_scaled(got[2], gy[_slices(sizes, rank)], 1e-11, f"rank {rank} text grad")
     want = ["temperature (or logit scale) must be the same", "refused", "normalize must be the same",
             "logit_bias must be the same on every rank of process_group, got rank 0: -3; rank 1: -4",
-            "logit_bias must be the same on every rank of process_group, got rank 0: -3; rank 1: -4"]
+            "logit_bias must be the same on every rank of process_group, got rank 0: -3; rank 1: -4",
+            "text_features (in the promoted dtype of image_features and text_features) must have the same shape "
+            "past the first dimension and the same dtype on every rank"]
     for rank in range(world):
         got = results[rank]["errors"]
         assert len(got) == len(want), got

@@ -752,11 +752,26 @@ def test_queue_absent_from_a_checkpoint_is_left_to_strict():
         model.load_state_dict(state)
 
 
-def test_queue_load_state_dict_refuses_positions_of_several_values():
-    state = cb.NegativeQueue(4, 2).state_dict()
-    state["ptr"], state["filled"] = torch.tensor([1, 1]), torch.tensor([1, 1])
-    with pytest.raises(RuntimeError, match="ptr and filled must hold one value each; nothing was loaded"):
-        cb.NegativeQueue(4, 2).load_state_dict(state)
+@pytest.mark.parametrize("bad", ["ptr", "filled", "both"])
+@pytest.mark.parametrize("shape", [(2,), (1, 1)])
+def test_queue_load_state_dict_refuses_positions_of_several_values_or_dims(bad, shape):
+    # A (1, 1) position passed the one-value check, then failed torch's shape check after the keys and the other
+    # position were copied: a queue with ptr 4 and filled 3 that every later use refused (a queue audit). Refused
+    # whole now: the queue keeps its keys and positions. ((1,) loads, as torch copies it into the 0-d buffer.)
+    q = cb.NegativeQueue(5, 2)
+    q.enqueue(torch.full((4, 2), 9.0))
+    src = cb.NegativeQueue(5, 2)
+    src.enqueue(torch.ones(3, 2))
+    state = src.state_dict()
+    for name in (("ptr", "filled") if bad == "both" else (bad,)):
+        state[name] = torch.full(shape, 3)
+    with pytest.raises(RuntimeError, match=r"ptr and filled must hold one value each, of shape \(\) or \(1,\), "
+                                           r"got shapes .*; nothing was loaded"):
+        q.load_state_dict(state)
+    assert len(q) == 4 and q.negatives().eq(9.0).all()
+    state["ptr"], state["filled"] = torch.tensor([3]), torch.tensor([3])
+    q.load_state_dict(state)
+    assert len(q) == 3 and q.negatives().eq(1.0).all()
 
 
 @pytest.mark.parametrize("assign", [False, True])
