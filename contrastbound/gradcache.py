@@ -15,9 +15,10 @@ up to rounding, for any encoder whose output for a sample does not depend on the
 random state is replayed (the CPU's, and once CUDA is initialised that of the current CUDA device and of every
 device the inputs and the encoder modules' parameters are on), so dropout draws the same masks in pass 3 as in
 pass 1; those are the masks of draws made chunk by chunk, which on CUDA, and in a torch.compile'd encoder (a seed
-drawn per call), differ from one draw over the whole batch (the same distribution, other samples). BatchNorm in training mode depends on the chunk (its statistics are per
-chunk, and its running statistics are updated in both passes): use a per-sample norm (LayerNorm,
-GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward per step.
+drawn per call), differ from one draw over the whole batch (the same distribution, other samples). BatchNorm in
+training mode depends on the chunk (its statistics are per chunk, and its running statistics are updated in both
+passes): use a per-sample norm (LayerNorm, GroupNorm) or eval-mode BatchNorm. The cost is one more encoder forward
+per step.
 """
 
 from __future__ import annotations
