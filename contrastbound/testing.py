@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations_with_replacement
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DiscreteProblem:
     """C classes; class c has points ``points[c]`` (n_c, d) with probabilities ``weights[c]`` (n_c,).
 
@@ -88,6 +88,23 @@ class DiscreteProblem:
             if np.linalg.norm(x, axis=1).max() > b * (1 + 1e-12):
                 raise ValueError(f"class {c}: a point has norm above norm_bound = {b}")
 
+    def __eq__(self, other: object) -> bool:
+        """Equal prior, points, weights and norm_bound (the label aside). The dataclass's own __eq__ compared the
+        arrays as tuples, which raised numpy's "truth value of an array is ambiguous"."""
+        if not isinstance(other, DiscreteProblem):
+            return NotImplemented
+        return (self.norm_bound == other.norm_bound and np.array_equal(self.prior, other.prior)
+                and len(self.points) == len(other.points)
+                and all(np.array_equal(a, b) for a, b in zip(self.points, other.points))
+                and all(np.array_equal(a, b) for a, b in zip(self.weights, other.weights)))
+
+    def __hash__(self) -> int:
+        # (+ 0.0: -0.0 and 0.0 are equal, and their bytes differ)
+        def key(x: np.ndarray) -> tuple:
+            return x.shape, (x + 0.0).tobytes()
+
+        return hash((self.norm_bound, key(self.prior), tuple(map(key, self.points)), tuple(map(key, self.weights))))
+
     @property
     def num_classes(self) -> int:
         return len(self.points)
@@ -132,8 +149,10 @@ class DiscreteProblem:
             raise ValueError(f"labels: every class 0..{C - 1} needs a sample; empty: {empty}")
         pts = tuple(f[y == c] for c in range(C))
         wts = tuple(np.full(n, 1.0 / n) for n in counts)
-        b = float(np.linalg.norm(f, axis=1).max()) if norm_bound is None else float(norm_bound)
-        return cls(counts / counts.sum(), pts, wts, max(b, 1e-300))
+        # (the data's own bound at least 1e-300, so that all-zero features make a problem; a given one is checked as
+        # the constructor checks it: raised to 1e-300 here, 0 and -1 were reported as a point above 1e-300)
+        b = max(float(np.linalg.norm(f, axis=1).max()), 1e-300) if norm_bound is None else norm_bound
+        return cls(counts / counts.sum(), pts, wts, b)
 
 
 def exact_supervised_loss(problem: DiscreteProblem) -> float:
@@ -245,7 +264,13 @@ def priors(min_classes: int = 2, max_classes: int = 4, uniform: bool | None = No
 
 
 def norm_bounds(min_value: float = 1e-3, max_value: float = 3.0):
-    """Strategy for b: a few tiny values (where the sandwich is tightest) and a continuous range."""
+    """Strategy for b: a few tiny values (where the sandwich is tightest) and a continuous range;
+    0 < min_value <= max_value < inf (b is a norm bound)."""
+    for name, v in (("min_value", min_value), ("max_value", max_value)):
+        if isinstance(v, bool) or not isinstance(v, Real) or not 0 < v < math.inf:
+            raise ValueError(f"{name} must be a positive finite number (a norm bound), got {v!r}")
+    if min_value > max_value:
+        raise ValueError(f"min_value must be at most max_value, got {min_value} > {max_value}")
     st = _strategies()
     tiny = [v for v in (1e-3, 1e-2, 0.05) if min_value <= v <= max_value]
     return st.one_of(st.sampled_from(tiny), st.floats(max(min_value, 1e-3), max_value)) if tiny else st.floats(min_value, max_value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 
 import torch
@@ -11,14 +12,18 @@ import contrastbound as cb
 
 
 def check_args(parser, args, positive=("steps", "batch", "dim", "log_every")) -> None:
-    """argparse errors (exit 2) for sizes below 1 and a seed outside [0, 2^63), instead of a traceback later."""
+    """argparse errors (exit 2) for sizes below 1, a seed outside [0, 2^63), a temperature that is not a positive
+    finite number and a momentum outside [0, 1], instead of a traceback later (or, for the momentum, a run that
+    trains to NaN)."""
     for name in positive:
         if hasattr(args, name) and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if hasattr(args, "seed") and not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
-    if hasattr(args, "temperature") and not args.temperature > 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
+    if hasattr(args, "temperature") and not 0 < args.temperature < math.inf:
+        parser.error(f"--temperature must be a positive finite number, got {args.temperature}")
+    if hasattr(args, "momentum") and not 0 <= args.momentum <= 1:  # (NaN fails both)
+        parser.error(f"--momentum must be in [0, 1] (the key encoder's EMA weight), got {args.momentum}")
 
 
 def load_digits_tensors(seed: int = 0):

@@ -39,3 +39,20 @@ def test_simclr_example_with_gradient_caching_trains_as_the_direct_step():
     cached = _load("simclr_digits").main(argv + ["--chunk", "20"])
     assert cached["final_loss"] == pytest.approx(direct["final_loss"], rel=1e-4)
     assert cached["test_supervised_loss"] == pytest.approx(direct["test_supervised_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name,argv,match", [
+    ("moco_digits", ["--momentum", "nan"], "--momentum must be in"),
+    ("moco_digits", ["--momentum", "2"], "--momentum must be in"),
+    ("moco_digits", ["--momentum", "-1"], "--momentum must be in"),
+    ("moco_digits", ["--temperature", "inf"], "--temperature must be a positive finite number"),
+    ("simclr_digits", ["--temperature", "inf"], "--temperature must be a positive finite number"),
+    ("simclr_digits", ["--temperature", "0"], "--temperature must be a positive finite number"),
+])
+def test_bad_options_are_argparse_errors(name, argv, match, capsys):
+    # --momentum nan trained to a NaN loss with exit 0, 2 and -1 ran silently; --temperature inf ended in the
+    # library's traceback (an audit): argparse errors, exit 2, before any step
+    with pytest.raises(SystemExit) as exc:
+        _load(name).main(["--steps", "1", *argv])
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err

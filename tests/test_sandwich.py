@@ -181,6 +181,12 @@ def test_discrete_problem_refuses_what_it_cannot_score():
         kw.update(bad)
         with pytest.raises(ValueError, match=match):
             DiscreteProblem(**kw)
+    # a given norm_bound is checked as the constructor checks it: raised to 1e-300, 0 and -1 were reported as "a point
+    # has norm above norm_bound = 1e-300", and "2" was taken (an audit)
+    for b, exc in ((0.0, ValueError), (-1.0, ValueError), ("2", TypeError)):
+        with pytest.raises(exc, match="norm_bound must be a"):
+            DiscreteProblem.from_samples(np.eye(2) * 0.5, np.array([0, 1]), norm_bound=b)
+    assert DiscreteProblem.from_samples(np.zeros((2, 2)), np.array([0, 1])).norm_bound == 1e-300  # (all zero)
     # from_samples takes a given norm_bound, else the largest norm in the sample (a mutation ignoring it passed)
     assert DiscreteProblem.from_samples(np.eye(2) * 0.5, np.array([0, 1]), norm_bound=2.0).norm_bound == 2.0
     assert DiscreteProblem.from_samples(np.eye(2) * 0.5, np.array([0, 1])).norm_bound == 0.5
@@ -402,3 +408,31 @@ def test_discrete_problems_draw_every_shape_they_promise():
         (np.linalg.norm(np.concatenate(p.points), axis=1) < 0.99 * p.norm_bound).any()), settings=cfg)
     find(s, lambda p: any(np.ptp(w) > 0 for w in p.weights), settings=cfg)
     assert find(discrete_problems(min_classes=3, max_classes=3), lambda p: True, settings=cfg).num_classes == 3
+
+
+def test_discrete_problems_compare_and_hash_by_value():
+    # A frozen dataclass of arrays: == compared the arrays as tuples and raised numpy's "truth value of an array is
+    # ambiguous", hash() raised "unhashable type" (an audit). Equal by prior, points, weights and bound (not the
+    # label), with equal hashes; -0.0 and 0.0 are equal points.
+    import copy
+
+    p = DiscreteProblem([0.5, 0.5], (np.array([[0.0, -0.0]]), np.ones((1, 2))), (np.ones(1), np.ones(1)), 2.0, "a")
+    q = DiscreteProblem([0.5, 0.5], (np.array([[-0.0, 0.0]]), np.ones((1, 2))), (np.ones(1), np.ones(1)), 2.0, "b")
+    assert p == copy.deepcopy(p) and p == q and hash(p) == hash(q) and len({p, q}) == 1
+    assert p != DiscreteProblem([0.5, 0.5], q.points, q.weights, 3.0)
+    assert p != DiscreteProblem([0.25, 0.75], q.points, q.weights, 2.0)
+    assert p != DiscreteProblem([0.5, 0.5], (np.zeros((1, 2)), np.full((1, 2), 0.5)), q.weights, 2.0)
+    assert p != "a problem"
+
+
+@pytest.mark.parametrize("bounds, match", [
+    ((0.0, 1.0), "min_value must be a positive finite number"), ((-1.0, 1e-4), "min_value must be a positive"),
+    ((1e-3, math.inf), "max_value must be a positive finite number"), ((2.0, 1.0), "min_value must be at most"),
+])
+def test_norm_bounds_refuses_bounds_that_are_not_norms(bounds, match):
+    # norm_bounds(-1.0, 1e-4) drew -1.0 and (0.0, 1e-4) drew 0.0, which then failed inside discrete_problems' draw;
+    # (2, 1) gave hypothesis's own InvalidArgument (an audit)
+    from contrastbound.testing import norm_bounds
+
+    with pytest.raises(ValueError, match=match):
+        norm_bounds(*bounds)
