@@ -82,17 +82,11 @@ def main() -> int:
         m, B, K, d, reps, threads = args.worker
         print(json.dumps(_worker(m, int(B), int(K), int(d), int(reps), int(threads))))
         return 0
-    for name in ("B", "d", "threads", "reps"):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f"{'-' if len(name) == 1 else '--'}{name} must be at least 1, got {value}")
-    try:
-        log2k = [int(v) for v in args.log2k.split(",")]
-    except ValueError:
-        parser.error(f"--log2k must be comma-separated integers, got {args.log2k!r}")
-    if not all(0 <= v <= 30 for v in log2k):
-        parser.error(f"--log2k values must be in [0, 30], got {args.log2k}")
-    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv
+    from contrastbound.benchsuite.report import (check_at_least_one, parse_log2_list, prepare_out_stem, run_worker,
+                                                 write_rows_csv)
+
+    check_at_least_one(parser, args, ("B", "d", "threads", "reps"))
+    log2k = parse_log2_list(parser, "--log2k", args.log2k, 0, 30)
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0

@@ -84,16 +84,14 @@ def main() -> int:
         m, dt, B, K, M, d, reps, threads = args.worker
         print(json.dumps(_worker(m, dt, int(B), int(K), int(M), int(d), int(reps), int(threads))))
         return 0
-    for name in ("B", "K", "d", "threads", "reps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"{'-' if len(name) == 1 else '--'}{name} must be at least 1, got {value}")
+    from contrastbound.benchsuite.report import check_at_least_one, prepare_out_stem, run_worker, write_rows_csv_json
+
+    check_at_least_one(parser, args, ("B", "K", "d", "threads", "reps"))
     if not 0 <= args.log2m <= 40:
         parser.error(f"--log2m must be in [0, 40], got {args.log2m}")
     for dt in args.dtypes.split(","):
         if dt not in DTYPES + ("float64",):
             parser.error(f"--dtypes: {dt!r} is not one of {', '.join(DTYPES + ('float64',))}")
-    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
 
     args.out = prepare_out_stem(parser, args.out)
     M = 2 ** (18 if args.quick and args.log2m == 20 else args.log2m)

@@ -108,21 +108,15 @@ def main() -> int:
         m, B, M, d, k, reps, threads, path = args.worker
         print(json.dumps(_worker(m, int(B), int(M), int(d), int(k), int(reps), int(threads), path)))
         return 0
-    for name in ("B", "d", "k", "threads", "reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"{'-' if len(name) == 1 else '--'}{name} must be at least 1, got {getattr(args, name)}")
-    try:
-        log2ms = [int(v) for v in args.log2m.split(",")]
-    except ValueError:
-        parser.error(f"--log2m must be comma-separated integers, got {args.log2m!r}")
-    for v in log2ms:
-        if not 0 <= v <= 34:
-            parser.error(f"--log2m values must be in [0, 34], got {v}")
     import tempfile
 
     import torch
 
-    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
+    from contrastbound.benchsuite.report import (check_at_least_one, parse_log2_list, prepare_out_stem, run_worker,
+                                                 write_rows_csv_json)
+
+    check_at_least_one(parser, args, ("B", "d", "k", "threads", "reps"))
+    log2ms = parse_log2_list(parser, "--log2m", args.log2m, 0, 34)
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0

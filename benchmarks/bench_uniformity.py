@@ -72,19 +72,13 @@ def main() -> int:
         m, N, d, t, reps, threads = args.worker
         print(json.dumps(_worker(m, int(N), int(d), float(t), int(reps), int(threads))))
         return 0
-    for name in ("d", "threads", "reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"{'-' if len(name) == 1 else '--'}{name} must be at least 1, got {getattr(args, name)}")
+    from contrastbound.benchsuite.report import (check_at_least_one, parse_log2_list, prepare_out_stem, run_worker,
+                                                 write_rows_csv_json)
+
+    check_at_least_one(parser, args, ("d", "threads", "reps"))
     if not 0 < args.t < float("inf"):
         parser.error(f"-t must be a positive finite number, got {args.t}")
-    try:
-        log2ns = [int(v) for v in args.log2n.split(",")]
-    except ValueError:
-        parser.error(f"--log2n must be comma-separated integers, got {args.log2n!r}")
-    for v in log2ns:
-        if not 1 <= v <= 20:
-            parser.error(f"--log2n values must be in [1, 20], got {v}")
-    from contrastbound.benchsuite.report import prepare_out_stem, run_worker, write_rows_csv_json
+    log2ns = parse_log2_list(parser, "--log2n", args.log2n, 1, 20)
 
     args.out = prepare_out_stem(parser, args.out)
     rows, failed = [], 0

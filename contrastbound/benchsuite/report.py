@@ -337,6 +337,28 @@ def stale_plots(out_prefix: str, written: list[str]) -> list[str]:
                   if pattern.fullmatch(os.path.basename(p)) and os.path.normpath(p) not in mine)
 
 
+def check_at_least_one(parser, args, names) -> None:
+    """The standalone scripts' size checks: parser.error (exit 2) for the first of args' `names` below 1 (None, an
+    option left to its default, passes), named as its flag (-B, --reps)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"{'-' if len(name) == 1 else '--'}{name} must be at least 1, got {value}")
+
+
+def parse_log2_list(parser, flag: str, text: str, low: int, high: int) -> list[int]:
+    """A comma-separated list of powers of two (--log2k 12,14): the exponents, each in [low, high], else
+    parser.error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
+    for v in values:
+        if not low <= v <= high:
+            parser.error(f"{flag} values must be in [{low}, {high}], got {v}")
+    return values
+
+
 def prepare_out_stem(parser, out: str) -> str:
     """--out of the standalone benchmark scripts: a path without extension (a trailing .csv is dropped: bt.csv
     wrote bt.csv.csv), checked as `prepare_out_file` checks a file's path."""
