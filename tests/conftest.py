@@ -48,9 +48,18 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(importlib.util.fi
 
 
 # The peak resident memory of a test's child process, and its reset (Linux: VmHWM, /proc/self/clear_refs), for the
-# memory tests' scripts: prepended to them.
+# memory tests' scripts: prepended to them. Blocks of 64 KiB and more come straight from mmap and go back to the
+# system when freed (M_MMAP_THRESHOLD = -3 fixed: glibc otherwise raises it as blocks are freed), so the resident size
+# follows the live tensors, not the heap's high water: without it one script's peak went from 43 to 51 MiB from run
+# to run (supcon_loss, N = 2^14: a CI run failed its bound at 51.4, 2026-12-08; 38.0 +- 0.1 in 6 runs with it) and
+# another's from 20 to 72 MiB.
 PEAK_RSS_HELPERS = textwrap.dedent(
     """
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
+
+
     def hwm_mib():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM"):

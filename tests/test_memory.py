@@ -80,7 +80,8 @@ def test_bank_cross_entropy_memory_is_one_bank_gradient():
     # O(C) row scales where it normalises (none here: 520 MiB measured, 543 while the kernels formed four C-float32
     # arrays of them without normalisation too, 2026-12-06). Letting autograd
     # differentiate bank[targets] added a second dense (C, d) gradient: 2x the gradient. (The bound, 530 MiB, sits
-    # between the two: 519-521 MiB in four runs, with 1 and 2 threads.)
+    # between the two: 519-521 MiB in four runs, with 1 and 2 threads; 514 in two with glibc's mmap threshold fixed,
+    # conftest.PEAK_RSS_HELPERS, 2026-12-08.)
     r = child_json(BANK_CE_SCRIPT.replace("NORMALIZE", "False").replace("SMOOTHING", "0.0"))
     assert r["extra_mib"] < 1.035 * r["grad_mib"], r
 
