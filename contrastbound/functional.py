@@ -2172,9 +2172,10 @@ def supcon_loss(
     # 2.3e-3 and the gradient by 8.9e-4 where it is ~1e-8 (a differential fuzz's find). The counts too (float32
     # counts exactly only to 2^24).
     wide = _wide_dtype(acc, bh.device)
+    zw = zh.to(wide)
     ordered = torch.sort(rows).values
     slot = torch.searchsorted(ordered, rows)
-    sums = torch.zeros(bh.shape, dtype=wide, device=bh.device).index_add(0, slot, bh.to(wide))
+    sums = torch.zeros(bh.shape, dtype=wide, device=bh.device).index_add(0, slot, zw if bh is zh else bh.to(wide))
     count = torch.zeros(rows.shape, dtype=wide, device=rows.device).index_add(0, slot,
                                                                              torch.ones_like(rows, dtype=wide))
     if bank_labels is not None and bank.shape[0] > 0 and rows.numel() > 0:
@@ -2182,7 +2183,6 @@ def supcon_loss(
     mine = slot[: z.shape[0]]
     count = count[mine]
     has = count > 1
-    zw = zh.to(wide)
     positive = ((zw * (sums.index_select(0, mine) - zw)).sum(-1) / torch.where(has, count - 1, 1.0)).to(acc)
     loss = torch.where(has, lse - positive / (t.to(acc) if isinstance(t, torch.Tensor) else t), 0.0)
     # lse runs over the positives too, so loss >= log(positives) >= 0; where they dominate, the difference of the
