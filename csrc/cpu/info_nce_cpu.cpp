@@ -1656,7 +1656,7 @@ void clip_weights(Tensor& w, Tensor& tmp, const Tensor& l, const Tensor& g_row, 
 }
 
 // d/dx = (inv G - (x_hat . G) proj x) down for each row of G (the gradient with respect to x_hat, formed from g 2^E;
-// down = 2^-E), written as scalar_t.
+// down = 2^-E), written as scalar_t; out may be G itself (each row's entries are all read before any is written).
 template <typename scalar_t, typename acc_t>
 void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<RowScale<acc_t>>& scales, acc_t down,
                       Tensor& out) {
@@ -1677,6 +1677,15 @@ void clip_unnormalise(const Tensor& G, const Tensor& raw_in, const std::vector<R
       }
     }
   });
+}
+
+// G += X * coef (coef (N,), one factor per row), a block of rows at a time: the same products and sums as the
+// whole-tensor expression, without its N x d temporary.
+inline void add_row_multiples(Tensor& G, const Tensor& X, const Tensor& coef) {
+  for (int64_t i0 = 0; i0 < G.size(0); i0 += kAnchorBlock) {
+    const int64_t bb = std::min(kAnchorBlock, G.size(0) - i0);
+    G.narrow(0, i0, bb).add_(X.narrow(0, i0, bb) * coef.narrow(0, i0, bb).unsqueeze(1));
+  }
 }
 
 // A thread's scratch for clip_backward_typed's tiles: the logits of rows [i0, i0 + bb) x columns [j0, j0 + tk),
@@ -1737,6 +1746,13 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   // the same operations in the same order as the texts' own pass, so the same bits. (Beyond, the partials would
   // grow as N^2 d: the wavefront below, whose bits differ from the one-gradient passes' by rounding.)
   const bool one_pass = mask[0] && mask[1] && blocks <= kClipOnePassBlocks;
+  // G_A and G_B, the gradients with respect to the unit rows: for inputs in acc_t the returned gradients themselves
+  // (clip_unnormalise works row by row, in place there), else acc_t buffers beside them (two N x d fewer at the
+  // peak for float32).
+  const auto gradient_sum = [&](Tensor& grad, bool zeroed) {
+    if (std::is_same<scalar_t, acc_t>::value) return zeroed ? grad.zero_() : grad;
+    return zeroed ? at::zeros({N, d}, opts) : at::empty({N, d}, opts);
+  };
   Tensor text_parts = one_pass ? at::empty({blocks, N, d}, opts) : Tensor();
   if (mask[0] && mask[1] && !one_pass) {
     // Both gradients of more row blocks: each tile's W formed once as well, the tiles square (kAnchorBlock) and in
@@ -1746,7 +1762,7 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
     // across steps) in an order set by N alone, so the same bits with any thread count. 4 products a step where
     // the two passes below made 5; G_A, G_B and both compensations held at once (4 N d).
     const int64_t col_tiles = ceil_div(N, kAnchorBlock), groups = std::min(blocks, col_tiles);
-    Tensor GA = at::zeros({N, d}, opts), GB = at::zeros({N, d}, opts);
+    Tensor GA = gradient_sum(grad_a, true), GB = gradient_sum(grad_b, true);
     Tensor comp_a = at::zeros({N, d}, opts), comp_b = at::zeros({N, d}, opts);
     for (int64_t t = 0; t < col_tiles; ++t) {
       parallel_for_tls(0, groups, 1, [&](int64_t g0, int64_t g1) {
@@ -1768,15 +1784,16 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
         }
       });
     }
-    GA.add_(b_hat * coef.unsqueeze(1)).mul_(static_cast<acc_t>(scale));
+    add_row_multiples(GA, b_hat, coef);
+    GA.mul_(static_cast<acc_t>(scale));
     clip_unnormalise<scalar_t, acc_t>(GA, image, pr.anchor_scale, down, grad_a);
-    GB.add_(a_s * coef.unsqueeze(1));
+    add_row_multiples(GB, a_s, coef);
     clip_unnormalise<scalar_t, acc_t>(GB, text, pr.positive_scale, down, grad_b);
     return {grad_a, grad_b};
   }
   if (mask[0]) {
     // G_A = s (W B_hat + coef B_hat) by row blocks, each summed over the column tiles in order (Kahan).
-    Tensor G = at::empty({N, d}, opts);
+    Tensor G = gradient_sum(grad_a, false);
     parallel_for_tls(0, blocks, 1, [&](int64_t u0, int64_t u1) {
       ClipTileWeights<acc_t> weights(opts, under);
       Tensor block_buf = at::empty({kAnchorBlock, d}, opts), comp_buf = at::empty({kAnchorBlock, d}, opts);
@@ -1803,12 +1820,12 @@ std::tuple<Tensor, Tensor> clip_backward_typed(const Tensor& grad_loss, const Te
   }
   if (mask[1]) {
     // G_B = W^T (s A_hat) + coef (s A_hat) by column tiles, each summed over the row blocks in order (Kahan).
-    Tensor G = at::empty({N, d}, opts);
+    Tensor G = gradient_sum(grad_b, false);
     if (one_pass) {
       Tensor comp = at::zeros({N, d}, opts);
       G.zero_();
       for (int64_t u = 0; u < blocks; ++u) kahan_add<acc_t>(G, comp, text_parts.select(0, u));
-      G.add_(a_s * coef.unsqueeze(1));
+      add_row_multiples(G, a_s, coef);
     }
     if (!one_pass) parallel_for_tls(0, ceil_div(N, kBankTile), 1, [&](int64_t u0, int64_t u1) {
       ClipTileWeights<acc_t> weights(opts, under);
