@@ -57,8 +57,24 @@ def _wide(device: torch.device) -> torch.dtype:
 def _norms(x: torch.Tensor) -> torch.Tensor:
     """Row norms of x, (..., 1), summed in float64 for float32 x and kept so: the squares of float32 entries past ~1e19
     overflow float32 (every such row 0 once normalised, every similarity 0, every negative tied), and a float32 row's
-    norm itself past ~3.4e38 (an infinite tie band). float64 rows overflow past entries of ~1e154."""
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, _wide(x.device)))
+    norm itself past ~3.4e38 (an infinite tie band). float64 rows overflow past entries of ~1e154. By blocks of rows
+    where x is not already wide: vector_norm's dtype= widens the whole of x first (in-batch, a float64 copy of every
+    anchor for a moment, twice an input's size)."""
+    wide = torch.promote_types(x.dtype, _wide(x.device))
+    if x.dtype == wide:
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return _by_rows(lambda rows: torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=wide), x)
+
+
+def _by_rows(fn, *xs: torch.Tensor, budget: int = 1 << 20) -> torch.Tensor:
+    """fn(*xs) for xs of one leading size (rows), formed on blocks of about `budget` entries of xs[0] and joined
+    along dim 0: fn's temporaries a block's size, not the inputs'. fn must treat each row on its own (each row's
+    result is then the one fn gives the whole)."""
+    x = xs[0]
+    step = max(1, budget // max(1, x[0].numel())) if x.dim() > 1 and x.shape[0] > 0 else 0
+    if step == 0 or x.shape[0] <= step:
+        return fn(*xs)
+    return torch.cat([fn(*(t[i : i + step] for t in xs)) for i in range(0, x.shape[0], step)])
 
 
 def _unit(x: torch.Tensor, dtype: torch.dtype, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +140,7 @@ class _Counts:
         self.use_buffers = use_buffers
         d, dtype = a.shape[1], a.dtype
         self.c = (d + 2) * torch.finfo(dtype).eps + 2 * _gemm_rounding(dtype, a.device)
-        pos = (a * p).sum(1)
+        pos = _by_rows(lambda u, v: (u * v).sum(1), a, p)  # (no (B, d) product: in-batch, an input's size)
         # a positive similarity that is not finite (an overflowed product, inf features) ranks last, as NaN does
         self.pos = torch.where(torch.isfinite(pos), pos, torch.full_like(pos, float("nan")))
         a_c = self.c * a_norm.squeeze(1)  # (float64: a norm past float32's range still gives a finite band)

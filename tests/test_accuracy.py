@@ -447,8 +447,10 @@ def test_tiles_bound_the_memory():
 def test_peak_memory_without_copies():
     """In a child process, the peak resident memory beyond the inputs: B = 1 against a 256 MiB bank; per-anchor
     negatives expanded from one (K, d) block, with a mask (a (B K, d) view of them would be a 1 GiB copy); a bank made
-    under inference_mode, called with grad mode on (the losses' checks clone such a tensor). Each well under the size
-    of the copy it used to make."""
+    under inference_mode, called with grad mode on (the losses' checks clone such a tensor); in-batch over N = 2^15
+    rows of d = 256 (32 MiB an input), which needs the two inputs' unit rows: the norms' float64 copy of an input and
+    the positives' (N, d) product made a third (3.0 inputs measured, 2.07 now; 2026-12-08, an audit's case). Each well
+    under the size of the copy it used to make."""
     from conftest import PEAK_RSS_HELPERS, child_json
 
     script = PEAK_RSS_HELPERS + """
@@ -462,7 +464,9 @@ neg = block[None].expand(64, 2 ** 16, 64)
 mask = torch.rand(64, 2 ** 16) < 0.5
 with torch.inference_mode():
     ibank = torch.randn(2 ** 20, 64)
-calls = {"one_anchor": lambda: cb.positive_rank(a[:1], p[:1], bank),
+ia, ip = torch.randn(2 ** 15, 256), torch.randn(2 ** 15, 256)
+calls = {"in_batch": lambda: cb.contrastive_accuracy(ia, ip),
+         "one_anchor": lambda: cb.positive_rank(a[:1], p[:1], bank),
          "expanded_masked": lambda: cb.positive_rank(a, p, neg, negative_mask=mask),
          "inference_bank": lambda: cb.positive_rank(a, p, ibank)}
 for name, call in calls.items():
@@ -474,6 +478,7 @@ print(json.dumps(out))
 """
     out = child_json(script)
     assert out["one_anchor"] < 64 and out["expanded_masked"] < 128 and out["inference_bank"] < 64, out
+    assert out["in_batch"] < 2.5 * 32, out
 
 
 def test_vmap_over_problems():
